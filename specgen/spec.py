@@ -1,0 +1,534 @@
+"""The spec model: YAML parsed into typed, frozen dataclasses, validated, and hashed.
+
+A spec is the single source of truth for a sparse-attention variant. Everything downstream (analysis, rendering,
+tuning, benchmarks, sweeps) reads a `Spec`, never the YAML. Each field carries its documentation and allowed values
+in its dataclass metadata, so the README's reference table and the error messages come from one place.
+
+Defaults depend on the family: `nsa` follows the NSA paper (arXiv 2502.11089), `dsa` DeepSeek-V3.2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SpecError, UnsupportedSpecError
+
+SCHEMA_VERSION = 1
+
+BRANCHES = ("compression", "selection", "window")
+DTYPES = ("bf16", "fp16", "fp32")
+INDEXER_DTYPES = ("bf16", "fp8_e4m3")
+# The largest head dim the kernels split into power-of-two parts (576 = 512 + 64 for MLA).
+MAX_HEAD_DIM = 1024
+
+
+def _f(doc: str, default: Any = dataclasses.MISSING, choices: tuple | None = None, **kw) -> Any:
+    meta = {"doc": doc}
+    if choices is not None:
+        meta["choices"] = choices
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Heads:
+    q: int = _f("query heads", 64)
+    kv: int = _f("key/value heads (q = kv: MHA, 1: MQA, else GQA); query heads of one kv head form a group", 4)
+
+    @property
+    def group_size(self) -> int:
+        return self.q // self.kv
+
+
+@dataclass(frozen=True)
+class HeadDims:
+    qk: int = _f("head dim of queries and keys; a multiple of 16, split into power-of-two parts", 192)
+    v: int = _f("head dim of values and outputs", 128)
+
+
+@dataclass(frozen=True)
+class Compression:
+    block: int = _f("compression block length l (tokens pooled into one compressed key)", 32)
+    stride: int = _f("compression stride d between block starts; d divides l and the selection block", 16)
+    pool: str = _f("how a block's tokens are pooled: mean, or a learned linear map of the flattened block",
+                   "mean", choices=("mean", "linear"))
+    position_embedding: bool = _f("linear pool only: add a learned [l, D] intra-block position embedding first",
+                                  False)
+
+
+@dataclass(frozen=True)
+class Selection:
+    granularity: str = _f("select blocks of `block` tokens, or single tokens", "block", choices=("block", "token"))
+    block: int = _f("selection block length l' (1 at token granularity)", 64)
+    top_k: int = _f("blocks (block granularity) or tokens (token granularity) attended per query and kv group", 16)
+    initial: int = _f("leading blocks always selected (counted within top_k); block granularity only", 1)
+    local: int = _f("most recent blocks always selected (counted within top_k); block granularity only", 2)
+    scorer: str = _f("what ranks the candidates: the compression branch's probabilities, or a lightning indexer",
+                     "compression", choices=("compression", "indexer"))
+
+
+@dataclass(frozen=True)
+class Window:
+    size: int = _f("sliding window w: keys with t - w < s <= t", 512)
+
+
+@dataclass(frozen=True)
+class Indexer:
+    heads: int = _f("indexer heads H_I", 4)
+    head_dim: int = _f("indexer head dim d_I (a power of two, at least 16)", 64)
+    dtype: str = _f("indexer q/k dtype", "bf16", choices=INDEXER_DTYPES)
+    scale: float | None = _f("index score scale; null means d_I^-1/2 * H_I^-1/2", None)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = _f("identifier of the variant: names the generated module and its functions")
+    family: str = _f("nsa (gated compression/selection/window branches) or dsa (indexer + token-sparse attention)",
+                     "nsa", choices=("nsa", "dsa"))
+    heads: Heads = _f("head counts", default_factory=Heads)
+    head_dim: HeadDims = _f("head dims", default_factory=HeadDims)
+    dtype: str = _f("dtype of q, k, v and outputs; accumulation is fp32", "bf16", choices=DTYPES)
+    causal: bool = _f("causal attention (the only mode the selection rules are defined for)", True)
+    scale: float | None = _f("softmax scale; null means head_dim.qk^-1/2", None)
+    kv: str = _f("shared: one k/v feeds every branch; independent: each branch gets its own k/v (the paper)",
+                 "independent", choices=("shared", "independent"))
+    mla: bool = _f("MLA in MQA mode: V is the first head_dim.v dims of K (read once, dV added into dK)", False)
+    branches: tuple[str, ...] = _f("which branches exist, in the order of the gate channels",
+                                   ("compression", "selection", "window"))
+    compression: Compression | None = _f("compression branch settings", None)
+    selection: Selection | None = _f("selection branch settings", None)
+    window: Window | None = _f("sliding-window branch settings", None)
+    indexer: Indexer | None = _f("lightning indexer (selection.scorer: indexer)", None)
+    max_seqlen: int = _f("longest sequence the kernels are planned for (bounds top_k and grid sizes)", 65536)
+
+    # -- derived facts every consumer needs; the analysis module derives the rest --------------------------------
+    @property
+    def softmax_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim.qk ** -0.5
+
+    @property
+    def gated(self) -> bool:
+        """NSA mixes its branches with gates; DSA has one branch and no gates."""
+        return self.family == "nsa"
+
+    @property
+    def has(self) -> dict[str, bool]:
+        return {b: b in self.branches for b in BRANCHES}
+
+    @property
+    def needs_compressed_kv(self) -> bool:
+        return "compression" in self.branches or (
+            self.selection is not None and self.selection.scorer == "compression")
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+    @property
+    def hash(self) -> str:
+        """Identity of the spec: what it computes, independent of YAML formatting and of defaults written out."""
+        blob = json.dumps({"schema": SCHEMA_VERSION, "spec": self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+SECTION_TYPES = {"heads": Heads, "head_dim": HeadDims, "compression": Compression, "selection": Selection,
+                 "window": Window, "indexer": Indexer}
+
+_SECTIONS_BY_TYPE = {cls.__name__: cls for cls in SECTION_TYPES.values()}
+
+# Family defaults, written as YAML would be; the user's mapping is merged over them.
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "nsa": {
+        "heads": {"q": 64, "kv": 4}, "head_dim": {"qk": 192, "v": 128}, "kv": "independent", "mla": False,
+        "branches": ["compression", "selection", "window"],
+        "compression": {}, "selection": {}, "window": {},
+    },
+    "dsa": {
+        "heads": {"q": 128, "kv": 1}, "head_dim": {"qk": 576, "v": 512}, "kv": "shared", "mla": True,
+        # V3.2 scales by the 192-dim unabsorbed head (128 nope + 64 rope), not 576^-1/2.
+        "scale": 192 ** -0.5,
+        "branches": ["selection"],
+        "selection": {"granularity": "token", "top_k": 2048, "scorer": "indexer"},
+        "indexer": {"heads": 64, "head_dim": 128, "dtype": "bf16"},
+    },
+}
+
+
+def _section_type(f: dataclasses.Field):
+    """The dataclass a field holds, if it is a section (`heads: Heads`, `window: Window | None`)."""
+    name = (f.type if isinstance(f.type, str) else f.type.__name__).removesuffix(" | None")
+    return _SECTIONS_BY_TYPE.get(name)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# YAML with line numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Located:
+    """Where each field path stands in the source file."""
+
+    def __init__(self, file: str | None):
+        self.file = file
+        self.lines: dict[str, int] = {}
+
+    def line(self, path: str) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0]
+        return None
+
+    def error(self, path: str, message: str, fix: str = "", cls=SpecError) -> SpecError:
+        return cls(path, message, fix, file=self.file, line=self.line(path))
+
+
+def _compose(text: str, where: _Located) -> Any:
+    import yaml  # the generator may import yaml; generated modules never do
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError("<yaml>", f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                        "check indentation and quoting near that line",
+                        file=where.file, line=mark.line + 1 if mark else None) from None
+    if node is None:
+        return {}
+    return _node_value(node, "", where)
+
+
+def _node_value(node, path: str, where: _Located) -> Any:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            sub = f"{path}.{key}" if path else key
+            if key in out:
+                raise SpecError(sub, "given twice", "keep one", file=where.file, line=key_node.start_mark.line + 1)
+            where.lines[sub] = key_node.start_mark.line + 1
+            out[key] = _node_value(value_node, sub, where)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_value(v, f"{path}[{i}]", where) for i, v in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing: mapping -> dataclasses, with type checks
+# ---------------------------------------------------------------------------------------------------------------
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_keys(cls, data: Mapping, path: str, where: _Located) -> None:
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in allowed:
+            sub = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"allowed keys here: {', '.join(allowed)}"
+            raise where.error(sub, "unknown key", hint)
+
+
+def _typed(value: Any, f: dataclasses.Field, path: str, where: _Located) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    choices = f.metadata.get("choices")
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise where.error(path, f"expected a whole number, got {value!r}", f"write {f.name}: <integer>")
+        if value < 0:
+            raise where.error(path, f"must not be negative, got {value}", "use a positive whole number")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise where.error(path, f"expected true or false, got {value!r}", f"write {f.name}: true|false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise where.error(path, f"expected text, got {value!r}", f"write {f.name}: <text>")
+        if choices and value not in choices:
+            raise where.error(path, f"{value!r} is not one of {', '.join(choices)}", f"pick one of {', '.join(choices)}")
+        return value
+    if kind == "float | None":
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise where.error(path, f"expected a positive number or null, got {value!r}", "write a number > 0, or null")
+        return float(value)
+    if kind == "tuple[str, ...]":
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise where.error(path, f"expected a list, got {value!r}", f"write {f.name}: [compression, selection, window]")
+        for item in value:
+            if item not in BRANCHES:
+                raise where.error(path, f"{item!r} is not a branch", f"branches are {', '.join(BRANCHES)}")
+        if len(set(value)) != len(value):
+            raise where.error(path, "lists a branch twice", "name each branch once")
+        if not value:
+            raise where.error(path, "is empty", "name at least one branch")
+        return tuple(value)
+    raise AssertionError(f"unhandled field type {kind}")  # pragma: no cover - schema bug
+
+
+def _build(cls, data: Mapping, path: str, where: _Located):
+    if not isinstance(data, Mapping):
+        raise where.error(path, f"expected a mapping of keys, got {data!r}", f"write `{path}:` followed by indented keys")
+    _check_keys(cls, data, path, where)
+    values = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise where.error(sub, "is required", f"add `{f.name}:` to the spec")
+            continue
+        value = data[f.name]
+        section = _section_type(f)
+        if section is not None:
+            values[f.name] = None if value is None else _build(section, value, sub, where)
+        else:
+            values[f.name] = _typed(value, f, sub, where)
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation: the combinations the kernels support, each refusal with its reason and fix
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _validate(spec: Spec, where: _Located) -> None:
+    err = where.error
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
+        raise err("name", f"{spec.name!r} is not a lowercase identifier", "use letters, digits and _ , e.g. nsa_small")
+    h = spec.heads
+    if h.q < 1 or h.kv < 1:
+        raise err("heads", "head counts must be at least 1", "set heads.q and heads.kv to positive numbers")
+    if h.q % h.kv:
+        raise err("heads.kv", f"{h.q} query heads do not split into {h.kv} equal groups",
+                  f"pick heads.kv dividing {h.q} (e.g. {', '.join(str(d) for d in _divisors(h.q)[:6])})")
+    for name, dim in (("qk", spec.head_dim.qk), ("v", spec.head_dim.v)):
+        if dim % 16 or not 16 <= dim <= MAX_HEAD_DIM:
+            raise err(f"head_dim.{name}", f"{dim} is not supported: the kernels split a head dim into power-of-two "
+                      f"parts of at least 16 (the matrix unit's smallest K)",
+                      f"use a multiple of 16 between 16 and {MAX_HEAD_DIM} (pad the projection if needed)")
+    if not spec.causal:
+        raise err("causal", "non-causal attention is not supported: compression visibility, selection candidates and "
+                  "forced local blocks are defined for causal attention only", "set causal: true",
+                  cls=UnsupportedSpecError)
+    if spec.mla:
+        if spec.head_dim.v > spec.head_dim.qk:
+            raise err("head_dim.v", "with mla, V is the first head_dim.v dims of K, so it cannot be wider",
+                      "set head_dim.v <= head_dim.qk")
+        if spec.kv != "shared" or h.kv != 1:
+            raise err("mla", "MLA mode shares one latent K/V across all heads (MQA) and all branches",
+                      "set heads.kv: 1 and kv: shared, or mla: false")
+    if spec.kv == "independent" and len(spec.branches) == 1:
+        raise err("kv", "independent k/v needs more than one branch", "set kv: shared")
+
+    present = set(spec.branches)
+    for section in ("compression", "selection", "window"):
+        value = getattr(spec, section)
+        if section in present and value is None:
+            raise err(section, f"branch {section!r} is listed but has no settings", f"add a `{section}:` section")
+    sel, cmp_, win, idx = spec.selection, spec.compression, spec.window, spec.indexer
+    if spec.compression is not None and not spec.needs_compressed_kv:
+        raise err("compression", "settings given for a compression branch that is not listed and feeds no scorer",
+                  "add compression to branches, or remove the section")
+    if spec.window is not None and "window" not in present:
+        raise err("window", "settings given for a branch that is not listed", "add window to branches, or remove it")
+    if spec.selection is not None and "selection" not in present:
+        raise err("selection", "settings given for a branch that is not listed", "add selection to branches")
+
+    if cmp_ is not None:
+        l, d = cmp_.block, cmp_.stride
+        for key, val in (("block", l), ("stride", d)):
+            if not _pow2(val):
+                raise err(f"compression.{key}", f"{val} is not a power of two (kernel tiles are powers of two)",
+                          f"use {_pow2_near(val)}")
+        if d > l or l % d:
+            raise err("compression.stride", f"stride {d} must divide the block length {l}",
+                      f"use a stride among {', '.join(str(x) for x in _divisors(l) if _pow2(x))}")
+        if cmp_.position_embedding and cmp_.pool != "linear":
+            raise err("compression.position_embedding", "a position embedding only applies to the linear pool",
+                      "set pool: linear, or position_embedding: false")
+    if sel is not None:
+        if sel.granularity == "token" and sel.scorer != "indexer":
+            raise err("selection.scorer", "token granularity needs the indexer scorer: compression scores are constant "
+                      "over d-token chunks, so a token top-k over them is only tie-breaking",
+                      "set selection.scorer: indexer (and add an indexer section), or granularity: block")
+        if sel.scorer == "compression" and cmp_ is None:
+            raise err("selection.scorer", "the compression scorer needs compression settings",
+                      "add a compression section (and the branch), or use scorer: indexer")
+        if sel.scorer == "indexer" and idx is None:
+            raise err("indexer", "selection.scorer is indexer but no indexer is described", "add an `indexer:` section")
+        if sel.granularity == "block":
+            if not _pow2(sel.block):
+                raise err("selection.block", f"{sel.block} is not a power of two", f"use {_pow2_near(sel.block)}")
+            if cmp_ is not None and sel.scorer == "compression" and sel.block % cmp_.stride:
+                raise err("selection.block", f"the compression stride {cmp_.stride} must divide the selection block "
+                          f"{sel.block}: scores are spread over d-token chunks", f"use a multiple of {cmp_.stride}")
+            n_blocks = -(-spec.max_seqlen // sel.block)
+            if sel.top_k > n_blocks:
+                raise err("selection.top_k", f"{sel.top_k} blocks asked but a context of max_seqlen={spec.max_seqlen} "
+                          f"has only {n_blocks} blocks of {sel.block}", f"use top_k <= {n_blocks}, or raise max_seqlen")
+            if sel.initial + sel.local > sel.top_k:
+                raise err("selection.top_k", f"{sel.initial} initial + {sel.local} local forced blocks exceed top_k "
+                          f"{sel.top_k}", f"use top_k >= {sel.initial + sel.local}")
+        else:
+            if sel.block != 1:
+                raise err("selection.block", "at token granularity a selection unit is one token",
+                          "remove selection.block (or set it to 1), or use granularity: block")
+            if sel.initial or sel.local:
+                raise err("selection.initial" if sel.initial else "selection.local",
+                          "forced blocks apply at block granularity only (the window branch covers local tokens)",
+                          "set initial: 0 and local: 0")
+            if sel.top_k > spec.max_seqlen:
+                raise err("selection.top_k", f"{sel.top_k} tokens asked but max_seqlen is {spec.max_seqlen}",
+                          f"use top_k <= {spec.max_seqlen}")
+        if sel.top_k < 1:
+            raise err("selection.top_k", "must be at least 1", "set top_k to a positive number")
+    if idx is not None:
+        if sel is None or sel.scorer != "indexer":
+            raise err("indexer", "an indexer is described but selection.scorer is not indexer",
+                      "set selection.scorer: indexer, or remove the section")
+        if not _pow2(idx.head_dim) or idx.head_dim < 16:
+            raise err("indexer.head_dim", f"{idx.head_dim} is not a power of two >= 16", "use 32, 64 or 128")
+        if idx.heads < 1:
+            raise err("indexer.heads", "must be at least 1", "set a positive number of indexer heads")
+        if idx.dtype == "fp8_e4m3":
+            raise err("indexer.dtype", "fp8 indexer keys are not generated yet (their per-token scales are planned)",
+                      "use dtype: bf16", cls=UnsupportedSpecError)
+    if win is not None and win.size < 1:
+        raise err("window.size", "must be at least 1", "set a positive window")
+    if spec.max_seqlen < 1:
+        raise err("max_seqlen", "must be at least 1", "set the longest sequence you will run")
+    if spec.family == "dsa" and (sel is None or sel.scorer != "indexer" or present != {"selection"}):
+        raise err("family", "dsa is the indexer-scored selection branch alone",
+                  "use branches: [selection] with scorer: indexer, or family: nsa")
+    if spec.family == "nsa" and "selection" in present and sel.granularity == "token" and spec.mla:
+        raise err("mla", "MLA mode is a DSA setting", "set family: dsa", cls=UnsupportedSpecError)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _pow2_near(x: int) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+def spec_from_mapping(data: Mapping, *, file: str | None = None, lines: dict[str, int] | None = None) -> Spec:
+    where = _Located(file)
+    where.lines.update(lines or {})
+    if not isinstance(data, Mapping):
+        raise where.error("<spec>", "a spec is a mapping of keys", "start the file with `name: my_variant`")
+    family = data.get("family", "nsa")
+    if family not in FAMILY_DEFAULTS:
+        raise where.error("family", f"{family!r} is not one of {', '.join(FAMILY_DEFAULTS)}", "use nsa or dsa")
+    merged = _merge(FAMILY_DEFAULTS[family], data)
+    # Sections for branches the user dropped fall away with them, unless the user wrote them.
+    branches = merged.get("branches", [])
+    if isinstance(branches, (list, tuple)):
+        for section in ("compression", "window"):
+            if section not in branches and section not in data:
+                merged.pop(section, None)
+        if "selection" not in branches and "selection" not in data:
+            merged.pop("selection", None)
+    sel = merged.get("selection")
+    if isinstance(sel, Mapping) and sel.get("granularity") == "token":
+        user_sel = data.get("selection", {}) if isinstance(data.get("selection"), Mapping) else {}
+        # A token is a selection block of one: the kernels and the analysis treat both granularities alike.
+        for key, token_default in (("initial", 0), ("local", 0), ("block", 1)):
+            if key not in user_sel:
+                sel[key] = token_default
+    if (isinstance(sel, Mapping) and sel.get("scorer", "compression") == "compression" and family == "nsa"
+            and "compression" not in merged):
+        merged["compression"] = {}
+    spec = _build(Spec, merged, "", where)
+    _validate(spec, where)
+    return spec
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and validate a spec file; raises SpecError naming the field, file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
+    where = _Located(str(path))
+    data = _compose(text, where)
+    return spec_from_mapping(data, file=str(path), lines=where.lines)
+
+
+def spec_from_yaml(text: str, file: str | None = None) -> Spec:
+    where = _Located(file)
+    data = _compose(text, where)
+    return spec_from_mapping(data, file=file, lines=where.lines)
+
+
+def replace(spec: Spec, **changes: Any) -> Spec:
+    """A validated copy with top-level or dotted-path fields changed, e.g. replace(s, **{"selection.block": 16})."""
+    data = spec.to_dict()
+    for path, value in changes.items():
+        node = data
+        *parents, last = path.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[last] = value
+    return spec_from_mapping(data)
+
+
+def field_reference() -> list[tuple[str, str, str, str]]:
+    """(path, default, allowed, doc) rows for every spec field: the README's reference table."""
+    rows = []
+
+    def walk(cls, prefix: str, defaults: Mapping):
+        for f in dataclasses.fields(cls):
+            path = f"{prefix}{f.name}"
+            section = _section_type(f)
+            if section is not None:
+                rows.append((path, "", "section", f.metadata["doc"]))
+                walk(section, path + ".", {})
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = json.dumps(_plain(f.default))
+            else:
+                default = "required"
+            choices = f.metadata.get("choices")
+            rows.append((path, default, " \\| ".join(choices) if choices else "", f.metadata["doc"]))
+
+    walk(Spec, "", {})
+    return rows
