@@ -9,6 +9,7 @@ Defaults depend on the family: `nsa` follows the NSA paper (arXiv 2502.11089), `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -194,8 +195,10 @@ class _Located:
             path = path.rpartition(".")[0]
         return None
 
-    def error(self, path: str, message: str, fix: str = "", cls=SpecError) -> SpecError:
-        return cls(path, message, fix, file=self.file, line=self.line(path))
+    def error(self, path: str, message: str, fix: str = "", cls=SpecError, near: str | None = None) -> SpecError:
+        """`near`: where to point when `path` is not written in the file (a default the user's choice conflicts with)."""
+        line = self.line(path) or (self.line(near) if near else None)
+        return cls(path, message, fix, file=self.file, line=line)
 
 
 def _compose(text: str, where: _Located) -> Any:
@@ -203,14 +206,17 @@ def _compose(text: str, where: _Located) -> Any:
 
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return {}
+        where.lines["<spec>"] = node.start_mark.line + 1
+        return _node_value(node, "", where)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise SpecError("<yaml>", f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                        "check indentation and quoting near that line",
-                        file=where.file, line=mark.line + 1 if mark else None) from None
-    if node is None:
-        return {}
-    return _node_value(node, "", where)
+        position = getattr(exc, "position", None)  # a ReaderError (a forbidden character) has no mark
+        line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
+        problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or exc
+        raise SpecError("<yaml>", f"not valid YAML: {problem}",
+                        "check indentation and quoting near that line", file=where.file, line=line) from None
 
 
 def _node_value(node, path: str, where: _Located) -> Any:
@@ -219,6 +225,10 @@ def _node_value(node, path: str, where: _Located) -> Any:
     if isinstance(node, yaml.MappingNode):
         out = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(path or "<spec>", "a key must be a plain name, not a list or mapping",
+                                "write `key: value` with a plain key", file=where.file,
+                                line=key_node.start_mark.line + 1)
             key = key_node.value
             sub = f"{path}.{key}" if path else key
             if key in out:
@@ -228,7 +238,8 @@ def _node_value(node, path: str, where: _Located) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_node_value(v, f"{path}[{i}]", where) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+    # Construct the scalar directly: re-serialising it fails for an empty value (`key:` with nothing after it).
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,7 +289,10 @@ def _typed(value: Any, f: dataclasses.Field, path: str, where: _Located) -> Any:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise where.error(path, f"expected a positive number or null, got {value!r}", "write a number > 0, or null")
+            fix = "write a number > 0, or null"
+            if isinstance(value, str) and re.fullmatch(r"[0-9.]+[eE][-+]?[0-9]+", value.strip()):
+                fix += " (YAML reads 1e-3 as text: write 1.0e-3)"
+            raise where.error(path, f"expected a positive number or null, got {value!r}", fix)
         return float(value)
     if kind == "tuple[str, ...]":
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -308,6 +322,8 @@ def _build(cls, data: Mapping, path: str, where: _Located):
         value = data[f.name]
         section = _section_type(f)
         if section is not None:
+            if value is None and f.default is not None:
+                raise where.error(sub, "cannot be null", f"remove `{f.name}:` to use the defaults, or give its keys")
             values[f.name] = None if value is None else _build(section, value, sub, where)
         else:
             values[f.name] = _typed(value, f, sub, where)
@@ -328,7 +344,10 @@ def _validate(spec: Spec, where: _Located) -> None:
         raise err("name", f"{spec.name!r} is not a lowercase identifier", "use letters, digits and _ , e.g. nsa_small")
     h = spec.heads
     if h.q < 1 or h.kv < 1:
-        raise err("heads", "head counts must be at least 1", "set heads.q and heads.kv to positive numbers")
+        raise err("heads.q" if h.q < 1 else "heads.kv", "head counts must be at least 1",
+                  "set heads.q and heads.kv to positive numbers")
+    if spec.max_seqlen < 1:  # before the checks that divide by it
+        raise err("max_seqlen", "must be at least 1", "set the longest sequence you will run")
     if h.q % h.kv:
         raise err("heads.kv", f"{h.q} query heads do not split into {h.kv} equal groups",
                   f"pick heads.kv dividing {h.q} (e.g. {', '.join(str(d) for d in _divisors(h.q)[:6])})")
@@ -347,15 +366,16 @@ def _validate(spec: Spec, where: _Located) -> None:
                       "set head_dim.v <= head_dim.qk")
         if spec.kv != "shared" or h.kv != 1:
             raise err("mla", "MLA mode shares one latent K/V across all heads (MQA) and all branches",
-                      "set heads.kv: 1 and kv: shared, or mla: false")
+                      "set heads.kv: 1 and kv: shared, or mla: false", near="heads.kv" if h.kv != 1 else "kv")
     if spec.kv == "independent" and len(spec.branches) == 1:
-        raise err("kv", "independent k/v needs more than one branch", "set kv: shared")
+        raise err("kv", "independent k/v needs more than one branch", "set kv: shared", near="branches")
 
     present = set(spec.branches)
     for section in ("compression", "selection", "window"):
         value = getattr(spec, section)
         if section in present and value is None:
-            raise err(section, f"branch {section!r} is listed but has no settings", f"add a `{section}:` section")
+            raise err(section, f"branch {section!r} is listed but has no settings", f"add a `{section}:` section",
+                      near="branches")
     sel, cmp_, win, idx = spec.selection, spec.compression, spec.window, spec.indexer
     if spec.compression is not None and not spec.needs_compressed_kv:
         raise err("compression", "settings given for a compression branch that is not listed and feeds no scorer",
@@ -385,8 +405,17 @@ def _validate(spec: Spec, where: _Located) -> None:
         if sel.scorer == "compression" and cmp_ is None:
             raise err("selection.scorer", "the compression scorer needs compression settings",
                       "add a compression section (and the branch), or use scorer: indexer")
+        if sel.scorer == "compression" and "compression" not in present:
+            raise err("branches", "the compression scorer ranks blocks with the compression branch's attention "
+                      "probabilities, so that branch must exist", "add compression to branches, or use scorer: indexer",
+                      cls=UnsupportedSpecError)
+        if sel.scorer == "indexer" and sel.granularity == "block":
+            raise err("selection.granularity", "block selection ranked by the indexer (a block's score is the "
+                      "log-sum-exp of its tokens' index scores) is not generated yet",
+                      "use granularity: token with the indexer, or scorer: compression", cls=UnsupportedSpecError)
         if sel.scorer == "indexer" and idx is None:
-            raise err("indexer", "selection.scorer is indexer but no indexer is described", "add an `indexer:` section")
+            raise err("indexer", "selection.scorer is indexer but no indexer is described", "add an `indexer:` section",
+                      near="selection.scorer")
         if sel.granularity == "block":
             if not _pow2(sel.block):
                 raise err("selection.block", f"{sel.block} is not a power of two", f"use {_pow2_near(sel.block)}")
@@ -426,11 +455,9 @@ def _validate(spec: Spec, where: _Located) -> None:
                       "use dtype: bf16", cls=UnsupportedSpecError)
     if win is not None and win.size < 1:
         raise err("window.size", "must be at least 1", "set a positive window")
-    if spec.max_seqlen < 1:
-        raise err("max_seqlen", "must be at least 1", "set the longest sequence you will run")
     if spec.family == "dsa" and (sel is None or sel.scorer != "indexer" or present != {"selection"}):
         raise err("family", "dsa is the indexer-scored selection branch alone",
-                  "use branches: [selection] with scorer: indexer, or family: nsa")
+                  "use branches: [selection] with scorer: indexer, or family: nsa", near="branches")
     if spec.family == "nsa" and "selection" in present and sel.granularity == "token" and spec.mla:
         raise err("mla", "MLA mode is a DSA setting", "set family: dsa", cls=UnsupportedSpecError)
 
@@ -453,9 +480,10 @@ def spec_from_mapping(data: Mapping, *, file: str | None = None, lines: dict[str
     if not isinstance(data, Mapping):
         raise where.error("<spec>", "a spec is a mapping of keys", "start the file with `name: my_variant`")
     family = data.get("family", "nsa")
-    if family not in FAMILY_DEFAULTS:
+    if not isinstance(family, str) or family not in FAMILY_DEFAULTS:
         raise where.error("family", f"{family!r} is not one of {', '.join(FAMILY_DEFAULTS)}", "use nsa or dsa")
-    merged = _merge(FAMILY_DEFAULTS[family], data)
+    # A deep copy: the merge below fills sections in place and must not change the defaults of later specs.
+    merged = _merge(copy.deepcopy(FAMILY_DEFAULTS[family]), data)
     # Sections for branches the user dropped fall away with them, unless the user wrote them.
     branches = merged.get("branches", [])
     if isinstance(branches, (list, tuple)):
@@ -483,9 +511,12 @@ def load_spec(path: str | Path) -> Spec:
     """Parse and validate a spec file; raises SpecError naming the field, file and line."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("<file>", f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "save the spec as UTF-8 text", file=str(path)) from None
     where = _Located(str(path))
     data = _compose(text, where)
     return spec_from_mapping(data, file=str(path), lines=where.lines)

@@ -1,0 +1,114 @@
+"""The kernel plan: every compile-time choice a generated module bakes in, derived from a spec.
+
+The plan sits between the analysis and the templates: it turns the spec's numbers into tile shapes, row packing,
+head-dim parts and launch order, so templates only substitute values and never decide. Tuned configs (when a tuning
+record exists) override the defaults chosen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .analysis import head_dim_parts
+from .spec import Spec
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
+MIN_DOT = 16
+
+
+@dataclass(frozen=True)
+class Part:
+    """A power-of-two slice of a head dim: 192 is parts (0, 128) and (128, 64)."""
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class AttentionTile:
+    """Row packing of a flash-style kernel: BT query positions x GP (padded) heads of one kv group."""
+    bt: int
+    gp: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def rows(self) -> int:
+        return self.bt * self.gp
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    qk_parts: tuple[Part, ...]
+    v_parts: tuple[Part, ...]
+    group: int
+    branch_index: dict = field(hash=False)
+    compression: AttentionTile | None
+    window: AttentionTile | None
+    selection: AttentionTile | None
+    # block selection (compression scorer)
+    score_bt: int = 0
+    score_gp: int = 0
+    score_bj: int = 0          # selection blocks per loop trip
+    score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
+    topk_pad: int = 0          # running top-n buffer width (power of two >= top_k)
+    # token selection (indexer scorer)
+    index_bt: int = 0
+    index_hp: int = 0
+    index_bs: int = 0
+    pool_bi: int = 0
+
+    @property
+    def unit(self) -> int:
+        """Tokens per selection unit: l' at block granularity, 1 at token granularity."""
+        return self.spec.selection.block if self.spec.selection else 0
+
+
+def _parts(d: int) -> tuple[Part, ...]:
+    out, off = [], 0
+    for size in head_dim_parts(d):
+        out.append(Part(off, size))
+        off += size
+    return tuple(out)
+
+
+def make_plan(spec: Spec) -> Plan:
+    g = spec.heads.group_size
+    gp = next_pow2(g)
+    # Flash-style tiles pack several query positions of one kv group so K/V tiles are shared across the group's
+    # heads (GQA's whole point) and the matrix unit sees >= 16 rows even for MHA.
+    rows = max(64, gp)
+    bt = max(1, rows // gp)
+    dense_tile = AttentionTile(bt=bt, gp=gp, block_n=64, num_warps=4, num_stages=2)
+    compression = dense_tile if "compression" in spec.branches else None
+    window = dense_tile if "window" in spec.branches else None
+    selection = None
+    plan_kw: dict = {}
+    sel = spec.selection
+    if sel is not None:
+        # One query position per program: each query has its own blocks. Its group's heads fill the rows.
+        unit = sel.block
+        selection = AttentionTile(bt=1, gp=max(MIN_DOT, gp), block_n=max(MIN_DOT, unit, 64 if unit == 1 else unit),
+                                  num_warps=4, num_stages=2)
+        topk_pad = next_pow2(sel.top_k)
+        plan_kw["topk_pad"] = topk_pad
+        if sel.scorer == "compression":
+            r = sel.block // spec.compression.stride
+            bj = max(topk_pad, MIN_DOT, 64 // r)
+            plan_kw.update(score_gp=gp, score_bt=max(1, 64 // gp), score_bj=bj, score_bnc=bj * r)
+        else:
+            hp = next_pow2(spec.indexer.heads)
+            # The running top-k buffer is [index_bt, topk_pad] int64 in registers: keep the rows few (just enough
+            # to fill 16 dot rows with the indexer heads) and merge wide key chunks to amortise each merge's sort.
+            plan_kw.update(index_hp=hp, index_bt=max(1, MIN_DOT // hp), index_bs=max(MIN_DOT, min(topk_pad, 256)))
+    if spec.needs_compressed_kv:
+        plan_kw["pool_bi"] = 16
+    return Plan(spec=spec, qk_parts=_parts(spec.head_dim.qk), v_parts=_parts(spec.head_dim.v), group=g,
+                branch_index={b: i for i, b in enumerate(spec.branches)}, compression=compression, window=window,
+                selection=selection, **plan_kw)

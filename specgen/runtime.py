@@ -1,0 +1,96 @@
+"""The small runtime that generated modules import: argument checks and interpreter detection.
+
+Generated modules import torch, triton and this file only, so importing a kernel never parses YAML, renders
+templates or calls sympy. Keep it that way: no imports from the rest of specgen here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class ArgumentError(ValueError):
+    """A call-time mistake: wrong shape, dtype, device or a missing input. Raised before any kernel runs."""
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None, dims: dict,
+                 device: torch.device | None = None, where: str = "") -> torch.Tensor:
+    """Check one argument against an expected shape whose str entries are symbols bound across arguments.
+
+    The first argument that mentions a symbol (B, T, ...) binds it; later ones must agree. Returns the tensor,
+    copied only when its last dimension is not contiguous (kernels need unit stride there; slices of a fused
+    projection keep theirs and are used as they are).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentError(f"{fn}: argument `{name}` must be a torch.Tensor of shape {_fmt(shape)}"
+                            f"{where}, got {type(x).__name__}")
+    if x.dim() != len(shape):
+        raise ArgumentError(f"{fn}: argument `{name}` must have {len(shape)} dims {_fmt(shape)}{where}, "
+                            f"got shape {_fmt(tuple(x.shape))}")
+    for axis, (want, got) in enumerate(zip(shape, x.shape)):
+        if isinstance(want, str):
+            bound = dims.setdefault(want, (got, name))
+            if bound[0] != got:
+                raise ArgumentError(f"{fn}: argument `{name}` has {want}={got} (dim {axis}) but `{bound[1]}` has "
+                                    f"{want}={bound[0]}; expected shape {_fmt(shape)}")
+        elif want != got:
+            raise ArgumentError(f"{fn}: argument `{name}` must have shape {_fmt(shape)}{where}, got "
+                                f"{_fmt(tuple(x.shape))} (dim {axis} is {got}, the spec needs {want})")
+    if dtype is not None and x.dtype != dtype:
+        raise ArgumentError(f"{fn}: argument `{name}` must be {dtype} (the spec's dtype), got {x.dtype}; "
+                            f"cast it with .to({dtype}) or build a spec with that dtype")
+    if device is not None and x.device != device:
+        raise ArgumentError(f"{fn}: argument `{name}` is on {x.device} but `q` is on {device}; "
+                            f"move all inputs to one device")
+    if x.numel() and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def check_seqlen(fn: str, T: int, max_seqlen: int, spec_name: str) -> None:
+    if T < 1:
+        raise ArgumentError(f"{fn}: the sequence is empty (T={T}); pass at least one token")
+    if T > max_seqlen:
+        raise ArgumentError(f"{fn}: T={T} exceeds the spec's max_seqlen={max_seqlen} (spec {spec_name}); "
+                            f"raise max_seqlen in the spec and rebuild")
+
+
+def check_out(fn: str, out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or out.dtype != dtype \
+            or out.device != device or not out.is_contiguous():
+        got = (f"{_fmt(tuple(out.shape))} {out.dtype} on {out.device}"
+               f"{'' if out.is_contiguous() else ', not contiguous'}") if isinstance(out, torch.Tensor) \
+            else type(out).__name__
+        raise ArgumentError(f"{fn}: argument `out` must be a contiguous {dtype} tensor of shape {_fmt(shape)} on "
+                            f"{device}, got {got}")
+    return out
+
+
+def check_indices(fn: str, indices, shape: tuple, device: torch.device) -> torch.Tensor:
+    if not isinstance(indices, torch.Tensor) or tuple(indices.shape) != tuple(shape) or indices.dtype != torch.int32:
+        got = (f"{_fmt(tuple(indices.shape))} {indices.dtype}" if isinstance(indices, torch.Tensor)
+               else type(indices).__name__)
+        raise ArgumentError(f"{fn}: argument `indices` must be int32 of shape {_fmt(shape)} (ascending, -1 padding "
+                            f"last), got {got}")
+    if indices.device != device:
+        raise ArgumentError(f"{fn}: argument `indices` is on {indices.device} but `q` is on {device}")
+    return indices.contiguous()
+
+
+def require(fn: str, name: str, value, why: str):
+    if value is None:
+        raise ArgumentError(f"{fn}: argument `{name}` is required: {why}")
+    return value
