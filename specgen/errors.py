@@ -18,7 +18,10 @@ class SpecError(ValueError):
 
     def located(self, file: str | None, line: int | None) -> "SpecError":
         """The same error with a location filled in where it had none."""
-        return SpecError(self.field, self.message, self.fix, file=self.file or file, line=self.line or line)
+        return type(self)(self.field, self.message, self.fix, file=self.file or file, line=self.line or line)
+
+    def __reduce__(self):  # pickling (errors crossing process pools) must not call __init__ with the rendered text
+        return _rebuild, (type(self), self.field, self.message, self.fix, self.file, self.line)
 
     def _render(self) -> str:
         where = ""
@@ -32,3 +35,7 @@ class SpecError(ValueError):
 
 class UnsupportedSpecError(SpecError):
     """A well-formed spec that names a variant the generator cannot (yet) render correctly."""
+
+
+def _rebuild(cls, field, message, fix, file, line):
+    return cls(field, message, fix, file=file, line=line)

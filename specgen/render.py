@@ -132,9 +132,17 @@ def render_module(spec: Spec) -> str:
     return _environment().get_template(f"{spec.family}_module.py.j2").render(**module_context(spec))
 
 
+# Specs this cheap (query heads x head dim) get the full CPU matrix of sequence lengths; bigger ones one tiny T.
+SMALL_SPEC_WIDTH = 512
+
+
 def render_test(spec: Spec) -> str:
+    from .testing_plan import cpu_seqlens, gpu_seqlens
+
+    small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
     return _environment().get_template("test_module.py.j2").render(
-        spec=spec, header=header(spec, "its tests"), module=spec.name, fn_name=f"{spec.family}_forward")
+        spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
+        gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -1,0 +1,138 @@
+"""The `specgen` command line: a thin layer over spec, analysis and render.
+
+Exit codes: 0 success, 2 a user mistake (a bad spec, a missing file; printed without a traceback), 1 an internal
+failure (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import SpecError
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called (not in a spec)."""
+
+
+def spec_paths(targets: list[str]) -> list[Path]:
+    """Spec files named directly, or every *.yaml in a named folder (sorted; *.tune.json and sweeps skipped)."""
+    paths: list[Path] = []
+    for target in targets:
+        p = Path(target)
+        if p.is_dir():
+            found = sorted(x for x in p.glob("*.yaml") if not x.name.endswith(".sweep.yaml"))
+            if not found:
+                raise UsageError(f"{p}: no *.yaml specs in this folder")
+            paths.extend(found)
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise UsageError(f"{p}: no such spec file or folder")
+    return paths
+
+
+def _load_all(targets: list[str]):
+    from .spec import load_spec
+
+    specs = [load_spec(p) for p in spec_paths(targets)]
+    names: dict[str, Path] = {}
+    for spec, path in zip(specs, spec_paths(targets)):
+        if spec.name in names and names[spec.name] != path:
+            raise UsageError(f"{path}: spec name {spec.name!r} is also used by {names[spec.name]}; "
+                             f"generated modules are named after specs, so names must be unique")
+        names[spec.name] = path
+    return specs
+
+
+def cmd_build(args) -> int:
+    from .render import build
+
+    # Validate every spec before writing anything, so one bad spec leaves no partial build behind.
+    specs = _load_all(args.specs)
+    for spec in specs:
+        built = build(spec, Path(args.out))
+        state = "updated" if built.changed else "unchanged"
+        print(f"{spec.name:<20} {spec.hash}  {built.module}  {built.test}  ({state})")
+    return 0
+
+
+def cmd_check(args) -> int:
+    for spec in _load_all(args.specs):
+        print(f"{spec.name}: ok (hash {spec.hash})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .analysis import explain
+
+    for spec in _load_all(args.specs):
+        print(explain(spec, args.seqlen))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .spec import load_spec
+
+    print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'selection':<24} file")
+    for path in spec_paths(args.folders or ["specs"]):
+        try:
+            s = load_spec(path)
+        except SpecError as exc:
+            print(f"{path.stem:<20} invalid: {exc.message}  ({path})")
+            continue
+        sel = s.selection
+        sel_text = (f"{sel.granularity} top{sel.top_k}" + (f" l'={sel.block}" if sel.granularity == "block" else "")
+                    if sel else "-")
+        print(f"{s.name:<20} {s.family:<6} {s.hash}  {s.heads.q}/{s.heads.kv:<5} {s.head_dim.qk}/{s.head_dim.v:<4} "
+              f"{sel_text:<24} {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specgen", description="Generate specialised sparse-attention Triton kernels "
+                                "from YAML specs.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"specgen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="render specs into importable modules and their tests")
+    b.add_argument("specs", nargs="+", metavar="SPEC", help="spec files or folders of specs")
+    b.add_argument("--out", default="generated", help="output folder (default: generated)")
+    b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="validate specs without building")
+    c.add_argument("specs", nargs="+", metavar="SPEC")
+    c.set_defaults(func=cmd_check)
+
+    e = sub.add_parser("explain", help="print the symbolic cost analysis of specs (FLOPs, bytes, memory)")
+    e.add_argument("specs", nargs="+", metavar="SPEC")
+    e.add_argument("--seqlen", "-T", type=int, default=None, help="sequence length for numbers "
+                   "(default: the spec's max_seqlen)")
+    e.set_defaults(func=cmd_explain)
+
+    ls = sub.add_parser("list", help="list the specs in folders (default: specs/)")
+    ls.add_argument("folders", nargs="*", metavar="FOLDER")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"specgen: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except UsageError as exc:
+        print(f"specgen: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`specgen.load`: build a spec on first use, cache it by spec hash, and import it (FlashInfer-style JIT).
+
+The module is rendered by the same code as `specgen build`, so both give the same bytes. The cache lives in
+$SPECGEN_CACHE (default ~/.cache/specgen), one folder per spec hash and specgen version; a second call with an equal
+spec returns the already imported module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from . import __version__
+from .render import build
+from .spec import Spec, load_spec
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECGEN_CACHE", Path.home() / ".cache" / "specgen"))
+
+
+def import_path(path: Path, name: str) -> ModuleType:
+    """Import a generated module from a file under a unique name (two specs never share a module object)."""
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def load(spec: Spec | str | os.PathLike) -> ModuleType:
+    """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use."""
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec)
+    key = f"{spec.name}_{spec.hash}"
+    if key in _loaded:
+        return _loaded[key]
+    folder = cache_dir() / f"v{__version__}" / key
+    built = build(spec, folder)
+    module = import_path(built.module, f"specgen_generated.{key}")
+    _loaded[key] = module
+    return module

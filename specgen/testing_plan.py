@@ -1,0 +1,24 @@
+"""Which sequence lengths a spec's generated test runs: part of the rendered test, so it lives generator-side."""
+
+from __future__ import annotations
+
+from .spec import Spec
+
+
+def cpu_seqlens(spec: Spec, small: bool) -> list[int]:
+    """Sequence lengths for the CPU interpreter: several awkward ones for small specs, one tiny one otherwise."""
+    sel, cmp_ = spec.selection, spec.compression
+    unit = sel.block if sel else 16
+    l = cmp_.block if cmp_ else 8
+    if not small:
+        return [unit + l + 3]
+    lengths = {1, max(1, l - 2), unit + l // 2 + 1}
+    if sel is not None:
+        # Long enough that top-n must drop candidates.
+        lengths.add(min(spec.max_seqlen, (sel.top_k + 2) * unit + 3))
+    return sorted(lengths)
+
+
+def gpu_seqlens(spec: Spec) -> list[int]:
+    """Realistic lengths on the GPU: 8192 and a length that is a multiple of no block size."""
+    return [t for t in (8192, 4999) if t <= spec.max_seqlen] or [spec.max_seqlen]
