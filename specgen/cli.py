@@ -93,6 +93,20 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
+    from .bench import bench_forward, record, table
+
+    for spec in _load_all(args.specs):
+        rows = bench_forward(spec, args.seqlens, regime=args.regime, dense=not args.no_dense)
+        print(table(spec, rows))
+        print(f"recorded in {record(spec, 'forward', rows, regime=args.regime, out_dir=Path(args.out))}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specgen", description="Generate specialised sparse-attention Triton kernels "
                                 "from YAML specs.")
@@ -115,6 +129,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", "-T", type=int, default=None, help="sequence length for numbers "
                    "(default: the spec's max_seqlen)")
     e.set_defaults(func=cmd_explain)
+
+    bn = sub.add_parser("bench", help="time generated kernels on the GPU against dense SDPA in the same run")
+    bn.add_argument("specs", nargs="+", metavar="SPEC")
+    bn.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    bn.add_argument("--regime", default="random", choices=["random"], help="input regime (named in the record)")
+    bn.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
+    bn.add_argument("--out", default="bench/results", help="folder of the JSON records")
+    bn.set_defaults(func=cmd_bench)
 
     ls = sub.add_parser("list", help="list the specs in folders (default: specs/)")
     ls.add_argument("folders", nargs="*", metavar="FOLDER")
