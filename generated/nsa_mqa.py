@@ -9,6 +9,8 @@ Selection: top 16 blocks of l'=64 (1 initial + 2 local forced), ranked by the co
 Window: w=512.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -91,7 +93,7 @@ def _pool_kernel(
     pid_i = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_n = tl.program_id(2)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     blocks = pid_i * BI + tl.arange(0, BI)
     block_ok = blocks < NC
@@ -128,13 +130,13 @@ def _pool_kernel(
 
 @triton.jit
 def _compression_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, LAST: tl.constexpr, WIDEN: tl.constexpr,
+    T, NKEYS, sm_scale, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
 ):
     BT: tl.constexpr = 2
     GP: tl.constexpr = 32
@@ -142,7 +144,7 @@ def _compression_attention_kernel(
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
@@ -188,7 +190,12 @@ def _compression_attention_kernel(
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None] * gate[:, None]
+    o0 = acc0 * inv_l[:, None]
+    if SAVE_BRANCH:
+        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
+
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -199,13 +206,13 @@ def _compression_attention_kernel(
 
 @triton.jit
 def _selection_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, IDX,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, LAST: tl.constexpr, WIDEN: tl.constexpr,
+    T, NKEYS, sm_scale, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
 ):
     BT: tl.constexpr = 1
     GP: tl.constexpr = 32
@@ -213,7 +220,7 @@ def _selection_attention_kernel(
     CHANNEL: tl.constexpr = 1
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
@@ -266,7 +273,12 @@ def _selection_attention_kernel(
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None] * gate[:, None]
+    o0 = acc0 * inv_l[:, None]
+    if SAVE_BRANCH:
+        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
+
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -277,13 +289,13 @@ def _selection_attention_kernel(
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, LAST: tl.constexpr, WIDEN: tl.constexpr,
+    T, NKEYS, sm_scale, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
 ):
     BT: tl.constexpr = 2
     GP: tl.constexpr = 32
@@ -291,7 +303,7 @@ def _window_attention_kernel(
     CHANNEL: tl.constexpr = 2
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
@@ -336,7 +348,12 @@ def _window_attention_kernel(
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None] * gate[:, None]
+    o0 = acc0 * inv_l[:, None]
+    if SAVE_BRANCH:
+        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
+
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -367,7 +384,7 @@ def _select_blocks_kernel(
     CMP_CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // HKV
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
@@ -465,6 +482,35 @@ def nsa_forward(q, k, v, gates, *, indices=None, out=None,
     v = runtime.check_tensor(fn, "v", v, ("B", "T", 1, 128), DTYPE, dims, device)
     gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 32, 3), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 32, 128), DTYPE, device)
+    if indices is not None:
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 16), device)
+    state = _forward(q, k, v, gates, indices=indices, out=out)
+    result = (state.out,)
+    if return_lse:
+        result += (state.lse,)
+    if return_indices:
+        result += (state.indices,)
+    return result[0] if len(result) == 1 else result
+
+
+class ForwardState(NamedTuple):
+    """What one forward computed; the backward pass reads the saved pieces."""
+    out: torch.Tensor
+    lse: torch.Tensor            # [B, T, HQ, N_BRANCHES] fp32
+    indices: Optional[torch.Tensor]
+    branch_out: Optional[torch.Tensor]  # [N_BRANCHES, B, T, HQ, DV] un-gated branch outputs, when saved
+    kc: Optional[torch.Tensor]   # pooled compression keys [B, NC, HKV, DQK]
+    vc: Optional[torch.Tensor]   # pooled compression values [B, NC, HKV, DV]
+
+
+def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False):
+    """The launches, on checked arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
+    B, T = q.shape[0], q.shape[1]
+    device = q.device
+    if out is None:
+        out = torch.empty((B, T, 32, 128), dtype=DTYPE, device=device)
+    branch_out = (torch.empty((3, B, T, 32, 128), dtype=DTYPE, device=device)
+                  if save_branch_outputs else out)
     lse = torch.empty((B, T, 32, 3), dtype=torch.float32, device=device)
     # Gated branch outputs are summed in fp32 here; the last branch's kernel writes the final dtype into `out`.
     acc = torch.empty((B, T, 32, 128), dtype=torch.float32, device=device)
@@ -474,39 +520,33 @@ def nsa_forward(q, k, v, gates, *, indices=None, out=None,
     kc = _pool(k, 128, NC)
     vc = _pool(v, 128, NC)
     _compression_attention_kernel[(triton.cdiv(T, 2), B * 1)](
-        q, kc, vc, gates, acc, out, lse,
+        q, kc, vc, gates, acc, out, lse, branch_out,
         q.stride(0), q.stride(1), q.stride(2),
         kc.stride(0), kc.stride(1), kc.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2),
-        *g_strides, T, NC, sm_scale,
-        HAS_PREV=False, LAST=False, WIDEN=WIDEN,
+        *g_strides, T, NC, sm_scale, B * T * 4096,
+        HAS_PREV=False, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
         num_warps=4, num_stages=2)
     if indices is None:
         indices = torch.empty((B, T, 1, 16), dtype=torch.int32, device=device)
         _select_blocks_kernel[(triton.cdiv(T, 2), B * 1)](
             q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
             num_warps=4)
-    else:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 16), device)
     _selection_attention_kernel[(triton.cdiv(T, 1), B * 1)](
-        q, k, v, gates, acc, out, lse, indices,
+        q, k, v, gates, acc, out, lse, branch_out, indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *g_strides, T, T, sm_scale,
-        HAS_PREV=True, LAST=False, WIDEN=WIDEN,
+        *g_strides, T, T, sm_scale, B * T * 4096,
+        HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
         num_warps=4, num_stages=2)
     _window_attention_kernel[(triton.cdiv(T, 2), B * 1)](
-        q, k, v, gates, acc, out, lse,
+        q, k, v, gates, acc, out, lse, branch_out,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *g_strides, T, T, sm_scale,
-        HAS_PREV=True, LAST=True, WIDEN=WIDEN,
+        *g_strides, T, T, sm_scale, B * T * 4096,
+        HAS_PREV=True, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
         num_warps=4, num_stages=2)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (indices,)
-    return result[0] if len(result) == 1 else result
+    return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
+                        kc, vc)

@@ -122,6 +122,7 @@ def module_context(spec: Spec, plan: Plan | None = None) -> dict:
         "positional": [a.name for a in args if not a.keyword],
         "keyword_inputs": [a for a in args if a.keyword],
         "arguments": args,
+        "arg_names": [a.name for a in args],
         "kv": _kv_names(spec),
         "short": SHORT,
         "idx_scale": repr(idx_scale),
