@@ -59,6 +59,9 @@ SEL_INITIAL = tl.constexpr(1)
 SEL_LOCAL = tl.constexpr(1)
 TOP_K = tl.constexpr(4)
 TOP_K_PAD = tl.constexpr(4)
+# fp32-accurate dots for selection scores: tf32x3 on the GPU (tensor cores, ~fp32 accuracy); ieee where the
+# interpreter runs.
+OVERLAP_PRECISION = tl.constexpr("ieee" if runtime.interpreting() else "tf32x3")
 # Below every real top-k key (keys are score bits << 32 | complemented index).
 NO_KEY = tl.constexpr(-9223372036854775807)
 WINDOW = tl.constexpr(16)
@@ -408,7 +411,10 @@ def _select_blocks_kernel(
     lse2 = tl.load(LSE + ((b * T + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     qk_scale = sm_scale * 1.4426950408889634
     tq = t_lo + tl.arange(0, BT)
-    best = tl.full([BT, TOP_K_PAD], NO_KEY, dtype=tl.int64)
+    # Every selection block's score stays in registers ([BT, NSEL_PAD], -1 = not a candidate); top-n is then n
+    # rounds of argmax. Cheaper than sorting: n is small and the row fits.
+    NCHUNK: tl.constexpr = 16
+    scores = tl.full([BT, NCHUNK, BJ], -1.0, dtype=tl.float32)
     carry = tl.zeros([BT, BJ], dtype=tl.float32)
     for j0 in range(0, t_hi // SEL_BLOCK + 1, BJ):
         blocks = j0 * R + tl.arange(0, BNC)
@@ -430,27 +436,28 @@ def _select_blocks_kernel(
         lo_next = tl.maximum(blocks[:, None], ((sel + BJ) * R)[None, :])
         hi_next = tl.minimum(blocks[:, None] + L, ((sel + BJ + 1) * R)[None, :])
         w_next = tl.maximum(hi_next - lo_next, 0).to(tl.float32)
-        # ieee: scores decide the ranking; tf32 would reorder near-ties against the float64 reference.
-        score = tl.sum(tl.reshape(tl.dot(p, w_cur, input_precision="ieee"), (BT, GP, BJ)), axis=1) + carry
-        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision="ieee"), (BT, GP, BJ)), axis=1)
+        # fp32-accurate products (the weights are small integers): scores decide the ranking, and plain tf32
+        # would reorder near-ties against the float64 reference.
+        score = tl.sum(tl.reshape(tl.dot(p, w_cur, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1) + carry
+        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1)
         candidate = (sel * SEL_BLOCK)[None, :] <= tq[:, None]
         back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
         forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))
         score = tl.where(forced, float("inf"), score)
-        # key = score bits (non-negative floats order like their bits) above the complemented block index,
-        # so larger is better and ties go to the lower block.
-        bits = (score.to(tl.int32, bitcast=True) & 2147483647).to(tl.int64)
-        key = (bits << 32) | (4294967295 - sel.to(tl.int64))[None, :]
-        key = tl.where(candidate, key, NO_KEY)
-        key = tl.topk(key, TOP_K_PAD, dim=1)
-        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)
-
+        score = tl.where(candidate, score, -1.0)
+        scores = tl.where((tl.arange(0, NCHUNK) == j0 // BJ)[None, :, None], score[:, None, :], scores)
     slot = tl.arange(0, TOP_K_PAD)
-    kept = (slot < TOP_K)[None, :] & (best != NO_KEY)
-    unit = tl.where(kept, 4294967295 - (best & 4294967295), 2147483647).to(tl.int32)
+    flat = tl.reshape(scores, (BT, NCHUNK * BJ))
+    cols = tl.arange(0, NCHUNK * BJ)
+    unit = tl.full([BT, TOP_K_PAD], 2147483647, dtype=tl.int32)
+    for r in range(TOP_K):
+        top = tl.max(flat, axis=1)
+        # Ties go to the lower block: the smallest column holding the maximum.
+        pick = tl.min(tl.where(flat == top[:, None], cols[None, :], NCHUNK * BJ), axis=1)
+        unit = tl.where((slot == r)[None, :] & (top >= 0.0)[:, None], pick[:, None], unit)
+        flat = tl.where(cols[None, :] == pick[:, None], -2.0, flat)
     unit = tl.sort(unit, dim=1)
     unit = tl.where(unit == 2147483647, -1, unit)
-
     out_ptr = IDX + ((b * T + tq[:, None]) * HKV + g) * TOP_K + slot[None, :]
     tl.store(out_ptr, unit, mask=(tq < T)[:, None] & (slot < TOP_K)[None, :])
 

@@ -59,6 +59,9 @@ SEL_INITIAL = tl.constexpr(0)
 SEL_LOCAL = tl.constexpr(0)
 TOP_K = tl.constexpr(1024)
 TOP_K_PAD = tl.constexpr(1024)
+# fp32-accurate dots for selection scores: tf32x3 on the GPU (tensor cores, ~fp32 accuracy); ieee where the
+# interpreter runs.
+OVERLAP_PRECISION = tl.constexpr("ieee" if runtime.interpreting() else "tf32x3")
 # Below every real top-k key (keys are score bits << 32 | complemented index).
 NO_KEY = tl.constexpr(-9223372036854775807)
 WINDOW = tl.constexpr(512)

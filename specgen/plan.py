@@ -19,6 +19,8 @@ def next_pow2(x: int) -> int:
 
 # tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
 MIN_DOT = 16
+# fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
+SCORE_REGISTER_BUDGET = 8192
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Plan:
     score_gp: int = 0
     score_bj: int = 0          # selection blocks per loop trip
     score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
+    score_mode: str = ""       # "registers" (all block scores of a tile row kept) or "merge" (running top-n)
+    score_nsel_pad: int = 0    # selection blocks a row can have, padded to a power of two
     topk_pad: int = 0          # running top-n buffer width (power of two >= top_k)
     # token selection (indexer scorer)
     index_bt: int = 0
@@ -101,7 +105,13 @@ def make_plan(spec: Spec) -> Plan:
         if sel.scorer == "compression":
             r = sel.block // spec.compression.stride
             bj = max(topk_pad, MIN_DOT, 64 // r)
-            plan_kw.update(score_gp=gp, score_bt=max(1, 64 // gp), score_bj=bj, score_bnc=bj * r)
+            score_bt = max(1, 64 // gp)
+            nsel_pad = max(bj, next_pow2(-(-spec.max_seqlen // sel.block)))
+            # Keep every block's score in registers when the tile's row fits (BT x NSEL_PAD fp32); otherwise
+            # merge chunks into a running top-n buffer (sorting int64 keys: slower, but any length).
+            mode = "registers" if score_bt * nsel_pad <= SCORE_REGISTER_BUDGET else "merge"
+            plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_mode=mode,
+                           score_nsel_pad=nsel_pad)
         else:
             hp = next_pow2(spec.indexer.heads)
             # The running top-k buffer is [index_bt, topk_pad] int64 in registers: keep the rows few (just enough
