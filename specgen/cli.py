@@ -54,8 +54,8 @@ def cmd_build(args) -> int:
 
     # Validate every spec before writing anything, so one bad spec leaves no partial build behind.
     specs = _load_all(args.specs)
-    for spec in specs:
-        built = build(spec, Path(args.out))
+    for spec, path in zip(specs, spec_paths(args.specs)):
+        built = build(spec, Path(args.out), spec_path=path)
         state = "updated" if built.changed else "unchanged"
         print(f"{spec.name:<20} {spec.hash}  {built.module}  {built.test}  ({state})")
     return 0
@@ -107,6 +107,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError("tune needs a CUDA GPU")
+    from .tune import tune
+
+    for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
+        tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir))
+    print("run `specgen build` to bake the records into the generated modules")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specgen", description="Generate specialised sparse-attention Triton kernels "
                                 "from YAML specs.")
@@ -137,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")
     bn.set_defaults(func=cmd_bench)
+
+    tn = sub.add_parser("tune", help="measure launch configs on the GPU; write specs/<name>.tune.json")
+    tn.add_argument("specs", nargs="+", metavar="SPEC")
+    tn.add_argument("--seqlen", type=int, default=32768, help="representative sequence length (default 32768)")
+    tn.add_argument("--workdir", default=".specgen-cache/tuning", help="scratch folder for candidate modules")
+    tn.set_defaults(func=cmd_tune)
 
     ls = sub.add_parser("list", help="list the specs in folders (default: specs/)")
     ls.add_argument("folders", nargs="*", metavar="FOLDER")

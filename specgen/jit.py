@@ -39,13 +39,17 @@ def import_path(path: Path, name: str) -> ModuleType:
 
 def load(spec: Spec | str | os.PathLike) -> ModuleType:
     """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use."""
+    spec_path = None
     if not isinstance(spec, Spec):
-        spec = load_spec(spec)
-    key = f"{spec.name}_{spec.hash}"
+        spec_path = Path(spec)
+        spec = load_spec(spec_path)
+    from .tuning import load_records, records_hash
+
+    key = f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}"
     if key in _loaded:
         return _loaded[key]
     folder = cache_dir() / f"v{__version__}" / key
-    built = build(spec, folder)
+    built = build(spec, folder, spec_path=spec_path)
     module = import_path(built.module, f"specgen_generated.{key}")
     _loaded[key] = module
     return module

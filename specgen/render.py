@@ -103,8 +103,11 @@ def _kv_names(spec: Spec) -> dict[str, str]:
     return names
 
 
-def module_context(spec: Spec, plan: Plan | None = None) -> dict:
+def module_context(spec: Spec, plan: Plan | None = None, records: list | None = None) -> dict:
+    from .tuning import configs_for, records_hash
+
     plan = plan or make_plan(spec)
+    records = records or []
     args = arguments(spec)
     idx_scale = None
     if spec.indexer is not None:
@@ -113,7 +116,8 @@ def module_context(spec: Spec, plan: Plan | None = None) -> dict:
     return {
         "spec": spec,
         "plan": plan,
-        "header": header(spec, "the kernels"),
+        "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
+        "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),
         "spec_hash": spec.hash,
         "spec_dict": pprint.pformat(spec.to_dict(), width=110, sort_dicts=False),
         "torch_dtype": TORCH_DTYPES[spec.dtype],
@@ -129,8 +133,8 @@ def module_context(spec: Spec, plan: Plan | None = None) -> dict:
     }
 
 
-def render_module(spec: Spec) -> str:
-    return _environment().get_template(f"{spec.family}_module.py.j2").render(**module_context(spec))
+def render_module(spec: Spec, records: list | None = None) -> str:
+    return _environment().get_template(f"{spec.family}_module.py.j2").render(**module_context(spec, records=records))
 
 
 # Specs this cheap (query heads x head dim) get the full CPU matrix of sequence lengths; bigger ones one tiny T.
@@ -175,10 +179,15 @@ class Built:
     changed: tuple[Path, ...]
 
 
-def build(spec: Spec, out_dir: Path) -> Built:
-    """Render both files first, then write them: a template error leaves the old files untouched."""
+def build(spec: Spec, out_dir: Path, spec_path: Path | None = None) -> Built:
+    """Render both files first, then write them: a template error leaves the old files untouched.
+
+    `spec_path` locates the spec's tuning record (`<name>.tune.json` beside it), whose configs are baked in.
+    """
+    from .tuning import load_records
+
     out_dir = Path(out_dir)
-    module_text = render_module(spec)
+    module_text = render_module(spec, load_records(spec, spec_path))
     test_text = render_test(spec)
     module_path = out_dir / f"{spec.name}.py"
     test_path = out_dir / f"test_{spec.name}.py"

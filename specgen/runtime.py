@@ -94,3 +94,16 @@ def require(fn: str, name: str, value, why: str):
     if value is None:
         raise ArgumentError(f"{fn}: argument `{name}` is required: {why}")
     return value
+
+
+_device_names: dict = {}
+
+
+def launch_config(configs: dict, kernel: str) -> dict:
+    """The launch config of `kernel` for the current GPU: its tuned entry if the module has one, else the default."""
+    device = torch.cuda.current_device() if torch.cuda.is_available() else -1
+    name = _device_names.get(device)
+    if name is None:
+        name = _device_names[device] = torch.cuda.get_device_name(device) if device >= 0 else "cpu"
+    tuned = configs.get(name, {}).get(kernel)
+    return tuned if tuned is not None else configs["default"][kernel]

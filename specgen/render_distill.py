@@ -1,0 +1,67 @@
+"""Rendering of the indexer distillation loss (templates/distill_module.py.j2, kernels in kernels/distill.j2).
+
+The section is meant to be `{% include %}`d into the DSA module; until that module exists it is rendered inside
+templates/distill_test_wrapper.py.j2, which sets the spec constants the way nsa_module.py.j2 does. The tile plan
+lives here (not in plan.py) so the lead can fold it into `Plan` without conflicts: `distill_context(spec)` gives the
+extra template variables, `render_distill_module(spec)` the standalone module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import MIN_DOT, make_plan, next_pow2
+from .render import _environment, header, module_context
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """Tiles of the distillation kernels (docs/distill.md).
+
+    Dense stage: a program owns BT query positions of one kv group; its rows are BT x GP main-attention heads and
+    BT x HP indexer heads (both >= 16 for tl.dot); keys go by BS per loop trip. The dK kernel owns BK keys and walks
+    the query tiles.
+    Sparse stage: one query position per program (each query has its own keys), so the heads alone fill the rows,
+    padded to >= 16 (SGP, SHP); the selected keys go by SBS per trip. The dK kernel owns SBK keys and walks their
+    (query, key) pairs from the inverse index, PAIRS pairs (x HP indexer heads) per trip.
+    """
+    gp: int
+    hp: int
+    bt: int
+    bs: int
+    bk: int
+    sgp: int
+    shp: int
+    sbs: int
+    sbk: int
+    pairs: int
+    num_warps: int = 4
+
+
+def make_distill_plan(spec: Spec) -> DistillPlan:
+    if spec.indexer is None or spec.selection is None:
+        raise ValueError(f"spec {spec.name!r} has no indexer: the distillation loss trains the lightning indexer")
+    gp = next_pow2(spec.heads.group_size)
+    hp = next_pow2(spec.indexer.heads)
+    # Enough positions that both row sets reach 16 (tl.dot's M on the GPU), aiming at 64 rows.
+    bt = max(next_pow2(-(-MIN_DOT // min(gp, hp))), 64 // max(gp, hp), 1)
+    # Wide heads (MLA's 576) keep a [BK, Dqk] key tile resident in the dK kernel: halve it there.
+    bk = 64 if spec.head_dim.qk <= 256 else 32
+    topk_pad = next_pow2(spec.selection.top_k)
+    return DistillPlan(gp=gp, hp=hp, bt=bt, bs=64, bk=bk, sgp=max(MIN_DOT, gp), shp=max(MIN_DOT, hp),
+                       sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp))
+
+
+def distill_context(spec: Spec) -> dict:
+    """The template variables the distillation section needs beyond `module_context`."""
+    return {"distill": make_distill_plan(spec)}
+
+
+def render_distill_module(spec: Spec) -> str:
+    """A standalone module: the spec constants, the dot helpers and the distillation section."""
+    plan = make_plan(spec)
+    context = module_context(spec, plan)
+    context["header"] = header(spec, "the indexer distillation loss")
+    context.update(distill_context(spec))
+    return _environment().get_template("distill_test_wrapper.py.j2").render(**context)
