@@ -47,7 +47,7 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {'default': {'compression': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-             'select': {'num_warps': 4},
+             'select': {'num_warps': 8},
              'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4}}}
 
 # Spec constants, compile-time constants of every kernel below.
@@ -308,7 +308,7 @@ def _select_blocks_kernel(
     compression branch's log-sum-exp, one chunk of compression blocks at a time; the chunk covers the selection
     blocks [j0, j0 + BJ) and spills into block j0 + BJ, which is carried to the next trip.
     """
-    BT: tl.constexpr = 4
+    BT: tl.constexpr = 16
     GP: tl.constexpr = 16
     BJ: tl.constexpr = 64
     BNC: tl.constexpr = 64
@@ -356,8 +356,10 @@ def _select_blocks_kernel(
         w_next = tl.maximum(hi_next - lo_next, 0).to(tl.float32)
         # fp32-accurate products (the weights are small integers): scores decide the ranking, and plain tf32
         # would reorder near-ties against the float64 reference.
-        score = tl.sum(tl.reshape(tl.dot(p, w_cur, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1) + carry
-        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1)
+        # Sum over the group's heads first (P[t, i]); then the overlap products have BT >= 16 rows, GP times less work.
+        pg = tl.sum(tl.reshape(p, (BT, GP, BNC)), axis=1)
+        score = tl.dot(pg, w_cur, input_precision=OVERLAP_PRECISION) + carry
+        carry = tl.dot(pg, w_next, input_precision=OVERLAP_PRECISION)
         candidate = (sel * SEL_BLOCK)[None, :] <= tq[:, None]
         back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
         forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))
@@ -468,7 +470,7 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False):
         BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if indices is None:
         indices = torch.empty((B, T, 4, 16), dtype=torch.int32, device=device)
-        _select_blocks_kernel[(triton.cdiv(T, 4), B * 4)](
+        _select_blocks_kernel[(triton.cdiv(T, 16), B * 4)](
             q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
     cfg = runtime.launch_config(CONFIGS, "selection")

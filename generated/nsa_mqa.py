@@ -48,7 +48,7 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {'default': {'compression': {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-             'select': {'num_warps': 4},
+             'select': {'num_warps': 8},
              'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
              'window': {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4}}}
 
@@ -386,7 +386,7 @@ def _select_blocks_kernel(
     compression branch's log-sum-exp, one chunk of compression blocks at a time; the chunk covers the selection
     blocks [j0, j0 + BJ) and spills into block j0 + BJ, which is carried to the next trip.
     """
-    BT: tl.constexpr = 2
+    BT: tl.constexpr = 8
     GP: tl.constexpr = 32
     BJ: tl.constexpr = 16
     BNC: tl.constexpr = 64
@@ -546,7 +546,7 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False):
         BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if indices is None:
         indices = torch.empty((B, T, 1, 16), dtype=torch.int32, device=device)
-        _select_blocks_kernel[(triton.cdiv(T, 2), B * 1)](
+        _select_blocks_kernel[(triton.cdiv(T, 8), B * 1)](
             q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
     cfg = runtime.launch_config(CONFIGS, "selection")

@@ -446,8 +446,10 @@ def _select_blocks_kernel(
         w_next = tl.maximum(hi_next - lo_next, 0).to(tl.float32)
         # fp32-accurate products (the weights are small integers): scores decide the ranking, and plain tf32
         # would reorder near-ties against the float64 reference.
-        score = tl.sum(tl.reshape(tl.dot(p, w_cur, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1) + carry
-        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1)
+        # Sum over the group's heads first (P[t, i]); then the overlap products have BT >= 16 rows, GP times less work.
+        pg = tl.sum(tl.reshape(p, (BT, GP, BNC)), axis=1)
+        score = tl.dot(pg, w_cur, input_precision=OVERLAP_PRECISION) + carry
+        carry = tl.dot(pg, w_next, input_precision=OVERLAP_PRECISION)
         candidate = (sel * SEL_BLOCK)[None, :] <= tq[:, None]
         back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
         forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))

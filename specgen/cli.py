@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 
 def spec_paths(targets: list[str]) -> list[Path]:
-    """Spec files named directly, or every *.yaml in a named folder (sorted; *.tune.json and sweeps skipped)."""
+    """Spec files named directly, or every *.yaml in a named folder (sorted; sweeps skipped); each file once."""
     paths: list[Path] = []
     for target in targets:
         p = Path(target)
@@ -33,7 +33,13 @@ def spec_paths(targets: list[str]) -> list[Path]:
             paths.append(p)
         else:
             raise UsageError(f"{p}: no such spec file or folder")
-    return paths
+    seen: set[Path] = set()
+    unique = []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
 def _load_all(targets: list[str]):
@@ -42,7 +48,7 @@ def _load_all(targets: list[str]):
     specs = [load_spec(p) for p in spec_paths(targets)]
     names: dict[str, Path] = {}
     for spec, path in zip(specs, spec_paths(targets)):
-        if spec.name in names and names[spec.name] != path:
+        if spec.name in names and names[spec.name].resolve() != path.resolve():
             raise UsageError(f"{path}: spec name {spec.name!r} is also used by {names[spec.name]}; "
                              f"generated modules are named after specs, so names must be unique")
         names[spec.name] = path
@@ -52,6 +58,9 @@ def _load_all(targets: list[str]):
 def cmd_build(args) -> int:
     from .render import build
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; name a folder for the generated files")
     # Validate every spec before writing anything, so one bad spec leaves no partial build behind.
     specs = _load_all(args.specs)
     for spec, path in zip(specs, spec_paths(args.specs)):
@@ -70,6 +79,8 @@ def cmd_check(args) -> int:
 def cmd_explain(args) -> int:
     from .analysis import explain
 
+    if args.seqlen is not None and args.seqlen < 1:
+        raise UsageError(f"--seqlen {args.seqlen}: a sequence length is at least 1")
     for spec in _load_all(args.specs):
         print(explain(spec, args.seqlen))
     return 0
@@ -88,7 +99,7 @@ def cmd_list(args) -> int:
         sel = s.selection
         sel_text = (f"{sel.granularity} top{sel.top_k}" + (f" l'={sel.block}" if sel.granularity == "block" else "")
                     if sel else "-")
-        print(f"{s.name:<20} {s.family:<6} {s.hash}  {s.heads.q}/{s.heads.kv:<5} {s.head_dim.qk}/{s.head_dim.v:<4} "
+        print(f"{s.name:<20} {s.family:<6} {s.hash}  {f'{s.heads.q}/{s.heads.kv}':<8} {f'{s.head_dim.qk}/{s.head_dim.v}':<8} "
               f"{sel_text:<24} {path}")
     return 0
 

@@ -20,7 +20,7 @@ def next_pow2(x: int) -> int:
 # tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
 MIN_DOT = 16
 # fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
-SCORE_REGISTER_BUDGET = 8192
+SCORE_REGISTER_BUDGET = 16384
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,21 @@ def make_plan(spec: Spec) -> Plan:
     if sel is not None:
         # One query position per program: each query has its own blocks. Its group's heads fill the rows.
         unit = sel.block
-        selection = AttentionTile(bt=1, gp=max(MIN_DOT, gp), block_n=max(MIN_DOT, unit, 64 if unit == 1 else unit),
-                                  num_warps=4, num_stages=2)
+        # Wide heads (MLA's 576/512) need narrower key tiles, one pipeline stage and more warps to fit shared memory
+        # and registers: K+V tiles of 64 keys at 576+512 dims would need 272 KiB over two stages.
+        wide = spec.head_dim.qk + spec.head_dim.v > 512
+        rows = max(MIN_DOT, gp)
+        selection = AttentionTile(bt=1, gp=rows, block_n=max(MIN_DOT, unit, (32 if wide else 64) if unit == 1 else unit),
+                                  num_warps=8 if rows * spec.head_dim.v >= 16384 else 4,
+                                  num_stages=1 if wide else 2)
         topk_pad = next_pow2(sel.top_k)
         plan_kw["topk_pad"] = topk_pad
         if sel.scorer == "compression":
             r = sel.block // spec.compression.stride
             bj = max(topk_pad, MIN_DOT, 64 // r)
-            score_bt = max(1, 64 // gp)
+            # Many query positions per program (16 when the group allows, up to 256 rows) amortise each trip's
+            # fixed costs and let the head-summed scores feed 16-row overlap products.
+            score_bt = max(1, min(256 // gp, max(16, 64 // gp)))
             nsel_pad = max(bj, next_pow2(-(-spec.max_seqlen // sel.block)))
             # Keep every block's score in registers when the tile's row fits (BT x NSEL_PAD fp32); otherwise
             # merge chunks into a running top-n buffer (sorting int64 keys: slower, but any length).

@@ -134,7 +134,8 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
 
 
 def render_module(spec: Spec, records: list | None = None) -> str:
-    return _environment().get_template(f"{spec.family}_module.py.j2").render(**module_context(spec, records=records))
+    # One module template serves both families: DSA is the indexer-scored selection branch alone, without gates.
+    return _environment().get_template("module.py.j2").render(**module_context(spec, records=records))
 
 
 # Specs this cheap (query heads x head dim) get the full CPU matrix of sequence lengths; bigger ones one tiny T.
@@ -164,6 +165,10 @@ def write_if_changed(path: Path, text: str) -> bool:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (shared caches stay readable).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -53,15 +53,34 @@ def make_distill_plan(spec: Spec) -> DistillPlan:
                        sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp))
 
 
-def distill_context(spec: Spec) -> dict:
+def dot_shapes(spec: Spec, d: DistillPlan) -> dict[str, tuple[int, int, int]]:
+    """(M, K, N) of every tl.dot the distillation kernels issue, by name: each must be >= 16 on the GPU."""
+    di = spec.indexer.head_dim
+    parts = [p for p in make_plan(spec).qk_parts]
+    shapes = {}
+    for stage, bt, gp, hp, bs in (("dense", d.bt, d.gp, d.hp, d.bs), ("sparse", 1, d.sgp, d.shp, d.sbs)):
+        for p in parts:
+            shapes[f"{stage} q.k part {p.offset}+{p.size}"] = (bt * gp, p.size, bs)
+        shapes[f"{stage} q_I.k_I"] = (bt * hp, di, bs)
+        shapes[f"{stage} dq_I"] = (bt * hp, bs, di)
+    for p in parts:
+        shapes[f"dense dk q.k part {p.offset}+{p.size}"] = (d.bt * d.gp, p.size, d.bk)
+    shapes["dense dk q_I.k_I"] = (d.bt * d.hp, di, d.bk)
+    shapes["dense dk_I"] = (d.bk, d.bt * d.hp, di)
+    shapes["sparse dk_I (one-hot)"] = (d.sbk, d.pairs * d.hp, di)
+    return shapes
+
+
+def distill_context(spec: Spec, distill_plan: DistillPlan | None = None) -> dict:
     """The template variables the distillation section needs beyond `module_context`."""
-    return {"distill": make_distill_plan(spec)}
+    return {"distill": distill_plan or make_distill_plan(spec)}
 
 
-def render_distill_module(spec: Spec) -> str:
-    """A standalone module: the spec constants, the dot helpers and the distillation section."""
+def render_distill_module(spec: Spec, distill_plan: DistillPlan | None = None) -> str:
+    """A standalone module: the spec constants, the dot helpers and the distillation section. `distill_plan`
+    overrides the tiles (tests use small ones to exercise multi-trip loops at small T)."""
     plan = make_plan(spec)
     context = module_context(spec, plan)
     context["header"] = header(spec, "the indexer distillation loss")
-    context.update(distill_context(spec))
+    context.update(distill_context(spec, distill_plan))
     return _environment().get_template("distill_test_wrapper.py.j2").render(**context)

@@ -98,7 +98,7 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print) -> d
             except Exception as exc:  # a config the compiler rejects (resources) is skipped, and said
                 log(f"  {kind} {cfg}: failed ({str(exc).splitlines()[0][:80]})")
                 continue
-            if ms < current:
+            if ms < 0.98 * current:  # below 2%, a difference is noise
                 log(f"  {kind} {cfg}: {ms:.3f} ms (better)")
                 best, current = trial, ms
     entry = {"spec_hash": spec.hash, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__,

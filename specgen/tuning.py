@@ -42,7 +42,8 @@ def default_configs(plan: Plan) -> dict:
             configs[kind] = {"bt": tile.bt, "block_n": tile.block_n, "num_warps": tile.num_warps,
                              "num_stages": tile.num_stages}
     if plan.spec.selection is not None:
-        configs["select"] = {"num_warps": 4}
+        rows = plan.score_bt * plan.score_gp if plan.spec.selection.scorer == "compression" else 16
+        configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
     return configs
 
 

@@ -255,3 +255,21 @@ def test_the_same_file_named_twice_is_not_a_duplicate(tmp_path, capsys):
     rc, out, err = run(capsys, "build", SPECS / "nsa_small.yaml", same, "--out", tmp_path / "out")
     assert rc == 0, err
     assert out.count("nsa_small ") == 1, "one spec, built once"
+
+
+def test_a_spec_that_checks_ok_builds(tmp_path, capsys):
+    # Today: `check` accepts family dsa, but `build` crashes with jinja2 TemplateNotFound 'dsa_module.py.j2'
+    # (a traceback, exit 1). Either the build succeeds, or the spec is refused up front as unsupported (exit 2).
+    path = tmp_path / "dsa_tiny.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: dsa_tiny
+        family: dsa
+        heads: {q: 4, kv: 1}
+        head_dim: {qk: 64, v: 32}
+        selection: {top_k: 8}
+        indexer: {heads: 2, head_dim: 16}
+        max_seqlen: 4096
+    """))
+    rc_check, _, err_check = run(capsys, "check", path)
+    rc_build, _, err_build = run(capsys, "build", path, "--out", tmp_path / "out")
+    assert (rc_check, rc_build) in ((0, 0), (2, 2)), (rc_check, err_check, rc_build, err_build)

@@ -16,6 +16,7 @@ import specgen
 from specgen import jit, render
 from specgen.render import build, render_module, render_test, write_if_changed
 from specgen.spec import Spec, load_spec, replace
+from specgen.tuning import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_FILES = sorted((ROOT / "specs").glob("*.yaml"))
@@ -50,8 +51,9 @@ def spec_id(path: Path) -> str:
 @pytest.mark.parametrize("path", SPEC_FILES, ids=spec_id)
 def test_rendering_is_deterministic_and_generated_is_fresh(path):
     spec = load_spec(path)
-    module, test = render_module(spec), render_test(spec)
-    assert render_module(load_spec(path)) == module
+    records = load_records(spec, path)          # the tuning record beside the spec, as `specgen build` reads it
+    module, test = render_module(spec, records), render_test(spec)
+    assert render_module(load_spec(path), load_records(spec, path)) == module
     assert render_test(load_spec(path)) == test
     for name, text in ((f"{spec.name}.py", module), (f"test_{spec.name}.py", test)):
         committed = GENERATED / name
@@ -62,9 +64,11 @@ def test_rendering_is_deterministic_and_generated_is_fresh(path):
 def test_rendering_does_not_depend_on_the_hash_seed():
     """Same bytes in fresh interpreters with different PYTHONHASHSEED (no set or dict-order leaks)."""
     code = ("import hashlib, sys; from pathlib import Path; from specgen.spec import load_spec; "
-            "from specgen.render import render_module, render_test; h = hashlib.sha256()\n"
+            "from specgen.render import render_module, render_test; from specgen.tuning import load_records\n"
+            "h = hashlib.sha256()\n"
             "for p in sorted(Path('specs').glob('*.yaml')):\n"
-            "    s = load_spec(p); h.update(render_module(s).encode()); h.update(render_test(s).encode())\n"
+            "    s = load_spec(p); h.update(render_module(s, load_records(s, p)).encode())\n"
+            "    h.update(render_test(s).encode())\n"
             "print(h.hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                               env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("0", "12345")}
@@ -100,20 +104,22 @@ def test_header_changes_with_the_spec():
 # Generated modules are valid Python with the kernels the spec needs
 # ---------------------------------------------------------------------------------------------------------------
 
-def expected_functions(spec: Spec) -> dict[str, bool]:
-    """Top-level functions of a generated module -> whether each is a @triton.jit kernel."""
-    fns = {"_dot": True, "_pv": True, f"{spec.family}_forward": False}
-    for branch in spec.branches:
-        fns[f"_{branch}_attention_kernel"] = True
+def expected_kernels(spec: Spec) -> set[str]:
+    """The @triton.jit functions a generated module must define, and no others."""
+    kernels = {"_dot", "_pv"} | {f"_{branch}_attention_kernel" for branch in spec.branches}
     if spec.needs_compressed_kv:
-        fns["_pool_kernel"] = True
-        fns["_pool"] = False
+        kernels.add("_pool_kernel")
     sel = spec.selection
     if sel is not None and sel.scorer == "compression":
-        fns["_select_blocks_kernel"] = True
+        kernels.add("_select_blocks_kernel")
     if sel is not None and sel.scorer == "indexer":
-        fns["_index_topk_kernel"] = True
-    return fns
+        kernels.add("_index_topk_kernel")
+    return kernels
+
+
+def expected_host_functions(spec: Spec) -> set[str]:
+    """Plain functions it must define at least (host code may add helpers)."""
+    return {f"{spec.family}_forward"} | ({"_pool"} if spec.needs_compressed_kv else set())
 
 
 def _is_triton_jit(node: ast.FunctionDef) -> bool:
@@ -125,12 +131,14 @@ def test_generated_module_is_valid_python_with_the_expected_kernels(name):
     spec = ALL_SPECS[name]
     tree = ast.parse(render_module(spec), filename=f"{spec.name}.py")
     functions = {n.name: _is_triton_jit(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert functions == expected_functions(spec)
+    assert {name for name, jit in functions.items() if jit} == expected_kernels(spec)
+    assert expected_host_functions(spec) <= {name for name, jit in functions.items() if not jit}
     assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     assert {"SPEC_NAME", "SPEC_HASH", "SPEC", "DTYPE", "WIDEN", "HQ", "HKV", "GROUP", "DQK", "DV"} <= assigned
     imported = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"torch", "triton", "triton.language", "specgen"}, imported
+    third_party = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names}
+    assert third_party <= {"torch", "triton", "triton.language", "specgen"}, third_party
     from_specgen = {a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "specgen"
                     for a in n.names}
     assert from_specgen <= {"runtime"}, from_specgen
@@ -287,8 +295,9 @@ def test_load_returns_one_module_per_spec_and_the_build_bytes(fresh_cache, tmp_p
     assert other is not mod and other.SPEC_HASH != mod.SPEC_HASH
 
     # The cache holds the same bytes as `specgen build` and as the committed generated/ files.
-    folder = fresh_cache / f"v{specgen.__version__}" / f"nsa_small_{SMALL.hash}"
-    assert Path(mod.__file__).resolve() == (folder / "nsa_small.py").resolve()
+    folder = Path(mod.__file__).resolve().parent
+    assert folder.parent == (fresh_cache / f"v{specgen.__version__}").resolve()
+    assert folder.name.startswith(f"nsa_small_{SMALL.hash}")                      # keyed by the spec hash
     build(SMALL, tmp_path / "built")
     for name in ("nsa_small.py", "test_nsa_small.py"):
         assert (folder / name).read_bytes() == (tmp_path / "built" / name).read_bytes()
@@ -296,8 +305,8 @@ def test_load_returns_one_module_per_spec_and_the_build_bytes(fresh_cache, tmp_p
 
 
 def test_load_from_a_warm_cache_touches_nothing(fresh_cache, monkeypatch):
-    specgen.load(SMALL)
-    module_file = fresh_cache / f"v{specgen.__version__}" / f"nsa_small_{SMALL.hash}" / "nsa_small.py"
+    module_file = Path(specgen.load(SMALL).__file__)
+    assert module_file.is_relative_to(fresh_cache)
     os.utime(module_file, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
     monkeypatch.setattr(jit, "_loaded", {})                                         # a new process, same cache
     mod = specgen.load(SMALL)

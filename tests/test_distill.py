@@ -1,0 +1,405 @@
+"""The indexer distillation loss (docs/distill.md): the float64 reference against naive formulas, and the generated
+Triton kernels (forward and backward, dense and sparse stage) against the reference under the CPU interpreter."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import specgen.reference as R
+from specgen.render_distill import dot_shapes, make_distill_plan, render_distill_module
+from specgen.spec import spec_from_mapping
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IDX_INPUTS = ("q_idx", "k_idx", "w_idx")
+INPUTS = ("q", "k") + IDX_INPUTS
+
+
+def dsa_spec(name, hq, hkv, qk, idx_heads, idx_dim, top_k, dtype="fp32", **extra):
+    data = {"name": name, "family": "dsa", "heads": {"q": hq, "kv": hkv}, "head_dim": {"qk": qk, "v": 16},
+            "dtype": dtype, "selection": {"top_k": top_k}, "indexer": {"heads": idx_heads, "head_dim": idx_dim},
+            "max_seqlen": 4096, **extra}
+    if hkv > 1:
+        data.update(mla=False)
+    return spec_from_mapping(data)
+
+
+# GQA with a split head dim (48 = 32 + 16) and a padded indexer head count (3 -> 4).
+GQA = dict(hq=4, hkv=2, qk=48, idx_heads=3, idx_dim=16, top_k=8)
+# MQA (MLA-style: V is part of K) with wider indexer heads.
+MQA = dict(hq=4, hkv=1, qk=32, idx_heads=2, idx_dim=32, top_k=8)
+# A group of 3 query heads (padded to 4), top_k not a power of two.
+GROUP3 = dict(hq=6, hkv=2, qk=16, idx_heads=4, idx_dim=16, top_k=5)
+# Enough selected tokens that the sparse kernels take several trips with the small tiles below.
+WIDE_K = dict(hq=4, hkv=2, qk=32, idx_heads=2, idx_dim=16, top_k=24)
+SHAPES = {"gqa": GQA, "mqa": MQA, "group3": GROUP3, "wide_k": WIDE_K}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: torch's intra-op threads only spin. One thread for this module, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def spec_of(shape: str, dtype: str = "fp32"):
+    return dsa_spec(f"distill_{shape}", dtype=dtype, **SHAPES[shape])
+
+
+def inputs(spec, B, T, seed=0, dtype=torch.float64):
+    x = R.make_inputs(spec, B, T, generator=torch.Generator().manual_seed(seed))
+    return {n: x[n].to(dtype) for n in INPUTS}
+
+
+def selection(spec, x, empty_rows=()):
+    """Top-k indices of the reference index scores, with the rows in `empty_rows` ((b, t, g)) made all padding."""
+    I = R.indexer_scores(spec, *(x[n].double() for n in IDX_INPUTS))
+    indices = R.select_tokens(spec, I)
+    for b, t, g in empty_rows:
+        indices[b, t, g] = -1
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference against naive formulas
+# ---------------------------------------------------------------------------------------------------------------
+
+def naive_loss(spec, x, indices=None):
+    """Loops over (b, t, g): each head's softmax over the support by hand, their mean, I by explicit sums, and
+    KL by torch.nn.functional.kl_div; mean over the rows whose support is not empty."""
+    q, k, q_idx, k_idx, w_idx = (x[n] for n in INPUTS)
+    B, T, Hq, _ = q.shape
+    Hkv = k.shape[2]
+    G, H_I, d_I = Hq // Hkv, spec.indexer.heads, spec.indexer.head_dim
+    c = d_I ** -0.5 * H_I ** -0.5
+    total, n_valid = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            for g in range(Hkv):
+                if indices is None:
+                    support = list(range(t + 1))
+                else:
+                    support = sorted(int(s) for s in indices[b, t, g] if 0 <= int(s) <= t)
+                if not support:
+                    continue
+                n_valid += 1
+                p = 0.0
+                for h in range(g * G, (g + 1) * G):
+                    logits = torch.stack([q[b, t, h].detach() @ k[b, s, g].detach() for s in support])
+                    logits = logits * spec.softmax_scale
+                    e = torch.exp(logits - logits.max())
+                    p = p + e / e.sum() / G
+                scores = []
+                for s in support:
+                    score = 0.0
+                    for j in range(H_I):
+                        col = g * H_I + j
+                        score = score + w_idx[b, t, col] * torch.relu(q_idx[b, t, col] @ k_idx[b, s, g])
+                    scores.append(c * score)
+                log_q = torch.log_softmax(torch.stack(scores), dim=0)
+                total = total + F.kl_div(log_q, p, reduction="sum")
+    return total / max(n_valid, 1)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("shape", ["gqa", "mqa", "group3"])
+def test_reference_matches_naive_loops(shape, stage):
+    spec = spec_of(shape)
+    T = 11
+    x = inputs(spec, 2, T, seed=3)
+    indices = selection(spec, x, empty_rows=[(0, 6, 0), (1, 10, spec.heads.kv - 1)]) if stage == "sparse" else None
+    a = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    b = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.distill_loss(spec, **a, indices=indices)
+    naive = naive_loss(spec, b, indices)
+    assert abs(ref.item() - naive.item()) <= 1e-12 * max(1.0, abs(naive.item()))
+    ref.backward()
+    naive.backward()
+    for n in IDX_INPUTS:
+        assert R.rel_err(a[n].grad, b[n].grad) < 1e-10, n
+
+
+def test_reference_gradient_is_softmax_minus_target():
+    """dL/dI = (softmax_S(I) - p) / N_valid, pushed through I = c sum_j w relu(q_I . k_I) by hand."""
+    spec = spec_of("gqa")
+    B, T = 2, 9
+    x = inputs(spec, B, T, seed=5)
+    indices = selection(spec, x, empty_rows=[(1, 4, 1)])
+    a = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    R.distill_loss(spec, **a, indices=indices).backward()
+
+    Hkv, H_I = spec.heads.kv, spec.indexer.heads
+    c = R.indexer_scale(spec)
+    p = R.distill_target(spec, x["q"], x["k"], indices=indices)                       # [B, T, Hkv, T]
+    support = p > 0
+    I = R.indexer_scores(spec, *(x[n] for n in IDX_INPUTS)).masked_fill(~support, -math.inf)
+    valid = support.any(-1)
+    soft = torch.where(valid[..., None], torch.softmax(torch.where(valid[..., None], I, 0.0), -1), 0.0)
+    dI = (soft - p) / valid.sum()                                                      # [B, T, Hkv, S]
+    qi = x["q_idx"].reshape(B, T, Hkv, H_I, -1)
+    dots = torch.einsum("btgjd,bsgd->btgjs", qi, x["k_idx"])
+    w = x["w_idx"].reshape(B, T, Hkv, H_I)
+    dw = c * torch.einsum("btgs,btgjs->btgj", dI, dots.clamp(min=0))
+    gated = dI[:, :, :, None, :] * (dots > 0) * w[..., None]                          # [B, T, Hkv, H_I, S]
+    dq = c * torch.einsum("btgjs,bsgd->btgjd", gated, x["k_idx"])
+    dk = c * torch.einsum("btgjs,btgjd->bsgd", gated, qi)
+    assert R.rel_err(a["w_idx"].grad, dw.reshape(B, T, -1)) < 1e-10
+    assert R.rel_err(a["q_idx"].grad, dq.reshape(B, T, Hkv * H_I, -1)) < 1e-10
+    assert R.rel_err(a["k_idx"].grad, dk) < 1e-10
+
+
+def test_reference_dense_kl_div_whole_rows():
+    """The dense stage as one kl_div over [B, T, Hkv, T] rows (p = 0 off the causal support)."""
+    spec = spec_of("mqa")
+    x = inputs(spec, 2, 7, seed=1)
+    p = R.distill_target(spec, x["q"], x["k"])
+    I = R.indexer_scores(spec, *(x[n] for n in IDX_INPUTS))                           # -inf for s > t
+    log_q = torch.log_softmax(I, -1).clamp(min=-1e30)                                  # kl_div wants finite inputs
+    expected = F.kl_div(log_q, p, reduction="sum") / (2 * 7 * spec.heads.kv)
+    assert torch.allclose(R.distill_loss(spec, **x), expected, rtol=1e-12, atol=0)
+    kl, valid = R.distill_row_kl(spec, **x)
+    assert bool(valid.all())
+    assert torch.allclose(kl.mean(), expected, rtol=1e-12, atol=0)
+
+
+def test_reference_chunks_detaches_and_empty():
+    spec = spec_of("gqa")
+    x = inputs(spec, 1, 13, seed=2)
+    indices = selection(spec, x)
+    a = {n: v.clone().requires_grad_(True) for n, v in x.items()}                     # q, k too: must stay None
+    b = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    whole = R.distill_loss(spec, **a, indices=indices)
+    chunked = R.distill_loss(spec, **b, indices=indices, query_chunk=4)
+    assert torch.allclose(whole, chunked, rtol=1e-13, atol=0)
+    whole.backward()
+    chunked.backward()
+    assert a["q"].grad is None and a["k"].grad is None
+    for n in IDX_INPUTS:
+        assert R.rel_err(b[n].grad, a[n].grad) < 1e-12
+    # Every row empty: loss 0, gradients 0, no NaN.
+    c = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    empty = R.distill_loss(spec, **c, indices=torch.full_like(indices, -1))
+    empty.backward()
+    assert empty.item() == 0.0
+    assert all(bool((c[n].grad == 0).all()) for n in IDX_INPUTS)
+
+
+def test_reference_sparse_with_every_token_selected_is_dense():
+    spec = dsa_spec("distill_all", 4, 2, 32, 2, 16, top_k=16)
+    x = inputs(spec, 1, 12, seed=4)
+    indices = selection(spec, x)                                                       # k >= T: all of s <= t
+    assert torch.allclose(R.distill_loss(spec, **x, indices=indices), R.distill_loss(spec, **x), rtol=1e-13)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+_modules: dict = {}
+
+
+def kernel_module(spec, tmp_path_factory, distill_plan=None):
+    key = (spec.name, spec.hash, distill_plan)
+    if key not in _modules:
+        src = render_distill_module(spec, distill_plan)
+        path = tmp_path_factory.mktemp("distill") / f"{spec.name}.py"
+        path.write_text(src)
+        name = f"specgen_distill_test.{spec.name}_{spec.hash}_{len(_modules)}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        _modules[key] = module
+    return _modules[key]
+
+
+def small_tiles(spec):
+    """Tiles small enough that T <= 64 takes several key trips, query tiles and pair trips (rows stay >= 16)."""
+    d = make_distill_plan(spec)
+    return dataclasses.replace(d, bt=max(8, 16 // min(d.gp, d.hp)), bs=16, bk=16, sbs=16, sbk=16,
+                               pairs=max(1, 16 // d.hp))
+
+
+TOL = {"fp32": (2e-5, 2e-5), "fp16": (1e-4, 3e-3), "bf16": (1e-4, 1.5e-2)}   # (loss, gradients) relative
+
+# (shape, dtype, stage, B, T, lse_main given, small tiles, rows made empty)
+CASES = [
+    ("gqa", "fp32", "dense", 2, 37, False, False, ()),
+    ("gqa", "fp32", "dense", 1, 1, True, False, ()),
+    ("gqa", "fp32", "dense", 1, 70, True, False, ()),                # two key tiles of 64, five query tiles
+    ("mqa", "fp16", "dense", 2, 23, True, False, ()),
+    ("mqa", "fp16", "dense", 1, 64, False, False, ()),
+    ("group3", "fp32", "dense", 1, 19, False, False, ()),
+    ("gqa", "bf16", "dense", 1, 21, False, False, ()),
+    ("wide_k", "fp32", "dense", 1, 45, False, True, ()),             # several trips everywhere
+    ("gqa", "fp32", "sparse", 2, 21, False, False, ((0, 5, 1), (1, 20, 0), (1, 0, 1))),
+    ("gqa", "fp32", "sparse", 1, 13, True, False, ((0, 12, 0),)),
+    ("mqa", "fp16", "sparse", 1, 29, True, False, ((0, 9, 0),)),
+    ("group3", "fp16", "sparse", 1, 17, False, False, ((0, 3, 1),)),
+    ("gqa", "bf16", "sparse", 1, 11, False, False, ((0, 7, 0),)),
+    ("wide_k", "fp32", "sparse", 1, 41, True, True, ((0, 30, 1), (0, 2, 0))),
+]
+
+
+def _case_id(case):
+    shape, dtype, stage, B, T, given, small, empty = case
+    return f"{stage}-{shape}-{dtype}-B{B}-T{T}" + ("-lse" if given else "") + ("-small" if small else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_kernel_matches_reference(case, tmp_path_factory):
+    shape, dtype, stage, B, T, given, small, empty = case
+    spec = spec_of(shape, dtype)
+    module = kernel_module(spec, tmp_path_factory, small_tiles(spec) if small else None)
+    x = inputs(spec, B, T, seed=T, dtype=DTYPES[dtype])                                # rounded to the dtype
+    indices = selection(spec, x, empty) if stage == "sparse" else None
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.distill_loss(spec, **x64, indices=indices)
+    ref.backward()
+
+    xk = {n: v.clone().requires_grad_(True) for n, v in x.items()}
+    lse = R.main_lse(spec, x64["q"], x64["k"], indices=indices).float() if given else None
+    loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    loss.backward()
+    tol_loss, tol_grad = TOL[dtype]
+    # Absolute slack: the row terms sum_S p (log p - I) and psum * lse(I) are O(1) each and cancel (exactly at T=1).
+    assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6, (loss.item(), ref.item())
+    assert xk["q"].grad is None and xk["k"].grad is None                              # the target is detached
+    for n in IDX_INPUTS:
+        assert xk[n].grad.dtype == x[n].dtype
+        err = R.rel_err(xk[n].grad, x64[n].grad)
+        assert err < tol_grad, f"d{n}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
+    """The forward's per-row statistics (lse of I, the target's mass, the main lse it computed), and a
+    backward run twice gives the same bits (no atomics; the inverse index is a stable sort)."""
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    B, T = 1, 19
+    x = inputs(spec, B, T, seed=7, dtype=torch.float32)
+    indices = selection(spec, x, [(0, 8, 1)]) if stage == "sparse" else None
+    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None)
+    x64 = {n: v.double() for n, v in x.items()}
+    lse_ref = R.main_lse(spec, x64["q"], x64["k"], indices=indices)
+    assert R.rel_err(lse_out, lse_ref) < 1e-6
+    p = R.distill_target(spec, x64["q"], x64["k"], indices=indices)
+    I = R.indexer_scores(spec, *(x64[n] for n in IDX_INPUTS)).masked_fill(p == 0, -math.inf)
+    lse_i = torch.logsumexp(I, -1)
+    assert R.rel_err(stats[..., 0], lse_i) < 1e-6
+    valid = torch.isfinite(lse_i)
+    assert torch.allclose(stats[..., 1][valid], torch.ones(()), atol=1e-5)
+    assert bool((stats[..., 1][~valid] == 0).all())
+    grads = []
+    for _ in range(2):
+        xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+        module.distill_loss(**xk, indices=indices).backward()
+        grads.append([xk[n].grad for n in IDX_INPUTS])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_kernel_every_row_empty_and_grad_scale(tmp_path_factory):
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    x = inputs(spec, 1, 6, seed=9, dtype=torch.float32)
+    xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    indices = torch.full((1, 6, spec.heads.kv, spec.selection.top_k), -1, dtype=torch.int32)
+    loss = module.distill_loss(**xk, indices=indices)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(bool((xk[n].grad == 0).all()) for n in IDX_INPUTS)
+    # The incoming gradient scales the result (3 * L).
+    a = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    b = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    module.distill_loss(**a).backward()
+    (3 * module.distill_loss(**b)).backward()
+    for n in IDX_INPUTS:
+        assert torch.allclose(b[n].grad, 3 * a[n].grad, rtol=1e-6, atol=0)
+
+
+def test_inverse_index_lists_every_pair(tmp_path_factory):
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    B, T, Hkv, K = 2, 9, spec.heads.kv, spec.selection.top_k
+    indices = selection(spec, inputs(spec, B, T, seed=11), [(1, 3, 0)])
+    indices[0, 2, 1, 1] = 5                                                            # s > t: not a pair
+    ptr, pos = module._distill_inverse_index(indices)
+    flat = indices.flatten()
+    for b in range(B):
+        for g in range(Hkv):
+            for s in range(T):
+                key = (b * Hkv + g) * T + s
+                got = pos[ptr[key]:ptr[key + 1]].tolist()
+                want = [((b * T + t) * Hkv + g) * K + j for t in range(T) for j in range(K)
+                        if int(indices[b, t, g, j]) == s and s <= t]
+                assert got == want                                                     # sorted by t: deterministic
+                assert all(int(flat[e]) == s for e in got)
+
+
+def test_custom_op_registration_and_compile(tmp_path_factory):
+    spec = spec_of("mqa", "fp16")
+    module = kernel_module(spec, tmp_path_factory)
+    x = inputs(spec, 1, 9, seed=12, dtype=torch.float16)
+    args = [x[n].clone().requires_grad_(n in IDX_INPUTS) for n in INPUTS]
+    indices = selection(spec, x)
+    for ind in (None, indices):
+        torch.library.opcheck(module._distill_fwd, (*args, ind, None),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    compiled = torch.compile(module.distill_loss, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args, indices=indices)
+    loss.backward()
+    eager = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+    expected = module.distill_loss(*eager, indices=indices)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for a, e in zip(args[2:], eager[2:]):
+        assert torch.equal(a.grad, e.grad)
+
+
+def test_argument_errors(tmp_path_factory):
+    from specgen.runtime import ArgumentError
+
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    x = inputs(spec, 1, 5, dtype=torch.float32)
+    with pytest.raises(ArgumentError, match="q_idx"):
+        module.distill_loss(x["q"], x["k"], x["q_idx"][:, :4], x["k_idx"], x["w_idx"])
+    with pytest.raises(ArgumentError, match="float16|torch.float32"):
+        module.distill_loss(*(x[n].half() for n in INPUTS))
+    with pytest.raises(ArgumentError, match="indices"):
+        module.distill_loss(*(x[n] for n in INPUTS), indices=torch.zeros(1, 5, 2, 3, dtype=torch.int32))
+    with pytest.raises(ArgumentError, match="lse_main"):
+        module.distill_loss(*(x[n] for n in INPUTS), lse_main=torch.zeros(1, 5, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering at real sizes
+# ---------------------------------------------------------------------------------------------------------------
+
+V32 = spec_from_mapping({"name": "dsa_v32", "family": "dsa"})                       # 128 heads MQA, 576, H_I 64
+
+
+@pytest.mark.parametrize("spec", [V32, spec_of("gqa"), spec_of("mqa"), spec_of("group3"), spec_of("wide_k")],
+                         ids=lambda s: s.name)
+def test_every_dot_is_at_least_16(spec):
+    for name, dims in dot_shapes(spec, make_distill_plan(spec)).items():
+        assert min(dims) >= 16, (name, dims)
+        assert all(d & (d - 1) == 0 for d in dims), (name, dims)
+
+
+def test_renders_v32():
+    src = render_distill_module(V32)
+    ast.parse(src)
+    assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
+    assert "def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None)" in src
