@@ -172,67 +172,128 @@ def _selection_attention_kernel(
 
 
 @triton.jit
-def _index_topk_kernel(
-    QI, KI, WI, IDX,
+def _index_scores_kernel(
+    QI, KI, WI, WS,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
-    T, idx_scale,
+    T, q0, QC, WS_ROW, idx_scale,
     WIDEN: tl.constexpr,
 ):
-    """Lightning-indexer scores I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]) over s <= t, with a
-    running top-k per (query, kv group): memory O(T * k), never T x T."""
-    BT: tl.constexpr = 1
+    """Scores of a [BT queries, BS keys] tile: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
+    written to the workspace row of each query (only tiles at or below the diagonal are computed)."""
+    BT: tl.constexpr = 2
     HP: tl.constexpr = 64
-    BS: tl.constexpr = 256
-    pid_t = tl.program_id(0)
+    BS: tl.constexpr = 64
+    pid_q = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
-    t_lo = pid_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    rows = tl.arange(0, BT * HP)
-    t = t_lo + rows // HP
-    ihead = g * IDX_HEADS + rows % HP
-    row_ok = (t < T) & (rows % HP < IDX_HEADS)
-    qi = tl.load(QI + b * stride_qb + t[:, None] * stride_qt + ihead[:, None] * stride_qh + tl.arange(0, IDX_DIM)[None, :],
-                 mask=row_ok[:, None], other=0.0)
-    wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
-    tq = t_lo + tl.arange(0, BT)
+    t_lo = q0 + pid_q * BT
+    t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
+    s0 = pid_s * BS
+    if s0 <= t_hi:
+        rows = tl.arange(0, BT * HP)
+        t = t_lo + rows // HP
+        ihead = g * IDX_HEADS + rows % HP
+        row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
+        qi = tl.load(QI + b * stride_qb + t[:, None] * stride_qt + ihead[:, None] * stride_qh
+                     + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
+        wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
+        keys = s0 + tl.arange(0, BS)
+        ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                     mask=(keys <= t_hi)[:, None], other=0.0)
+        relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
+        # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+        score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * idx_scale + 0.0
+        tq = t_lo + tl.arange(0, BT)
+        visible = keys[None, :] <= tq[:, None]
+        ws_rows = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
+        tl.store(ws_rows[:, None] + keys[None, :], score, mask=(tq <= t_hi)[:, None] & visible)
+
+
+
+@triton.jit
+def _radix_topk_kernel(WS, IDX, T, q0, QC, WS_ROW):
+    """Exact top-k of one workspace row by radix select: four 8-bit histogram passes find the k-th largest key,
+    then one pass writes the units above it and the lowest-index ties, in ascending order."""
+    BS: tl.constexpr = 1024
+    pid = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    tq = q0 + pid
+    n = tq // UNIT + 1  # candidate units: those starting at or before the query
     slot = tl.arange(0, TOP_K_PAD)
-    if t_hi + 1 <= TOP_K:
-        # Every visible token fits in top-k: it is the answer, in order, with no scores needed. This covers
-        # the first k positions of every sequence (and keeps small tests cheap: sorting k keys is costly).
-        unit = tl.where(slot[None, :] <= tq[:, None], slot[None, :], -1)
+    out_row = IDX + ((b * T + tq) * HKV + g) * TOP_K
+    if n <= TOP_K:
+        # Fewer candidates than k: all of them, in order, -1 padding.
+        tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
     else:
-        best = tl.full([BT, TOP_K_PAD], NO_KEY, dtype=tl.int64)
-        for s0 in range(0, t_hi + 1, BS):
-            keys = s0 + tl.arange(0, BS)
-            ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
-                         mask=(keys <= t_hi)[:, None], other=0.0)
-            relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
-            # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower token) as in the reference.
-            score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * idx_scale + 0.0
-            # Order-preserving int32 of a float: flip the magnitude bits of negatives.
-            bits = score.to(tl.int32, bitcast=True)
-            bits = tl.where(bits < 0, bits ^ 2147483647, bits)
-            key = (bits.to(tl.int64) << 32) | (4294967295 - keys.to(tl.int64))[None, :]
-            key = tl.where(keys[None, :] <= tq[:, None], key, NO_KEY)
-            # Widen the chunk to the buffer's width (tl.join needs equal shapes); the copies beyond it are masked out.
-            pad_cols = tl.arange(0, TOP_K_PAD)
-            key = tl.gather(key, tl.broadcast_to((pad_cols % 256)[None, :], (key.shape[0], TOP_K_PAD)), axis=1)
-            key = tl.where((pad_cols < 256)[None, :], key, NO_KEY)
-            best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)
+        ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([], dtype=tl.int64)
+        need = tl.full([], TOP_K, dtype=tl.int32)
+        for p in tl.static_range(4):
+            SHIFT: tl.constexpr = 24 - 8 * p
+            hist = tl.zeros([256], dtype=tl.int32)
+            for c0 in range(0, n, BS):
+                s = c0 + tl.arange(0, BS)
+                ok = s < n
+                key = _ordered_key(tl.load(ws_row + s, mask=ok, other=0.0))
+                if SHIFT < 24:
+                    ok = ok & ((key >> (SHIFT + 8)) == prefix)
+                hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+            # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+            at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+            digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+            need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+            prefix = (prefix << 8) | digit.to(tl.int64)
+        # `prefix` is the k-th largest key; take every key above it and the first `need` equal ones (lowest index).
+        taken = tl.zeros([], dtype=tl.int32)
+        ties = tl.zeros([], dtype=tl.int32)
+        for c0 in range(0, n, BS):
+            s = c0 + tl.arange(0, BS)
+            ok = s < n
+            key = _ordered_key(tl.load(ws_row + s, mask=ok, other=0.0))
+            above = ok & (key > prefix)
+            equal = ok & (key == prefix)
+            tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+            take = above | (equal & (tie_rank <= need))
+            pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out_row + pos, s, mask=take)
+            taken += tl.sum(take.to(tl.int32), axis=0)
+            ties += tl.sum(equal.to(tl.int32), axis=0)
 
-        kept = (slot < TOP_K)[None, :] & (best != NO_KEY)
-        unit = tl.where(kept, 4294967295 - (best & 4294967295), 2147483647).to(tl.int32)
-        unit = tl.sort(unit, dim=1)
-        unit = tl.where(unit == 2147483647, -1, unit)
 
-    out_ptr = IDX + ((b * T + tq[:, None]) * HKV + g) * TOP_K + slot[None, :]
-    tl.store(out_ptr, unit, mask=(tq < T)[:, None] & (slot < TOP_K)[None, :])
+@triton.jit
+def _ordered_key(x):
+    # A float's bits as an int64 in [0, 2**32) that orders like the float (+inf included).
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 2147483647, bits)
+    return bits.to(tl.int64) + 2147483648
 
 
+
+# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
+INDEX_WORKSPACE_BYTES = 256 * 2**20
+
+
+def _select_by_indexer(q_idx, k_idx, w_idx, indices):
+    """Top-k tokens by the indexer, chunk by chunk of queries; no T x T scores ever exist."""
+    B, T = q_idx.shape[0], q_idx.shape[1]
+    units = triton.cdiv(T, 1)
+    QC = max(16, min(T, triton.next_power_of_2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * 1 * units))) // 2))
+    ws = torch.empty((B * 1, QC, units), dtype=torch.float32, device=q_idx.device)
+    for q0 in range(0, T, QC):
+        nq = min(QC, T - q0)
+        if (q0 + nq - 1) // 1 + 1 > 2048:  # else every row keeps all its candidates
+            _index_scores_kernel[(triton.cdiv(nq, 2), B * 1, triton.cdiv(q0 + nq, 64))](
+                q_idx, k_idx, w_idx, ws, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+                k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
+                T, q0, QC, units, 0.011048543456039806, WIDEN=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+        _radix_topk_kernel[(nq, B * 1)](ws, indices, T, q0, QC, units, num_warps=4)
 
 
 def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=None,
@@ -303,10 +364,7 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
     sm_scale = 0.07216878364870323
     if indices is None:
         indices = torch.empty((B, T, 1, 2048), dtype=torch.int32, device=device)
-        _index_topk_kernel[(triton.cdiv(T, 1), B * 1)](
-            q_idx, k_idx, w_idx, indices, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-            k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
-            T, 0.011048543456039806, WIDEN=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+        _select_by_indexer(q_idx, k_idx, w_idx, indices)
     cfg = runtime.launch_config(CONFIGS, "selection")
     _selection_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
         q, k, v, gates, acc, out, lse, branch_out, indices,
@@ -318,3 +376,513 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
         BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
                         None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: kernels (templates/kernels/backward.j2), then their launches
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot32(a, b):
+    # fp32 operands (gradients accumulated in fp32 times weights or inputs): ieee for fp32 specs; tf32 on the
+    # GPU otherwise, where bf16/fp16 operands are exact and only the fp32 gradient is rounded (to 10 bits).
+    return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+
+
+@triton.jit
+def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr):
+    # Rows enumerate (b, t, head) of the contiguous [B, T, HQ, ...] layouts.
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ok = rows < n_rows
+    do0 = tl.load(DO + rows[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    dg = tl.zeros([BR], dtype=tl.float32)
+    o = tl.load(BRANCH_OUT + (rows[:, None] + 0 * n_rows) * DV + 0 + tl.arange(0, 512)[None, :], mask=ok[:, None], other=0.0)
+    dg += tl.sum(do0 * o.to(tl.float32), axis=1)
+    tl.store(DG + rows * N_BRANCHES + 0, dg, mask=ok)  # selection
+    tl.store(DGATES + rows * N_BRANCHES + 0, dg.to(DGATES.dtype.element_ty), mask=ok)
+
+
+
+@triton.jit
+def _selection_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 128
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 0
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BT + rows // GP
+    head = g * GROUP + rows % GP
+    row_ok = (t < T) & (rows % GP < GROUP)
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.where(row_ok, 1.0, 0.0)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 512], dtype=tl.float32)
+    dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
+    for u0 in range(0, n_units, UNITS_PER_TILE):
+        n = tl.arange(0, BLOCK_N)
+        slot = u0 + n // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + n % UNIT
+        key_ok = (unit >= 0) & (keys <= t_hi)
+        visible = key_ok[None, :]
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        dq0 += _pv(ds, k0, WIDEN)
+        dq1 += _pv(ds, k1, WIDEN)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 512)[None, :]
+    dq0 = dq0 * sm_scale
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 512 + tl.arange(0, 64)[None, :]
+    dq1 = dq1 * sm_scale
+    if HAS_PREV:
+        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _selection_bwd_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 128
+    ROWS: tl.constexpr = BQ * GP
+    CHANNEL: tl.constexpr = 0
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < NKEYS
+    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+    k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+
+    dk0 = tl.zeros([BLOCK_N, 512], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 512], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
+    start = tl.load(OFFSETS + seg)
+    end = tl.load(OFFSETS + seg + 1)
+    for e0 in range(start, end, BQ):
+        rows = tl.arange(0, ROWS)
+        e = e0 + rows // GP
+        e_ok = e < end
+        t = tl.load(QPOS + e, mask=e_ok, other=0)
+        head = g * GROUP + rows % GP
+        row_ok = e_ok & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        # The query's own block runs past it: only keys s <= t.
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+        # 32 units per tile: bit u of the entry says whether the query selected unit u of it.
+        bits = tl.load(BITS + e, mask=e_ok, other=0)
+        unit_of_key = tl.arange(0, BLOCK_N) // UNIT
+        visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+
+        row_index = (b * T + t) * HQ + head
+        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        gate = tl.where(row_ok, 1.0, 0.0)
+        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        pt = tl.trans(p)
+        dst = tl.trans(ds)
+        dv0 += _pv(pt, do0, WIDEN)
+        dk0 += _pv(dst, q0, WIDEN)
+        dk1 += _pv(dst, q1, WIDEN)
+
+    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 512)[None, :]
+    dk0 = dk0 * sm_scale
+    if ACCUMULATE:
+        dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dk_ptr, dk0, mask=key_ok[:, None])
+    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 512 + tl.arange(0, 64)[None, :]
+    dk1 = dk1 * sm_scale
+    if ACCUMULATE:
+        dk1 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dk_ptr, dk1, mask=key_ok[:, None])
+    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 512)[None, :]
+    if ACCUMULATE:
+        dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+
+
+# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet).
+BACKWARD_CONFIGS = {
+    "preprocess": {"rows": 64, "num_warps": 4},
+    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    # Keys per program (32 unit(s) of 1 token(s)); the inverse index is built per tile.
+    "selection_dkdv": {"bq": 1, "block_n": 32, "num_warps": 4, "num_stages": 2},
+}
+# Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
+DIFF_ARGUMENTS = ("q", "k", )
+
+
+def _selection_inverse_index(indices, T, tile):
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
+
+    Entry e lists a query position qpos[e] that selected a unit inside the tile, with bits[e] the units of the tile it
+    selected (bit u = unit u); the entries of segment (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1],
+    queries ascending. Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
+    (padding entries sort to the end, past every offset).
+    """
+    B = indices.shape[0]
+    device = indices.device
+    n_tiles = triton.cdiv(T, tile)
+    idx = indices.long()
+    valid = idx >= 0
+    tok = idx * 1
+    bg = torch.arange(B * 1, device=device).view(B, 1, 1, 1)
+    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
+    padding = torch.iinfo(torch.int64).max
+    upt = 32
+    comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // 1, padding).flatten()).values
+    real = comp != padding
+    key = torch.where(real, comp // upt, padding)
+    # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum, distinct
+    # bits) of the run's, from a running sum; compacted with a scatter to unique slots (slot n takes the rest).
+    n = comp.numel()
+    first = real.clone()
+    first[1:] &= key[1:] != key[:-1]
+    slot = torch.where(first, torch.cumsum(first, 0) - 1, n)
+    csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
+    start = torch.full((n + 1,), n, dtype=torch.int64, device=device).scatter_(0, slot, torch.arange(n, device=device))
+    end = start[1:n + 1] - 1                                          # the run of slot i ends where slot i+1 starts
+    bits = csum[end.clamp(0, max(n - 1, 0))] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
+    key = torch.full((n + 1,), padding, dtype=torch.int64, device=device).scatter_(0, slot, key)[:n]
+    qpos = (key % T).to(torch.int32)
+    offsets = torch.searchsorted(key // T, torch.arange(B * 1 * n_tiles + 1, device=device))
+    return offsets, qpos, bits
+
+
+def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
+    """Gradients of q, k (in that order), from the saved forward state.
+
+    `branch_out` [1, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
+    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values.
+    """
+    B, T = q.shape[0], q.shape[1]
+    device = q.device
+    dout = dout.to(DTYPE).contiguous()
+    v = k[..., :512]  # MLA: V is the first d_v dims of K; its gradient is added into dK below
+    gates = q
+    g_strides = (0, 0, 0)
+    sm_scale = 0.07216878364870323
+    n_rows = B * T * 128
+    dg = torch.empty((B, T, 128, 1), dtype=torch.float32, device=device)
+    dgates = torch.empty((B, T, 128, 1), dtype=DTYPE, device=device)
+    cfg = BACKWARD_CONFIGS["preprocess"]
+    _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
+                                                               num_warps=cfg["num_warps"])
+    # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
+    # later ones add; each element has one writer per launch, launches run in order).
+    dq = torch.empty((B, T, 128, 576), dtype=torch.float32, device=device)
+    grads = {}
+
+    def target(name, D):
+        first = name not in grads
+        if first:
+            grads[name] = torch.empty((B, T, 1, D), dtype=torch.float32, device=device)
+        return grads[name], not first
+
+    # selection branch
+    cfg = BACKWARD_CONFIGS["selection_dq"]
+    _selection_bwd_dq_kernel[(T, B * 1)](
+        q, k, v, gates, dout, lse, dg, dq, indices,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = BACKWARD_CONFIGS["selection_dkdv"]
+    dk_acc, accumulate = target("k", 576)
+    dv_acc, accumulate_v = target("v", 512)
+    assert accumulate == accumulate_v
+    offsets, qpos, bits = _selection_inverse_index(indices, T, cfg["block_n"])
+    _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1)](
+        q, k, v, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grads["k"][..., :512] += grads.pop("v")
+    return (dq.to(DTYPE),
+            grads["k"].to(DTYPE),
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: custom ops with fake implementations (torch.compile keeps them as opaque calls), the differentiable
+# `dsa_attention`, the `DSAFunction` autograd.Function and the `DSAttention` layer.
+# ---------------------------------------------------------------------------------------------------------------
+
+_OP = f"{SPEC_NAME}_{SPEC_HASH}"
+
+
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, indices: Optional[torch.Tensor],
+              save_branch_outputs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or the
+    call lacks (no selection, no compression, branch outputs not saved)."""
+    with torch.autocast(q.device.type, enabled=False):
+        state = _forward(q, k, q_idx, k_idx, w_idx, indices=indices, save_branch_outputs=save_branch_outputs)
+    # A custom op's outputs may not alias its inputs: given indices come back as a copy.
+    idx = state.indices.clone() if indices is not None else state.indices
+    branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
+    kc = q.new_empty((0,))
+    vc = q.new_empty((0,))
+    return state.out, state.lse, idx, branch_out, kc, vc
+
+
+def _fwd_fake(q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs):
+    B, T = q.shape[0], q.shape[1]
+    return (q.new_empty((B, T, 128, 512)),
+            q.new_empty((B, T, 128, 1), dtype=torch.float32),
+            q.new_empty((B, T, 1, 2048), dtype=torch.int32),
+            q.new_empty((1, B, T, 128, 512) if save_branch_outputs else (0,)),
+            q.new_empty((0,)),
+            q.new_empty((0,)))
+
+
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+              indices: torch.Tensor, branch_out: torch.Tensor, kc: torch.Tensor,
+              vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(dout.device.type, enabled=False):
+        return _backward(dout, q, k, lse, indices, branch_out, kc, vc)
+
+
+def _bwd_fake(dout, q, k, lse, indices, branch_out, kc, vc):
+    return tuple(x.new_empty(x.shape) for x in (q, k))
+
+
+def _grads_by_input(grads):
+    """The backward op's gradients placed at the forward op's inputs (q, k, q_idx, k_idx, w_idx, indices, save)."""
+    (q, k,) = grads
+    return (q, k, None, None, None, None, None)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs) = inputs
+    out, lse, idx, branch_out, kc, vc = output
+    ctx.save_for_backward(q, k, lse, idx, branch_out, kc, vc)
+    ctx.saved_branch_outputs = save_branch_outputs
+    ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
+
+
+def _backward_rule(ctx, d_out, *unused):
+    if d_out is None:
+        return (None,) * 7
+    if not ctx.saved_branch_outputs:
+        raise RuntimeError(f"{SPEC_NAME}: backward through a forward that kept no branch outputs; call "
+                           f"dsa_attention with grad enabled and a differentiable input")
+    return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))
+
+
+def _register_ops():
+    """The custom ops specgen::{name}_{hash}_fwd/_bwd. A second module object of the same spec (the committed copy
+    and a specgen.load cache copy, say) reuses the ops the first registered: same hash, same kernels."""
+    try:
+        return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
+    except AttributeError:
+        pass
+    fwd = torch.library.custom_op(f"specgen::{_OP}_fwd", _fwd_impl, mutates_args=())
+    fwd.register_fake(_fwd_fake)
+    bwd = torch.library.custom_op(f"specgen::{_OP}_bwd", _bwd_impl, mutates_args=())
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+    return fwd, bwd
+
+
+_fwd_op, _bwd_op = _register_ops()
+
+
+def _autocast_input(x):
+    return x.to(DTYPE) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
+                  return_lse=False, return_indices=False):
+    """Differentiable forward of `dsa_v32`: the training entry point (`dsa_forward` is the inference one).
+
+    Same arguments and results as `dsa_forward` (without `out=`). Gradients reach q, k;
+    not the indexer inputs q_idx, k_idx, w_idx: the selection (top-k) is not differentiated, and the log-sum-exp and indices
+    are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
+    Works under torch.compile (custom ops `specgen::dsa_v32_<hash>_fwd/_bwd` with fake implementations).
+    """
+    fn = "dsa_attention"
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        q = _autocast_input(q)
+        k = _autocast_input(k)
+        q_idx = _autocast_input(q_idx)
+        k_idx = _autocast_input(k_idx)
+        w_idx = _autocast_input(w_idx)
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
+    device = q.device
+    B, T = q.shape[0], q.shape[1]
+    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
+    k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 576), DTYPE, dims, device)
+    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims, device)
+    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
+    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
+    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
+    if indices is not None:
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device)
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k))
+    out, lse, idx, _, _, _ = _fwd_op(q, k, q_idx, k_idx, w_idx, indices, need_grad)
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_indices:
+        result += (idx,)
+    return result[0] if len(result) == 1 else result
+
+
+class DSAFunction(torch.autograd.Function):
+    """`dsa_attention` as a classic autograd.Function, on checked arguments:
+
+        out, lse, indices = DSAFunction.apply(q, k, q_idx, k_idx, w_idx, indices)
+
+    (`indices` None to let the scorer choose). Same kernels and custom ops as `dsa_attention`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, q_idx, k_idx, w_idx, indices):
+        out, lse, idx, branch_out, kc, vc = _fwd_op(q, k, q_idx, k_idx, w_idx, indices, True)
+        ctx.save_for_backward(q, k, lse, idx, branch_out, kc, vc)
+        ctx.mark_non_differentiable(lse, idx)
+        return out, lse, idx
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, d_idx):
+        return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
+
+
+def _rope(x, theta):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
+    T, half = x.shape[1], x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class DSAttention(torch.nn.Module):
+    """`dsa_v32` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+
+    A full layer; it owns every projection it needs:
+        q_proj      hidden -> 128 x 576 queries
+        kv_proj     hidden -> k (1 x 576), fused (MLA: v is k[..., :512])
+        o_proj      128 x 512 -> hidden
+        idx_q_proj, idx_k_proj, idx_w_proj: the lightning indexer's projections. They get no gradient from this
+            layer (the selection is not differentiated): train them with the indexer's distillation loss.
+    A rotary position embedding (`rope_theta`; None turns it off) is applied to q and to every key. Parameters stay
+    in `dtype` (default fp32); the attention itself runs in the spec's dtype (bf16), under autocast too.
+    """
+
+    def __init__(self, hidden_size, *, rope_theta=10000.0, bias=False, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.rope_theta = rope_theta
+        self.q_proj = torch.nn.Linear(hidden_size, 73728, bias=bias, **factory)
+        self.kv_proj = torch.nn.Linear(hidden_size, 576, bias=bias, **factory)
+        self.o_proj = torch.nn.Linear(65536, hidden_size, bias=bias, **factory)
+        self.idx_q_proj = torch.nn.Linear(hidden_size, 8192, bias=False, **factory)
+        self.idx_k_proj = torch.nn.Linear(hidden_size, 128, bias=False, **factory)
+        self.idx_w_proj = torch.nn.Linear(hidden_size, 64, bias=False, **factory)
+
+    def forward(self, hidden):
+        B, T, _ = hidden.shape
+        q = self.q_proj(hidden).unflatten(-1, (128, 576))
+        kv = self.kv_proj(hidden)
+        k = kv[..., 0:576].unflatten(-1, (1, 576))
+        if self.rope_theta is not None:
+            q = _rope(q, self.rope_theta)
+            k = _rope(k, self.rope_theta)
+        q_idx = self.idx_q_proj(hidden).unflatten(-1, (64, 128))
+        k_idx = self.idx_k_proj(hidden).unflatten(-1, (1, 128))
+        w_idx = self.idx_w_proj(hidden)
+        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), )
+        o = o.flatten(2)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            o = o.to(self.o_proj.weight.dtype)
+        return self.o_proj(o)

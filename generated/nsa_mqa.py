@@ -472,6 +472,8 @@ def _pool(x, D, NC):
     return out
 
 
+
+
 def nsa_forward(q, k, v, gates, *, indices=None, out=None,
         return_lse=False, return_indices=False):
     """Forward pass of `nsa_mqa`.
@@ -569,3 +571,867 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False):
         BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
                         kc, vc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: kernels (templates/kernels/backward.j2), then their launches
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot32(a, b):
+    # fp32 operands (gradients accumulated in fp32 times weights or inputs): ieee for fp32 specs; tf32 on the
+    # GPU otherwise, where bf16/fp16 operands are exact and only the fp32 gradient is rounded (to 10 bits).
+    return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+
+
+@triton.jit
+def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr):
+    # Rows enumerate (b, t, head) of the contiguous [B, T, HQ, ...] layouts.
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    ok = rows < n_rows
+    do0 = tl.load(DO + rows[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    dg = tl.zeros([BR], dtype=tl.float32)
+    o = tl.load(BRANCH_OUT + (rows[:, None] + 0 * n_rows) * DV + 0 + tl.arange(0, 128)[None, :], mask=ok[:, None], other=0.0)
+    dg += tl.sum(do0 * o.to(tl.float32), axis=1)
+    tl.store(DG + rows * N_BRANCHES + 0, dg, mask=ok)  # compression
+    tl.store(DGATES + rows * N_BRANCHES + 0, dg.to(DGATES.dtype.element_ty), mask=ok)
+    dg = tl.zeros([BR], dtype=tl.float32)
+    o = tl.load(BRANCH_OUT + (rows[:, None] + 1 * n_rows) * DV + 0 + tl.arange(0, 128)[None, :], mask=ok[:, None], other=0.0)
+    dg += tl.sum(do0 * o.to(tl.float32), axis=1)
+    tl.store(DG + rows * N_BRANCHES + 1, dg, mask=ok)  # selection
+    tl.store(DGATES + rows * N_BRANCHES + 1, dg.to(DGATES.dtype.element_ty), mask=ok)
+    dg = tl.zeros([BR], dtype=tl.float32)
+    o = tl.load(BRANCH_OUT + (rows[:, None] + 2 * n_rows) * DV + 0 + tl.arange(0, 128)[None, :], mask=ok[:, None], other=0.0)
+    dg += tl.sum(do0 * o.to(tl.float32), axis=1)
+    tl.store(DG + rows * N_BRANCHES + 2, dg, mask=ok)  # window
+    tl.store(DGATES + rows * N_BRANCHES + 2, dg.to(DGATES.dtype.element_ty), mask=ok)
+
+
+
+@triton.jit
+def _compression_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 0
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BT + rows // GP
+    head = g * GROUP + rows % GP
+    row_ok = (t < T) & (rows % GP < GROUP)
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    n_end = tl.minimum(tl.where(t_hi >= CMP_BLOCK - 1, (t_hi - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), NKEYS)
+    for n0 in range(0, n_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < n_end
+        visible = key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        dq0 += _pv(ds, k0, WIDEN)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    dq0 = dq0 * sm_scale
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _compression_bwd_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
+    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 0
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < NKEYS
+    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Block i is seen by the queries t >= i*d + l - 1.
+    first = pid_n * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1
+    last = T - 1
+    lo = tl.maximum(first, pid_s * q_split)
+    hi = tl.minimum(last, pid_s * q_split + q_split - 1)
+    DK += pid_s.to(tl.int64) * split_stride_k
+    DVAL += pid_s.to(tl.int64) * split_stride_v
+    for t0 in range((lo // BT) * BT, hi + 1, BT):
+        rows = tl.arange(0, ROWS)
+        t = t0 + rows // GP
+        head = g * GROUP + rows % GP
+        row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+        row_index = (b * T + t) * HQ + head
+        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        pt = tl.trans(p)
+        dst = tl.trans(ds)
+        dv0 += _pv(pt, do0, WIDEN)
+        dk0 += _pv(dst, q0, WIDEN)
+
+    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    dk0 = dk0 * sm_scale
+    if ACCUMULATE:
+        dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dk_ptr, dk0, mask=key_ok[:, None])
+    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    if ACCUMULATE:
+        dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+
+
+@triton.jit
+def _selection_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 1
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BT + rows // GP
+    head = g * GROUP + rows % GP
+    row_ok = (t < T) & (rows % GP < GROUP)
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
+    for u0 in range(0, n_units, UNITS_PER_TILE):
+        n = tl.arange(0, BLOCK_N)
+        slot = u0 + n // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + n % UNIT
+        key_ok = (unit >= 0) & (keys <= t_hi)
+        visible = key_ok[None, :]
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        dq0 += _pv(ds, k0, WIDEN)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    dq0 = dq0 * sm_scale
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _selection_bwd_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BQ * GP
+    CHANNEL: tl.constexpr = 1
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < NKEYS
+    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
+    start = tl.load(OFFSETS + seg)
+    end = tl.load(OFFSETS + seg + 1)
+    for e0 in range(start, end, BQ):
+        rows = tl.arange(0, ROWS)
+        e = e0 + rows // GP
+        e_ok = e < end
+        t = tl.load(QPOS + e, mask=e_ok, other=0)
+        head = g * GROUP + rows % GP
+        row_ok = e_ok & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        # The query's own block runs past it: only keys s <= t.
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+        row_index = (b * T + t) * HQ + head
+        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        pt = tl.trans(p)
+        dst = tl.trans(ds)
+        dv0 += _pv(pt, do0, WIDEN)
+        dk0 += _pv(dst, q0, WIDEN)
+
+    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    dk0 = dk0 * sm_scale
+    if ACCUMULATE:
+        dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dk_ptr, dk0, mask=key_ok[:, None])
+    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    if ACCUMULATE:
+        dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+
+
+@triton.jit
+def _window_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 2
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BT + rows // GP
+    head = g * GROUP + rows % GP
+    row_ok = (t < T) & (rows % GP < GROUP)
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    lo = tl.maximum(t_lo - WINDOW + 1, 0)
+    for n0 in range(lo, t_hi + 1, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys <= t_hi
+        visible = key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        dq0 += _pv(ds, k0, WIDEN)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    dq0 = dq0 * sm_scale
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _window_bwd_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
+    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 2
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < NKEYS
+    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+
+    dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Key s is seen by the queries s <= t < s + w.
+    first = pid_n * BLOCK_N
+    last = tl.minimum(pid_n * BLOCK_N + BLOCK_N + WINDOW - 2, T - 1)
+    lo = tl.maximum(first, pid_s * q_split)
+    hi = tl.minimum(last, pid_s * q_split + q_split - 1)
+    DK += pid_s.to(tl.int64) * split_stride_k
+    DVAL += pid_s.to(tl.int64) * split_stride_v
+    for t0 in range((lo // BT) * BT, hi + 1, BT):
+        rows = tl.arange(0, ROWS)
+        t = t0 + rows // GP
+        head = g * GROUP + rows % GP
+        row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+
+        row_index = (b * T + t) * HQ + head
+        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+
+        pt = tl.trans(p)
+        dst = tl.trans(ds)
+        dv0 += _pv(pt, do0, WIDEN)
+        dk0 += _pv(dst, q0, WIDEN)
+
+    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    dk0 = dk0 * sm_scale
+    if ACCUMULATE:
+        dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dk_ptr, dk0, mask=key_ok[:, None])
+    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    if ACCUMULATE:
+        dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
+    tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+
+
+@triton.jit
+def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+                          ACCUMULATE: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    tok = pid_s * BS + tl.arange(0, BS)
+    tok_ok = tok < T
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < D
+    acc = tl.zeros([BS, BN], dtype=tl.float32)
+    for c in tl.static_range(CMP_BLOCK // CMP_STRIDE):
+        blk = tok // CMP_STRIDE - c
+        ok = tok_ok & (blk >= 0) & (blk < NC)
+        acc += tl.load(DKC + ((b * NC + blk[:, None]) * HKV + g) * D + cols[None, :],
+                       mask=ok[:, None] & col_ok[None, :], other=0.0)
+    acc = acc * (1.0 / CMP_BLOCK)
+    ptr = DX + ((b * T + tok[:, None]) * HKV + g) * D + cols[None, :]
+    mask = tok_ok[:, None] & col_ok[None, :]
+    if ACCUMULATE:
+        acc += tl.load(ptr, mask=mask, other=0.0)
+    tl.store(ptr, acc, mask=mask)
+
+
+
+# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet).
+BACKWARD_CONFIGS = {
+    "preprocess": {"rows": 64, "num_warps": 4},
+    "compression_dq": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "compression_dkdv": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2, "split": 1024, "max_splits": 16},
+    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    # Keys per program (1 unit(s) of 64 token(s)); the inverse index is built per tile.
+    "selection_dkdv": {"bq": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "window_dq": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "window_dkdv": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "pool": {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4},
+}
+# Inputs that get gradients, in argument order.
+DIFF_ARGUMENTS = ("q", "k", "v", "gates", )
+
+
+def _pool_backward(dkc, x, D, NC, dx, accumulate):
+    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]."""
+    B, T = x.shape[0], x.shape[1]
+    cfg = BACKWARD_CONFIGS["pool"]
+    BN = min(64, triton.next_power_of_2(D))
+    grid = (triton.cdiv(T, cfg["tokens"]), B * 1, triton.cdiv(D, BN))
+    _pool_bwd_mean_kernel[grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
+                                num_warps=cfg["num_warps"])
+
+
+def _selection_inverse_index(indices, T, tile):
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
+
+    Entry e lists a query position qpos[e] that selected a unit inside the tile; the entries of segment (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1],
+    queries ascending. Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
+    (padding entries sort to the end, past every offset).
+    """
+    B = indices.shape[0]
+    device = indices.device
+    n_tiles = triton.cdiv(T, tile)
+    idx = indices.long()
+    valid = idx >= 0
+    tok = idx * 64
+    bg = torch.arange(B * 1, device=device).view(B, 1, 1, 1)
+    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
+    padding = torch.iinfo(torch.int64).max
+    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
+    key = torch.sort(torch.where(valid, key, padding).flatten()).values
+    bits = key  # unused
+    qpos = (key % T).to(torch.int32)
+    offsets = torch.searchsorted(key // T, torch.arange(B * 1 * n_tiles + 1, device=device))
+    return offsets, qpos, bits
+
+
+def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
+    """Gradients of q, k, v, gates (in that order), from the saved forward state.
+
+    `branch_out` [3, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
+    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values.
+    """
+    B, T = q.shape[0], q.shape[1]
+    device = q.device
+    dout = dout.to(DTYPE).contiguous()
+    g_strides = (gates.stride(0), gates.stride(1), gates.stride(2))
+    sm_scale = 0.08838834764831845
+    n_rows = B * T * 32
+    dg = torch.empty((B, T, 32, 3), dtype=torch.float32, device=device)
+    dgates = torch.empty((B, T, 32, 3), dtype=DTYPE, device=device)
+    cfg = BACKWARD_CONFIGS["preprocess"]
+    _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
+                                                               num_warps=cfg["num_warps"])
+    # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
+    # later ones add; each element has one writer per launch, launches run in order).
+    dq = torch.empty((B, T, 32, 128), dtype=torch.float32, device=device)
+    grads = {}
+
+    def target(name, D):
+        first = name not in grads
+        if first:
+            grads[name] = torch.empty((B, T, 1, D), dtype=torch.float32, device=device)
+        return grads[name], not first
+
+    # compression branch
+    NC = kc.shape[1]
+    cfg = BACKWARD_CONFIGS["compression_dq"]
+    _compression_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
+        q, kc, vc, gates, dout, lse, dg, dq,
+        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
+        HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = BACKWARD_CONFIGS["compression_dkdv"]
+    # The queries that see a pooled key run to T: cut them into splits (grid axis 2) for parallelism; the
+    # partial dKc/dVc of the splits are summed below in a fixed order (deterministic).
+    n_split = max(1, min(cfg["max_splits"], triton.cdiv(T, cfg["split"])))
+    q_split = triton.cdiv(triton.cdiv(T, n_split), cfg["bt"]) * cfg["bt"]
+    dkc = torch.empty((n_split, B, NC, 1, 128), dtype=torch.float32, device=device)
+    dvc = torch.empty((n_split, B, NC, 1, 128), dtype=torch.float32, device=device)
+    if NC > 0:
+        _compression_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["block_n"]), B * 1, n_split)](
+            q, kc, vc, gates, dout, lse, dg, dkc, dvc,
+            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(), dvc[0].numel(),
+            ACCUMULATE=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
+    dvc = dvc.sum(dim=0) if n_split > 1 else dvc[0]
+    dx, accumulate = target("k", 128)
+    _pool_backward(dkc, k, 128, NC, dx, accumulate)
+    dx, accumulate = target("v", 128)
+    _pool_backward(dvc, v, 128, NC, dx, accumulate)
+
+    # selection branch
+    cfg = BACKWARD_CONFIGS["selection_dq"]
+    _selection_bwd_dq_kernel[(T, B * 1)](
+        q, k, v, gates, dout, lse, dg, dq, indices,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = BACKWARD_CONFIGS["selection_dkdv"]
+    dk_acc, accumulate = target("k", 128)
+    dv_acc, accumulate_v = target("v", 128)
+    assert accumulate == accumulate_v
+    offsets, qpos, bits = _selection_inverse_index(indices, T, cfg["block_n"])
+    _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1)](
+        q, k, v, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    # window branch
+    cfg = BACKWARD_CONFIGS["window_dq"]
+    _window_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
+        q, k, v, gates, dout, lse, dg, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    cfg = BACKWARD_CONFIGS["window_dkdv"]
+    dk_acc, accumulate = target("k", 128)
+    dv_acc, accumulate_v = target("v", 128)
+    assert accumulate == accumulate_v
+    _window_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1, 1)](
+        q, k, v, gates, dout, lse, dg, dk_acc, dv_acc,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
+        ACCUMULATE=accumulate, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (dq.to(DTYPE),
+            grads["k"].to(DTYPE),
+            grads["v"].to(DTYPE),
+            dgates,
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: custom ops with fake implementations (torch.compile keeps them as opaque calls), the differentiable
+# `nsa_attention`, the `NSAFunction` autograd.Function and the `NSAttention` layer.
+# ---------------------------------------------------------------------------------------------------------------
+
+_OP = f"{SPEC_NAME}_{SPEC_HASH}"
+
+
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, indices: Optional[torch.Tensor],
+              save_branch_outputs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or the
+    call lacks (no selection, no compression, branch outputs not saved)."""
+    with torch.autocast(q.device.type, enabled=False):
+        state = _forward(q, k, v, gates, indices=indices, save_branch_outputs=save_branch_outputs)
+    # A custom op's outputs may not alias its inputs: given indices come back as a copy.
+    idx = state.indices.clone() if indices is not None else state.indices
+    branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
+    kc = state.kc
+    vc = state.vc
+    return state.out, state.lse, idx, branch_out, kc, vc
+
+
+def _fwd_fake(q, k, v, gates, indices, save_branch_outputs):
+    B, T = q.shape[0], q.shape[1]
+    NC = torch.sym_max(0, (T - 32) // 16 + 1)
+    return (q.new_empty((B, T, 32, 128)),
+            q.new_empty((B, T, 32, 3), dtype=torch.float32),
+            q.new_empty((B, T, 1, 16), dtype=torch.int32),
+            q.new_empty((3, B, T, 32, 128) if save_branch_outputs else (0,)),
+            q.new_empty((B, NC, 1, 128)),
+            q.new_empty((B, NC, 1, 128)))
+
+
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, lse: torch.Tensor,
+              indices: torch.Tensor, branch_out: torch.Tensor, kc: torch.Tensor,
+              vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(dout.device.type, enabled=False):
+        return _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc)
+
+
+def _bwd_fake(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, gates))
+
+
+def _grads_by_input(grads):
+    """The backward op's gradients placed at the forward op's inputs (q, k, v, gates, indices, save)."""
+    (q, k, v, gates,) = grads
+    return (q, k, v, gates, None, None)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, gates, indices, save_branch_outputs) = inputs
+    out, lse, idx, branch_out, kc, vc = output
+    ctx.save_for_backward(q, k, v, gates, lse, idx, branch_out, kc, vc)
+    ctx.saved_branch_outputs = save_branch_outputs
+    ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
+
+
+def _backward_rule(ctx, d_out, *unused):
+    if d_out is None:
+        return (None,) * 6
+    if not ctx.saved_branch_outputs:
+        raise RuntimeError(f"{SPEC_NAME}: backward through a forward that kept no branch outputs; call "
+                           f"nsa_attention with grad enabled and a differentiable input")
+    return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))
+
+
+def _register_ops():
+    """The custom ops specgen::{name}_{hash}_fwd/_bwd. A second module object of the same spec (the committed copy
+    and a specgen.load cache copy, say) reuses the ops the first registered: same hash, same kernels."""
+    try:
+        return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
+    except AttributeError:
+        pass
+    fwd = torch.library.custom_op(f"specgen::{_OP}_fwd", _fwd_impl, mutates_args=())
+    fwd.register_fake(_fwd_fake)
+    bwd = torch.library.custom_op(f"specgen::{_OP}_bwd", _bwd_impl, mutates_args=())
+    bwd.register_fake(_bwd_fake)
+    fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+    return fwd, bwd
+
+
+_fwd_op, _bwd_op = _register_ops()
+
+
+def _autocast_input(x):
+    return x.to(DTYPE) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def nsa_attention(q, k, v, gates, *, indices=None,
+                  return_lse=False, return_indices=False):
+    """Differentiable forward of `nsa_mqa`: the training entry point (`nsa_forward` is the inference one).
+
+    Same arguments and results as `nsa_forward` (without `out=`). Gradients reach q, k, v, gates: the selection (top-k) is not differentiated, and the log-sum-exp and indices
+    are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
+    Works under torch.compile (custom ops `specgen::nsa_mqa_<hash>_fwd/_bwd` with fake implementations).
+    """
+    fn = "nsa_attention"
+    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+        q = _autocast_input(q)
+        k = _autocast_input(k)
+        v = _autocast_input(v)
+        gates = _autocast_input(gates)
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("B", "T", 32, 128), DTYPE, dims)
+    device = q.device
+    B, T = q.shape[0], q.shape[1]
+    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
+    k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 128), DTYPE, dims, device)
+    v = runtime.check_tensor(fn, "v", v, ("B", "T", 1, 128), DTYPE, dims, device)
+    gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 32, 3), DTYPE, dims, device)
+    if indices is not None:
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 16), device)
+    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates))
+    out, lse, idx, _, _, _ = _fwd_op(q, k, v, gates, indices, need_grad)
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_indices:
+        result += (idx,)
+    return result[0] if len(result) == 1 else result
+
+
+class NSAFunction(torch.autograd.Function):
+    """`nsa_attention` as a classic autograd.Function, on checked arguments:
+
+        out, lse, indices = NSAFunction.apply(q, k, v, gates, indices)
+
+    (`indices` None to let the scorer choose). Same kernels and custom ops as `nsa_attention`.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, gates, indices):
+        out, lse, idx, branch_out, kc, vc = _fwd_op(q, k, v, gates, indices, True)
+        ctx.save_for_backward(q, k, v, gates, lse, idx, branch_out, kc, vc)
+        ctx.mark_non_differentiable(lse, idx)
+        return out, lse, idx
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, d_idx):
+        return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
+
+
+def _rope(x, theta):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
+    T, half = x.shape[1], x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class NSAttention(torch.nn.Module):
+    """`nsa_mqa` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+
+    A full layer; it owns every projection it needs:
+        q_proj      hidden -> 32 x 128 queries
+        kv_proj     hidden -> k (1 x 128), v (1 x 128), fused
+        gate_proj   hidden -> 32 x 3 gate logits, through a sigmoid (channels compression, selection, window)
+        o_proj      32 x 128 -> hidden
+    A rotary position embedding (`rope_theta`; None turns it off) is applied to q and to every key. Parameters stay
+    in `dtype` (default fp32); the attention itself runs in the spec's dtype (bf16), under autocast too.
+    """
+
+    def __init__(self, hidden_size, *, rope_theta=10000.0, bias=False, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.rope_theta = rope_theta
+        self.q_proj = torch.nn.Linear(hidden_size, 4096, bias=bias, **factory)
+        self.kv_proj = torch.nn.Linear(hidden_size, 256, bias=bias, **factory)
+        self.gate_proj = torch.nn.Linear(hidden_size, 96, bias=True, **factory)
+        self.o_proj = torch.nn.Linear(4096, hidden_size, bias=bias, **factory)
+
+    def forward(self, hidden):
+        B, T, _ = hidden.shape
+        q = self.q_proj(hidden).unflatten(-1, (32, 128))
+        kv = self.kv_proj(hidden)
+        k = kv[..., 0:128].unflatten(-1, (1, 128))
+        v = kv[..., 128:256].unflatten(-1, (1, 128))
+        if self.rope_theta is not None:
+            q = _rope(q, self.rope_theta)
+            k = _rope(k, self.rope_theta)
+        gates = torch.sigmoid(self.gate_proj(hidden).float()).unflatten(-1, (32, 3))
+        o = nsa_attention(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), gates.to(DTYPE), )
+        o = o.flatten(2)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            o = o.to(self.o_proj.weight.dtype)
+        return self.o_proj(o)

@@ -121,9 +121,8 @@ def make_plan(spec: Spec) -> Plan:
                            score_nsel_pad=nsel_pad)
         else:
             hp = next_pow2(spec.indexer.heads)
-            # The running top-k buffer is [index_bt, topk_pad] int64 in registers: keep the rows few (just enough
-            # to fill 16 dot rows with the indexer heads) and merge wide key chunks to amortise each merge's sort.
-            plan_kw.update(index_hp=hp, index_bt=max(1, MIN_DOT // hp), index_bs=max(MIN_DOT, min(topk_pad, 256)))
+            # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.
+            plan_kw.update(index_hp=hp, index_bt=max(1, 128 // hp), index_bs=max(64, unit))
     if spec.needs_compressed_kv:
         plan_kw["pool_bi"] = 16
     return Plan(spec=spec, qk_parts=_parts(spec.head_dim.qk), v_parts=_parts(spec.head_dim.v), group=g,

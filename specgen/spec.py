@@ -409,10 +409,6 @@ def _validate(spec: Spec, where: _Located) -> None:
             raise err("branches", "the compression scorer ranks blocks with the compression branch's attention "
                       "probabilities, so that branch must exist", "add compression to branches, or use scorer: indexer",
                       cls=UnsupportedSpecError)
-        if sel.scorer == "indexer" and sel.granularity == "block":
-            raise err("selection.granularity", "block selection ranked by the indexer (a block's score is the "
-                      "log-sum-exp of its tokens' index scores) is not generated yet",
-                      "use granularity: token with the indexer, or scorer: compression", cls=UnsupportedSpecError)
         if sel.scorer == "indexer" and idx is None:
             raise err("indexer", "selection.scorer is indexer but no indexer is described", "add an `indexer:` section",
                       near="selection.scorer")

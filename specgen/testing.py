@@ -138,3 +138,116 @@ def check_argument_errors(module, spec: Spec, inputs: dict) -> None:
         fn(**{**inputs, "q": too_long})
     with pytest.raises(ArgumentError, match="`out`"):
         fn(**inputs, out=torch.empty(1, device=q.device, dtype=q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward: gradients against the float64 reference's autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+# Relative error (Frobenius) of each gradient against float64: twice the output's room (dS and dP are rounded to
+# the spec's dtype before their products, and dK/dV sum many such terms).
+GRAD_TOL = {dtype: 2 * tol for dtype, tol in OUT_TOL.items()}
+# Inputs that get no gradient: the selection (and so the indexer that ranks it) is not differentiated.
+NOT_DIFFERENTIATED = ("q_idx", "k_idx", "w_idx")
+# Gradients that are exactly zero: a key position embedding shifts every pooled key of a kv head by the same
+# vector, and each softmax is shift-invariant. Their error is measured against the scale of a sibling gradient.
+ZERO_GRADIENTS = {"pe_pool_k": "pe_pool_v"}
+
+
+def differentiable_inputs(spec: Spec) -> list[str]:
+    return [n for n in reference.input_names(spec) if n not in NOT_DIFFERENTIATED]
+
+
+def reference_gradients(spec: Spec, inputs: dict, indices: torch.Tensor | None, dout: torch.Tensor, *,
+                        query_chunk: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(out, {name: gradient}) of the reference for the loss sum(out * dout), by torch autograd, in the inputs' dtype.
+
+    `indices` (the kernel's selection) replace the scorer's: top-k is not differentiated. Queries are processed in
+    chunks of `query_chunk` and each chunk's graph is freed by its own backward, so a realistic size fits beside
+    the kernel; the pooled keys/values are leaves of the chunks, and their gradient is sent through the pooling
+    once at the end.
+    """
+    from .reference.nsa import _branch_kv, _compression_chunk, _sparse_chunk, _window_chunk, selection_unit
+    from .reference._core import query_chunks
+
+    names = differentiable_inputs(spec)
+    leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in inputs.items()}
+    q = leaves["q"]
+    B, T = q.shape[0], q.shape[1]
+    positions = torch.arange(T, device=q.device)
+    pooled = None
+    if spec.has["compression"]:
+        k_cmp, v_cmp = _branch_kv(spec, leaves, "compression")
+        pooled = (reference.pool_kv(spec, k_cmp, leaves.get("w_pool_k"), leaves.get("pe_pool_k")),
+                  reference.pool_kv(spec, v_cmp, leaves.get("w_pool_v"), leaves.get("pe_pool_v")))
+        kc, vc = (x.detach().requires_grad_(True) for x in pooled)
+    outs = []
+    for rows in query_chunks(T, query_chunk):
+        q_c, pos = q[:, rows], positions[rows]
+        total = 0
+        for c, branch in enumerate(spec.branches):
+            if branch == "compression":
+                o = _compression_chunk(spec, q_c, kc, vc, pos)[0]
+            elif branch == "window":
+                o = _window_chunk(spec, q_c, *_branch_kv(spec, leaves, "window"), pos)[0]
+            else:
+                o = _sparse_chunk(spec, q_c, *_branch_kv(spec, leaves, "selection"), indices[:, rows],
+                                  selection_unit(spec), pos)[0]
+            total = total + (leaves["gates"][:, rows, :, c, None] * o if spec.gated else o)
+        (total * dout[:, rows]).sum().backward()
+        outs.append(total.detach())
+    if pooled is not None and kc.grad is not None:
+        torch.autograd.backward(pooled, (kc.grad, vc.grad))
+    grads = {n: (leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])) for n in names}
+    return torch.cat(outs, dim=1), grads
+
+
+@dataclass
+class BackwardReport:
+    seed: int
+    grad_err: dict
+
+
+def _attention_fn(module, spec: Spec):
+    return module.__dict__[f"{spec.family}_attention"]
+
+
+def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = None, seed: int | None = None,
+                   query_chunk: int | None = None) -> BackwardReport:
+    """Run the generated forward and backward on random inputs; every gradient must match the float64 reference's
+    autograd (fed the kernel's selection) in relative error, and be finite."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    where = f"[spec {spec.name}, B={B}, T={T}, device={device}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
+    dtype = module.DTYPE
+    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs64.items()}
+    exact = {k: v.to(torch.float64) for k, v in inputs.items()}
+    names = differentiable_inputs(spec)
+    for n in names:
+        inputs[n].requires_grad_(True)
+    dout = torch.randn(B, T, spec.heads.q, spec.head_dim.v, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    result = _attention_fn(module, spec)(**inputs, return_indices=spec.selection is not None)
+    out, indices = result if spec.selection is not None else (result, None)
+    out.backward(dout)
+    ref_out, ref_grads = reference_gradients(spec, exact, indices, dout.to(torch.float64), query_chunk=query_chunk)
+    out_err = reference.rel_err(out.detach().to(torch.float64), ref_out)
+    assert out_err < OUT_TOL[dtype], f"output rel err {out_err:.3e} >= {OUT_TOL[dtype]:.0e} {where}"
+    errors = {}
+    for n in names:
+        got = inputs[n].grad
+        assert got is not None, f"no gradient reached `{n}` {where}"
+        assert got.dtype == dtype and got.shape == inputs[n].shape, f"d{n}: {got.dtype} {list(got.shape)} {where}"
+        assert torch.isfinite(got).all(), f"non-finite gradient of `{n}` {where}"
+        if n in ZERO_GRADIENTS:
+            scale = torch.linalg.vector_norm(ref_grads[ZERO_GRADIENTS[n]]).item()
+            errors[n] = torch.linalg.vector_norm(got.to(torch.float64) - ref_grads[n]).item() / scale
+        else:
+            errors[n] = reference.rel_err(got.to(torch.float64), ref_grads[n])
+    bad = {n: e for n, e in errors.items() if not e < GRAD_TOL[dtype]}
+    assert not bad, (f"gradient rel err >= {GRAD_TOL[dtype]:.0e}: "
+                     + ", ".join(f"d{n} {e:.3e}" for n, e in bad.items())
+                     + f" (all: {', '.join(f'd{n} {e:.1e}' for n, e in errors.items())}) {where}")
+    return BackwardReport(seed, errors)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import specgen.reference as R
 from specgen.render_distill import dot_shapes, make_distill_plan, render_distill_module
-from specgen.spec import spec_from_mapping
+from specgen.spec import load_spec, spec_from_mapping
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IDX_INPUTS = ("q_idx", "k_idx", "w_idx")
@@ -235,12 +235,12 @@ TOL = {"fp32": (2e-5, 2e-5), "fp16": (1e-4, 3e-3), "bf16": (1e-4, 1.5e-2)}   # (
 CASES = [
     ("gqa", "fp32", "dense", 2, 37, False, False, ()),
     ("gqa", "fp32", "dense", 1, 1, True, False, ()),
-    ("gqa", "fp32", "dense", 1, 70, True, False, ()),                # two key tiles of 64, five query tiles
+    ("gqa", "fp32", "dense", 1, 65, True, False, ()),                # key 64 in a second tile (last t_hi = 64)
     ("mqa", "fp16", "dense", 2, 23, True, False, ()),
     ("mqa", "fp16", "dense", 1, 64, False, False, ()),
     ("group3", "fp32", "dense", 1, 19, False, False, ()),
     ("gqa", "bf16", "dense", 1, 21, False, False, ()),
-    ("wide_k", "fp32", "dense", 1, 45, False, True, ()),             # several trips everywhere
+    ("wide_k", "fp32", "dense", 1, 49, False, True, ()),             # several trips everywhere, last t_hi = 48
     ("gqa", "fp32", "sparse", 2, 21, False, False, ((0, 5, 1), (1, 20, 0), (1, 0, 1))),
     ("gqa", "fp32", "sparse", 1, 13, True, False, ((0, 12, 0),)),
     ("mqa", "fp16", "sparse", 1, 29, True, False, ((0, 9, 0),)),
@@ -387,7 +387,27 @@ def test_argument_errors(tmp_path_factory):
 # Rendering at real sizes
 # ---------------------------------------------------------------------------------------------------------------
 
-V32 = spec_from_mapping({"name": "dsa_v32", "family": "dsa"})                       # 128 heads MQA, 576, H_I 64
+V32 = load_spec("specs/dsa_v32.yaml")               # 128 heads MQA (MLA 576 = 512 + 64), 64 indexer heads x 128, k 2048
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("name,T", [("dsa_small", 20), ("dsa_v32", 5)])
+def test_committed_dsa_specs(name, T, stage, tmp_path_factory):
+    """Every committed DSA spec's distillation kernels, once, at a tiny T (V3.2: every token fits in its top-k)."""
+    spec = load_spec(f"specs/{name}.yaml")
+    module = kernel_module(spec, tmp_path_factory)
+    x = inputs(spec, 1, T, seed=1, dtype=DTYPES[spec.dtype])
+    indices = selection(spec, x, [(0, T - 1, spec.heads.kv - 1)]) if stage == "sparse" else None
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.distill_loss(spec, **x64, indices=indices)
+    ref.backward()
+    xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    loss = module.distill_loss(**xk, indices=indices)
+    loss.backward()
+    tol_loss, tol_grad = TOL[spec.dtype]
+    assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6
+    for n in IDX_INPUTS:
+        assert R.rel_err(xk[n].grad, x64[n].grad) < tol_grad, n
 
 
 @pytest.mark.parametrize("spec", [V32, spec_of("gqa"), spec_of("mqa"), spec_of("group3"), spec_of("wide_k")],

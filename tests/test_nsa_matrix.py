@@ -72,6 +72,16 @@ VARIANTS = {
     "token": lambda: token("base"),
     "token_idx_heads3": lambda: token("idx_heads3", **{"indexer.heads": 3}),      # non-power-of-two indexer heads
     "token_top5": lambda: token("top5", **{"selection.top_k": 5}),                # top_k not a power of two
+    # DSA: the indexer alone feeding token- or block-granularity sparse attention (GQA and MLA-style MQA).
+    "dsa_gqa": lambda: load_spec("specs/dsa_small.yaml"),
+    "dsa_block": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_block",
+                                 **{"selection.granularity": "block", "selection.block": 8, "selection.top_k": 3,
+                                    "selection.initial": 1, "selection.local": 1}),
+    "dsa_mla": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_mla",
+                               **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64}),
+    "nsa_token_block_indexer": lambda: token("block_idx", **{"selection.granularity": "block", "selection.block": 16,
+                                                             "selection.top_k": 3, "selection.initial": 1,
+                                                             "selection.local": 1}),
     # head dims that are not powers of two on both sides (80 = 64 + 16, 48 = 32 + 16)
     "dims_80_48": lambda: small("dims_80_48", **{"head_dim.qk": 80, "head_dim.v": 48}),
 }

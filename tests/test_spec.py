@@ -793,13 +793,6 @@ VALIDATE_CASES = [
         name: a
         branches: [selection, window] #<
         """, "branches", UnsupportedSpecError, "compression branch.*must exist"),
-    ("indexer-scorer-block-granularity", """
-        name: a
-        selection:
-          granularity: block #<
-          scorer: indexer
-        indexer: {}
-        """, "selection.granularity", UnsupportedSpecError, "not generated yet"),
     ("indexer-scorer-without-indexer", """
         name: a
         selection:

@@ -57,8 +57,7 @@ def indexer_block_scores(spec, I: torch.Tensor) -> torch.Tensor:
     """Block scores [B, Tq, Hkv, ceil(T/l')] from index scores: the log-sum-exp of the index scores of the block's
     visible tokens (the block's mass under softmax(I), up to the row's normaliser, which does not change ranking).
 
-    The indexer scorer at block granularity (semantics.md, "Granularity"); the spec validator does not generate
-    it yet, but the rule is defined, so the reference has it.
+    The indexer scorer at block granularity (semantics.md, "Granularity").
     """
     l_sel = spec.selection.block
     T = I.shape[-1]
