@@ -250,7 +250,7 @@ def _radix_topk_kernel(WS, IDX, T, q0, QC, WS_ROW):
         prefix = tl.zeros([], dtype=tl.int64)
         need = tl.full([], TOP_K, dtype=tl.int32)
         for p in tl.static_range(4):
-            SHIFT: tl.constexpr = 24 - 8 * p
+            SHIFT = 24 - 8 * p  # a compile-time constant: p comes from static_range
             hist = tl.zeros([256], dtype=tl.int32)
             for c0 in range(0, n, BS):
                 s = c0 + tl.arange(0, BS)

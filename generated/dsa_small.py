@@ -233,7 +233,7 @@ def _radix_topk_kernel(WS, IDX, T, q0, QC, WS_ROW):
         prefix = tl.zeros([], dtype=tl.int64)
         need = tl.full([], TOP_K, dtype=tl.int32)
         for p in tl.static_range(4):
-            SHIFT: tl.constexpr = 24 - 8 * p
+            SHIFT = 24 - 8 * p  # a compile-time constant: p comes from static_range
             hist = tl.zeros([256], dtype=tl.int32)
             for c0 in range(0, n, BS):
                 s = c0 + tl.arange(0, BS)
@@ -866,3 +866,690 @@ class DSAttention(torch.nn.Module):
         if not torch.is_autocast_enabled(hidden.device.type):
             o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indexer distillation loss: KL(main attention, averaged over the group's heads || softmax(I)), streamed
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _distill_fwd_dense_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
+    online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
+    stores it in LSE_OUT for the backward)."""
+    BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    HP: tl.constexpr = 2     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 64     # keys per tile
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    head = g * GROUP + mrows % GP
+    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    else:
+        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BT * GP], dtype=tl.float32)
+        for s0 in range(0, t_hi + 1, BS):
+            keys = s0 + tl.arange(0, BS)
+            key_ok = keys <= t_hi
+
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            sm = tl.where(mvis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for s0 in range(0, t_hi + 1, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys <= t_hi
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(i2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
+        psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_dq_dense_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr,
+):
+    """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
+    dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
+    BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    HP: tl.constexpr = 2     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 64     # keys per tile
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    head = g * GROUP + mrows % GP
+    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    st = (b * T + tq) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+    row_valid = lse_i2 > float("-inf")
+    lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BT * HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([BT * HP], dtype=tl.float32)
+    for s0 in range(0, t_hi + 1, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys <= t_hi
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = (b * T + it) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+@triton.jit
+def _distill_dk_dense_kernel(
+    Q, K, QI, KI, WI, LSE, STATS, GSCALE, DKI,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr,
+):
+    """dk_I[s] = scale * sum_t sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j], recomputing p and I per query tile."""
+    BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    HP: tl.constexpr = 2     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 64     # keys per tile
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    keys = pid_t * BS + tl.arange(0, BS)
+    key_ok = keys < T
+    k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+    ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=key_ok[:, None], other=0.0)
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros([BS, IDX_DIM], dtype=tl.float32)
+    for t_lo in range((pid_t * BS // BT) * BT, T, BT):
+        mrows = tl.arange(0, BT * GP)
+        mt = t_lo + mrows // GP
+        head = g * GROUP + mrows % GP
+        mrow_ok = (mt < T) & (mrows % GP < GROUP)
+        q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+        irows = tl.arange(0, BT * HP)
+        it = t_lo + irows // HP
+        ihead = g * IDX_HEADS + irows % HP
+        irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+        qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=irow_ok[:, None], other=0.0)
+        wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+        tq = t_lo + tl.arange(0, BT)
+        tq_ok = tq < T
+
+        st = (b * T + tq) * HKV + g
+        lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+        psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+        row_valid = lse_i2 > float("-inf")
+        lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        dk += _pv(tl.trans(tl.where(a > 0.0, dI_rows * wi[:, None], 0.0)), qi, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = ((b * T + keys) * HKV + g) * IDX_DIM
+    tl.store(DKI + out[:, None] + tl.arange(0, IDX_DIM)[None, :], (dk * scale).to(DKI.dtype.element_ty), mask=key_ok[:, None])
+
+
+
+@triton.jit
+def _distill_fwd_sparse_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
+    online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
+    stores it in LSE_OUT for the backward)."""
+    BT: tl.constexpr = 1
+    GP: tl.constexpr = 16    # main heads padded to >= 16 rows (one query position per program)
+    HP: tl.constexpr = 16    # indexer heads padded to >= 16 rows
+    BS: tl.constexpr = 16    # selected keys per trip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    all_slots = tl.arange(0, TOP_K_PAD)
+    n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    head = g * GROUP + mrows % GP
+    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    else:
+        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BT * GP], dtype=tl.float32)
+        for u0 in range(0, n_sel, BS):
+            slot = u0 + tl.arange(0, BS)
+            keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+            key_ok = (keys >= 0) & (keys <= t_lo)
+            keys = tl.where(key_ok, keys, 0)
+
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            sm = tl.where(mvis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for u0 in range(0, n_sel, BS):
+        slot = u0 + tl.arange(0, BS)
+        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+        key_ok = (keys >= 0) & (keys <= t_lo)
+        keys = tl.where(key_ok, keys, 0)
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(i2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
+        psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_dq_sparse_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr,
+):
+    """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
+    dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
+    BT: tl.constexpr = 1
+    GP: tl.constexpr = 16    # main heads padded to >= 16 rows (one query position per program)
+    HP: tl.constexpr = 16    # indexer heads padded to >= 16 rows
+    BS: tl.constexpr = 16    # selected keys per trip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    all_slots = tl.arange(0, TOP_K_PAD)
+    n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    head = g * GROUP + mrows % GP
+    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    st = (b * T + tq) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+    row_valid = lse_i2 > float("-inf")
+    lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BT * HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([BT * HP], dtype=tl.float32)
+    for u0 in range(0, n_sel, BS):
+        slot = u0 + tl.arange(0, BS)
+        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+        key_ok = (keys >= 0) & (keys <= t_lo)
+        keys = tl.where(key_ok, keys, 0)
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        # Unscaled dI of each selected pair, read back by the key-side kernel (O(T * k) memory, like the indices).
+        tl.store(DI_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, tl.reshape(dI, (BS,)), mask=slot < n_sel)
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = (b * T + it) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+@triton.jit
+def _distill_dk_sparse_kernel(
+    QI, KI, WI, IDX, DI_SEL, PTR, POS, GSCALE, DKI,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, idx_scale,
+    WIDEN: tl.constexpr,
+):
+    """dk_I[s] = scale * sum over the pairs (t, s) that selected s of sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j].
+
+    POS lists the flat positions ((b*T + t)*HKV + g)*TOP_K + slot of the valid selected pairs, sorted by
+    (b, g, s) then t; PTR[(b*HKV + g)*T + s] is where key s's pairs start. Each trip takes PAIRS pairs x HP
+    indexer heads as rows, and a one-hot [BS, rows] dot adds each row into its key: deterministic, no atomics."""
+    BS: tl.constexpr = 16
+    HP: tl.constexpr = 2
+    PAIRS: tl.constexpr = 32
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    s_lo = pid_s * BS
+    keys = s_lo + tl.arange(0, BS)
+    key_ok = keys < T
+    e_lo = tl.load(PTR + pid_bg.to(tl.int64) * T + s_lo)
+    e_hi = tl.load(PTR + pid_bg.to(tl.int64) * T + tl.minimum(s_lo + BS, T))
+    r = tl.arange(0, PAIRS * HP)
+    j = r % HP
+    ihead = g * IDX_HEADS + j
+    cols = tl.arange(0, IDX_DIM)
+    dk = tl.zeros([BS, IDX_DIM], dtype=tl.float32)
+    for e0 in range(e_lo, e_hi, PAIRS):
+        e = e0 + r // HP
+        ok = (e < e_hi) & (j < IDX_HEADS)
+        pos = tl.load(POS + e, mask=ok, other=0)
+        tp = (pos // (HKV * TOP_K)) % T
+        sp = tl.load(IDX + pos, mask=ok, other=0)
+        dI = tl.load(DI_SEL + pos, mask=ok, other=0.0)
+        qrow = tl.load(QI + b * stride_qib + tp[:, None] * stride_qit + ihead[:, None] * stride_qih + cols[None, :], mask=ok[:, None], other=0.0)
+        krow = tl.load(KI + b * stride_kib + sp.to(tl.int64)[:, None] * stride_kit + g * stride_kih + cols[None, :], mask=ok[:, None], other=0.0)
+        w = tl.load(WI + b * stride_wb + tp * stride_wt + ihead, mask=ok, other=0.0).to(tl.float32)
+        a = tl.sum(qrow.to(tl.float32) * krow.to(tl.float32), axis=1)
+        coef = tl.where(ok & (a > 0.0), dI * w, 0.0)
+        onehot = tl.where((sp - s_lo)[None, :] == tl.arange(0, BS)[:, None], coef[None, :], 0.0)
+        dk += _pv(onehot, qrow, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = ((b * T + keys) * HKV + g) * IDX_DIM
+    tl.store(DKI + out[:, None] + cols[None, :], (dk * scale).to(DKI.dtype.element_ty), mask=key_ok[:, None])
+
+
+
+
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH
+_DISTILL_SM_SCALE = 0.07216878364870322
+_DISTILL_IDX_SCALE = 0.12500000000000003
+
+
+def _distill_strides(q, k, q_idx, k_idx, w_idx):
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_idx.stride(0), k_idx.stride(1), k_idx.stride(2),
+            w_idx.stride(0), w_idx.stride(1))
+
+
+def _distill_inverse_index(indices):
+    """CSR of the selection transposed, built with a stable sort (deterministic): (ptr int64 [B*2*T + 1],
+    pos int64 [B*T*2*16]). pos lists the flat positions of the valid pairs (0 <= s <= t) sorted by
+    (b, g, s) then t, invalid ones last; key s of (b, g) owns pos[ptr[(b*2 + g)*T + s] : ptr[... + 1]]."""
+    B, T = indices.shape[0], indices.shape[1]
+    idx = indices.long()
+    t = torch.arange(T, device=indices.device).view(1, T, 1, 1)
+    valid = (idx >= 0) & (idx <= t)
+    bg = (torch.arange(B, device=indices.device).view(B, 1, 1, 1) * 2
+          + torch.arange(2, device=indices.device).view(1, 1, 2, 1))
+    n_keys = B * 2 * T
+    key = torch.where(valid, bg * T + idx, n_keys).flatten()
+    key, pos = torch.sort(key, stable=True)
+    ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=indices.device))
+    return ptr, pos
+
+
+@torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
+def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
+                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss fp32 [], stats fp32 [B, T, 2, 2] = (lse of I over the support, mass of p), lse of the main
+    attention [B, T, 8] when it was not given (else an empty tensor))."""
+    B, T = q.shape[0], q.shape[1]
+    device = q.device
+    row_kl = torch.empty((B, T, 2), dtype=torch.float32, device=device)
+    stats = torch.empty((B, T, 2, 2), dtype=torch.float32, device=device)
+    lse_out = torch.empty((0,) if lse_main is not None else (B, T, 8), dtype=torch.float32, device=device)
+    lse = lse_main if lse_main is not None else lse_out
+    strides = _distill_strides(q, k, q_idx, k_idx, w_idx)
+    if indices is None:
+        _distill_fwd_dense_kernel[(triton.cdiv(T, 16), B * 2)](
+            q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *strides,
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
+            num_warps=4)
+    else:
+        _distill_fwd_sparse_kernel[(T, B * 2)](
+            q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides,
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
+            num_warps=4)
+    # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
+    n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
+    loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
+    return loss, stats, lse_out
+
+
+@_distill_fwd.register_fake
+def _(q, k, q_idx, k_idx, w_idx, indices, lse_main):
+    B, T = q.shape[0], q.shape[1]
+    return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, 2, 2), dtype=torch.float32),
+            q.new_empty((0,) if lse_main is not None else (B, T, 8), dtype=torch.float32))
+
+
+@torch.library.custom_op(_DISTILL_NS + "::distill_bwd", mutates_args=())
+def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                 w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (query side, key side)."""
+    B, T = q.shape[0], q.shape[1]
+    device = q.device
+    n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
+    gscale = (grad.to(torch.float32) / n_valid).reshape(1)
+    dq_idx = torch.empty(q_idx.shape, dtype=q_idx.dtype, device=device)
+    dk_idx = torch.empty(k_idx.shape, dtype=k_idx.dtype, device=device)
+    dw_idx = torch.empty(w_idx.shape, dtype=w_idx.dtype, device=device)
+    strides = _distill_strides(q, k, q_idx, k_idx, w_idx)
+    if indices is None:
+        _distill_dq_dense_kernel[(triton.cdiv(T, 16), B * 2)](
+            q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *strides,
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+        _distill_dk_dense_kernel[(triton.cdiv(T, 64), B * 2)](
+            q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *strides,
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+    else:
+        # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
+        di_sel = torch.empty((B, T, 2, 16), dtype=torch.float32, device=device)
+        _distill_dq_sparse_kernel[(T, B * 2)](
+            q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *strides,
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+        ptr, pos = _distill_inverse_index(indices)
+        _distill_dk_sparse_kernel[(triton.cdiv(T, 16), B * 2)](
+            q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *strides[6:],
+            T, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+    return dq_idx, dk_idx, dw_idx
+
+
+@_distill_bwd.register_fake
+def _(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
+    return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
+
+
+def _distill_setup_context(ctx, inputs, output):
+    q, k, q_idx, k_idx, w_idx, indices, lse_main = inputs
+    _, stats, lse_out = output
+    ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out, stats)
+
+
+def _distill_backward(ctx, grad, _grad_stats, _grad_lse):
+    q, k, q_idx, k_idx, w_idx, indices, lse, stats = ctx.saved_tensors
+    dq_idx, dk_idx, dw_idx = _distill_bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
+    # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
+    return None, None, dq_idx, dk_idx, dw_idx, None, None
+
+
+torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _distill_backward, setup_context=_distill_setup_context)
+
+
+def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None):
+    """The lightning indexer's distillation loss (docs/distill.md), an fp32 scalar tensor; differentiable in q_idx,
+    k_idx and w_idx only (the target is the detached main attention).
+
+    q [B, T, 8, 64], k [B, T, 2, 64]: the main attention's queries and keys (after RoPE),
+        fp16.
+    q_idx [B, T, 4, 32], k_idx [B, T, 2, 32], w_idx [B, T, 4]: the indexer's inputs,
+        fp16.
+    indices: None for the dense warm-up stage (support s <= t), or int32 [B, T, 2, 16] (ascending,
+        -1 padding last, no duplicates) for the sparse stage (support: the selected tokens s <= t; rows with none
+        do not count).
+    lse_main: optional fp32 [B, T, 8] natural-log log-sum-exp of the main attention over the same support (dense
+        causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
+
+    L = sum over valid (b, t, g) rows of KL(p || softmax(I)) / N_valid, N_valid the number of (b, t, kv group) rows
+    with a non-empty support.
+    """
+    fn = "distill_loss"
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("B", "T", 8, 64), DTYPE, dims)
+    device = q.device
+    runtime.check_seqlen(fn, q.shape[1], 4096, SPEC_NAME)
+    k = runtime.check_tensor(fn, "k", k, ("B", "T", 2, 64), DTYPE, dims, device)
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 4, 32), DTYPE, dims, device)
+    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 2, 32), DTYPE, dims, device)
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
+    B, T = q.shape[0], q.shape[1]
+    if indices is not None:
+        indices = runtime.check_indices(fn, indices, (B, T, 2, 16), device)
+    if lse_main is not None:
+        lse_main = runtime.check_tensor(fn, "lse_main", lse_main, ("B", "T", 8), torch.float32, dims,
+                                        device).detach().contiguous()
+    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main)
+    return loss

@@ -42,3 +42,33 @@ def test_bad_arguments_are_named():
     T = CPU_SEQLENS[-1]
     inputs = testing.inputs_for(mod, SPEC, 1, T)
     testing.check_argument_errors(mod, SPEC, inputs)
+
+
+# Backward: every gradient against the float64 reference's autograd (fed the kernel's selection).
+BACKWARD_CASES = testing.backward_cases(SPEC, CPU_SEQLENS, 1)
+
+
+@pytest.mark.parametrize("B,T", BACKWARD_CASES)
+def test_backward_small(B, T):
+    testing.check_backward(mod, SPEC, B, T)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", GPU_SEQLENS)
+def test_backward_realistic(T):
+    testing.check_backward(mod, SPEC, 1, T, device="cuda", query_chunk=128)
+
+
+@gpu
+@pytest.mark.gpu
+def test_backward_deterministic():
+    testing.check_backward_deterministic(mod, SPEC, 1, GPU_SEQLENS[0], device="cuda")
+
+
+def test_compile():
+    testing.check_compile(mod, SPEC, 1, 9)
+
+
+def test_layer_and_autocast():
+    testing.check_layer(mod, SPEC, 2, 9)

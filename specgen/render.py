@@ -133,9 +133,20 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
     }
 
 
+def has_distillation(spec: Spec) -> bool:
+    """DSA at token granularity trains its indexer by attention-score distillation (docs/distill.md)."""
+    return spec.family == "dsa" and spec.selection.granularity == "token"
+
+
 def render_module(spec: Spec, records: list | None = None) -> str:
     # One module template serves both families: DSA is the indexer-scored selection branch alone, without gates.
-    return _environment().get_template("module.py.j2").render(**module_context(spec, records=records))
+    context = module_context(spec, records=records)
+    context["has_distill"] = has_distillation(spec)
+    if context["has_distill"]:
+        from .render_distill import distill_context
+
+        context.update(distill_context(spec, None))
+    return _environment().get_template("module.py.j2").render(**context)
 
 
 # Specs this cheap (query heads x head dim) get the full CPU matrix of sequence lengths; bigger ones one tiny T.
@@ -148,7 +159,7 @@ def render_test(spec: Spec) -> str:
     small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
     return _environment().get_template("test_module.py.j2").render(
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
-        gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1)
+        gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec))
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -196,8 +196,10 @@ def reference_gradients(spec: Spec, inputs: dict, indices: torch.Tensor | None, 
             total = total + (leaves["gates"][:, rows, :, c, None] * o if spec.gated else o)
         (total * dout[:, rows]).sum().backward()
         outs.append(total.detach())
-    if pooled is not None and kc.grad is not None:
-        torch.autograd.backward(pooled, (kc.grad, vc.grad))
+    if pooled is not None:
+        sent = [(x, leaf.grad) for x, leaf in zip(pooled, (kc, vc)) if x.requires_grad and leaf.grad is not None]
+        if sent:  # (no complete block, T < l: nothing was pooled)
+            torch.autograd.backward([x for x, _ in sent], [g for _, g in sent])
     grads = {n: (leaves[n].grad if leaves[n].grad is not None else torch.zeros_like(leaves[n])) for n in names}
     return torch.cat(outs, dim=1), grads
 
@@ -243,7 +245,8 @@ def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = N
         assert torch.isfinite(got).all(), f"non-finite gradient of `{n}` {where}"
         if n in ZERO_GRADIENTS:
             scale = torch.linalg.vector_norm(ref_grads[ZERO_GRADIENTS[n]]).item()
-            errors[n] = torch.linalg.vector_norm(got.to(torch.float64) - ref_grads[n]).item() / scale
+            diff = torch.linalg.vector_norm(got.to(torch.float64) - ref_grads[n]).item()
+            errors[n] = diff / scale if scale > 0 else diff
         else:
             errors[n] = reference.rel_err(got.to(torch.float64), ref_grads[n])
     bad = {n: e for n, e in errors.items() if not e < GRAD_TOL[dtype]}
@@ -251,3 +254,142 @@ def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = N
                      + ", ".join(f"d{n} {e:.3e}" for n, e in bad.items())
                      + f" (all: {', '.join(f'd{n} {e:.1e}' for n, e in errors.items())}) {where}")
     return BackwardReport(seed, errors)
+
+
+def backward_cases(spec: Spec, cpu_seqlens: list[int], cpu_batch: int) -> list[tuple[int, int]]:
+    """(B, T) of the CPU gradient tests: the interpreter is slow and a backward costs about two forwards.
+
+    Small specs: the forward's lengths up to 70 at the forward's batch, and T = 67 at B = 1 when the selection has
+    more candidates than top_k there (so some blocks are selected by only part of the queries). Big specs: one
+    tiny length just past the compression block (so one block is pooled), B = 1.
+    """
+    from .render import SMALL_SPEC_WIDTH
+
+    sel, cmp_ = spec.selection, spec.compression
+    unit = 0 if sel is None else (sel.block if sel.granularity == "block" else 1)
+    if spec.heads.q * spec.head_dim.qk > SMALL_SPEC_WIDTH:
+        return [(1, min(cpu_seqlens[0], max(16, cmp_.block if cmp_ else 0) + 3))]
+    cases = [(cpu_batch, t) for t in sorted(cpu_seqlens) if t <= 70]
+    if sel is not None and sel.top_k * unit < 67 <= spec.max_seqlen and 67 not in cpu_seqlens:
+        cases.append((1, 67))
+    return cases or [(1, min(cpu_seqlens))]
+
+
+def _grad_inputs(module, spec: Spec, B: int, T: int, device: str, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
+    inputs = {k: v.to(device=device, dtype=module.DTYPE) for k, v in inputs64.items()}
+    dout = torch.randn(B, T, spec.heads.q, spec.head_dim.v, generator=gen, dtype=torch.float64)
+    return inputs, dout.to(device=device, dtype=module.DTYPE)
+
+
+def _forward_backward(fn, spec: Spec, inputs: dict, dout: torch.Tensor) -> dict:
+    """out, indices and every gradient of one forward + backward through `fn`, on fresh leaves."""
+    names = differentiable_inputs(spec)
+    leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in inputs.items()}
+    result = fn(**leaves, return_indices=True)
+    out, indices = result
+    out.backward(dout)
+    return {"out": out.detach(), "indices": indices, **{f"d{n}": leaves[n].grad for n in names}}
+
+
+def check_backward_deterministic(module, spec: Spec, B: int, T: int, *, device: str | None = None,
+                                 seed: int | None = None) -> None:
+    """Forward + backward twice on the same inputs: output, selection and every gradient equal bit for bit (the
+    backward has no atomics; docs/backward.md)."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    inputs, dout = _grad_inputs(module, spec, B, T, device, seed)
+    fn = _attention_fn(module, spec)
+    first = _forward_backward(fn, spec, inputs, dout)
+    second = _forward_backward(fn, spec, inputs, dout)
+    for name, a in first.items():
+        b = second[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert torch.equal(a, b), (f"{name} differs between two identical runs ({(a != b).sum().item()} elements) "
+                                   f"[spec {spec.name}, B={B}, T={T}, seed={seed}]")
+
+
+def check_compile(module, spec: Spec, B: int, T: int, *, device: str | None = None, seed: int | None = None,
+                  fullgraph: bool = True) -> None:
+    """The differentiable call under torch.compile gives the eager output and gradients (same custom ops)."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    inputs, dout = _grad_inputs(module, spec, B, T, device, seed)
+    fn = _attention_fn(module, spec)
+    eager = _forward_backward(fn, spec, inputs, dout)
+    compiled = _forward_backward(torch.compile(fn, fullgraph=fullgraph), spec, inputs, dout)
+    for name, a in eager.items():
+        b = compiled[name]
+        if a is None:
+            assert b is None, name
+            continue
+        assert b is not None and a.dtype == b.dtype and a.shape == b.shape, name
+        err = reference.rel_err(b, a) if a.is_floating_point() else float(not torch.equal(a, b))
+        assert err < 1e-6, f"{name}: compiled differs from eager (rel err {err:.2e}) [spec {spec.name}, seed={seed}]"
+
+
+def check_layer(module, spec: Spec, B: int, T: int, *, hidden: int = 32, device: str | None = None,
+                seed: int | None = None) -> None:
+    """The generated attention layer: hidden -> hidden in the parameters' dtype; gradients reach every parameter
+    but the indexer's, finite; under autocast (bf16, or fp16 for fp16 specs) it runs and stays within the spec
+    dtype's tolerance of the fp32 run."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    where = f"[spec {spec.name}, B={B}, T={T}, device={device}, seed={seed}]"
+    torch.manual_seed(seed)
+    layer = module.__dict__[f"{spec.family.upper()}ttention"](hidden, device=device)
+    x = torch.randn(B, T, hidden, device=device)
+    out = layer(x)
+    assert out.shape == x.shape and out.dtype == torch.float32, f"layer output {out.dtype} {list(out.shape)} {where}"
+    out.square().mean().backward()
+    for name, p in layer.named_parameters():
+        if name.startswith("idx_"):
+            assert p.grad is None, f"the indexer's {name} got a gradient through the attention {where}"
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"no finite gradient for {name} {where}"
+        assert p.grad.abs().sum() > 0 or name.startswith("pe_pool_k"), f"zero gradient for {name} {where}"
+    layer.zero_grad()
+    amp = torch.float16 if module.DTYPE == torch.float16 else torch.bfloat16
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp):
+        mixed = layer(x)
+    assert mixed.dtype == amp, f"under autocast the layer returned {mixed.dtype} {where}"
+    err = reference.rel_err(mixed.float(), out.detach())
+    assert err < 2 * OUT_TOL[amp], f"autocast output rel err {err:.2e} against fp32 {where}"
+    mixed.float().square().mean().backward()
+    for name, p in layer.named_parameters():
+        if not name.startswith("idx_"):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"autocast: bad gradient for {name} {where}"
+
+
+def check_distill(module, spec: Spec, B: int, T: int, stage: str, *, device: str | None = None,
+                  seed: int | None = None, query_chunk: int | None = None) -> None:
+    """The generated distillation loss and its gradients (q_idx, k_idx, w_idx) against the float64 reference.
+
+    The sparse stage uses the module's own top-k indices (a valid selection, checked by check_forward)."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    where = f"[spec {spec.name}, {stage}, B={B}, T={T}, device={device}, seed={seed}]"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
+    dtype = module.DTYPE
+    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs64.items()}
+    indices = None
+    if stage == "sparse":
+        _, indices = module.__dict__[f"{spec.family}_forward"](**inputs, return_indices=True)
+    main_k = inputs["k"]
+    trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
+    loss = module.distill_loss(inputs["q"], main_k, **trained, indices=indices)
+    upstream = 0.5 + torch.rand((), generator=gen).item()
+    (loss * upstream).backward()
+    exact = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in trained.items()}
+    ref_loss = reference.distill_loss(spec, inputs["q"].double(), main_k.double(), **exact, indices=indices,
+                                      query_chunk=query_chunk)
+    (ref_loss * upstream).backward()
+    loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-6)
+    assert loss_err < OUT_TOL[dtype], f"distillation loss rel err {loss_err:.3e} {where}"
+    for name in trained:
+        err = reference.rel_err(trained[name].grad.to(torch.float64), exact[name].grad)
+        assert err < 2 * OUT_TOL[dtype], f"d{name} rel err {err:.3e} >= {2 * OUT_TOL[dtype]:.0e} {where}"
