@@ -113,7 +113,7 @@ def expected_kernels(spec: Spec) -> set[str]:
     if sel is not None and sel.scorer == "compression":
         kernels.add("_select_blocks_kernel")
     if sel is not None and sel.scorer == "indexer":
-        kernels.add("_index_topk_kernel")
+        kernels |= {"_index_scores_kernel", "_radix_topk_kernel", "_ordered_key"}
     return kernels
 
 
@@ -131,7 +131,11 @@ def test_generated_module_is_valid_python_with_the_expected_kernels(name):
     spec = ALL_SPECS[name]
     tree = ast.parse(render_module(spec), filename=f"{spec.name}.py")
     functions = {n.name: _is_triton_jit(n) for n in tree.body if isinstance(n, ast.FunctionDef)}
-    assert {name for name, jit in functions.items() if jit} == expected_kernels(spec)
+    # The forward's kernels, exactly as the spec implies; backward and distillation kernels come on top.
+    forward = {name for name, jit in functions.items() if jit and "bwd" not in name and "backward" not in name
+               and not name.startswith(("_distill", "_d"))}
+    assert expected_kernels(spec) <= {name for name, jit in functions.items() if jit}
+    assert forward - expected_kernels(spec) == set(), forward - expected_kernels(spec)
     assert expected_host_functions(spec) <= {name for name, jit in functions.items() if not jit}
     assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     assert {"SPEC_NAME", "SPEC_HASH", "SPEC", "DTYPE", "WIDEN", "HQ", "HKV", "GROUP", "DQK", "DV"} <= assigned
@@ -156,7 +160,7 @@ def test_importing_a_generated_module_does_not_import_yaml_jinja2_or_sympy():
             "    spec = importlib.util.spec_from_file_location(f'gen{i}', path)\n"
             "    mod = importlib.util.module_from_spec(spec)\n"
             "    spec.loader.exec_module(mod)\n"
-            "    assert callable(mod.nsa_forward), path\n"
+            "    assert callable(getattr(mod, mod.SPEC['family'] + '_forward')), path\n"
             "bad = {'yaml', 'jinja2', 'sympy'} & set(sys.modules)\n"
             "assert not bad, bad\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
