@@ -161,7 +161,7 @@ def _selection_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
 
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
@@ -382,12 +382,12 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
 # Backward: kernels (templates/kernels/backward.j2), then their launches
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _dot32(a, b):
     # fp32 operands (gradients accumulated in fp32 times weights or inputs): ieee for fp32 specs; tf32 on the
     # GPU otherwise, where bf16/fp16 operands are exact and only the fp32 gradient is rounded (to 10 bits).
     return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
 
 
 @triton.jit
@@ -401,7 +401,6 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
     dg += tl.sum(do0 * o.to(tl.float32), axis=1)
     tl.store(DG + rows * N_BRANCHES + 0, dg, mask=ok)  # selection
     tl.store(DGATES + rows * N_BRANCHES + 0, dg.to(DGATES.dtype.element_ty), mask=ok)
-
 
 
 @triton.jit
@@ -430,7 +429,6 @@ def _selection_bwd_dq_kernel(
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -441,7 +439,6 @@ def _selection_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 512], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
@@ -463,9 +460,7 @@ def _selection_bwd_dq_kernel(
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
         k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -473,7 +468,6 @@ def _selection_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 512)[None, :]
@@ -486,7 +480,6 @@ def _selection_bwd_dq_kernel(
     if HAS_PREV:
         dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq1, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -512,14 +505,11 @@ def _selection_bwd_dkdv_kernel(
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 512], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 512], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
@@ -539,7 +529,6 @@ def _selection_bwd_dkdv_kernel(
         visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -550,7 +539,6 @@ def _selection_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -558,13 +546,11 @@ def _selection_bwd_dkdv_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 512)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -581,14 +567,13 @@ def _selection_bwd_dkdv_kernel(
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
 
 
-
-
-# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet).
+# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet). Programs
+# hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
 BACKWARD_CONFIGS = {
-    "preprocess": {"rows": 64, "num_warps": 4},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "preprocess": {"rows": 16, "num_warps": 4},
+    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
     # Keys per program (32 unit(s) of 1 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 1, "block_n": 32, "num_warps": 4, "num_stages": 2},
+    "selection_dkdv": {"bq": 1, "block_n": 32, "num_warps": 8, "num_stages": 2},
 }
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", )
@@ -597,9 +582,10 @@ DIFF_ARGUMENTS = ("q", "k", )
 def _selection_inverse_index(indices, T, tile):
     """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
 
-    Entry e lists a query position qpos[e] that selected a unit inside the tile, with bits[e] the units of the tile it
-    selected (bit u = unit u); the entries of segment (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1],
-    queries ascending. Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
+    Entry e: a query position qpos[e] that selected a unit inside the tile.
+    bits[e]: which of the tile's 32 units it selected (bit u = unit u).
+    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
+    Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
     (padding entries sort to the end, past every offset).
     """
     B = indices.shape[0]
@@ -667,7 +653,7 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
     _selection_bwd_dq_kernel[(T, B * 1)](
         q, k, v, gates, dout, lse, dg, dq, indices,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
         HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["selection_dkdv"]
@@ -678,13 +664,12 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
     _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1)](
         q, k, v, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
         ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grads["k"][..., :512] += grads.pop("v")
     return (dq.to(DTYPE),
-            grads["k"].to(DTYPE),
-            )
+            grads["k"].to(DTYPE))
 
 
 # ---------------------------------------------------------------------------------------------------------------

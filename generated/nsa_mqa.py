@@ -204,7 +204,7 @@ def _compression_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -287,7 +287,7 @@ def _selection_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -362,7 +362,7 @@ def _window_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -577,12 +577,12 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False):
 # Backward: kernels (templates/kernels/backward.j2), then their launches
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _dot32(a, b):
     # fp32 operands (gradients accumulated in fp32 times weights or inputs): ieee for fp32 specs; tf32 on the
     # GPU otherwise, where bf16/fp16 operands are exact and only the fp32 gradient is rounded (to 10 bits).
     return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
 
 
 @triton.jit
@@ -606,7 +606,6 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
     dg += tl.sum(do0 * o.to(tl.float32), axis=1)
     tl.store(DG + rows * N_BRANCHES + 2, dg, mask=ok)  # window
     tl.store(DGATES + rows * N_BRANCHES + 2, dg.to(DGATES.dtype.element_ty), mask=ok)
-
 
 
 @triton.jit
@@ -634,7 +633,6 @@ def _compression_bwd_dq_kernel(
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -645,7 +643,6 @@ def _compression_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
@@ -658,23 +655,19 @@ def _compression_bwd_dq_kernel(
         k_rows = k_base + keys * stride_kt
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     dq0 = dq0 * sm_scale
     if HAS_PREV:
         dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -700,13 +693,10 @@ def _compression_bwd_dkdv_kernel(
     k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     # Block i is seen by the queries t >= i*d + l - 1.
     first = pid_n * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1
     last = T - 1
@@ -722,7 +712,6 @@ def _compression_bwd_dkdv_kernel(
         q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
         visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -733,19 +722,16 @@ def _compression_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -755,8 +741,6 @@ def _compression_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -784,7 +768,6 @@ def _selection_bwd_dq_kernel(
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -795,7 +778,6 @@ def _selection_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
@@ -815,23 +797,19 @@ def _selection_bwd_dq_kernel(
         k_rows = k_base + keys * stride_kt
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     dq0 = dq0 * sm_scale
     if HAS_PREV:
         dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -856,13 +834,10 @@ def _selection_bwd_dkdv_kernel(
     k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
@@ -877,7 +852,6 @@ def _selection_bwd_dkdv_kernel(
         # The query's own block runs past it: only keys s <= t.
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -888,19 +862,16 @@ def _selection_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -910,8 +881,6 @@ def _selection_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -939,7 +908,6 @@ def _window_bwd_dq_kernel(
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -950,7 +918,6 @@ def _window_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     k_base = K + b * stride_kb + g * stride_kh
@@ -963,23 +930,19 @@ def _window_bwd_dq_kernel(
         k_rows = k_base + keys * stride_kt
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     dq0 = dq0 * sm_scale
     if HAS_PREV:
         dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -1005,13 +968,10 @@ def _window_bwd_dkdv_kernel(
     k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     # Key s is seen by the queries s <= t < s + w.
     first = pid_n * BLOCK_N
     last = tl.minimum(pid_n * BLOCK_N + BLOCK_N + WINDOW - 2, T - 1)
@@ -1027,7 +987,6 @@ def _window_bwd_dkdv_kernel(
         q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -1038,19 +997,16 @@ def _window_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1060,8 +1016,6 @@ def _window_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -1090,17 +1044,17 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
     tl.store(ptr, acc, mask=mask)
 
 
-
-# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet).
+# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet). Programs
+# hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
 BACKWARD_CONFIGS = {
     "preprocess": {"rows": 64, "num_warps": 4},
-    "compression_dq": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "compression_dkdv": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2, "split": 1024, "max_splits": 16},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "compression_dq": {"bt": 2, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "compression_dkdv": {"bt": 2, "block_n": 64, "num_warps": 8, "num_stages": 2, "split": 1024, "max_splits": 16},
+    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
     # Keys per program (1 unit(s) of 64 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "window_dq": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "window_dkdv": {"bt": 2, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "selection_dkdv": {"bq": 2, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "window_dq": {"bt": 2, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "window_dkdv": {"bt": 2, "block_n": 64, "num_warps": 8, "num_stages": 2},
     "pool": {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4},
 }
 # Inputs that get gradients, in argument order.
@@ -1120,8 +1074,9 @@ def _pool_backward(dkc, x, D, NC, dx, accumulate):
 def _selection_inverse_index(indices, T, tile):
     """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
 
-    Entry e lists a query position qpos[e] that selected a unit inside the tile; the entries of segment (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1],
-    queries ascending. Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
+    Entry e: a query position qpos[e] that selected a unit inside the tile.
+    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
+    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
     (padding entries sort to the end, past every offset).
     """
     B = indices.shape[0]
@@ -1176,7 +1131,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     _compression_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
         q, kc, vc, gates, dout, lse, dg, dq,
         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
+        vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
         HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["compression_dkdv"]
@@ -1190,7 +1145,8 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
         _compression_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["block_n"]), B * 1, n_split)](
             q, kc, vc, gates, dout, lse, dg, dkc, dvc,
             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(), dvc[0].numel(),
+            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(),
+            dvc[0].numel(),
             ACCUMULATE=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
@@ -1205,7 +1161,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     _selection_bwd_dq_kernel[(T, B * 1)](
         q, k, v, gates, dout, lse, dg, dq, indices,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
         HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["selection_dkdv"]
@@ -1216,7 +1172,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1)](
         q, k, v, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
         ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -1225,7 +1181,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     _window_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
         q, k, v, gates, dout, lse, dg, dq,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
         HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["window_dkdv"]
@@ -1235,14 +1191,13 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     _window_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1, 1)](
         q, k, v, gates, dout, lse, dg, dk_acc, dv_acc,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
+        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
         ACCUMULATE=accumulate, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (dq.to(DTYPE),
             grads["k"].to(DTYPE),
             grads["v"].to(DTYPE),
-            dgates,
-            )
+            dgates)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def _compression_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -295,7 +295,7 @@ def _selection_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -373,7 +373,7 @@ def _window_attention_kernel(
     o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
         # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
     if HAS_PREV:
@@ -639,12 +639,12 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w
 # Backward: kernels (templates/kernels/backward.j2), then their launches
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _dot32(a, b):
     # fp32 operands (gradients accumulated in fp32 times weights or inputs): ieee for fp32 specs; tf32 on the
     # GPU otherwise, where bf16/fp16 operands are exact and only the fp32 gradient is rounded (to 10 bits).
     return tl.dot(a.to(tl.float32), b.to(tl.float32))
-
 
 
 @triton.jit
@@ -668,7 +668,6 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
     dg += tl.sum(do0 * o.to(tl.float32), axis=1)
     tl.store(DG + rows * N_BRANCHES + 2, dg, mask=ok)  # window
     tl.store(DGATES + rows * N_BRANCHES + 2, dg.to(DGATES.dtype.element_ty), mask=ok)
-
 
 
 @triton.jit
@@ -697,7 +696,6 @@ def _compression_bwd_dq_kernel(
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -708,7 +706,6 @@ def _compression_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
@@ -723,9 +720,7 @@ def _compression_bwd_dq_kernel(
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -733,7 +728,6 @@ def _compression_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
@@ -746,7 +740,6 @@ def _compression_bwd_dq_kernel(
     if HAS_PREV:
         dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq1, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -773,14 +766,11 @@ def _compression_bwd_dkdv_kernel(
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     # Block i is seen by the queries t >= i*d + l - 1.
     first = pid_n * BLOCK_N * CMP_STRIDE + CMP_BLOCK - 1
     last = T - 1
@@ -797,7 +787,6 @@ def _compression_bwd_dkdv_kernel(
         visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -808,7 +797,6 @@ def _compression_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -816,13 +804,11 @@ def _compression_bwd_dkdv_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -837,8 +823,6 @@ def _compression_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -867,7 +851,6 @@ def _selection_bwd_dq_kernel(
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -878,7 +861,6 @@ def _selection_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
@@ -900,9 +882,7 @@ def _selection_bwd_dq_kernel(
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -910,7 +890,6 @@ def _selection_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
@@ -923,7 +902,6 @@ def _selection_bwd_dq_kernel(
     if HAS_PREV:
         dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq1, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -949,14 +927,11 @@ def _selection_bwd_dkdv_kernel(
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
@@ -976,7 +951,6 @@ def _selection_bwd_dkdv_kernel(
         visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -987,7 +961,6 @@ def _selection_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -995,13 +968,11 @@ def _selection_bwd_dkdv_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1016,8 +987,6 @@ def _selection_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -1046,7 +1015,6 @@ def _window_bwd_dq_kernel(
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -1057,7 +1025,6 @@ def _window_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
-
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
@@ -1072,9 +1039,7 @@ def _window_bwd_dq_kernel(
         v_rows = v_base + keys * stride_vt
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -1082,7 +1047,6 @@ def _window_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
@@ -1095,7 +1059,6 @@ def _window_bwd_dq_kernel(
     if HAS_PREV:
         dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
     tl.store(dq_ptr, dq1, mask=row_ok[:, None])
-
 
 
 @triton.jit
@@ -1122,14 +1085,11 @@ def _window_bwd_dkdv_kernel(
     v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-
     # Key s is seen by the queries s <= t < s + w.
     first = pid_n * BLOCK_N
     last = tl.minimum(pid_n * BLOCK_N + BLOCK_N + WINDOW - 2, T - 1)
@@ -1146,7 +1106,6 @@ def _window_bwd_dkdv_kernel(
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-
         row_index = (b * T + t) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -1157,7 +1116,6 @@ def _window_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s += _dot(q1, tl.trans(k1), WIDEN)
@@ -1165,13 +1123,11 @@ def _window_bwd_dkdv_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-
         pt = tl.trans(p)
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1186,8 +1142,6 @@ def _window_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
 
 
 @triton.jit
@@ -1216,17 +1170,17 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
     tl.store(ptr, acc, mask=mask)
 
 
-
-# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet).
+# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet). Programs
+# hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
 BACKWARD_CONFIGS = {
     "preprocess": {"rows": 64, "num_warps": 4},
-    "compression_dq": {"bt": 4, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "compression_dkdv": {"bt": 4, "block_n": 64, "num_warps": 4, "num_stages": 2, "split": 1024, "max_splits": 16},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "compression_dq": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "compression_dkdv": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2, "split": 1024, "max_splits": 16},
+    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
     # Keys per program (32 unit(s) of 1 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 4, "block_n": 32, "num_warps": 4, "num_stages": 2},
-    "window_dq": {"bt": 4, "block_n": 64, "num_warps": 4, "num_stages": 2},
-    "window_dkdv": {"bt": 4, "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "selection_dkdv": {"bq": 4, "block_n": 32, "num_warps": 8, "num_stages": 2},
+    "window_dq": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "window_dkdv": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
     "pool": {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4},
 }
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
@@ -1246,9 +1200,10 @@ def _pool_backward(dkc, x, D, NC, dx, accumulate):
 def _selection_inverse_index(indices, T, tile):
     """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
 
-    Entry e lists a query position qpos[e] that selected a unit inside the tile, with bits[e] the units of the tile it
-    selected (bit u = unit u); the entries of segment (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1],
-    queries ascending. Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
+    Entry e: a query position qpos[e] that selected a unit inside the tile.
+    bits[e]: which of the tile's 32 units it selected (bit u = unit u).
+    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
+    Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
     (padding entries sort to the end, past every offset).
     """
     B = indices.shape[0]
@@ -1315,7 +1270,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _compression_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
         q, kc, vc, gates, dout, lse, dg, dq,
         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
+        vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
         HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["compression_dkdv"]
@@ -1329,7 +1284,8 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
         _compression_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["block_n"]), B * 4, n_split)](
             q, kc, vc, gates, dout, lse, dg, dkc, dvc,
             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(), dvc[0].numel(),
+            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(),
+            dvc[0].numel(),
             ACCUMULATE=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
@@ -1344,7 +1300,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _selection_bwd_dq_kernel[(T, B * 4)](
         q, k_slc, v_slc, gates, dout, lse, dg, dq, indices,
         q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
+        v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
         HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["selection_dkdv"]
@@ -1355,7 +1311,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 4)](
         q, k_slc, v_slc, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
         q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
+        v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
         ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -1364,7 +1320,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _window_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
         q, k_win, v_win, gates, dout, lse, dg, dq,
         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-            v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale,
+        v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale,
         HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     cfg = BACKWARD_CONFIGS["window_dkdv"]
@@ -1374,7 +1330,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _window_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 4, 1)](
         q, k_win, v_win, gates, dout, lse, dg, dk_acc, dv_acc,
         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-            v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
+        v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
         ACCUMULATE=accumulate, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (dq.to(DTYPE),
@@ -1384,8 +1340,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
             grads["v_slc"].to(DTYPE),
             grads["k_win"].to(DTYPE),
             grads["v_win"].to(DTYPE),
-            dgates,
-            )
+            dgates)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""What the generated tests share: devices, tolerances, and one forward check against the float64 reference.
+"""What the generated tests share: devices, tolerances, and the checks against the float64 reference.
 
-Generated test files stay short and readable by calling `check_forward`; the rules it applies (relative error
-against float64, selections checked for validity then fed to the reference, poisoned outputs, fresh random inputs
-with the seed reported on failure) are written once, here.
+Generated test files stay short and readable by calling `check_forward` and `check_backward` (plus the compile,
+layer and determinism checks); the rules they apply (relative error against float64, selections checked for
+validity then fed to the reference, poisoned outputs, fresh random inputs with the seed reported on failure) are
+written once, here.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,7 +322,10 @@ def check_compile(module, spec: Spec, B: int, T: int, *, device: str | None = No
     inputs, dout = _grad_inputs(module, spec, B, T, device, seed)
     fn = _attention_fn(module, spec)
     eager = _forward_backward(fn, spec, inputs, dout)
-    compiled = _forward_backward(torch.compile(fn, fullgraph=fullgraph), spec, inputs, dout)
+    with warnings.catch_warnings():
+        # torch's own first compile imports modules that warn about torch.jit's deprecation: not ours to fix.
+        warnings.filterwarnings("ignore", message=".*torch.jit.*", category=DeprecationWarning)
+        compiled = _forward_backward(torch.compile(fn, fullgraph=fullgraph), spec, inputs, dout)
     for name, a in eager.items():
         b = compiled[name]
         if a is None:
@@ -350,7 +355,9 @@ def check_layer(module, spec: Spec, B: int, T: int, *, hidden: int = 32, device:
             assert p.grad is None, f"the indexer's {name} got a gradient through the attention {where}"
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), f"no finite gradient for {name} {where}"
-        assert p.grad.abs().sum() > 0 or name.startswith("pe_pool_k"), f"zero gradient for {name} {where}"
+        # (pool weights see no gradient while T < l: no complete block is pooled)
+        if name.split(".")[0] in ("q_proj", "kv_proj", "gate_proj", "o_proj"):
+            assert p.grad.abs().sum() > 0, f"zero gradient for {name} {where}"
     layer.zero_grad()
     amp = torch.float16 if module.DTYPE == torch.float16 else torch.bfloat16
     with torch.autocast(device_type=torch.device(device).type, dtype=amp):

@@ -20,7 +20,7 @@ from specgen.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-SPEC_FILES = sorted(SPECS.glob("*.yaml"))
+SPEC_FILES = sorted(p for p in SPECS.glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
 NAMES = [load_spec(p).name for p in SPEC_FILES]
 
 # heads.kv (line 3) does not divide heads.q.

@@ -22,7 +22,7 @@ from specgen.errors import SpecError, UnsupportedSpecError
 from specgen.spec import (FAMILY_DEFAULTS, Spec, field_reference, load_spec, replace, spec_from_mapping,
                           spec_from_yaml)
 
-SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
+SPECS = sorted(p for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
 MARK = "#<"
 
 
