@@ -74,6 +74,65 @@ def dense_forward_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
     return results
 
 
+def dense_training_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
+    """Dense causal SDPA forward+backward on the same shapes (cuDNN; flash with v zero-padded)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.dtype]
+    hq, hkv, dqk, dv = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
+    results = {}
+    for name, backend, vdim in (("cudnn", SDPBackend.CUDNN_ATTENTION, dv), ("flash", SDPBackend.FLASH_ATTENTION, dqk)):
+        q = torch.randn(1, hq, T, dqk, device=device, dtype=dt, requires_grad=True)
+        k = torch.randn(1, hkv, T, dqk, device=device, dtype=dt, requires_grad=True)
+        v = torch.randn(1, hkv, T, vdim, device=device, dtype=dt, requires_grad=True)
+        try:
+            with sdpa_kernel(backend):
+                def run():
+                    out = sdpa(q, k, v, is_causal=True, scale=spec.softmax_scale, enable_gqa=hkv != hq)
+                    out.backward(torch.ones_like(out))
+                run()
+                results[name] = _median_ms(run)
+        except Exception as exc:
+            results[name] = f"unsupported: {str(exc).splitlines()[0][:120]}"
+        del q, k, v
+        torch.cuda.empty_cache()
+    return results
+
+
+def bench_training(spec: Spec, seqlens: list[int], *, dense: bool = True) -> list[dict]:
+    """Forward+backward through the differentiable entry point: median ms, peak memory, dense in the same run."""
+    module = load(spec)
+    fn = getattr(module, f"{spec.family}_attention")
+    rows = []
+    for T in seqlens:
+        gen = torch.Generator(device="cuda").manual_seed(T)
+        inputs = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device="cuda", generator=gen)
+        for name in ("q", "k", "v", "gates") + tuple(n for n in inputs if n.startswith(("k_", "v_"))):
+            if name in inputs:
+                inputs[name].requires_grad_(True)
+
+        def run():
+            out = fn(**inputs)
+            out.backward(torch.ones_like(out))
+
+        run()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        row = {"T": T, "fwd_bwd_ms": _median_ms(run),
+               "extra_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        del inputs
+        torch.cuda.empty_cache()
+        if dense:
+            row["dense"] = dense_training_ms(spec, T)
+            row["speedup"] = {k: v / row["fwd_bwd_ms"] for k, v in row["dense"].items() if isinstance(v, float)}
+        rows.append(row)
+    return rows
+
+
 def bench_forward(spec: Spec, seqlens: list[int], *, regime: str = "random", dense: bool = True) -> list[Row]:
     module = load(spec)
     fn = getattr(module, f"{spec.family}_forward")
@@ -109,7 +168,8 @@ def record(spec: Spec, kind: str, rows: list[Row], *, regime: str, out_dir: Path
         "date": stamp, "commit": _commit(), "torch": torch.__version__,
         "triton": __import__("triton").__version__, "batch": 1, "dtype": spec.dtype, "regime": regime,
         "shapes": {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v]},
-        "timing": "triton.testing.do_bench median, ms", "rows": [asdict(r) for r in rows],
+        "timing": "triton.testing.do_bench median, ms",
+        "rows": [r if isinstance(r, dict) else asdict(r) for r in rows],
     }
     path = out_dir / f"{stamp}_{spec.name}_{kind}.jsonl"
     with path.open("a") as f:

@@ -112,6 +112,14 @@ def cmd_bench(args) -> int:
     from .bench import bench_forward, record, table
 
     for spec in _load_all(args.specs):
+        if args.training:
+            from .bench import bench_training
+
+            rows = bench_training(spec, args.seqlens, dense=not args.no_dense)
+            for r in rows:
+                print(spec.name, r)
+            print(f"recorded in {record(spec, 'fwd_bwd', rows, regime=args.regime, out_dir=Path(args.out))}")
+            continue
         rows = bench_forward(spec, args.seqlens, regime=args.regime, dense=not args.no_dense)
         print(table(spec, rows))
         print(f"recorded in {record(spec, 'forward', rows, regime=args.regime, out_dir=Path(args.out))}")
@@ -129,6 +137,47 @@ def cmd_tune(args) -> int:
         tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir))
     print("run `specgen build` to bake the records into the generated modules")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import default_out, expand, load_sweep, run_sweep
+
+    path = Path(args.sweep)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such sweep file")
+    sweep = load_sweep(path)
+    out = Path(args.out) if args.out else default_out(sweep)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: at least 1")
+    if args.dry_run:
+        points = expand(sweep)
+        for p in points:
+            extra = f"top_k={p.top_k} {p.hash}" if p.status == "valid" else p.reason
+            print(f"{p.index:>4} {p.label:<32} {p.status:<9} {extra}" + (f"  [{'; '.join(p.notes)}]" if p.notes else ""))
+        valid = sum(p.status == "valid" for p in points)
+        print(f"{len(points)} points, {valid} valid; {valid * len(sweep.regimes) * len(sweep.seqlens)} fidelity "
+              f"measurements")
+        return 0
+    if args.report_only:
+        from .report import write_report
+
+        if not (out / "results.jsonl").exists():
+            raise UsageError(f"{out}/results.jsonl: nothing measured yet")
+        print(f"report: {write_report(out, sweep=sweep, points=expand(sweep), plot_format=args.plot_format)['report']}")
+        return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU here (use --device cpu for fidelity only)")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    result = run_sweep(sweep, out, jobs=args.jobs, device=args.device, backend=args.backend, log=log)
+    return 1 if result["errors"] else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -159,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     bn.add_argument("--regime", default="random", choices=["random"], help="input regime (named in the record)")
     bn.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
+    bn.add_argument("--training", action="store_true", help="time forward+backward (the differentiable entry point)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")
     bn.set_defaults(func=cmd_bench)
 
@@ -167,6 +217,21 @@ def parser() -> argparse.ArgumentParser:
     tn.add_argument("--seqlen", type=int, default=32768, help="representative sequence length (default 32768)")
     tn.add_argument("--workdir", default=".specgen-cache/tuning", help="scratch folder for candidate modules")
     tn.set_defaults(func=cmd_tune)
+
+    sw = sub.add_parser("sweep", help="expand a sweep file, build each variant, measure fidelity (and speed on a "
+                        "GPU), and write a report")
+    sw.add_argument("sweep", metavar="SWEEP.yaml", help="a sweep file (specs/*.sweep.yaml)")
+    sw.add_argument("--out", default=None, help="results folder (default: bench/sweeps/<sweep name>)")
+    sw.add_argument("--jobs", "-j", type=int, default=None,
+                    help="parallel workers (default: 1 on a CPU; one per visible GPU with --device cuda)")
+    sw.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: fidelity only; cuda: fidelity and speed, one worker per GPU")
+    sw.add_argument("--backend", default="local", choices=["local", "ray"],
+                    help="local process pool, or Ray tasks (optional: pip install ray; RAY_ADDRESS names a cluster)")
+    sw.add_argument("--dry-run", action="store_true", help="print the expanded grid (invalid points with reasons)")
+    sw.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl")
+    sw.add_argument("--plot-format", default="png", choices=["png", "svg"])
+    sw.set_defaults(func=cmd_sweep)
 
     ls = sub.add_parser("list", help="list the specs in folders (default: specs/)")
     ls.add_argument("folders", nargs="*", metavar="FOLDER")
