@@ -1,0 +1,80 @@
+"""Peak GPU memory of DSA's indexer + top-k and of the distillation loss at growing T (must grow linearly), and
+the sparse attention forward's time and TFLOP/s.
+
+Usage: python bench/dsa_memory.py SPEC [--seqlens 16384 32768 65536] [--json out.jsonl]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import triton
+
+import specgen
+from specgen import reference
+from specgen.testing import spec_of
+
+
+def peak_extra(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec")
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--distill-dense-max", type=int, default=16384, help="longest T for the dense-stage loss")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    mod = specgen.load(args.spec)
+    spec = spec_of(mod)
+    rows = []
+    for T in args.seqlens:
+        gen = torch.Generator(device="cuda").manual_seed(T)
+        x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device="cuda", generator=gen)
+        idx = torch.empty((1, T, spec.heads.kv, spec.selection.top_k), dtype=torch.int32, device="cuda")
+        row = {"T": T}
+        select = lambda: mod._select_by_indexer(x["q_idx"], x["k_idx"], x["w_idx"], idx)  # noqa: E731
+        select()
+        row["indexer_topk_extra_gib"] = peak_extra(select)
+        row["indexer_topk_ms"] = triton.testing.do_bench(select, warmup=3, rep=30, return_mode="median")
+        fwd = lambda: mod.dsa_forward(**x, indices=idx)  # noqa: E731
+        fwd()
+        row["sparse_attention_ms"] = triton.testing.do_bench(fwd, warmup=3, rep=30, return_mode="median")
+        k = spec.selection.top_k
+        attended = sum(min(t + 1, k) for t in range(T))
+        row["sparse_attention_tflops"] = (attended * spec.heads.q * (spec.head_dim.qk + spec.head_dim.v) * 2
+                                          / row["sparse_attention_ms"] / 1e9)
+        if hasattr(mod, "distill_loss"):
+            trained = {n: x[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
+            for stage, indices in (("sparse", idx), ("dense", None)):
+                if stage == "dense" and T > args.distill_dense_max:
+                    continue
+                run = lambda: mod.distill_loss(x["q"], x["k"], **trained, indices=indices).backward()  # noqa: E731
+                run()
+                row[f"distill_{stage}_extra_gib"] = peak_extra(run)
+                row[f"distill_{stage}_fwd_bwd_ms"] = triton.testing.do_bench(run, warmup=1, rep=20,
+                                                                             return_mode="median")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del x, idx
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"kind": "dsa_memory", "spec": spec.name, "spec_hash": spec.hash,
+                                "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                "commit": os.environ.get("SPECGEN_COMMIT", "unknown"), "batch": 1,
+                                "regime": "random (specgen.reference.make_inputs)",
+                                "flops": "sparse attention: sum_t min(t+1,k) * Hq * (d_qk + d_v) * 2",
+                                "rows": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
