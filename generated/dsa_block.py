@@ -99,16 +99,21 @@ def _selection_attention_kernel(
     BT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
-    GP: tl.constexpr = 128
+    GP: tl.constexpr = 64
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    # The group's 128 heads are split over 2 programs of GP rows (wide heads: one tile
+    # of all of them would not fit shared memory).
+    HEAD_CHUNKS: tl.constexpr = 2
+    chunk = pid_bg % HEAD_CHUNKS
+    pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
@@ -380,7 +385,7 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
         indices = torch.empty((B, T, 1, 32), dtype=torch.int32, device=device)
         _select_by_indexer(q_idx, k_idx, w_idx, indices)
     cfg = runtime.launch_config(CONFIGS, "selection")
-    _selection_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 1)](
+    _selection_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 2)](
         q, k, v, gates, acc, out, lse, branch_out, indices,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

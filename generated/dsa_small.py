@@ -103,12 +103,13 @@ def _selection_attention_kernel(
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh

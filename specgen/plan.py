@@ -38,6 +38,7 @@ class AttentionTile:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    head_chunks: int = 1  # programs sharing one (query tile, kv group): each takes GP of the group's heads
 
     @property
     def rows(self) -> int:
@@ -101,10 +102,11 @@ def make_plan(spec: Spec) -> Plan:
         # Wide heads (MLA's 576/512) need narrower key tiles, one pipeline stage and more warps to fit shared memory
         # and registers: K+V tiles of 64 keys at 576+512 dims would need 272 KiB over two stages.
         wide = spec.head_dim.qk + spec.head_dim.v > 512
-        rows = max(MIN_DOT, gp)
+        # Wide heads also cap the rows at 64 heads per program (MLA's 128 heads x 576 dims would need ~340 KiB).
+        rows = min(max(MIN_DOT, gp), 64) if wide else max(MIN_DOT, gp)
         selection = AttentionTile(bt=1, gp=rows, block_n=max(MIN_DOT, unit, (32 if wide else 64) if unit == 1 else unit),
                                   num_warps=8 if rows * spec.head_dim.v >= 16384 else 4,
-                                  num_stages=1 if wide else 2)
+                                  num_stages=1 if wide else 2, head_chunks=-(-g // rows))
         topk_pad = next_pow2(sel.top_k)
         plan_kw["topk_pad"] = topk_pad
         if sel.scorer == "compression":

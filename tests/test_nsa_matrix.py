@@ -80,6 +80,10 @@ VARIANTS = {
                                     "selection.initial": 1, "selection.local": 1}),
     "dsa_mla": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_mla",
                                **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64}),
+    # Wide MLA heads: the group's 128 heads are split over two programs of 64 rows each.
+    "dsa_head_chunks": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_chunks",
+                                       **{"heads.q": 128, "heads.kv": 1, "mla": True, "head_dim.qk": 320,
+                                          "head_dim.v": 256}),
     "nsa_token_block_indexer": lambda: token("block_idx", **{"selection.granularity": "block", "selection.block": 16,
                                                              "selection.top_k": 3, "selection.initial": 1,
                                                              "selection.local": 1}),

@@ -1,0 +1,333 @@
+"""Sweeps (`specgen sweep`): grid expansion with invalid points and their reasons, budget-derived top_k, resuming,
+fidelity metrics on planted cases with known answers, regimes, scorer fitting, and report generation. CPU, fast."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from specgen import fidelity as F
+from specgen import reference
+from specgen.cli import main
+from specgen.spec import spec_from_mapping
+from specgen.sweep import (SweepError, build_task, expand, load_sweep, make_tasks, measure_task, read_records,
+                           run_sweep,
+                           sweep_from_mapping)
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP_FILES = sorted((ROOT / "specs").glob("*.sweep.yaml"))
+
+BASE = {"family": "nsa", "heads": {"q": 4, "kv": 2}, "head_dim": {"qk": 32, "v": 32}, "dtype": "fp16",
+        "kv": "shared", "compression": {"block": 8, "stride": 4},
+        "selection": {"block": 16, "top_k": 4, "initial": 1, "local": 1}, "window": {"size": 16},
+        "max_seqlen": 4096}
+
+
+def small_sweep(**over) -> dict:
+    data = {"name": "tiny", "base": BASE,
+            "axes": {"selection.granularity": ["block", "token"], "selection.block": [8, 16, 12]},
+            "constraints": {"budget": {"tokens": 32}},
+            "when": [{"if": {"selection.granularity": "token"}, "set": {"indexer": {"heads": 2, "head_dim": 16}}}],
+            "seqlens": [64], "batch": 1, "regimes": ["structured", "retrieval"],
+            "fidelity": {"fit_steps": 4, "train_T": 32, "train_batch": 1, "needles": 2}}
+    data.update(over)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Expansion
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_expansion_is_the_cartesian_product_with_budget_derived_top_k():
+    points = expand(sweep_from_mapping(small_sweep()))
+    assert len(points) == 2 * 3                                   # granularity x block (x one budget)
+    by_label = {p.label: p for p in points if p.status == "valid"}
+    assert set(by_label) == {"block_l8_b32", "block_l16_b32", "token_l1_b32"}
+    assert by_label["block_l8_b32"].top_k == 4                    # 32 tokens / blocks of 8
+    assert by_label["block_l16_b32"].top_k == 2
+    token = by_label["token_l1_b32"]
+    assert token.top_k == 32 and token.spec.selection.block == 1 and token.spec.selection.scorer == "indexer"
+    assert token.spec.indexer.heads == 2 and token.spec.indexer.head_dim == 16      # from the `when` rule
+    assert by_label["block_l8_b32"].spec.indexer is None          # the rule applies to token points only
+    assert len({p.hash for p in by_label.values()}) == 3
+    assert all(p.spec.name == f"tiny_{p.label}" for p in by_label.values())
+
+
+def test_invalid_points_keep_the_spec_error_reason_and_duplicates_are_measured_once():
+    points = expand(sweep_from_mapping(small_sweep(axes={"selection.granularity": ["block", "token"],
+                                                          "selection.block": [8, 12], "heads.kv": [2, 3]})))
+    invalid = {p.label: p.reason for p in points if p.status == "invalid"}
+    # 32 tokens in blocks of 12: not a whole number of blocks (the budget's own check).
+    assert "not a whole number of selection blocks of 12" in invalid["block_l12_kv2_b32"]
+    # 4 query heads in 3 kv groups: the spec model's SpecError, field and fix included.
+    assert invalid["block_l8_kv3_b32"].startswith("heads.kv: 4 query heads do not split into 3 equal groups")
+    assert "fix:" in invalid["block_l8_kv3_b32"]
+    dups = [p for p in points if p.status == "duplicate"]
+    # At token granularity selection.block does not apply: l'=12 collapses onto l'=8 (with a note).
+    assert [p.label for p in dups] == ["token_l1_kv2_b32"]
+    assert "same variant as point" in dups[0].reason
+    assert any("does not apply at token granularity" in n for n in dups[0].notes)
+    tasks = make_tasks(sweep_from_mapping(small_sweep()), points, "cpu")
+    assert {t["spec_hash"] for t in tasks} == {p.hash for p in points if p.status == "valid"}
+
+
+def test_budget_list_is_an_axis_and_top_k_cannot_be_given_as_well():
+    points = expand(sweep_from_mapping(small_sweep(constraints={"budget": {"tokens": [32, 64]}})))
+    valid = {p.label: p.top_k for p in points if p.status == "valid"}
+    assert valid["block_l8_b64"] == 8 and valid["token_l1_b64"] == 64
+    with pytest.raises(SweepError, match="derived from the budget"):
+        sweep_from_mapping(small_sweep(axes={"selection.top_k": [2, 4]}))
+
+
+def test_sweep_file_mistakes_name_the_field_and_line(tmp_path):
+    path = tmp_path / "bad.sweep.yaml"
+    path.write_text(textwrap.dedent("""\
+        name: bad
+        base: ../nowhere.yaml
+        axes: {selection.block: [8]}
+    """))
+    with pytest.raises(SweepError, match="base spec"):
+        load_sweep(path)
+    (tmp_path / "b.yaml").write_text("name: b\nfamily: nsa\n")
+    path.write_text("name: bad\nbase: b.yaml\naxes:\n  selection.blok: [8, 16]\n")
+    with pytest.raises(SweepError) as exc:
+        load_sweep(path)
+    assert exc.value.line == 4 and "selection.block" in exc.value.fix
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_committed_sweeps_expand(path):
+    points = expand(load_sweep(path))
+    assert any(p.status == "valid" for p in points)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics on planted cases
+# ---------------------------------------------------------------------------------------------------------------
+
+PLANT = {"name": "plant", "family": "nsa", "heads": {"q": 1, "kv": 1}, "head_dim": {"qk": 16, "v": 16},
+         "kv": "shared", "branches": ["compression", "selection", "window"],
+         "compression": {"block": 8, "stride": 8}, "selection": {"block": 8, "top_k": 1, "initial": 0, "local": 0},
+         "window": {"size": 4}, "max_seqlen": 64}
+
+
+def planted(needle_logit: float) -> tuple:
+    """T=64, one head. Every query is e0; key 10 has logit `needle_logit`, keys 40..47 logit 4, the rest 0. The
+    compression scorer (mean pool over blocks of 8) sees block 1 at needle_logit / 8 and block 5 at 4."""
+    spec = spec_from_mapping(PLANT)
+    T, D = 64, 16
+    scale = spec.softmax_scale
+    q = torch.zeros(1, T, 1, D, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, T, 1, D, dtype=torch.float64)
+    k[0, 10, 0, 0] = needle_logit / scale
+    k[0, 40:48, 0, 0] = 4.0 / scale
+    v = torch.randn(1, T, 1, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    needles = torch.tensor([[0, 63, 0, 10]])
+    return spec, F.Inputs(q, k, v, needles)
+
+
+def test_recall_and_needle_hit_when_the_scorer_finds_the_needle():
+    spec, x = planted(48.0)                                       # block 1 pooled: 6 > 4
+    m = F.fidelity(spec, x, eval_from=63)
+    assert m["recall"] == pytest.approx(1.0, abs=1e-9)
+    assert m["recall_oracle"] == pytest.approx(1.0, abs=1e-9)
+    assert m["needle_hit"] == 1.0 and m["needle_hit_oracle"] == 1.0
+    assert m["needle_mass"] == pytest.approx(1.0, abs=1e-9)
+    assert m["needle_hit_window"] == 0.0 and m["cover_window"] == pytest.approx(0.0, abs=1e-9)
+    assert m["err_selection"] == pytest.approx(0.0, abs=1e-9)     # all the mass is on the selected needle
+    assert m["selected_tokens"] == 8
+
+
+def test_recall_and_needle_hit_when_pooling_hides_the_needle():
+    spec, x = planted(24.0)                                       # block 1 pooled: 3 < 4: block 5 wins
+    m = F.fidelity(spec, x, eval_from=63)
+    assert m["recall"] == pytest.approx(0.0, abs=1e-6)
+    assert m["recall_oracle"] == pytest.approx(1.0, abs=1e-6)
+    assert m["needle_hit"] == 0.0 and m["needle_hit_oracle"] == 1.0
+    assert m["err_selection"] > 0.5
+    assert m["cover_compression"] == pytest.approx(1.0, abs=1e-9)  # the needle's block is pooled and visible
+
+
+def test_token_oracle_takes_the_heaviest_tokens():
+    spec = spec_from_mapping({**PLANT, "selection": {"granularity": "token", "top_k": 2, "scorer": "indexer"},
+                              "indexer": {"heads": 1, "head_dim": 16}})
+    mass = torch.zeros(1, 4, 1, 4, dtype=torch.float64)
+    mass[0, 3, 0] = torch.tensor([0.1, 0.5, 0.0, 0.4])
+    idx = F.oracle_indices(spec, mass)
+    assert idx[0, 3, 0].tolist() == [1, 3]
+    assert idx[0, 0, 0].tolist() == [0, -1]                      # one visible token: padding
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regimes and fitting
+# ---------------------------------------------------------------------------------------------------------------
+
+def _spec_token():
+    return spec_from_mapping({**BASE, "name": "t", "selection": {"granularity": "token", "top_k": 16,
+                                                                 "scorer": "indexer"},
+                              "indexer": {"heads": 2, "head_dim": 16}})
+
+
+def test_regimes_have_the_structure_they_claim():
+    spec = _spec_token()
+    train, ev = F.splits(spec, "retrieval", 256, batch=2, train_batch=1, n_needles=8)
+    again = F.splits(spec, "retrieval", 256, batch=2, train_batch=1, n_needles=8)[1]
+    assert torch.equal(ev.q, again.q) and torch.equal(ev.needles, again.needles)   # same eval for every variant
+    assert not torch.equal(train(0).q, train(1).q)                                # fresh training draws
+    d = F.dense_attention(spec, ev)
+    b, t, g, s = ev.needles.unbind(-1)
+    assert ((t - s) >= 256 // 4).all()                                              # far beyond the window
+    assert float(d.mass[b, t, g, s].mean()) > 0.1                                   # probes do find their needle
+    x = F.make_regime("structured", B=1, T=256, seed=1, **F.shapes_of(spec))
+    mass = F.dense_attention(spec, x).mass[:, 128:]
+    assert float(mass[..., 0].mean()) > 0.02                                        # a sink
+    local = torch.stack([torch.diagonal(mass[0, :, g], offset=128) for g in range(2)])
+    assert float(local.mean()) > 0.02                                               # attention to itself
+
+
+def test_fitting_the_indexer_lowers_the_held_out_distillation_loss():
+    spec = _spec_token()
+    train, ev = F.splits(spec, "structured", 128, batch=1, train_batch=2, train_T=64)
+    init, fitted, log = F.fit_indexer(spec, train, ev, steps=40, lr=2e-2)
+    assert log["eval_loss_fitted"] < log["eval_loss_unfitted"]
+    assert "fresh draws" in log["how"]
+    # The fitting loss with a precomputed target is the reference distillation loss.
+    x = train(0)
+    m = F.IndexerMap(spec).double()
+    target = reference.distill_target(spec, x.q, x.k).transpose(1, 2)
+    T = x.q.shape[1]
+    pos = torch.arange(T)
+    bias = torch.zeros(T, T, dtype=torch.float64).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    entropy = float((target * torch.log(torch.where(target > 0, target, torch.ones_like(target)))).sum(-1).mean())
+    with torch.no_grad():
+        ours = F._target_kl(spec, m, x.q, x.k, target, bias, entropy)
+        theirs = reference.distill_loss(spec, x.q, x.k, **m.inputs(x.q, x.k))
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-9)
+
+
+def test_fitting_a_linear_pool_starts_at_mean_pooling_and_improves():
+    spec = spec_from_mapping({**BASE, "name": "lp", "compression": {"block": 8, "stride": 4, "pool": "linear"}})
+    train, ev = F.splits(spec, "structured", 64, batch=1, train_batch=1)
+    x = train(0)
+    mean = F.fidelity(spec_from_mapping({**BASE, "name": "lp"}), x, eval_from=0)
+    same = F.fidelity(spec, x, F.Fitted(pool=F.mean_pool_init(spec, x.q)), eval_from=0)
+    assert same["err_compression"] == pytest.approx(mean["err_compression"], rel=1e-9)   # the init is mean pooling
+    pool, log = F.fit_pool(spec, train, steps=15, lr=1e-2)
+    assert log["train_loss_last"] < log["train_loss_first"]
+    unfitted, fitted = F.fit_scorers(spec, train, ev, steps=6)
+    assert fitted.log["fitted"] == ["linear pool"] and fitted.pool is not None and unfitted.pool is None
+
+
+def test_captured_qkv_file_is_a_regime(tmp_path):
+    spec = spec_from_mapping({**BASE, "name": "c"})
+    g = torch.Generator().manual_seed(0)
+    torch.save({"q": torch.randn(2, 64, 4, 32, generator=g), "k": torch.randn(2, 64, 2, 32, generator=g),
+                "v": torch.randn(2, 64, 2, 32, generator=g)}, tmp_path / "cap.pt")
+    train, ev = F.splits(spec, "file:cap.pt", 64, batch=1, train_batch=1, base_dir=tmp_path)
+    assert train(0).q.shape == (1, 64, 4, 32) and ev.q.shape == (1, 64, 4, 32)
+    assert F.evaluate_variant(spec, "file:cap.pt", 64, base_dir=tmp_path)["metrics"]["T"] == 64
+    other = spec_from_mapping({**BASE, "name": "c", "heads": {"q": 4, "kv": 1}})
+    with pytest.raises(ValueError, match="Hkv"):
+        F.check_shapes(other, ev)
+    # In a sweep: one measurement per variant, recorded at the file's length.
+    sweep = sweep_from_mapping(small_sweep(regimes=["file:cap.pt"], axes={"selection.block": [8]}),
+                               path=tmp_path / "s.sweep.yaml")
+    run_sweep(sweep, tmp_path / "out", build=False, log=lambda s: None)
+    (rec,) = [r for r in read_records(tmp_path / "out" / "results.jsonl") if r["part"] == "fidelity"]
+    assert rec["status"] == "ok" and rec["seqlen"] == 64 and rec["key"].endswith("|file:cap.pt|0|fidelity")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running, resuming, reporting
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_run_resumes_and_reports(tmp_path, monkeypatch):
+    sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"]))
+    lines = []
+    first = run_sweep(sweep, tmp_path, build=False, log=lines.append)
+    assert first["ran"] == 3 and first["errors"] == 0            # 3 valid variants x 1 regime x 1 seqlen
+    records = read_records(tmp_path / "results.jsonl")
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) == 3 and all(r["part"] == "fidelity" for r in ok)
+    assert all(r["speed"] == "no GPU" for r in records if r["part"] == "speed")
+    assert any(line.startswith("[  3/3]") for line in lines)      # progress
+    token = next(r for r in ok if r["label"] == "token_l1_b32")
+    assert token["scorer"] == "fitted indexer" and "recall" in token["unfitted"]
+
+    # A torn last line (an interrupted append) is ignored; nothing finished is measured again.
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write('{"key": "torn')
+    calls = []
+    monkeypatch.setattr("specgen.sweep.measure_task", lambda t: calls.append(t) or {})
+    second = run_sweep(sweep, tmp_path, build=False, log=lambda s: None)
+    assert second["ran"] == 0 and calls == []
+
+    report = (tmp_path / "report.md").read_text()
+    assert "## Headline" in report and "token_l1_b32" in report and "block_l8_b32" in report
+    assert "not a whole number of selection blocks of 12" in report           # the invalid point and its reason
+    assert "no GPU" in report
+    assert "Granularity at equal budget" in report                            # the computed verdict
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["fidelity"]) == 3 and {p["status"] for p in data["points"]} == {"valid", "invalid", "duplicate"}
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("part,") and csv_text.count("\nfidelity,") == 3
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0
+        assert (tmp_path / "plots" / "axes.png").exists()
+    else:
+        assert "matplotlib is not installed" in report
+
+
+def test_build_task_loads_a_variant_and_reports_failures(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    point = next(p for p in expand(sweep_from_mapping(small_sweep())) if p.status == "valid")
+    done = build_task(point.spec.to_dict())
+    assert done["ok"] and done["hash"] == point.hash
+    bad = build_task({**point.spec.to_dict(), "heads": {"q": 4, "kv": 3}})
+    assert not bad["ok"] and bad["error"].startswith("heads.kv")
+
+
+def test_speed_on_a_cpu_is_recorded_as_no_gpu():
+    sweep = sweep_from_mapping(small_sweep())
+    task = next(t for t in make_tasks(sweep, expand(sweep), "cpu") if t["part"] == "speed")
+    rec = measure_task(task)
+    assert rec["status"] == "skipped" and rec["speed"] == "no GPU"
+
+
+def test_cli_dry_run_and_errors(tmp_path, capsys):
+    path = tmp_path / "s.sweep.yaml"
+    sweep = small_sweep()
+    path.write_text(json.dumps(sweep))                            # JSON is YAML
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "block_l12_b32" in out and "invalid" in out and "6 points, 3 valid" in out
+    path.write_text(json.dumps({**sweep, "axes": {"selection.blok": [8]}}))
+    assert main(["sweep", str(path)]) == 2
+    assert "did you mean `selection.block`" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.parametrize("granularity", ["block", "token"])
+def test_speed_plumbing_runs_the_generated_forward_and_backward(tmp_path, monkeypatch, granularity):
+    """The GPU timing path, under the interpreter with the timers replaced by one call: the regime's inputs reach the
+    generated forward (out=) and the differentiable entry point (backward), an indexer is fitted first."""
+    import triton
+
+    from specgen import bench
+    from specgen.sweep import measure_speed
+
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 2.0)[1])
+    sweep = sweep_from_mapping(small_sweep())
+    point = next(p for p in expand(sweep) if p.status == "valid"
+                 and p.spec.selection.granularity == granularity)
+    row = measure_speed(point.spec, "structured", 32, {"dense": False, "backward": True},
+                        {**sweep.fidelity, "fit_steps": 2}, device="cpu")
+    assert row["forward_ms"] == 1.0 and row["fwd_bwd_ms"] == 2.0 and row["forward_flops"] > 0
