@@ -31,6 +31,7 @@ def main():
     ap.add_argument("spec")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--distill-dense-max", type=int, default=16384, help="longest T for the dense-stage loss")
+    ap.add_argument("--no-distill", action="store_true", help="skip the distillation loss")
     ap.add_argument("--json")
     args = ap.parse_args()
     mod = specgen.load(args.spec)
@@ -52,7 +53,7 @@ def main():
         attended = sum(min(t + 1, k) for t in range(T))
         row["sparse_attention_tflops"] = (attended * spec.heads.q * (spec.head_dim.qk + spec.head_dim.v) * 2
                                           / row["sparse_attention_ms"] / 1e9)
-        if hasattr(mod, "distill_loss"):
+        if hasattr(mod, "distill_loss") and not args.no_distill:
             trained = {n: x[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
             for stage, indices in (("sparse", idx), ("dense", None)):
                 if stage == "dense" and T > args.distill_dense_max:
