@@ -236,8 +236,6 @@ def _radix_topk_kernel(WS, IDX, T, q0, QC, WS_ROW):
         # Fewer candidates than k: all of them, in order, -1 padding.
         tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
     else:
-        # -1 first: a row the select below cannot fill (non-finite scores) stays valid padding.
-        tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=slot < TOP_K)
         ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
         bins = tl.arange(0, 256)
         prefix = tl.zeros([], dtype=tl.int64)
@@ -274,6 +272,8 @@ def _radix_topk_kernel(WS, IDX, T, q0, QC, WS_ROW):
             tl.store(out_row + pos, s, mask=take)
             taken += tl.sum(take.to(tl.int32), axis=0)
             ties += tl.sum(equal.to(tl.int32), axis=0)
+        # Slots the select could not fill (only with non-finite scores) become padding, not stale memory.
+        tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=(slot >= taken) & (slot < TOP_K))
 
 
 @triton.jit
