@@ -112,7 +112,7 @@ def _selection_attention_kernel(
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -196,7 +196,7 @@ def _index_scores_kernel(
         t = t_lo + rows // HP
         ihead = g * IDX_HEADS + rows % HP
         row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
-        qi = tl.load(QI + b * stride_qb + t[:, None] * stride_qt + ihead[:, None] * stride_qh
+        qi = tl.load(QI + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
                      + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
         wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
         keys = s0 + tl.arange(0, BS)
@@ -429,7 +429,7 @@ def _selection_bwd_dq_kernel(
     row_ok = (t < T) & (rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
@@ -511,7 +511,7 @@ def _selection_bwd_dkdv_kernel(
         t = tl.load(QPOS + e, mask=e_ok, other=0)
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
         # The query's own block runs past it: only keys s <= t.
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         # 32 units per tile: bit u of the entry says whether the query selected unit u of it.

@@ -161,7 +161,7 @@ def _compression_attention_kernel(
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
 
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -238,7 +238,7 @@ def _selection_attention_kernel(
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
 
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
@@ -327,7 +327,7 @@ def _select_blocks_kernel(
     t = t_lo + rows // GP
     head = g * GROUP + rows % GP
     row_ok = (t < T) & (rows % GP < GROUP)
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
 
     lse2 = tl.load(LSE + ((b * T + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
@@ -543,7 +543,7 @@ def _compression_bwd_dq_kernel(
     row_ok = (t < T) & (rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
@@ -621,7 +621,7 @@ def _compression_bwd_dkdv_kernel(
         t = t0 + rows // GP
         head = g * GROUP + rows % GP
         row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
         visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -678,7 +678,7 @@ def _selection_bwd_dq_kernel(
     row_ok = (t < T) & (rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     row_index = (b * T + t) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
@@ -760,7 +760,7 @@ def _selection_bwd_dkdv_kernel(
         t = tl.load(QPOS + e, mask=e_ok, other=0)
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t * stride_qt + head * stride_qh
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
         # The query's own block runs past it: only keys s <= t.
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
