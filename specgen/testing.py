@@ -59,6 +59,29 @@ class ForwardReport:
     selection_ok: bool
 
 
+@dataclass
+class RandomCase:
+    """Fresh random inputs of one check: the kernel's (spec dtype, on the device) and the float64 copies the
+    reference sees (exactly the rounded values the kernel sees), with the seed that reproduces them."""
+    inputs: dict
+    exact: dict
+    gen: torch.Generator
+    seed: int
+    where: str
+
+
+def random_case(module, spec: Spec, B: int, T: int, device: str | None, seed: int | None, what: str = "") -> RandomCase:
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    label = f"{what}, " if what else ""
+    where = (f"[spec {spec.name}, {label}B={B}, T={T}, device={device}, seed={seed} "
+             f"(SPECGEN_TEST_SEED={seed} reproduces)]")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
+    inputs = {k: v.to(device=device, dtype=module.DTYPE) for k, v in inputs64.items()}
+    return RandomCase(inputs, {k: v.to(torch.float64) for k, v in inputs.items()}, gen, seed, where)
+
+
 def check_forward(module, spec: Spec, B: int, T: int, *, device: str | None = None, seed: int | None = None,
                   query_chunk: int | None = None) -> ForwardReport:
     """Run the generated forward on random inputs and assert it matches the float64 reference.
@@ -67,14 +90,8 @@ def check_forward(module, spec: Spec, B: int, T: int, *, device: str | None = No
     tolerance, forced blocks, no duplicates, padding), then fed to the reference, whose output must match.
     """
     device = device or test_device()
-    seed = fresh_seed() if seed is None else seed
-    where = f"[spec {spec.name}, B={B}, T={T}, device={device}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]"
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
-    dtype = module.DTYPE
-    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs64.items()}
-    # The reference sees exactly the rounded values the kernel sees.
-    exact = {k: v.to(torch.float64) for k, v in inputs.items()}
+    case = random_case(module, spec, B, T, device, seed)
+    inputs, exact, where, seed, dtype = case.inputs, case.exact, case.where, case.seed, module.DTYPE
     out = torch.full((B, T, spec.heads.q, spec.head_dim.v), float("nan"), dtype=dtype, device=device)
     result = module.__dict__[f"{spec.family}_forward"](**inputs, out=out, return_lse=True,
                                                       return_indices=spec.selection is not None)
@@ -221,13 +238,8 @@ def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = N
     """Run the generated forward and backward on random inputs; every gradient must match the float64 reference's
     autograd (fed the kernel's selection) in relative error, and be finite."""
     device = device or test_device()
-    seed = fresh_seed() if seed is None else seed
-    where = f"[spec {spec.name}, B={B}, T={T}, device={device}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]"
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
-    dtype = module.DTYPE
-    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs64.items()}
-    exact = {k: v.to(torch.float64) for k, v in inputs.items()}
+    case = random_case(module, spec, B, T, device, seed)
+    inputs, exact, where, seed, gen, dtype = case.inputs, case.exact, case.where, case.seed, case.gen, module.DTYPE
     names = differentiable_inputs(spec)
     for n in names:
         inputs[n].requires_grad_(True)
@@ -278,11 +290,9 @@ def backward_cases(spec: Spec, cpu_seqlens: list[int], cpu_batch: int) -> list[t
 
 
 def _grad_inputs(module, spec: Spec, B: int, T: int, device: str, seed: int):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
-    inputs = {k: v.to(device=device, dtype=module.DTYPE) for k, v in inputs64.items()}
-    dout = torch.randn(B, T, spec.heads.q, spec.head_dim.v, generator=gen, dtype=torch.float64)
-    return inputs, dout.to(device=device, dtype=module.DTYPE)
+    case = random_case(module, spec, B, T, device, seed)
+    dout = torch.randn(B, T, spec.heads.q, spec.head_dim.v, generator=case.gen, dtype=torch.float64)
+    return case.inputs, dout.to(device=device, dtype=module.DTYPE)
 
 
 def _forward_backward(fn, spec: Spec, inputs: dict, dout: torch.Tensor) -> dict:
@@ -376,13 +386,8 @@ def check_distill(module, spec: Spec, B: int, T: int, stage: str, *, device: str
     """The generated distillation loss and its gradients (q_idx, k_idx, w_idx) against the float64 reference.
 
     The sparse stage uses the module's own top-k indices (a valid selection, checked by check_forward)."""
-    device = device or test_device()
-    seed = fresh_seed() if seed is None else seed
-    where = f"[spec {spec.name}, {stage}, B={B}, T={T}, device={device}, seed={seed}]"
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    inputs64 = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu", generator=gen)
-    dtype = module.DTYPE
-    inputs = {k: v.to(device=device, dtype=dtype) for k, v in inputs64.items()}
+    case = random_case(module, spec, B, T, device, seed, what=stage)
+    inputs, where, gen, dtype = case.inputs, case.where, case.gen, module.DTYPE
     indices = None
     if stage == "sparse":
         _, indices = module.__dict__[f"{spec.family}_forward"](**inputs, return_indices=True)

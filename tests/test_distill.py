@@ -42,15 +42,6 @@ WIDE_K = dict(hq=4, hkv=2, qk=32, idx_heads=2, idx_dim=16, top_k=24)
 SHAPES = {"gqa": GQA, "mqa": MQA, "group3": GROUP3, "wide_k": WIDE_K}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only spin. One thread for this module, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spec_of(shape: str, dtype: str = "fp32"):
     return dsa_spec(f"distill_{shape}", dtype=dtype, **SHAPES[shape])
 

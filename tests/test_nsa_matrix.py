@@ -21,13 +21,10 @@ from specgen import runtime
 from specgen import reference as R
 from specgen import testing
 from specgen.reference._core import query_positions, top_units
+from small_specs import small_token_spec
 from specgen.spec import Spec, load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # GQA 4/2, d 48/32, fp16, l=8 d=4 l'=16, top_k 4 (1+1 forced), w=16
-TOKEN_FILE = load_spec("specs/nsa_token.yaml")
-TOKEN_SMALL = {"heads.q": 4, "heads.kv": 2, "head_dim.qk": 32, "head_dim.v": 32, "selection.top_k": 8,
-               "indexer.heads": 2, "indexer.head_dim": 16, "compression.block": 8, "compression.stride": 4,
-               "window.size": 16, "max_seqlen": 4096}
 
 
 def small(name: str, **changes) -> Spec:
@@ -35,7 +32,7 @@ def small(name: str, **changes) -> Spec:
 
 
 def token(name: str, **changes) -> Spec:
-    return replace(TOKEN_FILE, name=f"nsa_token_{name}", **{**TOKEN_SMALL, **changes})
+    return small_token_spec(f"nsa_token_{name}", **changes)
 
 
 # Each variant is built lazily (a lambda), so a spec the validator refuses fails its own test only.
@@ -117,15 +114,6 @@ def _specgen_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPECGEN_CACHE", str(tmp_path_factory.mktemp("specgen_cache")))
         yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: torch's intra-op threads only spin. One thread for this module, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("which", ["short", "long"])

@@ -40,16 +40,6 @@ SPECS = {
 TS = [1, 7, 37, 70]     # at 1 and 7 every t <= 6 < l - 1 sees no compressed block; 37, 70 divide by none of 4, 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with torch's intra-op threads, a loaded machine spends 50x longer spinning than
-    computing. One thread for this module, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def inputs_for(spec, B, T, seed=0):
     return R.make_inputs(spec, B, T, generator=torch.Generator().manual_seed(seed))
 
