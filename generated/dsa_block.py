@@ -436,17 +436,22 @@ def _selection_bwd_dq_kernel(
     T, NKEYS, sm_scale,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    GP: tl.constexpr = 128
+    GP: tl.constexpr = 32
     ROWS: tl.constexpr = BT * GP
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    # The group's 128 heads are split over 4 programs of GP rows (wide heads: one tile of all
+    # of them would not fit shared memory); each head's dq is independent.
+    HEAD_CHUNKS: tl.constexpr = 4
+    chunk = pid_bg % HEAD_CHUNKS
+    pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
@@ -471,12 +476,13 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
-    for u0 in range(0, n_units, UNITS_PER_TILE):
-        n = tl.arange(0, BLOCK_N)
-        slot = u0 + n // UNIT
+    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
+    # part of one.
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
         unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + n % UNIT
+        keys = unit * UNIT + f % UNIT
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
@@ -515,7 +521,7 @@ def _selection_bwd_dkdv_kernel(
     T, NKEYS, sm_scale,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    GP: tl.constexpr = 128
+    GP: tl.constexpr = 16
     ROWS: tl.constexpr = BQ * GP
     CHANNEL: tl.constexpr = 0
     pid_n = tl.program_id(0)
@@ -536,40 +542,44 @@ def _selection_bwd_dkdv_kernel(
     seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
+    # The group's 128 heads go by GP per trip of an inner loop (wide heads: all of them would not fit
+    # shared memory), accumulating into the same dK/dV registers in a fixed order.
+    HEAD_CHUNKS: tl.constexpr = 8
     for e0 in range(start, end, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
         e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        head = g * GROUP + rows % GP
-        row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
-        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
-        q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-        row_index = (b * T + t) * HQ + head
-        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
-        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        gate = tl.where(row_ok, 1.0, 0.0)
-        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
-        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dv0 += _pv(pt, do0, WIDEN)
-        dk0 += _pv(dst, q0, WIDEN)
-        dk1 += _pv(dst, q1, WIDEN)
+        for chunk in range(0, HEAD_CHUNKS):
+            head = g * GROUP + chunk * GP + rows % GP
+            row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
+            q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+            # The query's own block runs past it: only keys s <= t.
+            visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+            row_index = (b * T + t) * HQ + head
+            lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+            # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            gate = tl.where(row_ok, 1.0, 0.0)
+            # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+            delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+            do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            ds = p * (dp - delta[:, None])
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 512)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -590,9 +600,9 @@ def _selection_bwd_dkdv_kernel(
 # hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
 BACKWARD_CONFIGS = {
     "preprocess": {"rows": 16, "num_warps": 4},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "selection_dq": {"bt": 1, "block_n": 32, "num_warps": 8, "num_stages": 1},
     # Keys per program (1 unit(s) of 64 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "selection_dkdv": {"bq": 1, "block_n": 64, "num_warps": 8, "num_stages": 1},
 }
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", )
@@ -656,7 +666,7 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
 
     # selection branch
     cfg = BACKWARD_CONFIGS["selection_dq"]
-    _selection_bwd_dq_kernel[(T, B * 1)](
+    _selection_bwd_dq_kernel[(T, B * 1 * 4)](
         q, k, v, gates, dout, lse, dg, dq, indices,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,

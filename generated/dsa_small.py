@@ -421,12 +421,13 @@ def _selection_bwd_dq_kernel(
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
@@ -449,12 +450,13 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
-    for u0 in range(0, n_units, UNITS_PER_TILE):
-        n = tl.arange(0, BLOCK_N)
-        slot = u0 + n // UNIT
+    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
+    # part of one.
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
         unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + n % UNIT
+        keys = unit * UNIT + f % UNIT
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
@@ -509,14 +511,15 @@ def _selection_bwd_dkdv_kernel(
         e = e0 + rows // GP
         e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        head = g * GROUP + rows % GP
-        row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         # 32 units per tile: bit u of the entry says whether the query selected unit u of it.
         bits = tl.load(BITS + e, mask=e_ok, other=0)
         unit_of_key = tl.arange(0, BLOCK_N) // UNIT
+        chunk = 0
+        head = g * GROUP + chunk * GP + rows % GP
+        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+        # The query's own block runs past it: only keys s <= t.
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -877,9 +880,10 @@ def _distill_fwd_dense_kernel(
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
     stores it in LSE_OUT for the backward)."""
     BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 4     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 2     # indexer heads of the kv group, padded
     BS: tl.constexpr = 64     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -892,10 +896,12 @@ def _distill_fwd_dense_kernel(
     t_hi = tl.minimum(t_lo + BT, T) - 1
     mrows = tl.arange(0, BT * GP)
     mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
     q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
 
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
@@ -918,8 +924,9 @@ def _distill_fwd_dense_kernel(
             key_ok = keys <= t_hi
 
             k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
             k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
             s += _dot(q0, tl.trans(k0), WIDEN)
             mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
@@ -939,8 +946,9 @@ def _distill_fwd_dense_kernel(
         key_ok = keys <= t_hi
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
@@ -985,9 +993,10 @@ def _distill_dq_dense_kernel(
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
     BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 4     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 2     # indexer heads of the kv group, padded
     BS: tl.constexpr = 64     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1000,12 +1009,14 @@ def _distill_dq_dense_kernel(
     t_hi = tl.minimum(t_lo + BT, T) - 1
     mrows = tl.arange(0, BT * GP)
     mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
     q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
     lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -1030,8 +1041,9 @@ def _distill_dq_dense_kernel(
         key_ok = keys <= t_hi
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
@@ -1068,9 +1080,10 @@ def _distill_dk_dense_kernel(
 ):
     """dk_I[s] = scale * sum_t sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j], recomputing p and I per query tile."""
     BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 4     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 4     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 2     # indexer heads of the kv group, padded
     BS: tl.constexpr = 64     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1090,12 +1103,14 @@ def _distill_dk_dense_kernel(
     for t_lo in range((pid_t * BS // BT) * BT, T, BT):
         mrows = tl.arange(0, BT * GP)
         mt = t_lo + mrows // GP
-        head = g * GROUP + mrows % GP
-        mrow_ok = (mt < T) & (mrows % GP < GROUP)
+        hh = 0 * GP + mrows % GP
+        head = g * GROUP + hh
+        mrow_ok = (mt < T) & (hh < GROUP)
         q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
         lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
         irows = tl.arange(0, BT * HP)
         it = t_lo + irows // HP
         ihead = g * IDX_HEADS + irows % HP
@@ -1147,9 +1162,10 @@ def _distill_fwd_sparse_kernel(
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
     stores it in LSE_OUT for the backward)."""
     BT: tl.constexpr = 1
-    GP: tl.constexpr = 16    # main heads padded to >= 16 rows (one query position per program)
+    GP: tl.constexpr = 16    # main heads per head chunk, padded to >= 16 rows (one query position per program)
     HP: tl.constexpr = 16    # indexer heads padded to >= 16 rows
     BS: tl.constexpr = 16    # selected keys per trip
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1165,10 +1181,12 @@ def _distill_fwd_sparse_kernel(
 
     mrows = tl.arange(0, BT * GP)
     mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
     q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
 
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
@@ -1193,8 +1211,9 @@ def _distill_fwd_sparse_kernel(
             keys = tl.where(key_ok, keys, 0)
 
             k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
             k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
             s += _dot(q0, tl.trans(k0), WIDEN)
             mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
@@ -1216,8 +1235,9 @@ def _distill_fwd_sparse_kernel(
         keys = tl.where(key_ok, keys, 0)
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
@@ -1262,9 +1282,10 @@ def _distill_dq_sparse_kernel(
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
     BT: tl.constexpr = 1
-    GP: tl.constexpr = 16    # main heads padded to >= 16 rows (one query position per program)
+    GP: tl.constexpr = 16    # main heads per head chunk, padded to >= 16 rows (one query position per program)
     HP: tl.constexpr = 16    # indexer heads padded to >= 16 rows
     BS: tl.constexpr = 16    # selected keys per trip
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1280,12 +1301,14 @@ def _distill_dq_sparse_kernel(
 
     mrows = tl.arange(0, BT * GP)
     mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
     q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
     lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -1312,8 +1335,9 @@ def _distill_dq_sparse_kernel(
         keys = tl.where(key_ok, keys, 0)
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         s += _dot(q0, tl.trans(k0), WIDEN)
         mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 

@@ -422,17 +422,22 @@ def _selection_bwd_dq_kernel(
     T, NKEYS, sm_scale,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    GP: tl.constexpr = 128
+    GP: tl.constexpr = 32
     ROWS: tl.constexpr = BT * GP
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    # The group's 128 heads are split over 4 programs of GP rows (wide heads: one tile of all
+    # of them would not fit shared memory); each head's dq is independent.
+    HEAD_CHUNKS: tl.constexpr = 4
+    chunk = pid_bg % HEAD_CHUNKS
+    pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
@@ -457,12 +462,13 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
-    for u0 in range(0, n_units, UNITS_PER_TILE):
-        n = tl.arange(0, BLOCK_N)
-        slot = u0 + n // UNIT
+    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
+    # part of one.
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
         unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + n % UNIT
+        keys = unit * UNIT + f % UNIT
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
@@ -501,7 +507,7 @@ def _selection_bwd_dkdv_kernel(
     T, NKEYS, sm_scale,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    GP: tl.constexpr = 128
+    GP: tl.constexpr = 32
     ROWS: tl.constexpr = BQ * GP
     CHANNEL: tl.constexpr = 0
     pid_n = tl.program_id(0)
@@ -522,44 +528,48 @@ def _selection_bwd_dkdv_kernel(
     seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
+    # The group's 128 heads go by GP per trip of an inner loop (wide heads: all of them would not fit
+    # shared memory), accumulating into the same dK/dV registers in a fixed order.
+    HEAD_CHUNKS: tl.constexpr = 4
     for e0 in range(start, end, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
         e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        head = g * GROUP + rows % GP
-        row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         # 32 units per tile: bit u of the entry says whether the query selected unit u of it.
         bits = tl.load(BITS + e, mask=e_ok, other=0)
         unit_of_key = tl.arange(0, BLOCK_N) // UNIT
-        visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
-        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
-        q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-        row_index = (b * T + t) * HQ + head
-        lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
-        # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        gate = tl.where(row_ok, 1.0, 0.0)
-        # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
-        delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dv0 += _pv(pt, do0, WIDEN)
-        dk0 += _pv(dst, q0, WIDEN)
-        dk1 += _pv(dst, q1, WIDEN)
+        for chunk in range(0, HEAD_CHUNKS):
+            head = g * GROUP + chunk * GP + rows % GP
+            row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
+            q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+            # The query's own block runs past it: only keys s <= t.
+            visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+            visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+            row_index = (b * T + t) * HQ + head
+            lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+            # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            gate = tl.where(row_ok, 1.0, 0.0)
+            # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+            delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+            do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            ds = p * (dp - delta[:, None])
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 512)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -580,9 +590,9 @@ def _selection_bwd_dkdv_kernel(
 # hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
 BACKWARD_CONFIGS = {
     "preprocess": {"rows": 16, "num_warps": 4},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "selection_dq": {"bt": 1, "block_n": 32, "num_warps": 8, "num_stages": 1},
     # Keys per program (32 unit(s) of 1 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 1, "block_n": 32, "num_warps": 8, "num_stages": 2},
+    "selection_dkdv": {"bq": 1, "block_n": 32, "num_warps": 8, "num_stages": 1},
 }
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", )
@@ -659,7 +669,7 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
 
     # selection branch
     cfg = BACKWARD_CONFIGS["selection_dq"]
-    _selection_bwd_dq_kernel[(T, B * 1)](
+    _selection_bwd_dq_kernel[(T, B * 1 * 4)](
         q, k, v, gates, dout, lse, dg, dq, indices,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
@@ -901,9 +911,10 @@ def _distill_fwd_dense_kernel(
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
     stores it in LSE_OUT for the backward)."""
     BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 128     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 64     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 64     # indexer heads of the kv group, padded
     BS: tl.constexpr = 64     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 2   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -914,14 +925,6 @@ def _distill_fwd_dense_kernel(
 
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    mrows = tl.arange(0, BT * GP)
-    mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
-    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
-
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -934,29 +937,44 @@ def _distill_fwd_dense_kernel(
 
     qk_scale = sm_scale * LOG2E
     if HAS_LSE:
-        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+        LSE_SRC = LSE
     else:
-        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-        l_h = tl.zeros([BT * GP], dtype=tl.float32)
-        for s0 in range(0, t_hi + 1, BS):
-            keys = s0 + tl.arange(0, BS)
-            key_ok = keys <= t_hi
+        LSE_SRC = LSE_OUT
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
-            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
-            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-            s += _dot(q0, tl.trans(k0), WIDEN)
-            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-            s += _dot(q1, tl.trans(k1), WIDEN)
-            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-            sm = tl.where(mvis, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
-            m_h = m_new
-        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
-        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+            m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+            l_h = tl.zeros([BT * GP], dtype=tl.float32)
+            for s0 in range(0, t_hi + 1, BS):
+                keys = s0 + tl.arange(0, BS)
+                key_ok = keys <= t_hi
+
+                k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+                k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+                k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+                s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+                s += _dot(q0, tl.trans(k0), WIDEN)
+                s += _dot(q1, tl.trans(k1), WIDEN)
+                mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+                sm = tl.where(mvis, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+                m_h = m_new
+            lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+            tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+        # The chunks below read back what this program's threads stored.
+        tl.debug_barrier()
     m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT], dtype=tl.float32)
     kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
@@ -966,15 +984,31 @@ def _distill_fwd_dense_kernel(
         key_ok = keys <= t_hi
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
         k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        # p = mean over the group's heads of exp(logit - lse), summed over head chunks of GP rows (wide heads: all the
+        # group's q rows would not fit shared memory); each head's softmax over the support.
+        p = tl.zeros([BT, BS], dtype=tl.float32)
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+            lse2 = tl.load(LSE_SRC + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            p += tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1)
+        p = p * (1.0 / GROUP)
         ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
                      mask=key_ok[:, None], other=0.0)
         a = _dot(qi, tl.trans(ki), WIDEN)
@@ -1014,9 +1048,10 @@ def _distill_dq_dense_kernel(
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
     BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 128     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 64     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 64     # indexer heads of the kv group, padded
     BS: tl.constexpr = 64     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 2   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1027,15 +1062,6 @@ def _distill_dq_dense_kernel(
 
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    mrows = tl.arange(0, BT * GP)
-    mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
-    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
-
-    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -1060,15 +1086,31 @@ def _distill_dq_dense_kernel(
         key_ok = keys <= t_hi
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
         k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        # p = mean over the group's heads of exp(logit - lse), summed over head chunks of GP rows (wide heads: all the
+        # group's q rows would not fit shared memory); each head's softmax over the support.
+        p = tl.zeros([BT, BS], dtype=tl.float32)
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+            lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            p += tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1)
+        p = p * (1.0 / GROUP)
         ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
                      mask=key_ok[:, None], other=0.0)
         a = _dot(qi, tl.trans(ki), WIDEN)
@@ -1100,9 +1142,10 @@ def _distill_dk_dense_kernel(
 ):
     """dk_I[s] = scale * sum_t sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j], recomputing p and I per query tile."""
     BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
-    GP: tl.constexpr = 128     # main heads of the kv group, padded to a power of two
+    GP: tl.constexpr = 64     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 64     # indexer heads of the kv group, padded
     BS: tl.constexpr = 32     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 2   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1121,15 +1164,6 @@ def _distill_dk_dense_kernel(
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BS, IDX_DIM], dtype=tl.float32)
     for t_lo in range((pid_t * BS // BT) * BT, T, BT):
-        mrows = tl.arange(0, BT * GP)
-        mt = t_lo + mrows // GP
-        head = g * GROUP + mrows % GP
-        mrow_ok = (mt < T) & (mrows % GP < GROUP)
-        q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
-        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
-        q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
-
-        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
         irows = tl.arange(0, BT * HP)
         it = t_lo + irows // HP
         ihead = g * IDX_HEADS + irows % HP
@@ -1146,13 +1180,28 @@ def _distill_dk_dense_kernel(
         row_valid = lse_i2 > float("-inf")
         lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
 
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+        # p = mean over the group's heads of exp(logit - lse), summed over head chunks of GP rows (wide heads: all the
+        # group's q rows would not fit shared memory); each head's softmax over the support.
+        p = tl.zeros([BT, BS], dtype=tl.float32)
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+            lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            p += tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1)
+        p = p * (1.0 / GROUP)
         a = _dot(qi, tl.trans(ki), WIDEN)
         I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
         vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
@@ -1182,9 +1231,10 @@ def _distill_fwd_sparse_kernel(
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
     stores it in LSE_OUT for the backward)."""
     BT: tl.constexpr = 1
-    GP: tl.constexpr = 128    # main heads padded to >= 16 rows (one query position per program)
+    GP: tl.constexpr = 64    # main heads per head chunk, padded to >= 16 rows (one query position per program)
     HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
     BS: tl.constexpr = 64    # selected keys per trip
+    HEAD_CHUNKS: tl.constexpr = 2   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1198,14 +1248,6 @@ def _distill_fwd_sparse_kernel(
     all_slots = tl.arange(0, TOP_K_PAD)
     n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
 
-    mrows = tl.arange(0, BT * GP)
-    mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
-    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
-
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -1218,31 +1260,46 @@ def _distill_fwd_sparse_kernel(
 
     qk_scale = sm_scale * LOG2E
     if HAS_LSE:
-        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+        LSE_SRC = LSE
     else:
-        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-        l_h = tl.zeros([BT * GP], dtype=tl.float32)
-        for u0 in range(0, n_sel, BS):
-            slot = u0 + tl.arange(0, BS)
-            keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
-            key_ok = (keys >= 0) & (keys <= t_lo)
-            keys = tl.where(key_ok, keys, 0)
+        LSE_SRC = LSE_OUT
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
 
-            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
-            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-            s += _dot(q0, tl.trans(k0), WIDEN)
-            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-            s += _dot(q1, tl.trans(k1), WIDEN)
-            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-            sm = tl.where(mvis, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
-            m_h = m_new
-        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
-        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+            m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+            l_h = tl.zeros([BT * GP], dtype=tl.float32)
+            for u0 in range(0, n_sel, BS):
+                slot = u0 + tl.arange(0, BS)
+                keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+                key_ok = (keys >= 0) & (keys <= t_lo)
+                keys = tl.where(key_ok, keys, 0)
+
+                k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+                k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+                k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+                s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+                s += _dot(q0, tl.trans(k0), WIDEN)
+                s += _dot(q1, tl.trans(k1), WIDEN)
+                mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+                sm = tl.where(mvis, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+                m_h = m_new
+            lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+            tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+        # The chunks below read back what this program's threads stored.
+        tl.debug_barrier()
     m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT], dtype=tl.float32)
     kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
@@ -1254,15 +1311,31 @@ def _distill_fwd_sparse_kernel(
         keys = tl.where(key_ok, keys, 0)
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
         k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        # p = mean over the group's heads of exp(logit - lse), summed over head chunks of GP rows (wide heads: all the
+        # group's q rows would not fit shared memory); each head's softmax over the support.
+        p = tl.zeros([BT, BS], dtype=tl.float32)
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+            lse2 = tl.load(LSE_SRC + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            p += tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1)
+        p = p * (1.0 / GROUP)
         ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
                      mask=key_ok[:, None], other=0.0)
         a = _dot(qi, tl.trans(ki), WIDEN)
@@ -1302,9 +1375,10 @@ def _distill_dq_sparse_kernel(
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
     BT: tl.constexpr = 1
-    GP: tl.constexpr = 128    # main heads padded to >= 16 rows (one query position per program)
+    GP: tl.constexpr = 64    # main heads per head chunk, padded to >= 16 rows (one query position per program)
     HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
     BS: tl.constexpr = 64    # selected keys per trip
+    HEAD_CHUNKS: tl.constexpr = 2   # the group's heads go by GP per trip of an inner loop
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
 
@@ -1318,15 +1392,6 @@ def _distill_dq_sparse_kernel(
     all_slots = tl.arange(0, TOP_K_PAD)
     n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
 
-    mrows = tl.arange(0, BT * GP)
-    mt = t_lo + mrows // GP
-    head = g * GROUP + mrows % GP
-    mrow_ok = (mt < T) & (mrows % GP < GROUP)
-    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
-
-    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
     irows = tl.arange(0, BT * HP)
     it = t_lo + irows // HP
     ihead = g * IDX_HEADS + irows % HP
@@ -1353,15 +1418,31 @@ def _distill_dq_sparse_kernel(
         keys = tl.where(key_ok, keys, 0)
 
         k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
         k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        # p = mean over the group's heads of exp(logit - lse), summed over head chunks of GP rows (wide heads: all the
+        # group's q rows would not fit shared memory); each head's softmax over the support.
+        p = tl.zeros([BT, BS], dtype=tl.float32)
+        for hc in range(0, HEAD_CHUNKS):
+            mrows = tl.arange(0, BT * GP)
+            mt = t_lo + mrows // GP
+            hh = hc * GP + mrows % GP
+            head = g * GROUP + hh
+            mrow_ok = (mt < T) & (hh < GROUP)
+            q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+            q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+            q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+            lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            p += tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1)
+        p = p * (1.0 / GROUP)
         ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
                      mask=key_ok[:, None], other=0.0)
         a = _dot(qi, tl.trans(ki), WIDEN)
@@ -1479,12 +1560,12 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
         _distill_fwd_dense_kernel[(triton.cdiv(T, 1), B * 1)](
             q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *strides,
             T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
-            num_warps=4)
+            num_warps=4, num_stages=1)
     else:
         _distill_fwd_sparse_kernel[(T, B * 1)](
             q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides,
             T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
-            num_warps=4)
+            num_warps=4, num_stages=1)
     # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
     n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
     loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
@@ -1514,20 +1595,20 @@ def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: to
     if indices is None:
         _distill_dq_dense_kernel[(triton.cdiv(T, 1), B * 1)](
             q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
         _distill_dk_dense_kernel[(triton.cdiv(T, 32), B * 1)](
             q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
     else:
         # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
         di_sel = torch.empty((B, T, 1, 2048), dtype=torch.float32, device=device)
         _distill_dq_sparse_kernel[(T, B * 1)](
             q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
         ptr, pos = _distill_inverse_index(indices)
         _distill_dk_sparse_kernel[(triton.cdiv(T, 16), B * 1)](
             q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *strides[6:],
-            T, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4)
+            T, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
     return dq_idx, dk_idx, dw_idx
 
 

@@ -692,12 +692,13 @@ def _compression_bwd_dq_kernel(
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
@@ -847,12 +848,13 @@ def _selection_bwd_dq_kernel(
     CHANNEL: tl.constexpr = 1
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
@@ -877,12 +879,13 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
-    for u0 in range(0, n_units, UNITS_PER_TILE):
-        n = tl.arange(0, BLOCK_N)
-        slot = u0 + n // UNIT
+    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
+    # part of one.
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
         unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + n % UNIT
+        keys = unit * UNIT + f % UNIT
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
@@ -947,14 +950,15 @@ def _selection_bwd_dkdv_kernel(
         e = e0 + rows // GP
         e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        head = g * GROUP + rows % GP
-        row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         # 32 units per tile: bit u of the entry says whether the query selected unit u of it.
         bits = tl.load(BITS + e, mask=e_ok, other=0)
         unit_of_key = tl.arange(0, BLOCK_N) // UNIT
+        chunk = 0
+        head = g * GROUP + chunk * GP + rows % GP
+        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+        # The query's own block runs past it: only keys s <= t.
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
@@ -1011,12 +1015,13 @@ def _window_bwd_dq_kernel(
     CHANNEL: tl.constexpr = 2
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
-    head = g * GROUP + rows % GP
-    row_ok = (t < T) & (rows % GP < GROUP)
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)

@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .footprint import backward_tiles
 from .plan import Plan, make_plan
 from .spec import Spec
 
@@ -130,6 +131,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "kv": _kv_names(spec),
         "short": SHORT,
         "idx_scale": repr(idx_scale),
+        "bwd": backward_tiles(spec, plan),
     }
 
 

@@ -238,19 +238,31 @@ CASES = [
     ("group3", "fp16", "sparse", 1, 17, False, False, ((0, 3, 1),)),
     ("gqa", "bf16", "sparse", 1, 11, False, False, ((0, 7, 0),)),
     ("wide_k", "fp32", "sparse", 1, 41, True, True, ((0, 30, 1), (0, 2, 0))),
+    # Head chunks (what wide heads get): the group's 3 heads (padded to 4) by 2 per trip of the inner loop.
+    ("group3", "fp32", "dense", 2, 33, False, "chunks", ()),
+    ("group3", "fp16", "dense", 1, 20, True, "chunks", ()),
+    ("group3", "fp32", "sparse", 1, 23, False, "chunks", ((0, 4, 1),)),
 ]
+
+
+def chunked_tiles(spec):
+    """Small tiles with the main heads split into two chunks per program (the wide-head path)."""
+    d = small_tiles(spec)
+    return dataclasses.replace(d, head_chunks=2, num_stages=1)
 
 
 def _case_id(case):
     shape, dtype, stage, B, T, given, small, empty = case
-    return f"{stage}-{shape}-{dtype}-B{B}-T{T}" + ("-lse" if given else "") + ("-small" if small else "")
+    return (f"{stage}-{shape}-{dtype}-B{B}-T{T}" + ("-lse" if given else "")
+            + ("-chunks" if small == "chunks" else "-small" if small else ""))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
 def test_kernel_matches_reference(case, tmp_path_factory):
     shape, dtype, stage, B, T, given, small, empty = case
     spec = spec_of(shape, dtype)
-    module = kernel_module(spec, tmp_path_factory, small_tiles(spec) if small else None)
+    tiles = chunked_tiles(spec) if small == "chunks" else small_tiles(spec) if small else None
+    module = kernel_module(spec, tmp_path_factory, tiles)
     x = inputs(spec, B, T, seed=T, dtype=DTYPES[dtype])                                # rounded to the dtype
     indices = selection(spec, x, empty) if stage == "sparse" else None
     x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}

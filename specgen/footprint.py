@@ -1,0 +1,142 @@
+"""Static shared-memory footprints of the kernels, and the backward's tile choice that keeps them inside the GPU's.
+
+Model (per program, bytes): Triton stages the operands of `tl.dot` through shared memory. An operand loaded
+before a loop (resident) takes one buffer; one loaded inside a pipelined loop takes `num_stages` buffers (gathered
+loads, whose addresses come from an index loaded in the same trip, take `num_stages - 1`, plus `num_stages` copies
+of the index tile); an operand computed in registers (P, dS cast to the value dtype) takes one buffer (counted
+conservatively: on Hopper wgmma can read it from registers); plus 1 KiB of scratch (reductions, barriers).
+Calibrated on Triton 3.6 / H100 with the pre-chunking DeepSeek-V3.2 distillation kernels: the dense forward
+(q [128, 576] + q_I [64, 128] resident, k [64, 576] + k_I [64, 128] streamed, 3 stages) gives 435200 bytes and the
+sparse one (the same tiles, gathered) 345856 bytes, the two figures the compiler reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import MIN_DOT, Plan, next_pow2
+from .spec import Spec
+
+# Shared memory one block may opt in to on an H100 (227 KiB); kernels must stay under SMEM_BUDGET (some margin for
+# what the model does not see: layout conversions, extra scratch).
+SMEM_LIMIT = 232448
+SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
+SCRATCH = 1024
+TRITON_DEFAULT_STAGES = 3
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8_e4m3": 1}
+
+
+def tile(rows: int, cols: int, elem: int) -> int:
+    return rows * cols * elem
+
+
+def smem_bytes(*, resident=(), streamed=(), gathered=(), computed=(), index=(), stages: int | None = None) -> int:
+    """Shared memory of one program under the model above (sizes in bytes)."""
+    n = stages or TRITON_DEFAULT_STAGES
+    return (sum(resident) + n * sum(streamed) + max(1, n - 1) * sum(gathered) + n * sum(index) + sum(computed)
+            + SCRATCH)
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tiles of the backward kernels (templates/nsa_autograd.j2, kernels/backward.j2).
+
+    Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
+    Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs
+    (each head's dq is independent), sel_dq_block_n keys per trip (may be less than a unit).
+    Selection dK/dV: sel_tile keys per program (the inverse index's tile), SEL_BQ queries x sel_dkdv_gp heads per
+    trip, the group's heads walked by an inner loop of sel_dkdv_chunks trips accumulating into the same dK/dV
+    registers (deterministic: fixed order)."""
+    gp: int
+    bt: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    sel_dq_gp: int = 0
+    sel_dq_chunks: int = 1
+    sel_dq_block_n: int = 0
+    sel_tile: int = 0
+    sel_bq: int = 1
+    sel_dkdv_gp: int = 0
+    sel_dkdv_chunks: int = 1
+    sel_num_warps: int = 4
+    sel_num_stages: int = 2
+
+
+def _elem(spec: Spec) -> int:
+    return DTYPE_BYTES[spec.dtype]
+
+
+def dq_smem(spec: Spec, rows: int, block_n: int, stages: int, gathered: bool = False) -> int:
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    kv = [tile(block_n, dqk, e), tile(block_n, dv, e)]
+    return smem_bytes(resident=[tile(rows, dqk, e), tile(rows, dv, e)],
+                      streamed=[] if gathered else kv, gathered=kv if gathered else [],
+                      index=[tile(block_n, 1, 4)] if gathered else [],
+                      computed=[tile(rows, block_n, e)], stages=stages)
+
+
+def dkdv_smem(spec: Spec, rows: int, block_n: int, stages: int) -> int:
+    # Query rows are gathered through the inverse index in the selection kernel: counted as plain streamed loads
+    # (the conservative side).
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    return smem_bytes(resident=[tile(block_n, dqk, e), tile(block_n, dv, e)],
+                      streamed=[tile(rows, dqk, e), tile(rows, dv, e)],
+                      computed=[tile(block_n, rows, e), tile(block_n, rows, e)], stages=stages)
+
+
+def backward_tiles(spec: Spec, plan: Plan) -> BackwardTiles:
+    gp = next_pow2(plan.group)
+    bt = max(1, 64 // gp)
+    warps = 8 if spec.head_dim.qk + spec.head_dim.v >= 256 else 4
+    kw: dict = {}
+    sel = spec.selection
+    if sel is not None:
+        unit = sel.block
+        sel_gp = max(MIN_DOT, gp)
+        tile_keys = 32 if sel.granularity == "token" else max(MIN_DOT, unit)
+        wide = spec.head_dim.qk + spec.head_dim.v > 512
+        if not wide:
+            kw.update(sel_dq_gp=sel_gp, sel_dq_block_n=max(MIN_DOT, unit, min(64, unit * plan.topk_pad)),
+                      sel_tile=tile_keys, sel_bq=bt, sel_dkdv_gp=gp)
+        else:
+            # Wide heads (MLA's 576 + 512): one stage, at most 64 head rows, and the largest (rows, keys) pair
+            # that fits the budget. dq: the group's heads over programs; dK/dV: over an inner loop.
+            stages = 1
+            dq_rows, dq_bn = next(((r, n) for r, n in ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32),
+                                                       (16, 16))
+                                   if r <= sel_gp and dq_smem(spec, r, n, stages, gathered=True) <= SMEM_BUDGET),
+                                  (MIN_DOT, MIN_DOT))
+            dkdv_rows = next((r for r in (64, 32, 16) if r <= max(MIN_DOT, gp)
+                              and dkdv_smem(spec, r, tile_keys, stages) <= SMEM_BUDGET), MIN_DOT)
+            kw.update(sel_dq_gp=dq_rows, sel_dq_chunks=-(-plan.group // dq_rows), sel_dq_block_n=dq_bn,
+                      sel_tile=tile_keys, sel_bq=1, sel_dkdv_gp=dkdv_rows,
+                      sel_dkdv_chunks=-(-plan.group // dkdv_rows), sel_num_stages=stages)
+        kw["sel_num_warps"] = warps
+    return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
+
+
+def backward_footprints(spec: Spec, plan: Plan, tiles: BackwardTiles | None = None) -> dict[str, int]:
+    """Estimated shared memory (bytes) of every backward kernel of a spec, by kernel name."""
+    t = tiles or backward_tiles(spec, plan)
+    out = {"_bwd_preprocess_kernel": SCRATCH}
+    for kind in spec.branches:
+        if kind == "selection":
+            out["_selection_bwd_dq_kernel"] = dq_smem(spec, t.sel_dq_gp, t.sel_dq_block_n, t.sel_num_stages,
+                                                      gathered=True)
+            out["_selection_bwd_dkdv_kernel"] = dkdv_smem(spec, t.sel_bq * t.sel_dkdv_gp, t.sel_tile,
+                                                          t.sel_num_stages)
+        else:
+            rows = t.bt * t.gp
+            out[f"_{kind}_bwd_dq_kernel"] = dq_smem(spec, rows, t.block_n, t.num_stages)
+            out[f"_{kind}_bwd_dkdv_kernel"] = dkdv_smem(spec, rows, t.block_n, t.num_stages)
+    cmp = spec.compression
+    if cmp is not None and "compression" in spec.branches:
+        out["_pool_bwd_mean_kernel"] = SCRATCH
+        if cmp.pool == "linear":
+            bn = min(64, next_pow2(max(spec.head_dim.qk, spec.head_dim.v)))
+            # dX: [32 chunks, BE] x [BE, BA] fp32 in unrolled static loops; dW: [BI, BA]^T x [BI, BE] fp32, pipelined.
+            out["_pool_bwd_linear_dx_kernel"] = smem_bytes(streamed=[tile(32, bn, 4), tile(bn, bn, 4)], stages=1)
+            out["_pool_bwd_dw_kernel"] = smem_bytes(streamed=[tile(32, bn, 4), tile(32, bn, 4)])
+    return out

@@ -1,0 +1,59 @@
+"""Static shared-memory estimates (specgen/footprint.py): every kernel of every committed spec fits an H100's
+227 KiB per block with some margin, and the model reproduces the figures the H100 compiler reported."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from specgen.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints, backward_tiles
+from specgen.plan import MIN_DOT, make_plan
+from specgen.render import has_distillation
+from specgen.render_distill import distill_footprints, make_distill_plan
+from specgen.spec import load_spec
+
+SPECS = sorted(p for p in (Path(__file__).parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
+
+
+def _footprints(spec):
+    out = backward_footprints(spec, make_plan(spec))
+    if has_distillation(spec):
+        out.update(distill_footprints(spec))
+    return out
+
+
+def test_budget_leaves_margin():
+    assert SMEM_LIMIT == 232448 and SMEM_BUDGET <= 0.9 * SMEM_LIMIT
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_every_kernel_fits_shared_memory(path):
+    spec = load_spec(path)
+    fp = _footprints(spec)
+    assert fp
+    over = {k: v for k, v in fp.items() if v > SMEM_BUDGET}
+    assert not over, f"{spec.name}: over {SMEM_BUDGET} bytes: {over}"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_dot_dims_at_least_16(path):
+    spec = load_spec(path)
+    if spec.selection is None:
+        return
+    t = backward_tiles(spec, make_plan(spec))
+    assert min(t.sel_dq_gp, t.sel_dq_block_n, t.sel_tile, t.sel_bq * t.sel_dkdv_gp) >= MIN_DOT
+    assert t.sel_dq_gp * t.sel_dq_chunks >= spec.heads.group_size
+    assert t.sel_dkdv_gp * t.sel_dkdv_chunks >= spec.heads.group_size
+    if has_distillation(spec):
+        from specgen.render_distill import dot_shapes
+        d = make_distill_plan(spec)
+        assert all(min(mkn) >= MIN_DOT for mkn in dot_shapes(spec, d).values()), dot_shapes(spec, d)
+
+
+def test_calibration_dsa_v32_before_head_chunks():
+    # The unchunked V3.2 distillation kernels: 435200 (dense) and 345856 (sparse) bytes, as reported on the H100.
+    spec = load_spec(Path(__file__).parent.parent / "specs" / "dsa_v32.yaml")
+    old = dataclasses.replace(make_distill_plan(spec), head_chunks=1, num_stages=None)
+    fp = distill_footprints(spec, old)
+    assert fp["_distill_fwd_dense_kernel"] == 435200
+    assert fp["_distill_fwd_sparse_kernel"] == 345856
