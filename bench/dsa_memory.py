@@ -14,16 +14,8 @@ import triton
 
 import specgen
 from specgen import reference
+from specgen.bench import peak_extra_gib
 from specgen.testing import spec_of
-
-
-def peak_extra(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def main():
@@ -44,7 +36,7 @@ def main():
         row = {"T": T}
         select = lambda: mod._select_by_indexer(x["q_idx"], x["k_idx"], x["w_idx"], idx)  # noqa: E731
         select()
-        row["indexer_topk_extra_gib"] = peak_extra(select)
+        row["indexer_topk_extra_gib"] = peak_extra_gib(select)
         row["indexer_topk_ms"] = triton.testing.do_bench(select, warmup=3, rep=30, return_mode="median")
         fwd = lambda: mod.dsa_forward(**x, indices=idx)  # noqa: E731
         fwd()
@@ -64,7 +56,7 @@ def main():
                 except Exception as exc:  # e.g. a kernel that does not fit this GPU: a result to record
                     row[f"distill_{stage}"] = f"failed: {str(exc).splitlines()[0][:160]}"
                     continue
-                row[f"distill_{stage}_extra_gib"] = peak_extra(run)
+                row[f"distill_{stage}_extra_gib"] = peak_extra_gib(run)
                 row[f"distill_{stage}_fwd_bwd_ms"] = triton.testing.do_bench(run, warmup=1, rep=20,
                                                                              return_mode="median")
         print(json.dumps(row), flush=True)

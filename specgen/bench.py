@@ -40,6 +40,16 @@ def _median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def peak_extra_gib(fn) -> float:
+    """Peak memory allocated while `fn` runs, beyond what was allocated before it (GiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 def _commit() -> str:
     # The device machine gets a copy of the working tree without .git: the caller passes the commit in.
     if os.environ.get("SPECGEN_COMMIT"):
@@ -117,13 +127,8 @@ def bench_training(spec: Spec, seqlens: list[int], *, dense: bool = True) -> lis
             out.backward(torch.ones_like(out))
 
         run()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        row = {"T": T, "fwd_bwd_ms": _median_ms(run),
-               "extra_peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        extra = peak_extra_gib(run)
+        row = {"T": T, "fwd_bwd_ms": _median_ms(run), "extra_peak_gib": extra}
         del inputs
         torch.cuda.empty_cache()
         if dense:
@@ -142,12 +147,7 @@ def bench_forward(spec: Spec, seqlens: list[int], *, regime: str = "random", den
         inputs = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device="cuda", generator=gen)
         out = torch.empty((1, T, spec.heads.q, spec.head_dim.v), dtype=module.DTYPE, device="cuda")
         fn(**inputs, out=out)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn(**inputs, out=out)
-        torch.cuda.synchronize()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+        extra = peak_extra_gib(lambda: fn(**inputs, out=out))
         ms = _median_ms(lambda: fn(**inputs, out=out))
         row = Row(T=T, forward_ms=ms, forward_tflops=flops(spec, T) / ms / 1e9, extra_peak_gib=extra)
         del inputs, out
