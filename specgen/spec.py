@@ -503,18 +503,23 @@ def spec_from_mapping(data: Mapping, *, file: str | None = None, lines: dict[str
     return spec
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Parse and validate a spec file; raises SpecError naming the field, file and line."""
-    path = Path(path)
+def read_yaml_file(path: Path, cls: type[SpecError] = SpecError, what: str = "spec") -> tuple[Any, _Located]:
+    """A YAML file's data and where each field path stands in it; unreadable files raise `cls` naming the file."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SpecError("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
+        raise cls("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
     except UnicodeDecodeError as exc:
-        raise SpecError("<file>", f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                        "save the spec as UTF-8 text", file=str(path)) from None
+        raise cls("<file>", f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                  f"save the {what} as UTF-8 text", file=str(path)) from None
     where = _Located(str(path))
-    data = _compose(text, where)
+    return _compose(text, where), where
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and validate a spec file; raises SpecError naming the field, file and line."""
+    path = Path(path)
+    data, where = read_yaml_file(path)
     return spec_from_mapping(data, file=str(path), lines=where.lines)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import SpecError
-from .spec import Spec, _compose, _Located, field_reference, load_spec, spec_from_mapping
+from .spec import Spec, _Located, field_reference, load_spec, read_yaml_file, spec_from_mapping
 
 PARTS = ("fidelity", "speed")
 TOP_KEYS = ("name", "question", "description", "base", "set", "axes", "when", "constraints", "seqlens", "batch",
@@ -105,12 +105,7 @@ def _int_list(value, where, path, *, minimum=1) -> list[int]:
 def load_sweep(path: str | Path) -> Sweep:
     """Parse and check a sweep file; SweepError names the field and line."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SweepError("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
-    where = _Located(str(path))
-    data = _compose(text, where)
+    data, where = read_yaml_file(path, SweepError, "sweep")
     return sweep_from_mapping(data, path=path, where=where)
 
 
