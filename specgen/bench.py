@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import reference
-from .analysis import analyse, dense_flops, evaluate, flops
+from .analysis import flops
 from .jit import load
 from .spec import Spec
 
@@ -187,8 +187,5 @@ def table(spec: Spec, rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def naive_intermediate_gib(spec: Spec, T: int) -> float:
-    return evaluate(analyse(spec).naive_intermediates, T) / 2**30
-
-
-__all__ = ["Row", "bench_forward", "dense_forward_ms", "dense_flops", "naive_intermediate_gib", "record", "table"]
+__all__ = ["Row", "bench_forward", "bench_training", "dense_forward_ms", "dense_training_ms", "peak_extra_gib",
+           "record", "table"]

@@ -40,10 +40,6 @@ class AttentionTile:
     num_stages: int = 2
     head_chunks: int = 1  # programs sharing one (query tile, kv group): each takes GP of the group's heads
 
-    @property
-    def rows(self) -> int:
-        return self.bt * self.gp
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -7,6 +7,7 @@ half-written module and an unchanged spec touches nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import pprint
 import tempfile
@@ -38,7 +39,9 @@ class Argument:
     why: str = ""
 
 
+@functools.lru_cache(maxsize=None)
 def _environment() -> jinja2.Environment:
+    # One environment per process: it caches the compiled templates across specs and renders.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                               autoescape=False)
