@@ -234,6 +234,37 @@ def write_plots(out_dir: Path, fid: list[dict], spd: list[dict], axes: list[str]
     return made
 
 
+def _speed_headline(rows: list[dict]) -> list[str]:
+    """Per measured length (one regime: random if measured): the fastest variant of each label family (the label's
+    first word: block, token, ...) against the best dense forward of the same run."""
+    lines = []
+    for T in sorted({r["seqlen"] for r in rows}):
+        at = [r for r in rows if r["seqlen"] == T and isinstance(r.get("forward_ms"), (int, float))]
+        regimes = sorted({r["regime"] for r in at})
+        regime = "random" if "random" in regimes else (regimes[0] if regimes else None)
+        at = [r for r in at if r["regime"] == regime]
+        if not at:
+            continue
+        best = {}
+        for r in at:
+            family = r["label"].split("_")[0]
+            if family not in best or r["forward_ms"] < best[family]["forward_ms"]:
+                best[family] = r
+        dense = [min(v for v in (r.get("dense_cudnn_ms"), r.get("dense_flash_ms")) if isinstance(v, (int, float)))
+                 for r in at if any(isinstance(v, (int, float)) for v in (r.get("dense_cudnn_ms"),
+                                                                          r.get("dense_flash_ms")))]
+        parts = [f"{fam}-level `{r['label']}` {_fmt(r['forward_ms'])} ms forward ({_fmt(r.get('fwd_bwd_ms'))} ms "
+                 f"fwd+bwd)" for fam, r in sorted(best.items())]
+        dense_ms = sorted(dense)[len(dense) // 2] if dense else None
+        line = (f"- **Speed, T={T}** ({at[0].get('device')}, {regime} inputs): fastest " + "; ".join(parts)
+                + (f"; dense attention (best SDPA backend, median over the run) {_fmt(dense_ms)} ms forward." if dense_ms else "."))
+        if dense_ms and all(r["forward_ms"] > dense_ms for r in at):
+            line += (" No variant beats dense attention at this size: with this sweep's few heads and short rows "
+                     "the sparse kernels' fixed costs (pooling, scoring, top-k) outweigh the attention they save.")
+        lines.append(line)
+    return lines + ([""] if lines else [])
+
+
 def _headline(sweep_axes: list[str], fid: list[dict]) -> list[str]:
     """Per regime x seqlen (x budget): the best variant by recall and, when granularity varies, the best of each."""
     lines = []
@@ -354,6 +385,7 @@ def _markdown(sweep, name: str, pts: list[dict], fid: list[dict], spd: list[dict
     out += head or ["No fidelity results yet."]
     out += [""]
     ok_speed = [r for r in spd if r["status"] == "ok"]
+    out += _speed_headline(ok_speed)
     if not ok_speed:
         out += ["Speed: **not measured: no GPU** (timings under the CPU interpreter mean nothing). Run the same "
                 "command with `--device cuda` on a GPU machine: finished fidelity rows are kept and the speed "

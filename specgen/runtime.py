@@ -110,6 +110,7 @@ def launch_config(configs: dict, kernel: str) -> dict:
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_CHUNK_ELEMENTS = 1 << 24
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,10 +120,18 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     fp32 (exact for bf16 inputs) by torch's round-to-nearest-even cast, the one rounding that the kernels, the
     decode cache and the float64 reference all share through this function.
     """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+    rows = x.reshape(-1, x.shape[-1])
+    x8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    # Chunks of rows bound the fp32 temporaries (a whole 64k-token q_I in fp32 would be 2 GiB).
+    step = max(1, FP8_CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for r0 in range(0, rows.shape[0], step):
+        xf = rows[r0:r0 + step].float()
+        amax = xf.abs().amax(dim=-1)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        x8[r0:r0 + step] = (xf / s.unsqueeze(-1)).to(torch.float8_e4m3fn)
+        scale[r0:r0 + step] = s
+    return x8.view(x.shape), scale.view(x.shape[:-1])
 
 
 def require_fp8(fn: str, device: torch.device) -> None:

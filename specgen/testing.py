@@ -130,7 +130,7 @@ def check_index_topk(module, spec: Spec, B: int, T: int, *, device: str | None =
     indices, scores = module.index_topk(*(x[n] for n in names), return_scores=True)
     _, _, own = module.__dict__[f"{spec.family}_forward"](**x, return_lse=True, return_indices=True)
     assert torch.equal(indices, own), f"index_topk and the forward select differently {where}"
-    I = reference.indexer_scores(spec, *(case.exact[n] for n in names))            # [B, T, Hkv, T]
+    I = reference.indexer_scores(spec, *(case.exact[n].cpu() for n in names))      # [B, T, Hkv, T]
     unit = spec.selection.block if spec.selection.granularity == "block" else 1
     if unit > 1:
         I = reference.indexer_block_scores(spec, I)

@@ -29,3 +29,11 @@ def test_reference_round_trip_is_the_kernels_quantiser():
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     x8, scale = runtime.fp8_rows(x)
     assert torch.equal(fp8_round_trip(x), x8.double() * scale.double().unsqueeze(-1))
+
+
+def test_fp8_rows_chunks_change_nothing(monkeypatch):
+    x = torch.randn(3, 100, 64).to(torch.bfloat16)
+    whole = runtime.fp8_rows(x)
+    monkeypatch.setattr(runtime, "FP8_CHUNK_ELEMENTS", 64 * 7)                       # 43 chunks, a ragged last one
+    chunked = runtime.fp8_rows(x)
+    assert torch.equal(whole[0].float(), chunked[0].float()) and torch.equal(whole[1], chunked[1])
