@@ -199,8 +199,11 @@ def _index_scores_kernel(
     g = pid_bg % HKV
     t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
-    s0 = pid_s * BS
-    if s0 <= t_hi:
+    # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
+    # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
+    KT: tl.constexpr = 8
+    s_begin = pid_s * (KT * BS)
+    if s_begin <= t_hi:
         rows = tl.arange(0, BT * HP)
         t = t_lo + rows // HP
         ihead = g * IDX_HEADS + rows % HP
@@ -208,21 +211,23 @@ def _index_scores_kernel(
         qi = tl.load(QI + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
                      + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
         wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
-        keys = s0 + tl.arange(0, BS)
-        ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
-                     mask=(keys <= t_hi)[:, None], other=0.0)
-        if WIDEN:  # the interpreter: e4m3 values are exact in fp32
-            dots = tl.dot(qi.to(tl.float32), tl.trans(ki).to(tl.float32), input_precision="ieee")
-        else:
-            dots = tl.dot(qi, tl.trans(ki))  # fp8 tensor-core dot, fp32 accumulation
-        relu = tl.maximum(dots, 0.0) * wi[:, None]
-        ks = tl.load(KS + (b * T + keys) * HKV + g, mask=keys <= t_hi, other=0.0)
-        # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
-        score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * (ks * idx_scale)[None, :] + 0.0
-        tq = t_lo + tl.arange(0, BT)
-        visible = keys[None, :] <= tq[:, None]
-        ws_rows = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
-        tl.store(ws_rows[:, None] + keys[None, :], score, mask=(tq <= t_hi)[:, None] & visible)
+        for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
+            s0 = s_begin + kt * BS
+            keys = s0 + tl.arange(0, BS)
+            ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                         mask=(keys <= t_hi)[:, None], other=0.0)
+            if WIDEN:  # the interpreter: e4m3 values are exact in fp32
+                dots = tl.dot(qi.to(tl.float32), tl.trans(ki).to(tl.float32), input_precision="ieee")
+            else:
+                dots = tl.dot(qi, tl.trans(ki))  # fp8 tensor-core dot, fp32 accumulation
+            relu = tl.maximum(dots, 0.0) * wi[:, None]
+            ks = tl.load(KS + (b * T + keys) * HKV + g, mask=keys <= t_hi, other=0.0)
+            # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+            score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * (ks * idx_scale)[None, :] + 0.0
+            tq = t_lo + tl.arange(0, BT)
+            visible = keys[None, :] <= tq[:, None]
+            ws_rows = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
+            tl.store(ws_rows[:, None] + keys[None, :], score, mask=(tq <= t_hi)[:, None] & visible)
 
 
 
@@ -323,7 +328,7 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
         nq = min(QC, T - q0)
         # Rows with at most k candidates keep them all: their scores are needed only when asked for.
         if scores is not None or (q0 + nq - 1) // 1 + 1 > 2048:
-            _index_scores_kernel[(triton.cdiv(nq, 2), B * 1, triton.cdiv(q0 + nq, 64))](
+            _index_scores_kernel[(triton.cdiv(nq, 2), B * 1, triton.cdiv(q0 + nq, 512))](
                 q_idx, k_idx, w_idx, ws, *extra, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
                 k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
                 T, q0, QC, units, 0.011048543456039806, WIDEN=runtime.interpreting(), num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])

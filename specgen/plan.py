@@ -63,6 +63,7 @@ class Plan:
     index_bt: int = 0
     index_hp: int = 0
     index_bs: int = 0
+    index_kt: int = 8        # key tiles per indexer program (q_I loaded once per program)
     pool_bi: int = 0
 
     @property
