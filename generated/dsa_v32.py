@@ -46,7 +46,7 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {'default': {'select': {'num_warps': 4},
-             'selection': {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8}}}
+             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8}}}
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -153,8 +153,8 @@ def _selection_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = v_base + keys * stride_vt
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
+        # MLA: V is K[..., :512], so this part of the key tile is the value tile (no second gather).
+        acc0 = acc0 * alpha[:, None] + _pv(p, k0, WIDEN)
         m_i = m_new
     # A query that sees no key gets output 0 and log-sum-exp -inf (never NaN).
     empty = l_i == 0.0

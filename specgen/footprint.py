@@ -14,13 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import MIN_DOT, Plan, next_pow2
+from .plan import MIN_DOT, SMEM_BUDGET, SMEM_LIMIT, Plan, next_pow2  # noqa: F401 (SMEM_LIMIT: re-exported)
 from .spec import Spec
 
-# Shared memory one block may opt in to on an H100 (227 KiB); kernels must stay under SMEM_BUDGET (some margin for
-# what the model does not see: layout conversions, extra scratch).
-SMEM_LIMIT = 232448
-SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
 SCRATCH = 1024
 TRITON_DEFAULT_STAGES = 3
 

@@ -21,6 +21,10 @@ def next_pow2(x: int) -> int:
 MIN_DOT = 16
 # fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
 SCORE_REGISTER_BUDGET = 16384
+# Shared memory one block may opt in to on an H100 (227 KiB); kernels stay under SMEM_BUDGET (a margin for what
+# the footprint model does not see: layout conversions, extra scratch).
+SMEM_LIMIT = 232448
+SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,20 @@ def make_plan(spec: Spec) -> Plan:
         unit = sel.block
         # Wide heads (MLA's 576/512) need narrower key tiles, one pipeline stage and more warps to fit shared memory
         # and registers: K+V tiles of 64 keys at 576+512 dims would need 272 KiB over two stages.
+        # MLA gathers one tile per trip (V is K's first d_v dims, reused in registers), so it streams qk dims only.
+        streamed = spec.head_dim.qk + (0 if spec.mla else spec.head_dim.v)
         wide = spec.head_dim.qk + spec.head_dim.v > 512
         # Wide heads also cap the rows at 64 heads per program (MLA's 128 heads x 576 dims would need ~340 KiB).
         rows = min(max(MIN_DOT, gp), 64) if wide else max(MIN_DOT, gp)
-        selection = AttentionTile(bt=1, gp=rows, block_n=max(MIN_DOT, unit, (32 if wide else 64) if unit == 1 else unit),
+        # 64 gathered keys over two stages where they fit shared memory (resident Q, one gathered K(+V) buffer,
+        # P, the index: the footprint model of specgen.footprint), else 32 keys in one stage.
+        elem = 4 if spec.dtype == "fp32" else 2
+        wide_keys_bytes = elem * (rows * spec.head_dim.qk + 64 * streamed + rows * 64) + 64 * 4 * 2 + 1024
+        narrow_keys = wide and wide_keys_bytes > SMEM_BUDGET
+        selection = AttentionTile(bt=1, gp=rows,
+                                  block_n=max(MIN_DOT, unit, (32 if narrow_keys else 64) if unit == 1 else unit),
                                   num_warps=8 if rows * spec.head_dim.v >= 16384 else 4,
-                                  num_stages=1 if wide else 2, head_chunks=-(-g // rows))
+                                  num_stages=1 if narrow_keys else 2, head_chunks=-(-g // rows))
         topk_pad = next_pow2(sel.top_k)
         plan_kw["topk_pad"] = topk_pad
         if sel.scorer == "compression":

@@ -93,7 +93,8 @@ def distill_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, in
     Before head chunks, DeepSeek-V3.2's dense forward held q [128, 576] and q_I [64, 128] resident and streamed
     k [64, 576] and k_I [64, 128] over 3 stages: 435200 bytes, as the H100 compiler reported."""
     d = d or make_distill_plan(spec)
-    e, ei = DTYPE_BYTES[spec.dtype], DTYPE_BYTES[spec.indexer.dtype]
+    # The loss reads the unrounded indexer inputs (the spec's dtype) even when the top-k scores in fp8.
+    e = ei = DTYPE_BYTES[spec.dtype]
     dqk, di = spec.head_dim.qk, spec.indexer.head_dim
     out = {}
     for stage, bt, gp, hp, bs in (("dense", d.bt, d.gp, d.hp, d.bs), ("sparse", 1, d.sgp, d.shp, d.sbs)):
