@@ -305,8 +305,25 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices):
         _radix_topk_kernel[(nq, B * 1)](ws, indices, T, q0, QC, units, num_warps=4)
 
 
+def _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx):
+    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
+    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("total", 128, 576), DTYPE, dims)
+    device = q.device
+    k = runtime.check_tensor(fn, "k", k, ("total", 1, 576), DTYPE, dims, device)
+    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims, device)
+    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
+    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
+    return packed, (packed.pad(q), packed.pad(k), packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx))
+
+
 def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=None,
-        return_lse=False, return_indices=False):
+        return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Forward pass of `dsa_v32`.
 
     Arguments (layout [B, T, H, D], all bf16 on one device; strided inputs need a unit last stride):
@@ -317,12 +334,31 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         w_idx: [B, T, 64] indexer head weights
         indices: optional int32 [B, T, 1, 2048] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 128, 512] (contiguous).
+        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
+            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
+            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
+            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
+            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
+            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected tokens [B, T, 1, 2048] (int32, ascending, -1 padding last).
     """
     fn = "dsa_forward"
+    if cu_seqlens is not None or max_seqlen is not None:
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
+        if indices is not None:
+            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+        o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o, out),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device
@@ -780,10 +816,11 @@ def _autocast_input(x):
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
-                  return_lse=False, return_indices=False):
+                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Differentiable forward of `dsa_v32`: the training entry point (`dsa_forward` is the inference one).
 
-    Same arguments and results as `dsa_forward` (without `out=`). Gradients reach q, k;
+    Same arguments and results as `dsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
+    `max_seqlen` included. Gradients reach q, k;
     not the indexer inputs q_idx, k_idx, w_idx: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
     Works under torch.compile (custom ops `specgen::dsa_v32_<hash>_fwd/_bwd` with fake implementations).
@@ -795,6 +832,19 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         q_idx = _autocast_input(q_idx)
         k_idx = _autocast_input(k_idx)
         w_idx = _autocast_input(w_idx)
+    if cu_seqlens is not None or max_seqlen is not None:
+        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
+        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        if indices is not None:
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+        o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device

@@ -131,6 +131,11 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "keyword_inputs": [a for a in args if a.keyword],
         "arguments": args,
         "arg_names": [a.name for a in args],
+        # The arguments of a call that passes them on as the function takes them (positional, then keywords).
+        "call_args": "".join(f"{a.name}, " for a in args if not a.keyword)
+        + "".join(f"{a.name}={a.name}, " for a in args if a.keyword),
+        # Inputs with one row per token (padded in a packed call); pool weights are shared by the sequences.
+        "token_args": [a.name for a in args if '"T"' in a.shape],
         "kv": _kv_names(spec),
         "short": SHORT,
         "idx_scale": repr(idx_scale),
