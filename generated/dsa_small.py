@@ -1496,10 +1496,11 @@ def _distill_inverse_index(indices):
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
 def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
-                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor]
+                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor], row_ok: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], stats fp32 [B, T, 2, 2] = (lse of I over the support, mass of p), lse of the main
-    attention [B, T, 8] when it was not given (else an empty tensor))."""
+    attention [B, T, 8] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded
+    packed batch): rows outside it are not rows of the loss."""
     B, T = q.shape[0], q.shape[1]
     device = q.device
     row_kl = torch.empty((B, T, 2), dtype=torch.float32, device=device)
@@ -1517,6 +1518,12 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
             q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides,
             T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
             num_warps=4)
+    if row_ok is not None:
+        # Padding rows of a packed batch have a non-empty (padding) support: mark them empty like a row with no
+        # key, so they are not counted in N_valid and the backward kernels (which read the mark) give them dI = 0.
+        ok = row_ok[:, :, None]
+        row_kl = torch.where(ok, row_kl, 0.0)
+        stats = torch.stack([torch.where(ok, stats[..., 0], float("-inf")), stats[..., 1]], dim=-1)
     # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
     n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
     loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
@@ -1524,7 +1531,7 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
 
 
 @_distill_fwd.register_fake
-def _(q, k, q_idx, k_idx, w_idx, indices, lse_main):
+def _(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
     B, T = q.shape[0], q.shape[1]
     return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, 2, 2), dtype=torch.float32),
             q.new_empty((0,) if lse_main is not None else (B, T, 8), dtype=torch.float32))
@@ -1569,7 +1576,7 @@ def _(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
 
 
 def _distill_setup_context(ctx, inputs, output):
-    q, k, q_idx, k_idx, w_idx, indices, lse_main = inputs
+    q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok = inputs
     _, stats, lse_out = output
     ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out, stats)
 
@@ -1578,13 +1585,13 @@ def _distill_backward(ctx, grad, _grad_stats, _grad_lse):
     q, k, q_idx, k_idx, w_idx, indices, lse, stats = ctx.saved_tensors
     dq_idx, dk_idx, dw_idx = _distill_bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
     # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
-    return None, None, dq_idx, dk_idx, dw_idx, None, None
+    return None, None, dq_idx, dk_idx, dw_idx, None, None, None
 
 
 torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _distill_backward, setup_context=_distill_setup_context)
 
 
-def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None):
+def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, cu_seqlens=None, max_seqlen=None):
     """The lightning indexer's distillation loss (docs/distill.md), an fp32 scalar tensor; differentiable in q_idx,
     k_idx and w_idx only (the target is the detached main attention).
 
@@ -1598,11 +1605,37 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None):
     lse_main: optional fp32 [B, T, 8] natural-log log-sum-exp of the main attention over the same support (dense
         causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
 
+    cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func: every [B, T, ...] argument
+        (indices and lse_main included) is [total, ...] instead, cu_seqlens int32 [N+1], max_seqlen an int >= the
+        longest sequence; indices relative to each sequence's start. Runs as a padded [N, max_seqlen] batch whose
+        padding rows count neither in the loss nor in N_valid (docs/varlen.md).
+
     L = sum over valid (b, t, g) rows of KL(p || softmax(I)) / N_valid, N_valid the number of (b, t, kv group) rows
     with a non-empty support.
     """
     fn = "distill_loss"
     dims = {}
+    if cu_seqlens is not None or max_seqlen is not None:
+        q = runtime.check_tensor(fn, "q", q, ("total", 8, 64), DTYPE, dims)
+        device = q.device
+        k = runtime.check_tensor(fn, "k", k, ("total", 2, 64), DTYPE, dims, device)
+        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 4, 32), DTYPE, dims, device)
+        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 2, 32), DTYPE, dims, device)
+        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 4), DTYPE, dims, device)
+        total = q.shape[0]
+        if indices is not None:
+            indices = runtime.check_indices(fn, indices, (total, 2, 16), device)
+        if lse_main is not None:
+            lse_main = runtime.check_tensor(fn, "lse_main", lse_main, ("total", 8), torch.float32, dims,
+                                            device).detach()
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, total, device, 4096, SPEC_NAME)
+        q, k, q_idx, k_idx, w_idx = (packed.pad(x) for x in (q, k, q_idx, k_idx, w_idx))
+        if indices is not None:
+            indices = packed.pad(indices, -1)
+        if lse_main is not None:
+            lse_main = packed.pad(lse_main)
+        loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, packed.row_ok)
+        return loss
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 8, 64), DTYPE, dims)
     device = q.device
     runtime.check_seqlen(fn, q.shape[1], 4096, SPEC_NAME)
@@ -1616,5 +1649,5 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None):
     if lse_main is not None:
         lse_main = runtime.check_tensor(fn, "lse_main", lse_main, ("B", "T", 8), torch.float32, dims,
                                         device).detach().contiguous()
-    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main)
+    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, None)
     return loss

@@ -293,7 +293,7 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
     B, T = 1, 19
     x = inputs(spec, B, T, seed=7, dtype=torch.float32)
     indices = selection(spec, x, [(0, 8, 1)]) if stage == "sparse" else None
-    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None)
+    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None, None)
     x64 = {n: v.double() for n, v in x.items()}
     lse_ref = R.main_lse(spec, x64["q"], x64["k"], indices=indices)
     assert R.rel_err(lse_out, lse_ref) < 1e-6
