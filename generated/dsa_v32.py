@@ -889,18 +889,23 @@ class DSAFunction(torch.autograd.Function):
         return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
 
 
-def _rope(x, theta):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
-    T, half = x.shape[1], x.shape[-1] // 2
+def _rope(x, theta, positions=None):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
+    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
+    T, half = x.shape[-3], x.shape[-1] // 2
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
     freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class DSAttention(torch.nn.Module):
-    """`dsa_v32` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+    """`dsa_v32` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
+    batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
+    at each sequence).
 
     A full layer; it owns every projection it needs:
         q_proj      hidden -> 128 x 576 queries
@@ -924,19 +929,26 @@ class DSAttention(torch.nn.Module):
         self.idx_k_proj = torch.nn.Linear(hidden_size, 128, bias=False, **factory)
         self.idx_w_proj = torch.nn.Linear(hidden_size, 64, bias=False, **factory)
 
-    def forward(self, hidden):
-        B, T, _ = hidden.shape
+    def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
+        positions, varlen = None, {}
+        if cu_seqlens is not None or max_seqlen is not None:
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
+                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
+            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
+                                          hidden.device, 65536, SPEC_NAME)
+            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)
         k = kv[..., 0:576].unflatten(-1, (1, 576))
         if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta)
-            k = _rope(k, self.rope_theta)
+            q = _rope(q, self.rope_theta, positions)
+            k = _rope(k, self.rope_theta, positions)
         q_idx = self.idx_q_proj(hidden).unflatten(-1, (64, 128))
         k_idx = self.idx_k_proj(hidden).unflatten(-1, (1, 128))
         w_idx = self.idx_w_proj(hidden)
-        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), )
-        o = o.flatten(2)
+        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), **varlen)
+        o = o.flatten(-2)
         if not torch.is_autocast_enabled(hidden.device.type):
             o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o)

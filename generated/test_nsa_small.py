@@ -85,6 +85,11 @@ def test_varlen_backward_small():
     testing_varlen.check_backward_varlen(mod, SPEC, VARLEN_SEQLENS)
 
 
+def test_varlen_layer():
+    # The layer's packed path is the same template code for every spec: checked on the small specs only.
+    testing_varlen.check_layer_varlen(mod, SPEC, [3, 0, 2])
+
+
 def test_varlen_bad_arguments_are_named():
     testing_varlen.check_varlen_argument_errors(mod, SPEC, VARLEN_SEQLENS)
 

@@ -170,7 +170,7 @@ def render_test(spec: Spec) -> str:
     return _environment().get_template("test_module.py.j2").render(
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
         gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec),
-        varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec))
+        varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec), small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

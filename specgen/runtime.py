@@ -135,6 +135,10 @@ class Packed:
         pos = torch.arange(max_seqlen, device=cu.device)
         self.row_ok = pos[None, :] < (cu[1:] - cu[:-1])[:, None]         # [N, max_seqlen] rows holding a token
 
+    def positions(self) -> torch.Tensor:
+        """Position of each packed token within its sequence, [total] (0 at every sequence's start)."""
+        return self.dst % self.max_seqlen
+
     def pad(self, x: torch.Tensor, fill=0) -> torch.Tensor:
         """[total, ...] -> [N, max_seqlen, ...], `fill` in the padding; differentiable (index_copy)."""
         rest = tuple(x.shape[1:])

@@ -228,3 +228,34 @@ def check_varlen_argument_errors(module, spec, lengths, *, device=None) -> None:
             module.distill_loss(*args, cu_seqlens=cu, max_seqlen=longest - 1)
         with pytest.raises(ArgumentError, match="`cu_seqlens`"):
             module.distill_loss(*args, cu_seqlens=cu.long(), max_seqlen=longest)
+
+
+def check_layer_varlen(module, spec, lengths, *, hidden: int = 32, device=None, seed=None) -> None:
+    """The attention layer on a packed batch [total, hidden] equals the layer run on each sequence alone (RoPE
+    positions restart per sequence), and its parameters' gradients equal the sum over the sequences."""
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    where = f"[spec {spec.name}, packed lengths {list(lengths)}, device={device}, seed={seed}]"
+    torch.manual_seed(seed)
+    layer = module.__dict__[f"{spec.family.upper()}ttention"](hidden, device=device)
+    x = torch.randn(sum(lengths), hidden, device=device)
+    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)
+    out = layer(x, cu_seqlens=cu, max_seqlen=max(lengths))
+    assert out.shape == x.shape, f"layer output {list(out.shape)} {where}"
+    out.square().sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    layer.zero_grad()
+    parts = []
+    for start, end in sequences(cu):
+        if end > start:
+            o = layer(x[None, start:end])[0]
+            o.square().sum().backward()
+            parts.append(o.detach())
+    err = reference.rel_err(out.detach().double(), torch.cat(parts).double())
+    assert err < OUT_TOL[module.DTYPE], f"packed layer output rel err {err:.2e} against per-sequence runs {where}"
+    for n, p in layer.named_parameters():
+        if p.grad is None:
+            assert n not in packed_grads, f"{n}: gradient in the packed run only {where}"
+            continue
+        e = reference.rel_err(packed_grads[n].double(), p.grad.double())
+        assert e < GRAD_TOL[module.DTYPE], f"{n}: packed gradient rel err {e:.2e} against per-sequence runs {where}"
