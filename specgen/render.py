@@ -164,13 +164,14 @@ SMALL_SPEC_WIDTH = 512
 
 
 def render_test(spec: Spec) -> str:
-    from .testing_plan import cpu_seqlens, gpu_seqlens, gpu_varlen_seqlens, varlen_seqlens
+    from .testing_plan import cpu_seqlens, gpu_seqlens, gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens
 
     small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
     return _environment().get_template("test_module.py.j2").render(
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
         gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec),
-        varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec), small=small)
+        varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
+        gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec), small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -50,3 +50,14 @@ def gpu_varlen_seqlens(spec: Spec) -> list[int]:
     scale = spec.max_seqlen / 65536
     head = [int(n * scale) for n in lengths[:2]]
     return head + [spec.max_seqlen - sum(head), 0]
+
+
+def gpu_varlen_backward_seqlens(spec: Spec) -> list[int]:
+    """The GPU varlen backward's packed batch: the forward's 64k tokens where the padded fwd+bwd state fits one
+    GPU; a quarter of that (16k: 10000, 5000, 1384, 0) for specs as wide as MLA (q heads x head dim > 64 x 192),
+    whose padded fp32 dQ alone would take 47 GB at 64k."""
+    lengths = gpu_varlen_seqlens(spec)
+    if spec.heads.q * spec.head_dim.qk <= 64 * 192:
+        return lengths
+    head = [n // 4 for n in lengths[:2]]
+    return head + [sum(lengths) // 4 - sum(head), 0]

@@ -33,9 +33,10 @@ class PackedCase:
                       f"seed={self.seed} (SPECGEN_TEST_SEED={self.seed} reproduces)]")
         self.gen = torch.Generator(device="cpu").manual_seed(self.seed)
         batched = reference.make_inputs(spec, 1, self.total, dtype=torch.float64, device="cpu", generator=self.gen)
+        # The kernel's inputs; the reference sees exactly these values in float64, converted one sequence at a
+        # time (`sequence`): a 64k-token batch of wide heads would not fit in float64 at once.
         self.inputs = {n: (x if n in SHARED else x[0]).to(device=self.device, dtype=module.DTYPE)
                        for n, x in batched.items()}
-        self.exact = {n: x.to(torch.float64) for n, x in self.inputs.items()}
         offsets = [0]
         for n in self.lengths:
             offsets.append(offsets[-1] + n)
@@ -44,19 +45,23 @@ class PackedCase:
     def varlen(self) -> dict:
         return {"cu_seqlens": self.cu_seqlens, "max_seqlen": self.max_seqlen}
 
+    def sequence(self, start, end, rows=None) -> dict:
+        """One sequence's inputs in float64 as a batch of one (queries: its last `rows` rows)."""
+        return {n: x.to(torch.float64) for n, x in sequence_inputs(self.inputs, start, end, rows).items()}
+
 
 def _fn(module, spec, kind):
     return module.__dict__[f"{spec.family}_{kind}"]
 
 
-def _check_selection(spec, case, indices, covered, rows, query_chunk, dtype):
+def _check_selection(spec, case, indices, rows, query_chunk, dtype):
     """Per sequence: the kernel's selection is a valid top-n of the reference scores (positions relative to the
     sequence's start)."""
     offset = 0
     for start, end in sequences(case.cu_seqlens):
         if end == start:
             continue
-        seq = sequence_inputs(case.exact, start, end, rows)
+        seq = case.sequence(start, end, rows)
         r = seq["q"].shape[1]
         scored = reference.nsa_forward(spec, **seq, query_chunk=query_chunk)
         try:
@@ -92,9 +97,9 @@ def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=
     if indices is not None:
         assert tuple(indices.shape) == (case.total, spec.heads.kv, spec.selection.top_k), f"indices {where}"
         indices = indices[covered]
-        _check_selection(spec, case, indices, covered, rows, query_chunk, dtype)
+        _check_selection(spec, case, indices, rows, query_chunk, dtype)
     ref = reference.nsa_forward_varlen(spec, case.cu_seqlens, indices=indices, rows=rows, query_chunk=query_chunk,
-                                       **case.exact)
+                                       dtype=torch.float64, **case.inputs)
     err = reference.rel_err(got[covered].to(torch.float64), ref.out)
     assert err < OUT_TOL[dtype], f"output rel err {err:.3e} >= {OUT_TOL[dtype]:.0e} {where}"
     _check_lse(spec, lse[covered], ref.lse, where, dtype)
@@ -108,31 +113,55 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
     dtype, where = module.DTYPE, case.where
     names = differentiable_inputs(spec)
     leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in case.inputs.items()}
-    dout = torch.randn(case.total, spec.heads.q, spec.head_dim.v, generator=case.gen, dtype=torch.float64)
+    # The output gradient lives on the checked rows only (all rows unless `rows` samples them).
     covered = query_rows(case.cu_seqlens, rows)
-    if rows is not None:  # the output gradient lives on the checked rows only
-        dout = torch.zeros_like(dout).index_copy_(0, covered, dout[covered])
-    dout = dout.to(case.device, dtype)
+    sampled = torch.randn(covered.numel(), spec.heads.q, spec.head_dim.v, generator=case.gen, dtype=torch.float64)
     covered = covered.to(case.device)
+    dout = torch.zeros((case.total, spec.heads.q, spec.head_dim.v), dtype=dtype, device=case.device)
+    dout.index_copy_(0, covered, sampled.to(case.device, dtype))
+    del sampled
     result = _fn(module, spec, "attention")(**leaves, return_indices=spec.selection is not None, **case.varlen())
     out, indices = result if spec.selection is not None else (result, None)
     assert tuple(out.shape) == (case.total, spec.heads.q, spec.head_dim.v), f"out {list(out.shape)} {where}"
     out.backward(dout)
 
-    exact = {n: x.detach().clone().requires_grad_(n in names) for n, x in case.exact.items()}
-    dout64 = dout.to(torch.float64)
-    ref_outs, offset = [], 0
+    # The reference per sequence (float64 leaves of that sequence; the shared pooling weights are one leaf for all
+    # sequences). Errors are Frobenius norms accumulated over the sequences; rows outside `rows` have a zero
+    # reference gradient on the query side.
+    shared = {n: case.inputs[n].detach().to(torch.float64).requires_grad_(n in names)
+              for n in case.inputs if n in SHARED}
+    num = {n: 0.0 for n in names}
+    den = {n: 0.0 for n in names}
+    out_num = out_den = 0.0
+    offset = 0
+    packed_indices = None if indices is None else indices[covered]
     for start, end in sequences(case.cu_seqlens):
         if end == start:
             continue
-        seq = sequence_inputs(exact, start, end, rows)
+        seq = {n: x.requires_grad_(n in names) for n, x in case.sequence(start, end, rows).items() if n not in SHARED}
         r = seq["q"].shape[1]
-        idx = None if indices is None else indices[covered][offset:offset + r][None]
-        ref = reference.nsa_forward(spec, **seq, indices=idx, query_chunk=query_chunk)
-        (ref.out[0] * dout64[end - r:end]).sum().backward()
-        ref_outs.append(ref.out[0].detach())
+        idx = None if packed_indices is None else packed_indices[offset:offset + r][None]
         offset += r
-    err = reference.rel_err(out.detach()[covered].to(torch.float64), torch.cat(ref_outs))
+        ref = reference.nsa_forward(spec, **seq, **shared, indices=idx, query_chunk=query_chunk)
+        (ref.out[0] * dout[end - r:end].to(torch.float64)).sum().backward()
+        out_num += (out.detach()[end - r:end].to(torch.float64) - ref.out[0].detach()).square().sum().item()
+        out_den += ref.out.detach().square().sum().item()
+        for n in names:
+            if n in SHARED:
+                continue
+            got = leaves[n].grad
+            want = seq[n].grad[0] if seq[n].grad is not None else torch.zeros_like(seq[n][0])
+            first = end - want.shape[0]                      # query side: the sampled rows only
+            num[n] += (got[first:end].to(torch.float64) - want).square().sum().item()
+            num[n] += got[start:first].to(torch.float64).square().sum().item()
+            den[n] += want.square().sum().item()
+        del ref, seq
+    for n, leaf in shared.items():
+        if n in names:
+            want = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            num[n] = (leaves[n].grad.to(torch.float64) - want).square().sum().item()
+            den[n] = want.square().sum().item()
+    err = (out_num / out_den) ** 0.5 if out_den > 0 else out_num ** 0.5
     assert err < OUT_TOL[dtype], f"output rel err {err:.3e} >= {OUT_TOL[dtype]:.0e} {where}"
     errors = {}
     for n in names:
@@ -140,14 +169,11 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
         assert got is not None, f"no gradient reached `{n}` {where}"
         assert got.dtype == dtype and got.shape == leaves[n].shape, f"d{n}: {got.dtype} {list(got.shape)} {where}"
         assert torch.isfinite(got).all(), f"non-finite gradient of `{n}` {where}"
-        want = exact[n].grad if exact[n].grad is not None else torch.zeros_like(exact[n])
-        if n in ZERO_GRADIENTS:
-            sibling = exact[ZERO_GRADIENTS[n]].grad
-            scale = torch.linalg.vector_norm(sibling).item() if sibling is not None else 0.0
-            diff = torch.linalg.vector_norm(got.to(torch.float64) - want).item()
-            errors[n] = diff / scale if scale > 0 else diff
+        if n in ZERO_GRADIENTS:  # measured against the scale of a sibling gradient (specgen.testing)
+            scale = den[ZERO_GRADIENTS[n]] ** 0.5
+            errors[n] = num[n] ** 0.5 / scale if scale > 0 else num[n] ** 0.5
         else:
-            errors[n] = reference.rel_err(got.to(torch.float64), want)
+            errors[n] = (num[n] / den[n]) ** 0.5 if den[n] > 0 else num[n] ** 0.5
     bad = {n: e for n, e in errors.items() if not e < GRAD_TOL[dtype]}
     assert not bad, (f"gradient rel err >= {GRAD_TOL[dtype]:.0e}: " + ", ".join(f"d{n} {e:.3e}" for n, e in bad.items())
                      + f" (all: {', '.join(f'd{n} {e:.1e}' for n, e in errors.items())}) {where}")

@@ -426,4 +426,5 @@ def test_renders_v32():
     src = render_distill_module(V32)
     ast.parse(src)
     assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
-    assert "def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None)" in src
+    assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, cu_seqlens=None, "
+            "max_seqlen=None)") in src

@@ -59,9 +59,11 @@ class VarlenResult:
 
 
 def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None, rows: int | None = None,
-                       query_chunk: int | None = None, **inputs) -> VarlenResult:
+                       query_chunk: int | None = None, dtype: torch.dtype | None = None, **inputs) -> VarlenResult:
     """The reference forward of a packed batch (NSA and DSA specs): `inputs` as the kernels take them, packed
-    [total, ...]; `indices` (packed over the covered rows, like the result) replace the scorer's choice."""
+    [total, ...]; `indices` (packed over the covered rows, like the result) replace the scorer's choice. With
+    `dtype` (float64), each sequence's inputs are converted when it is computed: a 64k-token batch of wide heads
+    never exists in float64 at once."""
     parts = []
     outs, lses, idxs = [], [], []
     offset = 0
@@ -70,6 +72,8 @@ def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None,
             parts.append((start, end, None))
             continue
         seq = sequence_inputs(inputs, start, end, rows)
+        if dtype is not None:
+            seq = {n: x.to(dtype) for n, x in seq.items()}
         r = seq["q"].shape[1]
         idx = None if indices is None else indices[offset:offset + r][None]
         res = nsa_forward(spec, **seq, indices=idx, query_chunk=query_chunk)
@@ -79,10 +83,10 @@ def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None,
         lses.append(res.lse[0])
         if res.indices is not None:
             idxs.append(res.indices[0])
-    q = inputs["q"]
     if not outs:  # every sequence empty
-        empty = q.new_zeros((0, spec.heads.q, spec.head_dim.v))
-        return VarlenResult(empty, q.new_zeros((0, spec.heads.q, len(spec.branches))), None, parts)
+        q = inputs["q"].to(dtype or inputs["q"].dtype)
+        return VarlenResult(q.new_zeros((0, spec.heads.q, spec.head_dim.v)),
+                            q.new_zeros((0, spec.heads.q, len(spec.branches))), None, parts)
     return VarlenResult(torch.cat(outs), torch.cat(lses), torch.cat(idxs) if idxs else None, parts)
 
 
