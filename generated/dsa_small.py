@@ -1616,7 +1616,6 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, cu_s
         do not count).
     lse_main: optional fp32 [B, T, 8] natural-log log-sum-exp of the main attention over the same support (dense
         causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
-
     cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func: every [B, T, ...] argument
         (indices and lse_main included) is [total, ...] instead, cu_seqlens int32 [N+1], max_seqlen an int >= the
         longest sequence; indices relative to each sequence's start. Runs as a padded [N, max_seqlen] batch whose

@@ -185,11 +185,19 @@ def check_distill_varlen(module, spec, lengths, stage, *, device=None, seed=None
     k_idx, w_idx against the reference summed over sequences and divided by the valid rows of the whole batch."""
     case = PackedCase(module, spec, lengths, device, seed, stage)
     inputs, dtype, where = case.inputs, module.DTYPE, case.where
-    indices = None
+    indices = lse_main = None
     if stage == "sparse":
-        _, indices = _fn(module, spec, "forward")(**inputs, return_indices=True, **case.varlen())
+        # The sparse forward's log-sum-exp is the main attention's over the support: `lse_main`, packed too.
+        _, lse, indices = _fn(module, spec, "forward")(**inputs, return_lse=True, return_indices=True, **case.varlen())
+        lse_main = lse[..., spec.branches.index("selection")].contiguous()
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
     loss = module.distill_loss(inputs["q"], inputs["k"], **trained, indices=indices, **case.varlen())
+    if lse_main is not None:
+        with torch.no_grad():
+            given = module.distill_loss(inputs["q"], inputs["k"], *trained.values(), indices=indices,
+                                        lse_main=lse_main, **case.varlen())
+        diff = abs(given.item() - loss.item()) / max(abs(loss.item()), 1e-6)
+        assert diff < OUT_TOL[dtype], f"loss with the packed lse_main differs by {diff:.2e} {where}"
     upstream = 0.5 + torch.rand((), generator=case.gen).item()
     (loss * upstream).backward()
     exact = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in trained.items()}
