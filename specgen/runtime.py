@@ -6,6 +6,7 @@ templates or calls sympy. Keep it that way: no imports from the rest of specgen 
 
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -184,7 +185,10 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
                             f"longest sequence, an int (as in flash_attn_varlen_func)")
     if isinstance(max_seqlen, torch.Tensor) and max_seqlen.numel() == 1 and not _compiling():
         max_seqlen = int(max_seqlen)
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1:
+    elif not isinstance(max_seqlen, (int, torch.SymInt, torch.Tensor)) and hasattr(max_seqlen, "__index__"):
+        max_seqlen = operator.index(max_seqlen)  # numpy integers
+    # (torch.compile may pass a SymInt: a size it traces symbolically.)
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) or max_seqlen < 1:
         raise ArgumentError(f"{fn}: argument `max_seqlen` must be a positive int (the longest sequence's length), "
                             f"got {max_seqlen!r}")
     if max_seqlen > spec_max_seqlen:

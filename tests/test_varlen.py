@@ -89,7 +89,7 @@ def test_reference_varlen_is_per_sequence():
 def test_all_sequences_empty():
     """A packed batch of empty sequences: empty results and gradients, a zero distillation-free call, no error."""
     mod = specgen.load(SMALL)
-    case = testing_varlen.PackedCase(mod, SMALL, [0, 0], "cpu", 1)
+    case = testing_varlen.PackedCase(mod, SMALL, [0, 0], None, 1)
     case.max_seqlen = 1
     out, lse, idx = mod.nsa_forward(**case.inputs, return_lse=True, return_indices=True, **case.varlen())
     assert out.shape == (0, 4, 32) and lse.shape == (0, 4, 3) and idx.shape == (0, 2, 4)
@@ -121,7 +121,7 @@ def test_varlen_under_compile():
     eager output and gradients."""
     spec = SMALL
     mod = specgen.load(spec)
-    case = testing_varlen.PackedCase(mod, spec, [9, 0, 4], "cpu", 1)
+    case = testing_varlen.PackedCase(mod, spec, [9, 0, 4], None, 1)
     names = testing.differentiable_inputs(spec)
 
     def run(fn):
