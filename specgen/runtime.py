@@ -141,10 +141,11 @@ class Packed:
         return self.dst % self.max_seqlen
 
     def pad(self, x: torch.Tensor, fill=0) -> torch.Tensor:
-        """[total, ...] -> [N, max_seqlen, ...], `fill` in the padding; differentiable (index_copy)."""
+        """[total, ...] -> [N, max_seqlen, ...], `fill` in the padding; differentiable in x (index_copy_)."""
         rest = tuple(x.shape[1:])
         base = torch.full((self.n * self.max_seqlen,) + rest, fill, dtype=x.dtype, device=x.device)
-        return base.index_copy(0, self.dst, x).view((self.n, self.max_seqlen) + rest)
+        # In place: the out-of-place index_copy would clone the padded buffer (twice its memory at once).
+        return base.index_copy_(0, self.dst, x).view((self.n, self.max_seqlen) + rest)
 
     def unpad(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """[N, max_seqlen, ...] -> [total, ...] (into `out` when given); differentiable (index_select)."""
