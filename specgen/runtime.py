@@ -159,13 +159,18 @@ def _compiling() -> bool:
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
+def _no_host_reads() -> bool:
+    """Under torch.compile or while a CUDA graph is captured, reading a tensor on the host is not allowed."""
+    return _compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.device, spec_max_seqlen: int,
                  spec_name: str) -> Packed:
     """Check a packed batch's cu_seqlens and max_seqlen and return its pad/unpad map.
 
     The values of cu_seqlens are checked too (starts at 0, non-decreasing, ends at `total`, no sequence longer
-    than max_seqlen): that reads them on the host once per call. Under torch.compile the values are not read
-    (no graph break); as with flash-attn, wrong values are then the caller's bug.
+    than max_seqlen): that reads them on the host once per call. Under torch.compile or CUDA graph capture the
+    values are not read (no graph break, no sync); as with flash-attn, wrong values are then the caller's bug.
     """
     if cu_seqlens is None:
         raise ArgumentError(f"{fn}: `max_seqlen` was given without `cu_seqlens`; pass both for a packed batch "
@@ -195,7 +200,7 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
     if max_seqlen > spec_max_seqlen:
         raise ArgumentError(f"{fn}: max_seqlen={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
                             f"(spec {spec_name}); raise max_seqlen in the spec and rebuild")
-    if not _compiling():
+    if not _no_host_reads():
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ArgumentError(f"{fn}: argument `cu_seqlens` must start at 0, got {cu[0]}")
