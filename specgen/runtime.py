@@ -217,3 +217,27 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
             raise ArgumentError(f"{fn}: sequence {i} has {lens[i]} tokens but `max_seqlen` is {max_seqlen}; pass "
                                 f"max_seqlen >= the longest sequence ({max(lens)})")
     return Packed(cu_seqlens, max_seqlen, total)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantised to float8_e4m3fn row by row (over the last dim): (x8, scale fp32 [...]) with x ~ x8 * scale.
+
+    scale = amax(|row|) / 448, so every row uses the whole e4m3 range; an all-zero row gets scale 1. Computed in
+    fp32 (exact for bf16 inputs) by torch's round-to-nearest-even cast, the one rounding that the kernels, the
+    decode cache and the float64 reference all share through this function.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def require_fp8(fn: str, device: torch.device) -> None:
+    """fp8 dots need sm89+ (Ada, Hopper); the CPU interpreter emulates them."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ArgumentError(f"{fn}: the spec's indexer runs in fp8_e4m3, which needs a GPU of compute capability "
+                            f"8.9 or newer (this is {torch.cuda.get_device_name(device)}); build a spec with "
+                            f"indexer.dtype: bf16")

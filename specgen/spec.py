@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 BRANCHES = ("compression", "selection", "window")
 DTYPES = ("bf16", "fp16", "fp32")
 INDEXER_DTYPES = ("bf16", "fp8_e4m3")
+INDEXER_STAGES = ("dense", "sparse")
 # The largest head dim the kernels split into power-of-two parts (576 = 512 + 64 for MLA).
 MAX_HEAD_DIM = 1024
 
@@ -86,8 +87,11 @@ class Window:
 class Indexer:
     heads: int = _f("indexer heads H_I", 4)
     head_dim: int = _f("indexer head dim d_I (a power of two, at least 16)", 64)
-    dtype: str = _f("indexer q/k dtype", "bf16", choices=INDEXER_DTYPES)
+    dtype: str = _f("dtype the top-k scores in: bf16, or fp8_e4m3 (q_I per (token, head) and k_I per token scaled "
+                    "by amax/448; needs a GPU with fp8, sm89+)", "bf16", choices=INDEXER_DTYPES)
     scale: float | None = _f("index score scale; null means d_I^-1/2 * H_I^-1/2", None)
+    stage: str = _f("training stage distill_loss defaults to: dense (warm-up, target over all s <= t) or sparse "
+                    "(target over the selected set)", "sparse", choices=INDEXER_STAGES)
 
 
 @dataclass(frozen=True)
@@ -446,9 +450,9 @@ def _validate(spec: Spec, where: _Located) -> None:
             raise err("indexer.head_dim", f"{idx.head_dim} is not a power of two >= 16", "use 32, 64 or 128")
         if idx.heads < 1:
             raise err("indexer.heads", "must be at least 1", "set a positive number of indexer heads")
-        if idx.dtype == "fp8_e4m3":
-            raise err("indexer.dtype", "fp8 indexer keys are not generated yet (their per-token scales are planned)",
-                      "use dtype: bf16", cls=UnsupportedSpecError)
+        if idx.dtype == "fp8_e4m3" and idx.head_dim < 32:
+            raise err("indexer.dtype", f"fp8 dots need a reduction dim of at least 32 on the GPU; head_dim is "
+                      f"{idx.head_dim}", "use indexer.head_dim >= 32, or dtype: bf16", cls=UnsupportedSpecError)
     if win is not None and win.size < 1:
         raise err("window.size", "must be at least 1", "set a positive window")
     if spec.family == "dsa" and (sel is None or sel.scorer != "indexer" or present != {"selection"}):

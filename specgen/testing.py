@@ -119,6 +119,37 @@ def check_forward(module, spec: Spec, B: int, T: int, *, device: str | None = No
     return ForwardReport(seed, out_err, lse_err)
 
 
+def check_index_topk(module, spec: Spec, B: int, T: int, *, device: str | None = None,
+                     seed: int | None = None) -> None:
+    """`index_topk` with scores: the same indices as the forward's own selection, and each selected unit's score
+    equal to the float64 reference's (the index score I[t, s], or the block's log-sum-exp, +inf when forced;
+    -inf at padding). With an fp8 indexer both sides round q_I, k_I by runtime.fp8_rows."""
+    case = random_case(module, spec, B, T, device, seed, what="index_topk")
+    x, where = case.inputs, case.where
+    names = ("q_idx", "k_idx", "w_idx")
+    indices, scores = module.index_topk(*(x[n] for n in names), return_scores=True)
+    _, _, own = module.__dict__[f"{spec.family}_forward"](**x, return_lse=True, return_indices=True)
+    assert torch.equal(indices, own), f"index_topk and the forward select differently {where}"
+    I = reference.indexer_scores(spec, *(case.exact[n] for n in names))            # [B, T, Hkv, T]
+    unit = spec.selection.block if spec.selection.granularity == "block" else 1
+    if unit > 1:
+        I = reference.indexer_block_scores(spec, I)
+        t = torch.arange(T).view(1, T, 1, 1)
+        j = indices.cpu().long()
+        forced = (j >= 0) & ((j < spec.selection.initial) | ((t // unit - j >= 0) & (t // unit - j < spec.selection.local)))
+    else:
+        forced = torch.zeros(indices.shape, dtype=torch.bool)
+    idx, got = indices.cpu().long(), scores.cpu().double()
+    pad = idx < 0
+    assert bool((got[pad] == float("-inf")).all()), f"padding slots must score -inf {where}"
+    assert bool((got[forced] == float("inf")).all()), f"forced blocks must score +inf {where}"
+    want = I.gather(-1, idx.clamp(min=0))
+    ranked = ~pad & ~forced
+    if ranked.any():
+        err = reference.rel_err(got[ranked], want[ranked])
+        assert err < 1e-4, f"selected scores rel err {err:.3e} {where}"
+
+
 def inputs_for(module, spec: Spec, B: int, T: int, device: str | None = None) -> dict:
     device = device or test_device()
     inputs = reference.make_inputs(spec, B, T, dtype=torch.float64, device="cpu")
@@ -391,7 +422,7 @@ def check_distill(module, spec: Spec, B: int, T: int, stage: str, *, device: str
         _, indices = module.__dict__[f"{spec.family}_forward"](**inputs, return_indices=True)
     main_k = inputs["k"]
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
-    loss = module.distill_loss(inputs["q"], main_k, **trained, indices=indices)
+    loss = module.distill_loss(inputs["q"], main_k, **trained, indices=indices, stage=stage)
     upstream = 0.5 + torch.rand((), generator=gen).item()
     (loss * upstream).backward()
     exact = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in trained.items()}

@@ -96,6 +96,9 @@ def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=
     covered = query_rows(case.cu_seqlens, rows).to(got.device)
     if indices is not None:
         assert tuple(indices.shape) == (case.total, spec.heads.kv, spec.selection.top_k), f"indices {where}"
+        if hasattr(module, "index_topk"):
+            alone = module.index_topk(*(case.inputs[n] for n in ("q_idx", "k_idx", "w_idx")), **case.varlen())
+            assert torch.equal(alone, indices), f"packed index_topk and the packed forward select differently {where}"
         indices = indices[covered]
         _check_selection(spec, case, indices, rows, query_chunk, dtype)
     ref = reference.nsa_forward_varlen(spec, case.cu_seqlens, indices=indices, rows=rows, query_chunk=query_chunk,
@@ -191,11 +194,12 @@ def check_distill_varlen(module, spec, lengths, stage, *, device=None, seed=None
         _, lse, indices = _fn(module, spec, "forward")(**inputs, return_lse=True, return_indices=True, **case.varlen())
         lse_main = lse[..., spec.branches.index("selection")].contiguous()
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
-    loss = module.distill_loss(inputs["q"], inputs["k"], **trained, indices=indices, **case.varlen())
+    loss = module.distill_loss(inputs["q"], inputs["k"], **trained, indices=indices, stage=stage, **case.varlen())
     if lse_main is not None:
+        # The same loss with the packed lse_main given, and the selection left to the indexer's own top-k.
         with torch.no_grad():
-            given = module.distill_loss(inputs["q"], inputs["k"], *trained.values(), indices=indices,
-                                        lse_main=lse_main, **case.varlen())
+            given = module.distill_loss(inputs["q"], inputs["k"], *trained.values(), lse_main=lse_main,
+                                        stage="sparse", **case.varlen())
         diff = abs(given.item() - loss.item()) / max(abs(loss.item()), 1e-6)
         assert diff < OUT_TOL[dtype], f"loss with the packed lse_main differs by {diff:.2e} {where}"
     upstream = 0.5 + torch.rand((), generator=case.gen).item()

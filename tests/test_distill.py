@@ -271,7 +271,7 @@ def test_kernel_matches_reference(case, tmp_path_factory):
 
     xk = {n: v.clone().requires_grad_(True) for n, v in x.items()}
     lse = R.main_lse(spec, x64["q"], x64["k"], indices=indices).float() if given else None
-    loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
+    loss = module.distill_loss(**xk, indices=indices, lse_main=lse, stage=stage)
     assert loss.dtype == torch.float32 and loss.shape == ()
     loss.backward()
     tol_loss, tol_grad = TOL[dtype]
@@ -307,7 +307,7 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
     grads = []
     for _ in range(2):
         xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
-        module.distill_loss(**xk, indices=indices).backward()
+        module.distill_loss(**xk, indices=indices, stage=stage).backward()
         grads.append([xk[n].grad for n in IDX_INPUTS])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
@@ -406,12 +406,37 @@ def test_committed_dsa_specs(name, T, stage, tmp_path_factory):
     ref = R.distill_loss(spec, **x64, indices=indices)
     ref.backward()
     xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
-    loss = module.distill_loss(**xk, indices=indices)
+    loss = module.distill_loss(**xk, indices=indices, stage=stage)
     loss.backward()
     tol_loss, tol_grad = TOL[spec.dtype]
     assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6
     for n in IDX_INPUTS:
         assert R.rel_err(xk[n].grad, x64[n].grad) < tol_grad, n
+
+
+def test_stage_field_and_argument(tmp_path_factory):
+    """stage=None follows the spec's indexer.stage (sparse: over the indexer's own top-k when no indices are
+    given); an explicit stage wins; the dense stage refuses indices."""
+    from specgen.runtime import ArgumentError
+    from specgen.spec import replace
+
+    sparse_spec = spec_of("gqa")
+    assert sparse_spec.indexer.stage == "sparse"
+    dense_spec = replace(sparse_spec, **{"indexer.stage": "dense"})
+    x = inputs(sparse_spec, 1, 21, seed=5, dtype=torch.float32)
+    sparse = kernel_module(sparse_spec, tmp_path_factory)
+    dense = kernel_module(dense_spec, tmp_path_factory)
+    own = sparse.index_topk(x["q_idx"], x["k_idx"], x["w_idx"])
+    assert torch.equal(sparse.distill_loss(**x), sparse.distill_loss(**x, indices=own))
+    assert torch.equal(dense.distill_loss(**x), sparse.distill_loss(**x, stage="dense"))
+    assert torch.equal(dense.distill_loss(**x, stage="sparse"), dense.distill_loss(**x, indices=own))
+    x64 = {n: v.double() for n, v in x.items()}
+    assert abs(dense.distill_loss(**x).item() - R.distill_loss(sparse_spec, **x64).item()) < 1e-5
+    assert abs(sparse.distill_loss(**x).item() - R.distill_loss(sparse_spec, **x64, indices=own).item()) < 1e-5
+    with pytest.raises(ArgumentError, match="takes no `indices`"):
+        sparse.distill_loss(**x, indices=own, stage="dense")
+    with pytest.raises(ArgumentError, match="`stage`"):
+        sparse.distill_loss(**x, stage="warmup")
 
 
 @pytest.mark.parametrize("spec", [V32, spec_of("gqa"), spec_of("mqa"), spec_of("group3"), spec_of("wide_k")],
@@ -426,5 +451,5 @@ def test_renders_v32():
     src = render_distill_module(V32)
     ast.parse(src)
     assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
-    assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, cu_seqlens=None, "
-            "max_seqlen=None)") in src
+    assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,\n"
+            "                 max_seqlen=None)") in src

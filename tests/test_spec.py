@@ -895,12 +895,19 @@ VALIDATE_CASES = [
         indexer:
           heads: 0 #<
         """, "indexer.heads", SpecError, "at least 1"),
-    ("indexer-fp8", """
+    ("indexer-fp8-narrow", """
         name: a
         selection: {granularity: token, scorer: indexer}
         indexer:
+          head_dim: 16
           dtype: fp8_e4m3 #<
-        """, "indexer.dtype", UnsupportedSpecError, "fp8"),
+        """, "indexer.dtype", UnsupportedSpecError, "reduction dim of at least 32"),
+    ("indexer-stage", """
+        name: a
+        selection: {granularity: token, scorer: indexer}
+        indexer:
+          stage: warmup #<
+        """, "indexer.stage", SpecError, "not one of dense, sparse"),
     ("window-size-zero", """
         name: a
         window:

@@ -60,7 +60,7 @@ def _chunk_kl(spec, q, k, q_idx, k_idx, w_idx, indices, positions):
     B, C, Hkv, T = p.shape
     support = support.expand(B, C, Hkv, T)
     valid = support.any(-1)                                                            # [B, C, Hkv]
-    I = indexer_scores_chunk(spec, q_idx, k_idx, w_idx, positions)                     # [B, C, Hkv, T]
+    I = indexer_scores_chunk(spec, q_idx, k_idx, w_idx, positions, quantize=False)     # [B, C, Hkv, T]
     I = I.masked_fill(~support, NEG_INF)
     I = torch.where(valid[..., None], I, torch.zeros_like(I))                          # empty rows: finite
     log_q = torch.log_softmax(I, dim=-1)
@@ -77,7 +77,7 @@ def distill_row_kl(spec, q, k, q_idx, k_idx, w_idx, *, indices=None):
     p, _ = _main_probs(spec, q, k, support)
     support = support.expand(p.shape)
     valid = support.any(-1)
-    I = indexer_scores_chunk(spec, q_idx, k_idx, w_idx, positions).masked_fill(~support, NEG_INF)
+    I = indexer_scores_chunk(spec, q_idx, k_idx, w_idx, positions, quantize=False).masked_fill(~support, NEG_INF)
     log_q = torch.log_softmax(torch.where(valid[..., None], I, torch.zeros_like(I)), dim=-1)
     log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
     term = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(log_q))

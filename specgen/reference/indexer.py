@@ -4,12 +4,17 @@
 
 with scale = spec.indexer.scale, or d_I^-1/2 * H_I^-1/2 when null. One index key per token and kv group; the
 indexer heads of kv group g are columns g*H_I .. g*H_I + H_I - 1 of q_idx and w_idx.
+
+With indexer.dtype fp8_e4m3 the top-k ranks scores of q_I and k_I rounded to e4m3 row by row
+(`specgen.runtime.fp8_rows`, the kernels' own quantiser), then computed here in the caller's precision; the
+distillation loss trains on the unrounded values (`quantize=False`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import runtime
 from ._core import NEG_INF, query_chunks, query_positions, top_units
 
 
@@ -18,9 +23,18 @@ def indexer_scale(spec) -> float:
     return idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5
 
 
+def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
+    """x as the fp8 indexer sees it: e4m3 values times their row scale, in x's dtype."""
+    x8, scale = runtime.fp8_rows(x)
+    return x8.to(x.dtype) * scale.to(x.dtype).unsqueeze(-1)
+
+
 def indexer_scores_chunk(spec, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
-                         positions: torch.Tensor) -> torch.Tensor:
-    """Index scores [B, C, Hkv, T] of a chunk of C queries at `positions` against all T index keys."""
+                         positions: torch.Tensor, *, quantize: bool = True) -> torch.Tensor:
+    """Index scores [B, C, Hkv, T] of a chunk of C queries at `positions` against all T index keys (of q_I and k_I
+    rounded to fp8 first when the spec's indexer is fp8 and `quantize`)."""
+    if quantize and spec.indexer.dtype == "fp8_e4m3":
+        q_idx, k_idx = fp8_round_trip(q_idx), fp8_round_trip(k_idx)
     B, C = q_idx.shape[:2]
     Hkv, d_i = k_idx.shape[2], k_idx.shape[3]
     H_I = spec.indexer.heads

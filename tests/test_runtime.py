@@ -1,0 +1,31 @@
+"""specgen.runtime pieces that generated modules share: the fp8 row quantiser."""
+
+import torch
+
+from specgen import runtime
+from specgen.reference.indexer import fp8_round_trip
+
+
+def test_fp8_rows_scale_each_row_to_the_e4m3_range():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 64, generator=gen) * torch.tensor([1e-3, 1.0, 300.0]).view(3, 1, 1)).to(torch.bfloat16)
+    x[1, 2] = 0
+    x8, scale = runtime.fp8_rows(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    amax = x.float().abs().amax(-1)
+    nonzero = amax > 0
+    assert torch.allclose(scale[nonzero], amax[nonzero] / runtime.FP8_MAX, rtol=1e-6)
+    assert scale[1, 2] == 1 and bool((x8[1, 2].float() == 0).all())
+    # The row's largest element lands on 448; every element within e4m3's half-ulp (2^-4 relative) or its
+    # subnormal step.
+    assert torch.allclose(x8.float().abs().amax(-1)[nonzero], torch.tensor(runtime.FP8_MAX))
+    back = x8.float() * scale.unsqueeze(-1)
+    err = (back - x.float()).abs()
+    assert bool((err <= x.float().abs() * 2 ** -4 + scale.unsqueeze(-1) * 2 ** -10).all())
+
+
+def test_reference_round_trip_is_the_kernels_quantiser():
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    x8, scale = runtime.fp8_rows(x)
+    assert torch.equal(fp8_round_trip(x), x8.double() * scale.double().unsqueeze(-1))
