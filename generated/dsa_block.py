@@ -339,16 +339,26 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
                                              WITH_SCORES=scores is not None, num_warps=4)
 
 
-def index_topk(q_idx, k_idx, w_idx, *, return_scores=False):
+def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
     """The lightning indexer's top-k alone (the selection `dsa_forward` makes when `indices` is None).
 
     q_idx [B, T, 64, 128], k_idx [B, T, 1, 128], w_idx [B, T, 64]: bf16.
 
     Returns indices int32 [B, T, 1, 32] (blocks of 64 tokens, ascending, -1 padding last); with return_scores, also
     their fp32 scores [B, T, 1, 32] (the log-sum-exp of I over the block's visible tokens; +inf for forced blocks; -inf at padding).
+    With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
+    [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
     fn = "index_topk"
     dims = {}
+    if cu_seqlens is not None or max_seqlen is not None:
+        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims)
+        device = q_idx.device
+        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 65536, SPEC_NAME)
+        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
+        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
     device = q_idx.device
     runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
@@ -363,8 +373,25 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False):
 
 
 
+def _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx):
+    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
+    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("total", 128, 576), DTYPE, dims)
+    device = q.device
+    k = runtime.check_tensor(fn, "k", k, ("total", 1, 576), DTYPE, dims, device)
+    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims, device)
+    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
+    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
+    return packed, (packed.pad(q), packed.pad(k), packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx))
+
+
 def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=None,
-        return_lse=False, return_indices=False):
+        return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Forward pass of `dsa_block`.
 
     Arguments (layout [B, T, H, D], all bf16 on one device; strided inputs need a unit last stride):
@@ -375,12 +402,31 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         w_idx: [B, T, 64] indexer head weights
         indices: optional int32 [B, T, 1, 32] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 128, 512] (contiguous).
+        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
+            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
+            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
+            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
+            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
+            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 1, 32] (int32, ascending, -1 padding last).
     """
     fn = "dsa_forward"
+    if cu_seqlens is not None or max_seqlen is not None:
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
+        if indices is not None:
+            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 32), q.device), -1)
+        o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o, out),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device
@@ -821,10 +867,11 @@ def _autocast_input(x):
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
-                  return_lse=False, return_indices=False):
+                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Differentiable forward of `dsa_block`: the training entry point (`dsa_forward` is the inference one).
 
-    Same arguments and results as `dsa_forward` (without `out=`). Gradients reach q, k;
+    Same arguments and results as `dsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
+    `max_seqlen` included. Gradients reach q, k;
     not the indexer inputs q_idx, k_idx, w_idx: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
     Works under torch.compile (custom ops `specgen::dsa_block_<hash>_fwd/_bwd` with fake implementations).
@@ -836,6 +883,19 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         q_idx = _autocast_input(q_idx)
         k_idx = _autocast_input(k_idx)
         w_idx = _autocast_input(w_idx)
+    if cu_seqlens is not None or max_seqlen is not None:
+        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
+        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        if indices is not None:
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 32), q.device), -1)
+        o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device
@@ -880,18 +940,23 @@ class DSAFunction(torch.autograd.Function):
         return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
 
 
-def _rope(x, theta):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
-    T, half = x.shape[1], x.shape[-1] // 2
+def _rope(x, theta, positions=None):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
+    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
+    T, half = x.shape[-3], x.shape[-1] // 2
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
     freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class DSAttention(torch.nn.Module):
-    """`dsa_block` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+    """`dsa_block` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
+    batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
+    at each sequence).
 
     A full layer; it owns every projection it needs:
         q_proj      hidden -> 128 x 576 queries
@@ -915,19 +980,26 @@ class DSAttention(torch.nn.Module):
         self.idx_k_proj = torch.nn.Linear(hidden_size, 128, bias=False, **factory)
         self.idx_w_proj = torch.nn.Linear(hidden_size, 64, bias=False, **factory)
 
-    def forward(self, hidden):
-        B, T, _ = hidden.shape
+    def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
+        positions, varlen = None, {}
+        if cu_seqlens is not None or max_seqlen is not None:
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
+                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
+            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
+                                          hidden.device, 65536, SPEC_NAME)
+            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)
         k = kv[..., 0:576].unflatten(-1, (1, 576))
         if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta)
-            k = _rope(k, self.rope_theta)
+            q = _rope(q, self.rope_theta, positions)
+            k = _rope(k, self.rope_theta, positions)
         q_idx = self.idx_q_proj(hidden).unflatten(-1, (64, 128))
         k_idx = self.idx_k_proj(hidden).unflatten(-1, (1, 128))
         w_idx = self.idx_w_proj(hidden)
-        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), )
-        o = o.flatten(2)
+        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), **varlen)
+        o = o.flatten(-2)
         if not torch.is_autocast_enabled(hidden.device.type):
             o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o)

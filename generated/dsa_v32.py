@@ -336,7 +336,7 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
                                              WITH_SCORES=scores is not None, num_warps=4)
 
 
-def index_topk(q_idx, k_idx, w_idx, *, return_scores=False):
+def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
     """The lightning indexer's top-k alone (the selection `dsa_forward` makes when `indices` is None).
 
     q_idx [B, T, 64, 128], k_idx [B, T, 1, 128], w_idx [B, T, 64]: bf16 (rounded to e4m3 per row
@@ -344,9 +344,19 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False):
 
     Returns indices int32 [B, T, 1, 2048] (tokens, ascending, -1 padding last); with return_scores, also
     their fp32 scores [B, T, 1, 2048] (I[t, s]; -inf at padding).
+    With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
+    [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
     fn = "index_topk"
     dims = {}
+    if cu_seqlens is not None or max_seqlen is not None:
+        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims)
+        device = q_idx.device
+        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 65536, SPEC_NAME)
+        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
+        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
     device = q_idx.device
     runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
@@ -362,8 +372,25 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False):
 
 
 
+def _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx):
+    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
+    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("total", 128, 576), DTYPE, dims)
+    device = q.device
+    k = runtime.check_tensor(fn, "k", k, ("total", 1, 576), DTYPE, dims, device)
+    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims, device)
+    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
+    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
+    return packed, (packed.pad(q), packed.pad(k), packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx))
+
+
 def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=None,
-        return_lse=False, return_indices=False):
+        return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Forward pass of `dsa_v32`.
 
     Arguments (layout [B, T, H, D], all bf16 on one device; strided inputs need a unit last stride):
@@ -374,12 +401,31 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         w_idx: [B, T, 64] indexer head weights
         indices: optional int32 [B, T, 1, 2048] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 128, 512] (contiguous).
+        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
+            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
+            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
+            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
+            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
+            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected tokens [B, T, 1, 2048] (int32, ascending, -1 padding last).
     """
     fn = "dsa_forward"
+    if cu_seqlens is not None or max_seqlen is not None:
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
+        if indices is not None:
+            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+        o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o, out),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device
@@ -839,10 +885,11 @@ def _autocast_input(x):
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
-                  return_lse=False, return_indices=False):
+                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Differentiable forward of `dsa_v32`: the training entry point (`dsa_forward` is the inference one).
 
-    Same arguments and results as `dsa_forward` (without `out=`). Gradients reach q, k;
+    Same arguments and results as `dsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
+    `max_seqlen` included. Gradients reach q, k;
     not the indexer inputs q_idx, k_idx, w_idx: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
     Works under torch.compile (custom ops `specgen::dsa_v32_<hash>_fwd/_bwd` with fake implementations).
@@ -854,6 +901,19 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         q_idx = _autocast_input(q_idx)
         k_idx = _autocast_input(k_idx)
         w_idx = _autocast_input(w_idx)
+    if cu_seqlens is not None or max_seqlen is not None:
+        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
+        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
+        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
+        if indices is not None:
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+        o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
     device = q.device
@@ -900,18 +960,23 @@ class DSAFunction(torch.autograd.Function):
         return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
 
 
-def _rope(x, theta):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
-    T, half = x.shape[1], x.shape[-1] // 2
+def _rope(x, theta, positions=None):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
+    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
+    T, half = x.shape[-3], x.shape[-1] // 2
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
     freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class DSAttention(torch.nn.Module):
-    """`dsa_v32` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+    """`dsa_v32` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
+    batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
+    at each sequence).
 
     A full layer; it owns every projection it needs:
         q_proj      hidden -> 128 x 576 queries
@@ -935,19 +1000,26 @@ class DSAttention(torch.nn.Module):
         self.idx_k_proj = torch.nn.Linear(hidden_size, 128, bias=False, **factory)
         self.idx_w_proj = torch.nn.Linear(hidden_size, 64, bias=False, **factory)
 
-    def forward(self, hidden):
-        B, T, _ = hidden.shape
+    def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
+        positions, varlen = None, {}
+        if cu_seqlens is not None or max_seqlen is not None:
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
+                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
+            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
+                                          hidden.device, 65536, SPEC_NAME)
+            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)
         k = kv[..., 0:576].unflatten(-1, (1, 576))
         if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta)
-            k = _rope(k, self.rope_theta)
+            q = _rope(q, self.rope_theta, positions)
+            k = _rope(k, self.rope_theta, positions)
         q_idx = self.idx_q_proj(hidden).unflatten(-1, (64, 128))
         k_idx = self.idx_k_proj(hidden).unflatten(-1, (1, 128))
         w_idx = self.idx_w_proj(hidden)
-        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), )
-        o = o.flatten(2)
+        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), **varlen)
+        o = o.flatten(-2)
         if not torch.is_autocast_enabled(hidden.device.type):
             o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o)
@@ -1606,10 +1678,11 @@ def _distill_inverse_index(indices):
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
 def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
-                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor]
+                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor], row_ok: Optional[torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], stats fp32 [B, T, 1, 2] = (lse of I over the support, mass of p), lse of the main
-    attention [B, T, 128] when it was not given (else an empty tensor))."""
+    attention [B, T, 128] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded
+    packed batch): rows outside it are not rows of the loss."""
     B, T = q.shape[0], q.shape[1]
     device = q.device
     row_kl = torch.empty((B, T, 1), dtype=torch.float32, device=device)
@@ -1627,6 +1700,12 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
             q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides,
             T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
             num_warps=4, num_stages=1)
+    if row_ok is not None:
+        # Padding rows of a packed batch have a non-empty (padding) support: mark them empty like a row with no
+        # key, so they are not counted in N_valid and the backward kernels (which read the mark) give them dI = 0.
+        ok = row_ok[:, :, None]
+        row_kl = torch.where(ok, row_kl, 0.0)
+        stats = torch.stack([torch.where(ok, stats[..., 0], float("-inf")), stats[..., 1]], dim=-1)
     # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
     n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
     loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
@@ -1634,7 +1713,7 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
 
 
 @_distill_fwd.register_fake
-def _(q, k, q_idx, k_idx, w_idx, indices, lse_main):
+def _(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
     B, T = q.shape[0], q.shape[1]
     return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, 1, 2), dtype=torch.float32),
             q.new_empty((0,) if lse_main is not None else (B, T, 128), dtype=torch.float32))
@@ -1679,7 +1758,7 @@ def _(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
 
 
 def _distill_setup_context(ctx, inputs, output):
-    q, k, q_idx, k_idx, w_idx, indices, lse_main = inputs
+    q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok = inputs
     _, stats, lse_out = output
     ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out, stats)
 
@@ -1688,13 +1767,14 @@ def _distill_backward(ctx, grad, _grad_stats, _grad_lse):
     q, k, q_idx, k_idx, w_idx, indices, lse, stats = ctx.saved_tensors
     dq_idx, dk_idx, dw_idx = _distill_bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
     # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
-    return None, None, dq_idx, dk_idx, dw_idx, None, None
+    return None, None, dq_idx, dk_idx, dw_idx, None, None, None
 
 
 torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _distill_backward, setup_context=_distill_setup_context)
 
 
-def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None):
+def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,
+                 max_seqlen=None):
     """The lightning indexer's distillation loss (docs/distill.md), an fp32 scalar tensor; differentiable in q_idx,
     k_idx and w_idx only (the target is the detached main attention).
 
@@ -1709,20 +1789,16 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
         spec's indexer.stage ("sparse").
     lse_main: optional fp32 [B, T, 128] natural-log log-sum-exp of the main attention over the same support (dense
         causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
+    cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func: every [B, T, ...] argument
+        (indices and lse_main included) is [total, ...] instead, cu_seqlens int32 [N+1], max_seqlen an int >= the
+        longest sequence; indices relative to each sequence's start. Runs as a padded [N, max_seqlen] batch whose
+        padding rows count neither in the loss nor in N_valid (docs/varlen.md).
 
     L = sum over valid (b, t, g) rows of KL(p || softmax(I)) / N_valid, N_valid the number of (b, t, kv group) rows
     with a non-empty support.
     """
     fn = "distill_loss"
     dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
-    device = q.device
-    runtime.check_seqlen(fn, q.shape[1], 65536, SPEC_NAME)
-    k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 576), DTYPE, dims, device)
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims, device)
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
-    B, T = q.shape[0], q.shape[1]
     if stage is None:
         stage = "sparse" if indices is not None else "sparse"
     if stage not in ("dense", "sparse"):
@@ -1731,12 +1807,40 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
     if stage == "dense" and indices is not None:
         raise runtime.ArgumentError(f"{fn}: the dense warm-up stage distils over every s <= t and takes no "
                                     f"`indices`; pass stage='sparse' to distil over a selection")
+    row_ok = None
+    if cu_seqlens is not None or max_seqlen is not None:
+        q = runtime.check_tensor(fn, "q", q, ("total", 128, 576), DTYPE, dims)
+        device = q.device
+        k = runtime.check_tensor(fn, "k", k, ("total", 1, 576), DTYPE, dims, device)
+        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims, device)
+        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
+        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
+        rows = (q.shape[0],)          # a packed call: [total, ...]
+    else:
+        q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
+        device = q.device
+        runtime.check_seqlen(fn, q.shape[1], 65536, SPEC_NAME)
+        k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 576), DTYPE, dims, device)
+        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims, device)
+        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
+        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
+        rows = (q.shape[0], q.shape[1])
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device)
-    elif stage == "sparse":
+        indices = runtime.check_indices(fn, indices, rows + (1, 2048), device)
+    if lse_main is not None:
+        lse_main = runtime.check_tensor(fn, "lse_main", lse_main, rows + (128,), torch.float32, {}, device).detach()
+    if len(rows) == 1:
+        # A packed batch runs padded to [N, max_seqlen]; the padding rows are masked out of the loss (row_ok).
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 65536, SPEC_NAME)
+        q, k, q_idx, k_idx, w_idx = (packed.pad(x) for x in (q, k, q_idx, k_idx, w_idx))
+        if indices is not None:
+            indices = packed.pad(indices, -1)
+        if lse_main is not None:
+            lse_main = packed.pad(lse_main)
+        row_ok = packed.row_ok
+    if indices is None and stage == "sparse":
         indices = index_topk(q_idx.detach(), k_idx.detach(), w_idx.detach())
     if lse_main is not None:
-        lse_main = runtime.check_tensor(fn, "lse_main", lse_main, ("B", "T", 128), torch.float32, dims,
-                                        device).detach().contiguous()
-    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main)
+        lse_main = lse_main.contiguous()
+    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, row_ok)
     return loss

@@ -477,8 +477,21 @@ def _pool(x, D, NC):
 
 
 
+def _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates):
+    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
+    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
+    dims = {}
+    q = runtime.check_tensor(fn, "q", q, ("total", 32, 128), DTYPE, dims)
+    device = q.device
+    k = runtime.check_tensor(fn, "k", k, ("total", 1, 128), DTYPE, dims, device)
+    v = runtime.check_tensor(fn, "v", v, ("total", 1, 128), DTYPE, dims, device)
+    gates = runtime.check_tensor(fn, "gates", gates, ("total", 32, 3), DTYPE, dims, device)
+    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
+    return packed, (packed.pad(q), packed.pad(k), packed.pad(v), packed.pad(gates))
+
+
 def nsa_forward(q, k, v, gates, *, indices=None, out=None,
-        return_lse=False, return_indices=False):
+        return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Forward pass of `nsa_mqa`.
 
     Arguments (layout [B, T, H, D], all bf16 on one device; strided inputs need a unit last stride):
@@ -488,12 +501,31 @@ def nsa_forward(q, k, v, gates, *, indices=None, out=None,
         gates: [B, T, 32, 3] branch gates after the sigmoid, channels compression, selection, window
         indices: optional int32 [B, T, 1, 16] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 32, 128] (contiguous).
+        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
+            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
+            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
+            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
+            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
+            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
 
     Returns out [B, T, 32, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 32, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 1, 16] (int32, ascending, -1 padding last).
     """
     fn = "nsa_forward"
+    if cu_seqlens is not None or max_seqlen is not None:
+        packed, (q, k, v, gates) = _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates)
+        out = runtime.check_out(fn, out, (packed.total, 32, 128), DTYPE, q.device)
+        if indices is not None:
+            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 16), q.device), -1)
+        o, lse, idx = nsa_forward(q, k, v, gates, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o, out),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 32, 128), DTYPE, dims)
     device = q.device
@@ -1298,10 +1330,11 @@ def _autocast_input(x):
 
 
 def nsa_attention(q, k, v, gates, *, indices=None,
-                  return_lse=False, return_indices=False):
+                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Differentiable forward of `nsa_mqa`: the training entry point (`nsa_forward` is the inference one).
 
-    Same arguments and results as `nsa_forward` (without `out=`). Gradients reach q, k, v, gates: the selection (top-k) is not differentiated, and the log-sum-exp and indices
+    Same arguments and results as `nsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
+    `max_seqlen` included. Gradients reach q, k, v, gates: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
     Works under torch.compile (custom ops `specgen::nsa_mqa_<hash>_fwd/_bwd` with fake implementations).
     """
@@ -1311,6 +1344,19 @@ def nsa_attention(q, k, v, gates, *, indices=None,
         k = _autocast_input(k)
         v = _autocast_input(v)
         gates = _autocast_input(gates)
+    if cu_seqlens is not None or max_seqlen is not None:
+        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
+        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
+        packed, (q, k, v, gates) = _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates)
+        if indices is not None:
+            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 16), q.device), -1)
+        o, lse, idx = nsa_attention(q, k, v, gates, indices=indices, return_lse=True, return_indices=True)
+        result = (packed.unpad(o),)
+        if return_lse:
+            result += (packed.unpad(lse),)
+        if return_indices:
+            result += (packed.unpad(idx),)
+        return result[0] if len(result) == 1 else result
     dims = {}
     q = runtime.check_tensor(fn, "q", q, ("B", "T", 32, 128), DTYPE, dims)
     device = q.device
@@ -1351,18 +1397,23 @@ class NSAFunction(torch.autograd.Function):
         return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
 
 
-def _rope(x, theta):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [B, T, H, D], positions 0..T-1."""
-    T, half = x.shape[1], x.shape[-1] // 2
+def _rope(x, theta, positions=None):
+    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
+    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
+    T, half = x.shape[-3], x.shape[-1] // 2
+    if positions is None:
+        positions = torch.arange(T, device=x.device)
     freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    angle = positions.to(torch.float32)[:, None] * freq[None, :]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class NSAttention(torch.nn.Module):
-    """`nsa_mqa` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size].
+    """`nsa_mqa` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
+    batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
+    at each sequence).
 
     A full layer; it owns every projection it needs:
         q_proj      hidden -> 32 x 128 queries
@@ -1383,18 +1434,25 @@ class NSAttention(torch.nn.Module):
         self.gate_proj = torch.nn.Linear(hidden_size, 96, bias=True, **factory)
         self.o_proj = torch.nn.Linear(4096, hidden_size, bias=bias, **factory)
 
-    def forward(self, hidden):
-        B, T, _ = hidden.shape
+    def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
+        positions, varlen = None, {}
+        if cu_seqlens is not None or max_seqlen is not None:
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
+                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
+                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
+            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
+                                          hidden.device, 65536, SPEC_NAME)
+            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (32, 128))
         kv = self.kv_proj(hidden)
         k = kv[..., 0:128].unflatten(-1, (1, 128))
         v = kv[..., 128:256].unflatten(-1, (1, 128))
         if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta)
-            k = _rope(k, self.rope_theta)
+            q = _rope(q, self.rope_theta, positions)
+            k = _rope(k, self.rope_theta, positions)
         gates = torch.sigmoid(self.gate_proj(hidden).float()).unflatten(-1, (32, 3))
-        o = nsa_attention(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), gates.to(DTYPE), )
-        o = o.flatten(2)
+        o = nsa_attention(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), gates.to(DTYPE), **varlen)
+        o = o.flatten(-2)
         if not torch.is_autocast_enabled(hidden.device.type):
             o = o.to(self.o_proj.weight.dtype)
         return self.o_proj(o)

@@ -9,12 +9,16 @@ shapes; on a GPU the same tests run on CUDA, and the `gpu` ones add realistic si
 import pytest
 import torch
 
-from specgen import runtime, testing
+from specgen import runtime, testing, testing_varlen
 
 mod = testing.load_generated(__file__, "dsa_v32")
 SPEC = testing.spec_of(mod)
 CPU_SEQLENS = [12]
 GPU_SEQLENS = [8192, 4999]
+# Packed (varlen) batches: sequence lengths, an empty one included (cu_seqlens as in flash-attn).
+VARLEN_SEQLENS = [7, 0, 2]
+GPU_VARLEN_SEQLENS = [40000, 20000, 5536, 0]
+GPU_VARLEN_BACKWARD_SEQLENS = [10000, 5000, 1384, 0]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
 
 
@@ -78,6 +82,31 @@ def test_layer_and_autocast():
     testing.check_layer(mod, SPEC, 1, 4)
 
 
+def test_varlen_forward_small():
+    testing_varlen.check_forward_varlen(mod, SPEC, VARLEN_SEQLENS)
+
+
+def test_varlen_backward_small():
+    testing_varlen.check_backward_varlen(mod, SPEC, VARLEN_SEQLENS)
+
+
+def test_varlen_bad_arguments_are_named():
+    testing_varlen.check_varlen_argument_errors(mod, SPEC, VARLEN_SEQLENS)
+
+
+@gpu
+@pytest.mark.gpu
+def test_varlen_forward_realistic():
+    testing_varlen.check_forward_varlen(mod, SPEC, GPU_VARLEN_SEQLENS, device="cuda", rows=256, query_chunk=128)
+
+
+@gpu
+@pytest.mark.gpu
+def test_varlen_backward_realistic():
+    testing_varlen.check_backward_varlen(mod, SPEC, GPU_VARLEN_BACKWARD_SEQLENS, device="cuda", rows=128,
+                                         query_chunk=64)
+
+
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_distillation_small(stage):
     testing.check_distill(mod, SPEC, 1, CPU_SEQLENS[-1], stage)
@@ -88,3 +117,16 @@ def test_distillation_small(stage):
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_distillation_realistic(stage):
     testing.check_distill(mod, SPEC, 1, 2048, stage, device="cuda", query_chunk=128)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_varlen_distillation_small(stage):
+    testing_varlen.check_distill_varlen(mod, SPEC, VARLEN_SEQLENS, stage)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_varlen_distillation_realistic(stage):
+    # The reference holds a [T, T] score matrix per sequence: 2048 tokens in all, as the batched GPU test.
+    testing_varlen.check_distill_varlen(mod, SPEC, [1500, 0, 548], stage, device="cuda")

@@ -131,6 +131,11 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "keyword_inputs": [a for a in args if a.keyword],
         "arguments": args,
         "arg_names": [a.name for a in args],
+        # The arguments of a call that passes them on as the function takes them (positional, then keywords).
+        "call_args": "".join(f"{a.name}, " for a in args if not a.keyword)
+        + "".join(f"{a.name}={a.name}, " for a in args if a.keyword),
+        # Inputs with one row per token (padded in a packed call); pool weights are shared by the sequences.
+        "token_args": [a.name for a in args if '"T"' in a.shape],
         "kv": _kv_names(spec),
         "short": SHORT,
         "idx_scale": repr(idx_scale),
@@ -159,12 +164,14 @@ SMALL_SPEC_WIDTH = 512
 
 
 def render_test(spec: Spec) -> str:
-    from .testing_plan import cpu_seqlens, gpu_seqlens
+    from .testing_plan import cpu_seqlens, gpu_seqlens, gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens
 
     small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
     return _environment().get_template("test_module.py.j2").render(
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
-        gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec))
+        gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec),
+        varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
+        gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec), small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -22,3 +22,42 @@ def cpu_seqlens(spec: Spec, small: bool) -> list[int]:
 def gpu_seqlens(spec: Spec) -> list[int]:
     """Realistic lengths on the GPU: 8192 and a length that is a multiple of no block size."""
     return [t for t in (8192, 4999) if t <= spec.max_seqlen] or [spec.max_seqlen]
+
+
+def varlen_seqlens(spec: Spec, small: bool) -> list[int]:
+    """Lengths of a packed batch for the CPU varlen tests: an empty sequence, one shorter than every block, and
+    lengths that are multiples of no block size. Small specs add one long enough for complete compression blocks,
+    several selection blocks and (token granularity) more candidates than top_k. The padded batch costs
+    N * max(lengths) rows under the interpreter, so big specs stay tiny."""
+    if not small:
+        return [7, 0, 2]
+    sel = spec.selection
+    if sel is not None and sel.granularity == "token":
+        first = sel.top_k + 5
+    else:
+        unit = sel.block if sel else 16
+        l = spec.compression.block if spec.compression else 8
+        first = unit + l // 2 + 1
+    return [min(first, spec.max_seqlen), 0, 5]
+
+
+def gpu_varlen_seqlens(spec: Spec) -> list[int]:
+    """A packed batch of 64k tokens (40000 + 20000 + 5536 + an empty sequence), scaled down to the spec's
+    max_seqlen when that is shorter."""
+    lengths = [40000, 20000, 5536, 0]
+    if spec.max_seqlen >= 40000:
+        return lengths
+    scale = spec.max_seqlen / 65536
+    head = [int(n * scale) for n in lengths[:2]]
+    return head + [spec.max_seqlen - sum(head), 0]
+
+
+def gpu_varlen_backward_seqlens(spec: Spec) -> list[int]:
+    """The GPU varlen backward's packed batch: the forward's 64k tokens where the padded fwd+bwd state fits one
+    GPU; a quarter of that (16k: 10000, 5000, 1384, 0) for specs as wide as MLA (q heads x head dim > 64 x 192),
+    whose padded fp32 dQ alone would take 47 GB at 64k."""
+    lengths = gpu_varlen_seqlens(spec)
+    if spec.heads.q * spec.head_dim.qk <= 64 * 192:
+        return lengths
+    head = [n // 4 for n in lengths[:2]]
+    return head + [sum(lengths) // 4 - sum(head), 0]

@@ -293,7 +293,7 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
     B, T = 1, 19
     x = inputs(spec, B, T, seed=7, dtype=torch.float32)
     indices = selection(spec, x, [(0, 8, 1)]) if stage == "sparse" else None
-    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None)
+    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None, None)
     x64 = {n: v.double() for n, v in x.items()}
     lse_ref = R.main_lse(spec, x64["q"], x64["k"], indices=indices)
     assert R.rel_err(lse_out, lse_ref) < 1e-6
@@ -356,8 +356,9 @@ def test_custom_op_registration_and_compile(tmp_path_factory):
     x = inputs(spec, 1, 9, seed=12, dtype=torch.float16)
     args = [x[n].clone().requires_grad_(n in IDX_INPUTS) for n in INPUTS]
     indices = selection(spec, x)
-    for ind in (None, indices):
-        torch.library.opcheck(module._distill_fwd, (*args, ind, None),
+    row_ok = torch.arange(9)[None, :] < 6  # a padded packed batch: the last rows are padding
+    for ind, rows in ((None, None), (indices, None), (None, row_ok)):
+        torch.library.opcheck(module._distill_fwd, (*args, ind, None, rows),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     compiled = torch.compile(module.distill_loss, fullgraph=True, backend="aot_eager")
     loss = compiled(*args, indices=indices)
@@ -450,4 +451,5 @@ def test_renders_v32():
     src = render_distill_module(V32)
     ast.parse(src)
     assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
-    assert "def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None)" in src
+    assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,\n"
+            "                 max_seqlen=None)") in src

@@ -10,6 +10,7 @@ from .indexer import indexer_block_scores, indexer_scale, indexer_scores, select
 from .inputs import input_names, kv_names, make_inputs
 from .nsa import (NSAResult, compression_attention, nsa_forward, num_compressed_blocks, overlap_weights, pool_kv,
                   select_blocks, selection_scores, selection_unit, sparse_attention, window_attention)
+from .varlen import VarlenResult, distill_loss_varlen, nsa_forward_varlen, query_rows, sequences
 
 __all__ = [
     "NSAResult", "check_selection", "compression_attention", "distill_loss", "distill_row_kl", "distill_target",
@@ -17,4 +18,5 @@ __all__ = [
     "indexer_scores", "input_names", "kv_names", "main_lse", "make_inputs", "nsa_forward", "num_compressed_blocks",
     "overlap_weights", "pool_kv", "rel_err", "select_blocks", "select_tokens", "selection_scores", "selection_unit",
     "sparse_attention", "window_attention",
+    "VarlenResult", "distill_loss_varlen", "nsa_forward_varlen", "query_rows", "sequences",
 ]

@@ -1,0 +1,66 @@
+"""What the padded varlen path costs on the GPU: a packed batch against the batched call on the same tokens.
+
+For each spec: forward (with --training, forward + backward) of a packed batch with lengths LENGTHS (default
+40000 20000 5536 0: 64k tokens, padded to 4 x 40000 rows), against one batched sequence of the same tokens
+(B=1, T=65536: an upper bound of what a native varlen kernel would cost, since the causal work of one long
+sequence bounds that of its pieces). Medians in ms and peak memory beyond the inputs in GiB (docs/varlen.md).
+
+Usage: python bench/varlen_cost.py SPEC... [--lengths 40000 20000 5536 0] [--training] [--json out.jsonl]
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+
+import specgen
+from specgen import reference
+from specgen.bench import peak_extra_gib
+from specgen.reference.varlen import SHARED
+from specgen.testing import differentiable_inputs, spec_of
+
+
+def _timed(fn) -> tuple[float, float]:
+    fn()
+    gib = peak_extra_gib(fn)
+    return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median"), gib
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[40000, 20000, 5536, 0])
+    ap.add_argument("--training", action="store_true", help="forward + backward through <family>_attention")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    lengths, total = args.lengths, sum(args.lengths)
+    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32, device="cuda")
+    for path in args.specs:
+        mod = specgen.load(path)
+        spec = spec_of(mod)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        batched = reference.make_inputs(spec, 1, total, dtype=mod.DTYPE, device="cuda", generator=gen)
+        packed = {n: (x if n in SHARED else x[0]) for n, x in batched.items()}
+        names = differentiable_inputs(spec) if args.training else []
+        fn = mod.__dict__[f"{spec.family}_{'attention' if args.training else 'forward'}"]
+
+        def call(inputs, **kw):
+            leaves = {n: x.detach().requires_grad_(n in names) for n, x in inputs.items()}
+            out = fn(**leaves, **kw)
+            if args.training:
+                out.backward(torch.ones_like(out))
+
+        row = {"spec": spec.name, "lengths": lengths, "training": args.training, "device": torch.cuda.get_device_name()}
+        row["packed_ms"], row["packed_extra_gib"] = _timed(lambda: call(packed, cu_seqlens=cu, max_seqlen=max(lengths)))
+        row["batched_T_total_ms"], row["batched_T_total_extra_gib"] = _timed(lambda: call(batched))
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        del batched, packed
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
