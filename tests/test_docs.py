@@ -17,3 +17,12 @@ def test_semantics_copy_matches_shared_rules_when_available():
     shared = ROOT.parent / "shared" / "docs" / "semantics.md"
     if shared.exists():
         assert (ROOT / "docs" / "semantics.md").read_text() == shared.read_text()
+
+
+def test_readme_benchmark_table_is_what_the_results_files_give():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "bench" / "plot_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run `python bench/plot_results.py` and commit README.md"

@@ -1,0 +1,107 @@
+"""The README's benchmark table and plot, generated from the results files (bench/results/*.jsonl).
+
+For every (spec, kind) it takes the newest record (files in name order, lines in order) and writes
+  - bench/results/speedup.png: speedup over the faster dense SDPA backend vs T, one line per spec and kind;
+  - the README section between the bench-table markers: one row per (spec, kind, T).
+Usage: python bench/plot_results.py [--check]   (--check: exit 1 if README.md is not what the results give)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- bench-table:start (python bench/plot_results.py) -->", "<!-- bench-table:end -->"
+KINDS = {"forward": ("forward", "forward_ms"), "fwd_bwd": ("fwd+bwd", "fwd_bwd_ms")}
+
+
+def latest_records(results: Path = RESULTS) -> dict:
+    latest = {}
+    for path in sorted(results.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                latest[(rec["spec"], rec["kind"])] = rec
+    return latest
+
+
+def _ms(x) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def table(latest: dict) -> str:
+    rows = ["| spec | pass | T | specgen ms | dense cuDNN / flash ms | speedup vs cuDNN / flash | device, commit |",
+            "|---|---|---|---|---|---|---|"]
+    for (spec, kind), rec in sorted(latest.items()):
+        if kind in KINDS:
+            label, key = KINDS[kind]
+            for r in rec["rows"]:
+                d, sp = r.get("dense", {}), r.get("speedup", {})
+                rows.append(f"| {spec} | {label} | {r['T'] // 1024}k | {_ms(r[key])} | "
+                            f"{_ms(d['cudnn'])} / {_ms(d['flash'])} | {sp['cudnn']:.2f}x / {sp['flash']:.2f}x | "
+                            f"{rec['device'].replace('NVIDIA ', '')}, {rec['commit'].split(' ')[0]} |")
+        elif kind == "dsa_memory":
+            for r in rec["rows"]:
+                extra = (f", distillation fwd+bwd {_ms(r['distill_sparse_fwd_bwd_ms'])} ms"
+                         if "distill_sparse_fwd_bwd_ms" in r else "")
+                rows.append(f"| {spec} | indexer+top-k / sparse attention | {r['T'] // 1024}k | "
+                            f"{_ms(r['indexer_topk_ms'])} / {_ms(r['sparse_attention_ms'])} "
+                            f"({r['sparse_attention_tflops']:.0f} TFLOP/s){extra} | — | — | "
+                            f"{rec['device'].replace('NVIDIA ', '')}, {rec['commit'].split(' ')[0]} |")
+    return "\n".join(rows)
+
+
+def plot(latest: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for (spec, kind), rec in sorted(latest.items()):
+        if kind not in KINDS:
+            continue
+        xs = [r["T"] for r in rec["rows"]]
+        ys = [min(r["dense"].values()) / r[KINDS[kind][1]] for r in rec["rows"]]
+        ax.plot(xs, ys, marker="o", label=f"{spec} {KINDS[kind][0]}")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("speedup over the faster dense SDPA backend")
+    ax.set_title("specgen kernels vs dense causal attention (bf16, B=1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def readme_with(section: str, readme: Path) -> str:
+    text = readme.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="only check that README.md is current")
+    args = ap.parse_args(argv)
+    latest = latest_records()
+    readme = ROOT / "README.md"
+    new = readme_with(table(latest), readme)
+    if args.check:
+        return 0 if new == readme.read_text() else 1
+    readme.write_text(new)
+    print("README.md benchmark table written;",
+          "plot: bench/results/speedup.png" if plot(latest, RESULTS / "speedup.png") else "no matplotlib: no plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
