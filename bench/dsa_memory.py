@@ -14,7 +14,7 @@ import triton
 
 import specgen
 from specgen import reference
-from specgen.bench import peak_extra_gib
+from specgen.bench import dense_shapes_forward_ms, peak_extra_gib
 from specgen.testing import spec_of
 
 
@@ -46,6 +46,17 @@ def main():
         attended = sum(min(t + 1, k) for t in range(T))
         row["sparse_attention_tflops"] = (attended * spec.heads.q * (spec.head_dim.qk + spec.head_dim.v) * 2
                                           / row["sparse_attention_ms"] / 1e9)
+        # Dense SDPA on this machine, same run: on the spec's own shapes (every backend refuses MLA's 576-dim
+        # heads so far; said in the record), and on the unabsorbed MHA prefill DeepSeek-V3.2 would run densely
+        # (128 heads, d_qk 192, d_v 128). TFLOP/s counts the causal half: T(T+1)/2 pairs.
+        pairs = T * (T + 1) / 2
+        own = dense_shapes_forward_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
+                                      spec.softmax_scale, backends=("cudnn", "flash", "efficient"))
+        mha = dense_shapes_forward_ms(spec.heads.q, spec.heads.q, 192, 128, T, spec.dtype, 192 ** -0.5)
+        row["dense_sdpa_same_shapes_ms"] = own
+        row["dense_sdpa_mha_192_128_ms"] = mha
+        row["dense_sdpa_mha_192_128_tflops"] = {
+            k: pairs * spec.heads.q * (192 + 128) * 2 / v / 1e9 for k, v in mha.items() if isinstance(v, float)}
         if hasattr(mod, "distill_loss") and not args.no_distill:
             trained = {n: x[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
             for stage, indices in (("sparse", idx), ("dense", None)):

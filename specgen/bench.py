@@ -61,22 +61,30 @@ def _commit() -> str:
 
 def dense_forward_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
     """Dense causal SDPA on the same shapes: cuDNN (GQA native) and flash (v zero-padded when d_qk != d_v)."""
+    return dense_shapes_forward_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
+                                   spec.softmax_scale, device)
+
+
+def dense_shapes_forward_ms(hq: int, hkv: int, dqk: int, dv: int, T: int, dtype: str, scale: float,
+                            device: str = "cuda", backends=("cudnn", "flash")) -> dict:
+    """Dense causal SDPA forward medians (ms) per backend at the given shapes; a refusal is reported as a string."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.dtype]
-    hq, hkv, dqk, dv = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     q = torch.randn(1, hq, T, dqk, device=device, dtype=dt)
     k = torch.randn(1, hkv, T, dqk, device=device, dtype=dt)
     v = torch.randn(1, hkv, T, dv, device=device, dtype=dt)
+    padded = v if dv == dqk else torch.nn.functional.pad(v, (0, dqk - dv))
+    choices = {"cudnn": (SDPBackend.CUDNN_ATTENTION, v), "flash": (SDPBackend.FLASH_ATTENTION, padded),
+               "efficient": (SDPBackend.EFFICIENT_ATTENTION, v)}
     results = {}
-    for name, backend, vv in (("cudnn", SDPBackend.CUDNN_ATTENTION, v),
-                              ("flash", SDPBackend.FLASH_ATTENTION,
-                               v if dv == dqk else torch.nn.functional.pad(v, (0, dqk - dv)))):
+    for name in backends:
+        backend, vv = choices[name]
         try:
             with sdpa_kernel(backend):
                 def run():
-                    return sdpa(q, k, vv, is_causal=True, scale=spec.softmax_scale, enable_gqa=hkv != hq)
+                    return sdpa(q, k, vv, is_causal=True, scale=scale, enable_gqa=hkv != hq)
                 run()
                 results[name] = _median_ms(run)
         except Exception as exc:  # a backend refusing these shapes is a result to report, not a failure
