@@ -147,7 +147,9 @@ def check_index_topk(module, spec: Spec, B: int, T: int, *, device: str | None =
     ranked = ~pad & ~forced
     if ranked.any():
         err = reference.rel_err(got[ranked], want[ranked])
-        assert err < 1e-4, f"selected scores rel err {err:.3e} {where}"
+        # fp8 tensor-core dots accumulate with about 14 mantissa bits on Hopper (DeepSeek-V3 report, 3.3.2).
+        tol = 3e-3 if spec.indexer.dtype == "fp8_e4m3" and indices.is_cuda else 1e-4
+        assert err < tol, f"selected scores rel err {err:.3e} >= {tol:.0e} {where}"
 
 
 def inputs_for(module, spec: Spec, B: int, T: int, device: str | None = None) -> dict:
