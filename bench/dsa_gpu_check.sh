@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
 day=$(date +%F)
-timeout ${TEST_TIMEOUT:-330} python -m pytest -q -v --tb=short generated/test_dsa_v32.py generated/test_dsa_block.py \
+timeout ${TEST_TIMEOUT:-330} python -m pytest -v -rfE --tb=short generated/test_dsa_v32.py generated/test_dsa_block.py \
     generated/test_dsa_small.py 2>&1 | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tee "$OUT/dsa_tests.log"
 timeout ${BENCH_TIMEOUT:-200} python bench/dsa_memory.py specs/dsa_v32.yaml \
     --json "$OUT/${day}_dsa_v32_memory.jsonl" 2>&1 | tail -5

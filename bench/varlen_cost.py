@@ -10,6 +10,8 @@ Usage: python bench/varlen_cost.py SPEC... [--lengths 40000 20000 5536 0] [--tra
 
 import argparse
 import json
+import os
+import time
 
 import torch
 import triton
@@ -51,7 +53,10 @@ def main():
             if args.training:
                 out.backward(torch.ones_like(out))
 
-        row = {"spec": spec.name, "lengths": lengths, "training": args.training, "device": torch.cuda.get_device_name()}
+        row = {"kind": "varlen_cost", "spec": spec.name, "spec_hash": spec.hash, "lengths": lengths,
+               "training": args.training, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "commit": os.environ.get("SPECGEN_COMMIT", "unknown"), "dtype": spec.dtype, "regime": "random",
+               "baseline": "the same tokens as one batched sequence of T = total (B=1)"}
         row["packed_ms"], row["packed_extra_gib"] = _timed(lambda: call(packed, cu_seqlens=cu, max_seqlen=max(lengths)))
         row["batched_T_total_ms"], row["batched_T_total_extra_gib"] = _timed(lambda: call(batched))
         print(json.dumps(row), flush=True)

@@ -10,7 +10,7 @@ export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD
 day=$(date +%F)
 files=("$@")
 [ ${#files[@]} -eq 0 ] && files=(generated/test_*.py tests/test_varlen.py)
-timeout ${TEST_TIMEOUT:-480} python -m pytest -q -v --tb=short -k varlen "${files[@]}" --durations=15 2>&1 \
+timeout ${TEST_TIMEOUT:-480} python -m pytest -v -rfE --tb=short -k varlen "${files[@]}" --durations=15 2>&1 \
     | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed|s call" | tee "$OUT/${day}_varlen_gpu_tests.log"
 timeout ${BENCH_TIMEOUT:-100} python bench/varlen_cost.py specs/nsa_paper.yaml specs/nsa_config_a.yaml \
     --json "$OUT/${day}_varlen_cost.jsonl" 2>&1 | tail -3
