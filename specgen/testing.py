@@ -284,10 +284,7 @@ def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = N
     assert out_err < OUT_TOL[dtype], f"output rel err {out_err:.3e} >= {OUT_TOL[dtype]:.0e} {where}"
     errors = {}
     for n in names:
-        got = inputs[n].grad
-        assert got is not None, f"no gradient reached `{n}` {where}"
-        assert got.dtype == dtype and got.shape == inputs[n].shape, f"d{n}: {got.dtype} {list(got.shape)} {where}"
-        assert torch.isfinite(got).all(), f"non-finite gradient of `{n}` {where}"
+        got = assert_gradient_sane(n, inputs[n], dtype, where)
         if n in ZERO_GRADIENTS:
             scale = torch.linalg.vector_norm(ref_grads[ZERO_GRADIENTS[n]]).item()
             diff = torch.linalg.vector_norm(got.to(torch.float64) - ref_grads[n]).item()
@@ -299,6 +296,15 @@ def check_backward(module, spec: Spec, B: int, T: int, *, device: str | None = N
                      + ", ".join(f"d{n} {e:.3e}" for n, e in bad.items())
                      + f" (all: {', '.join(f'd{n} {e:.1e}' for n, e in errors.items())}) {where}")
     return BackwardReport(seed, errors)
+
+
+def assert_gradient_sane(name: str, leaf: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The gradient a leaf received: present, of the leaf's dtype and shape, finite. Returns it."""
+    got = leaf.grad
+    assert got is not None, f"no gradient reached `{name}` {where}"
+    assert got.dtype == dtype and got.shape == leaf.shape, f"d{name}: {got.dtype} {list(got.shape)} {where}"
+    assert torch.isfinite(got).all(), f"non-finite gradient of `{name}` {where}"
+    return got
 
 
 def backward_cases(spec: Spec, cpu_seqlens: list[int], cpu_batch: int) -> list[tuple[int, int]]:

@@ -14,8 +14,8 @@ import torch
 
 from . import reference
 from .reference.varlen import SHARED, query_rows, sequence_inputs, sequences
-from .testing import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, differentiable_inputs, fresh_seed,
-                      test_device)
+from .testing import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_gradient_sane,
+                      differentiable_inputs, fresh_seed, test_device)
 
 
 class PackedCase:
@@ -168,10 +168,7 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
     assert err < OUT_TOL[dtype], f"output rel err {err:.3e} >= {OUT_TOL[dtype]:.0e} {where}"
     errors = {}
     for n in names:
-        got = leaves[n].grad
-        assert got is not None, f"no gradient reached `{n}` {where}"
-        assert got.dtype == dtype and got.shape == leaves[n].shape, f"d{n}: {got.dtype} {list(got.shape)} {where}"
-        assert torch.isfinite(got).all(), f"non-finite gradient of `{n}` {where}"
+        assert_gradient_sane(n, leaves[n], dtype, where)
         if n in ZERO_GRADIENTS:  # measured against the scale of a sibling gradient (specgen.testing)
             scale = den[ZERO_GRADIENTS[n]] ** 0.5
             errors[n] = num[n] ** 0.5 / scale if scale > 0 else num[n] ** 0.5
