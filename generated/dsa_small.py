@@ -658,7 +658,7 @@ def _decode_rows(kind, q_len):
     return qlp, gp, triton.cdiv(GROUP.value, gp)
 
 
-def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None):
+def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
     """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
@@ -670,12 +670,17 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
               "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
               "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
-    extra = (idx,) if kind == "selection" else ()
+    extra, flags = (), {}
+    if kind == "selection":
+        extra = (idx,)
+    elif kind == "compression":
+        extra = (o_part if logits is None else logits,)
+        flags = {"WRITE_LOGITS": logits is not None}
     kernel[(programs, splits)](
         q, K, V, block_table, seqlens, o_part, lse_part, *extra,
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
-        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN,
+        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
     if splits == 1:
         return o_part[0], lse_part[0]

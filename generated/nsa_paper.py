@@ -480,14 +480,14 @@ def _select_blocks_kernel(
 
 @triton.jit
 def _decode_compression_kernel(
-    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART,
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_vr, stride_vh,
     stride_tb,
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
 ):
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     pid = tl.program_id(0)
@@ -531,6 +531,11 @@ def _decode_compression_kernel(
         k1 = tl.load(k_ptr[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
         s += _dot(q1, tl.trans(k1), WIDEN)
         s = tl.where(visible, s * qk_scale, float("-inf"))
+        if WRITE_LOGITS:
+            # Base-2 logits of the visible blocks, for the selection scores once the merged lse is known: a
+            # second pass over these B x q_len x HQ x NC floats instead of over the pooled keys.
+            tl.store(LOGITS + (((b * QL + qi) * HQ + head) * (TCAP - 1)).to(tl.int64)[:, None] + keys[None, :], s,
+                     mask=row_ok[:, None] & key_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -1001,7 +1006,7 @@ def _decode_rows(kind, q_len):
     return qlp, gp, triton.cdiv(GROUP.value, gp)
 
 
-def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None):
+def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
     """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
@@ -1013,12 +1018,17 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
               "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
               "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
-    extra = (idx,) if kind == "selection" else ()
+    extra, flags = (), {}
+    if kind == "selection":
+        extra = (idx,)
+    elif kind == "compression":
+        extra = (o_part if logits is None else logits,)
+        flags = {"WRITE_LOGITS": logits is not None}
     kernel[(programs, splits)](
         q, K, V, block_table, seqlens, o_part, lse_part, *extra,
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
-        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN,
+        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
     if splits == 1:
         return o_part[0], lse_part[0]
@@ -1096,17 +1106,18 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
     outs, lses = {}, {}
+    logits = torch.empty((B, QL, HQ.value, cache.nc_cap - 1), dtype=torch.float32, device=q.device)
     outs["compression"], lses["compression"] = _decode_branch(
-        "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap, cache.nc_cap - 1, num_splits, False)
-    # Selection scores, second pass over the pooled keys: p_cmp = exp(q.kc * scale - lse_cmp) over the visible
-    # blocks, summed over the group's heads, spread over selection blocks by the overlap rule (each compression
-    # block adds P to each d-token chunk it covers; a selection block sums its chunks).
+        "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
+        cache.nc_cap - 1, num_splits, False, logits=logits)
+    # Selection scores from the compression branch's logits (written by its kernel) and merged lse:
+    # p_cmp = 2^(logit2 - lse2) over the visible blocks, summed over the group's heads, spread over selection blocks
+    # by the overlap rule (each compression block adds P to each d-token chunk it covers; a block sums its chunks).
     NCV = cache.nc_cap - 1
-    kc = cache.kc[:, :NCV].float()
-    logits = torch.einsum("bqgzd,bngd->bqgzn", q.float().view(B, QL, HKV.value, GROUP.value, DQK.value), kc) * 0.07216878364870322
-    lse_c = lses["compression"].view(B, QL, HKV.value, GROUP.value, 1)
+    lse_c = lses["compression"].view(B, QL, HKV.value, GROUP.value, 1) * 1.4426950408889634
     visible = (torch.arange(NCV, device=q.device) * 16 + 31) <= t[:, :, None, None, None]
-    p = torch.where(visible & (lse_c > float("-inf")), torch.exp(logits - lse_c), torch.zeros_like(logits))
+    logits = logits.view(B, QL, HKV.value, GROUP.value, NCV)
+    p = torch.where(visible & (lse_c > float("-inf")), torch.exp2(logits - lse_c), torch.zeros_like(logits))
     P = p.sum(dim=3)                                                           # [B, QL, HKV, NC]
     n_sel = triton.cdiv(T, 64)
     n_chunks = n_sel * 4

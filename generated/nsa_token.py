@@ -499,14 +499,14 @@ def _ordered_key(x):
 
 @triton.jit
 def _decode_compression_kernel(
-    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART,
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_vr, stride_vh,
     stride_tb,
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
 ):
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     pid = tl.program_id(0)
@@ -550,6 +550,11 @@ def _decode_compression_kernel(
         k1 = tl.load(k_ptr[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
         s += _dot(q1, tl.trans(k1), WIDEN)
         s = tl.where(visible, s * qk_scale, float("-inf"))
+        if WRITE_LOGITS:
+            # Base-2 logits of the visible blocks, for the selection scores once the merged lse is known: a
+            # second pass over these B x q_len x HQ x NC floats instead of over the pooled keys.
+            tl.store(LOGITS + (((b * QL + qi) * HQ + head) * (TCAP - 1)).to(tl.int64)[:, None] + keys[None, :], s,
+                     mask=row_ok[:, None] & key_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -1091,7 +1096,7 @@ def _decode_rows(kind, q_len):
     return qlp, gp, triton.cdiv(GROUP.value, gp)
 
 
-def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None):
+def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
     """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
@@ -1103,12 +1108,17 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
               "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
               "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
-    extra = (idx,) if kind == "selection" else ()
+    extra, flags = (), {}
+    if kind == "selection":
+        extra = (idx,)
+    elif kind == "compression":
+        extra = (o_part if logits is None else logits,)
+        flags = {"WRITE_LOGITS": logits is not None}
     kernel[(programs, splits)](
         q, K, V, block_table, seqlens, o_part, lse_part, *extra,
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
-        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN,
+        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
     if splits == 1:
         return o_part[0], lse_part[0]
@@ -1191,8 +1201,10 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
     outs, lses = {}, {}
+    logits = None
     outs["compression"], lses["compression"] = _decode_branch(
-        "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap, cache.nc_cap - 1, num_splits, False)
+        "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
+        cache.nc_cap - 1, num_splits, False, logits=logits)
     # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
     n_keys = triton.cdiv(T, 1) * 1
     ws = torch.full((B, HKV.value, QL, n_keys), float("-inf"), dtype=torch.float32, device=q.device)

@@ -490,3 +490,24 @@ def explain(spec: Spec, T_value: int | None = None) -> str:
 
     lines += ["", "constraints"] + [f"  - {c}" for c in a.constraints]
     return "\n".join(lines)
+
+
+def decode_step_bytes(spec: Spec, context: int, batch: int = 1, q_len: int = 1) -> dict[str, float]:
+    """Bytes one decode step must read from the cache: `batch` sequences of `context` tokens, `q_len` new queries
+    each. Per branch (the floor: each cached byte a step needs, read once), "floor" their sum, "dense" a dense
+    decode of one K/V set, and "implementation" what the generated step reads: the floor plus, for the compression
+    scorer, a second pass over the pooled keys (selection scores are recomputed from q and the pooled keys), and
+    the selection branch once per new query (each query has its own blocks; q_len = 1 reads the floor)."""
+    per = decode_bytes(spec, context)
+    dense = per.pop("dense")
+    out = {name: value * batch for name, value in per.items()}
+    floor = sum(out.values())
+    impl = floor
+    if "selection" in out:
+        impl += out["selection"] * (q_len - 1)
+    if spec.selection is not None and spec.selection.scorer == "compression":
+        cmp_ = spec.compression
+        impl += batch * max(0, (context - cmp_.block) // cmp_.stride + 1) * spec.heads.kv * spec.head_dim.qk \
+            * DTYPE_BYTES[spec.dtype]
+    out.update(floor=floor, implementation=impl, dense=dense * batch)
+    return out

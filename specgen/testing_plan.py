@@ -30,7 +30,7 @@ def decode_prompts(spec: Spec, small: bool) -> list[int]:
     sel, cmp_ = spec.selection, spec.compression
     unit = sel.block if sel is not None and sel.granularity == "block" else 16
     l = cmp_.block if cmp_ else unit
-    lengths = [max(1, min(l, unit) // 2 - 1), unit + l // 2 + 1]
+    lengths = [max(1, min(l, unit) // 2 - 1), max(l, unit) + 3]
     if small:
         long = (sel.top_k + 2) * unit + 3 if sel.granularity == "block" else sel.top_k + 2 * unit + 3
         lengths.append(min(long, spec.max_seqlen - 2 * spec.decode.max_q_len * 3))
