@@ -820,6 +820,12 @@ def _index_key_store(k_idx):
     return k_idx.to(DTYPE)
 
 
+def _pool_blocks(blocks):
+    """Pool whole blocks [N, l, Hkv, D] -> [N, Hkv, D_out] as the pool kernel does (fp32 accumulation, one rounding):
+    the mean of the block's l rows."""
+    return (blocks.float().sum(dim=1) * (1.0 / 32)).to(DTYPE)
+
+
 class NSACache:
     """KV cache of `nsa_mqa` for decoding: raw per-token tensors, the pooled compression keys/values.
 
@@ -937,17 +943,20 @@ class NSACache:
             x = _index_key_store(x) if name == "k_idx" else x
             self._flat(name).index_copy_(0, rows, x.reshape(-1, *x.shape[2:]))
         # A new token at p completes block i = (p - l + 1) / d when that is a whole number >= 0: pool exactly those
-        # blocks (l tokens each, read back from the cache); other rows go to the spare row.
+        # blocks (l tokens each, read back from the cache; indexed torch ops, no host sync); other rows go to the
+        # spare row.
         start = pos - 31
         done = (start >= 0) & (start % 16 == 0)
         start = torch.where(done, start, 0)
-        block_rows = self._rows((start[:, :, None] + torch.arange(32, device=self.device)).reshape(self.batch, -1))
+        # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
+        tokens = torch.minimum(start[:, :, None] + torch.arange(32, device=self.device), pos[:, :, None])
+        block_rows = self._rows(tokens.reshape(self.batch, -1)).reshape(-1)
         dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
                 + torch.where(done, start // 16, self.nc_cap - 1)).reshape(-1)
-        k_blocks = self._flat("k")[block_rows.reshape(-1)].reshape(self.batch * n, 32, HKV.value, DQK.value)
-        self.kc.view(-1, HKV.value, DQK.value).index_copy_(0, dest, _pool(k_blocks, DQK.value, 1)[:, 0])
-        v_blocks = self._flat("v")[block_rows.reshape(-1)].reshape(self.batch * n, 32, HKV.value, DV.value)
-        self.vc.view(-1, HKV.value, DV.value).index_copy_(0, dest, _pool(v_blocks, DV.value, 1)[:, 0])
+        k_blocks = self._flat("k")[block_rows].view(self.batch * n, 32, HKV.value, DQK.value)
+        self.kc.view(-1, HKV.value, DQK.value).index_copy_(0, dest, _pool_blocks(k_blocks))
+        v_blocks = self._flat("v")[block_rows].view(self.batch * n, 32, HKV.value, DV.value)
+        self.vc.view(-1, HKV.value, DV.value).index_copy_(0, dest, _pool_blocks(v_blocks))
         self.seqlens += n
         self.host_seqlens = [x + n for x in self.host_seqlens]
         return self

@@ -32,7 +32,12 @@ def decode_prompts(spec: Spec, small: bool) -> list[int]:
     l = cmp_.block if cmp_ else unit
     lengths = [max(1, min(l, unit) // 2 - 1), max(l, unit) + 3]
     if small:
-        long = (sel.top_k + 2) * unit + 3 if sel.granularity == "block" else sel.top_k + 2 * unit + 3
+        if sel is None:
+            long = 2 * max(l, spec.window.size if spec.window else 0) + 3
+        elif sel.granularity == "block":
+            long = (sel.top_k + 2) * unit + 3
+        else:
+            long = sel.top_k + 2 * unit + 3
         lengths.append(min(long, spec.max_seqlen - 2 * spec.decode.max_q_len * 3))
     return lengths
 

@@ -1,0 +1,70 @@
+"""Decoding on small mirror specs (tier 2): variants the example specs do not cover, and the top-k rule.
+
+The example specs' decode tests live in their generated test files (generated/test_<name>.py); these add linear
+pooling with a position embedding, branch subsets, a non-power-of-two group, bf16 (widened dots), block selection
+ranked by an indexer and MLA, each paged with a shuffled block table and q_len = 2, against the float64 reference.
+"""
+
+import pytest
+import torch
+
+import specgen
+from specgen.reference._core import top_units
+from specgen.spec import load_spec, replace
+from specgen.testing_decode import check_decode
+from specgen.testing_plan import decode_prompts
+from small_specs import small_token_spec
+
+SMALL = load_spec("specs/nsa_small.yaml")
+
+
+def small(name: str, **changes):
+    return replace(SMALL, name=f"nsa_small_dec_{name}", **changes)
+
+
+VARIANTS = {
+    "linear_pool_pe": lambda: small("linear_pool_pe", **{"compression.pool": "linear",
+                                                         "compression.position_embedding": True}),
+    "cmp_win": lambda: small("cmp_win", branches=["compression", "window"], selection=None),
+    "win_only_shared": lambda: small("win_only", branches=["window"], kv="shared", compression=None, selection=None),
+    "group3_l16_d8_sel8": lambda: small("group3", **{"heads.q": 6, "heads.kv": 2, "compression.block": 16,
+                                                     "compression.stride": 8, "selection.block": 8}),
+    "bf16_l_eq_d_eq_sel": lambda: small("bf16", dtype="bf16", **{"compression.block": 16, "compression.stride": 16,
+                                                                 "selection.block": 16}),
+    "token_block_indexer": lambda: small_token_spec("nsa_token_dec_block", **{
+        "selection.granularity": "block", "selection.block": 16, "selection.top_k": 3, "selection.initial": 1,
+        "selection.local": 1}),
+    "dsa_mla": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_dec_mla",
+                               **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64}),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _specgen_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECGEN_CACHE", str(tmp_path_factory.mktemp("specgen_cache")))
+        yield
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_variant(variant):
+    spec = VARIANTS[variant]()
+    mod = specgen.load(spec)
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=2, paged=True)
+
+
+def test_top_k_rule_matches_the_reference_exactly_with_ties():
+    """Integer scores make many exact ties: the decode top-k must pick the reference's units (lower index wins),
+    with forced blocks, -1 padding and -0.0 tying with 0.0."""
+    spec = small("topk")
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(0)
+    B, QL, G, N = 3, 2, 2, 40
+    scores = torch.randint(-2, 3, (B, QL, G, N), generator=gen).float()
+    scores[0, 0, 0, :5] = -0.0
+    t = torch.tensor([[5, 6], [200, 201], [631, 632]])     # few candidates, some, all (l' = 16)
+    sel = spec.selection
+    got = mod._top_units(scores, t, sel.block, sel.top_k, sel.initial, sel.local)
+    for b in range(B):
+        want = top_units(scores[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
+        assert torch.equal(got[b:b + 1], want), (b, got[b].tolist(), want.tolist())
