@@ -681,7 +681,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
-        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
+        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
     if splits == 1:
         return o_part[0], lse_part[0]
     return _merge_splits(o_part, lse_part)

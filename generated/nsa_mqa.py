@@ -688,6 +688,33 @@ def _decode_window_kernel(
     tl.store(O_PART + part_row[:, None] * DV + 0 + tl.arange(0, 128)[None, :], acc0 * inv_l[:, None], mask=row_ok[:, None])
 
 
+@triton.jit
+def _decode_group_probs_kernel(
+    LOGITS, LSE, SEQLENS, P, QL, NC,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """P[b, qi, g, i] = sum over the group's heads of p_cmp = 2^(logit2 - lse2), over the visible blocks (else 0):
+    one read of the compression logits [B, QL, HQ, NC] (fp32, base 2) and the merged lse [B, QL, HQ] (natural)."""
+    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
+    pid_n = tl.program_id(1)
+    g = pid % HKV
+    bq = pid // HKV
+    b = bq // QL
+    qi = bq % QL
+    t = tl.load(SEQLENS + b) - QL + qi
+    hh = tl.arange(0, GP)
+    h_ok = hh < GROUP
+    head = g * GROUP + hh
+    lse2 = tl.load(LSE + bq * HQ + head, mask=h_ok, other=float("-inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a head that sees no block contributes 0
+    blocks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    visible = (blocks < NC) & (blocks * CMP_STRIDE + CMP_BLOCK - 1 <= t)
+    ok = h_ok[:, None] & visible[None, :]
+    logit = tl.load(LOGITS + ((bq * HQ + head) * NC).to(tl.int64)[:, None] + blocks[None, :], mask=ok, other=float("-inf"))
+    p = tl.where(ok, tl.exp2(logit - lse2[:, None]), 0.0)
+    tl.store(P + (pid * NC).to(tl.int64) + blocks, tl.sum(p, axis=0), mask=blocks < NC)
+
+
 
 def _pool(x, D, NC):
     B, T = x.shape[0], x.shape[1]
@@ -1007,7 +1034,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, 0.08838834764831845,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
-        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
+        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
     if splits == 1:
         return o_part[0], lse_part[0]
     return _merge_splits(o_part, lse_part)
@@ -1088,15 +1115,14 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     outs["compression"], lses["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
-    # Selection scores from the compression branch's logits (written by its kernel) and merged lse:
-    # p_cmp = 2^(logit2 - lse2) over the visible blocks, summed over the group's heads, spread over selection blocks
-    # by the overlap rule (each compression block adds P to each d-token chunk it covers; a block sums its chunks).
+    # Selection scores from the compression branch's logits (written by its kernel) and merged lse: the group's
+    # probabilities P (one pass over the logits), spread over selection blocks by the overlap rule (each
+    # compression block adds P to each d-token chunk it covers; a selection block sums its chunks).
     NCV = cache.nc_cap - 1
-    lse_c = lses["compression"].view(B, QL, HKV.value, GROUP.value, 1) * 1.4426950408889634
-    visible = (torch.arange(NCV, device=q.device) * 16 + 31) <= t[:, :, None, None, None]
-    logits = logits.view(B, QL, HKV.value, GROUP.value, NCV)
-    p = torch.where(visible & (lse_c > float("-inf")), torch.exp2(logits - lse_c), torch.zeros_like(logits))
-    P = p.sum(dim=3)                                                           # [B, QL, HKV, NC]
+    P = torch.empty((B, QL, HKV.value, NCV), dtype=torch.float32, device=q.device)
+    if NCV > 0:
+        _decode_group_probs_kernel[(B * QL * HKV.value, triton.cdiv(NCV, 128))](
+            logits, lses["compression"], seqlens, P, QL, NCV, GP=triton.next_power_of_2(GROUP.value), BLOCK_N=128)
     n_sel = triton.cdiv(T, 64)
     n_chunks = n_sel * 4
     P = torch.nn.functional.pad(P, (0, max(0, n_chunks - NCV)))[..., :n_chunks]

@@ -89,7 +89,13 @@ def test_decode_bad_arguments_are_named():
 @pytest.mark.parametrize("layout,q_len", [("contiguous", 1), ("paged", 1), ("paged", SPEC.decode.max_q_len)])
 def test_decode_realistic(layout, q_len):
     testing_decode.check_decode(mod, SPEC, DECODE_GPU_PROMPTS, q_len=q_len, steps=2, paged=layout == "paged",
-                                device="cuda", query_chunk=128)
+                                device="cuda", query_chunk=128, compare_prefill=False)
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_cuda_graph():
+    testing_decode.check_decode_cuda_graph(mod, SPEC, DECODE_GPU_PROMPTS)
 
 
 def test_compile():

@@ -16,7 +16,7 @@ import torch
 
 from . import reference
 from .spec import Spec
-from .testing import LSE_TOL, OUT_TOL, SELECT_TOL, random_case, test_device
+from .testing import LSE_TOL, OUT_TOL, SELECT_TOL, fresh_seed, test_device
 
 POOL_WEIGHTS = ("w_pool_k", "w_pool_v", "pe_pool_k", "pe_pool_v")
 # Inputs given per new query (the rest are per token and go into the cache).
@@ -53,6 +53,36 @@ def _rows(x: torch.Tensor, starts: list[int], n: int) -> torch.Tensor:
     return torch.stack([x[b, s:s + n] for b, s in enumerate(starts)])
 
 
+@dataclass
+class _Case:
+    inputs: dict     # spec dtype, on the device
+    exact: dict      # the same values in float64
+    offsets: list    # per-query tensors hold sequence b's position p at row p - offsets[b]
+    gen: torch.Generator
+    seed: int
+    where: str
+
+
+def _decode_case(module, spec: Spec, prompt_lens: list[int], new_tokens: int, full_queries: bool, device: str,
+                 seed: int | None, what: str) -> _Case:
+    """Random inputs: per-token ones (the cache's) over `total` positions; per-query ones (q, gates, indexer q/w)
+    over all positions when `full_queries` (the prefill comparison needs them), else only for the decoded ones:
+    a realistic context never materialises [B, 64k, Hq, D] queries."""
+    seed = fresh_seed() if seed is None else seed
+    where = (f"[spec {spec.name}, {what}, device={device}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B = len(prompt_lens)
+    total = max(prompt_lens) + new_tokens
+    rows = total if full_queries else new_tokens
+    offsets = [0] * B if full_queries else list(prompt_lens)
+    x64 = {k: v for k, v in reference.make_inputs(spec, B, rows, generator=gen).items()
+           if k in PER_QUERY or k in POOL_WEIGHTS}
+    for name, dim in module.CACHE_TENSORS.items():
+        x64[name] = torch.randn(B, total, spec.heads.kv, dim, dtype=torch.float64, generator=gen)
+    inputs = {k: v.to(device=device, dtype=module.DTYPE) for k, v in x64.items()}
+    return _Case(inputs, {k: v.to(torch.float64) for k, v in inputs.items()}, offsets, gen, seed, where)
+
+
 def check_decode(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, steps: int = 2, paged: bool = False,
                  device: str | None = None, seed: int | None = None, num_splits: int | None = None,
                  query_chunk: int | None = None, compare_prefill: bool = True) -> DecodeReport:
@@ -61,9 +91,9 @@ def check_decode(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, 
     final = [p + steps * q_len for p in prompt_lens]
     total = max(final)
     layout = "paged" if paged else "contiguous"
-    case = random_case(module, spec, B, total, device, seed,
-                       what=f"decode {layout}, q_len={q_len}, prompts={prompt_lens}, steps={steps}")
-    inputs, exact, where, dtype = case.inputs, case.exact, case.where, module.DTYPE
+    case = _decode_case(module, spec, prompt_lens, steps * q_len, compare_prefill, device, seed,
+                        what=f"decode {layout}, q_len={q_len}, prompts={prompt_lens}, steps={steps}")
+    inputs, exact, where, dtype, offsets = case.inputs, case.exact, case.where, module.DTYPE, case.offsets
     Cache, decode, forward = _cache_and_fns(module, spec)
     names = list(module.CACHE_TENSORS)
     pool = {k: inputs[k] for k in POOL_WEIGHTS if k in inputs}
@@ -96,7 +126,7 @@ def check_decode(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, 
     for step in range(steps):
         cache.append(**{n: _rows(inputs[n], lens, q_len) for n in names})
         lens = [n + q_len for n in lens]
-        starts = [n - q_len for n in lens]
+        starts = [n - q_len - o for n, o in zip(lens, offsets)]
         kw = {n: _rows(inputs[n], starts, q_len) for n in PER_QUERY if n in inputs}
         out = torch.full((B, q_len, spec.heads.q, spec.head_dim.v), nan, dtype=dtype, device=device)
         result = decode(kw.pop("q"), cache, **kw, out=out, num_splits=num_splits, return_lse=True,
@@ -109,8 +139,8 @@ def check_decode(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, 
 
         ref_out, ref_lse = [], []
         for b in range(B):
-            T = lens[b]
-            ex = {k: (v if k in POOL_WEIGHTS else v[b:b + 1, T - q_len:T] if k in PER_QUERY else v[b:b + 1, :T])
+            T, s0 = lens[b], starts[b]
+            ex = {k: (v if k in POOL_WEIGHTS else v[b:b + 1, s0:s0 + q_len] if k in PER_QUERY else v[b:b + 1, :T])
                   for k, v in exact.items()}
             sel_b = idx[b:b + 1] if spec.selection is not None else None
             if sel_b is not None:
@@ -208,3 +238,53 @@ def check_decode_argument_errors(module, spec: Spec, device: str | None = None) 
         decode(q, cache, torch.tensor([3, 1], device=device), **step)
     with pytest.raises(ArgumentError, match="contiguous cache needs `max_seqlen`"):
         Cache(2, **pool)
+
+
+def check_decode_cuda_graph(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, seed: int | None = None):
+    """GPU: one decode step captured in a CUDA graph and replayed gives the eager step's output bit for bit, and a
+    replay after appending a token (lengths live on the device) matches the eager step at the new length."""
+    device = "cuda"
+    B = len(prompt_lens)
+    case = _decode_case(module, spec, prompt_lens, 2 * q_len, False, device, seed,
+                        what="decode in a CUDA graph")
+    inputs, off = case.inputs, case.offsets
+    Cache, decode, _ = _cache_and_fns(module, spec)
+    names = list(module.CACHE_TENSORS)
+    pool = {k: inputs[k] for k in POOL_WEIGHTS if k in inputs}
+    final = [p + 2 * q_len for p in prompt_lens]
+    num_pages, table = shuffled_block_table(final, spec.decode.page_size, case.gen)
+    cache = Cache(B, num_pages=num_pages, block_table=table.to(device), device=device, **pool)
+    cache.prefill(seqlens=prompt_lens, **{n: inputs[n][:, :max(prompt_lens)] for n in names})
+    lens = list(prompt_lens)
+    cache.append(**{n: _rows(inputs[n], lens, q_len) for n in names})
+    lens = [n + q_len for n in lens]
+    step = {n: _rows(inputs[n], [n_ - q_len - o for n_, o in zip(lens, off)], q_len).clone()
+            for n in PER_QUERY if n in inputs}
+    q = step.pop("q")
+    eager = decode(q, cache, **step)
+    out = torch.empty_like(eager)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        decode(q, cache, **step, out=out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode(q, cache, **step, out=out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), f"graph replay differs from the eager step {case.where}"
+    # Next step: append eagerly, refresh the step's inputs in place, replay the same graph.
+    cache.append(**{n: _rows(inputs[n], lens, q_len) for n in names})
+    lens = [n + q_len for n in lens]
+    fresh = {n: _rows(inputs[n], [n_ - q_len - o for n_, o in zip(lens, off)], q_len)
+             for n in PER_QUERY if n in inputs}
+    q.copy_(fresh.pop("q"))
+    for n, x in fresh.items():
+        step[n].copy_(x)
+    eager = decode(q, cache, **step)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager), f"graph replay after an append differs from the eager step {case.where}"

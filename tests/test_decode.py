@@ -34,6 +34,9 @@ VARIANTS = {
     "token_block_indexer": lambda: small_token_spec("nsa_token_dec_block", **{
         "selection.granularity": "block", "selection.block": 16, "selection.top_k": 3, "selection.initial": 1,
         "selection.local": 1}),
+    # pages of 16 tokens: compression blocks of 32 span two pages, selection blocks are pages
+    "page16_l32_d8": lambda: small("page16", **{"decode.page_size": 16, "compression.block": 32,
+                                                "compression.stride": 8, "selection.block": 16}),
     "dsa_mla": lambda: replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_dec_mla",
                                **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64}),
 }
