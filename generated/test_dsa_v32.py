@@ -77,7 +77,7 @@ DECODE_CASES = [("contiguous", 1, 2, 3, True), ("paged", 1, 2, None, False), ("p
 @pytest.mark.parametrize("layout,q_len,steps,num_splits,vs_kernel", DECODE_CASES)
 def test_decode_matches_prefill(layout, q_len, steps, num_splits, vs_kernel):
     testing_decode.check_decode(mod, SPEC, DECODE_PROMPTS, q_len=q_len, steps=steps, paged=layout == "paged",
-                                num_splits=num_splits, compare_prefill=vs_kernel)
+                                num_splits=num_splits, compare_prefill=vs_kernel, prefill_sequences=[-1])
 
 
 def test_decode_bad_arguments_are_named():

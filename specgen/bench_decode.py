@@ -63,12 +63,13 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor) -> dict:
     k = cache.tensors[next(n for n in names if n.startswith("k") and n != "k_idx")]
     v = k[..., :spec.head_dim.v] if spec.mla else cache.tensors[next(n for n in names if n.startswith("v"))]
     B, q_len = q.shape[0], q.shape[1]
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    T = int(cache.host_seqlens[0])
+    qt, kt, vt = q.transpose(1, 2), k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
     mask = None
     if q_len > 1:
         from torch.nn.attention.bias import causal_lower_right
 
-        mask = causal_lower_right(q_len, k.shape[1])
+        mask = causal_lower_right(q_len, T)
     out = {}
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):

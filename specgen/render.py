@@ -181,7 +181,8 @@ def render_test(spec: Spec) -> str:
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
         gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec),
         decode_prompts=decode_prompts(spec, small), decode_gpu_prompts=decode_gpu_prompts(spec),
-        decode_q_len=spec.decode.max_q_len if small else min(2, spec.decode.max_q_len), decode_steps=3 if small else 2)
+        decode_q_len=spec.decode.max_q_len if small else min(2, spec.decode.max_q_len), decode_steps=3 if small else 2,
+        decode_small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:
