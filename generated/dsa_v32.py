@@ -416,6 +416,39 @@ def _decode_index_scores_kernel(
 
 
 
+@triton.jit
+def _decode_combine_kernel(
+    O_0, L_0, NS_0,  # selection: partials [splits, rows, DV], [splits, rows]
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
+    BR: tl.constexpr,
+):
+    """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
+    e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then sum the branches in fp32 and round once.
+    Rows are (b * QL + qi) * HQ + h."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < ROWS
+    h = rows % HQ
+    bq = rows // HQ
+    out0 = tl.zeros([BR, 512], dtype=tl.float32)
+    # selection
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_0):
+        m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 512], dtype=tl.float32)
+    for s in range(NS_0):
+        w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    out0 += o0 * inv[:, None]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 512)[None, :], out0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+
 # Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
 INDEX_WORKSPACE_BYTES = 256 * 2**20
 
@@ -648,17 +681,6 @@ class DSACache:
 _SPLIT_TILES = {"compression": 64, "window": 64, "selection": 32}
 
 
-def _merge_splits(o_part, lse_part):
-    """Combine the splits' partial outputs by log-sum-exp: o = sum_s e^(lse_s - lse) o_s. Empty rows: o 0, lse -inf."""
-    m = lse_part.amax(dim=0)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse_part - m_safe)
-    total = w.sum(dim=0)
-    o = (w[..., None] * o_part).sum(dim=0) / torch.where(total == 0, torch.ones_like(total), total)[..., None]
-    lse = torch.where(total == 0, torch.full_like(total, float("-inf")), m_safe + torch.log(total))
-    return o, lse
-
-
 def _decode_rows(kind, q_len):
     """(QLP, GP, HEAD_CHUNKS): new queries x group heads per program, at least 16 rows for the matrix unit."""
     qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
@@ -668,7 +690,8 @@ def _decode_rows(kind, q_len):
 
 
 def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
-    """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
+    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
+    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (`_decode_combine_kernel`)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
     programs = B * HKV.value * chunks * (QL if kind == "selection" else 1)
@@ -691,9 +714,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870323,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
-    if splits == 1:
-        return o_part[0], lse_part[0]
-    return _merge_splits(o_part, lse_part)
+    return o_part, lse_part, splits
 
 
 def _top_units(scores, t, unit, top_k, initial, local):
@@ -768,7 +789,7 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     T = cache.max_context
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
-    outs, lses = {}, {}
+    parts = {}
     # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
     n_keys = triton.cdiv(T, 1) * 1
     ws = torch.full((B, HKV.value, QL, n_keys), float("-inf"), dtype=torch.float32, device=q.device)
@@ -782,14 +803,20 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
         PAGED=paged, QLP=max(triton.next_power_of_2(QL), triton.cdiv(16, 64)), BS=BS, WIDEN=WIDEN)
     S = ws.permute(0, 2, 1, 3)                                                 # [B, QL, HKV, T]
     indices = _top_units(S, t, 1, 2048, 0, 0)
-    outs["selection"], lses["selection"] = _decode_branch(
+    parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k"].flatten(0, 1), cache.tensors["k"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 2048, num_splits, paged, indices)
-    mixed = outs["selection"]
-    out.copy_(mixed)
+    # Epilogue: merge each branch's splits by log-sum-exp,
+    # sum in fp32 and round once into `out`.
+    lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
+    rows = B * QL * HQ.value
+    _decode_combine_kernel[(triton.cdiv(rows, 16),)](
+        *[x for name in BRANCH_NAMES for x in parts[name]],
+        out, 0, 0, 0,
+        out, lse, rows, QL, BR=16, num_warps=8 if DV.value >= 256 else 4)
     result = (out,)
     if return_lse:
-        result += (torch.stack([lses[name] for name in BRANCH_NAMES], dim=-1),)
+        result += (lse,)
     if return_indices:
         result += (indices,)
     return result[0] if len(result) == 1 else result

@@ -542,11 +542,12 @@ def _decode_selection_kernel(
 
 @triton.jit
 def _decode_group_probs_kernel(
-    LOGITS, LSE, SEQLENS, P, QL, NC,
+    LOGITS, LSE_PART, NSPLIT, SEQLENS, P, ROWS, QL, NC,
     GP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """P[b, qi, g, i] = sum over the group's heads of p_cmp = 2^(logit2 - lse2), over the visible blocks (else 0):
-    one read of the compression logits [B, QL, HQ, NC] (fp32, base 2) and the merged lse [B, QL, HQ] (natural)."""
+    one read of the compression logits [B, QL, HQ, NC] (fp32, base 2); each head's lse is merged here from the
+    compression splits' partial lse [NSPLIT, B * QL * HQ]."""
     pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
     pid_n = tl.program_id(1)
     g = pid % HKV
@@ -557,14 +558,73 @@ def _decode_group_probs_kernel(
     hh = tl.arange(0, GP)
     h_ok = hh < GROUP
     head = g * GROUP + hh
-    lse2 = tl.load(LSE + bq * HQ + head, mask=h_ok, other=float("-inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a head that sees no block contributes 0
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    for s in range(NSPLIT):
+        m = tl.maximum(m, tl.load(LSE_PART + s * ROWS + bq * HQ + head, mask=h_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([GP], dtype=tl.float32)
+    for s in range(NSPLIT):
+        den += tl.exp(tl.load(LSE_PART + s * ROWS + bq * HQ + head, mask=h_ok, other=float("-inf")) - m_safe)
+    # Natural-log lse to base 2; a head that sees no block (den = 0) contributes 0.
+    lse2 = tl.where(den == 0.0, float("inf"), (m_safe + tl.log(tl.where(den == 0.0, 1.0, den))) * 1.4426950408889634)
     blocks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     visible = (blocks < NC) & (blocks * CMP_STRIDE + CMP_BLOCK - 1 <= t)
     ok = h_ok[:, None] & visible[None, :]
     logit = tl.load(LOGITS + ((bq * HQ + head) * NC).to(tl.int64)[:, None] + blocks[None, :], mask=ok, other=float("-inf"))
     p = tl.where(ok, tl.exp2(logit - lse2[:, None]), 0.0)
     tl.store(P + (pid * NC).to(tl.int64) + blocks, tl.sum(p, axis=0), mask=blocks < NC)
+
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
+    O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
+    BR: tl.constexpr,
+):
+    """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
+    e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
+    Rows are (b * QL + qi) * HQ + h."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < ROWS
+    h = rows % HQ
+    bq = rows // HQ
+    g_ptr = GATES + (bq // QL).to(tl.int64) * stride_gb + (bq % QL) * stride_gt + h * stride_gh
+    out0 = tl.zeros([BR, 128], dtype=tl.float32)
+    # compression
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_0):
+        m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for s in range(NS_0):
+        w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    gate = tl.load(g_ptr + 0, mask=row_ok, other=0.0).to(tl.float32)
+    out0 += o0 * (inv * gate)[:, None]
+    # selection
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_1):
+        m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for s in range(NS_1):
+        w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_1 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    gate = tl.load(g_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
+    out0 += o0 * (inv * gate)[:, None]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], out0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 
@@ -835,17 +895,6 @@ class NSACache:
 _SPLIT_TILES = {"compression": 64, "window": 64, "selection": 64}
 
 
-def _merge_splits(o_part, lse_part):
-    """Combine the splits' partial outputs by log-sum-exp: o = sum_s e^(lse_s - lse) o_s. Empty rows: o 0, lse -inf."""
-    m = lse_part.amax(dim=0)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse_part - m_safe)
-    total = w.sum(dim=0)
-    o = (w[..., None] * o_part).sum(dim=0) / torch.where(total == 0, torch.ones_like(total), total)[..., None]
-    lse = torch.where(total == 0, torch.full_like(total, float("-inf")), m_safe + torch.log(total))
-    return o, lse
-
-
 def _decode_rows(kind, q_len):
     """(QLP, GP, HEAD_CHUNKS): new queries x group heads per program, at least 16 rows for the matrix unit."""
     qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
@@ -855,7 +904,8 @@ def _decode_rows(kind, q_len):
 
 
 def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
-    """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
+    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
+    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (`_decode_combine_kernel`)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
     programs = B * HKV.value * chunks * (QL if kind == "selection" else 1)
@@ -878,9 +928,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         block_table.stride(0), B, QL, tcap, splits, 0.08838834764831845,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
-    if splits == 1:
-        return o_part[0], lse_part[0]
-    return _merge_splits(o_part, lse_part)
+    return o_part, lse_part, splits
 
 
 def _top_units(scores, t, unit, top_k, initial, local):
@@ -953,9 +1001,9 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     T = cache.max_context
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
-    outs, lses = {}, {}
+    parts = {}
     logits = torch.empty((B, QL, HQ.value, cache.nc_cap - 1), dtype=torch.float32, device=q.device)
-    outs["compression"], lses["compression"] = _decode_branch(
+    parts["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
     # Selection scores from the compression branch's logits (written by its kernel) and merged lse: the group's
@@ -965,22 +1013,28 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     P = torch.empty((B, QL, HKV.value, NCV), dtype=torch.float32, device=q.device)
     if NCV > 0:
         _decode_group_probs_kernel[(B * QL * HKV.value, triton.cdiv(NCV, 128))](
-            logits, lses["compression"], seqlens, P, QL, NCV, GP=triton.next_power_of_2(GROUP.value), BLOCK_N=128)
+            logits, parts["compression"][1], parts["compression"][2], seqlens, P, B * QL * HQ.value, QL, NCV,
+            GP=triton.next_power_of_2(GROUP.value), BLOCK_N=128)
     n_sel = triton.cdiv(T, 64)
     n_chunks = n_sel * 1
     P = torch.nn.functional.pad(P, (0, max(0, n_chunks - NCV)))[..., :n_chunks]
     chunk = P.clone()
     S = chunk.view(B, QL, HKV.value, n_sel, 1).sum(dim=-1)
     indices = _top_units(S, t, 64, 16, 1, 2)
-    outs["selection"], lses["selection"] = _decode_branch(
+    parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k"].flatten(0, 1), cache.tensors["v"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 1024, num_splits, paged, indices)
-    # o = sum_c g_c o_c, each branch its own softmax; summed in fp32, rounded once.
-    mixed = sum(gates[..., c, None].float() * outs[name] for c, name in enumerate(BRANCH_NAMES))
-    out.copy_(mixed)
+    # Epilogue: merge each branch's splits by log-sum-exp, gate (o = sum_c g_c o_c, each branch its own softmax),
+    # sum in fp32 and round once into `out`.
+    lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
+    rows = B * QL * HQ.value
+    _decode_combine_kernel[(triton.cdiv(rows, 16),)](
+        *[x for name in BRANCH_NAMES for x in parts[name]],
+        gates, gates.stride(0), gates.stride(1), gates.stride(2),
+        out, lse, rows, QL, BR=16, num_warps=8 if DV.value >= 256 else 4)
     result = (out,)
     if return_lse:
-        result += (torch.stack([lses[name] for name in BRANCH_NAMES], dim=-1),)
+        result += (lse,)
     if return_indices:
         result += (indices,)
     return result[0] if len(result) == 1 else result

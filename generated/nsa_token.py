@@ -777,6 +777,75 @@ def _decode_index_scores_kernel(
 
 
 
+@triton.jit
+def _decode_combine_kernel(
+    O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
+    O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
+    O_2, L_2, NS_2,  # window: partials [splits, rows, DV], [splits, rows]
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
+    BR: tl.constexpr,
+):
+    """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
+    e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
+    Rows are (b * QL + qi) * HQ + h."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows < ROWS
+    h = rows % HQ
+    bq = rows // HQ
+    g_ptr = GATES + (bq // QL).to(tl.int64) * stride_gb + (bq % QL) * stride_gt + h * stride_gh
+    out0 = tl.zeros([BR, 128], dtype=tl.float32)
+    # compression
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_0):
+        m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for s in range(NS_0):
+        w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    gate = tl.load(g_ptr + 0, mask=row_ok, other=0.0).to(tl.float32)
+    out0 += o0 * (inv * gate)[:, None]
+    # selection
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_1):
+        m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for s in range(NS_1):
+        w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_1 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    gate = tl.load(g_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
+    out0 += o0 * (inv * gate)[:, None]
+    # window
+    m = tl.full([BR], float("-inf"), dtype=tl.float32)
+    for s in range(NS_2):
+        m = tl.maximum(m, tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros([BR], dtype=tl.float32)
+    o0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for s in range(NS_2):
+        w = tl.exp(tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+        den += w
+        o0 += w[:, None] * tl.load(O_2 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    tl.store(LSE_OUT + rows * N_BRANCHES + 2, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    gate = tl.load(g_ptr + 2, mask=row_ok, other=0.0).to(tl.float32)
+    out0 += o0 * (inv * gate)[:, None]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], out0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+
 def _pool(x, D, NC):
     B, T = x.shape[0], x.shape[1]
     out = torch.empty((B, NC, 4, D), dtype=x.dtype, device=x.device)
@@ -1086,17 +1155,6 @@ class NSACache:
 _SPLIT_TILES = {"compression": 64, "window": 64, "selection": 64}
 
 
-def _merge_splits(o_part, lse_part):
-    """Combine the splits' partial outputs by log-sum-exp: o = sum_s e^(lse_s - lse) o_s. Empty rows: o 0, lse -inf."""
-    m = lse_part.amax(dim=0)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lse_part - m_safe)
-    total = w.sum(dim=0)
-    o = (w[..., None] * o_part).sum(dim=0) / torch.where(total == 0, torch.ones_like(total), total)[..., None]
-    lse = torch.where(total == 0, torch.full_like(total, float("-inf")), m_safe + torch.log(total))
-    return o, lse
-
-
 def _decode_rows(kind, q_len):
     """(QLP, GP, HEAD_CHUNKS): new queries x group heads per program, at least 16 rows for the matrix unit."""
     qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
@@ -1106,7 +1164,8 @@ def _decode_rows(kind, q_len):
 
 
 def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
-    """One branch over the cache: split-KV partials, then their merge. Returns (o [B, q_len, HQ, DV] fp32, lse)."""
+    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
+    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (`_decode_combine_kernel`)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = _decode_rows(kind, QL)
     programs = B * HKV.value * chunks * (QL if kind == "selection" else 1)
@@ -1129,9 +1188,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
-    if splits == 1:
-        return o_part[0], lse_part[0]
-    return _merge_splits(o_part, lse_part)
+    return o_part, lse_part, splits
 
 
 def _top_units(scores, t, unit, top_k, initial, local):
@@ -1209,9 +1266,9 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     T = cache.max_context
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
-    outs, lses = {}, {}
+    parts = {}
     logits = None
-    outs["compression"], lses["compression"] = _decode_branch(
+    parts["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
     # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
@@ -1227,18 +1284,23 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
         PAGED=paged, QLP=max(triton.next_power_of_2(QL), triton.cdiv(16, 4)), BS=BS, WIDEN=WIDEN)
     S = ws.permute(0, 2, 1, 3)                                                 # [B, QL, HKV, T]
     indices = _top_units(S, t, 1, 1024, 0, 0)
-    outs["selection"], lses["selection"] = _decode_branch(
+    parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k_slc"].flatten(0, 1), cache.tensors["v_slc"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 1024, num_splits, paged, indices)
-    outs["window"], lses["window"] = _decode_branch(
+    parts["window"] = _decode_branch(
         "window", q, cache.tensors["k_win"].flatten(0, 1), cache.tensors["v_win"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, min(T, WINDOW.value + QL), num_splits, paged)
-    # o = sum_c g_c o_c, each branch its own softmax; summed in fp32, rounded once.
-    mixed = sum(gates[..., c, None].float() * outs[name] for c, name in enumerate(BRANCH_NAMES))
-    out.copy_(mixed)
+    # Epilogue: merge each branch's splits by log-sum-exp, gate (o = sum_c g_c o_c, each branch its own softmax),
+    # sum in fp32 and round once into `out`.
+    lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
+    rows = B * QL * HQ.value
+    _decode_combine_kernel[(triton.cdiv(rows, 16),)](
+        *[x for name in BRANCH_NAMES for x in parts[name]],
+        gates, gates.stride(0), gates.stride(1), gates.stride(2),
+        out, lse, rows, QL, BR=16, num_warps=8 if DV.value >= 256 else 4)
     result = (out,)
     if return_lse:
-        result += (torch.stack([lses[name] for name in BRANCH_NAMES], dim=-1),)
+        result += (lse,)
     if return_indices:
         result += (indices,)
     return result[0] if len(result) == 1 else result
