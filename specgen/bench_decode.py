@@ -24,11 +24,12 @@ from .jit import load
 from .spec import Spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic elsewhere
 
 
 def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second, GB/s) of a `nbytes` buffer."""
-    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    x = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
     y = torch.empty_like(x)
     ms = _median_ms(lambda: y.copy_(x))
     del x, y
@@ -44,17 +45,38 @@ def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
 
 def _step_inputs(module, spec: Spec, B: int, q_len: int) -> dict:
     dt = module.DTYPE
-    kw = {"q": torch.randn(B, q_len, spec.heads.q, spec.head_dim.qk, device="cuda", dtype=dt)}
+    kw = {"q": torch.randn(B, q_len, spec.heads.q, spec.head_dim.qk, device=DEVICE, dtype=dt)}
     if spec.gated:
-        kw["gates"] = torch.sigmoid(torch.randn(B, q_len, spec.heads.q, len(spec.branches), device="cuda")).to(dt)
+        kw["gates"] = torch.sigmoid(torch.randn(B, q_len, spec.heads.q, len(spec.branches), device=DEVICE)).to(dt)
     if spec.indexer is not None:
         hi = spec.heads.kv * spec.indexer.heads
-        kw["q_idx"] = torch.randn(B, q_len, hi, spec.indexer.head_dim, device="cuda", dtype=dt)
-        kw["w_idx"] = torch.randn(B, q_len, hi, device="cuda", dtype=dt)
+        kw["q_idx"] = torch.randn(B, q_len, hi, spec.indexer.head_dim, device=DEVICE, dtype=dt)
+        kw["w_idx"] = torch.randn(B, q_len, hi, device=DEVICE, dtype=dt)
     return kw
 
 
-def _dense_ms(spec: Spec, cache, q: torch.Tensor) -> dict:
+def _flex_ms(spec: Spec, qt, kt, vt, q_len: int) -> float | str:
+    """FlexAttention's decoding path (compiled; a lower-right causal block mask when q_len > 1)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        T = kt.shape[2]
+        mask = None
+        if q_len > 1:
+            def lower_right(b, h, qi, kv):
+                return kv <= qi + (T - q_len)
+            mask = create_block_mask(lower_right, None, None, q_len, T, device=qt.device)
+        fn = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            return fn(qt, kt, vt, block_mask=mask, scale=spec.softmax_scale, enable_gqa=spec.heads.q != spec.heads.kv)
+        run()
+        return _median_ms(run)
+    except Exception as exc:
+        return f"unsupported: {str(exc).splitlines()[0][:120]}"
+
+
+def _dense_ms(spec: Spec, cache, q: torch.Tensor, flex: bool = False) -> dict:
     """SDPA over the cache's (first) K/V set: what a dense model's decode step reads."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -82,11 +104,13 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor) -> dict:
                 out[name] = _median_ms(run)
         except Exception as exc:  # a backend refusing these shapes is a result, not a failure
             out[name] = f"unsupported: {str(exc).splitlines()[0][:120]}"
+    if flex:
+        out["flex"] = _flex_ms(spec, qt.contiguous(), kt, vt, q_len)
     return out
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
-                 graph: bool = True) -> tuple[float, list[dict]]:
+                 graph: bool = True, flex: bool = False) -> tuple[float, list[dict]]:
     module = load(spec)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -102,8 +126,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 rows.append(row)
                 print(spec.name, row)
                 continue
-            cache = Cache(B, max_seqlen=T + q_len, device="cuda",
-                          **{n: torch.randn(w, device="cuda", dtype=module.DTYPE) * 0.01
+            cache = Cache(B, max_seqlen=T + q_len, device=DEVICE,
+                          **{n: torch.randn(w, device=DEVICE, dtype=module.DTYPE) * 0.01
                              for n, w in _pool_shapes(spec).items()})
             for x in cache.tensors.values():
                 x.normal_()
@@ -114,7 +138,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
             cache.host_seqlens = [T] * B
             kw = _step_inputs(module, spec, B, q_len)
             q = kw.pop("q")
-            out = torch.empty(B, q_len, spec.heads.q, spec.head_dim.v, device="cuda", dtype=module.DTYPE)
+            out = torch.empty(B, q_len, spec.heads.q, spec.head_dim.v, device=DEVICE, dtype=module.DTYPE)
 
             def step():
                 decode(q, cache, **kw, out=out)
@@ -142,7 +166,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 except Exception as exc:
                     row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
             if dense:
-                row["dense"] = _dense_ms(spec, cache, q)
+                row["dense"] = _dense_ms(spec, cache, q, flex=flex)
                 best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
                 if best is not None:
                     mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
