@@ -306,7 +306,6 @@ def _decode_selection_kernel(
     hh = chunk * GP + rows % GP
     head = g * GROUP + hh
     row_ok = (qi < QL) & (hh < GROUP)
-    t = L - QL + qi  # bottom-right aligned: the new queries are the last positions
     q_rows = Q + b * stride_qb + qi * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -417,8 +416,6 @@ def _decode_combine_kernel(
     Rows are (b * QL + qi) * HQ + h."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < ROWS
-    h = rows % HQ
-    bq = rows // HQ
     out0 = tl.zeros([BR, 64], dtype=tl.float32)
     # selection
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
@@ -690,9 +687,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     splits = num_splits or runtime.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
     o_part = torch.empty((splits, B, QL, HQ.value, DV.value), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, QL, HQ.value), dtype=torch.float32, device=q.device)
-    kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
-              "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
-              "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
+    kernel = {"selection": _decode_selection_kernel}[kind]
     extra, flags = (), {}
     if kind == "selection":
         extra = (idx,)
@@ -778,9 +773,9 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
     paged = cache.paged
     T = cache.max_context
+    parts = {}
     # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
     t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
-    parts = {}
     # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
     n_keys = triton.cdiv(T, 1) * 1
     ws = torch.full((B, HKV.value, QL, n_keys), float("-inf"), dtype=torch.float32, device=q.device)

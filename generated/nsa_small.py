@@ -581,7 +581,6 @@ def _decode_selection_kernel(
     hh = chunk * GP + rows % GP
     head = g * GROUP + hh
     row_ok = (qi < QL) & (hh < GROUP)
-    t = L - QL + qi  # bottom-right aligned: the new queries are the last positions
     q_rows = Q + b * stride_qb + qi * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
@@ -744,6 +743,55 @@ def _decode_group_probs_kernel(
     logit = tl.load(LOGITS + ((bq * HQ + head) * NC).to(tl.int64)[:, None] + blocks[None, :], mask=ok, other=float("-inf"))
     p = tl.where(ok, tl.exp2(logit - lse2[:, None]), 0.0)
     tl.store(P + (pid * NC).to(tl.int64) + blocks, tl.sum(p, axis=0), mask=blocks < NC)
+
+
+
+@triton.jit
+def _decode_select_blocks_kernel(
+    P, SEQLENS, IDX, QL, NC, NSEL,
+    NSEL_PAD: tl.constexpr,
+):
+    """Top-n selection blocks of one (sequence, new query, kv group) from the group's compression probabilities P:
+    S[j] = sum over the d-token chunks c of block j of the P of every compression block covering c (the overlap
+    rule: 4 chunks per selection block, 2 blocks per chunk), block 0 and the 1 most recent forced, the rest
+    by score with ties to the lower block (TOP_K rounds of argmax over the row in registers); ascending, -1 last."""
+    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
+    bq = pid // HKV
+    t = tl.load(SEQLENS + bq // QL) - QL + bq % QL
+    sel = tl.arange(0, NSEL_PAD)
+    p_row = P + pid.to(tl.int64) * NC
+    score = tl.zeros([NSEL_PAD], dtype=tl.float32)
+    i = sel * 4 + 0
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + -1
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 1
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 0
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 2
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 1
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 3
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    i = sel * 4 + 2
+    score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
+    candidate = (sel < NSEL) & (sel * SEL_BLOCK <= t)
+    back = t // SEL_BLOCK - sel
+    forced = candidate & ((sel < SEL_INITIAL) | ((back >= 0) & (back < SEL_LOCAL)))
+    score = tl.where(forced, float("inf"), score)
+    score = tl.where(candidate, score, -1.0)  # scores are sums of probabilities: >= 0 for every candidate
+    slot = tl.arange(0, TOP_K_PAD)
+    unit = tl.full([TOP_K_PAD], 2147483647, dtype=tl.int32)
+    for r in range(TOP_K):
+        top = tl.max(score, axis=0)
+        pick = tl.min(tl.where(score == top, sel, NSEL_PAD), axis=0)
+        unit = tl.where(slot == r, tl.where(top >= 0.0, pick, 2147483647), unit)
+        score = tl.where(sel == pick, -2.0, score)
+    unit = tl.sort(unit)
+    unit = tl.where(unit == 2147483647, -1, unit)
+    tl.store(IDX + pid.to(tl.int64) * TOP_K + slot, unit, mask=slot < TOP_K)
 
 
 
@@ -1118,9 +1166,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     splits = num_splits or runtime.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
     o_part = torch.empty((splits, B, QL, HQ.value, DV.value), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, QL, HQ.value), dtype=torch.float32, device=q.device)
-    kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
-              "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
-              "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
+    kernel = {"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel}[kind]
     extra, flags = (), {}
     if kind == "selection":
         extra = (idx,)
@@ -1134,32 +1180,6 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
         num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
     return o_part, lse_part, splits
-
-
-def _top_units(scores, t, unit, top_k, initial, local):
-    """Top-k units per (query, kv group) by the selection rule, with torch ops only (graph-capturable).
-
-    scores [B, QL, HKV, N] fp32, t [B, QL] query positions. Candidates j*unit <= t; blocks < initial and the
-    `local` most recent forced; the rest by score, ties to the lower j: each unit gets one distinct int64 key
-    (tier, order-preserving score bits, complemented index), so topk is exact. Ascending, -1 padding last.
-    """
-    N = scores.shape[-1]
-    j = torch.arange(N, device=scores.device)
-    newest = (t // unit)[:, :, None, None]
-    candidate = j <= newest
-    forced = candidate & ((j < initial) | (j > newest - local))
-    bits = (scores + 0.0).contiguous().view(torch.int32).long()   # + 0.0: -0.0 ties with 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # float order as unsigned 32-bit ints
-    tier = candidate.long() + forced.long()
-    key = (tier << 53) | (ordered << 20) | (2**20 - 1 - j)
-    k = min(top_k, N)
-    top = torch.topk(key, k, dim=-1)
-    chosen = torch.where((top.values >> 53) > 0, top.indices, N)  # tier 0: not a candidate -> padding
-    chosen = torch.sort(chosen, dim=-1).values
-    chosen = torch.where(chosen == N, -1, chosen).to(torch.int32)
-    if k < top_k:
-        chosen = torch.cat([chosen, chosen.new_full((*chosen.shape[:-1], top_k - k), -1)], dim=-1)
-    return chosen
 
 
 def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, out=None,
@@ -1204,16 +1224,14 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
     paged = cache.paged
     T = cache.max_context
-    # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
-    t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
     parts = {}
     logits = torch.empty((B, QL, HQ.value, cache.nc_cap - 1), dtype=torch.float32, device=q.device)
     parts["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
-    # Selection scores from the compression branch's logits (written by its kernel) and merged lse: the group's
-    # probabilities P (one pass over the logits), spread over selection blocks by the overlap rule (each
-    # compression block adds P to each d-token chunk it covers; a selection block sums its chunks).
+    # Selection from the compression branch's logits (written by its kernel): the group's probabilities P (one pass
+    # over the logits, each head's lse merged from the splits), then the overlap rule and the top-n in one kernel
+    # per (sequence, new query, kv group).
     NCV = cache.nc_cap - 1
     P = torch.empty((B, QL, HKV.value, NCV), dtype=torch.float32, device=q.device)
     if NCV > 0:
@@ -1221,12 +1239,9 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
             logits, parts["compression"][1], parts["compression"][2], seqlens, P, B * QL * HQ.value, QL, NCV,
             GP=triton.next_power_of_2(GROUP.value), BLOCK_N=128)
     n_sel = triton.cdiv(T, 16)
-    n_chunks = n_sel * 4
-    P = torch.nn.functional.pad(P, (0, max(0, n_chunks - NCV)))[..., :n_chunks]
-    chunk = P.clone()
-    chunk[..., 1:] += P[..., :-1]
-    S = chunk.view(B, QL, HKV.value, n_sel, 4).sum(dim=-1)
-    indices = _top_units(S, t, 16, 4, 1, 1)
+    indices = torch.empty((B, QL, HKV.value, 4), dtype=torch.int32, device=q.device)
+    _decode_select_blocks_kernel[(B * QL * HKV.value,)](P, seqlens, indices, QL, NCV, n_sel,
+                                                        NSEL_PAD=triton.next_power_of_2(n_sel), num_warps=4)
     parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k_slc"].flatten(0, 1), cache.tensors["v_slc"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 64, num_splits, paged, indices)

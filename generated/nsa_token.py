@@ -600,7 +600,6 @@ def _decode_selection_kernel(
     hh = chunk * GP + rows % GP
     head = g * GROUP + hh
     row_ok = (qi < QL) & (hh < GROUP)
-    t = L - QL + qi  # bottom-right aligned: the new queries are the last positions
     q_rows = Q + b * stride_qb + qi * stride_qt + head * stride_qh
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
@@ -1173,9 +1172,7 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     splits = num_splits or runtime.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
     o_part = torch.empty((splits, B, QL, HQ.value, DV.value), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, QL, HQ.value), dtype=torch.float32, device=q.device)
-    kernel = {"compression": _decode_compression_kernel if "compression" in BRANCH_NAMES else None,
-              "selection": _decode_selection_kernel if "selection" in BRANCH_NAMES else None,
-              "window": _decode_window_kernel if "window" in BRANCH_NAMES else None}[kind]
+    kernel = {"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel}[kind]
     extra, flags = (), {}
     if kind == "selection":
         extra = (idx,)
@@ -1264,13 +1261,13 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
     paged = cache.paged
     T = cache.max_context
-    # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
-    t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
     parts = {}
     logits = None
     parts["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
+    # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
+    t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
     # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
     n_keys = triton.cdiv(T, 1) * 1
     ws = torch.full((B, HKV.value, QL, n_keys), float("-inf"), dtype=torch.float32, device=q.device)

@@ -7,6 +7,7 @@ ranked by an indexer and MLA, each paged with a shuffled block table and q_len =
 
 import pytest
 import torch
+import triton
 
 import specgen
 from specgen.reference._core import top_units
@@ -56,10 +57,10 @@ def test_decode_variant(variant):
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=2, paged=True)
 
 
-def test_top_k_rule_matches_the_reference_exactly_with_ties():
-    """Integer scores make many exact ties: the decode top-k must pick the reference's units (lower index wins),
-    with forced blocks, -1 padding and -0.0 tying with 0.0."""
-    spec = small("topk")
+def test_indexer_top_k_rule_matches_the_reference_exactly_with_ties():
+    """Integer scores make many exact ties: the decode top-k (torch ops, indexer specs) must pick the reference's
+    units (lower index wins), with forced blocks, -1 padding and -0.0 tying with 0.0."""
+    spec = VARIANTS["token_block_indexer"]()
     mod = specgen.load(spec)
     gen = torch.Generator().manual_seed(0)
     B, QL, G, N = 3, 2, 2, 40
@@ -71,3 +72,51 @@ def test_top_k_rule_matches_the_reference_exactly_with_ties():
     for b in range(B):
         want = top_units(scores[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
         assert torch.equal(got[b:b + 1], want), (b, got[b].tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("variant", ["paper_ratios", "l_eq_d"])
+def test_block_selection_kernel_matches_the_reference_exactly_with_ties(variant):
+    """The NSA decode's selection kernel (overlap rule + top-n in registers) on integer group probabilities, where
+    sums are exact and ties frequent: the reference's choice exactly (forced blocks, lower index wins, padding)."""
+    from specgen.reference.nsa import overlap_weights
+
+    changes = {} if variant == "paper_ratios" else {"compression.block": 16, "compression.stride": 16}
+    spec = small(f"selkernel_{variant}", **{"selection.top_k": 5, "selection.local": 2, **changes})
+    mod = specgen.load(spec)
+    cmp_, sel = spec.compression, spec.selection
+    gen = torch.Generator().manual_seed(1)
+    B, QL, G, T = 3, 2, spec.heads.kv, 200
+    lengths = torch.tensor([7, 150, 200], dtype=torch.int32)
+    NC = (T - cmp_.block) // cmp_.stride + 1
+    n_sel = -(-T // sel.block)
+    P = torch.randint(0, 3, (B, QL, G, NC), generator=gen).float()
+    t = lengths.long()[:, None] - QL + torch.arange(QL)[None, :]
+    visible = torch.arange(NC) * cmp_.stride + cmp_.block - 1 <= t[:, :, None, None]
+    P = torch.where(visible, P, 0.0)
+    idx = torch.full((B, QL, G, sel.top_k), 99, dtype=torch.int32)
+    mod._decode_select_blocks_kernel[(B * QL * G,)](P, lengths, idx, QL, NC, n_sel,
+                                                    NSEL_PAD=triton.next_power_of_2(n_sel))
+    S = torch.einsum("bqgi,ij->bqgj", P.double(), overlap_weights(spec, NC, n_sel))
+    for b in range(B):
+        want = top_units(S[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
+        assert torch.equal(idx[b:b + 1], want), (b, idx[b].tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("field,value,words", [("decode.page_size", 24, "power of two"),
+                                               ("decode.page_size", 8, "power of two >= 16"),
+                                               ("decode.max_q_len", 0, "outside 1..64"),
+                                               ("decode.max_q_len", 65, "outside 1..64")])
+def test_decode_spec_errors_name_the_field_and_the_fix(field, value, words):
+    from specgen.errors import SpecError
+    from specgen.spec import spec_from_yaml
+
+    section, key = field.split(".")
+    with pytest.raises(SpecError) as info:
+        spec_from_yaml(f"name: x\n{section}:\n  {key}: {value}\n", file="x.yaml")
+    text = str(info.value)
+    assert field in text and words in text and "fix:" in text and "x.yaml:3" in text, text
+
+
+def test_decode_section_defaults():
+    spec = load_spec("specs/nsa_paper.yaml")
+    assert (spec.decode.max_q_len, spec.decode.page_size) == (4, 64)
