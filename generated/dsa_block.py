@@ -584,12 +584,11 @@ class DSACache:
     Contiguous: `DSACache(batch, max_seqlen=T)` stores [batch, T, Hkv, D] per tensor. Paged:
     `DSACache(batch, num_pages=N, block_table=table)` stores [N, 64, Hkv, D] pages; `block_table`
     [batch, max_pages] int32 lists each sequence's pages in order (-1 for unused trailing entries; default: pages
-    handed out in order, N // batch per sequence). Stored per token: {, ', k, ', :,  , 5, 7, 6, ,,  , ', k, _, i, d, x, ', :,  , 1, 2, 8, }.
+    handed out in order, N // batch per sequence). Stored per token: k, k_idx.
 
     `prefill(seqlens=..., **tensors)` writes a prompt (tensors [batch, T, Hkv, D], sequence b's first seqlens[b]
-    rows) and pools its complete compression blocks with the prefill kernel; `append(**tensors)` adds q_len new
-    tokens to every sequence ([batch, q_len, Hkv, D]) and pools only the blocks they complete. Lengths live on the
-    device (`seqlens`, int32) and, for argument checks without a host sync, mirrored on the host.
+    rows); `append(**tensors)` adds q_len new tokens to every sequence ([batch, q_len, Hkv, D]).
+    Lengths live on the device (`seqlens`, int32) and, for argument checks without a host sync, mirrored on the host.
     """
 
     def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None):

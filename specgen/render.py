@@ -150,6 +150,7 @@ def decode_context(spec: Spec, args: list[Argument]) -> dict:
         stored["k_idx"] = spec.indexer.head_dim
     wide = spec.head_dim.qk + spec.head_dim.v > 512
     return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
+            "stored_names": list(stored),
             "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
 
 
