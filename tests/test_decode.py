@@ -24,6 +24,8 @@ def small(name: str, **changes):
 
 
 VARIANTS = {
+    # MHA (one head per group: rows padded to 16) with q_len = 3 (not a power of two)
+    "mha_q3": lambda: small("mha", **{"heads.q": 2, "heads.kv": 2}),
     "linear_pool_pe": lambda: small("linear_pool_pe", **{"compression.pool": "linear",
                                                          "compression.position_embedding": True}),
     "cmp_win": lambda: small("cmp_win", branches=["compression", "window"], selection=None),
@@ -54,7 +56,8 @@ def _specgen_cache(tmp_path_factory):
 def test_decode_variant(variant):
     spec = VARIANTS[variant]()
     mod = specgen.load(spec)
-    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=2, paged=True)
+    q_len = 3 if variant.endswith("_q3") else 2
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=q_len, steps=2, paged=True)
 
 
 def test_indexer_top_k_rule_matches_the_reference_exactly_with_ties():
