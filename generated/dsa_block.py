@@ -804,11 +804,12 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     k_idx_cache = cache.tensors["k_idx"]
     k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
     BS = 64
+    qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, 64))  # rows: new queries x indexer heads, >= 16
     _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_keys, BS))](
         q_idx, k_flat, w_idx, block_table, seqlens, ws,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
         w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_keys, 0.011048543456039806,
-        PAGED=paged, QLP=max(triton.next_power_of_2(QL), triton.cdiv(16, 64)), BS=BS, WIDEN=WIDEN)
+        PAGED=paged, QLP=qlp, BS=BS, WIDEN=WIDEN, num_warps=8 if qlp * 64 >= 256 else 4)
     S = ws.permute(0, 2, 1, 3)                                                 # [B, QL, HKV, T]
     # A block's score: the log-sum-exp of its visible tokens' index scores.
     S = torch.logsumexp(S.reshape(B, QL, HKV.value, n_keys // 64, 64), dim=-1)
