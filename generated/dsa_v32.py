@@ -556,6 +556,10 @@ MAX_Q_LEN = 4
 PAGE_SIZE = tl.constexpr(64)
 # Raw per-token tensors the cache stores, name -> last dim (keys, values, index keys).
 CACHE_TENSORS = {'k': 576, 'k_idx': 128}
+# Tensors only the compression pooling reads: a ring of the last RING tokens per sequence is enough (a block completed
+# by a step's first new token starts l - 1 tokens before it, and the step writes q_len tokens first).
+RING_TENSORS = ()
+RING = 4
 
 
 def _index_key_store(k_idx):
@@ -607,7 +611,8 @@ class DSACache:
         self.device = device
         self.num_pages = num_pages
         self.max_context = max(self.capacity)
-        self.tensors = {name: torch.zeros((*rows, HKV.value, dim), dtype=DTYPE, device=device)
+        self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
+                                          dtype=DTYPE, device=device)
                         for name, dim in CACHE_TENSORS.items()}
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_seqlens = [0] * batch
@@ -619,6 +624,10 @@ class DSACache:
             page = self.block_table.long()[b, pos // PAGE_SIZE.value]
             return page * PAGE_SIZE.value + pos % PAGE_SIZE.value
         return b * self.tcap + pos
+
+    def _ring_rows(self, pos):
+        """Flat row of token positions pos [B, n] in the per-sequence rings (b * RING + pos % RING)."""
+        return torch.arange(self.batch, device=pos.device)[:, None] * RING + pos % RING
 
     def _flat(self, name):
         x = self.tensors[name]
@@ -647,9 +656,15 @@ class DSACache:
         pos = torch.arange(T, device=self.device)[None, :].expand(self.batch, T)
         keep = pos < torch.tensor(lengths, device=self.device)[:, None]
         rows = self._rows(torch.where(keep, pos, 0))[keep]
+        # Ring tensors keep each sequence's last RING tokens.
+        keep_ring = keep & (pos >= torch.tensor(lengths, device=self.device)[:, None] - RING)
+        ring_rows = self._ring_rows(pos)[keep_ring]
         for name, x in tensors.items():
             x = _index_key_store(x) if name == "k_idx" else x
-            self._flat(name).index_copy_(0, rows, x[keep])
+            if name in RING_TENSORS:
+                self._flat(name).index_copy_(0, ring_rows, x[keep_ring])
+            else:
+                self._flat(name).index_copy_(0, rows, x[keep])
         self.host_seqlens = list(lengths)
         self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
         return self
@@ -666,9 +681,10 @@ class DSACache:
         runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
         pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
         rows = self._rows(pos).reshape(-1)
+        ring_rows = self._ring_rows(pos).reshape(-1)
         for name, x in tensors.items():
             x = _index_key_store(x) if name == "k_idx" else x
-            self._flat(name).index_copy_(0, rows, x.reshape(-1, *x.shape[2:]))
+            self._flat(name).index_copy_(0, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
         self.seqlens += n
         self.host_seqlens = [x + n for x in self.host_seqlens]
         return self

@@ -962,6 +962,10 @@ MAX_Q_LEN = 4
 PAGE_SIZE = tl.constexpr(64)
 # Raw per-token tensors the cache stores, name -> last dim (keys, values).
 CACHE_TENSORS = {'k': 128, 'v': 128}
+# Tensors only the compression pooling reads: a ring of the last RING tokens per sequence is enough (a block completed
+# by a step's first new token starts l - 1 tokens before it, and the step writes q_len tokens first).
+RING_TENSORS = ()
+RING = 36
 # Pooled compression keys/values are O(T/d) rows: kept contiguous per sequence, plus one spare row per sequence
 # that absorbs the writes of new tokens that complete no block (no data-dependent branch in the step).
 
@@ -1023,7 +1027,8 @@ class NSACache:
         self.device = device
         self.num_pages = num_pages
         self.max_context = max(self.capacity)
-        self.tensors = {name: torch.zeros((*rows, HKV.value, dim), dtype=DTYPE, device=device)
+        self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
+                                          dtype=DTYPE, device=device)
                         for name, dim in CACHE_TENSORS.items()}
         # Complete compression blocks a sequence of max_context tokens can have, plus the spare row.
         self.nc_cap = max(0, (self.max_context - 32) // 16 + 1) + 1
@@ -1039,6 +1044,10 @@ class NSACache:
             page = self.block_table.long()[b, pos // PAGE_SIZE.value]
             return page * PAGE_SIZE.value + pos % PAGE_SIZE.value
         return b * self.tcap + pos
+
+    def _ring_rows(self, pos):
+        """Flat row of token positions pos [B, n] in the per-sequence rings (b * RING + pos % RING)."""
+        return torch.arange(self.batch, device=pos.device)[:, None] * RING + pos % RING
 
     def _flat(self, name):
         x = self.tensors[name]
@@ -1067,9 +1076,15 @@ class NSACache:
         pos = torch.arange(T, device=self.device)[None, :].expand(self.batch, T)
         keep = pos < torch.tensor(lengths, device=self.device)[:, None]
         rows = self._rows(torch.where(keep, pos, 0))[keep]
+        # Ring tensors keep each sequence's last RING tokens.
+        keep_ring = keep & (pos >= torch.tensor(lengths, device=self.device)[:, None] - RING)
+        ring_rows = self._ring_rows(pos)[keep_ring]
         for name, x in tensors.items():
             x = _index_key_store(x) if name == "k_idx" else x
-            self._flat(name).index_copy_(0, rows, x[keep])
+            if name in RING_TENSORS:
+                self._flat(name).index_copy_(0, ring_rows, x[keep_ring])
+            else:
+                self._flat(name).index_copy_(0, rows, x[keep])
         # Complete blocks of the padded prompt, pooled by the prefill kernel; blocks past a sequence's end are
         # invisible (visibility follows the length) and are rewritten when appended tokens complete them.
         NC = min(max(0, (T - 32) // 16 + 1), self.nc_cap - 1)
@@ -1092,9 +1107,10 @@ class NSACache:
         runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
         pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
         rows = self._rows(pos).reshape(-1)
+        ring_rows = self._ring_rows(pos).reshape(-1)
         for name, x in tensors.items():
             x = _index_key_store(x) if name == "k_idx" else x
-            self._flat(name).index_copy_(0, rows, x.reshape(-1, *x.shape[2:]))
+            self._flat(name).index_copy_(0, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
         # A new token at p completes block i = (p - l + 1) / d when that is a whole number >= 0: pool exactly those
         # blocks (l tokens each, read back from the cache; indexed torch ops, no host sync); other rows go to the
         # spare row.
@@ -1103,7 +1119,7 @@ class NSACache:
         start = torch.where(done, start, 0)
         # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
         tokens = torch.minimum(start[:, :, None] + torch.arange(32, device=self.device), pos[:, :, None])
-        block_rows = self._rows(tokens.reshape(self.batch, -1)).reshape(-1)
+        block_rows = (self._ring_rows(tokens.reshape(self.batch, -1))).reshape(-1)
         dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
                 + torch.where(done, start // 16, self.nc_cap - 1)).reshape(-1)
         k_blocks = self._flat("k")[block_rows].view(self.batch * n, 32, HKV.value, DQK.value)

@@ -39,7 +39,7 @@ def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
 
 def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
     e = torch.finfo(module.DTYPE).bits // 8
-    per_token = sum(module.CACHE_TENSORS.values()) * spec.heads.kv * e
+    per_token = sum(d for n, d in module.CACHE_TENSORS.items() if n not in module.RING_TENSORS) * spec.heads.kv * e
     return B * T * per_token
 
 
@@ -76,12 +76,19 @@ def _flex_ms(spec: Spec, qt, kt, vt, q_len: int) -> float | str:
         return f"unsupported: {str(exc).splitlines()[0][:120]}"
 
 
+def _ring(cache) -> tuple:
+    """Names the cache keeps only as a ring of recent tokens (the compression branch's own k/v)."""
+    import sys
+
+    return getattr(sys.modules[type(cache).__module__], "RING_TENSORS", ())
+
+
 def _dense_ms(spec: Spec, cache, q: torch.Tensor, flex: bool = False) -> dict:
     """SDPA over the cache's (first) K/V set: what a dense model's decode step reads."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    names = list(cache.tensors)
+    names = [n for n in cache.tensors if n not in _ring(cache)]
     k = cache.tensors[next(n for n in names if n.startswith("k") and n != "k_idx")]
     v = k[..., :spec.head_dim.v] if spec.mla else cache.tensors[next(n for n in names if n.startswith("v"))]
     B, q_len = q.shape[0], q.shape[1]

@@ -151,6 +151,8 @@ def decode_context(spec: Spec, args: list[Argument]) -> dict:
     wide = spec.head_dim.qk + spec.head_dim.v > 512
     return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
             "stored_names": list(stored),
+            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks.
+            "ring": repr(tuple(n for n in ("k_cmp", "v_cmp") if n in stored)),
             "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
 
 
