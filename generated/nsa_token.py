@@ -1064,6 +1064,9 @@ class NSACache:
         self.device = device
         self.num_pages = num_pages
         self.max_context = max(self.capacity)
+        if self.max_context > 2**20:  # the top-k packs unit indices into 20 bits of its keys
+            raise runtime.ArgumentError(f"{fn}: a sequence of {self.max_context} tokens exceeds the decode top-k's "
+                                        f"limit of 2**20 tokens; use a shorter cache")
         self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
                                           dtype=DTYPE, device=device)
                         for name, dim in CACHE_TENSORS.items()}
