@@ -490,3 +490,23 @@ def explain(spec: Spec, T_value: int | None = None) -> str:
 
     lines += ["", "constraints"] + [f"  - {c}" for c in a.constraints]
     return "\n".join(lines)
+
+
+def decode_step_bytes(spec: Spec, context: int, batch: int = 1, q_len: int = 1) -> dict[str, float]:
+    """Bytes one decode step must read from the cache: `batch` sequences of `context` tokens, `q_len` new queries
+    each. Per branch (the floor: each cached byte a step needs, read once), "floor" their sum, "dense" a dense
+    decode of one K/V set, and "implementation" what the generated step moves: the floor plus, for the compression
+    scorer, the compression logits written and read back once (fp32, B x q_len x Hq x NC: the selection scores'
+    second pass), and the selection branch once per new query (each query has its own blocks)."""
+    per = decode_bytes(spec, context)
+    dense = per.pop("dense")
+    out = {name: value * batch for name, value in per.items()}
+    floor = sum(out.values())
+    impl = floor
+    if "selection" in out:
+        impl += out["selection"] * (q_len - 1)
+    if spec.selection is not None and spec.selection.scorer == "compression":
+        cmp_ = spec.compression
+        impl += 2 * batch * q_len * spec.heads.q * max(0, (context - cmp_.block) // cmp_.stride + 1) * 4
+    out.update(floor=floor, implementation=impl, dense=dense * batch)
+    return out

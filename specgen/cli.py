@@ -111,6 +111,17 @@ def cmd_bench(args) -> int:
         raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
     from .bench import bench_forward, record, table
 
+    if args.decode:
+        from .bench_decode import bench_decode, record_decode, table as decode_table
+
+        for spec in _load_all(args.specs):
+            contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
+            copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
+                                           flex=args.flex)
+            print(decode_table(spec, copy_gbps, rows))
+            print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
+        return 0
+    args.seqlens = args.seqlens or [8192, 16384, 32768, 65536]
     for spec in _load_all(args.specs):
         if args.training:
             from .bench import bench_training
@@ -205,10 +216,17 @@ def parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="time generated kernels on the GPU against dense SDPA in the same run")
     bn.add_argument("specs", nargs="+", metavar="SPEC")
-    bn.add_argument("--seqlens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    bn.add_argument("--seqlens", type=int, nargs="+", default=None,
+                    help="sequence lengths (default 8k..64k; with --decode, contexts 8k..128k)")
     bn.add_argument("--regime", default="random", choices=["random"], help="input regime (named in the record)")
     bn.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
     bn.add_argument("--training", action="store_true", help="time forward+backward (the differentiable entry point)")
+    bn.add_argument("--decode", action="store_true",
+                    help="time one decoding step from a KV cache against dense decoding of the same cache")
+    bn.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--decode: batch sizes")
+    bn.add_argument("--q-len", type=int, default=1, help="--decode: new queries per sequence and step")
+    bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
+                    "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")
     bn.set_defaults(func=cmd_bench)
 

@@ -140,7 +140,25 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "short": SHORT,
         "idx_scale": repr(idx_scale),
         "bwd": backward_tiles(spec, plan),
+        "dec": decode_context(spec, args),
     }
+
+
+def decode_context(spec: Spec, args: list[Argument]) -> dict:
+    """Names and tiles of the decode API: the cache stores every per-token key/value/index-key input."""
+    dims = {"k": spec.head_dim.qk, "v": spec.head_dim.v}
+    stored = {}
+    for a in args:
+        if a.name in ("k", "v") or a.name[:2] in ("k_", "v_") and a.name != "k_idx":
+            stored[a.name] = dims[a.name[0]]
+    if spec.indexer is not None:
+        stored["k_idx"] = spec.indexer.head_dim
+    wide = spec.head_dim.qk + spec.head_dim.v > 512
+    return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
+            "stored_names": list(stored),
+            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks.
+            "ring": repr(tuple(n for n in ("k_cmp", "v_cmp") if n in stored)),
+            "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
 
 
 def has_distillation(spec: Spec) -> bool:
@@ -164,14 +182,18 @@ SMALL_SPEC_WIDTH = 512
 
 
 def render_test(spec: Spec) -> str:
-    from .testing_plan import cpu_seqlens, gpu_seqlens, gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens
+    from .testing_plan import (cpu_seqlens, decode_gpu_prompts, decode_prompts, gpu_seqlens,
+                               gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
 
     small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
     return _environment().get_template("test_module.py.j2").render(
         spec=spec, header=header(spec, "its tests"), cpu_seqlens=cpu_seqlens(spec, small),
         gpu_seqlens=gpu_seqlens(spec), cpu_batch=2 if small else 1, has_distill=has_distillation(spec),
         varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
-        gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec), small=small)
+        gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec),
+        decode_prompts=decode_prompts(spec, small), decode_gpu_prompts=decode_gpu_prompts(spec),
+        decode_q_len=spec.decode.max_q_len if small else min(2, spec.decode.max_q_len), decode_steps=3 if small else 2,
+        decode_small=small, small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -250,3 +250,92 @@ def require_fp8(fn: str, device: torch.device) -> None:
         raise ArgumentError(f"{fn}: the spec's indexer runs in fp8_e4m3, which needs a GPU of compute capability "
                             f"8.9 or newer (this is {torch.cuda.get_device_name(device)}); build a spec with "
                             f"indexer.dtype: bf16")
+
+# -- decoding: cache and step checks (host-side only, so a step needs no device synchronisation) ---------------
+
+def check_q_len(fn: str, q_len: int, max_q_len: int, spec_name: str) -> None:
+    if not 1 <= q_len <= max_q_len:
+        raise ArgumentError(f"{fn}: q_len={q_len} new tokens per step, but the spec allows 1..{max_q_len} "
+                            f"(decode.max_q_len of spec {spec_name}); raise decode.max_q_len and rebuild, or split "
+                            f"the step")
+
+
+def check_block_table(fn: str, table, batch: int, num_pages: int, device, sync: bool = True) -> torch.Tensor:
+    """An int32 [batch, max_pages] page table. With `sync` (cache construction, not inside a step) its entries are
+    read back once and must lie in [0, num_pages), with -1 allowed for unused trailing entries."""
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != batch or table.dtype != torch.int32:
+        got = f"{_fmt(tuple(table.shape))} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ArgumentError(f"{fn}: argument `block_table` must be int32 of shape [{batch}, max_pages], got {got}")
+    if not isinstance(num_pages, int) or num_pages < 1:
+        raise ArgumentError(f"{fn}: `num_pages` must be a positive int, got {num_pages!r}")
+    if table.device != torch.device(device):
+        raise ArgumentError(f"{fn}: argument `block_table` is on {table.device}, the cache on {device}")
+    if sync:
+        host = table.cpu()
+        bad = (host >= num_pages) | (host < -1)
+        if bad.any():
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ArgumentError(f"{fn}: block_table[{b}, {j}] = {int(host[b, j])} points past the pool of "
+                                f"{num_pages} pages; entries must lie in [0, {num_pages}) (-1: unused)")
+        used = host >= 0
+        gap = (~used[:, :-1] & used[:, 1:]).any(dim=1)
+        if gap.any():
+            b = int(gap.nonzero()[0])
+            raise ArgumentError(f"{fn}: block_table row {b} has a -1 before a valid page; list a sequence's pages "
+                                f"first and put -1 only at the end")
+    return table.contiguous()
+
+
+def page_capacity(table: torch.Tensor, page_size: int) -> list[int]:
+    """Tokens each sequence's pages hold (its leading valid entries x page_size)."""
+    return [int(n) * page_size for n in (table.cpu() >= 0).sum(dim=1)]
+
+
+def host_lengths(fn: str, seqlens, batch: int, T: int) -> list[int]:
+    """Prompt lengths as host ints (a list, or a tensor read back once, outside any step)."""
+    if seqlens is None:
+        return [T] * batch
+    values = seqlens.tolist() if isinstance(seqlens, torch.Tensor) else list(seqlens)
+    if len(values) != batch or any(not isinstance(x, int) or not 0 <= x <= T for x in values):
+        raise ArgumentError(f"{fn}: `seqlens` must be {batch} ints in [0, {T}] (each prompt's length within the "
+                            f"[batch, T] tensors), got {values}")
+    return values
+
+
+def check_fits(fn: str, lengths: list[int], capacity: list[int]) -> None:
+    for b, (n, cap) in enumerate(zip(lengths, capacity)):
+        if n > cap:
+            raise ArgumentError(f"{fn}: sequence {b} would hold {n} tokens but its pages hold {cap}; give it more "
+                                f"pages in the block table (or a larger max_seqlen for a contiguous cache)")
+
+
+def check_queries_fit(fn: str, q_len: int, lengths: list[int]) -> None:
+    for b, n in enumerate(lengths):
+        if n < q_len:
+            raise ArgumentError(f"{fn}: sequence {b} holds {n} tokens but the step has q_len={q_len} queries; "
+                                f"append the new tokens to the cache (cache.append) before decoding")
+
+
+def check_seqlens_arg(fn: str, seqlens, batch: int, device) -> torch.Tensor:
+    if not isinstance(seqlens, torch.Tensor) or tuple(seqlens.shape) != (batch,) or seqlens.dtype != torch.int32:
+        got = f"{_fmt(tuple(seqlens.shape))} {seqlens.dtype}" if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
+        raise ArgumentError(f"{fn}: argument `cache_seqlens` must be int32 of shape [{batch}], got {got}")
+    if seqlens.device != torch.device(device):
+        raise ArgumentError(f"{fn}: argument `cache_seqlens` is on {seqlens.device}, the cache on {device}")
+    return seqlens.contiguous()
+
+
+_sm_counts: dict = {}
+
+
+def decode_splits(programs: int, max_tiles: int, device) -> int:
+    """Key-range splits per decode program (flash-decoding): enough programs for about two waves of the GPU's
+    SMs, never more splits than key tiles, at most 64. Under the interpreter: 2, so the merge is always exercised."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(2, max_tiles))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _sm_counts.get(index)
+    if sms is None:
+        sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return max(1, min(-(-2 * sms // max(programs, 1)), max_tiles, 64))

@@ -95,6 +95,12 @@ class Indexer:
 
 
 @dataclass(frozen=True)
+class Decode:
+    max_q_len: int = _f("decode: new queries per sequence and step, 1 up to this (speculative / multi-token)", 4)
+    page_size: int = _f("decode: tokens per page of a paged KV cache (a power of two >= 16)", 64)
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str = _f("identifier of the variant: names the generated module and its functions")
     family: str = _f("nsa (gated compression/selection/window branches) or dsa (indexer + token-sparse attention)",
@@ -114,6 +120,7 @@ class Spec:
     window: Window | None = _f("sliding-window branch settings", None)
     indexer: Indexer | None = _f("lightning indexer (selection.scorer: indexer)", None)
     max_seqlen: int = _f("longest sequence the kernels are planned for (bounds top_k and grid sizes)", 65536)
+    decode: Decode = _f("decoding from a contiguous or paged KV cache", default_factory=Decode)
 
     # -- derived facts every consumer needs; the analysis module derives the rest --------------------------------
     @property
@@ -145,7 +152,7 @@ class Spec:
 
 
 SECTION_TYPES = {"heads": Heads, "head_dim": HeadDims, "compression": Compression, "selection": Selection,
-                 "window": Window, "indexer": Indexer}
+                 "window": Window, "indexer": Indexer, "decode": Decode}
 
 _SECTIONS_BY_TYPE = {cls.__name__: cls for cls in SECTION_TYPES.values()}
 
@@ -453,6 +460,13 @@ def _validate(spec: Spec, where: _Located) -> None:
         if idx.dtype == "fp8_e4m3" and idx.head_dim < 32:
             raise err("indexer.dtype", f"fp8 dots need a reduction dim of at least 32 on the GPU; head_dim is "
                       f"{idx.head_dim}", "use indexer.head_dim >= 32, or dtype: bf16", cls=UnsupportedSpecError)
+    dec = spec.decode
+    if dec.max_q_len < 1 or dec.max_q_len > 64:
+        raise err("decode.max_q_len", f"{dec.max_q_len} new queries per step is outside 1..64",
+                  "use a small number such as 1, 2 or 4 (speculative decoding drafts)")
+    if not _pow2(dec.page_size) or dec.page_size < 16:
+        raise err("decode.page_size", f"{dec.page_size} is not a power of two >= 16 (pages are key tiles)",
+                  f"use {max(16, _pow2_near(dec.page_size))}")
     if win is not None and win.size < 1:
         raise err("window.size", "must be at least 1", "set a positive window")
     if spec.family == "dsa" and (sel is None or sel.scorer != "indexer" or present != {"selection"}):

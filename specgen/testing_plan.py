@@ -61,3 +61,27 @@ def gpu_varlen_backward_seqlens(spec: Spec) -> list[int]:
         return lengths
     head = [n // 4 for n in lengths[:2]]
     return head + [sum(lengths) // 4 - sum(head), 0]
+
+def decode_prompts(spec: Spec, small: bool) -> list[int]:
+    """Ragged prompt lengths for the CPU decode tests: one shorter than a compression/selection block, one that is a
+    multiple of no block size, and (small specs) one long enough that top-k drops candidates and the window slides."""
+    sel, cmp_ = spec.selection, spec.compression
+    unit = sel.block if sel is not None and sel.granularity == "block" else 16
+    l = cmp_.block if cmp_ else unit
+    lengths = [max(1, min(l, unit) // 2 - 1), max(l, unit) + 3]
+    if small:
+        if sel is None:
+            long = 2 * max(l, spec.window.size if spec.window else 0) + 3
+        elif sel.granularity == "block":
+            long = (sel.top_k + 2) * unit + 3
+        else:
+            long = sel.top_k + 2 * unit + 3
+        lengths.append(min(long, spec.max_seqlen - 2 * spec.decode.max_q_len * 3))
+    return lengths
+
+
+def decode_gpu_prompts(spec: Spec) -> list[int]:
+    """Realistic decode prompts: near 64k (or max_seqlen) and a ragged second sequence; room for the steps."""
+    ctx = min(65536, spec.max_seqlen)
+    room = 3 * spec.decode.max_q_len + 3
+    return [ctx - room, ctx // 2 + 37]

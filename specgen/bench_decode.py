@@ -1,0 +1,232 @@
+"""GPU benchmark of one decoding step (`specgen bench --decode`): the generated step against dense decoding of the
+same cache, in the same run, with the step's bandwidth floor from the analysis.
+
+Per (batch, context): a contiguous cache (so the dense baseline reads the very same tensors) is filled with random
+values in place (no prompt copy: the largest points need the memory), every sequence at `context` tokens with its
+q_len new tokens already appended. Reported: the step's median time (`triton.testing.do_bench`), eagerly and
+replayed from one captured CUDA graph; the KV bytes the step must read (`analysis.decode_step_bytes`: the floor, and
+what the generated step reads); achieved bandwidth against the device-to-device copy bandwidth measured in the
+same run; dense SDPA (query of length q_len, lower-right causal mask when q_len > 1) and the speedup over it.
+Points that do not fit the GPU's memory are skipped with that reason in the record.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .analysis import decode_step_bytes
+from .bench import _commit, _median_ms
+from .jit import load
+from .spec import Spec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic elsewhere
+
+
+def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s) of a `nbytes` buffer."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty_like(x)
+    ms = _median_ms(lambda: y.copy_(x))
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * nbytes / ms / 1e6
+
+
+def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
+    e = torch.finfo(module.DTYPE).bits // 8
+    per_token = sum(d for n, d in module.CACHE_TENSORS.items() if n not in module.RING_TENSORS) * spec.heads.kv * e
+    return B * T * per_token
+
+
+def _step_inputs(module, spec: Spec, B: int, q_len: int) -> dict:
+    dt = module.DTYPE
+    kw = {"q": torch.randn(B, q_len, spec.heads.q, spec.head_dim.qk, device=DEVICE, dtype=dt)}
+    if spec.gated:
+        kw["gates"] = torch.sigmoid(torch.randn(B, q_len, spec.heads.q, len(spec.branches), device=DEVICE)).to(dt)
+    if spec.indexer is not None:
+        hi = spec.heads.kv * spec.indexer.heads
+        kw["q_idx"] = torch.randn(B, q_len, hi, spec.indexer.head_dim, device=DEVICE, dtype=dt)
+        kw["w_idx"] = torch.randn(B, q_len, hi, device=DEVICE, dtype=dt)
+    return kw
+
+
+def _flex_ms(spec: Spec, qt, kt, vt, q_len: int) -> float | str:
+    """FlexAttention's decoding path (compiled; a lower-right causal block mask when q_len > 1)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        T = kt.shape[2]
+        mask = None
+        if q_len > 1:
+            def lower_right(b, h, qi, kv):
+                return kv <= qi + (T - q_len)
+            mask = create_block_mask(lower_right, None, None, q_len, T, device=qt.device)
+        fn = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            return fn(qt, kt, vt, block_mask=mask, scale=spec.softmax_scale, enable_gqa=spec.heads.q != spec.heads.kv)
+        run()
+        return _median_ms(run)
+    except Exception as exc:
+        return f"unsupported: {str(exc).splitlines()[0][:120]}"
+
+
+def _ring(cache) -> tuple:
+    """Names the cache keeps only as a ring of recent tokens (the compression branch's own k/v)."""
+    import sys
+
+    return getattr(sys.modules[type(cache).__module__], "RING_TENSORS", ())
+
+
+def _dense_ms(spec: Spec, cache, q: torch.Tensor, flex: bool = False) -> dict:
+    """SDPA over the cache's (first) K/V set: what a dense model's decode step reads."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    names = [n for n in cache.tensors if n not in _ring(cache)]
+    k = cache.tensors[next(n for n in names if n.startswith("k") and n != "k_idx")]
+    v = k[..., :spec.head_dim.v] if spec.mla else cache.tensors[next(n for n in names if n.startswith("v"))]
+    B, q_len = q.shape[0], q.shape[1]
+    T = int(cache.host_seqlens[0])
+    qt, kt, vt = q.transpose(1, 2), k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
+    mask = None
+    if q_len > 1:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q_len, T)
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                def run():
+                    return sdpa(qt, kt, vt, attn_mask=mask, scale=spec.softmax_scale,
+                                enable_gqa=spec.heads.q != spec.heads.kv)
+                run()
+                out[name] = _median_ms(run)
+        except Exception as exc:  # a backend refusing these shapes is a result, not a failure
+            out[name] = f"unsupported: {str(exc).splitlines()[0][:120]}"
+    if flex:
+        out["flex"] = _flex_ms(spec, qt.contiguous(), kt, vt, q_len)
+    return out
+
+
+def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
+                 graph: bool = True, flex: bool = False) -> tuple[float, list[dict]]:
+    module = load(spec)
+    Cache = getattr(module, f"{spec.family.upper()}Cache")
+    decode = getattr(module, f"{spec.family}_decode")
+    copy_gbps = copy_bandwidth_gbps()
+    rows = []
+    for B in batches:
+        for T in contexts:
+            row = {"batch": B, "context": T, "q_len": q_len}
+            need = _cache_bytes(module, spec, B, T + q_len)
+            free = torch.cuda.mem_get_info()[0]
+            if need > 0.8 * free:
+                row["skipped"] = f"cache of {need / 2**30:.1f} GiB does not fit ({free / 2**30:.1f} GiB free)"
+                rows.append(row)
+                print(spec.name, row)
+                continue
+            cache = Cache(B, max_seqlen=T + q_len, device=DEVICE,
+                          **{n: torch.randn(w, device=DEVICE, dtype=module.DTYPE) * 0.01
+                             for n, w in _pool_shapes(spec).items()})
+            for x in cache.tensors.values():
+                x.normal_()
+            for attr in ("kc", "vc"):
+                if hasattr(cache, attr):
+                    getattr(cache, attr).normal_()
+            cache.seqlens.fill_(T)
+            cache.host_seqlens = [T] * B
+            kw = _step_inputs(module, spec, B, q_len)
+            q = kw.pop("q")
+            out = torch.empty(B, q_len, spec.heads.q, spec.head_dim.v, device=DEVICE, dtype=module.DTYPE)
+
+            def step():
+                decode(q, cache, **kw, out=out)
+
+            step()
+            ms = _median_ms(step)
+            b = decode_step_bytes(spec, T, B, q_len)
+            row.update(step_ms=ms, bytes=b, achieved_gbps=b["floor"] / ms / 1e6,
+                       floor_ms=b["floor"] / copy_gbps / 1e6, impl_floor_ms=b["implementation"] / copy_gbps / 1e6)
+            row["x_floor"] = ms / row["floor_ms"]
+            if graph:
+                try:
+                    g = torch.cuda.CUDAGraph()
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        step()
+                    torch.cuda.current_stream().wait_stream(s)
+                    with torch.cuda.graph(g):
+                        step()
+                    g.replay()
+                    row["graph_ms"] = _median_ms(g.replay)
+                    row["graph_x_floor"] = row["graph_ms"] / row["floor_ms"]
+                    del g
+                except Exception as exc:
+                    row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
+            if dense:
+                row["dense"] = _dense_ms(spec, cache, q, flex=flex)
+                best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
+                if best is not None:
+                    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
+                    row["dense_best_ms"] = best
+                    row["speedup"] = best / mine
+            print(spec.name, {k: v for k, v in row.items() if k != "bytes"})
+            rows.append(row)
+            del cache, kw, q, out
+            torch.cuda.empty_cache()
+    return copy_gbps, rows
+
+
+def _pool_shapes(spec: Spec) -> dict:
+    cmp_ = spec.compression
+    if cmp_ is None or cmp_.pool != "linear":
+        return {}
+    hkv, l, dqk, dv = spec.heads.kv, cmp_.block, spec.head_dim.qk, spec.head_dim.v
+    shapes = {"w_pool_k": (hkv, l * dqk, dqk), "w_pool_v": (hkv, l * dv, dv)}
+    if cmp_.position_embedding:
+        shapes.update(pe_pool_k=(l, dqk), pe_pool_v=(l, dv))
+    return shapes
+
+
+def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    entry = {
+        "kind": "decode", "spec": spec.name, "spec_hash": spec.hash, "device": torch.cuda.get_device_name(),
+        "date": stamp, "commit": _commit(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "dtype": spec.dtype, "layout": "contiguous",
+        "shapes": {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v]},
+        "copy_gbps": copy_gbps,
+        "timing": "triton.testing.do_bench median, ms; graph_ms: one captured CUDA graph replayed",
+        "bytes": "analysis.decode_step_bytes: floor = cache bytes the step must read; implementation = what the "
+                 "generated step reads",
+        "rows": rows,
+    }
+    path = out_dir / f"{stamp}_{spec.name}_decode.jsonl"
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return path
+
+
+def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
+    lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
+             f"{'B':>3} {'ctx':>7} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
+            continue
+        g = r.get("graph_ms")
+        lines.append(f"{r['batch']:>3} {r['context']:>7} {r['step_ms']:>8.3f} "
+                     f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
+                     f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
+                     f"{r.get('dense_best_ms', float('nan')):>8.3f} {r.get('speedup', float('nan')):.2f}x")
+    return "\n".join(lines)
