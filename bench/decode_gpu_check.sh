@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
 case "${1:-tests}" in
   tests)
-    timeout ${TEST_TIMEOUT:-570} python -m pytest -q -v --tb=short -p no:cacheprovider -k decode \
+    timeout ${TEST_TIMEOUT:-570} python -m pytest -v -rfE --tb=short -p no:cacheprovider -k decode \
         ${FILES:-generated/ tests/test_decode.py} 2>&1 \
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tee "$OUT/decode_tests.log" ;;
   bench)
