@@ -853,7 +853,7 @@ class NSACache:
                     raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
                                                 "give at least one page per sequence")
                 block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            device = block_table.device if device is None else torch.device(device)
+            device = block_table.device if device is None else runtime.as_device(device)
             self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device)
             self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
             self.tcap = 0
@@ -862,7 +862,7 @@ class NSACache:
             if max_seqlen is None or max_seqlen < 1:
                 raise runtime.ArgumentError(f"{fn}: a contiguous cache needs `max_seqlen` (tokens per sequence), got "
                                             f"{max_seqlen!r}; or pass num_pages for a paged cache")
-            device = torch.device("cpu" if device is None else device)
+            device = runtime.as_device("cpu" if device is None else device)
             self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
             self.capacity = [max_seqlen] * batch
             self.tcap = max_seqlen

@@ -339,3 +339,12 @@ def decode_splits(programs: int, max_tiles: int, device) -> int:
     if sms is None:
         sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return max(1, min(-(-2 * sms // max(programs, 1)), max_tiles, 64))
+
+
+def as_device(device) -> torch.device:
+    """A torch.device with its index made explicit ("cuda" -> "cuda:<current>"), so it compares equal to the device
+    of the tensors that live there (torch.device("cuda") != torch.device("cuda:0"))."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -37,3 +37,10 @@ def test_fp8_rows_chunks_change_nothing(monkeypatch):
     monkeypatch.setattr(runtime, "FP8_CHUNK_ELEMENTS", 64 * 7)                       # 43 chunks, a ragged last one
     chunked = runtime.fp8_rows(x)
     assert torch.equal(whole[0].float(), chunked[0].float()) and torch.equal(whole[1], chunked[1])
+
+
+def test_as_device_makes_the_index_explicit(monkeypatch):
+    assert runtime.as_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert runtime.as_device("cuda") == torch.device("cuda", 3)        # equal to a tensor's device there
+    assert runtime.as_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
