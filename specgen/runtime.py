@@ -268,7 +268,7 @@ def check_block_table(fn: str, table, batch: int, num_pages: int, device, sync: 
         raise ArgumentError(f"{fn}: argument `block_table` must be int32 of shape [{batch}, max_pages], got {got}")
     if not isinstance(num_pages, int) or num_pages < 1:
         raise ArgumentError(f"{fn}: `num_pages` must be a positive int, got {num_pages!r}")
-    if table.device != torch.device(device):
+    if table.device != as_device(device):
         raise ArgumentError(f"{fn}: argument `block_table` is on {table.device}, the cache on {device}")
     if sync:
         host = table.cpu()
@@ -320,7 +320,7 @@ def check_seqlens_arg(fn: str, seqlens, batch: int, device) -> torch.Tensor:
     if not isinstance(seqlens, torch.Tensor) or tuple(seqlens.shape) != (batch,) or seqlens.dtype != torch.int32:
         got = f"{_fmt(tuple(seqlens.shape))} {seqlens.dtype}" if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
         raise ArgumentError(f"{fn}: argument `cache_seqlens` must be int32 of shape [{batch}], got {got}")
-    if seqlens.device != torch.device(device):
+    if seqlens.device != as_device(device):
         raise ArgumentError(f"{fn}: argument `cache_seqlens` is on {seqlens.device}, the cache on {device}")
     return seqlens.contiguous()
 
