@@ -137,7 +137,12 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                           **{n: torch.randn(w, device=DEVICE, dtype=module.DTYPE) * 0.01
                              for n, w in _pool_shapes(spec).items()})
             for x in cache.tensors.values():
-                x.normal_()
+                if x.dtype == torch.float8_e4m3fn:  # no normal_ kernel for fp8: draw in fp32, round once
+                    x.copy_(torch.randn(x.shape, device=x.device).to(x.dtype))
+                else:
+                    x.normal_()
+            if hasattr(cache, "k_idx_scale"):
+                cache.k_idx_scale.uniform_(0.005, 0.02)  # amax/448 of unit-scale index keys
             for attr in ("kc", "vc"):
                 if hasattr(cache, attr):
                     getattr(cache, attr).normal_()
