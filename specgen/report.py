@@ -369,8 +369,12 @@ def write_report(out_dir: Path, *, sweep=None, points: list | None = None, plot_
 def _markdown(sweep, name: str, pts: list[dict], fid: list[dict], spd: list[dict], records: list[dict],
               plots: list[str], axes: list[str]) -> str:
     counts = {s: sum(p["status"] == s for p in pts) for s in ("valid", "invalid", "duplicate")}
-    devices = sorted({r.get("device") for r in records if r.get("status") == "ok" and r.get("device")})
-    commits = sorted({r.get("commit") for r in records if r.get("commit")})
+    # Provenance of the rows shown: records of an earlier revision of a variant (another spec hash) are kept in
+    # results.jsonl but are not this report's.
+    current = {p.get("spec_hash") for p in pts if p.get("status") == "valid"}
+    shown = [r for r in records if r.get("spec_hash") in current]
+    devices = sorted({r.get("device") for r in shown if r.get("status") == "ok" and r.get("device")})
+    commits = sorted({r.get("commit") for r in shown if r.get("commit")})
     out = [f"# Sweep `{name}`", ""]
     if sweep is not None and sweep.question:
         out += [f"> {sweep.question}", ""]
