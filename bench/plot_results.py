@@ -44,6 +44,18 @@ def table(latest: dict) -> str:
                 rows.append(f"| {spec} | {label} | {r['T'] // 1024}k | {_ms(r[key])} | "
                             f"{_ms(d['cudnn'])} / {_ms(d['flash'])} | {sp['cudnn']:.2f}x / {sp['flash']:.2f}x | "
                             f"{rec['device'].replace('NVIDIA ', '')}, {rec['commit'].split(' ')[0]} |")
+        elif kind == "decode":
+            for r in rec["rows"]:
+                if "graph_ms" not in r:
+                    continue
+                dense = r.get("dense_best_ms")
+                cudnn = r.get("dense", {}).get("cudnn")
+                dense_txt = f"{_ms(cudnn)} / —" if isinstance(cudnn, float) else "— (no SDPA kernel) / —"
+                speed = f"{dense / r['graph_ms']:.2f}x / —" if dense else "—"
+                rows.append(f"| {spec} | decode step, B={r['batch']}, q_len {r['q_len']} (CUDA graph; "
+                            f"{r['graph_x_floor']:.2f}x its bandwidth floor) | {r['context'] // 1024}k | "
+                            f"{_ms(r['graph_ms'])} | {dense_txt} | {speed} | "
+                            f"{rec['device'].replace('NVIDIA ', '')}, {rec['commit'].split(' ')[0]} |")
         elif kind == "dsa_memory":
             for r in rec["rows"]:
                 extra = (f", distillation fwd+bwd {_ms(r['distill_sparse_fwd_bwd_ms'])} ms"
