@@ -223,7 +223,7 @@ def reference_gradients(spec: Spec, inputs: dict, indices: torch.Tensor | None, 
     names = differentiable_inputs(spec)
     leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in inputs.items()}
     q = leaves["q"]
-    B, T = q.shape[0], q.shape[1]
+    T = q.shape[1]
     positions = torch.arange(T, device=q.device)
     pooled = None
     if spec.has["compression"]:
@@ -431,11 +431,18 @@ def check_distill(module, spec: Spec, B: int, T: int, stage: str, *, device: str
     main_k = inputs["k"]
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
     loss = module.distill_loss(inputs["q"], main_k, **trained, indices=indices, stage=stage)
+    assert_distill_matches(loss, trained, lambda exact: reference.distill_loss(
+        spec, inputs["q"].double(), main_k.double(), **exact, indices=indices, query_chunk=query_chunk),
+        gen, dtype, where)
+
+
+def assert_distill_matches(loss, trained: dict, reference_loss, gen, dtype, where: str) -> None:
+    """The kernel's distillation loss and the gradients it sends to the `trained` leaves (under a random upstream
+    gradient) against `reference_loss(float64 copies of those leaves)` and its autograd."""
     upstream = 0.5 + torch.rand((), generator=gen).item()
     (loss * upstream).backward()
     exact = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in trained.items()}
-    ref_loss = reference.distill_loss(spec, inputs["q"].double(), main_k.double(), **exact, indices=indices,
-                                      query_chunk=query_chunk)
+    ref_loss = reference_loss(exact)
     (ref_loss * upstream).backward()
     loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-6)
     assert loss_err < OUT_TOL[dtype], f"distillation loss rel err {loss_err:.3e} {where}"

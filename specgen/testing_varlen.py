@@ -14,8 +14,8 @@ import torch
 
 from . import reference
 from .reference.varlen import SHARED, query_rows, sequence_inputs, sequences
-from .testing import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_gradient_sane,
-                      differentiable_inputs, fresh_seed, test_device)
+from .testing import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_distill_matches,
+                      assert_gradient_sane, differentiable_inputs, fresh_seed, test_device)
 
 
 class PackedCase:
@@ -199,17 +199,9 @@ def check_distill_varlen(module, spec, lengths, stage, *, device=None, seed=None
                                         stage="sparse", **case.varlen())
         diff = abs(given.item() - loss.item()) / max(abs(loss.item()), 1e-6)
         assert diff < OUT_TOL[dtype], f"loss with the packed lse_main differs by {diff:.2e} {where}"
-    upstream = 0.5 + torch.rand((), generator=case.gen).item()
-    (loss * upstream).backward()
-    exact = {n: t.detach().to(torch.float64).requires_grad_(True) for n, t in trained.items()}
-    ref_loss = reference.distill_loss_varlen(spec, inputs["q"].double(), inputs["k"].double(), **exact,
-                                             cu_seqlens=case.cu_seqlens, indices=indices)
-    (ref_loss * upstream).backward()
-    loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-6)
-    assert loss_err < OUT_TOL[dtype], f"distillation loss rel err {loss_err:.3e} {where}"
-    for name in trained:
-        err = reference.rel_err(trained[name].grad.to(torch.float64), exact[name].grad)
-        assert err < 2 * OUT_TOL[dtype], f"d{name} rel err {err:.3e} >= {2 * OUT_TOL[dtype]:.0e} {where}"
+    assert_distill_matches(loss, trained, lambda exact: reference.distill_loss_varlen(
+        spec, inputs["q"].double(), inputs["k"].double(), **exact, cu_seqlens=case.cu_seqlens, indices=indices),
+        case.gen, dtype, where)
 
 
 def check_varlen_argument_errors(module, spec, lengths, *, device=None) -> None:

@@ -3,7 +3,6 @@ user mistakes (a bad spec, a missing file, duplicate spec names), with nothing w
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

@@ -48,13 +48,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _specgen_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECGEN_CACHE", str(tmp_path_factory.mktemp("specgen_cache")))
-        yield
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_variant(variant):
     spec = VARIANTS[variant]()

@@ -61,14 +61,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _specgen_cache(tmp_path_factory):
-    """Build into a temporary cache, never into ~/.cache/specgen."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECGEN_CACHE", str(tmp_path_factory.mktemp("specgen_cache")))
-        yield
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_backward_matrix(variant):
     spec, B, T = VARIANTS[variant]()

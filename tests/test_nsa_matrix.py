@@ -108,14 +108,6 @@ def seqlens(spec: Spec) -> tuple[int, int]:
     return short, long
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _specgen_cache(tmp_path_factory):
-    """Build into a temporary cache, never into ~/.cache/specgen."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPECGEN_CACHE", str(tmp_path_factory.mktemp("specgen_cache")))
-        yield
-
-
 @pytest.mark.parametrize("which", ["short", "long"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_matrix(variant, which):
