@@ -1793,6 +1793,11 @@ def _pool_backward(dkc, x, D, NC, dx, accumulate):
                                 num_warps=cfg["num_warps"])
 
 
+# Entries of one selection inverse index at most (~1 GiB per int64 temporary of its sort), unless one batch element
+# alone has more.
+INVERSE_INDEX_ENTRIES = 2**27
+
+
 def _selection_inverse_index(indices, T, tile):
     """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
 
@@ -1890,13 +1895,19 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     dk_acc, accumulate = target("k", 128)
     dv_acc, accumulate_v = target("v", 128)
     assert accumulate == accumulate_v
-    offsets, qpos, bits = _selection_inverse_index(indices, T, cfg["block_n"])
-    _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 1)](
-        q, k, v, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
-        ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # The inverse index sorts B * T * HKV * k entries with several int64 temporaries: built and used for a group of
+    # batch elements at a time (views: the kernel's batch index is relative), so a padded varlen batch or a large B
+    # costs what one group costs.
+    group = max(1, INVERSE_INDEX_ENTRIES // (T * 1 * 16))
+    for b0 in range(0, B, group):
+        bs = slice(b0, min(B, b0 + group))
+        offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
+        _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 1)](
+            q[bs], k[bs], v[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos, bits,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
+            ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # window branch
     cfg = BACKWARD_CONFIGS["window_dq"]

@@ -1888,6 +1888,11 @@ def _pool_backward(dkc, x, D, NC, dx, accumulate):
                                 num_warps=cfg["num_warps"])
 
 
+# Entries of one selection inverse index at most (~1 GiB per int64 temporary of its sort), unless one batch element
+# alone has more.
+INVERSE_INDEX_ENTRIES = 2**27
+
+
 def _selection_inverse_index(indices, T, tile):
     """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
 
@@ -1985,13 +1990,19 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     dk_acc, accumulate = target("k_slc", 48)
     dv_acc, accumulate_v = target("v_slc", 32)
     assert accumulate == accumulate_v
-    offsets, qpos, bits = _selection_inverse_index(indices, T, cfg["block_n"])
-    _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 2)](
-        q, k_slc, v_slc, gates, dout, lse, dg, dk_acc, dv_acc, offsets, qpos, bits,
-        q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-        v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
-        ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    # The inverse index sorts B * T * HKV * k entries with several int64 temporaries: built and used for a group of
+    # batch elements at a time (views: the kernel's batch index is relative), so a padded varlen batch or a large B
+    # costs what one group costs.
+    group = max(1, INVERSE_INDEX_ENTRIES // (T * 2 * 4))
+    for b0 in range(0, B, group):
+        bs = slice(b0, min(B, b0 + group))
+        offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
+        _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 2)](
+            q[bs], k_slc[bs], v_slc[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos, bits,
+            q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
+            ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # window branch
     cfg = BACKWARD_CONFIGS["window_dq"]
