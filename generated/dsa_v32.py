@@ -439,7 +439,7 @@ def _decode_index_scores_kernel(
         score = tl.sum(tl.reshape(relu, (QLP, HP, BS)), axis=1) * (ks * idx_scale)[None, :] + 0.0
         tq = L - QL + tl.arange(0, QLP)
         ok = (tl.arange(0, QLP) < QL)[:, None] & (keys[None, :] <= tq[:, None])
-        ws = WS + ((pid_bg * QL + tl.arange(0, QLP)) * WS_ROW).to(tl.int64)
+        ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
         tl.store(ws[:, None] + keys[None, :], score, mask=ok)
 
 
@@ -721,9 +721,10 @@ class DSACache:
         self.device = device
         self.num_pages = num_pages
         self.max_context = max(self.capacity)
-        if self.max_context > 2**20:  # the top-k packs unit indices into 20 bits of its keys
-            raise runtime.ArgumentError(f"{fn}: a sequence of {self.max_context} tokens exceeds the decode top-k's "
-                                        f"limit of 2**20 tokens; use a shorter cache")
+        if triton.cdiv(self.max_context, 1) > 2**20:  # the top-k packs unit indices into 20 bits of its keys
+            raise runtime.ArgumentError(f"{fn}: a sequence of {self.max_context} tokens has more than 2**20 selection "
+                                        f"units (1 tokens each), the decode top-k's limit; use a shorter cache")
+        runtime.require_fp8(fn, device)
         self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
                                           dtype=DTYPE, device=device)
                         for name, dim in CACHE_TENSORS.items()}
@@ -921,6 +922,10 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
         raise runtime.ArgumentError(f"{fn}: `block_table` given for a contiguous cache; build the cache with num_pages")
     else:
         block_table = runtime.check_block_table(fn, block_table, B, cache.num_pages, cache.device, sync=False)
+        if block_table.shape[1] < cache.block_table.shape[1]:
+            raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
+                                        f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
+                                        f"every page of a sequence's length)")
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
     paged = cache.paged
     T = cache.max_context

@@ -717,9 +717,9 @@ def _decode_group_probs_kernel(
     blocks = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     visible = (blocks < NC) & (blocks * CMP_STRIDE + CMP_BLOCK - 1 <= t)
     ok = h_ok[:, None] & visible[None, :]
-    logit = tl.load(LOGITS + ((bq * HQ + head) * NC).to(tl.int64)[:, None] + blocks[None, :], mask=ok, other=float("-inf"))
+    logit = tl.load(LOGITS + ((bq.to(tl.int64) * HQ + head) * NC)[:, None] + blocks[None, :], mask=ok, other=float("-inf"))
     p = tl.where(ok, tl.exp2(logit - lse2[:, None]), 0.0)
-    tl.store(P + (pid * NC).to(tl.int64) + blocks, tl.sum(p, axis=0), mask=blocks < NC)
+    tl.store(P + pid.to(tl.int64) * NC + blocks, tl.sum(p, axis=0), mask=blocks < NC)
 
 
 
@@ -1247,6 +1247,10 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
         raise runtime.ArgumentError(f"{fn}: `block_table` given for a contiguous cache; build the cache with num_pages")
     else:
         block_table = runtime.check_block_table(fn, block_table, B, cache.num_pages, cache.device, sync=False)
+        if block_table.shape[1] < cache.block_table.shape[1]:
+            raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
+                                        f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
+                                        f"every page of a sequence's length)")
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
     paged = cache.paged
     T = cache.max_context

@@ -242,6 +242,24 @@ def check_decode_argument_errors(module, spec: Spec, device: str | None = None) 
         decode(q, cache, torch.tensor([3, 1], device=device), **step)
     with pytest.raises(ArgumentError, match="contiguous cache needs `max_seqlen`"):
         Cache(2, **pool)
+    with pytest.raises(ArgumentError, match="-1 before a valid page"):
+        Cache(2, num_pages=4, block_table=torch.tensor([[0, -1, 1], [2, 3, -1]], dtype=torch.int32, device=device),
+              **pool)
+    with pytest.raises(ArgumentError, match="page 1 is listed more than once"):
+        Cache(2, num_pages=4, block_table=torch.tensor([[0, 1], [1, 2]], dtype=torch.int32, device=device), **pool)
+    with pytest.raises(ArgumentError, match="`seqlens` must be 2 ints"):
+        Cache(2, num_pages=4, **pool).prefill(seqlens=[3, 4], **tokens(2, 3)[0])
+    # A sequence that is long enough: the step's own state passed explicitly gives the same bits as the defaults;
+    # a narrower page table is refused.
+    new, _ = tokens(2, 1)
+    cache.append(**new)
+    _, step = tokens(2, 1)
+    q = step.pop("q")
+    implicit = decode(q, cache, **step)
+    explicit = decode(q, cache, cache.seqlens.clone(), cache.block_table.clone(), **step)
+    assert torch.equal(implicit, explicit), "decode with the cache's own cache_seqlens/block_table passed explicitly"
+    with pytest.raises(ArgumentError, match="`block_table` has 1 columns"):
+        decode(q, cache, None, cache.block_table[:, :1].contiguous(), **step)
 
 
 def check_decode_cuda_graph(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, seed: int | None = None):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .distill import _chunk_kl
-from .nsa import NSAResult, nsa_forward
+from .nsa import nsa_forward
 
 # Inputs read at the query positions (sliced to the sampled rows); the other per-token inputs are keys/values.
 QUERY_SIDE = ("q", "gates", "q_idx", "w_idx")
@@ -55,7 +55,6 @@ class VarlenResult:
     out: torch.Tensor                    # [R, Hq, Dv] over the covered rows (`query_rows`), packed order
     lse: torch.Tensor                    # [R, Hq, n_branches]
     indices: torch.Tensor | None         # [R, Hkv, top_k], relative to each sequence's start
-    per_sequence: list[tuple[int, int, NSAResult | None]]   # (start, end, result; None for an empty sequence)
 
 
 def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None, rows: int | None = None,
@@ -64,12 +63,10 @@ def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None,
     [total, ...]; `indices` (packed over the covered rows, like the result) replace the scorer's choice. With
     `dtype` (float64), each sequence's inputs are converted when it is computed: a 64k-token batch of wide heads
     never exists in float64 at once."""
-    parts = []
     outs, lses, idxs = [], [], []
     offset = 0
     for start, end in sequences(cu_seqlens):
         if end == start:
-            parts.append((start, end, None))
             continue
         seq = sequence_inputs(inputs, start, end, rows)
         if dtype is not None:
@@ -78,7 +75,6 @@ def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None,
         idx = None if indices is None else indices[offset:offset + r][None]
         res = nsa_forward(spec, **seq, indices=idx, query_chunk=query_chunk)
         offset += r
-        parts.append((start, end, res))
         outs.append(res.out[0])
         lses.append(res.lse[0])
         if res.indices is not None:
@@ -86,8 +82,10 @@ def nsa_forward_varlen(spec, cu_seqlens, *, indices: torch.Tensor | None = None,
     if not outs:  # every sequence empty
         q = inputs["q"].to(dtype or inputs["q"].dtype)
         return VarlenResult(q.new_zeros((0, spec.heads.q, spec.head_dim.v)),
-                            q.new_zeros((0, spec.heads.q, len(spec.branches))), None, parts)
-    return VarlenResult(torch.cat(outs), torch.cat(lses), torch.cat(idxs) if idxs else None, parts)
+                            q.new_zeros((0, spec.heads.q, len(spec.branches))), None)
+    # Each sequence's full result (scores, branch outputs) is dropped as soon as its rows are kept: at 64k tokens
+    # of wide heads the float64 results of all sequences at once would not fit beside the kernels' tensors.
+    return VarlenResult(torch.cat(outs), torch.cat(lses), torch.cat(idxs) if idxs else None)
 
 
 def distill_loss_varlen(spec, q, k, q_idx, k_idx, w_idx, cu_seqlens, *, indices=None) -> torch.Tensor:
