@@ -75,7 +75,7 @@ def test_index_topk_scores():
 
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
-DECODE_PROMPTS = [7, 19, 51]
+DECODE_PROMPTS = [0, 7, 19, 63]
 DECODE_GPU_PROMPTS = [4081, 2085]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count
 # (2 on the CPU), and one unsplit multi-token case. Every step is checked against the float64 reference.

@@ -64,7 +64,9 @@ def gpu_varlen_backward_seqlens(spec: Spec) -> list[int]:
 
 def decode_prompts(spec: Spec, small: bool) -> list[int]:
     """Ragged prompt lengths for the CPU decode tests: one shorter than a compression/selection block, one that is a
-    multiple of no block size, and (small specs) one long enough that top-k drops candidates and the window slides."""
+    multiple of no block size, and (small specs) an empty prompt and one long enough that top-k drops candidates and
+    the window slides, ending one token short of a page's end, so the appends cross into a new page (a multi-token
+    step writes across the boundary)."""
     sel, cmp_ = spec.selection, spec.compression
     unit = sel.block if sel is not None and sel.granularity == "block" else 16
     l = cmp_.block if cmp_ else unit
@@ -76,7 +78,9 @@ def decode_prompts(spec: Spec, small: bool) -> list[int]:
             long = (sel.top_k + 2) * unit + 3
         else:
             long = sel.top_k + 2 * unit + 3
-        lengths.append(min(long, spec.max_seqlen - 2 * spec.decode.max_q_len * 3))
+        page = spec.decode.page_size
+        long = -(-(long + 1) // page) * page - 1
+        lengths = [0] + lengths + [min(long, spec.max_seqlen - 2 * spec.decode.max_q_len * 3)]
     return lengths
 
 
