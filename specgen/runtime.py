@@ -169,9 +169,12 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
     """Check a packed batch's cu_seqlens and max_seqlen and return its pad/unpad map.
 
     The values of cu_seqlens are checked too (starts at 0, non-decreasing, ends at `total`, no sequence longer
-    than max_seqlen): that reads them on the host once per call. Under torch.compile or CUDA graph capture the
-    values are not read (no graph break, no sync); as with flash-attn, wrong values are then the caller's bug.
+    than max_seqlen): that reads them on the host. A model passes the same cu_seqlens to every layer, so the last
+    checked tensor and its map are kept: the same tensor object, unmodified (its in-place version counter), with
+    the same max_seqlen and total, is not read again. Under torch.compile or CUDA graph capture the values are not
+    read (no graph break, no sync); as with flash-attn, wrong values are then the caller's bug.
     """
+    global _last_varlen
     if cu_seqlens is None:
         raise ArgumentError(f"{fn}: `max_seqlen` was given without `cu_seqlens`; pass both for a packed batch "
                             f"[total, H, D] (cu_seqlens int32 [N+1]), or neither for [B, T, H, D]")
@@ -201,6 +204,9 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
         raise ArgumentError(f"{fn}: max_seqlen={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
                             f"(spec {spec_name}); raise max_seqlen in the spec and rebuild")
     if not _no_host_reads():
+        key = (cu_seqlens._version, max_seqlen, total, spec_max_seqlen)
+        if _last_varlen is not None and _last_varlen[0] is cu_seqlens and _last_varlen[1] == key:
+            return _last_varlen[2]
         cu = cu_seqlens.tolist()
         if cu[0] != 0:
             raise ArgumentError(f"{fn}: argument `cu_seqlens` must start at 0, got {cu[0]}")
@@ -216,7 +222,14 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
             i = lens.index(max(lens))
             raise ArgumentError(f"{fn}: sequence {i} has {lens[i]} tokens but `max_seqlen` is {max_seqlen}; pass "
                                 f"max_seqlen >= the longest sequence ({max(lens)})")
+        packed = Packed(cu_seqlens, max_seqlen, total)
+        # The tensor itself is held, so its address cannot be reused by another tensor while it is the key.
+        _last_varlen = (cu_seqlens, key, packed)
+        return packed
     return Packed(cu_seqlens, max_seqlen, total)
+
+
+_last_varlen = None  # (cu_seqlens, (version, max_seqlen, total, spec max), Packed) of the last checked batch
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn

@@ -1,5 +1,6 @@
-"""specgen.runtime pieces that generated modules share: the fp8 row quantiser."""
+"""specgen.runtime pieces that generated modules share: the fp8 row quantiser, devices, the varlen check."""
 
+import pytest
 import torch
 
 from specgen import runtime
@@ -44,3 +45,18 @@ def test_as_device_makes_the_index_explicit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert runtime.as_device("cuda") == torch.device("cuda", 3)        # equal to a tensor's device there
     assert runtime.as_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+def test_check_varlen_reads_a_cu_seqlens_once_until_it_changes(monkeypatch):
+    cu = torch.tensor([0, 5, 5, 9], dtype=torch.int32)
+    cpu = torch.device("cpu")
+    first = runtime.check_varlen("f", cu, 5, 9, cpu, 64, "s")
+    assert runtime.check_varlen("f", cu, 5, 9, cpu, 64, "s") is first            # same tensor: not read again
+    assert runtime.check_varlen("f", cu, 6, 9, cpu, 64, "s") is not first        # another max_seqlen
+    twin = cu.clone()
+    assert runtime.check_varlen("f", twin, 5, 9, cpu, 64, "s") is not first      # another tensor: checked
+    twin[1:3] = 7                                                                # in place: version changes
+    with pytest.raises(runtime.ArgumentError, match="sequence 0 has 7 tokens"):
+        runtime.check_varlen("f", twin, 5, 9, cpu, 64, "s")
+    packed = runtime.check_varlen("f", twin, 7, 9, cpu, 64, "s")
+    assert packed.positions().tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
