@@ -484,8 +484,7 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
     `scores` ([B, T, 1, 2048] fp32), also the selected units' scores."""
     B, T = q_idx.shape[0], q_idx.shape[1]
     # e4m3 rows with fp32 scales; q_I's scales fold into the head weights, k_I's stay per token (runtime.fp8_rows).
-    q_idx, q_scale = runtime.fp8_rows(q_idx)
-    w_idx = w_idx.float() * q_scale
+    q_idx, w_idx = runtime.fp8_index_queries(q_idx, w_idx)
     k_idx, k_scale = runtime.fp8_rows(k_idx)
     extra = (k_scale,)
     units = triton.cdiv(T, 1)
@@ -940,8 +939,7 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     BS = 64
     qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, 64))  # rows: new queries x indexer heads, >= 16
     # e4m3 queries with their row scales folded into the head weights, as in the prefill (runtime.fp8_rows).
-    q_idx, q_scale = runtime.fp8_rows(q_idx)
-    w_idx = w_idx.float() * q_scale
+    q_idx, w_idx = runtime.fp8_index_queries(q_idx, w_idx)
     extra = (cache.k_idx_scale,)
     _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_keys, BS))](
         q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,

@@ -76,22 +76,16 @@ def _flex_ms(spec: Spec, qt, kt, vt, q_len: int) -> float | str:
         return f"unsupported: {str(exc).splitlines()[0][:120]}"
 
 
-def _ring(cache) -> tuple:
-    """Names the cache keeps only as a ring of recent tokens (the compression branch's own k/v)."""
-    import sys
-
-    return getattr(sys.modules[type(cache).__module__], "RING_TENSORS", ())
-
-
-def _dense_ms(spec: Spec, cache, q: torch.Tensor, flex: bool = False) -> dict:
-    """SDPA over the cache's (first) K/V set: what a dense model's decode step reads."""
+def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = False) -> dict:
+    """SDPA over the cache's (first) K/V set: what a dense model's decode step reads (`ring`: the names the cache
+    keeps only as a ring of recent tokens, the module's RING_TENSORS)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    names = [n for n in cache.tensors if n not in _ring(cache)]
+    names = [n for n in cache.tensors if n not in ring]
     k = cache.tensors[next(n for n in names if n.startswith("k") and n != "k_idx")]
     v = k[..., :spec.head_dim.v] if spec.mla else cache.tensors[next(n for n in names if n.startswith("v"))]
-    B, q_len = q.shape[0], q.shape[1]
+    q_len = q.shape[1]
     T = int(cache.host_seqlens[0])
     qt, kt, vt = q.transpose(1, 2), k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
     mask = None
@@ -178,7 +172,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 except Exception as exc:
                     row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
             if dense:
-                row["dense"] = _dense_ms(spec, cache, q, flex=flex)
+                row["dense"] = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
                 best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
                 if best is not None:
                     mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms

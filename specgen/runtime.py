@@ -257,6 +257,13 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8.view(x.shape), scale.view(x.shape[:-1])
 
 
+def fp8_index_queries(q_idx: torch.Tensor, w_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer queries [..., H_I, d_I] rounded to e4m3 per (token, head) by fp8_rows, and the head weights
+    [..., H_I] with those row scales folded in (fp32): the scales are positive, so they pass through the ReLU."""
+    q8, scale = fp8_rows(q_idx)
+    return q8, w_idx.float() * scale
+
+
 def require_fp8(fn: str, device: torch.device) -> None:
     """fp8 dots need sm89+ (Ada, Hopper); the CPU interpreter emulates them."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
