@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench-table:start (python bench/plot_results.py) -->", "<!-- bench-table:end -->"
 KINDS = {"forward": ("forward", "forward_ms"), "fwd_bwd": ("fwd+bwd", "fwd_bwd_ms")}
+# A `specgen bench` record of all passes: (label, ms key, dense key, speedup key) per pass. It supersedes the
+# spec's older single-pass records.
+PASSES = (("forward", "forward_ms", "dense", "speedup"), ("backward", "backward_ms", "dense_backward", "speedup_backward"),
+          ("fwd+bwd", "fwd_bwd_ms", "dense_fwd_bwd", "speedup_fwd_bwd"))
 
 
 def latest_records(results: Path = RESULTS) -> dict:
@@ -26,7 +30,24 @@ def latest_records(results: Path = RESULTS) -> dict:
             if line.strip():
                 rec = json.loads(line)
                 latest[(rec["spec"], rec["kind"])] = rec
+    for spec, kind in list(latest):
+        if kind == "passes":
+            for old in ("forward", "fwd_bwd"):
+                latest.pop((spec, old), None)
     return latest
+
+
+def _passes(rec: dict):
+    """(label, T, ms, dense dict, speedup dict) of every pass of every row of a record that times passes."""
+    if rec["kind"] in KINDS:
+        label, key = KINDS[rec["kind"]]
+        for r in rec["rows"]:
+            yield label, r["T"], r[key], r.get("dense", {}), r.get("speedup", {})
+    elif rec["kind"] == "passes":
+        for r in rec["rows"]:
+            for label, key, dense, speed in PASSES:
+                if key in r:
+                    yield label, r["T"], r[key], r.get(dense, {}), r.get(speed, {})
 
 
 def _ms(x) -> str:
@@ -37,12 +58,11 @@ def table(latest: dict) -> str:
     rows = ["| spec | pass | T | specgen ms | dense cuDNN / flash ms | speedup vs cuDNN / flash | device, commit |",
             "|---|---|---|---|---|---|---|"]
     for (spec, kind), rec in sorted(latest.items()):
-        if kind in KINDS:
-            label, key = KINDS[kind]
-            for r in rec["rows"]:
-                d, sp = r.get("dense", {}), r.get("speedup", {})
-                rows.append(f"| {spec} | {label} | {r['T'] // 1024}k | {_ms(r[key])} | "
-                            f"{_ms(d['cudnn'])} / {_ms(d['flash'])} | {sp['cudnn']:.2f}x / {sp['flash']:.2f}x | "
+        if kind in KINDS or kind == "passes":
+            for label, T, ms, d, sp in _passes(rec):
+                dense = " / ".join(_ms(d[b]) if isinstance(d.get(b), float) else "—" for b in ("cudnn", "flash"))
+                speed = " / ".join(f"{sp[b]:.2f}x" if b in sp else "—" for b in ("cudnn", "flash"))
+                rows.append(f"| {spec} | {label} | {T // 1024}k | {_ms(ms)} | {dense} | {speed} | "
                             f"{rec['device'].replace('NVIDIA ', '')}, {rec['commit'].split(' ')[0]} |")
         elif kind == "decode":
             for r in rec["rows"]:
@@ -76,11 +96,15 @@ def plot(latest: dict, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for (spec, kind), rec in sorted(latest.items()):
-        if kind not in KINDS:
+        if kind not in KINDS and kind != "passes":
             continue
-        xs = [r["T"] for r in rec["rows"]]
-        ys = [min(r["dense"].values()) / r[KINDS[kind][1]] for r in rec["rows"]]
-        ax.plot(xs, ys, marker="o", label=f"{spec} {KINDS[kind][0]}")
+        lines: dict = {}
+        for label, T, ms, d, _ in _passes(rec):
+            dense = [v for v in d.values() if isinstance(v, float)]
+            if dense:
+                lines.setdefault(label, []).append((T, min(dense) / ms))
+        for label, pts in lines.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{spec} {label}")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length T")

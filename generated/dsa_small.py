@@ -46,8 +46,43 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {'default': {'select': {'num_warps': 4},
-             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4}}}
+CONFIGS = {'default': {'preprocess': {'num_warps': 4, 'rows': 64},
+             'select': {'num_warps': 4},
+             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+             'selection_dkdv': {'block_n': 32, 'bq': 16, 'num_stages': 2, 'num_warps': 4},
+             'selection_dq': {'block_n': 16, 'bt': 1, 'num_stages': 2, 'num_warps': 4}}}
+# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
+# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults.
+CANDIDATES = {'selection': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 32, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+               {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 32, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
+               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
+ 'selection_dkdv': [{'block_n': 32, 'bq': 16, 'num_stages': 2, 'num_warps': 4},
+                    {'block_n': 32, 'bq': 16, 'num_stages': 1, 'num_warps': 4},
+                    {'block_n': 32, 'bq': 16, 'num_stages': 3, 'num_warps': 4},
+                    {'block_n': 32, 'bq': 16, 'num_stages': 1, 'num_warps': 8},
+                    {'block_n': 32, 'bq': 16, 'num_stages': 2, 'num_warps': 8},
+                    {'block_n': 32, 'bq': 16, 'num_stages': 3, 'num_warps': 8}],
+ 'selection_dq': [{'block_n': 16, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+                  {'block_n': 16, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+                  {'block_n': 16, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+                  {'block_n': 16, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+                  {'block_n': 16, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+                  {'block_n': 16, 'bt': 1, 'num_stages': 3, 'num_warps': 8}]}
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(8)
@@ -617,15 +652,16 @@ def _forward(q, k, v, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_o
     if indices is None:
         indices = torch.empty((B, T, 2, 16), dtype=torch.int32, device=device)
         _select_by_indexer(q_idx, k_idx, w_idx, indices)
-    cfg = runtime.launch_config(CONFIGS, "selection")
-    _selection_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 2)](
-        q, k, v, gates, acc, out, lse, branch_out, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *g_strides, T, T, sm_scale, B * T * 512,
-        HAS_PREV=False, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
-        BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    runtime.launch(
+        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 2),
+        (q, k, v, gates, acc, out, lse, branch_out, indices,
+         q.stride(0), q.stride(1), q.stride(2),
+         k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2),
+         *g_strides, T, T, sm_scale, B * T * 512),
+        dict(HAS_PREV=False, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
+        T=T)
     return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
                         None, None)
 
@@ -1103,14 +1139,6 @@ def _selection_bwd_dkdv_kernel(
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
 
 
-# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet). Programs
-# hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
-BACKWARD_CONFIGS = {
-    "preprocess": {"rows": 64, "num_warps": 4},
-    "selection_dq": {"bt": 1, "block_n": 16, "num_warps": 4, "num_stages": 2},
-    # Keys per program (32 unit(s) of 1 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 16, "block_n": 32, "num_warps": 4, "num_stages": 2},
-}
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", "v", )
 
@@ -1174,7 +1202,7 @@ def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
     n_rows = B * T * 8
     dg = torch.empty((B, T, 8, 1), dtype=torch.float32, device=device)
     dgates = torch.empty((B, T, 8, 1), dtype=DTYPE, device=device)
-    cfg = BACKWARD_CONFIGS["preprocess"]
+    cfg = runtime.launch_config(CONFIGS, "preprocess")
     _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
                                                                num_warps=cfg["num_warps"])
     # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
@@ -1189,14 +1217,14 @@ def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
         return grads[name], not first
 
     # selection branch
-    cfg = BACKWARD_CONFIGS["selection_dq"]
-    _selection_bwd_dq_kernel[(T, B * 2)](
-        q, k, v, gates, dout, lse, dg, dq, indices,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
-        HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = BACKWARD_CONFIGS["selection_dkdv"]
+    runtime.launch(
+        _selection_bwd_dq_kernel, "selection_dq", CONFIGS, CANDIDATES,
+        lambda cfg: (T, B * 2),
+        (q, k, v, gates, dout, lse, dg, dq, indices,
+         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+         v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale),
+        dict(HAS_PREV=False, WIDEN=WIDEN), T=T)
+    cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
     dk_acc, accumulate = target("k", 64)
     dv_acc, accumulate_v = target("v", 64)
     assert accumulate == accumulate_v
@@ -1207,12 +1235,13 @@ def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
     for b0 in range(0, B, group):
         bs = slice(b0, min(B, b0 + group))
         offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
-        _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 2)](
-            q[bs], k[bs], v[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos, bits,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale,
-            ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        runtime.launch(
+            _selection_bwd_dkdv_kernel, "selection_dkdv", CONFIGS, CANDIDATES,
+            lambda cfg: (triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 2),
+            (q[bs], k[bs], v[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos,
+             bits, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+             v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale),
+            dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
     return (dq.to(DTYPE),
             grads["k"].to(DTYPE),
             grads["v"].to(DTYPE))

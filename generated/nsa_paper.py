@@ -49,9 +49,123 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {'default': {'compression': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+             'compression_dkdv': {'block_n': 64,
+                                  'bt': 4,
+                                  'max_splits': 16,
+                                  'num_stages': 2,
+                                  'num_warps': 8,
+                                  'split': 1024},
+             'compression_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+             'pool': {'blocks': 32, 'chunks': 32, 'num_warps': 4, 'tokens': 64},
+             'preprocess': {'num_warps': 4, 'rows': 64},
              'select': {'num_warps': 8},
              'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-             'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4}}}
+             'selection_dkdv': {'block_n': 64, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
+             'selection_dq': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+             'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+             'window_dkdv': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+             'window_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8}}}
+# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
+# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults.
+CANDIDATES = {'compression': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
+                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
+                 {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
+ 'compression_dkdv': [{'block_n': 64,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 2,
+                       'num_warps': 8,
+                       'split': 1024},
+                      {'block_n': 32,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 1,
+                       'num_warps': 4,
+                       'split': 1024},
+                      {'block_n': 32,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 2,
+                       'num_warps': 4,
+                       'split': 1024},
+                      {'block_n': 32,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 1,
+                       'num_warps': 8,
+                       'split': 1024},
+                      {'block_n': 32,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 2,
+                       'num_warps': 8,
+                       'split': 1024},
+                      {'block_n': 64,
+                       'bt': 4,
+                       'max_splits': 16,
+                       'num_stages': 1,
+                       'num_warps': 8,
+                       'split': 1024}],
+ 'compression_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
+                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+                    {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
+                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8}],
+ 'selection': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
+ 'selection_dkdv': [{'block_n': 64, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
+                    {'block_n': 64, 'bq': 4, 'num_stages': 1, 'num_warps': 8},
+                    {'block_n': 64, 'bq': 4, 'num_stages': 3, 'num_warps': 8}],
+ 'selection_dq': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
+                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
+                  {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
+                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
+                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
+                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
+ 'window': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
+            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
+            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
+            {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
+ 'window_dkdv': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
+                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+                 {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8}],
+ 'window_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
+               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
+               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
+               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
+               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8}]}
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -985,38 +1099,41 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
     NC = max(0, (T - 32) // 16 + 1)  # complete compression blocks only
     kc = _pool(k_cmp, 192, NC)
     vc = _pool(v_cmp, 128, NC)
-    cfg = runtime.launch_config(CONFIGS, "compression")
-    _compression_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
-        q, kc, vc, gates, acc, out, lse, branch_out,
-        q.stride(0), q.stride(1), q.stride(2),
-        kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2),
-        *g_strides, T, NC, sm_scale, B * T * 8192,
-        HAS_PREV=False, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
-        BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    runtime.launch(
+        _compression_attention_kernel, "compression", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
+        (q, kc, vc, gates, acc, out, lse, branch_out,
+         q.stride(0), q.stride(1), q.stride(2),
+         kc.stride(0), kc.stride(1), kc.stride(2),
+         vc.stride(0), vc.stride(1), vc.stride(2),
+         *g_strides, T, NC, sm_scale, B * T * 8192),
+        dict(HAS_PREV=False, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
+        T=T)
     if indices is None:
         indices = torch.empty((B, T, 4, 16), dtype=torch.int32, device=device)
         _select_blocks_kernel[(triton.cdiv(T, 16), B * 4)](
             q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-    cfg = runtime.launch_config(CONFIGS, "selection")
-    _selection_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
-        q, k_slc, v_slc, gates, acc, out, lse, branch_out, indices,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-        v_slc.stride(0), v_slc.stride(1), v_slc.stride(2),
-        *g_strides, T, T, sm_scale, B * T * 8192,
-        HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
-        BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = runtime.launch_config(CONFIGS, "window")
-    _window_attention_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
-        q, k_win, v_win, gates, acc, out, lse, branch_out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_win.stride(0), k_win.stride(1), k_win.stride(2),
-        v_win.stride(0), v_win.stride(1), v_win.stride(2),
-        *g_strides, T, T, sm_scale, B * T * 8192,
-        HAS_PREV=True, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN,
-        BT=cfg["bt"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    runtime.launch(
+        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
+        (q, k_slc, v_slc, gates, acc, out, lse, branch_out, indices,
+         q.stride(0), q.stride(1), q.stride(2),
+         k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2),
+         *g_strides, T, T, sm_scale, B * T * 8192),
+        dict(HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
+        T=T, restore=("ACC",))
+    runtime.launch(
+        _window_attention_kernel, "window", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
+        (q, k_win, v_win, gates, acc, out, lse, branch_out,
+         q.stride(0), q.stride(1), q.stride(2),
+         k_win.stride(0), k_win.stride(1), k_win.stride(2),
+         v_win.stride(0), v_win.stride(1), v_win.stride(2),
+         *g_strides, T, T, sm_scale, B * T * 8192),
+        dict(HAS_PREV=True, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
+        T=T)
     return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
                         kc, vc)
 
@@ -1865,19 +1982,6 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
     tl.store(ptr, acc, mask=mask)
 
 
-# Launch configs of the backward kernels: defaults derived from the plan's row packing (not tuned yet). Programs
-# hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256 together.
-BACKWARD_CONFIGS = {
-    "preprocess": {"rows": 64, "num_warps": 4},
-    "compression_dq": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    "compression_dkdv": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2, "split": 1024, "max_splits": 16},
-    "selection_dq": {"bt": 1, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    # Keys per program (1 unit(s) of 64 token(s)); the inverse index is built per tile.
-    "selection_dkdv": {"bq": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    "window_dq": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    "window_dkdv": {"bt": 4, "block_n": 64, "num_warps": 8, "num_stages": 2},
-    "pool": {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4},
-}
 # Inputs that get gradients, in argument order.
 DIFF_ARGUMENTS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates", )
 
@@ -1885,7 +1989,7 @@ DIFF_ARGUMENTS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "ga
 def _pool_backward(dkc, x, D, NC, dx, accumulate):
     """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]."""
     B, T = x.shape[0], x.shape[1]
-    cfg = BACKWARD_CONFIGS["pool"]
+    cfg = runtime.launch_config(CONFIGS, "pool")
     BN = min(64, triton.next_power_of_2(D))
     grid = (triton.cdiv(T, cfg["tokens"]), B * 4, triton.cdiv(D, BN))
     _pool_bwd_mean_kernel[grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
@@ -1937,7 +2041,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     n_rows = B * T * 64
     dg = torch.empty((B, T, 64, 3), dtype=torch.float32, device=device)
     dgates = torch.empty((B, T, 64, 3), dtype=DTYPE, device=device)
-    cfg = BACKWARD_CONFIGS["preprocess"]
+    cfg = runtime.launch_config(CONFIGS, "preprocess")
     _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
                                                                num_warps=cfg["num_warps"])
     # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
@@ -1953,14 +2057,14 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 
     # compression branch
     NC = kc.shape[1]
-    cfg = BACKWARD_CONFIGS["compression_dq"]
-    _compression_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
-        q, kc, vc, gates, dout, lse, dg, dq,
-        q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-        vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale,
-        HAS_PREV=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = BACKWARD_CONFIGS["compression_dkdv"]
+    runtime.launch(
+        _compression_bwd_dq_kernel, "compression_dq", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
+        (q, kc, vc, gates, dout, lse, dg, dq,
+         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+         vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale),
+        dict(HAS_PREV=False, WIDEN=WIDEN), T=T)
+    cfg = runtime.launch_config(CONFIGS, "compression_dkdv")
     # The queries that see a pooled key run to T: cut them into splits (grid axis 2) for parallelism; the
     # partial dKc/dVc of the splits are summed below in a fixed order (deterministic).
     n_split = max(1, min(cfg["max_splits"], triton.cdiv(T, cfg["split"])))
@@ -1968,13 +2072,14 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     dkc = torch.empty((n_split, B, NC, 4, 192), dtype=torch.float32, device=device)
     dvc = torch.empty((n_split, B, NC, 4, 128), dtype=torch.float32, device=device)
     if NC > 0:
-        _compression_bwd_dkdv_kernel[(triton.cdiv(NC, cfg["block_n"]), B * 4, n_split)](
-            q, kc, vc, gates, dout, lse, dg, dkc, dvc,
-            q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-            vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split, dkc[0].numel(),
-            dvc[0].numel(),
-            ACCUMULATE=False, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        runtime.launch(
+            _compression_bwd_dkdv_kernel, "compression_dkdv", CONFIGS, CANDIDATES,
+            lambda cfg: (triton.cdiv(NC, cfg["block_n"]), B * 4, n_split),
+            (q, kc, vc, gates, dout, lse, dg, dkc, dvc,
+             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+             vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split,
+             dkc[0].numel(), dvc[0].numel()),
+            dict(ACCUMULATE=False, WIDEN=WIDEN), T=T)
     dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
     dvc = dvc.sum(dim=0) if n_split > 1 else dvc[0]
     dx, accumulate = target("k_cmp", 192)
@@ -1983,14 +2088,14 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 128, NC, dx, accumulate)
 
     # selection branch
-    cfg = BACKWARD_CONFIGS["selection_dq"]
-    _selection_bwd_dq_kernel[(T, B * 4)](
-        q, k_slc, v_slc, gates, dout, lse, dg, dq, indices,
-        q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-        v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
-        HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = BACKWARD_CONFIGS["selection_dkdv"]
+    runtime.launch(
+        _selection_bwd_dq_kernel, "selection_dq", CONFIGS, CANDIDATES,
+        lambda cfg: (T, B * 4),
+        (q, k_slc, v_slc, gates, dout, lse, dg, dq, indices,
+         q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
+        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
+    cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
     dk_acc, accumulate = target("k_slc", 192)
     dv_acc, accumulate_v = target("v_slc", 128)
     assert accumulate == accumulate_v
@@ -2001,31 +2106,33 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     for b0 in range(0, B, group):
         bs = slice(b0, min(B, b0 + group))
         offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
-        _selection_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 4)](
-            q[bs], k_slc[bs], v_slc[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos, bits,
-            q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale,
-            ACCUMULATE=accumulate, WIDEN=WIDEN, BQ=cfg["bq"], BLOCK_N=cfg["block_n"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        runtime.launch(
+            _selection_bwd_dkdv_kernel, "selection_dkdv", CONFIGS, CANDIDATES,
+            lambda cfg: (triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 4),
+            (q[bs], k_slc[bs], v_slc[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos,
+             bits, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+             v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
+            dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
 
     # window branch
-    cfg = BACKWARD_CONFIGS["window_dq"]
-    _window_bwd_dq_kernel[(triton.cdiv(T, cfg["bt"]), B * 4)](
-        q, k_win, v_win, gates, dout, lse, dg, dq,
-        q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-        v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale,
-        HAS_PREV=True, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    cfg = BACKWARD_CONFIGS["window_dkdv"]
+    runtime.launch(
+        _window_bwd_dq_kernel, "window_dq", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
+        (q, k_win, v_win, gates, dout, lse, dg, dq,
+         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
+         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale),
+        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
+    cfg = runtime.launch_config(CONFIGS, "window_dkdv")
     dk_acc, accumulate = target("k_win", 192)
     dv_acc, accumulate_v = target("v_win", 128)
     assert accumulate == accumulate_v
-    _window_bwd_dkdv_kernel[(triton.cdiv(T, cfg["block_n"]), B * 4, 1)](
-        q, k_win, v_win, gates, dout, lse, dg, dk_acc, dv_acc,
-        q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-        v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0,
-        ACCUMULATE=accumulate, WIDEN=WIDEN, BT=cfg["bt"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    runtime.launch(
+        _window_bwd_dkdv_kernel, "window_dkdv", CONFIGS, CANDIDATES,
+        lambda cfg: (triton.cdiv(T, cfg["block_n"]), B * 4, 1),
+        (q, k_win, v_win, gates, dout, lse, dg, dk_acc, dv_acc,
+         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
+         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0),
+        dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
     return (dq.to(DTYPE),
             grads["k_cmp"].to(DTYPE),
             grads["v_cmp"].to(DTYPE),

@@ -350,11 +350,37 @@ def evaluate(expr, T_value: int) -> float:
     return float(sympy.sympify(expr).subs(T, int(T_value)))
 
 
+# The backward of an attention branch does five matrix products per (query, key) pair where the forward does two
+# (S recomputed, dV, dP, dQ, dK): FlashAttention's convention counts it as 2.5x the forward's FLOPs.
+BACKWARD_FLOP_FACTOR = 2.5
+
+
 def flops(spec: Spec, T_value: int, pass_: str = "forward") -> float:
-    """Total FLOPs over all branches (the indexer included) at sequence length T_value."""
-    if pass_ != "forward":
-        raise NotImplementedError(f"only the forward pass is analysed, not {pass_!r}")
-    return sum(evaluate(b.flops, T_value) for b in analyse(spec).branches)
+    """Total FLOPs at sequence length T_value: the forward over all branches (the indexer included), or the
+    backward (2.5x each attention branch's forward; the indexer's selection is not differentiated)."""
+    branches = analyse(spec).branches
+    if pass_ == "forward":
+        return sum(evaluate(b.flops, T_value) for b in branches)
+    if pass_ == "backward":
+        return BACKWARD_FLOP_FACTOR * sum(evaluate(b.flops, T_value) for b in branches if b.name != "indexer")
+    raise ValueError(f"pass_ must be 'forward' or 'backward', not {pass_!r}")
+
+
+def forward_bytes(spec: Spec, T_value: int) -> float:
+    """HBM bytes the forward moves (every branch, the indexer included) at T_value: the achieved-bandwidth model."""
+    return sum(evaluate(b.bytes, T_value) for b in analyse(spec).branches)
+
+
+def backward_bytes(spec: Spec, T_value: int) -> float:
+    """HBM bytes of the backward, as a lower bound: each attention branch's inputs read twice (by its dQ kernel
+    and by its dK/dV kernel, the selection's gather included), plus dO read and the gradients (fp32) written."""
+    a = analyse(spec)
+    e = DTYPE_BYTES[spec.dtype]
+    hq, hkv, dqk, dv = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
+    dkv = dqk if spec.mla else dqk + dv
+    reads = 2 * sum(evaluate(b.bytes, T_value) for b in a.branches if b.name != "indexer")
+    grads = T_value * (hq * dv * e + hq * dqk * FP32 + hkv * dkv * FP32)
+    return reads + grads
 
 
 def dense_flops(spec: Spec, T_value: int) -> float:

@@ -11,27 +11,17 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import reference
-from .analysis import flops
+from .analysis import BACKWARD_FLOP_FACTOR, analyse, backward_bytes, evaluate, flops, forward_bytes
 from .jit import load
 from .spec import Spec
 
 RESULTS = Path("bench/results")
-
-
-@dataclass
-class Row:
-    T: int
-    forward_ms: float
-    forward_tflops: float
-    extra_peak_gib: float
-    dense: dict = field(default_factory=dict)   # backend -> forward ms, or the reason it could not run
-    speedup: dict = field(default_factory=dict)  # backend -> dense ms / sparse ms
 
 
 def _median_ms(fn) -> float:
@@ -118,57 +108,131 @@ def dense_training_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
     return results
 
 
-def bench_training(spec: Spec, seqlens: list[int], *, dense: bool = True) -> list[dict]:
-    """Forward+backward through the differentiable entry point: median ms, peak memory, dense in the same run."""
+def machine_peaks(device: str = "cuda") -> dict:
+    """The two ceilings measured on this machine in this run: the dense bf16 matrix peak (TFLOP/s, an 8192^3
+    matmul) and the device-to-device copy bandwidth (GB/s, bytes read + written)."""
+    from .bench_decode import copy_bandwidth_gbps
+
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = _median_ms(lambda: a @ b)
+    del a, b
+    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": copy_bandwidth_gbps()}
+
+
+def _leaves(spec: Spec, inputs: dict) -> list[str]:
+    return [n for n in ("q", "k", "v", "gates") + tuple(n for n in inputs if n.startswith(("k_", "v_"))) if n in inputs]
+
+
+# Kernels whose time the per-kernel profile reports, with the analysis branch whose FLOPs they do (the backward's
+# two kernels of a branch share its backward FLOPs).
+ATTENTION_KERNELS = {f"_{b}_attention_kernel": (b, "forward") for b in ("compression", "selection", "window")}
+ATTENTION_KERNELS.update({f"_{b}_bwd_{part}_kernel": (b, "backward") for b in ("compression", "selection", "window")
+                          for part in ("dq", "dkdv")})
+
+
+def kernel_times(fn, calls: int = 3) -> dict[str, float]:
+    """Median-free per-kernel GPU time (ms per call) of `fn` from torch.profiler, averaged over `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if evt.key in ATTENTION_KERNELS and total:
+            out[evt.key] = total / 1000.0 / calls
+    return out
+
+
+def _per_kernel(spec: Spec, T: int, times: dict, peak_tflops: float) -> dict:
+    out = {}
+    branch_flops = {b.name: evaluate(b.flops, T) for b in analyse(spec).branches}
+    for name, ms in sorted(times.items()):
+        branch, pass_ = ATTENTION_KERNELS[name]
+        f = branch_flops.get(branch, 0.0) * (1.0 if pass_ == "forward" else BACKWARD_FLOP_FACTOR)
+        entry = {"ms": ms, "branch": branch, "pass": pass_}
+        if pass_ == "forward":  # the backward's FLOPs are split between dq and dK/dV kernels: no per-kernel rate
+            entry["tflops"] = f / ms / 1e9
+            entry["fraction_of_peak"] = entry["tflops"] / peak_tflops
+        out[name] = entry
+    return out
+
+
+def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense: bool = True,
+                 per_kernel: bool = True, machine: dict | None = None) -> tuple[dict, list[dict]]:
+    """Forward, backward and forward+backward medians at B=1 with ms, TFLOP/s (analysis FLOPs; the backward at
+    FlashAttention's 2.5x convention), achieved bandwidth (analysis bytes), the fraction of the matrix peak measured
+    in the same run, per-kernel times, and dense causal SDPA (cuDNN and flash) on the same shapes in the same run.
+    Returns (machine ceilings, rows)."""
+    machine = machine or machine_peaks()
+    peak = machine["matmul_tflops"]
     module = load(spec)
-    fn = getattr(module, f"{spec.family}_attention")
+    fwd = getattr(module, f"{spec.family}_forward")
+    attn = getattr(module, f"{spec.family}_attention")
     rows = []
     for T in seqlens:
         gen = torch.Generator(device="cuda").manual_seed(T)
         inputs = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device="cuda", generator=gen)
-        for name in ("q", "k", "v", "gates") + tuple(n for n in inputs if n.startswith(("k_", "v_"))):
-            if name in inputs:
-                inputs[name].requires_grad_(True)
+        out = torch.full((1, T, spec.heads.q, spec.head_dim.v), float("nan"), dtype=module.DTYPE, device="cuda")
+        fwd(**inputs, out=out)
+        assert torch.isfinite(out).all(), f"{spec.name} T={T}: the forward left non-finite outputs"
+        extra = peak_extra_gib(lambda: fwd(**inputs, out=out))
+        ms = _median_ms(lambda: fwd(**inputs, out=out))
+        f_flops, f_bytes = flops(spec, T), forward_bytes(spec, T)
+        row = {"T": T, "forward_ms": ms, "forward_tflops": f_flops / ms / 1e9, "forward_gbps": f_bytes / ms / 1e6,
+               "forward_fraction_of_peak": f_flops / ms / 1e9 / peak, "extra_peak_gib": extra}
+        times = kernel_times(lambda: fwd(**inputs, out=out)) if per_kernel else {}
+        del out
+        if backward:
+            for n in _leaves(spec, inputs):
+                inputs[n].requires_grad_(True)
+            leaves = [inputs[n] for n in _leaves(spec, inputs)]
+            result = attn(**inputs)
+            grad = torch.randn_like(result)
 
-        def run():
-            out = fn(**inputs)
-            out.backward(torch.ones_like(out))
+            def bwd():
+                return torch.autograd.grad(result, leaves, grad, retain_graph=True)
 
-        run()
-        extra = peak_extra_gib(run)
-        row = {"T": T, "fwd_bwd_ms": _median_ms(run), "extra_peak_gib": extra}
+            def fwd_bwd():
+                o = attn(**inputs)
+                return torch.autograd.grad(o, leaves, grad)
+
+            bwd()
+            b_ms, fb_ms = _median_ms(bwd), _median_ms(fwd_bwd)
+            b_flops = flops(spec, T, "backward")
+            row.update(backward_ms=b_ms, backward_tflops=b_flops / b_ms / 1e9,
+                       backward_gbps=backward_bytes(spec, T) / b_ms / 1e6,
+                       backward_fraction_of_peak=b_flops / b_ms / 1e9 / peak, fwd_bwd_ms=fb_ms,
+                       fwd_bwd_tflops=(f_flops + b_flops) / fb_ms / 1e9)
+            if per_kernel:
+                times.update(kernel_times(bwd))
+            del result, grad, leaves
+        row["kernels"] = _per_kernel(spec, T, times, peak)
         del inputs
         torch.cuda.empty_cache()
         if dense:
-            row["dense"] = dense_training_ms(spec, T)
-            row["speedup"] = {k: v / row["fwd_bwd_ms"] for k, v in row["dense"].items() if isinstance(v, float)}
-        rows.append(row)
-    return rows
-
-
-def bench_forward(spec: Spec, seqlens: list[int], *, regime: str = "random", dense: bool = True) -> list[Row]:
-    module = load(spec)
-    fn = getattr(module, f"{spec.family}_forward")
-    rows = []
-    for T in seqlens:
-        gen = torch.Generator(device="cuda").manual_seed(T)
-        inputs = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device="cuda", generator=gen)
-        out = torch.empty((1, T, spec.heads.q, spec.head_dim.v), dtype=module.DTYPE, device="cuda")
-        fn(**inputs, out=out)
-        extra = peak_extra_gib(lambda: fn(**inputs, out=out))
-        ms = _median_ms(lambda: fn(**inputs, out=out))
-        row = Row(T=T, forward_ms=ms, forward_tflops=flops(spec, T) / ms / 1e9, extra_peak_gib=extra)
-        del inputs, out
-        torch.cuda.empty_cache()
-        if dense:
-            row.dense = dense_forward_ms(spec, T)
-            row.speedup = {k: v / ms for k, v in row.dense.items() if isinstance(v, float)}
+            row["dense"] = dense_forward_ms(spec, T)
+            row["speedup"] = {k: v / ms for k, v in row["dense"].items() if isinstance(v, float)}
+            if backward:
+                row["dense_fwd_bwd"] = dense_training_ms(spec, T)
+                row["dense_backward"] = {k: v - row["dense"][k] for k, v in row["dense_fwd_bwd"].items()
+                                         if isinstance(v, float) and isinstance(row["dense"].get(k), float)}
+                row["speedup_backward"] = {k: v / row["backward_ms"] for k, v in row["dense_backward"].items()}
+                row["speedup_fwd_bwd"] = {k: v / row["fwd_bwd_ms"] for k, v in row["dense_fwd_bwd"].items()
+                                          if isinstance(v, float)}
             torch.cuda.empty_cache()
         rows.append(row)
-    return rows
+    return machine, rows
 
 
-def record(spec: Spec, kind: str, rows: list[Row], *, regime: str, out_dir: Path = RESULTS) -> Path:
+def record(spec: Spec, kind: str, rows: list, *, regime: str, out_dir: Path = RESULTS,
+           machine: dict | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
     entry = {
@@ -177,6 +241,7 @@ def record(spec: Spec, kind: str, rows: list[Row], *, regime: str, out_dir: Path
         "triton": __import__("triton").__version__, "batch": 1, "dtype": spec.dtype, "regime": regime,
         "shapes": {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v]},
         "timing": "triton.testing.do_bench median, ms",
+        **({"machine": machine} if machine else {}),
         "rows": [r if isinstance(r, dict) else asdict(r) for r in rows],
     }
     path = out_dir / f"{stamp}_{spec.name}_{kind}.jsonl"
@@ -185,15 +250,30 @@ def record(spec: Spec, kind: str, rows: list[Row], *, regime: str, out_dir: Path
     return path
 
 
-def table(spec: Spec, rows: list[Row]) -> str:
-    lines = [f"{spec.name} ({spec.hash}) forward, B=1, {spec.dtype}",
-             f"{'T':>7} {'ms':>9} {'TFLOP/s':>8} {'peak+GiB':>9}  dense cudnn / flash ms   speedup"]
+def _ratio(d: dict) -> str:
+    return " / ".join(f"{v:.2f}x" for v in d.values()) or "n/a"
+
+
+def table(spec: Spec, machine: dict, rows: list[dict]) -> str:
+    lines = [f"{spec.name} ({spec.hash}), B=1, {spec.dtype}; measured ceilings: {machine['matmul_tflops']:.0f} "
+             f"TFLOP/s bf16 matmul, {machine['copy_gbps']:.0f} GB/s copy",
+             f"{'T':>7} {'pass':>8} {'ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'GB/s':>7}  speedup vs cuDNN / flash"]
     for r in rows:
-        d = " / ".join(f"{v:.2f}" if isinstance(v, float) else "n/a" for v in r.dense.values())
-        s = " / ".join(f"{v:.2f}x" for v in r.speedup.values())
-        lines.append(f"{r.T:>7} {r.forward_ms:>9.3f} {r.forward_tflops:>8.1f} {r.extra_peak_gib:>9.3f}  {d:<22} {s}")
+        passes = [("forward", r.get("speedup", {}))]
+        if "backward_ms" in r:
+            passes += [("backward", r.get("speedup_backward", {})), ("fwd_bwd", r.get("speedup_fwd_bwd", {}))]
+        for name, speed in passes:
+            tf = r.get(f"{name}_tflops")
+            frac = r.get(f"{name}_fraction_of_peak")
+            gbps = r.get(f"{name}_gbps")
+            lines.append(f"{r['T']:>7} {name:>8} {r[f'{name}_ms']:>9.3f} {tf or 0:>8.1f} "
+                         f"{'' if frac is None else f'{100 * frac:.1f}':>7} {'' if gbps is None else f'{gbps:.0f}':>7}"
+                         f"  {_ratio(speed)}")
+        for kname, k in r.get("kernels", {}).items():
+            rate = f"{k['tflops']:.0f} TFLOP/s, {100 * k['fraction_of_peak']:.1f}% of peak" if "tflops" in k else ""
+            lines.append(f"{'':>7}   {kname}: {k['ms']:.3f} ms {rate}")
     return "\n".join(lines)
 
 
-__all__ = ["Row", "bench_forward", "bench_training", "dense_forward_ms", "dense_training_ms", "peak_extra_gib",
-           "record", "table"]
+__all__ = ["bench_passes", "dense_forward_ms", "dense_training_ms", "kernel_times", "machine_peaks",
+           "peak_extra_gib", "record", "table"]

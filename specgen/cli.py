@@ -109,8 +109,6 @@ def cmd_bench(args) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
-    from .bench import bench_forward, record, table
-
     if args.decode:
         from .bench_decode import bench_decode, record_decode, table as decode_table
 
@@ -122,18 +120,15 @@ def cmd_bench(args) -> int:
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
     args.seqlens = args.seqlens or [8192, 16384, 32768, 65536]
-    for spec in _load_all(args.specs):
-        if args.training:
-            from .bench import bench_training
+    from .bench import bench_passes, machine_peaks, record, table
 
-            rows = bench_training(spec, args.seqlens, dense=not args.no_dense)
-            for r in rows:
-                print(spec.name, r)
-            print(f"recorded in {record(spec, 'fwd_bwd', rows, regime=args.regime, out_dir=Path(args.out))}")
-            continue
-        rows = bench_forward(spec, args.seqlens, regime=args.regime, dense=not args.no_dense)
-        print(table(spec, rows))
-        print(f"recorded in {record(spec, 'forward', rows, regime=args.regime, out_dir=Path(args.out))}")
+    machine = machine_peaks()
+    for spec in _load_all(args.specs):
+        machine, rows = bench_passes(spec, args.seqlens, backward=not args.forward_only, dense=not args.no_dense,
+                                     machine=machine)
+        print(table(spec, machine, rows))
+        kind = "forward" if args.forward_only else "passes"
+        print(f"recorded in {record(spec, kind, rows, regime=args.regime, out_dir=Path(args.out), machine=machine)}")
     return 0
 
 
@@ -145,7 +140,7 @@ def cmd_tune(args) -> int:
     from .tune import tune
 
     for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
-        tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir))
+        tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir), backward=not args.forward_only)
     print("run `specgen build` to bake the records into the generated modules")
     return 0
 
@@ -220,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
                     help="sequence lengths (default 8k..64k; with --decode, contexts 8k..128k)")
     bn.add_argument("--regime", default="random", choices=["random"], help="input regime (named in the record)")
     bn.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baselines")
-    bn.add_argument("--training", action="store_true", help="time forward+backward (the differentiable entry point)")
+    bn.add_argument("--forward-only", action="store_true", help="time the forward only (default: forward, backward "
+                    "and forward+backward, with per-kernel times)")
     bn.add_argument("--decode", action="store_true",
                     help="time one decoding step from a KV cache against dense decoding of the same cache")
     bn.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--decode: batch sizes")
@@ -234,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     tn.add_argument("specs", nargs="+", metavar="SPEC")
     tn.add_argument("--seqlen", type=int, default=32768, help="representative sequence length (default 32768)")
     tn.add_argument("--workdir", default=".specgen-cache/tuning", help="scratch folder for candidate modules")
+    tn.add_argument("--forward-only", action="store_true", help="tune the forward kernels only (the backward's "
+                    "are timed inside forward+backward, which costs more per candidate)")
     tn.set_defaults(func=cmd_tune)
 
     sw = sub.add_parser("sweep", help="expand a sweep file, build each variant, measure fidelity (and speed on a "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from .plan import MIN_DOT, SMEM_BUDGET, SMEM_LIMIT, Plan, next_pow2  # noqa: F401 (SMEM_LIMIT: re-exported)
 from .spec import Spec
 
@@ -30,7 +32,8 @@ def tile(rows: int, cols: int, elem: int) -> int:
 def smem_bytes(*, resident=(), streamed=(), gathered=(), computed=(), index=(), stages: int | None = None) -> int:
     """Shared memory of one program under the model above (sizes in bytes)."""
     n = stages or TRITON_DEFAULT_STAGES
-    return (sum(resident) + n * sum(streamed) + max(1, n - 1) * sum(gathered) + n * sum(index) + sum(computed)
+    gathered_buffers = sympy.Max(1, n - 1) if isinstance(n, sympy.Basic) else max(1, n - 1)
+    return (sum(resident) + n * sum(streamed) + gathered_buffers * sum(gathered) + n * sum(index) + sum(computed)
             + SCRATCH)
 
 
@@ -136,3 +139,49 @@ def backward_footprints(spec: Spec, plan: Plan, tiles: BackwardTiles | None = No
             out["_pool_bwd_linear_dx_kernel"] = smem_bytes(streamed=[tile(32, bn, 4), tile(bn, bn, 4)], stages=1)
             out["_pool_bwd_dw_kernel"] = smem_bytes(streamed=[tile(32, bn, 4), tile(32, bn, 4)])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch-config model: shared memory and accumulator registers as sympy expressions of a config's free fields, so
+# the candidates of `specgen tune` and of the modules' autotune fallback are pruned before anything is compiled.
+# ---------------------------------------------------------------------------------------------------------------
+
+ROWS, KEYS, STAGES, WARPS = sympy.symbols("rows keys stages warps", positive=True, integer=True)
+# fp32 accumulator and score registers per thread a candidate may hold (of 255): above this ptxas spills.
+ACC_REGISTER_BUDGET = 160
+
+
+@dataclass(frozen=True)
+class LaunchModel:
+    """Footprint of one kernel as a function of (rows, keys, stages, warps)."""
+    smem: sympy.Expr
+    registers: sympy.Expr
+
+    def evaluate(self, rows: int, keys: int, stages: int, warps: int) -> tuple[int, int]:
+        at = {ROWS: rows, KEYS: keys, STAGES: stages, WARPS: warps}
+        return int(self.smem.subs(at)), int(sympy.ceiling(self.registers.subs(at)))
+
+    def fits(self, rows: int, keys: int, stages: int, warps: int) -> bool:
+        smem, regs = self.evaluate(rows, keys, stages, warps)
+        return smem <= SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET
+
+
+def launch_model(spec: Spec, kernel: str) -> LaunchModel:
+    """The model of a tunable kernel: `compression` / `selection` / `window` (forward attention) or
+    `<branch>_dq` / `<branch>_dkdv` (backward). Rows are query rows (positions x heads) of a program, keys its key
+    tile (for dK/dV: the keys it owns; rows then stream)."""
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    threads = WARPS * 32
+    if kernel in ("compression", "window", "selection"):
+        gathered = kernel == "selection"
+        kv = [tile(KEYS, dqk, e)] + ([] if gathered and spec.mla else [tile(KEYS, dv, e)])
+        smem = smem_bytes(resident=[tile(ROWS, dqk, e)], streamed=[] if gathered else kv,
+                          gathered=kv if gathered else [], index=[tile(KEYS, 1, 4)] if gathered else [],
+                          computed=[tile(ROWS, KEYS, e)], stages=STAGES)
+        return LaunchModel(smem, (ROWS * dv + ROWS * KEYS) / threads)
+    branch, part = kernel.rsplit("_", 1)
+    if part == "dq":
+        smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=branch == "selection")
+        return LaunchModel(smem, (ROWS * dqk + ROWS * KEYS) / threads)
+    smem = dkdv_smem(spec, ROWS, KEYS, STAGES)
+    return LaunchModel(smem, (KEYS * (dqk + dv) + KEYS * ROWS) / threads)

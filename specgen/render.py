@@ -108,7 +108,7 @@ def _kv_names(spec: Spec) -> dict[str, str]:
 
 
 def module_context(spec: Spec, plan: Plan | None = None, records: list | None = None) -> dict:
-    from .tuning import configs_for, records_hash
+    from .tuning import candidates_for, configs_for, records_hash
 
     plan = plan or make_plan(spec)
     records = records or []
@@ -122,6 +122,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "plan": plan,
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
         "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),
+        "candidates": pprint.pformat(candidates_for(plan), width=110, sort_dicts=True),
         "spec_hash": spec.hash,
         "spec_dict": pprint.pformat(spec.to_dict(), width=110, sort_dicts=False),
         "torch_dtype": TORCH_DTYPES[spec.dtype],

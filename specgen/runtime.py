@@ -100,14 +100,102 @@ def require(fn: str, name: str, value, why: str):
 _device_names: dict = {}
 
 
-def launch_config(configs: dict, kernel: str) -> dict:
-    """The launch config of `kernel` for the current GPU: its tuned entry if the module has one, else the default."""
+def _device_name() -> str:
     device = torch.cuda.current_device() if torch.cuda.is_available() else -1
     name = _device_names.get(device)
     if name is None:
         name = _device_names[device] = torch.cuda.get_device_name(device) if device >= 0 else "cpu"
-    tuned = configs.get(name, {}).get(kernel)
+    return name
+
+
+def tuned_config(configs: dict, kernel: str) -> dict | None:
+    """The tuning record's config of `kernel` for the current GPU (baked into the module), or None."""
+    return configs.get(_device_name(), {}).get(kernel)
+
+
+def launch_config(configs: dict, kernel: str) -> dict:
+    """The launch config of `kernel` for the current GPU: its tuned entry if the module has one, else the default."""
+    tuned = tuned_config(configs, kernel)
     return tuned if tuned is not None else configs["default"][kernel]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launching a tunable kernel: the tuned config, else Triton's autotuner over the module's pruned candidates
+# ---------------------------------------------------------------------------------------------------------------
+
+# Config fields that are kernel meta-parameters (the rest, num_warps and num_stages, are launch options).
+META_NAMES = {"bt": "BT", "block_n": "BLOCK_N", "bq": "BQ"}
+# Benchmark function the autotuner times candidates with (None: Triton's do_bench). Tests under the interpreter
+# put a deterministic stand-in here.
+AUTOTUNE_BENCH = None
+_autotuners: dict = {}
+
+
+def autotune_enabled() -> bool:
+    """Autotune kernels that have no tuned config: on a GPU, unless SPECGEN_AUTOTUNE=0 (then the plan's defaults)."""
+    return (os.environ.get("SPECGEN_AUTOTUNE", "1") != "0" and not interpreting() and torch.cuda.is_available())
+
+
+def tune_bucket(T: int) -> int:
+    """The autotuner's shape key: sequence lengths within a power of two share one tuning."""
+    return max(16, 1 << max(0, int(T) - 1).bit_length())
+
+
+class _DropBucket:
+    """The kernel as the autotuner sees it: the same JIT function, whose `run` drops the `tune_bucket` key argument
+    (an autotuner key that is not a kernel argument, so lengths are bucketed without recompiling per length)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.arg_names = fn.arg_names
+
+    def run(self, *args, tune_bucket=None, **kwargs):
+        return self.fn.run(*args, **kwargs)
+
+
+def _autotuner(kernel, name: str, candidates: list, restore: tuple):
+    key = (kernel, name, restore)
+    tuner = _autotuners.get(key)
+    if tuner is None:
+        import triton
+        from triton.runtime.autotuner import Autotuner
+
+        configs = [triton.Config({META_NAMES[k]: v for k, v in c.items() if k in META_NAMES},
+                                 num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in candidates]
+        # Outputs the kernel accumulates into are restored after every timed run, so tuning never changes results;
+        # timings are cached on disk (Triton's cache) per kernel source, candidate list, bucket and dtypes.
+        tuner = Autotuner(_DropBucket(kernel), kernel.arg_names + ["tune_bucket"], configs, key=["tune_bucket"],
+                          reset_to_zero=None, restore_value=list(restore), do_bench=AUTOTUNE_BENCH,
+                          cache_results=True)
+        _autotuners[key] = tuner
+    return tuner
+
+
+def launch(kernel, name: str, configs: dict, candidates: dict, grid, args: tuple, meta: dict, *, T: int,
+           restore: tuple = ()) -> dict | None:
+    """Launch `kernel` (config entry `name`) with the tuned config of this GPU if the module has one; else, with
+    autotuning on and more than one candidate, let Triton's autotuner pick among `candidates[name]` (pruned by the
+    footprint model when the module was built), keyed by the length's bucket; else the plan's default.
+
+    `grid(cfg)` gives the launch grid of a config, `meta` the kernel's other keyword arguments, `restore` the names
+    of the arguments the kernel accumulates into. Returns the config launched (None when the autotuner chose).
+    """
+    cfg = tuned_config(configs, name)
+    pool = candidates.get(name, ())
+    if cfg is None and len(pool) > 1 and (autotune_enabled() or AUTOTUNE_BENCH is not None):
+        tuner = _autotuner(kernel, name, pool, tuple(restore))
+        fixed = pool[0]
+
+        def tuned_grid(m):
+            return grid({**fixed, **{k: m[v] for k, v in META_NAMES.items() if v in m},
+                         "num_warps": m.get("num_warps"), "num_stages": m.get("num_stages")})
+
+        tuner[tuned_grid](*args, tune_bucket=tune_bucket(T), **meta)
+        return None
+    cfg = cfg if cfg is not None else configs["default"][name]
+    kernel[grid(cfg)](*args, **meta, **{META_NAMES[k]: v for k, v in cfg.items() if k in META_NAMES},
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------

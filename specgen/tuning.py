@@ -12,7 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .plan import Plan
+from .footprint import backward_tiles, launch_model
+from .plan import MIN_DOT, Plan
 from .spec import Spec
 
 KERNELS_WITH_TILES = ("compression", "selection", "window")
@@ -34,17 +35,90 @@ def load_records(spec: Spec, spec_path: Path | None) -> list[dict]:
     return [e for e in data.get("entries", []) if e.get("spec_hash") == spec.hash]
 
 
+def tunable_kernels(spec: Spec) -> tuple[str, ...]:
+    """The kernels with candidate configs (tuned by `specgen tune`, autotuned without a record): the forward
+    attention kernels, then the backward dQ and dK/dV kernels of each branch."""
+    forward = tuple(k for k in KERNELS_WITH_TILES if k in spec.branches)
+    return forward + tuple(f"{k}_{part}" for k in forward for part in ("dq", "dkdv"))
+
+
 def default_configs(plan: Plan) -> dict:
+    spec = plan.spec
     configs = {}
     for kind in KERNELS_WITH_TILES:
         tile = getattr(plan, kind)
         if tile is not None:
             configs[kind] = {"bt": tile.bt, "block_n": tile.block_n, "num_warps": tile.num_warps,
                              "num_stages": tile.num_stages}
-    if plan.spec.selection is not None:
-        rows = plan.score_bt * plan.score_gp if plan.spec.selection.scorer == "compression" else 16
+    if spec.selection is not None:
+        rows = plan.score_bt * plan.score_gp if spec.selection.scorer == "compression" else 16
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
+    # Backward: programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.
+    bwd = backward_tiles(spec, plan)
+    configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
+    for kind in spec.branches:
+        if kind == "selection":
+            warps_stages = {"num_warps": bwd.sel_num_warps, "num_stages": bwd.sel_num_stages}
+            configs["selection_dq"] = {"bt": 1, "block_n": bwd.sel_dq_block_n, **warps_stages}
+            # Keys per program: the inverse index's tile (a rendered constant of the kernel: not tunable).
+            configs["selection_dkdv"] = {"bq": bwd.sel_bq, "block_n": bwd.sel_tile, **warps_stages}
+        else:
+            cfg = {"bt": bwd.bt, "block_n": bwd.block_n, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages}
+            configs[f"{kind}_dq"] = dict(cfg)
+            configs[f"{kind}_dkdv"] = {**cfg, **({"split": 1024, "max_splits": 16} if kind == "compression" else {})}
+    if spec.compression is not None and "compression" in spec.branches:
+        configs["pool"] = {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4}
     return configs
+
+
+def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
+    """Query rows of one program (forward) or trip (backward) under `cfg`."""
+    bwd = backward_tiles(plan.spec, plan)
+    if kernel in KERNELS_WITH_TILES:
+        return cfg["bt"] * getattr(plan, kernel).gp
+    if kernel == "selection_dq":
+        return bwd.sel_dq_gp
+    if kernel == "selection_dkdv":
+        return cfg["bq"] * bwd.sel_dkdv_gp
+    return cfg["bt"] * bwd.gp
+
+
+def candidates(plan: Plan, kernel: str) -> list[dict]:
+    """Launch configs worth timing for a tunable kernel, the default first, pruned by the footprint model
+    (`footprint.launch_model`: shared memory and accumulator registers against the budgets) before compiling.
+
+    Row packing stays the plan's (it fixes the group's head layout, and the backward's split and inverse-index
+    sizes); key tiles, warps and pipeline stages vary. The selection kernels' key tiles are tied to the unit
+    (whole units per forward tile; the backward's inverse-index tile), so there only warps and stages vary, plus
+    the forward tile's width in whole units."""
+    spec = plan.spec
+    default = default_configs(plan)[kernel]
+    model = launch_model(spec, kernel)
+    if kernel == "selection":
+        unit = spec.selection.block
+        widths = sorted({w for w in (default["block_n"], 32, 64, 128) if w % unit == 0 and w >= max(MIN_DOT, unit)})
+        grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
+                for n in widths for w in (4, 8) for st in (1, 2, 3)]
+    elif kernel.startswith("selection_"):
+        grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
+    elif kernel in KERNELS_WITH_TILES:
+        grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
+                for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+    else:
+        grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
+                for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
+    out = [default]
+    for cfg in grid:
+        if cfg not in out and model.fits(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"],
+                                         cfg["num_warps"]):
+            out.append(cfg)
+    return out
+
+
+def candidates_for(plan: Plan) -> dict:
+    """{kernel: candidates} of every tunable kernel of the plan's spec: what a module without a tuning record
+    autotunes over on the GPU."""
+    return {k: candidates(plan, k) for k in tunable_kernels(plan.spec)}
 
 
 def configs_for(plan: Plan, records: list[dict]) -> dict:

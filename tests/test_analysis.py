@@ -214,6 +214,14 @@ def test_explain_dsa():
     assert "indexer" in text and "selection" in text and "576 = 512 + 64" in text
 
 
-def test_only_forward_is_analysed():
-    with pytest.raises(NotImplementedError):
-        A.flops(spec("nsa_small"), 64, pass_="backward")
+def test_backward_flops_and_bytes():
+    """The backward counts 2.5x each attention branch's forward FLOPs (FlashAttention's convention) and no indexer;
+    its bytes are at least twice the attention branches' forward reads."""
+    s = spec("nsa_small")
+    assert A.flops(s, 64, pass_="backward") == pytest.approx(2.5 * A.flops(s, 64))
+    d = dsa_spec()
+    attention = sum(A.evaluate(b.flops, 4096) for b in A.analyse(d).branches if b.name != "indexer")
+    assert A.flops(d, 4096, "backward") == pytest.approx(2.5 * attention) and attention < A.flops(d, 4096)
+    assert A.backward_bytes(s, 64) > 2 * A.forward_bytes(s, 64)  # no indexer: every branch read twice
+    with pytest.raises(ValueError, match="pass_"):
+        A.flops(s, 64, pass_="sideways")

@@ -18,7 +18,7 @@ import torch
 
 import specgen
 from specgen import reference as R
-from specgen import testing
+from specgen import runtime, testing
 from specgen.reference._core import query_positions, top_units
 from small_specs import small_token_spec
 from specgen.spec import Spec, load_spec, replace
@@ -99,7 +99,7 @@ def test_inverse_index_matches_brute_force(which):
     mod = specgen.load(spec)
     sel = spec.selection
     unit = sel.block if sel.granularity == "block" else 1
-    tile = mod.BACKWARD_CONFIGS["selection_dkdv"]["block_n"]
+    tile = runtime.launch_config(mod.CONFIGS, "selection_dkdv")["block_n"]
     B, T = 2, 75
     gen = torch.Generator().manual_seed(5)
     # A random valid selection per (b, t, g): top_units of random scores (ascending, -1 padding last).

@@ -1,0 +1,116 @@
+"""Launch configs: the candidates the footprint model keeps, tuning records baked into modules, and the autotune
+fallback of a module without a record (Triton's autotuner, driven here under the interpreter by a stand-in
+benchmark so the choice is known and the repeated timed runs are visible in the results).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import specgen
+from specgen import runtime, testing
+from specgen.footprint import ACC_REGISTER_BUDGET, SMEM_BUDGET, launch_model
+from specgen.plan import make_plan
+from specgen.spec import load_spec
+from specgen.tuning import _rows, candidates, candidates_for, default_configs, tunable_kernels
+
+SPECS = ["nsa_paper", "nsa_config_a", "nsa_token", "dsa_v32", "dsa_block", "nsa_small"]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_candidates_are_pruned_by_the_footprint_model(name):
+    spec = load_spec(f"specs/{name}.yaml")
+    plan = make_plan(spec)
+    defaults = default_configs(plan)
+    for kernel in tunable_kernels(spec):
+        pool = candidates(plan, kernel)
+        assert pool[0] == defaults[kernel], f"{kernel}: the default comes first"
+        assert len({tuple(sorted(c.items())) for c in pool}) == len(pool), f"{kernel}: duplicates"
+        model = launch_model(spec, kernel)
+        for cfg in pool[1:]:
+            smem, regs = model.evaluate(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"], cfg["num_warps"])
+            assert smem <= SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET, (kernel, cfg, smem, regs)
+            # Fields the kernel bakes in (row packing, the selection backward's tiles) never vary.
+            assert cfg.get("bt") == pool[0].get("bt") and cfg.get("bq") == pool[0].get("bq")
+            if kernel.startswith("selection_"):
+                assert cfg["block_n"] == pool[0]["block_n"]
+
+
+def test_the_model_prunes_what_does_not_fit():
+    """MLA's 576/512 heads: three-stage selection tiles of 128 keys cannot fit shared memory, so they are dropped."""
+    spec = load_spec("specs/dsa_v32.yaml")
+    plan = make_plan(spec)
+    pool = candidates(plan, "selection")
+    assert all(not (c["block_n"] == 128 and c["num_stages"] == 3) for c in pool)
+    smem, _ = launch_model(spec, "selection").evaluate(64, 128, 3, 8)
+    assert smem > SMEM_BUDGET
+
+
+def test_bucket_shares_one_tuning_per_power_of_two():
+    assert [runtime.tune_bucket(t) for t in (1, 16, 17, 4096, 4097, 65536)] == [16, 16, 32, 4096, 8192, 65536]
+
+
+def test_autotune_is_off_under_the_interpreter_and_with_the_switch(monkeypatch):
+    assert not runtime.autotune_enabled()  # the CPU tier runs the interpreter
+    monkeypatch.setenv("SPECGEN_AUTOTUNE", "0")
+    assert not runtime.autotune_enabled()
+
+
+def _favour_last(calls):
+    """A stand-in for do_bench: runs the candidate (with the autotuner's restore hooks) and reports times that fall
+    with each call, so the last candidate of every kernel wins."""
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        calls.append(1)
+        t = 1000.0 - len(calls)
+        return [t, t, t]
+    return bench
+
+
+@pytest.mark.parametrize("name", ["nsa_small"])
+def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monkeypatch):
+    """Forward and backward through the autotuner: every tunable kernel (three of them accumulate into outputs the
+    tuner must restore after each timed run) picks the stand-in's winner, and the results still match the float64
+    reference, so repeated timed runs leave no trace."""
+    mod = specgen.load(f"specs/{name}.yaml")
+    spec = testing.spec_of(mod)
+    calls: list = []
+    monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
+    monkeypatch.setattr(runtime, "_autotuners", {})
+    # Three candidates per kernel keep the interpreter's time small; the default is one of them.
+    monkeypatch.setattr(mod, "CANDIDATES", {k: v[:1] + v[-2:] for k, v in mod.CANDIDATES.items()})
+    testing.check_backward(mod, spec, 1, 37)
+    tuned = {name: tuner for (_, name, _), tuner in runtime._autotuners.items()}
+    assert set(tuned) == set(tunable_kernels(spec)), sorted(tuned)
+    for kernel, tuner in tuned.items():
+        best = tuner.best_config
+        want = mod.CANDIDATES[kernel][-1]
+        assert best.num_warps == want["num_warps"] and best.num_stages == want["num_stages"], kernel
+        assert best.kwargs.get("BLOCK_N") == want["block_n"], kernel
+    assert len(calls) == sum(len(v) for v in mod.CANDIDATES.values() if len(v) > 1)
+    # A second call reuses the choices: nothing is timed again.
+    before = len(calls)
+    testing.check_forward(mod, spec, 1, 37)
+    assert len(calls) == before
+
+
+def test_a_tuned_config_for_the_device_wins_over_autotuning(monkeypatch):
+    mod = specgen.load("specs/nsa_small.yaml")
+    spec = testing.spec_of(mod)
+    calls: list = []
+    monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
+    monkeypatch.setattr(runtime, "_autotuners", {})
+    pick = {k: v[-1] for k, v in mod.CANDIDATES.items()}
+    monkeypatch.setattr(mod, "CONFIGS", {**mod.CONFIGS, "cpu": pick})  # "cpu": the device name off a GPU
+    testing.check_forward(mod, spec, 1, 37)
+    assert not calls and not runtime._autotuners
+
+
+def test_modules_carry_their_candidates():
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load("specs/nsa_paper.yaml")
+    assert mod.CANDIDATES == candidates_for(make_plan(spec))
+    assert set(mod.CONFIGS["default"]) >= set(tunable_kernels(spec)) | {"preprocess", "pool", "select"}
+    assert torch.cuda.is_available() or runtime.launch_config(mod.CONFIGS, "selection_dq") == \
+        mod.CONFIGS["default"]["selection_dq"]
