@@ -59,8 +59,9 @@ def _descend(kernels: list[str], plan, best: dict, measure, log) -> tuple[dict, 
             except Exception as exc:  # a config the compiler rejects (resources) is skipped, and said
                 log(f"  {kind} {cfg}: failed ({str(exc).splitlines()[0][:80]})")
                 continue
-            if ms < IMPROVEMENT * current:
-                log(f"  {kind} {cfg}: {ms:.3f} ms (better)")
+            better = ms < IMPROVEMENT * current
+            log(f"  {kind} {cfg}: {ms:.3f} ms{' (better)' if better else ''}")
+            if better:
                 best, current = trial, ms
     return best, base, current
 
