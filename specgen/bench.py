@@ -132,8 +132,10 @@ ATTENTION_KERNELS.update({f"_{b}_bwd_{part}_kernel": (b, "backward") for b in ("
                           for part in ("dq", "dkdv")})
 
 
-def kernel_times(fn, calls: int = 3) -> dict[str, float]:
-    """Median-free per-kernel GPU time (ms per call) of `fn` from torch.profiler, averaged over `calls` calls."""
+def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
+    """Per-kernel GPU time (ms per call, all launches of a kernel summed) of `fn` from torch.profiler, averaged over
+    `calls` calls, for the kernels in `names` (default: the attention kernels)."""
+    names = ATTENTION_KERNELS if names is None else names
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -145,8 +147,29 @@ def kernel_times(fn, calls: int = 3) -> dict[str, float]:
     out: dict[str, float] = {}
     for evt in prof.key_averages():
         total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if evt.key in ATTENTION_KERNELS and total:
+        if evt.key in names and total:
             out[evt.key] = total / 1000.0 / calls
+    return out
+
+
+def compiler_report(module) -> dict[str, list[dict]]:
+    """What the compiler made of each attention kernel the module ran: registers per thread, spills, shared memory
+    (bytes), warps and stages of every compiled variant (Triton's loaded binaries; GPU only)."""
+    out: dict[str, list[dict]] = {}
+    for name in ATTENTION_KERNELS:
+        fn = getattr(module, name, None)
+        caches = getattr(fn, "device_caches", None)
+        if not caches:
+            continue
+        for cache in caches.values():
+            for compiled in cache[0].values():
+                compiled = compiled.result() if hasattr(compiled, "result") else compiled
+                if getattr(compiled, "n_regs", None) is None:
+                    continue
+                meta = compiled.metadata
+                out.setdefault(name, []).append({"registers": compiled.n_regs, "spills": compiled.n_spills,
+                                                 "shared_bytes": meta.shared, "num_warps": meta.num_warps,
+                                                 "num_stages": meta.num_stages})
     return out
 
 
@@ -165,14 +188,15 @@ def _per_kernel(spec: Spec, T: int, times: dict, peak_tflops: float) -> dict:
 
 
 def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense: bool = True,
-                 per_kernel: bool = True, machine: dict | None = None) -> tuple[dict, list[dict]]:
+                 per_kernel: bool = True, machine: dict | None = None,
+                 spec_path: Path | None = None) -> tuple[dict, list[dict]]:
     """Forward, backward and forward+backward medians at B=1 with ms, TFLOP/s (analysis FLOPs; the backward at
     FlashAttention's 2.5x convention), achieved bandwidth (analysis bytes), the fraction of the matrix peak measured
     in the same run, per-kernel times, and dense causal SDPA (cuDNN and flash) on the same shapes in the same run.
     Returns (machine ceilings, rows)."""
     machine = machine or machine_peaks()
     peak = machine["matmul_tflops"]
-    module = load(spec)
+    module = load(spec, spec_path)  # the path locates the spec's tuning record
     fwd = getattr(module, f"{spec.family}_forward")
     attn = getattr(module, f"{spec.family}_attention")
     rows = []
@@ -214,6 +238,7 @@ def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense
                 times.update(kernel_times(bwd))
             del result, grad, leaves
         row["kernels"] = _per_kernel(spec, T, times, peak)
+        row["tuned_for_this_gpu"] = torch.cuda.get_device_name() in module.CONFIGS
         del inputs
         torch.cuda.empty_cache()
         if dense:
@@ -228,6 +253,8 @@ def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense
                                           if isinstance(v, float)}
             torch.cuda.empty_cache()
         rows.append(row)
+    if rows and per_kernel:
+        rows[-1]["compiler"] = compiler_report(module)
     return machine, rows
 
 
@@ -271,9 +298,11 @@ def table(spec: Spec, machine: dict, rows: list[dict]) -> str:
                          f"  {_ratio(speed)}")
         for kname, k in r.get("kernels", {}).items():
             rate = f"{k['tflops']:.0f} TFLOP/s, {100 * k['fraction_of_peak']:.1f}% of peak" if "tflops" in k else ""
-            lines.append(f"{'':>7}   {kname}: {k['ms']:.3f} ms {rate}")
+            built = "; ".join(f"{c['registers']} regs, {c['spills']} spills, {c['shared_bytes'] // 1024} KiB smem, "
+                              f"{c['num_warps']}w{c['num_stages']}s" for c in r.get("compiler", {}).get(kname, []))
+            lines.append(f"{'':>7}   {kname}: {k['ms']:.3f} ms {rate}{'  [' + built + ']' if built else ''}")
     return "\n".join(lines)
 
 
-__all__ = ["bench_passes", "dense_forward_ms", "dense_training_ms", "kernel_times", "machine_peaks",
+__all__ = ["bench_passes", "compiler_report", "dense_forward_ms", "dense_training_ms", "kernel_times", "machine_peaks",
            "peak_extra_gib", "record", "table"]

@@ -111,8 +111,8 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
-                 graph: bool = True, flex: bool = False) -> tuple[float, list[dict]]:
-    module = load(spec)
+                 graph: bool = True, flex: bool = False, spec_path=None) -> tuple[float, list[dict]]:
+    module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps()

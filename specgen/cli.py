@@ -112,10 +112,10 @@ def cmd_bench(args) -> int:
     if args.decode:
         from .bench_decode import bench_decode, record_decode, table as decode_table
 
-        for spec in _load_all(args.specs):
+        for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
-                                           flex=args.flex)
+                                           flex=args.flex, spec_path=path)
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -123,9 +123,9 @@ def cmd_bench(args) -> int:
     from .bench import bench_passes, machine_peaks, record, table
 
     machine = machine_peaks()
-    for spec in _load_all(args.specs):
+    for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
         machine, rows = bench_passes(spec, args.seqlens, backward=not args.forward_only, dense=not args.no_dense,
-                                     machine=machine)
+                                     machine=machine, spec_path=path)
         print(table(spec, machine, rows))
         kind = "forward" if args.forward_only else "passes"
         print(f"recorded in {record(spec, kind, rows, regime=args.regime, out_dir=Path(args.out), machine=machine)}")

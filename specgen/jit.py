@@ -37,9 +37,12 @@ def import_path(path: Path, name: str) -> ModuleType:
     return module
 
 
-def load(spec: Spec | str | os.PathLike) -> ModuleType:
-    """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use."""
-    spec_path = None
+def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = None) -> ModuleType:
+    """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use.
+
+    The tuning record beside the YAML (`<name>.tune.json`) is baked in; for a Spec object, pass `spec_path` to
+    locate its record (without one, kernels with no tuned config autotune on the GPU)."""
+    spec_path = Path(spec_path) if spec_path is not None else None
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)

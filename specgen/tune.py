@@ -2,10 +2,11 @@
 
 Candidates come from `tuning.candidates` (key tiles, warps, pipeline stages around the plan's row packing), pruned
 by the footprint model (`footprint.launch_model`, shared memory and accumulator registers against Hopper's limits)
-before anything is compiled. The search is coordinate descent over kernels, in two phases: the forward kernels
-timed inside the whole forward, then the backward kernels timed inside forward+backward through the autograd entry
-(so interactions through L2 are seen), each kernel's candidates with the others at their current best; medians of
-`triton.testing.do_bench`. A candidate the compiler rejects is skipped and said.
+before anything is compiled. The search is coordinate descent over kernels (forward ones, then the backward's
+dQ and dK/dV kernels): each kernel's candidates, with the others at their current best, are timed by that kernel's
+own GPU time inside the whole pass (torch.profiler over 5 calls; inside the pass so interactions through L2 are
+seen, per kernel so a small kernel's gain is not lost in the pass's noise). A candidate the compiler rejects is
+skipped and said. The record keeps the whole pass's medians (do_bench) with the defaults and with the winners.
 """
 
 from __future__ import annotations
@@ -46,65 +47,93 @@ def _inputs(spec: Spec, seqlen: int, grad: bool) -> dict:
     return inputs
 
 
-def _descend(kernels: list[str], plan, best: dict, measure, log) -> tuple[dict, float, float]:
-    base = current = measure(best)
+def kernel_name(kind: str) -> str:
+    """The Triton kernel a config entry launches."""
+    if kind == "select":
+        return "_select_blocks_kernel"
+    if kind.endswith(("_dq", "_dkdv")):
+        branch, part = kind.rsplit("_", 1)
+        return f"_{branch}_bwd_{part}_kernel"
+    return f"_{kind}_attention_kernel"
+
+
+def _descend(kernels: list[str], plan, best: dict, measure, log) -> dict:
+    """Coordinate descent: each kernel's candidates, timed by that kernel's own GPU time inside the pass (others at
+    their current best), replace the current config when faster by more than the noise margin."""
     for kind in kernels:
+        current = measure(best, kind)
+        if current is None:  # the kernel does not run for this spec (e.g. no compression scorer)
+            continue
+        log(f"  {kind} default {best[kind]}: {current:.3f} ms")
         pool = [{"num_warps": w} for w in (4, 8)] if kind == "select" else candidates(plan, kind)
         for cfg in pool:
             if cfg == best[kind]:
                 continue
             trial = {**best, kind: cfg}
             try:
-                ms = measure(trial)
+                ms = measure(trial, kind)
             except Exception as exc:  # a config the compiler rejects (resources) is skipped, and said
                 log(f"  {kind} {cfg}: failed ({str(exc).splitlines()[0][:80]})")
                 continue
-            better = ms < IMPROVEMENT * current
+            better = ms is not None and ms < IMPROVEMENT * current
             log(f"  {kind} {cfg}: {ms:.3f} ms{' (better)' if better else ''}")
             if better:
                 best, current = trial, ms
-    return best, base, current
+    return best
 
 
 def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, backward: bool = True) -> dict:
     import triton
 
+    from .bench import kernel_times
+
     folder.mkdir(parents=True, exist_ok=True)
     plan = make_plan(spec)
-    best = default_configs(plan)
+    default = default_configs(plan)
     tunable = tunable_kernels(spec)
-    forward_kernels = [k for k in ("select",) + tunable if k in best and not k.endswith(("_dq", "_dkdv"))]
-    backward_kernels = [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
+    forward_kernels = [k for k in ("select",) + tunable if k in default and not k.endswith(("_dq", "_dkdv"))]
+    backward_kernels = [k for k in tunable if k.endswith(("_dq", "_dkdv"))] if backward else []
+    grad = bool(backward_kernels)
+    inputs = _inputs(spec, seqlen, grad=grad)
+    leaves = [x for x in inputs.values() if isinstance(x, torch.Tensor) and x.requires_grad]
 
-    inputs = _inputs(spec, seqlen, grad=False)
+    def pass_fn(configs, training: bool):
+        module = _module_with(spec, configs, folder)
+        if not training:
+            fn = getattr(module, f"{spec.family}_forward")
 
-    def measure_forward(configs) -> float:
-        fn = getattr(_module_with(spec, configs, folder), f"{spec.family}_forward")
-        fn(**inputs)
-        return triton.testing.do_bench(lambda: fn(**inputs), warmup=5, rep=30, return_mode="median")
+            def forward():
+                with torch.no_grad():
+                    return fn(**inputs)
+            return forward
+        fn = getattr(module, f"{spec.family}_attention")
 
-    best, fwd_base, fwd_tuned = _descend(forward_kernels, plan, best, measure_forward, log)
-    log(f"{spec.name} T={seqlen}: forward {fwd_base:.3f} -> {fwd_tuned:.3f} ms")
-    measured = {"default": fwd_base, "tuned": fwd_tuned}
-    del inputs
-    if backward and backward_kernels:
-        inputs = _inputs(spec, seqlen, grad=True)
+        def run():
+            out = fn(**inputs)
+            grad_out = torch.ones_like(out)
+            return torch.autograd.grad(out, leaves, grad_out)
+        return run
 
-        def measure_training(configs) -> float:
-            fn = getattr(_module_with(spec, configs, folder), f"{spec.family}_attention")
+    def measure(configs, kind) -> float | None:
+        run = pass_fn(configs, kind.endswith(("_dq", "_dkdv")))
+        run()  # compile
+        return kernel_times(run, calls=5, names={kernel_name(kind)}).get(kernel_name(kind))
 
-            def run():
-                out = fn(**inputs)
-                out.backward(torch.ones_like(out))
-            run()
-            return triton.testing.do_bench(run, warmup=5, rep=30, return_mode="median")
+    best = _descend(forward_kernels + backward_kernels, plan, default, measure, log)
 
-        best, bwd_base, bwd_tuned = _descend(backward_kernels, plan, best, measure_training, log)
-        log(f"{spec.name} T={seqlen}: forward+backward {bwd_base:.3f} -> {bwd_tuned:.3f} ms")
-        measured.update(fwd_bwd_default=bwd_base, fwd_bwd_tuned=bwd_tuned)
-        del inputs
+    def whole(configs, training) -> float:
+        run = pass_fn(configs, training)
+        run()
+        return triton.testing.do_bench(run, warmup=5, rep=50, return_mode="median")
+
+    measured = {"default": whole(default, False), "tuned": whole(best, False)}
+    if grad:
+        measured.update(fwd_bwd_default=whole(default, True), fwd_bwd_tuned=whole(best, True))
+    log(f"{spec.name} T={seqlen}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in measured.items()))
+    del inputs, leaves
     entry = {"spec_hash": spec.hash, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__,
-             "date": time.strftime("%Y-%m-%d"), "seqlen": seqlen, "configs": best, "measured_ms": measured}
+             "date": time.strftime("%Y-%m-%d"), "seqlen": seqlen, "configs": best, "measured_ms": measured,
+             "method": "coordinate descent, each kernel timed by its own GPU time (torch.profiler, 5 calls)"}
     path = save_entry(spec_path, entry)
     log(f"  {spec.name}: record {path}")
     return entry
