@@ -122,7 +122,9 @@ def machine_peaks(device: str = "cuda") -> dict:
 
 
 def _leaves(spec: Spec, inputs: dict) -> list[str]:
-    return [n for n in ("q", "k", "v", "gates") + tuple(n for n in inputs if n.startswith(("k_", "v_"))) if n in inputs]
+    from .testing import differentiable_inputs
+
+    return differentiable_inputs(spec)  # the indexer's inputs get no gradient
 
 
 # Kernels whose time the per-kernel profile reports, with the analysis branch whose FLOPs they do (the backward's

@@ -20,6 +20,7 @@ from . import reference
 from .plan import make_plan, next_pow2
 from .render import render_module
 from .spec import Spec
+from .testing import differentiable_inputs
 from .tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
 
 # Below this, a difference between two medians is noise.
@@ -41,9 +42,8 @@ def _inputs(spec: Spec, seqlen: int, grad: bool) -> dict:
     inputs = reference.make_inputs(spec, 1, seqlen, dtype=dtype, device="cuda",
                                    generator=torch.Generator(device="cuda").manual_seed(seqlen))
     if grad:
-        for name in ("q", "k", "v", "gates") + tuple(n for n in inputs if n.startswith(("k_", "v_"))):
-            if name in inputs:
-                inputs[name].requires_grad_(True)
+        for name in differentiable_inputs(spec):  # the indexer's inputs get no gradient
+            inputs[name].requires_grad_(True)
     return inputs
 
 
