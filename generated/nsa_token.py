@@ -562,37 +562,48 @@ def _index_scores_kernel(
 
 @triton.jit
 def _radix_topk_kernel(WS, IDX, SC, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr):
-    """Exact top-k of one workspace row by radix select: four 8-bit histogram passes find the k-th largest key,
-    then one pass writes the units above it and the lowest-index ties, in ascending order (and, WITH_SCORES, their
-    scores into SC, -inf at padding)."""
-    BS: tl.constexpr = 1024
+    """Exact top-k of one workspace row of a prefill query (`_topk_row`, no unit forced by position: forced blocks
+    arrive as +inf scores), and, WITH_SCORES, the selected units' scores."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
     tq = q0 + pid
     n = tq // UNIT + 1  # candidate units: those starting at or before the query
-    slot = tl.arange(0, TOP_K_PAD)
     out_row = IDX + ((b * T + tq) * HKV + g) * TOP_K
     score_row = SC + ((b * T + tq) * HKV + g) * TOP_K
     ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
+    _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
+
+
+@triton.jit
+def _topk_row(row, n, lo, hi, out_row, score_row, WITH_SCORES: tl.constexpr):
+    """Exact top-TOP_K of the units [0, n) of a score row by radix select, written to out_row in ascending index
+    order with -1 padding (and, WITH_SCORES, their scores to score_row, -inf at padding). Units outside [lo, hi)
+    are forced: always taken (the caller guarantees at most TOP_K of them); those inside compete by score, ties to
+    the lower index. Four 8-bit histogram passes over [lo, hi) find the k-th largest key among them, then one pass
+    over [0, n) writes the forced units, the keys above it and the lowest-index ties. Fewer than TOP_K + 1 units:
+    all of them, in order."""
+    BS: tl.constexpr = 1024
+    slot = tl.arange(0, TOP_K_PAD)
     if n <= TOP_K:
         # Fewer candidates than k: all of them, in order, -1 padding.
         tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
         if WITH_SCORES:
-            x = tl.load(ws_row + slot, mask=slot < n, other=float("-inf"))
+            x = tl.load(row + slot, mask=slot < n, other=float("-inf"))
             tl.store(score_row + slot, x, mask=slot < TOP_K)
     else:
         bins = tl.arange(0, 256)
         prefix = tl.zeros([], dtype=tl.int64)
-        need = tl.full([], TOP_K, dtype=tl.int32)
+        # Slots left to the competing units once every forced one has its own.
+        need = tl.full([], TOP_K, dtype=tl.int32) - (n - (hi - lo))
         for p in tl.static_range(4):
             SHIFT = 24 - 8 * p  # a compile-time constant: p comes from static_range
             hist = tl.zeros([256], dtype=tl.int32)
-            for c0 in range(0, n, BS):
+            for c0 in range(lo, hi, BS):
                 s = c0 + tl.arange(0, BS)
-                ok = s < n
-                key = _ordered_key(tl.load(ws_row + s, mask=ok, other=0.0))
+                ok = s < hi
+                key = _ordered_key(tl.load(row + s, mask=ok, other=0.0))
                 if SHIFT < 24:
                     ok = ok & ((key >> (SHIFT + 8)) == prefix)
                 hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
@@ -601,18 +612,20 @@ def _radix_topk_kernel(WS, IDX, SC, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr
             digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
             need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
             prefix = (prefix << 8) | digit.to(tl.int64)
-        # `prefix` is the k-th largest key; take every key above it and the first `need` equal ones (lowest index).
+        # `prefix` is the k-th largest key; take every forced unit, every key above it and the first `need` equal
+        # ones (lowest index).
         taken = tl.zeros([], dtype=tl.int32)
         ties = tl.zeros([], dtype=tl.int32)
         for c0 in range(0, n, BS):
             s = c0 + tl.arange(0, BS)
             ok = s < n
-            x = tl.load(ws_row + s, mask=ok, other=0.0)
+            competing = ok & (s >= lo) & (s < hi)
+            x = tl.load(row + s, mask=ok, other=0.0)
             key = _ordered_key(x)
-            above = ok & (key > prefix)
-            equal = ok & (key == prefix)
+            above = competing & (key > prefix)
+            equal = competing & (key == prefix)
             tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
-            take = above | (equal & (tie_rank <= need))
+            take = (ok & ~competing) | above | (equal & (tie_rank <= need))
             pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
             # Never past the row's k slots, whatever the scores hold (NaN included).
             take = take & (pos < TOP_K)
@@ -880,7 +893,8 @@ def _decode_index_scores_kernel(
 ):
     """Index scores of the step's new queries over a tile of BS cached index keys:
     I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]) for s <= t, written to WS [B, HKV, QL, WS_ROW]
-    (pre-filled with -inf; tiles past the sequence exit at once)."""
+    for the units at or before each query (the only ones the top-k reads: WS needs no fill); tiles past the
+    sequence exit at once."""
     HP: tl.constexpr = 4
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -909,9 +923,32 @@ def _decode_index_scores_kernel(
         # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
         score = tl.sum(tl.reshape(relu, (QLP, HP, BS)), axis=1) * idx_scale + 0.0
         tq = L - QL + tl.arange(0, QLP)
-        ok = (tl.arange(0, QLP) < QL)[:, None] & (keys[None, :] <= tq[:, None])
+        q_ok = tl.arange(0, QLP) < QL
+        visible = keys[None, :] <= tq[:, None]
         ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
-        tl.store(ws[:, None] + keys[None, :], score, mask=ok)
+        tl.store(ws[:, None] + keys[None, :], score, mask=q_ok[:, None] & visible)
+
+
+@triton.jit
+def _decode_topk_kernel(WS, SEQLENS, IDX, QL, WS_ROW):
+    """The selection of one (sequence, new query, kv group) from its row of WS [B, HKV, QL, WS_ROW] (token scores) by
+    the selection rule: candidates are the units j with j * UNIT <= t (t, the query's position, from SEQLENS on
+    the device); units j < SEL_INITIAL and j > t // UNIT - SEL_LOCAL are forced (taken before any scored one), the
+    rest go by score, ties to the lower j (`_topk_row`, the prefill's exact radix select). Writes IDX
+    [B, QL, HKV, TOP_K] ascending, -1 padding last; reads only candidates."""
+    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g: the row of IDX
+    g = pid % HKV
+    bq = pid // HKV
+    b = bq // QL
+    qi = bq % QL
+    t = tl.load(SEQLENS + b) - QL + qi  # bottom-right aligned: the new queries are the last positions
+    n = tl.where(t >= 0, t // UNIT + 1, 0)  # candidates: units 0 .. t // UNIT
+    # The units competing by score are [lo, hi); the others ([0, lo) and [hi, n)) are forced.
+    lo = tl.minimum(n, SEL_INITIAL)
+    hi = tl.maximum(n - SEL_LOCAL, lo)
+    ws_row = WS + ((b * HKV + g) * QL + qi).to(tl.int64) * WS_ROW
+    out_row = IDX + pid.to(tl.int64) * TOP_K
+    _topk_row(ws_row, n, lo, hi, out_row, out_row, False)
 
 
 
@@ -1285,9 +1322,6 @@ class NSACache:
         self.device = device
         self.num_pages = num_pages
         self.max_context = max(self.capacity)
-        if triton.cdiv(self.max_context, 1) > 2**20:  # the top-k packs unit indices into 20 bits of its keys
-            raise runtime.ArgumentError(f"{fn}: a sequence of {self.max_context} tokens has more than 2**20 selection "
-                                        f"units (1 tokens each), the decode top-k's limit; use a shorter cache")
         self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
                                           dtype=DTYPE, device=device)
                         for name, dim in CACHE_TENSORS.items()}
@@ -1438,32 +1472,6 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     return o_part, lse_part, splits
 
 
-def _top_units(scores, t, unit, top_k, initial, local):
-    """Top-k units per (query, kv group) by the selection rule, with torch ops only (graph-capturable).
-
-    scores [B, QL, HKV, N] fp32, t [B, QL] query positions. Candidates j*unit <= t; blocks < initial and the
-    `local` most recent forced; the rest by score, ties to the lower j: each unit gets one distinct int64 key
-    (tier, order-preserving score bits, complemented index), so topk is exact. Ascending, -1 padding last.
-    """
-    N = scores.shape[-1]
-    j = torch.arange(N, device=scores.device)
-    newest = (t // unit)[:, :, None, None]
-    candidate = j <= newest
-    forced = candidate & ((j < initial) | (j > newest - local))
-    bits = (scores + 0.0).contiguous().view(torch.int32).long()   # + 0.0: -0.0 ties with 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # float order as unsigned 32-bit ints
-    tier = candidate.long() + forced.long()
-    key = (tier << 53) | (ordered << 20) | (2**20 - 1 - j)
-    k = min(top_k, N)
-    top = torch.topk(key, k, dim=-1)
-    chosen = torch.where((top.values >> 53) > 0, top.indices, N)  # tier 0: not a candidate -> padding
-    chosen = torch.sort(chosen, dim=-1).values
-    chosen = torch.where(chosen == N, -1, chosen).to(torch.int32)
-    if k < top_k:
-        chosen = torch.cat([chosen, chosen.new_full((*chosen.shape[:-1], top_k - k), -1)], dim=-1)
-    return chosen
-
-
 def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_idx=None, w_idx=None, out=None,
         num_splits=None, return_lse=False, return_indices=False):
     """One decoding step of `nsa_token`: the q_len new queries of each sequence against its cache.
@@ -1520,23 +1528,23 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     parts["compression"] = _decode_branch(
         "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
         cache.nc_cap - 1, num_splits, False, logits=logits)
-    # Query positions on the device (no host sync): the new queries are the last QL of each sequence.
-    t = seqlens.long()[:, None] - QL + torch.arange(QL, device=q.device)[None, :]
-    # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x T fp32).
-    n_keys = triton.cdiv(T, 1) * 1
-    ws = torch.full((B, HKV.value, QL, n_keys), float("-inf"), dtype=torch.float32, device=q.device)
+    # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x units fp32, written only at the units each query can select),
+    # then the exact top-k of every (sequence, new query, kv group) row by the selection rule, positions from
+    # `seqlens` on the device (no host sync).
+    n_units = triton.cdiv(T, 1)
+    ws = torch.empty((B, HKV.value, QL, n_units), dtype=torch.float32, device=q.device)
     k_idx_cache = cache.tensors["k_idx"]
     k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
     BS = 64
     qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, 4))  # rows: new queries x indexer heads, >= 16
     extra = ()
-    _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_keys, BS))](
+    _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_units * 1, BS))](
         q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,
         q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
-        w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_keys, 0.0625,
+        w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, 0.0625,
         PAGED=paged, QLP=qlp, BS=BS, WIDEN=WIDEN, num_warps=8 if qlp * 4 >= 256 else 4)
-    S = ws.permute(0, 2, 1, 3)                                                 # [B, QL, HKV, T]
-    indices = _top_units(S, t, 1, 1024, 0, 0)
+    indices = torch.empty((B, QL, HKV.value, 1024), dtype=torch.int32, device=q.device)
+    _decode_topk_kernel[(B * QL * HKV.value,)](ws, seqlens, indices, QL, n_units, num_warps=4)
     parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k_slc"].flatten(0, 1), cache.tensors["v_slc"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 1024, num_splits, paged, indices)

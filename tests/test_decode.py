@@ -56,8 +56,32 @@ def test_decode_variant(variant):
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=q_len, steps=2, paged=True)
 
 
+def decode_top_k(mod, scores, t, poison=float("nan")):
+    """The decode top-k kernel (`_decode_topk_kernel`) on unit scores [B, QL, G, N] for the query positions t [B, QL]
+    (the last QL positions of each sequence). The workspace's units that no query may select hold `poison`: the
+    kernel must never read them (the step leaves them unwritten)."""
+    B, QL, G, N = scores.shape
+    unit = mod.UNIT.value
+    seqlens = (t[:, -1] + 1).to(torch.int32)
+    assert torch.equal(t, seqlens.long()[:, None] - QL + torch.arange(QL)), "t must be the last QL positions"
+    visible = torch.arange(N) * unit <= t[:, :, None, None]
+    ws = torch.where(visible, scores, poison).permute(0, 2, 1, 3).contiguous()  # the workspace [B, G, QL, N]
+    # One row more than needed, -7 everywhere: a write past a row's k slots or past the last row shows.
+    idx = torch.full((B * QL * G + 1, mod.TOP_K.value), -7, dtype=torch.int32)
+    mod._decode_topk_kernel[(B * QL * G,)](ws, seqlens, idx, QL, N)
+    assert (idx[-1] == -7).all(), "written past the last row"
+    return idx[:-1].view(B, QL, G, -1)
+
+
+def expected_top_k(spec, scores, t):
+    sel = spec.selection
+    unit = sel.block if sel.granularity == "block" else 1
+    return torch.cat([top_units(scores[b:b + 1], t[b], unit, sel.top_k, sel.initial, sel.local)
+                      for b in range(scores.shape[0])])
+
+
 def test_indexer_top_k_rule_matches_the_reference_exactly_with_ties():
-    """Integer scores make many exact ties: the decode top-k (torch ops, indexer specs) must pick the reference's
+    """Integer scores make many exact ties: the decode top-k kernel (indexer specs) must pick the reference's
     units (lower index wins), with forced blocks, -1 padding and -0.0 tying with 0.0."""
     spec = VARIANTS["token_block_indexer"]()
     mod = specgen.load(spec)
@@ -66,11 +90,104 @@ def test_indexer_top_k_rule_matches_the_reference_exactly_with_ties():
     scores = torch.randint(-2, 3, (B, QL, G, N), generator=gen).float()
     scores[0, 0, 0, :5] = -0.0
     t = torch.tensor([[5, 6], [200, 201], [631, 632]])     # few candidates, some, all (l' = 16)
-    sel = spec.selection
-    got = mod._top_units(scores, t, sel.block, sel.top_k, sel.initial, sel.local)
+    got = decode_top_k(mod, scores, t)
+    want = expected_top_k(spec, scores, t)
     for b in range(B):
-        want = top_units(scores[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
-        assert torch.equal(got[b:b + 1], want), (b, got[b].tolist(), want.tolist())
+        assert torch.equal(got[b], want[b]), (b, got[b].tolist(), want[b].tolist())
+
+
+# Top-k rules on small specs: token (k = 16, units past one 1024-wide chunk of the kernel), blocks of 16 (k = 3, 1
+# initial + 1 local forced) and blocks whose forced units fill all k slots (1 initial + 2 local, k = 3).
+TOP_K_SPECS = {
+    "token": lambda: load_spec("specs/dsa_small.yaml"),
+    "block": lambda: VARIANTS["token_block_indexer"](),
+    "block_all_forced": lambda: small_token_spec("nsa_token_dec_forced", **{
+        "selection.granularity": "block", "selection.block": 16, "selection.top_k": 3, "selection.initial": 1,
+        "selection.local": 2}),
+}
+
+
+@pytest.mark.parametrize("which", list(TOP_K_SPECS))
+def test_decode_top_k_kernel_matches_the_selection_rule(which):
+    """The decode top-k kernel against the reference rule (`top_units`), row by row: random and tie-heavy scores,
+    rows with fewer candidates than k (and exactly k, k + 1), -inf scores (some and all), NaN (a few and all:
+    NaN ranks above +inf, as in the reference's sort), forced units with the best scores, a negative query position
+    (no candidate), and workspace units no query may select poisoned with NaN and +inf."""
+    spec = TOP_K_SPECS[which]()
+    mod = specgen.load(spec)
+    sel = spec.selection
+    unit, k = (sel.block, sel.top_k) if sel.granularity == "block" else (1, sel.top_k)
+    gen = torch.Generator().manual_seed(3)
+    G, QL = spec.heads.kv, 2
+    N = 2600 if unit == 1 else 170
+    # Last positions per sequence (QL = 2 queries each): 2 and 3 candidates, k and k + 1, many, all, none and one.
+    last = [unit * 2, unit * k, unit * N // 3 + 5, unit * N - 1, 0]
+    t = torch.tensor(last)[:, None] - QL + 1 + torch.arange(QL)
+    B = len(last)
+    scores = torch.randn(B, QL, G, N, generator=gen)
+    ties = torch.randint(-2, 3, (B, QL, G, N), generator=gen).float()
+    scores[:, :, 1:] = ties[:, :, 1:]                                 # kv group 1: integer scores, many ties
+    scores[2, 0, 0, :7] = -0.0
+    scores[2, 0, 1] = torch.where(torch.rand(N, generator=gen) < 0.4, float("-inf"), scores[2, 0, 1])
+    scores[2, 1, 0] = float("-inf")                                   # every candidate -inf: the lowest indices
+    scores[3, 0, 0, torch.randperm(N, generator=gen)[:5]] = float("nan")
+    scores[3, 1, 1] = float("nan")
+    # Forced units that would win by score anyway: they take their slots once, the rest still fill k.
+    scores[2, 0, 0, 0] = 50.0
+    scores[3, 1, 0, t[3, 1] // unit] = 50.0
+    for poison in (float("nan"), float("inf")):
+        got = decode_top_k(mod, scores, t, poison)
+        want = expected_top_k(spec, scores, t)
+        for b in range(B):
+            for qi in range(QL):
+                assert torch.equal(got[b, qi], want[b, qi]), (which, b, qi, got[b, qi].tolist(), want[b, qi].tolist())
+    assert t[4, 0] < 0 and (got[4, 0] == -1).all()
+
+
+def test_decode_block_scores_are_the_visible_tokens_log_sum_exp(monkeypatch):
+    """Block granularity: at every block a new query may select, the step's workspace holds the log-sum-exp of the
+    index scores of the block's tokens up to the query (later tokens, in the cache already, count as -inf), and
+    the step's selection is the top-k kernel's on that workspace (no forced blocks here: every score counts)."""
+    from specgen.reference.indexer import indexer_block_scores, indexer_scores_chunk
+
+    spec = replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_dec_blocks", **{
+        "selection.granularity": "block", "selection.block": 16, "selection.top_k": 3, "selection.initial": 0,
+        "selection.local": 0})
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(5)
+    QL, lens = 2, [21, 38, 75]    # the queries' own blocks are partial and hold the 2nd's token, hidden from the 1st
+    B, T, G = len(lens), max(lens), spec.heads.kv
+    hi = G * spec.indexer.heads
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(mod.DTYPE)
+
+    tokens = {name: rand(B, T, G, dim) for name, dim in mod.CACHE_TENSORS.items()}
+    cache = mod.DSACache(B, max_seqlen=T + 3).prefill(seqlens=lens, **tokens)
+    q, q_idx, w_idx = rand(B, QL, spec.heads.q, spec.head_dim.qk), rand(B, QL, hi, spec.indexer.head_dim), rand(B, QL, hi)
+    seen, real = {}, mod._decode_topk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(ws, *args, **kw):
+                seen["ws"] = ws.clone()
+                return real[grid](ws, *args, **kw)
+            return launch
+
+    monkeypatch.setattr(mod, "_decode_topk_kernel", Spy())
+    _, idx = mod.dsa_decode(q, cache, q_idx=q_idx, w_idx=w_idx, return_indices=True)
+    ws = seen["ws"].permute(0, 2, 1, 3)            # [B, QL, G, units]
+    unit = spec.selection.block
+    for b, L in enumerate(lens):
+        t = torch.arange(L - QL, L)
+        I = indexer_scores_chunk(spec, q_idx[b:b + 1].double(), tokens["k_idx"][b:b + 1, :L].double(),
+                                 w_idx[b:b + 1].double(), t)
+        want = indexer_block_scores(spec, I)[0]                   # [QL, G, ceil(L / l')]
+        for qi in range(QL):
+            n = int(t[qi]) // unit + 1                            # the blocks the query may select
+            torch.testing.assert_close(ws[b, qi, :, :n].double(), want[qi, :, :n], rtol=1e-4, atol=1e-4)
+        rule = top_units(ws[b:b + 1], t, unit, spec.selection.top_k)
+        assert torch.equal(idx[b:b + 1], rule), (b, idx[b].tolist(), rule.tolist())
 
 
 @pytest.mark.parametrize("variant", ["paper_ratios", "l_eq_d"])

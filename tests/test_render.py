@@ -113,7 +113,7 @@ def expected_kernels(spec: Spec) -> set[str]:
     if sel is not None and sel.scorer == "compression":
         kernels.add("_select_blocks_kernel")
     if sel is not None and sel.scorer == "indexer":
-        kernels |= {"_index_scores_kernel", "_radix_topk_kernel", "_ordered_key"}
+        kernels |= {"_index_scores_kernel", "_radix_topk_kernel", "_topk_row", "_ordered_key"}
     return kernels
 
 
