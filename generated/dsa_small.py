@@ -1260,7 +1260,9 @@ def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
 # `dsa_attention`, the `DSAFunction` autograd.Function and the `DSAttention` layer.
 # ---------------------------------------------------------------------------------------------------------------
 
-_OP = f"{SPEC_NAME}_{SPEC_HASH}"
+# The tuning record is part of the op's name: modules of one spec with different launch configs (a tuned committed
+# copy and an untuned cache copy, say) must not share ops, whose implementation is the first registrant's.
+_OP = f"{SPEC_NAME}_{SPEC_HASH}_none"
 
 
 def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, indices: Optional[torch.Tensor],
@@ -1322,8 +1324,9 @@ def _backward_rule(ctx, d_out, *unused):
 
 
 def _register_ops():
-    """The custom ops specgen::{name}_{hash}_fwd/_bwd. A second module object of the same spec (the committed copy
-    and a specgen.load cache copy, say) reuses the ops the first registered: same hash, same kernels."""
+    """The custom ops specgen::{name}_{hash}_{record}_fwd/_bwd. A second module object of the same spec and tuning
+    record (the committed copy and a specgen.load cache copy, say) reuses the ops the first registered: same
+    kernels, same configs."""
     try:
         return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
     except AttributeError:

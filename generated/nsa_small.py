@@ -2217,7 +2217,9 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 # `nsa_attention`, the `NSAFunction` autograd.Function and the `NSAttention` layer.
 # ---------------------------------------------------------------------------------------------------------------
 
-_OP = f"{SPEC_NAME}_{SPEC_HASH}"
+# The tuning record is part of the op's name: modules of one spec with different launch configs (a tuned committed
+# copy and an untuned cache copy, say) must not share ops, whose implementation is the first registrant's.
+_OP = f"{SPEC_NAME}_{SPEC_HASH}_none"
 
 
 def _fwd_impl(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor, v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor, gates: torch.Tensor, indices: Optional[torch.Tensor],
@@ -2280,8 +2282,9 @@ def _backward_rule(ctx, d_out, *unused):
 
 
 def _register_ops():
-    """The custom ops specgen::{name}_{hash}_fwd/_bwd. A second module object of the same spec (the committed copy
-    and a specgen.load cache copy, say) reuses the ops the first registered: same hash, same kernels."""
+    """The custom ops specgen::{name}_{hash}_{record}_fwd/_bwd. A second module object of the same spec and tuning
+    record (the committed copy and a specgen.load cache copy, say) reuses the ops the first registered: same
+    kernels, same configs."""
     try:
         return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
     except AttributeError:

@@ -121,6 +121,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "spec": spec,
         "plan": plan,
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
+        "records_hash": records_hash(records),
         "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),
         "candidates": pprint.pformat(candidates_for(plan), width=110, sort_dicts=True),
         "spec_hash": spec.hash,

@@ -248,7 +248,7 @@ def check_decode_argument_errors(module, spec: Spec, device: str | None = None) 
     with pytest.raises(ArgumentError, match="page 1 is listed more than once"):
         Cache(2, num_pages=4, block_table=torch.tensor([[0, 1], [1, 2]], dtype=torch.int32, device=device), **pool)
     with pytest.raises(ArgumentError, match="`seqlens` must be 2 ints"):
-        Cache(2, num_pages=4, **pool).prefill(seqlens=[3, 4], **tokens(2, 3)[0])
+        Cache(2, num_pages=4, device=device, **pool).prefill(seqlens=[3, 4], **tokens(2, 3)[0])
     # A sequence that is long enough: the step's own state passed explicitly gives the same bits as the defaults;
     # a narrower page table is refused.
     new, _ = tokens(2, 1)

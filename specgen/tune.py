@@ -97,8 +97,14 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
     inputs = _inputs(spec, seqlen, grad=grad)
     leaves = [x for x in inputs.values() if isinstance(x, torch.Tensor) and x.requires_grad]
 
+    # One module for the whole search: a trial swaps its CONFIGS (read at every launch), so the forward and the
+    # autograd op's backward both run the trial's configs (a second module of the same spec and record would share
+    # the first one's registered ops, and so its configs).
+    module = _module_with(spec, default, folder)
+    gpu = torch.cuda.get_device_name()
+
     def pass_fn(configs, training: bool):
-        module = _module_with(spec, configs, folder)
+        module.CONFIGS = {"default": default, gpu: configs}
         if not training:
             fn = getattr(module, f"{spec.family}_forward")
 
