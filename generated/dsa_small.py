@@ -471,25 +471,143 @@ def _decode_index_scores_kernel(
 
 
 @triton.jit
-def _decode_topk_kernel(WS, SEQLENS, IDX, QL, WS_ROW):
-    """The selection of one (sequence, new query, kv group) from its row of WS [B, HKV, QL, WS_ROW] (token scores) by
-    the selection rule: candidates are the units j with j * UNIT <= t (t, the query's position, from SEQLENS on
-    the device); units j < SEL_INITIAL and j > t // UNIT - SEL_LOCAL are forced (taken before any scored one), the
-    rest go by score, ties to the lower j (`_topk_row`, the prefill's exact radix select). Writes IDX
-    [B, QL, HKV, TOP_K] ascending, -1 padding last; reads only candidates."""
-    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g: the row of IDX
-    g = pid % HKV
-    bq = pid // HKV
+def _decode_topk_row(SEQLENS, row, QL):
+    """Row `row` = (b * QL + qi) * HKV + g of the decode top-k (the row of IDX): its candidates n (the units j
+    with j * UNIT <= t, t the query's position from SEQLENS, bottom-right aligned; 0 when t < 0), the competing
+    units [lo, hi) (the others, [0, lo) and [hi, n), are forced) and its workspace row's index in WS
+    [B, HKV, QL, WS_ROW]."""
+    g = row % HKV
+    bq = row // HKV
     b = bq // QL
     qi = bq % QL
-    t = tl.load(SEQLENS + b) - QL + qi  # bottom-right aligned: the new queries are the last positions
-    n = tl.where(t >= 0, t // UNIT + 1, 0)  # candidates: units 0 .. t // UNIT
-    # The units competing by score are [lo, hi); the others ([0, lo) and [hi, n)) are forced.
+    t = tl.load(SEQLENS + b) - QL + qi
+    n = tl.where(t >= 0, t // UNIT + 1, 0)
     lo = tl.minimum(n, SEL_INITIAL)
     hi = tl.maximum(n - SEL_LOCAL, lo)
-    ws_row = WS + ((b * HKV + g) * QL + qi).to(tl.int64) * WS_ROW
-    out_row = IDX + pid.to(tl.int64) * TOP_K
-    _topk_row(ws_row, n, lo, hi, out_row, out_row, False)
+    return n, lo, hi, (b * HKV + g) * QL + qi
+
+
+@triton.jit
+def _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, P: tl.constexpr, SC: tl.constexpr):
+    """(prefix, need) once digit P is known: the prefix and need before it (STATE[row, P]) and the digit from the
+    sum of the row's nseg partial histograms of pass P (PART[P % 2, row, :nseg]): the largest d with
+    (count of digits >= d) >= need; need drops by the count above it."""
+    state = STATE + (row.to(tl.int64) * 4 + P) * 2
+    prefix = tl.load(state)
+    need = tl.load(state + 1).to(tl.int32)
+    bins = tl.arange(0, 256)
+    part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG) * 256
+    hist = tl.zeros([256], dtype=tl.int32)
+    for c in range(0, nseg, SC):
+        segs = c + tl.arange(0, SC)
+        hist += tl.sum(tl.load(part + segs[:, None] * 256 + bins[None, :], mask=(segs < nseg)[:, None], other=0), axis=0)
+    at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+    digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+    need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+    return (prefix << 8) | digit.to(tl.int64), need
+
+
+@triton.jit
+def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, QL, WS_ROW, ROWS, NSEG, SEG,
+                             P: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr):
+    """Radix pass P (of 4) of the decode top-k, one program per (row, segment of SEG units): the 256-bin histogram
+    of digit P (bits 31 - 8P .. 24 - 8P of `_ordered_key`) of the segment's competing units whose higher digits
+    equal the row's prefix, written to PART[P % 2, row, segment] (no atomics: a slot per segment). The prefix and
+    need come from the previous pass's partial histograms, summed again by every program (`_decode_topk_digit`);
+    segment 0 stores them in STATE[row, P] for the next pass. Pass 3 also counts the segment's competing units above
+    the prefix in ABOVE[row, segment]. Rows with at most TOP_K candidates and segments past the row exit at once."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
+    s0 = seg * SEG
+    if (n > TOP_K) & (s0 < n):
+        if P == 0:
+            prefix = tl.zeros([], dtype=tl.int64)
+            need = tl.full([], TOP_K, dtype=tl.int32) - (n - (hi - lo))  # slots left once every forced unit has one
+        else:
+            prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, tl.cdiv(n, SEG), P - 1, SC)
+        if seg == 0:
+            state = STATE + (row.to(tl.int64) * 4 + P) * 2
+            tl.store(state, prefix)
+            tl.store(state + 1, need.to(tl.int64))
+        SHIFT: tl.constexpr = 24 - 8 * P
+        ws_row = WS + ws_index.to(tl.int64) * WS_ROW
+        s1 = tl.minimum(s0 + SEG, hi)
+        hist = tl.zeros([256], dtype=tl.int32)
+        above = tl.zeros([], dtype=tl.int32)
+        for c0 in range(s0, s1, BS):
+            s = c0 + tl.arange(0, BS)
+            ok = (s >= lo) & (s < s1)
+            key = _ordered_key(tl.load(ws_row + s, mask=ok, other=0.0))
+            if P > 0:
+                if P == 3:
+                    above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
+                ok = ok & ((key >> (SHIFT + 8)) == prefix)
+            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+        part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG + seg) * 256
+        tl.store(part + tl.arange(0, 256), hist)
+        if P == 3:
+            tl.store(ABOVE + row.to(tl.int64) * NSEG + seg, above)
+
+
+@triton.jit
+def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, ROWS, NSEG, SEG,
+                              BS: tl.constexpr, SC: tl.constexpr):
+    """The decode top-k's output, one program per (row, segment): the last digit makes the row's k-th largest key
+    (`prefix`) and the number of equal keys still wanted (`need`); the segments before this one give its first slot
+    (their forced units, their keys above `prefix`, and the ties they take: lowest index first, so min(need, their
+    equal keys)); the segment writes its forced units, its keys above `prefix` and its share of ties, ascending.
+    The row's last segment writes -1 in the slots left (only with non-finite scores). Rows with at most TOP_K
+    candidates: segment 0 writes them all, then -1 (none when t < 0)."""
+    row = tl.program_id(0)
+    seg = tl.program_id(1)
+    n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
+    out_row = IDX + row.to(tl.int64) * TOP_K
+    slot = tl.arange(0, TOP_K_PAD)
+    s0 = seg * SEG
+    if n <= TOP_K:
+        if seg == 0:
+            tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
+    elif s0 < n:
+        nseg = tl.cdiv(n, SEG)
+        prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, 3, SC)
+        digit = (prefix & 255).to(tl.int32)
+        # Slots and ties taken by the segments before this one.
+        bins = tl.arange(0, 256)
+        part = PART + ((ROWS + row).to(tl.int64) * NSEG) * 256  # pass 3's partials: PART[1, row]
+        taken = tl.zeros([], dtype=tl.int32)
+        ties = tl.zeros([], dtype=tl.int32)
+        for c in range(0, seg, SC):
+            segs = c + tl.arange(0, SC)
+            before = segs < seg
+            seg_hist = tl.load(part + segs[:, None] * 256 + bins[None, :], mask=before[:, None], other=0)
+            seg_above = tl.load(ABOVE + row.to(tl.int64) * NSEG + segs, mask=before, other=0)
+            seg_above += tl.sum(tl.where(bins[None, :] > digit, seg_hist, 0), axis=1)
+            u0 = segs * SEG
+            u1 = tl.minimum(u0 + SEG, n)
+            seg_forced = tl.maximum(tl.minimum(u1, lo) - u0, 0) + tl.maximum(u1 - tl.maximum(u0, hi), 0)
+            taken += tl.sum(tl.where(before, seg_forced + seg_above, 0), axis=0)
+            ties += tl.sum(tl.where(bins[None, :] == digit, seg_hist, 0))
+        taken += tl.minimum(ties, need)
+        ws_row = WS + ws_index.to(tl.int64) * WS_ROW
+        s1 = tl.minimum(s0 + SEG, n)
+        for c0 in range(s0, s1, BS):
+            s = c0 + tl.arange(0, BS)
+            ok = s < s1
+            competing = ok & (s >= lo) & (s < hi)
+            key = _ordered_key(tl.load(ws_row + s, mask=competing, other=0.0))
+            above = competing & (key > prefix)
+            equal = competing & (key == prefix)
+            tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+            take = (ok & ~competing) | above | (equal & (tie_rank <= need))
+            pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            # Never past the row's k slots, whatever the scores hold (NaN included).
+            take = take & (pos < TOP_K)
+            tl.store(out_row + pos, s, mask=take)
+            taken += tl.sum(take.to(tl.int32), axis=0)
+            ties += tl.sum(equal.to(tl.int32), axis=0)
+        if seg == nseg - 1:
+            tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=(slot >= taken) & (slot < TOP_K))
 
 
 
@@ -890,6 +1008,43 @@ def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num
     return o_part, lse_part, splits
 
 
+# The decode top-k splits each row of the index-score workspace into segments, one program per (row, segment) in
+# each of its launches: about DECODE_TOPK_PROGRAMS programs in all (the GPU filled at batch 1), at most
+# DECODE_TOPK_MAX_SEGMENTS per row (every program sums the row's partial histograms), at least 1024 units each.
+DECODE_TOPK_PROGRAMS = 1024
+DECODE_TOPK_MAX_SEGMENTS = 32
+DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
+
+
+def _decode_topk(ws, seqlens, indices, segment=None):
+    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
+    into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device.
+    Each row is split into segments of `segment` units (default: from the shapes alone, so launches and
+    workspaces are fixed and the step stays CUDA-graph capturable): four radix passes, each a launch of
+    (row, segment) programs writing per-segment 256-bin histograms (`_decode_topk_hist_kernel`), then one that
+    writes every segment's winners at its offset (`_decode_topk_write_kernel`); a cache of at most TOP_K units
+    needs only the last."""
+    B, G, QL, n_units = ws.shape
+    rows = B * G * QL
+    if segment is None:
+        segments = max(1, min(DECODE_TOPK_PROGRAMS // rows, triton.cdiv(n_units, 1024), DECODE_TOPK_MAX_SEGMENTS))
+        segment = triton.cdiv(triton.cdiv(n_units, segments), 1024) * 1024
+    segments = triton.cdiv(max(n_units, 1), segment)
+    bs = min(1024, segment & -segment)  # the chunk each program walks its segment by: a power of two dividing it
+    sc = min(DECODE_TOPK_SUM_SEGMENTS, triton.next_power_of_2(segments))
+    part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
+    above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
+    state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
+    args = (QL, n_units, rows, segments, segment)
+    if n_units > 16:
+        for p in range(4):
+            _decode_topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, *args, P=p, BS=bs, SC=sc,
+                                                       num_warps=4)
+    _decode_topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc,
+                                                num_warps=4)
+    return indices
+
+
 def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_idx=None, out=None,
         num_splits=None, return_lse=False, return_indices=False):
     """One decoding step of `dsa_small`: the q_len new queries of each sequence against its cache.
@@ -955,7 +1110,7 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
         w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, 0.12500000000000003,
         PAGED=paged, QLP=qlp, BS=BS, WIDEN=WIDEN, num_warps=8 if qlp * 2 >= 256 else 4)
     indices = torch.empty((B, QL, HKV.value, 16), dtype=torch.int32, device=q.device)
-    _decode_topk_kernel[(B * QL * HKV.value,)](ws, seqlens, indices, QL, n_units, num_warps=4)
+    _decode_topk(ws, seqlens, indices)
     parts["selection"] = _decode_branch(
         "selection", q, cache.tensors["k"].flatten(0, 1), cache.tensors["v"].flatten(0, 1),
         cache, seqlens, block_table, cache.tcap, 16, num_splits, paged, indices)

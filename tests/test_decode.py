@@ -56,10 +56,11 @@ def test_decode_variant(variant):
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=q_len, steps=2, paged=True)
 
 
-def decode_top_k(mod, scores, t, poison=float("nan")):
-    """The decode top-k kernel (`_decode_topk_kernel`) on unit scores [B, QL, G, N] for the query positions t [B, QL]
-    (the last QL positions of each sequence). The workspace's units that no query may select hold `poison`: the
-    kernel must never read them (the step leaves them unwritten)."""
+def decode_top_k(mod, scores, t, poison=float("nan"), segment=None):
+    """The decode top-k (`_decode_topk`: radix passes and output over segments of `segment` units, default the
+    step's) on unit scores [B, QL, G, N] for the query positions t [B, QL] (the last QL positions of each
+    sequence). The workspace's units that no query may select hold `poison`: the kernels must never read them (the
+    step leaves them unwritten)."""
     B, QL, G, N = scores.shape
     unit = mod.UNIT.value
     seqlens = (t[:, -1] + 1).to(torch.int32)
@@ -68,7 +69,7 @@ def decode_top_k(mod, scores, t, poison=float("nan")):
     ws = torch.where(visible, scores, poison).permute(0, 2, 1, 3).contiguous()  # the workspace [B, G, QL, N]
     # One row more than needed, -7 everywhere: a write past a row's k slots or past the last row shows.
     idx = torch.full((B * QL * G + 1, mod.TOP_K.value), -7, dtype=torch.int32)
-    mod._decode_topk_kernel[(B * QL * G,)](ws, seqlens, idx, QL, N)
+    mod._decode_topk(ws, seqlens, idx, segment=segment)
     assert (idx[-1] == -7).all(), "written past the last row"
     return idx[:-1].view(B, QL, G, -1)
 
@@ -107,12 +108,14 @@ TOP_K_SPECS = {
 }
 
 
+@pytest.mark.parametrize("small_segments", [False, True])
 @pytest.mark.parametrize("which", list(TOP_K_SPECS))
-def test_decode_top_k_kernel_matches_the_selection_rule(which):
-    """The decode top-k kernel against the reference rule (`top_units`), row by row: random and tie-heavy scores,
+def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
+    """The decode top-k kernels against the reference rule (`top_units`), row by row: random and tie-heavy scores,
     rows with fewer candidates than k (and exactly k, k + 1), -inf scores (some and all), NaN (a few and all:
     NaN ranks above +inf, as in the reference's sort), forced units with the best scores, a negative query position
-    (no candidate), and workspace units no query may select poisoned with NaN and +inf."""
+    (no candidate), and workspace units no query may select poisoned with NaN and +inf; with the step's segments
+    (the token rows span 3 of 1024 units) and with small ones (7 of 384 tokens, 4 of 48 blocks)."""
     spec = TOP_K_SPECS[which]()
     mod = specgen.load(spec)
     sel = spec.selection
@@ -135,13 +138,55 @@ def test_decode_top_k_kernel_matches_the_selection_rule(which):
     # Forced units that would win by score anyway: they take their slots once, the rest still fill k.
     scores[2, 0, 0, 0] = 50.0
     scores[3, 1, 0, t[3, 1] // unit] = 50.0
+    segment = (384 if unit == 1 else 48) if small_segments else None
     for poison in (float("nan"), float("inf")):
-        got = decode_top_k(mod, scores, t, poison)
+        got = decode_top_k(mod, scores, t, poison, segment)
         want = expected_top_k(spec, scores, t)
         for b in range(B):
             for qi in range(QL):
                 assert torch.equal(got[b, qi], want[b, qi]), (which, b, qi, got[b, qi].tolist(), want[b, qi].tolist())
     assert t[4, 0] < 0 and (got[4, 0] == -1).all()
+
+
+@pytest.mark.parametrize("segment, sum_segments", [(4, 4), (7, 16)])
+def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, monkeypatch):
+    """The decode top-k splits each row into segments (radix passes on per-segment histograms, then each segment
+    writes its winners at the offset the earlier segments leave): with segments of 4 and 7 blocks, rows of 40
+    blocks span up to 10 of them (partial histograms summed 4 at a time in the first case), the 5 initial and 6
+    local forced blocks fall in several segments, and runs of tied scores at the threshold straddle segment
+    boundaries (lowest index first across segments). Every row must be the reference's, as with one segment."""
+    spec = small_token_spec("nsa_token_dec_segments", **{
+        "selection.granularity": "block", "selection.block": 16, "selection.top_k": 16, "selection.initial": 5,
+        "selection.local": 6})
+    mod = specgen.load(spec)
+    monkeypatch.setattr(mod, "DECODE_TOPK_SUM_SEGMENTS", sum_segments)
+    unit, N = 16, 40
+    gen = torch.Generator().manual_seed(11)
+    G, QL = spec.heads.kv, 2
+    # Candidates per row (QL = 2 queries each): 40, 40; 31, 31; k, k + 1.
+    last = [unit * N - 1, unit * 30 + 7, unit * 16]
+    t = torch.tensor(last)[:, None] - QL + 1 + torch.arange(QL)
+    B = len(last)
+    scores = torch.randint(-1, 2, (B, QL, G, N), generator=gen).float()   # integer scores: ties everywhere
+    scores[0, 0, 0] = 0.0        # all tied: the lowest competing blocks, across segments
+    # 2 clear winners in different segments, then a run of ties (blocks 13..22) of which 3 are taken.
+    scores[0, 1, 0] = -1.0
+    scores[0, 1, 0, [9, 26]] = 10.0
+    scores[0, 1, 0, 13:23] = 1.0
+    # Forced blocks with the worst scores (-inf; NaN ranks above): still taken, once.
+    scores[1, 0, 0] = torch.randn(N, generator=gen)
+    scores[1, 0, 0, :5] = float("-inf")
+    scores[1, 0, 0, [7, 12, 19]] = float("nan")
+    scores[1, 1, 1] = torch.where(torch.rand(N, generator=gen) < 0.5, float("-inf"), scores[1, 1, 1])
+    scores[1, 1, 0] = float("-inf")
+    want = expected_top_k(spec, scores, t)
+    one = decode_top_k(mod, scores, t, segment=N)
+    got = decode_top_k(mod, scores, t, segment=segment)
+    for b in range(B):
+        for qi in range(QL):
+            assert torch.equal(one[b, qi], want[b, qi]), (b, qi, one[b, qi].tolist(), want[b, qi].tolist())
+            assert torch.equal(got[b, qi], want[b, qi]), (segment, b, qi, got[b, qi].tolist(), want[b, qi].tolist())
+    assert got[0, 1, 0].tolist() == [0, 1, 2, 3, 4, 9, 13, 14, 15, 26, 34, 35, 36, 37, 38, 39]
 
 
 def test_decode_block_scores_are_the_visible_tokens_log_sum_exp(monkeypatch):
@@ -165,16 +210,13 @@ def test_decode_block_scores_are_the_visible_tokens_log_sum_exp(monkeypatch):
     tokens = {name: rand(B, T, G, dim) for name, dim in mod.CACHE_TENSORS.items()}
     cache = mod.DSACache(B, max_seqlen=T + 3).prefill(seqlens=lens, **tokens)
     q, q_idx, w_idx = rand(B, QL, spec.heads.q, spec.head_dim.qk), rand(B, QL, hi, spec.indexer.head_dim), rand(B, QL, hi)
-    seen, real = {}, mod._decode_topk_kernel
+    seen, real = {}, mod._decode_topk
 
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(ws, *args, **kw):
-                seen["ws"] = ws.clone()
-                return real[grid](ws, *args, **kw)
-            return launch
+    def spy(ws, *args, **kw):
+        seen["ws"] = ws.clone()
+        return real(ws, *args, **kw)
 
-    monkeypatch.setattr(mod, "_decode_topk_kernel", Spy())
+    monkeypatch.setattr(mod, "_decode_topk", spy)
     _, idx = mod.dsa_decode(q, cache, q_idx=q_idx, w_idx=w_idx, return_indices=True)
     ws = seen["ws"].permute(0, 2, 1, 3)            # [B, QL, G, units]
     unit = spec.selection.block
