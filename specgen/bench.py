@@ -136,7 +136,7 @@ ATTENTION_KERNELS.update({f"_{b}_bwd_{part}_kernel": (b, "backward") for b in ("
 
 def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
     """Per-kernel GPU time (ms per call, all launches of a kernel summed) of `fn` from torch.profiler, averaged over
-    `calls` calls, for the kernels in `names` (default: the attention kernels)."""
+    `calls` calls, for the kernels in `names` (default: the attention kernels; "all": every GPU kernel)."""
     names = ATTENTION_KERNELS if names is None else names
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,7 +149,7 @@ def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
     out: dict[str, float] = {}
     for evt in prof.key_averages():
         total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if evt.key in names and total:
+        if total and (names == "all" and evt.device_type == torch.autograd.DeviceType.CUDA or evt.key in names):
             out[evt.key] = total / 1000.0 / calls
     return out
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .analysis import decode_step_bytes
-from .bench import _commit, _median_ms
+from .bench import _commit, _median_ms, kernel_times
 from .jit import load
 from .spec import Spec
 
@@ -155,6 +155,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
             row.update(step_ms=ms, bytes=b, achieved_gbps=b["floor"] / ms / 1e6,
                        floor_ms=b["floor"] / copy_gbps / 1e6, impl_floor_ms=b["implementation"] / copy_gbps / 1e6)
             row["x_floor"] = ms / row["floor_ms"]
+            # Where the step's time goes: every GPU kernel of an eager step (ms per step).
+            row["kernels"] = dict(sorted(kernel_times(step, calls=5, names="all").items(), key=lambda kv: -kv[1]))
             if graph:
                 try:
                     g = torch.cuda.CUDAGraph()
@@ -228,4 +230,7 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
                      f"{r.get('dense_best_ms', float('nan')):>8.3f} {r.get('speedup', float('nan')):.2f}x")
+        top = list(r.get("kernels", {}).items())[:6]
+        if top:
+            lines.append("      " + ", ".join(f"{name.strip('_')[:36]} {ms * 1000:.0f} us" for name, ms in top))
     return "\n".join(lines)
