@@ -16,6 +16,7 @@ import specgen
 from specgen.cli import main
 from specgen.render import render_module, render_test
 from specgen.spec import load_spec
+from specgen.tuning import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -81,7 +82,8 @@ def test_build_a_folder(tmp_path, capsys):
                                                                [f"test_{n}.py" for n in NAMES])
     for p in SPEC_FILES:
         spec = load_spec(p)
-        assert (out_dir / f"{spec.name}.py").read_text() == render_module(spec)
+        # The build bakes in the tuning record beside the spec (specs/<name>.tune.json), when there is one.
+        assert (out_dir / f"{spec.name}.py").read_text() == render_module(spec, load_records(spec, p))
         assert (out_dir / f"test_{spec.name}.py").read_text() == render_test(spec)
         line = next(ln for ln in out.splitlines() if ln.startswith(spec.name + " "))
         assert spec.hash in line and "(updated)" in line
