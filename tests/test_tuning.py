@@ -114,3 +114,15 @@ def test_modules_carry_their_candidates():
     assert set(mod.CONFIGS["default"]) >= set(tunable_kernels(spec)) | {"preprocess", "pool", "select"}
     assert torch.cuda.is_available() or runtime.launch_config(mod.CONFIGS, "selection_dq") == \
         mod.CONFIGS["default"]["selection_dq"]
+
+
+def test_load_bakes_the_record_beside_the_spec_and_names_ops_by_it():
+    """A Spec object finds its tuning record through spec_path; a module with the record and one without get
+    different custom ops, since a registered op runs its first registrant's configs."""
+    path = "specs/nsa_paper.yaml"
+    spec = load_spec(path)
+    tuned = specgen.load(spec, spec_path=path)
+    untuned = specgen.load(spec)
+    assert set(tuned.CONFIGS) - {"default"}, "the committed record names at least one GPU"
+    assert set(untuned.CONFIGS) == {"default"}
+    assert tuned._OP != untuned._OP and tuned._OP.startswith(f"{spec.name}_{spec.hash}_")
