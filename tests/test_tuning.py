@@ -68,13 +68,27 @@ def _favour_last(calls):
     return bench
 
 
+def _own_module(name: str, tmp_path):
+    """The spec's module under a tuning record for a GPU that is not this machine: no tuned config applies here,
+    and the record gives the module custom ops of its own (another module of the spec, loaded by an earlier test,
+    would otherwise run the autograd op with its own candidates)."""
+    from specgen.jit import import_path
+    from specgen.render import render_module
+
+    spec = load_spec(f"specs/{name}.yaml")
+    record = {"spec_hash": spec.hash, "gpu": "no such GPU", "triton": "", "date": "",
+              "configs": default_configs(make_plan(spec))}
+    path = tmp_path / f"{name}_autotune.py"
+    path.write_text(render_module(spec, [record]))
+    return import_path(path, f"specgen_test_autotune.{name}_{tmp_path.name}"), spec
+
+
 @pytest.mark.parametrize("name", ["nsa_small"])
-def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monkeypatch):
+def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monkeypatch, tmp_path):
     """Forward and backward through the autotuner: every tunable kernel (three of them accumulate into outputs the
     tuner must restore after each timed run) picks the stand-in's winner, and the results still match the float64
     reference, so repeated timed runs leave no trace."""
-    mod = specgen.load(f"specs/{name}.yaml")
-    spec = testing.spec_of(mod)
+    mod, spec = _own_module(name, tmp_path)
     calls: list = []
     monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
     monkeypatch.setattr(runtime, "_autotuners", {})
@@ -95,9 +109,8 @@ def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monke
     assert len(calls) == before
 
 
-def test_a_tuned_config_for_the_device_wins_over_autotuning(monkeypatch):
-    mod = specgen.load("specs/nsa_small.yaml")
-    spec = testing.spec_of(mod)
+def test_a_tuned_config_for_the_device_wins_over_autotuning(monkeypatch, tmp_path):
+    mod, spec = _own_module("nsa_small", tmp_path)
     calls: list = []
     monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
     monkeypatch.setattr(runtime, "_autotuners", {})
