@@ -1,0 +1,65 @@
+"""The benchmark's bookkeeping off the GPU: per-kernel rates from the analysis' FLOPs, the table, the compiler
+report's reading of Triton's kernel caches, and the README's pass rows (the timings themselves need a GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from specgen import analysis as A
+from specgen.bench import ATTENTION_KERNELS, _per_kernel, compiler_report, table
+from specgen.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_per_kernel_rates_use_the_branch_flops_and_the_measured_peak():
+    spec = load_spec(ROOT / "specs/nsa_paper.yaml")
+    T = 65536
+    out = _per_kernel(spec, T, {"_selection_attention_kernel": 20.0, "_selection_bwd_dkdv_kernel": 50.0}, 800.0)
+    sel = next(b for b in A.analyse(spec).branches if b.name == "selection")
+    tflops = A.evaluate(sel.flops, T) / 20.0 / 1e9
+    assert out["_selection_attention_kernel"]["tflops"] == pytest.approx(tflops)
+    assert out["_selection_attention_kernel"]["fraction_of_peak"] == pytest.approx(tflops / 800.0)
+    # A backward kernel shares its branch's backward FLOPs with its sibling: time only, no rate.
+    assert "tflops" not in out["_selection_bwd_dkdv_kernel"] and out["_selection_bwd_dkdv_kernel"]["ms"] == 50.0
+    assert all(name.startswith("_") and name.endswith("_kernel") for name in ATTENTION_KERNELS)
+
+
+def test_table_lists_every_pass_and_kernel():
+    spec = load_spec(ROOT / "specs/nsa_config_a.yaml")
+    row = {"T": 8192, "forward_ms": 2.0, "forward_tflops": 100.0, "forward_fraction_of_peak": 0.125,
+           "forward_gbps": 4000.0, "backward_ms": 10.0, "backward_tflops": 50.0, "backward_fraction_of_peak": 0.0625,
+           "backward_gbps": 2000.0, "fwd_bwd_ms": 12.0, "fwd_bwd_tflops": 58.0,
+           "speedup": {"cudnn": 0.6, "flash": 1.2}, "speedup_backward": {"cudnn": 0.5}, "speedup_fwd_bwd": {},
+           "kernels": {"_selection_attention_kernel": {"ms": 1.5, "tflops": 120.0, "fraction_of_peak": 0.15}},
+           "compiler": {"_selection_attention_kernel": [{"registers": 138, "spills": 0, "shared_bytes": 73728,
+                                                         "num_warps": 4, "num_stages": 2}]}}
+    text = table(spec, {"matmul_tflops": 800.0, "copy_gbps": 3000.0}, [row])
+    for piece in ("800 TFLOP/s", "3000 GB/s", " forward ", "backward", "fwd_bwd", "12.5", "0.60x / 1.20x",
+                  "_selection_attention_kernel: 1.500 ms 120 TFLOP/s, 15.0% of peak", "138 regs, 0 spills, 72 KiB"):
+        assert piece in text, piece
+
+
+def test_compiler_report_skips_kernels_that_never_ran():
+    class NotRun:
+        device_caches = {0: ({}, None, None, None, None)}
+
+    module = type("M", (), {"_selection_attention_kernel": NotRun()})
+    assert compiler_report(module) == {}
+
+
+def test_readme_rows_of_an_all_pass_record():
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "bench" / "plot_results.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    rec = {"spec": "x", "kind": "passes", "device": "NVIDIA H100", "commit": "abc",
+           "rows": [{"T": 8192, "forward_ms": 2.0, "dense": {"cudnn": 1.0, "flash": 2.0},
+                     "speedup": {"cudnn": 0.5, "flash": 1.0}, "backward_ms": 4.0,
+                     "dense_backward": {"cudnn": 2.0}, "speedup_backward": {"cudnn": 0.5}}]}
+    rows = list(plot._passes(rec))
+    assert [r[0] for r in rows] == ["forward", "backward"]
+    text = plot.table({("x", "passes"): rec})
+    assert "| x | backward | 8k | 4 | 2 / — | 0.50x / — |" in text
