@@ -932,66 +932,95 @@ def _decode_combine_kernel(
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
     O_2, L_2, NS_2,  # window: partials [splits, rows, DV], [splits, rows]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
-    BR: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
 ):
     """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
     e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
-    Rows are (b * QL + qi) * HQ + h."""
+    Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns), and each loads SB splits at once: at
+    batch 1 a few dozen rows carry up to 64 splits each, and one program per row tile walking them one by one
+    left the step waiting on a handful of SMs."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < ROWS
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    col_ok = cols < DV
+    sp0 = tl.arange(0, SB)
     h = rows % HQ
     bq = rows // HQ
     g_ptr = GATES + (bq // QL).to(tl.int64) * stride_gb + (bq % QL) * stride_gt + h * stride_gh
-    out0 = tl.zeros([BR, 128], dtype=tl.float32)
+    out = tl.zeros([BR, BD], dtype=tl.float32)
     # compression
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    for s in range(NS_0):
-        m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    for s0 in range(0, NS_0, SB):
+        sp = s0 + sp0
+        lse_s = tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS_0)[:, None] & row_ok[None, :],
+                        other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_s, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BR], dtype=tl.float32)
-    o0 = tl.zeros([BR, 128], dtype=tl.float32)
-    for s in range(NS_0):
-        w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
-        den += w
-        o0 += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.zeros([BR, BD], dtype=tl.float32)
+    for s0 in range(0, NS_0, SB):
+        sp = s0 + sp0
+        ok = (sp < NS_0)[:, None] & row_ok[None, :]
+        w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf")) - m_safe[None, :])
+        den += tl.sum(w, axis=0)
+        part = tl.load(O_0 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
+                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+        o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
-    tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
+             mask=row_ok & (tl.program_id(1) == 0))
     gate = tl.load(g_ptr + 0, mask=row_ok, other=0.0).to(tl.float32)
-    out0 += o0 * (inv * gate)[:, None]
+    out += o * (inv * gate)[:, None]
     # selection
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    for s in range(NS_1):
-        m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    for s0 in range(0, NS_1, SB):
+        sp = s0 + sp0
+        lse_s = tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS_1)[:, None] & row_ok[None, :],
+                        other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_s, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BR], dtype=tl.float32)
-    o0 = tl.zeros([BR, 128], dtype=tl.float32)
-    for s in range(NS_1):
-        w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
-        den += w
-        o0 += w[:, None] * tl.load(O_1 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.zeros([BR, BD], dtype=tl.float32)
+    for s0 in range(0, NS_1, SB):
+        sp = s0 + sp0
+        ok = (sp < NS_1)[:, None] & row_ok[None, :]
+        w = tl.exp(tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf")) - m_safe[None, :])
+        den += tl.sum(w, axis=0)
+        part = tl.load(O_1 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
+                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+        o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
-    tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
+             mask=row_ok & (tl.program_id(1) == 0))
     gate = tl.load(g_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
-    out0 += o0 * (inv * gate)[:, None]
+    out += o * (inv * gate)[:, None]
     # window
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    for s in range(NS_2):
-        m = tl.maximum(m, tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+    for s0 in range(0, NS_2, SB):
+        sp = s0 + sp0
+        lse_s = tl.load(L_2 + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS_2)[:, None] & row_ok[None, :],
+                        other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_s, axis=0))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BR], dtype=tl.float32)
-    o0 = tl.zeros([BR, 128], dtype=tl.float32)
-    for s in range(NS_2):
-        w = tl.exp(tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
-        den += w
-        o0 += w[:, None] * tl.load(O_2 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.zeros([BR, BD], dtype=tl.float32)
+    for s0 in range(0, NS_2, SB):
+        sp = s0 + sp0
+        ok = (sp < NS_2)[:, None] & row_ok[None, :]
+        w = tl.exp(tl.load(L_2 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf")) - m_safe[None, :])
+        den += tl.sum(w, axis=0)
+        part = tl.load(O_2 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
+                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+        o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
-    tl.store(LSE_OUT + rows * N_BRANCHES + 2, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))), mask=row_ok)
+    tl.store(LSE_OUT + rows * N_BRANCHES + 2, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
+             mask=row_ok & (tl.program_id(1) == 0))
     gate = tl.load(g_ptr + 2, mask=row_ok, other=0.0).to(tl.float32)
-    out0 += o0 * (inv * gate)[:, None]
-    tl.store(OUT + rows.to(tl.int64)[:, None] * DV + 0 + tl.arange(0, 128)[None, :], out0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out += o * (inv * gate)[:, None]
+    tl.store(OUT + rows.to(tl.int64)[:, None] * DV + cols[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 
@@ -1451,10 +1480,11 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     # sum in fp32 and round once into `out`.
     lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
     rows = B * QL * HQ.value
-    _decode_combine_kernel[(triton.cdiv(rows, 16),)](
+    br, bd, sb, warps = runtime.decode_combine_tiles(rows, DV.value, max(parts[name][2] for name in BRANCH_NAMES), q.device)
+    _decode_combine_kernel[(triton.cdiv(rows, br), triton.cdiv(DV.value, bd))](
         *[x for name in BRANCH_NAMES for x in parts[name]],
         gates, gates.stride(0), gates.stride(1), gates.stride(2),
-        out, lse, rows, QL, BR=16, num_warps=8 if DV.value >= 256 else 4)
+        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
     result = (out,)
     if return_lse:
         result += (lse,)

@@ -448,11 +448,35 @@ def decode_splits(programs: int, max_tiles: int, device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return 2
+    return max(1, min(-(-2 * _sm_count(device) // max(programs, 1)), max_tiles, 64))
+
+
+def _sm_count(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     sms = _sm_counts.get(index)
     if sms is None:
         sms = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return max(1, min(-(-2 * sms // max(programs, 1)), max_tiles, 64))
+    return sms
+
+
+def decode_combine_tiles(rows: int, dv: int, max_splits: int, device) -> tuple[int, int, int, int]:
+    """Tiles of the decode epilogue (`_decode_combine_kernel`): (rows, value columns, splits loaded at once,
+    num_warps). On the GPU, row tiles shrink from 16 to 2 and column tiles from 64 to 16 until there are two
+    programs per SM: at batch 1 a step has a few dozen rows, each with up to 64 splits per branch to merge. Off the
+    GPU: 16 rows and two column tiles when DV allows, so the CPU tests exercise the column split and its masks."""
+    sb = min(8, max(2, 1 << max(0, max_splits - 1).bit_length()))
+    dv_pow2 = 1 << max(0, dv - 1).bit_length()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 16, max(16, dv_pow2 // 2), sb, 4
+    target = 2 * _sm_count(device)
+    br, bd = 16, min(64, dv_pow2)
+    while br > 2 and -(-rows // br) * -(-dv // bd) < target:
+        br //= 2
+    while bd > 16 and -(-rows // br) * -(-dv // bd) < target:
+        bd //= 2
+    elems = sb * br * bd
+    return br, bd, sb, 4 if elems >= 4096 else 2 if elems >= 1024 else 1
 
 
 def as_device(device) -> torch.device:

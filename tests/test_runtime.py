@@ -60,3 +60,20 @@ def test_check_varlen_reads_a_cu_seqlens_once_until_it_changes(monkeypatch):
         runtime.check_varlen("f", twin, 5, 9, cpu, 64, "s")
     packed = runtime.check_varlen("f", twin, 7, 9, cpu, 64, "s")
     assert packed.positions().tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+
+
+def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
+    monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    # Batch 1 of the NSA paper configuration: 64 rows, 64 splits: the smallest tiles (256 programs, not 4).
+    br, bd, sb, warps = runtime.decode_combine_tiles(64, 128, 64, cuda)
+    assert (br, bd, sb, warps) == (2, 16, 8, 1)
+    # DSA V3.2 at batch 1 (128 rows of 512 values) reaches two programs per SM before the smallest tiles.
+    br, bd, sb, warps = runtime.decode_combine_tiles(128, 512, 64, cuda)
+    assert (br, bd) == (2, 64) and (128 // br) * (512 // bd) >= 2 * 132
+    # Batch 64: rows alone fill the GPU; a single split loads two (one masked).
+    br, bd, sb, warps = runtime.decode_combine_tiles(64 * 64, 128, 1, cuda)
+    assert (br, bd, sb) == (16, 64, 2) and warps == 2
+    # Off the GPU: two column tiles whenever DV > 16, so the interpreter runs the column masks.
+    assert runtime.decode_combine_tiles(8, 48, 2, "cpu") == (16, 32, 2, 4)
+    assert runtime.decode_combine_tiles(8, 16, 3, "cpu") == (16, 16, 4, 4)
