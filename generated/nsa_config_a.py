@@ -752,9 +752,9 @@ def _decode_combine_kernel(
 ):
     """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
     e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
-    Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns), and each loads SB splits at once: at
-    batch 1 a few dozen rows carry up to 64 splits each, and one program per row tile walking them one by one
-    left the step waiting on a handful of SMs."""
+    Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns); at batch 1 a few dozen rows carry up to
+    64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
+    there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows < ROWS
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -766,22 +766,34 @@ def _decode_combine_kernel(
     out = tl.zeros([BR, BD], dtype=tl.float32)
     # compression
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, NS_0, SB):
-        sp = s0 + sp0
-        lse_s = tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS_0)[:, None] & row_ok[None, :],
-                        other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse_s, axis=0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BR], dtype=tl.float32)
     o = tl.zeros([BR, BD], dtype=tl.float32)
-    for s0 in range(0, NS_0, SB):
-        sp = s0 + sp0
-        ok = (sp < NS_0)[:, None] & row_ok[None, :]
-        w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf")) - m_safe[None, :])
-        den += tl.sum(w, axis=0)
-        part = tl.load(O_0 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
-                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-        o += tl.sum(w[:, :, None] * part, axis=0)
+    if SB == 1:
+        # Rows fill the GPU: one split at a time, 2-D tiles.
+        for s in range(NS_0):
+            m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s in range(NS_0):
+            w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            den += w
+            o += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        for s0 in range(0, NS_0, SB):
+            sp = s0 + sp0
+            lse_s = tl.load(L_0 + sp[:, None] * ROWS + rows[None, :],
+                            mask=(sp < NS_0)[:, None] & row_ok[None, :], other=float("-inf"))
+            m = tl.maximum(m, tl.max(lse_s, axis=0))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s0 in range(0, NS_0, SB):
+            sp = s0 + sp0
+            ok = (sp < NS_0)[:, None] & row_ok[None, :]
+            w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+                       - m_safe[None, :])
+            den += tl.sum(w, axis=0)
+            part = tl.load(O_0 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+            o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
     tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
@@ -790,22 +802,34 @@ def _decode_combine_kernel(
     out += o * (inv * gate)[:, None]
     # selection
     m = tl.full([BR], float("-inf"), dtype=tl.float32)
-    for s0 in range(0, NS_1, SB):
-        sp = s0 + sp0
-        lse_s = tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS_1)[:, None] & row_ok[None, :],
-                        other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse_s, axis=0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.zeros([BR], dtype=tl.float32)
     o = tl.zeros([BR, BD], dtype=tl.float32)
-    for s0 in range(0, NS_1, SB):
-        sp = s0 + sp0
-        ok = (sp < NS_1)[:, None] & row_ok[None, :]
-        w = tl.exp(tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf")) - m_safe[None, :])
-        den += tl.sum(w, axis=0)
-        part = tl.load(O_1 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
-                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-        o += tl.sum(w[:, :, None] * part, axis=0)
+    if SB == 1:
+        # Rows fill the GPU: one split at a time, 2-D tiles.
+        for s in range(NS_1):
+            m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s in range(NS_1):
+            w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            den += w
+            o += w[:, None] * tl.load(O_1 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        for s0 in range(0, NS_1, SB):
+            sp = s0 + sp0
+            lse_s = tl.load(L_1 + sp[:, None] * ROWS + rows[None, :],
+                            mask=(sp < NS_1)[:, None] & row_ok[None, :], other=float("-inf"))
+            m = tl.maximum(m, tl.max(lse_s, axis=0))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for s0 in range(0, NS_1, SB):
+            sp = s0 + sp0
+            ok = (sp < NS_1)[:, None] & row_ok[None, :]
+            w = tl.exp(tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+                       - m_safe[None, :])
+            den += tl.sum(w, axis=0)
+            part = tl.load(O_1 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+            o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
     tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),

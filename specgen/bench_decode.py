@@ -88,6 +88,11 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
     q_len = q.shape[1]
     T = int(cache.host_seqlens[0])
     qt, kt, vt = q.transpose(1, 2), k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
+    gqa = spec.heads.q != spec.heads.kv
+    if spec.heads.kv == 1 and q_len == 1:
+        # MQA (MLA's absorbed form): the query heads are rows of one head, as FlashMLA runs them. SDPA's fused
+        # backends refuse a single kv head broadcast over 128 query heads, and this reads the cache once.
+        qt, gqa = q, False
     mask = None
     if q_len > 1:
         from torch.nn.attention.bias import causal_lower_right
@@ -99,8 +104,7 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
         try:
             with sdpa_kernel(backend):
                 def run():
-                    return sdpa(qt, kt, vt, attn_mask=mask, scale=spec.softmax_scale,
-                                enable_gqa=spec.heads.q != spec.heads.kv)
+                    return sdpa(qt, kt, vt, attn_mask=mask, scale=spec.softmax_scale, enable_gqa=gqa)
                 run()
                 out[name] = _median_ms(run)
         except Exception as exc:  # a backend refusing these shapes is a result, not a failure
@@ -180,7 +184,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                     mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
                     row["dense_best_ms"] = best
                     row["speedup"] = best / mine
-            print(spec.name, {k: v for k, v in row.items() if k != "bytes"})
+            print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})
             rows.append(row)
             del cache, kw, q, out
             torch.cuda.empty_cache()
@@ -229,7 +233,7 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
         lines.append(f"{r['batch']:>3} {r['context']:>7} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
-                     f"{r.get('dense_best_ms', float('nan')):>8.3f} {r.get('speedup', float('nan')):.2f}x")
+                     + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))
         top = list(r.get("kernels", {}).items())[:6]
         if top:
             lines.append("      " + ", ".join(f"{name.strip('_')[:36]} {ms * 1000:.0f} us" for name, ms in top))

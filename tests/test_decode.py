@@ -12,6 +12,7 @@ import triton
 import specgen
 from specgen.reference._core import top_units
 from specgen.spec import load_spec, replace
+from specgen.testing import test_device
 from specgen.testing_decode import check_decode
 from specgen.testing_plan import decode_prompts
 from small_specs import small_token_spec
@@ -69,7 +70,10 @@ def decode_top_k(mod, scores, t, poison=float("nan"), segment=None):
     ws = torch.where(visible, scores, poison).permute(0, 2, 1, 3).contiguous()  # the workspace [B, G, QL, N]
     # One row more than needed, -7 everywhere: a write past a row's k slots or past the last row shows.
     idx = torch.full((B * QL * G + 1, mod.TOP_K.value), -7, dtype=torch.int32)
-    mod._decode_topk(ws, seqlens, idx, segment=segment)
+    dev = test_device()
+    idx_dev = idx.to(dev)
+    mod._decode_topk(ws.to(dev), seqlens.to(dev), idx_dev, segment=segment)
+    idx = idx_dev.cpu()
     assert (idx[-1] == -7).all(), "written past the last row"
     return idx[:-1].view(B, QL, G, -1)
 
@@ -207,17 +211,20 @@ def test_decode_block_scores_are_the_visible_tokens_log_sum_exp(monkeypatch):
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(mod.DTYPE)
 
+    dev = test_device()
     tokens = {name: rand(B, T, G, dim) for name, dim in mod.CACHE_TENSORS.items()}
-    cache = mod.DSACache(B, max_seqlen=T + 3).prefill(seqlens=lens, **tokens)
+    cache = mod.DSACache(B, max_seqlen=T + 3, device=dev).prefill(
+        seqlens=lens, **{name: x.to(dev) for name, x in tokens.items()})
     q, q_idx, w_idx = rand(B, QL, spec.heads.q, spec.head_dim.qk), rand(B, QL, hi, spec.indexer.head_dim), rand(B, QL, hi)
     seen, real = {}, mod._decode_topk
 
     def spy(ws, *args, **kw):
-        seen["ws"] = ws.clone()
+        seen["ws"] = ws.cpu()
         return real(ws, *args, **kw)
 
     monkeypatch.setattr(mod, "_decode_topk", spy)
-    _, idx = mod.dsa_decode(q, cache, q_idx=q_idx, w_idx=w_idx, return_indices=True)
+    _, idx = mod.dsa_decode(q.to(dev), cache, q_idx=q_idx.to(dev), w_idx=w_idx.to(dev), return_indices=True)
+    idx = idx.cpu()
     ws = seen["ws"].permute(0, 2, 1, 3)            # [B, QL, G, units]
     unit = spec.selection.block
     for b, L in enumerate(lens):
@@ -251,9 +258,11 @@ def test_block_selection_kernel_matches_the_reference_exactly_with_ties(variant)
     t = lengths.long()[:, None] - QL + torch.arange(QL)[None, :]
     visible = torch.arange(NC) * cmp_.stride + cmp_.block - 1 <= t[:, :, None, None]
     P = torch.where(visible, P, 0.0)
-    idx = torch.full((B, QL, G, sel.top_k), 99, dtype=torch.int32)
-    mod._decode_select_blocks_kernel[(B * QL * G,)](P, lengths, idx, QL, NC, n_sel,
+    dev = test_device()
+    idx = torch.full((B, QL, G, sel.top_k), 99, dtype=torch.int32, device=dev)
+    mod._decode_select_blocks_kernel[(B * QL * G,)](P.to(dev), lengths.to(dev), idx, QL, NC, n_sel,
                                                     NSEL_PAD=triton.next_power_of_2(n_sel))
+    idx = idx.cpu()
     S = torch.einsum("bqgi,ij->bqgj", P.double(), overlap_weights(spec, NC, n_sel))
     for b in range(B):
         want = top_units(S[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)

@@ -71,9 +71,10 @@ def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
     # DSA V3.2 at batch 1 (128 rows of 512 values) reaches two programs per SM before the smallest tiles.
     br, bd, sb, warps = runtime.decode_combine_tiles(128, 512, 64, cuda)
     assert (br, bd) == (2, 64) and (128 // br) * (512 // bd) >= 2 * 132
-    # Batch 64: rows alone fill the GPU; a single split loads two (one masked).
-    br, bd, sb, warps = runtime.decode_combine_tiles(64 * 64, 128, 1, cuda)
-    assert (br, bd, sb) == (16, 64, 2) and warps == 2
-    # Off the GPU: two column tiles whenever DV > 16, so the interpreter runs the column masks.
+    # Batch 64: the rows alone fill the GPU: 2-D tiles, one split at a time.
+    assert runtime.decode_combine_tiles(64 * 64, 128, 2, cuda) == (16, 128, 1, 4)
+    assert runtime.decode_combine_tiles(64 * 128, 512, 3, cuda) == (16, 128, 1, 4)
+    # Off the GPU: two column tiles whenever DV > 16, so the interpreter runs the column masks; the 3-D path for
+    # the default 2 splits, the 2-D path for more (the generated tests' num_splits=3 case).
     assert runtime.decode_combine_tiles(8, 48, 2, "cpu") == (16, 32, 2, 4)
-    assert runtime.decode_combine_tiles(8, 16, 3, "cpu") == (16, 16, 4, 4)
+    assert runtime.decode_combine_tiles(8, 16, 3, "cpu") == (16, 16, 1, 4)
