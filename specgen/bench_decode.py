@@ -177,6 +177,9 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                     del g
                 except Exception as exc:
                     row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
+            # A dense step's floor: its cache bytes at the copy rate (SDPA's kernels may be far from it).
+            row["dense_floor_ms"] = b["dense"] / copy_gbps / 1e6
+            row["x_dense_floor"] = row["dense_floor_ms"] / (row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms)
             if dense:
                 row["dense"] = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
                 best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
