@@ -1,7 +1,7 @@
 """What the first use of a built spec costs: import, then the first forward (and backward) call, with Triton's
 cache cold (compilation) and warm (a second process: what a user pays on every start once kernels are built).
 
-Usage: python bench/first_use.py SPEC [--T 4096] [--json out.jsonl]
+Usage: python bench/first_use.py SPEC [--T 4096] [--json out.jsonl] [--profile stats.txt]
 Target (issue 6): with the cache warm, the first call costs < 1 s beyond a steady-state call (no tuning at import or
 first call: launch configs are baked in by `specgen build` from the spec's tuning record).
 """
@@ -15,7 +15,7 @@ import tempfile
 import time
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
 import torch, triton
 import specgen
@@ -36,7 +36,18 @@ attn = getattr(mod, spec.family + "_attention")
 names = [n for n in x if n not in ("q_idx", "k_idx", "w_idx")]
 leaf = {n: (v.detach().clone().requires_grad_(True) if n in names else v) for n, v in x.items()}
 torch.cuda.synchronize()
+profile_to = os.environ.get("FIRST_USE_PROFILE")
+if profile_to:
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
 t3 = time.perf_counter(); attn(**leaf).float().sum().backward(); torch.cuda.synchronize(); t4 = time.perf_counter()
+if profile_to:
+    import io, pstats
+    prof.disable()
+    with open(profile_to, "w") as f:
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(prof, stream=f).sort_stats(key).print_stats(40)
 def step():
     attn(**leaf).float().sum().backward()
 steady_train = triton.testing.do_bench(step, warmup=2, rep=20, return_mode="median") / 1e3
@@ -58,6 +69,7 @@ def main():
     ap.add_argument("spec")
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--json")
+    ap.add_argument("--profile", help="also write a cProfile of a warm first forward+backward to this file")
     args = ap.parse_args()
     import torch
     import triton
@@ -66,6 +78,9 @@ def main():
         env = {**os.environ, "TRITON_CACHE_DIR": triton_cache, "SPECGEN_CACHE": specgen_cache}
         cold = run_child(args.spec, args.T, env)
         warm = run_child(args.spec, args.T, env)
+        if args.profile:
+            # A third warm process, its first forward+backward under cProfile (not the timed one: cProfile slows it).
+            run_child(args.spec, args.T, {**env, "FIRST_USE_PROFILE": args.profile})
     over = {k: warm[f"first_{k}_s"] - warm[f"steady_{k}_s"] for k in ("forward", "fwd_bwd")}
     rec = {"kind": "first_use", "spec": os.path.basename(args.spec).removesuffix(".yaml"),
            "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),

@@ -287,3 +287,16 @@ def test_decode_spec_errors_name_the_field_and_the_fix(field, value, words):
 def test_decode_section_defaults():
     spec = load_spec("specs/nsa_paper.yaml")
     assert (spec.decode.max_q_len, spec.decode.page_size) == (4, 64)
+
+
+@pytest.mark.parametrize("tiles", [(16, 16, 1, 4), (2, 16, 8, 1), (4, 64, 2, 2)], ids=["one_split", "8_splits", "2_splits"])
+def test_decode_epilogue_tilings_match_the_reference(tiles, monkeypatch):
+    """The decode epilogue's tilings: one split at a time (batches that fill the GPU), 8 splits per load in row
+    tiles of 2 (batch 1) and 2 splits per load; 3 splits per branch, so every tiling masks a partial group of
+    splits, and the 64-wide column tile masks half its columns (DV 32)."""
+    from specgen import runtime
+
+    spec = load_spec("specs/nsa_small.yaml")
+    mod = specgen.load(spec)
+    monkeypatch.setattr(runtime, "decode_combine_tiles", lambda *args: tiles)
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=1, steps=1, num_splits=3, compare_prefill=False)
