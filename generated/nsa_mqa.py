@@ -2209,13 +2209,33 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
 
 
-def _backward_rule(ctx, d_out, *unused):
+def _backward_grads(ctx, d_out, bwd):
     if d_out is None:
         return (None,) * 6
     if not ctx.saved_branch_outputs:
         raise RuntimeError(f"{SPEC_NAME}: backward through a forward that kept no branch outputs; call "
                            f"nsa_attention with grad enabled and a differentiable input")
-    return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))
+    return _grads_by_input(bwd(d_out, *ctx.saved_tensors))
+
+
+def _backward_rule(ctx, d_out, *unused):
+    return _backward_grads(ctx, d_out, _bwd_op)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' implementations and autograd rule, for eager calls. A custom op's first call imports torch's
+    compiler stack (torch._dynamo: about half a second of a process's first training step) and every call pays its
+    dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`)."""
+
+    @staticmethod
+    def forward(q, k, v, gates, indices, save_branch_outputs):
+        return _fwd_impl(q, k, v, gates, indices, save_branch_outputs)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, d_out, *unused):
+        return _backward_grads(ctx, d_out, _bwd_impl)
 
 
 def _register_ops():
@@ -2248,7 +2268,8 @@ def nsa_attention(q, k, v, gates, *, indices=None,
     Same arguments and results as `nsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
     `max_seqlen` included. Gradients reach q, k, v, gates: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (bf16).
-    Works under torch.compile (custom ops `specgen::nsa_mqa_<hash>_fwd/_bwd` with fake implementations).
+    Works under torch.compile (custom ops `specgen::nsa_mqa_<hash>_fwd/_bwd` with fake implementations); eager
+    calls run the same implementations without the custom-op dispatch.
     """
     fn = "nsa_attention"
     if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
@@ -2280,7 +2301,12 @@ def nsa_attention(q, k, v, gates, *, indices=None,
     if indices is not None:
         indices = runtime.check_indices(fn, indices, (B, T, 1, 16), device)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates))
-    out, lse, idx, _, _, _ = _fwd_op(q, k, v, gates, indices, need_grad)
+    if runtime.compiling():
+        out, lse, idx, _, _, _ = _fwd_op(q, k, v, gates, indices, need_grad)
+    elif need_grad:
+        out, lse, idx, _, _, _ = _EagerAttention.apply(q, k, v, gates, indices, True)
+    else:
+        out, lse, idx, _, _, _ = _fwd_impl(q, k, v, gates, indices, False)
     result = (out,)
     if return_lse:
         result += (lse,)
@@ -2294,19 +2320,21 @@ class NSAFunction(torch.autograd.Function):
 
         out, lse, indices = NSAFunction.apply(q, k, v, gates, indices)
 
-    (`indices` None to let the scorer choose). Same kernels and custom ops as `nsa_attention`.
+    (`indices` None to let the scorer choose). Same kernels as `nsa_attention`, and its custom ops under
+    torch.compile.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, gates, indices):
-        out, lse, idx, branch_out, kc, vc = _fwd_op(q, k, v, gates, indices, True)
+        out, lse, idx, branch_out, kc, vc = (_fwd_op if runtime.compiling() else _fwd_impl)(
+            q, k, v, gates, indices, True)
         ctx.save_for_backward(q, k, v, gates, lse, idx, branch_out, kc, vc)
         ctx.mark_non_differentiable(lse, idx)
         return out, lse, idx
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):
-        return _grads_by_input(_bwd_op(d_out, *ctx.saved_tensors))[:-1]
+        return _grads_by_input((_bwd_op if runtime.compiling() else _bwd_impl)(d_out, *ctx.saved_tensors))[:-1]
 
 
 def _rope(x, theta, positions=None):

@@ -243,13 +243,15 @@ class Packed:
         return flat.index_select(0, self.dst)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
+    """True while torch.compile traces: the generated training entry points then call their custom ops (traceable,
+    with fake implementations); eager calls run the same implementations through a plain autograd.Function."""
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
 def _no_host_reads() -> bool:
     """Under torch.compile or while a CUDA graph is captured, reading a tensor on the host is not allowed."""
-    return _compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.device, spec_max_seqlen: int,

@@ -249,3 +249,27 @@ def test_backward_realistic_mha():
     spec = replace(load_spec("specs/nsa_paper.yaml"), name="nsa_paper_mha", **{"heads.q": 16, "heads.kv": 16})
     mod = specgen.load(spec)
     testing.check_backward(mod, spec, 1, 4999, device="cuda", query_chunk=128)
+
+
+def test_eager_training_step_skips_the_custom_op_dispatch():
+    """An eager forward+backward of the training entry point runs the op implementations through a plain
+    autograd.Function: the custom op's first call would import torch._dynamo (half a second of a process's first
+    training step on the GPU machine). In a fresh process, since this one may have imported it already."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys, torch, specgen\n"
+        "from specgen import reference\n"
+        "from specgen.testing import spec_of, test_device\n"
+        "mod = specgen.load('specs/nsa_small.yaml')\n"
+        "x = reference.make_inputs(spec_of(mod), 1, 21, dtype=mod.DTYPE, device=test_device(),\n"
+        "                          generator=torch.Generator(test_device()).manual_seed(0))\n"
+        "leaf = {n: v.detach().clone().requires_grad_(True) for n, v in x.items()}\n"
+        "mod.nsa_attention(**leaf).float().sum().backward()\n"
+        "assert all(torch.isfinite(v.grad).all() for v in leaf.values())\n"
+        "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "no dynamo", out.stdout
