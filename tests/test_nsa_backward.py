@@ -253,7 +253,7 @@ def test_backward_realistic_mha():
 
 def test_eager_training_step_skips_the_custom_op_dispatch():
     """An eager forward+backward of the training entry point runs the op implementations through a plain
-    autograd.Function: the custom op's first call would import torch._dynamo (half a second of a process's first
+    autograd.Function: the custom op's first call would import torch._dynamo (0.86 s of a warm process's first
     training step on the GPU machine). In a fresh process, since this one may have imported it already."""
     import subprocess
     import sys
