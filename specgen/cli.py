@@ -140,7 +140,11 @@ def cmd_tune(args) -> int:
     from .tune import tune
 
     for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
-        tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir), backward=not args.forward_only)
+        try:
+            tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir), backward=not args.forward_only,
+                 kernels=args.kernels)
+        except ValueError as exc:  # an unknown --kernels entry, said before any GPU work
+            raise UsageError(str(exc)) from None
     print("run `specgen build` to bake the records into the generated modules")
     return 0
 
@@ -232,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     tn.add_argument("--workdir", default=".specgen-cache/tuning", help="scratch folder for candidate modules")
     tn.add_argument("--forward-only", action="store_true", help="tune the forward kernels only (the backward's "
                     "are timed inside forward+backward, which costs more per candidate)")
+    tn.add_argument("--kernels", nargs="+", metavar="KERNEL", default=None,
+                    help="retune only these config entries (e.g. selection_dkdv), starting from this GPU's record")
     tn.set_defaults(func=cmd_tune)
 
     sw = sub.add_parser("sweep", help="expand a sweep file, build each variant, measure fidelity (and speed on a "

@@ -21,7 +21,7 @@ from .plan import make_plan, next_pow2
 from .render import render_module
 from .spec import Spec
 from .testing import differentiable_inputs
-from .tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
+from .tuning import candidates, configs_for, default_configs, load_records, save_entry, tunable_kernels
 
 # Below this, a difference between two medians is noise.
 IMPROVEMENT = 0.98
@@ -82,18 +82,34 @@ def _descend(kernels: list[str], plan, best: dict, measure, log) -> dict:
     return best
 
 
-def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, backward: bool = True) -> dict:
+def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, backward: bool = True,
+         kernels: list[str] | None = None) -> dict:
+    """Tune every kernel (forward, then backward unless `backward` is false) from the plan's defaults; or, with
+    `kernels`, only those, starting from this GPU's record where there is one (the rest keep their recorded
+    configs), so one kernel can be retuned without the whole search."""
     import triton
 
     from .bench import kernel_times
 
-    folder.mkdir(parents=True, exist_ok=True)
     plan = make_plan(spec)
     default = default_configs(plan)
     tunable = tunable_kernels(spec)
     forward_kernels = [k for k in ("select",) + tunable if k in default and not k.endswith(("_dq", "_dkdv"))]
     backward_kernels = [k for k in tunable if k.endswith(("_dq", "_dkdv"))] if backward else []
+    start = default
+    if kernels:
+        known = forward_kernels + [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
+        unknown = [k for k in kernels if k not in known]
+        if unknown:
+            raise ValueError(f"--kernels {' '.join(unknown)}: not a tunable kernel of spec {spec.name}; "
+                             f"choose from {', '.join(known)}")
+        forward_kernels = [k for k in forward_kernels if k in kernels]
+        backward_kernels = [k for k in known if k.endswith(("_dq", "_dkdv")) and k in kernels]
+        recorded = configs_for(plan, load_records(spec, spec_path)).get(torch.cuda.get_device_name())
+        if recorded:
+            start = {**default, **recorded}
     grad = bool(backward_kernels)
+    folder.mkdir(parents=True, exist_ok=True)
     inputs = _inputs(spec, seqlen, grad=grad)
     leaves = [x for x in inputs.values() if isinstance(x, torch.Tensor) and x.requires_grad]
 
@@ -125,7 +141,7 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
         run()  # compile
         return kernel_times(run, calls=5, names={kernel_name(kind)}).get(kernel_name(kind))
 
-    best = _descend(forward_kernels + backward_kernels, plan, default, measure, log)
+    best = _descend(forward_kernels + backward_kernels, plan, start, measure, log)
 
     def whole(configs, training) -> float:
         run = pass_fn(configs, training)
@@ -133,13 +149,18 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
         return triton.testing.do_bench(run, warmup=5, rep=50, return_mode="median")
 
     measured = {"default": whole(default, False), "tuned": whole(best, False)}
+    if kernels and start is not default:
+        measured["before"] = whole(start, False)
+        if grad:
+            measured["fwd_bwd_before"] = whole(start, True)
     if grad:
         measured.update(fwd_bwd_default=whole(default, True), fwd_bwd_tuned=whole(best, True))
     log(f"{spec.name} T={seqlen}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in measured.items()))
     del inputs, leaves
     entry = {"spec_hash": spec.hash, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__,
              "date": time.strftime("%Y-%m-%d"), "seqlen": seqlen, "configs": best, "measured_ms": measured,
-             "method": "coordinate descent, each kernel timed by its own GPU time (torch.profiler, 5 calls)"}
+             "method": "coordinate descent, each kernel timed by its own GPU time (torch.profiler, 5 calls)"
+                       + (f"; kernels {', '.join(kernels)} retuned from the previous record" if kernels else "")}
     path = save_entry(spec_path, entry)
     log(f"  {spec.name}: record {path}")
     return entry

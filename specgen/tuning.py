@@ -90,7 +90,8 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     Row packing stays the plan's (it fixes the group's head layout, and the backward's split and inverse-index
     sizes); key tiles, warps and pipeline stages vary. The selection kernels' key tiles are tied to the unit
     (whole units per forward tile; the backward's inverse-index tile), so there only warps and stages vary, plus
-    the forward tile's width in whole units."""
+    the forward tile's width in whole units, and the selection dK/dV's queries per trip (`bq`: its rows are bq x
+    the group's heads; fewer rows leave registers to the fp32 dK/dV accumulators, which spill at the default)."""
     spec = plan.spec
     default = default_configs(plan)[kernel]
     model = launch_model(spec, kernel)
@@ -99,6 +100,10 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
         widths = sorted({w for w in (default["block_n"], 32, 64, 128) if w % unit == 0 and w >= max(MIN_DOT, unit)})
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in widths for w in (4, 8) for st in (1, 2, 3)]
+    elif kernel == "selection_dkdv":
+        bqs = sorted({default["bq"], *(b for b in (1, 2, 4, 8) if b * _rows(plan, kernel, {"bq": 1}) >= MIN_DOT)})
+        grid = [{**default, "bq": bq, "num_warps": w, "num_stages": st}
+                for bq in bqs for w in (4, 8) for st in (1, 2, 3)]
     elif kernel.startswith("selection_"):
         grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
     elif kernel in KERNELS_WITH_TILES:

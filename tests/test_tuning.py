@@ -6,6 +6,7 @@ benchmark so the choice is known and the repeated timed runs are visible in the 
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
 import torch
 
 import specgen
@@ -31,8 +32,13 @@ def test_candidates_are_pruned_by_the_footprint_model(name):
         for cfg in pool[1:]:
             smem, regs = model.evaluate(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"], cfg["num_warps"])
             assert smem <= SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET, (kernel, cfg, smem, regs)
-            # Fields the kernel bakes in (row packing, the selection backward's tiles) never vary.
-            assert cfg.get("bt") == pool[0].get("bt") and cfg.get("bq") == pool[0].get("bq")
+            # Fields the kernel bakes in (row packing, the selection backward's tiles) never vary; the selection
+            # dK/dV's queries per trip do (its rows are bq x the group's heads, at least a dot's 16).
+            assert cfg.get("bt") == pool[0].get("bt")
+            if kernel == "selection_dkdv":
+                assert _rows(plan, kernel, cfg) >= 16
+            else:
+                assert cfg.get("bq") == pool[0].get("bq")
             if kernel.startswith("selection_"):
                 assert cfg["block_n"] == pool[0]["block_n"]
 
@@ -139,3 +145,25 @@ def test_load_bakes_the_record_beside_the_spec_and_names_ops_by_it():
     assert set(tuned.CONFIGS) - {"default"}, "the committed record names at least one GPU"
     assert set(untuned.CONFIGS) == {"default"}
     assert tuned._OP != untuned._OP and tuned._OP.startswith(f"{spec.name}_{spec.hash}_")
+
+
+def test_selection_dkdv_candidates_vary_the_queries_per_trip():
+    """The paper configuration's selection dK/dV spills at its default (4 queries x 16 heads per trip): fewer
+    queries per trip are candidates, each fitting the model."""
+    plan = make_plan(load_spec("specs/nsa_paper.yaml"))
+    assert {c["bq"] for c in candidates(plan, "selection_dkdv")} == {1, 2, 4, 8}
+
+
+def test_tune_kernels_rejects_an_unknown_kernel(monkeypatch, tmp_path):
+    """`specgen tune --kernels` names the kernels it knows when given one it does not (before any GPU work)."""
+    import torch
+
+    from specgen.tune import tune
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
+    spec = load_spec("specs/nsa_small.yaml")
+    with pytest.raises(ValueError) as info:
+        tune(spec, Path("specs/nsa_small.yaml"), 64, tmp_path, kernels=["selection_dkvd"])
+    text = str(info.value)
+    assert "selection_dkvd" in text and "selection_dkdv" in text and "nsa_small" in text, text
+
