@@ -101,7 +101,7 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in widths for w in (4, 8) for st in (1, 2, 3)]
     elif kernel == "selection_dkdv":
-        bqs = sorted({default["bq"], *(b for b in (1, 2, 4, 8) if b * _rows(plan, kernel, {"bq": 1}) >= MIN_DOT)})
+        bqs = sorted({default["bq"], *(b for b in (1, 2, 4, 8, 16) if b * _rows(plan, kernel, {"bq": 1}) >= MIN_DOT)})
         grid = [{**default, "bq": bq, "num_warps": w, "num_stages": st}
                 for bq in bqs for w in (4, 8) for st in (1, 2, 3)]
     elif kernel.startswith("selection_"):
