@@ -32,13 +32,12 @@ def test_candidates_are_pruned_by_the_footprint_model(name):
         for cfg in pool[1:]:
             smem, regs = model.evaluate(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"], cfg["num_warps"])
             assert smem <= SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET, (kernel, cfg, smem, regs)
-            # Fields the kernel bakes in (row packing, the selection backward's tiles) never vary; the selection
-            # dK/dV's queries per trip do (its rows are bq x the group's heads, at least a dot's 16).
-            assert cfg.get("bt") == pool[0].get("bt")
-            if kernel == "selection_dkdv":
+            # Fields the kernel bakes in (row packing, the selection backward's tiles) never vary; the dK/dV
+            # kernels' queries per trip do (rows: bq or bt x the group's heads, at least a dot's 16).
+            if kernel.endswith("_dkdv"):
                 assert _rows(plan, kernel, cfg) >= 16
             else:
-                assert cfg.get("bq") == pool[0].get("bq")
+                assert cfg.get("bt") == pool[0].get("bt") and cfg.get("bq") == pool[0].get("bq")
             if kernel.startswith("selection_"):
                 assert cfg["block_n"] == pool[0]["block_n"]
 
