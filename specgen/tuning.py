@@ -91,9 +91,9 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     sizes); key tiles, warps and pipeline stages vary. The selection kernels' key tiles are tied to the unit
     (whole units per forward tile; the backward's inverse-index tile), so there only warps and stages vary, plus
     the forward tile's width in whole units. The dK/dV kernels also vary their query rows per trip (`bq` of the
-    selection, `bt` of the others: rows are that x the group's heads): more rows amortise the fp32 dK/dV
-    accumulators over more work per trip (the paper configuration's selection dK/dV: 1.6x faster at twice the
-    default rows)."""
+    selection, `bt` of the others: rows are that x the group's heads), and the compression and window dQ kernels
+    their positions per program: more rows amortise the fp32 dK/dV accumulators over more work per trip (the paper
+    configuration's selection dK/dV: 1.6x faster at twice the default rows)."""
     spec = plan.spec
     default = default_configs(plan)[kernel]
     model = launch_model(spec, kernel)
@@ -111,8 +111,9 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     elif kernel in KERNELS_WITH_TILES:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-    elif kernel.endswith("_dkdv"):
-        # Query positions per trip (bt) are free here (each program owns its keys; masks bound the query range).
+    elif kernel.endswith("_dkdv") or kernel in ("compression_dq", "window_dq"):
+        # Query positions per trip or program (bt) are free here: a dK/dV program owns its keys and masks bound
+        # its query range; a dQ program owns bt positions (its grid follows the config).
         bts = sorted({default["bt"], 2 * default["bt"],
                       *([default["bt"] // 2] if default["bt"] // 2 * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT else [])}
                      - {0})
