@@ -83,12 +83,6 @@ def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
     return cfg["bt"] * bwd.gp
 
 
-def _warps(plan: Plan, kernel: str, rows_cfg: dict) -> tuple[int, ...]:
-    """Warps worth timing for a backward kernel at a row count: 16 (four warpgroups) only from 128 rows, where
-    8 warps still spill the fp32 dK/dV accumulators (the paper configuration's dK/dV kernels at 8 x 16 rows)."""
-    return (4, 8, 16) if _rows(plan, kernel, rows_cfg) >= 128 else (4, 8)
-
-
 def candidates(plan: Plan, kernel: str) -> list[dict]:
     """Launch configs worth timing for a tunable kernel, the default first, pruned by the footprint model
     (`footprint.launch_model`: shared memory and accumulator registers against the budgets) before compiling.
@@ -111,7 +105,7 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     elif kernel == "selection_dkdv":
         bqs = sorted({default["bq"], *(b for b in (1, 2, 4, 8, 16) if b * _rows(plan, kernel, {"bq": 1}) >= MIN_DOT)})
         grid = [{**default, "bq": bq, "num_warps": w, "num_stages": st}
-                for bq in bqs for w in _warps(plan, kernel, {"bq": bq}) for st in (1, 2, 3)]
+                for bq in bqs for w in (4, 8) for st in (1, 2, 3)]
     elif kernel.startswith("selection_"):
         grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
     elif kernel in KERNELS_WITH_TILES:
@@ -124,7 +118,7 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
                       *([default["bt"] // 2] if default["bt"] // 2 * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT else [])}
                      - {0})
         grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st}
-                for bt in bts for n in (32, 64, 128) for w in _warps(plan, kernel, {"bt": bt}) for st in (1, 2)]
+                for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
     else:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
