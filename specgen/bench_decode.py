@@ -177,14 +177,14 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                     del g
                 except Exception as exc:
                     row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
+            mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
             # A dense step's floor: its cache bytes at the copy rate (SDPA's kernels may be far from it).
             row["dense_floor_ms"] = b["dense"] / copy_gbps / 1e6
-            row["x_dense_floor"] = row["dense_floor_ms"] / (row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms)
+            row["x_dense_floor"] = row["dense_floor_ms"] / mine
             if dense:
                 row["dense"] = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
                 best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
                 if best is not None:
-                    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
                     row["dense_best_ms"] = best
                     row["speedup"] = best / mine
             print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})

@@ -94,17 +94,18 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
     plan = make_plan(spec)
     default = default_configs(plan)
     tunable = tunable_kernels(spec)
-    forward_kernels = [k for k in ("select",) + tunable if k in default and not k.endswith(("_dq", "_dkdv"))]
-    backward_kernels = [k for k in tunable if k.endswith(("_dq", "_dkdv"))] if backward else []
+    all_backward = [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
+    forward_kernels = [k for k in ("select",) + tunable if k in default and k not in all_backward]
+    backward_kernels = all_backward if backward else []
     start = default
     if kernels:
-        known = forward_kernels + [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
+        known = forward_kernels + all_backward
         unknown = [k for k in kernels if k not in known]
         if unknown:
             raise ValueError(f"--kernels {' '.join(unknown)}: not a tunable kernel of spec {spec.name}; "
                              f"choose from {', '.join(known)}")
         forward_kernels = [k for k in forward_kernels if k in kernels]
-        backward_kernels = [k for k in known if k.endswith(("_dq", "_dkdv")) and k in kernels]
+        backward_kernels = [k for k in all_backward if k in kernels]
         recorded = configs_for(plan, load_records(spec, spec_path)).get(torch.cuda.get_device_name())
         if recorded:
             start = {**default, **recorded}

@@ -115,8 +115,7 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
         # Query positions per trip or program (bt) are free here: a dK/dV program owns its keys and masks bound
         # its query range; a dQ program owns bt positions (its grid follows the config).
         bts = sorted({default["bt"], 2 * default["bt"],
-                      *([default["bt"] // 2] if default["bt"] // 2 * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT else [])}
-                     - {0})
+                      *(b for b in (default["bt"] // 2,) if b and b * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT)})
         grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st}
                 for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
     else:
