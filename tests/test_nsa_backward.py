@@ -257,6 +257,7 @@ def test_eager_training_step_skips_the_custom_op_dispatch():
     training step on the GPU machine). In a fresh process, since this one may have imported it already."""
     import subprocess
     import sys
+    from pathlib import Path
 
     child = (
         "import sys, torch, specgen\n"
@@ -270,6 +271,6 @@ def test_eager_training_step_skips_the_custom_op_dispatch():
         "assert all(torch.isfinite(v.grad).all() for v in leaf.values())\n"
         "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo')\n")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+                         cwd=str(Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "no dynamo", out.stdout

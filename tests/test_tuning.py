@@ -147,16 +147,14 @@ def test_load_bakes_the_record_beside_the_spec_and_names_ops_by_it():
 
 
 def test_selection_dkdv_candidates_vary_the_queries_per_trip():
-    """The paper configuration's selection dK/dV spills at its default (4 queries x 16 heads per trip): fewer
-    queries per trip are candidates, each fitting the model."""
+    """The paper configuration's selection dK/dV spills at its default (4 queries x 16 heads per trip): other
+    queries per trip (1, 2 and 8; 16 does not fit the model) are candidates."""
     plan = make_plan(load_spec("specs/nsa_paper.yaml"))
     assert {c["bq"] for c in candidates(plan, "selection_dkdv")} == {1, 2, 4, 8}
 
 
 def test_tune_kernels_rejects_an_unknown_kernel(monkeypatch, tmp_path):
     """`specgen tune --kernels` names the kernels it knows when given one it does not (before any GPU work)."""
-    import torch
-
     from specgen.tune import tune
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
