@@ -78,3 +78,68 @@ def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
     # the default 2 splits, the 2-D path for more (the generated tests' num_splits=3 case).
     assert runtime.decode_combine_tiles(8, 48, 2, "cpu") == (16, 32, 2, 4)
     assert runtime.decode_combine_tiles(8, 16, 3, "cpu") == (16, 16, 1, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without a GPU, as written: specgen turns Triton's interpreter on itself, or names what to set (fresh interpreters)
+# ---------------------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU does")
+
+
+def _run_fresh(code: str, **env_changes) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python at the repository root, TRITON_INTERPRET unset unless given."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _readme_cpu_training_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    snippet = next(b for b in blocks if "NSAttention(64)" in b)
+    assert "range(5)" in snippet and "TRITON_INTERPRET" not in snippet
+    return snippet
+
+
+@no_gpu
+def test_readme_cpu_training_snippet_runs_as_written():
+    """The README's CPU training snippet, without TRITON_INTERPRET set (one of its five steps: the interpreter
+    takes seconds per step, and the first step is where it used to crash)."""
+    snippet = _readme_cpu_training_snippet().replace("range(5)", "range(1)")
+    result = _run_fresh(snippet + "\nassert torch.isfinite(loss).all()\nprint('trained', loss.item())\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained" in result.stdout
+
+
+@no_gpu
+@pytest.mark.parametrize("setup,words", [
+    ("import triton", "triton was imported before specgen"),
+    ("import os; os.environ['TRITON_INTERPRET'] = '0'", "TRITON_INTERPRET=0 turns"),
+])
+def test_without_the_interpreter_the_first_call_names_what_to_set(setup, words):
+    """triton imported before specgen (its own helpers are then compiled-mode objects), or the interpreter
+    turned off explicitly: the first call raises one line naming TRITON_INTERPRET=1, before any kernel runs."""
+    code = f"""{setup}
+import torch, specgen
+from specgen.runtime import ArgumentError
+nsa = specgen.load("specs/nsa_small.yaml")
+x = torch.randn(1, 20, 64)
+try:
+    nsa.NSAttention(64)(x)
+except ArgumentError as e:
+    print("ERROR:", e)
+"""
+    result = _run_fresh(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith("ERROR: nsa_attention: no CUDA GPU here") and "\n" not in line, line
+    assert words in line and "set TRITON_INTERPRET=1 in the environment" in line, line
