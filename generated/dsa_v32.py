@@ -727,7 +727,7 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
     device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
+    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
     k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     runtime.require_fp8(fn, device)
@@ -1726,12 +1726,16 @@ class DSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 65536, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          65536, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)

@@ -105,12 +105,13 @@ def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None,
     return x
 
 
-def check_seqlen(fn: str, T: int, max_seqlen: int, spec_name: str) -> None:
+def check_seqlen(fn: str, T: int, max_seqlen: int, spec_name: str, name: str = "q") -> None:
     if T < 1:
-        raise ArgumentError(f"{fn}: the sequence is empty (T={T}); pass at least one token")
+        raise ArgumentError(f"{fn}: argument `{name}` holds an empty sequence (T={T}, dim 1); pass at least one "
+                            f"token")
     if T > max_seqlen:
-        raise ArgumentError(f"{fn}: T={T} exceeds the spec's max_seqlen={max_seqlen} (spec {spec_name}); "
-                            f"raise max_seqlen in the spec and rebuild")
+        raise ArgumentError(f"{fn}: argument `{name}` has T={T} (dim 1), which exceeds the spec's "
+                            f"max_seqlen={max_seqlen} (spec {spec_name}); raise max_seqlen in the spec and rebuild")
 
 
 def check_out(fn: str, out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -207,13 +208,14 @@ def _index_error(fn: str, row: list, r: int, shape: tuple, unit: int, n: int, pa
         pos = int(packed.positions()[token])
         seq = int(packed.dst[token]) // packed.max_seqlen
         where = f"indices[{token}, {g}] (sequence {seq}, position {pos}, kv group {g})"
-        span = f"sequence {seq} has {n} tokens" if unit == 1 else f"sequence {seq} has {n} blocks of {unit} tokens"
+        span = (f"sequence {seq} has {n} token{'s' * (n != 1)}" if unit == 1 else
+                f"sequence {seq} has {n} block{'s' * (n != 1)} of {unit} tokens")
     else:
         b, rest = divmod(r, shape[1] * shape[2])
         t, g = divmod(rest, shape[2])
         where = f"indices[{b}, {t}, {g}] (batch {b}, position {t}, kv group {g})"
-        span = f"T={shape[1]}" if unit == 1 else f"T={shape[1]} makes {n} blocks of {unit} tokens"
-    shown = row if len(row) <= 12 else row[:12] + ["..."]
+        span = f"T={shape[1]}" if unit == 1 else f"T={shape[1]} makes {n} block{'s' * (n != 1)} of {unit} tokens"
+    shown = str(row) if len(row) <= 12 else str(row[:12])[:-1] + f", ... ({len(row)} slots)]"
     rule = (f"each row lists distinct {what}s in ascending order, each in [0, {n}) ({span}), with -1 only as "
             f"trailing padding")
     sort_fix = ("fix: sort each row and drop repeats (specgen.runtime.canonical_indices(indices) does that and moves "
@@ -225,6 +227,8 @@ def _index_error(fn: str, row: list, r: int, shape: tuple, unit: int, n: int, pa
         if j == 0 or v == -1:
             continue
         prev = row[j - 1]
+        if prev != -1 and v > prev:
+            continue
         if prev == -1:
             problem = f"has -1 at slot {j - 1} before {what} {v} at slot {j} (-1 is padding and must come last)"
         elif v == prev:
@@ -452,7 +456,7 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
         raise ArgumentError(f"{fn}: argument `max_seqlen` must be a positive int (the longest sequence's length), "
                             f"got {max_seqlen!r}")
     if max_seqlen > spec_max_seqlen:
-        raise ArgumentError(f"{fn}: max_seqlen={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
+        raise ArgumentError(f"{fn}: argument `max_seqlen`={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
                             f"(spec {spec_name}); raise max_seqlen in the spec and rebuild")
     if not _no_host_reads():
         key = (cu_seqlens._version, max_seqlen, total, spec_max_seqlen)
