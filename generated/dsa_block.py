@@ -11,10 +11,12 @@ Selection: top 32 blocks of l'=64 (1 initial + 2 local forced), ranked by the in
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from specgen import runtime
+# Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
+from specgen import runtime  # isort: skip
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 SPEC_NAME = "dsa_block"
 SPEC_HASH = "b94dcf2cfd83029b"
@@ -724,7 +726,7 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
     device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
+    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
     k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     B, T = q_idx.shape[0], q_idx.shape[1]
@@ -782,7 +784,8 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
         if indices is not None:
             # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 32), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 1, 32), q.device, 64, packed), -1))
         o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o, out),)
         if return_lse:
@@ -804,7 +807,7 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 128, 512), DTYPE, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device, 64)
     state = _forward(q, k, q_idx, k_idx, w_idx, indices=indices, out=out)
     result = (state.out,)
     if return_lse:
@@ -1591,7 +1594,8 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         # output gradient, so the batched backward sends them nothing (docs/varlen.md).
         packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
         if indices is not None:
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 32), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 1, 32), q.device, 64, packed), -1))
         o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o),)
         if return_lse:
@@ -1612,7 +1616,7 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device, 64)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k))
     if runtime.compiling():
         out, lse, idx, _, _, _ = _fwd_op(q, k, q_idx, k_idx, w_idx, indices, need_grad)
@@ -1692,12 +1696,16 @@ class DSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 65536, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          65536, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)

@@ -11,10 +11,12 @@ Selection: top 16 tokens, ranked by the indexer scorer.
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from specgen import runtime
+# Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
+from specgen import runtime  # isort: skip
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 SPEC_NAME = "dsa_small"
 SPEC_HASH = "96353c387048769e"
@@ -725,7 +727,7 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 4, 32), DTYPE, dims)
     device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 4096, SPEC_NAME)
+    runtime.check_seqlen(fn, q_idx.shape[1], 4096, SPEC_NAME, "q_idx")
     k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 2, 32), DTYPE, dims, device)
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
     B, T = q_idx.shape[0], q_idx.shape[1]
@@ -785,7 +787,8 @@ def dsa_forward(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None, ou
         out = runtime.check_out(fn, out, (packed.total, 8, 64), DTYPE, q.device)
         if indices is not None:
             # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 2, 16), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 2, 16), q.device, 1, packed), -1))
         o, lse, idx = dsa_forward(q, k, v, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o, out),)
         if return_lse:
@@ -808,7 +811,7 @@ def dsa_forward(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None, ou
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 8, 64), DTYPE, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 2, 16), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 2, 16), device, 1)
     state = _forward(q, k, v, q_idx, k_idx, w_idx, indices=indices, out=out)
     result = (state.out,)
     if return_lse:
@@ -1583,7 +1586,8 @@ def dsa_attention(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         # output gradient, so the batched backward sends them nothing (docs/varlen.md).
         packed, (q, k, v, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, v, q_idx, k_idx, w_idx)
         if indices is not None:
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 2, 16), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 2, 16), q.device, 1, packed), -1))
         o, lse, idx = dsa_attention(q, k, v, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o),)
         if return_lse:
@@ -1605,7 +1609,7 @@ def dsa_attention(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 2, 16), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 2, 16), device, 1)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if runtime.compiling():
         out, lse, idx, _, _, _ = _fwd_op(q, k, v, q_idx, k_idx, w_idx, indices, need_grad)
@@ -1685,12 +1689,16 @@ class DSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 4096, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          4096, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (8, 64))
         kv = self.kv_proj(hidden)
@@ -2440,13 +2448,15 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
         k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 2, 32), DTYPE, dims, device)
         w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
         rows = (q.shape[0], q.shape[1])
+    packed = None
+    if len(rows) == 1:
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 4096, SPEC_NAME)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, rows + (2, 16), device)
+        indices = runtime.check_indices(fn, indices, rows + (2, 16), device, 1, packed)
     if lse_main is not None:
         lse_main = runtime.check_tensor(fn, "lse_main", lse_main, rows + (8,), torch.float32, {}, device).detach()
-    if len(rows) == 1:
+    if packed is not None:
         # A packed batch runs padded to [N, max_seqlen]; the padding rows are masked out of the loss (row_ok).
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 4096, SPEC_NAME)
         q, k, q_idx, k_idx, w_idx = (packed.pad(x) for x in (q, k, q_idx, k_idx, w_idx))
         if indices is not None:
             indices = packed.pad(indices, -1)

@@ -11,10 +11,12 @@ Selection: top 2048 tokens, ranked by the indexer scorer.
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from specgen import runtime
+# Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
+from specgen import runtime  # isort: skip
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 SPEC_NAME = "dsa_v32"
 SPEC_HASH = "4ef8cc6027bb7f42"
@@ -725,7 +727,7 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
     device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
+    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
     k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     runtime.require_fp8(fn, device)
@@ -784,7 +786,8 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
         if indices is not None:
             # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 1, 2048), q.device, 1, packed), -1))
         o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o, out),)
         if return_lse:
@@ -806,7 +809,7 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 128, 512), DTYPE, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device, 1)
     else:
         runtime.require_fp8(fn, device)
     state = _forward(q, k, q_idx, k_idx, w_idx, indices=indices, out=out)
@@ -1619,7 +1622,8 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
         # output gradient, so the batched backward sends them nothing (docs/varlen.md).
         packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
         if indices is not None:
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 1, 2048), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 1, 2048), q.device, 1, packed), -1))
         o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o),)
         if return_lse:
@@ -1640,7 +1644,7 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 1, 2048), device, 1)
     else:
         runtime.require_fp8(fn, device)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k))
@@ -1722,12 +1726,16 @@ class DSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 65536, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          65536, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (128, 576))
         kv = self.kv_proj(hidden)
@@ -2545,13 +2553,15 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
         k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
         w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
         rows = (q.shape[0], q.shape[1])
+    packed = None
+    if len(rows) == 1:
+        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 65536, SPEC_NAME)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, rows + (1, 2048), device)
+        indices = runtime.check_indices(fn, indices, rows + (1, 2048), device, 1, packed)
     if lse_main is not None:
         lse_main = runtime.check_tensor(fn, "lse_main", lse_main, rows + (128,), torch.float32, {}, device).detach()
-    if len(rows) == 1:
+    if packed is not None:
         # A packed batch runs padded to [N, max_seqlen]; the padding rows are masked out of the loss (row_ok).
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 65536, SPEC_NAME)
         q, k, q_idx, k_idx, w_idx = (packed.pad(x) for x in (q, k, q_idx, k_idx, w_idx))
         if indices is not None:
             indices = packed.pad(indices, -1)

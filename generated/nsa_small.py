@@ -13,10 +13,12 @@ Window: w=16.
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from specgen import runtime
+# Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
+from specgen import runtime  # isort: skip
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 SPEC_NAME = "nsa_small"
 SPEC_HASH = "c19764fb9932ce05"
@@ -1385,7 +1387,8 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
         out = runtime.check_out(fn, out, (packed.total, 4, 32), DTYPE, q.device)
         if indices is not None:
             # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 2, 4), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 2, 4), q.device, 16, packed), -1))
         o, lse, idx = nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o, out),)
         if return_lse:
@@ -1407,7 +1410,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
     gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 4, 3), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 4, 32), DTYPE, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 2, 4), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 2, 4), device, 16)
     state = _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=indices, out=out)
     result = (state.out,)
     if return_lse:
@@ -2625,7 +2628,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices
         # output gradient, so the batched backward sends them nothing (docs/varlen.md).
         packed, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates) = _pack(fn, cu_seqlens, max_seqlen, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates)
         if indices is not None:
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 2, 4), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 2, 4), q.device, 16, packed), -1))
         o, lse, idx = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o),)
         if return_lse:
@@ -2646,7 +2650,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices
     v_win = runtime.check_tensor(fn, "v_win", v_win, ("B", "T", 2, 32), DTYPE, dims, device)
     gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 4, 3), DTYPE, dims, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 2, 4), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 2, 4), device, 16)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
     if runtime.compiling():
         out, lse, idx, _, _, _ = _fwd_op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices, need_grad)
@@ -2723,12 +2727,16 @@ class NSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 4096, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          4096, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (4, 48))
         kv = self.kv_proj(hidden)

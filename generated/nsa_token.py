@@ -13,10 +13,12 @@ Window: w=512.
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
-from specgen import runtime
+# Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
+from specgen import runtime  # isort: skip
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 SPEC_NAME = "nsa_token"
 SPEC_HASH = "20aaaad98723dd30"
@@ -1371,7 +1373,7 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
     q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 16, 64), DTYPE, dims)
     device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME)
+    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
     k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 4, 64), DTYPE, dims, device)
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 16), DTYPE, dims, device)
     B, T = q_idx.shape[0], q_idx.shape[1]
@@ -1441,7 +1443,8 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
         out = runtime.check_out(fn, out, (packed.total, 64, 128), DTYPE, q.device)
         if indices is not None:
             # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 4, 1024), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 4, 1024), q.device, 1, packed), -1))
         o, lse, idx = nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o, out),)
         if return_lse:
@@ -1469,7 +1472,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 16), DTYPE, dims, device)
     out = runtime.check_out(fn, out, (B, T, 64, 128), DTYPE, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 4, 1024), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 4, 1024), device, 1)
     state = _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx, indices=indices, out=out)
     result = (state.out,)
     if return_lse:
@@ -2752,7 +2755,8 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=N
         # output gradient, so the batched backward sends them nothing (docs/varlen.md).
         packed, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx)
         if indices is not None:
-            indices = packed.pad(runtime.check_indices(fn, indices, (packed.total, 4, 1024), q.device), -1)
+            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
+                fn, indices, (packed.total, 4, 1024), q.device, 1, packed), -1))
         o, lse, idx = nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
         result = (packed.unpad(o),)
         if return_lse:
@@ -2779,7 +2783,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=N
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
     w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 16), DTYPE, dims, device)
     if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 4, 1024), device)
+        indices = runtime.check_indices(fn, indices, (B, T, 4, 1024), device, 1)
     need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates))
     if runtime.compiling():
         out, lse, idx, _, _, _ = _fwd_op(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx, indices, need_grad)
@@ -2861,12 +2865,16 @@ class NSAttention(torch.nn.Module):
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
         positions, varlen = None, {}
-        if cu_seqlens is not None or max_seqlen is not None:
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
-                raise runtime.ArgumentError(f"{type(self).__name__}.forward: a packed batch takes `hidden` "
-                                            f"[total, hidden_size], got {getattr(hidden, 'shape', type(hidden))}")
-            packed = runtime.check_varlen(f"{type(self).__name__}.forward", cu_seqlens, max_seqlen, hidden.shape[0],
-                                          hidden.device, 65536, SPEC_NAME)
+        fn = f"{type(self).__name__}.forward"
+        packed_call = cu_seqlens is not None or max_seqlen is not None
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
+                or hidden.shape[-1] != self.hidden_size:
+            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
+            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
+                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
+        if packed_call:
+            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
+                                          65536, SPEC_NAME)
             positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         q = self.q_proj(hidden).unflatten(-1, (64, 192))
         kv = self.kv_proj(hidden)

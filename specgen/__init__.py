@@ -3,6 +3,25 @@
 __version__ = "0.1.0"
 
 
+def _interpreter_without_gpu_devices() -> None:
+    """Triton runs kernels without a GPU only under its CPU interpreter, and TRITON_INTERPRET must be set before
+    triton is imported. Where no GPU device exists at all (no NVIDIA, AMD or WSL device files, or macOS), turn it
+    on here, so `import specgen` before triton is enough. Checking files keeps `import specgen` free of torch (the
+    CLI does not need it); specgen.runtime repeats the check with torch.cuda.is_available() where device files
+    exist but no GPU is visible. An explicit TRITON_INTERPRET, even 0, stays as the user set it."""
+    import os
+    import sys
+
+    if "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    if sys.platform == "darwin" or (sys.platform.startswith("linux") and not any(
+            os.path.exists(path) for path in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg"))):
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpreter_without_gpu_devices()
+
+
 def load(spec, spec_path=None):
     """Build `spec` (a Spec or a YAML path) on first use, cache it by spec hash and tuning record, and return the
     imported module. The tuning record beside the YAML is baked in; for a Spec object, `spec_path` locates it."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
+import weakref
 
 import torch
 
@@ -19,6 +21,48 @@ class ArgumentError(ValueError):
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreter_without_gpu() -> None:
+    """Without a CUDA GPU, Triton runs kernels only under its CPU interpreter, and TRITON_INTERPRET must be set
+    before triton is imported (Triton 3.6 decorates its own library functions, tl.zeros and the like, at import).
+    Generated modules import this file before triton, so turning the interpreter on here makes CPU use work as
+    written; `import specgen` does the same where no GPU device exists at all (specgen/__init__.py). An explicit
+    TRITON_INTERPRET (even 0) is the user's choice and stays; when triton came first, `check_backend` names the
+    fix at the first call."""
+    if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpreter_without_gpu()
+_triton_interprets: list = []  # [bool] once known: was triton imported under the interpreter?
+
+
+def check_backend(fn: str, name: str, x: torch.Tensor) -> None:
+    """CPU tensors need Triton's interpreter, on for triton itself and for the module's kernels; without it Triton
+    fails deep inside its launcher ("0 active drivers", "Cannot call @triton.jit'd outside of the scope of a
+    kernel"). One line instead, naming what to set."""
+    if x.device.type != "cpu":
+        return
+    if not _triton_interprets:
+        import triton.language as tl
+
+        _triton_interprets.append(type(tl.zeros).__name__ == "InterpretedFunction")
+    if interpreting() and _triton_interprets[0]:
+        return
+    if torch.cuda.is_available():
+        raise ArgumentError(f"{fn}: argument `{name}` is on the CPU but the kernels run on the GPU; move the inputs "
+                            f"to CUDA (or set TRITON_INTERPRET=1 before importing triton to run them on Triton's "
+                            f"CPU interpreter)")
+    setting = os.environ.get("TRITON_INTERPRET")
+    if setting is None or interpreting():
+        why = ("triton was imported before specgen could turn its CPU interpreter on" if setting is None else
+               "TRITON_INTERPRET=1 was set after triton was imported, too late for Triton")
+    else:
+        why = f"TRITON_INTERPRET={setting} turns Triton's CPU interpreter off"
+    raise ArgumentError(f"{fn}: no CUDA GPU here, so the kernels need Triton's CPU interpreter, but {why}; set "
+                        f"TRITON_INTERPRET=1 in the environment before Python starts (or import specgen before "
+                        f"triton and leave TRITON_INTERPRET unset)")
 
 
 def _fmt(shape) -> str:
@@ -36,6 +80,8 @@ def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None,
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"{fn}: argument `{name}` must be a torch.Tensor of shape {_fmt(shape)}"
                             f"{where}, got {type(x).__name__}")
+    if device is None:  # the first argument: it fixes the device every other one must share
+        check_backend(fn, name, x)
     if x.dim() != len(shape):
         raise ArgumentError(f"{fn}: argument `{name}` must have {len(shape)} dims {_fmt(shape)}{where}, "
                             f"got shape {_fmt(tuple(x.shape))}")
@@ -59,12 +105,13 @@ def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None,
     return x
 
 
-def check_seqlen(fn: str, T: int, max_seqlen: int, spec_name: str) -> None:
+def check_seqlen(fn: str, T: int, max_seqlen: int, spec_name: str, name: str = "q") -> None:
     if T < 1:
-        raise ArgumentError(f"{fn}: the sequence is empty (T={T}); pass at least one token")
+        raise ArgumentError(f"{fn}: argument `{name}` holds an empty sequence (T={T}, dim 1); pass at least one "
+                            f"token")
     if T > max_seqlen:
-        raise ArgumentError(f"{fn}: T={T} exceeds the spec's max_seqlen={max_seqlen} (spec {spec_name}); "
-                            f"raise max_seqlen in the spec and rebuild")
+        raise ArgumentError(f"{fn}: argument `{name}` has T={T} (dim 1), which exceeds the spec's "
+                            f"max_seqlen={max_seqlen} (spec {spec_name}); raise max_seqlen in the spec and rebuild")
 
 
 def check_out(fn: str, out, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -80,7 +127,26 @@ def check_out(fn: str, out, shape: tuple, dtype: torch.dtype, device: torch.devi
     return out
 
 
-def check_indices(fn: str, indices, shape: tuple, device: torch.device) -> torch.Tensor:
+# Elements of `indices` checked per chunk of rows (bounds the boolean temporaries: 64 MiB each at 2**26).
+INDEX_CHECK_ELEMENTS = 1 << 26
+_last_indices = None  # (weakref to the last indices tensor checked, its version, its bounds key)
+
+
+def check_indices(fn: str, indices, shape: tuple, device: torch.device, unit: int = 1,
+                  packed: "Packed | None" = None) -> torch.Tensor:
+    """Check a hand-made selection (`indices=`): int32 of `shape` on `device`, and its values.
+
+    Each row (one query position and kv group) must list distinct units (blocks of `unit` tokens, or tokens when
+    `unit` is 1) in strictly ascending order, each in [0, n) where n is the number of units of the row's sequence
+    (T // unit rounded up), with -1 only as trailing padding. A unit after the query's own position is allowed
+    (selected attention reads only keys s <= t inside it: it adds nothing). Values are checked in one vectorised
+    pass and one host sync; a bad row raises ArgumentError naming it, the first offending slot and the fix.
+
+    `shape` is (B, T, G, k), or (total, G, k) for a packed batch with its `packed` map (limits per sequence).
+    Skipped (shape, dtype and device still checked): under torch.compile, during CUDA-graph capture (no host
+    reads there) and with SPECGEN_CHECK_INDICES=0; the same tensor, unmodified, is checked once (the last one).
+    """
+    global _last_indices
     if not isinstance(indices, torch.Tensor) or tuple(indices.shape) != tuple(shape) or indices.dtype != torch.int32:
         got = (f"{_fmt(tuple(indices.shape))} {indices.dtype}" if isinstance(indices, torch.Tensor)
                else type(indices).__name__)
@@ -88,7 +154,102 @@ def check_indices(fn: str, indices, shape: tuple, device: torch.device) -> torch
                             f"last), got {got}")
     if indices.device != device:
         raise ArgumentError(f"{fn}: argument `indices` is on {indices.device} but `q` is on {device}")
-    return indices.contiguous()
+    checked = indices.contiguous()
+    if _no_host_reads() or not index_checks_enabled() or checked.numel() == 0:
+        return checked
+    key = (tuple(shape), unit, packed)  # a packed batch's limits depend on its map (compared by identity)
+    last = _last_indices
+    if last is not None and last[0]() is indices and last[1] == indices._version and last[2] in (key, None):
+        return checked
+    k = shape[-1]
+    rows = checked.view(-1, k)
+    if packed is not None:
+        # Units of each row's own sequence: rows are (token, group), tokens in packed order.
+        n_units = (packed.token_lengths() + unit - 1) // unit
+        limit = n_units.repeat_interleave(shape[1])
+    else:
+        limit = -(-shape[1] // unit)
+    bad = torch.empty(rows.shape[0], dtype=torch.bool, device=rows.device)
+    step = max(1, INDEX_CHECK_ELEMENTS // max(k, 1))
+    for r0 in range(0, rows.shape[0], step):
+        chunk = rows[r0:r0 + step]
+        lim = limit if isinstance(limit, int) else limit[r0:r0 + step, None]
+        row_bad = ((chunk < -1) | (chunk >= lim)).any(dim=1)
+        if k > 1:
+            prev, cur = chunk[:, :-1], chunk[:, 1:]
+            # After the first slot each entry is padding or above its predecessor, which is not padding.
+            row_bad |= ((cur != -1) & ((cur <= prev) | (prev == -1))).any(dim=1)
+        bad[r0:r0 + step] = row_bad
+    if bool(bad.any()):  # the one host sync of a good selection
+        r = int(bad.nonzero()[0])
+        n = limit if isinstance(limit, int) else int(limit[r])
+        raise ArgumentError(_index_error(fn, rows[r].tolist(), r, shape, unit, n, packed))
+    _last_indices = (weakref.ref(indices), indices._version, key)
+    return checked
+
+
+def trust_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Mark `indices` (derived from checked ones, e.g. padded) as checked, so the next check_indices skips it."""
+    global _last_indices
+    _last_indices = (weakref.ref(indices), indices._version, None)
+    return indices
+
+
+def index_checks_enabled() -> bool:
+    """Values of `indices=` are checked unless SPECGEN_CHECK_INDICES=0 (a production loop that trusts its
+    selections and wants no host sync per call)."""
+    return os.environ.get("SPECGEN_CHECK_INDICES", "1") != "0"
+
+
+def _index_error(fn: str, row: list, r: int, shape: tuple, unit: int, n: int, packed) -> str:
+    what = "token" if unit == 1 else "block"
+    if packed is not None:
+        token, g = divmod(r, shape[1])
+        pos = int(packed.positions()[token])
+        seq = int(packed.dst[token]) // packed.max_seqlen
+        where = f"indices[{token}, {g}] (sequence {seq}, position {pos}, kv group {g})"
+        span = (f"sequence {seq} has {n} token{'s' * (n != 1)}" if unit == 1 else
+                f"sequence {seq} has {n} block{'s' * (n != 1)} of {unit} tokens")
+    else:
+        b, rest = divmod(r, shape[1] * shape[2])
+        t, g = divmod(rest, shape[2])
+        where = f"indices[{b}, {t}, {g}] (batch {b}, position {t}, kv group {g})"
+        span = f"T={shape[1]}" if unit == 1 else f"T={shape[1]} makes {n} block{'s' * (n != 1)} of {unit} tokens"
+    shown = str(row) if len(row) <= 12 else str(row[:12])[:-1] + f", ... ({len(row)} slots)]"
+    rule = (f"each row lists distinct {what}s in ascending order, each in [0, {n}) ({span}), with -1 only as "
+            f"trailing padding")
+    sort_fix = ("fix: sort each row and drop repeats (specgen.runtime.canonical_indices(indices) does that and moves "
+                "-1 to the end)")
+    for j, v in enumerate(row):
+        if v < -1 or v >= n:
+            return (f"{fn}: argument `indices` row {where} = {shown} holds {v} at slot {j}, outside [0, {n}); "
+                    f"{rule}; fix: keep every entry in [0, {n}) and mark unused slots -1")
+        if j == 0 or v == -1:
+            continue
+        prev = row[j - 1]
+        if prev != -1 and v > prev:
+            continue
+        if prev == -1:
+            problem = f"has -1 at slot {j - 1} before {what} {v} at slot {j} (-1 is padding and must come last)"
+        elif v == prev:
+            problem = f"lists {what} {v} twice (slots {j - 1} and {j}): it would be attended twice"
+        else:
+            problem = f"is not ascending: slot {j} holds {v} after {prev}"
+        return f"{fn}: argument `indices` row {where} = {shown} {problem}; {rule}; {sort_fix}"
+    return f"{fn}: argument `indices` row {where} = {shown} breaks the rule: {rule}"  # not reached
+
+
+def canonical_indices(indices: torch.Tensor) -> torch.Tensor:
+    """A selection in the form the kernels take: each row (last dim) sorted ascending, repeats dropped, every -1
+    (and any other negative entry) moved to the end as -1 padding. Entries past the sequence are kept (and
+    rejected by the check). Same shape and dtype; differentiable in nothing (indices carry no gradient)."""
+    big = torch.iinfo(torch.int64).max
+    x = indices.long()
+    x = torch.where(x < 0, big, x).sort(dim=-1).values
+    repeat = torch.zeros_like(x, dtype=torch.bool)
+    repeat[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = torch.where(repeat, big, x).sort(dim=-1).values
+    return torch.where(x == big, -1, x).to(indices.dtype)
 
 
 def require(fn: str, name: str, value, why: str):
@@ -224,6 +385,10 @@ class Packed:
         pos = torch.arange(max_seqlen, device=cu.device)
         self.row_ok = pos[None, :] < (cu[1:] - cu[:-1])[:, None]         # [N, max_seqlen] rows holding a token
 
+    def token_lengths(self) -> torch.Tensor:
+        """Length of each packed token's sequence, [total] (int64)."""
+        return self.row_ok.sum(dim=1)[self.dst // self.max_seqlen]
+
     def positions(self) -> torch.Tensor:
         """Position of each packed token within its sequence, [total] (0 at every sequence's start)."""
         return self.dst % self.max_seqlen
@@ -291,7 +456,7 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
         raise ArgumentError(f"{fn}: argument `max_seqlen` must be a positive int (the longest sequence's length), "
                             f"got {max_seqlen!r}")
     if max_seqlen > spec_max_seqlen:
-        raise ArgumentError(f"{fn}: max_seqlen={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
+        raise ArgumentError(f"{fn}: argument `max_seqlen`={max_seqlen} exceeds the spec's max_seqlen={spec_max_seqlen} "
                             f"(spec {spec_name}); raise max_seqlen in the spec and rebuild")
     if not _no_host_reads():
         key = (cu_seqlens._version, max_seqlen, total, spec_max_seqlen)

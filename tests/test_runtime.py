@@ -78,3 +78,140 @@ def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
     # the default 2 splits, the 2-D path for more (the generated tests' num_splits=3 case).
     assert runtime.decode_combine_tiles(8, 48, 2, "cpu") == (16, 32, 2, 4)
     assert runtime.decode_combine_tiles(8, 16, 3, "cpu") == (16, 16, 1, 4)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hand-made selections: the value check of indices= (the call table is tests/test_call_errors.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _selection(T=40, unit=16, k=4):
+    """[1, T, 2, k] rows in the documented form: every visible block (at most k), ascending, -1 padding."""
+    idx = torch.full((1, T, 2, k), -1, dtype=torch.int32)
+    for t in range(T):
+        blocks = list(range(t // unit + 1))[:k]
+        idx[0, t, :, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    return idx
+
+
+def test_check_indices_reads_a_tensor_once_until_it_changes():
+    idx = _selection()
+    shape = tuple(idx.shape)
+    assert torch.equal(runtime.check_indices("f", idx, shape, idx.device, 16), idx)
+    calls = []
+    real = torch.Tensor.nonzero
+    try:
+        torch.Tensor.nonzero = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+        runtime.check_indices("f", idx, shape, idx.device, 16)                     # cached: no second pass
+        idx[0, 39, 1, 1] = 0                                                        # edited in place: [0, 0, 2, -1]
+        with pytest.raises(runtime.ArgumentError, match=r"indices\[0, 39, 1\].*lists block 0 twice"):
+            runtime.check_indices("f", idx, shape, idx.device, 16)
+    finally:
+        torch.Tensor.nonzero = real
+    assert calls == [1]                                                             # the error path only
+    # A different shape (another T) is checked again: block 2 does not exist at T = 32.
+    fresh = _selection()[:, :32].clone()
+    fresh[0, 31, 0, 2] = 2
+    with pytest.raises(runtime.ArgumentError, match=r"holds 2 at slot 2, outside \[0, 2\)"):
+        runtime.check_indices("f", fresh, tuple(fresh.shape), fresh.device, 16)
+
+
+def test_check_indices_allows_future_units_and_chunks_change_nothing(monkeypatch):
+    idx = _selection()
+    idx[0, 3, 0, :3] = torch.tensor([0, 1, 2], dtype=torch.int32)    # blocks after t = 3: allowed, they add nothing
+    runtime.check_indices("f", idx, tuple(idx.shape), idx.device, 16)
+    monkeypatch.setattr(runtime, "INDEX_CHECK_ELEMENTS", 12)          # 3 rows per chunk, a ragged last one
+    bad = idx.clone()
+    bad[0, 37, 1, 3] = 1
+    with pytest.raises(runtime.ArgumentError, match=r"indices\[0, 37, 1\] .* is not ascending"):
+        runtime.check_indices("f", bad, tuple(bad.shape), bad.device, 16)
+
+
+def test_check_indices_values_skipped_where_the_host_cannot_read(monkeypatch):
+    bad = _selection()
+    bad[0, 5, 0, :2] = torch.tensor([-1, 0], dtype=torch.int32)
+    monkeypatch.setenv("SPECGEN_CHECK_INDICES", "0")
+    runtime.check_indices("f", bad, tuple(bad.shape), bad.device, 16)          # the opt-out: values unchecked
+    monkeypatch.delenv("SPECGEN_CHECK_INDICES")
+    monkeypatch.setattr(runtime, "_no_host_reads", lambda: True)               # torch.compile / graph capture
+    runtime.check_indices("f", bad, tuple(bad.shape), bad.device, 16)
+    with pytest.raises(runtime.ArgumentError, match="int32"):                  # shape and dtype still checked
+        runtime.check_indices("f", bad.long(), tuple(bad.shape), bad.device, 16)
+    monkeypatch.undo()
+    with pytest.raises(runtime.ArgumentError, match="has -1 at slot 0 before block 0"):
+        runtime.check_indices("f", bad, tuple(bad.shape), bad.device, 16)
+
+
+def test_canonical_indices_gives_the_checked_form():
+    rows = torch.tensor([[[3, -1, 1, 3, -1, 0]], [[-1, -1, -1, -1, -1, -1]], [[5, 4, 4, 4, 2, -7]]],
+                        dtype=torch.int32)
+    got = runtime.canonical_indices(rows)
+    assert got.dtype == torch.int32
+    assert got.tolist() == [[[0, 1, 3, -1, -1, -1]], [[-1] * 6], [[2, 4, 5, -1, -1, -1]]]
+    as_selection = got.view(3, 6)[torch.arange(8) % 3].view(1, 8, 1, 6)      # T = 8 tokens: every entry in range
+    runtime.check_indices("f", as_selection, (1, 8, 1, 6), got.device, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without a GPU, as written: specgen turns Triton's interpreter on itself, or names what to set (fresh interpreters)
+# ---------------------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU does")
+
+
+def _run_fresh(code: str, **env_changes) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python at the repository root, TRITON_INTERPRET unset unless given."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _readme_cpu_training_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    snippet = next(b for b in blocks if "NSAttention(64)" in b)
+    assert "range(5)" in snippet and "TRITON_INTERPRET" not in snippet
+    return snippet
+
+
+@no_gpu
+def test_readme_cpu_training_snippet_runs_as_written():
+    """The README's CPU training snippet, without TRITON_INTERPRET set (one of its five steps: the interpreter
+    takes seconds per step, and the first step is where it used to crash)."""
+    snippet = _readme_cpu_training_snippet().replace("range(5)", "range(1)")
+    result = _run_fresh(snippet + "\nassert torch.isfinite(loss).all()\nprint('trained', loss.item())\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained" in result.stdout
+
+
+@no_gpu
+@pytest.mark.parametrize("setup,words", [
+    ("import triton", "triton was imported before specgen"),
+    ("import os; os.environ['TRITON_INTERPRET'] = '0'", "TRITON_INTERPRET=0 turns"),
+])
+def test_without_the_interpreter_the_first_call_names_what_to_set(setup, words):
+    """triton imported before specgen (its own helpers are then compiled-mode objects), or the interpreter
+    turned off explicitly: the first call raises one line naming TRITON_INTERPRET=1, before any kernel runs."""
+    code = f"""{setup}
+import torch, specgen
+from specgen.runtime import ArgumentError
+nsa = specgen.load("specs/nsa_small.yaml")
+x = torch.randn(1, 20, 64)
+try:
+    nsa.NSAttention(64)(x)
+except ArgumentError as e:
+    print("ERROR:", e)
+"""
+    result = _run_fresh(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip()
+    assert line.startswith("ERROR: nsa_attention: no CUDA GPU here") and "\n" not in line, line
+    assert words in line and "set TRITON_INTERPRET=1 in the environment" in line, line
