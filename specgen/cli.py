@@ -89,7 +89,8 @@ def cmd_explain(args) -> int:
 def cmd_list(args) -> int:
     from .spec import load_spec
 
-    print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'selection':<24} file")
+    print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'dtype':<5} {'mla':<3} "
+          f"{'scale':<9} {'selection':<24} file")
     for path in spec_paths(args.folders or ["specs"]):
         try:
             s = load_spec(path)
@@ -100,7 +101,7 @@ def cmd_list(args) -> int:
         sel_text = (f"{sel.granularity} top{sel.top_k}" + (f" l'={sel.block}" if sel.granularity == "block" else "")
                     if sel else "-")
         print(f"{s.name:<20} {s.family:<6} {s.hash}  {f'{s.heads.q}/{s.heads.kv}':<8} {f'{s.head_dim.qk}/{s.head_dim.v}':<8} "
-              f"{sel_text:<24} {path}")
+              f"{s.dtype:<5} {'yes' if s.mla else 'no':<3} {s.softmax_scale:<9.4g} {sel_text:<24} {path}")
     return 0
 
 

@@ -109,7 +109,8 @@ class Spec:
     head_dim: HeadDims = _f("head dims", default_factory=HeadDims)
     dtype: str = _f("dtype of q, k, v and outputs; accumulation is fp32", "bf16", choices=DTYPES)
     causal: bool = _f("causal attention (the only mode the selection rules are defined for)", True)
-    scale: float | None = _f("softmax scale; null means head_dim.qk^-1/2", None)
+    scale: float | None = _f("softmax scale; null (or left out) means head_dim.qk^-1/2 for both families "
+                             "(DeepSeek-V3.2 writes 192^-1/2, its unabsorbed head's, in its spec)", None)
     kv: str = _f("shared: one k/v feeds every branch; independent: each branch gets its own k/v (the paper)",
                  "independent", choices=("shared", "independent"))
     mla: bool = _f("MLA in MQA mode: V is the first head_dim.v dims of K (read once, dV added into dK)", False)
@@ -126,6 +127,13 @@ class Spec:
     @property
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_dim.qk ** -0.5
+
+    @property
+    def scale_text(self) -> str:
+        """The effective softmax scale and where it comes from, for `specgen explain` and `specgen list`."""
+        if self.scale is not None:
+            return f"{self.scale:.6g} (written)"
+        return f"{self.softmax_scale:.6g} (head_dim.qk^-1/2 = {self.head_dim.qk}^-1/2)"
 
     @property
     def gated(self) -> bool:
@@ -165,8 +173,8 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     },
     "dsa": {
         "heads": {"q": 128, "kv": 1}, "head_dim": {"qk": 576, "v": 512}, "kv": "shared", "mla": True,
-        # V3.2 scales by the 192-dim unabsorbed head (128 nope + 64 rope), not 576^-1/2.
-        "scale": 192 ** -0.5,
+        # No scale: null means head_dim.qk^-1/2 for every family. V3.2 scales by its 192-dim unabsorbed head
+        # (128 nope + 64 rope), not 576^-1/2: specs/dsa_v32.yaml writes that value out.
         "branches": ["selection"],
         "selection": {"granularity": "token", "top_k": 2048, "scorer": "indexer"},
         "indexer": {"heads": 64, "head_dim": 128, "dtype": "bf16"},

@@ -22,7 +22,8 @@ from specgen.errors import SpecError, UnsupportedSpecError
 from specgen.spec import (FAMILY_DEFAULTS, Spec, field_reference, load_spec, replace, spec_from_mapping,
                           spec_from_yaml)
 
-SPECS = sorted(p for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
+SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+SPECS = sorted(p for p in SPECS_DIR.glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
 MARK = "#<"
 
 
@@ -252,7 +253,8 @@ def test_dsa_defaults_follow_v32():
     assert (s.heads.q, s.heads.kv, s.heads.group_size) == (128, 1, 128)
     assert (s.head_dim.qk, s.head_dim.v) == (576, 512)
     assert s.mla and s.kv == "shared"
-    assert s.scale == pytest.approx(192 ** -0.5) and s.softmax_scale == s.scale
+    # No family default for the scale: null means head_dim.qk^-1/2 (V3.2's 192^-1/2 is written in its spec).
+    assert s.scale is None and s.softmax_scale == 576 ** -0.5
     assert s.branches == ("selection",)
     assert s.compression is None and s.window is None
     sel = s.selection
@@ -261,6 +263,18 @@ def test_dsa_defaults_follow_v32():
     assert (s.indexer.heads, s.indexer.head_dim, s.indexer.dtype, s.indexer.scale) == (64, 128, "bf16", None)
     assert s.has == {"compression": False, "selection": True, "window": False}
     assert not s.needs_compressed_kv
+
+
+def test_a_dsa_spec_without_scale_uses_its_own_head_dim():
+    # null means head_dim.qk^-1/2 in both families: a GQA DSA spec with d 64 must not inherit V3.2's 192^-1/2.
+    s = spec_from_yaml("name: a\nfamily: dsa\nheads: {q: 8, kv: 2}\nhead_dim: {qk: 64, v: 64}\nmla: false\n"
+                       "indexer: {heads: 2, head_dim: 32}\nselection: {top_k: 16}\nmax_seqlen: 4096\n")
+    assert s.scale is None and s.softmax_scale == 64 ** -0.5
+    assert load_spec(SPECS_DIR / "dsa_small.yaml").softmax_scale == 64 ** -0.5
+    # V3.2 writes its value (that of the 192-dim unabsorbed head) in its spec; its identity is unchanged.
+    v32 = load_spec(SPECS_DIR / "dsa_v32.yaml")
+    assert v32.scale == pytest.approx(192 ** -0.5, rel=1e-15) and v32.softmax_scale == v32.scale
+    assert v32.hash == "4ef8cc6027bb7f42"
 
 
 def test_loading_does_not_change_the_family_defaults():
@@ -1010,7 +1024,7 @@ def test_replace_can_switch_family_and_branches():
                   selection={"granularity": "token", "top_k": 2048, "scorer": "indexer", "block": 1, "initial": 0,
                              "local": 0},
                   indexer={"heads": 64, "head_dim": 128},
-                  heads={"q": 128, "kv": 1}, head_dim={"qk": 576, "v": 512}, scale=192 ** -0.5)
+                  heads={"q": 128, "kv": 1}, head_dim={"qk": 576, "v": 512}, scale=None)
     assert dsa == spec_from_yaml("name: a\nfamily: dsa\n")
 
 
