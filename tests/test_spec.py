@@ -765,7 +765,7 @@ VALIDATE_CASES = [
     ("compression-block-zero", """
         name: a
         compression: {block: 0} #<
-        """, "compression.block", SpecError, "not a power of two"),
+        """, "compression.block", SpecError, "0 is outside 1..256 .must be at least 1"),
     ("compression-stride-not-pow2", """
         name: a
         compression:
@@ -902,7 +902,7 @@ VALIDATE_CASES = [
         name: a
         selection: {granularity: token, scorer: indexer}
         indexer: {head_dim: 8} #<
-        """, "indexer.head_dim", SpecError, "power of two >= 16"),
+        """, "indexer.head_dim", SpecError, "8 is outside 16..256 .must be at least 16"),
     ("indexer-heads-zero", """
         name: a
         selection: {granularity: token, scorer: indexer}
