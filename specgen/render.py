@@ -7,6 +7,7 @@ half-written module and an unchanged spec touches nothing.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 import jinja2
 
 from . import __version__
+from .errors import BuildError
 from .footprint import backward_tiles
 from .plan import Plan, make_plan
 from .spec import Spec, validated
@@ -223,27 +225,7 @@ def render_test(spec: Spec) -> str:
 
 def write_if_changed(path: Path, text: str) -> bool:
     """Atomically replace `path` with `text` unless it already holds exactly that; True if written."""
-    path = Path(path)
-    data = text.encode()
-    try:
-        if path.read_bytes() == data:
-            return False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes the file 0600; give it the mode a plain open() would (shared caches stay readable).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
+    return bool(write_files([(Path(path), text)]))
 
 
 @dataclass(frozen=True)
@@ -254,18 +236,136 @@ class Built:
     changed: tuple[Path, ...]
 
 
+def output_paths(spec: Spec, out_dir: Path) -> tuple[Path, Path]:
+    """The module and the test a build of `spec` writes into `out_dir`."""
+    return Path(out_dir) / f"{spec.name}.py", Path(out_dir) / f"test_{spec.name}.py"
+
+
 def build(spec: Spec, out_dir: Path, spec_path: Path | None = None) -> Built:
     """Render both files first, then write them: a template error leaves the old files untouched.
 
     `spec_path` locates the spec's tuning record (`<name>.tune.json` beside it), whose configs are baked in.
     """
+    return build_all([(spec, spec_path)], out_dir)[0]
+
+
+def build_all(specs: list[tuple[Spec, Path | None]], out_dir: Path) -> list[Built]:
+    """Build several specs into `out_dir`, all or nothing: every file is rendered, then written to a temporary file
+    beside its target, and only when all are written are they renamed over their targets. A failure (a full disk,
+    a read-only folder, a folder where a module must go) raises BuildError naming the path and the fix and removes
+    the temporary files; temporary files a killed build left behind are removed first."""
     from .tuning import load_records
 
     out_dir = Path(out_dir)
-    module_text = render_module(spec, load_records(spec, spec_path))
-    test_text = render_test(spec)
-    module_path = out_dir / f"{spec.name}.py"
-    test_path = out_dir / f"test_{spec.name}.py"
-    changed = tuple(p for p, text in ((module_path, module_text), (test_path, test_text))
-                    if write_if_changed(p, text))
-    return Built(spec, module_path, test_path, changed)
+    files: list[tuple[Path, str]] = []
+    built = []
+    for spec, spec_path in specs:
+        spec = validated(spec)
+        module_path, test_path = output_paths(spec, out_dir)
+        files += [(module_path, render_module(spec, load_records(spec, spec_path))), (test_path, render_test(spec))]
+        built.append((spec, module_path, test_path))
+    changed = set(write_files(files))
+    return [Built(spec, m, t, tuple(p for p in (m, t) if p in changed)) for spec, m, t in built]
+
+
+def write_files(files: list[tuple[Path, str]]) -> tuple[Path, ...]:
+    """Write `files` ((path, text) pairs) all or nothing; only those whose bytes change. Returns the changed paths.
+
+    OSErrors become BuildError (one line: the path, what is wrong, the fix); nothing is left behind on failure: no
+    temporary files, and no folder this call created."""
+    pending: list[tuple[str, Path]] = []
+    created: list[Path] = []
+    current: Path | None = None
+    try:
+        for path, text in files:
+            current = Path(path)
+            _remove_stale_temps(current)
+            data = text.encode()
+            if current.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(current))
+            try:
+                if current.read_bytes() == data:
+                    continue
+            except FileNotFoundError:
+                pass
+            created += _make_folder(current.parent)
+            fd, tmp = tempfile.mkstemp(dir=current.parent, prefix=f".{current.name}.", suffix=".tmp")
+            pending.append((tmp, current))
+            with os.fdopen(fd, "wb") as f:
+                _write(f, data)
+            # mkstemp makes the file 0600; give it the mode a plain open() would (shared caches stay readable).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, path in pending:
+            current = path
+            os.replace(tmp, path)
+    except OSError as exc:
+        _clean(pending, created)
+        raise _build_error(exc, current) from None
+    except BaseException:
+        _clean(pending, created)
+        raise
+    return tuple(path for _, path in pending)
+
+
+def _write(f, data: bytes) -> None:
+    f.write(data)  # a seam for tests (a full disk: OSError(ENOSPC))
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones created, outermost first (removed again on failure)."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _clean(pending: list[tuple[str, Path]], created: list[Path]) -> None:
+    for tmp, _ in pending:
+        Path(tmp).unlink(missing_ok=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of `path` that a killed build left (`.NAME.py.XXXX.tmp`)."""
+    try:
+        stale = list(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return
+    for tmp in stale:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _build_error(exc: OSError, path: Path | None) -> BuildError:
+    where = exc.filename or path or "<output>"
+    code = exc.errno
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        return BuildError(where, "cannot write: no space left on the device", "free space on that disk, or build "
+                          "into another folder (--out; $SPECGEN_CACHE for specgen.load)")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BuildError(where, f"cannot write: {exc.strerror or 'permission denied'}", "build into a writable "
+                          "folder (--out; $SPECGEN_CACHE for specgen.load), or make this one writable")
+    if code == errno.EISDIR:
+        return BuildError(where, "a folder stands where a generated file must go", "remove or rename that folder")
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        where = Path(path).parent if path is not None else where
+        return BuildError(where, "a part of this path is a file, not a folder", "name a folder for the output "
+                          "(--out), or move the file")
+    if code == errno.ENAMETOOLONG:
+        return BuildError(where, "file name too long", "use a shorter spec name or output folder")
+    return BuildError(where, f"cannot write: {exc.strerror or exc}", "check the output folder (--out)")
