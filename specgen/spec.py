@@ -252,6 +252,9 @@ class _Located:
     def error(self, path: str, message: str, fix: str = "", cls=SpecError, near: str | None = None) -> SpecError:
         """`near`: where to point when `path` is not written in the file (a default the user's choice conflicts with)."""
         line = self.line(path) or (self.line(near) if near else None)
+        if line is None and self.file is not None:
+            # Not written in the file (a required field, a default in conflict): point at the spec's first line.
+            line = self.lines.get("<spec>", 1)
         return cls(path, message, fix, file=self.file, line=line)
 
 
@@ -269,7 +272,7 @@ def _compose(text: str, where: _Located) -> Any:
 
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError("<file>", f"{len(text)} characters: too long for a spec (at most {MAX_SPEC_BYTES})",
-                        "a spec is a short list of fields: check that this is the right file", file=where.file)
+                        "a spec is a short list of fields: check that this is the right file", file=where.file, line=1)
     try:
         _check_depth(text, where)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -283,7 +286,7 @@ def _compose(text: str, where: _Located) -> Any:
         line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
         problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or exc
         raise SpecError("<yaml>", f"not valid YAML: {problem}",
-                        "check indentation and quoting near that line", file=where.file, line=line) from None
+                        "check indentation and quoting near that line", file=where.file, line=line or 1) from None
 
 
 def _check_depth(text: str, where: _Located) -> None:
@@ -744,7 +747,8 @@ def read_yaml_file(path: Path, cls: type[SpecError] = SpecError, what: str = "sp
         raise cls("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
     except UnicodeDecodeError as exc:
         raise cls("<file>", f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                  f"save the {what} as UTF-8 text", file=str(path)) from None
+                  f"save the {what} as UTF-8 text", file=str(path), line=exc.object.count(b"\n", 0, exc.start) + 1
+                  ) from None
     where = _Located(str(path))
     return _compose(text, where), where
 

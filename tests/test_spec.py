@@ -337,7 +337,7 @@ def test_unreadable_file_not_utf8(tmp_path):
     path.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    _check_error(info.value, cls=SpecError, field="<file>", file=str(path), line=None, match="UTF-8")
+    _check_error(info.value, cls=SpecError, field="<file>", file=str(path), line=1, match="UTF-8")  # the byte's line
 
 
 def test_invalid_yaml(tmp_path):
@@ -409,13 +409,13 @@ def test_spec_that_is_a_scalar(tmp_path):
 
 
 def test_empty_file_needs_a_name(tmp_path):
-    # a missing key stands on no line
-    _load_error(tmp_path, "# nothing here\n", "name", match="is required")
+    # a missing key stands on no line: the error points at the spec's first line (file:line: field: every time)
+    _load_error(tmp_path, "# nothing here\n", "name", match="is required", line=1)
 
 
 def test_missing_name(tmp_path):
     _load_error(tmp_path, """
-        heads: {q: 4, kv: 2}
+        heads: {q: 4, kv: 2} #<
         """, "name", match="is required")
 
 
