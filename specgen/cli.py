@@ -108,7 +108,7 @@ def cmd_list(args) -> int:
         try:
             s = load_spec(path)
         except SpecError as exc:
-            print(f"{path.stem:<20} invalid: {exc.message}  ({path})")
+            print(f"{path.stem:<20} invalid: {' '.join(exc.message.split())}  ({path})")
             continue
         sel = s.selection
         sel_text = (f"{sel.granularity} top{sel.top_k}" + (f" l'={sel.block}" if sel.granularity == "block" else "")

@@ -352,7 +352,7 @@ def glob_escape(name: str) -> str:
 
 
 def _build_error(exc: OSError, path: Path | None) -> BuildError:
-    where = exc.filename or path or "<output>"
+    where = exc.filename if isinstance(exc.filename, (str, os.PathLike)) else path or "<output>"
     code = exc.errno
     if code == errno.ENOSPC or code == errno.EDQUOT:
         return BuildError(where, "cannot write: no space left on the device", "free space on that disk, or build "

@@ -64,7 +64,7 @@ def _f(doc: str, default: Any = dataclasses.MISSING, choices: tuple | None = Non
 class Heads:
     q: int = _f("query heads", 64, bounds=(1, MAX_HEADS, "a kv group's query heads are the rows of one tile"))
     kv: int = _f("key/value heads (q = kv: MHA, 1: MQA, else GQA); query heads of one kv head form a group", 4,
-                 bounds=(1, MAX_HEADS, "at most heads.q"))
+                 bounds=(1, MAX_HEADS, "kv heads divide the query heads"))
 
     @property
     def group_size(self) -> int:
@@ -284,7 +284,11 @@ def _compose(text: str, where: _Located) -> Any:
         mark = getattr(exc, "problem_mark", None)
         position = getattr(exc, "position", None)  # a ReaderError (a forbidden character) has no mark
         line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
-        problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or exc
+        problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None))))
+        if isinstance(exc, yaml.reader.ReaderError):
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            problem = f"the character U+{code:04X} is not allowed in YAML (a control character or a stray byte)"
+        problem = " ".join(str(problem or exc).split())  # one line
         raise SpecError("<yaml>", f"not valid YAML: {problem}",
                         "check indentation and quoting near that line", file=where.file, line=line or 1) from None
 
@@ -324,9 +328,11 @@ def _node_value(node, path: str, where: _Located, budget: _Budget | None = None,
     budget.nodes += 1
     here = path or "<spec>"
     if budget.nodes > MAX_YAML_NODES:
+        # The node itself stands where its anchor was written: point at the key being expanded instead.
+        line = where.line(here.partition("[")[0]) or _line(node)
         raise SpecError(here, f"expands to more than {MAX_YAML_NODES} YAML values (aliases repeat what they name)",
                         "write the values out; a spec needs no aliases that expand this far",
-                        file=where.file, line=_line(node))
+                        file=where.file, line=line)
     if depth > MAX_YAML_DEPTH:
         raise SpecError(here, f"nested more than {MAX_YAML_DEPTH} levels deep", "flatten the value",
                         file=where.file, line=_line(node))
