@@ -134,7 +134,7 @@ class Decode:
 @dataclass(frozen=True)
 class Spec:
     name: str = _f("identifier of the variant: names the generated module and its functions; lowercase letters, "
-                   "digits and _, at most 64 characters, not a Python keyword, not test_* or *_test, and not a "
+                   "digits and _, at most 128 characters, not a Python keyword, not test_* or *_test, and not a "
                    "module the generated code or Python imports (torch, triton, os, ...)")
     family: str = _f("nsa (gated compression/selection/window branches) or dsa (indexer + token-sparse attention)",
                      "nsa", choices=("nsa", "dsa"))
@@ -529,7 +529,9 @@ def _pow2(x: int) -> bool:
 
 
 # A spec's name names its module (NAME.py), its test (test_NAME.py), its cache folder and its torch ops.
-MAX_NAME = 64
+# NAME.py, test_NAME.py, a build's .test_NAME.py.XXXXXXXX.tmp and specgen.load's cache folder NAME_<hash>_<record>
+# stay far below the 255 bytes a file name may have.
+MAX_NAME = 128
 # Modules the generated code, its tests and pytest import: a generated NAME.py beside its tests would shadow them.
 RESERVED_NAMES = frozenset({"torch", "triton", "specgen", "numpy", "sympy", "pytest", "jinja2", "yaml", "conftest",
                             "pluggy", "setuptools", "pkg_resources", "typing_extensions", "filelock", "networkx",

@@ -105,6 +105,18 @@ def test_no_traceback_reaches_the_terminal(case, tmp_path):
 # Names that collide, in one build and with what the generated code imports
 # ---------------------------------------------------------------------------------------------------------------
 
+def test_the_longest_name_builds(tmp_path, capsys):
+    """A name of MAX_NAME characters passes check and build writes both files (236 passed check, then failed)."""
+    from specgen.spec import MAX_NAME
+
+    name = "n" * MAX_NAME
+    spec = tmp_path / "long.yaml"
+    spec.write_text(SMALL.read_text().replace("name: nsa_small", f"name: {name}"))
+    rc, out, err = _run(capsys, "build", spec, "--out", tmp_path / "out")
+    assert rc == 0, err
+    assert _files(tmp_path / "out") == [f"{name}.py", f"test_{name}.py"]
+
+
 def test_two_specs_of_one_name_in_one_build(tmp_path, capsys):
     other = tmp_path / "copy.yaml"
     other.write_text(SMALL.read_text())

@@ -96,7 +96,7 @@ SECTION_VALUES = ["4", "[4, 2]", "text", "true"]
 # not identifiers; too long (236 characters passed `check`, then `build` failed on the test file).
 NAMES = ["test_nsa_small", "nsa_small_test", "torch", "triton", "specgen", "numpy", "sympy", "pytest", "os", "sys",
          "math", "typing", "random", "conftest", "class", "import", "None", "'1abc'", "Nsa", "nsa-small", "'nsa small'",
-         "'nsa.small'", "''", "'a\"\\nimport os\\n'", "\"x'\\nimport os\"", "_private", "a" * 65, "a" * 236,
+         "'nsa.small'", "''", "'a\"\\nimport os\\n'", "\"x'\\nimport os\"", "_private", "a" * 129, "a" * 236,
          "'caf\u00e9'", "2024-01-01", "2024-13-45", "12", "1.5", "true", "null", "[a, b]", "{a: 1}"]
 
 # Whole files: (case name, expected field, text); `#<` marks the line the error names.
