@@ -462,7 +462,9 @@ def _typed(value: Any, f: dataclasses.Field, path: str, where: _Located) -> Any:
     if kind == "float | None":
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        # (isfinite only on floats: an int of hundreds of digits overflows float(); the bounds below refuse it)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or isinstance(value, float) and not math.isfinite(value) or value <= 0):
             fix = "write a number > 0, or null"
             if isinstance(value, str) and re.fullmatch(r"[0-9.]+[eE][-+]?[0-9]+", value.strip()):
                 fix += " (YAML reads 1e-3 as text: write 1.0e-3)"

@@ -70,9 +70,11 @@ NUMERIC = [
 ]
 # Scales: fp32's normal range, positive.
 SCALES = [(NSA, "scale"), (DSA, "indexer.scale")]
-SCALE_VALUES = ["0", "-0.5", "1.0e-40", "1.0e+39", ".inf", ".nan", "1e-3", "'0.1'", "[0.1]", "true"]
-# Wrong types for every whole-number field (one representative of each kind).
-WRONG_INT = ["4.5", "'4'", "true", "null", "[4]", "{q: 4}", "four"]
+HUGE = "9" * 400  # more than a float holds: float() of it overflows
+SCALE_VALUES = ["0", "-0.5", "1.0e-40", "1.0e+39", ".inf", ".nan", "1e-3", "'0.1'", "[0.1]", "true", HUGE,
+                "-" + HUGE, "1" + "0" * 39]
+# Wrong types for every whole-number field (one representative of each kind), and a number beyond any float.
+WRONG_INT = ["4.5", "'4'", "true", "null", "[4]", "{q: 4}", "four", HUGE, "-" + HUGE, "4.0e+400"]
 INT_FIELDS = [(NSA, p) for p in ("heads.q", "heads.kv", "head_dim.qk", "head_dim.v", "compression.block",
                                  "compression.stride", "selection.block", "selection.top_k", "selection.initial",
                                  "selection.local", "window.size", "max_seqlen", "decode.max_q_len",
