@@ -337,7 +337,7 @@ def _clean(pending: list[tuple[str, Path]], created: list[Path]) -> None:
 def _remove_stale_temps(path: Path) -> None:
     """Temporary files of `path` that a killed build left (`.NAME.py.XXXX.tmp`)."""
     try:
-        stale = list(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+        stale = list(path.parent.glob(f".{_glob_escape(path.name)}.*.tmp"))
     except OSError:
         return
     for tmp in stale:
@@ -347,7 +347,7 @@ def _remove_stale_temps(path: Path) -> None:
             pass
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
     return re.sub(r"([*?[])", r"[\1]", name)
 
 
