@@ -454,6 +454,7 @@ def explain(spec: Spec, T_value: int | None = None) -> str:
     lines = [f"spec {spec.name} (hash {spec.hash}), family {spec.family}, {spec.dtype}, "
              f"{spec.heads.q} q heads / {spec.heads.kv} kv heads, branches: "
              f"{', '.join(b.name for b in a.branches)}",
+             f"softmax scale {spec.scale_text}, mla {'yes' if spec.mla else 'no'}, dtype {spec.dtype}",
              f"forward pass, batch 1, T = {n}; FLOPs count 2 per multiply-add (QK^T, PV, pooling); "
              "symbolic forms are for large T (floors dropped)", ""]
 

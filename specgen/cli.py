@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import SpecError
+from .errors import BuildError, SpecError
 
 USAGE_ERROR = 2
 
@@ -19,8 +19,11 @@ class UsageError(Exception):
     """A mistake in how the command was called (not in a spec)."""
 
 
-def spec_paths(targets: list[str]) -> list[Path]:
-    """Spec files named directly, or every *.yaml in a named folder (sorted; sweeps skipped); each file once."""
+def spec_paths(targets: list[str], notes: bool = False) -> list[Path]:
+    """Spec files named directly, or every *.yaml in a named folder (sorted; sweeps skipped); each file once.
+
+    Sweep files (`*.sweep.yaml`) are skipped, named or found (`specgen check specs/*.yaml` names them): with `notes`,
+    a note on stderr says so and how to run them."""
     paths: list[Path] = []
     for target in targets:
         p = Path(target)
@@ -29,10 +32,15 @@ def spec_paths(targets: list[str]) -> list[Path]:
             if not found:
                 raise UsageError(f"{p}: no *.yaml specs in this folder")
             paths.extend(found)
+        elif p.name.endswith(".sweep.yaml") and p.is_file():
+            if notes:
+                print(f"specgen: note: {p}: a sweep file, skipped (run it with `specgen sweep {p}`)", file=sys.stderr)
         elif p.exists():
             paths.append(p)
         else:
             raise UsageError(f"{p}: no such spec file or folder")
+    if not paths:
+        raise UsageError(f"{' '.join(targets)}: only sweep files; specs are the other *.yaml files")
     seen: set[Path] = set()
     unique = []
     for p in paths:
@@ -43,30 +51,35 @@ def spec_paths(targets: list[str]) -> list[Path]:
 
 
 def _load_all(targets: list[str]):
+    return [spec for spec, _ in _load_with_paths(targets)]
+
+
+def _load_with_paths(targets: list[str]):
+    """(spec, path) of every spec named, all validated; two specs of one name (one module) refused."""
     from .spec import load_spec
 
-    specs = [load_spec(p) for p in spec_paths(targets)]
+    paths = spec_paths(targets, notes=True)
+    specs = [load_spec(p) for p in paths]
     names: dict[str, Path] = {}
-    for spec, path in zip(specs, spec_paths(targets)):
+    for spec, path in zip(specs, paths):
         if spec.name in names and names[spec.name].resolve() != path.resolve():
             raise UsageError(f"{path}: spec name {spec.name!r} is also used by {names[spec.name]}; "
                              f"generated modules are named after specs, so names must be unique")
         names[spec.name] = path
-    return specs
+    return list(zip(specs, paths))
 
 
 def cmd_build(args) -> int:
-    from .render import build
+    from .render import build_all
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; name a folder for the generated files")
-    # Validate every spec before writing anything, so one bad spec leaves no partial build behind.
-    specs = _load_all(args.specs)
-    for spec, path in zip(specs, spec_paths(args.specs)):
-        built = build(spec, Path(args.out), spec_path=path)
+    # Validate every spec before writing anything, so one bad spec leaves no partial build behind; then write all
+    # files of all specs at once (temporary files renamed at the end), so a failed write leaves none either.
+    for built in build_all(_load_with_paths(args.specs), out):
         state = "updated" if built.changed else "unchanged"
-        print(f"{spec.name:<20} {spec.hash}  {built.module}  {built.test}  ({state})")
+        print(f"{built.spec.name:<20} {built.spec.hash}  {built.module}  {built.test}  ({state})")
     return 0
 
 
@@ -89,18 +102,19 @@ def cmd_explain(args) -> int:
 def cmd_list(args) -> int:
     from .spec import load_spec
 
-    print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'selection':<24} file")
+    print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'dtype':<5} {'mla':<3} "
+          f"{'scale':<9} {'selection':<24} file")
     for path in spec_paths(args.folders or ["specs"]):
         try:
             s = load_spec(path)
         except SpecError as exc:
-            print(f"{path.stem:<20} invalid: {exc.message}  ({path})")
+            print(f"{path.stem:<20} invalid: {' '.join(exc.message.split())}  ({path})")
             continue
         sel = s.selection
         sel_text = (f"{sel.granularity} top{sel.top_k}" + (f" l'={sel.block}" if sel.granularity == "block" else "")
                     if sel else "-")
         print(f"{s.name:<20} {s.family:<6} {s.hash}  {f'{s.heads.q}/{s.heads.kv}':<8} {f'{s.head_dim.qk}/{s.head_dim.v}':<8} "
-              f"{sel_text:<24} {path}")
+              f"{s.dtype:<5} {'yes' if s.mla else 'no':<3} {s.softmax_scale:<9.4g} {sel_text:<24} {path}")
     return 0
 
 
@@ -112,7 +126,7 @@ def cmd_bench(args) -> int:
     if args.decode:
         from .bench_decode import bench_decode, record_decode, table as decode_table
 
-        for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
+        for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
                                            flex=args.flex, spec_path=path)
@@ -123,7 +137,7 @@ def cmd_bench(args) -> int:
     from .bench import bench_passes, machine_peaks, record, table
 
     machine = machine_peaks()
-    for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
+    for spec, path in _load_with_paths(args.specs):
         machine, rows = bench_passes(spec, args.seqlens, backward=not args.forward_only, dense=not args.no_dense,
                                      machine=machine, spec_path=path)
         print(table(spec, machine, rows))
@@ -139,7 +153,7 @@ def cmd_tune(args) -> int:
         raise UsageError("tune needs a CUDA GPU")
     from .tune import tune
 
-    for spec, path in zip(_load_all(args.specs), spec_paths(args.specs)):
+    for spec, path in _load_with_paths(args.specs):
         try:
             tune(spec, path, min(args.seqlen, spec.max_seqlen), Path(args.workdir), backward=not args.forward_only,
                  kernels=args.kernels)
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"specgen: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
-    except UsageError as exc:
+    except (UsageError, BuildError) as exc:
         print(f"specgen: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
 

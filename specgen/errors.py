@@ -39,3 +39,17 @@ class UnsupportedSpecError(SpecError):
 
 def _rebuild(cls, field, message, fix, file, line):
     return cls(field, message, fix, file=file, line=line)
+
+
+class BuildError(Exception):
+    """A build that cannot write its output or read its inputs besides the spec (the output folder, a tuning record):
+    one line naming the path, what is wrong and the fix. The CLI prints it without a traceback and exits 2."""
+
+    def __init__(self, path: str, message: str, fix: str = ""):
+        self.path = str(path)
+        self.message = message
+        self.fix = fix
+        super().__init__(f"{self.path}: {message}" + (f"; fix: {fix}" if fix else ""))
+
+    def __reduce__(self):
+        return type(self), (self.path, self.message, self.fix)

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from . import __version__
 from .render import build
-from .spec import Spec, load_spec
+from .spec import Spec, load_spec, validated
 
 _loaded: dict[str, ModuleType] = {}
 
@@ -46,6 +46,8 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
+    else:
+        spec = validated(spec)  # exactly as a file is validated: a Spec built in Python skipped those checks
     from .tuning import load_records, records_hash
 
     key = f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}"

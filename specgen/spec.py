@@ -30,12 +30,31 @@ INDEXER_DTYPES = ("bf16", "fp8_e4m3")
 INDEXER_STAGES = ("dense", "sparse")
 # The largest head dim the kernels split into power-of-two parts (576 = 512 + 64 for MLA).
 MAX_HEAD_DIM = 1024
+# Bounds of the numeric fields: what the kernels can run. Positions, lengths and block counts are int32 inside the
+# kernels (and top-k sort keys hold a position in 32 bits): 2^20 tokens keeps every sum of positions (t + window,
+# t + q_len, a page's first token) far from 2^31. Head counts: a kv group's query heads are the rows of one tile
+# (V3.2: 128), grids hold batch x kv heads. Top-k: the selection is one register row per query (V3.2: 2048 tokens).
+MAX_SEQLEN = 1 << 20
+MAX_HEADS = 256
+MAX_BLOCK = 256
+MAX_TOP_K = 8192
+MAX_INDEXER_HEADS = 128
+MAX_INDEXER_HEAD_DIM = 256
+MAX_PAGE_SIZE = 1024
+# Scales are fp32 inside the kernels: outside its normal range they flush to 0 or overflow to inf.
+FP32_MIN_NORMAL = 1.1754943508222875e-38
+FP32_MAX = 3.4028234663852886e38
+POSITIONS = "positions are int32 in the kernels"
 
 
-def _f(doc: str, default: Any = dataclasses.MISSING, choices: tuple | None = None, **kw) -> Any:
+def _f(doc: str, default: Any = dataclasses.MISSING, choices: tuple | None = None,
+       bounds: tuple | None = None, **kw) -> Any:
+    """A field with its doc, and its allowed values: `choices`, or `bounds` (low, high, why) of a number."""
     meta = {"doc": doc}
     if choices is not None:
         meta["choices"] = choices
+    if bounds is not None:
+        meta["bounds"] = bounds
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -43,8 +62,9 @@ def _f(doc: str, default: Any = dataclasses.MISSING, choices: tuple | None = Non
 
 @dataclass(frozen=True)
 class Heads:
-    q: int = _f("query heads", 64)
-    kv: int = _f("key/value heads (q = kv: MHA, 1: MQA, else GQA); query heads of one kv head form a group", 4)
+    q: int = _f("query heads", 64, bounds=(1, MAX_HEADS, "a kv group's query heads are the rows of one tile"))
+    kv: int = _f("key/value heads (q = kv: MHA, 1: MQA, else GQA); query heads of one kv head form a group", 4,
+                 bounds=(1, MAX_HEADS, "kv heads divide the query heads"))
 
     @property
     def group_size(self) -> int:
@@ -53,14 +73,17 @@ class Heads:
 
 @dataclass(frozen=True)
 class HeadDims:
-    qk: int = _f("head dim of queries and keys; a multiple of 16, split into power-of-two parts", 192)
-    v: int = _f("head dim of values and outputs", 128)
+    # Bounds (16..MAX_HEAD_DIM, multiples of 16) are checked in _validate, with the kernels' reason.
+    qk: int = _f("head dim of queries and keys; a multiple of 16 up to 1024, split into power-of-two parts", 192)
+    v: int = _f("head dim of values and outputs; a multiple of 16 up to 1024", 128)
 
 
 @dataclass(frozen=True)
 class Compression:
-    block: int = _f("compression block length l (tokens pooled into one compressed key)", 32)
-    stride: int = _f("compression stride d between block starts; d divides l and the selection block", 16)
+    block: int = _f("compression block length l (tokens pooled into one compressed key); a power of two", 32,
+                    bounds=(1, MAX_BLOCK, "a block is one tile of the pooling kernel"))
+    stride: int = _f("compression stride d between block starts; d divides l and the selection block", 16,
+                     bounds=(1, MAX_BLOCK, "at most the block length"))
     pool: str = _f("how a block's tokens are pooled: mean, or a learned linear map of the flattened block",
                    "mean", choices=("mean", "linear"))
     position_embedding: bool = _f("linear pool only: add a learned [l, D] intra-block position embedding first",
@@ -70,46 +93,58 @@ class Compression:
 @dataclass(frozen=True)
 class Selection:
     granularity: str = _f("select blocks of `block` tokens, or single tokens", "block", choices=("block", "token"))
-    block: int = _f("selection block length l' (1 at token granularity)", 64)
-    top_k: int = _f("blocks (block granularity) or tokens (token granularity) attended per query and kv group", 16)
-    initial: int = _f("leading blocks always selected (counted within top_k); block granularity only", 1)
-    local: int = _f("most recent blocks always selected (counted within top_k); block granularity only", 2)
+    block: int = _f("selection block length l' (1 at token granularity)", 64,
+                    bounds=(1, MAX_BLOCK, "a selected block is read as whole key tiles"))
+    top_k: int = _f("blocks (block granularity) or tokens (token granularity) attended per query and kv group", 16,
+                    bounds=(1, MAX_TOP_K, "a query's selection is one register row"))
+    initial: int = _f("leading blocks always selected (counted within top_k); block granularity only", 1,
+                      bounds=(0, MAX_TOP_K, "counted within top_k"))
+    local: int = _f("most recent blocks always selected (counted within top_k); block granularity only", 2,
+                    bounds=(0, MAX_TOP_K, "counted within top_k"))
     scorer: str = _f("what ranks the candidates: the compression branch's probabilities, or a lightning indexer",
                      "compression", choices=("compression", "indexer"))
 
 
 @dataclass(frozen=True)
 class Window:
-    size: int = _f("sliding window w: keys with t - w < s <= t", 512)
+    size: int = _f("sliding window w: keys with t - w < s <= t", 512, bounds=(1, MAX_SEQLEN, POSITIONS))
 
 
 @dataclass(frozen=True)
 class Indexer:
-    heads: int = _f("indexer heads H_I", 4)
-    head_dim: int = _f("indexer head dim d_I (a power of two, at least 16)", 64)
+    heads: int = _f("indexer heads H_I", 4, bounds=(1, MAX_INDEXER_HEADS, "the score tile holds 128 rows"))
+    head_dim: int = _f("indexer head dim d_I (a power of two, at least 16)", 64,
+                       bounds=(16, MAX_INDEXER_HEAD_DIM, "one dot's reduction dim"))
     dtype: str = _f("dtype the top-k scores in: bf16, or fp8_e4m3 (q_I per (token, head) and k_I per token scaled "
                     "by amax/448; needs a GPU with fp8, sm89+)", "bf16", choices=INDEXER_DTYPES)
-    scale: float | None = _f("index score scale; null means d_I^-1/2 * H_I^-1/2", None)
+    scale: float | None = _f("index score scale; null means d_I^-1/2 * H_I^-1/2", None,
+                             bounds=(FP32_MIN_NORMAL, FP32_MAX, "fp32's normal range"))
     stage: str = _f("training stage distill_loss defaults to: dense (warm-up, target over all s <= t) or sparse "
                     "(target over the selected set)", "sparse", choices=INDEXER_STAGES)
 
 
 @dataclass(frozen=True)
 class Decode:
-    max_q_len: int = _f("decode: new queries per sequence and step, 1 up to this (speculative / multi-token)", 4)
-    page_size: int = _f("decode: tokens per page of a paged KV cache (a power of two >= 16)", 64)
+    max_q_len: int = _f("decode: new queries per sequence and step, 1 up to this (speculative / multi-token)", 4,
+                        bounds=(1, 64, "a step's queries are rows of one tile"))
+    page_size: int = _f("decode: tokens per page of a paged KV cache (a power of two >= 16)", 64,
+                        bounds=(16, MAX_PAGE_SIZE, "a page is read as key tiles"))
 
 
 @dataclass(frozen=True)
 class Spec:
-    name: str = _f("identifier of the variant: names the generated module and its functions")
+    name: str = _f("identifier of the variant: names the generated module and its functions; lowercase letters, "
+                   "digits and _, at most 128 characters, not a Python keyword, not test_* or *_test, and not a "
+                   "module the generated code or Python imports (torch, triton, os, ...)")
     family: str = _f("nsa (gated compression/selection/window branches) or dsa (indexer + token-sparse attention)",
                      "nsa", choices=("nsa", "dsa"))
     heads: Heads = _f("head counts", default_factory=Heads)
     head_dim: HeadDims = _f("head dims", default_factory=HeadDims)
     dtype: str = _f("dtype of q, k, v and outputs; accumulation is fp32", "bf16", choices=DTYPES)
     causal: bool = _f("causal attention (the only mode the selection rules are defined for)", True)
-    scale: float | None = _f("softmax scale; null means head_dim.qk^-1/2", None)
+    scale: float | None = _f("softmax scale; null (or left out) means head_dim.qk^-1/2 for both families "
+                             "(DeepSeek-V3.2 writes 192^-1/2, its unabsorbed head's, in its spec)", None,
+                             bounds=(FP32_MIN_NORMAL, FP32_MAX, "fp32's normal range"))
     kv: str = _f("shared: one k/v feeds every branch; independent: each branch gets its own k/v (the paper)",
                  "independent", choices=("shared", "independent"))
     mla: bool = _f("MLA in MQA mode: V is the first head_dim.v dims of K (read once, dV added into dK)", False)
@@ -119,13 +154,21 @@ class Spec:
     selection: Selection | None = _f("selection branch settings", None)
     window: Window | None = _f("sliding-window branch settings", None)
     indexer: Indexer | None = _f("lightning indexer (selection.scorer: indexer)", None)
-    max_seqlen: int = _f("longest sequence the kernels are planned for (bounds top_k and grid sizes)", 65536)
+    max_seqlen: int = _f("longest sequence the kernels are planned for (bounds top_k and grid sizes)", 65536,
+                         bounds=(1, MAX_SEQLEN, POSITIONS))
     decode: Decode = _f("decoding from a contiguous or paged KV cache", default_factory=Decode)
 
     # -- derived facts every consumer needs; the analysis module derives the rest --------------------------------
     @property
     def softmax_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_dim.qk ** -0.5
+
+    @property
+    def scale_text(self) -> str:
+        """The effective softmax scale and where it comes from, for `specgen explain` and `specgen list`."""
+        if self.scale is not None:
+            return f"{self.scale:.6g} (written)"
+        return f"{self.softmax_scale:.6g} (head_dim.qk^-1/2 = {self.head_dim.qk}^-1/2)"
 
     @property
     def gated(self) -> bool:
@@ -165,8 +208,8 @@ FAMILY_DEFAULTS: dict[str, dict] = {
     },
     "dsa": {
         "heads": {"q": 128, "kv": 1}, "head_dim": {"qk": 576, "v": 512}, "kv": "shared", "mla": True,
-        # V3.2 scales by the 192-dim unabsorbed head (128 nope + 64 rope), not 576^-1/2.
-        "scale": 192 ** -0.5,
+        # No scale: null means head_dim.qk^-1/2 for every family. V3.2 scales by its 192-dim unabsorbed head
+        # (128 nope + 64 rope), not 576^-1/2: specs/dsa_v32.yaml writes that value out.
         "branches": ["selection"],
         "selection": {"granularity": "token", "top_k": 2048, "scorer": "indexer"},
         "indexer": {"heads": 64, "head_dim": 128, "dtype": "bf16"},
@@ -209,48 +252,166 @@ class _Located:
     def error(self, path: str, message: str, fix: str = "", cls=SpecError, near: str | None = None) -> SpecError:
         """`near`: where to point when `path` is not written in the file (a default the user's choice conflicts with)."""
         line = self.line(path) or (self.line(near) if near else None)
+        if line is None and self.file is not None:
+            # Not written in the file (a required field, a default in conflict): point at the spec's first line.
+            line = self.lines.get("<spec>", 1)
         return cls(path, message, fix, file=self.file, line=line)
+
+
+# A spec is a few dozen values: these bounds refuse an alias bomb ("billion laughs"), a file of megabytes or a deeply
+# nested value at once, instead of growing memory until the process is killed.
+MAX_SPEC_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+# The tags a spec's plain values resolve to; anything else (`!!python/...`, `!custom`, `!!binary`) is refused.
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
 def _compose(text: str, where: _Located) -> Any:
     import yaml  # the generator may import yaml; generated modules never do
 
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError("<file>", f"{len(text)} characters: too long for a spec (at most {MAX_SPEC_BYTES})",
+                        "a spec is a short list of fields: check that this is the right file", file=where.file, line=1)
     try:
+        _check_depth(text, where)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             return {}
         where.lines["<spec>"] = node.start_mark.line + 1
-        return _node_value(node, "", where)
+        return _node_value(node, "", where, _Budget())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         position = getattr(exc, "position", None)  # a ReaderError (a forbidden character) has no mark
         line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
-        problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None)))) or exc
+        problem = " ".join(filter(None, (getattr(exc, "context", None), getattr(exc, "problem", None))))
+        if isinstance(exc, yaml.reader.ReaderError):
+            code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+            problem = f"the character U+{code:04X} is not allowed in YAML (a control character or a stray byte)"
+        problem = " ".join(str(problem or exc).split())  # one line
         raise SpecError("<yaml>", f"not valid YAML: {problem}",
-                        "check indentation and quoting near that line", file=where.file, line=line) from None
+                        "check indentation and quoting near that line", file=where.file, line=line or 1) from None
 
 
-def _node_value(node, path: str, where: _Located) -> Any:
+def _check_depth(text: str, where: _Located) -> None:
+    """Refuse deep nesting before composing: the YAML composer recurses once per level (a RecursionError)."""
     import yaml
 
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise SpecError(path or "<spec>", "a key must be a plain name, not a list or mapping",
-                                "write `key: value` with a plain key", file=where.file,
-                                line=key_node.start_mark.line + 1)
-            key = key_node.value
-            sub = f"{path}.{key}" if path else key
-            if key in out:
-                raise SpecError(sub, "given twice", "keep one", file=where.file, line=key_node.start_mark.line + 1)
-            where.lines[sub] = key_node.start_mark.line + 1
-            out[key] = _node_value(value_node, sub, where)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_value(v, f"{path}[{i}]", where) for i, v in enumerate(node.value)]
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise SpecError("<yaml>", f"nested more than {MAX_YAML_DEPTH} levels deep", "a spec nests sections "
+                                "two levels deep: write `key:` followed by indented keys", file=where.file,
+                                line=event.start_mark.line + 1)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+class _Budget:
+    """Nodes visited so far: aliases re-visit their anchor's nodes, so this bounds what an alias bomb expands to."""
+
+    def __init__(self):
+        self.nodes = 0
+        self.open: set[int] = set()  # ids of the collections being expanded: an alias to one of them is a cycle
+
+
+def _line(node) -> int:
+    return node.start_mark.line + 1
+
+
+def _node_value(node, path: str, where: _Located, budget: _Budget | None = None, depth: int = 0) -> Any:
+    import yaml
+
+    budget = budget or _Budget()
+    budget.nodes += 1
+    here = path or "<spec>"
+    if budget.nodes > MAX_YAML_NODES:
+        # The node itself stands where its anchor was written: point at the key being expanded instead.
+        line = where.line(here.partition("[")[0]) or _line(node)
+        raise SpecError(here, f"expands to more than {MAX_YAML_NODES} YAML values (aliases repeat what they name)",
+                        "write the values out; a spec needs no aliases that expand this far",
+                        file=where.file, line=line)
+    if depth > MAX_YAML_DEPTH:
+        raise SpecError(here, f"nested more than {MAX_YAML_DEPTH} levels deep", "flatten the value",
+                        file=where.file, line=_line(node))
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if id(node) in budget.open:
+            raise SpecError(here, "a recursive alias: the value contains itself", "remove the alias (`*name`) "
+                            "that points back into its own anchor (`&name`)", file=where.file, line=_line(node))
+        budget.open.add(id(node))
+        try:
+            return _collection_value(node, path, where, budget, depth)
+        finally:
+            budget.open.discard(id(node))
+    if node.tag not in _PLAIN_TAGS:
+        raise SpecError(here, f"the YAML tag {_tag_text(node.tag)} is not supported in a spec",
+                        "remove the tag and write a plain value", file=where.file, line=_line(node))
     # Construct the scalar directly: re-serialising it fails for an empty value (`key:` with nothing after it).
-    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    try:
+        value = yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except Exception:  # a tagged value the tag cannot read (`!!int abc`, `!!bool maybe`), a date like 2024-13-45,
+        # or an integer of thousands of digits: the constructor raises whatever its parser raised
+        tag = node.tag.rpartition(":")[2]
+        fix = {"int": "write a whole number within the field's range", "float": "write a number like 0.125",
+               "bool": "write true or false", "timestamp": "quote it to write text (YAML reads it as a date)"}.get(
+            tag, "write a plain value")
+        if _explicit_tag(node):
+            fix += f", without the `!!{tag}` tag"
+        raise SpecError(here, f"YAML cannot read {_short(node.value)} as {'an' if tag == 'int' else 'a'} {tag}",
+                        fix, file=where.file, line=_line(node)) from None
+    return value
+
+
+def _explicit_tag(node) -> bool:
+    """Whether the file wrote the tag (`!!int abc`) rather than YAML resolving a plain value to it."""
+    import yaml
+
+    if node.style is not None:  # quoted: implicitly text
+        return node.tag != "tag:yaml.org,2002:str"
+    return node.tag != yaml.SafeLoader.resolve(yaml.SafeLoader, yaml.ScalarNode, node.value, (True, False))
+
+
+def _collection_value(node, path: str, where: _Located, budget: _Budget, depth: int) -> Any:
+    import yaml
+
+    standard = "tag:yaml.org,2002:map" if isinstance(node, yaml.MappingNode) else "tag:yaml.org,2002:seq"
+    if node.tag != standard:
+        raise SpecError(path or "<spec>", f"the YAML tag {_tag_text(node.tag)} is not supported in a spec",
+                        "remove the tag and write a plain mapping or list", file=where.file, line=_line(node))
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_value(v, f"{path}[{i}]", where, budget, depth + 1) for i, v in enumerate(node.value)]
+    out = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise SpecError(path or "<spec>", "a key must be a plain name, not a list or mapping",
+                            "write `key: value` with a plain key", file=where.file, line=_line(key_node))
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise SpecError(path or "<spec>", "merge keys (`<<:`) are not supported in a spec",
+                            "write the keys out", file=where.file, line=_line(key_node))
+        key = key_node.value
+        if len(key) > 100 or "\n" in key:
+            raise SpecError(path or "<spec>", f"{_short(key)} is not a key of a spec", "write `key: value` with a "
+                            "field name from the spec reference", file=where.file, line=_line(key_node))
+        sub = f"{path}.{key}" if path else key
+        if key in out:
+            raise SpecError(sub, "given twice", "keep one", file=where.file, line=_line(key_node))
+        where.lines[sub] = _line(key_node)
+        out[key] = _node_value(value_node, sub, where, budget, depth + 1)
+    return out
+
+
+def _tag_text(tag: str) -> str:
+    return _short(tag.replace("tag:yaml.org,2002:", "!!"))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value for a message, cut to `limit` characters (a spec may hold a 5000-digit number)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a number of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'" if text[0] in "'\"" else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -282,35 +443,40 @@ def _typed(value: Any, f: dataclasses.Field, path: str, where: _Located) -> Any:
     choices = f.metadata.get("choices")
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise where.error(path, f"expected a whole number, got {value!r}", f"write {f.name}: <integer>")
+            raise where.error(path, f"expected a whole number, got {_short(value)}", f"write {f.name}: <integer>")
         if value < 0:
-            raise where.error(path, f"must not be negative, got {value}", "use a positive whole number")
+            raise where.error(path, f"must not be negative, got {_short(value)}", "use a positive whole number")
+        _check_bounds(value, f, path, where)
         return value
     if kind == "bool":
         if not isinstance(value, bool):
-            raise where.error(path, f"expected true or false, got {value!r}", f"write {f.name}: true|false")
+            raise where.error(path, f"expected true or false, got {_short(value)}", f"write {f.name}: true|false")
         return value
     if kind == "str":
         if not isinstance(value, str):
-            raise where.error(path, f"expected text, got {value!r}", f"write {f.name}: <text>")
+            raise where.error(path, f"expected text, got {_short(value)}",
+                              f'write {f.name}: "<text>" (quoted, so that YAML reads it as text)')
         if choices and value not in choices:
-            raise where.error(path, f"{value!r} is not one of {', '.join(choices)}", f"pick one of {', '.join(choices)}")
+            raise where.error(path, f"{_short(value)} is not one of {', '.join(choices)}", f"pick one of {', '.join(choices)}")
         return value
     if kind == "float | None":
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        # (isfinite only on floats: an int of hundreds of digits overflows float(); the bounds below refuse it)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or isinstance(value, float) and not math.isfinite(value) or value <= 0):
             fix = "write a number > 0, or null"
             if isinstance(value, str) and re.fullmatch(r"[0-9.]+[eE][-+]?[0-9]+", value.strip()):
                 fix += " (YAML reads 1e-3 as text: write 1.0e-3)"
-            raise where.error(path, f"expected a positive number or null, got {value!r}", fix)
+            raise where.error(path, f"expected a positive number or null, got {_short(value)}", fix)
+        _check_bounds(value, f, path, where)
         return float(value)
     if kind == "tuple[str, ...]":
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise where.error(path, f"expected a list, got {value!r}", f"write {f.name}: [compression, selection, window]")
+            raise where.error(path, f"expected a list, got {_short(value)}", f"write {f.name}: [compression, selection, window]")
         for item in value:
             if item not in BRANCHES:
-                raise where.error(path, f"{item!r} is not a branch", f"branches are {', '.join(BRANCHES)}")
+                raise where.error(path, f"{_short(item)} is not a branch", f"branches are {', '.join(BRANCHES)}")
         if len(set(value)) != len(value):
             raise where.error(path, "lists a branch twice", "name each branch once")
         if not value:
@@ -319,9 +485,24 @@ def _typed(value: Any, f: dataclasses.Field, path: str, where: _Located) -> Any:
     raise AssertionError(f"unhandled field type {kind}")  # pragma: no cover - schema bug
 
 
+def _check_bounds(value, f: dataclasses.Field, path: str, where: _Located) -> None:
+    bounds = f.metadata.get("bounds")
+    if bounds is None:
+        return
+    lo, hi, why = bounds
+    if not lo <= value <= hi:
+        rule = f"must be at least {_number(lo)}" if value < lo else f"at most {_number(hi)}: {why}"
+        raise where.error(path, f"{_short(value)} is outside {_number(lo)}..{_number(hi)} ({rule})",
+                          f"use a value between {_number(lo)} and {_number(hi)}")
+
+
+def _number(x) -> str:
+    return f"{x:.9g}" if isinstance(x, float) else str(x)
+
+
 def _build(cls, data: Mapping, path: str, where: _Located):
     if not isinstance(data, Mapping):
-        raise where.error(path, f"expected a mapping of keys, got {data!r}", f"write `{path}:` followed by indented keys")
+        raise where.error(path, f"expected a mapping of keys, got {_short(data)}", f"write `{path}:` followed by indented keys")
     _check_keys(cls, data, path, where)
     values = {}
     for f in dataclasses.fields(cls):
@@ -349,10 +530,46 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
+# A spec's name names its module (NAME.py), its test (test_NAME.py), its cache folder and its torch ops.
+# NAME.py, test_NAME.py, a build's .test_NAME.py.XXXXXXXX.tmp and specgen.load's cache folder NAME_<hash>_<record>
+# stay far below the 255 bytes a file name may have.
+MAX_NAME = 128
+# Modules the generated code, its tests and pytest import: a generated NAME.py beside its tests would shadow them.
+RESERVED_NAMES = frozenset({"torch", "triton", "specgen", "numpy", "sympy", "pytest", "jinja2", "yaml", "conftest",
+                            "pluggy", "setuptools", "pkg_resources", "typing_extensions", "filelock", "networkx",
+                            "fsspec", "mpmath"})
+
+
+def _name_problem(name: str) -> tuple[str, str] | None:
+    """Why `name` cannot name a generated module (message, fix), or None."""
+    import keyword
+    import sys
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        return f"{_short(name)} is not a lowercase identifier", "use letters, digits and _ , e.g. nsa_small"
+    if len(name) > MAX_NAME:
+        return (f"{len(name)} characters: a name is at most {MAX_NAME} (it names files and folders)",
+                "use a shorter name")
+    if keyword.iskeyword(name):
+        return f"{name!r} is a Python keyword: the module could not be imported by name", "pick another name"
+    if name.startswith("test_"):
+        return (f"{name}.py is the test file a build writes for a spec named {name.removeprefix('test_')!r}: "
+                "the two would overwrite each other", "drop the test_ prefix")
+    if name.endswith("_test"):
+        return f"pytest would collect {name}.py as a test file", "drop the _test suffix"
+    if name in RESERVED_NAMES or name in sys.stdlib_module_names:
+        return (f"{name!r} is a module the generated code, its tests or Python import: {name}.py in the build "
+                "folder would shadow it, and every test there would fail to import", f"use e.g. {name}_spec")
+    return None
+
+
 def _validate(spec: Spec, where: _Located) -> None:
     err = where.error
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", spec.name):
-        raise err("name", f"{spec.name!r} is not a lowercase identifier", "use letters, digits and _ , e.g. nsa_small")
+    if not isinstance(spec.name, str):
+        raise err("name", f"expected text, got {_short(spec.name)}", 'write name: "<text>"')
+    problem = _name_problem(spec.name)
+    if problem is not None:
+        raise err("name", *problem)
     h = spec.heads
     if h.q < 1 or h.kv < 1:
         raise err("heads.q" if h.q < 1 else "heads.kv", "head counts must be at least 1",
@@ -495,7 +712,7 @@ def spec_from_mapping(data: Mapping, *, file: str | None = None, lines: dict[str
         raise where.error("<spec>", "a spec is a mapping of keys", "start the file with `name: my_variant`")
     family = data.get("family", "nsa")
     if not isinstance(family, str) or family not in FAMILY_DEFAULTS:
-        raise where.error("family", f"{family!r} is not one of {', '.join(FAMILY_DEFAULTS)}", "use nsa or dsa")
+        raise where.error("family", f"{_short(family)} is not one of {', '.join(FAMILY_DEFAULTS)}", "use nsa or dsa")
     # A deep copy: the merge below fills sections in place and must not change the defaults of later specs.
     merged = _merge(copy.deepcopy(FAMILY_DEFAULTS[family]), data)
     # Sections for branches the user dropped fall away with them, unless the user wrote them.
@@ -521,6 +738,17 @@ def spec_from_mapping(data: Mapping, *, file: str | None = None, lines: dict[str
     return spec
 
 
+def validated(spec: Spec) -> Spec:
+    """`spec` checked exactly as a spec file is (types, bounds, combinations, name); raises SpecError.
+
+    A `Spec` built in Python (dataclasses.replace, the constructor) skips the file's checks: everything that renders
+    or loads one calls this first. Returns the spec rebuilt from its fields (equal to `spec` when valid)."""
+    if not isinstance(spec, Spec):
+        raise SpecError("<spec>", f"expected a specgen Spec, got {type(spec).__name__}",
+                        "pass specgen.load_spec(path) or a path to the YAML")
+    return spec_from_mapping(spec.to_dict(), file="<Spec object>")
+
+
 def read_yaml_file(path: Path, cls: type[SpecError] = SpecError, what: str = "spec") -> tuple[Any, _Located]:
     """A YAML file's data and where each field path stands in it; unreadable files raise `cls` naming the file."""
     try:
@@ -529,7 +757,8 @@ def read_yaml_file(path: Path, cls: type[SpecError] = SpecError, what: str = "sp
         raise cls("<file>", f"cannot read {path}: {exc.strerror}", "check the path", file=str(path)) from None
     except UnicodeDecodeError as exc:
         raise cls("<file>", f"cannot read {path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
-                  f"save the {what} as UTF-8 text", file=str(path)) from None
+                  f"save the {what} as UTF-8 text", file=str(path), line=exc.object.count(b"\n", 0, exc.start) + 1
+                  ) from None
     where = _Located(str(path))
     return _compose(text, where), where
 
@@ -577,8 +806,9 @@ def field_reference() -> list[tuple[str, str, str, str]]:
                 default = json.dumps(_plain(f.default))
             else:
                 default = "required"
-            choices = f.metadata.get("choices")
-            rows.append((path, default, " \\| ".join(choices) if choices else "", f.metadata["doc"]))
+            choices, bounds = f.metadata.get("choices"), f.metadata.get("bounds")
+            allowed = " \\| ".join(choices) if choices else f"{_number(bounds[0])} to {_number(bounds[1])}" if bounds else ""
+            rows.append((path, default, allowed, f.metadata["doc"]))
 
     walk(Spec, "", {})
     return rows

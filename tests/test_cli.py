@@ -135,6 +135,19 @@ def test_explain_with_seqlen(capsys):
     assert rc == 0 and out_short in out
 
 
+def test_explain_and_list_show_the_effective_scale_mla_and_dtype(capsys, monkeypatch):
+    rc, out, err = run(capsys, "explain", SPECS / "dsa_small.yaml", SPECS / "dsa_v32.yaml")
+    assert rc == 0, err
+    assert "softmax scale 0.125 (head_dim.qk^-1/2 = 64^-1/2), mla no, dtype fp16" in out      # left out: 64^-1/2
+    assert "softmax scale 0.0721688 (written), mla yes, dtype bf16" in out                   # V3.2's, written
+    monkeypatch.chdir(ROOT)
+    rc, out, err = run(capsys, "list")
+    assert rc == 0, err
+    row = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
+    assert row["dsa_small"][5:8] == ["fp16", "no", "0.125"]
+    assert row["dsa_v32"][5:8] == ["bf16", "yes", "0.07217"]
+
+
 def test_explain_defaults_to_max_seqlen(capsys):
     rc, out, err = run(capsys, "explain", SPECS / "nsa_small.yaml")
     assert rc == 0, err

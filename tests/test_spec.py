@@ -22,7 +22,8 @@ from specgen.errors import SpecError, UnsupportedSpecError
 from specgen.spec import (FAMILY_DEFAULTS, Spec, field_reference, load_spec, replace, spec_from_mapping,
                           spec_from_yaml)
 
-SPECS = sorted(p for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
+SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
+SPECS = sorted(p for p in SPECS_DIR.glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
 MARK = "#<"
 
 
@@ -252,7 +253,8 @@ def test_dsa_defaults_follow_v32():
     assert (s.heads.q, s.heads.kv, s.heads.group_size) == (128, 1, 128)
     assert (s.head_dim.qk, s.head_dim.v) == (576, 512)
     assert s.mla and s.kv == "shared"
-    assert s.scale == pytest.approx(192 ** -0.5) and s.softmax_scale == s.scale
+    # No family default for the scale: null means head_dim.qk^-1/2 (V3.2's 192^-1/2 is written in its spec).
+    assert s.scale is None and s.softmax_scale == 576 ** -0.5
     assert s.branches == ("selection",)
     assert s.compression is None and s.window is None
     sel = s.selection
@@ -261,6 +263,18 @@ def test_dsa_defaults_follow_v32():
     assert (s.indexer.heads, s.indexer.head_dim, s.indexer.dtype, s.indexer.scale) == (64, 128, "bf16", None)
     assert s.has == {"compression": False, "selection": True, "window": False}
     assert not s.needs_compressed_kv
+
+
+def test_a_dsa_spec_without_scale_uses_its_own_head_dim():
+    # null means head_dim.qk^-1/2 in both families: a GQA DSA spec with d 64 must not inherit V3.2's 192^-1/2.
+    s = spec_from_yaml("name: a\nfamily: dsa\nheads: {q: 8, kv: 2}\nhead_dim: {qk: 64, v: 64}\nmla: false\n"
+                       "indexer: {heads: 2, head_dim: 32}\nselection: {top_k: 16}\nmax_seqlen: 4096\n")
+    assert s.scale is None and s.softmax_scale == 64 ** -0.5
+    assert load_spec(SPECS_DIR / "dsa_small.yaml").softmax_scale == 64 ** -0.5
+    # V3.2 writes its value (that of the 192-dim unabsorbed head) in its spec; its identity is unchanged.
+    v32 = load_spec(SPECS_DIR / "dsa_v32.yaml")
+    assert v32.scale == pytest.approx(192 ** -0.5, rel=1e-15) and v32.softmax_scale == v32.scale
+    assert v32.hash == "4ef8cc6027bb7f42"
 
 
 def test_loading_does_not_change_the_family_defaults():
@@ -323,7 +337,7 @@ def test_unreadable_file_not_utf8(tmp_path):
     path.write_bytes("name: caf\xe9\n".encode("latin-1"))
     with pytest.raises(SpecError) as info:
         load_spec(path)
-    _check_error(info.value, cls=SpecError, field="<file>", file=str(path), line=None, match="UTF-8")
+    _check_error(info.value, cls=SpecError, field="<file>", file=str(path), line=1, match="UTF-8")  # the byte's line
 
 
 def test_invalid_yaml(tmp_path):
@@ -395,13 +409,13 @@ def test_spec_that_is_a_scalar(tmp_path):
 
 
 def test_empty_file_needs_a_name(tmp_path):
-    # a missing key stands on no line
-    _load_error(tmp_path, "# nothing here\n", "name", match="is required")
+    # a missing key stands on no line: the error points at the spec's first line (file:line: field: every time)
+    _load_error(tmp_path, "# nothing here\n", "name", match="is required", line=1)
 
 
 def test_missing_name(tmp_path):
     _load_error(tmp_path, """
-        heads: {q: 4, kv: 2}
+        heads: {q: 4, kv: 2} #<
         """, "name", match="is required")
 
 
@@ -751,7 +765,7 @@ VALIDATE_CASES = [
     ("compression-block-zero", """
         name: a
         compression: {block: 0} #<
-        """, "compression.block", SpecError, "not a power of two"),
+        """, "compression.block", SpecError, "0 is outside 1..256 .must be at least 1"),
     ("compression-stride-not-pow2", """
         name: a
         compression:
@@ -888,7 +902,7 @@ VALIDATE_CASES = [
         name: a
         selection: {granularity: token, scorer: indexer}
         indexer: {head_dim: 8} #<
-        """, "indexer.head_dim", SpecError, "power of two >= 16"),
+        """, "indexer.head_dim", SpecError, "8 is outside 16..256 .must be at least 16"),
     ("indexer-heads-zero", """
         name: a
         selection: {granularity: token, scorer: indexer}
@@ -1010,7 +1024,7 @@ def test_replace_can_switch_family_and_branches():
                   selection={"granularity": "token", "top_k": 2048, "scorer": "indexer", "block": 1, "initial": 0,
                              "local": 0},
                   indexer={"heads": 64, "head_dim": 128},
-                  heads={"q": 128, "kv": 1}, head_dim={"qk": 576, "v": 512}, scale=192 ** -0.5)
+                  heads={"q": 128, "kv": 1}, head_dim={"qk": 576, "v": 512}, scale=None)
     assert dsa == spec_from_yaml("name: a\nfamily: dsa\n")
 
 
