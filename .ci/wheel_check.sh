@@ -18,4 +18,4 @@ wheel=("$work"/dist/specgen-*.whl)
 cd "$work"
 "$py" -c "import specgen, torch, triton; print('wheel check: specgen', specgen.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'from', specgen.__file__)"
 "$work/venv/bin/specgen" build "$repo/specs/nsa_small.yaml" --out "$work/out"
-SPECGEN_CACHE="$work/cache" "$py" -m pytest -q -p no:cacheprovider "$work/out/test_nsa_small.py" -k "forward_small or bad_arguments"
+SPECGEN_CACHE="$work/cache" "$py" -m pytest -q -p no:cacheprovider "$work/out/test_nsa_small.py" -k "forward_small or bad_arguments" -W error::pytest.PytestUnknownMarkWarning

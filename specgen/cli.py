@@ -7,6 +7,7 @@ failure (a bug: the traceback is printed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -285,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, BuildError) as exc:
         print(f"specgen: error: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:
+        # `specgen explain SPEC | head`: the reader left; say nothing more (Python's own advice: point stdout at
+        # devnull so the interpreter's final flush does not raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

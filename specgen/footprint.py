@@ -39,7 +39,7 @@ def smem_bytes(*, resident=(), streamed=(), gathered=(), computed=(), index=(), 
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    """Tiles of the backward kernels (templates/nsa_autograd.j2, kernels/backward.j2).
+    """Tiles of the backward kernels (specgen/templates/nsa_autograd.j2, kernels/backward.j2).
 
     Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
     Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs

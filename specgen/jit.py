@@ -1,12 +1,17 @@
-"""`specgen.load`: build a spec on first use, cache it by spec hash, and import it (FlashInfer-style JIT).
+"""`specgen.load`: build a spec on first use, cache it, and import it (FlashInfer-style JIT).
 
 The module is rendered by the same code as `specgen build`, so both give the same bytes. The cache lives in
-$SPECGEN_CACHE (default ~/.cache/specgen), one folder per spec hash and specgen version; a second call with an equal
-spec returns the already imported module.
+$SPECGEN_CACHE (default ~/.cache/specgen), one folder per key: the spec's name and hash, its tuning record's hash,
+the specgen version and a digest of the generator (templates and the modules that render them), so a changed
+template or planner never serves a stale module. A cache hit imports the module without rendering: no Jinja, no
+planner, no sympy. Concurrent first calls of one key (several processes of a job) take a file lock, and one builds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import sys
@@ -14,14 +19,35 @@ from pathlib import Path
 from types import ModuleType
 
 from . import __version__
-from .render import build
+from .records import load_records, records_hash
 from .spec import Spec, load_spec, validated
 
 _loaded: dict[str, ModuleType] = {}
 
+# What decides a generated module's bytes besides the spec and its record: the templates and these modules.
+_GENERATOR_MODULES = ("analysis", "footprint", "plan", "records", "render", "render_distill", "spec", "tuning")
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SPECGEN_CACHE", Path.home() / ".cache" / "specgen"))
+
+
+@functools.lru_cache(maxsize=None)
+def generator_digest() -> str:
+    """A digest of everything that renders a module: the template files and the generator's own modules."""
+    package = Path(__file__).resolve().parent
+    files = sorted((package / "templates").rglob("*.j2")) + [package / f"{name}.py" for name in _GENERATOR_MODULES]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(package).as_posix().encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def cache_key(spec: Spec, spec_path: Path | None) -> str:
+    return f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}_{generator_digest()}"
 
 
 def import_path(path: Path, name: str) -> ModuleType:
@@ -37,6 +63,23 @@ def import_path(path: Path, name: str) -> ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """An exclusive lock on one cache folder across processes (a no-op where fcntl is missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: builds are still atomic (renames), only possibly repeated
+        yield
+        return
+    with open(folder / ".lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = None) -> ModuleType:
     """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use.
 
@@ -48,13 +91,18 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
         spec = load_spec(spec_path)
     else:
         spec = validated(spec)  # exactly as a file is validated: a Spec built in Python skipped those checks
-    from .tuning import load_records, records_hash
-
-    key = f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}"
+    key = cache_key(spec, spec_path)
     if key in _loaded:
         return _loaded[key]
     folder = cache_dir() / f"v{__version__}" / key
-    built = build(spec, folder, spec_path=spec_path)
-    module = import_path(built.module, f"specgen_generated.{key}")
+    # A build renames its files into place only once all are written, so an existing module is a whole one.
+    module_path = folder / f"{spec.name}.py"
+    if not module_path.is_file():
+        with _build_lock(folder):
+            if not module_path.is_file():  # another process may have built it while this one waited
+                from .render import build  # the miss path alone pays for Jinja, the planner and sympy
+
+                module_path = build(spec, folder, spec_path=spec_path).module
+    module = import_path(module_path, f"specgen_generated.{key}")
     _loaded[key] = module
     return module

@@ -23,9 +23,11 @@ from . import __version__
 from .errors import BuildError
 from .footprint import backward_tiles
 from .plan import Plan, make_plan
+from .records import load_records, records_hash
 from .spec import Spec, validated
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# Package data: shipped in the wheel, so a non-editable install renders too.
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 SHORT = {"compression": "cmp", "selection": "slc", "window": "win"}
@@ -131,7 +133,7 @@ def _kv_names(spec: Spec) -> dict[str, str]:
 
 
 def module_context(spec: Spec, plan: Plan | None = None, records: list | None = None) -> dict:
-    from .tuning import candidates_for, configs_for, records_hash
+    from .tuning import candidates_for, configs_for
 
     plan = plan or make_plan(spec)
     records = records or []
@@ -254,7 +256,6 @@ def build_all(specs: list[tuple[Spec, Path | None]], out_dir: Path) -> list[Buil
     beside its target, and only when all are written are they renamed over their targets. A failure (a full disk,
     a read-only folder, a folder where a module must go) raises BuildError naming the path and the fix and removes
     the temporary files; temporary files a killed build left behind are removed first."""
-    from .tuning import load_records
 
     out_dir = Path(out_dir)
     files: list[tuple[Path, str]] = []

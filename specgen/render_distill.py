@@ -1,7 +1,7 @@
-"""Rendering of the indexer distillation loss (templates/distill_module.py.j2, kernels in kernels/distill.j2).
+"""Rendering of the indexer distillation loss (specgen/templates/distill_module.py.j2, kernels in kernels/distill.j2).
 
 The section is meant to be `{% include %}`d into the DSA module; until that module exists it is rendered inside
-templates/distill_test_wrapper.py.j2, which sets the spec constants the way module.py.j2 does. The tile plan
+specgen/templates/distill_test_wrapper.py.j2, which sets the spec constants the way module.py.j2 does. The tile plan
 lives here (not in plan.py) so the lead can fold it into `Plan` without conflicts: `distill_context(spec)` gives the
 extra template variables, `render_distill_module(spec)` the standalone module.
 """

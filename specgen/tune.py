@@ -21,7 +21,8 @@ from .plan import make_plan, next_pow2
 from .render import render_module
 from .spec import Spec
 from .testing import differentiable_inputs
-from .tuning import candidates, configs_for, default_configs, load_records, save_entry, tunable_kernels
+from .records import load_records
+from .tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
 
 # Below this, a difference between two medians is noise.
 IMPROVEMENT = 0.98

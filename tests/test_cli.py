@@ -16,7 +16,7 @@ import specgen
 from specgen.cli import main
 from specgen.render import render_module, render_test
 from specgen.spec import load_spec
-from specgen.tuning import load_records
+from specgen.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -287,3 +287,20 @@ def test_a_spec_that_checks_ok_builds(tmp_path, capsys):
     rc_check, _, err_check = run(capsys, "check", path)
     rc_build, _, err_build = run(capsys, "build", path, "--out", tmp_path / "out")
     assert (rc_check, rc_build) in ((0, 0), (2, 2)), (rc_check, err_check, rc_build, err_build)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`specgen explain SPEC | head -1`: the pipe closes while specgen writes; exit quietly, no BrokenPipeError."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    specs = sorted(str(p) for p in (root / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
+    # Well over a pipe's buffer (64 KiB), so specgen is still writing when the reader closes.
+    proc = subprocess.Popen([sys.executable, "-m", "specgen.cli", "explain", *specs * 8], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode == 0

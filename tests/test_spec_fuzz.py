@@ -188,7 +188,7 @@ def test_pytext_refuses_what_would_need_escaping(text):
 def test_templates_paste_no_raw_string_literals():
     """Every `"{{ ... }}"` in a template is a string literal pasted raw: they go through `| pystr` instead."""
     raw = []
-    for path in sorted((ROOT / "templates").rglob("*.j2")):
+    for path in sorted((ROOT / "specgen" / "templates").rglob("*.j2")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"""["']\{\{(?:(?!\}\}).)*\}\}["']""", line) and "pytext" not in line:
                 raw.append(f"{path.name}:{n}: {line.strip()}")

@@ -1,0 +1,116 @@
+"""specgen.load's cache: a hit imports without rendering, the key follows the generator, concurrent builds lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from specgen import jit
+from specgen.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "specs" / "nsa_small.yaml"
+
+
+def _fresh_process(code: str, cache: Path) -> str:
+    env = dict(os.environ, SPECGEN_CACHE=str(cache), PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_cache_hit_imports_without_rendering(tmp_path):
+    """The first process builds; a second one imports the cached module and never loads Jinja, sympy or the
+    planner (what made a warm `specgen.load` cost a render)."""
+    code = ("import sys, specgen; m = specgen.load('specs/nsa_small.yaml'); "
+            "print(m.__file__, *sorted(k for k in ('jinja2', 'sympy', 'specgen.render', 'specgen.plan') "
+            "if k in sys.modules))")
+    first = _fresh_process(code, tmp_path).split()
+    assert "specgen.render" in first[1:]
+    second = _fresh_process(code, tmp_path).split()
+    assert second == [first[0]], f"a cache hit rendered again or imported the generator: {second[1:]}"
+
+
+def test_the_key_names_spec_record_and_generator():
+    spec = load_spec(SPEC)
+    key = jit.cache_key(spec, SPEC)
+    name, spec_hash, record, digest = key.rsplit("_", 3)
+    assert (name, spec_hash, record) == (spec.name, spec.hash, "none")
+    assert digest == jit.generator_digest() and len(digest) == 12
+
+
+def test_a_changed_template_changes_the_key(tmp_path, monkeypatch):
+    """A template edit must not serve the module rendered before it: the digest covers every template file."""
+    package = tmp_path / "specgen"
+    (package / "templates" / "kernels").mkdir(parents=True)
+    real = Path(jit.__file__).resolve().parent
+    for name in jit._GENERATOR_MODULES:
+        (package / f"{name}.py").write_bytes((real / f"{name}.py").read_bytes())
+    for path in (real / "templates").rglob("*.j2"):
+        target = package / path.relative_to(real)
+        target.write_bytes(path.read_bytes())
+    monkeypatch.setattr(jit, "__file__", str(package / "jit.py"))
+    jit.generator_digest.cache_clear()
+    try:
+        before = jit.generator_digest()
+        assert before == (jit.generator_digest.cache_clear() or jit.generator_digest())
+        edited = package / "templates" / "kernels" / "attention.j2"
+        edited.write_text(edited.read_text() + "\n")
+        jit.generator_digest.cache_clear()
+        assert jit.generator_digest() != before
+    finally:
+        monkeypatch.undo()
+        jit.generator_digest.cache_clear()
+
+
+def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
+    """Threads (standing in for processes: the lock is a file lock) asking for one key at once: one builds, the
+    others wait and import its module."""
+    from specgen import render
+
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    builds = []
+    real_build = render.build
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(render, "build", counting_build)
+    spec = load_spec(SPEC)
+    key = jit.cache_key(spec, SPEC)
+    folder = jit.cache_dir() / f"v{jit.__version__}" / key
+    errors = []
+
+    def first_call():
+        try:
+            with jit._build_lock(folder):  # the same path load() takes on a miss, minus the import
+                module = folder / f"{spec.name}.py"
+                if not module.is_file():
+                    render.build(spec, folder, spec_path=SPEC)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(builds) == 1
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_partial_cache_entry_is_rebuilt(tmp_path, monkeypatch):
+    """A folder holding only the lock (a build killed before its renames) is a miss, not a broken hit."""
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    spec = load_spec(SPEC)
+    folder = jit.cache_dir() / f"v{jit.__version__}" / jit.cache_key(spec, SPEC)
+    folder.mkdir(parents=True)
+    (folder / ".lock").touch()
+    (folder / f".{spec.name}.py.123.tmp").write_text("half")
+    module = jit.load(SPEC)
+    assert Path(module.__file__) == folder / f"{spec.name}.py"
+    assert not list(folder.glob(".*.tmp"))
