@@ -1273,7 +1273,8 @@ class NSACache:
         start = torch.where(done, start, 0)
         # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
         tokens = torch.minimum(start[:, :, None] + torch.arange(64, device=self.device), pos[:, :, None])
-        block_rows = (self._ring_rows(tokens.reshape(self.batch, -1))).reshape(-1)
+        # kv: shared: the block's rows are those of the full per-token k/v (pages or contiguous rows).
+        block_rows = self._rows(tokens.reshape(self.batch, -1)).reshape(-1)
         dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
                 + torch.where(done, start // 64, self.nc_cap - 1)).reshape(-1)
         k_blocks = self._flat("k")[block_rows].view(self.batch * n, 64, HKV.value, DQK.value)

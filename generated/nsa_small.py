@@ -1655,7 +1655,8 @@ class NSACache:
         start = torch.where(done, start, 0)
         # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
         tokens = torch.minimum(start[:, :, None] + torch.arange(8, device=self.device), pos[:, :, None])
-        block_rows = (self._ring_rows(tokens.reshape(self.batch, -1))).reshape(-1)
+        # kv: independent: the compression keys/values live in the per-sequence rings.
+        block_rows = self._ring_rows(tokens.reshape(self.batch, -1)).reshape(-1)
         dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
                 + torch.where(done, start // 4, self.nc_cap - 1)).reshape(-1)
         k_blocks = self._flat("k_cmp")[block_rows].view(self.batch * n, 8, HKV.value, DQK.value)

@@ -18,7 +18,7 @@ import jinja2
 
 from . import __version__
 from .footprint import backward_tiles
-from .plan import Plan, make_plan
+from .plan import Plan, decode_ring, make_plan
 from .spec import Spec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -156,10 +156,15 @@ def decode_context(spec: Spec, args: list[Argument]) -> dict:
     if spec.indexer is not None:
         stored["k_idx"] = spec.indexer.head_dim
     wide = spec.head_dim.qk + spec.head_dim.v > 512
+    ring = decode_ring(spec)
+    missing = [n for n in ring if n not in stored]
+    if missing:
+        raise AssertionError(f"decode ring tensors {missing} are not inputs of spec {spec.name}")
     return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
             "stored_names": list(stored),
-            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks.
-            "ring": repr(tuple(n for n in ("k_cmp", "v_cmp") if n in stored)),
+            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks
+            # (plan.decode_ring): a tuple, tested as such by the templates; its repr is what the module prints.
+            "ring": ring, "ring_repr": repr(ring),
             "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
 
 
