@@ -189,7 +189,7 @@ SMALL_SPEC_WIDTH = 512
 
 
 def render_test(spec: Spec) -> str:
-    from .testing_plan import (cpu_seqlens, decode_gpu_prompts, decode_prompts, gpu_seqlens,
+    from .testing_plan import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                                gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
 
     small = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
@@ -199,8 +199,7 @@ def render_test(spec: Spec) -> str:
         varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
         gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec),
         decode_prompts=decode_prompts(spec, small), decode_gpu_prompts=decode_gpu_prompts(spec),
-        decode_q_len=spec.decode.max_q_len if small else min(2, spec.decode.max_q_len), decode_steps=3 if small else 2,
-        decode_small=small, small=small)
+        decode_cases=repr(decode_cases(spec, small)).replace("'", '"'), decode_small=small, small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -88,7 +88,7 @@ def check_decode(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, 
                  query_chunk: int | None = None, compare_prefill: bool = True,
                  prefill_sequences: list[int] | None = None) -> DecodeReport:
     """`prefill_sequences`: which sequences the prefill-kernel comparison runs (default all; the interpreter
-    runs a prefill's selection kernel once per query position, so large specs compare their longest only)."""
+    runs a prefill's selection kernel once per query position, so large specs compare their shortest only)."""
     device = device or test_device()
     B = len(prompt_lens)
     final = [p + steps * q_len for p in prompt_lens]

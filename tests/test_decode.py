@@ -333,3 +333,31 @@ def test_append_pools_a_block_it_completes_from_the_blocks_own_rows(name, prompt
     want = x[k_cmp][0, i * d:i * d + l].double().mean(0)
     err = ((cache.kc[0, i].double() - want).norm() / want.norm()).item()
     assert err < 1e-2, f"{name}: block {i} pooled with rel. err {err:.3g}"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in __import__("glob").glob("specs/*.yaml") if ".sweep." not in p))
+def test_generated_decode_cases_complete_blocks_while_decoding(path):
+    """Every committed spec's generated decode cases (CPU and GPU prompts), contiguous and paged, complete at least
+    two compression blocks and one selection block while decoding (issue 14: the cases never did, so a block
+    pooled from the wrong rows went unseen); one case completes a block where a page ends."""
+    from specgen.render import SMALL_SPEC_WIDTH
+    from specgen.testing_plan import decode_cases, decode_completions, decode_gpu_prompts
+
+    spec = load_spec(path)
+    small_spec = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
+    cases = [(layout, q_len, steps, decode_prompts(spec, small_spec))
+             for layout, q_len, steps, _, _ in decode_cases(spec, small_spec)]
+    cases += [("gpu", q_len, 2, decode_gpu_prompts(spec)) for q_len in (1, spec.decode.max_q_len)]
+    coincide = mid = 0
+    for layout, q_len, steps, prompts in cases:
+        done = decode_completions(spec, prompts, q_len, steps)
+        if spec.needs_compressed_kv:
+            assert done["compression"] >= 2, (layout, q_len, prompts, done)
+        if spec.selection is not None and spec.selection.granularity == "block":
+            assert done["selection"] >= 1, (layout, q_len, prompts, done)
+        coincide += done["page_and_block"]
+        mid += done["mid_step"] if q_len > 1 else 0
+    if spec.needs_compressed_kv or spec.selection.granularity == "block":
+        assert coincide >= 1
+    if spec.needs_compressed_kv:
+        assert mid >= 1, "no multi-token step crosses a compression boundary after its first token"
