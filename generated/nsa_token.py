@@ -1586,8 +1586,8 @@ class NSACache:
 
     def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None):
         fn = "NSACache"
-        if not isinstance(batch, int) or batch < 1:
-            raise runtime.ArgumentError(f"{fn}: `batch` must be a positive int, got {batch!r}")
+        batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
+                                                                        device)
         self.batch = batch
         self.paged = num_pages is not None
         if self.paged:
@@ -1597,16 +1597,12 @@ class NSACache:
                     raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
                                                 "give at least one page per sequence")
                 block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            device = block_table.device if device is None else runtime.as_device(device)
-            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device)
+            # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
+            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device).clone()
             self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
             self.tcap = 0
             rows = (num_pages, PAGE_SIZE.value)
         else:
-            if max_seqlen is None or max_seqlen < 1:
-                raise runtime.ArgumentError(f"{fn}: a contiguous cache needs `max_seqlen` (tokens per sequence), got "
-                                            f"{max_seqlen!r}; or pass num_pages for a paged cache")
-            device = runtime.as_device("cpu" if device is None else device)
             self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
             self.capacity = [max_seqlen] * batch
             self.tcap = max_seqlen
@@ -1623,6 +1619,14 @@ class NSACache:
         self.vc = torch.zeros((batch, self.nc_cap, HKV.value, DV.value), dtype=DTYPE, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_seqlens = [0] * batch
+        # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
+        # knows set a bit here instead of reading outside the cache (runtime.FLAG_TEXT); check_errors() raises it.
+        self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def check_errors(self):
+        """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
+        the device, and clear the flag (runtime.raise_if_flagged: reads one int, so it synchronises)."""
+        runtime.raise_if_flagged(self)
 
     def _rows(self, pos):
         """Flat row (page * PAGE_SIZE + slot, or b * T + s) of token positions pos [B, n] (int64)."""
@@ -1651,7 +1655,7 @@ class NSACache:
         for name, dim in CACHE_TENSORS.items():
             runtime.require(fn, name, tensors.get(name), "the cache stores it for every token")
             tensors[name] = runtime.check_tensor(fn, name, tensors[name], (self.batch, n, HKV.value, dim),
-                                                 DTYPE, {}, self.device)
+                                                 DTYPE, {}, self.device, device_of="the cache")
         unknown = sorted(set(tensors) - set(CACHE_TENSORS))
         if unknown:
             raise runtime.ArgumentError(f"{fn}: unexpected arguments {unknown}; the cache takes "
@@ -1826,20 +1830,26 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     if not isinstance(cache, NSACache):
         raise runtime.ArgumentError(f"{fn}: `cache` must be a NSACache, got {type(cache).__name__}")
     dims = {"B": (cache.batch, "cache")}
-    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device)
+    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device,
+                             device_of="the cache")
     B, QL = q.shape[0], q.shape[1]
     runtime.check_q_len(fn, QL, MAX_Q_LEN, SPEC_NAME)
     runtime.require(fn, "gates", gates, "the spec mixes its branches with gates")
-    gates = runtime.check_tensor(fn, "gates", gates, ("B", "QL", HQ.value, N_BRANCHES.value), DTYPE, dims, cache.device)
+    gates = runtime.check_tensor(fn, "gates", gates, ("B", "QL", HQ.value, N_BRANCHES.value), DTYPE, dims, cache.device, device_of="the cache")
     runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device)
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device, device_of="the cache")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device, device_of="the cache")
+    # Lengths and pages: the cache's own are trusted (it checked every prefill/append on the host). Explicit ones
+    # are range-checked on the host when their values are there (CPU tensors), else on the device without a sync:
+    # out-of-range values are clamped (no kernel reads or writes outside the cache) and flag cache.error_flag,
+    # raised by cache.check_errors() / runtime.raise_if_flagged(cache) (docs/decode.md).
     if cache_seqlens is None:
         runtime.check_queries_fit(fn, QL, cache.host_seqlens)
         seqlens = cache.seqlens
     else:
         seqlens = runtime.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
+        seqlens = runtime.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
     if block_table is None:
         block_table = cache.block_table
     elif not cache.paged:
@@ -1850,7 +1860,11 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
             raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
                                         f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
                                         f"every page of a sequence's length)")
+        block_table = runtime.guard_block_table(fn, block_table, seqlens, cache.num_pages, PAGE_SIZE.value,
+                                                cache.error_flag)
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
+    if num_splits is not None:
+        num_splits = runtime.check_count(fn, "num_splits", num_splits, 1, 1024)
     paged = cache.paged
     T = cache.max_context
     parts = {}
