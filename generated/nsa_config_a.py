@@ -1140,12 +1140,19 @@ class NSACache:
     Complete compression blocks are pooled by the prefill kernel in `prefill`, and in `append` only the blocks the
     new tokens complete.
     Lengths live on the device (`seqlens`, int32) and, for argument checks without a host sync, mirrored on the host.
+    `page_size` and `dtype` are the spec's; passing them is optional and checked. Every argument is validated
+    (ArgumentError naming it); the cache keeps its own copy of `block_table`. `error_flag` (int32 [1]) collects
+    out-of-range values that a step could only see on the device; `check_errors()` raises them (docs/decode.md).
     """
 
-    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None):
+    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None, page_size=None,
+                 dtype=None):
         fn = "NSACache"
         batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
                                                                         device)
+        # page_size and dtype are the spec's (optional here, for callers that pass them): checked, never changed.
+        runtime.check_fixed(fn, "page_size", page_size, PAGE_SIZE.value, "decode.page_size", SPEC_NAME)
+        runtime.check_fixed(fn, "dtype", dtype, DTYPE, "dtype", SPEC_NAME)
         self.batch = batch
         self.paged = num_pages is not None
         if self.paged:

@@ -564,6 +564,15 @@ def check_cache_args(fn: str, batch, max_seqlen, num_pages, block_table, device)
     return batch, max_seqlen, num_pages, device
 
 
+def check_fixed(fn: str, name: str, value, expected, field: str, spec_name: str) -> None:
+    """An optional argument that must equal what the spec fixed (a cache's page_size or dtype)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, type(expected)) or value != expected:
+        raise ArgumentError(f"{fn}: argument `{name}` is {value!r} but spec {spec_name} fixes {field} = {expected}; "
+                            f"omit `{name}` or build a spec with {field}: {value!r}")
+
+
 # Bits of a decode cache's device-side error flag (`cache.error_flag`, int32 [1]): set by a step whose explicit
 # `cache_seqlens` / `block_table` hold values known only on the device (a CUDA tensor: reading it would
 # synchronise) that are out of range. The step clamps them, so no kernel reads or writes outside its buffers, and
