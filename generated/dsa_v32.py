@@ -933,6 +933,7 @@ class DSACache:
         self.k_idx_scale = torch.zeros(self.tensors["k_idx"].shape[:-1], dtype=torch.float32, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_seqlens = [0] * batch
+        self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
         # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
         # knows set a bit here instead of reading outside the cache (runtime.FLAG_TEXT); check_errors() raises it.
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
@@ -1014,6 +1015,14 @@ class DSACache:
         self._check_new(fn, tensors, n)
         runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
         pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
+        guarded = runtime.no_host_reads()
+        if guarded:
+            # Captured in a CUDA graph (or compiled): replays move the device lengths past what the host mirror
+            # checked. Positions past a sequence's capacity are flagged and land on its last slot, so no write
+            # leaves the sequence's rows and the lengths stay within its pages (cache.check_errors()).
+            over = pos >= self.capacity_t.long()[:, None]
+            self.error_flag.bitwise_or_(over.any().to(torch.int32) * runtime.FLAG_CAPACITY)
+            pos = torch.minimum(pos, self.capacity_t.long()[:, None] - 1)
         rows = self._rows(pos).reshape(-1)
         ring_rows = self._ring_rows(pos).reshape(-1)
         for name, x in tensors.items():
@@ -1021,7 +1030,10 @@ class DSACache:
                 x, scale = _index_key_store(x)
                 self.k_idx_scale.view(-1, HKV.value).index_copy_(0, rows, scale.reshape(-1, HKV.value))
             self._store(name, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
-        self.seqlens += n
+        if guarded:
+            torch.minimum(self.seqlens + n, self.capacity_t, out=self.seqlens)
+        else:
+            self.seqlens += n
         self.host_seqlens = [x + n for x in self.host_seqlens]
         return self
 

@@ -249,6 +249,11 @@ def compiling() -> bool:
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
+def no_host_reads() -> bool:
+    """True under torch.compile tracing or CUDA graph capture: values on the device must not be read on the host."""
+    return _no_host_reads()
+
+
 def _no_host_reads() -> bool:
     """Under torch.compile or while a CUDA graph is captured, reading a tensor on the host is not allowed."""
     return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
@@ -579,9 +584,12 @@ def check_fixed(fn: str, name: str, value, expected, field: str, spec_name: str)
 # its output is then meaningless; `raise_if_flagged(cache)` (or `cache.check_errors()`) raises it.
 FLAG_SEQLENS = 1
 FLAG_BLOCK_TABLE = 2
+FLAG_CAPACITY = 4
 FLAG_TEXT = {
     FLAG_SEQLENS: "`cache_seqlens` held a length outside [q_len, the tokens the cache holds] (clamped)",
     FLAG_BLOCK_TABLE: "`block_table` held a page outside [0, num_pages) within a sequence's length (read as page 0)",
+    FLAG_CAPACITY: "`append` ran a sequence past its capacity inside a CUDA graph (tokens past it dropped onto its "
+                   "last slot)",
 }
 
 

@@ -424,3 +424,39 @@ def test_out_of_range_values_inside_a_cuda_graph_are_flagged(spec_name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, c.expected["paged"]) and int(cache.error_flag.item()) == 0
+
+
+def test_append_replayed_past_capacity_is_clamped_and_flagged(monkeypatch):
+    """Inside a CUDA graph the host mirror cannot stop an append (a replay does not run Python): simulated by
+    declaring host reads forbidden, appends past a sequence's capacity stay in its rows, its length stops at the
+    capacity, and check_errors() names `append`."""
+    c = _ctx("nsa_small")
+    cache = _full(c)  # one free row per sequence
+    monkeypatch.setattr(runtime, "no_host_reads", lambda: True)
+    monkeypatch.setattr(cache, "host_seqlens", [0, 0])  # what a replayed graph's mirror would still say
+    held = max(PROMPTS)
+    before = {k: v[:, :held].clone() for k, v in cache.tensors.items() if v.shape[1] > held}  # the ring holds fewer
+    assert before
+    cache.append(**c.new_tokens(3))
+    assert cache.seqlens.tolist() == cache.capacity == [held + 1] * 2
+    with pytest.raises(ArgumentError, match="`append`"):
+        cache.check_errors()
+    # Sequence 0's overflow did not spill into sequence 1's rows (the next rows of a contiguous cache).
+    assert all(torch.equal(v, cache.tensors[k][:, :held]) for k, v in before.items())
+
+
+@gpu
+@pytest.mark.gpu
+def test_append_replayed_in_a_cuda_graph_past_capacity_is_flagged():
+    c = _ctx("nsa_small")
+    cache = _full(c)  # one free row per sequence
+    new = c.new_tokens(1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cache.append(**new)  # captured, not run: the device lengths are still max(PROMPTS)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()  # no illegal address
+    assert cache.seqlens.tolist() == [max(PROMPTS) + 1] * 2
+    with pytest.raises(ArgumentError, match="`append`"):
+        cache.check_errors()
