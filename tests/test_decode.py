@@ -302,8 +302,8 @@ def test_decode_epilogue_tilings_match_the_reference(tiles, monkeypatch):
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=1, steps=1, num_splits=3, compare_prefill=False)
 
 
-@pytest.mark.parametrize("name,prompt", [("nsa_mqa", 47), ("nsa_config_a", 127), ("nsa_small", 11)])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name,prompt,paged", [("nsa_mqa", 47, False), ("nsa_mqa", 47, True),
+                                               ("nsa_config_a", 127, False), ("nsa_small", 11, True)])
 def test_append_pools_a_block_it_completes_from_the_blocks_own_rows(name, prompt, paged):
     """A compression block completed by an appended token is the pool of its own l tokens, for kv: shared (k/v
     read from the full per-token rows) and kv: independent (from the ring). Issue 14: shared specs read the ring's
