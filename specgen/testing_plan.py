@@ -64,11 +64,11 @@ def gpu_varlen_backward_seqlens(spec: Spec) -> list[int]:
     head = [n // 4 for n in lengths[:2]]
     return head + [sum(lengths) // 4 - sum(head), 0]
 
-def _decode_step(spec: Spec) -> int:
-    """Tokens between positions where a compression block, a selection block and a page all end at once."""
+def _decode_step(spec: Spec, page: bool = True) -> int:
+    """Tokens between positions where a compression block, a selection block (and a page) all end at once."""
     sel, cmp_ = spec.selection, spec.compression
     unit = sel.block if sel is not None and sel.granularity == "block" else 1
-    return math.lcm(unit, cmp_.stride if cmp_ else 1, spec.decode.page_size)
+    return math.lcm(unit, cmp_.stride if cmp_ else 1, spec.decode.page_size if page else 1)
 
 
 def _has_blocks(spec: Spec) -> bool:
@@ -76,7 +76,7 @@ def _has_blocks(spec: Spec) -> bool:
     return spec.needs_compressed_kv or (sel is not None and sel.granularity == "block")
 
 
-def decode_prompts(spec: Spec, small: bool) -> list[int]:
+def decode_prompts(spec: Spec, small: bool, page_boundary: bool = True) -> list[int]:
     """Ragged prompt lengths for the CPU decode tests (every case decodes at least two tokens per sequence):
 
     - one ending two tokens before the first compression block ends (l - 2): the step's second new token
@@ -87,11 +87,12 @@ def decode_prompts(spec: Spec, small: bool) -> list[int]:
       candidates and the window slides, also ending one token short of a page's (and selection block's) end.
     So every case completes at least two compression blocks and one selection block while decoding, contiguous
     and paged (`decode_completions` counts them; a test checks every committed spec). Specs without blocks (token
-    selection, no compression) keep a short prompt and a ragged one."""
+    selection, no compression) keep a short prompt and a ragged one. `page_boundary=False` (the tier-2 variants,
+    whose generated counterparts cover the page case) drops the page from the boundary: a shorter prompt."""
     sel, cmp_ = spec.selection, spec.compression
     unit = sel.block if sel is not None and sel.granularity == "block" else 16
     l = cmp_.block if cmp_ else unit
-    step = _decode_step(spec)
+    step = _decode_step(spec, page_boundary)
     short = l - 2 if cmp_ else max(1, min(l, unit) // 2 - 1)
     if _has_blocks(spec):
         first = l + cmp_.stride if cmp_ else unit
