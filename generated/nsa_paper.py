@@ -1408,12 +1408,14 @@ class NSACache:
         self.host_seqlens = [0] * batch
         self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
         # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
-        # knows set a bit here instead of reading outside the cache (runtime.FLAG_TEXT); check_errors() raises it.
+        # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
+        # cache (runtime.FLAG_TEXT); check_errors() raises it.
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def check_errors(self):
         """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
-        the device, and clear the flag (runtime.raise_if_flagged: reads one int, so it synchronises)."""
+        the device (or a captured `append` ran past a sequence's pages), and clear the flag
+        (runtime.raise_if_flagged: reads one int, so it synchronises)."""
         runtime.raise_if_flagged(self)
 
     def _rows(self, pos):
