@@ -275,7 +275,8 @@ def check_decode_argument_errors(module, spec: Spec, device: str | None = None) 
             assert torch.isfinite(out).all(), f"{name}: the clamped step read outside the cache"
             with pytest.raises(ArgumentError, match=name):
                 cache.check_errors()
-    assert torch.equal(decode(q, cache, **step), implicit), "the cache changed after the argument errors"
+    if torch.device(device).type != "cpu":  # clamped steps ran: the cache must decode to the same bits
+        assert torch.equal(decode(q, cache, **step), implicit), "the cache changed after the flagged steps"
 
 
 def check_decode_cuda_graph(module, spec: Spec, prompt_lens: list[int], *, q_len: int = 1, seed: int | None = None):
