@@ -891,12 +891,19 @@ class DSACache:
     `prefill(seqlens=..., **tensors)` writes a prompt (tensors [batch, T, Hkv, D], sequence b's first seqlens[b]
     rows); `append(**tensors)` adds q_len new tokens to every sequence ([batch, q_len, Hkv, D]).
     Lengths live on the device (`seqlens`, int32) and, for argument checks without a host sync, mirrored on the host.
+    `page_size` and `dtype` are the spec's; passing them is optional and checked. Every argument is validated
+    (ArgumentError naming it); the cache keeps its own copy of `block_table`. `error_flag` (int32 [1]) collects
+    out-of-range values that a step could only see on the device; `check_errors()` raises them (docs/decode.md).
     """
 
-    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None):
+    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None, page_size=None,
+                 dtype=None):
         fn = "DSACache"
-        if not isinstance(batch, int) or batch < 1:
-            raise runtime.ArgumentError(f"{fn}: `batch` must be a positive int, got {batch!r}")
+        batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
+                                                                        device)
+        # page_size and dtype are the spec's (optional here, for callers that pass them): checked, never changed.
+        runtime.check_fixed(fn, "page_size", page_size, PAGE_SIZE.value, "decode.page_size", SPEC_NAME)
+        runtime.check_fixed(fn, "dtype", dtype, DTYPE, "dtype", SPEC_NAME)
         self.batch = batch
         self.paged = num_pages is not None
         if self.paged:
@@ -906,16 +913,12 @@ class DSACache:
                     raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
                                                 "give at least one page per sequence")
                 block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            device = block_table.device if device is None else runtime.as_device(device)
-            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device)
+            # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
+            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device).clone()
             self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
             self.tcap = 0
             rows = (num_pages, PAGE_SIZE.value)
         else:
-            if max_seqlen is None or max_seqlen < 1:
-                raise runtime.ArgumentError(f"{fn}: a contiguous cache needs `max_seqlen` (tokens per sequence), got "
-                                            f"{max_seqlen!r}; or pass num_pages for a paged cache")
-            device = runtime.as_device("cpu" if device is None else device)
             self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
             self.capacity = [max_seqlen] * batch
             self.tcap = max_seqlen
@@ -928,6 +931,17 @@ class DSACache:
                         for name, dim in CACHE_TENSORS.items()}
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_seqlens = [0] * batch
+        self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
+        # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
+        # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
+        # cache (runtime.FLAG_TEXT); check_errors() raises it.
+        self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def check_errors(self):
+        """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
+        the device (or a captured `append` ran past a sequence's pages), and clear the flag
+        (runtime.raise_if_flagged: reads one int, so it synchronises)."""
+        runtime.raise_if_flagged(self)
 
     def _rows(self, pos):
         """Flat row (page * PAGE_SIZE + slot, or b * T + s) of token positions pos [B, n] (int64)."""
@@ -956,7 +970,7 @@ class DSACache:
         for name, dim in CACHE_TENSORS.items():
             runtime.require(fn, name, tensors.get(name), "the cache stores it for every token")
             tensors[name] = runtime.check_tensor(fn, name, tensors[name], (self.batch, n, HKV.value, dim),
-                                                 DTYPE, {}, self.device)
+                                                 DTYPE, {}, self.device, device_of="the cache")
         unknown = sorted(set(tensors) - set(CACHE_TENSORS))
         if unknown:
             raise runtime.ArgumentError(f"{fn}: unexpected arguments {unknown}; the cache takes "
@@ -1000,13 +1014,24 @@ class DSACache:
         self._check_new(fn, tensors, n)
         runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
         pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
+        guarded = runtime.no_host_reads()
+        if guarded:
+            # Captured in a CUDA graph (or compiled): replays move the device lengths past what the host mirror
+            # checked. Positions past a sequence's capacity are flagged and land on its last slot, so no write
+            # leaves the sequence's rows and the lengths stay within its pages (cache.check_errors()).
+            over = pos >= self.capacity_t.long()[:, None]
+            self.error_flag.bitwise_or_(over.any().to(torch.int32) * runtime.FLAG_CAPACITY)
+            pos = torch.minimum(pos, self.capacity_t.long()[:, None] - 1)
         rows = self._rows(pos).reshape(-1)
         ring_rows = self._ring_rows(pos).reshape(-1)
         for name, x in tensors.items():
             if name == "k_idx":
                 x, scale = _index_key_store(x)
             self._store(name, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
-        self.seqlens += n
+        if guarded:
+            torch.minimum(self.seqlens + n, self.capacity_t, out=self.seqlens)
+        else:
+            self.seqlens += n
         self.host_seqlens = [x + n for x in self.host_seqlens]
         return self
 
@@ -1108,18 +1133,24 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     if not isinstance(cache, DSACache):
         raise runtime.ArgumentError(f"{fn}: `cache` must be a DSACache, got {type(cache).__name__}")
     dims = {"B": (cache.batch, "cache")}
-    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device)
+    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device,
+                             device_of="the cache")
     B, QL = q.shape[0], q.shape[1]
     runtime.check_q_len(fn, QL, MAX_Q_LEN, SPEC_NAME)
     runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
     runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device)
+    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device, device_of="the cache")
+    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device, device_of="the cache")
+    # Lengths and pages: the cache's own are trusted (it checked every prefill/append on the host). Explicit ones
+    # are range-checked on the host when their values are there (CPU tensors), else on the device without a sync:
+    # out-of-range values are clamped (no kernel reads or writes outside the cache) and flag cache.error_flag,
+    # raised by cache.check_errors() / runtime.raise_if_flagged(cache) (docs/decode.md).
     if cache_seqlens is None:
         runtime.check_queries_fit(fn, QL, cache.host_seqlens)
         seqlens = cache.seqlens
     else:
         seqlens = runtime.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
+        seqlens = runtime.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
     if block_table is None:
         block_table = cache.block_table
     elif not cache.paged:
@@ -1130,7 +1161,11 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
             raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
                                         f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
                                         f"every page of a sequence's length)")
+        block_table = runtime.guard_block_table(fn, block_table, seqlens, cache.num_pages, PAGE_SIZE.value,
+                                                cache.error_flag)
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
+    if num_splits is not None:
+        num_splits = runtime.check_count(fn, "num_splits", num_splits, 1, 1024)
     paged = cache.paged
     T = cache.max_context
     parts = {}

@@ -1143,12 +1143,19 @@ class NSACache:
     Complete compression blocks are pooled by the prefill kernel in `prefill`, and in `append` only the blocks the
     new tokens complete.
     Lengths live on the device (`seqlens`, int32) and, for argument checks without a host sync, mirrored on the host.
+    `page_size` and `dtype` are the spec's; passing them is optional and checked. Every argument is validated
+    (ArgumentError naming it); the cache keeps its own copy of `block_table`. `error_flag` (int32 [1]) collects
+    out-of-range values that a step could only see on the device; `check_errors()` raises them (docs/decode.md).
     """
 
-    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None):
+    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None, page_size=None,
+                 dtype=None):
         fn = "NSACache"
-        if not isinstance(batch, int) or batch < 1:
-            raise runtime.ArgumentError(f"{fn}: `batch` must be a positive int, got {batch!r}")
+        batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
+                                                                        device)
+        # page_size and dtype are the spec's (optional here, for callers that pass them): checked, never changed.
+        runtime.check_fixed(fn, "page_size", page_size, PAGE_SIZE.value, "decode.page_size", SPEC_NAME)
+        runtime.check_fixed(fn, "dtype", dtype, DTYPE, "dtype", SPEC_NAME)
         self.batch = batch
         self.paged = num_pages is not None
         if self.paged:
@@ -1158,16 +1165,12 @@ class NSACache:
                     raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
                                                 "give at least one page per sequence")
                 block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            device = block_table.device if device is None else runtime.as_device(device)
-            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device)
+            # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
+            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device).clone()
             self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
             self.tcap = 0
             rows = (num_pages, PAGE_SIZE.value)
         else:
-            if max_seqlen is None or max_seqlen < 1:
-                raise runtime.ArgumentError(f"{fn}: a contiguous cache needs `max_seqlen` (tokens per sequence), got "
-                                            f"{max_seqlen!r}; or pass num_pages for a paged cache")
-            device = runtime.as_device("cpu" if device is None else device)
             self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
             self.capacity = [max_seqlen] * batch
             self.tcap = max_seqlen
@@ -1184,6 +1187,17 @@ class NSACache:
         self.vc = torch.zeros((batch, self.nc_cap, HKV.value, DV.value), dtype=DTYPE, device=device)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.host_seqlens = [0] * batch
+        self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
+        # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
+        # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
+        # cache (runtime.FLAG_TEXT); check_errors() raises it.
+        self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def check_errors(self):
+        """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
+        the device (or a captured `append` ran past a sequence's pages), and clear the flag
+        (runtime.raise_if_flagged: reads one int, so it synchronises)."""
+        runtime.raise_if_flagged(self)
 
     def _rows(self, pos):
         """Flat row (page * PAGE_SIZE + slot, or b * T + s) of token positions pos [B, n] (int64)."""
@@ -1212,7 +1226,7 @@ class NSACache:
         for name, dim in CACHE_TENSORS.items():
             runtime.require(fn, name, tensors.get(name), "the cache stores it for every token")
             tensors[name] = runtime.check_tensor(fn, name, tensors[name], (self.batch, n, HKV.value, dim),
-                                                 DTYPE, {}, self.device)
+                                                 DTYPE, {}, self.device, device_of="the cache")
         unknown = sorted(set(tensors) - set(CACHE_TENSORS))
         if unknown:
             raise runtime.ArgumentError(f"{fn}: unexpected arguments {unknown}; the cache takes "
@@ -1262,6 +1276,14 @@ class NSACache:
         self._check_new(fn, tensors, n)
         runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
         pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
+        guarded = runtime.no_host_reads()
+        if guarded:
+            # Captured in a CUDA graph (or compiled): replays move the device lengths past what the host mirror
+            # checked. Positions past a sequence's capacity are flagged and land on its last slot, so no write
+            # leaves the sequence's rows and the lengths stay within its pages (cache.check_errors()).
+            over = pos >= self.capacity_t.long()[:, None]
+            self.error_flag.bitwise_or_(over.any().to(torch.int32) * runtime.FLAG_CAPACITY)
+            pos = torch.minimum(pos, self.capacity_t.long()[:, None] - 1)
         rows = self._rows(pos).reshape(-1)
         ring_rows = self._ring_rows(pos).reshape(-1)
         for name, x in tensors.items():
@@ -1276,14 +1298,18 @@ class NSACache:
         start = torch.where(done, start, 0)
         # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
         tokens = torch.minimum(start[:, :, None] + torch.arange(64, device=self.device), pos[:, :, None])
-        block_rows = (self._ring_rows(tokens.reshape(self.batch, -1))).reshape(-1)
+        # kv: shared: the block's rows are those of the full per-token k/v (pages or contiguous rows).
+        block_rows = self._rows(tokens.reshape(self.batch, -1)).reshape(-1)
         dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
                 + torch.where(done, start // 64, self.nc_cap - 1)).reshape(-1)
         k_blocks = self._flat("k")[block_rows].view(self.batch * n, 64, HKV.value, DQK.value)
         self.kc.view(-1, HKV.value, DQK.value).index_copy_(0, dest, _pool_blocks(k_blocks))
         v_blocks = self._flat("v")[block_rows].view(self.batch * n, 64, HKV.value, DV.value)
         self.vc.view(-1, HKV.value, DV.value).index_copy_(0, dest, _pool_blocks(v_blocks))
-        self.seqlens += n
+        if guarded:
+            torch.minimum(self.seqlens + n, self.capacity_t, out=self.seqlens)
+        else:
+            self.seqlens += n
         self.host_seqlens = [x + n for x in self.host_seqlens]
         return self
 
@@ -1348,16 +1374,22 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
     if not isinstance(cache, NSACache):
         raise runtime.ArgumentError(f"{fn}: `cache` must be a NSACache, got {type(cache).__name__}")
     dims = {"B": (cache.batch, "cache")}
-    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device)
+    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device,
+                             device_of="the cache")
     B, QL = q.shape[0], q.shape[1]
     runtime.check_q_len(fn, QL, MAX_Q_LEN, SPEC_NAME)
     runtime.require(fn, "gates", gates, "the spec mixes its branches with gates")
-    gates = runtime.check_tensor(fn, "gates", gates, ("B", "QL", HQ.value, N_BRANCHES.value), DTYPE, dims, cache.device)
+    gates = runtime.check_tensor(fn, "gates", gates, ("B", "QL", HQ.value, N_BRANCHES.value), DTYPE, dims, cache.device, device_of="the cache")
+    # Lengths and pages: the cache's own are trusted (it checked every prefill/append on the host). Explicit ones
+    # are range-checked on the host when their values are there (CPU tensors), else on the device without a sync:
+    # out-of-range values are clamped (no kernel reads or writes outside the cache) and flag cache.error_flag,
+    # raised by cache.check_errors() / runtime.raise_if_flagged(cache) (docs/decode.md).
     if cache_seqlens is None:
         runtime.check_queries_fit(fn, QL, cache.host_seqlens)
         seqlens = cache.seqlens
     else:
         seqlens = runtime.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
+        seqlens = runtime.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
     if block_table is None:
         block_table = cache.block_table
     elif not cache.paged:
@@ -1368,7 +1400,11 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, ou
             raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
                                         f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
                                         f"every page of a sequence's length)")
+        block_table = runtime.guard_block_table(fn, block_table, seqlens, cache.num_pages, PAGE_SIZE.value,
+                                                cache.error_flag)
     out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
+    if num_splits is not None:
+        num_splits = runtime.check_count(fn, "num_splits", num_splits, 1, 1024)
     paged = cache.paged
     T = cache.max_context
     parts = {}

@@ -75,6 +75,8 @@ def test_index_topk_scores():
 
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
+# The prompts end just before block (and page) boundaries, so the steps complete compression and selection
+# blocks while decoding (specgen.testing_plan.decode_prompts).
 DECODE_PROMPTS = [0, 7, 19, 63]
 DECODE_GPU_PROMPTS = [4081, 2085]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count

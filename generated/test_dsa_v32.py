@@ -75,6 +75,8 @@ def test_index_topk_scores():
 
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
+# The prompts end just before block (and page) boundaries, so the steps complete compression and selection
+# blocks while decoding (specgen.testing_plan.decode_prompts).
 DECODE_PROMPTS = [7, 19]
 DECODE_GPU_PROMPTS = [65521, 32805]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count
@@ -85,7 +87,7 @@ DECODE_CASES = [("contiguous", 1, 2, 3, True), ("paged", 1, 2, None, False), ("p
 @pytest.mark.parametrize("layout,q_len,steps,num_splits,vs_kernel", DECODE_CASES)
 def test_decode_matches_prefill(layout, q_len, steps, num_splits, vs_kernel):
     testing_decode.check_decode(mod, SPEC, DECODE_PROMPTS, q_len=q_len, steps=steps, paged=layout == "paged",
-                                num_splits=num_splits, compare_prefill=vs_kernel, prefill_sequences=[-1])
+                                num_splits=num_splits, compare_prefill=vs_kernel, prefill_sequences=[0])
 
 
 def test_decode_bad_arguments_are_named():

@@ -71,8 +71,10 @@ def test_backward_deterministic():
 
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
-DECODE_PROMPTS = [0, 3, 19, 127]
-DECODE_GPU_PROMPTS = [4081, 2085]
+# The prompts end just before block (and page) boundaries, so the steps complete compression and selection
+# blocks while decoding (specgen.testing_plan.decode_prompts).
+DECODE_PROMPTS = [0, 6, 19, 127]
+DECODE_GPU_PROMPTS = [4031, 2086]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count
 # (2 on the CPU), and one unsplit multi-token case. Every step is checked against the float64 reference.
 DECODE_CASES = [("contiguous", 1, 2, 3, True), ("paged", 1, 3, None, False), ("paged", 4, 2, 1, False)]

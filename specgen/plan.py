@@ -76,6 +76,17 @@ class Plan:
         return self.spec.selection.block if self.spec.selection else 0
 
 
+def decode_ring(spec: Spec) -> tuple[str, ...]:
+    """Cache tensors the decode cache keeps only as a ring of each sequence's last l + max_q_len tokens: the
+    compression branch's own keys/values, which `kv: independent` gives it and which only the pooling of newly
+    completed blocks reads. Empty for `kv: shared`: there the pooling reads the completed block's rows from the
+    full per-token k/v (paged or contiguous rows, like every other branch). Decided here once, from the spec; the
+    templates test this tuple, never a rendered string."""
+    if spec.kv != "independent" or not spec.needs_compressed_kv:
+        return ()
+    return ("k_cmp", "v_cmp") if "compression" in spec.branches else ("k_cmp",)
+
+
 def _parts(d: int) -> tuple[Part, ...]:
     out, off = [], 0
     for size in head_dim_parts(d):

@@ -22,7 +22,7 @@ import jinja2
 from . import __version__
 from .errors import BuildError
 from .footprint import backward_tiles
-from .plan import Plan, make_plan
+from .plan import Plan, decode_ring, make_plan
 from .records import load_records, records_hash
 from .spec import Spec, validated
 
@@ -181,10 +181,15 @@ def decode_context(spec: Spec, args: list[Argument]) -> dict:
     if spec.indexer is not None:
         stored["k_idx"] = spec.indexer.head_dim
     wide = spec.head_dim.qk + spec.head_dim.v > 512
+    ring = decode_ring(spec)
+    missing = [n for n in ring if n not in stored]
+    if missing:
+        raise AssertionError(f"decode ring tensors {missing} are not inputs of spec {spec.name}")
     return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
             "stored_names": list(stored),
-            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks.
-            "ring": repr(tuple(n for n in ("k_cmp", "v_cmp") if n in stored)),
+            # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks
+            # (plan.decode_ring): a tuple, tested as such by the templates; its repr is what the module prints.
+            "ring": ring, "ring_repr": repr(ring),
             "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
 
 
@@ -210,7 +215,7 @@ SMALL_SPEC_WIDTH = 512
 
 
 def render_test(spec: Spec) -> str:
-    from .testing_plan import (cpu_seqlens, decode_gpu_prompts, decode_prompts, gpu_seqlens,
+    from .testing_plan import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                                gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
 
     spec = validated(spec)
@@ -221,8 +226,7 @@ def render_test(spec: Spec) -> str:
         varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
         gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec),
         decode_prompts=decode_prompts(spec, small), decode_gpu_prompts=decode_gpu_prompts(spec),
-        decode_q_len=spec.decode.max_q_len if small else min(2, spec.decode.max_q_len), decode_steps=3 if small else 2,
-        decode_small=small, small=small)
+        decode_cases=repr(decode_cases(spec, small)).replace("'", '"'), decode_small=small, small=small)
 
 
 def write_if_changed(path: Path, text: str) -> bool:

@@ -70,7 +70,7 @@ def _fmt(shape) -> str:
 
 
 def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None, dims: dict,
-                 device: torch.device | None = None, where: str = "") -> torch.Tensor:
+                 device: torch.device | None = None, where: str = "", device_of: str = "`q`") -> torch.Tensor:
     """Check one argument against an expected shape whose str entries are symbols bound across arguments.
 
     The first argument that mentions a symbol (B, T, ...) binds it; later ones must agree. Returns the tensor,
@@ -98,7 +98,7 @@ def check_tensor(fn: str, name: str, x, shape: tuple, dtype: torch.dtype | None,
         raise ArgumentError(f"{fn}: argument `{name}` must be {dtype} (the spec's dtype), got {x.dtype}; "
                             f"cast it with .to({dtype}) or build a spec with that dtype")
     if device is not None and x.device != device:
-        raise ArgumentError(f"{fn}: argument `{name}` is on {x.device} but `q` is on {device}; "
+        raise ArgumentError(f"{fn}: argument `{name}` is on {x.device} but {device_of} is on {device}; "
                             f"move all inputs to one device")
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
@@ -414,6 +414,11 @@ def compiling() -> bool:
     return hasattr(torch, "compiler") and torch.compiler.is_compiling()
 
 
+def no_host_reads() -> bool:
+    """True under torch.compile tracing or CUDA graph capture: values on the device must not be read on the host."""
+    return _no_host_reads()
+
+
 def _no_host_reads() -> bool:
     """Under torch.compile or while a CUDA graph is captured, reading a tensor on the host is not allowed."""
     return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
@@ -541,10 +546,12 @@ def check_block_table(fn: str, table, batch: int, num_pages: int, device, sync: 
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != batch or table.dtype != torch.int32:
         got = f"{_fmt(tuple(table.shape))} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
         raise ArgumentError(f"{fn}: argument `block_table` must be int32 of shape [{batch}, max_pages], got {got}")
-    if not isinstance(num_pages, int) or num_pages < 1:
-        raise ArgumentError(f"{fn}: `num_pages` must be a positive int, got {num_pages!r}")
+    num_pages = check_count(fn, "num_pages", num_pages)
     if table.device != as_device(device):
-        raise ArgumentError(f"{fn}: argument `block_table` is on {table.device}, the cache on {device}")
+        raise ArgumentError(f"{fn}: argument `block_table` is on {table.device}, the cache on {device}; "
+                            f"move it to the cache's device")
+    if table.shape[1] < 1:
+        raise ArgumentError(f"{fn}: argument `block_table` has no columns; list at least one page per sequence")
     if sync:
         host = table.cpu()
         bad = (host >= num_pages) | (host < -1)
@@ -601,7 +608,8 @@ def check_seqlens_arg(fn: str, seqlens, batch: int, device) -> torch.Tensor:
         got = f"{_fmt(tuple(seqlens.shape))} {seqlens.dtype}" if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
         raise ArgumentError(f"{fn}: argument `cache_seqlens` must be int32 of shape [{batch}], got {got}")
     if seqlens.device != as_device(device):
-        raise ArgumentError(f"{fn}: argument `cache_seqlens` is on {seqlens.device}, the cache on {device}")
+        raise ArgumentError(f"{fn}: argument `cache_seqlens` is on {seqlens.device}, the cache on {device}; "
+                            f"move it to the cache's device")
     return seqlens.contiguous()
 
 
@@ -652,6 +660,165 @@ def decode_combine_tiles(rows: int, dv: int, max_splits: int, device) -> tuple[i
         bd //= 2
     elems = sb * br * bd
     return br, bd, sb, 4 if elems >= 4096 else 2 if elems >= 1024 else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding: constructor arguments, and the step's device-side guard (docs/decode.md, "What is checked where")
+# ---------------------------------------------------------------------------------------------------------------
+
+# Positions are int32 in the kernels: a sequence holds fewer than 2**31 tokens.
+MAX_TOKENS = 2**31 - 1
+
+
+def check_count(fn: str, name: str, value, minimum: int = 1, maximum: int = MAX_TOKENS) -> int:
+    """A size argument: a Python (or numpy) int in [minimum, maximum], never a bool, float or tensor."""
+    if not isinstance(value, int) and not isinstance(value, (bool, float, torch.Tensor)) and hasattr(value, "__index__"):
+        value = operator.index(value)  # numpy integers
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentError(f"{fn}: argument `{name}` must be an int, got {value!r} ({type(value).__name__}); "
+                            f"pass a positive whole number")
+    if not minimum <= value <= maximum:
+        raise ArgumentError(f"{fn}: argument `{name}` must lie in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def check_device(fn: str, device) -> torch.device:
+    """The cache's `device`: a torch.device, a string such as "cuda:0" or "cpu", or a CUDA index; one that exists."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ArgumentError(f"{fn}: argument `device` must be a torch.device, a str such as \"cuda\" or \"cpu\", or "
+                            f"a CUDA device index, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ArgumentError(f"{fn}: argument `device` is not a device: {device!r} ({e}); pass e.g. \"cuda\" or "
+                            f"\"cpu\"") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ArgumentError(f"{fn}: argument `device` is {device} but CUDA is not available here; pass "
+                                f"device=\"cpu\" (the Triton interpreter) or run on a GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ArgumentError(f"{fn}: argument `device` is {device} but there are {torch.cuda.device_count()} "
+                                f"CUDA devices")
+    elif device.type != "cpu":
+        raise ArgumentError(f"{fn}: argument `device` is {device}; the kernels run on \"cuda\" (or \"cpu\" under "
+                            f"the Triton interpreter)")
+    return as_device(device)
+
+
+def check_cache_args(fn: str, batch, max_seqlen, num_pages, block_table, device) -> tuple:
+    """The layout arguments of a decode cache's constructor: (batch, max_seqlen, num_pages, device), each checked
+    for type and range, with exactly one layout (max_seqlen: contiguous; num_pages [+ block_table]: paged)."""
+    batch = check_count(fn, "batch", batch)
+    if max_seqlen is not None and num_pages is not None:
+        raise ArgumentError(f"{fn}: both `max_seqlen` (contiguous cache) and `num_pages` (paged cache) were given; "
+                            f"pass one of them")
+    if block_table is not None and num_pages is None:
+        raise ArgumentError(f"{fn}: argument `block_table` was given without `num_pages`; a paged cache needs "
+                            f"num_pages (the pool's size) too")
+    if num_pages is None:
+        if max_seqlen is None:
+            raise ArgumentError(f"{fn}: a contiguous cache needs `max_seqlen` (tokens per sequence), got None; or "
+                                f"pass num_pages for a paged cache")
+        max_seqlen = check_count(fn, "max_seqlen", max_seqlen)
+    else:
+        num_pages = check_count(fn, "num_pages", num_pages)
+    if device is not None:
+        device = check_device(fn, device)
+    elif block_table is not None and isinstance(block_table, torch.Tensor):
+        device = as_device(block_table.device)
+    else:
+        device = torch.device("cpu")
+    if batch * (max_seqlen or 1) > MAX_TOKENS:
+        raise ArgumentError(f"{fn}: `batch` x `max_seqlen` = {batch * max_seqlen} rows exceed the kernels' int32 "
+                            f"row index; use a paged cache")
+    return batch, max_seqlen, num_pages, device
+
+
+def check_fixed(fn: str, name: str, value, expected, field: str, spec_name: str) -> None:
+    """An optional argument that must equal what the spec fixed (a cache's page_size or dtype)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, type(expected)) or value != expected:
+        raise ArgumentError(f"{fn}: argument `{name}` is {value!r} but spec {spec_name} fixes {field} = {expected}; "
+                            f"omit `{name}` or build a spec with {field}: {value!r}")
+
+
+# Bits of a decode cache's device-side error flag (`cache.error_flag`, int32 [1]): set by a step whose explicit
+# `cache_seqlens` / `block_table` hold values known only on the device (a CUDA tensor: reading it would
+# synchronise) that are out of range. The step clamps them, so no kernel reads or writes outside its buffers, and
+# its output is then meaningless; `raise_if_flagged(cache)` (or `cache.check_errors()`) raises it.
+FLAG_SEQLENS = 1
+FLAG_BLOCK_TABLE = 2
+FLAG_CAPACITY = 4
+FLAG_TEXT = {
+    FLAG_SEQLENS: "`cache_seqlens` held a length outside [q_len, the tokens the cache holds] (clamped)",
+    FLAG_BLOCK_TABLE: "`block_table` held a page outside [0, num_pages) within a sequence's length (read as page 0)",
+    FLAG_CAPACITY: "`append` ran a sequence past its capacity inside a CUDA graph (tokens past it dropped onto its "
+                   "last slot)",
+}
+
+
+def host_readable(x: torch.Tensor) -> bool:
+    """The tensor's values can be read on the host without synchronising with a device (a CPU tensor, outside
+    torch.compile tracing)."""
+    return x.device.type == "cpu" and not compiling()
+
+
+def guard_cache_seqlens(fn: str, seqlens: torch.Tensor, q_len: int, held: torch.Tensor, held_host: list[int],
+                        flag: torch.Tensor, host: bool | None = None) -> torch.Tensor:
+    """An explicit `cache_seqlens` [B] int32: every length must lie in [q_len, the tokens the cache holds]
+    (`held`, the cache's device lengths; `held_host` their host mirror). Host-readable values are checked now
+    (ArgumentError); otherwise the check runs on the device without a sync: an out-of-range length sets
+    FLAG_SEQLENS in `flag` and is clamped into [0, held], so the kernels stay inside the cache."""
+    if host is None:
+        host = host_readable(seqlens)
+    if host:
+        for b, (n, cap) in enumerate(zip(seqlens.tolist(), held_host)):
+            if not q_len <= n <= cap:
+                raise ArgumentError(f"{fn}: cache_seqlens[{b}] = {n} is outside [{q_len}, {cap}]: sequence {b} holds "
+                                    f"{cap} tokens and the step has q_len={q_len} queries; pass lengths the cache "
+                                    f"holds (new tokens included), or omit `cache_seqlens` to use the cache's own")
+        return seqlens
+    bad = (seqlens < q_len) | (seqlens > held)
+    flag.bitwise_or_(bad.any().to(torch.int32) * FLAG_SEQLENS)
+    return torch.minimum(seqlens.clamp(min=0), held).to(torch.int32)
+
+
+def guard_block_table(fn: str, table: torch.Tensor, seqlens: torch.Tensor, num_pages: int, page_size: int,
+                      flag: torch.Tensor, host: bool | None = None) -> torch.Tensor:
+    """An explicit `block_table` [B, max_pages] int32: the entries a sequence's length reaches (the first
+    cdiv(seqlens[b], page_size)) must be pages in [0, num_pages). Host-readable tables are checked now
+    (ArgumentError); otherwise on the device without a sync: a bad entry sets FLAG_BLOCK_TABLE in `flag` and every
+    entry outside the pool reads as page 0, so the kernels stay inside the cache."""
+    if host is None:
+        host = host_readable(table) and host_readable(seqlens)
+    cols = torch.arange(table.shape[1], device=table.device)
+    needed = cols[None, :] < ((seqlens.long() + page_size - 1) // page_size)[:, None]
+    outside = (table < 0) | (table >= num_pages)
+    if host:
+        bad = needed & outside
+        if bad.any():
+            b, j = (int(x) for x in bad.nonzero()[0])
+            raise ArgumentError(f"{fn}: block_table[{b}, {j}] = {int(table[b, j])} is outside the pool of {num_pages} "
+                                f"pages, but sequence {b}'s length reaches it; entries must lie in [0, {num_pages}) "
+                                f"(-1 only past a sequence's pages)")
+        return table
+    flag.bitwise_or_((needed & outside).any().to(torch.int32) * FLAG_BLOCK_TABLE)
+    return torch.where(outside, 0, table).to(torch.int32)
+
+
+def raise_if_flagged(cache) -> None:
+    """Raise ArgumentError if a decode step on `cache` flagged an argument on the device (see FLAG_TEXT), and
+    clear the flag. Reads the flag on the host: a synchronisation, so call it where one is acceptable (after a
+    graph replay, every N steps, at the end of a request), never inside a captured region."""
+    flag = cache.error_flag
+    bits = int(flag.item())
+    if bits:
+        flag.zero_()
+        what = "; ".join(text for bit, text in FLAG_TEXT.items() if bits & bit)
+        raise ArgumentError(f"{type(cache).__name__}: a decode step was given out-of-range arguments: {what}; the "
+                            f"outputs of the steps since the last check are not meaningful; pass lengths the cache "
+                            f"holds and pages of its pool")
 
 
 def as_device(device) -> torch.device:

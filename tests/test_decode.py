@@ -54,7 +54,9 @@ def test_decode_variant(variant):
     spec = VARIANTS[variant]()
     mod = specgen.load(spec)
     q_len = 3 if variant.endswith("_q3") else 2
-    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=q_len, steps=2, paged=True)
+    # Prompts end just before block boundaries (not page ones: the generated tests have those), so the steps
+    # complete blocks while decoding.
+    check_decode(mod, spec, decode_prompts(spec, small=False, page_boundary=False), q_len=q_len, steps=2, paged=True)
 
 
 def decode_top_k(mod, scores, t, poison=float("nan"), segment=None):
@@ -300,3 +302,64 @@ def test_decode_epilogue_tilings_match_the_reference(tiles, monkeypatch):
     mod = specgen.load(spec)
     monkeypatch.setattr(runtime, "decode_combine_tiles", lambda *args: tiles)
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=1, steps=1, num_splits=3, compare_prefill=False)
+
+
+@pytest.mark.parametrize("name,prompt,paged", [("nsa_mqa", 47, False), ("nsa_mqa", 47, True),
+                                               ("nsa_config_a", 127, False), ("nsa_small", 11, True)])
+def test_append_pools_a_block_it_completes_from_the_blocks_own_rows(name, prompt, paged):
+    """A compression block completed by an appended token is the pool of its own l tokens, for kv: shared (k/v
+    read from the full per-token rows) and kv: independent (from the ring). Issue 14: shared specs read the ring's
+    rows, which they do not have (nsa_mqa prefill 47 + 1: rel. err ~0.9)."""
+    spec = load_spec(f"specs/{name}.yaml")
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(14)
+    T = prompt + 1
+    names = list(mod.CACHE_TENSORS)
+    x = {n: torch.randn(1, T, spec.heads.kv, d, generator=gen).to(torch.float16) for n, d in mod.CACHE_TENSORS.items()}
+    page = spec.decode.page_size
+    if paged:
+        pages = -(-T // page)
+        table = torch.randperm(pages + 1, generator=gen)[:pages].to(torch.int32)[None]
+        cache = mod.NSACache(1, num_pages=pages + 1, block_table=table)
+    else:
+        cache = mod.NSACache(1, max_seqlen=T + 3)
+    for t in cache.tensors.values():
+        t.fill_(float("nan"))
+    x = {n: v.to(mod.DTYPE) for n, v in x.items()}
+    cache.prefill(**{n: x[n][:, :prompt] for n in names})
+    cache.append(**{n: x[n][:, prompt:] for n in names})
+    l, d = spec.compression.block, spec.compression.stride
+    i = (T - l) // d
+    assert i * d + l == T, "the appended token must complete a block"
+    k_cmp = "k" if spec.kv == "shared" else "k_cmp"
+    want = x[k_cmp][0, i * d:i * d + l].double().mean(0)
+    err = ((cache.kc[0, i].double() - want).norm() / want.norm()).item()
+    assert err < 1e-2, f"{name}: block {i} pooled with rel. err {err:.3g}"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in __import__("glob").glob("specs/*.yaml") if ".sweep." not in p))
+def test_generated_decode_cases_complete_blocks_while_decoding(path):
+    """Every committed spec's generated decode cases (CPU and GPU prompts), contiguous and paged, complete at least
+    two compression blocks and one selection block while decoding (issue 14: the cases never did, so a block
+    pooled from the wrong rows went unseen); one case completes a block where a page ends."""
+    from specgen.render import SMALL_SPEC_WIDTH
+    from specgen.testing_plan import decode_cases, decode_completions, decode_gpu_prompts
+
+    spec = load_spec(path)
+    small_spec = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH
+    cases = [(layout, q_len, steps, decode_prompts(spec, small_spec))
+             for layout, q_len, steps, _, _ in decode_cases(spec, small_spec)]
+    cases += [("gpu", q_len, 2, decode_gpu_prompts(spec)) for q_len in (1, spec.decode.max_q_len)]
+    coincide = mid = 0
+    for layout, q_len, steps, prompts in cases:
+        done = decode_completions(spec, prompts, q_len, steps)
+        if spec.needs_compressed_kv:
+            assert done["compression"] >= 2, (layout, q_len, prompts, done)
+        if spec.selection is not None and spec.selection.granularity == "block":
+            assert done["selection"] >= 1, (layout, q_len, prompts, done)
+        coincide += done["page_and_block"]
+        mid += done["mid_step"] if q_len > 1 else 0
+    if spec.needs_compressed_kv or spec.selection.granularity == "block":
+        assert coincide >= 1
+    if spec.needs_compressed_kv:
+        assert mid >= 1, "no multi-token step crosses a compression boundary after its first token"
