@@ -98,11 +98,15 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
     # A build renames its files into place only once all are written, so an existing module is a whole one.
     module_path = folder / f"{spec.name}.py"
     if not module_path.is_file():
+        from . import render  # the miss path alone pays for Jinja, the planner and sympy
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the cache folder cannot be made: the same one-line error as a build's
+            raise render._build_error(exc, module_path) from None
         with _build_lock(folder):
             if not module_path.is_file():  # another process may have built it while this one waited
-                from .render import build  # the miss path alone pays for Jinja, the planner and sympy
-
-                module_path = build(spec, folder, spec_path=spec_path).module
+                module_path = render.build(spec, folder, spec_path=spec_path).module
     module = import_path(module_path, f"specgen_generated.{key}")
     _loaded[key] = module
     return module
