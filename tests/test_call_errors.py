@@ -18,6 +18,14 @@ T = 20                       # nsa_small: 2 selection blocks of 16; dsa_small: 2
 CU = [0, 12, 20]             # the packed cases: two sequences of 12 and 8 tokens
 
 
+@pytest.fixture(autouse=True)
+def _on_the_test_device():
+    """Every tensor the table makes lives where the kernels run (CUDA on a GPU machine, else the CPU), so a row
+    fails for the mistake it names, not for a device mismatch."""
+    with torch.device(testing.test_device()):
+        yield
+
+
 def _module(name):
     return testing.load_generated(str(ROOT / "generated" / f"test_{name}.py"), name)
 
@@ -35,7 +43,7 @@ def _valid_indices(spec, rows):
 def _context(name):
     mod = MODULES[name]
     spec = testing.spec_of(mod)
-    x = testing.inputs_for(mod, spec, 1, T, device="cpu")
+    x = testing.inputs_for(mod, spec, 1, T, device=testing.test_device())
     indices = _valid_indices(spec, (1, T))
     return mod, spec, x, indices
 
