@@ -1,4 +1,5 @@
-"""The small runtime that generated modules import: argument checks and interpreter detection.
+"""The runtime that generated modules import: argument checks, interpreter detection and (as it grows) the host
+code they share.
 
 Generated modules import torch, triton and this file only, so importing a kernel never parses YAML, renders
 templates or calls sympy. Keep it that way: no imports from the rest of specgen here.
