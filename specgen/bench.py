@@ -108,17 +108,26 @@ def dense_training_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
     return results
 
 
+def copy_bandwidth_gbps(nbytes: int = 2**30, device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s) of a `nbytes` buffer."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = _median_ms(lambda: y.copy_(x))
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * nbytes / ms / 1e6
+
+
 def machine_peaks(device: str = "cuda") -> dict:
     """The two ceilings measured on this machine in this run: the dense bf16 matrix peak (TFLOP/s, an 8192^3
     matmul) and the device-to-device copy bandwidth (GB/s, bytes read + written)."""
-    from .bench_decode import copy_bandwidth_gbps
 
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = _median_ms(lambda: a @ b)
     del a, b
-    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": copy_bandwidth_gbps()}
+    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": copy_bandwidth_gbps(device=device)}
 
 
 def _leaves(spec: Spec, inputs: dict) -> list[str]:

@@ -19,22 +19,12 @@ from pathlib import Path
 import torch
 
 from .analysis import decode_step_bytes
-from .bench import _commit, _median_ms, kernel_times
+from .bench import _commit, _median_ms, copy_bandwidth_gbps, kernel_times
 from .jit import load
 from .spec import Spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic elsewhere
-
-
-def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second, GB/s) of a `nbytes` buffer."""
-    x = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    y = torch.empty_like(x)
-    ms = _median_ms(lambda: y.copy_(x))
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * nbytes / ms / 1e6
 
 
 def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
@@ -119,7 +109,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
-    copy_gbps = copy_bandwidth_gbps()
+    copy_gbps = copy_bandwidth_gbps(device=DEVICE)
     rows = []
     for B in batches:
         for T in contexts:

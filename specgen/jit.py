@@ -19,13 +19,15 @@ from pathlib import Path
 from types import ModuleType
 
 from . import __version__
+from .files import build_error
 from .records import load_records, records_hash
 from .spec import Spec, load_spec, validated
 
 _loaded: dict[str, ModuleType] = {}
 
 # What decides a generated module's bytes besides the spec and its record: the templates and these modules.
-_GENERATOR_MODULES = ("analysis", "footprint", "plan", "records", "render", "render_distill", "spec", "tuning")
+_GENERATOR_MODULES = ("analysis", "files", "footprint", "plan", "records", "render", "render_distill", "spec",
+                      "templating", "testing_plan", "tuning")
 
 
 def cache_dir() -> Path:
@@ -103,7 +105,7 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # the cache folder cannot be made: the same one-line error as a build's
-            raise render._build_error(exc, module_path) from None
+            raise build_error(exc, module_path) from None
         with _build_lock(folder):
             if not module_path.is_file():  # another process may have built it while this one waited
                 module_path = render.build(spec, folder, spec_path=spec_path).module

@@ -3,7 +3,7 @@
 The section is meant to be `{% include %}`d into the DSA module; until that module exists it is rendered inside
 specgen/templates/distill_test_wrapper.py.j2, which sets the spec constants the way module.py.j2 does. The tile plan
 lives here (not in plan.py) so the lead can fold it into `Plan` without conflicts: `distill_context(spec)` gives the
-extra template variables, `render_distill_module(spec)` the standalone module.
+extra template variables (`render.render_distill_module(spec)` renders the standalone module).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from .plan import MIN_DOT, make_plan, next_pow2
 
 # Main rows of one head chunk of the distillation kernels for wide heads.
 WIDE_CHUNK_ROWS = 64
-from .render import _environment, header, module_context
 from .spec import Spec
 
 
@@ -123,13 +122,3 @@ def distill_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, in
 def distill_context(spec: Spec, distill_plan: DistillPlan | None = None) -> dict:
     """The template variables the distillation section needs beyond `module_context`."""
     return {"distill": distill_plan or make_distill_plan(spec)}
-
-
-def render_distill_module(spec: Spec, distill_plan: DistillPlan | None = None) -> str:
-    """A standalone module: the spec constants, the dot helpers and the distillation section. `distill_plan`
-    overrides the tiles (tests use small ones to exercise multi-trip loops at small T)."""
-    plan = make_plan(spec)
-    context = module_context(spec, plan)
-    context["header"] = header(spec, "the indexer distillation loss")
-    context.update(distill_context(spec, distill_plan))
-    return _environment().get_template("distill_test_wrapper.py.j2").render(**context)

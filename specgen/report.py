@@ -19,6 +19,22 @@ FIDELITY_COLUMNS = ("recall", "recall_p10", "recall_oracle", "cover_window", "co
 UNFITTED_COLUMNS = ("recall", "err_selection", "err_gated", "needle_hit")
 
 
+def read_records(path: Path) -> list[dict]:
+    """Every record of an append-only JSONL file, in order; a torn last line (an interrupted write) is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 def _latest(records: list[dict]) -> dict[str, dict]:
     """The latest record per key, preferring a finished one over a later failure or skip."""
     out: dict[str, dict] = {}
@@ -341,7 +357,6 @@ def _granularity_verdict(ok: list[dict]) -> list[str]:
 def write_report(out_dir: Path, *, sweep=None, points: list | None = None, plot_format: str = "png") -> dict:
     """Write results.csv, results.json, report.md and plots/ from results.jsonl and the points (from the sweep, or
     points.json written by the last run)."""
-    from .sweep import read_records
 
     out_dir = Path(out_dir)
     if points is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import SpecError
+from .report import read_records, write_report
 from .spec import Spec, _Located, field_reference, load_spec, read_yaml_file, spec_from_mapping
 
 PARTS = ("fidelity", "speed")
@@ -403,22 +404,6 @@ def expand(sweep: Sweep) -> list[Point]:
 def task_key(spec_hash: str, regime: str, seqlen: int, part: str, device: str | None = None) -> str:
     key = f"{spec_hash}|{regime}|{seqlen}|{part}"
     return f"{key}|{device}" if part == "speed" and device else key
-
-
-def read_records(path: Path) -> list[dict]:
-    """Every record of an append-only JSONL file, in order; a torn last line (an interrupted write) is ignored."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def finished_keys(records: list[dict]) -> set[str]:
@@ -806,7 +791,6 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
             _run_ray(measure_task, tasks, device, finished)
         else:
             _run_local(measure_task, tasks, jobs, device, finished)
-    from .report import write_report
 
     paths = write_report(out_dir, sweep=sweep, points=points)
     log(f"report: {paths['report']}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import write_if_changed
 from .footprint import backward_tiles, launch_model
 from .plan import MIN_DOT, Plan
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
@@ -129,7 +130,6 @@ def configs_for(plan: Plan, records: list[dict]) -> dict:
 
 def save_entry(spec_path: Path, entry: dict) -> Path:
     """Add or replace the entry for (spec hash, GPU, Triton version), atomically."""
-    from .render import write_if_changed
 
     path = record_path(spec_path)
     data = read_record(path) if path.exists() else {"entries": []}

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import specgen.reference as R
-from specgen.render_distill import dot_shapes, make_distill_plan, render_distill_module
+from specgen.render import render_distill_module
+from specgen.render_distill import dot_shapes, make_distill_plan
 from specgen.spec import load_spec, spec_from_mapping
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

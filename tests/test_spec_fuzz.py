@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from specgen import render
+from specgen import files, render
 from specgen.cli import main
 from specgen.errors import BuildError, SpecError
 from specgen.spec import Spec, load_spec, spec_from_yaml
@@ -234,7 +234,7 @@ def test_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as f.write raises it: no file name
         f.write(data)
 
-    monkeypatch.setattr(render, "_write", full)
+    monkeypatch.setattr(files, "_write", full)
     out = tmp_path / "out"
     rc, err = _build(capsys, out, *_two_specs(tmp_path))
     _one_line_error(rc, err, out, "no space left on the device", "free space")
@@ -252,7 +252,7 @@ def test_full_disk_keeps_the_previous_build(tmp_path, capsys, monkeypatch):
     def full(f, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(render, "_write", full)
+    monkeypatch.setattr(files, "_write", full)
     rc, err = _build(capsys, out, *specs)
     _one_line_error(rc, err, out, "no space left")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before        # old files intact, no temporary files
@@ -267,7 +267,7 @@ def test_read_only_output(tmp_path, capsys, monkeypatch, code):
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(out))
 
-    monkeypatch.setattr(render.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     rc, err = _build(capsys, out)
     _one_line_error(rc, err, out, "cannot write", "writable")
     assert _files(out) == []
