@@ -106,6 +106,7 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
 def test_a_partial_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     """A folder holding only the lock (a build killed before its renames) is a miss, not a broken hit."""
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(jit, "_loaded", {})  # a new process: an earlier test's module must not answer
     spec = load_spec(SPEC)
     folder = jit.cache_dir() / f"v{jit.__version__}" / jit.cache_key(spec, SPEC)
     folder.mkdir(parents=True)

@@ -348,7 +348,9 @@ def test_malformed_tuning_record(tmp_path, capsys, record, words):
 def test_build_error_from_the_api(tmp_path, monkeypatch):
     """specgen.load raises the same BuildError (a user-facing error, not an OSError traceback)."""
     import specgen
+    from specgen import jit
 
+    monkeypatch.setattr(jit, "_loaded", {})  # a new process: an earlier test's module must not answer
     (tmp_path / "cache").write_text("a file where the cache folder goes")
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path / "cache"))
     with pytest.raises(BuildError, match="is a file, not a folder"):
