@@ -957,5 +957,5 @@ def default_out(sweep: Sweep) -> Path:
 
 
 __all__ = ["Point", "Sweep", "SweepError", "append_record", "build_task", "default_out", "expand", "finished_keys",
-           "gpu_identity", "gpu_slots", "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records", "run_sweep",
-           "sweep_from_mapping", "task_key"]
+           "gpu_identity", "gpu_slots", "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records",
+           "run_sweep", "sweep_from_mapping", "task_key"]
