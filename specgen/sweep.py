@@ -852,8 +852,10 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
-    if device == "cuda":
-        ids = _gpu_ids()
+    ids = _gpu_ids() if device == "cuda" else []
+    if device == "cuda" and backend == "ray":
+        jobs = jobs or 1                 # Ray places the tasks on the cluster's GPUs; the driver may have none
+    elif device == "cuda":
         if not ids:
             raise RuntimeError("--device cuda but no GPU is visible")
         jobs = min(jobs or len(ids), len(ids))
@@ -871,13 +873,17 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
 
     records = read_records(results)
     done = finished_keys(records)
-    speed_device = device_name(device) if device == "cuda" else None
+    # Speed is keyed by the GPU's name: resuming skips what this machine's GPU model has measured. A Ray driver
+    # without a GPU cannot know which model its tasks land on: a measurement on any GPU counts as done.
+    speed_device = device_name(device) if device == "cuda" and ids else None
+    done_anywhere = {k.rsplit("|", 1)[0] for k in done if k.count("|") == 4 and "|speed|" in k}
     tasks = []
     skipped_speed = 0
     for t in make_tasks(sweep, points, device):
         key = t["key"] if t["part"] == "fidelity" else task_key(t["spec_hash"], t["regime"], t["seqlen"], "speed",
                                                                speed_device)
-        if key in done:
+        if key in done or (t["part"] == "speed" and device == "cuda" and speed_device is None
+                           and key in done_anywhere):
             continue
         if t["part"] == "speed" and device != "cuda":
             skipped_speed += 1
@@ -888,7 +894,8 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
         _note_no_gpu(results, records, sweep, points)
         log(f"speed: not measured ({skipped_speed} measurements need a GPU: run with --device cuda on one)")
     log(f"{n_all - skipped_speed - len(tasks)} measurements already in {results.name}; {len(tasks)} to run on "
-        f"{jobs} {'GPU' if device == 'cuda' else 'CPU'} worker(s){' via Ray' if backend == 'ray' else ''}")
+        + (f"Ray tasks ({'one GPU' if device == 'cuda' else 'one CPU'} each)" if backend == "ray" else
+           f"{jobs} {'GPU' if device == 'cuda' else 'CPU'} worker(s)"))
 
     if build and tasks and backend == "local":     # with Ray, each task builds on its own node
         specs = {t["spec_hash"]: t["spec"] for t in tasks}

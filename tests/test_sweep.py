@@ -466,3 +466,27 @@ def test_a_speed_record_names_the_physical_gpu_and_host(monkeypatch):
     assert gpu_identity() == {"gpu": "7", "device": "Fake GPU 1", "host": socket.gethostname()}
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert gpu_identity()["gpu"] == "1"
+
+
+def test_ray_driver_without_a_gpu_sends_gpu_tasks_and_resumes(tmp_path, monkeypatch):
+    """--device cuda --backend ray from a head node with no GPU: the tasks go to Ray (one GPU each), and a rerun
+    counts a speed measurement made on any GPU as done (the driver cannot know which model its tasks get)."""
+    import sys
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr("specgen.sweep._gpu_ids", lambda: [])
+
+    def fake_measure(t):
+        rec = {**{k: t[k] for k in ("key", "label", "part", "regime", "seqlen")}, "status": "skipped", "speed": "x"}
+        if t["part"] == "speed":
+            rec["key"] = f"{t['key']}|Fake GPU"
+        return {**rec, "status": "ok", "speed": {"forward_ms": 1.0}} if t["part"] == "speed" else rec
+
+    monkeypatch.setattr("specgen.sweep.measure_task", fake_measure)
+    monkeypatch.setattr("specgen.sweep.write_report", lambda out, **kw: {"report": out / "report.md"})
+    sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"], speed={"seqlens": [64], "regimes": ["random"]}))
+    first = run_sweep(sweep, tmp_path, device="cuda", backend="ray", build=False, log=lambda s: None)
+    assert first["ran"] == 6 and fake.options["num_gpus"] == 1
+    again = run_sweep(sweep, tmp_path, device="cuda", backend="ray", build=False, log=lambda s: None)
+    assert again["ran"] == 3                              # the fidelity records were "skipped": those run again
