@@ -720,8 +720,15 @@ def _announced(fn, index: int, item):
     word is out even if the task then kills the process), then run it."""
     global _CURRENT
     if _STARTED is not None:
+        import signal
+
+        # SIGTERM waits until the word is out (its handler writes to the same queue: it must not find it locked).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         _STARTED.put(("start", index))
-    _CURRENT = index
+        _CURRENT = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    else:
+        _CURRENT = index
     try:
         return fn(item)
     finally:
@@ -754,6 +761,7 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
         return
     import functools
     import multiprocessing as mp
+    import threading
     from concurrent.futures import as_completed
     from concurrent.futures.process import BrokenProcessPool
 
@@ -761,6 +769,21 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
     charged = {i: 0 for i in pending}
     while pending:
         started = mp.get_context("spawn").SimpleQueue()
+        begun, terminated = set(), set()
+
+        stop = threading.Event()
+
+        def listen(started=started, begun=begun, terminated=terminated, stop=stop):
+            # Read the announcements as they come (a pipe holds ~64 KB: unread, it would block the workers).
+            while not (stop.is_set() and started.empty()):
+                if started.empty():
+                    time.sleep(0.02)
+                    continue
+                what, i = started.get()
+                (begun if what == "start" else terminated).add(i)
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
         finished: set[int] = set()
         broken = None
         with _pool(min(jobs, len(pending)), device, pin_gpus, started) as pool:
@@ -775,12 +798,10 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
                 finished.add(i)
                 del pending[i]
                 on_result(result)
+        stop.set()                       # the pool is shut down: every worker's words are in the pipe
+        listener.join()
         if broken is None:
             break
-        begun, terminated = set(), set()
-        while not started.empty():
-            what, i = started.get()
-            (begun if what == "start" else terminated).add(i)
         running = (begun - finished) & set(pending)
         # The task whose worker died: running, and not one of those the pool terminated afterwards. If that leaves
         # none (the dead worker was itself sent SIGTERM), every running task is charged; if none had started
