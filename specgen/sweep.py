@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -470,17 +471,41 @@ def _commit() -> str:
 # Work done in the workers
 # ---------------------------------------------------------------------------------------------------------------
 
-def init_worker(device: str, gpu_queue=None, threads: int | None = None) -> None:
+_STARTED = None                      # in a pool worker: where it announces each task it starts (see _run_local)
+
+
+def init_worker(device: str, gpu_queue=None, threads: int | None = None, started=None) -> None:
     """Process-pool initializer: pin one GPU per worker (CUDA_VISIBLE_DEVICES, before CUDA starts in the process)
-    or share the CPU cores; without a GPU, kernels run under Triton's interpreter."""
+    or share the CPU cores; without a GPU, kernels run under Triton's interpreter. `started` (a SimpleQueue) is
+    where the worker says which task it begins, so that the driver knows which points a dead worker was running."""
+    global _STARTED
+    _STARTED = started
+    if started is not None:
+        import signal
+
+        signal.signal(signal.SIGTERM, _terminated_by_pool)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if threads:          # torch reads it when a task first imports it (a worker starts without torch: faster restarts)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import sys
+
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
+def gpu_identity() -> dict:
+    """Which GPU this process measures on: its physical index as CUDA_VISIBLE_DEVICES gives it (a pinned pool worker
+    or a Ray task sees exactly one; otherwise the current device's entry of the list, or the CUDA ordinal when the
+    variable is unset), the device name and the host."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
+    ordinal = torch.cuda.current_device()
+    visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    physical = visible[ordinal] if ordinal < len(visible) else str(ordinal)
+    return {"gpu": physical, "device": torch.cuda.get_device_name(ordinal), "host": socket.gethostname()}
 
 
 def build_task(spec_dict: dict) -> dict:
@@ -513,7 +538,7 @@ def measure_task(task: dict) -> dict:
     if task.get("build_error"):
         rec["build_error"] = task["build_error"]
     rec.update({"spec_name": spec.name, "spec_hash": spec.hash, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "torch": torch.__version__})
+                "torch": torch.__version__, "host": socket.gethostname()})
     try:
         if task["part"] == "fidelity":
             from .fidelity import evaluate_variant
@@ -533,9 +558,9 @@ def measure_task(task: dict) -> dict:
                 rec.update({"status": "skipped", "speed": "no GPU", "device": "cpu",
                             "seconds": time.time() - start})
                 return rec
+            rec.update(gpu_identity())          # which GPU of which host measured it (gpu, device, host)
             rec["speed"] = measure_speed(spec, task["regime"], task["seqlen"], task["speed_cfg"],
                                          task["fidelity_cfg"], base_dir=Path(task["base_dir"]))
-            rec["device"] = device_name("cuda")
             rec["key"] = task_key(spec.hash, task["regime"], task["seqlen"], "speed", rec["device"])
         rec["status"] = "ok"
     except Exception as exc:
@@ -657,55 +682,189 @@ def _brief(rec: dict) -> str:
     return text + f"  ({rec['seconds']:.1f}s)"
 
 
-def _pool(jobs: int, device: str, pin_gpus: bool):
-    """A spawn-context process pool: one worker per GPU (each pinned by CUDA_VISIBLE_DEVICES) or `jobs` CPU workers
-    sharing the cores."""
+def gpu_slots(ids: list[str], jobs: int) -> list[str]:
+    """The GPUs a pool of `jobs` workers pins, one each: the first `jobs` of the visible ids, each at most once (a
+    repeated id in CUDA_VISIBLE_DEVICES would put two workers on one GPU)."""
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"CUDA_VISIBLE_DEVICES names a GPU twice ({','.join(ids)}): two workers would share it")
+    return list(ids[:jobs])
+
+
+def _pool(jobs: int, device: str, pin_gpus: bool, started=None):
+    """A spawn-context process pool: one worker per GPU or `jobs` CPU workers sharing the cores.
+
+    With GPUs, the pool has exactly as many workers as there are slots (gpu_slots) and a queue holding each slot
+    once; a worker takes one slot in its initializer, before CUDA starts in it, and keeps it for its life. A
+    ProcessPoolExecutor never starts more than `jobs` processes (a dead worker breaks the pool instead of being
+    replaced) and runs one task at a time per worker, so no two points are ever timed on one GPU at once."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")
     if device == "cuda" and pin_gpus:
+        slots = gpu_slots(_gpu_ids(), jobs)
         queue = ctx.Queue()
-        for gpu in _gpu_ids()[:jobs]:
+        for gpu in slots:
             queue.put(gpu)
-        return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init_worker, initargs=(device, queue, None))
+        return ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=init_worker,
+                                   initargs=(device, queue, None, started))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init_worker, initargs=(device, None, threads))
+    return ProcessPoolExecutor(jobs, mp_context=ctx, initializer=init_worker, initargs=(device, None, threads, started))
+
+
+_CURRENT = None                      # in a pool worker: the index of the task it is running
+
+
+def _announced(fn, index: int, item):
+    """Runs in a pool worker: say which task starts (synchronously: a SimpleQueue writes to its pipe at once, so the
+    word is out even if the task then kills the process), then run it."""
+    global _CURRENT
+    if _STARTED is not None:
+        import signal
+
+        # SIGTERM waits until the word is out (its handler writes to the same queue: it must not find it locked).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _STARTED.put(("start", index))
+        _CURRENT = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    else:
+        _CURRENT = index
+    try:
+        return fn(item)
+    finally:
+        _CURRENT = None
+
+
+def _terminated_by_pool(signum, frame):
+    """SIGTERM in a pool worker: a broken pool terminates its surviving workers. Say which task this one was running
+    (it did not kill the pool) and exit."""
+    if _STARTED is not None and _CURRENT is not None:
+        _STARTED.put(("terminated", _CURRENT))
+    os._exit(128 + signum)
 
 
 def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any], None], *,
-               pin_gpus: bool = True) -> None:
+               pin_gpus: bool = True, retries: int = 2, on_lost: Callable[[Any, str], Any] | None = None,
+               log: Callable[[str], None] = lambda s: None) -> None:
+    """Run fn over items, in this process (jobs <= 1) or in a pool, passing each result to on_result as it comes.
+
+    A worker that dies mid-task (a segfault, the OOM killer, os._exit) breaks the whole pool: every unfinished task
+    then fails with BrokenProcessPool. The pool is restarted and the unfinished tasks resubmitted. Each break is
+    charged to the task the dead worker was running: workers announce each task they start, and the survivors that
+    the broken pool terminates (SIGTERM) say which task they were running, so their tasks are re-run uncharged. A
+    task charged more than `retries` times is given up: on_result(on_lost(item, reason)), or a RuntimeError
+    without on_lost."""
     if jobs <= 1:
         init_worker(device, None, None)
         for item in items:
             on_result(fn(item))
         return
+    import functools
+    import multiprocessing as mp
+    import threading
     from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    with _pool(jobs, device, pin_gpus) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        for fut in as_completed(futures):
-            on_result(fut.result())
+    pending = dict(enumerate(items))
+    charged = {i: 0 for i in pending}
+    while pending:
+        started = mp.get_context("spawn").SimpleQueue()
+        begun, terminated = set(), set()
+
+        stop = threading.Event()
+
+        def listen(started=started, begun=begun, terminated=terminated, stop=stop):
+            # Read the announcements as they come (a pipe holds ~64 KB: unread, it would block the workers).
+            while not (stop.is_set() and started.empty()):
+                if started.empty():
+                    time.sleep(0.02)
+                    continue
+                what, i = started.get()
+                (begun if what == "start" else terminated).add(i)
+
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        finished: set[int] = set()
+        broken = None
+        with _pool(min(jobs, len(pending)), device, pin_gpus, started) as pool:
+            futures = {pool.submit(functools.partial(_announced, fn, i), item): i for i, item in pending.items()}
+            for fut in as_completed(futures):
+                i = futures[fut]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool as exc:
+                    broken = broken or f"{type(exc).__name__}: {exc}"
+                    continue
+                finished.add(i)
+                del pending[i]
+                on_result(result)
+        stop.set()                       # the pool is shut down: every worker's words are in the pipe
+        listener.join()
+        if broken is None:
+            break
+        running = (begun - finished) & set(pending)
+        # The task whose worker died: running, and not one of those the pool terminated afterwards. If that leaves
+        # none (the dead worker was itself sent SIGTERM), every running task is charged; if none had started
+        # (a worker died in its initializer), every unfinished one.
+        suspects = running - terminated or running or set(pending)
+        log(f"a worker died ({broken}); restarting the pool for {len(pending)} unfinished task(s)")
+        for i in sorted(suspects):
+            charged[i] += 1
+            if charged[i] > retries:
+                reason = (f"worker process died while running this task ({charged[i]} attempts, retries={retries}): "
+                          f"{broken}")
+                item = pending.pop(i)
+                if on_lost is None:
+                    raise RuntimeError(reason)
+                on_result(on_lost(item, reason))
 
 
-def _run_ray(fn, items: list, device: str, on_result: Callable[[Any], None]) -> None:
-    """The same tasks as Ray remote functions: one GPU each on a cluster (Ray sets CUDA_VISIBLE_DEVICES per task),
-    or one CPU each (under Triton's interpreter). Connects to the cluster named by RAY_ADDRESS, or starts a local
-    one. Every node needs specgen installed; each task builds its variant through specgen.load (cached per node by
-    spec hash) and returns its record to this process, which alone writes results.jsonl. Ray is optional."""
+def _run_ray(fn, items: list, device: str, on_result: Callable[[Any], None], *, retries: int = 2,
+             on_lost: Callable[[Any, str], Any] | None = None) -> None:
+    """The same tasks as Ray remote functions: one GPU each on a cluster (Ray sets CUDA_VISIBLE_DEVICES per task, so
+    a task's record names its physical GPU and host), or one CPU each (under Triton's interpreter). Connects to the
+    cluster named by RAY_ADDRESS, or starts a local one. Every node needs specgen installed; each task builds its
+    variant through specgen.load (cached per node by spec hash) and returns its record to this process, which alone
+    writes results.jsonl. A task whose worker dies is retried by Ray (`max_retries`); after that its point is
+    recorded as failed with Ray's reason. Ray is optional."""
     try:
         import ray
     except ImportError:
         raise RuntimeError("--backend ray needs ray (pip install 'ray[default]'); it is not a dependency") from None
     ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-    options: dict = {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1}
+    options: dict = {"num_gpus": 1 if device == "cuda" else 0, "num_cpus": 1, "max_retries": retries}
     if device == "cpu":
         options["runtime_env"] = {"env_vars": {"TRITON_INTERPRET": "1"}}
     remote = ray.remote(fn).options(**options)
-    pending = [remote.remote(item) for item in items]
+    pending = [(remote.remote(item), item) for item in items]
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        on_result(ray.get(done[0]))
+        done, _ = ray.wait([ref for ref, _ in pending], num_returns=1)
+        at = next(i for i, (ref, _) in enumerate(pending) if ref is done[0])    # ray.wait hands back our refs
+        item = pending.pop(at)[1]
+        try:
+            result = ray.get(done[0])
+        except Exception as exc:        # ray.exceptions.RayError: the worker died past its retries, or the node
+            if on_lost is None:
+                raise
+            result = on_lost(item, f"Ray task failed after {retries} retries: {type(exc).__name__}: {exc}")
+        on_result(result)
+
+
+def _lost_measurement(task: dict, reason: str) -> dict:
+    """The record of a measurement whose worker died on every attempt."""
+    rec = {k: task.get(k) for k in ("key", "sweep", "label", "index", "values", "effective", "top_k", "regime",
+                                    "seqlen", "part", "commit")}
+    rec.update({"spec_name": task["spec"].get("name"), "spec_hash": task["spec_hash"], "status": "error",
+                "error": reason, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname()})
+    return rec
+
+
+def _lost_build(spec_dict: dict, reason: str) -> dict:
+    try:
+        spec_hash = spec_from_mapping(spec_dict).hash
+    except Exception:
+        spec_hash = None
+    return {"hash": spec_hash, "ok": False, "error": reason}
 
 
 def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: str = "cpu", backend: str = "local",
@@ -714,8 +873,10 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
-    if device == "cuda":
-        ids = _gpu_ids()
+    ids = _gpu_ids() if device == "cuda" else []
+    if device == "cuda" and backend == "ray":
+        jobs = jobs or 1                 # Ray places the tasks on the cluster's GPUs; the driver may have none
+    elif device == "cuda":
         if not ids:
             raise RuntimeError("--device cuda but no GPU is visible")
         jobs = min(jobs or len(ids), len(ids))
@@ -733,13 +894,17 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
 
     records = read_records(results)
     done = finished_keys(records)
-    speed_device = device_name(device) if device == "cuda" else None
+    # Speed is keyed by the GPU's name: resuming skips what this machine's GPU model has measured. A Ray driver
+    # without a GPU cannot know which model its tasks land on: a measurement on any GPU counts as done.
+    speed_device = device_name(device) if device == "cuda" and ids else None
+    done_anywhere = {k.rsplit("|", 1)[0] for k in done if k.count("|") == 4 and "|speed|" in k}
     tasks = []
     skipped_speed = 0
     for t in make_tasks(sweep, points, device):
         key = t["key"] if t["part"] == "fidelity" else task_key(t["spec_hash"], t["regime"], t["seqlen"], "speed",
                                                                speed_device)
-        if key in done:
+        if key in done or (t["part"] == "speed" and device == "cuda" and speed_device is None
+                           and key in done_anywhere):
             continue
         if t["part"] == "speed" and device != "cuda":
             skipped_speed += 1
@@ -750,7 +915,8 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
         _note_no_gpu(results, records, sweep, points)
         log(f"speed: not measured ({skipped_speed} measurements need a GPU: run with --device cuda on one)")
     log(f"{n_all - skipped_speed - len(tasks)} measurements already in {results.name}; {len(tasks)} to run on "
-        f"{jobs} {'GPU' if device == 'cuda' else 'CPU'} worker(s){' via Ray' if backend == 'ray' else ''}")
+        + (f"Ray tasks ({'one GPU' if device == 'cuda' else 'one CPU'} each)" if backend == "ray" else
+           f"{jobs} {'GPU' if device == 'cuda' else 'CPU'} worker(s)"))
 
     if build and tasks and backend == "local":     # with Ray, each task builds on its own node
         specs = {t["spec_hash"]: t["spec"] for t in tasks}
@@ -763,7 +929,8 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
                 log(f"  build failed: {r['error']}")
 
         items = list(specs.values())
-        _run_local(build_task, items, min(jobs, len(items)), device, built, pin_gpus=False)
+        _run_local(build_task, items, min(jobs, len(items)), device, built, pin_gpus=False, on_lost=_lost_build,
+                   log=log)
         if failed:
             log(f"{len(failed)} build(s) failed: their fidelity (reference) is still measured and the report marks "
                 f"them; their speed cannot be")
@@ -788,9 +955,9 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
 
     if tasks:
         if backend == "ray":
-            _run_ray(measure_task, tasks, device, finished)
+            _run_ray(measure_task, tasks, device, finished, on_lost=_lost_measurement)
         else:
-            _run_local(measure_task, tasks, jobs, device, finished)
+            _run_local(measure_task, tasks, jobs, device, finished, on_lost=_lost_measurement, log=log)
 
     paths = write_report(out_dir, sweep=sweep, points=points)
     log(f"report: {paths['report']}")
@@ -818,5 +985,5 @@ def default_out(sweep: Sweep) -> Path:
 
 
 __all__ = ["Point", "Sweep", "SweepError", "append_record", "build_task", "default_out", "expand", "finished_keys",
-           "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records", "run_sweep",
-           "sweep_from_mapping", "task_key"]
+           "gpu_identity", "gpu_slots", "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records",
+           "run_sweep", "sweep_from_mapping", "task_key"]

@@ -337,8 +337,8 @@ class _FakeRay:
     """Ray's API surface `_run_ray` uses (init, remote(...).options(...).remote, wait, get), run in-process and
     finishing tasks in reverse order, so the driver's handling of out-of-order results is exercised without Ray."""
 
-    def __init__(self):
-        self.init_kwargs, self.options = None, None
+    def __init__(self, dies=()):
+        self.init_kwargs, self.options, self.dies = None, None, set(dies)
 
     def init(self, **kwargs):
         self.init_kwargs = kwargs
@@ -361,6 +361,8 @@ class _FakeRay:
 
     def get(self, ref):
         _, fn, item = ref
+        if item.get("label") in self.dies:
+            raise RuntimeError("The worker died unexpectedly while executing this task (fake)")
         return fn(item)
 
 
@@ -375,6 +377,116 @@ def test_ray_backend_dispatches_every_task_and_the_driver_writes_the_results(tmp
     counts = run_sweep(sweep, tmp_path, backend="ray", build=False, log=lambda s: None)
     assert counts["ran"] == 3 and counts["errors"] == 0
     assert fake.init_kwargs["address"] == "auto"
-    assert fake.options == {"num_gpus": 0, "num_cpus": 1, "runtime_env": {"env_vars": {"TRITON_INTERPRET": "1"}}}
+    assert fake.options == {"num_gpus": 0, "num_cpus": 1, "max_retries": 2,
+                            "runtime_env": {"env_vars": {"TRITON_INTERPRET": "1"}}}
     ok = [r for r in read_records(tmp_path / "results.jsonl") if r["status"] == "ok"]
     assert sorted(r["label"] for r in ok) == ["block_l16_b32", "block_l8_b32", "token_l1_b32"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process pools: GPU pinning, dead workers, tiny points on 2 CPU workers
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_gpu_pool_pins_one_worker_per_gpu_and_never_shares_one(monkeypatch):
+    """The assignment logic with a fake GPU list (physical ids 3 and 5, as CUDA_VISIBLE_DEVICES=3,5 would give):
+    each worker holds one GPU for its life, each GPU one worker, and the points timed on a GPU never overlap."""
+    from _pool_tasks import where
+
+    from specgen import sweep as S
+
+    assert S.gpu_slots(["3", "5", "6"], 2) == ["3", "5"]
+    with pytest.raises(RuntimeError, match="names a GPU twice"):
+        S.gpu_slots(["3", "3"], 2)
+    monkeypatch.setattr(S, "_gpu_ids", lambda: ["3", "5"])
+    got = []
+    S._run_local(where, list(range(6)), 2, "cuda", got.append)
+    assert sorted(r["item"] for r in got) == list(range(6))
+    gpu_of = {}
+    for r in got:
+        assert gpu_of.setdefault(r["pid"], r["gpu"]) == r["gpu"]            # a worker keeps its GPU
+    assert sorted(gpu_of.values()) == ["3", "5"]                            # one worker per GPU
+    for gpu in ("3", "5"):
+        spans = sorted((r["start"], r["end"]) for r in got if r["gpu"] == gpu)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))          # one point at a time on a GPU
+
+
+def test_a_dead_workers_tasks_are_rerun_and_a_task_that_always_kills_it_is_recorded_failed(tmp_path):
+    """2 CPU workers; `once` kills its process on the first attempt (BrokenProcessPool: the pool restarts and the
+    unfinished tasks are resubmitted), `always` on every attempt (given up after the retries, with the reason);
+    the other tasks, terminated with the broken pool, are re-run without being charged."""
+    from _pool_tasks import dies
+
+    from specgen.sweep import _run_local
+
+    items = [(str(tmp_path), n) for n in ("a", "once", "b", "always", "c")]
+    got, lines = [], []
+    _run_local(dies, items, 2, "cpu", got.append, retries=1, log=lines.append,
+               on_lost=lambda item, reason: ("lost", item[1], reason))
+    lost = [r for r in got if isinstance(r, tuple)]
+    assert sorted(r for r in got if isinstance(r, str)) == ["a", "b", "c", "once"]
+    assert [r[1] for r in lost] == ["always"] and "worker process died" in lost[0][2]
+    assert "BrokenProcessPool" in lost[0][2] and "2 attempts" in lost[0][2]
+    assert (tmp_path / "once.died").exists() and any("restarting the pool" in line for line in lines)
+
+
+def test_sweep_on_two_cpu_workers_measures_tiny_points(tmp_path, monkeypatch):
+    """The sweep's own process pool (spawned workers building and measuring) with 2 CPU workers on tiny points."""
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path / "cache"))
+    sweep = sweep_from_mapping(small_sweep(axes={"selection.block": [8, 16]}, regimes=["retrieval"],
+                                           fidelity={"fit_steps": 2, "train_T": 32, "train_batch": 1,
+                                                     "needles": 2}))
+    counts = run_sweep(sweep, tmp_path / "out", jobs=2, build=False, log=lambda s: None)
+    assert counts["ran"] == 2 and counts["errors"] == 0
+    ok = [r for r in read_records(tmp_path / "out" / "results.jsonl") if r["status"] == "ok"]
+    assert sorted(r["label"] for r in ok) == ["l16_b32", "l8_b32"] and all(r["host"] for r in ok)
+
+
+def test_ray_task_that_fails_past_its_retries_is_recorded_with_the_reason(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay(dies={"block_l8_b32"}))
+    monkeypatch.setattr("specgen.sweep.measure_task", lambda t: {
+        **{k: t[k] for k in ("key", "label", "part", "regime", "seqlen")}, "status": "skipped", "speed": "fake"})
+    sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"]))
+    counts = run_sweep(sweep, tmp_path, backend="ray", build=False, log=lambda s: None)
+    assert counts["ran"] == 3 and counts["errors"] == 1
+    (bad,) = [r for r in read_records(tmp_path / "results.jsonl") if r["status"] == "error"]
+    assert bad["label"] == "block_l8_b32" and "Ray task failed after 2 retries" in bad["error"]
+
+
+def test_a_speed_record_names_the_physical_gpu_and_host(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=5,7 and the process on its device 1: the record says GPU 7 (the physical index)."""
+    import socket
+
+    from specgen.sweep import gpu_identity
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"Fake GPU {i}")
+    assert gpu_identity() == {"gpu": "7", "device": "Fake GPU 1", "host": socket.gethostname()}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_identity()["gpu"] == "1"
+
+
+def test_ray_driver_without_a_gpu_sends_gpu_tasks_and_resumes(tmp_path, monkeypatch):
+    """--device cuda --backend ray from a head node with no GPU: the tasks go to Ray (one GPU each), and a rerun
+    counts a speed measurement made on any GPU as done (the driver cannot know which model its tasks get)."""
+    import sys
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr("specgen.sweep._gpu_ids", lambda: [])
+
+    def fake_measure(t):
+        rec = {**{k: t[k] for k in ("key", "label", "part", "regime", "seqlen")}, "status": "skipped", "speed": "x"}
+        if t["part"] == "speed":
+            rec["key"] = f"{t['key']}|Fake GPU"
+        return {**rec, "status": "ok", "speed": {"forward_ms": 1.0}} if t["part"] == "speed" else rec
+
+    monkeypatch.setattr("specgen.sweep.measure_task", fake_measure)
+    monkeypatch.setattr("specgen.sweep.write_report", lambda out, **kw: {"report": out / "report.md"})
+    sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"], speed={"seqlens": [64], "regimes": ["random"]}))
+    first = run_sweep(sweep, tmp_path, device="cuda", backend="ray", build=False, log=lambda s: None)
+    assert first["ran"] == 6 and fake.options["num_gpus"] == 1
+    again = run_sweep(sweep, tmp_path, device="cuda", backend="ray", build=False, log=lambda s: None)
+    assert again["ran"] == 3                              # the fidelity records were "skipped": those run again
