@@ -829,3 +829,9 @@ def as_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+# The host code generated modules delegate to, one concern per module (they import the names above, so they come
+# last): the descriptor a generated module fills, argument checks, varlen packing, the inference entry point,
+# custom ops and autograd, the layer. Generated code reaches them as `runtime.<module>`.
+from . import descriptor, checks, varlen, inference, autograd, layer  # noqa: E402,F401  isort: skip
