@@ -714,27 +714,8 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
     With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
     [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
-    fn = "index_topk"
-    dims = {}
-    if cu_seqlens is not None or max_seqlen is not None:
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims)
-        device = q_idx.device
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 65536, SPEC_NAME)
-        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
-        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
-    device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    indices = torch.empty((B, T, 1, 32), dtype=torch.int32, device=device)
-    scores = torch.empty((B, T, 1, 32), dtype=torch.float32, device=device) if return_scores else None
-    with torch.no_grad():
-        _select_by_indexer(q_idx, k_idx, w_idx, indices, scores)
-    return (indices, scores) if return_scores else indices
+    return runtime.indexer.index_topk(_DESC, _select_by_indexer, q_idx, k_idx, w_idx, return_scores=return_scores,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 
@@ -761,7 +742,7 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 1, 32] (int32, ascending, -1 padding last).
     """
-    return runtime.inference.forward(_DESC, (q, k, q_idx, k_idx, w_idx,), indices=indices, out=out, return_lse=return_lse,
+    return runtime.inference.forward(_DESC, (q, k, q_idx, k_idx, w_idx), indices=indices, out=out, return_lse=return_lse,
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -1357,29 +1338,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 64
-    bg = torch.arange(B * 1, device=device).view(B, 1, 1, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-    key = torch.sort(torch.where(valid, key, padding).flatten()).values
-    bits = key  # unused
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 1 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=1,
+                                                    units_per_tile=1)
 
 
 def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
@@ -1451,7 +1413,7 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
 _DESC = runtime.descriptor.Descriptor(
     spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="dsa",
     dtype=DTYPE, heads_q=128, heads_kv=1, dim_qk=576, dim_v=512,
-    branches=tuple(BRANCH_NAMES), max_seqlen=65536,
+    branches=("selection",), max_seqlen=65536,
     args=(
         runtime.descriptor.Arg("q", ("B", "T", 128, 576)),
         runtime.descriptor.Arg("k", ("B", "T", 1, 576)),
@@ -1481,7 +1443,7 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     Works under torch.compile (custom ops `specgen::dsa_block_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    return _ATTENTION.attention((q, k, q_idx, k_idx, w_idx,), indices=indices, return_lse=return_lse,
+    return _ATTENTION.attention((q, k, q_idx, k_idx, w_idx), indices=indices, return_lse=return_lse,
                                 return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -1496,7 +1458,7 @@ class DSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, q_idx, k_idx, w_idx, indices):
-        return _ATTENTION.function_forward(ctx, (q, k, q_idx, k_idx, w_idx,), indices)
+        return _ATTENTION.function_forward(ctx, (q, k, q_idx, k_idx, w_idx), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):

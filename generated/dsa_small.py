@@ -715,27 +715,8 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
     With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
     [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
-    fn = "index_topk"
-    dims = {}
-    if cu_seqlens is not None or max_seqlen is not None:
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 4, 32), DTYPE, dims)
-        device = q_idx.device
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 2, 32), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 4), DTYPE, dims, device)
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 4096, SPEC_NAME)
-        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
-        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 4, 32), DTYPE, dims)
-    device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 4096, SPEC_NAME, "q_idx")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 2, 32), DTYPE, dims, device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    indices = torch.empty((B, T, 2, 16), dtype=torch.int32, device=device)
-    scores = torch.empty((B, T, 2, 16), dtype=torch.float32, device=device) if return_scores else None
-    with torch.no_grad():
-        _select_by_indexer(q_idx, k_idx, w_idx, indices, scores)
-    return (indices, scores) if return_scores else indices
+    return runtime.indexer.index_topk(_DESC, _select_by_indexer, q_idx, k_idx, w_idx, return_scores=return_scores,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 
@@ -763,7 +744,7 @@ def dsa_forward(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None, ou
     [B, T, 8, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected tokens [B, T, 2, 16] (int32, ascending, -1 padding last).
     """
-    return runtime.inference.forward(_DESC, (q, k, v, q_idx, k_idx, w_idx,), indices=indices, out=out, return_lse=return_lse,
+    return runtime.inference.forward(_DESC, (q, k, v, q_idx, k_idx, w_idx), indices=indices, out=out, return_lse=return_lse,
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -1334,42 +1315,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    bits[e]: which of the tile's 32 units it selected (bit u = unit u).
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 1
-    bg = torch.arange(B * 2, device=device).view(B, 1, 2, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    upt = 32
-    comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // 1, padding).flatten()).values
-    real = comp != padding
-    key = torch.where(real, comp // upt, padding)
-    # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum, distinct
-    # bits) of the run's, from a running sum; compacted with a scatter to unique slots (slot n takes the rest).
-    n = comp.numel()
-    first = real.clone()
-    first[1:] &= key[1:] != key[:-1]
-    slot = torch.where(first, torch.cumsum(first, 0) - 1, n)
-    csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
-    start = torch.full((n + 1,), n, dtype=torch.int64, device=device).scatter_(0, slot, torch.arange(n, device=device))
-    end = start[1:n + 1] - 1                                          # the run of slot i ends where slot i+1 starts
-    bits = csum[end.clamp(0, max(n - 1, 0))] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
-    key = torch.full((n + 1,), padding, dtype=torch.int64, device=device).scatter_(0, slot, key)[:n]
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 2 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=2,
+                                                    units_per_tile=32)
 
 
 def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
@@ -1440,7 +1389,7 @@ def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
 _DESC = runtime.descriptor.Descriptor(
     spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="dsa",
     dtype=DTYPE, heads_q=8, heads_kv=2, dim_qk=64, dim_v=64,
-    branches=tuple(BRANCH_NAMES), max_seqlen=4096,
+    branches=("selection",), max_seqlen=4096,
     args=(
         runtime.descriptor.Arg("q", ("B", "T", 8, 64)),
         runtime.descriptor.Arg("k", ("B", "T", 2, 64)),
@@ -1471,7 +1420,7 @@ def dsa_attention(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     Works under torch.compile (custom ops `specgen::dsa_small_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    return _ATTENTION.attention((q, k, v, q_idx, k_idx, w_idx,), indices=indices, return_lse=return_lse,
+    return _ATTENTION.attention((q, k, v, q_idx, k_idx, w_idx), indices=indices, return_lse=return_lse,
                                 return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -1486,7 +1435,7 @@ class DSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, q_idx, k_idx, w_idx, indices):
-        return _ATTENTION.function_forward(ctx, (q, k, v, q_idx, k_idx, w_idx,), indices)
+        return _ATTENTION.function_forward(ctx, (q, k, v, q_idx, k_idx, w_idx), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):
@@ -2084,20 +2033,8 @@ def _distill_strides(q, k, q_idx, k_idx, w_idx):
 
 
 def _distill_inverse_index(indices):
-    """CSR of the selection transposed, built with a stable sort (deterministic): (ptr int64 [B*2*T + 1],
-    pos int64 [B*T*2*16]). pos lists the flat positions of the valid pairs (0 <= s <= t) sorted by
-    (b, g, s) then t, invalid ones last; key s of (b, g) owns pos[ptr[(b*2 + g)*T + s] : ptr[... + 1]]."""
-    B, T = indices.shape[0], indices.shape[1]
-    idx = indices.long()
-    t = torch.arange(T, device=indices.device).view(1, T, 1, 1)
-    valid = (idx >= 0) & (idx <= t)
-    bg = (torch.arange(B, device=indices.device).view(B, 1, 1, 1) * 2
-          + torch.arange(2, device=indices.device).view(1, 1, 2, 1))
-    n_keys = B * 2 * T
-    key = torch.where(valid, bg * T + idx, n_keys).flatten()
-    key, pos = torch.sort(key, stable=True)
-    ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=indices.device))
-    return ptr, pos
+    """CSR of the selection transposed (runtime.distill.inverse_index): (ptr, pos)."""
+    return runtime.distill.inverse_index(indices, 2)
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
@@ -2181,20 +2118,8 @@ def _(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
     return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
 
 
-def _distill_setup_context(ctx, inputs, output):
-    q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok = inputs
-    _, stats, lse_out = output
-    ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out, stats)
-
-
-def _distill_backward(ctx, grad, _grad_stats, _grad_lse):
-    q, k, q_idx, k_idx, w_idx, indices, lse, stats = ctx.saved_tensors
-    dq_idx, dk_idx, dw_idx = _distill_bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
-    # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
-    return None, None, dq_idx, dk_idx, dw_idx, None, None, None
-
-
-torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _distill_backward, setup_context=_distill_setup_context)
+_DISTILL = runtime.distill.Distill(_DESC, _distill_fwd, _distill_bwd, index_topk, "sparse")
+torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _DISTILL.backward, setup_context=_DISTILL.setup_context)
 
 
 def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,
@@ -2221,52 +2146,5 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
     L = sum over valid (b, t, g) rows of KL(p || softmax(I)) / N_valid, N_valid the number of (b, t, kv group) rows
     with a non-empty support.
     """
-    fn = "distill_loss"
-    dims = {}
-    if stage is None:
-        stage = "sparse" if indices is not None else "sparse"
-    if stage not in ("dense", "sparse"):
-        raise runtime.ArgumentError(f"{fn}: argument `stage` must be 'dense' or 'sparse' (or None: the spec's "
-                                    f"'sparse'), got {stage!r}")
-    if stage == "dense" and indices is not None:
-        raise runtime.ArgumentError(f"{fn}: the dense warm-up stage distils over every s <= t and takes no "
-                                    f"`indices`; pass stage='sparse' to distil over a selection")
-    row_ok = None
-    if cu_seqlens is not None or max_seqlen is not None:
-        q = runtime.check_tensor(fn, "q", q, ("total", 8, 64), DTYPE, dims)
-        device = q.device
-        k = runtime.check_tensor(fn, "k", k, ("total", 2, 64), DTYPE, dims, device)
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 4, 32), DTYPE, dims, device)
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 2, 32), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 4), DTYPE, dims, device)
-        rows = (q.shape[0],)          # a packed call: [total, ...]
-    else:
-        q = runtime.check_tensor(fn, "q", q, ("B", "T", 8, 64), DTYPE, dims)
-        device = q.device
-        runtime.check_seqlen(fn, q.shape[1], 4096, SPEC_NAME)
-        k = runtime.check_tensor(fn, "k", k, ("B", "T", 2, 64), DTYPE, dims, device)
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 4, 32), DTYPE, dims, device)
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 2, 32), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 4), DTYPE, dims, device)
-        rows = (q.shape[0], q.shape[1])
-    packed = None
-    if len(rows) == 1:
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, rows[0], device, 4096, SPEC_NAME)
-    if indices is not None:
-        indices = runtime.check_indices(fn, indices, rows + (2, 16), device, 1, packed)
-    if lse_main is not None:
-        lse_main = runtime.check_tensor(fn, "lse_main", lse_main, rows + (8,), torch.float32, {}, device).detach()
-    if packed is not None:
-        # A packed batch runs padded to [N, max_seqlen]; the padding rows are masked out of the loss (row_ok).
-        q, k, q_idx, k_idx, w_idx = (packed.pad(x) for x in (q, k, q_idx, k_idx, w_idx))
-        if indices is not None:
-            indices = packed.pad(indices, -1)
-        if lse_main is not None:
-            lse_main = packed.pad(lse_main)
-        row_ok = packed.row_ok
-    if indices is None and stage == "sparse":
-        indices = index_topk(q_idx.detach(), k_idx.detach(), w_idx.detach())
-    if lse_main is not None:
-        lse_main = lse_main.contiguous()
-    loss, _, _ = _distill_fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, row_ok)
-    return loss
+    return _DISTILL.loss(q, k, q_idx, k_idx, w_idx, indices=indices, lse_main=lse_main, stage=stage,
+                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

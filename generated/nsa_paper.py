@@ -1204,7 +1204,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 4, 16] (int32, ascending, -1 padding last).
     """
-    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices=indices, out=out, return_lse=return_lse,
+    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices=indices, out=out, return_lse=return_lse,
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2174,29 +2174,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 64
-    bg = torch.arange(B * 4, device=device).view(B, 1, 4, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-    key = torch.sort(torch.where(valid, key, padding).flatten()).values
-    bits = key  # unused
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 4 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4,
+                                                    units_per_tile=1)
 
 
 def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
@@ -2323,7 +2304,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 _DESC = runtime.descriptor.Descriptor(
     spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="09c70181455b7068", family="nsa",
     dtype=DTYPE, heads_q=64, heads_kv=4, dim_qk=192, dim_v=128,
-    branches=tuple(BRANCH_NAMES), max_seqlen=65536,
+    branches=("compression", "selection", "window",), max_seqlen=65536,
     args=(
         runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
         runtime.descriptor.Arg("k_cmp", ("B", "T", 4, 192)),
@@ -2355,7 +2336,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices
     Works under torch.compile (custom ops `specgen::nsa_paper_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices=indices, return_lse=return_lse,
+    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices=indices, return_lse=return_lse,
                                 return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2370,7 +2351,7 @@ class NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices):
-        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices)
+        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):

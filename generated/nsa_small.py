@@ -1364,7 +1364,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
     [B, T, 4, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 2, 4] (int32, ascending, -1 padding last).
     """
-    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices=indices, out=out, return_lse=return_lse,
+    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices=indices, out=out, return_lse=return_lse,
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2334,29 +2334,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 16
-    bg = torch.arange(B * 2, device=device).view(B, 1, 2, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-    key = torch.sort(torch.where(valid, key, padding).flatten()).values
-    bits = key  # unused
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 2 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=16, heads_kv=2,
+                                                    units_per_tile=1)
 
 
 def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
@@ -2483,7 +2464,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 _DESC = runtime.descriptor.Descriptor(
     spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="nsa",
     dtype=DTYPE, heads_q=4, heads_kv=2, dim_qk=48, dim_v=32,
-    branches=tuple(BRANCH_NAMES), max_seqlen=4096,
+    branches=("compression", "selection", "window",), max_seqlen=4096,
     args=(
         runtime.descriptor.Arg("q", ("B", "T", 4, 48)),
         runtime.descriptor.Arg("k_cmp", ("B", "T", 2, 48)),
@@ -2515,7 +2496,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices
     Works under torch.compile (custom ops `specgen::nsa_small_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices=indices, return_lse=return_lse,
+    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices=indices, return_lse=return_lse,
                                 return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2530,7 +2511,7 @@ class NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices):
-        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates,), indices)
+        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):

@@ -1361,27 +1361,8 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
     With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
     [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
-    fn = "index_topk"
-    dims = {}
-    if cu_seqlens is not None or max_seqlen is not None:
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 16, 64), DTYPE, dims)
-        device = q_idx.device
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 4, 64), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 16), DTYPE, dims, device)
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 65536, SPEC_NAME)
-        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
-        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 16, 64), DTYPE, dims)
-    device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 4, 64), DTYPE, dims, device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 16), DTYPE, dims, device)
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    indices = torch.empty((B, T, 4, 1024), dtype=torch.int32, device=device)
-    scores = torch.empty((B, T, 4, 1024), dtype=torch.float32, device=device) if return_scores else None
-    with torch.no_grad():
-        _select_by_indexer(q_idx, k_idx, w_idx, indices, scores)
-    return (indices, scores) if return_scores else indices
+    return runtime.indexer.index_topk(_DESC, _select_by_indexer, q_idx, k_idx, w_idx, return_scores=return_scores,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 
@@ -1414,7 +1395,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
     with return_indices, also the selected tokens [B, T, 4, 1024] (int32, ascending, -1 padding last).
     """
-    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx,), indices=indices, out=out, return_lse=return_lse,
+    return runtime.inference.forward(_DESC, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx), indices=indices, out=out, return_lse=return_lse,
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2432,42 +2413,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    bits[e]: which of the tile's 32 units it selected (bit u = unit u).
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query, unit) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 1
-    bg = torch.arange(B * 4, device=device).view(B, 1, 4, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    upt = 32
-    comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // 1, padding).flatten()).values
-    real = comp != padding
-    key = torch.where(real, comp // upt, padding)
-    # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum, distinct
-    # bits) of the run's, from a running sum; compacted with a scatter to unique slots (slot n takes the rest).
-    n = comp.numel()
-    first = real.clone()
-    first[1:] &= key[1:] != key[:-1]
-    slot = torch.where(first, torch.cumsum(first, 0) - 1, n)
-    csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
-    start = torch.full((n + 1,), n, dtype=torch.int64, device=device).scatter_(0, slot, torch.arange(n, device=device))
-    end = start[1:n + 1] - 1                                          # the run of slot i ends where slot i+1 starts
-    bits = csum[end.clamp(0, max(n - 1, 0))] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
-    key = torch.full((n + 1,), padding, dtype=torch.int64, device=device).scatter_(0, slot, key)[:n]
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 4 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=4,
+                                                    units_per_tile=32)
 
 
 def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
@@ -2594,7 +2543,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 _DESC = runtime.descriptor.Descriptor(
     spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="nsa",
     dtype=DTYPE, heads_q=64, heads_kv=4, dim_qk=192, dim_v=128,
-    branches=tuple(BRANCH_NAMES), max_seqlen=65536,
+    branches=("compression", "selection", "window",), max_seqlen=65536,
     args=(
         runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
         runtime.descriptor.Arg("k_cmp", ("B", "T", 4, 192)),
@@ -2630,7 +2579,7 @@ def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=N
     Works under torch.compile (custom ops `specgen::nsa_token_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx,), indices=indices, return_lse=return_lse,
+    return _ATTENTION.attention((q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx), indices=indices, return_lse=return_lse,
                                 return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
@@ -2645,7 +2594,7 @@ class NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx, indices):
-        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx,), indices)
+        return _ATTENTION.function_forward(ctx, (q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):

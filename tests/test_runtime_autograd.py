@@ -263,3 +263,114 @@ def test_runtime_imports_nothing_of_the_generator():
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("specgen") for a in node.names), path.name
 
+
+@pytest.mark.parametrize("unit,tile", [(4, 4), (4, 16), (1, 8)])
+def test_selection_inverse_index_lists_each_tiles_queries(unit, tile):
+    """The selection dK/dV's block -> queries CSR, against a direct listing."""
+    from specgen.runtime import backward
+
+    B, T, G, k = 2, 19, 2, 3
+    n_units = -(-T // unit)
+    g = torch.Generator().manual_seed(1)
+    indices = torch.full((B, T, G, k), -1, dtype=torch.int32)
+    for b, t, h in itertools.product(range(B), range(T), range(G)):
+        n = int(torch.randint(0, k + 1, (1,), generator=g))
+        indices[b, t, h, :n] = torch.randperm(n_units, generator=g)[:n].sort().values.to(torch.int32)
+    upt = tile // unit
+    offsets, qpos, bits = backward.selection_inverse_index(indices, T, tile, unit=unit, heads_kv=G,
+                                                           units_per_tile=upt)
+    n_tiles = -(-T // tile)
+    for b, h, j in itertools.product(range(B), range(G), range(n_tiles)):
+        seg = (b * G + h) * n_tiles + j
+        want = {}
+        for t in range(T):
+            for u in indices[b, t, h].tolist():
+                if u >= 0 and u * unit // tile == j:
+                    want[t] = want.get(t, 0) | 1 << (u * unit % tile // unit)
+        got = slice(int(offsets[seg]), int(offsets[seg + 1]))
+        assert qpos[got].tolist() == sorted(want)
+        if upt > 1:
+            assert bits[got].tolist() == [want[t] for t in sorted(want)]
+
+
+def test_distill_inverse_index_lists_every_valid_pair():
+    from specgen.runtime import distill
+
+    B, T, G, k = 2, 7, 2, 3
+    g = torch.Generator().manual_seed(2)
+    indices = torch.randint(-1, T, (B, T, G, k), generator=g, dtype=torch.int32)
+    ptr, pos = distill.inverse_index(indices, G)
+    for b, h, s in itertools.product(range(B), range(G), range(T)):
+        key = (b * G + h) * T + s
+        got = pos[int(ptr[key]):int(ptr[key + 1])].tolist()
+        want = [((b * T + t) * G + h) * k + j for t in range(T) for j in range(k)
+                if indices[b, t, h, j] == s and s <= t]
+        assert got == want
+
+
+def test_distill_loss_checks_stage_and_pads_a_packed_batch():
+    """The distillation loss's host code with a fake custom op: the stage rules, and a packed call handed over
+    padded with its row mask."""
+    from specgen.runtime import distill
+
+    desc = make_desc(name="fake_distill", args=(
+        descriptor.Arg("q", ("B", "T", HQ, D)), descriptor.Arg("k", ("B", "T", HKV, D)),
+        descriptor.Arg("q_idx", ("B", "T", HKV, D), keyword=True, why=WHY),
+        descriptor.Arg("k_idx", ("B", "T", HKV, D), keyword=True, why=WHY),
+        descriptor.Arg("w_idx", ("B", "T", HKV), keyword=True, why=WHY)))
+    seen = {}
+
+    def fwd(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
+        seen.update(shape=tuple(q.shape), indices=indices, row_ok=row_ok, grad=q.requires_grad)
+        return q_idx.sum(), None, None
+
+    def topk(q_idx, k_idx, w_idx):
+        return torch.zeros(q_idx.shape[:2] + (HKV, TOP_K), dtype=torch.int32)
+
+    loss = distill.Distill(desc, fwd, None, topk, "dense").loss
+    q, k, _, _ = inputs(B=1, T=5)
+    q.requires_grad_(True)
+    x = (q, k, k.clone(), k.clone(), k[..., 0].clone())
+    loss(*x)
+    assert seen["indices"] is None and seen["row_ok"] is None and not seen["grad"]   # dense: no selection
+    loss(*x, stage="sparse")
+    assert seen["indices"].shape == (1, 5, HKV, TOP_K)                               # the indexer's own top-k
+    with pytest.raises(runtime.ArgumentError, match=r"^distill_loss: argument `stage` must be 'dense' or 'sparse' "
+                                                    r"\(or None: the spec's 'dense'\), got 'x'"):
+        loss(*x, stage="x")
+    with pytest.raises(runtime.ArgumentError, match="dense warm-up stage"):
+        loss(*x, stage="dense", indices=torch.zeros(1, 5, HKV, TOP_K, dtype=torch.int32))
+    with pytest.raises(runtime.ArgumentError, match=r"^distill_loss: argument `w_idx` must have 3 dims"):
+        loss(*x[:4], x[3])
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    loss(*(t[0] for t in x), cu_seqlens=cu, max_seqlen=3)
+    assert seen["shape"] == (2, 3, HQ, D) and seen["row_ok"].tolist() == [[True, True, False], [True] * 3]
+
+
+def test_index_topk_checks_and_packs():
+    """`index_topk`'s host code with a fake scorer that writes each query's position: a packed call restarts
+    positions at each sequence and comes back packed."""
+    from specgen.runtime import indexer
+
+    desc = make_desc(name="fake_index", args=(
+        descriptor.Arg("q", ("B", "T", HQ, D)),
+        descriptor.Arg("q_idx", ("B", "T", HKV, D), keyword=True, why=WHY),
+        descriptor.Arg("k_idx", ("B", "T", HKV, D), keyword=True, why=WHY),
+        descriptor.Arg("w_idx", ("B", "T", HKV), keyword=True, why=WHY)))
+
+    def select(q_idx, k_idx, w_idx, indices, scores):
+        assert not torch.is_grad_enabled()
+        pos = torch.arange(q_idx.shape[1], dtype=torch.int32).view(1, -1, 1, 1)
+        indices.copy_(pos.expand_as(indices))
+        if scores is not None:
+            scores.copy_(indices)
+
+    x = (torch.randn(1, 6, HKV, D), torch.randn(1, 6, HKV, D), torch.randn(1, 6, HKV))
+    idx, sc = indexer.index_topk(desc, select, *x, return_scores=True)
+    assert idx.shape == (1, 6, HKV, TOP_K) and torch.equal(sc, idx.float())
+    with pytest.raises(runtime.ArgumentError, match=r"^index_topk: argument `q_idx` has T=17 \(dim 1\), which "
+                                                    r"exceeds the spec's max_seqlen=16"):
+        indexer.index_topk(desc, select, torch.randn(1, 17, HKV, D), *x[1:])
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    packed = indexer.index_topk(desc, select, *(t[0] for t in x), cu_seqlens=cu, max_seqlen=4)
+    assert packed[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3]

@@ -833,5 +833,7 @@ def as_device(device) -> torch.device:
 
 # The host code generated modules delegate to, one concern per module (they import the names above, so they come
 # last): the descriptor a generated module fills, argument checks, varlen packing, the inference entry point,
-# custom ops and autograd, the layer. Generated code reaches them as `runtime.<module>`.
-from . import descriptor, checks, varlen, inference, autograd, layer  # noqa: E402,F401  isort: skip
+# custom ops and autograd, the backward's plain-torch pieces, the layer, the indexer's top-k and its distillation
+# loss. Generated code reaches them as `runtime.<module>`.
+from . import descriptor, checks, varlen, inference, autograd, backward, layer, indexer  # noqa: E402,F401  isort: skip
+from . import distill  # noqa: E402,F401  isort: skip

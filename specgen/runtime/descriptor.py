@@ -76,6 +76,7 @@ class Descriptor:
     diff_args: tuple = field(init=False, compare=False)
     index_args: tuple = field(init=False, compare=False)
     diff_positions: tuple = field(init=False, compare=False)
+    index_inputs: tuple = field(init=False, compare=False)  # the Args of q_idx, k_idx, w_idx (indexer specs)
     forward_name: str = field(init=False, compare=False)    # nsa_forward, dsa_forward
     attention_name: str = field(init=False, compare=False)  # nsa_attention, dsa_attention
     kv_inputs: tuple = field(init=False, compare=False)
@@ -85,6 +86,7 @@ class Descriptor:
         object.__setattr__(self, "arg_names", names)
         object.__setattr__(self, "diff_args", tuple(n for n in names if n not in INDEX_INPUTS))
         object.__setattr__(self, "index_args", tuple(n for n in names if n in INDEX_INPUTS))
+        object.__setattr__(self, "index_inputs", tuple(a for a in self.args if a.name in INDEX_INPUTS))
         object.__setattr__(self, "diff_positions", tuple(i for i, n in enumerate(names) if n not in INDEX_INPUTS))
         object.__setattr__(self, "forward_name", f"{self.family}_forward")
         object.__setattr__(self, "attention_name", f"{self.family}_attention")
