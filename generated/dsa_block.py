@@ -714,45 +714,9 @@ def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max
     With cu_seqlens/max_seqlen (a packed batch, as in flash_attn_varlen_func) the inputs and results are
     [total, ...], and the indices are relative to each sequence's start (docs/varlen.md).
     """
-    fn = "index_topk"
-    dims = {}
-    if cu_seqlens is not None or max_seqlen is not None:
-        q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims)
-        device = q_idx.device
-        k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
-        w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
-        packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, 65536, SPEC_NAME)
-        result = index_topk(packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx), return_scores=return_scores)
-        return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims)
-    device = q_idx.device
-    runtime.check_seqlen(fn, q_idx.shape[1], 65536, SPEC_NAME, "q_idx")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    indices = torch.empty((B, T, 1, 32), dtype=torch.int32, device=device)
-    scores = torch.empty((B, T, 1, 32), dtype=torch.float32, device=device) if return_scores else None
-    with torch.no_grad():
-        _select_by_indexer(q_idx, k_idx, w_idx, indices, scores)
-    return (indices, scores) if return_scores else indices
+    return runtime.indexer.index_topk(_DESC, _select_by_indexer, q_idx, k_idx, w_idx, return_scores=return_scores,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
-
-
-def _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx):
-    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
-    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("total", 128, 576), DTYPE, dims)
-    device = q.device
-    k = runtime.check_tensor(fn, "k", k, ("total", 1, 576), DTYPE, dims, device)
-    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("total", 64, 128), DTYPE, dims, device)
-    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("total", 1, 128), DTYPE, dims, device)
-    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("total", 64), DTYPE, dims, device)
-    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
-    return packed, (packed.pad(q), packed.pad(k), packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx))
 
 
 def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=None,
@@ -778,43 +742,8 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 1, 32] (int32, ascending, -1 padding last).
     """
-    fn = "dsa_forward"
-    if cu_seqlens is not None or max_seqlen is not None:
-        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
-        out = runtime.check_out(fn, out, (packed.total, 128, 512), DTYPE, q.device)
-        if indices is not None:
-            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
-                fn, indices, (packed.total, 1, 32), q.device, 64, packed), -1))
-        o, lse, idx = dsa_forward(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
-        result = (packed.unpad(o, out),)
-        if return_lse:
-            result += (packed.unpad(lse),)
-        if return_indices:
-            result += (packed.unpad(idx),)
-        return result[0] if len(result) == 1 else result
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
-    device = q.device
-    B, T = q.shape[0], q.shape[1]
-    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
-    k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 576), DTYPE, dims, device)
-    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims, device)
-    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
-    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
-    out = runtime.check_out(fn, out, (B, T, 128, 512), DTYPE, device)
-    if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device, 64)
-    state = _forward(q, k, q_idx, k_idx, w_idx, indices=indices, out=out)
-    result = (state.out,)
-    if return_lse:
-        result += (state.lse,)
-    if return_indices:
-        result += (state.indices,)
-    return result[0] if len(result) == 1 else result
+    return runtime.inference.forward(_DESC, (q, k, q_idx, k_idx, w_idx), indices=indices, out=out, return_lse=return_lse,
+                                    return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class ForwardState(NamedTuple):
@@ -1409,29 +1338,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 64
-    bg = torch.arange(B * 1, device=device).view(B, 1, 1, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-    key = torch.sort(torch.where(valid, key, padding).flatten()).values
-    bits = key  # unused
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 1 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=1,
+                                                    units_per_tile=1)
 
 
 def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
@@ -1496,114 +1406,30 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd: custom ops with fake implementations (torch.compile keeps them as opaque calls), the differentiable
-# `dsa_attention`, the `DSAFunction` autograd.Function and the `DSAttention` layer.
+# Host code: the descriptor of this module, for the runtime (specgen/runtime/: argument checks, varlen packing,
+# custom ops `specgen::<name>_<hash>_<record>_fwd/_bwd`, autograd, the layer), and the public entry points.
 # ---------------------------------------------------------------------------------------------------------------
 
-# The tuning record is part of the op's name: modules of one spec with different launch configs (a tuned committed
-# copy and an untuned cache copy, say) must not share ops, whose implementation is the first registrant's.
-_OP = f"{SPEC_NAME}_{SPEC_HASH}_none"
-
-
-def _fwd_impl(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor, indices: Optional[torch.Tensor],
-              save_branch_outputs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or the
-    call lacks (no selection, no compression, branch outputs not saved)."""
-    with torch.autocast(q.device.type, enabled=False):
-        state = _forward(q, k, q_idx, k_idx, w_idx, indices=indices, save_branch_outputs=save_branch_outputs)
-    # A custom op's outputs may not alias its inputs: given indices come back as a copy.
-    idx = state.indices.clone() if indices is not None else state.indices
-    branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
-    kc = q.new_empty((0,))
-    vc = q.new_empty((0,))
-    return state.out, state.lse, idx, branch_out, kc, vc
-
-
-def _fwd_fake(q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs):
-    B, T = q.shape[0], q.shape[1]
-    return (q.new_empty((B, T, 128, 512)),
-            q.new_empty((B, T, 128, 1), dtype=torch.float32),
-            q.new_empty((B, T, 1, 32), dtype=torch.int32),
-            q.new_empty((1, B, T, 128, 512) if save_branch_outputs else (0,)),
-            q.new_empty((0,)),
-            q.new_empty((0,)))
-
-
-def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
-              indices: torch.Tensor, branch_out: torch.Tensor, kc: torch.Tensor,
-              vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.autocast(dout.device.type, enabled=False):
-        return _backward(dout, q, k, lse, indices, branch_out, kc, vc)
-
-
-def _bwd_fake(dout, q, k, lse, indices, branch_out, kc, vc):
-    return tuple(x.new_empty(x.shape) for x in (q, k))
-
-
-def _grads_by_input(grads):
-    """The backward op's gradients placed at the forward op's inputs (q, k, q_idx, k_idx, w_idx, indices, save)."""
-    (q, k,) = grads
-    return (q, k, None, None, None, None, None)
-
-
-def _setup_context(ctx, inputs, output):
-    (q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs) = inputs
-    out, lse, idx, branch_out, kc, vc = output
-    ctx.save_for_backward(q, k, lse, idx, branch_out, kc, vc)
-    ctx.saved_branch_outputs = save_branch_outputs
-    ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
-
-
-def _backward_grads(ctx, d_out, bwd):
-    if d_out is None:
-        return (None,) * 7
-    if not ctx.saved_branch_outputs:
-        raise RuntimeError(f"{SPEC_NAME}: backward through a forward that kept no branch outputs; call "
-                           f"dsa_attention with grad enabled and a differentiable input")
-    return _grads_by_input(bwd(d_out, *ctx.saved_tensors))
-
-
-def _backward_rule(ctx, d_out, *unused):
-    return _backward_grads(ctx, d_out, _bwd_op)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The custom ops' implementations and autograd rule, for eager calls. A custom op's first call imports torch's
-    compiler stack (torch._dynamo: 0.86 s of a warm process's first training step on the H100) and every call pays its
-    dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`)."""
-
-    @staticmethod
-    def forward(q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs):
-        return _fwd_impl(q, k, q_idx, k_idx, w_idx, indices, save_branch_outputs)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, d_out, *unused):
-        return _backward_grads(ctx, d_out, _bwd_impl)
-
-
-def _register_ops():
-    """The custom ops specgen::{name}_{hash}_{record}_fwd/_bwd. A second module object of the same spec and tuning
-    record (the committed copy and a specgen.load cache copy, say) reuses the ops the first registered: same
-    kernels, same configs."""
-    try:
-        return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
-    except AttributeError:
-        pass
-    fwd = torch.library.custom_op(f"specgen::{_OP}_fwd", _fwd_impl, mutates_args=())
-    fwd.register_fake(_fwd_fake)
-    bwd = torch.library.custom_op(f"specgen::{_OP}_bwd", _bwd_impl, mutates_args=())
-    bwd.register_fake(_bwd_fake)
-    fwd.register_autograd(_backward_rule, setup_context=_setup_context)
-    return fwd, bwd
-
-
-_fwd_op, _bwd_op = _register_ops()
-
-
-def _autocast_input(x):
-    return x.to(DTYPE) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+_DESC = runtime.descriptor.Descriptor(
+    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="dsa",
+    dtype=DTYPE, heads_q=128, heads_kv=1, dim_qk=576, dim_v=512,
+    branches=("selection",), max_seqlen=65536,
+    args=(
+        runtime.descriptor.Arg("q", ("B", "T", 128, 576)),
+        runtime.descriptor.Arg("k", ("B", "T", 1, 576)),
+        runtime.descriptor.Arg("q_idx", ("B", "T", 64, 128), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
+        runtime.descriptor.Arg("k_idx", ("B", "T", 1, 128), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
+        runtime.descriptor.Arg("w_idx", ("B", "T", 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
+    ),
+    top_k=32, unit=64, fp8_indexer=False,
+    needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
+    gated=False, mla=True, linear_pool=False, pool_pe=False,
+    indexer_heads=64, indexer_dim=128,
+    forward=_forward, backward=_backward)
+# Custom ops registered here, at import (a second module object of this spec and record reuses them).
+_ATTENTION = runtime.autograd.Attention(_DESC)
+_OP = _ATTENTION.op_name
+_fwd_op, _bwd_op = _ATTENTION.fwd_op, _ATTENTION.bwd_op
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
@@ -1617,54 +1443,8 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     Works under torch.compile (custom ops `specgen::dsa_block_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    fn = "dsa_attention"
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        q = _autocast_input(q)
-        k = _autocast_input(k)
-        q_idx = _autocast_input(q_idx)
-        k_idx = _autocast_input(k_idx)
-        w_idx = _autocast_input(w_idx)
-    if cu_seqlens is not None or max_seqlen is not None:
-        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
-        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
-        packed, (q, k, q_idx, k_idx, w_idx) = _pack(fn, cu_seqlens, max_seqlen, q, k, q_idx, k_idx, w_idx)
-        if indices is not None:
-            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
-                fn, indices, (packed.total, 1, 32), q.device, 64, packed), -1))
-        o, lse, idx = dsa_attention(q, k, q_idx=q_idx, k_idx=k_idx, w_idx=w_idx, indices=indices, return_lse=True, return_indices=True)
-        result = (packed.unpad(o),)
-        if return_lse:
-            result += (packed.unpad(lse),)
-        if return_indices:
-            result += (packed.unpad(idx),)
-        return result[0] if len(result) == 1 else result
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("B", "T", 128, 576), DTYPE, dims)
-    device = q.device
-    B, T = q.shape[0], q.shape[1]
-    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
-    k = runtime.check_tensor(fn, "k", k, ("B", "T", 1, 576), DTYPE, dims, device)
-    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "T", 64, 128), DTYPE, dims, device)
-    runtime.require(fn, "k_idx", k_idx, "the spec ranks selection candidates with a lightning indexer")
-    k_idx = runtime.check_tensor(fn, "k_idx", k_idx, ("B", "T", 1, 128), DTYPE, dims, device)
-    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "T", 64), DTYPE, dims, device)
-    if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 1, 32), device, 64)
-    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k))
-    if runtime.compiling():
-        out, lse, idx, _, _, _ = _fwd_op(q, k, q_idx, k_idx, w_idx, indices, need_grad)
-    elif need_grad:
-        out, lse, idx, _, _, _ = _EagerAttention.apply(q, k, q_idx, k_idx, w_idx, indices, True)
-    else:
-        out, lse, idx, _, _, _ = _fwd_impl(q, k, q_idx, k_idx, w_idx, indices, False)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (idx,)
-    return result[0] if len(result) == 1 else result
+    return _ATTENTION.attention((q, k, q_idx, k_idx, w_idx), indices=indices, return_lse=return_lse,
+                                return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class DSAFunction(torch.autograd.Function):
@@ -1678,31 +1458,14 @@ class DSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, q_idx, k_idx, w_idx, indices):
-        out, lse, idx, branch_out, kc, vc = (_fwd_op if runtime.compiling() else _fwd_impl)(
-            q, k, q_idx, k_idx, w_idx, indices, True)
-        ctx.save_for_backward(q, k, lse, idx, branch_out, kc, vc)
-        ctx.mark_non_differentiable(lse, idx)
-        return out, lse, idx
+        return _ATTENTION.function_forward(ctx, (q, k, q_idx, k_idx, w_idx), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):
-        return _grads_by_input((_bwd_op if runtime.compiling() else _bwd_impl)(d_out, *ctx.saved_tensors))[:-1]
+        return _ATTENTION.function_backward(ctx, d_out)
 
 
-def _rope(x, theta, positions=None):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
-    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
-    T, half = x.shape[-3], x.shape[-1] // 2
-    if positions is None:
-        positions = torch.arange(T, device=x.device)
-    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-class DSAttention(torch.nn.Module):
+class DSAttention(runtime.layer.AttentionLayer):
     """`dsa_block` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
     batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
     at each sequence).
@@ -1717,42 +1480,11 @@ class DSAttention(torch.nn.Module):
     in `dtype` (default fp32); the attention itself runs in the spec's dtype (bf16), under autocast too.
     """
 
+    _desc = _DESC
+    _attention = _ATTENTION
+
     def __init__(self, hidden_size, *, rope_theta=10000.0, bias=False, device=None, dtype=None):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.hidden_size = hidden_size
-        self.rope_theta = rope_theta
-        self.q_proj = torch.nn.Linear(hidden_size, 73728, bias=bias, **factory)
-        self.kv_proj = torch.nn.Linear(hidden_size, 576, bias=bias, **factory)
-        self.o_proj = torch.nn.Linear(65536, hidden_size, bias=bias, **factory)
-        self.idx_q_proj = torch.nn.Linear(hidden_size, 8192, bias=False, **factory)
-        self.idx_k_proj = torch.nn.Linear(hidden_size, 128, bias=False, **factory)
-        self.idx_w_proj = torch.nn.Linear(hidden_size, 64, bias=False, **factory)
+        super().__init__(hidden_size, rope_theta=rope_theta, bias=bias, device=device, dtype=dtype)
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
-        positions, varlen = None, {}
-        fn = f"{type(self).__name__}.forward"
-        packed_call = cu_seqlens is not None or max_seqlen is not None
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
-                or hidden.shape[-1] != self.hidden_size:
-            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
-            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
-                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        if packed_call:
-            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
-                                          65536, SPEC_NAME)
-            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
-        q = self.q_proj(hidden).unflatten(-1, (128, 576))
-        kv = self.kv_proj(hidden)
-        k = kv[..., 0:576].unflatten(-1, (1, 576))
-        if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta, positions)
-            k = _rope(k, self.rope_theta, positions)
-        q_idx = self.idx_q_proj(hidden).unflatten(-1, (64, 128))
-        k_idx = self.idx_k_proj(hidden).unflatten(-1, (1, 128))
-        w_idx = self.idx_w_proj(hidden)
-        o = dsa_attention(q.to(DTYPE), k.to(DTYPE), q_idx=(q_idx).to(DTYPE), k_idx=(k_idx).to(DTYPE), w_idx=(w_idx).to(DTYPE), **varlen)
-        o = o.flatten(-2)
-        if not torch.is_autocast_enabled(hidden.device.type):
-            o = o.to(self.o_proj.weight.dtype)
-        return self.o_proj(o)
+        return super().forward(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

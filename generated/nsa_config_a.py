@@ -978,19 +978,6 @@ def _pool(x, D, NC):
 
 
 
-def _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates):
-    """A packed call's inputs [total, H, D] checked, with cu_seqlens and max_seqlen (before any kernel runs): the
-    pad/unpad map and the inputs padded to [N, max_seqlen, H, D] (docs/varlen.md)."""
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("total", 64, 128), DTYPE, dims)
-    device = q.device
-    k = runtime.check_tensor(fn, "k", k, ("total", 4, 128), DTYPE, dims, device)
-    v = runtime.check_tensor(fn, "v", v, ("total", 4, 128), DTYPE, dims, device)
-    gates = runtime.check_tensor(fn, "gates", gates, ("total", 64, 2), DTYPE, dims, device)
-    packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, q.shape[0], device, 65536, SPEC_NAME)
-    return packed, (packed.pad(q), packed.pad(k), packed.pad(v), packed.pad(gates))
-
-
 def nsa_forward(q, k, v, gates, *, indices=None, out=None,
         return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
     """Forward pass of `nsa_config_a`.
@@ -1013,39 +1000,8 @@ def nsa_forward(q, k, v, gates, *, indices=None, out=None,
     [B, T, 64, 2] (fp32, channel order compression, selection; -inf where a query sees no key);
     with return_indices, also the selected blocks [B, T, 4, 16] (int32, ascending, -1 padding last).
     """
-    fn = "nsa_forward"
-    if cu_seqlens is not None or max_seqlen is not None:
-        packed, (q, k, v, gates) = _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates)
-        out = runtime.check_out(fn, out, (packed.total, 64, 128), DTYPE, q.device)
-        if indices is not None:
-            # Padded rows get no selection (-1): any valid one would do, but -1 keeps them free of duplicates.
-            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
-                fn, indices, (packed.total, 4, 16), q.device, 64, packed), -1))
-        o, lse, idx = nsa_forward(q, k, v, gates, indices=indices, return_lse=True, return_indices=True)
-        result = (packed.unpad(o, out),)
-        if return_lse:
-            result += (packed.unpad(lse),)
-        if return_indices:
-            result += (packed.unpad(idx),)
-        return result[0] if len(result) == 1 else result
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("B", "T", 64, 128), DTYPE, dims)
-    device = q.device
-    B, T = q.shape[0], q.shape[1]
-    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
-    k = runtime.check_tensor(fn, "k", k, ("B", "T", 4, 128), DTYPE, dims, device)
-    v = runtime.check_tensor(fn, "v", v, ("B", "T", 4, 128), DTYPE, dims, device)
-    gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 64, 2), DTYPE, dims, device)
-    out = runtime.check_out(fn, out, (B, T, 64, 128), DTYPE, device)
-    if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 4, 16), device, 64)
-    state = _forward(q, k, v, gates, indices=indices, out=out)
-    result = (state.out,)
-    if return_lse:
-        result += (state.lse,)
-    if return_indices:
-        result += (state.indices,)
-    return result[0] if len(result) == 1 else result
+    return runtime.inference.forward(_DESC, (q, k, v, gates), indices=indices, out=out, return_lse=return_lse,
+                                    return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class ForwardState(NamedTuple):
@@ -1800,29 +1756,10 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
-
-    Entry e: a query position qpos[e] that selected a unit inside the tile.
-    The entries of segment seg = (b * HKV + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query) keys: deterministic, no atomics and no host sync
-    (padding entries sort to the end, past every offset).
-    """
-    B = indices.shape[0]
-    device = indices.device
-    n_tiles = triton.cdiv(T, tile)
-    idx = indices.long()
-    valid = idx >= 0
-    tok = idx * 64
-    bg = torch.arange(B * 4, device=device).view(B, 1, 4, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
-    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
-    padding = torch.iinfo(torch.int64).max
-    # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-    key = torch.sort(torch.where(valid, key, padding).flatten()).values
-    bits = key  # unused
-    qpos = (key % T).to(torch.int32)
-    offsets = torch.searchsorted(key // T, torch.arange(B * 4 * n_tiles + 1, device=device))
-    return offsets, qpos, bits
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
+    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4,
+                                                    units_per_tile=1)
 
 
 def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
@@ -1918,115 +1855,29 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Autograd: custom ops with fake implementations (torch.compile keeps them as opaque calls), the differentiable
-# `nsa_attention`, the `NSAFunction` autograd.Function and the `NSAttention` layer.
+# Host code: the descriptor of this module, for the runtime (specgen/runtime/: argument checks, varlen packing,
+# custom ops `specgen::<name>_<hash>_<record>_fwd/_bwd`, autograd, the layer), and the public entry points.
 # ---------------------------------------------------------------------------------------------------------------
 
-# The tuning record is part of the op's name: modules of one spec with different launch configs (a tuned committed
-# copy and an untuned cache copy, say) must not share ops, whose implementation is the first registrant's.
-_OP = f"{SPEC_NAME}_{SPEC_HASH}_0839b8c1a1171b65"
-
-
-def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, indices: Optional[torch.Tensor],
-              save_branch_outputs: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or the
-    call lacks (no selection, no compression, branch outputs not saved)."""
-    with torch.autocast(q.device.type, enabled=False):
-        state = _forward(q, k, v, gates, indices=indices, save_branch_outputs=save_branch_outputs)
-    # A custom op's outputs may not alias its inputs: given indices come back as a copy.
-    idx = state.indices.clone() if indices is not None else state.indices
-    branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
-    kc = state.kc
-    vc = state.vc
-    return state.out, state.lse, idx, branch_out, kc, vc
-
-
-def _fwd_fake(q, k, v, gates, indices, save_branch_outputs):
-    B, T = q.shape[0], q.shape[1]
-    NC = torch.sym_max(0, (T - 64) // 64 + 1)
-    return (q.new_empty((B, T, 64, 128)),
-            q.new_empty((B, T, 64, 2), dtype=torch.float32),
-            q.new_empty((B, T, 4, 16), dtype=torch.int32),
-            q.new_empty((2, B, T, 64, 128) if save_branch_outputs else (0,)),
-            q.new_empty((B, NC, 4, 128)),
-            q.new_empty((B, NC, 4, 128)))
-
-
-def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, lse: torch.Tensor,
-              indices: torch.Tensor, branch_out: torch.Tensor, kc: torch.Tensor,
-              vc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(dout.device.type, enabled=False):
-        return _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc)
-
-
-def _bwd_fake(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
-    return tuple(x.new_empty(x.shape) for x in (q, k, v, gates))
-
-
-def _grads_by_input(grads):
-    """The backward op's gradients placed at the forward op's inputs (q, k, v, gates, indices, save)."""
-    (q, k, v, gates,) = grads
-    return (q, k, v, gates, None, None)
-
-
-def _setup_context(ctx, inputs, output):
-    (q, k, v, gates, indices, save_branch_outputs) = inputs
-    out, lse, idx, branch_out, kc, vc = output
-    ctx.save_for_backward(q, k, v, gates, lse, idx, branch_out, kc, vc)
-    ctx.saved_branch_outputs = save_branch_outputs
-    ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
-
-
-def _backward_grads(ctx, d_out, bwd):
-    if d_out is None:
-        return (None,) * 6
-    if not ctx.saved_branch_outputs:
-        raise RuntimeError(f"{SPEC_NAME}: backward through a forward that kept no branch outputs; call "
-                           f"nsa_attention with grad enabled and a differentiable input")
-    return _grads_by_input(bwd(d_out, *ctx.saved_tensors))
-
-
-def _backward_rule(ctx, d_out, *unused):
-    return _backward_grads(ctx, d_out, _bwd_op)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The custom ops' implementations and autograd rule, for eager calls. A custom op's first call imports torch's
-    compiler stack (torch._dynamo: 0.86 s of a warm process's first training step on the H100) and every call pays its
-    dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`)."""
-
-    @staticmethod
-    def forward(q, k, v, gates, indices, save_branch_outputs):
-        return _fwd_impl(q, k, v, gates, indices, save_branch_outputs)
-
-    setup_context = staticmethod(_setup_context)
-
-    @staticmethod
-    def backward(ctx, d_out, *unused):
-        return _backward_grads(ctx, d_out, _bwd_impl)
-
-
-def _register_ops():
-    """The custom ops specgen::{name}_{hash}_{record}_fwd/_bwd. A second module object of the same spec and tuning
-    record (the committed copy and a specgen.load cache copy, say) reuses the ops the first registered: same
-    kernels, same configs."""
-    try:
-        return getattr(torch.ops.specgen, _OP + "_fwd"), getattr(torch.ops.specgen, _OP + "_bwd")
-    except AttributeError:
-        pass
-    fwd = torch.library.custom_op(f"specgen::{_OP}_fwd", _fwd_impl, mutates_args=())
-    fwd.register_fake(_fwd_fake)
-    bwd = torch.library.custom_op(f"specgen::{_OP}_bwd", _bwd_impl, mutates_args=())
-    bwd.register_fake(_bwd_fake)
-    fwd.register_autograd(_backward_rule, setup_context=_setup_context)
-    return fwd, bwd
-
-
-_fwd_op, _bwd_op = _register_ops()
-
-
-def _autocast_input(x):
-    return x.to(DTYPE) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+_DESC = runtime.descriptor.Descriptor(
+    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="0839b8c1a1171b65", family="nsa",
+    dtype=DTYPE, heads_q=64, heads_kv=4, dim_qk=128, dim_v=128,
+    branches=("compression", "selection",), max_seqlen=65536,
+    args=(
+        runtime.descriptor.Arg("q", ("B", "T", 64, 128)),
+        runtime.descriptor.Arg("k", ("B", "T", 4, 128)),
+        runtime.descriptor.Arg("v", ("B", "T", 4, 128)),
+        runtime.descriptor.Arg("gates", ("B", "T", 64, 2)),
+    ),
+    top_k=16, unit=64, fp8_indexer=False,
+    needs_compressed_kv=True, cmp_block=64, cmp_stride=64,
+    gated=True, mla=False, linear_pool=False, pool_pe=False,
+    indexer_heads=0, indexer_dim=0,
+    forward=_forward, backward=_backward)
+# Custom ops registered here, at import (a second module object of this spec and record reuses them).
+_ATTENTION = runtime.autograd.Attention(_DESC)
+_OP = _ATTENTION.op_name
+_fwd_op, _bwd_op = _ATTENTION.fwd_op, _ATTENTION.bwd_op
 
 
 def nsa_attention(q, k, v, gates, *, indices=None,
@@ -2039,49 +1890,8 @@ def nsa_attention(q, k, v, gates, *, indices=None,
     Works under torch.compile (custom ops `specgen::nsa_config_a_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """
-    fn = "nsa_attention"
-    if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
-        q = _autocast_input(q)
-        k = _autocast_input(k)
-        v = _autocast_input(v)
-        gates = _autocast_input(gates)
-    if cu_seqlens is not None or max_seqlen is not None:
-        # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a zero
-        # output gradient, so the batched backward sends them nothing (docs/varlen.md).
-        packed, (q, k, v, gates) = _pack(fn, cu_seqlens, max_seqlen, q, k, v, gates)
-        if indices is not None:
-            indices = runtime.trust_indices(packed.pad(runtime.check_indices(
-                fn, indices, (packed.total, 4, 16), q.device, 64, packed), -1))
-        o, lse, idx = nsa_attention(q, k, v, gates, indices=indices, return_lse=True, return_indices=True)
-        result = (packed.unpad(o),)
-        if return_lse:
-            result += (packed.unpad(lse),)
-        if return_indices:
-            result += (packed.unpad(idx),)
-        return result[0] if len(result) == 1 else result
-    dims = {}
-    q = runtime.check_tensor(fn, "q", q, ("B", "T", 64, 128), DTYPE, dims)
-    device = q.device
-    B, T = q.shape[0], q.shape[1]
-    runtime.check_seqlen(fn, T, 65536, SPEC_NAME)
-    k = runtime.check_tensor(fn, "k", k, ("B", "T", 4, 128), DTYPE, dims, device)
-    v = runtime.check_tensor(fn, "v", v, ("B", "T", 4, 128), DTYPE, dims, device)
-    gates = runtime.check_tensor(fn, "gates", gates, ("B", "T", 64, 2), DTYPE, dims, device)
-    if indices is not None:
-        indices = runtime.check_indices(fn, indices, (B, T, 4, 16), device, 64)
-    need_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, gates))
-    if runtime.compiling():
-        out, lse, idx, _, _, _ = _fwd_op(q, k, v, gates, indices, need_grad)
-    elif need_grad:
-        out, lse, idx, _, _, _ = _EagerAttention.apply(q, k, v, gates, indices, True)
-    else:
-        out, lse, idx, _, _, _ = _fwd_impl(q, k, v, gates, indices, False)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (idx,)
-    return result[0] if len(result) == 1 else result
+    return _ATTENTION.attention((q, k, v, gates), indices=indices, return_lse=return_lse,
+                                return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
 class NSAFunction(torch.autograd.Function):
@@ -2095,31 +1905,14 @@ class NSAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gates, indices):
-        out, lse, idx, branch_out, kc, vc = (_fwd_op if runtime.compiling() else _fwd_impl)(
-            q, k, v, gates, indices, True)
-        ctx.save_for_backward(q, k, v, gates, lse, idx, branch_out, kc, vc)
-        ctx.mark_non_differentiable(lse, idx)
-        return out, lse, idx
+        return _ATTENTION.function_forward(ctx, (q, k, v, gates), indices)
 
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):
-        return _grads_by_input((_bwd_op if runtime.compiling() else _bwd_impl)(d_out, *ctx.saved_tensors))[:-1]
+        return _ATTENTION.function_backward(ctx, d_out)
 
 
-def _rope(x, theta, positions=None):
-    """Rotary position embedding (rotate-half form) over the whole head dim of x [..., T, H, D], at `positions` [T]
-    (default 0..T-1; a packed batch passes positions that restart at each sequence)."""
-    T, half = x.shape[-3], x.shape[-1] // 2
-    if positions is None:
-        positions = torch.arange(T, device=x.device)
-    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32)[:, None] * freq[None, :]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-class NSAttention(torch.nn.Module):
+class NSAttention(runtime.layer.AttentionLayer):
     """`nsa_config_a` as a drop-in attention layer: hidden [B, T, hidden_size] -> [B, T, hidden_size], or a packed
     batch [total, hidden_size] with `cu_seqlens`/`max_seqlen` (flash-attn's varlen convention; positions restart
     at each sequence).
@@ -2133,39 +1926,11 @@ class NSAttention(torch.nn.Module):
     in `dtype` (default fp32); the attention itself runs in the spec's dtype (bf16), under autocast too.
     """
 
+    _desc = _DESC
+    _attention = _ATTENTION
+
     def __init__(self, hidden_size, *, rope_theta=10000.0, bias=False, device=None, dtype=None):
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.hidden_size = hidden_size
-        self.rope_theta = rope_theta
-        self.q_proj = torch.nn.Linear(hidden_size, 8192, bias=bias, **factory)
-        self.kv_proj = torch.nn.Linear(hidden_size, 1024, bias=bias, **factory)
-        self.gate_proj = torch.nn.Linear(hidden_size, 128, bias=True, **factory)
-        self.o_proj = torch.nn.Linear(8192, hidden_size, bias=bias, **factory)
+        super().__init__(hidden_size, rope_theta=rope_theta, bias=bias, device=device, dtype=dtype)
 
     def forward(self, hidden, *, cu_seqlens=None, max_seqlen=None):
-        positions, varlen = None, {}
-        fn = f"{type(self).__name__}.forward"
-        packed_call = cu_seqlens is not None or max_seqlen is not None
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != (2 if packed_call else 3) \
-                or hidden.shape[-1] != self.hidden_size:
-            want = "[total, hidden_size] (a packed batch)" if packed_call else "[B, T, hidden_size]"
-            raise runtime.ArgumentError(f"{fn}: argument `hidden` must be {want} with hidden_size="
-                                        f"{self.hidden_size}, got {getattr(hidden, 'shape', type(hidden).__name__)}")
-        if packed_call:
-            packed = runtime.check_varlen(fn, cu_seqlens, max_seqlen, hidden.shape[0], hidden.device,
-                                          65536, SPEC_NAME)
-            positions, varlen = packed.positions(), {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
-        q = self.q_proj(hidden).unflatten(-1, (64, 128))
-        kv = self.kv_proj(hidden)
-        k = kv[..., 0:512].unflatten(-1, (4, 128))
-        v = kv[..., 512:1024].unflatten(-1, (4, 128))
-        if self.rope_theta is not None:
-            q = _rope(q, self.rope_theta, positions)
-            k = _rope(k, self.rope_theta, positions)
-        gates = torch.sigmoid(self.gate_proj(hidden).float()).unflatten(-1, (64, 2))
-        o = nsa_attention(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE), gates.to(DTYPE), **varlen)
-        o = o.flatten(-2)
-        if not torch.is_autocast_enabled(hidden.device.type):
-            o = o.to(self.o_proj.weight.dtype)
-        return self.o_proj(o)
+        return super().forward(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

@@ -829,3 +829,11 @@ def as_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+# The host code generated modules delegate to, one concern per module (they import the names above, so they come
+# last): the descriptor a generated module fills, argument checks, varlen packing, the inference entry point,
+# custom ops and autograd, the backward's plain-torch pieces, the layer, the indexer's top-k and its distillation
+# loss. Generated code reaches them as `runtime.<module>`.
+from . import descriptor, checks, varlen, inference, autograd, backward, layer, indexer  # noqa: E402,F401  isort: skip
+from . import distill  # noqa: E402,F401  isort: skip

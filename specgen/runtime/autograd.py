@@ -1,0 +1,200 @@
+"""Training: the custom ops (forward and backward, with fake implementations for torch.compile), their autograd
+rule, the eager autograd.Function, the differentiable entry point (`<family>_attention`) and the pieces of the
+classic `<FAMILY>Function`. Parametrised by a generated module's descriptor, whose `forward`/`backward` are the
+generated launch sequences. Design: docs/backward.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from . import compiling
+from .checks import check_given_indices, check_inputs, results
+from .varlen import is_packed_call, pack, pad_indices, unpad_results
+
+_P = inspect.Parameter
+
+
+def _signature(names, extra, returns: int) -> inspect.Signature:
+    """A signature torch.library reads the op schema from: Tensor arguments `names`, then `extra` (name, type)."""
+    params = [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor) for n in names]
+    params += [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in extra]
+    return inspect.Signature(params, return_annotation=tuple[(torch.Tensor,) * returns])
+
+
+def autocast_input(x, dtype):
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+class Attention:
+    """The training host code of one generated module: built once at its import (custom ops registered then)."""
+
+    def __init__(self, desc):
+        self.desc = desc
+        self.n_args = len(desc.args)
+        self.op_name = desc.op_name
+        self.eager = self._eager_function()
+        self.fwd_op, self.bwd_op = self._register_ops()
+
+    # The custom ops' implementations -------------------------------------------------------------------------
+
+    def fwd_impl(self, *inputs):
+        """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or
+        the call lacks (no selection, no compression, branch outputs not saved). `inputs`: the tensor arguments,
+        then indices and save_branch_outputs."""
+        desc = self.desc
+        args, indices, save_branch_outputs = inputs[:-2], inputs[-2], inputs[-1]
+        q = args[0]
+        with torch.autocast(q.device.type, enabled=False):
+            state = desc.forward(*args, indices=indices, save_branch_outputs=save_branch_outputs)
+        if desc.selects:
+            # A custom op's outputs may not alias its inputs: given indices come back as a copy.
+            idx = state.indices.clone() if indices is not None else state.indices
+        else:
+            idx = q.new_empty((0,), dtype=torch.int32)
+        branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
+        kc = state.kc if desc.needs_compressed_kv else q.new_empty((0,))
+        vc = state.vc if desc.has_compression_branch else q.new_empty((0,))
+        return state.out, state.lse, idx, branch_out, kc, vc
+
+    def fwd_fake(self, *inputs):
+        d = self.desc
+        q, save_branch_outputs = inputs[0], inputs[-1]
+        B, T = q.shape[0], q.shape[1]
+        if d.needs_compressed_kv:
+            NC = torch.sym_max(0, (T - d.cmp_block) // d.cmp_stride + 1)
+        nb = d.n_branches
+        return (q.new_empty((B, T, d.heads_q, d.dim_v)),
+                q.new_empty((B, T, d.heads_q, nb), dtype=torch.float32),
+                q.new_empty((B, T, d.heads_kv, d.top_k) if d.selects else (0,), dtype=torch.int32),
+                q.new_empty((nb, B, T, d.heads_q, d.dim_v) if save_branch_outputs else (0,)),
+                q.new_empty((B, NC, d.heads_kv, d.dim_qk) if d.needs_compressed_kv else (0,)),
+                q.new_empty((B, NC, d.heads_kv, d.dim_v) if d.has_compression_branch else (0,)))
+
+    def bwd_impl(self, dout, *saved):
+        """Gradients of the differentiable inputs (desc.diff_args, in order) from the saved forward state: the
+        differentiable inputs, then lse, indices, branch_out, kc, vc."""
+        with torch.autocast(dout.device.type, enabled=False):
+            return self.desc.backward(dout, *saved)
+
+    def bwd_fake(self, dout, *saved):
+        return tuple(x.new_empty(x.shape) for x in saved[:-5])
+
+    # Autograd ------------------------------------------------------------------------------------------------
+
+    def grads_by_input(self, grads):
+        """The backward op's gradients placed at the forward op's inputs (tensor arguments, indices, save)."""
+        placed = [None] * (self.n_args + 2)
+        for i, g in zip(self.desc.diff_positions, grads):
+            placed[i] = g
+        return tuple(placed)
+
+    def setup_context(self, ctx, inputs, output):
+        save_branch_outputs = inputs[-1]
+        out, lse, idx, branch_out, kc, vc = output
+        ctx.save_for_backward(*(inputs[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc)
+        ctx.saved_branch_outputs = save_branch_outputs
+        ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
+
+    def backward_grads(self, ctx, d_out, bwd):
+        if d_out is None:
+            return (None,) * (self.n_args + 2)
+        if not ctx.saved_branch_outputs:
+            raise RuntimeError(f"{self.desc.spec_name}: backward through a forward that kept no branch outputs; call "
+                               f"{self.desc.attention_name} with grad enabled and a differentiable input")
+        return self.grads_by_input(bwd(d_out, *ctx.saved_tensors))
+
+    def backward_rule(self, ctx, d_out, *unused):
+        return self.backward_grads(ctx, d_out, self.bwd_op)
+
+    def _eager_function(self):
+        impl = self
+
+        class _EagerAttention(torch.autograd.Function):
+            """The custom ops' implementations and autograd rule, for eager calls. A custom op's first call imports
+            torch's compiler stack (torch._dynamo: 0.86 s of a warm process's first training step on the H100) and
+            every call pays its dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`)."""
+
+            @staticmethod
+            def forward(*inputs):
+                return impl.fwd_impl(*inputs)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                impl.setup_context(ctx, inputs, output)
+
+            @staticmethod
+            def backward(ctx, d_out, *unused):
+                return impl.backward_grads(ctx, d_out, impl.bwd_impl)
+
+        return _EagerAttention
+
+    def _register_ops(self):
+        """The custom ops specgen::{name}_{hash}_{record}_fwd/_bwd. A second module object of the same spec and
+        tuning record (the committed copy and a specgen.load cache copy, say) reuses the ops the first registered:
+        same kernels, same configs."""
+        try:
+            return getattr(torch.ops.specgen, self.op_name + "_fwd"), getattr(torch.ops.specgen, self.op_name + "_bwd")
+        except AttributeError:
+            pass
+        desc = self.desc
+
+        def fwd_impl(*inputs):
+            return self.fwd_impl(*inputs)
+
+        def bwd_impl(*inputs):
+            return self.bwd_impl(*inputs)
+
+        fwd_impl.__signature__ = _signature(
+            desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)), 6)
+        bwd_impl.__signature__ = _signature(
+            ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc"), (), len(desc.diff_args))
+        fwd = torch.library.custom_op(f"specgen::{self.op_name}_fwd", fwd_impl, mutates_args=())
+        fwd.register_fake(self.fwd_fake)
+        bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=())
+        bwd.register_fake(self.bwd_fake)
+        fwd.register_autograd(self.backward_rule, setup_context=self.setup_context)
+        return fwd, bwd
+
+    # Entry points --------------------------------------------------------------------------------------------
+
+    def attention(self, args: tuple, *, indices=None, return_lse=False, return_indices=False, cu_seqlens=None,
+                  max_seqlen=None):
+        """`<family>_attention` on its tensor inputs `args` (in `desc.args` order); see the generated docstring."""
+        desc = self.desc
+        fn = desc.attention_name
+        q = args[0]
+        if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
+            args = tuple(autocast_input(x, desc.dtype) for x in args)
+        if is_packed_call(cu_seqlens, max_seqlen):
+            # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a
+            # zero output gradient, so the batched backward sends them nothing (docs/varlen.md).
+            packed, args = pack(desc, fn, cu_seqlens, max_seqlen, args)
+            indices = pad_indices(desc, fn, indices, packed, args[0].device)
+            o, lse, idx = self.attention(args, indices=indices, return_lse=True, return_indices=True)
+            return unpad_results(desc, packed, o, lse, idx, return_lse, return_indices)
+        args = check_inputs(desc, fn, args)
+        q = args[0]
+        indices = check_given_indices(desc, fn, indices, q.shape[0], q.shape[1], q.device)
+        need_grad = torch.is_grad_enabled() and any(args[i].requires_grad for i in desc.diff_positions)
+        if compiling():
+            out, lse, idx, _, _, _ = self.fwd_op(*args, indices, need_grad)
+        elif need_grad:
+            out, lse, idx, _, _, _ = self.eager.apply(*args, indices, True)
+        else:
+            out, lse, idx, _, _, _ = self.fwd_impl(*args, indices, False)
+        return results(out, lse, idx if desc.selects else None, return_lse, return_indices)
+
+    def function_forward(self, ctx, args: tuple, indices):
+        """`<FAMILY>Function.forward`: (out, lse, indices), the backward's state saved on ctx."""
+        out, lse, idx, branch_out, kc, vc = (self.fwd_op if compiling() else self.fwd_impl)(*args, indices, True)
+        ctx.save_for_backward(*(args[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc)
+        ctx.mark_non_differentiable(lse, idx)
+        return out, lse, idx
+
+    def function_backward(self, ctx, d_out):
+        """`<FAMILY>Function.backward`: gradients of its inputs (the tensor arguments, then indices)."""
+        return self.grads_by_input((self.bwd_op if compiling() else self.bwd_impl)(d_out, *ctx.saved_tensors))[:-1]

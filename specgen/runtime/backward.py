@@ -1,0 +1,56 @@
+"""Host-side pieces of the backward pass that are plain torch (the launch sequence itself stays generated)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def selection_inverse_index(indices, T: int, tile: int, *, unit: int, heads_kv: int, units_per_tile: int):
+    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens).
+
+    `indices` [B, T, heads_kv, k] selects units of `unit` tokens; the kernel's tile holds `units_per_tile` units.
+    Entry e: a query position qpos[e] that selected a unit inside the tile; with several units per tile, bits[e]
+    says which of the tile's units it selected (bit u = unit u). The entries of segment
+    seg = (b * heads_kv + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
+    Built by one sort of (segment, query[, unit]) keys: deterministic, no atomics and no host sync (padding entries
+    sort to the end, past every offset). Returns (offsets, qpos, bits); bits is unused with one unit per tile.
+    """
+    B = indices.shape[0]
+    device = indices.device
+    n_tiles = _cdiv(T, tile)
+    idx = indices.long()
+    valid = idx >= 0
+    tok = idx * unit
+    bg = torch.arange(B * heads_kv, device=device).view(B, 1, heads_kv, 1)
+    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    key = (bg * n_tiles + tok // tile) * T + t                       # (segment, query)
+    padding = torch.iinfo(torch.int64).max
+    if units_per_tile == 1:
+        # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
+        key = torch.sort(torch.where(valid, key, padding).flatten()).values
+        bits = key  # unused
+    else:
+        upt = units_per_tile
+        comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // unit, padding).flatten()).values
+        real = comp != padding
+        key = torch.where(real, comp // upt, padding)
+        # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum,
+        # distinct bits) of the run's, from a running sum; compacted with a scatter to unique slots (slot n takes
+        # the rest).
+        n = comp.numel()
+        first = real.clone()
+        first[1:] &= key[1:] != key[:-1]
+        slot = torch.where(first, torch.cumsum(first, 0) - 1, n)
+        csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
+        start = torch.full((n + 1,), n, dtype=torch.int64, device=device).scatter_(0, slot,
+                                                                                  torch.arange(n, device=device))
+        end = start[1:n + 1] - 1                                      # the run of slot i ends where slot i+1 starts
+        bits = csum[end.clamp(0, max(n - 1, 0))] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
+        key = torch.full((n + 1,), padding, dtype=torch.int64, device=device).scatter_(0, slot, key)[:n]
+    qpos = (key % T).to(torch.int32)
+    offsets = torch.searchsorted(key // T, torch.arange(B * heads_kv * n_tiles + 1, device=device))
+    return offsets, qpos, bits
