@@ -829,3 +829,18 @@ def as_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+# Host code that moved out of the templates lives in modules of this package, parametrised by the generated module's
+# descriptor: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver). Generated
+# modules reach them as `runtime.<module>` (they import `runtime` only); loaded on first use, so importing this file
+# stays light (decode_step imports triton).
+_SUBMODULES = ("decode_descriptor", "decode_cache", "decode_step")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib  # lazy: see _SUBMODULES
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
