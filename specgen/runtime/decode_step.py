@@ -10,6 +10,8 @@ through the `specgen.runtime` package's functions, looked up at call time (tests
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
@@ -19,9 +21,12 @@ from specgen.runtime.decode_descriptor import DecodeDescriptor
 import triton  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
 def split_rows(d: DecodeDescriptor, kind: str, q_len: int) -> tuple[int, int, int]:
     """(QLP, GP, HEAD_CHUNKS) of a branch kernel: new queries x group heads per program, at least 16 rows for the
-    matrix unit (selection programs take one new query each: each has its own selected keys)."""
+    matrix unit (selection programs take one new query each: each has its own selected keys). Cached per
+    (descriptor, branch, q_len): a step reads it without recomputing (triton.cdiv and next_power_of_2 are not free
+    on the host)."""
     qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
     gp = min(triton.next_power_of_2(d.group), d.max_gp)
     gp = max(gp, 16 // qlp)
