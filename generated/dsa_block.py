@@ -788,7 +788,8 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding from a KV cache (docs/decode.md)
+# Decoding from a KV cache (docs/decode.md): the cache and the step driver are specgen.runtime.decode_cache and
+# specgen.runtime.decode_step, parametrised by the descriptor below.
 # ---------------------------------------------------------------------------------------------------------------
 
 MAX_Q_LEN = 4
@@ -799,14 +800,35 @@ CACHE_TENSORS = {'k': 576, 'k_idx': 128}
 # by a step's first new token starts l - 1 tokens before it, and the step writes q_len tokens first).
 RING_TENSORS = ()
 RING = 4
+# The decode top-k splits each row of the index-score workspace into segments, one program per (row, segment) in
+# each of its launches: about DECODE_TOPK_PROGRAMS programs in all (the GPU filled at batch 1), at most
+# DECODE_TOPK_MAX_SEGMENTS per row (every program sums the row's partial histograms), at least 1024 units each.
+DECODE_TOPK_PROGRAMS = 1024
+DECODE_TOPK_MAX_SEGMENTS = 32
+DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
+
+_DECODE = runtime.decode_descriptor.DecodeDescriptor(
+    spec_name=SPEC_NAME, cache_class="DSACache", fn="dsa_decode", dtype=DTYPE,
+    hq=HQ.value, hkv=HKV.value, group=GROUP.value, dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES),
+    softmax_scale=0.07216878364870323, gated=False, mla=True,
+    page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
+    compressed=False, cmp_branch=False, cmp_block=0, cmp_stride=0,
+    pool_kind=None, position_embedding=False,
+    k_cmp="k", v_cmp="v", pool_weights=(),
+    scorer='indexer', sel_block=64, top_k=32, k_slc="k", v_slc="k",
+    indexer=True, fp8=False, idx_heads=64, idx_dim=128,
+    idx_scale=0.011048543456039806, index_bs=64, index_hp=64,
+    window=0, k_win="k", v_win="v",
+    split_tiles={'compression': 64, 'window': 64, 'selection': 64}, max_gp=64, num_stages=1, widen=WIDEN,
+    pool=None,
+    branch_kernels={"selection": _decode_selection_kernel},
+    combine_kernel=_decode_combine_kernel,
+    index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
+    topk_write_kernel=_decode_topk_write_kernel,
+)
 
 
-def _index_key_store(k_idx):
-    """Index keys as the cache stores them (bf16): (values, per-(token, kv group) fp32 scales or None)."""
-    return k_idx.to(DTYPE), None
-
-
-class DSACache:
+class DSACache(runtime.decode_cache.Cache):
     """KV cache of `dsa_block` for decoding: raw per-token tensors, the indexer keys.
 
     Contiguous: `DSACache(batch, max_seqlen=T)` stores [batch, T, Hkv, D] per tensor. Paged:
@@ -822,189 +844,7 @@ class DSACache:
     out-of-range values that a step could only see on the device; `check_errors()` raises them (docs/decode.md).
     """
 
-    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None, page_size=None,
-                 dtype=None):
-        fn = "DSACache"
-        batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
-                                                                        device)
-        # page_size and dtype are the spec's (optional here, for callers that pass them): checked, never changed.
-        runtime.check_fixed(fn, "page_size", page_size, PAGE_SIZE.value, "decode.page_size", SPEC_NAME)
-        runtime.check_fixed(fn, "dtype", dtype, DTYPE, "dtype", SPEC_NAME)
-        self.batch = batch
-        self.paged = num_pages is not None
-        if self.paged:
-            if block_table is None:
-                per = num_pages // batch
-                if per < 1:
-                    raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
-                                                "give at least one page per sequence")
-                block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
-            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device).clone()
-            self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
-            self.tcap = 0
-            rows = (num_pages, PAGE_SIZE.value)
-        else:
-            self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
-            self.capacity = [max_seqlen] * batch
-            self.tcap = max_seqlen
-            rows = (batch, max_seqlen)
-        self.device = device
-        self.num_pages = num_pages
-        self.max_context = max(self.capacity)
-        self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
-                                          dtype=DTYPE, device=device)
-                        for name, dim in CACHE_TENSORS.items()}
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.host_seqlens = [0] * batch
-        self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
-        # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
-        # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
-        # cache (runtime.FLAG_TEXT); check_errors() raises it.
-        self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def check_errors(self):
-        """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
-        the device (or a captured `append` ran past a sequence's pages), and clear the flag
-        (runtime.raise_if_flagged: reads one int, so it synchronises)."""
-        runtime.raise_if_flagged(self)
-
-    def _rows(self, pos):
-        """Flat row (page * PAGE_SIZE + slot, or b * T + s) of token positions pos [B, n] (int64)."""
-        b = torch.arange(self.batch, device=pos.device)[:, None]
-        if self.paged:
-            page = self.block_table.long()[b, pos // PAGE_SIZE.value]
-            return page * PAGE_SIZE.value + pos % PAGE_SIZE.value
-        return b * self.tcap + pos
-
-    def _ring_rows(self, pos):
-        """Flat row of token positions pos [B, n] in the per-sequence rings (b * RING + pos % RING)."""
-        return torch.arange(self.batch, device=pos.device)[:, None] * RING + pos % RING
-
-    def _flat(self, name):
-        x = self.tensors[name]
-        return x.view(-1, *x.shape[2:])
-
-    def _store(self, name, rows, x):
-        """Write x [n, Hkv, D] at flat rows of tensor `name` (index_copy_ has no fp8 kernels: fp8 moves as bytes)."""
-        dst = self._flat(name)
-        if dst.dtype == torch.float8_e4m3fn:
-            dst, x = dst.view(torch.uint8), x.view(torch.uint8)
-        dst.index_copy_(0, rows, x)
-
-    def _check_new(self, fn, tensors, n):
-        for name, dim in CACHE_TENSORS.items():
-            runtime.require(fn, name, tensors.get(name), "the cache stores it for every token")
-            tensors[name] = runtime.check_tensor(fn, name, tensors[name], (self.batch, n, HKV.value, dim),
-                                                 DTYPE, {}, self.device, device_of="the cache")
-        unknown = sorted(set(tensors) - set(CACHE_TENSORS))
-        if unknown:
-            raise runtime.ArgumentError(f"{fn}: unexpected arguments {unknown}; the cache takes "
-                                        f"{', '.join(CACHE_TENSORS)}")
-
-    def prefill(self, seqlens=None, **tensors):
-        """Write a prompt: tensors [batch, T, Hkv, D]; sequence b keeps its first seqlens[b] tokens (default T)."""
-        fn = "DSACache.prefill"
-        first = next(iter(tensors.values()), None)
-        T = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == 4 else None
-        if T is None:
-            raise runtime.ArgumentError(f"{fn}: pass the prompt's {', '.join(CACHE_TENSORS)} as [batch, T, Hkv, D]")
-        self._check_new(fn, tensors, T)
-        lengths = runtime.host_lengths(fn, seqlens, self.batch, T)
-        runtime.check_fits(fn, lengths, self.capacity)
-        pos = torch.arange(T, device=self.device)[None, :].expand(self.batch, T)
-        keep = pos < torch.tensor(lengths, device=self.device)[:, None]
-        rows = self._rows(torch.where(keep, pos, 0))[keep]
-        # Ring tensors keep each sequence's last RING tokens.
-        keep_ring = keep & (pos >= torch.tensor(lengths, device=self.device)[:, None] - RING)
-        ring_rows = self._ring_rows(pos)[keep_ring]
-        for name, x in tensors.items():
-            if name == "k_idx":
-                x, scale = _index_key_store(x)
-            if name in RING_TENSORS:
-                self._store(name, ring_rows, x[keep_ring])
-            else:
-                self._store(name, rows, x[keep])
-        self.host_seqlens = list(lengths)
-        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
-        return self
-
-    def append(self, **tensors):
-        """Add q_len new tokens to every sequence (tensors [batch, q_len, Hkv, D]); graph-capturable (no host sync)."""
-        fn = "DSACache.append"
-        first = next(iter(tensors.values()), None)
-        n = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == 4 else None
-        if n is None:
-            raise runtime.ArgumentError(f"{fn}: pass the new tokens' {', '.join(CACHE_TENSORS)} as [batch, q_len, Hkv, D]")
-        runtime.check_q_len(fn, n, MAX_Q_LEN, SPEC_NAME)
-        self._check_new(fn, tensors, n)
-        runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
-        pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
-        guarded = runtime.no_host_reads()
-        if guarded:
-            # Captured in a CUDA graph (or compiled): replays move the device lengths past what the host mirror
-            # checked. Positions past a sequence's capacity are flagged and land on its last slot, so no write
-            # leaves the sequence's rows and the lengths stay within its pages (cache.check_errors()).
-            over = pos >= self.capacity_t.long()[:, None]
-            self.error_flag.bitwise_or_(over.any().to(torch.int32) * runtime.FLAG_CAPACITY)
-            pos = torch.minimum(pos, self.capacity_t.long()[:, None] - 1)
-        rows = self._rows(pos).reshape(-1)
-        ring_rows = self._ring_rows(pos).reshape(-1)
-        for name, x in tensors.items():
-            if name == "k_idx":
-                x, scale = _index_key_store(x)
-            self._store(name, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
-        if guarded:
-            torch.minimum(self.seqlens + n, self.capacity_t, out=self.seqlens)
-        else:
-            self.seqlens += n
-        self.host_seqlens = [x + n for x in self.host_seqlens]
-        return self
-
-
-_SPLIT_TILES = {"compression": 64, "window": 64, "selection": 64}
-
-
-def _decode_rows(kind, q_len):
-    """(QLP, GP, HEAD_CHUNKS): new queries x group heads per program, at least 16 rows for the matrix unit."""
-    qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
-    gp = min(triton.next_power_of_2(GROUP.value), 64)
-    gp = max(gp, 16 // qlp)
-    return qlp, gp, triton.cdiv(GROUP.value, gp)
-
-
-def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
-    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
-    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (`_decode_combine_kernel`)."""
-    B, QL = q.shape[0], q.shape[1]
-    qlp, gp, chunks = _decode_rows(kind, QL)
-    programs = B * HKV.value * chunks * (QL if kind == "selection" else 1)
-    tile = _SPLIT_TILES[kind]
-    splits = num_splits or runtime.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
-    o_part = torch.empty((splits, B, QL, HQ.value, DV.value), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, B, QL, HQ.value), dtype=torch.float32, device=q.device)
-    kernel = {"selection": _decode_selection_kernel}[kind]
-    extra, flags = (), {}
-    if kind == "selection":
-        extra = (idx,)
-    elif kind == "compression":
-        extra = (o_part if logits is None else logits,)
-        flags = {"WRITE_LOGITS": logits is not None}
-    kernel[(programs, splits)](
-        q, K, V, block_table, seqlens, o_part, lse_part, *extra,
-        q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
-        block_table.stride(0), B, QL, tcap, splits, 0.07216878364870323,
-        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
-        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=1)
-    return o_part, lse_part, splits
-
-
-# The decode top-k splits each row of the index-score workspace into segments, one program per (row, segment) in
-# each of its launches: about DECODE_TOPK_PROGRAMS programs in all (the GPU filled at batch 1), at most
-# DECODE_TOPK_MAX_SEGMENTS per row (every program sums the row's partial histograms), at least 1024 units each.
-DECODE_TOPK_PROGRAMS = 1024
-DECODE_TOPK_MAX_SEGMENTS = 32
-DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
+    DESCRIPTOR = _DECODE
 
 
 def _decode_topk(ws, seqlens, indices, segment=None):
@@ -1015,25 +855,8 @@ def _decode_topk(ws, seqlens, indices, segment=None):
     (row, segment) programs writing per-segment 256-bin histograms (`_decode_topk_hist_kernel`), then one that
     writes every segment's winners at its offset (`_decode_topk_write_kernel`); a cache of at most TOP_K units
     needs only the last."""
-    B, G, QL, n_units = ws.shape
-    rows = B * G * QL
-    if segment is None:
-        segments = max(1, min(DECODE_TOPK_PROGRAMS // rows, triton.cdiv(n_units, 1024), DECODE_TOPK_MAX_SEGMENTS))
-        segment = triton.cdiv(triton.cdiv(n_units, segments), 1024) * 1024
-    segments = triton.cdiv(max(n_units, 1), segment)
-    bs = min(1024, segment & -segment)  # the chunk each program walks its segment by: a power of two dividing it
-    sc = min(DECODE_TOPK_SUM_SEGMENTS, triton.next_power_of_2(segments))
-    part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
-    above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
-    state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
-    args = (QL, n_units, rows, segments, segment)
-    if n_units > 32:
-        for p in range(4):
-            _decode_topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, *args, P=p, BS=bs, SC=sc,
-                                                       num_warps=4)
-    _decode_topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc,
-                                                num_warps=4)
-    return indices
+    return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
+                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS)
 
 
 def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_idx=None, out=None,
@@ -1055,82 +878,8 @@ def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_
     Returns out; with return_lse also [B, q_len, 128, 1] per-branch log-sum-exp; with return_indices also
     the selection [B, q_len, 1, 32] (int32, ascending, -1 padding last).
     """
-    fn = "dsa_decode"
-    if not isinstance(cache, DSACache):
-        raise runtime.ArgumentError(f"{fn}: `cache` must be a DSACache, got {type(cache).__name__}")
-    dims = {"B": (cache.batch, "cache")}
-    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device,
-                             device_of="the cache")
-    B, QL = q.shape[0], q.shape[1]
-    runtime.check_q_len(fn, QL, MAX_Q_LEN, SPEC_NAME)
-    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
-    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device, device_of="the cache")
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device, device_of="the cache")
-    # Lengths and pages: the cache's own are trusted (it checked every prefill/append on the host). Explicit ones
-    # are range-checked on the host when their values are there (CPU tensors), else on the device without a sync:
-    # out-of-range values are clamped (no kernel reads or writes outside the cache) and flag cache.error_flag,
-    # raised by cache.check_errors() / runtime.raise_if_flagged(cache) (docs/decode.md).
-    if cache_seqlens is None:
-        runtime.check_queries_fit(fn, QL, cache.host_seqlens)
-        seqlens = cache.seqlens
-    else:
-        seqlens = runtime.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
-        seqlens = runtime.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
-    if block_table is None:
-        block_table = cache.block_table
-    elif not cache.paged:
-        raise runtime.ArgumentError(f"{fn}: `block_table` given for a contiguous cache; build the cache with num_pages")
-    else:
-        block_table = runtime.check_block_table(fn, block_table, B, cache.num_pages, cache.device, sync=False)
-        if block_table.shape[1] < cache.block_table.shape[1]:
-            raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
-                                        f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
-                                        f"every page of a sequence's length)")
-        block_table = runtime.guard_block_table(fn, block_table, seqlens, cache.num_pages, PAGE_SIZE.value,
-                                                cache.error_flag)
-    out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
-    if num_splits is not None:
-        num_splits = runtime.check_count(fn, "num_splits", num_splits, 1, 1024)
-    paged = cache.paged
-    T = cache.max_context
-    parts = {}
-    # Index scores of the new queries over every cached index key, reduced to each block's log-sum-exp over its
-    # visible tokens (a workspace of B x HKV x QL x units fp32, written only at the units each query can select),
-    # then the exact top-k of every (sequence, new query, kv group) row by the selection rule, positions from
-    # `seqlens` on the device (no host sync).
-    n_units = triton.cdiv(T, 64)
-    ws = torch.empty((B, HKV.value, QL, n_units), dtype=torch.float32, device=q.device)
-    k_idx_cache = cache.tensors["k_idx"]
-    k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
-    BS = 64
-    qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, 64))  # rows: new queries x indexer heads, >= 16
-    extra = ()
-    _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_units * 64, BS))](
-        q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,
-        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
-        w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, 0.011048543456039806,
-        PAGED=paged, QLP=qlp, BS=BS, WIDEN=WIDEN, num_warps=8 if qlp * 64 >= 256 else 4)
-    indices = torch.empty((B, QL, HKV.value, 32), dtype=torch.int32, device=q.device)
-    _decode_topk(ws, seqlens, indices)
-    parts["selection"] = _decode_branch(
-        "selection", q, cache.tensors["k"].flatten(0, 1), cache.tensors["k"].flatten(0, 1),
-        cache, seqlens, block_table, cache.tcap, 2048, num_splits, paged, indices)
-    # Epilogue: merge each branch's splits by log-sum-exp,
-    # sum in fp32 and round once into `out`.
-    lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
-    rows = B * QL * HQ.value
-    br, bd, sb, warps = runtime.decode_combine_tiles(rows, DV.value, max(parts[name][2] for name in BRANCH_NAMES), q.device)
-    _decode_combine_kernel[(triton.cdiv(rows, br), triton.cdiv(DV.value, bd))](
-        *[x for name in BRANCH_NAMES for x in parts[name]],
-        out, 0, 0, 0,
-        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (indices,)
-    return result[0] if len(result) == 1 else result
+    return runtime.decode_step.step(_DECODE, q, cache, cache_seqlens, block_table, q_idx=q_idx, w_idx=w_idx, out=out,
+                                    num_splits=num_splits, return_lse=return_lse, return_indices=return_indices, topk_fn=_decode_topk)
 
 
 # ---------------------------------------------------------------------------------------------------------------

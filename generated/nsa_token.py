@@ -1463,7 +1463,8 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding from a KV cache (docs/decode.md)
+# Decoding from a KV cache (docs/decode.md): the cache and the step driver are specgen.runtime.decode_cache and
+# specgen.runtime.decode_step, parametrised by the descriptor below.
 # ---------------------------------------------------------------------------------------------------------------
 
 MAX_Q_LEN = 4
@@ -1474,22 +1475,35 @@ CACHE_TENSORS = {'k_cmp': 192, 'v_cmp': 128, 'k_slc': 192, 'v_slc': 128, 'k_win'
 # by a step's first new token starts l - 1 tokens before it, and the step writes q_len tokens first).
 RING_TENSORS = ('k_cmp', 'v_cmp')
 RING = 36
-# Pooled compression keys/values are O(T/d) rows: kept contiguous per sequence, plus one spare row per sequence
-# that absorbs the writes of new tokens that complete no block (no data-dependent branch in the step).
+# The decode top-k splits each row of the index-score workspace into segments, one program per (row, segment) in
+# each of its launches: about DECODE_TOPK_PROGRAMS programs in all (the GPU filled at batch 1), at most
+# DECODE_TOPK_MAX_SEGMENTS per row (every program sums the row's partial histograms), at least 1024 units each.
+DECODE_TOPK_PROGRAMS = 1024
+DECODE_TOPK_MAX_SEGMENTS = 32
+DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
+
+_DECODE = runtime.decode_descriptor.DecodeDescriptor(
+    spec_name=SPEC_NAME, cache_class="NSACache", fn="nsa_decode", dtype=DTYPE,
+    hq=HQ.value, hkv=HKV.value, group=GROUP.value, dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES),
+    softmax_scale=0.07216878364870322, gated=True, mla=False,
+    page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
+    compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16,
+    pool_kind='mean', position_embedding=False,
+    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(),
+    scorer='indexer', sel_block=1, top_k=1024, k_slc="k_slc", v_slc="v_slc",
+    indexer=True, fp8=False, idx_heads=4, idx_dim=64,
+    idx_scale=0.0625, index_bs=64, index_hp=4,
+    window=512, k_win="k_win", v_win="v_win",
+    split_tiles={'compression': 64, 'window': 64, 'selection': 64}, max_gp=128, num_stages=2, widen=WIDEN,
+    pool=_pool,
+    branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
+    combine_kernel=_decode_combine_kernel,
+    index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
+    topk_write_kernel=_decode_topk_write_kernel,
+)
 
 
-def _index_key_store(k_idx):
-    """Index keys as the cache stores them (bf16): (values, per-(token, kv group) fp32 scales or None)."""
-    return k_idx.to(DTYPE), None
-
-
-def _pool_blocks(blocks):
-    """Pool whole blocks [N, l, Hkv, D] -> [N, Hkv, D_out] as the pool kernel does (fp32 accumulation, one rounding):
-    the mean of the block's l rows."""
-    return (blocks.float().sum(dim=1) * (1.0 / 32)).to(DTYPE)
-
-
-class NSACache:
+class NSACache(runtime.decode_cache.Cache):
     """KV cache of `nsa_token` for decoding: raw per-token tensors, the pooled compression keys/values, the indexer keys.
 
     Contiguous: `NSACache(batch, max_seqlen=T)` stores [batch, T, Hkv, D] per tensor. Paged:
@@ -1507,215 +1521,7 @@ class NSACache:
     out-of-range values that a step could only see on the device; `check_errors()` raises them (docs/decode.md).
     """
 
-    def __init__(self, batch, max_seqlen=None, *, num_pages=None, block_table=None, device=None, page_size=None,
-                 dtype=None):
-        fn = "NSACache"
-        batch, max_seqlen, num_pages, device = runtime.check_cache_args(fn, batch, max_seqlen, num_pages, block_table,
-                                                                        device)
-        # page_size and dtype are the spec's (optional here, for callers that pass them): checked, never changed.
-        runtime.check_fixed(fn, "page_size", page_size, PAGE_SIZE.value, "decode.page_size", SPEC_NAME)
-        runtime.check_fixed(fn, "dtype", dtype, DTYPE, "dtype", SPEC_NAME)
-        self.batch = batch
-        self.paged = num_pages is not None
-        if self.paged:
-            if block_table is None:
-                per = num_pages // batch
-                if per < 1:
-                    raise runtime.ArgumentError(f"{fn}: {num_pages} pages cannot hold {batch} sequences; "
-                                                "give at least one page per sequence")
-                block_table = torch.arange(batch * per, dtype=torch.int32, device=device).reshape(batch, per)
-            # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
-            self.block_table = runtime.check_block_table(fn, block_table, batch, num_pages, device).clone()
-            self.capacity = runtime.page_capacity(self.block_table, PAGE_SIZE.value)
-            self.tcap = 0
-            rows = (num_pages, PAGE_SIZE.value)
-        else:
-            self.block_table = torch.zeros((batch, 1), dtype=torch.int32, device=device)  # unused placeholder
-            self.capacity = [max_seqlen] * batch
-            self.tcap = max_seqlen
-            rows = (batch, max_seqlen)
-        self.device = device
-        self.num_pages = num_pages
-        self.max_context = max(self.capacity)
-        self.tensors = {name: torch.zeros((*(rows if name not in RING_TENSORS else (batch, RING)), HKV.value, dim),
-                                          dtype=DTYPE, device=device)
-                        for name, dim in CACHE_TENSORS.items()}
-        # Complete compression blocks a sequence of max_context tokens can have, plus the spare row.
-        self.nc_cap = max(0, (self.max_context - 32) // 16 + 1) + 1
-        self.kc = torch.zeros((batch, self.nc_cap, HKV.value, DQK.value), dtype=DTYPE, device=device)
-        self.vc = torch.zeros((batch, self.nc_cap, HKV.value, DV.value), dtype=DTYPE, device=device)
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.host_seqlens = [0] * batch
-        self.capacity_t = torch.tensor(self.capacity, dtype=torch.int32, device=device)  # for the in-graph guard
-        # Device-side error flag: steps given explicit cache_seqlens / block_table whose values only the device
-        # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
-        # cache (runtime.FLAG_TEXT); check_errors() raises it.
-        self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
-
-    def check_errors(self):
-        """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on
-        the device (or a captured `append` ran past a sequence's pages), and clear the flag
-        (runtime.raise_if_flagged: reads one int, so it synchronises)."""
-        runtime.raise_if_flagged(self)
-
-    def _rows(self, pos):
-        """Flat row (page * PAGE_SIZE + slot, or b * T + s) of token positions pos [B, n] (int64)."""
-        b = torch.arange(self.batch, device=pos.device)[:, None]
-        if self.paged:
-            page = self.block_table.long()[b, pos // PAGE_SIZE.value]
-            return page * PAGE_SIZE.value + pos % PAGE_SIZE.value
-        return b * self.tcap + pos
-
-    def _ring_rows(self, pos):
-        """Flat row of token positions pos [B, n] in the per-sequence rings (b * RING + pos % RING)."""
-        return torch.arange(self.batch, device=pos.device)[:, None] * RING + pos % RING
-
-    def _flat(self, name):
-        x = self.tensors[name]
-        return x.view(-1, *x.shape[2:])
-
-    def _store(self, name, rows, x):
-        """Write x [n, Hkv, D] at flat rows of tensor `name` (index_copy_ has no fp8 kernels: fp8 moves as bytes)."""
-        dst = self._flat(name)
-        if dst.dtype == torch.float8_e4m3fn:
-            dst, x = dst.view(torch.uint8), x.view(torch.uint8)
-        dst.index_copy_(0, rows, x)
-
-    def _check_new(self, fn, tensors, n):
-        for name, dim in CACHE_TENSORS.items():
-            runtime.require(fn, name, tensors.get(name), "the cache stores it for every token")
-            tensors[name] = runtime.check_tensor(fn, name, tensors[name], (self.batch, n, HKV.value, dim),
-                                                 DTYPE, {}, self.device, device_of="the cache")
-        unknown = sorted(set(tensors) - set(CACHE_TENSORS))
-        if unknown:
-            raise runtime.ArgumentError(f"{fn}: unexpected arguments {unknown}; the cache takes "
-                                        f"{', '.join(CACHE_TENSORS)}")
-
-    def prefill(self, seqlens=None, **tensors):
-        """Write a prompt: tensors [batch, T, Hkv, D]; sequence b keeps its first seqlens[b] tokens (default T)."""
-        fn = "NSACache.prefill"
-        first = next(iter(tensors.values()), None)
-        T = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == 4 else None
-        if T is None:
-            raise runtime.ArgumentError(f"{fn}: pass the prompt's {', '.join(CACHE_TENSORS)} as [batch, T, Hkv, D]")
-        self._check_new(fn, tensors, T)
-        lengths = runtime.host_lengths(fn, seqlens, self.batch, T)
-        runtime.check_fits(fn, lengths, self.capacity)
-        pos = torch.arange(T, device=self.device)[None, :].expand(self.batch, T)
-        keep = pos < torch.tensor(lengths, device=self.device)[:, None]
-        rows = self._rows(torch.where(keep, pos, 0))[keep]
-        # Ring tensors keep each sequence's last RING tokens.
-        keep_ring = keep & (pos >= torch.tensor(lengths, device=self.device)[:, None] - RING)
-        ring_rows = self._ring_rows(pos)[keep_ring]
-        for name, x in tensors.items():
-            if name == "k_idx":
-                x, scale = _index_key_store(x)
-            if name in RING_TENSORS:
-                self._store(name, ring_rows, x[keep_ring])
-            else:
-                self._store(name, rows, x[keep])
-        # Complete blocks of the padded prompt, pooled by the prefill kernel; blocks past a sequence's end are
-        # invisible (visibility follows the length) and are rewritten when appended tokens complete them.
-        NC = min(max(0, (T - 32) // 16 + 1), self.nc_cap - 1)
-        if NC > 0:
-            self.kc[:, :NC] = _pool(tensors["k_cmp"], DQK.value, NC)
-            self.vc[:, :NC] = _pool(tensors["v_cmp"], DV.value, NC)
-        self.host_seqlens = list(lengths)
-        self.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
-        return self
-
-    def append(self, **tensors):
-        """Add q_len new tokens to every sequence (tensors [batch, q_len, Hkv, D]); graph-capturable (no host sync)."""
-        fn = "NSACache.append"
-        first = next(iter(tensors.values()), None)
-        n = first.shape[1] if isinstance(first, torch.Tensor) and first.dim() == 4 else None
-        if n is None:
-            raise runtime.ArgumentError(f"{fn}: pass the new tokens' {', '.join(CACHE_TENSORS)} as [batch, q_len, Hkv, D]")
-        runtime.check_q_len(fn, n, MAX_Q_LEN, SPEC_NAME)
-        self._check_new(fn, tensors, n)
-        runtime.check_fits(fn, [x + n for x in self.host_seqlens], self.capacity)
-        pos = self.seqlens.long()[:, None] + torch.arange(n, device=self.device)[None, :]  # [B, n] new positions
-        guarded = runtime.no_host_reads()
-        if guarded:
-            # Captured in a CUDA graph (or compiled): replays move the device lengths past what the host mirror
-            # checked. Positions past a sequence's capacity are flagged and land on its last slot, so no write
-            # leaves the sequence's rows and the lengths stay within its pages (cache.check_errors()).
-            over = pos >= self.capacity_t.long()[:, None]
-            self.error_flag.bitwise_or_(over.any().to(torch.int32) * runtime.FLAG_CAPACITY)
-            pos = torch.minimum(pos, self.capacity_t.long()[:, None] - 1)
-        rows = self._rows(pos).reshape(-1)
-        ring_rows = self._ring_rows(pos).reshape(-1)
-        for name, x in tensors.items():
-            if name == "k_idx":
-                x, scale = _index_key_store(x)
-            self._store(name, ring_rows if name in RING_TENSORS else rows, x.reshape(-1, *x.shape[2:]))
-        # A new token at p completes block i = (p - l + 1) / d when that is a whole number >= 0: pool exactly those
-        # blocks (l tokens each, read back from the cache; indexed torch ops, no host sync); other rows go to the
-        # spare row.
-        start = pos - 31
-        done = (start >= 0) & (start % 16 == 0)
-        start = torch.where(done, start, 0)
-        # Clamped to the new token itself: rows of blocks not completed stay inside the sequence's pages.
-        tokens = torch.minimum(start[:, :, None] + torch.arange(32, device=self.device), pos[:, :, None])
-        # kv: independent: the compression keys/values live in the per-sequence rings.
-        block_rows = self._ring_rows(tokens.reshape(self.batch, -1)).reshape(-1)
-        dest = (torch.arange(self.batch, device=self.device)[:, None] * self.nc_cap
-                + torch.where(done, start // 16, self.nc_cap - 1)).reshape(-1)
-        k_blocks = self._flat("k_cmp")[block_rows].view(self.batch * n, 32, HKV.value, DQK.value)
-        self.kc.view(-1, HKV.value, DQK.value).index_copy_(0, dest, _pool_blocks(k_blocks))
-        v_blocks = self._flat("v_cmp")[block_rows].view(self.batch * n, 32, HKV.value, DV.value)
-        self.vc.view(-1, HKV.value, DV.value).index_copy_(0, dest, _pool_blocks(v_blocks))
-        if guarded:
-            torch.minimum(self.seqlens + n, self.capacity_t, out=self.seqlens)
-        else:
-            self.seqlens += n
-        self.host_seqlens = [x + n for x in self.host_seqlens]
-        return self
-
-
-_SPLIT_TILES = {"compression": 64, "window": 64, "selection": 64}
-
-
-def _decode_rows(kind, q_len):
-    """(QLP, GP, HEAD_CHUNKS): new queries x group heads per program, at least 16 rows for the matrix unit."""
-    qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
-    gp = min(triton.next_power_of_2(GROUP.value), 128)
-    gp = max(gp, 16 // qlp)
-    return qlp, gp, triton.cdiv(GROUP.value, gp)
-
-
-def _decode_branch(kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged, idx=None, logits=None):
-    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
-    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (`_decode_combine_kernel`)."""
-    B, QL = q.shape[0], q.shape[1]
-    qlp, gp, chunks = _decode_rows(kind, QL)
-    programs = B * HKV.value * chunks * (QL if kind == "selection" else 1)
-    tile = _SPLIT_TILES[kind]
-    splits = num_splits or runtime.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
-    o_part = torch.empty((splits, B, QL, HQ.value, DV.value), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((splits, B, QL, HQ.value), dtype=torch.float32, device=q.device)
-    kernel = {"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel}[kind]
-    extra, flags = (), {}
-    if kind == "selection":
-        extra = (idx,)
-    elif kind == "compression":
-        extra = (o_part if logits is None else logits,)
-        flags = {"WRITE_LOGITS": logits is not None}
-    kernel[(programs, splits)](
-        q, K, V, block_table, seqlens, o_part, lse_part, *extra,
-        q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
-        block_table.stride(0), B, QL, tcap, splits, 0.07216878364870322,
-        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=WIDEN, **flags,
-        num_warps=4 if qlp * gp * DV.value < 16384 else 8, num_stages=2)
-    return o_part, lse_part, splits
-
-
-# The decode top-k splits each row of the index-score workspace into segments, one program per (row, segment) in
-# each of its launches: about DECODE_TOPK_PROGRAMS programs in all (the GPU filled at batch 1), at most
-# DECODE_TOPK_MAX_SEGMENTS per row (every program sums the row's partial histograms), at least 1024 units each.
-DECODE_TOPK_PROGRAMS = 1024
-DECODE_TOPK_MAX_SEGMENTS = 32
-DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
+    DESCRIPTOR = _DECODE
 
 
 def _decode_topk(ws, seqlens, indices, segment=None):
@@ -1726,25 +1532,8 @@ def _decode_topk(ws, seqlens, indices, segment=None):
     (row, segment) programs writing per-segment 256-bin histograms (`_decode_topk_hist_kernel`), then one that
     writes every segment's winners at its offset (`_decode_topk_write_kernel`); a cache of at most TOP_K units
     needs only the last."""
-    B, G, QL, n_units = ws.shape
-    rows = B * G * QL
-    if segment is None:
-        segments = max(1, min(DECODE_TOPK_PROGRAMS // rows, triton.cdiv(n_units, 1024), DECODE_TOPK_MAX_SEGMENTS))
-        segment = triton.cdiv(triton.cdiv(n_units, segments), 1024) * 1024
-    segments = triton.cdiv(max(n_units, 1), segment)
-    bs = min(1024, segment & -segment)  # the chunk each program walks its segment by: a power of two dividing it
-    sc = min(DECODE_TOPK_SUM_SEGMENTS, triton.next_power_of_2(segments))
-    part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
-    above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
-    state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
-    args = (QL, n_units, rows, segments, segment)
-    if n_units > 1024:
-        for p in range(4):
-            _decode_topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, *args, P=p, BS=bs, SC=sc,
-                                                       num_warps=4)
-    _decode_topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc,
-                                                num_warps=4)
-    return indices
+    return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
+                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS)
 
 
 def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_idx=None, w_idx=None, out=None,
@@ -1767,90 +1556,8 @@ def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_
     Returns out; with return_lse also [B, q_len, 64, 3] per-branch log-sum-exp; with return_indices also
     the selection [B, q_len, 4, 1024] (int32, ascending, -1 padding last).
     """
-    fn = "nsa_decode"
-    if not isinstance(cache, NSACache):
-        raise runtime.ArgumentError(f"{fn}: `cache` must be a NSACache, got {type(cache).__name__}")
-    dims = {"B": (cache.batch, "cache")}
-    q = runtime.check_tensor(fn, "q", q, ("B", "QL", HQ.value, DQK.value), DTYPE, dims, cache.device,
-                             device_of="the cache")
-    B, QL = q.shape[0], q.shape[1]
-    runtime.check_q_len(fn, QL, MAX_Q_LEN, SPEC_NAME)
-    runtime.require(fn, "gates", gates, "the spec mixes its branches with gates")
-    gates = runtime.check_tensor(fn, "gates", gates, ("B", "QL", HQ.value, N_BRANCHES.value), DTYPE, dims, cache.device, device_of="the cache")
-    runtime.require(fn, "q_idx", q_idx, "the spec ranks selection candidates with a lightning indexer")
-    runtime.require(fn, "w_idx", w_idx, "the spec ranks selection candidates with a lightning indexer")
-    q_idx = runtime.check_tensor(fn, "q_idx", q_idx, ("B", "QL", HKV.value * IDX_HEADS.value, IDX_DIM.value), DTYPE, dims, cache.device, device_of="the cache")
-    w_idx = runtime.check_tensor(fn, "w_idx", w_idx, ("B", "QL", HKV.value * IDX_HEADS.value), DTYPE, dims, cache.device, device_of="the cache")
-    # Lengths and pages: the cache's own are trusted (it checked every prefill/append on the host). Explicit ones
-    # are range-checked on the host when their values are there (CPU tensors), else on the device without a sync:
-    # out-of-range values are clamped (no kernel reads or writes outside the cache) and flag cache.error_flag,
-    # raised by cache.check_errors() / runtime.raise_if_flagged(cache) (docs/decode.md).
-    if cache_seqlens is None:
-        runtime.check_queries_fit(fn, QL, cache.host_seqlens)
-        seqlens = cache.seqlens
-    else:
-        seqlens = runtime.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
-        seqlens = runtime.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
-    if block_table is None:
-        block_table = cache.block_table
-    elif not cache.paged:
-        raise runtime.ArgumentError(f"{fn}: `block_table` given for a contiguous cache; build the cache with num_pages")
-    else:
-        block_table = runtime.check_block_table(fn, block_table, B, cache.num_pages, cache.device, sync=False)
-        if block_table.shape[1] < cache.block_table.shape[1]:
-            raise runtime.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
-                                        f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
-                                        f"every page of a sequence's length)")
-        block_table = runtime.guard_block_table(fn, block_table, seqlens, cache.num_pages, PAGE_SIZE.value,
-                                                cache.error_flag)
-    out = runtime.check_out(fn, out, (B, QL, HQ.value, DV.value), DTYPE, cache.device)
-    if num_splits is not None:
-        num_splits = runtime.check_count(fn, "num_splits", num_splits, 1, 1024)
-    paged = cache.paged
-    T = cache.max_context
-    parts = {}
-    logits = None
-    parts["compression"] = _decode_branch(
-        "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table, cache.nc_cap,
-        cache.nc_cap - 1, num_splits, False, logits=logits)
-    # Index scores of the new queries over every cached index key (a workspace of B x HKV x QL x units fp32, written only at the units each query can select),
-    # then the exact top-k of every (sequence, new query, kv group) row by the selection rule, positions from
-    # `seqlens` on the device (no host sync).
-    n_units = triton.cdiv(T, 1)
-    ws = torch.empty((B, HKV.value, QL, n_units), dtype=torch.float32, device=q.device)
-    k_idx_cache = cache.tensors["k_idx"]
-    k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
-    BS = 64
-    qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, 4))  # rows: new queries x indexer heads, >= 16
-    extra = ()
-    _decode_index_scores_kernel[(B * HKV.value, triton.cdiv(n_units * 1, BS))](
-        q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,
-        q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
-        w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, 0.0625,
-        PAGED=paged, QLP=qlp, BS=BS, WIDEN=WIDEN, num_warps=8 if qlp * 4 >= 256 else 4)
-    indices = torch.empty((B, QL, HKV.value, 1024), dtype=torch.int32, device=q.device)
-    _decode_topk(ws, seqlens, indices)
-    parts["selection"] = _decode_branch(
-        "selection", q, cache.tensors["k_slc"].flatten(0, 1), cache.tensors["v_slc"].flatten(0, 1),
-        cache, seqlens, block_table, cache.tcap, 1024, num_splits, paged, indices)
-    parts["window"] = _decode_branch(
-        "window", q, cache.tensors["k_win"].flatten(0, 1), cache.tensors["v_win"].flatten(0, 1),
-        cache, seqlens, block_table, cache.tcap, min(T, WINDOW.value + QL), num_splits, paged)
-    # Epilogue: merge each branch's splits by log-sum-exp, gate (o = sum_c g_c o_c, each branch its own softmax),
-    # sum in fp32 and round once into `out`.
-    lse = torch.empty((B, QL, HQ.value, N_BRANCHES.value), dtype=torch.float32, device=q.device)
-    rows = B * QL * HQ.value
-    br, bd, sb, warps = runtime.decode_combine_tiles(rows, DV.value, max(parts[name][2] for name in BRANCH_NAMES), q.device)
-    _decode_combine_kernel[(triton.cdiv(rows, br), triton.cdiv(DV.value, bd))](
-        *[x for name in BRANCH_NAMES for x in parts[name]],
-        gates, gates.stride(0), gates.stride(1), gates.stride(2),
-        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (indices,)
-    return result[0] if len(result) == 1 else result
+    return runtime.decode_step.step(_DECODE, q, cache, cache_seqlens, block_table, gates=gates, q_idx=q_idx, w_idx=w_idx, out=out,
+                                    num_splits=num_splits, return_lse=return_lse, return_indices=return_indices, topk_fn=_decode_topk)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -127,12 +127,13 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "short": SHORT,
         "idx_scale": repr(idx_scale),
         "bwd": backward_tiles(spec, plan),
-        "dec": decode_context(spec, args),
+        "dec": decode_context(spec, args, plan),
     }
 
 
-def decode_context(spec: Spec, args: list[Argument]) -> dict:
-    """Names and tiles of the decode API: the cache stores every per-token key/value/index-key input."""
+def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
+    """Names, tiles and descriptor fields of the decode API (specgen.runtime.decode_descriptor): the cache stores
+    every per-token key/value/index-key input."""
     dims = {"k": spec.head_dim.qk, "v": spec.head_dim.v}
     stored = {}
     for a in args:
@@ -145,12 +146,33 @@ def decode_context(spec: Spec, args: list[Argument]) -> dict:
     missing = [n for n in ring if n not in stored]
     if missing:
         raise AssertionError(f"decode ring tensors {missing} are not inputs of spec {spec.name}")
+    kv = _kv_names(spec)
+    cmp_, sel = spec.compression, spec.selection
+    # The linear pooling's weights as the cache checks them: (name, shape, dtype) in argument order.
+    pool_weights = [f"({pystr(a.name)}, {a.shape}, {a.dtype})" for a in args
+                    if a.name in ("w_pool_k", "w_pool_v", "pe_pool_k", "pe_pool_v")]
     return {"cache_class": f"{spec.family.upper()}Cache", "fn": f"{spec.family}_decode", "stored": repr(stored),
             "stored_names": list(stored),
             # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks
             # (plan.decode_ring): a tuple, tested as such by the templates; its repr is what the module prints.
             "ring": ring, "ring_repr": repr(ring),
-            "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2}
+            "ring_size": (cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
+            # Descriptor literals of the parts a spec may lack (0 / False / None without them).
+            "compressed": spec.needs_compressed_kv, "cmp_branch": "compression" in spec.branches,
+            "cmp_block": cmp_.block if cmp_ else 0, "cmp_stride": cmp_.stride if cmp_ else 0,
+            "position_embedding": bool(cmp_ and cmp_.position_embedding),
+            "sel_block": sel.block if sel else 0, "top_k": sel.top_k if sel else 0,
+            "indexer": spec.indexer is not None, "idx_heads": spec.indexer.heads if spec.indexer else 0,
+            "idx_dim": spec.indexer.head_dim if spec.indexer else 0, "window": spec.window.size if spec.window else 0,
+            "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2,
+            "fp8": spec.indexer is not None and spec.indexer.dtype == "fp8_e4m3",
+            "scorer": repr(sel.scorer if sel else None),
+            "pool_kind": repr(cmp_.pool if cmp_ else None),
+            "pool_weights": "(" + ", ".join(pool_weights) + ("," if len(pool_weights) == 1 else "") + ")",
+            "k_cmp": kv["k_cmp"], "v_cmp": kv["v_cmp"], "k_slc": kv["k_slc"],
+            "v_slc": kv["k_slc"] if spec.mla else kv["v_slc"], "k_win": kv["k_win"], "v_win": kv["v_win"],
+            "split_tiles": repr({"compression": 64, "window": 64,
+                                 "selection": plan.selection.block_n if sel else 64})}
 
 
 def has_distillation(spec: Spec) -> bool:

@@ -837,3 +837,15 @@ def as_device(device) -> torch.device:
 # loss. Generated code reaches them as `runtime.<module>`.
 from . import descriptor, checks, varlen, inference, autograd, backward, layer, indexer  # noqa: E402,F401  isort: skip
 from . import distill  # noqa: E402,F401  isort: skip
+
+# Decoding: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver), loaded on
+# first use, so importing this file stays light (decode_step imports triton).
+_SUBMODULES = ("decode_descriptor", "decode_cache", "decode_step")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib  # lazy: see _SUBMODULES
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,86 @@
+"""The decode descriptor: the table a generated module hands the decode runtime (`decode_cache`, `decode_step`).
+
+A generated module keeps the @triton.jit kernels and one `DecodeDescriptor` with its spec's constants, the names
+of the tensors its cache stores and the kernel handles; the cache class and the step driver are plain Python here,
+parametrised by it (docs/decode.md). Every field is fixed when the module is rendered (specgen.render.decode_context
+decides them from the spec and the plan); nothing here is computed per step. This module imports nothing of the
+generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class DecodeDescriptor:
+    # Names (error messages)
+    spec_name: str
+    cache_class: str                  # the generated cache class, e.g. "NSACache"
+    fn: str                           # the generated decode function, e.g. "nsa_decode"
+    # Shapes and dtype
+    dtype: torch.dtype
+    hq: int
+    hkv: int
+    group: int                        # query heads per kv group
+    dqk: int
+    dv: int
+    branch_names: tuple[str, ...]     # gate channel order, the order the combine kernel takes the branches in
+    softmax_scale: float
+    gated: bool
+    mla: bool
+    # Cache layout
+    page_size: int
+    max_q_len: int
+    cache_tensors: dict[str, int]     # raw per-token tensors the cache stores: name -> last dim
+    ring_tensors: tuple[str, ...]     # those kept only as a ring of each sequence's last `ring` tokens
+    ring: int
+    # Compression: pooled keys (kc) when the spec needs them, values (vc) too with the compression branch
+    compressed: bool
+    cmp_branch: bool
+    cmp_block: int                    # l (0 without compression)
+    cmp_stride: int                   # d
+    pool_kind: Optional[str]          # "mean" | "linear" | None
+    position_embedding: bool
+    k_cmp: str                        # the cache tensors the pooling reads
+    v_cmp: str
+    pool_weights: tuple                # ((name, shape, dtype), ...) of the linear pooling's weights, argument order
+    # Selection (scorer None: no selection branch)
+    scorer: Optional[str]             # "compression" | "indexer" | None
+    sel_block: int                    # l' (1 at token granularity)
+    top_k: int
+    k_slc: str
+    v_slc: str
+    # Indexer (DSA, or NSA with indexer-scored selection)
+    indexer: bool
+    fp8: bool                         # index keys stored as e4m3 with per-(token, kv group) fp32 scales
+    idx_heads: int
+    idx_dim: int
+    idx_scale: Optional[float]
+    index_bs: int
+    index_hp: int
+    # Window (0: no window branch)
+    window: int
+    k_win: str
+    v_win: str
+    # Launch configuration of the step's kernels
+    split_tiles: dict[str, int]       # keys per tile of each branch's kernel (split sizes)
+    max_gp: int                       # group heads per program at most
+    num_stages: int
+    widen: bool                       # the module's WIDEN (bf16 dots widened under the interpreter)
+    # Host functions and kernel handles of the generated module
+    pool: Optional[Callable]          # the prefill's pooling (the module's `_pool`: pool kernel launch)
+    branch_kernels: dict[str, Any]    # branch -> _decode_<branch>_kernel
+    combine_kernel: Any
+    group_probs_kernel: Any = None    # compression-scored selection
+    select_blocks_kernel: Any = None
+    index_scores_kernel: Any = None   # indexer-scored selection
+    topk_hist_kernel: Any = None
+    topk_write_kernel: Any = None
+
+    @property
+    def n_branches(self) -> int:
+        return len(self.branch_names)

@@ -1,0 +1,234 @@
+"""The decode step driver, for every spec: argument checks, the branch launches, the selection (compression-scored:
+group probabilities + block choice; indexer-scored: index scores + exact top-k) and the combine epilogue, all
+parametrised by the generated module's DecodeDescriptor (its kernels, constants and launch configs).
+
+The step is latency-critical (a batch-1 step is tens of microseconds on the GPU, captured in CUDA graphs): it does
+the same torch ops and kernel launches, in the same order, as the code the templates used to render, never reads
+a device value on the host, and reads the descriptor's fields where that code had literals. Runtime checks go
+through the `specgen.runtime` package's functions, looked up at call time (tests replace some of them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
+from specgen.runtime.decode_cache import Cache
+from specgen.runtime.decode_descriptor import DecodeDescriptor
+
+import triton  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def split_rows(d: DecodeDescriptor, kind: str, q_len: int) -> tuple[int, int, int]:
+    """(QLP, GP, HEAD_CHUNKS) of a branch kernel: new queries x group heads per program, at least 16 rows for the
+    matrix unit (selection programs take one new query each: each has its own selected keys). Cached per
+    (descriptor, branch, q_len): a step reads it without recomputing (triton.cdiv and next_power_of_2 are not free
+    on the host)."""
+    qlp = 1 if kind == "selection" else triton.next_power_of_2(q_len)
+    gp = min(triton.next_power_of_2(d.group), d.max_gp)
+    gp = max(gp, 16 // qlp)
+    return qlp, gp, triton.cdiv(d.group, gp)
+
+
+def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged,
+           idx=None, logits=None):
+    """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
+    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (the combine kernel)."""
+    B, QL = q.shape[0], q.shape[1]
+    qlp, gp, chunks = split_rows(d, kind, QL)
+    programs = B * d.hkv * chunks * (QL if kind == "selection" else 1)
+    tile = d.split_tiles[kind]
+    splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
+    o_part = torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=q.device)
+    kernel = d.branch_kernels[kind]
+    extra, flags = (), {}
+    if kind == "selection":
+        extra = (idx,)
+    elif kind == "compression":
+        extra = (o_part if logits is None else logits,)
+        flags = {"WRITE_LOGITS": logits is not None}
+    kernel[(programs, splits)](
+        q, K, V, block_table, seqlens, o_part, lse_part, *extra,
+        q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
+        block_table.stride(0), B, QL, tcap, splits, d.softmax_scale,
+        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=d.widen, **flags,
+        num_warps=4 if qlp * gp * d.dv < 16384 else 8, num_stages=d.num_stages)
+    return o_part, lse_part, splits
+
+
+def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments: int, sum_segments: int):
+    """(segment, segments, BS, SC) of the decode top-k over `rows` rows of `n_units` units: each row is split into
+    segments of `segment` units (default: from the shapes alone, about `programs` programs in all, at most
+    `max_segments` per row, at least 1024 units each), walked in chunks of BS (a power of two dividing the
+    segment), partial histograms summed SC at a time."""
+    if segment is None:
+        segments = max(1, min(programs // rows, triton.cdiv(n_units, 1024), max_segments))
+        segment = triton.cdiv(triton.cdiv(n_units, segments), 1024) * 1024
+    segments = triton.cdiv(max(n_units, 1), segment)
+    bs = min(1024, segment & -segment)  # the chunk each program walks its segment by: a power of two dividing it
+    sc = min(sum_segments, triton.next_power_of_2(segments))
+    return segment, segments, bs, sc
+
+
+def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_segments: int, sum_segments: int):
+    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
+    into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device:
+    four radix passes, each a launch of (row, segment) programs writing per-segment 256-bin histograms, then one
+    that writes every segment's winners at its offset; a cache of at most TOP_K units needs only the last."""
+    B, G, QL, n_units = ws.shape
+    rows = B * G * QL
+    segment, segments, bs, sc = topk_segments(n_units, rows, segment, programs, max_segments, sum_segments)
+    part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
+    above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
+    state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
+    args = (QL, n_units, rows, segments, segment)
+    if n_units > d.top_k:
+        for p in range(4):
+            d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, *args, P=p, BS=bs, SC=sc,
+                                                 num_warps=4)
+    d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc,
+                                          num_warps=4)
+    return indices
+
+
+def check_step_args(d: DecodeDescriptor, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out,
+                    num_splits):
+    """The step's argument checks (ArgumentError naming the argument): (q, gates, q_idx, w_idx, seqlens,
+    block_table, out, num_splits) as the kernels take them. The cache's own lengths and pages are trusted (it
+    checked every prefill/append on the host). Explicit ones are range-checked on the host when their values are
+    there (CPU tensors), else on the device without a sync: out-of-range values are clamped (no kernel reads or
+    writes outside the cache) and flag cache.error_flag, raised by cache.check_errors() /
+    runtime.raise_if_flagged(cache) (docs/decode.md)."""
+    fn = d.fn
+    if not (isinstance(cache, Cache) and cache.DESCRIPTOR is d):
+        raise _rt.ArgumentError(f"{fn}: `cache` must be a {d.cache_class}, got {type(cache).__name__}")
+    dims = {"B": (cache.batch, "cache")}
+    q = _rt.check_tensor(fn, "q", q, ("B", "QL", d.hq, d.dqk), d.dtype, dims, cache.device, device_of="the cache")
+    B, QL = q.shape[0], q.shape[1]
+    _rt.check_q_len(fn, QL, d.max_q_len, d.spec_name)
+    if d.gated:
+        _rt.require(fn, "gates", gates, "the spec mixes its branches with gates")
+        gates = _rt.check_tensor(fn, "gates", gates, ("B", "QL", d.hq, len(d.branch_names)), d.dtype, dims,
+                                 cache.device, device_of="the cache")
+    if d.indexer:
+        why = "the spec ranks selection candidates with a lightning indexer"
+        _rt.require(fn, "q_idx", q_idx, why)
+        _rt.require(fn, "w_idx", w_idx, why)
+        hi = d.hkv * d.idx_heads
+        q_idx = _rt.check_tensor(fn, "q_idx", q_idx, ("B", "QL", hi, d.idx_dim), d.dtype, dims, cache.device,
+                                 device_of="the cache")
+        w_idx = _rt.check_tensor(fn, "w_idx", w_idx, ("B", "QL", hi), d.dtype, dims, cache.device,
+                                 device_of="the cache")
+    if cache_seqlens is None:
+        _rt.check_queries_fit(fn, QL, cache.host_seqlens)
+        seqlens = cache.seqlens
+    else:
+        seqlens = _rt.check_seqlens_arg(fn, cache_seqlens, B, cache.device)
+        seqlens = _rt.guard_cache_seqlens(fn, seqlens, QL, cache.seqlens, cache.host_seqlens, cache.error_flag)
+    if block_table is None:
+        block_table = cache.block_table
+    elif not cache.paged:
+        raise _rt.ArgumentError(f"{fn}: `block_table` given for a contiguous cache; build the cache with num_pages")
+    else:
+        block_table = _rt.check_block_table(fn, block_table, B, cache.num_pages, cache.device, sync=False)
+        if block_table.shape[1] < cache.block_table.shape[1]:
+            raise _rt.ArgumentError(f"{fn}: `block_table` has {block_table.shape[1]} columns but the cache's has "
+                                    f"{cache.block_table.shape[1]}; pass a table at least as wide (the step reads "
+                                    f"every page of a sequence's length)")
+        block_table = _rt.guard_block_table(fn, block_table, seqlens, cache.num_pages, d.page_size,
+                                            cache.error_flag)
+    out = _rt.check_out(fn, out, (B, QL, d.hq, d.dv), d.dtype, cache.device)
+    if num_splits is not None:
+        num_splits = _rt.check_count(fn, "num_splits", num_splits, 1, 1024)
+    return q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits
+
+
+def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, gates=None, q_idx=None, w_idx=None,
+         out=None, num_splits=None, return_lse=False, return_indices=False, topk_fn=None):
+    """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices)` is the
+    module's decode top-k (indexer-scored selection)."""
+    q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
+        d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
+    B, QL = q.shape[0], q.shape[1]
+    hkv = d.hkv
+    paged = cache.paged
+    T = cache.max_context
+    parts = {}
+    indices = None
+    logits = None
+    if d.cmp_branch:
+        if d.scorer == "compression":
+            logits = torch.empty((B, QL, d.hq, cache.nc_cap - 1), dtype=torch.float32, device=q.device)
+        parts["compression"] = branch(
+            d, "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table,
+            cache.nc_cap, cache.nc_cap - 1, num_splits, False, logits=logits)
+    if d.scorer == "compression":
+        # Selection from the compression branch's logits (written by its kernel): the group's probabilities P (one
+        # pass over the logits, each head's lse merged from the splits), then the overlap rule and the top-n in one
+        # kernel per (sequence, new query, kv group).
+        NCV = cache.nc_cap - 1
+        P = torch.empty((B, QL, hkv, NCV), dtype=torch.float32, device=q.device)
+        if NCV > 0:
+            d.group_probs_kernel[(B * QL * hkv, triton.cdiv(NCV, 128))](
+                logits, parts["compression"][1], parts["compression"][2], seqlens, P, B * QL * d.hq, QL, NCV,
+                GP=triton.next_power_of_2(d.group), BLOCK_N=128)
+        n_sel = triton.cdiv(T, d.sel_block)
+        indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
+        d.select_blocks_kernel[(B * QL * hkv,)](P, seqlens, indices, QL, NCV, n_sel,
+                                                NSEL_PAD=triton.next_power_of_2(n_sel), num_warps=4)
+    elif d.scorer == "indexer":
+        # Index scores of the new queries over every cached index key (at block granularity reduced to each
+        # block's log-sum-exp over its visible tokens): a workspace of B x HKV x QL x units fp32, written only at
+        # the units each query can select; then the exact top-k of every (sequence, new query, kv group) row by
+        # the selection rule, positions from `seqlens` on the device (no host sync).
+        n_units = triton.cdiv(T, d.sel_block)
+        ws = torch.empty((B, hkv, QL, n_units), dtype=torch.float32, device=q.device)
+        k_idx_cache = cache.tensors["k_idx"]
+        k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
+        BS = d.index_bs
+        qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, d.index_hp))  # rows: new queries x indexer heads
+        if d.fp8:
+            # e4m3 queries with their row scales folded into the head weights, as in the prefill (runtime.fp8_rows).
+            q_idx, w_idx = _rt.fp8_index_queries(q_idx, w_idx)
+            extra = (cache.k_idx_scale,)
+        else:
+            extra = ()
+        d.index_scores_kernel[(B * hkv, triton.cdiv(n_units * d.sel_block, BS))](
+            q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,
+            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
+            w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, d.idx_scale,
+            PAGED=paged, QLP=qlp, BS=BS, WIDEN=_rt.interpreting() if d.fp8 else d.widen,
+            num_warps=8 if qlp * d.index_hp >= 256 else 4)
+        indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
+        topk_fn(ws, seqlens, indices)
+    if d.scorer is not None:
+        parts["selection"] = branch(
+            d, "selection", q, cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1),
+            cache, seqlens, block_table, cache.tcap, d.top_k * d.sel_block, num_splits, paged, indices)
+    if d.window:
+        parts["window"] = branch(
+            d, "window", q, cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1),
+            cache, seqlens, block_table, cache.tcap, min(T, d.window + QL), num_splits, paged)
+    # Epilogue: merge each branch's splits by log-sum-exp, gate (o = sum_c g_c o_c, each branch its own softmax)
+    # when the spec has gates, sum in fp32 and round once into `out`.
+    lse = torch.empty((B, QL, d.hq, len(d.branch_names)), dtype=torch.float32, device=q.device)
+    rows = B * QL * d.hq
+    names = d.branch_names
+    br, bd, sb, warps = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in names), q.device)
+    if d.gated:
+        g = (gates, gates.stride(0), gates.stride(1), gates.stride(2))
+    else:
+        g = (out, 0, 0, 0)
+    d.combine_kernel[(triton.cdiv(rows, br), triton.cdiv(d.dv, bd))](
+        *[x for name in names for x in parts[name]], *g,
+        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
+    result = (out,)
+    if return_lse:
+        result += (lse,)
+    if return_indices:
+        result += (indices,)
+    return result[0] if len(result) == 1 else result
