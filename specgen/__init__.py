@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+# The contract between a generated module and specgen.runtime (descriptor fields, the runtime functions it calls).
+# Rendered into every module; the runtime refuses a module of another schema at import, with the fix (rebuild).
+# Bump it with any runtime change that modules rendered before it cannot meet.
+RUNTIME_SCHEMA = 1
+
 
 def _interpreter_without_gpu_devices() -> None:
     """Triton runs kernels without a GPU only under its CPU interpreter, and TRITON_INTERPRET must be set before

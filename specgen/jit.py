@@ -2,7 +2,7 @@
 
 The module is rendered by the same code as `specgen build`, so both give the same bytes. The cache lives in
 $SPECGEN_CACHE (default ~/.cache/specgen), one folder per key: the spec's name and hash, its tuning record's hash,
-the specgen version and a digest of the generator (templates and the modules that render them), so a changed
+the specgen version and runtime schema, and a digest of the generator (templates and the modules that render them), so a changed
 template or planner never serves a stale module. A cache hit imports the module without rendering: no Jinja, no
 planner, no sympy. Concurrent first calls of one key (several processes of a job) take a file lock, and one builds.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from . import __version__
+from . import RUNTIME_SCHEMA, __version__
 from .files import build_error
 from .records import load_records, records_hash
 from .spec import Spec, load_spec, validated
@@ -46,6 +46,12 @@ def generator_digest() -> str:
         h.update(path.read_bytes())
         h.update(b"\0")
     return h.hexdigest()[:12]
+
+
+def cache_folder(key: str) -> Path:
+    """Where the module of a cache key lives: per specgen version and runtime schema (a newer runtime never imports
+    a module rendered for another schema; it builds its own)."""
+    return cache_dir() / f"v{__version__}-s{RUNTIME_SCHEMA}" / key
 
 
 def cache_key(spec: Spec, spec_path: Path | None) -> str:
@@ -96,7 +102,7 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
     key = cache_key(spec, spec_path)
     if key in _loaded:
         return _loaded[key]
-    folder = cache_dir() / f"v{__version__}" / key
+    folder = cache_folder(key)
     # A build renames its files into place only once all are written, so an existing module is a whole one.
     module_path = folder / f"{spec.name}.py"
     if not module_path.is_file():

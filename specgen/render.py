@@ -11,6 +11,7 @@ import pprint
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
 from .footprint import backward_tiles
 from .plan import Plan, decode_ring, make_plan
@@ -105,6 +106,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
     return {
         "spec": spec,
         "plan": plan,
+        "runtime_schema": RUNTIME_SCHEMA,
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
         "records_hash": records_hash(records),
         "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),

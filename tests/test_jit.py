@@ -82,7 +82,7 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     monkeypatch.setattr(render, "build", counting_build)
     spec = load_spec(SPEC)
     key = jit.cache_key(spec, SPEC)
-    folder = jit.cache_dir() / f"v{jit.__version__}" / key
+    folder = jit.cache_folder(key)
     errors = []
 
     def first_call():
@@ -108,10 +108,33 @@ def test_a_partial_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(jit, "_loaded", {})  # a new process: an earlier test's module must not answer
     spec = load_spec(SPEC)
-    folder = jit.cache_dir() / f"v{jit.__version__}" / jit.cache_key(spec, SPEC)
+    folder = jit.cache_folder(jit.cache_key(spec, SPEC))
     folder.mkdir(parents=True)
     (folder / ".lock").touch()
     (folder / f".{spec.name}.py.123.tmp").write_text("half")
     module = jit.load(SPEC)
     assert Path(module.__file__) == folder / f"{spec.name}.py"
     assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_module_of_another_runtime_schema_is_refused_with_the_fix(tmp_path):
+    """A committed or cached module rendered for another runtime schema fails at import with one line saying to
+    rebuild, not deep inside a call."""
+    import specgen
+    from specgen import runtime
+    from specgen.render import render_module
+
+    source = render_module(load_spec(SPEC))
+    stale = tmp_path / "stale_nsa_small.py"
+    stale.write_text(source.replace(f"runtime.require_schema({specgen.RUNTIME_SCHEMA},",
+                                    f"runtime.require_schema({specgen.RUNTIME_SCHEMA + 1},", 1))
+    try:
+        jit.import_path(stale, "specgen_generated.stale_nsa_small")
+    except runtime.SchemaMismatch as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a module of another schema imported")
+    assert "\n" not in message and "rebuild" in message and "nsa_small" in message
+    fresh = tmp_path / "fresh_nsa_small.py"
+    fresh.write_text(source)
+    assert jit.import_path(fresh, "specgen_generated.fresh_nsa_small").SPEC_NAME == "nsa_small"

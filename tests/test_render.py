@@ -301,7 +301,7 @@ def test_load_returns_one_module_per_spec_and_the_build_bytes(fresh_cache, tmp_p
 
     # The cache holds the same bytes as `specgen build` and as the committed generated/ files.
     folder = Path(mod.__file__).resolve().parent
-    assert folder.parent == (fresh_cache / f"v{specgen.__version__}").resolve()
+    assert folder.parent == (fresh_cache / f"v{specgen.__version__}-s{specgen.RUNTIME_SCHEMA}").resolve()
     assert folder.name.startswith(f"nsa_small_{SMALL.hash}")                      # keyed by the spec hash
     build(SMALL, tmp_path / "built")
     for name in ("nsa_small.py", "test_nsa_small.py"):

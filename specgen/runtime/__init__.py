@@ -831,6 +831,22 @@ def as_device(device) -> torch.device:
     return device
 
 
+class SchemaMismatch(ImportError):
+    """A generated module rendered for another runtime schema than the installed specgen's."""
+
+
+def require_schema(schema: int, spec_name: str) -> None:
+    """Called first by every generated module: a committed or cached module that meets a newer (or older) runtime
+    fails at import with one line saying to rebuild it, rather than deep inside a call."""
+    from specgen import RUNTIME_SCHEMA
+
+    if schema != RUNTIME_SCHEMA:
+        raise SchemaMismatch(
+            f"generated module of spec `{spec_name}` was rendered for runtime schema {schema}, but the installed "
+            f"specgen runtime has schema {RUNTIME_SCHEMA}: rebuild it (`specgen build SPEC`; specgen.load rebuilds "
+            f"into a new cache key by itself)")
+
+
 # The host code generated modules delegate to, one concern per module (they import the names above, so they come
 # last): the descriptor a generated module fills, argument checks, varlen packing, the inference entry point,
 # custom ops and autograd, the backward's plain-torch pieces, the layer, the indexer's top-k and its distillation
