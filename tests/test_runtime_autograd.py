@@ -12,6 +12,15 @@ import torch
 
 from specgen import runtime
 from specgen.runtime import autograd, descriptor, inference, layer
+from specgen.testing import test_device
+
+
+@pytest.fixture(autouse=True)
+def _on_the_test_device():
+    """The fake launches are plain torch, but the runtime refuses CPU tensors where the kernels run on a GPU: every
+    tensor these tests make lives on the test device (CUDA on a GPU machine, else the CPU)."""
+    with torch.device(test_device()):
+        yield
 
 HQ, HKV, D, TOP_K = 2, 2, 4, 3
 WHY = "the spec needs it"
