@@ -70,7 +70,7 @@ ATTN = autograd.Attention(DESC)
 
 
 def inputs(B=2, T=5, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(test_device()).manual_seed(seed)
     x = tuple(torch.randn(B, T, h, D, generator=g) for h in (HQ, HKV, HKV))
     x += (torch.randn(B, T, HKV, generator=g),)
     return tuple(t.requires_grad_(requires_grad and i < 3) for i, t in enumerate(x))
@@ -286,7 +286,7 @@ def test_selection_inverse_index_lists_each_tiles_queries(unit, tile):
 
     B, T, G, k = 2, 19, 2, 3
     n_units = -(-T // unit)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(test_device()).manual_seed(1)
     indices = torch.full((B, T, G, k), -1, dtype=torch.int32)
     for b, t, h in itertools.product(range(B), range(T), range(G)):
         n = int(torch.randint(0, k + 1, (1,), generator=g))
@@ -312,7 +312,7 @@ def test_distill_inverse_index_lists_every_valid_pair():
     from specgen.runtime import distill
 
     B, T, G, k = 2, 7, 2, 3
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(test_device()).manual_seed(2)
     indices = torch.randint(-1, T, (B, T, G, k), generator=g, dtype=torch.int32)
     ptr, pos = distill.inverse_index(indices, G)
     for b, h, s in itertools.product(range(B), range(G), range(T)):
