@@ -219,7 +219,7 @@ def test_autocast_casts_floating_inputs_to_the_spec_dtype():
     desc = make_desc(name="fake_fp16", dtype=torch.bfloat16)
     attn = autograd.Attention(desc)
     x = inputs()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(test_device()).type, dtype=torch.bfloat16):
         out = attn.attention(x)
     assert out.dtype == torch.bfloat16
     with pytest.raises(runtime.ArgumentError, match="must be torch.bfloat16"):
