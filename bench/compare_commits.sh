@@ -13,9 +13,9 @@ run() {  # run TREE LABEL
   echo "## $label ($tree)"
   (cd "$tree" && export PYTHONPATH=$PWD SPECGEN_CACHE=$PWD/.specgen-cache &&
    python -m specgen.cli bench ${SPECS:-specs/nsa_paper.yaml} --decode --seqlens ${DECODE_SEQLENS:-131072} \
-       --batches 1 --no-dense --out "$OUT/$label" > "$OUT/${label}_decode.log" 2>&1
+       --batches 1 --no-dense --out "/tmp/records_$label" > "$OUT/${label}_decode.log" 2>&1
    python -m specgen.cli bench ${SPECS:-specs/nsa_paper.yaml} --seqlens ${SEQLENS:-16384} --no-dense \
-       --out "$OUT/$label" > "$OUT/${label}_passes.log" 2>&1
+       --out "/tmp/records_$label" > "$OUT/${label}_passes.log" 2>&1
    tail -n 12 "$OUT/${label}_decode.log" "$OUT/${label}_passes.log")
 }
 run "$OLD" old1
