@@ -15,6 +15,7 @@ import functools
 import torch
 
 from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
+from specgen.runtime import checks
 from specgen.runtime.decode_cache import Cache
 from specgen.runtime.decode_descriptor import DecodeDescriptor
 
@@ -226,9 +227,4 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     d.combine_kernel[(triton.cdiv(rows, br), triton.cdiv(d.dv, bd))](
         *[x for name in names for x in parts[name]], *g,
         out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
-    result = (out,)
-    if return_lse:
-        result += (lse,)
-    if return_indices:
-        result += (indices,)
-    return result[0] if len(result) == 1 else result
+    return checks.results(out, lse, indices, return_lse, return_indices)
