@@ -14,7 +14,7 @@ import triton
 
 import specgen
 from specgen import reference
-from specgen.bench import dense_shapes_forward_ms, peak_extra_gib
+from specgen.perf.bench import dense_shapes_forward_ms, peak_extra_gib
 from specgen.testing import spec_of
 
 

@@ -18,7 +18,7 @@ import triton
 
 import specgen
 from specgen import reference
-from specgen.bench import peak_extra_gib
+from specgen.perf.bench import peak_extra_gib
 from specgen.reference.varlen import SHARED
 from specgen.testing import differentiable_inputs, spec_of
 

@@ -9,7 +9,8 @@ shapes; on a GPU the same tests run on CUDA, and the `gpu` ones add realistic si
 import pytest
 import torch
 
-from specgen import runtime, testing, testing_decode, testing_varlen
+from specgen import runtime, testing
+from specgen.testing import decode as testing_decode, varlen as testing_varlen
 
 mod = testing.load_generated(__file__, "dsa_v32")
 SPEC = testing.spec_of(mod)
@@ -76,7 +77,7 @@ def test_index_topk_scores():
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
 # The prompts end just before block (and page) boundaries, so the steps complete compression and selection
-# blocks while decoding (specgen.testing_plan.decode_prompts).
+# blocks while decoding (specgen.compile.test_shapes.decode_prompts).
 DECODE_PROMPTS = [7, 19]
 DECODE_GPU_PROMPTS = [65521, 32805]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count

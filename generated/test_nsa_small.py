@@ -9,7 +9,8 @@ shapes; on a GPU the same tests run on CUDA, and the `gpu` ones add realistic si
 import pytest
 import torch
 
-from specgen import runtime, testing, testing_decode, testing_varlen
+from specgen import runtime, testing
+from specgen.testing import decode as testing_decode, varlen as testing_varlen
 
 mod = testing.load_generated(__file__, "nsa_small")
 SPEC = testing.spec_of(mod)
@@ -72,7 +73,7 @@ def test_backward_deterministic():
 
 # Decoding: a ragged batch prefilled, then decoded step by step; each step equals the prefill at those rows.
 # The prompts end just before block (and page) boundaries, so the steps complete compression and selection
-# blocks while decoding (specgen.testing_plan.decode_prompts).
+# blocks while decoding (specgen.compile.test_shapes.decode_prompts).
 DECODE_PROMPTS = [0, 6, 19, 127]
 DECODE_GPU_PROMPTS = [4031, 2086]
 # (layout, q_len, steps, num_splits, against the prefill kernel too): uneven key splits, the default split count

@@ -30,6 +30,6 @@ _interpreter_without_gpu_devices()
 def load(spec, spec_path=None):
     """Build `spec` (a Spec or a YAML path) on first use, cache it by spec hash and tuning record, and return the
     imported module. The tuning record beside the YAML is baked in; for a Spec object, `spec_path` locates it."""
-    from .jit import load as _load
+    from .compile.jit import load as _load
 
     return _load(spec, spec_path)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import BuildError, SpecError
+from .model.errors import BuildError, SpecError
 
 USAGE_ERROR = 2
 
@@ -57,7 +57,7 @@ def _load_all(targets: list[str]):
 
 def _load_with_paths(targets: list[str]):
     """(spec, path) of every spec named, all validated; two specs of one name (one module) refused."""
-    from .spec import load_spec
+    from .model.spec import load_spec
 
     paths = spec_paths(targets, notes=True)
     specs = [load_spec(p) for p in paths]
@@ -71,7 +71,7 @@ def _load_with_paths(targets: list[str]):
 
 
 def cmd_build(args) -> int:
-    from .render import build_all
+    from .compile.render import build_all
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -91,7 +91,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .analysis import explain
+    from .compile.analysis import explain
 
     if args.seqlen is not None and args.seqlen < 1:
         raise UsageError(f"--seqlen {args.seqlen}: a sequence length is at least 1")
@@ -101,7 +101,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .spec import load_spec
+    from .model.spec import load_spec
 
     print(f"{'name':<20} {'family':<6} {'hash':<16}  {'heads':<8} {'dims':<8} {'dtype':<5} {'mla':<3} "
           f"{'scale':<9} {'selection':<24} file")
@@ -125,7 +125,7 @@ def cmd_bench(args) -> int:
     if not torch.cuda.is_available():
         raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
     if args.decode:
-        from .bench_decode import bench_decode, record_decode, table as decode_table
+        from .perf.bench_decode import bench_decode, record_decode, table as decode_table
 
         for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
@@ -135,7 +135,7 @@ def cmd_bench(args) -> int:
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
     args.seqlens = args.seqlens or [8192, 16384, 32768, 65536]
-    from .bench import bench_passes, machine_peaks, record, table
+    from .perf.bench import bench_passes, machine_peaks, record, table
 
     machine = machine_peaks()
     for spec, path in _load_with_paths(args.specs):
@@ -152,7 +152,7 @@ def cmd_tune(args) -> int:
 
     if not torch.cuda.is_available():
         raise UsageError("tune needs a CUDA GPU")
-    from .tune import tune
+    from .perf.tune import tune
 
     for spec, path in _load_with_paths(args.specs):
         try:
@@ -165,7 +165,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import default_out, expand, load_sweep, run_sweep
+    from .study.sweep import default_out, expand, load_sweep, run_sweep
 
     path = Path(args.sweep)
     if not path.is_file():
@@ -186,7 +186,7 @@ def cmd_sweep(args) -> int:
               f"measurements")
         return 0
     if args.report_only:
-        from .report import write_report
+        from .study.report import write_report
 
         if not (out / "results.jsonl").exists():
             raise UsageError(f"{out}/results.jsonl: nothing measured yet")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .spec import field_reference
+from .model.spec import field_reference
 
 START, END = "<!-- spec-table:start (python -m specgen.docs) -->", "<!-- spec-table:end -->"
 

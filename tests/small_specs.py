@@ -1,6 +1,6 @@
 """Small mirror specs shared by the tier-2 test files (importable: tests/ is on sys.path under pytest)."""
 
-from specgen.spec import load_spec, replace
+from specgen.model.spec import load_spec, replace
 
 # A miniature of specs/nsa_token.yaml (token selection ranked by an indexer) sized for the CPU interpreter.
 TOKEN_SMALL = {"heads.q": 4, "heads.kv": 2, "head_dim.qk": 32, "head_dim.v": 32, "selection.top_k": 8,

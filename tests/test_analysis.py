@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from specgen import analysis as A
-from specgen.spec import load_spec, replace, spec_from_mapping
+from specgen.compile import analysis as A
+from specgen.model.spec import load_spec, replace, spec_from_mapping
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

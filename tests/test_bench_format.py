@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from specgen import analysis as A
-from specgen.bench import ATTENTION_KERNELS, _per_kernel, compiler_report, table
-from specgen.spec import load_spec
+from specgen.compile import analysis as A
+from specgen.perf.bench import ATTENTION_KERNELS, _per_kernel, compiler_report, table
+from specgen.model.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,7 +1,7 @@
 """A table of call-time mistakes on the small NSA and DSA specs: each raises ArgumentError naming the argument (no
 other exception type) before any kernel runs, and leaves a given `out=` untouched.
 
-Decode and cache arguments have their own table (specgen/testing_decode.py). Every check here raises before a
+Decode and cache arguments have their own table (specgen/testing/decode.py). Every check here raises before a
 kernel launches, so the table costs no interpreter time: the committed modules are imported, never run.
 """
 

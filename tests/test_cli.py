@@ -14,9 +14,9 @@ import pytest
 
 import specgen
 from specgen.cli import main
-from specgen.render import render_module, render_test
-from specgen.spec import load_spec
-from specgen.records import load_records
+from specgen.compile.render import render_module, render_test
+from specgen.model.spec import load_spec
+from specgen.compile.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

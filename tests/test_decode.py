@@ -11,10 +11,10 @@ import triton
 
 import specgen
 from specgen.reference._core import top_units
-from specgen.spec import load_spec, replace
+from specgen.model.spec import load_spec, replace
 from specgen.testing import test_device
-from specgen.testing_decode import check_decode
-from specgen.testing_plan import decode_prompts
+from specgen.testing.decode import check_decode
+from specgen.compile.test_shapes import decode_prompts
 from small_specs import small_token_spec
 
 SMALL = load_spec("specs/nsa_small.yaml")
@@ -276,8 +276,8 @@ def test_block_selection_kernel_matches_the_reference_exactly_with_ties(variant)
                                                ("decode.max_q_len", 0, "outside 1..64"),
                                                ("decode.max_q_len", 65, "outside 1..64")])
 def test_decode_spec_errors_name_the_field_and_the_fix(field, value, words):
-    from specgen.errors import SpecError
-    from specgen.spec import spec_from_yaml
+    from specgen.model.errors import SpecError
+    from specgen.model.spec import spec_from_yaml
 
     section, key = field.split(".")
     with pytest.raises(SpecError) as info:
@@ -343,8 +343,8 @@ def test_generated_decode_cases_complete_blocks_while_decoding(path):
     """Every committed spec's generated decode cases (CPU and GPU prompts), contiguous and paged, complete at least
     two compression blocks and one selection block while decoding (issue 14: the cases never did, so a block
     pooled from the wrong rows went unseen); one case completes a block where a page ends."""
-    from specgen.render import SMALL_SPEC_WIDTH
-    from specgen.testing_plan import decode_cases, decode_completions, decode_gpu_prompts
+    from specgen.compile.render import SMALL_SPEC_WIDTH
+    from specgen.compile.test_shapes import decode_cases, decode_completions, decode_gpu_prompts
 
     spec = load_spec(path)
     small_spec = spec.heads.q * spec.head_dim.qk <= SMALL_SPEC_WIDTH

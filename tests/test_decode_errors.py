@@ -14,7 +14,7 @@ import specgen
 from specgen import runtime
 from specgen.reference import make_inputs
 from specgen.runtime import ArgumentError
-from specgen.spec import load_spec, replace
+from specgen.model.spec import load_spec, replace
 from specgen.testing import test_device
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (kernels compiled, values on the device)")

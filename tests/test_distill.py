@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import specgen.reference as R
-from specgen.render import render_distill_module
-from specgen.render_distill import dot_shapes, make_distill_plan
-from specgen.spec import load_spec, spec_from_mapping
+from specgen.compile.render import render_distill_module
+from specgen.compile.render_distill import dot_shapes, make_distill_plan
+from specgen.model.spec import load_spec, spec_from_mapping
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IDX_INPUTS = ("q_idx", "k_idx", "w_idx")
@@ -419,7 +419,7 @@ def test_stage_field_and_argument(tmp_path_factory):
     """stage=None follows the spec's indexer.stage (sparse: over the indexer's own top-k when no indices are
     given); an explicit stage wins; the dense stage refuses indices."""
     from specgen.runtime import ArgumentError
-    from specgen.spec import replace
+    from specgen.model.spec import replace
 
     sparse_spec = spec_of("gqa")
     assert sparse_spec.indexer.stage == "sparse"

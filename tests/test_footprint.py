@@ -1,4 +1,4 @@
-"""Static shared-memory estimates (specgen/footprint.py): every kernel of every committed spec fits an H100's
+"""Static shared-memory estimates (specgen/compile/footprint.py): every kernel of every committed spec fits an H100's
 227 KiB per block with some margin, and the model reproduces the figures the H100 compiler reported."""
 
 import dataclasses
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from specgen.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints, backward_tiles
-from specgen.plan import MIN_DOT, make_plan
-from specgen.render import has_distillation
-from specgen.render_distill import distill_footprints, make_distill_plan
-from specgen.spec import load_spec
+from specgen.compile.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints, backward_tiles
+from specgen.compile.plan import MIN_DOT, make_plan
+from specgen.compile.render import has_distillation
+from specgen.compile.render_distill import distill_footprints, make_distill_plan
+from specgen.model.spec import load_spec
 
 SPECS = sorted(p for p in (Path(__file__).parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
 
@@ -45,7 +45,7 @@ def test_dot_dims_at_least_16(path):
     assert t.sel_dq_gp * t.sel_dq_chunks >= spec.heads.group_size
     assert t.sel_dkdv_gp * t.sel_dkdv_chunks >= spec.heads.group_size
     if has_distillation(spec):
-        from specgen.render_distill import dot_shapes
+        from specgen.compile.render_distill import dot_shapes
         d = make_distill_plan(spec)
         assert all(min(mkn) >= MIN_DOT for mkn in dot_shapes(spec, d).values()), dot_shapes(spec, d)
 

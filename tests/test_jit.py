@@ -8,8 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from specgen import jit
-from specgen.spec import load_spec
+from specgen.compile import jit
+from specgen.model.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "nsa_small.yaml"
@@ -26,10 +26,10 @@ def test_a_cache_hit_imports_without_rendering(tmp_path):
     """The first process builds; a second one imports the cached module and never loads Jinja, sympy or the
     planner (what made a warm `specgen.load` cost a render)."""
     code = ("import sys, specgen; m = specgen.load('specs/nsa_small.yaml'); "
-            "print(m.__file__, *sorted(k for k in ('jinja2', 'sympy', 'specgen.render', 'specgen.plan') "
+            "print(m.__file__, *sorted(k for k in ('jinja2', 'sympy', 'specgen.compile.render', 'specgen.compile.plan') "
             "if k in sys.modules))")
     first = _fresh_process(code, tmp_path).split()
-    assert "specgen.render" in first[1:]
+    assert "specgen.compile.render" in first[1:]
     second = _fresh_process(code, tmp_path).split()
     assert second == [first[0]], f"a cache hit rendered again or imported the generator: {second[1:]}"
 
@@ -45,19 +45,20 @@ def test_the_key_names_spec_record_and_generator():
 def test_a_changed_template_changes_the_key(tmp_path, monkeypatch):
     """A template edit must not serve the module rendered before it: the digest covers every template file."""
     package = tmp_path / "specgen"
-    (package / "templates" / "kernels").mkdir(parents=True)
-    real = Path(jit.__file__).resolve().parent
+    real = Path(jit.__file__).resolve().parent.parent
     for name in jit._GENERATOR_MODULES:
+        (package / f"{name}.py").parent.mkdir(parents=True, exist_ok=True)
         (package / f"{name}.py").write_bytes((real / f"{name}.py").read_bytes())
-    for path in (real / "templates").rglob("*.j2"):
+    for path in (real / "compile" / "templates").rglob("*.j2"):
         target = package / path.relative_to(real)
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
-    monkeypatch.setattr(jit, "__file__", str(package / "jit.py"))
+    monkeypatch.setattr(jit, "__file__", str(package / "compile" / "jit.py"))
     jit.generator_digest.cache_clear()
     try:
         before = jit.generator_digest()
         assert before == (jit.generator_digest.cache_clear() or jit.generator_digest())
-        edited = package / "templates" / "kernels" / "attention.j2"
+        edited = package / "compile" / "templates" / "kernels" / "attention.j2"
         edited.write_text(edited.read_text() + "\n")
         jit.generator_digest.cache_clear()
         assert jit.generator_digest() != before
@@ -69,7 +70,7 @@ def test_a_changed_template_changes_the_key(tmp_path, monkeypatch):
 def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     """Threads (standing in for processes: the lock is a file lock) asking for one key at once: one builds, the
     others wait and import its module."""
-    from specgen import render
+    from specgen.compile import render
 
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
     builds = []
@@ -122,7 +123,7 @@ def test_a_module_of_another_runtime_schema_is_refused_with_the_fix(tmp_path):
     rebuild, not deep inside a call."""
     import specgen
     from specgen import runtime
-    from specgen.render import render_module
+    from specgen.compile.render import render_module
 
     source = render_module(load_spec(SPEC))
     stale = tmp_path / "stale_nsa_small.py"

@@ -21,7 +21,7 @@ from specgen import reference as R
 from specgen import runtime, testing
 from specgen.reference._core import query_positions, top_units
 from small_specs import small_token_spec
-from specgen.spec import Spec, load_spec, replace
+from specgen.model.spec import Spec, load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # GQA 4/2, d 48/32, fp16, l=8 d=4 l'=16, top_k 4 (1+1 forced), w=16
 

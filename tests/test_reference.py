@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import specgen.reference as R
-from specgen.spec import load_spec, replace, spec_from_mapping
+from specgen.model.spec import load_spec, replace, spec_from_mapping
 
 # ---------------------------------------------------------------------------------------------------------------
 # Specs

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 import specgen
-from specgen import jit, render
-from specgen.errors import BuildError
-from specgen.render import build, render_module, render_test, write_if_changed
-from specgen.spec import Spec, load_spec, replace
-from specgen.records import load_records
+from specgen.compile import jit, render
+from specgen.model.errors import BuildError
+from specgen.compile.render import build, render_module, render_test, write_if_changed
+from specgen.model.spec import Spec, load_spec, replace
+from specgen.compile.records import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_FILES = sorted(p for p in (ROOT / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
@@ -64,8 +64,8 @@ def test_rendering_is_deterministic_and_generated_is_fresh(path):
 
 def test_rendering_does_not_depend_on_the_hash_seed():
     """Same bytes in fresh interpreters with different PYTHONHASHSEED (no set or dict-order leaks)."""
-    code = ("import hashlib, sys; from pathlib import Path; from specgen.spec import load_spec; "
-            "from specgen.render import render_module, render_test; from specgen.records import load_records\n"
+    code = ("import hashlib, sys; from pathlib import Path; from specgen.model.spec import load_spec; "
+            "from specgen.compile.render import render_module, render_test; from specgen.compile.records import load_records\n"
             "h = hashlib.sha256()\n"
             "for p in sorted(q for q in Path('specs').glob('*.yaml') if not q.name.endswith('.sweep.yaml')):\n"
             "    s = load_spec(p); h.update(render_module(s, load_records(s, p)).encode())\n"

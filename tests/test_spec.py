@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specgen import spec as spec_mod
-from specgen.errors import SpecError, UnsupportedSpecError
-from specgen.spec import (FAMILY_DEFAULTS, Spec, field_reference, load_spec, replace, spec_from_mapping,
+from specgen.model import spec as spec_mod
+from specgen.model.errors import SpecError, UnsupportedSpecError
+from specgen.model.spec import (FAMILY_DEFAULTS, Spec, field_reference, load_spec, replace, spec_from_mapping,
                           spec_from_yaml)
 
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"

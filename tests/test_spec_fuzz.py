@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from specgen import files, render
+from specgen.compile import files, render
 from specgen.cli import main
-from specgen.errors import BuildError, SpecError
-from specgen.spec import Spec, load_spec, spec_from_yaml
+from specgen.model.errors import BuildError, SpecError
+from specgen.model.spec import Spec, load_spec, spec_from_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = Path(__file__).resolve().parent / "spec_fuzz"
@@ -107,7 +107,7 @@ def test_no_traceback_reaches_the_terminal(case, tmp_path):
 
 def test_the_longest_name_builds(tmp_path, capsys):
     """A name of MAX_NAME characters passes check and build writes both files (236 passed check, then failed)."""
-    from specgen.spec import MAX_NAME
+    from specgen.model.spec import MAX_NAME
 
     name = "n" * MAX_NAME
     spec = tmp_path / "long.yaml"
@@ -348,7 +348,7 @@ def test_malformed_tuning_record(tmp_path, capsys, record, words):
 def test_build_error_from_the_api(tmp_path, monkeypatch):
     """specgen.load raises the same BuildError (a user-facing error, not an OSError traceback)."""
     import specgen
-    from specgen import jit
+    from specgen.compile import jit
 
     monkeypatch.setattr(jit, "_loaded", {})  # a new process: an earlier test's module must not answer
     (tmp_path / "cache").write_text("a file where the cache folder goes")

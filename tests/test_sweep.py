@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from specgen import fidelity as F
+from specgen.study import fidelity as F
 from specgen import reference
 from specgen.cli import main
-from specgen.spec import spec_from_mapping
-from specgen.sweep import (SweepError, build_task, expand, load_sweep, make_tasks, measure_task, read_records,
+from specgen.model.spec import spec_from_mapping
+from specgen.study.sweep import (SweepError, build_task, expand, load_sweep, make_tasks, measure_task, read_records,
                            run_sweep,
                            sweep_from_mapping)
 
@@ -264,7 +264,7 @@ def test_run_resumes_and_reports(tmp_path, monkeypatch):
     with (tmp_path / "results.jsonl").open("a") as f:
         f.write('{"key": "torn')
     calls = []
-    monkeypatch.setattr("specgen.sweep.measure_task", lambda t: calls.append(t) or {})
+    monkeypatch.setattr("specgen.study.sweep.measure_task", lambda t: calls.append(t) or {})
     second = run_sweep(sweep, tmp_path, build=False, log=lambda s: None)
     assert second["ran"] == 0 and calls == []
 
@@ -319,8 +319,8 @@ def test_speed_plumbing_runs_the_generated_forward_and_backward(tmp_path, monkey
     generated forward (out=) and the differentiable entry point (backward), an indexer is fitted first."""
     import triton
 
-    from specgen import bench
-    from specgen.sweep import measure_speed
+    from specgen.perf import bench
+    from specgen.study.sweep import measure_speed
 
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 1.0)[1])
@@ -392,7 +392,7 @@ def test_gpu_pool_pins_one_worker_per_gpu_and_never_shares_one(monkeypatch):
     each worker holds one GPU for its life, each GPU one worker, and the points timed on a GPU never overlap."""
     from _pool_tasks import where
 
-    from specgen import sweep as S
+    from specgen.study import sweep as S
 
     assert S.gpu_slots(["3", "5", "6"], 2) == ["3", "5"]
     with pytest.raises(RuntimeError, match="names a GPU twice"):
@@ -416,7 +416,7 @@ def test_a_dead_workers_tasks_are_rerun_and_a_task_that_always_kills_it_is_recor
     the other tasks, terminated with the broken pool, are re-run without being charged."""
     from _pool_tasks import dies
 
-    from specgen.sweep import _run_local
+    from specgen.study.sweep import _run_local
 
     items = [(str(tmp_path), n) for n in ("a", "once", "b", "always", "c")]
     got, lines = [], []
@@ -445,7 +445,7 @@ def test_ray_task_that_fails_past_its_retries_is_recorded_with_the_reason(tmp_pa
     import sys
 
     monkeypatch.setitem(sys.modules, "ray", _FakeRay(dies={"block_l8_b32"}))
-    monkeypatch.setattr("specgen.sweep.measure_task", lambda t: {
+    monkeypatch.setattr("specgen.study.sweep.measure_task", lambda t: {
         **{k: t[k] for k in ("key", "label", "part", "regime", "seqlen")}, "status": "skipped", "speed": "fake"})
     sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"]))
     counts = run_sweep(sweep, tmp_path, backend="ray", build=False, log=lambda s: None)
@@ -458,7 +458,7 @@ def test_a_speed_record_names_the_physical_gpu_and_host(monkeypatch):
     """CUDA_VISIBLE_DEVICES=5,7 and the process on its device 1: the record says GPU 7 (the physical index)."""
     import socket
 
-    from specgen.sweep import gpu_identity
+    from specgen.study.sweep import gpu_identity
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -475,7 +475,7 @@ def test_ray_driver_without_a_gpu_sends_gpu_tasks_and_resumes(tmp_path, monkeypa
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr("specgen.sweep._gpu_ids", lambda: [])
+    monkeypatch.setattr("specgen.study.sweep._gpu_ids", lambda: [])
 
     def fake_measure(t):
         rec = {**{k: t[k] for k in ("key", "label", "part", "regime", "seqlen")}, "status": "skipped", "speed": "x"}
@@ -483,8 +483,8 @@ def test_ray_driver_without_a_gpu_sends_gpu_tasks_and_resumes(tmp_path, monkeypa
             rec["key"] = f"{t['key']}|Fake GPU"
         return {**rec, "status": "ok", "speed": {"forward_ms": 1.0}} if t["part"] == "speed" else rec
 
-    monkeypatch.setattr("specgen.sweep.measure_task", fake_measure)
-    monkeypatch.setattr("specgen.sweep.write_report", lambda out, **kw: {"report": out / "report.md"})
+    monkeypatch.setattr("specgen.study.sweep.measure_task", fake_measure)
+    monkeypatch.setattr("specgen.study.sweep.write_report", lambda out, **kw: {"report": out / "report.md"})
     sweep = sweep_from_mapping(small_sweep(regimes=["retrieval"], speed={"seqlens": [64], "regimes": ["random"]}))
     first = run_sweep(sweep, tmp_path, device="cuda", backend="ray", build=False, log=lambda s: None)
     assert first["ran"] == 6 and fake.options["num_gpus"] == 1

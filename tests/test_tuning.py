@@ -11,10 +11,10 @@ import torch
 
 import specgen
 from specgen import runtime, testing
-from specgen.footprint import ACC_REGISTER_BUDGET, SMEM_BUDGET, launch_model
-from specgen.plan import make_plan
-from specgen.spec import load_spec
-from specgen.tuning import _rows, candidates, candidates_for, default_configs, tunable_kernels
+from specgen.compile.footprint import ACC_REGISTER_BUDGET, SMEM_BUDGET, launch_model
+from specgen.compile.plan import make_plan
+from specgen.model.spec import load_spec
+from specgen.compile.tuning import _rows, candidates, candidates_for, default_configs, tunable_kernels
 
 SPECS = ["nsa_paper", "nsa_config_a", "nsa_token", "dsa_v32", "dsa_block", "nsa_small"]
 
@@ -77,8 +77,8 @@ def _own_module(name: str, tmp_path):
     """The spec's module under a tuning record for a GPU that is not this machine: no tuned config applies here,
     and the record gives the module custom ops of its own (another module of the spec, loaded by an earlier test,
     would otherwise run the autograd op with its own candidates)."""
-    from specgen.jit import import_path
-    from specgen.render import render_module
+    from specgen.compile.jit import import_path
+    from specgen.compile.render import render_module
 
     spec = load_spec(f"specs/{name}.yaml")
     record = {"spec_hash": spec.hash, "gpu": "no such GPU", "triton": "", "date": "",
@@ -155,7 +155,7 @@ def test_selection_dkdv_candidates_vary_the_queries_per_trip():
 
 def test_tune_kernels_rejects_an_unknown_kernel(monkeypatch, tmp_path):
     """`specgen tune --kernels` names the kernels it knows when given one it does not (before any GPU work)."""
-    from specgen.tune import tune
+    from specgen.perf.tune import tune
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test GPU")
     spec = load_spec("specs/nsa_small.yaml")

@@ -13,8 +13,9 @@ import torch
 
 import specgen
 from specgen import reference as R
-from specgen import runtime, testing, testing_varlen
-from specgen.spec import load_spec, replace
+from specgen import runtime, testing
+from specgen.testing import varlen as testing_varlen
+from specgen.model.spec import load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")
 LENGTHS = [21, 0, 5]

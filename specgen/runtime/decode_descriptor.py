@@ -2,7 +2,7 @@
 
 A generated module keeps the @triton.jit kernels and one `DecodeDescriptor` with its spec's constants, the names
 of the tensors its cache stores and the kernel handles; the cache class and the step driver are plain Python here,
-parametrised by it (docs/decode.md). Every field is fixed when the module is rendered (specgen.render.decode_context
+parametrised by it (docs/decode.md). Every field is fixed when the module is rendered (specgen.compile.render.decode_context
 decides them from the spec and the plan); nothing here is computed per step. This module imports nothing of the
 generator.
 """

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from .spec import Spec
-from .testing import LSE_TOL, OUT_TOL, SELECT_TOL, fresh_seed, test_device
+from .. import reference
+from ..model.spec import Spec
+from . import LSE_TOL, OUT_TOL, SELECT_TOL, fresh_seed, test_device
 
 POOL_WEIGHTS = ("w_pool_k", "w_pool_v", "pe_pool_k", "pe_pool_v")
 # Inputs given per new query (the rest are per token and go into the cache).
@@ -194,7 +194,7 @@ def check_decode_argument_errors(module, spec: Spec, device: str | None = None) 
     """Bad cache or step input raises ArgumentError naming the argument and the fix, before any kernel runs."""
     import pytest
 
-    from .runtime import ArgumentError
+    from ..runtime import ArgumentError
 
     device = device or test_device()
     Cache, decode, _ = _cache_and_fns(module, spec)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
-from .spec import Spec
+from ..model.spec import Spec
 
 
 def next_pow2(x: int) -> int:
@@ -119,7 +119,7 @@ def make_plan(spec: Spec) -> Plan:
         # Wide heads also cap the rows at 64 heads per program (MLA's 128 heads x 576 dims would need ~340 KiB).
         rows = min(max(MIN_DOT, gp), 64) if wide else max(MIN_DOT, gp)
         # 64 gathered keys over two stages where they fit shared memory (resident Q, one gathered K(+V) buffer,
-        # P, the index: the footprint model of specgen.footprint), else 32 keys in one stage.
+        # P, the index: the footprint model of specgen.compile.footprint), else 32 keys in one stage.
         elem = 4 if spec.dtype == "fp32" else 2
         wide_keys_bytes = elem * (rows * spec.head_dim.qk + 64 * streamed + rows * 64) + 64 * 4 * 2 + 1024
         narrow_keys = wide and wide_keys_bytes > SMEM_BUDGET

@@ -10,8 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .errors import BuildError
-from .spec import Spec
+from ..model.errors import BuildError
+from ..model.spec import Spec
 
 
 def record_path(spec_path: Path) -> Path:

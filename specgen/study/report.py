@@ -52,8 +52,8 @@ def _flops(spec_dict: dict | None, T: int) -> float | None:
     if spec_dict is None:
         return None
     try:
-        from .analysis import flops
-        from .spec import spec_from_mapping
+        from ..compile.analysis import flops
+        from ..model.spec import spec_from_mapping
 
         return float(flops(spec_from_mapping(spec_dict), T))
     except Exception:
@@ -200,7 +200,7 @@ def write_plots(out_dir: Path, fid: list[dict], spd: list[dict], axes: list[str]
             fx = sorted((xs[i], ys[i]) for i in front)
             ax.plot([a for a, _ in fx], [b for _, b in fx], "r--", lw=0.8)
             ax.set_xlabel(f"forward ms (GPU, structured regime, T={longest})" if use_ms else
-                          f"forward MFLOP at T={T} (specgen.analysis; no GPU timing)")
+                          f"forward MFLOP at T={T} (specgen.compile.analysis; no GPU timing)")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
             ax.set_ylabel("recall of dense attention mass")
             ax.set_title(f"{regime}, T={T}: Pareto front in red")
@@ -408,12 +408,12 @@ def _markdown(sweep, name: str, pts: list[dict], fid: list[dict], spd: list[dict
     if not ok_speed:
         out += ["Speed: **not measured: no GPU** (timings under the CPU interpreter mean nothing). Run the same "
                 "command with `--device cuda` on a GPU machine: finished fidelity rows are kept and the speed "
-                "columns are added. The Pareto plot uses the forward FLOPs of `specgen.analysis` as the cost "
+                "columns are added. The Pareto plot uses the forward FLOPs of `specgen.compile.analysis` as the cost "
                 "until then.", ""]
     out += ["## How this was measured", "",
             "- **Fidelity** uses the float64 reference (`specgen.reference.nsa_forward`), whose selections the "
             "kernels reproduce up to near-ties, against dense causal attention on the same q/k/v (every branch reads "
-            "the same k/v). Inputs are synthetic with long-range structure (`specgen.fidelity`): *structured* = sink "
+            "the same k/v). Inputs are synthetic with long-range structure (`specgen.study.fidelity`): *structured* = sink "
             "+ local (RoPE-like) attention + a few distant hits (runs of keys on a topic a query looks for); "
             "*retrieval* = the same background with needles: a key in [T/8, T/2) that one probe query in "
             "[3T/4, T) must find; *random* = i.i.d. N(0, 1). Train and eval inputs are different draws of the "
@@ -432,7 +432,7 @@ def _markdown(sweep, name: str, pts: list[dict], fid: list[dict], spd: list[dict
             "evaluated on the eval split; the unfitted columns are the same map with its random initial weights. A "
             "linear pool is fitted to the dense output through the compression branch. The compression scorer with "
             "mean pooling has no parameters.",
-            "- **MFLOP fwd**: the variant's whole forward at that T from `specgen.analysis` (matmuls and pooling; it "
+            "- **MFLOP fwd**: the variant's whole forward at that T from `specgen.compile.analysis` (matmuls and pooling; it "
             "includes the indexer's scoring of every past token, which an equal *selection* budget leaves out).", ""]
     fitted = [r for r in fid if r.get("distill_eval_fitted") is not None]
     if fitted:
@@ -479,7 +479,7 @@ def _markdown(sweep, name: str, pts: list[dict], fid: list[dict], spd: list[dict
                  _fmt(r.get("speedup_vs_best_dense"), 2)] for r in ok_speed]
         out += [_md_table(["variant", "regime", "T", "device", "fwd ms", "TFLOP/s", "fwd+bwd ms", "dense cuDNN fwd",
                            "dense flash fwd", "best dense fwd+bwd", "speedup vs best dense fwd"], body), "",
-                "Medians of `triton.testing.do_bench`; dense SDPA measured in the same run (specgen.bench).", ""]
+                "Medians of `triton.testing.do_bench`; dense SDPA measured in the same run (specgen.perf.bench).", ""]
     else:
         out += ["no GPU: speed not measured (see above).", ""]
     bad = [p for p in pts if p["status"] != "valid"]

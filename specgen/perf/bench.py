@@ -1,6 +1,6 @@
 """GPU benchmarks of generated kernels against dense causal attention measured in the same run.
 
-Times are medians of `triton.testing.do_bench`; TFLOP/s come from the analysis' FLOP count (specgen.analysis), so
+Times are medians of `triton.testing.do_bench`; TFLOP/s come from the analysis' FLOP count (specgen.compile.analysis), so
 the kernel and its roofline share one model. Each run appends a JSON record to bench/results/ with the device, date,
 commit, spec hash, shapes and input regime.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import reference
-from .analysis import BACKWARD_FLOP_FACTOR, analyse, backward_bytes, evaluate, flops, forward_bytes
-from .jit import load
-from .spec import Spec
+from .. import reference
+from ..compile.analysis import BACKWARD_FLOP_FACTOR, analyse, backward_bytes, evaluate, flops, forward_bytes
+from ..compile.jit import load
+from ..model.spec import Spec
 
 RESULTS = Path("bench/results")
 
@@ -131,7 +131,7 @@ def machine_peaks(device: str = "cuda") -> dict:
 
 
 def _leaves(spec: Spec, inputs: dict) -> list[str]:
-    from .testing import differentiable_inputs
+    from ..testing import differentiable_inputs
 
     return differentiable_inputs(spec)  # the indexer's inputs get no gradient
 

@@ -18,16 +18,18 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from . import RUNTIME_SCHEMA, __version__
+from .. import RUNTIME_SCHEMA, __version__
 from .files import build_error
 from .records import load_records, records_hash
-from .spec import Spec, load_spec, validated
+from ..model.spec import Spec, load_spec, validated
 
 _loaded: dict[str, ModuleType] = {}
 
 # What decides a generated module's bytes besides the spec and its record: the templates and these modules.
-_GENERATOR_MODULES = ("analysis", "files", "footprint", "plan", "records", "render", "render_distill", "spec",
-                      "templating", "testing_plan", "tuning")
+# Paths relative to the package root; the whole compile layer plus the spec model.
+_GENERATOR_MODULES = ("compile/analysis", "compile/files", "compile/footprint", "compile/plan", "compile/records",
+                      "compile/render", "compile/render_distill", "compile/templating", "compile/test_shapes",
+                      "compile/tuning", "model/spec")
 
 
 def cache_dir() -> Path:
@@ -37,8 +39,8 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=None)
 def generator_digest() -> str:
     """A digest of everything that renders a module: the template files and the generator's own modules."""
-    package = Path(__file__).resolve().parent
-    files = sorted((package / "templates").rglob("*.j2")) + [package / f"{name}.py" for name in _GENERATOR_MODULES]
+    package = Path(__file__).resolve().parent.parent
+    files = sorted((package / "compile" / "templates").rglob("*.j2")) + [package / f"{name}.py" for name in _GENERATOR_MODULES]
     h = hashlib.sha256()
     for path in files:
         h.update(path.relative_to(package).as_posix().encode())

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import sympy
 from sympy import Max, Min, Mod, ceiling, floor
 
-from .spec import Spec
+from ..model.spec import Spec
 
 T = sympy.Symbol("T", positive=True, integer=True)
 

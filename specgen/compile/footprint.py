@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sympy
 
 from .plan import MIN_DOT, SMEM_BUDGET, SMEM_LIMIT, Plan, next_pow2  # noqa: F401 (SMEM_LIMIT: re-exported)
-from .spec import Spec
+from ..model.spec import Spec
 
 SCRATCH = 1024
 TRITON_DEFAULT_STAGES = 3
@@ -39,7 +39,7 @@ def smem_bytes(*, resident=(), streamed=(), gathered=(), computed=(), index=(), 
 
 @dataclass(frozen=True)
 class BackwardTiles:
-    """Tiles of the backward kernels (specgen/templates/nsa_autograd.j2, kernels/backward.j2).
+    """Tiles of the backward kernels (specgen/compile/templates/nsa_autograd.j2, kernels/backward.j2).
 
     Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
     Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs

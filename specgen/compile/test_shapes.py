@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .spec import Spec
+from ..model.spec import Spec
 
 
 def cpu_seqlens(spec: Spec, small: bool) -> list[int]:

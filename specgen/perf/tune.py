@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-from . import reference
-from .plan import make_plan, next_pow2
-from .render import render_module
-from .spec import Spec
-from .testing import differentiable_inputs
-from .records import load_records
-from .tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
+from .. import reference
+from ..compile.plan import make_plan, next_pow2
+from ..compile.render import render_module
+from ..model.spec import Spec
+from ..testing import differentiable_inputs
+from ..compile.records import load_records
+from ..compile.tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
 
 # Below this, a difference between two medians is noise.
 IMPROVEMENT = 0.98
 
 
 def _module_with(spec: Spec, configs: dict, folder: Path):
-    from .jit import import_path
+    from ..compile.jit import import_path
 
     gpu = torch.cuda.get_device_name()
     text = render_module(spec, [{"spec_hash": spec.hash, "gpu": gpu, "triton": "", "date": "", "configs": configs}])

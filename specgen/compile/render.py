@@ -11,14 +11,14 @@ import pprint
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import RUNTIME_SCHEMA
+from .. import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
 from .footprint import backward_tiles
 from .plan import Plan, decode_ring, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
-from .spec import Spec, validated
-from .testing_plan import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
+from ..model.spec import Spec, validated
+from .test_shapes import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                            gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
 from .templating import TEMPLATES, environment as _environment, header, pystr, pytext  # noqa: F401 (re-exported)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .reference.varlen import SHARED, query_rows, sequence_inputs, sequences
-from .testing import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_distill_matches,
+from .. import reference
+from ..reference.varlen import SHARED, query_rows, sequence_inputs, sequences
+from . import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_distill_matches,
                       assert_gradient_sane, differentiable_inputs, fresh_seed, test_device)
 
 
@@ -209,7 +209,7 @@ def check_varlen_argument_errors(module, spec, lengths, *, device=None) -> None:
     (a poisoned `out=` stays untouched)."""
     import pytest
 
-    from .runtime import ArgumentError
+    from ..runtime import ArgumentError
 
     case = PackedCase(module, spec, lengths, device, 0)
     inputs, cu, total = case.inputs, case.cu_seqlens, case.total

@@ -3,11 +3,11 @@
 A sweep file (`specs/*.sweep.yaml`; `specgen build specs/` skips them) names a base spec and axes to vary. `specgen
 sweep FILE` expands the grid (cartesian product, with budget-derived fields), records the points the spec model
 rejects with its reason, builds each valid variant (a process pool; `specgen.load` caches by spec hash), and measures
-each one: fidelity against dense attention with the float64 reference (`specgen.fidelity`, any machine) and speed
+each one: fidelity against dense attention with the float64 reference (`specgen.study.fidelity`, any machine) and speed
 with the generated kernels (GPU only; on a CPU the record says "no GPU" rather than timing the interpreter).
 
 Results are appended to `<out>/results.jsonl`, one JSON object per measurement keyed by spec hash + regime + seqlen
-(+ part, + device for speed), so a rerun skips what is finished. `specgen.report` turns them into CSV/JSON tables,
+(+ part, + device for speed), so a rerun skips what is finished. `specgen.study.report` turns them into CSV/JSON tables,
 a Markdown report and plots. docs/sweeps.md describes the file format and the metrics.
 """
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import SpecError
+from ..model.errors import SpecError
 from .report import read_records, write_report
-from .spec import Spec, _Located, field_reference, load_spec, read_yaml_file, spec_from_mapping
+from ..model.spec import Spec, _Located, field_reference, load_spec, read_yaml_file, spec_from_mapping
 
 PARTS = ("fidelity", "speed")
 TOP_KEYS = ("name", "question", "description", "base", "set", "axes", "when", "constraints", "seqlens", "batch",
@@ -459,7 +459,7 @@ def make_tasks(sweep: Sweep, points: list[Point], device: str) -> list[dict]:
 
 
 def _commit() -> str:
-    from .bench import _commit as commit
+    from ..perf.bench import _commit as commit
 
     try:
         return commit()
@@ -513,7 +513,7 @@ def build_task(spec_dict: dict) -> dict:
     start = time.time()
     spec_hash = None
     try:
-        from . import load
+        from .. import load
 
         spec = spec_from_mapping(spec_dict)
         spec_hash = spec.hash
@@ -579,8 +579,10 @@ def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, 
     that it selects like a trained one. `device` is "cuda" but for the plumbing test under the interpreter."""
     import torch
 
-    from . import bench, fidelity, load
-    from .analysis import flops
+    from ..perf import bench
+    from . import fidelity
+    from .. import load
+    from ..compile.analysis import flops
 
     module = load(spec)
     fwd = getattr(module, f"{spec.family}_forward")

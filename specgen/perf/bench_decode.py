@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .analysis import decode_step_bytes
+from ..compile.analysis import decode_step_bytes
 from .bench import _commit, _median_ms, copy_bandwidth_gbps, kernel_times
-from .jit import load
-from .spec import Spec
+from ..compile.jit import load
+from ..model.spec import Spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic elsewhere

@@ -1,7 +1,7 @@
-"""Rendering of the indexer distillation loss (specgen/templates/distill_module.py.j2, kernels in kernels/distill.j2).
+"""Rendering of the indexer distillation loss (specgen/compile/templates/distill_module.py.j2, kernels in kernels/distill.j2).
 
 The section is meant to be `{% include %}`d into the DSA module; until that module exists it is rendered inside
-specgen/templates/distill_test_wrapper.py.j2, which sets the spec constants the way module.py.j2 does. The tile plan
+specgen/compile/templates/distill_test_wrapper.py.j2, which sets the spec constants the way module.py.j2 does. The tile plan
 lives here (not in plan.py) so the lead can fold it into `Plan` without conflicts: `distill_context(spec)` gives the
 extra template variables (`render.render_distill_module(spec)` renders the standalone module).
 """
@@ -15,7 +15,7 @@ from .plan import MIN_DOT, make_plan, next_pow2
 
 # Main rows of one head chunk of the distillation kernels for wide heads.
 WIDE_CHUNK_ROWS = 64
-from .spec import Spec
+from ..model.spec import Spec
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def dot_shapes(spec: Spec, d: DistillPlan) -> dict[str, tuple[int, int, int]]:
 
 
 def distill_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, int]:
-    """Estimated shared memory (bytes) of every distillation kernel, by kernel name (model: specgen/footprint.py).
+    """Estimated shared memory (bytes) of every distillation kernel, by kernel name (model: specgen/compile/footprint.py).
 
     Before head chunks, DeepSeek-V3.2's dense forward held q [128, 576] and q_I [64, 128] resident and streamed
     k [64, 576] and k_I [64, 128] over 3 stages: 435200 bytes, as the H100 compiler reported."""

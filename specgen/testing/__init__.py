@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import reference
-from .jit import import_path
-from .spec import Spec, spec_from_mapping
+from .. import reference
+from ..compile.jit import import_path
+from ..model.spec import Spec, spec_from_mapping
 
 # Relative error of the output (Frobenius) against float64, per dtype: a bf16 flash attention sits near 4e-3.
 OUT_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -162,7 +162,7 @@ def check_argument_errors(module, spec: Spec, inputs: dict) -> None:
     """Each kind of call-time mistake raises ArgumentError naming the argument, before any kernel runs."""
     import pytest
 
-    from .runtime import ArgumentError
+    from ..runtime import ArgumentError
 
     fn = module.__dict__[f"{spec.family}_forward"]
     q = inputs["q"]
@@ -217,8 +217,8 @@ def reference_gradients(spec: Spec, inputs: dict, indices: torch.Tensor | None, 
     the kernel; the pooled keys/values are leaves of the chunks, and their gradient is sent through the pooling
     once at the end.
     """
-    from .reference.nsa import _branch_kv, _compression_chunk, _sparse_chunk, _window_chunk, selection_unit
-    from .reference._core import query_chunks
+    from ..reference.nsa import _branch_kv, _compression_chunk, _sparse_chunk, _window_chunk, selection_unit
+    from ..reference._core import query_chunks
 
     names = differentiable_inputs(spec)
     leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in inputs.items()}
@@ -314,7 +314,7 @@ def backward_cases(spec: Spec, cpu_seqlens: list[int], cpu_batch: int) -> list[t
     more candidates than top_k there (so some blocks are selected by only part of the queries). Big specs: one
     tiny length just past the compression block (so one block is pooled), B = 1.
     """
-    from .render import SMALL_SPEC_WIDTH
+    from ..compile.render import SMALL_SPEC_WIDTH
 
     sel, cmp_ = spec.selection, spec.compression
     unit = 0 if sel is None else (sel.block if sel.granularity == "block" else 1)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__
-from .spec import Spec
+from .. import __version__
+from ..model.spec import Spec
 
 # Package data: shipped in the wheel, so a non-editable install renders too.
 TEMPLATES = Path(__file__).resolve().parent / "templates"

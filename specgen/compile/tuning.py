@@ -15,7 +15,7 @@ from .files import write_if_changed
 from .footprint import backward_tiles, launch_model
 from .plan import MIN_DOT, Plan
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
-from .spec import Spec
+from ..model.spec import Spec
 
 KERNELS_WITH_TILES = ("compression", "selection", "window")
 

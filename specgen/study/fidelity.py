@@ -31,9 +31,9 @@ from typing import Callable
 
 import torch
 
-from . import reference
-from .reference._core import mask_from_indices, masked_attention, query_chunks, top_units
-from .reference.nsa import num_compressed_blocks, selection_unit
+from .. import reference
+from ..reference._core import mask_from_indices, masked_attention, query_chunks, top_units
+from ..reference.nsa import num_compressed_blocks, selection_unit
 
 REGIMES = ("random", "structured", "retrieval")
 

@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .errors import BuildError
+from ..model.errors import BuildError
 
 
 def write_if_changed(path: Path, text: str) -> bool:

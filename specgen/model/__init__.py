@@ -1,0 +1,1 @@
+"""The spec model: YAML -> typed frozen Spec, its errors."""

@@ -1,0 +1,1 @@
+"""GPU performance: benchmarks against dense baselines and measured ceilings, the tuner."""

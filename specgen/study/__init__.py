@@ -1,0 +1,1 @@
+"""Design-space studies: sweeps, fidelity metrics, reports."""
