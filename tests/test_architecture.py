@@ -91,3 +91,44 @@ def test_the_graph_sees_function_local_imports():
     """The walker must count imports inside functions, or a lazy import would hide a cycle from the test above."""
     graph = import_graph()
     assert "specgen.compile.render" in graph["specgen.compile.jit"]          # jit imports render inside load() (the miss path)
+
+
+# What each layer may import (besides itself and the package root's constants): the folders are the layers, and
+# data flows one way, spec model -> compiler -> generated module -> runtime, with the consumers on top.
+LAYERS = {
+    "model": set(),
+    "runtime": set(),
+    "reference": {"model", "runtime"},
+    "compile": {"model"},
+    "perf": {"model", "compile", "reference", "runtime"},
+    "study": {"model", "compile", "reference", "runtime", "perf"},
+    "testing": {"model", "compile", "reference", "runtime"},
+}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    graph = import_graph()
+    wrong = []
+    for m, targets in sorted(graph.items()):
+        layer = _layer(m)
+        if layer is None:
+            continue  # cli, docs, the pytest plugin and the package root sit on top of everything
+        for t in sorted(targets):
+            other = _layer(t)
+            if t == "specgen" or other == layer:
+                continue
+            if other is None or other not in LAYERS[layer]:
+                wrong.append(f"{m} ({layer}) imports {t} ({other or 'top level'})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_test_kit_is_imported_by_nothing_in_the_package():
+    """specgen.testing serves tests and generated tests; production code (bench, tune, the renderer) must not need it."""
+    graph = import_graph()
+    users = sorted(m for m, ts in graph.items() if _layer(m) != "testing" and any(_layer(t) == "testing" for t in ts))
+    assert not users, f"the test kit is imported by {users}"

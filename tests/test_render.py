@@ -317,3 +317,18 @@ def test_load_from_a_warm_cache_touches_nothing(fresh_cache, monkeypatch):
     mod = specgen.load(SMALL)
     assert module_file.stat().st_mtime_ns == 1_000_000_000_000_000_000
     assert mod.SPEC_HASH == SMALL.hash
+
+
+def test_one_call_contract_for_every_view():
+    """The renderer's arguments, the reference's inputs and the test kit's gradients are views of one signature."""
+    from specgen import reference, testing
+    from specgen.model.signature import signature
+    for path in SPEC_FILES:
+        spec = load_spec(path)
+        names = [a.name for a in signature(spec)]
+        assert [a.name for a in render.arguments(spec)] == names == reference.input_names(spec)
+        assert testing.differentiable_inputs(spec) == [a.name for a in signature(spec) if a.differentiable]
+        made = reference.make_inputs(spec, 1, 4)
+        assert list(made) == names
+        for a in signature(spec):
+            assert tuple(made[a.name].shape) == tuple(1 if d == "B" else 4 if d == "T" else d for d in a.shape), a.name

@@ -17,13 +17,13 @@ from .footprint import backward_tiles
 from .plan import Plan, decode_ring, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
+from ..model.signature import SHORT, signature
 from ..model.spec import Spec, validated
 from .test_shapes import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                            gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
 from .templating import TEMPLATES, environment as _environment, header, pystr, pytext  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-SHORT = {"compression": "cmp", "selection": "slc", "window": "win"}
 # Kernels depend on one another: pooled keys and the compression log-sum-exp feed selection.
 LAUNCH_ORDER = ("compression", "selection", "window")
 
@@ -39,48 +39,11 @@ class Argument:
 
 
 def arguments(spec: Spec) -> list[Argument]:
-    """The generated function's tensor arguments, in order, with the shapes the spec fixes."""
-    hq, hkv, dqk, dv = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
-    args = [Argument("q", f'("B", "T", {hq}, {dqk})', "DTYPE", f"[B, T, {hq}, {dqk}] queries (after RoPE)")]
-    if spec.kv == "shared":
-        args.append(Argument("k", f'("B", "T", {hkv}, {dqk})', "DTYPE", f"[B, T, {hkv}, {dqk}] keys, every branch"))
-        if not spec.mla:
-            args.append(Argument("v", f'("B", "T", {hkv}, {dv})', "DTYPE", f"[B, T, {hkv}, {dv}] values, every branch"))
-    else:
-        for branch in spec.branches:
-            s = SHORT[branch]
-            args.append(Argument(f"k_{s}", f'("B", "T", {hkv}, {dqk})', "DTYPE", f"[B, T, {hkv}, {dqk}] {branch} keys"))
-            args.append(Argument(f"v_{s}", f'("B", "T", {hkv}, {dv})', "DTYPE", f"[B, T, {hkv}, {dv}] {branch} values"))
-    if spec.gated:
-        nb = len(spec.branches)
-        args.append(Argument("gates", f'("B", "T", {hq}, {nb})', "DTYPE",
-                             f"[B, T, {hq}, {nb}] branch gates after the sigmoid, channels {', '.join(spec.branches)}"))
-    cmp_ = spec.compression
-    if cmp_ is not None and cmp_.pool == "linear":
-        l = cmp_.block
-        why = "the spec pools compression blocks with a learned linear map"
-        args.append(Argument("w_pool_k", f"({hkv}, {l * dqk}, {dqk})", "DTYPE",
-                             f"[{hkv}, {l * dqk}, {dqk}] linear pool weight for keys", True, why))
-        if "compression" in spec.branches:
-            args.append(Argument("w_pool_v", f"({hkv}, {l * dv}, {dv})", "DTYPE",
-                                 f"[{hkv}, {l * dv}, {dv}] linear pool weight for values", True, why))
-        if cmp_.position_embedding:
-            why = "the spec adds a learned intra-block position embedding before pooling"
-            args.append(Argument("pe_pool_k", f"({l}, {dqk})", "DTYPE", f"[{l}, {dqk}] key position embedding",
-                                 True, why))
-            if "compression" in spec.branches:
-                args.append(Argument("pe_pool_v", f"({l}, {dv})", "DTYPE", f"[{l}, {dv}] value position embedding",
-                                     True, why))
-    if spec.selection is not None and spec.selection.scorer == "indexer":
-        hi, di = spec.indexer.heads, spec.indexer.head_dim
-        why = "the spec ranks selection candidates with a lightning indexer"
-        args.append(Argument("q_idx", f'("B", "T", {hkv * hi}, {di})', "DTYPE",
-                             f"[B, T, {hkv * hi}, {di}] indexer queries ({hi} heads per kv group)", True, why))
-        args.append(Argument("k_idx", f'("B", "T", {hkv}, {di})', "DTYPE", f"[B, T, {hkv}, {di}] indexer keys",
-                             True, why))
-        args.append(Argument("w_idx", f'("B", "T", {hkv * hi})', "DTYPE",
-                             f"[B, T, {hkv * hi}] indexer head weights", True, why))
-    return args
+    """The call contract (specgen.model.signature) as the templates print it: shapes as tuple literals."""
+    def literal(shape):
+        return "(" + ", ".join(f'"{d}"' if isinstance(d, str) else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    return [Argument(a.name, literal(a.shape), "DTYPE" if a.spec_dtype else "None", a.doc, a.keyword, a.why)
+            for a in signature(spec)]
 
 
 def _kv_names(spec: Spec) -> dict[str, str]:
@@ -120,6 +83,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "keyword_inputs": [a for a in args if a.keyword],
         "arguments": args,
         "arg_names": [a.name for a in args],
+        "nondiff_names": [a.name for a in signature(spec) if not a.differentiable],
         # The arguments of a call that passes them on as the function takes them (positional, then keywords).
         "call_args": "".join(f"{a.name}, " for a in args if not a.keyword)
         + "".join(f"{a.name}={a.name}, " for a in args if a.keyword),

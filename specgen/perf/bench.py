@@ -19,6 +19,7 @@ import torch
 from .. import reference
 from ..compile.analysis import BACKWARD_FLOP_FACTOR, analyse, backward_bytes, evaluate, flops, forward_bytes
 from ..compile.jit import load
+from ..model.signature import differentiable_names
 from ..model.spec import Spec
 
 RESULTS = Path("bench/results")
@@ -131,9 +132,8 @@ def machine_peaks(device: str = "cuda") -> dict:
 
 
 def _leaves(spec: Spec, inputs: dict) -> list[str]:
-    from ..testing import differentiable_inputs
 
-    return differentiable_inputs(spec)  # the indexer's inputs get no gradient
+    return differentiable_names(spec)  # the indexer's inputs get no gradient
 
 
 # Kernels whose time the per-kernel profile reports, with the analysis branch whose FLOPs they do (the backward's

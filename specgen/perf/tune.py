@@ -19,8 +19,8 @@ import torch
 from .. import reference
 from ..compile.plan import make_plan, next_pow2
 from ..compile.render import render_module
+from ..model.signature import differentiable_names
 from ..model.spec import Spec
-from ..testing import differentiable_inputs
 from ..compile.records import load_records
 from ..compile.tuning import candidates, configs_for, default_configs, save_entry, tunable_kernels
 
@@ -43,7 +43,7 @@ def _inputs(spec: Spec, seqlen: int, grad: bool) -> dict:
     inputs = reference.make_inputs(spec, 1, seqlen, dtype=dtype, device="cuda",
                                    generator=torch.Generator(device="cuda").manual_seed(seqlen))
     if grad:
-        for name in differentiable_inputs(spec):  # the indexer's inputs get no gradient
+        for name in differentiable_names(spec):  # the indexer's inputs get no gradient
             inputs[name].requires_grad_(True)
     return inputs
 

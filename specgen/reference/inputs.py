@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model import signature
+
 BRANCH_KV = {"compression": ("k_cmp", "v_cmp"), "selection": ("k_slc", "v_slc"), "window": ("k_win", "v_win")}
 
 
@@ -26,21 +28,8 @@ def kv_names(spec, branch: str) -> tuple[str, str | None]:
 
 
 def input_names(spec) -> list[str]:
-    """Every keyword input of the spec's forward, in a fixed order (q first)."""
-    names = ["q"]
-    for branch in spec.branches:
-        for name in kv_names(spec, branch):
-            if name is not None and name not in names:
-                names.append(name)
-    if spec.gated:
-        names.append("gates")
-    if spec.needs_compressed_kv and spec.compression.pool == "linear":
-        names += ["w_pool_k", "w_pool_v"]
-        if spec.compression.position_embedding:
-            names += ["pe_pool_k", "pe_pool_v"]
-    if spec.selection is not None and spec.selection.scorer == "indexer":
-        names += ["q_idx", "k_idx", "w_idx"]
-    return names
+    """Every keyword input of the spec's forward, in call order (q first): the call contract's names."""
+    return signature.input_names(spec)
 
 
 def make_inputs(spec, B: int, T: int, *, dtype=torch.float64, device="cpu",

@@ -18,6 +18,7 @@ import torch
 
 from .. import reference
 from ..compile.jit import import_path
+from ..model.signature import differentiable_names
 from ..model.spec import Spec, spec_from_mapping
 
 # Relative error of the output (Frobenius) against float64, per dtype: a bf16 flash attention sits near 4e-3.
@@ -197,15 +198,14 @@ def check_argument_errors(module, spec: Spec, inputs: dict) -> None:
 # Relative error (Frobenius) of each gradient against float64: twice the output's room (dS and dP are rounded to
 # the spec's dtype before their products, and dK/dV sum many such terms).
 GRAD_TOL = {dtype: 2 * tol for dtype, tol in OUT_TOL.items()}
-# Inputs that get no gradient: the selection (and so the indexer that ranks it) is not differentiated.
-NOT_DIFFERENTIATED = ("q_idx", "k_idx", "w_idx")
 # Gradients that are exactly zero: a key position embedding shifts every pooled key of a kv head by the same
 # vector, and each softmax is shift-invariant. Their error is measured against the scale of a sibling gradient.
 ZERO_GRADIENTS = {"pe_pool_k": "pe_pool_v"}
 
 
 def differentiable_inputs(spec: Spec) -> list[str]:
-    return [n for n in reference.input_names(spec) if n not in NOT_DIFFERENTIATED]
+    """The inputs that get gradients (the call contract decides: specgen.model.signature)."""
+    return differentiable_names(spec)
 
 
 def reference_gradients(spec: Spec, inputs: dict, indices: torch.Tensor | None, dout: torch.Tensor, *,
