@@ -41,7 +41,8 @@ SPEC = {'name': 'nsa_small',
                'top_k': 4,
                'initial': 1,
                'local': 1,
-               'scorer': 'compression'},
+               'scorer': 'compression',
+               'loop_order': 'auto'},
  'window': {'size': 16},
  'indexer': None,
  'max_seqlen': 4096,
@@ -785,6 +786,118 @@ def _window_attention_kernel(
 
 
 @triton.jit
+def _selection_kv_attention_kernel(
+    Q, K, V, PART_O, PART_LSE, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    T, sm_scale,
+    WIDEN: tl.constexpr,
+):
+    BQ: tl.constexpr = 32
+    GP: tl.constexpr = 2
+    BLOCK_N: tl.constexpr = 16
+    N_UNITS = tl.cdiv(T, UNIT)
+    item = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + item)
+    if seg < 0:
+        return  # past the real work: the grid is an upper bound (no host sync)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = bg % HKV
+    rows = tl.arange(0, BQ * GP)
+    e = start + rows // GP
+    e_ok = e < end
+    t = tl.load(QPOS + e, mask=e_ok, other=0)
+    slot = tl.load(SLOT + e, mask=e_ok, other=0)
+    head = g * GROUP + rows % GP
+    row_ok = e_ok & (rows % GP < GROUP)
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
+
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    # The block's keys past T (a last, partial block) are never loaded; the queries' own block is cut at each query.
+    key_ok = (n < UNIT) & (keys < T)
+    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
+    s = tl.zeros([BQ * GP, BLOCK_N], dtype=tl.float32)
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+    s += _dot(q0, tl.trans(k0), WIDEN)
+    k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
+    s += _dot(q1, tl.trans(k1), WIDEN)
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m = tl.max(s, axis=1)
+    # A selected block always holds a key <= its query (units start at or before it); padded rows keep m = -inf.
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l = tl.sum(p, axis=1)
+    inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
+    part_row = ((b * T + t) * HQ + head) * TOP_K + slot
+    tl.store(PART_LSE + part_row, tl.where(l == 0.0, float("-inf"), m_safe + tl.log2(tl.where(l == 0.0, 1.0, l))), mask=row_ok)
+    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+    o0 = _pv(p, v0, WIDEN) * inv_l[:, None]
+    tl.store(PART_O + part_row[:, None] * DV + 0 + tl.arange(0, 32)[None, :], o0.to(PART_O.dtype.element_ty), mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _selection_kv_merge_kernel(
+    PART_O, PART_LSE, IDX, GATES, ACC, OUT, LSE, BRANCH_OUT,
+    stride_gb, stride_gt, stride_gh,
+    T, n_rows, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr,
+):
+    BR: tl.constexpr = 32
+    CHANNEL: tl.constexpr = 1
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head; int64: x DV passes 2**31
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    t = bt % T
+    b = bt // T
+    slots = tl.arange(0, TOP_K_PAD)
+    # A slot holds a result only where the query listed a unit there (-1 padding was never written).
+    unit = tl.load(IDX + (bt * HKV + head // GROUP)[:, None] * TOP_K + slots[None, :],
+                   mask=row_ok[:, None] & (slots < TOP_K)[None, :], other=-1)
+    listed = unit >= 0
+    lse_j = tl.load(PART_LSE + row_index[:, None] * TOP_K + slots[None, :], mask=listed, other=float("-inf"))
+    m = tl.max(lse_j, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_j - m_safe[:, None])
+    total = tl.sum(w, axis=1)
+    empty = total == 0.0
+    w = w * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    o0 = tl.zeros([BR, 32], dtype=tl.float32)
+    # One slot per trip: [BR, D] loads keep the registers small (a [BR, TOP_K, D] tile would not fit).
+    for j in range(0, TOP_K):
+        w_j = tl.sum(tl.where((slots == j)[None, :], w, 0.0), axis=1)
+        ok_j = row_ok & (w_j > 0.0)
+        part_j = (row_index * TOP_K + j) * DV
+        o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
+    cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
+    if SAVE_BRANCH:
+        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
+    if HAS_PREV:
+        o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
+    if LAST:
+        tl.store(OUT + cols0, o0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(ACC + cols0, o0, mask=row_ok[:, None])
+
+
+@triton.jit
 def _select_blocks_kernel(
     Q, KC, LSE, IDX,
     stride_qb, stride_qt, stride_qh,
@@ -1411,16 +1524,23 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
         _select_blocks_kernel[(triton.cdiv(T, 32), B * 2)](
             q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-    runtime.launch(
-        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 2),
-        (q, k_slc, v_slc, gates, acc, out, lse, branch_out, indices,
-         q.stride(0), q.stride(1), q.stride(2),
-         k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 128),
-        dict(HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T, restore=("ACC",))
+    # Block-outer order (plan.selection_order): each selected block attends the queries that chose it, writing
+    # per-block results that the merge combines (kernels/select_kv.j2, runtime/selection.py).
+    qpos, slot, item_seg, item_start, item_end, n_items = runtime.selection.kv_order_worklist(
+        indices, T, unit=16, tile_queries=32)
+    part_o = torch.empty((B, T, 4, 4, 32), dtype=DTYPE, device=device)
+    part_lse = torch.empty((B, T, 4, 4), dtype=torch.float32, device=device)
+    if n_items:
+        _selection_kv_attention_kernel[(n_items,)](
+            q, k_slc, v_slc, part_o, part_lse, qpos, slot, item_seg, item_start, item_end,
+            q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), T, sm_scale, WIDEN=WIDEN,
+            num_warps=4, num_stages=1)
+        _selection_kv_merge_kernel[(triton.cdiv(B * T * 4, 32),)](
+            part_o, part_lse, indices, gates, acc, out, lse, branch_out, *g_strides, T, B * T * 4,
+            B * T * 128, HAS_PREV=True, LAST=False,
+            SAVE_BRANCH=save_branch_outputs)
+    del part_o, part_lse
     runtime.launch(
         _window_attention_kernel, "window", CONFIGS, CANDIDATES,
         lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 2),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
-from ..model.spec import Spec
+from ..model.spec import KV_ORDER_MIN_BLOCK, Spec
 
 
 def next_pow2(x: int) -> int:
@@ -69,6 +69,14 @@ class Plan:
     index_bs: int = 0
     index_kt: int = 8        # key tiles per indexer program (q_I loaded once per program)
     pool_bi: int = 0
+    # the selected-block attention's loop order (forward): "query" (attention.j2) or "kv" (select_kv.j2)
+    selection_order: str = "query"
+    sel_kv_bq: int = 0         # kv order: queries per tile (x sel_kv_gp padded heads = the dot's rows)
+    sel_kv_gp: int = 0
+    sel_kv_block_n: int = 0    # keys per tile: one selected block, padded to the dot's minimum
+    sel_kv_warps: int = 4
+    sel_kv_merge_rows: int = 0
+    sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
 
     @property
     def unit(self) -> int:
@@ -85,6 +93,46 @@ def decode_ring(spec: Spec) -> tuple[str, ...]:
     if spec.kv != "independent" or not spec.needs_compressed_kv:
         return ()
     return ("k_cmp", "v_cmp") if "compression" in spec.branches else ("k_cmp",)
+
+
+# Gathered (query-order) K/V reads hit L2 for the blocks neighbouring queries share (the initial and local ones, and
+# near-ties): the effective cost per modelled byte, relative to a streamed byte. Calibrated on the H100 (docs/
+# selection_order.md): measured query-order selection time / (modelled gather bytes / copy rate).
+GATHER_COST = 0.45
+
+
+def selection_bytes(spec: Spec, group: int, bq: int, gp: int) -> dict:
+    """HBM bytes per (query, kv group, selected unit) of the selected-block attention forward, in each loop order.
+
+    query: each (query, kv group) gathers its units' K/V (and reads its q once, written output once: small).
+    kv: each tile of `bq` queries reads the unit's K/V once; every (query, head) reads q, writes a partial output
+    and log-sum-exp per unit, and the merge reads them back."""
+    elem = 4 if spec.dtype == "fp32" else 2
+    unit = spec.selection.block
+    kv_row = spec.head_dim.qk + (0 if spec.mla else spec.head_dim.v)
+    query = unit * kv_row * elem * GATHER_COST
+    kv = unit * kv_row * elem / bq + group * (spec.head_dim.qk * elem + 2 * (spec.head_dim.v * elem + 4))
+    return {"query": query, "kv": kv}
+
+
+def _selection_order(spec: Spec, g: int, gp: int) -> dict:
+    """The forward's selected-block loop order: the spec's, or (auto) the one that moves fewer bytes."""
+    sel = spec.selection
+    if sel.granularity != "block" or sel.block < KV_ORDER_MIN_BLOCK:
+        return {"selection_order": "query"}
+    # kv-order tiles: 64 rows (queries x padded heads) for up to 64 heads; wider groups fall back to query order.
+    bq = max(1, 64 // gp)
+    block_n = max(MIN_DOT, next_pow2(sel.block))
+    model = selection_bytes(spec, g, bq, gp)
+    order = sel.loop_order
+    if order == "auto":
+        order = "kv" if gp <= 64 and model["kv"] < model["query"] else "query"
+    if order == "query":
+        return {"selection_order": "query", "sel_kv_bytes": model}
+    wide = spec.head_dim.qk + spec.head_dim.v > 512
+    return {"selection_order": "kv", "sel_kv_bq": bq, "sel_kv_gp": gp, "sel_kv_block_n": block_n,
+            "sel_kv_warps": 8 if wide or bq * gp * spec.head_dim.v >= 16384 else 4, "sel_kv_merge_rows": 32,
+            "sel_kv_bytes": model}
 
 
 def _parts(d: int) -> tuple[Part, ...]:
@@ -129,6 +177,7 @@ def make_plan(spec: Spec) -> Plan:
                                   num_stages=1 if narrow_keys else 2, head_chunks=-(-g // rows))
         topk_pad = next_pow2(sel.top_k)
         plan_kw["topk_pad"] = topk_pad
+        plan_kw.update(_selection_order(spec, g, gp))
         if sel.scorer == "compression":
             r = sel.block // spec.compression.stride
             bj = max(topk_pad, MIN_DOT, 64 // r)

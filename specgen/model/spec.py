@@ -28,6 +28,9 @@ BRANCHES = ("compression", "selection", "window")
 DTYPES = ("bf16", "fp16", "fp32")
 INDEXER_DTYPES = ("bf16", "fp8_e4m3")
 INDEXER_STAGES = ("dense", "sparse")
+LOOP_ORDERS = ("auto", "query", "kv")
+# The block-outer selection kernel attends one selected block per tile: its keys are the dot's columns.
+KV_ORDER_MIN_BLOCK = 16
 # The largest head dim the kernels split into power-of-two parts (576 = 512 + 64 for MLA).
 MAX_HEAD_DIM = 1024
 # Bounds of the numeric fields: what the kernels can run. Positions, lengths and block counts are int32 inside the
@@ -103,6 +106,10 @@ class Selection:
                     bounds=(0, MAX_TOP_K, "counted within top_k"))
     scorer: str = _f("what ranks the candidates: the compression branch's probabilities, or a lightning indexer",
                      "compression", choices=("compression", "indexer"))
+    loop_order: str = _f("the selected-block attention's loop order: auto (the plan decides from bytes moved), query "
+                         "(query outer: each query gathers its blocks; large GQA groups), or kv (block outer: each "
+                         "selected block attends the queries that chose it; small groups); block granularity only",
+                         "auto", choices=LOOP_ORDERS)
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,8 @@ class Spec:
     @property
     def hash(self) -> str:
         """Identity of the spec: what it computes, independent of YAML formatting and of defaults written out."""
-        blob = json.dumps({"schema": SCHEMA_VERSION, "spec": self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps({"schema": SCHEMA_VERSION, "spec": _hashed(self.to_dict())}, sort_keys=True,
+                          separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -221,6 +229,19 @@ def _section_type(f: dataclasses.Field):
     """The dataclass a field holds, if it is a section (`heads: Heads`, `window: Window | None`)."""
     name = (f.type if isinstance(f.type, str) else f.type.__name__).removesuffix(" | None")
     return _SECTIONS_BY_TYPE.get(name)
+
+
+# Fields added after specs were hashed, left out of the hash at their default: an existing spec keeps its hash (its
+# tuning records and cache keys), and writing the default out changes nothing either.
+_HASH_OMITS_DEFAULT = {("selection", "loop_order"): "auto"}
+
+
+def _hashed(plain: dict) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plain.items()}
+    for (section, name), default in _HASH_OMITS_DEFAULT.items():
+        if isinstance(out.get(section), dict) and out[section].get(name) == default:
+            del out[section][name]
+    return out
 
 
 def _plain(obj: Any) -> Any:
@@ -640,6 +661,11 @@ def _validate(spec: Spec, where: _Located) -> None:
         if sel.scorer == "indexer" and idx is None:
             raise err("indexer", "selection.scorer is indexer but no indexer is described", "add an `indexer:` section",
                       near="selection.scorer")
+        if sel.loop_order == "kv" and (sel.granularity != "block" or sel.block < KV_ORDER_MIN_BLOCK):
+            raise err("selection.loop_order", f"the block-outer order attends one selected block per tile, so a block "
+                      f"needs at least {KV_ORDER_MIN_BLOCK} tokens (matrix-unit rows); this selection has "
+                      f"{'single tokens' if sel.granularity != 'block' else f'blocks of {sel.block}'}",
+                      "use loop_order: auto or query")
         if sel.granularity == "block":
             if not _pow2(sel.block):
                 raise err("selection.block", f"{sel.block} is not a power of two", f"use {_pow2_near(sel.block)}")

@@ -141,6 +141,8 @@ def _leaves(spec: Spec, inputs: dict) -> list[str]:
 ATTENTION_KERNELS = {f"_{b}_attention_kernel": (b, "forward") for b in ("compression", "selection", "window")}
 ATTENTION_KERNELS.update({f"_{b}_bwd_{part}_kernel": (b, "backward") for b in ("compression", "selection", "window")
                           for part in ("dq", "dkdv")})
+# The block-outer selection forward (plan.selection_order == "kv"): the attention and the merge of its partials.
+ATTENTION_KERNELS["_selection_kv_attention_kernel"] = ("selection", "forward")
 
 
 def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
@@ -188,6 +190,9 @@ def _per_kernel(spec: Spec, T: int, times: dict, peak_tflops: float) -> dict:
     out = {}
     branch_flops = {b.name: evaluate(b.flops, T) for b in analyse(spec).branches}
     for name, ms in sorted(times.items()):
+        if name not in ATTENTION_KERNELS:  # scoring, pooling, merges, sorts, copies: time only
+            out[name] = {"ms": ms, "branch": None, "pass": None}
+            continue
         branch, pass_ = ATTENTION_KERNELS[name]
         f = branch_flops.get(branch, 0.0) * (1.0 if pass_ == "forward" else BACKWARD_FLOP_FACTOR)
         entry = {"ms": ms, "branch": branch, "pass": pass_}
@@ -222,7 +227,7 @@ def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense
         f_flops, f_bytes = flops(spec, T), forward_bytes(spec, T)
         row = {"T": T, "forward_ms": ms, "forward_tflops": f_flops / ms / 1e9, "forward_gbps": f_bytes / ms / 1e6,
                "forward_fraction_of_peak": f_flops / ms / 1e9 / peak, "extra_peak_gib": extra}
-        times = kernel_times(lambda: fwd(**inputs, out=out)) if per_kernel else {}
+        times = kernel_times(lambda: fwd(**inputs, out=out), names="all") if per_kernel else {}
         del out
         if backward:
             for n in _leaves(spec, inputs):
@@ -246,7 +251,9 @@ def bench_passes(spec: Spec, seqlens: list[int], *, backward: bool = True, dense
                        backward_fraction_of_peak=b_flops / b_ms / 1e9 / peak, fwd_bwd_ms=fb_ms,
                        fwd_bwd_tflops=(f_flops + b_flops) / fb_ms / 1e9)
             if per_kernel:
-                times.update(kernel_times(bwd))
+                # Kernels that are not the backward's own (pooling, elementwise) are named apart from the forward's.
+                times.update({k if k in ATTENTION_KERNELS else f"backward: {k}": v
+                              for k, v in kernel_times(bwd, names="all").items()})
             del result, grad, leaves
         row["kernels"] = _per_kernel(spec, T, times, peak)
         row["tuned_for_this_gpu"] = torch.cuda.get_device_name() in module.CONFIGS

@@ -852,7 +852,7 @@ def require_schema(schema: int, spec_name: str) -> None:
 # custom ops and autograd, the backward's plain-torch pieces, the layer, the indexer's top-k and its distillation
 # loss. Generated code reaches them as `runtime.<module>`.
 from . import descriptor, checks, varlen, inference, autograd, backward, layer, indexer  # noqa: E402,F401  isort: skip
-from . import distill  # noqa: E402,F401  isort: skip
+from . import distill, selection  # noqa: E402,F401  isort: skip
 
 # Decoding: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver), loaded on
 # first use, so importing this file stays light (decode_step imports triton).

@@ -1,0 +1,60 @@
+"""Host side of the block-outer (kv order) selection forward: the block -> queries work list, in plain torch.
+
+In the kv order each program attends one selected block to a tile of the queries that chose it, so a block's keys
+and values are read once per tile of queries instead of once per query (the query order's gathers: 2 * G FLOPs per
+byte at GQA group G). The per-block softmax statistics and normalised partial outputs are written per (query, head,
+slot) and merged by a second kernel (the flash-decoding merge). Built by one sort, with no host sync: the grid is
+an upper bound computed from shapes alone, and the programs past the real work exit at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
+    """The work of the block-outer selection forward.
+
+    `indices` [B, T, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
+    last). Returns (qpos, slot, item_seg, item_start, item_end, n_items):
+      - entries sorted by segment seg = (b * Hkv + g) * n_units + unit, queries ascending within a segment:
+        qpos[e] the query position, slot[e] the unit's position in that query's list (where the partial output goes);
+      - work items of at most `tile_queries` entries of one segment: item i covers entries
+        item_start[i] : min(item_start[i] + tile_queries, item_end[i]) (item_end: its segment's end); items past
+        the real work have item_seg = -1;
+      - n_items, the grid size: an upper bound from the shapes (entries / tile + segments), no host sync.
+    """
+    B, _, Hkv, K = indices.shape
+    device = indices.device
+    n_units = _cdiv(T, unit)
+    n_seg = B * Hkv * n_units
+    idx = indices.long()
+    valid = idx >= 0
+    bg = torch.arange(B * Hkv, device=device).view(B, 1, Hkv, 1)
+    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    slots = torch.arange(K, device=device).view(1, 1, 1, K)
+    # key = ((segment * T + query) * K + slot): unique (a query lists a unit once); padding sorts past every segment.
+    key = ((bg * n_units + idx.clamp(min=0)) * T + t) * K + slots
+    padding = torch.iinfo(torch.int64).max
+    key = torch.sort(torch.where(valid, key, padding).flatten()).values
+    real = key != padding
+    seg_of = torch.where(real, key // (T * K), n_seg)
+    qpos = torch.where(real, (key // K) % T, 0).to(torch.int32)
+    slot = torch.where(real, key % K, 0).to(torch.int32)
+    offsets = torch.searchsorted(seg_of, torch.arange(n_seg + 1, device=device))
+    # Items per segment, and where each segment's items start in the item list.
+    per_seg = (offsets[1:] - offsets[:-1] + tile_queries - 1) // tile_queries
+    first_item = torch.cumsum(per_seg, 0) - per_seg
+    n_items = _cdiv(B * T * Hkv * K, tile_queries) + n_seg
+    item = torch.arange(n_items, device=device)
+    seg = torch.searchsorted(first_item + per_seg, item, right=True)   # the segment whose item range holds `item`
+    in_range = seg < n_seg
+    seg_c = seg.clamp(max=n_seg - 1)
+    item_start = offsets[seg_c] + (item - first_item[seg_c]) * tile_queries
+    item_end = offsets[seg_c + 1]
+    item_seg = torch.where(in_range, seg_c, -1).to(torch.int32)
+    return qpos, slot, item_seg, item_start.to(torch.int64), item_end.to(torch.int64), n_items
