@@ -1825,30 +1825,39 @@ def _compression_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+def _selection_kv_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ_PART, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    T, sm_scale,
+    WIDEN: tl.constexpr,
 ):
-    GP: tl.constexpr = 16
-    ROWS: tl.constexpr = BT * GP
+    BQ: tl.constexpr = 32
+    GP: tl.constexpr = 2
+    ROWS: tl.constexpr = BQ * GP
+    BLOCK_N: tl.constexpr = 16
     CHANNEL: tl.constexpr = 1
-    pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    chunk = 0
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
+    N_UNITS = tl.cdiv(T, UNIT)
+    item = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + item)
+    if seg < 0:
+        return  # past the real work: the grid is an upper bound (no host sync)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = bg % HKV
     rows = tl.arange(0, ROWS)
-    t = pid_t * BT + rows // GP
-    head = g * GROUP + chunk * GP + rows % GP
-    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    e = start + rows // GP
+    e_ok = e < end
+    t = tl.load(QPOS + e, mask=e_ok, other=0)
+    slot = tl.load(SLOT + e, mask=e_ok, other=0)
+    head = g * GROUP + rows % GP
+    row_ok = e_ok & (rows % GP < GROUP)
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
     row_index = (b * T + t) * HQ + head
@@ -1861,48 +1870,56 @@ def _selection_bwd_dq_kernel(
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
     if not WIDEN:
         do0 = do0.to(Q.dtype.element_ty)
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
+    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+    k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
-    dq0 = tl.zeros([ROWS, 32], dtype=tl.float32)
-    dq1 = tl.zeros([ROWS, 16], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
-    slots = tl.arange(0, TOP_K_PAD)
-    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
-    # part of one.
-    for f0 in range(0, n_units * UNIT, BLOCK_N):
-        f = f0 + tl.arange(0, BLOCK_N)
-        slot = f // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + f % UNIT
-        key_ok = (unit >= 0) & (keys <= t_hi)
-        visible = key_ok[None, :]
-        k_rows = k_base + keys * stride_kt
-        v_rows = v_base + keys * stride_vt
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        dq0 += _pv(ds, k0, WIDEN)
-        dq1 += _pv(ds, k1, WIDEN)
-    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
-    dq0 = dq0 * sm_scale
+    visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+    s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    s += _dot(q0, tl.trans(k0), WIDEN)
+    s += _dot(q1, tl.trans(k1), WIDEN)
+    p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    dp += _dot(do0, tl.trans(v0), WIDEN)
+    ds = p * (dp - delta[:, None])
+    part_row = row_index * TOP_K + slot
+    dq0 = _pv(ds, k0, WIDEN) * sm_scale
+    tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+    dq1 = _pv(ds, k1, WIDEN) * sm_scale
+    tl.store(DQ_PART + part_row[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dq1.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _selection_kv_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+    BR: tl.constexpr = 32
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
+    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
     if HAS_PREV:
-        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-    dq_ptr = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
-    dq1 = dq1 * sm_scale
+        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
+    else:
+        dq0 = tl.zeros([BR, 32], dtype=tl.float32)
+    dq_ptr1 = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
     if HAS_PREV:
-        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
+        dq1 = tl.load(dq_ptr1, mask=row_ok[:, None], other=0.0)
+    else:
+        dq1 = tl.zeros([BR, 16], dtype=tl.float32)
+    # Slot order, so the sum is the same on every run.
+    for j in range(0, TOP_K):
+        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
+        part_j = (row_index * TOP_K + j) * DQK
+        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+        dq1 += tl.load(DQ_PART + part_j[:, None] + 32 + tl.arange(0, 16)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
+    tl.store(dq_ptr1, dq1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -2256,13 +2273,19 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 32, NC, dx, accumulate)
 
     # selection branch
-    runtime.launch(
-        _selection_bwd_dq_kernel, "selection_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (T, B * 2),
-        (q, k_slc, v_slc, gates, dout, lse, dg, dq, indices,
-         q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
-        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
+    # Block-outer dQ (plan.selection_order): per-block shares at each query's slot, summed in slot order.
+    qpos, slot, item_seg, item_start, item_end, n_items = runtime.selection.kv_order_worklist(
+        indices, T, unit=16, tile_queries=32)
+    dq_part = torch.empty((B, T, 4, 4, 48), dtype=DTYPE, device=device)
+    if n_items:
+        _selection_kv_bwd_dq_kernel[(n_items,)](
+            q, k_slc, v_slc, gates, dout, lse, dg, dq_part, qpos, slot, item_seg, item_start, item_end,
+            q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, sm_scale, WIDEN=WIDEN,
+            num_warps=4, num_stages=1)
+        _selection_kv_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
+            dq_part, indices, dq, T, n_rows, HAS_PREV=True)
+    del dq_part
     cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
     dk_acc, accumulate = target("k_slc", 48)
     dv_acc, accumulate_v = target("v_slc", 32)
