@@ -1825,8 +1825,8 @@ def _compression_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _selection_kv_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ_PART, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
+def _selection_kv_bwd_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ_PART, PART_DK, PART_DV, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -1838,6 +1838,7 @@ def _selection_kv_bwd_dq_kernel(
     GP: tl.constexpr = 2
     ROWS: tl.constexpr = BQ * GP
     BLOCK_N: tl.constexpr = 16
+    SPLIT: tl.constexpr = 64
     CHANNEL: tl.constexpr = 1
     N_UNITS = tl.cdiv(T, UNIT)
     item = tl.program_id(0)
@@ -1845,31 +1846,11 @@ def _selection_kv_bwd_dq_kernel(
     if seg < 0:
         return  # past the real work: the grid is an upper bound (no host sync)
     start = tl.load(ITEM_START + item)
-    end = tl.load(ITEM_END + item)
+    hi = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
     unit = seg % N_UNITS
     bg = seg // N_UNITS
     b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = bg % HKV
-    rows = tl.arange(0, ROWS)
-    e = start + rows // GP
-    e_ok = e < end
-    t = tl.load(QPOS + e, mask=e_ok, other=0)
-    slot = tl.load(SLOT + e, mask=e_ok, other=0)
-    head = g * GROUP + rows % GP
-    row_ok = e_ok & (rows % GP < GROUP)
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
-    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
-    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
-    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
-    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do0 = do0.to(Q.dtype.element_ty)
     n = tl.arange(0, BLOCK_N)
     keys = unit * UNIT + n
     key_ok = (n < UNIT) & (keys < T)
@@ -1878,91 +1859,19 @@ def _selection_kv_bwd_dq_kernel(
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
-    visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
-    s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    s += _dot(q0, tl.trans(k0), WIDEN)
-    s += _dot(q1, tl.trans(k1), WIDEN)
-    p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-    dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    dp += _dot(do0, tl.trans(v0), WIDEN)
-    ds = p * (dp - delta[:, None])
-    part_row = row_index * TOP_K + slot
-    dq0 = _pv(ds, k0, WIDEN) * sm_scale
-    tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
-    dq1 = _pv(ds, k1, WIDEN) * sm_scale
-    tl.store(DQ_PART + part_row[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dq1.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
-def _selection_kv_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
-    BR: tl.constexpr = 32
-    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
-    row_ok = row_index < n_rows
-    head = row_index % HQ
-    bt = row_index // HQ
-    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
-    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
-    if HAS_PREV:
-        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
-    else:
-        dq0 = tl.zeros([BR, 32], dtype=tl.float32)
-    dq_ptr1 = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
-    if HAS_PREV:
-        dq1 = tl.load(dq_ptr1, mask=row_ok[:, None], other=0.0)
-    else:
-        dq1 = tl.zeros([BR, 16], dtype=tl.float32)
-    # Slot order, so the sum is the same on every run.
-    for j in range(0, TOP_K):
-        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
-        part_j = (row_index * TOP_K + j) * DQK
-        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
-        dq1 += tl.load(DQ_PART + part_j[:, None] + 32 + tl.arange(0, 16)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
-    tl.store(dq_ptr1, dq1, mask=row_ok[:, None])
-
-
-@triton.jit
-def _selection_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    GP: tl.constexpr = 2
-    ROWS: tl.constexpr = BQ * GP
-    CHANNEL: tl.constexpr = 1
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
-    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-    k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
-    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     dk0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
-    start = tl.load(OFFSETS + seg)
-    end = tl.load(OFFSETS + seg + 1)
-    for e0 in range(start, end, BQ):
+    for e0 in range(start, hi, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
-        e_ok = e < end
+        e_ok = e < hi
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        chunk = 0
-        head = g * GROUP + chunk * GP + rows % GP
-        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
+        slot = tl.load(SLOT + e, mask=e_ok, other=0)
+        head = g * GROUP + rows % GP
+        row_ok = e_ok & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
@@ -1988,6 +1897,42 @@ def _selection_bwd_dkdv_kernel(
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
+        part_row = row_index * TOP_K + slot
+        dq0 = _pv(ds, k0, WIDEN) * sm_scale
+        tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+        dq1 = _pv(ds, k1, WIDEN) * sm_scale
+        tl.store(DQ_PART + part_row[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dq1.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+    part = item.to(tl.int64) * BLOCK_N + n
+    tl.store(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dk0)
+    tl.store(PART_DK + part[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dk1)
+    tl.store(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 32)[None, :], dv0)
+
+
+@triton.jit
+def _selection_kv_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
+                                     ACCUMULATE: tl.constexpr):
+    """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
+    BLOCK_N: tl.constexpr = 16
+    N_UNITS = tl.cdiv(T, UNIT)
+    seg = tl.program_id(0)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)
+    g = bg % HKV
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    first = tl.load(SEG_FIRST + seg)
+    count = tl.load(SEG_ITEMS + seg)
+    dk0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for i in range(first, first + count):
+        part = i * BLOCK_N + n
+        dk0 += tl.load(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 32)[None, :])
+        dk1 += tl.load(PART_DK + part[:, None] * DQK + 32 + tl.arange(0, 16)[None, :])
+        dv0 += tl.load(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 32)[None, :])
+    NKEYS = T
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 32)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -2002,6 +1947,34 @@ def _selection_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+@triton.jit
+def _selection_kv_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+    """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
+    BR: tl.constexpr = 32
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
+    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
+    if HAS_PREV:
+        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
+    else:
+        dq0 = tl.zeros([BR, 32], dtype=tl.float32)
+    dq_ptr1 = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
+    if HAS_PREV:
+        dq1 = tl.load(dq_ptr1, mask=row_ok[:, None], other=0.0)
+    else:
+        dq1 = tl.zeros([BR, 16], dtype=tl.float32)
+    for j in range(0, TOP_K):
+        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
+        part_j = (row_index * TOP_K + j) * DQK
+        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+        dq1 += tl.load(DQ_PART + part_j[:, None] + 32 + tl.arange(0, 16)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
+    tl.store(dq_ptr1, dq1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -2273,37 +2246,26 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 32, NC, dx, accumulate)
 
     # selection branch
-    # Block-outer dQ (plan.selection_order): per-block shares at each query's slot, summed in slot order.
-    qpos, slot, item_seg, item_start, item_end, n_items = runtime.selection.kv_order_worklist(
-        indices, T, unit=16, tile_queries=32)
-    dq_part = torch.empty((B, T, 4, 4, 48), dtype=DTYPE, device=device)
-    if n_items:
-        _selection_kv_bwd_dq_kernel[(n_items,)](
-            q, k_slc, v_slc, gates, dout, lse, dg, dq_part, qpos, slot, item_seg, item_start, item_end,
-            q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, sm_scale, WIDEN=WIDEN,
-            num_warps=4, num_stages=1)
-        _selection_kv_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
-            dq_part, indices, dq, T, n_rows, HAS_PREV=True)
-    del dq_part
-    cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
+    # Block-outer backward (plan.selection_bwd_order): dK/dV partials per work item and dQ shares per (row, slot),
+    # each summed in a fixed order (kernels/select_kv.j2).
+    qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = runtime.selection.kv_order_segments(
+        indices, T, unit=16, tile_queries=64)
     dk_acc, accumulate = target("k_slc", 48)
     dv_acc, accumulate_v = target("v_slc", 32)
-    assert accumulate == accumulate_v
-    # The inverse index sorts B * T * HKV * k entries with several int64 temporaries: built and used for a group of
-    # batch elements at a time (views: the kernel's batch index is relative), so a padded varlen batch or a large B
-    # costs what one group costs.
-    group = max(1, INVERSE_INDEX_ENTRIES // (T * 2 * 4))
-    for b0 in range(0, B, group):
-        bs = slice(b0, min(B, b0 + group))
-        offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
-        runtime.launch(
-            _selection_bwd_dkdv_kernel, "selection_dkdv", CONFIGS, CANDIDATES,
-            lambda cfg: (triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 2),
-            (q[bs], k_slc[bs], v_slc[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos,
-             bits, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-             v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
-            dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
+    if n_items:
+        dq_part = torch.empty((B, T, 4, 4, 48), dtype=DTYPE, device=device)
+        part_dk = torch.empty((n_items, 16, 48), dtype=torch.float32, device=device)
+        part_dv = torch.empty((n_items, 16, 32), dtype=torch.float32, device=device)
+        _selection_kv_bwd_kernel[(n_items,)](
+            q, k_slc, v_slc, gates, dout, lse, dg, dq_part, part_dk, part_dv, qpos, slot, item_seg, item_start,
+            item_end, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
+            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, sm_scale, WIDEN=WIDEN,
+            num_warps=8, num_stages=1)
+        _selection_kv_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
+            dq_part, indices, dq, T, n_rows, HAS_PREV=True)
+        _selection_kv_dkdv_reduce_kernel[(seg_first.numel(),)](
+            part_dk, part_dv, seg_first, seg_items, dk_acc, dv_acc, T, sm_scale, ACCUMULATE=accumulate, num_warps=4)
+        del dq_part, part_dk, part_dv
 
     # window branch
     runtime.launch(

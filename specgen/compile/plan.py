@@ -69,8 +69,10 @@ class Plan:
     index_bs: int = 0
     index_kt: int = 8        # key tiles per indexer program (q_I loaded once per program)
     pool_bi: int = 0
-    # the selected-block attention's loop order (forward): "query" (attention.j2) or "kv" (select_kv.j2)
+    # the selected-block attention's loop order per pass: "query" (attention.j2, backward.j2) or "kv" (select_kv.j2)
     selection_order: str = "query"
+    selection_bwd_order: str = "query"
+    sel_kv_split: int = 0      # kv-order backward: queries per work item
     sel_kv_bq: int = 0         # kv order: queries per tile (x sel_kv_gp padded heads = the dot's rows)
     sel_kv_gp: int = 0
     sel_kv_block_n: int = 0    # keys per tile: one selected block, padded to the dot's minimum
@@ -116,23 +118,29 @@ def selection_bytes(spec: Spec, group: int, bq: int, gp: int) -> dict:
 
 
 def _selection_order(spec: Spec, g: int, gp: int) -> dict:
-    """The forward's selected-block loop order: the spec's, or (auto) the one that moves fewer bytes."""
+    """The selected-block attention's loop order per pass: the spec's (`selection.loop_order`), or (auto) for the
+    forward the one that moves fewer bytes, and for the backward the block-outer one wherever it applies: its work
+    items bound the queries one program walks (query-outer dK/dV walks every query that chose a block in one
+    program, all T of them for the first block), and it computes dQ from the same P and dS."""
     sel = spec.selection
     if sel.granularity != "block" or sel.block < KV_ORDER_MIN_BLOCK:
-        return {"selection_order": "query"}
-    # kv-order tiles: 64 rows (queries x padded heads) for up to 64 heads; wider groups fall back to query order.
+        return {"selection_order": "query", "selection_bwd_order": "query"}
+    # kv-order tiles: 64 rows (queries x padded heads) for up to 64 heads.
     bq = max(1, 64 // gp)
-    block_n = max(MIN_DOT, next_pow2(sel.block))
     model = selection_bytes(spec, g, bq, gp)
     order = sel.loop_order
-    if order == "auto":
-        order = "kv" if gp <= 64 and model["kv"] < model["query"] else "query"
-    if order == "query":
-        return {"selection_order": "query", "sel_kv_bytes": model}
-    wide = spec.head_dim.qk + spec.head_dim.v > 512
-    return {"selection_order": "kv", "sel_kv_bq": bq, "sel_kv_gp": gp, "sel_kv_block_n": block_n,
-            "sel_kv_warps": 8 if wide or bq * gp * spec.head_dim.v >= 16384 else 4, "sel_kv_merge_rows": 32,
-            "sel_kv_bytes": model}
+    forward = order if order != "auto" else ("kv" if gp <= 64 and model["kv"] < model["query"] else "query")
+    backward = order if order != "auto" else ("kv" if gp <= 64 else "query")
+    kw = {"selection_order": forward, "selection_bwd_order": backward, "sel_kv_bytes": model}
+    if "kv" in (forward, backward):
+        wide = spec.head_dim.qk + spec.head_dim.v > 512
+        # SPLIT queries per backward work item: up to 256 (several trips of 64 rows reuse the K/V tile and the
+        # dK/dV registers), while a block that every query selects still spreads over T / SPLIT programs; short
+        # contexts (max_seqlen) have few queries per block and get proportionally shorter items.
+        kw.update(sel_kv_bq=bq, sel_kv_gp=gp, sel_kv_block_n=max(MIN_DOT, next_pow2(sel.block)),
+                  sel_kv_warps=8 if wide or bq * gp * spec.head_dim.v >= 16384 else 4, sel_kv_merge_rows=32,
+                  sel_kv_split=max(bq, min(256, spec.max_seqlen // 64)))
+    return kw
 
 
 def _parts(d: int) -> tuple[Part, ...]:

@@ -17,16 +17,23 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
+    """See `kv_order_segments`; without the per-segment item ranges (the forward and the dQ need none)."""
+    return kv_order_segments(indices, T, unit=unit, tile_queries=tile_queries)[:6]
+
+
+def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
     """The work of the block-outer selection forward.
 
     `indices` [B, T, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
-    last). Returns (qpos, slot, item_seg, item_start, item_end, n_items):
+    last). Returns (qpos, slot, item_seg, item_start, item_end, n_items, seg_first_item, seg_items):
       - entries sorted by segment seg = (b * Hkv + g) * n_units + unit, queries ascending within a segment:
         qpos[e] the query position, slot[e] the unit's position in that query's list (where the partial output goes);
       - work items of at most `tile_queries` entries of one segment: item i covers entries
         item_start[i] : min(item_start[i] + tile_queries, item_end[i]) (item_end: its segment's end); items past
         the real work have item_seg = -1;
-      - n_items, the grid size: an upper bound from the shapes (entries / tile + segments), no host sync.
+      - n_items, the grid size: an upper bound from the shapes (entries / tile + segments), no host sync;
+      - per segment, its first item and item count: a segment's items are contiguous (the block-outer backward's
+        reduce sums them in item order).
     """
     B, _, Hkv, K = indices.shape
     device = indices.device
@@ -57,4 +64,5 @@ def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
     item_start = offsets[seg_c] + (item - first_item[seg_c]) * tile_queries
     item_end = offsets[seg_c + 1]
     item_seg = torch.where(in_range, seg_c, -1).to(torch.int32)
-    return qpos, slot, item_seg, item_start.to(torch.int64), item_end.to(torch.int64), n_items
+    return (qpos, slot, item_seg, item_start.to(torch.int64), item_end.to(torch.int64), n_items, first_item,
+            per_seg)
