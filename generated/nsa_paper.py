@@ -87,8 +87,8 @@ CONFIGS = {'NVIDIA H100 80GB HBM3': {'compression': {'block_n': 64, 'bt': 4, 'nu
              'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
              'window_dkdv': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
              'window_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk).
 CANDIDATES = {'compression': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
                  {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
                  {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
@@ -225,22 +225,6 @@ CANDIDATES = {'compression': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_war
                {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
                {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
                {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
- 'selection_dkdv': [{'block_n': 64, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 1, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 1, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 1, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 2, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 4, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 64, 'bq': 8, 'num_stages': 1, 'num_warps': 8}],
- 'selection_dq': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
  'window': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
             {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
             {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
@@ -1630,7 +1614,7 @@ def _selection_kv_bwd_kernel(
 
 
 @triton.jit
-def _selection_kv_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
+def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
                                      ACCUMULATE: tl.constexpr):
     """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
     BLOCK_N: tl.constexpr = 64
@@ -1671,7 +1655,7 @@ def _selection_kv_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK,
 
 
 @triton.jit
-def _selection_kv_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
     row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
@@ -1982,9 +1966,9 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
             item_end, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
             v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, sm_scale, WIDEN=WIDEN,
             num_warps=8, num_stages=1)
-        _selection_kv_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
+        _selection_kv_bwd_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
             dq_part, indices, dq, T, n_rows, HAS_PREV=True)
-        _selection_kv_dkdv_reduce_kernel[(seg_first.numel(),)](
+        _selection_kv_bwd_dkdv_reduce_kernel[(seg_first.numel(),)](
             part_dk, part_dv, seg_first, seg_items, dk_acc, dv_acc, T, sm_scale, ACCUMULATE=accumulate, num_warps=4)
         del dq_part, part_dk, part_dv
 

@@ -14,6 +14,7 @@ import pytest
 
 import specgen
 from specgen.compile import jit, render
+from specgen.compile.plan import make_plan
 from specgen.model.errors import BuildError
 from specgen.compile.render import build, render_module, render_test, write_if_changed
 from specgen.model.spec import Spec, load_spec, replace
@@ -108,6 +109,10 @@ def test_header_changes_with_the_spec():
 def expected_kernels(spec: Spec) -> set[str]:
     """The @triton.jit functions a generated module must define, and no others."""
     kernels = {"_dot", "_pv"} | {f"_{branch}_attention_kernel" for branch in spec.branches}
+    if spec.selection is not None and make_plan(spec).selection_order == "kv":
+        # Block outer (docs/selection_order.md): the block-outer attention and its merge replace the query-outer one.
+        kernels = (kernels - {"_selection_attention_kernel"}) | {"_selection_kv_attention_kernel",
+                                                                "_selection_kv_merge_kernel"}
     if spec.needs_compressed_kv:
         kernels.add("_pool_kernel")
     sel = spec.selection

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .files import write_if_changed
 from .footprint import backward_tiles, launch_model
-from .plan import MIN_DOT, Plan
+from .plan import MIN_DOT, Plan, make_plan
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
 
@@ -21,10 +21,14 @@ KERNELS_WITH_TILES = ("compression", "selection", "window")
 
 
 def tunable_kernels(spec: Spec) -> tuple[str, ...]:
-    """The kernels with candidate configs (tuned by `specgen tune`, autotuned without a record): the forward
-    attention kernels, then the backward dQ and dK/dV kernels of each branch."""
-    forward = tuple(k for k in KERNELS_WITH_TILES if k in spec.branches)
-    return forward + tuple(f"{k}_{part}" for k in forward for part in ("dq", "dkdv"))
+    """The kernels with candidate configs (tuned by `specgen tune`, autotuned with SPECGEN_AUTOTUNE=1): the forward
+    attention kernels, then the backward dQ and dK/dV kernels of each branch. The block-outer selection kernels
+    (plan.selection_order / selection_bwd_order == "kv") run on the plan's tiles and are not among them."""
+    plan = make_plan(spec)
+    branches = tuple(k for k in KERNELS_WITH_TILES if k in spec.branches)
+    forward = tuple(k for k in branches if not (k == "selection" and plan.selection_order == "kv"))
+    backward = tuple(k for k in branches if not (k == "selection" and plan.selection_bwd_order == "kv"))
+    return forward + tuple(f"{k}_{part}" for k in backward for part in ("dq", "dkdv"))
 
 
 def default_configs(plan: Plan) -> dict:

@@ -106,9 +106,9 @@ class Selection:
                     bounds=(0, MAX_TOP_K, "counted within top_k"))
     scorer: str = _f("what ranks the candidates: the compression branch's probabilities, or a lightning indexer",
                      "compression", choices=("compression", "indexer"))
-    loop_order: str = _f("the selected-block attention's loop order: auto (the plan decides from bytes moved), query "
-                         "(query outer: each query gathers its blocks; large GQA groups), or kv (block outer: each "
-                         "selected block attends the queries that chose it; small groups); block granularity only",
+    loop_order: str = _f("the selected-block attention's loop order, forward and backward: auto (the plan decides per "
+                         "pass), query (query outer: each query gathers its blocks), or kv (block outer: each selected "
+                         "block attends the queries that chose it); blocks of 16+ tokens only (docs/selection_order.md)",
                          "auto", choices=LOOP_ORDERS)
 
 
