@@ -121,11 +121,41 @@ def plot(latest: dict, path: Path) -> bool:
     return True
 
 
-def readme_with(section: str, readme: Path) -> str:
-    text = readme.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    return f"{head}{START}\n{section}\n{END}{tail}"
+ORDER_RESULTS = RESULTS / "selection_order"
+ORDER_START = "<!-- order-table:start (python bench/plot_results.py) -->"
+ORDER_END = "<!-- order-table:end -->"
+
+
+def order_table(results: Path = ORDER_RESULTS) -> str:
+    """The selection loop orders of each spec (bench/selection_order.py records, `<spec>_<order>` names): the
+    query-outer kernels against the plan's choice, with cuDNN of the same run; the newest record per name."""
+    latest = {}
+    for path in sorted(results.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                latest[rec["spec"]] = rec
+    rows = ["| spec (q / kv heads, d) | T | forward ms: query outer → plan | fwd+bwd ms: query outer → plan "
+            "| plan vs cuDNN fwd / fwd+bwd | device, commit |", "|---|---|---|---|---|---|"]
+    for name in sorted({n.rsplit("_", 1)[0] for n in latest if n.endswith(("_query", "_auto"))}):
+        q, a = latest.get(f"{name}_query"), latest.get(f"{name}_auto")
+        if q is None or a is None:
+            continue
+        heads, dims = a["shapes"]["heads"], a["shapes"]["head_dim"]
+        d = str(dims[0]) if dims[0] == dims[1] else f"{dims[0]}/{dims[1]}"
+        for rq, ra in zip(q["rows"], a["rows"]):
+            rows.append(f"| {name} ({heads[0]} / {heads[1]}, {d}) | {ra['T'] // 1024}k | {_ms(rq['forward_ms'])} → "
+                        f"{_ms(ra['forward_ms'])} | {_ms(rq['fwd_bwd_ms'])} → {_ms(ra['fwd_bwd_ms'])} | "
+                        f"{ra['speedup']['cudnn']:.2f}x / {ra['speedup_fwd_bwd']['cudnn']:.2f}x | "
+                        f"{a['device']}, {a['commit']} |")
+    return "\n".join(rows)
+
+
+def readme_with(section: str, readme: Path, start: str = START, end: str = END, text: str | None = None) -> str:
+    text = readme.read_text() if text is None else text
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    return f"{head}{start}\n{section}\n{end}{tail}"
 
 
 def main(argv=None) -> int:
@@ -135,6 +165,8 @@ def main(argv=None) -> int:
     latest = latest_records()
     readme = ROOT / "README.md"
     new = readme_with(table(latest), readme)
+    if ORDER_START in new:
+        new = readme_with(order_table(), readme, ORDER_START, ORDER_END, new)
     if args.check:
         return 0 if new == readme.read_text() else 1
     readme.write_text(new)
