@@ -7,7 +7,6 @@ half-written module and an unchanged spec touches nothing.
 
 from __future__ import annotations
 
-import pprint
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .render_distill import DistillPlan, distill_context
 from ..model.spec import Spec, validated
 from .test_shapes import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                            gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
-from .templating import TEMPLATES, environment as _environment, header, pystr, pytext  # noqa: F401 (re-exported)
+from .templating import TEMPLATES, environment as _environment, header, pack, pyliteral, pystr, pytext  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 SHORT = {"compression": "cmp", "selection": "slc", "window": "win"}
@@ -83,6 +82,35 @@ def arguments(spec: Spec) -> list[Argument]:
     return args
 
 
+def _sorted(value):
+    """Dicts with their keys sorted, all the way down (launch configs print in one order whatever built them)."""
+    return {k: _sorted(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+
+def candidate_table(candidates: dict) -> dict:
+    """{kernel: (field names, row, ...)}: the candidate configs as `runtime.launches.config_table` reads them back;
+    a kernel whose candidates equal an earlier kernel's (the window's and the compression's, often) names it."""
+    out: dict = {}
+    for kernel, configs in candidates.items():
+        same = next((k for k in out if candidates[k] == configs), None)
+        if same is not None:
+            out[kernel] = same
+            continue
+        fields = tuple(sorted(configs[0]))
+        if any(tuple(sorted(c)) != fields for c in configs):
+            raise AssertionError(f"candidates of {kernel} differ in their fields")
+        out[kernel] = (fields, *(tuple(c[f] for f in fields) for c in configs))
+    return out
+
+
+def _descriptor_args(args: list[Argument]) -> str:
+    """The descriptor's `args` entries, several to a line."""
+    return pack([f"runtime.descriptor.Arg({pystr(a.name)}, {a.shape}"
+                 + (f", keyword=True, why={pystr(a.why)}" if a.keyword else "")
+                 + (", checks_dtype=False" if a.dtype == "None" else "") + ")," for a in args],
+                start=len("    args=("), indent=8)
+
+
 def _kv_names(spec: Spec) -> dict[str, str]:
     names = {}
     for branch, s in SHORT.items():
@@ -109,10 +137,11 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "runtime_schema": RUNTIME_SCHEMA,
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
         "records_hash": records_hash(records),
-        "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),
-        "candidates": pprint.pformat(candidates_for(plan), width=110, sort_dicts=True),
+        "configs": pyliteral(_sorted(configs_for(plan, records)), start=len("CONFIGS = ")),
+        "candidates": pyliteral(candidate_table(candidates_for(plan)), start=len("CANDIDATES = runtime.launches.config_table(")),
         "spec_hash": spec.hash,
-        "spec_dict": pprint.pformat(spec.to_dict(), width=110, sort_dicts=False),
+        "spec_dict": pyliteral(spec.to_dict(), start=len("SPEC = ")),
+        "descriptor_args": _descriptor_args(args),
         "torch_dtype": TORCH_DTYPES[spec.dtype],
         "launch_order": [b for b in LAUNCH_ORDER if b in spec.branches],
         "fn_name": f"{spec.family}_forward",
