@@ -12,8 +12,7 @@ from pathlib import Path
 
 from .. import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
-from .footprint import backward_tiles
-from .plan import Plan, decode_ring, make_plan
+from .plan import Plan, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
 from ..model.spec import Spec, validated
@@ -122,15 +121,13 @@ def _kv_names(spec: Spec) -> dict[str, str]:
 
 
 def module_context(spec: Spec, plan: Plan | None = None, records: list | None = None) -> dict:
-    from .tuning import candidates_for, configs_for
+    """The template variables of a module: the spec, its plan (every tile and config decision) and names; the
+    values here are formatted plan and spec values, not decisions."""
+    from .tuning import configs_for
 
     plan = plan or make_plan(spec)
     records = records or []
     args = arguments(spec)
-    idx_scale = None
-    if spec.indexer is not None:
-        idx = spec.indexer
-        idx_scale = idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5
     return {
         "spec": spec,
         "plan": plan,
@@ -138,7 +135,8 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
         "records_hash": records_hash(records),
         "configs": pyliteral(_sorted(configs_for(plan, records)), start=len("CONFIGS = ")),
-        "candidates": pyliteral(candidate_table(candidates_for(plan)), start=len("CANDIDATES = runtime.launches.config_table(")),
+        "candidates": pyliteral(candidate_table(plan.tuning.candidates),
+                                start=len("CANDIDATES = runtime.launches.config_table(")),
         "spec_hash": spec.hash,
         "spec_dict": pyliteral(spec.to_dict(), start=len("SPEC = ")),
         "descriptor_args": _descriptor_args(args),
@@ -156,15 +154,15 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "token_args": [a.name for a in args if '"T"' in a.shape],
         "kv": _kv_names(spec),
         "short": SHORT,
-        "idx_scale": repr(idx_scale),
-        "bwd": backward_tiles(spec, plan),
+        "idx_scale": repr(plan.idx_scale),
+        "bwd": plan.backward,
         "dec": decode_context(spec, args, plan),
     }
 
 
 def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
-    """Names, tiles and descriptor fields of the decode API (specgen.runtime.decode_descriptor): the cache stores
-    every per-token key/value/index-key input."""
+    """Names and descriptor literals of the decode API (specgen.runtime.decode_descriptor): the cache stores every
+    per-token key/value/index-key input; tiles and the ring are the plan's (`plan.decode`)."""
     dims = {"k": spec.head_dim.qk, "v": spec.head_dim.v}
     stored = {}
     for a in args:
@@ -172,8 +170,7 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             stored[a.name] = dims[a.name[0]]
     if spec.indexer is not None:
         stored["k_idx"] = spec.indexer.head_dim
-    wide = spec.head_dim.qk + spec.head_dim.v > 512
-    ring = decode_ring(spec)
+    ring = plan.decode.ring
     missing = [n for n in ring if n not in stored]
     if missing:
         raise AssertionError(f"decode ring tensors {missing} are not inputs of spec {spec.name}")
@@ -186,8 +183,7 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "stored_names": list(stored),
             # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks
             # (plan.decode_ring): a tuple, tested as such by the templates; its repr is what the module prints.
-            "ring": ring, "ring_repr": repr(ring),
-            "ring_size": (cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
+            "ring": ring, "ring_repr": repr(ring), "ring_size": plan.decode.ring_size,
             # Descriptor literals of the parts a spec may lack (0 / False / None without them).
             "compressed": spec.needs_compressed_kv, "cmp_branch": "compression" in spec.branches,
             "cmp_block": cmp_.block if cmp_ else 0, "cmp_stride": cmp_.stride if cmp_ else 0,
@@ -195,15 +191,14 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "sel_block": sel.block if sel else 0, "top_k": sel.top_k if sel else 0,
             "indexer": spec.indexer is not None, "idx_heads": spec.indexer.heads if spec.indexer else 0,
             "idx_dim": spec.indexer.head_dim if spec.indexer else 0, "window": spec.window.size if spec.window else 0,
-            "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2,
+            "max_gp": plan.decode.max_gp, "num_stages": plan.decode.num_stages,
             "fp8": spec.indexer is not None and spec.indexer.dtype == "fp8_e4m3",
             "scorer": repr(sel.scorer if sel else None),
             "pool_kind": repr(cmp_.pool if cmp_ else None),
             "pool_weights": "(" + ", ".join(pool_weights) + ("," if len(pool_weights) == 1 else "") + ")",
             "k_cmp": kv["k_cmp"], "v_cmp": kv["v_cmp"], "k_slc": kv["k_slc"],
             "v_slc": kv["k_slc"] if spec.mla else kv["v_slc"], "k_win": kv["k_win"], "v_win": kv["v_win"],
-            "split_tiles": repr({"compression": 64, "window": 64,
-                                 "selection": plan.selection.block_n if sel else 64})}
+            "split_tiles": repr(plan.decode.split_tiles)}
 
 
 def has_distillation(spec: Spec) -> bool:

@@ -1,4 +1,6 @@
-"""Tuning records: the launch configs `specgen tune` measured best, kept beside the spec.
+"""Launch configs: the plan's defaults and tuning candidates (filled into `Plan.tuning` by specgen.compile.plan,
+which imports this module: the functions here read a plan's tiles, they do not make them), and the tuning records,
+the launch configs `specgen tune` measured best, kept beside the spec.
 
 A record lives in `specs/<name>.tune.json`, keyed by spec hash, GPU name and Triton version; it is not part of the
 spec's hash. `specgen build` bakes the configs of the records matching the spec's hash into the generated module
@@ -12,8 +14,7 @@ import json
 from pathlib import Path
 
 from .files import write_if_changed
-from .footprint import backward_tiles, launch_model
-from .plan import MIN_DOT, Plan
+from .footprint import MIN_DOT, launch_model
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
 
@@ -27,7 +28,8 @@ def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     return forward + tuple(f"{k}_{part}" for k in forward for part in ("dq", "dkdv"))
 
 
-def default_configs(plan: Plan) -> dict:
+def default_configs(plan) -> dict:
+    """{kernel: config} of every kernel of the plan's spec, from its tiles (`Plan.tuning.defaults`)."""
     spec = plan.spec
     configs = {}
     for kind in KERNELS_WITH_TILES:
@@ -39,7 +41,7 @@ def default_configs(plan: Plan) -> dict:
         rows = plan.score_bt * plan.score_gp if spec.selection.scorer == "compression" else 16
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
     # Backward: programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.
-    bwd = backward_tiles(spec, plan)
+    bwd = plan.backward
     configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
     for kind in spec.branches:
         if kind == "selection":
@@ -56,9 +58,9 @@ def default_configs(plan: Plan) -> dict:
     return configs
 
 
-def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
+def _rows(plan, kernel: str, cfg: dict) -> int:
     """Query rows of one program (forward) or trip (backward) under `cfg`."""
-    bwd = backward_tiles(plan.spec, plan)
+    bwd = plan.backward
     if kernel in KERNELS_WITH_TILES:
         return cfg["bt"] * getattr(plan, kernel).gp
     if kernel == "selection_dq":
@@ -68,7 +70,7 @@ def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
     return cfg["bt"] * bwd.gp
 
 
-def candidates(plan: Plan, kernel: str) -> list[dict]:
+def candidates(plan, kernel: str) -> list[dict]:
     """Launch configs worth timing for a tunable kernel, the default first, pruned by the footprint model
     (`footprint.launch_model`: shared memory and accumulator registers against the budgets) before compiling.
 
@@ -114,15 +116,15 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     return out
 
 
-def candidates_for(plan: Plan) -> dict:
+def candidates_for(plan) -> dict:
     """{kernel: candidates} of every tunable kernel of the plan's spec: what a module without a tuning record
-    autotunes over on the GPU."""
+    autotunes over on the GPU (`Plan.tuning.candidates`)."""
     return {k: candidates(plan, k) for k in tunable_kernels(plan.spec)}
 
 
-def configs_for(plan: Plan, records: list[dict]) -> dict:
+def configs_for(plan, records: list[dict]) -> dict:
     """{"default": plan defaults, "<GPU name>": {kernel: config}} with the tuned entries (newest wins per GPU)."""
-    out = {"default": default_configs(plan)}
+    out = {"default": {k: dict(v) for k, v in plan.tuning.defaults.items()}}
     for entry in sorted(records, key=lambda e: e.get("date", "")):
         out[entry["gpu"]] = {k: dict(v) for k, v in entry["configs"].items()}
     return out
