@@ -317,3 +317,20 @@ def test_load_from_a_warm_cache_touches_nothing(fresh_cache, monkeypatch):
     mod = specgen.load(SMALL)
     assert module_file.stat().st_mtime_ns == 1_000_000_000_000_000_000
     assert mod.SPEC_HASH == SMALL.hash
+
+
+def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
+    """specgen/compile/branches.py declares each branch once: the spec's choices, the launch order, the kernels a
+    module defines for it and the configs tuned for it all come from that table."""
+    from specgen.compile import branches
+    from specgen.compile.tuning import tunable_kernels
+    from specgen.model.spec import BRANCHES
+
+    assert set(branches.NAMES) == set(BRANCHES) and branches.NAMES[0] == "compression"  # pooled keys feed selection
+    src = (ROOT / "generated" / "nsa_small.py").read_text()
+    for name in branches.kernel_names():
+        assert f"def {name}(" in src, name
+    for b in branches.BRANCHES:
+        assert f"def {b.decode_kernel}(" in src
+    assert tunable_kernels(SMALL) == ("compression", "selection", "window", "compression_dq", "compression_dkdv",
+                                     "selection_dq", "selection_dkdv", "window_dq", "window_dkdv")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from .branches import BY_NAME
 from ..model.spec import Spec
 
 
@@ -90,7 +91,7 @@ def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
     t = tiles or plan.backward
     out = {"_bwd_preprocess_kernel": SCRATCH}
     for kind in spec.branches:
-        if kind == "selection":
+        if BY_NAME[kind].gathered:
             out["_selection_bwd_dq_kernel"] = dq_smem(spec, t.sel_dq_gp, t.sel_dq_block_n, t.sel_num_stages,
                                                       gathered=True)
             out["_selection_bwd_dkdv_kernel"] = dkdv_smem(spec, t.sel_bq * t.sel_dkdv_gp, t.sel_tile,
@@ -141,12 +142,12 @@ def launch_model(spec: Spec, kernel: str) -> LaunchModel:
     tile (for dK/dV: the keys it owns; rows then stream)."""
     dqk, dv = spec.head_dim.qk, spec.head_dim.v
     threads = WARPS * 32
-    if kernel in ("compression", "window", "selection"):
-        smem = attention_smem(spec, ROWS, KEYS, STAGES, gathered=kernel == "selection")
+    if kernel in BY_NAME:
+        smem = attention_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[kernel].gathered)
         return LaunchModel(smem, (ROWS * dv + ROWS * KEYS) / threads)
     branch, part = kernel.rsplit("_", 1)
     if part == "dq":
-        smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=branch == "selection")
+        smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[branch].gathered)
         return LaunchModel(smem, (ROWS * dqk + ROWS * KEYS) / threads)
     smem = dkdv_smem(spec, ROWS, KEYS, STAGES)
     return LaunchModel(smem, (KEYS * (dqk + dv) + KEYS * ROWS) / threads)

@@ -6,7 +6,7 @@ backward's, decode's and distillation's tiles, and the launch configs (defaults 
 templates only substitute values and never decide. Tuned configs (when a tuning record exists) override the
 defaults chosen here. `make_plan(spec)` is the only constructor; render reads nothing else.
 
-    Plan                    forward tiles (compression / selection / window: AttentionTile), block scoring
+    Plan                    branches (launch order), forward tiles (compression / selection / window: AttentionTile), block scoring
                             (score_*), token scoring (index_*), pooling (pool_bi), head-dim parts, group
       .backward             BackwardTiles: the backward kernels' tiles (each kernel fits shared memory)
       .decode               DecodePlan: the decode step's tiles, the ring of cache tensors, the top-k segments
@@ -20,6 +20,7 @@ import functools
 from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
+from .branches import Branch, branches_of
 from .footprint import (MIN_DOT, SCORE_REGISTER_BUDGET, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, dkdv_smem, dq_smem, next_pow2)
 from .tuning import candidates_for, default_configs
@@ -181,6 +182,11 @@ class Plan:
     backward: BackwardTiles | None = None
     decode: DecodePlan | None = None
     distill: DistillPlan | None = None
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """The spec's branches in launch order (specgen.compile.branches)."""
+        return branches_of(self.spec)
 
     @property
     def unit(self) -> int:

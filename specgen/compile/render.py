@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
+from .branches import BRANCHES
 from .plan import Plan, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
@@ -21,9 +22,9 @@ from .test_shapes import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_
 from .templating import TEMPLATES, environment as _environment, header, pack, pyliteral, pystr, pytext  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-SHORT = {"compression": "cmp", "selection": "slc", "window": "win"}
-# Kernels depend on one another: pooled keys and the compression log-sum-exp feed selection.
-LAUNCH_ORDER = ("compression", "selection", "window")
+# Each branch's own k/v inputs under `kv: independent` (k_cmp, v_cmp, ...), and the launch order: the registry's.
+SHORT = {b.name: b.short for b in BRANCHES}
+LAUNCH_ORDER = tuple(b.name for b in BRANCHES)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "spec_dict": pyliteral(spec.to_dict(), start=len("SPEC = ")),
         "descriptor_args": _descriptor_args(args),
         "torch_dtype": TORCH_DTYPES[spec.dtype],
-        "launch_order": [b for b in LAUNCH_ORDER if b in spec.branches],
+        "launch_order": [b.name for b in plan.branches],
         "fn_name": f"{spec.family}_forward",
         "positional": [a.name for a in args if not a.keyword],
         "keyword_inputs": [a for a in args if a.keyword],

@@ -14,18 +14,20 @@ import json
 from pathlib import Path
 
 from .files import write_if_changed
+from .branches import NAMES, branches_of
 from .footprint import MIN_DOT, launch_model
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
 
-KERNELS_WITH_TILES = ("compression", "selection", "window")
+# The forward attention kernels: one AttentionTile of the plan each (plan.<branch>), named by their branch.
+KERNELS_WITH_TILES = NAMES
 
 
 def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     """The kernels with candidate configs (tuned by `specgen tune`, autotuned without a record): the forward
     attention kernels, then the backward dQ and dK/dV kernels of each branch."""
-    forward = tuple(k for k in KERNELS_WITH_TILES if k in spec.branches)
-    return forward + tuple(f"{k}_{part}" for k in forward for part in ("dq", "dkdv"))
+    branches = branches_of(spec)
+    return tuple(b.forward_config for b in branches) + tuple(c for b in branches for c in b.backward_configs)
 
 
 def default_configs(plan) -> dict:
