@@ -8,14 +8,14 @@ Branches (gate channel order): selection.
 Selection: top 2048 tokens, ranked by the indexer scorer.
 """
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(1, "dsa_v32")
+runtime.require_schema(2, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -23,56 +23,33 @@ import triton.language as tl  # noqa: E402
 SPEC_NAME = "dsa_v32"
 SPEC_HASH = "4ef8cc6027bb7f42"
 # The spec this module was rendered from (the generated test rebuilds it to drive the reference).
-SPEC = {'name': 'dsa_v32',
- 'family': 'dsa',
- 'heads': {'q': 128, 'kv': 1},
- 'head_dim': {'qk': 576, 'v': 512},
- 'dtype': 'bf16',
- 'causal': True,
- 'scale': 0.07216878364870323,
- 'kv': 'shared',
- 'mla': True,
- 'branches': ['selection'],
- 'compression': None,
- 'selection': {'granularity': 'token',
-               'block': 1,
-               'top_k': 2048,
-               'initial': 0,
-               'local': 0,
-               'scorer': 'indexer',
-               'loop_order': 'auto'},
- 'window': None,
- 'indexer': {'heads': 64, 'head_dim': 128, 'dtype': 'fp8_e4m3', 'scale': None, 'stage': 'sparse'},
- 'max_seqlen': 65536,
- 'decode': {'max_q_len': 4, 'page_size': 64}}
+SPEC = {"name": "dsa_v32", "family": "dsa", "heads": {"q": 128, "kv": 1}, "head_dim": {"qk": 576, "v": 512},
+    "dtype": "bf16", "causal": True, "scale": 0.07216878364870323, "kv": "shared", "mla": True,
+    "branches": ["selection"], "compression": None, "selection": {"granularity": "token", "block": 1,
+    "top_k": 2048, "initial": 0, "local": 0, "scorer": "indexer"}, "window": None, "indexer": {"heads": 64,
+    "head_dim": 128, "dtype": "fp8_e4m3", "scale": None, "stage": "sparse"}, "max_seqlen": 65536,
+    "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {'NVIDIA H100 80GB HBM3': {'preprocess': {'num_warps': 4, 'rows': 16},
-                           'select': {'num_warps': 4},
-                           'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-                           'selection_dkdv': {'block_n': 32, 'bq': 1, 'num_stages': 1, 'num_warps': 8},
-                           'selection_dq': {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8}},
- 'default': {'preprocess': {'num_warps': 4, 'rows': 16},
-             'select': {'num_warps': 4},
-             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-             'selection_dkdv': {'block_n': 32, 'bq': 1, 'num_stages': 1, 'num_warps': 8},
-             'selection_dq': {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8}}}
-# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
-# at the first call (pruned by the footprint model when the module was built; timings cached on disk).
-CANDIDATES = {'selection': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8}],
- 'selection_dkdv': [{'block_n': 32, 'bq': 1, 'num_stages': 1, 'num_warps': 8}],
- 'selection_dq': [{'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-                  {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-                  {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-                  {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 8}]}
+CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16}, "select": {"num_warps": 4},
+    "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "selection_dkdv": {"block_n": 32,
+    "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
+    "num_warps": 8}}, "default": {"preprocess": {"num_warps": 4, "rows": 16}, "select": {"num_warps": 4},
+    "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "selection_dkdv": {"block_n": 32,
+    "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
+    "num_warps": 8}}}
+# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
+# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
+# config fields, then one row of values per candidate, the default first.
+CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "bt", "num_stages", "num_warps"),
+    (64, 1, 2, 8), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (64, 1, 1, 8)),
+    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (32, 1, 1, 8), (32, 1, 1, 4),
+    (32, 1, 2, 4), (32, 1, 2, 8)), "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"),
+    (32, 1, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -680,31 +657,12 @@ def _decode_combine_kernel(
 
 
 
-# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
-INDEX_WORKSPACE_BYTES = 256 * 2**20
-
-
 def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
-    """Top-k tokens by the indexer, chunk by chunk of queries; no T x T scores ever exist. With
-    `scores` ([B, T, 1, 2048] fp32), also the selected units' scores."""
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    # e4m3 rows with fp32 scales; q_I's scales fold into the head weights, k_I's stay per token (runtime.fp8_rows).
-    q_idx, w_idx = runtime.fp8_index_queries(q_idx, w_idx)
-    k_idx, k_scale = runtime.fp8_rows(k_idx)
-    extra = (k_scale,)
-    units = triton.cdiv(T, 1)
-    QC = max(16, min(T, triton.next_power_of_2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * 1 * units))) // 2))
-    ws = torch.empty((B * 1, QC, units), dtype=torch.float32, device=q_idx.device)
-    for q0 in range(0, T, QC):
-        nq = min(QC, T - q0)
-        # Rows with at most k candidates keep them all: their scores are needed only when asked for.
-        if scores is not None or (q0 + nq - 1) // 1 + 1 > 2048:
-            _index_scores_kernel[(triton.cdiv(nq, 2), B * 1, triton.cdiv(q0 + nq, 512))](
-                q_idx, k_idx, w_idx, ws, *extra, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-                k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
-                T, q0, QC, units, 0.011048543456039806, WIDEN=runtime.interpreting(), num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-        _radix_topk_kernel[(nq, B * 1)](ws, indices, scores if scores is not None else ws, T, q0, QC, units,
-                                             WITH_SCORES=scores is not None, num_warps=4)
+    """Top-k tokens by the indexer into `indices` (with `scores` [B, T, 1, 2048] fp32, also the selected units'
+    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist."""
+    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, unit=1,
+                           top_k=2048, heads_kv=1, bt=2, keys=512, scale=0.011048543456039806,
+                           fp8=True, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
 
 
 def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
@@ -735,12 +693,11 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         w_idx: [B, T, 64] indexer head weights
         indices: optional int32 [B, T, 1, 2048] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 128, 512] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
-            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
-            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
-            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
-            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
-            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
+        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
+            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
+            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
+            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
+            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
@@ -750,45 +707,17 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-class ForwardState(NamedTuple):
-    """What one forward computed; the backward pass reads the saved pieces."""
-    out: torch.Tensor
-    lse: torch.Tensor            # [B, T, HQ, N_BRANCHES] fp32
-    indices: Optional[torch.Tensor]
-    branch_out: Optional[torch.Tensor]  # [N_BRANCHES, B, T, HQ, DV] un-gated branch outputs, when saved
-    kc: Optional[torch.Tensor]   # pooled compression keys [B, NC, HKV, DQK]
-    vc: Optional[torch.Tensor]   # pooled compression values [B, NC, HKV, DV]
-
-
 def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False):
-    """The launches, on checked arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
+    """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
     v = k[..., :512]  # MLA: V is the first d_v dims of the latent K
-    if out is None:
-        out = torch.empty((B, T, 128, 512), dtype=DTYPE, device=device)
-    branch_out = (torch.empty((1, B, T, 128, 512), dtype=DTYPE, device=device)
-                  if save_branch_outputs else out)
-    lse = torch.empty((B, T, 128, 1), dtype=torch.float32, device=device)
-    acc = out
-    gates = q
-    g_strides = (0, 0, 0)
-    sm_scale = 0.07216878364870323
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, None, out, save_branch_outputs, WIDEN)
+    B, T = f.B, f.T
     if indices is None:
-        indices = torch.empty((B, T, 1, 2048), dtype=torch.int32, device=device)
+        indices = f.new_indices()
         _select_by_indexer(q_idx, k_idx, w_idx, indices)
-    runtime.launch(
-        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 2),
-        (q, k, v, gates, acc, out, lse, branch_out, indices,
-         q.stride(0), q.stride(1), q.stride(2),
-         k.stride(0), k.stride(1), k.stride(2),
-         v.stride(0), v.stride(1), v.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 65536),
-        dict(HAS_PREV=False, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T)
-    return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
-                        None, None)
+    f.attention(_selection_attention_kernel, "selection", k, v, T, indices, head_chunks=2)
+    return f.state(indices, None, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -812,24 +741,17 @@ DECODE_TOPK_MAX_SEGMENTS = 32
 DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
 
 _DECODE = runtime.decode_descriptor.DecodeDescriptor(
-    spec_name=SPEC_NAME, cache_class="DSACache", fn="dsa_decode", dtype=DTYPE,
-    hq=HQ.value, hkv=HKV.value, group=GROUP.value, dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES),
-    softmax_scale=0.07216878364870323, gated=False, mla=True,
+    spec_name=SPEC_NAME, cache_class="DSACache", fn="dsa_decode", dtype=DTYPE, hq=HQ.value, hkv=HKV.value, group=GROUP.value,
+    dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.07216878364870323, gated=False, mla=True,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
-    compressed=False, cmp_branch=False, cmp_block=0, cmp_stride=0,
-    pool_kind=None, position_embedding=False,
-    k_cmp="k", v_cmp="v", pool_weights=(),
-    scorer='indexer', sel_block=1, top_k=2048, k_slc="k", v_slc="k",
-    indexer=True, fp8=True, idx_heads=64, idx_dim=128,
-    idx_scale=0.011048543456039806, index_bs=64, index_hp=64,
-    window=0, k_win="k", v_win="v",
-    split_tiles={'compression': 64, 'window': 64, 'selection': 64}, max_gp=64, num_stages=1, widen=WIDEN,
-    pool=None,
+    compressed=False, cmp_branch=False, cmp_block=0, cmp_stride=0, pool_kind=None, position_embedding=False,
+    k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', sel_block=1, top_k=2048,
+    k_slc="k", v_slc="k", indexer=True, fp8=True, idx_heads=64, idx_dim=128, idx_scale=0.011048543456039806,
+    index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    max_gp=64, num_stages=1, widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
-    combine_kernel=_decode_combine_kernel,
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
-    topk_write_kernel=_decode_topk_write_kernel,
-)
+    topk_write_kernel=_decode_topk_write_kernel)
 
 
 class DSACache(runtime.decode_cache.Cache):
@@ -852,13 +774,9 @@ class DSACache(runtime.decode_cache.Cache):
 
 
 def _decode_topk(ws, seqlens, indices, segment=None):
-    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
-    into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device.
-    Each row is split into segments of `segment` units (default: from the shapes alone, so launches and
-    workspaces are fixed and the step stays CUDA-graph capturable): four radix passes, each a launch of
-    (row, segment) programs writing per-segment 256-bin histograms (`_decode_topk_hist_kernel`), then one that
-    writes every segment's winners at its offset (`_decode_topk_write_kernel`); a cache of at most TOP_K units
-    needs only the last."""
+    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] into indices
+    [B, QL, HKV, TOP_K], in segments of `segment` units (runtime.decode_step.topk: radix passes of per-segment
+    histograms, `_decode_topk_hist_kernel`, then `_decode_topk_write_kernel`)."""
     return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
                                     DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS)
 
@@ -1095,71 +1013,24 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
-    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
-    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=1,
-                                                    units_per_tile=32)
+    """The selection's block -> queries index, CSR over (batch, kv head, key tile): runtime.backward's."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=1, units_per_tile=32)
 
 
 def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
     """Gradients of q, k (in that order), from the saved forward state.
 
     `branch_out` [1, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
-    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values.
+    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values; the accumulators
+    and each kernel's arguments are runtime.launches.Backward's.
     """
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    dout = dout.to(DTYPE).contiguous()
     v = k[..., :512]  # MLA: V is the first d_v dims of K; its gradient is added into dK below
-    gates = q
-    g_strides = (0, 0, 0)
-    sm_scale = 0.07216878364870323
-    n_rows = B * T * 128
-    dg = torch.empty((B, T, 128, 1), dtype=torch.float32, device=device)
-    dgates = torch.empty((B, T, 128, 1), dtype=DTYPE, device=device)
-    cfg = runtime.launch_config(CONFIGS, "preprocess")
-    _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
-                                                               num_warps=cfg["num_warps"])
-    # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
-    # later ones add; each element has one writer per launch, launches run in order).
-    dq = torch.empty((B, T, 128, 576), dtype=torch.float32, device=device)
-    grads = {}
-
-    def target(name, D):
-        first = name not in grads
-        if first:
-            grads[name] = torch.empty((B, T, 1, D), dtype=torch.float32, device=device)
-        return grads[name], not first
-
-    # selection branch
-    runtime.launch(
-        _selection_bwd_dq_kernel, "selection_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (T, B * 1 * 4),
-        (q, k, v, gates, dout, lse, dg, dq, indices,
-         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-         v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale),
-        dict(HAS_PREV=False, WIDEN=WIDEN), T=T)
-    cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
-    dk_acc, accumulate = target("k", 576)
-    dv_acc, accumulate_v = target("v", 512)
-    assert accumulate == accumulate_v
-    # The inverse index sorts B * T * HKV * k entries with several int64 temporaries: built and used for a group of
-    # batch elements at a time (views: the kernel's batch index is relative), so a padded varlen batch or a large B
-    # costs what one group costs.
-    group = max(1, INVERSE_INDEX_ENTRIES // (T * 1 * 2048))
-    for b0 in range(0, B, group):
-        bs = slice(b0, min(B, b0 + group))
-        offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
-        runtime.launch(
-            _selection_bwd_dkdv_kernel, "selection_dkdv", CONFIGS, CANDIDATES,
-            lambda cfg: (triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 1),
-            (q[bs], k[bs], v[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos,
-             bits, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-             v.stride(0), v.stride(1), v.stride(2), *g_strides, T, T, sm_scale),
-            dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
-    grads["k"][..., :512] += grads.pop("v")
-    return (dq.to(DTYPE),
-            grads["k"].to(DTYPE))
+    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, None, lse, branch_out, WIDEN)
+    T = b.T
+    b.dq(_selection_bwd_dq_kernel, "selection", k, v, T, indices, head_chunks=4)
+    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k", "v", k, v, indices, _selection_inverse_index,
+                     INVERSE_INDEX_ENTRIES)
+    return b.gradients(_DESC.diff_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1168,21 +1039,15 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
 # ---------------------------------------------------------------------------------------------------------------
 
 _DESC = runtime.descriptor.Descriptor(
-    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="2eab5176da3409ae", family="dsa",
-    dtype=DTYPE, heads_q=128, heads_kv=1, dim_qk=576, dim_v=512,
-    branches=("selection",), max_seqlen=65536,
-    args=(
-        runtime.descriptor.Arg("q", ("B", "T", 128, 576)),
-        runtime.descriptor.Arg("k", ("B", "T", 1, 576)),
+    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="2eab5176da3409ae", family="dsa", dtype=DTYPE,
+    heads_q=128, heads_kv=1, dim_qk=576, dim_v=512, branches=("selection",), max_seqlen=65536,
+    args=(runtime.descriptor.Arg("q", ("B", "T", 128, 576)), runtime.descriptor.Arg("k", ("B", "T", 1, 576)),
         runtime.descriptor.Arg("q_idx", ("B", "T", 64, 128), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
         runtime.descriptor.Arg("k_idx", ("B", "T", 1, 128), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
-        runtime.descriptor.Arg("w_idx", ("B", "T", 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
-    ),
-    top_k=2048, unit=1, fp8_indexer=True,
-    needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
-    gated=False, mla=True, linear_pool=False, pool_pe=False,
-    indexer_heads=64, indexer_dim=128,
-    forward=_forward, backward=_backward)
+        runtime.descriptor.Arg("w_idx", ("B", "T", 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),),
+    top_k=2048, unit=1, fp8_indexer=True, needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
+    gated=False, mla=True, linear_pool=False, pool_pe=False, indexer_heads=64, indexer_dim=128,
+    softmax_scale=0.07216878364870323, forward=_forward, backward=_backward)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name
@@ -1871,19 +1736,18 @@ def _distill_dk_sparse_kernel(
 
 
 _DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH
-_DISTILL_SM_SCALE = 0.07216878364870323
-_DISTILL_IDX_SCALE = 0.011048543456039806
-
-
-def _distill_strides(q, k, q_idx, k_idx, w_idx):
-    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_idx.stride(0), k_idx.stride(1), k_idx.stride(2),
-            w_idx.stride(0), w_idx.stride(1))
 
 
 def _distill_inverse_index(indices):
     """CSR of the selection transposed (runtime.distill.inverse_index): (ptr, pos)."""
     return runtime.distill.inverse_index(indices, 1)
+
+
+_DISTILL_LAUNCHES = runtime.distill.Launches(
+    {"fwd_dense": _distill_fwd_dense_kernel, "fwd_sparse": _distill_fwd_sparse_kernel, "dq_dense": _distill_dq_dense_kernel,
+     "dk_dense": _distill_dk_dense_kernel, "dq_sparse": _distill_dq_sparse_kernel, "dk_sparse": _distill_dk_sparse_kernel},
+    _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
+    sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1)
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
@@ -1892,81 +1756,20 @@ def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: t
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], stats fp32 [B, T, 1, 2] = (lse of I over the support, mass of p), lse of the main
     attention [B, T, 128] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded
-    packed batch): rows outside it are not rows of the loss."""
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    row_kl = torch.empty((B, T, 1), dtype=torch.float32, device=device)
-    stats = torch.empty((B, T, 1, 2), dtype=torch.float32, device=device)
-    lse_out = torch.empty((0,) if lse_main is not None else (B, T, 128), dtype=torch.float32, device=device)
-    lse = lse_main if lse_main is not None else lse_out
-    strides = _distill_strides(q, k, q_idx, k_idx, w_idx)
-    if indices is None:
-        _distill_fwd_dense_kernel[(triton.cdiv(T, 1), B * 1)](
-            q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
-            num_warps=4, num_stages=1)
-    else:
-        _distill_fwd_sparse_kernel[(T, B * 1)](
-            q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, HAS_LSE=lse_main is not None, WIDEN=WIDEN,
-            num_warps=4, num_stages=1)
-    if row_ok is not None:
-        # Padding rows of a packed batch have a non-empty (padding) support: mark them empty like a row with no
-        # key, so they are not counted in N_valid and the backward kernels (which read the mark) give them dI = 0.
-        ok = row_ok[:, :, None]
-        row_kl = torch.where(ok, row_kl, 0.0)
-        stats = torch.stack([torch.where(ok, stats[..., 0], float("-inf")), stats[..., 1]], dim=-1)
-    # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
-    n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
-    loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
-    return loss, stats, lse_out
-
-
-@_distill_fwd.register_fake
-def _(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
-    B, T = q.shape[0], q.shape[1]
-    return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, 1, 2), dtype=torch.float32),
-            q.new_empty((0,) if lse_main is not None else (B, T, 128), dtype=torch.float32))
+    packed batch): rows outside it are not rows of the loss. Launches: runtime.distill.Launches.forward."""
+    return _DISTILL_LAUNCHES.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok)
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_bwd", mutates_args=())
 def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                  w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (query side, key side)."""
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
-    gscale = (grad.to(torch.float32) / n_valid).reshape(1)
-    dq_idx = torch.empty(q_idx.shape, dtype=q_idx.dtype, device=device)
-    dk_idx = torch.empty(k_idx.shape, dtype=k_idx.dtype, device=device)
-    dw_idx = torch.empty(w_idx.shape, dtype=w_idx.dtype, device=device)
-    strides = _distill_strides(q, k, q_idx, k_idx, w_idx)
-    if indices is None:
-        _distill_dq_dense_kernel[(triton.cdiv(T, 1), B * 1)](
-            q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
-        _distill_dk_dense_kernel[(triton.cdiv(T, 32), B * 1)](
-            q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
-    else:
-        # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
-        di_sel = torch.empty((B, T, 1, 2048), dtype=torch.float32, device=device)
-        _distill_dq_sparse_kernel[(T, B * 1)](
-            q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *strides,
-            T, _DISTILL_SM_SCALE, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
-        ptr, pos = _distill_inverse_index(indices)
-        _distill_dk_sparse_kernel[(triton.cdiv(T, 16), B * 1)](
-            q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *strides[6:],
-            T, _DISTILL_IDX_SCALE, WIDEN=WIDEN, num_warps=4, num_stages=1)
-    return dq_idx, dk_idx, dw_idx
+    """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (runtime.distill.Launches.backward)."""
+    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
 
 
-@_distill_bwd.register_fake
-def _(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
-    return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
-
-
+_distill_fwd.register_fake(_DISTILL_LAUNCHES.forward_fake)
+_distill_bwd.register_fake(_DISTILL_LAUNCHES.backward_fake)
 _DISTILL = runtime.distill.Distill(_DESC, _distill_fwd, _distill_bwd, index_topk, "sparse")
 torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _DISTILL.backward, setup_context=_DISTILL.setup_context)
 

@@ -10,14 +10,12 @@ Selection: top 16 blocks of l'=64 (1 initial + 2 local forced), ranked by the co
 Window: w=512.
 """
 
-from typing import NamedTuple, Optional
-
 import torch
 
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(1, "nsa_paper")
+runtime.require_schema(2, "nsa_paper")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -25,255 +23,62 @@ import triton.language as tl  # noqa: E402
 SPEC_NAME = "nsa_paper"
 SPEC_HASH = "e863423743878009"
 # The spec this module was rendered from (the generated test rebuilds it to drive the reference).
-SPEC = {'name': 'nsa_paper',
- 'family': 'nsa',
- 'heads': {'q': 64, 'kv': 4},
- 'head_dim': {'qk': 192, 'v': 128},
- 'dtype': 'bf16',
- 'causal': True,
- 'scale': None,
- 'kv': 'independent',
- 'mla': False,
- 'branches': ['compression', 'selection', 'window'],
- 'compression': {'block': 32, 'stride': 16, 'pool': 'mean', 'position_embedding': False},
- 'selection': {'granularity': 'block',
-               'block': 64,
-               'top_k': 16,
-               'initial': 1,
-               'local': 2,
-               'scorer': 'compression',
-               'loop_order': 'auto'},
- 'window': {'size': 512},
- 'indexer': None,
- 'max_seqlen': 65536,
- 'decode': {'max_q_len': 4, 'page_size': 64}}
+SPEC = {"name": "nsa_paper", "family": "nsa", "heads": {"q": 64, "kv": 4}, "head_dim": {"qk": 192, "v": 128},
+    "dtype": "bf16", "causal": True, "scale": None, "kv": "independent", "mla": False,
+    "branches": ["compression", "selection", "window"], "compression": {"block": 32, "stride": 16,
+    "pool": "mean", "position_embedding": False}, "selection": {"granularity": "block", "block": 64,
+    "top_k": 16, "initial": 1, "local": 2, "scorer": "compression"}, "window": {"size": 512}, "indexer": None,
+    "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {'NVIDIA H100 80GB HBM3': {'compression': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                           'compression_dkdv': {'block_n': 64,
-                                                'bt': 8,
-                                                'max_splits': 16,
-                                                'num_stages': 1,
-                                                'num_warps': 8,
-                                                'split': 1024},
-                           'compression_dq': {'block_n': 64, 'bt': 8, 'num_stages': 2, 'num_warps': 8},
-                           'pool': {'blocks': 32, 'chunks': 32, 'num_warps': 4, 'tokens': 64},
-                           'preprocess': {'num_warps': 4, 'rows': 64},
-                           'select': {'num_warps': 8},
-                           'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-                           'selection_dkdv': {'block_n': 64, 'bq': 8, 'num_stages': 1, 'num_warps': 8},
-                           'selection_dq': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-                           'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                           'window_dkdv': {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                           'window_dq': {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4}},
- 'default': {'compression': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-             'compression_dkdv': {'block_n': 64,
-                                  'bt': 4,
-                                  'max_splits': 16,
-                                  'num_stages': 2,
-                                  'num_warps': 8,
-                                  'split': 1024},
-             'compression_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-             'pool': {'blocks': 32, 'chunks': 32, 'num_warps': 4, 'tokens': 64},
-             'preprocess': {'num_warps': 4, 'rows': 64},
-             'select': {'num_warps': 8},
-             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-             'selection_dkdv': {'block_n': 64, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
-             'selection_dq': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-             'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-             'window_dkdv': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-             'window_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8}}}
-# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
-# at the first call (pruned by the footprint model when the module was built; timings cached on disk).
-CANDIDATES = {'compression': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
- 'compression_dkdv': [{'block_n': 64,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024}],
- 'compression_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 8, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 8, 'num_stages': 2, 'num_warps': 8}],
- 'selection': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
- 'window': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
-            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-            {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
- 'window_dkdv': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8}],
- 'window_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 8, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 8, 'num_stages': 2, 'num_warps': 8}]}
+CONFIGS = {"NVIDIA H100 80GB HBM3": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
+    "compression_dkdv": {"block_n": 64, "bt": 8, "max_splits": 16, "num_stages": 1, "num_warps": 8,
+    "split": 1024}, "compression_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8},
+    "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
+    "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 8, "num_stages": 1, "num_warps": 8},
+    "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "window": {"block_n": 64,
+    "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 8, "num_stages": 1,
+    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4, "num_stages": 1, "num_warps": 4}},
+    "default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
+    "compression_dkdv": {"block_n": 64, "bt": 4, "max_splits": 16, "num_stages": 2, "num_warps": 8,
+    "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8},
+    "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
+    "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 4, "num_stages": 2, "num_warps": 8},
+    "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "window": {"block_n": 64,
+    "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 4, "num_stages": 2,
+    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8}}}
+# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
+# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
+# config fields, then one row of values per candidate, the default first.
+CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "num_stages", "num_warps"),
+    (64, 4, 2, 4), (32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 8), (32, 4, 3, 8), (64, 4, 3, 4), (64, 4, 2, 8),
+    (64, 4, 3, 8)), "selection": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 4), (64, 1, 1, 4),
+    (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8), (128, 1, 1, 4), (128, 1, 2, 4),
+    (128, 1, 3, 4), (128, 1, 1, 8), (128, 1, 2, 8), (128, 1, 3, 8)), "window": "compression",
+    "compression_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4),
+    (32, 2, 2, 4), (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 2, 4), (64, 2, 1, 8), (64, 2, 2, 8),
+    (128, 2, 1, 4), (128, 2, 2, 4), (128, 2, 1, 8), (128, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4),
+    (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 4), (64, 4, 2, 4), (64, 4, 1, 8), (128, 4, 1, 4), (128, 4, 1, 8),
+    (32, 8, 1, 8), (32, 8, 2, 8), (64, 8, 1, 8), (64, 8, 2, 8)),
+    "compression_dkdv": (("block_n", "bt", "max_splits", "num_stages", "num_warps", "split"),
+    (64, 4, 16, 2, 8, 1024), (32, 2, 16, 1, 4, 1024), (32, 2, 16, 2, 4, 1024), (32, 2, 16, 1, 8, 1024),
+    (32, 2, 16, 2, 8, 1024), (64, 2, 16, 1, 8, 1024), (64, 2, 16, 2, 8, 1024), (32, 4, 16, 1, 4, 1024),
+    (32, 4, 16, 2, 4, 1024), (32, 4, 16, 1, 8, 1024), (32, 4, 16, 2, 8, 1024), (64, 4, 16, 1, 8, 1024),
+    (32, 8, 16, 1, 4, 1024), (32, 8, 16, 1, 8, 1024), (64, 8, 16, 1, 8, 1024)),
+    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 8), (64, 1, 1, 4),
+    (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 3, 8)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (64, 4, 2, 8), (64, 1, 1, 8),
+    (64, 1, 2, 8), (64, 1, 3, 8), (64, 2, 1, 8), (64, 2, 2, 8), (64, 2, 3, 8), (64, 4, 1, 8), (64, 4, 3, 8),
+    (64, 8, 1, 8)), "window_dq": "compression_dq",
+    "window_dkdv": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4),
+    (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 8), (64, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8),
+    (32, 4, 2, 8), (64, 4, 1, 8), (32, 8, 1, 4), (32, 8, 1, 8), (64, 8, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -1151,16 +956,10 @@ def _decode_combine_kernel(
 
 
 
-def _pool(x, D, NC):
-    B, T = x.shape[0], x.shape[1]
-    out = torch.empty((B, NC, 4, D), dtype=x.dtype, device=x.device)
-    if NC == 0:
-        return out
-    BN = min(64, triton.next_power_of_2(D))
-    grid = (triton.cdiv(NC, 16), B * 4, triton.cdiv(D, BN))
-    _pool_kernel[grid](x, out, x, x, x.stride(0), x.stride(1), x.stride(2), T, NC,
-                       D=D, BN=BN, BK=BN, BI=16, LINEAR=False, HAS_PE=False, WIDEN=WIDEN)
-    return out
+def _pool(x, D, NC, weight=None, pe=None):
+    """Pooled compression keys or values [B, NC, HKV, D] of x [B, T, HKV, D] (runtime.launches.pool)."""
+    return runtime.launches.pool(_pool_kernel, x, D, NC, weight, pe, heads_kv=HKV.value, bi=16,
+                                 linear=False, has_pe=False, widen=WIDEN)
 
 
 
@@ -1180,12 +979,11 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
         gates: [B, T, 64, 3] branch gates after the sigmoid, channels compression, selection, window
         indices: optional int32 [B, T, 4, 16] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 64, 128] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
-            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
-            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
-            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
-            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
-            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
+        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
+            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
+            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
+            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
+            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
@@ -1195,69 +993,23 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-class ForwardState(NamedTuple):
-    """What one forward computed; the backward pass reads the saved pieces."""
-    out: torch.Tensor
-    lse: torch.Tensor            # [B, T, HQ, N_BRANCHES] fp32
-    indices: Optional[torch.Tensor]
-    branch_out: Optional[torch.Tensor]  # [N_BRANCHES, B, T, HQ, DV] un-gated branch outputs, when saved
-    kc: Optional[torch.Tensor]   # pooled compression keys [B, NC, HKV, DQK]
-    vc: Optional[torch.Tensor]   # pooled compression values [B, NC, HKV, DV]
-
-
 def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, out=None, save_branch_outputs=False):
-    """The launches, on checked arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    if out is None:
-        out = torch.empty((B, T, 64, 128), dtype=DTYPE, device=device)
-    branch_out = (torch.empty((3, B, T, 64, 128), dtype=DTYPE, device=device)
-                  if save_branch_outputs else out)
-    lse = torch.empty((B, T, 64, 3), dtype=torch.float32, device=device)
-    # Gated branch outputs are summed in fp32 here; the last branch's kernel writes the final dtype into `out`.
-    acc = torch.empty((B, T, 64, 128), dtype=torch.float32, device=device)
-    g_strides = (gates.stride(0), gates.stride(1), gates.stride(2))
-    sm_scale = 0.07216878364870322
-    NC = max(0, (T - 32) // 16 + 1)  # complete compression blocks only
+    """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, gates, out, save_branch_outputs, WIDEN)
+    B, T = f.B, f.T
+    NC = runtime.launches.compressed_blocks(_DESC, T)
     kc = _pool(k_cmp, 192, NC)
     vc = _pool(v_cmp, 128, NC)
-    runtime.launch(
-        _compression_attention_kernel, "compression", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, kc, vc, gates, acc, out, lse, branch_out,
-         q.stride(0), q.stride(1), q.stride(2),
-         kc.stride(0), kc.stride(1), kc.stride(2),
-         vc.stride(0), vc.stride(1), vc.stride(2),
-         *g_strides, T, NC, sm_scale, B * T * 8192),
-        dict(HAS_PREV=False, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T)
+    f.attention(_compression_attention_kernel, "compression", kc, vc, NC)
     if indices is None:
-        indices = torch.empty((B, T, 4, 16), dtype=torch.int32, device=device)
+        indices = f.new_indices()
         _select_blocks_kernel[(triton.cdiv(T, 16), B * 4)](
-            q, kc, lse, indices, q.stride(0), q.stride(1), q.stride(2), T, NC, sm_scale, WIDEN=WIDEN,
+            q, kc, f.lse, indices, *runtime.launches.strides(q), T, NC, _DESC.softmax_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-    runtime.launch(
-        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_slc, v_slc, gates, acc, out, lse, branch_out, indices,
-         q.stride(0), q.stride(1), q.stride(2),
-         k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 8192),
-        dict(HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T, restore=("ACC",))
-    runtime.launch(
-        _window_attention_kernel, "window", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_win, v_win, gates, acc, out, lse, branch_out,
-         q.stride(0), q.stride(1), q.stride(2),
-         k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 8192),
-        dict(HAS_PREV=True, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T)
-    return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
-                        kc, vc)
+    f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
+    f.attention(_window_attention_kernel, "window", k_win, v_win, T)
+    return f.state(indices, kc, vc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1275,23 +1027,16 @@ RING_TENSORS = ('k_cmp', 'v_cmp')
 RING = 36
 
 _DECODE = runtime.decode_descriptor.DecodeDescriptor(
-    spec_name=SPEC_NAME, cache_class="NSACache", fn="nsa_decode", dtype=DTYPE,
-    hq=HQ.value, hkv=HKV.value, group=GROUP.value, dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES),
-    softmax_scale=0.07216878364870322, gated=True, mla=False,
+    spec_name=SPEC_NAME, cache_class="NSACache", fn="nsa_decode", dtype=DTYPE, hq=HQ.value, hkv=HKV.value, group=GROUP.value,
+    dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.07216878364870322, gated=True, mla=False,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
-    compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16,
-    pool_kind='mean', position_embedding=False,
-    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(),
-    scorer='compression', sel_block=64, top_k=16, k_slc="k_slc", v_slc="v_slc",
-    indexer=False, fp8=False, idx_heads=0, idx_dim=0,
-    idx_scale=None, index_bs=0, index_hp=0,
-    window=512, k_win="k_win", v_win="v_win",
-    split_tiles={'compression': 64, 'window': 64, 'selection': 64}, max_gp=128, num_stages=2, widen=WIDEN,
-    pool=_pool,
+    compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16, pool_kind='mean', position_embedding=False,
+    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='compression', sel_block=64, top_k=16,
+    k_slc="k_slc", v_slc="v_slc", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
+    index_bs=0, index_hp=0, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
-    combine_kernel=_decode_combine_kernel,
-    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel,
-)
+    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):
@@ -1530,37 +1275,107 @@ def _compression_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _selection_kv_bwd_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ_PART, PART_DK, PART_DV, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
+def _selection_bwd_dq_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, sm_scale,
-    WIDEN: tl.constexpr,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    BQ: tl.constexpr = 4
+    GP: tl.constexpr = 16
+    ROWS: tl.constexpr = BT * GP
+    CHANNEL: tl.constexpr = 1
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    chunk = 0
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    t = pid_t * BT + rows // GP
+    head = g * GROUP + chunk * GP + rows % GP
+    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
+    # part of one.
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + f % UNIT
+        key_ok = (unit >= 0) & (keys <= t_hi)
+        visible = key_ok[None, :]
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        ds = p * (dp - delta[:, None])
+        dq0 += _pv(ds, k0, WIDEN)
+        dq1 += _pv(ds, k1, WIDEN)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    dq0 = dq0 * sm_scale
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 128 + tl.arange(0, 64)[None, :]
+    dq1 = dq1 * sm_scale
+    if HAS_PREV:
+        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
+
+
+@triton.jit
+def _selection_bwd_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
+):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BQ * GP
-    BLOCK_N: tl.constexpr = 64
-    SPLIT: tl.constexpr = 256
     CHANNEL: tl.constexpr = 1
-    N_UNITS = tl.cdiv(T, UNIT)
-    item = tl.program_id(0)
-    seg = tl.load(ITEM_SEG + item)
-    if seg < 0:
-        return  # past the real work: the grid is an upper bound (no host sync)
-    start = tl.load(ITEM_START + item)
-    hi = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
-    unit = seg % N_UNITS
-    bg = seg // N_UNITS
-    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = bg % HKV
-    n = tl.arange(0, BLOCK_N)
-    keys = unit * UNIT + n
-    key_ok = (n < UNIT) & (keys < T)
-    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
-    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < NKEYS
+    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
@@ -1568,15 +1383,19 @@ def _selection_kv_bwd_kernel(
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    for e0 in range(start, hi, BQ):
+    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
+    start = tl.load(OFFSETS + seg)
+    end = tl.load(OFFSETS + seg + 1)
+    for e0 in range(start, end, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
-        e_ok = e < hi
+        e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        slot = tl.load(SLOT + e, mask=e_ok, other=0)
-        head = g * GROUP + rows % GP
-        row_ok = e_ok & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+        chunk = 0
+        head = g * GROUP + chunk * GP + rows % GP
+        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+        # The query's own block runs past it: only keys s <= t.
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
@@ -1602,42 +1421,6 @@ def _selection_kv_bwd_kernel(
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-        part_row = row_index * TOP_K + slot
-        dq0 = _pv(ds, k0, WIDEN) * sm_scale
-        tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 128)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
-        dq1 = _pv(ds, k1, WIDEN) * sm_scale
-        tl.store(DQ_PART + part_row[:, None] * DQK + 128 + tl.arange(0, 64)[None, :], dq1.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
-    part = item.to(tl.int64) * BLOCK_N + n
-    tl.store(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 128)[None, :], dk0)
-    tl.store(PART_DK + part[:, None] * DQK + 128 + tl.arange(0, 64)[None, :], dk1)
-    tl.store(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 128)[None, :], dv0)
-
-
-@triton.jit
-def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
-                                     ACCUMULATE: tl.constexpr):
-    """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
-    BLOCK_N: tl.constexpr = 64
-    N_UNITS = tl.cdiv(T, UNIT)
-    seg = tl.program_id(0)
-    unit = seg % N_UNITS
-    bg = seg // N_UNITS
-    b = (bg // HKV).to(tl.int64)
-    g = bg % HKV
-    n = tl.arange(0, BLOCK_N)
-    keys = unit * UNIT + n
-    key_ok = (n < UNIT) & (keys < T)
-    first = tl.load(SEG_FIRST + seg)
-    count = tl.load(SEG_ITEMS + seg)
-    dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
-    dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
-    dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
-    for i in range(first, first + count):
-        part = i * BLOCK_N + n
-        dk0 += tl.load(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 128)[None, :])
-        dk1 += tl.load(PART_DK + part[:, None] * DQK + 128 + tl.arange(0, 64)[None, :])
-        dv0 += tl.load(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 128)[None, :])
-    NKEYS = T
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1652,34 +1435,6 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
-
-
-@triton.jit
-def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
-    """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
-    BR: tl.constexpr = 32
-    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
-    row_ok = row_index < n_rows
-    head = row_index % HQ
-    bt = row_index // HQ
-    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
-    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
-    if HAS_PREV:
-        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
-    else:
-        dq0 = tl.zeros([BR, 128], dtype=tl.float32)
-    dq_ptr1 = DQ + row_index[:, None] * DQK + 128 + tl.arange(0, 64)[None, :]
-    if HAS_PREV:
-        dq1 = tl.load(dq_ptr1, mask=row_ok[:, None], other=0.0)
-    else:
-        dq1 = tl.zeros([BR, 64], dtype=tl.float32)
-    for j in range(0, TOP_K):
-        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
-        part_j = (row_index * TOP_K + j) * DQK
-        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 128)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
-        dq1 += tl.load(DQ_PART + part_j[:, None] + 128 + tl.arange(0, 64)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
-    tl.store(dq_ptr1, dq1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -1868,14 +1623,10 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
 DIFF_ARGUMENTS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates", )
 
 
-def _pool_backward(dkc, x, D, NC, dx, accumulate):
-    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]."""
-    B, T = x.shape[0], x.shape[1]
-    cfg = runtime.launch_config(CONFIGS, "pool")
-    BN = min(64, triton.next_power_of_2(D))
-    grid = (triton.cdiv(T, cfg["tokens"]), B * 4, triton.cdiv(D, BN))
-    _pool_bwd_mean_kernel[grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
-                                num_warps=cfg["num_warps"])
+def _pool_backward(dkc, x, D, NC, dx, accumulate, weight=None, pe=None):
+    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D] (runtime.launches.pool_backward)."""
+    return runtime.launches.pool_backward({"mean": _pool_bwd_mean_kernel}, CONFIGS, dkc, x, D, NC, dx, accumulate, weight, pe,
+                                          heads_kv=HKV.value, cmp_block=32, cmp_stride=16)
 
 
 # Entries of one selection inverse index at most (~1 GiB per int64 temporary of its sort), unless one batch element
@@ -1884,121 +1635,30 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
-    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
-    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4,
-                                                    units_per_tile=1)
+    """The selection's block -> queries index, CSR over (batch, kv head, key tile): runtime.backward's."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4, units_per_tile=1)
 
 
 def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
     """Gradients of q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates (in that order), from the saved forward state.
 
     `branch_out` [3, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
-    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values.
+    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values; the accumulators
+    and each kernel's arguments are runtime.launches.Backward's.
     """
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    dout = dout.to(DTYPE).contiguous()
-    g_strides = (gates.stride(0), gates.stride(1), gates.stride(2))
-    sm_scale = 0.07216878364870322
-    n_rows = B * T * 64
-    dg = torch.empty((B, T, 64, 3), dtype=torch.float32, device=device)
-    dgates = torch.empty((B, T, 64, 3), dtype=DTYPE, device=device)
-    cfg = runtime.launch_config(CONFIGS, "preprocess")
-    _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
-                                                               num_warps=cfg["num_warps"])
-    # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
-    # later ones add; each element has one writer per launch, launches run in order).
-    dq = torch.empty((B, T, 64, 192), dtype=torch.float32, device=device)
-    grads = {}
-
-    def target(name, D):
-        first = name not in grads
-        if first:
-            grads[name] = torch.empty((B, T, 4, D), dtype=torch.float32, device=device)
-        return grads[name], not first
-
-    # compression branch
+    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, gates, lse, branch_out, WIDEN)
+    T = b.T
     NC = kc.shape[1]
-    runtime.launch(
-        _compression_bwd_dq_kernel, "compression_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, kc, vc, gates, dout, lse, dg, dq,
-         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-         vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale),
-        dict(HAS_PREV=False, WIDEN=WIDEN), T=T)
-    cfg = runtime.launch_config(CONFIGS, "compression_dkdv")
-    # The queries that see a pooled key run to T: cut them into splits (grid axis 2) for parallelism; the
-    # partial dKc/dVc of the splits are summed below in a fixed order (deterministic).
-    n_split = max(1, min(cfg["max_splits"], triton.cdiv(T, cfg["split"])))
-    q_split = triton.cdiv(triton.cdiv(T, n_split), cfg["bt"]) * cfg["bt"]
-    dkc = torch.empty((n_split, B, NC, 4, 192), dtype=torch.float32, device=device)
-    dvc = torch.empty((n_split, B, NC, 4, 128), dtype=torch.float32, device=device)
-    if NC > 0:
-        runtime.launch(
-            _compression_bwd_dkdv_kernel, "compression_dkdv", CONFIGS, CANDIDATES,
-            lambda cfg: (triton.cdiv(NC, cfg["block_n"]), B * 4, n_split),
-            (q, kc, vc, gates, dout, lse, dg, dkc, dvc,
-             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-             vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split,
-             dkc[0].numel(), dvc[0].numel()),
-            dict(ACCUMULATE=False, WIDEN=WIDEN), T=T)
-    dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
-    dvc = dvc.sum(dim=0) if n_split > 1 else dvc[0]
-    dx, accumulate = target("k_cmp", 192)
-    _pool_backward(dkc, k_cmp, 192, NC, dx, accumulate)
-    dx, accumulate = target("v_cmp", 128)
-    _pool_backward(dvc, v_cmp, 128, NC, dx, accumulate)
-
-    # selection branch
-    # Block-outer backward (plan.selection_bwd_order): dK/dV partials per work item and dQ shares per (row, slot),
-    # each summed in a fixed order (kernels/select_kv.j2).
-    qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = runtime.selection.kv_order_segments(
-        indices, T, unit=64, tile_queries=256)
-    dk_acc, accumulate = target("k_slc", 192)
-    dv_acc, accumulate_v = target("v_slc", 128)
-    if n_items:
-        dq_part = torch.empty((B, T, 64, 16, 192), dtype=DTYPE, device=device)
-        part_dk = torch.empty((n_items, 64, 192), dtype=torch.float32, device=device)
-        part_dv = torch.empty((n_items, 64, 128), dtype=torch.float32, device=device)
-        _selection_kv_bwd_kernel[(n_items,)](
-            q, k_slc, v_slc, gates, dout, lse, dg, dq_part, part_dk, part_dv, qpos, slot, item_seg, item_start,
-            item_end, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-            v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, sm_scale, WIDEN=WIDEN,
-            num_warps=8, num_stages=1)
-        _selection_kv_bwd_dq_reduce_kernel[(triton.cdiv(n_rows, 32),)](
-            dq_part, indices, dq, T, n_rows, HAS_PREV=True)
-        _selection_kv_bwd_dkdv_reduce_kernel[(seg_first.numel(),)](
-            part_dk, part_dv, seg_first, seg_items, dk_acc, dv_acc, T, sm_scale, ACCUMULATE=accumulate, num_warps=4)
-        del dq_part, part_dk, part_dv
-
-    # window branch
-    runtime.launch(
-        _window_bwd_dq_kernel, "window_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_win, v_win, gates, dout, lse, dg, dq,
-         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale),
-        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
-    cfg = runtime.launch_config(CONFIGS, "window_dkdv")
-    dk_acc, accumulate = target("k_win", 192)
-    dv_acc, accumulate_v = target("v_win", 128)
-    assert accumulate == accumulate_v
-    runtime.launch(
-        _window_bwd_dkdv_kernel, "window_dkdv", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["block_n"]), B * 4, 1),
-        (q, k_win, v_win, gates, dout, lse, dg, dk_acc, dv_acc,
-         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0),
-        dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
-    return (dq.to(DTYPE),
-            grads["k_cmp"].to(DTYPE),
-            grads["v_cmp"].to(DTYPE),
-            grads["k_slc"].to(DTYPE),
-            grads["v_slc"].to(DTYPE),
-            grads["k_win"].to(DTYPE),
-            grads["v_win"].to(DTYPE),
-            dgates)
+    b.dq(_compression_bwd_dq_kernel, "compression", kc, vc, NC)
+    dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
+    _pool_backward(dkc, k_cmp, 192, NC, *b.target("k_cmp", 192))
+    _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128))
+    b.dq(_selection_bwd_dq_kernel, "selection", k_slc, v_slc, T, indices)
+    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k_slc", "v_slc", k_slc, v_slc, indices, _selection_inverse_index,
+                     INVERSE_INDEX_ENTRIES)
+    b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
+    b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
+    return b.gradients(_DESC.diff_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2007,24 +1667,19 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 # ---------------------------------------------------------------------------------------------------------------
 
 _DESC = runtime.descriptor.Descriptor(
-    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="09c70181455b7068", family="nsa",
-    dtype=DTYPE, heads_q=64, heads_kv=4, dim_qk=192, dim_v=128,
-    branches=("compression", "selection", "window",), max_seqlen=65536,
-    args=(
-        runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
+    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="09c70181455b7068", family="nsa", dtype=DTYPE,
+    heads_q=64, heads_kv=4, dim_qk=192, dim_v=128, branches=("compression", "selection", "window",), max_seqlen=65536,
+    args=(runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
         runtime.descriptor.Arg("k_cmp", ("B", "T", 4, 192)),
         runtime.descriptor.Arg("v_cmp", ("B", "T", 4, 128)),
         runtime.descriptor.Arg("k_slc", ("B", "T", 4, 192)),
         runtime.descriptor.Arg("v_slc", ("B", "T", 4, 128)),
         runtime.descriptor.Arg("k_win", ("B", "T", 4, 192)),
         runtime.descriptor.Arg("v_win", ("B", "T", 4, 128)),
-        runtime.descriptor.Arg("gates", ("B", "T", 64, 3)),
-    ),
-    top_k=16, unit=64, fp8_indexer=False,
-    needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
-    gated=True, mla=False, linear_pool=False, pool_pe=False,
-    indexer_heads=0, indexer_dim=0,
-    forward=_forward, backward=_backward)
+        runtime.descriptor.Arg("gates", ("B", "T", 64, 3)),),
+    top_k=16, unit=64, fp8_indexer=False, needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
+    gated=True, mla=False, linear_pool=False, pool_pe=False, indexer_heads=0, indexer_dim=0,
+    softmax_scale=0.07216878364870322, forward=_forward, backward=_backward)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

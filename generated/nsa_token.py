@@ -10,14 +10,12 @@ Selection: top 1024 tokens, ranked by the indexer scorer.
 Window: w=512.
 """
 
-from typing import NamedTuple, Optional
-
 import torch
 
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(1, "nsa_token")
+runtime.require_schema(2, "nsa_token")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -25,270 +23,56 @@ import triton.language as tl  # noqa: E402
 SPEC_NAME = "nsa_token"
 SPEC_HASH = "20aaaad98723dd30"
 # The spec this module was rendered from (the generated test rebuilds it to drive the reference).
-SPEC = {'name': 'nsa_token',
- 'family': 'nsa',
- 'heads': {'q': 64, 'kv': 4},
- 'head_dim': {'qk': 192, 'v': 128},
- 'dtype': 'bf16',
- 'causal': True,
- 'scale': None,
- 'kv': 'independent',
- 'mla': False,
- 'branches': ['compression', 'selection', 'window'],
- 'compression': {'block': 32, 'stride': 16, 'pool': 'mean', 'position_embedding': False},
- 'selection': {'granularity': 'token',
-               'block': 1,
-               'top_k': 1024,
-               'initial': 0,
-               'local': 0,
-               'scorer': 'indexer',
-               'loop_order': 'auto'},
- 'window': {'size': 512},
- 'indexer': {'heads': 4, 'head_dim': 64, 'dtype': 'bf16', 'scale': None, 'stage': 'sparse'},
- 'max_seqlen': 65536,
- 'decode': {'max_q_len': 4, 'page_size': 64}}
+SPEC = {"name": "nsa_token", "family": "nsa", "heads": {"q": 64, "kv": 4}, "head_dim": {"qk": 192, "v": 128},
+    "dtype": "bf16", "causal": True, "scale": None, "kv": "independent", "mla": False,
+    "branches": ["compression", "selection", "window"], "compression": {"block": 32, "stride": 16,
+    "pool": "mean", "position_embedding": False}, "selection": {"granularity": "token", "block": 1,
+    "top_k": 1024, "initial": 0, "local": 0, "scorer": "indexer"}, "window": {"size": 512},
+    "indexer": {"heads": 4, "head_dim": 64, "dtype": "bf16", "scale": None, "stage": "sparse"},
+    "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {'default': {'compression': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-             'compression_dkdv': {'block_n': 64,
-                                  'bt': 4,
-                                  'max_splits': 16,
-                                  'num_stages': 2,
-                                  'num_warps': 8,
-                                  'split': 1024},
-             'compression_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-             'pool': {'blocks': 32, 'chunks': 32, 'num_warps': 4, 'tokens': 64},
-             'preprocess': {'num_warps': 4, 'rows': 64},
-             'select': {'num_warps': 4},
-             'selection': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-             'selection_dkdv': {'block_n': 32, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
-             'selection_dq': {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-             'window': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-             'window_dkdv': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-             'window_dq': {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8}}}
-# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
-# at the first call (pruned by the footprint model when the module was built; timings cached on disk).
-CANDIDATES = {'compression': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
- 'compression_dkdv': [{'block_n': 64,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 2,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 2,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 4,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 4,
-                       'split': 1024},
-                      {'block_n': 32,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024},
-                      {'block_n': 64,
-                       'bt': 8,
-                       'max_splits': 16,
-                       'num_stages': 1,
-                       'num_warps': 8,
-                       'split': 1024}],
- 'compression_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bt': 8, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 64, 'bt': 8, 'num_stages': 2, 'num_warps': 8}],
- 'selection': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-               {'block_n': 32, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-               {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-               {'block_n': 128, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 128, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
- 'selection_dkdv': [{'block_n': 32, 'bq': 4, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 3, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 1, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 3, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 2, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 2, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 4, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 4, 'num_stages': 2, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 4, 'num_stages': 3, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 4, 'num_stages': 1, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 4, 'num_stages': 3, 'num_warps': 8},
-                    {'block_n': 32, 'bq': 8, 'num_stages': 1, 'num_warps': 4},
-                    {'block_n': 32, 'bq': 8, 'num_stages': 1, 'num_warps': 8}],
- 'selection_dq': [{'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 8},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 2, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 4},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 1, 'num_warps': 8},
-                  {'block_n': 64, 'bt': 1, 'num_stages': 3, 'num_warps': 8}],
- 'window': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-            {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-            {'block_n': 32, 'bt': 4, 'num_stages': 3, 'num_warps': 8},
-            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 4},
-            {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-            {'block_n': 64, 'bt': 4, 'num_stages': 3, 'num_warps': 8}],
- 'window_dkdv': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 4},
-                 {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-                 {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8}],
- 'window_dq': [{'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 64, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 128, 'bt': 2, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 2, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 32, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 4, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 64, 'bt': 4, 'num_stages': 2, 'num_warps': 4},
-               {'block_n': 64, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 4},
-               {'block_n': 128, 'bt': 4, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 32, 'bt': 8, 'num_stages': 2, 'num_warps': 8},
-               {'block_n': 64, 'bt': 8, 'num_stages': 1, 'num_warps': 8},
-               {'block_n': 64, 'bt': 8, 'num_stages': 2, 'num_warps': 8}]}
+CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
+    "compression_dkdv": {"block_n": 64, "bt": 4, "max_splits": 16, "num_stages": 2, "num_warps": 8,
+    "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8},
+    "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
+    "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 4}, "selection_dkdv": {"block_n": 32, "bq": 4, "num_stages": 2, "num_warps": 8},
+    "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "window": {"block_n": 64,
+    "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 4, "num_stages": 2,
+    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8}}}
+# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
+# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
+# config fields, then one row of values per candidate, the default first.
+CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "num_stages", "num_warps"),
+    (64, 4, 2, 4), (32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 8), (32, 4, 3, 8), (64, 4, 3, 4), (64, 4, 2, 8),
+    (64, 4, 3, 8)), "selection": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 4), (32, 1, 1, 4),
+    (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (64, 1, 1, 4), (64, 1, 3, 4),
+    (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8), (128, 1, 1, 4), (128, 1, 2, 4), (128, 1, 3, 4),
+    (128, 1, 1, 8), (128, 1, 2, 8), (128, 1, 3, 8)), "window": "compression",
+    "compression_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4),
+    (32, 2, 2, 4), (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 2, 4), (64, 2, 1, 8), (64, 2, 2, 8),
+    (128, 2, 1, 4), (128, 2, 2, 4), (128, 2, 1, 8), (128, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4),
+    (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 4), (64, 4, 2, 4), (64, 4, 1, 8), (128, 4, 1, 4), (128, 4, 1, 8),
+    (32, 8, 1, 8), (32, 8, 2, 8), (64, 8, 1, 8), (64, 8, 2, 8)),
+    "compression_dkdv": (("block_n", "bt", "max_splits", "num_stages", "num_warps", "split"),
+    (64, 4, 16, 2, 8, 1024), (32, 2, 16, 1, 4, 1024), (32, 2, 16, 2, 4, 1024), (32, 2, 16, 1, 8, 1024),
+    (32, 2, 16, 2, 8, 1024), (64, 2, 16, 1, 8, 1024), (64, 2, 16, 2, 8, 1024), (32, 4, 16, 1, 4, 1024),
+    (32, 4, 16, 2, 4, 1024), (32, 4, 16, 1, 8, 1024), (32, 4, 16, 2, 8, 1024), (64, 4, 16, 1, 8, 1024),
+    (32, 8, 16, 1, 4, 1024), (32, 8, 16, 1, 8, 1024), (64, 8, 16, 1, 8, 1024)),
+    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 8), (64, 1, 1, 4),
+    (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 3, 8)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 4, 2, 8), (32, 1, 1, 4),
+    (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (32, 2, 1, 4), (32, 2, 2, 4),
+    (32, 2, 3, 4), (32, 2, 1, 8), (32, 2, 2, 8), (32, 2, 3, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 3, 4),
+    (32, 4, 1, 8), (32, 4, 3, 8), (32, 8, 1, 4), (32, 8, 1, 8)), "window_dq": "compression_dq",
+    "window_dkdv": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4),
+    (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 8), (64, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8),
+    (32, 4, 2, 8), (64, 4, 1, 8), (32, 8, 1, 4), (32, 8, 1, 8), (64, 8, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -1318,40 +1102,18 @@ def _decode_combine_kernel(
 
 
 
-def _pool(x, D, NC):
-    B, T = x.shape[0], x.shape[1]
-    out = torch.empty((B, NC, 4, D), dtype=x.dtype, device=x.device)
-    if NC == 0:
-        return out
-    BN = min(64, triton.next_power_of_2(D))
-    grid = (triton.cdiv(NC, 16), B * 4, triton.cdiv(D, BN))
-    _pool_kernel[grid](x, out, x, x, x.stride(0), x.stride(1), x.stride(2), T, NC,
-                       D=D, BN=BN, BK=BN, BI=16, LINEAR=False, HAS_PE=False, WIDEN=WIDEN)
-    return out
-
-
-# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
-INDEX_WORKSPACE_BYTES = 256 * 2**20
+def _pool(x, D, NC, weight=None, pe=None):
+    """Pooled compression keys or values [B, NC, HKV, D] of x [B, T, HKV, D] (runtime.launches.pool)."""
+    return runtime.launches.pool(_pool_kernel, x, D, NC, weight, pe, heads_kv=HKV.value, bi=16,
+                                 linear=False, has_pe=False, widen=WIDEN)
 
 
 def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
-    """Top-k tokens by the indexer, chunk by chunk of queries; no T x T scores ever exist. With
-    `scores` ([B, T, 4, 1024] fp32), also the selected units' scores."""
-    B, T = q_idx.shape[0], q_idx.shape[1]
-    extra = ()
-    units = triton.cdiv(T, 1)
-    QC = max(16, min(T, triton.next_power_of_2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * 4 * units))) // 2))
-    ws = torch.empty((B * 4, QC, units), dtype=torch.float32, device=q_idx.device)
-    for q0 in range(0, T, QC):
-        nq = min(QC, T - q0)
-        # Rows with at most k candidates keep them all: their scores are needed only when asked for.
-        if scores is not None or (q0 + nq - 1) // 1 + 1 > 1024:
-            _index_scores_kernel[(triton.cdiv(nq, 32), B * 4, triton.cdiv(q0 + nq, 512))](
-                q_idx, k_idx, w_idx, ws, *extra, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
-                k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
-                T, q0, QC, units, 0.0625, WIDEN=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-        _radix_topk_kernel[(nq, B * 4)](ws, indices, scores if scores is not None else ws, T, q0, QC, units,
-                                             WITH_SCORES=scores is not None, num_warps=4)
+    """Top-k tokens by the indexer into `indices` (with `scores` [B, T, 4, 1024] fp32, also the selected units'
+    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist."""
+    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, unit=1,
+                           top_k=1024, heads_kv=4, bt=32, keys=512, scale=0.0625,
+                           fp8=False, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
 
 
 def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
@@ -1387,12 +1149,11 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
         w_idx: [B, T, 16] indexer head weights
         indices: optional int32 [B, T, 4, 1024] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 64, 128] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch, as in flash_attn_varlen_func: every [B, T, ...] input
-            is [total, ...] instead (sequence i holds rows cu_seqlens[i] : cu_seqlens[i+1]), cu_seqlens int32
-            [N+1] (starts at 0, non-decreasing, ends at total; empty sequences allowed), max_seqlen an int >= the
-            longest sequence. Positions restart at 0 in each sequence; no block, window or top-k candidate crosses
-            a sequence boundary. Results are packed the same way ([total, ...]; indices relative to each
-            sequence's start). Runs as a padded [N, max_seqlen] batch (docs/varlen.md).
+        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
+            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
+            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
+            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
+            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
@@ -1402,67 +1163,21 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-class ForwardState(NamedTuple):
-    """What one forward computed; the backward pass reads the saved pieces."""
-    out: torch.Tensor
-    lse: torch.Tensor            # [B, T, HQ, N_BRANCHES] fp32
-    indices: Optional[torch.Tensor]
-    branch_out: Optional[torch.Tensor]  # [N_BRANCHES, B, T, HQ, DV] un-gated branch outputs, when saved
-    kc: Optional[torch.Tensor]   # pooled compression keys [B, NC, HKV, DQK]
-    vc: Optional[torch.Tensor]   # pooled compression values [B, NC, HKV, DV]
-
-
 def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False):
-    """The launches, on checked arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    if out is None:
-        out = torch.empty((B, T, 64, 128), dtype=DTYPE, device=device)
-    branch_out = (torch.empty((3, B, T, 64, 128), dtype=DTYPE, device=device)
-                  if save_branch_outputs else out)
-    lse = torch.empty((B, T, 64, 3), dtype=torch.float32, device=device)
-    # Gated branch outputs are summed in fp32 here; the last branch's kernel writes the final dtype into `out`.
-    acc = torch.empty((B, T, 64, 128), dtype=torch.float32, device=device)
-    g_strides = (gates.stride(0), gates.stride(1), gates.stride(2))
-    sm_scale = 0.07216878364870322
-    NC = max(0, (T - 32) // 16 + 1)  # complete compression blocks only
+    """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, gates, out, save_branch_outputs, WIDEN)
+    B, T = f.B, f.T
+    NC = runtime.launches.compressed_blocks(_DESC, T)
     kc = _pool(k_cmp, 192, NC)
     vc = _pool(v_cmp, 128, NC)
-    runtime.launch(
-        _compression_attention_kernel, "compression", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, kc, vc, gates, acc, out, lse, branch_out,
-         q.stride(0), q.stride(1), q.stride(2),
-         kc.stride(0), kc.stride(1), kc.stride(2),
-         vc.stride(0), vc.stride(1), vc.stride(2),
-         *g_strides, T, NC, sm_scale, B * T * 8192),
-        dict(HAS_PREV=False, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T)
+    f.attention(_compression_attention_kernel, "compression", kc, vc, NC)
     if indices is None:
-        indices = torch.empty((B, T, 4, 1024), dtype=torch.int32, device=device)
+        indices = f.new_indices()
         _select_by_indexer(q_idx, k_idx, w_idx, indices)
-    runtime.launch(
-        _selection_attention_kernel, "selection", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_slc, v_slc, gates, acc, out, lse, branch_out, indices,
-         q.stride(0), q.stride(1), q.stride(2),
-         k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 8192),
-        dict(HAS_PREV=True, LAST=False, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T, restore=("ACC",))
-    runtime.launch(
-        _window_attention_kernel, "window", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_win, v_win, gates, acc, out, lse, branch_out,
-         q.stride(0), q.stride(1), q.stride(2),
-         k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2),
-         *g_strides, T, T, sm_scale, B * T * 8192),
-        dict(HAS_PREV=True, LAST=True, SAVE_BRANCH=save_branch_outputs, WIDEN=WIDEN),
-        T=T)
-    return ForwardState(out, lse, indices, branch_out if save_branch_outputs else None,
-                        kc, vc)
+    f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
+    f.attention(_window_attention_kernel, "window", k_win, v_win, T)
+    return f.state(indices, kc, vc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1486,24 +1201,17 @@ DECODE_TOPK_MAX_SEGMENTS = 32
 DECODE_TOPK_SUM_SEGMENTS = 16  # partial histograms a program loads at once when it sums a row's
 
 _DECODE = runtime.decode_descriptor.DecodeDescriptor(
-    spec_name=SPEC_NAME, cache_class="NSACache", fn="nsa_decode", dtype=DTYPE,
-    hq=HQ.value, hkv=HKV.value, group=GROUP.value, dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES),
-    softmax_scale=0.07216878364870322, gated=True, mla=False,
+    spec_name=SPEC_NAME, cache_class="NSACache", fn="nsa_decode", dtype=DTYPE, hq=HQ.value, hkv=HKV.value, group=GROUP.value,
+    dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.07216878364870322, gated=True, mla=False,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
-    compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16,
-    pool_kind='mean', position_embedding=False,
-    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(),
-    scorer='indexer', sel_block=1, top_k=1024, k_slc="k_slc", v_slc="v_slc",
-    indexer=True, fp8=False, idx_heads=4, idx_dim=64,
-    idx_scale=0.0625, index_bs=64, index_hp=4,
-    window=512, k_win="k_win", v_win="v_win",
-    split_tiles={'compression': 64, 'window': 64, 'selection': 64}, max_gp=128, num_stages=2, widen=WIDEN,
-    pool=_pool,
+    compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16, pool_kind='mean', position_embedding=False,
+    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', sel_block=1, top_k=1024,
+    k_slc="k_slc", v_slc="v_slc", indexer=True, fp8=False, idx_heads=4, idx_dim=64, idx_scale=0.0625,
+    index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
-    combine_kernel=_decode_combine_kernel,
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
-    topk_write_kernel=_decode_topk_write_kernel,
-)
+    topk_write_kernel=_decode_topk_write_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):
@@ -1528,13 +1236,9 @@ class NSACache(runtime.decode_cache.Cache):
 
 
 def _decode_topk(ws, seqlens, indices, segment=None):
-    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
-    into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device.
-    Each row is split into segments of `segment` units (default: from the shapes alone, so launches and
-    workspaces are fixed and the step stays CUDA-graph capturable): four radix passes, each a launch of
-    (row, segment) programs writing per-segment 256-bin histograms (`_decode_topk_hist_kernel`), then one that
-    writes every segment's winners at its offset (`_decode_topk_write_kernel`); a cache of at most TOP_K units
-    needs only the last."""
+    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] into indices
+    [B, QL, HKV, TOP_K], in segments of `segment` units (runtime.decode_step.topk: radix passes of per-segment
+    histograms, `_decode_topk_hist_kernel`, then `_decode_topk_write_kernel`)."""
     return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
                                     DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS)
 
@@ -2107,14 +1811,10 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
 DIFF_ARGUMENTS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates", )
 
 
-def _pool_backward(dkc, x, D, NC, dx, accumulate):
-    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]."""
-    B, T = x.shape[0], x.shape[1]
-    cfg = runtime.launch_config(CONFIGS, "pool")
-    BN = min(64, triton.next_power_of_2(D))
-    grid = (triton.cdiv(T, cfg["tokens"]), B * 4, triton.cdiv(D, BN))
-    _pool_bwd_mean_kernel[grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
-                                num_warps=cfg["num_warps"])
+def _pool_backward(dkc, x, D, NC, dx, accumulate, weight=None, pe=None):
+    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D] (runtime.launches.pool_backward)."""
+    return runtime.launches.pool_backward({"mean": _pool_bwd_mean_kernel}, CONFIGS, dkc, x, D, NC, dx, accumulate, weight, pe,
+                                          heads_kv=HKV.value, cmp_block=32, cmp_stride=16)
 
 
 # Entries of one selection inverse index at most (~1 GiB per int64 temporary of its sort), unless one batch element
@@ -2123,126 +1823,30 @@ INVERSE_INDEX_ENTRIES = 2**27
 
 
 def _selection_inverse_index(indices, T, tile):
-    """The block -> queries index of a selection, as CSR over (batch, kv head, key tile of `tile` tokens)
-    (runtime.backward.selection_inverse_index: offsets, qpos, bits)."""
-    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=4,
-                                                    units_per_tile=32)
+    """The selection's block -> queries index, CSR over (batch, kv head, key tile): runtime.backward's."""
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=4, units_per_tile=32)
 
 
 def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
     """Gradients of q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates (in that order), from the saved forward state.
 
     `branch_out` [3, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
-    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values.
+    selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values; the accumulators
+    and each kernel's arguments are runtime.launches.Backward's.
     """
-    B, T = q.shape[0], q.shape[1]
-    device = q.device
-    dout = dout.to(DTYPE).contiguous()
-    g_strides = (gates.stride(0), gates.stride(1), gates.stride(2))
-    sm_scale = 0.07216878364870322
-    n_rows = B * T * 64
-    dg = torch.empty((B, T, 64, 3), dtype=torch.float32, device=device)
-    dgates = torch.empty((B, T, 64, 3), dtype=DTYPE, device=device)
-    cfg = runtime.launch_config(CONFIGS, "preprocess")
-    _bwd_preprocess_kernel[(triton.cdiv(n_rows, cfg["rows"]),)](dout, branch_out, dg, dgates, n_rows, BR=cfg["rows"],
-                                                               num_warps=cfg["num_warps"])
-    # fp32 accumulators: dQ over the branches, and dK/dV per k/v input (the first kernel to reach one writes it,
-    # later ones add; each element has one writer per launch, launches run in order).
-    dq = torch.empty((B, T, 64, 192), dtype=torch.float32, device=device)
-    grads = {}
-
-    def target(name, D):
-        first = name not in grads
-        if first:
-            grads[name] = torch.empty((B, T, 4, D), dtype=torch.float32, device=device)
-        return grads[name], not first
-
-    # compression branch
+    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, gates, lse, branch_out, WIDEN)
+    T = b.T
     NC = kc.shape[1]
-    runtime.launch(
-        _compression_bwd_dq_kernel, "compression_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, kc, vc, gates, dout, lse, dg, dq,
-         q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-         vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale),
-        dict(HAS_PREV=False, WIDEN=WIDEN), T=T)
-    cfg = runtime.launch_config(CONFIGS, "compression_dkdv")
-    # The queries that see a pooled key run to T: cut them into splits (grid axis 2) for parallelism; the
-    # partial dKc/dVc of the splits are summed below in a fixed order (deterministic).
-    n_split = max(1, min(cfg["max_splits"], triton.cdiv(T, cfg["split"])))
-    q_split = triton.cdiv(triton.cdiv(T, n_split), cfg["bt"]) * cfg["bt"]
-    dkc = torch.empty((n_split, B, NC, 4, 192), dtype=torch.float32, device=device)
-    dvc = torch.empty((n_split, B, NC, 4, 128), dtype=torch.float32, device=device)
-    if NC > 0:
-        runtime.launch(
-            _compression_bwd_dkdv_kernel, "compression_dkdv", CONFIGS, CANDIDATES,
-            lambda cfg: (triton.cdiv(NC, cfg["block_n"]), B * 4, n_split),
-            (q, kc, vc, gates, dout, lse, dg, dkc, dvc,
-             q.stride(0), q.stride(1), q.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
-             vc.stride(0), vc.stride(1), vc.stride(2), *g_strides, T, NC, sm_scale, q_split,
-             dkc[0].numel(), dvc[0].numel()),
-            dict(ACCUMULATE=False, WIDEN=WIDEN), T=T)
-    dkc = dkc.sum(dim=0) if n_split > 1 else dkc[0]
-    dvc = dvc.sum(dim=0) if n_split > 1 else dvc[0]
-    dx, accumulate = target("k_cmp", 192)
-    _pool_backward(dkc, k_cmp, 192, NC, dx, accumulate)
-    dx, accumulate = target("v_cmp", 128)
-    _pool_backward(dvc, v_cmp, 128, NC, dx, accumulate)
-
-    # selection branch
-    runtime.launch(
-        _selection_bwd_dq_kernel, "selection_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (T, B * 4),
-        (q, k_slc, v_slc, gates, dout, lse, dg, dq, indices,
-         q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-         v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
-        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
-    cfg = runtime.launch_config(CONFIGS, "selection_dkdv")
-    dk_acc, accumulate = target("k_slc", 192)
-    dv_acc, accumulate_v = target("v_slc", 128)
-    assert accumulate == accumulate_v
-    # The inverse index sorts B * T * HKV * k entries with several int64 temporaries: built and used for a group of
-    # batch elements at a time (views: the kernel's batch index is relative), so a padded varlen batch or a large B
-    # costs what one group costs.
-    group = max(1, INVERSE_INDEX_ENTRIES // (T * 4 * 1024))
-    for b0 in range(0, B, group):
-        bs = slice(b0, min(B, b0 + group))
-        offsets, qpos, bits = _selection_inverse_index(indices[bs], T, cfg["block_n"])
-        runtime.launch(
-            _selection_bwd_dkdv_kernel, "selection_dkdv", CONFIGS, CANDIDATES,
-            lambda cfg: (triton.cdiv(T, cfg["block_n"]), (bs.stop - b0) * 4),
-            (q[bs], k_slc[bs], v_slc[bs], gates[bs], dout[bs], lse[bs], dg[bs], dk_acc[bs], dv_acc[bs], offsets, qpos,
-             bits, q.stride(0), q.stride(1), q.stride(2), k_slc.stride(0), k_slc.stride(1), k_slc.stride(2),
-             v_slc.stride(0), v_slc.stride(1), v_slc.stride(2), *g_strides, T, T, sm_scale),
-            dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
-
-    # window branch
-    runtime.launch(
-        _window_bwd_dq_kernel, "window_dq", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["bt"]), B * 4),
-        (q, k_win, v_win, gates, dout, lse, dg, dq,
-         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale),
-        dict(HAS_PREV=True, WIDEN=WIDEN), T=T, restore=("DQ",))
-    cfg = runtime.launch_config(CONFIGS, "window_dkdv")
-    dk_acc, accumulate = target("k_win", 192)
-    dv_acc, accumulate_v = target("v_win", 128)
-    assert accumulate == accumulate_v
-    runtime.launch(
-        _window_bwd_dkdv_kernel, "window_dkdv", CONFIGS, CANDIDATES,
-        lambda cfg: (triton.cdiv(T, cfg["block_n"]), B * 4, 1),
-        (q, k_win, v_win, gates, dout, lse, dg, dk_acc, dv_acc,
-         q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
-         v_win.stride(0), v_win.stride(1), v_win.stride(2), *g_strides, T, T, sm_scale, T, 0, 0),
-        dict(ACCUMULATE=accumulate, WIDEN=WIDEN), T=T, restore=("DK", "DVAL") if accumulate else ())
-    return (dq.to(DTYPE),
-            grads["k_cmp"].to(DTYPE),
-            grads["v_cmp"].to(DTYPE),
-            grads["k_slc"].to(DTYPE),
-            grads["v_slc"].to(DTYPE),
-            grads["k_win"].to(DTYPE),
-            grads["v_win"].to(DTYPE),
-            dgates)
+    b.dq(_compression_bwd_dq_kernel, "compression", kc, vc, NC)
+    dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
+    _pool_backward(dkc, k_cmp, 192, NC, *b.target("k_cmp", 192))
+    _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128))
+    b.dq(_selection_bwd_dq_kernel, "selection", k_slc, v_slc, T, indices)
+    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k_slc", "v_slc", k_slc, v_slc, indices, _selection_inverse_index,
+                     INVERSE_INDEX_ENTRIES)
+    b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
+    b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
+    return b.gradients(_DESC.diff_args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2251,11 +1855,9 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
 # ---------------------------------------------------------------------------------------------------------------
 
 _DESC = runtime.descriptor.Descriptor(
-    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="nsa",
-    dtype=DTYPE, heads_q=64, heads_kv=4, dim_qk=192, dim_v=128,
-    branches=("compression", "selection", "window",), max_seqlen=65536,
-    args=(
-        runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
+    spec_name=SPEC_NAME, spec_hash=SPEC_HASH, records_hash="none", family="nsa", dtype=DTYPE,
+    heads_q=64, heads_kv=4, dim_qk=192, dim_v=128, branches=("compression", "selection", "window",), max_seqlen=65536,
+    args=(runtime.descriptor.Arg("q", ("B", "T", 64, 192)),
         runtime.descriptor.Arg("k_cmp", ("B", "T", 4, 192)),
         runtime.descriptor.Arg("v_cmp", ("B", "T", 4, 128)),
         runtime.descriptor.Arg("k_slc", ("B", "T", 4, 192)),
@@ -2265,13 +1867,10 @@ _DESC = runtime.descriptor.Descriptor(
         runtime.descriptor.Arg("gates", ("B", "T", 64, 3)),
         runtime.descriptor.Arg("q_idx", ("B", "T", 16, 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
         runtime.descriptor.Arg("k_idx", ("B", "T", 4, 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
-        runtime.descriptor.Arg("w_idx", ("B", "T", 16), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),
-    ),
-    top_k=1024, unit=1, fp8_indexer=False,
-    needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
-    gated=True, mla=False, linear_pool=False, pool_pe=False,
-    indexer_heads=4, indexer_dim=64,
-    forward=_forward, backward=_backward)
+        runtime.descriptor.Arg("w_idx", ("B", "T", 16), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),),
+    top_k=1024, unit=1, fp8_indexer=False, needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
+    gated=True, mla=False, linear_pool=False, pool_pe=False, indexer_heads=4, indexer_dim=64,
+    softmax_scale=0.07216878364870322, forward=_forward, backward=_backward)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from specgen.compile.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints, backward_tiles
+from specgen.compile.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints
 from specgen.compile.plan import MIN_DOT, make_plan
 from specgen.compile.render import has_distillation
 from specgen.compile.render_distill import distill_footprints, make_distill_plan
@@ -40,7 +40,7 @@ def test_dot_dims_at_least_16(path):
     spec = load_spec(path)
     if spec.selection is None:
         return
-    t = backward_tiles(spec, make_plan(spec))
+    t = make_plan(spec).backward
     assert min(t.sel_dq_gp, t.sel_dq_block_n, t.sel_tile, t.sel_bq * t.sel_dkdv_gp) >= MIN_DOT
     assert t.sel_dq_gp * t.sel_dq_chunks >= spec.heads.group_size
     assert t.sel_dkdv_gp * t.sel_dkdv_chunks >= spec.heads.group_size

@@ -337,3 +337,26 @@ def test_one_call_contract_for_every_view():
         assert list(made) == names
         for a in signature(spec):
             assert tuple(made[a.name].shape) == tuple(1 if d == "B" else 4 if d == "T" else d for d in a.shape), a.name
+
+
+def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
+    """specgen/compile/branches.py declares each branch once: the spec's choices, the launch order, the kernels a
+    module defines for it and the configs tuned for it all come from that table."""
+    from specgen.compile import branches
+    from specgen.compile.tuning import tunable_kernels
+    from specgen.model.spec import BRANCHES
+
+    assert set(branches.NAMES) == set(BRANCHES) and branches.NAMES[0] == "compression"  # pooled keys feed selection
+    # Query-outer selection in both passes: every branch's attention and backward kernels are the registry's.
+    query_outer = replace(SMALL, name="nsa_small_query", **{"selection.loop_order": "query"})
+    src = render_module(query_outer)
+    for name in branches.kernel_names():
+        assert f"def {name}(" in src, name
+    for b in branches.BRANCHES:
+        assert f"def {b.decode_kernel}(" in src
+    assert tunable_kernels(query_outer) == ("compression", "selection", "window", "compression_dq",
+                                           "compression_dkdv", "selection_dq", "selection_dkdv", "window_dq",
+                                           "window_dkdv")
+    # Block outer (nsa_small's group of 2): its selection kernels run on the plan's tiles, not tuned.
+    assert tunable_kernels(SMALL) == ("compression", "window", "compression_dq", "compression_dkdv", "window_dq",
+                                     "window_dkdv")

@@ -1,4 +1,6 @@
-"""Static shared-memory footprints of the kernels, and the backward's tile choice that keeps them inside the GPU's.
+"""Static shared-memory footprints of the kernels and the GPU limits they must fit: the model the plan
+(specgen.compile.plan) chooses its tiles with. This module sits below the plan: it knows tiles and specs, never a
+plan's choices (`backward_footprints` reads a plan's backward tiles without importing the plan).
 
 Model (per program, bytes): Triton stages the operands of `tl.dot` through shared memory. An operand loaded
 before a loop (resident) takes one buffer; one loaded inside a pipelined loop takes `num_stages` buffers (gathered
@@ -16,8 +18,22 @@ from dataclasses import dataclass
 
 import sympy
 
-from .plan import MIN_DOT, SMEM_BUDGET, SMEM_LIMIT, Plan, next_pow2  # noqa: F401 (SMEM_LIMIT: re-exported)
+from .branches import BY_NAME
 from ..model.spec import Spec
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+# tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
+MIN_DOT = 16
+# fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
+SCORE_REGISTER_BUDGET = 16384
+# Shared memory one block may opt in to on an H100 (227 KiB); kernels stay under SMEM_BUDGET (a margin for what
+# the footprint model does not see: layout conversions, extra scratch).
+SMEM_LIMIT = 232448
+SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
 
 SCRATCH = 1024
 TRITON_DEFAULT_STAGES = 3
@@ -35,32 +51,6 @@ def smem_bytes(*, resident=(), streamed=(), gathered=(), computed=(), index=(), 
     gathered_buffers = sympy.Max(1, n - 1) if isinstance(n, sympy.Basic) else max(1, n - 1)
     return (sum(resident) + n * sum(streamed) + gathered_buffers * sum(gathered) + n * sum(index) + sum(computed)
             + SCRATCH)
-
-
-@dataclass(frozen=True)
-class BackwardTiles:
-    """Tiles of the backward kernels (specgen/compile/templates/nsa_autograd.j2, kernels/backward.j2).
-
-    Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
-    Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs
-    (each head's dq is independent), sel_dq_block_n keys per trip (may be less than a unit).
-    Selection dK/dV: sel_tile keys per program (the inverse index's tile), SEL_BQ queries x sel_dkdv_gp heads per
-    trip, the group's heads walked by an inner loop of sel_dkdv_chunks trips accumulating into the same dK/dV
-    registers (deterministic: fixed order)."""
-    gp: int
-    bt: int
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    sel_dq_gp: int = 0
-    sel_dq_chunks: int = 1
-    sel_dq_block_n: int = 0
-    sel_tile: int = 0
-    sel_bq: int = 1
-    sel_dkdv_gp: int = 0
-    sel_dkdv_chunks: int = 1
-    sel_num_warps: int = 4
-    sel_num_stages: int = 2
 
 
 def _elem(spec: Spec) -> int:
@@ -85,43 +75,23 @@ def dkdv_smem(spec: Spec, rows: int, block_n: int, stages: int) -> int:
                       computed=[tile(block_n, rows, e), tile(block_n, rows, e)], stages=stages)
 
 
-def backward_tiles(spec: Spec, plan: Plan) -> BackwardTiles:
-    gp = next_pow2(plan.group)
-    bt = max(1, 64 // gp)
-    warps = 8 if spec.head_dim.qk + spec.head_dim.v >= 256 else 4
-    kw: dict = {}
-    sel = spec.selection
-    if sel is not None:
-        unit = sel.block
-        sel_gp = max(MIN_DOT, gp)
-        tile_keys = 32 if sel.granularity == "token" else max(MIN_DOT, unit)
-        wide = spec.head_dim.qk + spec.head_dim.v > 512
-        if not wide:
-            kw.update(sel_dq_gp=sel_gp, sel_dq_block_n=max(MIN_DOT, unit, min(64, unit * plan.topk_pad)),
-                      sel_tile=tile_keys, sel_bq=bt, sel_dkdv_gp=gp)
-        else:
-            # Wide heads (MLA's 576 + 512): one stage, at most 64 head rows, and the largest (rows, keys) pair
-            # that fits the budget. dq: the group's heads over programs; dK/dV: over an inner loop.
-            stages = 1
-            dq_rows, dq_bn = next(((r, n) for r, n in ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32),
-                                                       (16, 16))
-                                   if r <= sel_gp and dq_smem(spec, r, n, stages, gathered=True) <= SMEM_BUDGET),
-                                  (MIN_DOT, MIN_DOT))
-            dkdv_rows = next((r for r in (64, 32, 16) if r <= max(MIN_DOT, gp)
-                              and dkdv_smem(spec, r, tile_keys, stages) <= SMEM_BUDGET), MIN_DOT)
-            kw.update(sel_dq_gp=dq_rows, sel_dq_chunks=-(-plan.group // dq_rows), sel_dq_block_n=dq_bn,
-                      sel_tile=tile_keys, sel_bq=1, sel_dkdv_gp=dkdv_rows,
-                      sel_dkdv_chunks=-(-plan.group // dkdv_rows), sel_num_stages=stages)
-        kw["sel_num_warps"] = warps
-    return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
+def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
+    """A forward attention program: resident Q rows, K (and V, but MLA's gathered V is K's first d_v dims, reused
+    in registers) streamed or, for the selection, gathered through an index, and P. Numbers or sympy symbols."""
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    kv = [tile(keys, dqk, e)] + ([] if gathered and spec.mla else [tile(keys, dv, e)])
+    return smem_bytes(resident=[tile(rows, dqk, e)], streamed=[] if gathered else kv,
+                      gathered=kv if gathered else [], index=[tile(keys, 1, 4)] if gathered else [],
+                      computed=[tile(rows, keys, e)], stages=stages)
 
 
-def backward_footprints(spec: Spec, plan: Plan, tiles: BackwardTiles | None = None) -> dict[str, int]:
-    """Estimated shared memory (bytes) of every backward kernel of a spec, by kernel name."""
-    t = tiles or backward_tiles(spec, plan)
+def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
+    """Estimated shared memory (bytes) of every backward kernel of a spec, by kernel name: of `tiles` (a
+    plan.BackwardTiles), by default the plan's (`plan.backward`)."""
+    t = tiles or plan.backward
     out = {"_bwd_preprocess_kernel": SCRATCH}
     for kind in spec.branches:
-        if kind == "selection":
+        if BY_NAME[kind].gathered:
             out["_selection_bwd_dq_kernel"] = dq_smem(spec, t.sel_dq_gp, t.sel_dq_block_n, t.sel_num_stages,
                                                       gathered=True)
             out["_selection_bwd_dkdv_kernel"] = dkdv_smem(spec, t.sel_bq * t.sel_dkdv_gp, t.sel_tile,
@@ -170,18 +140,14 @@ def launch_model(spec: Spec, kernel: str) -> LaunchModel:
     """The model of a tunable kernel: `compression` / `selection` / `window` (forward attention) or
     `<branch>_dq` / `<branch>_dkdv` (backward). Rows are query rows (positions x heads) of a program, keys its key
     tile (for dK/dV: the keys it owns; rows then stream)."""
-    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    dqk, dv = spec.head_dim.qk, spec.head_dim.v
     threads = WARPS * 32
-    if kernel in ("compression", "window", "selection"):
-        gathered = kernel == "selection"
-        kv = [tile(KEYS, dqk, e)] + ([] if gathered and spec.mla else [tile(KEYS, dv, e)])
-        smem = smem_bytes(resident=[tile(ROWS, dqk, e)], streamed=[] if gathered else kv,
-                          gathered=kv if gathered else [], index=[tile(KEYS, 1, 4)] if gathered else [],
-                          computed=[tile(ROWS, KEYS, e)], stages=STAGES)
+    if kernel in BY_NAME:
+        smem = attention_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[kernel].gathered)
         return LaunchModel(smem, (ROWS * dv + ROWS * KEYS) / threads)
     branch, part = kernel.rsplit("_", 1)
     if part == "dq":
-        smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=branch == "selection")
+        smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[branch].gathered)
         return LaunchModel(smem, (ROWS * dqk + ROWS * KEYS) / threads)
     smem = dkdv_smem(spec, ROWS, KEYS, STAGES)
     return LaunchModel(smem, (KEYS * (dqk + dv) + KEYS * ROWS) / threads)

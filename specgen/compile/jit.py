@@ -27,9 +27,9 @@ _loaded: dict[str, ModuleType] = {}
 
 # What decides a generated module's bytes besides the spec and its record: the templates and these modules.
 # Paths relative to the package root; the whole compile layer plus the spec model.
-_GENERATOR_MODULES = ("compile/analysis", "compile/files", "compile/footprint", "compile/plan", "compile/records",
-                      "compile/render", "compile/render_distill", "compile/templating", "compile/test_shapes",
-                      "compile/tuning", "model/spec")
+_GENERATOR_MODULES = ("compile/analysis", "compile/branches", "compile/files", "compile/footprint", "compile/plan",
+                      "compile/records", "compile/render", "compile/render_distill", "compile/templating",
+                      "compile/test_shapes", "compile/tuning", "model/spec")
 
 
 def cache_dir() -> Path:

@@ -1,30 +1,39 @@
-"""The kernel plan: every compile-time choice a generated module bakes in, derived from a spec.
+"""The kernel plan: every compile-time choice a generated module bakes in, derived from a spec, in one object.
 
-The plan sits between the analysis and the templates: it turns the spec's numbers into tile shapes, row packing,
-head-dim parts and launch order, so templates only substitute values and never decide. Tuned configs (when a tuning
-record exists) override the defaults chosen here.
+The plan sits between the analysis (with the footprint model of specgen.compile.footprint, which it imports) and
+the templates: it turns the spec's numbers into tile shapes, row packing, head-dim parts, launch order, the
+backward's, decode's and distillation's tiles, and the launch configs (defaults and tuning candidates), so
+templates only substitute values and never decide. Tuned configs (when a tuning record exists) override the
+defaults chosen here. `make_plan(spec)` is the only constructor; render reads nothing else.
+
+    Plan                    branches (launch order), forward tiles (compression / selection / window: AttentionTile), block scoring
+                            (score_*), token scoring (index_*), pooling (pool_bi), head-dim parts, group
+      .backward             BackwardTiles: the backward kernels' tiles (each kernel fits shared memory)
+      .decode               DecodePlan: the decode step's tiles, the ring of cache tensors, the top-k segments
+      .distill              DistillPlan (specs with an indexer) or None: the distillation loss's tiles
+      .tuning               Tuning: default launch configs and the pruned tuning candidates (computed on first use)
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
-from ..model.spec import KV_ORDER_MIN_BLOCK, Spec
+from .branches import Branch, branches_of
+from .footprint import (MIN_DOT, SCORE_REGISTER_BUDGET, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
+                        attention_smem, dkdv_smem, dq_smem, next_pow2)
+from .loop_order import selection_orders
+from .tuning import candidates_for, default_configs
+from ..model.spec import Spec
+
+# Main rows of one head chunk of the distillation kernels for wide heads.
+WIDE_CHUNK_ROWS = 64
 
 
-def next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-# tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
-MIN_DOT = 16
-# fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
-SCORE_REGISTER_BUDGET = 16384
-# Shared memory one block may opt in to on an H100 (227 KiB); kernels stay under SMEM_BUDGET (a margin for what
-# the footprint model does not see: layout conversions, extra scratch).
-SMEM_LIMIT = 232448
-SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
+def wide_heads(spec: Spec) -> bool:
+    """MLA-like head dims (d_qk + d_v > 512, DeepSeek's 576 + 512): tiles narrow, stages drop to one."""
+    return spec.head_dim.qk + spec.head_dim.v > 512
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,106 @@ class AttentionTile:
     num_warps: int = 4
     num_stages: int = 2
     head_chunks: int = 1  # programs sharing one (query tile, kv group): each takes GP of the group's heads
+
+
+@dataclass(frozen=True)
+class BackwardTiles:
+    """Tiles of the backward kernels (specgen/compile/templates/nsa_autograd.j2, kernels/backward.j2).
+
+    Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
+    Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs
+    (each head's dq is independent), sel_dq_block_n keys per trip (may be less than a unit).
+    Selection dK/dV: sel_tile keys per program (the inverse index's tile, units_per_tile selection units), SEL_BQ
+    queries x sel_dkdv_gp heads per trip, the group's heads walked by an inner loop of sel_dkdv_chunks trips
+    accumulating into the same dK/dV registers (deterministic: fixed order)."""
+    gp: int
+    bt: int
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    sel_dq_gp: int = 0
+    sel_dq_chunks: int = 1
+    sel_dq_block_n: int = 0
+    sel_tile: int = 0
+    sel_bq: int = 1
+    sel_dkdv_gp: int = 0
+    sel_dkdv_chunks: int = 1
+    sel_num_warps: int = 4
+    sel_num_stages: int = 2
+    unit: int = 1          # tokens per selection unit
+
+    @property
+    def units_per_tile(self) -> int:
+        return self.sel_tile // self.unit
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The decode step's plan (specgen.runtime.decode_step reads it from the module's DecodeDescriptor).
+
+    ring / ring_size: cache tensors kept only as a ring of each sequence's last ring_size tokens (`decode_ring`).
+    split_tiles: keys per tile of each branch's decode kernel (the split sizes); max_gp: group heads per program at
+    most; num_stages: the decode kernels' pipeline stages. overlap_chunks / overlap_blocks: the compression scorer's
+    overlap rule (d-token chunks per selection block, compression blocks per chunk). topk_*: the indexer top-k's
+    segmentation (about topk_programs programs in all, at most topk_max_segments per row, topk_sum_segments
+    partial histograms loaded at once)."""
+    ring: tuple
+    ring_size: int
+    split_tiles: dict = field(hash=False)
+    max_gp: int = 128
+    num_stages: int = 2
+    overlap_chunks: int = 0
+    overlap_blocks: int = 0
+    topk_programs: int = 1024
+    topk_max_segments: int = 32
+    topk_sum_segments: int = 16
+
+
+@dataclass(frozen=True)
+class DistillPlan:
+    """Tiles of the distillation kernels (docs/distill.md).
+
+    Dense stage: a program owns BT query positions of one kv group; its rows are BT x GP main-attention heads and
+    BT x HP indexer heads (both >= 16 for tl.dot); keys go by BS per loop trip. The dK kernel owns BK keys and walks
+    the query tiles.
+    Sparse stage: one query position per program (each query has its own keys), so the heads alone fill the rows,
+    padded to >= 16 (SGP, SHP); the selected keys go by SBS per trip. The dK kernel owns SBK keys and walks their
+    (query, key) pairs from the inverse index, PAIRS pairs (x HP indexer heads) per trip.
+    """
+    gp: int
+    hp: int
+    bt: int
+    bs: int
+    bk: int
+    sgp: int
+    shp: int
+    sbs: int
+    sbk: int
+    pairs: int
+    num_warps: int = 4
+    # Wide heads (d_qk + d_v > 512): the group's main heads go by gp // head_chunks (sgp // head_chunks) rows per
+    # trip of an inner loop that sums the target p over the chunks, and no software pipelining (num_stages 1), so
+    # a program's dot operands fit shared memory (footprint below). None: Triton's default stages (3).
+    head_chunks: int = 1
+    num_stages: int | None = None
+
+    @property
+    def chunk_gp(self) -> int:
+        """Main heads per head chunk (dense stage)."""
+        return self.gp // self.head_chunks
+
+    @property
+    def chunk_sgp(self) -> int:
+        """Main heads per head chunk (sparse stage)."""
+        return self.sgp // self.head_chunks
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch configs: `defaults` {kernel: config} (the plan's tiles; a tuning record's entries override them per
+    GPU) and `candidates` {tunable kernel: [config, ...]}, the default first, pruned by the footprint model."""
+    defaults: dict
+    candidates: dict
 
 
 @dataclass(frozen=True)
@@ -68,6 +177,7 @@ class Plan:
     index_hp: int = 0
     index_bs: int = 0
     index_kt: int = 8        # key tiles per indexer program (q_I loaded once per program)
+    idx_scale: float | None = None  # the indexer's score scale (the spec's, else d_I^-1/2 x heads^-1/2)
     pool_bi: int = 0
     # the selected-block attention's loop order per pass: "query" (attention.j2, backward.j2) or "kv" (select_kv.j2)
     selection_order: str = "query"
@@ -79,11 +189,40 @@ class Plan:
     sel_kv_warps: int = 4
     sel_kv_merge_rows: int = 0
     sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
+    # the other passes
+    backward: BackwardTiles | None = None
+    decode: DecodePlan | None = None
+    distill: DistillPlan | None = None
+
+    @property
+    def branches(self) -> tuple[Branch, ...]:
+        """The spec's branches in launch order (specgen.compile.branches)."""
+        return branches_of(self.spec)
 
     @property
     def unit(self) -> int:
         """Tokens per selection unit: l' at block granularity, 1 at token granularity."""
         return self.spec.selection.block if self.spec.selection else 0
+
+    @property
+    def score_chunks(self) -> int:
+        """Loop trips of the block scorer over a row's selection blocks."""
+        return self.score_nsel_pad // self.score_bj
+
+    @property
+    def index_keys(self) -> int:
+        """Keys per indexer-score program (index_kt tiles of index_bs)."""
+        return self.index_bs * self.index_kt
+
+    @property
+    def index_heads(self) -> int:
+        """Indexer query heads in all (indexer heads per kv group x kv groups)."""
+        return self.spec.heads.kv * self.spec.indexer.heads if self.spec.indexer else 0
+
+    @functools.cached_property
+    def tuning(self) -> Tuning:
+        # On first use: pruning the candidates evaluates the footprint model (sympy) per config.
+        return Tuning(default_configs(self), candidates_for(self))
 
 
 def decode_ring(spec: Spec) -> tuple[str, ...]:
@@ -97,58 +236,75 @@ def decode_ring(spec: Spec) -> tuple[str, ...]:
     return ("k_cmp", "v_cmp") if "compression" in spec.branches else ("k_cmp",)
 
 
-# Gathered (query-order) K/V reads hit L2 for the blocks neighbouring queries share (the initial and local ones, and
-# near-ties): the effective cost per modelled byte, relative to a streamed byte. Calibrated on the H100 (docs/
-# selection_order.md): measured query-order selection time / (modelled gather bytes / copy rate).
-GATHER_COST = 0.45
-
-
-def selection_bytes(spec: Spec, group: int, bq: int, gp: int) -> dict:
-    """HBM bytes per (query, kv group, selected unit) of the selected-block attention forward, in each loop order.
-
-    query: each (query, kv group) gathers its units' K/V (and reads its q once, written output once: small).
-    kv: each tile of `bq` queries reads the unit's K/V once; every (query, head) reads q, writes a partial output
-    and log-sum-exp per unit, and the merge reads them back."""
-    elem = 4 if spec.dtype == "fp32" else 2
-    unit = spec.selection.block
-    kv_row = spec.head_dim.qk + (0 if spec.mla else spec.head_dim.v)
-    query = unit * kv_row * elem * GATHER_COST
-    kv = unit * kv_row * elem / bq + group * (spec.head_dim.qk * elem + 2 * (spec.head_dim.v * elem + 4))
-    return {"query": query, "kv": kv}
-
-
-def _selection_order(spec: Spec, g: int, gp: int) -> dict:
-    """The selected-block attention's loop order per pass: the spec's (`selection.loop_order`), or (auto) for the
-    forward the one that moves fewer bytes, and for the backward the block-outer one wherever it applies: its work
-    items bound the queries one program walks (query-outer dK/dV walks every query that chose a block in one
-    program, all T of them for the first block), and it computes dQ from the same P and dS."""
-    sel = spec.selection
-    if sel.granularity != "block" or sel.block < KV_ORDER_MIN_BLOCK:
-        return {"selection_order": "query", "selection_bwd_order": "query"}
-    # kv-order tiles: 64 rows (queries x padded heads) for up to 64 heads.
-    bq = max(1, 64 // gp)
-    model = selection_bytes(spec, g, bq, gp)
-    order = sel.loop_order
-    forward = order if order != "auto" else ("kv" if gp <= 64 and model["kv"] < model["query"] else "query")
-    backward = order if order != "auto" else ("kv" if gp <= 64 else "query")
-    kw = {"selection_order": forward, "selection_bwd_order": backward, "sel_kv_bytes": model}
-    if "kv" in (forward, backward):
-        wide = spec.head_dim.qk + spec.head_dim.v > 512
-        # SPLIT queries per backward work item: up to 256 (several trips of 64 rows reuse the K/V tile and the
-        # dK/dV registers), while a block that every query selects still spreads over T / SPLIT programs; short
-        # contexts (max_seqlen) have few queries per block and get proportionally shorter items.
-        kw.update(sel_kv_bq=bq, sel_kv_gp=gp, sel_kv_block_n=max(MIN_DOT, next_pow2(sel.block)),
-                  sel_kv_warps=8 if wide or bq * gp * spec.head_dim.v >= 16384 else 4, sel_kv_merge_rows=32,
-                  sel_kv_split=max(bq, min(256, spec.max_seqlen // 64)))
-    return kw
-
-
 def _parts(d: int) -> tuple[Part, ...]:
     out, off = [], 0
     for size in head_dim_parts(d):
         out.append(Part(off, size))
         off += size
     return tuple(out)
+
+
+def _backward_tiles(spec: Spec, group: int, topk_pad: int) -> BackwardTiles:
+    gp = next_pow2(group)
+    bt = max(1, 64 // gp)
+    # Programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.
+    warps = 8 if spec.head_dim.qk + spec.head_dim.v >= 256 else 4
+    kw: dict = {}
+    sel = spec.selection
+    if sel is not None:
+        unit = sel.block
+        sel_gp = max(MIN_DOT, gp)
+        tile_keys = 32 if sel.granularity == "token" else max(MIN_DOT, unit)
+        if not wide_heads(spec):
+            kw.update(sel_dq_gp=sel_gp, sel_dq_block_n=max(MIN_DOT, unit, min(64, unit * topk_pad)),
+                      sel_tile=tile_keys, sel_bq=bt, sel_dkdv_gp=gp)
+        else:
+            # Wide heads (MLA's 576 + 512): one stage, at most 64 head rows, and the largest (rows, keys) pair
+            # that fits the budget. dq: the group's heads over programs; dK/dV: over an inner loop.
+            stages = 1
+            dq_rows, dq_bn = next(((r, n) for r, n in ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32),
+                                                       (16, 16))
+                                   if r <= sel_gp and dq_smem(spec, r, n, stages, gathered=True) <= SMEM_BUDGET),
+                                  (MIN_DOT, MIN_DOT))
+            dkdv_rows = next((r for r in (64, 32, 16) if r <= max(MIN_DOT, gp)
+                              and dkdv_smem(spec, r, tile_keys, stages) <= SMEM_BUDGET), MIN_DOT)
+            kw.update(sel_dq_gp=dq_rows, sel_dq_chunks=-(-group // dq_rows), sel_dq_block_n=dq_bn,
+                      sel_tile=tile_keys, sel_bq=1, sel_dkdv_gp=dkdv_rows,
+                      sel_dkdv_chunks=-(-group // dkdv_rows), sel_num_stages=stages)
+        kw.update(sel_num_warps=warps, unit=unit)
+    return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
+
+
+def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:
+    cmp_, sel = spec.compression, spec.selection
+    wide = wide_heads(spec)
+    overlap = {}
+    if sel is not None and sel.scorer == "compression":
+        overlap = dict(overlap_chunks=sel.block // cmp_.stride, overlap_blocks=cmp_.block // cmp_.stride)
+    # A block completed by a step's first new token starts l - 1 tokens before it, and the step writes q_len
+    # tokens first: l + max_q_len tokens of ring are enough.
+    return DecodePlan(ring=decode_ring(spec), ring_size=(cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
+                      split_tiles={"compression": 64, "window": 64,
+                                   "selection": selection.block_n if selection else 64},
+                      max_gp=64 if wide else 128, num_stages=1 if wide else 2, **overlap)
+
+
+def _distill_tiles(spec: Spec) -> DistillPlan:
+    gp = next_pow2(spec.heads.group_size)
+    hp = next_pow2(spec.indexer.heads)
+    # Enough positions that both row sets reach 16 (tl.dot's M on the GPU), aiming at 64 rows.
+    bt = max(next_pow2(-(-MIN_DOT // min(gp, hp))), 64 // max(gp, hp), 1)
+    # Wide heads (MLA's 576) keep a [BK, Dqk] key tile resident in the dK kernel: halve it there.
+    bk = 64 if spec.head_dim.qk <= 256 else 32
+    topk_pad = next_pow2(spec.selection.top_k)
+    sgp = max(MIN_DOT, gp)
+    wide = wide_heads(spec)
+    # Wide heads: at most 64 main rows (positions x heads) per chunk (V3.2: 128 heads x 576 in one program's rows
+    # needed 425 KiB of shared memory on the H100), one stage.
+    head_chunks = max(1, bt * gp // WIDE_CHUNK_ROWS, sgp // WIDE_CHUNK_ROWS) if wide else 1
+    return DistillPlan(gp=gp, hp=hp, bt=bt, bs=64, bk=bk, sgp=sgp, shp=max(MIN_DOT, hp),
+                       sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp),
+                       head_chunks=head_chunks, num_stages=1 if wide else None)
 
 
 def make_plan(spec: Spec) -> Plan:
@@ -169,23 +325,19 @@ def make_plan(spec: Spec) -> Plan:
         unit = sel.block
         # Wide heads (MLA's 576/512) need narrower key tiles, one pipeline stage and more warps to fit shared memory
         # and registers: K+V tiles of 64 keys at 576+512 dims would need 272 KiB over two stages.
-        # MLA gathers one tile per trip (V is K's first d_v dims, reused in registers), so it streams qk dims only.
-        streamed = spec.head_dim.qk + (0 if spec.mla else spec.head_dim.v)
-        wide = spec.head_dim.qk + spec.head_dim.v > 512
+        wide = wide_heads(spec)
         # Wide heads also cap the rows at 64 heads per program (MLA's 128 heads x 576 dims would need ~340 KiB).
         rows = min(max(MIN_DOT, gp), 64) if wide else max(MIN_DOT, gp)
         # 64 gathered keys over two stages where they fit shared memory (resident Q, one gathered K(+V) buffer,
-        # P, the index: the footprint model of specgen.compile.footprint), else 32 keys in one stage.
-        elem = 4 if spec.dtype == "fp32" else 2
-        wide_keys_bytes = elem * (rows * spec.head_dim.qk + 64 * streamed + rows * 64) + 64 * 4 * 2 + 1024
-        narrow_keys = wide and wide_keys_bytes > SMEM_BUDGET
+        # P, the index: the footprint model), else 32 keys in one stage.
+        narrow_keys = wide and attention_smem(spec, rows, 64, 2, gathered=True) > SMEM_BUDGET
         selection = AttentionTile(bt=1, gp=rows,
                                   block_n=max(MIN_DOT, unit, (32 if narrow_keys else 64) if unit == 1 else unit),
                                   num_warps=8 if rows * spec.head_dim.v >= 16384 else 4,
                                   num_stages=1 if narrow_keys else 2, head_chunks=-(-g // rows))
         topk_pad = next_pow2(sel.top_k)
         plan_kw["topk_pad"] = topk_pad
-        plan_kw.update(_selection_order(spec, g, gp))
+        plan_kw.update(selection_orders(spec, g, gp))
         if sel.scorer == "compression":
             r = sel.block // spec.compression.stride
             bj = max(topk_pad, MIN_DOT, 64 // r)
@@ -202,8 +354,13 @@ def make_plan(spec: Spec) -> Plan:
             hp = next_pow2(spec.indexer.heads)
             # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.
             plan_kw.update(index_hp=hp, index_bt=max(1, 128 // hp), index_bs=max(64, unit))
+    idx = spec.indexer
+    if idx is not None:
+        plan_kw["idx_scale"] = idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5
     if spec.needs_compressed_kv:
         plan_kw["pool_bi"] = 16
     return Plan(spec=spec, qk_parts=_parts(spec.head_dim.qk), v_parts=_parts(spec.head_dim.v), group=g,
                 branch_index={b: i for i, b in enumerate(spec.branches)}, compression=compression, window=window,
-                selection=selection, **plan_kw)
+                selection=selection, backward=_backward_tiles(spec, g, plan_kw.get("topk_pad", 0)),
+                decode=_decode_plan(spec, selection),
+                distill=_distill_tiles(spec) if idx is not None and sel is not None else None, **plan_kw)

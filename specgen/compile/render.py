@@ -7,25 +7,25 @@ half-written module and an unchanged spec touches nothing.
 
 from __future__ import annotations
 
-import pprint
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
-from .footprint import backward_tiles
-from .plan import Plan, decode_ring, make_plan
+from .branches import BRANCHES
+from .plan import Plan, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
-from ..model.signature import SHORT, signature
+from ..model.signature import signature
 from ..model.spec import Spec, validated
 from .test_shapes import (cpu_seqlens, decode_cases, decode_gpu_prompts, decode_prompts, gpu_seqlens,
                            gpu_varlen_backward_seqlens, gpu_varlen_seqlens, varlen_seqlens)
-from .templating import TEMPLATES, environment as _environment, header, pystr, pytext  # noqa: F401 (re-exported)
+from .templating import TEMPLATES, environment as _environment, header, pack, pyliteral, pystr, pytext  # noqa: F401 (re-exported)
 
 TORCH_DTYPES = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
-# Kernels depend on one another: pooled keys and the compression log-sum-exp feed selection.
-LAUNCH_ORDER = ("compression", "selection", "window")
+# Each branch's own k/v inputs under `kv: independent` (k_cmp, v_cmp, ...), and the launch order: the registry's.
+SHORT = {b.name: b.short for b in BRANCHES}
+LAUNCH_ORDER = tuple(b.name for b in BRANCHES)
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,35 @@ def arguments(spec: Spec) -> list[Argument]:
             for a in signature(spec)]
 
 
+def _sorted(value):
+    """Dicts with their keys sorted, all the way down (launch configs print in one order whatever built them)."""
+    return {k: _sorted(value[k]) for k in sorted(value)} if isinstance(value, dict) else value
+
+
+def candidate_table(candidates: dict) -> dict:
+    """{kernel: (field names, row, ...)}: the candidate configs as `runtime.launches.config_table` reads them back;
+    a kernel whose candidates equal an earlier kernel's (the window's and the compression's, often) names it."""
+    out: dict = {}
+    for kernel, configs in candidates.items():
+        same = next((k for k in out if candidates[k] == configs), None)
+        if same is not None:
+            out[kernel] = same
+            continue
+        fields = tuple(sorted(configs[0]))
+        if any(tuple(sorted(c)) != fields for c in configs):
+            raise AssertionError(f"candidates of {kernel} differ in their fields")
+        out[kernel] = (fields, *(tuple(c[f] for f in fields) for c in configs))
+    return out
+
+
+def _descriptor_args(args: list[Argument]) -> str:
+    """The descriptor's `args` entries, several to a line."""
+    return pack([f"runtime.descriptor.Arg({pystr(a.name)}, {a.shape}"
+                 + (f", keyword=True, why={pystr(a.why)}" if a.keyword else "")
+                 + (", checks_dtype=False" if a.dtype == "None" else "") + ")," for a in args],
+                start=len("    args=("), indent=8)
+
+
 def _kv_names(spec: Spec) -> dict[str, str]:
     names = {}
     for branch, s in SHORT.items():
@@ -57,27 +86,27 @@ def _kv_names(spec: Spec) -> dict[str, str]:
 
 
 def module_context(spec: Spec, plan: Plan | None = None, records: list | None = None) -> dict:
-    from .tuning import candidates_for, configs_for
+    """The template variables of a module: the spec, its plan (every tile and config decision) and names; the
+    values here are formatted plan and spec values, not decisions."""
+    from .tuning import configs_for
 
     plan = plan or make_plan(spec)
     records = records or []
     args = arguments(spec)
-    idx_scale = None
-    if spec.indexer is not None:
-        idx = spec.indexer
-        idx_scale = idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5
     return {
         "spec": spec,
         "plan": plan,
         "runtime_schema": RUNTIME_SCHEMA,
         "header": header(spec, "the kernels") + f"\n# Tuning record: {records_hash(records)}.",
         "records_hash": records_hash(records),
-        "configs": pprint.pformat(configs_for(plan, records), width=110, sort_dicts=True),
-        "candidates": pprint.pformat(candidates_for(plan), width=110, sort_dicts=True),
+        "configs": pyliteral(_sorted(configs_for(plan, records)), start=len("CONFIGS = ")),
+        "candidates": pyliteral(candidate_table(plan.tuning.candidates),
+                                start=len("CANDIDATES = runtime.launches.config_table(")),
         "spec_hash": spec.hash,
-        "spec_dict": pprint.pformat(spec.to_dict(), width=110, sort_dicts=False),
+        "spec_dict": pyliteral(spec.to_dict(), start=len("SPEC = ")),
+        "descriptor_args": _descriptor_args(args),
         "torch_dtype": TORCH_DTYPES[spec.dtype],
-        "launch_order": [b for b in LAUNCH_ORDER if b in spec.branches],
+        "launch_order": [b.name for b in plan.branches],
         "fn_name": f"{spec.family}_forward",
         "positional": [a.name for a in args if not a.keyword],
         "keyword_inputs": [a for a in args if a.keyword],
@@ -91,15 +120,15 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "token_args": [a.name for a in args if '"T"' in a.shape],
         "kv": _kv_names(spec),
         "short": SHORT,
-        "idx_scale": repr(idx_scale),
-        "bwd": backward_tiles(spec, plan),
+        "idx_scale": repr(plan.idx_scale),
+        "bwd": plan.backward,
         "dec": decode_context(spec, args, plan),
     }
 
 
 def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
-    """Names, tiles and descriptor fields of the decode API (specgen.runtime.decode_descriptor): the cache stores
-    every per-token key/value/index-key input."""
+    """Names and descriptor literals of the decode API (specgen.runtime.decode_descriptor): the cache stores every
+    per-token key/value/index-key input; tiles and the ring are the plan's (`plan.decode`)."""
     dims = {"k": spec.head_dim.qk, "v": spec.head_dim.v}
     stored = {}
     for a in args:
@@ -107,8 +136,7 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             stored[a.name] = dims[a.name[0]]
     if spec.indexer is not None:
         stored["k_idx"] = spec.indexer.head_dim
-    wide = spec.head_dim.qk + spec.head_dim.v > 512
-    ring = decode_ring(spec)
+    ring = plan.decode.ring
     missing = [n for n in ring if n not in stored]
     if missing:
         raise AssertionError(f"decode ring tensors {missing} are not inputs of spec {spec.name}")
@@ -121,8 +149,7 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "stored_names": list(stored),
             # kv: independent gives the compression branch its own k/v, read only to pool newly completed blocks
             # (plan.decode_ring): a tuple, tested as such by the templates; its repr is what the module prints.
-            "ring": ring, "ring_repr": repr(ring),
-            "ring_size": (cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
+            "ring": ring, "ring_repr": repr(ring), "ring_size": plan.decode.ring_size,
             # Descriptor literals of the parts a spec may lack (0 / False / None without them).
             "compressed": spec.needs_compressed_kv, "cmp_branch": "compression" in spec.branches,
             "cmp_block": cmp_.block if cmp_ else 0, "cmp_stride": cmp_.stride if cmp_ else 0,
@@ -130,15 +157,14 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "sel_block": sel.block if sel else 0, "top_k": sel.top_k if sel else 0,
             "indexer": spec.indexer is not None, "idx_heads": spec.indexer.heads if spec.indexer else 0,
             "idx_dim": spec.indexer.head_dim if spec.indexer else 0, "window": spec.window.size if spec.window else 0,
-            "max_gp": 64 if wide else 128, "num_stages": 1 if wide else 2,
+            "max_gp": plan.decode.max_gp, "num_stages": plan.decode.num_stages,
             "fp8": spec.indexer is not None and spec.indexer.dtype == "fp8_e4m3",
             "scorer": repr(sel.scorer if sel else None),
             "pool_kind": repr(cmp_.pool if cmp_ else None),
             "pool_weights": "(" + ", ".join(pool_weights) + ("," if len(pool_weights) == 1 else "") + ")",
             "k_cmp": kv["k_cmp"], "v_cmp": kv["v_cmp"], "k_slc": kv["k_slc"],
             "v_slc": kv["k_slc"] if spec.mla else kv["v_slc"], "k_win": kv["k_win"], "v_win": kv["v_win"],
-            "split_tiles": repr({"compression": 64, "window": 64,
-                                 "selection": plan.selection.block_n if sel else 64})}
+            "split_tiles": repr(plan.decode.split_tiles)}
 
 
 def has_distillation(spec: Spec) -> bool:

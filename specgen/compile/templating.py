@@ -32,6 +32,59 @@ def pytext(value: str) -> str:
     return value
 
 
+def _pieces(value) -> list[str]:
+    """`value` as a Python literal cut into pieces that may be joined by a space or a line break: every cut falls
+    after a comma inside brackets (an implicit continuation). A tuple of scalars is one piece (a table row)."""
+    if isinstance(value, str):
+        return [pystr(value)]
+    if isinstance(value, (bool, int, float)) or value is None:
+        return [repr(value)]
+    if isinstance(value, dict):
+        items = [[f"{pystr(k) if isinstance(k, str) else repr(k)}: {p[0]}", *p[1:]]
+                 for k, p in ((k, _pieces(v)) for k, v in value.items())]
+        brackets = "{}"
+    elif isinstance(value, (list, tuple)):
+        if isinstance(value, tuple) and value and all(len(_pieces(v)) == 1 and not isinstance(v, (dict, list, tuple))
+                                                      for v in value):
+            return ["(" + ", ".join(_pieces(v)[0] for v in value) + ("," if len(value) == 1 else "") + ")"]
+        items = [_pieces(v) for v in value]
+        brackets = "[]" if isinstance(value, list) else "()"
+    else:
+        raise TypeError(f"pyliteral: no literal for {type(value).__name__}")
+    if not items:
+        return [brackets]
+    out = []
+    for i, item in enumerate(items):
+        item = list(item)
+        if i < len(items) - 1 or (brackets == "()" and len(items) == 1):
+            item[-1] += ","
+        out += item
+    out[0] = brackets[0] + out[0]
+    out[-1] += brackets[1]
+    return out
+
+
+def pack(pieces: list[str], start: int = 0, width: int = 110, indent: int = 4) -> str:
+    """Pieces joined by spaces, packed greedily into lines of `width` characters (the first line already holds
+    `start`), continuation lines indented by `indent`: the caller cuts only where a line break is legal Python."""
+    lines, line, used = [], "", start
+    for piece in pieces:
+        if line and used + 1 + len(piece) > width:
+            lines.append(line)
+            line, used = " " * indent + piece, indent + len(piece)
+        else:
+            used += len(piece) + (1 if line else 0)
+            line += (" " if line else "") + piece
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def pyliteral(value, start: int = 0, width: int = 110, indent: int = 4) -> str:
+    """`value` (str, numbers, None, bools, and dicts, lists and tuples of them) as a compact Python literal, packed
+    into lines (`pack`). Deterministic (dicts print in their own order); strings go through `pystr`."""
+    return pack(_pieces(value), start, width, indent)
+
+
 @functools.lru_cache(maxsize=None)
 def environment() -> jinja2.Environment:
     # One environment per process: it caches the compiled templates across specs and renders.
@@ -40,6 +93,7 @@ def environment() -> jinja2.Environment:
                              autoescape=False)
     env.filters["pystr"] = pystr
     env.filters["pytext"] = pytext
+    env.filters["pyliteral"] = pyliteral
     return env
 
 

@@ -1,4 +1,6 @@
-"""Tuning records: the launch configs `specgen tune` measured best, kept beside the spec.
+"""Launch configs: the plan's defaults and tuning candidates (filled into `Plan.tuning` by specgen.compile.plan,
+which imports this module: the functions here read a plan's tiles, they do not make them), and the tuning records,
+the launch configs `specgen tune` measured best, kept beside the spec.
 
 A record lives in `specs/<name>.tune.json`, keyed by spec hash, GPU name and Triton version; it is not part of the
 spec's hash. `specgen build` bakes the configs of the records matching the spec's hash into the generated module
@@ -12,26 +14,29 @@ import json
 from pathlib import Path
 
 from .files import write_if_changed
-from .footprint import backward_tiles, launch_model
-from .plan import MIN_DOT, Plan, make_plan
+from .branches import NAMES, branches_of
+from .footprint import MIN_DOT, launch_model
+from .loop_order import orders
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
 
-KERNELS_WITH_TILES = ("compression", "selection", "window")
+# The forward attention kernels: one AttentionTile of the plan each (plan.<branch>), named by their branch.
+KERNELS_WITH_TILES = NAMES
 
 
 def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     """The kernels with candidate configs (tuned by `specgen tune`, autotuned with SPECGEN_AUTOTUNE=1): the forward
     attention kernels, then the backward dQ and dK/dV kernels of each branch. The block-outer selection kernels
-    (plan.selection_order / selection_bwd_order == "kv") run on the plan's tiles and are not among them."""
-    plan = make_plan(spec)
-    branches = tuple(k for k in KERNELS_WITH_TILES if k in spec.branches)
-    forward = tuple(k for k in branches if not (k == "selection" and plan.selection_order == "kv"))
-    backward = tuple(k for k in branches if not (k == "selection" and plan.selection_bwd_order == "kv"))
-    return forward + tuple(f"{k}_{part}" for k in backward for part in ("dq", "dkdv"))
+    (loop_order: kv, docs/selection_order.md) run on the plan's tiles and are not among them."""
+    forward_order, backward_order = orders(spec)
+    branches = branches_of(spec)
+    return (tuple(b.forward_config for b in branches if not (b.name == "selection" and forward_order == "kv"))
+            + tuple(c for b in branches if not (b.name == "selection" and backward_order == "kv")
+                    for c in b.backward_configs))
 
 
-def default_configs(plan: Plan) -> dict:
+def default_configs(plan) -> dict:
+    """{kernel: config} of every kernel of the plan's spec, from its tiles (`Plan.tuning.defaults`)."""
     spec = plan.spec
     configs = {}
     for kind in KERNELS_WITH_TILES:
@@ -43,7 +48,7 @@ def default_configs(plan: Plan) -> dict:
         rows = plan.score_bt * plan.score_gp if spec.selection.scorer == "compression" else 16
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
     # Backward: programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.
-    bwd = backward_tiles(spec, plan)
+    bwd = plan.backward
     configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
     for kind in spec.branches:
         if kind == "selection":
@@ -60,9 +65,9 @@ def default_configs(plan: Plan) -> dict:
     return configs
 
 
-def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
+def _rows(plan, kernel: str, cfg: dict) -> int:
     """Query rows of one program (forward) or trip (backward) under `cfg`."""
-    bwd = backward_tiles(plan.spec, plan)
+    bwd = plan.backward
     if kernel in KERNELS_WITH_TILES:
         return cfg["bt"] * getattr(plan, kernel).gp
     if kernel == "selection_dq":
@@ -72,7 +77,7 @@ def _rows(plan: Plan, kernel: str, cfg: dict) -> int:
     return cfg["bt"] * bwd.gp
 
 
-def candidates(plan: Plan, kernel: str) -> list[dict]:
+def candidates(plan, kernel: str) -> list[dict]:
     """Launch configs worth timing for a tunable kernel, the default first, pruned by the footprint model
     (`footprint.launch_model`: shared memory and accumulator registers against the budgets) before compiling.
 
@@ -118,15 +123,15 @@ def candidates(plan: Plan, kernel: str) -> list[dict]:
     return out
 
 
-def candidates_for(plan: Plan) -> dict:
+def candidates_for(plan) -> dict:
     """{kernel: candidates} of every tunable kernel of the plan's spec: what a module without a tuning record
-    autotunes over on the GPU."""
+    autotunes over on the GPU (`Plan.tuning.candidates`)."""
     return {k: candidates(plan, k) for k in tunable_kernels(plan.spec)}
 
 
-def configs_for(plan: Plan, records: list[dict]) -> dict:
+def configs_for(plan, records: list[dict]) -> dict:
     """{"default": plan defaults, "<GPU name>": {kernel: config}} with the tuned entries (newest wins per GPU)."""
-    out = {"default": default_configs(plan)}
+    out = {"default": {k: dict(v) for k, v in plan.tuning.defaults.items()}}
     for entry in sorted(records, key=lambda e: e.get("date", "")):
         out[entry["gpu"]] = {k: dict(v) for k, v in entry["configs"].items()}
     return out

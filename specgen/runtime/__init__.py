@@ -851,9 +851,9 @@ def require_schema(schema: int, spec_name: str) -> None:
 
 # The host code generated modules delegate to, one concern per module (they import the names above, so they come
 # last): the descriptor a generated module fills, argument checks, varlen packing, the inference entry point,
-# custom ops and autograd, the backward's plain-torch pieces, the layer, the indexer's top-k and its distillation
-# loss. Generated code reaches them as `runtime.<module>`.
-from . import descriptor, checks, varlen, inference, autograd, backward, layer, indexer  # noqa: E402,F401  isort: skip
+# custom ops and autograd, the backward's plain-torch pieces, the launch sequences' host side, the layer, the
+# indexer's top-k and its distillation loss. Generated code reaches them as `runtime.<module>`.
+from . import descriptor, checks, varlen, inference, autograd, backward, launches, layer, indexer  # noqa: E402,F401  isort: skip
 from . import distill, selection  # noqa: E402,F401  isort: skip
 
 # Decoding: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver), loaded on

@@ -2,8 +2,8 @@
 
 A generated module keeps the @triton.jit kernels and one `DecodeDescriptor` with its spec's constants, the names
 of the tensors its cache stores and the kernel handles; the cache class and the step driver are plain Python here,
-parametrised by it (docs/decode.md). Every field is fixed when the module is rendered (specgen.compile.render.decode_context
-decides them from the spec and the plan); nothing here is computed per step. This module imports nothing of the
+parametrised by it (docs/decode.md). Every field is fixed when the module is rendered (the plan's `decode` and
+specgen.compile.render.decode_context's names); nothing here is computed per step. This module imports nothing of the
 generator.
 """
 

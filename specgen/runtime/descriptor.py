@@ -66,6 +66,7 @@ class Descriptor:
     pool_pe: bool = False
     indexer_heads: int = 0
     indexer_dim: int = 0
+    softmax_scale: float = 0.0  # the kernels' sm_scale argument (the spec's scale, or d_qk ** -0.5)
     # The generated launch sequences, on checked arguments (in `args` order):
     #   forward(*args, indices=None, out=None, save_branch_outputs=False) -> ForwardState
     #   backward(dout, *diff_args, lse, indices, branch_out, kc, vc) -> gradients of diff_args

@@ -1,6 +1,7 @@
 """Host code of the indexer distillation loss (docs/distill.md): argument checks, the packed (varlen) path, the
-stage logic and the custom op's autograd glue, parametrised by the module's descriptor; the generated module keeps
-the kernels and the custom ops that launch them (`fwd`, `bwd`)."""
+stage logic and the custom op's autograd glue, parametrised by the module's descriptor, and the launches of the
+kernels (`Launches`); the generated module keeps the kernels and registers the custom ops (`fwd`, `bwd`), whose
+bodies call `Launches`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,98 @@ def inverse_index(indices, heads_kv: int):
     key, pos = torch.sort(key, stable=True)
     ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=indices.device))
     return ptr, pos
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_idx.stride(0), k_idx.stride(1), k_idx.stride(2),
+            w_idx.stride(0), w_idx.stride(1))
+
+
+class Launches:
+    """The distillation kernels' launches of one module: `kernels` maps fwd_dense, fwd_sparse, dq_dense, dk_dense,
+    dq_sparse, dk_sparse to the module's `_distill_<name>_kernel`; the tiles (bt query positions per dense program,
+    bk / sbk keys per dense / sparse dK program), warps and stages are the plan's."""
+
+    def __init__(self, kernels: dict, inverse_index, *, heads_q: int, heads_kv: int, top_k: int, bt: int, bk: int,
+                 sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None):
+        self.kernels, self.inverse_index = kernels, inverse_index
+        self.heads_q, self.heads_kv, self.top_k, self.bt, self.bk, self.sbk = heads_q, heads_kv, top_k, bt, bk, sbk
+        self.scales = (sm_scale, idx_scale)
+        self.widen = widen
+        self.options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+
+    def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
+        """(loss fp32 [], stats fp32 [B, T, HKV, 2] = (lse of I over the support, mass of p), lse of the main
+        attention [B, T, HQ] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded packed
+        batch): rows outside it are not rows of the loss."""
+        B, T = q.shape[0], q.shape[1]
+        device, hkv, kern = q.device, self.heads_kv, self.kernels
+        row_kl = torch.empty((B, T, hkv), dtype=torch.float32, device=device)
+        stats = torch.empty((B, T, hkv, 2), dtype=torch.float32, device=device)
+        lse_out = torch.empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32,
+                              device=device)
+        lse = lse_main if lse_main is not None else lse_out
+        strides = _strides(q, k, q_idx, k_idx, w_idx)
+        meta = dict(HAS_LSE=lse_main is not None, WIDEN=self.widen, **self.options)
+        if indices is None:
+            kern["fwd_dense"][(_cdiv(T, self.bt), B * hkv)](
+                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *strides, T, *self.scales, **meta)
+        else:
+            kern["fwd_sparse"][(T, B * hkv)](
+                q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides, T, *self.scales, **meta)
+        if row_ok is not None:
+            # Padding rows of a packed batch have a non-empty (padding) support: mark them empty like a row with no
+            # key, so they are not counted in N_valid and the backward kernels (which read the mark) give them
+            # dI = 0.
+            ok = row_ok[:, :, None]
+            row_kl = torch.where(ok, row_kl, 0.0)
+            stats = torch.stack([torch.where(ok, stats[..., 0], float("-inf")), stats[..., 1]], dim=-1)
+        # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
+        n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
+        loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
+        return loss, stats, lse_out
+
+    def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
+        B, T = q.shape[0], q.shape[1]
+        return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, self.heads_kv, 2), dtype=torch.float32),
+                q.new_empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32))
+
+    def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
+        """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (query side, key side)."""
+        B, T = q.shape[0], q.shape[1]
+        device, hkv, kern = q.device, self.heads_kv, self.kernels
+        n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
+        gscale = (grad.to(torch.float32) / n_valid).reshape(1)
+        dq_idx = torch.empty(q_idx.shape, dtype=q_idx.dtype, device=device)
+        dk_idx = torch.empty(k_idx.shape, dtype=k_idx.dtype, device=device)
+        dw_idx = torch.empty(w_idx.shape, dtype=w_idx.dtype, device=device)
+        strides = _strides(q, k, q_idx, k_idx, w_idx)
+        meta = dict(WIDEN=self.widen, **self.options)
+        if indices is None:
+            kern["dq_dense"][(_cdiv(T, self.bt), B * hkv)](
+                q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *strides,
+                T, *self.scales, **meta)
+            kern["dk_dense"][(_cdiv(T, self.bk), B * hkv)](
+                q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *strides, T, *self.scales, **meta)
+        else:
+            # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
+            di_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
+            kern["dq_sparse"][(T, B * hkv)](
+                q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *strides,
+                T, *self.scales, **meta)
+            ptr, pos = self.inverse_index(indices)
+            kern["dk_sparse"][(_cdiv(T, self.sbk), B * hkv)](
+                q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *strides[6:], T, self.scales[1],
+                **meta)
+        return dq_idx, dk_idx, dw_idx
+
+    def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
+        return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
 
 
 class Distill:

@@ -1,11 +1,11 @@
-"""`index_topk`: the lightning indexer's top-k alone (DSA modules), its checks and packed (varlen) path; the
-generated module passes its chunked scorer (`select`: the kernel launches)."""
+"""The lightning indexer's host side: `select` (the chunked top-k launches a module's scorer runs) and `index_topk`
+(the top-k alone, its checks and packed (varlen) path; the module passes its scorer)."""
 
 from __future__ import annotations
 
 import torch
 
-from . import check_seqlen, check_tensor, check_varlen, require_fp8
+from . import check_seqlen, check_tensor, check_varlen, fp8_index_queries, fp8_rows, interpreting, require_fp8
 
 
 def index_topk(desc, select, q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
@@ -37,3 +37,40 @@ def index_topk(desc, select, q_idx, k_idx, w_idx, *, return_scores=False, cu_seq
     with torch.no_grad():
         select(q_idx, k_idx, w_idx, indices, scores)
     return (indices, scores) if return_scores else indices
+
+
+# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
+INDEX_WORKSPACE_BYTES = 256 * 2**20
+
+
+def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None, *, unit: int, top_k: int,
+           heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool, num_warps: int):
+    """Top-k units by the indexer into `indices` (and, when given, their scores into `scores`), chunk by chunk of
+    queries, so no T x T scores ever exist: `scores_kernel` (the module's `_index_scores_kernel`: `bt` query
+    positions by `keys` keys per program) fills a workspace of QC query rows, `topk_kernel` (`_radix_topk_kernel`)
+    takes each row's top-k."""
+    B, T = q_idx.shape[0], q_idx.shape[1]
+    if fp8:
+        # e4m3 rows with fp32 scales; q_I's scales fold into the head weights, k_I's stay per token.
+        q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
+        k_idx, k_scale = fp8_rows(k_idx)
+        extra = (k_scale,)
+    else:
+        extra = ()
+    units = -(-T // unit)
+    QC = max(16, min(T, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * heads_kv * units))) // 2))
+    ws = torch.empty((B * heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
+    for q0 in range(0, T, QC):
+        nq = min(QC, T - q0)
+        # Rows with at most k candidates keep them all: their scores are needed only when asked for.
+        if scores is not None or (q0 + nq - 1) // unit + 1 > top_k:
+            scores_kernel[(-(-nq // bt), B * heads_kv, -(-(q0 + nq) // keys))](
+                q_idx, k_idx, w_idx, ws, *extra, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+                k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
+                T, q0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, num_warps=num_warps)
+        topk_kernel[(nq, B * heads_kv)](ws, indices, scores if scores is not None else ws, T, q0, QC, units,
+                                        WITH_SCORES=scores is not None, num_warps=4)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()

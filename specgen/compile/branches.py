@@ -1,0 +1,68 @@
+"""The attention branches, each declared once: what it reads, which kernels a module has for it, and which launch
+configs are tuned for it. The plan, render, tuning, the footprint model (and the benchmarks' per-kernel profile,
+through `kernel_names`) read this table instead of spelling the branch list out; the spec's choice of branches is
+validated against the same names (specgen.model.spec.BRANCHES).
+
+Which keys a query sees is the branch's visibility rule, one Jinja macro (`sees` in templates/kernels/common.j2)
+shared by the forward, backward and decode kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..model.signature import SHORT as SIGNATURE_SHORT
+from ..model.spec import BRANCHES as SPEC_BRANCHES, Spec
+
+
+@dataclass(frozen=True)
+class Branch:
+    name: str
+    short: str             # suffix of the branch's own k/v inputs under `kv: independent` (k_cmp, v_cmp)
+    pooled: bool = False   # attends over the pooled compression keys/values (kc, vc; NC of them per sequence)
+    gathered: bool = False  # attends over the keys the selection lists for each query (IDX), not a key range
+
+    @property
+    def attention_kernel(self) -> str:
+        return f"_{self.name}_attention_kernel"
+
+    @property
+    def backward_kernels(self) -> tuple[str, str]:
+        return f"_{self.name}_bwd_dq_kernel", f"_{self.name}_bwd_dkdv_kernel"
+
+    @property
+    def decode_kernel(self) -> str:
+        return f"_decode_{self.name}_kernel"
+
+    @property
+    def forward_config(self) -> str:
+        """The launch-config entry (and tuning candidates) of its forward attention kernel."""
+        return self.name
+
+    @property
+    def backward_configs(self) -> tuple[str, str]:
+        """The launch-config entries of its backward dQ and dK/dV kernels."""
+        return f"{self.name}_dq", f"{self.name}_dkdv"
+
+
+# In launch order: the pooled keys and the compression branch's log-sum-exp feed the selection's scorer.
+BRANCHES = (Branch("compression", "cmp", pooled=True), Branch("selection", "slc", gathered=True),
+            Branch("window", "win"))
+BY_NAME = {b.name: b for b in BRANCHES}
+NAMES = tuple(b.name for b in BRANCHES)
+assert set(NAMES) == set(SPEC_BRANCHES), "a branch the spec accepts must be declared here (and the reverse)"
+# The call contract names each branch's own k/v inputs (k_cmp, v_slc, ...) with the same suffixes.
+assert {b.name: b.short for b in BRANCHES} == SIGNATURE_SHORT, "branch suffixes: keep model/signature.py in step"
+
+
+def branches_of(spec: Spec) -> tuple[Branch, ...]:
+    """The spec's branches in launch order (its gate channel order is `spec.branches`)."""
+    return tuple(b for b in BRANCHES if b.name in spec.branches)
+
+
+def kernel_names() -> dict[str, tuple[str, str]]:
+    """{kernel name: (branch, pass)} of every branch's attention kernels, forward then backward: the kernels whose
+    time the benchmarks' per-kernel profile reports against the analysis' FLOPs of that branch and pass."""
+    out = {b.attention_kernel: (b.name, "forward") for b in BRANCHES}
+    out.update({k: (b.name, "backward") for b in BRANCHES for k in b.backward_kernels})
+    return out

@@ -1,0 +1,314 @@
+"""The host side of a generated module's launch sequences: what every `_forward` / `_backward` does around its
+kernels (allocating outputs and accumulators, packing each attention kernel's uniform argument list, the pooling's
+launches, the selection's inverse index by groups of batch elements), and the expansion of the module's compact
+launch-config tables.
+
+The generated module keeps the order of its launches and which kernel each one runs (what differs per spec); the
+objects here hold the rest, parametrised by the module's descriptor and the plan values it passes. Configs and
+candidates are passed in at every call (the module's globals at call time: tests and `specgen tune` replace them).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import launch, launch_config
+from . import selection as _selection
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def config_table(tables: dict) -> dict:
+    """{kernel: [config, ...]} from the module's compact form {kernel: (field names, row, row, ...)}, where a
+    kernel's entry may instead name an earlier kernel with the same candidates: the candidate lists are hundreds of
+    configs, printed as rows of values under one header per kernel."""
+    out: dict = {}
+    for kernel, table in tables.items():
+        if isinstance(table, str):
+            out[kernel] = [dict(c) for c in out[table]]
+        else:
+            out[kernel] = [dict(zip(table[0], row)) for row in table[1:]]
+    return out
+
+
+def strides(*tensors) -> tuple:
+    """The batch, token and head strides of each tensor, in turn: how every kernel takes a [B, T, H, D] operand."""
+    return tuple(s for x in tensors for s in (x.stride(0), x.stride(1), x.stride(2)))
+
+
+class ForwardState(NamedTuple):
+    """What one forward computed; the backward pass reads the saved pieces."""
+    out: torch.Tensor
+    lse: torch.Tensor                   # [B, T, HQ, N_BRANCHES] fp32
+    indices: Optional[torch.Tensor]
+    branch_out: Optional[torch.Tensor]  # [N_BRANCHES, B, T, HQ, DV] un-gated branch outputs, when saved
+    kc: Optional[torch.Tensor]          # pooled compression keys [B, NC, HKV, DQK]
+    vc: Optional[torch.Tensor]          # pooled compression values [B, NC, HKV, DV]
+
+
+def compressed_blocks(desc, T: int) -> int:
+    """Complete compression blocks of a sequence of T tokens (a partial block is never pooled)."""
+    return max(0, (T - desc.cmp_block) // desc.cmp_stride + 1)
+
+
+def pool(kernel, x, D: int, NC: int, weight=None, pe=None, *, heads_kv: int, bi: int, linear: bool, has_pe: bool,
+         widen: bool):
+    """Pooled compression keys or values [B, NC, HKV, D] of `x` [B, T, HKV, D] (the module's `_pool_kernel`;
+    `bi` blocks per program, from the plan)."""
+    B, T = x.shape[0], x.shape[1]
+    out = torch.empty((B, NC, heads_kv, D), dtype=x.dtype, device=x.device)
+    if NC == 0:
+        return out
+    BN = min(64, _next_pow2(D))
+    grid = (_cdiv(NC, bi), B * heads_kv, _cdiv(D, BN))
+    if linear:
+        kernel[grid](x, out, weight, pe if has_pe else weight, x.stride(0), x.stride(1), x.stride(2), T, NC,
+                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=True, HAS_PE=has_pe, WIDEN=widen)
+    else:
+        kernel[grid](x, out, x, x, x.stride(0), x.stride(1), x.stride(2), T, NC,
+                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=False, HAS_PE=False, WIDEN=widen)
+    return out
+
+
+class Forward:
+    """One forward call's outputs and the arguments every attention kernel takes; `attention` launches the
+    branches in the order the module calls it (the first writes, later ones add, the last writes `out`)."""
+
+    def __init__(self, desc, configs: dict, candidates: dict, q, gates, out, save_branch_outputs: bool, widen: bool):
+        self.desc, self.configs, self.candidates, self.widen = desc, configs, candidates, widen
+        self.q, self.save = q, save_branch_outputs
+        B, T = self.B, self.T = q.shape[0], q.shape[1]
+        device = q.device
+        hq, dv, nb = desc.heads_q, desc.dim_v, desc.n_branches
+        self.out = out if out is not None else torch.empty((B, T, hq, dv), dtype=desc.dtype, device=device)
+        self.branch_out = (torch.empty((nb, B, T, hq, dv), dtype=desc.dtype, device=device)
+                           if save_branch_outputs else self.out)
+        self.lse = torch.empty((B, T, hq, nb), dtype=torch.float32, device=device)
+        # Gated branch outputs are summed in fp32 here; the last branch's kernel writes the final dtype into `out`.
+        self.acc = (torch.empty((B, T, hq, dv), dtype=torch.float32, device=device) if nb > 1 else self.out)
+        # Without gates the kernels read no gate (zero strides over any tensor).
+        self.gates, self.g_strides = (gates, strides(gates)) if desc.gated else (q, (0, 0, 0))
+        self.launched = 0
+
+    def new_indices(self):
+        return torch.empty((self.B, self.T, self.desc.heads_kv, self.desc.top_k), dtype=torch.int32,
+                           device=self.q.device)
+
+    def attention(self, kernel, name: str, k, v, n_keys: int, indices=None, head_chunks: int = 1):
+        """Launch branch `name`'s attention kernel over keys/values k, v (n_keys of them per sequence)."""
+        d, q, T = self.desc, self.q, self.T
+        first, last = self.launched == 0, self.launched == d.n_branches - 1
+        self.launched += 1
+        selection = () if indices is None else (indices,)
+        launch(kernel, name, self.configs, self.candidates,
+               lambda cfg: (_cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks),
+               (q, k, v, self.gates, self.acc, self.out, self.lse, self.branch_out, *selection, *strides(q, k, v),
+                *self.g_strides, T, n_keys, d.softmax_scale, self.B * T * d.heads_q * d.dim_v),
+               dict(HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save, WIDEN=self.widen),
+               T=T, restore=("ACC",) if not first and not last else ())
+
+    def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
+                     merge_rows: int):
+        """The selection branch in block-outer order (docs/selection_order.md): `kernel` attends each selected
+        block to tiles of `bq` of the queries that chose it, writing per-(query, head, slot) log-sum-exps and
+        normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue."""
+        d, q, B, T = self.desc, self.q, self.B, self.T
+        first, last = self.launched == 0, self.launched == d.n_branches - 1
+        self.launched += 1
+        qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
+            indices, T, unit=unit, tile_queries=bq)
+        if n_items == 0:
+            return
+        part_o = torch.empty((B, T, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
+        part_lse = torch.empty((B, T, d.heads_q, top_k), dtype=torch.float32, device=q.device)
+        kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end, *strides(q, k, v),
+                           T, d.softmax_scale, WIDEN=self.widen, num_warps=warps, num_stages=1)
+        n_rows = B * T * d.heads_q
+        merge_kernel[(_cdiv(n_rows, merge_rows),)](
+            part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out, *self.g_strides, T,
+            n_rows, n_rows * d.dim_v, HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save)
+
+    def state(self, indices, kc, vc) -> ForwardState:
+        return ForwardState(self.out, self.lse, indices, self.branch_out if self.save else None, kc, vc)
+
+
+class Backward:
+    """One backward call's accumulators and the arguments every backward kernel takes. dQ is summed over the
+    branches in fp32; dK/dV per k/v input (the first kernel to reach one writes it, later ones add; each element
+    has one writer per launch, and launches run in order)."""
+
+    def __init__(self, desc, configs: dict, candidates: dict, preprocess_kernel, dout, q, gates, lse, branch_out,
+                 widen: bool):
+        self.desc, self.configs, self.candidates, self.widen = desc, configs, candidates, widen
+        B, T = self.B, self.T = q.shape[0], q.shape[1]
+        device = self.device = q.device
+        hq, nb = desc.heads_q, desc.n_branches
+        self.q, self.lse = q, lse
+        self.dout = dout.to(desc.dtype).contiguous()
+        self.gates, self.g_strides = (gates, strides(gates)) if desc.gated else (q, (0, 0, 0))
+        n_rows = B * T * hq
+        self.dg = torch.empty((B, T, hq, nb), dtype=torch.float32, device=device)
+        self.dgates = torch.empty((B, T, hq, nb), dtype=desc.dtype, device=device)
+        cfg = launch_config(configs, "preprocess")
+        preprocess_kernel[(_cdiv(n_rows, cfg["rows"]),)](self.dout, branch_out, self.dg, self.dgates, n_rows,
+                                                         BR=cfg["rows"], num_warps=cfg["num_warps"])
+        self.dq_acc = torch.empty((B, T, hq, desc.dim_qk), dtype=torch.float32, device=device)
+        self.grads: dict = {}
+        self.launched = 0
+
+    def target(self, name: str, D: int):
+        """The fp32 gradient accumulator of input `name` [B, T, HKV, D], and whether a kernel must add into it."""
+        first = name not in self.grads
+        if first:
+            self.grads[name] = torch.empty((self.B, self.T, self.desc.heads_kv, D), dtype=torch.float32,
+                                           device=self.device)
+        return self.grads[name], not first
+
+    def _common(self, k, v, n_keys: int) -> tuple:
+        return (*strides(self.q, k, v), *self.g_strides, self.T, n_keys, self.desc.softmax_scale)
+
+    def dq(self, kernel, name: str, k, v, n_keys: int, indices=None, head_chunks: int = 1):
+        """Launch branch `name`'s dQ kernel (the selection's: one query position per program, the group's heads
+        over `head_chunks` programs)."""
+        d, T, first = self.desc, self.T, self.launched == 0
+        self.launched += 1
+        per_position = indices is not None
+        selection = () if indices is None else (indices,)
+        launch(kernel, f"{name}_dq", self.configs, self.candidates,
+               lambda cfg: (T if per_position else _cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks),
+               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, *selection,
+                *self._common(k, v, n_keys)),
+               dict(HAS_PREV=not first, WIDEN=self.widen), T=T, restore=() if first else ("DQ",))
+
+    def compression_dkdv(self, kernel, kc, vc, NC: int):
+        """dKc, dVc [B, NC, HKV, D] (fp32) of the pooled keys/values. The queries that see a pooled key run to T:
+        cut into splits (grid axis 2) for parallelism, whose partial sums are added in a fixed order
+        (deterministic)."""
+        d, B, T = self.desc, self.B, self.T
+        cfg = launch_config(self.configs, "compression_dkdv")
+        n_split = max(1, min(cfg["max_splits"], _cdiv(T, cfg["split"])))
+        q_split = _cdiv(_cdiv(T, n_split), cfg["bt"]) * cfg["bt"]
+        dkc = torch.empty((n_split, B, NC, d.heads_kv, d.dim_qk), dtype=torch.float32, device=self.device)
+        dvc = torch.empty((n_split, B, NC, d.heads_kv, d.dim_v), dtype=torch.float32, device=self.device)
+        if NC > 0:
+            launch(kernel, "compression_dkdv", self.configs, self.candidates,
+                   lambda cfg: (_cdiv(NC, cfg["block_n"]), B * d.heads_kv, n_split),
+                   (self.q, kc, vc, self.gates, self.dout, self.lse, self.dg, dkc, dvc, *self._common(kc, vc, NC),
+                    q_split, dkc[0].numel(), dvc[0].numel()),
+                   dict(ACCUMULATE=False, WIDEN=self.widen), T=T)
+        return (dkc.sum(dim=0) if n_split > 1 else dkc[0]), (dvc.sum(dim=0) if n_split > 1 else dvc[0])
+
+    def _targets(self, k_name: str, v_name: str):
+        dk, accumulate = self.target(k_name, self.desc.dim_qk)
+        dv, accumulate_v = self.target(v_name, self.desc.dim_v)
+        assert accumulate == accumulate_v
+        return dk, dv, accumulate
+
+    def window_dkdv(self, kernel, k_name: str, v_name: str, k, v):
+        """dK, dV of the window branch's keys/values (each program owns a key tile and its window of queries)."""
+        dk, dv, accumulate = self._targets(k_name, v_name)
+        T = self.T
+        launch(kernel, "window_dkdv", self.configs, self.candidates,
+               lambda cfg: (_cdiv(T, cfg["block_n"]), self.B * self.desc.heads_kv, 1),
+               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, *self._common(k, v, T), T, 0, 0),
+               dict(ACCUMULATE=accumulate, WIDEN=self.widen), T=T, restore=("DK", "DVAL") if accumulate else ())
+
+    def selection_dkdv(self, kernel, k_name: str, v_name: str, k, v, indices, inverse_index, max_entries: int):
+        """dK, dV of the selection branch's keys/values through the selection's inverse index
+        (`inverse_index(indices, T, tile)`). The index sorts B * T * HKV * k entries with several int64
+        temporaries: built and used for a group of batch elements at a time, at most `max_entries` entries unless
+        one element alone has more (views: the kernel's batch index is relative), so a padded varlen batch or a
+        large B costs what one group costs."""
+        d, B, T = self.desc, self.B, self.T
+        dk, dv, accumulate = self._targets(k_name, v_name)
+        cfg = launch_config(self.configs, "selection_dkdv")
+        q, g, dout, lse, dg = self.q, self.gates, self.dout, self.lse, self.dg
+        group = max(1, max_entries // (T * d.heads_kv * d.top_k))
+        for b0 in range(0, B, group):
+            bs = slice(b0, min(B, b0 + group))
+            offsets, qpos, bits = inverse_index(indices[bs], T, cfg["block_n"])
+            launch(kernel, "selection_dkdv", self.configs, self.candidates,
+                   lambda cfg: (_cdiv(T, cfg["block_n"]), (bs.stop - b0) * d.heads_kv),
+                   (q[bs], k[bs], v[bs], g[bs], dout[bs], lse[bs], dg[bs], dk[bs], dv[bs], offsets, qpos, bits,
+                    *self._common(k, v, T)),
+                   dict(ACCUMULATE=accumulate, WIDEN=self.widen), T=T,
+                   restore=("DK", "DVAL") if accumulate else ())
+
+    def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
+                     unit: int, top_k: int, split: int, block_n: int, merge_rows: int):
+        """The selection branch's backward in block-outer order (docs/selection_order.md): `kernel` computes, per
+        work item (one selected block, at most `split` of the queries that chose it), the item's dK/dV partials and
+        each (query, head)'s dQ share at the block's slot; the reduce kernels sum the partials per block in item
+        order and the shares per row in slot order (deterministic, no atomics)."""
+        d, B, T = self.desc, self.B, self.T
+        first = self.launched == 0
+        self.launched += 1
+        dk, dv, accumulate = self._targets(k_name, v_name)
+        qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = _selection.kv_order_segments(
+            indices, T, unit=unit, tile_queries=split)
+        if n_items == 0:
+            return
+        device = self.device
+        dq_part = torch.empty((B, T, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
+        part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)
+        part_dv = torch.empty((n_items, block_n, d.dim_v), dtype=torch.float32, device=device)
+        kernel[(n_items,)](self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv, qpos,
+                           slot, item_seg, item_start, item_end, *strides(self.q, k, v), *self.g_strides, T,
+                           d.softmax_scale, WIDEN=self.widen, num_warps=8, num_stages=1)
+        n_rows = B * T * d.heads_q
+        dq_reduce_kernel[(_cdiv(n_rows, merge_rows),)](dq_part, indices, self.dq_acc, T, n_rows, HAS_PREV=not first)
+        dkdv_reduce_kernel[(seg_first.numel(),)](part_dk, part_dv, seg_first, seg_items, dk, dv, T, d.softmax_scale,
+                                                 ACCUMULATE=accumulate, num_warps=4)
+
+    def gradients(self, names: tuple, **pool_grads) -> tuple:
+        """The gradients of `names` (the differentiable inputs, q first) in the spec's dtype; `pool_grads` those
+        of the linear pool's weights, computed by the module."""
+        d = self.desc
+        if d.mla:
+            # MLA: V is the first d_v dims of K, so V's gradient is added into K's.
+            self.grads["k"][..., :d.dim_v] += self.grads.pop("v")
+        out = [self.dq_acc.to(d.dtype)]
+        for name in names[1:]:
+            if name == "gates":
+                out.append(self.dgates)
+            elif name in pool_grads:
+                out.append(pool_grads[name])
+            else:
+                out.append(self.grads[name].to(d.dtype))
+        return tuple(out)
+
+
+def pool_backward(kernels: dict, configs: dict, dkc, x, D: int, NC: int, dx, accumulate: bool, weight=None, pe=None,
+                  *, heads_kv: int, cmp_block: int, cmp_stride: int):
+    """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]; with a linear pool (the
+    module's `_pool_bwd_linear_dx_kernel` and `_pool_bwd_dw_kernel` in `kernels`), returns (dW, dpe), else
+    `_pool_bwd_mean_kernel` and (None, None)."""
+    B, T = x.shape[0], x.shape[1]
+    cfg = launch_config(configs, "pool")
+    BN = min(64, _next_pow2(D))
+    if "mean" in kernels:
+        grid = (_cdiv(T, cfg["tokens"]), B * heads_kv, _cdiv(D, BN))
+        kernels["mean"][grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
+                              num_warps=cfg["num_warps"])
+        return None, None
+    grid = (_cdiv(_cdiv(T, cmp_stride), cfg["chunks"]), B * heads_kv, cmp_stride * _cdiv(D, BN))
+    kernels["dx"][grid](dkc, weight, dx, T, NC, D=D, BM=cfg["chunks"], BA=BN, BE=BN, ACCUMULATE=accumulate,
+                        num_warps=cfg["num_warps"])
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
+    grid = (cmp_block * _cdiv(D, BN), heads_kv, _cdiv(D, BN))
+    kernels["dw"][grid](x, x if pe is None else pe, dkc, dw, x.stride(0), x.stride(1), x.stride(2), B, T, NC,
+                        D=D, BI=cfg["blocks"], BA=BN, BE=BN, HAS_PE=pe is not None, num_warps=cfg["num_warps"])
+    dpe = None
+    if pe is not None:
+        # dpe[r] = sum over (b, i, g) of dKc[b, i, g] @ W[g, r]^T = sum over g of (sum over b, i of dKc) @ W[g, r]^T.
+        w = weight.to(torch.float32).view(heads_kv, cmp_block, D, D)
+        dpe = torch.einsum("ge,grae->ra", dkc.sum(dim=(0, 1)), w).to(pe.dtype)
+    return dw.to(weight.dtype), dpe
