@@ -26,8 +26,9 @@ SPEC_HASH = "89f55a8f0daa69b2"
 SPEC = {"name": "dsa_small", "family": "dsa", "heads": {"q": 8, "kv": 2}, "head_dim": {"qk": 64, "v": 64},
     "dtype": "fp16", "causal": True, "scale": None, "kv": "shared", "mla": False, "branches": ["selection"],
     "compression": None, "selection": {"granularity": "token", "block": 1, "top_k": 16, "initial": 0,
-    "local": 0, "scorer": "indexer"}, "window": None, "indexer": {"heads": 2, "head_dim": 32, "dtype": "bf16",
-    "scale": None, "stage": "sparse"}, "max_seqlen": 4096, "decode": {"max_q_len": 4, "page_size": 64}}
+    "local": 0, "scorer": "indexer", "loop_order": "auto"}, "window": None, "indexer": {"heads": 2,
+    "head_dim": 32, "dtype": "bf16", "scale": None, "stage": "sparse"}, "max_seqlen": 4096,
+    "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.float16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
@@ -38,9 +39,9 @@ CONFIGS = {"default": {"preprocess": {"num_warps": 4, "rows": 64}, "select": {"n
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32,
     "bq": 16, "num_stages": 2, "num_warps": 4}, "selection_dq": {"block_n": 16, "bt": 1, "num_stages": 2,
     "num_warps": 4}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
-# config fields, then one row of values per candidate, the default first.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
+# the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "bt", "num_stages", "num_warps"),
     (64, 1, 2, 4), (32, 1, 1, 4), (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8),
     (64, 1, 1, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8), (128, 1, 1, 4), (128, 1, 2, 4),

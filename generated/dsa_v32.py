@@ -26,9 +26,9 @@ SPEC_HASH = "4ef8cc6027bb7f42"
 SPEC = {"name": "dsa_v32", "family": "dsa", "heads": {"q": 128, "kv": 1}, "head_dim": {"qk": 576, "v": 512},
     "dtype": "bf16", "causal": True, "scale": 0.07216878364870323, "kv": "shared", "mla": True,
     "branches": ["selection"], "compression": None, "selection": {"granularity": "token", "block": 1,
-    "top_k": 2048, "initial": 0, "local": 0, "scorer": "indexer"}, "window": None, "indexer": {"heads": 64,
-    "head_dim": 128, "dtype": "fp8_e4m3", "scale": None, "stage": "sparse"}, "max_seqlen": 65536,
-    "decode": {"max_q_len": 4, "page_size": 64}}
+    "top_k": 2048, "initial": 0, "local": 0, "scorer": "indexer", "loop_order": "auto"}, "window": None,
+    "indexer": {"heads": 64, "head_dim": 128, "dtype": "fp8_e4m3", "scale": None, "stage": "sparse"},
+    "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
@@ -42,9 +42,9 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "selection_dkdv": {"block_n": 32,
     "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
     "num_warps": 8}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
-# config fields, then one row of values per candidate, the default first.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
+# the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "bt", "num_stages", "num_warps"),
     (64, 1, 2, 8), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (64, 1, 1, 8)),
     "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (32, 1, 1, 8), (32, 1, 1, 4),

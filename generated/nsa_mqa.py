@@ -27,8 +27,8 @@ SPEC = {"name": "nsa_mqa", "family": "nsa", "heads": {"q": 32, "kv": 1}, "head_d
     "dtype": "bf16", "causal": True, "scale": None, "kv": "shared", "mla": False, "branches": ["compression",
     "selection", "window"], "compression": {"block": 32, "stride": 16, "pool": "mean",
     "position_embedding": False}, "selection": {"granularity": "block", "block": 64, "top_k": 16,
-    "initial": 1, "local": 2, "scorer": "compression"}, "window": {"size": 512}, "indexer": None,
-    "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
+    "initial": 1, "local": 2, "scorer": "compression", "loop_order": "auto"}, "window": {"size": 512},
+    "indexer": None, "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
@@ -44,9 +44,9 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 2, "num_stages": 2, 
     "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "window": {"block_n": 64,
     "bt": 2, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 2, "num_stages": 2,
     "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 8}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
-# config fields, then one row of values per candidate, the default first.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
+# the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "num_stages", "num_warps"),
     (64, 2, 2, 4), (32, 2, 2, 4), (32, 2, 3, 4), (32, 2, 2, 8), (32, 2, 3, 8), (64, 2, 3, 4), (64, 2, 2, 8),
     (64, 2, 3, 8), (128, 2, 2, 4), (128, 2, 2, 8)),
@@ -66,11 +66,7 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "n
     (32, 2, 16, 2, 4, 1024), (32, 2, 16, 1, 8, 1024), (32, 2, 16, 2, 8, 1024), (64, 2, 16, 1, 4, 1024),
     (64, 2, 16, 2, 4, 1024), (64, 2, 16, 1, 8, 1024), (128, 2, 16, 1, 8, 1024), (128, 2, 16, 2, 8, 1024),
     (32, 4, 16, 1, 4, 1024), (32, 4, 16, 2, 4, 1024), (32, 4, 16, 1, 8, 1024), (32, 4, 16, 2, 8, 1024),
-    (64, 4, 16, 1, 8, 1024)), "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 8),
-    (64, 1, 1, 4), (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 3, 8)),
-    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (64, 2, 2, 8), (64, 1, 1, 4),
-    (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8), (64, 2, 1, 4), (64, 2, 2, 4),
-    (64, 2, 3, 4), (64, 2, 1, 8), (64, 2, 3, 8), (64, 4, 1, 8)), "window_dq": "compression_dq",
+    (64, 4, 16, 1, 8, 1024)), "window_dq": "compression_dq",
     "window_dkdv": (("block_n", "bt", "num_stages", "num_warps"), (64, 2, 2, 8), (32, 1, 1, 4), (32, 1, 2, 4),
     (32, 1, 1, 8), (32, 1, 2, 8), (64, 1, 1, 4), (64, 1, 2, 4), (64, 1, 1, 8), (64, 1, 2, 8), (128, 1, 1, 8),
     (128, 1, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4), (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 2, 4),
@@ -1225,115 +1221,51 @@ def _compression_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+def _selection_kv_bwd_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ_PART, PART_DK, PART_DV, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    T, sm_scale,
+    WIDEN: tl.constexpr,
 ):
-    GP: tl.constexpr = 32
-    ROWS: tl.constexpr = BT * GP
-    CHANNEL: tl.constexpr = 1
-    pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    chunk = 0
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    rows = tl.arange(0, ROWS)
-    t = pid_t * BT + rows // GP
-    head = g * GROUP + chunk * GP + rows % GP
-    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
-    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
-    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
-    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
-    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do0 = do0.to(Q.dtype.element_ty)
-    qk_scale = sm_scale * 1.4426950408889634
-    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
-    slots = tl.arange(0, TOP_K_PAD)
-    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
-    # part of one.
-    for f0 in range(0, n_units * UNIT, BLOCK_N):
-        f = f0 + tl.arange(0, BLOCK_N)
-        slot = f // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + f % UNIT
-        key_ok = (unit >= 0) & (keys <= t_hi)
-        visible = key_ok[None, :]
-        k_rows = k_base + keys * stride_kt
-        v_rows = v_base + keys * stride_vt
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        dq0 += _pv(ds, k0, WIDEN)
-    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
-    dq0 = dq0 * sm_scale
-    if HAS_PREV:
-        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-
-
-@triton.jit
-def _selection_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    BQ: tl.constexpr = 2
     GP: tl.constexpr = 32
     ROWS: tl.constexpr = BQ * GP
+    BLOCK_N: tl.constexpr = 64
+    SPLIT: tl.constexpr = 256
     CHANNEL: tl.constexpr = 1
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    N_UNITS = tl.cdiv(T, UNIT)
+    item = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + item)
+    if seg < 0:
+        return  # past the real work: the grid is an upper bound (no host sync)
+    start = tl.load(ITEM_START + item)
+    hi = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = bg % HKV
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
+    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
-    start = tl.load(OFFSETS + seg)
-    end = tl.load(OFFSETS + seg + 1)
-    for e0 in range(start, end, BQ):
+    for e0 in range(start, hi, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
-        e_ok = e < end
+        e_ok = e < hi
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        chunk = 0
-        head = g * GROUP + chunk * GP + rows % GP
-        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
+        slot = tl.load(SLOT + e, mask=e_ok, other=0)
+        head = g * GROUP + rows % GP
+        row_ok = e_ok & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -1356,6 +1288,37 @@ def _selection_bwd_dkdv_kernel(
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
+        part_row = row_index * TOP_K + slot
+        dq0 = _pv(ds, k0, WIDEN) * sm_scale
+        tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 128)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+    part = item.to(tl.int64) * BLOCK_N + n
+    tl.store(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 128)[None, :], dk0)
+    tl.store(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 128)[None, :], dv0)
+
+
+@triton.jit
+def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
+                                     ACCUMULATE: tl.constexpr):
+    """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
+    BLOCK_N: tl.constexpr = 64
+    N_UNITS = tl.cdiv(T, UNIT)
+    seg = tl.program_id(0)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)
+    g = bg % HKV
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    first = tl.load(SEG_FIRST + seg)
+    count = tl.load(SEG_ITEMS + seg)
+    dk0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
+    for i in range(first, first + count):
+        part = i * BLOCK_N + n
+        dk0 += tl.load(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 128)[None, :])
+        dv0 += tl.load(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 128)[None, :])
+    NKEYS = T
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1365,6 +1328,27 @@ def _selection_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+@triton.jit
+def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+    """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
+    BR: tl.constexpr = 32
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
+    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
+    else:
+        dq0 = tl.zeros([BR, 128], dtype=tl.float32)
+    for j in range(0, TOP_K):
+        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
+        part_j = (row_index * TOP_K + j) * DQK
+        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 128)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -1563,9 +1547,9 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc):
     dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
     _pool_backward(dkc, k, 128, NC, *b.target("k", 128))
     _pool_backward(dvc, v, 128, NC, *b.target("v", 128))
-    b.dq(_selection_bwd_dq_kernel, "selection", k, v, T, indices)
-    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k", "v", k, v, indices, _selection_inverse_index,
-                     INVERSE_INDEX_ENTRIES)
+    b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
+                   "k", "v", k, v, indices, unit=64, top_k=16,
+                   split=256, block_n=64, merge_rows=32)
     b.dq(_window_bwd_dq_kernel, "window", k, v, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k", "v", k, v)
     return b.gradients(_DESC.diff_args)

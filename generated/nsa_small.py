@@ -27,8 +27,8 @@ SPEC = {"name": "nsa_small", "family": "nsa", "heads": {"q": 4, "kv": 2}, "head_
     "dtype": "fp16", "causal": True, "scale": None, "kv": "independent", "mla": False,
     "branches": ["compression", "selection", "window"], "compression": {"block": 8, "stride": 4,
     "pool": "mean", "position_embedding": False}, "selection": {"granularity": "block", "block": 16,
-    "top_k": 4, "initial": 1, "local": 1, "scorer": "compression"}, "window": {"size": 16}, "indexer": None,
-    "max_seqlen": 4096, "decode": {"max_q_len": 4, "page_size": 64}}
+    "top_k": 4, "initial": 1, "local": 1, "scorer": "compression", "loop_order": "auto"},
+    "window": {"size": 16}, "indexer": None, "max_seqlen": 4096, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.float16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
@@ -44,23 +44,19 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 32, "num_stages": 2,
     "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "window": {"block_n": 64,
     "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 32, "num_stages": 2,
     "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
-# config fields, then one row of values per candidate, the default first.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
+# the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "num_stages", "num_warps"),
     (64, 32, 2, 4), (32, 32, 2, 4), (32, 32, 3, 4), (32, 32, 2, 8), (32, 32, 3, 8), (64, 32, 3, 4),
     (64, 32, 2, 8), (64, 32, 3, 8), (128, 32, 2, 4), (128, 32, 3, 4), (128, 32, 2, 8), (128, 32, 3, 8)),
-    "selection": (("block_n", "bt", "num_stages", "num_warps"), (16, 1, 2, 4), (16, 1, 1, 4), (16, 1, 3, 4),
-    (16, 1, 1, 8), (16, 1, 2, 8), (16, 1, 3, 8), (32, 1, 1, 4), (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8),
-    (32, 1, 2, 8), (32, 1, 3, 8), (64, 1, 1, 4), (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8),
-    (64, 1, 3, 8), (128, 1, 1, 4), (128, 1, 2, 4), (128, 1, 3, 4), (128, 1, 1, 8), (128, 1, 2, 8),
-    (128, 1, 3, 8)), "window": "compression", "compression_dq": (("block_n", "bt", "num_stages", "num_warps"),
-    (64, 32, 2, 4), (32, 16, 1, 4), (32, 16, 2, 4), (32, 16, 1, 8), (32, 16, 2, 8), (64, 16, 1, 4),
-    (64, 16, 2, 4), (64, 16, 1, 8), (64, 16, 2, 8), (128, 16, 1, 4), (128, 16, 2, 4), (128, 16, 1, 8),
-    (128, 16, 2, 8), (32, 32, 1, 4), (32, 32, 2, 4), (32, 32, 1, 8), (32, 32, 2, 8), (64, 32, 1, 4),
-    (64, 32, 1, 8), (64, 32, 2, 8), (128, 32, 1, 4), (128, 32, 2, 4), (128, 32, 1, 8), (128, 32, 2, 8),
-    (32, 64, 1, 4), (32, 64, 2, 4), (32, 64, 1, 8), (32, 64, 2, 8), (64, 64, 1, 4), (64, 64, 2, 4),
-    (64, 64, 1, 8), (64, 64, 2, 8), (128, 64, 1, 8), (128, 64, 2, 8)),
+    "window": "compression", "compression_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 32, 2, 4),
+    (32, 16, 1, 4), (32, 16, 2, 4), (32, 16, 1, 8), (32, 16, 2, 8), (64, 16, 1, 4), (64, 16, 2, 4),
+    (64, 16, 1, 8), (64, 16, 2, 8), (128, 16, 1, 4), (128, 16, 2, 4), (128, 16, 1, 8), (128, 16, 2, 8),
+    (32, 32, 1, 4), (32, 32, 2, 4), (32, 32, 1, 8), (32, 32, 2, 8), (64, 32, 1, 4), (64, 32, 1, 8),
+    (64, 32, 2, 8), (128, 32, 1, 4), (128, 32, 2, 4), (128, 32, 1, 8), (128, 32, 2, 8), (32, 64, 1, 4),
+    (32, 64, 2, 4), (32, 64, 1, 8), (32, 64, 2, 8), (64, 64, 1, 4), (64, 64, 2, 4), (64, 64, 1, 8),
+    (64, 64, 2, 8), (128, 64, 1, 8), (128, 64, 2, 8)),
     "compression_dkdv": (("block_n", "bt", "max_splits", "num_stages", "num_warps", "split"),
     (64, 32, 16, 2, 4, 1024), (32, 16, 16, 1, 4, 1024), (32, 16, 16, 2, 4, 1024), (32, 16, 16, 1, 8, 1024),
     (32, 16, 16, 2, 8, 1024), (64, 16, 16, 1, 4, 1024), (64, 16, 16, 2, 4, 1024), (64, 16, 16, 1, 8, 1024),
@@ -71,13 +67,7 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "n
     (128, 32, 16, 2, 8, 1024), (32, 64, 16, 1, 4, 1024), (32, 64, 16, 2, 4, 1024), (32, 64, 16, 1, 8, 1024),
     (32, 64, 16, 2, 8, 1024), (64, 64, 16, 1, 4, 1024), (64, 64, 16, 2, 4, 1024), (64, 64, 16, 1, 8, 1024),
     (64, 64, 16, 2, 8, 1024), (128, 64, 16, 1, 8, 1024), (128, 64, 16, 2, 8, 1024)),
-    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 4), (64, 1, 1, 4),
-    (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8)),
-    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (16, 32, 2, 4), (16, 8, 1, 4),
-    (16, 8, 2, 4), (16, 8, 3, 4), (16, 8, 1, 8), (16, 8, 2, 8), (16, 8, 3, 8), (16, 16, 1, 4), (16, 16, 2, 4),
-    (16, 16, 3, 4), (16, 16, 1, 8), (16, 16, 2, 8), (16, 16, 3, 8), (16, 32, 1, 4), (16, 32, 3, 4),
-    (16, 32, 1, 8), (16, 32, 2, 8), (16, 32, 3, 8)), "window_dq": "compression_dq",
-    "window_dkdv": "compression_dq"})
+    "window_dq": "compression_dq", "window_dkdv": "compression_dq"})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(4)
@@ -248,93 +238,6 @@ def _compression_attention_kernel(
 
 
 @triton.jit
-def _selection_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale, branch_stride,
-    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
-    GP: tl.constexpr = 16
-    CHANNEL: tl.constexpr = 1
-    pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    chunk = 0
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    rows = tl.arange(0, BT * GP)
-    t = pid_t * BT + rows // GP
-    head = g * GROUP + chunk * GP + rows % GP
-    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
-
-    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BT * GP], dtype=tl.float32)
-    acc0 = tl.zeros([BT * GP, 32], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    # One query position per program; its kv group's selected units, ascending with -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
-    slots = tl.arange(0, TOP_K_PAD)
-    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
-    for u0 in range(0, n_units, UNITS_PER_TILE):
-        n = tl.arange(0, BLOCK_N)
-        slot = u0 + n // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + n % UNIT
-        # The query's own block runs past it (and maybe past T): load only keys <= t.
-        key_ok = (unit >= 0) & (keys <= t_hi)
-        visible = key_ok[None, :]
-        k_rows = k_base + keys * stride_kt
-        s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows that have seen no key keep m = -inf; shift by 0 there so no -inf - -inf = NaN appears.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_rows = v_base + keys * stride_vt
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
-        m_i = m_new
-    # A query that sees no key gets output 0 and log-sum-exp -inf (never NaN).
-    empty = l_i == 0.0
-    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
-    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
-    cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
-    o0 = acc0 * inv_l[:, None]
-    if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
-        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
-    o0 = o0 * gate[:, None]
-
-    if HAS_PREV:
-        o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
-    if LAST:
-        tl.store(OUT + cols0, o0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(ACC + cols0, o0, mask=row_ok[:, None])
-
-
-@triton.jit
 def _window_attention_kernel(
     Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT,
     stride_qb, stride_qt, stride_qh,
@@ -405,6 +308,118 @@ def _window_attention_kernel(
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
 
+    if HAS_PREV:
+        o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
+    if LAST:
+        tl.store(OUT + cols0, o0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(ACC + cols0, o0, mask=row_ok[:, None])
+
+
+@triton.jit
+def _selection_kv_attention_kernel(
+    Q, K, V, PART_O, PART_LSE, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    T, sm_scale,
+    WIDEN: tl.constexpr,
+):
+    BQ: tl.constexpr = 32
+    GP: tl.constexpr = 2
+    BLOCK_N: tl.constexpr = 16
+    N_UNITS = tl.cdiv(T, UNIT)
+    item = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + item)
+    if seg < 0:
+        return  # past the real work: the grid is an upper bound (no host sync)
+    start = tl.load(ITEM_START + item)
+    end = tl.load(ITEM_END + item)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = bg % HKV
+    rows = tl.arange(0, BQ * GP)
+    e = start + rows // GP
+    e_ok = e < end
+    t = tl.load(QPOS + e, mask=e_ok, other=0)
+    slot = tl.load(SLOT + e, mask=e_ok, other=0)
+    head = g * GROUP + rows % GP
+    row_ok = e_ok & (rows % GP < GROUP)
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
+
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    # The block's keys past T (a last, partial block) are never loaded; the queries' own block is cut at each query.
+    key_ok = (n < UNIT) & (keys < T)
+    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
+    s = tl.zeros([BQ * GP, BLOCK_N], dtype=tl.float32)
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+    s += _dot(q0, tl.trans(k0), WIDEN)
+    k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
+    s += _dot(q1, tl.trans(k1), WIDEN)
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+    s = tl.where(visible, s * qk_scale, float("-inf"))
+    m = tl.max(s, axis=1)
+    # A selected block always holds a key <= its query (units start at or before it); padded rows keep m = -inf.
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l = tl.sum(p, axis=1)
+    inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
+    part_row = ((b * T + t) * HQ + head) * TOP_K + slot
+    tl.store(PART_LSE + part_row, tl.where(l == 0.0, float("-inf"), m_safe + tl.log2(tl.where(l == 0.0, 1.0, l))), mask=row_ok)
+    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
+    v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+    o0 = _pv(p, v0, WIDEN) * inv_l[:, None]
+    tl.store(PART_O + part_row[:, None] * DV + 0 + tl.arange(0, 32)[None, :], o0.to(PART_O.dtype.element_ty), mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _selection_kv_merge_kernel(
+    PART_O, PART_LSE, IDX, GATES, ACC, OUT, LSE, BRANCH_OUT,
+    stride_gb, stride_gt, stride_gh,
+    T, n_rows, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr,
+):
+    BR: tl.constexpr = 32
+    CHANNEL: tl.constexpr = 1
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head; int64: x DV passes 2**31
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    t = bt % T
+    b = bt // T
+    slots = tl.arange(0, TOP_K_PAD)
+    # A slot holds a result only where the query listed a unit there (-1 padding was never written).
+    unit = tl.load(IDX + (bt * HKV + head // GROUP)[:, None] * TOP_K + slots[None, :],
+                   mask=row_ok[:, None] & (slots < TOP_K)[None, :], other=-1)
+    listed = unit >= 0
+    lse_j = tl.load(PART_LSE + row_index[:, None] * TOP_K + slots[None, :], mask=listed, other=float("-inf"))
+    m = tl.max(lse_j, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_j - m_safe[:, None])
+    total = tl.sum(w, axis=1)
+    empty = total == 0.0
+    w = w * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))[:, None]
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    o0 = tl.zeros([BR, 32], dtype=tl.float32)
+    # One slot per trip: [BR, D] loads keep the registers small (a [BR, TOP_K, D] tile would not fit).
+    for j in range(0, TOP_K):
+        w_j = tl.sum(tl.where((slots == j)[None, :], w, 0.0), axis=1)
+        ok_j = row_ok & (w_j > 0.0)
+        part_j = (row_index * TOP_K + j) * DV
+        o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
+    cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
+    if SAVE_BRANCH:
+        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -1006,7 +1021,8 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
         _select_blocks_kernel[(triton.cdiv(T, 32), B * 2)](
             q, kc, f.lse, indices, *runtime.launches.strides(q), T, NC, _DESC.softmax_scale, WIDEN=WIDEN,
             num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
-    f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
+    f.selection_kv(_selection_kv_attention_kernel, _selection_kv_merge_kernel, k_slc, v_slc, indices, unit=16,
+                   top_k=4, bq=32, warps=4, merge_rows=32)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
 
@@ -1274,107 +1290,37 @@ def _compression_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+def _selection_kv_bwd_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ_PART, PART_DK, PART_DV, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    T, sm_scale,
+    WIDEN: tl.constexpr,
 ):
-    GP: tl.constexpr = 16
-    ROWS: tl.constexpr = BT * GP
-    CHANNEL: tl.constexpr = 1
-    pid_t = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    chunk = 0
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    rows = tl.arange(0, ROWS)
-    t = pid_t * BT + rows // GP
-    head = g * GROUP + chunk * GP + rows % GP
-    row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
-    t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
-    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
-    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
-    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
-    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do0 = do0.to(Q.dtype.element_ty)
-    qk_scale = sm_scale * 1.4426950408889634
-    dq0 = tl.zeros([ROWS, 32], dtype=tl.float32)
-    dq1 = tl.zeros([ROWS, 16], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
-    slots = tl.arange(0, TOP_K_PAD)
-    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
-    # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
-    # part of one.
-    for f0 in range(0, n_units * UNIT, BLOCK_N):
-        f = f0 + tl.arange(0, BLOCK_N)
-        slot = f // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
-        keys = unit * UNIT + f % UNIT
-        key_ok = (unit >= 0) & (keys <= t_hi)
-        visible = key_ok[None, :]
-        k_rows = k_base + keys * stride_kt
-        v_rows = v_base + keys * stride_vt
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        dq0 += _pv(ds, k0, WIDEN)
-        dq1 += _pv(ds, k1, WIDEN)
-    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
-    dq0 = dq0 * sm_scale
-    if HAS_PREV:
-        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
-    dq_ptr = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
-    dq1 = dq1 * sm_scale
-    if HAS_PREV:
-        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
-    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
-
-
-@triton.jit
-def _selection_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
-    ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
-):
+    BQ: tl.constexpr = 32
     GP: tl.constexpr = 2
     ROWS: tl.constexpr = BQ * GP
+    BLOCK_N: tl.constexpr = 16
+    SPLIT: tl.constexpr = 64
     CHANNEL: tl.constexpr = 1
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = pid_bg % HKV
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    N_UNITS = tl.cdiv(T, UNIT)
+    item = tl.program_id(0)
+    seg = tl.load(ITEM_SEG + item)
+    if seg < 0:
+        return  # past the real work: the grid is an upper bound (no host sync)
+    start = tl.load(ITEM_START + item)
+    hi = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = bg % HKV
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
+    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
@@ -1382,19 +1328,15 @@ def _selection_bwd_dkdv_kernel(
     dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
-    start = tl.load(OFFSETS + seg)
-    end = tl.load(OFFSETS + seg + 1)
-    for e0 in range(start, end, BQ):
+    for e0 in range(start, hi, BQ):
         rows = tl.arange(0, ROWS)
         e = e0 + rows // GP
-        e_ok = e < end
+        e_ok = e < hi
         t = tl.load(QPOS + e, mask=e_ok, other=0)
-        chunk = 0
-        head = g * GROUP + chunk * GP + rows % GP
-        row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
+        slot = tl.load(SLOT + e, mask=e_ok, other=0)
+        head = g * GROUP + rows % GP
+        row_ok = e_ok & (rows % GP < GROUP)
+        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
         visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
@@ -1420,6 +1362,42 @@ def _selection_bwd_dkdv_kernel(
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
+        part_row = row_index * TOP_K + slot
+        dq0 = _pv(ds, k0, WIDEN) * sm_scale
+        tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+        dq1 = _pv(ds, k1, WIDEN) * sm_scale
+        tl.store(DQ_PART + part_row[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dq1.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
+    part = item.to(tl.int64) * BLOCK_N + n
+    tl.store(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dk0)
+    tl.store(PART_DK + part[:, None] * DQK + 32 + tl.arange(0, 16)[None, :], dk1)
+    tl.store(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 32)[None, :], dv0)
+
+
+@triton.jit
+def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
+                                     ACCUMULATE: tl.constexpr):
+    """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
+    BLOCK_N: tl.constexpr = 16
+    N_UNITS = tl.cdiv(T, UNIT)
+    seg = tl.program_id(0)
+    unit = seg % N_UNITS
+    bg = seg // N_UNITS
+    b = (bg // HKV).to(tl.int64)
+    g = bg % HKV
+    n = tl.arange(0, BLOCK_N)
+    keys = unit * UNIT + n
+    key_ok = (n < UNIT) & (keys < T)
+    first = tl.load(SEG_FIRST + seg)
+    count = tl.load(SEG_ITEMS + seg)
+    dk0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, 32], dtype=tl.float32)
+    for i in range(first, first + count):
+        part = i * BLOCK_N + n
+        dk0 += tl.load(PART_DK + part[:, None] * DQK + 0 + tl.arange(0, 32)[None, :])
+        dk1 += tl.load(PART_DK + part[:, None] * DQK + 32 + tl.arange(0, 16)[None, :])
+        dv0 += tl.load(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 32)[None, :])
+    NKEYS = T
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 32)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1434,6 +1412,34 @@ def _selection_bwd_dkdv_kernel(
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
+
+
+@triton.jit
+def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+    """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
+    BR: tl.constexpr = 32
+    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
+    row_ok = row_index < n_rows
+    head = row_index % HQ
+    bt = row_index // HQ
+    idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
+    dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
+    if HAS_PREV:
+        dq0 = tl.load(dq_ptr0, mask=row_ok[:, None], other=0.0)
+    else:
+        dq0 = tl.zeros([BR, 32], dtype=tl.float32)
+    dq_ptr1 = DQ + row_index[:, None] * DQK + 32 + tl.arange(0, 16)[None, :]
+    if HAS_PREV:
+        dq1 = tl.load(dq_ptr1, mask=row_ok[:, None], other=0.0)
+    else:
+        dq1 = tl.zeros([BR, 16], dtype=tl.float32)
+    for j in range(0, TOP_K):
+        listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
+        part_j = (row_index * TOP_K + j) * DQK
+        dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+        dq1 += tl.load(DQ_PART + part_j[:, None] + 32 + tl.arange(0, 16)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_ptr0, dq0, mask=row_ok[:, None])
+    tl.store(dq_ptr1, dq1, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -1652,9 +1658,9 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
     _pool_backward(dkc, k_cmp, 48, NC, *b.target("k_cmp", 48))
     _pool_backward(dvc, v_cmp, 32, NC, *b.target("v_cmp", 32))
-    b.dq(_selection_bwd_dq_kernel, "selection", k_slc, v_slc, T, indices)
-    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k_slc", "v_slc", k_slc, v_slc, indices, _selection_inverse_index,
-                     INVERSE_INDEX_ENTRIES)
+    b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
+                   "k_slc", "v_slc", k_slc, v_slc, indices, unit=16, top_k=4,
+                   split=64, block_n=16, merge_rows=32)
     b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
     return b.gradients(_DESC.diff_args)

@@ -27,9 +27,9 @@ SPEC = {"name": "nsa_token", "family": "nsa", "heads": {"q": 64, "kv": 4}, "head
     "dtype": "bf16", "causal": True, "scale": None, "kv": "independent", "mla": False,
     "branches": ["compression", "selection", "window"], "compression": {"block": 32, "stride": 16,
     "pool": "mean", "position_embedding": False}, "selection": {"granularity": "token", "block": 1,
-    "top_k": 1024, "initial": 0, "local": 0, "scorer": "indexer"}, "window": {"size": 512},
-    "indexer": {"heads": 4, "head_dim": 64, "dtype": "bf16", "scale": None, "stage": "sparse"},
-    "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
+    "top_k": 1024, "initial": 0, "local": 0, "scorer": "indexer", "loop_order": "auto"},
+    "window": {"size": 512}, "indexer": {"heads": 4, "head_dim": 64, "dtype": "bf16", "scale": None,
+    "stage": "sparse"}, "max_seqlen": 65536, "decode": {"max_q_len": 4, "page_size": 64}}
 DTYPE = torch.bfloat16
 # Under the CPU interpreter bf16 dots are wrong, so operands are widened to fp32 there (and only there).
 WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
@@ -45,9 +45,9 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, 
     "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "window": {"block_n": 64,
     "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 4, "num_stages": 2,
     "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8}}}
-# Without a tuned config for the GPU, Triton's autotuner picks among these (pruned by the footprint model when the
-# module was built; timings cached on disk), unless SPECGEN_AUTOTUNE=0, which keeps the defaults. Per kernel: the
-# config fields, then one row of values per candidate, the default first.
+# Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
+# at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
+# the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "num_stages", "num_warps"),
     (64, 4, 2, 4), (32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 2, 8), (32, 4, 3, 8), (64, 4, 3, 4), (64, 4, 2, 8),
     (64, 4, 3, 8)), "selection": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 4), (32, 1, 1, 4),
