@@ -182,8 +182,11 @@ def cmd_sweep(args) -> int:
             extra = f"top_k={p.top_k} {p.hash}" if p.status == "valid" else p.reason
             print(f"{p.index:>4} {p.label:<32} {p.status:<9} {extra}" + (f"  [{'; '.join(p.notes)}]" if p.notes else ""))
         valid = sum(p.status == "valid" for p in points)
-        print(f"{len(points)} points, {valid} valid; {valid * len(sweep.regimes) * len(sweep.seqlens)} fidelity "
-              f"measurements")
+        from .sweep import make_tasks
+
+        n = sum(t["part"] == "fidelity" for t in make_tasks(sweep, points, "cpu"))
+        print(f"{len(points)} points, {valid} valid; {n} fidelity measurements, each repeated "
+              f"{sweep.fidelity['seeds']} times (fidelity.seeds)")
         return 0
     if args.report_only:
         from .report import write_report
@@ -201,7 +204,15 @@ def cmd_sweep(args) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    result = run_sweep(sweep, out, jobs=args.jobs, device=args.device, backend=args.backend, log=log)
+    from .sweep import SweepInterrupted
+
+    try:
+        result = run_sweep(sweep, out, jobs=args.jobs, device=args.device, backend=args.backend, log=log)
+    except (SweepInterrupted, KeyboardInterrupt) as exc:
+        print(f"specgen: {exc}" if isinstance(exc, SweepInterrupted) else
+              f"specgen: interrupted before measuring; {out} is unchanged or resumable: run the same command again",
+              file=sys.stderr)
+        return 130
     return 1 if result["errors"] else 0
 
 
