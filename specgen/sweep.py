@@ -37,7 +37,7 @@ TOP_KEYS = ("name", "question", "description", "base", "set", "axes", "when", "c
 FIDELITY_DEFAULTS = {"eval_from": 0.5, "fit_steps": 300, "fit_lr": 1e-2, "train_batch": 4, "train_T": 256,
                      "needles": 16, "seeds": 3, "min_fit_gain": 0.1, "max_seqlen": 2048, "query_chunk": 256}
 SPEED_DEFAULTS = {"seqlens": None, "regimes": ["random", "structured"], "backward": True, "dense": True,
-                  "min_roofline": 0.25}
+                  "min_roofline": 0.2}
 # What changes a measurement's result, hence its resume key (max_seqlen and query_chunk do not: one filters tasks,
 # the other only splits the same float64 computation). Bump METHOD when the measuring code changes what it returns.
 METHOD = 2
@@ -256,7 +256,7 @@ def sweep_from_mapping(data: Mapping, *, path: Path | None = None, where: _Locat
     if isinstance(speed["min_roofline"], bool) or not isinstance(speed["min_roofline"], (int, float)) \
             or not 0 <= speed["min_roofline"] <= 1:
         raise err("speed.min_roofline", f"expected a fraction in [0, 1], got {speed['min_roofline']!r}",
-                  "write min_roofline: 0.25", cls=SweepError)
+                  "write min_roofline: 0.2", cls=SweepError)
     for r in speed["regimes"]:
         if r not in REGIMES:
             raise err("speed.regimes", f"{r!r} is not a synthetic regime", f"use {', '.join(REGIMES)}",
@@ -662,6 +662,18 @@ def measure_task(task: dict) -> dict:
     return rec
 
 
+_PEAKS: dict = {}
+
+
+def _machine_peaks() -> dict:
+    """This GPU's measured matmul peak and copy bandwidth, once per worker (bench.machine_peaks)."""
+    if not _PEAKS:
+        from .bench import machine_peaks
+
+        _PEAKS.update(machine_peaks())
+    return dict(_PEAKS)
+
+
 def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, base_dir: Path | None = None,
                   device: str = "cuda") -> dict:
     """GPU timing of the generated forward (and forward+backward when the module has `<family>_attention`) on the
@@ -697,6 +709,8 @@ def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, 
         torch.cuda.synchronize()
     ms = bench._median_ms(lambda: fwd(**kw, out=out))
     row: dict = {"forward_ms": ms, "forward_flops": flops(spec, T), "forward_tflops": flops(spec, T) / ms / 1e9}
+    if device == "cuda":
+        row["machine"] = _machine_peaks()        # the ceilings the report's roofline fraction uses
     if cfg.get("dense", True):
         row["dense_forward_ms"] = bench.dense_forward_ms(spec, T)
         row["forward_speedup"] = {k: v / ms for k, v in row["dense_forward_ms"].items() if isinstance(v, float)}
