@@ -189,11 +189,11 @@ def cmd_sweep(args) -> int:
               f"{sweep.fidelity['seeds']} times (fidelity.seeds)")
         return 0
     if args.report_only:
-        from .report import write_report
+        from .sweep import report
 
         if not (out / "results.jsonl").exists():
             raise UsageError(f"{out}/results.jsonl: nothing measured yet")
-        print(f"report: {write_report(out, sweep=sweep, points=expand(sweep), plot_format=args.plot_format)['report']}")
+        print(f"report: {report(out, sweep, plot_format=args.plot_format)['report']}")
         return 0
     if args.device == "cuda":
         import torch

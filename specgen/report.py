@@ -372,20 +372,12 @@ def _headline(sweep_axes: list[str], fid: list[dict]) -> list[str]:
     return headline(rows, "selection.granularity" in sweep_axes)
 
 
-def _current_keys(sweep, points) -> tuple[set[str] | None, set[str] | None]:
-    """(fidelity keys, speed key prefixes) of the sweep as it is now, or (None, None) without the sweep."""
-    if sweep is None or not points or not hasattr(points[0], "spec"):
-        return None, None
-    from .sweep import make_tasks
-
-    tasks = make_tasks(sweep, points, "cpu")
-    return ({t["key"] for t in tasks if t["part"] == "fidelity"},
-            {t["key"] for t in tasks if t["part"] == "speed"})
-
-
-def write_report(out_dir: Path, *, sweep=None, points: list | None = None, plot_format: str = "png") -> dict:
+def write_report(out_dir: Path, *, sweep=None, points: list | None = None, plot_format: str = "png",
+                 keys: tuple[set[str], set[str]] | None = None) -> dict:
     """Write results.csv, results.json, report.md and plots/ from results.jsonl and the points (from the sweep, or
-    points.json written by the last run)."""
+    points.json written by the last run). `keys`: (fidelity keys, speed keys without the device) of the sweep's
+    current settings (`sweep.current_keys`): only their records are reported; without them, the latest record of
+    each key."""
 
     out_dir = Path(out_dir)
     if points is None:
@@ -393,7 +385,7 @@ def write_report(out_dir: Path, *, sweep=None, points: list | None = None, plot_
     else:
         pts = [p.summary() if hasattr(p, "summary") else p for p in points]
     records = read_records(out_dir / "results.jsonl")
-    fid_keys, speed_keys = _current_keys(sweep, points)
+    fid_keys, speed_keys = keys if keys is not None else (None, None)
     fid = fidelity_rows(pts, records, fid_keys)
     min_roofline = sweep.speed.get("min_roofline") if sweep is not None else None
     spd = speed_rows(pts, records, speed_keys, min_roofline)

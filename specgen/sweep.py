@@ -1079,7 +1079,7 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
         # resumable as it is; the report is left for the run that finishes.
         raise SweepInterrupted(progress.done, len(tasks), results) from None
 
-    paths = write_report(out_dir, sweep=sweep, points=points)
+    paths = report(out_dir, sweep, points)
     log(f"report: {paths['report']}")
     return {"points": len(points), **counts, "ran": len(tasks), "errors": errors, "report": str(paths["report"])}
 
@@ -1100,10 +1100,23 @@ def _note_no_gpu(results: Path, records: list[dict], sweep: Sweep, points: list[
         append_record(results, rec)
 
 
+def current_keys(sweep: Sweep, points: list[Point]) -> tuple[set[str], set[str]]:
+    """(fidelity keys, speed keys without the device) of the sweep as it is now: what its report shows."""
+    tasks = make_tasks(sweep, points, "cpu")
+    return ({t["key"] for t in tasks if t["part"] == "fidelity"}, {t["key"] for t in tasks if t["part"] == "speed"})
+
+
+def report(out_dir: Path, sweep: Sweep, points: list[Point] | None = None, plot_format: str = "png") -> dict:
+    """Write the report of the sweep's current settings (specgen.report.write_report)."""
+    points = expand(sweep) if points is None else points
+    return write_report(out_dir, sweep=sweep, points=points, plot_format=plot_format,
+                        keys=current_keys(sweep, points))
+
+
 def default_out(sweep: Sweep) -> Path:
     return Path("bench") / "sweeps" / sweep.name
 
 
-__all__ = ["Point", "Sweep", "SweepError", "SweepInterrupted", "append_record", "fidelity_regimes", "settings_hash", "build_task", "default_out", "expand", "finished_keys",
+__all__ = ["Point", "Sweep", "SweepError", "SweepInterrupted", "append_record", "current_keys", "report", "fidelity_regimes", "settings_hash", "build_task", "default_out", "expand", "finished_keys",
            "gpu_identity", "gpu_slots", "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records",
            "run_sweep", "sweep_from_mapping", "task_key"]
