@@ -908,9 +908,10 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
             except KeyboardInterrupt:
                 # Leaving the `with` would wait for the running points: stop them now (their results are lost,
                 # a rerun measures them).
+                workers = list((getattr(pool, "_processes", None) or {}).values())   # shutdown() forgets them
+                for proc in workers:
+                    proc.kill()          # SIGTERM would wait for a worker's running C call (a torch import)
                 pool.shutdown(wait=False, cancel_futures=True)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
                 stop.set()
                 raise
         stop.set()                       # the pool is shut down: every worker's words are in the pipe
