@@ -39,11 +39,17 @@ def place_labels(ax, xs: list[float], ys: list[float], texts: list[str], *, font
     display coordinates) and stays inside the axes: nearby offsets first, then further ones with a leader line.
     A label that fits nowhere is not drawn on the point; it is listed under the panel instead (the list is one text
     below the axes, which no label enters). Returns the Annotation objects drawn."""
+    from matplotlib.transforms import Bbox
+
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
-    placed = list(avoid or [])
+    # The markers themselves are kept clear too (a label on a point hides it).
+    r = 4.0 * fig.dpi / 72
+    markers = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+               for px, py in ax.transData.transform(list(zip(xs, ys)))] if len(xs) else []
+    placed = list(avoid or []) + markers
     drawn, left_over = [], []
     order = sorted(range(len(texts)), key=lambda i: (-ys[i], xs[i]))
     for i in order:
