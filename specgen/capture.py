@@ -201,12 +201,17 @@ def load_model(name: str, *, random_init: bool = False, seed: int = 0, dtype: st
     except ImportError:
         raise CaptureError("specgen capture needs transformers (pip install -e '.[study]')") from None
     torch_dtype = getattr(torch, dtype)
-    if random_init:
-        config = AutoConfig.from_pretrained(name)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    try:
+        if random_init:
+            config = AutoConfig.from_pretrained(name)
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise CaptureError(f"{name}: cannot load a causal LM ({(str(exc).splitlines() or [''])[0][:200]}); give a "
+                           f"local folder with config.json (and weights, or --random-init), or a Hub id with network "
+                           f"access") from None
     return model.to(device).eval()
 
 
@@ -218,7 +223,11 @@ def main(args) -> Path:
     if not args.byte_tokens:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            raise CaptureError(f"{args.model}: no tokenizer ({(str(exc).splitlines() or [''])[0][:200]}); a trained "
+                               f"model needs its own, a randomly initialised one can use --byte-tokens") from None
     return capture_text(model, args.text, seqlen=args.seqlen, batch=args.batch, out=args.out, tokenizer=tokenizer,
                         layers=args.layers, verify=not args.no_verify)
 

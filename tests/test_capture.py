@@ -72,6 +72,10 @@ def test_capture_cli_then_sweep_per_layer_and_over_all_layers(tmp_path, capsys):
     assert main(["capture", str(tmp_path / "tiny"), "--random-init", "--byte-tokens", "--text", str(text),
                  "--seqlen", "96", "--batch", "2", "--out", str(tmp_path / "cap.safetensors")]) == 0
     assert "captured:" in capsys.readouterr().out
+    # A model folder without a tokenizer and no --byte-tokens: one line naming the fix, exit 2.
+    assert main(["capture", str(tmp_path / "tiny"), "--random-init", "--text", str(text), "--seqlen", "96",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "--byte-tokens" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert capture_format.layers_of(tmp_path / "cap.safetensors") == [0, 1]
     x = F.load_captured("cap.safetensors#layer=1", base_dir=tmp_path)
     assert x.q.shape == (2, 96, 4, 16) and x.hidden.shape == (2, 96, 64) and x.meta["scale"] == 0.25
