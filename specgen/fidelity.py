@@ -212,6 +212,25 @@ def check_shapes(spec, inputs: Inputs) -> None:
 TrainSource = Callable[[int], Inputs]
 
 
+def _windows(train: Inputs, T: int | None, n: int, seed: int) -> TrainSource:
+    """Training batches cut from a fixed split: batch i is n windows of T tokens at positions drawn from (seed, i)."""
+    B, full = train.shape
+    if not T or T >= full:
+        return lambda i: train
+
+    def draw(i: int) -> Inputs:
+        g = torch.Generator().manual_seed(seed_of("windows", seed, i))
+        rows = torch.randint(0, B, (n,), generator=g).tolist()
+        starts = torch.randint(0, full - T + 1, (n,), generator=g).tolist()
+
+        def cut(t):
+            return None if t is None else torch.stack([t[b, s:s + T] for b, s in zip(rows, starts)])
+
+        return Inputs(cut(train.q), cut(train.k), cut(train.v), hidden=cut(train.hidden))
+
+    return draw
+
+
 def splits(spec, regime: str, T: int, *, batch: int, train_batch: int, n_needles: int = 16, device="cpu",
            base_dir: Path | None = None, train_T: int | None = None, seed: int = 0) -> tuple[TrainSource, Inputs]:
     """(train, eval) for a regime. eval: one draw (seed from the regime name, T, the shapes and `seed`: the same
@@ -220,7 +239,9 @@ def splits(spec, regime: str, T: int, *, batch: int, train_batch: int, n_needles
     instead of memorising one batch. Repeats (`seed` 1, 2, ...) draw new eval and train content of the same model.
 
     A captured file has no generator: its first half (by batch, or of the sequence when B = 1) is the training data
-    (the same batch every step) and the rest is evaluated."""
+    and the rest is evaluated. Training batch i is `train_batch` windows of `train_T` tokens cut from the training
+    data at positions drawn from (seed, i): fitting sees many contexts at a cost set by train_T, not by the
+    capture's length (the whole training split when train_T is None or not shorter)."""
     if regime.startswith("file:"):
         data = make_regime(regime, B=0, T=0, Hq=0, Hkv=0, Dqk=0, Dv=0, scale=1.0, device=device, base_dir=base_dir)
         B = data.q.shape[0]
@@ -232,12 +253,12 @@ def splits(spec, regime: str, T: int, *, batch: int, train_batch: int, n_needles
             if data.needles is not None:
                 kept = data.needles[data.needles[:, 0] >= h]
                 needles = torch.cat([kept[:, :1] - h, kept[:, 1:]], dim=1)
-            return (lambda i: fixed), Inputs(data.q[h:], data.k[h:], data.v[h:], needles,
-                                             None if hid is None else hid[h:], data.meta)
+            return _windows(fixed, train_T, train_batch, seed), Inputs(data.q[h:], data.k[h:], data.v[h:], needles,
+                                                                       None if hid is None else hid[h:], data.meta)
         half = data.q.shape[1] // 2
         fixed = Inputs(data.q[:, :half], data.k[:, :half], data.v[:, :half],
                        hidden=None if hid is None else hid[:, :half])
-        return (lambda i: fixed), data
+        return _windows(fixed, train_T, train_batch, seed), data
     sh = shapes_of(spec)
     common = dict(n_needles=n_needles, device=device, model_seed=seed_of(regime, "model", *sh.values()), **sh)
     rep = () if seed == 0 else (f"repeat{seed}",)            # repeat 0 keeps the draws of a one-seed sweep
