@@ -90,8 +90,15 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def layers_of(path: str | Path, base_dir: Path | None = None) -> list[int] | None:
     """The layers a file holds (sorted), or None for a single-layer file (plain q, k, v)."""
-    tensors, _ = _read(resolve(path, base_dir))
-    found = sorted({int(m.group(1)) for name in tensors if (m := _LAYER.match(name))})
+    p = resolve(path, base_dir)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:          # the names only: no tensor is read
+            names = list(f.keys())
+    else:
+        names = list(_read(p)[0])
+    found = sorted({int(m.group(1)) for name in names if (m := _LAYER.match(name))})
     return found or None
 
 
