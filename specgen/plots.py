@@ -81,6 +81,18 @@ def place_labels(ax, xs: list[float], ys: list[float], texts: list[str], *, font
     return drawn
 
 
+def short_regime(regime: str) -> str:
+    """A panel title: a capture's file name and layer instead of its whole path."""
+    if not regime.startswith("file:"):
+        return regime
+    body = regime[5:]
+    all_layers = body.endswith(" (all layers)")
+    body = body.removesuffix(" (all layers)")
+    path, _, layer = body.partition("#layer=")
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    return f"{name}, " + ("all layers" if all_layers else f"layer {layer}" if layer else "capture")
+
+
 def _series(row: dict) -> str:
     return row["series"]
 
@@ -154,9 +166,16 @@ def recall_budget(rows: list[dict]):
         ax.minorticks_off()
         ax.set_xlabel("selection budget (tokens per query and kv group)")
         ax.set_ylabel("recall of dense attention mass")
-        ax.set_title(f"{regime}, T={T}", fontsize=10)
+        ax.set_title(f"{short_regime(regime)}, T={T}", fontsize=10)
         ax.grid(alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
+        if ax is not axs[-1]:
+            continue                              # one legend (the colours are the same in every panel)
+        handles, labels = [], []
+        for other in axs:
+            for h, lab in zip(*other.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
         from matplotlib.lines import Line2D
 
         handles += [Line2D([], [], color="0.4", ls=":", marker="_", ms=8),
@@ -192,7 +211,7 @@ def recall_time(rows: list[dict]):
         ax.set_xlabel(f"forward time, ms (GPU, T={T})" if kind == "ms" else
                       f"forward MFLOP at T={T}\n(specgen.analysis: no GPU time at this length)", fontsize=9)
         ax.set_ylabel("recall of dense attention mass")
-        ax.set_title(f"{regime}, T={T}", fontsize=10)
+        ax.set_title(f"{short_regime(regime)}, T={T}", fontsize=10)
         ax.grid(alpha=0.3)
         if xs:
             span = (max(xs) - min(xs)) or max(xs) or 1.0
