@@ -34,7 +34,7 @@ def small_sweep(**over) -> dict:
             "constraints": {"budget": {"tokens": 32}},
             "when": [{"if": {"selection.granularity": "token"}, "set": {"indexer": {"heads": 2, "head_dim": 16}}}],
             "seqlens": [64], "batch": 1, "regimes": ["structured", "retrieval"],
-            "fidelity": {"fit_steps": 4, "train_T": 32, "train_batch": 1, "needles": 2, "seeds": 2}}
+            "fidelity": {"fit_steps": 4, "train_T": 32, "train_batch": 1, "needles": 2, "seeds": 1}}
     data.update(over)
     return data
 
