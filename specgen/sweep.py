@@ -220,7 +220,7 @@ def sweep_from_mapping(data: Mapping, *, path: Path | None = None, where: _Locat
     regimes = data.get("regimes", ["structured", "retrieval"])
     if isinstance(regimes, str):
         regimes = [regimes]
-    from .capture_format import CaptureError, parse_regime, resolve
+    from .capture_format import CaptureError, layers_of, parse_regime, resolve
     from .fidelity import REGIMES
     for r in regimes:
         if not isinstance(r, str) or not (r in REGIMES or r.startswith("file:")):
@@ -235,6 +235,15 @@ def sweep_from_mapping(data: Mapping, *, path: Path | None = None, where: _Locat
                 raise err("regimes", f"{r}: no such file {resolve(file_path, base_dir)} (paths are relative to the "
                           f"sweep file)", "write one with `specgen capture` (docs/sweeps.md) or fix the path",
                           cls=SweepError)
+            try:
+                held = layers_of(file_path, base_dir)
+            except CaptureError as exc:
+                raise err("regimes", str(exc), "point it at a capture written by `specgen capture`",
+                          cls=SweepError) from None
+            layer = parse_regime(r)[1]
+            if layer is not None and layer not in (held or []):
+                raise err("regimes", f"{r}: the file holds " + (f"layers {held}" if held else "one layer (q, k, v)"),
+                          f"write file:{file_path}" + (f"#layer={held[0]}" if held else ""), cls=SweepError)
     fid = dict(FIDELITY_DEFAULTS)
     for key, value in (data.get("fidelity") or {}).items():
         if key not in FIDELITY_DEFAULTS:

@@ -16,7 +16,7 @@ from specgen import capture_format  # noqa: E402
 from specgen import fidelity as F  # noqa: E402
 from specgen.capture import capture, text_ids  # noqa: E402
 from specgen.cli import main  # noqa: E402
-from specgen.sweep import read_records, run_sweep, sweep_from_mapping  # noqa: E402
+from specgen.sweep import SweepError, read_records, run_sweep, sweep_from_mapping  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, max_position_embeddings=512, initializer_range=0.15)
@@ -81,6 +81,9 @@ def test_capture_cli_then_sweep_per_layer_and_over_all_layers(tmp_path, capsys):
     assert x.q.shape == (2, 96, 4, 16) and x.hidden.shape == (2, 96, 64) and x.meta["scale"] == 0.25
     with pytest.raises(capture_format.CaptureError, match="holds layers"):
         F.load_captured("cap.safetensors", base_dir=tmp_path)
+    with pytest.raises(SweepError, match=r"holds layers \[0, 1\]"):        # said when the sweep file is read
+        sweep_from_mapping({"name": "x", "base": {"family": "nsa"}, "axes": {"selection.block": [8]},
+                            "regimes": ["file:cap.safetensors#layer=5"]}, path=tmp_path / "x.sweep.yaml")
 
     base = {"family": "nsa", "heads": {"q": 4, "kv": 2}, "head_dim": {"qk": 16, "v": 16}, "kv": "shared",
             "compression": {"block": 8, "stride": 4}, "selection": {"block": 8, "top_k": 4, "initial": 1, "local": 1},
