@@ -150,7 +150,8 @@ def recall_budget(rows: list[dict]):
             x = [r["tokens"] * dodge for r in pts]
             ok = [i for i, r in enumerate(pts) if r.get("fit_ok", True)]
             ax.errorbar(x, [r["recall"] for r in pts], yerr=[r.get("recall_sd") or 0.0 for r in pts], color=c,
-                        marker="o", ms=4, lw=1.2, capsize=2, label=series_name(s), markevery=ok or None)
+                        marker="o" if ok else "none", ms=4, lw=1.2, capsize=2, label=series_name(s),
+                        markevery=ok or None)
             bad = [i for i, r in enumerate(pts) if not r.get("fit_ok", True)]
             if bad:
                 ax.scatter([x[i] for i in bad], [pts[i]["recall"] for i in bad], s=40, color=c, marker="x",
