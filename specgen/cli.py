@@ -182,15 +182,18 @@ def cmd_sweep(args) -> int:
             extra = f"top_k={p.top_k} {p.hash}" if p.status == "valid" else p.reason
             print(f"{p.index:>4} {p.label:<32} {p.status:<9} {extra}" + (f"  [{'; '.join(p.notes)}]" if p.notes else ""))
         valid = sum(p.status == "valid" for p in points)
-        print(f"{len(points)} points, {valid} valid; {valid * len(sweep.regimes) * len(sweep.seqlens)} fidelity "
-              f"measurements")
+        from .study.sweep import make_tasks
+
+        n = sum(t["part"] == "fidelity" for t in make_tasks(sweep, points, "cpu"))
+        print(f"{len(points)} points, {valid} valid; {n} fidelity measurements, each repeated "
+              f"{sweep.fidelity['seeds']} times (fidelity.seeds)")
         return 0
     if args.report_only:
-        from .study.report import write_report
+        from .study.sweep import report
 
         if not (out / "results.jsonl").exists():
             raise UsageError(f"{out}/results.jsonl: nothing measured yet")
-        print(f"report: {write_report(out, sweep=sweep, points=expand(sweep), plot_format=args.plot_format)['report']}")
+        print(f"report: {report(out, sweep, plot_format=args.plot_format)['report']}")
         return 0
     if args.device == "cuda":
         import torch
@@ -201,8 +204,33 @@ def cmd_sweep(args) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    result = run_sweep(sweep, out, jobs=args.jobs, device=args.device, backend=args.backend, log=log)
+    from .study.sweep import SweepInterrupted
+
+    try:
+        result = run_sweep(sweep, out, jobs=args.jobs, device=args.device, backend=args.backend, log=log)
+    except (SweepInterrupted, KeyboardInterrupt) as exc:
+        print(f"specgen: {exc}" if isinstance(exc, SweepInterrupted) else
+              f"specgen: interrupted before measuring; {out} is unchanged or resumable: run the same command again",
+              file=sys.stderr)
+        return 130
     return 1 if result["errors"] else 0
+
+
+def cmd_capture(args) -> int:
+    from .study.capture_format import CaptureError
+
+    if not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    if args.seqlen < 2 or args.batch < 1:
+        raise UsageError(f"--seqlen {args.seqlen} --batch {args.batch}: need seqlen >= 2 and batch >= 1")
+    try:
+        from .study.capture import main as capture_main
+
+        path = capture_main(args)
+    except CaptureError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"captured: {path} (use it as `regimes: [file:{path}]`, the path relative to the sweep file)")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -269,6 +297,26 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--report-only", action="store_true", help="rewrite the report from results.jsonl")
     sw.add_argument("--plot-format", default="png", choices=["png", "svg"])
     sw.set_defaults(func=cmd_sweep)
+
+    cp = sub.add_parser("capture", help="record q/k (after RoPE), v and hidden states of a Hugging Face causal LM's "
+                        "attention layers over a text file, for a sweep's file: regime")
+    cp.add_argument("model", help="a Hub id or a local folder (with --random-init: a folder with config.json)")
+    cp.add_argument("--text", required=True, help="a UTF-8 text file, cut into --batch chunks of --seqlen tokens")
+    cp.add_argument("--seqlen", "-T", type=int, required=True, help="tokens per sequence")
+    cp.add_argument("--batch", type=int, default=2, help="sequences (default 2: the sweep fits on the first half "
+                    "and evaluates on the rest)")
+    cp.add_argument("--layers", type=int, nargs="+", default=None, help="layer indices (default: all)")
+    cp.add_argument("--out", required=True, help="PATH.safetensors (or .pt)")
+    cp.add_argument("--random-init", action="store_true", help="random weights from the model's config.json "
+                    "(seeded by --seed; nothing downloaded): for tests and tiny demonstration models")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--byte-tokens", action="store_true", help="UTF-8 bytes as token ids instead of the model's "
+                    "tokenizer (only for randomly initialised models)")
+    cp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cp.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    cp.add_argument("--no-verify", action="store_true", help="skip the check that attention over the captured "
+                    "q/k/v reproduces the model's attention output")
+    cp.set_defaults(func=cmd_capture)
 
     ls = sub.add_parser("list", help="list the specs in folders (default: specs/)")
     ls.add_argument("folders", nargs="*", metavar="FOLDER")

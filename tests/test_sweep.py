@@ -34,7 +34,7 @@ def small_sweep(**over) -> dict:
             "constraints": {"budget": {"tokens": 32}},
             "when": [{"if": {"selection.granularity": "token"}, "set": {"indexer": {"heads": 2, "head_dim": 16}}}],
             "seqlens": [64], "batch": 1, "regimes": ["structured", "retrieval"],
-            "fidelity": {"fit_steps": 4, "train_T": 32, "train_batch": 1, "needles": 2}}
+            "fidelity": {"fit_steps": 4, "train_T": 32, "train_batch": 1, "needles": 2, "seeds": 1}}
     data.update(over)
     return data
 
@@ -240,7 +240,7 @@ def test_captured_qkv_file_is_a_regime(tmp_path):
                                path=tmp_path / "s.sweep.yaml")
     run_sweep(sweep, tmp_path / "out", build=False, log=lambda s: None)
     (rec,) = [r for r in read_records(tmp_path / "out" / "results.jsonl") if r["part"] == "fidelity"]
-    assert rec["status"] == "ok" and rec["seqlen"] == 64 and rec["key"].endswith("|file:cap.pt|0|fidelity")
+    assert rec["status"] == "ok" and rec["seqlen"] == 64 and "|file:cap.pt|0|fidelity|s=" in rec["key"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,14 +272,14 @@ def test_run_resumes_and_reports(tmp_path, monkeypatch):
     assert "## Headline" in report and "token_l1_b32" in report and "block_l8_b32" in report
     assert "not a whole number of selection blocks of 12" in report           # the invalid point and its reason
     assert "no GPU" in report
-    assert "Granularity at equal budget" in report                            # the computed verdict
+    assert "- **retrieval, T=64, 32 tokens** (oracle ceiling" in report        # the computed verdict
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["fidelity"]) == 3 and {p["status"] for p in data["points"]} == {"valid", "invalid", "duplicate"}
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.splitlines()[0].startswith("part,") and csv_text.count("\nfidelity,") == 3
     if importlib.util.find_spec("matplotlib") is not None:
-        assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0
-        assert (tmp_path / "plots" / "axes.png").exists()
+        assert (tmp_path / "plots" / "recall_budget.png").stat().st_size > 0
+        assert (tmp_path / "plots" / "recall_time.png").stat().st_size > 0
     else:
         assert "matplotlib is not installed" in report
 

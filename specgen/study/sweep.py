@@ -34,9 +34,15 @@ from ..model.spec import Spec, _Located, field_reference, load_spec, read_yaml_f
 PARTS = ("fidelity", "speed")
 TOP_KEYS = ("name", "question", "description", "base", "set", "axes", "when", "constraints", "seqlens", "batch",
             "regimes", "fidelity", "speed")
-FIDELITY_DEFAULTS = {"eval_from": 0.5, "fit_steps": 300, "train_batch": 4, "train_T": 256, "needles": 16,
-                     "max_seqlen": 2048, "query_chunk": 256}
-SPEED_DEFAULTS = {"seqlens": None, "regimes": ["random", "structured"], "backward": True, "dense": True}
+FIDELITY_DEFAULTS = {"eval_from": 0.5, "fit_steps": 300, "fit_lr": 1e-2, "train_batch": 4, "train_T": 256,
+                     "needles": 16, "seeds": 3, "min_fit_gain": 0.1, "max_seqlen": 2048, "query_chunk": 256}
+SPEED_DEFAULTS = {"seqlens": None, "regimes": ["random", "structured"], "backward": True, "dense": True,
+                  "min_roofline": 0.2}
+# What changes a measurement's result, hence its resume key (max_seqlen and query_chunk do not: one filters tasks,
+# the other only splits the same float64 computation). Bump METHOD when the measuring code changes what it returns.
+METHOD = 2
+FIDELITY_KEYED = ("eval_from", "fit_steps", "fit_lr", "train_batch", "train_T", "needles", "seeds", "min_fit_gain")
+SPEED_KEYED = ("fit_steps", "fit_lr", "train_batch", "train_T")
 # Short names of axes in point labels (the rest: the path's last part).
 SHORT = {"selection.granularity": "", "selection.block": "l", "selection.top_k": "k", "selection.scorer": "",
          "selection.initial": "init", "selection.local": "loc", "compression.block": "cl", "compression.stride": "cd",
@@ -47,6 +53,15 @@ BUDGET_AXIS = "budget.tokens"
 
 class SweepError(SpecError):
     """A mistake in a sweep file (printed like a spec error: file:line: field: message, and a fix)."""
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C during a sweep: what was saved and how to continue, in one line."""
+
+    def __init__(self, done: int, total: int, results: Path):
+        self.done, self.total, self.results = done, total, results
+        super().__init__(f"interrupted: {done} of {total} measurements saved in {results}; run the same command "
+                         f"again to continue from there")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,21 +220,52 @@ def sweep_from_mapping(data: Mapping, *, path: Path | None = None, where: _Locat
     regimes = data.get("regimes", ["structured", "retrieval"])
     if isinstance(regimes, str):
         regimes = [regimes]
+    from .capture_format import CaptureError, layers_of, parse_regime, resolve
     from .fidelity import REGIMES
     for r in regimes:
         if not isinstance(r, str) or not (r in REGIMES or r.startswith("file:")):
-            raise err("regimes", f"{r!r} is not a regime", f"use {', '.join(REGIMES)} or file:PATH.pt",
+            raise err("regimes", f"{r!r} is not a regime", f"use {', '.join(REGIMES)} or file:PATH.safetensors",
                       cls=SweepError)
+        if r.startswith("file:"):
+            try:
+                file_path, _ = parse_regime(r)
+            except CaptureError as exc:
+                raise err("regimes", str(exc), "write file:PATH or file:PATH#layer=N", cls=SweepError) from None
+            if not resolve(file_path, base_dir).is_file():
+                raise err("regimes", f"{r}: no such file {resolve(file_path, base_dir)} (paths are relative to the "
+                          f"sweep file)", "write one with `specgen capture` (docs/sweeps.md) or fix the path",
+                          cls=SweepError)
+            try:
+                held = layers_of(file_path, base_dir)
+            except CaptureError as exc:
+                raise err("regimes", str(exc), "point it at a capture written by `specgen capture`",
+                          cls=SweepError) from None
+            layer = parse_regime(r)[1]
+            if layer is not None and layer not in (held or []):
+                raise err("regimes", f"{r}: the file holds " + (f"layers {held}" if held else "one layer (q, k, v)"),
+                          f"write file:{file_path}" + (f"#layer={held[0]}" if held else ""), cls=SweepError)
     fid = dict(FIDELITY_DEFAULTS)
     for key, value in (data.get("fidelity") or {}).items():
         if key not in FIDELITY_DEFAULTS:
             raise err(f"fidelity.{key}", "unknown key", f"allowed: {', '.join(FIDELITY_DEFAULTS)}", cls=SweepError)
+        if key in ("fit_steps",):
+            value = _int_list(value, where, f"fidelity.{key}", minimum=0)[0]
+        elif key in ("seeds", "train_batch", "train_T", "needles", "max_seqlen", "query_chunk"):
+            value = _int_list(value, where, f"fidelity.{key}")[0]
+        elif key in ("fit_lr", "min_fit_gain", "eval_from") and (isinstance(value, bool) or
+                                                                 not isinstance(value, (int, float)) or value < 0):
+            raise err(f"fidelity.{key}", f"expected a number >= 0, got {value!r}",
+                      f"write {key}: {FIDELITY_DEFAULTS[key]}", cls=SweepError)
         fid[key] = value
     speed = dict(SPEED_DEFAULTS)
     for key, value in (data.get("speed") or {}).items():
         if key not in SPEED_DEFAULTS:
             raise err(f"speed.{key}", "unknown key", f"allowed: {', '.join(SPEED_DEFAULTS)}", cls=SweepError)
         speed[key] = value
+    if isinstance(speed["min_roofline"], bool) or not isinstance(speed["min_roofline"], (int, float)) \
+            or not 0 <= speed["min_roofline"] <= 1:
+        raise err("speed.min_roofline", f"expected a fraction in [0, 1], got {speed['min_roofline']!r}",
+                  "write min_roofline: 0.2", cls=SweepError)
     for r in speed["regimes"]:
         if r not in REGIMES:
             raise err("speed.regimes", f"{r!r} is not a synthetic regime", f"use {', '.join(REGIMES)}",
@@ -402,9 +448,46 @@ def expand(sweep: Sweep) -> list[Point]:
 # Tasks, records and resuming
 # ---------------------------------------------------------------------------------------------------------------
 
-def task_key(spec_hash: str, regime: str, seqlen: int, part: str, device: str | None = None) -> str:
-    key = f"{spec_hash}|{regime}|{seqlen}|{part}"
+def task_key(spec_hash: str, regime: str, seqlen: int, part: str, device: str | None = None,
+             settings: str = "") -> str:
+    """spec hash | regime | seqlen | part | settings (a hash of everything else that changes the result) [| device]."""
+    key = f"{spec_hash}|{regime}|{seqlen}|{part}|s={settings}"
     return f"{key}|{device}" if part == "speed" and device else key
+
+
+def settings_hash(sweep: "Sweep", part: str, regime: str, file_hashes: dict[str, str] | None = None) -> str:
+    """A short hash of the settings that change a measurement besides the variant, regime and length: the fitting
+    recipe, seeds, eval split, the batch, the measuring code's METHOD, and a captured file's content. A rerun with
+    any of them changed measures again instead of finding an old result under the same key."""
+    cfg = sweep.fidelity if part == "fidelity" else {**sweep.fidelity, **sweep.speed}
+    keyed = FIDELITY_KEYED if part == "fidelity" else SPEED_KEYED + ("backward", "dense")
+    blob = {k: cfg.get(k) for k in keyed}
+    blob.update({"method": METHOD, "batch": sweep.batch if part == "fidelity" else 1})
+    if regime.startswith("file:"):
+        blob["file"] = (file_hashes or {}).get(regime) or _file_hash(sweep, regime)
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _file_hash(sweep: "Sweep", regime: str) -> str:
+    from .capture_format import content_hash, parse_regime
+
+    return content_hash(parse_regime(regime)[0], sweep.base_dir)
+
+
+def fidelity_regimes(sweep: "Sweep") -> list[str]:
+    """The sweep's regimes with every multi-layer capture (`file:PATH`) split into one regime per layer
+    (`file:PATH#layer=N`): each layer is fitted and measured on its own, and the report adds them up."""
+    from .capture_format import layers_of, parse_regime
+
+    out = []
+    for regime in sweep.regimes:
+        if regime.startswith("file:") and parse_regime(regime)[1] is None:
+            layers = layers_of(parse_regime(regime)[0], sweep.base_dir)
+            if layers:
+                out += [f"{regime}#layer={i}" for i in layers]
+                continue
+        out.append(regime)
+    return out
 
 
 def finished_keys(records: list[dict]) -> set[str]:
@@ -413,6 +496,13 @@ def finished_keys(records: list[dict]) -> set[str]:
 
 def append_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:                     # an interrupted append: end its line so this record is not glued onto it
+            with path.open("a", encoding="utf-8") as f:
+                f.write("\n")
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
         f.flush()
@@ -438,6 +528,10 @@ def make_tasks(sweep: Sweep, points: list[Point], device: str) -> list[dict]:
     """Fidelity for every valid point x regime x seqlen (up to fidelity.max_seqlen); speed (GPU) for every valid point
     x speed regime x speed seqlen."""
     tasks = []
+    regimes = fidelity_regimes(sweep)
+    files = {r: _file_hash(sweep, r) for r in regimes if r.startswith("file:")}
+    fid_settings = {r: settings_hash(sweep, "fidelity", r, files) for r in regimes}
+    speed_settings = settings_hash(sweep, "speed", "random")
     for p in points:
         if p.status != "valid":
             continue
@@ -445,16 +539,17 @@ def make_tasks(sweep: Sweep, points: list[Point], device: str) -> list[dict]:
                   "values": p.values, "effective": p.effective, "top_k": p.top_k, "sweep": sweep.name,
                   "base_dir": str(sweep.base_dir), "batch": sweep.batch, "fidelity_cfg": sweep.fidelity,
                   "speed_cfg": sweep.speed, "device": device}
-        for regime in sweep.regimes:
+        for regime in regimes:
             # A captured file has its own length: one measurement, recorded at the file's T (key: seqlen 0).
             for T in ([0] if regime.startswith("file:") else sweep.seqlens):
                 if T <= sweep.fidelity["max_seqlen"]:
                     tasks.append({**common, "part": "fidelity", "regime": regime, "seqlen": T,
-                                  "key": task_key(p.hash, regime, T, "fidelity")})
+                                  "settings": fid_settings[regime],
+                                  "key": task_key(p.hash, regime, T, "fidelity", settings=fid_settings[regime])})
         for regime in sweep.speed["regimes"]:
             for T in sweep.speed_seqlens:
-                tasks.append({**common, "part": "speed", "regime": regime, "seqlen": T,
-                              "key": task_key(p.hash, regime, T, "speed", None)})
+                tasks.append({**common, "part": "speed", "regime": regime, "seqlen": T, "settings": speed_settings,
+                              "key": task_key(p.hash, regime, T, "speed", None, speed_settings)})
     return tasks
 
 
@@ -484,6 +579,9 @@ def init_worker(device: str, gpu_queue=None, threads: int | None = None, started
         import signal
 
         signal.signal(signal.SIGTERM, _terminated_by_pool)
+        # Ctrl-C reaches the whole process group: the driver alone handles it (and terminates the pool), so the
+        # workers do not print a traceback each.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     if device == "cpu":
@@ -534,7 +632,7 @@ def measure_task(task: dict) -> dict:
     spec = spec_from_mapping(task["spec"])
     device = task["device"]
     rec = {k: task.get(k) for k in ("key", "sweep", "label", "index", "values", "effective", "top_k", "regime",
-                                    "seqlen", "part", "commit")}
+                                    "seqlen", "part", "commit", "settings")}
     if task.get("build_error"):
         rec["build_error"] = task["build_error"]
     rec.update({"spec_name": spec.name, "spec_hash": spec.hash, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -547,8 +645,9 @@ def measure_task(task: dict) -> dict:
             dev = "cuda" if device == "cuda" else "cpu"
             out = evaluate_variant(spec, task["regime"], task["seqlen"], batch=task["batch"],
                                    train_batch=cfg["train_batch"], train_T=cfg["train_T"], fit_steps=cfg["fit_steps"],
-                                   eval_from=cfg["eval_from"], n_needles=cfg["needles"], device=dev,
-                                   base_dir=Path(task["base_dir"]), query_chunk=cfg["query_chunk"])
+                                   fit_lr=cfg["fit_lr"], seeds=cfg["seeds"], eval_from=cfg["eval_from"],
+                                   n_needles=cfg["needles"], device=dev, base_dir=Path(task["base_dir"]),
+                                   query_chunk=cfg["query_chunk"], min_fit_gain=cfg["min_fit_gain"])
             rec.update(out)
             rec["device"] = device_name(dev)
             if task["regime"].startswith("file:"):
@@ -561,7 +660,8 @@ def measure_task(task: dict) -> dict:
             rec.update(gpu_identity())          # which GPU of which host measured it (gpu, device, host)
             rec["speed"] = measure_speed(spec, task["regime"], task["seqlen"], task["speed_cfg"],
                                          task["fidelity_cfg"], base_dir=Path(task["base_dir"]))
-            rec["key"] = task_key(spec.hash, task["regime"], task["seqlen"], "speed", rec["device"])
+            rec["key"] = task_key(spec.hash, task["regime"], task["seqlen"], "speed", rec["device"],
+                                  task.get("settings", ""))
         rec["status"] = "ok"
     except Exception as exc:
         rec["status"] = "error"
@@ -569,6 +669,18 @@ def measure_task(task: dict) -> dict:
         rec["traceback"] = traceback.format_exc(limit=6)
     rec["seconds"] = time.time() - start
     return rec
+
+
+_PEAKS: dict = {}
+
+
+def _machine_peaks() -> dict:
+    """This GPU's measured matmul peak and copy bandwidth, once per worker (bench.machine_peaks)."""
+    if not _PEAKS:
+        from ..perf.bench import machine_peaks
+
+        _PEAKS.update(machine_peaks())
+    return dict(_PEAKS)
 
 
 def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, base_dir: Path | None = None,
@@ -596,7 +708,8 @@ def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, 
         train, _ = fidelity.splits(spec, regime, min(T, fid_cfg["train_T"]), batch=1,
                                    train_batch=fid_cfg["train_batch"], device=device, base_dir=base_dir,
                                    train_T=fid_cfg["train_T"])
-        _, fitted = fidelity.fit_scorers(spec, train, None, steps=fid_cfg["fit_steps"])
+        _, fitted = fidelity.fit_scorers(spec, train, None, steps=fid_cfg["fit_steps"],
+                                         lr=fid_cfg.get("fit_lr", 1e-2))
     kw = {n: (t.to(dt) if t.is_floating_point() else t)
           for n, t in fidelity.variant_inputs(spec, fidelity.Inputs(x.q, x.k, x.v), fitted).items()}
     if spec.gated:
@@ -607,6 +720,8 @@ def measure_speed(spec: Spec, regime: str, T: int, cfg: dict, fid_cfg: dict, *, 
         torch.cuda.synchronize()
     ms = bench._median_ms(lambda: fwd(**kw, out=out))
     row: dict = {"forward_ms": ms, "forward_flops": flops(spec, T), "forward_tflops": flops(spec, T) / ms / 1e9}
+    if device == "cuda":
+        row["machine"] = _machine_peaks()        # the ceilings the report's roofline fraction uses
     if cfg.get("dense", True):
         row["dense_forward_ms"] = bench.dense_forward_ms(spec, T)
         row["forward_speedup"] = {k: v / ms for k, v in row["dense_forward_ms"].items() if isinstance(v, float)}
@@ -790,16 +905,26 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
         broken = None
         with _pool(min(jobs, len(pending)), device, pin_gpus, started) as pool:
             futures = {pool.submit(functools.partial(_announced, fn, i), item): i for i, item in pending.items()}
-            for fut in as_completed(futures):
-                i = futures[fut]
-                try:
-                    result = fut.result()
-                except BrokenProcessPool as exc:
-                    broken = broken or f"{type(exc).__name__}: {exc}"
-                    continue
-                finished.add(i)
-                del pending[i]
-                on_result(result)
+            try:
+                for fut in as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        result = fut.result()
+                    except BrokenProcessPool as exc:
+                        broken = broken or f"{type(exc).__name__}: {exc}"
+                        continue
+                    finished.add(i)
+                    del pending[i]
+                    on_result(result)
+            except KeyboardInterrupt:
+                # Leaving the `with` would wait for the running points: stop them now (their results are lost,
+                # a rerun measures them).
+                workers = list((getattr(pool, "_processes", None) or {}).values())   # shutdown() forgets them
+                for proc in workers:
+                    proc.kill()          # SIGTERM would wait for a worker's running C call (a torch import)
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop.set()
+                raise
         stop.set()                       # the pool is shut down: every worker's words are in the pipe
         listener.join()
         if broken is None:
@@ -899,12 +1024,12 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
     # Speed is keyed by the GPU's name: resuming skips what this machine's GPU model has measured. A Ray driver
     # without a GPU cannot know which model its tasks land on: a measurement on any GPU counts as done.
     speed_device = device_name(device) if device == "cuda" and ids else None
-    done_anywhere = {k.rsplit("|", 1)[0] for k in done if k.count("|") == 4 and "|speed|" in k}
+    done_anywhere = {k.rsplit("|", 1)[0] for k in done if k.count("|") == 5 and "|speed|" in k}
     tasks = []
     skipped_speed = 0
     for t in make_tasks(sweep, points, device):
         key = t["key"] if t["part"] == "fidelity" else task_key(t["spec_hash"], t["regime"], t["seqlen"], "speed",
-                                                               speed_device)
+                                                               speed_device, t["settings"])
         if key in done or (t["part"] == "speed" and device == "cuda" and speed_device is None
                            and key in done_anywhere):
             continue
@@ -955,13 +1080,18 @@ def run_sweep(sweep: Sweep, out_dir: Path, *, jobs: int | None = None, device: s
         errors += rec.get("status") == "error"
         progress(rec)
 
-    if tasks:
-        if backend == "ray":
-            _run_ray(measure_task, tasks, device, finished, on_lost=_lost_measurement)
-        else:
-            _run_local(measure_task, tasks, jobs, device, finished, on_lost=_lost_measurement, log=log)
+    try:
+        if tasks:
+            if backend == "ray":
+                _run_ray(measure_task, tasks, device, finished, on_lost=_lost_measurement)
+            else:
+                _run_local(measure_task, tasks, jobs, device, finished, on_lost=_lost_measurement, log=log)
+    except KeyboardInterrupt:
+        # Every finished measurement is already in results.jsonl (appended and synced one by one): the folder is
+        # resumable as it is; the report is left for the run that finishes.
+        raise SweepInterrupted(progress.done, len(tasks), results) from None
 
-    paths = write_report(out_dir, sweep=sweep, points=points)
+    paths = report(out_dir, sweep, points)
     log(f"report: {paths['report']}")
     return {"points": len(points), **counts, "ran": len(tasks), "errors": errors, "report": str(paths["report"])}
 
@@ -972,20 +1102,33 @@ def _note_no_gpu(results: Path, records: list[dict], sweep: Sweep, points: list[
     for t in make_tasks(sweep, points, "cpu"):
         if t["part"] != "speed":
             continue
-        key = task_key(t["spec_hash"], t["regime"], t["seqlen"], "speed", "cpu")
+        key = task_key(t["spec_hash"], t["regime"], t["seqlen"], "speed", "cpu", t["settings"])
         if key in have:
             continue
         rec = {k: t[k] for k in ("sweep", "label", "index", "values", "effective", "top_k", "regime", "seqlen",
-                                 "part")}
+                                 "part", "settings")}
         rec.update({"key": key, "spec_name": t["spec"]["name"], "spec_hash": t["spec_hash"], "status": "skipped",
                     "speed": "no GPU", "device": "cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S")})
         append_record(results, rec)
+
+
+def current_keys(sweep: Sweep, points: list[Point]) -> tuple[set[str], set[str]]:
+    """(fidelity keys, speed keys without the device) of the sweep as it is now: what its report shows."""
+    tasks = make_tasks(sweep, points, "cpu")
+    return ({t["key"] for t in tasks if t["part"] == "fidelity"}, {t["key"] for t in tasks if t["part"] == "speed"})
+
+
+def report(out_dir: Path, sweep: Sweep, points: list[Point] | None = None, plot_format: str = "png") -> dict:
+    """Write the report of the sweep's current settings (specgen.study.report.write_report)."""
+    points = expand(sweep) if points is None else points
+    return write_report(out_dir, sweep=sweep, points=points, plot_format=plot_format,
+                        keys=current_keys(sweep, points))
 
 
 def default_out(sweep: Sweep) -> Path:
     return Path("bench") / "sweeps" / sweep.name
 
 
-__all__ = ["Point", "Sweep", "SweepError", "append_record", "build_task", "default_out", "expand", "finished_keys",
+__all__ = ["Point", "Sweep", "SweepError", "SweepInterrupted", "append_record", "current_keys", "report", "fidelity_regimes", "settings_hash", "build_task", "default_out", "expand", "finished_keys",
            "gpu_identity", "gpu_slots", "load_sweep", "make_tasks", "measure_speed", "measure_task", "read_records",
            "run_sweep", "sweep_from_mapping", "task_key"]
