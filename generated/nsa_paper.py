@@ -1290,9 +1290,9 @@ def _selection_kv_bwd_kernel(
     item = tl.program_id(0)
     seg = tl.load(ITEM_SEG + item)
     if seg < 0:
-        return  # past the real work: the grid is an upper bound (no host sync)
+        return
     start = tl.load(ITEM_START + item)
-    hi = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
+    end = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
     unit = seg % N_UNITS
     bg = seg // N_UNITS
     b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
@@ -1309,10 +1309,10 @@ def _selection_kv_bwd_kernel(
     dk1 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 128], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    for e0 in range(start, hi, BQ):
-        rows = tl.arange(0, ROWS)
+    for e0 in range(start, end, BQ):
+        rows = tl.arange(0, BQ * GP)
         e = e0 + rows // GP
-        e_ok = e < hi
+        e_ok = e < end
         t = tl.load(QPOS + e, mask=e_ok, other=0)
         slot = tl.load(SLOT + e, mask=e_ok, other=0)
         head = g * GROUP + rows % GP
@@ -1363,7 +1363,7 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
     seg = tl.program_id(0)
     unit = seg % N_UNITS
     bg = seg // N_UNITS
-    b = (bg // HKV).to(tl.int64)
+    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = bg % HKV
     n = tl.arange(0, BLOCK_N)
     keys = unit * UNIT + n
