@@ -1277,7 +1277,7 @@ def _selection_kv_bwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, sm_scale,
+    T, t0, TC, sm_scale,
     WIDEN: tl.constexpr,
 ):
     BQ: tl.constexpr = 4
@@ -1313,7 +1313,7 @@ def _selection_kv_bwd_kernel(
         rows = tl.arange(0, BQ * GP)
         e = e0 + rows // GP
         e_ok = e < end
-        t = tl.load(QPOS + e, mask=e_ok, other=0)
+        t = t0 + tl.load(QPOS + e, mask=e_ok, other=0)  # QPOS counts from the chunk's first query
         slot = tl.load(SLOT + e, mask=e_ok, other=0)
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
@@ -1343,7 +1343,7 @@ def _selection_kv_bwd_kernel(
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-        part_row = row_index * TOP_K + slot
+        part_row = ((b * TC + (t - t0)) * HQ + head) * TOP_K + slot
         dq0 = _pv(ds, k0, WIDEN) * sm_scale
         tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 128)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
         dq1 = _pv(ds, k1, WIDEN) * sm_scale
@@ -1396,13 +1396,15 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 
 
 @triton.jit
-def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
-    row_ok = row_index < n_rows
-    head = row_index % HQ
-    bt = row_index // HQ
+    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * TC + t - t0) * HQ + head
+    row_ok = part_index < n_rows
+    head = part_index % HQ
+    b = part_index // (HQ * TC)
+    bt = b * T + t0 + (part_index // HQ) % TC
+    row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
     dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     if HAS_PREV:
@@ -1416,7 +1418,7 @@ def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl
         dq1 = tl.zeros([BR, 64], dtype=tl.float32)
     for j in range(0, TOP_K):
         listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
-        part_j = (row_index * TOP_K + j) * DQK
+        part_j = (part_index * TOP_K + j) * DQK
         dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 128)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
         dq1 += tl.load(DQ_PART + part_j[:, None] + 128 + tl.arange(0, 64)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
     tl.store(dq_ptr0, dq0, mask=row_ok[:, None])

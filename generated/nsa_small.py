@@ -322,7 +322,7 @@ def _selection_kv_attention_kernel(
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    T, sm_scale,
+    T, t0, TC, sm_scale,
     WIDEN: tl.constexpr,
 ):
     BQ: tl.constexpr = 32
@@ -342,7 +342,7 @@ def _selection_kv_attention_kernel(
     rows = tl.arange(0, BQ * GP)
     e = start + rows // GP
     e_ok = e < end
-    t = tl.load(QPOS + e, mask=e_ok, other=0)
+    t = t0 + tl.load(QPOS + e, mask=e_ok, other=0)  # QPOS counts from the chunk's first query
     slot = tl.load(SLOT + e, mask=e_ok, other=0)
     head = g * GROUP + rows % GP
     row_ok = e_ok & (rows % GP < GROUP)
@@ -369,7 +369,7 @@ def _selection_kv_attention_kernel(
     p = tl.exp2(s - m_safe[:, None])
     l = tl.sum(p, axis=1)
     inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
-    part_row = ((b * T + t) * HQ + head) * TOP_K + slot
+    part_row = ((b * TC + (t - t0)) * HQ + head) * TOP_K + slot
     tl.store(PART_LSE + part_row, tl.where(l == 0.0, float("-inf"), m_safe + tl.log2(tl.where(l == 0.0, 1.0, l))), mask=row_ok)
     v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
@@ -382,23 +382,25 @@ def _selection_kv_attention_kernel(
 def _selection_kv_merge_kernel(
     PART_O, PART_LSE, IDX, GATES, ACC, OUT, LSE, BRANCH_OUT,
     stride_gb, stride_gt, stride_gh,
-    T, n_rows, branch_stride,
+    T, t0, TC, n_rows, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr,
 ):
     BR: tl.constexpr = 32
     CHANNEL: tl.constexpr = 1
-    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head; int64: x DV passes 2**31
-    row_ok = row_index < n_rows
-    head = row_index % HQ
-    bt = row_index // HQ
-    t = bt % T
-    b = bt // T
+    # Rows of the chunk's partial buffers, (b * TC + t - t0) * HQ + head; int64: x DV passes 2**31.
+    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    row_ok = part_index < n_rows
+    head = part_index % HQ
+    t = t0 + (part_index // HQ) % TC
+    b = part_index // (HQ * TC)
+    bt = b * T + t
+    row_index = bt * HQ + head   # the output's rows
     slots = tl.arange(0, TOP_K_PAD)
     # A slot holds a result only where the query listed a unit there (-1 padding was never written).
     unit = tl.load(IDX + (bt * HKV + head // GROUP)[:, None] * TOP_K + slots[None, :],
                    mask=row_ok[:, None] & (slots < TOP_K)[None, :], other=-1)
     listed = unit >= 0
-    lse_j = tl.load(PART_LSE + row_index[:, None] * TOP_K + slots[None, :], mask=listed, other=float("-inf"))
+    lse_j = tl.load(PART_LSE + part_index[:, None] * TOP_K + slots[None, :], mask=listed, other=float("-inf"))
     m = tl.max(lse_j, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse_j - m_safe[:, None])
@@ -413,7 +415,7 @@ def _selection_kv_merge_kernel(
     for j in range(0, TOP_K):
         w_j = tl.sum(tl.where((slots == j)[None, :], w, 0.0), axis=1)
         ok_j = row_ok & (w_j > 0.0)
-        part_j = (row_index * TOP_K + j) * DV
+        part_j = (part_index * TOP_K + j) * DV
         o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
     if SAVE_BRANCH:
@@ -1296,7 +1298,7 @@ def _selection_kv_bwd_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, sm_scale,
+    T, t0, TC, sm_scale,
     WIDEN: tl.constexpr,
 ):
     BQ: tl.constexpr = 32
@@ -1332,7 +1334,7 @@ def _selection_kv_bwd_kernel(
         rows = tl.arange(0, BQ * GP)
         e = e0 + rows // GP
         e_ok = e < end
-        t = tl.load(QPOS + e, mask=e_ok, other=0)
+        t = t0 + tl.load(QPOS + e, mask=e_ok, other=0)  # QPOS counts from the chunk's first query
         slot = tl.load(SLOT + e, mask=e_ok, other=0)
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
@@ -1362,7 +1364,7 @@ def _selection_kv_bwd_kernel(
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
         dk1 += _pv(dst, q1, WIDEN)
-        part_row = row_index * TOP_K + slot
+        part_row = ((b * TC + (t - t0)) * HQ + head) * TOP_K + slot
         dq0 = _pv(ds, k0, WIDEN) * sm_scale
         tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])
         dq1 = _pv(ds, k1, WIDEN) * sm_scale
@@ -1415,13 +1417,15 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 
 
 @triton.jit
-def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl.constexpr):
+def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    row_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * T + t) * HQ + head
-    row_ok = row_index < n_rows
-    head = row_index % HQ
-    bt = row_index // HQ
+    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * TC + t - t0) * HQ + head
+    row_ok = part_index < n_rows
+    head = part_index % HQ
+    b = part_index // (HQ * TC)
+    bt = b * T + t0 + (part_index // HQ) % TC
+    row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
     dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]
     if HAS_PREV:
@@ -1435,7 +1439,7 @@ def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, n_rows, HAS_PREV: tl
         dq1 = tl.zeros([BR, 16], dtype=tl.float32)
     for j in range(0, TOP_K):
         listed = row_ok & (tl.load(idx_row + j, mask=row_ok, other=-1) >= 0)
-        part_j = (row_index * TOP_K + j) * DQK
+        part_j = (part_index * TOP_K + j) * DQK
         dq0 += tl.load(DQ_PART + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
         dq1 += tl.load(DQ_PART + part_j[:, None] + 32 + tl.arange(0, 16)[None, :], mask=listed[:, None], other=0.0).to(tl.float32)
     tl.store(dq_ptr0, dq0, mask=row_ok[:, None])

@@ -128,3 +128,23 @@ def test_kv_order_needs_blocks_of_at_least_16_tokens():
         replace(SMALL, name="x", **{"selection.block": 8, "selection.loop_order": "kv"})
     with pytest.raises(SpecError, match="selection.loop_order"):
         replace(load_spec("specs/nsa_token.yaml"), name="y", **{"selection.loop_order": "kv"})
+
+
+@pytest.mark.parametrize("group", [2, 7])
+def test_kv_order_in_query_chunks_matches_the_reference(group, monkeypatch):
+    """Long sequences or large batches go by query chunks so the per-(query, slot) buffers stay bounded
+    (runtime.selection.query_chunks): here chunks of a few queries, forward and backward (dK/dV summed over chunks)."""
+    spec = order_spec(group, "kv")
+    hq, top_k, d = spec.heads.q, spec.selection.top_k, spec.head_dim.v
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 5 * hq * top_k * (d * 2 + 4))   # ~5 queries a chunk
+    assert len(runtime.selection.query_chunks(1, 37, hq * top_k * (d * 2 + 4), runtime.launches.KV_PARTIAL_BYTES)) > 5
+    mod = specgen.load(spec)
+    testing.check_forward(mod, spec, 1, 37)
+    testing.check_backward(mod, spec, 1, 37)
+
+
+def test_query_chunks_cover_every_position_once():
+    assert runtime.selection.query_chunks(2, 10, 100, 800) == [(0, 4), (4, 8), (8, 10)]
+    assert runtime.selection.query_chunks(1, 10, 100, 10**9) == [(0, 10)]
+    assert runtime.selection.query_chunks(1, 10, 100, 1) == [(t, t + 1) for t in range(10)]   # never empty chunks
+    assert runtime.selection.query_chunks(1, 0, 100, 800) == [(0, 0)]

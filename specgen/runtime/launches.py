@@ -18,6 +18,12 @@ from . import launch, launch_config
 from . import selection as _selection
 
 
+# Bytes the block-outer selection's per-(query, slot) partial buffers may take at once (forward outputs, backward dQ
+# shares): longer or larger batches go by query chunks (runtime.selection.query_chunks). At Llama-3-8B heads a 64k
+# sequence needs 4 GiB of forward partials, so the records' shapes run in one chunk.
+KV_PARTIAL_BYTES = 8 << 30
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -119,22 +125,28 @@ class Forward:
                      merge_rows: int):
         """The selection branch in block-outer order (docs/selection_order.md): `kernel` attends each selected
         block to tiles of `bq` of the queries that chose it, writing per-(query, head, slot) log-sum-exps and
-        normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue."""
+        normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue. Queries go by
+        chunks whose partial buffers fit KV_PARTIAL_BYTES (one chunk unless B * T is large)."""
         d, q, B, T = self.desc, self.q, self.B, self.T
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
-        qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
-            indices, T, unit=unit, tile_queries=bq)
-        if n_items == 0:
-            return
-        part_o = torch.empty((B, T, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
-        part_lse = torch.empty((B, T, d.heads_q, top_k), dtype=torch.float32, device=q.device)
-        kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end, *strides(q, k, v),
-                           T, d.softmax_scale, WIDEN=self.widen, num_warps=warps, num_stages=1)
-        n_rows = B * T * d.heads_q
-        merge_kernel[(_cdiv(n_rows, merge_rows),)](
-            part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out, *self.g_strides, T,
-            n_rows, n_rows * d.dim_v, HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save)
+        per_query = d.heads_q * top_k * (d.dim_v * d.dtype.itemsize + 4)
+        for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
+            TC = t1 - t0
+            qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
+                indices[:, t0:t1], T, unit=unit, tile_queries=bq)
+            if n_items == 0:
+                continue
+            part_o = torch.empty((B, TC, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
+            part_lse = torch.empty((B, TC, d.heads_q, top_k), dtype=torch.float32, device=q.device)
+            kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end,
+                               *strides(q, k, v), T, t0, TC, d.softmax_scale, WIDEN=self.widen, num_warps=warps,
+                               num_stages=1)
+            n_rows = B * TC * d.heads_q
+            merge_kernel[(_cdiv(n_rows, merge_rows),)](
+                part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,
+                *self.g_strides, T, t0, TC, n_rows, B * T * d.heads_q * d.dim_v, HAS_PREV=not first, LAST=last,
+                SAVE_BRANCH=self.save)
 
     def state(self, indices, kc, vc) -> ForwardState:
         return ForwardState(self.out, self.lse, indices, self.branch_out if self.save else None, kc, vc)
@@ -247,26 +259,31 @@ class Backward:
         """The selection branch's backward in block-outer order (docs/selection_order.md): `kernel` computes, per
         work item (one selected block, at most `split` of the queries that chose it), the item's dK/dV partials and
         each (query, head)'s dQ share at the block's slot; the reduce kernels sum the partials per block in item
-        order and the shares per row in slot order (deterministic, no atomics)."""
+        order and the shares per row in slot order (deterministic, no atomics). Queries go by chunks whose dQ
+        shares fit KV_PARTIAL_BYTES; each chunk's dK/dV is added to the previous chunks' in chunk order."""
         d, B, T = self.desc, self.B, self.T
         first = self.launched == 0
         self.launched += 1
         dk, dv, accumulate = self._targets(k_name, v_name)
-        qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = _selection.kv_order_segments(
-            indices, T, unit=unit, tile_queries=split)
-        if n_items == 0:
-            return
         device = self.device
-        dq_part = torch.empty((B, T, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
-        part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)
-        part_dv = torch.empty((n_items, block_n, d.dim_v), dtype=torch.float32, device=device)
-        kernel[(n_items,)](self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv, qpos,
-                           slot, item_seg, item_start, item_end, *strides(self.q, k, v), *self.g_strides, T,
-                           d.softmax_scale, WIDEN=self.widen, num_warps=8, num_stages=1)
-        n_rows = B * T * d.heads_q
-        dq_reduce_kernel[(_cdiv(n_rows, merge_rows),)](dq_part, indices, self.dq_acc, T, n_rows, HAS_PREV=not first)
-        dkdv_reduce_kernel[(seg_first.numel(),)](part_dk, part_dv, seg_first, seg_items, dk, dv, T, d.softmax_scale,
-                                                 ACCUMULATE=accumulate, num_warps=4)
+        per_query = d.heads_q * top_k * d.dim_qk * d.dtype.itemsize
+        for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
+            TC = t1 - t0
+            qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = _selection.kv_order_segments(
+                indices[:, t0:t1], T, unit=unit, tile_queries=split)
+            if n_items == 0:
+                continue
+            dq_part = torch.empty((B, TC, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
+            part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)
+            part_dv = torch.empty((n_items, block_n, d.dim_v), dtype=torch.float32, device=device)
+            kernel[(n_items,)](self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv,
+                               qpos, slot, item_seg, item_start, item_end, *strides(self.q, k, v), *self.g_strides,
+                               T, t0, TC, d.softmax_scale, WIDEN=self.widen, num_warps=8, num_stages=1)
+            n_rows = B * TC * d.heads_q
+            dq_reduce_kernel[(_cdiv(n_rows, merge_rows),)](dq_part, indices, self.dq_acc, T, t0, TC, n_rows,
+                                                           HAS_PREV=not first)
+            dkdv_reduce_kernel[(seg_first.numel(),)](part_dk, part_dv, seg_first, seg_items, dk, dv, T,
+                                                     d.softmax_scale, ACCUMULATE=accumulate or t0 > 0, num_warps=4)
 
     def gradients(self, names: tuple, **pool_grads) -> tuple:
         """The gradients of `names` (the differentiable inputs, q first) in the spec's dtype; `pool_grads` those

@@ -24,8 +24,9 @@ def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
 def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
     """The work of the block-outer selection forward.
 
-    `indices` [B, T, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
-    last). Returns (qpos, slot, item_seg, item_start, item_end, n_items, seg_first_item, seg_items):
+    `indices` [B, TC, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
+    last), for TC consecutive query positions of sequences of T tokens (a chunk of the queries: TC <= T; positions
+    are the chunk's, 0 .. TC - 1, and the units any of the T tokens'). Returns (qpos, slot, item_seg, item_start, item_end, n_items, seg_first_item, seg_items):
       - entries sorted by segment seg = (b * Hkv + g) * n_units + unit, queries ascending within a segment:
         qpos[e] the query position, slot[e] the unit's position in that query's list (where the partial output goes);
       - work items of at most `tile_queries` entries of one segment: item i covers entries
@@ -35,28 +36,28 @@ def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
       - per segment, its first item and item count: a segment's items are contiguous (the block-outer backward's
         reduce sums them in item order).
     """
-    B, _, Hkv, K = indices.shape
+    B, TC, Hkv, K = indices.shape
     device = indices.device
     n_units = _cdiv(T, unit)
     n_seg = B * Hkv * n_units
     idx = indices.long()
     valid = idx >= 0
     bg = torch.arange(B * Hkv, device=device).view(B, 1, Hkv, 1)
-    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    t = torch.arange(TC, device=device).view(1, TC, 1, 1)
     slots = torch.arange(K, device=device).view(1, 1, 1, K)
-    # key = ((segment * T + query) * K + slot): unique (a query lists a unit once); padding sorts past every segment.
-    key = ((bg * n_units + idx.clamp(min=0)) * T + t) * K + slots
+    # key = ((segment * TC + query) * K + slot): unique (a query lists a unit once); padding sorts past every segment.
+    key = ((bg * n_units + idx.clamp(min=0)) * TC + t) * K + slots
     padding = torch.iinfo(torch.int64).max
     key = torch.sort(torch.where(valid, key, padding).flatten()).values
     real = key != padding
-    seg_of = torch.where(real, key // (T * K), n_seg)
-    qpos = torch.where(real, (key // K) % T, 0).to(torch.int32)
+    seg_of = torch.where(real, key // (TC * K), n_seg)
+    qpos = torch.where(real, (key // K) % TC, 0).to(torch.int32)
     slot = torch.where(real, key % K, 0).to(torch.int32)
     offsets = torch.searchsorted(seg_of, torch.arange(n_seg + 1, device=device))
     # Items per segment, and where each segment's items start in the item list.
     per_seg = (offsets[1:] - offsets[:-1] + tile_queries - 1) // tile_queries
     first_item = torch.cumsum(per_seg, 0) - per_seg
-    n_items = _cdiv(B * T * Hkv * K, tile_queries) + n_seg
+    n_items = _cdiv(B * TC * Hkv * K, tile_queries) + n_seg
     item = torch.arange(n_items, device=device)
     seg = torch.searchsorted(first_item + per_seg, item, right=True)   # the segment whose item range holds `item`
     in_range = seg < n_seg
@@ -66,3 +67,11 @@ def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
     item_seg = torch.where(in_range, seg_c, -1).to(torch.int32)
     return (qpos, slot, item_seg, item_start.to(torch.int64), item_end.to(torch.int64), n_items, first_item,
             per_seg)
+
+
+def query_chunks(B: int, T: int, bytes_per_query: int, budget: int) -> list[tuple[int, int]]:
+    """[(t0, t1), ...]: the query positions cut into chunks whose per-(query, slot) partial buffers, B *
+    (t1 - t0) * bytes_per_query bytes, stay within `budget` (one chunk when they fit): the block-outer passes then
+    hold a bounded buffer at any T and batch, at the cost of one more work list and reduce per chunk."""
+    per_chunk = max(1, budget // max(1, B * bytes_per_query))
+    return [(t0, min(T, t0 + per_chunk)) for t0 in range(0, T, per_chunk)] or [(0, 0)]
