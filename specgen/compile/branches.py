@@ -65,4 +65,8 @@ def kernel_names() -> dict[str, tuple[str, str]]:
     time the benchmarks' per-kernel profile reports against the analysis' FLOPs of that branch and pass."""
     out = {b.attention_kernel: (b.name, "forward") for b in BRANCHES}
     out.update({k: (b.name, "backward") for b in BRANCHES for k in b.backward_kernels})
+    # The selection's block-outer order (docs/selection_order.md): its attention kernel does the branch's forward
+    # FLOPs (the merge only combines), its one backward kernel the whole backward's.
+    out["_selection_kv_attention_kernel"] = ("selection", "forward")
+    out["_selection_kv_bwd_kernel"] = ("selection", "backward")
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import reference
+from ..compile.branches import kernel_names
 from ..compile.analysis import BACKWARD_FLOP_FACTOR, analyse, backward_bytes, evaluate, flops, forward_bytes
 from ..compile.jit import load
 from ..model.signature import differentiable_names
@@ -136,13 +137,9 @@ def _leaves(spec: Spec, inputs: dict) -> list[str]:
     return differentiable_names(spec)  # the indexer's inputs get no gradient
 
 
-# Kernels whose time the per-kernel profile reports, with the analysis branch whose FLOPs they do (the backward's
-# two kernels of a branch share its backward FLOPs).
-ATTENTION_KERNELS = {f"_{b}_attention_kernel": (b, "forward") for b in ("compression", "selection", "window")}
-ATTENTION_KERNELS.update({f"_{b}_bwd_{part}_kernel": (b, "backward") for b in ("compression", "selection", "window")
-                          for part in ("dq", "dkdv")})
-# The block-outer selection forward (plan.selection_order == "kv"): the attention and the merge of its partials.
-ATTENTION_KERNELS["_selection_kv_attention_kernel"] = ("selection", "forward")
+# Kernels whose time the per-kernel profile reports against the analysis branch whose FLOPs they do (the backward's
+# kernels of a branch share its backward FLOPs): the branch registry's names (specgen.compile.branches).
+ATTENTION_KERNELS = kernel_names()
 
 
 def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
