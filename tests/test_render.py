@@ -361,3 +361,19 @@ def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
     # Block outer (nsa_small's group of 2): its selection kernels run on the plan's tiles, not tuned.
     assert tunable_kernels(SMALL) == ("compression", "window", "compression_dq", "compression_dkdv", "window_dq",
                                      "window_dkdv")
+
+
+def test_the_model_shape_specs_build(tmp_path):
+    """specs/models/ (the benchmark matrix: heads of common models with the paper's NSA settings) builds with the
+    CLI like specs/, and each module imports. Their CPU coverage is the small specs of the same group sizes and
+    loop orders (tests/test_selection_order.py): the models' own test files are for GPUs."""
+    result = subprocess.run([sys.executable, "-m", "specgen.cli", "build", str(ROOT / "specs" / "models"),
+                             "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    models = sorted((ROOT / "specs" / "models").glob("*.yaml"))
+    assert len(models) >= 5
+    for path in models:
+        spec = load_spec(path)
+        module = jit.import_path(tmp_path / f"{spec.name}.py", f"_model_{spec.name}")
+        assert module.SPEC_HASH == spec.hash
+        assert spec.heads.group_size <= 7 and make_plan(spec).selection_order == "kv", spec.name   # small groups
