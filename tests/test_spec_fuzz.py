@@ -143,7 +143,7 @@ def test_sweep_files_named_on_the_command_line_are_skipped_with_a_note(capsys, t
     rc, out, err = _run(capsys, "check", *files)
     assert rc == 0, err
     assert "nsa_vs_dsa.sweep.yaml: a sweep file, skipped (run it with `specgen sweep" in err
-    assert out.count(": ok (hash") == len(files) - 1
+    assert out.count(": ok (hash") == len([p for p in files if not p.name.endswith(".sweep.yaml")])
     rc, out, err = _run(capsys, "check", ROOT / "specs" / "nsa_vs_dsa.sweep.yaml")
     assert rc == 2 and "only sweep files" in err
 
