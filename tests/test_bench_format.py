@@ -63,3 +63,26 @@ def test_readme_rows_of_an_all_pass_record():
     assert [r[0] for r in rows] == ["forward", "backward"]
     text = plot.table({("x", "passes"): rec})
     assert "| x | backward | 8k | 4 | 2 / — | 0.50x / — |" in text
+
+
+def test_decode_bench_names_why_flashinfer_did_not_run(monkeypatch):
+    """`specgen bench --decode` compares with FlashInfer's paged decode where it is installed; elsewhere the record
+    says why not (not installed, or shapes its decode kernel does not take), before touching a GPU."""
+    import builtins
+
+    import torch
+
+    from specgen.model.spec import load_spec
+    from specgen.perf.bench_decode import flashinfer_decode_ms
+
+    real_import = builtins.__import__
+
+    def no_flashinfer(name, *args, **kwargs):
+        if name == "flashinfer":
+            raise ImportError("no module named flashinfer")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flashinfer)
+    spec = load_spec(ROOT / "specs" / "nsa_mqa.yaml")
+    q, k = torch.randn(1, 1, 32, 128), torch.randn(1, 64, 1, 128)
+    assert "flashinfer is not installed" in flashinfer_decode_ms(spec, q, k, k)

@@ -66,6 +66,44 @@ def _flex_ms(spec: Spec, qt, kt, vt, q_len: int) -> float | str:
         return f"unsupported: {str(exc).splitlines()[0][:120]}"
 
 
+def flashinfer_decode_ms(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> float | str:
+    """FlashInfer's paged batch decode (the serving engines' dense decode) over the same K/V, viewed as pages of 16
+    tokens (a contiguous cache is a trivially paged one), or why it cannot run here: not installed, or shapes its
+    decode kernel does not take (more than one new query, d_qk != d_v)."""
+    try:
+        import flashinfer
+    except ImportError:
+        return "unsupported: flashinfer is not installed in this environment (pip install flashinfer-python)"
+    B, q_len, hq, d = q.shape
+    T, hkv = k.shape[1], k.shape[2]
+    page = 16
+    if q_len != 1:
+        return "unsupported: FlashInfer's decode kernel takes one new query per sequence"
+    if spec.head_dim.qk != spec.head_dim.v or spec.mla:
+        return "unsupported: FlashInfer's paged decode needs d_qk == d_v (MLA decode is a separate kernel)"
+    if T % page:
+        return f"unsupported: the context {T} is not a whole number of {page}-token pages"
+    try:
+        pages = T // page
+        k_pages = k[:, :T].reshape(B * pages, page, hkv, d)
+        v_pages = v[:, :T].reshape(B * pages, page, hkv, d)
+        indptr = torch.arange(B + 1, dtype=torch.int32, device=q.device) * pages
+        indices = torch.arange(B * pages, dtype=torch.int32, device=q.device)
+        last = torch.full((B,), page, dtype=torch.int32, device=q.device)
+        workspace = torch.empty(128 << 20, dtype=torch.uint8, device=q.device)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+        wrapper.plan(indptr, indices, last, hq, hkv, d, page, pos_encoding_mode="NONE", q_data_type=q.dtype,
+                     kv_data_type=k.dtype, sm_scale=spec.softmax_scale)
+        q1 = q[:, 0].contiguous()
+
+        def run():
+            return wrapper.run(q1, (k_pages, v_pages))
+        run()
+        return _median_ms(run)
+    except Exception as exc:  # an API or shape this version refuses is a result to record, not a failure
+        return f"unsupported: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
 def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = False) -> dict:
     """SDPA over the cache's (first) K/V set: what a dense model's decode step reads (`ring`: the names the cache
     keeps only as a ring of recent tokens, the module's RING_TENSORS)."""
@@ -101,6 +139,7 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
             out[name] = f"unsupported: {str(exc).splitlines()[0][:120]}"
     if flex:
         out["flex"] = _flex_ms(spec, qt.contiguous(), kt, vt, q_len)
+    out["flashinfer"] = flashinfer_decode_ms(spec, q, k[:, :T], v[:, :T])
     return out
 
 
