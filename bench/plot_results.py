@@ -126,15 +126,15 @@ ORDER_START = "<!-- order-table:start (python bench/plot_results.py) -->"
 ORDER_END = "<!-- order-table:end -->"
 
 
+def _latest_by_spec(results: Path) -> dict:
+    """{spec name: newest record}: the loop-order records are all `passes` records, one name per spec and order."""
+    return {spec: rec for (spec, _), rec in latest_records(results).items()}
+
+
 def order_table(results: Path = ORDER_RESULTS) -> str:
     """The selection loop orders of each spec (bench/selection_order.py records, `<spec>_<order>` names): the
     query-outer kernels against the plan's choice, with cuDNN of the same run; the newest record per name."""
-    latest = {}
-    for path in sorted(results.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                latest[rec["spec"]] = rec
+    latest = _latest_by_spec(results)
     rows = ["| spec (q / kv heads, d) | T | forward ms: query outer → plan | fwd+bwd ms: query outer → plan "
             "| plan vs cuDNN fwd / fwd+bwd | device, commit |", "|---|---|---|---|---|---|"]
     for name in sorted({n.rsplit("_", 1)[0] for n in latest if n.endswith(("_query", "_auto"))}):
@@ -160,12 +160,7 @@ def order_plot(path: Path, results: Path = ORDER_RESULTS) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    latest = {}
-    for f in sorted(results.glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                latest[rec["spec"]] = rec
+    latest = _latest_by_spec(results)
     names = sorted({n.rsplit("_", 1)[0] for n in latest if f"{n.rsplit('_', 1)[0]}_query" in latest
                     and f"{n.rsplit('_', 1)[0]}_auto" in latest},
                    key=lambda n: latest[f"{n}_auto"]["shapes"]["heads"][0] // latest[f"{n}_auto"]["shapes"]["heads"][1])

@@ -165,13 +165,11 @@ def _selection_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:

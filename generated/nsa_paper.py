@@ -227,15 +227,13 @@ def _compression_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -314,15 +312,13 @@ def _selection_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -393,15 +389,13 @@ def _window_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -1399,11 +1393,12 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * TC + t - t0) * HQ + head
+    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     row_ok = part_index < n_rows
     head = part_index % HQ
+    t = t0 + (part_index // HQ) % TC
     b = part_index // (HQ * TC)
-    bt = b * T + t0 + (part_index // HQ) % TC
+    bt = b * T + t
     row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
     dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]

@@ -220,15 +220,13 @@ def _compression_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -299,15 +297,13 @@ def _window_attention_kernel(
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     row_index = (b * T + t) * HQ + head
+    o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
-    o0 = acc0 * inv_l[:, None]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
-
     if HAS_PREV:
         o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
     if LAST:
@@ -387,14 +383,13 @@ def _selection_kv_merge_kernel(
 ):
     BR: tl.constexpr = 32
     CHANNEL: tl.constexpr = 1
-    # Rows of the chunk's partial buffers, (b * TC + t - t0) * HQ + head; int64: x DV passes 2**31.
     part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     row_ok = part_index < n_rows
     head = part_index % HQ
     t = t0 + (part_index // HQ) % TC
     b = part_index // (HQ * TC)
     bt = b * T + t
-    row_index = bt * HQ + head   # the output's rows
+    row_index = bt * HQ + head
     slots = tl.arange(0, TOP_K_PAD)
     # A slot holds a result only where the query listed a unit there (-1 padding was never written).
     unit = tl.load(IDX + (bt * HKV + head // GROUP)[:, None] * TOP_K + slots[None, :],
@@ -408,8 +403,6 @@ def _selection_kv_merge_kernel(
     empty = total == 0.0
     w = w * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))[:, None]
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
-    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     o0 = tl.zeros([BR, 32], dtype=tl.float32)
     # One slot per trip: [BR, D] loads keep the registers small (a [BR, TOP_K, D] tile would not fit).
     for j in range(0, TOP_K):
@@ -417,9 +410,10 @@ def _selection_kv_merge_kernel(
         ok_j = row_ok & (w_j > 0.0)
         part_j = (part_index * TOP_K + j) * DV
         o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
+    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
     if SAVE_BRANCH:
-        # Un-gated branch output, kept for the backward pass (dgate = dout . o_branch).
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
     o0 = o0 * gate[:, None]
     if HAS_PREV:
@@ -1420,11 +1414,12 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)   # (b * TC + t - t0) * HQ + head
+    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     row_ok = part_index < n_rows
     head = part_index % HQ
+    t = t0 + (part_index // HQ) % TC
     b = part_index // (HQ * TC)
-    bt = b * T + t0 + (part_index // HQ) % TC
+    bt = b * T + t
     row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
     dq_ptr0 = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 32)[None, :]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from . import cdiv as _cdiv
 
 
 def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
@@ -22,11 +20,12 @@ def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
 
 
 def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
-    """The work of the block-outer selection forward.
+    """The work of the block-outer selection passes (forward, backward).
 
     `indices` [B, TC, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
     last), for TC consecutive query positions of sequences of T tokens (a chunk of the queries: TC <= T; positions
-    are the chunk's, 0 .. TC - 1, and the units any of the T tokens'). Returns (qpos, slot, item_seg, item_start, item_end, n_items, seg_first_item, seg_items):
+    are the chunk's, 0 .. TC - 1, and the units any of the T tokens'). Returns (qpos, slot, item_seg, item_start,
+    item_end, n_items, seg_first_item, seg_items):
       - entries sorted by segment seg = (b * Hkv + g) * n_units + unit, queries ascending within a segment:
         qpos[e] the query position, slot[e] the unit's position in that query's list (where the partial output goes);
       - work items of at most `tile_queries` entries of one segment: item i covers entries
