@@ -19,6 +19,11 @@ class ArgumentError(ValueError):
     """A call-time mistake: wrong shape, dtype, device or a missing input. Raised before any kernel runs."""
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative a and positive b: grid sizes and tile counts on the host."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from . import cdiv as _cdiv
 
 
 def selection_inverse_index(indices, T: int, tile: int, *, unit: int, heads_kv: int, units_per_tile: int):

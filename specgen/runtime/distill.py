@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ArgumentError, check_indices, check_seqlen, check_tensor, check_varlen
+from . import ArgumentError, cdiv as _cdiv, check_indices, check_seqlen, check_tensor, check_varlen
 
 INPUTS = ("q", "k", "q_idx", "k_idx", "w_idx")
 
@@ -27,10 +27,6 @@ def inverse_index(indices, heads_kv: int):
     key, pos = torch.sort(key, stable=True)
     ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=indices.device))
     return ptr, pos
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import launch, launch_config
+from . import cdiv as _cdiv, launch, launch_config
 from . import selection as _selection
 
 
@@ -22,10 +22,6 @@ from . import selection as _selection
 # shares): longer or larger batches go by query chunks (runtime.selection.query_chunks). At Llama-3-8B heads a 64k
 # sequence needs 4 GiB of forward partials, so the records' shapes run in one chunk.
 KV_PARTIAL_BYTES = 8 << 30
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _next_pow2(x: int) -> int:
