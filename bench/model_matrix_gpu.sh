@@ -7,7 +7,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}   # the plan's defaults: what a user gets at the first call
 export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+# The package from this tree: `python bench/<script>.py` puts bench/, not the tree, on sys.path, and the
+# device machine's editable install may point elsewhere.
+export PYTHONPATH=$PWD
 seqlens=$1; shift
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
 python -m specgen.cli bench "$@" --seqlens $seqlens --out "$OUT" 2>&1 | tee "$OUT/bench_${SPECGEN_COMMIT:-unknown}.log"

@@ -7,7 +7,9 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
 export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache
-pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+# The package from this tree: `python bench/<script>.py` puts bench/, not the tree, on sys.path, and the
+# device machine's editable install may point elsewhere.
+export PYTHONPATH=$PWD
 c=${SPECGEN_COMMIT:-unknown}
 seqlens=$1; shift
 python -m pytest -q tests/test_selection_order.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_selection_order_$c.log"
