@@ -11,12 +11,13 @@ export PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SP
 commit=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 log="$OUT/gpu_tests_${commit}.log"
 workers=()
+args=("$@"); [ ${#args[@]} -eq 0 ] && args=(generated tests)
 python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-4}")
 {
   echo "# commit $commit, $(date -u +%Y-%m-%dT%H:%M:%SZ), whole suite on CUDA (${workers[*]:-serial})"
   python -c "import sys, torch, triton; print('# python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  echo "# python -m pytest -q -p no:cacheprovider ${workers[*]} ${*:-generated tests}"
+  echo "# python -m pytest -q -p no:cacheprovider ${workers[*]} ${args[*]}"
 } > "$log"
-python -m pytest -q -p no:cacheprovider -rfE --durations=20 "${workers[@]}" "${@:-generated tests}" >> "$log" 2>&1
+python -m pytest -q -p no:cacheprovider -rfE --durations=20 "${workers[@]}" "${args[@]}" >> "$log" 2>&1
 echo "# exit status $?" >> "$log"
 tail -n 40 "$log"
