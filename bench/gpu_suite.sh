@@ -18,6 +18,6 @@ python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-4}")
   python -c "import sys, torch, triton; print('# python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   echo "# python -m pytest -q -p no:cacheprovider ${workers[*]} ${args[*]}"
 } > "$log"
-python -m pytest -q -p no:cacheprovider -rfE --durations=20 "${workers[@]}" "${args[@]}" >> "$log" 2>&1
+python -m pytest -p no:cacheprovider -rfE --durations=20 ${PYTEST_FLAGS:--q} "${workers[@]}" "${args[@]}" >> "$log" 2>&1
 echo "# exit status $?" >> "$log"
 tail -n 40 "$log"
