@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The whole test suite on the GPU machine in one device call: kernels compiled for CUDA, the generated tests'
-# realistic bf16 sizes included. Workers share the one GPU (pytest-xdist where the device has it; the suite's
-# tensors are small enough for four at once). Output is written to $OUT as it comes, so a call cut off by its time
-# limit still brings back what ran.
-#   SPECGEN_COMMIT=<sha> bash bench/gpu_suite.sh [pytest paths/args...]   (default: generated tests)
+# The whole test suite on the GPU machine: kernels compiled for CUDA, the GPU-only tests (realistic bf16 sizes
+# against float64, tens of GB each) one at a time, then the rest (small shapes) on pytest-xdist workers sharing the
+# GPU where the device has xdist. Output is written to $OUT as it comes, so a call cut off by its time limit still
+# brings back what ran. Phases: gpu (the tests marked skipif: GPU-only), rest, or both (default).
+#   SPECGEN_COMMIT=<sha> bash bench/gpu_suite.sh [gpu|rest|both] [extra pytest args...]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache \
        PYTHONUNBUFFERED=1
 commit=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-log="$OUT/gpu_tests_${commit}.log"
-workers=()
-args=("$@"); [ ${#args[@]} -eq 0 ] && args=(generated tests)
-python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-4}")
-{
-  echo "# commit $commit, $(date -u +%Y-%m-%dT%H:%M:%SZ), whole suite on CUDA (${workers[*]:-serial})"
+phase=${1:-both}; shift || true
+header() {
+  echo "# commit $commit, $(date -u +%Y-%m-%dT%H:%M:%SZ), $1"
   python -c "import sys, torch, triton; print('# python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-  echo "# python -m pytest -q -p no:cacheprovider ${workers[*]} ${args[*]}"
-} > "$log"
-python -m pytest -p no:cacheprovider -rfE --durations=20 ${PYTEST_FLAGS:--q} "${workers[@]}" "${args[@]}" >> "$log" 2>&1
-echo "# exit status $?" >> "$log"
-tail -n 40 "$log"
+}
+run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
+  local name=$1 mark=$2; shift 2
+  local log="$OUT/gpu_tests_${name}_${commit}.log"
+  header "python -m pytest -q -rfE --durations=15 -m '$mark' $* generated tests" > "$log"
+  python -m pytest -q -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" generated tests >> "$log" 2>&1
+  echo "# exit status $?" >> "$log"
+  tail -n 25 "$log"
+}
+workers=()
+python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-6}")
+[[ $phase == gpu || $phase == both ]] && run_phase gpu_only "skipif" "$@"
+[[ $phase == rest || $phase == both ]] && run_phase rest "not skipif" "${workers[@]}" "$@"
+exit 0
