@@ -163,10 +163,11 @@ def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
 
 
 def compiler_report(module) -> dict[str, list[dict]]:
-    """What the compiler made of each attention kernel the module ran: registers per thread, spills, shared memory
-    (bytes), warps and stages of every compiled variant (Triton's loaded binaries; GPU only)."""
+    """What the compiler made of each kernel the module ran (attention, scoring, pooling, merges): registers per
+    thread, spills, shared memory (bytes), warps and stages of every compiled variant (Triton's loaded binaries; GPU
+    only)."""
     out: dict[str, list[dict]] = {}
-    for name in ATTENTION_KERNELS:
+    for name in sorted(n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")):
         fn = getattr(module, name, None)
         caches = getattr(fn, "device_caches", None)
         if not caches:
