@@ -1,0 +1,86 @@
+"""Compile a generated module's kernel for the H100 (sm_90) on a machine without a GPU and print what the
+compiler made of it: registers per thread, spills, shared memory. Triton's bundled ptxas does the work, so a
+register or spill regression shows before any device time is spent.
+
+Usage: python bench/compile_offline.py SPEC KERNEL [--warps 4] [--stages 1] [--sig NAME=TYPE ...]
+Pointer arguments default to the spec's dtype (*bf16), integers to i32, floats to fp32; constexprs (WIDEN) to
+their default. An experiment tool: the record of truth is the device's compiler report (`specgen bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile
+
+import specgen
+from specgen.model.spec import load_spec
+
+H100 = GPUTarget("cuda", 90, 32)
+INTS = {"T", "NC", "TC", "NCV", "QL", "N_UNITS"}  # upper-case scalar arguments (sizes)
+
+
+def compile_kernel(fn, dtype: str, overrides: dict, num_warps: int, num_stages: int):
+    sig, constexprs = {}, {}
+    params = inspect.signature(fn.fn).parameters
+    for name, p in params.items():
+        if name in overrides:
+            if overrides[name].startswith("constexpr="):
+                constexprs[name] = int(overrides[name].split("=", 1)[1])
+                sig[name] = "constexpr"
+            else:
+                sig[name] = overrides[name]
+        elif "constexpr" in str(p.annotation):
+            constexprs[name] = p.default if p.default is not inspect.Parameter.empty else 0
+            sig[name] = "constexpr"
+        elif name in INTS or name.startswith(("stride", "n_")) or name == "t0":
+            sig[name] = "i32"
+        elif name.isupper():
+            sig[name] = "*" + dtype
+        else:
+            sig[name] = "fp32"
+    src = ASTSource(fn, sig, constexprs=constexprs)
+    return triton_compile(src, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) from cuobjdump's resource report of the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"),
+                               "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", text)
+    spills = re.search(r"STACK:(\d+)", text)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec")
+    ap.add_argument("kernel")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--sig", nargs="*", default=[], help="NAME=TYPE overrides, e.g. LSE=*fp32 IDX=*i32")
+    args = ap.parse_args(argv)
+    mod = specgen.load(load_spec(args.spec))
+    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
+    overrides = dict(s.split("=", 1) for s in args.sig)
+    k = compile_kernel(getattr(mod, args.kernel), dtype, overrides, args.warps, args.stages)
+    regs, spills = resource_usage(k.asm["cubin"])
+    print(f"{args.kernel}: {regs} registers, {spills} spill bytes (stores), {k.metadata.shared} B shared "
+          f"({args.warps} warps, {args.stages} stages)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
