@@ -4,7 +4,9 @@ default selects (the forward's output must be bit-identical).
 
 Usage (GPU): python bench/select_variants.py --seqlens 32768 65536 --json out.jsonl specs/models/*.yaml
 A variant is MODE:BT:WARPS:BJ (mode registers|merge, BT query positions per program, warps, selection blocks
-per loop trip); the plan's own choice
+per loop trip). Probes (timing only, their selection is wrong by design) say where the kernel's time goes:
+MODE registers-nofinal runs one round of the final top-n instead of n, merge-nomerge replaces each trip's top-n
+merge by an elementwise max.; the plan's own choice
 runs first as the baseline. An experiment tool: the winning rule goes into compile/plan.py and tuning.py.
 """
 
@@ -21,7 +23,7 @@ import torch
 import specgen.compile.plan as plan_mod
 import specgen.compile.render as render_mod
 from specgen import reference
-from specgen.compile.jit import load
+from specgen.compile.jit import import_path, load
 from specgen.model.spec import load_spec, replace
 from specgen.perf.bench import compiler_report, kernel_times
 
@@ -34,6 +36,7 @@ def patched(variant):
     if variant is None:
         return make, defaults
     mode, bt, warps, bj = variant
+    mode = mode.split("-")[0]
 
     def make_plan(spec):
         p = make(spec)
@@ -46,6 +49,23 @@ def patched(variant):
         c["select"] = {"num_warps": warps}
         return c
     return make_plan, default_configs
+
+
+PROBES = {
+    "nofinal": ("    for r in range(TOP_K):\n", "    for r in range(1):\n"),
+    "nomerge": ("        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)",
+                "        best = tl.maximum(best, key)"),
+}
+
+
+def probe(module, name: str):
+    """The module with its scoring kernel's source edited by PROBES[name], imported under a new name."""
+    old, new = PROBES[name]
+    src = Path(module.__file__).read_text()
+    assert old in src, f"probe {name}: the kernel no longer has {old.strip()!r}"
+    path = Path(module.__file__).with_name(f"{Path(module.__file__).stem}_probe_{name}.py")
+    path.write_text(src.replace(old, new))
+    return import_path(path, path.stem)
 
 
 def main(argv=None) -> int:
@@ -77,6 +97,8 @@ def main(argv=None) -> int:
                 continue
             finally:
                 render_mod.make_plan, plan_mod.default_configs = make0, defaults0
+            if variant is not None and "-" in variant[0]:
+                module = probe(module, variant[0].split("-")[1])
             fwd = getattr(module, f"{spec.family}_forward")
             for T in args.seqlens:
                 gen = torch.Generator(device="cuda").manual_seed(T)
