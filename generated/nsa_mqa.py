@@ -432,7 +432,13 @@ def _select_blocks_kernel(
     # rounds of argmax. Cheaper than sorting: n is small and the row fits.
     NCHUNK: tl.constexpr = 64
     scores = tl.full([BT, NCHUNK, BJ], -1.0, dtype=tl.float32)
-    carry = tl.zeros([BT, BJ], dtype=tl.float32)
+    carry = tl.zeros([BT], dtype=tl.float32)
+    r_in = tl.arange(0, R)
+    # overlap(i, j) = w(i - R j) with w(δ) = |[δ, δ+L) ∩ [0, R)|: compression block i = R j + r gives block j
+    # min(r + L, R) - r chunks and, through its tail, block j + 1 max(r + L - R, 0) (L <= R: no further).
+    w_own = (tl.minimum(r_in + L, R) - r_in).to(tl.float32)
+    w_tail = tl.maximum(r_in + L - R, 0).to(tl.float32)
+    jj = tl.arange(0, BJ)
     for j0 in range(0, t_hi // SEL_BLOCK + 1, BJ):
         blocks = j0 * R + tl.arange(0, BNC)
         block_ok = blocks < NC
@@ -442,19 +448,16 @@ def _select_blocks_kernel(
         s += _dot(q0, tl.trans(k0), WIDEN)
         visible = row_ok[:, None] & block_ok[None, :] & ((blocks * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        # overlap(i, j) = d-token chunks shared by compression block i ([i, i+L) in chunks) and selection
-        # block j ([jR, jR+R)): the paper's 1,2,2,2,1 pattern for l=32, d=16, l'=64.
         sel = j0 + tl.arange(0, BJ)
-        lo_cur = tl.maximum(blocks[:, None], (sel * R)[None, :])
-        hi_cur = tl.minimum(blocks[:, None] + L, ((sel + 1) * R)[None, :])
-        w_cur = tl.maximum(hi_cur - lo_cur, 0).to(tl.float32)
-        lo_next = tl.maximum(blocks[:, None], ((sel + BJ) * R)[None, :])
-        hi_next = tl.minimum(blocks[:, None] + L, ((sel + BJ + 1) * R)[None, :])
-        w_next = tl.maximum(hi_next - lo_next, 0).to(tl.float32)
-        # fp32-accurate products (the weights are small integers): scores decide the ranking, and plain tf32
-        # would reorder near-ties against the float64 reference.
-        score = tl.sum(tl.reshape(tl.dot(p, w_cur, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1) + carry
-        carry = tl.sum(tl.reshape(tl.dot(p, w_next, input_precision=OVERLAP_PRECISION), (BT, GP, BJ)), axis=1)
+        # Scores as sums, not products: each selection block's own R compression blocks weighted by w_own, plus
+        # the tail of the block before it (the previous trip's last for the first), fp32 throughout. The
+        # weights are small integers, so this is what the overlap matrix product computes, without it.
+        grp = tl.reshape(tl.sum(tl.reshape(p, (BT, GP, BNC)), axis=1), (BT, BJ, R))
+        own = tl.sum(grp * w_own[None, None, :], axis=2)
+        tail = tl.sum(grp * w_tail[None, None, :], axis=2)
+        prev = tl.gather(tail, tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], (BT, BJ)), axis=1)
+        score = own + tl.where((jj == 0)[None, :], carry[:, None], prev)
+        carry = tl.sum(tl.where((jj == BJ - 1)[None, :], tail, 0.0), axis=1)
         candidate = (sel * SEL_BLOCK)[None, :] <= tq[:, None]
         back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
         forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))

@@ -148,3 +148,18 @@ def test_query_chunks_cover_every_position_once():
     assert runtime.selection.query_chunks(1, 10, 100, 10**9) == [(0, 10)]
     assert runtime.selection.query_chunks(1, 10, 100, 1) == [(t, t + 1) for t in range(10)]   # never empty chunks
     assert runtime.selection.query_chunks(1, 0, 100, 800) == [(0, 0)]
+
+
+@pytest.mark.parametrize("blocks,overlap", [((8, 4, 16), "sums"), ((16, 4, 8), "dot")])
+def test_block_scores_across_loop_trips_match_the_reference(blocks, overlap):
+    """The scoring kernel walks the selection blocks BJ at a time and carries each trip's spill into the next: a
+    sequence of several trips, with the weighted-sum scores (a compression block within two selection blocks) and
+    the overlap-product ones (l > l': a block spans three)."""
+    l, d, sel = blocks
+    spec = replace(SMALL, name=f"nsa_trips_{overlap}", branches=["compression", "selection"], window=None,
+                   max_seqlen=1024, **{"heads.q": 2, "heads.kv": 1, "head_dim.qk": 16, "head_dim.v": 16,
+                                       "compression.block": l, "compression.stride": d, "selection.block": sel})
+    plan = make_plan(spec)
+    assert plan.score_overlap == overlap
+    T = 3 * plan.score_bj * sel + 5  # three trips and a ragged fourth
+    testing.check_forward(specgen.load(spec), spec, 1, T)

@@ -171,6 +171,7 @@ class Plan:
     score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
     score_mode: str = ""       # "registers" (all block scores of a tile row kept) or "merge" (running top-n)
     score_nsel_pad: int = 0    # selection blocks a row can have, padded to a power of two
+    score_overlap: str = ""    # "sums" (weighted group sums) or "dot" (overlap matrix product): see make_plan
     topk_pad: int = 0          # running top-n buffer width (power of two >= top_k)
     # token selection (indexer scorer)
     index_bt: int = 0
@@ -348,8 +349,14 @@ def make_plan(spec: Spec) -> Plan:
             # Keep every block's score in registers when the tile's row fits (BT x NSEL_PAD fp32); otherwise
             # merge chunks into a running top-n buffer (sorting int64 keys: slower, but any length).
             mode = "registers" if score_bt * nsel_pad <= SCORE_REGISTER_BUDGET else "merge"
+            # Block scores from compression probabilities: as weighted sums over each selection block's R
+            # compression blocks and the previous block's tail where a compression block spans at most two
+            # selection blocks (l <= l') and R is a power of two (a reshape); else as a product with the overlap
+            # matrix, whose fp32-accurate form (tf32x3) costs ~50 registers a thread and three MMAs a product.
+            cmp_chunks = spec.compression.block // spec.compression.stride
+            overlap = "sums" if cmp_chunks <= r and next_pow2(r) == r else "dot"
             plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_mode=mode,
-                           score_nsel_pad=nsel_pad)
+                           score_nsel_pad=nsel_pad, score_overlap=overlap)
         else:
             hp = next_pow2(spec.indexer.heads)
             # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.
