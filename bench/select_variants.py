@@ -4,7 +4,7 @@ default selects (the forward's output must be bit-identical).
 
 Usage (GPU): python bench/select_variants.py --seqlens 32768 65536 --json out.jsonl specs/models/*.yaml
 A variant is MODE:BT:WARPS:BJ (mode registers|merge, BT query positions per program, warps, selection blocks
-per loop trip). Probes (timing only, their selection is wrong by design) say where the kernel's time goes:
+per loop trip), optionally :sums|dot (how block scores are formed). Probes (timing only, their selection is wrong by design) say where the kernel's time goes:
 MODE registers-nofinal runs one round of the final top-n instead of n, merge-nomerge replaces each trip's top-n
 merge by an elementwise max.; the plan's own choice
 runs first as the baseline. An experiment tool: the winning rule goes into compile/plan.py and tuning.py.
@@ -35,14 +35,15 @@ def patched(variant):
     make, defaults = plan_mod.make_plan, plan_mod.default_configs
     if variant is None:
         return make, defaults
-    mode, bt, warps, bj = variant
+    mode, bt, warps, bj, *overlap = variant
     mode = mode.split("-")[0]
 
     def make_plan(spec):
         p = make(spec)
         r = p.score_bnc // p.score_bj  # compression blocks per selection block
         return dataclasses.replace(p, score_mode=mode, score_bt=bt, score_bj=bj, score_bnc=bj * r,
-                                   score_nsel_pad=max(bj, p.score_nsel_pad))
+                                   score_nsel_pad=max(bj, p.score_nsel_pad),
+                                   score_overlap=overlap[0] if overlap else p.score_overlap)
 
     def default_configs(p):
         c = defaults(p)
