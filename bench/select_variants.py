@@ -2,11 +2,13 @@
 inside the forward on the GPU, with the compiler's registers/spills, and checked to select exactly what the plan's
 default selects (the forward's output must be bit-identical).
 
-Usage (GPU): python bench/select_variants.py --seqlens 32768 65536 --json out.jsonl specs/models/*.yaml
-A variant is MODE:BT:WARPS:BJ (mode registers|merge, BT query positions per program, warps, selection blocks
-per loop trip), optionally :sums|dot (how block scores are formed). Probes (timing only, their selection is wrong by design) say where the kernel's time goes:
-MODE registers-nofinal runs one round of the final top-n instead of n, merge-nomerge replaces each trip's top-n
-merge by an elementwise max.; the plan's own choice
+Usage (GPU): python bench/select_variants.py specs/models/*.yaml --seqlens 65536 --json out.jsonl [--variants ...]
+(specs first: --variants takes every word after it)
+A variant is MODE:BT:WARPS:BJ[:OVERLAP] (MODE merge, the running top-n the kernel has, or the probe merge-nomerge;
+BT query positions per program; warps; selection blocks per loop trip; sums|dot: how block scores are formed). The
+probe (timing only, its selection is wrong by design) replaces each trip's top-n merge by an elementwise max, to
+say where the kernel's time goes. The records of 2026-12-06 (bench/results/scoring) also have a "registers" mode
+(every block score of a row kept, n rounds of argmax) that the plan has since dropped.; the plan's own choice
 runs first as the baseline. An experiment tool: the winning rule goes into compile/plan.py and tuning.py.
 """
 
@@ -35,14 +37,12 @@ def patched(variant):
     make, defaults = plan_mod.make_plan, plan_mod.default_configs
     if variant is None:
         return make, defaults
-    mode, bt, warps, bj, *overlap = variant
-    mode = mode.split("-")[0]
+    _, bt, warps, bj, *overlap = variant
 
     def make_plan(spec):
         p = make(spec)
         r = p.score_bnc // p.score_bj  # compression blocks per selection block
-        return dataclasses.replace(p, score_mode=mode, score_bt=bt, score_bj=bj, score_bnc=bj * r,
-                                   score_nsel_pad=max(bj, p.score_nsel_pad),
+        return dataclasses.replace(p, score_bt=bt, score_bj=bj, score_bnc=bj * r,
                                    score_overlap=overlap[0] if overlap else p.score_overlap)
 
     def default_configs(p):
@@ -53,7 +53,6 @@ def patched(variant):
 
 
 PROBES = {
-    "nofinal": ("    for r in range(TOP_K):\n", "    for r in range(1):\n"),
     "nomerge": ("        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)",
                 "        best = tl.maximum(best, key)"),
 }
@@ -73,8 +72,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("specs", nargs="+")
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 65536])
-    ap.add_argument("--variants", nargs="+", default=["registers:16:8:16", "registers:16:8:64", "merge:16:4:16",
-                                                      "merge:16:8:64", "merge:32:8:64", "merge:64:8:16"])
+    ap.add_argument("--variants", nargs="+", default=["merge:16:4:16", "merge:32:4:16", "merge:64:4:16",
+                                                      "merge:16:8:16", "merge-nomerge:16:4:16"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     make0, defaults0 = plan_mod.make_plan, plan_mod.default_configs
@@ -82,7 +81,7 @@ def main(argv=None) -> int:
     for path in args.specs:
         base = load_spec(path)
         p0 = make0(base)
-        own = (p0.score_mode, p0.score_bt, defaults0(p0)["select"]["num_warps"], p0.score_bj)
+        own = ("merge", p0.score_bt, defaults0(p0)["select"]["num_warps"], p0.score_bj)
         variants = [None] + [v for v in (tuple(int(x) if x.isdigit() else x for x in s.split(":"))
                                          for s in args.variants) if v != own]
         ref_out = {}

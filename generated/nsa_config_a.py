@@ -352,10 +352,7 @@ def _select_blocks_kernel(
     lse2 = tl.load(LSE + ((b * T + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     qk_scale = sm_scale * 1.4426950408889634
     tq = t_lo + tl.arange(0, BT)
-    # Every selection block's score stays in registers ([BT, NSEL_PAD], -1 = not a candidate); top-n is then n
-    # rounds of argmax. Cheaper than sorting: n is small and the row fits.
-    NCHUNK: tl.constexpr = 16
-    scores = tl.full([BT, NCHUNK, BJ], -1.0, dtype=tl.float32)
+    best = tl.full([BT, TOP_K_PAD], NO_KEY, dtype=tl.int64)
     carry = tl.zeros([BT], dtype=tl.float32)
     r_in = tl.arange(0, R)
     # overlap(i, j) = w(i - R j) with w(δ) = |[δ, δ+L) ∩ [0, R)|: compression block i = R j + r gives block j
@@ -386,20 +383,20 @@ def _select_blocks_kernel(
         back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
         forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))
         score = tl.where(forced, float("inf"), score)
-        score = tl.where(candidate, score, -1.0)
-        scores = tl.where((tl.arange(0, NCHUNK) == j0 // BJ)[None, :, None], score[:, None, :], scores)
+        # key = score bits (non-negative floats order like their bits) above the complemented block index,
+        # so larger is better and ties go to the lower block.
+        bits = (score.to(tl.int32, bitcast=True) & 2147483647).to(tl.int64)
+        key = (bits << 32) | (4294967295 - sel.to(tl.int64))[None, :]
+        key = tl.where(candidate, key, NO_KEY)
+        key = tl.topk(key, TOP_K_PAD, dim=1)
+        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)
+
     slot = tl.arange(0, TOP_K_PAD)
-    flat = tl.reshape(scores, (BT, NCHUNK * BJ))
-    cols = tl.arange(0, NCHUNK * BJ)
-    unit = tl.full([BT, TOP_K_PAD], 2147483647, dtype=tl.int32)
-    for r in range(TOP_K):
-        top = tl.max(flat, axis=1)
-        # Ties go to the lower block: the smallest column holding the maximum.
-        pick = tl.min(tl.where(flat == top[:, None], cols[None, :], NCHUNK * BJ), axis=1)
-        unit = tl.where((slot == r)[None, :] & (top >= 0.0)[:, None], pick[:, None], unit)
-        flat = tl.where(cols[None, :] == pick[:, None], -2.0, flat)
+    kept = (slot < TOP_K)[None, :] & (best != NO_KEY)
+    unit = tl.where(kept, 4294967295 - (best & 4294967295), 2147483647).to(tl.int32)
     unit = tl.sort(unit, dim=1)
     unit = tl.where(unit == 2147483647, -1, unit)
+
     out_ptr = IDX + ((b * T + tq[:, None]) * HKV + g) * TOP_K + slot[None, :]
     tl.store(out_ptr, unit, mask=(tq < T)[:, None] & (slot < TOP_K)[None, :])
 

@@ -28,8 +28,6 @@ def next_pow2(x: int) -> int:
 
 # tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
 MIN_DOT = 16
-# fp32 elements of block scores one selection program may keep in registers (BT rows x all blocks of max_seqlen).
-SCORE_REGISTER_BUDGET = 16384
 # Shared memory one block may opt in to on an H100 (227 KiB); kernels stay under SMEM_BUDGET (a margin for what
 # the footprint model does not see: layout conversions, extra scratch).
 SMEM_LIMIT = 232448

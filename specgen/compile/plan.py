@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
 from .branches import Branch, branches_of
-from .footprint import (MIN_DOT, SCORE_REGISTER_BUDGET, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
+from .footprint import (MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, dkdv_smem, dq_smem, next_pow2)
 from .loop_order import selection_orders
 from .tuning import candidates_for, default_configs
@@ -169,8 +169,6 @@ class Plan:
     score_gp: int = 0
     score_bj: int = 0          # selection blocks per loop trip
     score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
-    score_mode: str = ""       # "registers" (all block scores of a tile row kept) or "merge" (running top-n)
-    score_nsel_pad: int = 0    # selection blocks a row can have, padded to a power of two
     score_overlap: str = ""    # "sums" (weighted group sums) or "dot" (overlap matrix product): see make_plan
     topk_pad: int = 0          # running top-n buffer width (power of two >= top_k)
     # token selection (indexer scorer)
@@ -204,11 +202,6 @@ class Plan:
     def unit(self) -> int:
         """Tokens per selection unit: l' at block granularity, 1 at token granularity."""
         return self.spec.selection.block if self.spec.selection else 0
-
-    @property
-    def score_chunks(self) -> int:
-        """Loop trips of the block scorer over a row's selection blocks."""
-        return self.score_nsel_pad // self.score_bj
 
     @property
     def index_keys(self) -> int:
@@ -342,21 +335,21 @@ def make_plan(spec: Spec) -> Plan:
         if sel.scorer == "compression":
             r = sel.block // spec.compression.stride
             bj = max(topk_pad, MIN_DOT, 64 // r)
-            # Many query positions per program (16 when the group allows, up to 256 rows) amortise each trip's
-            # fixed costs and let the head-summed scores feed 16-row overlap products.
-            score_bt = max(1, min(256 // gp, max(16, 64 // gp)))
-            nsel_pad = max(bj, next_pow2(-(-spec.max_seqlen // sel.block)))
-            # Keep every block's score in registers when the tile's row fits (BT x NSEL_PAD fp32); otherwise
-            # merge chunks into a running top-n buffer (sorting int64 keys: slower, but any length).
-            mode = "registers" if score_bt * nsel_pad <= SCORE_REGISTER_BUDGET else "merge"
+            # Rows per program (query positions x the group's heads): 64 up to groups of 8, where the kernel is
+            # bound by its per-row work and registers (occupancy), 16 positions (256 rows, 8 warps) for larger
+            # groups, whose trips amortise over more heads. Measured on the H100 at 64k (bench/results/scoring):
+            # 64 rows beat 128 and 16-32 at groups 1, 4 and 7; 256 beat 128 at group 16.
+            score_bt = 64 // gp if gp <= 8 else max(1, min(256 // gp, 16))
+            # The running top-n is merged per trip (int64 keys sorted with the chunk's). Keeping every block's
+            # score of a row in registers with n rounds of argmax at the end was slower at every group measured
+            # (1.3x at groups 4 and 7, 1.2x at 16: the row's scores cost registers, i.e. occupancy) and is gone.
             # Block scores from compression probabilities: as weighted sums over each selection block's R
             # compression blocks and the previous block's tail where a compression block spans at most two
             # selection blocks (l <= l') and R is a power of two (a reshape); else as a product with the overlap
             # matrix, whose fp32-accurate form (tf32x3) costs ~50 registers a thread and three MMAs a product.
             cmp_chunks = spec.compression.block // spec.compression.stride
             overlap = "sums" if cmp_chunks <= r and next_pow2(r) == r else "dot"
-            plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_mode=mode,
-                           score_nsel_pad=nsel_pad, score_overlap=overlap)
+            plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_overlap=overlap)
         else:
             hp = next_pow2(spec.indexer.heads)
             # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.
