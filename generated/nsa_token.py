@@ -37,14 +37,15 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
-    "compression_dkdv": {"block_n": 64, "bt": 4, "max_splits": 16, "num_stages": 2, "num_warps": 8,
-    "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8},
-    "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
-    "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2,
-    "num_warps": 4}, "selection_dkdv": {"block_n": 32, "bq": 4, "num_stages": 2, "num_warps": 8},
-    "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "window": {"block_n": 64,
-    "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 4, "num_stages": 2,
-    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8}}}
+    "compression_dkdv": {"block_n": 64, "bt": 4, "key_major": 0, "max_splits": 16, "num_stages": 2,
+    "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2,
+    "num_warps": 8}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
+    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 64,
+    "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32, "bq": 4, "num_stages": 2,
+    "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
+    "window": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
+    "bt": 4, "key_major": 0, "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4,
+    "num_stages": 2, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -59,20 +60,30 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "bt", "n
     (128, 2, 1, 4), (128, 2, 2, 4), (128, 2, 1, 8), (128, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4),
     (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 4), (64, 4, 2, 4), (64, 4, 1, 8), (128, 4, 1, 4), (128, 4, 1, 8),
     (32, 8, 1, 8), (32, 8, 2, 8), (64, 8, 1, 8), (64, 8, 2, 8)),
-    "compression_dkdv": (("block_n", "bt", "max_splits", "num_stages", "num_warps", "split"),
-    (64, 4, 16, 2, 8, 1024), (32, 2, 16, 1, 4, 1024), (32, 2, 16, 2, 4, 1024), (32, 2, 16, 1, 8, 1024),
-    (32, 2, 16, 2, 8, 1024), (64, 2, 16, 1, 8, 1024), (64, 2, 16, 2, 8, 1024), (32, 4, 16, 1, 4, 1024),
-    (32, 4, 16, 2, 4, 1024), (32, 4, 16, 1, 8, 1024), (32, 4, 16, 2, 8, 1024), (64, 4, 16, 1, 8, 1024),
-    (32, 8, 16, 1, 4, 1024), (32, 8, 16, 1, 8, 1024), (64, 8, 16, 1, 8, 1024)),
+    "compression_dkdv": (("block_n", "bt", "key_major", "max_splits", "num_stages", "num_warps", "split"),
+    (64, 4, 0, 16, 2, 8, 1024), (32, 2, 0, 16, 1, 4, 1024), (32, 2, 1, 16, 1, 4, 1024),
+    (32, 2, 0, 16, 2, 4, 1024), (32, 2, 1, 16, 2, 4, 1024), (32, 2, 0, 16, 1, 8, 1024),
+    (32, 2, 1, 16, 1, 8, 1024), (32, 2, 0, 16, 2, 8, 1024), (32, 2, 1, 16, 2, 8, 1024),
+    (64, 2, 0, 16, 1, 8, 1024), (64, 2, 1, 16, 1, 8, 1024), (64, 2, 0, 16, 2, 8, 1024),
+    (64, 2, 1, 16, 2, 8, 1024), (32, 4, 0, 16, 1, 4, 1024), (32, 4, 1, 16, 1, 4, 1024),
+    (32, 4, 0, 16, 2, 4, 1024), (32, 4, 1, 16, 2, 4, 1024), (32, 4, 0, 16, 1, 8, 1024),
+    (32, 4, 1, 16, 1, 8, 1024), (32, 4, 0, 16, 2, 8, 1024), (32, 4, 1, 16, 2, 8, 1024),
+    (64, 4, 0, 16, 1, 8, 1024), (64, 4, 1, 16, 1, 8, 1024), (64, 4, 1, 16, 2, 8, 1024),
+    (32, 8, 0, 16, 1, 4, 1024), (32, 8, 1, 16, 1, 4, 1024), (32, 8, 0, 16, 1, 8, 1024),
+    (32, 8, 1, 16, 1, 8, 1024), (64, 8, 0, 16, 1, 8, 1024), (64, 8, 1, 16, 1, 8, 1024)),
     "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 8), (64, 1, 1, 4),
     (64, 1, 2, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 3, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 4, 2, 8), (32, 1, 1, 4),
     (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (32, 2, 1, 4), (32, 2, 2, 4),
     (32, 2, 3, 4), (32, 2, 1, 8), (32, 2, 2, 8), (32, 2, 3, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 3, 4),
     (32, 4, 1, 8), (32, 4, 3, 8), (32, 8, 1, 4), (32, 8, 1, 8)), "window_dq": "compression_dq",
-    "window_dkdv": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4),
-    (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 8), (64, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8),
-    (32, 4, 2, 8), (64, 4, 1, 8), (32, 8, 1, 4), (32, 8, 1, 8), (64, 8, 1, 8))})
+    "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), (64, 4, 0, 2, 8),
+    (32, 2, 0, 1, 4), (32, 2, 1, 1, 4), (32, 2, 0, 2, 4), (32, 2, 1, 2, 4), (32, 2, 0, 1, 8),
+    (32, 2, 1, 1, 8), (32, 2, 0, 2, 8), (32, 2, 1, 2, 8), (64, 2, 0, 1, 8), (64, 2, 1, 1, 8),
+    (64, 2, 0, 2, 8), (64, 2, 1, 2, 8), (32, 4, 0, 1, 4), (32, 4, 1, 1, 4), (32, 4, 0, 2, 4),
+    (32, 4, 1, 2, 4), (32, 4, 0, 1, 8), (32, 4, 1, 1, 8), (32, 4, 0, 2, 8), (32, 4, 1, 2, 8),
+    (64, 4, 0, 1, 8), (64, 4, 1, 1, 8), (64, 4, 1, 2, 8), (32, 8, 0, 1, 4), (32, 8, 1, 1, 4),
+    (32, 8, 0, 1, 8), (32, 8, 1, 1, 8), (64, 8, 0, 1, 8), (64, 8, 1, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -1378,6 +1389,7 @@ def _compression_bwd_dkdv_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MAJOR: tl.constexpr = 0,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1411,7 +1423,6 @@ def _compression_bwd_dkdv_kernel(
         head = g * GROUP + rows % GP
         row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
         q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -1424,18 +1435,33 @@ def _compression_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dv0 += _pv(pt, do0, WIDEN)
-        dk0 += _pv(dst, q0, WIDEN)
-        dk1 += _pv(dst, q1, WIDEN)
+        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS.
+        if KEY_MAJOR:
+            visible_t = key_ok[:, None] & row_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[:, None] <= t[None, :])
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            dst = pt * (dpt - delta[None, :])
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+        else:
+            visible = row_ok[:, None] & key_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[None, :] <= t[:, None])
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            ds = p * (dp - delta[:, None])
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
@@ -1701,6 +1727,7 @@ def _window_bwd_dkdv_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MAJOR: tl.constexpr = 0,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1734,7 +1761,6 @@ def _window_bwd_dkdv_kernel(
         head = g * GROUP + rows % GP
         row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
         q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -1747,18 +1773,33 @@ def _window_bwd_dkdv_kernel(
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
         if not WIDEN:
             do0 = do0.to(Q.dtype.element_ty)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dv0 += _pv(pt, do0, WIDEN)
-        dk0 += _pv(dst, q0, WIDEN)
-        dk1 += _pv(dst, q1, WIDEN)
+        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS.
+        if KEY_MAJOR:
+            visible_t = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - WINDOW)
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            dst = pt * (dpt - delta[None, :])
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+        else:
+            visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - WINDOW)
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            ds = p * (dp - delta[:, None])
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
     dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:

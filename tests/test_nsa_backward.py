@@ -274,3 +274,13 @@ def test_eager_training_step_skips_the_custom_op_dispatch():
                          cwd=str(Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "no dynamo", out.stdout
+
+
+def test_key_major_dkdv_matches_the_reference(monkeypatch):
+    """The compression and window dK/dV kernels' key-major form (S^T = K Q^T; a launch-config choice the tuner
+    tries): every gradient against the float64 reference, with both kernels switched to it."""
+    spec = small("fp32", dtype="fp32")
+    mod = specgen.load(spec)
+    for name in ("compression_dkdv", "window_dkdv"):
+        monkeypatch.setitem(mod.CONFIGS["default"], name, {**mod.CONFIGS["default"][name], "key_major": 1})
+    testing.check_backward(mod, spec, 2, 37)

@@ -59,7 +59,9 @@ def default_configs(plan) -> dict:
         else:
             cfg = {"bt": bwd.bt, "block_n": bwd.block_n, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages}
             configs[f"{kind}_dq"] = dict(cfg)
-            configs[f"{kind}_dkdv"] = {**cfg, **({"split": 1024, "max_splits": 16} if kind == "compression" else {})}
+            # key_major 0: rows-major dK/dV products until measured otherwise (the tuner tries both).
+            configs[f"{kind}_dkdv"] = {**cfg, "key_major": 0,
+                                       **({"split": 1024, "max_splits": 16} if kind == "compression" else {})}
     if spec.compression is not None and "compression" in spec.branches:
         configs["pool"] = {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4}
     return configs
@@ -87,7 +89,8 @@ def candidates(plan, kernel: str) -> list[dict]:
     the forward tile's width in whole units. The dK/dV kernels also vary their query rows per trip (`bq` of the
     selection, `bt` of the others: rows are that x the group's heads), and the compression and window dQ kernels
     their positions per program: more rows amortise the fp32 dK/dV accumulators over more work per trip (the paper
-    configuration's selection dK/dV: 1.6x faster at twice the default rows)."""
+    configuration's selection dK/dV: 1.6x faster at twice the default rows). The compression and window dK/dV
+    kernels also try their key-major form (`key_major`)."""
     spec = plan.spec
     default = default_configs(plan)[kernel]
     model = launch_model(spec, kernel)
@@ -110,8 +113,10 @@ def candidates(plan, kernel: str) -> list[dict]:
         # its query range; a dQ program owns bt positions (its grid follows the config).
         bts = sorted({default["bt"], 2 * default["bt"],
                       *(b for b in (default["bt"] // 2,) if b and b * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT)})
-        grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st}
-                for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
+        # dK/dV kernels may also run key-major (S^T = K Q^T: no transposes of P and dS through shared memory).
+        majors = ({"key_major": 0}, {"key_major": 1}) if kernel.endswith("_dkdv") else ({},)
+        grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st, **km}
+                for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2) for km in majors]
     else:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
