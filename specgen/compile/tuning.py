@@ -113,10 +113,12 @@ def candidates(plan, kernel: str) -> list[dict]:
         # its query range; a dQ program owns bt positions (its grid follows the config).
         bts = sorted({default["bt"], 2 * default["bt"],
                       *(b for b in (default["bt"] // 2,) if b and b * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT)})
-        # dK/dV kernels may also run key-major (S^T = K Q^T: no transposes of P and dS through shared memory).
-        majors = ({"key_major": 0}, {"key_major": 1}) if kernel.endswith("_dkdv") else ({},)
-        grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st, **km}
-                for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2) for km in majors]
+        grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st}
+                for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
+        if kernel.endswith("_dkdv"):
+            # The key-major form (S^T = K Q^T: no transposes of P and dS through shared memory) at the default
+            # tile's warps and stages (the candidate table stays small in the generated module).
+            grid += [{**default, "num_warps": w, "num_stages": st, "key_major": 1} for w in (4, 8) for st in (1, 2)]
     else:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
