@@ -484,7 +484,10 @@ def _select_blocks_kernel(
         bits = (score.to(tl.int32, bitcast=True) & 2147483647).to(tl.int64)
         key = (bits << 32) | (4294967295 - sel.to(tl.int64))[None, :]
         key = tl.where(candidate, key, NO_KEY)
-        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)
+        # best is sorted descending; with the chunk sorted ascending, the elementwise max holds the top TOP_K_PAD of
+        # both as a bitonic sequence, which one bitonic merge sorts: half the compare-exchanges of a top-k of the
+        # 2 x TOP_K_PAD joined keys.
+        best = tl.bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), dim=1, descending=True)
 
     slot = tl.arange(0, TOP_K_PAD)
     kept = (slot < TOP_K)[None, :] & (best != NO_KEY)

@@ -150,16 +150,20 @@ def test_query_chunks_cover_every_position_once():
     assert runtime.selection.query_chunks(1, 0, 100, 800) == [(0, 0)]
 
 
-@pytest.mark.parametrize("blocks,overlap", [((8, 4, 16), "sums"), ((16, 4, 8), "dot")])
-def test_block_scores_across_loop_trips_match_the_reference(blocks, overlap):
+@pytest.mark.parametrize("blocks,overlap,top_k", [((8, 4, 16), "sums", 4), ((16, 4, 8), "dot", 4),
+                                                   ((8, 4, 16), "sums", 16)])
+def test_block_scores_across_loop_trips_match_the_reference(blocks, overlap, top_k):
     """The scoring kernel walks the selection blocks BJ at a time and carries each trip's spill into the next: a
     sequence of several trips, with the weighted-sum scores (a compression block within two selection blocks) and
-    the overlap-product ones (l > l': a block spans three)."""
+    the overlap-product ones (l > l': a block spans three); top_k 16 merges each trip's chunk of as many blocks
+    into the running top-n by one bitonic merge (top_k 4: a top-k of the joined keys)."""
     l, d, sel = blocks
-    spec = replace(SMALL, name=f"nsa_trips_{overlap}", branches=["compression", "selection"], window=None,
+    spec = replace(SMALL, name=f"nsa_trips_{overlap}_{top_k}", branches=["compression", "selection"], window=None,
                    max_seqlen=1024, **{"heads.q": 2, "heads.kv": 1, "head_dim.qk": 16, "head_dim.v": 16,
-                                       "compression.block": l, "compression.stride": d, "selection.block": sel})
+                                       "compression.block": l, "compression.stride": d, "selection.block": sel,
+                                       "selection.top_k": top_k})
     plan = make_plan(spec)
     assert plan.score_overlap == overlap
+    assert (plan.score_bj == plan.topk_pad) == (top_k == 16)
     T = 3 * plan.score_bj * sel + 5  # three trips and a ragged fourth
     testing.check_forward(specgen.load(spec), spec, 1, T)
