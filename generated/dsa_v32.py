@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(2, "dsa_v32")
+runtime.require_schema(3, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -93,14 +93,14 @@ def _pv(p, v, WIDEN: tl.constexpr):
 
 @triton.jit
 def _selection_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 64
@@ -114,13 +114,23 @@ def _selection_attention_kernel(
     pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -128,10 +138,10 @@ def _selection_attention_kernel(
     m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * GP], dtype=tl.float32)
     acc0 = tl.zeros([BT * GP, 512], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     # One query position per program; its kv group's selected units, ascending with -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
@@ -164,7 +174,7 @@ def _selection_attention_kernel(
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :]
@@ -705,11 +715,12 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False):
+def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False, varlen=None):
     """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
-    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates). `varlen`: a packed
+    batch's runtime.varlen.Layout, the inputs then a batch of one [1, total, ...] (docs/varlen.md)."""
     v = k[..., :512]  # MLA: V is the first d_v dims of the latent K
-    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, None, out, save_branch_outputs, WIDEN)
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, None, out, save_branch_outputs, WIDEN, varlen)
     B, T = f.B, f.T
     if indices is None:
         indices = f.new_indices()
@@ -1045,7 +1056,8 @@ _DESC = runtime.descriptor.Descriptor(
         runtime.descriptor.Arg("w_idx", ("B", "T", 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),),
     top_k=2048, unit=1, fp8_indexer=True, needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
     gated=False, mla=True, linear_pool=False, pool_pe=False, indexer_heads=64, indexer_dim=128,
-    softmax_scale=0.07216878364870323, forward=_forward, backward=_backward)
+    softmax_scale=0.07216878364870323, forward=_forward, backward=_backward,
+    native_varlen=False)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name
