@@ -184,17 +184,20 @@ def _selection_attention_kernel(
 
 @triton.jit
 def _index_scores_kernel(
-    QI, KI, WI, WS,
+    QI, KI, WI, WS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
     T, q0, QC, WS_ROW, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Scores of a [BT queries, BS keys] tile: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
     reduced to blocks of UNIT tokens by log-sum-exp over the block's visible tokens (its mass under softmax(I)),
     forced blocks set to +inf,
-    written to the workspace row of each query (only tiles at or below the diagonal are computed)."""
+    written to the workspace row of each query (only tiles at or below the diagonal are computed).
+
+    Packed (VARLEN, docs/varlen.md): q0 is the chunk's first entry of the tile table (tiles of BT positions of one
+    sequence each), program pid_q takes entry q0 + pid_q, and its rows go to workspace rows pid_q * BT + r."""
     BT: tl.constexpr = 2
     HP: tl.constexpr = 64
     BS: tl.constexpr = 64
@@ -203,7 +206,22 @@ def _index_scores_kernel(
     pid_s = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
-    t_lo = q0 + pid_q * BT
+    if VARLEN:
+        entry = q0 + pid_q
+        if VARLEN:
+            seq = tl.load(TILES + 2 * entry)
+            if seq < 0:
+                return
+            entry = tl.load(TILES + 2 * entry + 1)
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        else:
+            bos = 0
+        t_lo = entry * BT
+        q0 = t_lo - pid_q * BT  # workspace row tq - q0, as for a chunk of one sequence
+    else:
+        bos = 0
+        t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
     # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
     # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
@@ -214,13 +232,13 @@ def _index_scores_kernel(
         t = t_lo + rows // HP
         ihead = g * IDX_HEADS + rows % HP
         row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
-        qi = tl.load(QI + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
+        qi = tl.load(QI + b * stride_qb + (bos + t).to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
                      + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
-        wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
+        wi = tl.load(WI + b * stride_wb + (bos + t) * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
         for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
             s0 = s_begin + kt * BS
             keys = s0 + tl.arange(0, BS)
-            ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+            ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
                          mask=(keys <= t_hi)[:, None], other=0.0)
             relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
             # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
@@ -245,17 +263,36 @@ def _index_scores_kernel(
 
 
 @triton.jit
-def _radix_topk_kernel(WS, IDX, SC, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr):
+def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
+                       VARLEN: tl.constexpr = False):
     """Exact top-k of one workspace row of a prefill query (`_topk_row`, no unit forced by position: forced blocks
-    arrive as +inf scores), and, WITH_SCORES, the selected units' scores."""
+    arrive as +inf scores), and, WITH_SCORES, the selected units' scores. Packed (VARLEN): q0 is the chunk's first
+    tile-table entry and row pid is row pid % BT of entry q0 + pid // BT (the score kernel's layout)."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
-    tq = q0 + pid
+    BT: tl.constexpr = 2
+    if VARLEN:
+        entry = q0 + pid // BT
+        if VARLEN:
+            seq = tl.load(TILES + 2 * entry)
+            if seq < 0:
+                return
+            entry = tl.load(TILES + 2 * entry + 1)
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        else:
+            bos = 0
+        tq = entry * BT + pid % BT
+        if tq >= T:
+            return
+    else:
+        bos = 0
+        tq = q0 + pid
     n = tq // UNIT + 1  # candidate units: those starting at or before the query
-    out_row = IDX + ((b * T + tq) * HKV + g) * TOP_K
-    score_row = SC + ((b * T + tq) * HKV + g) * TOP_K
+    out_row = IDX + ((b * T + bos + tq) * HKV + g) * TOP_K
+    score_row = SC + ((b * T + bos + tq) * HKV + g) * TOP_K
     ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
     _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
 
@@ -670,10 +707,11 @@ def _decode_combine_kernel(
 
 
 
-def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
+def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     """Top-k blocks by the indexer into `indices` (with `scores` [B, T, 1, 32] fp32, also the selected units'
-    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist."""
-    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, unit=64,
+    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
+    batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
+    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=64,
                            top_k=32, heads_kv=1, bt=2, keys=512, scale=0.011048543456039806,
                            fp8=False, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
 
@@ -709,7 +747,7 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
             [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
             0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
             restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
+            relative to each sequence's start); runs natively on the packed rows (no padding).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
@@ -728,7 +766,7 @@ def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outp
     B, T = f.B, f.T
     if indices is None:
         indices = f.new_indices()
-        _select_by_indexer(q_idx, k_idx, w_idx, indices)
+        _select_by_indexer(q_idx, k_idx, w_idx, indices, varlen=f.varlen)
     f.attention(_selection_attention_kernel, "selection", k, v, T, indices, head_chunks=2)
     return f.state(indices, None, None)
 
@@ -1057,7 +1095,7 @@ _DESC = runtime.descriptor.Descriptor(
     top_k=32, unit=64, fp8_indexer=False, needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
     gated=False, mla=True, linear_pool=False, pool_pe=False, indexer_heads=64, indexer_dim=128,
     softmax_scale=0.07216878364870323, forward=_forward, backward=_backward,
-    native_varlen=False)
+    native_varlen=True)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

@@ -457,15 +457,18 @@ def _window_attention_kernel(
 
 @triton.jit
 def _index_scores_kernel(
-    QI, KI, WI, WS,
+    QI, KI, WI, WS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
     T, q0, QC, WS_ROW, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Scores of a [BT queries, BS keys] tile: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
-    written to the workspace row of each query (only tiles at or below the diagonal are computed)."""
+    written to the workspace row of each query (only tiles at or below the diagonal are computed).
+
+    Packed (VARLEN, docs/varlen.md): q0 is the chunk's first entry of the tile table (tiles of BT positions of one
+    sequence each), program pid_q takes entry q0 + pid_q, and its rows go to workspace rows pid_q * BT + r."""
     BT: tl.constexpr = 32
     HP: tl.constexpr = 4
     BS: tl.constexpr = 64
@@ -474,7 +477,22 @@ def _index_scores_kernel(
     pid_s = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
-    t_lo = q0 + pid_q * BT
+    if VARLEN:
+        entry = q0 + pid_q
+        if VARLEN:
+            seq = tl.load(TILES + 2 * entry)
+            if seq < 0:
+                return
+            entry = tl.load(TILES + 2 * entry + 1)
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        else:
+            bos = 0
+        t_lo = entry * BT
+        q0 = t_lo - pid_q * BT  # workspace row tq - q0, as for a chunk of one sequence
+    else:
+        bos = 0
+        t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
     # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
     # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
@@ -485,13 +503,13 @@ def _index_scores_kernel(
         t = t_lo + rows // HP
         ihead = g * IDX_HEADS + rows % HP
         row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
-        qi = tl.load(QI + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
+        qi = tl.load(QI + b * stride_qb + (bos + t).to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
                      + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
-        wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
+        wi = tl.load(WI + b * stride_wb + (bos + t) * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
         for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
             s0 = s_begin + kt * BS
             keys = s0 + tl.arange(0, BS)
-            ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+            ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
                          mask=(keys <= t_hi)[:, None], other=0.0)
             relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
             # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
@@ -504,17 +522,36 @@ def _index_scores_kernel(
 
 
 @triton.jit
-def _radix_topk_kernel(WS, IDX, SC, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr):
+def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
+                       VARLEN: tl.constexpr = False):
     """Exact top-k of one workspace row of a prefill query (`_topk_row`, no unit forced by position: forced blocks
-    arrive as +inf scores), and, WITH_SCORES, the selected units' scores."""
+    arrive as +inf scores), and, WITH_SCORES, the selected units' scores. Packed (VARLEN): q0 is the chunk's first
+    tile-table entry and row pid is row pid % BT of entry q0 + pid // BT (the score kernel's layout)."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
-    tq = q0 + pid
+    BT: tl.constexpr = 32
+    if VARLEN:
+        entry = q0 + pid // BT
+        if VARLEN:
+            seq = tl.load(TILES + 2 * entry)
+            if seq < 0:
+                return
+            entry = tl.load(TILES + 2 * entry + 1)
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        else:
+            bos = 0
+        tq = entry * BT + pid % BT
+        if tq >= T:
+            return
+    else:
+        bos = 0
+        tq = q0 + pid
     n = tq // UNIT + 1  # candidate units: those starting at or before the query
-    out_row = IDX + ((b * T + tq) * HKV + g) * TOP_K
-    score_row = SC + ((b * T + tq) * HKV + g) * TOP_K
+    out_row = IDX + ((b * T + bos + tq) * HKV + g) * TOP_K
+    score_row = SC + ((b * T + bos + tq) * HKV + g) * TOP_K
     ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
     _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
 
@@ -1155,10 +1192,11 @@ def _pool(x, D, NC, weight=None, pe=None, varlen=None, cmp_block=0, cmp_stride=0
                                  varlen=varlen, cmp_block=cmp_block, cmp_stride=cmp_stride)
 
 
-def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
+def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     """Top-k tokens by the indexer into `indices` (with `scores` [B, T, 4, 1024] fp32, also the selected units'
-    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist."""
-    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, unit=1,
+    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
+    batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
+    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=1,
                            top_k=1024, heads_kv=4, bt=32, keys=512, scale=0.0625,
                            fp8=False, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
 
@@ -1200,7 +1238,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
             [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
             0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
             restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
+            relative to each sequence's start); runs natively on the packed rows (no padding).
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
@@ -1222,7 +1260,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, q_idx, k_idx, w
     f.attention(_compression_attention_kernel, "compression", kc, vc, NC)
     if indices is None:
         indices = f.new_indices()
-        _select_by_indexer(q_idx, k_idx, w_idx, indices)
+        _select_by_indexer(q_idx, k_idx, w_idx, indices, varlen=f.varlen)
     f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
@@ -1919,7 +1957,7 @@ _DESC = runtime.descriptor.Descriptor(
     top_k=1024, unit=1, fp8_indexer=False, needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
     gated=True, mla=False, linear_pool=False, pool_pe=False, indexer_heads=4, indexer_dim=64,
     softmax_scale=0.07216878364870322, forward=_forward, backward=_backward,
-    native_varlen=False)
+    native_varlen=True)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

@@ -124,7 +124,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "bwd": plan.backward,
         "dec": decode_context(spec, args, plan),
         # The forward runs packed batches on the packed rows (docs/varlen.md); else it pads them.
-        "native_varlen": spec.selection is None or spec.selection.scorer != "indexer",
+        "native_varlen": True,
     }
 
 
