@@ -202,11 +202,14 @@ def test_native_forward_never_pads(variant, monkeypatch):
         raise AssertionError("the native packed forward padded its inputs")
 
     monkeypatch.setattr(runtime.Packed, "pad", no_padding)
+    # Small budgets: the block-outer selection goes by query chunks of 40 packed rows and the indexer by chunks of
+    # 16 rows, both cutting the long sequence (and the indexer's fixed workspace, docs/semantics.md, stays out of
+    # the bound below, which is about the per-token buffers).
+    per_query = spec.heads.q * (spec.selection.top_k if spec.selection else 1) * (spec.head_dim.v * 2 + 4)
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 40 * per_query)
+    monkeypatch.setattr(runtime.indexer, "INDEX_WORKSPACE_BYTES", 1 << 14)
     testing_varlen.check_forward_varlen(mod, spec, LONG_AND_SHORT)
 
-    # The fixed indexer workspace (docs/semantics.md: O(T k) or a fixed workspace) made small, so the bound below
-    # is about the per-token buffers.
-    monkeypatch.setattr(runtime.indexer, "INDEX_WORKSPACE_BYTES", 1 << 14)
     case = testing_varlen.PackedCase(mod, spec, LONG_AND_SHORT, None, 5)
     sel = spec.selection
     # Per token: the block-outer selection's partial outputs (one per selected block), else the branch outputs.
@@ -221,3 +224,17 @@ def test_native_forward_never_pads(variant, monkeypatch):
         mod.__dict__[f"{spec.family}_forward"](**case.inputs, return_lse=True, return_indices=sel is not None,
                                                **case.varlen())
     assert seen.largest[0] <= bound, f"largest buffer {seen.largest} exceeds {bound} bytes {case.where}"
+
+
+def test_native_forward_takes_given_indices(monkeypatch):
+    """`indices=` on a native packed call (checked per sequence, used as given): the forward's own selection given
+    back reproduces its output bit for bit, also when the block-outer selection goes by query chunks that cut a
+    sequence."""
+    mod = specgen.load(SMALL)
+    case = testing_varlen.PackedCase(mod, SMALL, LENGTHS, None, 7)
+    out, idx = mod.nsa_forward(**case.inputs, return_indices=True, **case.varlen())
+    again = mod.nsa_forward(**case.inputs, indices=idx, **case.varlen())
+    assert torch.equal(out, again)
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 1)      # one packed row per query chunk
+    chunked = mod.nsa_forward(**case.inputs, indices=idx, **case.varlen())
+    assert torch.equal(out, chunked)
