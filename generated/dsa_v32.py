@@ -214,15 +214,12 @@ def _index_scores_kernel(
     g = pid_bg % HKV
     if VARLEN:
         entry = q0 + pid_q
-        if VARLEN:
-            seq = tl.load(TILES + 2 * entry)
-            if seq < 0:
-                return
-            entry = tl.load(TILES + 2 * entry + 1)
-            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
-        else:
-            bos = 0
+        seq = tl.load(TILES + 2 * entry)
+        if seq < 0:
+            return
+        entry = tl.load(TILES + 2 * entry + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
         t_lo = entry * BT
         q0 = t_lo - pid_q * BT  # workspace row tq - q0, as for a chunk of one sequence
     else:
@@ -274,15 +271,12 @@ def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_S
     BT: tl.constexpr = 2
     if VARLEN:
         entry = q0 + pid // BT
-        if VARLEN:
-            seq = tl.load(TILES + 2 * entry)
-            if seq < 0:
-                return
-            entry = tl.load(TILES + 2 * entry + 1)
-            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
-        else:
-            bos = 0
+        seq = tl.load(TILES + 2 * entry)
+        if seq < 0:
+            return
+        entry = tl.load(TILES + 2 * entry + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
         tq = entry * BT + pid % BT
         if tq >= T:
             return
