@@ -1,9 +1,10 @@
-"""What the padded varlen path costs on the GPU: a packed batch against the batched call on the same tokens.
+"""What a packed (varlen) batch costs on the GPU against the batched call on the same tokens.
 
 For each spec: forward (with --training, forward + backward) of a packed batch with lengths LENGTHS (default
-40000 20000 5536 0: 64k tokens, padded to 4 x 40000 rows), against one batched sequence of the same tokens
-(B=1, T=65536: an upper bound of what a native varlen kernel would cost, since the causal work of one long
-sequence bounds that of its pieces). Medians in ms and peak memory beyond the inputs in GiB (docs/varlen.md).
+40000 20000 5536 0: 64k tokens), against one batched sequence of the same tokens (B=1, T=65536: an upper bound of
+what a native varlen kernel should cost, since the causal work of one long sequence bounds that of its pieces).
+The forward runs natively on the packed rows; --training goes through the padded path (4 x 40000 rows here).
+Medians in ms and peak memory beyond the inputs in GiB (docs/varlen.md).
 
 Usage: python bench/varlen_cost.py SPEC... [--lengths 40000 20000 5536 0] [--training] [--json out.jsonl]
 """

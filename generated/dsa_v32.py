@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(2, "dsa_v32")
+runtime.require_schema(3, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -93,14 +93,14 @@ def _pv(p, v, WIDEN: tl.constexpr):
 
 @triton.jit
 def _selection_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 64
@@ -114,13 +114,23 @@ def _selection_attention_kernel(
     pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -128,10 +138,10 @@ def _selection_attention_kernel(
     m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * GP], dtype=tl.float32)
     acc0 = tl.zeros([BT * GP, 512], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     # One query position per program; its kv group's selected units, ascending with -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
@@ -164,7 +174,7 @@ def _selection_attention_kernel(
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 512)[None, :]
@@ -180,17 +190,20 @@ def _selection_attention_kernel(
 
 @triton.jit
 def _index_scores_kernel(
-    QI, KI, WI, WS, KS,
+    QI, KI, WI, WS, KS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
     T, q0, QC, WS_ROW, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Scores of a [BT queries, BS keys] tile: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
     here from e4m3 q_I and k_I: w arrives already multiplied by q_I's row scales (fp32) and KS holds k_I's per-token
     scales [B, T, HKV], so I = scale * KS[s] * sum_j w'[t, j] * relu(q8 . k8) (scales are positive: they leave relu),
-    written to the workspace row of each query (only tiles at or below the diagonal are computed)."""
+    written to the workspace row of each query (only tiles at or below the diagonal are computed).
+
+    Packed (VARLEN, docs/varlen.md): q0 is the chunk's first entry of the tile table (tiles of BT positions of one
+    sequence each), program pid_q takes entry q0 + pid_q, and its rows go to workspace rows pid_q * BT + r."""
     BT: tl.constexpr = 2
     HP: tl.constexpr = 64
     BS: tl.constexpr = 64
@@ -199,7 +212,19 @@ def _index_scores_kernel(
     pid_s = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
-    t_lo = q0 + pid_q * BT
+    if VARLEN:
+        entry = q0 + pid_q
+        seq = tl.load(TILES + 2 * entry)
+        if seq < 0:
+            return
+        entry = tl.load(TILES + 2 * entry + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        t_lo = entry * BT
+        q0 = t_lo - pid_q * BT  # workspace row tq - q0, as for a chunk of one sequence
+    else:
+        bos = 0
+        t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
     # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
     # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
@@ -210,20 +235,20 @@ def _index_scores_kernel(
         t = t_lo + rows // HP
         ihead = g * IDX_HEADS + rows % HP
         row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
-        qi = tl.load(QI + b * stride_qb + t.to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
+        qi = tl.load(QI + b * stride_qb + (bos + t).to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
                      + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
-        wi = tl.load(WI + b * stride_wb + t * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
+        wi = tl.load(WI + b * stride_wb + (bos + t) * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
         for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
             s0 = s_begin + kt * BS
             keys = s0 + tl.arange(0, BS)
-            ki = tl.load(KI + b * stride_kb + keys[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+            ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
                          mask=(keys <= t_hi)[:, None], other=0.0)
             if WIDEN:  # the interpreter: e4m3 values are exact in fp32
                 dots = tl.dot(qi.to(tl.float32), tl.trans(ki).to(tl.float32), input_precision="ieee")
             else:
                 dots = tl.dot(qi, tl.trans(ki))  # fp8 tensor-core dot, fp32 accumulation
             relu = tl.maximum(dots, 0.0) * wi[:, None]
-            ks = tl.load(KS + (b * T + keys) * HKV + g, mask=keys <= t_hi, other=0.0)
+            ks = tl.load(KS + (b * T + bos + keys) * HKV + g, mask=keys <= t_hi, other=0.0)
             # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
             score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * (ks * idx_scale)[None, :] + 0.0
             tq = t_lo + tl.arange(0, BT)
@@ -234,17 +259,33 @@ def _index_scores_kernel(
 
 
 @triton.jit
-def _radix_topk_kernel(WS, IDX, SC, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr):
+def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
+                       VARLEN: tl.constexpr = False):
     """Exact top-k of one workspace row of a prefill query (`_topk_row`, no unit forced by position: forced blocks
-    arrive as +inf scores), and, WITH_SCORES, the selected units' scores."""
+    arrive as +inf scores), and, WITH_SCORES, the selected units' scores. Packed (VARLEN): q0 is the chunk's first
+    tile-table entry and row pid is row pid % BT of entry q0 + pid // BT (the score kernel's layout)."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
-    tq = q0 + pid
+    BT: tl.constexpr = 2
+    if VARLEN:
+        entry = q0 + pid // BT
+        seq = tl.load(TILES + 2 * entry)
+        if seq < 0:
+            return
+        entry = tl.load(TILES + 2 * entry + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        tq = entry * BT + pid % BT
+        if tq >= T:
+            return
+    else:
+        bos = 0
+        tq = q0 + pid
     n = tq // UNIT + 1  # candidate units: those starting at or before the query
-    out_row = IDX + ((b * T + tq) * HKV + g) * TOP_K
-    score_row = SC + ((b * T + tq) * HKV + g) * TOP_K
+    out_row = IDX + ((b * T + bos + tq) * HKV + g) * TOP_K
+    score_row = SC + ((b * T + bos + tq) * HKV + g) * TOP_K
     ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
     _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
 
@@ -655,10 +696,11 @@ def _decode_combine_kernel(
 
 
 
-def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None):
+def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     """Top-k tokens by the indexer into `indices` (with `scores` [B, T, 1, 2048] fp32, also the selected units'
-    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist."""
-    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, unit=1,
+    scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
+    batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
+    runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=1,
                            top_k=2048, heads_kv=1, bt=2, keys=512, scale=0.011048543456039806,
                            fp8=True, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
 
@@ -695,7 +737,7 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
             [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
             0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
             restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
+            relative to each sequence's start); runs natively on the packed rows (no padding).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);
@@ -705,15 +747,16 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False):
+def _forward(q, k, q_idx, k_idx, w_idx, indices=None, out=None, save_branch_outputs=False, varlen=None):
     """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
-    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates). `varlen`: a packed
+    batch's runtime.varlen.Layout, the inputs then a batch of one [1, total, ...] (docs/varlen.md)."""
     v = k[..., :512]  # MLA: V is the first d_v dims of the latent K
-    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, None, out, save_branch_outputs, WIDEN)
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, None, out, save_branch_outputs, WIDEN, varlen)
     B, T = f.B, f.T
     if indices is None:
         indices = f.new_indices()
-        _select_by_indexer(q_idx, k_idx, w_idx, indices)
+        _select_by_indexer(q_idx, k_idx, w_idx, indices, varlen=f.varlen)
     f.attention(_selection_attention_kernel, "selection", k, v, T, indices, head_chunks=2)
     return f.state(indices, None, None)
 
@@ -1045,7 +1088,8 @@ _DESC = runtime.descriptor.Descriptor(
         runtime.descriptor.Arg("w_idx", ("B", "T", 64), keyword=True, why="the spec ranks selection candidates with a lightning indexer"),),
     top_k=2048, unit=1, fp8_indexer=True, needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
     gated=False, mla=True, linear_pool=False, pool_pe=False, indexer_heads=64, indexer_dim=128,
-    softmax_scale=0.07216878364870323, forward=_forward, backward=_backward)
+    softmax_scale=0.07216878364870323, forward=_forward, backward=_backward,
+    native_varlen=True)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(2, "nsa_paper")
+runtime.require_schema(3, "nsa_paper")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -124,23 +124,39 @@ def _pv(p, v, WIDEN: tl.constexpr):
 
 @triton.jit
 def _pool_kernel(
-    X, OUT, W, PE,
+    X, OUT, W, PE, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_xb, stride_xt, stride_xh,
     T, NC,
     D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr,
-    LINEAR: tl.constexpr, HAS_PE: tl.constexpr, WIDEN: tl.constexpr,
+    LINEAR: tl.constexpr, HAS_PE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
-    # Grid: (block tiles, batch x kv heads, output-column tiles). Output [B, NC, HKV, D], contiguous.
+    # Grid: (block tiles, batch x kv heads, output-column tiles). Output [B, NC, HKV, D], contiguous; packed
+    # (VARLEN): tiles of the table, kv heads, column tiles, and sequence i's NC blocks go to rows
+    # CU_BLOCKS[i] : CU_BLOCKS[i + 1] of the packed output.
     pid_i = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_n = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_i)
+        if seq < 0:
+            return
+        pid_i = tl.load(TILES + 2 * pid_i + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:
+        block_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NC = (tl.load(CU_BLOCKS + seq + 1) - block_bos).to(tl.int32)
+    else:
+        block_bos = 0
     blocks = pid_i * BI + tl.arange(0, BI)
     block_ok = blocks < NC
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < D
-    x_base = X + b * stride_xb + g * stride_xh
+    x_base = X + b * stride_xb + g * stride_xh + bos * stride_xt
     acc = tl.zeros([BI, BN], dtype=tl.float32)
     for r in range(CMP_BLOCK):
         tok = blocks * CMP_STRIDE + r
@@ -165,20 +181,20 @@ def _pool_kernel(
                            mask=block_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     if not LINEAR:
         acc = acc * (1.0 / CMP_BLOCK)
-    out_ptr = OUT + ((b * NC + blocks[:, None]) * HKV + g) * D + cols[None, :]
+    out_ptr = OUT + ((b * NC + block_bos + blocks[:, None]) * HKV + g) * D + cols[None, :]
     tl.store(out_ptr, acc.to(OUT.dtype.element_ty), mask=block_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _compression_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 16
@@ -188,13 +204,28 @@ def _compression_attention_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:
+        # The sequence's pooled keys: NKEYS rows from CU_BLOCKS[seq] of the packed pooled keys/values.
+        key_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NKEYS = tl.where(T >= CMP_BLOCK, (T - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    else:
+        key_bos = 0
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -202,8 +233,8 @@ def _compression_attention_kernel(
     m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * GP], dtype=tl.float32)
     acc0 = tl.zeros([BT * GP, 128], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     # Blocks visible to the tile's last query: i*d + l - 1 <= t_hi.
     n_end = tl.minimum(tl.where(t_hi >= CMP_BLOCK - 1, (t_hi - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), NKEYS)
     for n0 in range(0, n_end, BLOCK_N):
@@ -231,10 +262,10 @@ def _compression_attention_kernel(
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
     if SAVE_BRANCH:
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -249,14 +280,14 @@ def _compression_attention_kernel(
 
 @triton.jit
 def _selection_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 16
@@ -266,13 +297,23 @@ def _selection_attention_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -280,10 +321,10 @@ def _selection_attention_kernel(
     m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * GP], dtype=tl.float32)
     acc0 = tl.zeros([BT * GP, 128], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     # One query position per program; its kv group's selected units, ascending with -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
@@ -316,10 +357,10 @@ def _selection_attention_kernel(
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
     if SAVE_BRANCH:
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -334,14 +375,14 @@ def _selection_attention_kernel(
 
 @triton.jit
 def _window_attention_kernel(
-    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT,
+    Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 16
@@ -351,13 +392,23 @@ def _window_attention_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
     rows = tl.arange(0, BT * GP)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
@@ -365,8 +416,8 @@ def _window_attention_kernel(
     m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BT * GP], dtype=tl.float32)
     acc0 = tl.zeros([BT * GP, 128], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     lo = tl.maximum(t_lo - WINDOW + 1, 0)
     for n0 in range(lo, t_hi + 1, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
@@ -393,10 +444,10 @@ def _window_attention_kernel(
     empty = l_i == 0.0
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     o0 = acc0 * inv_l[:, None]
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :]
     if SAVE_BRANCH:
         tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -411,10 +462,10 @@ def _window_attention_kernel(
 
 @triton.jit
 def _select_blocks_kernel(
-    Q, KC, LSE, IDX,
+    Q, KC, LSE, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     T, NC, sm_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """Group score S[t, g, j] = sum_i P[t, g, i] * overlap(i, j) and top-n, per tile of BT queries.
 
@@ -433,17 +484,31 @@ def _select_blocks_kernel(
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:  # packed: the sequence's pooled keys are rows CU_BLOCKS[seq] : CU_BLOCKS[seq + 1] (docs/varlen.md)
+        block_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NC = (tl.load(CU_BLOCKS + seq + 1) - block_bos).to(tl.int32)
+    else:
+        block_bos = 0
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     rows = tl.arange(0, BT * GP)
     t = t_lo + rows // GP
     head = g * GROUP + rows % GP
     row_ok = (t < T) & (rows % GP < GROUP)
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
 
-    lse2 = tl.load(LSE + ((b * T + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + ((b * T + bos + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
     qk_scale = sm_scale * 1.4426950408889634
     tq = t_lo + tl.arange(0, BT)
     best = tl.full([BT, TOP_K_PAD], NO_KEY, dtype=tl.int64)
@@ -457,7 +522,7 @@ def _select_blocks_kernel(
     for j0 in range(0, t_hi // SEL_BLOCK + 1, BJ):
         blocks = j0 * R + tl.arange(0, BNC)
         block_ok = blocks < NC
-        kc_rows = KC + ((b * NC + blocks) * HKV + g) * DQK
+        kc_rows = KC + ((b * NC + block_bos + blocks) * HKV + g) * DQK
         s = tl.zeros([BT * GP, BNC], dtype=tl.float32)
         k0 = tl.load(kc_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=block_ok[:, None], other=0.0)
         s += _dot(q0, tl.trans(k0), WIDEN)
@@ -495,7 +560,7 @@ def _select_blocks_kernel(
     unit = tl.sort(unit, dim=1)
     unit = tl.where(unit == 2147483647, -1, unit)
 
-    out_ptr = IDX + ((b * T + tq[:, None]) * HKV + g) * TOP_K + slot[None, :]
+    out_ptr = IDX + ((b * T + bos + tq[:, None]) * HKV + g) * TOP_K + slot[None, :]
     tl.store(out_ptr, unit, mask=(tq < T)[:, None] & (slot < TOP_K)[None, :])
 
 
@@ -951,10 +1016,12 @@ def _decode_combine_kernel(
 
 
 
-def _pool(x, D, NC, weight=None, pe=None):
-    """Pooled compression keys or values [B, NC, HKV, D] of x [B, T, HKV, D] (runtime.launches.pool)."""
+def _pool(x, D, NC, weight=None, pe=None, varlen=None, cmp_block=0, cmp_stride=0):
+    """Pooled compression keys or values [B, NC, HKV, D] of x [B, T, HKV, D] (runtime.launches.pool; `varlen`: a
+    packed batch's runtime.varlen.Layout)."""
     return runtime.launches.pool(_pool_kernel, x, D, NC, weight, pe, heads_kv=HKV.value, bi=16,
-                                 linear=False, has_pe=False, widen=WIDEN)
+                                 linear=False, has_pe=False, widen=WIDEN,
+                                 varlen=varlen, cmp_block=cmp_block, cmp_stride=cmp_stride)
 
 
 
@@ -978,7 +1045,7 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
             [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
             0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
             restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs as a padded [N, max_seqlen] batch.
+            relative to each sequence's start); runs natively on the packed rows (no padding).
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);
@@ -988,20 +1055,20 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=N
                                     return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
 
-def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, out=None, save_branch_outputs=False):
+def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, out=None, save_branch_outputs=False, varlen=None):
     """The launches, on checked arguments; runtime.launches.Forward allocates the outputs and packs each attention
-    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates)."""
-    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, gates, out, save_branch_outputs, WIDEN)
+    kernel's arguments. `save_branch_outputs` keeps each branch's un-gated output (for dgates). `varlen`: a packed
+    batch's runtime.varlen.Layout, the inputs then a batch of one [1, total, ...] (docs/varlen.md)."""
+    f = runtime.launches.Forward(_DESC, CONFIGS, CANDIDATES, q, gates, out, save_branch_outputs, WIDEN, varlen)
     B, T = f.B, f.T
-    NC = runtime.launches.compressed_blocks(_DESC, T)
-    kc = _pool(k_cmp, 192, NC)
-    vc = _pool(v_cmp, 128, NC)
+    NC = f.compressed_blocks()
+    kc = f.pool(_pool, k_cmp, 192, NC)
+    vc = f.pool(_pool, v_cmp, 128, NC)
     f.attention(_compression_attention_kernel, "compression", kc, vc, NC)
     if indices is None:
         indices = f.new_indices()
-        _select_blocks_kernel[(triton.cdiv(T, 16), B * 4)](
-            q, kc, f.lse, indices, *runtime.launches.strides(q), T, NC, _DESC.softmax_scale, WIDEN=WIDEN,
-            num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+        f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=16,
+                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
     f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
@@ -1300,17 +1367,18 @@ def _selection_kv_bwd_kernel(
     BLOCK_N: tl.constexpr = 64
     SPLIT: tl.constexpr = 256
     CHANNEL: tl.constexpr = 1
-    N_UNITS = tl.cdiv(T, UNIT)
     item = tl.program_id(0)
     seg = tl.load(ITEM_SEG + item)
     if seg < 0:
         return
     start = tl.load(ITEM_START + item)
     end = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
+    N_UNITS = tl.cdiv(T, UNIT)
     unit = seg % N_UNITS
     bg = seg // N_UNITS
     b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = bg % HKV
+
     n = tl.arange(0, BLOCK_N)
     keys = unit * UNIT + n
     key_ok = (n < UNIT) & (keys < T)
@@ -1697,7 +1765,8 @@ _DESC = runtime.descriptor.Descriptor(
         runtime.descriptor.Arg("gates", ("B", "T", 64, 3)),),
     top_k=16, unit=64, fp8_indexer=False, needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
     gated=True, mla=False, linear_pool=False, pool_pe=False, indexer_heads=0, indexer_dim=0,
-    softmax_scale=0.07216878364870322, forward=_forward, backward=_backward)
+    softmax_scale=0.07216878364870322, forward=_forward, backward=_backward,
+    native_varlen=True)
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

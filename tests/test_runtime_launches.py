@@ -86,10 +86,42 @@ def test_forward_chains_the_branches_and_allocates_once():
     assert all(m["SAVE_BRANCH"] and m["BT"] == 4 for m in flags)
     (grid, args, _), = kernels[1].calls
     assert grid == (2, 2 * 2 * 2)  # cdiv(T, bt), B x kv heads x head chunks
-    assert args[8] is idx and args[9:12] == launches.strides(q) and args[-2:] == (0.5, 2 * 5 * 4 * 6)
+    # After the indices: the packed launches' three pointers (unused placeholders here), then the strides.
+    assert args[8] is idx and args[12:15] == launches.strides(q) and args[-2:] == (0.5, 2 * 5 * 4 * 6)
+    assert all(m["VARLEN"] is False for m in flags)
     assert f.acc.dtype == torch.float32 and f.acc is not f.out and f.branch_out.shape == (3, 2, 5, 4, 6)
     state = f.state(idx, kc, None)
     assert state.out is f.out and state.branch_out is f.branch_out and state.indices is idx
+
+
+def test_packed_forward_launches_over_the_tile_table():
+    """A native packed call (docs/varlen.md): a batch of one [1, total, ...], each attention launch over the tile
+    table of its config's query tile (cdiv(total, bt) + N programs) with VARLEN; the compression branch gets the
+    pooled-block offsets, the others cu_seqlens; the scorer launches over its own tile."""
+    desc = make_desc(cmp_block=4, cmp_stride=2)
+    cu = torch.tensor([0, 7, 7, 10], dtype=torch.int32)             # lengths 7, 0, 3
+    lay = runtime.check_varlen("f", cu, 7, 10, cu.device, 64, "fake").layout()
+    q, gates = torch.randn(1, 10, 4, 8), torch.randn(1, 10, 4, 3)
+    f = launches.Forward(desc, CONFIGS, {}, q, gates, None, False, False, lay)
+    assert (f.B, f.T) == (1, 10) and f.out.shape == (1, 10, 4, 6) and f.compressed_blocks() == 10 // 2
+    kernels = [FakeKernel(n) for n in desc.branches]
+    kc = torch.randn(1, 5, 2, 8)
+    f.attention(kernels[0], "compression", kc, kc, 5)
+    idx = f.new_indices()
+    assert idx.shape == (1, 10, 2, 3)
+    f.attention(kernels[1], "selection", q, q, 10, idx, head_chunks=2)
+    (grid, args, meta), = kernels[0].calls
+    table, n = lay.token_tiles(4)
+    assert grid == (n, 2) and n == 3 + 3 and meta["VARLEN"] is True and meta["BT"] == 4
+    assert torch.equal(args[8], cu)
+    assert torch.equal(args[9], lay.pooled(4, 2)[0]) and args[10] is table
+    assert torch.equal(args[9], torch.tensor([0, 2, 2, 2], dtype=torch.int32))   # NC = 2, 0, 0
+    (grid, args, meta), = kernels[1].calls
+    assert grid == (n, 2 * 2) and args[8] is idx and torch.equal(args[10], cu) and meta["VARLEN"] is True
+    scorer = FakeKernel()
+    f.select_blocks(scorer, kc, idx, 5, bt=2, num_warps=4)
+    (grid, args, meta), = scorer.calls
+    assert grid == (lay.token_tiles(2)[1], 2) and meta["VARLEN"] is True
 
 
 def test_forward_of_one_ungated_branch_writes_out_directly():

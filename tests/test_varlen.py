@@ -137,3 +137,104 @@ def test_varlen_under_compile():
         compiled = run(torch.compile(mod.nsa_attention, fullgraph=True))
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+# Native packed forward (docs/varlen.md, "Native forward"): no padded row is computed or stored.
+
+def test_tile_table_and_offsets():
+    """The device-built tables: (sequence, tile) per program with empty sequences skipped and programs past the
+    batch marked -1; pooled-block and unit offsets per sequence; all sized from host ints only."""
+    cu = torch.tensor([0, 9, 9, 10, 27], dtype=torch.int32)      # lengths 9, 0, 1, 17
+    packed = runtime.check_varlen("f", cu, 17, 27, cu.device, 64, "s")
+    lay = packed.layout()
+    table, n = lay.token_tiles(4)
+    assert n == 7 + 4                                            # cdiv(27, 4) + N bounds 3 + 0 + 1 + 5 tiles
+    assert table.tolist() == [[0, 0], [0, 1], [0, 2], [2, 0], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]] + [[-1, 0]] * 2
+    cu_blocks, cap = lay.pooled(8, 4)                            # NC = 1, 0, 0, 3 complete blocks of 8, stride 4
+    assert cu_blocks.tolist() == [0, 1, 1, 1, 4] and cap == 27 // 4
+    table, n = lay.block_tiles(8, 4, 2)
+    assert table.tolist()[:3] == [[0, 0], [3, 0], [3, 1]] and all(r == [-1, 0] for r in table.tolist()[3:])
+    cu_units, unit_seq, bound = lay.units(16)                    # 1, 0, 1, 2 units of 16 tokens
+    assert cu_units.tolist() == [0, 1, 1, 2, 4] and bound == 27 // 16 + 4
+    assert unit_seq.tolist()[:4] == [0, 2, 3, 3]
+    assert packed.positions().tolist() == list(range(9)) + [0] + list(range(17))
+    assert packed._row_ok is None                                # the [N, max_seqlen] map was never built
+
+
+LONG_AND_SHORT = [120] + [2, 0, 5, 1, 13, 3, 0, 7] * 5          # 41 sequences, 275 tokens; padded: 41 x 120
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any torch op creates inside the block, in bytes (the interpreter's byte views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for x in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.largest[0]:
+                self.largest = (x.numel() * x.element_size(), (str(func), tuple(x.shape), x.dtype))
+        return result
+
+
+NATIVE = {
+    "kv_order_gqa2": lambda: SMALL,
+    "query_order_gqa2": lambda: small("query", **{"selection.loop_order": "query"}),
+    "kv_order_gqa1": lambda: small("gqa1", **{"heads.q": 2, "heads.kv": 2, "selection.loop_order": "kv"}),
+    "query_order_gqa1": lambda: small("gqa1_query", **{"heads.q": 2, "heads.kv": 2, "selection.loop_order": "query"}),
+    "dsa_token": lambda: load_spec("specs/dsa_small.yaml"),
+}
+
+
+@pytest.mark.parametrize("variant", list(NATIVE))
+def test_native_forward_never_pads(variant, monkeypatch):
+    """One long sequence and 40 short ones (empty, shorter than every block, lengths that are multiples of no block
+    size): the packed forward matches the per-sequence reference without ever building the padded batch, and no
+    buffer it allocates is larger than a fixed multiple of `total` (the padded inputs would be 41 x 120 rows): at
+    most 4 bytes per (token, query head, selected block (kv order) or branch, head dim), plus the indexer's fixed
+    workspace."""
+    spec = NATIVE[variant]()
+    mod = specgen.load(spec)
+
+    def no_padding(*args, **kwargs):
+        raise AssertionError("the native packed forward padded its inputs")
+
+    monkeypatch.setattr(runtime.Packed, "pad", no_padding)
+    # Small budgets: the block-outer selection goes by query chunks of 40 packed rows and the indexer by chunks of
+    # 16 rows, both cutting the long sequence (and the indexer's fixed workspace, docs/semantics.md, stays out of
+    # the bound below, which is about the per-token buffers).
+    per_query = spec.heads.q * (spec.selection.top_k if spec.selection else 1) * (spec.head_dim.v * 2 + 4)
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 40 * per_query)
+    monkeypatch.setattr(runtime.indexer, "INDEX_WORKSPACE_BYTES", 1 << 14)
+    testing_varlen.check_forward_varlen(mod, spec, LONG_AND_SHORT)
+
+    case = testing_varlen.PackedCase(mod, spec, LONG_AND_SHORT, None, 5)
+    sel = spec.selection
+    # Per token: the block-outer selection's partial outputs (one per selected block), else the branch outputs.
+    kv_order = hasattr(mod, "_selection_kv_merge_kernel")
+    per_token = (spec.heads.q * (sel.top_k if kv_order else len(spec.branches)) * max(spec.head_dim.qk, spec.head_dim.v)
+                 + (2 * spec.heads.kv * sel.top_k if sel else 0))
+    workspace = 16 * spec.heads.kv * -(-case.max_seqlen // (sel.block if sel else 1)) + (1 << 12)
+    bound = 4 * (case.total * per_token + workspace)
+    padded_q = len(LONG_AND_SHORT) * case.max_seqlen * spec.heads.q * spec.head_dim.qk * case.inputs["q"].element_size()
+    assert bound < padded_q, "the batch must make padding visible: the padded q alone would exceed the bound"
+    with _Allocations() as seen, torch.no_grad():
+        mod.__dict__[f"{spec.family}_forward"](**case.inputs, return_lse=True, return_indices=sel is not None,
+                                               **case.varlen())
+    assert seen.largest[0] <= bound, f"largest buffer {seen.largest} exceeds {bound} bytes {case.where}"
+
+
+def test_native_forward_takes_given_indices(monkeypatch):
+    """`indices=` on a native packed call (checked per sequence, used as given): the forward's own selection given
+    back reproduces its output bit for bit, also when the block-outer selection goes by query chunks that cut a
+    sequence."""
+    mod = specgen.load(SMALL)
+    case = testing_varlen.PackedCase(mod, SMALL, LENGTHS, None, 7)
+    out, idx = mod.nsa_forward(**case.inputs, return_indices=True, **case.varlen())
+    again = mod.nsa_forward(**case.inputs, indices=idx, **case.varlen())
+    assert torch.equal(out, again)
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 1)      # one packed row per query chunk
+    chunked = mod.nsa_forward(**case.inputs, indices=idx, **case.varlen())
+    assert torch.equal(out, chunked)

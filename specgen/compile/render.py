@@ -123,6 +123,8 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "idx_scale": repr(plan.idx_scale),
         "bwd": plan.backward,
         "dec": decode_context(spec, args, plan),
+        # The forward runs packed batches on the packed rows (docs/varlen.md); else it pads them.
+        "native_varlen": True,
     }
 
 

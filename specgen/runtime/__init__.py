@@ -212,7 +212,7 @@ def _index_error(fn: str, row: list, r: int, shape: tuple, unit: int, n: int, pa
     if packed is not None:
         token, g = divmod(r, shape[1])
         pos = int(packed.positions()[token])
-        seq = int(packed.dst[token]) // packed.max_seqlen
+        seq = int(packed.seq[token])
         where = f"indices[{token}, {g}] (sequence {seq}, position {pos}, kv group {g})"
         span = (f"sequence {seq} has {n} token{'s' * (n != 1)}" if unit == 1 else
                 f"sequence {seq} has {n} block{'s' * (n != 1)} of {unit} tokens")
@@ -385,21 +385,56 @@ class Packed:
         self.n = cu_seqlens.numel() - 1
         self.max_seqlen = max_seqlen
         self.total = total
-        cu = cu_seqlens.long()
-        tok = torch.arange(total, device=cu.device)
-        # The sequence of each token: the last start <= tok (right=True skips empty sequences, whose start repeats).
-        seq = torch.searchsorted(cu, tok, right=True) - 1
-        self.dst = seq * max_seqlen + (tok - cu[seq])                     # flat padded row of each packed token
-        pos = torch.arange(max_seqlen, device=cu.device)
-        self.row_ok = pos[None, :] < (cu[1:] - cu[:-1])[:, None]         # [N, max_seqlen] rows holding a token
+        self.cu_seqlens = cu_seqlens
+        self._layout = self._seq = self._dst = self._row_ok = None
+
+    # The maps are built on first use (plain attributes: torch.compile traces them): a native packed call
+    # (docs/varlen.md) needs only the [total] ones, and `row_ok` alone is [N, max_seqlen].
+    @property
+    def seq(self) -> torch.Tensor:
+        """The sequence of each packed token, [total] (int64)."""
+        if self._seq is None:
+            cu = self.cu_seqlens.long()
+            tok = torch.arange(self.total, device=cu.device)
+            # The last start <= tok (right=True skips empty sequences, whose start repeats).
+            self._seq = torch.searchsorted(cu, tok, right=True) - 1
+        return self._seq
+
+    @property
+    def dst(self) -> torch.Tensor:
+        """The flat padded row of each packed token, [total] (int64)."""
+        if self._dst is None:
+            cu = self.cu_seqlens.long()
+            tok = torch.arange(self.total, device=cu.device)
+            self._dst = self.seq * self.max_seqlen + (tok - cu[self.seq])
+        return self._dst
+
+    @property
+    def row_ok(self) -> torch.Tensor:
+        """[N, max_seqlen] bool: the padded rows that hold a token."""
+        if self._row_ok is None:
+            cu = self.cu_seqlens.long()
+            pos = torch.arange(self.max_seqlen, device=cu.device)
+            self._row_ok = pos[None, :] < (cu[1:] - cu[:-1])[:, None]
+        return self._row_ok
 
     def token_lengths(self) -> torch.Tensor:
         """Length of each packed token's sequence, [total] (int64)."""
-        return self.row_ok.sum(dim=1)[self.dst // self.max_seqlen]
+        cu = self.cu_seqlens.long()
+        return (cu[1:] - cu[:-1])[self.seq]
 
     def positions(self) -> torch.Tensor:
         """Position of each packed token within its sequence, [total] (0 at every sequence's start)."""
-        return self.dst % self.max_seqlen
+        return torch.arange(self.total, device=self.cu_seqlens.device) - self.cu_seqlens.long()[self.seq]
+
+    def layout(self):
+        """The native kernels' view of this batch (runtime.varlen.Layout: tile tables, pooled-block offsets),
+        built once per batch and kept with this map (a model's layers share it)."""
+        if self._layout is None:
+            from .varlen import Layout
+
+            self._layout = Layout(self.cu_seqlens, self.max_seqlen, self.total, self.seq)
+        return self._layout
 
     def pad(self, x: torch.Tensor, fill=0) -> torch.Tensor:
         """[total, ...] -> [N, max_seqlen, ...], `fill` in the padding; differentiable in x (index_copy_)."""

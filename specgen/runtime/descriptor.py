@@ -70,8 +70,11 @@ class Descriptor:
     # The generated launch sequences, on checked arguments (in `args` order):
     #   forward(*args, indices=None, out=None, save_branch_outputs=False) -> ForwardState
     #   backward(dout, *diff_args, lse, indices, branch_out, kc, vc) -> gradients of diff_args
+    #   (forward also takes varlen=<runtime.varlen.Layout> for a native packed call when native_varlen is set)
     forward: Optional[Callable] = field(default=None, compare=False)
     backward: Optional[Callable] = field(default=None, compare=False)
+    # The forward's kernels take packed batches natively (docs/varlen.md); else packed calls are padded.
+    native_varlen: bool = False
     # Derived once here (not per call).
     arg_names: tuple = field(init=False, compare=False)
     diff_args: tuple = field(init=False, compare=False)

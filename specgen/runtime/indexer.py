@@ -20,6 +20,18 @@ def index_topk(desc, select, q_idx, k_idx, w_idx, *, return_scores=False, cu_seq
         k_idx = check_tensor(fn, "k_idx", k_idx, a_k.packed_shape, desc.dtype, dims, device)
         w_idx = check_tensor(fn, "w_idx", w_idx, a_w.packed_shape, desc.dtype, dims, device)
         packed = check_varlen(fn, cu_seqlens, max_seqlen, q_idx.shape[0], device, desc.max_seqlen, desc.spec_name)
+        if desc.native_varlen:
+            # Natively on the packed rows (docs/varlen.md): outputs [total, ...], nothing padded.
+            if desc.fp8_indexer:
+                require_fp8(fn, device)
+            shape = (packed.total, desc.heads_kv, desc.top_k)
+            indices = torch.empty(shape, dtype=torch.int32, device=device)
+            scores = torch.empty(shape, dtype=torch.float32, device=device) if return_scores else None
+            if packed.total:
+                with torch.no_grad():
+                    select(q_idx[None], k_idx[None], w_idx[None], indices[None],
+                           None if scores is None else scores[None], varlen=packed.layout())
+            return (indices, scores) if return_scores else indices
         result = index_topk(desc, select, packed.pad(q_idx), packed.pad(k_idx), packed.pad(w_idx),
                             return_scores=return_scores)
         return tuple(packed.unpad(x) for x in result) if return_scores else packed.unpad(result)
@@ -44,11 +56,16 @@ INDEX_WORKSPACE_BYTES = 256 * 2**20
 
 
 def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None, *, unit: int, top_k: int,
-           heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool, num_warps: int):
+           heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool, num_warps: int, varlen=None):
     """Top-k units by the indexer into `indices` (and, when given, their scores into `scores`), chunk by chunk of
     queries, so no T x T scores ever exist: `scores_kernel` (the module's `_index_scores_kernel`: `bt` query
     positions by `keys` keys per program) fills a workspace of QC query rows, `topk_kernel` (`_radix_topk_kernel`)
-    takes each row's top-k."""
+    takes each row's top-k. `varlen`: a packed batch's runtime.varlen.Layout (inputs [1, total, ...]): see
+    `_select_packed`."""
+    if varlen is not None:
+        return _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen, unit=unit,
+                              top_k=top_k, heads_kv=heads_kv, bt=bt, keys=keys, scale=scale, fp8=fp8, widen=widen,
+                              num_warps=num_warps)
     B, T = q_idx.shape[0], q_idx.shape[1]
     if fp8:
         # e4m3 rows with fp32 scales; q_I's scales fold into the head weights, k_I's stay per token.
@@ -65,12 +82,48 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
         # Rows with at most k candidates keep them all: their scores are needed only when asked for.
         if scores is not None or (q0 + nq - 1) // unit + 1 > top_k:
             scores_kernel[(-(-nq // bt), B * heads_kv, -(-(q0 + nq) // keys))](
-                q_idx, k_idx, w_idx, ws, *extra, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+                q_idx, k_idx, w_idx, ws, *extra, ws, ws, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
                 k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
                 T, q0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, num_warps=num_warps)
-        topk_kernel[(nq, B * heads_kv)](ws, indices, scores if scores is not None else ws, T, q0, QC, units,
+        topk_kernel[(nq, B * heads_kv)](ws, indices, scores if scores is not None else ws, ws, ws, T, q0, QC, units,
                                         WITH_SCORES=scores is not None, num_warps=4)
 
 
 def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores, layout, *, unit: int,
+                   top_k: int, heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool,
+                   num_warps: int):
+    """`select` of a packed batch (docs/varlen.md), natively: both kernels walk the tile table of `bt` query
+    positions per sequence (Layout.token_tiles), C table entries per chunk. The workspace holds the chunk's C * bt
+    query rows x cdiv(max_seqlen, unit) units (a fixed size, as in the batched path); a query tile never crosses a
+    sequence, so each row's keys are its own sequence's, read from its first packed row."""
+    total, max_seqlen = layout.total, layout.max_seqlen
+    if fp8:
+        q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
+        k_idx, k_scale = fp8_rows(k_idx)
+        extra = (k_scale,)
+    else:
+        extra = ()
+    table, n_entries = layout.token_tiles(bt)
+    units = -(-max_seqlen // unit)
+    rows = max(16, min(total, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * heads_kv * units))) // 2))
+    per_chunk = max(1, rows // bt)                 # tile-table entries per chunk
+    QC = per_chunk * bt
+    ws = torch.empty((heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
+    # Rows with at most k candidates keep them all (their scores are needed only when asked for): only when every
+    # sequence is that short can the score launches be skipped, since lengths are not read on the host.
+    need_scores = scores is not None or (max_seqlen - 1) // unit + 1 > top_k
+    tables = (layout.cu_seqlens, table)
+    for e0 in range(0, n_entries, per_chunk):
+        ne = min(per_chunk, n_entries - e0)
+        if need_scores:
+            scores_kernel[(ne, heads_kv, -(-max_seqlen // keys))](
+                q_idx, k_idx, w_idx, ws, *extra, *tables, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
+                k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
+                total, e0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, VARLEN=True,
+                num_warps=num_warps)
+        topk_kernel[(ne * bt, heads_kv)](ws, indices, scores if scores is not None else ws, *tables, total, e0, QC,
+                                         units, WITH_SCORES=scores is not None, VARLEN=True, num_warps=4)

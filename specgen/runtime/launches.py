@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import cdiv as _cdiv, launch, launch_config
+from . import META_NAMES, cdiv as _cdiv, launch, launch_config
 from . import selection as _selection
 
 
@@ -62,21 +62,29 @@ def compressed_blocks(desc, T: int) -> int:
 
 
 def pool(kernel, x, D: int, NC: int, weight=None, pe=None, *, heads_kv: int, bi: int, linear: bool, has_pe: bool,
-         widen: bool):
+         widen: bool, varlen=None, cmp_block: int = 0, cmp_stride: int = 0):
     """Pooled compression keys or values [B, NC, HKV, D] of `x` [B, T, HKV, D] (the module's `_pool_kernel`;
-    `bi` blocks per program, from the plan)."""
+    `bi` blocks per program, from the plan). Packed (`varlen`, a runtime.varlen.Layout; x [1, total, HKV, D]):
+    [1, NC, HKV, D] with NC the packed capacity (Layout.pooled), sequence i's blocks at rows cu_blocks[i] : ..."""
     B, T = x.shape[0], x.shape[1]
     out = torch.empty((B, NC, heads_kv, D), dtype=x.dtype, device=x.device)
     if NC == 0:
         return out
     BN = min(64, _next_pow2(D))
-    grid = (_cdiv(NC, bi), B * heads_kv, _cdiv(D, BN))
-    if linear:
-        kernel[grid](x, out, weight, pe if has_pe else weight, x.stride(0), x.stride(1), x.stride(2), T, NC,
-                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=True, HAS_PE=has_pe, WIDEN=widen)
+    if varlen is None:
+        grid = (_cdiv(NC, bi), B * heads_kv, _cdiv(D, BN))
+        tables = (x, x, x)  # unused without VARLEN
     else:
-        kernel[grid](x, out, x, x, x.stride(0), x.stride(1), x.stride(2), T, NC,
-                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=False, HAS_PE=False, WIDEN=widen)
+        cu_blocks, _ = varlen.pooled(cmp_block, cmp_stride)
+        table, n_programs = varlen.block_tiles(cmp_block, cmp_stride, bi)
+        grid = (n_programs, heads_kv, _cdiv(D, BN))
+        tables = (varlen.cu_seqlens, cu_blocks, table)
+    if linear:
+        kernel[grid](x, out, weight, pe if has_pe else weight, *tables, x.stride(0), x.stride(1), x.stride(2), T, NC,
+                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=True, HAS_PE=has_pe, WIDEN=widen, VARLEN=varlen is not None)
+    else:
+        kernel[grid](x, out, x, x, *tables, x.stride(0), x.stride(1), x.stride(2), T, NC,
+                     D=D, BN=BN, BK=BN, BI=bi, LINEAR=False, HAS_PE=False, WIDEN=widen, VARLEN=varlen is not None)
     return out
 
 
@@ -84,9 +92,14 @@ class Forward:
     """One forward call's outputs and the arguments every attention kernel takes; `attention` launches the
     branches in the order the module calls it (the first writes, later ones add, the last writes `out`)."""
 
-    def __init__(self, desc, configs: dict, candidates: dict, q, gates, out, save_branch_outputs: bool, widen: bool):
+    def __init__(self, desc, configs: dict, candidates: dict, q, gates, out, save_branch_outputs: bool, widen: bool,
+                 varlen=None):
         self.desc, self.configs, self.candidates, self.widen = desc, configs, candidates, widen
         self.q, self.save = q, save_branch_outputs
+        # A native packed call (docs/varlen.md): a runtime.varlen.Layout, the inputs a batch of one [1, total, ...]
+        # (so B = 1, T = total below: every buffer is linear in the packed tokens) and the kernels launched with
+        # VARLEN over the layout's tile tables. None: a batched call, launched exactly as before.
+        self.varlen = varlen
         B, T = self.B, self.T = q.shape[0], q.shape[1]
         device = q.device
         hq, dv, nb = desc.heads_q, desc.dim_v, desc.n_branches
@@ -99,6 +112,33 @@ class Forward:
         # Without gates the kernels read no gate (zero strides over any tensor).
         self.gates, self.g_strides = (gates, strides(gates)) if desc.gated else (q, (0, 0, 0))
         self.launched = 0
+        # The pointer arguments of the packed launches (unused without VARLEN: any tensor will do).
+        self._no_tables = (q, q, q)
+
+    def compressed_blocks(self) -> int:
+        """Rows of the pooled keys/values per batch element: the complete compression blocks of T tokens, or, for a
+        packed batch, the capacity of the packed pooled rows (runtime.varlen.Layout.pooled)."""
+        d = self.desc
+        if self.varlen is None:
+            return compressed_blocks(d, self.T)
+        return self.varlen.pooled(d.cmp_block, d.cmp_stride)[1]
+
+    def pool(self, pool_fn, x, D: int, NC: int, *weights):
+        """The module's `_pool(x, D, NC, ...)` on this call's layout."""
+        d = self.desc
+        return pool_fn(x, D, NC, *weights, varlen=self.varlen, cmp_block=d.cmp_block, cmp_stride=d.cmp_stride)
+
+    def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int):
+        """The compression scorer's top-n (the module's `_select_blocks_kernel`, `bt` queries per program)."""
+        d, q = self.desc, self.q
+        if self.varlen is None:
+            grid, tables = (_cdiv(self.T, bt), self.B * d.heads_kv), self._no_tables
+        else:
+            table, n_programs = self.varlen.token_tiles(bt)
+            grid = (n_programs, d.heads_kv)
+            tables = (self.varlen.cu_seqlens, self.varlen.pooled(d.cmp_block, d.cmp_stride)[0], table)
+        kernel[grid](q, kc, self.lse, indices, *tables, *strides(q), self.T, NC, d.softmax_scale, WIDEN=self.widen,
+                     VARLEN=self.varlen is not None, num_warps=num_warps)
 
     def new_indices(self):
         return torch.empty((self.B, self.T, self.desc.heads_kv, self.desc.top_k), dtype=torch.int32,
@@ -110,12 +150,27 @@ class Forward:
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
         selection = () if indices is None else (indices,)
-        launch(kernel, name, self.configs, self.candidates,
-               lambda cfg: (_cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks),
-               (q, k, v, self.gates, self.acc, self.out, self.lse, self.branch_out, *selection, *strides(q, k, v),
-                *self.g_strides, T, n_keys, d.softmax_scale, self.B * T * d.heads_q * d.dim_v),
-               dict(HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save, WIDEN=self.widen),
-               T=T, restore=("ACC",) if not first and not last else ())
+        meta = dict(HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save, WIDEN=self.widen)
+
+        def args(tables):
+            return (q, k, v, self.gates, self.acc, self.out, self.lse, self.branch_out, *selection, *tables,
+                    *strides(q, k, v), *self.g_strides, T, n_keys, d.softmax_scale, self.B * T * d.heads_q * d.dim_v)
+
+        if self.varlen is None:
+            launch(kernel, name, self.configs, self.candidates,
+                   lambda cfg: (_cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks), args(self._no_tables),
+                   dict(meta, VARLEN=False), T=T, restore=("ACC",) if not first and not last else ())
+            return
+        # Packed: the tuned (or default) config, whose query tile sizes the tile table (no autotuning here: the
+        # table depends on the tile).
+        cfg = launch_config(self.configs, name)
+        table, n_programs = self.varlen.token_tiles(cfg["bt"])
+        cu_blocks = (self.varlen.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression"
+                     else self.varlen.cu_seqlens)
+        kernel[(n_programs, d.heads_kv * head_chunks)](
+            *args((self.varlen.cu_seqlens, cu_blocks, table)), **meta, VARLEN=True,
+            **{META_NAMES[key]: value for key, value in cfg.items() if key in META_NAMES},
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
                      merge_rows: int):
@@ -127,17 +182,28 @@ class Forward:
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
         per_query = d.heads_q * top_k * (d.dim_v * d.dtype.itemsize + 4)
+        lay = self.varlen
+        if lay is not None:
+            # Packed: queries are packed rows (B = 1, T = total; the merge below needs nothing else), units are
+            # numbered over the batch so a block is never shared across sequences.
+            cu_units, unit_seq, n_batch_units = lay.units(unit)
         for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
             TC = t1 - t0
-            qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
-                indices[:, t0:t1], T, unit=unit, tile_queries=bq)
+            if lay is None:
+                qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
+                    indices[:, t0:t1], T, unit=unit, tile_queries=bq)
+                tables = self._no_tables
+            else:
+                qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_segments_packed(
+                    indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units, n_batch_units, tile_queries=bq)[:6]
+                tables = (lay.cu_seqlens, cu_units, unit_seq)
             if n_items == 0:
                 continue
             part_o = torch.empty((B, TC, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
             part_lse = torch.empty((B, TC, d.heads_q, top_k), dtype=torch.float32, device=q.device)
-            kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end,
-                               *strides(q, k, v), T, t0, TC, d.softmax_scale, WIDEN=self.widen, num_warps=warps,
-                               num_stages=1)
+            kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end, *tables,
+                               *strides(q, k, v), T, t0, TC, d.softmax_scale, WIDEN=self.widen,
+                               VARLEN=lay is not None, num_warps=warps, num_stages=1)
             n_rows = B * TC * d.heads_q
             merge_kernel[(_cdiv(n_rows, merge_rows),)](
                 part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,

@@ -36,16 +36,35 @@ def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
         reduce sums them in item order).
     """
     B, TC, Hkv, K = indices.shape
-    device = indices.device
     n_units = _cdiv(T, unit)
-    n_seg = B * Hkv * n_units
-    idx = indices.long()
-    valid = idx >= 0
-    bg = torch.arange(B * Hkv, device=device).view(B, 1, Hkv, 1)
+    bg = torch.arange(B * Hkv, device=indices.device).view(B, 1, Hkv, 1)
+    return _segments(indices, bg * n_units + indices.long().clamp(min=0), B * Hkv * n_units, tile_queries)
+
+
+def kv_order_segments_packed(indices: torch.Tensor, seq_of_row: torch.Tensor, cu_units: torch.Tensor,
+                             n_batch_units: int, *, tile_queries: int):
+    """`kv_order_segments` of a packed batch (docs/varlen.md): `indices` [1, TC, Hkv, k] are packed rows (a chunk
+    t0 .. t0 + TC - 1 of them, qpos counting from t0) whose units are relative to each row's sequence
+    (`seq_of_row` [TC], int64). A unit of sequence i is numbered u = cu_units[i] + unit over the whole batch
+    (`cu_units` [N+1]: per-sequence unit offsets; `n_batch_units` a host bound on their total), and a segment is
+    seg = u * Hkv + g: one per (sequence, unit, kv group), so no block is shared across sequences, and the
+    segments number O(total / unit + N) (never N x max_seqlen). The kernel decodes seg back (select_kv.j2)."""
+    _, TC, Hkv, K = indices.shape
+    g = torch.arange(Hkv, device=indices.device).view(1, 1, Hkv, 1)
+    u = cu_units[seq_of_row].view(1, TC, 1, 1) + indices.long().clamp(min=0)
+    return _segments(indices, u * Hkv + g, n_batch_units * Hkv, tile_queries)
+
+
+def _segments(indices: torch.Tensor, segment: torch.Tensor, n_seg: int, tile_queries: int):
+    """The work list of `kv_order_segments`, given each (query, kv group, slot)'s segment [B, TC, Hkv, k] (any
+    value where the slot is padding) and the number of segments."""
+    B, TC, Hkv, K = indices.shape
+    device = indices.device
+    valid = indices >= 0
     t = torch.arange(TC, device=device).view(1, TC, 1, 1)
     slots = torch.arange(K, device=device).view(1, 1, 1, K)
     # key = ((segment * TC + query) * K + slot): unique (a query lists a unit once); padding sorts past every segment.
-    key = ((bg * n_units + idx.clamp(min=0)) * TC + t) * K + slots
+    key = (segment * TC + t) * K + slots
     padding = torch.iinfo(torch.int64).max
     key = torch.sort(torch.where(valid, key, padding).flatten()).values
     real = key != padding
