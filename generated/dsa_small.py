@@ -42,16 +42,14 @@ CONFIGS = {"default": {"preprocess": {"num_warps": 4, "rows": 64}, "select": {"n
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
-CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "bt", "num_stages", "num_warps"),
-    (64, 1, 2, 4), (32, 1, 1, 4), (32, 1, 2, 4), (32, 1, 3, 4), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8),
-    (64, 1, 1, 4), (64, 1, 3, 4), (64, 1, 1, 8), (64, 1, 2, 8), (64, 1, 3, 8), (128, 1, 1, 4), (128, 1, 2, 4),
-    (128, 1, 3, 4), (128, 1, 1, 8), (128, 1, 2, 8), (128, 1, 3, 8)),
-    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (16, 1, 2, 4), (16, 1, 1, 4),
-    (16, 1, 3, 4), (16, 1, 1, 8), (16, 1, 2, 8), (16, 1, 3, 8)),
-    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 16, 2, 4), (32, 4, 1, 4),
-    (32, 4, 2, 4), (32, 4, 3, 4), (32, 4, 1, 8), (32, 4, 2, 8), (32, 4, 3, 8), (32, 8, 1, 4), (32, 8, 2, 4),
-    (32, 8, 3, 4), (32, 8, 1, 8), (32, 8, 2, 8), (32, 8, 3, 8), (32, 16, 1, 4), (32, 16, 3, 4),
-    (32, 16, 1, 8), (32, 16, 2, 8), (32, 16, 3, 8))})
+CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stages", "num_warps"), {"bt": 1},
+    (64, 2, 4), (32, 1, 4), (32, 2, 4), (32, 3, 4), (32, 1, 8), (32, 2, 8), (32, 3, 8), (64, 1, 4),
+    (64, 3, 4), (64, 1, 8), (64, 2, 8), (64, 3, 8), (128, 1, 4), (128, 2, 4), (128, 3, 4), (128, 1, 8),
+    (128, 2, 8), (128, 3, 8)), "selection_dq": (("num_stages", "num_warps"), {"block_n": 16, "bt": 1}, (2, 4),
+    (1, 4), (3, 4), (1, 8), (2, 8), (3, 8)), "selection_dkdv": (("bq", "num_stages", "num_warps"),
+    {"block_n": 32}, (16, 2, 4), (4, 1, 4), (4, 2, 4), (4, 3, 4), (4, 1, 8), (4, 2, 8), (4, 3, 8), (8, 1, 4),
+    (8, 2, 4), (8, 3, 4), (8, 1, 8), (8, 2, 8), (8, 3, 8), (16, 1, 4), (16, 3, 4), (16, 1, 8), (16, 2, 8),
+    (16, 3, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(8)

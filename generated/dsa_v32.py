@@ -45,11 +45,10 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
-CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "bt", "num_stages", "num_warps"),
-    (64, 1, 2, 8), (32, 1, 1, 8), (32, 1, 2, 8), (32, 1, 3, 8), (64, 1, 1, 8)),
-    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (32, 1, 1, 8), (32, 1, 1, 4),
-    (32, 1, 2, 4), (32, 1, 2, 8)), "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"),
-    (32, 1, 1, 8))})
+CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stages"), {"bt": 1,
+    "num_warps": 8}, (64, 2), (32, 1), (32, 2), (32, 3), (64, 1)),
+    "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)

@@ -60,10 +60,13 @@ def candidate_table(candidates: dict) -> dict:
         if same is not None:
             out[kernel] = same
             continue
-        fields = tuple(sorted(configs[0]))
-        if any(tuple(sorted(c)) != fields for c in configs):
+        names = tuple(sorted(configs[0]))
+        if any(tuple(sorted(c)) != names for c in configs):
             raise AssertionError(f"candidates of {kernel} differ in their fields")
-        out[kernel] = (fields, *(tuple(c[f] for f in fields) for c in configs))
+        # Fields every candidate shares print once, not in every row.
+        fixed = {f: configs[0][f] for f in names if len(configs) > 1 and all(c[f] == configs[0][f] for c in configs)}
+        fields = tuple(f for f in names if f not in fixed)
+        out[kernel] = (fields, *((fixed,) if fixed else ()), *(tuple(c[f] for f in fields) for c in configs))
     return out
 
 

@@ -29,15 +29,16 @@ def _next_pow2(x: int) -> int:
 
 
 def config_table(tables: dict) -> dict:
-    """{kernel: [config, ...]} from the module's compact form {kernel: (field names, row, row, ...)}, where a
-    kernel's entry may instead name an earlier kernel with the same candidates: the candidate lists are hundreds of
-    configs, printed as rows of values under one header per kernel."""
+    """{kernel: [config, ...]} from the module's compact form {kernel: (field names, [fields every config shares,]
+    row, row, ...)}, where a kernel's entry may instead name an earlier kernel with the same candidates: the
+    candidate lists are hundreds of configs, printed as rows of the values that vary under one header per kernel."""
     out: dict = {}
     for kernel, table in tables.items():
         if isinstance(table, str):
             out[kernel] = [dict(c) for c in out[table]]
-        else:
-            out[kernel] = [dict(zip(table[0], row)) for row in table[1:]]
+            continue
+        fixed, rows = (table[1], table[2:]) if len(table) > 1 and isinstance(table[1], dict) else ({}, table[1:])
+        out[kernel] = [{**fixed, **dict(zip(table[0], row))} for row in rows]
     return out
 
 
