@@ -67,13 +67,7 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
                               top_k=top_k, heads_kv=heads_kv, bt=bt, keys=keys, scale=scale, fp8=fp8, widen=widen,
                               num_warps=num_warps)
     B, T = q_idx.shape[0], q_idx.shape[1]
-    if fp8:
-        # e4m3 rows with fp32 scales; q_I's scales fold into the head weights, k_I's stay per token.
-        q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
-        k_idx, k_scale = fp8_rows(k_idx)
-        extra = (k_scale,)
-    else:
-        extra = ()
+    q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     units = -(-T // unit)
     QC = max(16, min(T, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * heads_kv * units))) // 2))
     ws = torch.empty((B * heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
@@ -89,6 +83,16 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
                                         WITH_SCORES=scores is not None, num_warps=4)
 
 
+def _index_inputs(q_idx, k_idx, w_idx, fp8: bool):
+    """The indexer's inputs as the score kernel takes them, and its extra arguments: with fp8, e4m3 rows with fp32
+    scales (q_I's scales fold into the head weights, k_I's stay per token, passed as the extra argument)."""
+    if not fp8:
+        return q_idx, k_idx, w_idx, ()
+    q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
+    k_idx, k_scale = fp8_rows(k_idx)
+    return q_idx, k_idx, w_idx, (k_scale,)
+
+
 def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
@@ -101,12 +105,7 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
     query rows x cdiv(max_seqlen, unit) units (a fixed size, as in the batched path); a query tile never crosses a
     sequence, so each row's keys are its own sequence's, read from its first packed row."""
     total, max_seqlen = layout.total, layout.max_seqlen
-    if fp8:
-        q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
-        k_idx, k_scale = fp8_rows(k_idx)
-        extra = (k_scale,)
-    else:
-        extra = ()
+    q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     table, n_entries = layout.token_tiles(bt)
     units = -(-max_seqlen // unit)
     rows = max(16, min(total, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * heads_kv * units))) // 2))
