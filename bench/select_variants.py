@@ -8,7 +8,7 @@ A variant is MODE:BT:WARPS:BJ[:OVERLAP] (MODE merge, the running top-n the kerne
 BT query positions per program; warps; selection blocks per loop trip; sums|dot: how block scores are formed). The
 probe (timing only, its selection is wrong by design) replaces each trip's top-n merge by an elementwise max, to
 say where the kernel's time goes. The records of 2026-12-06 (bench/results/scoring) also have a "registers" mode
-(every block score of a row kept, n rounds of argmax) that the plan has since dropped.; the plan's own choice
+(every block score of a row kept, n rounds of argmax) that the plan has since dropped. The plan's own choice
 runs first as the baseline. An experiment tool: the winning rule goes into compile/plan.py and tuning.py.
 """
 
@@ -52,19 +52,24 @@ def patched(variant):
     return make_plan, default_configs
 
 
+# Probe -> (old line, new line) alternatives: the first whose old line the kernel has is applied.
 PROBES = {
-    "nomerge": ("        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)",
-                "        best = tl.maximum(best, key)"),
+    "nomerge": [
+        ("        best = tl.bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), dim=1, descending=True)",
+         "        best = tl.maximum(best, key)"),
+        ("        best = tl.topk(tl.reshape(tl.join(best, key), (best.shape[0], 2 * TOP_K_PAD)), TOP_K_PAD, dim=1)",
+         "        best = tl.maximum(best, key)"),
+    ],
 }
 
 
 def probe(module, name: str):
     """The module with its scoring kernel's source edited by PROBES[name], imported under a new name."""
-    old, new = PROBES[name]
     src = Path(module.__file__).read_text()
-    assert old in src, f"probe {name}: the kernel no longer has {old.strip()!r}"
+    edit = next(((old, new) for old, new in PROBES[name] if old in src), None)
+    assert edit is not None, f"probe {name}: the kernel has none of the lines it edits"
     path = Path(module.__file__).with_name(f"{Path(module.__file__).stem}_probe_{name}.py")
-    path.write_text(src.replace(old, new))
+    path.write_text(src.replace(*edit))
     return import_path(path, path.stem)
 
 
