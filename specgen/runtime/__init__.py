@@ -24,6 +24,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): tile widths and workspace rows on the host."""
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
 def interpreting() -> bool:
     """True under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -362,9 +367,15 @@ def launch(kernel, name: str, configs: dict, candidates: dict, grid, args: tuple
         tuner[tuned_grid](*args, tune_bucket=tune_bucket(T), **meta)
         return None
     cfg = cfg if cfg is not None else configs["default"][name]
-    kernel[grid(cfg)](*args, **meta, **{META_NAMES[k]: v for k, v in cfg.items() if k in META_NAMES},
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch_with(kernel, grid(cfg), args, meta, cfg)
     return cfg
+
+
+def launch_with(kernel, grid, args: tuple, meta: dict, cfg: dict) -> None:
+    """Launch `kernel` on `grid` with one config: its meta-parameters (META_NAMES) as keyword arguments beside
+    `meta`, its warps and stages as launch options."""
+    kernel[grid](*args, **meta, **{META_NAMES[k]: v for k, v in cfg.items() if k in META_NAMES},
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,9 +415,7 @@ class Packed:
     def dst(self) -> torch.Tensor:
         """The flat padded row of each packed token, [total] (int64)."""
         if self._dst is None:
-            cu = self.cu_seqlens.long()
-            tok = torch.arange(self.total, device=cu.device)
-            self._dst = self.seq * self.max_seqlen + (tok - cu[self.seq])
+            self._dst = self.seq * self.max_seqlen + self.positions()
         return self._dst
 
     @property

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from . import check_seqlen, check_tensor, check_varlen, fp8_index_queries, fp8_rows, interpreting, require_fp8
+from . import (check_seqlen, check_tensor, check_varlen, fp8_index_queries, fp8_rows, interpreting, next_pow2,
+               require_fp8)
 
 
 def index_topk(desc, select, q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
@@ -69,7 +70,7 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
     B, T = q_idx.shape[0], q_idx.shape[1]
     q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     units = -(-T // unit)
-    QC = max(16, min(T, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * B * heads_kv * units))) // 2))
+    QC = _workspace_rows(T, B * heads_kv, units)
     ws = torch.empty((B * heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
     for q0 in range(0, T, QC):
         nq = min(QC, T - q0)
@@ -83,6 +84,12 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
                                         WITH_SCORES=scores is not None, num_warps=4)
 
 
+def _workspace_rows(n_rows: int, lanes: int, units: int) -> int:
+    """Query rows of the fp32 index-score workspace [lanes, rows, units]: a power of two within
+    INDEX_WORKSPACE_BYTES (halved), at least 16, at most the rows there are."""
+    return max(16, min(n_rows, next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * lanes * units))) // 2))
+
+
 def _index_inputs(q_idx, k_idx, w_idx, fp8: bool):
     """The indexer's inputs as the score kernel takes them, and its extra arguments: with fp8, e4m3 rows with fp32
     scales (q_I's scales fold into the head weights, k_I's stay per token, passed as the extra argument)."""
@@ -91,10 +98,6 @@ def _index_inputs(q_idx, k_idx, w_idx, fp8: bool):
     q_idx, w_idx = fp8_index_queries(q_idx, w_idx)
     k_idx, k_scale = fp8_rows(k_idx)
     return q_idx, k_idx, w_idx, (k_scale,)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores, layout, *, unit: int,
@@ -108,7 +111,7 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
     q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     table, n_entries = layout.token_tiles(bt)
     units = -(-max_seqlen // unit)
-    rows = max(16, min(total, _next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * heads_kv * units))) // 2))
+    rows = _workspace_rows(total, heads_kv, units)
     per_chunk = max(1, rows // bt)                 # tile-table entries per chunk
     QC = per_chunk * bt
     ws = torch.empty((heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)

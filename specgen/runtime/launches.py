@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import META_NAMES, cdiv as _cdiv, launch, launch_config
+from . import cdiv as _cdiv, launch, launch_config, launch_with, next_pow2
 from . import selection as _selection
 
 
@@ -22,10 +22,6 @@ from . import selection as _selection
 # shares): longer or larger batches go by query chunks (runtime.selection.query_chunks). At Llama-3-8B heads a 64k
 # sequence needs 4 GiB of forward partials, so the records' shapes run in one chunk.
 KV_PARTIAL_BYTES = 8 << 30
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 def config_table(tables: dict) -> dict:
@@ -71,7 +67,7 @@ def pool(kernel, x, D: int, NC: int, weight=None, pe=None, *, heads_kv: int, bi:
     out = torch.empty((B, NC, heads_kv, D), dtype=x.dtype, device=x.device)
     if NC == 0:
         return out
-    BN = min(64, _next_pow2(D))
+    BN = min(64, next_pow2(D))
     if varlen is None:
         grid = (_cdiv(NC, bi), B * heads_kv, _cdiv(D, BN))
         tables = (x, x, x)  # unused without VARLEN
@@ -168,10 +164,8 @@ class Forward:
         table, n_programs = self.varlen.token_tiles(cfg["bt"])
         cu_blocks = (self.varlen.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression"
                      else self.varlen.cu_seqlens)
-        kernel[(n_programs, d.heads_kv * head_chunks)](
-            *args((self.varlen.cu_seqlens, cu_blocks, table)), **meta, VARLEN=True,
-            **{META_NAMES[key]: value for key, value in cfg.items() if key in META_NAMES},
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args((self.varlen.cu_seqlens, cu_blocks, table)),
+                    dict(meta, VARLEN=True), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
                      merge_rows: int):
@@ -373,7 +367,7 @@ def pool_backward(kernels: dict, configs: dict, dkc, x, D: int, NC: int, dx, acc
     `_pool_bwd_mean_kernel` and (None, None)."""
     B, T = x.shape[0], x.shape[1]
     cfg = launch_config(configs, "pool")
-    BN = min(64, _next_pow2(D))
+    BN = min(64, next_pow2(D))
     if "mean" in kernels:
         grid = (_cdiv(T, cfg["tokens"]), B * heads_kv, _cdiv(D, BN))
         kernels["mean"][grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
