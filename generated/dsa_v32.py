@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(3, "dsa_v32")
+runtime.require_schema(4, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -41,14 +41,15 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_warps": 8}}, "default": {"preprocess": {"num_warps": 4, "rows": 16}, "select": {"num_warps": 4},
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8}, "selection_dkdv": {"block_n": 32,
     "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
-    "num_warps": 8}}}
+    "num_warps": 8}, "selection_scatter": {"block_n": 32, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stages"), {"bt": 1,
     "num_warps": 8}, (64, 2), (32, 1), (32, 2), (32, 3), (64, 1)),
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
-    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8))})
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
+    "selection_scatter": (("block_n", "num_stages"), {"num_warps": 8}, (32, 1), (16, 1), (16, 2), (32, 2))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -1043,6 +1044,153 @@ def _selection_bwd_dkdv_kernel(
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
 
 
+@triton.jit
+def _selection_bwd_scatter_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    GP: tl.constexpr = 32
+    ROWS: tl.constexpr = GP
+    CHANNEL: tl.constexpr = 0
+    t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    # The group's 128 heads over 4 programs of GP rows (the fp32 dQ of all of them would not fit
+    # the registers); each adds its own heads' share of dK/dV.
+    HEAD_CHUNKS: tl.constexpr = 4
+    chunk = pid_bg % HEAD_CHUNKS
+    pid_bg = pid_bg // HEAD_CHUNKS
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    rows = tl.arange(0, ROWS)
+    head = g * GROUP + chunk * GP + rows
+    row_ok = chunk * GP + rows < GROUP
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    q2 = tl.load(q_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    q3 = tl.load(q_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+    q4 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+    row_index = (b * T + t) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.where(row_ok, 1.0, 0.0)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do0 = do0.to(Q.dtype.element_ty)
+    do1 = tl.load(DO + row_index[:, None] * DV + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do1 = do1.to(Q.dtype.element_ty)
+    do2 = tl.load(DO + row_index[:, None] * DV + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do2 = do2.to(Q.dtype.element_ty)
+    do3 = tl.load(DO + row_index[:, None] * DV + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+    if not WIDEN:
+        do3 = do3.to(Q.dtype.element_ty)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    dq1 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    dq2 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    dq3 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    dq4 = tl.zeros([ROWS, 64], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # dK/dV rows of this (batch, kv head): fp32 [B, NKEYS, HKV, D] contiguous.
+    dk_base = DK + (b * NKEYS * HKV + g) * DQK
+    dv_base = DVAL + (b * NKEYS * HKV + g) * DV
+    # The query's selected units, ascending, -1 padding last.
+    idx_row = IDX + ((b * T + t) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + f % UNIT
+        key_ok = (unit >= 0) & (keys <= t)
+        visible = key_ok[None, :] & row_ok[:, None]
+        k_rows = k_base + keys * stride_kt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k2 = tl.load(k_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k3 = tl.load(k_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k4 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        v0 = k0  # MLA: V is K's first 512 dims
+        v1 = k1  # MLA: V is K's first 512 dims
+        v2 = k2  # MLA: V is K's first 512 dims
+        v3 = k3  # MLA: V is K's first 512 dims
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        s += _dot(q2, tl.trans(k2), WIDEN)
+        s += _dot(q3, tl.trans(k3), WIDEN)
+        s += _dot(q4, tl.trans(k4), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        dp += _dot(do1, tl.trans(v1), WIDEN)
+        dp += _dot(do2, tl.trans(v2), WIDEN)
+        dp += _dot(do3, tl.trans(v3), WIDEN)
+        ds = p * (dp - delta[:, None])
+        # Scaled once here: dQ and dK both take sm_scale * dS.
+        ds = ds * sm_scale
+        pt = tl.trans(p)
+        dst = tl.trans(ds)
+        dq0 += _pv(ds, k0, WIDEN)
+        dq1 += _pv(ds, k1, WIDEN)
+        dq2 += _pv(ds, k2, WIDEN)
+        dq3 += _pv(ds, k3, WIDEN)
+        dq4 += _pv(ds, k4, WIDEN)
+        key_rows = keys.to(tl.int64) * (HKV * DQK)
+        acc = _pv(dst, q0, WIDEN)
+        acc += _pv(pt, do0, WIDEN)
+        tl.atomic_add(dk_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
+                      mask=key_ok[:, None], sem="relaxed")
+        acc = _pv(dst, q1, WIDEN)
+        acc += _pv(pt, do1, WIDEN)
+        tl.atomic_add(dk_base + key_rows[:, None] + 128 + tl.arange(0, 128)[None, :], acc,
+                      mask=key_ok[:, None], sem="relaxed")
+        acc = _pv(dst, q2, WIDEN)
+        acc += _pv(pt, do2, WIDEN)
+        tl.atomic_add(dk_base + key_rows[:, None] + 256 + tl.arange(0, 128)[None, :], acc,
+                      mask=key_ok[:, None], sem="relaxed")
+        acc = _pv(dst, q3, WIDEN)
+        acc += _pv(pt, do3, WIDEN)
+        tl.atomic_add(dk_base + key_rows[:, None] + 384 + tl.arange(0, 128)[None, :], acc,
+                      mask=key_ok[:, None], sem="relaxed")
+        acc = _pv(dst, q4, WIDEN)
+        tl.atomic_add(dk_base + key_rows[:, None] + 512 + tl.arange(0, 64)[None, :], acc,
+                      mask=key_ok[:, None], sem="relaxed")
+    row_index = (b * T + t) * HQ + head
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 128 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 256 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq2 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq2, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 384 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq3 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq3, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 512 + tl.arange(0, 64)[None, :]
+    if HAS_PREV:
+        dq4 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq4, mask=row_ok[:, None])
+
+
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", )
 
@@ -1067,9 +1215,9 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc):
     v = k[..., :512]  # MLA: V is the first d_v dims of K; its gradient is added into dK below
     b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, None, lse, branch_out, WIDEN)
     T = b.T
-    b.dq(_selection_bwd_dq_kernel, "selection", k, v, T, indices, head_chunks=4)
-    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k", "v", k, v, indices, _selection_inverse_index,
-                     INVERSE_INDEX_ENTRIES)
+    # The scatter path (dK/dV by atomics), or under torch.use_deterministic_algorithms the inverse-index kernels.
+    b.selection(_selection_bwd_scatter_kernel, _selection_bwd_dq_kernel, _selection_bwd_dkdv_kernel, "k", "v", k, v,
+                indices, _selection_inverse_index, INVERSE_INDEX_ENTRIES, dq_chunks=4, scatter_chunks=4)
     return b.gradients(_DESC.diff_args)
 
 
@@ -1088,7 +1236,7 @@ _DESC = runtime.descriptor.Descriptor(
     top_k=2048, unit=1, fp8_indexer=True, needs_compressed_kv=False, cmp_block=0, cmp_stride=0,
     gated=False, mla=True, linear_pool=False, pool_pe=False, indexer_heads=64, indexer_dim=128,
     softmax_scale=0.07216878364870323, forward=_forward, backward=_backward,
-    native_varlen=True)
+    native_varlen=True, selection_backward="scatter")
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

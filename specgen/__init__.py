@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 # Rendered into every module; the runtime refuses a module of another schema at import, with the fix (rebuild).
 # Bump it with any runtime change that modules rendered before it cannot meet, and when modules start to need runtime
 # functions or descriptor fields an older runtime lacks (2: runtime.launches, Descriptor.softmax_scale; 3: native
-# packed forwards, Descriptor.native_varlen and `_forward(..., varlen=)`, the kernels' packed tile tables).
-RUNTIME_SCHEMA = 3
+# packed forwards, Descriptor.native_varlen and `_forward(..., varlen=)`, the kernels' packed tile tables; 4: the
+# selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection).
+RUNTIME_SCHEMA = 4
 
 
 def _interpreter_without_gpu_devices() -> None:

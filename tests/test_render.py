@@ -351,8 +351,11 @@ def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
     query_outer = replace(SMALL, name="nsa_small_query", **{"selection.loop_order": "query"})
     src = render_module(query_outer)
     kv_src = render_module(SMALL)   # nsa_small's group of 2: the block-outer selection in both passes
+    # The selection backward's scatter kernel: V3.2's plan chooses it (docs/backward.md).
+    scatter_src = render_module(load_spec("specs/dsa_v32.yaml"))
     for name in branches.kernel_names():
-        assert f"def {name}(" in (kv_src if "_selection_kv_" in name else src), name
+        where = kv_src if "_selection_kv_" in name else scatter_src if "_scatter_" in name else src
+        assert f"def {name}(" in where, name
     for b in branches.BRANCHES:
         assert f"def {b.decode_kernel}(" in src
     assert tunable_kernels(query_outer) == ("compression", "selection", "window", "compression_dq",

@@ -38,7 +38,8 @@ def test_candidates_are_pruned_by_the_footprint_model(name):
                 assert _rows(plan, kernel, cfg) >= 16
             else:
                 assert cfg.get("bt") == pool[0].get("bt") and cfg.get("bq") == pool[0].get("bq")
-            if kernel.startswith("selection_"):
+            if kernel.startswith("selection_") and kernel != "selection_scatter":
+                # (the scatter kernel walks the selected keys BLOCK_N at a time: its key tile is free)
                 assert cfg["block_n"] == pool[0]["block_n"]
 
 

@@ -69,4 +69,6 @@ def kernel_names() -> dict[str, tuple[str, str]]:
     # FLOPs (the merge only combines), its one backward kernel the whole backward's.
     out["_selection_kv_attention_kernel"] = ("selection", "forward")
     out["_selection_kv_bwd_kernel"] = ("selection", "backward")
+    # The scatter backward (docs/backward.md): dQ, dK and dV of the branch in one kernel.
+    out["_selection_bwd_scatter_kernel"] = ("selection", "backward")
     return out

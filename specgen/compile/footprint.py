@@ -73,6 +73,18 @@ def dkdv_smem(spec: Spec, rows: int, block_n: int, stages: int) -> int:
                       computed=[tile(block_n, rows, e), tile(block_n, rows, e)], stages=stages)
 
 
+def scatter_smem(spec: Spec, rows, keys, stages):
+    """The selection backward's scatter kernel (kernels/backward_scatter.j2): resident Q and dO rows, the gathered
+    K (and V, but MLA's V is K's first d_v dims) counted twice (it is the second operand of S = Q K^T and of
+    dQ = dS K, which the compiler may stage in two layouts: it did at 64 keys), the index, P and dS. Compiled for
+    sm_90 (Triton 3.6, 8 warps, 1 stage), V3.2 at 32 rows: 90112 / 110592 / 221184 bytes at 16 / 32 / 64 keys;
+    the model gives 91200 + 18432 / 111744 + 36864 / 226560."""
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    kv = [tile(keys, dqk, e)] + ([] if spec.mla else [tile(keys, dv, e)])
+    return smem_bytes(resident=[tile(rows, dqk, e), tile(rows, dv, e)], gathered=kv + kv,
+                      index=[tile(keys, 1, 4)], computed=[tile(rows, keys, e), tile(rows, keys, e)], stages=stages)
+
+
 def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
     """A forward attention program: resident Q rows, K (and V, but MLA's gathered V is K's first d_v dims, reused
     in registers) streamed or, for the selection, gathered through an index, and P. Numbers or sympy symbols."""
@@ -94,6 +106,9 @@ def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
                                                       gathered=True)
             out["_selection_bwd_dkdv_kernel"] = dkdv_smem(spec, t.sel_bq * t.sel_dkdv_gp, t.sel_tile,
                                                           t.sel_num_stages)
+            if t.scatter:
+                out["_selection_bwd_scatter_kernel"] = scatter_smem(spec, t.scatter_gp, t.scatter_block_n,
+                                                                    t.scatter_num_stages)
         else:
             rows = t.bt * t.gp
             out[f"_{kind}_bwd_dq_kernel"] = dq_smem(spec, rows, t.block_n, t.num_stages)
@@ -143,6 +158,10 @@ def launch_model(spec: Spec, kernel: str) -> LaunchModel:
     if kernel in BY_NAME:
         smem = attention_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[kernel].gathered)
         return LaunchModel(smem, (ROWS * dv + ROWS * KEYS) / threads)
+    if kernel == "selection_scatter":
+        # Registers: the fp32 dQ rows, S and dP, one chunk's fp32 dK/dV sum (at most 128 dims).
+        return LaunchModel(scatter_smem(spec, ROWS, KEYS, STAGES),
+                           (ROWS * dqk + 2 * ROWS * KEYS + KEYS * min(128, dqk)) / threads)
     branch, part = kernel.rsplit("_", 1)
     if part == "dq":
         smem = dq_smem(spec, ROWS, KEYS, STAGES, gathered=BY_NAME[branch].gathered)

@@ -63,3 +63,45 @@ def orders(spec: Spec) -> tuple[str, str]:
     g = spec.heads.group_size
     kw = selection_orders(spec, g, next_pow2(g))
     return kw["selection_order"], kw["selection_bwd_order"]
+
+
+
+# The selection backward's scatter path (docs/backward.md). Head rows of one scatter program: the program keeps
+# the fp32 dQ of its rows in registers, and at 32 rows x 576 dims (V3.2) it compiles for sm_90 at 255 registers with
+# 48 spill bytes and 110592 B of shared memory (8 warps, 32 keys, 1 stage); at 64 rows Triton 3.6 stages Q and dO in
+# two layouts each and needs 249856 B (over the H100's 232448) with 1160 spill bytes.
+SCATTER_ROWS = 32
+# FLOPs of the scatter kernel's matrix products per byte of its fp32 atomic adds into dK/dV, at and above which the
+# plan chooses it. Per selected (query, kv head, key) the kernel does 2·G·(3·Dqk + 2·Dv) FLOPs (S, dP, dQ, dK, dV
+# over the group's G heads) and each of the group's ceil(G / rows) programs adds 4·(Dqk + Dv) bytes (4·Dqk with MLA,
+# where dV lands in dK's first Dv dims in the same add). The deterministic inverse-index path it replaces does the
+# same products for every query that selected any key of a 32-key tile, so at token granularity it pays up to 32x
+# the useful FLOPs for scattered selections (V3.2 at 16k on the H100: 851 ms, ~26 TFLOP/s); the scatter path pays
+# the atomics instead, which stay below the inverse-index path's wasted products while there are >= 64 FLOPs per
+# atomic byte (an estimate from the H100's L2 reduction rate, a few hundred GB/s for scalar fp32 atomics, against
+# the wasted products; to be calibrated with bench/dsa_bwd_gpu.sh). V3.2: 76; nsa_token's group of 16: 21;
+# dsa_small's group of 4: 5 (both keep the deterministic path).
+SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE = 64
+
+
+def scatter_rows(spec: Spec) -> int:
+    """Head rows of a scatter program: the group's heads, padded to the dot minimum, at most SCATTER_ROWS."""
+    return min(max(MIN_DOT, next_pow2(spec.heads.group_size)), SCATTER_ROWS)
+
+
+def scatter_intensity(spec: Spec) -> float:
+    """FLOPs per byte of fp32 atomic adds of the scatter backward (0 without token selection)."""
+    sel = spec.selection
+    if sel is None or sel.granularity != "token":
+        return 0.0
+    dqk, dv, g = spec.head_dim.qk, spec.head_dim.v, spec.heads.group_size
+    chunks = -(-g // scatter_rows(spec))
+    return 2 * g * (3 * dqk + 2 * dv) / (4 * chunks * (dqk + (0 if spec.mla else dv)))
+
+
+def scatter_backward(spec: Spec) -> bool:
+    """Whether the selection backward takes the query-outer scatter path (dK/dV by fp32 atomics; the inverse-index
+    kernels stay for deterministic runs): token granularity, a group that fills the matrix unit's rows, and
+    enough matrix work per atomic byte (SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE)."""
+    return (spec.heads.group_size >= MIN_DOT
+            and scatter_intensity(spec) >= SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE)

@@ -23,7 +23,7 @@ from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, dkdv_smem, dq_smem, next_pow2)
-from .loop_order import selection_orders
+from .loop_order import scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
 
@@ -63,7 +63,12 @@ class BackwardTiles:
     (each head's dq is independent), sel_dq_block_n keys per trip (may be less than a unit).
     Selection dK/dV: sel_tile keys per program (the inverse index's tile, units_per_tile selection units), SEL_BQ
     queries x sel_dkdv_gp heads per trip, the group's heads walked by an inner loop of sel_dkdv_chunks trips
-    accumulating into the same dK/dV registers (deterministic: fixed order)."""
+    accumulating into the same dK/dV registers (deterministic: fixed order).
+    Selection scatter path (`scatter`, chosen by loop_order.scatter_backward; kernels/backward_scatter.j2): one
+    program per (query, kv head, chunk of scatter_gp heads; scatter_chunks of them), scatter_block_n selected keys
+    per trip, dQ in registers and dK/dV added with fp32 atomics in head-dim chunks (scatter_qk_parts,
+    scatter_v_parts: the parts cut to at most scatter_dim dims) so that one chunk's [keys, dims] sum is live at a
+    time."""
     gp: int
     bt: int
     block_n: int = 64
@@ -79,6 +84,15 @@ class BackwardTiles:
     sel_num_warps: int = 4
     sel_num_stages: int = 2
     unit: int = 1          # tokens per selection unit
+    scatter: bool = False
+    scatter_gp: int = 0
+    scatter_chunks: int = 1
+    scatter_block_n: int = 0
+    scatter_dim: int = 0
+    scatter_num_warps: int = 8
+    scatter_num_stages: int = 1
+    scatter_qk_parts: tuple = ()
+    scatter_v_parts: tuple = ()
 
     @property
     def units_per_tile(self) -> int:
@@ -266,7 +280,31 @@ def _backward_tiles(spec: Spec, group: int, topk_pad: int) -> BackwardTiles:
                       sel_tile=tile_keys, sel_bq=1, sel_dkdv_gp=dkdv_rows,
                       sel_dkdv_chunks=-(-group // dkdv_rows), sel_num_stages=stages)
         kw.update(sel_num_warps=warps, unit=unit)
+        if scatter_backward(spec):
+            kw.update(_scatter_tiles(spec, group))
     return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
+
+
+# Head dims per chunk of the scatter kernel's dK/dV products (one chunk's fp32 [keys, dims] sum live at a time).
+SCATTER_DIM = 128
+
+
+def _chunked(parts: tuple, size: int) -> tuple:
+    return tuple(Part(p.offset + o, min(size, p.size - o)) for p in parts for o in range(0, p.size, size))
+
+
+def _scatter_tiles(spec: Spec, group: int) -> dict:
+    """The scatter backward's tiles: loop_order.scatter_rows head rows a program (its fp32 dQ lives in registers),
+    32 gathered keys a trip for wide heads (64 otherwise), 8 warps, one stage for wide heads. V3.2 (32 rows, 32 keys,
+    8 warps, 1 stage) compiles for sm_90 at 255 registers, 48 spill bytes, 110592 B shared (bench/compile_offline.py)."""
+    wide = wide_heads(spec)
+    rows = scatter_rows(spec)
+    qk, v = _chunked(_parts(spec.head_dim.qk), SCATTER_DIM), _chunked(_parts(spec.head_dim.v), SCATTER_DIM)
+    # MLA: V's chunks are K's first ones (the kernel reuses the gathered K chunks as V).
+    assert not spec.mla or qk[:len(v)] == v, (qk, v)
+    return dict(scatter=True, scatter_gp=rows, scatter_chunks=-(-group // rows), scatter_block_n=32 if wide else 64,
+                scatter_dim=SCATTER_DIM, scatter_num_warps=8, scatter_num_stages=1 if wide else 2,
+                scatter_qk_parts=qk, scatter_v_parts=v)
 
 
 def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:

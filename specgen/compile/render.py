@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import RUNTIME_SCHEMA
 from .files import build_error as _build_error, write_files, write_if_changed  # noqa: F401 (re-exported)
 from .branches import BRANCHES
+from .loop_order import scatter_backward
 from .plan import Plan, make_plan
 from .records import load_records, records_hash
 from .render_distill import DistillPlan, distill_context
@@ -210,7 +211,8 @@ def render_test(spec: Spec) -> str:
         varlen_seqlens=varlen_seqlens(spec, small), gpu_varlen_seqlens=gpu_varlen_seqlens(spec),
         gpu_varlen_backward_seqlens=gpu_varlen_backward_seqlens(spec),
         decode_prompts=decode_prompts(spec, small), decode_gpu_prompts=decode_gpu_prompts(spec),
-        decode_cases=repr(decode_cases(spec, small)).replace("'", '"'), decode_small=small, small=small)
+        decode_cases=repr(decode_cases(spec, small)).replace("'", '"'), decode_small=small, small=small,
+        scatter=scatter_backward(spec))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .files import write_if_changed
 from .branches import NAMES, branches_of
 from .footprint import MIN_DOT, launch_model
-from .loop_order import orders
+from .loop_order import orders, scatter_backward
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
 
@@ -32,7 +32,8 @@ def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     branches = branches_of(spec)
     return (tuple(b.forward_config for b in branches if not (b.name == "selection" and forward_order == "kv"))
             + tuple(c for b in branches if not (b.name == "selection" and backward_order == "kv")
-                    for c in b.backward_configs))
+                    for c in b.backward_configs)
+            + (("selection_scatter",) if scatter_backward(spec) else ()))
 
 
 def default_configs(plan) -> dict:
@@ -56,6 +57,9 @@ def default_configs(plan) -> dict:
             configs["selection_dq"] = {"bt": 1, "block_n": bwd.sel_dq_block_n, **warps_stages}
             # Keys per program: the inverse index's tile (a rendered constant of the kernel: not tunable).
             configs["selection_dkdv"] = {"bq": bwd.sel_bq, "block_n": bwd.sel_tile, **warps_stages}
+            if bwd.scatter:
+                configs["selection_scatter"] = {"block_n": bwd.scatter_block_n, "num_warps": bwd.scatter_num_warps,
+                                                "num_stages": bwd.scatter_num_stages}
         else:
             cfg = {"bt": bwd.bt, "block_n": bwd.block_n, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages}
             configs[f"{kind}_dq"] = dict(cfg)
@@ -76,6 +80,8 @@ def _rows(plan, kernel: str, cfg: dict) -> int:
         return bwd.sel_dq_gp
     if kernel == "selection_dkdv":
         return cfg["bq"] * bwd.sel_dkdv_gp
+    if kernel == "selection_scatter":
+        return bwd.scatter_gp
     return cfg["bt"] * bwd.gp
 
 
@@ -103,6 +109,10 @@ def candidates(plan, kernel: str) -> list[dict]:
         bqs = sorted({default["bq"], *(b for b in (1, 2, 4, 8, 16) if b * _rows(plan, kernel, {"bq": 1}) >= MIN_DOT)})
         grid = [{**default, "bq": bq, "num_warps": w, "num_stages": st}
                 for bq in bqs for w in (4, 8) for st in (1, 2, 3)]
+    elif kernel == "selection_scatter":
+        # Gathered keys per trip (any multiple of 16: the key loop walks the selected units' tokens), warps, stages.
+        grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
+                for n in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
     elif kernel.startswith("selection_"):
         grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
     elif kernel in KERNELS_WITH_TILES:

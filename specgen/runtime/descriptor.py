@@ -75,6 +75,10 @@ class Descriptor:
     backward: Optional[Callable] = field(default=None, compare=False)
     # The forward's kernels take packed batches natively (docs/varlen.md); else packed calls are padded.
     native_varlen: bool = False
+    # The selection backward's dK/dV (docs/backward.md): "inverse" (the key-tile kernel over the inverse index,
+    # deterministic) or "scatter" (query-outer with fp32 atomics; the inverse-index kernels still run under
+    # torch.use_deterministic_algorithms). The plan's choice (specgen.compile.loop_order.scatter_backward).
+    selection_backward: str = "inverse"
     # Derived once here (not per call).
     arg_names: tuple = field(init=False, compare=False)
     diff_args: tuple = field(init=False, compare=False)

@@ -233,12 +233,13 @@ class Backward:
         self.grads: dict = {}
         self.launched = 0
 
-    def target(self, name: str, D: int):
-        """The fp32 gradient accumulator of input `name` [B, T, HKV, D], and whether a kernel must add into it."""
+    def target(self, name: str, D: int, zero: bool = False):
+        """The fp32 gradient accumulator of input `name` [B, T, HKV, D], and whether a kernel must add into it
+        (`zero`: made zeroed, for a kernel that only ever adds into it)."""
         first = name not in self.grads
         if first:
-            self.grads[name] = torch.empty((self.B, self.T, self.desc.heads_kv, D), dtype=torch.float32,
-                                           device=self.device)
+            self.grads[name] = (torch.zeros if zero else torch.empty)((self.B, self.T, self.desc.heads_kv, D),
+                                                                      dtype=torch.float32, device=self.device)
         return self.grads[name], not first
 
     def _common(self, k, v, n_keys: int) -> tuple:
@@ -311,6 +312,32 @@ class Backward:
                    dict(ACCUMULATE=accumulate, WIDEN=self.widen), T=T,
                    restore=("DK", "DVAL") if accumulate else ())
 
+    def selection(self, scatter_kernel, dq_kernel, dkdv_kernel, k_name: str, v_name: str, k, v, indices,
+                  inverse_index, max_entries: int, *, dq_chunks: int, scatter_chunks: int):
+        """The selection branch's backward where the plan chose the scatter path (docs/backward.md): the scatter
+        kernel, or, when PyTorch's deterministic mode is on (torch.use_deterministic_algorithms), the deterministic
+        pair, the dq kernel and the inverse-index dK/dV kernel."""
+        if torch.are_deterministic_algorithms_enabled():
+            self.dq(dq_kernel, "selection", k, v, self.T, indices, head_chunks=dq_chunks)
+            self.selection_dkdv(dkdv_kernel, k_name, v_name, k, v, indices, inverse_index, max_entries)
+        else:
+            self.selection_scatter(scatter_kernel, k_name, v_name, k, v, indices, head_chunks=scatter_chunks)
+
+    def selection_scatter(self, kernel, k_name: str, v_name: str, k, v, indices, *, head_chunks: int):
+        """dQ, dK and dV of the selection branch in one query-outer kernel (one program per query, kv head and
+        chunk of heads): dQ written like the dq kernel's, dK/dV added into zeroed fp32 accumulators with atomics
+        (order-dependent sums). With MLA the kernel adds dV into dK itself, so no dV accumulator is made."""
+        d, T = self.desc, self.T
+        first = self.launched == 0
+        self.launched += 1
+        dk, acc_k = self.target(k_name, d.dim_qk, zero=True)
+        dv = dk if d.mla else self.target(v_name, d.dim_v, zero=True)[0]
+        launch(kernel, "selection_scatter", self.configs, self.candidates,
+               lambda cfg: (T, self.B * d.heads_kv * head_chunks),
+               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices,
+                *self._common(k, v, T)),
+               dict(HAS_PREV=not first, WIDEN=self.widen), T=T, restore=("DQ", "DK", "DVAL"))
+
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
                      unit: int, top_k: int, split: int, block_n: int, merge_rows: int):
         """The selection branch's backward in block-outer order (docs/selection_order.md): `kernel` computes, per
@@ -346,8 +373,8 @@ class Backward:
         """The gradients of `names` (the differentiable inputs, q first) in the spec's dtype; `pool_grads` those
         of the linear pool's weights, computed by the module."""
         d = self.desc
-        if d.mla:
-            # MLA: V is the first d_v dims of K, so V's gradient is added into K's.
+        if d.mla and "v" in self.grads:
+            # MLA: V is the first d_v dims of K, so V's gradient is added into K's (the scatter kernel did it).
             self.grads["k"][..., :d.dim_v] += self.grads.pop("v")
         out = [self.dq_acc.to(d.dtype)]
         for name in names[1:]:

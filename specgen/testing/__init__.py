@@ -8,6 +8,8 @@ written once, here.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import random
 import warnings
@@ -342,16 +344,36 @@ def _forward_backward(fn, spec: Spec, inputs: dict, dout: torch.Tensor) -> dict:
     return {"out": out.detach(), "indices": indices, **{f"d{n}": leaves[n].grad for n in names}}
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True):
+    """`torch.use_deterministic_algorithms(on)` inside the block (warn_only: torch's own ops only warn), restored
+    after. A module whose selection backward scatters with atomics takes its deterministic kernels inside
+    (docs/backward.md)."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+def scatters(module) -> bool:
+    """The module's selection backward takes the atomic scatter path unless deterministic mode is on."""
+    return module._DESC.selection_backward == "scatter"
+
+
 def check_backward_deterministic(module, spec: Spec, B: int, T: int, *, device: str | None = None,
                                  seed: int | None = None) -> None:
-    """Forward + backward twice on the same inputs: output, selection and every gradient equal bit for bit (the
-    backward has no atomics; docs/backward.md)."""
+    """Forward + backward twice on the same inputs: output, selection and every gradient equal bit for bit (no
+    atomics, fixed reduction orders; docs/backward.md). Runs in PyTorch's deterministic mode, which a module with
+    the scatter path needs for it."""
     device = device or test_device()
     seed = fresh_seed() if seed is None else seed
     inputs, dout = _grad_inputs(module, spec, B, T, device, seed)
     fn = _attention_fn(module, spec)
-    first = _forward_backward(fn, spec, inputs, dout)
-    second = _forward_backward(fn, spec, inputs, dout)
+    with deterministic_algorithms():
+        first = _forward_backward(fn, spec, inputs, dout)
+        second = _forward_backward(fn, spec, inputs, dout)
     for name, a in first.items():
         b = second[name]
         if a is None:
@@ -359,6 +381,29 @@ def check_backward_deterministic(module, spec: Spec, B: int, T: int, *, device: 
             continue
         assert torch.equal(a, b), (f"{name} differs between two identical runs ({(a != b).sum().item()} elements) "
                                    f"[spec {spec.name}, B={B}, T={T}, seed={seed}]")
+
+
+def check_backward_paths_agree(module, spec: Spec, B: int, T: int, *, device: str | None = None,
+                               seed: int | None = None) -> dict:
+    """The scatter path (atomics) and the deterministic path of a module's selection backward on the same inputs:
+    the same output and selection, every gradient within the gradient tolerance of the other's (relative error;
+    the two sum in different orders). Returns {name: relative error}."""
+    assert scatters(module), f"{spec.name} has no scatter path"
+    device = device or test_device()
+    seed = fresh_seed() if seed is None else seed
+    inputs, dout = _grad_inputs(module, spec, B, T, device, seed)
+    fn = _attention_fn(module, spec)
+    with deterministic_algorithms(False):
+        scatter = _forward_backward(fn, spec, inputs, dout)
+    with deterministic_algorithms():
+        exact = _forward_backward(fn, spec, inputs, dout)
+    where = f"[spec {spec.name}, B={B}, T={T}, device={device}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]"
+    assert torch.equal(scatter["out"], exact["out"]) and torch.equal(scatter["indices"], exact["indices"]), where
+    errors = {n: reference.rel_err(scatter[n].to(torch.float64), exact[n].to(torch.float64))
+              for n in scatter if n.startswith("d")}
+    bad = {n: e for n, e in errors.items() if not e < GRAD_TOL[module.DTYPE]}
+    assert not bad, f"scatter vs deterministic gradients differ: {bad} {where}"
+    return errors
 
 
 def check_compile(module, spec: Spec, B: int, T: int, *, device: str | None = None, seed: int | None = None,

@@ -1,0 +1,110 @@
+"""The selection backward's scatter path (docs/backward.md, kernels/backward_scatter.j2): query-outer, dQ in
+registers, dK/dV added with fp32 atomics; the deterministic inverse-index kernels run instead under
+torch.use_deterministic_algorithms. Under the CPU interpreter (fp32: bf16 dots are wrong there), at tiny shapes,
+against the float64 reference fed the kernel's selection: a miniature of DeepSeek-V3.2 (MLA, one kv head, 64 heads
+in two head chunks, which the plan sends down the scatter path) and, with the plan's choice forced, a GQA spec
+with two kv heads (the plan keeps those on the deterministic path: too few FLOPs per atomic byte).
+
+Inputs are fresh random draws (SPECGEN_TEST_SEED reproduces one), made with ties (repeated index keys, so the
+indexer's scores tie; repeated keys, so attention scores tie), -1 slots (the first top_k queries have fewer
+candidates than top_k, and they all fit), and every float buffer the runtime allocates with torch.empty poisoned
+with NaN, so a gradient element no kernel wrote shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import specgen
+from specgen import reference as R
+from specgen import testing
+from specgen.compile import loop_order
+from specgen.compile.jit import import_path
+from specgen.compile.plan import _scatter_tiles, make_plan
+from specgen.compile.render import _environment, has_distillation, module_context
+from specgen.model.spec import load_spec, replace
+
+# V3.2 in miniature: 64 heads (two programs of 32 rows per query), d_qk 48 = 32 + 16, d_v 32 = K's first 32 dims.
+MLA = replace(load_spec("specs/dsa_v32.yaml"), name="dsa_scatter_mla", dtype="fp32", max_seqlen=4096,
+              **{"heads.q": 64, "head_dim.qk": 48, "head_dim.v": 32, "selection.top_k": 8, "indexer.heads": 2,
+                 "indexer.head_dim": 32, "indexer.dtype": "bf16"})
+# GQA: two kv heads of 16, separate V.
+GQA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_scatter_gqa", dtype="fp32",
+              **{"heads.q": 32, "heads.kv": 2, "head_dim.qk": 32, "head_dim.v": 16, "selection.top_k": 8})
+
+
+def _forced_scatter_module(spec, tmp_path):
+    """The module of `spec` rendered with the plan's backward forced onto the scatter path."""
+    from specgen.compile.render_distill import distill_context
+
+    plan = make_plan(spec)
+    plan = dataclasses.replace(plan, backward=dataclasses.replace(plan.backward,
+                                                                  **_scatter_tiles(spec, spec.heads.group_size)))
+    context = module_context(spec, plan)
+    context["has_distill"] = has_distillation(spec)
+    if context["has_distill"]:
+        context.update(distill_context(spec, None))
+    path = tmp_path / f"{spec.name}.py"
+    path.write_text(_environment().get_template("module.py.j2").render(**context))
+    return import_path(path, f"_forced_{spec.name}")
+
+
+def _poisoned_empty(real):
+    def empty(*args, **kwargs):
+        x = real(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+    return empty
+
+
+def _check(mod, spec, T, monkeypatch, deterministic=False):
+    seed = testing.fresh_seed()
+    where = f"[spec {spec.name}, T={T}, seed={seed} (SPECGEN_TEST_SEED={seed} reproduces)]"
+    gen = torch.Generator().manual_seed(seed)
+    x = R.make_inputs(spec, 1, T, generator=gen)
+    x["k_idx"][:, 9:15] = x["k_idx"][:, 4:5]   # index ties: equal scores, the lower position wins
+    x["k"][:, 16:19] = x["k"][:, 2:3]           # attention ties
+    names = testing.differentiable_inputs(spec)
+    device = testing.test_device()
+    inputs = {n: v.to(device, torch.float32).requires_grad_(n in names) for n, v in x.items()}
+    dout = torch.randn(1, T, spec.heads.q, spec.head_dim.v, generator=gen)
+    monkeypatch.setattr(torch, "empty", _poisoned_empty(torch.empty))
+    with testing.deterministic_algorithms(deterministic):
+        out, indices = mod.dsa_attention(**inputs, return_indices=True)
+        out.backward(dout.to(device))
+    monkeypatch.undo()
+    assert (indices[:, : spec.selection.top_k - 1] == -1).any(), "no -1 slot"
+    exact = {n: v.detach().cpu().to(torch.float64) for n, v in inputs.items()}
+    _, want = testing.reference_gradients(spec, exact, indices.cpu(), dout.to(torch.float64))
+    for n, g in want.items():
+        got = testing.assert_gradient_sane(n, inputs[n], torch.float32, where)
+        err = R.rel_err(got.cpu().to(torch.float64), g)
+        assert err < testing.GRAD_TOL[torch.float32], f"d{n} rel err {err:.2e} {where}"
+
+
+def test_plan_chooses_scatter_for_v32_only():
+    chosen = {p.stem: loop_order.scatter_backward(load_spec(p))
+              for p in sorted(__import__("pathlib").Path("specs").glob("*.yaml")) if ".sweep" not in p.name}
+    assert chosen == {**{k: False for k in chosen}, "dsa_v32": True}
+    assert loop_order.scatter_backward(MLA) and not loop_order.scatter_backward(GQA)
+    t = make_plan(MLA).backward
+    assert (t.scatter, t.scatter_gp, t.scatter_chunks) == (True, 32, 2)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["scatter", "deterministic"])
+def test_mla_backward(deterministic, monkeypatch):
+    mod = specgen.load(MLA)
+    assert mod._DESC.selection_backward == "scatter"
+    _check(mod, MLA, 29, monkeypatch, deterministic)
+
+
+def test_gqa_two_kv_heads_forced(tmp_path, monkeypatch):
+    mod = _forced_scatter_module(GQA, tmp_path)
+    assert testing.scatters(mod)
+    _check(mod, GQA, 21, monkeypatch)
+
+
+def test_paths_agree():
+    testing.check_backward_paths_agree(specgen.load(MLA), MLA, 2, 13)
