@@ -475,3 +475,20 @@ def test_partials_path_matches_the_reference_over_many_tiles(monkeypatch):
     with_decode(monkeypatch, mod, split_tiles={**mod._DECODE.split_tiles, "compression": 8})
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=True, num_splits=3,
                  compare_prefill=False)
+
+
+def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
+    """`specgen bench --decode --decode-scoring`: the step and the cache class see the other path's descriptor
+    inside the block, the plan's after it (also after an error)."""
+    from specgen.perf.bench_decode import scoring_path
+
+    mod = specgen.load(SMALL)
+    plan = mod._DECODE
+    assert plan.scoring == "partials"
+    with scoring_path(mod, "partials") as d:
+        assert d is plan
+    with pytest.raises(RuntimeError):
+        with scoring_path(mod, "logits") as d:
+            assert d.scoring == "logits" and mod._DECODE is d and mod.NSACache.DESCRIPTOR is d
+            raise RuntimeError
+    assert mod._DECODE is plan and mod.NSACache.DESCRIPTOR is plan
