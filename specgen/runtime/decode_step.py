@@ -180,7 +180,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     parts = {}
     indices = None
     scores = None
-    NCV = cache.nc_cap - 1  # pooled rows a sequence may have (the last is the spare)
+    NCV = cache.nc_cap - 1 if d.compressed else 0  # pooled rows a sequence may have (the last is the spare)
     if d.scorer == "compression":
         # The compression kernel writes the selection's inputs as it walks the pooled keys: its partial block sums
         # per tile and head, or (logits path) every base-2 logit.
