@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(4, "dsa_v32")
+runtime.require_schema(5, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -786,9 +786,9 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.07216878364870323, gated=False, mla=True,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
     compressed=False, cmp_branch=False, cmp_block=0, cmp_stride=0, pool_kind=None, position_embedding=False,
-    k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', sel_block=1, top_k=2048,
+    k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=2048,
     k_slc="k", v_slc="k", indexer=True, fp8=True, idx_heads=64, idx_dim=128, idx_scale=0.011048543456039806,
-    index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
     max_gp=64, num_stages=1, widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,

@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(4, "nsa_mqa")
+runtime.require_schema(5, "nsa_mqa")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -548,14 +548,14 @@ def _select_blocks_kernel(
 
 @triton.jit
 def _decode_compression_kernel(
-    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS,
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_vr, stride_vh,
     stride_tb,
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
 ):
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     pid = tl.program_id(0)
@@ -580,6 +580,17 @@ def _decode_compression_kernel(
     m_i = tl.full([QLP * GP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([QLP * GP], dtype=tl.float32)
     acc0 = tl.zeros([QLP * GP, 128], dtype=tl.float32)
+    if SCORES == 2:
+        # Selection scores without the logits (docs/decode.md): per tile of BLOCK_N pooled keys and row, the sums
+        # exp2(logit - m) of every selection block the tile's blocks reach under the overlap rule (block i of
+        # chunk c = i + m, m < 2, counts toward selection block c // 4), with m the row's running max after the
+        # tile; the selection kernel rescales them by 2^(m - lse) once each head's lse is known. W maps a tile's
+        # blocks to its NSB selection blocks and the 1 after it (tiles start on selection blocks).
+        NSB: tl.constexpr = BLOCK_N // 4
+        SC_W: tl.constexpr = NSB + 1
+        n_tiles = tl.cdiv(TCAP - 1, BLOCK_N)
+        sc_cols = tl.arange(0, SC_COLS)
+        sc_rows = ((b * QL + qi) * HQ + head).to(tl.int64) * n_tiles
     # Pooled keys are contiguous per sequence; block i is visible to t iff i*d + l - 1 <= t.
     t_hi = L - 1
     n_keys = tl.where(t_hi >= CMP_BLOCK - 1, (t_hi - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
@@ -596,7 +607,7 @@ def _decode_compression_kernel(
         k0 = tl.load(k_ptr[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         s += _dot(q0, tl.trans(k0), WIDEN)
         s = tl.where(visible, s * qk_scale, float("-inf"))
-        if WRITE_LOGITS:
+        if SCORES == 1:
             # Base-2 logits of the visible blocks, for the selection scores once the merged lse is known: a
             # second pass over these B x q_len x HQ x NC floats instead of over the pooled keys.
             tl.store(LOGITS + (((b * QL + qi) * HQ + head) * (TCAP - 1)).to(tl.int64)[:, None] + keys[None, :], s,
@@ -606,6 +617,17 @@ def _decode_compression_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if SCORES == 2:
+            # W[i, c] = #{m < 2: (i + m) // 4 = c}: m in [c * 4 - i, (c + 1) * 4 - i). Rebuilt per tile
+            # (a few integer ops): kept live across the loop it spilled.
+            i_tile = tl.arange(0, BLOCK_N)[:, None]
+            w_map = tl.maximum(tl.minimum((sc_cols[None, :] + 1) * 4 - i_tile, 2)
+                               - tl.maximum(sc_cols[None, :] * 4 - i_tile, 0), 0).to(tl.float32)
+            # ieee: tf32 would round p to 10 bits, and the sums rank blocks.
+            sc = tl.dot(p, w_map, input_precision="ieee")
+            sc_at = sc_rows + n0 // BLOCK_N
+            tl.store(SC_REF + sc_at, m_safe, mask=row_ok)
+            tl.store(SC_SUM + sc_at[:, None] * SC_W + sc_cols[None, :], sc, mask=row_ok[:, None] & (sc_cols < SC_W)[None, :])
         v_ptr = V + k_rows.to(tl.int64) * stride_vr + g * stride_vh
         v0 = tl.load(v_ptr[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
@@ -806,14 +828,39 @@ def _decode_group_probs_kernel(
 
 
 @triton.jit
+def _decode_top_blocks(IDX, pid, score, t, NSEL, NSEL_PAD: tl.constexpr):
+    """Writes row `pid` of IDX: block 0 and the 2 most recent blocks before t forced, then the top by `score` (sums
+    of probabilities, >= 0) with ties to the lower block; ascending, -1 last. Each of the TOP_K rounds is one max
+    over (score bits, reversed index) packed in an int64: non-negative floats order as their bits, and the
+    lower block has the larger low word."""
+    sel = tl.arange(0, NSEL_PAD)
+    candidate = (sel < NSEL) & (sel * SEL_BLOCK <= t)
+    back = t // SEL_BLOCK - sel
+    forced = candidate & ((sel < SEL_INITIAL) | ((back >= 0) & (back < SEL_LOCAL)))
+    score = tl.where(forced, float("inf"), score)
+    # NaN scores (NaN inputs) are never picked: the list stays valid.
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NSEL_PAD - 1 - sel).to(tl.int64)
+    key = tl.where(candidate & (score >= 0.0), key, -1)
+    slot = tl.arange(0, TOP_K_PAD)
+    unit = tl.full([TOP_K_PAD], 2147483647, dtype=tl.int32)
+    for r in range(TOP_K):
+        top = tl.max(key, axis=0)
+        pick = (NSEL_PAD - 1 - top % NSEL_PAD).to(tl.int32)  # the low word: 2^32 is a multiple of NSEL_PAD
+        unit = tl.where(slot == r, tl.where(top >= 0, pick, 2147483647), unit)
+        key = tl.where(sel == pick, -1, key)
+    unit = tl.sort(unit)
+    unit = tl.where(unit == 2147483647, -1, unit)
+    tl.store(IDX + pid.to(tl.int64) * TOP_K + slot, unit, mask=slot < TOP_K)
+
+
+@triton.jit
 def _decode_select_blocks_kernel(
     P, SEQLENS, IDX, QL, NC, NSEL,
     NSEL_PAD: tl.constexpr,
 ):
-    """Top-n selection blocks of one (sequence, new query, kv group) from the group's compression probabilities P:
-    S[j] = sum over the d-token chunks c of block j of the P of every compression block covering c (the overlap
-    rule: 4 chunks per selection block, 2 blocks per chunk), block 0 and the 2 most recent forced, the rest
-    by score with ties to the lower block (TOP_K rounds of argmax over the row in registers); ascending, -1 last."""
+    """Top-n selection blocks of one (sequence, new query, kv group) from the group's compression probabilities P
+    (the logits path): S[j] = sum over the d-token chunks c of block j of the P of every compression block
+    covering c (the overlap rule: 4 chunks per selection block, 2 blocks per chunk), then `_decode_top_blocks`."""
     pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
     bq = pid // HKV
     t = tl.load(SEQLENS + bq // QL) - QL + bq % QL
@@ -836,21 +883,54 @@ def _decode_select_blocks_kernel(
     score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
     i = sel * 4 + 2
     score += tl.load(p_row + i, mask=(i >= 0) & (i < NC) & (sel < NSEL), other=0.0)
-    candidate = (sel < NSEL) & (sel * SEL_BLOCK <= t)
-    back = t // SEL_BLOCK - sel
-    forced = candidate & ((sel < SEL_INITIAL) | ((back >= 0) & (back < SEL_LOCAL)))
-    score = tl.where(forced, float("inf"), score)
-    score = tl.where(candidate, score, -1.0)  # scores are sums of probabilities: >= 0 for every candidate
-    slot = tl.arange(0, TOP_K_PAD)
-    unit = tl.full([TOP_K_PAD], 2147483647, dtype=tl.int32)
-    for r in range(TOP_K):
-        top = tl.max(score, axis=0)
-        pick = tl.min(tl.where(score == top, sel, NSEL_PAD), axis=0)
-        unit = tl.where(slot == r, tl.where(top >= 0.0, pick, 2147483647), unit)
-        score = tl.where(sel == pick, -2.0, score)
-    unit = tl.sort(unit)
-    unit = tl.where(unit == 2147483647, -1, unit)
-    tl.store(IDX + pid.to(tl.int64) * TOP_K + slot, unit, mask=slot < TOP_K)
+    _decode_top_blocks(IDX, pid, score, t, NSEL, NSEL_PAD)
+
+
+@triton.jit
+def _decode_select_partials_kernel(
+    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
+):
+    """Top-n selection blocks of one (sequence, new query, kv group) from the compression kernel's partial block
+    sums (the partials path): each head's lse merged from the splits' partial lse [NSPLIT, ROWS], then
+    S[j] = sum over heads h and the tiles reaching j of SC_SUM[h, tile, j - tile * NSB] * 2^(SC_REF[h, tile] - lse_h),
+    which is the sum of the group's probabilities under the overlap rule; then `_decode_top_blocks`. Only the
+    tiles the compression kernel walked (the blocks visible to the step's last query) are read."""
+    NSB: tl.constexpr = BLOCK_N // 4
+    SC_W: tl.constexpr = NSB + 1
+    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
+    g = pid % HKV
+    bq = pid // HKV
+    L = tl.load(SEQLENS + bq // QL)
+    t = L - QL + bq % QL
+    n_keys = tl.where(L - 1 >= CMP_BLOCK - 1, (L - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    walked = tl.cdiv(n_keys, BLOCK_N)
+    n_tiles = tl.cdiv(NCV, BLOCK_N)
+    # Every head's lse (base 2) at once from the [splits, heads] partials; a head that saw no block gives +inf.
+    hh = tl.arange(0, GP)
+    sp = tl.arange(0, NSPLIT_PAD)
+    lse_s = tl.load(LSE_PART + sp[:, None] * ROWS + bq * HQ + g * GROUP + hh[None, :],
+                    mask=(sp < NSPLIT)[:, None] & (hh < GROUP)[None, :], other=float("-inf"))
+    m = tl.max(lse_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.sum(tl.exp(lse_s - m_safe[None, :]), axis=0)
+    lse2 = tl.where(den == 0.0, float("inf"), (m_safe + tl.log(tl.where(den == 0.0, 1.0, den))) * 1.4426950408889634)
+    sel = tl.arange(0, NSEL_PAD)
+    tile = sel // NSB
+    col = sel % NSB
+    score = tl.zeros([NSEL_PAD], dtype=tl.float32)
+    for h in range(GROUP):
+        lse_h = tl.sum(tl.where(hh == h, lse2, 0.0), axis=0)
+        row = (bq * HQ + g * GROUP + h).to(tl.int64) * n_tiles
+        for back in tl.static_range(BACK + 1):
+            src = tile - back
+            c = col + back * NSB
+            ok = (sel < NSEL) & (src >= 0) & (src < walked) & (c < SC_W)
+            ref = tl.load(SC_REF + row + src, mask=ok, other=0.0)
+            part = tl.load(SC_SUM + (row + src) * SC_W + c, mask=ok, other=0.0)
+            # ref <= lse up to rounding; the clamp keeps a row with no visible block yet (ref 0, sums 0) at 0.
+            score += tl.where(ok, part * tl.exp2(tl.minimum(ref - lse_h, 0.0)), 0.0)
+    _decode_top_blocks(IDX, pid, score, t, NSEL, NSEL_PAD)
 
 
 
@@ -1061,12 +1141,12 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.08838834764831845, gated=True, mla=False,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
     compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16, pool_kind='mean', position_embedding=False,
-    k_cmp="k", v_cmp="v", pool_weights=(), scorer='compression', sel_block=64, top_k=16,
+    k_cmp="k", v_cmp="v", pool_weights=(), scorer='compression', scoring='partials', overlap_chunks=4, overlap_blocks=2, overlap_spill=1, sel_block=64, top_k=16,
     k_slc="k", v_slc="v", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
-    index_bs=0, index_hp=0, window=512, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    index_bs=0, index_hp=0, window=512, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
     max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
-    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel)
+    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):

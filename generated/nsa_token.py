@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(4, "nsa_token")
+runtime.require_schema(5, "nsa_token")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -625,14 +625,14 @@ def _ordered_key(x):
 
 @triton.jit
 def _decode_compression_kernel(
-    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS,
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_vr, stride_vh,
     stride_tb,
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
 ):
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     pid = tl.program_id(0)
@@ -676,7 +676,7 @@ def _decode_compression_kernel(
         k1 = tl.load(k_ptr[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
         s += _dot(q1, tl.trans(k1), WIDEN)
         s = tl.where(visible, s * qk_scale, float("-inf"))
-        if WRITE_LOGITS:
+        if SCORES == 1:
             # Base-2 logits of the visible blocks, for the selection scores once the merged lse is known: a
             # second pass over these B x q_len x HQ x NC floats instead of over the pooled keys.
             tl.store(LOGITS + (((b * QL + qi) * HQ + head) * (TCAP - 1)).to(tl.int64)[:, None] + keys[None, :], s,
@@ -1285,9 +1285,9 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     dqk=DQK.value, dv=DV.value, branch_names=tuple(BRANCH_NAMES), softmax_scale=0.07216878364870322, gated=True, mla=False,
     page_size=PAGE_SIZE.value, max_q_len=MAX_Q_LEN, cache_tensors=CACHE_TENSORS, ring_tensors=RING_TENSORS, ring=RING,
     compressed=True, cmp_branch=True, cmp_block=32, cmp_stride=16, pool_kind='mean', position_embedding=False,
-    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', sel_block=1, top_k=1024,
+    k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=1024,
     k_slc="k_slc", v_slc="v_slc", indexer=True, fp8=False, idx_heads=4, idx_dim=64, idx_scale=0.0625,
-    index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64},
+    index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
     max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # functions or descriptor fields an older runtime lacks (2: runtime.launches, Descriptor.softmax_scale; 3: native
 # packed forwards, Descriptor.native_varlen and `_forward(..., varlen=)`, the kernels' packed tile tables; 4: the
 # selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection).
-RUNTIME_SCHEMA = 4
+RUNTIME_SCHEMA = 5
 
 
 def _interpreter_without_gpu_devices() -> None:

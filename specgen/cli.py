@@ -130,7 +130,7 @@ def cmd_bench(args) -> int:
         for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
-                                           flex=args.flex, spec_path=path)
+                                           flex=args.flex, spec_path=path, scorings=args.decode_scoring)
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -268,6 +268,9 @@ def parser() -> argparse.ArgumentParser:
                     help="time one decoding step from a KV cache against dense decoding of the same cache")
     bn.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--decode: batch sizes")
     bn.add_argument("--q-len", type=int, default=1, help="--decode: new queries per sequence and step")
+    bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,
+                    help="--decode: the compression scorer's paths to time on each cache, one row each (default: "
+                    "the plan's, DecodePlan.scoring; docs/decode.md)")
     bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
                     "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")

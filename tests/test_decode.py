@@ -364,3 +364,131 @@ def test_generated_decode_cases_complete_blocks_while_decoding(path):
         assert coincide >= 1
     if spec.needs_compressed_kv:
         assert mid >= 1, "no multi-token step crosses a compression boundary after its first token"
+
+
+def with_decode(monkeypatch, mod, **changes):
+    """Points `mod`'s decode step and cache class at a copy of its descriptor with `changes` (e.g. the scoring path
+    or the compression tile), for this test only."""
+    import dataclasses
+
+    d = dataclasses.replace(mod._DECODE, **changes)
+    monkeypatch.setattr(mod, "_DECODE", d)
+    monkeypatch.setattr(mod.NSACache, "DESCRIPTOR", d)
+    return d
+
+
+PARTIALS = {  # variant: (spec changes, compression tile): NSB = tile / (l'/d) selection blocks per tile, spill
+    "paper_ratios": ({}, 8),                                                      # NSB 2, spill 1
+    "spill_2_back_2": ({"compression.block": 32, "compression.stride": 8}, 2),    # NSB 1, spill 2: two tiles back
+    "l_eq_d": ({"compression.block": 16, "compression.stride": 16}, 4),           # NSB 4, no spill
+}
+
+
+@pytest.mark.parametrize("variant", list(PARTIALS))
+def test_partials_selection_kernel_matches_the_reference_exactly_with_ties(variant):
+    """The partials path's selection kernel (`_decode_select_partials_kernel`) on partial sums built from integer
+    group probabilities (exact in fp32, ties frequent): per tile and head, sums scaled by 2^-ref with integer
+    refs, each head's lse exactly 0 (one split at 0, the others empty), one head that saw no block (lse +inf:
+    its sums must not count), tiles the compression kernel did not walk poisoned with NaN. The reference's choice
+    exactly: forced blocks, lower index wins, padding."""
+    from specgen.reference.nsa import overlap_weights
+
+    changes, tile = PARTIALS[variant]
+    spec = small(f"selpart_{variant}", **{"selection.top_k": 5, "selection.local": 2, **changes})
+    mod = specgen.load(spec)
+    cmp_, sel = spec.compression, spec.selection
+    d = mod._DECODE
+    nsb = tile // d.overlap_chunks
+    width = nsb + d.overlap_spill
+    gen = torch.Generator().manual_seed(2)
+    B, QL, G, HQ, T, NSPLIT = 3, 2, spec.heads.kv, spec.heads.q, 200, 3
+    group = HQ // G
+    lengths = torch.tensor([7, 150, 200], dtype=torch.int32)
+    NCV = (T - cmp_.block) // cmp_.stride + 1
+    n_sel, n_tiles = -(-T // sel.block), -(-NCV // tile)
+    t = lengths.long()[:, None] - QL + torch.arange(QL)[None, :]
+    visible = torch.arange(NCV) * cmp_.stride + cmp_.block - 1 <= t[:, :, None, None]
+    p = torch.where(visible, torch.randint(0, 3, (B, QL, HQ, NCV), generator=gen).double(), 0.0)
+    lse = torch.full((NSPLIT, B, QL, HQ), float("-inf"))
+    lse[1] = 0.0
+    lse[:, 1, :, 0] = float("-inf")  # sequence 1, head 0: no block seen; its sums below are garbage
+    ow = overlap_weights(spec, NCV, max(n_sel, n_tiles * nsb + d.overlap_spill))
+    ref = -torch.randint(0, 3, (B, QL, HQ, n_tiles), generator=gen).double()
+    sums = torch.stack([torch.einsum("bqhi,ic->bqhc", p[..., k * tile:(k + 1) * tile],
+                                     ow[k * tile:(k + 1) * tile, k * nsb:k * nsb + width])
+                        for k in range(n_tiles)], dim=3) * torch.exp2(-ref)[..., None]
+    sums[1, :, 0] = 5.0
+    walked = [-(-max(0, (n - cmp_.block) // cmp_.stride + 1) // tile) for n in lengths.tolist()]
+    for b, w in enumerate(walked):
+        sums[b, :, :, w:] = float("nan")
+        ref[b, :, :, w:] = float("nan")
+    p[1, :, 0] = 0.0
+    dev = test_device()
+    idx = torch.full((B * QL * G + 1, sel.top_k), 99, dtype=torch.int32, device=dev)
+    mod._decode_select_partials_kernel[(B * QL * G,)](
+        sums.float().to(dev), ref.float().to(dev), lse.to(dev), NSPLIT, lengths.to(dev), idx, B * QL * HQ, QL, NCV,
+        n_sel, GP=triton.next_power_of_2(group), BLOCK_N=tile, NSPLIT_PAD=4, NSEL_PAD=triton.next_power_of_2(n_sel),
+        BACK=-(-d.overlap_spill // nsb))
+    idx = idx.cpu()
+    assert (idx[-1] == 99).all(), "written past the last row"
+    S = torch.einsum("bqgi,ij->bqgj", p.view(B, QL, G, group, NCV).sum(3), ow[:, :n_sel])
+    idx = idx[:-1].view(B, QL, G, -1)
+    for b in range(B):
+        want = top_units(S[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
+        assert torch.equal(idx[b:b + 1], want), (b, idx[b].tolist(), want.tolist())
+
+
+@pytest.mark.parametrize("variant", ["paper_ratios", "spill_2_back_2"])
+def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeypatch):
+    """The compression kernel's partial sums (its tile-to-selection-block map, the spill into the next tiles,
+    per-tile refs across splits) against the logits path on the same cache: the same blocks and the same output,
+    with compression tiles small enough that a step walks many of them (ragged lengths, q_len 2, 3 splits)."""
+    changes, tile = PARTIALS[variant]
+    spec = small(f"selpart_{variant}", **{"selection.top_k": 5, "selection.local": 2, **changes})
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(3)
+    B, QL, T = 2, 2, 180
+    dev = test_device()
+    cache = mod.NSACache(B, max_seqlen=T, device=dev)
+    hkv, hq = spec.heads.kv, spec.heads.q
+    cache.prefill(seqlens=torch.tensor([T - 37, T - QL], dtype=torch.int32),
+                  **{n: torch.randn(B, T - QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
+                     for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: torch.randn(B, QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
+                    for n, w in mod.CACHE_TENSORS.items()})
+    q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
+    gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    got = {}
+    for scoring in ("logits", "partials"):
+        with_decode(monkeypatch, mod, scoring=scoring, split_tiles={**mod._DECODE.split_tiles, "compression": tile})
+        got[scoring] = mod.nsa_decode(q, cache, gates=gates, num_splits=3, return_indices=True)
+    assert torch.equal(got["partials"][1], got["logits"][1]), (got["partials"][1], got["logits"][1])
+    assert torch.equal(got["partials"][0], got["logits"][0])
+    assert (got["partials"][1] >= 0).sum() > B * QL * hkv * 3, "too few selected blocks to compare"
+
+
+def test_partials_path_matches_the_reference_over_many_tiles(monkeypatch):
+    """Decoding with compression tiles of 8 pooled keys (the partial sums span many tiles and splits, the spill
+    crosses tiles) against the float64 reference, paged."""
+    spec = SMALL
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, split_tiles={**mod._DECODE.split_tiles, "compression": 8})
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=True, num_splits=3,
+                 compare_prefill=False)
+
+
+def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
+    """`specgen bench --decode --decode-scoring`: the step and the cache class see the other path's descriptor
+    inside the block, the plan's after it (also after an error)."""
+    from specgen.perf.bench_decode import scoring_path
+
+    mod = specgen.load(SMALL)
+    plan = mod._DECODE
+    assert plan.scoring == "partials"
+    with scoring_path(mod, "partials") as d:
+        assert d is plan
+    with pytest.raises(RuntimeError):
+        with scoring_path(mod, "logits") as d:
+            assert d.scoring == "logits" and mod._DECODE is d and mod.NSACache.DESCRIPTOR is d
+            raise RuntimeError
+    assert mod._DECODE is plan and mod.NSACache.DESCRIPTOR is plan

@@ -62,6 +62,19 @@ def test_check_varlen_reads_a_cu_seqlens_once_until_it_changes(monkeypatch):
     assert packed.positions().tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1]
 
 
+def test_decode_splits_follow_the_plans_rule_from_the_sm_count(monkeypatch):
+    monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    # NSA paper at batch 1: 4 compression programs, 128 tiles of pooled keys at 128k: capped at 64.
+    assert runtime.decode_splits(4, 128, cuda) == 64
+    assert runtime.decode_splits(4, 128, cuda, waves=1, cap=32) == 32
+    # Batch 64: 256 programs, two waves of 132 SMs need 2 splits; one wave needs 1; never more splits than tiles.
+    assert runtime.decode_splits(256, 64, cuda) == 2
+    assert runtime.decode_splits(256, 64, cuda, waves=1) == 1
+    assert runtime.decode_splits(4, 3, cuda) == 3
+    assert runtime.decode_splits(4, 128, "cpu", waves=1, cap=1) == 2  # the CPU tests always merge two splits
+
+
 def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
     monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)

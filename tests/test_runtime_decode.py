@@ -32,9 +32,11 @@ def descriptor(**kw) -> DecodeDescriptor:
         cache_tensors={"k_cmp": DQK, "v_cmp": DV, "k_slc": DQK, "v_slc": DV, "k_win": DQK, "v_win": DV},
         ring_tensors=("k_cmp", "v_cmp"), ring=L + 4, compressed=True, cmp_branch=True, cmp_block=L,
         cmp_stride=STRIDE, pool_kind="mean", position_embedding=False, k_cmp="k_cmp", v_cmp="v_cmp",
-        pool_weights=(), scorer="compression", sel_block=8, top_k=2, k_slc="k_slc", v_slc="v_slc", indexer=False,
+        pool_weights=(), scorer="compression", scoring="partials", overlap_chunks=8 // STRIDE,
+        overlap_blocks=L // STRIDE, overlap_spill=(8 // STRIDE + L // STRIDE - 2) // (8 // STRIDE), sel_block=8, top_k=2, k_slc="k_slc", v_slc="v_slc", indexer=False,
         fp8=False, idx_heads=0, idx_dim=0, idx_scale=None, index_bs=0, index_hp=0, window=8, k_win="k_win",
-        v_win="v_win", split_tiles={"compression": 64, "window": 64, "selection": 16}, max_gp=128, num_stages=2,
+        v_win="v_win", split_tiles={"compression": 64, "window": 64, "selection": 16}, split_waves=2, max_splits=64,
+        max_gp=128, num_stages=2,
         widen=False, pool=_torch_pool, branch_kernels={}, combine_kernel=None)
     base.update(kw)
     return DecodeDescriptor(**base)

@@ -519,12 +519,16 @@ def explain(spec: Spec, T_value: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def decode_step_bytes(spec: Spec, context: int, batch: int = 1, q_len: int = 1) -> dict[str, float]:
+def decode_step_bytes(spec: Spec, context: int, batch: int = 1, q_len: int = 1, decode=None) -> dict[str, float]:
     """Bytes one decode step must read from the cache: `batch` sequences of `context` tokens, `q_len` new queries
     each. Per branch (the floor: each cached byte a step needs, read once), "floor" their sum, "dense" a dense
-    decode of one K/V set, and "implementation" what the generated step moves: the floor plus, for the compression
-    scorer, the compression logits written and read back once (fp32, B x q_len x Hq x NC: the selection scores'
-    second pass), and the selection branch once per new query (each query has its own blocks)."""
+    decode of one K/V set, and "implementation" what the generated step moves: the floor, the selection branch
+    once per new query (each query has its own blocks), and for the compression scorer "scores": what its
+    selection inputs cost, written once and read once (fp32). `decode` (a DecodePlan or the module's
+    DecodeDescriptor: scoring, split_tiles, overlap_chunks, overlap_spill) picks the path: "partials" writes, per
+    row (sequence, new query, head) and tile of T pooled keys, T / (l'/d) + spill block sums and one max;
+    "logits" (also without `decode`) every logit, B x q_len x Hq x NC, and the group probabilities
+    (docs/decode.md has the arithmetic)."""
     per = decode_bytes(spec, context)
     dense = per.pop("dense")
     out = {name: value * batch for name, value in per.items()}
@@ -534,6 +538,16 @@ def decode_step_bytes(spec: Spec, context: int, batch: int = 1, q_len: int = 1) 
         impl += out["selection"] * (q_len - 1)
     if spec.selection is not None and spec.selection.scorer == "compression":
         cmp_ = spec.compression
-        impl += 2 * batch * q_len * spec.heads.q * max(0, (context - cmp_.block) // cmp_.stride + 1) * 4
+        n_cmp = max(0, (context - cmp_.block) // cmp_.stride + 1)
+        rows = batch * q_len * spec.heads.q
+        if decode is not None and decode.scoring == "partials":
+            tile = decode.split_tiles["compression"]
+            per_row = -(-n_cmp // tile) * (tile // decode.overlap_chunks + decode.overlap_spill + 1)
+            extra = 0
+        else:
+            # and the group probabilities P [B, q_len, Hkv, NC] between the two selection kernels
+            per_row, extra = n_cmp, 2 * batch * q_len * spec.heads.kv * n_cmp * 4
+        out["scores"] = 2 * rows * per_row * 4 + extra
+        impl += out["scores"]
     out.update(floor=floor, implementation=impl, dense=dense * batch)
     return out

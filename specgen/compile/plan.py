@@ -106,9 +106,17 @@ class DecodePlan:
     ring / ring_size: cache tensors kept only as a ring of each sequence's last ring_size tokens (`decode_ring`).
     split_tiles: keys per tile of each branch's decode kernel (the split sizes); max_gp: group heads per program at
     most; num_stages: the decode kernels' pipeline stages. overlap_chunks / overlap_blocks: the compression scorer's
-    overlap rule (d-token chunks per selection block, compression blocks per chunk). topk_*: the indexer top-k's
-    segmentation (about topk_programs programs in all, at most topk_max_segments per row, topk_sum_segments
-    partial histograms loaded at once)."""
+    overlap rule (d-token chunks per selection block, compression blocks per chunk); overlap_spill: selection
+    blocks past its own that a compression tile's blocks reach (the last ones' chunks run into the next tile).
+    scoring: how the compression scorer gets the group's block scores to the selection kernel: "partials" (the
+    compression kernel writes, per tile of pooled keys and head, the tile's selection-block sums of
+    exp2(logit - the running max) and that max; one kernel merges them with each head's final lse and takes the
+    top-n), or "logits" (it writes every base-2 logit, read back by a group-probabilities kernel and a
+    block-selection kernel: the older path, kept to time against). docs/decode.md has the bytes of both.
+    split_waves / max_splits: the rule for a branch's split count from the device's SM count
+    (runtime.decode_splits: enough programs for split_waves waves, at most max_splits, at most one per key tile).
+    topk_*: the indexer top-k's segmentation (about topk_programs programs in all, at most topk_max_segments per
+    row, topk_sum_segments partial histograms loaded at once)."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -116,6 +124,10 @@ class DecodePlan:
     num_stages: int = 2
     overlap_chunks: int = 0
     overlap_blocks: int = 0
+    overlap_spill: int = 0
+    scoring: str = ""
+    split_waves: int = 2
+    max_splits: int = 64
     topk_programs: int = 1024
     topk_max_segments: int = 32
     topk_sum_segments: int = 16
@@ -311,12 +323,18 @@ def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:
     cmp_, sel = spec.compression, spec.selection
     wide = wide_heads(spec)
     overlap = {}
+    cmp_tile = 64
     if sel is not None and sel.scorer == "compression":
-        overlap = dict(overlap_chunks=sel.block // cmp_.stride, overlap_blocks=cmp_.block // cmp_.stride)
+        chunks, blocks = sel.block // cmp_.stride, cmp_.block // cmp_.stride
+        # Partial block sums need tiles of whole selection blocks; else the logits path (every spec in specs/ has
+        # the partials).
+        partials = cmp_tile % chunks == 0
+        overlap = dict(overlap_chunks=chunks, overlap_blocks=blocks, overlap_spill=(chunks + blocks - 2) // chunks,
+                       scoring="partials" if partials else "logits")
     # A block completed by a step's first new token starts l - 1 tokens before it, and the step writes q_len
     # tokens first: l + max_q_len tokens of ring are enough.
     return DecodePlan(ring=decode_ring(spec), ring_size=(cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
-                      split_tiles={"compression": 64, "window": 64,
+                      split_tiles={"compression": cmp_tile, "window": 64,
                                    "selection": selection.block_n if selection else 64},
                       max_gp=64 if wide else 128, num_stages=1 if wide else 2, **overlap)
 

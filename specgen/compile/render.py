@@ -170,7 +170,10 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "pool_weights": "(" + ", ".join(pool_weights) + ("," if len(pool_weights) == 1 else "") + ")",
             "k_cmp": kv["k_cmp"], "v_cmp": kv["v_cmp"], "k_slc": kv["k_slc"],
             "v_slc": kv["k_slc"] if spec.mla else kv["v_slc"], "k_win": kv["k_win"], "v_win": kv["v_win"],
-            "split_tiles": repr(plan.decode.split_tiles)}
+            "split_tiles": repr(plan.decode.split_tiles), "scoring": repr(plan.decode.scoring),
+            "overlap": f"overlap_chunks={plan.decode.overlap_chunks}, overlap_blocks={plan.decode.overlap_blocks}, "
+                       f"overlap_spill={plan.decode.overlap_spill}",
+            "splits": f"split_waves={plan.decode.split_waves}, max_splits={plan.decode.max_splits}"}
 
 
 def has_distillation(spec: Spec) -> bool:

@@ -12,6 +12,8 @@ Points that do not fit the GPU's memory are skipped with that reason in the reco
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -143,8 +145,30 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
     return out
 
 
+@contextlib.contextmanager
+def scoring_path(module, scoring: str | None):
+    """The module's decode step on the compression scorer's other path (`DecodePlan.scoring`: "partials" or
+    "logits"), for timing both in one run: its descriptor, for the step and the cache class, replaced by a copy
+    with that scoring while the block runs. None or the plan's own: unchanged."""
+    d = module._DECODE
+    if scoring is None or scoring == d.scoring:
+        yield d
+        return
+    if d.scorer != "compression":
+        raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
+    Cache = getattr(module, d.cache_class)
+    other = dataclasses.replace(d, scoring=scoring)
+    module._DECODE, Cache.DESCRIPTOR = other, other
+    try:
+        yield other
+    finally:
+        module._DECODE, Cache.DESCRIPTOR = d, d
+
+
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
-                 graph: bool = True, flex: bool = False, spec_path=None) -> tuple[float, list[dict]]:
+                 graph: bool = True, flex: bool = False, spec_path=None,
+                 scorings: list[str] | None = None) -> tuple[float, list[dict]]:
+    """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's)."""
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -182,45 +206,64 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
             def step():
                 decode(q, cache, **kw, out=out)
 
-            step()
-            ms = _median_ms(step)
-            b = decode_step_bytes(spec, T, B, q_len)
-            row.update(step_ms=ms, bytes=b, achieved_gbps=b["floor"] / ms / 1e6,
-                       floor_ms=b["floor"] / copy_gbps / 1e6, impl_floor_ms=b["implementation"] / copy_gbps / 1e6)
-            row["x_floor"] = ms / row["floor_ms"]
-            # Where the step's time goes: every GPU kernel of an eager step (ms per step).
-            row["kernels"] = dict(sorted(kernel_times(step, calls=5, names="all").items(), key=lambda kv: -kv[1]))
-            if graph:
-                try:
-                    g = torch.cuda.CUDAGraph()
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        step()
-                    torch.cuda.current_stream().wait_stream(s)
-                    with torch.cuda.graph(g):
-                        step()
-                    g.replay()
-                    row["graph_ms"] = _median_ms(g.replay)
-                    row["graph_x_floor"] = row["graph_ms"] / row["floor_ms"]
-                    del g
-                except Exception as exc:
-                    row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
-            mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
-            # A dense step's floor: its cache bytes at the copy rate (SDPA's kernels may be far from it).
-            row["dense_floor_ms"] = b["dense"] / copy_gbps / 1e6
-            row["x_dense_floor"] = row["dense_floor_ms"] / mine
-            if dense:
-                row["dense"] = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
-                best = min((v for v in row["dense"].values() if isinstance(v, float)), default=None)
-                if best is not None:
-                    row["dense_best_ms"] = best
-                    row["speedup"] = best / mine
-            print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})
-            rows.append(row)
+            base, dense_times = dict(row), None
+            for scoring in scorings or [None]:
+                row = dict(base)
+                with scoring_path(module, scoring) as d:
+                    row["scoring"] = d.scoring
+                    _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
+                if dense:
+                    # Dense decoding once per cache: every path's row compares with the same times.
+                    if dense_times is None:
+                        dense_times = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
+                    row["dense"] = dense_times
+                _speedup(row)
+                print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})
+                rows.append(row)
             del cache, kw, q, out
             torch.cuda.empty_cache()
     return copy_gbps, rows
+
+
+def _speedup(row: dict) -> None:
+    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else row["step_ms"]
+    best = min((v for v in row.get("dense", {}).values() if isinstance(v, float)), default=None)
+    if best is not None:
+        row["dense_best_ms"] = best
+        row["speedup"] = best / mine
+
+
+def _time_step(spec: Spec, step, d, B: int, T: int, q_len: int, copy_gbps: float, graph: bool, row: dict) -> dict:
+    """Eager and graph-replayed times of `step` on descriptor `d`'s path, its bytes and kernels, into `row`."""
+    step()
+    ms = _median_ms(step)
+    b = decode_step_bytes(spec, T, B, q_len, d)
+    row.update(step_ms=ms, bytes=b, achieved_gbps=b["floor"] / ms / 1e6,
+               floor_ms=b["floor"] / copy_gbps / 1e6, impl_floor_ms=b["implementation"] / copy_gbps / 1e6)
+    row["x_floor"] = ms / row["floor_ms"]
+    # Where the step's time goes: every GPU kernel of an eager step (ms per step).
+    row["kernels"] = dict(sorted(kernel_times(step, calls=5, names="all").items(), key=lambda kv: -kv[1]))
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                step()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                step()
+            g.replay()
+            row["graph_ms"] = _median_ms(g.replay)
+            row["graph_x_floor"] = row["graph_ms"] / row["floor_ms"]
+            del g
+        except Exception as exc:
+            row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
+    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
+    # A dense step's floor: its cache bytes at the copy rate (SDPA's kernels may be far from it).
+    row["dense_floor_ms"] = b["dense"] / copy_gbps / 1e6
+    row["x_dense_floor"] = row["dense_floor_ms"] / mine
+    return row
 
 
 def _pool_shapes(spec: Spec) -> dict:
@@ -256,13 +299,13 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
 
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
     lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
-             f"{'B':>3} {'ctx':>7} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
+             f"{'B':>3} {'ctx':>7} {'scoring':>8} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        lines.append(f"{r['batch']:>3} {r['context']:>7} {r['step_ms']:>8.3f} "
+        lines.append(f"{r['batch']:>3} {r['context']:>7} {r.get('scoring') or '-':>8} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
                      + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))

@@ -668,14 +668,15 @@ def check_seqlens_arg(fn: str, seqlens, batch: int, device) -> torch.Tensor:
 _sm_counts: dict = {}
 
 
-def decode_splits(programs: int, max_tiles: int, device) -> int:
-    """Key-range splits per decode program (flash-decoding): enough programs for about two waves of the GPU's
-    SMs, never more splits than key tiles, at most 64. Off the GPU: always 2 (an empty split is legal), so the CPU
-    tests exercise the merge, also for branches whose keys fit one tile."""
+def decode_splits(programs: int, max_tiles: int, device, waves: int = 2, cap: int = 64) -> int:
+    """Key-range splits per decode program (flash-decoding): enough programs for about `waves` waves of the
+    GPU's SMs, never more splits than key tiles, at most `cap` (the plan's split_waves / max_splits). Off the
+    GPU: always 2 (an empty split is legal), so the CPU tests exercise the merge, also for branches whose keys fit
+    one tile."""
     device = torch.device(device)
     if device.type != "cuda":
         return 2
-    return max(1, min(-(-2 * _sm_count(device) // max(programs, 1)), max_tiles, 64))
+    return max(1, min(-(-waves * _sm_count(device) // max(programs, 1)), max_tiles, cap))
 
 
 def _sm_count(device: torch.device) -> int:

@@ -50,6 +50,10 @@ class DecodeDescriptor:
     pool_weights: tuple                # ((name, shape, dtype), ...) of the linear pooling's weights, argument order
     # Selection (scorer None: no selection branch)
     scorer: Optional[str]             # "compression" | "indexer" | None
+    scoring: str                      # compression scorer: "partials" | "logits" (plan.decode.scoring); else ""
+    overlap_chunks: int               # compression scorer's overlap rule: d-token chunks per selection block,
+    overlap_blocks: int               # compression blocks per chunk, and selection blocks a tile's sums spill into
+    overlap_spill: int
     sel_block: int                    # l' (1 at token granularity)
     top_k: int
     k_slc: str
@@ -68,6 +72,8 @@ class DecodeDescriptor:
     v_win: str
     # Launch configuration of the step's kernels
     split_tiles: dict[str, int]       # keys per tile of each branch's kernel (split sizes)
+    split_waves: int                  # split counts: programs for split_waves waves of the SMs, at most max_splits
+    max_splits: int
     max_gp: int                       # group heads per program at most
     num_stages: int
     widen: bool                       # the module's WIDEN (bf16 dots widened under the interpreter)
@@ -77,6 +83,7 @@ class DecodeDescriptor:
     combine_kernel: Any
     group_probs_kernel: Any = None    # compression-scored selection
     select_blocks_kernel: Any = None
+    select_partials_kernel: Any = None
     index_scores_kernel: Any = None   # indexer-scored selection
     topk_hist_kernel: Any = None
     topk_write_kernel: Any = None

@@ -34,15 +34,28 @@ def split_rows(d: DecodeDescriptor, kind: str, q_len: int) -> tuple[int, int, in
     return qlp, gp, triton.cdiv(d.group, gp)
 
 
+@functools.lru_cache(maxsize=None)
+def score_tiles(d: DecodeDescriptor) -> tuple[int, int, int]:
+    """(SC_W, SC_COLS, BACK) of the partials path: selection-block sums a compression tile stores (its own NSB
+    blocks and the overlap_spill after them), their columns padded to a power of two >= 16 (tl.dot's N), and how
+    many tiles back a selection block's sums may come from."""
+    nsb = d.split_tiles["compression"] // d.overlap_chunks
+    width = nsb + d.overlap_spill
+    return width, max(16, triton.next_power_of_2(width)), triton.cdiv(d.overlap_spill, nsb)
+
+
 def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged,
-           idx=None, logits=None):
+           idx=None, scores=None):
     """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
-    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (the combine kernel)."""
+    [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (the combine kernel). The compression
+    branch also writes the selection's inputs: `scores` is (logits,) on the logits path, (sums, refs) on the
+    partials path (docs/decode.md)."""
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = split_rows(d, kind, QL)
     programs = B * d.hkv * chunks * (QL if kind == "selection" else 1)
     tile = d.split_tiles[kind]
-    splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device)
+    splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device, d.split_waves,
+                                             d.max_splits)
     o_part = torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=q.device)
     kernel = d.branch_kernels[kind]
@@ -50,14 +63,20 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
     if kind == "selection":
         extra = (idx,)
     elif kind == "compression":
-        extra = (o_part if logits is None else logits,)
-        flags = {"WRITE_LOGITS": logits is not None}
+        scores = scores or ()  # SCORES: 0 none, 1 logits, 2 partials; unused pointers get o_part
+        logits = scores[0] if len(scores) == 1 else o_part
+        sums, refs = scores if len(scores) == 2 else (o_part, o_part)
+        extra = (logits, sums, refs)
+        flags = {"SCORES": len(scores), "SC_COLS": score_tiles(d)[1] if len(scores) == 2 else 16}
+    # The partials path's tile-to-block map needs registers the paper config's 4 warps lack (255 registers and 80
+    # spill bytes at 4 warps on sm_90, none at 8; the logits path spills 24 bytes at 4).
+    warps = 4 if qlp * gp * d.dv < 16384 and flags.get("SCORES") != 2 else 8
     kernel[(programs, splits)](
         q, K, V, block_table, seqlens, o_part, lse_part, *extra,
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, d.softmax_scale,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=d.widen, **flags,
-        num_warps=4 if qlp * gp * d.dv < 16384 else 8, num_stages=d.num_stages)
+        num_warps=warps, num_stages=d.num_stages)
     return o_part, lse_part, splits
 
 
@@ -160,27 +179,46 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     T = cache.max_context
     parts = {}
     indices = None
-    logits = None
+    scores = None
+    NCV = cache.nc_cap - 1 if d.compressed else 0  # pooled rows a sequence may have (the last is the spare)
+    if d.scorer == "compression":
+        # The compression kernel writes the selection's inputs as it walks the pooled keys: its partial block sums
+        # per tile and head, or (logits path) every base-2 logit.
+        if d.scoring == "partials":
+            tile = d.split_tiles["compression"]
+            f32 = dict(dtype=torch.float32, device=q.device)
+            n_tiles = triton.cdiv(NCV, tile)
+            scores = (torch.empty((B, QL, d.hq, n_tiles, score_tiles(d)[0]), **f32),
+                      torch.empty((B, QL, d.hq, n_tiles), **f32))
+        else:
+            scores = (torch.empty((B, QL, d.hq, NCV), dtype=torch.float32, device=q.device),)
     if d.cmp_branch:
-        if d.scorer == "compression":
-            logits = torch.empty((B, QL, d.hq, cache.nc_cap - 1), dtype=torch.float32, device=q.device)
         parts["compression"] = branch(
             d, "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table,
-            cache.nc_cap, cache.nc_cap - 1, num_splits, False, logits=logits)
+            cache.nc_cap, NCV, num_splits, False, scores=scores)
     if d.scorer == "compression":
-        # Selection from the compression branch's logits (written by its kernel): the group's probabilities P (one
-        # pass over the logits, each head's lse merged from the splits), then the overlap rule and the top-n in one
-        # kernel per (sequence, new query, kv group).
-        NCV = cache.nc_cap - 1
-        P = torch.empty((B, QL, hkv, NCV), dtype=torch.float32, device=q.device)
-        if NCV > 0:
-            d.group_probs_kernel[(B * QL * hkv, triton.cdiv(NCV, 128))](
-                logits, parts["compression"][1], parts["compression"][2], seqlens, P, B * QL * d.hq, QL, NCV,
-                GP=triton.next_power_of_2(d.group), BLOCK_N=128)
         n_sel = triton.cdiv(T, d.sel_block)
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
-        d.select_blocks_kernel[(B * QL * hkv,)](P, seqlens, indices, QL, NCV, n_sel,
-                                                NSEL_PAD=triton.next_power_of_2(n_sel), num_warps=4)
+        _, lse_part, splits = parts["compression"]
+        if d.scoring == "partials":
+            # One kernel per (sequence, new query, kv group): each head's lse merged from the splits, the partial
+            # sums rescaled by it and summed over the group's heads, then the top-n. The score row stays at <= 8
+            # values a thread (238 registers at 4 warps for 2048 blocks, 125 at 8).
+            nsel_pad = triton.next_power_of_2(n_sel)
+            d.select_partials_kernel[(B * QL * hkv,)](
+                *scores, lse_part, splits, seqlens, indices, B * QL * d.hq, QL, NCV, n_sel,
+                GP=triton.next_power_of_2(d.group), BLOCK_N=tile, NSPLIT_PAD=triton.next_power_of_2(splits),
+                NSEL_PAD=nsel_pad, BACK=score_tiles(d)[2], num_warps=4 if nsel_pad <= 1024 else 8)
+        else:
+            # The group's probabilities P (one pass over the logits, each head's lse merged from the splits), then
+            # the overlap rule and the top-n in one kernel per (sequence, new query, kv group).
+            P = torch.empty((B, QL, hkv, NCV), dtype=torch.float32, device=q.device)
+            if NCV > 0:
+                d.group_probs_kernel[(B * QL * hkv, triton.cdiv(NCV, 128))](
+                    scores[0], lse_part, splits, seqlens, P, B * QL * d.hq, QL, NCV,
+                    GP=triton.next_power_of_2(d.group), BLOCK_N=128)
+            d.select_blocks_kernel[(B * QL * hkv,)](P, seqlens, indices, QL, NCV, n_sel,
+                                                    NSEL_PAD=triton.next_power_of_2(n_sel), num_warps=4)
     elif d.scorer == "indexer":
         # Index scores of the new queries over every cached index key (at block granularity reduced to each
         # block's log-sum-exp over its visible tokens): a workspace of B x HKV x QL x units fp32, written only at
