@@ -122,6 +122,16 @@ def cmd_list(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    if args.training_step:
+        if args.decode or args.forward_only:
+            raise UsageError("--training-step times the whole training step: drop --decode/--forward-only")
+        from .perf.bench_train import check_trainable
+
+        for spec, _ in _load_with_paths(args.specs):  # every spec refused before any GPU work
+            try:
+                check_trainable(spec)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
     if not torch.cuda.is_available():
         raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
     if args.decode:
@@ -135,6 +145,8 @@ def cmd_bench(args) -> int:
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
     args.seqlens = args.seqlens or [8192, 16384, 32768, 65536]
+    if args.training_step:
+        return _bench_training_step(args)
     from .perf.bench import bench_passes, machine_peaks, record, table
 
     machine = machine_peaks()
@@ -144,6 +156,17 @@ def cmd_bench(args) -> int:
         print(table(spec, machine, rows))
         kind = "forward" if args.forward_only else "passes"
         print(f"recorded in {record(spec, kind, rows, regime=args.regime, out_dir=Path(args.out), machine=machine)}")
+    return 0
+
+
+def _bench_training_step(args) -> int:
+    from .perf.bench import record
+    from .perf.bench_train import bench_training_step, table
+
+    for spec, path in _load_with_paths(args.specs):
+        rows = bench_training_step(spec, args.seqlens, dense=not args.no_dense, spec_path=path)
+        print(table(spec, rows))
+        print(f"recorded in {record(spec, 'training_step', rows, regime=args.regime, out_dir=Path(args.out))}")
     return 0
 
 
@@ -266,6 +289,10 @@ def parser() -> argparse.ArgumentParser:
                     "and forward+backward, with per-kernel times)")
     bn.add_argument("--decode", action="store_true",
                     help="time one decoding step from a KV cache against dense decoding of the same cache")
+    bn.add_argument("--training-step", action="store_true",
+                    help="time DSA's training step whole and by piece (indexer + top-k, sparse attention forward and "
+                    "backward, distillation loss in both stages) with its memory, against dense SDPA forward+backward "
+                    "(MLA specs: the unabsorbed MHA); specs with an indexer only")
     bn.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--decode: batch sizes")
     bn.add_argument("--q-len", type=int, default=1, help="--decode: new queries per sequence and step")
     bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,

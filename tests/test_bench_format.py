@@ -86,3 +86,61 @@ def test_decode_bench_names_why_flashinfer_did_not_run(monkeypatch):
     spec = load_spec(ROOT / "specs" / "nsa_mqa.yaml")
     q, k = torch.randn(1, 1, 32, 128), torch.randn(1, 64, 1, 128)
     assert "flashinfer is not installed" in flashinfer_decode_ms(spec, q, k, k)
+
+
+def test_training_step_table_and_baseline():
+    from specgen.perf.bench_train import PIECES, dense_baseline_shapes, table as step_table
+
+    v32, small = load_spec(ROOT / "specs/dsa_v32.yaml"), load_spec(ROOT / "specs/dsa_small.yaml")
+    # MLA is compared with the unabsorbed MHA DeepSeek-V3.2 would prefill densely; other specs with their own heads.
+    assert dense_baseline_shapes(v32)["heads"] == [128, 128] and dense_baseline_shapes(v32)["head_dim"] == [192, 128]
+    assert dense_baseline_shapes(small)["heads"] == [small.heads.q, small.heads.kv]
+    row = {"T": 32768, **{key: 10.0 * (i + 1) for i, (_, key) in enumerate(PIECES)},
+           "attention_forward_tflops": 300.0, "attention_backward_tflops": 120.0,
+           "dense": {"shapes": dense_baseline_shapes(v32), "fwd_bwd": {"cudnn": 303.0, "flash": "unsupported: x"}},
+           "speedup_step": {"cudnn": 303.0 / 50.0}, "step_peak_extra_gib": 30.0,
+           "step_outputs_and_grads_gib": 24.0, "step_beyond_outputs_and_grads_gib": 6.0,
+           "kernels": {"_selection_bwd_scatter_kernel": {"ms": 20.0}, "_index_scores_kernel": {"ms": 5.0}}}
+    text = step_table(v32, [row])
+    for piece in ("indexer + top-k", "10.00 ms", "attention forward", "300 TFLOP/s", "120 TFLOP/s",
+                  "whole step (sparse stage)", "50.00 ms", "warm-up (dense) stage", "60.00 ms",
+                  "unabsorbed MHA", "303.00 ms / —", "step speedup 6.06x", "6.00 beyond them",
+                  "_selection_bwd_scatter_kernel: 20.000 ms"):
+        assert piece in text, piece
+    # The slowest kernels first.
+    assert text.index("_selection_bwd_scatter_kernel") < text.index("_index_scores_kernel")
+
+
+def test_training_step_refuses_specs_without_an_indexer(capsys):
+    from specgen.cli import main
+
+    rc = main(["bench", str(ROOT / "specs/nsa_paper.yaml"), "--training-step"])
+    err = capsys.readouterr().err
+    # Refused before the GPU check: the message names the flag, the spec and what it lacks.
+    assert rc != 0 and "--training-step" in err and "nsa_paper" in err and "indexer" in err
+    assert "CUDA" not in err
+
+
+def test_training_step_runs_the_user_step_under_the_interpreter():
+    """The step the benchmark times, run on the CPU at a tiny T: every piece is called, the step hands back finite
+    gradients for q, k and the indexer, and the row carries each piece (timer and memory stand in for the GPU's)."""
+    import torch
+
+    from specgen.perf.bench_train import PIECES, bench_training_step
+
+    spec = load_spec(ROOT / "specs/dsa_small.yaml")
+    results = []
+
+    def timer(fn):
+        results.append(fn())
+        return 1.0
+
+    rows = bench_training_step(spec, [24], dense=False, per_kernel=False, device="cpu", timer=timer,
+                               memory=lambda fn: 0.5)
+    row = rows[0]
+    assert row["T"] == 24 and all(key in row for _, key in PIECES), row
+    step = results[-1]  # the whole step's grads: dq, dk, dq_idx, dk_idx, dw_idx, then the output
+    assert len(step) == len(("dq", "dk", "dv", "dq_idx", "dk_idx", "dw_idx", "out"))  # dsa_small has its own v
+    for g in step:
+        assert g.dtype.is_floating_point and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5

@@ -86,11 +86,18 @@ def dense_shapes_forward_ms(hq: int, hkv: int, dqk: int, dv: int, T: int, dtype:
 
 def dense_training_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
     """Dense causal SDPA forward+backward on the same shapes (cuDNN; flash with v zero-padded)."""
+    return dense_shapes_training_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
+                                    spec.softmax_scale, device)
+
+
+def dense_shapes_training_ms(hq: int, hkv: int, dqk: int, dv: int, T: int, dtype: str, scale: float,
+                             device: str = "cuda") -> dict:
+    """Dense causal SDPA forward+backward medians (ms) at the given shapes: cuDNN, and flash with v zero-padded to
+    d_qk; a refusal is reported as a string."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.dtype]
-    hq, hkv, dqk, dv = spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     results = {}
     for name, backend, vdim in (("cudnn", SDPBackend.CUDNN_ATTENTION, dv), ("flash", SDPBackend.FLASH_ATTENTION, dqk)):
         q = torch.randn(1, hq, T, dqk, device=device, dtype=dt, requires_grad=True)
@@ -99,7 +106,7 @@ def dense_training_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
         try:
             with sdpa_kernel(backend):
                 def run():
-                    out = sdpa(q, k, v, is_causal=True, scale=spec.softmax_scale, enable_gqa=hkv != hq)
+                    out = sdpa(q, k, v, is_causal=True, scale=scale, enable_gqa=hkv != hq)
                     out.backward(torch.ones_like(out))
                 run()
                 results[name] = _median_ms(run)
@@ -320,5 +327,5 @@ def table(spec: Spec, machine: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_passes", "compiler_report", "dense_forward_ms", "dense_training_ms", "kernel_times", "machine_peaks",
+__all__ = ["bench_passes", "compiler_report", "dense_forward_ms", "dense_shapes_training_ms", "dense_training_ms", "kernel_times", "machine_peaks",
            "peak_extra_gib", "record", "table"]

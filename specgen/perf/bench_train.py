@@ -1,0 +1,189 @@
+"""A DSA training step timed whole and by piece, against dense attention's training step in the same run.
+
+The step is what a user's training loop runs per layer in the sparse stage (docs/distill.md):
+
+    indices = index_topk(q_idx, k_idx, w_idx)                                  # no gradient
+    out, lse = dsa_attention(q, k, indices=indices, return_lse=True)           # sparse attention
+    dq, dk = autograd.grad(out, (q, k), dout)                                  # its backward
+    loss = distill_loss(q, k, q_idx, k_idx, w_idx, indices=indices, lse_main=lse[..., 0])
+    dq_idx, dk_idx, dw_idx = autograd.grad(loss, (q_idx, k_idx, w_idx))       # the indexer's gradient
+
+and, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
+`dense_distill_max`). The dense baseline is causal SDPA forward + backward (cuDNN and flash) of the attention the
+model would otherwise run: for an MLA spec the unabsorbed multi-head attention (Hq heads, d_qk 192, d_v 128, as
+DeepSeek-V3.2 prefills), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
+and that peak less the step's outputs and gradients (the issue's "beyond inputs, outputs and gradients").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..compile.analysis import flops
+from ..compile.jit import load
+from ..model.signature import differentiable_names
+from ..model.spec import Spec
+from .bench import _median_ms, dense_shapes_forward_ms, dense_shapes_training_ms, kernel_times, peak_extra_gib
+
+# The unabsorbed MHA that MLA specs are compared with (DeepSeek-V3's q/k head: 128 nope + 64 rope dims; v 128).
+MHA_QK, MHA_V = 192, 128
+
+
+def check_trainable(spec: Spec) -> None:
+    """The step needs an indexer (its top-k and distillation loss): a clear refusal for other specs."""
+    if spec.indexer is None:
+        raise ValueError(f"--training-step times DSA's indexer + sparse attention + distillation step; spec "
+                         f"{spec.name!r} has no indexer (selection.scorer: indexer). Use `specgen bench` without "
+                         f"--training-step for its forward/backward passes.")
+
+
+def dense_baseline_shapes(spec: Spec) -> dict:
+    """The dense attention the step is measured against: heads, head dims and softmax scale."""
+    if spec.mla:
+        return {"heads": [spec.heads.q, spec.heads.q], "head_dim": [MHA_QK, MHA_V], "scale": MHA_QK ** -0.5,
+                "what": "unabsorbed MHA (MLA's dense prefill form)"}
+    return {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v],
+            "scale": spec.softmax_scale, "what": "the spec's own heads"}
+
+
+def _gib(*tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def bench_training_step(spec: Spec, seqlens: list[int], *, dense: bool = True, dense_distill_max: int = 32768,
+                        per_kernel: bool = True, spec_path=None, device: str = "cuda", timer=_median_ms,
+                        memory=peak_extra_gib) -> list[dict]:
+    """One row per T: each piece's median ms, the whole step's, its memory, the attention's TFLOP/s (analysis
+    FLOPs; backward at FlashAttention's 2.5x convention), per-kernel times of the step, and the dense baseline.
+    `device`, `timer` (fn -> ms) and `memory` (fn -> GiB) let the CPU tests run the same step under the
+    interpreter."""
+    check_trainable(spec)
+    module = load(spec, spec_path)
+    attention = getattr(module, f"{spec.family}_attention")
+    rows = []
+    for T in seqlens:
+        try:
+            row = _step_row(spec, module, attention, T, dense_distill_max=dense_distill_max, per_kernel=per_kernel,
+                            device=device, timer=timer, memory=memory)
+        except torch.cuda.OutOfMemoryError as exc:  # a result to record (the 64k step on an 80 GB GPU, so far)
+            rows.append({"T": T, "out_of_memory": str(exc).splitlines()[0][:200],
+                         "max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30})
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.empty_cache()  # the step's tensors are gone with _step_row's frame
+        if dense:
+            shapes = dense_baseline_shapes(spec)
+            (hq, hkv), (dqk, dv) = shapes["heads"], shapes["head_dim"]
+            row["dense"] = {"shapes": shapes,
+                            "forward": dense_shapes_forward_ms(hq, hkv, dqk, dv, T, spec.dtype, shapes["scale"]),
+                            "fwd_bwd": dense_shapes_training_ms(hq, hkv, dqk, dv, T, spec.dtype, shapes["scale"])}
+            row["speedup_step"] = {b: v / row["step_ms"] for b, v in row["dense"]["fwd_bwd"].items()
+                                   if isinstance(v, float)}
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, per_kernel: bool, device: str,
+              timer, memory) -> dict:
+    """One row of `bench_training_step` at length T."""
+    gen = torch.Generator(device=device).manual_seed(T)
+    x = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device=device, generator=gen)
+    # The attention's differentiable inputs (q, k, and v where the spec has its own), by the call contract.
+    main = {n: x[n].requires_grad_(True) for n in differentiable_names(spec)}
+    q, k = main["q"], main["k"]
+    # The call takes the indexer's inputs beside given indices (they get no gradient from it).
+    fixed = {n: x[n].detach() for n in ("q_idx", "k_idx", "w_idx")}
+    idx_in = {n: x[n].requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
+    dout = torch.randn(1, T, spec.heads.q, spec.head_dim.v, dtype=module.DTYPE, device=device, generator=gen)
+
+    def topk():
+        with torch.no_grad():
+            return module.index_topk(*fixed.values())
+
+    indices = topk()
+    row = {"T": T, "indexer_topk_ms": timer(topk)}
+
+    row["attention_forward_ms"], row["attention_backward_ms"], lse_main = _attention_times(
+        spec, attention, main, fixed, indices, dout, timer)
+
+    def distill(stage: str):
+        sel = indices if stage == "sparse" else None
+        main = lse_main if stage == "sparse" else None
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, lse_main=main,
+                                   stage=stage)
+        return torch.autograd.grad(loss, tuple(idx_in.values()))
+
+    row["distill_sparse_fwd_bwd_ms"] = timer(lambda: distill("sparse"))
+    if T <= dense_distill_max:
+        row["distill_dense_fwd_bwd_ms"] = timer(lambda: distill("dense"))
+
+    def step():
+        sel = topk()
+        o, l_ = attention(**main, **fixed, indices=sel, return_lse=True)
+        grads = torch.autograd.grad(o, tuple(main.values()), dout)
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel,
+                                   lse_main=l_[..., 0].detach(), stage="sparse")
+        return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
+
+    row["step_ms"] = timer(step)
+    row["step_peak_extra_gib"] = memory(step)
+    # What the step must hand back: the attention's output and every gradient (the inputs are already there).
+    row["step_outputs_and_grads_gib"] = _gib(dout, *main.values(), *idx_in.values())
+    row["step_beyond_outputs_and_grads_gib"] = row["step_peak_extra_gib"] - row["step_outputs_and_grads_gib"]
+    f_fwd, f_bwd = flops(spec, T), flops(spec, T, "backward")
+    row["attention_forward_tflops"] = f_fwd / row["attention_forward_ms"] / 1e9
+    row["attention_backward_tflops"] = f_bwd / row["attention_backward_ms"] / 1e9
+    if per_kernel:
+        row["kernels"] = {name: {"ms": ms} for name, ms in kernel_times(step, calls=1, names="all").items()}
+    return row
+
+
+def _attention_times(spec: Spec, attention, main: dict, fixed: dict, indices, dout,
+                     timer) -> tuple[float, float, torch.Tensor]:
+    """The sparse attention's forward and backward medians and its log-sum-exp (the sparse-stage loss's lse_main);
+    its output and graph are freed on return, before the loss is timed."""
+    def forward():
+        return attention(**main, **fixed, indices=indices, return_lse=True)
+
+    out, lse = forward()
+    assert torch.isfinite(out).all(), f"{spec.name} T={out.shape[1]}: the sparse attention left non-finite outputs"
+    fwd_ms = timer(forward)
+    bwd_ms = timer(lambda: torch.autograd.grad(out, tuple(main.values()), dout, retain_graph=True))
+    return fwd_ms, bwd_ms, lse[..., 0].detach()
+
+
+PIECES = (("indexer + top-k", "indexer_topk_ms"), ("attention forward", "attention_forward_ms"),
+          ("attention backward", "attention_backward_ms"), ("distillation, sparse stage", "distill_sparse_fwd_bwd_ms"),
+          ("whole step (sparse stage)", "step_ms"), ("distillation, warm-up (dense) stage", "distill_dense_fwd_bwd_ms"))
+
+
+def table(spec: Spec, rows: list[dict]) -> str:
+    """The rows as text: each piece's ms, the step against dense, memory, and the step's kernels."""
+    lines = [f"{spec.name} ({spec.hash}) training step, B=1, {spec.dtype}"]
+    for r in rows:
+        lines.append(f"T = {r['T']}")
+        if "out_of_memory" in r:
+            lines.append(f"  out of memory ({r['max_allocated_gib']:.1f} GiB allocated at most): {r['out_of_memory']}")
+            continue
+        for label, key in PIECES:
+            if key in r:
+                rate = {"attention_forward_ms": r.get("attention_forward_tflops"),
+                        "attention_backward_ms": r.get("attention_backward_tflops")}.get(key)
+                lines.append(f"  {label:<38} {r[key]:>10.2f} ms" + (f"  {rate:.0f} TFLOP/s" if rate else ""))
+        if "dense" in r:
+            fb = r["dense"]["fwd_bwd"]
+            dense_txt = " / ".join(f"{v:.2f} ms" if isinstance(v, float) else "—" for v in fb.values())
+            speed = " / ".join(f"{v:.2f}x" for v in r["speedup_step"].values()) or "n/a"
+            lines.append(f"  dense fwd+bwd, {r['dense']['shapes']['what']} (cuDNN / flash): {dense_txt}; "
+                         f"step speedup {speed}")
+        lines.append(f"  memory: step peak {r['step_peak_extra_gib']:.2f} GiB beyond the inputs, of which "
+                     f"{r['step_outputs_and_grads_gib']:.2f} outputs and gradients, "
+                     f"{r['step_beyond_outputs_and_grads_gib']:.2f} beyond them")
+        for name, k in sorted(r.get("kernels", {}).items(), key=lambda kv: -kv[1]["ms"])[:12]:
+            lines.append(f"    {name[:90]}: {k['ms']:.3f} ms")
+    return "\n".join(lines)
+
+
+__all__ = ["bench_training_step", "check_trainable", "dense_baseline_shapes", "table"]
