@@ -10,6 +10,8 @@ output gradient on those rows only, so every gradient is still compared in full.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import reference
@@ -109,9 +111,12 @@ def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=
     return err
 
 
-def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None) -> dict:
+def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None,
+                          around=contextlib.nullcontext) -> dict:
     """`<family>_attention` on a packed batch, forward and backward: the output, and every gradient against the
-    reference's autograd run per sequence (fed the kernel's selection). Returns the gradients' relative errors."""
+    reference's autograd run per sequence (fed the kernel's selection). Returns the gradients' relative errors.
+    `around()`: a context entered around the packed call's forward and backward alone (a test's allocation
+    watch)."""
     case = PackedCase(module, spec, lengths, device, seed, "backward")
     dtype, where = module.DTYPE, case.where
     names = differentiable_inputs(spec)
@@ -123,10 +128,11 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
     dout = torch.zeros((case.total, spec.heads.q, spec.head_dim.v), dtype=dtype, device=case.device)
     dout.index_copy_(0, covered, sampled.to(case.device, dtype))
     del sampled
-    result = _fn(module, spec, "attention")(**leaves, return_indices=spec.selection is not None, **case.varlen())
-    out, indices = result if spec.selection is not None else (result, None)
-    assert tuple(out.shape) == (case.total, spec.heads.q, spec.head_dim.v), f"out {list(out.shape)} {where}"
-    out.backward(dout)
+    with around():
+        result = _fn(module, spec, "attention")(**leaves, return_indices=spec.selection is not None, **case.varlen())
+        out, indices = result if spec.selection is not None else (result, None)
+        assert tuple(out.shape) == (case.total, spec.heads.q, spec.head_dim.v), f"out {list(out.shape)} {where}"
+        out.backward(dout)
 
     # The reference per sequence (float64 leaves of that sequence; the shared pooling weights are one leaf for all
     # sequences). Errors are Frobenius norms accumulated over the sequences; rows outside `rows` have a zero
