@@ -1071,13 +1071,13 @@ def _selection_bwd_dkdv_kernel(
 
 @triton.jit
 def _selection_bwd_scatter_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX,
+    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 32
     ROWS: tl.constexpr = GP
@@ -1091,16 +1091,25 @@ def _selection_bwd_scatter_kernel(
     pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * t)
+        if seq < 0:
+            return
+        t = tl.load(TILES + 2 * t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
     rows = tl.arange(0, ROWS)
     head = g * GROUP + chunk * GP + rows
     row_ok = chunk * GP + rows < GROUP
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q2 = tl.load(q_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q3 = tl.load(q_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q4 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + (bos + t)) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -1125,13 +1134,13 @@ def _selection_bwd_scatter_kernel(
     dq2 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq3 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq4 = tl.zeros([ROWS, 64], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    # dK/dV rows of this (batch, kv head): fp32 [B, NKEYS, HKV, D] contiguous.
-    dk_base = DK + (b * NKEYS * HKV + g) * DQK
-    dv_base = DVAL + (b * NKEYS * HKV + g) * DV
+    k_base = K + b * stride_kb + g * stride_kh + bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + bos * stride_vt
+    # dK/dV rows of this (batch, kv head): fp32 [B, NKEYS, HKV, D] contiguous (packed: from the sequence's first).
+    dk_base = DK + ((b * NKEYS + bos) * HKV + g) * DQK
+    dv_base = DVAL + ((b * NKEYS + bos) * HKV + g) * DV
     # The query's selected units, ascending, -1 padding last.
-    idx_row = IDX + ((b * T + t) * HKV + g) * TOP_K
+    idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     for f0 in range(0, n_units * UNIT, BLOCK_N):
@@ -1193,7 +1202,7 @@ def _selection_bwd_scatter_kernel(
         acc = _pv(dst, q4, WIDEN)
         tl.atomic_add(dk_base + key_rows[:, None] + 512 + tl.arange(0, 64)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + bos + t) * HQ + head
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     if HAS_PREV:
         dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)

@@ -59,14 +59,24 @@ class _Watch(torch.utils._python_dispatch.TorchDispatchMode):
         return result
 
 
-# Both selection loop orders at GQA groups 1 and 2, and DSA token selection (query order, a group of 4). The query
-# order at group 2 is left out for time (its per-query programs cost the interpreter most): its kernels are the
-# group-1 ones with wider rows, and DSA runs them at group 4.
+# Both selection loop orders at GQA groups 1 and 2, DSA token selection (query order, a group of 4), and the
+# scatter backward (atomics) of a DeepSeek-V3.2 miniature (MLA, 64 heads in two chunks: the plan's scatter path),
+# on a shorter batch (64 heads per query cost the interpreter most; fp32 rows make padding visible sooner). The
+# query order at group 2 is left out for time (its per-query programs cost the interpreter most): its kernels are
+# the group-1 ones with wider rows, and DSA runs them at group 4.
+SHORTER = [24, 0, 1, 5, 3, 0, 2]
 NATIVE = {
-    "kv_order_gqa2": lambda: SMALL,
-    "kv_order_gqa1": lambda: small("gqa1", **{"heads.q": 2, "heads.kv": 2, "selection.loop_order": "kv"}),
-    "query_order_gqa1": lambda: small("gqa1_query", **{"heads.q": 2, "heads.kv": 2, "selection.loop_order": "query"}),
-    "dsa_token": lambda: load_spec("specs/dsa_small.yaml"),
+    "kv_order_gqa2": lambda: (SMALL, LONG_AND_SHORT),
+    "kv_order_gqa1": lambda: (small("gqa1", **{"heads.q": 2, "heads.kv": 2, "selection.loop_order": "kv"}),
+                              LONG_AND_SHORT),
+    "query_order_gqa1": lambda: (small("gqa1_query", **{"heads.q": 2, "heads.kv": 2,
+                                                        "selection.loop_order": "query"}), LONG_AND_SHORT),
+    "dsa_token": lambda: (load_spec("specs/dsa_small.yaml"), LONG_AND_SHORT),
+    "dsa_scatter_mla": lambda: (replace(load_spec("specs/dsa_v32.yaml"), name="dsa_vbwd_scatter_mla", dtype="fp32",
+                                        max_seqlen=4096, **{"heads.q": 64, "head_dim.qk": 48, "head_dim.v": 32,
+                                                            "selection.top_k": 8, "indexer.heads": 2,
+                                                            "indexer.head_dim": 32, "indexer.dtype": "bf16"}),
+                                SHORTER),
 }
 
 
@@ -78,9 +88,10 @@ def test_native_backward_never_pads(variant, monkeypatch):
     (token, query head, selected block (block-outer order) or branch, head dim) plus the index entries and the
     indexer's fixed workspace, which the padded batch's q alone exceeds. Small budgets make the block-outer passes
     go by query chunks and the inverse index by groups of packed rows that cut the long sequence."""
-    spec = NATIVE[variant]()
+    spec, lengths = NATIVE[variant]()
     mod = specgen.load(spec)
     sel = spec.selection
+    assert (mod._DESC.selection_backward == "scatter") == (variant == "dsa_scatter_mla")
 
     def no_padding(*args, **kwargs):
         raise AssertionError("the native packed training call padded its inputs")
@@ -92,18 +103,18 @@ def test_native_backward_never_pads(variant, monkeypatch):
     monkeypatch.setattr(runtime.indexer, "INDEX_WORKSPACE_BYTES", 1 << 14)
     monkeypatch.setattr(mod, "INVERSE_INDEX_ENTRIES", 100 * spec.heads.kv * sel.top_k)
 
-    total, n, longest = sum(LONG_AND_SHORT), len(LONG_AND_SHORT), max(LONG_AND_SHORT)
+    total, n, longest = sum(lengths), len(lengths), max(lengths)
     # Per token, in 4-byte words: the saved branch outputs and the fp32 dQ (a head dim per query head and
     # branch), the selection's index entries (int64); plus the block-outer passes' per-chunk partials and the
     # indexer's fixed workspace, neither of which grows with the batch.
     per_token = spec.heads.q * len(spec.branches) * max(spec.head_dim.qk, spec.head_dim.v) + 2 * spec.heads.kv * sel.top_k
     workspace = 16 * spec.heads.kv * -(-longest // sel.block) + (1 << 12)
     bound = 4 * (total * per_token + workspace) + partial_bytes
-    padded_q = n * longest * spec.heads.q * spec.head_dim.qk * 2
+    padded_q = n * longest * spec.heads.q * spec.head_dim.qk * mod.DTYPE.itemsize
     assert bound < padded_q, "the batch must make padding visible: the padded q alone would exceed the bound"
 
     watch = _Watch()
-    errors = testing_varlen.check_backward_varlen(mod, spec, LONG_AND_SHORT, seed=11, around=lambda: watch)
+    errors = testing_varlen.check_backward_varlen(mod, spec, lengths, seed=11, around=lambda: watch)
     assert set(errors) == set(testing.differentiable_inputs(spec))
     assert watch.largest[0] <= bound, f"largest buffer {watch.largest} exceeds {bound} bytes ({variant})"
 

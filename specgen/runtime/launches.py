@@ -400,11 +400,19 @@ class Backward:
         self.launched += 1
         dk, acc_k = self.target(k_name, d.dim_qk, zero=True)
         dv = dk if d.mla else self.target(v_name, d.dim_v, zero=True)[0]
+
+        def args(tables):
+            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices, *tables,
+                    *self._common(k, v, T))
+
+        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
+        if self.varlen is not None:
+            self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
+                                (d.heads_kv * head_chunks,), args, meta)
+            return
         launch(kernel, "selection_scatter", self.configs, self.candidates,
-               lambda cfg: (T, self.B * d.heads_kv * head_chunks),
-               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices,
-                *self._common(k, v, T)),
-               dict(HAS_PREV=not first, WIDEN=self.widen), T=T, restore=("DQ", "DK", "DVAL"))
+               lambda cfg: (T, self.B * d.heads_kv * head_chunks), args(self._no_tables), dict(meta, VARLEN=False),
+               T=T, restore=("DQ", "DK", "DVAL"))
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
                      unit: int, top_k: int, split: int, block_n: int, merge_rows: int):
@@ -488,11 +496,11 @@ def pool_backward(kernels: dict, configs: dict, dkc, x, D: int, NC: int, dx, acc
 
     if "mean" in kernels:
         grid, tables = tiles(cfg["tokens"])
-        kernels["mean"][grid + (_cdiv(D, BN),)](dkc, dx, *tables, T, NC, D=D, BS=cfg["tokens"], BN=BN,
+        kernels["mean"][grid + (_cdiv(D, BN),)](dkc, dx, T, NC, *tables, D=D, BS=cfg["tokens"], BN=BN,
                                                 ACCUMULATE=accumulate, VARLEN=packed, num_warps=cfg["num_warps"])
         return None, None
     grid, tables = tiles(cfg["chunks"] * cmp_stride)
-    kernels["dx"][grid + (cmp_stride * _cdiv(D, BN),)](dkc, weight, dx, *tables, T, NC, D=D, BM=cfg["chunks"], BA=BN,
+    kernels["dx"][grid + (cmp_stride * _cdiv(D, BN),)](dkc, weight, dx, T, NC, *tables, D=D, BM=cfg["chunks"], BA=BN,
                                                        BE=BN, ACCUMULATE=accumulate, VARLEN=packed,
                                                        num_warps=cfg["num_warps"])
     dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
