@@ -1,10 +1,14 @@
 """What a packed (varlen) batch costs on the GPU against the batched call on the same tokens.
 
-For each spec: forward (with --training, forward + backward) of a packed batch with lengths LENGTHS (default
-40000 20000 5536 0: 64k tokens), against one batched sequence of the same tokens (B=1, T=65536: an upper bound of
-what a native varlen kernel should cost, since the causal work of one long sequence bounds that of its pieces).
-The forward runs natively on the packed rows; --training goes through the padded path (4 x 40000 rows here).
-Medians in ms and peak memory beyond the inputs in GiB (docs/varlen.md).
+For each spec: forward (with --training, forward + backward through <family>_attention) of a packed batch with
+lengths LENGTHS (default 40000 20000 5536 0: 64k tokens), against
+  - its sequences run one by one (batched calls of B=1, T=len_i, in turn): what a packed call should beat, since
+    it does the same work in one launch sequence;
+  - one batched sequence of the same tokens (B=1, T=total): an upper bound of the packed work, since the causal
+    work of one long sequence bounds that of its pieces.
+Both the forward and the training step run natively on the packed rows (no padding: docs/varlen.md). Medians in
+ms and peak memory beyond the inputs in GiB. `--lengths 32768 $(printf '128 %.0s' $(seq 256))` is one long
+sequence and 256 short ones (where per-sequence calls pay 257 launch sequences).
 
 Usage: python bench/varlen_cost.py SPEC... [--lengths 40000 20000 5536 0] [--training] [--json out.jsonl]
 """
@@ -35,6 +39,7 @@ def main():
     ap.add_argument("specs", nargs="+")
     ap.add_argument("--lengths", type=int, nargs="+", default=[40000, 20000, 5536, 0])
     ap.add_argument("--training", action="store_true", help="forward + backward through <family>_attention")
+    ap.add_argument("--label", default="", help="a name for the batch in the JSON rows")
     ap.add_argument("--json")
     args = ap.parse_args()
     lengths, total = args.lengths, sum(args.lengths)
@@ -55,16 +60,26 @@ def main():
                 out.backward(torch.ones_like(out))
 
         row = {"kind": "varlen_cost", "spec": spec.name, "spec_hash": spec.hash, "lengths": lengths,
-               "training": args.training, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+               "batch": args.label, "training": args.training, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
                "commit": os.environ.get("SPECGEN_COMMIT", "unknown"), "dtype": spec.dtype, "regime": "random",
                "baseline": "the same tokens as one batched sequence of T = total (B=1)"}
         row["packed_ms"], row["packed_extra_gib"] = _timed(lambda: call(packed, cu_seqlens=cu, max_seqlen=max(lengths)))
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        alone = [{n: (x if n in SHARED else x[:, s:s + n_i]) for n, x in batched.items()}
+                 for s, n_i in zip(starts, lengths) if n_i > 0]
+
+        def one_by_one():
+            for inputs in alone:
+                call(inputs)
+
+        row["one_by_one_ms"], row["one_by_one_extra_gib"] = _timed(one_by_one)
+        row["packed_vs_one_by_one"] = row["one_by_one_ms"] / row["packed_ms"]
         row["batched_T_total_ms"], row["batched_T_total_extra_gib"] = _timed(lambda: call(batched))
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        del batched, packed
+        del batched, packed, alone
         torch.cuda.empty_cache()
 
 

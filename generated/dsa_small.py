@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(5, "dsa_small")
+runtime.require_schema(6, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -848,13 +848,13 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
 
 @triton.jit
 def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX,
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -864,15 +864,26 @@ def _selection_bwd_dq_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
+
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + (bos + t)) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -884,10 +895,10 @@ def _selection_bwd_dq_kernel(
         do0 = do0.to(Q.dtype.element_ty)
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 64], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     # One query position per program (BT = 1); its kv group's selected units, ascending, -1 padding last.
-    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
@@ -919,31 +930,45 @@ def _selection_bwd_dq_kernel(
 
 @triton.jit
 def _selection_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS,
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, OFFSETS, QPOS, BITS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BQ: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 4
     ROWS: tl.constexpr = BQ * GP
     CHANNEL: tl.constexpr = 0
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        # The index numbers the batch's key tiles as the tile table does (runtime.backward).
+        seg = pid_n * HKV + pid_bg
+        seq = tl.load(TILES + 2 * pid_n)
+        if seq < 0:
+            return
+        pid_n = tl.load(TILES + 2 * pid_n + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        NKEYS = T
+    else:
+        seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
+        bos = 0
+    key_bos = bos
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k_rows = K + b * stride_kb + (key_bos + keys) * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + (key_bos + keys) * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     dk0 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, 64], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    seg = pid_bg * tl.cdiv(NKEYS, BLOCK_N) + pid_n
     start = tl.load(OFFSETS + seg)
     end = tl.load(OFFSETS + seg + 1)
     for e0 in range(start, end, BQ):
@@ -958,8 +983,8 @@ def _selection_bwd_dkdv_kernel(
         head = g * GROUP + chunk * GP + rows % GP
         row_ok = e_ok & (chunk * GP + rows % GP < GROUP)
         q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
-        # The query's own block runs past it: only keys s <= t.
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+        # The query's own block runs past it: only keys s <= t (t - bos: QPOS holds packed rows when packed).
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= (t - bos)[:, None])
         visible = visible & (((bits[:, None] >> unit_of_key[None, :].to(tl.int64)) & 1) != 0)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -982,12 +1007,12 @@ def _selection_bwd_dkdv_kernel(
         dst = tl.trans(ds)
         dv0 += _pv(pt, do0, WIDEN)
         dk0 += _pv(dst, q0, WIDEN)
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 64)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 64)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
         dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk0, mask=key_ok[:, None])
-    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 64)[None, :]
+    dv_ptr = DVAL + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 64)[None, :]
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
@@ -1002,19 +1027,19 @@ DIFF_ARGUMENTS = ("q", "k", "v", )
 INVERSE_INDEX_ENTRIES = 2**27
 
 
-def _selection_inverse_index(indices, T, tile):
+def _selection_inverse_index(indices, T, tile, varlen=None):
     """The selection's block -> queries index, CSR over (batch, kv head, key tile): runtime.backward's."""
-    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=2, units_per_tile=32)
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=2, units_per_tile=32, varlen=varlen)
 
 
-def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
+def _backward(dout, q, k, v, lse, indices, branch_out, kc, vc, varlen=None):
     """Gradients of q, k, v (in that order), from the saved forward state.
 
     `branch_out` [1, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
     selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values; the accumulators
-    and each kernel's arguments are runtime.launches.Backward's.
+    and each kernel's arguments are runtime.launches.Backward's. `varlen`: as `_forward`'s (docs/varlen.md).
     """
-    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, None, lse, branch_out, WIDEN)
+    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, None, lse, branch_out, WIDEN, varlen)
     T = b.T
     b.dq(_selection_bwd_dq_kernel, "selection", k, v, T, indices)
     b.selection_dkdv(_selection_bwd_dkdv_kernel, "k", "v", k, v, indices, _selection_inverse_index,

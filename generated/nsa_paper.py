@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(5, "nsa_paper")
+runtime.require_schema(6, "nsa_paper")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1259,13 +1259,13 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
 
 @triton.jit
 def _compression_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ,
+    Q, K, V, GATES, DO, LSE, DG, DQ, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1275,20 +1275,35 @@ def _compression_bwd_dq_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:
+        key_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NKEYS = tl.where(T >= CMP_BLOCK, (T - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    else:
+        key_bos = 0
+
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + (bos + t)) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
     delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
@@ -1297,8 +1312,8 @@ def _compression_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     n_end = tl.minimum(tl.where(t_hi >= CMP_BLOCK - 1, (t_hi - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), NKEYS)
     for n0 in range(0, n_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
@@ -1332,14 +1347,14 @@ def _compression_bwd_dq_kernel(
 
 @triton.jit
 def _compression_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL,
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
-    KEY_MAJOR: tl.constexpr = 0,
+    KEY_MAJOR: tl.constexpr = 0, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1347,12 +1362,27 @@ def _compression_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_n)
+        if seq < 0:
+            return
+        pid_n = tl.load(TILES + 2 * pid_n + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:
+        key_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NKEYS = tl.where(T >= CMP_BLOCK, (T - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    else:
+        key_bos = 0
+
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k_rows = K + b * stride_kb + (key_bos + keys) * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + (key_bos + keys) * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
@@ -1372,14 +1402,14 @@ def _compression_bwd_dkdv_kernel(
         t = t0 + rows // GP
         head = g * GROUP + rows % GP
         row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+        q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-        row_index = (b * T + t) * HQ + head
+        row_index = (b * T + (bos + t)) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
@@ -1412,17 +1442,17 @@ def _compression_bwd_dkdv_kernel(
             dv0 += _pv(pt, do0, WIDEN)
             dk0 += _pv(dst, q0, WIDEN)
             dk1 += _pv(dst, q1, WIDEN)
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
         dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk0, mask=key_ok[:, None])
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
     dk1 = dk1 * sm_scale
     if ACCUMULATE:
         dk1 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk1, mask=key_ok[:, None])
-    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    dv_ptr = DVAL + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
@@ -1431,12 +1461,13 @@ def _compression_bwd_dkdv_kernel(
 @triton.jit
 def _selection_kv_bwd_kernel(
     Q, K, V, GATES, DO, LSE, DG, DQ_PART, PART_DK, PART_DV, QPOS, SLOT, ITEM_SEG, ITEM_START, ITEM_END,
+    CU_SEQLENS, CU_UNITS, UNIT_SEQ,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, t0, TC, sm_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     BQ: tl.constexpr = 4
     GP: tl.constexpr = 16
@@ -1450,17 +1481,26 @@ def _selection_kv_bwd_kernel(
         return
     start = tl.load(ITEM_START + item)
     end = tl.minimum(start + SPLIT, tl.load(ITEM_END + item))
-    N_UNITS = tl.cdiv(T, UNIT)
-    unit = seg % N_UNITS
-    bg = seg // N_UNITS
-    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = bg % HKV
-
+    if VARLEN:
+        g = seg % HKV
+        u = seg // HKV
+        seq = tl.load(UNIT_SEQ + u)
+        unit = (u - tl.load(CU_UNITS + seq)).to(tl.int32)
+        b = tl.zeros([], dtype=tl.int64)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        N_UNITS = tl.cdiv(T, UNIT)
+        unit = seg % N_UNITS
+        bg = seg // N_UNITS
+        b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+        g = bg % HKV
+        bos = 0
     n = tl.arange(0, BLOCK_N)
     keys = unit * UNIT + n
     key_ok = (n < UNIT) & (keys < T)
-    k_rows = K + b * stride_kb + g * stride_kh + keys.to(tl.int64) * stride_kt
-    v_rows = V + b * stride_vb + g * stride_vh + keys.to(tl.int64) * stride_vt
+    k_rows = K + b * stride_kb + g * stride_kh + (bos + keys).to(tl.int64) * stride_kt
+    v_rows = V + b * stride_vb + g * stride_vh + (bos + keys).to(tl.int64) * stride_vt
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
@@ -1477,7 +1517,7 @@ def _selection_kv_bwd_kernel(
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
         q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= t[:, None])
+        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= (t - bos)[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -1514,16 +1554,27 @@ def _selection_kv_bwd_kernel(
 
 
 @triton.jit
-def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, T, sm_scale,
-                                     ACCUMULATE: tl.constexpr):
+def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS, DK, DVAL, CU_SEQLENS, CU_UNITS,
+                                         UNIT_SEQ, T, sm_scale, ACCUMULATE: tl.constexpr,
+                                         VARLEN: tl.constexpr = False):
     """dK/dV of one selected block: its items' partials summed in item order (zero for a block nobody chose)."""
     BLOCK_N: tl.constexpr = 64
-    N_UNITS = tl.cdiv(T, UNIT)
     seg = tl.program_id(0)
-    unit = seg % N_UNITS
-    bg = seg // N_UNITS
-    b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
-    g = bg % HKV
+    if VARLEN:
+        g = seg % HKV
+        u = seg // HKV
+        seq = tl.load(UNIT_SEQ + u)
+        unit = (u - tl.load(CU_UNITS + seq)).to(tl.int32)
+        b = tl.zeros([], dtype=tl.int64)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        N_UNITS = tl.cdiv(T, UNIT)
+        unit = seg % N_UNITS
+        bg = seg // N_UNITS
+        b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+        g = bg % HKV
+        bos = 0
     n = tl.arange(0, BLOCK_N)
     keys = unit * UNIT + n
     key_ok = (n < UNIT) & (keys < T)
@@ -1538,17 +1589,18 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
         dk1 += tl.load(PART_DK + part[:, None] * DQK + 128 + tl.arange(0, 64)[None, :])
         dv0 += tl.load(PART_DV + part[:, None] * DV + 0 + tl.arange(0, 128)[None, :])
     NKEYS = T
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    key_bos = bos
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
         dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk0, mask=key_ok[:, None])
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
     dk1 = dk1 * sm_scale
     if ACCUMULATE:
         dk1 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk1, mask=key_ok[:, None])
-    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    dv_ptr = DVAL + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
@@ -1587,13 +1639,13 @@ def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_
 
 @triton.jit
 def _window_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ,
+    Q, K, V, GATES, DO, LSE, DG, DQ, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1603,20 +1655,31 @@ def _window_bwd_dq_kernel(
     chunk = 0
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
+
     rows = tl.arange(0, ROWS)
     t = pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
     t_lo = pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
-    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
     q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-    row_index = (b * T + t) * HQ + head
+    row_index = (b * T + (bos + t)) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
     delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
     do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
@@ -1625,8 +1688,8 @@ def _window_bwd_dq_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
     dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + b * stride_kb + g * stride_kh + key_bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + key_bos * stride_vt
     lo = tl.maximum(t_lo - WINDOW + 1, 0)
     for n0 in range(lo, t_hi + 1, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
@@ -1660,14 +1723,14 @@ def _window_bwd_dq_kernel(
 
 @triton.jit
 def _window_bwd_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL,
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, q_split, split_stride_k, split_stride_v,
     ACCUMULATE: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr,
-    KEY_MAJOR: tl.constexpr = 0,
+    KEY_MAJOR: tl.constexpr = 0, VARLEN: tl.constexpr = False,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -1675,12 +1738,24 @@ def _window_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_s = tl.program_id(2)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_n)
+        if seq < 0:
+            return
+        pid_n = tl.load(TILES + 2 * pid_n + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    key_bos = bos
+    if VARLEN:
+        NKEYS = T
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < NKEYS
-    k_rows = K + b * stride_kb + keys * stride_kt + g * stride_kh
-    v_rows = V + b * stride_vb + keys * stride_vt + g * stride_vh
+    k_rows = K + b * stride_kb + (key_bos + keys) * stride_kt + g * stride_kh
+    v_rows = V + b * stride_vb + (key_bos + keys) * stride_vt + g * stride_vh
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
     k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
@@ -1700,14 +1775,14 @@ def _window_bwd_dkdv_kernel(
         t = t0 + rows // GP
         head = g * GROUP + rows % GP
         row_ok = (t >= lo) & (t <= hi) & (rows % GP < GROUP)
-        q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
+        q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
-        row_index = (b * T + t) * HQ + head
+        row_index = (b * T + (bos + t)) * HQ + head
         lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
         # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+        gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
@@ -1740,30 +1815,45 @@ def _window_bwd_dkdv_kernel(
             dv0 += _pv(pt, do0, WIDEN)
             dk0 += _pv(dst, q0, WIDEN)
             dk1 += _pv(dst, q1, WIDEN)
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 0 + tl.arange(0, 128)[None, :]
     dk0 = dk0 * sm_scale
     if ACCUMULATE:
         dk0 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk0, mask=key_ok[:, None])
-    dk_ptr = DK + ((b * NKEYS + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
+    dk_ptr = DK + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DQK + 128 + tl.arange(0, 64)[None, :]
     dk1 = dk1 * sm_scale
     if ACCUMULATE:
         dk1 += tl.load(dk_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dk_ptr, dk1, mask=key_ok[:, None])
-    dv_ptr = DVAL + ((b * NKEYS + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
+    dv_ptr = DVAL + ((b * NKEYS + key_bos + keys[:, None]) * HKV + g) * DV + 0 + tl.arange(0, 128)[None, :]
     if ACCUMULATE:
         dv0 += tl.load(dv_ptr, mask=key_ok[:, None], other=0.0)
     tl.store(dv_ptr, dv0, mask=key_ok[:, None])
 
 
 @triton.jit
-def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
-                          ACCUMULATE: tl.constexpr):
+def _pool_bwd_mean_kernel(DKC, DX, T, NC, CU_SEQLENS, CU_BLOCKS, TILES, D: tl.constexpr, BS: tl.constexpr,
+                          BN: tl.constexpr, ACCUMULATE: tl.constexpr, VARLEN: tl.constexpr = False):
+    # (The packed launch's tables after T and NC: before them, ptxas gives the batched kernel 14 more registers.)
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     pid_n = tl.program_id(2)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_s)
+        if seq < 0:
+            return
+        pid_s = tl.load(TILES + 2 * pid_s + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    if VARLEN:
+        block_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
+        NC = (tl.load(CU_BLOCKS + seq + 1) - block_bos).to(tl.int32)
+        DKC += block_bos * HKV * D
+        DX += bos * HKV * D
     tok = pid_s * BS + tl.arange(0, BS)
     tok_ok = tok < T
     cols = pid_n * BN + tl.arange(0, BN)
@@ -1786,10 +1876,10 @@ def _pool_bwd_mean_kernel(DKC, DX, T, NC, D: tl.constexpr, BS: tl.constexpr, BN:
 DIFF_ARGUMENTS = ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates", )
 
 
-def _pool_backward(dkc, x, D, NC, dx, accumulate, weight=None, pe=None):
+def _pool_backward(dkc, x, D, NC, dx, accumulate, weight=None, pe=None, varlen=None):
     """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D] (runtime.launches.pool_backward)."""
     return runtime.launches.pool_backward({"mean": _pool_bwd_mean_kernel}, CONFIGS, dkc, x, D, NC, dx, accumulate, weight, pe,
-                                          heads_kv=HKV.value, cmp_block=32, cmp_stride=16)
+                                          heads_kv=HKV.value, cmp_block=32, cmp_stride=16, varlen=varlen)
 
 
 # Entries of one selection inverse index at most (~1 GiB per int64 temporary of its sort), unless one batch element
@@ -1797,25 +1887,25 @@ def _pool_backward(dkc, x, D, NC, dx, accumulate, weight=None, pe=None):
 INVERSE_INDEX_ENTRIES = 2**27
 
 
-def _selection_inverse_index(indices, T, tile):
+def _selection_inverse_index(indices, T, tile, varlen=None):
     """The selection's block -> queries index, CSR over (batch, kv head, key tile): runtime.backward's."""
-    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4, units_per_tile=1)
+    return runtime.backward.selection_inverse_index(indices, T, tile, unit=64, heads_kv=4, units_per_tile=1, varlen=varlen)
 
 
-def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc):
+def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, indices, branch_out, kc, vc, varlen=None):
     """Gradients of q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates (in that order), from the saved forward state.
 
     `branch_out` [3, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
     selection used (top-k is not differentiated), `kc`/`vc` the pooled compression keys/values; the accumulators
-    and each kernel's arguments are runtime.launches.Backward's.
+    and each kernel's arguments are runtime.launches.Backward's. `varlen`: as `_forward`'s (docs/varlen.md).
     """
-    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, gates, lse, branch_out, WIDEN)
+    b = runtime.launches.Backward(_DESC, CONFIGS, CANDIDATES, _bwd_preprocess_kernel, dout, q, gates, lse, branch_out, WIDEN, varlen)
     T = b.T
     NC = kc.shape[1]
     b.dq(_compression_bwd_dq_kernel, "compression", kc, vc, NC)
     dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
-    _pool_backward(dkc, k_cmp, 192, NC, *b.target("k_cmp", 192))
-    _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128))
+    _pool_backward(dkc, k_cmp, 192, NC, *b.target("k_cmp", 192), varlen=varlen)
+    _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k_slc", "v_slc", k_slc, v_slc, indices, unit=64, top_k=16,
                    split=256, block_n=64, merge_rows=32)

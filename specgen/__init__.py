@@ -7,8 +7,10 @@ __version__ = "0.1.0"
 # Bump it with any runtime change that modules rendered before it cannot meet, and when modules start to need runtime
 # functions or descriptor fields an older runtime lacks (2: runtime.launches, Descriptor.softmax_scale; 3: native
 # packed forwards, Descriptor.native_varlen and `_forward(..., varlen=)`, the kernels' packed tile tables; 4: the
-# selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection).
-RUNTIME_SCHEMA = 5
+# selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection; 5: the
+# decode selection scored from per-tile partials, DecodeDescriptor's scoring fields; 6: native packed backwards,
+# `_backward(..., varlen=)` and the backward kernels' packed tile tables).
+RUNTIME_SCHEMA = 6
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -211,7 +211,7 @@ def test_no_grad_forward_keeps_no_branch_outputs_and_refuses_backward():
     mod = specgen.load(spec)
     x = {n: v.to(testing.test_device(), torch.float32) for n, v in R.make_inputs(spec, 1, 5).items()}
     args = [x[n].clone().requires_grad_(n == "q") for n in R.input_names(spec)]
-    out, _, _, branch_out, _, _ = mod._fwd_op(*args, None, False)
+    out, _, _, branch_out, _, _ = mod._fwd_op(*args, None, False, None, 0)
     assert branch_out.numel() == 0
     with pytest.raises(RuntimeError, match="no branch outputs"):
         out.sum().backward()

@@ -90,8 +90,8 @@ def test_custom_op_names_carry_spec_hash_and_tuning_record():
     assert ATTN.op_name == "fake_0123456789abcdef_none"
     schema = str(ATTN.fwd_op._opoverload._schema)
     assert schema.startswith("specgen::fake_0123456789abcdef_none_fwd(Tensor q, Tensor k, Tensor v, Tensor w_idx, "
-                             "Tensor? indices, bool save_branch_outputs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-                             "Tensor)")
+                             "Tensor? indices, bool save_branch_outputs, Tensor? cu_seqlens, SymInt max_seqlen) -> "
+                             "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     bwd = str(ATTN.bwd_op._opoverload._schema)
     assert "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor indices, Tensor branch_out" in bwd
     # Another tuning record: other ops. The same spec and record again (a second module object): the same ops.
@@ -173,7 +173,7 @@ def test_attention_eager_and_custom_op_paths_give_the_same_gradients():
         return [out.detach()] + [t.grad for t in x[:3]]
 
     eager = grads(lambda x: ATTN.attention(x))
-    op = grads(lambda x: ATTN.fwd_op(*x, None, True)[0])
+    op = grads(lambda x: ATTN.fwd_op(*x, None, True, None, 0)[0])
     function = grads(lambda x: _Function.apply(*x, None)[0])
     q, k, v, w = (t.detach() for t in inputs())
     dout = torch.arange(q.numel(), dtype=torch.float32).view(q.shape)
@@ -195,9 +195,9 @@ class _Function(torch.autograd.Function):
 
 def test_no_grad_forward_keeps_no_branch_outputs():
     x = inputs()
-    out, lse, idx, branch_out, kc, vc = ATTN.fwd_impl(*x, None, False)
+    out, lse, idx, branch_out, kc, vc = ATTN.fwd_impl(*x, None, False, None, 0)
     assert branch_out.numel() == 0 and kc.numel() == 0 and vc.numel() == 0
-    out, *_ = ATTN.fwd_op(*(t.clone().requires_grad_(i == 0) for i, t in enumerate(x)), None, False)
+    out, *_ = ATTN.fwd_op(*(t.clone().requires_grad_(i == 0) for i, t in enumerate(x)), None, False, None, 0)
     with pytest.raises(RuntimeError, match="fake: backward through a forward that kept no branch outputs; call "
                                            "nsa_attention"):
         out.sum().backward()
@@ -207,11 +207,11 @@ def test_no_grad_forward_keeps_no_branch_outputs():
 
 def test_fake_implementations_match_the_real_shapes():
     x = inputs()
-    real = ATTN.fwd_impl(*x, None, True)
-    fake = ATTN.fwd_fake(*x, None, True)
+    real = ATTN.fwd_impl(*x, None, True, None, 0)
+    fake = ATTN.fwd_fake(*x, None, True, None, 0)
     assert [tuple(t.shape) for t in real[:4]] == [tuple(t.shape) for t in fake[:4]]
     assert [t.dtype for t in real] == [t.dtype for t in fake]
-    saved = (x[0], x[1], x[2], real[1], real[2], real[3], real[4], real[5])
+    saved = (x[0], x[1], x[2], real[1], real[2], real[3], real[4], real[5], None, 0)
     assert [t.shape for t in ATTN.bwd_fake(real[0], *saved)] == [t.shape for t in x[:3]]
 
 

@@ -544,6 +544,17 @@ def check_varlen(fn: str, cu_seqlens, max_seqlen, total: int, device: torch.devi
 _last_varlen = None  # (cu_seqlens, (version, max_seqlen, total, spec max), Packed) of the last checked batch
 
 
+def packed_map(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> Packed:
+    """The map of an already checked packed batch, where only its tensors reach the code (the training custom ops):
+    the map check_varlen last kept when it is this tensor, unmodified (so the forward, the backward and every layer
+    share its tile tables), else a new one."""
+    last = _last_varlen
+    if (last is not None and last[0] is cu_seqlens and last[1][0] == cu_seqlens._version
+            and last[1][1:3] == (max_seqlen, total)):
+        return last[2]
+    return Packed(cu_seqlens, max_seqlen, total)
+
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_CHUNK_ELEMENTS = 1 << 24
 

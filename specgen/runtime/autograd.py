@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from . import compiling
+from . import compiling, packed_map
 from .checks import check_given_indices, check_inputs, results
-from .varlen import is_packed_call, pack, pad_indices, unpad_results
+from .varlen import is_packed_call, native_indices, pack, pad_indices, unpad_results
 
 _P = inspect.Parameter
 
@@ -44,12 +44,14 @@ class Attention:
     def fwd_impl(self, *inputs):
         """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or
         the call lacks (no selection, no compression, branch outputs not saved). `inputs`: the tensor arguments,
-        then indices and save_branch_outputs."""
+        then indices, save_branch_outputs, cu_seqlens and max_seqlen (a native packed call: the per-token
+        arguments are a batch of one [1, total, ...]; else None and 0)."""
         desc = self.desc
-        args, indices, save_branch_outputs = inputs[:-2], inputs[-2], inputs[-1]
+        args, (indices, save_branch_outputs, cu_seqlens, max_seqlen) = inputs[:-4], inputs[-4:]
         q = args[0]
         with torch.autocast(q.device.type, enabled=False):
-            state = desc.forward(*args, indices=indices, save_branch_outputs=save_branch_outputs)
+            state = desc.forward(*args, indices=indices, save_branch_outputs=save_branch_outputs,
+                                 **_layout(cu_seqlens, max_seqlen, q))
         if desc.selects:
             # A custom op's outputs may not alias its inputs: given indices come back as a copy.
             idx = state.indices.clone() if indices is not None else state.indices
@@ -62,10 +64,12 @@ class Attention:
 
     def fwd_fake(self, *inputs):
         d = self.desc
-        q, save_branch_outputs = inputs[0], inputs[-1]
+        q, save_branch_outputs, cu_seqlens = inputs[0], inputs[-3], inputs[-2]
         B, T = q.shape[0], q.shape[1]
         if d.needs_compressed_kv:
-            NC = torch.sym_max(0, (T - d.cmp_block) // d.cmp_stride + 1)
+            # Packed: the capacity of the packed pooled rows (runtime.varlen.Layout.pooled).
+            NC = (torch.sym_max(0, (T - d.cmp_block) // d.cmp_stride + 1) if cu_seqlens is None
+                  else T // d.cmp_stride)
         nb = d.n_branches
         return (q.new_empty((B, T, d.heads_q, d.dim_v)),
                 q.new_empty((B, T, d.heads_q, nb), dtype=torch.float32),
@@ -76,36 +80,41 @@ class Attention:
 
     def bwd_impl(self, dout, *saved):
         """Gradients of the differentiable inputs (desc.diff_args, in order) from the saved forward state: the
-        differentiable inputs, then lse, indices, branch_out, kc, vc."""
+        differentiable inputs, then lse, indices, branch_out, kc, vc, and the forward's cu_seqlens and
+        max_seqlen."""
+        saved, (cu_seqlens, max_seqlen) = saved[:-2], saved[-2:]
         with torch.autocast(dout.device.type, enabled=False):
-            return self.desc.backward(dout, *saved)
+            return self.desc.backward(dout, *saved, **_layout(cu_seqlens, max_seqlen, dout))
 
     def bwd_fake(self, dout, *saved):
-        return tuple(x.new_empty(x.shape) for x in saved[:-5])
+        return tuple(x.new_empty(x.shape) for x in saved[:-7])
 
     # Autograd ------------------------------------------------------------------------------------------------
 
     def grads_by_input(self, grads):
-        """The backward op's gradients placed at the forward op's inputs (tensor arguments, indices, save)."""
-        placed = [None] * (self.n_args + 2)
+        """The backward op's gradients placed at the forward op's inputs (tensor arguments, indices, save,
+        cu_seqlens, max_seqlen)."""
+        placed = [None] * (self.n_args + 4)
         for i, g in zip(self.desc.diff_positions, grads):
             placed[i] = g
         return tuple(placed)
 
     def setup_context(self, ctx, inputs, output):
-        save_branch_outputs = inputs[-1]
+        save_branch_outputs, cu_seqlens, max_seqlen = inputs[-3:]
         out, lse, idx, branch_out, kc, vc = output
-        ctx.save_for_backward(*(inputs[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc)
+        ctx.save_for_backward(*(inputs[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc,
+                              cu_seqlens)
         ctx.saved_branch_outputs = save_branch_outputs
+        ctx.max_seqlen = max_seqlen
         ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
 
     def backward_grads(self, ctx, d_out, bwd):
         if d_out is None:
-            return (None,) * (self.n_args + 2)
+            return (None,) * (self.n_args + 4)
         if not ctx.saved_branch_outputs:
             raise RuntimeError(f"{self.desc.spec_name}: backward through a forward that kept no branch outputs; call "
                                f"{self.desc.attention_name} with grad enabled and a differentiable input")
-        return self.grads_by_input(bwd(d_out, *ctx.saved_tensors))
+        return self.grads_by_input(bwd(d_out, *ctx.saved_tensors, ctx.max_seqlen))
 
     def backward_rule(self, ctx, d_out, *unused):
         return self.backward_grads(ctx, d_out, self.bwd_op)
@@ -148,10 +157,11 @@ class Attention:
         def bwd_impl(*inputs):
             return self.bwd_impl(*inputs)
 
+        packed = (("cu_seqlens", Optional[torch.Tensor]), ("max_seqlen", int))
         fwd_impl.__signature__ = _signature(
-            desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)), 6)
+            desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)) + packed, 6)
         bwd_impl.__signature__ = _signature(
-            ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc"), (), len(desc.diff_args))
+            ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc"), packed, len(desc.diff_args))
         fwd = torch.library.custom_op(f"specgen::{self.op_name}_fwd", fwd_impl, mutates_args=())
         fwd.register_fake(self.fwd_fake)
         bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=())
@@ -170,8 +180,10 @@ class Attention:
         if isinstance(q, torch.Tensor) and torch.is_autocast_enabled(q.device.type):
             args = tuple(autocast_input(x, desc.dtype) for x in args)
         if is_packed_call(cu_seqlens, max_seqlen):
-            # Padded to [N, max_seqlen] by differentiable index ops: the unpad's backward gives the padded rows a
-            # zero output gradient, so the batched backward sends them nothing (docs/varlen.md).
+            if desc.native_varlen:
+                return self._attention_packed(fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen)
+            # Padded to [N, max_seqlen] by differentiable index ops (modules without packed kernels): the unpad's
+            # backward gives the padded rows a zero output gradient, so the batched backward sends them nothing.
             packed, args = pack(desc, fn, cu_seqlens, max_seqlen, args)
             indices = pad_indices(desc, fn, indices, packed, args[0].device)
             o, lse, idx = self.attention(args, indices=indices, return_lse=True, return_indices=True)
@@ -179,22 +191,50 @@ class Attention:
         args = check_inputs(desc, fn, args)
         q = args[0]
         indices = check_given_indices(desc, fn, indices, q.shape[0], q.shape[1], q.device)
-        need_grad = torch.is_grad_enabled() and any(args[i].requires_grad for i in desc.diff_positions)
-        if compiling():
-            out, lse, idx, _, _, _ = self.fwd_op(*args, indices, need_grad)
-        elif need_grad:
-            out, lse, idx, _, _, _ = self.eager.apply(*args, indices, True)
-        else:
-            out, lse, idx, _, _, _ = self.fwd_impl(*args, indices, False)
+        out, lse, idx = self._run(args, indices, None, 0)
         return results(out, lse, idx if desc.selects else None, return_lse, return_indices)
+
+    def _attention_packed(self, fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen):
+        """A packed call run natively, forward and backward (docs/varlen.md): the packed inputs [total, ...] go to
+        the custom ops as a batch of one [1, total, ...] (views) with cu_seqlens and max_seqlen, the kernels walk
+        the batch's tile tables, and every saved tensor and gradient buffer is linear in total."""
+        desc = self.desc
+        packed, args = pack(desc, fn, cu_seqlens, max_seqlen, args, pad=False)
+        indices = native_indices(desc, fn, indices, packed, args[0].device)
+        args = tuple(x.unsqueeze(0) if a.per_token else x for a, x in zip(desc.args, args))
+        out, lse, idx = self._run(args, None if indices is None else indices.unsqueeze(0), cu_seqlens,
+                                  packed.max_seqlen)
+        return results(out[0], lse[0], idx[0] if desc.selects else None, return_lse, return_indices)
+
+    def _run(self, args, indices, cu_seqlens, max_seqlen):
+        """(out, lse, indices) of checked arguments: through the custom ops under torch.compile, else the eager
+        autograd.Function when a gradient is needed, else the forward alone."""
+        need_grad = torch.is_grad_enabled() and any(args[i].requires_grad for i in self.desc.diff_positions)
+        if compiling():
+            run = self.fwd_op
+        elif need_grad:
+            run = self.eager.apply
+        else:
+            run = self.fwd_impl
+        return run(*args, indices, need_grad, cu_seqlens, max_seqlen)[:3]
 
     def function_forward(self, ctx, args: tuple, indices):
         """`<FAMILY>Function.forward`: (out, lse, indices), the backward's state saved on ctx."""
-        out, lse, idx, branch_out, kc, vc = (self.fwd_op if compiling() else self.fwd_impl)(*args, indices, True)
+        out, lse, idx, branch_out, kc, vc = (self.fwd_op if compiling() else self.fwd_impl)(*args, indices, True,
+                                                                                           None, 0)
         ctx.save_for_backward(*(args[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc)
         ctx.mark_non_differentiable(lse, idx)
         return out, lse, idx
 
     def function_backward(self, ctx, d_out):
         """`<FAMILY>Function.backward`: gradients of its inputs (the tensor arguments, then indices)."""
-        return self.grads_by_input((self.bwd_op if compiling() else self.bwd_impl)(d_out, *ctx.saved_tensors))[:-1]
+        grads = (self.bwd_op if compiling() else self.bwd_impl)(d_out, *ctx.saved_tensors, None, 0)
+        return self.grads_by_input(grads)[:self.n_args + 1]
+
+
+def _layout(cu_seqlens, max_seqlen: int, x) -> dict:
+    """The launch sequences' `varlen` keyword of a native packed call (the inputs a batch of one [1, total, ...]),
+    or none for a batched one."""
+    if cu_seqlens is None:
+        return {}
+    return {"varlen": packed_map(cu_seqlens, max_seqlen, x.shape[1]).layout()}

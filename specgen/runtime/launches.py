@@ -212,11 +212,16 @@ class Forward:
 class Backward:
     """One backward call's accumulators and the arguments every backward kernel takes. dQ is summed over the
     branches in fp32; dK/dV per k/v input (the first kernel to reach one writes it, later ones add; each element
-    has one writer per launch, and launches run in order)."""
+    has one writer per launch, and launches run in order).
+
+    A native packed call (`varlen`, a runtime.varlen.Layout) is the forward's: the saved state and inputs are a
+    batch of one [1, total, ...] (every accumulator linear in total), and each kernel runs with VARLEN over the
+    layout's tile tables, with its tuned or default config (no autotuning: the tables depend on the tiles)."""
 
     def __init__(self, desc, configs: dict, candidates: dict, preprocess_kernel, dout, q, gates, lse, branch_out,
-                 widen: bool):
+                 widen: bool, varlen=None):
         self.desc, self.configs, self.candidates, self.widen = desc, configs, candidates, widen
+        self.varlen = varlen
         B, T = self.B, self.T = q.shape[0], q.shape[1]
         device = self.device = q.device
         hq, nb = desc.heads_q, desc.n_branches
@@ -232,6 +237,7 @@ class Backward:
         self.dq_acc = torch.empty((B, T, hq, desc.dim_qk), dtype=torch.float32, device=device)
         self.grads: dict = {}
         self.launched = 0
+        self._no_tables = (q, q, q)  # the packed launches' pointer arguments, unused without VARLEN
 
     def target(self, name: str, D: int, zero: bool = False):
         """The fp32 gradient accumulator of input `name` [B, T, HKV, D], and whether a kernel must add into it
@@ -245,6 +251,21 @@ class Backward:
     def _common(self, k, v, n_keys: int) -> tuple:
         return (*strides(self.q, k, v), *self.g_strides, self.T, n_keys, self.desc.softmax_scale)
 
+    def _packed_launch(self, kernel, name: str, tiles, grid_rest: tuple, args, meta: dict):
+        """Launch `kernel` over a packed batch: `tiles(cfg)` gives (tables, programs) for its config, `args(tables)`
+        its arguments."""
+        cfg = launch_config(self.configs, name)
+        tables, n_programs = tiles(cfg)
+        launch_with(kernel, (n_programs,) + grid_rest, args(tables), dict(meta, VARLEN=True), cfg)
+
+    def _query_tiles(self, name: str, bt: int):
+        """(cu_seqlens, key offsets, table), programs: a packed launch over query tiles of `bt` positions; the key
+        offsets are the pooled blocks' for the compression branch."""
+        lay, d = self.varlen, self.desc
+        table, n_programs = lay.token_tiles(bt)
+        keys = lay.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression" else lay.cu_seqlens
+        return (lay.cu_seqlens, keys, table), n_programs
+
     def dq(self, kernel, name: str, k, v, n_keys: int, indices=None, head_chunks: int = 1):
         """Launch branch `name`'s dQ kernel (the selection's: one query position per program, the group's heads
         over `head_chunks` programs)."""
@@ -252,28 +273,54 @@ class Backward:
         self.launched += 1
         per_position = indices is not None
         selection = () if indices is None else (indices,)
+
+        def args(tables):
+            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, *selection, *tables,
+                    *self._common(k, v, n_keys))
+
+        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
+        if self.varlen is not None:
+            self._packed_launch(kernel, f"{name}_dq",
+                                lambda cfg: self._query_tiles(name, 1 if per_position else cfg["bt"]),
+                                (d.heads_kv * head_chunks,), args, meta)
+            return
         launch(kernel, f"{name}_dq", self.configs, self.candidates,
                lambda cfg: (T if per_position else _cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks),
-               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, *selection,
-                *self._common(k, v, n_keys)),
-               dict(HAS_PREV=not first, WIDEN=self.widen), T=T, restore=() if first else ("DQ",))
+               args(self._no_tables), dict(meta, VARLEN=False), T=T, restore=() if first else ("DQ",))
 
     def compression_dkdv(self, kernel, kc, vc, NC: int):
         """dKc, dVc [B, NC, HKV, D] (fp32) of the pooled keys/values. The queries that see a pooled key run to T:
         cut into splits (grid axis 2) for parallelism, whose partial sums are added in a fixed order
         (deterministic)."""
-        d, B, T = self.desc, self.B, self.T
+        d, B, T, lay = self.desc, self.B, self.T, self.varlen
         cfg = launch_config(self.configs, "compression_dkdv")
-        n_split = max(1, min(cfg["max_splits"], _cdiv(T, cfg["split"])))
-        q_split = _cdiv(_cdiv(T, n_split), cfg["bt"]) * cfg["bt"]
-        dkc = torch.empty((n_split, B, NC, d.heads_kv, d.dim_qk), dtype=torch.float32, device=self.device)
-        dvc = torch.empty((n_split, B, NC, d.heads_kv, d.dim_v), dtype=torch.float32, device=self.device)
-        if NC > 0:
+        # Packed: splits of the longest sequence (a shorter one's splits past its end write zeros).
+        longest = T if lay is None else lay.max_seqlen
+        n_split = max(1, min(cfg["max_splits"], _cdiv(longest, cfg["split"])))
+        q_split = _cdiv(_cdiv(longest, n_split), cfg["bt"]) * cfg["bt"]
+        # Packed, the rows past the batch's pooled blocks (NC is the capacity) are written by no program: zeros
+        # keep every sum over the rows exact (the position embedding's gradient sums all of them).
+        alloc = torch.empty if lay is None else torch.zeros
+        dkc = alloc((n_split, B, NC, d.heads_kv, d.dim_qk), dtype=torch.float32, device=self.device)
+        dvc = alloc((n_split, B, NC, d.heads_kv, d.dim_v), dtype=torch.float32, device=self.device)
+
+        def args(tables):
+            return (self.q, kc, vc, self.gates, self.dout, self.lse, self.dg, dkc, dvc, *tables,
+                    *self._common(kc, vc, NC), q_split, dkc[0].numel(), dvc[0].numel())
+
+        meta = dict(ACCUMULATE=False, WIDEN=self.widen)
+        if NC > 0 and lay is None:
             launch(kernel, "compression_dkdv", self.configs, self.candidates,
-                   lambda cfg: (_cdiv(NC, cfg["block_n"]), B * d.heads_kv, n_split),
-                   (self.q, kc, vc, self.gates, self.dout, self.lse, self.dg, dkc, dvc, *self._common(kc, vc, NC),
-                    q_split, dkc[0].numel(), dvc[0].numel()),
-                   dict(ACCUMULATE=False, WIDEN=self.widen), T=T)
+                   lambda cfg: (_cdiv(NC, cfg["block_n"]), B * d.heads_kv, n_split), args(self._no_tables),
+                   dict(meta, VARLEN=False), T=T)
+        elif NC > 0:
+            cu_blocks = lay.pooled(d.cmp_block, d.cmp_stride)[0]
+
+            def tiles(cfg):
+                table, n_programs = lay.block_tiles(d.cmp_block, d.cmp_stride, cfg["block_n"])
+                return (lay.cu_seqlens, cu_blocks, table), n_programs
+
+            self._packed_launch(kernel, "compression_dkdv", tiles, (d.heads_kv, n_split), args, meta)
         return (dkc.sum(dim=0) if n_split > 1 else dkc[0]), (dvc.sum(dim=0) if n_split > 1 else dvc[0])
 
     def _targets(self, k_name: str, v_name: str):
@@ -286,21 +333,42 @@ class Backward:
         """dK, dV of the window branch's keys/values (each program owns a key tile and its window of queries)."""
         dk, dv, accumulate = self._targets(k_name, v_name)
         T = self.T
+
+        def args(tables):
+            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, *tables, *self._common(k, v, T),
+                    T, 0, 0)
+
+        meta = dict(ACCUMULATE=accumulate, WIDEN=self.widen)
+        if self.varlen is not None:
+            self._packed_launch(kernel, "window_dkdv", lambda cfg: self._query_tiles("window", cfg["block_n"]),
+                                (self.desc.heads_kv, 1), args, meta)
+            return
         launch(kernel, "window_dkdv", self.configs, self.candidates,
-               lambda cfg: (_cdiv(T, cfg["block_n"]), self.B * self.desc.heads_kv, 1),
-               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, *self._common(k, v, T), T, 0, 0),
-               dict(ACCUMULATE=accumulate, WIDEN=self.widen), T=T, restore=("DK", "DVAL") if accumulate else ())
+               lambda cfg: (_cdiv(T, cfg["block_n"]), self.B * self.desc.heads_kv, 1), args(self._no_tables),
+               dict(meta, VARLEN=False), T=T, restore=("DK", "DVAL") if accumulate else ())
 
     def selection_dkdv(self, kernel, k_name: str, v_name: str, k, v, indices, inverse_index, max_entries: int):
         """dK, dV of the selection branch's keys/values through the selection's inverse index
         (`inverse_index(indices, T, tile)`). The index sorts B * T * HKV * k entries with several int64
         temporaries: built and used for a group of batch elements at a time, at most `max_entries` entries unless
         one element alone has more (views: the kernel's batch index is relative), so a padded varlen batch or a
-        large B costs what one group costs."""
+        large B costs what one group costs. Packed: by groups of packed query rows instead (a long sequence may
+        alone exceed the budget); each group's launch adds into the dK/dV of the groups before it."""
         d, B, T = self.desc, self.B, self.T
         dk, dv, accumulate = self._targets(k_name, v_name)
         cfg = launch_config(self.configs, "selection_dkdv")
         q, g, dout, lse, dg = self.q, self.gates, self.dout, self.lse, self.dg
+        lay = self.varlen
+        if lay is not None:
+            table, n_programs = lay.token_tiles(cfg["block_n"])
+            rows = max(1, max_entries // (d.heads_kv * d.top_k))
+            for r0 in range(0, T, rows):
+                offsets, qpos, bits = inverse_index(indices[:, r0:r0 + rows], T, cfg["block_n"], varlen=(lay, r0))
+                launch_with(kernel, (n_programs, d.heads_kv),
+                            (q, k, v, g, dout, lse, dg, dk, dv, offsets, qpos, bits, lay.cu_seqlens, table,
+                             *self._common(k, v, T)),
+                            dict(ACCUMULATE=accumulate or r0 > 0, WIDEN=self.widen, VARLEN=True), cfg)
+            return
         group = max(1, max_entries // (T * d.heads_kv * d.top_k))
         for b0 in range(0, B, group):
             bs = slice(b0, min(B, b0 + group))
@@ -308,8 +376,8 @@ class Backward:
             launch(kernel, "selection_dkdv", self.configs, self.candidates,
                    lambda cfg: (_cdiv(T, cfg["block_n"]), (bs.stop - b0) * d.heads_kv),
                    (q[bs], k[bs], v[bs], g[bs], dout[bs], lse[bs], dg[bs], dk[bs], dv[bs], offsets, qpos, bits,
-                    *self._common(k, v, T)),
-                   dict(ACCUMULATE=accumulate, WIDEN=self.widen), T=T,
+                    q, q, *self._common(k, v, T)),
+                   dict(ACCUMULATE=accumulate, WIDEN=self.widen, VARLEN=False), T=T,
                    restore=("DK", "DVAL") if accumulate else ())
 
     def selection(self, scatter_kernel, dq_kernel, dkdv_kernel, k_name: str, v_name: str, k, v, indices,
@@ -332,11 +400,19 @@ class Backward:
         self.launched += 1
         dk, acc_k = self.target(k_name, d.dim_qk, zero=True)
         dv = dk if d.mla else self.target(v_name, d.dim_v, zero=True)[0]
+
+        def args(tables):
+            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices, *tables,
+                    *self._common(k, v, T))
+
+        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
+        if self.varlen is not None:
+            self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
+                                (d.heads_kv * head_chunks,), args, meta)
+            return
         launch(kernel, "selection_scatter", self.configs, self.candidates,
-               lambda cfg: (T, self.B * d.heads_kv * head_chunks),
-               (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices,
-                *self._common(k, v, T)),
-               dict(HAS_PREV=not first, WIDEN=self.widen), T=T, restore=("DQ", "DK", "DVAL"))
+               lambda cfg: (T, self.B * d.heads_kv * head_chunks), args(self._no_tables), dict(meta, VARLEN=False),
+               T=T, restore=("DQ", "DK", "DVAL"))
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
                      unit: int, top_k: int, split: int, block_n: int, merge_rows: int):
@@ -344,30 +420,42 @@ class Backward:
         work item (one selected block, at most `split` of the queries that chose it), the item's dK/dV partials and
         each (query, head)'s dQ share at the block's slot; the reduce kernels sum the partials per block in item
         order and the shares per row in slot order (deterministic, no atomics). Queries go by chunks whose dQ
-        shares fit KV_PARTIAL_BYTES; each chunk's dK/dV is added to the previous chunks' in chunk order."""
-        d, B, T = self.desc, self.B, self.T
+        shares fit KV_PARTIAL_BYTES; each chunk's dK/dV is added to the previous chunks' in chunk order. Packed:
+        the forward's work list of the batch's units (no block shared across sequences), queries packed rows."""
+        d, B, T, lay = self.desc, self.B, self.T, self.varlen
         first = self.launched == 0
         self.launched += 1
         dk, dv, accumulate = self._targets(k_name, v_name)
         device = self.device
         per_query = d.heads_q * top_k * d.dim_qk * d.dtype.itemsize
+        if lay is not None:
+            cu_units, unit_seq, n_batch_units = lay.units(unit)
+            tables = (lay.cu_seqlens, cu_units, unit_seq)
+        else:
+            tables = self._no_tables
         for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
             TC = t1 - t0
-            qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = _selection.kv_order_segments(
-                indices[:, t0:t1], T, unit=unit, tile_queries=split)
+            if lay is None:
+                work = _selection.kv_order_segments(indices[:, t0:t1], T, unit=unit, tile_queries=split)
+            else:
+                work = _selection.kv_order_segments_packed(indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units,
+                                                           n_batch_units, tile_queries=split)
+            qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = work
             if n_items == 0:
                 continue
             dq_part = torch.empty((B, TC, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
             part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)
             part_dv = torch.empty((n_items, block_n, d.dim_v), dtype=torch.float32, device=device)
             kernel[(n_items,)](self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv,
-                               qpos, slot, item_seg, item_start, item_end, *strides(self.q, k, v), *self.g_strides,
-                               T, t0, TC, d.softmax_scale, WIDEN=self.widen, num_warps=8, num_stages=1)
+                               qpos, slot, item_seg, item_start, item_end, *tables, *strides(self.q, k, v),
+                               *self.g_strides, T, t0, TC, d.softmax_scale, WIDEN=self.widen, VARLEN=lay is not None,
+                               num_warps=8, num_stages=1)
             n_rows = B * TC * d.heads_q
             dq_reduce_kernel[(_cdiv(n_rows, merge_rows),)](dq_part, indices, self.dq_acc, T, t0, TC, n_rows,
                                                            HAS_PREV=not first)
-            dkdv_reduce_kernel[(seg_first.numel(),)](part_dk, part_dv, seg_first, seg_items, dk, dv, T,
-                                                     d.softmax_scale, ACCUMULATE=accumulate or t0 > 0, num_warps=4)
+            dkdv_reduce_kernel[(seg_first.numel(),)](part_dk, part_dv, seg_first, seg_items, dk, dv, *tables, T,
+                                                     d.softmax_scale, ACCUMULATE=accumulate or t0 > 0,
+                                                     VARLEN=lay is not None, num_warps=4)
 
     def gradients(self, names: tuple, **pool_grads) -> tuple:
         """The gradients of `names` (the differentiable inputs, q first) in the spec's dtype; `pool_grads` those
@@ -388,25 +476,39 @@ class Backward:
 
 
 def pool_backward(kernels: dict, configs: dict, dkc, x, D: int, NC: int, dx, accumulate: bool, weight=None, pe=None,
-                  *, heads_kv: int, cmp_block: int, cmp_stride: int):
+                  *, heads_kv: int, cmp_block: int, cmp_stride: int, varlen=None):
     """Gradient of the pooling: adds (or writes) dX into the fp32 `dx` [B, T, HKV, D]; with a linear pool (the
     module's `_pool_bwd_linear_dx_kernel` and `_pool_bwd_dw_kernel` in `kernels`), returns (dW, dpe), else
-    `_pool_bwd_mean_kernel` and (None, None)."""
+    `_pool_bwd_mean_kernel` and (None, None). Packed (`varlen`, a runtime.varlen.Layout; x [1, total, HKV, D],
+    dkc the packed pooled rows of runtime.launches.pool): the dX kernels walk token tiles of each sequence and the
+    dW kernel reduces over the sequences."""
     B, T = x.shape[0], x.shape[1]
     cfg = launch_config(configs, "pool")
     BN = min(64, next_pow2(D))
+    packed = varlen is not None
+
+    def tiles(tokens: int):
+        """Grid axis 0 and the tables of a launch over token tiles (batch x kv heads on axis 1 when not packed)."""
+        if not packed:
+            return (_cdiv(T, tokens), B * heads_kv), (x, x, x)
+        table, n_programs = varlen.token_tiles(tokens)
+        return (n_programs, heads_kv), (varlen.cu_seqlens, varlen.pooled(cmp_block, cmp_stride)[0], table)
+
     if "mean" in kernels:
-        grid = (_cdiv(T, cfg["tokens"]), B * heads_kv, _cdiv(D, BN))
-        kernels["mean"][grid](dkc, dx, T, NC, D=D, BS=cfg["tokens"], BN=BN, ACCUMULATE=accumulate,
-                              num_warps=cfg["num_warps"])
+        grid, tables = tiles(cfg["tokens"])
+        kernels["mean"][grid + (_cdiv(D, BN),)](dkc, dx, T, NC, *tables, D=D, BS=cfg["tokens"], BN=BN,
+                                                ACCUMULATE=accumulate, VARLEN=packed, num_warps=cfg["num_warps"])
         return None, None
-    grid = (_cdiv(_cdiv(T, cmp_stride), cfg["chunks"]), B * heads_kv, cmp_stride * _cdiv(D, BN))
-    kernels["dx"][grid](dkc, weight, dx, T, NC, D=D, BM=cfg["chunks"], BA=BN, BE=BN, ACCUMULATE=accumulate,
-                        num_warps=cfg["num_warps"])
+    grid, tables = tiles(cfg["chunks"] * cmp_stride)
+    kernels["dx"][grid + (cmp_stride * _cdiv(D, BN),)](dkc, weight, dx, T, NC, *tables, D=D, BM=cfg["chunks"], BA=BN,
+                                                       BE=BN, ACCUMULATE=accumulate, VARLEN=packed,
+                                                       num_warps=cfg["num_warps"])
     dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device)
     grid = (cmp_block * _cdiv(D, BN), heads_kv, _cdiv(D, BN))
-    kernels["dw"][grid](x, x if pe is None else pe, dkc, dw, x.stride(0), x.stride(1), x.stride(2), B, T, NC,
-                        D=D, BI=cfg["blocks"], BA=BN, BE=BN, HAS_PE=pe is not None, num_warps=cfg["num_warps"])
+    n_seq = varlen.n if packed else B
+    kernels["dw"][grid](x, x if pe is None else pe, dkc, dw, *tables[:2], x.stride(0), x.stride(1), x.stride(2), n_seq,
+                        T, NC, D=D, BI=cfg["blocks"], BA=BN, BE=BN, HAS_PE=pe is not None, VARLEN=packed,
+                        num_warps=cfg["num_warps"])
     dpe = None
     if pe is not None:
         # dpe[r] = sum over (b, i, g) of dKc[b, i, g] @ W[g, r]^T = sum over g of (sum over b, i of dKc) @ W[g, r]^T.

@@ -10,10 +10,13 @@ output gradient on those rows only, so every gradient is still compared in full.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import reference
 from ..reference.varlen import SHARED, query_rows, sequence_inputs, sequences
+from ..runtime import Packed
 from . import (GRAD_TOL, LSE_TOL, OUT_TOL, SELECT_TOL, ZERO_GRADIENTS, assert_distill_matches,
                       assert_gradient_sane, differentiable_inputs, fresh_seed, test_device)
 
@@ -54,6 +57,26 @@ def _fn(module, spec, kind):
     return module.__dict__[f"{spec.family}_{kind}"]
 
 
+@contextlib.contextmanager
+def never_pads(module):
+    """Inside: a packed call of a module with packed kernels (Descriptor.native_varlen) raises if it builds the
+    padded [N, max_seqlen] batch (`Packed.pad`), as docs/varlen.md promises for the forward, the differentiable
+    call and the layer."""
+    if not module._DESC.native_varlen:
+        yield
+        return
+
+    def trap(*args, **kwargs):
+        raise AssertionError(f"{module.SPEC_NAME}: a native packed call padded its inputs (Packed.pad)")
+
+    original = Packed.pad
+    Packed.pad = trap
+    try:
+        yield
+    finally:
+        Packed.pad = original
+
+
 def _check_selection(spec, case, indices, rows, query_chunk, dtype):
     """Per sequence: the kernel's selection is a valid top-n of the reference scores (positions relative to the
     sequence's start)."""
@@ -87,8 +110,9 @@ def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=
     case = PackedCase(module, spec, lengths, device, seed)
     dtype, where, has_sel = module.DTYPE, case.where, spec.selection is not None
     out = torch.full((case.total, spec.heads.q, spec.head_dim.v), float("nan"), dtype=dtype, device=case.device)
-    result = _fn(module, spec, "forward")(**case.inputs, out=out, return_lse=True, return_indices=has_sel,
-                                          **case.varlen())
+    with never_pads(module):
+        result = _fn(module, spec, "forward")(**case.inputs, out=out, return_lse=True, return_indices=has_sel,
+                                              **case.varlen())
     got, lse, indices = result if has_sel else (*result, None)
     assert got.data_ptr() == out.data_ptr(), f"out= was not used {where}"
     assert torch.isfinite(got).all(), f"non-finite output (a poisoned element was not written?) {where}"
@@ -109,9 +133,12 @@ def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=
     return err
 
 
-def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None) -> dict:
+def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None,
+                          around=contextlib.nullcontext) -> dict:
     """`<family>_attention` on a packed batch, forward and backward: the output, and every gradient against the
-    reference's autograd run per sequence (fed the kernel's selection). Returns the gradients' relative errors."""
+    reference's autograd run per sequence (fed the kernel's selection). Returns the gradients' relative errors.
+    `around()`: a context entered around the packed call's forward and backward alone (a test's allocation
+    watch)."""
     case = PackedCase(module, spec, lengths, device, seed, "backward")
     dtype, where = module.DTYPE, case.where
     names = differentiable_inputs(spec)
@@ -123,10 +150,11 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
     dout = torch.zeros((case.total, spec.heads.q, spec.head_dim.v), dtype=dtype, device=case.device)
     dout.index_copy_(0, covered, sampled.to(case.device, dtype))
     del sampled
-    result = _fn(module, spec, "attention")(**leaves, return_indices=spec.selection is not None, **case.varlen())
-    out, indices = result if spec.selection is not None else (result, None)
-    assert tuple(out.shape) == (case.total, spec.heads.q, spec.head_dim.v), f"out {list(out.shape)} {where}"
-    out.backward(dout)
+    with around(), never_pads(module):
+        result = _fn(module, spec, "attention")(**leaves, return_indices=spec.selection is not None, **case.varlen())
+        out, indices = result if spec.selection is not None else (result, None)
+        assert tuple(out.shape) == (case.total, spec.heads.q, spec.head_dim.v), f"out {list(out.shape)} {where}"
+        out.backward(dout)
 
     # The reference per sequence (float64 leaves of that sequence; the shared pooling weights are one leaf for all
     # sequences). Errors are Frobenius norms accumulated over the sequences; rows outside `rows` have a zero
@@ -267,9 +295,10 @@ def check_layer_varlen(module, spec, lengths, *, hidden: int = 32, device=None, 
     layer = module.__dict__[f"{spec.family.upper()}ttention"](hidden, device=device)
     x = torch.randn(sum(lengths), hidden, device=device)
     cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(len(lengths))], dtype=torch.int32, device=device)
-    out = layer(x, cu_seqlens=cu, max_seqlen=max(lengths))
-    assert out.shape == x.shape, f"layer output {list(out.shape)} {where}"
-    out.square().sum().backward()
+    with never_pads(module):
+        out = layer(x, cu_seqlens=cu, max_seqlen=max(lengths))
+        assert out.shape == x.shape, f"layer output {list(out.shape)} {where}"
+        out.square().sum().backward()
     packed_grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     layer.zero_grad()
     parts = []
