@@ -39,13 +39,14 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
     "compression_dkdv": {"block_n": 64, "bt": 4, "key_major": 0, "max_splits": 16, "num_stages": 2,
     "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2,
-    "num_warps": 8}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
-    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 64,
-    "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32, "bq": 4, "num_stages": 2,
-    "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
-    "window": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
-    "bt": 4, "key_major": 0, "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4,
-    "num_stages": 2, "num_warps": 8}}}
+    "num_warps": 8}, "index_topk": {"chunk": 2048, "compact": 1, "list": 2048, "num_warps": 4},
+    "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
+    "rows": 64}, "select": {"block_n": 512, "bt": 32, "key_major": 0, "num_stages": 3, "num_warps": 4},
+    "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32,
+    "bq": 4, "num_stages": 2, "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 8}, "window": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
+    "window_dkdv": {"block_n": 64, "bt": 4, "key_major": 0, "num_stages": 2, "num_warps": 8},
+    "window_dq": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -462,14 +463,18 @@ def _index_scores_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
     T, q0, QC, WS_ROW, idx_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, BT: tl.constexpr = 32,
+    KEYS: tl.constexpr = 512, KEY_MAJOR: tl.constexpr = False,
 ):
-    """Scores of a [BT queries, BS keys] tile: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
+    """Scores of BT queries x KEYS keys: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
     written to the workspace row of each query (only tiles at or below the diagonal are computed).
+
+    KEY_MAJOR: the KEYS keys are loaded once and a loop walks the BT queries, each a [KEYS, HK heads] dot whose sum
+    over heads is a row reduction. Else query-major: BT queries x HP heads are the rows of [rows, BS] dots over
+    KEYS // BS key tiles, summed over heads by a reshape (a cross-warp reduction).
 
     Packed (VARLEN, docs/varlen.md): q0 is the chunk's first entry of the tile table (tiles of BT positions of one
     sequence each), program pid_q takes entry q0 + pid_q, and its rows go to workspace rows pid_q * BT + r."""
-    BT: tl.constexpr = 32
     HP: tl.constexpr = 4
     BS: tl.constexpr = 64
     pid_q = tl.program_id(0)
@@ -491,44 +496,68 @@ def _index_scores_kernel(
         bos = 0
         t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
-    # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
-    # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
-    KT: tl.constexpr = 8
-    s_begin = pid_s * (KT * BS)
-    if s_begin <= t_hi:
-        rows = tl.arange(0, BT * HP)
-        t = t_lo + rows // HP
-        ihead = g * IDX_HEADS + rows % HP
-        row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
-        qi = tl.load(QI + b * stride_qb + (bos + t).to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
-                     + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
-        wi = tl.load(WI + b * stride_wb + (bos + t) * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
-        for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
-            s0 = s_begin + kt * BS
-            keys = s0 + tl.arange(0, BS)
+    s_begin = pid_s * KEYS
+    if KEY_MAJOR:
+        HK: tl.constexpr = 16
+        if s_begin <= t_hi:
+            keys = s_begin + tl.arange(0, KEYS)
+            key_ok = keys <= t_hi
             ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
-                         mask=(keys <= t_hi)[:, None], other=0.0)
-            relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
-            # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
-            score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * idx_scale + 0.0
-            tq = t_lo + tl.arange(0, BT)
-            visible = keys[None, :] <= tq[:, None]
-            ws_rows = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
-            tl.store(ws_rows[:, None] + keys[None, :], score, mask=(tq <= t_hi)[:, None] & visible)
+                         mask=key_ok[:, None], other=0.0)
+            ks = idx_scale
+            heads = tl.arange(0, HK)
+            ihead = g * IDX_HEADS + heads
+            head_ok = heads < IDX_HEADS
+            # Queries before the tile's first key see none of it.
+            for tq in range(tl.maximum(t_lo, s_begin), t_hi + 1):
+                qi = tl.load(QI + b * stride_qb + (bos + tq).to(tl.int64) * stride_qt + ihead[:, None] * stride_qh
+                             + tl.arange(0, IDX_DIM)[None, :], mask=head_ok[:, None], other=0.0)
+                wi = tl.load(WI + b * stride_wb + (bos + tq) * stride_wt + ihead, mask=head_ok, other=0.0).to(tl.float32)
+                relu = tl.maximum(_dot(ki, tl.trans(qi), WIDEN), 0.0) * wi[None, :]                # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+                score = tl.sum(relu, axis=1) * ks + 0.0
+                ws_row = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
+                tl.store(ws_row + keys, score, mask=keys <= tq)
+    else:
+        # Each program scores KT consecutive key tiles against one query tile: its q_I rows and weights are loaded
+        # once (a program per [BT, BS] tile spent most of its time loading them and starting up).
+        KT: tl.constexpr = KEYS // BS
+        if s_begin <= t_hi:
+            rows = tl.arange(0, BT * HP)
+            t = t_lo + rows // HP
+            ihead = g * IDX_HEADS + rows % HP
+            row_ok = (t <= t_hi) & (rows % HP < IDX_HEADS)
+            qi = tl.load(QI + b * stride_qb + (bos + t).to(tl.int64)[:, None] * stride_qt + ihead[:, None] * stride_qh
+                         + tl.arange(0, IDX_DIM)[None, :], mask=row_ok[:, None], other=0.0)
+            wi = tl.load(WI + b * stride_wb + (bos + t) * stride_wt + ihead, mask=row_ok, other=0.0).to(tl.float32)
+            for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
+                s0 = s_begin + kt * BS
+                keys = s0 + tl.arange(0, BS)
+                ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                             mask=(keys <= t_hi)[:, None], other=0.0)
+                relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
+                # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+                score = tl.sum(tl.reshape(relu, (BT, HP, BS)), axis=1) * idx_scale + 0.0
+                tq = t_lo + tl.arange(0, BT)
+                visible = keys[None, :] <= tq[:, None]
+                ws_rows = WS + (pid_bg * QC + (tq - q0)).to(tl.int64) * WS_ROW
+                tl.store(ws_rows[:, None] + keys[None, :], score, mask=(tq <= t_hi)[:, None] & visible)
 
 
 
 @triton.jit
-def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
-                       VARLEN: tl.constexpr = False):
-    """Exact top-k of one workspace row of a prefill query (`_topk_row`, no unit forced by position: forced blocks
-    arrive as +inf scores), and, WITH_SCORES, the selected units' scores. Packed (VARLEN): q0 is the chunk's first
-    tile-table entry and row pid is row pid % BT of entry q0 + pid // BT (the score kernel's layout)."""
+def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, LIST, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
+                       VARLEN: tl.constexpr = False, BT: tl.constexpr = 32,
+                       COMPACT: tl.constexpr = False, CHUNK: tl.constexpr = 1024,
+                       LIST_LEN: tl.constexpr = 2048):
+    """Exact top-k of one workspace row of a prefill query (no unit forced by position: forced blocks arrive as +inf
+    scores), and, WITH_SCORES, the selected units' scores: COMPACT, `_topk_row_compact` with the row's list of
+    LIST_LEN int32 at LIST; else `_topk_row` (four 8-bit passes and the output pass over the whole row, 1024 units a
+    trip). Packed (VARLEN): q0 is the chunk's first tile-table entry and row pid is row pid % BT of entry
+    q0 + pid // BT (the score kernel's layout, BT its query tile)."""
     pid = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // HKV).to(tl.int64)
     g = pid_bg % HKV
-    BT: tl.constexpr = 32
     if VARLEN:
         entry = q0 + pid // BT
         seq = tl.load(TILES + 2 * entry)
@@ -547,7 +576,11 @@ def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, T, q0, QC, WS_ROW, WITH_S
     out_row = IDX + ((b * T + bos + tq) * HKV + g) * TOP_K
     score_row = SC + ((b * T + bos + tq) * HKV + g) * TOP_K
     ws_row = WS + (pid_bg * QC + pid).to(tl.int64) * WS_ROW
-    _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
+    if COMPACT:
+        _topk_row_compact(ws_row, LIST + (pid_bg * QC + pid).to(tl.int64) * LIST_LEN, n, 0, n, out_row, score_row,
+                          WITH_SCORES, CHUNK, LIST_LEN)
+    else:
+        _topk_row(ws_row, n, 0, n, out_row, score_row, WITH_SCORES)
 
 
 @triton.jit
@@ -613,6 +646,275 @@ def _topk_row(row, n, lo, hi, out_row, score_row, WITH_SCORES: tl.constexpr):
         if WITH_SCORES:
             tl.store(score_row + slot, tl.full([TOP_K_PAD], float("-inf"), dtype=tl.float32),
                      mask=(slot >= taken) & (slot < TOP_K))
+@triton.jit
+def _topk_row_compact(row, lst, n, lo, hi, out_row, score_row, WITH_SCORES: tl.constexpr, CHUNK: tl.constexpr,
+                      LIST_LEN: tl.constexpr):
+    """`_topk_row`'s result (the same rule, ties to the lower index, forced units outside [lo, hi)) with fewer
+    passes over the row. Radix digits of 6, 7, 7, 6, 6 bits from the top of each 32-bit ordered key;
+    after each digit, once the forced units, the keys above the threshold bucket and the bucket itself fit the
+    list (LIST_LEN int32 at `lst`), one pass writes their indices there, ascending, and the remaining digits and
+    the output pass walk the list (gathering its scores from the row) instead of the row. Typical rows: two
+    histogram passes over the row (13 bits), the compaction pass, then list-sized work; rows where more than the
+    list share the bucket (heavy ties) stay on the row: 5 histogram passes and the output pass, as before."""
+    slot = tl.arange(0, TOP_K_PAD)
+    if n <= TOP_K:
+        # Fewer candidates than k: all of them, in order, -1 padding.
+        tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
+        if WITH_SCORES:
+            x = tl.load(row + slot, mask=slot < n, other=float("-inf"))
+            tl.store(score_row + slot, x, mask=slot < TOP_K)
+    else:
+        forced = n - (hi - lo)
+        # Slots left to the competing units once every forced one has its own.
+        need0 = TOP_K - forced
+        need = tl.zeros([], dtype=tl.int32) + need0
+        prefix = tl.zeros([], dtype=tl.uint32)
+        listed = n < 0     # on the list yet (a runtime flag: it depends on the row)
+        length = n         # the list's entries once listed
+        hist = tl.zeros([64], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                hist += tl.histogram(((key >> 26) & 63).to(tl.int32), 64, mask=competing)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                hist += tl.histogram(((key >> 26) & 63).to(tl.int32), 64, mask=competing)
+        bins = tl.arange(0, 64)
+        # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 6) | digit.to(tl.uint32)
+        bucket = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        if (~listed) & (forced + (need0 - need) + bucket <= LIST_LEN):
+            # Compaction: forced units, keys whose digits so far beat the bucket's, and the bucket, ascending.
+            length = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                keep = (ok & ~competing) | (competing & ((key >> 26) >= prefix))
+                pos = length + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(lst + pos, s, mask=keep)
+                length += tl.sum(keep.to(tl.int32), axis=0)
+            listed = n >= 0
+        hist = tl.zeros([128], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 26) == prefix)
+                hist += tl.histogram(((key >> 19) & 127).to(tl.int32), 128, mask=competing)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 26) == prefix)
+                hist += tl.histogram(((key >> 19) & 127).to(tl.int32), 128, mask=competing)
+        bins = tl.arange(0, 128)
+        # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 7) | digit.to(tl.uint32)
+        bucket = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        if (~listed) & (forced + (need0 - need) + bucket <= LIST_LEN):
+            # Compaction: forced units, keys whose digits so far beat the bucket's, and the bucket, ascending.
+            length = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                keep = (ok & ~competing) | (competing & ((key >> 19) >= prefix))
+                pos = length + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(lst + pos, s, mask=keep)
+                length += tl.sum(keep.to(tl.int32), axis=0)
+            listed = n >= 0
+        hist = tl.zeros([128], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 19) == prefix)
+                hist += tl.histogram(((key >> 12) & 127).to(tl.int32), 128, mask=competing)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 19) == prefix)
+                hist += tl.histogram(((key >> 12) & 127).to(tl.int32), 128, mask=competing)
+        bins = tl.arange(0, 128)
+        # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 7) | digit.to(tl.uint32)
+        bucket = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        if (~listed) & (forced + (need0 - need) + bucket <= LIST_LEN):
+            # Compaction: forced units, keys whose digits so far beat the bucket's, and the bucket, ascending.
+            length = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                keep = (ok & ~competing) | (competing & ((key >> 12) >= prefix))
+                pos = length + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(lst + pos, s, mask=keep)
+                length += tl.sum(keep.to(tl.int32), axis=0)
+            listed = n >= 0
+        hist = tl.zeros([64], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 12) == prefix)
+                hist += tl.histogram(((key >> 6) & 63).to(tl.int32), 64, mask=competing)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 12) == prefix)
+                hist += tl.histogram(((key >> 6) & 63).to(tl.int32), 64, mask=competing)
+        bins = tl.arange(0, 64)
+        # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 6) | digit.to(tl.uint32)
+        bucket = tl.sum(tl.where(bins == digit, hist, 0), axis=0)
+        if (~listed) & (forced + (need0 - need) + bucket <= LIST_LEN):
+            # Compaction: forced units, keys whose digits so far beat the bucket's, and the bucket, ascending.
+            length = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                keep = (ok & ~competing) | (competing & ((key >> 6) >= prefix))
+                pos = length + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(lst + pos, s, mask=keep)
+                length += tl.sum(keep.to(tl.int32), axis=0)
+            listed = n >= 0
+        hist = tl.zeros([64], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 6) == prefix)
+                hist += tl.histogram(((key >> 0) & 63).to(tl.int32), 64, mask=competing)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                competing = competing & ((key >> 6) == prefix)
+                hist += tl.histogram(((key >> 0) & 63).to(tl.int32), 64, mask=competing)
+        bins = tl.arange(0, 64)
+        # The digit holding the need-th largest key: the largest d with (count of digits >= d) >= need.
+        at_or_above = tl.cumsum(hist, axis=0, reverse=True)
+        digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
+        need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = (prefix << 6) | digit.to(tl.uint32)
+        # `prefix` is the k-th largest key; take every forced unit, every key above it and the first `need` equal
+        # ones (lowest index): the list holds all of them, ascending.
+        taken = tl.zeros([], dtype=tl.int32)
+        ties = tl.zeros([], dtype=tl.int32)
+        if listed:
+            for j0 in range(0, length, CHUNK):
+                j = j0 + tl.arange(0, CHUNK)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                above = competing & (key > prefix)
+                equal = competing & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = (ok & ~competing) | above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                # Never past the row's k slots, whatever the scores hold (NaN included).
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                if WITH_SCORES:
+                    tl.store(score_row + pos, x, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
+        else:
+            for j0 in range(0, n, CHUNK):
+                s = j0 + tl.arange(0, CHUNK)
+                ok = s < n
+                x = tl.load(row + s, mask=ok, other=0.0)
+                key = _ordered_key32(x)
+                competing = ok & (s >= lo) & (s < hi)
+                above = competing & (key > prefix)
+                equal = competing & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = (ok & ~competing) | above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                # Never past the row's k slots, whatever the scores hold (NaN included).
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                if WITH_SCORES:
+                    tl.store(score_row + pos, x, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
+        # Slots the select could not fill (only with non-finite scores) become padding, not stale memory.
+        tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=(slot >= taken) & (slot < TOP_K))
+        if WITH_SCORES:
+            tl.store(score_row + slot, tl.full([TOP_K_PAD], float("-inf"), dtype=tl.float32),
+                     mask=(slot >= taken) & (slot < TOP_K))
+
+
+@triton.jit
+def _ordered_key32(x):
+    # A float's bits as a uint32 that orders like the float (+inf included): _ordered_key's value in 32-bit
+    # arithmetic (half the instructions of int64 compares and shifts).
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 
 @triton.jit
@@ -1191,8 +1493,8 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
     batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
     runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=1,
-                           top_k=1024, heads_kv=4, bt=32, keys=512, scale=0.0625,
-                           fp8=False, widen=WIDEN, num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                           top_k=1024, heads_kv=4, scale=0.0625,
+                           fp8=False, widen=WIDEN, table=CONFIGS)
 
 
 def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):

@@ -119,7 +119,8 @@ def expected_kernels(spec: Spec) -> set[str]:
     if sel is not None and sel.scorer == "compression":
         kernels.add("_select_blocks_kernel")
     if sel is not None and sel.scorer == "indexer":
-        kernels |= {"_index_scores_kernel", "_radix_topk_kernel", "_topk_row", "_ordered_key"}
+        kernels |= {"_index_scores_kernel", "_radix_topk_kernel", "_topk_row", "_ordered_key", "_topk_row_compact",
+                    "_ordered_key32"}
     return kernels
 
 

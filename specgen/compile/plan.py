@@ -202,6 +202,20 @@ class Plan:
     index_hp: int = 0
     index_bs: int = 0
     index_kt: int = 8        # key tiles per indexer program (q_I loaded once per program)
+    # The score tile's form (docs/decisions.md, indexer): key-major (rows = keys, columns = one query's indexer
+    # heads padded to index_key_heads, the sum over heads a row reduction within threads; index_km_bt queries per
+    # program walked by a loop with the key tile loaded once) or query-major (rows = index_bt queries x heads, the
+    # sum over heads a cross-warp reshape-sum). Both are rendered; the launch config's `key_major` picks.
+    index_key_major: bool = False
+    index_key_heads: int = 0
+    index_km_bt: int = 64
+    index_km_keys: int = 128
+    # Top-k (`_radix_topk_kernel`): the radix digits (shift, bits) from the top, and whether the threshold bucket is
+    # compacted into a per-row list of index_topk_list entries once it fits (the later digits and the output pass
+    # then walk the list, not the row). Launch-config keys `compact`, `chunk` (units per trip), `list` pick.
+    index_topk_digits: tuple = ()
+    index_topk_chunk: int = 2048
+    index_topk_list: int = 0
     idx_scale: float | None = None  # the indexer's score scale (the spec's, else d_I^-1/2 x heads^-1/2)
     pool_bi: int = 0
     # the selected-block attention's loop order per pass: "query" (attention.j2, backward.j2) or "kv" (select_kv.j2)
@@ -410,6 +424,16 @@ def make_plan(spec: Spec) -> Plan:
             hp = next_pow2(spec.indexer.heads)
             # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.
             plan_kw.update(index_hp=hp, index_bt=max(1, 128 // hp), index_bs=max(64, unit))
+            # Key-major score tiles where the heads fill a dot's columns without padding (>= 32 heads: V3.2's 64);
+            # fewer heads would be padded to the dot's minimum of 16 columns, wasting most of the products.
+            plan_kw.update(index_key_major=hp >= 32, index_key_heads=max(MIN_DOT, hp), index_km_bt=64,
+                           index_km_keys=max(128, unit))
+            # Digits of 6-7 bits: tl.histogram's cost per element grows with its bins (a warp ballot per bit, then
+            # each lane's bins/32 bins popcounted): 64 bins cost ~22 lane instructions an element, 256 bins ~90. Two
+            # full-row passes (13 bits: sign, exponent, 4 mantissa bits) usually leave a threshold bucket small
+            # enough for the list of 2k entries.
+            plan_kw.update(index_topk_digits=((26, 6), (19, 7), (12, 7), (6, 6), (0, 6)),
+                           index_topk_list=max(256, 2 * topk_pad))
     idx = spec.indexer
     if idx is not None:
         plan_kw["idx_scale"] = idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5

@@ -45,9 +45,11 @@ def default_configs(plan) -> dict:
         if tile is not None:
             configs[kind] = {"bt": tile.bt, "block_n": tile.block_n, "num_warps": tile.num_warps,
                              "num_stages": tile.num_stages}
-    if spec.selection is not None:
-        rows = plan.score_bt * plan.score_gp if spec.selection.scorer == "compression" else 16
+    if spec.selection is not None and spec.selection.scorer == "compression":
+        rows = plan.score_bt * plan.score_gp
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
+    elif spec.selection is not None:
+        configs.update(index_configs(plan))
     # Backward: programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.
     bwd = plan.backward
     configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
@@ -69,6 +71,45 @@ def default_configs(plan) -> dict:
     if spec.compression is not None and "compression" in spec.branches:
         configs["pool"] = {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4}
     return configs
+
+
+def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> dict:
+    """The indexer's launch configs: "select", the score kernel (`key_major`: the score tile's form, `bt` query
+    positions and `block_n` keys per program; query-major runs the plan's index_bt x index_hp rows by index_bs-key
+    tiles), and "index_topk", the radix select (`compact`: the threshold bucket compacted into a list of `list`
+    entries, `chunk` units per trip). Defaults: the plan's form, compacted. `key_major`/`compact` pick the other
+    variants (bench/indexer_bench.py times them side by side)."""
+    key_major = plan.index_key_major if key_major is None else key_major
+    if key_major:
+        score = {"key_major": 1, "bt": plan.index_km_bt, "block_n": plan.index_km_keys, "num_warps": 4,
+                 "num_stages": 2}
+    else:
+        # Triton's default 3 stages: the launch before the key-major form passed none.
+        score = {"key_major": 0, "bt": plan.index_bt, "block_n": plan.index_keys, "num_warps": 4, "num_stages": 3}
+    if compact:
+        topk = {"compact": 1, "chunk": plan.index_topk_chunk, "list": plan.index_topk_list, "num_warps": 4}
+    else:  # the former select: four 8-bit passes and the output pass over the whole row, 1024 units a trip
+        topk = {"compact": 0, "chunk": 1024, "list": plan.index_topk_list, "num_warps": 4}
+    return {"select": score, "index_topk": topk}
+
+
+def index_candidates(plan, kernel: str) -> list[dict]:
+    """Tuning candidates of the indexer's kernels (`specgen tune`), the default first: both score-tile forms (the
+    key-major one with 32-128 queries per program, 128 keys at 4 warps or 256 at 8, 2-3 stages), and the top-k's
+    chunk widths and warps, compacted or not."""
+    default = index_configs(plan)[kernel]
+    unit = plan.unit
+    if kernel == "select":
+        grid = [{"key_major": 1, "bt": bt, "block_n": max(n, unit), "num_warps": w, "num_stages": st}
+                for bt in (32, 64, 128) for n, w in ((128, 4), (256, 8)) for st in (2, 3)]
+        grid += [{**index_configs(plan, key_major=False)["select"], "num_warps": w} for w in (4, 8)]
+    else:
+        # (4096 units at 8 warps spills 16 bytes on sm_90: left out.)
+        grid = [{**default, "chunk": c, "num_warps": w} for c in (1024, 2048, 4096) for w in (4, 8) if (c, w) != (4096, 8)]
+        grid.append(index_configs(plan, compact=False)["index_topk"])
+    out = [default]
+    out += [c for c in grid if c not in out]
+    return out
 
 
 def _rows(plan, kernel: str, cfg: dict) -> int:
@@ -98,6 +139,8 @@ def candidates(plan, kernel: str) -> list[dict]:
     configuration's selection dK/dV: 1.6x faster at twice the default rows). The compression and window dK/dV
     kernels also try their key-major form (`key_major`)."""
     spec = plan.spec
+    if kernel in ("select", "index_topk") and spec.selection.scorer == "indexer":
+        return index_candidates(plan, kernel)
     default = default_configs(plan)[kernel]
     model = launch_model(spec, kernel)
     if kernel == "selection":

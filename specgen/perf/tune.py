@@ -48,10 +48,13 @@ def _inputs(spec: Spec, seqlen: int, grad: bool) -> dict:
     return inputs
 
 
-def kernel_name(kind: str) -> str:
-    """The Triton kernel a config entry launches."""
+def kernel_name(kind: str, spec: Spec | None = None) -> str:
+    """The Triton kernel a config entry launches (`select`: the indexer's score kernel for indexer specs)."""
     if kind == "select":
-        return "_select_blocks_kernel"
+        indexer = spec is not None and spec.selection.scorer == "indexer"
+        return "_index_scores_kernel" if indexer else "_select_blocks_kernel"
+    if kind == "index_topk":
+        return "_radix_topk_kernel"
     if kind.endswith(("_dq", "_dkdv")):
         branch, part = kind.rsplit("_", 1)
         return f"_{branch}_bwd_{part}_kernel"
@@ -66,7 +69,8 @@ def _descend(kernels: list[str], plan, best: dict, measure, log) -> dict:
         if current is None:  # the kernel does not run for this spec (e.g. no compression scorer)
             continue
         log(f"  {kind} default {best[kind]}: {current:.3f} ms")
-        pool = [{"num_warps": w} for w in (4, 8)] if kind == "select" else candidates(plan, kind)
+        indexer = kind in ("select", "index_topk") and plan.spec.selection.scorer == "indexer"
+        pool = [{"num_warps": w} for w in (4, 8)] if kind == "select" and not indexer else candidates(plan, kind)
         for cfg in pool:
             if cfg == best[kind]:
                 continue
@@ -96,7 +100,7 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
     default = default_configs(plan)
     tunable = tunable_kernels(spec)
     all_backward = [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
-    forward_kernels = [k for k in ("select",) + tunable if k in default and k not in all_backward]
+    forward_kernels = [k for k in ("select", "index_topk") + tunable if k in default and k not in all_backward]
     backward_kernels = all_backward if backward else []
     start = default
     if kernels:
@@ -141,7 +145,8 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
     def measure(configs, kind) -> float | None:
         run = pass_fn(configs, kind.endswith(("_dq", "_dkdv")))
         run()  # compile
-        return kernel_times(run, calls=5, names={kernel_name(kind)}).get(kernel_name(kind))
+        name = kernel_name(kind, spec)
+        return kernel_times(run, calls=5, names={name}).get(name)
 
     best = _descend(forward_kernels + backward_kernels, plan, start, measure, log)
 

@@ -52,26 +52,38 @@ def index_topk(desc, select, q_idx, k_idx, w_idx, *, return_scores=False, cu_seq
     return (indices, scores) if return_scores else indices
 
 
-# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys).
+# Index scores of this many bytes at most are held at once (a fixed workspace: QC query rows x T keys, with the top-k's
+# per-row lists of `list` int32 entries).
 INDEX_WORKSPACE_BYTES = 256 * 2**20
 
 
+def configs(table: dict) -> tuple[dict, dict]:
+    """(score config, top-k config) of a module's CONFIGS: the GPU's tuned entries over the plan's defaults (a
+    record tuned before a key existed keeps the default's value for it)."""
+    from . import launch_config
+    return tuple({**table["default"][k], **launch_config(table, k)} for k in ("select", "index_topk"))
+
+
 def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None, *, unit: int, top_k: int,
-           heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool, num_warps: int, varlen=None):
+           heads_kv: int, scale: float, fp8: bool, widen: bool, table: dict, varlen=None):
     """Top-k units by the indexer into `indices` (and, when given, their scores into `scores`), chunk by chunk of
     queries, so no T x T scores ever exist: `scores_kernel` (the module's `_index_scores_kernel`: `bt` query
-    positions by `keys` keys per program) fills a workspace of QC query rows, `topk_kernel` (`_radix_topk_kernel`)
-    takes each row's top-k. `varlen`: a packed batch's runtime.varlen.Layout (inputs [1, total, ...]): see
-    `_select_packed`."""
+    positions by `block_n` keys per program, key-major or query-major as the "select" config says) fills a
+    workspace of QC query rows, `topk_kernel` (`_radix_topk_kernel`, the "index_topk" config) takes each row's
+    top-k. `table`: the module's CONFIGS. `varlen`: a packed batch's runtime.varlen.Layout (inputs
+    [1, total, ...]): see `_select_packed`."""
+    score_cfg, topk_cfg = configs(table)
     if varlen is not None:
         return _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen, unit=unit,
-                              top_k=top_k, heads_kv=heads_kv, bt=bt, keys=keys, scale=scale, fp8=fp8, widen=widen,
-                              num_warps=num_warps)
+                              top_k=top_k, heads_kv=heads_kv, scale=scale, fp8=fp8, widen=widen,
+                              score_cfg=score_cfg, topk_cfg=topk_cfg)
     B, T = q_idx.shape[0], q_idx.shape[1]
     q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     units = -(-T // unit)
-    QC = _workspace_rows(T, B * heads_kv, units)
+    QC = _workspace_rows(T, B * heads_kv, units, topk_cfg)
     ws = torch.empty((B * heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
+    lists = _lists(B * heads_kv, QC, units, top_k, topk_cfg, q_idx.device)
+    bt, keys = score_cfg["bt"], score_cfg["block_n"]
     for q0 in range(0, T, QC):
         nq = min(QC, T - q0)
         # Rows with at most k candidates keep them all: their scores are needed only when asked for.
@@ -79,15 +91,40 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
             scores_kernel[(-(-nq // bt), B * heads_kv, -(-(q0 + nq) // keys))](
                 q_idx, k_idx, w_idx, ws, *extra, ws, ws, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
                 k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
-                T, q0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, num_warps=num_warps)
-        topk_kernel[(nq, B * heads_kv)](ws, indices, scores if scores is not None else ws, ws, ws, T, q0, QC, units,
-                                        WITH_SCORES=scores is not None, num_warps=4)
+                T, q0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, **_score_meta(score_cfg))
+        topk_kernel[(nq, B * heads_kv)](ws, indices, scores if scores is not None else ws, ws, ws, lists, T, q0, QC,
+                                        units, WITH_SCORES=scores is not None, **_topk_meta(topk_cfg, bt, units, top_k))
 
 
-def _workspace_rows(n_rows: int, lanes: int, units: int) -> int:
-    """Query rows of the fp32 index-score workspace [lanes, rows, units]: a power of two within
-    INDEX_WORKSPACE_BYTES (halved), at least 16, at most the rows there are."""
-    return max(16, min(n_rows, next_pow2(max(1, INDEX_WORKSPACE_BYTES // (4 * lanes * units))) // 2))
+def _score_meta(cfg: dict) -> dict:
+    return dict(BT=cfg["bt"], KEYS=cfg["block_n"], KEY_MAJOR=bool(cfg["key_major"]), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"])
+
+
+def _compacts(cfg: dict, units: int, top_k: int) -> bool:
+    """Whether the top-k compacts: asked, and rows long enough that a list shorter than the row helps."""
+    return bool(cfg["compact"]) and units > max(top_k, cfg["list"])
+
+
+def _topk_meta(cfg: dict, bt: int, units: int, top_k: int) -> dict:
+    return dict(BT=bt, COMPACT=_compacts(cfg, units, top_k), CHUNK=cfg["chunk"], LIST_LEN=cfg["list"],
+                num_warps=cfg["num_warps"])
+
+
+def _lists(lanes: int, rows: int, units: int, top_k: int, cfg: dict, device) -> torch.Tensor:
+    """The compacting top-k's per-row lists [lanes, rows, list] int32 (one element when it does not compact)."""
+    if not _compacts(cfg, units, top_k):
+        return torch.empty(1, dtype=torch.int32, device=device)
+    return torch.empty((lanes, rows, cfg["list"]), dtype=torch.int32, device=device)
+
+
+def _workspace_rows(n_rows: int, lanes: int, units: int, topk_cfg: dict | None = None) -> int:
+    """Query rows of the fp32 index-score workspace [lanes, rows, units] (with the top-k's int32 lists beside it): a
+    power of two within INDEX_WORKSPACE_BYTES, at least 16, at most the rows there are. More rows a chunk mean more
+    top-k programs a launch (one per row)."""
+    per_row = 4 * lanes * (units + (topk_cfg["list"] if topk_cfg and topk_cfg["compact"] else 0))
+    fit = max(1, INDEX_WORKSPACE_BYTES // per_row)
+    return max(16, min(n_rows, 1 << (fit.bit_length() - 1)))
 
 
 def _index_inputs(q_idx, k_idx, w_idx, fp8: bool):
@@ -101,20 +138,23 @@ def _index_inputs(q_idx, k_idx, w_idx, fp8: bool):
 
 
 def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores, layout, *, unit: int,
-                   top_k: int, heads_kv: int, bt: int, keys: int, scale: float, fp8: bool, widen: bool,
-                   num_warps: int):
+                   top_k: int, heads_kv: int, scale: float, fp8: bool, widen: bool, score_cfg: dict,
+                   topk_cfg: dict):
     """`select` of a packed batch (docs/varlen.md), natively: both kernels walk the tile table of `bt` query
-    positions per sequence (Layout.token_tiles), C table entries per chunk. The workspace holds the chunk's C * bt
-    query rows x cdiv(max_seqlen, unit) units (a fixed size, as in the batched path); a query tile never crosses a
-    sequence, so each row's keys are its own sequence's, read from its first packed row."""
+    positions per sequence (Layout.token_tiles; `bt` of the score config, so the key-major form's tiles are its
+    own), C table entries per chunk. The workspace holds the chunk's C * bt query rows x cdiv(max_seqlen, unit)
+    units (a fixed size, as in the batched path); a query tile never crosses a sequence, so each row's keys are its
+    own sequence's, read from its first packed row."""
     total, max_seqlen = layout.total, layout.max_seqlen
     q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
+    bt, keys = score_cfg["bt"], score_cfg["block_n"]
     table, n_entries = layout.token_tiles(bt)
     units = -(-max_seqlen // unit)
-    rows = _workspace_rows(total, heads_kv, units)
+    rows = _workspace_rows(total, heads_kv, units, topk_cfg)
     per_chunk = max(1, rows // bt)                 # tile-table entries per chunk
     QC = per_chunk * bt
     ws = torch.empty((heads_kv, QC, units), dtype=torch.float32, device=q_idx.device)
+    lists = _lists(heads_kv, QC, units, top_k, topk_cfg, q_idx.device)
     # Rows with at most k candidates keep them all (their scores are needed only when asked for): only when every
     # sequence is that short can the score launches be skipped, since lengths are not read on the host.
     need_scores = scores is not None or (max_seqlen - 1) // unit + 1 > top_k
@@ -126,6 +166,7 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
                 q_idx, k_idx, w_idx, ws, *extra, *tables, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
                 k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
                 total, e0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, VARLEN=True,
-                num_warps=num_warps)
-        topk_kernel[(ne * bt, heads_kv)](ws, indices, scores if scores is not None else ws, *tables, total, e0, QC,
-                                         units, WITH_SCORES=scores is not None, VARLEN=True, num_warps=4)
+                **_score_meta(score_cfg))
+        topk_kernel[(ne * bt, heads_kv)](ws, indices, scores if scores is not None else ws, *tables, lists, total, e0,
+                                         QC, units, WITH_SCORES=scores is not None, VARLEN=True,
+                                         **_topk_meta(topk_cfg, bt, units, top_k))
