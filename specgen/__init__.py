@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection; 5: the
 # decode selection scored from per-tile partials, DecodeDescriptor's scoring fields; 6: native packed backwards,
 # `_backward(..., varlen=)` and the backward kernels' packed tile tables).
-RUNTIME_SCHEMA = 6
+RUNTIME_SCHEMA = 7
 
 
 def _interpreter_without_gpu_devices() -> None:
