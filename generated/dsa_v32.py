@@ -1008,8 +1008,7 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
     batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
     runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=1,
-                           top_k=2048, heads_kv=1, scale=0.011048543456039806,
-                           fp8=True, widen=WIDEN, table=CONFIGS)
+                           top_k=2048, heads_kv=1, scale=0.011048543456039806, fp8=True, widen=WIDEN, table=CONFIGS)
 
 
 def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):

@@ -1493,8 +1493,7 @@ def _select_by_indexer(q_idx, k_idx, w_idx, indices, scores=None, varlen=None):
     scores), chunk by chunk of queries (runtime.indexer.select): no T x T scores ever exist. `varlen`: a packed
     batch's runtime.varlen.Layout (inputs and outputs [1, total, ...])."""
     runtime.indexer.select(_index_scores_kernel, _radix_topk_kernel, q_idx, k_idx, w_idx, indices, scores, varlen=varlen, unit=1,
-                           top_k=1024, heads_kv=4, scale=0.0625,
-                           fp8=False, widen=WIDEN, table=CONFIGS)
+                           top_k=1024, heads_kv=4, scale=0.0625, fp8=False, widen=WIDEN, table=CONFIGS)
 
 
 def index_topk(q_idx, k_idx, w_idx, *, return_scores=False, cu_seqlens=None, max_seqlen=None):
