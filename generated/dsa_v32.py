@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(7, "dsa_v32")
+runtime.require_schema(8, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1647,14 +1647,14 @@ class DSAttention(runtime.layer.AttentionLayer):
 
 @triton.jit
 def _distill_fwd_dense_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS,
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
@@ -1669,6 +1669,23 @@ def _distill_fwd_dense_kernel(
 
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -1785,14 +1802,14 @@ def _distill_fwd_dense_kernel(
 
 @triton.jit
 def _distill_dq_dense_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL,
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
@@ -1806,6 +1823,24 @@ def _distill_dq_dense_kernel(
 
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+        DI_SEL += bos * HKV * TOP_K
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -1880,14 +1915,14 @@ def _distill_dq_dense_kernel(
 
 @triton.jit
 def _distill_dk_dense_kernel(
-    Q, K, QI, KI, WI, LSE, STATS, GSCALE, DKI,
+    Q, K, QI, KI, WI, LSE, STATS, GSCALE, DKI, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dk_I[s] = scale * sum_t sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j], recomputing p and I per query tile."""
     BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
@@ -1900,6 +1935,21 @@ def _distill_dk_dense_kernel(
 
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DKI += bos * HKV * IDX_DIM
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -1967,14 +2017,14 @@ def _distill_dk_dense_kernel(
 
 @triton.jit
 def _distill_fwd_sparse_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS,
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
@@ -1989,6 +2039,23 @@ def _distill_fwd_sparse_kernel(
 
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -2112,14 +2179,14 @@ def _distill_fwd_sparse_kernel(
 
 @triton.jit
 def _distill_dq_sparse_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL,
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
     dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
@@ -2133,6 +2200,24 @@ def _distill_dq_sparse_kernel(
 
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+        DI_SEL += bos * HKV * TOP_K
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -2214,30 +2299,48 @@ def _distill_dq_sparse_kernel(
 
 @triton.jit
 def _distill_dk_sparse_kernel(
-    QI, KI, WI, IDX, DI_SEL, PTR, POS, GSCALE, DKI,
+    QI, KI, WI, IDX, DI_SEL, PTR, POS, GSCALE, DKI, CU_SEQLENS, TILES,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, idx_scale,
-    WIDEN: tl.constexpr,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
     """dk_I[s] = scale * sum over the pairs (t, s) that selected s of sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j].
 
     POS lists the flat positions ((b*T + t)*HKV + g)*TOP_K + slot of the valid selected pairs, sorted by
     (b, g, s) then t; PTR[(b*HKV + g)*T + s] is where key s's pairs start. Each trip takes PAIRS pairs x HP
-    indexer heads as rows, and a one-hot [BS, rows] dot adds each row into its key: deterministic, no atomics."""
+    indexer heads as rows, and a one-hot [BS, rows] dot adds each row into its key: deterministic, no atomics.
+    Packed (VARLEN): T is the batch's total tokens, the key tiles each sequence's (TILES), and PTR[g*T + r] where
+    packed key row r's pairs start (runtime.distill.inverse_index, per sequence: a pair never leaves its own)."""
     BS: tl.constexpr = 16
     HP: tl.constexpr = 64
     PAIRS: tl.constexpr = 1
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
+    if VARLEN:
+        ptr_row = pid_bg.to(tl.int64) * T
+        seq = tl.load(TILES + 2 * pid_s)
+        if seq < 0:
+            return
+        pid_s = tl.load(TILES + 2 * pid_s + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        ptr_row += bos
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        DKI += bos * HKV * IDX_DIM
+    else:
+        bos = 0
+        ptr_row = pid_bg.to(tl.int64) * T
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     s_lo = pid_s * BS
     keys = s_lo + tl.arange(0, BS)
     key_ok = keys < T
-    e_lo = tl.load(PTR + pid_bg.to(tl.int64) * T + s_lo)
-    e_hi = tl.load(PTR + pid_bg.to(tl.int64) * T + tl.minimum(s_lo + BS, T))
+    e_lo = tl.load(PTR + ptr_row + s_lo)
+    e_hi = tl.load(PTR + ptr_row + tl.minimum(s_lo + BS, T))
     r = tl.arange(0, PAIRS * HP)
     j = r % HP
     ihead = g * IDX_HEADS + j
@@ -2247,7 +2350,10 @@ def _distill_dk_sparse_kernel(
         e = e0 + r // HP
         ok = (e < e_hi) & (j < IDX_HEADS)
         pos = tl.load(POS + e, mask=ok, other=0)
-        tp = (pos // (HKV * TOP_K)) % T
+        if VARLEN:
+            tp = pos // (HKV * TOP_K) - bos   # the pair's query, in the key's sequence
+        else:
+            tp = (pos // (HKV * TOP_K)) % T
         sp = tl.load(IDX + pos, mask=ok, other=0)
         dI = tl.load(DI_SEL + pos, mask=ok, other=0.0)
         qrow = tl.load(QI + b * stride_qib + tp[:, None] * stride_qit + ihead[:, None] * stride_qih + cols[None, :], mask=ok[:, None], other=0.0)
@@ -2267,9 +2373,9 @@ def _distill_dk_sparse_kernel(
 _DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH
 
 
-def _distill_inverse_index(indices):
-    """CSR of the selection transposed (runtime.distill.inverse_index): (ptr, pos)."""
-    return runtime.distill.inverse_index(indices, 1)
+def _distill_inverse_index(indices, layout=None):
+    """CSR of the selection transposed (runtime.distill.inverse_index; packed: per sequence): (ptr, pos)."""
+    return runtime.distill.inverse_index(indices, 1, layout)
 
 
 _DISTILL_LAUNCHES = runtime.distill.Launches(
@@ -2281,20 +2387,22 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
 def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
-                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor], row_ok: Optional[torch.Tensor]
+                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor],
+                 cu_seqlens: Optional[torch.Tensor], max_seqlen: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], stats fp32 [B, T, 1, 2] = (lse of I over the support, mass of p), lse of the main
-    attention [B, T, 128] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded
-    packed batch): rows outside it are not rows of the loss. Launches: runtime.distill.Launches.forward."""
-    return _DISTILL_LAUNCHES.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok)
+    attention [B, T, 128] when it was not given (else an empty tensor)). With cu_seqlens: a native packed
+    batch, the inputs a batch of one [1, total, ...]. Launches: runtime.distill.Launches.forward."""
+    return _DISTILL_LAUNCHES.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen)
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_bwd", mutates_args=())
 def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
-                 w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor
+                 w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor,
+                 cu_seqlens: Optional[torch.Tensor], max_seqlen: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (runtime.distill.Launches.backward)."""
-    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
+    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens, max_seqlen)
 
 
 _distill_fwd.register_fake(_DISTILL_LAUNCHES.forward_fake)
@@ -2321,8 +2429,8 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
         causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
     cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func: every [B, T, ...] argument
         (indices and lse_main included) is [total, ...] instead, cu_seqlens int32 [N+1], max_seqlen an int >= the
-        longest sequence; indices relative to each sequence's start. Runs as a padded [N, max_seqlen] batch whose
-        padding rows count neither in the loss nor in N_valid (docs/varlen.md).
+        longest sequence; indices relative to each sequence's start. Runs natively: the kernels walk each
+        sequence's tiles of the packed rows, nothing padded (docs/varlen.md).
 
     L = sum over valid (b, t, g) rows of KL(p || softmax(I)) / N_valid, N_valid the number of (b, t, kv group) rows
     with a non-empty support.

@@ -9,8 +9,11 @@ __version__ = "0.1.0"
 # packed forwards, Descriptor.native_varlen and `_forward(..., varlen=)`, the kernels' packed tile tables; 4: the
 # selection backward's scatter path, Descriptor.selection_backward and runtime.launches.Backward.selection; 5: the
 # decode selection scored from per-tile partials, DecodeDescriptor's scoring fields; 6: native packed backwards,
-# `_backward(..., varlen=)` and the backward kernels' packed tile tables).
-RUNTIME_SCHEMA = 7
+# `_backward(..., varlen=)` and the backward kernels' packed tile tables; 7: the indexer's key-major score tile and
+# compacting top-k, runtime.indexer.select reading its launch configs from the module's table; 8: native packed
+# distillation, the distillation custom ops take (cu_seqlens, max_seqlen) instead of a row mask,
+# runtime.distill.Launches and inverse_index take the layout).
+RUNTIME_SCHEMA = 8
 
 
 def _interpreter_without_gpu_devices() -> None:

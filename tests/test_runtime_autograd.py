@@ -323,9 +323,10 @@ def test_distill_inverse_index_lists_every_valid_pair():
         assert got == want
 
 
-def test_distill_loss_checks_stage_and_pads_a_packed_batch():
+def test_distill_loss_checks_stage_and_runs_a_packed_batch_natively():
     """The distillation loss's host code with a fake custom op: the stage rules, and a packed call handed over
-    padded with its row mask."""
+    as a batch of one [1, total, ...] with cu_seqlens and max_seqlen (native: nothing padded), the sparse stage's
+    own selection from the packed index_topk."""
     from specgen.runtime import distill
 
     desc = make_desc(name="fake_distill", args=(
@@ -335,19 +336,20 @@ def test_distill_loss_checks_stage_and_pads_a_packed_batch():
         descriptor.Arg("w_idx", ("B", "T", HKV), keyword=True, why=WHY)))
     seen = {}
 
-    def fwd(q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
-        seen.update(shape=tuple(q.shape), indices=indices, row_ok=row_ok, grad=q.requires_grad)
+    def fwd(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen):
+        seen.update(shape=tuple(q.shape), indices=indices, varlen=(cu_seqlens, max_seqlen), grad=q.requires_grad)
         return q_idx.sum(), None, None
 
-    def topk(q_idx, k_idx, w_idx):
-        return torch.zeros(q_idx.shape[:2] + (HKV, TOP_K), dtype=torch.int32)
+    def topk(q_idx, k_idx, w_idx, cu_seqlens=None, max_seqlen=None):
+        seen.update(topk_varlen=(cu_seqlens, max_seqlen))
+        return torch.zeros(q_idx.shape[:-2] + (HKV, TOP_K), dtype=torch.int32)
 
     loss = distill.Distill(desc, fwd, None, topk, "dense").loss
     q, k, _, _ = inputs(B=1, T=5)
     q.requires_grad_(True)
     x = (q, k, k.clone(), k.clone(), k[..., 0].clone())
     loss(*x)
-    assert seen["indices"] is None and seen["row_ok"] is None and not seen["grad"]   # dense: no selection
+    assert seen["indices"] is None and seen["varlen"] == (None, 0) and not seen["grad"]   # dense: no selection
     loss(*x, stage="sparse")
     assert seen["indices"].shape == (1, 5, HKV, TOP_K)                               # the indexer's own top-k
     with pytest.raises(runtime.ArgumentError, match=r"^distill_loss: argument `stage` must be 'dense' or 'sparse' "
@@ -359,7 +361,9 @@ def test_distill_loss_checks_stage_and_pads_a_packed_batch():
         loss(*x[:4], x[3])
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     loss(*(t[0] for t in x), cu_seqlens=cu, max_seqlen=3)
-    assert seen["shape"] == (2, 3, HQ, D) and seen["row_ok"].tolist() == [[True, True, False], [True] * 3]
+    assert seen["shape"] == (1, 5, HQ, D) and seen["varlen"][0] is cu and seen["varlen"][1] == 3
+    loss(*(t[0] for t in x), cu_seqlens=cu, max_seqlen=3, stage="sparse")
+    assert seen["indices"].shape == (1, 5, HKV, TOP_K) and seen["topk_varlen"][0] is cu
 
 
 def test_index_topk_checks_and_packs():

@@ -7,25 +7,35 @@ from __future__ import annotations
 
 import torch
 
-from . import ArgumentError, cdiv as _cdiv, check_indices, check_seqlen, check_tensor, check_varlen
+from . import ArgumentError, cdiv as _cdiv, check_indices, check_seqlen, check_tensor, check_varlen, packed_map
 
 INPUTS = ("q", "k", "q_idx", "k_idx", "w_idx")
 
 
-def inverse_index(indices, heads_kv: int):
+def inverse_index(indices, heads_kv: int, layout=None):
     """CSR of the selection transposed, built with a stable sort (deterministic): (ptr int64 [B*heads_kv*T + 1],
     pos int64 [B*T*heads_kv*k]). pos lists the flat positions of the valid pairs (0 <= s <= t) sorted by (b, g, s)
-    then t, invalid ones last; key s of (b, g) owns pos[ptr[(b*heads_kv + g)*T + s] : ptr[... + 1]]."""
+    then t, invalid ones last; key s of (b, g) owns pos[ptr[(b*heads_kv + g)*T + s] : ptr[... + 1]].
+
+    Packed (`layout`, a runtime.varlen.Layout; indices [1, total, heads_kv, k], relative to each sequence's start):
+    per sequence, t and s are positions in the row's own sequence, and the key is the packed row bos + s, so packed
+    key row r of group g owns pos[ptr[g*total + r] : ptr[g*total + r + 1]]; a pair never reaches another
+    sequence. Memory linear in the batch's tokens."""
     B, T = indices.shape[0], indices.shape[1]
     idx = indices.long()
-    t = torch.arange(T, device=indices.device).view(1, T, 1, 1)
+    device = indices.device
+    t = torch.arange(T, device=device).view(1, T, 1, 1)
+    base = torch.zeros((), dtype=torch.long, device=device)
+    if layout is not None:
+        bos = layout.cu_seqlens.long()[layout.seq_of_token].view(1, T, 1, 1)
+        t, base = t - bos, bos
     valid = (idx >= 0) & (idx <= t)
-    bg = (torch.arange(B, device=indices.device).view(B, 1, 1, 1) * heads_kv
-          + torch.arange(heads_kv, device=indices.device).view(1, 1, heads_kv, 1))
+    bg = (torch.arange(B, device=device).view(B, 1, 1, 1) * heads_kv
+          + torch.arange(heads_kv, device=device).view(1, 1, heads_kv, 1))
     n_keys = B * heads_kv * T
-    key = torch.where(valid, bg * T + idx, n_keys).flatten()
+    key = torch.where(valid, bg * T + base + idx, n_keys).flatten()
     key, pos = torch.sort(key, stable=True)
-    ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=indices.device))
+    ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=device))
     return ptr, pos
 
 
@@ -48,10 +58,23 @@ class Launches:
         self.widen = widen
         self.options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
 
-    def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
+    def _launch(self, cu_seqlens, max_seqlen: int, total: int, placeholder):
+        """A launch helper: (grid axis 0 over tiles of `tile` rows, the kernels' CU_SEQLENS, TILES and VARLEN) of a
+        batched call (cu_seqlens None: `rows` rows per batch entry, placeholders) or a native packed one (the
+        layout's tile table over each sequence's rows; docs/varlen.md)."""
+        if cu_seqlens is None:
+            return None, lambda tile, rows: ((_cdiv(rows, tile),), (placeholder, placeholder), {})
+        layout = packed_map(cu_seqlens, max_seqlen, total).layout()
+
+        def grid(tile, rows):
+            table, programs = layout.token_tiles(tile)
+            return (programs,), (layout.cu_seqlens, table), {"VARLEN": True}
+        return layout, grid
+
+    def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
         """(loss fp32 [], stats fp32 [B, T, HKV, 2] = (lse of I over the support, mass of p), lse of the main
-        attention [B, T, HQ] when it was not given (else an empty tensor)). `row_ok` bool [B, T] (a padded packed
-        batch): rows outside it are not rows of the loss."""
+        attention [B, T, HQ] when it was not given (else an empty tensor)). With `cu_seqlens` (a native packed call)
+        the inputs are a batch of one [1, total, ...] and the kernels walk each sequence's tiles."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
         row_kl = torch.empty((B, T, hkv), dtype=torch.float32, device=device)
@@ -60,31 +83,30 @@ class Launches:
                               device=device)
         lse = lse_main if lse_main is not None else lse_out
         strides = _strides(q, k, q_idx, k_idx, w_idx)
+        _, grid = self._launch(cu_seqlens, max_seqlen, T, row_kl)
         meta = dict(HAS_LSE=lse_main is not None, WIDEN=self.widen, **self.options)
         if indices is None:
-            kern["fwd_dense"][(_cdiv(T, self.bt), B * hkv)](
-                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *strides, T, *self.scales, **meta)
+            tiles, tables, varlen = grid(self.bt, T)
+            kern["fwd_dense"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *tables, *strides, T, *self.scales,
+                **meta, **varlen)
         else:
-            kern["fwd_sparse"][(T, B * hkv)](
-                q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *strides, T, *self.scales, **meta)
-        if row_ok is not None:
-            # Padding rows of a packed batch have a non-empty (padding) support: mark them empty like a row with no
-            # key, so they are not counted in N_valid and the backward kernels (which read the mark) give them
-            # dI = 0.
-            ok = row_ok[:, :, None]
-            row_kl = torch.where(ok, row_kl, 0.0)
-            stats = torch.stack([torch.where(ok, stats[..., 0], float("-inf")), stats[..., 1]], dim=-1)
-        # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0.
+            tiles, tables, varlen = grid(1, T)
+            kern["fwd_sparse"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *tables, *strides, T,
+                *self.scales, **meta, **varlen)
+        # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0 (a packed batch has
+        # no other rows: nothing is padded).
         n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
         loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
         return loss, stats, lse_out
 
-    def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok):
+    def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
         B, T = q.shape[0], q.shape[1]
         return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, self.heads_kv, 2), dtype=torch.float32),
                 q.new_empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32))
 
-    def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
+    def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens=None, max_seqlen: int = 0):
         """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (query side, key side)."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
@@ -94,26 +116,33 @@ class Launches:
         dk_idx = torch.empty(k_idx.shape, dtype=k_idx.dtype, device=device)
         dw_idx = torch.empty(w_idx.shape, dtype=w_idx.dtype, device=device)
         strides = _strides(q, k, q_idx, k_idx, w_idx)
+        layout, grid = self._launch(cu_seqlens, max_seqlen, T, stats)
         meta = dict(WIDEN=self.widen, **self.options)
         if indices is None:
-            kern["dq_dense"][(_cdiv(T, self.bt), B * hkv)](
-                q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *strides,
-                T, *self.scales, **meta)
-            kern["dk_dense"][(_cdiv(T, self.bk), B * hkv)](
-                q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *strides, T, *self.scales, **meta)
+            tiles, tables, varlen = grid(self.bt, T)
+            kern["dq_dense"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *tables, *strides,
+                T, *self.scales, **meta, **varlen)
+            tiles, tables, varlen = grid(self.bk, T)
+            kern["dk_dense"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *tables, *strides, T, *self.scales,
+                **meta, **varlen)
         else:
             # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
             di_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
-            kern["dq_sparse"][(T, B * hkv)](
-                q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *strides,
-                T, *self.scales, **meta)
-            ptr, pos = self.inverse_index(indices)
-            kern["dk_sparse"][(_cdiv(T, self.sbk), B * hkv)](
-                q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *strides[6:], T, self.scales[1],
-                **meta)
+            tiles, tables, varlen = grid(1, T)
+            kern["dq_sparse"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *tables, *strides,
+                T, *self.scales, **meta, **varlen)
+            ptr, pos = self.inverse_index(indices, layout)
+            tiles, tables, varlen = grid(self.sbk, T)
+            kern["dk_sparse"][tiles + (B * hkv,)](
+                q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *tables, *strides[6:], T,
+                self.scales[1], **meta, **varlen)
         return dq_idx, dk_idx, dw_idx
 
-    def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats):
+    def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens=None,
+                      max_seqlen: int = 0):
         return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
 
 
@@ -129,16 +158,18 @@ class Distill:
         self.inputs = tuple(by_name[n] for n in INPUTS)
 
     def setup_context(self, ctx, inputs, output):
-        q, k, q_idx, k_idx, w_idx, indices, lse_main, row_ok = inputs
+        q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen = inputs
         _, stats, lse_out = output
         ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out,
-                              stats)
+                              stats, cu_seqlens)
+        ctx.max_seqlen = max_seqlen
 
     def backward(self, ctx, grad, _grad_stats, _grad_lse):
-        q, k, q_idx, k_idx, w_idx, indices, lse, stats = ctx.saved_tensors
-        dq_idx, dk_idx, dw_idx = self.bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats)
+        q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens = ctx.saved_tensors
+        dq_idx, dk_idx, dw_idx = self.bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens,
+                                          ctx.max_seqlen)
         # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
-        return None, None, dq_idx, dk_idx, dw_idx, None, None, None
+        return None, None, dq_idx, dk_idx, dw_idx, None, None, None, None
 
     def loss(self, q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,
              max_seqlen=None):
@@ -154,7 +185,6 @@ class Distill:
         if stage == "dense" and indices is not None:
             raise ArgumentError(f"{fn}: the dense warm-up stage distils over every s <= t and takes no "
                                 f"`indices`; pass stage='sparse' to distil over a selection")
-        row_ok = None
         packed_call = cu_seqlens is not None or max_seqlen is not None
         x = [q, k, q_idx, k_idx, w_idx]
         for i, a in enumerate(self.inputs):
@@ -173,17 +203,22 @@ class Distill:
             indices = check_indices(fn, indices, rows + (d.heads_kv, d.top_k), device, d.unit, packed)
         if lse_main is not None:
             lse_main = check_tensor(fn, "lse_main", lse_main, rows + (d.heads_q,), torch.float32, {}, device).detach()
+        varlen = (None, 0)
         if packed is not None:
-            # A packed batch runs padded to [N, max_seqlen]; the padding rows are masked out of the loss (row_ok).
-            q, k, q_idx, k_idx, w_idx = (packed.pad(t) for t in (q, k, q_idx, k_idx, w_idx))
-            if indices is not None:
-                indices = packed.pad(indices, -1)
-            if lse_main is not None:
-                lse_main = packed.pad(lse_main)
-            row_ok = packed.row_ok
-        if indices is None and stage == "sparse":
+            # Native (docs/varlen.md): the packed rows run as a batch of one [1, total, ...] (views), the kernels
+            # walking each sequence's tiles; nothing is padded, and every row is a real one.
+            if indices is None and stage == "sparse":
+                indices = self.index_topk(q_idx.detach(), k_idx.detach(), w_idx.detach(),
+                                          cu_seqlens=packed.cu_seqlens, max_seqlen=packed.max_seqlen)
+            q, k, q_idx, k_idx, w_idx = (t.unsqueeze(0) for t in (q, k, q_idx, k_idx, w_idx))
+            indices = None if indices is None else indices.unsqueeze(0)
+            lse_main = None if lse_main is None else lse_main.unsqueeze(0)
+            varlen = (packed.cu_seqlens, packed.max_seqlen)
+        elif indices is None and stage == "sparse":
             indices = self.index_topk(q_idx.detach(), k_idx.detach(), w_idx.detach())
         if lse_main is not None:
             lse_main = lse_main.contiguous()
-        loss, _, _ = self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, row_ok)
+        if indices is not None:
+            indices = indices.contiguous()
+        loss, _, _ = self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen)
         return loss

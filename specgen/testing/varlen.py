@@ -219,17 +219,20 @@ def check_distill_varlen(module, spec, lengths, stage, *, device=None, seed=None
         _, lse, indices = _fn(module, spec, "forward")(**inputs, return_lse=True, return_indices=True, **case.varlen())
         lse_main = lse[..., spec.branches.index("selection")].contiguous()
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
-    loss = module.distill_loss(inputs["q"], inputs["k"], **trained, indices=indices, stage=stage, **case.varlen())
-    if lse_main is not None:
-        # The same loss with the packed lse_main given, and the selection left to the indexer's own top-k.
-        with torch.no_grad():
-            given = module.distill_loss(inputs["q"], inputs["k"], *trained.values(), lse_main=lse_main,
-                                        stage="sparse", **case.varlen())
-        diff = abs(given.item() - loss.item()) / max(abs(loss.item()), 1e-6)
-        assert diff < OUT_TOL[dtype], f"loss with the packed lse_main differs by {diff:.2e} {where}"
-    assert_distill_matches(loss, trained, lambda exact: reference.distill_loss_varlen(
-        spec, inputs["q"].double(), inputs["k"].double(), **exact, cu_seqlens=case.cu_seqlens, indices=indices),
-        case.gen, dtype, where)
+    # Native (docs/varlen.md): neither the loss nor its backward builds the padded batch.
+    with never_pads(module):
+        loss = module.distill_loss(inputs["q"], inputs["k"], **trained, indices=indices, stage=stage,
+                                   **case.varlen())
+        if lse_main is not None:
+            # The same loss with the packed lse_main given, and the selection left to the indexer's own top-k.
+            with torch.no_grad():
+                given = module.distill_loss(inputs["q"], inputs["k"], *trained.values(), lse_main=lse_main,
+                                            stage="sparse", **case.varlen())
+            diff = abs(given.item() - loss.item()) / max(abs(loss.item()), 1e-6)
+            assert diff < OUT_TOL[dtype], f"loss with the packed lse_main differs by {diff:.2e} {where}"
+        assert_distill_matches(loss, trained, lambda exact: reference.distill_loss_varlen(
+            spec, inputs["q"].double(), inputs["k"].double(), **exact, cu_seqlens=case.cu_seqlens, indices=indices),
+            case.gen, dtype, where)
 
 
 def check_varlen_argument_errors(module, spec, lengths, *, device=None) -> None:
