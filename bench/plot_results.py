@@ -199,9 +199,8 @@ def _mark(x: float, target: float | None) -> str:
     return f"{x:.2f}x" if target is None else f"{x:.2f}x {'✓' if x >= target else '✗'}"
 
 
-def matrix_table(results: Path = MATRIX_RESULTS) -> str:
-    """The model matrix (specgen bench records in bench/results/models/): per spec and T the newest row, its
-    forward / forward+backward ms, cuDNN of the same run, and the speedups against the issue's targets."""
+def _matrix_newest(results: Path) -> dict:
+    """{(spec, T): (record, row)}: the newest `passes` row of each spec and length in the matrix records."""
     newest: dict = {}
     for path in sorted(results.glob("*.jsonl")):
         for line in path.read_text().splitlines():
@@ -210,6 +209,13 @@ def matrix_table(results: Path = MATRIX_RESULTS) -> str:
                 if rec.get("kind") == "passes":
                     for row in rec["rows"]:
                         newest[(rec["spec"], row["T"])] = (rec, row)
+    return newest
+
+
+def matrix_table(results: Path = MATRIX_RESULTS) -> str:
+    """The model matrix (specgen bench records in bench/results/models/): per spec and T the newest row, its
+    forward / forward+backward ms, cuDNN of the same run, and the speedups against the issue's targets."""
+    newest = _matrix_newest(results)
     rows = ["| spec (q / kv heads, d) | T | forward ms (cuDNN) | fwd+bwd ms (cuDNN) | speedup fwd / fwd+bwd "
             "(target ✓/✗) | device, commit |", "|---|---|---|---|---|---|"]
     for (spec, T), (rec, r) in sorted(newest.items(), key=lambda kv: (kv[0][0].startswith("nsa"), kv[0])):
@@ -234,13 +240,8 @@ def matrix_plot(path: Path, results: Path = MATRIX_RESULTS) -> bool:
     except ImportError:
         return False
     newest: dict = {}
-    for path_ in sorted(results.glob("*.jsonl")):
-        for line in path_.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("kind") == "passes":
-                    for row in rec["rows"]:
-                        newest.setdefault(rec["spec"], {})[row["T"]] = (rec, row)
+    for (spec, T), pair in _matrix_newest(results).items():
+        newest.setdefault(spec, {})[T] = pair
     if not newest:
         return False
     fig, axs = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -17,6 +17,7 @@ import specgen.reference as R
 from specgen.compile.render import render_distill_module
 from specgen.compile.render_distill import dot_shapes, make_distill_plan
 from specgen.model.spec import load_spec, spec_from_mapping
+from specgen.testing.varlen import AllocationWatch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IDX_INPUTS = ("q_idx", "k_idx", "w_idx")
@@ -380,26 +381,6 @@ def test_custom_op_registration_and_compile(tmp_path_factory):
 # empty, one token, shorter than top_k (8), lengths that are multiples of no tile (a tile of the packed rows
 # would straddle sequence boundaries); padded: 8 x 37 rows for 76 tokens.
 PACKED_LENGTHS = [37, 0, 1, 5, 19, 0, 3, 11]
-_EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-          torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}
-
-
-class _Watch(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest tensor the ops inside create, and every fresh floating buffer filled with NaN (a row no kernel
-    writes shows up as non-finite)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func in _EMPTY and result.is_floating_point():
-            result.fill_(float("nan"))
-        for x in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.largest[0]:
-                self.largest = (x.numel() * x.element_size(), (str(func), tuple(x.shape), x.dtype))
-        return result
 
 
 def packed_selection(spec, x, cu, empty_rows=()):
@@ -451,7 +432,7 @@ def test_kernel_packed_matches_reference_per_sequence(stage, dtype, given, tmp_p
 
     monkeypatch.setattr(runtime.Packed, "pad", no_padding)
     xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
-    watch = _Watch()
+    watch = AllocationWatch()
     with watch:
         loss = module.distill_loss(**xk, indices=indices, lse_main=lse, stage=stage, cu_seqlens=cu,
                                    max_seqlen=longest)

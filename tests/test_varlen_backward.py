@@ -37,26 +37,6 @@ def _specgen_cache(tmp_path_factory):
         yield
 
 
-_EMPTY = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
-          torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}
-
-
-class _Watch(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every tensor the torch ops inside the block create: the largest one in bytes, and each fresh (uninitialised)
-    floating buffer filled with NaN, so a gradient or saved row that no kernel writes shows up as non-finite."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func in _EMPTY and result.is_floating_point():
-            result.fill_(float("nan"))
-        for x in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(x, torch.Tensor) and x.numel() * x.element_size() > self.largest[0]:
-                self.largest = (x.numel() * x.element_size(), (str(func), tuple(x.shape), x.dtype))
-        return result
 
 
 # Both selection loop orders at GQA groups 1 and 2, DSA token selection (query order, a group of 4), and the
@@ -113,7 +93,7 @@ def test_native_backward_never_pads(variant, monkeypatch):
     padded_q = n * longest * spec.heads.q * spec.head_dim.qk * mod.DTYPE.itemsize
     assert bound < padded_q, "the batch must make padding visible: the padded q alone would exceed the bound"
 
-    watch = _Watch()
+    watch = testing_varlen.AllocationWatch()
     errors = testing_varlen.check_backward_varlen(mod, spec, lengths, seed=11, around=lambda: watch)
     assert set(errors) == set(testing.differentiable_inputs(spec))
     assert watch.largest[0] <= bound, f"largest buffer {watch.largest} exceeds {bound} bytes ({variant})"
