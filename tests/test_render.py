@@ -368,9 +368,10 @@ def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
 
 
 def test_the_model_shape_specs_build(tmp_path):
-    """specs/models/ (the benchmark matrix: heads of common models with the paper's NSA settings) builds with the
-    CLI like specs/, and each module imports. Their CPU coverage is the small specs of the same group sizes and
-    loop orders (tests/test_selection_order.py): the models' own test files are for GPUs."""
+    """specs/models/ (the benchmark matrix: heads of common models with the paper's NSA settings, and a GQA DSA
+    spec) builds with the CLI like specs/, and each module imports. Their CPU coverage is the small specs of the
+    same group sizes and loop orders (tests/test_selection_order.py; dsa_small for the DSA one): the models' own
+    test files are for GPUs."""
     result = subprocess.run([sys.executable, "-m", "specgen.cli", "build", str(ROOT / "specs" / "models"),
                              "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -380,4 +381,6 @@ def test_the_model_shape_specs_build(tmp_path):
         spec = load_spec(path)
         module = jit.import_path(tmp_path / f"{spec.name}.py", f"_model_{spec.name}")
         assert module.SPEC_HASH == spec.hash
-        assert spec.heads.group_size <= 7 and make_plan(spec).selection_order == "kv", spec.name   # small groups
+        assert spec.heads.group_size <= 7, spec.name                                            # small groups
+        # NSA's blocks go block-outer at small groups; DSA's tokens keep the query-outer kernels (no block to share).
+        assert make_plan(spec).selection_order == ("kv" if spec.family == "nsa" else "query"), spec.name
