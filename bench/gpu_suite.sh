@@ -6,12 +6,22 @@
 #   SPECGEN_COMMIT=<sha> [FILES="generated/test_a.py tests/test_b.py"] bash bench/gpu_suite.sh [gpu|rest|both] [extra pytest args...]
 # FILES restricts a run to some test files: the GPU-only phase takes ~18 s a test from a cold Triton cache (113 tests,
 # ~35 min), more than one 10-minute call, so it runs in shards of a few files each, each shard logged on its own.
+# SHARD=1..5 names the shards of the GPU-only phase (about 25 tests, ~8 min each), in place of FILES.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache \
        PYTHONUNBUFFERED=1
 commit=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 phase=${1:-both}; shift || true
+case ${SHARD:-} in
+  1) FILES="generated/test_dsa_v32.py generated/test_nsa_config_a.py" ;;
+  2) FILES="generated/test_nsa_paper.py generated/test_nsa_mqa.py" ;;
+  3) FILES="generated/test_nsa_token.py generated/test_nsa_small.py tests/test_runtime.py tests/test_nsa_backward.py tests/test_spec_fuzz.py" ;;
+  4) FILES="tests/test_decode_errors.py tests/test_train_distributed.py generated/test_dsa_block.py" ;;
+  5) FILES="generated/test_dsa_small.py" ;;
+  "") ;;
+  *) echo "SHARD must be 1..5 (got $SHARD)" >&2; exit 2 ;;
+esac
 header() {
   echo "# commit $commit, $(date -u +%Y-%m-%dT%H:%M:%SZ), $1"
   python -c "import sys, torch, triton; print('# python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
