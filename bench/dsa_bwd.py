@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -18,20 +17,7 @@ import torch
 import specgen
 from specgen import testing
 from specgen.model.spec import load_spec
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from specgen.perf.bench import event_median_ms
 
 
 def main(argv=None) -> int:
@@ -67,12 +53,13 @@ def main(argv=None) -> int:
         def backward():
             mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
 
-        row = {"spec": spec.name, "T": T, "gpu": torch.cuda.get_device_name(), "forward_ms": timed(forward, args.reps)}
-        row["scatter_ms"] = timed(backward, args.reps)
+        row = {"spec": spec.name, "T": T, "gpu": torch.cuda.get_device_name(),
+               "forward_ms": event_median_ms(forward, args.reps)}
+        row["scatter_ms"] = event_median_ms(backward, args.reps)
         fill = torch.utils.deterministic.fill_uninitialized_memory
         torch.utils.deterministic.fill_uninitialized_memory = False  # no NaN fill of torch.empty: time the kernels
         with testing.deterministic_algorithms():
-            row["deterministic_ms"] = timed(backward, max(1, args.reps // 2))
+            row["deterministic_ms"] = event_median_ms(backward, max(1, args.reps // 2))
         torch.utils.deterministic.fill_uninitialized_memory = fill
         # The two paths' gradients on these inputs (relative error of the scatter path's against the other's).
         grads = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)

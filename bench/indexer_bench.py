@@ -24,6 +24,7 @@ from specgen.compile.plan import make_plan
 from specgen.compile.tuning import index_configs
 from specgen.perf.bench import kernel_times, peak_extra_gib
 from specgen.testing import spec_of
+from specgen.perf.bench import event_median_ms
 
 
 def variants(plan) -> dict[str, dict]:
@@ -47,18 +48,6 @@ def variants(plan) -> dict[str, dict]:
         "topk 8 warps": {**new, "index_topk": {**new["index_topk"], "num_warps": 8}},
     }
     return out
-
-
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -106,7 +95,7 @@ def main():
             else:
                 same = bool(torch.equal(idx, baseline[form]))
             extra = peak_extra_gib(run)
-            ms = median_ms(run, args.reps)
+            ms = event_median_ms(run, args.reps)
             kt = kernel_times(run, calls=2, names={"_index_scores_kernel", "_radix_topk_kernel"})
             score_ms, topk_ms = kt.get("_index_scores_kernel", 0.0), kt.get("_radix_topk_kernel", 0.0)
             row = {"spec": spec.name, "T": T, "variant": name, "configs": table[name], "ms": ms,

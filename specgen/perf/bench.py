@@ -32,6 +32,24 @@ def _median_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def event_median_ms(fn, reps: int) -> float:
+    """Median of `reps` CUDA-event timings of `fn` after one warm-up call: for steps too slow for do_bench's
+    estimate-then-repeat (a DSA backward of seconds) or where the caller fixes the repetitions."""
+    import statistics
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def peak_extra_gib(fn) -> float:
     """Peak memory allocated while `fn` runs, beyond what was allocated before it (GiB)."""
     torch.cuda.synchronize()
@@ -327,5 +345,5 @@ def table(spec: Spec, machine: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_passes", "compiler_report", "dense_forward_ms", "dense_shapes_training_ms", "dense_training_ms", "kernel_times", "machine_peaks",
+__all__ = ["bench_passes", "compiler_report", "event_median_ms", "dense_forward_ms", "dense_shapes_training_ms", "dense_training_ms", "kernel_times", "machine_peaks",
            "peak_extra_gib", "record", "table"]
