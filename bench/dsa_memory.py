@@ -15,6 +15,7 @@ import triton
 import specgen
 from specgen import reference
 from specgen.perf.bench import dense_shapes_forward_ms, peak_extra_gib
+from specgen.perf.bench_train import MHA_QK, MHA_V
 from specgen.testing import spec_of
 
 
@@ -52,11 +53,11 @@ def main():
         pairs = T * (T + 1) / 2
         own = dense_shapes_forward_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
                                       spec.softmax_scale, backends=("cudnn", "flash", "efficient"))
-        mha = dense_shapes_forward_ms(spec.heads.q, spec.heads.q, 192, 128, T, spec.dtype, 192 ** -0.5)
+        mha = dense_shapes_forward_ms(spec.heads.q, spec.heads.q, MHA_QK, MHA_V, T, spec.dtype, MHA_QK ** -0.5)
         row["dense_sdpa_same_shapes_ms"] = own
         row["dense_sdpa_mha_192_128_ms"] = mha
         row["dense_sdpa_mha_192_128_tflops"] = {
-            k: pairs * spec.heads.q * (192 + 128) * 2 / v / 1e9 for k, v in mha.items() if isinstance(v, float)}
+            k: pairs * spec.heads.q * (MHA_QK + MHA_V) * 2 / v / 1e9 for k, v in mha.items() if isinstance(v, float)}
         if hasattr(mod, "distill_loss") and not args.no_distill:
             trained = {n: x[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
             for stage, indices in (("sparse", idx), ("dense", None)):
