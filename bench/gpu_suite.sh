@@ -7,6 +7,10 @@
 # FILES restricts a run to some test files: the GPU-only phase takes ~18 s a test from a cold Triton cache (113 tests,
 # ~35 min), more than one 10-minute call, so it runs in shards of a few files each, each shard logged on its own.
 # SHARD=1..5 names the shards of the GPU-only phase (about 25 tests, ~8 min each), in place of FILES.
+# GPU_WORKERS=N (N > 1, needs pytest-xdist) runs the GPU-only phase on N workers sharing the GPU: the time is mostly
+# Triton compiling on the host's cores, so N workers compile N tests at once; tests that run out of GPU memory
+# beside each other are then rerun one at a time on the warm cache (`--last-failed`), and only that second verdict
+# counts (both logs come back).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache \
@@ -35,8 +39,26 @@ run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
   echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
 }
+run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its failures one at a time
+  local files=${FILES:-generated tests}
+  local log="$OUT/gpu_tests_gpu_only_${commit}_parallel.log" relog="$OUT/gpu_tests_gpu_only_${commit}_rerun.log"
+  header "python -m pytest -m skipif -n $GPU_WORKERS $* $files, then --last-failed one at a time" > "$log"
+  python -m pytest -v -rfE --durations=15 -W ignore -m skipif -n "$GPU_WORKERS" "$@" $files >> "$log" 2>&1
+  local rc=$?
+  echo "# exit status $rc" >> "$log"
+  tail -n 25 "$log"
+  if [ $rc -ne 0 ]; then
+    header "rerun of the failures above, one at a time (warm Triton cache)" > "$relog"
+    python -m pytest -v -rfE -W ignore -m skipif --last-failed --last-failed-no-failures none "$@" $files >> "$relog" 2>&1
+    echo "# exit status $?" >> "$relog"
+    tail -n 25 "$relog"
+  fi
+}
 workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n "${WORKERS:-6}")
-[[ $phase == gpu || $phase == both ]] && run_phase gpu_only "skipif" "$@"
+if [[ $phase == gpu || $phase == both ]]; then
+  if [ "${GPU_WORKERS:-1}" -gt 1 ] && python -c "import xdist" 2>/dev/null; then run_gpu_parallel "$@"
+  else run_phase gpu_only "skipif" "$@"; fi
+fi
 [[ $phase == rest || $phase == both ]] && run_phase rest "not skipif" "${workers[@]}" "$@"
 exit 0
