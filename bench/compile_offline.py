@@ -2,9 +2,13 @@
 compiler made of it: registers per thread, spills, shared memory. Triton's bundled ptxas does the work, so a
 register or spill regression shows before any device time is spent.
 
-Usage: python bench/compile_offline.py SPEC KERNEL [--warps 4] [--stages 1] [--sig NAME=TYPE ...]
+Usage: python bench/compile_offline.py SPEC KERNEL [--warps 4] [--stages 1] [--sig NAME=TYPE ...] [--aligned]
 Pointer arguments default to the spec's dtype (*bf16), integers to i32, floats to fp32; constexprs (WIDEN) to
-their default. An experiment tool: the record of truth is the device's compiler report (`specgen bench`).
+their default. A type `TYPE:16` (`*bf16:16`, `i32:16`) tells the compiler the argument is divisible by 16, as
+Triton's JIT specialises it on the GPU (16-byte-aligned tensors, sizes and strides that are multiples of 16);
+`--aligned` says so of every pointer and of the Q/K/V strides, T and the split sizes (contiguous operands whose
+head dims are multiples of 8): without it the compiler cannot vectorise or pipeline the tile loads (cp.async needs
+aligned addresses) and reports a kernel unlike the one the GPU runs. An experiment tool: the record of truth is the device's compiler report (`specgen bench`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ H100 = GPUTarget("cuda", 90, 32)
 INTS = {"T", "NC", "TC", "NCV", "QL", "N_UNITS"}  # upper-case scalar arguments (sizes)
 
 
-def compile_kernel(fn, dtype: str, overrides: dict, num_warps: int, num_stages: int):
+ALIGNED_INTS = ("stride_q", "stride_k", "stride_v", "T", "q_split", "split_stride")
+
+
+def compile_kernel(fn, dtype: str, overrides: dict, num_warps: int, num_stages: int, aligned: bool = False):
     sig, constexprs = {}, {}
     params = inspect.signature(fn.fn).parameters
     for name, p in params.items():
@@ -49,7 +56,14 @@ def compile_kernel(fn, dtype: str, overrides: dict, num_warps: int, num_stages: 
             sig[name] = "*" + dtype
         else:
             sig[name] = "fp32"
-    src = ASTSource(fn, sig, constexprs=constexprs)
+        if aligned and sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith(ALIGNED_INTS)):
+            sig[name] = sig[name].split(":")[0] + ":16"
+    attrs = {}
+    for i, name in enumerate(params):
+        if sig[name].endswith(":16"):
+            sig[name] = sig[name][:-3]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton_compile(src, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -72,11 +86,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=1)
     ap.add_argument("--sig", nargs="*", default=[], help="NAME=TYPE overrides, e.g. LSE=*fp32 IDX=*i32")
+    ap.add_argument("--aligned", action="store_true", help="pointers, Q/K/V strides, T and split sizes divisible by 16")
     args = ap.parse_args(argv)
     mod = specgen.load(load_spec(args.spec))
     dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
     overrides = dict(s.split("=", 1) for s in args.sig)
-    k = compile_kernel(getattr(mod, args.kernel), dtype, overrides, args.warps, args.stages)
+    k = compile_kernel(getattr(mod, args.kernel), dtype, overrides, args.warps, args.stages, args.aligned)
     regs, spills = resource_usage(k.asm["cubin"])
     print(f"{args.kernel}: {regs} registers, {spills} spill bytes (stores), {k.metadata.shared} B shared "
           f"({args.warps} warps, {args.stages} stages)")

@@ -42,8 +42,8 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"compression": {"block_n": 32, "bt": 4, "nu
     "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 8, "num_stages": 1, "num_warps": 8},
     "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}},
     "default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
-    "compression_dkdv": {"block_n": 64, "bt": 4, "key_major": 0, "max_splits": 16, "num_stages": 2,
-    "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2,
+    "compression_dkdv": {"block_n": 128, "bt": 2, "key_major": 2, "max_splits": 16, "num_stages": 2,
+    "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 8, "num_stages": 2,
     "num_warps": 8}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 4, "num_stages": 2,
@@ -56,18 +56,18 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (128, 2, 4), (128, 2, 8)), "selection": (("block_n", "num_stages", "num_warps"), {"bt": 1}, (64, 2, 4),
     (64, 1, 4), (64, 3, 4), (64, 1, 8), (64, 2, 8), (64, 3, 8), (128, 1, 4), (128, 2, 4), (128, 3, 4),
     (128, 1, 8), (128, 2, 8), (128, 3, 8)), "compression_dq": (("block_n", "bt", "num_stages", "num_warps"),
-    (64, 4, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4), (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 2, 4),
-    (64, 2, 1, 8), (64, 2, 2, 8), (128, 2, 1, 4), (128, 2, 2, 4), (128, 2, 1, 8), (128, 2, 2, 8),
-    (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 4), (64, 4, 2, 4), (64, 4, 1, 8),
-    (128, 4, 1, 4), (128, 4, 2, 4), (128, 4, 1, 8), (128, 4, 2, 8), (32, 8, 1, 4), (32, 8, 2, 4),
-    (32, 8, 1, 8), (32, 8, 2, 8), (64, 8, 1, 8), (64, 8, 2, 8), (128, 8, 1, 8)),
+    (64, 8, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 4), (64, 4, 2, 4),
+    (64, 4, 1, 8), (64, 4, 2, 8), (128, 4, 1, 4), (128, 4, 2, 4), (128, 4, 1, 8), (128, 4, 2, 8),
+    (32, 8, 1, 4), (32, 8, 2, 4), (32, 8, 1, 8), (32, 8, 2, 8), (64, 8, 1, 8), (128, 8, 1, 8), (32, 16, 1, 8),
+    (32, 16, 2, 8), (64, 8, 3, 8)),
     "compression_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), {"max_splits": 16,
-    "split": 1024}, (64, 4, 0, 2, 8), (32, 2, 0, 1, 4), (32, 2, 0, 2, 4), (32, 2, 0, 1, 8), (32, 2, 0, 2, 8),
-    (64, 2, 0, 1, 4), (64, 2, 0, 2, 4), (64, 2, 0, 1, 8), (64, 2, 0, 2, 8), (128, 2, 0, 1, 8),
-    (128, 2, 0, 2, 8), (32, 4, 0, 1, 4), (32, 4, 0, 2, 4), (32, 4, 0, 1, 8), (32, 4, 0, 2, 8),
-    (64, 4, 0, 1, 4), (64, 4, 0, 2, 4), (64, 4, 0, 1, 8), (128, 4, 0, 1, 8), (128, 4, 0, 2, 8),
-    (32, 8, 0, 1, 4), (32, 8, 0, 2, 4), (32, 8, 0, 1, 8), (32, 8, 0, 2, 8), (64, 8, 0, 1, 8),
-    (64, 4, 1, 1, 4), (64, 4, 1, 2, 4), (64, 4, 1, 1, 8), (64, 4, 1, 2, 8))})
+    "split": 1024}, (128, 2, 2, 2, 8), (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8),
+    (64, 1, 2, 1, 4), (64, 1, 2, 2, 4), (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (128, 1, 2, 1, 8),
+    (128, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8),
+    (64, 2, 2, 1, 4), (64, 2, 2, 2, 4), (64, 2, 2, 1, 8), (64, 2, 2, 2, 8), (128, 2, 2, 1, 8),
+    (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8), (32, 4, 2, 2, 8), (64, 4, 2, 1, 4),
+    (64, 4, 2, 2, 4), (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (128, 4, 2, 1, 8), (128, 4, 2, 2, 8),
+    (64, 4, 0, 2, 8), (64, 4, 1, 2, 8), (64, 2, 2, 3, 4))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -1150,11 +1150,27 @@ def _compression_bwd_dkdv_kernel(
         gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS.
-        if KEY_MAJOR:
+        # dO as stored (KEY_MAJOR == 2: the gate goes on P and dP instead, so dO goes from memory to the matrix unit).
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        if not (KEY_MAJOR == 2):
+            do0 = do0.to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS. 2: also the
+        # gate on P^T and dP^T rather than on dO, whose tile then goes from memory to the matrix unit untouched.
+        if KEY_MAJOR == 2:
+            visible_t = key_ok[:, None] & row_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[:, None] <= t[None, :])
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            # dO is unscaled: dP_c^T = g * (V dO^T), and dV += (P^T g) dO.
+            dst = pt * (dpt * gate[None, :] - delta[None, :])
+            pt = pt * gate[None, :]
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+        elif KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[:, None] <= t[None, :])
             pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
             pt += _dot(k0, tl.trans(q0), WIDEN)

@@ -36,14 +36,14 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4},
-    "compression_dkdv": {"block_n": 64, "bt": 32, "key_major": 0, "max_splits": 16, "num_stages": 2,
-    "num_warps": 4, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
+    "compression_dkdv": {"block_n": 128, "bt": 16, "key_major": 2, "max_splits": 16, "num_stages": 2,
+    "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
     "num_warps": 4}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 16,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 16, "bq": 32, "num_stages": 2,
     "num_warps": 4}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
-    "window": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
-    "bt": 32, "key_major": 0, "num_stages": 2, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32,
+    "window": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 128,
+    "bt": 16, "key_major": 2, "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 32,
     "num_stages": 2, "num_warps": 4}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
@@ -57,25 +57,25 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (32, 32, 2, 4), (32, 32, 1, 8), (32, 32, 2, 8), (64, 32, 1, 4), (64, 32, 1, 8), (64, 32, 2, 8),
     (128, 32, 1, 4), (128, 32, 2, 4), (128, 32, 1, 8), (128, 32, 2, 8), (32, 64, 1, 4), (32, 64, 2, 4),
     (32, 64, 1, 8), (32, 64, 2, 8), (64, 64, 1, 4), (64, 64, 2, 4), (64, 64, 1, 8), (64, 64, 2, 8),
-    (128, 64, 1, 8), (128, 64, 2, 8)),
+    (128, 64, 1, 8), (128, 64, 2, 8), (64, 32, 3, 4)),
     "compression_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), {"max_splits": 16,
-    "split": 1024}, (64, 32, 0, 2, 4), (32, 16, 0, 1, 4), (32, 16, 0, 2, 4), (32, 16, 0, 1, 8),
-    (32, 16, 0, 2, 8), (64, 16, 0, 1, 4), (64, 16, 0, 2, 4), (64, 16, 0, 1, 8), (64, 16, 0, 2, 8),
-    (128, 16, 0, 1, 4), (128, 16, 0, 2, 4), (128, 16, 0, 1, 8), (128, 16, 0, 2, 8), (32, 32, 0, 1, 4),
-    (32, 32, 0, 2, 4), (32, 32, 0, 1, 8), (32, 32, 0, 2, 8), (64, 32, 0, 1, 4), (64, 32, 0, 1, 8),
-    (64, 32, 0, 2, 8), (128, 32, 0, 1, 4), (128, 32, 0, 2, 4), (128, 32, 0, 1, 8), (128, 32, 0, 2, 8),
-    (32, 64, 0, 1, 4), (32, 64, 0, 2, 4), (32, 64, 0, 1, 8), (32, 64, 0, 2, 8), (64, 64, 0, 1, 4),
-    (64, 64, 0, 2, 4), (64, 64, 0, 1, 8), (64, 64, 0, 2, 8), (128, 64, 0, 1, 8), (128, 64, 0, 2, 8),
-    (64, 32, 1, 1, 4), (64, 32, 1, 2, 4), (64, 32, 1, 1, 8), (64, 32, 1, 2, 8)),
+    "split": 1024}, (128, 16, 2, 2, 8), (32, 8, 2, 1, 4), (32, 8, 2, 2, 4), (32, 8, 2, 1, 8),
+    (32, 8, 2, 2, 8), (64, 8, 2, 1, 4), (64, 8, 2, 2, 4), (64, 8, 2, 1, 8), (64, 8, 2, 2, 8),
+    (128, 8, 2, 1, 4), (128, 8, 2, 2, 4), (128, 8, 2, 1, 8), (128, 8, 2, 2, 8), (32, 16, 2, 1, 4),
+    (32, 16, 2, 2, 4), (32, 16, 2, 1, 8), (32, 16, 2, 2, 8), (64, 16, 2, 1, 4), (64, 16, 2, 2, 4),
+    (64, 16, 2, 1, 8), (64, 16, 2, 2, 8), (128, 16, 2, 1, 4), (128, 16, 2, 2, 4), (128, 16, 2, 1, 8),
+    (32, 32, 2, 1, 4), (32, 32, 2, 2, 4), (32, 32, 2, 1, 8), (32, 32, 2, 2, 8), (64, 32, 2, 1, 4),
+    (64, 32, 2, 2, 4), (64, 32, 2, 1, 8), (64, 32, 2, 2, 8), (128, 32, 2, 1, 4), (128, 32, 2, 2, 4),
+    (128, 32, 2, 1, 8), (128, 32, 2, 2, 8), (64, 32, 0, 2, 4), (64, 32, 1, 2, 4), (64, 16, 2, 3, 4)),
     "window_dq": "compression_dq", "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"),
-    (64, 32, 0, 2, 4), (32, 16, 0, 1, 4), (32, 16, 0, 2, 4), (32, 16, 0, 1, 8), (32, 16, 0, 2, 8),
-    (64, 16, 0, 1, 4), (64, 16, 0, 2, 4), (64, 16, 0, 1, 8), (64, 16, 0, 2, 8), (128, 16, 0, 1, 4),
-    (128, 16, 0, 2, 4), (128, 16, 0, 1, 8), (128, 16, 0, 2, 8), (32, 32, 0, 1, 4), (32, 32, 0, 2, 4),
-    (32, 32, 0, 1, 8), (32, 32, 0, 2, 8), (64, 32, 0, 1, 4), (64, 32, 0, 1, 8), (64, 32, 0, 2, 8),
-    (128, 32, 0, 1, 4), (128, 32, 0, 2, 4), (128, 32, 0, 1, 8), (128, 32, 0, 2, 8), (32, 64, 0, 1, 4),
-    (32, 64, 0, 2, 4), (32, 64, 0, 1, 8), (32, 64, 0, 2, 8), (64, 64, 0, 1, 4), (64, 64, 0, 2, 4),
-    (64, 64, 0, 1, 8), (64, 64, 0, 2, 8), (128, 64, 0, 1, 8), (128, 64, 0, 2, 8), (64, 32, 1, 1, 4),
-    (64, 32, 1, 2, 4), (64, 32, 1, 1, 8), (64, 32, 1, 2, 8))})
+    (128, 16, 2, 2, 8), (32, 8, 2, 1, 4), (32, 8, 2, 2, 4), (32, 8, 2, 1, 8), (32, 8, 2, 2, 8),
+    (64, 8, 2, 1, 4), (64, 8, 2, 2, 4), (64, 8, 2, 1, 8), (64, 8, 2, 2, 8), (128, 8, 2, 1, 4),
+    (128, 8, 2, 2, 4), (128, 8, 2, 1, 8), (128, 8, 2, 2, 8), (32, 16, 2, 1, 4), (32, 16, 2, 2, 4),
+    (32, 16, 2, 1, 8), (32, 16, 2, 2, 8), (64, 16, 2, 1, 4), (64, 16, 2, 2, 4), (64, 16, 2, 1, 8),
+    (64, 16, 2, 2, 8), (128, 16, 2, 1, 4), (128, 16, 2, 2, 4), (128, 16, 2, 1, 8), (32, 32, 2, 1, 4),
+    (32, 32, 2, 2, 4), (32, 32, 2, 1, 8), (32, 32, 2, 2, 8), (64, 32, 2, 1, 4), (64, 32, 2, 2, 4),
+    (64, 32, 2, 1, 8), (64, 32, 2, 2, 8), (128, 32, 2, 1, 4), (128, 32, 2, 2, 4), (128, 32, 2, 1, 8),
+    (128, 32, 2, 2, 8), (64, 32, 0, 2, 4), (64, 32, 1, 2, 4), (64, 16, 2, 3, 4))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(4)
@@ -1438,11 +1438,29 @@ def _compression_bwd_dkdv_kernel(
         gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS.
-        if KEY_MAJOR:
+        # dO as stored (KEY_MAJOR == 2: the gate goes on P and dP instead, so dO goes from memory to the matrix unit).
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+        if not (KEY_MAJOR == 2):
+            do0 = do0.to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS. 2: also the
+        # gate on P^T and dP^T rather than on dO, whose tile then goes from memory to the matrix unit untouched.
+        if KEY_MAJOR == 2:
+            visible_t = key_ok[:, None] & row_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[:, None] <= t[None, :])
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            # dO is unscaled: dP_c^T = g * (V dO^T), and dV += (P^T g) dO.
+            dst = pt * (dpt * gate[None, :] - delta[None, :])
+            pt = pt * gate[None, :]
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+        elif KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :] & ((keys * CMP_STRIDE + CMP_BLOCK - 1)[:, None] <= t[None, :])
             pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
             pt += _dot(k0, tl.trans(q0), WIDEN)
@@ -1811,11 +1829,29 @@ def _window_bwd_dkdv_kernel(
         gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS.
-        if KEY_MAJOR:
+        # dO as stored (KEY_MAJOR == 2: the gate goes on P and dP instead, so dO goes from memory to the matrix unit).
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+        if not (KEY_MAJOR == 2):
+            do0 = do0.to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+        # Key-major (a launch-config choice, `key_major`): S^T = K Q^T, no transposes of P and dS. 2: also the
+        # gate on P^T and dP^T rather than on dO, whose tile then goes from memory to the matrix unit untouched.
+        if KEY_MAJOR == 2:
+            visible_t = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - WINDOW)
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            # dO is unscaled: dP_c^T = g * (V dO^T), and dV += (P^T g) dO.
+            dst = pt * (dpt * gate[None, :] - delta[None, :])
+            pt = pt * gate[None, :]
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+        elif KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - WINDOW)
             pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
             pt += _dot(k0, tl.trans(q0), WIDEN)

@@ -110,9 +110,10 @@ def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
                 out["_selection_bwd_scatter_kernel"] = scatter_smem(spec, t.scatter_gp, t.scatter_block_n,
                                                                     t.scatter_num_stages)
         else:
-            rows = t.bt * t.gp
-            out[f"_{kind}_bwd_dq_kernel"] = dq_smem(spec, rows, t.block_n, t.num_stages)
-            out[f"_{kind}_bwd_dkdv_kernel"] = dkdv_smem(spec, rows, t.block_n, t.num_stages)
+            # The dense branches' tiles are their default launch configs (tuning.dense_backward_variants).
+            for part, smem in (("dq", dq_smem), ("dkdv", dkdv_smem)):
+                cfg = plan.tuning.defaults[f"{kind}_{part}"]
+                out[f"_{kind}_bwd_{part}_kernel"] = smem(spec, cfg["bt"] * t.gp, cfg["block_n"], cfg["num_stages"])
     cmp = spec.compression
     if cmp is not None and "compression" in spec.branches:
         out["_pool_bwd_mean_kernel"] = SCRATCH

@@ -58,7 +58,9 @@ class AttentionTile:
 class BackwardTiles:
     """Tiles of the backward kernels (specgen/compile/templates/nsa_autograd.j2, kernels/backward.j2).
 
-    Window / compression: BT query positions x GP heads per program (dq) or per trip (dK/dV), BLOCK_N keys.
+    Window / compression: their launch configs (rows, keys, warps, stages, the dK/dV product form) are
+    tuning.dense_backward_variants' (the plan's default among them); GP is their row packing's heads and BT the
+    64-row packing the selection's dK/dV starts from (sel_bq).
     Selection dq: one query position, SEL_DQ_GP heads per program, the group split over sel_dq_chunks programs
     (each head's dq is independent), sel_dq_block_n keys per trip (may be less than a unit).
     Selection dK/dV: sel_tile keys per program (the inverse index's tile, units_per_tile selection units), SEL_BQ

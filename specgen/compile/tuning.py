@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import write_if_changed
 from .branches import NAMES, branches_of
-from .footprint import MIN_DOT, launch_model
+from .footprint import MIN_DOT, SMEM_BUDGET, dq_smem, launch_model
 from .loop_order import orders, scatter_backward
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
@@ -63,14 +63,58 @@ def default_configs(plan) -> dict:
                 configs["selection_scatter"] = {"block_n": bwd.scatter_block_n, "num_warps": bwd.scatter_num_warps,
                                                 "num_stages": bwd.scatter_num_stages}
         else:
-            cfg = {"bt": bwd.bt, "block_n": bwd.block_n, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages}
-            configs[f"{kind}_dq"] = dict(cfg)
-            # key_major 0: rows-major dK/dV products until measured otherwise (the tuner tries both).
-            configs[f"{kind}_dkdv"] = {**cfg, "key_major": 0,
-                                       **({"split": 1024, "max_splits": 16} if kind == "compression" else {})}
+            variants_dq = dense_backward_variants(plan, f"{kind}_dq")
+            variants_dkdv = dense_backward_variants(plan, f"{kind}_dkdv")
+            configs[f"{kind}_dq"] = dict(variants_dq[DENSE_BACKWARD_DEFAULT["dq"]])
+            configs[f"{kind}_dkdv"] = dict(variants_dkdv[DENSE_BACKWARD_DEFAULT["dkdv"]])
     if spec.compression is not None and "compression" in spec.branches:
         configs["pool"] = {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4}
     return configs
+
+
+# The compression and window backward's default variants (`dense_backward_variants`), chosen from the sm_90
+# compile reports of bench/cmp_bwd_offline.py (docs/backward.md, "Launch configs of the compression and window
+# backward"): Triton lays a wgmma tile's rows over all the warps ([warps, 1]), 64 rows a warpgroup, so a [64, N]
+# S or dP tile at 8 warps is computed twice (the former 64-row default: 36 wgmma in the dQ kernel's PTX against 20
+# at 128 rows); "wg" gives each warpgroup its own 64 rows (dQ: query rows; dK/dV: keys, key-major).
+DENSE_BACKWARD_DEFAULT = {"dq": "wg", "dkdv": "km2_wg"}
+
+
+def dense_backward_variants(plan, kernel: str) -> dict:
+    """{name: launch config} of the compression or window dQ / dK/dV kernel (`<branch>_dq`, `<branch>_dkdv`) that
+    bench/cmp_bwd.py times side by side on the GPU and bench/cmp_bwd_offline.py compiles; DENSE_BACKWARD_DEFAULT
+    names the plan's default. `bt` is query positions per program (dQ) or per trip (dK/dV): its rows are bt x the
+    group's padded heads. Warps: 8 once d_qk + d_v reaches 256 (fp32 dQ or dK + dV tiles in registers), else 4.
+
+    dQ: "rows64" (the former default: 64 rows), "wg" (64 rows per warpgroup: 128 at 8 warps), "wg_s3" (3 stages),
+    "wg_k32" (32 keys a trip; "wg" itself where 64 keys would not fit shared memory), "w4" (64 rows, 4 warps).
+    dK/dV: "rows64" (the former default: 64 rows x 64 keys, rows-major products), "km1" (the same, key-major:
+    S^T = K Q^T), "km2" (key-major with the gate on P^T and dP^T, so dO's tile goes from memory to the matrix unit
+    untouched), "km2_wg" (km2 with 64 keys per warpgroup where the fp32 dK + dV of 128 keys fit, i.e. d_qk + d_v
+    <= 256: 128 keys at 8 warps, 32 rows; wider heads keep 64 keys at 8 warps, 32 rows), "km2_w4" (64 keys, 4
+    warps, 32 rows), "km2_w4_s3" (its 3 stages), "km2_r64" (km2_wg's keys and warps with 64 rows)."""
+    spec, gp = plan.spec, plan.backward.gp
+    dims = spec.head_dim.qk + spec.head_dim.v
+    warps = 8 if dims >= 256 else 4
+
+    def bt(rows: int) -> int:
+        return max(1, rows // gp)
+
+    if kernel.endswith("_dq"):
+        base = {"bt": bt(64), "block_n": 64, "num_warps": warps, "num_stages": 2}
+        # 64 keys a trip where the resident Q, dO rows and two stages of K, V tiles fit shared memory, else 32
+        # (Gemma's 256 dims at 128 rows: 262144 B for sm_90 at 64 keys, over the H100's 232448).
+        rows = bt(16 * warps) * gp
+        wg = {**base, "bt": bt(16 * warps), "block_n": 64 if dq_smem(spec, rows, 64, 2) <= SMEM_BUDGET else 32}
+        return {"rows64": base, "wg": wg, "wg_s3": {**wg, "num_stages": 3}, "wg_k32": {**wg, "block_n": 32},
+                "w4": {**base, "num_warps": 4}}
+    split = {"split": 1024, "max_splits": 16} if kernel.startswith("compression") else {}
+    base = {"bt": bt(64), "block_n": 64, "num_warps": warps, "num_stages": 2, "key_major": 0, **split}
+    wide = dims > 256
+    wg = {**base, "key_major": 2, "bt": bt(32), "block_n": 64 if wide else 128, "num_warps": 8}
+    w4 = {**base, "key_major": 2, "bt": bt(32), "block_n": 64, "num_warps": 4}
+    return {"rows64": base, "km1": {**base, "key_major": 1}, "km2": {**base, "key_major": 2}, "km2_wg": wg,
+            "km2_w4": w4, "km2_w4_s3": {**w4, "num_stages": 3}, "km2_r64": {**wg, "bt": bt(64)}}
 
 
 def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> dict:
@@ -137,12 +181,14 @@ def candidates(plan, kernel: str) -> list[dict]:
     selection, `bt` of the others: rows are that x the group's heads), and the compression and window dQ kernels
     their positions per program: more rows amortise the fp32 dK/dV accumulators over more work per trip (the paper
     configuration's selection dK/dV: 1.6x faster at twice the default rows). The compression and window dK/dV
-    kernels also try their key-major form (`key_major`)."""
+    kernels also try their other product forms (`key_major`), and both kinds every named variant of
+    `dense_backward_variants` that the model passes."""
     spec = plan.spec
     if kernel in ("select", "index_topk") and spec.selection.scorer == "indexer":
         return index_candidates(plan, kernel)
     default = default_configs(plan)[kernel]
     model = launch_model(spec, kernel)
+    named = []
     if kernel == "selection":
         unit = spec.selection.block
         widths = sorted({w for w in (default["block_n"], 32, 64, 128) if w % unit == 0 and w >= max(MIN_DOT, unit)})
@@ -168,15 +214,14 @@ def candidates(plan, kernel: str) -> list[dict]:
                       *(b for b in (default["bt"] // 2,) if b and b * _rows(plan, kernel, {"bt": 1}) >= MIN_DOT)})
         grid = [{**default, "bt": bt, "block_n": n, "num_warps": w, "num_stages": st}
                 for bt in bts for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
-        if kernel.endswith("_dkdv"):
-            # The key-major form (S^T = K Q^T: no transposes of P and dS through shared memory) at the default
-            # tile's warps and stages (the candidate table stays small in the generated module).
-            grid += [{**default, "num_warps": w, "num_stages": st, "key_major": 1} for w in (4, 8) for st in (1, 2)]
+        # The dK/dV grid is in the default's product form (key_major 2: key-major, the gate on P); the named
+        # variants (bench/cmp_bwd.py's) bring the other forms (the candidate table stays small in the module).
+        named = list(dense_backward_variants(plan, kernel).values())
     else:
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (32, 64, 128) for w in (4, 8) for st in (1, 2)]
     out = [default]
-    for cfg in grid:
+    for cfg in grid + named:
         if cfg not in out and model.fits(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"],
                                          cfg["num_warps"]):
             out.append(cfg)
