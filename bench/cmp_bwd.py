@@ -20,7 +20,7 @@ import torch
 import specgen
 from specgen import reference, runtime
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import DENSE_BACKWARD_DEFAULT, dense_backward_variants
+from specgen.compile.tuning import dense_backward_default, dense_backward_variants
 from specgen.model.spec import load_spec
 from specgen.perf.bench import event_median_ms
 
@@ -89,7 +89,7 @@ def run_spec(path: str, seqlens, kinds, reps: int, out, device: str = "cuda") ->
                 for name, cfg in dense_backward_variants(plan, kernel).items():
                     configs["default"][kernel] = cfg
                     rec = {"spec": spec.name, "T": T, "kernel": kernel, "variant": name, "config": cfg,
-                           "default": name == DENSE_BACKWARD_DEFAULT[part], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+                           "default": name == dense_backward_default(spec)[part], "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
                     try:
                         t0 = time.time()
                         with torch.no_grad():

@@ -36,15 +36,15 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 4},
-    "compression_dkdv": {"block_n": 128, "bt": 1, "key_major": 2, "max_splits": 16, "num_stages": 2,
-    "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 4, "num_stages": 2,
-    "num_warps": 8}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
+    "compression_dkdv": {"block_n": 64, "bt": 1, "key_major": 2, "max_splits": 16, "num_stages": 3,
+    "num_warps": 4, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 2, "num_stages": 2,
+    "num_warps": 4}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 2, "num_stages": 2,
     "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
-    "window": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 128,
-    "bt": 1, "key_major": 2, "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 4,
-    "num_stages": 2, "num_warps": 8}}}
+    "window": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
+    "bt": 1, "key_major": 2, "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 2,
+    "num_stages": 2, "num_warps": 4}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -53,22 +53,24 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (128, 2, 4), (128, 2, 8)), "selection": (("block_n", "num_stages", "num_warps"), {"bt": 1}, (64, 2, 4),
     (64, 1, 4), (64, 3, 4), (64, 1, 8), (64, 2, 8), (64, 3, 8), (128, 1, 4), (128, 2, 4), (128, 3, 4),
     (128, 1, 8), (128, 2, 8), (128, 3, 8)), "window": "compression",
-    "compression_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 4, 2, 8), (32, 2, 1, 4),
-    (32, 2, 2, 4), (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 2, 4), (64, 2, 1, 8), (64, 2, 2, 8),
-    (128, 2, 1, 4), (128, 2, 2, 4), (128, 2, 1, 8), (128, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4),
-    (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 8), (128, 4, 1, 8), (32, 8, 1, 8), (32, 8, 2, 8), (64, 4, 3, 8)),
+    "compression_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 2, 2, 4), (32, 1, 1, 4),
+    (32, 1, 2, 4), (32, 1, 1, 8), (32, 1, 2, 8), (64, 1, 1, 4), (64, 1, 2, 4), (64, 1, 1, 8), (64, 1, 2, 8),
+    (128, 1, 1, 4), (128, 1, 2, 4), (128, 1, 1, 8), (128, 1, 2, 8), (32, 2, 1, 4), (32, 2, 2, 4),
+    (32, 2, 1, 8), (32, 2, 2, 8), (64, 2, 1, 4), (64, 2, 1, 8), (64, 2, 2, 8), (128, 2, 1, 4), (128, 2, 2, 4),
+    (128, 2, 1, 8), (128, 2, 2, 8), (32, 4, 1, 4), (32, 4, 2, 4), (32, 4, 1, 8), (32, 4, 2, 8), (64, 4, 1, 8),
+    (64, 4, 2, 8), (128, 4, 1, 8), (64, 4, 3, 8)),
     "compression_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), {"max_splits": 16,
-    "split": 1024}, (128, 1, 2, 2, 8), (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8),
+    "split": 1024}, (64, 1, 2, 3, 4), (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8),
     (64, 1, 2, 1, 4), (64, 1, 2, 2, 4), (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (128, 1, 2, 1, 8),
+    (128, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8),
+    (64, 2, 2, 1, 4), (64, 2, 2, 2, 4), (64, 2, 2, 1, 8), (64, 2, 2, 2, 8), (128, 2, 2, 1, 8),
+    (128, 2, 2, 2, 8), (64, 2, 0, 2, 8), (64, 2, 1, 2, 8)), "window_dq": "compression_dq",
+    "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), (64, 1, 2, 3, 4),
+    (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8), (64, 1, 2, 1, 4),
+    (64, 1, 2, 2, 4), (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (128, 1, 2, 1, 8), (128, 1, 2, 2, 8),
     (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8), (64, 2, 2, 1, 4),
     (64, 2, 2, 2, 4), (64, 2, 2, 1, 8), (64, 2, 2, 2, 8), (128, 2, 2, 1, 8), (128, 2, 2, 2, 8),
-    (64, 2, 0, 2, 8), (64, 2, 1, 2, 8), (64, 1, 2, 3, 4)), "window_dq": "compression_dq",
-    "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), (128, 1, 2, 2, 8),
-    (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8), (64, 1, 2, 1, 4),
-    (64, 1, 2, 2, 4), (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (128, 1, 2, 1, 8), (32, 2, 2, 1, 4),
-    (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8), (64, 2, 2, 1, 4), (64, 2, 2, 2, 4),
-    (64, 2, 2, 1, 8), (64, 2, 2, 2, 8), (128, 2, 2, 1, 8), (128, 2, 2, 2, 8), (64, 2, 0, 2, 8),
-    (64, 2, 1, 2, 8), (64, 1, 2, 3, 4))})
+    (64, 2, 0, 2, 8), (64, 2, 1, 2, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(32)

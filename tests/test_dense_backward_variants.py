@@ -14,7 +14,7 @@ import specgen
 from specgen import testing
 from specgen.compile.footprint import launch_model
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import DENSE_BACKWARD_DEFAULT, dense_backward_variants
+from specgen.compile.tuning import dense_backward_default, dense_backward_variants
 from specgen.model.spec import load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # GQA 4/2, d 48/32, fp16, gated, compression + selection + window
@@ -40,7 +40,7 @@ def test_default_is_a_named_variant():
         plan = make_plan(load_spec(path))
         for kernel in KERNELS:
             part = kernel.rsplit("_", 1)[1]
-            assert plan.tuning.defaults[kernel] == dense_backward_variants(plan, kernel)[DENSE_BACKWARD_DEFAULT[part]]
+            assert plan.tuning.defaults[kernel] == dense_backward_variants(plan, kernel)[dense_backward_default(plan.spec)[part]]
             # Every variant the footprint model passes is a tuning candidate (specgen tune and SPECGEN_AUTOTUNE=1
             # can pick it).
             cands = plan.tuning.candidates[kernel]
@@ -61,7 +61,7 @@ def test_every_variant_matches_the_reference(monkeypatch, heads):
     sets = variant_sets(plan)
     if heads == (6, 2):
         # The padded heads: the defaults and the rows-major / key-major forms at 64 rows (the rest as group 2's).
-        sets = [s for s in sets if s["compression_dkdv"] in ("rows64", "km2_wg")]
+        sets = [s for s in sets if s["compression_dkdv"] in ("rows64", "km2_wg", "km2_w4_s3")]
     for chosen in sets:
         with_variants(mod, plan, monkeypatch, chosen)
         testing.check_backward(mod, spec, 2 if heads == (4, 2) else 1, 37)
@@ -80,7 +80,7 @@ def test_variants_realistic(monkeypatch, path, every):
     spec = load_spec(path)
     mod = specgen.load(spec)
     plan = make_plan(spec)
-    sets = variant_sets(plan) if every else [{k: DENSE_BACKWARD_DEFAULT[k.rsplit("_", 1)[1]] for k in KERNELS}]
+    sets = variant_sets(plan) if every else [{k: dense_backward_default(spec)[k.rsplit("_", 1)[1]] for k in KERNELS}]
     for chosen in sets:
         with_variants(mod, plan, monkeypatch, chosen)
         testing.check_backward(mod, spec, 1, 4999, device="cuda", query_chunk=128)

@@ -65,24 +65,35 @@ def default_configs(plan) -> dict:
         else:
             variants_dq = dense_backward_variants(plan, f"{kind}_dq")
             variants_dkdv = dense_backward_variants(plan, f"{kind}_dkdv")
-            configs[f"{kind}_dq"] = dict(variants_dq[DENSE_BACKWARD_DEFAULT["dq"]])
-            configs[f"{kind}_dkdv"] = dict(variants_dkdv[DENSE_BACKWARD_DEFAULT["dkdv"]])
+            default = dense_backward_default(spec)
+            configs[f"{kind}_dq"] = dict(variants_dq[default["dq"]])
+            configs[f"{kind}_dkdv"] = dict(variants_dkdv[default["dkdv"]])
     if spec.compression is not None and "compression" in spec.branches:
         configs["pool"] = {"tokens": 64, "chunks": 32, "blocks": 32, "num_warps": 4}
     return configs
 
 
-# The compression and window backward's default variants (`dense_backward_variants`), chosen from the sm_90
-# compile reports of bench/cmp_bwd_offline.py (docs/backward.md, "Launch configs of the compression and window
-# backward"): Triton lays a wgmma tile's rows over all the warps ([warps, 1]), 64 rows a warpgroup, so a [64, N]
-# S or dP tile at 8 warps is computed twice (the former 64-row default: 36 wgmma in the dQ kernel's PTX against 20
-# at 128 rows); "wg" gives each warpgroup its own 64 rows (dQ: query rows; dK/dV: keys, key-major).
-DENSE_BACKWARD_DEFAULT = {"dq": "wg", "dkdv": "km2_wg"}
+# The compression and window backward's default variants (`dense_backward_variants`; docs/backward.md, "Launch
+# configs of the compression and window backward"). Measured on the H100 at Llama-3-8B heads, T = 65536
+# (bench/results/kernels/2026-12-06_cmp_bwd_llama3_6fe631f.jsonl): one warpgroup (4 warps) beats two at every kernel: dQ
+# "w4" 6.5 ms against "wg" 9.0 and the former "rows64" 18.4; dK/dV "km2_w4_s3" 12.9 ms against "km2_wg" 17.2 and
+# "rows64" 35.8 (the window's likewise). At 8 warps Triton lays a 64-row wgmma tile over both warpgroups (the
+# former default computed S and dP twice); at 4 warps one warpgroup owns the tile. Heads wider than d_qk + d_v = 256
+# keep the 8-warp forms: their fp32 dQ or dK + dV tiles spill at 4 warps (sm_90 compile: Gemma-2's dK/dV 1136 B,
+# dQ 96 B), and no GPU figure says otherwise yet.
+DENSE_BACKWARD_DEFAULT = {"dq": "w4", "dkdv": "km2_w4_s3"}
+DENSE_BACKWARD_DEFAULT_WIDE = {"dq": "wg", "dkdv": "km2_wg"}
+
+
+def dense_backward_default(spec) -> dict:
+    """{"dq": variant, "dkdv": variant}: the default variant names of `dense_backward_variants` for this spec."""
+    wide = spec.head_dim.qk + spec.head_dim.v > 256
+    return DENSE_BACKWARD_DEFAULT_WIDE if wide else DENSE_BACKWARD_DEFAULT
 
 
 def dense_backward_variants(plan, kernel: str) -> dict:
     """{name: launch config} of the compression or window dQ / dK/dV kernel (`<branch>_dq`, `<branch>_dkdv`) that
-    bench/cmp_bwd.py times side by side on the GPU and bench/cmp_bwd_offline.py compiles; DENSE_BACKWARD_DEFAULT
+    bench/cmp_bwd.py times side by side on the GPU and bench/cmp_bwd_offline.py compiles; dense_backward_default
     names the plan's default. `bt` is query positions per program (dQ) or per trip (dK/dV): its rows are bt x the
     group's padded heads. Warps: 8 once d_qk + d_v reaches 256 (fp32 dQ or dK + dV tiles in registers), else 4.
 
