@@ -40,10 +40,9 @@ CASES = [
     ("nsa_small", RAGGED, False, True),
     ("nsa_small", EVEN, True, False),
     ("nsa_page16_l32_d8", [[3, 20], [30, 1], [0, 17]], True, True),   # chunks cross pages of 16
-    ("nsa_linear_pool_pe", RAGGED, False, True),
+    ("nsa_linear_pool_pe", [[1, 6], [12, 0], [16, 13]], False, True),
     ("nsa_indexer_blocks", [[2, 9], [17, 0], [20, 25]], True, True),
     ("dsa_small", RAGGED, False, True),
-    ("dsa_small", EVEN, True, False),
     ("dsa_mla", [[1, 4], [13, 0], [5, 17]], True, True),
 ]
 
@@ -90,15 +89,15 @@ def test_layer_prefill_in_chunks_equals_the_layer():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,schedule", [
-    ("nsa_paper", [[1, 0], [1500, 700], [1, 1], [2594, 3395]]),
-    ("dsa_v32", [[1, 0], [1500, 700], [1, 1], [2594, 3395]]),
+    ("nsa_paper", [[1, 0], [700, 300], [1, 1], [1346, 1747]]),
+    ("dsa_v32", [[1, 0], [700, 300], [1, 1], [1346, 1747]]),
     ("dsa_small_pf_fp8", [[1, 3], [300, 0], [211, 500]]),
 ])
 def test_chunked_prefill_realistic(name, schedule):
-    """On the GPU in the spec's dtype (fp8 index keys for dsa_v32): 4096-token prompts in ragged chunks, paged."""
+    """On the GPU in the spec's dtype (fp8 index keys for dsa_v32): 2048-token prompts in ragged chunks, paged."""
     if name == "dsa_small_pf_fp8":
         spec = replace(DSA, name=name, **{"indexer.dtype": "fp8_e4m3", "indexer.head_dim": 32,
                                           "selection.top_k": 8})
     else:
         spec = load_spec(f"specs/{name}.yaml")
-    check_chunked_prefill(specgen.load(spec), spec, schedule, paged=True, packed=True)
+    check_chunked_prefill(specgen.load(spec), spec, schedule, paged=True, packed=True, query_chunk=256)

@@ -45,7 +45,7 @@ def _make_cache(module, spec, B, lens, paged, gen, device, pool, slack=3):
 
 def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, paged: bool = False,
                           device: str | None = None, seed: int | None = None, packed: bool = True,
-                          decode_q_len: int = 1) -> dict:
+                          decode_q_len: int = 1, query_chunk: int | None = None) -> dict:
     """`schedule[r][i]`: the tokens sequence i gets in round r (0: an empty chunk); prompt i is their sum. With
     `packed=False` every round must give all sequences the same count (a batched [B, S, ...] call)."""
     device = device or test_device()
@@ -128,12 +128,12 @@ def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, page
         ex = {k: (v if k in POOL_WEIGHTS else v[b:b + 1, :lens[b]]) for k, v in exact.items()}
         sel = torch.cat(got_idx[b])[None] if selects else None
         if selects:
-            scored = reference.nsa_forward(spec, **ex)
+            scored = reference.nsa_forward(spec, **ex, query_chunk=query_chunk)
             try:
                 reference.check_selection(spec, sel.cpu(), scored.scores.cpu(), lens[b], tol=SELECT_TOL[dtype])
             except AssertionError as e:
                 raise AssertionError(f"sequence {b}: {e} {where}") from None
-        ref = reference.nsa_forward(spec, **ex, indices=sel)
+        ref = reference.nsa_forward(spec, **ex, indices=sel, query_chunk=query_chunk)
         err = reference.rel_err(o_b[None].double().cpu(), ref.out.cpu())
         assert err < OUT_TOL[dtype], f"sequence {b}: chunked output rel err {err:.3e} vs float64 reference {where}"
         worst = max(worst, err)
