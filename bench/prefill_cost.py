@@ -93,9 +93,9 @@ def main():
                                                       "fp8_e4m3") else torch.finfo(mod.DTYPE).bits // 8)
                        for n, dim in mod.CACHE_TENSORS.items() if n not in getattr(mod, "RING_TENSORS", ()))
         row["key_gather_gb"] = sum(min(T, c0 + C) for c0 in range(0, T, C)) * kv_bytes * 2 / 1e9  # read + write
-        got = torch.cat([o[0] for o in result["chunked"]])
-        want = result["single"][0]
-        row["chunked_vs_single_rel_diff"] = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        # The last chunk's rows (a 64k x 128 x 512 fp32 copy would not fit beside the inputs).
+        got, want = result["chunked"][-1][0].float(), result["single"][0, T - C:].float()
+        row["last_chunk_vs_single_rel_diff"] = ((got - want).norm() / want.norm()).item()
         print(json.dumps(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:
