@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one chunked prefill")
     args = ap.parse_args()
     T, C = args.tokens, args.chunk
     for path in args.specs:
@@ -93,6 +94,14 @@ def main():
                                                       "fp8_e4m3") else torch.finfo(mod.DTYPE).bits // 8)
                        for n, dim in mod.CACHE_TENSORS.items() if n not in getattr(mod, "RING_TENSORS", ()))
         row["key_gather_gb"] = sum(min(T, c0 + C) for c0 in range(0, T, C)) * kv_bytes * 2 / 1e9  # read + write
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                in_chunks()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
         # The last chunk's rows (a 64k x 128 x 512 fp32 copy would not fit beside the inputs).
         got, want = result["chunked"][-1][0].float(), result["single"][0, T - C:].float()
         row["last_chunk_vs_single_rel_diff"] = ((got - want).norm() / want.norm()).item()
