@@ -35,6 +35,12 @@ from specgen.runtime.varlen import Layout
 _ENTRIES: dict = {}  # id(Descriptor) -> the module's prefill function (the layers look theirs up)
 
 
+def _dev(x: torch.Tensor, device) -> torch.Tensor:
+    """A host-built index tensor on the device without a stream synchronisation (a blocking copy would wait for
+    the kernels already queued, so the host could not prepare a chunk while the GPU runs the previous one)."""
+    return x.to(device, non_blocking=True)
+
+
 class PrefillLayout(Layout):
     """A chunk as the forward kernels see it: the queries a packed batch of one [1, total_q, ...] (token tiles of
     each sequence's q_len_i queries, as a packed forward's), each sequence's row of `seq_table` int32 [N, 4] =
@@ -49,14 +55,16 @@ class PrefillLayout(Layout):
         device = cu_q.device
         total = sum(q_lens)
         n = len(q_lens)
-        seq_of_token = torch.repeat_interleave(torch.arange(n), torch.tensor(q_lens, dtype=torch.long)).to(device)
+        seq_of_token = torch.repeat_interleave(torch.arange(n), torch.tensor(q_lens, dtype=torch.long))
+        seq_of_token = _dev(seq_of_token, device)
         self.k_lens = [h + q for h, q in zip(held, q_lens)]
         super().__init__(cu_q, max(self.k_lens), total, seq_of_token)
         starts = [sum(q_lens[:i]) for i in range(n)]
         self._seq_table = torch.tensor([[s, q, h, k] for s, q, h, k in zip(starts, q_lens, held, key_start)],
-                                       dtype=torch.int32).to(device)
+                                       dtype=torch.int32)
+        self._seq_table = _dev(self._seq_table, device)
         self.flags = {"PREFILL": True}
-        self._cmp_rows = (torch.arange(n, dtype=torch.int32) * nc_cap).to(device), n * nc_cap
+        self._cmp_rows = _dev(torch.arange(n, dtype=torch.int32) * nc_cap, device), n * nc_cap
         self.kc, self.vc, self.k_scale = kc, vc, k_scale
 
     @property
@@ -76,7 +84,8 @@ class PrefillLayout(Layout):
             cu_units = torch.tensor([0] + counts, dtype=torch.long).cumsum(0)
             bound = max(1, cu_units[-1].item())
             unit_seq = torch.searchsorted(cu_units[1:], torch.arange(bound), right=True).clamp(max=self.n - 1)
-            return cu_units.to(self.cu_seqlens.device), unit_seq.to(torch.int32).to(self.cu_seqlens.device), bound
+            device = self.cu_seqlens.device
+            return _dev(cu_units, device), _dev(unit_seq.to(torch.int32), device), bound
         return self._cached(("units", unit), build)
 
 
@@ -87,7 +96,7 @@ def _flat(cache: Cache, name: str) -> torch.Tensor:
 
 def _rows(cache: Cache, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Flat cache rows of (sequence, position) pairs (int64, CPU tensors in, device out)."""
-    seq, pos = seq.to(cache.device), pos.to(cache.device)
+    seq, pos = _dev(seq, cache.device), _dev(pos, cache.device)
     if cache.paged:
         page_size = cache.DESCRIPTOR.page_size
         return cache.block_table.long()[seq, pos // page_size] * page_size + pos % page_size
@@ -120,21 +129,21 @@ def append_chunk(cache: Cache, new: dict, q_lens: list) -> None:
     pool_in = _pool_inputs(cache, new, held, q_lens) if d.compressed else None   # before the ring is overwritten
     if d.ring_tensors:
         ring_keep = pos >= torch.tensor(new_len, dtype=torch.long)[seq] - d.ring
-        ring_rows = (seq * d.ring + pos % d.ring)[ring_keep].to(cache.device)
-        ring_keep = ring_keep.to(cache.device)
+        ring_rows = _dev((seq * d.ring + pos % d.ring)[ring_keep], cache.device)
+        ring_keep = _dev(ring_keep.nonzero().flatten(), cache.device)   # indices: a device mask would sync
     for name, x in new.items():
         if name == "k_idx":
             x, scale = index_key_store(d, x)
             if d.fp8:
                 cache.k_idx_scale.view(-1, d.hkv).index_copy_(0, rows, scale)
         if name in d.ring_tensors:
-            _store(cache, name, ring_rows, x[ring_keep])
+            _store(cache, name, ring_rows, x.index_select(0, ring_keep))
         else:
             _store(cache, name, rows, x)
     if pool_in is not None:
         _pool_chunk(cache, *pool_in)
     cache.host_seqlens = new_len
-    cache.seqlens.copy_(torch.tensor(new_len, dtype=torch.int32))
+    cache.seqlens.copy_(torch.tensor(new_len, dtype=torch.int32), non_blocking=True)
 
 
 def _pool_inputs(cache: Cache, new: dict, held: list, q_lens: list):
@@ -148,11 +157,11 @@ def _pool_inputs(cache: Cache, new: dict, held: list, q_lens: list):
     seg = [p + n for p, n in zip(prefix, q_lens)]
     cu = torch.tensor([0] + seg, dtype=torch.long).cumsum(0)
     p_seq, p_pos = _pairs(prefix, start)
-    p_dst = (cu[:-1][p_seq] + p_pos - torch.tensor(start, dtype=torch.long)[p_seq]).to(cache.device)
+    p_dst = _dev(cu[:-1][p_seq] + p_pos - torch.tensor(start, dtype=torch.long)[p_seq], cache.device)
     c_seq, c_pos = _pairs(q_lens)
-    c_dst = (cu[:-1][c_seq] + torch.tensor(prefix, dtype=torch.long)[c_seq] + c_pos).to(cache.device)
+    c_dst = _dev(cu[:-1][c_seq] + torch.tensor(prefix, dtype=torch.long)[c_seq] + c_pos, cache.device)
     if d.ring_tensors:
-        src = (p_seq * d.ring + p_pos % d.ring).to(cache.device)
+        src = _dev(p_seq * d.ring + p_pos % d.ring, cache.device)
     else:
         src = _rows(cache, p_seq, p_pos)
     xs = []
@@ -171,11 +180,14 @@ def _pool_chunk(cache: Cache, xs: list, cu: torch.Tensor, i0: list, n_new: list)
     if sum(n_new) == 0:
         return
     total = int(cu[-1])
-    lay = Layout(cu.to(torch.int32).to(cache.device), max(1, int((cu[1:] - cu[:-1]).max())), total, None)
-    cu_blocks, cap = lay.pooled(d.cmp_block, d.cmp_stride)
+    lay = Layout(_dev(cu.to(torch.int32), cache.device), max(1, int((cu[1:] - cu[:-1]).max())), total, None)
+    _, cap = lay.pooled(d.cmp_block, d.cmp_stride)
+    # The segments' complete blocks, on the host (the kernel's cu_blocks, without reading it back).
+    segs = (cu[1:] - cu[:-1]).tolist()
+    cu_blocks = torch.tensor([0] + [completed_blocks(n, d.cmp_block, d.cmp_stride) for n in segs]).cumsum(0)
     b_seq, b_j = _pairs(n_new)
-    src = (cu_blocks.cpu().long()[b_seq] + b_j).to(cache.device)
-    dst = (b_seq * cache.nc_cap + torch.tensor(i0, dtype=torch.long)[b_seq] + b_j).to(cache.device)
+    src = _dev(cu_blocks[b_seq] + b_j, cache.device)
+    dst = _dev(b_seq * cache.nc_cap + torch.tensor(i0, dtype=torch.long)[b_seq] + b_j, cache.device)
     linear = d.pool_kind == "linear"
     for x, out, which, D in zip(xs, (cache.kc, getattr(cache, "vc", None)), "kv", (d.dqk, d.dv)):
         weights = (cache.pool[f"w_pool_{which}"], cache.pool[f"pe_pool_{which}"]) if linear else ()
