@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(8, "dsa_block")
+runtime.require_schema(9, "dsa_block")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -95,7 +95,7 @@ def _selection_attention_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 64
@@ -114,16 +114,25 @@ def _selection_attention_kernel(
         if seq < 0:
             return
         pid_t = tl.load(TILES + 2 * pid_t + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
     else:
         bos = 0
-    key_bos = bos
+        qoff = 0
+        key_bos = 0
     rows = tl.arange(0, BT * GP)
-    t = pid_t * BT + rows // GP
+    t = qoff + pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
+    t_lo = qoff + pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=row_ok[:, None], other=0.0)
@@ -190,7 +199,7 @@ def _index_scores_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_wb, stride_wt,
     T, q0, QC, WS_ROW, idx_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, BT: tl.constexpr = 2,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, PREFILL: tl.constexpr = False, BT: tl.constexpr = 2,
     KEYS: tl.constexpr = 512, KEY_MAJOR: tl.constexpr = False,
 ):
     """Scores of BT queries x KEYS keys: I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]),
@@ -217,12 +226,21 @@ def _index_scores_kernel(
         if seq < 0:
             return
         entry = tl.load(TILES + 2 * entry + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
-        t_lo = entry * BT
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
+        t_lo = qoff + entry * BT
         q0 = t_lo - pid_q * BT  # workspace row tq - q0, as for a chunk of one sequence
     else:
         bos = 0
+        key_bos = 0
         t_lo = q0 + pid_q * BT
     t_hi = tl.minimum(t_lo + BT, tl.minimum(q0 + QC, T)) - 1
     s_begin = pid_s * KEYS
@@ -231,7 +249,7 @@ def _index_scores_kernel(
         if s_begin <= t_hi:
             keys = s_begin + tl.arange(0, KEYS)
             key_ok = keys <= t_hi
-            ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+            ki = tl.load(KI + b * stride_kb + (key_bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
                          mask=key_ok[:, None], other=0.0)
             ks = idx_scale
             heads = tl.arange(0, HK)
@@ -272,7 +290,7 @@ def _index_scores_kernel(
             for kt in range(0, tl.minimum(KT, (t_hi - s_begin) // BS + 1)):
                 s0 = s_begin + kt * BS
                 keys = s0 + tl.arange(0, BS)
-                ki = tl.load(KI + b * stride_kb + (bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                ki = tl.load(KI + b * stride_kb + (key_bos + keys)[:, None] * stride_kt + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
                              mask=(keys <= t_hi)[:, None], other=0.0)
                 relu = tl.maximum(_dot(qi, tl.trans(ki), WIDEN), 0.0) * wi[:, None]
                 # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
@@ -298,8 +316,8 @@ def _index_scores_kernel(
 
 @triton.jit
 def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, LIST, T, q0, QC, WS_ROW, WITH_SCORES: tl.constexpr,
-                       VARLEN: tl.constexpr = False, BT: tl.constexpr = 2,
-                       COMPACT: tl.constexpr = False, CHUNK: tl.constexpr = 1024,
+                       VARLEN: tl.constexpr = False, PREFILL: tl.constexpr = False,
+                       BT: tl.constexpr = 2, COMPACT: tl.constexpr = False, CHUNK: tl.constexpr = 1024,
                        LIST_LEN: tl.constexpr = 256):
     """Exact top-k of one workspace row of a prefill query (no unit forced by position: forced blocks arrive as +inf
     scores), and, WITH_SCORES, the selected units' scores: COMPACT, `_topk_row_compact` with the row's list of
@@ -316,9 +334,17 @@ def _radix_topk_kernel(WS, IDX, SC, CU_SEQLENS, TILES, LIST, T, q0, QC, WS_ROW, 
         if seq < 0:
             return
         entry = tl.load(TILES + 2 * entry + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
-        tq = entry * BT + pid % BT
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
+        tq = qoff + entry * BT + pid % BT
         if tq >= T:
             return
     else:
@@ -1431,6 +1457,8 @@ _DESC = runtime.descriptor.Descriptor(
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name
 _fwd_op, _bwd_op = _ATTENTION.fwd_op, _ATTENTION.bwd_op
+# Chunked prefill into a DSACache (runtime.prefill; its docstring lists the arguments).
+dsa_prefill = runtime.prefill.entry(_DESC, _DECODE)
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,

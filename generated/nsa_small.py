@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(8, "nsa_small")
+runtime.require_schema(9, "nsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -190,7 +190,7 @@ def _compression_attention_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 2
@@ -205,10 +205,20 @@ def _compression_attention_kernel(
         if seq < 0:
             return
         pid_t = tl.load(TILES + 2 * pid_t + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
     else:
         bos = 0
+        qoff = 0
+        key_bos = 0
     if VARLEN:
         # The sequence's pooled keys: NKEYS rows from CU_BLOCKS[seq] of the packed pooled keys/values.
         key_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
@@ -216,10 +226,10 @@ def _compression_attention_kernel(
     else:
         key_bos = 0
     rows = tl.arange(0, BT * GP)
-    t = pid_t * BT + rows // GP
+    t = qoff + pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
+    t_lo = qoff + pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
@@ -283,7 +293,7 @@ def _window_attention_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
-    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
+    BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     GP: tl.constexpr = 2
@@ -298,16 +308,25 @@ def _window_attention_kernel(
         if seq < 0:
             return
         pid_t = tl.load(TILES + 2 * pid_t + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
     else:
         bos = 0
-    key_bos = bos
+        qoff = 0
+        key_bos = 0
     rows = tl.arange(0, BT * GP)
-    t = pid_t * BT + rows // GP
+    t = qoff + pid_t * BT + rows // GP
     head = g * GROUP + chunk * GP + rows % GP
     row_ok = (t < T) & (chunk * GP + rows % GP < GROUP)
-    t_lo = pid_t * BT
+    t_lo = qoff + pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
@@ -368,9 +387,10 @@ def _selection_kv_attention_kernel(
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     T, t0, TC, sm_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, PREFILL: tl.constexpr = False,
 ):
-    # Packed (VARLEN): queries are packed rows t (of a batch of one), positions t - bos in their sequence.
+    # Packed (VARLEN): queries are packed rows t (of a batch of one), positions t - bos in their sequence; keys
+    # at rows key_bos + position (PREFILL: the cache's, docs/varlen.md).
     BQ: tl.constexpr = 32
     GP: tl.constexpr = 2
     BLOCK_N: tl.constexpr = 16
@@ -386,8 +406,16 @@ def _selection_kv_attention_kernel(
         seq = tl.load(UNIT_SEQ + u)
         unit = (u - tl.load(CU_UNITS + seq)).to(tl.int32)
         b = tl.zeros([], dtype=tl.int64)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
     else:
         N_UNITS = tl.cdiv(T, UNIT)
         unit = seg % N_UNITS
@@ -395,6 +423,7 @@ def _selection_kv_attention_kernel(
         b = (bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
         g = bg % HKV
         bos = 0
+        key_bos = 0
     rows = tl.arange(0, BQ * GP)
     e = start + rows // GP
     e_ok = e < end
@@ -410,7 +439,7 @@ def _selection_kv_attention_kernel(
     keys = unit * UNIT + n
     # The block's keys past T (a last, partial block) are never loaded; the queries' own block is cut at each query.
     key_ok = (n < UNIT) & (keys < T)
-    k_rows = K + b * stride_kb + g * stride_kh + (bos + keys).to(tl.int64) * stride_kt
+    k_rows = K + b * stride_kb + g * stride_kh + (key_bos + keys).to(tl.int64) * stride_kt
     s = tl.zeros([BQ * GP, BLOCK_N], dtype=tl.float32)
     k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     s += _dot(q0, tl.trans(k0), WIDEN)
@@ -427,7 +456,7 @@ def _selection_kv_attention_kernel(
     inv_l = tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l))
     part_row = ((b * TC + (t - t0)) * HQ + head) * TOP_K + slot
     tl.store(PART_LSE + part_row, tl.where(l == 0.0, float("-inf"), m_safe + tl.log2(tl.where(l == 0.0, 1.0, l))), mask=row_ok)
-    v_rows = V + b * stride_vb + g * stride_vh + (bos + keys).to(tl.int64) * stride_vt
+    v_rows = V + b * stride_vb + g * stride_vh + (key_bos + keys).to(tl.int64) * stride_vt
     v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
     o0 = _pv(p, v0, WIDEN) * inv_l[:, None]
     tl.store(PART_O + part_row[:, None] * DV + 0 + tl.arange(0, 32)[None, :], o0.to(PART_O.dtype.element_ty), mask=row_ok[:, None])
@@ -489,7 +518,7 @@ def _select_blocks_kernel(
     Q, KC, LSE, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     T, NC, sm_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, PREFILL: tl.constexpr = False,
 ):
     """Group score S[t, g, j] = sum_i P[t, g, i] * overlap(i, j) and top-n, per tile of BT queries.
 
@@ -513,16 +542,29 @@ def _select_blocks_kernel(
         if seq < 0:
             return
         pid_t = tl.load(TILES + 2 * pid_t + 1)
-        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
-        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        if PREFILL:
+            qoff = tl.load(CU_SEQLENS + 4 * seq + 2)
+            bos = tl.load(CU_SEQLENS + 4 * seq).to(tl.int64) - qoff
+            T = qoff + tl.load(CU_SEQLENS + 4 * seq + 1)
+            key_bos = tl.load(CU_SEQLENS + 4 * seq + 3).to(tl.int64)
+        else:
+            qoff = 0
+            bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+            T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+            key_bos = bos
     else:
         bos = 0
+        qoff = 0
+        key_bos = 0
     if VARLEN:  # packed: the sequence's pooled keys are rows CU_BLOCKS[seq] : CU_BLOCKS[seq + 1] (docs/varlen.md)
         block_bos = tl.load(CU_BLOCKS + seq).to(tl.int64)
-        NC = (tl.load(CU_BLOCKS + seq + 1) - block_bos).to(tl.int32)
+        if PREFILL:  # the cache's pooled rows of the sequence (CU_BLOCKS: their first row), NC from its length
+            NC = tl.where(T >= CMP_BLOCK, (T - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+        else:
+            NC = (tl.load(CU_BLOCKS + seq + 1) - block_bos).to(tl.int32)
     else:
         block_bos = 0
-    t_lo = pid_t * BT
+    t_lo = qoff + pid_t * BT
     t_hi = tl.minimum(t_lo + BT, T) - 1
     rows = tl.arange(0, BT * GP)
     t = t_lo + rows // GP
@@ -1998,6 +2040,8 @@ _DESC = runtime.descriptor.Descriptor(
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name
 _fwd_op, _bwd_op = _ATTENTION.fwd_op, _ATTENTION.bwd_op
+# Chunked prefill into a NSACache (runtime.prefill; its docstring lists the arguments).
+nsa_prefill = runtime.prefill.entry(_DESC, _DECODE)
 
 
 def nsa_attention(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, indices=None,

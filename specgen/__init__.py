@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 # `_backward(..., varlen=)` and the backward kernels' packed tile tables; 7: the indexer's key-major score tile and
 # compacting top-k, runtime.indexer.select reading its launch configs from the module's table; 8: native packed
 # distillation, the distillation custom ops take (cu_seqlens, max_seqlen) instead of a row mask,
-# runtime.distill.Launches and inverse_index take the layout).
-RUNTIME_SCHEMA = 8
+# runtime.distill.Launches and inverse_index take the layout; 9: chunked prefill into a cache, the forward kernels'
+# PREFILL constexpr (per-sequence query offset and key rows), runtime.prefill and `<family>_prefill`).
+RUNTIME_SCHEMA = 9
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -919,7 +919,7 @@ from . import distill, selection  # noqa: E402,F401  isort: skip
 
 # Decoding: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver), loaded on
 # first use, so importing this file stays light (decode_step imports triton).
-_SUBMODULES = ("decode_descriptor", "decode_cache", "decode_step")
+_SUBMODULES = ("decode_descriptor", "decode_cache", "decode_step", "prefill")
 
 
 def __getattr__(name: str):

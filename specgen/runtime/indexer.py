@@ -146,7 +146,13 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
     units (a fixed size, as in the batched path); a query tile never crosses a sequence, so each row's keys are its
     own sequence's, read from its first packed row."""
     total, max_seqlen = layout.total, layout.max_seqlen
-    q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
+    if layout.prefill:
+        # A chunked prefill (runtime.prefill): k_idx is the cache's index keys, stored as the scorer takes them (fp8
+        # rows with their scales, runtime.fp8_rows); max_seqlen is the longest sequence, its cache included.
+        q_idx, w_idx = fp8_index_queries(q_idx, w_idx) if fp8 else (q_idx, w_idx)
+        extra = (layout.k_scale,) if fp8 else ()
+    else:
+        q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     bt, keys = score_cfg["bt"], score_cfg["block_n"]
     table, n_entries = layout.token_tiles(bt)
     units = -(-max_seqlen // unit)
@@ -158,7 +164,7 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
     # Rows with at most k candidates keep them all (their scores are needed only when asked for): only when every
     # sequence is that short can the score launches be skipped, since lengths are not read on the host.
     need_scores = scores is not None or (max_seqlen - 1) // unit + 1 > top_k
-    tables = (layout.cu_seqlens, table)
+    tables = (layout.seq_table, table)
     for e0 in range(0, n_entries, per_chunk):
         ne = min(per_chunk, n_entries - e0)
         if need_scores:
@@ -166,7 +172,7 @@ def _select_packed(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, sco
                 q_idx, k_idx, w_idx, ws, *extra, *tables, q_idx.stride(0), q_idx.stride(1), q_idx.stride(2),
                 k_idx.stride(0), k_idx.stride(1), k_idx.stride(2), w_idx.stride(0), w_idx.stride(1),
                 total, e0, QC, units, scale, WIDEN=interpreting() if fp8 else widen, VARLEN=True,
-                **_score_meta(score_cfg))
+                **_score_meta(score_cfg), **layout.flags)
         topk_kernel[(ne * bt, heads_kv)](ws, indices, scores if scores is not None else ws, *tables, lists, total, e0,
                                          QC, units, WITH_SCORES=scores is not None, VARLEN=True,
-                                         **_topk_meta(topk_cfg, bt, units, top_k))
+                                         **_topk_meta(topk_cfg, bt, units, top_k), **layout.flags)

@@ -121,8 +121,12 @@ class Forward:
         return self.varlen.pooled(d.cmp_block, d.cmp_stride)[1]
 
     def pool(self, pool_fn, x, D: int, NC: int, *weights):
-        """The module's `_pool(x, D, NC, ...)` on this call's layout."""
+        """The module's `_pool(x, D, NC, ...)` on this call's layout (a chunked prefill's: the cache's pooled keys,
+        then values, which its append pooled)."""
         d = self.desc
+        if self.varlen is not None and self.varlen.prefill:
+            self._pools = getattr(self, "_pools", -1) + 1
+            return self.varlen.pooled_for(x, self._pools)
         return pool_fn(x, D, NC, *weights, varlen=self.varlen, cmp_block=d.cmp_block, cmp_stride=d.cmp_stride)
 
     def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int):
@@ -133,9 +137,10 @@ class Forward:
         else:
             table, n_programs = self.varlen.token_tiles(bt)
             grid = (n_programs, d.heads_kv)
-            tables = (self.varlen.cu_seqlens, self.varlen.pooled(d.cmp_block, d.cmp_stride)[0], table)
+            tables = (self.varlen.seq_table, self.varlen.pooled(d.cmp_block, d.cmp_stride)[0], table)
+        flags = self.varlen.flags if self.varlen is not None else {}
         kernel[grid](q, kc, self.lse, indices, *tables, *strides(q), self.T, NC, d.softmax_scale, WIDEN=self.widen,
-                     VARLEN=self.varlen is not None, num_warps=num_warps)
+                     VARLEN=self.varlen is not None, num_warps=num_warps, **flags)
 
     def new_indices(self):
         return torch.empty((self.B, self.T, self.desc.heads_kv, self.desc.top_k), dtype=torch.int32,
@@ -164,8 +169,8 @@ class Forward:
         table, n_programs = self.varlen.token_tiles(cfg["bt"])
         cu_blocks = (self.varlen.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression"
                      else self.varlen.cu_seqlens)
-        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args((self.varlen.cu_seqlens, cu_blocks, table)),
-                    dict(meta, VARLEN=True), cfg)
+        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args((self.varlen.seq_table, cu_blocks, table)),
+                    dict(meta, VARLEN=True, **self.varlen.flags), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
                      merge_rows: int):
@@ -191,14 +196,14 @@ class Forward:
             else:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_segments_packed(
                     indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units, n_batch_units, tile_queries=bq)[:6]
-                tables = (lay.cu_seqlens, cu_units, unit_seq)
+                tables = (lay.seq_table, cu_units, unit_seq)
             if n_items == 0:
                 continue
             part_o = torch.empty((B, TC, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
             part_lse = torch.empty((B, TC, d.heads_q, top_k), dtype=torch.float32, device=q.device)
             kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end, *tables,
                                *strides(q, k, v), T, t0, TC, d.softmax_scale, WIDEN=self.widen,
-                               VARLEN=lay is not None, num_warps=warps, num_stages=1)
+                               VARLEN=lay is not None, num_warps=warps, num_stages=1, **(lay.flags if lay else {}))
             n_rows = B * TC * d.heads_q
             merge_kernel[(_cdiv(n_rows, merge_rows),)](
                 part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,

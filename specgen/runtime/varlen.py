@@ -104,7 +104,17 @@ class Layout:
       - `units(unit)`: per sequence cdiv(len_i, unit) selection units, their offsets `cu_units` [N+1] and the
         sequence of each packed unit [U] (U = total // unit + N bounds the batch's units): the block-outer
         selection's work list numbers the units of the whole batch so no block is shared across sequences.
-    Tables are cached per tile size (a model's layers reuse them with the batch's Packed map)."""
+    Tables are cached per tile size (a model's layers reuse them with the batch's Packed map).
+
+    The forward kernels take `seq_table` where they read cu_seqlens and `flags` among their constexprs: a chunked
+    prefill's runtime.prefill.PrefillLayout replaces both (PREFILL: per-sequence query offsets and key rows)."""
+
+    prefill = False
+    flags: dict = {}
+
+    @property
+    def seq_table(self) -> torch.Tensor:
+        return self.cu_seqlens
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, seq_of_token: torch.Tensor):
         self.cu_seqlens = cu_seqlens.contiguous()
