@@ -37,7 +37,11 @@ _ENTRIES: dict = {}  # id(Descriptor) -> the module's prefill function (the laye
 
 def _dev(x: torch.Tensor, device) -> torch.Tensor:
     """A host-built index tensor on the device without a stream synchronisation (a blocking copy would wait for
-    the kernels already queued, so the host could not prepare a chunk while the GPU runs the previous one)."""
+    the kernels already queued, so the host could not prepare a chunk while the GPU runs the previous one). Pinned
+    first: from pageable memory the driver may synchronise with the stream to stage the copy; torch's caching host
+    allocator reuses the pinned block once the copy is done."""
+    if torch.device(device).type == "cuda":
+        x = x.pin_memory()
     return x.to(device, non_blocking=True)
 
 
