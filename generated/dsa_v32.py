@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(9, "dsa_v32")
+runtime.require_schema(10, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1675,18 +1675,19 @@ class DSAttention(runtime.layer.AttentionLayer):
 
 @triton.jit
 def _distill_fwd_dense_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, CU_SEQLENS, TILES,
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = False,
 ):
     """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
-    stores it in LSE_OUT for the backward)."""
+    stores it in LSE_OUT for the backward). Sparse stage with STORE_P: the target p of every selected pair goes to
+    P_SEL ([B, T, HKV, TOP_K] fp32, the indices' layout) for the one-pass backward."""
     BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
     GP: tl.constexpr = 64     # main heads of the kv group per head chunk, padded to a power of two
     HP: tl.constexpr = 64     # indexer heads of the kv group, padded
@@ -1714,6 +1715,7 @@ def _distill_fwd_dense_kernel(
         LSE_OUT += bos * HQ
         ROW_KL += bos * HKV
         STATS += bos * HKV * 2
+        P_SEL += bos * HKV * TOP_K
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -2045,18 +2047,19 @@ def _distill_dk_dense_kernel(
 
 @triton.jit
 def _distill_fwd_sparse_kernel(
-    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, CU_SEQLENS, TILES,
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
-    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = False,
 ):
     """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
-    stores it in LSE_OUT for the backward)."""
+    stores it in LSE_OUT for the backward). Sparse stage with STORE_P: the target p of every selected pair goes to
+    P_SEL ([B, T, HKV, TOP_K] fp32, the indices' layout) for the one-pass backward."""
     BT: tl.constexpr = 1
     GP: tl.constexpr = 64    # main heads per head chunk, padded to >= 16 rows (one query position per program)
     HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
@@ -2084,6 +2087,7 @@ def _distill_fwd_sparse_kernel(
         LSE_OUT += bos * HQ
         ROW_KL += bos * HKV
         STATS += bos * HKV * 2
+        P_SEL += bos * HKV * TOP_K
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -2186,6 +2190,8 @@ def _distill_fwd_sparse_kernel(
         I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
         vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
 
+        if STORE_P:
+            tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, tl.reshape(p, (BS,)), mask=slot < n_sel)
         i2 = tl.where(vis, I * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(i2, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -2397,6 +2403,582 @@ def _distill_dk_sparse_kernel(
 
 
 
+@triton.jit
+def _distill_fwd_dense_fused_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = False,
+):
+    """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
+    online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
+    stores it in LSE_OUT for the backward). Sparse stage with STORE_P: the target p of every selected pair goes to
+    P_SEL ([B, T, HKV, TOP_K] fp32, the indices' layout) for the one-pass backward."""
+    BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 128     # main heads of the kv group per head chunk, padded to a power of two
+    HP: tl.constexpr = 64     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 32     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
+        P_SEL += bos * HKV * TOP_K
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    else:
+        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BT * GP], dtype=tl.float32)
+        for s0 in range(0, t_hi + 1, BS):
+            keys = s0 + tl.arange(0, BS)
+            key_ok = keys <= t_hi
+
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            sm = tl.where(mvis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for s0 in range(0, t_hi + 1, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys <= t_hi
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(i2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
+        psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_dq_dense_fused_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """dI = (psum * softmax_S(I) - p) * dL / N_valid tile by tile, with lse_S(I) from the forward;
+    dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s]."""
+    BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 128     # main heads of the kv group per head chunk, padded to a power of two
+    HP: tl.constexpr = 64     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 32     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+        DI_SEL += bos * HKV * TOP_K
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    st = (b * T + tq) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+    row_valid = lse_i2 > float("-inf")
+    lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BT * HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([BT * HP], dtype=tl.float32)
+    for s0 in range(0, t_hi + 1, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys <= t_hi
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = (b * T + it) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+@triton.jit
+def _distill_dk_dense_fused_kernel(
+    Q, K, QI, KI, WI, LSE, STATS, GSCALE, DKI, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """dk_I[s] = scale * sum_t sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j], recomputing p and I per query tile."""
+    BT: tl.constexpr = 1     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 128     # main heads of the kv group per head chunk, padded to a power of two
+    HP: tl.constexpr = 64     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 32     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DKI += bos * HKV * IDX_DIM
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    keys = pid_t * BS + tl.arange(0, BS)
+    key_ok = keys < T
+    k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+    k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+    k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+    ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=key_ok[:, None], other=0.0)
+    qk_scale = sm_scale * LOG2E
+    dk = tl.zeros([BS, IDX_DIM], dtype=tl.float32)
+    for t_lo in range((pid_t * BS // BT) * BT, T, BT):
+        mrows = tl.arange(0, BT * GP)
+        mt = t_lo + mrows // GP
+        hh = 0 * GP + mrows % GP
+        head = g * GROUP + hh
+        mrow_ok = (mt < T) & (hh < GROUP)
+        q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+        q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+
+        irows = tl.arange(0, BT * HP)
+        it = t_lo + irows // HP
+        ihead = g * IDX_HEADS + irows % HP
+        irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+        qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=irow_ok[:, None], other=0.0)
+        wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+        tq = t_lo + tl.arange(0, BT)
+        tq_ok = tq < T
+
+        st = (b * T + tq) * HKV + g
+        lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+        psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+        row_valid = lse_i2 > float("-inf")
+        lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        dk += _pv(tl.trans(tl.where(a > 0.0, dI_rows * wi[:, None], 0.0)), qi, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = ((b * T + keys) * HKV + g) * IDX_DIM
+    tl.store(DKI + out[:, None] + tl.arange(0, IDX_DIM)[None, :], (dk * scale).to(DKI.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _distill_fwd_sparse_fused_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = False,
+):
+    """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
+    online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
+    stores it in LSE_OUT for the backward). Sparse stage with STORE_P: the target p of every selected pair goes to
+    P_SEL ([B, T, HKV, TOP_K] fp32, the indices' layout) for the one-pass backward."""
+    BT: tl.constexpr = 1
+    GP: tl.constexpr = 128    # main heads per head chunk, padded to >= 16 rows (one query position per program)
+    HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
+    BS: tl.constexpr = 32    # selected keys per trip
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
+        P_SEL += bos * HKV * TOP_K
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    all_slots = tl.arange(0, TOP_K_PAD)
+    n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    hh = 0 * GP + mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=mrow_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    else:
+        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BT * GP], dtype=tl.float32)
+        for u0 in range(0, n_sel, BS):
+            slot = u0 + tl.arange(0, BS)
+            keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+            key_ok = (keys >= 0) & (keys <= t_lo)
+            keys = tl.where(key_ok, keys, 0)
+
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+            sm = tl.where(mvis, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for u0 in range(0, n_sel, BS):
+        slot = u0 + tl.arange(0, BS)
+        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+        key_ok = (keys >= 0) & (keys <= t_lo)
+        keys = tl.where(key_ok, keys, 0)
+
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+
+        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+
+        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+
+        if STORE_P:
+            tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, tl.reshape(p, (BS,)), mask=slot < n_sel)
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(i2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
+        m_i = m_new
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
+        psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_bwd_sparse_fused_kernel(
+    QI, KI, WI, IDX, P_SEL, STATS, GSCALE, DQI, DWI, DK_ACC, CU_SEQLENS, TILES,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, idx_scale,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """One program per (query, kv group) walks the selected keys BS at a time: a = q_I k_I^T, I, and
+    dI = psum softmax_S(I) - p with p read back (P_SEL) and lse_S(I) from the forward's STATS; then
+    dw += sum_s dI relu(a), dq_I += (dI [a > 0]) @ k_I (query rows, registers) and, key-major,
+    dk_I[s] += (w dI [a > 0])^T @ q_I (a [BS, IDX_DIM] product per trip), added into DK_ACC (fp32, zeroed by the
+    host, which applies the scale after: tiny losses do not underflow) with atomics. A row lists a key at most once, so no program adds twice to one row in a
+    trip; the order of the adds across programs is the GPU's (not deterministic: the inverse-index kernels are the
+    deterministic alternative)."""
+    HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
+    BS: tl.constexpr = 64    # selected keys per trip (the dk_I product's rows)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        P_SEL += bos * HKV * TOP_K
+        STATS += bos * HKV * 2
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+        DK_ACC += bos * HKV * IDX_DIM
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    all_slots = tl.arange(0, TOP_K_PAD)
+    n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+
+    irows = tl.arange(0, HP)
+    ihead = g * IDX_HEADS + irows
+    irow_ok = irows < IDX_HEADS
+    cols = tl.arange(0, IDX_DIM)
+    qi = tl.load(QI + b * stride_qib + t_lo.to(tl.int64) * stride_qit + ihead[:, None] * stride_qih + cols[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + t_lo.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    st = (b * T + t_lo) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1)
+    # An empty support (lse -inf) has no key_ok below; 0 keeps its exponents finite.
+    lse_i2 = tl.where(lse_i2 > float("-inf"), lse_i2, 0.0)
+    scale = idx_scale * tl.load(GSCALE)
+    dq = tl.zeros([HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([HP], dtype=tl.float32)
+    sel_row = ((b * T + t_lo) * HKV + g) * TOP_K
+    for u0 in range(0, n_sel, BS):
+        slot = u0 + tl.arange(0, BS)
+        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+        key_ok = (keys >= 0) & (keys <= t_lo)
+        keys = tl.where(key_ok, keys, 0).to(tl.int64)
+        ki = tl.load(KI + b * stride_kib + keys[:, None] * stride_kit + g * stride_kih + cols[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        p = tl.load(P_SEL + sel_row + slot, mask=key_ok, other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.maximum(a, 0.0) * wi[:, None], axis=0) * idx_scale
+        dI = tl.where(key_ok, psum * tl.exp2(I * LOG2E - lse_i2) - p, 0.0)
+        gate = tl.where(a > 0.0, dI[None, :], 0.0)
+        dw += tl.sum(gate * a, axis=1)
+        dq += _pv(gate, ki, WIDEN)
+        dk = _pv(tl.trans(gate * wi[:, None]), qi, WIDEN)
+        tl.atomic_add(DK_ACC + ((b * T + keys) * HKV + g)[:, None] * IDX_DIM + cols[None, :], dk,
+                      mask=key_ok[:, None], sem="relaxed")
+    out = (b * T + t_lo) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + cols[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+
 
 _DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH
 
@@ -2408,29 +2990,35 @@ def _distill_inverse_index(indices, layout=None):
 
 _DISTILL_LAUNCHES = runtime.distill.Launches(
     {"fwd_dense": _distill_fwd_dense_kernel, "fwd_sparse": _distill_fwd_sparse_kernel, "dq_dense": _distill_dq_dense_kernel,
-     "dk_dense": _distill_dk_dense_kernel, "dq_sparse": _distill_dq_sparse_kernel, "dk_sparse": _distill_dk_sparse_kernel},
+     "dk_dense": _distill_dk_dense_kernel, "dq_sparse": _distill_dq_sparse_kernel, "dk_sparse": _distill_dk_sparse_kernel,
+     "fwd_dense_fused": _distill_fwd_dense_fused_kernel, "dq_dense_fused": _distill_dq_dense_fused_kernel,
+     "dk_dense_fused": _distill_dk_dense_fused_kernel, "fwd_sparse_fused": _distill_fwd_sparse_fused_kernel,
+     "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel},
     _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
-    sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1)
+    sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1,
+    fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused")
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
 def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
                  indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor],
                  cu_seqlens: Optional[torch.Tensor], max_seqlen: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss fp32 [], stats fp32 [B, T, 1, 2] = (lse of I over the support, mass of p), lse of the main
-    attention [B, T, 128] when it was not given (else an empty tensor)). With cu_seqlens: a native packed
-    batch, the inputs a batch of one [1, total, ...]. Launches: runtime.distill.Launches.forward."""
+    attention [B, T, 128] when it was not given (else an empty tensor), the sparse stage's target p per
+    selected pair [B, T, 1, 2048] on the fused path (else an empty tensor)). With cu_seqlens: a native
+    packed batch, the inputs a batch of one [1, total, ...]. Launches: runtime.distill.Launches.forward."""
     return _DISTILL_LAUNCHES.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen)
 
 
 @torch.library.custom_op(_DISTILL_NS + "::distill_bwd", mutates_args=())
 def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                  w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor,
-                 cu_seqlens: Optional[torch.Tensor], max_seqlen: int
+                 p_sel: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (runtime.distill.Launches.backward)."""
-    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens, max_seqlen)
+    """(dq_idx, dk_idx, dw_idx) of grad * loss (runtime.distill.Launches.backward)."""
+    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens,
+                                      max_seqlen)
 
 
 _distill_fwd.register_fake(_DISTILL_LAUNCHES.forward_fake)

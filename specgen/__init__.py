@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # distillation, the distillation custom ops take (cu_seqlens, max_seqlen) instead of a row mask,
 # runtime.distill.Launches and inverse_index take the layout; 9: chunked prefill into a cache, the forward kernels'
 # PREFILL constexpr (per-sequence query offset and key rows), runtime.prefill and `<family>_prefill`).
-RUNTIME_SCHEMA = 9
+RUNTIME_SCHEMA = 10
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import specgen.reference as R
+from specgen import runtime
 from specgen.compile.render import render_distill_module
 from specgen.compile.render_distill import dot_shapes, make_distill_plan
 from specgen.model.spec import load_spec, spec_from_mapping
@@ -219,7 +220,7 @@ def small_tiles(spec):
     """Tiles small enough that T <= 64 takes several key trips, query tiles and pair trips (rows stay >= 16)."""
     d = make_distill_plan(spec)
     return dataclasses.replace(d, bt=max(8, 16 // min(d.gp, d.hp)), bs=16, bk=16, sbs=16, sbk=16,
-                               pairs=max(1, 16 // d.hp))
+                               pairs=max(1, 16 // d.hp), fused_bs=16, bwd_bs=16)
 
 
 TOL = {"fp32": (2e-5, 2e-5), "fp16": (1e-4, 3e-3), "bf16": (1e-4, 1.5e-2)}   # (loss, gradients) relative
@@ -259,12 +260,32 @@ def _case_id(case):
             + ("-chunks" if small == "chunks" else "-small" if small else ""))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_kernel_matches_reference(case, tmp_path_factory):
+@pytest.fixture
+def path_of(request):
+    """Sets the module's distillation path (a launch config) for one test, and restores it."""
+    touched = []
+
+    def set_path(module, path):
+        touched.append((module, module._DISTILL_LAUNCHES.path))
+        module._DISTILL_LAUNCHES.path = path
+        return module
+    yield set_path
+    for module, path in reversed(touched):
+        module._DISTILL_LAUNCHES.path = path
+
+
+# The legacy path (head chunks, the inverse index) on the cases where it differs from the fused one: the sparse
+# stage, and the dense stage with head chunks.
+PATH_CASES = ([(c, "fused") for c in CASES]
+              + [(c, "legacy") for c in CASES if c[2] == "sparse" or c[6] == "chunks"])
+
+
+@pytest.mark.parametrize("case,path", PATH_CASES, ids=[f"{_case_id(c)}-{p}" for c, p in PATH_CASES])
+def test_kernel_matches_reference(case, path, tmp_path_factory, path_of):
     shape, dtype, stage, B, T, given, small, empty = case
     spec = spec_of(shape, dtype)
     tiles = chunked_tiles(spec) if small == "chunks" else small_tiles(spec) if small else None
-    module = kernel_module(spec, tmp_path_factory, tiles)
+    module = path_of(kernel_module(spec, tmp_path_factory, tiles), path)
     x = inputs(spec, B, T, seed=T, dtype=DTYPES[dtype])                                # rounded to the dtype
     indices = selection(spec, x, empty) if stage == "sparse" else None
     x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
@@ -288,14 +309,15 @@ def test_kernel_matches_reference(case, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["dense", "sparse"])
 def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
-    """The forward's per-row statistics (lse of I, the target's mass, the main lse it computed), and a
-    backward run twice gives the same bits (no atomics; the inverse index is a stable sort)."""
+    """The forward's per-row statistics (lse of I, the target's mass, the main lse it computed, the stored p of
+    the fused path), and a backward run twice gives the same bits (the interpreter runs programs in order, so the
+    fused sparse backward's atomics cannot race here; the GPU tests check its deterministic mode)."""
     spec = spec_of("gqa")
     module = kernel_module(spec, tmp_path_factory)
     B, T = 1, 19
     x = inputs(spec, B, T, seed=7, dtype=torch.float32)
     indices = selection(spec, x, [(0, 8, 1)]) if stage == "sparse" else None
-    loss, stats, lse_out = module._distill_fwd(*(x[n] for n in INPUTS), indices, None, None, 0)
+    loss, stats, lse_out, p_sel = module._distill_fwd(*(x[n] for n in INPUTS), indices, None, None, 0)
     x64 = {n: v.double() for n, v in x.items()}
     lse_ref = R.main_lse(spec, x64["q"], x64["k"], indices=indices)
     assert R.rel_err(lse_out, lse_ref) < 1e-6
@@ -304,6 +326,14 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
     lse_i = torch.logsumexp(I, -1)
     assert R.rel_err(stats[..., 0], lse_i) < 1e-6
     valid = torch.isfinite(lse_i)
+    if stage == "sparse":   # p of every valid selected slot, in the indices' layout
+        assert p_sel.shape == indices.shape
+        t = torch.arange(T).view(1, T, 1, 1)
+        ok = (indices >= 0) & (indices.long() <= t)
+        want = torch.gather(p, -1, indices.long().clamp(min=0))
+        assert R.rel_err(p_sel[ok], want[ok]) < 1e-6
+    else:
+        assert p_sel.numel() == 0
     assert torch.allclose(stats[..., 1][valid], torch.ones(()), atol=1e-5)
     assert bool((stats[..., 1][~valid] == 0).all())
     grads = []
@@ -312,6 +342,41 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
         module.distill_loss(**xk, indices=indices, stage=stage).backward()
         grads.append([xk[n].grad for n in IDX_INPUTS])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_fused_sparse_deterministic_mode(given, tmp_path_factory):
+    """After the fused forward, torch.use_deterministic_algorithms runs the legacy backward (the query side and
+    the inverse index, no atomics): the same gradients within rounding, and the float64 reference's."""
+    spec = spec_of("wide_k")
+    module = kernel_module(spec, tmp_path_factory, small_tiles(spec))
+    assert module._DISTILL_LAUNCHES.path == "fused"
+    x = inputs(spec, 2, 33, seed=5, dtype=torch.float32)
+    indices = selection(spec, x, [(0, 20, 1)])
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    R.distill_loss(spec, **x64, indices=indices).backward()
+    lse = R.main_lse(spec, x64["q"], x64["k"], indices=indices).float() if given else None
+    grads = []
+    for det in (False, True):
+        xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+        loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
+        prev = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(det)
+        try:
+            loss.backward()
+        finally:
+            torch.use_deterministic_algorithms(prev)
+        grads.append([xk[n].grad for n in IDX_INPUTS])
+        for n in IDX_INPUTS:
+            assert R.rel_err(xk[n].grad, x64[n].grad) < 2e-5, (det, n)
+    for a, b in zip(*grads):
+        assert R.rel_err(a, b) < 1e-5
+
+
+def test_launch_path_is_checked(tmp_path_factory):
+    module = kernel_module(spec_of("gqa"), tmp_path_factory)
+    with pytest.raises(runtime.ArgumentError, match="`path` must be one of"):
+        module._DISTILL_LAUNCHES.path = "fast"
 
 
 def test_kernel_every_row_empty_and_grad_scale(tmp_path_factory):

@@ -16,6 +16,7 @@ defaults chosen here. `make_plan(spec)` is the only constructor; render reads no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -162,6 +163,21 @@ class DistillPlan:
     # a program's dot operands fit shared memory (footprint below). None: Triton's default stages (3).
     head_chunks: int = 1
     num_stages: int | None = None
+    # The "fused" path (docs/distill.md, "Two paths"): every head of a query in one program (Q resident, no head
+    # chunks), fused_bs keys per trip on fused_warps warps (the rows, 64 per warpgroup: V3.2's 128 heads on two
+    # warpgroups, 32 keys so Q [128, 576] and the key tile fit 227 KiB), the sparse forward storing p; the sparse
+    # backward one pass of bwd_bs keys on bwd_warps warps (the key-major dk_I product has bwd_bs rows). `path` is
+    # the default the launches take ("fused" or "legacy": the head-chunked kernels and the inverse index).
+    fused_bs: int = 64
+    fused_warps: int = 4
+    bwd_bs: int = 64
+    bwd_warps: int = 4
+    path: str = "fused"
+
+    def fused_tiles(self) -> "DistillPlan":
+        """The tiles the fused path's kernels are rendered with."""
+        return dataclasses.replace(self, head_chunks=1, bs=self.fused_bs, sbs=self.fused_bs,
+                                   bk=min(self.bk, self.fused_bs), num_warps=self.fused_warps)
 
     @property
     def chunk_gp(self) -> int:
@@ -368,9 +384,17 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
     # Wide heads: at most 64 main rows (positions x heads) per chunk (V3.2: 128 heads x 576 in one program's rows
     # needed 425 KiB of shared memory on the H100), one stage.
     head_chunks = max(1, bt * gp // WIDE_CHUNK_ROWS, sgp // WIDE_CHUNK_ROWS) if wide else 1
+    # Fused path: all of a query's heads in one program, 64 rows per warpgroup (Triton 3.6 lays a product's rows
+    # over every warp, 64 a warpgroup: fewer rows would repeat the products on each warpgroup). Wide heads: 32 keys
+    # a trip, so the resident Q [BT*GP, Dqk] and the key tile fit shared memory in one stage (sm_90 compile:
+    # V3.2's sparse forward 219 registers, no spills, 196 KiB; 64 keys would need 232 KiB).
+    rows = max(bt * gp, sgp)
+    fused_warps = max(4, 4 * rows // 64) if rows <= 128 else 8
     return DistillPlan(gp=gp, hp=hp, bt=bt, bs=64, bk=bk, sgp=sgp, shp=max(MIN_DOT, hp),
                        sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp),
-                       head_chunks=head_chunks, num_stages=1 if wide else None)
+                       head_chunks=head_chunks, num_stages=1 if wide else None,
+                       fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
+                       bwd_bs=max(MIN_DOT, min(64, topk_pad)))
 
 
 def make_plan(spec: Spec) -> Plan:

@@ -45,18 +45,44 @@ def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:
             w_idx.stride(0), w_idx.stride(1))
 
 
+PATHS = ("fused", "legacy")
+
+
 class Launches:
     """The distillation kernels' launches of one module: `kernels` maps fwd_dense, fwd_sparse, dq_dense, dk_dense,
-    dq_sparse, dk_sparse to the module's `_distill_<name>_kernel`; the tiles (bt query positions per dense program,
-    bk / sbk keys per dense / sparse dK program), warps and stages are the plan's."""
+    dq_sparse, dk_sparse (the legacy path) and fwd_dense_fused, dq_dense_fused, dk_dense_fused, fwd_sparse_fused,
+    bwd_sparse_fused (the fused path) to the module's `_distill_<name>_kernel`; the tiles (bt query positions per
+    dense program, bk / sbk keys per dense / sparse dK program), warps and stages are the plan's (`fused`: the fused
+    path's bk, num_warps and bwd_warps).
+
+    `path` ("fused" or "legacy", docs/distill.md "Two paths") is a launch config: set it on the module's
+    `_DISTILL_LAUNCHES` to time one against the other. The sparse backward follows the forward that ran (the fused
+    one needs the p it stored) and takes the deterministic legacy kernels under torch.use_deterministic_algorithms."""
 
     def __init__(self, kernels: dict, inverse_index, *, heads_q: int, heads_kv: int, top_k: int, bt: int, bk: int,
-                 sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None):
+                 sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None,
+                 fused: dict | None = None, path: str = "legacy"):
         self.kernels, self.inverse_index = kernels, inverse_index
         self.heads_q, self.heads_kv, self.top_k, self.bt, self.bk, self.sbk = heads_q, heads_kv, top_k, bt, bk, sbk
         self.scales = (sm_scale, idx_scale)
         self.widen = widen
-        self.options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+        stages = {"num_stages": num_stages} if num_stages else {}
+        self.options = {"num_warps": num_warps, **stages}
+        fused = fused or {"bk": bk, "num_warps": num_warps, "bwd_warps": num_warps}
+        self.fused_bk = fused["bk"]
+        self.fused_options = {"num_warps": fused["num_warps"], **stages}
+        self.bwd_options = {"num_warps": fused["bwd_warps"]}
+        self.path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ArgumentError(f"distillation launches: `path` must be one of {PATHS}, got {value!r}")
+        self._path = value
 
     def _launch(self, cu_seqlens, max_seqlen: int, total: int, placeholder):
         """A launch helper: (grid axis 0 over tiles of `tile` rows, the kernels' CU_SEQLENS, TILES and VARLEN) of a
@@ -73,8 +99,10 @@ class Launches:
 
     def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
         """(loss fp32 [], stats fp32 [B, T, HKV, 2] = (lse of I over the support, mass of p), lse of the main
-        attention [B, T, HQ] when it was not given (else an empty tensor)). With `cu_seqlens` (a native packed call)
-        the inputs are a batch of one [1, total, ...] and the kernels walk each sequence's tiles."""
+        attention [B, T, HQ] when it was not given (else an empty tensor), p of every selected pair
+        [B, T, HKV, top_k] fp32 on the fused path's sparse stage (else an empty tensor)). With `cu_seqlens` (a
+        native packed call) the inputs are a batch of one [1, total, ...] and the kernels walk each sequence's
+        tiles."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
         row_kl = torch.empty((B, T, hkv), dtype=torch.float32, device=device)
@@ -84,30 +112,41 @@ class Launches:
         lse = lse_main if lse_main is not None else lse_out
         strides = _strides(q, k, q_idx, k_idx, w_idx)
         _, grid = self._launch(cu_seqlens, max_seqlen, T, row_kl)
-        meta = dict(HAS_LSE=lse_main is not None, WIDEN=self.widen, **self.options)
+        fused = self.path == "fused"
+        sfx = "_fused" if fused else ""
+        meta = dict(HAS_LSE=lse_main is not None, WIDEN=self.widen,
+                    **(self.fused_options if fused else self.options))
+        p_sel = row_kl.new_empty((0,))
         if indices is None:
             tiles, tables, varlen = grid(self.bt, T)
-            kern["fwd_dense"][tiles + (B * hkv,)](
-                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, *tables, *strides, T, *self.scales,
-                **meta, **varlen)
-        else:
-            tiles, tables, varlen = grid(1, T)
-            kern["fwd_sparse"][tiles + (B * hkv,)](
-                q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, *tables, *strides, T,
+            kern["fwd_dense" + sfx][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, p_sel, *tables, *strides, T,
                 *self.scales, **meta, **varlen)
+        else:
+            if fused:
+                p_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
+            tiles, tables, varlen = grid(1, T)
+            kern["fwd_sparse" + sfx][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, p_sel if fused else row_kl,
+                *tables, *strides, T, *self.scales, STORE_P=fused, **meta, **varlen)
         # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0 (a packed batch has
         # no other rows: nothing is padded).
         n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
         loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
-        return loss, stats, lse_out
+        return loss, stats, lse_out, p_sel
 
     def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
         B, T = q.shape[0], q.shape[1]
+        sel = (B, T, self.heads_kv, self.top_k) if indices is not None and self.path == "fused" else (0,)
         return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, self.heads_kv, 2), dtype=torch.float32),
-                q.new_empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32))
+                q.new_empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32),
+                q.new_empty(sel, dtype=torch.float32))
 
-    def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens=None, max_seqlen: int = 0):
-        """(dq_idx, dk_idx, dw_idx) of grad * loss: two passes over the support (query side, key side)."""
+    def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens=None,
+                 max_seqlen: int = 0):
+        """(dq_idx, dk_idx, dw_idx) of grad * loss. Dense stage: two passes over the support (query side, key
+        side). Sparse stage: after a fused forward (p_sel not empty) one pass, dk_idx by fp32 atomics, unless
+        torch's deterministic mode is on; else the legacy query-side pass, the inverse index and its key side."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
         n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
@@ -119,14 +158,25 @@ class Launches:
         layout, grid = self._launch(cu_seqlens, max_seqlen, T, stats)
         meta = dict(WIDEN=self.widen, **self.options)
         if indices is None:
+            fused = self.path == "fused"
+            sfx = "_fused" if fused else ""
+            meta = dict(WIDEN=self.widen, **(self.fused_options if fused else self.options))
             tiles, tables, varlen = grid(self.bt, T)
-            kern["dq_dense"][tiles + (B * hkv,)](
+            kern["dq_dense" + sfx][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *tables, *strides,
                 T, *self.scales, **meta, **varlen)
-            tiles, tables, varlen = grid(self.bk, T)
-            kern["dk_dense"][tiles + (B * hkv,)](
+            tiles, tables, varlen = grid(self.fused_bk if fused else self.bk, T)
+            kern["dk_dense" + sfx][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *tables, *strides, T, *self.scales,
                 **meta, **varlen)
+        elif p_sel.numel() and not torch.are_deterministic_algorithms_enabled():
+            # One pass from the stored p; dk_I summed in fp32 by atomics (order-dependent in the last bits).
+            dk_acc = torch.zeros(k_idx.shape, dtype=torch.float32, device=device)
+            tiles, tables, varlen = grid(1, T)
+            kern["bwd_sparse_fused"][tiles + (B * hkv,)](
+                q_idx, k_idx, w_idx, indices, p_sel, stats, gscale, dq_idx, dw_idx, dk_acc, *tables,
+                *strides[6:], T, self.scales[1], WIDEN=self.widen, **self.bwd_options, **varlen)
+            dk_idx.copy_(dk_acc.mul_(gscale * self.scales[1]))
         else:
             # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
             di_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
@@ -141,7 +191,7 @@ class Launches:
                 self.scales[1], **meta, **varlen)
         return dq_idx, dk_idx, dw_idx
 
-    def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens=None,
+    def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens=None,
                       max_seqlen: int = 0):
         return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
 
@@ -159,14 +209,14 @@ class Distill:
 
     def setup_context(self, ctx, inputs, output):
         q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen = inputs
-        _, stats, lse_out = output
+        _, stats, lse_out, p_sel = output
         ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out,
-                              stats, cu_seqlens)
+                              stats, p_sel, cu_seqlens)
         ctx.max_seqlen = max_seqlen
 
-    def backward(self, ctx, grad, _grad_stats, _grad_lse):
-        q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens = ctx.saved_tensors
-        dq_idx, dk_idx, dw_idx = self.bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, cu_seqlens,
+    def backward(self, ctx, grad, _grad_stats, _grad_lse, _grad_p):
+        q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens = ctx.saved_tensors
+        dq_idx, dk_idx, dw_idx = self.bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens,
                                           ctx.max_seqlen)
         # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
         return None, None, dq_idx, dk_idx, dw_idx, None, None, None, None
@@ -220,5 +270,4 @@ class Distill:
             lse_main = lse_main.contiguous()
         if indices is not None:
             indices = indices.contiguous()
-        loss, _, _ = self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen)
-        return loss
+        return self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen)[0]

@@ -1,0 +1,79 @@
+"""Offline compile report (sm_90, no GPU) of the distillation kernels (docs/distill.md): registers, spill bytes,
+shared memory and matrix instructions (wgmma / mma.sync in the PTX) of each kernel at each launch config, with the
+operands aligned as Triton's JIT specialises them on the GPU (`compile_offline.py --aligned`).
+
+Usage: python bench/distill_offline.py [SPEC] [--kernel _distill_dq_sparse_kernel ...] [--warps 4 8] [--stages 1]
+       [--const NAME=VALUE ...] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+sys.path.insert(0, os.path.dirname(__file__))
+from compile_offline import compile_kernel, resource_usage  # noqa: E402
+
+import specgen  # noqa: E402
+from specgen.model.spec import load_spec  # noqa: E402
+
+# Argument types of the distillation kernels beyond compile_offline's defaults (pointers in the spec's dtype).
+SIG = dict(IDX="*i32", LSE="*fp32", LSE_OUT="*fp32", ROW_KL="*fp32", STATS="*fp32", GSCALE="*fp32",
+           DI_SEL="*fp32", PTR="*i64", POS="*i64", CU_SEQLENS="*i32", TILES="*i32", DK_ACC="*fp32", P_SEL="*fp32")
+KERNELS = ("_distill_fwd_sparse_kernel", "_distill_dq_sparse_kernel", "_distill_dk_sparse_kernel",
+           "_distill_fwd_dense_kernel", "_distill_dq_dense_kernel", "_distill_dk_dense_kernel")
+
+
+def report(mod, kernel: str, warps: int, stages: int, consts: dict) -> dict:
+    fn = getattr(mod, kernel)
+    params = fn.fn.__code__.co_varnames[:fn.fn.__code__.co_argcount]
+    ov = {k: v for k, v in SIG.items() if k in params}
+    ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
+    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
+    t0 = time.time()
+    try:
+        k = compile_kernel(fn, dtype, ov, warps, stages, aligned=True)
+    except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    regs, spill = resource_usage(k.asm["cubin"])
+    ptx = k.asm["ptx"]
+    return {"registers": regs, "spill_bytes": spill, "smem": k.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
+            "compile_s": round(time.time() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", nargs="?", default="specs/dsa_v32.yaml")
+    ap.add_argument("--kernel", nargs="*", default=list(KERNELS))
+    ap.add_argument("--warps", type=int, nargs="*", default=[4])
+    ap.add_argument("--stages", type=int, nargs="*", default=[1])
+    ap.add_argument("--const", nargs="*", default=[], help="constexpr NAME=VALUE (e.g. VARIANT=1)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    consts = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
+    spec = load_spec(args.spec)
+    mod = specgen.load(spec)
+    out = open(args.json, "a") if args.json else None
+    for kernel in args.kernel:
+        for w in args.warps:
+            for st in args.stages:
+                r = report(mod, kernel, w, st, consts)
+                line = {"spec": spec.name, "kernel": kernel, "warps": w, "stages": st, **consts, **r}
+                if "error" in r:
+                    print(f"{kernel:30s} w{w} s{st} {consts}: {r['error']}", flush=True)
+                else:
+                    print(f"{kernel:30s} w{w} s{st} {consts}: {r['registers']:3d} regs {r['spill_bytes']:5d} spill "
+                          f"{r['smem']:6d} B smem {r['wgmma']:4d} wgmma {r['mma_sync']:3d} mma.sync "
+                          f"({r['compile_s']} s)", flush=True)
+                if out:
+                    out.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
