@@ -297,8 +297,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run(args) -> int:
     if args.compare:
         a, b = (json.loads(Path(p).read_text(encoding="utf-8")) for p in args.compare)
         result = compare(a, b, args.rtol)
@@ -308,5 +307,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    return run(parse_args(argv))
+
+
+def end_rank(status: int):
+    """End a data-parallel rank that has finished (process group destroyed, record written) without the
+    interpreter's finalization: flush stdout/stderr, then os._exit.
+
+    Why not a normal exit: gloo runs each collective on a worker thread (ProcessGroupGloo::runLoop), which lets go
+    of the finished work, and with it of the collective's tensors, only after the caller's wait() has returned. A
+    worker descheduled there (a loaded machine: CI with pytest-xdist on 2 cores) still holds the last references to
+    tensors Python already dropped (all_gather_object's buffers); when it lets go, torch decrefs their PyObjects,
+    which takes the GIL. If the main thread has meanwhile returned from main() and entered Py_FinalizeEx, CPython
+    (3.11) ends such a thread with pthread_exit, whose forced unwinding through torch's noexcept destructor calls
+    std::terminate: "terminate called without an active exception", SIGABRT, a rank failing after its last step.
+    destroy_process_group() does not prevent it: ProcessGroupGloo has no shutdown, and the DDP/FSDP wrappers keep
+    the process group (so its worker threads) alive into finalization. os._exit skips finalization: the workers
+    end with the process. Nothing is left to clean up here (the rank wrote its output; tensors and sockets go with
+    the process)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli = parse_args()
+    code = run(cli)
+    if not (cli.single or cli.compare):
+        end_rank(code)          # a torchrun rank: see end_rank
+    sys.exit(code)
