@@ -33,6 +33,7 @@ def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     return (tuple(b.forward_config for b in branches if not (b.name == "selection" and forward_order == "kv"))
             + tuple(c for b in branches if not (b.name == "selection" and backward_order == "kv")
                     for c in b.backward_configs)
+            + (("selection_kv_bwd",) if backward_order == "kv" else ())
             + (("selection_scatter",) if scatter_backward(spec) else ()))
 
 
@@ -55,6 +56,8 @@ def default_configs(plan) -> dict:
     configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
     for kind in spec.branches:
         if kind == "selection":
+            if plan.selection_bwd_order == "kv":
+                configs["selection_kv_bwd"] = dict(selection_kv_variants(plan)[SELECTION_KV_BWD_DEFAULT])
             warps_stages = {"num_warps": bwd.sel_num_warps, "num_stages": bwd.sel_num_stages}
             configs["selection_dq"] = {"bt": 1, "block_n": bwd.sel_dq_block_n, **warps_stages}
             # Keys per program: the inverse index's tile (a rendered constant of the kernel: not tunable).
@@ -128,6 +131,31 @@ def dense_backward_variants(plan, kernel: str) -> dict:
             "km2_w4": w4, "km2_w4_s3": {**w4, "num_stages": 3}, "km2_r64": {**wg, "bt": bt(64)}}
 
 
+# The block-outer selection backward's default variant (`selection_kv_variants`). "w8" is the launch it had before
+# it took a config (8 warps, one stage, 64 rows, rows-major products); bench/kernel_audit.py's sm_90 compile shows
+# its 64-row S and dP products replicated over both warpgroups at Llama-3-8B heads (44 wgmma against 28 at 4
+# warps), while every variant spills (the item's fp32 dK and dV of 64 keys x 256 dims stay in registers): which
+# variant is faster is the GPU's to say (bench/variants_gpu.sh), so the default stays "w8" until it has.
+SELECTION_KV_BWD_DEFAULT = "w8"
+
+
+def selection_kv_variants(plan) -> dict:
+    """{name: launch config} of the block-outer selection backward (`_selection_kv_bwd_kernel`, launch config
+    `selection_kv_bwd`): `bq` queries x the plan's sel_kv_gp heads per trip (rows), `key_major` the products' form
+    (0: S = Q K^T, P^T and dS^T through shared memory; 1: S^T = K Q^T; 2: key-major with the gate on P^T and dP^T,
+    dO's tile straight to the matrix unit), warps and stages (the trip loop's pipelining).
+
+    "w8" (the former launch: the plan's 64 rows at 8 warps, one stage), "w4" (64 rows at 4 warps: one warpgroup
+    owns the 64-row tiles), "km2_w4" (its key-major-2 form), "km2_w4_s2" (2 stages), "wg" (64 rows per
+    warpgroup: 128 rows at 8 warps), "km2_wg" (its key-major-2 form)."""
+    bq, gp = plan.sel_kv_bq, plan.sel_kv_gp
+    base = {"bq": bq, "key_major": 0, "num_warps": 8, "num_stages": 1}
+    w4 = {**base, "num_warps": 4}
+    wg = {**base, "bq": max(bq, 128 // gp)}
+    return {"w8": base, "w4": w4, "km2_w4": {**w4, "key_major": 2}, "km2_w4_s2": {**w4, "key_major": 2, "num_stages": 2},
+            "wg": wg, "km2_wg": {**wg, "key_major": 2}}
+
+
 def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> dict:
     """The indexer's launch configs: "select", the score kernel (`key_major`: the score tile's form, `bt` query
     positions and `block_n` keys per program; query-major runs the plan's index_bt x index_hp rows by index_bs-key
@@ -198,6 +226,9 @@ def candidates(plan, kernel: str) -> list[dict]:
     if kernel in ("select", "index_topk") and spec.selection.scorer == "indexer":
         return index_candidates(plan, kernel)
     default = default_configs(plan)[kernel]
+    if kernel == "selection_kv_bwd":
+        # The named variants (no footprint model of this kernel: bench/kernel_audit.py compiles them).
+        return [default] + [c for c in selection_kv_variants(plan).values() if c != default]
     model = launch_model(spec, kernel)
     named = []
     if kernel == "selection":
