@@ -153,7 +153,9 @@ def _phases(module, spec, B: int, T: int):
     if getattr(spec, "decode", None) is not None:
         phases.append(("decode", decode))
     if hasattr(module, "index_topk"):
-        phases.append(("index_topk", lambda: module.index_topk(inputs["q_idx"], inputs["k_idx"], inputs["w_idx"])))
+        # With scores: a tiny T has fewer candidates than top_k, and only then does every row run the scorer.
+        phases.append(("index_topk", lambda: module.index_topk(inputs["q_idx"], inputs["k_idx"], inputs["w_idx"],
+                                                               return_scores=True)))
     if hasattr(module, "distill_loss"):
         for stage in ("dense", "sparse"):
             def distill(stage=stage):
@@ -168,13 +170,7 @@ def capture(path: str, order: str | None, configs: list, T: int) -> list[dict]:
     each of `configs` ("default": the plan's launch configs; "record": the tuning record's H100 entry)."""
     import warnings
 
-    import specgen
-    from specgen.model.spec import load_spec, replace
-
-    spec = load_spec(path)
-    if order is not None:
-        spec = replace(spec, name=f"{spec.name}_{order}", **{"selection.loop_order": order})
-    module = specgen.load(spec)
+    spec, module = _spec_and_module(path, order)
     default = dict(module.CONFIGS["default"])
     log, phase = [], [""]
     _install_recorder(log, phase)
@@ -231,18 +227,16 @@ def compile_launch(task: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
-    import specgen
-    from specgen.model.spec import load_spec, replace
-
-    spec = load_spec(task["path"])
-    if task["order"] is not None:
-        spec = replace(spec, name=f"{spec.name}_{task['order']}", **{"selection.loop_order": task["order"]})
-    module = specgen.load(spec)
+    _, module = _spec_and_module(task["path"], task["order"])
     fn = getattr(module, task["kernel"])
     sig, attrs = {}, {}
     import inspect
-    names = list(inspect.signature(fn.fn).parameters)
-    constexprs = dict(task["constexprs"])
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
+    # Constexprs the launch left at their defaults (or that a newer kernel added) take the signature's default.
+    constexprs = {n: p.default for n, p in params.items()
+                  if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}
+    constexprs.update(task["constexprs"])
     if "WIDEN" in constexprs:  # the interpreter's fp32 dots: on the GPU the spec's dtype goes to the matrix unit
         constexprs["WIDEN"] = False
     for i, n in enumerate(names):
@@ -291,12 +285,28 @@ def _capture_child(args) -> list[dict]:
     return log
 
 
+def _spec_and_module(path: str, order: str | None):
+    """The spec as written (None: its module carries its tuning record's configs), or with selection.loop_order
+    forced to `order` (another spec hash: no record applies)."""
+    import specgen
+    from specgen.model.spec import load_spec, replace
+
+    if order is None:
+        return load_spec(path), specgen.load(path)
+    spec = load_spec(path)
+    spec = replace(spec, name=f"{spec.name}_{order}", **{"selection.loop_order": order})
+    return spec, specgen.load(spec)
+
+
 def orders_for(path: str) -> list:
+    """The spec as written, and for block selection the loop order its forward does not take (forced, both passes),
+    so that both orders' kernels are audited."""
+    from specgen.compile.loop_order import orders
     from specgen.model.spec import KV_ORDER_MIN_BLOCK, load_spec
     spec = load_spec(path)
     sel = spec.selection
     if sel is not None and sel.granularity == "block" and sel.block >= KV_ORDER_MIN_BLOCK:
-        return ["query", "kv"]
+        return [None, "query" if orders(spec)[0] == "kv" else "kv"]
     return [None]
 
 
@@ -309,11 +319,19 @@ def fmt_dots(dots: list[dict]) -> str:
     return " ".join(seen)
 
 
+PASS_TAGS = {"forward": "f", "backward": "b", "backward_deterministic": "bd", "decode": "dec", "index_topk": "idx",
+             "distill_dense": "dd", "distill_sparse": "ds"}
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"{'spec':22s} {'kernel':36s} {'cfg':6s} {'w':>2s} {'st':>2s} {'regs':>4s} {'spill':>5s} {'smem':>6s} "
-             f"{'wg':>4s} {'mma':>4s} {'rep':>3s}  dots (rows x cols x k, /rN replicated N times)"]
+    lines = [f"{'spec':22s} {'kernel':36s} {'configs':7s} {'passes':10s} {'w':>2s} {'st':>2s} {'regs':>4s} "
+             f"{'spill':>5s} {'smem':>6s} {'wg':>4s} {'mma':>4s} {'rep':>3s}  dots (rows x cols x k, /rN: replicated "
+             f"N times)"]
     for r in rows:
-        head = f"{r['spec'][:22]:22s} {r['kernel'][:36]:36s} {r['configs'][:6]:6s} {r['num_warps']:2d} {r['num_stages']:2d}"
+        cfg = "+".join(c[:3] for c in r["configs"].split("+"))
+        passes = ",".join(PASS_TAGS.get(p, p) for p in r["phases"])
+        head = (f"{r['spec'][:22]:22s} {r['kernel'][:36]:36s} {cfg:7s} {passes[:10]:10s} {r['num_warps']:2d} "
+                f"{r['num_stages']:2d}")
         if "error" in r:
             lines.append(f"{head} ERROR {r['error'][:120]}")
             continue
@@ -353,7 +371,7 @@ def main(argv=None) -> int:
     tasks: dict = {}
     with ProcessPoolExecutor(args.jobs) as pool:
         for (path, order, _, _, _), log in zip(jobs, pool.map(_capture_child, jobs)):
-            name = os.path.basename(path).rsplit(".", 1)[0] + (f"_{order}" if order else "")
+            name = os.path.basename(path).rsplit(".", 1)[0] + (f"_{order}" if order else "")  # forced order
             for entry in log:
                 configs = entry.get("phase", "@").split("@")[1]
                 if "error" in entry:

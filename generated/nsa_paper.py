@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(9, "nsa_paper")
+runtime.require_schema(10, "nsa_paper")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -52,7 +52,7 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"compression": {"block_n": 64, "bt": 4, "nu
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 4, "num_stages": 2,
     "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
-    "selection_kv_bwd": {"bq": 4, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
+    "selection_kv_bwd": {"bq": 8, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
     "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 2, "key_major": 2,
     "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
@@ -76,8 +76,8 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (64, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8),
     (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8), (32, 4, 2, 2, 8),
     (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
-    "selection_kv_bwd": (("bq", "key_major", "num_stages", "num_warps"), (4, 0, 1, 8), (4, 0, 1, 4),
-    (4, 2, 1, 4), (4, 2, 2, 4), (8, 0, 1, 8), (8, 2, 1, 8))})
+    "selection_kv_bwd": (("bq", "key_major", "num_stages", "num_warps"), (8, 0, 1, 8), (4, 0, 1, 8),
+    (4, 0, 1, 4), (4, 2, 1, 4), (4, 2, 2, 4), (8, 2, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)

@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(9, "nsa_small")
+runtime.require_schema(10, "nsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -42,7 +42,7 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 32, "num_stages": 2,
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 16,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 16, "bq": 32, "num_stages": 2,
     "num_warps": 4}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
-    "selection_kv_bwd": {"bq": 32, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
+    "selection_kv_bwd": {"bq": 64, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
     "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 16, "key_major": 2,
     "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
     "num_warps": 4}}}
@@ -77,8 +77,8 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (32, 32, 2, 1, 4), (32, 32, 2, 2, 4), (32, 32, 2, 1, 8), (32, 32, 2, 2, 8), (64, 32, 2, 1, 4),
     (64, 32, 2, 2, 4), (64, 32, 2, 1, 8), (64, 32, 2, 2, 8), (128, 32, 2, 1, 4), (128, 32, 2, 2, 4),
     (128, 32, 2, 1, 8), (128, 32, 2, 2, 8), (64, 32, 0, 2, 4), (64, 32, 1, 2, 4)),
-    "selection_kv_bwd": (("bq", "key_major", "num_stages", "num_warps"), (32, 0, 1, 8), (32, 0, 1, 4),
-    (32, 2, 1, 4), (32, 2, 2, 4), (64, 0, 1, 8), (64, 2, 1, 8))})
+    "selection_kv_bwd": (("bq", "key_major", "num_stages", "num_warps"), (64, 0, 1, 8), (32, 0, 1, 8),
+    (32, 0, 1, 4), (32, 2, 1, 4), (32, 2, 2, 4), (64, 2, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(4)

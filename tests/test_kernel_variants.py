@@ -11,7 +11,8 @@ import pytest
 import specgen
 from specgen import testing
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import SELECTION_KV_BWD_DEFAULT, selection_kv_variants, tunable_kernels
+from specgen.compile.tuning import (SELECTION_KV_BWD_DEFAULT, scatter_variants, selection_kv_variants,
+                                    tunable_kernels)
 from specgen.model.spec import load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # l=8 d=4 l'=16, top_k 4 (1 initial + 1 local)
@@ -51,3 +52,23 @@ def test_selection_kv_variants_match_the_reference(monkeypatch, heads):
         seen.add(key)
         monkeypatch.setitem(mod.CONFIGS["default"], "selection_kv_bwd", cfg)
         testing.check_backward(mod, spec, 1, 37)
+
+
+# The scatter path's miniature of V3.2 (tests/test_scatter_backward.py): MLA, 64 heads in two programs of 32
+# rows; top_k 32 so that 16 keys a trip take two trips.
+SCATTER = replace(load_spec("specs/dsa_v32.yaml"), name="dsa_kmvar_mla", dtype="fp32", max_seqlen=4096,
+                  **{"heads.q": 64, "head_dim.qk": 48, "head_dim.v": 32, "selection.top_k": 32, "indexer.heads": 2,
+                     "indexer.head_dim": 32, "indexer.dtype": "bf16"})
+
+
+def test_scatter_key_major_matches_the_reference(monkeypatch):
+    """The scatter backward's key-major form (S^T = K Q^T, dQ kept transposed) against the float64 reference,
+    several key trips per query (16 keys a trip, up to 32 selected)."""
+    mod = specgen.load(SCATTER)
+    plan = make_plan(SCATTER)
+    assert plan.backward.scatter
+    variants = scatter_variants(plan)
+    assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values() if v.get("key_major"))
+    monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter",
+                        {**variants["km_k64_w8"], "block_n": 16})
+    testing.check_backward(mod, SCATTER, 1, 40)
