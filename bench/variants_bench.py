@@ -6,7 +6,7 @@ whole backward (median of CUDA events over `--reps`), the gradients' agreement w
 the variants differ in fp32 accumulation order, and key-major 2 in where the gate is applied) and finiteness. One
 JSON line per (spec, T, kernel, variant).
 
-Usage (GPU): python bench/variants_bench.py [--only llama|dsa] [--json FILE] [--reps 5]
+Usage (GPU): python bench/variants_bench.py [--only llama|dsa] [--variants NAME ...] [--json FILE] [--reps 5]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ CASES = {
 }
 
 
-def run_case(key: str, reps: int, calls: int, out) -> None:
+def run_case(key: str, reps: int, calls: int, out, only_variants=None) -> None:
     path, T, config, kernel, variants_of = CASES[key]
     spec = load_spec(path)
     mod = specgen.load(spec)
@@ -53,6 +53,8 @@ def run_case(key: str, reps: int, calls: int, out) -> None:
         return torch.autograd.grad(o, leaves, dout)
 
     variants = variants_of(plan)
+    if only_variants:
+        variants = {n: c for n, c in variants.items() if n in only_variants or c == default}
     order = sorted(variants, key=lambda n: variants[n] != default)  # the default first
     first = None
     for name in order:
@@ -90,10 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", nargs="*", default=None, help="only these variant names (and the default)")
     args = ap.parse_args(argv)
     out = open(args.json, "a") if args.json else sys.stdout
     for key in args.only:
-        run_case(key, args.reps, args.calls, out)
+        run_case(key, args.reps, args.calls, out, args.variants)
     return 0
 
 
