@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(10, "dsa_v32")
+runtime.require_schema(11, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -43,7 +43,7 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
     "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1, "num_warps": 8},
     "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
-    "selection_scatter": {"block_n": 32, "num_stages": 1, "num_warps": 8}}}
+    "selection_scatter": {"block_n": 32, "key_major": 0, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -51,7 +51,8 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stage
     "num_warps": 8}, (64, 2), (32, 1), (32, 2), (32, 3), (64, 1)),
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
-    "selection_scatter": (("block_n", "num_stages"), {"num_warps": 8}, (32, 1), (16, 1), (16, 2), (32, 2))})
+    "selection_scatter": (("block_n", "key_major", "num_stages", "num_warps"), (32, 0, 1, 8), (16, 0, 1, 8),
+    (16, 0, 2, 8), (32, 0, 2, 8), (64, 1, 1, 8), (64, 1, 1, 4), (128, 1, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -1410,7 +1411,13 @@ def _selection_bwd_scatter_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    KEY_MAJOR: tl.constexpr = 0,
 ):
+    # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
+    # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
+    # mma.sync (or replicates a wgmma over warpgroups). 1 computes S^T = K Q^T and keeps dQ transposed (dQ^T +=
+    # K^T dS^T): the products' rows are BLOCK_N keys (S^T, dP^T, dK, dV) and head dims (dQ^T), so 64 keys fill
+    # a warpgroup's wgmma; dQ is transposed back once, at the end.
     GP: tl.constexpr = 32
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 0
@@ -1461,11 +1468,26 @@ def _selection_bwd_scatter_kernel(
     if not WIDEN:
         do3 = do3.to(Q.dtype.element_ty)
     qk_scale = sm_scale * 1.4426950408889634
-    dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
-    dq1 = tl.zeros([ROWS, 128], dtype=tl.float32)
-    dq2 = tl.zeros([ROWS, 128], dtype=tl.float32)
-    dq3 = tl.zeros([ROWS, 128], dtype=tl.float32)
-    dq4 = tl.zeros([ROWS, 64], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt0 = tl.zeros([128, ROWS], dtype=tl.float32)
+    else:
+        dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt1 = tl.zeros([128, ROWS], dtype=tl.float32)
+    else:
+        dq1 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt2 = tl.zeros([128, ROWS], dtype=tl.float32)
+    else:
+        dq2 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt3 = tl.zeros([128, ROWS], dtype=tl.float32)
+    else:
+        dq3 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt4 = tl.zeros([64, ROWS], dtype=tl.float32)
+    else:
+        dq4 = tl.zeros([ROWS, 64], dtype=tl.float32)
     k_base = K + b * stride_kb + g * stride_kh + bos * stride_kt
     v_base = V + b * stride_vb + g * stride_vh + bos * stride_vt
     # dK/dV rows of this (batch, kv head): fp32 [B, NKEYS, HKV, D] contiguous (packed: from the sequence's first).
@@ -1492,28 +1514,54 @@ def _selection_bwd_scatter_kernel(
         v1 = k1  # MLA: V is K's first 512 dims
         v2 = k2  # MLA: V is K's first 512 dims
         v3 = k3  # MLA: V is K's first 512 dims
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        s += _dot(q2, tl.trans(k2), WIDEN)
-        s += _dot(q3, tl.trans(k3), WIDEN)
-        s += _dot(q4, tl.trans(k4), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        dp += _dot(do1, tl.trans(v1), WIDEN)
-        dp += _dot(do2, tl.trans(v2), WIDEN)
-        dp += _dot(do3, tl.trans(v3), WIDEN)
-        ds = p * (dp - delta[:, None])
-        # Scaled once here: dQ and dK both take sm_scale * dS.
-        ds = ds * sm_scale
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dq0 += _pv(ds, k0, WIDEN)
-        dq1 += _pv(ds, k1, WIDEN)
-        dq2 += _pv(ds, k2, WIDEN)
-        dq3 += _pv(ds, k3, WIDEN)
-        dq4 += _pv(ds, k4, WIDEN)
+        if KEY_MAJOR == 1:
+            visible_t = key_ok[:, None] & row_ok[None, :]
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt += _dot(k2, tl.trans(q2), WIDEN)
+            pt += _dot(k3, tl.trans(q3), WIDEN)
+            pt += _dot(k4, tl.trans(q4), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            dpt += _dot(v1, tl.trans(do1), WIDEN)
+            dpt += _dot(v2, tl.trans(do2), WIDEN)
+            dpt += _dot(v3, tl.trans(do3), WIDEN)
+            dst = pt * (dpt - delta[None, :])
+            # Scaled once here: dQ and dK both take sm_scale * dS.
+            dst = dst * sm_scale
+            dst_in = dst
+            if not WIDEN:
+                dst_in = dst.to(Q.dtype.element_ty)
+            dqt0 += _dot(tl.trans(k0), dst_in, WIDEN)
+            dqt1 += _dot(tl.trans(k1), dst_in, WIDEN)
+            dqt2 += _dot(tl.trans(k2), dst_in, WIDEN)
+            dqt3 += _dot(tl.trans(k3), dst_in, WIDEN)
+            dqt4 += _dot(tl.trans(k4), dst_in, WIDEN)
+        else:
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            s += _dot(q2, tl.trans(k2), WIDEN)
+            s += _dot(q3, tl.trans(k3), WIDEN)
+            s += _dot(q4, tl.trans(k4), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            dp += _dot(do1, tl.trans(v1), WIDEN)
+            dp += _dot(do2, tl.trans(v2), WIDEN)
+            dp += _dot(do3, tl.trans(v3), WIDEN)
+            ds = p * (dp - delta[:, None])
+            # Scaled once here: dQ and dK both take sm_scale * dS.
+            ds = ds * sm_scale
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dq0 += _pv(ds, k0, WIDEN)
+            dq1 += _pv(ds, k1, WIDEN)
+            dq2 += _pv(ds, k2, WIDEN)
+            dq3 += _pv(ds, k3, WIDEN)
+            dq4 += _pv(ds, k4, WIDEN)
         key_rows = keys.to(tl.int64) * (HKV * DQK)
         acc = _pv(dst, q0, WIDEN)
         acc += _pv(pt, do0, WIDEN)
@@ -1535,6 +1583,16 @@ def _selection_bwd_scatter_kernel(
         tl.atomic_add(dk_base + key_rows[:, None] + 512 + tl.arange(0, 64)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
     row_index = (b * T + bos + t) * HQ + head
+    if KEY_MAJOR == 1:
+        dq0 = tl.trans(dqt0)
+    if KEY_MAJOR == 1:
+        dq1 = tl.trans(dqt1)
+    if KEY_MAJOR == 1:
+        dq2 = tl.trans(dqt2)
+    if KEY_MAJOR == 1:
+        dq3 = tl.trans(dqt3)
+    if KEY_MAJOR == 1:
+        dq4 = tl.trans(dqt4)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
     if HAS_PREV:
         dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)

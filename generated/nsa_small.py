@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(10, "nsa_small")
+runtime.require_schema(11, "nsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -42,9 +42,10 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 32, "num_stages": 2,
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 16,
     "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 16, "bq": 32, "num_stages": 2,
     "num_warps": 4}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
-    "window": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
-    "bt": 16, "key_major": 2, "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32,
-    "num_stages": 2, "num_warps": 4}}}
+    "selection_kv_bwd": {"bq": 64, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
+    "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 16, "key_major": 2,
+    "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
+    "num_warps": 4}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -75,7 +76,9 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (64, 16, 2, 2, 8), (128, 16, 2, 1, 4), (128, 16, 2, 2, 4), (128, 16, 2, 1, 8), (128, 16, 2, 2, 8),
     (32, 32, 2, 1, 4), (32, 32, 2, 2, 4), (32, 32, 2, 1, 8), (32, 32, 2, 2, 8), (64, 32, 2, 1, 4),
     (64, 32, 2, 2, 4), (64, 32, 2, 1, 8), (64, 32, 2, 2, 8), (128, 32, 2, 1, 4), (128, 32, 2, 2, 4),
-    (128, 32, 2, 1, 8), (128, 32, 2, 2, 8), (64, 32, 0, 2, 4), (64, 32, 1, 2, 4))})
+    (128, 32, 2, 1, 8), (128, 32, 2, 2, 8), (64, 32, 0, 2, 4), (64, 32, 1, 2, 4)),
+    "selection_kv_bwd": (("bq", "key_major", "num_stages", "num_warps"), (64, 0, 1, 8), (32, 0, 1, 8),
+    (32, 0, 1, 4), (32, 2, 1, 4), (32, 2, 2, 4), (64, 2, 1, 8))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(4)
@@ -1553,9 +1556,11 @@ def _selection_kv_bwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, t0, TC, sm_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, BQ: tl.constexpr = 32,
+    KEY_MAJOR: tl.constexpr = 0,
 ):
-    BQ: tl.constexpr = 32
+    # BQ queries x GP heads per trip and the products' form (KEY_MAJOR) are the launch config's
+    # (`selection_kv_bwd`, tuning.selection_kv_variants): the work items (SPLIT queries) do not depend on them.
     GP: tl.constexpr = 2
     ROWS: tl.constexpr = BQ * GP
     BLOCK_N: tl.constexpr = 16
@@ -1603,7 +1608,6 @@ def _selection_kv_bwd_kernel(
         head = g * GROUP + rows % GP
         row_ok = e_ok & (rows % GP < GROUP)
         q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
-        visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= (t - bos)[:, None])
         q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
         q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
         row_index = (b * T + t) * HQ + head
@@ -1613,21 +1617,56 @@ def _selection_kv_bwd_kernel(
         gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
         # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
         delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-        if not WIDEN:
-            do0 = do0.to(Q.dtype.element_ty)
-        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        dp += _dot(do0, tl.trans(v0), WIDEN)
-        ds = p * (dp - delta[:, None])
-        pt = tl.trans(p)
-        dst = tl.trans(ds)
-        dv0 += _pv(pt, do0, WIDEN)
-        dk0 += _pv(dst, q0, WIDEN)
-        dk1 += _pv(dst, q1, WIDEN)
+        # dO as stored (KEY_MAJOR == 2: the gate goes on P and dP instead, so dO goes from memory to the matrix unit).
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+        if not (KEY_MAJOR == 2):
+            do0 = do0.to(tl.float32) * gate[:, None]
+            if not WIDEN:
+                do0 = do0.to(Q.dtype.element_ty)
+        # Key-major (KEY_MAJOR 1, 2): S^T = K Q^T, so P^T and dS^T reach dV and dK without a transpose (dS goes
+        # through one for the dQ shares instead); 2 also puts the gate on P^T and dP^T rather than on dO.
+        if KEY_MAJOR == 2:
+            visible_t = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= (t - bos)[None, :])
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            # dO is unscaled: dP_c^T = g * (V dO^T), and dV += (P^T g) dO.
+            dst = pt * (dpt * gate[None, :] - delta[None, :])
+            pt = pt * gate[None, :]
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+            ds = tl.trans(dst)
+        elif KEY_MAJOR == 1:
+            visible_t = key_ok[:, None] & row_ok[None, :] & (keys[:, None] <= (t - bos)[None, :])
+            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            pt += _dot(k0, tl.trans(q0), WIDEN)
+            pt += _dot(k1, tl.trans(q1), WIDEN)
+            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+            dpt += _dot(v0, tl.trans(do0), WIDEN)
+            dst = pt * (dpt - delta[None, :])
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
+            ds = tl.trans(dst)
+        else:
+            visible = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= (t - bos)[:, None])
+            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+            dp += _dot(do0, tl.trans(v0), WIDEN)
+            ds = p * (dp - delta[:, None])
+            pt = tl.trans(p)
+            dst = tl.trans(ds)
+            dv0 += _pv(pt, do0, WIDEN)
+            dk0 += _pv(dst, q0, WIDEN)
+            dk1 += _pv(dst, q1, WIDEN)
         part_row = ((b * TC + (t - t0)) * HQ + head) * TOP_K + slot
         dq0 = _pv(ds, k0, WIDEN) * sm_scale
         tl.store(DQ_PART + part_row[:, None] * DQK + 0 + tl.arange(0, 32)[None, :], dq0.to(DQ_PART.dtype.element_ty), mask=row_ok[:, None])

@@ -13,8 +13,11 @@ __version__ = "0.1.0"
 # compacting top-k, runtime.indexer.select reading its launch configs from the module's table; 8: native packed
 # distillation, the distillation custom ops take (cu_seqlens, max_seqlen) instead of a row mask,
 # runtime.distill.Launches and inverse_index take the layout; 9: chunked prefill into a cache, the forward kernels'
-# PREFILL constexpr (per-sequence query offset and key rows), runtime.prefill and `<family>_prefill`).
-RUNTIME_SCHEMA = 10
+# PREFILL constexpr (per-sequence query offset and key rows), runtime.prefill and `<family>_prefill`; 10: the fused
+# distillation path, DistillPlan.path and the stored target p of the sparse stage; 11: the block-outer selection
+# backward's launch config `selection_kv_bwd`, which runtime.launches.Backward.selection_kv reads from the module's
+# CONFIGS, and the kernel's BQ / KEY_MAJOR constexprs).
+RUNTIME_SCHEMA = 11
 
 
 def _interpreter_without_gpu_devices() -> None:

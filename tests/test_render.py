@@ -362,9 +362,10 @@ def test_the_branch_registry_names_the_spec_branches_and_the_kernels():
     assert tunable_kernels(query_outer) == ("compression", "selection", "window", "compression_dq",
                                            "compression_dkdv", "selection_dq", "selection_dkdv", "window_dq",
                                            "window_dkdv")
-    # Block outer (nsa_small's group of 2): its selection kernels run on the plan's tiles, not tuned.
+    # Block outer (nsa_small's group of 2): its selection forward runs on the plan's tiles, not tuned; its backward
+    # is `selection_kv_bwd` (tuning.selection_kv_variants).
     assert tunable_kernels(SMALL) == ("compression", "window", "compression_dq", "compression_dkdv", "window_dq",
-                                     "window_dkdv")
+                                     "window_dkdv", "selection_kv_bwd")
 
 
 def test_the_model_shape_specs_build(tmp_path):

@@ -14,7 +14,7 @@ from specgen import runtime, testing
 from specgen.compile.footprint import ACC_REGISTER_BUDGET, SMEM_BUDGET, launch_model
 from specgen.compile.plan import make_plan
 from specgen.model.spec import load_spec
-from specgen.compile.tuning import _rows, candidates, candidates_for, default_configs, tunable_kernels
+from specgen.compile.tuning import _rows, candidates, candidates_for, default_configs, selection_kv_variants, tunable_kernels
 
 SPECS = ["nsa_paper", "nsa_config_a", "nsa_token", "dsa_v32", "dsa_block", "nsa_small"]
 
@@ -28,7 +28,15 @@ def test_candidates_are_pruned_by_the_footprint_model(name):
         pool = candidates(plan, kernel)
         assert pool[0] == defaults[kernel], f"{kernel}: the default comes first"
         assert len({tuple(sorted(c.items())) for c in pool}) == len(pool), f"{kernel}: duplicates"
+        if kernel == "selection_kv_bwd":
+            # The block-outer backward's named variants (tuning.selection_kv_variants): no footprint model of this
+            # kernel; bench/kernel_audit.py compiles them for sm_90.
+            assert pool[1:] == [c for c in selection_kv_variants(plan).values() if c != pool[0]]
+            continue
         model = launch_model(spec, kernel)
+        # The scatter path's key-major forms join unpruned (the model counts a score tile they do not hold;
+        # bench/kernel_audit.py compiles them).
+        pool = [c for c in pool if not (kernel == "selection_scatter" and c.get("key_major"))]
         for cfg in pool[1:]:
             smem, regs = model.evaluate(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"], cfg["num_warps"])
             assert smem <= SMEM_BUDGET and regs <= ACC_REGISTER_BUDGET, (kernel, cfg, smem, regs)
@@ -110,7 +118,8 @@ def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monke
         best = tuner.best_config
         want = mod.CANDIDATES[kernel][-1]
         assert best.num_warps == want["num_warps"] and best.num_stages == want["num_stages"], kernel
-        assert best.kwargs.get("BLOCK_N") == want["block_n"], kernel
+        assert best.kwargs.get("BLOCK_N") == want.get("block_n"), kernel  # (selection_kv_bwd: none)
+        assert best.kwargs.get("BQ") == want.get("bq"), kernel
     assert len(calls) == sum(len(v) for v in mod.CANDIDATES.values() if len(v) > 1)
     # A second call reuses the choices: nothing is timed again.
     before = len(calls)

@@ -33,6 +33,7 @@ def tunable_kernels(spec: Spec) -> tuple[str, ...]:
     return (tuple(b.forward_config for b in branches if not (b.name == "selection" and forward_order == "kv"))
             + tuple(c for b in branches if not (b.name == "selection" and backward_order == "kv")
                     for c in b.backward_configs)
+            + (("selection_kv_bwd",) if backward_order == "kv" else ())
             + (("selection_scatter",) if scatter_backward(spec) else ()))
 
 
@@ -55,12 +56,15 @@ def default_configs(plan) -> dict:
     configs["preprocess"] = {"rows": max(16, min(64, 8192 // spec.head_dim.v)), "num_warps": 4}
     for kind in spec.branches:
         if kind == "selection":
+            if plan.selection_bwd_order == "kv":
+                configs["selection_kv_bwd"] = dict(selection_kv_variants(plan)[SELECTION_KV_BWD_DEFAULT])
             warps_stages = {"num_warps": bwd.sel_num_warps, "num_stages": bwd.sel_num_stages}
             configs["selection_dq"] = {"bt": 1, "block_n": bwd.sel_dq_block_n, **warps_stages}
             # Keys per program: the inverse index's tile (a rendered constant of the kernel: not tunable).
             configs["selection_dkdv"] = {"bq": bwd.sel_bq, "block_n": bwd.sel_tile, **warps_stages}
             if bwd.scatter:
-                configs["selection_scatter"] = {"block_n": bwd.scatter_block_n, "num_warps": bwd.scatter_num_warps,
+                configs["selection_scatter"] = {"block_n": bwd.scatter_block_n, "key_major": 0,
+                                                "num_warps": bwd.scatter_num_warps,
                                                 "num_stages": bwd.scatter_num_stages}
         else:
             variants_dq = dense_backward_variants(plan, f"{kind}_dq")
@@ -126,6 +130,56 @@ def dense_backward_variants(plan, kernel: str) -> dict:
     w4 = {**base, "key_major": 2, "bt": bt(32), "block_n": 64, "num_warps": 4}
     return {"rows64": base, "km1": {**base, "key_major": 1}, "km2": {**base, "key_major": 2}, "km2_wg": wg,
             "km2_w4": w4, "km2_w4_s3": {**w4, "num_stages": 3}, "km2_r64": {**wg, "bt": bt(64)}}
+
+
+# The block-outer selection backward's default variant (`selection_kv_variants`). "w8" is the launch it had before
+# it took a config (8 warps, one stage, 64 rows, rows-major products). bench/kernel_audit.py's sm_90 compile: at 8
+# warps its 64-row S and dP products are computed by both warpgroups, and it spills (Llama-3-8B heads: 255
+# registers, 232 spill bytes, 44 wgmma); "wg" (64 rows per warpgroup: 128 rows at 8 warps) has no replicated
+# product and fewer spills at every spec audited (Llama-3 243 registers and none, 36 wgmma for twice the rows;
+# Qwen2.5 245 / none; nsa_config_a 250 / none; Gemma-2 832 B against 1008; nsa_paper 320 B against 456), in
+# 212992 B of shared memory at most (Gemma-2). The work items (SPLIT queries) stay the same, so only a trip's
+# padding grows. No GPU timing yet: bench/variants_gpu.sh times every variant beside it.
+SELECTION_KV_BWD_DEFAULT = "wg"
+
+
+def selection_kv_variants(plan) -> dict:
+    """{name: launch config} of the block-outer selection backward (`_selection_kv_bwd_kernel`, launch config
+    `selection_kv_bwd`): `bq` queries x the plan's sel_kv_gp heads per trip (rows), `key_major` the products' form
+    (0: S = Q K^T, P^T and dS^T through shared memory; 1: S^T = K Q^T; 2: key-major with the gate on P^T and dP^T,
+    dO's tile straight to the matrix unit), warps and stages (the trip loop's pipelining).
+
+    "w8" (the former launch: the plan's 64 rows at 8 warps, one stage), "w4" (64 rows at 4 warps: one warpgroup
+    owns the 64-row tiles), "km2_w4" (its key-major-2 form), "km2_w4_s2" (2 stages), "wg" (64 rows per
+    warpgroup: 128 rows at 8 warps), "km2_wg" (its key-major-2 form)."""
+    bq, gp = plan.sel_kv_bq, plan.sel_kv_gp
+    base = {"bq": bq, "key_major": 0, "num_warps": 8, "num_stages": 1}
+    w4 = {**base, "num_warps": 4}
+    wg = {**base, "bq": max(bq, 128 // gp)}
+    return {"w8": base, "w4": w4, "km2_w4": {**w4, "key_major": 2}, "km2_w4_s2": {**w4, "key_major": 2, "num_stages": 2},
+            "wg": wg, "km2_wg": {**wg, "key_major": 2}}
+
+
+def scatter_variants(plan) -> dict:
+    """{name: launch config} of the scatter backward (`_selection_bwd_scatter_kernel`, launch config
+    `selection_scatter`; its head rows are the plan's, scatter_gp): the plan's default ("w8": BLOCK_N gathered keys,
+    8 warps), and the forms bench/kernel_audit.py compared: 4 warps, 16 and 64 keys a trip, and the key-major form
+    ("km_k64_*": `key_major` 1, S^T = K Q^T and dQ^T += K^T dS^T, so that every product has 64 keys or head dims
+    as rows: with the head rows (32 for V3.2) as rows Triton 3.6 cannot use wgmma at all)."""
+    base = default_configs(plan)["selection_scatter"]
+    out = {"w8": base, "w4": {**base, "num_warps": 4}}
+    for n in (16, 64):
+        if n != base["block_n"]:
+            out[f"k{n}_w8"] = {**base, "block_n": n}
+            out[f"k{n}_w4"] = {**base, "block_n": n, "num_warps": 4}
+    # Key-major with dQ transposed (KEY_MAJOR 1): 64 keys a trip are the products' rows, one warpgroup's wgmma.
+    # sm_90 compile at V3.2 (bench/kernel_audit.py): w8 248 registers, no spills, 0 wgmma / 240 mma.sync;
+    # km_k64_w8 182 wgmma, 1072 spill bytes, S^T replicated twice; km_k64_w4 122 wgmma, 1472 B; km_k128_w8 126
+    # wgmma, none replicated, 456 B, 225280 B shared.
+    out["km_k64_w8"] = {**base, "block_n": 64, "key_major": 1}
+    out["km_k64_w4"] = {**base, "block_n": 64, "key_major": 1, "num_warps": 4}
+    out["km_k128_w8"] = {**base, "block_n": 128, "key_major": 1}
+    return out
 
 
 def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> dict:
@@ -198,6 +252,9 @@ def candidates(plan, kernel: str) -> list[dict]:
     if kernel in ("select", "index_topk") and spec.selection.scorer == "indexer":
         return index_candidates(plan, kernel)
     default = default_configs(plan)[kernel]
+    if kernel == "selection_kv_bwd":
+        # The named variants (no footprint model of this kernel: bench/kernel_audit.py compiles them).
+        return [default] + [c for c in selection_kv_variants(plan).values() if c != default]
     model = launch_model(spec, kernel)
     named = []
     if kernel == "selection":
@@ -213,6 +270,9 @@ def candidates(plan, kernel: str) -> list[dict]:
         # Gathered keys per trip (any multiple of 16: the key loop walks the selected units' tokens), warps, stages.
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+        # The key-major forms join unpruned: the model's key tile counts a [rows, keys] score tile the key-major
+        # form does not hold (bench/kernel_audit.py compiles them; the tuner skips a config the compiler rejects).
+        keyed = [c for c in scatter_variants(plan).values() if c.get("key_major")]
     elif kernel.startswith("selection_"):
         grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
     elif kernel in KERNELS_WITH_TILES:
@@ -236,6 +296,8 @@ def candidates(plan, kernel: str) -> list[dict]:
         if cfg not in out and model.fits(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"],
                                          cfg["num_warps"]):
             out.append(cfg)
+    if kernel == "selection_scatter":
+        out += [c for c in keyed if c not in out]
     return out
 
 

@@ -55,6 +55,10 @@ def kernel_name(kind: str, spec: Spec | None = None) -> str:
         return "_index_scores_kernel" if indexer else "_select_blocks_kernel"
     if kind == "index_topk":
         return "_radix_topk_kernel"
+    if kind == "selection_kv_bwd":
+        return "_selection_kv_bwd_kernel"
+    if kind == "selection_scatter":
+        return "_selection_bwd_scatter_kernel"
     if kind.endswith(("_dq", "_dkdv")):
         branch, part = kind.rsplit("_", 1)
         return f"_{branch}_bwd_{part}_kernel"
@@ -99,7 +103,8 @@ def tune(spec: Spec, spec_path: Path, seqlen: int, folder: Path, log=print, back
     plan = make_plan(spec)
     default = default_configs(plan)
     tunable = tunable_kernels(spec)
-    all_backward = [k for k in tunable if k.endswith(("_dq", "_dkdv"))]
+    # (The block-outer and scatter selection kernels are backward kernels too: timed inside the backward pass.)
+    all_backward = [k for k in tunable if k.endswith(("_dq", "_dkdv")) or k in ("selection_kv_bwd", "selection_scatter")]
     forward_kernels = [k for k in ("select", "index_topk") + tunable if k in default and k not in all_backward]
     backward_kernels = all_backward if backward else []
     start = default

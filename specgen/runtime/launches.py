@@ -451,10 +451,12 @@ class Backward:
             dq_part = torch.empty((B, TC, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
             part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)
             part_dv = torch.empty((n_items, block_n, d.dim_v), dtype=torch.float32, device=device)
-            kernel[(n_items,)](self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv,
-                               qpos, slot, item_seg, item_start, item_end, *tables, *strides(self.q, k, v),
-                               *self.g_strides, T, t0, TC, d.softmax_scale, WIDEN=self.widen, VARLEN=lay is not None,
-                               num_warps=8, num_stages=1)
+            # The launch config `selection_kv_bwd` (rows per trip, product form, warps, stages; the grid is the
+            # work list's): tuned, autotuned or the plan's default, as the other backward kernels'.
+            launch(kernel, "selection_kv_bwd", self.configs, self.candidates, lambda cfg, n=n_items: (n,),
+                   (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dq_part, part_dk, part_dv, qpos, slot,
+                    item_seg, item_start, item_end, *tables, *strides(self.q, k, v), *self.g_strides, T, t0, TC,
+                    d.softmax_scale), dict(WIDEN=self.widen, VARLEN=lay is not None), T=T)
             n_rows = B * TC * d.heads_q
             dq_reduce_kernel[(_cdiv(n_rows, merge_rows),)](dq_part, indices, self.dq_acc, T, t0, TC, n_rows,
                                                            HAS_PREV=not first)
