@@ -178,7 +178,9 @@ def capture(path: str, order: str | None, configs: list, T: int) -> list[dict]:
         entry = module.CONFIGS.get(RECORD_GPU) if which == "record" else {}
         if which == "record" and not entry:
             continue
-        module.CONFIGS["default"] = {**default, **entry}
+        # Per kernel, the record's fields over the default's (as runtime.indexer.configs reads a record tuned
+        # before a field existed; elsewhere a missing field is the kernel's own default, the same value).
+        module.CONFIGS["default"] = {k: {**default.get(k, {}), **entry.get(k, {})} for k in {*default, *entry}}
         for name, thunk in _phases(module, spec, 1, T):
             phase[0] = f"{name}@{which}"
             phase[1].clear()
