@@ -8,14 +8,12 @@ Branches (gate channel order): selection.
 Selection: top 2048 tokens, ranked by the indexer scorer.
 """
 
-from typing import Optional
-
 import torch
 
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(11, "dsa_v32")
+runtime.require_schema(12, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -3038,7 +3036,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_be4218e7"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -3057,30 +3055,9 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
     fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused")
 
 
-@torch.library.custom_op(_DISTILL_NS + "::distill_fwd", mutates_args=())
-def _distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor, w_idx: torch.Tensor,
-                 indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor],
-                 cu_seqlens: Optional[torch.Tensor], max_seqlen: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss fp32 [], stats fp32 [B, T, 1, 2] = (lse of I over the support, mass of p), lse of the main
-    attention [B, T, 128] when it was not given (else an empty tensor), the sparse stage's target p per
-    selected pair [B, T, 1, 2048] on the fused path (else an empty tensor)). With cu_seqlens: a native
-    packed batch, the inputs a batch of one [1, total, ...]. Launches: runtime.distill.Launches.forward."""
-    return _DISTILL_LAUNCHES.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen)
-
-
-@torch.library.custom_op(_DISTILL_NS + "::distill_bwd", mutates_args=())
-def _distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
-                 w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor,
-                 p_sel: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq_idx, dk_idx, dw_idx) of grad * loss (runtime.distill.Launches.backward)."""
-    return _DISTILL_LAUNCHES.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens,
-                                      max_seqlen)
-
-
-_distill_fwd.register_fake(_DISTILL_LAUNCHES.forward_fake)
-_distill_bwd.register_fake(_DISTILL_LAUNCHES.backward_fake)
+# Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so
+# modules of one spec with other tiles never share them), registered once per process (runtime.distill.custom_ops).
+_distill_fwd, _distill_bwd = runtime.distill.custom_ops(_DISTILL_NS, _DISTILL_LAUNCHES)
 _DISTILL = runtime.distill.Distill(_DESC, _distill_fwd, _distill_bwd, index_topk, "sparse")
 torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _DISTILL.backward, setup_context=_DISTILL.setup_context)
 

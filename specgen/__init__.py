@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 # PREFILL constexpr (per-sequence query offset and key rows), runtime.prefill and `<family>_prefill`; 10: the fused
 # distillation path, DistillPlan.path and the stored target p of the sparse stage; 11: the block-outer selection
 # backward's launch config `selection_kv_bwd`, which runtime.launches.Backward.selection_kv reads from the module's
-# CONFIGS, and the kernel's BQ / KEY_MAJOR constexprs).
-RUNTIME_SCHEMA = 11
+# CONFIGS, and the kernel's BQ / KEY_MAJOR constexprs; 12: the distillation custom ops come from
+# runtime.distill.custom_ops, registered once per process and named with a digest of the tiles).
+RUNTIME_SCHEMA = 12
 
 
 def _interpreter_without_gpu_devices() -> None:

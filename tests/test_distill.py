@@ -201,18 +201,23 @@ def test_reference_sparse_with_every_token_selected_is_dense():
 _modules: dict = {}
 
 
+def import_module(spec, tmp_path_factory, distill_plan=None):
+    """A fresh module object of the distillation section rendered for `spec` (and `distill_plan`)."""
+    src = render_distill_module(spec, distill_plan)
+    path = tmp_path_factory.mktemp("distill") / f"{spec.name}.py"
+    path.write_text(src)
+    name = f"specgen_distill_test.{path.parent.name}_{spec.name}_{spec.hash}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def kernel_module(spec, tmp_path_factory, distill_plan=None):
     key = (spec.name, spec.hash, distill_plan)
     if key not in _modules:
-        src = render_distill_module(spec, distill_plan)
-        path = tmp_path_factory.mktemp("distill") / f"{spec.name}.py"
-        path.write_text(src)
-        name = f"specgen_distill_test.{spec.name}_{spec.hash}_{len(_modules)}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        module_spec.loader.exec_module(module)
-        _modules[key] = module
+        _modules[key] = import_module(spec, tmp_path_factory, distill_plan)
     return _modules[key]
 
 
@@ -415,6 +420,31 @@ def test_inverse_index_lists_every_pair(tmp_path_factory):
                         if int(indices[b, t, g, j]) == s and s <= t]
                 assert got == want                                                     # sorted by t: deterministic
                 assert all(int(flat[e]) == s for e in got)
+
+
+def test_modules_of_one_spec_keep_their_own_custom_ops(tmp_path_factory, monkeypatch):
+    """Another module of the same spec with other tiles gets ops of its own, and a second module object with the same
+    tiles reuses the registered ones, so no op name is registered twice. (Registered twice, torch destroys the first
+    registration's library: the first module's ops then ran the last module's launches, through a freed operator
+    entry, which failed a later call with `ValueError: vector::reserve` / `std::bad_alloc` in CI.)"""
+    spec = spec_of("gqa")
+    default = kernel_module(spec, tmp_path_factory)
+    small = kernel_module(spec, tmp_path_factory, small_tiles(spec))
+    again = import_module(spec, tmp_path_factory)
+    assert default._DISTILL_NS != small._DISTILL_NS and again._DISTILL_NS == default._DISTILL_NS
+    assert again._distill_fwd is default._distill_fwd and again._distill_bwd is default._distill_bwd
+    assert small._distill_fwd is not default._distill_fwd
+    calls = []
+    for name, module in (("default", default), ("small", small)):
+        launches = module._DISTILL_LAUNCHES
+        monkeypatch.setattr(launches, "forward", lambda *a, _f=launches.forward, _n=name: calls.append(_n) or _f(*a))
+    x = inputs(spec, 1, 19, seed=4, dtype=torch.float32)
+    expected = R.distill_loss(spec, **{n: v.double() for n, v in x.items()})                     # dense
+    for module, name in ((default, "default"), (small, "small"), (again, "default")):
+        calls.clear()
+        loss = module.distill_loss(**x, stage="dense")
+        assert calls == [name]
+        assert abs(loss.item() - expected.item()) <= 2e-5 * abs(expected.item())
 
 
 def test_custom_op_registration_and_compile(tmp_path_factory):

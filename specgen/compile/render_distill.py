@@ -9,6 +9,8 @@ constants the way module.py.j2 does.
 
 from __future__ import annotations
 
+import hashlib
+
 from .footprint import DTYPE_BYTES, smem_bytes, tile
 from .plan import DistillPlan, make_plan
 from ..model.spec import Spec
@@ -74,6 +76,13 @@ def distill_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, in
     return out
 
 
+def distill_key(d: DistillPlan) -> str:
+    """A digest of the tiles (8 hex digits), part of the custom ops' names: modules of one spec rendered with other
+    tiles (the tests' small tiles) get ops of their own instead of replacing each other's."""
+    return hashlib.sha256(repr(d).encode()).hexdigest()[:8]
+
+
 def distill_context(spec: Spec, distill_plan: DistillPlan | None = None) -> dict:
     """The template variables the distillation section needs beyond `module_context`."""
-    return {"distill": distill_plan or make_distill_plan(spec)}
+    d = distill_plan or make_distill_plan(spec)
+    return {"distill": d, "distill_key": distill_key(d)}

@@ -5,6 +5,8 @@ bodies call `Launches`."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import ArgumentError, cdiv as _cdiv, check_indices, check_seqlen, check_tensor, check_varlen, packed_map
@@ -194,6 +196,43 @@ class Launches:
     def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens=None,
                       max_seqlen: int = 0):
         return torch.empty_like(q_idx), torch.empty_like(k_idx), torch.empty_like(w_idx)
+
+
+_OPS: dict = {}
+
+
+def custom_ops(namespace: str, launches: Launches) -> tuple:
+    """The custom ops `<namespace>::distill_fwd` and `::distill_bwd` of a module, their bodies `launches.forward` /
+    `launches.backward` (see those for what they return), each with `register_fake`.
+
+    Registered once per process: a later module whose namespace is the same (same spec and tiles, so the same
+    kernels and launches: the committed generated module and a specgen.load copy, say) gets the ops the first one
+    registered. Registering the names again would not fail: torch.library.custom_op destroys the first
+    registration's library, and the first module's ops would then dispatch through a freed operator entry (use
+    after free: `ValueError: vector::reserve`, `std::bad_alloc` or a crash in a later call)."""
+    ops = _OPS.get(namespace)
+    if ops is not None:
+        return ops
+
+    def distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                    w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], max_seqlen: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launches.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen)
+
+    def distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+                    w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor,
+                    p_sel: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return launches.backward(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens,
+                                 max_seqlen)
+
+    fwd = torch.library.custom_op(namespace + "::distill_fwd", distill_fwd, mutates_args=())
+    bwd = torch.library.custom_op(namespace + "::distill_bwd", distill_bwd, mutates_args=())
+    fwd.register_fake(launches.forward_fake)
+    bwd.register_fake(launches.backward_fake)
+    ops = _OPS[namespace] = (fwd, bwd)
+    return ops
 
 
 class Distill:
