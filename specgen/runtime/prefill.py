@@ -93,18 +93,9 @@ class PrefillLayout(Layout):
         return self._cached(("units", unit), build)
 
 
-def _flat(cache: Cache, name: str) -> torch.Tensor:
-    x = cache.tensors[name]
-    return x.view(-1, *x.shape[2:])
-
-
 def _rows(cache: Cache, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Flat cache rows of (sequence, position) pairs (int64, CPU tensors in, device out)."""
-    seq, pos = _dev(seq, cache.device), _dev(pos, cache.device)
-    if cache.paged:
-        page_size = cache.DESCRIPTOR.page_size
-        return cache.block_table.long()[seq, pos // page_size] * page_size + pos % page_size
-    return seq * cache.tcap + pos
+    return cache._rows(_dev(pos, cache.device), _dev(seq, cache.device))
 
 
 def _pairs(lengths: list, starts: list | None = None):
@@ -118,10 +109,6 @@ def _pairs(lengths: list, starts: list | None = None):
     return seq, pos
 
 
-def _store(cache: Cache, name: str, rows: torch.Tensor, x: torch.Tensor) -> None:
-    cache._store(name, rows, x)
-
-
 def append_chunk(cache: Cache, new: dict, q_lens: list) -> None:
     """Append a checked chunk (packed tensors [total, Hkv, D], sequence i's q_lens[i] rows in order) to the cache:
     per-token tensors, ring tensors, index keys, the compression blocks it completes, and the lengths."""
@@ -133,7 +120,7 @@ def append_chunk(cache: Cache, new: dict, q_lens: list) -> None:
     pool_in = _pool_inputs(cache, new, held, q_lens) if d.compressed else None   # before the ring is overwritten
     if d.ring_tensors:
         ring_keep = pos >= torch.tensor(new_len, dtype=torch.long)[seq] - d.ring
-        ring_rows = _dev((seq * d.ring + pos % d.ring)[ring_keep], cache.device)
+        ring_rows = _dev(cache._ring_rows(pos, seq)[ring_keep], cache.device)
         ring_keep = _dev(ring_keep.nonzero().flatten(), cache.device)   # indices: a device mask would sync
     for name, x in new.items():
         if name == "k_idx":
@@ -141,9 +128,9 @@ def append_chunk(cache: Cache, new: dict, q_lens: list) -> None:
             if d.fp8:
                 cache.k_idx_scale.view(-1, d.hkv).index_copy_(0, rows, scale)
         if name in d.ring_tensors:
-            _store(cache, name, ring_rows, x.index_select(0, ring_keep))
+            cache._store(name, ring_rows, x.index_select(0, ring_keep))
         else:
-            _store(cache, name, rows, x)
+            cache._store(name, rows, x)
     if pool_in is not None:
         _pool_chunk(cache, *pool_in)
     cache.host_seqlens = new_len
@@ -165,13 +152,13 @@ def _pool_inputs(cache: Cache, new: dict, held: list, q_lens: list):
     c_seq, c_pos = _pairs(q_lens)
     c_dst = _dev(cu[:-1][c_seq] + torch.tensor(prefix, dtype=torch.long)[c_seq] + c_pos, cache.device)
     if d.ring_tensors:
-        src = _dev(p_seq * d.ring + p_pos % d.ring, cache.device)
+        src = _dev(cache._ring_rows(p_pos, p_seq), cache.device)
     else:
         src = _rows(cache, p_seq, p_pos)
     xs = []
     for name in ((d.k_cmp, d.v_cmp) if d.cmp_branch else (d.k_cmp,)):
         x = torch.empty((int(cu[-1]), d.hkv, new[name].shape[-1]), dtype=d.dtype, device=cache.device)
-        x[p_dst] = _flat(cache, name)[src]
+        x[p_dst] = cache._flat(name)[src]
         x[c_dst] = new[name]
         xs.append(x)
     return xs, cu, i0, [completed_blocks(h + n, l, stride) - i for h, n, i in zip(held, q_lens, i0)]
@@ -287,7 +274,7 @@ def _keys(cache: Cache, names: list, k_lens: list, q_lens: list):
     0 .. k_len - 1 (sequences with a chunk only) gathered into one packed buffer."""
     d = cache.DESCRIPTOR
     if not cache.paged:
-        keys = {name: _flat(cache, name)[None] for name in names}
+        keys = {name: cache._flat(name)[None] for name in names}
         scale = cache.k_idx_scale.view(-1, d.hkv) if d.fp8 else None
         return keys, [i * cache.tcap for i in range(cache.batch)], scale
     lens = [k if n else 0 for k, n in zip(k_lens, q_lens)]
@@ -295,7 +282,7 @@ def _keys(cache: Cache, names: list, k_lens: list, q_lens: list):
     rows = _rows(cache, *_pairs(lens))
     keys = {}
     for name in names:
-        src = _flat(cache, name)
+        src = cache._flat(name)
         if src.dtype == torch.float8_e4m3fn:  # index_select has no fp8 kernels: gather the bytes
             keys[name] = src.view(torch.uint8).index_select(0, rows).view(torch.float8_e4m3fn)[None]
         else:
