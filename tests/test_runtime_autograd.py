@@ -308,6 +308,47 @@ def test_selection_inverse_index_lists_each_tiles_queries(unit, tile):
             assert bits[got].tolist() == [want[t] for t in sorted(want)]
 
 
+# Ops that torch.use_deterministic_algorithms(True) swaps, on CUDA, for another algorithm or an error (torch's
+# docstring of use_deterministic_algorithms): scatter with a tensor source goes through the sort-based index_put_,
+# whose kernel walks each index's duplicates serially (docs/backward.md, "Determinism").
+_MODE_DEPENDENT_OPS = {"scatter", "scatter_add", "scatter_reduce", "index_put", "index_put_impl", "index_add",
+                       "index_copy", "index_reduce", "put", "bincount", "histc", "median"}
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__.strip("_")
+        if name == "cumsum" and out.is_floating_point():
+            name = "cumsum (floating)"
+        self.seen.append(name)
+        return out
+
+
+@pytest.mark.parametrize("unit,tile", [(1, 8), (4, 16), (4, 4)])
+def test_inverse_indices_use_no_op_that_deterministic_mode_swaps(unit, tile):
+    """The selection's and the distillation's inverse indices (the kernels deterministic mode runs) are built from
+    sorts, running sums of integers, searches and gathers alone, so they cost the same with
+    torch.use_deterministic_algorithms(True) as without it (a scatter there took seconds at V3.2's 16k)."""
+    from specgen.runtime import backward, distill
+
+    B, T, G, k = 2, 23, 2, 4
+    g = torch.Generator(test_device()).manual_seed(3)
+    n_units = -(-T // unit)
+    indices = torch.randint(-1, n_units, (B, T, G, k), generator=g, dtype=torch.int32)
+    indices = runtime.canonical_indices(indices)
+    with _OpNames() as ops:
+        backward.selection_inverse_index(indices, T, tile, unit=unit, heads_kv=G, units_per_tile=tile // unit)
+        distill.inverse_index(indices, G)
+    assert "sort" in ops.seen and "searchsorted" in ops.seen  # the recorder saw the build
+    bad = sorted(set(ops.seen) & (_MODE_DEPENDENT_OPS | {"cumsum (floating)"}))
+    assert not bad, f"the inverse index uses {bad}, which deterministic mode replaces on CUDA"
+
+
 def test_distill_inverse_index_lists_every_valid_pair():
     from specgen.runtime import distill
 

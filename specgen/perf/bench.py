@@ -167,13 +167,15 @@ def _leaves(spec: Spec, inputs: dict) -> list[str]:
 ATTENTION_KERNELS = kernel_names()
 
 
-def kernel_times(fn, calls: int = 3, names=None) -> dict[str, float]:
+def kernel_times(fn, calls: int = 3, names=None, warmup: bool = True) -> dict[str, float]:
     """Per-kernel GPU time (ms per call, all launches of a kernel summed) of `fn` from torch.profiler, averaged over
-    `calls` calls, for the kernels in `names` (default: the attention kernels; "all": every GPU kernel)."""
+    `calls` calls, for the kernels in `names` (default: the attention kernels; "all": every GPU kernel), after one
+    warm-up call unless `warmup` is False (a step of seconds that is already warm)."""
     names = ATTENTION_KERNELS if names is None else names
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    if warmup:
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):

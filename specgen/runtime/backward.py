@@ -15,8 +15,10 @@ def selection_inverse_index(indices, T: int, tile: int, *, unit: int, heads_kv: 
     Entry e: a query position qpos[e] that selected a unit inside the tile; with several units per tile, bits[e]
     says which of the tile's units it selected (bit u = unit u). The entries of segment
     seg = (b * heads_kv + g) * n_tiles + j are offsets[seg] : offsets[seg + 1], queries ascending.
-    Built by one sort of (segment, query[, unit]) keys: deterministic, no atomics and no host sync (padding entries
-    sort to the end, past every offset). Returns (offsets, qpos, bits); bits is unused with one unit per tile.
+    Built by one sort of (segment, query[, unit]) keys, then running sums, searches and gathers: deterministic by
+    construction, with no atomics, no scatter, no host sync (padding entries sort to the end, past every offset)
+    and no op that torch.use_deterministic_algorithms swaps for another algorithm. Returns (offsets, qpos, bits);
+    bits is unused with one unit per tile (and 0 in the slots past the last offset).
 
     Packed (`varlen` = (layout, r0), docs/varlen.md): `indices` [1, R, heads_kv, k] are the packed rows r0 .. r0 +
     R - 1 of a batch of T = total tokens (runtime.varlen.Layout `layout`), their units relative to each row's
@@ -62,18 +64,20 @@ def _csr(segment, tok, valid, n_seg: int, tile: int, unit: int, units_per_tile: 
         real = comp != padding
         key = torch.where(real, comp // upt, padding)
         # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum,
-        # distinct bits) of the run's, from a running sum; compacted with a scatter to unique slots (slot n takes
-        # the rest).
+        # distinct bits) of the run's, from a running sum. Run i starts at the (i+1)-th first entry: a search of
+        # the running count of firsts (start[i] = n past the last run). Gathers and searches only, whatever
+        # torch.use_deterministic_algorithms says: a scatter of the non-first entries into one spare slot took,
+        # in deterministic mode on CUDA, torch's sort-based index_put_ that walks one index's duplicates serially
+        # (~29 M at V3.2's 16k: seconds; docs/backward.md, "Determinism").
         n = comp.numel()
         first = real.clone()
         first[1:] &= key[1:] != key[:-1]
-        slot = torch.where(first, torch.cumsum(first, 0) - 1, n)
+        start = torch.searchsorted(torch.cumsum(first, 0), torch.arange(1, n + 2, device=device))
+        last = max(n - 1, 0)
         csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
-        start = torch.full((n + 1,), n, dtype=torch.int64, device=device).scatter_(0, slot,
-                                                                                  torch.arange(n, device=device))
-        end = start[1:n + 1] - 1                                      # the run of slot i ends where slot i+1 starts
-        bits = csum[end.clamp(0, max(n - 1, 0))] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
-        key = torch.full((n + 1,), padding, dtype=torch.int64, device=device).scatter_(0, slot, key)[:n]
+        end = start[1:] - 1                                           # the run of slot i ends where slot i+1 starts
+        bits = csum[end.clamp(0, last)] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
+        key = torch.where(start[:n] < n, key[start[:n].clamp(max=last)], padding)
     qpos = (key % R).to(torch.int32)
     offsets = torch.searchsorted(key // R, torch.arange(n_seg + 1, device=device))
     return offsets, qpos, bits
