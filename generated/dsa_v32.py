@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(12, "dsa_v32")
+runtime.require_schema(13, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -38,17 +38,18 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
     "num_warps": 8}}, "default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 4096, "num_warps": 4},
     "preprocess": {"num_warps": 4, "rows": 16}, "select": {"block_n": 128, "bt": 64, "key_major": 1,
-    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
-    "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1, "num_warps": 8},
-    "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
+    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 0, "num_stages": 2,
+    "num_warps": 8, "prefetch": 0}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
+    "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
     "selection_scatter": {"block_n": 32, "key_major": 0, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
-CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stages"), {"bt": 1,
-    "num_warps": 8}, (64, 2), (32, 1), (32, 2), (32, 3), (64, 1)),
-    "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
-    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
+CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split", "num_stages", "num_warps", "prefetch"),
+    {"bt": 1}, (64, 0, 2, 8, 0), (32, 0, 1, 8, 0), (32, 0, 2, 8, 0), (32, 0, 3, 8, 0), (64, 0, 1, 8, 0),
+    (64, 1, 2, 8, 0), (64, 1, 2, 8, 1), (32, 1, 3, 8, 1), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1),
+    (64, 1, 2, 16, 0)), "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8),
+    (1, 4), (2, 4), (2, 8)), "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_scatter": (("block_n", "key_major", "num_stages", "num_warps"), (32, 0, 1, 8), (16, 0, 1, 8),
     (16, 0, 2, 8), (32, 0, 2, 8), (64, 1, 1, 8), (64, 1, 1, 4), (128, 1, 1, 8))})
 
@@ -93,6 +94,24 @@ def _pv(p, v, WIDEN: tl.constexpr):
 
 
 @triton.jit
+def _p_operand(p, v, WIDEN: tl.constexpr):
+    # P in the value dtype for P @ V (_pv's rounding), as its own step: KEY_SPLIT passes it through a branch.
+    if WIDEN:
+        return p
+    else:
+        return p.to(v.dtype)
+
+
+@triton.jit
+def _pv_acc(p, v, acc, WIDEN: tl.constexpr):
+    # acc + P @ V, P from _p_operand.
+    if WIDEN:
+        return tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(p, v, acc)
+
+
+@triton.jit
 def _selection_attention_kernel(
     Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
@@ -102,8 +121,17 @@ def _selection_attention_kernel(
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
     BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
+    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
+    # Launch-config forms (tuning.selection_forward_variants; docs/tuning.md, "The selection forward's forms"):
+    # KEY_SPLIT 1 computes S once, its key columns split over the warpgroups. Triton lays a product whose result
+    # feeds another product (S -> P @ V) with all warps along its rows ("chained dot"), so 64 head rows at 8 warps
+    # are computed by both warpgroups. Values that reach a product only through an `if`'s results are outside that
+    # rule: each Q K^T part but the widest, and P with the rescaled accumulators, go through a branch on
+    # n_units > 0, which always holds inside the key loop (the other arm, exact for a trip without a visible key,
+    # never runs). PREFETCH 1 loads the next trip's selected units one trip ahead, so the key tiles' addresses do
+    # not wait on a load of the same trip and num_stages - 1 key tiles can be in flight.
     GP: tl.constexpr = 64
     CHANNEL: tl.constexpr = 0
     pid_t = tl.program_id(0)
@@ -155,21 +183,38 @@ def _selection_attention_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
+    if PREFETCH:
+        first = tl.arange(0, BLOCK_N) // UNIT
+        unit_next = tl.load(idx_row + first, mask=first < n_units, other=-1)
     for u0 in range(0, n_units, UNITS_PER_TILE):
         n = tl.arange(0, BLOCK_N)
         slot = u0 + n // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        if PREFETCH:
+            unit = unit_next
+            unit_next = tl.load(idx_row + slot + UNITS_PER_TILE, mask=slot + UNITS_PER_TILE < n_units, other=-1)
+        else:
+            unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
         keys = unit * UNIT + n % UNIT
         # The query's own block runs past it (and maybe past T): load only keys <= t.
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
-        s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
+        if KEY_SPLIT:
+            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s1 = tl.where(visible, _dot(q1, tl.trans(k1), WIDEN), float("-inf"))
+            if n_units > 0:
+                s1 = s1 * qk_scale
+            else:
+                s1 = tl.full([BT * GP, BLOCK_N], float("-inf"), dtype=tl.float32)
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            s = _dot(q0, tl.trans(k0), WIDEN) * qk_scale + s1
+        else:
+            s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            s = tl.where(visible, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no key keep m = -inf; shift by 0 there so no -inf - -inf = NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -177,8 +222,16 @@ def _selection_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = v_base + keys * stride_vt
-        # MLA: V is K[..., :512], so this part of the key tile is the value tile (no second gather).
-        acc0 = acc0 * alpha[:, None] + _pv(p, k0, WIDEN)
+        if KEY_SPLIT:
+            if n_units > 0:
+                acc0 = acc0 * alpha[:, None]
+                pb = _p_operand(p, k0, WIDEN)
+            else:
+                pb = _p_operand(p, k0, WIDEN)
+            acc0 = _pv_acc(pb, k0, acc0, WIDEN)
+        else:
+            # MLA: V is K[..., :512], so this part of the key tile is the value tile (no second gather).
+            acc0 = acc0 * alpha[:, None] + _pv(p, k0, WIDEN)
         m_i = m_new
     # A query that sees no key gets output 0 and log-sum-exp -inf (never NaN).
     empty = l_i == 0.0

@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(12, "nsa_mqa")
+runtime.require_schema(13, "nsa_mqa")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -278,6 +278,24 @@ def _compression_attention_kernel(
 
 
 @triton.jit
+def _p_operand(p, v, WIDEN: tl.constexpr):
+    # P in the value dtype for P @ V (_pv's rounding), as its own step: KEY_SPLIT passes it through a branch.
+    if WIDEN:
+        return p
+    else:
+        return p.to(v.dtype)
+
+
+@triton.jit
+def _pv_acc(p, v, acc, WIDEN: tl.constexpr):
+    # acc + P @ V, P from _p_operand.
+    if WIDEN:
+        return tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(p, v, acc)
+
+
+@triton.jit
 def _selection_attention_kernel(
     Q, K, V, GATES, ACC, OUT, LSE, BRANCH_OUT, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
@@ -287,8 +305,17 @@ def _selection_attention_kernel(
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
     BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
+    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
+    # Launch-config forms (tuning.selection_forward_variants; docs/tuning.md, "The selection forward's forms"):
+    # KEY_SPLIT 1 computes S once, its key columns split over the warpgroups. Triton lays a product whose result
+    # feeds another product (S -> P @ V) with all warps along its rows ("chained dot"), so 64 head rows at 8 warps
+    # are computed by both warpgroups. Values that reach a product only through an `if`'s results are outside that
+    # rule: each Q K^T part but the widest, and P with the rescaled accumulators, go through a branch on
+    # n_units > 0, which always holds inside the key loop (the other arm, exact for a trip without a visible key,
+    # never runs). PREFETCH 1 loads the next trip's selected units one trip ahead, so the key tiles' addresses do
+    # not wait on a load of the same trip and num_stages - 1 key tiles can be in flight.
     GP: tl.constexpr = 32
     CHANNEL: tl.constexpr = 1
     pid_t = tl.program_id(0)
@@ -335,19 +362,30 @@ def _selection_attention_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     UNITS_PER_TILE: tl.constexpr = BLOCK_N // UNIT
+    if PREFETCH:
+        first = tl.arange(0, BLOCK_N) // UNIT
+        unit_next = tl.load(idx_row + first, mask=first < n_units, other=-1)
     for u0 in range(0, n_units, UNITS_PER_TILE):
         n = tl.arange(0, BLOCK_N)
         slot = u0 + n // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        if PREFETCH:
+            unit = unit_next
+            unit_next = tl.load(idx_row + slot + UNITS_PER_TILE, mask=slot + UNITS_PER_TILE < n_units, other=-1)
+        else:
+            unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
         keys = unit * UNIT + n % UNIT
         # The query's own block runs past it (and maybe past T): load only keys <= t.
         key_ok = (unit >= 0) & (keys <= t_hi)
         visible = key_ok[None, :]
         k_rows = k_base + keys * stride_kt
-        s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
+        if KEY_SPLIT:
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+            s = tl.where(visible, _dot(q0, tl.trans(k0), WIDEN) * qk_scale, float("-inf"))
+        else:
+            s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            s = tl.where(visible, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows that have seen no key keep m = -inf; shift by 0 there so no -inf - -inf = NaN appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -355,8 +393,17 @@ def _selection_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_rows = v_base + keys * stride_vt
-        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
+        if KEY_SPLIT:
+            v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+            if n_units > 0:
+                acc0 = acc0 * alpha[:, None]
+                pb = _p_operand(p, v0, WIDEN)
+            else:
+                pb = _p_operand(p, v0, WIDEN)
+            acc0 = _pv_acc(pb, v0, acc0, WIDEN)
+        else:
+            v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+            acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
         m_i = m_new
     # A query that sees no key gets output 0 and log-sum-exp -inf (never NaN).
     empty = l_i == 0.0

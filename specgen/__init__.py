@@ -17,8 +17,10 @@ __version__ = "0.1.0"
 # distillation path, DistillPlan.path and the stored target p of the sparse stage; 11: the block-outer selection
 # backward's launch config `selection_kv_bwd`, which runtime.launches.Backward.selection_kv reads from the module's
 # CONFIGS, and the kernel's BQ / KEY_MAJOR constexprs; 12: the distillation custom ops come from
-# runtime.distill.custom_ops, registered once per process and named with a digest of the tiles).
-RUNTIME_SCHEMA = 12
+# runtime.distill.custom_ops, registered once per process and named with a digest of the tiles; 13: the selection
+# forward's launch-config fields `key_split` / `prefetch`, which runtime.launch_with passes as the kernel's
+# KEY_SPLIT / PREFETCH constexprs).
+RUNTIME_SCHEMA = 13
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -1,8 +1,10 @@
 """Launch-config variants found by bench/kernel_audit.py (replicated products over warpgroups, spills), each
 against the float64 reference on a tiny spec under the interpreter: the block-outer selection backward's
-(`tuning.selection_kv_variants`: rows per trip, the key-major product forms) and the scatter backward's
-(`tuning.scatter_variants`). Warps and stages do not change what the interpreter computes: those variants are
-checked for being tuning candidates and timed on the GPU (bench/variants_gpu.sh)."""
+(`tuning.selection_kv_variants`: rows per trip, the key-major product forms), the scatter backward's
+(`tuning.scatter_variants`) and the selection forward's (`tuning.selection_forward_variants`: S computed once with
+its key columns split over the warpgroups, the next trip's units prefetched). Warps and stages do not change what
+the interpreter computes: those variants are checked for being tuning candidates and timed on the GPU
+(bench/variants_gpu.sh, bench/variants_bench.py --only dsa_fwd)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import pytest
 import specgen
 from specgen import testing
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import (SELECTION_KV_BWD_DEFAULT, scatter_variants, selection_kv_variants,
-                                    tunable_kernels)
+from specgen.compile.tuning import (SELECTION_FORWARD_DEFAULT, SELECTION_KV_BWD_DEFAULT, scatter_variants,
+                                    selection_forward_variants, selection_kv_variants, tunable_kernels)
 from specgen.model.spec import load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # l=8 d=4 l'=16, top_k 4 (1 initial + 1 local)
@@ -72,3 +74,42 @@ def test_scatter_key_major_matches_the_reference(monkeypatch):
     monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter",
                         {**variants["km_k64_w8"], "block_n": 16})
     testing.check_backward(mod, SCATTER, 1, 40)
+
+
+def test_selection_forward_variants_are_candidates():
+    """V3.2's forward forms are its tuning candidates, the default first and unchanged (no form on); specs whose
+    selection tile has a warpgroup per 64 rows get none."""
+    plan = make_plan(load_spec("specs/dsa_v32.yaml"))
+    variants = selection_forward_variants(plan)
+    default = plan.tuning.defaults["selection"]
+    assert default == variants[SELECTION_FORWARD_DEFAULT]
+    assert default["key_split"] == 0 and default["prefetch"] == 0
+    assert {"ks", "ks_pf", "ks_k32_s4"} <= set(variants)
+    assert all(v in plan.tuning.candidates["selection"] for v in variants.values())
+    # Block selection (64-token units): the 32-key forms would split a unit, so they are left out.
+    block = selection_forward_variants(make_plan(load_spec("specs/dsa_block.yaml")))
+    assert block and all(c["block_n"] % 64 == 0 for c in block.values())
+    assert selection_forward_variants(make_plan(load_spec("specs/nsa_paper.yaml"))) == {}
+
+
+# GQA with a separate value load and one Q K^T part (d 64), top_k 24: two trips of 16 keys, the second partial.
+FWD_GQA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_fwdvar_gqa", dtype="fp32",
+                  **{"selection.top_k": 24})
+
+
+@pytest.mark.parametrize("spec", [SCATTER, FWD_GQA], ids=["mla", "gqa"])
+def test_selection_forward_forms_match_the_reference(monkeypatch, spec):
+    """The forward's forms (key_split: S's parts and P through branches; prefetch: the next trip's units carried)
+    against the float64 reference: 16 keys a trip, so the queries past top_k take several trips, the last one
+    partial, and the early queries' -1 slots end their lists. MLA: two Q K^T parts (32 + 16), V the key tile's
+    first 32 dims; GQA: one part and a separate value load. The forms come from V3.2's variants (this tiny spec's
+    tile has no replicated rows, so it has none of its own)."""
+    mod = specgen.load(spec)
+    v32 = selection_forward_variants(make_plan(load_spec("specs/dsa_v32.yaml")))
+    forms = {(c["key_split"], c["prefetch"]) for c in v32.values()}
+    assert forms == {(0, 0), (1, 0), (1, 1), (0, 1)}
+    base = dict(mod.CONFIGS["default"]["selection"])
+    for key_split, prefetch in sorted(forms - {(0, 0)}):
+        monkeypatch.setitem(mod.CONFIGS["default"], "selection",
+                            {**base, "block_n": 16, "key_split": key_split, "prefetch": prefetch})
+        testing.check_forward(mod, spec, 2, 41)

@@ -113,6 +113,9 @@ def expected_kernels(spec: Spec) -> set[str]:
         # Block outer (docs/selection_order.md): the block-outer attention and its merge replace the query-outer one.
         kernels = (kernels - {"_selection_attention_kernel"}) | {"_selection_kv_attention_kernel",
                                                                 "_selection_kv_merge_kernel"}
+    if "_selection_attention_kernel" in kernels:
+        # Its KEY_SPLIT form's P @ V steps (tuning.selection_forward_variants).
+        kernels |= {"_p_operand", "_pv_acc"}
     if spec.needs_compressed_kv:
         kernels.add("_pool_kernel")
     sel = spec.selection

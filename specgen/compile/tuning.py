@@ -46,6 +46,9 @@ def default_configs(plan) -> dict:
         if tile is not None:
             configs[kind] = {"bt": tile.bt, "block_n": tile.block_n, "num_warps": tile.num_warps,
                              "num_stages": tile.num_stages}
+    if "selection" in configs and selection_forward_replicates(plan):
+        # The forms of selection_forward_variants, off: the default launch is the one before they existed.
+        configs["selection"].update(key_split=0, prefetch=0)
     if spec.selection is not None and spec.selection.scorer == "compression":
         rows = plan.score_bt * plan.score_gp
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
@@ -158,6 +161,52 @@ def selection_kv_variants(plan) -> dict:
     wg = {**base, "bq": max(bq, 128 // gp)}
     return {"w8": base, "w4": w4, "km2_w4": {**w4, "key_major": 2}, "km2_w4_s2": {**w4, "key_major": 2, "num_stages": 2},
             "wg": wg, "km2_wg": {**wg, "key_major": 2}}
+
+
+# The selection forward's forms (`selection_forward_variants`; the kernel's KEY_SPLIT and PREFETCH constexprs).
+# bench/kernel_audit.py at DeepSeek-V3.2 (sm_90, aligned operands): the default (64 head rows, 64 keys, 8 warps, 2
+# stages) computes its 64-row S = Q K^T in both warpgroups (Triton's chained-dot rule puts all warps along the
+# rows): 255 registers, no spills, 221440 B shared, 76 wgmma. "ks" (key_split: S once, its 64 key columns split
+# over the two warpgroups, as P @ V's 512 columns already are): 244 / 0 / 229632 B / 40 wgmma, nothing replicated.
+# No GPU timing yet (bench/variants_bench.py --only dsa_fwd): the default stays until one exists.
+SELECTION_FORWARD_DEFAULT = "w8"
+
+
+def selection_forward_replicates(plan) -> bool:
+    """Whether the plan's selection forward tile is one a warpgroup-replicated S would hit: 64-row multiples
+    (wgmma tiles) fewer than 16 rows per warp (64 per warpgroup)."""
+    tile = plan.selection
+    rows = tile.bt * tile.gp
+    return rows % 64 == 0 and rows < 16 * tile.num_warps
+
+
+def selection_forward_variants(plan) -> dict:
+    """{name: launch config} of the selection forward (`_selection_attention_kernel`, launch config `selection`)
+    that bench/variants_bench.py --only dsa_fwd times beside the default, where `selection_forward_replicates`
+    (DeepSeek-V3.2's 64 head rows at 8 warps); {} elsewhere. Fields beyond the tile: `key_split` (1: S computed
+    once, its key columns split over the warpgroups; the kernel routes S's parts and P through branches that
+    Triton's chained-dot rule does not follow) and `prefetch` (1: the next trip's selected units loaded a trip
+    ahead, so that num_stages > 2 keeps num_stages - 1 key tiles in flight; without it the extra stage goes to
+    the index load). Key tiles stay whole units.
+
+    "w8" (the default), "ks" (key_split), "ks_pf" (with prefetch), "ks_k32_s3" / "ks_k32_s4" (32 keys a trip, 3 /
+    4 stages: two / three key tiles in flight, which 64-key tiles cannot fit beside the resident Q), "pf_k32_s4"
+    (the replicated S at that pipeline depth), "ks_w16" (16 warps: 64 rows x 16 keys and 64 x 128 of P @ V per
+    warpgroup). sm_90 compile at V3.2 (bench/kernel_audit.py): registers / spill bytes / shared B / wgmma:
+    w8 255 / 0 / 221440 / 76 (S replicated); ks 244 / 0 / 229632 / 40; ks_pf 255 / 0 / 229376 / 40; ks_k32_s3
+    242 / 0 / 188416 / 38; ks_k32_s4 248 / 0 / 225280 / 38; pf_k32_s4 254 / 0 / 221184 / 74 (replicated);
+    ks_w16 128 / 48 / 229632 / 40."""
+    if not selection_forward_replicates(plan):
+        return {}
+    base = default_configs(plan)["selection"]
+    ks = {**base, "key_split": 1}
+    out = {"w8": base, "ks": ks, "ks_pf": {**ks, "prefetch": 1},
+           "ks_k32_s3": {**ks, "prefetch": 1, "block_n": 32, "num_stages": 3},
+           "ks_k32_s4": {**ks, "prefetch": 1, "block_n": 32, "num_stages": 4},
+           "pf_k32_s4": {**base, "prefetch": 1, "block_n": 32, "num_stages": 4},
+           "ks_w16": {**ks, "num_warps": 16}}
+    unit = plan.unit
+    return {n: c for n, c in out.items() if c["block_n"] % unit == 0 and c["block_n"] >= unit}
 
 
 def scatter_variants(plan) -> dict:
@@ -298,6 +347,10 @@ def candidates(plan, kernel: str) -> list[dict]:
             out.append(cfg)
     if kernel == "selection_scatter":
         out += [c for c in keyed if c not in out]
+    if kernel == "selection":
+        # The forward's named forms join unpruned (the model knows neither the split S nor the prefetch;
+        # bench/kernel_audit.py compiles them).
+        out += [c for c in selection_forward_variants(plan).values() if c not in out]
     return out
 
 
