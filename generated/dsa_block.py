@@ -35,14 +35,14 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 # (`specgen tune`), chosen by device name at the first call.
 CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, "num_warps": 4},
     "preprocess": {"num_warps": 4, "rows": 16}, "select": {"block_n": 128, "bt": 64, "key_major": 1,
-    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 0, "num_stages": 2,
-    "num_warps": 8, "prefetch": 0}, "selection_dkdv": {"block_n": 64, "bq": 1, "num_stages": 1,
+    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
+    "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 64, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"selection": (("key_split", "num_stages", "num_warps", "prefetch"),
-    {"block_n": 64, "bt": 1}, (0, 2, 8, 0), (0, 1, 8, 0), (1, 2, 8, 0), (1, 2, 8, 1), (1, 2, 16, 0)),
+    {"block_n": 64, "bt": 1}, (1, 2, 8, 1), (1, 1, 8, 1), (0, 2, 8, 0), (1, 2, 8, 0), (1, 2, 16, 0)),
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (64, 1, 1, 8))})
 

@@ -38,18 +38,18 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "bq": 1, "num_stages": 1, "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1,
     "num_warps": 8}}, "default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 4096, "num_warps": 4},
     "preprocess": {"num_warps": 4, "rows": 16}, "select": {"block_n": 128, "bt": 64, "key_major": 1,
-    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 0, "num_stages": 2,
-    "num_warps": 8, "prefetch": 0}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
+    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
+    "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
     "selection_scatter": {"block_n": 32, "key_major": 0, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split", "num_stages", "num_warps", "prefetch"),
-    {"bt": 1}, (64, 0, 2, 8, 0), (32, 0, 1, 8, 0), (32, 0, 2, 8, 0), (32, 0, 3, 8, 0), (64, 0, 1, 8, 0),
-    (64, 1, 2, 8, 0), (64, 1, 2, 8, 1), (32, 1, 3, 8, 1), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1),
-    (64, 1, 2, 16, 0)), "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8),
-    (1, 4), (2, 4), (2, 8)), "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
+    {"bt": 1}, (64, 1, 2, 8, 1), (32, 1, 1, 8, 1), (32, 1, 2, 8, 1), (32, 1, 3, 8, 1), (64, 1, 1, 8, 1),
+    (64, 0, 2, 8, 0), (64, 1, 2, 8, 0), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1), (64, 1, 2, 16, 0)),
+    "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_scatter": (("block_n", "key_major", "num_stages", "num_warps"), (32, 0, 1, 8), (16, 0, 1, 8),
     (16, 0, 2, 8), (32, 0, 2, 8), (64, 1, 1, 8), (64, 1, 1, 4), (128, 1, 1, 8))})
 

@@ -77,13 +77,14 @@ def test_scatter_key_major_matches_the_reference(monkeypatch):
 
 
 def test_selection_forward_variants_are_candidates():
-    """V3.2's forward forms are its tuning candidates, the default first and unchanged (no form on); specs whose
-    selection tile has a warpgroup per 64 rows get none."""
+    """V3.2's forward forms are its tuning candidates, the default the timed winner (S once, next units
+    prefetched); specs whose selection tile has a warpgroup per 64 rows get none."""
     plan = make_plan(load_spec("specs/dsa_v32.yaml"))
     variants = selection_forward_variants(plan)
     default = plan.tuning.defaults["selection"]
     assert default == variants[SELECTION_FORWARD_DEFAULT]
-    assert default["key_split"] == 0 and default["prefetch"] == 0
+    assert default["key_split"] == 1 and default["prefetch"] == 1
+    assert variants["w8"]["key_split"] == 0 and variants["w8"]["prefetch"] == 0
     assert {"ks", "ks_pf", "ks_k32_s4"} <= set(variants)
     assert all(v in plan.tuning.candidates["selection"] for v in variants.values())
     # Block selection (64-token units): the 32-key forms would split a unit, so they are left out.

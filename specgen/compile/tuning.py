@@ -47,8 +47,9 @@ def default_configs(plan) -> dict:
             configs[kind] = {"bt": tile.bt, "block_n": tile.block_n, "num_warps": tile.num_warps,
                              "num_stages": tile.num_stages}
     if "selection" in configs and selection_forward_replicates(plan):
-        # The forms of selection_forward_variants, off: the default launch is the one before they existed.
-        configs["selection"].update(key_split=0, prefetch=0)
+        # The form of selection_forward_variants that computes S once and prefetches the next trip's units
+        # (SELECTION_FORWARD_DEFAULT): 1.35-1.38x the replicated form on the GPU.
+        configs["selection"].update(key_split=1, prefetch=1)
     if spec.selection is not None and spec.selection.scorer == "compression":
         rows = plan.score_bt * plan.score_gp
         configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
@@ -168,8 +169,11 @@ def selection_kv_variants(plan) -> dict:
 # stages) computes its 64-row S = Q K^T in both warpgroups (Triton's chained-dot rule puts all warps along the
 # rows): 255 registers, no spills, 221440 B shared, 76 wgmma. "ks" (key_split: S once, its 64 key columns split
 # over the two warpgroups, as P @ V's 512 columns already are): 244 / 0 / 229632 B / 40 wgmma, nothing replicated.
-# No GPU timing yet (bench/variants_bench.py --only dsa_fwd): the default stays until one exists.
-SELECTION_FORWARD_DEFAULT = "w8"
+# Timed (bench/variants_bench.py --only dsa_fwd, H200, commit 757f133; bench/results/kernels/
+# 2026-12-06_dsa_fwd_variants_757f133.jsonl): V3.2's selection kernel 31.50 -> 22.81 ms at 16k (278 -> 384
+# TFLOP/s) and 140.3 -> 105.3 ms at 64k (262 -> 349) with "ks_pf"; "ks" within 3% of it, the 32-key and 16-warp
+# forms slower. So "ks_pf" is the default wherever the tile replicates; "w8" stays a named variant.
+SELECTION_FORWARD_DEFAULT = "ks_pf"
 
 
 def selection_forward_replicates(plan) -> bool:
@@ -189,7 +193,7 @@ def selection_forward_variants(plan) -> dict:
     ahead, so that num_stages > 2 keeps num_stages - 1 key tiles in flight; without it the extra stage goes to
     the index load). Key tiles stay whole units.
 
-    "w8" (the default), "ks" (key_split), "ks_pf" (with prefetch), "ks_k32_s3" / "ks_k32_s4" (32 keys a trip, 3 /
+    "w8" (the replicated form, the default before the timing), "ks" (key_split), "ks_pf" (with prefetch: the default), "ks_k32_s3" / "ks_k32_s4" (32 keys a trip, 3 /
     4 stages: two / three key tiles in flight, which 64-key tiles cannot fit beside the resident Q), "pf_k32_s4"
     (the replicated S at that pipeline depth), "ks_w16" (16 warps: 64 rows x 16 keys and 64 x 128 of P @ V per
     warpgroup). sm_90 compile at V3.2 (bench/kernel_audit.py): registers / spill bytes / shared B / wgmma:
@@ -198,7 +202,7 @@ def selection_forward_variants(plan) -> dict:
     ks_w16 128 / 48 / 229632 / 40."""
     if not selection_forward_replicates(plan):
         return {}
-    base = default_configs(plan)["selection"]
+    base = {**default_configs(plan)["selection"], "key_split": 0, "prefetch": 0}
     ks = {**base, "key_split": 1}
     out = {"w8": base, "ks": ks, "ks_pf": {**ks, "prefetch": 1},
            "ks_k32_s3": {**ks, "prefetch": 1, "block_n": 32, "num_stages": 3},
