@@ -177,16 +177,3 @@ def test_tune_kernels_rejects_an_unknown_kernel(monkeypatch, tmp_path):
     text = str(info.value)
     assert "window_dkvd" in text and "window_dkdv" in text and "nsa_small" in text, text
 
-
-
-def test_a_record_tuned_before_a_config_field_existed_keeps_the_defaults_value(monkeypatch):
-    """V3.2's H100 record predates the selection forward's key_split / prefetch forms: on that GPU its tuned tile
-    runs with the default's forms, not with the kernel's constexpr defaults (the replicated form)."""
-    monkeypatch.setattr(runtime, "_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    mod = specgen.load("specs/dsa_v32.yaml")
-    record = mod.CONFIGS["NVIDIA H100 80GB HBM3"]["selection"]
-    assert "key_split" not in record
-    cfg = runtime.launch_config(mod.CONFIGS, "selection")
-    assert {k: cfg[k] for k in record} == record
-    assert cfg["key_split"] == mod.CONFIGS["default"]["selection"]["key_split"] == 1
-    assert runtime.tuned_config(mod.CONFIGS, "no_such_kernel") is None

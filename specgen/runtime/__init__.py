@@ -281,11 +281,8 @@ def _device_name() -> str:
 
 
 def tuned_config(configs: dict, kernel: str) -> dict | None:
-    """The tuning record's config of `kernel` for the current GPU (baked into the module) over the plan's default,
-    or None: a record tuned before a config field existed (a kernel form added later) keeps the default's value
-    for it, as runtime.indexer.configs does."""
-    tuned = configs.get(_device_name(), {}).get(kernel)
-    return None if tuned is None else {**configs.get("default", {}).get(kernel, {}), **tuned}
+    """The tuning record's config of `kernel` for the current GPU (baked into the module), or None."""
+    return configs.get(_device_name(), {}).get(kernel)
 
 
 def launch_config(configs: dict, kernel: str) -> dict:
