@@ -11,7 +11,7 @@ head dims are multiples of 8): without it the compiler cannot vectorise or pipel
 aligned addresses) and reports a kernel unlike the one the GPU runs. An experiment tool: the record of truth is the device's compiler report (`specgen bench`).
 
 Also the library of the other offline reports (bench/cmp_bwd_offline.py, bench/distill_offline.py,
-bench/kernel_audit.py): `compile_kernel`, `resource_usage`, `dtype_of` (a module's pointer type), `kernel_report`
+bench/dsa_fwd_offline.py, bench/kernel_audit.py): `compile_kernel`, `resource_usage`, `dtype_of` (a module's pointer type), `kernel_report`
 (what a compiled kernel uses) and `compile_report` (compile one launch config and report it, a rejected config
 being a result too), and `Rows` (rows printed as they come and appended to a JSON-lines file).
 """
@@ -104,15 +104,16 @@ def kernel_report(k) -> dict:
 
 
 def compile_report(fn, dtype: str, overrides: dict, num_warps: int, num_stages: int, *, aligned: bool = True,
-                   error_chars: int = 300) -> dict:
-    """compile_kernel with the operands aligned (by default) and its kernel_report plus `compile_s`; a config the
-    compiler rejects is a result too: {"error": "<exception>: <its first error_chars characters>"}."""
+                   error_chars: int = 300, extra=None) -> dict:
+    """compile_kernel with the operands aligned (by default) and its kernel_report, `extra(kernel)`'s fields if
+    given (kernel_audit.dot_report: the matrix products), and `compile_s`; a config the compiler rejects is a
+    result too: {"error": "<exception>: <its first error_chars characters>"}."""
     t0 = time.time()
     try:
         k = compile_kernel(fn, dtype, overrides, num_warps, num_stages, aligned=aligned)
     except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)
         return {"error": f"{type(e).__name__}: {str(e)[:error_chars]}"}
-    return {**kernel_report(k), "compile_s": round(time.time() - t0, 1)}
+    return {**kernel_report(k), **(extra(k) if extra else {}), "compile_s": round(time.time() - t0, 1)}
 
 
 class Rows:
