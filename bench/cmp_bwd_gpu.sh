@@ -8,14 +8,11 @@
 # <day>_cmp_bwd.jsonl, cmp_bwd_tests.log, nvidia-smi.txt.
 # Usage on the GPU machine: bash bench/cmp_bwd_gpu.sh   (TEST_TIMEOUT / BENCH_TIMEOUT to re-split the 10 minutes)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/cmp_bwd.log"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
-echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee "$log"
+gpu_smi | tee "$OUT/nvidia-smi.txt"
+echo "commit $COMMIT" | tee "$log"
 timeout ${BENCH_TIMEOUT:-380} python bench/cmp_bwd.py specs/models/model_llama3_8b.yaml --window \
     specs/models/model_qwen25_7b.yaml specs/models/model_gemma2_9b.yaml specs/nsa_config_a.yaml \
     --seqlens 32768 65536 --reps 10 --json "$OUT/${day}_cmp_bwd.jsonl" 2>&1 | tee -a "$log"

@@ -5,9 +5,9 @@
 # backward passes of SPECS at SEQLENS, old then new then old again (the spread between the two old runs is the noise).
 #   OLD=.old SPECS="specs/nsa_paper.yaml" SEQLENS="16384" bash bench/compare_commits.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+GPU_ENV_TREE=no   # each tree's own SPECGEN_CACHE and PYTHONPATH, in run()
+source "$(dirname "$0")/gpu_env.sh"
 OLD=${OLD:-.old}
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0} TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1
 run() {  # run TREE LABEL
   local tree=$1 label=$2
   echo "## $label ($tree)"

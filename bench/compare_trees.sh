@@ -5,9 +5,9 @@
 # first_use.py on the new tree. OLD and NEW are checkouts (`git archive C | tar -x -C .old`) carried to the device.
 #   OLD=.old NEW=.new bash bench/compare_trees.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+GPU_ENV_AUTOTUNE=off GPU_ENV_TREE=no   # each tree's own SPECGEN_CACHE and PYTHONPATH, in run()
+source "$(dirname "$0")/gpu_env.sh"
 OLD=${OLD:-.old}; NEW=${NEW:-.}
-export SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1
 run() {  # run TREE LABEL
   local tree=$1 label=$2
   (cd "$tree" && export PYTHONPATH=$PWD SPECGEN_CACHE=$PWD/.specgen-cache &&

@@ -9,17 +9,24 @@ Triton's JIT specialises it on the GPU (16-byte-aligned tensors, sizes and strid
 `--aligned` says so of every pointer and of the Q/K/V strides, T and the split sizes (contiguous operands whose
 head dims are multiples of 8): without it the compiler cannot vectorise or pipeline the tile loads (cp.async needs
 aligned addresses) and reports a kernel unlike the one the GPU runs. An experiment tool: the record of truth is the device's compiler report (`specgen bench`).
+
+Also the library of the other offline reports (bench/cmp_bwd_offline.py, bench/distill_offline.py,
+bench/dsa_fwd_offline.py, bench/kernel_audit.py): `compile_kernel`, `resource_usage`, `dtype_of` (a module's pointer type), `kernel_report`
+(what a compiled kernel uses) and `compile_report` (compile one launch config and report it, a rejected config
+being a result too), and `Rows` (rows printed as they come and appended to a JSON-lines file).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("TRITON_INTERPRET", "0")  # compile, do not interpret (specgen turns it on without a GPU)
 import triton  # noqa: E402
@@ -79,6 +86,48 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
 
 
+DTYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
+
+
+def dtype_of(mod) -> str:
+    """The pointer type of a generated module's tensors (its DTYPE): compile_kernel's `dtype`."""
+    return DTYPES[str(mod.DTYPE)]
+
+
+def kernel_report(k) -> dict:
+    """What a compiled kernel uses: registers per thread, spill-store bytes, shared memory, and the matrix
+    instructions of its PTX (wgmma, mma.sync)."""
+    regs, spill = resource_usage(k.asm["cubin"])
+    ptx = k.asm["ptx"]
+    return {"registers": regs, "spill_bytes": spill, "smem": k.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync")}
+
+
+def compile_report(fn, dtype: str, overrides: dict, num_warps: int, num_stages: int, *, aligned: bool = True,
+                   error_chars: int = 300, extra=None) -> dict:
+    """compile_kernel with the operands aligned (by default) and its kernel_report, `extra(kernel)`'s fields if
+    given (kernel_audit.dot_report: the matrix products), and `compile_s`; a config the compiler rejects is a
+    result too: {"error": "<exception>: <its first error_chars characters>"}."""
+    t0 = time.time()
+    try:
+        k = compile_kernel(fn, dtype, overrides, num_warps, num_stages, aligned=aligned)
+    except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)
+        return {"error": f"{type(e).__name__}: {str(e)[:error_chars]}"}
+    return {**kernel_report(k), **(extra(k) if extra else {}), "compile_s": round(time.time() - t0, 1)}
+
+
+class Rows:
+    """A report's rows: each printed as it comes (flushed), and appended as one JSON line to `path` if given."""
+
+    def __init__(self, path: str | None):
+        self.out = open(path, "a") if path else None
+
+    def add(self, row: dict, text: str) -> None:
+        print(text, flush=True)
+        if self.out:
+            self.out.write(json.dumps(row) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec")
@@ -89,11 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--aligned", action="store_true", help="pointers, Q/K/V strides, T and split sizes divisible by 16")
     args = ap.parse_args(argv)
     mod = specgen.load(load_spec(args.spec))
-    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
     overrides = dict(s.split("=", 1) for s in args.sig)
-    k = compile_kernel(getattr(mod, args.kernel), dtype, overrides, args.warps, args.stages, args.aligned)
-    regs, spills = resource_usage(k.asm["cubin"])
-    print(f"{args.kernel}: {regs} registers, {spills} spill bytes (stores), {k.metadata.shared} B shared "
+    k = compile_kernel(getattr(mod, args.kernel), dtype_of(mod), overrides, args.warps, args.stages, args.aligned)
+    r = kernel_report(k)
+    print(f"{args.kernel}: {r['registers']} registers, {r['spill_bytes']} spill bytes (stores), {r['smem']} B shared "
           f"({args.warps} warps, {args.stages} stages)")
     return 0
 

@@ -10,12 +10,9 @@
 # Install on the GPU machine (no network): PYTHONPATH=$PWD (set below). Set SPECGEN_COMMIT (the device copy may have
 # no .git). Written to $OUT: decode_tests_<commit>.log, decode_bench_<commit>.log, results/<date>_nsa_paper_decode.jsonl.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
+source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT/results"
-COMMIT=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 PHASE=${PHASE:-all}
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
   echo "no CUDA device: this script times and checks the GPU paths" | tee "$OUT/decode_tests_${COMMIT}.log"; exit 2; }
 header() {

@@ -5,11 +5,7 @@
 #   bash bench/decode_gpu_check.sh bench   # specgen bench --decode (contexts 8k..128k, batch 1 and 64); SPECS=
 # Set SPECGEN_COMMIT (the device copy has no .git). Records and logs go to $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# Specs without a tuning record would autotune on their first calls: tests use the defaults (docs/tuning.md).
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
+source "$(dirname "$0")/gpu_env.sh"
 case "${1:-tests}" in
   tests)
     timeout ${TEST_TIMEOUT:-570} python -m pytest -v -rfE --tb=short -p no:cacheprovider -k decode \

@@ -9,13 +9,8 @@
 # Install on the GPU machine (no network): pip install --no-deps -e .   (or rely on PYTHONPATH=$PWD, set below).
 # Set SPECGEN_COMMIT (the device copy may have no .git). The log goes to $OUT/decode_hardening_<commit>.log.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-COMMIT=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+source "$(dirname "$0")/gpu_env.sh"
 LOG="$OUT/decode_hardening_${COMMIT}.log"
-# Specs without a tuning record would autotune on their first calls: tests use the defaults (docs/tuning.md).
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
 {
   echo "# decode hardening GPU check, commit $COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   python - <<'PY'

@@ -8,12 +8,8 @@
 # Two files under $OUT: detmode.log and <date>_detmode.jsonl.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> bash bench/detmode_gpu.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/detmode.log"
+source "$(dirname "$0")/gpu_env.sh"
+gpu_smi name,memory.total noheader | tee "$OUT/detmode.log"
 timeout ${BENCH_TIMEOUT:-140} python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens 16384 --reps 3 --det-reps 3 \
     --profile 15 --bitwise --former-index --json "$OUT/${day}_detmode.jsonl" 2>&1 | tee -a "$OUT/detmode.log"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/detmode.log"

@@ -8,15 +8,10 @@
 # <day>_distill_paths.jsonl, nvidia-smi.txt.
 # Usage on the GPU machine: bash bench/distill_gpu.sh   (TEST_TIMEOUT / BENCH_TIMEOUT re-split the 10 minutes)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/distill_gpu.log"
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv \
-    | tee "$OUT/nvidia-smi.txt"
-echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee "$log"
+gpu_smi name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw | tee "$OUT/nvidia-smi.txt"
+echo "commit $COMMIT" | tee "$log"
 timeout ${TEST_TIMEOUT:-170} python -m pytest -v -rfE --tb=short -p no:cacheprovider generated/test_dsa_v32.py \
     -m gpu -k "distillation" 2>&1 | tee "$OUT/distill_tests.log" \
     | grep -E "PASSED|FAILED|ERROR|passed|failed" | tee -a "$log"

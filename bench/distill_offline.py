@@ -9,14 +9,12 @@ Usage: python bench/distill_offline.py [SPEC] [--kernel _distill_dq_sparse_kerne
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(__file__))
-from compile_offline import compile_kernel, resource_usage  # noqa: E402
+from compile_offline import Rows, compile_report, dtype_of  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.model.spec import load_spec  # noqa: E402
@@ -29,21 +27,8 @@ KERNELS = ("_distill_fwd_sparse_kernel", "_distill_dq_sparse_kernel", "_distill_
 
 
 def report(mod, kernel: str, warps: int, stages: int, consts: dict) -> dict:
-    fn = getattr(mod, kernel)
-    params = fn.fn.__code__.co_varnames[:fn.fn.__code__.co_argcount]
-    ov = {k: v for k, v in SIG.items() if k in params}
-    ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
-    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
-    t0 = time.time()
-    try:
-        k = compile_kernel(fn, dtype, ov, warps, stages, aligned=True)
-    except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    regs, spill = resource_usage(k.asm["cubin"])
-    ptx = k.asm["ptx"]
-    return {"registers": regs, "spill_bytes": spill, "smem": k.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"),
-            "compile_s": round(time.time() - t0, 1)}
+    ov = dict(SIG, **{k: f"constexpr={v}" for k, v in consts.items()})   # names the kernel lacks are left out
+    return compile_report(getattr(mod, kernel), dtype_of(mod), ov, warps, stages)
 
 
 def main(argv=None) -> int:
@@ -58,20 +43,16 @@ def main(argv=None) -> int:
     consts = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
     spec = load_spec(args.spec)
     mod = specgen.load(spec)
-    out = open(args.json, "a") if args.json else None
+    rows = Rows(args.json)
     for kernel in args.kernel:
         for w in args.warps:
             for st in args.stages:
                 r = report(mod, kernel, w, st, consts)
-                line = {"spec": spec.name, "kernel": kernel, "warps": w, "stages": st, **consts, **r}
-                if "error" in r:
-                    print(f"{kernel:30s} w{w} s{st} {consts}: {r['error']}", flush=True)
-                else:
-                    print(f"{kernel:30s} w{w} s{st} {consts}: {r['registers']:3d} regs {r['spill_bytes']:5d} spill "
-                          f"{r['smem']:6d} B smem {r['wgmma']:4d} wgmma {r['mma_sync']:3d} mma.sync "
-                          f"({r['compile_s']} s)", flush=True)
-                if out:
-                    out.write(json.dumps(line) + "\n")
+                head = f"{kernel:30s} w{w} s{st} {consts}:"
+                rows.add({"spec": spec.name, "kernel": kernel, "warps": w, "stages": st, **consts, **r},
+                         f"{head} {r['error']}" if "error" in r else
+                         f"{head} {r['registers']:3d} regs {r['spill_bytes']:5d} spill {r['smem']:6d} B smem "
+                         f"{r['wgmma']:4d} wgmma {r['mma_sync']:3d} mma.sync ({r['compile_s']} s)")
     return 0
 
 

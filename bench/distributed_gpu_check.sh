@@ -7,9 +7,7 @@
 #      (fp32 and bf16 autocast), 50 steps, NSA layer (DSA with FAMILY=dsa); --compare checks the loss curves.
 # Records and logs go to $OUT (set SPECGEN_COMMIT: the device copy's .git may be stale).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0} TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 N=$(python -c "import torch; print(torch.cuda.device_count())")
 FAMILY=${FAMILY:-nsa}
 LOG="$OUT/distributed_${SPECGEN_COMMIT:-unknown}_${N}gpu.log"

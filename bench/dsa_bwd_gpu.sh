@@ -5,12 +5,8 @@
 # deterministic in the same run, and the forward for reference (bench/dsa_bwd.py). Logs under $OUT.
 # Usage on the GPU machine: bash bench/dsa_bwd_gpu.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/dsa_bwd.log"
+source "$(dirname "$0")/gpu_env.sh"
+gpu_smi name,memory.total noheader | tee "$OUT/dsa_bwd.log"
 timeout ${TEST_TIMEOUT:-300} python -m pytest -v -rfE --tb=short generated/test_dsa_v32.py \
     -k "backward_realistic or backward_deterministic or scatter_matches" 2>&1 \
     | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tee -a "$OUT/dsa_bwd.log"

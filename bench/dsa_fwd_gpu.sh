@@ -8,13 +8,10 @@
 # Files under $OUT (3): dsa_fwd.log, <day>_dsa_fwd_variants.jsonl, nvidia-smi.txt.
 # Usage on the GPU machine: bash bench/dsa_fwd_gpu.sh   (FWD_TIMEOUT caps the bench; VARIANTS="ks ks_pf" a subset)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/dsa_fwd.log"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
-echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee "$log"
+gpu_smi | tee "$OUT/nvidia-smi.txt"
+echo "commit $COMMIT" | tee "$log"
 timeout ${FWD_TIMEOUT:-190} python bench/variants_bench.py --only dsa_fwd --calls 2 ${VARIANTS:+--variants $VARIANTS} \
     --json "$OUT/${day}_dsa_fwd_variants.jsonl" 2>&1 | tee -a "$log"

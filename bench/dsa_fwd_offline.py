@@ -10,15 +10,13 @@ Usage: python bench/dsa_fwd_offline.py [SPEC ...] [--variants NAME ...] [--varle
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(__file__))
-from compile_offline import compile_kernel, resource_usage  # noqa: E402
-from kernel_audit import dots_of, fmt_dots  # noqa: E402
+from compile_offline import Rows, compile_report, dtype_of  # noqa: E402
+from kernel_audit import dot_report, fmt_dots  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.compile.plan import make_plan  # noqa: E402
@@ -38,18 +36,8 @@ def report(mod, cfg: dict, varlen: bool = False) -> dict:
     flags = dict(HAS_PREV=0, LAST=1, SAVE_BRANCH=0, WIDEN=0, VARLEN=int(varlen), PREFILL=int(varlen))
     ov.update({k: f"constexpr={v}" for k, v in flags.items()})
     ov.update({META[k]: f"constexpr={v}" for k, v in cfg.items() if k in META})
-    dtype = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}[str(mod.DTYPE)]
-    t0 = time.time()
-    try:
-        k = compile_kernel(fn, dtype, ov, cfg["num_warps"], cfg["num_stages"], aligned=True)
-    except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)
-        return {"error": f"{type(e).__name__}: {str(e)[:160]}"}
-    regs, spill = resource_usage(k.asm["cubin"])
-    ptx = k.asm["ptx"]
-    dots = dots_of(k.asm["ttgir"])
-    return {"registers": regs, "spill_bytes": spill, "smem": k.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "mma_sync": ptx.count("mma.sync"), "dots": dots,
-            "rep": max([d["rep"] for d in dots], default=1), "compile_s": round(time.time() - t0, 1)}
+    return compile_report(fn, dtype_of(mod), ov, cfg["num_warps"], cfg["num_stages"], error_chars=160,
+                          extra=dot_report)
 
 
 def main(argv=None) -> int:
@@ -59,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--varlen", action="store_true", help="the packed (VARLEN, PREFILL) specialisation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    out = open(args.json, "a") if args.json else None
+    rows = Rows(args.json)
     for path in args.specs:
         spec = load_spec(path)
         mod = specgen.load(spec)
@@ -67,16 +55,12 @@ def main(argv=None) -> int:
             if args.variants and name not in args.variants:
                 continue
             r = report(mod, cfg, args.varlen)
-            line = {"spec": spec.name, "variant": name, "varlen": args.varlen, **cfg, **r}
-            if "error" in r:
-                print(f"{spec.name:10s} {name:10s} {r['error']}", flush=True)
-            else:
-                print(f"{spec.name:10s} {name:10s} keys {cfg['block_n']:3d} ks {cfg['key_split']} pf {cfg['prefetch']} "
-                      f"w {cfg['num_warps']:2d} st {cfg['num_stages']}: {r['registers']:3d} regs {r['spill_bytes']:4d} "
-                      f"spill {r['smem']:6d} B smem {r['wgmma']:3d} wgmma {r['mma_sync']:3d} mma.sync rep {r['rep']}  "
-                      f"{fmt_dots(r['dots'])}", flush=True)
-            if out:
-                out.write(json.dumps(line) + "\n")
+            rows.add({"spec": spec.name, "variant": name, "varlen": args.varlen, **cfg, **r},
+                     f"{spec.name:10s} {name:10s} {r['error']}" if "error" in r else
+                     f"{spec.name:10s} {name:10s} keys {cfg['block_n']:3d} ks {cfg['key_split']} pf {cfg['prefetch']} "
+                     f"w {cfg['num_warps']:2d} st {cfg['num_stages']}: {r['registers']:3d} regs {r['spill_bytes']:4d} "
+                     f"spill {r['smem']:6d} B smem {r['wgmma']:3d} wgmma {r['mma_sync']:3d} mma.sync rep {r['rep']}  "
+                     f"{fmt_dots(r['dots'])}")
     return 0
 
 

@@ -3,12 +3,7 @@
 # memory/speed probe of indexer + top-k, sparse attention and the distillation loss at 16k/32k/64k, and the same
 # probe with a bf16 indexer for the fp8 comparison. Usage on the GPU machine: bash bench/dsa_gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# Specs without a tuning record would autotune on their first calls: tests use the defaults (docs/tuning.md).
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+source "$(dirname "$0")/gpu_env.sh"
 timeout ${TEST_TIMEOUT:-330} python -m pytest -v -rfE --tb=short generated/test_dsa_v32.py generated/test_dsa_block.py \
     generated/test_dsa_small.py 2>&1 | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed" | tee "$OUT/dsa_tests.log"
 timeout ${BENCH_TIMEOUT:-200} python bench/dsa_memory.py specs/dsa_v32.yaml \

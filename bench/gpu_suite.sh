@@ -12,10 +12,8 @@
 # beside each other are then rerun one at a time on the warm cache (`--last-failed`), and only that second verdict
 # counts (both logs come back).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache \
-       PYTHONUNBUFFERED=1
-commit=${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 phase=${1:-both}; shift || true
 case ${SHARD:-} in
   1) FILES="generated/test_dsa_v32.py generated/test_nsa_config_a.py" ;;
@@ -27,13 +25,13 @@ case ${SHARD:-} in
   *) echo "SHARD must be 1..5 (got $SHARD)" >&2; exit 2 ;;
 esac
 header() {
-  echo "# commit $commit, $(date -u +%Y-%m-%dT%H:%M:%SZ), $1"
+  echo "# commit $COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ), $1"
   python -c "import sys, torch, triton; print('# python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 }
 run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
   local name=$1 mark=$2; shift 2
   local files=${FILES:-generated tests}
-  local log="$OUT/gpu_tests_${name}_${commit}${FILES:+_$(echo $files | md5sum | cut -c1-6)}.log"
+  local log="$OUT/gpu_tests_${name}_${COMMIT}${FILES:+_$(echo $files | md5sum | cut -c1-6)}.log"
   header "python -m pytest -q -rfE --durations=15 -m '$mark' $* $files" > "$log"
   python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files >> "$log" 2>&1
   echo "# exit status $?" >> "$log"
@@ -41,7 +39,7 @@ run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
 }
 run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its failures one at a time
   local files=${FILES:-generated tests}
-  local log="$OUT/gpu_tests_gpu_only_${commit}_parallel.log" relog="$OUT/gpu_tests_gpu_only_${commit}_rerun.log"
+  local log="$OUT/gpu_tests_gpu_only_${COMMIT}_parallel.log" relog="$OUT/gpu_tests_gpu_only_${COMMIT}_rerun.log"
   header "python -m pytest -m skipif -n $GPU_WORKERS $* $files, then --last-failed one at a time" > "$log"
   python -m pytest -v -rfE --durations=15 -W ignore -m skipif -n "$GPU_WORKERS" "$@" $files >> "$log" 2>&1
   local rc=$?

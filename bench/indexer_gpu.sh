@@ -6,13 +6,9 @@
 # score tile, five-pass select) against the new variants in the same run (bench/indexer_bench.py). Logs under $OUT.
 # Usage on the GPU machine: bash bench/indexer_gpu.sh   (SEQLENS="16384 32768" VARIANTS="..." narrow it)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/indexer.log"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
+gpu_smi name,memory.total noheader | tee "$log"
 timeout ${TEST_TIMEOUT:-180} python -m pytest -v -rfE --tb=short tests/test_indexer_topk.py \
     generated/test_dsa_v32.py generated/test_dsa_block.py generated/test_dsa_small.py generated/test_nsa_token.py \
     -k "index or radix or score_forms or packed or varlen_forward_small" 2>&1 \

@@ -222,10 +222,16 @@ def dots_of(ttgir: str) -> list[dict]:
     return out
 
 
+def dot_report(k) -> dict:
+    """A compiled kernel's matrix products (dots_of its TTGIR) and the worst one's replication (`rep`)."""
+    dots = dots_of(k.asm["ttgir"])
+    return {"dots": dots, "rep": max([d["rep"] for d in dots], default=1)}
+
+
 def compile_launch(task: dict) -> dict:
     os.environ["TRITON_INTERPRET"] = "0"
     sys.path.insert(0, HERE)
-    from compile_offline import resource_usage
+    from compile_offline import kernel_report
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
@@ -261,12 +267,7 @@ def compile_launch(task: dict) -> dict:
     except Exception as e:  # noqa: BLE001 (a launch the compiler rejects is a finding too)
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return row
-    regs, spill = resource_usage(k.asm["cubin"])
-    ptx = k.asm["ptx"]
-    dots = dots_of(k.asm["ttgir"])
-    row.update(registers=regs, spill_bytes=spill, smem=k.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
-               mma_sync=ptx.count("mma.sync"), dots=dots, rep=max([d["rep"] for d in dots], default=1),
-               compile_s=round(time.time() - t0, 1))
+    row.update(kernel_report(k), **dot_report(k), compile_s=round(time.time() - t0, 1))
     return row
 
 

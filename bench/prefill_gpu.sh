@@ -8,12 +8,8 @@
 #      cache.prefill), nsa_paper and dsa_v32.
 # Logs and JSON rows go under $OUT (3 files). Usage on the GPU machine: bash bench/prefill_gpu.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/${day}_prefill_gpu_tests.log" 2>&1
+source "$(dirname "$0")/gpu_env.sh"
+gpu_smi name,memory.total noheader > "$OUT/${day}_prefill_gpu_tests.log" 2>&1
 # The gpu-marked cases and the timing first (the budget's point), then the CPU-sized cases on CUDA.
 timeout ${TEST_TIMEOUT:-200} python -m pytest -v -rfE --tb=short tests/test_prefill.py -k realistic --durations=5 2>&1 \
     | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed|s call" | tee -a "$OUT/${day}_prefill_gpu_tests.log"

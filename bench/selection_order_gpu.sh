@@ -3,13 +3,7 @@
 # both orders against float64, then both orders timed in one process. Logs land in $OUT.
 # Usage: SPECGEN_COMMIT=<sha> bash bench/selection_order_gpu.sh "SEQLENS" SPEC...
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache
-# The package from this tree: `python bench/<script>.py` puts bench/, not the tree, on sys.path, and the
-# device machine's editable install may point elsewhere.
-export PYTHONPATH=$PWD
+source "$(dirname "$0")/gpu_env.sh"
 c=${SPECGEN_COMMIT:-unknown}
 seqlens=$1; shift
 python -m pytest -q tests/test_selection_order.py 2>&1 | tail -3 | tee "$OUT/gpu_tests_selection_order_$c.log"

@@ -8,15 +8,15 @@
 #   4. the block-outer selection backward's launch config at Llama-3 heads, 64k: `wg` (the default) vs `w8`.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> bash bench/session11_gpu.sh
 set -uo pipefail
-FINAL=${OUT:-/tmp/out}
+source "$(dirname "$0")/gpu_env.sh"   # the environment each piece's script sets for itself too
+FINAL=$OUT
 W=/tmp/session11_out
-mkdir -p "$W" "$FINAL"
+mkdir -p "$W"
 pack() { tar -czf "$FINAL/all.tgz" -C "$W" . ; }
 OUT=$W/distill TEST_TIMEOUT=${T1:-150} BENCH_TIMEOUT=1 bash bench/distill_gpu.sh; pack
 OUT=$W/dsafwd FWD_TIMEOUT=${T2:-170} bash bench/dsa_fwd_gpu.sh; pack
 OUT=$W/detmode BENCH_TIMEOUT=${T3:-120} bash bench/detmode_gpu.sh; pack
 mkdir -p "$W/variants"
-PYTHONPATH=$PWD SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache SPECGEN_CACHE=$PWD/.specgen-cache \
-    PYTHONUNBUFFERED=1 timeout ${T4:-110} python bench/variants_bench.py --only llama --reps 3 --variants wg w8 \
+SPECGEN_AUTOTUNE=0 timeout ${T4:-110} python bench/variants_bench.py --only llama --reps 3 --variants wg w8 \
     --json "$W/variants/variants_llama.jsonl" 2>&1 | tee "$W/variants/variants_llama.log" | tail -15
 pack

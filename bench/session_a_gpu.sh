@@ -5,14 +5,12 @@
 #   3. DSA's scatter backward: GPU tests, compile report, timing vs the deterministic path (bench/dsa_bwd_gpu.sh)
 # Logs under $OUT. Usage on the GPU machine: SPECGEN_COMMIT=<sha> bash bench/session_a_gpu.sh
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0 TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache \
-       PYTHONPATH=$PWD
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - start) )); }
-day=$(date +%F)
 log="$OUT/cmp_bwd.log"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$log"
+gpu_smi | tee "$log"
 echo "commit ${SPECGEN_COMMIT:-unknown}" | tee -a "$log"
 timeout 170 python bench/cmp_bwd.py specs/models/model_llama3_8b.yaml --window --seqlens 65536 --reps 10 \
     --json "$OUT/${day}_cmp_bwd.jsonl" 2>&1 | tee -a "$log"

@@ -3,9 +3,8 @@
 # bake them into the generated modules, then time every pass (`specgen bench`) with the records in place.
 # Usage on the GPU machine: bash bench/tune_gpu.sh "<specs to tune>" "<specs to bench>" [seqlen] [bench lengths...]
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
+GPU_ENV_AUTOTUNE=keep   # the tuner times the candidates itself
+source "$(dirname "$0")/gpu_env.sh"
 TUNE=$1; BENCH=$2; SEQLEN=${3:-16384}; shift 3 || shift $#
 LENGTHS=${*:-8192 32768 65536}
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"

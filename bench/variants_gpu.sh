@@ -10,14 +10,11 @@
 # Files under $OUT (4): variants.log, <day>_variants.jsonl, variants_tests.log, nvidia-smi.txt.
 # Usage on the GPU machine: bash bench/variants_gpu.sh   (LLAMA_TIMEOUT / DSA_TIMEOUT / TEST_TIMEOUT re-split it)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/variants.log"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
-echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee "$log"
+gpu_smi | tee "$OUT/nvidia-smi.txt"
+echo "commit $COMMIT" | tee "$log"
 timeout ${LLAMA_TIMEOUT:-240} python bench/variants_bench.py --only llama --reps 5 \
     --json "$OUT/${day}_variants.jsonl" 2>&1 | tee -a "$log"
 timeout ${DSA_TIMEOUT:-240} python bench/variants_bench.py --only dsa --reps 3 \

@@ -11,12 +11,7 @@
 # (default: all; on an H100 leave out test_dsa_v32/test_dsa_block, whose 64k MLA forward peaks near 67 GB: H200).
 # PHASES=tests or PHASES=cost runs one phase (the device tool allows 10 minutes per command).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-# Specs without a tuning record would autotune on their first calls: tests use the defaults (docs/tuning.md).
-export SPECGEN_AUTOTUNE=${SPECGEN_AUTOTUNE:-0}
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+source "$(dirname "$0")/gpu_env.sh"
 phases=${PHASES:-"tests cost"}
 files=("$@")
 [ ${#files[@]} -eq 0 ] && files=(generated/test_*.py tests/test_varlen.py tests/test_varlen_backward.py)
