@@ -49,19 +49,16 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 _CSR = runtime_backward._csr
 
 
-def _former_csr(segment, tok, valid, n_seg: int, tile: int, unit: int, units_per_tile: int):
+def _former_csr(comp, R: int, n_seg: int, units_per_tile: int):
     """runtime.backward._csr as it was before commit cbcb3dd (several units per tile): the runs compacted by two
     scatter_ calls that send every non-first entry to one spare slot. Kept here to time it against the current
-    build in deterministic mode, where torch takes scatter_ through its sort-based index_put_."""
+    build in deterministic mode, where torch takes scatter_ through its sort-based index_put_. Takes the sorted
+    keys, as runtime.backward._csr does now."""
     if units_per_tile == 1:
-        return _CSR(segment, tok, valid, n_seg, tile, unit, units_per_tile)
-    R = segment.shape[1]
-    device = segment.device
-    t = torch.arange(R, device=device).view(1, R, 1, 1)
-    key = segment * R + t
+        return _CSR(comp, R, n_seg, units_per_tile)
+    device = comp.device
     padding = torch.iinfo(torch.int64).max
     upt = units_per_tile
-    comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // unit, padding).flatten()).values
     real = comp != padding
     key = torch.where(real, comp // upt, padding)
     n = comp.numel()

@@ -19,8 +19,11 @@ __version__ = "0.1.0"
 # CONFIGS, and the kernel's BQ / KEY_MAJOR constexprs; 12: the distillation custom ops come from
 # runtime.distill.custom_ops, registered once per process and named with a digest of the tiles; 13: the selection
 # forward's launch-config fields `key_split` / `prefetch`, which runtime.launch_with passes as the kernel's
-# KEY_SPLIT / PREFETCH constexprs).
-RUNTIME_SCHEMA = 13
+# KEY_SPLIT / PREFETCH constexprs; 14: a forward of one ungated branch returns no branch outputs from its custom op
+# (the autograd rule saves `out` in their place) and one branch's backward writes dQ in the spec's dtype; the
+# attention custom ops' names carry the schema, so torch.compile's on-disk caches never reuse a graph compiled
+# against former outputs).
+RUNTIME_SCHEMA = 14
 
 
 def _interpreter_without_gpu_devices() -> None:

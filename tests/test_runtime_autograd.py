@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 import pytest
 import torch
 
+import specgen
 from specgen import runtime
 from specgen.runtime import autograd, descriptor, inference, layer
 from specgen.testing import test_device
@@ -87,9 +88,10 @@ def test_descriptor_derives_names_once():
 
 
 def test_custom_op_names_carry_spec_hash_and_tuning_record():
-    assert ATTN.op_name == "fake_0123456789abcdef_none"
+    # The runtime schema too: torch.compile's on-disk caches know an op by its name (docs/backward.md).
+    assert ATTN.op_name == f"fake_0123456789abcdef_none_s{specgen.RUNTIME_SCHEMA}"
     schema = str(ATTN.fwd_op._opoverload._schema)
-    assert schema.startswith("specgen::fake_0123456789abcdef_none_fwd(Tensor q, Tensor k, Tensor v, Tensor w_idx, "
+    assert schema.startswith(f"specgen::{ATTN.op_name}_fwd(Tensor q, Tensor k, Tensor v, Tensor w_idx, "
                              "Tensor? indices, bool save_branch_outputs, Tensor? cu_seqlens, SymInt max_seqlen) -> "
                              "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     bwd = str(ATTN.bwd_op._opoverload._schema)
@@ -98,8 +100,8 @@ def test_custom_op_names_carry_spec_hash_and_tuning_record():
     other = autograd.Attention(make_desc(records="feedfacefeedface"))
     assert other.op_name != ATTN.op_name
     again = autograd.Attention(make_desc())
-    assert again.fwd_op._qualified_op_name == "specgen::fake_0123456789abcdef_none_fwd"
-    assert again.bwd_op._qualified_op_name == "specgen::fake_0123456789abcdef_none_bwd"
+    assert again.fwd_op._qualified_op_name == f"specgen::{ATTN.op_name}_fwd"
+    assert again.bwd_op._qualified_op_name == f"specgen::{ATTN.op_name}_bwd"
 
 
 def test_forward_checks_and_runs_the_launches():
@@ -191,6 +193,29 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse, d_idx):
         return ATTN.function_backward(ctx, d_out)
+
+
+def test_one_ungated_branch_saves_out_as_its_branch_output():
+    """docs/backward.md "Memory": the custom op hands back no branch outputs (they would alias `out`), and each
+    path's backward (eager, custom op, classic Function) reads the forward's `out` in their place."""
+    seen = []
+
+    def backward(dout, q, k, v, lse, indices, branch_out, kc, vc):
+        seen.append(branch_out.detach().clone())
+        return fake_backward(dout, q, k, v, lse, indices, branch_out, kc, vc)
+
+    attn = autograd.Attention(make_desc(name="fake_saves_out", backward=backward))
+    x = inputs(requires_grad=True)
+    assert attn.fwd_impl(*x, None, True, None, 0)[3].numel() == 0
+    assert attn.fwd_fake(*x, None, True, None, 0)[3].numel() == 0
+    function = type("F", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda ctx, *a: attn.function_forward(ctx, a[:4], a[4])),
+        "backward": staticmethod(lambda ctx, d_out, *_: attn.function_backward(ctx, d_out))})
+    want = fake_forward(*(t.detach() for t in x)).out
+    for run in (lambda: attn.attention(x), lambda: attn.fwd_op(*x, None, True, None, 0)[0],
+                lambda: function.apply(*x, None)[0]):
+        run().sum().backward()
+        assert torch.equal(seen.pop(), want)
 
 
 def test_no_grad_forward_keeps_no_branch_outputs():

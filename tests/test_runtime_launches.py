@@ -162,6 +162,36 @@ def test_backward_accumulates_targets_and_returns_gradients_in_order():
     assert torch.equal(dk[..., 6:], torch.ones(1, 4, 2, 2))
 
 
+@pytest.mark.parametrize("branches,gated", [(("selection",), False), (("selection",), True),
+                                             (("selection", "window"), False)])
+def test_training_buffers_of_one_branch(branches, gated, monkeypatch):
+    """docs/backward.md "Memory": one branch writes dQ once, in the spec's dtype (several sum in fp32); one ungated
+    branch keeps `out` itself as its branch output (no copy, SAVE_BRANCH off); DQ_IN_DTYPE / OUT_IS_BRANCH_OUTPUT
+    off restore the former buffers."""
+    import dataclasses
+    desc = dataclasses.replace(make_desc(branches=branches, gated=gated), dtype=torch.float16)
+    one, shared = len(branches) == 1, len(branches) == 1 and not gated
+    q = torch.randn(1, 3, 4, 8, dtype=torch.float16)
+    gates = torch.randn(1, 3, 4, len(branches), dtype=torch.float16) if gated else None
+    for former in (False, True):
+        monkeypatch.setattr(launches, "DQ_IN_DTYPE", not former)
+        monkeypatch.setattr(launches, "OUT_IS_BRANCH_OUTPUT", not former)
+        f = launches.Forward(desc, CONFIGS, {}, q, gates, None, True, False)
+        k = FakeKernel()
+        f.attention(k, branches[0], q, q, 3, f.new_indices())
+        state = f.state(None, None, None)
+        assert (state.branch_out is state.out) == (shared and not former)
+        assert k.calls[0][2]["SAVE_BRANCH"] == (not shared or former)
+        assert launches.out_is_branch_output(desc) == (shared and not former)
+        b = launches.Backward(desc, CONFIGS, {}, FakeKernel(), torch.randn(1, 3, 4, 6, dtype=torch.float16), q, gates,
+                              torch.zeros(1, 3, 4, len(branches)), state.branch_out, False)
+        assert b.dq_acc.dtype == (torch.float16 if one and not former else torch.float32)
+        b.dq(FakeKernel(), branches[0], q, q, 3)
+        b.dq_acc.fill_(1.5)
+        (dq,) = b.gradients(("q",))
+        assert dq.dtype == torch.float16 and (dq is b.dq_acc) == (one and not former)
+
+
 def test_selection_dkdv_builds_the_inverse_index_by_batch_groups():
     desc = make_desc(branches=("selection",), gated=False)
     B, T = 5, 4

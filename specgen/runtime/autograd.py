@@ -13,6 +13,7 @@ import torch
 
 from . import compiling, packed_map
 from .checks import check_given_indices, check_inputs, results
+from .launches import out_is_branch_output
 from .varlen import is_packed_call, native_indices, pack, pad_indices, unpad_results
 
 _P = inspect.Parameter
@@ -43,7 +44,9 @@ class Attention:
 
     def fwd_impl(self, *inputs):
         """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or
-        the call lacks (no selection, no compression, branch outputs not saved). `inputs`: the tensor arguments,
+        the call lacks (no selection, no compression, branch outputs not saved, or saved as `out` itself: one
+        ungated branch, runtime.launches.out_is_branch_output; a custom op's outputs may not alias each other, so
+        the autograd rule saves `out` in their place). `inputs`: the tensor arguments,
         then indices, save_branch_outputs, cu_seqlens and max_seqlen (a native packed call: the per-token
         arguments are a batch of one [1, total, ...]; else None and 0)."""
         desc = self.desc
@@ -57,7 +60,8 @@ class Attention:
             idx = state.indices.clone() if indices is not None else state.indices
         else:
             idx = q.new_empty((0,), dtype=torch.int32)
-        branch_out = state.branch_out if save_branch_outputs else q.new_empty((0,))
+        branch_out = (state.branch_out if save_branch_outputs and not out_is_branch_output(desc)
+                      else q.new_empty((0,)))
         kc = state.kc if desc.needs_compressed_kv else q.new_empty((0,))
         vc = state.vc if desc.has_compression_branch else q.new_empty((0,))
         return state.out, state.lse, idx, branch_out, kc, vc
@@ -74,7 +78,8 @@ class Attention:
         return (q.new_empty((B, T, d.heads_q, d.dim_v)),
                 q.new_empty((B, T, d.heads_q, nb), dtype=torch.float32),
                 q.new_empty((B, T, d.heads_kv, d.top_k) if d.selects else (0,), dtype=torch.int32),
-                q.new_empty((nb, B, T, d.heads_q, d.dim_v) if save_branch_outputs else (0,)),
+                q.new_empty((nb, B, T, d.heads_q, d.dim_v) if save_branch_outputs and not out_is_branch_output(d)
+                            else (0,)),
                 q.new_empty((B, NC, d.heads_kv, d.dim_qk) if d.needs_compressed_kv else (0,)),
                 q.new_empty((B, NC, d.heads_kv, d.dim_v) if d.has_compression_branch else (0,)))
 
@@ -102,11 +107,17 @@ class Attention:
     def setup_context(self, ctx, inputs, output):
         save_branch_outputs, cu_seqlens, max_seqlen = inputs[-3:]
         out, lse, idx, branch_out, kc, vc = output
-        ctx.save_for_backward(*(inputs[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc,
-                              cu_seqlens)
+        ctx.save_for_backward(*(inputs[i] for i in self.desc.diff_positions), lse, idx,
+                              self._branch_outputs(out, branch_out, save_branch_outputs), kc, vc, cu_seqlens)
         ctx.saved_branch_outputs = save_branch_outputs
         ctx.max_seqlen = max_seqlen
         ctx.mark_non_differentiable(lse, idx, branch_out, kc, vc)
+
+    def _branch_outputs(self, out, branch_out, saved: bool):
+        """What the backward reads as the branch outputs: `out` itself for one ungated branch (its un-gated output,
+        bit for bit; saved by autograd, so an in-place change of `out` before the backward is refused), else the
+        forward's copies."""
+        return out if saved and out_is_branch_output(self.desc) else branch_out
 
     def backward_grads(self, ctx, d_out, bwd):
         if d_out is None:
@@ -204,7 +215,10 @@ class Attention:
         args = tuple(x.unsqueeze(0) if a.per_token else x for a, x in zip(desc.args, args))
         out, lse, idx = self._run(args, None if indices is None else indices.unsqueeze(0), cu_seqlens,
                                   packed.max_seqlen)
-        return results(out[0], lse[0], idx[0] if desc.selects else None, return_lse, return_indices)
+        # squeeze, not [0]: the backward of a select makes a zeroed [1, total, ...] copy of the output gradient
+        # (8 GiB for V3.2 at 64k tokens), a squeeze's is a view of it.
+        return results(out.squeeze(0), lse.squeeze(0), idx.squeeze(0) if desc.selects else None, return_lse,
+                       return_indices)
 
     def _run(self, args, indices, cu_seqlens, max_seqlen):
         """(out, lse, indices) of checked arguments: through the custom ops under torch.compile, else the eager
@@ -222,7 +236,8 @@ class Attention:
         """`<FAMILY>Function.forward`: (out, lse, indices), the backward's state saved on ctx."""
         out, lse, idx, branch_out, kc, vc = (self.fwd_op if compiling() else self.fwd_impl)(*args, indices, True,
                                                                                            None, 0)
-        ctx.save_for_backward(*(args[i] for i in self.desc.diff_positions), lse, idx, branch_out, kc, vc)
+        ctx.save_for_backward(*(args[i] for i in self.desc.diff_positions), lse, idx,
+                              self._branch_outputs(out, branch_out, True), kc, vc)
         ctx.mark_non_differentiable(lse, idx)
         return out, lse, idx
 

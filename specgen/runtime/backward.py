@@ -28,56 +28,81 @@ def selection_inverse_index(indices, T: int, tile: int, *, unit: int, heads_kv: 
     """
     B, R = indices.shape[0], indices.shape[1]
     device = indices.device
-    idx = indices.long()
-    tok = idx * unit
+    valid = indices >= 0
+    # The keys are built in place in one int64 buffer (DeepSeek-V3.2 at 64k: 2^27 entries, 1 GiB each array; the
+    # build holds ~3 of them at once, its sort's included; docs/backward.md, "Memory of a training step").
+    tok = indices.to(torch.int64, copy=True)
+    if unit != 1:
+        tok.mul_(unit)
+    key = tok.div(tile, rounding_mode="floor")                        # the slot's key tile, then its segment
     g = torch.arange(heads_kv, device=device).view(1, 1, heads_kv, 1)
     if varlen is None:
         n_tiles = _cdiv(T, tile)
-        bg = torch.arange(B, device=device).view(B, 1, 1, 1) * heads_kv + g
-        segment, n_seg = bg * n_tiles + tok // tile, B * heads_kv * n_tiles
+        key.add_((torch.arange(B, device=device).view(B, 1, 1, 1) * heads_kv + g) * n_tiles)
+        n_seg = B * heads_kv * n_tiles
     else:
         layout, r0 = varlen
         counts = (layout.lengths + tile - 1) // tile
         first_tile = torch.cumsum(counts, 0) - counts
-        seq = layout.seq_of_token[r0:r0 + R].view(1, R, 1, 1)
-        segment = (first_tile[seq] + tok // tile) * heads_kv + g
+        key.add_(first_tile[layout.seq_of_token[r0:r0 + R].view(1, R, 1, 1)]).mul_(heads_kv).add_(g)
         n_seg = layout.token_tiles(tile)[1] * heads_kv
-    offsets, qpos, bits = _csr(segment, tok, idx >= 0, n_seg, tile, unit, units_per_tile)
+    key.mul_(R).add_(torch.arange(R, device=device).view(1, R, 1, 1))   # (segment, query)
+    if units_per_tile > 1:
+        key.mul_(units_per_tile).add_(tok.remainder_(tile).div_(unit, rounding_mode="floor"))   # (.., unit)
+    del tok
+    key.masked_fill_(~valid, PADDING)
+    del valid
+    comp = torch.sort(key.flatten()).values
+    del key
+    offsets, qpos, bits = _csr(comp, R, n_seg, units_per_tile)
     return offsets, qpos if varlen is None else qpos + varlen[1], bits
 
 
-def _csr(segment, tok, valid, n_seg: int, tile: int, unit: int, units_per_tile: int):
-    """The CSR of `selection_inverse_index` from each (row, kv head, slot)'s segment [B, R, heads_kv, k], its
-    first token `tok` and whether the slot is real: qpos is the row (0 .. R - 1)."""
-    R = segment.shape[1]
-    device = segment.device
-    t = torch.arange(R, device=device).view(1, R, 1, 1)
-    key = segment * R + t                                              # (segment, query)
-    padding = torch.iinfo(torch.int64).max
+PADDING = torch.iinfo(torch.int64).max
+
+
+def _csr(comp, R: int, n_seg: int, units_per_tile: int):
+    """The CSR of `selection_inverse_index` from its sorted keys `comp` (segment * R + row, times units_per_tile
+    plus the unit's place in its tile when there are several; PADDING for a padding slot; consumed: modified in
+    place): qpos is the row (0 .. R - 1)."""
+    device = comp.device
     if units_per_tile == 1:
         # One unit per tile: a (query, kv head) lists a unit at most once, so keys are unique.
-        key = torch.sort(torch.where(valid, key, padding).flatten()).values
-        bits = key  # unused
-    else:
-        upt = units_per_tile
-        comp = torch.sort(torch.where(valid, key * upt + (tok % tile) // unit, padding).flatten()).values
-        real = comp != padding
-        key = torch.where(real, comp // upt, padding)
-        # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum,
-        # distinct bits) of the run's, from a running sum. Run i starts at the (i+1)-th first entry: a search of
-        # the running count of firsts (start[i] = n past the last run). Gathers and searches only, whatever
-        # torch.use_deterministic_algorithms says: a scatter of the non-first entries into one spare slot took,
-        # in deterministic mode on CUDA, torch's sort-based index_put_ that walks one index's duplicates serially
-        # (~29 M at V3.2's 16k: seconds; docs/backward.md, "Determinism").
-        n = comp.numel()
-        first = real.clone()
-        first[1:] &= key[1:] != key[:-1]
-        start = torch.searchsorted(torch.cumsum(first, 0), torch.arange(1, n + 2, device=device))
-        last = max(n - 1, 0)
-        csum = torch.cumsum(torch.where(real, torch.ones_like(comp) << torch.where(real, comp % upt, 0), 0), 0)
-        end = start[1:] - 1                                           # the run of slot i ends where slot i+1 starts
-        bits = csum[end.clamp(0, last)] - torch.where(start[:n] > 0, csum[(start[:n] - 1).clamp(0)], 0)
-        key = torch.where(start[:n] < n, key[start[:n].clamp(max=last)], padding)
-    qpos = (key % R).to(torch.int32)
-    offsets = torch.searchsorted(key // R, torch.arange(n_seg + 1, device=device))
+        key = bits = comp  # bits unused
+        qpos = (key % R).to(torch.int32)
+        return torch.searchsorted(key // R, torch.arange(n_seg + 1, device=device)), qpos, bits
+    upt = units_per_tile
+    n = comp.numel()
+    real = comp != PADDING
+    low = comp.remainder(upt).masked_fill_(~real, 0)                 # the unit's place in its tile
+    key = comp.div_(upt, rounding_mode="floor").masked_fill_(~real, PADDING)
+    # Entries of one (segment, query) are adjacent: keep the first of each run, its bits the OR (= sum,
+    # distinct bits) of the run's, from a running sum. Run i starts at the (i+1)-th first entry: a search of
+    # the running count of firsts (start[i] = n past the last run). Gathers and searches only, whatever
+    # torch.use_deterministic_algorithms says: a scatter of the non-first entries into one spare slot took,
+    # in deterministic mode on CUDA, torch's sort-based index_put_ that walks one index's duplicates serially
+    # (~29 M at V3.2's 16k: seconds; docs/backward.md, "Determinism"). Positions in int32 where they fit.
+    first = real.clone()
+    first[1:] &= key[1:] != key[:-1]
+    small = n + 1 < 2**31
+    pos_t = torch.int32 if small else torch.int64
+    start = torch.searchsorted(torch.cumsum(first, 0, dtype=pos_t), torch.arange(1, n + 2, device=device, dtype=pos_t),
+                               out_int32=small)
+    del first
+    last = max(n - 1, 0)
+    csum = torch.ones_like(low).bitwise_left_shift_(low).masked_fill_(~real, 0).cumsum_(0)
+    del low, real
+    end = (start[1:] - 1).clamp_(0, last)                             # the run of slot i ends where slot i+1 starts
+    bits = csum[end]
+    del end
+    before = (start[:n] - 1).clamp_(min=0)
+    below = csum[before].masked_fill_(start[:n] <= 0, 0)
+    del before, csum
+    bits.sub_(below)
+    del below
+    first_of_run = start[:n].clamp(max=last)
+    key = key[first_of_run].masked_fill_(start[:n] >= n, PADDING)
+    del first_of_run, start
+    qpos = key.remainder(R).to(torch.int32)
+    offsets = torch.searchsorted(key.div_(R, rounding_mode="floor"), torch.arange(n_seg + 1, device=device))
     return offsets, qpos, bits

@@ -119,5 +119,8 @@ class Descriptor:
     def op_name(self) -> str:
         """The custom ops' stem: the tuning record is part of it, since modules of one spec with different launch
         configs (a tuned committed copy and an untuned cache copy, say) must not share ops, whose implementation
-        is the first registrant's."""
-        return f"{self.spec_name}_{self.spec_hash}_{self.records_hash}"
+        is the first registrant's; and the runtime schema, since the ops' outputs are the runtime's (their fake
+        shapes: runtime.autograd) and torch.compile's on-disk caches (inductor's FX graph cache) know a custom op
+        by its name alone: a graph compiled against a former runtime's outputs would be reused."""
+        from specgen import RUNTIME_SCHEMA
+        return f"{self.spec_name}_{self.spec_hash}_{self.records_hash}_s{RUNTIME_SCHEMA}"

@@ -24,7 +24,7 @@ def inverse_index(indices, heads_kv: int, layout=None):
     key row r of group g owns pos[ptr[g*total + r] : ptr[g*total + r + 1]]; a pair never reaches another
     sequence. Memory linear in the batch's tokens."""
     B, T = indices.shape[0], indices.shape[1]
-    idx = indices.long()
+    idx = indices.to(torch.int64, copy=True)
     device = indices.device
     t = torch.arange(T, device=device).view(1, T, 1, 1)
     base = torch.zeros((), dtype=torch.long, device=device)
@@ -35,7 +35,9 @@ def inverse_index(indices, heads_kv: int, layout=None):
     bg = (torch.arange(B, device=device).view(B, 1, 1, 1) * heads_kv
           + torch.arange(heads_kv, device=device).view(1, 1, heads_kv, 1))
     n_keys = B * heads_kv * T
-    key = torch.where(valid, bg * T + base + idx, n_keys).flatten()
+    # In place: the keys are the one int64 buffer besides the sort's (V3.2 at 64k: 1 GiB each).
+    key = idx.add_(bg * T + base).masked_fill_(~valid, n_keys).flatten()
+    del valid, idx
     key, pos = torch.sort(key, stable=True)
     ptr = torch.searchsorted(key, torch.arange(n_keys + 1, device=device))
     return ptr, pos

@@ -23,6 +23,28 @@ from . import selection as _selection
 # sequence needs 4 GiB of forward partials, so the records' shapes run in one chunk.
 KV_PARTIAL_BYTES = 8 << 30
 
+# Memory of a training step (docs/backward.md, "Memory"). Both are on by default; False restores the former buffers
+# (the tests' and bench/dsa_mem.py's baseline: the results are the same bits either way).
+# DQ_IN_DTYPE: with one branch, one kernel writes each query's dQ row, once (HAS_PREV false: the scatter kernel, the
+# dq kernel, the block-outer reduce, each query chunk its own rows), summing in fp32 registers; it stores the row in
+# the spec's dtype straight into the gradient (tl.store rounds to nearest even, as torch's .to() did), so there is
+# no fp32 [B, T, HQ, DQK] accumulator (DeepSeek-V3.2 at 64k: 18 GiB) and no cast copy (9 GiB). Several branches add
+# into an fp32 accumulator.
+DQ_IN_DTYPE = True
+# OUT_IS_BRANCH_OUTPUT: with one ungated branch the result is the branch's un-gated output, bit for bit (the same
+# fp32 row rounded once): the backward reads the saved `out` instead of a copy of it (V3.2 at 64k: 8 GiB).
+OUT_IS_BRANCH_OUTPUT = True
+
+
+def dq_dtype(desc) -> torch.dtype:
+    """The dtype of the backward's dQ buffer: the spec's with one branch (DQ_IN_DTYPE), else fp32."""
+    return desc.dtype if DQ_IN_DTYPE and desc.n_branches == 1 else torch.float32
+
+
+def out_is_branch_output(desc) -> bool:
+    """Whether a forward that keeps its branch outputs for the backward keeps `out` itself (one ungated branch)."""
+    return OUT_IS_BRANCH_OUTPUT and desc.n_branches == 1 and not desc.gated
+
 
 def config_table(tables: dict) -> dict:
     """{kernel: [config, ...]} from the module's compact form {kernel: (field names, [fields every config shares,]
@@ -92,7 +114,10 @@ class Forward:
     def __init__(self, desc, configs: dict, candidates: dict, q, gates, out, save_branch_outputs: bool, widen: bool,
                  varlen=None):
         self.desc, self.configs, self.candidates, self.widen = desc, configs, candidates, widen
-        self.q, self.save = q, save_branch_outputs
+        # `save`: the kernels write the un-gated branch outputs (SAVE_BRANCH); `kept`: the state hands them to the
+        # backward (`out` itself for one ungated branch: out_is_branch_output).
+        self.kept = save_branch_outputs
+        self.q, self.save = q, save_branch_outputs and not out_is_branch_output(desc)
         # A native packed call (docs/varlen.md): a runtime.varlen.Layout, the inputs a batch of one [1, total, ...]
         # (so B = 1, T = total below: every buffer is linear in the packed tokens) and the kernels launched with
         # VARLEN over the layout's tile tables. None: a batched call, launched exactly as before.
@@ -102,7 +127,7 @@ class Forward:
         hq, dv, nb = desc.heads_q, desc.dim_v, desc.n_branches
         self.out = out if out is not None else torch.empty((B, T, hq, dv), dtype=desc.dtype, device=device)
         self.branch_out = (torch.empty((nb, B, T, hq, dv), dtype=desc.dtype, device=device)
-                           if save_branch_outputs else self.out)
+                           if self.save else self.out)
         self.lse = torch.empty((B, T, hq, nb), dtype=torch.float32, device=device)
         # Gated branch outputs are summed in fp32 here; the last branch's kernel writes the final dtype into `out`.
         self.acc = (torch.empty((B, T, hq, dv), dtype=torch.float32, device=device) if nb > 1 else self.out)
@@ -211,13 +236,15 @@ class Forward:
                 SAVE_BRANCH=self.save)
 
     def state(self, indices, kc, vc) -> ForwardState:
-        return ForwardState(self.out, self.lse, indices, self.branch_out if self.save else None, kc, vc)
+        return ForwardState(self.out, self.lse, indices, self.branch_out if self.kept else None, kc, vc)
 
 
 class Backward:
     """One backward call's accumulators and the arguments every backward kernel takes. dQ is summed over the
-    branches in fp32; dK/dV per k/v input (the first kernel to reach one writes it, later ones add; each element
-    has one writer per launch, and launches run in order).
+    branches in fp32, or, with one branch, written once in the spec's dtype (dq_dtype); dK/dV per k/v input (the
+    first kernel to reach one writes it, later ones add; each element has one writer per launch, and launches run
+    in order). `branch_out`: the forward's un-gated branch outputs [N_BRANCHES, B, T, HQ, DV], or, for one ungated
+    branch, its `out` [B, T, HQ, DV] (the same layout).
 
     A native packed call (`varlen`, a runtime.varlen.Layout) is the forward's: the saved state and inputs are a
     batch of one [1, total, ...] (every accumulator linear in total), and each kernel runs with VARLEN over the
@@ -239,7 +266,8 @@ class Backward:
         cfg = launch_config(configs, "preprocess")
         preprocess_kernel[(_cdiv(n_rows, cfg["rows"]),)](self.dout, branch_out, self.dg, self.dgates, n_rows,
                                                          BR=cfg["rows"], num_warps=cfg["num_warps"])
-        self.dq_acc = torch.empty((B, T, hq, desc.dim_qk), dtype=torch.float32, device=device)
+        # dQ: fp32 summed over branches, or the gradient itself in the spec's dtype with one branch (dq_dtype).
+        self.dq_acc = torch.empty((B, T, hq, desc.dim_qk), dtype=dq_dtype(desc), device=device)
         self.grads: dict = {}
         self.launched = 0
         self._no_tables = (q, q, q)  # the packed launches' pointer arguments, unused without VARLEN
@@ -471,6 +499,8 @@ class Backward:
         if d.mla and "v" in self.grads:
             # MLA: V is the first d_v dims of K, so V's gradient is added into K's (the scatter kernel did it).
             self.grads["k"][..., :d.dim_v] += self.grads.pop("v")
+        # Written in the spec's dtype only by a single dQ writer (one branch; .to() then returns it as it is).
+        assert self.dq_acc.dtype == torch.float32 or self.launched <= 1, "dQ in the spec's dtype has one writer"
         out = [self.dq_acc.to(d.dtype)]
         for name in names[1:]:
             if name == "gates":
