@@ -35,7 +35,7 @@ def test_variants_apply_where_their_tiles_do():
     paper = load_spec("specs/nsa_paper.yaml")    # group 16: 256 score rows, query-outer selection
     assert variant_plan(paper, ["score_km"]) is None and variant_plan(paper, ["sel_forced"]) is None
     assert variant_plan(paper, ["score_key32"]).score_index_bits == 10
-    assert set(FORWARD_VARIANTS) == {"score_km", "score_key32", "sel_forced"}
+    assert set(FORWARD_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced"}
 
 
 @pytest.mark.parametrize("group,variants", [(1, "score_km,score_key32"), (3, "score_km,score_key32"),

@@ -218,6 +218,9 @@ class Plan:
     # head bits on the wgmma accumulator's register bits (score_head_bits; position bits score_pos_bits), so the
     # sum over the group's heads needs no shuffles (score_columns; "sums" overlap, 64 rows, 4 warps only).
     score_key_major: bool = False
+    # Trips whose chunk every row of the tile sees whole skip the visibility mask (False: every trip masked, the
+    # former kernel, kept as the benchmarks' in-run baseline: variants "score_masked").
+    score_unmasked_trips: bool = True
     # Running top-n keys: int64 (0: score bits above the complemented block index, exact) or int32 with this many
     # low bits for the index (the score cut to its top 31 - bits bits: ties within the cut go to the lower block).
     score_index_bits: int = 0

@@ -42,7 +42,13 @@ def _sel_forced(plan: Plan) -> Plan | None:
     return dataclasses.replace(plan, sel_kv_forced=True)
 
 
+def _score_masked(plan: Plan) -> Plan | None:
+    """Every scorer trip masked: the kernel before the unmasked trips (a baseline for the benchmarks only)."""
+    return dataclasses.replace(plan, score_unmasked_trips=False) if plan.score_bt else None
+
+
 FORWARD_VARIANTS = {
+    "score_masked": _score_masked,
     "score_km": _score_key_major,
     "score_key32": _score_key32,
     "sel_forced": _sel_forced,

@@ -216,7 +216,7 @@ class Forward:
                     q, k, v, part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,
                     *strides(q, k, v), *self.g_strides, T, t0, TC, d.softmax_scale,
                     B * T * d.heads_q * d.dim_v, HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save,
-                    WIDEN=self.widen, num_warps=4)
+                    WIDEN=self.widen, num_warps=warps, num_stages=2)
                 continue
             n_rows = B * TC * d.heads_q
             merge_kernel[(_cdiv(n_rows, merge_rows),)](
