@@ -10,6 +10,7 @@ Variants (any comma-joined set of FORWARD_VARIANTS names; sets that do not apply
   score_key32            the scorer's running top-n on int32 keys (the score cut to 31 - index bits)
   score_km,score_key32   ... and its key-major score tile (the group's heads summed within a thread)
   sel_forced             the block-outer selection's forced blocks attended per query tile in its merge
+  sel_w4                 the block-outer selection forward on one warpgroup (Gemma-2's 64 x 256 tiles)
 Selections may differ from the default's on near-ties (summation order, the int32 keys' cut): the record says how
 many (query, kv group) rows differ and the output's relative error against the default's.
 
@@ -36,7 +37,7 @@ SPECS = {"llama": "specs/models/model_llama3_8b.yaml", "qwen": "specs/models/mod
          "gemma": "specs/models/model_gemma2_9b.yaml", "mha32": "specs/models/model_mha32_d128.yaml",
          "mha16": "specs/models/model_mha16_d64.yaml"}
 VARIANTS = ["score_masked", "score_key32", "score_km,score_key32", "sel_forced", "score_km,score_key32,sel_forced",
-            "score_key32,sel_forced"]
+            "sel_w4"]
 # The kernels the variants touch (their compiler reports go into the record); every kernel's time is recorded.
 WATCH = ("_select_blocks_kernel", "_selection_kv_attention_kernel", "_selection_kv_merge_kernel",
          "_selection_kv_forced_merge_kernel")

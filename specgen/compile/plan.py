@@ -260,6 +260,7 @@ class Plan:
     # Forward variant: the forced blocks attended per query tile in the merge (_selection_kv_forced_merge_kernel)
     # instead of as block-outer work items (docs/selection_order.md, "Forced blocks").
     sel_kv_forced: bool = False
+    sel_kv_forced_warps: int = 4
     sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
     # the other passes
     backward: BackwardTiles | None = None

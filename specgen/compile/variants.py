@@ -35,11 +35,22 @@ def _score_key32(plan: Plan) -> Plan | None:
 
 
 def _sel_forced(plan: Plan) -> Plan | None:
-    """The block-outer selection's forced blocks attended per query tile in its merge (plan.sel_kv_forced)."""
-    sel = plan.spec.selection
+    """The block-outer selection's forced blocks attended per query tile in its merge (plan.sel_kv_forced): 4 warps,
+    8 where the tile's output is 64 rows x 256 dims or more (Gemma-2: 4 warps spill at sm_90)."""
+    sel, spec = plan.spec.selection, plan.spec
     if plan.selection_order != "kv" or not (sel.initial or sel.local):
         return None
-    return dataclasses.replace(plan, sel_kv_forced=True)
+    warps = 8 if plan.sel_kv_bq * plan.sel_kv_gp * spec.head_dim.v >= 16384 else 4
+    return dataclasses.replace(plan, sel_kv_forced=True, sel_kv_forced_warps=warps)
+
+
+def _sel_w4(plan: Plan) -> Plan | None:
+    """The block-outer selection forward on one warpgroup where the plan gives it two (64 rows x 256 dims: Gemma-2):
+    Triton 3.6 lays the 64-row S = Q K^T tile over both warpgroups and computes it twice; one warpgroup holds the
+    [64, 256] fp32 output at 238 registers, no spills (sm_90), the same 8 warps an SM as 8-warp programs."""
+    if plan.selection_order != "kv" or plan.sel_kv_warps != 8:
+        return None
+    return dataclasses.replace(plan, sel_kv_warps=4)
 
 
 def _score_masked(plan: Plan) -> Plan | None:
@@ -52,6 +63,7 @@ FORWARD_VARIANTS = {
     "score_km": _score_key_major,
     "score_key32": _score_key32,
     "sel_forced": _sel_forced,
+    "sel_w4": _sel_w4,
 }
 
 

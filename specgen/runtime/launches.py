@@ -180,8 +180,8 @@ class Forward:
         chunks whose partial buffers fit KV_PARTIAL_BYTES (one chunk unless B * T is large).
 
         `forced` (the plan's sel_kv_forced variant, for a selection the forward's own scorer made, batched calls):
-        (kernel, initial, local): the forced blocks leave the work list and `kernel` attends them per tile of `bq`
-        queries before merging the other slots, in place of `merge_kernel`."""
+        (kernel, initial, local, warps): the forced blocks leave the work list and `kernel` attends them per tile of
+        `bq` queries before merging the other slots, in place of `merge_kernel`."""
         d, q, B, T = self.desc, self.q, self.B, self.T
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
@@ -198,7 +198,7 @@ class Forward:
             if lay is None:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
                     indices[:, t0:t1], T, unit=unit, tile_queries=bq,
-                    skip_forced=None if forced is None else (t0, *forced[1:]))
+                    skip_forced=None if forced is None else (t0, *forced[1:3]))
                 tables = self._no_tables
             else:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_segments_packed(
@@ -216,7 +216,7 @@ class Forward:
                     q, k, v, part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,
                     *strides(q, k, v), *self.g_strides, T, t0, TC, d.softmax_scale,
                     B * T * d.heads_q * d.dim_v, HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save,
-                    WIDEN=self.widen, num_warps=warps, num_stages=2)
+                    WIDEN=self.widen, num_warps=forced[3], num_stages=2)
                 continue
             n_rows = B * TC * d.heads_q
             merge_kernel[(_cdiv(n_rows, merge_rows),)](
