@@ -11,6 +11,8 @@ Variants (any comma-joined set of FORWARD_VARIANTS names; sets that do not apply
   score_km,score_key32   ... and its key-major score tile (the group's heads summed within a thread)
   sel_forced             the block-outer selection's forced blocks attended per query tile in its merge
   sel_w4                 the block-outer selection forward on one warpgroup (Gemma-2's 64 x 256 tiles)
+A comma-joined part KERNEL.FIELD=VALUE overrides the module's launch config instead (e.g. select.num_stages=2: the
+scorer's pipeline depth; Gemma-2's 3 stages take 133 KB of shared memory, one program an SM).
 Selections may differ from the default's on near-ties (summation order, the int32 keys' cut): the record says how
 many (query, kv group) rows differ and the output's relative error against the default's.
 
@@ -37,7 +39,7 @@ SPECS = {"llama": "specs/models/model_llama3_8b.yaml", "qwen": "specs/models/mod
          "gemma": "specs/models/model_gemma2_9b.yaml", "mha32": "specs/models/model_mha32_d128.yaml",
          "mha16": "specs/models/model_mha16_d64.yaml"}
 VARIANTS = ["score_masked", "score_key32", "score_km,score_key32", "sel_forced", "score_km,score_key32,sel_forced",
-            "sel_w4"]
+            "select.num_stages=2", "sel_w4"]
 # The kernels the variants touch (their compiler reports go into the record); every kernel's time is recorded.
 WATCH = ("_select_blocks_kernel", "_selection_kv_attention_kernel", "_selection_kv_merge_kernel",
          "_selection_kv_forced_merge_kernel")
@@ -55,11 +57,17 @@ def run_spec(key: str, T: int, variants, reps: int, calls: int, out) -> None:
     print(f"{spec.name} T={T}: cuDNN dense causal forward {dense} ms", flush=True)
     base = None
     for name in ["default"] + list(variants):
-        names = [] if name == "default" else name.split(",")
+        parts = [] if name == "default" else name.split(",")
+        names = [n for n in parts if "=" not in n]
+        overrides = [n.split("=") for n in parts if "=" in n]
         mod = specgen.load(spec) if not names else load_variant(spec, names)
         if mod is None:
             print(f"{spec.name:16s} {name:32s} does not apply", flush=True)
             continue
+        saved = {k: dict(c) for k, c in mod.CONFIGS["default"].items()}
+        for field, value in overrides:
+            kernel, key = field.split(".")
+            mod.CONFIGS["default"][kernel][key] = int(value)
         fwd = mod.nsa_forward
         rec = {"spec": spec.name, "T": T, "variant": name, "device": torch.cuda.get_device_name(),
                "cudnn_fwd_ms": dense}
@@ -91,6 +99,8 @@ def run_spec(key: str, T: int, variants, reps: int, calls: int, out) -> None:
             rec["compiler"] = {k: comp[k] for k in WATCH if k in comp}
         except Exception as e:  # noqa: BLE001 (a variant the GPU refuses is a result)
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for kernel, config in saved.items():
+            mod.CONFIGS["default"][kernel] = config
         print(json.dumps(rec), file=out, flush=True)
         if "forward_ms" in rec:
             ks = rec["kernels_ms"]

@@ -976,7 +976,7 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False, 
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=16,
-                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                        **runtime.launch_config(CONFIGS, "select"))
     f.attention(_selection_attention_kernel, "selection", k, v, T, indices)
     return f.state(indices, kc, vc)
 

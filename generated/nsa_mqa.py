@@ -1196,7 +1196,7 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False, 
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=8,
-                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                        **runtime.launch_config(CONFIGS, "select"))
     f.attention(_selection_attention_kernel, "selection", k, v, T, indices)
     f.attention(_window_attention_kernel, "window", k, v, T)
     return f.state(indices, kc, vc)

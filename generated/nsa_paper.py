@@ -1229,7 +1229,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=16,
-                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                        **runtime.launch_config(CONFIGS, "select"))
     f.attention(_selection_attention_kernel, "selection", k_slc, v_slc, T, indices)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)

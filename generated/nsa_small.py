@@ -1255,7 +1255,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=32,
-                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                        **runtime.launch_config(CONFIGS, "select"))
     f.selection_kv(_selection_kv_attention_kernel, _selection_kv_merge_kernel, k_slc, v_slc, indices, unit=16,
                    top_k=4, bq=32, warps=4, merge_rows=32)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)

@@ -90,3 +90,17 @@ def test_forced_blocks_variant_with_given_indices():
     err = reference.rel_err(got.to(torch.float64), ref.out)
     assert err < testing.OUT_TOL[mod.DTYPE], f"{err:.3e} {case.where}"
     assert not torch.allclose(got, out)  # the first block was really left out
+
+
+def test_forced_slots_are_the_initial_and_the_local_blocks():
+    """runtime.selection.forced_slots, which the sel_forced work list leaves out: queries 99 .. 101 (own blocks 6, 6
+    and 6 of 16 tokens), one initial and two local blocks; padding is never forced."""
+    idx = torch.tensor([[0, 3, 5, 6], [0, 4, 6, -1], [1, 2, 5, 6]], dtype=torch.int32).view(1, 3, 1, 4)
+    got = runtime.selection.forced_slots(idx, 99, 16, 1, 2)
+    want = torch.tensor([[1, 0, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool).view(1, 3, 1, 4)
+    assert torch.equal(got, want)
+    qpos, slot, item_seg, *_ = runtime.selection.kv_order_worklist(idx, 128, unit=16, tile_queries=2,
+                                                                   skip_forced=(99, 1, 2))
+    # The kept entries by block (1, 2, 3, 4), each (query, slot); one work item per block.
+    assert qpos[:4].tolist() == [2, 2, 0, 1] and slot[:4].tolist() == [0, 1, 1, 1]
+    assert item_seg[item_seg >= 0].tolist() == [1, 2, 3, 4]

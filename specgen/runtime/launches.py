@@ -129,8 +129,9 @@ class Forward:
             return self.varlen.pooled_for(x, self._pools)
         return pool_fn(x, D, NC, *weights, varlen=self.varlen, cmp_block=d.cmp_block, cmp_stride=d.cmp_stride)
 
-    def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int):
-        """The compression scorer's top-n (the module's `_select_blocks_kernel`, `bt` queries per program)."""
+    def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int, num_stages: int = 3):
+        """The compression scorer's top-n (the module's `_select_blocks_kernel`, `bt` queries per program), with the
+        launch config `select` (num_warps, num_stages: Triton's default 3 unless the config says otherwise)."""
         d, q = self.desc, self.q
         if self.varlen is None:
             grid, tables = (_cdiv(self.T, bt), self.B * d.heads_kv), self._no_tables
@@ -140,7 +141,7 @@ class Forward:
             tables = (self.varlen.seq_table, self.varlen.pooled(d.cmp_block, d.cmp_stride)[0], table)
         flags = self.varlen.flags if self.varlen is not None else {}
         kernel[grid](q, kc, self.lse, indices, *tables, *strides(q), self.T, NC, d.softmax_scale, WIDEN=self.widen,
-                     VARLEN=self.varlen is not None, num_warps=num_warps, **flags)
+                     VARLEN=self.varlen is not None, num_warps=num_warps, num_stages=num_stages, **flags)
 
     def new_indices(self):
         return torch.empty((self.B, self.T, self.desc.heads_kv, self.desc.top_k), dtype=torch.int32,
