@@ -1446,11 +1446,16 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    row_ok = part_index < n_rows
-    head = part_index % HQ
-    t = t0 + (part_index // HQ) % TC
-    b = part_index // (HQ * TC)
+    # The row's (b, t, head) by int32 division: n_rows = B * TC * HQ < 2**31 (the chunk's partial buffers hold
+    # n_rows * TOP_K * (DV * 2 + 4) bytes, at most KV_PARTIAL_BYTES); int64 division by HQ and TC (not powers of two
+    # at Qwen's 28 heads) cost hundreds of instructions a program (sm_90 merge at Qwen: 1608 -> 1040, 162 -> 101
+    # registers).
+    rows32 = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows32 < n_rows
+    head = rows32 % HQ
+    t = (t0 + (rows32 // HQ) % TC).to(tl.int64)
+    b = (rows32 // (HQ * TC)).to(tl.int64)
+    part_index = rows32.to(tl.int64)
     bt = b * T + t
     row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K
