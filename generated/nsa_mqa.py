@@ -578,7 +578,8 @@ def _select_blocks_kernel(
     q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31 (MLA at 32k)
     q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
 
-    lse2 = tl.load(LSE + ((b * T + bos + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    # Rows past T and padded head rows: lse2 = +inf, so their p is 0 in the unmasked trips too (their q is 0).
+    lse2 = tl.load(LSE + ((b * T + bos + t) * HQ + head) * N_BRANCHES + CMP_CHANNEL, mask=row_ok, other=float("inf")) * 1.4426950408889634
     qk_scale = sm_scale * 1.4426950408889634
     tq = t_lo + tl.arange(0, BT)
     best = tl.full([BT, TOP_K_PAD], NO_KEY, dtype=tl.int64)
@@ -589,7 +590,45 @@ def _select_blocks_kernel(
     w_own = (tl.minimum(r_in + L, R) - r_in).to(tl.float32)
     w_tail = tl.maximum(r_in + L - R, 0).to(tl.float32)
     jj = tl.arange(0, BJ)
-    for j0 in range(0, t_hi // SEL_BLOCK + 1, BJ):
+    # Trips whose chunk the tile's first query sees whole (its last block's end i*d + l - 1 <= t_lo) need no
+    # visibility mask: all but the last one or two of a row's trips. They run first, unmasked.
+    full_num = t_lo - CMP_BLOCK + 1 - (BNC - 1) * CMP_STRIDE
+    full_end = tl.where(full_num >= 0, full_num // SEL_BLOCK + 1, 0)
+    for j0 in range(0, full_end, BJ):
+        blocks = j0 * R + tl.arange(0, BNC)
+        kc_rows = KC + ((b * NC + block_bos + blocks) * HKV + g) * DQK
+        s = tl.zeros([BT * GP, BNC], dtype=tl.float32)
+        k0 = tl.load(kc_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        # Every block of the chunk is visible to every query of the tile: no mask (rows past T or padded heads
+        # have q = 0 and lse2 = +inf, so p = 0 there).
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        sel = j0 + tl.arange(0, BJ)
+        # Scores as sums, not products: each selection block's own R compression blocks weighted by w_own, plus
+        # the tail of the block before it (the previous trip's last for the first), fp32 throughout. The
+        # weights are small integers, so this is what the overlap matrix product computes, without it.
+        grp = tl.reshape(tl.sum(tl.reshape(p, (BT, GP, BNC)), axis=1), (BT, BJ, R))
+        own = tl.sum(grp * w_own[None, None, :], axis=2)
+        tail = tl.sum(grp * w_tail[None, None, :], axis=2)
+        prev = tl.gather(tail, tl.broadcast_to(tl.maximum(jj - 1, 0)[None, :], (BT, BJ)), axis=1)
+        score = own + tl.where((jj == 0)[None, :], carry[:, None], prev)
+        carry = tl.sum(tl.where((jj == BJ - 1)[None, :], tail, 0.0), axis=1)
+        candidate = (sel * SEL_BLOCK)[None, :] <= tq[:, None]
+        back = (tq // SEL_BLOCK)[:, None] - sel[None, :]
+        forced = (sel < SEL_INITIAL)[None, :] | ((back >= 0) & (back < SEL_LOCAL))
+        score = tl.where(forced, float("inf"), score)
+        # key = score bits (non-negative floats order like their bits) above the complemented block index,
+        # so larger is better and ties go to the lower block.
+        bits = (score.to(tl.int32, bitcast=True) & 2147483647).to(tl.int64)
+        key = (bits << 32) | (4294967295 - sel.to(tl.int64))[None, :]
+        key = tl.where(candidate, key, NO_KEY)
+        # best is sorted descending; with the chunk sorted ascending, the elementwise max holds the top TOP_K_PAD of
+        # both as a bitonic sequence, which one bitonic merge sorts: half the compare-exchanges of a top-k of the
+        # 2 x TOP_K_PAD joined keys.
+        best = tl.bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), dim=1, descending=True)
+
+
+    for j0 in range(tl.cdiv(full_end, BJ) * BJ, t_hi // SEL_BLOCK + 1, BJ):
         blocks = j0 * R + tl.arange(0, BNC)
         block_ok = blocks < NC
         kc_rows = KC + ((b * NC + block_bos + blocks) * HKV + g) * DQK
@@ -621,6 +660,7 @@ def _select_blocks_kernel(
         # both as a bitonic sequence, which one bitonic merge sorts: half the compare-exchanges of a top-k of the
         # 2 x TOP_K_PAD joined keys.
         best = tl.bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), dim=1, descending=True)
+
 
     slot = tl.arange(0, TOP_K_PAD)
     kept = (slot < TOP_K)[None, :] & (best != NO_KEY)
@@ -1203,7 +1243,7 @@ def _forward(q, k, v, gates, indices=None, out=None, save_branch_outputs=False, 
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=8,
-                        num_warps=runtime.launch_config(CONFIGS, "select")["num_warps"])
+                        **runtime.launch_config(CONFIGS, "select"))
     f.attention(_selection_attention_kernel, "selection", k, v, T, indices)
     f.attention(_window_attention_kernel, "window", k, v, T)
     return f.state(indices, kc, vc)
@@ -1679,11 +1719,16 @@ def _selection_kv_bwd_dkdv_reduce_kernel(PART_DK, PART_DV, SEG_FIRST, SEG_ITEMS,
 def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_PREV: tl.constexpr):
     """dQ of the selection branch: a row's per-block shares summed in slot order (added to earlier branches')."""
     BR: tl.constexpr = 32
-    part_index = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    row_ok = part_index < n_rows
-    head = part_index % HQ
-    t = t0 + (part_index // HQ) % TC
-    b = part_index // (HQ * TC)
+    # The row's (b, t, head) by int32 division: n_rows = B * TC * HQ < 2**31 (the chunk's partial buffers hold
+    # n_rows * TOP_K * (DV * 2 + 4) bytes, at most KV_PARTIAL_BYTES); int64 division by HQ and TC (not powers of two
+    # at Qwen's 28 heads) cost hundreds of instructions a program (sm_90 merge at Qwen: 1608 -> 1040, 162 -> 101
+    # registers).
+    rows32 = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_ok = rows32 < n_rows
+    head = rows32 % HQ
+    t = (t0 + (rows32 // HQ) % TC).to(tl.int64)
+    b = (rows32 // (HQ * TC)).to(tl.int64)
+    part_index = rows32.to(tl.int64)
     bt = b * T + t
     row_index = bt * HQ + head
     idx_row = IDX + (bt * HKV + head // GROUP) * TOP_K

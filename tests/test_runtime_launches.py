@@ -122,8 +122,10 @@ def test_packed_forward_launches_over_the_tile_table():
     assert grid == (n, 2 * 2) and args[8] is idx and torch.equal(args[10], cu) and meta["VARLEN"] is True
     scorer = FakeKernel()
     f.select_blocks(scorer, kc, idx, 5, bt=2, num_warps=4)
-    (grid, args, meta), = scorer.calls
+    f.select_blocks(scorer, kc, idx, 5, bt=2, **{"num_warps": 8, "num_stages": 2})   # the `select` launch config
+    (grid, args, meta), (_, _, meta2) = scorer.calls
     assert grid == (lay.token_tiles(2)[1], 2) and meta["VARLEN"] is True
+    assert (meta["num_warps"], meta["num_stages"], meta2["num_warps"], meta2["num_stages"]) == (4, 3, 8, 2)
 
 
 def test_forward_of_one_ungated_branch_writes_out_directly():

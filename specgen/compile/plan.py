@@ -214,6 +214,18 @@ class Plan:
     score_bj: int = 0          # selection blocks per loop trip
     score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
     score_overlap: str = ""    # "sums" (weighted group sums) or "dot" (overlap matrix product): see make_plan
+    # The score tile's form: query-major [BT * GP, BNC] (default) or key-major [BNC, BT * GP] with each column's
+    # head bits on the wgmma accumulator's register bits (score_head_bits; position bits score_pos_bits), so the
+    # sum over the group's heads needs no shuffles (score_columns; "sums" overlap, 64 rows, 4 warps only).
+    score_key_major: bool = False
+    # Trips whose chunk every row of the tile sees whole skip the visibility mask (False: every trip masked, the
+    # former kernel, kept as the benchmarks' in-run baseline: variants "score_masked").
+    score_unmasked_trips: bool = True
+    # Running top-n keys: int64 (0: score bits above the complemented block index, exact) or int32 with this many
+    # low bits for the index (the score cut to its top 31 - bits bits: ties within the cut go to the lower block).
+    score_index_bits: int = 0
+    score_head_bits: tuple = ()
+    score_pos_bits: tuple = ()
     topk_pad: int = 0          # running top-n buffer width (power of two >= top_k)
     # token selection (indexer scorer)
     index_bt: int = 0
@@ -245,6 +257,10 @@ class Plan:
     sel_kv_block_n: int = 0    # keys per tile: one selected block, padded to the dot's minimum
     sel_kv_warps: int = 4
     sel_kv_merge_rows: int = 0
+    # Forward variant: the forced blocks attended per query tile in the merge (_selection_kv_forced_merge_kernel)
+    # instead of as block-outer work items (docs/selection_order.md, "Forced blocks").
+    sel_kv_forced: bool = False
+    sel_kv_forced_warps: int = 4
     sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
     # the other passes
     backward: BackwardTiles | None = None
@@ -395,6 +411,20 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
                        head_chunks=head_chunks, num_stages=1 if wide else None,
                        fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
                        bwd_bs=max(MIN_DOT, min(64, topk_pad)))
+
+
+# Column bits of a 64-column wgmma accumulator (m64nNk16, 4 warps) held in a thread's registers, lowest first:
+# column = bit 0 (register) + bits 1-2 (lanes) + bits 3-5 (registers), as Triton 3.6 lays it out.
+ACC_REGISTER_COLUMN_BITS = (0, 3, 4, 5)
+
+
+def score_columns(bt: int, gp: int) -> tuple[tuple, tuple]:
+    """(head bits, position bits) of the key-major score tile's BT * GP columns: the head index on the
+    accumulator's register bits (the sum over a group's heads within a thread), the position on the rest."""
+    n = (bt * gp).bit_length() - 1
+    heads = ACC_REGISTER_COLUMN_BITS[:gp.bit_length() - 1]
+    assert bt * gp == 64 and len(heads) == gp.bit_length() - 1, (bt, gp)
+    return heads, tuple(b for b in range(n) if b not in heads)
 
 
 def make_plan(spec: Spec) -> Plan:

@@ -154,8 +154,9 @@ class Forward:
             return self.varlen.pooled_for(x, self._pools)
         return pool_fn(x, D, NC, *weights, varlen=self.varlen, cmp_block=d.cmp_block, cmp_stride=d.cmp_stride)
 
-    def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int):
-        """The compression scorer's top-n (the module's `_select_blocks_kernel`, `bt` queries per program)."""
+    def select_blocks(self, kernel, kc, indices, NC: int, *, bt: int, num_warps: int, num_stages: int = 3):
+        """The compression scorer's top-n (the module's `_select_blocks_kernel`, `bt` queries per program), with the
+        launch config `select` (num_warps, num_stages: Triton's default 3 unless the config says otherwise)."""
         d, q = self.desc, self.q
         if self.varlen is None:
             grid, tables = (_cdiv(self.T, bt), self.B * d.heads_kv), self._no_tables
@@ -165,7 +166,7 @@ class Forward:
             tables = (self.varlen.seq_table, self.varlen.pooled(d.cmp_block, d.cmp_stride)[0], table)
         flags = self.varlen.flags if self.varlen is not None else {}
         kernel[grid](q, kc, self.lse, indices, *tables, *strides(q), self.T, NC, d.softmax_scale, WIDEN=self.widen,
-                     VARLEN=self.varlen is not None, num_warps=num_warps, **flags)
+                     VARLEN=self.varlen is not None, num_warps=num_warps, num_stages=num_stages, **flags)
 
     def new_indices(self):
         return torch.empty((self.B, self.T, self.desc.heads_kv, self.desc.top_k), dtype=torch.int32,
@@ -198,16 +199,22 @@ class Forward:
                     dict(meta, VARLEN=True, **self.varlen.flags), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
-                     merge_rows: int):
+                     merge_rows: int, forced=None):
         """The selection branch in block-outer order (docs/selection_order.md): `kernel` attends each selected
         block to tiles of `bq` of the queries that chose it, writing per-(query, head, slot) log-sum-exps and
         normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue. Queries go by
-        chunks whose partial buffers fit KV_PARTIAL_BYTES (one chunk unless B * T is large)."""
+        chunks whose partial buffers fit KV_PARTIAL_BYTES (one chunk unless B * T is large).
+
+        `forced` (the plan's sel_kv_forced variant, for a selection the forward's own scorer made, batched calls):
+        (kernel, initial, local, warps): the forced blocks leave the work list and `kernel` attends them per tile of
+        `bq` queries before merging the other slots, in place of `merge_kernel`."""
         d, q, B, T = self.desc, self.q, self.B, self.T
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
         per_query = d.heads_q * top_k * (d.dim_v * d.dtype.itemsize + 4)
         lay = self.varlen
+        if lay is not None:
+            forced = None
         if lay is not None:
             # Packed: queries are packed rows (B = 1, T = total; the merge below needs nothing else), units are
             # numbered over the batch so a block is never shared across sequences.
@@ -216,19 +223,27 @@ class Forward:
             TC = t1 - t0
             if lay is None:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
-                    indices[:, t0:t1], T, unit=unit, tile_queries=bq)
+                    indices[:, t0:t1], T, unit=unit, tile_queries=bq,
+                    skip_forced=None if forced is None else (t0, *forced[1:3]))
                 tables = self._no_tables
             else:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_segments_packed(
                     indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units, n_batch_units, tile_queries=bq)[:6]
                 tables = (lay.seq_table, cu_units, unit_seq)
-            if n_items == 0:
+            if n_items == 0 and forced is None:
                 continue
             part_o = torch.empty((B, TC, d.heads_q, top_k, d.dim_v), dtype=d.dtype, device=q.device)
             part_lse = torch.empty((B, TC, d.heads_q, top_k), dtype=torch.float32, device=q.device)
             kernel[(n_items,)](q, k, v, part_o, part_lse, qpos, slot, item_seg, item_start, item_end, *tables,
                                *strides(q, k, v), T, t0, TC, d.softmax_scale, WIDEN=self.widen,
                                VARLEN=lay is not None, num_warps=warps, num_stages=1, **(lay.flags if lay else {}))
+            if forced is not None:
+                forced[0][(_cdiv(TC, bq), B * d.heads_kv)](
+                    q, k, v, part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,
+                    *strides(q, k, v), *self.g_strides, T, t0, TC, d.softmax_scale,
+                    B * T * d.heads_q * d.dim_v, HAS_PREV=not first, LAST=last, SAVE_BRANCH=self.save,
+                    WIDEN=self.widen, num_warps=forced[3], num_stages=2)
+                continue
             n_rows = B * TC * d.heads_q
             merge_kernel[(_cdiv(n_rows, merge_rows),)](
                 part_o, part_lse, indices, self.gates, self.acc, self.out, self.lse, self.branch_out,
@@ -474,7 +489,7 @@ class Backward:
                 work = _selection.kv_order_segments_packed(indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units,
                                                            n_batch_units, tile_queries=split)
             qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = work
-            if n_items == 0:
+            if n_items == 0 and forced is None:
                 continue
             dq_part = torch.empty((B, TC, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
             part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)

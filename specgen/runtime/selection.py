@@ -14,12 +14,20 @@ import torch
 from . import cdiv as _cdiv
 
 
-def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
+def kv_order_worklist(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int, skip_forced=None):
     """See `kv_order_segments`; without the per-segment item ranges (the forward and the dQ need none)."""
-    return kv_order_segments(indices, T, unit=unit, tile_queries=tile_queries)[:6]
+    return kv_order_segments(indices, T, unit=unit, tile_queries=tile_queries, skip_forced=skip_forced)[:6]
 
 
-def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int):
+def forced_slots(indices: torch.Tensor, t0: int, unit: int, initial: int, local: int) -> torch.Tensor:
+    """[B, TC, Hkv, k] bool: the slots of `indices` (queries t0 .. t0 + TC - 1) that hold a forced block of their
+    query: one of the first `initial` blocks or of the `local` most recent (the query's own block and before)."""
+    t = t0 + torch.arange(indices.shape[1], device=indices.device).view(1, -1, 1, 1)
+    u = indices.long()
+    return (u >= 0) & ((u < initial) | (torch.div(t, unit, rounding_mode="floor") - u < local))
+
+
+def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries: int, skip_forced=None):
     """The work of the block-outer selection passes (forward, backward).
 
     `indices` [B, TC, Hkv, k] lists, per query and kv head, the selected units of `unit` tokens (ascending, -1 padding
@@ -34,10 +42,14 @@ def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
       - n_items, the grid size: an upper bound from the shapes (entries / tile + segments), no host sync;
       - per segment, its first item and item count: a segment's items are contiguous (the block-outer backward's
         reduce sums them in item order).
+    `skip_forced` = (t0, initial, local): leave out the slots holding forced blocks (`forced_slots`; the forward's
+    sel_kv_forced variant attends them per query tile instead).
     """
     B, TC, Hkv, K = indices.shape
     n_units = _cdiv(T, unit)
     bg = torch.arange(B * Hkv, device=indices.device).view(B, 1, Hkv, 1)
+    if skip_forced is not None:
+        indices = torch.where(forced_slots(indices, skip_forced[0], unit, *skip_forced[1:]), -1, indices)
     return _segments(indices, bg * n_units + indices.long().clamp(min=0), B * Hkv * n_units, tile_queries)
 
 

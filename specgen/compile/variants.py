@@ -1,0 +1,102 @@
+"""Forward-pass plan variants: decisions a module can be rendered with besides the plan's default, kept selectable
+until a GPU timing says which wins (bench/nsa_forward_variants.py times them; tests check each against the float64
+reference). A variant is a name and a function Plan -> Plan (None where it does not apply to the spec);
+`load_variant` renders and imports a module of the spec under the variants' plan, named apart from the default's
+(its own JIT cache entry). Once a variant wins on the GPU, the rule goes into make_plan and leaves this table."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from types import ModuleType
+
+from ..model.spec import Spec, replace as replace_spec
+from .plan import Plan, make_plan, score_columns
+
+
+def _score_key_major(plan: Plan) -> Plan | None:
+    """The block scorer's key-major score tile (plan.score_key_major): 64 rows, 4 warps, weighted-sum scores."""
+    if not plan.score_bt or plan.score_overlap != "sums" or plan.score_bt * plan.score_gp != 64:
+        return None
+    heads, pos = score_columns(plan.score_bt, plan.score_gp)
+    return dataclasses.replace(plan, score_key_major=True, score_head_bits=heads, score_pos_bits=pos)
+
+
+def _score_key32(plan: Plan) -> Plan | None:
+    """The block scorer's running top-n on int32 keys: the block index in the fewest bits that hold every block of
+    max_seqlen, the score cut to the rest (at least 8 exponent + 10 mantissa bits)."""
+    spec = plan.spec
+    if not plan.score_bt:
+        return None
+    bits = max(1, (-(-spec.max_seqlen // spec.selection.block) - 1).bit_length())
+    if 31 - bits < 8 + 10:
+        return None
+    return dataclasses.replace(plan, score_index_bits=bits)
+
+
+def _sel_forced(plan: Plan) -> Plan | None:
+    """The block-outer selection's forced blocks attended per query tile in its merge (plan.sel_kv_forced): 4 warps,
+    8 where the tile's output is 64 rows x 256 dims or more (Gemma-2: 4 warps spill at sm_90)."""
+    sel, spec = plan.spec.selection, plan.spec
+    if plan.selection_order != "kv" or not (sel.initial or sel.local):
+        return None
+    warps = 8 if plan.sel_kv_bq * plan.sel_kv_gp * spec.head_dim.v >= 16384 else 4
+    return dataclasses.replace(plan, sel_kv_forced=True, sel_kv_forced_warps=warps)
+
+
+def _sel_w4(plan: Plan) -> Plan | None:
+    """The block-outer selection forward on one warpgroup where the plan gives it two (64 rows x 256 dims: Gemma-2):
+    Triton 3.6 lays the 64-row S = Q K^T tile over both warpgroups and computes it twice; one warpgroup holds the
+    [64, 256] fp32 output at 238 registers, no spills (sm_90), the same 8 warps an SM as 8-warp programs."""
+    if plan.selection_order != "kv" or plan.sel_kv_warps != 8:
+        return None
+    return dataclasses.replace(plan, sel_kv_warps=4)
+
+
+def _score_masked(plan: Plan) -> Plan | None:
+    """Every scorer trip masked: the kernel before the unmasked trips (a baseline for the benchmarks only)."""
+    return dataclasses.replace(plan, score_unmasked_trips=False) if plan.score_bt else None
+
+
+FORWARD_VARIANTS = {
+    "score_masked": _score_masked,
+    "score_km": _score_key_major,
+    "score_key32": _score_key32,
+    "sel_forced": _sel_forced,
+    "sel_w4": _sel_w4,
+}
+
+
+def variant_plan(spec: Spec, names) -> Plan | None:
+    """The spec's plan with each named variant applied, or None if one does not apply."""
+    plan = make_plan(spec)
+    for name in names:
+        plan = FORWARD_VARIANTS[name](plan)
+        if plan is None:
+            return None
+    return plan
+
+
+_LOCK = threading.Lock()
+
+
+def load_variant(spec: Spec, names) -> ModuleType | None:
+    """The module of `spec` rendered with the named variants' plan (None where one does not apply), under the
+    name `<spec>__<variants>`."""
+    from . import jit, render  # the render path: Jinja and the planner
+
+    names = tuple(names)
+    if variant_plan(spec, names) is None:
+        return None
+    renamed = replace_spec(spec, name=f"{spec.name}__{'_'.join(names)}")
+    original = render.make_plan
+
+    def make(s: Spec) -> Plan:
+        return variant_plan(s, names) if s.name == renamed.name else original(s)
+
+    with _LOCK:
+        render.make_plan = make
+        try:
+            return jit.load(renamed)
+        finally:
+            render.make_plan = original
