@@ -11,14 +11,11 @@
 # row as it comes).
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> bash bench/dsa_mem_gpu.sh   (MODES="now former" a subset)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/dsa_mem.log"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
-echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" | tee -a "$log"
+echo "commit $COMMIT" | tee -a "$log"
 timeout ${MEM_TIMEOUT:-190} python bench/dsa_step_memory.py specs/dsa_v32.yaml --seqlens 65536 32768 \
     --modes ${MODES:-now former det} --json "$OUT/${day}_dsa_mem.jsonl" 2>&1 | tee -a "$log"
 echo "exit ${PIPESTATUS[0]}" | tee -a "$log"

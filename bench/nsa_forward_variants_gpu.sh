@@ -13,14 +13,11 @@
 # Files under $OUT (3): nsa_fwd_variants.log, <day>_nsa_fwd_variants.jsonl, nsa_fwd_variants_tests.log.
 # Usage on the GPU machine: bash bench/nsa_forward_variants_gpu.sh   (LLAMA_/QWEN_/GEMMA_/TEST_TIMEOUT re-split it)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-export SPECGEN_AUTOTUNE=0
-export TRITON_CACHE_DIR=$PWD/.triton-cache PYTHONUNBUFFERED=1 SPECGEN_CACHE=$PWD/.specgen-cache PYTHONPATH=$PWD
-day=$(date +%F)
+GPU_ENV_AUTOTUNE=off
+source "$(dirname "$0")/gpu_env.sh"
 log="$OUT/nsa_fwd_variants.log"
 json="$OUT/${day}_nsa_fwd_variants.jsonl"
-{ echo "commit ${SPECGEN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}";
+{ echo "commit $COMMIT";
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv; } | tee "$log"
 bench() {  # bench SECONDS ARGS...: one spec's variants, killed at SECONDS (its records so far are kept)
     local limit=$1; shift
