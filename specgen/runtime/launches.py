@@ -489,7 +489,7 @@ class Backward:
                 work = _selection.kv_order_segments_packed(indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units,
                                                            n_batch_units, tile_queries=split)
             qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = work
-            if n_items == 0 and forced is None:
+            if n_items == 0:
                 continue
             dq_part = torch.empty((B, TC, d.heads_q, top_k, d.dim_qk), dtype=d.dtype, device=device)
             part_dk = torch.empty((n_items, block_n, d.dim_qk), dtype=torch.float32, device=device)

@@ -1,0 +1,22 @@
+"""Review: Backward.selection_kv (specgen/runtime/launches.py) tests `forced`, a name only Forward.selection_kv
+defines (pyflakes: undefined name 'forced'). Reached when a query chunk has no work item: an empty batch (B = 0)
+with given indices on a block-outer (loop_order kv) spec. Before the nsafwd merge this returned empty gradients."""
+
+import torch
+
+import specgen
+from specgen import testing
+from specgen.model.spec import load_spec, replace
+
+KV = replace(load_spec("specs/dsa_small.yaml"), name="dsamem_kv", max_seqlen=256,
+             **{"selection.granularity": "block", "selection.block": 16, "selection.top_k": 2,
+                "selection.loop_order": "kv", "heads.q": 4, "heads.kv": 1, "head_dim.qk": 32, "head_dim.v": 16})
+
+
+def test_empty_batch_with_given_indices_backward_block_outer():
+    mod = specgen.load(KV)
+    inputs, dout = testing._grad_inputs(mod, KV, 1, 9, testing.test_device(), testing.fresh_seed())
+    x = {n: v[:0].clone().requires_grad_(n in testing.differentiable_inputs(KV)) for n, v in inputs.items()}
+    out = mod.dsa_attention(**x, indices=torch.zeros((0, 9, 1, 2), dtype=torch.int32))
+    out.backward(dout[:0])
+    assert x["q"].grad.shape == x["q"].shape

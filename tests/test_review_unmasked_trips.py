@@ -1,0 +1,41 @@
+"""Review: the block scorer's unmasked trips (select.j2 score_trip(masked=False)) in the DEFAULT plan, on the
+packed (VARLEN) and chunked-prefill (PREFILL: qoff > 0) paths, with padded head rows (group 7 and 3, not powers of
+two) and sequence lengths that are not multiples of the scorer tile. tests/test_forward_variants.py covers the
+unmasked trips only through the score_km / score_key32 variant modules in batched calls."""
+
+import pytest
+
+import specgen
+from specgen.compile.plan import make_plan
+from specgen.model.spec import load_spec, replace
+from specgen.testing.prefill import check_chunked_prefill
+from specgen.testing.varlen import check_forward_varlen
+
+SMALL = load_spec("specs/nsa_small.yaml")   # l=8 d=4 l'=16; a trip scores 64 pooled blocks = 256 tokens
+
+
+def spec_of(group):
+    hq, hkv = {3: (3, 1), 7: (7, 1)}[group]
+    return replace(SMALL, name=f"nsa_rv_unmasked_g{group}", branches=["compression", "selection"], window=None,
+                   max_seqlen=512, **{"heads.q": hq, "heads.kv": hkv, "head_dim.qk": 16, "head_dim.v": 16})
+
+
+def first_unmasked_t_lo(spec):
+    plan = make_plan(spec)
+    assert plan.score_unmasked_trips
+    c = spec.compression
+    return c.block - 1 + (plan.score_bnc - 1) * c.stride
+
+
+@pytest.mark.parametrize("group", [7, 3])
+def test_packed_unmasked_trips(group):
+    spec = spec_of(group)
+    assert first_unmasked_t_lo(spec) < 290
+    check_forward_varlen(specgen.load(spec), spec, [301, 3, 0, 293])
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_prefill_unmasked_trips(paged):
+    spec = spec_of(7)
+    # second round: queries at positions 270.. of a cache that already holds 270 / 262 tokens (qoff > 0)
+    check_chunked_prefill(specgen.load(spec), spec, [[270, 262], [37, 41]], paged=paged, packed=True)
