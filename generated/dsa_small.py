@@ -1452,6 +1452,7 @@ def dsa_attention(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     `max_seqlen` included. Gradients reach q, k, v;
     not the indexer inputs q_idx, k_idx, w_idx: the selection (top-k) is not differentiated, and the log-sum-exp and indices
     are returned without gradient. Under autocast, floating inputs are cast to the spec's dtype (fp16).
+    The output is saved for the backward: modifying it in place before backward raises autograd's version error.
     Works under torch.compile (custom ops `specgen::dsa_small_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
     """

@@ -1721,7 +1721,7 @@ def _selection_kv_bwd_dq_reduce_kernel(DQ_PART, IDX, DQ, T, t0, TC, n_rows, HAS_
     BR: tl.constexpr = 32
     # The row's (b, t, head) by int32 division: n_rows = B * TC * HQ < 2**31 (the chunk's partial buffers hold
     # n_rows * TOP_K * (DV * 2 + 4) bytes, at most KV_PARTIAL_BYTES); int64 division by HQ and TC (not powers of two
-    # at Qwen's 28 heads) cost hundreds of instructions a program (sm_90 merge at Qwen: 1608 -> 1040, 162 -> 101
+    # at Qwen's 28 heads) cost hundreds of instructions a program (sm_90 merge at Qwen: 1608 -> 1024, 162 -> 106
     # registers).
     rows32 = tl.program_id(0) * BR + tl.arange(0, BR)
     row_ok = rows32 < n_rows

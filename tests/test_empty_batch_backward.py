@@ -1,6 +1,5 @@
-"""Review: Backward.selection_kv (specgen/runtime/launches.py) tests `forced`, a name only Forward.selection_kv
-defines (pyflakes: undefined name 'forced'). Reached when a query chunk has no work item: an empty batch (B = 0)
-with given indices on a block-outer (loop_order kv) spec. Before the nsafwd merge this returned empty gradients."""
+"""An empty batch (B = 0) with given indices through a block-outer (loop_order kv) spec's backward: a query chunk
+with no work item returns empty gradients (a stray name in Backward.selection_kv once raised NameError there)."""
 
 import torch
 
