@@ -19,3 +19,15 @@ def test_empty_batch_with_given_indices_backward_block_outer():
     out = mod.dsa_attention(**x, indices=torch.zeros((0, 9, 1, 2), dtype=torch.int32))
     out.backward(dout[:0])
     assert x["q"].grad.shape == x["q"].shape
+
+
+def test_empty_batch_without_indices_selects_nothing():
+    """B = 0 through the indexer (no given indices): empty output and gradients, not a division by zero in the
+    workspace sizing."""
+    mod = specgen.load(KV)
+    inputs, dout = testing._grad_inputs(mod, KV, 1, 9, testing.test_device(), testing.fresh_seed())
+    x = {n: v[:0].clone().requires_grad_(n in testing.differentiable_inputs(KV)) for n, v in inputs.items()}
+    out, idx = mod.dsa_attention(**x, return_indices=True)
+    assert out.shape[0] == 0 and idx.shape[0] == 0
+    out.backward(dout[:0])
+    assert x["q"].grad.shape == x["q"].shape

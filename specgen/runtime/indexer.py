@@ -78,6 +78,8 @@ def select(scores_kernel, topk_kernel, q_idx, k_idx, w_idx, indices, scores=None
                               top_k=top_k, heads_kv=heads_kv, scale=scale, fp8=fp8, widen=widen,
                               score_cfg=score_cfg, topk_cfg=topk_cfg)
     B, T = q_idx.shape[0], q_idx.shape[1]
+    if B * T == 0:  # an empty batch selects nothing (and has no workspace rows to size)
+        return
     q_idx, k_idx, w_idx, extra = _index_inputs(q_idx, k_idx, w_idx, fp8)
     units = -(-T // unit)
     QC = _workspace_rows(T, B * heads_kv, units, topk_cfg)
