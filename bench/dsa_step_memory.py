@@ -23,8 +23,8 @@ import time
 import torch
 
 import specgen
-from specgen import reference, runtime, testing
-from specgen.model.signature import differentiable_names
+from specgen import runtime, testing
+from specgen.perf.bench_train import step_inputs
 from specgen.testing import spec_of
 
 GIB = 2**30
@@ -71,12 +71,7 @@ def set_mode(former: bool) -> None:
 def run_step(mod, spec, T: int, device: str, meter: Meter, former: bool) -> tuple[dict, dict]:
     """One training step in pieces; (the row, {name: tensor} of what the bitwise comparison reads)."""
     set_mode(former)
-    gen = torch.Generator(device=device).manual_seed(T)
-    x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device=device, generator=gen)
-    main = {n: x[n].requires_grad_(True) for n in differentiable_names(spec)}
-    fixed = {n: x[n].detach() for n in ("q_idx", "k_idx", "w_idx")}
-    idx_in = {n: x[n].requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
-    dout = torch.randn(1, T, spec.heads.q, spec.head_dim.v, dtype=mod.DTYPE, device=device, generator=gen)
+    x, main, fixed, idx_in, dout = step_inputs(spec, mod, T, device)   # the same tensors as bench_train's step
     attention = getattr(mod, f"{spec.family}_attention")
     row = {"T": T, "mode": "former" if former else "now", "inputs_gib": _bytes(*x.values(), dout) / GIB}
     base = meter.allocated()

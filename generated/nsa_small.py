@@ -501,7 +501,6 @@ def _selection_kv_merge_kernel(
     w = w * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))[:, None]
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
     o0 = tl.zeros([BR, 32], dtype=tl.float32)
-    # One slot per trip: [BR, D] loads keep the registers small (a [BR, TOP_K, D] tile would not fit).
     for j in range(0, TOP_K):
         w_j = tl.sum(tl.where((slots == j)[None, :], w, 0.0), axis=1)
         ok_j = row_ok & (w_j > 0.0)

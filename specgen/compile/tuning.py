@@ -48,7 +48,7 @@ def default_configs(plan) -> dict:
                              "num_stages": tile.num_stages}
     if "selection" in configs and selection_forward_replicates(plan):
         # The form of selection_forward_variants that computes S once and prefetches the next trip's units
-        # (SELECTION_FORWARD_DEFAULT): 1.35-1.38x the replicated form on the GPU.
+        # (SELECTION_FORWARD_DEFAULT): 1.33-1.38x the replicated form on the H200.
         configs["selection"].update(key_split=1, prefetch=1)
     if spec.selection is not None and spec.selection.scorer == "compression":
         rows = plan.score_bt * plan.score_gp
@@ -143,7 +143,8 @@ def dense_backward_variants(plan, kernel: str) -> dict:
 # product and fewer spills at every spec audited (Llama-3 243 registers and none, 36 wgmma for twice the rows;
 # Qwen2.5 245 / none; nsa_config_a 250 / none; Gemma-2 832 B against 1008; nsa_paper 320 B against 456), in
 # 212992 B of shared memory at most (Gemma-2). The work items (SPLIT queries) stay the same, so only a trip's
-# padding grows. No GPU timing yet: bench/variants_gpu.sh times every variant beside it.
+# padding grows. Timed since (H200, commit 757f133, bench/results/kernels/
+# 2026-12-06_selection_kv_bwd_llama3_757f133.jsonl): 16.32 ms against w8's 22.08 at Llama-3 heads, 64k.
 SELECTION_KV_BWD_DEFAULT = "wg"
 
 

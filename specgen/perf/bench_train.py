@@ -85,18 +85,25 @@ def bench_training_step(spec: Spec, seqlens: list[int], *, dense: bool = True, d
     return rows
 
 
-def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, per_kernel: bool, device: str,
-              timer, memory) -> dict:
-    """One row of `bench_training_step` at length T."""
+def step_inputs(spec: Spec, module, T: int, device: str) -> tuple[dict, dict, dict, dict, torch.Tensor]:
+    """A training step's tensors at length T (B = 1, random, seeded by T): (every input `x`, the attention's
+    differentiable inputs `main` (q, k, and v where the spec has its own, by the call contract; requiring grad), the
+    indexer's inputs `fixed` the attention call takes beside given indices (detached: no gradient from it), the
+    same inputs `idx_in` requiring grad for the distillation loss, and the output gradient `dout`)."""
     gen = torch.Generator(device=device).manual_seed(T)
     x = reference.make_inputs(spec, 1, T, dtype=module.DTYPE, device=device, generator=gen)
-    # The attention's differentiable inputs (q, k, and v where the spec has its own), by the call contract.
     main = {n: x[n].requires_grad_(True) for n in differentiable_names(spec)}
-    q, k = main["q"], main["k"]
-    # The call takes the indexer's inputs beside given indices (they get no gradient from it).
     fixed = {n: x[n].detach() for n in ("q_idx", "k_idx", "w_idx")}
     idx_in = {n: x[n].requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
     dout = torch.randn(1, T, spec.heads.q, spec.head_dim.v, dtype=module.DTYPE, device=device, generator=gen)
+    return x, main, fixed, idx_in, dout
+
+
+def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, per_kernel: bool, device: str,
+              timer, memory) -> dict:
+    """One row of `bench_training_step` at length T."""
+    _, main, fixed, idx_in, dout = step_inputs(spec, module, T, device)
+    q, k = main["q"], main["k"]
 
     def topk():
         with torch.no_grad():
@@ -186,4 +193,4 @@ def table(spec: Spec, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_training_step", "check_trainable", "dense_baseline_shapes", "table"]
+__all__ = ["bench_training_step", "check_trainable", "dense_baseline_shapes", "step_inputs", "table"]

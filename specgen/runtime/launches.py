@@ -214,10 +214,9 @@ class Forward:
         per_query = d.heads_q * top_k * (d.dim_v * d.dtype.itemsize + 4)
         lay = self.varlen
         if lay is not None:
-            forced = None
-        if lay is not None:
             # Packed: queries are packed rows (B = 1, T = total; the merge below needs nothing else), units are
-            # numbered over the batch so a block is never shared across sequences.
+            # numbered over the batch so a block is never shared across sequences. (No forced-merge variant.)
+            forced = None
             cu_units, unit_seq, n_batch_units = lay.units(unit)
         for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
             TC = t1 - t0
