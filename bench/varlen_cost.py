@@ -7,7 +7,8 @@ lengths LENGTHS (default 40000 20000 5536 0: 64k tokens), against
   - one batched sequence of the same tokens (B=1, T=total): an upper bound of the packed work, since the causal
     work of one long sequence bounds that of its pieces.
 Both the forward and the training step run natively on the packed rows (no padding: docs/varlen.md). Medians in
-ms and peak memory beyond the inputs in GiB. `--lengths 32768 $(printf '128 %.0s' $(seq 256))` is one long
+ms and peak memory beyond the inputs in GiB; also the summed GPU kernel time (torch.profiler) of the packed call and
+of the sequences one by one, the target's measure (issue 18: packed <= 1.1x one by one, launch gaps excluded). `--lengths 32768 $(printf '128 %.0s' $(seq 256))` is one long
 sequence and 256 short ones (where per-sequence calls pay 257 launch sequences).
 
 Usage: python bench/varlen_cost.py SPEC... [--lengths 40000 20000 5536 0] [--training] [--json out.jsonl]
@@ -23,7 +24,7 @@ import triton
 
 import specgen
 from specgen import reference
-from specgen.perf.bench import peak_extra_gib
+from specgen.perf.bench import kernel_times, peak_extra_gib
 from specgen.reference.varlen import SHARED
 from specgen.testing import differentiable_inputs, spec_of
 
@@ -32,6 +33,12 @@ def _timed(fn) -> tuple[float, float]:
     fn()
     gib = peak_extra_gib(fn)
     return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median"), gib
+
+
+def _gpu_ms(fn) -> float:
+    """Summed GPU time of every kernel `fn` launches (torch.profiler, mean of 3 calls): the issue's measure, which
+    leaves out the host's launch gaps (257 launch sequences for 257 sequences one by one are the host's cost)."""
+    return sum(kernel_times(fn, calls=3, names="all", warmup=False).values())
 
 
 def main():
@@ -74,6 +81,10 @@ def main():
 
         row["one_by_one_ms"], row["one_by_one_extra_gib"] = _timed(one_by_one)
         row["packed_vs_one_by_one"] = row["one_by_one_ms"] / row["packed_ms"]
+        # The target's measure: GPU kernel time, packed against the sum over the sequences run one by one.
+        row["packed_gpu_ms"] = _gpu_ms(lambda: call(packed, cu_seqlens=cu, max_seqlen=max(lengths)))
+        row["one_by_one_gpu_ms"] = _gpu_ms(one_by_one)
+        row["packed_gpu_over_one_by_one_gpu"] = row["packed_gpu_ms"] / row["one_by_one_gpu_ms"]
         row["batched_T_total_ms"], row["batched_T_total_extra_gib"] = _timed(lambda: call(batched))
         print(json.dumps(row), flush=True)
         if args.json:

@@ -4,7 +4,7 @@
 #      forward, and forward + backward through <family>_attention with every gradient against the per-sequence
 #      reference), the tier-2 files tests/test_varlen.py and tests/test_varlen_backward.py (padding trapped, buffers
 #      bounded by a multiple of the packed tokens);
-#   2. bench/varlen_cost.py, forward and --training, for two batches: 40000 + 20000 + 5536 + 0 tokens, and one
+#   2. bench/varlen_cost.py, forward and --training, for nsa_paper, nsa_config_a, model_llama3_8b and dsa_v32, two batches: 40000 + 20000 + 5536 + 0 tokens, and one
 #      32768-token sequence with 256 of 128 tokens, each against its sequences run one by one and against one
 #      batched sequence of the same tokens.
 # Logs and JSON rows go under $OUT. Usage on the GPU machine: bash bench/varlen_gpu_check.sh [SPEC_TEST_FILES...]
@@ -21,11 +21,15 @@ if [[ $phases == *tests* ]]; then
         | grep -E "PASSED|FAILED|ERROR|Error|assert|passed|failed|s call" | tee "$OUT/${day}_varlen_gpu_tests.log"
 fi
 if [[ $phases == *cost* ]]; then
+    # Issue 18's four specs (two NSA configurations, a model-shape NSA spec, dsa_v32), one process per spec and batch
+    # so a slow one loses only its own rows (COST_SPECS / BENCH_TIMEOUT re-split it).
     short=$(printf '128 %.0s' $(seq 256))
-    for training in "" "--training"; do
-        timeout ${BENCH_TIMEOUT:-80} python bench/varlen_cost.py specs/nsa_paper.yaml specs/nsa_config_a.yaml $training \
-            --label 40000+20000+5536+0 --json "$OUT/${day}_varlen_cost.jsonl" 2>&1 | tail -3
-        timeout ${BENCH_TIMEOUT:-80} python bench/varlen_cost.py specs/nsa_paper.yaml specs/nsa_config_a.yaml $training \
-            --lengths 32768 $short --label 32768+256x128 --json "$OUT/${day}_varlen_cost.jsonl" 2>&1 | tail -3
+    for spec in ${COST_SPECS:-specs/nsa_paper.yaml specs/nsa_config_a.yaml specs/models/model_llama3_8b.yaml specs/dsa_v32.yaml}; do
+        for training in "" "--training"; do
+            timeout ${BENCH_TIMEOUT:-80} python bench/varlen_cost.py "$spec" $training \
+                --label 40000+20000+5536+0 --json "$OUT/${day}_varlen_cost.jsonl" 2>&1 | tail -2
+            timeout ${BENCH_TIMEOUT:-80} python bench/varlen_cost.py "$spec" $training \
+                --lengths 32768 $short --label 32768+256x128 --json "$OUT/${day}_varlen_cost.jsonl" 2>&1 | tail -2
+        done
     done 2>&1 | tee "$OUT/${day}_varlen_cost.log"
 fi
