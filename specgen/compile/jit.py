@@ -90,11 +90,13 @@ def _build_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = None) -> ModuleType:
+def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = None, *, plan=None) -> ModuleType:
     """The generated module of a spec (a Spec or a path to its YAML), built into the cache on first use.
 
     The tuning record beside the YAML (`<name>.tune.json`) is baked in; for a Spec object, pass `spec_path` to
-    locate its record (without one, kernels with no tuned config autotune on the GPU)."""
+    locate its record (without one, kernels with no tuned config autotune on the GPU). `plan` (a
+    specgen.compile.plan.Plan) replaces the spec's own plan when the module is built: the cache is keyed by the spec
+    alone, so a caller passing one gives the spec a name of its own (specgen.compile.variants does)."""
     spec_path = Path(spec_path) if spec_path is not None else None
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
@@ -116,7 +118,7 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
             raise build_error(exc, module_path) from None
         with _build_lock(folder):
             if not module_path.is_file():  # another process may have built it while this one waited
-                module_path = render.build(spec, folder, spec_path=spec_path).module
+                module_path = render.build(spec, folder, spec_path=spec_path, plan=plan).module
     module = import_path(module_path, f"specgen_generated.{key}")
     _loaded[key] = module
     return module

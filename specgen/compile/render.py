@@ -181,10 +181,12 @@ def has_distillation(spec: Spec) -> bool:
     return spec.family == "dsa" and spec.selection.granularity == "token"
 
 
-def render_module(spec: Spec, records: list | None = None) -> str:
+def render_module(spec: Spec, records: list | None = None, plan: Plan | None = None) -> str:
+    """The module of `spec`; `plan` replaces the spec's own plan (specgen.compile.variants renders its variants
+    so), otherwise `make_plan(spec)`."""
     spec = validated(spec)  # a Spec built in Python is checked exactly as a file is
     # One module template serves both families: DSA is the indexer-scored selection branch alone, without gates.
-    context = module_context(spec, records=records)
+    context = module_context(spec, plan, records=records)
     context["has_distill"] = has_distillation(spec)
     if context["has_distill"]:
         context.update(distill_context(spec, None))
@@ -231,15 +233,17 @@ def output_paths(spec: Spec, out_dir: Path) -> tuple[Path, Path]:
     return Path(out_dir) / f"{spec.name}.py", Path(out_dir) / f"test_{spec.name}.py"
 
 
-def build(spec: Spec, out_dir: Path, spec_path: Path | None = None) -> Built:
+def build(spec: Spec, out_dir: Path, spec_path: Path | None = None, plan: Plan | None = None) -> Built:
     """Render both files first, then write them: a template error leaves the old files untouched.
 
-    `spec_path` locates the spec's tuning record (`<name>.tune.json` beside it), whose configs are baked in.
+    `spec_path` locates the spec's tuning record (`<name>.tune.json` beside it), whose configs are baked in; `plan`
+    replaces the spec's own plan (render_module).
     """
-    return build_all([(spec, spec_path)], out_dir)[0]
+    return build_all([(spec, spec_path)], out_dir, plans={spec.name: plan} if plan is not None else None)[0]
 
 
-def build_all(specs: list[tuple[Spec, Path | None]], out_dir: Path) -> list[Built]:
+def build_all(specs: list[tuple[Spec, Path | None]], out_dir: Path, plans: dict[str, Plan] | None = None
+              ) -> list[Built]:
     """Build several specs into `out_dir`, all or nothing: every file is rendered, then written to a temporary file
     beside its target, and only when all are written are they renamed over their targets. A failure (a full disk,
     a read-only folder, a folder where a module must go) raises BuildError naming the path and the fix and removes
@@ -251,7 +255,8 @@ def build_all(specs: list[tuple[Spec, Path | None]], out_dir: Path) -> list[Buil
     for spec, spec_path in specs:
         spec = validated(spec)
         module_path, test_path = output_paths(spec, out_dir)
-        files += [(module_path, render_module(spec, load_records(spec, spec_path))), (test_path, render_test(spec))]
+        plan = (plans or {}).get(spec.name)
+        files += [(module_path, render_module(spec, load_records(spec, spec_path), plan)), (test_path, render_test(spec))]
         built.append((spec, module_path, test_path))
     changed = set(write_files(files))
     return [Built(spec, m, t, tuple(p for p in (m, t) if p in changed)) for spec, m, t in built]

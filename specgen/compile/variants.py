@@ -7,7 +7,6 @@ reference). A variant is a name and a function Plan -> Plan (None where it does 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from types import ModuleType
 
 from ..model.spec import Spec, replace as replace_spec
@@ -77,26 +76,14 @@ def variant_plan(spec: Spec, names) -> Plan | None:
     return plan
 
 
-_LOCK = threading.Lock()
-
-
 def load_variant(spec: Spec, names) -> ModuleType | None:
     """The module of `spec` rendered with the named variants' plan (None where one does not apply), under the
-    name `<spec>__<variants>`."""
-    from . import jit, render  # the render path: Jinja and the planner
+    name `<spec>__<variants>` (its own JIT cache entry)."""
+    from . import jit
 
     names = tuple(names)
-    if variant_plan(spec, names) is None:
-        return None
     renamed = replace_spec(spec, name=f"{spec.name}__{'_'.join(names)}")
-    original = render.make_plan
-
-    def make(s: Spec) -> Plan:
-        return variant_plan(s, names) if s.name == renamed.name else original(s)
-
-    with _LOCK:
-        render.make_plan = make
-        try:
-            return jit.load(renamed)
-        finally:
-            render.make_plan = original
+    plan = variant_plan(renamed, names)
+    if plan is None:
+        return None
+    return jit.load(renamed, plan=plan)
