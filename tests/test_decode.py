@@ -492,3 +492,70 @@ def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
             assert d.scoring == "logits" and mod._DECODE is d and mod.NSACache.DESCRIPTOR is d
             raise RuntimeError
     assert mod._DECODE is plan and mod.NSACache.DESCRIPTOR is plan
+
+
+# The fused launch form (docs/decode.md "Launch forms"): compression + window in one launch, the epilogue split
+# between the top-n launch and the selection branch's last split program per row group (atomic tickets).
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_fused_form_matches_the_reference(paged, monkeypatch):
+    """The fused form against the float64 reference (and, contiguous, the prefill kernel): ragged prompts that
+    complete blocks while decoding, q_len 2, uneven splits."""
+    spec = SMALL
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form="fused")
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=paged, num_splits=3,
+                 compare_prefill=not paged)
+
+
+FUSED = {  # spec, q_len, splits
+    "small_q1": (lambda: SMALL, 1, 3),
+    "small_q3_tickets_paged": (lambda: SMALL, 3, 2),
+    "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
+                                       **{"heads.q": 6, "heads.kv": 2}), 2, None),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_form_equals_the_split_form_and_replays(case, monkeypatch):
+    """On the same cache (B 3, ragged lengths): the fused form picks the split form's blocks and gives its output
+    and lse within fp32 rounding (the branches sum in another order); its tickets are back at 0 after a step, so
+    a second call (what a graph replay does) gives the same bits."""
+    make, QL, splits = FUSED[case]
+    spec = make()
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(5)
+    B, T = 3, 150
+    dev = test_device()
+    paged = "paged" in case
+    lengths = [T - 50, 21, T - QL]
+    if paged:
+        from specgen.testing.decode import shuffled_block_table
+        num_pages, table = shuffled_block_table([n + QL for n in lengths], spec.decode.page_size, gen)
+        cache = mod.NSACache(B, num_pages=num_pages, block_table=table.to(dev), device=dev)
+    else:
+        cache = mod.NSACache(B, max_seqlen=T, device=dev)
+    hkv, hq = spec.heads.kv, spec.heads.q
+    cache.prefill(seqlens=torch.tensor(lengths, dtype=torch.int32),
+                  **{n: torch.randn(B, max(lengths), hkv, w, generator=gen).to(dev, mod.DTYPE)
+                     for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: torch.randn(B, QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
+                    for n, w in mod.CACHE_TENSORS.items()})
+    q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
+    gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    got = {}
+    for form in ("split", "fused", "fused"):
+        with_decode(monkeypatch, mod, form=form)
+        out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
+        res = mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
+                             return_indices=True)
+        assert not cache.tickets.any(), f"{form}: tickets not reset: {cache.tickets.tolist()}"
+        got.setdefault(form, []).append(res)
+    (o_s, lse_s, idx_s), = got["split"]
+    (o_f, lse_f, idx_f), again = got["fused"]
+    assert torch.equal(idx_f, idx_s), (idx_f, idx_s)
+    assert (idx_s >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
+    assert torch.isfinite(o_f).all()
+    torch.testing.assert_close(o_f, o_s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_f, lse_s, rtol=1e-6, atol=1e-6)
+    for x, y in zip((o_f, lse_f, idx_f), again):
+        assert torch.equal(x, y), "a second fused step differs (tickets left set?)"
