@@ -20,7 +20,6 @@ import torch
 
 from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
 from specgen.runtime.decode_descriptor import DecodeDescriptor
-from specgen.runtime.decode_step import score_tiles, split_rows
 
 import triton  # noqa: E402
 
@@ -34,12 +33,6 @@ def supports(d: DecodeDescriptor) -> str | None:
     return None
 
 
-def ticket_count(d: DecodeDescriptor, batch: int) -> int:
-    """Tickets a cache of `batch` sequences needs: one per selection program row (B x HKV x head chunks x q_len)
-    at the largest q_len."""
-    return batch * d.hkv * split_rows(d, "selection", 1)[2] * d.max_q_len
-
-
 def _splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
     # The split form's rule (decode_step.branch), so both forms split alike.
     return num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), d.split_tiles[kind]), device,
@@ -51,8 +44,11 @@ def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
 
 
-def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits):
-    """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args)."""
+def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles):
+    """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
+    geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
+    compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
+    (`score_tiles`)."""
     why = supports(d)
     if why is not None:
         raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
@@ -63,14 +59,14 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     T = cache.max_context
     NCV = cache.nc_cap - 1
     tile_c = d.split_tiles["compression"]
-    width, sc_cols, back = score_tiles(d)
+    width, sc_cols, back = tiles
     n_tiles = triton.cdiv(NCV, tile_c)
     sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
     refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
     qs = (q.stride(0), q.stride(1), q.stride(2))
 
     # 1. Compression (+ window): the split form's programs; 8 warps (the partials' tile map spills at 4).
-    qlp, gp, chunks = split_rows(d, "compression", QL)
+    qlp, gp, chunks = rows_c
     programs = B * d.hkv * chunks
     parts = {"compression": _parts(_splits(d, "compression", programs, NCV, num_splits, dev), B, QL, d, dev)}
     Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
@@ -113,7 +109,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
         NSEL_PAD=nsel_pad, BACK=back, BR=br, BD=bd, SB=sb, num_warps=4 if nsel_pad <= 1024 else 8)
 
     # 3. Selection with the epilogue in each row group's last split program.
-    qlp, gp, chunks = split_rows(d, "selection", QL)
+    qlp, gp, chunks = rows_s
     programs = B * d.hkv * chunks * QL
     o_s, l_s, s_s = _parts(_splits(d, "selection", programs, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
     K, V = cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1)
