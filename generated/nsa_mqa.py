@@ -1062,6 +1062,164 @@ def _decode_select_partials_kernel(
 
 
 @triton.jit
+def _decode_merge_splits(O, L, NS, rows, row_ok, cols, col_ok, ROWS, SB: tl.constexpr):
+    """One branch's splits merged by log-sum-exp over a (rows, cols) tile: (sum_s e^(lse_s - lse) o_s, lse), o 0
+    and lse -inf where no split saw a key. O [NS, ROWS, DV], L [NS, ROWS]; SB splits per load. Loads bypass L1
+    (.cg): in the fused selection kernel the partials were written by other programs of the same launch."""
+    sp0 = tl.arange(0, SB)
+    m = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    for s0 in range(0, NS, SB):
+        sp = s0 + sp0
+        lse_s = tl.load(L + sp[:, None] * ROWS + rows[None, :], mask=(sp < NS)[:, None] & row_ok[None, :],
+                        other=float("-inf"), cache_modifier=".cg")
+        m = tl.maximum(m, tl.max(lse_s, axis=0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    den = tl.zeros_like(m_safe)
+    o = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for s0 in range(0, NS, SB):
+        sp = s0 + sp0
+        ok = (sp < NS)[:, None] & row_ok[None, :]
+        w = tl.exp(tl.load(L + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+                   - m_safe[None, :])
+        den += tl.sum(w, axis=0)
+        part = tl.load(O + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV + cols[None, None, :],
+                       mask=ok[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        o += tl.sum(w[:, :, None] * part, axis=0)
+    empty = den == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
+    return o * inv[:, None], tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den)))
+
+
+@triton.jit
+def _decode_gate(GATES, stride_gb, stride_gt, stride_gh, rows, row_ok, QL, C: tl.constexpr):
+    """Gate channel C of the rows (b * QL + qi) * HQ + h."""
+    h = rows % HQ
+    bq = rows // HQ
+    g_ptr = GATES + (bq // QL).to(tl.int64) * stride_gb + (bq % QL) * stride_gt + h * stride_gh
+    return tl.load(g_ptr + C, mask=row_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decode_cmp_win_kernel(
+    Q, KC, VC, KW, VW, BLOCK_TABLE, SEQLENS, O_C, L_C, O_W, L_W, LOGITS, SC_SUM, SC_REF,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcr, stride_kch, stride_vcr, stride_vch,
+    stride_kwr, stride_kwh, stride_vwr, stride_vwh,
+    stride_tb,
+    B, QL, NCCAP, TCAP, NSPLIT_C, NSPLIT_W, sm_scale,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
+):
+    """The compression and window branches in one launch (the window does not depend on the compression): grid
+    (programs, max(NSPLIT_C, NSPLIT_W), 2); axis 2 is the branch, axis 1 its split (programs past a branch's
+    splits exit). Each program is exactly the split form's program of its branch."""
+    if tl.program_id(2) == 0:
+        if tl.program_id(1) < NSPLIT_C:
+            _decode_compression_kernel(
+                Q, KC, VC, BLOCK_TABLE, SEQLENS, O_C, L_C, LOGITS, SC_SUM, SC_REF,
+                stride_qb, stride_qt, stride_qh, stride_kcr, stride_kch, stride_vcr, stride_vch,
+                stride_tb, B, QL, NCCAP, NSPLIT_C, sm_scale,
+                PAGED=False, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_C, WIDEN=WIDEN, SCORES=SCORES,
+                SC_COLS=SC_COLS)
+    else:
+        if tl.program_id(1) < NSPLIT_W:
+            _decode_window_kernel(
+                Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
+                stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh,
+                stride_tb, B, QL, TCAP, NSPLIT_W, sm_scale,
+                PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
+
+
+@triton.jit
+def _decode_select_merge_kernel(
+    SC_SUM, SC_REF, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, N_SELECT,
+    O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
+    O_1, L_1, NS_1,  # window: partials [splits, rows, DV], [splits, rows]
+    GATES, stride_gb, stride_gt, stride_gh, ACC, LSE_OUT,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+):
+    """Grid (max(N_SELECT, merge tiles), 2). Axis 1 = 0: `_decode_select_partials_kernel`'s programs (the
+    compression lse partials are L_0). Axis 1 = 1: (BR rows x BD columns) tiles of the epilogue's branches other
+    than the selection (compression, window, in that order): merged by log-sum-exp, gated, summed in fp32 into ACC [ROWS, DV]; their lse
+    into LSE_OUT. The selection programs are few at batch 1; these run beside them."""
+    if tl.program_id(1) == 0:
+        if tl.program_id(0) < N_SELECT:
+            _decode_select_partials_kernel(SC_SUM, SC_REF, L_0, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
+                                           GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, NSEL_PAD=NSEL_PAD,
+                                           BACK=BACK)
+    else:
+        COL_TILES: tl.constexpr = (DV + BD - 1) // BD
+        tile = tl.program_id(0)
+        rows = (tile // COL_TILES) * BR + tl.arange(0, BR)
+        row_ok = rows < ROWS
+        cols = (tile % COL_TILES) * BD + tl.arange(0, BD)
+        col_ok = cols < DV
+        if (tile // COL_TILES) * BR < ROWS:
+            acc = tl.zeros([BR, BD], dtype=tl.float32)
+            o, lse = _decode_merge_splits(O_0, L_0, NS_0, rows, row_ok, cols, col_ok, ROWS, SB)
+            acc += o * _decode_gate(GATES, stride_gb, stride_gt, stride_gh, rows, row_ok, QL, 0)[:, None]
+            tl.store(LSE_OUT + rows * N_BRANCHES + 0, lse, mask=row_ok & ((tile % COL_TILES) == 0))
+            o, lse = _decode_merge_splits(O_1, L_1, NS_1, rows, row_ok, cols, col_ok, ROWS, SB)
+            acc += o * _decode_gate(GATES, stride_gb, stride_gt, stride_gh, rows, row_ok, QL, 2)[:, None]
+            tl.store(LSE_OUT + rows * N_BRANCHES + 2, lse, mask=row_ok & ((tile % COL_TILES) == 0))
+            tl.store(ACC + rows.to(tl.int64)[:, None] * DV + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _decode_selection_fused_kernel(
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_vr, stride_vh,
+    stride_tb,
+    B, QL, TCAP, NSPLIT, sm_scale,
+    TICKETS, ACC, GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SB: tl.constexpr, BD: tl.constexpr,
+):
+    """The selection branch (`_decode_selection_kernel`'s programs, grid (B x HKV x head chunks x q_len, NSPLIT))
+    with the step's epilogue: each program takes a ticket of its row group (program_id(0)) after its partials
+    are stored (a CTA barrier, then an acq_rel atomic at gpu scope: the release publishes them, the acquire of the
+    last one sees every split's); the last of the NSPLIT resets the ticket to 0 (the next step, or a graph
+    replay, finds it so) and merges the group's splits in split order, whichever program it is, so the output is
+    deterministic: out = ACC + g_sel * o_sel, rounded once, and the selection's lse."""
+    _decode_selection_kernel(
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale,
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
+    tl.debug_barrier()
+    pid = tl.program_id(0)
+    ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel", scope="gpu")
+    if ticket == NSPLIT - 1:
+        tl.store(TICKETS + pid, 0)
+        # The program's rows: one new query x GP heads of one kv group's head chunk (as in the selection kernel).
+        qi = pid % QL
+        rest = pid // QL
+        chunk = rest % HEAD_CHUNKS
+        bg = rest // HEAD_CHUNKS
+        b = bg // HKV
+        g = bg % HKV
+        hh = chunk * GP + tl.arange(0, GP)
+        row_ok = hh < GROUP
+        rows = (b * QL + qi) * HQ + g * GROUP + hh
+        ROWS = B * QL * HQ
+        gate = _decode_gate(GATES, stride_gb, stride_gt, stride_gh, rows, row_ok, QL, 1)
+        for d0 in tl.static_range(0, DV, BD):
+            cols = d0 + tl.arange(0, BD)
+            col_ok = cols < DV
+            o, lse = _decode_merge_splits(O_PART, LSE_PART, NSPLIT, rows, row_ok, cols, col_ok, ROWS, SB)
+            at = rows.to(tl.int64)[:, None] * DV + cols[None, :]
+            ok = row_ok[:, None] & col_ok[None, :]
+            out = tl.load(ACC + at, mask=ok, other=0.0) + o * gate[:, None]
+            tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=ok)
+            if d0 == 0:
+                tl.store(LSE_OUT + rows * N_BRANCHES + 1, lse, mask=row_ok)
+
+
+
+@triton.jit
 def _decode_combine_kernel(
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
@@ -1273,7 +1431,8 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     index_bs=0, index_hp=0, window=512, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
     max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
-    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel)
+    group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
+    form="split", fused_kernels={"cmp_win": _decode_cmp_win_kernel, "select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel})
 
 
 class NSACache(runtime.decode_cache.Cache):

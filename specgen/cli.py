@@ -140,7 +140,8 @@ def cmd_bench(args) -> int:
         for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
-                                           flex=args.flex, spec_path=path, scorings=args.decode_scoring)
+                                           flex=args.flex, spec_path=path, scorings=args.decode_scoring,
+                                           forms=args.decode_form)
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -298,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,
                     help="--decode: the compression scorer's paths to time on each cache, one row each (default: "
                     "the plan's, DecodePlan.scoring; docs/decode.md)")
+    bn.add_argument("--decode-form", nargs="+", choices=["split", "fused"], default=None,
+                    help="--decode: the step's launch forms to time on each cache, one row each (default: the "
+                    "plan's, DecodePlan.form; 'fused' on the partials scoring path only; docs/decode.md)")
     bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
                     "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")

@@ -492,3 +492,124 @@ def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
             assert d.scoring == "logits" and mod._DECODE is d and mod.NSACache.DESCRIPTOR is d
             raise RuntimeError
     assert mod._DECODE is plan and mod.NSACache.DESCRIPTOR is plan
+    with scoring_path(mod, None, "fused") as d:
+        assert d.form == "fused" and d.scoring == "partials" and mod._DECODE is d
+    assert mod._DECODE is plan and plan.form == "split"
+
+
+# The fused launch form (docs/decode.md "Launch forms"): compression + window in one launch, the epilogue split
+# between the top-n launch and the selection branch's last split program per row group (atomic tickets).
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_fused_form_matches_the_reference(paged, monkeypatch):
+    """The fused form against the float64 reference (and, contiguous, the prefill kernel): ragged prompts that
+    complete blocks while decoding, q_len 2, uneven splits."""
+    spec = SMALL
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form="fused")
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=paged, num_splits=3,
+                 compare_prefill=not paged)
+
+
+FUSED = {  # spec, q_len, splits, paged
+    "small_q1": (lambda: SMALL, 1, 3, False),
+    "small_q3_paged": (lambda: SMALL, 3, 2, True),
+    "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
+                                       **{"heads.q": 6, "heads.kv": 2}), 2, None, False),
+}
+
+
+def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False):
+    """On one cache (lengths + QL tokens each): the split form's step, then the fused form's twice; the fused form
+    must pick the same blocks, give the same output and lse within the output dtype's rounding (it sums the
+    branches in another order), leave its tickets at 0, and give the same bits again. `graph` (CUDA): the fused
+    step is also captured and replayed three times, each bit for bit the eager step."""
+    gen = torch.Generator().manual_seed(5)
+    B = len(lengths)
+    if paged:
+        from specgen.testing.decode import shuffled_block_table
+        num_pages, table = shuffled_block_table([n + QL for n in lengths], spec.decode.page_size, gen)
+        cache = mod.NSACache(B, num_pages=num_pages, block_table=table.to(dev), device=dev)
+    else:
+        cache = mod.NSACache(B, max_seqlen=max(lengths) + QL, device=dev)
+    hkv, hq = spec.heads.kv, spec.heads.q
+    cache.prefill(seqlens=torch.tensor(lengths, dtype=torch.int32),
+                  **{n: torch.randn(B, max(lengths), hkv, w, generator=gen).to(dev, mod.DTYPE)
+                     for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: torch.randn(B, QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
+                    for n, w in mod.CACHE_TENSORS.items()})
+    q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
+    gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    plan = mod._DECODE
+    got = {}
+    try:
+        for form in ("split", "fused", "fused"):
+            d = __import__("dataclasses").replace(plan, form=form)
+            mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
+            out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
+
+            def step():
+                return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
+                                      return_indices=True)
+            res = [x.clone() for x in step()]
+            assert not cache.tickets.any(), f"{form}: tickets not reset: {cache.tickets.tolist()}"
+            got.setdefault(form, []).append(res)
+        if graph:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                res = step()
+            for _ in range(3):
+                for x in res:
+                    x.fill_(-1 if x.dtype == torch.int32 else float("nan"))
+                g.replay()
+                torch.cuda.synchronize()
+                for x, y in zip(res, got["fused"][0]):
+                    assert torch.equal(x, y), "a replayed fused step differs from the eager one"
+                assert not cache.tickets.any(), f"replay: tickets not reset: {cache.tickets.tolist()}"
+    finally:
+        mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
+    (o_s, lse_s, idx_s), = got["split"]
+    (o_f, lse_f, idx_f), again = got["fused"]
+    assert torch.equal(idx_f, idx_s), (idx_f, idx_s)
+    assert (idx_s >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
+    assert torch.isfinite(o_f).all()
+    eps = torch.finfo(mod.DTYPE).eps
+    torch.testing.assert_close(o_f.float(), o_s.float(), rtol=2 * eps, atol=2 * eps * o_s.float().abs().max().item())
+    torch.testing.assert_close(lse_f, lse_s, rtol=1e-5, atol=1e-5)
+    for x, y in zip((o_f, lse_f, idx_f), again):
+        assert torch.equal(x, y), "a second fused step differs (tickets left set?)"
+
+
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_form_equals_the_split_form_and_replays(case):
+    """The fused form against the split form on the same cache, B 3 with ragged lengths (one sequence too short
+    for a selection choice), contiguous and paged, q_len 1 to 3, with and without a window branch
+    (`fused_against_split`)."""
+    make, QL, splits, paged = FUSED[case]
+    spec = make()
+    fused_against_split(specgen.load(spec), spec, [100, 21, 150 - QL], QL, splits, paged, test_device())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_fused_form_realistic_and_in_a_cuda_graph(q_len):
+    """nsa_paper at 64k (bf16, paged, the default split counts): the fused form equals the split form, and its
+    step captured in a CUDA graph replays to the eager step's bits three times (tickets reset every time)."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    fused_against_split(specgen.load(spec), spec, [65471, 32814], q_len, None, True, "cuda", graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+def test_fused_form_realistic_against_the_reference(monkeypatch):
+    """nsa_paper's fused step at 64k against the float64 reference (paged, q_len = max_q_len, two steps)."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form="fused")
+    check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
+                 query_chunk=128, compare_prefill=False)

@@ -119,7 +119,11 @@ class DecodePlan:
     split_waves / max_splits: the rule for a branch's split count from the device's SM count
     (runtime.decode_splits: enough programs for split_waves waves, at most max_splits, at most one per key tile).
     topk_*: the indexer top-k's segmentation (about topk_programs programs in all, at most topk_max_segments per
-    row, topk_sum_segments partial histograms loaded at once)."""
+    row, topk_sum_segments partial histograms loaded at once).
+    form: the compression-scored step's launch form: "split" (five launches: compression, selection scores + top-n,
+    selection, window, epilogue) or "fused" (three: compression + window, scores + top-n beside the merge of the
+    compression and window splits, selection with the epilogue in each row group's last split program; needs
+    scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms")."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -134,6 +138,7 @@ class DecodePlan:
     topk_programs: int = 1024
     topk_max_segments: int = 32
     topk_sum_segments: int = 16
+    form: str = "split"
 
 
 @dataclass(frozen=True)

@@ -146,18 +146,21 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
 
 
 @contextlib.contextmanager
-def scoring_path(module, scoring: str | None):
+def scoring_path(module, scoring: str | None, form: str | None = None):
     """The module's decode step on the compression scorer's other path (`DecodePlan.scoring`: "partials" or
-    "logits"), for timing both in one run: its descriptor, for the step and the cache class, replaced by a copy
-    with that scoring while the block runs. None or the plan's own: unchanged."""
+    "logits") and/or launch form (`DecodePlan.form`: "split" or "fused"), for timing them in one run: its
+    descriptor, for the step and the cache class, replaced by a copy with that scoring and form while the block
+    runs. None or the plan's own: unchanged."""
     d = module._DECODE
-    if scoring is None or scoring == d.scoring:
+    changes = {k: v for k, v in (("scoring", scoring), ("form", form)) if v is not None and v != getattr(d, k)}
+    if not changes:
         yield d
         return
     if d.scorer != "compression":
-        raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
+        raise ValueError(f"--decode-scoring / --decode-form apply to compression-scored selection; {d.spec_name} "
+                         f"has none")
     Cache = getattr(module, d.cache_class)
-    other = dataclasses.replace(d, scoring=scoring)
+    other = dataclasses.replace(d, **changes)
     module._DECODE, Cache.DESCRIPTOR = other, other
     try:
         yield other
@@ -167,8 +170,10 @@ def scoring_path(module, scoring: str | None):
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
                  graph: bool = True, flex: bool = False, spec_path=None,
-                 scorings: list[str] | None = None) -> tuple[float, list[dict]]:
-    """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's)."""
+                 scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
+    """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
+    `forms`: the step's launch forms ("split", "fused"), one row per (scoring, form); the fused form runs on the
+    partials path only, other pairs are left out."""
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -207,10 +212,12 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 decode(q, cache, **kw, out=out)
 
             base, dense_times = dict(row), None
-            for scoring in scorings or [None]:
+            paths = [(sc, f) for sc in scorings or [None] for f in forms or [None]
+                     if not (f == "fused" and (sc or module._DECODE.scoring) != "partials")]
+            for scoring, form in paths:
                 row = dict(base)
-                with scoring_path(module, scoring) as d:
-                    row["scoring"] = d.scoring
+                with scoring_path(module, scoring, form) as d:
+                    row["scoring"], row["form"] = d.scoring, d.form
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.
@@ -299,13 +306,14 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
 
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
     lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
-             f"{'B':>3} {'ctx':>7} {'scoring':>8} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
+             f"{'B':>3} {'ctx':>7} {'scoring':>8} {'form':>5} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        lines.append(f"{r['batch']:>3} {r['context']:>7} {r.get('scoring') or '-':>8} {r['step_ms']:>8.3f} "
+        lines.append(f"{r['batch']:>3} {r['context']:>7} {r.get('scoring') or '-':>8} {r.get('form') or '-':>5} "
+                     f"{r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
                      + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))

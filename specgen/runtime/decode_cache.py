@@ -113,6 +113,11 @@ class Cache:
         # knows, and appends replayed past capacity, set a bit here instead of reading or writing outside the
         # cache (runtime.FLAG_TEXT); check_errors() raises it.
         self.error_flag = torch.zeros(1, dtype=torch.int32, device=device)
+        if d.scorer == "compression":
+            # The fused step form's tickets, one per selection program row (B x HKV x head chunks x q_len: at
+            # most B x HQ x max_q_len); each step's last program of a row resets its ticket to 0
+            # (specgen.runtime.decode_fused), so they need no memset per step.
+            self.tickets = torch.zeros(batch * d.hq * d.max_q_len, dtype=torch.int32, device=device)
 
     def check_errors(self):
         """Raise ArgumentError if a decode step flagged out-of-range `cache_seqlens` / `block_table` values on

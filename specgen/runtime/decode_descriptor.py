@@ -87,6 +87,10 @@ class DecodeDescriptor:
     index_scores_kernel: Any = None   # indexer-scored selection
     topk_hist_kernel: Any = None
     topk_write_kernel: Any = None
+    # The compression-scored step's launch form (plan.decode.form: "split" | "fused") and the fused form's kernels
+    # ("cmp_win" with a window branch, "select_merge", "selection"; specgen.runtime.decode_fused).
+    form: str = "split"
+    fused_kernels: Optional[dict] = None
 
     @property
     def n_branches(self) -> int:

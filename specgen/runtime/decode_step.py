@@ -18,6 +18,7 @@ from specgen import runtime as _rt  # isort: skip  (before triton: it may turn t
 from specgen.runtime import checks
 from specgen.runtime.decode_cache import Cache
 from specgen.runtime.decode_descriptor import DecodeDescriptor
+from specgen.runtime import decode_fused
 
 import triton  # noqa: E402
 
@@ -173,6 +174,12 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     module's decode top-k (indexer-scored selection)."""
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
+    if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
+        QL = q.shape[1]
+        out, lse, indices = decode_fused.step(d, q, cache, seqlens, block_table, gates, out, num_splits,
+                                              split_rows(d, "compression", QL), split_rows(d, "selection", QL),
+                                              score_tiles(d))
+        return checks.results(out, lse, indices, return_lse, return_indices)
     B, QL = q.shape[0], q.shape[1]
     hkv = d.hkv
     paged = cache.paged

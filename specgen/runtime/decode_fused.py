@@ -1,0 +1,124 @@
+"""The "fused" launch form of the compression-scored decode step (DecodeDescriptor.form == "fused";
+docs/decode.md, "Launch forms"): the same branch programs, partials, split counts and selection as the "split" form
+(specgen.runtime.decode_step), in three dependent launches instead of five:
+
+1. `_decode_cmp_win_kernel`: the compression branch (with the partials scores) and the window branch in one grid;
+2. `_decode_select_merge_kernel`: the selection scores + top-n programs, and beside them programs that merge the
+   compression and window splits by log-sum-exp, gate them and write their lse and an fp32 partial output;
+3. `_decode_selection_fused_kernel`: the selection branch, whose last split program per row group (an atomic
+   ticket in `cache.tickets`, reset by that program) merges the selection splits and writes `out`.
+
+Nothing is read back on the host and the shapes depend only on (B, q_len, cache capacity): the step is
+graph-capturable, and a replay finds the tickets at 0. The output is deterministic (every merge runs in split
+order, by one program); it equals the split form's within fp32 rounding (the branches are summed in another order:
+compression + window, then selection), with the same selected blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
+from specgen.runtime.decode_descriptor import DecodeDescriptor
+
+import triton  # noqa: E402
+
+
+def supports(d: DecodeDescriptor) -> str | None:
+    """Why descriptor `d` cannot run the fused form, or None when it can."""
+    if d.scorer != "compression" or d.fused_kernels is None:
+        return f"{d.spec_name} has no compression-scored selection (the fused form fuses its launches)"
+    if d.scoring != "partials":
+        return f"the fused form needs the partials scoring path ({d.spec_name} is on {d.scoring!r})"
+    return None
+
+
+def _splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
+    # The split form's rule (decode_step.branch), so both forms split alike.
+    return num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), d.split_tiles[kind]), device,
+                                           d.split_waves, d.max_splits)
+
+
+def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
+    return (torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=device),
+            torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
+
+
+def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles):
+    """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
+    geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
+    compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
+    (`score_tiles`)."""
+    why = supports(d)
+    if why is not None:
+        raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
+    B, QL = q.shape[0], q.shape[1]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    paged = cache.paged
+    T = cache.max_context
+    NCV = cache.nc_cap - 1
+    tile_c = d.split_tiles["compression"]
+    width, sc_cols, back = tiles
+    n_tiles = triton.cdiv(NCV, tile_c)
+    sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
+    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
+    qs = (q.stride(0), q.stride(1), q.stride(2))
+
+    # 1. Compression (+ window): the split form's programs; 8 warps (the partials' tile map spills at 4).
+    qlp, gp, chunks = rows_c
+    programs = B * d.hkv * chunks
+    parts = {"compression": _parts(_splits(d, "compression", programs, NCV, num_splits, dev), B, QL, d, dev)}
+    Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
+    rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
+    o_c, l_c, s_c = parts["compression"]
+    if d.window:
+        Kw, Vw = cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)
+        parts["window"] = _parts(_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
+                                 dev)
+        o_w, l_w, s_w = parts["window"]
+        d.fused_kernels["cmp_win"][(programs, max(s_c, s_w), 2)](
+            q, Kc, Vc, Kw, Vw, block_table, seqlens, o_c, l_c, o_w, l_w, o_c, sums, refs, *qs,
+            Kc.stride(0), Kc.stride(1), Vc.stride(0), Vc.stride(1), Kw.stride(0), Kw.stride(1), Vw.stride(0),
+            Vw.stride(1), block_table.stride(0), B, QL, cache.nc_cap, cache.tcap, s_c, s_w, d.softmax_scale,
+            PAGED=paged, BLOCK_C=tile_c, BLOCK_W=d.split_tiles["window"], SCORES=2, SC_COLS=sc_cols, **rows_flags,
+            num_warps=8, num_stages=d.num_stages)
+    else:
+        d.branch_kernels["compression"][(programs, s_c)](
+            q, Kc, Vc, block_table, seqlens, o_c, l_c, o_c, sums, refs, *qs, Kc.stride(0), Kc.stride(1),
+            Vc.stride(0), Vc.stride(1), block_table.stride(0), B, QL, cache.nc_cap, s_c, d.softmax_scale,
+            PAGED=False, BLOCK_N=tile_c, SCORES=2, SC_COLS=sc_cols, **rows_flags, num_warps=8,
+            num_stages=d.num_stages)
+
+    # 2. Scores + top-n (one program per sequence, new query, kv group) beside the merge of the other branches.
+    n_sel = triton.cdiv(T, d.sel_block)
+    nsel_pad = triton.next_power_of_2(n_sel)
+    indices = torch.empty((B, QL, d.hkv, d.top_k), dtype=torch.int32, device=dev)
+    rows = B * QL * d.hq
+    others = [name for name in d.branch_names if name != "selection"]
+    br, bd, sb, _ = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in others), dev)
+    n_merge = triton.cdiv(rows, br) * triton.cdiv(d.dv, bd)
+    n_select = B * QL * d.hkv
+    acc = torch.empty((rows, d.dv), **f32)
+    lse = torch.empty((B, QL, d.hq, len(d.branch_names)), **f32)
+    g = (gates, gates.stride(0), gates.stride(1), gates.stride(2)) if d.gated else (out, 0, 0, 0)
+    d.fused_kernels["select_merge"][(max(n_select, n_merge), 2)](
+        sums, refs, s_c, seqlens, indices, rows, QL, NCV, n_sel, n_select,
+        *[x for name in others for x in parts[name]], *g, acc, lse,
+        GP=triton.next_power_of_2(d.group), BLOCK_N=tile_c, NSPLIT_PAD=triton.next_power_of_2(s_c),
+        NSEL_PAD=nsel_pad, BACK=back, BR=br, BD=bd, SB=sb, num_warps=4 if nsel_pad <= 1024 else 8)
+
+    # 3. Selection with the epilogue in each row group's last split program.
+    qlp, gp, chunks = rows_s
+    programs = B * d.hkv * chunks * QL
+    o_s, l_s, s_s = _parts(_splits(d, "selection", programs, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
+    K, V = cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1)
+    # The merge loads [SB splits, GP rows, BD columns] at once: at most 8192 floats (64 a thread at 4 warps).
+    sb_s = min(8, triton.next_power_of_2(s_s))
+    bd_s = max(16, min(triton.next_power_of_2(d.dv), 8192 // (sb_s * gp)))
+    d.fused_kernels["selection"][(programs, s_s)](
+        q, K, V, block_table, seqlens, o_s, l_s, indices, *qs, K.stride(0), K.stride(1), V.stride(0), V.stride(1),
+        block_table.stride(0), B, QL, cache.tcap, s_s, d.softmax_scale, cache.tickets, acc, *g, out, lse,
+        PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=d.split_tiles["selection"], WIDEN=d.widen,
+        SB=sb_s, BD=bd_s, num_warps=4 if qlp * gp * d.dv < 16384 else 8, num_stages=d.num_stages)
+    return out, lse, indices
