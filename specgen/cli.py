@@ -140,7 +140,8 @@ def cmd_bench(args) -> int:
         for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
-                                           flex=args.flex, spec_path=path, scorings=args.decode_scoring)
+                                           flex=args.flex, spec_path=path, scorings=args.decode_scoring,
+                                           forms=args.decode_forms)
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -298,6 +299,11 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,
                     help="--decode: the compression scorer's paths to time on each cache, one row each (default: "
                     "the plan's, DecodePlan.scoring; docs/decode.md)")
+    bn.add_argument("--decode-forms", nargs="+", default=None, metavar="FORMS",
+                    help="--decode: the DSA step's kernel forms to time on each cache, one row each: 'plan', or "
+                    "'+'-joined names of runtime.decode_step.SELECTION_FORMS (MLA selection kernel: base, ks_pf, "
+                    "ks_pf_s2, ks_pf_k32) and INDEX_FORMS (index scores: tile, wide, wide_k64, wide_w8), e.g. "
+                    "plan ks_pf+wide (docs/decode.md, 'Forms of the DSA step')")
     bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
                     "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")

@@ -119,7 +119,10 @@ class DecodePlan:
     split_waves / max_splits: the rule for a branch's split count from the device's SM count
     (runtime.decode_splits: enough programs for split_waves waves, at most max_splits, at most one per key tile).
     topk_*: the indexer top-k's segmentation (about topk_programs programs in all, at most topk_max_segments per
-    row, topk_sum_segments partial histograms loaded at once)."""
+    row, topk_sum_segments partial histograms loaded at once).
+    selection_form / index_form: the MLA selection kernel's and the index-score kernel's forms (names in
+    runtime.decode_step.SELECTION_FORMS / INDEX_FORMS; docs/decode.md "Forms of the DSA step"): "base" / "tile"
+    are the forms before them; `specgen bench --decode --decode-forms` times the others on the same caches."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -134,6 +137,8 @@ class DecodePlan:
     topk_programs: int = 1024
     topk_max_segments: int = 32
     topk_sum_segments: int = 16
+    selection_form: str = "base"
+    index_form: str = "tile"
 
 
 @dataclass(frozen=True)

@@ -165,10 +165,53 @@ def scoring_path(module, scoring: str | None):
         module._DECODE, Cache.DESCRIPTOR = d, d
 
 
+def parse_forms(name: str) -> dict:
+    """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of
+    runtime.decode_step.SELECTION_FORMS (the MLA selection kernel) and INDEX_FORMS (the index scores), e.g.
+    "ks_pf+wide"; a kernel not named keeps the plan's form."""
+    from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS
+
+    out = {}
+    for part in name.split("+"):
+        if part == "plan":
+            continue
+        if part in SELECTION_FORMS:
+            out["selection_form"] = part
+        elif part in INDEX_FORMS:
+            out["index_form"] = part
+        else:
+            raise ValueError(f"--decode-forms: unknown form {part!r}; selection forms {list(SELECTION_FORMS)}, "
+                             f"index forms {list(INDEX_FORMS)}, or 'plan'")
+    return out
+
+
+@contextlib.contextmanager
+def decode_forms(module, name: str | None):
+    """The module's decode step with the kernel forms `name` (parse_forms) while the block runs, as scoring_path
+    does for the scorer's path: the descriptor of the step and the cache class replaced by a copy, checked by
+    runtime.decode_step.check_forms. None or "plan": unchanged."""
+    from ..runtime.decode_step import check_forms
+
+    d = module._DECODE
+    fields = parse_forms(name) if name else {}
+    if not fields:
+        yield d
+        return
+    other = dataclasses.replace(d, **fields)
+    check_forms(other)
+    Cache = getattr(module, d.cache_class)
+    module._DECODE, Cache.DESCRIPTOR = other, other
+    try:
+        yield other
+    finally:
+        module._DECODE, Cache.DESCRIPTOR = d, d
+
+
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
                  graph: bool = True, flex: bool = False, spec_path=None,
-                 scorings: list[str] | None = None) -> tuple[float, list[dict]]:
-    """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's)."""
+                 scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
+    """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
+    `forms`: the DSA step's kernel forms (parse_forms) to time on each cache, one row per (scoring, forms)."""
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -207,10 +250,11 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 decode(q, cache, **kw, out=out)
 
             base, dense_times = dict(row), None
-            for scoring in scorings or [None]:
+            for scoring, form in [(s, f) for s in scorings or [None] for f in forms or [None]]:
                 row = dict(base)
-                with scoring_path(module, scoring) as d:
+                with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"] = d.scoring
+                    row["forms"] = f"{d.selection_form}+{d.index_form}"
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.
@@ -299,13 +343,14 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
 
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
     lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
-             f"{'B':>3} {'ctx':>7} {'scoring':>8} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
+             f"{'B':>3} {'ctx':>7} {'path':>14} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        lines.append(f"{r['batch']:>3} {r['context']:>7} {r.get('scoring') or '-':>8} {r['step_ms']:>8.3f} "
+        path = r.get("scoring") or (r.get("forms") if r.get("forms") != "base+tile" else None) or "-"
+        lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>14} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
                      + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))
