@@ -5,7 +5,8 @@ DecodePlan.index_form): registers, spill bytes, shared memory, wgmma instruction
 configs runtime.decode_step uses. The table behind docs/decode.md's "Forms of the DSA step"; `specgen bench SPEC
 --decode --decode-forms ...` times the same forms on the GPU.
 
-Usage: python bench/dsa_decode_offline.py [SPEC] [--kernels selection index] [--json FILE]
+Usage: python bench/dsa_decode_offline.py [SPEC] [--kernels selection index] [--only FORM ...] [--paged 0|1]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ IDX_SIG = dict(QI="*fp8e4nv:16", KI="*fp8e4nv:16", WI="*fp32:16", CHUNK="i32:16"
                WS="*fp32:16", KS="*fp32:16", QL="i32", TCAP="i32", WS_ROW="i32", idx_scale="fp32")
 
 
-def selection_forms(d) -> dict:
+def selection_forms(d, paged: int) -> dict:
     """name -> (kernel, constexprs, warps, stages) of the MLA selection kernel's forms at one query per program
     (runtime.decode_step.SELECTION_FORMS; 8 warps: 64 head rows x 512 value columns)."""
-    base = dict(PAGED=1, QLP=1, GP=64, HEAD_CHUNKS=2, WIDEN=0)
+    base = dict(PAGED=paged, QLP=1, GP=64, HEAD_CHUNKS=2, WIDEN=0)
     out = {}
     for name, (form, tile, stages) in SELECTION_FORMS.items():
         out[name] = ("_decode_selection_kernel", dict(base, FORM=form, BLOCK_N=tile or d.split_tiles["selection"]), 8,
@@ -40,17 +41,17 @@ def selection_forms(d) -> dict:
     return out
 
 
-def index_forms(d) -> dict:
+def index_forms(d, paged: int) -> dict:
     """name -> (kernel, constexprs, warps, stages) of the index-score kernel's forms at q_len 1 and 4."""
     out = {}
     for ql in (1, 4):
         qlp = max(ql, -(-16 // d.index_hp))
-        out[f"tile_q{ql}"] = ("_decode_index_scores_kernel", dict(PAGED=1, QLP=qlp, BS=d.index_bs, WIDEN=0),
+        out[f"tile_q{ql}"] = ("_decode_index_scores_kernel", dict(PAGED=paged, QLP=qlp, BS=d.index_bs, WIDEN=0),
                               8 if qlp * d.index_hp >= 256 else 4, 1)
         for name, form in INDEX_FORMS.items():
             if form is not None:
                 bs, stages, warps, _ = form
-                out[f"{name}_q{ql}"] = ("_decode_index_wide_kernel", dict(PAGED=1, QLP=qlp, BS=bs, WIDEN=0), warps,
+                out[f"{name}_q{ql}"] = ("_decode_index_wide_kernel", dict(PAGED=paged, QLP=qlp, BS=bs, WIDEN=0), warps,
                                         stages)
     return out
 
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("spec", nargs="?", default="specs/dsa_v32.yaml")
     ap.add_argument("--kernels", nargs="*", default=["selection", "index"])
     ap.add_argument("--only", nargs="*", default=None, help="only these form names")
+    ap.add_argument("--paged", type=int, default=1, choices=[0, 1], help="the paged (1) or contiguous (0) cache's kernel")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = Rows(args.json)
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
     mod = specgen.load(spec)
     d = mod._DECODE
     for kernel in args.kernels:
-        sig, forms = (SEL_SIG, selection_forms(d)) if kernel == "selection" else (IDX_SIG, index_forms(d))
+        sig, forms = (SEL_SIG, selection_forms(d, args.paged)) if kernel == "selection" else (IDX_SIG, index_forms(d, args.paged))
         for name, (fn_name, consts, warps, stages) in forms.items():
             if args.only and name not in args.only:
                 continue
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
             ov = {k: v for k, v in sig.items() if k in params}
             ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
             r = compile_report(fn, dtype_of(mod), ov, warps, stages, error_chars=200, extra=dot_report)
-            rows.add({"spec": spec.name, "kernel": kernel, "form": name, "warps": warps, "stages": stages, **r},
+            rows.add({"spec": spec.name, "kernel": kernel, "form": name, "paged": args.paged, "warps": warps, "stages": stages, **r},
                      f"{kernel:9s} {name:16s} {r['error']}" if "error" in r else
                      f"{kernel:9s} {name:16s} w {warps:2d} st {stages}: {r['registers']:3d} regs "
                      f"{r['spill_bytes']:4d} spill {r['smem']:6d} B smem {r['wgmma']:3d} wgmma rep {r['rep']}  "

@@ -122,6 +122,13 @@ def cmd_list(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    if args.decode_forms:
+        from .perf.bench_decode import parse_forms
+
+        try:  # a misspelt form is refused before any GPU work
+            [parse_forms(f) for f in args.decode_forms]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.training_step:
         if args.decode or args.forward_only:
             raise UsageError("--training-step times the whole training step: drop --decode/--forward-only")
