@@ -795,14 +795,25 @@ def _decode_selection_kernel(
     end = tl.minimum(start + per, n_units)
     t_q = L - QL + q_first
     if FORM == 1:
+        # The first trip's units (and, paged, their pages): each trip then loads the next trip's, so a key tile's
+        # addresses never wait on a load of its own trip.
         first = start + tl.arange(0, BLOCK_N) // UNIT
         unit_next = tl.load(idx_row + first, mask=first < end, other=-1)
+        if PAGED:
+            keys_next = unit_next * UNIT + tl.arange(0, BLOCK_N) % UNIT
+            page_next = tl.load(BLOCK_TABLE + b * stride_tb + keys_next // PAGE_SIZE,
+                                mask=(unit_next >= 0) & (keys_next <= t_q), other=0).to(tl.int64)
     for u0 in range(start, end, UNITS_PER_TILE):
         n = tl.arange(0, BLOCK_N)
         slot = u0 + n // UNIT
         if FORM == 1:
             unit = unit_next
             unit_next = tl.load(idx_row + slot + UNITS_PER_TILE, mask=slot + UNITS_PER_TILE < end, other=-1)
+            if PAGED:
+                page_pf = page_next
+                keys_next = unit_next * UNIT + n % UNIT
+                page_next = tl.load(BLOCK_TABLE + b * stride_tb + keys_next // PAGE_SIZE,
+                                    mask=(unit_next >= 0) & (keys_next <= t_q), other=0).to(tl.int64)
         else:
             unit = tl.load(idx_row + slot, mask=slot < end, other=-1)
         keys = unit * UNIT + n % UNIT
@@ -810,7 +821,10 @@ def _decode_selection_kernel(
         key_ok = (unit >= 0) & (keys <= t_q)
         visible = key_ok[None, :]
         if PAGED:
-            page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            if FORM == 1:
+                page = page_pf  # loaded a trip ahead
+            else:
+                page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
             k_rows = page * PAGE_SIZE + keys % PAGE_SIZE
         else:
             k_rows = b * TCAP + keys

@@ -21,6 +21,10 @@ from small_specs import small_token_spec
 MLA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_forms_mla",
               **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64, "selection.top_k": 160,
                  "indexer.dtype": "fp8_e4m3", "indexer.head_dim": 32})
+# dsa_block in miniature: MLA over 16-token blocks ranked by an indexer without fp8, 6 blocks a query.
+MLA_BLOCK = replace(MLA, name="dsa_small_forms_mla_block", **{
+    "selection.granularity": "block", "selection.block": 16, "selection.top_k": 6, "selection.initial": 1,
+    "selection.local": 1, "indexer.dtype": "bf16"})
 PROMPTS = [150, 37, 263]  # ragged: one prompt shorter than the top-k (every token selected), two longer
 
 
@@ -56,12 +60,13 @@ def launched(d):
     return (sel.get("FORM", 0), sel["BLOCK_N"], sel["num_stages"]), "wide" if wide else "tile"
 
 
-@pytest.mark.parametrize("selection_form, index_form, paged, q_len", [
-    ("ks_pf", "wide", True, 2), ("ks_pf_k32", "wide_k64", False, 1)])
-def test_forms_match_the_reference(selection_form, index_form, paged, q_len, monkeypatch):
-    mod = specgen.load(MLA)
+@pytest.mark.parametrize("spec, selection_form, index_form, paged, q_len", [
+    (MLA, "ks_pf", "wide", True, 2), (MLA, "ks_pf_k32", "wide_k64", False, 1),
+    (MLA_BLOCK, "ks_pf_k32", "wide", True, 2)], ids=["token_paged_q2", "token_contiguous_q1", "block_paged_q2"])
+def test_forms_match_the_reference(spec, selection_form, index_form, paged, q_len, monkeypatch):
+    mod = specgen.load(spec)
     d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
-    check_decode(mod, MLA, PROMPTS, q_len=q_len, steps=1, paged=paged, compare_prefill=False)
+    check_decode(mod, spec, PROMPTS, q_len=q_len, steps=1, paged=paged, compare_prefill=False)
     assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
 
 
