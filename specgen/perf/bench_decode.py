@@ -262,7 +262,9 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                         dense_times = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
                     row["dense"] = dense_times
                 _speedup(row)
-                print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})
+                # Printed as it comes (a run cut off by its time limit keeps what it printed), the kernels in us.
+                print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")},
+                      {k.strip("_")[:32]: round(v * 1000, 1) for k, v in row.get("kernels", {}).items() if v >= 1e-3})
                 rows.append(row)
             del cache, kw, q, out
             torch.cuda.empty_cache()
