@@ -851,13 +851,23 @@ def _decode_selection_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if FORM == 1:
-            # V = K[..., :DV]: the key tile's first part is the value tile.
+            # V = K[..., :DV]: the key tile's first part is the value tile. P is rounded to the value dtype inside
+            # the branch (as _pv rounds it), so it reaches P @ V only through the branch's results.
             if n_units > 0:
                 acc0 = acc0 * alpha[:, None]
-                pb = _p_operand(p, k0, WIDEN)
+                if WIDEN:
+                    pb = p
+                else:
+                    pb = p.to(k0.dtype)
             else:
-                pb = _p_operand(p, k0, WIDEN)
-            acc0 = _pv_acc(pb, k0, acc0, WIDEN)
+                if WIDEN:
+                    pb = p
+                else:
+                    pb = p.to(k0.dtype)
+            if WIDEN:
+                acc0 = tl.dot(pb, k0.to(tl.float32), acc0, input_precision="ieee")
+            else:
+                acc0 = tl.dot(pb, k0, acc0)
         else:
             v_ptr = V + k_rows.to(tl.int64) * stride_vr + g * stride_vh
             v0 = tl.load(v_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)

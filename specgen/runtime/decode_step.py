@@ -289,7 +289,6 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         ws = torch.empty((B, hkv, QL, n_units), dtype=torch.float32, device=q.device)
         k_idx_cache = cache.tensors["k_idx"]
         k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
-        BS = d.index_bs
         qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, d.index_hp))  # rows: new queries x indexer heads
         if d.fp8:
             # e4m3 queries with their row scales folded into the head weights, as in the prefill (runtime.fp8_rows).
