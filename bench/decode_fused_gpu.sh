@@ -42,7 +42,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
     b=$1 t=$2; shift 2
     echo "## batch $b, contexts $*" | tee -a "$LOG"
     timeout "$t" python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches "$b" --seqlens "$@" \
-        --decode-form split fused --out "$OUT/results" 2>&1 | tee -a "$LOG" | tail -24
+        --decode-forms split fused --out "$OUT/results" 2>&1 | tee -a "$LOG" | tail -24
     s=${PIPESTATUS[0]}
     echo "# bench batch $b exit status $s" | tee -a "$LOG"
     [ $brc -eq 0 ] && brc=$s

@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(14, "dsa_v32")
+runtime.require_schema(15, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -758,7 +758,8 @@ def _decode_selection_kernel(
     stride_tb,
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
-    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,    FORM: tl.constexpr = 0,
+
 ):
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     pid = tl.program_id(0)
@@ -793,34 +794,84 @@ def _decode_selection_kernel(
     start = split * per
     end = tl.minimum(start + per, n_units)
     t_q = L - QL + q_first
+    if FORM == 1:
+        # The first trip's units (and, paged, their pages): each trip then loads the next trip's, so a key tile's
+        # addresses never wait on a load of its own trip.
+        first = start + tl.arange(0, BLOCK_N) // UNIT
+        unit_next = tl.load(idx_row + first, mask=first < end, other=-1)
+        if PAGED:
+            keys_next = unit_next * UNIT + tl.arange(0, BLOCK_N) % UNIT
+            page_next = tl.load(BLOCK_TABLE + b * stride_tb + keys_next // PAGE_SIZE,
+                                mask=(unit_next >= 0) & (keys_next <= t_q), other=0).to(tl.int64)
     for u0 in range(start, end, UNITS_PER_TILE):
         n = tl.arange(0, BLOCK_N)
         slot = u0 + n // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < end, other=-1)
+        if FORM == 1:
+            unit = unit_next
+            unit_next = tl.load(idx_row + slot + UNITS_PER_TILE, mask=slot + UNITS_PER_TILE < end, other=-1)
+            if PAGED:
+                page_pf = page_next
+                keys_next = unit_next * UNIT + n % UNIT
+                page_next = tl.load(BLOCK_TABLE + b * stride_tb + keys_next // PAGE_SIZE,
+                                    mask=(unit_next >= 0) & (keys_next <= t_q), other=0).to(tl.int64)
+        else:
+            unit = tl.load(idx_row + slot, mask=slot < end, other=-1)
         keys = unit * UNIT + n % UNIT
         # The query's own block runs past it: only keys <= t.
         key_ok = (unit >= 0) & (keys <= t_q)
         visible = key_ok[None, :]
         if PAGED:
-            page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            if FORM == 1:
+                page = page_pf  # loaded a trip ahead
+            else:
+                page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
             k_rows = page * PAGE_SIZE + keys % PAGE_SIZE
         else:
             k_rows = b * TCAP + keys
         k_ptr = K + k_rows.to(tl.int64) * stride_kr + g * stride_kh
-        s = tl.zeros([QLP * GP, BLOCK_N], dtype=tl.float32)
-        k0 = tl.load(k_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        k1 = tl.load(k_ptr[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        s += _dot(q1, tl.trans(k1), WIDEN)
-        s = tl.where(visible, s * qk_scale, float("-inf"))
+        if FORM == 1:
+            k1 = tl.load(k_ptr[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s1 = tl.where(visible, _dot(q1, tl.trans(k1), WIDEN), float("-inf"))
+            if n_units > 0:
+                s1 = s1 * qk_scale
+            else:
+                s1 = tl.full([QLP * GP, BLOCK_N], float("-inf"), dtype=tl.float32)
+            k0 = tl.load(k_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            s = _dot(q0, tl.trans(k0), WIDEN) * qk_scale + s1
+        else:
+            s = tl.zeros([QLP * GP, BLOCK_N], dtype=tl.float32)
+            k0 = tl.load(k_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            k1 = tl.load(k_ptr[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s += _dot(q1, tl.trans(k1), WIDEN)
+            s = tl.where(visible, s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptr = V + k_rows.to(tl.int64) * stride_vr + g * stride_vh
-        v0 = tl.load(v_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
-        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
+        if FORM == 1:
+            # V = K[..., :DV]: the key tile's first part is the value tile. P is rounded to the value dtype inside
+            # the branch (as _pv rounds it), so it reaches P @ V only through the branch's results.
+            if n_units > 0:
+                acc0 = acc0 * alpha[:, None]
+                if WIDEN:
+                    pb = p
+                else:
+                    pb = p.to(k0.dtype)
+            else:
+                if WIDEN:
+                    pb = p
+                else:
+                    pb = p.to(k0.dtype)
+            if WIDEN:
+                acc0 = tl.dot(pb, k0.to(tl.float32), acc0, input_precision="ieee")
+            else:
+                acc0 = tl.dot(pb, k0, acc0)
+        else:
+            v_ptr = V + k_rows.to(tl.int64) * stride_vr + g * stride_vh
+            v0 = tl.load(v_ptr[:, None] + 0 + tl.arange(0, 512)[None, :], mask=key_ok[:, None], other=0.0)
+            acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
         m_i = m_new
     # A split that saw no key writes o = 0 and lse = -inf: it drops out of the merge.
     empty = l_i == 0.0
@@ -883,6 +934,59 @@ def _decode_index_scores_kernel(
         visible = keys[None, :] <= tq[:, None]
         ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
         tl.store(ws[:, None] + keys[None, :], score, mask=q_ok[:, None] & visible)
+
+
+
+@triton.jit
+def _decode_index_wide_kernel(
+    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS, KS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_wb, stride_wt,
+    stride_tb,
+    QL, TCAP, WS_ROW, idx_scale, CHUNK,
+    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """`_decode_index_scores_kernel`'s scores, written to the same WS entries, by a program per CHUNK keys: each
+    tile of BS keys is the rows of one [BS, QLP * HP] product with the new queries' indexer heads."""
+    HP: tl.constexpr = 64
+    pid_bg = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    L = tl.load(SEQLENS + b)
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    cols = tl.arange(0, QLP * HP)
+    qc = cols // HP
+    ihead = g * IDX_HEADS + cols % HP
+    col_ok = (qc < QL) & (cols % HP < IDX_HEADS)
+    q_i = tl.load(QI + b * stride_qb + qc[:, None] * stride_qt + ihead[:, None] * stride_qh
+                  + tl.arange(0, IDX_DIM)[None, :], mask=col_ok[:, None], other=0.0)
+    w_i = tl.load(WI + b * stride_wb + qc * stride_wt + ihead, mask=col_ok, other=0.0).to(tl.float32)
+    tq = L - QL + tl.arange(0, QLP)
+    q_ok = tl.arange(0, QLP) < QL
+    ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
+    for s0 in range(lo, hi, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys < hi
+        if PAGED:
+            page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            k_rows = page * PAGE_SIZE + keys % PAGE_SIZE
+        else:
+            k_rows = b * TCAP + keys
+        k_i = tl.load(KI + k_rows[:, None] * stride_kr + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                      mask=key_ok[:, None], other=0.0)
+        if WIDEN:  # the interpreter: e4m3 values are exact in fp32
+            dots = tl.dot(k_i.to(tl.float32), tl.trans(q_i).to(tl.float32), input_precision="ieee")
+        else:
+            dots = tl.dot(k_i, tl.trans(q_i))  # fp8 tensor-core dot, fp32 accumulation
+        relu = tl.maximum(dots, 0.0) * w_i[None, :]
+        ks = tl.load(KS + k_rows * HKV + g, mask=key_ok, other=0.0) * idx_scale
+        # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+        score_km = tl.sum(tl.reshape(relu, (BS, QLP, HP)), axis=2) * ks[:, None] + 0.0
+        visible_km = keys[:, None] <= tq[None, :]
+        tl.store(ws[None, :] + keys[:, None], score_km, mask=q_ok[None, :] & visible_km)
 
 
 @triton.jit
@@ -1174,10 +1278,10 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=2048,
     k_slc="k", v_slc="k", indexer=True, fp8=True, idx_heads=64, idx_dim=128, idx_scale=0.011048543456039806,
     index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=64, num_stages=1, widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
+    max_gp=64, num_stages=1, selection_form="base", index_form="tile", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
-    topk_write_kernel=_decode_topk_write_kernel)
+    topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)
 
 
 class DSACache(runtime.decode_cache.Cache):

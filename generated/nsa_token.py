@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(14, "nsa_token")
+runtime.require_schema(15, "nsa_token")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1302,6 +1302,55 @@ def _decode_index_scores_kernel(
         tl.store(ws[:, None] + keys[None, :], score, mask=q_ok[:, None] & visible)
 
 
+
+@triton.jit
+def _decode_index_wide_kernel(
+    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_wb, stride_wt,
+    stride_tb,
+    QL, TCAP, WS_ROW, idx_scale, CHUNK,
+    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """`_decode_index_scores_kernel`'s scores, written to the same WS entries, by a program per CHUNK keys: each
+    tile of BS keys is the rows of one [BS, QLP * HP] product with the new queries' indexer heads."""
+    HP: tl.constexpr = 4
+    pid_bg = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    L = tl.load(SEQLENS + b)
+    lo = pid_s * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    cols = tl.arange(0, QLP * HP)
+    qc = cols // HP
+    ihead = g * IDX_HEADS + cols % HP
+    col_ok = (qc < QL) & (cols % HP < IDX_HEADS)
+    q_i = tl.load(QI + b * stride_qb + qc[:, None] * stride_qt + ihead[:, None] * stride_qh
+                  + tl.arange(0, IDX_DIM)[None, :], mask=col_ok[:, None], other=0.0)
+    w_i = tl.load(WI + b * stride_wb + qc * stride_wt + ihead, mask=col_ok, other=0.0).to(tl.float32)
+    tq = L - QL + tl.arange(0, QLP)
+    q_ok = tl.arange(0, QLP) < QL
+    ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
+    for s0 in range(lo, hi, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys < hi
+        if PAGED:
+            page = tl.load(BLOCK_TABLE + b * stride_tb + keys // PAGE_SIZE, mask=key_ok, other=0).to(tl.int64)
+            k_rows = page * PAGE_SIZE + keys % PAGE_SIZE
+        else:
+            k_rows = b * TCAP + keys
+        k_i = tl.load(KI + k_rows[:, None] * stride_kr + g * stride_kh + tl.arange(0, IDX_DIM)[None, :],
+                      mask=key_ok[:, None], other=0.0)
+        relu = tl.maximum(_dot(k_i, tl.trans(q_i), WIDEN), 0.0) * w_i[None, :]
+        ks = tl.full([BS], idx_scale, dtype=tl.float32)
+        # + 0.0 turns -0.0 into +0.0 so equal scores tie (and go to the lower index) as in the reference.
+        score_km = tl.sum(tl.reshape(relu, (BS, QLP, HP)), axis=2) * ks[:, None] + 0.0
+        visible_km = keys[:, None] <= tq[None, :]
+        tl.store(ws[None, :] + keys[:, None], score_km, mask=q_ok[None, :] & visible_km)
+
+
 @triton.jit
 def _decode_topk_row(SEQLENS, row, QL):
     """Row `row` = (b * QL + qi) * HKV + g of the decode top-k (the row of IDX): its candidates n (the units j
@@ -1686,10 +1735,10 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=1024,
     k_slc="k_slc", v_slc="v_slc", indexer=True, fp8=False, idx_heads=4, idx_dim=64, idx_scale=0.0625,
     index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
-    topk_write_kernel=_decode_topk_write_kernel)
+    topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):

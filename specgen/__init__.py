@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 # (the autograd rule saves `out` in their place) and one branch's backward writes dQ in the spec's dtype; the
 # attention custom ops' names carry the schema, so torch.compile's on-disk caches never reuse a graph compiled
 # against former outputs).
-RUNTIME_SCHEMA = 14
+RUNTIME_SCHEMA = 15
 
 
 def _interpreter_without_gpu_devices() -> None:

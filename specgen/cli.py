@@ -122,6 +122,13 @@ def cmd_list(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    if args.decode_forms:
+        from .perf.bench_decode import parse_forms
+
+        try:  # a misspelt form is refused before any GPU work
+            [parse_forms(f) for f in args.decode_forms]
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if args.training_step:
         if args.decode or args.forward_only:
             raise UsageError("--training-step times the whole training step: drop --decode/--forward-only")
@@ -141,7 +148,7 @@ def cmd_bench(args) -> int:
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
                                            flex=args.flex, spec_path=path, scorings=args.decode_scoring,
-                                           forms=args.decode_form)
+                                           forms=args.decode_forms)
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -299,9 +306,12 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,
                     help="--decode: the compression scorer's paths to time on each cache, one row each (default: "
                     "the plan's, DecodePlan.scoring; docs/decode.md)")
-    bn.add_argument("--decode-form", nargs="+", choices=["split", "fused"], default=None,
-                    help="--decode: the step's launch forms to time on each cache, one row each (default: the "
-                    "plan's, DecodePlan.form; 'fused' on the partials scoring path only; docs/decode.md)")
+    bn.add_argument("--decode-forms", nargs="+", default=None, metavar="FORMS",
+                    help="--decode: the step's forms to time on each cache, one row each: 'plan', or '+'-joined "
+                    "names of the launch forms (split, fused: compression-scored steps on the partials path) and of "
+                    "runtime.decode_step.SELECTION_FORMS (MLA selection kernel: base, ks_pf, ks_pf_s2, ks_pf_k32) "
+                    "and INDEX_FORMS (index scores: tile, wide, wide_k64, wide_w8), e.g. 'plan fused' (NSA) or "
+                    "'plan ks_pf+wide' (DSA) (docs/decode.md, 'Launch forms' and 'Forms of the DSA step')")
     bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
                     "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")

@@ -480,7 +480,7 @@ def test_partials_path_matches_the_reference_over_many_tiles(monkeypatch):
 def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
     """`specgen bench --decode --decode-scoring`: the step and the cache class see the other path's descriptor
     inside the block, the plan's after it (also after an error)."""
-    from specgen.perf.bench_decode import scoring_path
+    from specgen.perf.bench_decode import decode_forms, scoring_path
 
     mod = specgen.load(SMALL)
     plan = mod._DECODE
@@ -492,7 +492,10 @@ def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
             assert d.scoring == "logits" and mod._DECODE is d and mod.NSACache.DESCRIPTOR is d
             raise RuntimeError
     assert mod._DECODE is plan and mod.NSACache.DESCRIPTOR is plan
-    with scoring_path(mod, None, "fused") as d:
+    with pytest.raises(ValueError, match="partials"), scoring_path(mod, "logits"), decode_forms(mod, "fused"):
+        pass  # `specgen bench` leaves this pair out
+    assert mod._DECODE is plan
+    with decode_forms(mod, "fused") as d:
         assert d.form == "fused" and d.scoring == "partials" and mod._DECODE is d
     assert mod._DECODE is plan and plan.form == "split"
 

@@ -123,7 +123,10 @@ class DecodePlan:
     form: the compression-scored step's launch form: "split" (five launches: compression, selection scores + top-n,
     selection, window, epilogue) or "fused" (three: compression + window, scores + top-n beside the merge of the
     compression and window splits, selection with the epilogue in each row group's last split program; needs
-    scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms")."""
+    scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms").
+    selection_form / index_form: the MLA selection kernel's and the index-score kernel's forms (names in
+    runtime.decode_step.SELECTION_FORMS / INDEX_FORMS; docs/decode.md "Forms of the DSA step"): "base" / "tile"
+    are the forms before them; `specgen bench --decode --decode-forms` times the others on the same caches."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -139,6 +142,8 @@ class DecodePlan:
     topk_max_segments: int = 32
     topk_sum_segments: int = 16
     form: str = "split"
+    selection_form: str = "base"
+    index_form: str = "tile"
 
 
 @dataclass(frozen=True)

@@ -146,21 +146,71 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
 
 
 @contextlib.contextmanager
-def scoring_path(module, scoring: str | None, form: str | None = None):
+def scoring_path(module, scoring: str | None):
     """The module's decode step on the compression scorer's other path (`DecodePlan.scoring`: "partials" or
-    "logits") and/or launch form (`DecodePlan.form`: "split" or "fused"), for timing them in one run: its
-    descriptor, for the step and the cache class, replaced by a copy with that scoring and form while the block
-    runs. None or the plan's own: unchanged."""
+    "logits"), for timing both in one run: its descriptor, for the step and the cache class, replaced by a copy
+    with that scoring while the block runs. None or the plan's own: unchanged."""
     d = module._DECODE
-    changes = {k: v for k, v in (("scoring", scoring), ("form", form)) if v is not None and v != getattr(d, k)}
-    if not changes:
+    if scoring is None or scoring == d.scoring:
         yield d
         return
     if d.scorer != "compression":
-        raise ValueError(f"--decode-scoring / --decode-form apply to compression-scored selection; {d.spec_name} "
-                         f"has none")
+        raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
     Cache = getattr(module, d.cache_class)
-    other = dataclasses.replace(d, **changes)
+    other = dataclasses.replace(d, scoring=scoring)
+    module._DECODE, Cache.DESCRIPTOR = other, other
+    try:
+        yield other
+    finally:
+        module._DECODE, Cache.DESCRIPTOR = d, d
+
+
+LAUNCH_FORMS = ("split", "fused")
+
+
+def parse_forms(name: str) -> dict:
+    """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of the launch
+    forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel) and
+    INDEX_FORMS (the index scores), e.g. "fused" or "ks_pf+wide"; what is not named keeps the plan's form."""
+    from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS
+
+    out = {}
+    for part in name.split("+"):
+        if part == "plan":
+            continue
+        if part in LAUNCH_FORMS:
+            out["form"] = part
+        elif part in SELECTION_FORMS:
+            out["selection_form"] = part
+        elif part in INDEX_FORMS:
+            out["index_form"] = part
+        else:
+            raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
+                             f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, or 'plan'")
+    return out
+
+
+@contextlib.contextmanager
+def decode_forms(module, name: str | None):
+    """The module's decode step with the kernel forms `name` (parse_forms) while the block runs, as scoring_path
+    does for the scorer's path: the descriptor of the step and the cache class replaced by a copy, checked by
+    runtime.decode_step.check_forms. None or "plan": unchanged."""
+    from ..runtime.decode_step import check_forms
+
+    d = module._DECODE
+    fields = parse_forms(name) if name else {}
+    if not fields:
+        yield d
+        return
+    other = dataclasses.replace(d, **fields)
+    check_forms(other)
+    if other.form == "fused":
+        from ..runtime.decode_fused import supports
+
+        why = supports(other)
+        if why is not None:
+            raise ValueError(f"--decode-forms: fused: {why}")
+    Cache = getattr(module, d.cache_class)
     module._DECODE, Cache.DESCRIPTOR = other, other
     try:
         yield other
@@ -172,8 +222,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                  graph: bool = True, flex: bool = False, spec_path=None,
                  scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
     """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
-    `forms`: the step's launch forms ("split", "fused"), one row per (scoring, form); the fused form runs on the
-    partials path only, other pairs are left out."""
+    `forms`: the step's forms (parse_forms: launch forms "split" / "fused", the DSA step's kernel forms), one row
+    per (scoring, forms); the fused launch form runs on the partials path only, other pairs are left out."""
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -213,11 +263,13 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
 
             base, dense_times = dict(row), None
             paths = [(sc, f) for sc in scorings or [None] for f in forms or [None]
-                     if not (f == "fused" and (sc or module._DECODE.scoring) != "partials")]
+                     if not (parse_forms(f or "plan").get("form") == "fused"
+                             and (sc or module._DECODE.scoring) != "partials")]
             for scoring, form in paths:
                 row = dict(base)
-                with scoring_path(module, scoring, form) as d:
+                with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
+                    row["forms"] = f"{d.selection_form}+{d.index_form}"
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.
@@ -225,7 +277,9 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                         dense_times = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
                     row["dense"] = dense_times
                 _speedup(row)
-                print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")})
+                # Printed as it comes (a run cut off by its time limit keeps what it printed), the kernels in us.
+                print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")},
+                      {k.strip("_")[:32]: round(v * 1000, 1) for k, v in row.get("kernels", {}).items() if v >= 1e-3})
                 rows.append(row)
             del cache, kw, q, out
             torch.cuda.empty_cache()
@@ -306,14 +360,15 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
 
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
     lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
-             f"{'B':>3} {'ctx':>7} {'scoring':>8} {'form':>5} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
+             f"{'B':>3} {'ctx':>7} {'path':>20} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        lines.append(f"{r['batch']:>3} {r['context']:>7} {r.get('scoring') or '-':>8} {r.get('form') or '-':>5} "
-                     f"{r['step_ms']:>8.3f} "
+        path = "/".join(x for x in (r.get("scoring"), r.get("form") if r.get("form") != "split" else None,
+                                    r.get("forms") if r.get("forms") != "base+tile" else None) if x) or "-"
+        lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>20} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
                      + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))

@@ -76,6 +76,8 @@ class DecodeDescriptor:
     max_splits: int
     max_gp: int                       # group heads per program at most
     num_stages: int
+    selection_form: str               # the MLA selection kernel's form, decode_step.SELECTION_FORMS
+    index_form: str                   # the index-score kernel's form, decode_step.INDEX_FORMS
     widen: bool                       # the module's WIDEN (bf16 dots widened under the interpreter)
     # Host functions and kernel handles of the generated module
     pool: Optional[Callable]          # the prefill's pooling (the module's `_pool`: pool kernel launch)
@@ -91,6 +93,7 @@ class DecodeDescriptor:
     # ("cmp_win" with a window branch, "select_merge", "selection"; specgen.runtime.decode_fused).
     form: str = "split"
     fused_kernels: Optional[dict] = None
+    index_wide_kernel: Any = None     # the index scores' "wide" form
 
     @property
     def n_branches(self) -> int:

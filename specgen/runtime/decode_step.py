@@ -23,6 +23,34 @@ from specgen.runtime import decode_fused
 import triton  # noqa: E402
 
 
+# Forms of the DSA step's kernels (docs/decode.md, "Forms of the DSA step"), picked by the descriptor's
+# selection_form / index_form (DecodePlan's), all timed side by side by `specgen bench --decode --decode-forms`.
+# The MLA selection kernel: name -> (FORM, keys per tile, stages); None: the plan's (split_tiles, num_stages).
+# FORM 1 computes S once (the prefill's key_split), loads the next trip's units ahead (prefetch) and takes V from
+# the key tile (MLA: V = K[..., :DV]).
+SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1, 64, 2), "ks_pf_k32": (1, 32, 3)}
+# The index-score kernel: "tile" is one program per 64-key tile (`_decode_index_scores_kernel`); the others are
+# `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
+# keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
+INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
+
+
+def check_forms(d: DecodeDescriptor) -> None:
+    """The descriptor's forms exist and apply to its spec (ValueError naming the form)."""
+    if d.selection_form not in SELECTION_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
+    if d.selection_form != "base" and not d.mla:
+        raise ValueError(f"{d.spec_name}: selection form {d.selection_form!r} needs MLA (V = K[..., :DV]); use 'base'")
+    tile = SELECTION_FORMS[d.selection_form][1]
+    if tile and tile % d.sel_block:
+        raise ValueError(f"{d.spec_name}: selection form {d.selection_form!r} walks {tile}-key tiles, not whole "
+                         f"units of {d.sel_block} tokens; use one with a multiple of {d.sel_block}")
+    if d.index_form not in INDEX_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown index form {d.index_form!r}; known: {list(INDEX_FORMS)}")
+    if d.index_form != "tile" and not d.indexer:
+        raise ValueError(f"{d.spec_name}: index form {d.index_form!r} needs an indexer; use 'tile'")
+
+
 @functools.lru_cache(maxsize=None)
 def split_rows(d: DecodeDescriptor, kind: str, q_len: int) -> tuple[int, int, int]:
     """(QLP, GP, HEAD_CHUNKS) of a branch kernel: new queries x group heads per program, at least 16 rows for the
@@ -55,6 +83,10 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
     qlp, gp, chunks = split_rows(d, kind, QL)
     programs = B * d.hkv * chunks * (QL if kind == "selection" else 1)
     tile = d.split_tiles[kind]
+    stages = d.num_stages
+    if kind == "selection" and d.mla:
+        form, form_tile, form_stages = SELECTION_FORMS[d.selection_form]
+        tile, stages = form_tile or tile, form_stages or stages
     splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device, d.split_waves,
                                              d.max_splits)
     o_part = torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=q.device)
@@ -63,6 +95,8 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
     extra, flags = (), {}
     if kind == "selection":
         extra = (idx,)
+        if d.mla:
+            flags = {"FORM": form}
     elif kind == "compression":
         scores = scores or ()  # SCORES: 0 none, 1 logits, 2 partials; unused pointers get o_part
         logits = scores[0] if len(scores) == 1 else o_part
@@ -77,8 +111,35 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, d.softmax_scale,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=d.widen, **flags,
-        num_warps=warps, num_stages=d.num_stages)
+        num_warps=warps, num_stages=stages)
     return o_part, lse_part, splits
+
+
+def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, tcap, n_units,
+                 paged, qlp):
+    """The index-score launch of the descriptor's index_form (INDEX_FORMS): both write the same workspace
+    entries."""
+    args = (q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra, q_idx.stride(0), q_idx.stride(1),
+            q_idx.stride(2), k_flat.stride(0), k_flat.stride(1), w_idx.stride(0), w_idx.stride(1),
+            block_table.stride(0), QL, tcap, n_units, d.idx_scale)
+    widen = _rt.interpreting() if d.fp8 else d.widen
+    keys = n_units * d.sel_block
+    wide = INDEX_FORMS[d.index_form]
+    if wide is None or qlp * d.index_hp > 256:  # the wide tile's columns are one product's N (at most 256)
+        d.index_scores_kernel[(d.hkv * ws.shape[0], triton.cdiv(keys, d.index_bs))](
+            *args, PAGED=paged, QLP=qlp, BS=d.index_bs, WIDEN=widen, num_warps=8 if qlp * d.index_hp >= 256 else 4)
+        return
+    bs, stages, warps, per_sm = wide
+    bs = max(bs, d.sel_block)
+    warps = max(warps, min(8, bs * qlp * d.index_hp // 4096))  # q_len 4 x 64 heads: a [128, 256] fp32 tile
+    rows = d.hkv * ws.shape[0]
+    if ws.device.type == "cuda":
+        chunks = max(1, min(triton.cdiv(keys, bs), triton.cdiv(per_sm * _rt._sm_count(ws.device), rows)))
+    else:  # the CPU tests: two tiles a program, so both the chunks and the loop are exercised
+        chunks = triton.cdiv(keys, 2 * bs)
+    chunk = triton.cdiv(triton.cdiv(keys, chunks), bs) * bs
+    d.index_wide_kernel[(rows, triton.cdiv(keys, chunk))](
+        *args, chunk, PAGED=paged, QLP=qlp, BS=bs, WIDEN=widen, num_warps=warps, num_stages=stages)
 
 
 def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments: int, sum_segments: int):
@@ -235,7 +296,6 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         ws = torch.empty((B, hkv, QL, n_units), dtype=torch.float32, device=q.device)
         k_idx_cache = cache.tensors["k_idx"]
         k_flat = k_idx_cache.view(-1, *k_idx_cache.shape[2:])
-        BS = d.index_bs
         qlp = max(triton.next_power_of_2(QL), triton.cdiv(16, d.index_hp))  # rows: new queries x indexer heads
         if d.fp8:
             # e4m3 queries with their row scales folded into the head weights, as in the prefill (runtime.fp8_rows).
@@ -243,12 +303,8 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             extra = (cache.k_idx_scale,)
         else:
             extra = ()
-        d.index_scores_kernel[(B * hkv, triton.cdiv(n_units * d.sel_block, BS))](
-            q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra,
-            q_idx.stride(0), q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1),
-            w_idx.stride(0), w_idx.stride(1), block_table.stride(0), QL, cache.tcap, n_units, d.idx_scale,
-            PAGED=paged, QLP=qlp, BS=BS, WIDEN=_rt.interpreting() if d.fp8 else d.widen,
-            num_warps=8 if qlp * d.index_hp >= 256 else 4)
+        index_scores(d, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, cache.tcap, n_units, paged,
+                     qlp)
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
         topk_fn(ws, seqlens, indices)
     if d.scorer is not None:

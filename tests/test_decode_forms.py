@@ -1,0 +1,189 @@
+"""The DSA step's kernel forms (docs/decode.md, "Forms of the DSA step"): the MLA selection kernel's
+`DecodePlan.selection_form` and the index-score kernel's `index_form`, each against the float64 reference
+(contiguous and paged caches, q_len 1 and 2, ragged prompts) and against the plan's forms on the same cache (the
+same selection, the same output up to the order of the rounded sums), under the interpreter in fp16 / fp8.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import specgen
+from specgen.model.spec import load_spec, replace
+from specgen.runtime import decode_step
+from specgen.testing import test_device
+from specgen.testing.decode import check_decode
+from small_specs import small_token_spec
+
+# V3.2 in miniature: MLA in MQA mode (8 heads on one latent head of 80 dims, the first 64 are V), fp8 index keys, a
+# top-k of 160 tokens so each of a query's two splits walks two or more key tiles (the prefetch's carried units).
+MLA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_small_forms_mla",
+              **{"heads.kv": 1, "mla": True, "head_dim.qk": 80, "head_dim.v": 64, "selection.top_k": 160,
+                 "indexer.dtype": "fp8_e4m3", "indexer.head_dim": 32})
+# dsa_block in miniature: MLA over 16-token blocks ranked by an indexer without fp8, 6 blocks a query.
+MLA_BLOCK = replace(MLA, name="dsa_small_forms_mla_block", **{
+    "selection.granularity": "block", "selection.block": 16, "selection.top_k": 6, "selection.initial": 1,
+    "selection.local": 1, "indexer.dtype": "bf16"})
+PROMPTS = [150, 37, 263]  # ragged: one prompt shorter than the top-k (every token selected), two longer
+
+
+class Spy:
+    """A kernel handle that records each launch's keyword arguments (constexprs, warps, stages)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append(kw)
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+def use_forms(monkeypatch, mod, base=None, **forms):
+    """`mod`'s step and cache class on a copy of its descriptor (or `base`) with these forms, for this test only;
+    its index and selection kernels are Spies."""
+    d = base or mod._DECODE
+    kernels = {k: Spy(v) for k, v in d.branch_kernels.items()}
+    d = dataclasses.replace(d, **forms, branch_kernels=kernels, index_scores_kernel=Spy(d.index_scores_kernel),
+                            index_wide_kernel=Spy(d.index_wide_kernel))
+    monkeypatch.setattr(mod, "_DECODE", d)
+    monkeypatch.setattr(getattr(mod, d.cache_class), "DESCRIPTOR", d)
+    return d
+
+
+def launched(d):
+    """(selection FORM, BLOCK_N, stages) of the last selection launch, and the index kernel that ran last."""
+    sel = d.branch_kernels["selection"].calls[-1]
+    wide = bool(d.index_wide_kernel.calls) and not d.index_scores_kernel.calls
+    return (sel.get("FORM", 0), sel["BLOCK_N"], sel["num_stages"]), "wide" if wide else "tile"
+
+
+@pytest.mark.parametrize("spec, selection_form, index_form, paged, q_len", [
+    (MLA, "ks_pf", "wide", True, 2), (MLA, "ks_pf_k32", "wide_k64", False, 1),
+    (MLA_BLOCK, "ks_pf_k32", "wide", True, 2)], ids=["token_paged_q2", "token_contiguous_q1", "block_paged_q2"])
+def test_forms_match_the_reference(spec, selection_form, index_form, paged, q_len, monkeypatch):
+    mod = specgen.load(spec)
+    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
+    check_decode(mod, spec, PROMPTS, q_len=q_len, steps=1, paged=paged, compare_prefill=False)
+    assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
+
+
+def _step_inputs(mod, spec, B, QL, T, gen, dev):
+    Cache = getattr(mod, mod._DECODE.cache_class)
+    table = torch.randperm(B * (-(-T // spec.decode.page_size)), generator=gen).to(torch.int32).view(B, -1)
+    cache = Cache(B, num_pages=table.numel(), block_table=table.to(dev), device=dev)
+    hkv = spec.heads.kv
+    lens = torch.tensor([T - 41, T - QL - 90, T - QL], dtype=torch.int32)[:B]
+
+    def rnd(n, w):
+        return torch.randn(B, n, hkv, w, generator=gen).to(dev, mod.DTYPE)
+    cache.prefill(seqlens=lens, **{n: rnd(T - QL, w) for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: rnd(QL, w) for n, w in mod.CACHE_TENSORS.items()})
+    hi = hkv * spec.indexer.heads
+    kw = {"q_idx": torch.randn(B, QL, hi, spec.indexer.head_dim, generator=gen).to(dev, mod.DTYPE),
+          "w_idx": torch.randn(B, QL, hi, generator=gen).to(dev, mod.DTYPE)}
+    q = (torch.randn(B, QL, spec.heads.q, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
+    return cache, q, kw
+
+
+@pytest.mark.parametrize("spec, forms", [
+    (MLA, [dict(selection_form="ks_pf_s2", index_form="wide_w8"), dict(selection_form="ks_pf_k32")]),
+    # block granularity ranked by an indexer (16-token units, a wide tile of 128 keys holds 8), GQA: index forms only
+    (small_token_spec("nsa_token_forms_block", **{"selection.granularity": "block", "selection.block": 16,
+                                                  "selection.top_k": 3, "selection.initial": 1,
+                                                  "selection.local": 1}), [dict(index_form="wide_k64")]),
+])
+def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypatch):
+    """On one paged cache (ragged lengths, q_len 3, several key tiles and two chunks per program's sequence): every
+    form picks the same units as the plan's forms (the index scores are summed in the same order over the heads,
+    so bit for bit) and its output agrees to rounding (S's parts are summed in another order)."""
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(5)
+    dev = test_device()
+    cache, q, kw = _step_inputs(mod, spec, 3, 3, 330, gen, dev)
+    if spec.gated:
+        kw["gates"] = torch.rand(3, 3, spec.heads.q, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    decode = getattr(mod, f"{spec.family}_decode")
+    plan = mod._DECODE
+    assert (plan.selection_form, plan.index_form) == ("base", "tile")
+    want, want_idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
+    assert (want_idx >= 0).sum() >= 3 * 3 * spec.heads.kv * min(spec.selection.top_k, 160)
+    for f in forms:
+        d = use_forms(monkeypatch, mod, plan, **f)
+        got, idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
+        assert launched(d)[1] == ("wide" if "index_form" in f else "tile")
+        if spec.mla:
+            assert launched(d)[0] == decode_step.SELECTION_FORMS[f["selection_form"]]
+        assert torch.equal(idx, want_idx), f
+        err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        assert err < 2e-3, (f, err)
+
+
+def test_forms_are_checked():
+    mod = specgen.load(load_spec("specs/dsa_small.yaml"))
+    d = mod._DECODE
+    decode_step.check_forms(d)
+    with pytest.raises(ValueError, match="needs MLA"):
+        decode_step.check_forms(dataclasses.replace(d, selection_form="ks_pf"))
+    with pytest.raises(ValueError, match="unknown index form"):
+        decode_step.check_forms(dataclasses.replace(d, index_form="nope"))
+    with pytest.raises(ValueError, match="not whole units of 64"):
+        decode_step.check_forms(dataclasses.replace(d, mla=True, sel_block=64, selection_form="ks_pf_k32"))
+
+
+def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
+    """`specgen bench --decode --decode-forms`: inside the block the step and the cache class see the named forms,
+    the plan's after it (also after an error)."""
+    from specgen.perf.bench_decode import decode_forms, parse_forms
+
+    mod = specgen.load(MLA)
+    plan = mod._DECODE
+    assert parse_forms("ks_pf+wide") == {"selection_form": "ks_pf", "index_form": "wide"}
+    assert parse_forms("plan") == {}
+    with pytest.raises(ValueError, match="unknown"):
+        parse_forms("ks_pf+nope")
+    with decode_forms(mod, "plan") as d:
+        assert d is plan
+    with pytest.raises(RuntimeError):
+        with decode_forms(mod, "ks_pf+wide") as d:
+            assert (d.selection_form, d.index_form) == ("ks_pf", "wide")
+            assert mod._DECODE is d and mod.DSACache.DESCRIPTOR is d
+            raise RuntimeError
+    assert mod._DECODE is plan and mod.DSACache.DESCRIPTOR is plan
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+V32 = "specs/dsa_v32.yaml"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("selection_form, index_form, layout, q_len", [
+    ("ks_pf", "wide", "paged", 4), ("ks_pf_s2", "wide_w8", "paged", 4), ("ks_pf_k32", "wide_k64", "paged", 4),
+    ("ks_pf_k32", "wide", "contiguous", 1)])
+def test_v32_forms_realistic(selection_form, index_form, layout, q_len, monkeypatch):
+    """dsa_v32 itself (bf16, fp8 index keys, 128 heads on one latent head) near 64k of context in every form, against
+    the float64 reference, as generated/test_dsa_v32.py's test_decode_realistic checks the plan's forms."""
+    from specgen.compile.test_shapes import decode_gpu_prompts
+
+    spec = load_spec(V32)
+    mod = specgen.load(spec)
+    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
+    check_decode(mod, spec, decode_gpu_prompts(spec), q_len=q_len, steps=1, paged=layout == "paged", device="cuda",
+                 query_chunk=128, compare_prefill=False)
+    assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
+
+
+@gpu
+@pytest.mark.gpu
+def test_v32_forms_cuda_graph(monkeypatch):
+    """A replayed CUDA graph of a step in the new forms equals the eager step bit for bit (also after an append)."""
+    from specgen.compile.test_shapes import decode_gpu_prompts
+    from specgen.testing.decode import check_decode_cuda_graph
+
+    spec = load_spec(V32)
+    mod = specgen.load(spec)
+    use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide")
+    check_decode_cuda_graph(mod, spec, decode_gpu_prompts(spec))
