@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(15, "dsa_v32")
+runtime.require_schema(16, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -42,7 +42,8 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
     "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
-    "selection_scatter": {"block_n": 32, "key_major": 0, "num_stages": 1, "num_warps": 8}}}
+    "selection_scatter": {"block_n": 32, "gp": 32, "key_major": 0, "key_split": 0, "num_stages": 1,
+    "num_warps": 8, "prefetch": 0}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -51,8 +52,12 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split
     (64, 0, 2, 8, 0), (64, 1, 2, 8, 0), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1), (64, 1, 2, 16, 0)),
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
-    "selection_scatter": (("block_n", "key_major", "num_stages", "num_warps"), (32, 0, 1, 8), (16, 0, 1, 8),
-    (16, 0, 2, 8), (32, 0, 2, 8), (64, 1, 1, 8), (64, 1, 1, 4), (128, 1, 1, 8))})
+    "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
+    (32, 32, 0, 0, 1, 8, 0), (16, 32, 0, 0, 1, 8, 0), (16, 32, 0, 0, 2, 8, 0), (32, 32, 0, 0, 2, 8, 0),
+    (32, 32, 0, 0, 1, 4, 0), (16, 32, 0, 0, 1, 4, 0), (64, 32, 0, 0, 1, 8, 0), (64, 32, 0, 0, 1, 4, 0),
+    (64, 32, 1, 0, 1, 8, 0), (64, 32, 1, 0, 1, 4, 0), (128, 32, 1, 0, 1, 8, 0), (32, 32, 0, 0, 2, 8, 1),
+    (32, 32, 0, 0, 3, 8, 1), (64, 32, 0, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 1),
+    (32, 16, 0, 0, 1, 4, 0), (32, 16, 0, 0, 2, 4, 1))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -1567,21 +1572,30 @@ def _selection_bwd_scatter_kernel(
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
-    KEY_MAJOR: tl.constexpr = 0,
+    KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    GP: tl.constexpr = 32,
 ):
     # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
     # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
     # mma.sync (or replicates a wgmma over warpgroups). 1 computes S^T = K Q^T and keeps dQ transposed (dQ^T +=
     # K^T dS^T): the products' rows are BLOCK_N keys (S^T, dP^T, dK, dV) and head dims (dQ^T), so 64 keys fill
     # a warpgroup's wgmma; dQ is transposed back once, at the end.
-    GP: tl.constexpr = 32
+    # KEY_SPLIT (launch config `key_split`; docs/backward.md, "The scatter kernel's forms"): the products are not
+    # chained, so Triton 3.6 does not lay them all with the warps along one axis (which computes S and dP twice at
+    # 32 rows and 8 warps, and S^T, dP^T and dK twice at 64 keys): every part of S (S^T) and dP (dP^T) but the
+    # first is its own product, masked and summed inside a branch on n_units > 0, which always holds inside the key
+    # loop (the other arm never runs); key-major also passes P^T and dS^T, and the dV product before its add into
+    # dK, through such a branch. Values that reach a product only through an `if`'s results are outside Triton's
+    # chained-dot rule (the selection forward's KEY_SPLIT, docs/tuning.md). Results move by fp32 rounding only.
+    # PREFETCH (launch config `prefetch`): each trip loads the next trip's selected units (as the forward's).
+    # GP (launch config `gp`; the plan's scatter_gp, 32, by default): head rows per program.
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 0
     t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    # The group's 128 heads over 4 programs of GP rows (the fp32 dQ of all of them would not fit
+    # The group's 128 heads over HEAD_CHUNKS programs of GP rows (the fp32 dQ of all of them would not fit
     # the registers); each adds its own heads' share of dK/dV.
-    HEAD_CHUNKS: tl.constexpr = 4
+    HEAD_CHUNKS: tl.constexpr = (GROUP + GP - 1) // GP
     chunk = pid_bg % HEAD_CHUNKS
     pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
@@ -1653,10 +1667,20 @@ def _selection_bwd_scatter_kernel(
     idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    if PREFETCH:
+        # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
+        # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
+        first = tl.arange(0, BLOCK_N) // UNIT
+        unit_next = tl.load(idx_row + first, mask=first < n_units, other=-1)
     for f0 in range(0, n_units * UNIT, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
         slot = f // UNIT
-        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        if PREFETCH:
+            unit = unit_next
+            slot_next = (f + BLOCK_N) // UNIT
+            unit_next = tl.load(idx_row + slot_next, mask=slot_next < n_units, other=-1)
+        else:
+            unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
         keys = unit * UNIT + f % UNIT
         key_ok = (unit >= 0) & (keys <= t)
         visible = key_ok[None, :] & row_ok[:, None]
@@ -1672,21 +1696,57 @@ def _selection_bwd_scatter_kernel(
         v3 = k3  # MLA: V is K's first 512 dims
         if KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :]
-            pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-            pt += _dot(k0, tl.trans(q0), WIDEN)
-            pt += _dot(k1, tl.trans(q1), WIDEN)
-            pt += _dot(k2, tl.trans(q2), WIDEN)
-            pt += _dot(k3, tl.trans(q3), WIDEN)
-            pt += _dot(k4, tl.trans(q4), WIDEN)
-            pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
-            dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-            dpt += _dot(v0, tl.trans(do0), WIDEN)
-            dpt += _dot(v1, tl.trans(do1), WIDEN)
-            dpt += _dot(v2, tl.trans(do2), WIDEN)
-            dpt += _dot(v3, tl.trans(do3), WIDEN)
-            dst = pt * (dpt - delta[None, :])
-            # Scaled once here: dQ and dK both take sm_scale * dS.
-            dst = dst * sm_scale
+            if KEY_SPLIT:
+                pt1 = tl.where(visible_t, _dot(k1, tl.trans(q1), WIDEN), 0.0)
+                pt2 = tl.where(visible_t, _dot(k2, tl.trans(q2), WIDEN), 0.0)
+                pt3 = tl.where(visible_t, _dot(k3, tl.trans(q3), WIDEN), 0.0)
+                pt4 = tl.where(visible_t, _dot(k4, tl.trans(q4), WIDEN), 0.0)
+                if n_units > 0:
+                    pt_rest = pt1 + pt2 + pt3 + pt4
+                else:
+                    pt_rest = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                pt = _dot(k0, tl.trans(q0), WIDEN) + pt_rest
+                pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+                dpt1 = tl.where(visible_t, _dot(v1, tl.trans(do1), WIDEN), 0.0)
+                dpt2 = tl.where(visible_t, _dot(v2, tl.trans(do2), WIDEN), 0.0)
+                dpt3 = tl.where(visible_t, _dot(v3, tl.trans(do3), WIDEN), 0.0)
+                if n_units > 0:
+                    dpt_rest = dpt1 + dpt2 + dpt3
+                else:
+                    dpt_rest = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                dpt = _dot(v0, tl.trans(do0), WIDEN) + dpt_rest
+                dst = pt * (dpt - delta[None, :])
+                if n_units > 0:
+                    # P^T and dS^T reach the dK/dV and dQ^T products through the branch's results, each made by an
+                    # operation inside it (a value merely passed through would become a select, in the chain).
+                    dst = dst * sm_scale
+                    if WIDEN:
+                        pt_in = pt + 0.0  # (the interpreter: exact; it has no chained-dot rule)
+                    else:
+                        pt_in = pt.to(DO.dtype.element_ty)  # the rounding _pv makes
+                else:
+                    dst = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                    if WIDEN:
+                        pt_in = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                    else:
+                        pt_in = tl.zeros([BLOCK_N, ROWS], dtype=DO.dtype.element_ty)
+            else:
+                pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                pt += _dot(k0, tl.trans(q0), WIDEN)
+                pt += _dot(k1, tl.trans(q1), WIDEN)
+                pt += _dot(k2, tl.trans(q2), WIDEN)
+                pt += _dot(k3, tl.trans(q3), WIDEN)
+                pt += _dot(k4, tl.trans(q4), WIDEN)
+                pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+                dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                dpt += _dot(v0, tl.trans(do0), WIDEN)
+                dpt += _dot(v1, tl.trans(do1), WIDEN)
+                dpt += _dot(v2, tl.trans(do2), WIDEN)
+                dpt += _dot(v3, tl.trans(do3), WIDEN)
+                dst = pt * (dpt - delta[None, :])
+                # Scaled once here: dQ and dK both take sm_scale * dS.
+                dst = dst * sm_scale
+                pt_in = pt
             dst_in = dst
             if not WIDEN:
                 dst_in = dst.to(Q.dtype.element_ty)
@@ -1696,22 +1756,43 @@ def _selection_bwd_scatter_kernel(
             dqt3 += _dot(tl.trans(k3), dst_in, WIDEN)
             dqt4 += _dot(tl.trans(k4), dst_in, WIDEN)
         else:
-            s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-            s += _dot(q0, tl.trans(k0), WIDEN)
-            s += _dot(q1, tl.trans(k1), WIDEN)
-            s += _dot(q2, tl.trans(k2), WIDEN)
-            s += _dot(q3, tl.trans(k3), WIDEN)
-            s += _dot(q4, tl.trans(k4), WIDEN)
-            p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-            dp += _dot(do0, tl.trans(v0), WIDEN)
-            dp += _dot(do1, tl.trans(v1), WIDEN)
-            dp += _dot(do2, tl.trans(v2), WIDEN)
-            dp += _dot(do3, tl.trans(v3), WIDEN)
-            ds = p * (dp - delta[:, None])
+            if KEY_SPLIT:
+                s1 = tl.where(visible, _dot(q1, tl.trans(k1), WIDEN), 0.0)
+                s2 = tl.where(visible, _dot(q2, tl.trans(k2), WIDEN), 0.0)
+                s3 = tl.where(visible, _dot(q3, tl.trans(k3), WIDEN), 0.0)
+                s4 = tl.where(visible, _dot(q4, tl.trans(k4), WIDEN), 0.0)
+                if n_units > 0:
+                    s_rest = s1 + s2 + s3 + s4
+                else:
+                    s_rest = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                s = _dot(q0, tl.trans(k0), WIDEN) + s_rest
+                p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                dp1 = tl.where(visible, _dot(do1, tl.trans(v1), WIDEN), 0.0)
+                dp2 = tl.where(visible, _dot(do2, tl.trans(v2), WIDEN), 0.0)
+                dp3 = tl.where(visible, _dot(do3, tl.trans(v3), WIDEN), 0.0)
+                if n_units > 0:
+                    dp_rest = dp1 + dp2 + dp3
+                else:
+                    dp_rest = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                dp = _dot(do0, tl.trans(v0), WIDEN) + dp_rest
+                ds = p * (dp - delta[:, None])
+            else:
+                s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                s += _dot(q0, tl.trans(k0), WIDEN)
+                s += _dot(q1, tl.trans(k1), WIDEN)
+                s += _dot(q2, tl.trans(k2), WIDEN)
+                s += _dot(q3, tl.trans(k3), WIDEN)
+                s += _dot(q4, tl.trans(k4), WIDEN)
+                p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                dp += _dot(do0, tl.trans(v0), WIDEN)
+                dp += _dot(do1, tl.trans(v1), WIDEN)
+                dp += _dot(do2, tl.trans(v2), WIDEN)
+                dp += _dot(do3, tl.trans(v3), WIDEN)
+                ds = p * (dp - delta[:, None])
             # Scaled once here: dQ and dK both take sm_scale * dS.
             ds = ds * sm_scale
-            pt = tl.trans(p)
+            pt_in = tl.trans(p)
             dst = tl.trans(ds)
             dq0 += _pv(ds, k0, WIDEN)
             dq1 += _pv(ds, k1, WIDEN)
@@ -1720,19 +1801,51 @@ def _selection_bwd_scatter_kernel(
             dq4 += _pv(ds, k4, WIDEN)
         key_rows = keys.to(tl.int64) * (HKV * DQK)
         acc = _pv(dst, q0, WIDEN)
-        acc += _pv(pt, do0, WIDEN)
+        if KEY_SPLIT:
+            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+            acc = tl.where(key_ok[:, None], acc, 0.0)
+            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do0, WIDEN), 0.0)
+            if n_units > 0:
+                acc = acc + acc_v
+        else:
+            acc += _pv(pt_in, do0, WIDEN)
         tl.atomic_add(dk_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
         acc = _pv(dst, q1, WIDEN)
-        acc += _pv(pt, do1, WIDEN)
+        if KEY_SPLIT:
+            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+            acc = tl.where(key_ok[:, None], acc, 0.0)
+            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do1, WIDEN), 0.0)
+            if n_units > 0:
+                acc = acc + acc_v
+        else:
+            acc += _pv(pt_in, do1, WIDEN)
         tl.atomic_add(dk_base + key_rows[:, None] + 128 + tl.arange(0, 128)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
         acc = _pv(dst, q2, WIDEN)
-        acc += _pv(pt, do2, WIDEN)
+        if KEY_SPLIT:
+            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+            acc = tl.where(key_ok[:, None], acc, 0.0)
+            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do2, WIDEN), 0.0)
+            if n_units > 0:
+                acc = acc + acc_v
+        else:
+            acc += _pv(pt_in, do2, WIDEN)
         tl.atomic_add(dk_base + key_rows[:, None] + 256 + tl.arange(0, 128)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
         acc = _pv(dst, q3, WIDEN)
-        acc += _pv(pt, do3, WIDEN)
+        if KEY_SPLIT:
+            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+            acc = tl.where(key_ok[:, None], acc, 0.0)
+            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do3, WIDEN), 0.0)
+            if n_units > 0:
+                acc = acc + acc_v
+        else:
+            acc += _pv(pt_in, do3, WIDEN)
         tl.atomic_add(dk_base + key_rows[:, None] + 384 + tl.arange(0, 128)[None, :], acc,
                       mask=key_ok[:, None], sem="relaxed")
         acc = _pv(dst, q4, WIDEN)

@@ -22,8 +22,10 @@ __version__ = "0.1.0"
 # KEY_SPLIT / PREFETCH constexprs; 14: a forward of one ungated branch returns no branch outputs from its custom op
 # (the autograd rule saves `out` in their place) and one branch's backward writes dQ in the spec's dtype; the
 # attention custom ops' names carry the schema, so torch.compile's on-disk caches never reuse a graph compiled
-# against former outputs).
-RUNTIME_SCHEMA = 15
+# against former outputs); 16: the scatter backward's launch-config field `gp` (head rows a program), which
+# runtime.launch_with passes as the kernel's GP constexpr and runtime.launches.Backward.selection_scatter sizes its grid
+# by, beside its `key_split` / `prefetch` forms).
+RUNTIME_SCHEMA = 16
 
 
 def _interpreter_without_gpu_devices() -> None:

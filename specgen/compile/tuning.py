@@ -67,9 +67,7 @@ def default_configs(plan) -> dict:
             # Keys per program: the inverse index's tile (a rendered constant of the kernel: not tunable).
             configs["selection_dkdv"] = {"bq": bwd.sel_bq, "block_n": bwd.sel_tile, **warps_stages}
             if bwd.scatter:
-                configs["selection_scatter"] = {"block_n": bwd.scatter_block_n, "key_major": 0,
-                                                "num_warps": bwd.scatter_num_warps,
-                                                "num_stages": bwd.scatter_num_stages}
+                configs["selection_scatter"] = dict(scatter_variants(plan)[SCATTER_BACKWARD_DEFAULT])
         else:
             variants_dq = dense_backward_variants(plan, f"{kind}_dq")
             variants_dkdv = dense_backward_variants(plan, f"{kind}_dkdv")
@@ -214,25 +212,55 @@ def selection_forward_variants(plan) -> dict:
     return {n: c for n, c in out.items() if c["block_n"] % unit == 0 and c["block_n"] >= unit}
 
 
+# The scatter backward's forms (`scatter_variants`; the kernel's KEY_MAJOR, KEY_SPLIT, PREFETCH and GP constexprs;
+# docs/backward.md, "The scatter kernel's forms"). The default stays the plan's former tile ("w8": 32 head rows, 32
+# keys, 8 warps, 1 stage: S and dP computed by both warpgroups, 240 mma.sync where the tile needs 172) until
+# bench/dsa_bwd_forms_gpu.sh times the forms side by side; then the winner's name goes here.
+SCATTER_BACKWARD_DEFAULT = "w8"
+
+
+def scatter_base(plan) -> dict:
+    """The scatter backward's tile from the plan (`plan.backward.scatter_*`), in the form before the form fields
+    existed (row-major products, no key split, no prefetch)."""
+    bwd = plan.backward
+    return {"block_n": bwd.scatter_block_n, "key_major": 0, "key_split": 0, "prefetch": 0, "gp": bwd.scatter_gp,
+            "num_warps": bwd.scatter_num_warps, "num_stages": bwd.scatter_num_stages}
+
+
 def scatter_variants(plan) -> dict:
     """{name: launch config} of the scatter backward (`_selection_bwd_scatter_kernel`, launch config
-    `selection_scatter`; its head rows are the plan's, scatter_gp): the plan's default ("w8": BLOCK_N gathered keys,
-    8 warps), and the forms bench/kernel_audit.py compared: 4 warps, 16 and 64 keys a trip, and the key-major form
-    ("km_k64_*": `key_major` 1, S^T = K Q^T and dQ^T += K^T dS^T, so that every product has 64 keys or head dims
-    as rows: with the head rows (32 for V3.2) as rows Triton 3.6 cannot use wgmma at all)."""
-    base = default_configs(plan)["selection_scatter"]
+    `selection_scatter`), the default (SCATTER_BACKWARD_DEFAULT) among them. Fields beyond the tile (BLOCK_N keys a
+    trip, warps, stages): `key_major` (1: S^T = K Q^T and dQ^T += K^T dS^T, so the products' rows are keys or head
+    dims: with the head rows, 32 for V3.2, as rows Triton 3.6 cannot use wgmma at all), `key_split` (1: no product
+    is another's accumulator or takes a chained product's result except through a branch, so Triton does not lay
+    every product's rows over all the warps: nothing computed twice), `prefetch` (1: the next trip's selected
+    units loaded a trip ahead, so that num_stages > 1 pipelines the key tiles' loads) and `gp` (head rows a program:
+    fewer rows, more programs, more atomics).
+
+    Names: "w8" (the plan's tile: 32 keys, 8 warps, 1 stage), "w4", "k16_*", "k64_*" (keys a trip, warps),
+    "km_k64_*", "km_k128_w8" (key-major), "s2" (2 stages), "pf_s2"/"pf_s3" (prefetch, 2/3 stages: one / two key
+    tiles in flight), "ks_k64" (row-major at 64 keys, split), "km_ks_k64" (key-major at 64 keys, split),
+    "km_ks_k64_pf" (and prefetch), "r16_w4"/"r16_w4_pf_s2" (16 head rows at 4 warps: twice the programs and
+    atomics, no product replicated, two programs an SM). sm_90 compile reports: docs/backward.md's table
+    (`python bench/dsa_bwd_offline.py`)."""
+    base = scatter_base(plan)
     out = {"w8": base, "w4": {**base, "num_warps": 4}}
     for n in (16, 64):
         if n != base["block_n"]:
             out[f"k{n}_w8"] = {**base, "block_n": n}
             out[f"k{n}_w4"] = {**base, "block_n": n, "num_warps": 4}
-    # Key-major with dQ transposed (KEY_MAJOR 1): 64 keys a trip are the products' rows, one warpgroup's wgmma.
-    # sm_90 compile at V3.2 (bench/kernel_audit.py): w8 248 registers, no spills, 0 wgmma / 240 mma.sync;
-    # km_k64_w8 182 wgmma, 1072 spill bytes, S^T replicated twice; km_k64_w4 122 wgmma, 1472 B; km_k128_w8 126
-    # wgmma, none replicated, 456 B, 225280 B shared.
     out["km_k64_w8"] = {**base, "block_n": 64, "key_major": 1}
     out["km_k64_w4"] = {**base, "block_n": 64, "key_major": 1, "num_warps": 4}
     out["km_k128_w8"] = {**base, "block_n": 128, "key_major": 1}
+    out["s2"] = {**base, "num_stages": 2}
+    out["pf_s2"] = {**base, "prefetch": 1, "num_stages": 2}
+    out["pf_s3"] = {**base, "prefetch": 1, "num_stages": 3}
+    out["ks_k64"] = {**base, "block_n": 64, "key_split": 1}
+    out["km_ks_k64"] = {**base, "block_n": 64, "key_major": 1, "key_split": 1}
+    out["km_ks_k64_pf"] = {**base, "block_n": 64, "key_major": 1, "key_split": 1, "prefetch": 1}
+    if base["gp"] >= 32:
+        out["r16_w4"] = {**base, "gp": 16, "num_warps": 4}
+        out["r16_w4_pf_s2"] = {**base, "gp": 16, "num_warps": 4, "prefetch": 1, "num_stages": 2}
     return out
 
 
@@ -285,7 +313,7 @@ def _rows(plan, kernel: str, cfg: dict) -> int:
     if kernel == "selection_dkdv":
         return cfg["bq"] * bwd.sel_dkdv_gp
     if kernel == "selection_scatter":
-        return bwd.scatter_gp
+        return cfg.get("gp", bwd.scatter_gp)
     return cfg["bt"] * bwd.gp
 
 
@@ -324,9 +352,10 @@ def candidates(plan, kernel: str) -> list[dict]:
         # Gathered keys per trip (any multiple of 16: the key loop walks the selected units' tokens), warps, stages.
         grid = [{**default, "block_n": n, "num_warps": w, "num_stages": st}
                 for n in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
-        # The key-major forms join unpruned: the model's key tile counts a [rows, keys] score tile the key-major
-        # form does not hold (bench/kernel_audit.py compiles them; the tuner skips a config the compiler rejects).
-        keyed = [c for c in scatter_variants(plan).values() if c.get("key_major")]
+        # The named forms join unpruned: the model's key tile counts a [rows, keys] score tile the key-major
+        # form does not hold, and it knows neither the split nor the prefetch (bench/dsa_bwd_offline.py compiles
+        # them; the tuner skips a config the compiler rejects).
+        keyed = list(scatter_variants(plan).values())
     elif kernel.startswith("selection_"):
         grid = [{**default, "num_warps": w, "num_stages": st} for w in (4, 8) for st in (1, 2, 3)]
     elif kernel in KERNELS_WITH_TILES:

@@ -453,12 +453,18 @@ class Backward:
                     *self._common(k, v, T))
 
         meta = dict(HAS_PREV=not first, WIDEN=self.widen)
+
+        def chunks(cfg: dict) -> int:
+            # Programs per (query, kv head): the launch config's head rows (`gp`), else the plan's head chunks.
+            return _cdiv(d.heads_q // d.heads_kv, cfg["gp"]) if cfg.get("gp") else head_chunks
+
         if self.varlen is not None:
+            cfg = launch_config(self.configs, "selection_scatter")
             self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
-                                (d.heads_kv * head_chunks,), args, meta)
+                                (d.heads_kv * chunks(cfg),), args, meta)
             return
         launch(kernel, "selection_scatter", self.configs, self.candidates,
-               lambda cfg: (T, self.B * d.heads_kv * head_chunks), args(self._no_tables), dict(meta, VARLEN=False),
+               lambda cfg: (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables), dict(meta, VARLEN=False),
                T=T, restore=("DQ", "DK", "DVAL"))
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
