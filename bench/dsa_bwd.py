@@ -9,8 +9,18 @@ backward (torch.profiler); `--bitwise` forward and backward again in determinist
 the first ones; `--former-index` the inverse index's build alone in deterministic mode, as built now and with the
 former scatter_ compaction (GPU time and its top kernels).
 
+The scatter kernel's forms (issue 17, docs/backward.md "The scatter kernel's forms"; tuning.scatter_variants):
+`--forms NAME ... | all` times the backward with each form in the same run (the module's default config of
+`selection_scatter` swapped per form; the first length takes every named form, later lengths the former default
+"w8" and the `--top` fastest of the first length), with per-kernel GPU times of one call (torch.profiler), TFLOP/s
+(2.5 x the forward's FLOPs) and each form's gradients against w8's (relative error: the forms sum in other orders).
+`--no-det` skips the deterministic path's timing (its 0.9 s a call at 16k). `--atomics-floor` times the scatter
+kernel's fp32 atomic adds alone (a kernel that adds a constant [keys, 576] tile per trip into dK for the same
+selection, one program per query and head chunk: 1, 2, 4 or 8 chunks a query), the floor any form of the kernel
+with that many head chunks pays.
+
 Usage: python bench/dsa_bwd.py [SPEC] [--seqlens 16384 32768] [--reps 5] [--det-reps N] [--profile N] [--bitwise]
-       [--former-index] [--json FILE]
+       [--former-index] [--forms NAME ...|all] [--top 3] [--form-reps N] [--no-det] [--atomics-floor] [--json FILE]
 """
 
 from __future__ import annotations
@@ -22,9 +32,13 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 import specgen
 from specgen import testing
+from specgen.compile.plan import make_plan
+from specgen.compile.tuning import SCATTER_BACKWARD_DEFAULT, scatter_variants
 from specgen.model.spec import load_spec
 from specgen.runtime import backward as runtime_backward
 from specgen.perf.bench import _commit, event_median_ms, kernel_times
@@ -75,6 +89,89 @@ def _former_csr(comp, R: int, n_seg: int, units_per_tile: int):
     return offsets, qpos, bits
 
 
+# Forms left out of `--forms all`: they spill 120-1280 B at 4 warps (docs/backward.md's compile table).
+SPILLING_FORMS = ("w4", "k16_w4", "k64_w4", "km_k64_w4")
+
+
+@triton.jit
+def _atomics_floor_kernel(IDX, DK, T, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, DQK: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    # The scatter kernel's dK adds without its products: per (query, head chunk), the query's selected keys
+    # BLOCK_N at a time, a [BLOCK_N, DQK] fp32 tile added 64 dims at a time (MLA: dV lands in dK's first dims in the
+    # same add). One kv head, batch 1.
+    t = tl.program_id(0)
+    idx_row = IDX + t.to(tl.int64) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    for f0 in range(0, n_units, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        keys = tl.load(idx_row + f, mask=f < n_units, other=-1)
+        ok = (keys >= 0) & (keys <= t)
+        rows = keys.to(tl.int64) * DQK
+        for d0 in tl.static_range(0, DQK, 64):
+            cols = d0 + tl.arange(0, 64)
+            tl.atomic_add(DK + rows[:, None] + cols[None, :], tl.full([BLOCK_N, 64], 1.0 / 1024, tl.float32),
+                          mask=ok[:, None] & (cols < DQK)[None, :], sem="relaxed")
+
+
+def atomics_floor(indices: torch.Tensor, T: int, dqk: int, chunks_list=(1, 2, 4, 8), block_n: int = 32,
+                  reps: int = 3) -> dict:
+    """ms of the scatter kernel's atomic adds alone for `chunks` head chunks a query (programs (T, chunks))."""
+    idx = indices[0, :, 0].contiguous()
+    top_k = idx.shape[-1]
+    dk = torch.zeros(T, dqk, device=idx.device, dtype=torch.float32)
+    out = {}
+    for chunks in chunks_list:
+        def run():
+            _atomics_floor_kernel[(T, chunks)](idx, dk, T, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+                                               DQK=dqk, BLOCK_N=block_n, num_warps=8)
+        out[chunks] = event_median_ms(run, reps)
+    return out
+
+
+def time_forms(mod, spec, names, backward_grads, reps: int, fwd_flops: float, profile: bool, T: int) -> dict:
+    """{form: record} of the backward with each named scatter form (the module's default config swapped)."""
+    variants = scatter_variants(make_plan(spec))
+    default = dict(mod.CONFIGS["default"]["selection_scatter"])
+    out, ref = {}, None
+    try:
+        for name in names:
+            cfg = variants[name]
+            mod.CONFIGS["default"]["selection_scatter"] = dict(cfg)
+            rec = {"config": cfg}
+            try:
+                t0 = time.perf_counter()
+                grads = backward_grads()
+                torch.cuda.synchronize()
+                rec["first_call_s"] = round(time.perf_counter() - t0, 2)
+                rec["finite"] = all(bool(torch.isfinite(g).all()) for g in grads)
+                if ref is None:
+                    ref = [g.clone() for g in grads]
+                rec["rel_err_vs_first"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
+                                           for n, a, b in zip(("dq", "dk"), grads, ref)}
+                del grads
+                rec["ms"] = event_median_ms(lambda: backward_grads(), reps)
+                rec["tflops"] = 2.5 * fwd_flops / rec["ms"] / 1e9
+                if profile:
+                    times = kernel_times(lambda: backward_grads(), calls=1, names="all", warmup=False)
+                    rec["kernels_ms"] = dict(_top(times, 4))
+            except Exception as e:  # noqa: BLE001 (a form the GPU refuses is a result)
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            out[name] = rec
+            if "error" in rec:
+                print(f"  T={T} form {name:14s} {rec['error']}", flush=True)
+            else:
+                kern = ", ".join(f"{k[:40]} {v:.2f}" for k, v in rec.get("kernels_ms", {}).items())
+                print(f"  T={T} form {name:14s}{'*' if cfg == default else ' '} {rec['ms']:9.2f} ms "
+                      f"{rec['tflops']:6.1f} TFLOP/s  vs {names[0]}: dq {rec['rel_err_vs_first']['dq']:.1e} "
+                      f"dk {rec['rel_err_vs_first']['dk']:.1e}  finite {rec['finite']}  first call "
+                      f"{rec['first_call_s']} s  [{kern}]", flush=True)
+            torch.cuda.empty_cache()
+    finally:
+        mod.CONFIGS["default"]["selection_scatter"] = default
+    return out
+
+
 def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (a dry run under the interpreter)"
 
@@ -101,6 +198,14 @@ def main(argv=None) -> int:
                     help="deterministic mode: forward and backward again, equal bit for bit to the first ones")
     ap.add_argument("--former-index", action="store_true",
                     help="the inverse index's build alone in deterministic mode, now and with the former scatter_")
+    ap.add_argument("--forms", nargs="*", default=None,
+                    help="time the scatter kernel's named forms (tuning.scatter_variants; 'all': every one that "
+                         "does not spill)")
+    ap.add_argument("--top", type=int, default=3, help="forms timed after the first length: w8 and the N fastest")
+    ap.add_argument("--form-reps", type=int, nargs="*", default=None,
+                    help="repetitions of each form per length (default reps; one value per length, the last repeats)")
+    ap.add_argument("--no-det", action="store_true", help="skip the deterministic path's timing")
+    ap.add_argument("--atomics-floor", action="store_true", help="the scatter kernel's atomic adds alone")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     det_reps = args.det_reps if args.det_reps is not None else max(1, args.reps // 2)
@@ -134,24 +239,55 @@ def main(argv=None) -> int:
 
         row = {"spec": spec.name, "T": T, "gpu": _device_name(), "commit": _commit(),
                "forward_ms": event_median_ms(forward, args.reps)}
-        row["scatter_ms"] = event_median_ms(backward, args.reps)
-        with deterministic():
-            row["deterministic_ms"] = event_median_ms(backward, det_reps)
-        # The two paths' gradients on these inputs (relative error of the scatter path's against the other's).
-        grads = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
-        with testing.deterministic_algorithms():
-            exact = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
-        row["rel_err"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
-                          for n, a, b in zip(("dq", "dk"), grads, exact)}
         row["forward_tflops"] = fwd_flops / row["forward_ms"] / 1e9
-        for path in ("scatter", "deterministic"):
-            row[f"{path}_tflops"] = 2.5 * fwd_flops / row[f"{path}_ms"] / 1e9
-        print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); backward scatter "
-              f"{row['scatter_ms']:.1f} ms ({row['scatter_tflops']:.0f} TFLOP/s), deterministic "
-              f"{row['deterministic_ms']:.1f} ms ({row['deterministic_tflops']:.0f} TFLOP/s; median of {det_reps}); "
-              f"rel err scatter vs deterministic {row['rel_err']} [{time.perf_counter() - t_start:.0f} s]",
-              flush=True)
-        if args.bitwise:
+        if args.forms is not None:
+            # The scatter kernel's forms, the former default first (its gradients the others' reference).
+            variants = scatter_variants(make_plan(spec))
+            if T == args.seqlens[0]:
+                names = [n for n in variants if n not in SPILLING_FORMS] if args.forms in ([], ["all"]) else args.forms
+                names = ["w8"] + [n for n in names if n != "w8"]
+            else:
+                timed = {n: r["ms"] for n, r in rows[0]["forms"].items() if "ms" in r}
+                names = ["w8"] + [n for n in sorted(timed, key=timed.get) if n != "w8"][:args.top]
+            reps_list = args.form_reps or [args.reps]
+            reps = reps_list[min(args.seqlens.index(T), len(reps_list) - 1)]
+            print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); scatter forms "
+                  f"(median of {reps}; default {SCATTER_BACKWARD_DEFAULT}):", flush=True)
+            row["forms"] = time_forms(mod, spec, names, lambda: mod._backward(dout, q, k, state.lse, indices,
+                                                                              state.branch_out, empty, empty),
+                                      reps, fwd_flops, T == args.seqlens[0], T)
+        if args.atomics_floor:
+            chunks = (1, 2, 4, 8) if T == args.seqlens[0] else (1, 4)
+            row["atomics_floor_ms"] = atomics_floor(indices, T, dqk, chunks, reps=2)
+            print(f"T={T}: atomic adds alone (ms by head chunks a query): "
+                  f"{ {c: round(v, 2) for c, v in row['atomics_floor_ms'].items()} } "
+                  f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        timed = [r for r in row.get("forms", {}).values() if r["config"] == mod.CONFIGS["default"]["selection_scatter"]
+                 and "ms" in r]
+        # (with --forms the default form's time is the scatter path's)
+        row["scatter_ms"] = timed[0]["ms"] if timed else event_median_ms(backward, args.reps)
+        row["scatter_tflops"] = 2.5 * fwd_flops / row["scatter_ms"] / 1e9
+        if args.no_det:
+            grads = exact = None
+            print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); backward "
+                  f"scatter {row['scatter_ms']:.1f} ms ({row['scatter_tflops']:.0f} TFLOP/s) "
+                  f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        else:
+            grads = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
+            with deterministic():
+                row["deterministic_ms"] = event_median_ms(backward, det_reps)
+            # The two paths' gradients on these inputs (relative error of the scatter path's against the other's).
+            with testing.deterministic_algorithms():
+                exact = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
+            row["rel_err"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
+                              for n, a, b in zip(("dq", "dk"), grads, exact)}
+            row["deterministic_tflops"] = 2.5 * fwd_flops / row["deterministic_ms"] / 1e9
+            print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); backward "
+                  f"scatter {row['scatter_ms']:.1f} ms ({row['scatter_tflops']:.0f} TFLOP/s), deterministic "
+                  f"{row['deterministic_ms']:.1f} ms ({row['deterministic_tflops']:.0f} TFLOP/s; median of "
+                  f"{det_reps}); rel err scatter vs deterministic {row['rel_err']} "
+                  f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        if args.bitwise and not args.no_det:  # (the bit-for-bit check compares with the deterministic backward)
             # Forward (indexer, top-k, attention) and backward again in deterministic mode (NaN fill on, as a
             # user's run has it): everything equal bit for bit to the first forward and the deterministic backward.
             with testing.deterministic_algorithms():
@@ -188,13 +324,12 @@ def main(argv=None) -> int:
             _print_top("inverse index build, deterministic mode, former scatter_ compaction", former, 5)
         print(f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
         rows.append(row)
+        if args.json:  # each length's row as it completes (a run cut off by its time limit keeps them)
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
         del q, k, q_idx, k_idx, w_idx, dout, state, indices, grads, exact
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
     return 0
 
 

@@ -81,7 +81,7 @@ def test_forms_batched(monkeypatch):
     device = testing.test_device()
     case = testing.random_case(mod, SPEC, 2, 24, device, None)
     x = case.inputs
-    dout = torch.randn(2, 24, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen, dtype=torch.float64)
+    dout = torch.randn(2, 24, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen, dtype=torch.float64).to(device)
     state = mod._forward(x["q"], x["k"], x["q_idx"], x["k_idx"], x["w_idx"], save_branch_outputs=True)
     assert (state.indices == -1).any() and (state.indices >= 0).sum(-1).max() > KEYS  # -1 slots; two trips
     _, want = testing.reference_gradients(SPEC, case.exact, state.indices, dout)

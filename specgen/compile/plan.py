@@ -366,7 +366,8 @@ def _chunked(parts: tuple, size: int) -> tuple:
 def _scatter_tiles(spec: Spec, group: int) -> dict:
     """The scatter backward's tiles: loop_order.scatter_rows head rows a program (its fp32 dQ lives in registers),
     32 gathered keys a trip for wide heads (64 otherwise), 8 warps, one stage for wide heads. V3.2 (32 rows, 32 keys,
-    8 warps, 1 stage) compiles for sm_90 at 255 registers, 48 spill bytes, 110592 B shared (bench/compile_offline.py)."""
+    8 warps, 1 stage) compiles for sm_90 at 238 registers, no spills, 110592 B shared (bench/dsa_bwd_offline.py; its
+    launch-config forms: tuning.scatter_variants)."""
     wide = wide_heads(spec)
     rows = scatter_rows(spec)
     qk, v = _chunked(_parts(spec.head_dim.qk), SCATTER_DIM), _chunked(_parts(spec.head_dim.v), SCATTER_DIM)
