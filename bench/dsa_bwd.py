@@ -89,8 +89,9 @@ def _former_csr(comp, R: int, n_seg: int, units_per_tile: int):
     return offsets, qpos, bits
 
 
-# Forms left out of `--forms all`: they spill 120-1280 B at 4 warps (docs/backward.md's compile table).
-SPILLING_FORMS = ("w4", "k16_w4", "k64_w4", "km_k64_w4")
+# Forms left out of `--forms all` (docs/backward.md's compile table): those that spill 120-1280 B at 4 warps, and
+# the replicated 16- and 64-key row-major tiles that "w8" and "ks_k64" dominate.
+SPILLING_FORMS = ("w4", "k16_w4", "k64_w4", "km_k64_w4", "k16_w8", "k64_w8")
 
 
 @triton.jit
