@@ -22,8 +22,10 @@ __version__ = "0.1.0"
 # KEY_SPLIT / PREFETCH constexprs; 14: a forward of one ungated branch returns no branch outputs from its custom op
 # (the autograd rule saves `out` in their place) and one branch's backward writes dQ in the spec's dtype; the
 # attention custom ops' names carry the schema, so torch.compile's on-disk caches never reuse a graph compiled
-# against former outputs).
-RUNTIME_SCHEMA = 15
+# against former outputs); 15: the DSA decode step's kernel forms (DecodeDescriptor.selection_form / index_form);
+# 16: the indexer top-k's forms (DecodeDescriptor.topk_form), the decode index-score kernels' H0 argument and FOLD
+# constexpr, the top-k hist kernel's H0 argument.
+RUNTIME_SCHEMA = 16
 
 
 def _interpreter_without_gpu_devices() -> None:
