@@ -1054,6 +1054,17 @@ def _decode_topk_pick(part, nseg, prefix, need, SC: tl.constexpr):
 
 
 @triton.jit
+def _decode_topk_write_range(out_row, a, b, taken, BS: tl.constexpr):
+    """Writes the units [a, b) (forced: taken whatever their scores) at slots taken, taken + 1, ... (never past
+    TOP_K); the slots taken after them."""
+    for c0 in range(a, b, BS):
+        s = c0 + tl.arange(0, BS)
+        pos = taken + s - a
+        tl.store(out_row + pos, s, mask=(s < b) & (pos < TOP_K))
+    return tl.minimum(taken + tl.maximum(b - a, 0), TOP_K)
+
+
+@triton.jit
 def _decode_topk_key(x, K32: tl.constexpr):
     # The top-k's ordered key of a score: 32-bit arithmetic (uint32) in the forms `radix32` and `fold`.
     if K32:
@@ -1076,9 +1087,17 @@ def _decode_topk_competing(L, QL, QLP: tl.constexpr):
 @triton.jit
 def _decode_topk_fold_hist(score, comp, q_of, N: tl.constexpr, NBINS: tl.constexpr):
     """The top-k's first radix pass over a score tile (any 2D shape of N entries; `q_of` broadcasts to it: each
-    entry's new query): one histogram of q * 256 + the top byte of the entries' ordered keys where `comp`."""
-    digit = (_ordered_key32(score) >> 24).to(tl.int32) + q_of * 256
-    return tl.histogram(tl.reshape(digit, (N,)), NBINS, mask=tl.reshape(comp, (N,)))
+    entry's new query): one histogram of q * 256 + the top byte of the entries' ordered keys where `comp`. A tile's
+    scores mostly share their top byte (sign and high exponent bits): then one bin takes the count, and only a tile
+    that spans several bins pays for `tl.histogram` (ballots over every entry)."""
+    digit = tl.reshape((_ordered_key32(score) >> 24).to(tl.int32) + q_of * 256, (N,))
+    mask = tl.reshape(comp, (N,))
+    d_lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
+    d_hi = tl.max(tl.where(mask, digit, -1), axis=0)
+    hist = tl.where(tl.arange(0, NBINS) == d_lo, tl.sum(mask.to(tl.int32), axis=0), 0)
+    if d_lo < d_hi:
+        hist = tl.histogram(digit, NBINS, mask=mask)
+    return hist
 
 
 @triton.jit
@@ -1091,9 +1110,9 @@ def _decode_topk_fold_add(H0, hist, b, g, QL, NBINS: tl.constexpr):
 
 
 @triton.jit
-def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, QL, WS_ROW, ROWS, NSEG, SEG,
+def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
                              P: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
-                             FOLD: tl.constexpr = False):
+                             FOLD: tl.constexpr = False, LIST: tl.constexpr = False):
     """Radix pass P (of 4) of the decode top-k, one program per (row, segment of SEG units): the 256-bin histogram
     of digit P (bits 31 - 8P .. 24 - 8P of `_ordered_key`) of the segment's competing units whose higher digits
     equal the row's prefix, written to PART[P % 2, row, segment] (no atomics: a slot per segment). The prefix and
@@ -1101,7 +1120,12 @@ def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, QL, WS_ROW, RO
     segment 0 stores them in STATE[row, P] for the next pass. Pass 3 also counts the segment's competing units above
     the prefix in ABOVE[row, segment]. Rows with at most TOP_K candidates and segments past the row exit at once.
     K32: 32-bit keys (`_ordered_key32`, uint32 arithmetic). FOLD: pass 0 ran in the index-score kernel; pass 1
-    takes digit 0 from its histogram, H0[row] (256 bins)."""
+    takes digit 0 from its histogram, H0[row] (256 bins). LIST (the form `fold_list`): pass 2, which knows the top two
+    digits of the threshold, also lists the segment's competing units whose top two digits are at or above them
+    (every unit that can still be taken), ascending, in LST[row, segment, :CNT[row, segment]]; pass 3 walks that list
+    (gathering its scores) instead of the segment, as the output kernel does; pass 2's histogram is an atomic add per
+    matching unit into its slot (zeroed by pass 1), not `tl.histogram`, whose ballots cost every unit of the chunk
+    (about 125 instructions a unit at 256 bins) where few match."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
@@ -1126,30 +1150,59 @@ def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, QL, WS_ROW, RO
         s1 = tl.minimum(s0 + SEG, hi)
         hist = tl.zeros([256], dtype=tl.int32)
         above = tl.zeros([], dtype=tl.int32)
-        for c0 in range(s0, s1, BS):
-            s = c0 + tl.arange(0, BS)
-            ok = (s >= lo) & (s < s1)
-            key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
-            if P > 0:
-                if P == 3:
-                    above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
-                ok = ok & ((key >> (SHIFT + 8)) == prefix)
-            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+        lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
         part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG + seg) * 256
-        tl.store(part + tl.arange(0, 256), hist)
+        if LIST & (P == 1):
+            # Pass 2 adds to its slot (PART[0], unread in pass 1 after a fold) by atomics: zero it.
+            tl.store(PART + (row.to(tl.int64) * NSEG + seg) * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+        if LIST & (P == 3):
+            length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
+            for j0 in range(0, length, BS):
+                j = j0 + tl.arange(0, BS)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
+                hist += tl.histogram((key & 255).to(tl.int32), 256, mask=ok & ((key >> 8) == prefix))
+        else:
+            length = tl.zeros([], dtype=tl.int32)
+            for c0 in range(s0, s1, BS):
+                s = c0 + tl.arange(0, BS)
+                ok = (s >= lo) & (s < s1)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                if LIST & (P == 2):
+                    keep = ok & ((key >> 16) >= prefix)
+                    tl.store(lst + length + tl.cumsum(keep.to(tl.int32), axis=0) - 1, s, mask=keep)
+                    length += tl.sum(keep.to(tl.int32), axis=0)
+                if P > 0:
+                    if P == 3:
+                        above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
+                    ok = ok & ((key >> (SHIFT + 8)) == prefix)
+                if LIST & (P == 2):
+                    # Few units share the top two digits: an atomic per matching unit, not a dense histogram.
+                    tl.atomic_add(part + ((key >> SHIFT) & 255).to(tl.int32), ok.to(tl.int32), mask=ok, sem="relaxed")
+                else:
+                    hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+            if LIST & (P == 2):
+                tl.store(CNT + row.to(tl.int64) * NSEG + seg, length)
+        if not (LIST & (P == 2)):
+            tl.store(part + tl.arange(0, 256), hist)
         if P == 3:
             tl.store(ABOVE + row.to(tl.int64) * NSEG + seg, above)
 
 
 @triton.jit
-def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, ROWS, NSEG, SEG,
-                              BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False):
+def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
+                              BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
+                              LIST: tl.constexpr = False):
     """The decode top-k's output, one program per (row, segment): the last digit makes the row's k-th largest key
     (`prefix`) and the number of equal keys still wanted (`need`); the segments before this one give its first slot
     (their forced units, their keys above `prefix`, and the ties they take: lowest index first, so min(need, their
     equal keys)); the segment writes its forced units, its keys above `prefix` and its share of ties, ascending.
     The row's last segment writes -1 in the slots left (only with non-finite scores). Rows with at most TOP_K
-    candidates: segment 0 writes them all, then -1 (none when t < 0). K32: 32-bit keys, as the passes'."""
+    candidates: segment 0 writes them all, then -1 (none when t < 0). K32: 32-bit keys, as the passes'. LIST: the
+    segment's forced units below the competing ones, then its listed units (pass 2's list: every competing unit
+    that can be taken, ascending), then its forced units above: the same slots, without walking the segment."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
@@ -1182,21 +1235,41 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, 
         taken += tl.minimum(ties, need)
         ws_row = WS + ws_index.to(tl.int64) * WS_ROW
         s1 = tl.minimum(s0 + SEG, n)
-        for c0 in range(s0, s1, BS):
-            s = c0 + tl.arange(0, BS)
-            ok = s < s1
-            competing = ok & (s >= lo) & (s < hi)
-            key = _decode_topk_key(tl.load(ws_row + s, mask=competing, other=0.0), K32)
-            above = competing & (key > prefix)
-            equal = competing & (key == prefix)
-            tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
-            take = (ok & ~competing) | above | (equal & (tie_rank <= need))
-            pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            # Never past the row's k slots, whatever the scores hold (NaN included).
-            take = take & (pos < TOP_K)
-            tl.store(out_row + pos, s, mask=take)
-            taken += tl.sum(take.to(tl.int32), axis=0)
-            ties += tl.sum(equal.to(tl.int32), axis=0)
+        if LIST:
+            taken = _decode_topk_write_range(out_row, s0, tl.minimum(s1, lo), taken, BS)
+            lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
+            length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
+            for j0 in range(0, length, BS):
+                j = j0 + tl.arange(0, BS)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                above = ok & (key > prefix)
+                equal = ok & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
+            taken = _decode_topk_write_range(out_row, tl.maximum(s0, hi), s1, taken, BS)
+        else:
+            for c0 in range(s0, s1, BS):
+                s = c0 + tl.arange(0, BS)
+                ok = s < s1
+                competing = ok & (s >= lo) & (s < hi)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=competing, other=0.0), K32)
+                above = competing & (key > prefix)
+                equal = competing & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = (ok & ~competing) | above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                # Never past the row's k slots, whatever the scores hold (NaN included).
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
         if seg == nseg - 1:
             tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=(slot >= taken) & (slot < TOP_K))
 

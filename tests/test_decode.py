@@ -140,16 +140,19 @@ TOP_K_SPECS = {
 }
 
 
-@pytest.mark.parametrize("small_segments", [False, True])
-@pytest.mark.parametrize("which", list(TOP_K_SPECS))
-def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
+@pytest.mark.parametrize("which, small_segments, topk_form", [
+    *[(which, small, "radix") for which in TOP_K_SPECS for small in (False, True)],
+    ("token", True, "fold_list"), ("block_all_forced", True, "fold")])
+def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments, topk_form, monkeypatch):
     """The decode top-k kernels against the reference rule (`top_units`), row by row: random and tie-heavy scores,
     rows with fewer candidates than k (and exactly k, k + 1), -inf scores (some and all), NaN (a few and all:
     NaN ranks above +inf, as in the reference's sort), forced units with the best scores, a negative query position
     (no candidate), and workspace units no query may select poisoned with NaN and +inf; with the step's segments
-    (the token rows span 3 of 1024 units) and with small ones (7 of 384 tokens, 4 of 48 blocks)."""
+    (the token rows span 3 of 1024 units) and with small ones (7 of 384 tokens, 4 of 48 blocks); also in the top-k
+    forms `fold_list` and `fold` (the first pass's histogram from the host, fold_hist0)."""
     spec = TOP_K_SPECS[which]()
     mod = specgen.load(spec)
+    monkeypatch.setattr(mod, "_DECODE", dataclasses.replace(mod._DECODE, topk_form=topk_form))
     sel = spec.selection
     unit, k = (sel.block, sel.top_k) if sel.granularity == "block" else (1, sel.top_k)
     gen = torch.Generator().manual_seed(3)
@@ -172,7 +175,7 @@ def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
     scores[3, 1, 0, t[3, 1] // unit] = 50.0
     segment = (384 if unit == 1 else 48) if small_segments else None
     for poison in (float("nan"), float("inf")):
-        got = decode_top_k(mod, scores, t, poison, segment)
+        got = decode_top_k(mod, scores, t, poison, segment, fold=topk_form.startswith("fold"))
         want = expected_top_k(spec, scores, t)
         for b in range(B):
             for qi in range(QL):
@@ -180,14 +183,16 @@ def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
     assert t[4, 0] < 0 and (got[4, 0] == -1).all()
 
 
-@pytest.mark.parametrize("segment, sum_segments, topk_form", [(4, 4, "radix"), (7, 16, "radix"), (7, 16, "fold")])
+@pytest.mark.parametrize("segment, sum_segments, topk_form", [(4, 4, "radix"), (7, 16, "radix"),
+                                                             (7, 16, "fold_list")])
 def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, topk_form, monkeypatch):
     """The decode top-k splits each row into segments (radix passes on per-segment histograms, then each segment
     writes its winners at the offset the earlier segments leave): with segments of 4 and 7 blocks, rows of 40
     blocks span up to 10 of them (partial histograms summed 4 at a time in the first case), the 5 initial and 6
     local forced blocks fall in several segments, and runs of tied scores at the threshold straddle segment
     boundaries (lowest index first across segments). Every row must be the reference's, as with one segment; also in
-    the top-k form `fold` (32-bit keys, the first pass's histogram given)."""
+    the top-k form `fold_list` (32-bit keys, the first pass's histogram given, pass 3 and the output on pass 2's
+    lists)."""
     spec = small_token_spec("nsa_token_dec_segments", **{
         "selection.granularity": "block", "selection.block": 16, "selection.top_k": 16, "selection.initial": 5,
         "selection.local": 6})
@@ -195,7 +200,7 @@ def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, topk_fo
     monkeypatch.setattr(mod, "DECODE_TOPK_SUM_SEGMENTS", sum_segments)
     d = dataclasses.replace(mod._DECODE, topk_form=topk_form)
     monkeypatch.setattr(mod, "_DECODE", d)
-    fold = topk_form == "fold"
+    fold = topk_form.startswith("fold")
     unit, N = 16, 40
     gen = torch.Generator().manual_seed(11)
     G, QL = spec.heads.kv, 2

@@ -64,21 +64,22 @@ def launched(d):
 
 
 def topk_launched(d):
-    """The last step's top-k as launched: (its radix passes, K32, FOLD of the index-score launch), the form's
-    TOPK_FORMS entry spelt out: four passes, or three after a folding index launch. Every launch agrees on K32."""
+    """The last step's top-k as launched: (its radix passes, K32, FOLD of the index-score launch, LIST), the form's
+    TOPK_FORMS entry spelt out: four passes, or three after a folding index launch. Every launch agrees."""
     index = (d.index_wide_kernel.calls or d.index_scores_kernel.calls)[-1]
     hist = d.topk_hist_kernel.calls[-3 if index.get("FOLD") else -4:]
-    k32 = {c.get("K32", False) for c in hist + d.topk_write_kernel.calls[-1:]}
-    assert len(k32) == 1 and all(c.get("FOLD", False) == index.get("FOLD", False) for c in hist), (k32, hist)
-    return [c["P"] for c in hist], k32.pop(), index.get("FOLD", False)
+    flags = {(c.get("K32", False), c.get("LIST", False)) for c in hist + d.topk_write_kernel.calls[-1:]}
+    assert len(flags) == 1 and all(c.get("FOLD", False) == index.get("FOLD", False) for c in hist), (flags, hist)
+    k32, listed = flags.pop()
+    return [c["P"] for c in hist], k32, index.get("FOLD", False), listed
 
 
-TOPK_LAUNCHES = {"radix": ([0, 1, 2, 3], False, False), "radix32": ([0, 1, 2, 3], True, False),
-                 "fold": ([1, 2, 3], True, True)}
+TOPK_LAUNCHES = {"radix": ([0, 1, 2, 3], False, False, False), "radix32": ([0, 1, 2, 3], True, False, False),
+                 "fold": ([1, 2, 3], True, True, False), "fold_list": ([1, 2, 3], True, True, True)}
 
 
 @pytest.mark.parametrize("spec, selection_form, index_form, topk_form, paged, q_len", [
-    (MLA, "ks_pf", "wide", "fold", True, 2), (MLA, "ks_pf_k32", "wide_k64", "radix32", False, 1),
+    (MLA, "ks_pf", "wide", "fold_list", True, 2), (MLA, "ks_pf_k32", "wide_k64", "radix32", False, 1),
     (MLA_BLOCK, "ks_pf_k32", "wide", "fold", True, 2), (MLA, "base", "tile", "fold", False, 2)],
     ids=["token_paged_q2", "token_contiguous_q1", "block_paged_q2", "token_tile_fold_q2"])
 def test_forms_match_the_reference(spec, selection_form, index_form, topk_form, paged, q_len, monkeypatch):
@@ -155,8 +156,9 @@ def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypat
 
 
 @pytest.mark.parametrize("spec, forms", [
-    (MLA, [dict(index_form="wide", topk_form="fold"), dict(topk_form="fold"), dict(topk_form="radix32")]),
-    (MLA_BLOCK, [dict(index_form="wide_k64", topk_form="fold"), dict(topk_form="fold")])], ids=["token", "block"])
+    (MLA, [dict(index_form="wide", topk_form="fold"), dict(topk_form="fold"),
+           dict(index_form="wide", topk_form="fold_list")]),
+    (MLA_BLOCK, [dict(index_form="wide_k64", topk_form="fold"), dict(topk_form="fold_list")])], ids=["token", "block"])
 def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypatch):
     """On one paged cache (ragged, q_len 3, several segments a row) whose index scores take a handful of values
     (long runs of exact ties at the threshold: the lower index wins): every top-k form picks exactly the units of
@@ -189,7 +191,7 @@ def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypa
         assert topk_launched(d) == TOPK_LAUNCHES[f["topk_form"]], f
         assert torch.equal(idx, want_idx), f
         assert torch.equal(got, want), f
-        if f["topk_form"] == "fold":  # from this step's workspace (the units no query selects are unwritten)
+        if f["topk_form"].startswith("fold"):  # from this step's workspace (the units no query selects are unwritten)
             assert torch.equal(seen["hist0"].cpu(), fold_hist0(mod, seen["ws"], seen["seqlens"])), f
             assert seen["hist0"].sum() > 0
 

@@ -33,11 +33,14 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
 # keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
 INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
-# The indexer top-k: name -> (K32, FOLD). "radix": four radix passes and the output pass over 64-bit keys;
+# The indexer top-k: name -> (K32, FOLD, LIST). "radix": four radix passes and the output pass over 64-bit keys;
 # "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
 # the first pass folded into the index-score kernel (either index form), which adds each tile's histogram of top key
-# bytes to a zeroed [rows, 256] int32 buffer by atomics: one launch and one read of the workspace fewer.
-TOPK_FORMS = {"radix": (False, False), "radix32": (True, False), "fold": (True, True)}
+# bytes to a zeroed [rows, 256] int32 buffer by atomics: one launch and one read of the workspace fewer;
+# "fold_list": "fold", and pass 2 lists each segment's units that can still be taken (top two digits at or above
+# the threshold's), so pass 3 and the output walk those lists (about k / segments units) instead of the row.
+TOPK_FORMS = {"radix": (False, False, False), "radix32": (True, False, False), "fold": (True, True, False),
+              "fold_list": (True, True, True)}
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -170,7 +173,7 @@ def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments:
 def fold_buffer(d: DecodeDescriptor, rows: int, n_units: int, device):
     """The zeroed histogram [rows, 256] int32 that the index-score kernel fills with the top-k's first pass in the
     top-k form "fold"; None in the other forms and where no row can have more than TOP_K candidates."""
-    if not TOPK_FORMS[d.topk_form][1] or n_units <= d.top_k:
+    if not TOPK_FORMS[d.topk_form][1] or n_units <= d.top_k:  # FOLD
         return None
     return torch.zeros((rows, 256), dtype=torch.int32, device=device)
 
@@ -185,21 +188,26 @@ def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_
     histogram the index-score kernel made (fold_buffer)."""
     B, G, QL, n_units = ws.shape
     rows = B * G * QL
-    k32, fold = TOPK_FORMS[d.topk_form]
+    k32, fold, listed = TOPK_FORMS[d.topk_form]
     if fold and n_units > d.top_k and (hist0 is None or hist0.shape != (rows, 256)):
-        raise ValueError(f"{d.spec_name}: top-k form 'fold' needs the first pass's histogram hist0 [{rows}, 256] "
+        raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs the first pass's histogram hist0 [{rows}, 256] "
                          f"from the index-score kernel (decode_step.fold_buffer)")
     segment, segments, bs, sc = topk_segments(n_units, rows, segment, programs, max_segments, sum_segments)
     part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
     above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
     state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
     args = (QL, n_units, rows, segments, segment)
+    # "fold_list": each segment's list of units still in the running after pass 2 (at most the segment).
+    listed = listed and n_units > d.top_k
+    lst = torch.empty((rows, segments, segment) if listed else (1,), dtype=torch.int32, device=ws.device)
+    count = torch.empty((rows, segments), dtype=torch.int32, device=ws.device) if listed else lst
     if n_units > d.top_k:
         for p in range(1 if fold else 0, 4):
-            d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, hist0 if fold else part, *args,
-                                                 P=p, BS=bs, SC=sc, K32=k32, FOLD=fold, num_warps=4)
-    d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc, K32=k32,
-                                          num_warps=4)
+            d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, hist0 if fold else part, lst, count,
+                                                 *args, P=p, BS=bs, SC=sc, K32=k32, FOLD=fold, LIST=listed,
+                                                 num_warps=4)
+    d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, lst, count, *args, BS=bs, SC=sc,
+                                          K32=k32, LIST=listed, num_warps=4)
     return indices
 
 
