@@ -241,30 +241,37 @@ V32 = "specs/dsa_v32.yaml"
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection_form, index_form, layout, q_len", [
-    ("ks_pf", "wide", "paged", 4), ("ks_pf_s2", "wide_w8", "paged", 4), ("ks_pf_k32", "wide_k64", "paged", 4),
-    ("ks_pf_k32", "wide", "contiguous", 1)])
-def test_v32_forms_realistic(selection_form, index_form, layout, q_len, monkeypatch):
+@pytest.mark.parametrize("selection_form, index_form, topk_form, layout, q_len", [
+    ("ks_pf", "wide", "radix", "paged", 4), ("ks_pf_s2", "wide_w8", "radix", "paged", 4),
+    ("ks_pf_k32", "wide_k64", "radix", "paged", 4), ("ks_pf_k32", "wide", "radix", "contiguous", 1),
+    ("ks_pf", "wide", "fold_list", "paged", 4), ("ks_pf_k32", "wide", "fold_list", "contiguous", 1),
+    ("base", "tile", "fold", "paged", 4), ("ks_pf_k32", "wide_k64", "radix32", "contiguous", 1)],
+    ids=lambda x: str(x))
+def test_v32_forms_realistic(selection_form, index_form, topk_form, layout, q_len, monkeypatch):
     """dsa_v32 itself (bf16, fp8 index keys, 128 heads on one latent head) near 64k of context in every form, against
     the float64 reference, as generated/test_dsa_v32.py's test_decode_realistic checks the plan's forms."""
     from specgen.compile.test_shapes import decode_gpu_prompts
 
     spec = load_spec(V32)
     mod = specgen.load(spec)
-    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
+    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form, topk_form=topk_form)
     check_decode(mod, spec, decode_gpu_prompts(spec), q_len=q_len, steps=1, paged=layout == "paged", device="cuda",
                  query_chunk=128, compare_prefill=False)
-    assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
+    sel, index = launched(d)
+    assert sel[0] == decode_step.SELECTION_FORMS[selection_form][0] and index == index_form[:4]
+    assert topk_launched(d) == TOPK_LAUNCHES[topk_form]
 
 
 @gpu
 @pytest.mark.gpu
-def test_v32_forms_cuda_graph(monkeypatch):
-    """A replayed CUDA graph of a step in the new forms equals the eager step bit for bit (also after an append)."""
+@pytest.mark.parametrize("topk_form", ["radix", "fold_list"])
+def test_v32_forms_cuda_graph(topk_form, monkeypatch):
+    """A replayed CUDA graph of a step in the new forms equals the eager step bit for bit (also after an append; the
+    fold's histogram buffer is zeroed inside the graph at each replay)."""
     from specgen.compile.test_shapes import decode_gpu_prompts
     from specgen.testing.decode import check_decode_cuda_graph
 
     spec = load_spec(V32)
     mod = specgen.load(spec)
-    use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide")
+    use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide", topk_form=topk_form)
     check_decode_cuda_graph(mod, spec, decode_gpu_prompts(spec))
