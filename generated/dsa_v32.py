@@ -939,7 +939,7 @@ def _decode_index_scores_kernel(
         if FOLD:
             c_lo, c_hi = _decode_topk_competing(L, QL, QLP)
             comp = visible & (keys[None, :] >= c_lo[:, None]) & (keys[None, :] < c_hi[:, None])
-            hist = _decode_topk_fold_hist(score, comp, tl.arange(0, QLP)[:, None], QLP * BS, QLP * 256)
+            hist = _decode_topk_fold_hist(score, comp, 0, QLP, QLP * BS)
             _decode_topk_fold_add(H0, hist, b, g, QL, QLP * 256)
 
 
@@ -1001,7 +1001,7 @@ def _decode_index_wide_kernel(
         tl.store(ws[None, :] + keys[:, None], score_km, mask=q_ok[None, :] & visible_km)
         if FOLD:
             comp = visible_km & (keys[:, None] >= c_lo[None, :]) & (keys[:, None] < c_hi[None, :])
-            fold += _decode_topk_fold_hist(score_km, comp, tl.arange(0, QLP)[None, :], BS * QLP, QLP * 256)
+            fold += _decode_topk_fold_hist(score_km, comp, 1, QLP, BS * QLP)
     if FOLD:
         _decode_topk_fold_add(H0, fold, b, g, QL, QLP * 256)
 
@@ -1085,18 +1085,26 @@ def _decode_topk_competing(L, QL, QLP: tl.constexpr):
 
 
 @triton.jit
-def _decode_topk_fold_hist(score, comp, q_of, N: tl.constexpr, NBINS: tl.constexpr):
-    """The top-k's first radix pass over a score tile (any 2D shape of N entries; `q_of` broadcasts to it: each
-    entry's new query): one histogram of q * 256 + the top byte of the entries' ordered keys where `comp`. A tile's
-    scores mostly share their top byte (sign and high exponent bits): then one bin takes the count, and only a tile
-    that spans several bins pays for `tl.histogram` (ballots over every entry)."""
-    digit = tl.reshape((_ordered_key32(score) >> 24).to(tl.int32) + q_of * 256, (N,))
-    mask = tl.reshape(comp, (N,))
-    d_lo = tl.min(tl.where(mask, digit, NBINS), axis=0)
-    d_hi = tl.max(tl.where(mask, digit, -1), axis=0)
-    hist = tl.where(tl.arange(0, NBINS) == d_lo, tl.sum(mask.to(tl.int32), axis=0), 0)
-    if d_lo < d_hi:
-        hist = tl.histogram(digit, NBINS, mask=mask)
+def _decode_topk_fold_hist(score, comp, Q_AXIS: tl.constexpr, QLP: tl.constexpr, N: tl.constexpr):
+    """The top-k's first radix pass over a score tile of N entries whose axis Q_AXIS is the new query: one histogram
+    of q * 256 + the top byte of the entries' ordered keys where `comp`. A query's scores in a tile mostly share
+    their top byte (sign and high exponent bits): then each query's count goes to its one bin, and only a tile where
+    some query spans several bins pays for `tl.histogram` (ballots over every entry)."""
+    key = (_ordered_key32(score) >> 24).to(tl.int32)
+    d_lo = tl.min(tl.where(comp, key, 256), axis=1 - Q_AXIS)
+    d_hi = tl.max(tl.where(comp, key, -1), axis=1 - Q_AXIS)
+    count = tl.sum(comp.to(tl.int32), axis=1 - Q_AXIS)
+    bins = tl.arange(0, QLP * 256)
+    hist = tl.zeros([QLP * 256], dtype=tl.int32)
+    for i in tl.static_range(QLP):
+        at = tl.arange(0, QLP) == i
+        hist += tl.where(bins == i * 256 + tl.sum(tl.where(at, d_lo, 0), axis=0), tl.sum(tl.where(at, count, 0), axis=0), 0)
+    if tl.max(d_hi - d_lo, axis=0) > 0:
+        if Q_AXIS == 0:
+            digit = key + tl.arange(0, QLP)[:, None] * 256
+        else:
+            digit = key + tl.arange(0, QLP)[None, :] * 256
+        hist = tl.histogram(tl.reshape(digit, (N,)), QLP * 256, mask=tl.reshape(comp, (N,)))
     return hist
 
 
@@ -1151,14 +1159,15 @@ def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, 
         hist = tl.zeros([256], dtype=tl.int32)
         above = tl.zeros([], dtype=tl.int32)
         lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
+        LBS: tl.constexpr = 256 if BS > 256 else BS  # lists are short (about k / segments): small trips
         part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG + seg) * 256
         if LIST & (P == 1):
             # Pass 2 adds to its slot (PART[0], unread in pass 1 after a fold) by atomics: zero it.
             tl.store(PART + (row.to(tl.int64) * NSEG + seg) * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
         if LIST & (P == 3):
             length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
-            for j0 in range(0, length, BS):
-                j = j0 + tl.arange(0, BS)
+            for j0 in range(0, length, LBS):
+                j = j0 + tl.arange(0, LBS)
                 ok = j < length
                 s = tl.load(lst + j, mask=ok, other=0)
                 key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
@@ -1238,9 +1247,10 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL
         if LIST:
             taken = _decode_topk_write_range(out_row, s0, tl.minimum(s1, lo), taken, BS)
             lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
+            LBS: tl.constexpr = 256 if BS > 256 else BS  # lists are short (about k / segments): small trips
             length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
-            for j0 in range(0, length, BS):
-                j = j0 + tl.arange(0, BS)
+            for j0 in range(0, length, LBS):
+                j = j0 + tl.arange(0, LBS)
                 ok = j < length
                 s = tl.load(lst + j, mask=ok, other=0)
                 key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
