@@ -75,7 +75,8 @@ def topk_launched(d):
 
 
 TOPK_LAUNCHES = {"radix": ([0, 1, 2, 3], False, False, False), "radix32": ([0, 1, 2, 3], True, False, False),
-                 "fold": ([1, 2, 3], True, True, False), "fold_list": ([1, 2, 3], True, True, True)}
+                 "fold": ([1, 2, 3], True, True, False), "fold_list": ([1, 2, 3], True, True, True),
+                 "fold_list_s64": ([1, 2, 3], True, True, True)}
 
 
 @pytest.mark.parametrize("spec, selection_form, index_form, topk_form, paged, q_len", [
@@ -245,7 +246,8 @@ V32 = "specs/dsa_v32.yaml"
     ("ks_pf", "wide", "radix", "paged", 4), ("ks_pf_s2", "wide_w8", "radix", "paged", 4),
     ("ks_pf_k32", "wide_k64", "radix", "paged", 4), ("ks_pf_k32", "wide", "radix", "contiguous", 1),
     ("ks_pf", "wide", "fold_list", "paged", 4), ("ks_pf_k32", "wide", "fold_list", "contiguous", 1),
-    ("base", "tile", "fold", "paged", 4), ("ks_pf_k32", "wide_k64", "radix32", "contiguous", 1)],
+    ("base", "tile", "fold", "paged", 4), ("ks_pf_k32", "wide_k64", "radix32", "contiguous", 1),
+    ("ks_pf_k32", "wide", "fold_list_s64", "contiguous", 1)],
     ids=lambda x: str(x))
 def test_v32_forms_realistic(selection_form, index_form, topk_form, layout, q_len, monkeypatch):
     """dsa_v32 itself (bf16, fp8 index keys, 128 heads on one latent head) near 64k of context in every form, against

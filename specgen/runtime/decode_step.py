@@ -38,9 +38,13 @@ INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), 
 # the first pass folded into the index-score kernel (either index form), which adds each tile's histogram of top key
 # bytes to a zeroed [rows, 256] int32 buffer by atomics: one launch and one read of the workspace fewer;
 # "fold_list": "fold", and pass 2 lists each segment's units that can still be taken (top two digits at or above
-# the threshold's), so pass 3 and the output walk those lists (about k / segments units) instead of the row.
-TOPK_FORMS = {"radix": (False, False, False), "radix32": (True, False, False), "fold": (True, True, False),
-              "fold_list": (True, True, True)}
+# the threshold's), so pass 3 and the output walk those lists (about k / segments units) instead of the row;
+# "fold_list_s64": up to 64 segments a row (the plan's topk_max_segments is 32): at batch 1 x 64k, segments of 1024
+# units, one trip each in passes 1 and 2 (which no longer sum partial histograms in pass 1), against 32 partial
+# histograms more to sum in pass 3 and the output. name -> (K32, FOLD, LIST, segments at most or None: the plan's).
+TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, False, None),
+              "fold": (True, True, False, None), "fold_list": (True, True, True, None),
+              "fold_list_s64": (True, True, True, 64)}
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -188,10 +192,11 @@ def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_
     histogram the index-score kernel made (fold_buffer)."""
     B, G, QL, n_units = ws.shape
     rows = B * G * QL
-    k32, fold, listed = TOPK_FORMS[d.topk_form]
+    k32, fold, listed, most = TOPK_FORMS[d.topk_form]
+    max_segments = most or max_segments
     if fold and n_units > d.top_k and (hist0 is None or hist0.shape != (rows, 256)):
-        raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs the first pass's histogram hist0 [{rows}, 256] "
-                         f"from the index-score kernel (decode_step.fold_buffer)")
+        raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs the first pass's histogram hist0 "
+                         f"[{rows}, 256] from the index-score kernel (decode_step.fold_buffer)")
     segment, segments, bs, sc = topk_segments(n_units, rows, segment, programs, max_segments, sum_segments)
     part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
     above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
