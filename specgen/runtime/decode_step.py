@@ -33,15 +33,15 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
 # keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
 INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
-# The indexer top-k: name -> (K32, FOLD, LIST). "radix": four radix passes and the output pass over 64-bit keys;
-# "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
+# The indexer top-k: name -> (K32, FOLD, LIST, segments a row at most: None for the plan's). "radix": four radix
+# passes and the output pass over 64-bit keys; "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
 # the first pass folded into the index-score kernel (either index form), which adds each tile's histogram of top key
 # bytes to a zeroed [rows, 256] int32 buffer by atomics: one launch and one read of the workspace fewer;
 # "fold_list": "fold", and pass 2 lists each segment's units that can still be taken (top two digits at or above
 # the threshold's), so pass 3 and the output walk those lists (about k / segments units) instead of the row;
 # "fold_list_s64": up to 64 segments a row (the plan's topk_max_segments is 32): at batch 1 x 64k, segments of 1024
 # units, one trip each in passes 1 and 2 (which no longer sum partial histograms in pass 1), against 32 partial
-# histograms more to sum in pass 3 and the output. name -> (K32, FOLD, LIST, segments at most or None: the plan's).
+# histograms more to sum in pass 3 and the output.
 TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, False, None),
               "fold": (True, True, False, None), "fold_list": (True, True, True, None),
               "fold_list_s64": (True, True, True, 64)}
@@ -270,8 +270,8 @@ def check_step_args(d: DecodeDescriptor, q, cache, cache_seqlens, block_table, g
 
 def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, gates=None, q_idx=None, w_idx=None,
          out=None, num_splits=None, return_lse=False, return_indices=False, topk_fn=None):
-    """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices, hist0=)` is the
-    module's decode top-k (indexer-scored selection; `hist0=`: the fold form's first pass, fold_buffer)."""
+    """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices, hist0=)` is
+    the module's decode top-k (indexer-scored selection; `hist0=`: the fold forms' first pass, fold_buffer)."""
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
     if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
