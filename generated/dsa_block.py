@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(16, "dsa_block")
+runtime.require_schema(17, "dsa_block")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -890,19 +890,21 @@ def _decode_selection_kernel(
 
 @triton.jit
 def _decode_index_scores_kernel(
-    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS,
+    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS, H0,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_wb, stride_wt,
     stride_tb,
     QL, TCAP, WS_ROW, idx_scale,
-    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr,
+    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """Index scores of the step's new queries over a tile of BS cached index keys:
     I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]) for s <= t, reduced to blocks of UNIT tokens by
     log-sum-exp over the block's visible tokens (its mass under softmax(I)), written to WS [B, HKV, QL, WS_ROW]
     for the units at or before each query (the only ones the top-k reads: WS needs no fill); tiles past the
-    sequence exit at once."""
+    sequence exit at once. FOLD (the top-k form `fold`):
+    also the top-k's first radix pass, the tile's histogram of its competing units' top key bytes added to H0 [top-k
+    rows, 256] (zeroed by the caller) by atomics (`_decode_topk_fold_hist`, `_decode_topk_fold_add`)."""
     HP: tl.constexpr = 64
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -944,21 +946,28 @@ def _decode_index_scores_kernel(
         blocks = s0 // UNIT + tl.arange(0, NB)
         candidate = (blocks * UNIT)[None, :] <= tq[:, None]
         tl.store(ws[:, None] + blocks[None, :], block_score, mask=q_ok[:, None] & candidate)
+        if FOLD:
+            c_lo, c_hi = _decode_topk_competing(L, QL, QLP)
+            comp = candidate & (blocks[None, :] >= c_lo[:, None]) & (blocks[None, :] < c_hi[:, None])
+            hist = _decode_topk_fold_hist(block_score, comp, 0, QLP, QLP * NB)
+            _decode_topk_fold_add(H0, hist, b, g, QL, QLP * 256)
 
 
 
 @triton.jit
 def _decode_index_wide_kernel(
-    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS,
+    QI, KI, WI, BLOCK_TABLE, SEQLENS, WS, H0,
     stride_qb, stride_qt, stride_qh,
     stride_kr, stride_kh,
     stride_wb, stride_wt,
     stride_tb,
     QL, TCAP, WS_ROW, idx_scale, CHUNK,
-    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr,
+    PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """`_decode_index_scores_kernel`'s scores, written to the same WS entries, by a program per CHUNK keys: each
-    tile of BS keys is the rows of one [BS, QLP * HP] product with the new queries' indexer heads."""
+    tile of BS keys is the rows of one [BS, QLP * HP] product with the new queries' indexer heads. FOLD: also the
+    top-k's first pass (as `_decode_index_scores_kernel`'s), the chunk's histogram summed in registers over the
+    loop and added to H0 once."""
     HP: tl.constexpr = 64
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -977,6 +986,9 @@ def _decode_index_wide_kernel(
     tq = L - QL + tl.arange(0, QLP)
     q_ok = tl.arange(0, QLP) < QL
     ws = WS + (pid_bg.to(tl.int64) * QL + tl.arange(0, QLP)) * WS_ROW  # int64: B x QL x T passes 2**31
+    if FOLD:
+        c_lo, c_hi = _decode_topk_competing(L, QL, QLP)
+        fold = tl.zeros([QLP * 256], dtype=tl.int32)
     for s0 in range(lo, hi, BS):
         keys = s0 + tl.arange(0, BS)
         key_ok = keys < hi
@@ -1004,6 +1016,11 @@ def _decode_index_wide_kernel(
         blocks = s0 // UNIT + tl.arange(0, NB)
         candidate = (blocks * UNIT)[None, :] <= tq[:, None]
         tl.store(ws[:, None] + blocks[None, :], block_score, mask=q_ok[:, None] & candidate)
+        if FOLD:
+            comp = candidate & (blocks[None, :] >= c_lo[:, None]) & (blocks[None, :] < c_hi[:, None])
+            fold += _decode_topk_fold_hist(block_score, comp, 0, QLP, QLP * NB)
+    if FOLD:
+        _decode_topk_fold_add(H0, fold, b, g, QL, QLP * 256)
 
 
 @triton.jit
@@ -1024,15 +1041,25 @@ def _decode_topk_row(SEQLENS, row, QL):
 
 
 @triton.jit
-def _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, P: tl.constexpr, SC: tl.constexpr):
+def _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, P: tl.constexpr, SC: tl.constexpr,
+                       K32: tl.constexpr = False):
     """(prefix, need) once digit P is known: the prefix and need before it (STATE[row, P]) and the digit from the
-    sum of the row's nseg partial histograms of pass P (PART[P % 2, row, :nseg]): the largest d with
-    (count of digits >= d) >= need; need drops by the count above it."""
+    sum of the row's nseg partial histograms of pass P (PART[P % 2, row, :nseg]), `_decode_topk_pick`. K32: the
+    prefix as uint32 (`_ordered_key32`'s keys), else int64 (`_ordered_key`'s)."""
     state = STATE + (row.to(tl.int64) * 4 + P) * 2
     prefix = tl.load(state)
+    if K32:
+        prefix = prefix.to(tl.uint32)
     need = tl.load(state + 1).to(tl.int32)
-    bins = tl.arange(0, 256)
     part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG) * 256
+    return _decode_topk_pick(part, nseg, prefix, need, SC)
+
+
+@triton.jit
+def _decode_topk_pick(part, nseg, prefix, need, SC: tl.constexpr):
+    """(prefix, need) after the next digit, from the sum of nseg 256-bin histograms at `part`: the largest d with
+    (count of digits >= d) >= need; need drops by the count above it."""
+    bins = tl.arange(0, 256)
     hist = tl.zeros([256], dtype=tl.int32)
     for c in range(0, nseg, SC):
         segs = c + tl.arange(0, SC)
@@ -1040,61 +1067,168 @@ def _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, P: tl.constexpr, SC: 
     at_or_above = tl.cumsum(hist, axis=0, reverse=True)
     digit = tl.max(tl.where(at_or_above >= need, bins, -1), axis=0)
     need -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
-    return (prefix << 8) | digit.to(tl.int64), need
+    return (prefix << 8) | digit.to(prefix.dtype), need
 
 
 @triton.jit
-def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, QL, WS_ROW, ROWS, NSEG, SEG,
-                             P: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr):
+def _decode_topk_write_range(out_row, a, b, taken, BS: tl.constexpr):
+    """Writes the units [a, b) (forced: taken whatever their scores) at slots taken, taken + 1, ... (never past
+    TOP_K); the slots taken after them."""
+    for c0 in range(a, b, BS):
+        s = c0 + tl.arange(0, BS)
+        pos = taken + s - a
+        tl.store(out_row + pos, s, mask=(s < b) & (pos < TOP_K))
+    return tl.minimum(taken + tl.maximum(b - a, 0), TOP_K)
+
+
+@triton.jit
+def _decode_topk_key(x, K32: tl.constexpr):
+    # The top-k's ordered key of a score: 32-bit arithmetic (uint32) in the forms `radix32` and `fold`.
+    if K32:
+        return _ordered_key32(x)
+    else:
+        return _ordered_key(x)
+
+
+@triton.jit
+def _decode_topk_competing(L, QL, QLP: tl.constexpr):
+    """[lo, hi) of the competing units of each new query's top-k row (`_decode_topk_row`'s), empty for queries past
+    QL and rows with at most TOP_K candidates (they take every unit, no radix pass): the units the fold counts."""
+    t = L - QL + tl.arange(0, QLP)
+    n = tl.where(t >= 0, t // UNIT + 1, 0)
+    lo = tl.minimum(n, SEL_INITIAL)
+    hi = tl.maximum(n - SEL_LOCAL, lo)
+    return lo, tl.where((n > TOP_K) & (tl.arange(0, QLP) < QL), hi, lo)
+
+
+@triton.jit
+def _decode_topk_fold_hist(score, comp, Q_AXIS: tl.constexpr, QLP: tl.constexpr, N: tl.constexpr):
+    """The top-k's first radix pass over a score tile of N entries whose axis Q_AXIS is the new query: one histogram
+    of q * 256 + the top byte of the entries' ordered keys where `comp`. A query's scores in a tile mostly share
+    their top byte (sign and high exponent bits): then each query's count goes to its one bin, and only a tile where
+    some query spans several bins pays for `tl.histogram` (ballots over every entry)."""
+    key = (_ordered_key32(score) >> 24).to(tl.int32)
+    d_lo = tl.min(tl.where(comp, key, 256), axis=1 - Q_AXIS)
+    d_hi = tl.max(tl.where(comp, key, -1), axis=1 - Q_AXIS)
+    count = tl.sum(comp.to(tl.int32), axis=1 - Q_AXIS)
+    bins = tl.arange(0, QLP * 256)
+    hist = tl.zeros([QLP * 256], dtype=tl.int32)
+    for i in tl.static_range(QLP):
+        at = tl.arange(0, QLP) == i
+        hist += tl.where(bins == i * 256 + tl.sum(tl.where(at, d_lo, 0), axis=0), tl.sum(tl.where(at, count, 0), axis=0), 0)
+    if tl.max(d_hi - d_lo, axis=0) > 0:
+        if Q_AXIS == 0:
+            digit = key + tl.arange(0, QLP)[:, None] * 256
+        else:
+            digit = key + tl.arange(0, QLP)[None, :] * 256
+        hist = tl.histogram(tl.reshape(digit, (N,)), QLP * 256, mask=tl.reshape(comp, (N,)))
+    return hist
+
+
+@triton.jit
+def _decode_topk_fold_add(H0, hist, b, g, QL, NBINS: tl.constexpr):
+    """Adds `_decode_topk_fold_hist`'s bins to H0 [rows, 256] at the rows (b * QL + q) * HKV + g (their nonzero
+    bins: a tile's scores share a few top bytes)."""
+    bins = tl.arange(0, NBINS)
+    q = bins // 256
+    tl.atomic_add(H0 + ((b * QL + q) * HKV + g) * 256 + bins % 256, hist, mask=(hist > 0) & (q < QL), sem="relaxed")
+
+
+@triton.jit
+def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
+                             P: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
+                             FOLD: tl.constexpr = False, LIST: tl.constexpr = False):
     """Radix pass P (of 4) of the decode top-k, one program per (row, segment of SEG units): the 256-bin histogram
     of digit P (bits 31 - 8P .. 24 - 8P of `_ordered_key`) of the segment's competing units whose higher digits
     equal the row's prefix, written to PART[P % 2, row, segment] (no atomics: a slot per segment). The prefix and
     need come from the previous pass's partial histograms, summed again by every program (`_decode_topk_digit`);
     segment 0 stores them in STATE[row, P] for the next pass. Pass 3 also counts the segment's competing units above
-    the prefix in ABOVE[row, segment]. Rows with at most TOP_K candidates and segments past the row exit at once."""
+    the prefix in ABOVE[row, segment]. Rows with at most TOP_K candidates and segments past the row exit at once.
+    K32: 32-bit keys (`_ordered_key32`, uint32 arithmetic). FOLD: pass 0 ran in the index-score kernel; pass 1
+    takes digit 0 from its histogram, H0[row] (256 bins). LIST (the form `fold_list`): pass 2, which knows the top two
+    digits of the threshold, also lists the segment's competing units whose top two digits are at or above them
+    (every unit that can still be taken), ascending, in LST[row, segment, :CNT[row, segment]]; pass 3 walks that list
+    (gathering its scores) instead of the segment, as the output kernel does; pass 2's histogram is an atomic add per
+    matching unit into its slot (zeroed by pass 1), not `tl.histogram`, whose ballots cost every unit of the chunk
+    (about 125 instructions a unit at 256 bins) where few match."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
     s0 = seg * SEG
     if (n > TOP_K) & (s0 < n):
-        if P == 0:
-            prefix = tl.zeros([], dtype=tl.int64)
+        if (P == 0) | (FOLD & (P == 1)):
+            if K32:
+                prefix = tl.zeros([], dtype=tl.uint32)
+            else:
+                prefix = tl.zeros([], dtype=tl.int64)
             need = tl.full([], TOP_K, dtype=tl.int32) - (n - (hi - lo))  # slots left once every forced unit has one
+            if P == 1:
+                prefix, need = _decode_topk_pick(H0 + row.to(tl.int64) * 256, 1, prefix, need, SC)
         else:
-            prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, tl.cdiv(n, SEG), P - 1, SC)
+            prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, tl.cdiv(n, SEG), P - 1, SC, K32)
         if seg == 0:
             state = STATE + (row.to(tl.int64) * 4 + P) * 2
-            tl.store(state, prefix)
+            tl.store(state, prefix.to(tl.int64))
             tl.store(state + 1, need.to(tl.int64))
         SHIFT: tl.constexpr = 24 - 8 * P
         ws_row = WS + ws_index.to(tl.int64) * WS_ROW
         s1 = tl.minimum(s0 + SEG, hi)
         hist = tl.zeros([256], dtype=tl.int32)
         above = tl.zeros([], dtype=tl.int32)
-        for c0 in range(s0, s1, BS):
-            s = c0 + tl.arange(0, BS)
-            ok = (s >= lo) & (s < s1)
-            key = _ordered_key(tl.load(ws_row + s, mask=ok, other=0.0))
-            if P > 0:
-                if P == 3:
-                    above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
-                ok = ok & ((key >> (SHIFT + 8)) == prefix)
-            hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+        lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
+        LBS: tl.constexpr = 256 if BS > 256 else BS  # lists are short (about k / segments): small trips
         part = PART + (((P % 2) * ROWS + row).to(tl.int64) * NSEG + seg) * 256
-        tl.store(part + tl.arange(0, 256), hist)
+        if LIST & (P == 1):
+            # Pass 2 adds to its slot (PART[0], unread in pass 1 after a fold) by atomics: zero it.
+            tl.store(PART + (row.to(tl.int64) * NSEG + seg) * 256 + tl.arange(0, 256), tl.zeros([256], dtype=tl.int32))
+        if LIST & (P == 3):
+            length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
+            for j0 in range(0, length, LBS):
+                j = j0 + tl.arange(0, LBS)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
+                hist += tl.histogram((key & 255).to(tl.int32), 256, mask=ok & ((key >> 8) == prefix))
+        else:
+            length = tl.zeros([], dtype=tl.int32)
+            for c0 in range(s0, s1, BS):
+                s = c0 + tl.arange(0, BS)
+                ok = (s >= lo) & (s < s1)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                if LIST & (P == 2):
+                    keep = ok & ((key >> 16) >= prefix)
+                    tl.store(lst + length + tl.cumsum(keep.to(tl.int32), axis=0) - 1, s, mask=keep)
+                    length += tl.sum(keep.to(tl.int32), axis=0)
+                if P > 0:
+                    if P == 3:
+                        above += tl.sum((ok & ((key >> 8) > prefix)).to(tl.int32), axis=0)
+                    ok = ok & ((key >> (SHIFT + 8)) == prefix)
+                if LIST & (P == 2):
+                    # Few units share the top two digits: an atomic per matching unit, not a dense histogram.
+                    tl.atomic_add(part + ((key >> SHIFT) & 255).to(tl.int32), ok.to(tl.int32), mask=ok, sem="relaxed")
+                else:
+                    hist += tl.histogram(((key >> SHIFT) & 255).to(tl.int32), 256, mask=ok)
+            if LIST & (P == 2):
+                tl.store(CNT + row.to(tl.int64) * NSEG + seg, length)
+        if not (LIST & (P == 2)):
+            tl.store(part + tl.arange(0, 256), hist)
         if P == 3:
             tl.store(ABOVE + row.to(tl.int64) * NSEG + seg, above)
 
 
 @triton.jit
-def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, ROWS, NSEG, SEG,
-                              BS: tl.constexpr, SC: tl.constexpr):
+def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
+                              BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
+                              LIST: tl.constexpr = False):
     """The decode top-k's output, one program per (row, segment): the last digit makes the row's k-th largest key
     (`prefix`) and the number of equal keys still wanted (`need`); the segments before this one give its first slot
     (their forced units, their keys above `prefix`, and the ties they take: lowest index first, so min(need, their
     equal keys)); the segment writes its forced units, its keys above `prefix` and its share of ties, ascending.
     The row's last segment writes -1 in the slots left (only with non-finite scores). Rows with at most TOP_K
-    candidates: segment 0 writes them all, then -1 (none when t < 0)."""
+    candidates: segment 0 writes them all, then -1 (none when t < 0). K32: 32-bit keys, as the passes'. LIST: the
+    segment's forced units below the competing ones, then its listed units (pass 2's list: every competing unit
+    that can be taken, ascending), then its forced units above: the same slots, without walking the segment."""
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
@@ -1106,7 +1240,7 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, 
             tl.store(out_row + slot, tl.where(slot < n, slot, -1), mask=slot < TOP_K)
     elif s0 < n:
         nseg = tl.cdiv(n, SEG)
-        prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, 3, SC)
+        prefix, need = _decode_topk_digit(PART, STATE, row, ROWS, NSEG, nseg, 3, SC, K32)
         digit = (prefix & 255).to(tl.int32)
         # Slots and ties taken by the segments before this one.
         bins = tl.arange(0, 256)
@@ -1127,21 +1261,42 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, QL, WS_ROW, 
         taken += tl.minimum(ties, need)
         ws_row = WS + ws_index.to(tl.int64) * WS_ROW
         s1 = tl.minimum(s0 + SEG, n)
-        for c0 in range(s0, s1, BS):
-            s = c0 + tl.arange(0, BS)
-            ok = s < s1
-            competing = ok & (s >= lo) & (s < hi)
-            key = _ordered_key(tl.load(ws_row + s, mask=competing, other=0.0))
-            above = competing & (key > prefix)
-            equal = competing & (key == prefix)
-            tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
-            take = (ok & ~competing) | above | (equal & (tie_rank <= need))
-            pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            # Never past the row's k slots, whatever the scores hold (NaN included).
-            take = take & (pos < TOP_K)
-            tl.store(out_row + pos, s, mask=take)
-            taken += tl.sum(take.to(tl.int32), axis=0)
-            ties += tl.sum(equal.to(tl.int32), axis=0)
+        if LIST:
+            taken = _decode_topk_write_range(out_row, s0, tl.minimum(s1, lo), taken, BS)
+            lst = LST + (row.to(tl.int64) * NSEG + seg) * SEG
+            LBS: tl.constexpr = 256 if BS > 256 else BS  # lists are short (about k / segments): small trips
+            length = tl.load(CNT + row.to(tl.int64) * NSEG + seg)
+            for j0 in range(0, length, LBS):
+                j = j0 + tl.arange(0, LBS)
+                ok = j < length
+                s = tl.load(lst + j, mask=ok, other=0)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=ok, other=0.0), K32)
+                above = ok & (key > prefix)
+                equal = ok & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
+            taken = _decode_topk_write_range(out_row, tl.maximum(s0, hi), s1, taken, BS)
+        else:
+            for c0 in range(s0, s1, BS):
+                s = c0 + tl.arange(0, BS)
+                ok = s < s1
+                competing = ok & (s >= lo) & (s < hi)
+                key = _decode_topk_key(tl.load(ws_row + s, mask=competing, other=0.0), K32)
+                above = competing & (key > prefix)
+                equal = competing & (key == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), axis=0)
+                take = (ok & ~competing) | above | (equal & (tie_rank <= need))
+                pos = taken + tl.cumsum(take.to(tl.int32), axis=0) - 1
+                # Never past the row's k slots, whatever the scores hold (NaN included).
+                take = take & (pos < TOP_K)
+                tl.store(out_row + pos, s, mask=take)
+                taken += tl.sum(take.to(tl.int32), axis=0)
+                ties += tl.sum(equal.to(tl.int32), axis=0)
         if seg == nseg - 1:
             tl.store(out_row + slot, tl.full([TOP_K_PAD], -1, dtype=tl.int32), mask=(slot >= taken) & (slot < TOP_K))
 
@@ -1294,7 +1449,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=64, top_k=32,
     k_slc="k", v_slc="k", indexer=True, fp8=False, idx_heads=64, idx_dim=128, idx_scale=0.011048543456039806,
     index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=64, num_stages=1, selection_form="base", index_form="tile", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
+    max_gp=64, num_stages=1, selection_form="base", index_form="tile", topk_form="radix", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)
@@ -1319,12 +1474,12 @@ class DSACache(runtime.decode_cache.Cache):
     DESCRIPTOR = _DECODE
 
 
-def _decode_topk(ws, seqlens, indices, segment=None):
+def _decode_topk(ws, seqlens, indices, segment=None, hist0=None):
     """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] into indices
     [B, QL, HKV, TOP_K], in segments of `segment` units (runtime.decode_step.topk: radix passes of per-segment
-    histograms, `_decode_topk_hist_kernel`, then `_decode_topk_write_kernel`)."""
+    histograms, `_decode_topk_hist_kernel`, then `_decode_topk_write_kernel`; hist0: the "fold" form's pass 0)."""
     return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
-                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS)
+                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS, hist0)
 
 
 def dsa_decode(q, cache, cache_seqlens=None, block_table=None, *, q_idx=None, w_idx=None, out=None,

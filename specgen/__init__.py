@@ -22,10 +22,13 @@ __version__ = "0.1.0"
 # KEY_SPLIT / PREFETCH constexprs; 14: a forward of one ungated branch returns no branch outputs from its custom op
 # (the autograd rule saves `out` in their place) and one branch's backward writes dQ in the spec's dtype; the
 # attention custom ops' names carry the schema, so torch.compile's on-disk caches never reuse a graph compiled
-# against former outputs); 16: the scatter backward's launch-config field `gp` (head rows a program), which
-# runtime.launch_with passes as the kernel's GP constexpr and runtime.launches.Backward.selection_scatter sizes its grid
-# by, beside its `key_split` / `prefetch` forms).
-RUNTIME_SCHEMA = 16
+# against former outputs); 15: the DSA decode step's kernel forms (DecodeDescriptor.selection_form / index_form) and
+# the NSA decode's fused launch form; 16: the scatter backward's launch-config field `gp` (head rows a program),
+# which runtime.launch_with passes as the kernel's GP constexpr and runtime.launches.Backward.selection_scatter sizes
+# its grid by, beside its `key_split` / `prefetch` forms; 17: the indexer top-k's decode forms
+# (DecodeDescriptor.topk_form), the decode index-score kernels' H0 argument and FOLD constexpr, the top-k hist
+# kernel's H0 argument.
+RUNTIME_SCHEMA = 17
 
 
 def _interpreter_without_gpu_devices() -> None:

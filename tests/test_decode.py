@@ -5,6 +5,8 @@ pooling with a position embedding, branch subsets, a non-power-of-two group, bf1
 ranked by an indexer and MLA, each paged with a shuffled block table and q_len = 2, against the float64 reference.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import triton
@@ -59,11 +61,34 @@ def test_decode_variant(variant):
     check_decode(mod, spec, decode_prompts(spec, small=False, page_boundary=False), q_len=q_len, steps=2, paged=True)
 
 
-def decode_top_k(mod, scores, t, poison=float("nan"), segment=None):
+def fold_hist0(mod, ws, seqlens):
+    """The top-k form "fold"'s first pass on the host, as `mod`'s index-score kernel makes it: per top-k row
+    (b * QL + qi) * G + g of a workspace ws [B, G, QL, N], the 256-bin histogram of the top byte of the ordered
+    32-bit keys (the prefill's `_ordered_key32`) of its competing units; zero for rows with at most k candidates."""
+    unit, k, initial, local = (mod.UNIT.value, mod.TOP_K.value, mod.SEL_INITIAL.value, mod.SEL_LOCAL.value)
+    B, G, QL, N = ws.shape
+    hist = torch.zeros(B * QL * G, 256, dtype=torch.int32)
+    for b in range(B):
+        for qi in range(QL):
+            t = int(seqlens[b]) - QL + qi
+            n = t // unit + 1 if t >= 0 else 0
+            lo = min(n, initial)
+            hi = max(n - local, lo)
+            if n <= k:
+                continue
+            for g in range(G):
+                bits = ws[b, g, qi, lo:hi].float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+                key = torch.where(bits >> 31 != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+                hist[(b * QL + qi) * G + g] = torch.bincount(key >> 24, minlength=256).to(torch.int32)
+    return hist
+
+
+def decode_top_k(mod, scores, t, poison=float("nan"), segment=None, fold=False):
     """The decode top-k (`_decode_topk`: radix passes and output over segments of `segment` units, default the
     step's) on unit scores [B, QL, G, N] for the query positions t [B, QL] (the last QL positions of each
     sequence). The workspace's units that no query may select hold `poison`: the kernels must never read them (the
-    step leaves them unwritten)."""
+    step leaves them unwritten). `fold`: the first pass's histogram from the host (fold_hist0), for the top-k form
+    "fold" (the step makes it in the index-score kernel)."""
     B, QL, G, N = scores.shape
     unit = mod.UNIT.value
     seqlens = (t[:, -1] + 1).to(torch.int32)
@@ -74,7 +99,8 @@ def decode_top_k(mod, scores, t, poison=float("nan"), segment=None):
     idx = torch.full((B * QL * G + 1, mod.TOP_K.value), -7, dtype=torch.int32)
     dev = test_device()
     idx_dev = idx.to(dev)
-    mod._decode_topk(ws.to(dev), seqlens.to(dev), idx_dev, segment=segment)
+    hist0 = fold_hist0(mod, ws.cpu(), seqlens.cpu()).to(dev) if fold else None
+    mod._decode_topk(ws.to(dev), seqlens.to(dev), idx_dev, segment=segment, hist0=hist0)
     idx = idx_dev.cpu()
     assert (idx[-1] == -7).all(), "written past the last row"
     return idx[:-1].view(B, QL, G, -1)
@@ -114,16 +140,19 @@ TOP_K_SPECS = {
 }
 
 
-@pytest.mark.parametrize("small_segments", [False, True])
-@pytest.mark.parametrize("which", list(TOP_K_SPECS))
-def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
+@pytest.mark.parametrize("which, small_segments, topk_form", [
+    *[(which, small, "radix") for which in TOP_K_SPECS for small in (False, True)],
+    ("token", False, "fold_list"), ("block_all_forced", True, "fold")])
+def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments, topk_form, monkeypatch):
     """The decode top-k kernels against the reference rule (`top_units`), row by row: random and tie-heavy scores,
     rows with fewer candidates than k (and exactly k, k + 1), -inf scores (some and all), NaN (a few and all:
     NaN ranks above +inf, as in the reference's sort), forced units with the best scores, a negative query position
     (no candidate), and workspace units no query may select poisoned with NaN and +inf; with the step's segments
-    (the token rows span 3 of 1024 units) and with small ones (7 of 384 tokens, 4 of 48 blocks)."""
+    (the token rows span 3 of 1024 units) and with small ones (7 of 384 tokens, 4 of 48 blocks); also in the top-k
+    forms `fold_list` and `fold` (the first pass's histogram from the host, fold_hist0)."""
     spec = TOP_K_SPECS[which]()
     mod = specgen.load(spec)
+    monkeypatch.setattr(mod, "_DECODE", dataclasses.replace(mod._DECODE, topk_form=topk_form))
     sel = spec.selection
     unit, k = (sel.block, sel.top_k) if sel.granularity == "block" else (1, sel.top_k)
     gen = torch.Generator().manual_seed(3)
@@ -146,7 +175,7 @@ def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
     scores[3, 1, 0, t[3, 1] // unit] = 50.0
     segment = (384 if unit == 1 else 48) if small_segments else None
     for poison in (float("nan"), float("inf")):
-        got = decode_top_k(mod, scores, t, poison, segment)
+        got = decode_top_k(mod, scores, t, poison, segment, fold=topk_form.startswith("fold"))
         want = expected_top_k(spec, scores, t)
         for b in range(B):
             for qi in range(QL):
@@ -154,18 +183,24 @@ def test_decode_top_k_kernel_matches_the_selection_rule(which, small_segments):
     assert t[4, 0] < 0 and (got[4, 0] == -1).all()
 
 
-@pytest.mark.parametrize("segment, sum_segments", [(4, 4), (7, 16)])
-def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, monkeypatch):
+@pytest.mark.parametrize("segment, sum_segments, topk_form", [(4, 4, "radix"), (7, 16, "radix"),
+                                                             (7, 16, "fold_list")])
+def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, topk_form, monkeypatch):
     """The decode top-k splits each row into segments (radix passes on per-segment histograms, then each segment
     writes its winners at the offset the earlier segments leave): with segments of 4 and 7 blocks, rows of 40
     blocks span up to 10 of them (partial histograms summed 4 at a time in the first case), the 5 initial and 6
     local forced blocks fall in several segments, and runs of tied scores at the threshold straddle segment
-    boundaries (lowest index first across segments). Every row must be the reference's, as with one segment."""
+    boundaries (lowest index first across segments). Every row must be the reference's, as with one segment; also in
+    the top-k form `fold_list` (32-bit keys, the first pass's histogram given, pass 3 and the output on pass 2's
+    lists)."""
     spec = small_token_spec("nsa_token_dec_segments", **{
         "selection.granularity": "block", "selection.block": 16, "selection.top_k": 16, "selection.initial": 5,
         "selection.local": 6})
     mod = specgen.load(spec)
     monkeypatch.setattr(mod, "DECODE_TOPK_SUM_SEGMENTS", sum_segments)
+    d = dataclasses.replace(mod._DECODE, topk_form=topk_form)
+    monkeypatch.setattr(mod, "_DECODE", d)
+    fold = topk_form.startswith("fold")
     unit, N = 16, 40
     gen = torch.Generator().manual_seed(11)
     G, QL = spec.heads.kv, 2
@@ -186,8 +221,8 @@ def test_decode_top_k_segments_split_rows_exactly(segment, sum_segments, monkeyp
     scores[1, 1, 1] = torch.where(torch.rand(N, generator=gen) < 0.5, float("-inf"), scores[1, 1, 1])
     scores[1, 1, 0] = float("-inf")
     want = expected_top_k(spec, scores, t)
-    one = decode_top_k(mod, scores, t, segment=N)
-    got = decode_top_k(mod, scores, t, segment=segment)
+    one = decode_top_k(mod, scores, t, segment=N, fold=fold)
+    got = decode_top_k(mod, scores, t, segment=segment, fold=fold)
     for b in range(B):
         for qi in range(QL):
             assert torch.equal(one[b, qi], want[b, qi]), (b, qi, one[b, qi].tolist(), want[b, qi].tolist())

@@ -1,5 +1,6 @@
 """The DSA step's kernel forms (docs/decode.md, "Forms of the DSA step"): the MLA selection kernel's
-`DecodePlan.selection_form` and the index-score kernel's `index_form`, each against the float64 reference
+`DecodePlan.selection_form`, the index-score kernel's `index_form` and the indexer top-k's `topk_form`, each against
+the float64 reference
 (contiguous and paged caches, q_len 1 and 2, ragged prompts) and against the plan's forms on the same cache (the
 same selection, the same output up to the order of the rounded sums), under the interpreter in fp16 / fp8.
 """
@@ -15,6 +16,7 @@ from specgen.runtime import decode_step
 from specgen.testing import test_device
 from specgen.testing.decode import check_decode
 from small_specs import small_token_spec
+from test_decode import fold_hist0
 
 # V3.2 in miniature: MLA in MQA mode (8 heads on one latent head of 80 dims, the first 64 are V), fp8 index keys, a
 # top-k of 160 tokens so each of a query's two splits walks two or more key tiles (the prefetch's carried units).
@@ -47,7 +49,8 @@ def use_forms(monkeypatch, mod, base=None, **forms):
     d = base or mod._DECODE
     kernels = {k: Spy(v) for k, v in d.branch_kernels.items()}
     d = dataclasses.replace(d, **forms, branch_kernels=kernels, index_scores_kernel=Spy(d.index_scores_kernel),
-                            index_wide_kernel=Spy(d.index_wide_kernel))
+                            index_wide_kernel=Spy(d.index_wide_kernel), topk_hist_kernel=Spy(d.topk_hist_kernel),
+                            topk_write_kernel=Spy(d.topk_write_kernel))
     monkeypatch.setattr(mod, "_DECODE", d)
     monkeypatch.setattr(getattr(mod, d.cache_class), "DESCRIPTOR", d)
     return d
@@ -60,30 +63,62 @@ def launched(d):
     return (sel.get("FORM", 0), sel["BLOCK_N"], sel["num_stages"]), "wide" if wide else "tile"
 
 
-@pytest.mark.parametrize("spec, selection_form, index_form, paged, q_len", [
-    (MLA, "ks_pf", "wide", True, 2), (MLA, "ks_pf_k32", "wide_k64", False, 1),
-    (MLA_BLOCK, "ks_pf_k32", "wide", True, 2)], ids=["token_paged_q2", "token_contiguous_q1", "block_paged_q2"])
-def test_forms_match_the_reference(spec, selection_form, index_form, paged, q_len, monkeypatch):
+def topk_launched(d):
+    """The last step's top-k as launched: (its radix passes, K32, FOLD of the index-score launch, LIST), the form's
+    TOPK_FORMS entry spelt out: four passes, or three after a folding index launch. Every launch agrees."""
+    index = (d.index_wide_kernel.calls or d.index_scores_kernel.calls)[-1]
+    hist = d.topk_hist_kernel.calls[-3 if index.get("FOLD") else -4:]
+    flags = {(c.get("K32", False), c.get("LIST", False)) for c in hist + d.topk_write_kernel.calls[-1:]}
+    assert len(flags) == 1 and all(c.get("FOLD", False) == index.get("FOLD", False) for c in hist), (flags, hist)
+    k32, listed = flags.pop()
+    return [c["P"] for c in hist], k32, index.get("FOLD", False), listed
+
+
+TOPK_LAUNCHES = {"radix": ([0, 1, 2, 3], False, False, False), "radix32": ([0, 1, 2, 3], True, False, False),
+                 "fold": ([1, 2, 3], True, True, False), "fold_list": ([1, 2, 3], True, True, True),
+                 "fold_list_s64": ([1, 2, 3], True, True, True)}
+
+
+@pytest.mark.parametrize("spec, selection_form, index_form, topk_form, paged, q_len", [
+    (MLA, "ks_pf", "wide", "fold_list", True, 2), (MLA, "ks_pf_k32", "wide_k64", "radix32", False, 1),
+    (MLA_BLOCK, "ks_pf_k32", "wide", "fold", True, 2), (MLA, "base", "tile", "fold", False, 2)],
+    ids=["token_paged_q2", "token_contiguous_q1", "block_paged_q2", "token_tile_fold_q2"])
+def test_forms_match_the_reference(spec, selection_form, index_form, topk_form, paged, q_len, monkeypatch):
     mod = specgen.load(spec)
-    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
+    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form, topk_form=topk_form)
     check_decode(mod, spec, PROMPTS, q_len=q_len, steps=1, paged=paged, compare_prefill=False)
-    assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
+    sel, index = launched(d)
+    assert sel[0] == decode_step.SELECTION_FORMS[selection_form][0] and index == index_form[:4]
+    if selection_form != "base":
+        assert sel == decode_step.SELECTION_FORMS[selection_form]
+    assert topk_launched(d) == TOPK_LAUNCHES[topk_form]
 
 
-def _step_inputs(mod, spec, B, QL, T, gen, dev):
+def _step_inputs(mod, spec, B, QL, T, gen, dev, ties=False):
+    """A paged cache of B ragged sequences and a step's inputs. `ties`: integer index keys and queries that give
+    each row a handful of distinct scores (every index key is (1, a, b, 0, ...), a and b in {0, 1}: exact in e4m3
+    with equal per-token scales), so the top-k's threshold falls inside long runs of ties."""
     Cache = getattr(mod, mod._DECODE.cache_class)
     table = torch.randperm(B * (-(-T // spec.decode.page_size)), generator=gen).to(torch.int32).view(B, -1)
     cache = Cache(B, num_pages=table.numel(), block_table=table.to(dev), device=dev)
     hkv = spec.heads.kv
     lens = torch.tensor([T - 41, T - QL - 90, T - QL], dtype=torch.int32)[:B]
 
-    def rnd(n, w):
+    def rnd(n, w, name=None):
+        if ties and name == "k_idx":
+            x = torch.zeros(B, n, hkv, w)
+            x[..., 0] = 1.0
+            x[..., 1:3] = torch.randint(0, 2, (B, n, hkv, 2), generator=gen).float()
+            return x.to(dev, mod.DTYPE)
         return torch.randn(B, n, hkv, w, generator=gen).to(dev, mod.DTYPE)
-    cache.prefill(seqlens=lens, **{n: rnd(T - QL, w) for n, w in mod.CACHE_TENSORS.items()})
-    cache.append(**{n: rnd(QL, w) for n, w in mod.CACHE_TENSORS.items()})
+    cache.prefill(seqlens=lens, **{n: rnd(T - QL, w, n) for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: rnd(QL, w, n) for n, w in mod.CACHE_TENSORS.items()})
     hi = hkv * spec.indexer.heads
     kw = {"q_idx": torch.randn(B, QL, hi, spec.indexer.head_dim, generator=gen).to(dev, mod.DTYPE),
           "w_idx": torch.randn(B, QL, hi, generator=gen).to(dev, mod.DTYPE)}
+    if ties:
+        kw = {"q_idx": torch.randint(0, 3, (B, QL, hi, spec.indexer.head_dim), generator=gen).to(dev, mod.DTYPE),
+              "w_idx": torch.ones(B, QL, hi).to(dev, mod.DTYPE)}
     q = (torch.randn(B, QL, spec.heads.q, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
     return cache, q, kw
 
@@ -121,6 +156,47 @@ def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypat
         assert err < 2e-3, (f, err)
 
 
+@pytest.mark.parametrize("spec, forms", [
+    (MLA, [dict(index_form="wide", topk_form="fold"), dict(topk_form="fold"),
+           dict(index_form="wide", topk_form="fold_list")]),
+    (MLA_BLOCK, [dict(index_form="wide_k64", topk_form="fold"), dict(topk_form="fold_list")])], ids=["token", "block"])
+def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypatch):
+    """On one paged cache (ragged, q_len 3, several segments a row) whose index scores take a handful of values
+    (long runs of exact ties at the threshold: the lower index wins): every top-k form picks exactly the units of
+    the plan's ("radix", checked against the reference's rule in tests/test_decode.py), so the step's output is
+    the same bits; the fold form's first pass, made by the index-score kernel (tile and wide, token and block
+    units), is the histogram of the workspace's competing keys, bin for bin."""
+    mod = specgen.load(spec)
+    gen = torch.Generator().manual_seed(7)
+    dev = test_device()
+    B, QL = 3, 3
+    cache, q, kw = _step_inputs(mod, spec, B, QL, 330, gen, dev, ties=True)
+    decode = getattr(mod, f"{spec.family}_decode")
+    plan = mod._DECODE
+    assert plan.topk_form == "radix"
+    seen, real = {}, mod._decode_topk
+
+    def spy(ws, seqlens, indices, segment=None, hist0=None):
+        seen.update(ws=ws.cpu(), seqlens=seqlens.cpu(), hist0=hist0)
+        return real(ws, seqlens, indices, segment=8 * 16 // spec.selection.block, hist0=hist0)  # 3+ segments a row
+
+    monkeypatch.setattr(mod, "_decode_topk", spy)
+    want, want_idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
+    ws = seen["ws"]
+    row = ws[2, 0, -1, :int(seen["seqlens"][2]) // spec.selection.block]
+    # Tokens: four distinct scores a row; blocks (log-sum-exps of 16 of them): still some ties.
+    assert len(row.unique()) * (8 if spec.selection.granularity == "token" else 1) < len(row), "too few ties"
+    for f in forms:
+        d = use_forms(monkeypatch, mod, plan, **f)
+        got, idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
+        assert topk_launched(d) == TOPK_LAUNCHES[f["topk_form"]], f
+        assert torch.equal(idx, want_idx), f
+        assert torch.equal(got, want), f
+        if f["topk_form"].startswith("fold"):  # from this step's workspace (the units no query selects are unwritten)
+            assert torch.equal(seen["hist0"].cpu(), fold_hist0(mod, seen["ws"], seen["seqlens"])), f
+            assert seen["hist0"].sum() > 0
+
+
 def test_forms_are_checked():
     mod = specgen.load(load_spec("specs/dsa_small.yaml"))
     d = mod._DECODE
@@ -129,6 +205,10 @@ def test_forms_are_checked():
         decode_step.check_forms(dataclasses.replace(d, selection_form="ks_pf"))
     with pytest.raises(ValueError, match="unknown index form"):
         decode_step.check_forms(dataclasses.replace(d, index_form="nope"))
+    with pytest.raises(ValueError, match="unknown top-k form"):
+        decode_step.check_forms(dataclasses.replace(d, topk_form="nope"))
+    with pytest.raises(ValueError, match="top-k form 'fold' needs an indexer"):
+        decode_step.check_forms(dataclasses.replace(d, indexer=False, topk_form="fold"))
     with pytest.raises(ValueError, match="not whole units of 64"):
         decode_step.check_forms(dataclasses.replace(d, mla=True, sel_block=64, selection_form="ks_pf_k32"))
 
@@ -141,6 +221,8 @@ def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
     mod = specgen.load(MLA)
     plan = mod._DECODE
     assert parse_forms("ks_pf+wide") == {"selection_form": "ks_pf", "index_form": "wide"}
+    assert parse_forms("ks_pf_k32+wide+fold") == {"selection_form": "ks_pf_k32", "index_form": "wide",
+                                                  "topk_form": "fold"}
     assert parse_forms("plan") == {}
     with pytest.raises(ValueError, match="unknown"):
         parse_forms("ks_pf+nope")
@@ -160,30 +242,38 @@ V32 = "specs/dsa_v32.yaml"
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("selection_form, index_form, layout, q_len", [
-    ("ks_pf", "wide", "paged", 4), ("ks_pf_s2", "wide_w8", "paged", 4), ("ks_pf_k32", "wide_k64", "paged", 4),
-    ("ks_pf_k32", "wide", "contiguous", 1)])
-def test_v32_forms_realistic(selection_form, index_form, layout, q_len, monkeypatch):
+@pytest.mark.parametrize("selection_form, index_form, topk_form, layout, q_len", [
+    ("ks_pf", "wide", "radix", "paged", 4), ("ks_pf_s2", "wide_w8", "radix", "paged", 4),
+    ("ks_pf_k32", "wide_k64", "radix", "paged", 4), ("ks_pf_k32", "wide", "radix", "contiguous", 1),
+    ("ks_pf", "wide", "fold_list", "paged", 4), ("ks_pf_k32", "wide", "fold_list", "contiguous", 1),
+    ("base", "tile", "fold", "paged", 4), ("ks_pf_k32", "wide_k64", "radix32", "contiguous", 1),
+    ("ks_pf_k32", "wide", "fold_list_s64", "contiguous", 1)],
+    ids=lambda x: str(x))
+def test_v32_forms_realistic(selection_form, index_form, topk_form, layout, q_len, monkeypatch):
     """dsa_v32 itself (bf16, fp8 index keys, 128 heads on one latent head) near 64k of context in every form, against
     the float64 reference, as generated/test_dsa_v32.py's test_decode_realistic checks the plan's forms."""
     from specgen.compile.test_shapes import decode_gpu_prompts
 
     spec = load_spec(V32)
     mod = specgen.load(spec)
-    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form)
+    d = use_forms(monkeypatch, mod, selection_form=selection_form, index_form=index_form, topk_form=topk_form)
     check_decode(mod, spec, decode_gpu_prompts(spec), q_len=q_len, steps=1, paged=layout == "paged", device="cuda",
                  query_chunk=128, compare_prefill=False)
-    assert launched(d) == (decode_step.SELECTION_FORMS[selection_form], "wide")
+    sel, index = launched(d)
+    assert sel[0] == decode_step.SELECTION_FORMS[selection_form][0] and index == index_form[:4]
+    assert topk_launched(d) == TOPK_LAUNCHES[topk_form]
 
 
 @gpu
 @pytest.mark.gpu
-def test_v32_forms_cuda_graph(monkeypatch):
-    """A replayed CUDA graph of a step in the new forms equals the eager step bit for bit (also after an append)."""
+@pytest.mark.parametrize("topk_form", ["radix", "fold_list"])
+def test_v32_forms_cuda_graph(topk_form, monkeypatch):
+    """A replayed CUDA graph of a step in the new forms equals the eager step bit for bit (also after an append; the
+    fold's histogram buffer is zeroed inside the graph at each replay)."""
     from specgen.compile.test_shapes import decode_gpu_prompts
     from specgen.testing.decode import check_decode_cuda_graph
 
     spec = load_spec(V32)
     mod = specgen.load(spec)
-    use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide")
+    use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide", topk_form=topk_form)
     check_decode_cuda_graph(mod, spec, decode_gpu_prompts(spec))

@@ -124,9 +124,10 @@ class DecodePlan:
     selection, window, epilogue) or "fused" (three: compression + window, scores + top-n beside the merge of the
     compression and window splits, selection with the epilogue in each row group's last split program; needs
     scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms").
-    selection_form / index_form: the MLA selection kernel's and the index-score kernel's forms (names in
-    runtime.decode_step.SELECTION_FORMS / INDEX_FORMS; docs/decode.md "Forms of the DSA step"): "base" / "tile"
-    are the forms before them; `specgen bench --decode --decode-forms` times the others on the same caches."""
+    selection_form / index_form / topk_form: the MLA selection kernel's, the index-score kernel's and the indexer
+    top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
+    of the DSA step"): "base" / "tile" / "radix" are the forms before them; `specgen bench --decode --decode-forms`
+    times the others on the same caches."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -144,6 +145,7 @@ class DecodePlan:
     form: str = "split"
     selection_form: str = "base"
     index_form: str = "tile"
+    topk_form: str = "radix"
 
 
 @dataclass(frozen=True)

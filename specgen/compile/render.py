@@ -174,7 +174,8 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "overlap": f"overlap_chunks={plan.decode.overlap_chunks}, overlap_blocks={plan.decode.overlap_blocks}, "
                        f"overlap_spill={plan.decode.overlap_spill}",
             "splits": f"split_waves={plan.decode.split_waves}, max_splits={plan.decode.max_splits}",
-            "forms": f"selection_form={pystr(plan.decode.selection_form)}, index_form={pystr(plan.decode.index_form)}"}
+            "forms": f"selection_form={pystr(plan.decode.selection_form)}, index_form={pystr(plan.decode.index_form)}, "
+                     f"topk_form={pystr(plan.decode.topk_form)}"}
 
 
 def has_distillation(spec: Spec) -> bool:

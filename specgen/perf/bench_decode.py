@@ -170,9 +170,10 @@ LAUNCH_FORMS = ("split", "fused")
 
 def parse_forms(name: str) -> dict:
     """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of the launch
-    forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel) and
-    INDEX_FORMS (the index scores), e.g. "fused" or "ks_pf+wide"; what is not named keeps the plan's form."""
-    from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS
+    forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
+    INDEX_FORMS (the index scores) and TOPK_FORMS (the indexer top-k), e.g. "fused" or "ks_pf+wide+fold"; what is
+    not named keeps the plan's form."""
+    from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS, TOPK_FORMS
 
     out = {}
     for part in name.split("+"):
@@ -184,9 +185,12 @@ def parse_forms(name: str) -> dict:
             out["selection_form"] = part
         elif part in INDEX_FORMS:
             out["index_form"] = part
+        elif part in TOPK_FORMS:
+            out["topk_form"] = part
         else:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
-                             f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, or 'plan'")
+                             f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
+                             f"{list(TOPK_FORMS)}, or 'plan'")
     return out
 
 
@@ -269,7 +273,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 row = dict(base)
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
-                    row["forms"] = f"{d.selection_form}+{d.index_form}"
+                    row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}"
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.

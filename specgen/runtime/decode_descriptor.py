@@ -78,6 +78,7 @@ class DecodeDescriptor:
     num_stages: int
     selection_form: str               # the MLA selection kernel's form, decode_step.SELECTION_FORMS
     index_form: str                   # the index-score kernel's form, decode_step.INDEX_FORMS
+    topk_form: str                    # the indexer top-k's form, decode_step.TOPK_FORMS
     widen: bool                       # the module's WIDEN (bf16 dots widened under the interpreter)
     # Host functions and kernel handles of the generated module
     pool: Optional[Callable]          # the prefill's pooling (the module's `_pool`: pool kernel launch)

@@ -33,6 +33,18 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
 # keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
 INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
+# The indexer top-k: name -> (K32, FOLD, LIST, segments a row at most: None for the plan's). "radix": four radix
+# passes and the output pass over 64-bit keys; "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
+# the first pass folded into the index-score kernel (either index form), which adds each tile's histogram of top key
+# bytes to a zeroed [rows, 256] int32 buffer by atomics: one launch and one read of the workspace fewer;
+# "fold_list": "fold", and pass 2 lists each segment's units that can still be taken (top two digits at or above
+# the threshold's), so pass 3 and the output walk those lists (about k / segments units) instead of the row;
+# "fold_list_s64": up to 64 segments a row (the plan's topk_max_segments is 32): at batch 1 x 64k, segments of 1024
+# units, one trip each in passes 1 and 2 (which no longer sum partial histograms in pass 1), against 32 partial
+# histograms more to sum in pass 3 and the output.
+TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, False, None),
+              "fold": (True, True, False, None), "fold_list": (True, True, True, None),
+              "fold_list_s64": (True, True, True, 64)}
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -49,6 +61,10 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown index form {d.index_form!r}; known: {list(INDEX_FORMS)}")
     if d.index_form != "tile" and not d.indexer:
         raise ValueError(f"{d.spec_name}: index form {d.index_form!r} needs an indexer; use 'tile'")
+    if d.topk_form not in TOPK_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown top-k form {d.topk_form!r}; known: {list(TOPK_FORMS)}")
+    if d.topk_form != "radix" and not d.indexer:
+        raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs an indexer; use 'radix'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,18 +132,20 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
 
 
 def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, tcap, n_units,
-                 paged, qlp):
+                 paged, qlp, hist0=None):
     """The index-score launch of the descriptor's index_form (INDEX_FORMS): both write the same workspace
-    entries."""
-    args = (q_idx, k_flat, w_idx, block_table, seqlens, ws, *extra, q_idx.stride(0), q_idx.stride(1),
-            q_idx.stride(2), k_flat.stride(0), k_flat.stride(1), w_idx.stride(0), w_idx.stride(1),
+    entries; with `hist0` (the top-k form "fold": zeroed int32 [top-k rows, 256]) also the top-k's first pass."""
+    fold = hist0 is not None
+    args = (q_idx, k_flat, w_idx, block_table, seqlens, ws, hist0 if fold else ws, *extra, q_idx.stride(0),
+            q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1), w_idx.stride(0), w_idx.stride(1),
             block_table.stride(0), QL, tcap, n_units, d.idx_scale)
     widen = _rt.interpreting() if d.fp8 else d.widen
     keys = n_units * d.sel_block
     wide = INDEX_FORMS[d.index_form]
     if wide is None or qlp * d.index_hp > 256:  # the wide tile's columns are one product's N (at most 256)
         d.index_scores_kernel[(d.hkv * ws.shape[0], triton.cdiv(keys, d.index_bs))](
-            *args, PAGED=paged, QLP=qlp, BS=d.index_bs, WIDEN=widen, num_warps=8 if qlp * d.index_hp >= 256 else 4)
+            *args, PAGED=paged, QLP=qlp, BS=d.index_bs, WIDEN=widen, FOLD=fold,
+            num_warps=8 if qlp * d.index_hp >= 256 else 4)
         return
     bs, stages, warps, per_sm = wide
     bs = max(bs, d.sel_block)
@@ -139,7 +157,7 @@ def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens
         chunks = triton.cdiv(keys, 2 * bs)
     chunk = triton.cdiv(triton.cdiv(keys, chunks), bs) * bs
     d.index_wide_kernel[(rows, triton.cdiv(keys, chunk))](
-        *args, chunk, PAGED=paged, QLP=qlp, BS=bs, WIDEN=widen, num_warps=warps, num_stages=stages)
+        *args, chunk, PAGED=paged, QLP=qlp, BS=bs, WIDEN=widen, FOLD=fold, num_warps=warps, num_stages=stages)
 
 
 def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments: int, sum_segments: int):
@@ -156,24 +174,45 @@ def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments:
     return segment, segments, bs, sc
 
 
-def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_segments: int, sum_segments: int):
+def fold_buffer(d: DecodeDescriptor, rows: int, n_units: int, device):
+    """The zeroed histogram [rows, 256] int32 that the index-score kernel fills with the top-k's first pass in the
+    top-k form "fold"; None in the other forms and where no row can have more than TOP_K candidates."""
+    if not TOPK_FORMS[d.topk_form][1] or n_units <= d.top_k:  # FOLD
+        return None
+    return torch.zeros((rows, 256), dtype=torch.int32, device=device)
+
+
+def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_segments: int, sum_segments: int,
+         hist0=None):
     """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
     into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device:
     four radix passes, each a launch of (row, segment) programs writing per-segment 256-bin histograms, then one
-    that writes every segment's winners at its offset; a cache of at most TOP_K units needs only the last."""
+    that writes every segment's winners at its offset; a cache of at most TOP_K units needs only the last. The
+    descriptor's topk_form (TOPK_FORMS) picks the keys' arithmetic and whether pass 0 is `hist0` [rows, 256], the
+    histogram the index-score kernel made (fold_buffer)."""
     B, G, QL, n_units = ws.shape
     rows = B * G * QL
+    k32, fold, listed, most = TOPK_FORMS[d.topk_form]
+    max_segments = most or max_segments
+    if fold and n_units > d.top_k and (hist0 is None or hist0.shape != (rows, 256)):
+        raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs the first pass's histogram hist0 "
+                         f"[{rows}, 256] from the index-score kernel (decode_step.fold_buffer)")
     segment, segments, bs, sc = topk_segments(n_units, rows, segment, programs, max_segments, sum_segments)
     part = torch.empty((2, rows, segments, 256), dtype=torch.int32, device=ws.device)
     above = torch.empty((rows, segments), dtype=torch.int32, device=ws.device)
     state = torch.empty((rows, 4, 2), dtype=torch.int64, device=ws.device)
     args = (QL, n_units, rows, segments, segment)
+    # "fold_list": each segment's list of units still in the running after pass 2 (at most the segment).
+    listed = listed and n_units > d.top_k
+    lst = torch.empty((rows, segments, segment) if listed else (1,), dtype=torch.int32, device=ws.device)
+    count = torch.empty((rows, segments), dtype=torch.int32, device=ws.device) if listed else lst
     if n_units > d.top_k:
-        for p in range(4):
-            d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, *args, P=p, BS=bs, SC=sc,
+        for p in range(1 if fold else 0, 4):
+            d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, hist0 if fold else part, lst, count,
+                                                 *args, P=p, BS=bs, SC=sc, K32=k32, FOLD=fold, LIST=listed,
                                                  num_warps=4)
-    d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, *args, BS=bs, SC=sc,
-                                          num_warps=4)
+    d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, lst, count, *args, BS=bs, SC=sc,
+                                          K32=k32, LIST=listed, num_warps=4)
     return indices
 
 
@@ -231,8 +270,8 @@ def check_step_args(d: DecodeDescriptor, q, cache, cache_seqlens, block_table, g
 
 def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, gates=None, q_idx=None, w_idx=None,
          out=None, num_splits=None, return_lse=False, return_indices=False, topk_fn=None):
-    """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices)` is the
-    module's decode top-k (indexer-scored selection)."""
+    """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices, hist0=)` is
+    the module's decode top-k (indexer-scored selection; `hist0=`: the fold forms' first pass, fold_buffer)."""
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
     if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
@@ -303,10 +342,11 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             extra = (cache.k_idx_scale,)
         else:
             extra = ()
+        hist0 = fold_buffer(d, B * QL * hkv, n_units, q.device)  # the top-k form "fold": pass 0 in the scores
         index_scores(d, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, cache.tcap, n_units, paged,
-                     qlp)
+                     qlp, hist0)
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
-        topk_fn(ws, seqlens, indices)
+        topk_fn(ws, seqlens, indices, hist0=hist0)
     if d.scorer is not None:
         parts["selection"] = branch(
             d, "selection", q, cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1),
