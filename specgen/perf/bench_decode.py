@@ -362,6 +362,9 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
     return path
 
 
+_PLAN_FORMS = ("base+tile", "base+tile+radix")  # the kernel forms before the switchable ones: not printed
+
+
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
     lines = [f"{spec.name} ({spec.hash}) decode step, {spec.dtype}, copy bandwidth {copy_gbps:.0f} GB/s",
              f"{'B':>3} {'ctx':>7} {'path':>20} {'ms':>8} {'graph':>8} {'floor':>8} {'x floor':>8} {'GB/s':>7} {'dense':>8} speedup"]
@@ -371,7 +374,7 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
             continue
         g = r.get("graph_ms")
         path = "/".join(x for x in (r.get("scoring"), r.get("form") if r.get("form") != "split" else None,
-                                    r.get("forms") if r.get("forms") != "base+tile" else None) if x) or "-"
+                                    r.get("forms") if r.get("forms") not in _PLAN_FORMS else None) if x) or "-"
         lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>20} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
