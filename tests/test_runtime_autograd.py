@@ -459,3 +459,20 @@ def test_index_topk_checks_and_packs():
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
     packed = indexer.index_topk(desc, select, *(t[0] for t in x), cu_seqlens=cu, max_seqlen=4)
     assert packed[:, 0, 0].tolist() == [0, 1, 0, 1, 2, 3]
+
+
+def test_given_indices_are_copied_only_by_the_custom_op():
+    """Eager calls hand given indices back as given (no T x k copy: 0.5 GiB for V3.2 at 64k); the custom op's body
+    copies them (its outputs may not alias its inputs). Changing them in place between the forward and the
+    backward is caught by autograd's version check, not read silently."""
+    x = inputs(requires_grad=True)
+    given = torch.arange(TOP_K, dtype=torch.int32).expand(2, 5, HKV, TOP_K).contiguous()
+    eager = ATTN.fwd_impl(*x, given, True, None, 0)[2]
+    assert eager.data_ptr() == given.data_ptr()
+    op = ATTN.fwd_op(*(t.detach() for t in x), given, False, None, 0)[2]
+    assert op.data_ptr() != given.data_ptr() and torch.equal(op, given)
+    out, _, idx = ATTN.attention(x, indices=given, return_lse=True, return_indices=True)
+    assert torch.equal(idx, given)
+    given.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

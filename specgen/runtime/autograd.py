@@ -42,13 +42,16 @@ class Attention:
 
     # The custom ops' implementations -------------------------------------------------------------------------
 
-    def fwd_impl(self, *inputs):
+    def fwd_impl(self, *inputs, copy_given_indices: bool = False):
         """The forward as a custom op: (out, lse, indices, branch_out, kc, vc); empty tensors for what the spec or
         the call lacks (no selection, no compression, branch outputs not saved, or saved as `out` itself: one
         ungated branch, runtime.launches.out_is_branch_output; a custom op's outputs may not alias each other, so
         the autograd rule saves `out` in their place). `inputs`: the tensor arguments,
         then indices, save_branch_outputs, cu_seqlens and max_seqlen (a native packed call: the per-token
-        arguments are a batch of one [1, total, ...]; else None and 0)."""
+        arguments are a batch of one [1, total, ...]; else None and 0). `copy_given_indices`: return given indices
+        as a copy (the custom op's body: its outputs may not alias its inputs); eager calls return a view of them
+        (V3.2 at 64k: 0.5 GiB not copied; autograd's version counter still catches an in-place change of them
+        before the backward)."""
         desc = self.desc
         args, (indices, save_branch_outputs, cu_seqlens, max_seqlen) = inputs[:-4], inputs[-4:]
         q = args[0]
@@ -56,8 +59,9 @@ class Attention:
             state = desc.forward(*args, indices=indices, save_branch_outputs=save_branch_outputs,
                                  **_layout(cu_seqlens, max_seqlen, q))
         if desc.selects:
-            # A custom op's outputs may not alias its inputs: given indices come back as a copy.
-            idx = state.indices.clone() if indices is not None else state.indices
+            idx = state.indices
+            if indices is not None:  # a view, not the tensor: autograd saves no input returned as-is
+                idx = idx.clone() if copy_given_indices else idx.view_as(idx)
         else:
             idx = q.new_empty((0,), dtype=torch.int32)
         branch_out = (state.branch_out if save_branch_outputs and not out_is_branch_output(desc)
@@ -163,7 +167,7 @@ class Attention:
         desc = self.desc
 
         def fwd_impl(*inputs):
-            return self.fwd_impl(*inputs)
+            return self.fwd_impl(*inputs, copy_given_indices=True)
 
         def bwd_impl(*inputs):
             return self.bwd_impl(*inputs)
