@@ -33,16 +33,16 @@ if [ "${CALL:-a}" = a ]; then
   OUT=$W/nsafwd LLAMA_TIMEOUT=${T7:-60} QWEN_TIMEOUT=0 GEMMA_TIMEOUT=0 TEST_TIMEOUT=0 \
       bash bench/nsa_forward_variants_gpu.sh | tail -30; pack
 elif [ "${CALL}" = c ]; then
-  # The short form of call a (<= 8 min): no decode bench of the NSA fused form, no top-k tests; the NSA forward's
+  # (a T of 0 skips its piece) The short form of call a (<= 8 min): no decode bench of the NSA fused form, no top-k tests; the NSA forward's
   # default (the scorer's unmasked trips) checked against float64 at nsa_paper's realistic sizes instead.
   OUT=$W/mem MODES="now former" MEM_TIMEOUT=${T1:-95} bash bench/dsa_mem_gpu.sh | tail -20; pack
   mkdir -p $W/nsafwd
   timeout ${T2:-60} python -m pytest -q -rfE --tb=short -p no:cacheprovider generated/test_nsa_paper.py \
       -k forward_realistic 2>&1 | tail -8 | tee $W/nsafwd/forward_realistic.log; pack
-  OUT=$W/dec PHASE=tests TEST_TIMEOUT=${T3:-50} bash bench/decode_fused_gpu.sh | tail -12; pack
-  OUT=$W/dsadec PHASE=bench BENCH_TIMEOUT=${T4:-80} \
+  [ "${T3:-50}" = 0 ] || { OUT=$W/dec PHASE=tests TEST_TIMEOUT=${T3:-50} bash bench/decode_fused_gpu.sh | tail -12; pack; }
+  [ "${T4:-80}" = 0 ] || { OUT=$W/dsadec PHASE=bench BENCH_TIMEOUT=${T4:-80} \
       FORMS="plan ks_pf_k32+wide ks_pf_k32+wide+fold_list ks_pf+wide_w8+fold_list_s64" \
-      bash bench/dsa_decode_topk_gpu.sh | tail -30; pack
+      bash bench/dsa_decode_topk_gpu.sh | tail -30; pack; }
   ( GPU_ENV_AUTOTUNE=off OUT=$W/bwd source bench/gpu_env.sh
     timeout ${T5:-90} python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens 16384 --forms ${BWD_FORMS:-all} --top 2 \
       --reps 3 --form-reps 3 --no-det --json "$W/bwd/${day}_dsa_bwd_forms.jsonl" 2>&1 | tee "$W/bwd/dsa_bwd_forms.log" \
