@@ -30,7 +30,7 @@ IDX = ("q_idx", "k_idx", "w_idx")
 # (name, path, backward warps, sparse forward form): the legacy kernels, the fused ones, the fused backward on two
 # warpgroups, the fused sparse forward's forms (docs/distill.md, "The sparse forward's forms").
 VARIANTS = (("legacy", "legacy", None, "base"), ("fused", "fused", None, "base"), ("fused_bw8", "fused", 8, "base"),
-            ("fused_pf", "fused", None, "pf"), ("fused_km", "fused", None, "km"))
+            ("fused_pf", "fused", None, "pf"), ("fused_km", "fused", None, "km"), ("fused_km_pf", "fused", None, "km_pf"))
 DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
 
 

@@ -2883,8 +2883,7 @@ def _distill_fwd_sparse_fused_kernel(
                 psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
 
                 keys_n = keys_nn
-        else:
-            # FORM 2 (km): key-major.
+        elif FORM == 2:
             KB: tl.constexpr = 16
             qp0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
             sl0 = tl.arange(0, KB)
@@ -2913,6 +2912,44 @@ def _distill_fwd_sparse_fused_kernel(
                 pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
                 kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
                 psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
+
+        else:
+            KB: tl.constexpr = 16
+            qp0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+            sl0 = tl.arange(0, KB)
+            keys_n = tl.load(idx_row + sl0, mask=sl0 < n_sel, other=-1)
+            ok_n = (keys_n >= 0) & (keys_n <= t_lo)
+            kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
+            kp_n = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
+            for u0 in range(0, n_sel, KB):
+                slot = u0 + sl0
+                key_ok = (keys_n >= 0) & (keys_n <= t_lo)
+                keys = tl.where(key_ok, keys_n, 0)
+                keys_n = tl.load(idx_row + slot + KB, mask=slot + KB < n_sel, other=-1)
+                k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+                ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                             mask=key_ok[:, None], other=0.0)
+                kp = kp_n
+                ok_n = (keys_n >= 0) & (keys_n <= t_lo)
+                kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
+                kp_n = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
+                st = _dot(kp, tl.trans(qp0), WIDEN) * qk_scale
+                pk = tl.sum(tl.where(key_ok[:, None] & mrow_ok[None, :], tl.exp2(st - lse2[None, :]), 0.0), axis=1) * (1.0 / GROUP)
+                at = _dot(ki, tl.trans(qi), WIDEN)
+                Ik = tl.sum(tl.maximum(at, 0.0) * wi[None, :], axis=1) * idx_scale
+                if STORE_P:
+                    tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, pk, mask=slot < n_sel)
+                # The loss's online terms along the trip's keys (one row: BT = 1).
+                i2 = tl.where(key_ok, Ik * LOG2E, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(i2, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe), axis=0)
+                m_i = m_new
+                pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
+                kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
+                psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
 
 
     # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.

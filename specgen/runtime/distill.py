@@ -51,7 +51,7 @@ def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:
 
 PATHS = ("fused", "legacy")
 # The sparse fused forward's forms (the kernel's FORM constexpr; docs/distill.md, "The sparse forward's forms").
-FWD_FORMS = ("base", "pf", "km")
+FWD_FORMS = ("base", "pf", "km", "km_pf")
 
 
 class Launches:
@@ -83,7 +83,7 @@ class Launches:
 
     @property
     def fwd_form(self) -> str:
-        """The sparse fused forward's form ("base", "pf", "km"), a launch config like `path`."""
+        """The sparse fused forward's form (FWD_FORMS), a launch config like `path`."""
         return self._fwd_form
 
     @fwd_form.setter
