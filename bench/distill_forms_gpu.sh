@@ -12,9 +12,9 @@ log="$OUT/distill_forms.log"
 json="$OUT/${day}_distill_forms_${COMMIT}.jsonl"
 gpu_smi name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw | tee "$OUT/nvidia-smi.txt"
 echo "commit $COMMIT" | tee "$log"
-timeout ${CHECK_TIMEOUT:-60} python bench/distill_bench.py specs/dsa_v32.yaml --variants fused fused_pf fused_km fused_km_pf \
+timeout ${CHECK_TIMEOUT:-90} python bench/distill_bench.py specs/dsa_v32.yaml --variants fused fused_pf fused_km fused_km_pf \
     --check 512 --sparse --dense --no-cudnn --json "$json" 2>&1 | tee -a "$log"
 echo "check exit ${PIPESTATUS[0]}" | tee -a "$log"
-timeout ${BENCH_TIMEOUT:-170} python bench/distill_bench.py specs/dsa_v32.yaml --variants fused fused_pf fused_km fused_km_pf \
+timeout ${BENCH_TIMEOUT:-140} python bench/distill_bench.py specs/dsa_v32.yaml --variants fused fused_pf fused_km fused_km_pf \
     --lse-only --sparse 16384 65536 --dense --no-cudnn --reps 5 --json "$json" 2>&1 | tee -a "$log"
 echo "bench exit ${PIPESTATUS[0]}" | tee -a "$log"
