@@ -3471,7 +3471,7 @@ def _distill_fwd_sparse_fused_kernel(
             keys_n = tl.load(idx_row + sl0, mask=sl0 < n_sel, other=-1)
             ok_n = (keys_n >= 0) & (keys_n <= t_lo)
             kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
-            kp_n = tl.load(kn_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
+            kc0 = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=ok_n[:, None], other=0.0)
             for u0 in range(0, n_sel, KB):
                 slot = u0 + sl0
                 key_ok = (keys_n >= 0) & (keys_n <= t_lo)
@@ -3480,23 +3480,23 @@ def _distill_fwd_sparse_fused_kernel(
                 k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
                 ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
                              mask=key_ok[:, None], other=0.0)
-                kp = kp_n
-                kq = tl.load(k_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-                st = _dot(kp, tl.trans(qp4), WIDEN) * qk_scale
-                kp = kq
-                kq = tl.load(k_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-                st += _dot(kp, tl.trans(qp3), WIDEN) * qk_scale   # not an accumulator: no chained product
-                kp = kq
-                kq = tl.load(k_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-                st += _dot(kp, tl.trans(qp2), WIDEN) * qk_scale   # not an accumulator: no chained product
-                kp = kq
-                kq = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-                st += _dot(kp, tl.trans(qp1), WIDEN) * qk_scale   # not an accumulator: no chained product
-                kp = kq
                 ok_n = (keys_n >= 0) & (keys_n <= t_lo)
                 kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
-                kp_n = tl.load(kn_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
-                st += _dot(kp, tl.trans(qp0), WIDEN) * qk_scale   # not an accumulator: no chained product
+                kp = kc0
+                kq1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+                st = _dot(kp, tl.trans(qp0), WIDEN) * qk_scale
+                kp = kq1
+                kq2 = tl.load(k_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+                st += _dot(kp, tl.trans(qp1), WIDEN) * qk_scale   # not an accumulator: no chained product
+                kp = kq2
+                kq3 = tl.load(k_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+                st += _dot(kp, tl.trans(qp2), WIDEN) * qk_scale   # not an accumulator: no chained product
+                kp = kq3
+                kq4 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+                st += _dot(kp, tl.trans(qp3), WIDEN) * qk_scale   # not an accumulator: no chained product
+                kp = kq4
+                kc0 = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=ok_n[:, None], other=0.0)   # the next trip's
+                st += _dot(kp, tl.trans(qp4), WIDEN) * qk_scale   # not an accumulator: no chained product
                 pk = tl.sum(tl.where(key_ok[:, None], tl.exp2(st - lse2[None, :]), 0.0), axis=1) * (1.0 / GROUP)
                 at = _dot(ki, tl.trans(qi), WIDEN)
                 Ik = tl.sum(tl.maximum(at, 0.0) * wi[None, :], axis=1) * idx_scale
@@ -3611,7 +3611,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_6e80799b"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_94ac9f6b"
 
 
 def _distill_inverse_index(indices, layout=None):

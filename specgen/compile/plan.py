@@ -190,6 +190,7 @@ class DistillPlan:
     # the key tile in pieces). The default stays "base" until the GPU timing.
     fwd_form: str = "base"
     fused_km_bs: int = 64
+    km_pf_dist: int = 1      # km_pf: key pieces gathered this many pieces ahead of their product (2: 280 spill B)
 
     def fused_tiles(self) -> "DistillPlan":
         """The tiles the fused path's kernels are rendered with."""
