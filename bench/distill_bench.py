@@ -27,8 +27,11 @@ from specgen.perf.bench import event_median_ms as _event_median_ms
 from specgen.perf.bench_train import dense_baseline_shapes, differentiable_names
 
 IDX = ("q_idx", "k_idx", "w_idx")
-# (name, path, backward warps): the legacy kernels, the fused ones, the fused backward on two warpgroups.
-VARIANTS = (("legacy", "legacy", None), ("fused", "fused", None), ("fused_bw8", "fused", 8))
+# (name, path, backward warps, sparse forward form): the legacy kernels, the fused ones, the fused backward on two
+# warpgroups, the fused sparse forward's forms (docs/distill.md, "The sparse forward's forms").
+VARIANTS = (("legacy", "legacy", None, "base"), ("fused", "fused", None, "base"), ("fused_bw8", "fused", 8, "base"),
+            ("fused_pf", "fused", None, "pf"), ("fused_km", "fused", None, "km"), ("fused_km_pf", "fused", None, "km_pf"))
+DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
 
 
 def commit() -> str:
@@ -81,7 +84,8 @@ def event_median_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def run(mod, spec, stage: str, T: int, reps: int, out, base: dict) -> None:
+def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFAULT_VARIANTS,
+        lse_only: bool = False) -> None:
     gen = torch.Generator(DEVICE).manual_seed(T)
     x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
     attention = getattr(mod, f"{spec.family}_attention")
@@ -98,17 +102,17 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict) -> None:
             row0["attention_fwd_ms"] = event_median_ms(fwd, reps)
         del _
     launches = mod._DISTILL_LAUNCHES
-    default_path, default_bwd = launches.path, dict(launches.bwd_options)
-    ref_grads = None
-    for name, path, bwd_warps in VARIANTS:
-        if stage == "dense" and bwd_warps:
+    default_path, default_bwd, default_form = launches.path, dict(launches.bwd_options), launches.fwd_form
+    ref_grads = ref_loss = None
+    for name, path, bwd_warps, form in VARIANTS:
+        if name not in variants or (stage == "dense" and (bwd_warps or form != "base")):
             continue
-        launches.path = path
+        launches.path, launches.fwd_form = path, form
         launches.bwd_options = {"num_warps": bwd_warps} if bwd_warps else default_bwd
         row = dict(row0, path=name)
         trained = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
         try:
-            for given in ((True, False) if stage == "sparse" else (False,)):
+            for given in (((True,) if lse_only else (True, False)) if stage == "sparse" else (False,)):
                 lse_arg = lse_main if given else None
                 tag = "lse" if given else "no_lse"
                 loss_fn = lambda: mod.distill_loss(x["q"], x["k"], **trained, indices=indices,  # noqa: E731
@@ -125,9 +129,10 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict) -> None:
                         again = torch.autograd.grad(loss_fn(), tuple(trained.values()))
                         row["repeat_bitwise"] = all(torch.equal(a, b) for a, b in zip(grads, again))
                     if ref_grads is None:
-                        ref_grads = grads
+                        ref_grads, ref_loss = grads, float(loss.detach())
                     else:
                         row["grad_rel_err_vs_first"] = {n: rel_err(a, b) for n, a, b in zip(IDX, grads, ref_grads)}
+                        row["loss_rel_err_vs_first"] = abs(float(loss.detach()) - ref_loss) / max(abs(ref_loss), 1e-30)
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
@@ -137,7 +142,7 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict) -> None:
         except torch.cuda.OutOfMemoryError as exc:
             row["out_of_memory"] = str(exc).splitlines()[0][:160]
         finally:
-            launches.path, launches.bwd_options = default_path, default_bwd
+            launches.path, launches.bwd_options, launches.fwd_form = default_path, default_bwd, default_form
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         line = json.dumps(row)
@@ -145,6 +150,40 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict) -> None:
         if out:
             out.write(line + "\n")
             out.flush()
+
+
+def check(mod, spec, T: int, variants, out, base: dict) -> None:
+    """Each variant's sparse-stage loss and gradients (lse_main given) against the float64 reference
+    (specgen.reference.distill_loss) at a short T: one JSON line per variant, `ok` when within bf16 tolerances."""
+    gen = torch.Generator(DEVICE).manual_seed(T + 1)
+    x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
+    with torch.no_grad():
+        indices = mod.index_topk(*(x[n] for n in IDX))
+    x64 = {n: x[n].detach().cpu().double().requires_grad_(n in IDX) for n in ("q", "k") + IDX}
+    ind = indices.cpu()
+    ref = reference.distill_loss(spec, **x64, indices=ind)
+    ref.backward()
+    lse = reference.main_lse(spec, x64["q"], x64["k"], indices=ind).float().to(DEVICE)
+    launches = mod._DISTILL_LAUNCHES
+    saved = launches.path, dict(launches.bwd_options), launches.fwd_form
+    for name, path, bwd_warps, form in VARIANTS:
+        if name not in variants:
+            continue
+        launches.path, launches.fwd_form = path, form
+        launches.bwd_options = {"num_warps": bwd_warps} if bwd_warps else saved[1]
+        try:
+            xk = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
+            loss = mod.distill_loss(x["q"], x["k"], **xk, indices=indices, lse_main=lse)
+            loss.backward()
+            row = dict(base, stage="check", T=T, path=name, loss=loss.item(), loss_ref=ref.item(),
+                       loss_rel_err=abs(loss.item() - ref.item()) / abs(ref.item()),
+                       grad_rel_err={n: rel_err(xk[n].grad.cpu(), x64[n].grad) for n in IDX})
+        finally:
+            launches.path, launches.bwd_options, launches.fwd_form = saved
+        row["ok"] = row["loss_rel_err"] < 1e-3 and all(e < 2e-2 for e in row["grad_rel_err"].values())
+        print(json.dumps(row), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
 
 
 def main(argv=None) -> int:
@@ -155,6 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under the interpreter (no timings)")
+    ap.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=[v[0] for v in VARIANTS],
+                    help="the first is the one the others' gradients are compared with")
+    ap.add_argument("--lse-only", action="store_true", help="sparse stage: only with lse_main given")
+    ap.add_argument("--no-cudnn", action="store_true")
+    ap.add_argument("--check", type=int, default=0,
+                    help="T: first each variant's sparse loss and gradients against the float64 reference at T")
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -163,11 +208,13 @@ def main(argv=None) -> int:
     base = {"spec": spec.name, "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "date": datetime.date.today().isoformat(),
             "commit": commit(), "torch": torch.__version__}
     out = open(args.json, "a") if args.json else None
+    if args.check:
+        check(mod, spec, args.check, args.variants, out, base)
     for stage, seqlens in (("sparse", args.sparse), ("dense", args.dense)):
         for T in seqlens:
             t0 = time.time()
-            run(mod, spec, stage, T, args.reps, out, base)
-            if DEVICE != "cuda":
+            run(mod, spec, stage, T, args.reps, out, base, args.variants, args.lse_only)
+            if DEVICE != "cuda" or args.no_cudnn:
                 continue
             dense = dict(base, stage="cudnn_mha", T=T, **cudnn_ms(spec, T, args.reps))
             print(json.dumps(dense), f"# {stage} T={T}: {time.time() - t0:.0f} s", flush=True)

@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(17, "dsa_small")
+runtime.require_schema(18, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1833,6 +1833,7 @@ def _distill_fwd_dense_kernel(
         pos = vis & (p > 0.0)                 # 0 log 0 = 0
         kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
         psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+
     # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
     row_valid = tq_ok & (l_i > 0.0)
     lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
@@ -2176,6 +2177,7 @@ def _distill_fwd_sparse_kernel(
         pos = vis & (p > 0.0)                 # 0 log 0 = 0
         kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
         psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+
     # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
     row_valid = tq_ok & (l_i > 0.0)
     lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
@@ -2494,6 +2496,7 @@ def _distill_fwd_dense_fused_kernel(
         pos = vis & (p > 0.0)                 # 0 log 0 = 0
         kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
         psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+
     # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
     row_valid = tq_ok & (l_i > 0.0)
     lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
@@ -2715,6 +2718,7 @@ def _distill_fwd_sparse_fused_kernel(
     stride_wb, stride_wt,
     T, sm_scale, idx_scale,
     HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = False,
+    FORM: tl.constexpr = 0,
 ):
     """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I), one pass over the support's keys with an
     online log-sum-exp of I. Without the main attention's lse (HAS_LSE false) a first pass computes it (and
@@ -2805,37 +2809,149 @@ def _distill_fwd_sparse_fused_kernel(
     l_i = tl.zeros([BT], dtype=tl.float32)
     kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
     psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
-    for u0 in range(0, n_sel, BS):
-        slot = u0 + tl.arange(0, BS)
-        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
-        key_ok = (keys >= 0) & (keys <= t_lo)
-        keys = tl.where(key_ok, keys, 0)
+    if FORM == 0:
+        for u0 in range(0, n_sel, BS):
+            slot = u0 + tl.arange(0, BS)
+            keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+            key_ok = (keys >= 0) & (keys <= t_lo)
+            keys = tl.where(key_ok, keys, 0)
 
-        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
-        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
 
-        s = tl.zeros([BT * GP, BS], dtype=tl.float32)
-        s += _dot(q0, tl.trans(k0), WIDEN)
-        mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
+            s = tl.zeros([BT * GP, BS], dtype=tl.float32)
+            s += _dot(q0, tl.trans(k0), WIDEN)
+            mvis = mrow_ok[:, None] & key_ok[None, :] & (keys[None, :] <= mt[:, None])
 
-        # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
-        p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
-        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
-                     mask=key_ok[:, None], other=0.0)
-        a = _dot(qi, tl.trans(ki), WIDEN)
-        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
-        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+            # p = mean over the group's heads of exp(logit - lse): each head's softmax over the support.
+            p = tl.sum(tl.reshape(tl.where(mvis, tl.exp2(s * qk_scale - lse2[:, None]), 0.0), (BT, GP, BS)), axis=1) * (1.0 / GROUP)
+            ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                         mask=key_ok[:, None], other=0.0)
+            a = _dot(qi, tl.trans(ki), WIDEN)
+            I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BS)), axis=1) * idx_scale
+            vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
 
-        if STORE_P:
-            tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, tl.reshape(p, (BS,)), mask=slot < n_sel)
-        i2 = tl.where(vis, I * LOG2E, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(i2, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
-        m_i = m_new
-        pos = vis & (p > 0.0)                 # 0 log 0 = 0
-        kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
-        psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+            if STORE_P:
+                tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, tl.reshape(p, (BS,)), mask=slot < n_sel)
+            i2 = tl.where(vis, I * LOG2E, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(i2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe[:, None]), axis=1)
+            m_i = m_new
+            pos = vis & (p > 0.0)                 # 0 log 0 = 0
+            kl += tl.sum(tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), axis=1)
+            psum += tl.sum(tl.where(vis, p, 0.0), axis=1)
+
+    else:
+        if FORM == 1:
+            sl0 = tl.arange(0, BS)
+            # Carried: this trip's keys (their tile already in registers), the next trip's keys.
+            keys = tl.load(idx_row + sl0, mask=sl0 < n_sel, other=-1)
+            key_ok = (keys >= 0) & (keys <= t_lo)
+            keys = tl.where(key_ok, keys, 0)
+            keys_n = tl.load(idx_row + BS + sl0, mask=BS + sl0 < n_sel, other=-1)
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            kn0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            for u0 in range(0, n_sel, BS):
+                slot = u0 + sl0
+                keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)   # (cached: read a trip ago)
+                key_ok = (keys >= 0) & (keys <= t_lo)
+                keys = tl.where(key_ok, keys, 0)
+                k0 = kn0
+                ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                             mask=key_ok[:, None], other=0.0)
+                ok_n = (keys_n >= 0) & (keys_n <= t_lo)
+                keys_nc = tl.where(ok_n, keys_n, 0)
+                k_rows = K + b * stride_kb + keys_nc.to(tl.int64) * stride_kt + g * stride_kh
+                kn0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
+                keys_nn = tl.load(idx_row + slot + 2 * BS, mask=slot + 2 * BS < n_sel, other=-1)
+                s = tl.zeros([GP, BS], dtype=tl.float32)
+                s += _dot(q0, tl.trans(k0), WIDEN)
+                pk = tl.sum(tl.where(mrow_ok[:, None] & key_ok[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0), axis=0) * (1.0 / GROUP)
+                a = _dot(qi, tl.trans(ki), WIDEN)
+                Ik = tl.sum(tl.maximum(a, 0.0) * wi[:, None], axis=0) * idx_scale
+                if STORE_P:
+                    tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, pk, mask=slot < n_sel)
+                # The loss's online terms along the trip's keys (one row: BT = 1).
+                i2 = tl.where(key_ok, Ik * LOG2E, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(i2, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe), axis=0)
+                m_i = m_new
+                pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
+                kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
+                psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
+                keys_n = keys_nn
+        elif FORM == 2:
+            KB: tl.constexpr = 16
+            qp0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+            sl0 = tl.arange(0, KB)
+            keys_n = tl.load(idx_row + sl0, mask=sl0 < n_sel, other=-1)
+            for u0 in range(0, n_sel, KB):
+                slot = u0 + sl0
+                key_ok = (keys_n >= 0) & (keys_n <= t_lo)
+                keys = tl.where(key_ok, keys_n, 0)
+                keys_n = tl.load(idx_row + slot + KB, mask=slot + KB < n_sel, other=-1)
+                k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+                ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                             mask=key_ok[:, None], other=0.0)
+                kp = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+                st = _dot(kp, tl.trans(qp0), WIDEN) * qk_scale
+                pk = tl.sum(tl.where(key_ok[:, None] & mrow_ok[None, :], tl.exp2(st - lse2[None, :]), 0.0), axis=1) * (1.0 / GROUP)
+                at = _dot(ki, tl.trans(qi), WIDEN)
+                Ik = tl.sum(tl.maximum(at, 0.0) * wi[None, :], axis=1) * idx_scale
+                if STORE_P:
+                    tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, pk, mask=slot < n_sel)
+                # The loss's online terms along the trip's keys (one row: BT = 1).
+                i2 = tl.where(key_ok, Ik * LOG2E, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(i2, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe), axis=0)
+                m_i = m_new
+                pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
+                kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
+                psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
+
+        else:
+            KB: tl.constexpr = 16
+            qp0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+            sl0 = tl.arange(0, KB)
+            keys_n = tl.load(idx_row + sl0, mask=sl0 < n_sel, other=-1)
+            ok_n = (keys_n >= 0) & (keys_n <= t_lo)
+            kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
+            kc0 = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)
+            for u0 in range(0, n_sel, KB):
+                slot = u0 + sl0
+                key_ok = (keys_n >= 0) & (keys_n <= t_lo)
+                keys = tl.where(key_ok, keys_n, 0)
+                keys_n = tl.load(idx_row + slot + KB, mask=slot + KB < n_sel, other=-1)
+                k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+                ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                             mask=key_ok[:, None], other=0.0)
+                ok_n = (keys_n >= 0) & (keys_n <= t_lo)
+                kn_rows = K + b * stride_kb + tl.where(ok_n, keys_n, 0).to(tl.int64) * stride_kt + g * stride_kh
+                kp = kc0
+                kc0 = tl.load(kn_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=ok_n[:, None], other=0.0)   # the next trip's
+                st = _dot(kp, tl.trans(qp0), WIDEN) * qk_scale
+                pk = tl.sum(tl.where(key_ok[:, None] & mrow_ok[None, :], tl.exp2(st - lse2[None, :]), 0.0), axis=1) * (1.0 / GROUP)
+                at = _dot(ki, tl.trans(qi), WIDEN)
+                Ik = tl.sum(tl.maximum(at, 0.0) * wi[None, :], axis=1) * idx_scale
+                if STORE_P:
+                    tl.store(P_SEL + ((b * T + t_lo) * HKV + g) * TOP_K + slot, pk, mask=slot < n_sel)
+                # The loss's online terms along the trip's keys (one row: BT = 1).
+                i2 = tl.where(key_ok, Ik * LOG2E, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(i2, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe), axis=0)
+                m_i = m_new
+                pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
+                kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
+                psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
+
+
     # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
     row_valid = tq_ok & (l_i > 0.0)
     lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
@@ -2933,7 +3049,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_870f3a14"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_1db37f16"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -2949,7 +3065,8 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
      "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel},
     _distill_inverse_index, heads_q=8, heads_kv=2, top_k=16, bt=16, bk=64, sbk=16,
     sm_scale=0.125, idx_scale=0.12500000000000003, widen=WIDEN, num_warps=4, num_stages=None,
-    fused={"bk": 16, "num_warps": 4, "bwd_warps": 4}, path="fused")
+    fused={"bk": 16, "num_warps": 4, "bwd_warps": 4}, path="fused",
+    fwd_form="base")
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

@@ -27,8 +27,9 @@ __version__ = "0.1.0"
 # which runtime.launch_with passes as the kernel's GP constexpr and runtime.launches.Backward.selection_scatter sizes
 # its grid by, beside its `key_split` / `prefetch` forms; 17: the indexer top-k's decode forms
 # (DecodeDescriptor.topk_form), the decode index-score kernels' H0 argument and FOLD constexpr, the top-k hist
-# kernel's H0 argument.
-RUNTIME_SCHEMA = 17
+# kernel's H0 argument; 18: the distillation launches' `fwd_form` (runtime.distill.Launches, the sparse fused
+# forward's FORM constexpr).
+RUNTIME_SCHEMA = 18
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -661,3 +661,117 @@ def test_renders_v32():
     assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
     assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,\n"
             "                 max_seqlen=None)") in src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sparse fused forward's forms (docs/distill.md, "The sparse forward's forms"): launch config fwd_form
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fwd_form_of():
+    """Sets a module's fwd_form for one test and spies on the sparse fused forward's launches (their FORM)."""
+    touched = []
+
+    def set_form(module, form):
+        launches = module._DISTILL_LAUNCHES
+        kernel = launches.kernels["fwd_sparse_fused"]
+        seen = []
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append(kwargs.get("FORM"))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        touched.append((launches, launches.fwd_form, kernel))
+        launches.fwd_form = form
+        launches.kernels["fwd_sparse_fused"] = Spy()
+        return seen
+    yield set_form
+    for launches, form, kernel in reversed(touched):
+        launches.fwd_form = form
+        launches.kernels["fwd_sparse_fused"] = kernel
+
+
+def form_tiles(spec):
+    """Small tiles (several trips of 16 keys in every form at top_k 24)."""
+    return dataclasses.replace(small_tiles(spec), fused_km_bs=16)
+
+
+# (shape, dtype, B, T, lse_main given, rows made empty): a split head dim, padded heads (group 3 -> 4, indexer
+# 3 -> 4), several trips (wide_k), fp16 operands.
+FORM_CASES = [("gqa", "fp32", 2, 15, True, ((0, 5, 1), (1, 0, 1))), ("wide_k", "fp32", 1, 33, False, ((0, 30, 1),)),
+              ("group3", "fp16", 1, 17, True, ((0, 3, 1),)), ("mqa", "fp16", 1, 29, False, ())]
+
+
+FORMS = runtime.distill.FWD_FORMS[1:]
+
+
+@pytest.mark.parametrize("case", FORM_CASES, ids=[f"{c[0]}-{c[1]}-T{c[3]}" + ("-lse" if c[4] else "") for c in FORM_CASES])
+def test_sparse_forward_forms(case, tmp_path_factory, fwd_form_of):
+    """Each form's loss and gradients against the float64 reference, and its loss, statistics and stored p equal
+    to the base form's within fp32 rounding; the spy sees the form's FORM launched."""
+    shape, dtype, B, T, given, empty = case
+    spec = spec_of(shape, dtype)
+    module = kernel_module(spec, tmp_path_factory, form_tiles(spec))
+    x = inputs(spec, B, T, seed=T + 100, dtype=DTYPES[dtype])
+    indices = selection(spec, x, empty)
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.distill_loss(spec, **x64, indices=indices)
+    ref.backward()
+    lse = R.main_lse(spec, x64["q"], x64["k"], indices=indices).float() if given else None
+    ok = (indices >= 0) & (indices.long() <= torch.arange(T).view(1, T, 1, 1))   # p_sel's written slots
+    outs = {}
+    for form in ("base",) + FORMS:
+        seen = fwd_form_of(module, form)
+        outs[form] = module._distill_fwd(*(x[n] for n in INPUTS), indices, lse, None, 0)
+        assert seen == [runtime.distill.FWD_FORMS.index(form)]
+    for form in FORMS:
+        base, got = outs["base"], outs[form]
+        for a, b in zip(base[:3] + (base[3][ok],), got[:3] + (got[3][ok],)):
+            if a.numel():
+                assert bool((torch.isfinite(a) == torch.isfinite(b)).all()), form
+                fin = torch.isfinite(a)
+                assert R.rel_err(b[fin], a[fin]) < 1e-5 and bool((a[~fin] == b[~fin]).all()), form
+        seen = fwd_form_of(module, form)
+        xk = {n: v.clone().requires_grad_(True) for n, v in x.items()}
+        loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
+        loss.backward()
+        assert seen == [runtime.distill.FWD_FORMS.index(form)]
+        tol_loss, tol_grad = TOL[dtype]
+        assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6, (form, loss.item(), ref.item())
+        for n in IDX_INPUTS:
+            err = R.rel_err(xk[n].grad, x64[n].grad)
+            assert err < tol_grad, f"{form} d{n}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_sparse_forward_forms_packed(form, tmp_path_factory, fwd_form_of):
+    """A packed batch (cu_seqlens) through each form: the loss and gradients of the reference run per sequence."""
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory, form_tiles(spec))
+    lengths = [13, 0, 1, 9]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    x = {n: v[0] for n, v in inputs(spec, 1, offsets[-1], seed=3, dtype=torch.float32).items()}
+    indices = packed_selection(spec, x, cu, [(5, 1)])
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.varlen.distill_loss_varlen(spec, **x64, cu_seqlens=cu, indices=indices)
+    ref.backward()
+    seen = fwd_form_of(module, form)
+    xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    loss = module.distill_loss(**xk, indices=indices, cu_seqlens=cu, max_seqlen=max(lengths))
+    loss.backward()
+    assert seen == [runtime.distill.FWD_FORMS.index(form)]
+    assert abs(loss.item() - ref.item()) <= 2e-5 * abs(ref.item()) + 1e-6, (loss.item(), ref.item())
+    for n in IDX_INPUTS:
+        assert R.rel_err(xk[n].grad, x64[n].grad) < 2e-5, n
+
+
+def test_fwd_form_is_checked(tmp_path_factory):
+    module = kernel_module(spec_of("gqa"), tmp_path_factory)
+    assert module._DISTILL_LAUNCHES.fwd_form == "base"
+    with pytest.raises(runtime.ArgumentError, match="`fwd_form` must be one of"):
+        module._DISTILL_LAUNCHES.fwd_form = "fast"

@@ -185,6 +185,12 @@ class DistillPlan:
     bwd_bs: int = 64
     bwd_warps: int = 4
     path: str = "fused"
+    # The sparse fused forward's form (docs/distill.md, "The sparse forward's forms"; launch config
+    # Launches.fwd_form): "base", "pf" (next trip's key tile prefetched) or "km" (key-major, fused_km_bs keys a trip,
+    # the key tile in pieces). The default stays "base" until the GPU timing.
+    fwd_form: str = "base"
+    fused_km_bs: int = 64
+    km_pf_dist: int = 1      # km_pf: key pieces gathered this many pieces ahead of their product (2: 280 spill B)
 
     def fused_tiles(self) -> "DistillPlan":
         """The tiles the fused path's kernels are rendered with."""
@@ -423,7 +429,7 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
                        sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp),
                        head_chunks=head_chunks, num_stages=1 if wide else None,
                        fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
-                       bwd_bs=max(MIN_DOT, min(64, topk_pad)))
+                       bwd_bs=max(MIN_DOT, min(64, topk_pad)), fused_km_bs=max(MIN_DOT, min(64, topk_pad)))
 
 
 # Column bits of a 64-column wgmma accumulator (m64nNk16, 4 warps) held in a thread's registers, lowest first:

@@ -50,6 +50,8 @@ def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:
 
 
 PATHS = ("fused", "legacy")
+# The sparse fused forward's forms (the kernel's FORM constexpr; docs/distill.md, "The sparse forward's forms").
+FWD_FORMS = ("base", "pf", "km", "km_pf")
 
 
 class Launches:
@@ -60,12 +62,12 @@ class Launches:
     path's bk, num_warps and bwd_warps).
 
     `path` ("fused" or "legacy", docs/distill.md "Two paths") is a launch config: set it on the module's
-    `_DISTILL_LAUNCHES` to time one against the other. The sparse backward follows the forward that ran (the fused
+    `_DISTILL_LAUNCHES` to time one against the other; so is `fwd_form`, the fused sparse forward's form. The sparse backward follows the forward that ran (the fused
     one needs the p it stored) and takes the deterministic legacy kernels under torch.use_deterministic_algorithms."""
 
     def __init__(self, kernels: dict, inverse_index, *, heads_q: int, heads_kv: int, top_k: int, bt: int, bk: int,
                  sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None,
-                 fused: dict | None = None, path: str = "legacy"):
+                 fused: dict | None = None, path: str = "legacy", fwd_form: str = "base"):
         self.kernels, self.inverse_index = kernels, inverse_index
         self.heads_q, self.heads_kv, self.top_k, self.bt, self.bk, self.sbk = heads_q, heads_kv, top_k, bt, bk, sbk
         self.scales = (sm_scale, idx_scale)
@@ -77,6 +79,18 @@ class Launches:
         self.fused_options = {"num_warps": fused["num_warps"], **stages}
         self.bwd_options = {"num_warps": fused["bwd_warps"]}
         self.path = path
+        self.fwd_form = fwd_form
+
+    @property
+    def fwd_form(self) -> str:
+        """The sparse fused forward's form (FWD_FORMS), a launch config like `path`."""
+        return self._fwd_form
+
+    @fwd_form.setter
+    def fwd_form(self, value: str) -> None:
+        if value not in FWD_FORMS:
+            raise ArgumentError(f"distillation launches: `fwd_form` must be one of {FWD_FORMS}, got {value!r}")
+        self._fwd_form = value
 
     @property
     def path(self) -> str:
@@ -130,9 +144,10 @@ class Launches:
             if fused:
                 p_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
             tiles, tables, varlen = grid(1, T)
+            form = {"FORM": FWD_FORMS.index(self.fwd_form)} if fused else {}
             kern["fwd_sparse" + sfx][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, indices, lse, lse_out, row_kl, stats, p_sel if fused else row_kl,
-                *tables, *strides, T, *self.scales, STORE_P=fused, **meta, **varlen)
+                *tables, *strides, T, *self.scales, STORE_P=fused, **form, **meta, **varlen)
         # Mean over the valid (b, t, g) rows; a row with an empty support has lse -inf and KL 0 (a packed batch has
         # no other rows: nothing is padded).
         n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
