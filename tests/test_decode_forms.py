@@ -210,7 +210,14 @@ def test_forms_are_checked():
     with pytest.raises(ValueError, match="top-k form 'fold' needs an indexer"):
         decode_step.check_forms(dataclasses.replace(d, indexer=False, topk_form="fold"))
     with pytest.raises(ValueError, match="not whole units of 64"):
-        decode_step.check_forms(dataclasses.replace(d, mla=True, sel_block=64, selection_form="ks_pf_k32"))
+        decode_step.check_forms(dataclasses.replace(d, mla=True, dqk=80, dv=64, sel_block=64, selection_form="ks_pf_k32"))
+    # FORM 1 takes V from the key tile's first part and masks S through the rope part's product: a single-part key
+    # (64/64: S unmasked, wrong output) or a first part wider than V (96/32: P @ K0 of the wrong width) is refused.
+    mla = dataclasses.replace(d, mla=True)
+    decode_step.check_forms(dataclasses.replace(mla, dqk=80, dv=64, selection_form="ks_pf"))
+    for dqk, dv in ((64, 64), (96, 32), (128, 64)):
+        with pytest.raises(ValueError, match="needs head_dim.qk split as head_dim.v plus a rope part"):
+            decode_step.check_forms(dataclasses.replace(mla, dqk=dqk, dv=dv, selection_form="ks_pf"))
 
 
 def test_bench_decode_forms_swap_the_descriptor_and_restore_it():

@@ -53,6 +53,11 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
     if d.selection_form != "base" and not d.mla:
         raise ValueError(f"{d.spec_name}: selection form {d.selection_form!r} needs MLA (V = K[..., :DV]); use 'base'")
+    if d.selection_form != "base" and (d.dqk == d.dv or 1 << (d.dqk.bit_length() - 1) != d.dv):
+        # FORM 1 takes V from the key tile's first part and masks S through the other parts' products: the key's
+        # first power-of-two part must be the value (576 = 512 + 64 with DV 512), and another part must follow.
+        raise ValueError(f"{d.spec_name}: selection form {d.selection_form!r} needs head_dim.qk split as head_dim.v "
+                         f"plus a rope part (a power-of-two DV below QK < 2 DV), not {d.dqk}/{d.dv}; use 'base'")
     tile = SELECTION_FORMS[d.selection_form][1]
     if tile and tile % d.sel_block:
         raise ValueError(f"{d.spec_name}: selection form {d.selection_form!r} walks {tile}-key tiles, not whole "
