@@ -142,8 +142,15 @@ def cmd_bench(args) -> int:
     if not torch.cuda.is_available():
         raise UsageError("bench needs a CUDA GPU (timings under the CPU interpreter mean nothing)")
     if args.decode:
-        from .perf.bench_decode import bench_decode, record_decode, table as decode_table
+        from .compile.jit import load
+        from .perf.bench_decode import bench_decode, check_decode_forms, record_decode, table as decode_table
 
+        if args.decode_forms:  # every (spec, forms) pair checked before any GPU work
+            for spec, path in _load_with_paths(args.specs):
+                try:
+                    check_decode_forms(load(spec, path), args.decode_forms)
+                except ValueError as exc:
+                    raise UsageError(str(exc)) from None
         for spec, path in _load_with_paths(args.specs):
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,

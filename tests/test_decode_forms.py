@@ -6,6 +6,7 @@ same selection, the same output up to the order of the rounded sums), under the 
 """
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -233,6 +234,9 @@ def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
     assert parse_forms("plan") == {}
     with pytest.raises(ValueError, match="unknown"):
         parse_forms("ks_pf+nope")
+    for twice in ("split+fused", "ks_pf+ks_pf_k32", "wide+tile", "fold+radix32"):  # the last is not silently taken
+        with pytest.raises(ValueError, match="at most one of each kind"):
+            parse_forms(twice)
     with decode_forms(mod, "plan") as d:
         assert d is plan
     with pytest.raises(RuntimeError):
@@ -241,6 +245,20 @@ def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
             assert mod._DECODE is d and mod.DSACache.DESCRIPTOR is d
             raise RuntimeError
     assert mod._DECODE is plan and mod.DSACache.DESCRIPTOR is plan
+
+
+def test_bench_decode_forms_checked_per_spec():
+    """`specgen bench --decode --decode-forms` checks every entry against every spec's step before any GPU work:
+    a form that exists but does not apply to the spec is refused naming the entry and the spec."""
+    from specgen.perf.bench_decode import check_decode_forms
+
+    mla, gqa = specgen.load(MLA), specgen.load(load_spec("specs/dsa_small.yaml"))
+    check_decode_forms(mla, ["plan", "ks_pf+wide+fold_list", "split"])
+    check_decode_forms(gqa, ["wide+fold"])
+    for mod, name, why in ((gqa, "ks_pf", "needs MLA"), (mla, "fused", "fused"), (mla, "wide+fused", "fused")):
+        with pytest.raises(ValueError, match=re.escape(f"--decode-forms '{name}' on ") + f".*{why}"):
+            check_decode_forms(mod, ["plan", name])
+        assert mod._DECODE.form == "split" and mod._DECODE.selection_form == "base"
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")

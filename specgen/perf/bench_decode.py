@@ -176,22 +176,33 @@ def parse_forms(name: str) -> dict:
     from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS, TOPK_FORMS
 
     out = {}
+    kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
+             ("topk_form", TOPK_FORMS))
     for part in name.split("+"):
         if part == "plan":
             continue
-        if part in LAUNCH_FORMS:
-            out["form"] = part
-        elif part in SELECTION_FORMS:
-            out["selection_form"] = part
-        elif part in INDEX_FORMS:
-            out["index_form"] = part
-        elif part in TOPK_FORMS:
-            out["topk_form"] = part
-        else:
+        field = next((f for f, names in kinds if part in names), None)
+        if field is None:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
                              f"{list(TOPK_FORMS)}, or 'plan'")
+        if field in out:  # "split+fused" would silently time the last one
+            raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
+                             f"name at most one of each kind in an entry (separate entries time them side by side)")
+        out[field] = part
     return out
+
+
+def check_decode_forms(module, names) -> None:
+    """Every `--decode-forms` entry applies to `module`'s decode step (ValueError naming the entry otherwise), so a
+    form that does not fit a spec (an MLA selection form on a GQA spec, "fused" on an indexer-scored one) is refused
+    before any GPU work rather than after the caches and the earlier rows."""
+    for name in names or ():
+        try:
+            with decode_forms(module, name):
+                pass
+        except ValueError as exc:
+            raise ValueError(f"--decode-forms {name!r} on {module._DECODE.spec_name}: {exc}") from None
 
 
 @contextlib.contextmanager
