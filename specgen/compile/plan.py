@@ -186,8 +186,9 @@ class DistillPlan:
     bwd_warps: int = 4
     path: str = "fused"
     # The sparse fused forward's form (docs/distill.md, "The sparse forward's forms"; launch config
-    # Launches.fwd_form): "base", "pf" (next trip's key tile prefetched) or "km" (key-major, fused_km_bs keys a trip,
-    # the key tile in pieces). The default stays "base" until the GPU timing.
+    # Launches.fwd_form; runtime.distill.FWD_FORMS): "base", "pf" (next trip's key tile prefetched), "km" (key-major,
+    # fused_km_bs keys a trip, the key tile in pieces) or "km_pf" (km with each piece gathered km_pf_dist pieces
+    # ahead). The default stays "base" until the GPU timing.
     fwd_form: str = "base"
     fused_km_bs: int = 64
     km_pf_dist: int = 1      # km_pf: key pieces gathered this many pieces ahead of their product (2: 280 spill B)
