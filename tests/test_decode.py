@@ -579,17 +579,31 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
     gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
     plan = mod._DECODE
     got = {}
+    launched = []  # the fused kernels' launches: the fused form really ran (not the split form under its name)
+
+    def spy(name, kernel):
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launched.append(name)
+                    return kernel[grid](*args, **kw)
+                return launch
+        return Spy()
+    fused_kernels = {name: spy(name, k) for name, k in plan.fused_kernels.items()}
     try:
         for form in ("split", "fused", "fused"):
-            d = __import__("dataclasses").replace(plan, form=form)
+            d = __import__("dataclasses").replace(plan, form=form, fused_kernels=fused_kernels)
             mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
             out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
 
             def step():
                 return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
                                       return_indices=True)
+            launched.clear()
             res = [x.clone() for x in step()]
             assert not cache.tickets.any(), f"{form}: tickets not reset: {cache.tickets.tolist()}"
+            assert launched == ([] if form == "split" else ["cmp_win"] * ("window" in spec.branches)
+                                + ["select_merge", "selection"]), (form, launched)
             got.setdefault(form, []).append(res)
         if graph:
             s = torch.cuda.Stream()
