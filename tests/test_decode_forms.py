@@ -208,6 +208,8 @@ def test_forms_are_checked():
         decode_step.check_forms(dataclasses.replace(d, index_form="nope"))
     with pytest.raises(ValueError, match="unknown top-k form"):
         decode_step.check_forms(dataclasses.replace(d, topk_form="nope"))
+    with pytest.raises(ValueError, match="unknown top-k form"):  # a step checks its descriptor before anything else
+        decode_step.step(dataclasses.replace(d, topk_form="nope"), None, None)
     with pytest.raises(ValueError, match="top-k form 'fold' needs an indexer"):
         decode_step.check_forms(dataclasses.replace(d, indexer=False, topk_form="fold"))
     with pytest.raises(ValueError, match="not whole units of 64"):

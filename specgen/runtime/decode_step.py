@@ -45,6 +45,9 @@ INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), 
 TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, False, None),
               "fold": (True, True, False, None), "fold_list": (True, True, True, None),
               "fold_list_s64": (True, True, True, 64)}
+# LIST needs FOLD: with LIST, pass 1 zeroes the slot pass 0's histograms would live in (decode.j2), which only the
+# fold leaves unread.
+assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -70,6 +73,14 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown top-k form {d.topk_form!r}; known: {list(TOPK_FORMS)}")
     if d.topk_form != "radix" and not d.indexer:
         raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs an indexer; use 'radix'")
+
+
+@functools.lru_cache(maxsize=None)
+def _forms_checked(d: DecodeDescriptor) -> bool:
+    """check_forms once per descriptor (a step pays a dict lookup after the first): a plan or a caller's descriptor
+    with a bad form fails with check_forms' message before any kernel runs, not a KeyError or a compile error."""
+    check_forms(d)
+    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,6 +288,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
          out=None, num_splits=None, return_lse=False, return_indices=False, topk_fn=None):
     """One decoding step (the generated `<family>_decode` documents it); `topk_fn(ws, seqlens, indices, hist0=)` is
     the module's decode top-k (indexer-scored selection; `hist0=`: the fold forms' first pass, fold_buffer)."""
+    _forms_checked(d)
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
     if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
