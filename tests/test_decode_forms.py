@@ -208,6 +208,10 @@ def test_forms_are_checked():
         decode_step.check_forms(dataclasses.replace(d, index_form="nope"))
     with pytest.raises(ValueError, match="unknown top-k form"):
         decode_step.check_forms(dataclasses.replace(d, topk_form="nope"))
+    with pytest.raises(ValueError, match="unknown launch form"):
+        decode_step.check_forms(dataclasses.replace(d, form="nope"))
+    with pytest.raises(ValueError, match="form 'fused': .* no compression-scored selection"):
+        decode_step.check_forms(dataclasses.replace(d, form="fused"))
     with pytest.raises(ValueError, match="unknown top-k form"):  # a step checks its descriptor before anything else
         decode_step.step(dataclasses.replace(d, topk_form="nope"), None, None)
     with pytest.raises(ValueError, match="top-k form 'fold' needs an indexer"):

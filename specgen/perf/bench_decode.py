@@ -146,18 +146,11 @@ def _dense_ms(spec: Spec, cache, q: torch.Tensor, ring: tuple, flex: bool = Fals
 
 
 @contextlib.contextmanager
-def scoring_path(module, scoring: str | None):
-    """The module's decode step on the compression scorer's other path (`DecodePlan.scoring`: "partials" or
-    "logits"), for timing both in one run: its descriptor, for the step and the cache class, replaced by a copy
-    with that scoring while the block runs. None or the plan's own: unchanged."""
+def _descriptor_swapped(module, other):
+    """`module`'s decode step and cache class on descriptor `other` while the block runs, the plan's after it (also
+    after an error)."""
     d = module._DECODE
-    if scoring is None or scoring == d.scoring:
-        yield d
-        return
-    if d.scorer != "compression":
-        raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
     Cache = getattr(module, d.cache_class)
-    other = dataclasses.replace(d, scoring=scoring)
     module._DECODE, Cache.DESCRIPTOR = other, other
     try:
         yield other
@@ -165,7 +158,19 @@ def scoring_path(module, scoring: str | None):
         module._DECODE, Cache.DESCRIPTOR = d, d
 
 
-LAUNCH_FORMS = ("split", "fused")
+@contextlib.contextmanager
+def scoring_path(module, scoring: str | None):
+    """The module's decode step on the compression scorer's other path (`DecodePlan.scoring`: "partials" or
+    "logits"), for timing both in one run: its descriptor replaced by a copy with that scoring while the block
+    runs. None or the plan's own: unchanged."""
+    d = module._DECODE
+    if scoring is None or scoring == d.scoring:
+        yield d
+        return
+    if d.scorer != "compression":
+        raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
+    with _descriptor_swapped(module, dataclasses.replace(d, scoring=scoring)) as other:
+        yield other
 
 
 def parse_forms(name: str) -> dict:
@@ -173,7 +178,7 @@ def parse_forms(name: str) -> dict:
     forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
     INDEX_FORMS (the index scores) and TOPK_FORMS (the indexer top-k), e.g. "fused" or "ks_pf+wide+fold"; what is
     not named keeps the plan's form."""
-    from ..runtime.decode_step import INDEX_FORMS, SELECTION_FORMS, TOPK_FORMS
+    from ..runtime.decode_step import INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
@@ -208,8 +213,7 @@ def check_decode_forms(module, names) -> None:
 @contextlib.contextmanager
 def decode_forms(module, name: str | None):
     """The module's decode step with the kernel forms `name` (parse_forms) while the block runs, as scoring_path
-    does for the scorer's path: the descriptor of the step and the cache class replaced by a copy, checked by
-    runtime.decode_step.check_forms. None or "plan": unchanged."""
+    does for the scorer's path: the descriptor replaced by a copy, checked by runtime.decode_step.check_forms. None or "plan": unchanged."""
     from ..runtime.decode_step import check_forms
 
     d = module._DECODE
@@ -219,18 +223,8 @@ def decode_forms(module, name: str | None):
         return
     other = dataclasses.replace(d, **fields)
     check_forms(other)
-    if other.form == "fused":
-        from ..runtime.decode_fused import supports
-
-        why = supports(other)
-        if why is not None:
-            raise ValueError(f"--decode-forms: fused: {why}")
-    Cache = getattr(module, d.cache_class)
-    module._DECODE, Cache.DESCRIPTOR = other, other
-    try:
+    with _descriptor_swapped(module, other):
         yield other
-    finally:
-        module._DECODE, Cache.DESCRIPTOR = d, d
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,

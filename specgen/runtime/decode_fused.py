@@ -48,10 +48,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
     geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
     compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
-    (`score_tiles`)."""
-    why = supports(d)
-    if why is not None:
-        raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
+    (`score_tiles`). decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)

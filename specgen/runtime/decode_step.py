@@ -50,8 +50,16 @@ TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, Fal
 assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 
+# The step's launch forms (DecodePlan.form): "split", five launches; "fused", three (specgen.runtime.decode_fused).
+LAUNCH_FORMS = ("split", "fused")
+
+
 def check_forms(d: DecodeDescriptor) -> None:
     """The descriptor's forms exist and apply to its spec (ValueError naming the form)."""
+    if d.form not in LAUNCH_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown launch form {d.form!r}; known: {list(LAUNCH_FORMS)}")
+    if d.form == "fused" and (why := decode_fused.supports(d)) is not None:
+        raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
     if d.selection_form not in SELECTION_FORMS:
         raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
     if d.selection_form != "base" and not d.mla:
