@@ -42,14 +42,27 @@ def test_the_key_names_spec_record_and_generator():
     assert digest == jit.generator_digest() and len(digest) == 12
 
 
+def test_a_given_plan_changes_the_key():
+    """A caller's plan (a variant's) is keyed by its contents: two plans of one spec never share a cached module."""
+    import dataclasses
+
+    from specgen.compile.plan import make_plan
+
+    spec = load_spec(SPEC)
+    plan = make_plan(spec)
+    other = dataclasses.replace(plan, score_unmasked_trips=not plan.score_unmasked_trips)
+    plain, keyed, keyed_again, keyed_other = (jit.cache_key(spec, SPEC), jit.cache_key(spec, SPEC, plan),
+                                              jit.cache_key(spec, SPEC, make_plan(spec)),
+                                              jit.cache_key(spec, SPEC, other))
+    assert keyed.startswith(plain + "_p") and keyed == keyed_again
+    assert keyed_other != keyed
+
+
 def test_a_changed_template_changes_the_key(tmp_path, monkeypatch):
     """A template edit must not serve the module rendered before it: the digest covers every template file."""
     package = tmp_path / "specgen"
     real = Path(jit.__file__).resolve().parent.parent
-    for name in jit._GENERATOR_MODULES:
-        (package / f"{name}.py").parent.mkdir(parents=True, exist_ok=True)
-        (package / f"{name}.py").write_bytes((real / f"{name}.py").read_bytes())
-    for path in (real / "compile" / "templates").rglob("*.j2"):
+    for path in jit.generator_files(real):
         target = package / path.relative_to(real)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(path.read_bytes())
@@ -61,7 +74,15 @@ def test_a_changed_template_changes_the_key(tmp_path, monkeypatch):
         edited = package / "compile" / "templates" / "kernels" / "attention.j2"
         edited.write_text(edited.read_text() + "\n")
         jit.generator_digest.cache_clear()
-        assert jit.generator_digest() != before
+        after_template = jit.generator_digest()
+        assert after_template != before
+        # Every module of the compile layer counts, not a chosen list (loop_order and variants once went unseen).
+        for name in ("loop_order", "variants"):
+            module = package / "compile" / f"{name}.py"
+            module.write_text(module.read_text() + "\n")
+            jit.generator_digest.cache_clear()
+            assert jit.generator_digest() != after_template, name
+            after_template = jit.generator_digest()
     finally:
         monkeypatch.undo()
         jit.generator_digest.cache_clear()

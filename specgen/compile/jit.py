@@ -25,24 +25,29 @@ from ..model.spec import Spec, load_spec, validated
 
 _loaded: dict[str, ModuleType] = {}
 
-# What decides a generated module's bytes besides the spec and its record: the templates and these modules.
-# Paths relative to the package root; the whole compile layer plus the spec model.
-_GENERATOR_MODULES = ("compile/analysis", "compile/branches", "compile/files", "compile/footprint", "compile/plan",
-                      "compile/records", "compile/render", "compile/render_distill", "compile/templating",
-                      "compile/test_shapes", "compile/tuning", "model/spec")
+# What decides a generated module's bytes besides the spec and its record: the templates and every module of the
+# compile layer and the spec model (a list of chosen modules went stale once: loop_order and variants were missing).
+_GENERATOR_PACKAGES = ("compile", "model")
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SPECGEN_CACHE", Path.home() / ".cache" / "specgen"))
 
 
+def generator_files(package: Path) -> list[Path]:
+    """The files whose bytes decide a rendered module: the templates and the compile and model layers' modules."""
+    files = sorted((package / "compile" / "templates").rglob("*.j2"))
+    for folder in _GENERATOR_PACKAGES:
+        files += sorted((package / folder).glob("*.py"))
+    return files
+
+
 @functools.lru_cache(maxsize=None)
 def generator_digest() -> str:
     """A digest of everything that renders a module: the template files and the generator's own modules."""
     package = Path(__file__).resolve().parent.parent
-    files = sorted((package / "compile" / "templates").rglob("*.j2")) + [package / f"{name}.py" for name in _GENERATOR_MODULES]
     h = hashlib.sha256()
-    for path in files:
+    for path in generator_files(package):
         h.update(path.relative_to(package).as_posix().encode())
         h.update(b"\0")
         h.update(path.read_bytes())
@@ -56,8 +61,13 @@ def cache_folder(key: str) -> Path:
     return cache_dir() / f"v{__version__}-s{RUNTIME_SCHEMA}" / key
 
 
-def cache_key(spec: Spec, spec_path: Path | None) -> str:
-    return f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}_{generator_digest()}"
+def cache_key(spec: Spec, spec_path: Path | None, plan=None) -> str:
+    """`<name>_<spec hash>_<record hash>_<generator digest>`, with `_p<plan digest>` where a caller's plan replaces
+    the spec's own (two plans of one spec and name never share a module)."""
+    key = f"{spec.name}_{spec.hash}_{records_hash(load_records(spec, spec_path))}_{generator_digest()}"
+    if plan is not None:
+        key += "_p" + hashlib.sha256(repr(plan).encode()).hexdigest()[:12]
+    return key
 
 
 def import_path(path: Path, name: str) -> ModuleType:
@@ -95,15 +105,16 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
 
     The tuning record beside the YAML (`<name>.tune.json`) is baked in; for a Spec object, pass `spec_path` to
     locate its record (without one, kernels with no tuned config autotune on the GPU). `plan` (a
-    specgen.compile.plan.Plan) replaces the spec's own plan when the module is built: the cache is keyed by the spec
-    alone, so a caller passing one gives the spec a name of its own (specgen.compile.variants does)."""
+    specgen.compile.plan.Plan) replaces the spec's own plan when the module is built; the cache key then carries a
+    digest of the plan, and a caller gives the spec a name of its own (specgen.compile.variants does) so the
+    module's custom ops are named apart from the default's."""
     spec_path = Path(spec_path) if spec_path is not None else None
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
     else:
         spec = validated(spec)  # exactly as a file is validated: a Spec built in Python skipped those checks
-    key = cache_key(spec, spec_path)
+    key = cache_key(spec, spec_path, plan)
     if key in _loaded:
         return _loaded[key]
     folder = cache_folder(key)
