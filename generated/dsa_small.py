@@ -3049,7 +3049,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_1db37f16"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_58aea579"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -3066,7 +3066,7 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
     _distill_inverse_index, heads_q=8, heads_kv=2, top_k=16, bt=16, bk=64, sbk=16,
     sm_scale=0.125, idx_scale=0.12500000000000003, widen=WIDEN, num_warps=4, num_stages=None,
     fused={"bk": 16, "num_warps": 4, "bwd_warps": 4}, path="fused",
-    fwd_form="base")
+    fwd_form="km_pf")
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

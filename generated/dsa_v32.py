@@ -42,7 +42,7 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
     "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
-    "selection_scatter": {"block_n": 32, "gp": 32, "key_major": 0, "key_split": 0, "num_stages": 1,
+    "selection_scatter": {"block_n": 64, "gp": 32, "key_major": 1, "key_split": 1, "num_stages": 1,
     "num_warps": 8, "prefetch": 0}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
@@ -53,11 +53,12 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
-    (32, 32, 0, 0, 1, 8, 0), (16, 32, 0, 0, 1, 8, 0), (16, 32, 0, 0, 2, 8, 0), (32, 32, 0, 0, 2, 8, 0),
-    (32, 32, 0, 0, 1, 4, 0), (16, 32, 0, 0, 1, 4, 0), (64, 32, 0, 0, 1, 8, 0), (64, 32, 0, 0, 1, 4, 0),
-    (64, 32, 1, 0, 1, 8, 0), (64, 32, 1, 0, 1, 4, 0), (128, 32, 1, 0, 1, 8, 0), (32, 32, 0, 0, 2, 8, 1),
-    (32, 32, 0, 0, 3, 8, 1), (64, 32, 0, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 1),
-    (32, 16, 0, 0, 1, 4, 0), (32, 16, 0, 0, 2, 4, 1))})
+    (64, 32, 1, 1, 1, 8, 0), (16, 32, 1, 1, 1, 8, 0), (16, 32, 1, 1, 2, 8, 0), (32, 32, 1, 1, 1, 8, 0),
+    (32, 32, 1, 1, 2, 8, 0), (32, 32, 0, 0, 1, 8, 0), (32, 32, 0, 0, 1, 4, 0), (16, 32, 0, 0, 1, 8, 0),
+    (16, 32, 0, 0, 1, 4, 0), (64, 32, 0, 0, 1, 8, 0), (64, 32, 0, 0, 1, 4, 0), (64, 32, 1, 0, 1, 8, 0),
+    (64, 32, 1, 0, 1, 4, 0), (128, 32, 1, 0, 1, 8, 0), (32, 32, 0, 0, 2, 8, 0), (32, 32, 0, 0, 2, 8, 1),
+    (32, 32, 0, 0, 3, 8, 1), (64, 32, 0, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 1), (32, 16, 0, 0, 1, 4, 0),
+    (32, 16, 0, 0, 2, 4, 1))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -3611,7 +3612,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_94ac9f6b"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_c85f9dc9"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -3628,7 +3629,7 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
     _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
     sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1,
     fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused",
-    fwd_form="base")
+    fwd_form="km_pf")
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

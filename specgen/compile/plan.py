@@ -188,8 +188,9 @@ class DistillPlan:
     # The sparse fused forward's form (docs/distill.md, "The sparse forward's forms"; launch config
     # Launches.fwd_form; runtime.distill.FWD_FORMS): "base", "pf" (next trip's key tile prefetched), "km" (key-major,
     # fused_km_bs keys a trip, the key tile in pieces) or "km_pf" (km with each piece gathered km_pf_dist pieces
-    # ahead). The default stays "base" until the GPU timing.
-    fwd_form: str = "base"
+    # ahead). The default is km_pf, the fastest of the side-by-side timing (bench/distill_bench.py, V3.2 sparse stage,
+    # H200, commit 6cc8fb1): forward 81.0 ms at 64k against base 151.2, pf 134.1, km 89.1 (18.5 against 33.6 at 16k).
+    fwd_form: str = "km_pf"
     fused_km_bs: int = 64
     km_pf_dist: int = 1      # km_pf: key pieces gathered this many pieces ahead of their product (2: 280 spill B)
 

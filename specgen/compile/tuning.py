@@ -213,10 +213,11 @@ def selection_forward_variants(plan) -> dict:
 
 
 # The scatter backward's forms (`scatter_variants`; the kernel's KEY_MAJOR, KEY_SPLIT, PREFETCH and GP constexprs;
-# docs/backward.md, "The scatter kernel's forms"). The default stays the plan's former tile ("w8": 32 head rows, 32
-# keys, 8 warps, 1 stage: S and dP computed by both warpgroups, 240 mma.sync where the tile needs 172) until
-# bench/dsa_bwd_forms_gpu.sh times the forms side by side; then the winner's name goes here.
-SCATTER_BACKWARD_DEFAULT = "w8"
+# docs/backward.md, "The scatter kernel's forms"). The default is the fastest form of the side-by-side timing
+# (bench/dsa_bwd.py --forms all, V3.2 at 16k, H200, commit 6cc8fb1: bench/results/kernels/
+# 2026-12-07_dsa_bwd_forms_h200_6cc8fb1.jsonl): "km_ks_k64" (key-major, 64 keys a trip, no product computed twice)
+# 133.2 ms against the former "w8" 217.5 ms (164 against 101 TFLOP/s); "km_k128_w8" 136.5, "ks_k64" 163.5.
+SCATTER_BACKWARD_DEFAULT = "km_ks_k64"
 
 
 def scatter_base(plan) -> dict:
