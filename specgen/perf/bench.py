@@ -69,10 +69,11 @@ def _commit() -> str:
     return (out.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def dense_forward_ms(spec: Spec, T: int, device: str = "cuda") -> dict:
-    """Dense causal SDPA on the same shapes: cuDNN (GQA native) and flash (v zero-padded when d_qk != d_v)."""
+def dense_forward_ms(spec: Spec, T: int, device: str = "cuda", backends=("cudnn", "flash")) -> dict:
+    """Dense causal SDPA on the same shapes: cuDNN (GQA native) and flash (v zero-padded when d_qk != d_v), or the
+    named `backends` alone."""
     return dense_shapes_forward_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
-                                   spec.softmax_scale, device)
+                                   spec.softmax_scale, device, backends)
 
 
 def dense_shapes_forward_ms(hq: int, hkv: int, dqk: int, dv: int, T: int, dtype: str, scale: float,
