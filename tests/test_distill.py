@@ -771,7 +771,8 @@ def test_sparse_forward_forms_packed(form, tmp_path_factory, fwd_form_of):
 
 
 def test_fwd_form_is_checked(tmp_path_factory):
-    module = kernel_module(spec_of("gqa"), tmp_path_factory)
-    assert module._DISTILL_LAUNCHES.fwd_form == "base"
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    assert module._DISTILL_LAUNCHES.fwd_form == make_distill_plan(spec).fwd_form == "km_pf"  # the timed default
     with pytest.raises(runtime.ArgumentError, match="`fwd_form` must be one of"):
         module._DISTILL_LAUNCHES.fwd_form = "fast"
