@@ -1,11 +1,13 @@
 """The lightning indexer + exact top-k of a DSA spec, variant against variant in one run: the score tile's forms
-(query-major, the former default; key-major) and the radix select's (five passes over the row, the former
-default; compacting), with a few launch configs of each (docs/decisions.md, indexer top-k).
+(query-major, the first default; key-major) and the radix select's (five passes over the row, the first
+default; compacting), the default before 2026-12-07 (key-major at 2 stages, select at 4 warps) and a few launch
+configs of each (docs/decisions.md, indexer top-k).
 
 For each T and variant: the whole selection's median time (CUDA events), each kernel's GPU time (torch.profiler,
 all chunks summed), the scoring's TFLOP/s (T(T+1)/2 pairs x indexer heads x dim x 2), the top-k's row-read rate
-(GB/s of one pass over every row: 4 bytes x T(T+1)/2 units), the extra memory (peak allocated beyond the inputs
-and outputs) and whether the indices equal the first variant's of the same score form (random inputs, never zeros).
+(GB/s of one pass over every row: 4 bytes x T(T+1)/2 units x kv groups, each group selecting on its own rows),
+the extra memory (peak allocated beyond the inputs and outputs) and whether the indices equal the first variant's
+of the same score form (random inputs, never zeros).
 
 Usage: python bench/indexer_bench.py SPEC [--seqlens 16384 32768 65536] [--variants NAME ...] [--json out.jsonl]
 """
@@ -21,31 +23,37 @@ import torch
 import specgen
 from specgen import reference
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import index_configs
+from specgen.compile.tuning import index_configs, index_previous_default
 from specgen.perf.bench import kernel_times, peak_extra_gib
 from specgen.testing import spec_of
 from specgen.perf.bench import event_median_ms
 
 
 def variants(plan) -> dict[str, dict]:
-    """{name: {"select": score config, "index_topk": top-k config}}: the former default first."""
+    """{name: {"select": score config, "index_topk": top-k config}}: the first default (query-major, five passes)
+    first, then the default before 2026-12-07 (key-major at 2 stages, compacting select at 4 warps), the default
+    (3 stages, 8 warps: the two winners of the H200 run of 2026-12-07, timed apart there), each half of it alone,
+    and the other forms and launch configs."""
     old = index_configs(plan, key_major=False, compact=False)
+    prev = index_previous_default(plan)
     new = index_configs(plan)
     km = index_configs(plan, key_major=True)["select"]
     qm = old["select"]
     out = {
         "old (query-major, 5 passes)": old,
+        "previous default (km 2 stages, topk 4 warps)": prev,
         "default": new,
+        "km 2 stages": {**new, "select": {**km, "num_stages": 2}},
+        "topk 4 warps": {**new, "index_topk": {**new["index_topk"], "num_warps": 4}},
         "query-major + compact": {"select": qm, "index_topk": new["index_topk"]},
         "key-major + 5 passes": {"select": km, "index_topk": old["index_topk"]},
         "km bt32": {**new, "select": {**km, "bt": 32}},
         "km bt128": {**new, "select": {**km, "bt": 128}},
         "km 256 keys 8 warps": {**new, "select": {**km, "block_n": max(256, plan.unit), "num_warps": 8}},
-        "km 3 stages": {**new, "select": {**km, "num_stages": 3}},
         "qm 8 warps": {**new, "select": {**qm, "num_warps": 8}},
         "topk chunk 1024": {**new, "index_topk": {**new["index_topk"], "chunk": 1024}},
-        "topk chunk 4096": {**new, "index_topk": {**new["index_topk"], "chunk": 4096}},
-        "topk 8 warps": {**new, "index_topk": {**new["index_topk"], "num_warps": 8}},
+        # 4096 units a trip at 8 warps spills (docs/decisions.md): at 4 warps, as timed on 2026-12-07.
+        "topk chunk 4096": {**new, "index_topk": {**new["index_topk"], "chunk": 4096, "num_warps": 4}},
     }
     return out
 
@@ -101,7 +109,7 @@ def main():
             row = {"spec": spec.name, "T": T, "variant": name, "configs": table[name], "ms": ms,
                    "scores_ms": score_ms, "topk_ms": topk_ms,
                    "scores_tflops": pairs * heads * dim * 2 / score_ms / 1e9 if score_ms else None,
-                   "topk_row_read_gbs": pairs * 4 / topk_ms / 1e6 if topk_ms else None,
+                   "topk_row_read_gbs": pairs * 4 * spec.heads.kv / topk_ms / 1e6 if topk_ms else None,
                    "extra_gib": extra, "same_indices_as_first": same, "first_call_s": first_s,
                    "gpu": torch.cuda.get_device_name()}
             tf = f"{row['scores_tflops']:.0f}" if row["scores_tflops"] else "-"

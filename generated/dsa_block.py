@@ -33,9 +33,9 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, "num_warps": 4},
+CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, "num_warps": 8},
     "preprocess": {"num_warps": 4, "rows": 16}, "select": {"block_n": 128, "bt": 64, "key_major": 1,
-    "num_stages": 2, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
+    "num_stages": 3, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
     "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 64, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these

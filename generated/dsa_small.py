@@ -33,7 +33,7 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 
 # Launch configs per kernel: the plan's defaults, and the tuned winners per GPU from the spec's tuning record
 # (`specgen tune`), chosen by device name at the first call.
-CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, "num_warps": 4},
+CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, "num_warps": 8},
     "preprocess": {"num_warps": 4, "rows": 64}, "select": {"block_n": 512, "bt": 64, "key_major": 0,
     "num_stages": 3, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
     "selection_dkdv": {"block_n": 32, "bq": 16, "num_stages": 2, "num_warps": 4},

@@ -39,7 +39,7 @@ WIDEN = runtime.interpreting() and DTYPE == torch.bfloat16
 CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
     "compression_dkdv": {"block_n": 64, "bt": 2, "key_major": 2, "max_splits": 16, "num_stages": 2,
     "num_warps": 8, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 8, "num_stages": 2,
-    "num_warps": 8}, "index_topk": {"chunk": 2048, "compact": 1, "list": 2048, "num_warps": 4},
+    "num_warps": 8}, "index_topk": {"chunk": 2048, "compact": 1, "list": 2048, "num_warps": 8},
     "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64}, "preprocess": {"num_warps": 4,
     "rows": 64}, "select": {"block_n": 512, "bt": 32, "key_major": 0, "num_stages": 3, "num_warps": 4},
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32,

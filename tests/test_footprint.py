@@ -6,17 +6,30 @@ from pathlib import Path
 
 import pytest
 
-from specgen.compile.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints
+from specgen.compile.footprint import SMEM_BUDGET, SMEM_LIMIT, backward_footprints, index_scores_smem
 from specgen.compile.plan import MIN_DOT, make_plan
 from specgen.compile.render import has_distillation
 from specgen.compile.render_distill import distill_footprints, make_distill_plan
-from specgen.model.spec import load_spec
+from specgen.compile.tuning import index_configs
+from specgen.model.spec import load_spec, replace
 
 SPECS = sorted(p for p in (Path(__file__).parent.parent / "specs").glob("*.yaml") if not p.name.endswith(".sweep.yaml"))
+MODEL_SPECS = sorted((Path(__file__).parent.parent / "specs" / "models").glob("*.yaml"))
+
+
+def _index_scores_footprint(spec, plan):
+    """index_scores_smem of the plan's default score-tile config."""
+    cfg = index_configs(plan)["select"]
+    if cfg["key_major"]:
+        return index_scores_smem(spec, True, plan.index_key_heads, cfg["block_n"], cfg["num_stages"])
+    return index_scores_smem(spec, False, cfg["bt"] * plan.index_hp, plan.index_bs, cfg["num_stages"])
 
 
 def _footprints(spec):
-    out = backward_footprints(spec, make_plan(spec))
+    plan = make_plan(spec)
+    out = backward_footprints(spec, plan)
+    if spec.selection is not None and spec.selection.scorer == "indexer":
+        out["_index_scores_kernel"] = _index_scores_footprint(spec, plan)
     if has_distillation(spec):
         out.update(distill_footprints(spec))
     return out
@@ -33,6 +46,28 @@ def test_every_kernel_fits_shared_memory(path):
     assert fp
     over = {k: v for k, v in fp.items() if v > SMEM_BUDGET}
     assert not over, f"{spec.name}: over {SMEM_BUDGET} bytes: {over}"
+
+
+@pytest.mark.parametrize("path", SPECS + MODEL_SPECS, ids=lambda p: p.stem)
+def test_index_score_defaults_fit(path):
+    """The index-score kernel's default (key-major at 3 stages where that fits) fits, on the model specs too."""
+    spec = load_spec(path)
+    if spec.selection is None or spec.selection.scorer != "indexer":
+        pytest.skip("no indexer")
+    plan = make_plan(spec)
+    assert _index_scores_footprint(spec, plan) <= SMEM_BUDGET
+    if plan.index_key_major:
+        assert plan.index_km_stages == 3, "every committed key-major spec takes the 3 stages measured on V3.2"
+
+
+def test_index_score_stages_fall_back():
+    """The widest indexer (128 heads x 256 dims in bf16, 128-token blocks) does not fit 3 stages of the key-major
+    loop, nor 2 of the model's (conservative) shared memory: the default falls back to what fits."""
+    spec = replace(load_spec("specs/dsa_block.yaml"), name="wide_indexer", **{
+        "indexer.heads": 128, "indexer.head_dim": 256, "selection.block": 128, "selection.top_k": 16})
+    plan = make_plan(spec)
+    assert plan.index_key_major and plan.index_km_stages < 3
+    assert _index_scores_footprint(spec, plan) <= SMEM_BUDGET
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)

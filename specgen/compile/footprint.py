@@ -95,6 +95,24 @@ def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
                       computed=[tile(rows, keys, e)], stages=stages)
 
 
+def index_scores_smem(spec: Spec, key_major: bool, rows: int, keys: int, stages: int) -> int:
+    """The prefill index-score kernel (`_index_scores_kernel`, kernels/topk.j2). Key-major: the [keys, d_I] key
+    tile resident, one query's [rows, d_I] indexer heads (padded) streamed by the loop over the program's queries.
+    Query-major: the [rows, d_I] tile of its queries x heads resident, [keys, d_I] key tiles (index_bs) streamed.
+    One byte an element with an fp8 indexer, else the spec's dtype. sm_90 compile of V3.2's key-major tile (128
+    keys, 64 heads, fp8, 2 stages): 24 KiB; the model gives 33 KiB (the conservative side)."""
+    e = DTYPE_BYTES["fp8_e4m3"] if spec.indexer.dtype == "fp8_e4m3" else _elem(spec)
+    d = spec.indexer.head_dim
+    resident, streamed = (keys, rows) if key_major else (rows, keys)
+    return smem_bytes(resident=[tile(resident, d, e)], streamed=[tile(streamed, d, e)], stages=stages)
+
+
+def index_scores_stages(spec: Spec, key_major: bool, rows: int, keys: int, most: int = 3) -> int:
+    """The most pipeline stages (at most `most`) whose index_scores_smem fits SMEM_BUDGET; 1 if none does."""
+    return next((st for st in range(most, 1, -1)
+                 if index_scores_smem(spec, key_major, rows, keys, st) <= SMEM_BUDGET), 1)
+
+
 def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
     """Estimated shared memory (bytes) of every backward kernel of a spec, by kernel name: of `tiles` (a
     plan.BackwardTiles), by default the plan's (`plan.backward`)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
-                        attention_smem, dkdv_smem, dq_smem, next_pow2)
+                        attention_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
 from .loop_order import scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
@@ -260,12 +260,14 @@ class Plan:
     index_key_heads: int = 0
     index_km_bt: int = 64
     index_km_keys: int = 128
+    index_km_stages: int = 3   # the key-major loop's pipeline stages (fewer where 3 would not fit shared memory)
     # Top-k (`_radix_topk_kernel`): the radix digits (shift, bits) from the top, and whether the threshold bucket is
     # compacted into a per-row list of index_topk_list entries once it fits (the later digits and the output pass
     # then walk the list, not the row). Launch-config keys `compact`, `chunk` (units per trip), `list` pick.
     index_topk_digits: tuple = ()
     index_topk_chunk: int = 2048
     index_topk_list: int = 0
+    index_topk_warps: int = 8
     idx_scale: float | None = None  # the indexer's score scale (the spec's, else d_I^-1/2 x heads^-1/2)
     pool_bi: int = 0
     # the selected-block attention's loop order per pass: "query" (attention.j2, backward.j2) or "kv" (select_kv.j2)
@@ -503,14 +505,20 @@ def make_plan(spec: Spec) -> Plan:
             plan_kw.update(index_hp=hp, index_bt=max(1, 128 // hp), index_bs=max(64, unit))
             # Key-major score tiles where the heads fill a dot's columns without padding (>= 32 heads: V3.2's 64);
             # fewer heads would be padded to the dot's minimum of 16 columns, wasting most of the products.
+            km_keys = max(128, unit)
+            # Three stages of the streamed query heads (the H200 at 16k-64k, 2026-12-07: V3.2's score kernel 15-18%
+            # faster than at two) where the footprint model fits them, else fewer (128 heads x 256 dims in bf16).
             plan_kw.update(index_key_major=hp >= 32, index_key_heads=max(MIN_DOT, hp), index_km_bt=64,
-                           index_km_keys=max(128, unit))
+                           index_km_keys=km_keys,
+                           index_km_stages=index_scores_stages(spec, True, max(MIN_DOT, hp), km_keys))
             # Digits of 6-7 bits: tl.histogram's cost per element grows with its bins (a warp ballot per bit, then
             # each lane's bins/32 bins popcounted): 64 bins cost ~22 lane instructions an element, 256 bins ~90. Two
             # full-row passes (13 bits: sign, exponent, 4 mantissa bits) usually leave a threshold bucket small
             # enough for the list of 2k entries.
+            # The select at 8 warps: V3.2's top-k 10-34% faster than at 4 (H200, 16k-64k, 2026-12-07), and half the
+            # registers a thread of the 2048-unit trip (no spills; 4096 units at 8 warps spill, not a default).
             plan_kw.update(index_topk_digits=((26, 6), (19, 7), (12, 7), (6, 6), (0, 6)),
-                           index_topk_list=max(256, 2 * topk_pad))
+                           index_topk_list=max(256, 2 * topk_pad), index_topk_warps=8)
     idx = spec.indexer
     if idx is not None:
         plan_kw["idx_scale"] = idx.scale if idx.scale is not None else idx.head_dim ** -0.5 * idx.heads ** -0.5

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import write_if_changed
 from .branches import NAMES, branches_of
-from .footprint import MIN_DOT, SMEM_BUDGET, dq_smem, launch_model
+from .footprint import MIN_DOT, SMEM_BUDGET, dq_smem, index_scores_smem, index_scores_stages, launch_model
 from .loop_order import orders, scatter_backward
 from .records import read_record, record_path  # noqa: F401 (record_path: re-exported for callers of tuning)
 from ..model.spec import Spec
@@ -274,15 +274,28 @@ def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> 
     key_major = plan.index_key_major if key_major is None else key_major
     if key_major:
         score = {"key_major": 1, "bt": plan.index_km_bt, "block_n": plan.index_km_keys, "num_warps": 4,
-                 "num_stages": 2}
+                 "num_stages": plan.index_km_stages}
     else:
-        # Triton's default 3 stages: the launch before the key-major form passed none.
-        score = {"key_major": 0, "bt": plan.index_bt, "block_n": plan.index_keys, "num_warps": 4, "num_stages": 3}
+        # Triton's default 3 stages (the launch before the key-major form passed none), fewer where the footprint
+        # model does not fit them.
+        stages = index_scores_stages(plan.spec, False, plan.index_bt * plan.index_hp, plan.index_bs)
+        score = {"key_major": 0, "bt": plan.index_bt, "block_n": plan.index_keys, "num_warps": 4,
+                 "num_stages": stages}
     if compact:
-        topk = {"compact": 1, "chunk": plan.index_topk_chunk, "list": plan.index_topk_list, "num_warps": 4}
+        topk = {"compact": 1, "chunk": plan.index_topk_chunk, "list": plan.index_topk_list,
+                "num_warps": plan.index_topk_warps}
     else:  # the former select: four 8-bit passes and the output pass over the whole row, 1024 units a trip
         topk = {"compact": 0, "chunk": 1024, "list": plan.index_topk_list, "num_warps": 4}
     return {"select": score, "index_topk": topk}
+
+
+def index_previous_default(plan) -> dict:
+    """The indexer's default before 2026-12-07 (key-major tile at 2 stages, compacting select at 4 warps; on
+    specs with a query-major tile only the select's warps differ): the baseline bench/indexer_bench.py times the
+    default against."""
+    cfg = index_configs(plan)
+    score = {**cfg["select"], "num_stages": 2} if cfg["select"]["key_major"] else cfg["select"]
+    return {"select": score, "index_topk": {**cfg["index_topk"], "num_warps": 4}}
 
 
 def index_candidates(plan, kernel: str) -> list[dict]:
@@ -292,8 +305,10 @@ def index_candidates(plan, kernel: str) -> list[dict]:
     default = index_configs(plan)[kernel]
     unit = plan.unit
     if kernel == "select":
+        spec, heads = plan.spec, plan.index_key_heads or MIN_DOT
         grid = [{"key_major": 1, "bt": bt, "block_n": max(n, unit), "num_warps": w, "num_stages": st}
-                for bt in (32, 64, 128) for n, w in ((128, 4), (256, 8)) for st in (2, 3)]
+                for bt in (32, 64, 128) for n, w in ((128, 4), (256, 8)) for st in (2, 3)
+                if index_scores_smem(spec, True, heads, max(n, unit), st) <= SMEM_BUDGET]
         grid += [{**index_configs(plan, key_major=False)["select"], "num_warps": w} for w in (4, 8)]
     else:
         # (4096 units at 8 warps spills 16 bytes on sm_90: left out.)
