@@ -191,11 +191,87 @@ def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypa
         d = use_forms(monkeypatch, mod, plan, **f)
         got, idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
         assert topk_launched(d) == TOPK_LAUNCHES[f["topk_form"]], f
-        assert torch.equal(idx, want_idx), f
-        assert torch.equal(got, want), f
         if f["topk_form"].startswith("fold"):  # from this step's workspace (the units no query selects are unwritten)
             assert torch.equal(seen["hist0"].cpu(), fold_hist0(mod, seen["ws"], seen["seqlens"])), f
             assert seen["hist0"].sum() > 0
+        assert torch.equal(idx, want_idx), f
+        assert torch.equal(got, want), f
+
+
+# Compiled (not interpreted) for sm_90 up to Triton's TTIR, where its combine pass has run: no GPU needed. Prints,
+# for every masked tl.histogram of each kernel, its input's and its mask's defining ops.
+_HISTOGRAM_OPERANDS = r"""
+import json, os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, sys.argv[1])
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+import specgen
+from test_decode_forms import MLA, MLA_BLOCK
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+out = {}
+for spec in (MLA, MLA_BLOCK):
+    mod = specgen.load(spec)
+    for name, bs in (("_decode_index_scores_kernel", mod._DECODE.index_bs), ("_decode_index_wide_kernel", 128)):
+        fn = getattr(mod, name)
+        consts = dict(PAGED=1, QLP=8 if mod._DECODE.index_hp == 2 else 4, BS=bs, WIDEN=0, FOLD=1)
+        sig = {}
+        for p in fn.arg_names:
+            if p in consts:
+                sig[p] = "constexpr"
+            elif p in ("QI", "KI"):
+                sig[p] = "*fp8e4nv" if mod._DECODE.fp8 else "*fp16"
+            elif p in ("WI", "WS", "KS"):
+                sig[p] = "*fp32" if p != "WI" or mod._DECODE.fp8 else "*fp16"
+            elif p.isupper() and p not in ("QL", "TCAP", "WS_ROW", "CHUNK"):
+                sig[p] = "*i32"
+            else:
+                sig[p] = "fp32" if p == "idx_scale" else "i32"
+        src = ASTSource(fn, sig, constexprs=consts)
+        options = backend.parse_options({"num_warps": 4, "num_stages": 1})
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                             context)
+        stages = {}
+        backend.add_stages(stages, options, src.language)
+        text = str(stages["ttir"](module, {}))
+        defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(%[\w.]+) = ([^\n]*)$", text, re.M)}
+        hists = re.findall(r"tt\.histogram (%[\w.]+), (%[\w.]+)", text)
+        out[f"{spec.name}.{name}"] = [(a, defs[a], b, defs[b]) for a, b in hists]
+print(json.dumps(out))
+"""
+
+
+def test_fold_histogram_mask_lines_up_with_its_bins():
+    """The fold's `tl.histogram` over a flattened [queries x keys] tile takes its mask from the flattened bins
+    themselves. On the GPU, Triton's combine pass lets a rank-1 reshape that feeds only histograms reorder its
+    elements: bins and mask flattened by two reshapes from different layouts were each reordered their own way, so
+    the mask no longer matched the bins (the fold's counts went to other entries' bins, or to padded queries' bins
+    that are dropped; the top-k then took other units than the plan's on tied scores on an H200). The interpreter
+    never reorders, so this looks at the compiled form (sm_90 TTIR: the combine pass, no GPU): every masked histogram's
+    mask is computed from the histogram's input, not reshaped on its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _HISTOGRAM_OPERANDS, here], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(found) == 4 and all(len(h) == 1 for h in found.values()), found
+    for kernel, hists in found.items():
+        for x, x_def, mask, mask_def in hists:
+            assert not mask_def.startswith("tt.reshape") and re.search(re.escape(x) + r"\b", mask_def), (
+                kernel, x_def, mask_def)
 
 
 def test_forms_are_checked():
