@@ -6,8 +6,9 @@
 #      64k of context, paged q_len 4 and contiguous q_len 1, a CUDA graph replay; the small cases in fp16 on the
 #      GPU's matrix units), and generated/test_dsa_v32.py's realistic and graph decode tests (the plan's forms).
 #   2. bench (BENCH_TIMEOUT 110 s): `specgen bench specs/dsa_v32.yaml --decode --batches 1 64 --seqlens 65536
-#      --decode-forms plan ks_pf+wide ks_pf_s2+wide_k64 ks_pf_k32+wide_w8`: one row per forms on each cache (eager and
-#      graph-replayed step, x floor, per-kernel times in the record), every selection and index form once.
+#      --decode-forms plan base+tile ks_pf+wide ks_pf_s2+wide_k64`: one row per forms on each cache (eager and
+#      graph-replayed step, x floor, per-kernel times in the record), every selection and index form once (`plan` is
+#      ks_pf_k32+wide_w8 since the H200 timing of 2026-12-07; base+tile the forms before it).
 #   bash bench/dsa_decode_gpu.sh        # both phases; PHASE=tests or PHASE=bench runs one; FORMS="plan ks_pf+wide"
 # Files under $OUT (4): dsa_decode_tests.log, dsa_decode_bench.log, results/<day>_dsa_v32_decode.jsonl, nvidia-smi.txt.
 set -uo pipefail
@@ -32,9 +33,9 @@ if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
 fi
 if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
   LOG="$OUT/dsa_decode_bench.log"
-  header "dsa_v32 decode bench, forms ${FORMS:-plan ks_pf+wide ks_pf_s2+wide_k64 ks_pf_k32+wide_w8}" | tee "$LOG"
+  header "dsa_v32 decode bench, forms ${FORMS:-plan base+tile ks_pf+wide ks_pf_s2+wide_k64}" | tee "$LOG"
   timeout ${BENCH_TIMEOUT:-110} python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches 1 64 \
-      --seqlens 65536 --no-dense --decode-forms ${FORMS:-plan ks_pf+wide ks_pf_s2+wide_k64 ks_pf_k32+wide_w8} \
+      --seqlens 65536 --no-dense --decode-forms ${FORMS:-plan base+tile ks_pf+wide ks_pf_s2+wide_k64} \
       --out "$OUT/results" 2>&1 | tee -a "$LOG" | tail -30
   brc=${PIPESTATUS[0]}
   echo "# bench exit status $brc" | tee -a "$LOG"

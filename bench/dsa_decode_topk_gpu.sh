@@ -6,8 +6,9 @@
 #      for bin, dsa_v32 near 64k in fold, fold_list and fold_list_s64 against the float64 reference (paged q_len 4,
 #      contiguous q_len 1, the tile and wide index kernels) and a replayed CUDA graph of fold_list.
 #   2. bench (BENCH_TIMEOUT 90 s): `specgen bench specs/dsa_v32.yaml --decode --batches 1 64 --seqlens 65536
-#      --no-dense --decode-forms $FORMS` with FORMS (default) plan fold_list ks_pf_k32+wide+fold_list ks_pf_k32+wide
-#      ks_pf_k32+wide+fold_list_s64 fold: one row per forms on each cache (eager and graph-replayed step, x floor),
+#      --no-dense --decode-forms $FORMS` with FORMS (default) plan base+tile+fold_list ks_pf_k32+wide+fold_list
+#      ks_pf_k32+wide ks_pf_k32+wide+fold_list_s64 base+tile+fold (`plan`: ks_pf_k32+wide_w8+radix since the H200
+#      timing of 2026-12-07): one row per forms on each cache (eager and graph-replayed step, x floor),
 #      then each row's per-kernel times (us): the index-score kernel, each top-k launch (`_decode_topk_hist_kernel`
 #      once per pass, `_decode_topk_write_kernel`) and the fold's memset side by side. `ks_pf_k32+wide` is the faster
 #      selection and index forms with the plan's top-k: against `ks_pf_k32+wide+fold_list` it isolates the top-k on
@@ -20,7 +21,7 @@ GPU_ENV_AUTOTUNE=off
 source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT/results"
 PHASE=${PHASE:-all}
-FORMS=${FORMS:-plan fold_list ks_pf_k32+wide+fold_list ks_pf_k32+wide ks_pf_k32+wide+fold_list_s64 fold}
+FORMS=${FORMS:-plan base+tile+fold_list ks_pf_k32+wide+fold_list ks_pf_k32+wide ks_pf_k32+wide+fold_list_s64 base+tile+fold}
 header() {
   echo "# $1, commit $COMMIT, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   python -c "import torch, triton, sys; print(f'# python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')"

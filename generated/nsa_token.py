@@ -1466,7 +1466,13 @@ def _decode_topk_fold_hist(score, comp, Q_AXIS: tl.constexpr, QLP: tl.constexpr,
             digit = key + tl.arange(0, QLP)[:, None] * 256
         else:
             digit = key + tl.arange(0, QLP)[None, :] * 256
-        hist = tl.histogram(tl.reshape(digit, (N,)), QLP * 256, mask=tl.reshape(comp, (N,)))
+        # One flattened tensor carries both the bin and the mask (-1: not counted). Flattening `digit` and `comp`
+        # separately is wrong on the GPU: Triton's combine pass lets a rank-1 reshape that feeds only a histogram
+        # reorder its elements, the two operands come from different layouts, so each is reordered its own way
+        # and the mask no longer lines up with the bins (counts go to other entries' bins, or to padded queries'
+        # bins, which are dropped); the interpreter never reorders.
+        flat = tl.reshape(tl.where(comp, digit, -1), (N,), can_reorder=True)
+        hist = tl.histogram(flat, QLP * 256, mask=flat >= 0)
     return hist
 
 

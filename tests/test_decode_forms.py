@@ -1,8 +1,9 @@
 """The DSA step's kernel forms (docs/decode.md, "Forms of the DSA step"): the MLA selection kernel's
 `DecodePlan.selection_form`, the index-score kernel's `index_form` and the indexer top-k's `topk_form`, each against
 the float64 reference
-(contiguous and paged caches, q_len 1 and 2, ragged prompts) and against the plan's forms on the same cache (the
-same selection, the same output up to the order of the rounded sums), under the interpreter in fp16 / fp8.
+(contiguous and paged caches, q_len 1 and 2, ragged prompts) and against the forms before them ("base", "tile",
+"radix") or the plan's on the same cache (the same selection, the same output up to the order of the rounded sums),
+under the interpreter in fp16 / fp8; and which forms the plan takes.
 """
 
 import dataclasses
@@ -124,17 +125,25 @@ def _step_inputs(mod, spec, B, QL, T, gen, dev, ties=False):
     return cache, q, kw
 
 
-@pytest.mark.parametrize("spec, forms", [
-    (MLA, [dict(selection_form="ks_pf_s2", index_form="wide_w8"), dict(selection_form="ks_pf_k32")]),
+BEFORE = dict(selection_form="base", index_form="tile")  # the forms before the others: every spec's but MLA + indexer
+
+
+@pytest.mark.parametrize("spec, plan_forms, forms", [
+    # the plan's own forms (MLA ranked by an indexer: the measured faster ones), and others beside them
+    (MLA, ("ks_pf_k32", "wide_w8"), [dict(selection_form="ks_pf_k32", index_form="wide_w8"),
+                                     dict(selection_form="ks_pf_s2", index_form="wide_w8"),
+                                     dict(selection_form="ks_pf_k32", index_form="tile")]),
     # block granularity ranked by an indexer (16-token units, a wide tile of 128 keys holds 8), GQA: index forms only
     (small_token_spec("nsa_token_forms_block", **{"selection.granularity": "block", "selection.block": 16,
                                                   "selection.top_k": 3, "selection.initial": 1,
-                                                  "selection.local": 1}), [dict(index_form="wide_k64")]),
+                                                  "selection.local": 1}), ("base", "tile"),
+     [dict(index_form="wide_k64")]),
 ])
-def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypatch):
+def test_forms_select_alike_and_agree_with_the_forms_before(spec, plan_forms, forms, monkeypatch):
     """On one paged cache (ragged lengths, q_len 3, several key tiles and two chunks per program's sequence): every
-    form picks the same units as the plan's forms (the index scores are summed in the same order over the heads,
-    so bit for bit) and its output agrees to rounding (S's parts are summed in another order)."""
+    form, the plan's included, picks the same units as the forms before them ("base" / "tile": the index scores are
+    summed in the same order over the heads, so bit for bit) and its output agrees to rounding (S's parts are summed
+    in another order)."""
     mod = specgen.load(spec)
     gen = torch.Generator().manual_seed(5)
     dev = test_device()
@@ -143,13 +152,15 @@ def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypat
         kw["gates"] = torch.rand(3, 3, spec.heads.q, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
     decode = getattr(mod, f"{spec.family}_decode")
     plan = mod._DECODE
-    assert (plan.selection_form, plan.index_form) == ("base", "tile")
+    assert (plan.selection_form, plan.index_form, plan.topk_form) == (*plan_forms, "radix")
+    d = use_forms(monkeypatch, mod, plan, **BEFORE)
     want, want_idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
+    assert launched(d)[1] == "tile" and launched(d)[0][0] == 0
     assert (want_idx >= 0).sum() >= 3 * 3 * spec.heads.kv * min(spec.selection.top_k, 160)
     for f in forms:
-        d = use_forms(monkeypatch, mod, plan, **f)
+        d = use_forms(monkeypatch, mod, plan, **{**BEFORE, **f})
         got, idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
-        assert launched(d)[1] == ("wide" if "index_form" in f else "tile")
+        assert launched(d)[1] == f.get("index_form", "tile")[:4]
         if spec.mla:
             assert launched(d)[0] == decode_step.SELECTION_FORMS[f["selection_form"]]
         assert torch.equal(idx, want_idx), f
@@ -158,9 +169,10 @@ def test_forms_select_alike_and_agree_with_the_plan_forms(spec, forms, monkeypat
 
 
 @pytest.mark.parametrize("spec, forms", [
-    (MLA, [dict(index_form="wide", topk_form="fold"), dict(topk_form="fold"),
+    (MLA, [dict(index_form="wide", topk_form="fold"), dict(index_form="tile", topk_form="fold"),
            dict(index_form="wide", topk_form="fold_list")]),
-    (MLA_BLOCK, [dict(index_form="wide_k64", topk_form="fold"), dict(topk_form="fold_list")])], ids=["token", "block"])
+    (MLA_BLOCK, [dict(index_form="wide_k64", topk_form="fold"), dict(index_form="tile", topk_form="fold_list")])],
+    ids=["token", "block"])
 def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypatch):
     """On one paged cache (ragged, q_len 3, several segments a row) whose index scores take a handful of values
     (long runs of exact ties at the threshold: the lower index wins): every top-k form picks exactly the units of
@@ -191,11 +203,115 @@ def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypa
         d = use_forms(monkeypatch, mod, plan, **f)
         got, idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
         assert topk_launched(d) == TOPK_LAUNCHES[f["topk_form"]], f
-        assert torch.equal(idx, want_idx), f
-        assert torch.equal(got, want), f
         if f["topk_form"].startswith("fold"):  # from this step's workspace (the units no query selects are unwritten)
             assert torch.equal(seen["hist0"].cpu(), fold_hist0(mod, seen["ws"], seen["seqlens"])), f
             assert seen["hist0"].sum() > 0
+        assert torch.equal(idx, want_idx), f
+        assert torch.equal(got, want), f
+
+
+# Compiled (not interpreted) for sm_90 up to Triton's TTIR, where its combine pass has run: no GPU needed. Prints,
+# for every masked tl.histogram of each kernel, its input's and its mask's defining ops.
+_HISTOGRAM_OPERANDS = r"""
+import json, os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path.insert(0, sys.argv[1])
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import ASTSource, make_backend
+import specgen
+from test_decode_forms import MLA, MLA_BLOCK
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+out = {}
+for spec in (MLA, MLA_BLOCK):
+    mod = specgen.load(spec)
+    for name, bs in (("_decode_index_scores_kernel", mod._DECODE.index_bs), ("_decode_index_wide_kernel", 128)):
+        fn = getattr(mod, name)
+        consts = dict(PAGED=1, QLP=8 if mod._DECODE.index_hp == 2 else 4, BS=bs, WIDEN=0, FOLD=1)
+        sig = {}
+        for p in fn.arg_names:
+            if p in consts:
+                sig[p] = "constexpr"
+            elif p in ("QI", "KI"):
+                sig[p] = "*fp8e4nv" if mod._DECODE.fp8 else "*fp16"
+            elif p in ("WI", "WS", "KS"):
+                sig[p] = "*fp32" if p != "WI" or mod._DECODE.fp8 else "*fp16"
+            elif p.isupper() and p not in ("QL", "TCAP", "WS_ROW", "CHUNK"):
+                sig[p] = "*i32"
+            else:
+                sig[p] = "fp32" if p == "idx_scale" else "i32"
+        src = ASTSource(fn, sig, constexprs=consts)
+        options = backend.parse_options({"num_warps": 4, "num_stages": 1})
+        context = ir.context()
+        ir.load_dialects(context)
+        backend.load_dialects(context)
+        module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                             context)
+        stages = {}
+        backend.add_stages(stages, options, src.language)
+        text = str(stages["ttir"](module, {}))
+        defs = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(%[\w.]+) = ([^\n]*)$", text, re.M)}
+        hists = re.findall(r"tt\.histogram (%[\w.]+), (%[\w.]+)", text)
+        out[f"{spec.name}.{name}"] = [(a, defs[a], b, defs[b]) for a, b in hists]
+print(json.dumps(out))
+"""
+
+
+def test_fold_histogram_mask_lines_up_with_its_bins():
+    """The fold's `tl.histogram` over a flattened [queries x keys] tile takes its mask from the flattened bins
+    themselves. On the GPU, Triton's combine pass lets a rank-1 reshape that feeds only histograms reorder its
+    elements: bins and mask flattened by two reshapes from different layouts were each reordered their own way, so
+    the mask no longer matched the bins (the fold's counts went to other entries' bins, or to padded queries' bins
+    that are dropped; the top-k then took other units than the plan's on tied scores on an H200). The interpreter
+    never reorders, so this looks at the compiled form (sm_90 TTIR: the combine pass, no GPU): every masked histogram's
+    mask is computed from the histogram's input, not reshaped on its own."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _HISTOGRAM_OPERANDS, here], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(found) == 4 and all(len(h) == 1 for h in found.values()), found
+    for kernel, hists in found.items():
+        for x, x_def, mask, mask_def in hists:
+            assert not mask_def.startswith("tt.reshape") and re.search(re.escape(x) + r"\b", mask_def), (
+                kernel, x_def, mask_def)
+
+
+def test_plan_takes_the_measured_forms_where_they_apply():
+    """The MLA step ranked by an indexer takes ks_pf_k32 + wide_w8 (+ radix), each where check_forms allows it;
+    every other spec keeps base + tile + radix."""
+    from pathlib import Path
+
+    from specgen.compile import plan as plans
+    from specgen.compile.plan import make_plan
+
+    assert decode_step.SELECTION_FORMS[plans.MLA_SELECTION_FORM][1] == plans.MLA_SELECTION_TILE
+    root = Path(__file__).resolve().parent.parent / "specs"
+    specs = [load_spec(p) for p in sorted(root.glob("*.yaml")) + sorted(root.glob("models/*.yaml"))
+             if not p.name.endswith(".sweep.yaml")]
+    want = {"dsa_v32": ("ks_pf_k32", "wide_w8"), "dsa_block": ("base", "wide_w8")}  # 64-token units: no 32-key tiles
+    specs += [MLA, MLA_BLOCK, replace(MLA, name="mla_64_64", **{"head_dim.qk": 64}),
+              replace(MLA_BLOCK, name="mla_block64", **{"selection.block": 64})]
+    want.update({MLA.name: ("ks_pf_k32", "wide_w8"), MLA_BLOCK.name: ("ks_pf_k32", "wide_w8"),
+                 "mla_64_64": ("base", "wide_w8"), "mla_block64": ("base", "wide_w8")})
+    assert {s.name for s in specs} >= set(want)
+    for spec in specs:
+        d = make_plan(spec).decode
+        forms = (d.selection_form, d.index_form, d.topk_form)
+        assert forms == (*want.get(spec.name, ("base", "tile")), "radix"), spec.name
+        if spec.name in want:  # the descriptor's checks agree (a form that did not apply would raise here)
+            desc = specgen.load(spec)._DECODE
+            assert (desc.selection_form, desc.index_form) == want[spec.name]
+            decode_step.check_forms(desc)
 
 
 def test_forms_are_checked():
@@ -261,10 +377,11 @@ def test_bench_decode_forms_checked_per_spec():
     mla, gqa = specgen.load(MLA), specgen.load(load_spec("specs/dsa_small.yaml"))
     check_decode_forms(mla, ["plan", "ks_pf+wide+fold_list", "split"])
     check_decode_forms(gqa, ["wide+fold"])
+    plans = {gqa: gqa._DECODE, mla: mla._DECODE}
     for mod, name, why in ((gqa, "ks_pf", "needs MLA"), (mla, "fused", "fused"), (mla, "wide+fused", "fused")):
         with pytest.raises(ValueError, match=re.escape(f"--decode-forms '{name}' on ") + f".*{why}"):
             check_decode_forms(mod, ["plan", name])
-        assert mod._DECODE.form == "split" and mod._DECODE.selection_form == "base"
+        assert mod._DECODE is plans[mod] and mod._DECODE.form == "split"
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")

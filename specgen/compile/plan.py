@@ -126,8 +126,9 @@ class DecodePlan:
     scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms").
     selection_form / index_form / topk_form: the MLA selection kernel's, the index-score kernel's and the indexer
     top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
-    of the DSA step"): "base" / "tile" / "radix" are the forms before them; `specgen bench --decode --decode-forms`
-    times the others on the same caches."""
+    of the DSA step"): "base" / "tile" / "radix" are the forms before them, still every spec's but the MLA step
+    ranked by an indexer's, which takes the measured faster forms where they apply (`_decode_forms`); `specgen bench
+    --decode --decode-forms` times them all on the same caches."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -407,7 +408,30 @@ def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:
     return DecodePlan(ring=decode_ring(spec), ring_size=(cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
                       split_tiles={"compression": cmp_tile, "window": 64,
                                    "selection": selection.block_n if selection else 64},
-                      max_gp=64 if wide else 128, num_stages=1 if wide else 2, **overlap)
+                      max_gp=64 if wide else 128, num_stages=1 if wide else 2, **overlap, **_decode_forms(spec))
+
+
+# The MLA step's forms where they apply: the fastest measured at batch 64 x 64k on dsa_v32 (H200, graph replay,
+# 6cc8fb1, 2026-12-07: ks_pf_k32 + wide_w8 + radix 537 us against 769 for base + tile + radix; docs/decode.md
+# "Forms of the DSA step"). The top-k stays "radix": at batch 64 the fold forms' cheaper top-k went mostly into a
+# slower index kernel (ks_pf_k32 + wide + fold_list 544 us), and wide_w8 with a fold form is untimed.
+MLA_SELECTION_FORM, MLA_INDEX_FORM = "ks_pf_k32", "wide_w8"
+MLA_SELECTION_TILE = 32  # keys per tile of MLA_SELECTION_FORM (runtime.decode_step.SELECTION_FORMS)
+
+
+def _decode_forms(spec: Spec) -> dict:
+    """DecodePlan's selection_form / index_form where they differ from "base" / "tile": the MLA step ranked by an
+    indexer (DSA) takes MLA_SELECTION_FORM where runtime.decode_step.check_forms allows it (the key is V plus a rope
+    part: a power-of-two head_dim.v below head_dim.qk < 2 head_dim.v; the form's 32-key tiles hold whole selection
+    units) and MLA_INDEX_FORM; every other spec keeps "base" / "tile"."""
+    sel = spec.selection
+    if not (spec.mla and sel is not None and sel.scorer == "indexer" and spec.indexer is not None):
+        return {}
+    dqk, dv = spec.head_dim.qk, spec.head_dim.v
+    forms = {"index_form": MLA_INDEX_FORM}
+    if dqk != dv and 1 << (dqk.bit_length() - 1) == dv and MLA_SELECTION_TILE % sel.block == 0:
+        forms["selection_form"] = MLA_SELECTION_FORM
+    return forms
 
 
 def _distill_tiles(spec: Spec) -> DistillPlan:
