@@ -67,7 +67,7 @@ def topk_forms(d, paged: int) -> dict:
     """name -> (kernel, constexprs, warps, stages) of the top-k's kernels in each TOPK_FORMS form (1024 units a trip,
     16 partial histograms summed at once: the step's at 64k)."""
     out = {}
-    for name, (k32, fold, listed) in TOPK_FORMS.items():
+    for name, (k32, fold, listed, _segments) in TOPK_FORMS.items():  # segments: a host-side cap, not a constexpr
         flags = dict(BS=1024, SC=16, K32=int(k32), LIST=int(listed))
         for p in range(1 if fold else 0, 4):
             out[f"{name}_p{p}"] = ("_decode_topk_hist_kernel", dict(flags, P=p, FOLD=int(fold)), 4, 1)

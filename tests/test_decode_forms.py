@@ -298,11 +298,10 @@ def test_plan_takes_the_measured_forms_where_they_apply():
     root = Path(__file__).resolve().parent.parent / "specs"
     specs = [load_spec(p) for p in sorted(root.glob("*.yaml")) + sorted(root.glob("models/*.yaml"))
              if not p.name.endswith(".sweep.yaml")]
-    want = {"dsa_v32": ("ks_pf_k32", "wide_w8"), "dsa_block": ("base", "wide_w8")}  # 64-token units: no 32-key tiles
+    want = {"dsa_v32": ("ks_pf_k32", "wide_w8")}  # token granularity only: dsa_block keeps base / tile until timed
     specs += [MLA, MLA_BLOCK, replace(MLA, name="mla_64_64", **{"head_dim.qk": 64}),
               replace(MLA_BLOCK, name="mla_block64", **{"selection.block": 64})]
-    want.update({MLA.name: ("ks_pf_k32", "wide_w8"), MLA_BLOCK.name: ("ks_pf_k32", "wide_w8"),
-                 "mla_64_64": ("base", "wide_w8"), "mla_block64": ("base", "wide_w8")})
+    want.update({MLA.name: ("ks_pf_k32", "wide_w8"), "mla_64_64": ("base", "wide_w8")})  # block units: base / tile
     assert {s.name for s in specs} >= set(want)
     for spec in specs:
         d = make_plan(spec).decode

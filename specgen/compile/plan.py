@@ -423,9 +423,12 @@ def _decode_forms(spec: Spec) -> dict:
     """DecodePlan's selection_form / index_form where they differ from "base" / "tile": the MLA step ranked by an
     indexer (DSA) takes MLA_SELECTION_FORM where runtime.decode_step.check_forms allows it (the key is V plus a rope
     part: a power-of-two head_dim.v below head_dim.qk < 2 head_dim.v; the form's 32-key tiles hold whole selection
-    units) and MLA_INDEX_FORM; every other spec keeps "base" / "tile"."""
+    units) and MLA_INDEX_FORM; every other spec keeps "base" / "tile". Token granularity only: the forms were
+    timed on V3.2 (docs/decode.md); block-unit MLA specs (dsa_block) keep the base forms until timed themselves."""
     sel = spec.selection
     if not (spec.mla and sel is not None and sel.scorer == "indexer" and spec.indexer is not None):
+        return {}
+    if sel.granularity != "token":
         return {}
     dqk, dv = spec.head_dim.qk, spec.head_dim.v
     forms = {"index_form": MLA_INDEX_FORM}
