@@ -127,7 +127,11 @@ class DecodePlan:
     selection_form / index_form / topk_form: the MLA selection kernel's, the index-score kernel's and the indexer
     top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
     of the DSA step"): "base" / "tile" / "radix" are the forms before them; `specgen bench --decode --decode-forms`
-    times the others on the same caches."""
+    times the others on the same caches.
+    topn_form: the compression scorer's top-n on the partials path (names in runtime.decode_step.TOPN_FORMS;
+    docs/decode.md "Launch forms"): "row" (one program per (sequence, new query, kv group) walks every selection
+    block) or "chunked" / "chunked_ticket" (programs per chunk of blocks, each its chunk's top candidates, merged
+    by a second launch or by each row's last program). "row" stays the default until the GPU timing of them."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -146,6 +150,7 @@ class DecodePlan:
     selection_form: str = "base"
     index_form: str = "tile"
     topk_form: str = "radix"
+    topn_form: str = "row"
 
 
 @dataclass(frozen=True)
