@@ -4,9 +4,12 @@
 #   1. tests: the fused-form tests of tests/test_decode.py on CUDA (CPU-sized cases against the split form and the
 #      float64 reference; nsa_paper at 64k, q_len 1 and 4, against the split form and replayed three times from a
 #      CUDA graph, bit for bit the eager step, tickets back at 0; nsa_paper's fused step against the reference),
-#      and the split form's CUDA-graph test of nsa_paper (its cache now also holds the tickets);
-#   2. bench: `specgen bench --decode` of nsa_paper, the split AND fused forms on the same caches (one row each,
-#      per-kernel times in the record): batch 1 at 64k and 128k, then batch 64 at 64k.
+#      and the split form's CUDA-graph test of nsa_paper (its cache now also holds the tickets); the chunked top-n
+#      forms' tests (`topn`: CPU-sized kernel and step cases, nsa_paper at 64k against the row form in both launch
+#      forms with CUDA-graph replays, chunked_ticket against the reference);
+#   2. bench: `specgen bench --decode` of nsa_paper, the split AND fused forms and the chunked top-n forms
+#      (chunked, chunked_ticket, fused+chunked_ticket; NSA_FORMS overrides the list) on the same caches (one row
+#      each, per-kernel times in the record): batch 1 at 64k and 128k, then batch 64 at 64k.
 #   SPECGEN_COMMIT=<commit> bash bench/decode_fused_gpu.sh      # PHASE=tests or PHASE=bench runs one phase
 # Timeouts: TEST_TIMEOUT 150 s, BENCH1_TIMEOUT 90 s, BENCH64_TIMEOUT 60 s (a cold Triton cache compiles first).
 # Written to $OUT (3 files): decode_fused_tests_<commit>.log, decode_fused_bench_<commit>.log,
@@ -27,7 +30,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = tests ]; then
   LOG="$OUT/decode_fused_tests_${COMMIT}.log"
   header "fused decode form, GPU tests" | tee "$LOG"
   timeout ${TEST_TIMEOUT:-150} python -m pytest -v -rfEs --tb=short -p no:cacheprovider \
-      tests/test_decode.py -k "fused or bench_scoring_path or decode_cuda_graph" \
+      tests/test_decode.py -k "fused or topn or bench_scoring_path or decode_cuda_graph" \
       "generated/test_nsa_paper.py::test_decode_cuda_graph" \
       2>&1 | tee -a "$LOG" | grep -E "PASSED|FAILED|ERROR|SKIPPED|Error|assert|passed|failed" | tail -30
   rc=${PIPESTATUS[0]}
@@ -42,7 +45,8 @@ if [ "$PHASE" = all ] || [ "$PHASE" = bench ]; then
     b=$1 t=$2; shift 2
     echo "## batch $b, contexts $*" | tee -a "$LOG"
     timeout "$t" python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches "$b" --seqlens "$@" \
-        --decode-forms split fused --out "$OUT/results" 2>&1 | tee -a "$LOG" | tail -24
+        --decode-forms ${NSA_FORMS:-split fused chunked chunked_ticket fused+chunked_ticket} --out "$OUT/results" \
+        2>&1 | tee -a "$LOG" | tail -24
     s=${PIPESTATUS[0]}
     echo "# bench batch $b exit status $s" | tee -a "$LOG"
     [ $brc -eq 0 ] && brc=$s

@@ -7,8 +7,10 @@
 #           output copy, and the eager path's given indices as a view); nsa_paper's forward against float64 at
 #           realistic sizes (the block scorer's unmasked trips, the default since 1de17ab); the distillation
 #           forward's forms (bench/distill_forms_gpu.sh); the scatter backward's forms at 16k (bench/dsa_bwd.py).
-#   CALL=2  decode (issue 19): the fused NSA launch form's GPU tests and its bench against split at batch 1 and 64
-#           (bench/decode_fused_gpu.sh); the DSA decode kernel and top-k forms' tests and one bench of them all
+#   CALL=2  decode (issue 19): the fused NSA launch form's and the chunked top-n forms' GPU tests and their bench
+#           against split at batch 1 and 64 (bench/decode_fused_gpu.sh's tests; the bench times split, fused, the
+#           top-n forms chunked / chunked_ticket in the split form and fused+chunked_ticket on the same caches:
+#           docs/decode.md "Top-n forms"); the DSA decode kernel and top-k forms' tests and one bench of them all
 #           (bench/dsa_decode_gpu.sh, bench/dsa_decode_topk_gpu.sh).
 #   CALL=3  the NSA forward variants at Llama/Qwen/Gemma-2 heads (bench/nsa_forward_variants_gpu.sh), packed-batch
 #           cost of issue 18's four specs (bench/varlen_gpu_check.sh PHASES=cost), dsa_v32's training step at 64k.
@@ -33,12 +35,13 @@ case ${CALL:-1} in
         | tee "$W/bwd/dsa_bwd_forms.log" | tail -30 ); pack; }
   ;;
 2)
-  piece ${T1:=60} && { OUT=$W/dec PHASE=tests TEST_TIMEOUT=$T1 bash bench/decode_fused_gpu.sh | tail -12; pack; }
-  piece ${T2:=110} && { ( env_in $W/dec
+  piece ${T1:=120} && { OUT=$W/dec PHASE=tests TEST_TIMEOUT=$T1 bash bench/decode_fused_gpu.sh | tail -12; pack; }
+  piece ${T2:=170} && { ( env_in $W/dec
       for b in "1 131072 65536" "64 65536"; do
         set -- $b; bb=$1; shift
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
-          --decode-forms split fused --out "$W/dec/results" 2>&1 | tee -a "$W/dec/decode_fused_bench.log" | tail -16
+          --decode-forms ${NSA_FORMS:-split fused chunked chunked_ticket fused+chunked_ticket} --out "$W/dec/results" \
+          2>&1 | tee -a "$W/dec/decode_fused_bench.log" | tail -24
       done ); pack; }
   piece ${T3:=60} && { OUT=$W/dsadec PHASE=tests TEST_TIMEOUT=$T3 bash bench/dsa_decode_gpu.sh | tail -12; pack; }
   piece ${T4:=60} && { OUT=$W/dsadec PHASE=tests TEST_TIMEOUT=$T4 bash bench/dsa_decode_topk_gpu.sh | tail -12; pack; }

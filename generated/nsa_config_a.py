@@ -14,7 +14,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(18, "nsa_config_a")
+runtime.require_schema(19, "nsa_config_a")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -786,19 +786,28 @@ def _decode_group_probs_kernel(
 
 
 @triton.jit
+def _decode_block_keys(score, sel, t, NSEL, REV):
+    """The top-n keys of selection blocks `sel` (scores >= 0, sums of probabilities) for the query at position t:
+    block 0 and the 2 most recent blocks before t forced (score +inf), then (score bits, REV - block) in an
+    int64, so the larger key is the higher score and, on a tie, the lower block (non-negative floats order as their
+    bits; REV >= every block); -1 where the block is not a candidate (past t or NSEL, or a NaN score: NaN inputs
+    are never picked, so the list stays valid)."""
+    candidate = (sel < NSEL) & (sel * SEL_BLOCK <= t)
+    back = t // SEL_BLOCK - sel
+    forced = candidate & ((sel < SEL_INITIAL) | ((back >= 0) & (back < SEL_LOCAL)))
+    score = tl.where(forced, float("inf"), score)
+    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (REV - sel).to(tl.int64)
+    return tl.where(candidate & (score >= 0.0), key, -1)
+
+
+@triton.jit
 def _decode_top_blocks(IDX, pid, score, t, NSEL, NSEL_PAD: tl.constexpr):
     """Writes row `pid` of IDX: block 0 and the 2 most recent blocks before t forced, then the top by `score` (sums
     of probabilities, >= 0) with ties to the lower block; ascending, -1 last. Each of the TOP_K rounds is one max
     over (score bits, reversed index) packed in an int64: non-negative floats order as their bits, and the
     lower block has the larger low word."""
     sel = tl.arange(0, NSEL_PAD)
-    candidate = (sel < NSEL) & (sel * SEL_BLOCK <= t)
-    back = t // SEL_BLOCK - sel
-    forced = candidate & ((sel < SEL_INITIAL) | ((back >= 0) & (back < SEL_LOCAL)))
-    score = tl.where(forced, float("inf"), score)
-    # NaN scores (NaN inputs) are never picked: the list stays valid.
-    key = (score.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (NSEL_PAD - 1 - sel).to(tl.int64)
-    key = tl.where(candidate & (score >= 0.0), key, -1)
+    key = _decode_block_keys(score, sel, t, NSEL, NSEL_PAD - 1)
     slot = tl.arange(0, TOP_K_PAD)
     unit = tl.full([TOP_K_PAD], 2147483647, dtype=tl.int32)
     for r in range(TOP_K):
@@ -831,26 +840,9 @@ def _decode_select_blocks_kernel(
 
 
 @triton.jit
-def _decode_select_partials_kernel(
-    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
-    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
-):
-    """Top-n selection blocks of one (sequence, new query, kv group) from the compression kernel's partial block
-    sums (the partials path): each head's lse merged from the splits' partial lse [NSPLIT, ROWS], then
-    S[j] = sum over heads h and the tiles reaching j of SC_SUM[h, tile, j - tile * NSB] * 2^(SC_REF[h, tile] - lse_h),
-    which is the sum of the group's probabilities under the overlap rule; then `_decode_top_blocks`. Only the
-    tiles the compression kernel walked (the blocks visible to the step's last query) are read."""
-    NSB: tl.constexpr = BLOCK_N // 1
-    SC_W: tl.constexpr = NSB + 0
-    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
-    g = pid % HKV
-    bq = pid // HKV
-    L = tl.load(SEQLENS + bq // QL)
-    t = L - QL + bq % QL
-    n_keys = tl.where(L - 1 >= CMP_BLOCK - 1, (L - CMP_BLOCK) // CMP_STRIDE + 1, 0)
-    walked = tl.cdiv(n_keys, BLOCK_N)
-    n_tiles = tl.cdiv(NCV, BLOCK_N)
-    # Every head's lse (base 2) at once from the [splits, heads] partials; a head that saw no block gives +inf.
+def _decode_partials_lse(LSE_PART, NSPLIT, ROWS, bq, g, GP: tl.constexpr, NSPLIT_PAD: tl.constexpr):
+    """Every head's lse (base 2) of kv group g of query row bq, merged from the [splits, heads] partials at once
+    (a head that saw no block gives +inf); with the head lane index of each."""
     hh = tl.arange(0, GP)
     sp = tl.arange(0, NSPLIT_PAD)
     lse_s = tl.load(LSE_PART + sp[:, None] * ROWS + bq * HQ + g * GROUP + hh[None, :],
@@ -859,13 +851,21 @@ def _decode_select_partials_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp(lse_s - m_safe[None, :]), axis=0)
     lse2 = tl.where(den == 0.0, float("inf"), (m_safe + tl.log(tl.where(den == 0.0, 1.0, den))) * 1.4426950408889634)
-    sel = tl.arange(0, NSEL_PAD)
+    return lse2, hh
+
+
+@triton.jit
+def _decode_partials_scores(SC_SUM, SC_REF, sel, lse2, hh, bq, g, walked, n_tiles, NSEL, NSB: tl.constexpr,
+                            SC_W: tl.constexpr, BACK: tl.constexpr):
+    """S[sel] = sum over the group's heads h (in order) and the tiles reaching each block (back-tiles in order)
+    of the partial sums rescaled by 2^(ref - lse_h): one loop trip per head (the top-n form "row")."""
     tile = sel // NSB
     col = sel % NSB
-    score = tl.zeros([NSEL_PAD], dtype=tl.float32)
+    score = tl.zeros(sel.shape, dtype=tl.float32)
+    head0 = (bq * HQ + g * GROUP).to(tl.int64)
     for h in range(GROUP):
         lse_h = tl.sum(tl.where(hh == h, lse2, 0.0), axis=0)
-        row = (bq * HQ + g * GROUP + h).to(tl.int64) * n_tiles
+        row = (head0 + h) * n_tiles
         for back in tl.static_range(BACK + 1):
             src = tile - back
             c = col + back * NSB
@@ -874,7 +874,148 @@ def _decode_select_partials_kernel(
             part = tl.load(SC_SUM + (row + src) * SC_W + c, mask=ok, other=0.0)
             # ref <= lse up to rounding; the clamp keeps a row with no visible block yet (ref 0, sums 0) at 0.
             score += tl.where(ok, part * tl.exp2(tl.minimum(ref - lse_h, 0.0)), 0.0)
+    return score
+
+
+@triton.jit
+def _decode_partials_loads(SC_SUM, SC_REF, sel, bq, g, n_tiles, NSEL, NSB: tl.constexpr, SC_W: tl.constexpr,
+                           BACK: tl.constexpr):
+    """The chunked top-n forms' loads of `_decode_partials_scores`, all issued first: a tuple of (ref, part) per
+    head and back-tile, masked by the buffers' bounds only (not by the tiles the step walked, which needs the
+    sequence's length), as independent instructions in program order (ptxas hoisted the loads of an unrolled
+    loop in one kernel and not in another, so the order is written out). What they read past the walked tiles
+    (unwritten this step) is dropped by `_decode_partials_sum`."""
+    tile = sel // NSB
+    col = sel % NSB
+    head0 = (bq * HQ + g * GROUP).to(tl.int64)
+    loaded = ()
+    for h in tl.static_range(GROUP):
+        row = (head0 + h) * n_tiles
+        for back in tl.static_range(BACK + 1):
+            src = tile - back
+            c = col + back * NSB
+            inb = (sel < NSEL) & (src >= 0) & (src < n_tiles) & (c < SC_W)
+            loaded = loaded + ((tl.load(SC_REF + row + src, mask=inb, other=0.0),
+                                tl.load(SC_SUM + (row + src) * SC_W + c, mask=inb, other=0.0)),)
+    return loaded
+
+
+@triton.jit
+def _decode_partials_sum(loaded, sel, lse2, hh, walked, NSEL, NSB: tl.constexpr, SC_W: tl.constexpr,
+                         BACK: tl.constexpr):
+    """`_decode_partials_scores` on the loads of `_decode_partials_loads`: the same terms summed in the same order,
+    so the same bits."""
+    tile = sel // NSB
+    col = sel % NSB
+    score = tl.zeros(sel.shape, dtype=tl.float32)
+    for h in tl.static_range(GROUP):
+        lse_h = tl.sum(tl.where(hh == h, lse2, 0.0), axis=0)
+        for back in tl.static_range(BACK + 1):
+            src = tile - back
+            c = col + back * NSB
+            ok = (sel < NSEL) & (src >= 0) & (src < walked) & (c < SC_W)
+            ref, part = loaded[h * (BACK + 1) + back]
+            score += tl.where(ok, part * tl.exp2(tl.minimum(ref - lse_h, 0.0)), 0.0)  # as `_decode_partials_scores`
+    return score
+
+
+@triton.jit
+def _decode_partials_row(SEQLENS, QL, row):
+    """(bq, g, t, n_keys) of top-n row `row` = (b * QL + qi) * HKV + g: the query row, its kv group, the query's
+    position and the pooled blocks visible to the sequence's last query (those the compression kernel walked)."""
+    g = row % HKV
+    bq = row // HKV
+    L = tl.load(SEQLENS + bq // QL)
+    t = L - QL + bq % QL
+    n_keys = tl.where(L - 1 >= CMP_BLOCK - 1, (L - CMP_BLOCK) // CMP_STRIDE + 1, 0)
+    return bq, g, t, n_keys
+
+
+@triton.jit
+def _decode_select_partials_kernel(
+    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
+):
+    """Top-n selection blocks of one (sequence, new query, kv group) from the compression kernel's partial block
+    sums (the partials path; top-n form "row"): each head's lse merged from the splits' partial lse
+    [NSPLIT, ROWS], then S[j] = sum over heads h and the tiles reaching j of SC_SUM[h, tile, j - tile * NSB] * 2^(SC_REF[h, tile] - lse_h),
+    which is the sum of the group's probabilities under the overlap rule; then `_decode_top_blocks`. Only the
+    tiles the compression kernel walked (the blocks visible to the step's last query) are read."""
+    NSB: tl.constexpr = BLOCK_N // 1
+    SC_W: tl.constexpr = NSB + 0
+    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
+    bq, g, t, n_keys = _decode_partials_row(SEQLENS, QL, pid)
+    walked = tl.cdiv(n_keys, BLOCK_N)
+    n_tiles = tl.cdiv(NCV, BLOCK_N)
+    lse2, hh = _decode_partials_lse(LSE_PART, NSPLIT, ROWS, bq, g, GP, NSPLIT_PAD)
+    sel = tl.arange(0, NSEL_PAD)
+    score = _decode_partials_scores(SC_SUM, SC_REF, sel, lse2, hh, bq, g, walked, n_tiles, NSEL, NSB, SC_W, BACK)
     _decode_top_blocks(IDX, pid, score, t, NSEL, NSEL_PAD)
+
+
+@triton.jit
+def _decode_topn_chunk(
+    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL, NCH, row, chunk,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, BACK: tl.constexpr, CB: tl.constexpr,
+    NCH_PAD: tl.constexpr, TICKET: tl.constexpr,
+):
+    """The chunked top-n forms (docs/decode.md "Top-n forms"): the program of chunk `chunk` (selection blocks
+    chunk * CB ...) of top-n row `row`. The same scores as the "row" form (the same terms, heads summed in the
+    same order, unrolled, every load issued before the lse merge), the same keys (`_decode_block_keys`), then
+    the chunk's TOP_K_PAD largest keys (`tl.topk`, descending) into CAND [rows, NCH, TOP_K_PAD]. TICKET: then an acq_rel ticket of the row in
+    TICKETS (after a CTA barrier: the release publishes the program's candidates); the row's last program resets
+    it to 0 and merges the row's candidates (`_decode_topn_merge`). Else a second launch merges them."""
+    NSB: tl.constexpr = BLOCK_N // 1
+    SC_W: tl.constexpr = NSB + 0
+    bq, g, t, n_keys = _decode_partials_row(SEQLENS, QL, row)
+    n_tiles = tl.cdiv(NCV, BLOCK_N)
+    sel = chunk * CB + tl.arange(0, CB)
+    loaded = _decode_partials_loads(SC_SUM, SC_REF, sel, bq, g, n_tiles, NSEL, NSB, SC_W, BACK)
+    lse2, hh = _decode_partials_lse(LSE_PART, NSPLIT, ROWS, bq, g, GP, NSPLIT_PAD)
+    score = _decode_partials_sum(loaded, sel, lse2, hh, tl.cdiv(n_keys, BLOCK_N), NSEL, NSB, SC_W, BACK)
+    key = _decode_block_keys(score, sel, t, NSEL, 2147483647)
+    top = tl.topk(key, TOP_K_PAD)
+    tl.store(CAND + (row.to(tl.int64) * NCH + chunk) * TOP_K_PAD + tl.arange(0, TOP_K_PAD), top)
+    if TICKET:
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + row, 1, sem="acq_rel", scope="gpu")
+        if ticket == NCH - 1:
+            tl.store(TICKETS + row, 0)
+            _decode_topn_merge(CAND, IDX, row, NCH, NCH_PAD)
+
+
+@triton.jit
+def _decode_topn_merge(CAND, IDX, row, NCH, NCH_PAD: tl.constexpr):
+    """Row `row` of IDX from its chunks' candidate keys CAND [rows, NCH, TOP_K_PAD]: the TOP_K largest (each
+    chunk's TOP_K_PAD largest hold every one of them), their blocks ascending, -1 last (as `_decode_top_blocks`).
+    The loads bypass L1 (.cg): with the ticket, other programs of the launch wrote them."""
+    c = tl.arange(0, NCH_PAD * TOP_K_PAD)
+    key = tl.load(CAND + row.to(tl.int64) * NCH * TOP_K_PAD + c, mask=c < NCH * TOP_K_PAD, other=-1,
+                  cache_modifier=".cg")
+    top = tl.topk(key, TOP_K_PAD)
+    slot = tl.arange(0, TOP_K_PAD)
+    unit = tl.where((top >= 0) & (slot < TOP_K), 2147483647 - (top & 2147483647), 2147483647).to(tl.int32)
+    unit = tl.sort(unit)
+    unit = tl.where(unit == 2147483647, -1, unit)
+    tl.store(IDX + row.to(tl.int64) * TOP_K + slot, unit, mask=slot < TOP_K)
+
+
+@triton.jit
+def _decode_topn_chunks_kernel(
+    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL, NCH,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, BACK: tl.constexpr, CB: tl.constexpr,
+    NCH_PAD: tl.constexpr, TICKET: tl.constexpr,
+):
+    """Grid (top-n rows, NCH chunks): `_decode_topn_chunk`."""
+    _decode_topn_chunk(SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL, NCH,
+                       tl.program_id(0), tl.program_id(1), GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, BACK=BACK,
+                       CB=CB, NCH_PAD=NCH_PAD, TICKET=TICKET)
+
+
+@triton.jit
+def _decode_topn_merge_kernel(CAND, IDX, NCH, NCH_PAD: tl.constexpr):
+    """Grid (top-n rows,): `_decode_topn_merge` (the "chunked" form without the ticket)."""
+    _decode_topn_merge(CAND, IDX, tl.program_id(0), NCH, NCH_PAD)
 
 
 
@@ -918,21 +1059,30 @@ def _decode_gate(GATES, stride_gb, stride_gt, stride_gh, rows, row_ok, QL, C: tl
 
 @triton.jit
 def _decode_select_merge_kernel(
-    SC_SUM, SC_REF, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, N_SELECT,
+    SC_SUM, SC_REF, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, N_SELECT, CAND, TICKETS, NCH,
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     GATES, stride_gb, stride_gt, stride_gh, ACC, LSE_OUT,
     GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CHUNKED: tl.constexpr, CB: tl.constexpr,
+    NCH_PAD: tl.constexpr, TICKET: tl.constexpr,
 ):
-    """Grid (max(N_SELECT, merge tiles), 2). Axis 1 = 0: `_decode_select_partials_kernel`'s programs (the
-    compression lse partials are L_0). Axis 1 = 1: (BR rows x BD columns) tiles of the epilogue's branches other
+    """Grid (max(N_SELECT, merge tiles), 2). Axis 1 = 0: the top-n programs (the compression lse partials are
+    L_0): `_decode_select_partials_kernel`'s, one per row (top-n form "row"), or with CHUNKED
+    `_decode_topn_chunk`'s, NCH per row (candidates into CAND; with TICKET the row's last program merges them,
+    else a launch after this one does). Axis 1 = 1: (BR rows x BD columns) tiles of the epilogue's branches other
     than the selection (compression, in that order): merged by log-sum-exp, gated, summed in fp32 into ACC [ROWS, DV]; their lse
     into LSE_OUT. The selection programs are few at batch 1; these run beside them."""
     if tl.program_id(1) == 0:
-        if tl.program_id(0) < N_SELECT:
-            _decode_select_partials_kernel(SC_SUM, SC_REF, L_0, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
-                                           GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, NSEL_PAD=NSEL_PAD,
-                                           BACK=BACK)
+        pid = tl.program_id(0)
+        if pid < N_SELECT:
+            if CHUNKED:
+                _decode_topn_chunk(SC_SUM, SC_REF, L_0, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL,
+                                   NCH, pid // NCH, pid % NCH, GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD,
+                                   BACK=BACK, CB=CB, NCH_PAD=NCH_PAD, TICKET=TICKET)
+            else:
+                _decode_select_partials_kernel(SC_SUM, SC_REF, L_0, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
+                                               GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, NSEL_PAD=NSEL_PAD,
+                                               BACK=BACK)
     else:
         COL_TILES: tl.constexpr = (DV + BD - 1) // BD
         tile = tl.program_id(0)
@@ -1173,9 +1323,10 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='compression', scoring='partials', overlap_chunks=1, overlap_blocks=1, overlap_spill=0, sel_block=64, top_k=16,
     k_slc="k", v_slc="v", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
     index_bs=0, index_hp=0, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
+    topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
     form="split", fused_kernels={"select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel})
 
 

@@ -28,8 +28,10 @@ __version__ = "0.1.0"
 # its grid by, beside its `key_split` / `prefetch` forms; 17: the indexer top-k's decode forms
 # (DecodeDescriptor.topk_form), the decode index-score kernels' H0 argument and FOLD constexpr, the top-k hist
 # kernel's H0 argument; 18: the distillation launches' `fwd_form` (runtime.distill.Launches, the sparse fused
-# forward's FORM constexpr).
-RUNTIME_SCHEMA = 18
+# forward's FORM constexpr); 19: the compression-scored decode's top-n forms (DecodeDescriptor.topn_form,
+# topn_chunks_kernel / topn_merge_kernel) and the fused select-merge kernel's CAND / TICKETS / NCH arguments and
+# CHUNKED / CB / NCH_PAD / TICKET constexprs.
+RUNTIME_SCHEMA = 19
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -419,13 +419,13 @@ PARTIALS = {  # variant: (spec changes, compression tile): NSB = tile / (l'/d) s
 }
 
 
-@pytest.mark.parametrize("variant", list(PARTIALS))
-def test_partials_selection_kernel_matches_the_reference_exactly_with_ties(variant):
-    """The partials path's selection kernel (`_decode_select_partials_kernel`) on partial sums built from integer
-    group probabilities (exact in fp32, ties frequent): per tile and head, sums scaled by 2^-ref with integer
-    refs, each head's lse exactly 0 (one split at 0, the others empty), one head that saw no block (lse +inf:
-    its sums must not count), tiles the compression kernel did not walk poisoned with NaN. The reference's choice
-    exactly: forced blocks, lower index wins, padding."""
+def partials_case(variant: str, T: int = 200, lengths=(7, 150, 200)):
+    """Inputs of the partials path's top-n built from integer group probabilities (exact in fp32, ties frequent):
+    per tile and head, sums scaled by 2^-ref with integer refs, each head's lse exactly 0 (one split at 0, the
+    others empty), one head that saw no block (lse +inf: its sums must not count), tiles the compression kernel
+    did not walk poisoned with NaN. (mod, kernel args as the step passes them, launch constants, check(idx)):
+    check asserts idx [B * QL * HKV, TOP_K] (on the CPU) is the reference's choice exactly (forced blocks, lower
+    index wins, padding)."""
     from specgen.reference.nsa import overlap_weights
 
     changes, tile = PARTIALS[variant]
@@ -436,9 +436,9 @@ def test_partials_selection_kernel_matches_the_reference_exactly_with_ties(varia
     nsb = tile // d.overlap_chunks
     width = nsb + d.overlap_spill
     gen = torch.Generator().manual_seed(2)
-    B, QL, G, HQ, T, NSPLIT = 3, 2, spec.heads.kv, spec.heads.q, 200, 3
+    B, QL, G, HQ, NSPLIT = len(lengths), 2, spec.heads.kv, spec.heads.q, 3
     group = HQ // G
-    lengths = torch.tensor([7, 150, 200], dtype=torch.int32)
+    lengths = torch.tensor(lengths, dtype=torch.int32)
     NCV = (T - cmp_.block) // cmp_.stride + 1
     n_sel, n_tiles = -(-T // sel.block), -(-NCV // tile)
     t = lengths.long()[:, None] - QL + torch.arange(QL)[None, :]
@@ -459,18 +459,79 @@ def test_partials_selection_kernel_matches_the_reference_exactly_with_ties(varia
         ref[b, :, :, w:] = float("nan")
     p[1, :, 0] = 0.0
     dev = test_device()
-    idx = torch.full((B * QL * G + 1, sel.top_k), 99, dtype=torch.int32, device=dev)
-    mod._decode_select_partials_kernel[(B * QL * G,)](
-        sums.float().to(dev), ref.float().to(dev), lse.to(dev), NSPLIT, lengths.to(dev), idx, B * QL * HQ, QL, NCV,
-        n_sel, GP=triton.next_power_of_2(group), BLOCK_N=tile, NSPLIT_PAD=4, NSEL_PAD=triton.next_power_of_2(n_sel),
-        BACK=-(-d.overlap_spill // nsb))
+    args = (sums.float().to(dev), ref.float().to(dev), lse.to(dev), NSPLIT, lengths.to(dev))
+    consts = dict(B=B, QL=QL, NCV=NCV, n_sel=n_sel, tile=tile, GP=triton.next_power_of_2(group),
+                  BACK=-(-d.overlap_spill // nsb))
+    S = torch.einsum("bqgi,ij->bqgj", p.view(B, QL, G, group, NCV).sum(3), ow[:, :n_sel])
+
+    def check(idx):
+        idx = idx.view(B, QL, G, -1)
+        for b in range(B):
+            want = top_units(S[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
+            assert torch.equal(idx[b:b + 1], want), (b, idx[b].tolist(), want.tolist())
+    return mod, args, consts, check
+
+
+@pytest.mark.parametrize("variant", list(PARTIALS))
+def test_partials_selection_kernel_matches_the_reference_exactly_with_ties(variant):
+    """The partials path's selection kernel (`_decode_select_partials_kernel`) on `partials_case`'s sums: the
+    reference's choice exactly."""
+    mod, args, c, check = partials_case(variant)
+    rows = c["B"] * c["QL"] * mod._DECODE.hkv
+    idx = torch.full((rows + 1, mod._DECODE.top_k), 99, dtype=torch.int32, device=args[0].device)
+    mod._decode_select_partials_kernel[(rows,)](
+        *args, idx, c["B"] * c["QL"] * mod._DECODE.hq, c["QL"], c["NCV"], c["n_sel"], GP=c["GP"], BLOCK_N=c["tile"],
+        NSPLIT_PAD=4, NSEL_PAD=triton.next_power_of_2(c["n_sel"]), BACK=c["BACK"])
     idx = idx.cpu()
     assert (idx[-1] == 99).all(), "written past the last row"
-    S = torch.einsum("bqgi,ij->bqgj", p.view(B, QL, G, group, NCV).sum(3), ow[:, :n_sel])
-    idx = idx[:-1].view(B, QL, G, -1)
-    for b in range(B):
-        want = top_units(S[b:b + 1], t[b], sel.block, sel.top_k, sel.initial, sel.local)
-        assert torch.equal(idx[b:b + 1], want), (b, idx[b].tolist(), want.tolist())
+    check(idx[:-1])
+
+
+# The chunked top-n forms (docs/decode.md "Launch forms"; runtime.decode_step.TOPN_FORMS): chunks of a row's
+# selection blocks in their own programs, each keeping its TOP_K_PAD largest keys, merged by a second launch or by
+# the row's last program (an atomic ticket).
+TOPN_CHUNKS = {  # (blocks a program at most, chunks a row aimed at): 38 blocks of top-5 (TOP_K_PAD 8)
+    "cb8_5chunks": (128, 16),   # chunks of TOP_K_PAD: each keeps all its blocks
+    "cb16_3chunks": (16, 2),    # chunks of 16 cut to their top 8
+    "cb64_1chunk": (128, 1),    # one chunk: the merge sees one list
+}
+
+
+def with_topn_chunks(monkeypatch, most_aim):
+    from specgen.runtime import decode_step
+
+    if most_aim is not None:
+        monkeypatch.setattr(decode_step, "TOPN_FORMS", {
+            name: (None if f is None else (*most_aim, f[2])) for name, f in decode_step.TOPN_FORMS.items()})
+
+
+@pytest.mark.parametrize("variant, form, chunks", [
+    ("paper_ratios", "chunked_ticket", "cb8_5chunks"), ("paper_ratios", "chunked", "cb16_3chunks"),
+    ("spill_2_back_2", "chunked", "cb8_5chunks"), ("spill_2_back_2", "chunked_ticket", "cb16_3chunks"),
+    ("l_eq_d", "chunked_ticket", "cb64_1chunk"), ("l_eq_d", "chunked", "cb16_3chunks")])
+def test_topn_chunked_forms_match_the_reference_exactly_with_ties(variant, form, chunks, monkeypatch):
+    """The chunked top-n forms (`decode_step.topn`: `_decode_topn_chunks_kernel`, then `_decode_topn_merge_kernel`
+    or the ticket) on `partials_case`'s sums over 38 selection blocks (ties, forced blocks, a head with no block,
+    NaN-poisoned tiles): the reference's choice exactly, the "row" kernel's bits, the tickets back at 0."""
+    from specgen.runtime import decode_step
+
+    with_topn_chunks(monkeypatch, TOPN_CHUNKS[chunks])
+    mod, args, c, check = partials_case(variant, T=600, lengths=(7, 350, 600))
+    dev = args[0].device
+    plan = mod._DECODE
+    d = dataclasses.replace(plan, topn_form=form, split_tiles={**plan.split_tiles, "compression": c["tile"]})
+    cb, nch, _, ticket = decode_step.topn_chunks(d, c["n_sel"])
+    assert (cb, nch) == {"cb8_5chunks": (8, 5), "cb16_3chunks": (16, 3), "cb64_1chunk": (64, 1)}[chunks]
+    assert ticket == (form == "chunked_ticket")
+    tickets = torch.zeros(64, dtype=torch.int32, device=dev)
+    got = {}
+    for name, desc in (("row", dataclasses.replace(d, topn_form="row")), (form, d)):
+        idx = torch.full((c["B"], c["QL"], d.hkv, d.top_k), 99, dtype=torch.int32, device=dev)
+        decode_step.topn(desc, *args, idx, tickets, c["QL"], c["NCV"], c["n_sel"])
+        assert not tickets.any(), tickets.tolist()
+        got[name] = idx.cpu()
+    check(got[form].view(-1, d.top_k))
+    assert torch.equal(got[form], got["row"])
 
 
 @pytest.mark.parametrize("variant", ["paper_ratios", "spill_2_back_2"])
@@ -663,5 +724,185 @@ def test_fused_form_realistic_against_the_reference(monkeypatch):
     spec = load_spec("specs/nsa_paper.yaml")
     mod = specgen.load(spec)
     with_decode(monkeypatch, mod, form="fused")
+    check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
+                 query_chunk=128, compare_prefill=False)
+
+
+ALL_TOPN = {"split": ("chunked", "chunked_ticket"), "fused": ("chunked", "chunked_ticket")}
+TOPN_STEP = {  # spec, q_len, splits, paged, (blocks a program at most, chunks a row aimed at) or None (the plan's),
+    # the chunked forms run in each launch form (the interpreter's time: a step is seconds)
+    "small_q1": (lambda: SMALL, 1, 3, False, None, ALL_TOPN),  # 10 blocks of top-4: 3 chunks of 4
+    "small_q3_paged_cut": (lambda: SMALL, 3, 2, True, (128, 2), {"split": ("chunked_ticket",), "fused": ("chunked",)}),
+    # (2 chunks of 8 blocks, each cut to its top 4)
+    "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
+                                       **{"heads.q": 6, "heads.kv": 2}), 2, None, False, None,
+                         {"split": ("chunked",), "fused": ("chunked_ticket",)}),
+}
+
+
+def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, exact=True, forms=ALL_TOPN):
+    """On one cache (lengths + QL tokens each): each launch form's step with the top-n form "row", then the
+    chunked forms `forms[launch form]`; a chunked step must give the row step's selection, output and lse bit for bit (the scores
+    are the same terms summed in the same order; nothing else differs), launch its kernels (not the row kernel
+    under its name) and leave the tickets at 0. `graph` (CUDA): each chunked step is also captured and replayed
+    three times, bit for bit the eager step. `exact` False (a GPU: the chunked kernel merges the heads' lse at
+    other warps than the row kernel, so one row of near-tied blocks may flip): at most one top-n row may differ,
+    and the output of every query whose rows all agree is the row step's bits."""
+    from specgen.runtime import decode_step
+
+    gen = torch.Generator().manual_seed(5)
+    B = len(lengths)
+    if paged:
+        from specgen.testing.decode import shuffled_block_table
+        num_pages, table = shuffled_block_table([n + QL for n in lengths], spec.decode.page_size, gen)
+        cache = mod.NSACache(B, num_pages=num_pages, block_table=table.to(dev), device=dev)
+    else:
+        cache = mod.NSACache(B, max_seqlen=max(lengths) + QL, device=dev)
+    hkv, hq = spec.heads.kv, spec.heads.q
+    cache.prefill(seqlens=torch.tensor(lengths, dtype=torch.int32),
+                  **{n: torch.randn(B, max(lengths), hkv, w, generator=gen).to(dev, mod.DTYPE)
+                     for n, w in mod.CACHE_TENSORS.items()})
+    cache.append(**{n: torch.randn(B, QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
+                    for n, w in mod.CACHE_TENSORS.items()})
+    q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
+    gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    plan = mod._DECODE
+    launched = []
+
+    def spy(name, kernel):
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launched.append((name, kw.get("CHUNKED"), kw.get("TICKET")))
+                    return kernel[grid](*args, **kw)
+                return launch
+        return Spy()
+    kernels = dict(select_partials_kernel=spy("row", plan.select_partials_kernel),
+                   topn_chunks_kernel=spy("chunks", plan.topn_chunks_kernel),
+                   topn_merge_kernel=spy("merge", plan.topn_merge_kernel),
+                   fused_kernels={**plan.fused_kernels, "select_merge": spy("select_merge",
+                                                                           plan.fused_kernels["select_merge"])})
+    want_launches = {
+        ("split", "row"): [("row", None, None)], ("split", "chunked"): [("chunks", None, False), ("merge", None, None)],
+        ("split", "chunked_ticket"): [("chunks", None, True)],
+        ("fused", "row"): [("select_merge", False, False)],
+        ("fused", "chunked"): [("select_merge", True, False), ("merge", None, None)],
+        ("fused", "chunked_ticket"): [("select_merge", True, True)]}
+    rows_differ = 0
+    try:
+        for form in ("split", "fused"):
+            got = {}
+            for topn in ("row", *forms[form]):
+                d = dataclasses.replace(plan, form=form, topn_form=topn, **kernels)
+                mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
+                out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
+
+                def step():
+                    return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
+                                          return_indices=True)
+                if topn != "row":  # several chunks a row, so the merge merges
+                    assert decode_step.topn_chunks(d, triton.cdiv(cache.max_context, d.sel_block))[1] > 1
+                launched.clear()
+                got[topn] = [x.clone() for x in step()]
+                assert launched == want_launches[form, topn], (form, topn, launched)
+                assert not cache.tickets.any(), f"{form}/{topn}: tickets not reset: {cache.tickets.tolist()}"
+                if graph and topn != "row":
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        step()
+                    torch.cuda.current_stream().wait_stream(s)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        res = step()
+                    for _ in range(3):
+                        for x in res:
+                            x.fill_(-1 if x.dtype == torch.int32 else float("nan"))
+                        g.replay()
+                        torch.cuda.synchronize()
+                        for x, y in zip(res, got[topn]):
+                            assert torch.equal(x, y), f"{form}/{topn}: a replayed step differs from the eager one"
+                        assert not cache.tickets.any(), f"replay: tickets not reset: {cache.tickets.tolist()}"
+            (o_r, lse_r, idx_r) = got["row"]
+            assert (idx_r >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
+            for topn in forms[form]:
+                o, lse, idx = got[topn]
+                if exact:
+                    assert torch.equal(idx, idx_r), (form, topn, idx, idx_r)
+                    assert torch.equal(o, o_r) and torch.equal(lse, lse_r), (form, topn)
+                    continue
+                same = (idx == idx_r).all(-1)  # [B, QL, HKV]
+                rows_differ += int((~same).sum())
+                agree = same.all(-1)  # [B, QL]: every group's selection agrees
+                assert torch.equal(o[agree], o_r[agree]) and torch.equal(lse[agree], lse_r[agree]), (form, topn)
+    finally:
+        mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
+    assert rows_differ <= 1, f"{rows_differ} top-n rows differ from the row form's"
+
+
+@pytest.mark.parametrize("case", list(TOPN_STEP))
+def test_topn_forms_equal_the_row_form(case, monkeypatch):
+    """The chunked top-n forms against the row form on the same cache, in both launch forms (`topn_against_row`):
+    B 3 with ragged lengths (one sequence too short for a selection choice), contiguous and paged, q_len 1 to 3,
+    chunks of TOP_K_PAD blocks and chunks cut to their top candidates, with and without a window branch."""
+    make, QL, splits, paged, chunks, forms = TOPN_STEP[case]
+    with_topn_chunks(monkeypatch, chunks)
+    spec = make()
+    topn_against_row(specgen.load(spec), spec, [100, 21, 150 - QL], QL, splits, paged, test_device(), forms=forms)
+
+
+@pytest.mark.parametrize("form, topn, paged", [("split", "chunked_ticket", False), ("split", "chunked", True),
+                                               ("fused", "chunked_ticket", True)])
+def test_topn_forms_match_the_reference(form, topn, paged, monkeypatch):
+    """The chunked top-n forms against the float64 reference (and, contiguous, the prefill kernel): ragged prompts
+    that complete blocks while decoding, q_len 2, uneven splits."""
+    spec = SMALL
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form=form, topn_form=topn)
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=paged, num_splits=3,
+                 compare_prefill=not paged)
+
+
+def test_topn_forms_are_checked():
+    """A top-n form other than "row" needs compression-scored selection on the partials path; the bench's
+    --decode-forms names them (alone or with a launch form) and leaves their pairs with the logits path out."""
+    from specgen.perf.bench_decode import _needs_partials, check_decode_forms, parse_forms
+    from specgen.runtime import decode_step
+
+    nsa = specgen.load(SMALL)._DECODE
+    dsa = specgen.load(load_spec("specs/dsa_small.yaml"))
+    decode_step.check_forms(dataclasses.replace(nsa, topn_form="chunked_ticket"))
+    with pytest.raises(ValueError, match="unknown top-n form"):
+        decode_step.check_forms(dataclasses.replace(nsa, topn_form="nope"))
+    with pytest.raises(ValueError, match="top-n form 'chunked' needs compression-scored selection on the partials"):
+        decode_step.check_forms(dataclasses.replace(nsa, topn_form="chunked", scoring="logits"))
+    with pytest.raises(ValueError, match="top-n form 'chunked_ticket' needs compression-scored"):
+        check_decode_forms(dsa, ["chunked_ticket"])
+    assert parse_forms("fused+chunked_ticket") == {"form": "fused", "topn_form": "chunked_ticket"}
+    with pytest.raises(ValueError, match="both topn forms"):
+        parse_forms("chunked+row")
+    assert _needs_partials(parse_forms("chunked"), nsa) and _needs_partials(parse_forms("fused"), nsa)
+    assert not _needs_partials(parse_forms("split+row"), nsa)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_topn_forms_realistic_and_in_a_cuda_graph(q_len):
+    """nsa_paper at 64k (bf16, paged, the default split counts and chunks: 9 of 128 blocks a row): the chunked
+    top-n forms against the row form in both launch forms (at most one near-tied row may differ: the lse merges
+    run at other warps), each step captured in a CUDA graph and replayed three times bit for bit, tickets reset."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    topn_against_row(specgen.load(spec), spec, [65471, 32814], q_len, None, True, "cuda", graph=True, exact=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+def test_topn_forms_realistic_against_the_reference(monkeypatch):
+    """nsa_paper's step at 64k with the top-n form "chunked_ticket" against the float64 reference (paged, q_len =
+    max_q_len, two steps)."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, topn_form="chunked_ticket")
     check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
                  query_chunk=128, compare_prefill=False)

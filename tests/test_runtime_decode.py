@@ -36,7 +36,7 @@ def descriptor(**kw) -> DecodeDescriptor:
         overlap_blocks=L // STRIDE, overlap_spill=(8 // STRIDE + L // STRIDE - 2) // (8 // STRIDE), sel_block=8, top_k=2, k_slc="k_slc", v_slc="v_slc", indexer=False,
         fp8=False, idx_heads=0, idx_dim=0, idx_scale=None, index_bs=0, index_hp=0, window=8, k_win="k_win",
         v_win="v_win", split_tiles={"compression": 64, "window": 64, "selection": 16}, split_waves=2, max_splits=64,
-        max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix",
+        max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row",
         widen=False, pool=_torch_pool, branch_kernels={}, combine_kernel=None)
     base.update(kw)
     return DecodeDescriptor(**base)

@@ -128,7 +128,11 @@ class DecodePlan:
     top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
     of the DSA step"): "base" / "tile" / "radix" are the forms before them, still every spec's but the MLA step
     ranked by an indexer's, which takes the measured faster forms where they apply (`_decode_forms`); `specgen bench
-    --decode --decode-forms` times them all on the same caches."""
+    --decode --decode-forms` times them all on the same caches.
+    topn_form: the compression scorer's top-n on the partials path (names in runtime.decode_step.TOPN_FORMS;
+    docs/decode.md "Launch forms"): "row" (one program per (sequence, new query, kv group) walks every selection
+    block) or "chunked" / "chunked_ticket" (programs per chunk of blocks, each its chunk's top candidates, merged
+    by a second launch or by each row's last program). "row" stays the default until the GPU timing of them."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -147,6 +151,7 @@ class DecodePlan:
     selection_form: str = "base"
     index_form: str = "tile"
     topk_form: str = "radix"
+    topn_form: str = "row"
 
 
 @dataclass(frozen=True)

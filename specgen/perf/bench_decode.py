@@ -176,13 +176,13 @@ def scoring_path(module, scoring: str | None):
 def parse_forms(name: str) -> dict:
     """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of the launch
     forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
-    INDEX_FORMS (the index scores) and TOPK_FORMS (the indexer top-k), e.g. "fused" or "ks_pf+wide+fold"; what is
-    not named keeps the plan's form."""
-    from ..runtime.decode_step import INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS
+    INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k) and TOPN_FORMS (the compression scorer's top-n),
+    e.g. "fused", "fused+chunked_ticket" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
+    from ..runtime.decode_step import INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS, TOPN_FORMS
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
-             ("topk_form", TOPK_FORMS))
+             ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS))
     for part in name.split("+"):
         if part == "plan":
             continue
@@ -190,7 +190,7 @@ def parse_forms(name: str) -> dict:
         if field is None:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
-                             f"{list(TOPK_FORMS)}, or 'plan'")
+                             f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, or 'plan'")
         if field in out:  # "split+fused" would silently time the last one
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
@@ -227,12 +227,19 @@ def decode_forms(module, name: str | None):
         yield other
 
 
+def _needs_partials(fields: dict, d) -> bool:
+    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the fused launch form, the
+    chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
+    return (fields.get("form", d.form) == "fused") or fields.get("topn_form", d.topn_form) != "row"
+
+
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
                  graph: bool = True, flex: bool = False, spec_path=None,
                  scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
     """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
-    `forms`: the step's forms (parse_forms: launch forms "split" / "fused", the DSA step's kernel forms), one row
-    per (scoring, forms); the fused launch form runs on the partials path only, other pairs are left out."""
+    `forms`: the step's forms (parse_forms: launch forms "split" / "fused", the top-n forms, the DSA step's kernel
+    forms), one row per (scoring, forms); the fused launch form and the chunked top-n forms run on the partials
+    path only, their pairs with the logits path are left out."""
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -272,13 +279,14 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
 
             base, dense_times = dict(row), None
             paths = [(sc, f) for sc in scorings or [None] for f in forms or [None]
-                     if not (parse_forms(f or "plan").get("form") == "fused"
+                     if not (_needs_partials(parse_forms(f or "plan"), module._DECODE)
                              and (sc or module._DECODE.scoring) != "partials")]
             for scoring, form in paths:
                 row = dict(base)
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
-                    row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}"
+                    row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
+                        f"+{d.topn_form}" if d.topn_form != "row" else "")
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.

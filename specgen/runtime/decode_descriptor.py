@@ -79,6 +79,7 @@ class DecodeDescriptor:
     selection_form: str               # the MLA selection kernel's form, decode_step.SELECTION_FORMS
     index_form: str                   # the index-score kernel's form, decode_step.INDEX_FORMS
     topk_form: str                    # the indexer top-k's form, decode_step.TOPK_FORMS
+    topn_form: str                    # the compression scorer's top-n form (partials path), decode_step.TOPN_FORMS
     widen: bool                       # the module's WIDEN (bf16 dots widened under the interpreter)
     # Host functions and kernel handles of the generated module
     pool: Optional[Callable]          # the prefill's pooling (the module's `_pool`: pool kernel launch)
@@ -95,6 +96,8 @@ class DecodeDescriptor:
     form: str = "split"
     fused_kernels: Optional[dict] = None
     index_wide_kernel: Any = None     # the index scores' "wide" form
+    topn_chunks_kernel: Any = None    # the top-n forms "chunked" / "chunked_ticket" (decode_step.TOPN_FORMS)
+    topn_merge_kernel: Any = None
 
     @property
     def n_branches(self) -> int:

@@ -3,8 +3,10 @@ docs/decode.md, "Launch forms"): the same branch programs, partials, split count
 (specgen.runtime.decode_step), in three dependent launches instead of five:
 
 1. `_decode_cmp_win_kernel`: the compression branch (with the partials scores) and the window branch in one grid;
-2. `_decode_select_merge_kernel`: the selection scores + top-n programs, and beside them programs that merge the
-   compression and window splits by log-sum-exp, gate them and write their lse and an fp32 partial output;
+2. `_decode_select_merge_kernel`: the selection scores + top-n programs (one per row, or the chunked top-n forms'
+   programs per chunk of a row: decode_step.TOPN_FORMS; "chunked" adds its merge launch), and beside them programs
+   that merge the compression and window splits by log-sum-exp, gate them and write their lse and an fp32 partial
+   output;
 3. `_decode_selection_fused_kernel`: the selection branch, whose last split program per row group (an atomic
    ticket in `cache.tickets`, reset by that program) merges the selection splits and writes `out`.
 
@@ -44,11 +46,13 @@ def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
 
 
-def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles):
+def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles,
+         topn=None):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
     geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
     compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
-    (`score_tiles`). decode_step.check_forms has refused descriptors `supports` rejects."""
+    (`score_tiles`), topn the chunked top-n forms' (CB, NCH, NCH_PAD, TICKET) (`topn_chunks`; None: the top-n
+    form "row"). decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -95,15 +99,26 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     others = [name for name in d.branch_names if name != "selection"]
     br, bd, sb, _ = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in others), dev)
     n_merge = triton.cdiv(rows, br) * triton.cdiv(d.dv, bd)
-    n_select = B * QL * d.hkv
+    top_rows = B * QL * d.hkv
     acc = torch.empty((rows, d.dv), **f32)
     lse = torch.empty((B, QL, d.hq, len(d.branch_names)), **f32)
     g = (gates, gates.stride(0), gates.stride(1), gates.stride(2)) if d.gated else (out, 0, 0, 0)
+    if topn is None:  # top-n form "row": one program per row
+        cb, nch, nch_pad, ticket = 1, 1, 1, False
+        cand, warps = indices, 4 if nsel_pad <= 1024 else 8
+    else:  # chunked: NCH programs per row, their candidates merged by the row's last one (ticket) or a launch
+        cb, nch, nch_pad, ticket = topn
+        cand = torch.empty((top_rows, nch, triton.next_power_of_2(d.top_k)), dtype=torch.int64, device=dev)
+        warps = 4
+    n_select = top_rows * nch
     d.fused_kernels["select_merge"][(max(n_select, n_merge), 2)](
-        sums, refs, s_c, seqlens, indices, rows, QL, NCV, n_sel, n_select,
+        sums, refs, s_c, seqlens, indices, rows, QL, NCV, n_sel, n_select, cand, cache.tickets, nch,
         *[x for name in others for x in parts[name]], *g, acc, lse,
         GP=triton.next_power_of_2(d.group), BLOCK_N=tile_c, NSPLIT_PAD=triton.next_power_of_2(s_c),
-        NSEL_PAD=nsel_pad, BACK=back, BR=br, BD=bd, SB=sb, num_warps=4 if nsel_pad <= 1024 else 8)
+        NSEL_PAD=nsel_pad, BACK=back, BR=br, BD=bd, SB=sb, CHUNKED=topn is not None, CB=cb, NCH_PAD=nch_pad,
+        TICKET=ticket, num_warps=warps)
+    if topn is not None and not ticket:
+        d.topn_merge_kernel[(top_rows,)](cand, indices, nch, NCH_PAD=nch_pad, num_warps=4)
 
     # 3. Selection with the epilogue in each row group's last split program.
     qlp, gp, chunks = rows_s

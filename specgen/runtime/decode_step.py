@@ -52,6 +52,12 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 # The step's launch forms (DecodePlan.form): "split", five launches; "fused", three (specgen.runtime.decode_fused).
 LAUNCH_FORMS = ("split", "fused")
+# The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
+# name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
+# its selection blocks) or (blocks a program at most, chunks a row aimed at, TICKET): `_decode_topn_chunks_kernel`,
+# one program per chunk of a row's blocks (its TOP_K_PAD largest keys into a candidate buffer), merged by
+# `_decode_topn_merge_kernel` (a second launch) or, with TICKET, by the row's last program (cache.tickets).
+TOPN_FORMS = {"row": None, "chunked": (128, 16, False), "chunked_ticket": (128, 16, True)}
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -81,6 +87,12 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown top-k form {d.topk_form!r}; known: {list(TOPK_FORMS)}")
     if d.topk_form != "radix" and not d.indexer:
         raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs an indexer; use 'radix'")
+    if d.topn_form not in TOPN_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown top-n form {d.topn_form!r}; known: {list(TOPN_FORMS)}")
+    if d.topn_form != "row" and (d.scorer != "compression" or d.scoring != "partials"
+                                 or d.topn_chunks_kernel is None):
+        raise ValueError(f"{d.spec_name}: top-n form {d.topn_form!r} needs compression-scored selection on the "
+                         f"partials path; use 'row'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +123,50 @@ def score_tiles(d: DecodeDescriptor) -> tuple[int, int, int]:
     nsb = d.split_tiles["compression"] // d.overlap_chunks
     width = nsb + d.overlap_spill
     return width, max(16, triton.next_power_of_2(width)), triton.cdiv(d.overlap_spill, nsb)
+
+
+@functools.lru_cache(maxsize=None)
+def topn_chunks(d: DecodeDescriptor, n_sel: int):
+    """(CB, NCH, NCH_PAD, TICKET) of the descriptor's chunked top-n form (TOPN_FORMS) over rows of n_sel selection
+    blocks: about `aim` chunks a row of CB blocks (a power of two, at most `most`, at least TOP_K's power of two:
+    tl.topk keeps that many of a chunk), NCH chunks, padded to a power of two for the merge's load; None in the
+    "row" form. nsa_paper: 2049 blocks (128k + q_len) are 17 chunks of 128, 1025 (64k) 9 of 128."""
+    form = TOPN_FORMS[d.topn_form]
+    if form is None:
+        return None
+    most, aim, ticket = form
+    pad = triton.next_power_of_2(d.top_k)
+    cb = max(pad, min(most, triton.next_power_of_2(triton.cdiv(n_sel, aim))))
+    nch = triton.cdiv(n_sel, cb)
+    return cb, nch, triton.next_power_of_2(nch), ticket
+
+
+def topn(d: DecodeDescriptor, sums, refs, lse_part, splits, seqlens, indices, tickets, QL, NCV, n_sel):
+    """The top-n of the partials path into indices [B, QL, HKV, TOP_K] (docs/decode.md "The step"): the
+    descriptor's topn_form (TOPN_FORMS), from the compression kernel's partial sums and refs and its lse
+    partials [splits, B, QL, HQ]; `tickets` (int32, zero, at least one per row) serve "chunked_ticket"."""
+    rows = indices.shape[0] * QL * d.hkv
+    tile = d.split_tiles["compression"]
+    common = dict(GP=triton.next_power_of_2(d.group), BLOCK_N=tile, NSPLIT_PAD=triton.next_power_of_2(splits),
+                  BACK=score_tiles(d)[2])
+    chunks = topn_chunks(d, n_sel)
+    if chunks is None:
+        # One kernel per (sequence, new query, kv group): each head's lse merged from the splits, the partial
+        # sums rescaled by it and summed over the group's heads, then the top-n. The score row stays at <= 8
+        # values a thread (238 registers at 4 warps for 2048 blocks, 125 at 8).
+        nsel_pad = triton.next_power_of_2(n_sel)
+        d.select_partials_kernel[(rows,)](
+            sums, refs, lse_part, splits, seqlens, indices, indices.shape[0] * QL * d.hq, QL, NCV, n_sel,
+            NSEL_PAD=nsel_pad, **common, num_warps=4 if nsel_pad <= 1024 else 8)
+        return indices
+    cb, nch, nch_pad, ticket = chunks
+    cand = torch.empty((rows, nch, triton.next_power_of_2(d.top_k)), dtype=torch.int64, device=indices.device)
+    d.topn_chunks_kernel[(rows, nch)](
+        sums, refs, lse_part, splits, seqlens, indices, cand, tickets, indices.shape[0] * QL * d.hq, QL, NCV, n_sel,
+        nch, CB=cb, NCH_PAD=nch_pad, TICKET=ticket, **common, num_warps=4)
+    if not ticket:
+        d.topn_merge_kernel[(rows,)](cand, indices, nch, NCH_PAD=nch_pad, num_warps=4)
+    return indices
 
 
 def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged,
@@ -303,7 +359,8 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         QL = q.shape[1]
         out, lse, indices = decode_fused.step(d, q, cache, seqlens, block_table, gates, out, num_splits,
                                               split_rows(d, "compression", QL), split_rows(d, "selection", QL),
-                                              score_tiles(d))
+                                              score_tiles(d), topn_chunks(d, triton.cdiv(cache.max_context,
+                                                                                         d.sel_block)))
         return checks.results(out, lse, indices, return_lse, return_indices)
     B, QL = q.shape[0], q.shape[1]
     hkv = d.hkv
@@ -333,14 +390,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
         _, lse_part, splits = parts["compression"]
         if d.scoring == "partials":
-            # One kernel per (sequence, new query, kv group): each head's lse merged from the splits, the partial
-            # sums rescaled by it and summed over the group's heads, then the top-n. The score row stays at <= 8
-            # values a thread (238 registers at 4 warps for 2048 blocks, 125 at 8).
-            nsel_pad = triton.next_power_of_2(n_sel)
-            d.select_partials_kernel[(B * QL * hkv,)](
-                *scores, lse_part, splits, seqlens, indices, B * QL * d.hq, QL, NCV, n_sel,
-                GP=triton.next_power_of_2(d.group), BLOCK_N=tile, NSPLIT_PAD=triton.next_power_of_2(splits),
-                NSEL_PAD=nsel_pad, BACK=score_tiles(d)[2], num_warps=4 if nsel_pad <= 1024 else 8)
+            topn(d, *scores, lse_part, splits, seqlens, indices, cache.tickets, QL, NCV, n_sel)
         else:
             # The group's probabilities P (one pass over the logits, each head's lse merged from the splits), then
             # the overlap rule and the top-n in one kernel per (sequence, new query, kv group).
