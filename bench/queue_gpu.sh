@@ -14,6 +14,9 @@
 #           (bench/dsa_decode_gpu.sh, bench/dsa_decode_topk_gpu.sh).
 #   CALL=3  the NSA forward variants at Llama/Qwen/Gemma-2 heads (bench/nsa_forward_variants_gpu.sh), packed-batch
 #           cost of issue 18's four specs (bench/varlen_gpu_check.sh PHASES=cost), dsa_v32's training step at 64k.
+#   Next session, its own call (not a CALL= piece here): `bash bench/prefill_gpu.sh` — chunked prefill (issue 18)
+#           after the host-built index lists and in-place/page-gathered paged keys (docs/varlen.md "What changed",
+#           untimed): the GPU tests, nsa_paper and dsa_v32 64k in 8k chunks with chunk_host_ms, nsa_paper --gather.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}

@@ -37,24 +37,36 @@ VARIANTS = {
                                                                "head_dim.v": 64}),
 }
 
-# (variant, schedule, paged, packed): each variant once; contiguous and paged, packed and batched (a batched call
-# is the packed path after its conversion) spread over them.
+# (variant, schedule, paged, packed, keys): each variant once; contiguous and paged, packed and batched (a batched
+# call is the packed path after its conversion) spread over them. `keys` (paged): how the chunks read the cache's
+# keys (runtime.prefill.KEY_READ, docs/varlen.md "Keys"): "gather" gathers pages whatever the table (the page16
+# variant's third round gathers the window's keys from its first visible page on, skipping a page per sequence),
+# "in place" has consecutive pages, read where they are (no byte gathered), "auto" a random table of one page a
+# sequence (read in place).
 # The 1-token and empty chunks run on both families (RAGGED); the other variants need two rounds for what is theirs.
 CASES = [
-    ("nsa_small", RAGGED, False, True),
-    ("nsa_page16_l32_d8_linear", [[3, 20], [30, 18]], True, True),    # chunks cross pages of 16 and blocks of 32
-    ("nsa_indexer_blocks", [[2, 9], [37, 25]], True, True),
-    ("dsa_small", RAGGED, False, True),
-    ("dsa_mla", EVEN, True, False),
+    ("nsa_small", RAGGED, False, True, None),
+    # chunks cross pages of 16 and blocks of 32
+    ("nsa_page16_l32_d8_linear", [[3, 20], [30, 18], [9, 14]], True, True, "gather"),
+    ("nsa_page16_l32_d8_linear", [[20, 3], [18, 30]], True, True, "in place"),
+    ("nsa_indexer_blocks", [[2, 9], [37, 25]], True, True, "gather"),
+    ("dsa_small", RAGGED, False, True, None),
+    ("dsa_mla", EVEN, True, False, "auto"),
 ]
 
 
-@pytest.mark.parametrize("variant,schedule,paged,packed", CASES,
+@pytest.mark.parametrize("variant,schedule,paged,packed,keys", CASES,
                          ids=[f"{v}-{'paged' if p else 'contig'}-{'packed' if k else 'batched'}-{i}"
-                              for i, (v, _, p, k) in enumerate(CASES)])
-def test_chunked_prefill_equals_one_prefill(variant, schedule, paged, packed):
+                              for i, (v, _, p, k, _) in enumerate(CASES)])
+def test_chunked_prefill_equals_one_prefill(variant, schedule, paged, packed, keys):
     spec = VARIANTS[variant]()
-    check_chunked_prefill(specgen.load(spec), spec, schedule, paged=paged, packed=packed)
+    res = check_chunked_prefill(specgen.load(spec), spec, schedule, paged=paged, packed=packed,
+                                pages="consecutive" if keys == "in place" else "shuffled",
+                                key_read="gather" if keys == "gather" else None)
+    if keys == "gather":
+        assert res["gathered_bytes"] > 0
+    elif keys is not None:
+        assert res["gathered_bytes"] == 0, "consecutive pages (or one per sequence) are read in place"
 
 
 @pytest.mark.parametrize("variant", ["nsa_small", "dsa_small"])

@@ -8,6 +8,7 @@ looked up at call time (tests replace some of them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specgen import runtime as _rt
@@ -72,6 +73,8 @@ class Cache:
             # The cache owns a copy: editing the caller's table later cannot point a step outside the pool.
             self.block_table = _rt.check_block_table(fn, block_table, batch, num_pages, device).clone()
             self.capacity = _rt.page_capacity(self.block_table, d.page_size)
+            self._host_table = None
+            self.host_table()   # read at construction (as the checks above did), not in a chunk
             self.tcap = 0
             rows = (num_pages, d.page_size)
         else:
@@ -134,6 +137,28 @@ class Cache:
             page = self.block_table.long()[b, pos // page_size]
             return page * page_size + pos % page_size
         return b * self.tcap + pos
+
+    def host_table(self) -> np.ndarray:
+        """The block table on the host (int32 numpy [batch, max_pages]), from which a chunked prefill builds its index
+        lists without device ops: read at construction, and again only if `block_table` was replaced or edited in
+        place since (the tensor's version counter), which reads it back once (a synchronisation)."""
+        t = self.block_table
+        mirror = self._host_table
+        if mirror is None or mirror[0] is not t or mirror[1] != t._version:
+            mirror = self._host_table = (t, t._version, t.cpu().numpy())
+        return mirror[2]
+
+    def host_rows(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """`_rows` of (sequence, position) pairs on the host (numpy int64 in and out; paged: the host table's)."""
+        if self.paged:
+            page_size = self.DESCRIPTOR.page_size
+            return self.host_table()[seq, pos // page_size].astype(np.int64) * page_size + pos % page_size
+        return seq * self.tcap + pos
+
+    def host_ring_rows(self, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """`_ring_rows` of (sequence, position) pairs on the host (numpy int64)."""
+        ring = self.DESCRIPTOR.ring
+        return seq * ring + pos % ring
 
     def _ring_rows(self, pos, seq=None):
         """Flat row of token positions in the per-sequence rings (b * RING + pos % RING); pos and seq as in _rows."""

@@ -195,7 +195,8 @@ class Forward:
         table, n_programs = self.varlen.token_tiles(cfg["bt"])
         cu_blocks = (self.varlen.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression"
                      else self.varlen.cu_seqlens)
-        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args((self.varlen.seq_table, cu_blocks, table)),
+        tables = (self.varlen.seq_table_of(name), cu_blocks, table)
+        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args(tables),
                     dict(meta, VARLEN=True, **self.varlen.flags), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,

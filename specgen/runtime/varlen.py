@@ -116,6 +116,10 @@ class Layout:
     def seq_table(self) -> torch.Tensor:
         return self.cu_seqlens
 
+    def seq_table_of(self, branch: str) -> torch.Tensor:
+        """The table a branch's attention launch takes (a chunked prefill's window may read its own key rows)."""
+        return self.seq_table
+
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, total: int, seq_of_token: torch.Tensor):
         self.cu_seqlens = cu_seqlens.contiguous()
         self.n = cu_seqlens.numel() - 1

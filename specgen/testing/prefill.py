@@ -16,6 +16,7 @@ import torch
 
 from .. import reference
 from ..model.spec import Spec
+from ..runtime import prefill as prefill_runtime
 from ..runtime.decode_cache import completed_blocks
 from . import LSE_TOL, OUT_TOL, SELECT_TOL, fresh_seed, test_device
 from .decode import PER_QUERY, POOL_WEIGHTS, shuffled_block_table
@@ -26,10 +27,13 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(torch.uint8)
 
 
-def _make_cache(module, spec, B, lens, paged, gen, device, pool, slack=3):
+def _make_cache(module, spec, B, lens, paged, gen, device, pool, slack=3, pages="shuffled"):
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     if paged:
         num_pages, table = shuffled_block_table(lens, spec.decode.page_size, gen)
+        if pages == "consecutive":   # each sequence's pages in pool order (a chunk's keys are read in place)
+            used = table >= 0
+            table = torch.where(used, (used.flatten().cumsum(0) - 1).view(table.shape).to(torch.int32), -1)
         cache = Cache(B, num_pages=num_pages, block_table=table.to(device), device=device, **pool)
     else:
         cache = Cache(B, max_seqlen=max(lens) + slack, device=device, **pool)
@@ -45,9 +49,13 @@ def _make_cache(module, spec, B, lens, paged, gen, device, pool, slack=3):
 
 def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, paged: bool = False,
                           device: str | None = None, seed: int | None = None, packed: bool = True,
-                          decode_q_len: int = 1, query_chunk: int | None = None) -> dict:
+                          decode_q_len: int = 1, query_chunk: int | None = None, pages: str = "shuffled",
+                          key_read: str | None = None) -> dict:
     """`schedule[r][i]`: the tokens sequence i gets in round r (0: an empty chunk); prompt i is their sum. With
-    `packed=False` every round must give all sequences the same count (a batched [B, S, ...] call)."""
+    `packed=False` every round must give all sequences the same count (a batched [B, S, ...] call). Paged caches:
+    `pages` "shuffled" (a random block table) or "consecutive" (each sequence's pages in pool order); `key_read`
+    sets runtime.prefill.KEY_READ for the chunked calls ("gather": the paged keys gathered whatever the table).
+    Returns the seed, the errors and the bytes the key gathers moved."""
     device = device or test_device()
     seed = fresh_seed() if seed is None else seed
     B = len(schedule[0])
@@ -66,8 +74,9 @@ def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, page
     exact = {k: v.to(torch.float64) for k, v in inputs.items()}
     pool = {k: inputs[k] for k in POOL_WEIGHTS if k in inputs}
     final = [n + decode_q_len for n in lens]
-    one = _make_cache(module, spec, B, final, paged, torch.Generator().manual_seed(seed), device, pool)
-    chunked = _make_cache(module, spec, B, final, paged, torch.Generator().manual_seed(seed), device, pool)
+    one = _make_cache(module, spec, B, final, paged, torch.Generator().manual_seed(seed), device, pool, pages=pages)
+    chunked = _make_cache(module, spec, B, final, paged, torch.Generator().manual_seed(seed), device, pool,
+                          pages=pages)
     names = list(module.CACHE_TENSORS)
     prefill = getattr(module, f"{spec.family}_prefill")
     forward = getattr(module, f"{spec.family}_forward")
@@ -87,6 +96,7 @@ def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, page
     got_lse = [[] for _ in range(B)]
     got_idx = [[] for _ in range(B)]
     nan = float("nan")
+    gathered = 0
     for r, chunk in enumerate(schedule):
         at = f"{where} round {r} (chunk {chunk}, held {held})"
         if packed:
@@ -102,7 +112,13 @@ def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, page
                   for n in names + [p for p in PER_QUERY if p in inputs]}
             out = torch.full((B, S, spec.heads.q, spec.head_dim.v), nan, dtype=dtype, device=device)
             extra = {}
-        o, lse, idx = prefill(kw.pop("q"), chunked, **kw, out=out, return_lse=True, return_indices=True, **extra)
+        before, read = prefill_runtime.GATHERED["bytes"], prefill_runtime.KEY_READ
+        prefill_runtime.KEY_READ = key_read or read
+        try:
+            o, lse, idx = prefill(kw.pop("q"), chunked, **kw, out=out, return_lse=True, return_indices=True, **extra)
+        finally:
+            prefill_runtime.KEY_READ = read
+        gathered += prefill_runtime.GATHERED["bytes"] - before
         assert o.data_ptr() == out.data_ptr(), f"out= was not used {at}"
         assert torch.isfinite(o).all(), f"non-finite prefill output (NaN-poisoned memory read?) {at}"
         if not packed:
@@ -180,7 +196,7 @@ def check_chunked_prefill(module, spec: Spec, schedule: list[list[int]], *, page
     assert torch.equal(_bits(a), _bits(b_)), f"decode after the chunked prefill differs {where}"
     if selects:
         assert torch.equal(outs[0][1], outs[1][1]), f"decode selection after the chunked prefill differs {where}"
-    return {"seed": seed, "out_err": worst, "single_err": single_err}
+    return {"seed": seed, "out_err": worst, "single_err": single_err, "gathered_bytes": gathered}
 
 
 def check_prefill_argument_errors(module, spec: Spec, device: str | None = None) -> None:
