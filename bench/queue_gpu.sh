@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The device calls that time and check what session 12 built untimed (no machine could be started that session),
-# most needed first. Each call <= 9.5 min, every piece capped (a T of 0 skips a piece); all files of a call go
-# under one folder, packed into $OUT/all.tgz after each piece (the device returns 8 files a call):
-#   CALL=1  correctness of landed defaults and the training-side forms:
-#           dsa_v32's training memory now/former, bit for bit (bench/dsa_mem_gpu.sh; schema 14's dQ in dtype, no
-#           output copy, and the eager path's given indices as a view); nsa_paper's forward against float64 at
-#           realistic sizes (the block scorer's unmasked trips, the default since 1de17ab); the distillation
-#           forward's forms (bench/distill_forms_gpu.sh); the scatter backward's forms at 16k (bench/dsa_bwd.py).
-#   CALL=2  decode (issue 19): the fused NSA launch form's and the chunked top-n forms' GPU tests and their bench
-#           against split at batch 1 and 64 (bench/decode_fused_gpu.sh's tests; the bench times split, fused, the
-#           top-n forms chunked / chunked_ticket in the split form and fused+chunked_ticket on the same caches:
-#           docs/decode.md "Top-n forms"); the DSA decode kernel and top-k forms' tests and one bench of them all
-#           (bench/dsa_decode_gpu.sh, bench/dsa_decode_topk_gpu.sh).
-#   CALL=3  the NSA forward variants at Llama/Qwen/Gemma-2 heads (bench/nsa_forward_variants_gpu.sh), packed-batch
-#           cost of issue 18's four specs (bench/varlen_gpu_check.sh PHASES=cost), dsa_v32's training step at 64k.
-#   Next session, its own call (not a CALL= piece here): `bash bench/prefill_gpu.sh` — chunked prefill (issue 18)
-#           after the host-built index lists and in-place/page-gathered paged keys (docs/varlen.md "What changed",
-#           untimed): the GPU tests, nsa_paper and dsa_v32 64k in 8k chunks with chunk_host_ms, nsa_paper --gather.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# The device calls for what session 13 changed or built untimed, most needed first (session 13's H200 run, commit
+# 6cc8fb1, is bench/results/SUMMARY.md's "Session of 2026-12-07 (morning)"). Each call <= 9.5 min, every piece
+# capped (a T of 0 skips a piece); all files of a call go under one folder, packed into $OUT/all.tgz after each
+# piece (the device returns 8 files a call). A warm machine goes back 30 s after a call: send the next at once.
+#   CALL=1  the training side on today's defaults (issue 17): the indexer's tests (the fp8 rounding fix, the 1e-3
+#           score tolerance) and its timing (key-major scores at 3 stages + top-k at 8 warps, the new default,
+#           against each half and the former default: bench/indexer_gpu.sh); dsa_v32's whole training step at 64k
+#           against dense (specgen bench --training-step: km_ks_k64 scatter backward, km_pf distillation forward);
+#           the scatter kernel's atomics alone (bench/dsa_bwd.py --atomics-floor); nsa_paper's realistic forward
+#           tests, the varlen one included (cut by the cap last time).
+#   CALL=2  decode (issue 19): the chunked top-n forms' and the fused form's GPU tests and their bench against
+#           split at batch 1 and 64 (bench/decode_fused_gpu.sh; docs/decode.md "Top-n forms"); the DSA decode
+#           forms' and top-k forms' tests (the fold histogram fix) and a bench of the new plan default
+#           (ks_pf_k32+wide_w8+radix) against base+tile and the fold_list forms on it.
+#   CALL=3  the NSA forward variants at Llama/Qwen/Gemma-2 heads (bench/nsa_forward_variants_gpu.sh, its TypeError
+#           fixed), packed-batch cost of the rows not run (nsa_config_a; dsa_v32 training and the 256-document batch).
+#   CALL=4  chunked prefill (issue 18) after the host-built index lists and in-place / page-gathered paged keys
+#           (docs/varlen.md, untimed): bash bench/prefill_gpu.sh (tests, nsa_paper and dsa_v32 64k in 8k chunks with
+#           chunk_host_ms, nsa_paper --gather).
+#   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
+#           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3|4 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -27,15 +30,16 @@ piece() { [ "$1" != 0 ]; }  # piece T: false for a T of 0 (timeout(1) would read
 env_in() { GPU_ENV_AUTOTUNE=off OUT=$1 source bench/gpu_env.sh; }
 case ${CALL:-1} in
 1)
-  piece ${T1:=95} && { OUT=$W/mem MODES="now former" MEM_TIMEOUT=$T1 bash bench/dsa_mem_gpu.sh | tail -20; pack; }
-  piece ${T2:=45} && { mkdir -p $W/nsafwd; timeout $T2 python -m pytest -q -rfE --tb=short -p no:cacheprovider \
-      generated/test_nsa_paper.py -k forward_realistic 2>&1 | tail -8 | tee $W/nsafwd/forward_realistic.log; pack; }
-  piece ${T3:=80} && piece ${T4:=130} && { OUT=$W/distill CHECK_TIMEOUT=$T3 BENCH_TIMEOUT=$T4 \
-      bash bench/distill_forms_gpu.sh | tail -30; pack; }
-  piece ${T5:=120} && { ( env_in $W/bwd
-      timeout $T5 python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens 16384 --forms ${BWD_FORMS:-all} --top 2 \
-        --reps 3 --form-reps 3 --no-det --json "$W/bwd/${day}_dsa_bwd_forms.jsonl" 2>&1 \
-        | tee "$W/bwd/dsa_bwd_forms.log" | tail -30 ); pack; }
+  piece ${T1:=150} && { OUT=$W/idx TEST_TIMEOUT=$((T1 * 2 / 5)) BENCH_TIMEOUT=$((T1 * 3 / 5)) \
+      SEQLENS="32768 65536" bash bench/indexer_gpu.sh 2>&1 | grep -v "^\s*void" | tail -30; pack; }
+  piece ${T2:=200} && { ( env_in $W/step
+      timeout $T2 python -m specgen.cli bench specs/dsa_v32.yaml --training-step --seqlens 65536 --out "$W/step" \
+        2>&1 | grep -v "^\s*\(backward: \)\?void" | tee "$W/step/step.log" | tail -30 ); pack; }
+  piece ${T3:=80} && { ( env_in $W/bwd
+      timeout $T3 python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens 16384 --atomics-floor --reps 3 --no-det \
+        --json "$W/bwd/${day}_dsa_bwd_atomics.jsonl" 2>&1 | tee "$W/bwd/dsa_bwd_atomics.log" | tail -20 ); pack; }
+  piece ${T4:=80} && { mkdir -p $W/nsafwd; timeout $T4 python -m pytest -q -rfE --tb=short -p no:cacheprovider \
+      generated/test_nsa_paper.py -k "forward_realistic" 2>&1 | tail -8 | tee $W/nsafwd/forward_realistic.log; pack; }
   ;;
 2)
   piece ${T1:=120} && { OUT=$W/dec PHASE=tests TEST_TIMEOUT=$T1 bash bench/decode_fused_gpu.sh | tail -12; pack; }
@@ -48,20 +52,19 @@ case ${CALL:-1} in
       done ); pack; }
   piece ${T3:=60} && { OUT=$W/dsadec PHASE=tests TEST_TIMEOUT=$T3 bash bench/dsa_decode_gpu.sh | tail -12; pack; }
   piece ${T4:=60} && { OUT=$W/dsadec PHASE=tests TEST_TIMEOUT=$T4 bash bench/dsa_decode_topk_gpu.sh | tail -12; pack; }
-  piece ${T5:=120} && { OUT=$W/dsadec PHASE=bench BENCH_TIMEOUT=$T5 FORMS="plan ks_pf+wide ks_pf_k32+wide \
-ks_pf_k32+wide_w8 fold_list ks_pf_k32+wide+fold_list ks_pf_k32+wide+fold_list_s64" \
+  piece ${T5:=120} && { OUT=$W/dsadec PHASE=bench BENCH_TIMEOUT=$T5 FORMS="plan base+tile ks_pf_k32+wide_w8+fold_list ks_pf_k32+wide_w8+fold_list_s64" \
       bash bench/dsa_decode_topk_gpu.sh | tail -30; pack; }
   ;;
 3)
   piece ${T1:=160} && { OUT=$W/nsafwd LLAMA_TIMEOUT=$((T1 * 7 / 18)) QWEN_TIMEOUT=$((T1 * 4 / 18)) \
       GEMMA_TIMEOUT=$((T1 * 7 / 18)) TEST_TIMEOUT=0 bash bench/nsa_forward_variants_gpu.sh | tail -30; pack; }
   # The packed-batch cost: each (spec, batch, pass) process capped at 50 s, the whole piece at T2.
-  piece ${T2:=270} && { OUT=$W/varlen PHASES=cost BENCH_TIMEOUT=50 \
-      COST_SPECS="${COST_SPECS:-specs/nsa_paper.yaml specs/models/model_llama3_8b.yaml specs/dsa_v32.yaml}" \
+  piece ${T2:=380} && { OUT=$W/varlen PHASES=cost BENCH_TIMEOUT=50 \
+      COST_SPECS="${COST_SPECS:-specs/nsa_config_a.yaml specs/dsa_v32.yaml}" \
       timeout $T2 bash bench/varlen_gpu_check.sh; pack; }
-  piece ${T3:=75} && { ( env_in $W/step
-      timeout $T3 python -m specgen.cli bench specs/dsa_v32.yaml --training-step --seqlens 65536 --out "$W/step" \
-        2>&1 | grep -v "^\s*\(backward: \)\?void" | tee "$W/step/step.log" | tail -25 ); pack; }
   ;;
-*) echo "CALL must be 1, 2 or 3" >&2; exit 2 ;;
+4)
+  piece ${T1:=560} && { OUT=$W/prefill timeout $T1 bash bench/prefill_gpu.sh 2>&1 | tail -30; pack; }
+  ;;
+*) echo "CALL must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
