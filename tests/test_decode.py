@@ -617,11 +617,9 @@ FUSED = {  # spec, q_len, splits, paged
 }
 
 
-def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False):
-    """On one cache (lengths + QL tokens each): the split form's step, then the fused form's twice; the fused form
-    must pick the same blocks, give the same output and lse within the output dtype's rounding (it sums the
-    branches in another order), leave its tickets at 0, and give the same bits again. `graph` (CUDA): the fused
-    step is also captured and replayed three times, each bit for bit the eager step."""
+def step_case(mod, spec, lengths, QL, paged, dev):
+    """One NSA cache holding `lengths` tokens plus QL appended (paged: a shuffled page table), and a step's q and
+    gates, from a fixed seed (the forms compared on it see the same inputs)."""
     gen = torch.Generator().manual_seed(5)
     B = len(lengths)
     if paged:
@@ -638,6 +636,16 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
                     for n, w in mod.CACHE_TENSORS.items()})
     q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
     gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    return cache, q, gates
+
+
+def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False):
+    """On one cache (lengths + QL tokens each): the split form's step, then the fused form's twice; the fused form
+    must pick the same blocks, give the same output and lse within the output dtype's rounding (it sums the
+    branches in another order), leave its tickets at 0, and give the same bits again. `graph` (CUDA): the fused
+    step is also captured and replayed three times, each bit for bit the eager step."""
+    cache, q, gates = step_case(mod, spec, lengths, QL, paged, dev)
+    B, hkv, hq = len(lengths), spec.heads.kv, spec.heads.q
     plan = mod._DECODE
     got = {}
     launched = []  # the fused kernels' launches: the fused form really ran (not the split form under its name)
@@ -750,22 +758,8 @@ def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, ex
     and the output of every query whose rows all agree is the row step's bits."""
     from specgen.runtime import decode_step
 
-    gen = torch.Generator().manual_seed(5)
-    B = len(lengths)
-    if paged:
-        from specgen.testing.decode import shuffled_block_table
-        num_pages, table = shuffled_block_table([n + QL for n in lengths], spec.decode.page_size, gen)
-        cache = mod.NSACache(B, num_pages=num_pages, block_table=table.to(dev), device=dev)
-    else:
-        cache = mod.NSACache(B, max_seqlen=max(lengths) + QL, device=dev)
-    hkv, hq = spec.heads.kv, spec.heads.q
-    cache.prefill(seqlens=torch.tensor(lengths, dtype=torch.int32),
-                  **{n: torch.randn(B, max(lengths), hkv, w, generator=gen).to(dev, mod.DTYPE)
-                     for n, w in mod.CACHE_TENSORS.items()})
-    cache.append(**{n: torch.randn(B, QL, hkv, w, generator=gen).to(dev, mod.DTYPE)
-                    for n, w in mod.CACHE_TENSORS.items()})
-    q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
-    gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    cache, q, gates = step_case(mod, spec, lengths, QL, paged, dev)
+    B, hkv, hq = len(lengths), spec.heads.kv, spec.heads.q
     plan = mod._DECODE
     launched = []
 
