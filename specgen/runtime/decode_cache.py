@@ -128,10 +128,10 @@ class Cache:
         (runtime.raise_if_flagged: reads one int, so it synchronises)."""
         _rt.raise_if_flagged(self)
 
-    def _rows(self, pos, seq=None):
-        """Flat row (page * page_size + slot, or b * T + s) of token positions pos (int64): pos [B, n] of every
-        sequence in order, or pos [n] of the sequences `seq` [n] (a chunked prefill's pairs)."""
-        b = torch.arange(self.batch, device=pos.device)[:, None] if seq is None else seq
+    def _rows(self, pos):
+        """Flat row (page * page_size + slot, or b * T + s) of token positions pos [B, n] (int64) of every sequence
+        in order (a chunked prefill's (sequence, position) pairs: host_rows)."""
+        b = torch.arange(self.batch, device=pos.device)[:, None]
         if self.paged:
             page_size = self.DESCRIPTOR.page_size
             page = self.block_table.long()[b, pos // page_size]
@@ -160,10 +160,10 @@ class Cache:
         ring = self.DESCRIPTOR.ring
         return seq * ring + pos % ring
 
-    def _ring_rows(self, pos, seq=None):
-        """Flat row of token positions in the per-sequence rings (b * RING + pos % RING); pos and seq as in _rows."""
+    def _ring_rows(self, pos):
+        """Flat row of token positions in the per-sequence rings (b * RING + pos % RING); pos as in _rows."""
         ring = self.DESCRIPTOR.ring
-        b = torch.arange(self.batch, device=pos.device)[:, None] if seq is None else seq
+        b = torch.arange(self.batch, device=pos.device)[:, None]
         return b * ring + pos % ring
 
     def _flat(self, name):
