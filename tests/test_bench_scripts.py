@@ -19,7 +19,8 @@ def _imported_callables(tree: ast.Module) -> dict:
     """{local name: object} for `from specgen... import name` at the script's top level (and in its functions)."""
     names = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "specgen" and not node.level:
+        if (isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "specgen"
+                and not node.level):
             module = importlib.import_module(node.module)
             for alias in node.names:
                 obj = getattr(module, alias.name, None)

@@ -639,6 +639,27 @@ def step_case(mod, spec, lengths, QL, paged, dev):
     return cache, q, gates
 
 
+def replays_equal(step, want, cache, what):
+    """CUDA: `step` captured in a graph (after a warm-up on a side stream) and replayed three times into poisoned
+    outputs gives `want` bit for bit each time and leaves the cache's tickets at 0."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        res = step()
+    for _ in range(3):
+        for x in res:
+            x.fill_(-1 if x.dtype == torch.int32 else float("nan"))
+        g.replay()
+        torch.cuda.synchronize()
+        for x, y in zip(res, want):
+            assert torch.equal(x, y), f"{what}: a replayed step differs from the eager one"
+        assert not cache.tickets.any(), f"{what} replay: tickets not reset: {cache.tickets.tolist()}"
+
+
 def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False):
     """On one cache (lengths + QL tokens each): the split form's step, then the fused form's twice; the fused form
     must pick the same blocks, give the same output and lse within the output dtype's rounding (it sums the
@@ -675,22 +696,7 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
                                 + ["select_merge", "selection"]), (form, launched)
             got.setdefault(form, []).append(res)
         if graph:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                res = step()
-            for _ in range(3):
-                for x in res:
-                    x.fill_(-1 if x.dtype == torch.int32 else float("nan"))
-                g.replay()
-                torch.cuda.synchronize()
-                for x, y in zip(res, got["fused"][0]):
-                    assert torch.equal(x, y), "a replayed fused step differs from the eager one"
-                assert not cache.tickets.any(), f"replay: tickets not reset: {cache.tickets.tolist()}"
+            replays_equal(step, got["fused"][0], cache, "fused")
     finally:
         mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
     (o_s, lse_s, idx_s), = got["split"]
@@ -750,11 +756,11 @@ TOPN_STEP = {  # spec, q_len, splits, paged, (blocks a program at most, chunks a
 
 def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, exact=True, forms=ALL_TOPN):
     """On one cache (lengths + QL tokens each): each launch form's step with the top-n form "row", then the
-    chunked forms `forms[launch form]`; a chunked step must give the row step's selection, output and lse bit for bit (the scores
-    are the same terms summed in the same order; nothing else differs), launch its kernels (not the row kernel
-    under its name) and leave the tickets at 0. `graph` (CUDA): each chunked step is also captured and replayed
-    three times, bit for bit the eager step. `exact` False (a GPU: the chunked kernel merges the heads' lse at
-    other warps than the row kernel, so one row of near-tied blocks may flip): at most one top-n row may differ,
+    chunked forms `forms[launch form]`; a chunked step must give the row step's selection, output and lse bit for
+    bit (the scores are the same terms summed in the same order; nothing else differs), launch its kernels (not the
+    row kernel under its name) and leave the tickets at 0. `graph` (CUDA): each chunked step is also captured and
+    replayed three times, bit for bit the eager step. `exact` False (a GPU: the chunked kernel merges the heads' lse
+    at other warps than the row kernel, so one row of near-tied blocks may flip): at most one top-n row may differ,
     and the output of every query whose rows all agree is the row step's bits."""
     from specgen.runtime import decode_step
 
@@ -801,22 +807,7 @@ def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, ex
                 assert launched == want_launches[form, topn], (form, topn, launched)
                 assert not cache.tickets.any(), f"{form}/{topn}: tickets not reset: {cache.tickets.tolist()}"
                 if graph and topn != "row":
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        step()
-                    torch.cuda.current_stream().wait_stream(s)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        res = step()
-                    for _ in range(3):
-                        for x in res:
-                            x.fill_(-1 if x.dtype == torch.int32 else float("nan"))
-                        g.replay()
-                        torch.cuda.synchronize()
-                        for x, y in zip(res, got[topn]):
-                            assert torch.equal(x, y), f"{form}/{topn}: a replayed step differs from the eager one"
-                        assert not cache.tickets.any(), f"replay: tickets not reset: {cache.tickets.tolist()}"
+                    replays_equal(step, got[topn], cache, f"{form}/{topn}")
             (o_r, lse_r, idx_r) = got["row"]
             assert (idx_r >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
             for topn in forms[form]:

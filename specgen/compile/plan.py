@@ -431,9 +431,8 @@ def _decode_forms(spec: Spec) -> dict:
     units) and MLA_INDEX_FORM; every other spec keeps "base" / "tile". Token granularity only: the forms were
     timed on V3.2 (docs/decode.md); block-unit MLA specs (dsa_block) keep the base forms until timed themselves."""
     sel = spec.selection
-    if not (spec.mla and sel is not None and sel.scorer == "indexer" and spec.indexer is not None):
-        return {}
-    if sel.granularity != "token":
+    if not (spec.mla and sel is not None and sel.scorer == "indexer" and spec.indexer is not None
+            and sel.granularity == "token"):
         return {}
     dqk, dv = spec.head_dim.qk, spec.head_dim.v
     forms = {"index_form": MLA_INDEX_FORM}

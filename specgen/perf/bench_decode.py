@@ -213,7 +213,8 @@ def check_decode_forms(module, names) -> None:
 @contextlib.contextmanager
 def decode_forms(module, name: str | None):
     """The module's decode step with the kernel forms `name` (parse_forms) while the block runs, as scoring_path
-    does for the scorer's path: the descriptor replaced by a copy, checked by runtime.decode_step.check_forms. None or "plan": unchanged."""
+    does for the scorer's path: the descriptor replaced by a copy, checked by runtime.decode_step.check_forms.
+    None or "plan": unchanged."""
     from ..runtime.decode_step import check_forms
 
     d = module._DECODE
