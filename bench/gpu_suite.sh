@@ -11,7 +11,12 @@
 # Triton compiling on the host's cores, so N workers compile N tests at once; tests that run out of GPU memory
 # beside each other are then rerun one at a time on the warm cache (`--last-failed`), and only that second verdict
 # counts (both logs come back).
+# IDS=<file> runs the test ids listed in the file (one per line: what a cut-off call left, see
+# bench/gpu_suite_left.py) in place of FILES. PARALLEL_TIMEOUT / RERUN_TIMEOUT / REST_TIMEOUT cap the parallel
+# GPU-only run, the one-at-a-time rerun of its failures and the rest phase (seconds; 0 or unset: no cap), so one
+# call brings back both verdicts; the failures are read from the log, not pytest's cache (a capped run writes none).
 set -uo pipefail
+set -f  # test ids hold brackets ([8192]): never globbed
 GPU_ENV_AUTOTUNE=off
 source "$(dirname "$0")/gpu_env.sh"
 phase=${1:-both}; shift || true
@@ -21,7 +26,7 @@ case ${SHARD:-} in
   3) FILES="generated/test_nsa_token.py generated/test_nsa_small.py tests/test_runtime.py tests/test_nsa_backward.py tests/test_spec_fuzz.py" ;;
   4) FILES="tests/test_decode_errors.py tests/test_train_distributed.py generated/test_dsa_block.py" ;;
   5) FILES="generated/test_dsa_small.py" ;;
-  "") ;;
+  "") [ -n "${IDS:-}" ] && FILES=$(tr '\n' ' ' < "$IDS") ;;
   *) echo "SHARD must be 1..5 (got $SHARD)" >&2; exit 2 ;;
 esac
 header() {
@@ -33,21 +38,26 @@ run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
   local files=${FILES:-generated tests}
   local log="$OUT/gpu_tests_${name}_${COMMIT}${FILES:+_$(echo $files | md5sum | cut -c1-6)}.log"
   header "python -m pytest -q -rfE --durations=15 -m '$mark' $* $files" > "$log"
-  python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files >> "$log" 2>&1
+  local cap=0; [ "$name" = rest ] && cap=${REST_TIMEOUT:-0}
+  timeout -s INT "$cap" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files \
+    >> "$log" 2>&1
   echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
 }
 run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its failures one at a time
   local files=${FILES:-generated tests}
   local log="$OUT/gpu_tests_gpu_only_${COMMIT}_parallel.log" relog="$OUT/gpu_tests_gpu_only_${COMMIT}_rerun.log"
-  header "python -m pytest -m skipif -n $GPU_WORKERS $* $files, then --last-failed one at a time" > "$log"
-  python -m pytest -v -rfE --durations=15 -W ignore -m skipif -n "$GPU_WORKERS" "$@" $files >> "$log" 2>&1
-  local rc=$?
-  echo "# exit status $rc" >> "$log"
+  header "python -m pytest -m skipif -n $GPU_WORKERS $* $files, then its failures one at a time" > "$log"
+  timeout -s INT "${PARALLEL_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore \
+    -m skipif -n "$GPU_WORKERS" "$@" $files >> "$log" 2>&1
+  echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
-  if [ $rc -ne 0 ]; then
+  local failed
+  failed=$(grep -oP '(?<=FAILED )[^ ]+::[^ ]+' "$log" | sort -u)
+  if [ -n "$failed" ]; then
     header "rerun of the failures above, one at a time (warm Triton cache)" > "$relog"
-    python -m pytest -v -rfE -W ignore -m skipif --last-failed --last-failed-no-failures none "$@" $files >> "$relog" 2>&1
+    timeout -s INT "${RERUN_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE -W ignore -m skipif \
+      "$@" $failed >> "$relog" 2>&1
     echo "# exit status $?" >> "$relog"
     tail -n 25 "$relog"
   fi
