@@ -12,8 +12,8 @@
 # beside each other are then rerun one at a time on the warm cache (`--last-failed`), and only that second verdict
 # counts (both logs come back).
 # IDS=<file> runs the test ids listed in the file (one per line: what a cut-off call left, see
-# bench/gpu_suite_left.py) in place of FILES. PARALLEL_TIMEOUT / RERUN_TIMEOUT / REST_TIMEOUT cap the parallel
-# GPU-only run, the one-at-a-time rerun of its failures and the rest phase (seconds; 0 or unset: no cap), so one
+# bench/gpu_suite_left.py) in place of FILES. PARALLEL_TIMEOUT / RERUN_TIMEOUT / GPU_TIMEOUT / REST_TIMEOUT cap the
+# parallel GPU-only run, the one-at-a-time rerun of its failures, the one-at-a-time GPU-only run and the rest phase (seconds; 0 or unset: no cap), so one
 # call brings back both verdicts; the failures are read from the log, not pytest's cache (a capped run writes none).
 set -uo pipefail
 set -f  # test ids hold brackets ([8192]): never globbed
@@ -26,7 +26,7 @@ case ${SHARD:-} in
   3) FILES="generated/test_nsa_token.py generated/test_nsa_small.py tests/test_runtime.py tests/test_nsa_backward.py tests/test_spec_fuzz.py" ;;
   4) FILES="tests/test_decode_errors.py tests/test_train_distributed.py generated/test_dsa_block.py" ;;
   5) FILES="generated/test_dsa_small.py" ;;
-  "") [ -n "${IDS:-}" ] && FILES=$(tr '\n' ' ' < "$IDS") ;;
+  "") [ -n "${IDS:-}" ] && FILES="@$IDS" ;;  # pytest reads the ids from the file, one per line (some hold spaces)
   *) echo "SHARD must be 1..5 (got $SHARD)" >&2; exit 2 ;;
 esac
 header() {
@@ -38,7 +38,7 @@ run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
   local files=${FILES:-generated tests}
   local log="$OUT/gpu_tests_${name}_${COMMIT}${FILES:+_$(echo $files | md5sum | cut -c1-6)}.log"
   header "python -m pytest -q -rfE --durations=15 -m '$mark' $* $files" > "$log"
-  local cap=0; [ "$name" = rest ] && cap=${REST_TIMEOUT:-0}
+  local cap=${GPU_TIMEOUT:-0}; [ "$name" = rest ] && cap=${REST_TIMEOUT:-0}
   timeout -s INT "$cap" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files \
     >> "$log" 2>&1
   echo "# exit status $?" >> "$log"
@@ -53,11 +53,12 @@ run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its fail
   echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
   local failed
-  failed=$(grep -oP '(?<=FAILED )[^ ]+::[^ ]+' "$log" | sort -u)
-  if [ -n "$failed" ]; then
+  failed=$OUT/failed_ids.txt
+  grep -oP '(?<=FAILED )[^ ]+::[^ ]+' "$log" | sort -u > "$failed"
+  if [ -s "$failed" ]; then
     header "rerun of the failures above, one at a time (warm Triton cache)" > "$relog"
     timeout -s INT "${RERUN_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE -W ignore -m skipif \
-      "$@" $failed >> "$relog" 2>&1
+      "$@" "@$failed" >> "$relog" 2>&1
     echo "# exit status $?" >> "$relog"
     tail -n 25 "$relog"
   fi
