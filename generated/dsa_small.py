@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(19, "dsa_small")
+runtime.require_schema(20, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1347,7 +1347,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=16,
     k_slc="k", v_slc="v", indexer=True, fp8=False, idx_heads=2, idx_dim=32, idx_scale=0.12500000000000003,
     index_bs=64, index_hp=2, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)

@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(19, "dsa_v32")
+runtime.require_schema(20, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1445,7 +1445,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=2048,
     k_slc="k", v_slc="k", indexer=True, fp8=True, idx_heads=64, idx_dim=128, idx_scale=0.011048543456039806,
     index_bs=64, index_hp=64, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=64, num_stages=1, selection_form="ks_pf_k32", index_form="wide_w8", topk_form="radix", topn_form="row", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
+    max_gp=64, num_stages=1, selection_form="ks_pf_k32", index_form="wide_w8", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)

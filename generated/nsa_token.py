@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(19, "nsa_token")
+runtime.require_schema(20, "nsa_token")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1896,7 +1896,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=1024,
     k_slc="k_slc", v_slc="v_slc", indexer=True, fp8=False, idx_heads=4, idx_dim=64, idx_scale=0.0625,
     index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)

@@ -891,3 +891,152 @@ def test_topn_forms_realistic_against_the_reference(monkeypatch):
     with_decode(monkeypatch, mod, topn_form="chunked_ticket")
     check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
                  query_chunk=128, compare_prefill=False)
+
+
+# The compression kernel's launch forms (docs/decode.md "Compression forms"): the same kernel at other tiles, stages,
+# warps and split counts. The interpreter ignores stages and warps, so these tests check that each form's launch
+# reaches the kernel and that its tile and split rule give the base form's selection and output.
+CMP_TESTED = [name for name in __import__("specgen.runtime.decode_step", fromlist=["CMP_FORMS"]).CMP_FORMS
+              if name != "cmp_base"]
+
+
+def cmp_against_base(mod, spec, lengths, QL, splits, paged, dev, form, launch, graph=False):
+    """On one cache (lengths + QL tokens each): the step in compression form "cmp_base", then in `form`, both in the
+    launch form `launch`. The form's launch must reach the compression kernel (its tile, stages and warps; the
+    grid's splits `splits` or the form's rule, `decode_step.cmp_splits`). The form must pick the base's blocks and
+    give its output and lse: bit for bit where nothing but the pipelining differs (the same tile and split count,
+    and on a GPU the same warps: their reductions run in another order), else to the output dtype's rounding (the
+    online softmax and the partial sums rescale per tile), and on a GPU with at most one near-tied top-n row
+    flipped (the queries whose rows agree are compared). `graph` (CUDA): the form's step captured and replayed
+    three times, bit for bit the eager step."""
+    from specgen.runtime import decode_step
+
+    cache, q, gates = step_case(mod, spec, lengths, QL, paged, dev)
+    B, hq = len(lengths), spec.heads.q
+    plan = mod._DECODE
+    launched = []
+
+    def spy(kernel, tile_kw):
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launched.append((kw[tile_kw], kw["num_stages"], kw["num_warps"], grid[1]))
+                    return kernel[grid](*args, **kw)
+                return launch
+        return Spy()
+    kernels = dict(branch_kernels={**plan.branch_kernels, "compression": spy(plan.branch_kernels["compression"],
+                                                                             "BLOCK_N")},
+                   fused_kernels={**plan.fused_kernels, "cmp_win": spy(plan.fused_kernels["cmp_win"], "BLOCK_C")})
+    got, launch_of = {}, {}
+    try:
+        for name in ("cmp_base", form):
+            d = dataclasses.replace(plan, form=launch, cmp_form=name, **kernels)
+            mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
+            out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
+
+            def step():
+                return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
+                                      return_indices=True)
+            launched.clear()
+            got[name] = [x.clone() for x in step()]
+            assert len(launched) == 1, (name, launched)
+            tile, stages, warps, _ = decode_step.cmp_launch(d, 2, QL)
+            programs = B * d.hkv * decode_step.split_rows(d, "compression", QL)[2]
+            want = launch_of[name] = (tile, stages, warps, splits or decode_step.cmp_splits(d, programs,
+                                                                                            cache.nc_cap - 1, dev))
+            if launch == "fused" and "window" in spec.branches:  # one grid for both branches: at least the splits
+                assert launched[0][:3] == want[:3] and launched[0][3] >= want[3], (name, launched, want)
+            else:
+                assert launched[0] == want, (name, launched, want)
+            if graph and name == form:
+                replays_equal(step, got[name], cache, f"{launch}/{form}")
+    finally:
+        mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
+    (o_b, lse_b, idx_b), (o, lse, idx) = got["cmp_base"], got[form]
+    assert (idx_b >= 0).sum() > B * QL * spec.heads.kv * 2, "too few selected blocks to compare"
+    assert torch.isfinite(o).all()
+    base, mine = launch_of["cmp_base"], launch_of[form]
+    if base[0] == mine[0] and base[3] == mine[3] and (dev == "cpu" or base[2] == mine[2]):
+        assert torch.equal(idx, idx_b) and torch.equal(o, o_b) and torch.equal(lse, lse_b), (launch, form)
+        return
+    same = (idx == idx_b).all(-1).all(-1)  # [B, QL]: every group of the query picked the base's blocks
+    assert int((~same).sum()) <= (0 if dev == "cpu" else 1), (idx, idx_b)
+    eps = torch.finfo(mod.DTYPE).eps
+    o_b, o = o_b[same].float(), o[same].float()
+    torch.testing.assert_close(o, o_b, rtol=2 * eps, atol=2 * eps * o_b.abs().max().item())
+    torch.testing.assert_close(lse[same], lse_b[same], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", CMP_TESTED)
+def test_cmp_form(form, monkeypatch):
+    """Each compression form on nsa_small: against the base form on one cache (B 3, ragged lengths, one sequence
+    too short for a selection choice; contiguous q_len 1 in one split, so a 32-key form walks two tiles in a
+    program and the spill crosses them; paged q_len 3 in the fused launch form at the form's split count). A form
+    whose tile is the plan's gives the base's bits here (the interpreter runs no pipeline and no warps), so the
+    base's own tests (the generated test_decode_matches_prefill, contiguous and paged) hold for it; a form with
+    another tile is also checked against the float64 reference and the prefill kernel (contiguous, q_len 2, uneven
+    splits) and against the reference on a paged cache (q_len 2)."""
+    from specgen.runtime import decode_step
+
+    spec = SMALL
+    mod = specgen.load(spec)
+    dev = test_device()
+    cmp_against_base(mod, spec, [100, 21, 149], 1, 1, False, dev, form, "split")
+    cmp_against_base(mod, spec, [100, 21, 147], 3, None, True, dev, form, "fused")
+    if decode_step.CMP_FORMS[form].tile == mod._DECODE.split_tiles["compression"]:
+        return
+    with_decode(monkeypatch, mod, cmp_form=form)
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=False, num_splits=3)
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=True, compare_prefill=False)
+
+
+def test_cmp_forms_launch_and_checks(monkeypatch):
+    """The forms' launches (cmp_launch: "cmp_base" is the plan's tile and stages, 8 warps on the partials path),
+    their split rule on a 132-SM GPU (one round of the programs an SM holds: 1 split at batch 64 x 64k, 64 at batch
+    1), the form checks, and the bench's names and bytes."""
+    from specgen import runtime
+    from specgen.perf.bench_decode import _bytes_view, parse_forms
+    from specgen.runtime import decode_step
+
+    paper = specgen.load(load_spec("specs/nsa_paper.yaml"))._DECODE
+    assert decode_step.cmp_launch(paper) == (64, 2, 8, None)
+    assert decode_step.cmp_launch(paper, 1) == (64, 2, 4, None)  # the logits path: 16 rows x 128 at 4 warps
+    for name, form in decode_step.CMP_FORMS.items():
+        d = dataclasses.replace(paper, cmp_form=name)
+        decode_step.check_forms(d)
+        assert decode_step.cmp_launch(d) == (form or (64, 2, 8, None))
+        assert decode_step.score_tiles(d)[0] == (form.tile if form else 64) // 4 + 1
+    monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    splits = {name: (decode_step.cmp_splits(dataclasses.replace(paper, cmp_form=name), 256, 4096, cuda),
+                     decode_step.cmp_splits(dataclasses.replace(paper, cmp_form=name), 4, 4096, cuda))
+              for name in decode_step.CMP_FORMS}
+    assert splits == {"cmp_base": (2, 64), "cmp_s3": (2, 64), "cmp_s3_r2": (1, 64), "cmp_s4_r1": (1, 32),
+                      "cmp_k32_r3": (1, 64)}
+    with pytest.raises(ValueError, match="unknown compression form 'nope'"):
+        decode_step.check_forms(dataclasses.replace(paper, cmp_form="nope"))
+    with pytest.raises(ValueError, match="walks 32-key tiles, not whole selection blocks of 64"):
+        decode_step.check_forms(dataclasses.replace(paper, cmp_form="cmp_k32_r3", overlap_chunks=64))
+    decode_step.check_forms(dataclasses.replace(paper, cmp_form="cmp_k32_r3", overlap_chunks=64, scoring="logits"))
+    dsa = specgen.load(load_spec("specs/dsa_small.yaml"))._DECODE
+    with pytest.raises(ValueError, match="compression form 'cmp_s3' needs the compression branch"):
+        decode_step.check_forms(dataclasses.replace(dsa, cmp_form="cmp_s3"))
+    assert parse_forms("fused+cmp_s3_r2+chunked_ticket") == {"form": "fused", "cmp_form": "cmp_s3_r2",
+                                                             "topn_form": "chunked_ticket"}
+    with pytest.raises(ValueError, match="both cmp forms"):
+        parse_forms("cmp_s3+cmp_base")
+    assert _bytes_view(paper) is paper
+    assert _bytes_view(dataclasses.replace(paper, cmp_form="cmp_k32_r3")).split_tiles["compression"] == 32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+@pytest.mark.parametrize("launch, q_len", [("split", 1), ("fused", 4)])
+def test_cmp_forms_realistic_and_in_a_cuda_graph(launch, q_len):
+    """nsa_paper at 64k (bf16, paged, each form's own split count): every compression form against the base form
+    (`cmp_against_base`: "cmp_s3" must give the base's bits, its split count and warps being the base's), its step
+    captured in a CUDA graph and replayed three times bit for bit."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load(spec)
+    for form in CMP_TESTED:
+        cmp_against_base(mod, spec, [65471, 32814], q_len, None, True, "cuda", form, launch, graph=True)

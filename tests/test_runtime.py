@@ -85,6 +85,12 @@ def test_decode_splits_follow_the_plans_rule_from_the_sm_count(monkeypatch):
     assert runtime.decode_splits(256, 64, cuda, waves=1) == 1
     assert runtime.decode_splits(4, 3, cuda) == 3
     assert runtime.decode_splits(4, 128, "cpu", waves=1, cap=1) == 2  # the CPU tests always merge two splits
+    # `resident` (the compression forms): one round of the programs an SM holds, each split whole tiles.
+    assert runtime.decode_splits(256, 64, cuda, resident=2) == 1      # batch 64: 256 programs on 264 slots
+    assert runtime.decode_splits(4, 128, cuda, resident=3) == 64      # batch 1: 99 splits of 128 tiles are 64 of 2
+    assert runtime.decode_splits(4, 128, "cpu", resident=3) == 2
+    assert runtime.splits_in_one_round(4, 130, 264, 64) == 44         # 64 splits of 130 tiles: 3 tiles, 44 non-empty
+    assert runtime.splits_in_one_round(32, 64, 264, 64) == 8 and runtime.splits_in_one_round(1000, 64, 264, 64) == 1
 
 
 def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):

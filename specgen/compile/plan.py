@@ -132,7 +132,11 @@ class DecodePlan:
     topn_form: the compression scorer's top-n on the partials path (names in runtime.decode_step.TOPN_FORMS;
     docs/decode.md "Launch forms"): "row" (one program per (sequence, new query, kv group) walks every selection
     block) or "chunked" / "chunked_ticket" (programs per chunk of blocks, each its chunk's top candidates, merged
-    by a second launch or by each row's last program). "row" stays the default until the GPU timing of them."""
+    by a second launch or by each row's last program). "row" stays the default until the GPU timing of them.
+    cmp_form: the compression kernel's launch (names in runtime.decode_step.CMP_FORMS; docs/decode.md "Compression
+    forms"): "cmp_base" (split_tiles["compression"], num_stages, the split_waves rule) or a form's keys per tile,
+    pipeline stages, warps and split rule (one round of the programs an SM holds). "cmp_base" stays the default
+    until the GPU timing of them."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -152,6 +156,7 @@ class DecodePlan:
     index_form: str = "tile"
     topk_form: str = "radix"
     topn_form: str = "row"
+    cmp_form: str = "cmp_base"
 
 
 @dataclass(frozen=True)

@@ -176,13 +176,14 @@ def scoring_path(module, scoring: str | None):
 def parse_forms(name: str) -> dict:
     """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of the launch
     forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
-    INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k) and TOPN_FORMS (the compression scorer's top-n),
-    e.g. "fused", "fused+chunked_ticket" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
-    from ..runtime.decode_step import INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS, TOPN_FORMS
+    INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k), TOPN_FORMS (the compression scorer's top-n) and
+    CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2" or
+    "ks_pf+wide+fold"; what is not named keeps the plan's form."""
+    from ..runtime.decode_step import CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS, TOPN_FORMS
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
-             ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS))
+             ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS), ("cmp_form", CMP_FORMS))
     for part in name.split("+"):
         if part == "plan":
             continue
@@ -190,7 +191,8 @@ def parse_forms(name: str) -> dict:
         if field is None:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
-                             f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, or 'plan'")
+                             f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, compression forms "
+                             f"{list(CMP_FORMS)}, or 'plan'")
         if field in out:  # "split+fused" would silently time the last one
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
@@ -287,7 +289,10 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
                     row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
-                        f"+{d.topn_form}" if d.topn_form != "row" else "")
+                        f"+{d.topn_form}" if d.topn_form != "row" else "") + (
+                        f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "")
+                    if d.cmp_branch:
+                        row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
                     # Dense decoding once per cache: every path's row compares with the same times.
@@ -312,11 +317,33 @@ def _speedup(row: dict) -> None:
         row["speedup"] = best / mine
 
 
+def _cmp_launch(d, B: int, q_len: int, cache) -> dict:
+    """The compression kernel's launch in the descriptor's cmp_form at this batch (runtime.decode_step.cmp_launch,
+    cmp_splits): what a row of the record times."""
+    from ..runtime.decode_step import cmp_launch, cmp_splits, split_rows
+
+    scores = 0 if d.scorer != "compression" else 2 if d.scoring == "partials" else 1  # decode_step.branch's SCORES
+    tile, stages, warps, resident = cmp_launch(d, scores, q_len)
+    programs = B * d.hkv * split_rows(d, "compression", q_len)[2]
+    return {"tile": tile, "stages": stages, "warps": warps, "resident": resident,
+            "splits": cmp_splits(d, programs, cache.nc_cap - 1, cache.device)}
+
+
+def _bytes_view(d):
+    """`d` as decode_step_bytes reads it: the partials' tile is the compression form's (runtime.decode_step
+    .cmp_launch), which the analysis (below the runtime) cannot look up."""
+    from ..runtime.decode_step import cmp_launch
+
+    if getattr(d, "cmp_form", "cmp_base") == "cmp_base":
+        return d
+    return dataclasses.replace(d, split_tiles={**d.split_tiles, "compression": cmp_launch(d).tile})
+
+
 def _time_step(spec: Spec, step, d, B: int, T: int, q_len: int, copy_gbps: float, graph: bool, row: dict) -> dict:
     """Eager and graph-replayed times of `step` on descriptor `d`'s path, its bytes and kernels, into `row`."""
     step()
     ms = _median_ms(step)
-    b = decode_step_bytes(spec, T, B, q_len, d)
+    b = decode_step_bytes(spec, T, B, q_len, _bytes_view(d))
     row.update(step_ms=ms, bytes=b, achieved_gbps=b["floor"] / ms / 1e6,
                floor_ms=b["floor"] / copy_gbps / 1e6, impl_floor_ms=b["implementation"] / copy_gbps / 1e6)
     row["x_floor"] = ms / row["floor_ms"]

@@ -686,15 +686,29 @@ def check_seqlens_arg(fn: str, seqlens, batch: int, device) -> torch.Tensor:
 _sm_counts: dict = {}
 
 
-def decode_splits(programs: int, max_tiles: int, device, waves: int = 2, cap: int = 64) -> int:
+def decode_splits(programs: int, max_tiles: int, device, waves: int = 2, cap: int = 64,
+                  resident: int | None = None) -> int:
     """Key-range splits per decode program (flash-decoding): enough programs for about `waves` waves of the
-    GPU's SMs, never more splits than key tiles, at most `cap` (the plan's split_waves / max_splits). Off the
-    GPU: always 2 (an empty split is legal), so the CPU tests exercise the merge, also for branches whose keys fit
-    one tile."""
+    GPU's SMs, never more splits than key tiles, at most `cap` (the plan's split_waves / max_splits). With
+    `resident` (programs of the kernel one SM holds at once, from its registers and shared memory: the compression
+    forms', decode_step.CMP_FORMS) instead: `splits_in_one_round`. Off the GPU: always 2 (an empty split is
+    legal), so the CPU tests exercise the merge, also for branches whose keys fit one tile."""
     device = torch.device(device)
     if device.type != "cuda":
         return 2
+    if resident:
+        return splits_in_one_round(programs, max_tiles, resident * _sm_count(device), cap)
     return max(1, min(-(-waves * _sm_count(device) // max(programs, 1)), max_tiles, cap))
+
+
+def splits_in_one_round(programs: int, max_tiles: int, slots: int, cap: int) -> int:
+    """As many splits as let every program run at once on `slots` (SMs x programs resident per SM), at least 1,
+    at most one per key tile and `cap`; then as few as give each split the same whole number of tiles at full
+    capacity (128 tiles in 99 splits are 2 tiles a split, 64 of them non-empty: launch 64). A bandwidth-bound
+    kernel whose programs all start together and do equal work finishes together: no second, partly filled round
+    (at batch 64 the ceil rule's two waves of 2 x 132 programs were 512 programs on 264 slots)."""
+    s = max(1, min(slots // max(programs, 1), max_tiles, cap))
+    return -(-max_tiles // -(-max_tiles // s)) if max_tiles > 0 else s
 
 
 def _sm_count(device: torch.device) -> int:

@@ -98,6 +98,7 @@ class DecodeDescriptor:
     index_wide_kernel: Any = None     # the index scores' "wide" form
     topn_chunks_kernel: Any = None    # the top-n forms "chunked" / "chunked_ticket" (decode_step.TOPN_FORMS)
     topn_merge_kernel: Any = None
+    cmp_form: str = "cmp_base"        # the compression kernel's launch form, decode_step.CMP_FORMS
 
     @property
     def n_branches(self) -> int:

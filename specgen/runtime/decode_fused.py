@@ -47,29 +47,34 @@ def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
 
 
 def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles,
-         topn=None):
+         topn=None, cmp=None):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
     geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
     compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
     (`score_tiles`), topn the chunked top-n forms' (CB, NCH, NCH_PAD, TICKET) (`topn_chunks`; None: the top-n
-    form "row"). decode_step.check_forms has refused descriptors `supports` rejects."""
+    form "row"), cmp the compression kernel's (tile, stages, warps, splits) in the descriptor's cmp_form
+    (`cmp_launch`, `cmp_splits`; None: the plan's tile and stages, 8 warps, the plan's split rule). The window
+    branch runs in the compression's launch, so it takes the form's stages and warps too.
+    decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
     paged = cache.paged
     T = cache.max_context
     NCV = cache.nc_cap - 1
-    tile_c = d.split_tiles["compression"]
+    tile_c, stages_c, warps_c, splits_c = cmp or (d.split_tiles["compression"], d.num_stages, 8, None)
     width, sc_cols, back = tiles
     n_tiles = triton.cdiv(NCV, tile_c)
     sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
     refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
     qs = (q.stride(0), q.stride(1), q.stride(2))
 
-    # 1. Compression (+ window): the split form's programs; 8 warps (the partials' tile map spills at 4).
+    # 1. Compression (+ window): the split form's programs and launch (8 warps in the base form: the partials' tile
+    # map spills at 4 at q_len 4).
     qlp, gp, chunks = rows_c
     programs = B * d.hkv * chunks
-    parts = {"compression": _parts(_splits(d, "compression", programs, NCV, num_splits, dev), B, QL, d, dev)}
+    parts = {"compression": _parts(num_splits or splits_c or _splits(d, "compression", programs, NCV, None, dev), B,
+                                   QL, d, dev)}
     Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
     rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
     o_c, l_c, s_c = parts["compression"]
@@ -83,13 +88,13 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
             Kc.stride(0), Kc.stride(1), Vc.stride(0), Vc.stride(1), Kw.stride(0), Kw.stride(1), Vw.stride(0),
             Vw.stride(1), block_table.stride(0), B, QL, cache.nc_cap, cache.tcap, s_c, s_w, d.softmax_scale,
             PAGED=paged, BLOCK_C=tile_c, BLOCK_W=d.split_tiles["window"], SCORES=2, SC_COLS=sc_cols, **rows_flags,
-            num_warps=8, num_stages=d.num_stages)
+            num_warps=warps_c, num_stages=stages_c)
     else:
         d.branch_kernels["compression"][(programs, s_c)](
             q, Kc, Vc, block_table, seqlens, o_c, l_c, o_c, sums, refs, *qs, Kc.stride(0), Kc.stride(1),
             Vc.stride(0), Vc.stride(1), block_table.stride(0), B, QL, cache.nc_cap, s_c, d.softmax_scale,
-            PAGED=False, BLOCK_N=tile_c, SCORES=2, SC_COLS=sc_cols, **rows_flags, num_warps=8,
-            num_stages=d.num_stages)
+            PAGED=False, BLOCK_N=tile_c, SCORES=2, SC_COLS=sc_cols, **rows_flags, num_warps=warps_c,
+            num_stages=stages_c)
 
     # 2. Scores + top-n (one program per sequence, new query, kv group) beside the merge of the other branches.
     n_sel = triton.cdiv(T, d.sel_block)

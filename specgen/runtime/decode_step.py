@@ -10,6 +10,7 @@ through the `specgen.runtime` package's functions, looked up at call time (tests
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -58,6 +59,23 @@ LAUNCH_FORMS = ("split", "fused")
 # one program per chunk of a row's blocks (its TOP_K_PAD largest keys into a candidate buffer), merged by
 # `_decode_topn_merge_kernel` (a second launch) or, with TICKET, by the row's last program (cache.tickets).
 TOPN_FORMS = {"row": None, "chunked": (128, 16, False), "chunked_ticket": (128, 16, True)}
+# The compression kernel's launch (DecodePlan.cmp_form; docs/decode.md "Compression forms"): name -> None
+# ("cmp_base": the plan's tile and stages, 8 warps on the partials path, splits for split_waves waves) or
+# CmpLaunch(keys per tile, stages, warps, programs resident per SM). The kernel is the same; a form changes its
+# launch. At num_stages 2 Triton keeps one shared-memory buffer per load and issues the next tile's copies after the
+# tile's last product, so every tile waits a full memory round trip; 3 stages keep one tile in flight while a tile
+# is computed, 4 two. `resident` is what one SM holds at q_len 1 (sm_90 compile, bench/cmp_decode_offline.py:
+# registers x threads and shared memory), and the splits are as many as run in one round of them
+# (runtime.splits_in_one_round): 1 at batch 64 x 64k, 64 at batch 1. A tile must hold whole selection blocks on
+# the partials path (its sums are per tile: the tile is also the partials' tile, score_tiles).
+CmpLaunch = collections.namedtuple("CmpLaunch", "tile stages warps resident")
+CMP_FORMS = {
+    "cmp_base": None,
+    "cmp_s3": CmpLaunch(64, 3, 8, None),       # two buffers (100.9 KB, 128 registers: 2 programs an SM); plan's splits
+    "cmp_s3_r2": CmpLaunch(64, 3, 8, 2),       # the same, splits for one round of 2 programs an SM
+    "cmp_s4_r1": CmpLaunch(64, 4, 8, 1),       # three buffers (141.8 KB: 1 an SM), two tiles in flight
+    "cmp_k32_r3": CmpLaunch(32, 4, 4, 3),      # 32 keys, 4 warps, three buffers (71.9 KB, 168 registers: 3 an SM)
+}
 
 
 def check_forms(d: DecodeDescriptor) -> None:
@@ -93,6 +111,17 @@ def check_forms(d: DecodeDescriptor) -> None:
                                  or d.topn_chunks_kernel is None):
         raise ValueError(f"{d.spec_name}: top-n form {d.topn_form!r} needs compression-scored selection on the "
                          f"partials path; use 'row'")
+    if d.cmp_form not in CMP_FORMS:
+        raise ValueError(f"{d.spec_name}: unknown compression form {d.cmp_form!r}; known: {list(CMP_FORMS)}")
+    if d.cmp_form != "cmp_base":
+        if not d.cmp_branch:
+            raise ValueError(f"{d.spec_name}: compression form {d.cmp_form!r} needs the compression branch; use "
+                             f"'cmp_base'")
+        tile = CMP_FORMS[d.cmp_form].tile
+        if d.scorer == "compression" and d.scoring == "partials" and tile % d.overlap_chunks:
+            raise ValueError(f"{d.spec_name}: compression form {d.cmp_form!r} walks {tile}-key tiles, not whole "
+                             f"selection blocks of {d.overlap_chunks} pooled keys (the partial sums are per tile); "
+                             f"use one whose tile is a multiple of {d.overlap_chunks}, or 'cmp_base'")
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,11 +145,33 @@ def split_rows(d: DecodeDescriptor, kind: str, q_len: int) -> tuple[int, int, in
 
 
 @functools.lru_cache(maxsize=None)
+def cmp_launch(d: DecodeDescriptor, scores: int = 2, q_len: int = 1) -> CmpLaunch:
+    """The compression kernel's (tile, stages, warps, resident) in the descriptor's cmp_form (CMP_FORMS) for a step
+    with `scores` (0 none, 1 logits, 2 partials) and `q_len`; "cmp_base" is the plan's tile and stages, 8 warps on
+    the partials path (at 4 its tile-to-block map spills on sm_90 at q_len 4: 255 registers, 880 bytes) or where a
+    program's rows x DV reach 16384, 4 otherwise, and no `resident` (the plan's split rule). The partials' tile
+    (score_tiles, topn) is this tile."""
+    form = CMP_FORMS[d.cmp_form]
+    if form is not None:
+        return form
+    qlp, gp, _ = split_rows(d, "compression", q_len)
+    warps = 4 if qlp * gp * d.dv < 16384 and scores != 2 else 8
+    return CmpLaunch(d.split_tiles["compression"], d.num_stages, warps, None)
+
+
+def cmp_splits(d: DecodeDescriptor, programs: int, n_keys: int, device) -> int:
+    """The compression branch's split count: the form's one-round rule (CmpLaunch.resident) or the plan's waves."""
+    c = cmp_launch(d)
+    return _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), c.tile), device, d.split_waves, d.max_splits,
+                             resident=c.resident)
+
+
+@functools.lru_cache(maxsize=None)
 def score_tiles(d: DecodeDescriptor) -> tuple[int, int, int]:
     """(SC_W, SC_COLS, BACK) of the partials path: selection-block sums a compression tile stores (its own NSB
     blocks and the overlap_spill after them), their columns padded to a power of two >= 16 (tl.dot's N), and how
     many tiles back a selection block's sums may come from."""
-    nsb = d.split_tiles["compression"] // d.overlap_chunks
+    nsb = cmp_launch(d).tile // d.overlap_chunks
     width = nsb + d.overlap_spill
     return width, max(16, triton.next_power_of_2(width)), triton.cdiv(d.overlap_spill, nsb)
 
@@ -146,7 +197,7 @@ def topn(d: DecodeDescriptor, sums, refs, lse_part, splits, seqlens, indices, ti
     descriptor's topn_form (TOPN_FORMS), from the compression kernel's partial sums and refs and its lse
     partials [splits, B, QL, HQ]; `tickets` (int32, zero, at least one per row) serve "chunked_ticket"."""
     rows = indices.shape[0] * QL * d.hkv
-    tile = d.split_tiles["compression"]
+    tile = cmp_launch(d).tile
     common = dict(GP=triton.next_power_of_2(d.group), BLOCK_N=tile, NSPLIT_PAD=triton.next_power_of_2(splits),
                   BACK=score_tiles(d)[2])
     chunks = topn_chunks(d, n_sel)
@@ -180,11 +231,16 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
     programs = B * d.hkv * chunks * (QL if kind == "selection" else 1)
     tile = d.split_tiles[kind]
     stages = d.num_stages
+    warps = 4 if qlp * gp * d.dv < 16384 else 8
     if kind == "selection" and d.mla:
         form, form_tile, form_stages = SELECTION_FORMS[d.selection_form]
         tile, stages = form_tile or tile, form_stages or stages
-    splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device, d.split_waves,
-                                             d.max_splits)
+    if kind == "compression":
+        tile, stages, warps, _ = cmp_launch(d, len(scores or ()), QL)
+        splits = num_splits or cmp_splits(d, programs, n_keys, q.device)
+    else:
+        splits = num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), tile), q.device,
+                                                 d.split_waves, d.max_splits)
     o_part = torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=q.device)
     kernel = d.branch_kernels[kind]
@@ -199,9 +255,6 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
         sums, refs = scores if len(scores) == 2 else (o_part, o_part)
         extra = (logits, sums, refs)
         flags = {"SCORES": len(scores), "SC_COLS": score_tiles(d)[1] if len(scores) == 2 else 16}
-    # The partials path's tile-to-block map needs registers the paper config's 4 warps lack (255 registers and 80
-    # spill bytes at 4 warps on sm_90, none at 8; the logits path spills 24 bytes at 4).
-    warps = 4 if qlp * gp * d.dv < 16384 and flags.get("SCORES") != 2 else 8
     kernel[(programs, splits)](
         q, K, V, block_table, seqlens, o_part, lse_part, *extra,
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
@@ -357,10 +410,12 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
     if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
         QL = q.shape[1]
+        rows_c = split_rows(d, "compression", QL)
+        tile, stages, warps, _ = cmp_launch(d, 2, QL)
+        cmp = (tile, stages, warps, cmp_splits(d, q.shape[0] * d.hkv * rows_c[2], cache.nc_cap - 1, q.device))
         out, lse, indices = decode_fused.step(d, q, cache, seqlens, block_table, gates, out, num_splits,
-                                              split_rows(d, "compression", QL), split_rows(d, "selection", QL),
-                                              score_tiles(d), topn_chunks(d, triton.cdiv(cache.max_context,
-                                                                                         d.sel_block)))
+                                              rows_c, split_rows(d, "selection", QL), score_tiles(d),
+                                              topn_chunks(d, triton.cdiv(cache.max_context, d.sel_block)), cmp)
         return checks.results(out, lse, indices, return_lse, return_indices)
     B, QL = q.shape[0], q.shape[1]
     hkv = d.hkv
@@ -374,7 +429,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         # The compression kernel writes the selection's inputs as it walks the pooled keys: its partial block sums
         # per tile and head, or (logits path) every base-2 logit.
         if d.scoring == "partials":
-            tile = d.split_tiles["compression"]
+            tile = cmp_launch(d).tile
             f32 = dict(dtype=torch.float32, device=q.device)
             n_tiles = triton.cdiv(NCV, tile)
             scores = (torch.empty((B, QL, d.hq, n_tiles, score_tiles(d)[0]), **f32),
