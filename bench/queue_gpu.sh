@@ -18,6 +18,7 @@
 #   CALL=4  chunked prefill (issue 18) after the host-built index lists and in-place / page-gathered paged keys
 #           (docs/varlen.md, untimed): bash bench/prefill_gpu.sh (tests, nsa_paper and dsa_v32 64k in 8k chunks with
 #           chunk_host_ms, nsa_paper --gather).
+#   CALL=5  the decode compression kernel's forms (cmp_*: pipelined stages, split rule; untimed): tests + bench.
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3|4 bash bench/queue_gpu.sh   (T1.. re-split a call)
@@ -66,5 +67,17 @@ case ${CALL:-1} in
 4)
   piece ${T1:=560} && { OUT=$W/prefill timeout $T1 bash bench/prefill_gpu.sh 2>&1 | tail -30; pack; }
   ;;
-*) echo "CALL must be 1, 2, 3 or 4" >&2; exit 2 ;;
+5)
+  # The decode compression kernel's launch forms (docs/decode.md "Compression forms"): GPU tests, then timing at
+  # batch 1 and 64 against split (the default) in one process per batch.
+  piece ${T1:=90} && { mkdir -p $W/cmp; ( env_in $W/cmp; timeout $T1 python -m pytest -q -rfE --tb=short \
+      -p no:cacheprovider tests/test_decode.py -k cmp_form 2>&1 | tail -8 | tee $W/cmp/cmp_form_tests.log ); pack; }
+  piece ${T2:=150} && { ( env_in $W/cmp
+      for bb in 64 1; do
+        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
+          --decode-forms split cmp_s3 cmp_s3_r2 cmp_s4_r1 cmp_k32_r3 fused+cmp_s3_r2 --out "$W/cmp/results" \
+          2>&1 | tee -a "$W/cmp/cmp_bench.log" | tail -14
+      done ); pack; }
+  ;;
+*) echo "CALL must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
 esac
