@@ -8,7 +8,7 @@ atomics: bit-for-bit or not is recorded). One JSON line per (stage, T, path).
 The dense stage is timed without lse_main (the forward's own lse pass: `*_no_lse`) and, unless --no-dense-lse, with
 it (`*_lse`: the main attention's lse, as a training step's dense attention returns it; taken from a forward
 without it). The dense forward's forms (docs/distill.md, "The dense forward's forms") are the variants
-fused_qreg / fused_qreg_k32; `--check-dense T` checks each variant's dense loss and gradients against the float64
+fused_qreg / fused_qreg_k32 (fused_qreg_dq: qreg's query-side backward too); `--check-dense T` checks each variant's dense loss and gradients against the float64
 reference first.
 
 Usage (GPU): python bench/distill_bench.py [SPEC] --sparse 16384 32768 65536 --dense 16384 32768 [--json FILE]
@@ -35,13 +35,16 @@ from specgen.perf.bench import event_median_ms as _event_median_ms
 from specgen.perf.bench_train import dense_baseline_shapes, differentiable_names
 
 IDX = ("q_idx", "k_idx", "w_idx")
-# (name, path, backward warps, sparse forward form, dense forward form): the legacy kernels, the fused ones, the
-# fused backward on two warpgroups, the fused sparse forward's forms (docs/distill.md, "The sparse forward's forms"),
-# the fused dense forward's forms ("The dense forward's forms").
-VARIANTS = (("legacy", "legacy", None, "base", "base"), ("fused", "fused", None, "base", "base"),
-            ("fused_bw8", "fused", 8, "base", "base"), ("fused_pf", "fused", None, "pf", "base"),
-            ("fused_km", "fused", None, "km", "base"), ("fused_km_pf", "fused", None, "km_pf", "base"),
-            ("fused_qreg", "fused", None, "base", "qreg"), ("fused_qreg_k32", "fused", None, "base", "qreg_k32"))
+# (name, path, backward warps, sparse forward form, dense forward form, dense query-side backward form): the legacy
+# kernels, the fused ones, the fused backward on two warpgroups, the fused sparse forward's forms (docs/distill.md,
+# "The sparse forward's forms"), the fused dense forward's forms and its query-side backward's ("The dense
+# forward's forms").
+VARIANTS = (("legacy", "legacy", None, "base", "base", "base"), ("fused", "fused", None, "base", "base", "base"),
+            ("fused_bw8", "fused", 8, "base", "base", "base"), ("fused_pf", "fused", None, "pf", "base", "base"),
+            ("fused_km", "fused", None, "km", "base", "base"), ("fused_km_pf", "fused", None, "km_pf", "base", "base"),
+            ("fused_qreg", "fused", None, "base", "qreg", "base"),
+            ("fused_qreg_k32", "fused", None, "base", "qreg_k32", "base"),
+            ("fused_qreg_dq", "fused", None, "base", "qreg", "qreg"))
 DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
 
 
@@ -96,7 +99,7 @@ def event_median_ms(fn, reps: int) -> float:
 
 
 class _Forms:
-    """Sets a module's launch configs for one variant (path, backward warps, sparse and dense forward forms) and
+    """Sets a module's launch configs for one variant (path, backward warps, the sparse and dense forms) and
     restores its own on exit."""
 
     def __init__(self, mod, variant):
@@ -104,23 +107,23 @@ class _Forms:
 
     def __enter__(self):
         lc = self.launches
-        self.saved = lc.path, dict(lc.bwd_options), lc.fwd_form, lc.dense_fwd_form
-        _, path, bwd_warps, form, dense_form = self.variant
-        lc.path, lc.fwd_form, lc.dense_fwd_form = path, form, dense_form
+        self.saved = lc.path, dict(lc.bwd_options), lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form
+        _, path, bwd_warps, form, dense_form, dense_dq_form = self.variant
+        lc.path, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = path, form, dense_form, dense_dq_form
         lc.bwd_options = {"num_warps": bwd_warps} if bwd_warps else self.saved[1]
         return self
 
     def __exit__(self, *exc):
         lc = self.launches
-        lc.path, lc.bwd_options, lc.fwd_form, lc.dense_fwd_form = self.saved
+        lc.path, lc.bwd_options, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = self.saved
         return False
 
 
 def _applies(variant, stage: str) -> bool:
     """A sparse forward form or the 8-warp sparse backward changes nothing in the dense stage; a dense form
     nothing in the sparse one."""
-    _, _, bwd_warps, form, dense_form = variant
-    return not (bwd_warps or form != "base") if stage == "dense" else dense_form == "base"
+    _, _, bwd_warps, form, dense_form, dense_dq_form = variant
+    return not (bwd_warps or form != "base") if stage == "dense" else dense_form == dense_dq_form == "base"
 
 
 def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFAULT_VARIANTS,

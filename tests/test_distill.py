@@ -789,14 +789,16 @@ def test_fwd_form_is_checked(tmp_path_factory):
 
 @pytest.fixture
 def dense_form_of():
-    """Sets a module's dense_fwd_form for one test and spies on the dense fused forward's launches: the kernel
-    launched and its form constexprs (BK, STAGES, QSMEM; None for the base kernel)."""
+    """Sets a module's dense_fwd_form (and dense_dq_form) for one test and spies on the dense fused forward's and
+    query-side backward's launches: the kernel launched and its form constexprs (BK, STAGES, QSMEM; None for the
+    base kernels)."""
     touched = []
 
-    def set_form(module, form):
+    def set_form(module, form, dq_form="base"):
         launches = module._DISTILL_LAUNCHES
         seen = []
-        saved = {n: launches.kernels[n] for n in ("fwd_dense_fused", "fwd_dense_qreg")}
+        saved = {n: launches.kernels[n] for n in ("fwd_dense_fused", "fwd_dense_qreg", "dq_dense_fused",
+                                                  "dq_dense_qreg")}
 
         def spy(name):
             class Spy:
@@ -806,13 +808,13 @@ def dense_form_of():
                         return saved[name][grid](*args, **kwargs)
                     return launch
             return Spy()
-        touched.append((launches, launches.dense_fwd_form, saved))
-        launches.dense_fwd_form = form
+        touched.append((launches, launches.dense_fwd_form, launches.dense_dq_form, saved))
+        launches.dense_fwd_form, launches.dense_dq_form = form, dq_form
         launches.kernels.update({n: spy(n) for n in saved})
         return seen
     yield set_form
-    for launches, form, saved in reversed(touched):
-        launches.dense_fwd_form = form
+    for launches, form, dq_form, saved in reversed(touched):
+        launches.dense_fwd_form, launches.dense_dq_form = form, dq_form
         launches.kernels.update(saved)
 
 
@@ -839,8 +841,8 @@ DENSE_FORM_CASES = [("gqa", "fp32", 2, 29, True, None), ("group3", "fp16", 1, 33
                          ids=[f"{c[0]}-{c[1]}-B{c[2]}-T{c[3]}" + ("-lse" if c[4] else "") for c in DENSE_FORM_CASES])
 def test_dense_forward_forms(case, tmp_path_factory, dense_form_of):
     """Each register-operand form's loss, statistics and computed lse equal the base kernel's within fp32
-    rounding and its loss matches the float64 reference; so do the gradients after the first form's forward (the
-    backward reads its statistics: the same for every form, as checked). The spy sees the form's kernel and
+    rounding and its loss matches the float64 reference; so do the gradients of the qreg forward and the qreg
+    query-side backward (dense_dq_form; the key side is the base kernel's). The spy sees each form's kernels and
     constexprs launched."""
     shape, dtype, B, T, given, bt = case
     spec = spec_of(shape, dtype)
@@ -867,11 +869,11 @@ def test_dense_forward_forms(case, tmp_path_factory, dense_form_of):
         loss = outs[form][0]
         assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6, (form, loss.item(), ref.item())
     for form in DENSE_FORMS[:1]:
-        seen = dense_form_of(module, form)
+        seen = dense_form_of(module, form, form)
         xk = {n: v.clone().requires_grad_(True) for n, v in x.items()}
         loss = module.distill_loss(**xk, lse_main=lse, stage="dense")
         loss.backward()
-        assert seen == launched[form]
+        assert seen == launched[form] + [("dq_dense_qreg",) + launched[form][0][1:]]
         for n in IDX_INPUTS:
             err = R.rel_err(xk[n].grad, x64[n].grad)
             assert err < tol_grad, f"{form} d{n}: rel err {err:.3g}"
@@ -879,8 +881,8 @@ def test_dense_forward_forms(case, tmp_path_factory, dense_form_of):
 
 @pytest.mark.parametrize("form", DENSE_FORMS)
 def test_dense_forward_forms_packed(form, tmp_path_factory, dense_form_of):
-    """A packed batch (cu_seqlens) through each form (programs in reverse over the tile table, longest rows
-    first): the loss and gradients of the reference run per sequence."""
+    """A packed batch (cu_seqlens) through each form, forward and (qreg) query-side backward (programs in reverse
+    over the tile table, longest rows first): the loss and gradients of the reference run per sequence."""
     spec = spec_of("gqa")
     module = kernel_module(spec, tmp_path_factory, dense_form_tiles(spec))
     lengths = [21, 0, 1, 9, 34]
@@ -892,11 +894,12 @@ def test_dense_forward_forms_packed(form, tmp_path_factory, dense_form_of):
     x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
     ref = R.varlen.distill_loss_varlen(spec, **x64, cu_seqlens=cu)
     ref.backward()
-    seen = dense_form_of(module, form)
+    dq_form = form if form in runtime.distill.DENSE_DQ_FORMS else "base"
+    seen = dense_form_of(module, form, dq_form)
     xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
     loss = module.distill_loss(**xk, stage="dense", cu_seqlens=cu, max_seqlen=max(lengths))
     loss.backward()
-    assert [s[0] for s in seen] == ["fwd_dense_qreg"]
+    assert [s[0] for s in seen] == ["fwd_dense_qreg", "dq_dense_qreg" if dq_form != "base" else "dq_dense_fused"]
     assert abs(loss.item() - ref.item()) <= 2e-5 * abs(ref.item()) + 1e-6, (loss.item(), ref.item())
     for n in IDX_INPUTS:
         assert R.rel_err(xk[n].grad, x64[n].grad) < 2e-5, n
@@ -907,12 +910,15 @@ def test_dense_fwd_form_is_checked(tmp_path_factory):
     module = kernel_module(spec, tmp_path_factory)
     launches = module._DISTILL_LAUNCHES
     assert launches.dense_fwd_form == make_distill_plan(spec).dense_fwd_form == "base"   # untimed: base
+    assert launches.dense_dq_form == make_distill_plan(spec).dense_dq_form == "base"
     assert tuple(launches.dense_forms) == DENSE_FORMS
     with pytest.raises(runtime.ArgumentError, match="`dense_fwd_form` must be one of"):
         launches.dense_fwd_form = "fast"
+    with pytest.raises(runtime.ArgumentError, match=r"`dense_dq_form` must be one of \('base', 'qreg'\)"):
+        launches.dense_dq_form = "qreg_k32"
     # A module whose plan renders no register-operand form (none fits) takes the base form only.
     bare = kernel_module(spec, tmp_path_factory, dataclasses.replace(make_distill_plan(spec), dense_forms=()))
-    assert "fwd_dense_qreg" not in bare._DISTILL_LAUNCHES.kernels
+    assert "fwd_dense_qreg" not in bare._DISTILL_LAUNCHES.kernels and "dq_dense_qreg" not in bare._DISTILL_LAUNCHES.kernels
     with pytest.raises(runtime.ArgumentError, match=r"one of \('base',\)"):
         bare._DISTILL_LAUNCHES.dense_fwd_form = "qreg"
 

@@ -207,6 +207,9 @@ class DistillPlan:
     dense_fwd_form: str = "base"
     dense_forms: tuple = ()
     dense_piece: int = 128
+    # The dense backward's query side in a register-operand form (Launches.dense_dq_form; runtime.distill.
+    # DENSE_DQ_FORMS: "base" or "qreg", the kernel _distill_dq_dense_qreg_kernel with qreg's constexprs).
+    dense_dq_form: str = "base"
 
     def fused_tiles(self) -> "DistillPlan":
         """The tiles the fused path's kernels are rendered with."""
