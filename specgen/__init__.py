@@ -30,8 +30,9 @@ __version__ = "0.1.0"
 # kernel's H0 argument; 18: the distillation launches' `fwd_form` (runtime.distill.Launches, the sparse fused
 # forward's FORM constexpr); 19: the compression-scored decode's top-n forms (DecodeDescriptor.topn_form,
 # topn_chunks_kernel / topn_merge_kernel) and the fused select-merge kernel's CAND / TICKETS / NCH arguments and
-# CHUNKED / CB / NCH_PAD / TICKET constexprs; 20: the distillation launches' `dense_fwd_form` and `dense_forms`
-# (runtime.distill.Launches, the dense fused forward's register-operand kernel and its BK / STAGES / QSMEM).
+# CHUNKED / CB / NCH_PAD / TICKET constexprs; 20: the distillation launches' `dense_fwd_form`, `dense_dq_form` and
+# `dense_forms` (runtime.distill.Launches, the dense register-operand kernels fwd_dense_qreg / dq_dense_qreg and
+# their BK / STAGES / QSMEM constexprs).
 RUNTIME_SCHEMA = 20
 
 

@@ -833,7 +833,7 @@ def dense_form_tiles(spec, bt=None):
 DENSE_FORMS = runtime.distill.DENSE_FWD_FORMS[1:]
 # (shape, dtype, B, T, lse_main given, query positions a program): a split head dim and padded indexer heads (gqa,
 # 8 positions), padded main heads (group3), V3.2's layout at one position a program (mla_split), fp16 and bf16.
-DENSE_FORM_CASES = [("gqa", "fp32", 2, 29, True, None), ("group3", "fp16", 1, 33, False, None),
+DENSE_FORM_CASES = [("gqa", "fp32", 2, 29, True, None), ("group3", "fp16", 1, 25, False, None),
                     ("mla_split", "fp32", 1, 35, False, 1), ("mla_split", "bf16", 1, 19, True, 1)]
 
 
