@@ -116,6 +116,29 @@ def compile_report(fn, dtype: str, overrides: dict, num_warps: int, num_stages: 
     return {**kernel_report(k), **(extra(k) if extra else {}), "compile_s": round(time.time() - t0, 1)}
 
 
+def loop_report(k) -> list[dict]:
+    """Per loop of the compiled kernel's SASS (a backward branch: body from its target to the branch): instructions,
+    wgmma (HGMMA), wgmma waits (WARPGROUP.DEPBAR), barriers, shuffles, special-function ops, local-memory spill
+    traffic (STL, LDL) and asynchronous copies (LDGSTS). As many waits as HGMMA means ptxas serialised the
+    products (it does so for a whole kernel when it runs short of registers), not just Triton's one wait a dot."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    pats = {"instr": r"", "hgmma": r"HGMMA", "waits": r"WARPGROUP\.DEPBAR", "bar": r"BAR\.SYNC", "shfl": r"SHFL",
+            "mufu": r"MUFU", "stl": r"\bSTL", "ldl": r"\bLDL", "ldgsts": r"LDGSTS"}
+    out = []
+    for addr, text in ins:
+        m = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in ins if int(m.group(1), 16) <= a <= addr]
+            out.append({k: sum(1 for t in body if re.search(v, t)) for k, v in pats.items()})
+    return out
+
+
 class Rows:
     """A report's rows: each printed as it comes (flushed), and appended as one JSON line to `path` if given."""
 

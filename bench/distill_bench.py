@@ -5,7 +5,15 @@ of the unabsorbed MHA for an MLA spec (Hq heads, d 192/128, causal) measured in 
 gradients are compared with the fused path's (relative error) and the fused sparse backward is run twice (its
 atomics: bit-for-bit or not is recorded). One JSON line per (stage, T, path).
 
+The dense stage is timed without lse_main (the forward's own lse pass: `*_no_lse`) and, unless --no-dense-lse, with
+it (`*_lse`: the main attention's lse, as a training step's dense attention returns it; taken from a forward
+without it). The dense forward's forms (docs/distill.md, "The dense forward's forms") are the variants
+fused_qreg / fused_qreg_k32 (fused_qreg_dq: qreg's query-side backward too); `--check-dense T` checks each variant's dense loss and gradients against the float64
+reference first.
+
 Usage (GPU): python bench/distill_bench.py [SPEC] --sparse 16384 32768 65536 --dense 16384 32768 [--json FILE]
+             python bench/distill_bench.py --variants fused fused_qreg fused_qreg_k32 --check-dense 512 --sparse \
+                 --dense 16384 32768
 """
 
 from __future__ import annotations
@@ -27,10 +35,16 @@ from specgen.perf.bench import event_median_ms as _event_median_ms
 from specgen.perf.bench_train import dense_baseline_shapes, differentiable_names
 
 IDX = ("q_idx", "k_idx", "w_idx")
-# (name, path, backward warps, sparse forward form): the legacy kernels, the fused ones, the fused backward on two
-# warpgroups, the fused sparse forward's forms (docs/distill.md, "The sparse forward's forms").
-VARIANTS = (("legacy", "legacy", None, "base"), ("fused", "fused", None, "base"), ("fused_bw8", "fused", 8, "base"),
-            ("fused_pf", "fused", None, "pf"), ("fused_km", "fused", None, "km"), ("fused_km_pf", "fused", None, "km_pf"))
+# (name, path, backward warps, sparse forward form, dense forward form, dense query-side backward form): the legacy
+# kernels, the fused ones, the fused backward on two warpgroups, the fused sparse forward's forms (docs/distill.md,
+# "The sparse forward's forms"), the fused dense forward's forms and its query-side backward's ("The dense
+# forward's forms").
+VARIANTS = (("legacy", "legacy", None, "base", "base", "base"), ("fused", "fused", None, "base", "base", "base"),
+            ("fused_bw8", "fused", 8, "base", "base", "base"), ("fused_pf", "fused", None, "pf", "base", "base"),
+            ("fused_km", "fused", None, "km", "base", "base"), ("fused_km_pf", "fused", None, "km_pf", "base", "base"),
+            ("fused_qreg", "fused", None, "base", "qreg", "base"),
+            ("fused_qreg_k32", "fused", None, "base", "qreg_k32", "base"),
+            ("fused_qreg_dq", "fused", None, "base", "qreg", "qreg"))
 DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
 
 
@@ -84,8 +98,36 @@ def event_median_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+class _Forms:
+    """Sets a module's launch configs for one variant (path, backward warps, the sparse and dense forms) and
+    restores its own on exit."""
+
+    def __init__(self, mod, variant):
+        self.launches, self.variant = mod._DISTILL_LAUNCHES, variant
+
+    def __enter__(self):
+        lc = self.launches
+        self.saved = lc.path, dict(lc.bwd_options), lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form
+        _, path, bwd_warps, form, dense_form, dense_dq_form = self.variant
+        lc.path, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = path, form, dense_form, dense_dq_form
+        lc.bwd_options = {"num_warps": bwd_warps} if bwd_warps else self.saved[1]
+        return self
+
+    def __exit__(self, *exc):
+        lc = self.launches
+        lc.path, lc.bwd_options, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = self.saved
+        return False
+
+
+def _applies(variant, stage: str) -> bool:
+    """A sparse forward form or the 8-warp sparse backward changes nothing in the dense stage; a dense form
+    nothing in the sparse one."""
+    _, _, bwd_warps, form, dense_form, dense_dq_form = variant
+    return not (bwd_warps or form != "base") if stage == "dense" else dense_form == dense_dq_form == "base"
+
+
 def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFAULT_VARIANTS,
-        lse_only: bool = False) -> None:
+        lse_only: bool = False, dense_lse: bool = True) -> None:
     gen = torch.Generator(DEVICE).manual_seed(T)
     x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
     attention = getattr(mod, f"{spec.family}_attention")
@@ -101,18 +143,24 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
             lse_main = lse[..., 0].contiguous()
             row0["attention_fwd_ms"] = event_median_ms(fwd, reps)
         del _
-    launches = mod._DISTILL_LAUNCHES
-    default_path, default_bwd, default_form = launches.path, dict(launches.bwd_options), launches.fwd_form
+    elif dense_lse:
+        # The dense attention's lse over s <= t, as a training step has it: the loss's own lse pass computes it.
+        with torch.no_grad():
+            lse_main = mod._distill_fwd(x["q"], x["k"], *(x[n] for n in IDX), None, None, None, 0)[2]
+    givens = (True,) if lse_only else (True, False)
+    if stage == "dense" and not dense_lse:
+        givens = (False,)
     ref_grads = ref_loss = None
-    for name, path, bwd_warps, form in VARIANTS:
-        if name not in variants or (stage == "dense" and (bwd_warps or form != "base")):
+    for variant in VARIANTS:
+        name, path = variant[:2]
+        if name not in variants or not _applies(variant, stage):
             continue
-        launches.path, launches.fwd_form = path, form
-        launches.bwd_options = {"num_warps": bwd_warps} if bwd_warps else default_bwd
         row = dict(row0, path=name)
         trained = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
+        forms = _Forms(mod, variant)
+        forms.__enter__()
         try:
-            for given in (((True,) if lse_only else (True, False)) if stage == "sparse" else (False,)):
+            for given in givens:
                 lse_arg = lse_main if given else None
                 tag = "lse" if given else "no_lse"
                 loss_fn = lambda: mod.distill_loss(x["q"], x["k"], **trained, indices=indices,  # noqa: E731
@@ -124,7 +172,7 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
                 loss = loss_fn()
                 grads = torch.autograd.grad(loss, tuple(trained.values()))
                 row[f"loss_{tag}"] = float(loss.detach())
-                if given or stage == "dense":
+                if given or givens == (False,):
                     if stage == "sparse" and path == "fused":
                         again = torch.autograd.grad(loss_fn(), tuple(trained.values()))
                         row["repeat_bitwise"] = all(torch.equal(a, b) for a, b in zip(grads, again))
@@ -142,7 +190,7 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
         except torch.cuda.OutOfMemoryError as exc:
             row["out_of_memory"] = str(exc).splitlines()[0][:160]
         finally:
-            launches.path, launches.bwd_options, launches.fwd_form = default_path, default_bwd, default_form
+            forms.__exit__()
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         line = json.dumps(row)
@@ -152,38 +200,38 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
             out.flush()
 
 
-def check(mod, spec, T: int, variants, out, base: dict) -> None:
-    """Each variant's sparse-stage loss and gradients (lse_main given) against the float64 reference
-    (specgen.reference.distill_loss) at a short T: one JSON line per variant, `ok` when within bf16 tolerances."""
+def check(mod, spec, T: int, variants, out, base: dict, stage: str = "sparse") -> None:
+    """Each variant's loss and gradients in `stage` against the float64 reference (specgen.reference.distill_loss)
+    at a short T, lse_main given (and, dense stage, not: the forward's own lse pass): one JSON line per variant (and
+    lse), `ok` when within bf16 tolerances."""
     gen = torch.Generator(DEVICE).manual_seed(T + 1)
     x = reference.make_inputs(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
-    with torch.no_grad():
-        indices = mod.index_topk(*(x[n] for n in IDX))
+    indices = ind = None
+    if stage == "sparse":
+        with torch.no_grad():
+            indices = mod.index_topk(*(x[n] for n in IDX))
+        ind = indices.cpu()
     x64 = {n: x[n].detach().cpu().double().requires_grad_(n in IDX) for n in ("q", "k") + IDX}
-    ind = indices.cpu()
     ref = reference.distill_loss(spec, **x64, indices=ind)
     ref.backward()
     lse = reference.main_lse(spec, x64["q"], x64["k"], indices=ind).float().to(DEVICE)
-    launches = mod._DISTILL_LAUNCHES
-    saved = launches.path, dict(launches.bwd_options), launches.fwd_form
-    for name, path, bwd_warps, form in VARIANTS:
-        if name not in variants:
+    for variant in VARIANTS:
+        name = variant[0]
+        if name not in variants or not _applies(variant, stage):
             continue
-        launches.path, launches.fwd_form = path, form
-        launches.bwd_options = {"num_warps": bwd_warps} if bwd_warps else saved[1]
-        try:
-            xk = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
-            loss = mod.distill_loss(x["q"], x["k"], **xk, indices=indices, lse_main=lse)
-            loss.backward()
-            row = dict(base, stage="check", T=T, path=name, loss=loss.item(), loss_ref=ref.item(),
+        for lse_main in (lse,) if stage == "sparse" else (lse, None):
+            with _Forms(mod, variant):
+                xk = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
+                loss = mod.distill_loss(x["q"], x["k"], **xk, indices=indices, lse_main=lse_main, stage=stage)
+                loss.backward()
+            row = dict(base, stage="check" if stage == "sparse" else "check_dense", T=T, path=name,
+                       lse_given=lse_main is not None, loss=loss.item(), loss_ref=ref.item(),
                        loss_rel_err=abs(loss.item() - ref.item()) / abs(ref.item()),
                        grad_rel_err={n: rel_err(xk[n].grad.cpu(), x64[n].grad) for n in IDX})
-        finally:
-            launches.path, launches.bwd_options, launches.fwd_form = saved
-        row["ok"] = row["loss_rel_err"] < 1e-3 and all(e < 2e-2 for e in row["grad_rel_err"].values())
-        print(json.dumps(row), flush=True)
-        if out:
-            out.write(json.dumps(row) + "\n")
+            row["ok"] = row["loss_rel_err"] < 1e-3 and all(e < 2e-2 for e in row["grad_rel_err"].values())
+            print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
 
 
 def main(argv=None) -> int:
@@ -200,6 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cudnn", action="store_true")
     ap.add_argument("--check", type=int, default=0,
                     help="T: first each variant's sparse loss and gradients against the float64 reference at T")
+    ap.add_argument("--check-dense", type=int, default=0,
+                    help="T: first each variant's dense loss and gradients against the float64 reference at T")
+    ap.add_argument("--no-dense-lse", action="store_true",
+                    help="dense stage: only without lse_main (the forward's own lse pass), as before")
     args = ap.parse_args(argv)
     global DEVICE
     DEVICE = args.device
@@ -210,10 +262,12 @@ def main(argv=None) -> int:
     out = open(args.json, "a") if args.json else None
     if args.check:
         check(mod, spec, args.check, args.variants, out, base)
+    if args.check_dense:
+        check(mod, spec, args.check_dense, args.variants, out, base, stage="dense")
     for stage, seqlens in (("sparse", args.sparse), ("dense", args.dense)):
         for T in seqlens:
             t0 = time.time()
-            run(mod, spec, stage, T, args.reps, out, base, args.variants, args.lse_only)
+            run(mod, spec, stage, T, args.reps, out, base, args.variants, args.lse_only, not args.no_dense_lse)
             if DEVICE != "cuda" or args.no_cudnn:
                 continue
             dense = dict(base, stage="cudnn_mha", T=T, **cudnn_ms(spec, T, args.reps))

@@ -3,7 +3,9 @@ shared memory and matrix instructions (wgmma / mma.sync in the PTX) of each kern
 operands aligned as Triton's JIT specialises them on the GPU (`compile_offline.py --aligned`).
 
 Usage: python bench/distill_offline.py [SPEC] [--kernel _distill_dq_sparse_kernel ...] [--warps 4 8] [--stages 1]
-       [--const NAME=VALUE ...] [--json FILE]
+       [--const NAME=VALUE ...] [--loops] [--json FILE]
+`--loops` adds each loop's SASS counts (compile_offline.loop_report: wgmma and their waits, barriers, spills).
+The dense forward's forms: --kernel _distill_fwd_dense_qreg_kernel --warps 8 --const HAS_LSE=1 BK=64 STAGES=2 QSMEM=8
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(__file__))
-from compile_offline import Rows, compile_report, dtype_of  # noqa: E402
+from compile_offline import Rows, compile_report, dtype_of, loop_report  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.model.spec import load_spec  # noqa: E402
@@ -26,9 +28,10 @@ KERNELS = ("_distill_fwd_sparse_kernel", "_distill_dq_sparse_kernel", "_distill_
            "_distill_fwd_dense_kernel", "_distill_dq_dense_kernel", "_distill_dk_dense_kernel")
 
 
-def report(mod, kernel: str, warps: int, stages: int, consts: dict) -> dict:
+def report(mod, kernel: str, warps: int, stages: int, consts: dict, loops: bool = False) -> dict:
     ov = dict(SIG, **{k: f"constexpr={v}" for k, v in consts.items()})   # names the kernel lacks are left out
-    return compile_report(getattr(mod, kernel), dtype_of(mod), ov, warps, stages)
+    extra = (lambda k: {"loops": loop_report(k)}) if loops else None
+    return compile_report(getattr(mod, kernel), dtype_of(mod), ov, warps, stages, extra=extra)
 
 
 def main(argv=None) -> int:
@@ -38,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, nargs="*", default=[4])
     ap.add_argument("--stages", type=int, nargs="*", default=[1])
     ap.add_argument("--const", nargs="*", default=[], help="constexpr NAME=VALUE (e.g. VARIANT=1)")
+    ap.add_argument("--loops", action="store_true", help="each loop's SASS counts (wgmma, their waits, spills)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     consts = {k: int(v) for k, v in (c.split("=", 1) for c in args.const)}
@@ -47,12 +51,13 @@ def main(argv=None) -> int:
     for kernel in args.kernel:
         for w in args.warps:
             for st in args.stages:
-                r = report(mod, kernel, w, st, consts)
+                r = report(mod, kernel, w, st, consts, args.loops)
                 head = f"{kernel:30s} w{w} s{st} {consts}:"
                 rows.add({"spec": spec.name, "kernel": kernel, "warps": w, "stages": st, **consts, **r},
                          f"{head} {r['error']}" if "error" in r else
                          f"{head} {r['registers']:3d} regs {r['spill_bytes']:5d} spill {r['smem']:6d} B smem "
-                         f"{r['wgmma']:4d} wgmma {r['mma_sync']:3d} mma.sync ({r['compile_s']} s)")
+                         f"{r['wgmma']:4d} wgmma {r['mma_sync']:3d} mma.sync ({r['compile_s']} s)"
+                         + "".join(f"\n    loop {lp}" for lp in r.get("loops", ())))
     return 0
 
 

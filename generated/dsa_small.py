@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(20, "dsa_small")
+runtime.require_schema(21, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -2381,6 +2381,11 @@ def _distill_dk_sparse_kernel(
 
 
 @triton.jit
+def _distill_sum3(a0, b0, c0, a1, b1, c1):
+    return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
 def _distill_fwd_dense_fused_kernel(
     Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
     stride_qb, stride_qt, stride_qh,
@@ -2512,6 +2517,304 @@ def _distill_fwd_dense_fused_kernel(
     tl.store(ROW_KL + st, row_kl, mask=tq_ok)
     tl.store(STATS + st * 2, lse_i, mask=tq_ok)
     tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_fwd_dense_qreg_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    BK: tl.constexpr = 64, STAGES: tl.constexpr = 2, QSMEM: tl.constexpr = 0,
+):
+    """The dense stage's KL(p || softmax_S(I)) as _distill_fwd_dense_fused_kernel computes it (same arguments;
+    IDX and P_SEL unused), with Q in registers (the pieces of Q whose bit is set in QSMEM resident in shared
+    memory instead: [(0, 64)]) and BK contiguous keys a trip, STAGES tiles in flight. Without the main
+    attention's lse (HAS_LSE false) a first pass of the same tiling computes it and stores it in LSE_OUT."""
+    BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 4     # main heads of the kv group per head chunk, padded to a power of two
+    HP: tl.constexpr = 2     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 16     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    # The causal triangle's longest rows first (the last tiles of a batch; packed, of the last sequence), so the
+    # last wave of programs is short.
+    pid_t = tl.num_programs(0) - 1 - pid_t
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    # Keys below full_end are visible to every row of the tile: those trips need no mask.
+    full_end = (t_lo + 1) // BK * BK
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    hh = mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    if (QSMEM >> 0) & 1:
+        qr0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+    else:
+        eye = tl.where(tl.arange(0, 64)[:, None] == tl.arange(0, 64)[None, :], 1.0, 0.0).to(Q.dtype.element_ty)
+        qr0 = _dot(tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0), eye, WIDEN).to(Q.dtype.element_ty)
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    else:
+        m_h = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+        l_h = tl.zeros([BT * GP], dtype=tl.float32)
+        for s0 in tl.range(0, full_end, BK, num_stages=STAGES):
+            keys = s0 + tl.arange(0, BK)
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :])
+            s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+            sm = s * qk_scale
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            l_h = l_h * tl.exp2(m_h - m_new) + tl.sum(tl.exp2(sm - m_new[:, None]), axis=1)
+            m_h = m_new
+        for s0 in tl.range(full_end, t_hi + 1, BK, num_stages=STAGES):
+            keys = s0 + tl.arange(0, BK)
+            key_ok = keys <= t_hi
+            k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+            kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+            s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+            sm = tl.where(key_ok[None, :] & (keys[None, :] <= mt[:, None]), s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_h = l_h * tl.exp2(m_h - m_safe) + tl.sum(tl.exp2(sm - m_safe[:, None]), axis=1)
+            m_h = m_new
+        lse2 = tl.where(l_h > 0.0, m_h + tl.log2(tl.where(l_h > 0.0, l_h, 1.0)), float("-inf"))
+        tl.store(LSE_OUT + (b * T + mt) * HQ + head, lse2 * LN2, mask=mrow_ok)
+    lse2 = tl.where(mrow_ok, lse2, float("inf"))   # padded rows: exp2(s - inf) = 0
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for s0 in tl.range(0, full_end, BK, num_stages=STAGES):
+        keys = s0 + tl.arange(0, BK)
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :])
+        s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        e = tl.exp2(s * qk_scale - lse2[:, None])
+        p = tl.sum(tl.reshape(e, (BT, GP, BK)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BK)), axis=1) * idx_scale
+
+        i2 = I * LOG2E
+        m_t = tl.max(i2, axis=1)
+        pos = p > 0.0                 # 0 log 0 = 0
+        l_t, kl_t, ps_t = tl.reduce((tl.exp2(i2 - m_t[:, None]), tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), p),
+                                     1, _distill_sum3)
+        m_new = tl.maximum(m_i, m_t)
+        l_i = l_i * tl.exp2(m_i - m_new) + l_t * tl.exp2(m_t - m_new)
+        m_i = m_new
+        kl += kl_t
+        psum += ps_t
+
+    # The last trip (or two, BT > 1) from the diagonal's tile: masked. Pipelined too, so its key tile goes to
+    # shared memory without a pass through registers (which would spill beside Q).
+    for s0 in tl.range(full_end, t_hi + 1, BK, num_stages=STAGES):
+        keys = s0 + tl.arange(0, BK)
+        key_ok = keys <= t_hi
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :], mask=key_ok[:, None], other=0.0)
+        e = tl.where(key_ok[None, :] & (keys[None, :] <= mt[:, None]), tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.sum(tl.reshape(e, (BT, GP, BK)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BK)), axis=1) * idx_scale
+
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_t = tl.max(i2, axis=1)
+        m_ts = tl.where(m_t == float("-inf"), 0.0, m_t)
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        l_t, kl_t, ps_t = tl.reduce((tl.exp2(i2 - m_ts[:, None]), tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0),
+                                     tl.where(vis, p, 0.0)), 1, _distill_sum3)
+        m_new = tl.maximum(m_i, m_t)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + l_t * tl.exp2(m_t - m_safe)
+        m_i = m_new
+        kl += kl_t
+        psum += ps_t
+
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_dq_dense_qreg_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, STATS, GSCALE, DQI, DWI, DI_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    BK: tl.constexpr = 64, STAGES: tl.constexpr = 2, QSMEM: tl.constexpr = 0,
+):
+    """_distill_dq_dense_fused_kernel's dq_I and dw (same arguments; IDX and DI_SEL unused) with Q in registers (the
+    pieces of Q whose bit is set in QSMEM resident in shared memory instead: [(0, 64)]) and BK contiguous keys a
+    trip, STAGES tiles in flight."""
+    BT: tl.constexpr = 16     # query positions per program (per query tile in the dK kernel)
+    GP: tl.constexpr = 4     # main heads of the kv group per head chunk, padded to a power of two
+    HP: tl.constexpr = 2     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 16     # keys per tile
+    HEAD_CHUNKS: tl.constexpr = 1   # the group's heads go by GP per trip of an inner loop
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    # The causal triangle's longest rows first (the last tiles of a batch; packed, of the last sequence), so the
+    # last wave of programs is short.
+    pid_t = tl.num_programs(0) - 1 - pid_t
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BT
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    full_end = (t_lo + 1) // BK * BK
+    mrows = tl.arange(0, BT * GP)
+    mt = t_lo + mrows // GP
+    hh = mrows % GP
+    head = g * GROUP + hh
+    mrow_ok = (mt < T) & (hh < GROUP)
+    q_rows = Q + b * stride_qb + mt.to(tl.int64) * stride_qt + head * stride_qh
+    if (QSMEM >> 0) & 1:
+        qr0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0)
+    else:
+        eye = tl.where(tl.arange(0, 64)[:, None] == tl.arange(0, 64)[None, :], 1.0, 0.0).to(Q.dtype.element_ty)
+        qr0 = _dot(tl.load(q_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=mrow_ok[:, None], other=0.0), eye, WIDEN).to(Q.dtype.element_ty)
+
+    lse2 = tl.load(LSE + (b * T + mt) * HQ + head, mask=mrow_ok, other=0.0) * LOG2E
+    lse2 = tl.where(mrow_ok, lse2, float("inf"))   # padded rows: exp2(s - inf) = 0
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    st = (b * T + tq) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+    row_valid = lse_i2 > float("-inf")
+    lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+    qk_scale = sm_scale * LOG2E
+    dq = tl.zeros([BT * HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([BT * HP], dtype=tl.float32)
+    for s0 in tl.range(0, full_end, BK, num_stages=STAGES):
+        keys = s0 + tl.arange(0, BK)
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :])
+        s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        e = tl.exp2(s * qk_scale - lse2[:, None])
+        p = tl.sum(tl.reshape(e, (BT, GP, BK)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BK)), axis=1) * idx_scale
+
+        dI = tl.where(row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BK)), (BT * HP, BK))
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+
+    for s0 in tl.range(full_end, t_hi + 1, BK, num_stages=STAGES):
+        keys = s0 + tl.arange(0, BK)
+        key_ok = keys <= t_hi
+        k_rows = K + b * stride_kb + keys.to(tl.int64) * stride_kt + g * stride_kh
+        kp0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        s = _dot(qr0, tl.trans(kp0), WIDEN)
+
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :], mask=key_ok[:, None], other=0.0)
+        e = tl.where(key_ok[None, :] & (keys[None, :] <= mt[:, None]), tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.sum(tl.reshape(e, (BT, GP, BK)), axis=1) * (1.0 / GROUP)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        I = tl.sum(tl.reshape(tl.maximum(a, 0.0) * wi[:, None], (BT, HP, BK)), axis=1) * idx_scale
+
+        vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BK)), (BT * HP, BK))
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+
+    scale = idx_scale * tl.load(GSCALE)
+    out = (b * T + it) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
 
 
 @triton.jit
@@ -3055,7 +3358,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_58aea579"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_b3de6bc0"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -3068,11 +3371,13 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
      "dk_dense": _distill_dk_dense_kernel, "dq_sparse": _distill_dq_sparse_kernel, "dk_sparse": _distill_dk_sparse_kernel,
      "fwd_dense_fused": _distill_fwd_dense_fused_kernel, "dq_dense_fused": _distill_dq_dense_fused_kernel,
      "dk_dense_fused": _distill_dk_dense_fused_kernel, "fwd_sparse_fused": _distill_fwd_sparse_fused_kernel,
-     "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel},
+     "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel, "fwd_dense_qreg": _distill_fwd_dense_qreg_kernel,
+     "dq_dense_qreg": _distill_dq_dense_qreg_kernel},
     _distill_inverse_index, heads_q=8, heads_kv=2, top_k=16, bt=16, bk=64, sbk=16,
     sm_scale=0.125, idx_scale=0.12500000000000003, widen=WIDEN, num_warps=4, num_stages=None,
     fused={"bk": 16, "num_warps": 4, "bwd_warps": 4}, path="fused",
-    fwd_form="km_pf")
+    fwd_form="km_pf", dense_fwd_form="base",
+    dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 0}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 0}}, dense_dq_form="base")
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

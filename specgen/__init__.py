@@ -31,8 +31,10 @@ __version__ = "0.1.0"
 # forward's FORM constexpr); 19: the compression-scored decode's top-n forms (DecodeDescriptor.topn_form,
 # topn_chunks_kernel / topn_merge_kernel) and the fused select-merge kernel's CAND / TICKETS / NCH arguments and
 # CHUNKED / CB / NCH_PAD / TICKET constexprs; 20: the compression kernel's launch forms (DecodeDescriptor.cmp_form,
-# runtime.decode_splits' `resident`).
-RUNTIME_SCHEMA = 20
+# runtime.decode_splits' `resident`); 21: the distillation launches' `dense_fwd_form`, `dense_dq_form` and
+# `dense_forms` (runtime.distill.Launches, the dense register-operand kernels fwd_dense_qreg / dq_dense_qreg and
+# their BK / STAGES / QSMEM constexprs).
+RUNTIME_SCHEMA = 21
 
 
 def _interpreter_without_gpu_devices() -> None:

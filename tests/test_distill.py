@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 import specgen.reference as R
 from specgen import runtime
+from specgen.compile.footprint import SMEM_LIMIT
+from specgen.compile.plan import dense_pieces
 from specgen.compile.render import render_distill_module
-from specgen.compile.render_distill import dot_shapes, make_distill_plan
+from specgen.compile.render_distill import dense_qreg_footprints, dot_shapes, make_distill_plan
 from specgen.model.spec import load_spec, spec_from_mapping
 from specgen.testing.varlen import AllocationWatch
 
@@ -42,7 +44,10 @@ MQA = dict(hq=4, hkv=1, qk=32, idx_heads=2, idx_dim=32, top_k=8)
 GROUP3 = dict(hq=6, hkv=2, qk=16, idx_heads=4, idx_dim=16, top_k=5)
 # Enough selected tokens that the sparse kernels take several trips with the small tiles below.
 WIDE_K = dict(hq=4, hkv=2, qk=32, idx_heads=2, idx_dim=16, top_k=24)
-SHAPES = {"gqa": GQA, "mqa": MQA, "group3": GROUP3, "wide_k": WIDE_K}
+# V3.2's layout in small: MQA with a split head dim (80 = 64 + 16), one query position per dense program in the
+# dense forward's form tests (16 heads: 16 rows).
+MLA_SPLIT = dict(hq=16, hkv=1, qk=80, idx_heads=16, idx_dim=16, top_k=8)
+SHAPES = {"gqa": GQA, "mqa": MQA, "group3": GROUP3, "wide_k": WIDE_K, "mla_split": MLA_SPLIT}
 
 
 def spec_of(shape: str, dtype: str = "fp32"):
@@ -776,3 +781,154 @@ def test_fwd_form_is_checked(tmp_path_factory):
     assert module._DISTILL_LAUNCHES.fwd_form == make_distill_plan(spec).fwd_form == "km_pf"  # the timed default
     with pytest.raises(runtime.ArgumentError, match="`fwd_form` must be one of"):
         module._DISTILL_LAUNCHES.fwd_form = "fast"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dense forward's forms (docs/distill.md, "The dense forward's forms"): launch config dense_fwd_form
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def dense_form_of():
+    """Sets a module's dense_fwd_form (and dense_dq_form) for one test and spies on the dense fused forward's and
+    query-side backward's launches: the kernel launched and its form constexprs (BK, STAGES, QSMEM; None for the
+    base kernels)."""
+    touched = []
+
+    def set_form(module, form, dq_form="base"):
+        launches = module._DISTILL_LAUNCHES
+        seen = []
+        saved = {n: launches.kernels[n] for n in ("fwd_dense_fused", "fwd_dense_qreg", "dq_dense_fused",
+                                                  "dq_dense_qreg")}
+
+        def spy(name):
+            class Spy:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        seen.append((name, kwargs.get("BK"), kwargs.get("STAGES"), kwargs.get("QSMEM")))
+                        return saved[name][grid](*args, **kwargs)
+                    return launch
+            return Spy()
+        touched.append((launches, launches.dense_fwd_form, launches.dense_dq_form, saved))
+        launches.dense_fwd_form, launches.dense_dq_form = form, dq_form
+        launches.kernels.update({n: spy(n) for n in saved})
+        return seen
+    yield set_form
+    for launches, form, dq_form, saved in reversed(touched):
+        launches.dense_fwd_form, launches.dense_dq_form = form, dq_form
+        launches.kernels.update(saved)
+
+
+def dense_form_tiles(spec, bt=None):
+    """Small tiles for the dense forms: qreg 16 keys a trip at 2 stages, Q in pieces of 16 (at most 32 for
+    mla_split) dims with the second piece in shared memory where there are two or more (V3.2 keeps one of its
+    five there); qreg_k32 32 keys at 3 stages, all of Q in registers. At T ~ 40 both take unmasked trips and
+    masked ones. `bt`: query positions a dense program (1: V3.2's)."""
+    d = small_tiles(spec)
+    piece = 32 if spec.head_dim.qk > 64 else 16
+    qsmem = 0b10 if len(dense_pieces(spec, piece)) > 1 else 0
+    return dataclasses.replace(d, bt=bt or d.bt, dense_piece=piece,
+                               dense_forms=(("qreg", 16, 2, qsmem), ("qreg_k32", 32, 3, 0)))
+
+
+DENSE_FORMS = runtime.distill.DENSE_FWD_FORMS[1:]
+# (shape, dtype, B, T, lse_main given, query positions a program): a split head dim and padded indexer heads (gqa,
+# 8 positions), padded main heads (group3), V3.2's layout at one position a program (mla_split), fp16 and bf16.
+DENSE_FORM_CASES = [("gqa", "fp32", 2, 29, True, None), ("group3", "fp16", 1, 25, False, None),
+                    ("mla_split", "fp32", 1, 35, False, 1), ("mla_split", "bf16", 1, 19, True, 1)]
+
+
+@pytest.mark.parametrize("case", DENSE_FORM_CASES,
+                         ids=[f"{c[0]}-{c[1]}-B{c[2]}-T{c[3]}" + ("-lse" if c[4] else "") for c in DENSE_FORM_CASES])
+def test_dense_forward_forms(case, tmp_path_factory, dense_form_of):
+    """Each register-operand form's loss, statistics and computed lse equal the base kernel's within fp32
+    rounding and its loss matches the float64 reference; so do the gradients of the qreg forward and the qreg
+    query-side backward (dense_dq_form; the key side is the base kernel's). The spy sees each form's kernels and
+    constexprs launched."""
+    shape, dtype, B, T, given, bt = case
+    spec = spec_of(shape, dtype)
+    tiles = dense_form_tiles(spec, bt)
+    module = kernel_module(spec, tmp_path_factory, tiles)
+    x = inputs(spec, B, T, seed=T + 200, dtype=DTYPES[dtype])
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.distill_loss(spec, **x64)
+    ref.backward()
+    lse = R.main_lse(spec, x64["q"], x64["k"]).float() if given else None
+    launched = {"base": [("fwd_dense_fused", None, None, None)]}
+    launched.update({name: [("fwd_dense_qreg", bk, stages, qsmem)] for name, bk, stages, qsmem in tiles.dense_forms})
+    outs = {}
+    for form in ("base",) + DENSE_FORMS:
+        seen = dense_form_of(module, form)
+        outs[form] = module._distill_fwd(*(x[n] for n in INPUTS), None, lse, None, 0)
+        assert seen == launched[form]
+    tol_loss, tol_grad = TOL[dtype]
+    for form in DENSE_FORMS:
+        for a, b in zip(outs["base"][:3], outs[form][:3]):
+            if a.numel():
+                assert bool(torch.isfinite(b).all()), form
+                assert R.rel_err(b, a) < 1e-5, form
+        loss = outs[form][0]
+        assert abs(loss.item() - ref.item()) <= tol_loss * abs(ref.item()) + 1e-6, (form, loss.item(), ref.item())
+    for form in DENSE_FORMS[:1]:
+        seen = dense_form_of(module, form, form)
+        xk = {n: v.clone().requires_grad_(True) for n, v in x.items()}
+        loss = module.distill_loss(**xk, lse_main=lse, stage="dense")
+        loss.backward()
+        assert seen == launched[form] + [("dq_dense_qreg",) + launched[form][0][1:]]
+        for n in IDX_INPUTS:
+            err = R.rel_err(xk[n].grad, x64[n].grad)
+            assert err < tol_grad, f"{form} d{n}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("form", DENSE_FORMS)
+def test_dense_forward_forms_packed(form, tmp_path_factory, dense_form_of):
+    """A packed batch (cu_seqlens) through each form, forward and (qreg) query-side backward (programs in reverse
+    over the tile table, longest rows first): the loss and gradients of the reference run per sequence."""
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory, dense_form_tiles(spec))
+    lengths = [21, 0, 1, 9, 34]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    x = {n: v[0] for n, v in inputs(spec, 1, offsets[-1], seed=5, dtype=torch.float32).items()}
+    x64 = {n: v.double().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    ref = R.varlen.distill_loss_varlen(spec, **x64, cu_seqlens=cu)
+    ref.backward()
+    dq_form = form if form in runtime.distill.DENSE_DQ_FORMS else "base"
+    seen = dense_form_of(module, form, dq_form)
+    xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    loss = module.distill_loss(**xk, stage="dense", cu_seqlens=cu, max_seqlen=max(lengths))
+    loss.backward()
+    assert [s[0] for s in seen] == ["fwd_dense_qreg", "dq_dense_qreg" if dq_form != "base" else "dq_dense_fused"]
+    assert abs(loss.item() - ref.item()) <= 2e-5 * abs(ref.item()) + 1e-6, (loss.item(), ref.item())
+    for n in IDX_INPUTS:
+        assert R.rel_err(xk[n].grad, x64[n].grad) < 2e-5, n
+
+
+def test_dense_fwd_form_is_checked(tmp_path_factory):
+    spec = spec_of("gqa")
+    module = kernel_module(spec, tmp_path_factory)
+    launches = module._DISTILL_LAUNCHES
+    assert launches.dense_fwd_form == make_distill_plan(spec).dense_fwd_form == "base"   # untimed: base
+    assert launches.dense_dq_form == make_distill_plan(spec).dense_dq_form == "base"
+    assert tuple(launches.dense_forms) == DENSE_FORMS
+    with pytest.raises(runtime.ArgumentError, match="`dense_fwd_form` must be one of"):
+        launches.dense_fwd_form = "fast"
+    with pytest.raises(runtime.ArgumentError, match=r"`dense_dq_form` must be one of \('base', 'qreg'\)"):
+        launches.dense_dq_form = "qreg_k32"
+    # A module whose plan renders no register-operand form (none fits) takes the base form only.
+    bare = kernel_module(spec, tmp_path_factory, dataclasses.replace(make_distill_plan(spec), dense_forms=()))
+    assert "fwd_dense_qreg" not in bare._DISTILL_LAUNCHES.kernels and "dq_dense_qreg" not in bare._DISTILL_LAUNCHES.kernels
+    with pytest.raises(runtime.ArgumentError, match=r"one of \('base',\)"):
+        bare._DISTILL_LAUNCHES.dense_fwd_form = "qreg"
+
+
+def test_dense_forms_of_v32():
+    """V3.2's forms as compiled for sm_90 (docs/distill.md): Q's piece 384-511 in shared memory (bit 3), the rest
+    in 112 registers a thread; 64 keys at 2 stages and 32 at 3, both within the H100's 227 KiB."""
+    d = make_distill_plan(V32)
+    assert dense_pieces(V32, d.dense_piece) == [(0, 128), (128, 128), (256, 128), (384, 128), (512, 64)]
+    assert d.dense_forms == (("qreg", 64, 2, 0b1000), ("qreg_k32", 32, 3, 0b1000))
+    fp = dense_qreg_footprints(V32)
+    assert fp == {"qreg": 230400, "qreg_k32": 185344}        # compiled: 231424 and 185344
+    assert all(v <= SMEM_LIMIT for v in fp.values())

@@ -95,6 +95,17 @@ def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
                       computed=[tile(rows, keys, e)], stages=stages)
 
 
+def distill_qreg_smem(spec: Spec, rows: int, idx_rows: int, keys: int, stages: int, smem_dims: int) -> int:
+    """The dense distillation forward's register-operand forms (`_distill_fwd_dense_qreg_kernel`): Q's pieces
+    in registers take no shared memory, those kept there (`smem_dims` of Q's dims) and q_I [idx_rows, d_I] are
+    resident, the contiguous key tile [keys, d_qk] and k_I [keys, d_I] are streamed over `stages`. sm_90 compile of
+    V3.2's (128 rows, 64 indexer rows, 128 of Q's 576 dims in shared memory): 231424 B at 64 keys and 2 stages,
+    185344 B at 32 keys and 3 stages; the model gives 230400 and 185344."""
+    e, dqk, di = _elem(spec), spec.head_dim.qk, spec.indexer.head_dim
+    return smem_bytes(resident=[tile(rows, smem_dims, e), tile(idx_rows, di, e)],
+                      streamed=[tile(keys, dqk, e), tile(keys, di, e)], stages=stages)
+
+
 def index_scores_smem(spec: Spec, key_major: bool, rows: int, keys: int, stages: int) -> int:
     """The prefill index-score kernel (`_index_scores_kernel`, kernels/topk.j2). Key-major: the [keys, d_I] key
     tile resident, one query's [rows, d_I] indexer heads (padded) streamed by the loop over the program's queries.

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from .analysis import head_dim_parts
 from .branches import Branch, branches_of
-from .footprint import (MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
-                        attention_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
+from .footprint import (DTYPE_BYTES, MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
+                        attention_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
 from .loop_order import scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
@@ -204,6 +204,17 @@ class DistillPlan:
     fwd_form: str = "km_pf"
     fused_km_bs: int = 64
     km_pf_dist: int = 1      # km_pf: key pieces gathered this many pieces ahead of their product (2: 280 spill B)
+    # The dense fused forward's form (docs/distill.md, "The dense forward's forms"; launch config
+    # Launches.dense_fwd_form; runtime.distill.DENSE_FWD_FORMS): "base" (_distill_fwd_dense_fused_kernel) or one of
+    # dense_forms, the register-operand forms of _distill_fwd_dense_qreg_kernel: (name, keys a trip, pipeline
+    # stages, bit mask of Q's pieces of dense_piece dims kept in shared memory, the others in registers). Default
+    # base until timed.
+    dense_fwd_form: str = "base"
+    dense_forms: tuple = ()
+    dense_piece: int = 128
+    # The dense backward's query side in a register-operand form (Launches.dense_dq_form; runtime.distill.
+    # DENSE_DQ_FORMS: "base" or "qreg", the kernel _distill_dq_dense_qreg_kernel with qreg's constexprs).
+    dense_dq_form: str = "base"
 
     def fused_tiles(self) -> "DistillPlan":
         """The tiles the fused path's kernels are rendered with."""
@@ -446,6 +457,40 @@ def _decode_forms(spec: Spec) -> dict:
     return forms
 
 
+# The dense distillation forward's register-operand forms (docs/distill.md, "The dense forward's forms"): Q's
+# register share a thread at most (V3.2 on 8 warps: 112 compiles clean; all 144 leave ptxas short of registers, and
+# it then serialises every wgmma of the kernel), the pieces beyond it kept in shared memory, last full piece first.
+DENSE_QREG_REGISTERS = 112
+DENSE_PIECE = 128
+# (name, keys a trip, pipeline stages): 64 keys at 2 stages (V3.2: 231424 B of shared memory, 1 KiB under the
+# H100's 227 KiB), 32 keys at 3 (185344 B).
+DENSE_QREG_FORMS = (("qreg", 64, 2), ("qreg_k32", 32, 3))
+
+
+def dense_pieces(spec: Spec, piece: int) -> list[tuple[int, int]]:
+    """(offset, dims) of Q's pieces in the dense forward's register-operand forms (bit i of a form's QSMEM is
+    piece i): at most `piece` dims, within the head dim's power-of-two parts."""
+    return [(p.offset + c, min(piece, p.size - c)) for p in _parts(spec.head_dim.qk) for c in range(0, p.size, piece)]
+
+
+def dense_qreg_forms(spec: Spec, rows: int, idx_rows: int, warps: int) -> tuple:
+    """The plan's dense_forms: (name, keys, stages, bit mask of the Q pieces kept in shared memory) for each of
+    DENSE_QREG_FORMS whose footprint fits the H100 (footprint.distill_qreg_smem against SMEM_LIMIT: measured, the
+    forms need more than the budget's margin leaves)."""
+    e = DTYPE_BYTES[spec.dtype]
+    pieces = dense_pieces(spec, DENSE_PIECE)
+    regs = lambda dims: rows * dims * e / (32 * warps * 4)   # noqa: E731
+    in_smem, dims = 0, spec.head_dim.qk
+    for i in sorted(range(len(pieces)), key=lambda i: (-pieces[i][1], -i)):
+        if regs(dims) <= DENSE_QREG_REGISTERS:
+            break
+        in_smem |= 1 << i
+        dims -= pieces[i][1]
+    smem_dims = spec.head_dim.qk - dims
+    return tuple((name, keys, stages, in_smem) for name, keys, stages in DENSE_QREG_FORMS
+                 if distill_qreg_smem(spec, rows, idx_rows, keys, stages, smem_dims) <= SMEM_LIMIT)
+
+
 def _distill_tiles(spec: Spec) -> DistillPlan:
     gp = next_pow2(spec.heads.group_size)
     hp = next_pow2(spec.indexer.heads)
@@ -469,7 +514,8 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
                        sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp),
                        head_chunks=head_chunks, num_stages=1 if wide else None,
                        fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
-                       bwd_bs=max(MIN_DOT, min(64, topk_pad)), fused_km_bs=max(MIN_DOT, min(64, topk_pad)))
+                       bwd_bs=max(MIN_DOT, min(64, topk_pad)), fused_km_bs=max(MIN_DOT, min(64, topk_pad)),
+                       dense_forms=dense_qreg_forms(spec, bt * gp, bt * hp, fused_warps), dense_piece=DENSE_PIECE)
 
 
 # Column bits of a 64-column wgmma accumulator (m64nNk16, 4 warps) held in a thread's registers, lowest first:

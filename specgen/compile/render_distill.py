@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 
-from .footprint import DTYPE_BYTES, smem_bytes, tile
-from .plan import DistillPlan, make_plan
+from .footprint import DTYPE_BYTES, distill_qreg_smem, smem_bytes, tile
+from .plan import DistillPlan, dense_pieces, make_plan
 from ..model.spec import Spec
 
 
@@ -40,7 +40,27 @@ def dot_shapes(spec: Spec, d: DistillPlan) -> dict[str, tuple[int, int, int]]:
     shapes["dense dk q_I.k_I"] = (d.bt * d.hp, di, d.bk)
     shapes["dense dk_I"] = (d.bk, d.bt * d.hp, di)
     shapes["sparse dk_I (one-hot)"] = (d.sbk, d.pairs * d.hp, di)
+    # The dense forward's register-operand forms: Q's pieces (each through an identity product), the key trips.
+    f = d.fused_tiles()
+    for name, keys, _, _ in d.dense_forms:
+        for off, size in dense_pieces(spec, d.dense_piece):
+            shapes[f"dense {name} q.k piece {off}+{size}"] = (f.bt * f.gp, size, keys)
+            shapes[f"dense {name} identity {size}"] = (f.bt * f.gp, size, size)
+        shapes[f"dense {name} q_I.k_I"] = (f.bt * f.hp, di, keys)
     return shapes
+
+
+def dense_qreg_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, int]:
+    """Estimated shared memory (bytes) of the dense forward's register-operand forms, by form name
+    (footprint.distill_qreg_smem): Q's pieces in shared memory (the form's QSMEM bits), q_I, and the key tiles over
+    the form's stages. Measured forms sit above SMEM_BUDGET's margin (V3.2's qreg 1 KiB under the H100's limit), so
+    these are checked against SMEM_LIMIT."""
+    d = d or make_distill_plan(spec)
+    f = d.fused_tiles()
+    pieces = dense_pieces(spec, d.dense_piece)
+    return {name: distill_qreg_smem(spec, f.bt * f.gp, f.bt * f.hp, keys, stages,
+                                    sum(size for i, (_, size) in enumerate(pieces) if qsmem >> i & 1))
+            for name, keys, stages, qsmem in d.dense_forms}
 
 
 def distill_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, int]:
@@ -85,4 +105,4 @@ def distill_key(d: DistillPlan) -> str:
 def distill_context(spec: Spec, distill_plan: DistillPlan | None = None) -> dict:
     """The template variables the distillation section needs beyond `module_context`."""
     d = distill_plan or make_distill_plan(spec)
-    return {"distill": d, "distill_key": distill_key(d)}
+    return {"distill": d, "distill_key": distill_key(d), "distill_pieces": dense_pieces(spec, d.dense_piece)}

@@ -52,22 +52,35 @@ def _strides(q, k, q_idx, k_idx, w_idx) -> tuple:
 PATHS = ("fused", "legacy")
 # The sparse fused forward's forms (the kernel's FORM constexpr; docs/distill.md, "The sparse forward's forms").
 FWD_FORMS = ("base", "pf", "km", "km_pf")
+# The dense fused forward's forms (docs/distill.md, "The dense forward's forms"): "base" launches
+# _distill_fwd_dense_fused_kernel, the others _distill_fwd_dense_qreg_kernel with the module's constexprs for the
+# form (Launches' dense_forms: keys a trip BK, pipeline stages STAGES, Q's pieces kept in shared memory QSMEM).
+DENSE_FWD_FORMS = ("base", "qreg", "qreg_k32")
+# The dense backward's query side in the same forms: "base" launches _distill_dq_dense_fused_kernel, "qreg"
+# _distill_dq_dense_qreg_kernel with the form's constexprs (qreg_k32's tiling makes ptxas serialise its products).
+DENSE_DQ_FORMS = ("base", "qreg")
 
 
 class Launches:
     """The distillation kernels' launches of one module: `kernels` maps fwd_dense, fwd_sparse, dq_dense, dk_dense,
     dq_sparse, dk_sparse (the legacy path) and fwd_dense_fused, dq_dense_fused, dk_dense_fused, fwd_sparse_fused,
-    bwd_sparse_fused (the fused path) to the module's `_distill_<name>_kernel`; the tiles (bt query positions per
+    bwd_sparse_fused (the fused path) and fwd_dense_qreg, dq_dense_qreg (the dense register-operand forms) to the
+    module's `_distill_<name>_kernel`; the tiles (bt query positions per
     dense program, bk / sbk keys per dense / sparse dK program), warps and stages are the plan's (`fused`: the fused
     path's bk, num_warps and bwd_warps).
 
     `path` ("fused" or "legacy", docs/distill.md "Two paths") is a launch config: set it on the module's
-    `_DISTILL_LAUNCHES` to time one against the other; so is `fwd_form`, the fused sparse forward's form. The sparse backward follows the forward that ran (the fused
-    one needs the p it stored) and takes the deterministic legacy kernels under torch.use_deterministic_algorithms."""
+    `_DISTILL_LAUNCHES` to time one against the other; so are `fwd_form`, the fused sparse forward's form, and
+    `dense_fwd_form`, the fused dense forward's (DENSE_FWD_FORMS, those the module renders: `dense_forms` maps each
+    register-operand form to its launch constexprs), and `dense_dq_form`, the fused dense backward's query side
+    (DENSE_DQ_FORMS). The sparse backward follows the forward that ran
+    (the fused one needs the p it stored) and takes the deterministic legacy kernels under
+    torch.use_deterministic_algorithms."""
 
     def __init__(self, kernels: dict, inverse_index, *, heads_q: int, heads_kv: int, top_k: int, bt: int, bk: int,
                  sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None,
-                 fused: dict | None = None, path: str = "legacy", fwd_form: str = "base"):
+                 fused: dict | None = None, path: str = "legacy", fwd_form: str = "base",
+                 dense_fwd_form: str = "base", dense_forms: dict | None = None, dense_dq_form: str = "base"):
         self.kernels, self.inverse_index = kernels, inverse_index
         self.heads_q, self.heads_kv, self.top_k, self.bt, self.bk, self.sbk = heads_q, heads_kv, top_k, bt, bk, sbk
         self.scales = (sm_scale, idx_scale)
@@ -80,6 +93,9 @@ class Launches:
         self.bwd_options = {"num_warps": fused["bwd_warps"]}
         self.path = path
         self.fwd_form = fwd_form
+        self.dense_forms = dict(dense_forms or {})
+        self.dense_fwd_form = dense_fwd_form
+        self.dense_dq_form = dense_dq_form
 
     @property
     def fwd_form(self) -> str:
@@ -91,6 +107,30 @@ class Launches:
         if value not in FWD_FORMS:
             raise ArgumentError(f"distillation launches: `fwd_form` must be one of {FWD_FORMS}, got {value!r}")
         self._fwd_form = value
+
+    @property
+    def dense_fwd_form(self) -> str:
+        """The dense fused forward's form (DENSE_FWD_FORMS), a launch config like `path`."""
+        return self._dense_fwd_form
+
+    @dense_fwd_form.setter
+    def dense_fwd_form(self, value: str) -> None:
+        self._dense_fwd_form = self._dense_form("dense_fwd_form", DENSE_FWD_FORMS, value)
+
+    @property
+    def dense_dq_form(self) -> str:
+        """The fused dense backward's query-side form (DENSE_DQ_FORMS), a launch config like `path`."""
+        return self._dense_dq_form
+
+    @dense_dq_form.setter
+    def dense_dq_form(self, value: str) -> None:
+        self._dense_dq_form = self._dense_form("dense_dq_form", DENSE_DQ_FORMS, value)
+
+    def _dense_form(self, what: str, forms: tuple, value: str) -> str:
+        known = tuple(f for f in forms if f == "base" or f in self.dense_forms)
+        if value not in known:
+            raise ArgumentError(f"distillation launches: `{what}` must be one of {known} (this module's), got {value!r}")
+        return value
 
     @property
     def path(self) -> str:
@@ -137,9 +177,13 @@ class Launches:
         p_sel = row_kl.new_empty((0,))
         if indices is None:
             tiles, tables, varlen = grid(self.bt, T)
-            kern["fwd_dense" + sfx][tiles + (B * hkv,)](
+            name, form = "fwd_dense", {}
+            if fused:
+                form = self.dense_forms.get(self.dense_fwd_form, {})
+                name = "fwd_dense_qreg" if form else "fwd_dense_fused"
+            kern[name][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, p_sel, *tables, *strides, T,
-                *self.scales, **meta, **varlen)
+                *self.scales, **meta, **varlen, **form)
         else:
             if fused:
                 p_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
@@ -181,9 +225,12 @@ class Launches:
             sfx = "_fused" if fused else ""
             meta = dict(WIDEN=self.widen, **(self.fused_options if fused else self.options))
             tiles, tables, varlen = grid(self.bt, T)
-            kern["dq_dense" + sfx][tiles + (B * hkv,)](
+            name, form = "dq_dense" + sfx, {}
+            if fused and self.dense_dq_form != "base":
+                name, form = "dq_dense_qreg", self.dense_forms[self.dense_dq_form]
+            kern[name][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, stats, lse, stats, gscale, dq_idx, dw_idx, stats, *tables, *strides,
-                T, *self.scales, **meta, **varlen)
+                T, *self.scales, **meta, **varlen, **form)
             tiles, tables, varlen = grid(self.fused_bk if fused else self.bk, T)
             kern["dk_dense" + sfx][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *tables, *strides, T, *self.scales,
