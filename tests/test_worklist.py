@@ -1,17 +1,21 @@
 """The block-outer selection's work list in its two forms (runtime.selection.WORKLIST_FORMS; docs/selection_order.md,
-"Work list"): the Triton counting sort (runtime.worklist) against the torch sort, every output bit for bit, on
-random causal selections (ascending, unique, -1 padding, some lists short), padded and packed callers, chunks of
-the query rows (t0 > 0, strided views), forced slots left out. The tests' chunks and tiles are small
-(runtime.worklist.CHUNK_ENTRIES, TILE_PROGRAMS) so a program walks several chunks and a row several tiles at tiny
-shapes; on a GPU the same tests run compiled, and the `gpu` ones at Llama-3-8B's selection sizes.
-"""
+"Work list forms"): the Triton counting sort (runtime.worklist) against the torch sort, every output bit for bit,
+on random causal selections (ascending, unique, -1 padding, some lists short), padded and packed callers, chunks
+of the query rows (t0 > 0, strided views), forced slots left out, and a kv-order module's forward and backward
+under either form. The tests' chunks and tiles are small (runtime.worklist.CHUNK_ENTRIES, TILE_PROGRAMS) so a
+program walks several chunks and a row several tiles at tiny shapes; on a GPU the same tests run compiled, and
+the `gpu` ones at Llama-3-8B's selection sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from specgen import testing
+import specgen
+from specgen import runtime, testing
+from specgen.compile.plan import make_plan
+from specgen.compile.variants import load_variant
+from specgen.model.spec import load_spec, replace
 from specgen.runtime import selection, worklist
 from specgen.runtime.varlen import Layout
 
@@ -128,9 +132,32 @@ def test_an_unknown_form_is_refused():
         selection.kv_order_segments(idx, 2, unit=1, tile_queries=1, form="cuda")
 
 
-def _realistic(T: int, rows=None):
+def test_a_kv_order_module_trains_the_same_under_either_form(monkeypatch):
+    """nsa_small at GQA group 2 in kv order, forward and backward, the plan's torch work list against the
+    sel_wl_triton variant's: output, selection and every gradient equal bit for bit. Query chunks of ~9 rows
+    (t0 > 0) and 16-entry sort chunks (several a tile, several tiles)."""
+    spec = replace(load_spec("specs/nsa_small.yaml"), name="nsa_wl_g2", branches=["compression", "selection"],
+                   window=None, max_seqlen=256, **{"heads.q": 4, "heads.kv": 2, "head_dim.qk": 16,
+                                                   "head_dim.v": 16, "selection.loop_order": "kv"})
+    plan = make_plan(spec)
+    assert plan.selection_order == plan.selection_bwd_order == "kv" and plan.sel_kv_worklist == "torch"
+    hq, top_k, d = spec.heads.q, spec.selection.top_k, spec.head_dim.v
+    monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 9 * hq * top_k * (d * 2 + 4))
+    small_tiles(monkeypatch, 16, 4)
+    base, tri = specgen.load(spec), load_variant(spec, ["sel_wl_triton"])
+    assert 'worklist="triton"' in open(tri.__file__).read()
+    B, T = 1, 37
+    inputs, dout = testing._grad_inputs(base, spec, B, T, testing.test_device(), testing.fresh_seed())
+    want = testing._forward_backward(testing._attention_fn(base, spec), spec, inputs, dout)
+    got = testing._forward_backward(testing._attention_fn(tri, spec), spec, inputs, dout)
+    assert want.keys() == got.keys()
+    for name, a in want.items():
+        assert torch.equal(a, got[name]), name
+
+
+def _realistic(T: int):
     gen = torch.Generator("cuda").manual_seed(T)
-    return testing.random_selection(1, T, 8, 16, 64, gen, initial=1, local=2, rows=rows)
+    return testing.random_selection(1, T, 8, 16, 64, gen, initial=1, local=2)
 
 
 @pytest.mark.gpu
