@@ -30,8 +30,8 @@ import triton.language as tl  # noqa: E402
 
 # Entries a program sorts at once (QC query rows x k slots padded to a power of two).
 CHUNK_ENTRIES = 1024
-# Programs per row group the tiles aim at (rows x tiles ~ this, so an H100's 132 SMs hold several each); the
-# counts take rows x tiles x units int32.
+# Place-kernel programs the tiles aim at, over all rows (rows x tiles ~ this: an H100's 132 SMs hold several
+# each); the counts take rows x tiles x units int32, so this also bounds them (linear in T).
 TILE_PROGRAMS = 1024
 
 
@@ -90,8 +90,7 @@ def _place_kernel(IDX, SEQ, CU_UNITS, CURSOR, OFFSETS, QPOS, SLOT, TC, K, HKV, N
     tile = tl.program_id(0)
     row = tl.program_id(1)
     CH: tl.constexpr = QC * KP
-    i = tl.arange(0, CH)
-    e = tl.reshape(tl.arange(0, QC)[:, None] * KP + tl.arange(0, KP)[None, :], (CH,))
+    i = tl.arange(0, CH)   # also an entry's place in its chunk, row-major: row * KP + slot
     cursor = CURSOR + (row * NT + tile).to(tl.int64) * NU
     if KEY64:
         none = 0x7FFFFFFFFFFFFFFF
@@ -105,9 +104,9 @@ def _place_kernel(IDX, SEQ, CU_UNITS, CURSOR, OFFSETS, QPOS, SLOT, TC, K, HKV, N
         u = tl.reshape(u, (CH,))
         valid = tl.reshape(valid, (CH,))
         if KEY64:
-            key = u.to(tl.int64) * CH + e
+            key = u.to(tl.int64) * CH + i
         else:
-            key = u * CH + e
+            key = u * CH + i
         # Sorted by unit, then position in the chunk (row, slot): the enumeration order within each unit.
         key = tl.sort(tl.where(valid, key, none), 0)
         real = key != none
