@@ -3,7 +3,7 @@
 In the kv order each program attends one selected block to a tile of the queries that chose it, so a block's keys
 and values are read once per tile of queries instead of once per query (the query order's gathers: 2 * G FLOPs per
 byte at GQA group G). The per-block softmax statistics and normalised partial outputs are written per (query, head,
-slot) and merged by a second kernel (the flash-decoding merge). Built by one sort, with no host sync: the grid is
+slot) and merged by a second kernel (the flash-decoding merge). Built with no host sync: the grid is
 an upper bound computed from shapes alone, and the programs past the real work exit at once.
 
 Two forms build the same list, bit for bit (WORKLIST_FORMS, the `form` argument; the plan's `sel_kv_worklist`):
