@@ -1870,7 +1870,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc, varlen=Non
     _pool_backward(dvc, v, 128, NC, *b.target("v", 128), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k", "v", k, v, indices, unit=64, top_k=16,
-                   split=256, block_n=64, merge_rows=32)
+                   split=256, block_n=64, merge_rows=32, worklist="torch")
     return b.gradients(_DESC.diff_args)
 
 

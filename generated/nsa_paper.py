@@ -2432,7 +2432,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k_slc", "v_slc", k_slc, v_slc, indices, unit=64, top_k=16,
-                   split=256, block_n=64, merge_rows=32)
+                   split=256, block_n=64, merge_rows=32, worklist="torch")
     b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
     return b.gradients(_DESC.diff_args)

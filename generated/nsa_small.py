@@ -1569,7 +1569,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=32,
                         **runtime.launch_config(CONFIGS, "select"))
     f.selection_kv(_selection_kv_attention_kernel, _selection_kv_merge_kernel, k_slc, v_slc, indices, unit=16,
-                   top_k=4, bq=32, warps=4, merge_rows=32)
+                   top_k=4, bq=32, warps=4, merge_rows=32, worklist="torch")
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
 
@@ -2410,7 +2410,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 32, NC, *b.target("v_cmp", 32), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k_slc", "v_slc", k_slc, v_slc, indices, unit=16, top_k=4,
-                   split=64, block_n=16, merge_rows=32)
+                   split=64, block_n=16, merge_rows=32, worklist="torch")
     b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
     return b.gradients(_DESC.diff_args)

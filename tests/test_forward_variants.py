@@ -35,7 +35,11 @@ def test_variants_apply_where_their_tiles_do():
     paper = load_spec("specs/nsa_paper.yaml")    # group 16: 256 score rows, query-outer selection
     assert variant_plan(paper, ["score_km"]) is None and variant_plan(paper, ["sel_forced"]) is None
     assert variant_plan(paper, ["score_key32"]).score_index_bits == 10
-    assert set(FORWARD_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced", "sel_w4"}
+    assert set(FORWARD_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced", "sel_w4",
+                                     "sel_wl_triton"}
+    assert variant_plan(llama, ["sel_wl_triton"]).sel_kv_worklist == "triton"
+    assert variant_plan(paper, ["sel_wl_triton"]).sel_kv_worklist == "triton"   # its backward is block outer
+    assert variant_plan(load_spec("specs/nsa_token.yaml"), ["sel_wl_triton"]) is None   # no block-outer pass
     gemma = load_spec("specs/models/model_gemma2_9b.yaml")   # 64 rows x 256 dims: two warpgroups by default
     assert make_plan(gemma).sel_kv_warps == 8 and variant_plan(gemma, ["sel_w4"]).sel_kv_warps == 4
     assert variant_plan(gemma, ["sel_forced"]).sel_kv_forced_warps == 8 and plan.sel_kv_forced_warps == 4

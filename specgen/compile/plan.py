@@ -305,6 +305,10 @@ class Plan:
     # instead of as block-outer work items (docs/selection_order.md, "Forced blocks").
     sel_kv_forced: bool = False
     sel_kv_forced_warps: int = 4
+    # The kv order's work list form, forward and backward (runtime.selection.WORKLIST_FORMS; docs/selection_order.md,
+    # "Work list"): "torch", one sort of every (segment, query, slot) key, or "triton", a counting sort in two
+    # kernels (the same list, bit for bit). "torch" until the GPU timing of both (bench/worklist_bench.py).
+    sel_kv_worklist: str = "torch"
     sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
     # the other passes
     backward: BackwardTiles | None = None

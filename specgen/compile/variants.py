@@ -52,6 +52,14 @@ def _sel_w4(plan: Plan) -> Plan | None:
     return dataclasses.replace(plan, sel_kv_warps=4)
 
 
+def _sel_wl_triton(plan: Plan) -> Plan | None:
+    """The block-outer selection's work list built by the Triton counting sort (plan.sel_kv_worklist; the same
+    list as the torch sort, bit for bit), forward and backward."""
+    if plan.selection_order != "kv" and plan.selection_bwd_order != "kv":
+        return None
+    return dataclasses.replace(plan, sel_kv_worklist="triton")
+
+
 def _score_masked(plan: Plan) -> Plan | None:
     """Every scorer trip masked: the kernel before the unmasked trips (a baseline for the benchmarks only)."""
     return dataclasses.replace(plan, score_unmasked_trips=False) if plan.score_bt else None
@@ -63,6 +71,7 @@ FORWARD_VARIANTS = {
     "score_key32": _score_key32,
     "sel_forced": _sel_forced,
     "sel_w4": _sel_w4,
+    "sel_wl_triton": _sel_wl_triton,
 }
 
 

@@ -200,7 +200,7 @@ class Forward:
                     dict(meta, VARLEN=True, **self.varlen.flags), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
-                     merge_rows: int, forced=None):
+                     merge_rows: int, forced=None, worklist: str = "torch"):
         """The selection branch in block-outer order (docs/selection_order.md): `kernel` attends each selected
         block to tiles of `bq` of the queries that chose it, writing per-(query, head, slot) log-sum-exps and
         normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue. Queries go by
@@ -208,7 +208,8 @@ class Forward:
 
         `forced` (the plan's sel_kv_forced variant, for a selection the forward's own scorer made, batched calls):
         (kernel, initial, local, warps): the forced blocks leave the work list and `kernel` attends them per tile of
-        `bq` queries before merging the other slots, in place of `merge_kernel`."""
+        `bq` queries before merging the other slots, in place of `merge_kernel`. `worklist`: the work list's form
+        (runtime.selection.WORKLIST_FORMS; the plan's sel_kv_worklist), the same list either way."""
         d, q, B, T = self.desc, self.q, self.B, self.T
         first, last = self.launched == 0, self.launched == d.n_branches - 1
         self.launched += 1
@@ -224,11 +225,12 @@ class Forward:
             if lay is None:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_worklist(
                     indices[:, t0:t1], T, unit=unit, tile_queries=bq,
-                    skip_forced=None if forced is None else (t0, *forced[1:3]))
+                    skip_forced=None if forced is None else (t0, *forced[1:3]), form=worklist)
                 tables = self._no_tables
             else:
                 qpos, slot, item_seg, item_start, item_end, n_items = _selection.kv_order_segments_packed(
-                    indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units, n_batch_units, tile_queries=bq)[:6]
+                    indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units, n_batch_units, tile_queries=bq,
+                    form=worklist)[:6]
                 tables = (lay.seq_table, cu_units, unit_seq)
             if n_items == 0 and forced is None:
                 continue
@@ -469,13 +471,14 @@ class Backward:
                T=T, restore=("DQ", "DK", "DVAL"))
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
-                     unit: int, top_k: int, split: int, block_n: int, merge_rows: int):
+                     unit: int, top_k: int, split: int, block_n: int, merge_rows: int, worklist: str = "torch"):
         """The selection branch's backward in block-outer order (docs/selection_order.md): `kernel` computes, per
         work item (one selected block, at most `split` of the queries that chose it), the item's dK/dV partials and
         each (query, head)'s dQ share at the block's slot; the reduce kernels sum the partials per block in item
         order and the shares per row in slot order (deterministic, no atomics). Queries go by chunks whose dQ
         shares fit KV_PARTIAL_BYTES; each chunk's dK/dV is added to the previous chunks' in chunk order. Packed:
-        the forward's work list of the batch's units (no block shared across sequences), queries packed rows."""
+        the forward's work list of the batch's units (no block shared across sequences), queries packed rows.
+        `worklist`: the work list's form, as the forward's."""
         d, B, T, lay = self.desc, self.B, self.T, self.varlen
         first = self.launched == 0
         self.launched += 1
@@ -490,10 +493,11 @@ class Backward:
         for t0, t1 in _selection.query_chunks(B, T, per_query, KV_PARTIAL_BYTES):
             TC = t1 - t0
             if lay is None:
-                work = _selection.kv_order_segments(indices[:, t0:t1], T, unit=unit, tile_queries=split)
+                work = _selection.kv_order_segments(indices[:, t0:t1], T, unit=unit, tile_queries=split,
+                                                    form=worklist)
             else:
                 work = _selection.kv_order_segments_packed(indices[:, t0:t1], lay.seq_of_token[t0:t1], cu_units,
-                                                           n_batch_units, tile_queries=split)
+                                                           n_batch_units, tile_queries=split, form=worklist)
             qpos, slot, item_seg, item_start, item_end, n_items, seg_first, seg_items = work
             if n_items == 0:
                 continue

@@ -84,6 +84,36 @@ def random_case(module, spec: Spec, B: int, T: int, device: str | None, seed: in
     return RandomCase(inputs, {k: v.to(torch.float64) for k, v in inputs.items()}, gen, seed, where)
 
 
+def random_selection(B: int, T: int, heads_kv: int, top_k: int, unit: int, generator: torch.Generator, *,
+                     initial: int = 1, local: int = 2, drop: float = 0.0, rows: tuple[int, int] | None = None,
+                     device=None) -> torch.Tensor:
+    """[B, TC, heads_kv, top_k] int32 selections of the queries rows[0] .. rows[1] - 1 (default all T) of sequences
+    of T tokens, shaped like a causal NSA selection: each (query t, kv group) lists up to top_k of the units of
+    `unit` tokens it sees (0 .. t // unit), the forced ones always (the first `initial`, the `local` up to its own),
+    the rest at random; each slot then left empty with probability `drop` (lists with fewer units); ascending,
+    -1 padding last. Drawn on the generator's device (a CUDA one for GPU sizes), returned on `device`."""
+    t0, t1 = rows if rows is not None else (0, T)
+    n_units = -(-T // unit)
+    gdev = generator.device
+    out = torch.full((B, t1 - t0, heads_kv, top_k), -1, dtype=torch.int32, device=gdev)
+    u = torch.arange(n_units, device=gdev)
+    step = max(1, (1 << 24) // max(1, B * heads_kv * n_units))   # bounded scores per chunk of queries
+    for c0 in range(t0, t1, step):
+        c1 = min(t1, c0 + step)
+        own = (torch.arange(c0, c1, device=gdev) // unit).view(1, -1, 1, 1)
+        visible = u <= own
+        forced = visible & ((u < initial) | (own - u < local))
+        score = torch.rand((B, c1 - c0, heads_kv, n_units), generator=generator, device=gdev)
+        score = torch.where(forced, 2.0, torch.where(visible, score, -1.0))
+        top = score.topk(min(top_k, n_units), dim=-1)
+        keep = top.values >= 0
+        if drop > 0:
+            keep &= torch.rand(keep.shape, generator=generator, device=gdev) >= drop
+        chosen = torch.where(keep, top.indices, n_units).sort(dim=-1).values
+        out[:, c0 - t0:c1 - t0, :, :chosen.shape[-1]] = torch.where(chosen < n_units, chosen, -1).to(torch.int32)
+    return out.to(device if device is not None else gdev)
+
+
 def check_forward(module, spec: Spec, B: int, T: int, *, device: str | None = None, seed: int | None = None,
                   query_chunk: int | None = None) -> ForwardReport:
     """Run the generated forward on random inputs and assert it matches the float64 reference.
