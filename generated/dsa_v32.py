@@ -1872,16 +1872,16 @@ def _selection_bwd_scatter_kernel(
             trip_zero = tl.minimum(f0, 0)
             q_trip = q_token + rows * (stride_qh + trip_zero)
             do_trip = do_token + rows * (DV + trip_zero)
-            q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-            q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-            q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-            q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-            q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+            q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
             if not KEY_SPLIT:
-                do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+                do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         if KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :]
             if KEY_SPLIT:
@@ -1896,10 +1896,10 @@ def _selection_bwd_scatter_kernel(
                 pt = _dot(k0, tl.trans(q0), WIDEN) + pt_rest
                 pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
                 if RELOAD:
-                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
                 dpt1 = tl.where(visible_t, _dot(v1, tl.trans(do1), WIDEN), 0.0)
                 dpt2 = tl.where(visible_t, _dot(v2, tl.trans(do2), WIDEN), 0.0)
                 dpt3 = tl.where(visible_t, _dot(v3, tl.trans(do3), WIDEN), 0.0)
@@ -1961,10 +1961,10 @@ def _selection_bwd_scatter_kernel(
                 s = _dot(q0, tl.trans(k0), WIDEN) + s_rest
                 p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
                 if RELOAD:
-                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
-                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
                 dp1 = tl.where(visible, _dot(do1, tl.trans(v1), WIDEN), 0.0)
                 dp2 = tl.where(visible, _dot(do2, tl.trans(v2), WIDEN), 0.0)
                 dp3 = tl.where(visible, _dot(do3, tl.trans(v3), WIDEN), 0.0)
@@ -2154,37 +2154,37 @@ def _selection_bwd_scatter_dkdv_kernel(
         q_trip = q_token + rows * (stride_qh + trip_zero)
         do_trip = do_token + rows * (DV + trip_zero)
         # S = Q K^T and dP = dO V^T, each part of the keys and of the rows loaded next to its product (so that
-        # not every part's load is in flight in registers at once); the rows are kept in L2 (read again below
-        # and by the next trips).
+        # not every part's load is in flight in registers at once); the rows come from L2 (read again below and by
+        # the next trips).
         s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q0, tl.trans(k0), WIDEN)
         k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q1, tl.trans(k1), WIDEN)
         k2 = tl.load(k_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q2, tl.trans(k2), WIDEN)
         k3 = tl.load(k_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
-        q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q3, tl.trans(k3), WIDEN)
         k4 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
-        q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q4, tl.trans(k4), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         v0 = k0  # MLA: V is K's first 512 dims
-        do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         v1 = k1  # MLA: V is K's first 512 dims
-        do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         dp += _dot(do1, tl.trans(v1), WIDEN)
         v2 = k2  # MLA: V is K's first 512 dims
-        do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         dp += _dot(do2, tl.trans(v2), WIDEN)
         v3 = k3  # MLA: V is K's first 512 dims
-        do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, eviction_policy="evict_last")
+        do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         dp += _dot(do3, tl.trans(v3), WIDEN)
         # Scaled once here: dK takes sm_scale * dS. P and dS rounded once to the inputs' dtype (as _pv rounds P).
         ds = p * (dp - delta[:, None]) * sm_scale
