@@ -17,10 +17,17 @@ The scatter kernel's forms (issue 17, docs/backward.md "The scatter kernel's for
 `--no-det` skips the deterministic path's timing (its 0.9 s a call at 16k). `--atomics-floor` times the scatter
 kernel's fp32 atomic adds alone (a kernel that adds a constant [keys, 576] tile per trip into dK for the same
 selection, one program per query and head chunk: 1, 2, 4 or 8 chunks a query), the floor any form of the kernel
-with that many head chunks pays.
+with that many head chunks pays. `--vector-atomics` (GPU only) times the same adds by tl.atomic_add (which Triton
+3.6 emits as atom.global.add.v4.f32 on aligned operands) and by explicit `red.global.add` of 1, 2 and 4 floats
+(inline PTX): whether the vector width moves the floor.
+
+The forms with fewer atomic adds per (query, key) (docs/backward.md, "Fewer atomics"): `--forms km_ks_k64
+r64_rl_w16 split_k64 split_k128` times them beside the default; a split form's per-kernel times show its two
+kernels (the scatter kernel computing dQ only, and `_selection_bwd_scatter_dkdv_kernel`).
 
 Usage: python bench/dsa_bwd.py [SPEC] [--seqlens 16384 32768] [--reps 5] [--det-reps N] [--profile N] [--bitwise]
-       [--former-index] [--forms NAME ...|all] [--top 3] [--form-reps N] [--no-det] [--atomics-floor] [--json FILE]
+       [--former-index] [--forms NAME ...|all] [--top 3] [--form-reps N] [--no-det] [--atomics-floor]
+       [--vector-atomics] [--json FILE]
 """
 
 from __future__ import annotations
@@ -116,6 +123,73 @@ def _atomics_floor_kernel(IDX, DK, T, TOP_K: tl.constexpr, TOP_K_PAD: tl.constex
                           mask=ok[:, None] & (cols < DQK)[None, :], sem="relaxed")
 
 
+@triton.jit
+def _red_vector_kernel(IDX, DK, T, TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, DQK: tl.constexpr,
+                       BLOCK_N: tl.constexpr, WIDTH: tl.constexpr):
+    # _atomics_floor_kernel's adds (the same selection, bytes and programs) by explicit vector reductions of WIDTH
+    # floats (1, 2 or 4) instead of tl.atomic_add (which Triton 3.6 already emits as atom.global.add.v4.f32).
+    t = tl.program_id(0)
+    idx_row = IDX + t.to(tl.int64) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    VECS: tl.constexpr = 64 // WIDTH
+    for f0 in range(0, n_units, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        keys = tl.load(idx_row + f, mask=f < n_units, other=-1)
+        ok = (keys >= 0) & (keys <= t)
+        rows = tl.where(ok, keys, 0).to(tl.int64) * DQK
+        for d0 in tl.static_range(0, DQK, 64):
+            vec = d0 + tl.arange(0, VECS) * WIDTH
+            ptr = (DK + rows[:, None] + vec[None, :]).to(tl.int64)  # (an operand of the asm: as an integer)
+            on = (ok[:, None] & (vec < DQK)[None, :]).to(tl.int32)
+            val = tl.full([BLOCK_N, VECS], 1.0 / 1024, tl.float32)
+            if WIDTH == 1:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred %p; setp.ne.b32 %p, $3, 0; @%p red.global.gpu.relaxed.add.f32 [$1], $2; "
+                    "mov.b32 $0, 0; }", "=r,l,r,r", [ptr, val, on], dtype=tl.int32, is_pure=False, pack=1)
+            elif WIDTH == 2:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred %p; setp.ne.b32 %p, $4, 0; @%p red.global.gpu.relaxed.add.v2.f32 [$1], {$2, $3}; "
+                    "mov.b32 $0, 0; }", "=r,l,r,r,r", [ptr, val, val, on], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred %p; setp.ne.b32 %p, $6, 0; @%p red.global.gpu.relaxed.add.v4.f32 "
+                    "[$1], {$2, $3, $4, $5}; mov.b32 $0, 0; }", "=r,l,r,r,r,r,r", [ptr, val, val, val, val, on],
+                    dtype=tl.int32, is_pure=False, pack=1)
+
+
+def vector_atomics(indices: torch.Tensor, T: int, dqk: int, chunks_list=(1, 4), block_n: int = 32,
+                   reps: int = 3) -> dict:
+    """{"tl.atomic_add" | "red.v1" | "red.v2" | "red.v4": {chunks: ms}}: the atomics floor's adds (the same bytes)
+    by tl.atomic_add and by explicit vector reductions of 1, 2 and 4 floats; and whether each width's dK equals
+    tl.atomic_add's (the adds are of 1/1024, exact in fp32 at these counts, so any order gives the same bits)."""
+    idx = indices[0, :, 0].contiguous()
+    top_k = idx.shape[-1]
+    out: dict = {}
+    sums = {}
+    for width in (0, 1, 2, 4):
+        name = "tl.atomic_add" if width == 0 else f"red.v{width}"
+        out[name] = {}
+        for chunks in chunks_list:
+            dk = torch.zeros(T, dqk, device=idx.device, dtype=torch.float32)
+
+            def run():
+                if width == 0:
+                    _atomics_floor_kernel[(T, chunks)](idx, dk, T, TOP_K=top_k,
+                                                       TOP_K_PAD=triton.next_power_of_2(top_k), DQK=dqk,
+                                                       BLOCK_N=block_n, num_warps=8)
+                else:
+                    _red_vector_kernel[(T, chunks)](idx, dk, T, TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k),
+                                                    DQK=dqk, BLOCK_N=block_n, WIDTH=width, num_warps=8)
+            run()
+            torch.cuda.synchronize()
+            if chunks == chunks_list[0]:
+                sums[name] = dk.clone()
+            out[name][chunks] = event_median_ms(run, reps)
+    out["same_sums"] = {n: bool(torch.equal(v, sums["tl.atomic_add"])) for n, v in sums.items()}
+    return out
+
+
 def atomics_floor(indices: torch.Tensor, T: int, dqk: int, chunks_list=(1, 2, 4, 8), block_n: int = 32,
                   reps: int = 3) -> dict:
     """ms of the scatter kernel's atomic adds alone for `chunks` head chunks a query (programs (T, chunks))."""
@@ -208,6 +282,9 @@ def main(argv=None) -> int:
                     help="repetitions of each form per length (default reps; one value per length, the last repeats)")
     ap.add_argument("--no-det", action="store_true", help="skip the deterministic path's timing")
     ap.add_argument("--atomics-floor", action="store_true", help="the scatter kernel's atomic adds alone")
+    ap.add_argument("--vector-atomics", action="store_true",
+                    help="the atomics floor's adds by tl.atomic_add and by red.global.add of 1, 2 and 4 floats "
+                         "(first length, 1 and 4 head chunks; GPU only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     det_reps = args.det_reps if args.det_reps is not None else max(1, args.reps // 2)
@@ -264,6 +341,10 @@ def main(argv=None) -> int:
             print(f"T={T}: atomic adds alone (ms by head chunks a query): "
                   f"{ {c: round(v, 2) for c, v in row['atomics_floor_ms'].items()} } "
                   f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
+        if args.vector_atomics and T == args.seqlens[0] and torch.cuda.is_available():
+            row["vector_atomics_ms"] = vector_atomics(indices, T, dqk, (1, 4), reps=2)
+            print(f"T={T}: the atomics floor's adds by width (ms by head chunks a query; same sums as "
+                  f"tl.atomic_add): {row['vector_atomics_ms']} [{time.perf_counter() - t_start:.0f} s]", flush=True)
         timed = [r for r in row.get("forms", {}).values() if r["config"] == mod.CONFIGS["default"]["selection_scatter"]
                  and "ms" in r]
         # (with --forms the default form's time is the scatter path's)

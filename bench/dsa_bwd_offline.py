@@ -1,5 +1,6 @@
 """Offline compile report (sm_90, no GPU) of DeepSeek-V3.2's backward kernels: the scatter kernel's forms
-(`tuning.scatter_variants`: launch configs of `_selection_bwd_scatter_kernel`), the deterministic pair (the dq
+(`tuning.scatter_variants`: launch configs of `_selection_bwd_scatter_kernel`; a split form's two kernels, the
+scatter kernel without dK/dV and `_selection_bwd_scatter_dkdv_kernel`, on a row each), the deterministic pair (the dq
 kernel and the inverse-index dK/dV kernel) and the preprocess, at the module's default configs. Per row: registers,
 spill bytes, shared memory, wgmma / mma.sync instructions in the PTX, the atomic instructions (`atom`/`red`, and
 their vector width), each matrix product's tile against the rows its warps cover (bench/kernel_audit.py's `rep`:
@@ -23,7 +24,7 @@ from kernel_audit import dot_report, fmt_dots  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.compile.plan import make_plan  # noqa: E402
-from specgen.compile.tuning import scatter_variants  # noqa: E402
+from specgen.compile.tuning import scatter_variants, split_form  # noqa: E402
 from specgen.model.spec import load_spec  # noqa: E402
 from specgen.runtime import META_NAMES  # noqa: E402
 
@@ -82,6 +83,17 @@ def main(argv=None) -> int:
     varlen = dict(VARLEN=args.varlen)
     for name, cfg in scatter_variants(plan).items():
         if args.variants is not None and name not in args.variants:
+            continue
+        if split_form(cfg):
+            # Two kernels: the scatter kernel without its dK/dV (DKDV 0), and the dK/dV kernel in its own tile.
+            tile = {k: v for k, v in cfg.items() if not k.startswith("dkdv")}
+            r = report(mod, "_selection_bwd_scatter_kernel", tile, dict(HAS_PREV=0, WIDEN=0, DKDV=0, **varlen))
+            rows.add({"spec": spec.name, "kernel": "selection_scatter", "variant": name, "varlen": args.varlen,
+                      **cfg, **r}, line(f"{spec.name} scatter {name} (dQ)", tile, r))
+            once = {"block_n": cfg["dkdv_block_n"], "num_warps": cfg["dkdv_warps"], "num_stages": cfg["dkdv_stages"]}
+            r = report(mod, "_selection_bwd_scatter_dkdv_kernel", once, dict(WIDEN=0, **varlen))
+            rows.add({"spec": spec.name, "kernel": "selection_scatter_dkdv", "variant": name, "varlen": args.varlen,
+                      **once, **r}, line(f"{spec.name} scatter {name} (dK/dV)", once, r))
             continue
         r = report(mod, "_selection_bwd_scatter_kernel", cfg, dict(HAS_PREV=0, WIDEN=0, **varlen))
         rows.add({"spec": spec.name, "kernel": "selection_scatter", "variant": name, "varlen": args.varlen, **cfg, **r},

@@ -19,9 +19,12 @@
 #           (docs/varlen.md, untimed): bash bench/prefill_gpu.sh (tests, nsa_paper and dsa_v32 64k in 8k chunks with
 #           chunk_host_ms, nsa_paper --gather).
 #   CALL=5  the decode compression kernel's forms (cmp_*: pipelined stages, split rule; untimed): tests + bench.
+#   CALL=6  the scatter backward's forms with fewer atomics (issue 17; docs/backward.md "Fewer atomics"; untimed):
+#           r64_rl_w16, split_k64, split_k128 beside km_ks_k64 at 16k and 64k, the atomics floor, vector widths
+#           (bash bench/dsa_bwd_atomics_gpu.sh: its tests, then the bench).
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3|4 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3|4|5|6 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -79,5 +82,9 @@ case ${CALL:-1} in
           2>&1 | tee -a "$W/cmp/cmp_bench.log" | tail -14
       done ); pack; }
   ;;
-*) echo "CALL must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
+6)
+  piece ${T1:=540} && { OUT=$W/atomics TEST_TIMEOUT=$((T1 / 6)) BENCH_TIMEOUT=$((T1 * 5 / 6)) \
+      bash bench/dsa_bwd_atomics_gpu.sh | tail -40; pack; }
+  ;;
+*) echo "CALL must be 1, 2, 3, 4, 5 or 6" >&2; exit 2 ;;
 esac

@@ -43,7 +43,7 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
     "selection_scatter": {"block_n": 64, "gp": 32, "key_major": 1, "key_split": 1, "num_stages": 1,
-    "num_warps": 8, "prefetch": 0}}}
+    "num_warps": 8, "prefetch": 0, "reload": 0}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -52,13 +52,15 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split
     (64, 0, 2, 8, 0), (64, 1, 2, 8, 0), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1), (64, 1, 2, 16, 0)),
     "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
-    "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
-    (64, 32, 1, 1, 1, 8, 0), (16, 32, 1, 1, 1, 8, 0), (16, 32, 1, 1, 2, 8, 0), (32, 32, 1, 1, 1, 8, 0),
-    (32, 32, 1, 1, 2, 8, 0), (32, 32, 0, 0, 1, 8, 0), (32, 32, 0, 0, 1, 4, 0), (16, 32, 0, 0, 1, 8, 0),
-    (16, 32, 0, 0, 1, 4, 0), (64, 32, 0, 0, 1, 8, 0), (64, 32, 0, 0, 1, 4, 0), (64, 32, 1, 0, 1, 8, 0),
-    (64, 32, 1, 0, 1, 4, 0), (128, 32, 1, 0, 1, 8, 0), (32, 32, 0, 0, 2, 8, 0), (32, 32, 0, 0, 2, 8, 1),
-    (32, 32, 0, 0, 3, 8, 1), (64, 32, 0, 1, 1, 8, 0), (64, 32, 1, 1, 1, 8, 1), (32, 16, 0, 0, 1, 4, 0),
-    (32, 16, 0, 0, 2, 4, 1))})
+    "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch", "reload"),
+    (64, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 2, 8, 0, 0),
+    (32, 32, 1, 1, 1, 8, 0, 0), (32, 32, 1, 1, 2, 8, 0, 0), (32, 32, 0, 0, 1, 8, 0, 0),
+    (32, 32, 0, 0, 1, 4, 0, 0), (16, 32, 0, 0, 1, 8, 0, 0), (16, 32, 0, 0, 1, 4, 0, 0),
+    (64, 32, 0, 0, 1, 8, 0, 0), (64, 32, 0, 0, 1, 4, 0, 0), (64, 32, 1, 0, 1, 8, 0, 0),
+    (64, 32, 1, 0, 1, 4, 0, 0), (128, 32, 1, 0, 1, 8, 0, 0), (32, 32, 0, 0, 2, 8, 0, 0),
+    (32, 32, 0, 0, 2, 8, 1, 0), (32, 32, 0, 0, 3, 8, 1, 0), (64, 32, 0, 1, 1, 8, 0, 0),
+    (64, 32, 1, 1, 1, 8, 1, 0), (32, 16, 0, 0, 1, 4, 0, 0), (32, 16, 0, 0, 2, 4, 1, 0),
+    (64, 64, 1, 1, 1, 16, 0, 1))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(128)
@@ -1735,7 +1737,7 @@ def _selection_bwd_scatter_kernel(
     T, NKEYS, sm_scale,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
     KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
-    GP: tl.constexpr = 32,
+    GP: tl.constexpr = 32, DKDV: tl.constexpr = 1, RELOAD: tl.constexpr = 0,
 ):
     # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
     # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
@@ -1751,6 +1753,12 @@ def _selection_bwd_scatter_kernel(
     # chained-dot rule (the selection forward's KEY_SPLIT, docs/tuning.md). Results move by fp32 rounding only.
     # PREFETCH (launch config `prefetch`): each trip loads the next trip's selected units (as the forward's).
     # GP (launch config `gp`; the plan's scatter_gp, 32, by default): head rows per program.
+    # RELOAD (launch config `reload`): Q and dO are not resident but loaded in every trip where they are used (Q
+    # before S, dO before dP, each part again next to its dK/dV product), so shared memory holds the key tile and
+    # a trip's rows only while a product needs them: what lets 64 head rows (half the atomics of 32) fit, for two
+    # L2 reads of the rows a trip.
+    # DKDV 0 (the split form, launch config `dkdv_once`): dQ only; the dK/dV kernel below adds dK/dV once per
+    # (query, key) over all the group's heads.
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 0
     t = tl.program_id(0)
@@ -1775,11 +1783,6 @@ def _selection_bwd_scatter_kernel(
     head = g * GROUP + chunk * GP + rows
     row_ok = chunk * GP + rows < GROUP
     q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
-    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-    q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-    q2 = tl.load(q_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-    q3 = tl.load(q_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
-    q4 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
     row_index = (b * T + (bos + t)) * HQ + head
     lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
     # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
@@ -1787,18 +1790,27 @@ def _selection_bwd_scatter_kernel(
     gate = tl.where(row_ok, 1.0, 0.0)
     # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
     delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
-    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do0 = do0.to(Q.dtype.element_ty)
-    do1 = tl.load(DO + row_index[:, None] * DV + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do1 = do1.to(Q.dtype.element_ty)
-    do2 = tl.load(DO + row_index[:, None] * DV + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do2 = do2.to(Q.dtype.element_ty)
-    do3 = tl.load(DO + row_index[:, None] * DV + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
-    if not WIDEN:
-        do3 = do3.to(Q.dtype.element_ty)
+    if RELOAD:
+        q_token = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + (g * GROUP + chunk * GP) * stride_qh
+        do_token = DO + ((b * T + bos + t) * HQ + g * GROUP + chunk * GP) * DV
+    else:
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        q3 = tl.load(q_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        q4 = tl.load(q_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+        do1 = tl.load(DO + row_index[:, None] * DV + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do1 = do1.to(Q.dtype.element_ty)
+        do2 = tl.load(DO + row_index[:, None] * DV + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do2 = do2.to(Q.dtype.element_ty)
+        do3 = tl.load(DO + row_index[:, None] * DV + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do3 = do3.to(Q.dtype.element_ty)
     qk_scale = sm_scale * 1.4426950408889634
     if KEY_MAJOR == 1:
         dqt0 = tl.zeros([128, ROWS], dtype=tl.float32)
@@ -1856,6 +1868,20 @@ def _selection_bwd_scatter_kernel(
         v1 = k1  # MLA: V is K's first 512 dims
         v2 = k2  # MLA: V is K's first 512 dims
         v3 = k3  # MLA: V is K's first 512 dims
+        if RELOAD:
+            trip_zero = tl.minimum(f0, 0)
+            q_trip = q_token + rows * (stride_qh + trip_zero)
+            do_trip = do_token + rows * (DV + trip_zero)
+            q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+            if not KEY_SPLIT:
+                do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
         if KEY_MAJOR == 1:
             visible_t = key_ok[:, None] & row_ok[None, :]
             if KEY_SPLIT:
@@ -1869,6 +1895,11 @@ def _selection_bwd_scatter_kernel(
                     pt_rest = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
                 pt = _dot(k0, tl.trans(q0), WIDEN) + pt_rest
                 pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+                if RELOAD:
+                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
                 dpt1 = tl.where(visible_t, _dot(v1, tl.trans(do1), WIDEN), 0.0)
                 dpt2 = tl.where(visible_t, _dot(v2, tl.trans(do2), WIDEN), 0.0)
                 dpt3 = tl.where(visible_t, _dot(v3, tl.trans(do3), WIDEN), 0.0)
@@ -1929,6 +1960,11 @@ def _selection_bwd_scatter_kernel(
                     s_rest = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
                 s = _dot(q0, tl.trans(k0), WIDEN) + s_rest
                 p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                if RELOAD:
+                    do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+                    do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
                 dp1 = tl.where(visible, _dot(do1, tl.trans(v1), WIDEN), 0.0)
                 dp2 = tl.where(visible, _dot(do2, tl.trans(v2), WIDEN), 0.0)
                 dp3 = tl.where(visible, _dot(do3, tl.trans(v3), WIDEN), 0.0)
@@ -1961,58 +1997,73 @@ def _selection_bwd_scatter_kernel(
             dq2 += _pv(ds, k2, WIDEN)
             dq3 += _pv(ds, k3, WIDEN)
             dq4 += _pv(ds, k4, WIDEN)
-        key_rows = keys.to(tl.int64) * (HKV * DQK)
-        acc = _pv(dst, q0, WIDEN)
-        if KEY_SPLIT:
-            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
-            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
-            acc = tl.where(key_ok[:, None], acc, 0.0)
-            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do0, WIDEN), 0.0)
-            if n_units > 0:
-                acc = acc + acc_v
-        else:
-            acc += _pv(pt_in, do0, WIDEN)
-        tl.atomic_add(dk_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
-                      mask=key_ok[:, None], sem="relaxed")
-        acc = _pv(dst, q1, WIDEN)
-        if KEY_SPLIT:
-            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
-            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
-            acc = tl.where(key_ok[:, None], acc, 0.0)
-            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do1, WIDEN), 0.0)
-            if n_units > 0:
-                acc = acc + acc_v
-        else:
-            acc += _pv(pt_in, do1, WIDEN)
-        tl.atomic_add(dk_base + key_rows[:, None] + 128 + tl.arange(0, 128)[None, :], acc,
-                      mask=key_ok[:, None], sem="relaxed")
-        acc = _pv(dst, q2, WIDEN)
-        if KEY_SPLIT:
-            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
-            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
-            acc = tl.where(key_ok[:, None], acc, 0.0)
-            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do2, WIDEN), 0.0)
-            if n_units > 0:
-                acc = acc + acc_v
-        else:
-            acc += _pv(pt_in, do2, WIDEN)
-        tl.atomic_add(dk_base + key_rows[:, None] + 256 + tl.arange(0, 128)[None, :], acc,
-                      mask=key_ok[:, None], sem="relaxed")
-        acc = _pv(dst, q3, WIDEN)
-        if KEY_SPLIT:
-            # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
-            # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
-            acc = tl.where(key_ok[:, None], acc, 0.0)
-            acc_v = tl.where(key_ok[:, None], _pv(pt_in, do3, WIDEN), 0.0)
-            if n_units > 0:
-                acc = acc + acc_v
-        else:
-            acc += _pv(pt_in, do3, WIDEN)
-        tl.atomic_add(dk_base + key_rows[:, None] + 384 + tl.arange(0, 128)[None, :], acc,
-                      mask=key_ok[:, None], sem="relaxed")
-        acc = _pv(dst, q4, WIDEN)
-        tl.atomic_add(dk_base + key_rows[:, None] + 512 + tl.arange(0, 64)[None, :], acc,
-                      mask=key_ok[:, None], sem="relaxed")
+        if DKDV:
+            key_rows = keys.to(tl.int64) * (HKV * DQK)
+            if RELOAD:
+                q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q0, WIDEN)
+            if KEY_SPLIT:
+                # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+                # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+                acc = tl.where(key_ok[:, None], acc, 0.0)
+                acc_v = tl.where(key_ok[:, None], _pv(pt_in, do0, WIDEN), 0.0)
+                if n_units > 0:
+                    acc = acc + acc_v
+            else:
+                acc += _pv(pt_in, do0, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            if RELOAD:
+                q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q1, WIDEN)
+            if KEY_SPLIT:
+                # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+                # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+                acc = tl.where(key_ok[:, None], acc, 0.0)
+                acc_v = tl.where(key_ok[:, None], _pv(pt_in, do1, WIDEN), 0.0)
+                if n_units > 0:
+                    acc = acc + acc_v
+            else:
+                acc += _pv(pt_in, do1, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 128 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            if RELOAD:
+                q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q2, WIDEN)
+            if KEY_SPLIT:
+                # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+                # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+                acc = tl.where(key_ok[:, None], acc, 0.0)
+                acc_v = tl.where(key_ok[:, None], _pv(pt_in, do2, WIDEN), 0.0)
+                if n_units > 0:
+                    acc = acc + acc_v
+            else:
+                acc += _pv(pt_in, do2, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 256 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            if RELOAD:
+                q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q3, WIDEN)
+            if KEY_SPLIT:
+                # dK's and dV's products, each its own (not one the other's accumulator), summed in a branch.
+                # (Masked before the branch: Triton 3.6's pipeliner fails on a branch reading a wgmma's result.)
+                acc = tl.where(key_ok[:, None], acc, 0.0)
+                acc_v = tl.where(key_ok[:, None], _pv(pt_in, do3, WIDEN), 0.0)
+                if n_units > 0:
+                    acc = acc + acc_v
+            else:
+                acc += _pv(pt_in, do3, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 384 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            if RELOAD:
+                q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q4, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 512 + tl.arange(0, 64)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
     row_index = (b * T + bos + t) * HQ + head
     if KEY_MAJOR == 1:
         dq0 = tl.trans(dqt0)
@@ -2046,6 +2097,135 @@ def _selection_bwd_scatter_kernel(
     tl.store(dq_ptr, dq4, mask=row_ok[:, None])
 
 
+@triton.jit
+def _selection_bwd_scatter_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    ROWS: tl.constexpr = 128
+    CHANNEL: tl.constexpr = 0
+    t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * t)
+        if seq < 0:
+            return
+        t = tl.load(TILES + 2 * t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    rows = tl.arange(0, ROWS)
+    head = g * GROUP + rows
+    row_ok = rows < GROUP
+    row_index = (b * T + (bos + t)) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.where(row_ok, 1.0, 0.0)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    q_token = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + g * GROUP * stride_qh
+    do_token = DO + ((b * T + bos + t) * HQ + g * GROUP) * DV
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + g * stride_kh + bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + bos * stride_vt
+    dk_base = DK + ((b * NKEYS + bos) * HKV + g) * DQK
+    dv_base = DVAL + ((b * NKEYS + bos) * HKV + g) * DV
+    idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + f % UNIT
+        key_ok = (unit >= 0) & (keys <= t)
+        visible = key_ok[None, :] & row_ok[:, None]
+        k_rows = k_base + keys * stride_kt
+        trip_zero = tl.minimum(f0, 0)
+        q_trip = q_token + rows * (stride_qh + trip_zero)
+        do_trip = do_token + rows * (DV + trip_zero)
+        # S = Q K^T and dP = dO V^T, each part of the keys and of the rows loaded next to its product (so that
+        # not every part's load is in flight in registers at once); the rows come from L2 (read again below and by
+        # the next trips).
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        k2 = tl.load(k_rows[:, None] + 256 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q2, tl.trans(k2), WIDEN)
+        k3 = tl.load(k_rows[:, None] + 384 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q3, tl.trans(k3), WIDEN)
+        k4 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q4, tl.trans(k4), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        v0 = k0  # MLA: V is K's first 512 dims
+        do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        v1 = k1  # MLA: V is K's first 512 dims
+        do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        dp += _dot(do1, tl.trans(v1), WIDEN)
+        v2 = k2  # MLA: V is K's first 512 dims
+        do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        dp += _dot(do2, tl.trans(v2), WIDEN)
+        v3 = k3  # MLA: V is K's first 512 dims
+        do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        dp += _dot(do3, tl.trans(v3), WIDEN)
+        # Scaled once here: dK takes sm_scale * dS. P and dS rounded once to the inputs' dtype (as _pv rounds P).
+        ds = p * (dp - delta[:, None]) * sm_scale
+        if WIDEN:
+            p_in = p
+            ds_in = ds
+        else:
+            p_in = p.to(DO.dtype.element_ty)
+            ds_in = ds.to(Q.dtype.element_ty)
+        # dK^T = Q^T dS and dV^T = dO^T P, a head-dim part at a time (its rows loaded again), added by atomics.
+        key_rows = keys.to(tl.int64) * (HKV * DQK)
+        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q0), ds_in, WIDEN)
+        do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += _dot(tl.trans(do0), p_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 0 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q1), ds_in, WIDEN)
+        do1 = tl.load(do_trip[:, None] + 128 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += _dot(tl.trans(do1), p_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 128 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        q2 = tl.load(q_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q2), ds_in, WIDEN)
+        do2 = tl.load(do_trip[:, None] + 256 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += _dot(tl.trans(do2), p_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 256 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        q3 = tl.load(q_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q3), ds_in, WIDEN)
+        do3 = tl.load(do_trip[:, None] + 384 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += _dot(tl.trans(do3), p_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 384 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q4), ds_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 512 + tl.arange(0, 64)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+
+
 # Inputs that get gradients, in argument order (the indexer's q_idx, k_idx, w_idx get none: the selection is not differentiated).
 DIFF_ARGUMENTS = ("q", "k", )
 
@@ -2072,7 +2252,8 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc, varlen=None):
     T = b.T
     # The scatter path (dK/dV by atomics), or under torch.use_deterministic_algorithms the inverse-index kernels.
     b.selection(_selection_bwd_scatter_kernel, _selection_bwd_dq_kernel, _selection_bwd_dkdv_kernel, "k", "v", k, v,
-                indices, _selection_inverse_index, INVERSE_INDEX_ENTRIES, dq_chunks=4, scatter_chunks=4)
+                indices, _selection_inverse_index, INVERSE_INDEX_ENTRIES, dq_chunks=4, scatter_chunks=4,
+                dkdv_once_kernel=_selection_bwd_scatter_dkdv_kernel)
     return b.gradients(_DESC.diff_args)
 
 

@@ -100,9 +100,16 @@ def test_mla_backward(deterministic, monkeypatch):
     _check(mod, MLA, 29, monkeypatch, deterministic)
 
 
-def test_gqa_two_kv_heads_forced(tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_gqa_two_kv_heads_forced(tmp_path, monkeypatch, split):
+    """Also the split form (docs/backward.md, "Fewer atomics"; tuning.scatter_variants' split_*): its dK/dV kernel
+    without MLA (V's own parts and accumulator) and with a kv head's rows offset in every address."""
     mod = _forced_scatter_module(GQA, tmp_path)
     assert testing.scatters(mod)
+    if split:
+        cfg = {**mod.CONFIGS["default"]["selection_scatter"], "dkdv_once": 1, "dkdv_block_n": 16, "dkdv_warps": 8,
+               "dkdv_stages": 1}
+        monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
     _check(mod, GQA, 21, monkeypatch)
 
 

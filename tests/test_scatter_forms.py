@@ -12,13 +12,14 @@ programs of 32 rows, or four of 16 with `gp` 16), d_qk 112 = 64 + 32 + 16 parts,
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import specgen
 from specgen import reference as R
 from specgen import runtime, testing
 from specgen.compile.plan import make_plan
-from specgen.compile.tuning import SCATTER_BACKWARD_DEFAULT, scatter_variants
+from specgen.compile.tuning import SCATTER_BACKWARD_DEFAULT, scatter_variants, split_form
 from specgen.model.spec import load_spec, replace
 from specgen.runtime import launches
 from specgen.testing.varlen import PackedCase, check_backward_varlen
@@ -31,34 +32,56 @@ KEYS = 16
 FORMS = ("ks_k64", "km_ks_k64_pf", "r16_w4_pf_s2")
 # The forms sum in other orders (products split in parts, fp32 atomics in other orders): fp32 rounding.
 SAME = 1e-5
-META = {"key_major": "KEY_MAJOR", "key_split": "KEY_SPLIT", "prefetch": "PREFETCH", "gp": "GP", "block_n": "BLOCK_N"}
+META = {"key_major": "KEY_MAJOR", "key_split": "KEY_SPLIT", "prefetch": "PREFETCH", "gp": "GP", "block_n": "BLOCK_N",
+        "reload": "RELOAD"}
+# The forms with fewer atomic adds per selected (query, key) (docs/backward.md, "Fewer atomics"): 64 head rows with
+# Q and dO reloaded in every trip (one program a query at this spec's 64 heads, where km_ks_k64 runs two), and the
+# split form (dQ by the scatter kernel without dK/dV, dK/dV by one program a query over all its heads).
+FEWER = ("r64_rl_w16", "split_k64")
 
 
-def _forms():
+def _forms(names=("w8",) + FORMS):
     variants = scatter_variants(make_plan(SPEC))
-    return {name: {**variants[name], "block_n": KEYS} for name in ("w8",) + FORMS}
+    out = {name: {**variants[name], "block_n": KEYS} for name in names}
+    for cfg in out.values():
+        if split_form(cfg):
+            cfg["dkdv_block_n"] = KEYS
+    return out
 
 
 class _Spy:
-    """Records each launch of the scatter kernel: its meta-parameters and grid."""
+    """Records each launch of the scatter kernel (and of the split forms' dK/dV kernel): meta-parameters and grid."""
 
     def __init__(self, monkeypatch):
         self.calls = []
+        self.once = []
         real = runtime.launch_with
 
         def launch_with(kernel, grid, args, meta, cfg):
             if kernel.fn.__name__ == "_selection_bwd_scatter_kernel":
                 self.calls.append(({**{v: cfg[k] for k, v in META.items() if k in cfg}}, tuple(grid), meta))
+            elif kernel.fn.__name__ == "_selection_bwd_scatter_dkdv_kernel":
+                self.once.append((dict(cfg), tuple(grid), meta))
             return real(kernel, grid, args, meta, cfg)
 
         monkeypatch.setattr(runtime, "launch_with", launch_with)
         monkeypatch.setattr(launches, "launch_with", launch_with)
 
     def check(self, cfg: dict, programs: int, varlen: bool) -> None:
+        """One scatter launch in `cfg`'s form on `programs` programs a query; for a split form, without dK/dV and
+        followed by one dK/dV launch of one program a query and kv head, in the form's dK/dV tile."""
         assert len(self.calls) == 1, f"{len(self.calls)} scatter launches"
         got, grid, meta = self.calls.pop()
-        assert got == {v: cfg[k] for k, v in META.items()}, (got, cfg)
+        assert got == {v: cfg[k] for k, v in META.items() if k in cfg}, (got, cfg)
         assert grid[1] == programs and meta["VARLEN"] == varlen, (grid, meta)
+        assert meta.get("DKDV", 1) == (0 if split_form(cfg) else 1), meta
+        assert len(self.once) == (1 if split_form(cfg) else 0), f"{len(self.once)} dK/dV launches"
+        if self.once:
+            once, once_grid, once_meta = self.once.pop()
+            assert once == {"block_n": cfg["dkdv_block_n"], "num_warps": cfg["dkdv_warps"],
+                            "num_stages": cfg["dkdv_stages"]}, once
+            assert once_grid == (grid[0], grid[1] // (SPEC.heads.q // cfg["gp"])), (once_grid, grid)
+            assert once_meta["VARLEN"] == varlen
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +92,9 @@ def test_forms_are_candidates_and_default():
     plan = make_plan(load_spec("specs/dsa_v32.yaml"))
     variants = scatter_variants(plan)
     assert plan.tuning.defaults["selection_scatter"] == variants[SCATTER_BACKWARD_DEFAULT]
-    assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values())
+    assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values() if not split_form(v))
+    assert not any(split_form(c) for c in plan.tuning.candidates["selection_scatter"])
+    assert {"r64_rl_w16", "split_k64", "split_k128"} <= set(variants)
     mod = specgen.load(load_spec("specs/dsa_v32.yaml"))
     assert mod.CONFIGS["default"]["selection_scatter"] == variants[SCATTER_BACKWARD_DEFAULT]
 
@@ -131,3 +156,47 @@ def test_forms_packed(monkeypatch, form="km_ks_k64_pf"):
         err = _rel(a, b)
         print(f"{form} vs w8 (packed): d{n} rel err {err:.1e}")
         assert err < SAME, f"{form} vs w8 (packed): d{n} rel err {err:.2e} {case.where}"
+
+
+def test_fewer_atomics_forms(monkeypatch):
+    """B = 2, T = 24: the forms that add each (query, key) fewer times, against the float64 reference and against
+    km_ks_k64 (the default) within fp32 rounding; the split form's dQ (the scatter kernel's without its dK/dV)
+    equal to km_ks_k64's bit for bit."""
+    mod = specgen.load(SPEC)
+    device = testing.test_device()
+    case = testing.random_case(mod, SPEC, 2, 24, device, None)
+    x = case.inputs
+    dout = torch.randn(2, 24, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen, dtype=torch.float64).to(device)
+    state = mod._forward(x["q"], x["k"], x["q_idx"], x["k_idx"], x["w_idx"], save_branch_outputs=True)
+    assert (state.indices == -1).any() and (state.indices >= 0).sum(-1).max() > KEYS  # -1 slots; two trips
+    _, want = testing.reference_gradients(SPEC, case.exact, state.indices, dout)
+    empty = x["q"].new_empty((0,))
+    spy = _Spy(monkeypatch)
+    grads = {}
+    for name, cfg in _forms(("km_ks_k64",) + FEWER).items():
+        monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
+        dq, dk = mod._backward(dout.to(device, mod.DTYPE), x["q"], x["k"], state.lse, state.indices,
+                               state.branch_out, empty, empty)
+        spy.check(cfg, 2 * SPEC.heads.q // cfg["gp"], False)
+        grads[name] = (dq, dk)
+        for n, got in zip(("q", "k"), (dq, dk)):
+            assert torch.isfinite(got).all(), f"{name}: d{n} not finite {case.where}"
+            err = _rel(got, want[n])
+            assert err < testing.GRAD_TOL[torch.float32], f"{name}: d{n} rel err {err:.2e} {case.where}"
+    for name in FEWER:
+        for n, a, b in zip(("q", "k"), grads[name], grads["km_ks_k64"]):
+            err = _rel(a, b)
+            print(f"{name} vs km_ks_k64: d{n} rel err {err:.1e}")
+            assert err < SAME, f"{name} vs km_ks_k64: d{n} rel err {err:.2e} {case.where}"
+    assert torch.equal(grads["split_k64"][0], grads["km_ks_k64"][0]), "the split form's dQ is km_ks_k64's"
+
+
+@pytest.mark.parametrize("form", FEWER)
+def test_fewer_atomics_forms_packed(monkeypatch, form):
+    """A packed batch: the form against the per-sequence reference (check_backward_varlen)."""
+    mod = specgen.load(SPEC)
+    cfg = _forms((form,))[form]
+    spy = _Spy(monkeypatch)
+    monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
+    check_backward_varlen(mod, SPEC, [18, 9], seed=testing.fresh_seed())
+    spy.check(cfg, SPEC.heads.q // cfg["gp"], True)

@@ -71,4 +71,6 @@ def kernel_names() -> dict[str, tuple[str, str]]:
     out["_selection_kv_bwd_kernel"] = ("selection", "backward")
     # The scatter backward (docs/backward.md): dQ, dK and dV of the branch in one kernel.
     out["_selection_bwd_scatter_kernel"] = ("selection", "backward")
+    # Its split forms (tuning.scatter_variants' split_*): the scatter kernel for dQ, this one for dK and dV.
+    out["_selection_bwd_scatter_dkdv_kernel"] = ("selection", "backward")
     return out

@@ -85,6 +85,17 @@ def scatter_smem(spec: Spec, rows, keys, stages):
                       index=[tile(keys, 1, 4)], computed=[tile(rows, keys, e), tile(rows, keys, e)], stages=stages)
 
 
+def scatter_once_smem(spec: Spec, rows, keys, part: int = 128):
+    """The scatter path's split-form dK/dV kernel (`_selection_bwd_scatter_dkdv_kernel`, kernels/backward_scatter.j2):
+    one stage; the gathered K tile (and V, but MLA's V is K's first d_v dims) stays through the trip, the program's
+    rows (all the group's heads) come one head-dim part of Q or dO at a time (`part` dims), plus the index. Compiled
+    for sm_90 (Triton 3.6, 8 warps), V3.2 (128 rows): 98304 / 163840 bytes at 64 / 128 keys; the model gives
+    107776 / 181760 (the K tile's last part, which S alone reads, counted through the trip)."""
+    e, dqk, dv = _elem(spec), spec.head_dim.qk, spec.head_dim.v
+    kv = [tile(keys, dqk, e)] + ([] if spec.mla else [tile(keys, dv, e)])
+    return smem_bytes(resident=[tile(rows, part, e)], gathered=kv, index=[tile(keys, 1, 4)], stages=1)
+
+
 def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
     """A forward attention program: resident Q rows, K (and V, but MLA's gathered V is K's first d_v dims, reused
     in registers) streamed or, for the selection, gathered through an index, and P. Numbers or sympy symbols."""
@@ -138,6 +149,9 @@ def backward_footprints(spec: Spec, plan, tiles=None) -> dict[str, int]:
             if t.scatter:
                 out["_selection_bwd_scatter_kernel"] = scatter_smem(spec, t.scatter_gp, t.scatter_block_n,
                                                                     t.scatter_num_stages)
+                # (its split forms' dK/dV kernel at their widest key tile, tuning.scatter_variants' split_k128)
+                out["_selection_bwd_scatter_dkdv_kernel"] = scatter_once_smem(spec, t.scatter_once_rows, 128,
+                                                                              t.scatter_dim)
         else:
             # The dense branches' tiles are their default launch configs (tuning.dense_backward_variants).
             for part, smem in (("dq", dq_smem), ("dkdv", dkdv_smem)):

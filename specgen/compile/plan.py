@@ -71,7 +71,8 @@ class BackwardTiles:
     program per (query, kv head, chunk of scatter_gp heads; scatter_chunks of them), scatter_block_n selected keys
     per trip, dQ in registers and dK/dV added with fp32 atomics in head-dim chunks (scatter_qk_parts,
     scatter_v_parts: the parts cut to at most scatter_dim dims) so that one chunk's [keys, dims] sum is live at a
-    time."""
+    time; its split form's dK/dV kernel holds all the group's heads as scatter_once_rows rows (the group padded to
+    a power of two) and adds each (query, key) once."""
     gp: int
     bt: int
     block_n: int = 64
@@ -96,6 +97,7 @@ class BackwardTiles:
     scatter_num_stages: int = 1
     scatter_qk_parts: tuple = ()
     scatter_v_parts: tuple = ()
+    scatter_once_rows: int = 0
 
     @property
     def units_per_tile(self) -> int:
@@ -413,7 +415,7 @@ def _scatter_tiles(spec: Spec, group: int) -> dict:
     assert not spec.mla or qk[:len(v)] == v, (qk, v)
     return dict(scatter=True, scatter_gp=rows, scatter_chunks=-(-group // rows), scatter_block_n=32 if wide else 64,
                 scatter_dim=SCATTER_DIM, scatter_num_warps=8, scatter_num_stages=1 if wide else 2,
-                scatter_qk_parts=qk, scatter_v_parts=v)
+                scatter_qk_parts=qk, scatter_v_parts=v, scatter_once_rows=max(MIN_DOT, next_pow2(group)))
 
 
 def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:

@@ -225,7 +225,7 @@ def scatter_base(plan) -> dict:
     existed (row-major products, no key split, no prefetch)."""
     bwd = plan.backward
     return {"block_n": bwd.scatter_block_n, "key_major": 0, "key_split": 0, "prefetch": 0, "gp": bwd.scatter_gp,
-            "num_warps": bwd.scatter_num_warps, "num_stages": bwd.scatter_num_stages}
+            "reload": 0, "num_warps": bwd.scatter_num_warps, "num_stages": bwd.scatter_num_stages}
 
 
 def scatter_variants(plan) -> dict:
@@ -236,7 +236,15 @@ def scatter_variants(plan) -> dict:
     is another's accumulator or takes a chained product's result except through a branch, so Triton does not lay
     every product's rows over all the warps: nothing computed twice), `prefetch` (1: the next trip's selected
     units loaded a trip ahead, so that num_stages > 1 pipelines the key tiles' loads) and `gp` (head rows a program:
-    fewer rows, more programs, more atomics).
+    fewer rows, more programs, more atomics), `reload` (1: Q and dO loaded where each trip uses them instead of
+    resident, so that 64 head rows fit shared memory).
+
+    Forms that cut the atomic adds per selected (query, key) (docs/backward.md, "Fewer atomics"): "r64_rl_w16" (64
+    head rows, reloaded, 16 warps: 2 programs a query instead of 4) and the split forms "split_k64" / "split_k128"
+    (`dkdv_once` 1: the scatter kernel, in km_ks_k64's tile, computes dQ only; `_selection_bwd_scatter_dkdv_kernel`,
+    one program per (query, kv head) over all the group's heads, adds dK/dV once per (query, key), `dkdv_block_n`
+    keys a trip at `dkdv_warps` warps and `dkdv_stages` stages). The split forms only where the group fits one
+    program's rows (plan.backward.scatter_once_rows <= 128); neither kind is a tuning candidate (SPLIT_FORMS).
 
     Names: "w8" (the plan's tile: 32 keys, 8 warps, 1 stage), "w4", "k16_*", "k64_*" (keys a trip, warps),
     "km_k64_*", "km_k128_w8" (key-major), "s2" (2 stages), "pf_s2"/"pf_s3" (prefetch, 2/3 stages: one / two key
@@ -262,7 +270,20 @@ def scatter_variants(plan) -> dict:
     if base["gp"] >= 32:
         out["r16_w4"] = {**base, "gp": 16, "num_warps": 4}
         out["r16_w4_pf_s2"] = {**base, "gp": 16, "num_warps": 4, "prefetch": 1, "num_stages": 2}
+    km_ks = out["km_ks_k64"]
+    if plan.group >= 64:
+        out["r64_rl_w16"] = {**km_ks, "gp": 64, "reload": 1, "num_warps": 16}
+    if plan.backward.scatter_once_rows <= 128:
+        for n in (64, 128):
+            out[f"split_k{n}"] = {**km_ks, "dkdv_once": 1, "dkdv_block_n": n, "dkdv_warps": 8, "dkdv_stages": 1}
     return out
+
+
+def split_form(cfg: dict) -> bool:
+    """Whether a scatter launch config is a split form (two kernels: dQ by the scatter kernel, dK/dV by the
+    one-program-per-query kernel). Not a tuning candidate: the autotuner and `specgen tune` time the scatter
+    kernel's launch alone."""
+    return bool(cfg.get("dkdv_once"))
 
 
 def index_configs(plan, key_major: bool | None = None, compact: bool = True) -> dict:
@@ -396,7 +417,7 @@ def candidates(plan, kernel: str) -> list[dict]:
                                          cfg["num_warps"]):
             out.append(cfg)
     if kernel == "selection_scatter":
-        out += [c for c in keyed if c not in out]
+        out += [c for c in keyed if c not in out and not split_form(c)]
     if kernel == "selection":
         # The forward's named forms join unpruned (the model knows neither the split S nor the prefetch;
         # bench/kernel_audit.py compiles them).

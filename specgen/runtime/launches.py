@@ -431,20 +431,27 @@ class Backward:
                    restore=("DK", "DVAL") if accumulate else ())
 
     def selection(self, scatter_kernel, dq_kernel, dkdv_kernel, k_name: str, v_name: str, k, v, indices,
-                  inverse_index, max_entries: int, *, dq_chunks: int, scatter_chunks: int):
+                  inverse_index, max_entries: int, *, dq_chunks: int, scatter_chunks: int, dkdv_once_kernel=None):
         """The selection branch's backward where the plan chose the scatter path (docs/backward.md): the scatter
-        kernel, or, when PyTorch's deterministic mode is on (torch.use_deterministic_algorithms), the deterministic
-        pair, the dq kernel and the inverse-index dK/dV kernel."""
+        kernel (with its split form's dK/dV kernel, `dkdv_once_kernel`, when the launch config asks for it), or,
+        when PyTorch's deterministic mode is on (torch.use_deterministic_algorithms), the deterministic pair, the
+        dq kernel and the inverse-index dK/dV kernel."""
         if torch.are_deterministic_algorithms_enabled():
             self.dq(dq_kernel, "selection", k, v, self.T, indices, head_chunks=dq_chunks)
             self.selection_dkdv(dkdv_kernel, k_name, v_name, k, v, indices, inverse_index, max_entries)
         else:
-            self.selection_scatter(scatter_kernel, k_name, v_name, k, v, indices, head_chunks=scatter_chunks)
+            self.selection_scatter(scatter_kernel, k_name, v_name, k, v, indices, head_chunks=scatter_chunks,
+                                   dkdv_once_kernel=dkdv_once_kernel)
 
-    def selection_scatter(self, kernel, k_name: str, v_name: str, k, v, indices, *, head_chunks: int):
+    def selection_scatter(self, kernel, k_name: str, v_name: str, k, v, indices, *, head_chunks: int,
+                          dkdv_once_kernel=None):
         """dQ, dK and dV of the selection branch in one query-outer kernel (one program per query, kv head and
         chunk of heads): dQ written like the dq kernel's, dK/dV added into zeroed fp32 accumulators with atomics
-        (order-dependent sums). With MLA the kernel adds dV into dK itself, so no dV accumulator is made."""
+        (order-dependent sums). With MLA the kernel adds dV into dK itself, so no dV accumulator is made.
+
+        The split form (launch config `dkdv_once` 1; docs/backward.md, "Fewer atomics"): the scatter
+        kernel computes dQ only (DKDV 0), then `dkdv_once_kernel`, one program per (query, kv head) over all the
+        group's heads, adds each selected (query, key)'s dK/dV once; its tile is the config's `dkdv_*` fields."""
         d, T = self.desc, self.T
         first = self.launched == 0
         self.launched += 1
@@ -461,14 +468,35 @@ class Backward:
             # Programs per (query, kv head): the launch config's head rows (`gp`), else the plan's head chunks.
             return _cdiv(d.heads_q // d.heads_kv, cfg["gp"]) if cfg.get("gp") else head_chunks
 
+        cfg = launch_config(self.configs, "selection_scatter")
+        if cfg.get("dkdv_once"):
+            self._scatter_split(kernel, dkdv_once_kernel, cfg, chunks(cfg), args, meta, k, v, indices, dk, dv)
+            return
         if self.varlen is not None:
-            cfg = launch_config(self.configs, "selection_scatter")
             self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
                                 (d.heads_kv * chunks(cfg),), args, meta)
             return
         launch(kernel, "selection_scatter", self.configs, self.candidates,
                lambda cfg: (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables), dict(meta, VARLEN=False),
                T=T, restore=("DQ", "DK", "DVAL"))
+
+    def _scatter_split(self, kernel, once_kernel, cfg: dict, chunks: int, args, meta: dict, k, v, indices, dk, dv):
+        """The scatter path's split form: dQ by the scatter kernel (DKDV 0, the config's tile), then dK/dV by
+        `once_kernel` (one program per query and kv head, the config's `dkdv_*` tile), on the same grid rows."""
+        d, T = self.desc, self.T
+        if once_kernel is None:
+            raise RuntimeError("the launch config of selection_scatter asks for the split form (dkdv_once) but this "
+                               "module has no dK/dV kernel for it: rebuild the module (specgen build)")
+        once_cfg = {"block_n": cfg["dkdv_block_n"], "num_warps": cfg["dkdv_warps"], "num_stages": cfg["dkdv_stages"]}
+        if self.varlen is not None:
+            tables, n_programs = self._query_tiles("selection", 1)
+            grid, varlen = (n_programs, d.heads_kv), True
+        else:
+            tables, grid, varlen = self._no_tables, (T, self.B * d.heads_kv), False
+        launch_with(kernel, (grid[0], grid[1] * chunks), args(tables), dict(meta, DKDV=0, VARLEN=varlen), cfg)
+        once_args = (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, indices, *tables,
+                     *self._common(k, v, T))
+        launch_with(once_kernel, grid, once_args, dict(WIDEN=self.widen, VARLEN=varlen), once_cfg)
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
                      unit: int, top_k: int, split: int, block_n: int, merge_rows: int, worklist: str = "torch"):
