@@ -24,7 +24,19 @@
 #           (bash bench/dsa_bwd_atomics_gpu.sh: its tests, then the bench).
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1|2|3|4|5|6 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=7  the block-outer selection's Triton work list (issue 16; docs/selection_order.md "Work list forms";
+#           untimed, default torch): its GPU tests (the cursor hand-off needs real hardware), the list at 16k-64k
+#           with the chunk/tile sweep, and Llama-3's whole forward and fwd+bwd under both forms.
+#   CALL=8  the dense-stage distillation's register-operand forms (issue 17; docs/distill.md "The dense forward's
+#           forms"; untimed, default base): bash bench/distill_dense_forms_gpu.sh (compile report, checks, timing).
+#   CALL=9  the GPU suite's remainder (issue 15), resumable: the GPU-only tests (SUITE=gpu, default) or the rest
+#           (SUITE=rest) that no log of bench/results dated 2026-12-07 or later, nor an earlier call on this warm
+#           machine (.gpu-suite-logs/), shows passing; one at a time for gpu (their references take tens of GB),
+#           on WORKERS xdist workers for rest. Call again until it reports 0 left.
+# Next session, most needed first: 6, 7, 8, then 2, 3, 4, then 9 (SUITE=gpu, then SUITE=rest), then the model matrix
+# at 16k/32k, and the training step (CALL=1 T1=0 T3=0 T4=0) once a scatter form is the default.
+# Set SPECGEN_COMMIT: the device copy's .git can be stale (it printed 624f9c6 for c9634f5 on 2026-12-07).
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..9 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -86,5 +98,31 @@ case ${CALL:-1} in
   piece ${T1:=540} && { OUT=$W/atomics TEST_TIMEOUT=$((T1 / 6)) BENCH_TIMEOUT=$((T1 * 5 / 6)) \
       bash bench/dsa_bwd_atomics_gpu.sh | tail -40; pack; }
   ;;
-*) echo "CALL must be 1, 2, 3, 4, 5 or 6" >&2; exit 2 ;;
+7)
+  piece ${T1:=120} && { mkdir -p $W/wl; ( env_in $W/wl; timeout $T1 python -m pytest -q -rfE --tb=short \
+      -p no:cacheprovider tests/test_worklist.py 2>&1 | tail -8 | tee $W/wl/worklist_tests.log ); pack; }
+  piece ${T2:=200} && { ( env_in $W/wl; timeout $T2 python bench/worklist_bench.py --forced --packed --sweep \
+      --json "$W/wl/${day}_worklist_${COMMIT}.jsonl" 2>&1 | tee $W/wl/worklist_bench.log | tail -30 ); pack; }
+  piece ${T3:=200} && { ( env_in $W/wl; timeout $T3 python bench/worklist_bench.py --T 65536 --model \
+      --json "$W/wl/${day}_worklist_model_${COMMIT}.jsonl" 2>&1 | tee $W/wl/worklist_model.log | tail -20 ); pack; }
+  ;;
+8)
+  piece ${T1:=540} && { OUT=$W/dd bash bench/distill_dense_forms_gpu.sh 2>&1 | tail -40; pack; }
+  ;;
+9)
+  mkdir -p $W/suite .gpu-suite-logs
+  suite=${SUITE:-gpu}; mark="skipif"; [ "$suite" = rest ] && mark="not skipif"
+  python -m pytest --collect-only -q -p no:cacheprovider -m "$mark" generated tests 2>/dev/null | grep "::" \
+      > $W/suite/ids_$suite.txt
+  logs=$(ls bench/results/*_gpu_tests_*.log .gpu-suite-logs/*.log 2>/dev/null | awk -F/ '$NF >= "2026-12-07" || $1 == ".gpu-suite-logs"')
+  python bench/gpu_suite_left.py $W/suite/ids_$suite.txt $logs > $W/suite/left_$suite.txt
+  echo "$suite: $(wc -l < $W/suite/left_$suite.txt) of $(wc -l < $W/suite/ids_$suite.txt) tests left"
+  if [ -s $W/suite/left_$suite.txt ]; then
+    OUT=$W/suite IDS=$W/suite/left_$suite.txt GPU_TIMEOUT=${T1:=560} REST_TIMEOUT=${T1} WORKERS=${WORKERS:-12} \
+        bash bench/gpu_suite.sh $suite --maxfail=2000 2>&1 | tail -12
+    for f in $W/suite/gpu_tests_*.log; do cp "$f" ".gpu-suite-logs/${day}_$(basename "$f" .log)_$(date +%H%M%S).log"; done
+  fi
+  pack
+  ;;
+*) echo "CALL must be 1 to 9" >&2; exit 2 ;;
 esac
