@@ -33,7 +33,11 @@ __version__ = "0.1.0"
 # CHUNKED / CB / NCH_PAD / TICKET constexprs; 20: the compression kernel's launch forms (DecodeDescriptor.cmp_form,
 # runtime.decode_splits' `resident`); 21: the distillation launches' `dense_fwd_form`, `dense_dq_form` and
 # `dense_forms` (runtime.distill.Launches, the dense register-operand kernels fwd_dense_qreg / dq_dense_qreg and
-# their BK / STAGES / QSMEM constexprs).
+# their BK / STAGES / QSMEM constexprs), and, merged under the same number before any module of 21 left the
+# session, the kv-order passes' `worklist` argument (runtime.launches' Forward.selection_kv / Backward.selection_kv,
+# runtime.worklist) and the scatter backward's split form (Backward.selection's `dkdv_once_kernel`, the launch-config
+# fields `reload` / `dkdv_once` / `dkdv_block_n` / `dkdv_warps` / `dkdv_stages`, the scatter kernel's DKDV / RELOAD
+# constexprs).
 RUNTIME_SCHEMA = 21
 
 

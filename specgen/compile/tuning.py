@@ -244,7 +244,8 @@ def scatter_variants(plan) -> dict:
     (`dkdv_once` 1: the scatter kernel, in km_ks_k64's tile, computes dQ only; `_selection_bwd_scatter_dkdv_kernel`,
     one program per (query, kv head) over all the group's heads, adds dK/dV once per (query, key), `dkdv_block_n`
     keys a trip at `dkdv_warps` warps and `dkdv_stages` stages). The split forms only where the group fits one
-    program's rows (plan.backward.scatter_once_rows <= 128); neither kind is a tuning candidate (SPLIT_FORMS).
+    program's rows (plan.backward.scatter_once_rows <= 128). The split forms are not tuning candidates
+    (`split_form`: the autotuner times the scatter kernel's launch alone); r64_rl_w16 is.
 
     Names: "w8" (the plan's tile: 32 keys, 8 warps, 1 stage), "w4", "k16_*", "k64_*" (keys a trip, warps),
     "km_k64_*", "km_k128_w8" (key-major), "s2" (2 stages), "pf_s2"/"pf_s3" (prefetch, 2/3 stages: one / two key
