@@ -54,7 +54,7 @@ run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its fail
   tail -n 25 "$log"
   local failed
   failed=$OUT/failed_ids.txt
-  grep -oP '(?<=FAILED )[^ ]+::[^ ]+' "$log" | sort -u > "$failed"
+  python "$(dirname "$0")/gpu_suite_left.py" --failed "$log" > "$failed"
   if [ -s "$failed" ]; then
     header "rerun of the failures above, one at a time (warm Triton cache)" > "$relog"
     timeout -s INT "${RERUN_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE -W ignore -m skipif \

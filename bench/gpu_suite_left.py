@@ -1,6 +1,7 @@
 """The test ids a cut-off GPU suite call left without a pass, for the next call's IDS file.
 
     python bench/gpu_suite_left.py IDS_FILE LOG [LOG ...] > left.txt
+    python bench/gpu_suite_left.py --failed LOG > failed.txt     (the ids whose last verdict in LOG is a failure)
 
 IDS_FILE lists the ids the call meant to run (``pytest --collect-only -q -m skipif generated tests``); each LOG is a
 verbose pytest log the call brought back (bench/gpu_suite.sh). An id counts as done once any log says it PASSED or
@@ -10,15 +11,24 @@ SKIPPED; a failure in the last log that ran it is not done (it goes in the list 
 import re
 import sys
 
-VERDICT = re.compile(r"\b(PASSED|SKIPPED|XFAIL|FAILED|ERROR)\s+(\S+::\S+)|(\S+::\S+)\s+(PASSED|SKIPPED|XFAIL|FAILED|ERROR)")
+WORDS = "PASSED|SKIPPED|XFAIL|XPASS|FAILED|ERROR"
+# Line by line, so that ids holding spaces ("[import triton-triton was imported ...]") are read whole.
+XDIST = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({WORDS}) (\S+::.+?)\s*$")
+SERIAL = re.compile(rf"^(\S+::.+?) ({WORDS})(?:\s+\[\s*\d+%\])?\s*$")
 
 
 def verdicts(text: str) -> dict:
-    """The last verdict a verbose log gives each test id (xdist writes "[gw0] [ 3%] PASSED id", serial "id PASSED")."""
+    """The last verdict a verbose log gives each test id (xdist writes "[gw0] [ 3%] PASSED id", serial
+    "id PASSED [ 3%]")."""
     out = {}
-    for m in VERDICT.finditer(text):
-        word, node = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
-        out[node] = word
+    for line in text.splitlines():
+        m = XDIST.match(line)
+        if m:
+            out[m.group(2)] = m.group(1)
+            continue
+        m = SERIAL.match(line)
+        if m:
+            out[m.group(1)] = m.group(2)
     return out
 
 
@@ -30,6 +40,12 @@ def left(ids: list, logs: list) -> list:
 
 
 def main(argv: list) -> int:
+    if len(argv) == 2 and argv[0] == "--failed":
+        with open(argv[1], errors="replace") as f:
+            for node, word in verdicts(f.read()).items():
+                if word in ("FAILED", "ERROR"):
+                    print(node)
+        return 0
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
