@@ -357,7 +357,8 @@ def test_kernel_statistics_and_determinism(stage, tmp_path_factory):
 @pytest.mark.parametrize("given", [False, True])
 def test_fused_sparse_deterministic_mode(given, tmp_path_factory):
     """After the fused forward, torch.use_deterministic_algorithms runs the legacy backward (the query side and
-    the inverse index, no atomics): the same gradients within rounding, and the float64 reference's."""
+    the inverse index, no atomics): the same gradients within rounding, and the float64 reference's. (The mode is
+    read when the backward runs: one forward, its graph kept, backward in either mode.)"""
     spec = spec_of("wide_k")
     module = kernel_module(spec, tmp_path_factory, small_tiles(spec))
     assert module._DISTILL_LAUNCHES.path == "fused"
@@ -367,13 +368,15 @@ def test_fused_sparse_deterministic_mode(given, tmp_path_factory):
     R.distill_loss(spec, **x64, indices=indices).backward()
     lse = R.main_lse(spec, x64["q"], x64["k"], indices=indices).float() if given else None
     grads = []
+    xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
+    loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
     for det in (False, True):
-        xk = {n: v.clone().requires_grad_(n in IDX_INPUTS) for n, v in x.items()}
-        loss = module.distill_loss(**xk, indices=indices, lse_main=lse)
+        for n in IDX_INPUTS:
+            xk[n].grad = None
         prev = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(det)
         try:
-            loss.backward()
+            loss.backward(retain_graph=not det)
         finally:
             torch.use_deterministic_algorithms(prev)
         grads.append([xk[n].grad for n in IDX_INPUTS])

@@ -150,8 +150,13 @@ def test_query_chunks_cover_every_position_once():
     assert runtime.selection.query_chunks(1, 0, 100, 800) == [(0, 0)]
 
 
-@pytest.mark.parametrize("blocks,overlap,top_k", [((8, 4, 16), "sums", 4), ((16, 4, 8), "dot", 4),
-                                                   ((8, 4, 16), "sums", 16)])
+# Each score form and each merge of a trip's chunk into the running top-n once: weighted sums with the bitonic merge
+# (top_k 16: the chunk as wide as the buffer), overlap products with the top-k of the joined keys (top_k 4). The
+# merge is the same code after either form, so sums with the joined top-k would repeat both paths. The products'
+# case has l = 32 over l' = 16 (a compression block spans three selection blocks, and a trip's spill reaches two of
+# the next trip's), so its selection runs block-outer, which the interpreter runs in a fraction of the per-query
+# programs of l' = 8.
+@pytest.mark.parametrize("blocks,overlap,top_k", [((32, 4, 16), "dot", 4), ((8, 4, 16), "sums", 16)])
 def test_block_scores_across_loop_trips_match_the_reference(blocks, overlap, top_k):
     """The scoring kernel walks the selection blocks BJ at a time and carries each trip's spill into the next: a
     sequence of several trips, with the weighted-sum scores (a compression block within two selection blocks) and
@@ -165,5 +170,13 @@ def test_block_scores_across_loop_trips_match_the_reference(blocks, overlap, top
     plan = make_plan(spec)
     assert plan.score_overlap == overlap
     assert (plan.score_bj == plan.topk_pad) == (top_k == 16)
-    T = 3 * plan.score_bj * sel + 5  # three trips and a ragged fourth
+    bt, bj, trip = plan.score_bt, plan.score_bj, plan.score_bj * sel
+    T = 2 * trip + bt + 5
+    # The last query tile (the kernel's rule: the trips whose chunk its first query sees whole go unmasked) takes
+    # two unmasked trips, the second carrying the first's spill, then a masked third that ends inside its chunk
+    # (ragged); earlier tiles take the masked trips after one unmasked trip or none.
+    t_lo = (T - 1) // bt * bt
+    full_end = (t_lo - l + 1 - (plan.score_bnc - 1) * d) // sel + 1
+    assert -(-full_end // bj) == 2
+    assert 2 * bj < (T - 1) // sel + 1 < 3 * bj
     testing.check_forward(specgen.load(spec), spec, 1, T)

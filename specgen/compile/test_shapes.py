@@ -8,12 +8,19 @@ from ..model.spec import Spec
 
 
 def cpu_seqlens(spec: Spec, small: bool) -> list[int]:
-    """Sequence lengths for the CPU interpreter: several awkward ones for small specs, one tiny one otherwise."""
+    """Sequence lengths for the CPU interpreter: several awkward ones for small specs, one tiny one otherwise.
+
+    The tiny one (wide heads: every query costs the interpreter most) is 3 tokens past the last of: one selection
+    unit (so a second one exists) and, with compression, l + min(unit, d): two complete compression blocks where
+    the stride is at most a unit (the compression softmax then has two keys), one for token units. Without
+    compression: a unit and 8 tokens."""
     sel, cmp_ = spec.selection, spec.compression
     unit = sel.block if sel else 16
     l = cmp_.block if cmp_ else 8
     if not small:
-        return [unit + l + 3]
+        if cmp_ is None:
+            return [unit + l + 3]
+        return [max(unit, l + min(unit, cmp_.stride)) + 3]
     lengths = {1, max(1, l - 2), unit + l // 2 + 1}
     if sel is not None:
         # Long enough that top-n must drop candidates.

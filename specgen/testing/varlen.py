@@ -127,13 +127,15 @@ def _check_lse(spec, lse, ref_lse, where, dtype):
         assert err < LSE_TOL[dtype], f"{branch}: log-sum-exp abs err {err:.3e} >= {LSE_TOL[dtype]:.0e} {where}"
 
 
-def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None) -> float:
+def check_forward_varlen(module, spec, lengths, *, device=None, seed=None, rows=None, query_chunk=None,
+                         around=contextlib.nullcontext) -> float:
     """`<family>_forward` on a packed batch: output (into a poisoned `out=`), per-branch log-sum-exp and the
-    selection against the reference of each sequence. Returns the output's relative error."""
+    selection against the reference of each sequence. Returns the output's relative error. `around()`: a context
+    entered around the packed forward call alone (a test's allocation watch)."""
     case = PackedCase(module, spec, lengths, device, seed)
     dtype, where, has_sel = module.DTYPE, case.where, spec.selection is not None
     out = torch.full((case.total, spec.heads.q, spec.head_dim.v), float("nan"), dtype=dtype, device=case.device)
-    with never_pads(module):
+    with around(), never_pads(module):
         result = _fn(module, spec, "forward")(**case.inputs, out=out, return_lse=True, return_indices=has_sel,
                                               **case.varlen())
     got, lse, indices = result if has_sel else (*result, None)
