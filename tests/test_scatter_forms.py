@@ -99,8 +99,9 @@ def test_forms_are_candidates_and_default():
     assert mod.CONFIGS["default"]["selection_scatter"] == variants[SCATTER_BACKWARD_DEFAULT]
 
 
-def test_forms_batched(monkeypatch):
-    """B = 2, T = 24: one forward, then the backward in every form; each against the reference and the former."""
+def _batched_forms(monkeypatch, names, base):
+    """B = 2, T = 24: one forward, then the backward in each form of `names`: each against the float64 reference,
+    and each but `base` against `base`'s gradients within fp32 rounding. Returns {name: (dq, dk)}."""
     mod = specgen.load(SPEC)
     assert testing.scatters(mod)
     device = testing.test_device()
@@ -113,7 +114,7 @@ def test_forms_batched(monkeypatch):
     empty = x["q"].new_empty((0,))
     spy = _Spy(monkeypatch)
     grads = {}
-    for name, cfg in _forms().items():
+    for name, cfg in _forms(names).items():
         monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
         dq, dk = mod._backward(dout.to(device, mod.DTYPE), x["q"], x["k"], state.lse, state.indices,
                                state.branch_out, empty, empty)
@@ -123,11 +124,27 @@ def test_forms_batched(monkeypatch):
             assert torch.isfinite(got).all(), f"{name}: d{n} not finite {case.where}"
             err = _rel(got, want[n])
             assert err < testing.GRAD_TOL[torch.float32], f"{name}: d{n} rel err {err:.2e} {case.where}"
-    for name in FORMS:
-        for n, a, b in zip(("q", "k"), grads[name], grads["w8"]):
+    for name in names:
+        if name == base:
+            continue
+        for n, a, b in zip(("q", "k"), grads[name], grads[base]):
             err = _rel(a, b)
-            print(f"{name} vs w8: d{n} rel err {err:.1e}")
-            assert err < SAME, f"{name} vs w8: d{n} rel err {err:.2e} {case.where}"
+            print(f"{name} vs {base}: d{n} rel err {err:.1e}")
+            assert err < SAME, f"{name} vs {base}: d{n} rel err {err:.2e} {case.where}"
+    return grads
+
+
+def test_forms_batched(monkeypatch):
+    """Every form against the reference and against the former default (w8)."""
+    _batched_forms(monkeypatch, tuple(_forms()), "w8")
+
+
+def test_fewer_atomics_forms(monkeypatch):
+    """The forms that add each (query, key) fewer times, against the float64 reference and against km_ks_k64 (the
+    default) within fp32 rounding; the split form's dQ (the scatter kernel's without its dK/dV) equal to
+    km_ks_k64's bit for bit."""
+    grads = _batched_forms(monkeypatch, ("km_ks_k64",) + FEWER, "km_ks_k64")
+    assert torch.equal(grads["split_k64"][0], grads["km_ks_k64"][0]), "the split form's dQ is km_ks_k64's"
 
 
 def test_forms_packed(monkeypatch, form="km_ks_k64_pf"):
@@ -156,39 +173,6 @@ def test_forms_packed(monkeypatch, form="km_ks_k64_pf"):
         err = _rel(a, b)
         print(f"{form} vs w8 (packed): d{n} rel err {err:.1e}")
         assert err < SAME, f"{form} vs w8 (packed): d{n} rel err {err:.2e} {case.where}"
-
-
-def test_fewer_atomics_forms(monkeypatch):
-    """B = 2, T = 24: the forms that add each (query, key) fewer times, against the float64 reference and against
-    km_ks_k64 (the default) within fp32 rounding; the split form's dQ (the scatter kernel's without its dK/dV)
-    equal to km_ks_k64's bit for bit."""
-    mod = specgen.load(SPEC)
-    device = testing.test_device()
-    case = testing.random_case(mod, SPEC, 2, 24, device, None)
-    x = case.inputs
-    dout = torch.randn(2, 24, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen, dtype=torch.float64).to(device)
-    state = mod._forward(x["q"], x["k"], x["q_idx"], x["k_idx"], x["w_idx"], save_branch_outputs=True)
-    assert (state.indices == -1).any() and (state.indices >= 0).sum(-1).max() > KEYS  # -1 slots; two trips
-    _, want = testing.reference_gradients(SPEC, case.exact, state.indices, dout)
-    empty = x["q"].new_empty((0,))
-    spy = _Spy(monkeypatch)
-    grads = {}
-    for name, cfg in _forms(("km_ks_k64",) + FEWER).items():
-        monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
-        dq, dk = mod._backward(dout.to(device, mod.DTYPE), x["q"], x["k"], state.lse, state.indices,
-                               state.branch_out, empty, empty)
-        spy.check(cfg, 2 * SPEC.heads.q // cfg["gp"], False)
-        grads[name] = (dq, dk)
-        for n, got in zip(("q", "k"), (dq, dk)):
-            assert torch.isfinite(got).all(), f"{name}: d{n} not finite {case.where}"
-            err = _rel(got, want[n])
-            assert err < testing.GRAD_TOL[torch.float32], f"{name}: d{n} rel err {err:.2e} {case.where}"
-    for name in FEWER:
-        for n, a, b in zip(("q", "k"), grads[name], grads["km_ks_k64"]):
-            err = _rel(a, b)
-            print(f"{name} vs km_ks_k64: d{n} rel err {err:.1e}")
-            assert err < SAME, f"{name} vs km_ks_k64: d{n} rel err {err:.2e} {case.where}"
-    assert torch.equal(grads["split_k64"][0], grads["km_ks_k64"][0]), "the split form's dQ is km_ks_k64's"
 
 
 @pytest.mark.parametrize("form", FEWER)
