@@ -617,6 +617,18 @@ FUSED = {  # spec, q_len, splits, paged
 }
 
 
+def launch_spy(kernel, record):
+    """A stand-in for a Triton kernel that calls `record(grid, kwargs)` at each launch, then launches it: the
+    forms' tests check that their kernels really ran (not another form's under its name) with the settings asked."""
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                record(grid, kw)
+                return kernel[grid](*args, **kw)
+            return launch
+    return Spy()
+
+
 def step_case(mod, spec, lengths, QL, paged, dev):
     """One NSA cache holding `lengths` tokens plus QL appended (paged: a shuffled page table), and a step's q and
     gates, from a fixed seed (the forms compared on it see the same inputs)."""
@@ -672,13 +684,7 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
     launched = []  # the fused kernels' launches: the fused form really ran (not the split form under its name)
 
     def spy(name, kernel):
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    launched.append(name)
-                    return kernel[grid](*args, **kw)
-                return launch
-        return Spy()
+        return launch_spy(kernel, lambda grid, kw: launched.append(name))
     fused_kernels = {name: spy(name, k) for name, k in plan.fused_kernels.items()}
     try:
         for form in ("split", "fused", "fused"):
@@ -770,13 +776,7 @@ def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, ex
     launched = []
 
     def spy(name, kernel):
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    launched.append((name, kw.get("CHUNKED"), kw.get("TICKET")))
-                    return kernel[grid](*args, **kw)
-                return launch
-        return Spy()
+        return launch_spy(kernel, lambda grid, kw: launched.append((name, kw.get("CHUNKED"), kw.get("TICKET"))))
     kernels = dict(select_partials_kernel=spy("row", plan.select_partials_kernel),
                    topn_chunks_kernel=spy("chunks", plan.topn_chunks_kernel),
                    topn_merge_kernel=spy("merge", plan.topn_merge_kernel),
@@ -917,13 +917,8 @@ def cmp_against_base(mod, spec, lengths, QL, splits, paged, dev, form, launch, g
     launched = []
 
     def spy(kernel, tile_kw):
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    launched.append((kw[tile_kw], kw["num_stages"], kw["num_warps"], grid[1]))
-                    return kernel[grid](*args, **kw)
-                return launch
-        return Spy()
+        return launch_spy(kernel, lambda grid, kw: launched.append(
+            (kw[tile_kw], kw["num_stages"], kw["num_warps"], grid[1])))
     kernels = dict(branch_kernels={**plan.branch_kernels, "compression": spy(plan.branch_kernels["compression"],
                                                                              "BLOCK_N")},
                    fused_kernels={**plan.fused_kernels, "cmp_win": spy(plan.fused_kernels["cmp_win"], "BLOCK_C")})
