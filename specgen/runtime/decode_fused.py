@@ -46,14 +46,14 @@ def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
 
 
-def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles,
-         topn=None, cmp=None):
+def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles, topn,
+         cmp):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
     geometry, from decode_step (this module does not import it): rows_c / rows_s the (QLP, GP, HEAD_CHUNKS) of the
     compression (and window) and selection programs (`split_rows`), tiles the partials' (SC_W, SC_COLS, BACK)
     (`score_tiles`), topn the chunked top-n forms' (CB, NCH, NCH_PAD, TICKET) (`topn_chunks`; None: the top-n
     form "row"), cmp the compression kernel's (tile, stages, warps, splits) in the descriptor's cmp_form
-    (`cmp_launch`, `cmp_splits`; None: the plan's tile and stages, 8 warps, the plan's split rule). The window
+    (`cmp_launch` on the partials path, `cmp_splits`; num_splits, when given, wins over its splits). The window
     branch runs in the compression's launch, so it takes the form's stages and warps too.
     decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
@@ -62,7 +62,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     paged = cache.paged
     T = cache.max_context
     NCV = cache.nc_cap - 1
-    tile_c, stages_c, warps_c, splits_c = cmp or (d.split_tiles["compression"], d.num_stages, 8, None)
+    tile_c, stages_c, warps_c, splits_c = cmp
     width, sc_cols, back = tiles
     n_tiles = triton.cdiv(NCV, tile_c)
     sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
@@ -73,8 +73,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     # map spills at 4 at q_len 4).
     qlp, gp, chunks = rows_c
     programs = B * d.hkv * chunks
-    parts = {"compression": _parts(num_splits or splits_c or _splits(d, "compression", programs, NCV, None, dev), B,
-                                   QL, d, dev)}
+    parts = {"compression": _parts(num_splits or splits_c, B, QL, d, dev)}
     Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
     rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
     o_c, l_c, s_c = parts["compression"]
