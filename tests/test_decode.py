@@ -629,6 +629,19 @@ def launch_spy(kernel, record):
     return Spy()
 
 
+def install_step(mod, d, q, cache, gates, splits):
+    """Make descriptor `d` the module's (its decode step and its cache class take it) and return the step it runs:
+    out (poisoned with NaN first), lse and indices of `q` against `cache`."""
+    mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
+    B, QL, hq = q.shape[0], q.shape[1], q.shape[2]
+    out = torch.full((B, QL, hq, d.dv), float("nan"), dtype=mod.DTYPE, device=q.device)
+
+    def step():
+        return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
+                              return_indices=True)
+    return step
+
+
 def step_case(mod, spec, lengths, QL, paged, dev):
     """One NSA cache holding `lengths` tokens plus QL appended (paged: a shuffled page table), and a step's q and
     gates, from a fixed seed (the forms compared on it see the same inputs)."""
@@ -689,12 +702,7 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
     try:
         for form in ("split", "fused", "fused"):
             d = __import__("dataclasses").replace(plan, form=form, fused_kernels=fused_kernels)
-            mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
-            out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
-
-            def step():
-                return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
-                                      return_indices=True)
+            step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
             res = [x.clone() for x in step()]
             assert not cache.tickets.any(), f"{form}: tickets not reset: {cache.tickets.tolist()}"
@@ -794,12 +802,7 @@ def topn_against_row(mod, spec, lengths, QL, splits, paged, dev, graph=False, ex
             got = {}
             for topn in ("row", *forms[form]):
                 d = dataclasses.replace(plan, form=form, topn_form=topn, **kernels)
-                mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
-                out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
-
-                def step():
-                    return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
-                                          return_indices=True)
+                step = install_step(mod, d, q, cache, gates, splits)
                 if topn != "row":  # several chunks a row, so the merge merges
                     assert decode_step.topn_chunks(d, triton.cdiv(cache.max_context, d.sel_block))[1] > 1
                 launched.clear()
@@ -926,12 +929,7 @@ def cmp_against_base(mod, spec, lengths, QL, splits, paged, dev, form, launch, g
     try:
         for name in ("cmp_base", form):
             d = dataclasses.replace(plan, form=launch, cmp_form=name, **kernels)
-            mod._DECODE, mod.NSACache.DESCRIPTOR = d, d
-            out = torch.full((B, QL, hq, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device=dev)
-
-            def step():
-                return mod.nsa_decode(q, cache, gates=gates, out=out, num_splits=splits, return_lse=True,
-                                      return_indices=True)
+            step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
             got[name] = [x.clone() for x in step()]
             assert len(launched) == 1, (name, launched)
