@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import time
 
 import torch
@@ -32,20 +30,13 @@ from specgen import reference
 from specgen.compile.plan import make_plan
 from specgen.compile.variants import load_variant
 from specgen.model.spec import load_spec, replace
-from specgen.perf.bench import event_median_ms, kernel_times
+from specgen.perf.bench import _commit, event_median_ms, kernel_times
 from specgen.runtime import selection, worklist
 from specgen.runtime.varlen import Layout
 from specgen.testing import differentiable_inputs, random_selection
 
 LLAMA = "specs/models/model_llama3_8b.yaml"
 FIELDS = ("qpos", "slot", "item_seg", "item_start", "item_end", "n_items", "seg_first_item", "seg_items")
-
-
-def commit() -> str:
-    if os.environ.get("SPECGEN_COMMIT"):   # the device copy of the tree may have no .git
-        return os.environ["SPECGEN_COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def differing(want, got) -> list[str]:
@@ -201,7 +192,7 @@ def main() -> None:
            or r.get("triton_repeatable") is False]
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
     record = {"kind": "worklist_forms", "device": device, "date": time.strftime("%Y-%m-%d"),
-              "commit": commit(), "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "commit": _commit(), "torch": torch.__version__, "triton": __import__("triton").__version__,
               "spec": spec.name,
               "timing": "median of CUDA events, ms" if args.device == "cuda" else "median wall clock, ms",
               "shapes": {"B": 1, "T": args.T, "heads_kv": spec.heads.kv, "top_k": sel.top_k, "unit": sel.block,
