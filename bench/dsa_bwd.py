@@ -25,9 +25,15 @@ The forms with fewer atomic adds per (query, key) (docs/backward.md, "Fewer atom
 r64_rl_w16 split_k64 split_k128` times them beside the default; a split form's per-kernel times show its two
 kernels (the scatter kernel computing dQ only, and `_selection_bwd_scatter_dkdv_kernel`).
 
+Specs whose plan keeps the deterministic inverse-index kernels (small GQA groups: dsa_gqa16_4, below
+loop_order's FLOPs-per-atomic-byte threshold): `--variant bwd_scatter` renders the module with its backward forced
+onto the scatter path (specgen.compile.variants), so the default timing is the scatter path's and the
+deterministic one the inverse index's, the plan's choice, on the same inputs. Specs without MLA take their own V
+input; `--atomics-floor` and `--vector-atomics` model MLA's adds and apply to MLA specs only.
+
 Usage: python bench/dsa_bwd.py [SPEC] [--seqlens 16384 32768] [--reps 5] [--det-reps N] [--profile N] [--bitwise]
        [--former-index] [--forms NAME ...|all] [--top 3] [--form-reps N] [--no-det] [--atomics-floor]
-       [--vector-atomics] [--json FILE]
+       [--vector-atomics] [--variant NAME] [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import specgen
 from specgen import testing
 from specgen.compile.plan import make_plan
 from specgen.compile.tuning import SCATTER_BACKWARD_DEFAULT, scatter_variants
+from specgen.compile.variants import load_variant
 from specgen.model.spec import load_spec
 from specgen.runtime import backward as runtime_backward
 from specgen.perf.bench import _commit, event_median_ms, kernel_times
@@ -224,7 +231,7 @@ def time_forms(mod, spec, names, backward_grads, reps: int, fwd_flops: float, pr
                 if ref is None:
                     ref = [g.clone() for g in grads]
                 rec["rel_err_vs_first"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
-                                           for n, a, b in zip(("dq", "dk"), grads, ref)}
+                                           for n, a, b in zip(("dq", "dk", "dv"), grads, ref)}
                 del grads
                 rec["ms"] = event_median_ms(lambda: backward_grads(), reps)
                 rec["tflops"] = 2.5 * fwd_flops / rec["ms"] / 1e9
@@ -285,13 +292,21 @@ def main(argv=None) -> int:
     ap.add_argument("--vector-atomics", action="store_true",
                     help="the atomics floor's adds by tl.atomic_add and by red.global.add of 1, 2 and 4 floats "
                          "(first length, 1 and 4 head chunks; GPU only)")
+    ap.add_argument("--variant", default=None,
+                    help="render the module under this plan variant (specgen.compile.variants), e.g. bwd_scatter")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     det_reps = args.det_reps if args.det_reps is not None else max(1, args.reps // 2)
     t_start = time.perf_counter()
     spec = load_spec(args.spec)
-    mod = specgen.load(spec)
-    print(f"{spec.name}: selection backward {mod._DESC.selection_backward}; {_device_name()}")
+    mod = load_variant(spec, [args.variant]) if args.variant else specgen.load(spec)
+    if mod is None:
+        ap.error(f"variant {args.variant!r} does not apply to {spec.name}")
+    mla_adds = spec.mla and (args.atomics_floor or args.vector_atomics)
+    if (args.atomics_floor or args.vector_atomics) and not mla_adds:
+        print(f"{spec.name}: --atomics-floor / --vector-atomics model MLA's adds; skipped", flush=True)
+    print(f"{spec.name}{' (variant ' + args.variant + ')' if args.variant else ''}: selection backward "
+          f"{mod._DESC.selection_backward}; {_device_name()}")
     rows = []
     for T in args.seqlens:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -299,24 +314,26 @@ def main(argv=None) -> int:
         H, dqk, dv, dt = spec.heads.q, spec.head_dim.qk, spec.head_dim.v, mod.DTYPE
         q = torch.randn(1, T, H, dqk, device=dev, dtype=dt, generator=gen)
         k = torch.randn(1, T, spec.heads.kv, dqk, device=dev, dtype=dt, generator=gen)
+        # The attention inputs as _forward / _backward take them: MLA's V is K's first dims, no input of its own.
+        kv = (k,) if spec.mla else (k, torch.randn(1, T, spec.heads.kv, dv, device=dev, dtype=dt, generator=gen))
         idx = spec.indexer
         q_idx = torch.randn(1, T, spec.heads.kv * idx.heads, idx.head_dim, device=dev, dtype=dt, generator=gen)
         k_idx = torch.randn(1, T, spec.heads.kv, idx.head_dim, device=dev, dtype=dt, generator=gen)
         w_idx = torch.randn(1, T, spec.heads.kv * idx.heads, device=dev, dtype=dt, generator=gen)
         dout = torch.randn(1, T, H, dv, device=dev, dtype=dt, generator=gen)
-        state = mod._forward(q, k, q_idx, k_idx, w_idx, save_branch_outputs=True)
+        state = mod._forward(q, *kv, q_idx, k_idx, w_idx, save_branch_outputs=True)
         indices = state.indices
         pairs = int((indices >= 0).sum()) * spec.heads.group_size
         fwd_flops = 2 * pairs * (dqk + dv)
         empty = q.new_empty((0,))
 
         def forward():
-            mod._forward(q, k, q_idx, k_idx, w_idx, indices=indices, save_branch_outputs=True)
+            mod._forward(q, *kv, q_idx, k_idx, w_idx, indices=indices, save_branch_outputs=True)
 
         def backward():
-            mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
+            return mod._backward(dout, q, *kv, state.lse, indices, state.branch_out, empty, empty)
 
-        row = {"spec": spec.name, "T": T, "gpu": _device_name(), "commit": _commit(),
+        row = {"spec": spec.name, "variant": args.variant, "T": T, "gpu": _device_name(), "commit": _commit(),
                "forward_ms": event_median_ms(forward, args.reps)}
         row["forward_tflops"] = fwd_flops / row["forward_ms"] / 1e9
         if args.forms is not None:
@@ -332,16 +349,14 @@ def main(argv=None) -> int:
             reps = reps_list[min(args.seqlens.index(T), len(reps_list) - 1)]
             print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); scatter forms "
                   f"(median of {reps}; default {SCATTER_BACKWARD_DEFAULT}):", flush=True)
-            row["forms"] = time_forms(mod, spec, names, lambda: mod._backward(dout, q, k, state.lse, indices,
-                                                                              state.branch_out, empty, empty),
-                                      reps, fwd_flops, T == args.seqlens[0], T)
-        if args.atomics_floor:
+            row["forms"] = time_forms(mod, spec, names, backward, reps, fwd_flops, T == args.seqlens[0], T)
+        if args.atomics_floor and mla_adds:
             chunks = (1, 2, 4, 8) if T == args.seqlens[0] else (1, 4)
             row["atomics_floor_ms"] = atomics_floor(indices, T, dqk, chunks, reps=2)
             print(f"T={T}: atomic adds alone (ms by head chunks a query): "
                   f"{ {c: round(v, 2) for c, v in row['atomics_floor_ms'].items()} } "
                   f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
-        if args.vector_atomics and T == args.seqlens[0] and torch.cuda.is_available():
+        if args.vector_atomics and mla_adds and T == args.seqlens[0] and torch.cuda.is_available():
             row["vector_atomics_ms"] = vector_atomics(indices, T, dqk, (1, 4), reps=2)
             print(f"T={T}: the atomics floor's adds by width (ms by head chunks a query; same sums as "
                   f"tl.atomic_add): {row['vector_atomics_ms']} [{time.perf_counter() - t_start:.0f} s]", flush=True)
@@ -356,14 +371,14 @@ def main(argv=None) -> int:
                   f"scatter {row['scatter_ms']:.1f} ms ({row['scatter_tflops']:.0f} TFLOP/s) "
                   f"[{time.perf_counter() - t_start:.0f} s]", flush=True)
         else:
-            grads = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
+            grads = backward()
             with deterministic():
                 row["deterministic_ms"] = event_median_ms(backward, det_reps)
             # The two paths' gradients on these inputs (relative error of the scatter path's against the other's).
             with testing.deterministic_algorithms():
-                exact = mod._backward(dout, q, k, state.lse, indices, state.branch_out, empty, empty)
+                exact = backward()
             row["rel_err"] = {n: float((a.float() - b.float()).norm() / b.float().norm())
-                              for n, a, b in zip(("dq", "dk"), grads, exact)}
+                              for n, a, b in zip(("dq", "dk", "dv"), grads, exact)}
             row["deterministic_tflops"] = 2.5 * fwd_flops / row["deterministic_ms"] / 1e9
             print(f"T={T}: forward {row['forward_ms']:.1f} ms ({row['forward_tflops']:.0f} TFLOP/s); backward "
                   f"scatter {row['scatter_ms']:.1f} ms ({row['scatter_tflops']:.0f} TFLOP/s), deterministic "
@@ -374,8 +389,8 @@ def main(argv=None) -> int:
             # Forward (indexer, top-k, attention) and backward again in deterministic mode (NaN fill on, as a
             # user's run has it): everything equal bit for bit to the first forward and the deterministic backward.
             with testing.deterministic_algorithms():
-                again = mod._forward(q, k, q_idx, k_idx, w_idx, save_branch_outputs=True)
-                grads2 = mod._backward(dout, q, k, again.lse, again.indices, again.branch_out, empty, empty)
+                again = mod._forward(q, *kv, q_idx, k_idx, w_idx, save_branch_outputs=True)
+                grads2 = mod._backward(dout, q, *kv, again.lse, again.indices, again.branch_out, empty, empty)
             same = {n: bool(torch.equal(_bits(a), _bits(b))) for n, a, b in
                     (("out", again.out, state.out), ("lse", again.lse, state.lse),
                      ("indices", again.indices, state.indices), ("dq", grads2[0], exact[0]),
@@ -410,7 +425,7 @@ def main(argv=None) -> int:
         if args.json:  # each length's row as it completes (a run cut off by its time limit keeps them)
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        del q, k, q_idx, k_idx, w_idx, dout, state, indices, grads, exact
+        del q, k, kv, q_idx, k_idx, w_idx, dout, state, indices, grads, exact
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return 0

@@ -4,7 +4,7 @@ one forward, mean of `--calls` forwards) and whole (median of CUDA events over `
 each variant's output, log-sum-exps and selection with the default's, the compiler's registers/spills of the
 kernels the variants change, and cuDNN's dense causal forward of the same shapes (the issue's yardstick).
 
-Variants (any comma-joined set of FORWARD_VARIANTS names; sets that do not apply to a spec are skipped):
+Variants (any comma-joined set of PLAN_VARIANTS names; sets that do not apply to a spec are skipped):
   score_masked           the block scorer with every trip masked (the kernel before the unmasked trips: the
                          in-run baseline of the default's change)
   score_key32            the scorer's running top-n on int32 keys (the score cut to 31 - index bits)

@@ -21,7 +21,8 @@
 #   CALL=5  the decode compression kernel's forms (cmp_*: pipelined stages, split rule; untimed): tests + bench.
 #   CALL=6  the scatter backward's forms with fewer atomics (issue 17; docs/backward.md "Fewer atomics"; untimed):
 #           r64_rl_w16, split_k64, split_k128 beside km_ks_k64 at 16k and 64k, the atomics floor, vector widths
-#           (bash bench/dsa_bwd_atomics_gpu.sh: its tests, then the bench).
+#           (bash bench/dsa_bwd_atomics_gpu.sh: its tests, then the bench); then dsa_gqa16_4's backward on the
+#           scatter path (variant bwd_scatter) against its inverse-index kernels at 16k and 64k.
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
 #   CALL=7  the block-outer selection's Triton work list (issue 16; docs/selection_order.md "Work list forms";
@@ -95,8 +96,14 @@ case ${CALL:-1} in
       done ); pack; }
   ;;
 6)
-  piece ${T1:=540} && { OUT=$W/atomics TEST_TIMEOUT=$((T1 / 6)) BENCH_TIMEOUT=$((T1 * 5 / 6)) \
+  piece ${T1:=420} && { OUT=$W/atomics TEST_TIMEOUT=$((T1 / 6)) BENCH_TIMEOUT=$((T1 * 5 / 6)) \
       bash bench/dsa_bwd_atomics_gpu.sh | tail -40; pack; }
+  # The small-group GQA DSA spec's backward on the scatter path (variant bwd_scatter) against the plan's
+  # inverse-index kernels (its deterministic timing), same inputs: whether loop_order's threshold should move.
+  piece ${T2:=130} && { ( env_in $W/atomics; timeout $T2 python bench/dsa_bwd.py specs/models/dsa_gqa16_4.yaml \
+      --variant bwd_scatter --seqlens 16384 65536 --reps 3 --det-reps 1 \
+      --json "$W/atomics/${day}_dsa_gqa16_4_bwd_scatter_${COMMIT}.jsonl" 2>&1 | grep -v "^\s*void" \
+      | tee $W/atomics/dsa_gqa_bwd.log | tail -12 ); pack; }
   ;;
 7)
   piece ${T1:=120} && { mkdir -p $W/wl; ( env_in $W/wl; timeout $T1 python -m pytest -q -rfE --tb=short \

@@ -11,7 +11,7 @@ import torch
 
 from specgen import runtime, testing
 from specgen.compile.plan import make_plan
-from specgen.compile.variants import FORWARD_VARIANTS, load_variant, variant_plan
+from specgen.compile.variants import PLAN_VARIANTS, load_variant, variant_plan
 from specgen.model.spec import load_spec, replace
 
 SMALL = load_spec("specs/nsa_small.yaml")   # l=8 d=4 l'=16, top_k 4 (1 initial + 1 local), fp16
@@ -35,8 +35,12 @@ def test_variants_apply_where_their_tiles_do():
     paper = load_spec("specs/nsa_paper.yaml")    # group 16: 256 score rows, query-outer selection
     assert variant_plan(paper, ["score_km"]) is None and variant_plan(paper, ["sel_forced"]) is None
     assert variant_plan(paper, ["score_key32"]).score_index_bits == 10
-    assert set(FORWARD_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced", "sel_w4",
-                                     "sel_wl_triton"}
+    assert set(PLAN_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced", "sel_w4",
+                                  "sel_wl_triton", "bwd_scatter"}
+    assert variant_plan(llama, ["bwd_scatter"]) is None                      # no token selection
+    assert variant_plan(load_spec("specs/dsa_v32.yaml"), ["bwd_scatter"]) is None   # already on the scatter path
+    gqa = variant_plan(load_spec("specs/models/dsa_gqa16_4.yaml"), ["bwd_scatter"]).backward
+    assert (gqa.scatter, gqa.scatter_gp, gqa.scatter_chunks) == (True, 16, 1)
     assert variant_plan(llama, ["sel_wl_triton"]).sel_kv_worklist == "triton"
     assert variant_plan(paper, ["sel_wl_triton"]).sel_kv_worklist == "triton"   # its backward is block outer
     assert variant_plan(load_spec("specs/nsa_token.yaml"), ["sel_wl_triton"]) is None   # no block-outer pass

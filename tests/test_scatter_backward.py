@@ -22,9 +22,8 @@ import specgen
 from specgen import reference as R
 from specgen import testing
 from specgen.compile import loop_order
-from specgen.compile.jit import import_path
-from specgen.compile.plan import _scatter_tiles, make_plan
-from specgen.compile.render import _environment, has_distillation, module_context
+from specgen.compile.plan import make_plan
+from specgen.compile.variants import load_variant
 from specgen.model.spec import load_spec, replace
 
 # V3.2 in miniature: 64 heads (two programs of 32 rows per query), d_qk 48 = 32 + 16, d_v 32 = K's first 32 dims.
@@ -34,22 +33,17 @@ MLA = replace(load_spec("specs/dsa_v32.yaml"), name="dsa_scatter_mla", dtype="fp
 # GQA: two kv heads of 16, separate V.
 GQA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_scatter_gqa", dtype="fp32",
               **{"heads.q": 32, "heads.kv": 2, "head_dim.qk": 32, "head_dim.v": 16, "selection.top_k": 8})
+# A small group (4 heads a kv head, as dsa_gqa16_4): the program's 16 head rows are 12 padding rows.
+GQA4 = replace(load_spec("specs/dsa_small.yaml"), name="dsa_scatter_gqa4", dtype="fp32",
+               **{"head_dim.qk": 32, "head_dim.v": 16, "selection.top_k": 8})
 
 
-def _forced_scatter_module(spec, tmp_path):
-    """The module of `spec` rendered with the plan's backward forced onto the scatter path."""
-    from specgen.compile.render_distill import distill_context
-
-    plan = make_plan(spec)
-    plan = dataclasses.replace(plan, backward=dataclasses.replace(plan.backward,
-                                                                  **_scatter_tiles(spec, spec.heads.group_size)))
-    context = module_context(spec, plan)
-    context["has_distill"] = has_distillation(spec)
-    if context["has_distill"]:
-        context.update(distill_context(spec, None))
-    path = tmp_path / f"{spec.name}.py"
-    path.write_text(_environment().get_template("module.py.j2").render(**context))
-    return import_path(path, f"_forced_{spec.name}")
+def _forced_scatter_module(spec):
+    """The module of `spec` rendered with the plan's backward forced onto the scatter path (the plan variant
+    `bwd_scatter`, which bench/dsa_bwd.py --variant times)."""
+    mod = load_variant(spec, ["bwd_scatter"])
+    assert mod is not None and mod._DESC.selection_backward == "scatter"
+    return mod
 
 
 def _poisoned_empty(real):
@@ -101,16 +95,23 @@ def test_mla_backward(deterministic, monkeypatch):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-def test_gqa_two_kv_heads_forced(tmp_path, monkeypatch, split):
+def test_gqa_two_kv_heads_forced(monkeypatch, split):
     """Also the split form (docs/backward.md, "Fewer atomics"; tuning.scatter_variants' split_*): its dK/dV kernel
     without MLA (V's own parts and accumulator) and with a kv head's rows offset in every address."""
-    mod = _forced_scatter_module(GQA, tmp_path)
+    mod = _forced_scatter_module(GQA)
     assert testing.scatters(mod)
     if split:
         cfg = {**mod.CONFIGS["default"]["selection_scatter"], "dkdv_once": 1, "dkdv_block_n": 16, "dkdv_warps": 8,
                "dkdv_stages": 1}
         monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
     _check(mod, GQA, 21, monkeypatch)
+
+
+def test_small_group_forced(monkeypatch):
+    """A group of 4 (rows padded to 16): the padding rows are masked out of dQ and of the atomic adds."""
+    mod = _forced_scatter_module(GQA4)
+    assert mod.CONFIGS["default"]["selection_scatter"] is not None
+    _check(mod, GQA4, 23, monkeypatch)
 
 
 def test_paths_agree():

@@ -391,7 +391,7 @@ def _backward_tiles(spec: Spec, group: int, topk_pad: int) -> BackwardTiles:
                       sel_dkdv_chunks=-(-group // dkdv_rows), sel_num_stages=stages)
         kw.update(sel_num_warps=warps, unit=unit)
         if scatter_backward(spec):
-            kw.update(_scatter_tiles(spec, group))
+            kw.update(scatter_tiles(spec, group))
     return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
 
 
@@ -403,7 +403,7 @@ def _chunked(parts: tuple, size: int) -> tuple:
     return tuple(Part(p.offset + o, min(size, p.size - o)) for p in parts for o in range(0, p.size, size))
 
 
-def _scatter_tiles(spec: Spec, group: int) -> dict:
+def scatter_tiles(spec: Spec, group: int) -> dict:
     """The scatter backward's tiles: loop_order.scatter_rows head rows a program (its fp32 dQ lives in registers),
     32 gathered keys a trip for wide heads (64 otherwise), 8 warps, one stage for wide heads. V3.2 (32 rows, 32 keys,
     8 warps, 1 stage) compiles for sm_90 at 238 registers, no spills, 110592 B shared (bench/dsa_bwd_offline.py; its

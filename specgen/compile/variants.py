@@ -1,6 +1,6 @@
-"""Forward-pass plan variants: decisions a module can be rendered with besides the plan's default, kept selectable
-until a GPU timing says which wins (bench/nsa_forward_variants.py times them; tests check each against the float64
-reference). A variant is a name and a function Plan -> Plan (None where it does not apply to the spec);
+"""Plan variants: decisions a module can be rendered with besides the plan's default, kept selectable until a GPU
+timing says which wins (bench/nsa_forward_variants.py times the forward's, bench/dsa_bwd.py `--variant` the
+backward's; tests check each against the float64 reference). A variant is a name and a function Plan -> Plan (None where it does not apply to the spec);
 `load_variant` renders and imports a module of the spec under the variants' plan, named apart from the default's
 (its own JIT cache entry). Once a variant wins on the GPU, the rule goes into make_plan and leaves this table."""
 
@@ -10,7 +10,8 @@ import dataclasses
 from types import ModuleType
 
 from ..model.spec import Spec, replace as replace_spec
-from .plan import Plan, make_plan, score_columns
+from .loop_order import scatter_backward
+from .plan import Plan, scatter_tiles, make_plan, score_columns
 
 
 def _score_key_major(plan: Plan) -> Plan | None:
@@ -60,18 +61,33 @@ def _sel_wl_triton(plan: Plan) -> Plan | None:
     return dataclasses.replace(plan, sel_kv_worklist="triton")
 
 
+def _bwd_scatter(plan: Plan) -> Plan | None:
+    """The selection backward on the query-outer scatter path (dK/dV by fp32 atomics) where the plan keeps the
+    deterministic inverse-index kernels: token-granularity specs below loop_order's FLOPs-per-atomic-byte threshold,
+    such as small GQA groups (dsa_gqa16_4, dsa_small: 5 FLOPs a byte). Its head rows are padded to the matrix
+    unit's minimum (16 for a group of 4). The threshold was an estimate of the L2's atomic rate that the H100 has
+    since measured far higher (docs/backward.md, "Which path"): this variant times the path where it was never
+    chosen."""
+    spec = plan.spec
+    if spec.selection is None or spec.selection.granularity != "token" or scatter_backward(spec):
+        return None
+    return dataclasses.replace(plan, backward=dataclasses.replace(
+        plan.backward, **scatter_tiles(spec, spec.heads.group_size)))
+
+
 def _score_masked(plan: Plan) -> Plan | None:
     """Every scorer trip masked: the kernel before the unmasked trips (a baseline for the benchmarks only)."""
     return dataclasses.replace(plan, score_unmasked_trips=False) if plan.score_bt else None
 
 
-FORWARD_VARIANTS = {
+PLAN_VARIANTS = {
     "score_masked": _score_masked,
     "score_km": _score_key_major,
     "score_key32": _score_key32,
     "sel_forced": _sel_forced,
     "sel_w4": _sel_w4,
     "sel_wl_triton": _sel_wl_triton,
+    "bwd_scatter": _bwd_scatter,
 }
 
 
@@ -79,7 +95,7 @@ def variant_plan(spec: Spec, names) -> Plan | None:
     """The spec's plan with each named variant applied, or None if one does not apply."""
     plan = make_plan(spec)
     for name in names:
-        plan = FORWARD_VARIANTS[name](plan)
+        plan = PLAN_VARIANTS[name](plan)
         if plan is None:
             return None
     return plan
