@@ -14,7 +14,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(21, "nsa_config_a")
+runtime.require_schema(22, "nsa_config_a")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1197,6 +1197,71 @@ def _decode_selection_fused_kernel(
 
 
 @triton.jit
+def _decode_whole_kernel(
+    Q, KC, VC, KS, VS, KW, VW, BLOCK_TABLE, SEQLENS, O_C, L_C, O_S, L_S, O_W, L_W, SC_SUM, SC_REF, IDX,
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcr, stride_kch, stride_vcr, stride_vch,
+    stride_ksr, stride_ksh, stride_vsr, stride_vsh,
+    stride_kwr, stride_kwh, stride_vwr, stride_vwh,
+    stride_tb,
+    B, QL, NCCAP, TCAP, NSEL, sm_scale,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr, GP_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, WIDEN: tl.constexpr, SC_COLS: tl.constexpr,
+    GP_T: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr, BD: tl.constexpr,
+):
+    """Grid (B x HKV x HEAD_CHUNKS,) (the runtime launches it with HEAD_CHUNKS 1: the top-n needs all the group's
+    heads): program pid = (b x HKV + g) x HEAD_CHUNKS + chunk does the step of its sequence's kv group. Partials of
+    one split: O_x [1, B, QL, HQ, DV], L_x [1, B, QL, HQ] per branch (x: C compression, S selection, W window); the
+    partial sums SC_SUM / SC_REF as the split form's; IDX [B, QL, HKV, TOP_K]. The new queries' top-n and selection
+    are unrolled QLP times (guarded by QL). Nothing is shared with another program, so no ticket, no atomics:
+    deterministic, and each value is the split form's at one split a branch."""
+    pid = tl.program_id(0)
+    # 1. Compression: all the sequence's pooled keys, with the partial sums of the selection scores.
+    _decode_compression_body(
+        Q, KC, VC, BLOCK_TABLE, SEQLENS, O_C, L_C, O_C, SC_SUM, SC_REF,
+        stride_qb, stride_qt, stride_qh, stride_kcr, stride_kch, stride_vcr, stride_vch, stride_tb,
+        B, QL, NCCAP, 1, sm_scale, pid, 0,
+        PAGED=False, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_C, WIDEN=WIDEN, SCORES=2, SC_COLS=SC_COLS)
+    # 2. Every thread's stores above are seen by all the program's threads past the barrier (its partials, its lse).
+    tl.debug_barrier()
+    bg = pid // HEAD_CHUNKS
+    b = bg // HKV
+    g = bg % HKV
+    ROWS = B * QL * HQ
+    # The new queries unrolled (QLP >= QL of them): a loop over QL kept the top-n's per-block values live across
+    # its trips (160 registers at 8 warps against 126 for one row, nsa_paper at 64k).
+    for qi in tl.static_range(QLP):
+        if qi < QL:
+            _decode_select_partials_row(SC_SUM, SC_REF, L_C, 1, SEQLENS, IDX, ROWS, QL, NCCAP - 1, NSEL,
+                                        (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
+                                        NSEL_PAD=NSEL_PAD, BACK=BACK)
+    tl.debug_barrier()
+    # 3. Selection: each new query over its own blocks (the selection program pid x QL + qi).
+    for qi in tl.static_range(QLP):
+        if qi < QL:
+            _decode_selection_body(
+                Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
+                stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
+                B, QL, TCAP, 1, sm_scale, pid * QL + qi, 0,
+                PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
+    # 4. The epilogue over the program's rows (those of its compression program), BD columns at a time.
+    tl.debug_barrier()
+    r = tl.arange(0, QLP * GP)
+    q_of = r // GP
+    hh = (pid % HEAD_CHUNKS) * GP + r % GP
+    rows = (b * QL + q_of) * HQ + g * GROUP + hh
+    row_ok = (q_of < QL) & (hh < GROUP)
+    for d0 in tl.static_range(0, DV, BD):
+        _decode_combine_tile(
+            O_C, L_C, 1,
+            O_S, L_S, 1,
+            GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, d0 + tl.arange(0, BD),
+            (rows >= 0) & (d0 == 0), BR=QLP * GP, BD=BD, SB=1)
+
+
+
+@triton.jit
 def _decode_combine_kernel(
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
@@ -1389,7 +1454,8 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
-    form="split", fused_kernels={"select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel})
+    form="split", fused_kernels={"select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel},
+    whole_kernel=_decode_whole_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):
