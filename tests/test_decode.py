@@ -759,23 +759,25 @@ def test_fused_form_realistic_against_the_reference(monkeypatch):
 # The whole launch form (docs/decode.md "Launch forms"): one launch, a program per (sequence, kv group) doing its
 # whole step (compression with the partial sums, a CTA barrier, each new query's top-n and selection, the window, the
 # epilogue of its rows), each branch in one split.
-WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison run it)
-    "small_q1": (lambda: SMALL, 1, False, "cmp_base"),
-    "small_q2_paged": (lambda: SMALL, 2, True, "cmp_base"),
-    "small_q3_paged": (lambda: SMALL, 3, True, "cmp_base"),  # q_len 3: four unrolled queries, the last masked off
+WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison run it), "auto" takes "whole"
+    "small_q1": (lambda: SMALL, 1, False, "cmp_base", True),
+    "small_q2_paged": (lambda: SMALL, 2, True, "cmp_base", True),
+    "small_q3_paged": (lambda: SMALL, 3, True, "cmp_base", True),  # q_len 3: four unrolled queries, one masked off
+    # (the batch rule's other side, as a GPU's at batch 3: "auto" runs "split")
     "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
-                                       **{"heads.q": 6, "heads.kv": 2}), 2, False, "cmp_base"),
-    "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3"),  # 32-key compression tiles (their partials' tile)
+                                       **{"heads.q": 6, "heads.kv": 2}), 2, False, "cmp_base", False),
+    "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3", True),  # 32-key compression tiles (the partials' tile)
 }
 
 
 def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base", graph=False):
     """On one cache (lengths + QL tokens each): the split form's step at one split a branch and at its own split
-    counts, then the whole form's step twice and the "auto" form's once (the batch rule picks "whole" off the GPU
-    and where B x kv groups fill the SMs). The whole step must launch its one kernel and nothing else, pick the
-    one-split step's blocks and give its output and lse bit for bit on the CPU (on a GPU the selection and window run
-    at the whole kernel's warps: within the dtype's rounding, at most one near-tied top-n row flipped), and the
-    split counts' blocks with the output within the dtype's rounding; the second step the first's bits. `graph`
+    counts, then the whole form's step twice (num_splits not given, then given) and the "auto" form's once (the
+    batch rule picks "whole" off the GPU and where B x kv groups fill the SMs, else "split": then its bits). The
+    whole step must launch its one kernel and nothing else, give the same bits twice, pick the one-split step's
+    blocks and give its output and lse bit for bit on the CPU (on a GPU the selection and window run at the whole
+    kernel's warps: the output within the dtype's rounding, at most one near-tied top-n row flipped), and pick the
+    split counts' blocks with the output within the dtype's rounding (a GPU: at most one row flipped). `graph`
     (CUDA): the whole step captured and replayed three times, bit for bit the eager step."""
     from specgen.runtime import decode_step
 
@@ -796,12 +798,11 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
             step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
             got[form, splits] = [x.clone() for x in step()]
-            if form != "split":  # num_splits does not apply: one launch of B x HKV programs
-                assert decode_step.launch_form(d, B, dev) == "whole"
-                assert launched == [("whole", (B * hkv,))], (form, launched)
+            if decode_step.launch_form(d, B, dev) == "whole":  # num_splits does not apply: B x HKV programs
+                assert form != "split" and launched == [("whole", (B * hkv,))], (form, launched)
             else:
-                assert [name for name, _ in launched].count("whole") == 0, launched
-            if graph and form == "whole":
+                assert form != "whole" and [name for name, _ in launched].count("whole") == 0, launched
+            if graph and (form, splits) == ("whole", None):
                 replays_equal(step, got[form, splits], cache, "whole")
     finally:
         mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
@@ -810,9 +811,11 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
     o_w, lse_w, idx_w = got["whole", None]
     assert (idx_1 >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
     assert torch.isfinite(o_w).all()
-    for again in (got["whole", 3], got["auto", None]):
-        for x, y in zip((o_w, lse_w, idx_w), again):
-            assert torch.equal(x, y), "another whole step differs"
+    auto_ran = decode_step.launch_form(dataclasses.replace(plan, form="auto"), B, dev)
+    for again, want in ((got["whole", 3], (o_w, lse_w, idx_w)),
+                        (got["auto", None], (o_w, lse_w, idx_w) if auto_ran == "whole" else (o_s, lse_s, idx_s))):
+        for x, y in zip(want, again):
+            assert torch.equal(x, y), "another whole (or auto) step differs"
     eps = torch.finfo(mod.DTYPE).eps
     exact = dev == "cpu"
     for (o, lse, idx), one_split in (((o_1, lse_1, idx_1), True), ((o_s, lse_s, idx_s), False)):
@@ -827,11 +830,15 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
 
 
 @pytest.mark.parametrize("case", list(WHOLE))
-def test_whole_form_equals_the_split_form(case):
+def test_whole_form_equals_the_split_form(case, monkeypatch):
     """The whole form against the split form on the same cache, B 3 with ragged lengths (one sequence too short for
     a selection choice), contiguous and paged, q_len 1 to 3, with and without a window branch, a group of 3, 32-key
-    compression tiles (`whole_against_split`)."""
-    make, QL, paged, cmp_form = WHOLE[case]
+    compression tiles, "auto" on either side of the batch rule (`whole_against_split`)."""
+    from specgen.runtime import decode_whole
+
+    make, QL, paged, cmp_form, fills = WHOLE[case]
+    if not fills:
+        monkeypatch.setattr(decode_whole, "fills", lambda d, B, device: False)
     spec = make()
     whole_against_split(specgen.load(spec), spec, [100, 21, 150 - QL], QL, paged, test_device(), cmp_form)
 

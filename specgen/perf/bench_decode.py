@@ -420,7 +420,8 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        path = "/".join(x for x in (r.get("scoring"), r.get("form") if r.get("form") != "split" else None,
+        form = f"auto:{r.get('launch')}" if r.get("form") == "auto" else r.get("form")
+        path = "/".join(x for x in (r.get("scoring"), form if form != "split" else None,
                                     r.get("forms") if r.get("forms") not in _PLAN_FORMS else None) if x) or "-"
         lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>20} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
