@@ -1461,8 +1461,8 @@ def _decode_whole_kernel(
     heads): program pid = (b x HKV + g) x HEAD_CHUNKS + chunk does the step of its sequence's kv group. Partials of
     one split: O_x [1, B, QL, HQ, DV], L_x [1, B, QL, HQ] per branch (x: C compression, S selection, W window); the
     partial sums SC_SUM / SC_REF as the split form's; IDX [B, QL, HKV, TOP_K]. The new queries' top-n and selection
-    are unrolled QLP times (guarded by QL). Nothing is shared with another program, so no ticket, no atomics:
-    deterministic, and each value is the split form's at one split a branch."""
+    are unrolled QLP times (guarded by QL) up to QLP 4, a loop beyond. Nothing is shared with another program, so
+    no ticket, no atomics: deterministic, and each value is the split form's at one split a branch."""
     pid = tl.program_id(0)
     # 1. Compression: all the sequence's pooled keys, with the partial sums of the selection scores.
     _decode_compression_body(
@@ -1476,17 +1476,32 @@ def _decode_whole_kernel(
     b = bg // HKV
     g = bg % HKV
     ROWS = B * QL * HQ
-    # The new queries unrolled (QLP >= QL of them): a loop over QL kept the top-n's per-block values live across
-    # its trips (160 registers at 8 warps against 126 for one row, nsa_paper at 64k).
-    for qi in tl.static_range(QLP):
-        if qi < QL:
+    # The new queries unrolled up to 4 (QLP >= QL of them): a loop over QL kept the top-n's per-block values live
+    # across its trips (160 registers at 8 warps against 126 for one row, nsa_paper at 64k). More (speculative
+    # steps of up to 64 queries) loop, rather than compile QLP copies of the top-n and the selection.
+    if QLP <= 4:
+        for qi in tl.static_range(QLP):
+            if qi < QL:
+                _decode_select_partials_row(SC_SUM, SC_REF, L_C, 1, SEQLENS, IDX, ROWS, QL, NCCAP - 1, NSEL,
+                                            (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
+                                            NSEL_PAD=NSEL_PAD, BACK=BACK)
+    else:
+        for qi in range(QL):
             _decode_select_partials_row(SC_SUM, SC_REF, L_C, 1, SEQLENS, IDX, ROWS, QL, NCCAP - 1, NSEL,
                                         (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
                                         NSEL_PAD=NSEL_PAD, BACK=BACK)
     tl.debug_barrier()
     # 3. Selection: each new query over its own blocks (the selection program pid x QL + qi); then the window.
-    for qi in tl.static_range(QLP):
-        if qi < QL:
+    if QLP <= 4:
+        for qi in tl.static_range(QLP):
+            if qi < QL:
+                _decode_selection_body(
+                    Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
+                    stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
+                    B, QL, TCAP, 1, sm_scale, pid * QL + qi, 0,
+                    PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
+    else:
+        for qi in range(QL):
             _decode_selection_body(
                 Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
                 stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,

@@ -767,6 +767,8 @@ WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison 
     "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
                                        **{"heads.q": 6, "heads.kv": 2}), 2, False, "cmp_base", False),
     "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3", True),  # 32-key compression tiles (the partials' tile)
+    # q_len 5 (QLP 8): the queries' top-n and selection in a loop, not unrolled
+    "q5_loop_paged": (lambda: small("whole_q8", **{"decode.max_q_len": 8}), 5, True, "cmp_base", True),
 }
 
 
@@ -832,8 +834,9 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
 @pytest.mark.parametrize("case", list(WHOLE))
 def test_whole_form_equals_the_split_form(case, monkeypatch):
     """The whole form against the split form on the same cache, B 3 with ragged lengths (one sequence too short for
-    a selection choice), contiguous and paged, q_len 1 to 3, with and without a window branch, a group of 3, 32-key
-    compression tiles, "auto" on either side of the batch rule (`whole_against_split`)."""
+    a selection choice), contiguous and paged, q_len 1 to 3 (unrolled) and 5 (a loop), with and without a window
+    branch, a group of 3, 32-key compression tiles, "auto" on either side of the batch rule
+    (`whole_against_split`)."""
     from specgen.runtime import decode_whole
 
     make, QL, paged, cmp_form, fills = WHOLE[case]
