@@ -769,6 +769,9 @@ WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison 
     "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3", True),  # 32-key compression tiles (the partials' tile)
     # q_len 5 (QLP 8): the queries' top-n and selection in a loop, not unrolled
     "q5_loop_paged": (lambda: small("whole_q8", **{"decode.max_q_len": 8}), 5, True, "cmp_base", True),
+    # one K/V for every branch (the models' specs, nsa_mqa), one kv group of 8 heads
+    "shared_mqa_paged": (lambda: small("whole_shared", kv="shared", **{"heads.q": 8, "heads.kv": 1}), 2, True,
+                         "cmp_base", True),
 }
 
 
@@ -835,8 +838,8 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
 def test_whole_form_equals_the_split_form(case, monkeypatch):
     """The whole form against the split form on the same cache, B 3 with ragged lengths (one sequence too short for
     a selection choice), contiguous and paged, q_len 1 to 3 (unrolled) and 5 (a loop), with and without a window
-    branch, a group of 3, 32-key compression tiles, "auto" on either side of the batch rule
-    (`whole_against_split`)."""
+    branch, a group of 3, one K/V shared by the branches with one kv group, 32-key compression tiles, "auto" on
+    either side of the batch rule (`whole_against_split`)."""
     from specgen.runtime import decode_whole
 
     make, QL, paged, cmp_form, fills = WHOLE[case]
