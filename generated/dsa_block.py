@@ -767,10 +767,13 @@ def _decode_selection_kernel(
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,    FORM: tl.constexpr = 0,
 
 ):
-    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0), split program_id(1)."""
+    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
+    split program_id(1)."""
     _decode_selection_body(
-        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX, stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
-        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1), PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN, FORM=FORM)
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN, FORM=FORM)
 
 
 @triton.jit
@@ -785,8 +788,9 @@ def _decode_selection_body(
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,    FORM: tl.constexpr = 0,
 
 ):
-    """The selection branch's program `pid` (of the grid's axis 0: ((b x HKV + g) x head chunks + chunk) x q_len + new query), key-range split `split` of NSPLIT:
-    its partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(, DV)]."""
+    """Program `pid` of the selection branch (((b x HKV + g) x head chunks + chunk) x q_len + new query),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     # Each new query has its own selected units: one query per program (QLP = 1).
     q_first = pid % QL

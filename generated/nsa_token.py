@@ -1033,10 +1033,14 @@ def _decode_compression_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
 ):
-    """Grid (B x HKV x head chunks, NSPLIT): `_decode_compression_body` of program program_id(0), split program_id(1)."""
+    """Grid (B x HKV x head chunks, NSPLIT): `_decode_compression_body` of program program_id(0),
+    split program_id(1)."""
     _decode_compression_body(
-        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF, stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
-        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1), PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN, SCORES=SCORES, SC_COLS=SC_COLS)
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN,
+        SCORES=SCORES, SC_COLS=SC_COLS)
 
 
 @triton.jit
@@ -1050,8 +1054,9 @@ def _decode_compression_body(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
 ):
-    """The compression branch's program `pid` (of the grid's axis 0: (b x HKV + g) x head chunks + chunk), key-range split `split` of NSPLIT:
-    its partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(, DV)]."""
+    """Program `pid` of the compression branch ((b x HKV + g) x head chunks + chunk),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     # The new queries share their keys (one walk over the range serves all of them).
     q_first = 0
@@ -1126,10 +1131,13 @@ def _decode_selection_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0), split program_id(1)."""
+    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
+    split program_id(1)."""
     _decode_selection_body(
-        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX, stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
-        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1), PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
 
 
 @triton.jit
@@ -1143,8 +1151,9 @@ def _decode_selection_body(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    """The selection branch's program `pid` (of the grid's axis 0: ((b x HKV + g) x head chunks + chunk) x q_len + new query), key-range split `split` of NSPLIT:
-    its partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(, DV)]."""
+    """Program `pid` of the selection branch (((b x HKV + g) x head chunks + chunk) x q_len + new query),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     # Each new query has its own selected units: one query per program (QLP = 1).
     q_first = pid % QL
@@ -1225,10 +1234,13 @@ def _decode_window_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    """Grid (B x HKV x head chunks, NSPLIT): `_decode_window_body` of program program_id(0), split program_id(1)."""
+    """Grid (B x HKV x head chunks, NSPLIT): `_decode_window_body` of program program_id(0),
+    split program_id(1)."""
     _decode_window_body(
-        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
-        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1), PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
 
 
 @triton.jit
@@ -1242,8 +1254,9 @@ def _decode_window_body(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    """The window branch's program `pid` (of the grid's axis 0: (b x HKV + g) x head chunks + chunk), key-range split `split` of NSPLIT:
-    its partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(, DV)]."""
+    """Program `pid` of the window branch ((b x HKV + g) x head chunks + chunk),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
     # The new queries share their keys (one walk over the range serves all of them).
     q_first = 0
