@@ -133,9 +133,9 @@ case ${CALL:-1} in
   # The whole launch form (docs/decode.md "Launch forms"): GPU tests, then timing at batch 64 (B x kv groups = 256
   # programs: "auto" runs whole) and 16 (64 programs: "auto" runs split) against split (the default) and the fused
   # form's best compression form, in one process per batch.
-  piece ${T1:=150} && { mkdir -p $W/whole; ( env_in $W/whole; timeout $T1 python -m pytest -q -rfE --tb=short \
+  piece ${T1:=200} && { mkdir -p $W/whole; ( env_in $W/whole; timeout $T1 python -m pytest -q -rfE --tb=short \
       -p no:cacheprovider tests/test_decode.py -k whole 2>&1 | tail -8 | tee $W/whole/whole_tests.log ); pack; }
-  piece ${T2:=240} && { ( env_in $W/whole
+  piece ${T2:=300} && { ( env_in $W/whole
       for bb in 64 16; do
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
           --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole+cmp_s3_r2 auto} --out "$W/whole/results" \
