@@ -7,10 +7,12 @@ that makes per program and per SM. The table behind docs/decode.md's "Compressio
 --decode --decode-forms cmp_base cmp_s3 ...` times the same forms on the GPU.
 
 The fused launch form's `_decode_cmp_win_kernel` (`--launch fused`: the compression and window branches in one
-kernel, at the form's stages and warps, paged) must fit too: its shared memory is the larger branch's.
+kernel, at the form's stages and warps, paged) must fit too: its shared memory is the larger branch's. So must the
+whole launch form's `_decode_whole_kernel` (`--launch whole`: the whole step in one program, every branch and the
+top-n at the form's stages and warps, paged; `--context` sets the top-n's row of selection blocks).
 
-Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...] [--launch split fused]
-       [--json FILE]
+Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...] [--launch split fused whole]
+       [--context 65536] [--json FILE]
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from compile_offline import Rows, compile_kernel, kernel_report  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.model.spec import load_spec  # noqa: E402
-from specgen.runtime import decode_step  # noqa: E402
+from specgen.runtime import decode_step, decode_whole  # noqa: E402
 
 SIG = dict(BLOCK_TABLE="*i32:16", SEQLENS="*i32:16", O_PART="*fp32:16", LSE_PART="*fp32:16", LOGITS="*fp32:16",
            SC_SUM="*fp32:16", SC_REF="*fp32:16", B="i32", QL="i32", TCAP="i32", NSPLIT="i32", sm_scale="fp32",
            O_C="*fp32:16", L_C="*fp32:16", O_W="*fp32:16", L_W="*fp32:16", NCCAP="i32", NSPLIT_C="i32",
-           NSPLIT_W="i32")
-KERNELS = {"split": "_decode_compression_kernel", "fused": "_decode_cmp_win_kernel"}  # the launch forms' kernels
+           NSPLIT_W="i32", O_S="*fp32:16", L_S="*fp32:16", IDX="*i32:16", LSE_OUT="*fp32:16", NSEL="i32",
+           stride_gb="i32", stride_gt="i32", stride_gh="i32")
+KERNELS = {"split": "_decode_compression_kernel", "fused": "_decode_cmp_win_kernel",
+           "whole": "_decode_whole_kernel"}  # the launch forms' kernels
 SM_REGS, SM_SMEM, CTA_RESERVED = 65536, 233472, 1024  # sm_90: registers and shared memory an SM, reserved a CTA
 
 
@@ -53,12 +57,14 @@ def main(argv=None) -> int:
     ap.add_argument("--q-lens", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--only", nargs="*", default=None, help="only these form names")
     ap.add_argument("--launch", nargs="*", default=["split"], choices=list(KERNELS))
+    ap.add_argument("--context", type=int, default=65536, help="the cache's tokens (the whole form's top-n row)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     rows = Rows(args.json)
     spec = load_spec(args.spec)
     mod = specgen.load(spec)
     d = mod._DECODE
+    n_sel = -(-args.context // d.sel_block)
     for launch, name, ql in [(launch, name, ql) for launch in args.launch for name in decode_step.CMP_FORMS
                              for ql in args.q_lens if not args.only or name in args.only]:
         fn = getattr(mod, KERNELS[launch])
@@ -66,13 +72,19 @@ def main(argv=None) -> int:
         dd = dataclasses.replace(d, cmp_form=name)
         tile, stages, warps, resident = decode_step.cmp_launch(dd, 2, ql)
         qlp, gp, chunks = decode_step.split_rows(dd, "compression", ql)
-        _, sc_cols, _ = decode_step.score_tiles(dd)
-        consts = dict(PAGED=int(launch == "fused"), QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile,
+        _, sc_cols, back = decode_step.score_tiles(dd)
+        consts = dict(PAGED=int(launch != "split"), QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile,
                       BLOCK_C=tile, BLOCK_W=d.split_tiles["window"], WIDEN=0, SCORES=2, SC_COLS=sc_cols)
+        if launch == "whole":  # decode_whole.step's constexprs
+            consts.update(GP_S=decode_step.split_rows(dd, "selection", ql)[1], BLOCK_S=d.split_tiles["selection"],
+                          GP_T=1 << (d.group - 1).bit_length(), NSEL_PAD=1 << (n_sel - 1).bit_length(), BACK=back,
+                          BD=decode_whole.epilogue_cols(d, qlp * gp))
         ov = {k: v for k, v in SIG.items() if k in params}
         ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
         row = {"spec": spec.name, "launch": launch, "form": name, "q_len": ql, "tile": tile, "stages": stages,
                "warps": warps, "resident": resident}
+        if launch == "whole":
+            row["context"] = args.context
         try:
             k = compile_kernel(fn, "bf16", ov, warps, stages, aligned=True)
         except Exception as e:  # noqa: BLE001 (a config the compiler rejects is a result too)

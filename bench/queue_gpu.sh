@@ -34,10 +34,15 @@
 #           (SUITE=rest) that no log of bench/results dated 2026-12-07 or later, nor an earlier call on this warm
 #           machine (.gpu-suite-logs/), shows passing; one at a time for gpu (their references take tens of GB),
 #           on WORKERS xdist workers for rest. Call again until it reports 0 left.
+#   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; untimed, default split): its
+#           tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the float64 reference), then nsa_paper
+#           at 64k, batch 64 and 16 (the batch rule's two sides), split / fused+cmp_s3_r2 / whole / whole+cmp_s3_r2 /
+#           auto on the same caches, one process per batch.
 # Next session, most needed first: 6, 7, 8, then 2, 3, 4, then 9 (SUITE=gpu, then SUITE=rest), then the model matrix
-# at 16k/32k, and the training step (CALL=1 T1=0 T3=0 T4=0) once a scatter form is the default.
+# at 16k/32k, and the training step (CALL=1 T1=0 T3=0 T4=0) once a scatter form is the default. CALL=10 came after
+# that order was set (issue 19's decode at batch 64: with CALL=5, whose cmp_s3_r2 it times again beside whole).
 # Set SPECGEN_COMMIT: the device copy's .git can be stale (it printed 624f9c6 for c9634f5 on 2026-12-07).
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..9 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..10 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -131,5 +136,18 @@ case ${CALL:-1} in
   fi
   pack
   ;;
-*) echo "CALL must be 1 to 9" >&2; exit 2 ;;
+10)
+  # The whole launch form (docs/decode.md "Launch forms"): GPU tests, then timing at batch 64 (B x kv groups = 256
+  # programs: "auto" runs whole) and 16 (64 programs: "auto" runs split) against split (the default) and the fused
+  # form's best compression form, in one process per batch.
+  piece ${T1:=200} && { mkdir -p $W/whole; ( env_in $W/whole; timeout $T1 python -m pytest -q -rfE --tb=short \
+      -p no:cacheprovider tests/test_decode.py -k whole 2>&1 | tail -8 | tee $W/whole/whole_tests.log ); pack; }
+  piece ${T2:=300} && { ( env_in $W/whole
+      for bb in 64 16; do
+        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
+          --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole+cmp_s3_r2 auto} --out "$W/whole/results" \
+          2>&1 | tee -a "$W/whole/whole_bench.log" | tail -16
+      done ); pack; }
+  ;;
+*) echo "CALL must be 1 to 10" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(21, "dsa_small")
+runtime.require_schema(22, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -733,9 +733,30 @@ def _decode_selection_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
+    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
+    split program_id(1)."""
+    _decode_selection_body(
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
+
+
+@triton.jit
+def _decode_selection_body(
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_vr, stride_vh,
+    stride_tb,
+    B, QL, TCAP, NSPLIT, sm_scale, pid, split,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """Program `pid` of the selection branch (((b x HKV + g) x head chunks + chunk) x q_len + new query),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
     # Each new query has its own selected units: one query per program (QLP = 1).
     q_first = pid % QL
     pid = pid // QL
@@ -1212,8 +1233,23 @@ def _decode_combine_kernel(
     64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
     there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    row_ok = rows < ROWS
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    _decode_combine_tile(
+        O_0, L_0, NS_0,
+        GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, rows < ROWS, cols, tl.program_id(1) == 0,
+        BR=BR, BD=BD, SB=SB)
+
+
+@triton.jit
+def _decode_combine_tile(
+    O_0, L_0, NS_0,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+):
+    """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
+    masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's
+    splits merged, summed in fp32 and rounded once into OUT; the branches' lse written where `lse_cols`
+    (true for one column tile of the rows)."""
     col_ok = cols < DV
     sp0 = tl.arange(0, SB)
     out = tl.zeros([BR, BD], dtype=tl.float32)
@@ -1250,7 +1286,7 @@ def _decode_combine_kernel(
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
     tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
-             mask=row_ok & (tl.program_id(1) == 0))
+             mask=row_ok & lse_cols)
     out += o * inv[:, None]
     tl.store(OUT + rows.to(tl.int64)[:, None] * DV + cols[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -14,7 +14,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(21, "nsa_config_a")
+runtime.require_schema(22, "nsa_config_a")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -586,9 +586,31 @@ def _decode_compression_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
 ):
+    """Grid (B x HKV x head chunks, NSPLIT): `_decode_compression_body` of program program_id(0),
+    split program_id(1)."""
+    _decode_compression_body(
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN,
+        SCORES=SCORES, SC_COLS=SC_COLS)
+
+
+@triton.jit
+def _decode_compression_body(
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_vr, stride_vh,
+    stride_tb,
+    B, QL, TCAP, NSPLIT, sm_scale, pid, split,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
+):
+    """Program `pid` of the compression branch ((b x HKV + g) x head chunks + chunk),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
     # The new queries share their keys (one walk over the range serves all of them).
     q_first = 0
     chunk = pid % HEAD_CHUNKS
@@ -681,9 +703,30 @@ def _decode_selection_kernel(
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
 ):
+    """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
+    split program_id(1)."""
+    _decode_selection_body(
+        Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+        stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
+        B, QL, TCAP, NSPLIT, sm_scale, tl.program_id(0), tl.program_id(1),
+        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_N, WIDEN=WIDEN)
+
+
+@triton.jit
+def _decode_selection_body(
+    Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kr, stride_kh,
+    stride_vr, stride_vh,
+    stride_tb,
+    B, QL, TCAP, NSPLIT, sm_scale, pid, split,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """Program `pid` of the selection branch (((b x HKV + g) x head chunks + chunk) x q_len + new query),
+    split `split` of NSPLIT of its key range: the partial output and lse into O_PART / LSE_PART [NSPLIT, B, q_len, HQ(,
+    DV)]."""
     # Rows: QLP new queries x GP heads of one kv group (padded so the matrix unit sees >= 16 rows).
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
     # Each new query has its own selected units: one query per program (QLP = 1).
     q_first = pid % QL
     pid = pid // QL
@@ -940,10 +983,21 @@ def _decode_select_partials_kernel(
     sums (the partials path; top-n form "row"): each head's lse merged from the splits' partial lse
     [NSPLIT, ROWS], then S[j] = sum over heads h and the tiles reaching j of SC_SUM[h, tile, j - tile * NSB] * 2^(SC_REF[h, tile] - lse_h),
     which is the sum of the group's probabilities under the overlap rule; then `_decode_top_blocks`. Only the
-    tiles the compression kernel walked (the blocks visible to the step's last query) are read."""
+    tiles the compression kernel walked (the blocks visible to the step's last query) are read. Grid (rows,):
+    `_decode_select_partials_row` of row program_id(0)."""
+    _decode_select_partials_row(SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, tl.program_id(0),
+                                GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, NSEL_PAD=NSEL_PAD, BACK=BACK)
+
+
+@triton.jit
+def _decode_select_partials_row(
+    SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, pid,
+    GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
+):
+    """`_decode_select_partials_kernel`'s top-n of row `pid` = (b * QL + qi) * HKV + g into IDX (the split and
+    fused forms launch it a program per row; the whole form's program runs its own rows)."""
     NSB: tl.constexpr = BLOCK_N // 1
     SC_W: tl.constexpr = NSB + 0
-    pid = tl.program_id(0)  # (b * QL + qi) * HKV + g
     bq, g, t, n_keys = _decode_partials_row(SEQLENS, QL, pid)
     walked = tl.cdiv(n_keys, BLOCK_N)
     n_tiles = tl.cdiv(NCV, BLOCK_N)
@@ -1152,6 +1206,86 @@ def _decode_selection_fused_kernel(
 
 
 @triton.jit
+def _decode_whole_kernel(
+    Q, KC, VC, KS, VS, KW, VW, BLOCK_TABLE, SEQLENS, O_C, L_C, O_S, L_S, O_W, L_W, SC_SUM, SC_REF, IDX,
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcr, stride_kch, stride_vcr, stride_vch,
+    stride_ksr, stride_ksh, stride_vsr, stride_vsh,
+    stride_kwr, stride_kwh, stride_vwr, stride_vwh,
+    stride_tb,
+    B, QL, NCCAP, TCAP, NSEL, sm_scale,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr, GP_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, WIDEN: tl.constexpr, SC_COLS: tl.constexpr,
+    GP_T: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr, BD: tl.constexpr,
+):
+    """Grid (B x HKV x HEAD_CHUNKS,) (the runtime launches it with HEAD_CHUNKS 1: the top-n needs all the group's
+    heads): program pid = (b x HKV + g) x HEAD_CHUNKS + chunk does the step of its sequence's kv group. Partials of
+    one split: O_x [1, B, QL, HQ, DV], L_x [1, B, QL, HQ] per branch (x: C compression, S selection, W window); the
+    partial sums SC_SUM / SC_REF as the split form's; IDX [B, QL, HKV, TOP_K]. The new queries' top-n and selection
+    are unrolled QLP times (guarded by QL) up to QLP 4, a loop beyond. Nothing is shared with another program, so
+    no ticket, no atomics: deterministic, and each value is the split form's at one split a branch."""
+    pid = tl.program_id(0)
+    # 1. Compression: all the sequence's pooled keys, with the partial sums of the selection scores.
+    _decode_compression_body(
+        Q, KC, VC, BLOCK_TABLE, SEQLENS, O_C, L_C, O_C, SC_SUM, SC_REF,
+        stride_qb, stride_qt, stride_qh, stride_kcr, stride_kch, stride_vcr, stride_vch, stride_tb,
+        B, QL, NCCAP, 1, sm_scale, pid, 0,
+        PAGED=False, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_C, WIDEN=WIDEN, SCORES=2, SC_COLS=SC_COLS)
+    # 2. Every thread's stores above are seen by all the program's threads past the barrier (its partials, its lse).
+    tl.debug_barrier()
+    bg = pid // HEAD_CHUNKS
+    b = bg // HKV
+    g = bg % HKV
+    ROWS = B * QL * HQ
+    # The new queries unrolled up to 4 (QLP >= QL of them): a loop over QL kept the top-n's per-block values live
+    # across its trips (160 registers at 8 warps against 126 for one row, nsa_paper at 64k). More (speculative
+    # steps of up to 64 queries) loop, rather than compile QLP copies of the top-n and the selection.
+    if QLP <= 4:
+        for qi in tl.static_range(QLP):
+            if qi < QL:
+                _decode_select_partials_row(SC_SUM, SC_REF, L_C, 1, SEQLENS, IDX, ROWS, QL, NCCAP - 1, NSEL,
+                                            (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
+                                            NSEL_PAD=NSEL_PAD, BACK=BACK)
+    else:
+        for qi in range(QL):
+            _decode_select_partials_row(SC_SUM, SC_REF, L_C, 1, SEQLENS, IDX, ROWS, QL, NCCAP - 1, NSEL,
+                                        (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
+                                        NSEL_PAD=NSEL_PAD, BACK=BACK)
+    tl.debug_barrier()
+    # 3. Selection: each new query over its own blocks (the selection program pid x QL + qi).
+    if QLP <= 4:
+        for qi in tl.static_range(QLP):
+            if qi < QL:
+                _decode_selection_body(
+                    Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
+                    stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
+                    B, QL, TCAP, 1, sm_scale, pid * QL + qi, 0,
+                    PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
+    else:
+        for qi in range(QL):
+            _decode_selection_body(
+                Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
+                stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
+                B, QL, TCAP, 1, sm_scale, pid * QL + qi, 0,
+                PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
+    # 4. The epilogue over the program's rows (those of its compression program), BD columns at a time.
+    tl.debug_barrier()
+    r = tl.arange(0, QLP * GP)
+    q_of = r // GP
+    hh = (pid % HEAD_CHUNKS) * GP + r % GP
+    rows = (b * QL + q_of) * HQ + g * GROUP + hh
+    row_ok = (q_of < QL) & (hh < GROUP)
+    for d0 in tl.static_range(0, DV, BD):
+        _decode_combine_tile(
+            O_C, L_C, 1,
+            O_S, L_S, 1,
+            GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, d0 + tl.arange(0, BD),
+            (rows >= 0) & (d0 == 0), BR=QLP * GP, BD=BD, SB=1)
+
+
+
+@triton.jit
 def _decode_combine_kernel(
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
@@ -1164,8 +1298,25 @@ def _decode_combine_kernel(
     64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
     there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    row_ok = rows < ROWS
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    _decode_combine_tile(
+        O_0, L_0, NS_0,
+        O_1, L_1, NS_1,
+        GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, rows < ROWS, cols, tl.program_id(1) == 0,
+        BR=BR, BD=BD, SB=SB)
+
+
+@triton.jit
+def _decode_combine_tile(
+    O_0, L_0, NS_0,  # compression: partials [splits, ROWS, DV], [splits, ROWS]
+    O_1, L_1, NS_1,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
+    GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+):
+    """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
+    masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's
+    splits merged, gated, summed in fp32 and rounded once into OUT; the branches' lse written where `lse_cols`
+    (true for one column tile of the rows)."""
     col_ok = cols < DV
     sp0 = tl.arange(0, SB)
     h = rows % HQ
@@ -1205,7 +1356,7 @@ def _decode_combine_kernel(
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
     tl.store(LSE_OUT + rows * N_BRANCHES + 0, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
-             mask=row_ok & (tl.program_id(1) == 0))
+             mask=row_ok & lse_cols)
     gate = tl.load(g_ptr + 0, mask=row_ok, other=0.0).to(tl.float32)
     out += o * (inv * gate)[:, None]
     # selection
@@ -1241,7 +1392,7 @@ def _decode_combine_kernel(
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
     tl.store(LSE_OUT + rows * N_BRANCHES + 1, tl.where(empty, float("-inf"), m_safe + tl.log(tl.where(empty, 1.0, den))),
-             mask=row_ok & (tl.program_id(1) == 0))
+             mask=row_ok & lse_cols)
     gate = tl.load(g_ptr + 1, mask=row_ok, other=0.0).to(tl.float32)
     out += o * (inv * gate)[:, None]
     tl.store(OUT + rows.to(tl.int64)[:, None] * DV + cols[None, :], out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -1327,7 +1478,8 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
-    form="split", fused_kernels={"select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel})
+    form="split", fused_kernels={"select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel},
+    whole_kernel=_decode_whole_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):

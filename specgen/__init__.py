@@ -37,8 +37,10 @@ __version__ = "0.1.0"
 # session, the kv-order passes' `worklist` argument (runtime.launches' Forward.selection_kv / Backward.selection_kv,
 # runtime.worklist) and the scatter backward's split form (Backward.selection's `dkdv_once_kernel`, the launch-config
 # fields `reload` / `dkdv_once` / `dkdv_block_n` / `dkdv_warps` / `dkdv_stages`, the scatter kernel's DKDV / RELOAD
-# constexprs).
-RUNTIME_SCHEMA = 21
+# constexprs); 22: the compression-scored decode's launch forms "whole" and "auto" (DecodeDescriptor.whole_kernel,
+# runtime.decode_whole) and the bodies the branch kernels, the epilogue and the row top-n now call
+# (`_decode_<branch>_body`, `_decode_combine_tile`, `_decode_select_partials_row`).
+RUNTIME_SCHEMA = 22
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -756,6 +756,173 @@ def test_fused_form_realistic_against_the_reference(monkeypatch):
                  query_chunk=128, compare_prefill=False)
 
 
+# The whole launch form (docs/decode.md "Launch forms"): one launch, a program per (sequence, kv group) doing its
+# whole step (compression with the partial sums, a CTA barrier, each new query's top-n and selection, the window, the
+# epilogue of its rows), each branch in one split.
+WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison run it), "auto" takes "whole"
+    "small_q1": (lambda: SMALL, 1, False, "cmp_base", True),
+    "small_q2_paged": (lambda: SMALL, 2, True, "cmp_base", True),
+    "small_q3_paged": (lambda: SMALL, 3, True, "cmp_base", True),  # q_len 3: four unrolled queries, one masked off
+    # (the batch rule's other side, as a GPU's at batch 3: "auto" runs "split")
+    "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
+                                       **{"heads.q": 6, "heads.kv": 2}), 2, False, "cmp_base", False),
+    "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3", True),  # 32-key compression tiles (the partials' tile)
+    # q_len 5 (QLP 8): the queries' top-n and selection in a loop, not unrolled
+    "q5_loop_paged": (lambda: small("whole_q8", **{"decode.max_q_len": 8}), 5, True, "cmp_base", True),
+    # one K/V for every branch (the models' specs, nsa_mqa), one kv group of 8 heads
+    "shared_mqa_paged": (lambda: small("whole_shared", kv="shared", **{"heads.q": 8, "heads.kv": 1}), 2, True,
+                         "cmp_base", True),
+}
+
+
+def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base", graph=False):
+    """On one cache (lengths + QL tokens each): the split form's step at one split a branch and at its own split
+    counts, then the whole form's step twice (num_splits not given, then given) and the "auto" form's once (the
+    batch rule picks "whole" off the GPU and where B x kv groups fill the SMs, else "split": then its bits). The
+    whole step must launch its one kernel and nothing else, give the same bits twice, pick the one-split step's
+    blocks and give its output and lse bit for bit on the CPU (on a GPU the selection and window run at the whole
+    kernel's warps: the output within the dtype's rounding, at most one near-tied top-n row flipped), and pick the
+    split counts' blocks with the output within the dtype's rounding (a GPU: at most one row flipped). `graph`
+    (CUDA): the whole step captured and replayed three times, bit for bit the eager step."""
+    from specgen.runtime import decode_step
+
+    cache, q, gates = step_case(mod, spec, lengths, QL, paged, dev)
+    B, hkv = len(lengths), spec.heads.kv
+    plan = mod._DECODE
+    launched = []
+
+    def spy(name, kernel):
+        return launch_spy(kernel, lambda grid, kw: launched.append((name, grid)))
+    kernels = dict(whole_kernel=spy("whole", plan.whole_kernel), combine_kernel=spy("combine", plan.combine_kernel),
+                   branch_kernels={k: spy(k, v) for k, v in plan.branch_kernels.items()},
+                   select_partials_kernel=spy("topn", plan.select_partials_kernel))
+    got = {}
+    try:
+        for form, splits in (("split", 1), ("split", None), ("whole", None), ("whole", 3), ("auto", None)):
+            d = dataclasses.replace(plan, form=form, cmp_form=cmp_form, **kernels)
+            step = install_step(mod, d, q, cache, gates, splits)
+            launched.clear()
+            got[form, splits] = [x.clone() for x in step()]
+            if decode_step.launch_form(d, B, dev) == "whole":  # num_splits does not apply: B x HKV programs
+                assert form != "split" and launched == [("whole", (B * hkv,))], (form, launched)
+            else:
+                assert form != "whole" and [name for name, _ in launched].count("whole") == 0, launched
+            if graph and (form, splits) == ("whole", None):
+                replays_equal(step, got[form, splits], cache, "whole")
+    finally:
+        mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
+    o_1, lse_1, idx_1 = got["split", 1]
+    o_s, lse_s, idx_s = got["split", None]
+    o_w, lse_w, idx_w = got["whole", None]
+    assert (idx_1 >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
+    assert torch.isfinite(o_w).all()
+    auto_ran = decode_step.launch_form(dataclasses.replace(plan, form="auto"), B, dev)
+    for again, want in ((got["whole", 3], (o_w, lse_w, idx_w)),
+                        (got["auto", None], (o_w, lse_w, idx_w) if auto_ran == "whole" else (o_s, lse_s, idx_s))):
+        for x, y in zip(want, again):
+            assert torch.equal(x, y), "another whole (or auto) step differs"
+    eps = torch.finfo(mod.DTYPE).eps
+    exact = dev == "cpu"
+    for (o, lse, idx), one_split in (((o_1, lse_1, idx_1), True), ((o_s, lse_s, idx_s), False)):
+        if exact and one_split:
+            assert torch.equal(idx_w, idx_1) and torch.equal(o_w, o_1) and torch.equal(lse_w, lse_1)
+            continue
+        same = (idx_w == idx).all(-1).all(-1)  # [B, QL]: every group of the query picked the same blocks
+        assert int((~same).sum()) <= (0 if exact else 1), (idx_w, idx)
+        o_ref = o[same].float()
+        torch.testing.assert_close(o_w[same].float(), o_ref, rtol=2 * eps, atol=2 * eps * o_ref.abs().max().item())
+        torch.testing.assert_close(lse_w[same], lse[same], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(WHOLE))
+def test_whole_form_equals_the_split_form(case, monkeypatch):
+    """The whole form against the split form on the same cache, B 3 with ragged lengths (one sequence too short for
+    a selection choice), contiguous and paged, q_len 1 to 3 (unrolled) and 5 (a loop), with and without a window
+    branch, a group of 3, one K/V shared by the branches with one kv group, 32-key compression tiles, "auto" on
+    either side of the batch rule (`whole_against_split`)."""
+    from specgen.runtime import decode_whole
+
+    make, QL, paged, cmp_form, fills = WHOLE[case]
+    if not fills:
+        monkeypatch.setattr(decode_whole, "fills", lambda d, B, device: False)
+    spec = make()
+    whole_against_split(specgen.load(spec), spec, [100, 21, 150 - QL], QL, paged, test_device(), cmp_form)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_whole_form_matches_the_reference(paged, monkeypatch):
+    """The whole form against the float64 reference (and, contiguous, the prefill kernel): ragged prompts that
+    complete blocks while decoding, q_len 2 (num_splits is passed and does not apply)."""
+    spec = SMALL
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form="whole")
+    check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=paged, num_splits=3,
+                 compare_prefill=not paged)
+
+
+def test_whole_form_is_checked_and_has_its_batch_rule(monkeypatch):
+    """The whole form applies to compression-scored selection on the partials path with the top-n form "row", the
+    selection form "base" and a group's heads in one program (else check_forms names the form and the fix); the
+    batch rule (decode_whole.fills: B x kv groups programs against the SMs) and "auto"'s choice; the bench's names."""
+    from specgen import runtime
+    from specgen.perf.bench_decode import _needs_partials, check_decode_forms, parse_forms
+    from specgen.runtime import decode_step, decode_whole
+
+    paper = specgen.load(load_spec("specs/nsa_paper.yaml"))._DECODE
+    dsa = specgen.load(load_spec("specs/dsa_small.yaml"))
+    for form in ("whole", "auto"):
+        decode_step.check_forms(dataclasses.replace(paper, form=form))
+        decode_step.check_forms(dataclasses.replace(paper, form=form, cmp_form="cmp_s3_r2"))
+    refused = {
+        "has no compression-scored selection": dataclasses.replace(dsa._DECODE, form="whole"),
+        "needs the partials scoring path": dataclasses.replace(paper, form="whole", scoring="logits"),
+        "runs the top-n form 'row' in its program, not 'chunked_ticket'":
+            dataclasses.replace(paper, form="whole", topn_form="chunked_ticket"),
+        "groups of 16 query heads take 2 programs of 8 rows": dataclasses.replace(paper, form="whole", max_gp=8),
+    }
+    for words, d in refused.items():
+        with pytest.raises(ValueError, match=f"form 'whole': .*{words}.*; use form 'split'"):
+            decode_step.check_forms(d)
+    with pytest.raises(ValueError, match="--decode-forms 'whole' on dsa_small: .*form 'whole'"):
+        check_decode_forms(dsa, ["whole"])
+    check_decode_forms(dsa, ["auto"])  # "auto" runs "split" wherever "whole" does not apply
+    assert parse_forms("whole+cmp_s3_r2") == {"form": "whole", "cmp_form": "cmp_s3_r2"}
+    assert _needs_partials(parse_forms("whole"), paper) and not _needs_partials(parse_forms("auto"), paper)
+    monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    auto = dataclasses.replace(paper, form="auto")
+    # 4 kv groups: 33 sequences are 132 programs, one an SM.
+    assert {B: decode_step.launch_form(auto, B, cuda) for B in (1, 16, 32, 33, 64)} == {
+        1: "split", 16: "split", 32: "split", 33: "whole", 64: "whole"}
+    assert decode_whole.programs(paper, 64) == 256 and decode_whole.fills(paper, 33, cuda)
+    assert decode_step.launch_form(dataclasses.replace(auto, topn_form="chunked"), 64, cuda) == "split"
+    assert decode_step.launch_form(dataclasses.replace(dsa._DECODE, form="auto"), 64, cuda) == "split"
+    assert decode_step.launch_form(auto, 1, "cpu") == "whole"  # off the GPU: always, so the CPU tests run it
+    assert decode_step.launch_form(dataclasses.replace(paper, form="whole"), 1, cuda) == "whole"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_whole_form_realistic_and_in_a_cuda_graph(q_len):
+    """nsa_paper at 64k (bf16, paged): the whole form against the split form at one split and at its own split
+    counts (`whole_against_split`: at most one near-tied top-n row may differ), its step captured in a CUDA graph
+    and replayed three times bit for bit."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    whole_against_split(specgen.load(spec), spec, [65471, 32814], q_len, True, "cuda", graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+def test_whole_form_realistic_against_the_reference(monkeypatch):
+    """nsa_paper's whole step at 64k against the float64 reference (paged, q_len = max_q_len, two steps)."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load(spec)
+    with_decode(monkeypatch, mod, form="whole")
+    check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
+                 query_chunk=128, compare_prefill=False)
+
+
 ALL_TOPN = {"split": ("chunked", "chunked_ticket"), "fused": ("chunked", "chunked_ticket")}
 TOPN_STEP = {  # spec, q_len, splits, paged, (blocks a program at most, chunks a row aimed at) or None (the plan's),
     # the chunked forms run in each launch form (the interpreter's time: a step is seconds)

@@ -122,10 +122,17 @@ class DecodePlan:
     (runtime.decode_splits: enough programs for split_waves waves, at most max_splits, at most one per key tile).
     topk_*: the indexer top-k's segmentation (about topk_programs programs in all, at most topk_max_segments per
     row, topk_sum_segments partial histograms loaded at once).
-    form: the compression-scored step's launch form: "split" (five launches: compression, selection scores + top-n,
-    selection, window, epilogue) or "fused" (three: compression + window, scores + top-n beside the merge of the
-    compression and window splits, selection with the epilogue in each row group's last split program; needs
-    scoring "partials"). "split" stays the default until the GPU timing of both (docs/decode.md "Launch forms").
+    form: the compression-scored step's launch form (runtime.decode_step.LAUNCH_FORMS): "split" (five launches:
+    compression, selection scores + top-n, selection, window, epilogue), "fused" (three: compression + window,
+    scores + top-n beside the merge of the compression and window splits, selection with the epilogue in each row
+    group's last split program; needs scoring "partials"), "whole" (one: a program per (sequence, kv group) runs its
+    whole step, each branch in one split, a CTA barrier between the compression and its top-n; needs scoring
+    "partials", the top-n form "row" and a group's heads in one program: runtime.decode_whole.supports) or "auto"
+    ("whole" where its batch rule holds, else "split"). The batch rule (runtime.decode_whole.fills, written there
+    only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
+    that SMs idle for the whole step while the split form's key-range splits keep them streaming. "split" stays the
+    default until a GPU timing says otherwise (docs/decode.md "Launch forms"; bench/queue_gpu.sh CALL=10 times them
+    at batch 64 and 16).
     selection_form / index_form / topk_form: the MLA selection kernel's, the index-score kernel's and the indexer
     top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
     of the DSA step"): "base" / "tile" / "radix" are the forms before them, still every spec's but the MLA step

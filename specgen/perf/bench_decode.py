@@ -177,8 +177,8 @@ def parse_forms(name: str) -> dict:
     """A `--decode-forms` entry as descriptor fields: "plan" (the plan's forms), or '+'-joined names of the launch
     forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
     INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k), TOPN_FORMS (the compression scorer's top-n) and
-    CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2" or
-    "ks_pf+wide+fold"; what is not named keeps the plan's form."""
+    CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2", "whole",
+    "whole+cmp_s3_r2" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
     from ..runtime.decode_step import CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS, TOPN_FORMS
 
     out = {}
@@ -231,18 +231,21 @@ def decode_forms(module, name: str | None):
 
 
 def _needs_partials(fields: dict, d) -> bool:
-    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the fused launch form, the
-    chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
-    return (fields.get("form", d.form) == "fused") or fields.get("topn_form", d.topn_form) != "row"
+    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the fused and whole launch
+    forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
+    return fields.get("form", d.form) in ("fused", "whole") or fields.get("topn_form", d.topn_form) != "row"
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
                  graph: bool = True, flex: bool = False, spec_path=None,
                  scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
     """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
-    `forms`: the step's forms (parse_forms: launch forms "split" / "fused", the top-n forms, the DSA step's kernel
-    forms), one row per (scoring, forms); the fused launch form and the chunked top-n forms run on the partials
-    path only, their pairs with the logits path are left out."""
+    `forms`: the step's forms (parse_forms: launch forms "split" / "fused" / "whole" / "auto", the top-n forms, the
+    DSA step's kernel forms), one row per (scoring, forms); the fused and whole launch forms and the chunked top-n
+    forms run on the partials path only, their pairs with the logits path are left out. A row's "launch" is the
+    launch form the step ran ("auto" resolved by the batch rule, runtime.decode_step.launch_form)."""
+    from ..runtime.decode_step import launch_form
+
     module = load(spec, spec_path)
     Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
@@ -288,6 +291,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 row = dict(base)
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
+                    row["launch"] = launch_form(d, B, DEVICE)
                     row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
                         f"+{d.topn_form}" if d.topn_form != "row" else "") + (
                         f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "")
@@ -319,14 +323,16 @@ def _speedup(row: dict) -> None:
 
 def _cmp_launch(d, B: int, q_len: int, cache) -> dict:
     """The compression kernel's launch in the descriptor's cmp_form at this batch (runtime.decode_step.cmp_launch,
-    cmp_splits): what a row of the record times."""
-    from ..runtime.decode_step import cmp_launch, cmp_splits, split_rows
+    cmp_splits; the whole launch form runs one split, in its one kernel at the form's stages and warps): what a row
+    of the record times."""
+    from ..runtime.decode_step import cmp_launch, cmp_splits, launch_form, split_rows
 
     scores = 0 if d.scorer != "compression" else 2 if d.scoring == "partials" else 1  # decode_step.branch's SCORES
     tile, stages, warps, resident = cmp_launch(d, scores, q_len)
     programs = B * d.hkv * split_rows(d, "compression", q_len)[2]
+    whole = launch_form(d, B, cache.device) == "whole"
     return {"tile": tile, "stages": stages, "warps": warps, "resident": resident,
-            "splits": cmp_splits(d, programs, cache.nc_cap - 1, cache.device)}
+            "splits": 1 if whole else cmp_splits(d, programs, cache.nc_cap - 1, cache.device)}
 
 
 def _bytes_view(d):
@@ -414,7 +420,8 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
             lines.append(f"{r['batch']:>3} {r['context']:>7}  skipped: {r['skipped']}")
             continue
         g = r.get("graph_ms")
-        path = "/".join(x for x in (r.get("scoring"), r.get("form") if r.get("form") != "split" else None,
+        form = f"auto:{r.get('launch')}" if r.get("form") == "auto" else r.get("form")
+        path = "/".join(x for x in (r.get("scoring"), form if form != "split" else None,
                                     r.get("forms") if r.get("forms") not in _PLAN_FORMS else None) if x) or "-"
         lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>20} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "

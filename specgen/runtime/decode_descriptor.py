@@ -91,14 +91,15 @@ class DecodeDescriptor:
     index_scores_kernel: Any = None   # indexer-scored selection
     topk_hist_kernel: Any = None
     topk_write_kernel: Any = None
-    # The compression-scored step's launch form (plan.decode.form: "split" | "fused") and the fused form's kernels
-    # ("cmp_win" with a window branch, "select_merge", "selection"; specgen.runtime.decode_fused).
+    # The compression-scored step's launch form (plan.decode.form, one of decode_step.LAUNCH_FORMS) and the fused
+    # form's kernels ("cmp_win" with a window branch, "select_merge", "selection"; specgen.runtime.decode_fused).
     form: str = "split"
     fused_kernels: Optional[dict] = None
     index_wide_kernel: Any = None     # the index scores' "wide" form
     topn_chunks_kernel: Any = None    # the top-n forms "chunked" / "chunked_ticket" (decode_step.TOPN_FORMS)
     topn_merge_kernel: Any = None
     cmp_form: str = "cmp_base"        # the compression kernel's launch form, decode_step.CMP_FORMS
+    whole_kernel: Any = None          # the launch form "whole"'s one kernel (specgen.runtime.decode_whole)
 
     @property
     def n_branches(self) -> int:

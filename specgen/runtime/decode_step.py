@@ -19,7 +19,7 @@ from specgen import runtime as _rt  # isort: skip  (before triton: it may turn t
 from specgen.runtime import checks
 from specgen.runtime.decode_cache import Cache
 from specgen.runtime.decode_descriptor import DecodeDescriptor
-from specgen.runtime import decode_fused
+from specgen.runtime import decode_fused, decode_whole
 
 import triton  # noqa: E402
 
@@ -51,8 +51,11 @@ TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, Fal
 assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 
-# The step's launch forms (DecodePlan.form): "split", five launches; "fused", three (specgen.runtime.decode_fused).
-LAUNCH_FORMS = ("split", "fused")
+# The step's launch forms (DecodePlan.form; docs/decode.md "Launch forms"): "split", five launches; "fused", three
+# (specgen.runtime.decode_fused); "whole", one, a program per (sequence, kv group) doing its whole step
+# (specgen.runtime.decode_whole); "auto", "whole" where decode_whole.fills (its programs fill the GPU) and it applies,
+# else "split" (`launch_form`).
+LAUNCH_FORMS = ("split", "fused", "whole", "auto")
 # The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
 # name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
 # its selection blocks) or (blocks a program at most, chunks a row aimed at, TICKET): `_decode_topn_chunks_kernel`,
@@ -84,6 +87,8 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown launch form {d.form!r}; known: {list(LAUNCH_FORMS)}")
     if d.form == "fused" and (why := decode_fused.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
+    if d.form == "whole" and (why := decode_whole.supports(d)) is not None:
+        raise ValueError(f"{d.fn}: form 'whole': {why}; use form 'split' (or 'auto', which runs 'split' there)")
     if d.selection_form not in SELECTION_FORMS:
         raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
     if d.selection_form != "base" and not d.mla:
@@ -122,6 +127,14 @@ def check_forms(d: DecodeDescriptor) -> None:
             raise ValueError(f"{d.spec_name}: compression form {d.cmp_form!r} walks {tile}-key tiles, not whole "
                              f"selection blocks of {d.overlap_chunks} pooled keys (the partial sums are per tile); "
                              f"use one whose tile is a multiple of {d.overlap_chunks}, or 'cmp_base'")
+
+
+def launch_form(d: DecodeDescriptor, B: int, device) -> str:
+    """The launch form a step of B sequences runs: the descriptor's, with "auto" resolved by the batch rule
+    ("whole" where decode_whole.supports and decode_whole.fills, else "split")."""
+    if d.form != "auto":
+        return d.form
+    return "whole" if decode_whole.supports(d) is None and decode_whole.fills(d, B, device) else "split"
 
 
 @functools.lru_cache(maxsize=None)
@@ -408,7 +421,14 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     _forms_checked(d)
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
-    if d.form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
+    form = launch_form(d, q.shape[0], q.device)
+    if form == "whole":  # compression-scored selection in one launch (docs/decode.md "Launch forms")
+        QL = q.shape[1]
+        out, lse, indices = decode_whole.step(
+            d, q, cache, seqlens, block_table, gates, out, split_rows(d, "compression", QL),
+            split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3])
+        return checks.results(out, lse, indices, return_lse, return_indices)
+    if form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
         QL = q.shape[1]
         rows_c = split_rows(d, "compression", QL)
         tile, stages, warps, _ = cmp_launch(d, 2, QL)
