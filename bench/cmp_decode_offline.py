@@ -11,7 +11,7 @@ kernel, at the form's stages and warps, paged) must fit too: its shared memory i
 whole launch form's `_decode_whole_kernel` (`--launch whole`: the whole step in one program, every branch and the
 top-n at the form's stages and warps, paged; `--context` sets the top-n's row of selection blocks).
 
-Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...] [--launch split fused whole]
+Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...] [--launch split fused whole whole_st]
        [--context 65536] [--json FILE]
 """
 
@@ -37,7 +37,7 @@ SIG = dict(BLOCK_TABLE="*i32:16", SEQLENS="*i32:16", O_PART="*fp32:16", LSE_PART
            NSPLIT_W="i32", O_S="*fp32:16", L_S="*fp32:16", IDX="*i32:16", LSE_OUT="*fp32:16", NSEL="i32",
            stride_gb="i32", stride_gt="i32", stride_gh="i32")
 KERNELS = {"split": "_decode_compression_kernel", "fused": "_decode_cmp_win_kernel",
-           "whole": "_decode_whole_kernel"}  # the launch forms' kernels
+           "whole": "_decode_whole_kernel", "whole_st": "_decode_whole_kernel"}  # the launch forms' kernels
 SM_REGS, SM_SMEM, CTA_RESERVED = 65536, 233472, 1024  # sm_90: registers and shared memory an SM, reserved a CTA
 
 
@@ -75,15 +75,15 @@ def main(argv=None) -> int:
         _, sc_cols, back = decode_step.score_tiles(dd)
         consts = dict(PAGED=int(launch != "split"), QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile,
                       BLOCK_C=tile, BLOCK_W=d.split_tiles["window"], WIDEN=0, SCORES=2, SC_COLS=sc_cols)
-        if launch == "whole":  # decode_whole.step's constexprs
+        if launch in decode_step.WHOLE_FORMS:  # decode_whole.step's constexprs
             consts.update(GP_S=decode_step.split_rows(dd, "selection", ql)[1], BLOCK_S=d.split_tiles["selection"],
                           GP_T=1 << (d.group - 1).bit_length(), NSEL_PAD=1 << (n_sel - 1).bit_length(), BACK=back,
-                          BD=decode_whole.epilogue_cols(d, qlp * gp))
+                          BD=decode_whole.epilogue_cols(d, qlp * gp), STAGGER=int(launch == "whole_st"))
         ov = {k: v for k, v in SIG.items() if k in params}
         ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
         row = {"spec": spec.name, "launch": launch, "form": name, "q_len": ql, "tile": tile, "stages": stages,
                "warps": warps, "resident": resident}
-        if launch == "whole":
+        if launch in decode_step.WHOLE_FORMS:
             row["context"] = args.context
         try:
             k = compile_kernel(fn, "bf16", ov, warps, stages, aligned=True)

@@ -36,13 +36,16 @@
 #           on WORKERS xdist workers for rest. Call again until it reports 0 left.
 #   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; untimed, default split): its
 #           tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the float64 reference), then nsa_paper
-#           at 64k, batch 64 and 16 (the batch rule's two sides), split / fused+cmp_s3_r2 / whole / whole+cmp_s3_r2 /
-#           auto on the same caches, one process per batch.
+#           at 64k, batch 64 and 16 (the batch rule's two sides), split / fused+cmp_s3_r2 / whole / whole_st (odd
+#           programs run the window first) / whole+cmp_s3_r2 / whole_st+cmp_s3_r2 / auto on the same caches.
 # Next session, most needed first: 6, 7, 8, then 2, 3, 4, then 9 (SUITE=gpu, then SUITE=rest), then the model matrix
 # at 16k/32k, and the training step (CALL=1 T1=0 T3=0 T4=0) once a scatter form is the default. CALL=10 came after
 # that order was set (issue 19's decode at batch 64: with CALL=5, whose cmp_s3_r2 it times again beside whole).
 # Set SPECGEN_COMMIT: the device copy's .git can be stale (it printed 624f9c6 for c9634f5 on 2026-12-07).
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..10 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=11 one call of the most needed pieces (for a session that gets a single machine): the scatter forms at 16k,
+#           nsa_paper's chunked prefill, the whole decode forms at batch 64 (whole_st too), dsa_gqa16_4's scatter
+#           backward at 16k.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..11 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -145,9 +148,28 @@ case ${CALL:-1} in
   piece ${T2:=300} && { ( env_in $W/whole
       for bb in 64 16; do
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
-          --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole+cmp_s3_r2 auto} --out "$W/whole/results" \
+          --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole_st whole+cmp_s3_r2 whole_st+cmp_s3_r2 auto} --out "$W/whole/results" \
           2>&1 | tee -a "$W/whole/whole_bench.log" | tail -16
       done ); pack; }
   ;;
-*) echo "CALL must be 1 to 10" >&2; exit 2 ;;
+11)
+  # One call of the most needed pieces when the session gets one machine (device time short): each capped, most
+  # needed first. The scatter backward's forms at 16k (issue 17), nsa_paper's chunked prefill (issue 18), the whole
+  # decode forms at batch 64 (issue 19), dsa_gqa16_4's backward on the scatter path (issue 17).
+  mkdir -p $W/mix
+  piece ${T1:=230} && { ( env_in $W/mix; timeout $T1 python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens 16384 \
+      --forms km_ks_k64 r64_rl_w16 split_k64 split_k128 --reps 3 --no-det \
+      --json "$W/mix/${day}_dsa_bwd_forms_${COMMIT}.jsonl" 2>&1 | grep -v "^\s*\(backward: \)\?void" \
+      | tee $W/mix/dsa_bwd_forms.log | tail -10 ); pack; }
+  piece ${T2:=110} && { ( env_in $W/mix; timeout $T2 python bench/prefill_cost.py specs/nsa_paper.yaml \
+      --json "$W/mix/${day}_prefill_cost_${COMMIT}.jsonl" 2>&1 | tee $W/mix/prefill_cost.log | tail -8 ); pack; }
+  piece ${T3:=130} && { ( env_in $W/mix; timeout $T3 python -m specgen.cli bench specs/nsa_paper.yaml --decode \
+      --batches 64 --seqlens 65536 --decode-forms split fused+cmp_s3_r2 whole whole_st whole+cmp_s3_r2 \
+      --out "$W/mix/results" 2>&1 | tee $W/mix/whole_bench.log | tail -12 ); pack; }
+  piece ${T4:=90} && { ( env_in $W/mix; timeout $T4 python bench/dsa_bwd.py specs/models/dsa_gqa16_4.yaml \
+      --variant bwd_scatter --seqlens 16384 --reps 3 --det-reps 1 \
+      --json "$W/mix/${day}_dsa_gqa16_4_bwd_scatter_${COMMIT}.jsonl" 2>&1 | grep -v "^\s*void" \
+      | tee $W/mix/dsa_gqa_bwd.log | tail -6 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 11" >&2; exit 2 ;;
 esac

@@ -1456,15 +1456,29 @@ def _decode_whole_kernel(
     B, QL, NCCAP, TCAP, NSEL, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr, GP_S: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, WIDEN: tl.constexpr, SC_COLS: tl.constexpr,
-    GP_T: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr, BD: tl.constexpr,
+    GP_T: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr, BD: tl.constexpr, STAGGER: tl.constexpr = 0,
 ):
     """Grid (B x HKV x HEAD_CHUNKS,) (the runtime launches it with HEAD_CHUNKS 1: the top-n needs all the group's
     heads): program pid = (b x HKV + g) x HEAD_CHUNKS + chunk does the step of its sequence's kv group. Partials of
     one split: O_x [1, B, QL, HQ, DV], L_x [1, B, QL, HQ] per branch (x: C compression, S selection, W window); the
     partial sums SC_SUM / SC_REF as the split form's; IDX [B, QL, HKV, TOP_K]. The new queries' top-n and selection
     are unrolled QLP times (guarded by QL) up to QLP 4, a loop beyond. Nothing is shared with another program, so
-    no ticket, no atomics: deterministic, and each value is the split form's at one split a branch."""
+    no ticket, no atomics: deterministic, and each value is the split form's at one split a branch.
+    STAGGER (the launch form "whole_st"): odd programs run the window branch first, so that the top-n, a chain of
+    dependent loads that leaves HBM idle, starts at two moments across the grid and one half ranks while the other
+    streams (the window only reads its keys and writes its own partial: any order gives the same values)."""
     pid = tl.program_id(0)
+    bg = pid // HEAD_CHUNKS
+    b = bg // HKV
+    g = bg % HKV
+    ROWS = B * QL * HQ
+    if STAGGER:
+        if pid % 2 == 1:
+            _decode_window_body(
+                Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
+                stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh, stride_tb,
+                B, QL, TCAP, 1, sm_scale, pid, 0,
+                PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
     # 1. Compression: all the sequence's pooled keys, with the partial sums of the selection scores.
     _decode_compression_body(
         Q, KC, VC, BLOCK_TABLE, SEQLENS, O_C, L_C, O_C, SC_SUM, SC_REF,
@@ -1473,10 +1487,6 @@ def _decode_whole_kernel(
         PAGED=False, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_C, WIDEN=WIDEN, SCORES=2, SC_COLS=SC_COLS)
     # 2. Every thread's stores above are seen by all the program's threads past the barrier (its partials, its lse).
     tl.debug_barrier()
-    bg = pid // HEAD_CHUNKS
-    b = bg // HKV
-    g = bg % HKV
-    ROWS = B * QL * HQ
     # The new queries unrolled up to 4 (QLP >= QL of them): a loop over QL kept the top-n's per-block values live
     # across its trips (160 registers at 8 warps against 126 for one row, nsa_paper at 64k). More (speculative
     # steps of up to 64 queries) loop, rather than compile QLP copies of the top-n and the selection.
@@ -1492,7 +1502,7 @@ def _decode_whole_kernel(
                                         (b * QL + qi) * HKV + g, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=1,
                                         NSEL_PAD=NSEL_PAD, BACK=BACK)
     tl.debug_barrier()
-    # 3. Selection: each new query over its own blocks (the selection program pid x QL + qi); then the window.
+    # 3. Selection: each new query over its own blocks (the selection program pid x QL + qi).
     if QLP <= 4:
         for qi in tl.static_range(QLP):
             if qi < QL:
@@ -1508,11 +1518,22 @@ def _decode_whole_kernel(
                 stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
                 B, QL, TCAP, 1, sm_scale, pid * QL + qi, 0,
                 PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
-    _decode_window_body(
-        Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
-        stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh, stride_tb,
-        B, QL, TCAP, 1, sm_scale, pid, 0,
-        PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
+    # The window last, or (STAGGER) in even programs only. Its code is written twice: 148 registers at q_len 1
+    # (nsa_paper) against 128 without STAGGER, so "whole_st" holds one program an SM; a runtime loop over two halves
+    # with each branch's code once took 250.
+    if STAGGER:
+        if pid % 2 == 0:
+            _decode_window_body(
+                Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
+                stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh, stride_tb,
+                B, QL, TCAP, 1, sm_scale, pid, 0,
+                PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
+    else:
+        _decode_window_body(
+            Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
+            stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh, stride_tb,
+            B, QL, TCAP, 1, sm_scale, pid, 0,
+            PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
     # 4. The epilogue over the program's rows (those of its compression and window program), BD columns at a time.
     tl.debug_barrier()
     r = tl.arange(0, QLP * GP)

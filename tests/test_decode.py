@@ -777,7 +777,8 @@ WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison 
 
 def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base", graph=False):
     """On one cache (lengths + QL tokens each): the split form's step at one split a branch and at its own split
-    counts, then the whole form's step twice (num_splits not given, then given) and the "auto" form's once (the
+    counts, then the whole form's step twice (num_splits not given, then given), the staggered "whole_st" once
+    (the same bits: the window branch moves, nothing else) and the "auto" form's once (the
     batch rule picks "whole" off the GPU and where B x kv groups fill the SMs, else "split": then its bits). The
     whole step must launch its one kernel and nothing else, give the same bits twice, pick the one-split step's
     blocks and give its output and lse bit for bit on the CPU (on a GPU the selection and window run at the whole
@@ -798,15 +799,16 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
                    select_partials_kernel=spy("topn", plan.select_partials_kernel))
     got = {}
     try:
-        for form, splits in (("split", 1), ("split", None), ("whole", None), ("whole", 3), ("auto", None)):
+        for form, splits in (("split", 1), ("split", None), ("whole", None), ("whole", 3), ("whole_st", None),
+                             ("auto", None)):
             d = dataclasses.replace(plan, form=form, cmp_form=cmp_form, **kernels)
             step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
             got[form, splits] = [x.clone() for x in step()]
-            if decode_step.launch_form(d, B, dev) == "whole":  # num_splits does not apply: B x HKV programs
+            if decode_step.launch_form(d, B, dev) in decode_step.WHOLE_FORMS:  # num_splits does not apply
                 assert form != "split" and launched == [("whole", (B * hkv,))], (form, launched)
             else:
-                assert form != "whole" and [name for name, _ in launched].count("whole") == 0, launched
+                assert form not in decode_step.WHOLE_FORMS and [n for n, _ in launched].count("whole") == 0, launched
             if graph and (form, splits) == ("whole", None):
                 replays_equal(step, got[form, splits], cache, "whole")
     finally:
@@ -817,7 +819,8 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
     assert (idx_1 >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
     assert torch.isfinite(o_w).all()
     auto_ran = decode_step.launch_form(dataclasses.replace(plan, form="auto"), B, dev)
-    for again, want in ((got["whole", 3], (o_w, lse_w, idx_w)),
+    # whole_st: the window branch first in odd programs; the same values, so the same bits.
+    for again, want in ((got["whole", 3], (o_w, lse_w, idx_w)), (got["whole_st", None], (o_w, lse_w, idx_w)),
                         (got["auto", None], (o_w, lse_w, idx_w) if auto_ran == "whole" else (o_s, lse_s, idx_s))):
         for x, y in zip(want, again):
             assert torch.equal(x, y), "another whole (or auto) step differs"

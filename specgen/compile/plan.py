@@ -127,7 +127,8 @@ class DecodePlan:
     scores + top-n beside the merge of the compression and window splits, selection with the epilogue in each row
     group's last split program; needs scoring "partials"), "whole" (one: a program per (sequence, kv group) runs its
     whole step, each branch in one split, a CTA barrier between the compression and its top-n; needs scoring
-    "partials", the top-n form "row" and a group's heads in one program: runtime.decode_whole.supports) or "auto"
+    "partials", the top-n form "row" and a group's heads in one program: runtime.decode_whole.supports),
+    "whole_st" ("whole" with odd programs running the window branch first: their top-n phases start apart) or "auto"
     ("whole" where its batch rule holds, else "split"). The batch rule (runtime.decode_whole.fills, written there
     only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
     that SMs idle for the whole step while the split form's key-range splits keep them streaming. "split" stays the

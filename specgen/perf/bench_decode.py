@@ -233,7 +233,9 @@ def decode_forms(module, name: str | None):
 def _needs_partials(fields: dict, d) -> bool:
     """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the fused and whole launch
     forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
-    return fields.get("form", d.form) in ("fused", "whole") or fields.get("topn_form", d.topn_form) != "row"
+    from ..runtime.decode_step import WHOLE_FORMS
+
+    return fields.get("form", d.form) in ("fused", *WHOLE_FORMS) or fields.get("topn_form", d.topn_form) != "row"
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
@@ -325,12 +327,12 @@ def _cmp_launch(d, B: int, q_len: int, cache) -> dict:
     """The compression kernel's launch in the descriptor's cmp_form at this batch (runtime.decode_step.cmp_launch,
     cmp_splits; the whole launch form runs one split, in its one kernel at the form's stages and warps): what a row
     of the record times."""
-    from ..runtime.decode_step import cmp_launch, cmp_splits, launch_form, split_rows
+    from ..runtime.decode_step import WHOLE_FORMS, cmp_launch, cmp_splits, launch_form, split_rows
 
     scores = 0 if d.scorer != "compression" else 2 if d.scoring == "partials" else 1  # decode_step.branch's SCORES
     tile, stages, warps, resident = cmp_launch(d, scores, q_len)
     programs = B * d.hkv * split_rows(d, "compression", q_len)[2]
-    whole = launch_form(d, B, cache.device) == "whole"
+    whole = launch_form(d, B, cache.device) in WHOLE_FORMS
     return {"tile": tile, "stages": stages, "warps": warps, "resident": resident,
             "splits": 1 if whole else cmp_splits(d, programs, cache.nc_cap - 1, cache.device)}
 

@@ -53,9 +53,11 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 # The step's launch forms (DecodePlan.form; docs/decode.md "Launch forms"): "split", five launches; "fused", three
 # (specgen.runtime.decode_fused); "whole", one, a program per (sequence, kv group) doing its whole step
-# (specgen.runtime.decode_whole); "auto", "whole" where decode_whole.fills (its programs fill the GPU) and it applies,
-# else "split" (`launch_form`).
-LAUNCH_FORMS = ("split", "fused", "whole", "auto")
+# (specgen.runtime.decode_whole); "whole_st", "whole" with odd programs running the window branch first (their
+# top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
+# fill the GPU) and it applies, else "split" (`launch_form`).
+LAUNCH_FORMS = ("split", "fused", "whole", "whole_st", "auto")
+WHOLE_FORMS = ("whole", "whole_st")
 # The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
 # name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
 # its selection blocks) or (blocks a program at most, chunks a row aimed at, TICKET): `_decode_topn_chunks_kernel`,
@@ -87,8 +89,8 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown launch form {d.form!r}; known: {list(LAUNCH_FORMS)}")
     if d.form == "fused" and (why := decode_fused.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
-    if d.form == "whole" and (why := decode_whole.supports(d)) is not None:
-        raise ValueError(f"{d.fn}: form 'whole': {why}; use form 'split' (or 'auto', which runs 'split' there)")
+    if d.form in WHOLE_FORMS and (why := decode_whole.supports(d)) is not None:
+        raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split' (or 'auto', which runs 'split' there)")
     if d.selection_form not in SELECTION_FORMS:
         raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
     if d.selection_form != "base" and not d.mla:
@@ -422,11 +424,11 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     q, gates, q_idx, w_idx, seqlens, block_table, out, num_splits = check_step_args(
         d, q, cache, cache_seqlens, block_table, gates, q_idx, w_idx, out, num_splits)
     form = launch_form(d, q.shape[0], q.device)
-    if form == "whole":  # compression-scored selection in one launch (docs/decode.md "Launch forms")
+    if form in WHOLE_FORMS:  # compression-scored selection in one launch (docs/decode.md "Launch forms")
         QL = q.shape[1]
         out, lse, indices = decode_whole.step(
             d, q, cache, seqlens, block_table, gates, out, split_rows(d, "compression", QL),
-            split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3])
+            split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3], stagger=form == "whole_st")
         return checks.results(out, lse, indices, return_lse, return_indices)
     if form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
         QL = q.shape[1]

@@ -75,14 +75,15 @@ def epilogue_cols(d: DecodeDescriptor, rows: int) -> int:
     return min(triton.next_power_of_2(d.dv), max(16, 4096 // rows))
 
 
-def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, rows_c, rows_s, tiles, cmp):
+def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, rows_c, rows_s, tiles, cmp, stagger=False):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args), in one launch. The
     split form's geometry comes from decode_step (this module does not import it), as decode_fused's: rows_c /
     rows_s the (QLP, GP, HEAD_CHUNKS) of the compression (and window) and selection programs (`split_rows`; one
     head chunk each: `supports`), tiles the partials' (SC_W, SC_COLS, BACK) (`score_tiles`), cmp the compression
     kernel's (tile, stages, warps) in the descriptor's cmp_form (`cmp_launch` on the partials path), which the
     whole kernel runs at: its other branches take the compression form's stages and warps too (its split rule does
-    not apply: one split). decode_step.check_forms has refused descriptors `supports` rejects."""
+    not apply: one split). `stagger`: the form "whole_st" (odd programs run the window branch first; the same
+    values). decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
     dev = q.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -117,5 +118,6 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, rows_c
         PAGED=cache.paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, GP_S=gp_s, BLOCK_C=tile_c,
         BLOCK_S=d.split_tiles["selection"], BLOCK_W=d.split_tiles["window"], WIDEN=d.widen, SC_COLS=sc_cols,
         GP_T=triton.next_power_of_2(d.group), NSEL_PAD=triton.next_power_of_2(n_sel), BACK=back,
-        BD=epilogue_cols(d, qlp * gp), num_warps=warps, num_stages=stages)
+        BD=epilogue_cols(d, qlp * gp), STAGGER=int(bool(stagger and d.window)), num_warps=warps,
+        num_stages=stages)
     return out, lse, indices
