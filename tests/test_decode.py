@@ -747,11 +747,13 @@ def test_fused_form_realistic_and_in_a_cuda_graph(q_len):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
-def test_fused_form_realistic_against_the_reference(monkeypatch):
-    """nsa_paper's fused step at 64k against the float64 reference (paged, q_len = max_q_len, two steps)."""
+@pytest.mark.parametrize("form", ["fused", "whole"])
+def test_launch_form_realistic_against_the_reference(form, monkeypatch):
+    """nsa_paper's fused and whole steps (the whole form below) at 64k against the float64 reference (paged,
+    q_len = max_q_len, two steps)."""
     spec = load_spec("specs/nsa_paper.yaml")
     mod = specgen.load(spec)
-    with_decode(monkeypatch, mod, form="fused")
+    with_decode(monkeypatch, mod, form=form)
     check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
                  query_chunk=128, compare_prefill=False)
 
@@ -913,17 +915,6 @@ def test_whole_form_realistic_and_in_a_cuda_graph(q_len):
     and replayed three times bit for bit."""
     spec = load_spec("specs/nsa_paper.yaml")
     whole_against_split(specgen.load(spec), spec, [65471, 32814], q_len, True, "cuda", graph=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
-def test_whole_form_realistic_against_the_reference(monkeypatch):
-    """nsa_paper's whole step at 64k against the float64 reference (paged, q_len = max_q_len, two steps)."""
-    spec = load_spec("specs/nsa_paper.yaml")
-    mod = specgen.load(spec)
-    with_decode(monkeypatch, mod, form="whole")
-    check_decode(mod, spec, [65471, 32814], q_len=spec.decode.max_q_len, steps=2, paged=True, device="cuda",
-                 query_chunk=128, compare_prefill=False)
 
 
 ALL_TOPN = {"split": ("chunked", "chunked_ticket"), "fused": ("chunked", "chunked_ticket")}
