@@ -6,6 +6,7 @@ packed call under torch.compile. The example specs' own varlen tests are in gene
 
 from __future__ import annotations
 
+import traceback
 import warnings
 
 import pytest
@@ -137,6 +138,105 @@ def test_varlen_under_compile():
         compiled = run(torch.compile(mod.nsa_attention, fullgraph=True))
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
+
+
+class _HostReadWatch(torch.Tensor):
+    """cu_seqlens as a tensor subclass whose every derived tensor is one too (torch's default __torch_function__
+    wraps results), recording each host read of one (tolist, item, truth value, a data-dependent shape...) outside
+    Triton's interpreter, which reads every kernel argument on the host where a GPU would not."""
+    reads: list = []
+    _READS = {"tolist", "item", "__bool__", "__int__", "__index__", "__float__", "__iter__", "numpy", "nonzero",
+              "unique", "unique_consecutive", "masked_select", "bincount", "repeat_interleave"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in cls._READS and not any("triton" in f.filename for f in traceback.extract_stack()):
+            if not (name == "repeat_interleave" and (kwargs or {}).get("output_size") is not None):
+                cls.reads.append((name, traceback.format_stack(limit=6)[:-1]))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("path", ["specs/nsa_small.yaml", "specs/dsa_small.yaml"])
+def test_packed_calls_read_nothing_on_the_host(path, monkeypatch):
+    """Under CUDA-graph capture or torch.compile (runtime.no_host_reads), a packed call reads nothing of cu_seqlens
+    or of any tensor made from it on the host: the differentiable call forward and backward, and DSA's index_topk
+    and distill_loss. The watch itself is checked first: the eager call's value check (check_varlen) is seen."""
+    spec = load_spec(path)
+    mod = specgen.load(spec)
+    case = testing_varlen.PackedCase(mod, spec, [9, 0, 4], None, 1)
+    names = testing.differentiable_inputs(spec)
+    cu = case.cu_seqlens.as_subclass(_HostReadWatch)
+    packed = {"cu_seqlens": cu, "max_seqlen": case.max_seqlen}
+    attention = getattr(mod, f"{spec.family}_attention")
+
+    def calls():
+        leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in case.inputs.items()}
+        attention(**leaves, **packed).square().sum().backward()
+        if spec.family == "dsa":
+            idx = {n: case.inputs[n] for n in ("q_idx", "k_idx", "w_idx")}
+            mod.index_topk(**idx, **packed)
+            return mod.distill_loss(case.inputs["q"], case.inputs["k"], **idx, **packed)
+        return None
+
+    monkeypatch.setattr(_HostReadWatch, "reads", [])
+    calls()                                           # eager: check_varlen reads the values once
+    assert any(name == "tolist" for name, _ in _HostReadWatch.reads), "the watch saw no host read"
+    monkeypatch.setattr(_HostReadWatch, "reads", [])
+    monkeypatch.setattr(runtime, "_no_host_reads", lambda: True)
+    loss = calls()
+    assert not _HostReadWatch.reads, "".join(f"\n{name}:\n{''.join(stack)}" for name, stack in _HostReadWatch.reads)
+    assert loss is None or torch.isfinite(loss.as_subclass(torch.Tensor))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture)")
+@pytest.mark.parametrize("path", ["specs/nsa_small.yaml", "specs/dsa_small.yaml"])
+def test_packed_training_call_in_a_cuda_graph(path):
+    """A packed differentiable call, forward and backward, captured in one CUDA graph (PyTorch's whole-network
+    capture: warm-up on a side stream, gradients allocated in the graph's pool) and replayed on new input values
+    gives the eager call's output and gradients on those values, bit for bit (the kernels are deterministic)."""
+    spec = load_spec(path)
+    mod = specgen.load(spec)
+    attention = getattr(mod, f"{spec.family}_attention")
+    names = testing.differentiable_inputs(spec)
+    case = testing_varlen.PackedCase(mod, spec, [300, 0, 57, 1000], "cuda", None)
+    packed = case.varlen()
+    static = {n: x.detach().clone().requires_grad_(n in names) for n, x in case.inputs.items()}
+    dout = torch.randn(case.total, spec.heads.q, spec.head_dim.v, device="cuda", dtype=mod.DTYPE)
+
+    def step():
+        out = attention(**static, **packed)
+        out.backward(dout)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for x in static.values():
+                x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in static.values():
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(2):
+        fresh = testing_varlen.PackedCase(mod, spec, case.lengths, "cuda", None).inputs
+        with torch.no_grad():
+            for n, x in static.items():
+                x.copy_(fresh[n])
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        leaves = {n: x.detach().clone().requires_grad_(n in names) for n, x in fresh.items()}
+        want = attention(**leaves, **packed)
+        want.backward(dout)
+        assert torch.equal(out, want), f"replay {trial}: the output differs from the eager call {case.where}"
+        for n in names:
+            assert torch.equal(static[n].grad, leaves[n].grad), f"replay {trial}: d{n} differs {case.where}"
 
 
 # Native packed forward (docs/varlen.md, "Native forward"): no padded row is computed or stored.
