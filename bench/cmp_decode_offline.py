@@ -71,6 +71,8 @@ def main(argv=None) -> int:
         params = fn.fn.__code__.co_varnames[:fn.fn.__code__.co_argcount]
         dd = dataclasses.replace(d, cmp_form=name)
         tile, stages, warps, resident = decode_step.cmp_launch(dd, 2, ql)
+        if launch in decode_step.WHOLE_FORMS:  # the whole kernel's own launch (3 stages at least on cmp_base)
+            tile, stages, warps = decode_whole.launch(dd, (tile, stages, warps))
         qlp, gp, chunks = decode_step.split_rows(dd, "compression", ql)
         _, sc_cols, back = decode_step.score_tiles(dd)
         consts = dict(PAGED=int(launch != "split"), QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile,

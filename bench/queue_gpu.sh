@@ -148,7 +148,7 @@ case ${CALL:-1} in
   piece ${T2:=300} && { ( env_in $W/whole
       for bb in 64 16; do
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
-          --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole_st whole+cmp_s3_r2 whole_st+cmp_s3_r2 auto} --out "$W/whole/results" \
+          --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole_st auto} --out "$W/whole/results" \
           2>&1 | tee -a "$W/whole/whole_bench.log" | tail -16
       done ); pack; }
   ;;

@@ -1823,7 +1823,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
-    form="split", fused_kernels={"cmp_win": _decode_cmp_win_kernel, "select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel},
+    form="auto", fused_kernels={"cmp_win": _decode_cmp_win_kernel, "select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel},
     whole_kernel=_decode_whole_kernel)
 
 

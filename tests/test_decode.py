@@ -556,7 +556,9 @@ def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeyp
     gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
     got = {}
     for scoring in ("logits", "partials"):
-        with_decode(monkeypatch, mod, scoring=scoring, split_tiles={**mod._DECODE.split_tiles, "compression": tile})
+        # (the split launch form for both: "auto", the plan's, runs the whole form's one split on the partials path)
+        with_decode(monkeypatch, mod, scoring=scoring, form="split",
+                    split_tiles={**mod._DECODE.split_tiles, "compression": tile})
         got[scoring] = mod.nsa_decode(q, cache, gates=gates, num_splits=3, return_indices=True)
     assert torch.equal(got["partials"][1], got["logits"][1]), (got["partials"][1], got["logits"][1])
     assert torch.equal(got["partials"][0], got["logits"][0])
@@ -593,7 +595,7 @@ def test_bench_scoring_path_swaps_the_descriptor_and_restores_it():
     assert mod._DECODE is plan
     with decode_forms(mod, "fused") as d:
         assert d.form == "fused" and d.scoring == "partials" and mod._DECODE is d
-    assert mod._DECODE is plan and plan.form == "split"
+    assert mod._DECODE is plan and plan.form == "auto"
 
 
 # The fused launch form (docs/decode.md "Launch forms"): compression + window in one launch, the epilogue split

@@ -131,9 +131,10 @@ class DecodePlan:
     "whole_st" ("whole" with odd programs running the window branch first: their top-n phases start apart) or "auto"
     ("whole" where its batch rule holds, else "split"). The batch rule (runtime.decode_whole.fills, written there
     only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
-    that SMs idle for the whole step while the split form's key-range splits keep them streaming. "split" stays the
-    default until a GPU timing says otherwise (docs/decode.md "Launch forms"; bench/queue_gpu.sh CALL=10 times them
-    at batch 64 and 16).
+    that SMs idle for the whole step while the split form's key-range splits keep them streaming. "auto" is the
+    default since the H100 timing of commit c663314 (nsa_paper, 64k, graph replay: batch 64 whole at 3 stages 390
+    us against split 420 and fused + cmp_s3_r2 398; batch 1 runs split, 55 us); where the whole form does not apply
+    (indexer-scored specs, docs/decode.md) "auto" runs "split" (docs/decode.md "Launch forms").
     selection_form / index_form / topk_form: the MLA selection kernel's, the index-score kernel's and the indexer
     top-k's forms (names in runtime.decode_step.SELECTION_FORMS / INDEX_FORMS / TOPK_FORMS; docs/decode.md "Forms
     of the DSA step"): "base" / "tile" / "radix" are the forms before them, still every spec's but the MLA step
@@ -161,7 +162,7 @@ class DecodePlan:
     topk_programs: int = 1024
     topk_max_segments: int = 32
     topk_sum_segments: int = 16
-    form: str = "split"
+    form: str = "auto"
     selection_form: str = "base"
     index_form: str = "tile"
     topk_form: str = "radix"

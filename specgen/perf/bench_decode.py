@@ -327,12 +327,15 @@ def _cmp_launch(d, B: int, q_len: int, cache) -> dict:
     """The compression kernel's launch in the descriptor's cmp_form at this batch (runtime.decode_step.cmp_launch,
     cmp_splits; the whole launch form runs one split, in its one kernel at the form's stages and warps): what a row
     of the record times."""
+    from ..runtime import decode_whole
     from ..runtime.decode_step import WHOLE_FORMS, cmp_launch, cmp_splits, launch_form, split_rows
 
     scores = 0 if d.scorer != "compression" else 2 if d.scoring == "partials" else 1  # decode_step.branch's SCORES
     tile, stages, warps, resident = cmp_launch(d, scores, q_len)
     programs = B * d.hkv * split_rows(d, "compression", q_len)[2]
     whole = launch_form(d, B, cache.device) in WHOLE_FORMS
+    if whole:  # the whole kernel's own launch (decode_whole.launch: at least BASE_STAGES stages on cmp_base)
+        tile, stages, warps = decode_whole.launch(d, (tile, stages, warps))
     return {"tile": tile, "stages": stages, "warps": warps, "resident": resident,
             "splits": 1 if whole else cmp_splits(d, programs, cache.nc_cap - 1, cache.device)}
 

@@ -30,9 +30,13 @@ import triton  # noqa: E402
 
 # The batch rule (the one place it is written): "whole" where its programs, B x kv groups, are at least FILL x the
 # GPU's SMs (one program an SM at least; two fit an SM at q_len 1, docs/decode.md); "split" below, where its splits
-# spread each sequence's keys over the idle SMs. Untimed: the GPU timing at batch 16 and 64 (bench/queue_gpu.sh
-# CALL=10) decides whether it stands.
+# spread each sequence's keys over the idle SMs. Timed at batch 64 (H100, commit c663314: whole at 3 stages 390 us
+# against split's 420); batch 16, the rule's other side, not yet.
 FILL = 1.0
+# The whole kernel's pipeline stages where the descriptor keeps the base compression launch (cmp_base, 2 stages):
+# every branch's key loop runs at the kernel's one stage count, and at 2 the whole step took 533 us against 390 at
+# 3 (nsa_paper, batch 64 x 64k, H100, commit c663314; 128 registers and 100.9 KB either way: two programs an SM).
+BASE_STAGES = 3
 
 
 def supports(d: DecodeDescriptor) -> str | None:
@@ -69,6 +73,12 @@ def fills(d: DecodeDescriptor, B: int, device) -> bool:
     return programs(d, B) >= FILL * _rt._sm_count(device)
 
 
+def launch(d: DecodeDescriptor, cmp: tuple) -> tuple:
+    """The whole kernel's (tile, stages, warps): the compression form's, at least BASE_STAGES stages on cmp_base."""
+    tile, stages, warps = cmp
+    return tile, max(stages, BASE_STAGES) if d.cmp_form == "cmp_base" else stages, warps
+
+
 def epilogue_cols(d: DecodeDescriptor, rows: int) -> int:
     """BD, the value columns a pass of the whole kernel's epilogue over its `rows` rows (QLP x GP): [rows, BD] fp32
     tiles of at most 4096 values (16 a thread at 8 warps), at least 16 columns."""
@@ -92,7 +102,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, rows_c
     qlp, gp, chunks = rows_c
     _, gp_s, chunks_s = rows_s
     assert chunks == chunks_s == 1, (rows_c, rows_s)  # supports(): a group's heads in one program
-    tile_c, stages, warps = cmp
+    tile_c, stages, warps = launch(d, cmp)
     width, sc_cols, back = tiles
     n_tiles = triton.cdiv(NCV, tile_c)
     sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
