@@ -25,10 +25,11 @@ The forms with fewer atomic adds per (query, key) (docs/backward.md, "Fewer atom
 r64_rl_w16 split_k64 split_k128` times them beside the default; a split form's per-kernel times show its two
 kernels (the scatter kernel computing dQ only, and `_selection_bwd_scatter_dkdv_kernel`).
 
-Specs whose plan keeps the deterministic inverse-index kernels (small GQA groups: dsa_gqa16_4, below
-loop_order's FLOPs-per-atomic-byte threshold): `--variant bwd_scatter` renders the module with its backward forced
-onto the scatter path (specgen.compile.variants), so the default timing is the scatter path's and the
-deterministic one the inverse index's, the plan's choice, on the same inputs. Specs without MLA take their own V
+Specs whose plan keeps the deterministic inverse-index kernels (token selection below loop_order's
+FLOPs-per-atomic-byte threshold: groups of 1 and 2 at d_qk = d_v): `--variant bwd_scatter` renders the module with
+its backward forced onto the scatter path (specgen.compile.variants), so the default timing is the scatter path's
+and the deterministic one the inverse index's, the plan's choice, on the same inputs (as it timed dsa_gqa16_4
+before the threshold moved). Specs without MLA take their own V
 input; `--atomics-floor` and `--vector-atomics` model MLA's adds and apply to MLA specs only.
 
 Usage: python bench/dsa_bwd.py [SPEC] [--seqlens 16384 32768] [--reps 5] [--det-reps N] [--profile N] [--bitwise]

@@ -5,7 +5,7 @@
 #  1. their tests on CUDA: tests/test_scatter_forms.py (r64_rl_w16 and split_k64 against the float64 reference and
 #     against km_ks_k64 within fp32 rounding, the split form's dQ equal to km_ks_k64's bit for bit, batched and
 #     packed, with a spy on the launches) and the split form without MLA on two kv heads
-#     (tests/test_scatter_backward.py::test_gqa_two_kv_heads_forced);
+#     (tests/test_scatter_backward.py::test_gqa_two_kv_heads);
 #  2. bench/dsa_bwd.py at DeepSeek-V3.2: the backward with w8 (the gradients' reference), km_ks_k64 (the default),
 #     r64_rl_w16, split_k64 and split_k128 at T = 16384 (median of 3, per-kernel GPU times of one call: a split
 #     form's two kernels) and at 65536 (median of 1 after a warm-up); the atomic adds alone at 1/2/4/8 head chunks
@@ -22,7 +22,7 @@ echo "commit $COMMIT" | tee "$log"
 timeout ${TEST_TIMEOUT:-90} python -m pytest -q -rfE --tb=short -p no:cacheprovider \
     tests/test_scatter_forms.py::test_forms_are_candidates_and_default \
     tests/test_scatter_forms.py::test_fewer_atomics_forms tests/test_scatter_forms.py::test_fewer_atomics_forms_packed \
-    tests/test_scatter_backward.py::test_gqa_two_kv_heads_forced 2>&1 | tail -15 | tee -a "$log"
+    tests/test_scatter_backward.py::test_gqa_two_kv_heads 2>&1 | tail -15 | tee -a "$log"
 timeout ${BENCH_TIMEOUT:-420} python bench/dsa_bwd.py specs/dsa_v32.yaml --seqlens ${SEQLENS:-16384 65536} \
     --forms ${FORMS:-km_ks_k64 r64_rl_w16 split_k64 split_k128} --top 4 --reps 3 --form-reps 3 1 --no-det \
     --atomics-floor --vector-atomics --json "$OUT/${day}_dsa_bwd_atomics_forms.jsonl" 2>&1 \

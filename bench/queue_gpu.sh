@@ -22,7 +22,7 @@
 #   CALL=6  the scatter backward's forms with fewer atomics (issue 17; docs/backward.md "Fewer atomics"; untimed):
 #           r64_rl_w16, split_k64, split_k128 beside km_ks_k64 at 16k and 64k, the atomics floor, vector widths
 #           (bash bench/dsa_bwd_atomics_gpu.sh: its tests, then the bench); then dsa_gqa16_4's backward on the
-#           scatter path (variant bwd_scatter) against its inverse-index kernels at 16k and 64k.
+#           scatter path (the plan's since c663314) against its inverse-index kernels (deterministic mode) at 16k and 64k.
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
 #   CALL=7  the block-outer selection's Triton work list (issue 16; docs/selection_order.md "Work list forms";
@@ -34,18 +34,18 @@
 #           (SUITE=rest) that no log of bench/results dated 2026-12-07 or later, nor an earlier call on this warm
 #           machine (.gpu-suite-logs/), shows passing; one at a time for gpu (their references take tens of GB),
 #           on WORKERS xdist workers for rest. Call again until it reports 0 left.
-#   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; untimed, default split): its
-#           tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the float64 reference), then nsa_paper
-#           at 64k, batch 64 and 16 (the batch rule's two sides), split / fused+cmp_s3_r2 / whole / whole_st (odd
-#           programs run the window first) / whole+cmp_s3_r2 / whole_st+cmp_s3_r2 / auto on the same caches.
-# Next session, most needed first: 6, 7, 8, then 2, 3, 4, then 9 (SUITE=gpu, then SUITE=rest), then the model matrix
-# at 16k/32k, and the training step (CALL=1 T1=0 T3=0 T4=0) once a scatter form is the default. CALL=10 came after
-# that order was set (issue 19's decode at batch 64: with CALL=5, whose cmp_s3_r2 it times again beside whole).
+#   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; "auto", the default since
+#           c663314, runs it at batch 64): its tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the
+#           float64 reference; whole now at 3 stages), then nsa_paper at 64k, batch 64, 33 (132 programs: the rule's
+#           edge) and 16 (split's side), split / fused+cmp_s3_r2 / whole / whole_st / auto.
 # Set SPECGEN_COMMIT: the device copy's .git can be stale (it printed 624f9c6 for c9634f5 on 2026-12-07).
 #   CALL=11 one call of the most needed pieces (for a session that gets a single machine): the scatter forms at 16k,
 #           nsa_paper's chunked prefill, the whole decode forms at batch 64 (whole_st too), dsa_gqa16_4's scatter
 #           backward at 16k.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..11 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=12 issue 18's last item: a packed training call in a CUDA graph (GPU test), then more packed GPU tests.
+# Next session, most needed first: 12 (it may close issue 18), 10 (batch 16: the auto rule's other side), 7, 8, 2,
+# 3 (T2=0: the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), then 9.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..12 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -106,10 +106,10 @@ case ${CALL:-1} in
 6)
   piece ${T1:=420} && { OUT=$W/atomics TEST_TIMEOUT=$((T1 / 6)) BENCH_TIMEOUT=$((T1 * 5 / 6)) \
       bash bench/dsa_bwd_atomics_gpu.sh | tail -40; pack; }
-  # The small-group GQA DSA spec's backward on the scatter path (variant bwd_scatter) against the plan's
-  # inverse-index kernels (its deterministic timing), same inputs: whether loop_order's threshold should move.
+  # The small-group GQA DSA spec's backward on the scatter path (the plan's since c663314) against the inverse-index
+  # kernels (its deterministic timing), same inputs.
   piece ${T2:=130} && { ( env_in $W/atomics; timeout $T2 python bench/dsa_bwd.py specs/models/dsa_gqa16_4.yaml \
-      --variant bwd_scatter --seqlens 16384 65536 --reps 3 --det-reps 1 \
+      --seqlens 16384 65536 --reps 3 --det-reps 1 \
       --json "$W/atomics/${day}_dsa_gqa16_4_bwd_scatter_${COMMIT}.jsonl" 2>&1 | grep -v "^\s*void" \
       | tee $W/atomics/dsa_gqa_bwd.log | tail -12 ); pack; }
   ;;
@@ -141,13 +141,13 @@ case ${CALL:-1} in
   ;;
 10)
   # The whole launch form (docs/decode.md "Launch forms"): GPU tests, then timing at batch 64 (B x kv groups = 256
-  # programs: "auto" runs whole) and 16 (64 programs: "auto" runs split) against split (the default) and the fused
-  # form's best compression form, in one process per batch.
+  # programs: "auto" runs whole), 33 (132: the rule's edge) and 16 (64 programs: "auto" runs split) against split
+  # and the fused form's best compression form, in one process per batch.
   piece ${T1:=200} && { mkdir -p $W/whole; ( env_in $W/whole; timeout $T1 python -m pytest -q -rfE --tb=short \
       -p no:cacheprovider tests/test_decode.py -k whole 2>&1 | tail -8 | tee $W/whole/whole_tests.log ); pack; }
   piece ${T2:=300} && { ( env_in $W/whole
-      for bb in 64 16; do
-        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
+      for bb in 64 33 16; do
+        timeout $((T2 / 3)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
           --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole_st auto} --out "$W/whole/results" \
           2>&1 | tee -a "$W/whole/whole_bench.log" | tail -16
       done ); pack; }
@@ -167,9 +167,20 @@ case ${CALL:-1} in
       --batches 64 --seqlens 65536 --decode-forms split fused+cmp_s3_r2 whole whole_st whole+cmp_s3_r2 \
       --out "$W/mix/results" 2>&1 | tee $W/mix/whole_bench.log | tail -12 ); pack; }
   piece ${T4:=90} && { ( env_in $W/mix; timeout $T4 python bench/dsa_bwd.py specs/models/dsa_gqa16_4.yaml \
-      --variant bwd_scatter --seqlens 16384 --reps 3 --det-reps 1 \
+      --seqlens 16384 --reps 3 --det-reps 1 \
       --json "$W/mix/${day}_dsa_gqa16_4_bwd_scatter_${COMMIT}.jsonl" 2>&1 | grep -v "^\s*void" \
       | tee $W/mix/dsa_gqa_bwd.log | tail -6 ); pack; }
   ;;
-*) echo "CALL must be 1 to 11" >&2; exit 2 ;;
+12)
+  # Issue 18's last item: a packed training call captured in one CUDA graph (tests/test_varlen.py), then the packed
+  # GPU tests of the specs the last run did not cover (dsa_small, nsa_token, nsa_mqa; dsa_v32's 64k ones need ~67 GB).
+  mkdir -p $W/varlen
+  piece ${T1:=150} && { ( env_in $W/varlen; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
+      tests/test_varlen.py -k "cuda_graph or read_nothing" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      | tee $W/varlen/${day}_gpu_tests_varlen_graph_${COMMIT}.log ); pack; }
+  piece ${T2:=300} && { ( env_in $W/varlen; timeout $T2 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
+      generated/test_dsa_small.py generated/test_nsa_token.py generated/test_nsa_mqa.py -k varlen 2>&1 \
+      | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tee $W/varlen/${day}_gpu_tests_varlen_more_${COMMIT}.log ); pack; }
+  ;;
+*) echo "CALL must be 1 to 12" >&2; exit 2 ;;
 esac

@@ -44,9 +44,10 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, 
     "rows": 64}, "select": {"block_n": 512, "bt": 32, "key_major": 0, "num_stages": 3, "num_warps": 4},
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32,
     "bq": 4, "num_stages": 2, "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2,
-    "num_warps": 8}, "window": {"block_n": 64, "bt": 4, "num_stages": 2, "num_warps": 4},
-    "window_dkdv": {"block_n": 64, "bt": 2, "key_major": 2, "num_stages": 2, "num_warps": 8},
-    "window_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8}}}
+    "num_warps": 8}, "selection_scatter": {"block_n": 64, "gp": 16, "key_major": 1, "key_split": 1,
+    "num_stages": 2, "num_warps": 8, "prefetch": 0, "reload": 0}, "window": {"block_n": 64, "bt": 4,
+    "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 2, "key_major": 2, "num_stages": 2,
+    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -72,7 +73,13 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8), (64, 1, 2, 1, 8),
     (64, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8),
     (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8), (32, 4, 2, 2, 8),
-    (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8))})
+    (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
+    "selection_scatter": (("block_n", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
+    {"gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
+    (16, 1, 1, 1, 8, 0), (16, 1, 1, 2, 8, 0), (32, 1, 1, 1, 4, 0), (32, 1, 1, 2, 4, 0), (32, 1, 1, 1, 8, 0),
+    (32, 1, 1, 2, 8, 0), (64, 1, 1, 1, 4, 0), (64, 1, 1, 2, 4, 0), (64, 1, 1, 1, 8, 0), (64, 0, 0, 2, 8, 0),
+    (64, 0, 0, 2, 4, 0), (16, 0, 0, 2, 8, 0), (16, 0, 0, 2, 4, 0), (64, 1, 0, 2, 8, 0), (64, 1, 0, 2, 4, 0),
+    (128, 1, 0, 2, 8, 0), (64, 0, 0, 2, 8, 1), (64, 0, 0, 3, 8, 1), (64, 0, 1, 2, 8, 0), (64, 1, 1, 2, 8, 1))})
 
 # Spec constants, compile-time constants of every kernel below.
 HQ = tl.constexpr(64)
@@ -2485,6 +2492,339 @@ def _selection_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _selection_bwd_scatter_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    GP: tl.constexpr = 16, DKDV: tl.constexpr = 1, RELOAD: tl.constexpr = 0,
+):
+    # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
+    # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
+    # mma.sync (or replicates a wgmma over warpgroups). 1 computes S^T = K Q^T and keeps dQ transposed (dQ^T +=
+    # K^T dS^T): the products' rows are BLOCK_N keys (S^T, dP^T, dK, dV) and head dims (dQ^T), so 64 keys fill
+    # a warpgroup's wgmma; dQ is transposed back once, at the end.
+    # KEY_SPLIT (launch config `key_split`; docs/backward.md, "The scatter kernel's forms"): the products are not
+    # chained, so Triton 3.6 does not lay them all with the warps along one axis (which computes S and dP twice at
+    # 32 rows and 8 warps, and S^T, dP^T and dK twice at 64 keys): every part of S (S^T) and dP (dP^T) but the
+    # first is its own product, masked and summed inside a branch on n_units > 0, which always holds inside the key
+    # loop (the other arm never runs); key-major also passes P^T and dS^T, and the dV product before its add into
+    # dK, through such a branch. Values that reach a product only through an `if`'s results are outside Triton's
+    # chained-dot rule (the selection forward's KEY_SPLIT, docs/tuning.md). Results move by fp32 rounding only.
+    # PREFETCH (launch config `prefetch`): each trip loads the next trip's selected units (as the forward's).
+    # GP (launch config `gp`; the plan's scatter_gp, 16, by default): head rows per program.
+    # RELOAD (launch config `reload`): Q and dO are not resident but loaded in every trip where they are used (Q
+    # before S, dO before dP, each part again next to its dK/dV product), so shared memory holds the key tile and
+    # a trip's rows only while a product needs them: what lets 64 head rows (half the atomics of 32) fit, for two
+    # L2 reads of the rows a trip.
+    # DKDV 0 (the split form, launch config `dkdv_once`): dQ only; the dK/dV kernel below adds dK/dV once per
+    # (query, key) over all the group's heads.
+    ROWS: tl.constexpr = GP
+    CHANNEL: tl.constexpr = 1
+    t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    # The group's 16 heads over HEAD_CHUNKS programs of GP rows (the fp32 dQ of all of them would not fit
+    # the registers); each adds its own heads' share of dK/dV.
+    HEAD_CHUNKS: tl.constexpr = (GROUP + GP - 1) // GP
+    chunk = pid_bg % HEAD_CHUNKS
+    pid_bg = pid_bg // HEAD_CHUNKS
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * t)
+        if seq < 0:
+            return
+        t = tl.load(TILES + 2 * t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    rows = tl.arange(0, ROWS)
+    head = g * GROUP + chunk * GP + rows
+    row_ok = chunk * GP + rows < GROUP
+    q_rows = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + head * stride_qh  # int64: T x H x D passes 2**31
+    row_index = (b * T + (bos + t)) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    if RELOAD:
+        q_token = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + (g * GROUP + chunk * GP) * stride_qh
+        do_token = DO + ((b * T + bos + t) * HQ + g * GROUP + chunk * GP) * DV
+    else:
+        q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+    qk_scale = sm_scale * 1.4426950408889634
+    if KEY_MAJOR == 1:
+        dqt0 = tl.zeros([128, ROWS], dtype=tl.float32)
+    else:
+        dq0 = tl.zeros([ROWS, 128], dtype=tl.float32)
+    if KEY_MAJOR == 1:
+        dqt1 = tl.zeros([64, ROWS], dtype=tl.float32)
+    else:
+        dq1 = tl.zeros([ROWS, 64], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh + bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + bos * stride_vt
+    # dK/dV rows of this (batch, kv head): fp32 [B, NKEYS, HKV, D] contiguous (packed: from the sequence's first).
+    dk_base = DK + ((b * NKEYS + bos) * HKV + g) * DQK
+    dv_base = DVAL + ((b * NKEYS + bos) * HKV + g) * DV
+    # The query's selected units, ascending, -1 padding last.
+    idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    if PREFETCH:
+        # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
+        # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
+        first = tl.arange(0, BLOCK_N) // UNIT
+        unit_next = tl.load(idx_row + first, mask=first < n_units, other=-1)
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
+        if PREFETCH:
+            unit = unit_next
+            slot_next = (f + BLOCK_N) // UNIT
+            unit_next = tl.load(idx_row + slot_next, mask=slot_next < n_units, other=-1)
+        else:
+            unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + f % UNIT
+        key_ok = (unit >= 0) & (keys <= t)
+        visible = key_ok[None, :] & row_ok[:, None]
+        k_rows = k_base + keys * stride_kt
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        v_rows = v_base + keys * stride_vt
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        if RELOAD:
+            trip_zero = tl.minimum(f0, 0)
+            q_trip = q_token + rows * (stride_qh + trip_zero)
+            do_trip = do_token + rows * (DV + trip_zero)
+            q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+            q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+            if not KEY_SPLIT:
+                do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+                if not WIDEN:
+                    do0 = do0.to(Q.dtype.element_ty)
+        if KEY_MAJOR == 1:
+            visible_t = key_ok[:, None] & row_ok[None, :]
+            if KEY_SPLIT:
+                pt1 = tl.where(visible_t, _dot(k1, tl.trans(q1), WIDEN), 0.0)
+                if n_units > 0:
+                    pt_rest = pt1
+                else:
+                    pt_rest = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                pt = _dot(k0, tl.trans(q0), WIDEN) + pt_rest
+                pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+                if RELOAD:
+                    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+                    if not WIDEN:
+                        do0 = do0.to(Q.dtype.element_ty)
+                dpt = _dot(v0, tl.trans(do0), WIDEN)
+                dst = pt * (dpt - delta[None, :])
+                if n_units > 0:
+                    # P^T and dS^T reach the dK/dV and dQ^T products through the branch's results, each made by an
+                    # operation inside it (a value merely passed through would become a select, in the chain).
+                    dst = dst * sm_scale
+                    if WIDEN:
+                        pt_in = pt + 0.0  # (the interpreter: exact; it has no chained-dot rule)
+                    else:
+                        pt_in = pt.to(DO.dtype.element_ty)  # the rounding _pv makes
+                else:
+                    dst = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                    if WIDEN:
+                        pt_in = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                    else:
+                        pt_in = tl.zeros([BLOCK_N, ROWS], dtype=DO.dtype.element_ty)
+            else:
+                pt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                pt += _dot(k0, tl.trans(q0), WIDEN)
+                pt += _dot(k1, tl.trans(q1), WIDEN)
+                pt = tl.where(visible_t, tl.exp2(pt * qk_scale - lse2[None, :]), 0.0)
+                dpt = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+                dpt += _dot(v0, tl.trans(do0), WIDEN)
+                dst = pt * (dpt - delta[None, :])
+                # Scaled once here: dQ and dK both take sm_scale * dS.
+                dst = dst * sm_scale
+                pt_in = pt
+            dst_in = dst
+            if not WIDEN:
+                dst_in = dst.to(Q.dtype.element_ty)
+            dqt0 += _dot(tl.trans(k0), dst_in, WIDEN)
+            dqt1 += _dot(tl.trans(k1), dst_in, WIDEN)
+        else:
+            if KEY_SPLIT:
+                s1 = tl.where(visible, _dot(q1, tl.trans(k1), WIDEN), 0.0)
+                if n_units > 0:
+                    s_rest = s1
+                else:
+                    s_rest = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                s = _dot(q0, tl.trans(k0), WIDEN) + s_rest
+                p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                if RELOAD:
+                    do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+                    if not WIDEN:
+                        do0 = do0.to(Q.dtype.element_ty)
+                dp = _dot(do0, tl.trans(v0), WIDEN)
+                ds = p * (dp - delta[:, None])
+            else:
+                s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                s += _dot(q0, tl.trans(k0), WIDEN)
+                s += _dot(q1, tl.trans(k1), WIDEN)
+                p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+                dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+                dp += _dot(do0, tl.trans(v0), WIDEN)
+                ds = p * (dp - delta[:, None])
+            # Scaled once here: dQ and dK both take sm_scale * dS.
+            ds = ds * sm_scale
+            pt_in = tl.trans(p)
+            dst = tl.trans(ds)
+            dq0 += _pv(ds, k0, WIDEN)
+            dq1 += _pv(ds, k1, WIDEN)
+        if DKDV:
+            key_rows = keys.to(tl.int64) * (HKV * DQK)
+            if RELOAD:
+                q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q0, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            if RELOAD:
+                q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            acc = _pv(dst, q1, WIDEN)
+            tl.atomic_add(dk_base + key_rows[:, None] + 128 + tl.arange(0, 64)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+            key_rows = keys.to(tl.int64) * (HKV * DV)
+            if RELOAD:
+                do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+                if not WIDEN:
+                    do0 = do0.to(Q.dtype.element_ty)
+            acc = _pv(pt_in, do0, WIDEN)
+            tl.atomic_add(dv_base + key_rows[:, None] + 0 + tl.arange(0, 128)[None, :], acc,
+                          mask=key_ok[:, None], sem="relaxed")
+    row_index = (b * T + bos + t) * HQ + head
+    if KEY_MAJOR == 1:
+        dq0 = tl.trans(dqt0)
+    if KEY_MAJOR == 1:
+        dq1 = tl.trans(dqt1)
+    dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
+    if HAS_PREV:
+        dq0 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq0, mask=row_ok[:, None])
+    dq_ptr = DQ + row_index[:, None] * DQK + 128 + tl.arange(0, 64)[None, :]
+    if HAS_PREV:
+        dq1 += tl.load(dq_ptr, mask=row_ok[:, None], other=0.0)
+    tl.store(dq_ptr, dq1, mask=row_ok[:, None])
+
+
+@triton.jit
+def _selection_bwd_scatter_dkdv_kernel(
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, NKEYS, sm_scale,
+    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    ROWS: tl.constexpr = 16
+    CHANNEL: tl.constexpr = 1
+    t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    if VARLEN:
+        seq = tl.load(TILES + 2 * t)
+        if seq < 0:
+            return
+        t = tl.load(TILES + 2 * t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+    else:
+        bos = 0
+    rows = tl.arange(0, ROWS)
+    head = g * GROUP + rows
+    row_ok = rows < GROUP
+    row_index = (b * T + (bos + t)) * HQ + head
+    lse = tl.load(LSE + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=float("inf"))
+    # A query that saw no key has lse = -inf and P = 0: read it as +inf, so exp2(s - lse) = 0 and never NaN.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    gate = tl.load(GATES + b * stride_gb + (bos + t) * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    # delta_c = rowsum(dO_c * o_c) = g_c * rowsum(dO * o_c) = g_c * dgate_c
+    delta = gate * tl.load(DG + row_index * N_BRANCHES + CHANNEL, mask=row_ok, other=0.0)
+    q_token = Q + b * stride_qb + (bos + t).to(tl.int64) * stride_qt + g * GROUP * stride_qh
+    do_token = DO + ((b * T + bos + t) * HQ + g * GROUP) * DV
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base = K + b * stride_kb + g * stride_kh + bos * stride_kt
+    v_base = V + b * stride_vb + g * stride_vh + bos * stride_vt
+    dk_base = DK + ((b * NKEYS + bos) * HKV + g) * DQK
+    dv_base = DVAL + ((b * NKEYS + bos) * HKV + g) * DV
+    idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
+    slots = tl.arange(0, TOP_K_PAD)
+    n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    for f0 in range(0, n_units * UNIT, BLOCK_N):
+        f = f0 + tl.arange(0, BLOCK_N)
+        slot = f // UNIT
+        unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)
+        keys = unit * UNIT + f % UNIT
+        key_ok = (unit >= 0) & (keys <= t)
+        visible = key_ok[None, :] & row_ok[:, None]
+        k_rows = k_base + keys * stride_kt
+        v_rows = v_base + keys * stride_vt
+        trip_zero = tl.minimum(f0, 0)
+        q_trip = q_token + rows * (stride_qh + trip_zero)
+        do_trip = do_token + rows * (DV + trip_zero)
+        # S = Q K^T and dP = dO V^T, each part of the keys and of the rows loaded next to its product (so that
+        # not every part's load is in flight in registers at once); the rows come from L2 (read again below and by
+        # the next trips).
+        s = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        k1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :], mask=key_ok[:, None], other=0.0)
+        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+        dp += _dot(do0, tl.trans(v0), WIDEN)
+        # Scaled once here: dK takes sm_scale * dS. P and dS rounded once to the inputs' dtype (as _pv rounds P).
+        ds = p * (dp - delta[:, None]) * sm_scale
+        if WIDEN:
+            p_in = p
+            ds_in = ds
+        else:
+            p_in = p.to(DO.dtype.element_ty)
+            ds_in = ds.to(Q.dtype.element_ty)
+        # dK^T = Q^T dS and dV^T = dO^T P, a head-dim part at a time (its rows loaded again), added by atomics.
+        key_rows = keys.to(tl.int64) * (HKV * DQK)
+        q0 = tl.load(q_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q0), ds_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 0 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc = _dot(tl.trans(q1), ds_in, WIDEN)
+        tl.atomic_add(dk_base + key_rows[None, :] + 128 + tl.arange(0, 64)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+        key_rows = keys.to(tl.int64) * (HKV * DV)
+        do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]
+        if not WIDEN:
+            do0 = do0.to(Q.dtype.element_ty)
+        acc = _dot(tl.trans(do0), p_in, WIDEN)
+        tl.atomic_add(dv_base + key_rows[None, :] + 0 + tl.arange(0, 128)[:, None], acc,
+                      mask=key_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def _window_bwd_dq_kernel(
     Q, K, V, GATES, DO, LSE, DG, DQ, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
@@ -2771,9 +3111,10 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     dkc, dvc = b.compression_dkdv(_compression_bwd_dkdv_kernel, kc, vc, NC)
     _pool_backward(dkc, k_cmp, 192, NC, *b.target("k_cmp", 192), varlen=varlen)
     _pool_backward(dvc, v_cmp, 128, NC, *b.target("v_cmp", 128), varlen=varlen)
-    b.dq(_selection_bwd_dq_kernel, "selection", k_slc, v_slc, T, indices)
-    b.selection_dkdv(_selection_bwd_dkdv_kernel, "k_slc", "v_slc", k_slc, v_slc, indices, _selection_inverse_index,
-                     INVERSE_INDEX_ENTRIES)
+    # The scatter path (dK/dV by atomics), or under torch.use_deterministic_algorithms the inverse-index kernels.
+    b.selection(_selection_bwd_scatter_kernel, _selection_bwd_dq_kernel, _selection_bwd_dkdv_kernel, "k_slc", "v_slc", k_slc, v_slc,
+                indices, _selection_inverse_index, INVERSE_INDEX_ENTRIES, dq_chunks=1, scatter_chunks=1,
+                dkdv_once_kernel=_selection_bwd_scatter_dkdv_kernel)
     b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
     return b.gradients(_DESC.diff_args)
@@ -2801,7 +3142,7 @@ _DESC = runtime.descriptor.Descriptor(
     top_k=1024, unit=1, fp8_indexer=False, needs_compressed_kv=True, cmp_block=32, cmp_stride=16,
     gated=True, mla=False, linear_pool=False, pool_pe=False, indexer_heads=4, indexer_dim=64,
     softmax_scale=0.07216878364870322, forward=_forward, backward=_backward,
-    native_varlen=True)
+    native_varlen=True, selection_backward="scatter")
 # Custom ops registered here, at import (a second module object of this spec and record reuses them).
 _ATTENTION = runtime.autograd.Attention(_DESC)
 _OP = _ATTENTION.op_name

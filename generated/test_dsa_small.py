@@ -71,6 +71,18 @@ def test_backward_deterministic():
     testing.check_backward_deterministic(mod, SPEC, 1, GPU_SEQLENS[0], device="cuda")
 
 
+# The selection backward's scatter path (fp32 atomics, the default) against its deterministic path (the
+# inverse-index kernels, under torch.use_deterministic_algorithms): docs/backward.md.
+def test_backward_scatter_matches_deterministic():
+    testing.check_backward_paths_agree(mod, SPEC, 1, CPU_SEQLENS[-1])
+
+
+@gpu
+@pytest.mark.gpu
+def test_backward_scatter_matches_deterministic_realistic():
+    testing.check_backward_paths_agree(mod, SPEC, 1, GPU_SEQLENS[0], device="cuda")
+
+
 def test_index_topk_scores():
     testing.check_index_topk(mod, SPEC, 2, CPU_SEQLENS[-1])
 

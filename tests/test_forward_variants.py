@@ -39,8 +39,10 @@ def test_variants_apply_where_their_tiles_do():
                                   "sel_wl_triton", "bwd_scatter"}
     assert variant_plan(llama, ["bwd_scatter"]) is None                      # no token selection
     assert variant_plan(load_spec("specs/dsa_v32.yaml"), ["bwd_scatter"]) is None   # already on the scatter path
-    gqa = variant_plan(load_spec("specs/models/dsa_gqa16_4.yaml"), ["bwd_scatter"]).backward
-    assert (gqa.scatter, gqa.scatter_gp, gqa.scatter_chunks) == (True, 16, 1)
+    assert variant_plan(load_spec("specs/models/dsa_gqa16_4.yaml"), ["bwd_scatter"]) is None   # the plan's path
+    pair = variant_plan(replace(load_spec("specs/dsa_small.yaml"), name="g2", **{"heads.q": 4}),
+                        ["bwd_scatter"]).backward   # a group of 2: the plan keeps the inverse index
+    assert (pair.scatter, pair.scatter_gp, pair.scatter_chunks) == (True, 16, 1)
     assert variant_plan(llama, ["sel_wl_triton"]).sel_kv_worklist == "triton"
     assert variant_plan(paper, ["sel_wl_triton"]).sel_kv_worklist == "triton"   # its backward is block outer
     assert variant_plan(load_spec("specs/nsa_token.yaml"), ["sel_wl_triton"]) is None   # no block-outer pass

@@ -23,7 +23,7 @@ from specgen import reference as R
 from specgen import testing
 from specgen.compile import loop_order
 from specgen.compile.plan import make_plan
-from specgen.compile.variants import load_variant
+from specgen.compile.variants import load_variant, variant_plan
 from specgen.model.spec import load_spec, replace
 
 # V3.2 in miniature: 64 heads (two programs of 32 rows per query), d_qk 48 = 32 + 16, d_v 32 = K's first 32 dims.
@@ -36,12 +36,14 @@ GQA = replace(load_spec("specs/dsa_small.yaml"), name="dsa_scatter_gqa", dtype="
 # A small group (4 heads a kv head, as dsa_gqa16_4): the program's 16 head rows are 12 padding rows.
 GQA4 = replace(load_spec("specs/dsa_small.yaml"), name="dsa_scatter_gqa4", dtype="fp32",
                **{"head_dim.qk": 32, "head_dim.v": 16, "selection.top_k": 8})
+# A group of 2: the plan keeps the inverse index (2.5 FLOPs a byte); the variant forces the scatter path.
+GQA2 = replace(GQA4, name="dsa_scatter_gqa2", **{"heads.q": 4, "heads.kv": 2, "head_dim.qk": 32, "head_dim.v": 32})
 
 
 def _forced_scatter_module(spec):
-    """The module of `spec` rendered with the plan's backward forced onto the scatter path (the plan variant
-    `bwd_scatter`, which bench/dsa_bwd.py --variant times)."""
-    mod = load_variant(spec, ["bwd_scatter"])
+    """The module of `spec` with its backward on the scatter path: the plan's where it chooses it, else rendered
+    under the plan variant `bwd_scatter` (which bench/dsa_bwd.py --variant times)."""
+    mod = specgen.load(spec) if loop_order.scatter_backward(spec) else load_variant(spec, ["bwd_scatter"])
     assert mod is not None and mod._DESC.selection_backward == "scatter"
     return mod
 
@@ -78,11 +80,16 @@ def _check(mod, spec, T, monkeypatch, deterministic=False):
         assert err < testing.GRAD_TOL[torch.float32], f"d{n} rel err {err:.2e} {where}"
 
 
-def test_plan_chooses_scatter_for_v32_only():
+def test_plan_chooses_scatter_by_intensity():
+    """Token granularity with >= 4 FLOPs per atomic byte (groups of 4 and up at d_qk = d_v): the H100 timed the
+    scatter path faster than the inverse index at 5 (dsa_gqa16_4) and 76 (V3.2); groups of 1 and 2 keep it."""
     chosen = {p.stem: loop_order.scatter_backward(load_spec(p))
               for p in sorted(__import__("pathlib").Path("specs").glob("*.yaml")) if ".sweep" not in p.name}
-    assert chosen == {**{k: False for k in chosen}, "dsa_v32": True}
-    assert loop_order.scatter_backward(MLA) and not loop_order.scatter_backward(GQA)
+    assert chosen == {**{k: False for k in chosen}, "dsa_v32": True, "dsa_small": True, "nsa_token": True}
+    assert loop_order.scatter_backward(MLA) and loop_order.scatter_backward(GQA) and loop_order.scatter_backward(GQA4)
+    assert loop_order.scatter_backward(load_spec("specs/models/dsa_gqa16_4.yaml"))
+    assert not loop_order.scatter_backward(GQA2)   # 2.5 FLOPs a byte
+    assert variant_plan(GQA2, ["bwd_scatter"]).backward.scatter and variant_plan(GQA4, ["bwd_scatter"]) is None
     t = make_plan(MLA).backward
     assert (t.scatter, t.scatter_gp, t.scatter_chunks) == (True, 32, 2)
 
@@ -95,7 +102,7 @@ def test_mla_backward(deterministic, monkeypatch):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
-def test_gqa_two_kv_heads_forced(monkeypatch, split):
+def test_gqa_two_kv_heads(monkeypatch, split):
     """Also the split form (docs/backward.md, "Fewer atomics"; tuning.scatter_variants' split_*): its dK/dV kernel
     without MLA (V's own parts and accumulator) and with a kv head's rows offset in every address."""
     mod = _forced_scatter_module(GQA)
@@ -107,11 +114,13 @@ def test_gqa_two_kv_heads_forced(monkeypatch, split):
     _check(mod, GQA, 21, monkeypatch)
 
 
-def test_small_group_forced(monkeypatch):
-    """A group of 4 (rows padded to 16): the padding rows are masked out of dQ and of the atomic adds."""
-    mod = _forced_scatter_module(GQA4)
+@pytest.mark.parametrize("spec", [GQA4, GQA2], ids=["group4", "group2_forced"])
+def test_small_group(spec, monkeypatch):
+    """Groups of 4 (the plan's scatter path) and 2 (forced by the variant), rows padded to 16: the padding rows
+    are masked out of dQ and of the atomic adds."""
+    mod = _forced_scatter_module(spec)
     assert mod.CONFIGS["default"]["selection_scatter"] is not None
-    _check(mod, GQA4, 23, monkeypatch)
+    _check(mod, spec, 23, monkeypatch)
 
 
 def test_paths_agree():

@@ -195,7 +195,8 @@ def test_packed_calls_read_nothing_on_the_host(path, monkeypatch):
 def test_packed_training_call_in_a_cuda_graph(path):
     """A packed differentiable call, forward and backward, captured in one CUDA graph (PyTorch's whole-network
     capture: warm-up on a side stream, gradients allocated in the graph's pool) and replayed on new input values
-    gives the eager call's output and gradients on those values, bit for bit (the kernels are deterministic)."""
+    gives the eager call's output on those values bit for bit, and its gradients bit for bit where the backward is
+    deterministic (dsa_small's dK/dV go by fp32 atomics, the scatter path: within rounding of the adds' order)."""
     spec = load_spec(path)
     mod = specgen.load(spec)
     attention = getattr(mod, f"{spec.family}_attention")
@@ -223,8 +224,9 @@ def test_packed_training_call_in_a_cuda_graph(path):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
+    atomics = testing.scatters(mod)
     for trial in range(2):
-        fresh = testing_varlen.PackedCase(mod, spec, case.lengths, "cuda", None).inputs
+        fresh = testing_varlen.PackedCase(mod, spec, case.lengths, "cuda", case.seed + 1 + trial).inputs
         with torch.no_grad():
             for n, x in static.items():
                 x.copy_(fresh[n])
@@ -236,7 +238,12 @@ def test_packed_training_call_in_a_cuda_graph(path):
         want.backward(dout)
         assert torch.equal(out, want), f"replay {trial}: the output differs from the eager call {case.where}"
         for n in names:
-            assert torch.equal(static[n].grad, leaves[n].grad), f"replay {trial}: d{n} differs {case.where}"
+            got, exp = static[n].grad, leaves[n].grad
+            if atomics and n in ("k", "v", "k_slc", "v_slc"):
+                err = R.rel_err(got.double(), exp.double())
+                assert err < 1e-3, f"replay {trial}: d{n} rel err {err:.2e} {case.where}"
+            else:
+                assert torch.equal(got, exp), f"replay {trial}: d{n} differs {case.where}"
 
 
 # Native packed forward (docs/varlen.md, "Native forward"): no padded row is computed or stored.

@@ -43,7 +43,7 @@ def _specgen_cache(tmp_path_factory):
 
 # Each selection loop order once, at GQA groups 2 (kv order) and 1 (query order): the kv-order and query-order
 # kernels at groups 1 and 2 are one code path apiece (the group a constexpr, the rows wider), and DSA runs the
-# query-order ones at group 4; DSA token selection; and the scatter backward (atomics) of a DeepSeek-V3.2 miniature
+# query-order ones at group 2; DSA token selection; and the scatter backward (atomics) of a DeepSeek-V3.2 miniature
 # (MLA, 64 heads in two chunks: the plan's scatter path), on a shorter batch (64 heads per query cost the
 # interpreter most; fp32 rows make padding visible sooner).
 SHORTER = [24, 0, 1, 5, 3, 0, 2]
@@ -51,7 +51,9 @@ NATIVE = {
     "kv_order_gqa2": lambda: (SMALL, LONG_AND_SHORT),
     "query_order_gqa1": lambda: (small("gqa1_query", **{"heads.q": 2, "heads.kv": 2,
                                                         "selection.loop_order": "query"}), LONG_AND_SHORT),
-    "dsa_token": lambda: (load_spec("specs/dsa_small.yaml"), LONG_AND_SHORT),
+    # a group of 2: the inverse-index kernels (groups of 4 and up take the scatter path: generated/test_dsa_small.py)
+    "dsa_token": lambda: (replace(load_spec("specs/dsa_small.yaml"), name="dsa_vbwd_token_g2", **{"heads.q": 4}),
+                          LONG_AND_SHORT),
     "dsa_scatter_mla": lambda: (replace(load_spec("specs/dsa_v32.yaml"), name="dsa_vbwd_scatter_mla", dtype="fp32",
                                         max_seqlen=4096, **{"heads.q": 64, "head_dim.qk": 48, "head_dim.v": 32,
                                                             "selection.top_k": 8, "indexer.heads": 2,

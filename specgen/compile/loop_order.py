@@ -6,6 +6,7 @@ block-outer kernels out of the tunable ones.
 
 from __future__ import annotations
 
+from .analysis import head_dim_parts
 from .footprint import MIN_DOT, next_pow2
 from ..model.spec import KV_ORDER_MIN_BLOCK, Spec
 
@@ -76,12 +77,31 @@ SCATTER_ROWS = 32
 # over the group's G heads) and each of the group's ceil(G / rows) programs adds 4·(Dqk + Dv) bytes (4·Dqk with MLA,
 # where dV lands in dK's first Dv dims in the same add). The deterministic inverse-index path it replaces does the
 # same products for every query that selected any key of a 32-key tile, so at token granularity it pays up to 32x
-# the useful FLOPs for scattered selections (V3.2 at 16k on the H100: 851 ms, ~26 TFLOP/s); the scatter path pays
-# the atomics instead, which stay below the inverse-index path's wasted products while there are >= 64 FLOPs per
-# atomic byte (an estimate from the H100's L2 reduction rate, a few hundred GB/s for scalar fp32 atomics, against
-# the wasted products; to be calibrated with bench/dsa_bwd_gpu.sh). V3.2: 76; nsa_token's group of 16: 21;
-# dsa_small's group of 4: 5 (both keep the deterministic path).
-SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE = 64
+# the useful FLOPs for scattered selections. Measured on the H100 (commit c663314, bench/dsa_bwd.py): V3.2 (76) 136.5
+# ms against the inverse index's 851 at 16k; dsa_gqa16_4 (5: a group of 4, rows padded to 16) 22.0 against 50.8 ms
+# at 16k and 128.4 against 309.7 at 64k. The L2 adds fp32 at ~3.5 TB/s (21.9 ms for V3.2's 77 GB at 16k), an order
+# above the first estimate (a few hundred GB/s, which had set this at 64), so the threshold sits under the lowest
+# intensity measured to win: groups of 4 and up at d_qk = d_v (5), not groups of 1 or 2 (1.25, 2.5: unmeasured).
+# nsa_token's group of 16 (21) takes it too.
+SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE = 4
+
+
+# Head dims per chunk of the scatter kernel's dK/dV products (one chunk's fp32 [keys, dims] sum live at a time).
+SCATTER_DIM = 128
+
+
+def scatter_chunk_sizes(d: int) -> list[int]:
+    """The sizes of the scatter kernel's head-dim chunks of a d-dim head: its power-of-two parts cut to SCATTER_DIM."""
+    return [min(SCATTER_DIM, p - o) for p in head_dim_parts(d) for o in range(0, p, SCATTER_DIM)]
+
+
+def scatter_applies(spec: Spec) -> bool:
+    """Whether the scatter kernel can take the spec: with MLA it reuses K's gathered chunks as V, so V's chunks must
+    be K's first ones (V3.2: 576 = 4 x 128 + 64 and 512 = 4 x 128); without MLA, always."""
+    if not spec.mla:
+        return True
+    qk, v = scatter_chunk_sizes(spec.head_dim.qk), scatter_chunk_sizes(spec.head_dim.v)
+    return qk[:len(v)] == v
 
 
 def scatter_rows(spec: Spec) -> int:
@@ -101,7 +121,7 @@ def scatter_intensity(spec: Spec) -> float:
 
 def scatter_backward(spec: Spec) -> bool:
     """Whether the selection backward takes the query-outer scatter path (dK/dV by fp32 atomics; the inverse-index
-    kernels stay for deterministic runs): token granularity, a group that fills the matrix unit's rows, and
-    enough matrix work per atomic byte (SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE)."""
-    return (spec.heads.group_size >= MIN_DOT
-            and scatter_intensity(spec) >= SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE)
+    kernels stay for deterministic runs): token granularity and enough matrix work per atomic byte
+    (SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE) where the kernel applies (scatter_applies: MLA's V chunks are K's first);
+    a group under the matrix unit's rows is padded (scatter_rows)."""
+    return scatter_applies(spec) and scatter_intensity(spec) >= SCATTER_MIN_FLOPS_PER_ATOMIC_BYTE

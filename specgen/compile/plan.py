@@ -24,7 +24,7 @@ from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (DTYPE_BYTES, MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
-from .loop_order import scatter_backward, scatter_rows, selection_orders
+from .loop_order import SCATTER_DIM, scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
 
@@ -404,8 +404,6 @@ def _backward_tiles(spec: Spec, group: int, topk_pad: int) -> BackwardTiles:
     return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
 
 
-# Head dims per chunk of the scatter kernel's dK/dV products (one chunk's fp32 [keys, dims] sum live at a time).
-SCATTER_DIM = 128
 
 
 def _chunked(parts: tuple, size: int) -> tuple:

@@ -417,12 +417,17 @@ def candidates(plan, kernel: str) -> list[dict]:
         if cfg not in out and model.fits(_rows(plan, kernel, cfg), cfg["block_n"], cfg["num_stages"],
                                          cfg["num_warps"]):
             out.append(cfg)
+    # Named forms join unpruned, each once (two names can be one config: at two stages "s2" is "w8").
+    joining = []
     if kernel == "selection_scatter":
-        out += [c for c in keyed if c not in out and not split_form(c)]
+        joining = [c for c in keyed if not split_form(c)]
     if kernel == "selection":
-        # The forward's named forms join unpruned (the model knows neither the split S nor the prefetch;
-        # bench/kernel_audit.py compiles them).
-        out += [c for c in selection_forward_variants(plan).values() if c not in out]
+        # The forward's named forms (the model knows neither the split S nor the prefetch; bench/kernel_audit.py
+        # compiles them).
+        joining = list(selection_forward_variants(plan).values())
+    for cfg in joining:
+        if cfg not in out:
+            out.append(cfg)
     return out
 
 

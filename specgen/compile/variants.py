@@ -10,7 +10,7 @@ import dataclasses
 from types import ModuleType
 
 from ..model.spec import Spec, replace as replace_spec
-from .loop_order import scatter_backward
+from .loop_order import scatter_applies, scatter_backward
 from .plan import Plan, scatter_tiles, make_plan, score_columns
 
 
@@ -63,13 +63,13 @@ def _sel_wl_triton(plan: Plan) -> Plan | None:
 
 def _bwd_scatter(plan: Plan) -> Plan | None:
     """The selection backward on the query-outer scatter path (dK/dV by fp32 atomics) where the plan keeps the
-    deterministic inverse-index kernels: token-granularity specs below loop_order's FLOPs-per-atomic-byte threshold,
-    such as small GQA groups (dsa_gqa16_4, dsa_small: 5 FLOPs a byte). Its head rows are padded to the matrix
-    unit's minimum (16 for a group of 4). The threshold was an estimate of the L2's atomic rate that the H100 has
-    since measured far higher (docs/backward.md, "Which path"): this variant times the path where it was never
-    chosen."""
+    deterministic inverse-index kernels: token-granularity specs below loop_order's FLOPs-per-atomic-byte threshold
+    (groups of 1 and 2 at d_qk = d_v). Its head rows are padded to the matrix unit's minimum (16). The variant timed
+    dsa_gqa16_4 (a group of 4) on this path when the threshold was 64 (docs/backward.md, "Which path"), which moved
+    it to 4; it times the groups below the threshold the same way."""
     spec = plan.spec
-    if spec.selection is None or spec.selection.granularity != "token" or scatter_backward(spec):
+    if (spec.selection is None or spec.selection.granularity != "token" or scatter_backward(spec)
+            or not scatter_applies(spec)):
         return None
     return dataclasses.replace(plan, backward=dataclasses.replace(
         plan.backward, **scatter_tiles(spec, spec.heads.group_size)))
