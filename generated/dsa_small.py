@@ -46,11 +46,8 @@ CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, 
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stages", "num_warps"), {"bt": 1},
     (64, 2, 4), (32, 1, 4), (32, 2, 4), (32, 3, 4), (32, 1, 8), (32, 2, 8), (32, 3, 8), (64, 1, 4),
     (64, 3, 4), (64, 1, 8), (64, 2, 8), (64, 3, 8), (128, 1, 4), (128, 2, 4), (128, 3, 4), (128, 1, 8),
-    (128, 2, 8), (128, 3, 8)), "selection_dq": (("num_stages", "num_warps"), {"block_n": 16, "bt": 1}, (2, 4),
-    (1, 4), (3, 4), (1, 8), (2, 8), (3, 8)), "selection_dkdv": (("bq", "num_stages", "num_warps"),
-    {"block_n": 32}, (16, 2, 4), (4, 1, 4), (4, 2, 4), (4, 3, 4), (4, 1, 8), (4, 2, 8), (4, 3, 8), (8, 1, 4),
-    (8, 2, 4), (8, 3, 4), (8, 1, 8), (8, 2, 8), (8, 3, 8), (16, 1, 4), (16, 3, 4), (16, 1, 8), (16, 2, 8),
-    (16, 3, 8)),
+    (128, 2, 8), (128, 3, 8)), "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (16, 1, 2, 4)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 16, 2, 4)),
     "selection_scatter": (("block_n", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
     {"gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
     (16, 1, 1, 1, 8, 0), (16, 1, 1, 2, 8, 0), (32, 1, 1, 1, 4, 0), (32, 1, 1, 2, 4, 0), (32, 1, 1, 1, 8, 0),
@@ -1336,11 +1333,8 @@ def dsa_forward(q, k, v, *, q_idx=None, k_idx=None, w_idx=None, indices=None, ou
         w_idx: [B, T, 4] indexer head weights
         indices: optional int32 [B, T, 2, 16] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 8, 64] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
-            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
-            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
-            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs natively on the packed rows (no padding).
+        cu_seqlens, max_seqlen: a packed batch, flash_attn_varlen_func's convention (int32 [N+1] offsets into
+            [total, ...] inputs and results; max_seqlen >= the longest); natively on the packed rows (docs/varlen.md).
 
     Returns out [B, T, 8, 64]; with return_lse, also the log-sum-exp of each branch
     [B, T, 8, 1] (fp32, channel order selection; -inf where a query sees no key);

@@ -50,7 +50,7 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
 CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split", "num_stages", "num_warps", "prefetch"),
     {"bt": 1}, (64, 1, 2, 8, 1), (32, 1, 1, 8, 1), (32, 1, 2, 8, 1), (32, 1, 3, 8, 1), (64, 1, 1, 8, 1),
     (64, 0, 2, 8, 0), (64, 1, 2, 8, 0), (32, 1, 4, 8, 1), (32, 0, 4, 8, 1), (64, 1, 2, 16, 0)),
-    "selection_dq": (("num_stages", "num_warps"), {"block_n": 32, "bt": 1}, (1, 8), (1, 4), (2, 4), (2, 8)),
+    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch", "reload"),
     (64, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 2, 8, 0, 0),
@@ -1428,11 +1428,8 @@ def dsa_forward(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None, out=N
         w_idx: [B, T, 64] indexer head weights
         indices: optional int32 [B, T, 1, 2048] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 128, 512] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
-            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
-            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
-            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs natively on the packed rows (no padding).
+        cu_seqlens, max_seqlen: a packed batch, flash_attn_varlen_func's convention (int32 [N+1] offsets into
+            [total, ...] inputs and results; max_seqlen >= the longest); natively on the packed rows (docs/varlen.md).
 
     Returns out [B, T, 128, 512]; with return_lse, also the log-sum-exp of each branch
     [B, T, 128, 1] (fp32, channel order selection; -inf where a query sees no key);

@@ -1423,11 +1423,8 @@ def nsa_forward(q, k, v, gates, *, indices=None, out=None,
         gates: [B, T, 64, 2] branch gates after the sigmoid, channels compression, selection
         indices: optional int32 [B, T, 4, 16] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 64, 128] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
-            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
-            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
-            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs natively on the packed rows (no padding).
+        cu_seqlens, max_seqlen: a packed batch, flash_attn_varlen_func's convention (int32 [N+1] offsets into
+            [total, ...] inputs and results; max_seqlen >= the longest); natively on the packed rows (docs/varlen.md).
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 2] (fp32, channel order compression, selection; -inf where a query sees no key);

@@ -64,16 +64,13 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8),
     (32, 2, 2, 2, 8), (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8),
     (32, 4, 2, 2, 8), (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
-    "selection_dq": (("num_stages", "num_warps"), {"block_n": 64, "bt": 1}, (2, 8), (1, 4), (2, 4), (3, 4),
-    (1, 8), (3, 8)), "selection_dkdv": (("bq", "num_stages", "num_warps"), {"block_n": 32}, (4, 2, 8),
-    (1, 1, 4), (1, 2, 4), (1, 3, 4), (1, 1, 8), (1, 2, 8), (1, 3, 8), (2, 1, 4), (2, 2, 4), (2, 3, 4),
-    (2, 1, 8), (2, 2, 8), (2, 3, 8), (4, 1, 4), (4, 2, 4), (4, 3, 4), (4, 1, 8), (4, 3, 8), (8, 1, 4),
-    (8, 1, 8)), "window_dq": "compression_dq",
-    "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"), (64, 2, 2, 2, 8),
-    (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8), (64, 1, 2, 1, 8),
-    (64, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8), (32, 2, 2, 2, 8),
-    (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8), (32, 4, 2, 2, 8),
-    (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
+    "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (64, 1, 2, 8)),
+    "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 4, 2, 8)),
+    "window_dq": "compression_dq", "window_dkdv": (("block_n", "bt", "key_major", "num_stages", "num_warps"),
+    (64, 2, 2, 2, 8), (32, 1, 2, 1, 4), (32, 1, 2, 2, 4), (32, 1, 2, 1, 8), (32, 1, 2, 2, 8),
+    (64, 1, 2, 1, 8), (64, 1, 2, 2, 8), (32, 2, 2, 1, 4), (32, 2, 2, 2, 4), (32, 2, 2, 1, 8),
+    (32, 2, 2, 2, 8), (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8),
+    (32, 4, 2, 2, 8), (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
     "selection_scatter": (("block_n", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
     {"gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
     (16, 1, 1, 1, 8, 0), (16, 1, 1, 2, 8, 0), (32, 1, 1, 1, 4, 0), (32, 1, 1, 2, 4, 0), (32, 1, 1, 1, 8, 0),
@@ -1926,11 +1923,8 @@ def nsa_forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, *, q_idx=Non
         w_idx: [B, T, 16] indexer head weights
         indices: optional int32 [B, T, 4, 1024] selection to use instead of the scorer's (testing).
         out: optional preallocated output [B, T, 64, 128] (contiguous).
-        cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func (docs/varlen.md): every
-            [B, T, ...] input is [total, ...], sequence i its rows cu_seqlens[i] : cu_seqlens[i+1] (int32 [N+1]:
-            0 first, non-decreasing, total last; empty sequences allowed), max_seqlen >= the longest; positions
-            restart at 0 and nothing crosses a sequence boundary; results are packed the same way (indices
-            relative to each sequence's start); runs natively on the packed rows (no padding).
+        cu_seqlens, max_seqlen: a packed batch, flash_attn_varlen_func's convention (int32 [N+1] offsets into
+            [total, ...] inputs and results; max_seqlen >= the longest); natively on the packed rows (docs/varlen.md).
 
     Returns out [B, T, 64, 128]; with return_lse, also the log-sum-exp of each branch
     [B, T, 64, 3] (fp32, channel order compression, selection, window; -inf where a query sees no key);

@@ -372,6 +372,10 @@ def candidates(plan, kernel: str) -> list[dict]:
     if kernel in ("select", "index_topk") and spec.selection.scorer == "indexer":
         return index_candidates(plan, kernel)
     default = default_configs(plan)[kernel]
+    if plan.backward.scatter and kernel in ("selection_dq", "selection_dkdv"):
+        # Deterministic mode's kernels in a module whose backward takes the scatter path: off the path a call runs
+        # by default, so not searched (they run at the plan's tiles, or a tuning record's).
+        return [default]
     if kernel == "selection_kv_bwd":
         # The named variants (no footprint model of this kernel: bench/kernel_audit.py compiles them).
         return [default] + [c for c in selection_kv_variants(plan).values() if c != default]
