@@ -24,7 +24,7 @@ from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (DTYPE_BYTES, MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
-from .loop_order import SCATTER_DIM, scatter_backward, scatter_rows, selection_orders
+from .loop_order import SCATTER_DIM, scatter_applies, scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
 
@@ -404,8 +404,6 @@ def _backward_tiles(spec: Spec, group: int, topk_pad: int) -> BackwardTiles:
     return BackwardTiles(gp=gp, bt=bt, num_warps=warps, **kw)
 
 
-
-
 def _chunked(parts: tuple, size: int) -> tuple:
     return tuple(Part(p.offset + o, min(size, p.size - o)) for p in parts for o in range(0, p.size, size))
 
@@ -418,8 +416,8 @@ def scatter_tiles(spec: Spec, group: int) -> dict:
     wide = wide_heads(spec)
     rows = scatter_rows(spec)
     qk, v = _chunked(_parts(spec.head_dim.qk), SCATTER_DIM), _chunked(_parts(spec.head_dim.v), SCATTER_DIM)
-    # MLA: V's chunks are K's first ones (the kernel reuses the gathered K chunks as V).
-    assert not spec.mla or qk[:len(v)] == v, (qk, v)
+    # MLA: V's chunks are K's first ones (the kernel reuses the gathered K chunks as V): the rule of scatter_applies.
+    assert scatter_applies(spec), (qk, v)
     return dict(scatter=True, scatter_gp=rows, scatter_chunks=-(-group // rows), scatter_block_n=32 if wide else 64,
                 scatter_dim=SCATTER_DIM, scatter_num_warps=8, scatter_num_stages=1 if wide else 2,
                 scatter_qk_parts=qk, scatter_v_parts=v, scatter_once_rows=max(MIN_DOT, next_pow2(group)))

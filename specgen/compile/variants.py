@@ -1,8 +1,8 @@
 """Plan variants: decisions a module can be rendered with besides the plan's default, kept selectable until a GPU
 timing says which wins (bench/nsa_forward_variants.py times the forward's, bench/dsa_bwd.py `--variant` the
-backward's; tests check each against the float64 reference). A variant is a name and a function Plan -> Plan (None where it does not apply to the spec);
-`load_variant` renders and imports a module of the spec under the variants' plan, named apart from the default's
-(its own JIT cache entry). Once a variant wins on the GPU, the rule goes into make_plan and leaves this table."""
+backward's; tests check each against the float64 reference). A variant is a name and a function Plan -> Plan (None
+where it does not apply to the spec); `load_variant` renders and imports a module of the spec under the variants'
+plan, named apart from the default's (its own JIT cache entry). Once a variant wins on the GPU, the rule goes into make_plan and leaves this table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import ModuleType
 
 from ..model.spec import Spec, replace as replace_spec
 from .loop_order import scatter_applies, scatter_backward
-from .plan import Plan, scatter_tiles, make_plan, score_columns
+from .plan import Plan, make_plan, scatter_tiles, score_columns
 
 
 def _score_key_major(plan: Plan) -> Plan | None:
