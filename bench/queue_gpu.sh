@@ -33,7 +33,8 @@
 #   CALL=9  the GPU suite's remainder (issue 15), resumable: the GPU-only tests (SUITE=gpu, default) or the rest
 #           (SUITE=rest) that no log of bench/results dated 2026-12-07 or later, nor an earlier call on this warm
 #           machine (.gpu-suite-logs/), shows passing; one at a time for gpu (their references take tens of GB),
-#           on WORKERS xdist workers for rest. Call again until it reports 0 left.
+#           on WORKERS xdist workers for rest. Call again until it reports 0 left. FIRST=<regex> runs the ids it
+#           matches first (FIRST=cuda_graph: issue 18's packed training call in a graph).
 #   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; "auto", the default since
 #           c663314, runs it at batch 64): its tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the
 #           float64 reference; whole now at 3 stages), then nsa_paper at 64k, batch 64, 33 (132 programs: the rule's
@@ -131,6 +132,10 @@ case ${CALL:-1} in
       > $W/suite/ids_$suite.txt
   logs=$(ls bench/results/*_gpu_tests_*.log .gpu-suite-logs/*.log 2>/dev/null | awk -F/ '$NF >= "2026-12-07" || $1 == ".gpu-suite-logs"')
   python bench/gpu_suite_left.py $W/suite/ids_$suite.txt $logs > $W/suite/left_$suite.txt
+  if [ -n "${FIRST:-}" ]; then  # FIRST=<regex>: the ids it matches run first (a cut call still brings them back)
+    { grep -E "$FIRST" $W/suite/left_$suite.txt; grep -vE "$FIRST" $W/suite/left_$suite.txt; } > $W/suite/ordered.txt
+    mv $W/suite/ordered.txt $W/suite/left_$suite.txt
+  fi
   echo "$suite: $(wc -l < $W/suite/left_$suite.txt) of $(wc -l < $W/suite/ids_$suite.txt) tests left"
   if [ -s $W/suite/left_$suite.txt ]; then
     OUT=$W/suite IDS=$W/suite/left_$suite.txt GPU_TIMEOUT=${T1:=560} REST_TIMEOUT=${T1} WORKERS=${WORKERS:-12} \
