@@ -44,9 +44,11 @@
 #           nsa_paper's chunked prefill, the whole decode forms at batch 64 (whole_st too), dsa_gqa16_4's scatter
 #           backward at 16k.
 #   CALL=12 issue 18's last item: a packed training call in a CUDA graph (GPU test), then more packed GPU tests.
+#   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
+#           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
 # Next session, most needed first: 12 (it may close issue 18), 10 (batch 16: the auto rule's other side), 7, 8, 2,
 # 3 (T2=0: the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), then 9.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..12 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..13 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 W=/tmp/queue_out
@@ -187,5 +189,20 @@ case ${CALL:-1} in
       generated/test_dsa_small.py generated/test_nsa_token.py generated/test_nsa_mqa.py -k varlen 2>&1 \
       | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tee $W/varlen/${day}_gpu_tests_varlen_more_${COMMIT}.log ); pack; }
   ;;
-*) echo "CALL must be 1 to 12" >&2; exit 2 ;;
+13)
+  # Issue 19's paged-cache target (paged steps within 1.1x of contiguous ones, same values) and its q_len 2 and 4
+  # steps: nsa_paper and dsa_v32 at 64k, batch 64 and 1, plan defaults, each row on both layouts.
+  mkdir -p $W/paged
+  for s in nsa_paper dsa_v32; do
+    piece ${T1:=130} && { ( env_in $W/paged; timeout $T1 python -m specgen.cli bench specs/$s.yaml --decode \
+        --batches 64 1 --seqlens 65536 --layouts contiguous paged --out "$W/paged/results" 2>&1 \
+        | grep -v "UserWarning\|return sdpa\|_warn_once" | tee -a $W/paged/paged_bench.log | tail -8 ); pack; }
+    for ql in 2 4; do
+      piece ${T2:=70} && { ( env_in $W/paged; timeout $T2 python -m specgen.cli bench specs/$s.yaml --decode \
+          --batches 64 --seqlens 65536 --q-len $ql --layouts contiguous paged --out "$W/paged/results" 2>&1 \
+          | grep -v "UserWarning\|return sdpa\|_warn_once" | tee -a $W/paged/paged_bench.log | tail -5 ); pack; }
+    done
+  done
+  ;;
+*) echo "CALL must be 1 to 13" >&2; exit 2 ;;
 esac

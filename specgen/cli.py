@@ -155,7 +155,9 @@ def cmd_bench(args) -> int:
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
                                            flex=args.flex, spec_path=path, scorings=args.decode_scoring,
-                                           forms=args.decode_forms)
+                                           forms=args.decode_forms,
+                                           layouts=tuple(dict.fromkeys(["contiguous", *args.layouts])
+                                                         if "paged" in args.layouts else args.layouts))
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0
@@ -324,6 +326,10 @@ def parser() -> argparse.ArgumentParser:
                     "e.g. 'plan fused chunked_ticket cmp_s3_r2 whole whole+cmp_s3_r2' (NSA) or "
                     "'plan ks_pf+wide' (DSA) (docs/decode.md, 'Launch forms', 'Compression forms' and 'Forms of the "
                     "DSA step')")
+    bn.add_argument("--layouts", nargs="+", choices=["contiguous", "paged"], default=["contiguous"],
+                    help="--decode: the cache layouts to time each row on ('paged': a row on the contiguous "
+                    "cache's values in pages of the spec's page size, handed out in a random order, beside the "
+                    "contiguous row; its paged_vs_contiguous compares them)")
     bn.add_argument("--flex", action="store_true", help="--decode: also time FlexAttention's decoding path "
                     "(compiled per shape: slow to start)")
     bn.add_argument("--out", default="bench/results", help="folder of the JSON records")

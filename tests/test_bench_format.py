@@ -144,3 +144,16 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
     for g in step:
         assert g.dtype.is_floating_point and torch.isfinite(g).all() and g.abs().sum() > 0
     assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5
+
+
+def test_decode_table_names_the_paged_rows_and_their_cost():
+    from specgen.perf.bench_decode import table
+
+    spec = load_spec("specs/nsa_paper.yaml")
+    base = {"batch": 64, "context": 65536, "q_len": 1, "scoring": "partials", "form": "split",
+            "step_ms": 0.5, "floor_ms": 0.3, "x_floor": 1.7, "achieved_gbps": 2000.0, "dense_best_ms": 3.7}
+    rows = [dict(base, layout="contiguous", graph_ms=0.40, speedup=9.25),
+            dict(base, layout="paged", graph_ms=0.42, speedup=8.8, paged_vs_contiguous=1.05)]
+    lines = table(spec, 3000.0, rows).splitlines()
+    assert "paged/partials" in lines[3] and "paged/contiguous 1.050" in lines[3]
+    assert "paged" not in lines[2]

@@ -1196,3 +1196,37 @@ def test_cmp_forms_realistic_and_in_a_cuda_graph(launch, q_len):
     mod = specgen.load(spec)
     for form in CMP_TESTED:
         cmp_against_base(mod, spec, [65471, 32814], q_len, None, True, "cuda", form, launch, graph=True)
+
+
+@pytest.mark.parametrize("spec_path", ["specs/nsa_small.yaml", "specs/dsa_small.yaml"])
+def test_bench_paged_copy_holds_the_contiguous_values(spec_path, monkeypatch):
+    """`specgen bench --decode --layouts paged` times a copy of the contiguous cache in shuffled pages: the pages are
+    a permutation of the pool, every token's row is where the table says, and a step reads the same values (the
+    same output, to fp32 rounding: the paged cache's capacity rounds up to whole pages, which may split the
+    compression differently)."""
+    from specgen.perf import bench_decode as bd
+
+    spec = load_spec(spec_path)
+    mod = specgen.load(spec)
+    dev = test_device()
+    monkeypatch.setattr(bd, "DEVICE", dev)
+    B, T, q_len = 2, 75, 2
+    torch.manual_seed(0)
+    contiguous = bd.fill_cache(mod, spec, B, T, q_len)
+    paged = bd.paged_copy(contiguous, torch.Generator().manual_seed(1))
+    table = paged.block_table.flatten().tolist()
+    assert paged.paged and sorted(table) == list(range(paged.num_pages)) and table != sorted(table)
+    pos = torch.arange(T + q_len, device=dev)[None, :].expand(B, -1)
+    rows_c, rows_p = contiguous._rows(pos).flatten(), paged._rows(pos).flatten()
+    for name, x in contiguous.tensors.items():
+        if name not in mod._DECODE.ring_tensors:
+            y = paged.tensors[name]
+            assert torch.equal(x.flatten(0, 1)[rows_c].float(), y.flatten(0, 1)[rows_p].float()), name
+    assert contiguous.host_seqlens == paged.host_seqlens == [T] * B
+    kw = bd._step_inputs(mod, spec, B, q_len)
+    q = kw.pop("q")
+    decode = getattr(mod, f"{spec.family}_decode")
+    out_c = decode(q, contiguous, **kw).float()
+    out_p = decode(q, paged, **kw).float()
+    assert out_c.abs().max() > 0
+    torch.testing.assert_close(out_p, out_c, rtol=1e-5, atol=1e-5)

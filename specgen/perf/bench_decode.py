@@ -8,6 +8,11 @@ replayed from one captured CUDA graph; the KV bytes the step must read (`analysi
 what the generated step reads); achieved bandwidth against the device-to-device copy bandwidth measured in the
 same run; dense SDPA (query of length q_len, lower-right causal mask when q_len > 1) and the speedup over it.
 Points that do not fit the GPU's memory are skipped with that reason in the record.
+
+`layouts` ("contiguous", "paged"): with "paged" each point is timed again on a paged cache holding the very same
+values (`paged_copy`: the contiguous cache's rows copied into pages of the spec's page size, the pages of the pool
+handed out in a random order, as a serving engine's pool is after some churn), so both layouts select the same
+blocks and the row's `paged_vs_contiguous` is the layout's cost alone. Dense is timed on the contiguous cache.
 """
 
 from __future__ import annotations
@@ -29,10 +34,68 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic elsewhere
 
 
+LAYOUTS = ("contiguous", "paged")
+
+
 def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
     e = torch.finfo(module.DTYPE).bits // 8
     per_token = sum(d for n, d in module.CACHE_TENSORS.items() if n not in module.RING_TENSORS) * spec.heads.kv * e
     return B * T * per_token
+
+
+def fill_cache(module, spec: Spec, B: int, T: int, q_len: int, device=None):
+    """A contiguous cache of B sequences at T tokens (room for q_len more), its values random (drawn in place: the
+    largest points need the memory a prompt copy would take)."""
+    Cache = getattr(module, f"{spec.family.upper()}Cache")
+    device = device or DEVICE
+    cache = Cache(B, max_seqlen=T + q_len, device=device,
+                  **{n: torch.randn(w, device=device, dtype=module.DTYPE) * 0.01 for n, w in _pool_shapes(spec).items()})
+    for x in cache.tensors.values():
+        if x.dtype == torch.float8_e4m3fn:  # no normal_ kernel for fp8: draw in fp32, round once
+            x.copy_(torch.randn(x.shape, device=x.device).to(x.dtype))
+        else:
+            x.normal_()
+    if hasattr(cache, "k_idx_scale"):
+        cache.k_idx_scale.uniform_(0.005, 0.02)  # amax/448 of unit-scale index keys
+    for attr in ("kc", "vc"):
+        if hasattr(cache, attr):
+            getattr(cache, attr).normal_()
+    cache.seqlens.fill_(T)
+    cache.host_seqlens = [T] * B
+    return cache
+
+
+def paged_copy(cache, generator: torch.Generator | None = None):
+    """A paged cache holding `cache`'s (contiguous) values: each sequence's rows cut into pages of the spec's page
+    size, the pool's pages handed out in a random order (`generator`), the per-sequence tensors (pooled blocks,
+    rings, lengths, pool weights) copied as they are."""
+    d = cache.DESCRIPTOR
+    B, ps = cache.batch, d.page_size
+    per = -(-cache.tcap // ps)
+    table = torch.randperm(B * per, generator=generator).to(torch.int32).reshape(B, per).to(cache.device)
+    pool = getattr(cache, "pool", None) or {}
+    paged = type(cache)(B, num_pages=B * per, block_table=table, device=cache.device, **pool)
+    rows = table.long().flatten()
+
+    def to_pages(src, dst):  # [B, tcap, ...] -> the pages of dst [B * per, ps, ...] named by the table
+        padded = src.new_zeros((B, per * ps, *src.shape[2:]))
+        padded[:, :src.shape[1]] = src
+        dst[rows] = padded.reshape(B * per, ps, *src.shape[2:])
+
+    for name, x in cache.tensors.items():
+        if name in d.ring_tensors:
+            paged.tensors[name].copy_(x)
+        else:
+            to_pages(x, paged.tensors[name])
+    if hasattr(cache, "k_idx_scale"):
+        to_pages(cache.k_idx_scale, paged.k_idx_scale)
+    for attr in ("kc", "vc"):  # pooled blocks: the paged cache may hold more (its capacity is whole pages)
+        if hasattr(cache, attr):
+            src = getattr(cache, attr)
+            getattr(paged, attr)[:, :src.shape[1]] = src
+    paged.seqlens.copy_(cache.seqlens)
+    paged.host_seqlens = list(cache.host_seqlens)
+    return paged
 
 
 def _step_inputs(module, spec: Spec, B: int, q_len: int) -> dict:
@@ -240,57 +303,49 @@ def _needs_partials(fields: dict, d) -> bool:
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
                  graph: bool = True, flex: bool = False, spec_path=None,
-                 scorings: list[str] | None = None, forms: list[str] | None = None) -> tuple[float, list[dict]]:
+                 scorings: list[str] | None = None, forms: list[str] | None = None,
+                 layouts: tuple = ("contiguous",)) -> tuple[float, list[dict]]:
     """`scorings`: the compression scorer's paths to time on each cache, one row each (default the plan's);
     `forms`: the step's forms (parse_forms: launch forms "split" / "fused" / "whole" / "auto", the top-n forms, the
     DSA step's kernel forms), one row per (scoring, forms); the fused and whole launch forms and the chunked top-n
     forms run on the partials path only, their pairs with the logits path are left out. A row's "launch" is the
-    launch form the step ran ("auto" resolved by the batch rule, runtime.decode_step.launch_form)."""
+    launch form the step ran ("auto" resolved by the batch rule, runtime.decode_step.launch_form). `layouts`: the
+    caches each row is timed on (LAYOUTS; a row per layout, "paged" on a copy of the contiguous values)."""
     from ..runtime.decode_step import launch_form
 
     module = load(spec, spec_path)
-    Cache = getattr(module, f"{spec.family.upper()}Cache")
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps(device=DEVICE)
     rows = []
     for B in batches:
         for T in contexts:
             row = {"batch": B, "context": T, "q_len": q_len}
-            need = _cache_bytes(module, spec, B, T + q_len)
+            # Both layouts are held at once (the paged one is a copy of the contiguous values).
+            need = _cache_bytes(module, spec, B, T + q_len) * (2 if "paged" in layouts else 1)
             free = torch.cuda.mem_get_info()[0]
             if need > 0.8 * free:
-                row["skipped"] = f"cache of {need / 2**30:.1f} GiB does not fit ({free / 2**30:.1f} GiB free)"
+                row["skipped"] = f"caches of {need / 2**30:.1f} GiB do not fit ({free / 2**30:.1f} GiB free)"
                 rows.append(row)
                 print(spec.name, row)
                 continue
-            cache = Cache(B, max_seqlen=T + q_len, device=DEVICE,
-                          **{n: torch.randn(w, device=DEVICE, dtype=module.DTYPE) * 0.01
-                             for n, w in _pool_shapes(spec).items()})
-            for x in cache.tensors.values():
-                if x.dtype == torch.float8_e4m3fn:  # no normal_ kernel for fp8: draw in fp32, round once
-                    x.copy_(torch.randn(x.shape, device=x.device).to(x.dtype))
-                else:
-                    x.normal_()
-            if hasattr(cache, "k_idx_scale"):
-                cache.k_idx_scale.uniform_(0.005, 0.02)  # amax/448 of unit-scale index keys
-            for attr in ("kc", "vc"):
-                if hasattr(cache, attr):
-                    getattr(cache, attr).normal_()
-            cache.seqlens.fill_(T)
-            cache.host_seqlens = [T] * B
+            contiguous = fill_cache(module, spec, B, T, q_len)
+            caches = {"contiguous": contiguous}
+            if "paged" in layouts:
+                caches["paged"] = paged_copy(contiguous, torch.Generator().manual_seed(B * 1000003 + T))
             kw = _step_inputs(module, spec, B, q_len)
             q = kw.pop("q")
             out = torch.empty(B, q_len, spec.heads.q, spec.head_dim.v, device=DEVICE, dtype=module.DTYPE)
-
-            def step():
-                decode(q, cache, **kw, out=out)
-
-            base, dense_times = dict(row), None
-            paths = [(sc, f) for sc in scorings or [None] for f in forms or [None]
+            base, dense_times, by_layout = dict(row), None, {}
+            paths = [(sc, f, lay) for sc in scorings or [None] for f in forms or [None] for lay in layouts
                      if not (_needs_partials(parse_forms(f or "plan"), module._DECODE)
                              and (sc or module._DECODE.scoring) != "partials")]
-            for scoring, form in paths:
-                row = dict(base)
+            for scoring, form, layout in paths:
+                cache = caches[layout]
+
+                def step():
+                    decode(q, cache, **kw, out=out)
+
+                row = dict(base, layout=layout)
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
                     row["launch"] = launch_form(d, B, DEVICE)
@@ -301,22 +356,31 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                         row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)
                 if dense:
-                    # Dense decoding once per cache: every path's row compares with the same times.
+                    # Dense decoding once per point, on the contiguous cache: every row compares with the same times.
                     if dense_times is None:
-                        dense_times = _dense_ms(spec, cache, q, module.RING_TENSORS, flex=flex)
+                        dense_times = _dense_ms(spec, contiguous, q, module.RING_TENSORS, flex=flex)
                     row["dense"] = dense_times
                 _speedup(row)
+                by_layout[(scoring, form, layout)] = row
+                other = by_layout.get((scoring, form, "contiguous"))
+                if layout == "paged" and other is not None:
+                    row["paged_vs_contiguous"] = _step_time(row) / _step_time(other)
                 # Printed as it comes (a run cut off by its time limit keeps what it printed), the kernels in us.
                 print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")},
                       {k.strip("_")[:32]: round(v * 1000, 1) for k, v in row.get("kernels", {}).items() if v >= 1e-3})
                 rows.append(row)
-            del cache, kw, q, out
+            del cache, caches, contiguous, kw, q, out
             torch.cuda.empty_cache()
     return copy_gbps, rows
 
 
+def _step_time(row: dict) -> float:
+    """The row's step time: replayed from its CUDA graph where it was captured, else eager."""
+    return row["graph_ms"] if isinstance(row.get("graph_ms"), float) else row["step_ms"]
+
+
 def _speedup(row: dict) -> None:
-    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else row["step_ms"]
+    mine = _step_time(row)
     best = min((v for v in row.get("dense", {}).values() if isinstance(v, float)), default=None)
     if best is not None:
         row["dense_best_ms"] = best
@@ -400,7 +464,8 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
     entry = {
         "kind": "decode", "spec": spec.name, "spec_hash": spec.hash, "device": torch.cuda.get_device_name(),
         "date": stamp, "commit": _commit(), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "dtype": spec.dtype, "layout": "contiguous",
+        "triton": __import__("triton").__version__, "dtype": spec.dtype,
+        "layouts": sorted({r.get("layout", "contiguous") for r in rows if "skipped" not in r}),
         "shapes": {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v]},
         "copy_gbps": copy_gbps,
         "timing": "triton.testing.do_bench median, ms; graph_ms: one captured CUDA graph replayed",
@@ -426,12 +491,14 @@ def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:
             continue
         g = r.get("graph_ms")
         form = f"auto:{r.get('launch')}" if r.get("form") == "auto" else r.get("form")
-        path = "/".join(x for x in (r.get("scoring"), form if form != "split" else None,
+        path = "/".join(x for x in (r.get("layout") if r.get("layout") == "paged" else None, r.get("scoring"),
+                                    form if form != "split" else None,
                                     r.get("forms") if r.get("forms") not in _PLAN_FORMS else None) if x) or "-"
         lines.append(f"{r['batch']:>3} {r['context']:>7} {path:>20} {r['step_ms']:>8.3f} "
                      f"{g if isinstance(g, str) else f'{g:8.3f}' if g else '':>8} {r['floor_ms']:>8.3f} "
                      f"{r.get('graph_x_floor', r['x_floor']):>8.2f} {r['achieved_gbps']:>7.0f} "
-                     + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -"))
+                     + (f"{r['dense_best_ms']:>8.3f} {r['speedup']:.2f}x" if r.get("dense_best_ms") else f"{'-':>8} -")
+                     + (f"  paged/contiguous {r['paged_vs_contiguous']:.3f}" if "paged_vs_contiguous" in r else ""))
         top = list(r.get("kernels", {}).items())[:6]
         if top:
             lines.append("      " + ", ".join(f"{name.strip('_')[:36]} {ms * 1000:.0f} us" for name, ms in top))
