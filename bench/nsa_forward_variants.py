@@ -11,7 +11,7 @@ Variants (any comma-joined set of PLAN_VARIANTS names; sets that do not apply to
   score_km,score_key32   ... and its key-major score tile (the group's heads summed within a thread)
   sel_forced             the block-outer selection's forced blocks attended per query tile in its merge
   sel_w4                 the block-outer selection forward on one warpgroup (Gemma-2's 64 x 256 tiles)
-  sel_wl_triton          the block-outer work list by the Triton counting sort (the same list as the torch sort)
+  sel_wl_torch           the block-outer work list by one torch sort (the plan's is the Triton counting sort)
 A comma-joined part KERNEL.FIELD=VALUE overrides the module's launch config instead (e.g. select.num_stages=2: the
 scorer's pipeline depth; Gemma-2's 3 stages take 133 KB of shared memory, one program an SM).
 Selections may differ from the default's on near-ties (summation order, the int32 keys' cut): the record says how

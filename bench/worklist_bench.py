@@ -8,7 +8,7 @@ slots left out) and the backward's (tile = sel_kv_split, with the per-segment it
 per form, the speed-up, whether every output is equal, and the triton form's per-kernel GPU time (torch.profiler).
 --packed adds a packed batch of the same total (4 sequences, one empty). --sweep times the triton form's chunk
 and tile sizes (runtime.worklist.CHUNK_ENTRIES x TILE_PROGRAMS). --model times model_llama3_8b's whole forward and
-forward+backward under the plan (torch list) and the sel_wl_triton variant, with their outputs and gradients
+forward+backward under the plan (triton list) and the sel_wl_torch variant, with their outputs and gradients
 compared.
 
 Usage (GPU): python bench/worklist_bench.py [--T 16384 32768 65536] [--reps 20] [--forced] [--packed] [--sweep]
@@ -135,8 +135,8 @@ def worklist_rows(T: int, spec, args) -> list[dict]:
 
 
 def model_rows(T: int, spec, reps: int, dev: str) -> list[dict]:
-    """model_llama3_8b's forward and forward+backward with either list (the plan's module and sel_wl_triton's)."""
-    mods = {"torch": specgen.load(spec), "triton": load_variant(spec, ["sel_wl_triton"])}
+    """model_llama3_8b's forward and forward+backward with either list (sel_wl_torch's module and the plan's)."""
+    mods = {"torch": load_variant(spec, ["sel_wl_torch"]), "triton": specgen.load(spec)}
     gen = torch.Generator(dev).manual_seed(T)
     dtype = mods["torch"].DTYPE
     inputs = reference.make_inputs(spec, 1, T, dtype=dtype, device=dev, generator=gen)

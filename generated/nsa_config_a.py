@@ -1474,7 +1474,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='compression', scoring='partials', overlap_chunks=1, overlap_blocks=1, overlap_spill=0, sel_block=64, top_k=16,
     k_slc="k", v_slc="v", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
     index_bs=0, index_hp=0, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="chunked_ticket", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
@@ -2022,7 +2022,7 @@ def _backward(dout, q, k, v, gates, lse, indices, branch_out, kc, vc, varlen=Non
     _pool_backward(dvc, v, 128, NC, *b.target("v", 128), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k", "v", k, v, indices, unit=64, top_k=16,
-                   split=256, block_n=64, merge_rows=32, worklist="torch")
+                   split=256, block_n=64, merge_rows=32, worklist="triton")
     return b.gradients(_DESC.diff_args)
 
 

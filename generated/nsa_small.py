@@ -1767,7 +1767,7 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=32,
                         **runtime.launch_config(CONFIGS, "select"))
     f.selection_kv(_selection_kv_attention_kernel, _selection_kv_merge_kernel, k_slc, v_slc, indices, unit=16,
-                   top_k=4, bq=32, warps=4, merge_rows=32, worklist="torch")
+                   top_k=4, bq=32, warps=4, merge_rows=32, worklist="triton")
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
 
@@ -1794,7 +1794,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='compression', scoring='partials', overlap_chunks=4, overlap_blocks=2, overlap_spill=1, sel_block=16, top_k=4,
     k_slc="k_slc", v_slc="v_slc", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
     index_bs=0, index_hp=0, window=16, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 16}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="chunked_ticket", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
@@ -2609,7 +2609,7 @@ def _backward(dout, q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, lse, ind
     _pool_backward(dvc, v_cmp, 32, NC, *b.target("v_cmp", 32), varlen=varlen)
     b.selection_kv(_selection_kv_bwd_kernel, _selection_kv_bwd_dq_reduce_kernel, _selection_kv_bwd_dkdv_reduce_kernel,
                    "k_slc", "v_slc", k_slc, v_slc, indices, unit=16, top_k=4,
-                   split=64, block_n=16, merge_rows=32, worklist="torch")
+                   split=64, block_n=16, merge_rows=32, worklist="triton")
     b.dq(_window_bwd_dq_kernel, "window", k_win, v_win, T)
     b.window_dkdv(_window_bwd_dkdv_kernel, "k_win", "v_win", k_win, v_win)
     return b.gradients(_DESC.diff_args)

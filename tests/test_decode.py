@@ -557,7 +557,7 @@ def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeyp
     got = {}
     for scoring in ("logits", "partials"):
         # (the split launch form for both: "auto", the plan's, runs the whole form's one split on the partials path)
-        with_decode(monkeypatch, mod, scoring=scoring, form="split",
+        with_decode(monkeypatch, mod, scoring=scoring, form="split", topn_form="row",
                     split_tiles={**mod._DECODE.split_tiles, "compression": tile})
         got[scoring] = mod.nsa_decode(q, cache, gates=gates, num_splits=3, return_indices=True)
     assert torch.equal(got["partials"][1], got["logits"][1]), (got["partials"][1], got["logits"][1])
@@ -867,8 +867,8 @@ def test_whole_form_matches_the_reference(paged, monkeypatch):
 
 
 def test_whole_form_is_checked_and_has_its_batch_rule(monkeypatch):
-    """The whole form applies to compression-scored selection on the partials path with the top-n form "row", the
-    selection form "base" and a group's heads in one program (else check_forms names the form and the fix); the
+    """The whole form applies to compression-scored selection on the partials path with the selection form "base"
+    and a group's heads in one program (whatever the top-n form: its program runs the row top-n) (else check_forms names the form and the fix); the
     batch rule (decode_whole.fills: B x kv groups programs against the SMs) and "auto"'s choice; the bench's names."""
     from specgen import runtime
     from specgen.perf.bench_decode import _needs_partials, check_decode_forms, parse_forms
@@ -881,9 +881,8 @@ def test_whole_form_is_checked_and_has_its_batch_rule(monkeypatch):
         decode_step.check_forms(dataclasses.replace(paper, form=form, cmp_form="cmp_s3_r2"))
     refused = {
         "has no compression-scored selection": dataclasses.replace(dsa._DECODE, form="whole"),
-        "needs the partials scoring path": dataclasses.replace(paper, form="whole", scoring="logits"),
-        "runs the top-n form 'row' in its program, not 'chunked_ticket'":
-            dataclasses.replace(paper, form="whole", topn_form="chunked_ticket"),
+        "needs the partials scoring path": dataclasses.replace(paper, form="whole", scoring="logits",
+                                                               topn_form="row"),
         "groups of 16 query heads take 2 programs of 8 rows": dataclasses.replace(paper, form="whole", max_gp=8),
     }
     for words, d in refused.items():
@@ -901,7 +900,8 @@ def test_whole_form_is_checked_and_has_its_batch_rule(monkeypatch):
     assert {B: decode_step.launch_form(auto, B, cuda) for B in (1, 16, 32, 33, 64)} == {
         1: "split", 16: "split", 32: "split", 33: "whole", 64: "whole"}
     assert decode_whole.programs(paper, 64) == 256 and decode_whole.fills(paper, 33, cuda)
-    assert decode_step.launch_form(dataclasses.replace(auto, topn_form="chunked"), 64, cuda) == "split"
+    assert paper.topn_form == "chunked_ticket"   # the plan's: the split and fused forms' top-n, not the whole's
+    assert decode_step.launch_form(dataclasses.replace(auto, topn_form="chunked"), 64, cuda) == "whole"
     assert decode_step.launch_form(dataclasses.replace(dsa._DECODE, form="auto"), 64, cuda) == "split"
     # off the GPU: as on an H100's 132 SMs (the CPU tests' small batches run split, as a GPU runs them)
     assert decode_step.launch_form(auto, 1, "cpu") == "split" and decode_step.launch_form(auto, 33, "cpu") == "whole"
@@ -1173,7 +1173,8 @@ def test_cmp_forms_launch_and_checks(monkeypatch):
         decode_step.check_forms(dataclasses.replace(paper, cmp_form="nope"))
     with pytest.raises(ValueError, match="walks 32-key tiles, not whole selection blocks of 64"):
         decode_step.check_forms(dataclasses.replace(paper, cmp_form="cmp_k32_r3", overlap_chunks=64))
-    decode_step.check_forms(dataclasses.replace(paper, cmp_form="cmp_k32_r3", overlap_chunks=64, scoring="logits"))
+    decode_step.check_forms(dataclasses.replace(paper, cmp_form="cmp_k32_r3", overlap_chunks=64, scoring="logits",
+                                                topn_form="row"))
     dsa = specgen.load(load_spec("specs/dsa_small.yaml"))._DECODE
     with pytest.raises(ValueError, match="compression form 'cmp_s3' needs the compression branch"):
         decode_step.check_forms(dataclasses.replace(dsa, cmp_form="cmp_s3"))

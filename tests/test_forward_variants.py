@@ -36,16 +36,17 @@ def test_variants_apply_where_their_tiles_do():
     assert variant_plan(paper, ["score_km"]) is None and variant_plan(paper, ["sel_forced"]) is None
     assert variant_plan(paper, ["score_key32"]).score_index_bits == 10
     assert set(PLAN_VARIANTS) == {"score_masked", "score_km", "score_key32", "sel_forced", "sel_w4",
-                                  "sel_wl_triton", "bwd_scatter"}
+                                  "sel_wl_torch", "bwd_scatter"}
     assert variant_plan(llama, ["bwd_scatter"]) is None                      # no token selection
     assert variant_plan(load_spec("specs/dsa_v32.yaml"), ["bwd_scatter"]) is None   # already on the scatter path
     assert variant_plan(load_spec("specs/models/dsa_gqa16_4.yaml"), ["bwd_scatter"]) is None   # the plan's path
     pair = variant_plan(replace(load_spec("specs/dsa_small.yaml"), name="g2", **{"heads.q": 4}),
                         ["bwd_scatter"]).backward   # a group of 2: the plan keeps the inverse index
     assert (pair.scatter, pair.scatter_gp, pair.scatter_chunks) == (True, 16, 1)
-    assert variant_plan(llama, ["sel_wl_triton"]).sel_kv_worklist == "triton"
-    assert variant_plan(paper, ["sel_wl_triton"]).sel_kv_worklist == "triton"   # its backward is block outer
-    assert variant_plan(load_spec("specs/nsa_token.yaml"), ["sel_wl_triton"]) is None   # no block-outer pass
+    assert make_plan(llama).sel_kv_worklist == "triton"
+    assert variant_plan(llama, ["sel_wl_torch"]).sel_kv_worklist == "torch"
+    assert variant_plan(paper, ["sel_wl_torch"]).sel_kv_worklist == "torch"   # its backward is block outer
+    assert variant_plan(load_spec("specs/nsa_token.yaml"), ["sel_wl_torch"]) is None   # no block-outer pass
     gemma = load_spec("specs/models/model_gemma2_9b.yaml")   # 64 rows x 256 dims: two warpgroups by default
     assert make_plan(gemma).sel_kv_warps == 8 and variant_plan(gemma, ["sel_w4"]).sel_kv_warps == 4
     assert variant_plan(gemma, ["sel_forced"]).sel_kv_forced_warps == 8 and plan.sel_kv_forced_warps == 4

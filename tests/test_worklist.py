@@ -133,19 +133,19 @@ def test_an_unknown_form_is_refused():
 
 
 def test_a_kv_order_module_trains_the_same_under_either_form(monkeypatch):
-    """nsa_small at GQA group 2 in kv order, forward and backward, the plan's torch work list against the
-    sel_wl_triton variant's: output, selection and every gradient equal bit for bit. Query chunks of ~9 rows
+    """nsa_small at GQA group 2 in kv order, forward and backward, the plan's Triton work list against the
+    sel_wl_torch variant's (the torch sort): output, selection and every gradient equal bit for bit. Query chunks of ~9 rows
     (t0 > 0) and 16-entry sort chunks (several a tile, several tiles)."""
     spec = replace(load_spec("specs/nsa_small.yaml"), name="nsa_wl_g2", branches=["compression", "selection"],
                    window=None, max_seqlen=256, **{"heads.q": 4, "heads.kv": 2, "head_dim.qk": 16,
                                                    "head_dim.v": 16, "selection.loop_order": "kv"})
     plan = make_plan(spec)
-    assert plan.selection_order == plan.selection_bwd_order == "kv" and plan.sel_kv_worklist == "torch"
+    assert plan.selection_order == plan.selection_bwd_order == "kv" and plan.sel_kv_worklist == "triton"
     hq, top_k, d = spec.heads.q, spec.selection.top_k, spec.head_dim.v
     monkeypatch.setattr(runtime.launches, "KV_PARTIAL_BYTES", 9 * hq * top_k * (d * 2 + 4))
     small_tiles(monkeypatch, 16, 4)
-    base, tri = specgen.load(spec), load_variant(spec, ["sel_wl_triton"])
-    assert 'worklist="triton"' in open(tri.__file__).read()
+    tri, base = specgen.load(spec), load_variant(spec, ["sel_wl_torch"])
+    assert 'worklist="triton"' in open(tri.__file__).read() and 'worklist="torch"' in open(base.__file__).read()
     B, T = 1, 37
     inputs, dout = testing._grad_inputs(base, spec, B, T, testing.test_device(), testing.fresh_seed())
     want = testing._forward_backward(testing._attention_fn(base, spec), spec, inputs, dout)

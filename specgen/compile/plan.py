@@ -127,7 +127,8 @@ class DecodePlan:
     scores + top-n beside the merge of the compression and window splits, selection with the epilogue in each row
     group's last split program; needs scoring "partials"), "whole" (one: a program per (sequence, kv group) runs its
     whole step, each branch in one split, a CTA barrier between the compression and its top-n; needs scoring
-    "partials", the top-n form "row" and a group's heads in one program: runtime.decode_whole.supports),
+    "partials" and a group's heads in one program: runtime.decode_whole.supports; its program runs the row top-n
+    whatever topn_form says),
     "whole_st" ("whole" with odd programs running the window branch first: their top-n phases start apart) or "auto"
     ("whole" where its batch rule holds, else "split"). The batch rule (runtime.decode_whole.fills, written there
     only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
@@ -143,7 +144,8 @@ class DecodePlan:
     topn_form: the compression scorer's top-n on the partials path (names in runtime.decode_step.TOPN_FORMS;
     docs/decode.md "Launch forms"): "row" (one program per (sequence, new query, kv group) walks every selection
     block) or "chunked" / "chunked_ticket" (programs per chunk of blocks, each its chunk's top candidates, merged
-    by a second launch or by each row's last program). "row" stays the default until the GPU timing of them.
+    by a second launch or by each row's last program): "chunked_ticket" (TOPN_FORM) on the partials path since
+    its H100 timing (commit 2256469), "row" elsewhere (the only form of the logits path).
     cmp_form: the compression kernel's launch (names in runtime.decode_step.CMP_FORMS; docs/decode.md "Compression
     forms"): "cmp_base" (split_tiles["compression"], num_stages, the split_waves rule) or a form's keys per tile,
     pipeline stages, warps and split rule (one round of the programs an SM holds). "cmp_base" stays the default
@@ -318,8 +320,9 @@ class Plan:
     sel_kv_forced_warps: int = 4
     # The kv order's work list form, forward and backward (runtime.selection.WORKLIST_FORMS; docs/selection_order.md,
     # "Work list"): "torch", one sort of every (segment, query, slot) key, or "triton", a counting sort in two
-    # kernels (the same list, bit for bit). "torch" until the GPU timing of both (bench/worklist_bench.py).
-    sel_kv_worklist: str = "torch"
+    # kernels (the same list, bit for bit): "triton" since the H100 timing of both (commit 2256469: the list 2.6x
+    # faster at 64k, Llama-3-8B heads' forward 29.31 -> 27.68 ms, forward+backward 83.47 -> 80.82 ms).
+    sel_kv_worklist: str = "triton"
     sel_kv_bytes: dict = field(default_factory=dict, hash=False, compare=False)  # the model that chose the order
     # the other passes
     backward: BackwardTiles | None = None
@@ -435,6 +438,8 @@ def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:
         partials = cmp_tile % chunks == 0
         overlap = dict(overlap_chunks=chunks, overlap_blocks=blocks, overlap_spill=(chunks + blocks - 2) // chunks,
                        scoring="partials" if partials else "logits")
+        if partials:  # the chunked top-n where it applies (TOPN_FORM's measurement)
+            overlap["topn_form"] = TOPN_FORM
     # A block completed by a step's first new token starts l - 1 tokens before it, and the step writes q_len
     # tokens first: l + max_q_len tokens of ring are enough.
     return DecodePlan(ring=decode_ring(spec), ring_size=(cmp_.block if cmp_ else 0) + spec.decode.max_q_len,
@@ -442,6 +447,12 @@ def _decode_plan(spec: Spec, selection: AttentionTile | None) -> DecodePlan:
                                    "selection": selection.block_n if selection else 64},
                       max_gp=64 if wide else 128, num_stages=1 if wide else 2, **overlap, **_decode_forms(spec))
 
+
+# The compression scorer's top-n on the partials path: chunks of a row's blocks, each chunk's top candidates merged
+# by the row's last program. H100, nsa_paper, graph replay, commit 2256469 (2026-12-07): batch 1 at 128k 46 us
+# against 67 for "row" (64k: 40 against 57), batch 16 159 against 172, batch 64 on the split form 416 against 422
+# (the whole form, "auto"'s at batch 64, keeps its own top-n); "chunked" (a merge launch) 47 / 40 / 415.
+TOPN_FORM = "chunked_ticket"
 
 # The MLA step's forms where they apply: the fastest measured at batch 64 x 64k on dsa_v32 (H200, graph replay,
 # 6cc8fb1, 2026-12-07: ks_pf_k32 + wide_w8 + radix 537 us against 769 for base + tile + radix; docs/decode.md

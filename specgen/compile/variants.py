@@ -53,12 +53,13 @@ def _sel_w4(plan: Plan) -> Plan | None:
     return dataclasses.replace(plan, sel_kv_warps=4)
 
 
-def _sel_wl_triton(plan: Plan) -> Plan | None:
-    """The block-outer selection's work list built by the Triton counting sort (plan.sel_kv_worklist; the same
-    list as the torch sort, bit for bit), forward and backward."""
+def _sel_wl_torch(plan: Plan) -> Plan | None:
+    """The block-outer selection's work list built by one torch sort (plan.sel_kv_worklist "torch", the form before
+    the Triton counting sort, the plan's since its timing; the same list, bit for bit), forward and backward: the
+    benchmarks' baseline."""
     if plan.selection_order != "kv" and plan.selection_bwd_order != "kv":
         return None
-    return dataclasses.replace(plan, sel_kv_worklist="triton")
+    return dataclasses.replace(plan, sel_kv_worklist="torch")
 
 
 def _bwd_scatter(plan: Plan) -> Plan | None:
@@ -86,7 +87,7 @@ PLAN_VARIANTS = {
     "score_key32": _score_key32,
     "sel_forced": _sel_forced,
     "sel_w4": _sel_w4,
-    "sel_wl_triton": _sel_wl_triton,
+    "sel_wl_torch": _sel_wl_torch,
     "bwd_scatter": _bwd_scatter,
 }
 

@@ -232,7 +232,9 @@ def scoring_path(module, scoring: str | None):
         return
     if d.scorer != "compression":
         raise ValueError(f"--decode-scoring applies to compression-scored selection; {d.spec_name} has none")
-    with _descriptor_swapped(module, dataclasses.replace(d, scoring=scoring)) as other:
+    # The logits path has only the row top-n (runtime.decode_step.check_forms).
+    swapped = dataclasses.replace(d, scoring=scoring, **({"topn_form": "row"} if scoring == "logits" else {}))
+    with _descriptor_swapped(module, swapped) as other:
         yield other
 
 
@@ -298,7 +300,8 @@ def _needs_partials(fields: dict, d) -> bool:
     forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
     from ..runtime.decode_step import WHOLE_FORMS
 
-    return fields.get("form", d.form) in ("fused", *WHOLE_FORMS) or fields.get("topn_form", d.topn_form) != "row"
+    # The plan's own top-n is the partials path's default only (scoring_path gives the logits path "row").
+    return fields.get("form", d.form) in ("fused", *WHOLE_FORMS) or fields.get("topn_form", "row") != "row"
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,
@@ -311,7 +314,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     forms run on the partials path only, their pairs with the logits path are left out. A row's "launch" is the
     launch form the step ran ("auto" resolved by the batch rule, runtime.decode_step.launch_form). `layouts`: the
     caches each row is timed on (LAYOUTS; a row per layout, "paged" on a copy of the contiguous values)."""
-    from ..runtime.decode_step import launch_form
+    from ..runtime.decode_step import WHOLE_FORMS, launch_form
 
     module = load(spec, spec_path)
     decode = getattr(module, f"{spec.family}_decode")
@@ -349,8 +352,9 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 with scoring_path(module, scoring), decode_forms(module, form) as d:
                     row["scoring"], row["form"] = d.scoring, d.form
                     row["launch"] = launch_form(d, B, DEVICE)
+                    whole = row["launch"] in WHOLE_FORMS  # its program runs the row top-n, whatever topn_form says
                     row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
-                        f"+{d.topn_form}" if d.topn_form != "row" else "") + (
+                        f"+{d.topn_form}" if d.topn_form != "row" and not whole else "") + (
                         f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "")
                     if d.cmp_branch:
                         row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)

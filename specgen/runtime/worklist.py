@@ -28,11 +28,13 @@ from . import cdiv as _cdiv, next_pow2
 import triton  # noqa: E402  (after specgen.runtime, which may turn the CPU interpreter on)
 import triton.language as tl  # noqa: E402
 
-# Entries a program sorts at once (QC query rows x k slots padded to a power of two).
-CHUNK_ENTRIES = 1024
+# Entries a program sorts at once (QC query rows x k slots padded to a power of two), and below, the place-kernel
+# programs the tiles aim at: 512 x 2048 measured at or near the best of a 256-2048 x 256-4096 sweep at 16k, 32k and
+# 64k (H100, commit 2256469; docs/selection_order.md "Work list forms").
+CHUNK_ENTRIES = 512
 # Place-kernel programs the tiles aim at, over all rows (rows x tiles ~ this: an H100's 132 SMs hold several
 # each); the counts take rows x tiles x units int32, so this also bounds them (linear in T).
-TILE_PROGRAMS = 1024
+TILE_PROGRAMS = 2048
 
 
 @triton.jit
