@@ -51,6 +51,7 @@
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..13 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
+day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
 W=/tmp/queue_out
 mkdir -p "$W" "$FINAL"
 pack() { tar -czf "$FINAL/all.tgz" -C "$W" . ; }
