@@ -44,11 +44,15 @@
 #           nsa_paper's chunked prefill, the whole decode forms at batch 64 (whole_st too), dsa_gqa16_4's scatter
 #           backward at 16k.
 #   CALL=12 issue 18's last item: a packed training call in a CUDA graph (GPU test), then more packed GPU tests.
+#   CALL=14 issue 16's model matrix at 64k on the H100 with today's defaults (the Triton work list since a16c93e):
+#           the five model specs and nsa_config_a, forward / backward / forward+backward against cuDNN and flash.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
-# Next session, most needed first: 12 (it may close issue 18), 10 (batch 16: the auto rule's other side), 7, 8, 2,
-# 3 (T2=0: the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), then 9.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..13 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 14 (the model matrix at 64k on the H100
+# with today's defaults: issue 16), 9 with FIRST=topn_forms_realistic (the chunked top-n's realistic graph test, now
+# the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0: the NSA forward variants), 1 (T1=0 T3=0
+# T4=0: the training step on today's defaults), 6, then 9 again until 0 left.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..14 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -205,5 +209,12 @@ case ${CALL:-1} in
     done
   done
   ;;
-*) echo "CALL must be 1 to 13" >&2; exit 2 ;;
+14)
+  mkdir -p $W/matrix
+  piece ${T1:=560} && { ( env_in $W/matrix; timeout $T1 python -m specgen.cli bench specs/models/model_llama3_8b.yaml \
+      specs/models/model_qwen25_7b.yaml specs/nsa_config_a.yaml specs/models/model_gemma2_9b.yaml \
+      specs/models/model_mha32_d128.yaml specs/models/model_mha16_d64.yaml --seqlens 65536 --out "$W/matrix" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once" | tee $W/matrix/bench_${COMMIT}.log | tail -30 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 14" >&2; exit 2 ;;
 esac
