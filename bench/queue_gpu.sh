@@ -46,13 +46,15 @@
 #   CALL=12 issue 18's last item: a packed training call in a CUDA graph (GPU test), then more packed GPU tests.
 #   CALL=14 issue 16's model matrix at 64k on the H100 with today's defaults (the Triton work list since a16c93e):
 #           the five model specs and nsa_config_a, forward / backward / forward+backward against cuDNN and flash.
+#   CALL=15 the decode's "cw" launch form (issue 19, batch 1; untimed): its GPU tests and its bench against split
+#           and fused at batch 1 (128k, 64k) and 16.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
 # Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 14 (the model matrix at 64k on the H100
-# with today's defaults: issue 16), 9 with FIRST=topn_forms_realistic (the chunked top-n's realistic graph test, now
-# the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0: the NSA forward variants), 1 (T1=0 T3=0
-# T4=0: the training step on today's defaults), 6, then 9 again until 0 left.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..14 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# with today's defaults: issue 16), 15 (the "cw" decode form at batch 1), 9 with FIRST=topn_forms_realistic (the
+# chunked top-n's realistic graph test, now the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0:
+# the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), 6, then 9 until 0 left.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..15 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -216,5 +218,20 @@ case ${CALL:-1} in
       specs/models/model_mha32_d128.yaml specs/models/model_mha16_d64.yaml --seqlens 65536 --out "$W/matrix" 2>&1 \
       | grep -v "UserWarning\|return sdpa\|_warn_once" | tee $W/matrix/bench_${COMMIT}.log | tail -30 ); pack; }
   ;;
-*) echo "CALL must be 1 to 14" >&2; exit 2 ;;
+15)
+  # The "cw" launch form (docs/decode.md "Launch forms"; untimed): its GPU tests, then nsa_paper's step at batch 1
+  # (128k, 64k) and 16 (64k) against split (the plan's below "auto"'s rule) and fused, chunked_ticket top-n in all.
+  mkdir -p $W/cw
+  piece ${T1:=120} && { ( env_in $W/cw; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
+      tests/test_decode.py -k "cw_form" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      | tee $W/cw/${day}_gpu_tests_cw_${COMMIT}.log ); pack; }
+  piece ${T2:=240} && { ( env_in $W/cw
+      for b in "1 131072 65536" "16 65536"; do
+        set -- $b; bb=$1; shift
+        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
+          --decode-forms split cw fused --out "$W/cw/results" 2>&1 \
+          | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/cw/cw_bench.log" | tail -14
+      done ); pack; }
+  ;;
+*) echo "CALL must be 1 to 15" >&2; exit 2 ;;
 esac

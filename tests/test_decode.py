@@ -687,11 +687,12 @@ def replays_equal(step, want, cache, what):
         assert not cache.tickets.any(), f"{what} replay: tickets not reset: {cache.tickets.tolist()}"
 
 
-def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False):
+def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False, form="fused"):
     """On one cache (lengths + QL tokens each): the split form's step, then the fused form's twice; the fused form
     must pick the same blocks, give the same output and lse within the output dtype's rounding (it sums the
     branches in another order), leave its tickets at 0, and give the same bits again. `graph` (CUDA): the fused
-    step is also captured and replayed three times, each bit for bit the eager step."""
+    step is also captured and replayed three times, each bit for bit the eager step. `form` "cw": the same for the
+    split form with the compression and window in one launch (its window runs at the compression's warps)."""
     cache, q, gates = step_case(mod, spec, lengths, QL, paged, dev)
     B, hkv, hq = len(lengths), spec.heads.kv, spec.heads.q
     plan = mod._DECODE
@@ -702,21 +703,21 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False)
         return launch_spy(kernel, lambda grid, kw: launched.append(name))
     fused_kernels = {name: spy(name, k) for name, k in plan.fused_kernels.items()}
     try:
-        for form in ("split", "fused", "fused"):
-            d = __import__("dataclasses").replace(plan, form=form, fused_kernels=fused_kernels)
+        for f in ("split", form, form):
+            d = __import__("dataclasses").replace(plan, form=f, fused_kernels=fused_kernels)
             step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
             res = [x.clone() for x in step()]
-            assert not cache.tickets.any(), f"{form}: tickets not reset: {cache.tickets.tolist()}"
-            assert launched == ([] if form == "split" else ["cmp_win"] * ("window" in spec.branches)
-                                + ["select_merge", "selection"]), (form, launched)
-            got.setdefault(form, []).append(res)
+            assert not cache.tickets.any(), f"{f}: tickets not reset: {cache.tickets.tolist()}"
+            assert launched == ([] if f == "split" else ["cmp_win"] * ("window" in spec.branches)
+                                + (["select_merge", "selection"] if f == "fused" else [])), (f, launched)
+            got.setdefault(f, []).append(res)
         if graph:
-            replays_equal(step, got["fused"][0], cache, "fused")
+            replays_equal(step, got[form][0], cache, form)
     finally:
         mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
     (o_s, lse_s, idx_s), = got["split"]
-    (o_f, lse_f, idx_f), again = got["fused"]
+    (o_f, lse_f, idx_f), again = got[form]
     assert torch.equal(idx_f, idx_s), (idx_f, idx_s)
     assert (idx_s >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
     assert torch.isfinite(o_f).all()
@@ -737,6 +738,15 @@ def test_fused_form_equals_the_split_form_and_replays(case):
     fused_against_split(specgen.load(spec), spec, [100, 21, 150 - QL], QL, splits, paged, test_device())
 
 
+@pytest.mark.parametrize("case", ["small_q1", "small_q3_paged"])
+def test_cw_form_equals_the_split_form(case):
+    """The "cw" form (the split form with the compression and window branches in the fused form's one launch)
+    against the split form: the same blocks, the output within rounding, deterministic (`fused_against_split`)."""
+    make, QL, splits, paged = FUSED[case]
+    spec = make()
+    fused_against_split(specgen.load(spec), spec, [100, 21, 150 - QL], QL, splits, paged, test_device(), form="cw")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
 @pytest.mark.parametrize("q_len", [1, 4])
@@ -745,6 +755,15 @@ def test_fused_form_realistic_and_in_a_cuda_graph(q_len):
     step captured in a CUDA graph replays to the eager step's bits three times (tickets reset every time)."""
     spec = load_spec("specs/nsa_paper.yaml")
     fused_against_split(specgen.load(spec), spec, [65471, 32814], q_len, None, True, "cuda", graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+def test_cw_form_realistic_and_in_a_cuda_graph():
+    """nsa_paper at 64k (bf16, paged, q_len 1, the default split counts): the "cw" form against the split form, its
+    step replayed from a CUDA graph to the eager step's bits three times."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    fused_against_split(specgen.load(spec), spec, [65471, 32814], 1, None, True, "cuda", graph=True, form="cw")
 
 
 @pytest.mark.gpu

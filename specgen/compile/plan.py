@@ -123,7 +123,8 @@ class DecodePlan:
     topk_*: the indexer top-k's segmentation (about topk_programs programs in all, at most topk_max_segments per
     row, topk_sum_segments partial histograms loaded at once).
     form: the compression-scored step's launch form (runtime.decode_step.LAUNCH_FORMS): "split" (five launches:
-    compression, selection scores + top-n, selection, window, epilogue), "fused" (three: compression + window,
+    compression, selection scores + top-n, selection, window, epilogue), "cw" (four: "split" with the compression
+    and window in the fused form's one launch), "fused" (three: compression + window,
     scores + top-n beside the merge of the compression and window splits, selection with the epilogue in each row
     group's last split program; needs scoring "partials"), "whole" (one: a program per (sequence, kv group) runs its
     whole step, each branch in one split, a CTA barrier between the compression and its top-n; needs scoring

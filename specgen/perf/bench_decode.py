@@ -301,7 +301,7 @@ def _needs_partials(fields: dict, d) -> bool:
     from ..runtime.decode_step import WHOLE_FORMS
 
     # The plan's own top-n is the partials path's default only (scoring_path gives the logits path "row").
-    return fields.get("form", d.form) in ("fused", *WHOLE_FORMS) or fields.get("topn_form", "row") != "row"
+    return fields.get("form", d.form) in ("fused", "cw", *WHOLE_FORMS) or fields.get("topn_form", "row") != "row"
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,

@@ -46,6 +46,49 @@ def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
 
 
+def cmp_win(d: DecodeDescriptor, q, cache, seqlens, block_table, num_splits, rows_c, tiles, cmp):
+    """The fused form's first launch, also the "cw" form's: the compression branch with the partials path's sums
+    and refs, and the window branch beside it in one grid (axis 2 the branch; the compression alone without a
+    window). (parts, (sums, refs)): parts maps each branch to (o [splits, B, QL, HQ, DV], lse [splits, B, QL, HQ],
+    splits), as the split form's branch launches leave them; the arguments as `step`'s."""
+    B, QL = q.shape[0], q.shape[1]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    T = cache.max_context
+    NCV = cache.nc_cap - 1
+    tile_c, stages_c, warps_c, splits_c = cmp
+    width, sc_cols, back = tiles
+    n_tiles = triton.cdiv(NCV, tile_c)
+    sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
+    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
+    qs = (q.stride(0), q.stride(1), q.stride(2))
+    # The split form's programs and launch (8 warps in the base form: the partials' tile map spills at 4 at q_len 4).
+    qlp, gp, chunks = rows_c
+    programs = B * d.hkv * chunks
+    parts = {"compression": _parts(num_splits or splits_c, B, QL, d, dev)}
+    Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
+    rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
+    o_c, l_c, s_c = parts["compression"]
+    if d.window:
+        Kw, Vw = cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)
+        parts["window"] = _parts(_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
+                                 dev)
+        o_w, l_w, s_w = parts["window"]
+        d.fused_kernels["cmp_win"][(programs, max(s_c, s_w), 2)](
+            q, Kc, Vc, Kw, Vw, block_table, seqlens, o_c, l_c, o_w, l_w, o_c, sums, refs, *qs,
+            Kc.stride(0), Kc.stride(1), Vc.stride(0), Vc.stride(1), Kw.stride(0), Kw.stride(1), Vw.stride(0),
+            Vw.stride(1), block_table.stride(0), B, QL, cache.nc_cap, cache.tcap, s_c, s_w, d.softmax_scale,
+            PAGED=cache.paged, BLOCK_C=tile_c, BLOCK_W=d.split_tiles["window"], SCORES=2, SC_COLS=sc_cols,
+            **rows_flags, num_warps=warps_c, num_stages=stages_c)
+    else:
+        d.branch_kernels["compression"][(programs, s_c)](
+            q, Kc, Vc, block_table, seqlens, o_c, l_c, o_c, sums, refs, *qs, Kc.stride(0), Kc.stride(1),
+            Vc.stride(0), Vc.stride(1), block_table.stride(0), B, QL, cache.nc_cap, s_c, d.softmax_scale,
+            PAGED=False, BLOCK_N=tile_c, SCORES=2, SC_COLS=sc_cols, **rows_flags, num_warps=warps_c,
+            num_stages=stages_c)
+    return parts, (sums, refs)
+
+
 def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles, topn,
          cmp):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args). The split form's
@@ -62,38 +105,12 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     paged = cache.paged
     T = cache.max_context
     NCV = cache.nc_cap - 1
-    tile_c, stages_c, warps_c, splits_c = cmp
-    width, sc_cols, back = tiles
-    n_tiles = triton.cdiv(NCV, tile_c)
-    sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
-    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
+    tile_c = cmp[0]
+    back = tiles[2]
     qs = (q.stride(0), q.stride(1), q.stride(2))
-
-    # 1. Compression (+ window): the split form's programs and launch (8 warps in the base form: the partials' tile
-    # map spills at 4 at q_len 4).
-    qlp, gp, chunks = rows_c
-    programs = B * d.hkv * chunks
-    parts = {"compression": _parts(num_splits or splits_c, B, QL, d, dev)}
-    Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
-    rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
-    o_c, l_c, s_c = parts["compression"]
-    if d.window:
-        Kw, Vw = cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)
-        parts["window"] = _parts(_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
-                                 dev)
-        o_w, l_w, s_w = parts["window"]
-        d.fused_kernels["cmp_win"][(programs, max(s_c, s_w), 2)](
-            q, Kc, Vc, Kw, Vw, block_table, seqlens, o_c, l_c, o_w, l_w, o_c, sums, refs, *qs,
-            Kc.stride(0), Kc.stride(1), Vc.stride(0), Vc.stride(1), Kw.stride(0), Kw.stride(1), Vw.stride(0),
-            Vw.stride(1), block_table.stride(0), B, QL, cache.nc_cap, cache.tcap, s_c, s_w, d.softmax_scale,
-            PAGED=paged, BLOCK_C=tile_c, BLOCK_W=d.split_tiles["window"], SCORES=2, SC_COLS=sc_cols, **rows_flags,
-            num_warps=warps_c, num_stages=stages_c)
-    else:
-        d.branch_kernels["compression"][(programs, s_c)](
-            q, Kc, Vc, block_table, seqlens, o_c, l_c, o_c, sums, refs, *qs, Kc.stride(0), Kc.stride(1),
-            Vc.stride(0), Vc.stride(1), block_table.stride(0), B, QL, cache.nc_cap, s_c, d.softmax_scale,
-            PAGED=False, BLOCK_N=tile_c, SCORES=2, SC_COLS=sc_cols, **rows_flags, num_warps=warps_c,
-            num_stages=stages_c)
+    # 1. Compression (+ window) in one launch.
+    parts, (sums, refs) = cmp_win(d, q, cache, seqlens, block_table, num_splits, rows_c, tiles, cmp)
+    s_c = parts["compression"][2]
 
     # 2. Scores + top-n (one program per sequence, new query, kv group) beside the merge of the other branches.
     n_sel = triton.cdiv(T, d.sel_block)

@@ -51,12 +51,13 @@ TOPK_FORMS = {"radix": (False, False, False, None), "radix32": (True, False, Fal
 assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 
 
-# The step's launch forms (DecodePlan.form; docs/decode.md "Launch forms"): "split", five launches; "fused", three
-# (specgen.runtime.decode_fused); "whole", one, a program per (sequence, kv group) doing its whole step
+# The step's launch forms (DecodePlan.form; docs/decode.md "Launch forms"): "split", five launches; "cw", the split
+# form with the compression and window branches in one launch (decode_fused.cmp_win, the fused form's first);
+# "fused", three (specgen.runtime.decode_fused); "whole", one, a program per (sequence, kv group) doing its whole step
 # (specgen.runtime.decode_whole); "whole_st", "whole" with odd programs running the window branch first (their
 # top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
 # fill the GPU) and it applies, else "split" (`launch_form`).
-LAUNCH_FORMS = ("split", "fused", "whole", "whole_st", "auto")
+LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "auto")
 WHOLE_FORMS = ("whole", "whole_st")
 # The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
 # name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
@@ -87,8 +88,8 @@ def check_forms(d: DecodeDescriptor) -> None:
     """The descriptor's forms exist and apply to its spec (ValueError naming the form)."""
     if d.form not in LAUNCH_FORMS:
         raise ValueError(f"{d.spec_name}: unknown launch form {d.form!r}; known: {list(LAUNCH_FORMS)}")
-    if d.form == "fused" and (why := decode_fused.supports(d)) is not None:
-        raise ValueError(f"{d.fn}: form 'fused': {why}; use form 'split'")
+    if d.form in ("fused", "cw") and (why := decode_fused.supports(d)) is not None:
+        raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split'")
     if d.form in WHOLE_FORMS and (why := decode_whole.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split' (or 'auto', which runs 'split' there)")
     if d.selection_form not in SELECTION_FORMS:
@@ -430,11 +431,12 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             d, q, cache, seqlens, block_table, gates, out, split_rows(d, "compression", QL),
             split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3], stagger=form == "whole_st")
         return checks.results(out, lse, indices, return_lse, return_indices)
-    if form == "fused":  # compression-scored selection in three launches (docs/decode.md "Launch forms")
+    if form in ("fused", "cw"):  # the compression and window branches in one launch (docs/decode.md "Launch forms")
         QL = q.shape[1]
         rows_c = split_rows(d, "compression", QL)
         tile, stages, warps, _ = cmp_launch(d, 2, QL)
         cmp = (tile, stages, warps, cmp_splits(d, q.shape[0] * d.hkv * rows_c[2], cache.nc_cap - 1, q.device))
+    if form == "fused":  # compression-scored selection in three launches
         out, lse, indices = decode_fused.step(d, q, cache, seqlens, block_table, gates, out, num_splits,
                                               rows_c, split_rows(d, "selection", QL), score_tiles(d),
                                               topn_chunks(d, triton.cdiv(cache.max_context, d.sel_block)), cmp)
@@ -447,7 +449,10 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     indices = None
     scores = None
     NCV = cache.nc_cap - 1 if d.compressed else 0  # pooled rows a sequence may have (the last is the spare)
-    if d.scorer == "compression":
+    if form == "cw":  # the split form's compression and window, with their partials, in one launch
+        parts, scores = decode_fused.cmp_win(d, q, cache, seqlens, block_table, num_splits, rows_c, score_tiles(d),
+                                             cmp)
+    elif d.scorer == "compression":
         # The compression kernel writes the selection's inputs as it walks the pooled keys: its partial block sums
         # per tile and head, or (logits path) every base-2 logit.
         if d.scoring == "partials":
@@ -458,7 +463,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
                       torch.empty((B, QL, d.hq, n_tiles), **f32))
         else:
             scores = (torch.empty((B, QL, d.hq, NCV), dtype=torch.float32, device=q.device),)
-    if d.cmp_branch:
+    if d.cmp_branch and "compression" not in parts:
         parts["compression"] = branch(
             d, "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table,
             cache.nc_cap, NCV, num_splits, False, scores=scores)
@@ -503,7 +508,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         parts["selection"] = branch(
             d, "selection", q, cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1),
             cache, seqlens, block_table, cache.tcap, d.top_k * d.sel_block, num_splits, paged, indices)
-    if d.window:
+    if d.window and "window" not in parts:
         parts["window"] = branch(
             d, "window", q, cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1),
             cache, seqlens, block_table, cache.tcap, min(T, d.window + QL), num_splits, paged)
