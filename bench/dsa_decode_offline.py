@@ -23,7 +23,7 @@ from kernel_audit import dot_report, fmt_dots  # noqa: E402
 
 import specgen  # noqa: E402
 from specgen.model.spec import load_spec  # noqa: E402
-from specgen.runtime.decode_step import INDEX_FORMS, SELECTION_FORMS, TOPK_FORMS  # noqa: E402
+from specgen.runtime.decode_step import INDEX_FORMS, PAGED_INDEX_STAGES, SELECTION_FORMS, TOPK_FORMS  # noqa: E402
 
 SEL_SIG = dict(BLOCK_TABLE="*i32:16", SEQLENS="*i32:16", O_PART="*fp32:16", LSE_PART="*fp32:16", IDX="*i32:16",
                B="i32", QL="i32", TCAP="i32", NSPLIT="i32", sm_scale="fp32")
@@ -58,6 +58,7 @@ def index_forms(d, paged: int) -> dict:
                 if form is not None:
                     bs, stages, warps, _ = form
                     warps = max(warps, min(8, bs * qlp * d.index_hp // 4096))  # runtime.decode_step.index_scores
+                    stages += PAGED_INDEX_STAGES if paged else 0
                     out[f"{name}_q{ql}{tag}"] = ("_decode_index_wide_kernel",
                                                  dict(PAGED=paged, QLP=qlp, BS=bs, WIDEN=0, FOLD=fold), warps, stages)
     return out

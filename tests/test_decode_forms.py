@@ -93,6 +93,9 @@ def test_forms_match_the_reference(spec, selection_form, index_form, topk_form, 
     assert sel[0] == decode_step.SELECTION_FORMS[selection_form][0] and index == index_form[:4]
     if selection_form != "base":
         assert sel == decode_step.SELECTION_FORMS[selection_form]
+    if index_form != "tile":  # a paged cache's wide kernel keeps its key tiles' pipeline depth (PAGED_INDEX_STAGES)
+        stages = decode_step.INDEX_FORMS[index_form][1] + (decode_step.PAGED_INDEX_STAGES if paged else 0)
+        assert {c["num_stages"] for c in d.index_wide_kernel.calls} == {stages}
     assert topk_launched(d) == TOPK_LAUNCHES[topk_form]
 
 

@@ -33,6 +33,13 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # The index-score kernel: "tile" is one program per 64-key tile (`_decode_index_scores_kernel`); the others are
 # `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
 # keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
+# Extra pipeline stages of the wide index kernel on a paged cache: a key tile's rows depend on a block-table load,
+# and Triton 3.6's pipeliner gives that load a stage of its own, which left the key tiles 2 buffers where a
+# contiguous cache's get 3 (sm_90 compile of dsa_v32's wide_w8 at q_len 1 and 4: 42 / 68 KB of shared memory
+# against 58 / 84 KB). 2 more stages restore the 3 key buffers (59 / 85 KB, no spills). The paged step's index
+# kernel had taken 1.17-1.50x the contiguous one's time (H100, 2256469: 239 against 204 us at batch 64 x 64k,
+# 635 against 423 at q_len 4); untimed since.
+PAGED_INDEX_STAGES = 2
 INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
 # The indexer top-k: name -> (K32, FOLD, LIST, segments a row at most: None for the plan's). "radix": four radix
 # passes and the output pass over 64-bit keys; "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
@@ -297,6 +304,8 @@ def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens
             num_warps=8 if qlp * d.index_hp >= 256 else 4)
         return
     bs, stages, warps, per_sm = wide
+    if paged:
+        stages += PAGED_INDEX_STAGES
     bs = max(bs, d.sel_block)
     warps = max(warps, min(8, bs * qlp * d.index_hp // 4096))  # q_len 4 x 64 heads: a [128, 256] fp32 tile
     rows = d.hkv * ws.shape[0]
