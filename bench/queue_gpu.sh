@@ -26,7 +26,7 @@
 #   Then: the GPU suite for issue 15 (`GPU_WORKERS=3 bash bench/gpu_suite.sh gpu`, then `rest`), the model matrix
 #           at 16k and 32k (`bash bench/model_matrix_gpu.sh "16384 32768" specs/models/*.yaml specs/nsa_config_a.yaml`).
 #   CALL=7  the block-outer selection's Triton work list (issue 16; docs/selection_order.md "Work list forms";
-#           untimed, default torch): its GPU tests (the cursor hand-off needs real hardware), the list at 16k-64k
+#           timed at 2256469, the plan's default since): its GPU tests (the cursor hand-off needs real hardware), the list at 16k-64k
 #           with the chunk/tile sweep, and Llama-3's whole forward and fwd+bwd under both forms.
 #   CALL=8  the dense-stage distillation's register-operand forms (issue 17; docs/distill.md "The dense forward's
 #           forms"; untimed, default base): bash bench/distill_dense_forms_gpu.sh (compile report, checks, timing).
@@ -142,6 +142,7 @@ case ${CALL:-1} in
   logs=$(ls bench/results/*_gpu_tests_*.log .gpu-suite-logs/*.log 2>/dev/null | awk -F/ '$NF >= "2026-12-07" || $1 == ".gpu-suite-logs"')
   python bench/gpu_suite_left.py $W/suite/ids_$suite.txt $logs > $W/suite/left_$suite.txt
   if [ -n "${FIRST:-}" ]; then  # FIRST=<regex>: the ids it matches run first (a cut call still brings them back)
+    grep -E "$FIRST" </dev/null; [ $? -le 1 ] || { echo "FIRST is not a valid extended regex: $FIRST" >&2; exit 2; }
     { grep -E "$FIRST" $W/suite/left_$suite.txt; grep -vE "$FIRST" $W/suite/left_$suite.txt; } > $W/suite/ordered.txt
     mv $W/suite/ordered.txt $W/suite/left_$suite.txt
   fi

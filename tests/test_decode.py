@@ -911,6 +911,8 @@ def test_whole_form_is_checked_and_has_its_batch_rule(monkeypatch):
         check_decode_forms(dsa, ["whole"])
     check_decode_forms(dsa, ["auto"])  # "auto" runs "split" wherever "whole" does not apply
     assert parse_forms("whole+cmp_s3_r2") == {"form": "whole", "cmp_form": "cmp_s3_r2"}
+    with pytest.raises(ValueError, match="runs its own top-n"):   # the row label would hide it
+        parse_forms("whole+chunked_ticket")
     assert _needs_partials(parse_forms("whole"), paper) and not _needs_partials(parse_forms("auto"), paper)
     monkeypatch.setattr(runtime, "_sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
@@ -1218,7 +1220,7 @@ def test_cmp_forms_realistic_and_in_a_cuda_graph(launch, q_len):
         cmp_against_base(mod, spec, [65471, 32814], q_len, None, True, "cuda", form, launch, graph=True)
 
 
-@pytest.mark.parametrize("spec_path", ["specs/nsa_small.yaml", "specs/dsa_small.yaml"])
+@pytest.mark.parametrize("spec_path", ["specs/nsa_small.yaml", "dsa_fp8_indexer"])
 def test_bench_paged_copy_holds_the_contiguous_values(spec_path, monkeypatch):
     """`specgen bench --decode --layouts paged` times a copy of the contiguous cache in shuffled pages: the pages are
     a permutation of the pool, every token's row is where the table says, and a step reads the same values (the
@@ -1226,11 +1228,11 @@ def test_bench_paged_copy_holds_the_contiguous_values(spec_path, monkeypatch):
     compression differently)."""
     from specgen.perf import bench_decode as bd
 
-    spec = load_spec(spec_path)
+    spec = VARIANTS[spec_path]() if spec_path in VARIANTS else load_spec(spec_path)  # fp8 index keys: bytes moved
     mod = specgen.load(spec)
     dev = test_device()
     monkeypatch.setattr(bd, "DEVICE", dev)
-    B, T, q_len = 2, 75, 2
+    B, T, q_len = 2, 75, 2  # 77 rows: a whole page of 64 and a partial one
     torch.manual_seed(0)
     contiguous = bd.fill_cache(mod, spec, B, T, q_len)
     paged = bd.paged_copy(contiguous, torch.Generator().manual_seed(1))
@@ -1242,6 +1244,8 @@ def test_bench_paged_copy_holds_the_contiguous_values(spec_path, monkeypatch):
         if name not in mod._DECODE.ring_tensors:
             y = paged.tensors[name]
             assert torch.equal(x.flatten(0, 1)[rows_c].float(), y.flatten(0, 1)[rows_p].float()), name
+    if hasattr(contiguous, "k_idx_scale"):
+        assert torch.equal(contiguous.k_idx_scale.flatten(0, 1)[rows_c], paged.k_idx_scale.flatten(0, 1)[rows_p])
     assert contiguous.host_seqlens == paged.host_seqlens == [T] * B
     kw = bd._step_inputs(mod, spec, B, q_len)
     q = kw.pop("q")

@@ -75,12 +75,16 @@ def paged_copy(cache, generator: torch.Generator | None = None):
     table = torch.randperm(B * per, generator=generator).to(torch.int32).reshape(B, per).to(cache.device)
     pool = getattr(cache, "pool", None) or {}
     paged = type(cache)(B, num_pages=B * per, block_table=table, device=cache.device, **pool)
-    rows = table.long().flatten()
 
     def to_pages(src, dst):  # [B, tcap, ...] -> the pages of dst [B * per, ps, ...] named by the table
-        padded = src.new_zeros((B, per * ps, *src.shape[2:]))
-        padded[:, :src.shape[1]] = src
-        dst[rows] = padded.reshape(B * per, ps, *src.shape[2:])
+        if src.dtype == torch.float8_e4m3fn:  # fp8 rows move as bytes (no fp8 index_put), as the cache's _store
+            src, dst = src.view(torch.uint8), dst.view(torch.uint8)
+        full, tail = divmod(src.shape[1], ps)
+        pages = table.long()
+        for b in range(B):  # a sequence's whole pages are a view of its rows: no copy of the cache beside it
+            dst[pages[b, :full]] = src[b, :full * ps].view(full, ps, *src.shape[2:])
+            if tail:
+                dst[pages[b, full], :tail] = src[b, full * ps:]
 
     for name, x in cache.tensors.items():
         if name in d.ring_tensors:
@@ -262,6 +266,12 @@ def parse_forms(name: str) -> dict:
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
         out[field] = part
+    from ..runtime.decode_step import WHOLE_FORMS
+
+    if out.get("form") in WHOLE_FORMS and out.get("topn_form", "row") != "row":
+        raise ValueError(f"--decode-forms {name!r}: the {out['form']!r} form runs its own top-n in its program; "
+                         f"{out['topn_form']!r} applies to the split, cw and fused forms (drop it, or time it on one "
+                         f"of those)")
     return out
 
 
@@ -296,7 +306,7 @@ def decode_forms(module, name: str | None):
 
 
 def _needs_partials(fields: dict, d) -> bool:
-    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the fused and whole launch
+    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the cw, fused and whole launch
     forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
     from ..runtime.decode_step import WHOLE_FORMS
 
@@ -316,6 +326,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     caches each row is timed on (LAYOUTS; a row per layout, "paged" on a copy of the contiguous values)."""
     from ..runtime.decode_step import WHOLE_FORMS, launch_form
 
+    layouts = tuple(sorted(set(layouts), key=LAYOUTS.index))  # contiguous first: the paged rows' ratio needs it
     module = load(spec, spec_path)
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps(device=DEVICE)
@@ -373,7 +384,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                 print(spec.name, {k: v for k, v in row.items() if k not in ("bytes", "kernels")},
                       {k.strip("_")[:32]: round(v * 1000, 1) for k, v in row.get("kernels", {}).items() if v >= 1e-3})
                 rows.append(row)
-            del cache, caches, contiguous, kw, q, out
+            del caches, contiguous, kw, q, out
             torch.cuda.empty_cache()
     return copy_gbps, rows
 
@@ -483,7 +494,8 @@ def record_decode(spec: Spec, copy_gbps: float, rows: list[dict], out_dir: Path)
     return path
 
 
-_PLAN_FORMS = ("base+tile", "base+tile+radix")  # the kernel forms before the switchable ones: not printed
+# The kernel forms before the switchable ones and the plan's own on the partials path: not printed.
+_PLAN_FORMS = ("base+tile", "base+tile+radix", "base+tile+radix+chunked_ticket")
 
 
 def table(spec: Spec, copy_gbps: float, rows: list[dict]) -> str:

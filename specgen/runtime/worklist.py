@@ -8,7 +8,7 @@ The entries enumerated in flattened (b, t, g, slot) order and sorted stably by s
 1. `_count_kernel`, one program per (chunk of QC query rows, row): +1 into counts[row, tile, unit] per valid entry
    (a row is a (batch, kv group), or a kv group of a packed batch; a tile is CPT consecutive chunks). Integer
    atomics: the counts do not depend on the order the adds land in.
-2. torch, on that [rows, tiles, units] tensor (about 1024 x units entries, not B * T * Hkv * k): the running sum
+2. torch, on that [rows, tiles, units] tensor (about TILE_PROGRAMS x units entries, not B * T * Hkv * k): the running sum
    over tiles, in place, and the segments' first positions (`offsets`) by a running sum in the caller's segment
    numbering.
 3. `_place_kernel`, one program per (tile, row), walks its tile's chunks last to first. It sorts a chunk's QC x KP
