@@ -46,8 +46,8 @@
 #   CALL=12 issue 18's last item: a packed training call in a CUDA graph (GPU test), then more packed GPU tests.
 #   CALL=14 issue 16's model matrix at 64k on the H100 with today's defaults (the Triton work list since a16c93e):
 #           the five model specs and nsa_config_a, forward / backward / forward+backward against cuDNN and flash.
-#   CALL=15 the decode's "cw" launch form (issue 19, batch 1; untimed): its GPU tests and its bench against split
-#           and fused at batch 1 (128k, 64k) and 16.
+#   CALL=15 the decode's "cw" launch form and "pdl" launch chain (issue 19, batch 1; untimed): their GPU tests and
+#           their bench against split and fused at batch 1 (128k, 64k) and 16.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
 # Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 14 (the model matrix at 64k on the H100
@@ -220,17 +220,18 @@ case ${CALL:-1} in
       | grep -v "UserWarning\|return sdpa\|_warn_once" | tee $W/matrix/bench_${COMMIT}.log | tail -30 ); pack; }
   ;;
 15)
-  # The "cw" launch form (docs/decode.md "Launch forms"; untimed): its GPU tests, then nsa_paper's step at batch 1
-  # (128k, 64k) and 16 (64k) against split (the plan's below "auto"'s rule) and fused, chunked_ticket top-n in all.
+  # The "cw" launch form and the "pdl" chain (docs/decode.md "Launch forms", "Launch chains"; untimed): their GPU
+  # tests, then nsa_paper's step at batch 1 (128k, 64k) and 16 (64k) against split (the plan's below "auto"'s rule)
+  # and fused, chunked_ticket top-n in all.
   mkdir -p $W/cw
   piece ${T1:=120} && { ( env_in $W/cw; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
-      tests/test_decode.py -k "cw_form" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      tests/test_decode.py -k "cw_form or launch_chain" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
       | tee $W/cw/${day}_gpu_tests_cw_${COMMIT}.log ); pack; }
   piece ${T2:=240} && { ( env_in $W/cw
       for b in "1 131072 65536" "16 65536"; do
         set -- $b; bb=$1; shift
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
-          --decode-forms split cw fused --out "$W/cw/results" 2>&1 \
+          --decode-forms split cw fused split+pdl cw+pdl --out "$W/cw/results" 2>&1 \
           | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/cw/cw_bench.log" | tail -14
       done ); pack; }
   ;;

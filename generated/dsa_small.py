@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(22, "dsa_small")
+runtime.require_schema(23, "dsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -737,9 +737,13 @@ def _decode_selection_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_selection_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -1230,13 +1234,16 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL
 def _decode_combine_kernel(
     O_0, L_0, NS_0,  # selection: partials [splits, rows, DV], [splits, rows]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
     e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then sum the branches in fp32 and round once.
     Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns); at batch 1 a few dozen rows carry up to
     64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
     there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     _decode_combine_tile(
@@ -1385,7 +1392,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=16,
     k_slc="k", v_slc="v", indexer=True, fp8=False, idx_heads=2, idx_dim=32, idx_scale=0.12500000000000003,
     index_bs=64, index_hp=2, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", chain="plain", widen=WIDEN, pool=None, combine_kernel=_decode_combine_kernel,
     branch_kernels={"selection": _decode_selection_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)

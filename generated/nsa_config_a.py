@@ -14,7 +14,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(22, "nsa_config_a")
+runtime.require_schema(23, "nsa_config_a")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -585,9 +585,13 @@ def _decode_compression_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks, NSPLIT): `_decode_compression_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_compression_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -702,9 +706,13 @@ def _decode_selection_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_selection_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -978,6 +986,7 @@ def _decode_partials_row(SEQLENS, QL, row):
 def _decode_select_partials_kernel(
     SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL,
     GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, NSEL_PAD: tl.constexpr, BACK: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Top-n selection blocks of one (sequence, new query, kv group) from the compression kernel's partial block
     sums (the partials path; top-n form "row"): each head's lse merged from the splits' partial lse
@@ -985,6 +994,9 @@ def _decode_select_partials_kernel(
     which is the sum of the group's probabilities under the overlap rule; then `_decode_top_blocks`. Only the
     tiles the compression kernel walked (the blocks visible to the step's last query) are read. Grid (rows,):
     `_decode_select_partials_row` of row program_id(0)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_select_partials_row(SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, ROWS, QL, NCV, NSEL, tl.program_id(0),
                                 GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, NSEL_PAD=NSEL_PAD, BACK=BACK)
 
@@ -1058,17 +1070,23 @@ def _decode_topn_merge(CAND, IDX, row, NCH, NCH_PAD: tl.constexpr):
 def _decode_topn_chunks_kernel(
     SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL, NCH,
     GP: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT_PAD: tl.constexpr, BACK: tl.constexpr, CB: tl.constexpr,
-    NCH_PAD: tl.constexpr, TICKET: tl.constexpr,
+    NCH_PAD: tl.constexpr, TICKET: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Grid (top-n rows, NCH chunks): `_decode_topn_chunk`."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_topn_chunk(SC_SUM, SC_REF, LSE_PART, NSPLIT, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCV, NSEL, NCH,
                        tl.program_id(0), tl.program_id(1), GP=GP, BLOCK_N=BLOCK_N, NSPLIT_PAD=NSPLIT_PAD, BACK=BACK,
                        CB=CB, NCH_PAD=NCH_PAD, TICKET=TICKET)
 
 
 @triton.jit
-def _decode_topn_merge_kernel(CAND, IDX, NCH, NCH_PAD: tl.constexpr):
+def _decode_topn_merge_kernel(CAND, IDX, NCH, NCH_PAD: tl.constexpr, PDL: tl.constexpr = 0):
     """Grid (top-n rows,): `_decode_topn_merge` (the "chunked" form without the ticket)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_topn_merge(CAND, IDX, tl.program_id(0), NCH, NCH_PAD)
 
 
@@ -1293,13 +1311,16 @@ def _decode_combine_kernel(
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
     e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
     Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns); at batch 1 a few dozen rows carry up to
     64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
     there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     _decode_combine_tile(
@@ -1474,7 +1495,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k", v_cmp="v", pool_weights=(), scorer='compression', scoring='partials', overlap_chunks=1, overlap_blocks=1, overlap_spill=0, sel_block=64, top_k=16,
     k_slc="k", v_slc="v", indexer=False, fp8=False, idx_heads=0, idx_dim=0, idx_scale=None,
     index_bs=0, index_hp=0, window=0, k_win="k", v_win="v", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="chunked_ticket", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="chunked_ticket", cmp_form="cmp_base", chain="plain", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel},
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,

@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(22, "nsa_token")
+runtime.require_schema(23, "nsa_token")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1036,9 +1036,13 @@ def _decode_compression_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, SCORES: tl.constexpr, SC_COLS: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks, NSPLIT): `_decode_compression_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_compression_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, LOGITS, SC_SUM, SC_REF,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -1134,9 +1138,13 @@ def _decode_selection_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks x q_len, NSPLIT): `_decode_selection_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_selection_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART, IDX,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -1237,9 +1245,13 @@ def _decode_window_kernel(
     B, QL, TCAP, NSPLIT, sm_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr,
     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """Grid (B x HKV x head chunks, NSPLIT): `_decode_window_body` of program program_id(0),
     split program_id(1)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     _decode_window_body(
         Q, K, V, BLOCK_TABLE, SEQLENS, O_PART, LSE_PART,
         stride_qb, stride_qt, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_tb,
@@ -1727,13 +1739,16 @@ def _decode_combine_kernel(
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
     O_2, L_2, NS_2,  # window: partials [splits, rows, DV], [splits, rows]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """The step's epilogue in one launch: per branch, merge the splits' partials by log-sum-exp (o = sum_s
     e^(lse_s - lse) o_s; empty rows o 0, lse -inf), then gate and sum the branches in fp32 and round once.
     Rows are (b * QL + qi) * HQ + h. Programs tile (rows, value columns); at batch 1 a few dozen rows carry up to
     64 splits each, and a handful of programs walking them one by one left the step waiting on a few SMs, so
     there (SB > 1) each program loads SB splits at once. SB = 1 when the rows alone fill the GPU."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     _decode_combine_tile(
@@ -1980,7 +1995,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     k_cmp="k_cmp", v_cmp="v_cmp", pool_weights=(), scorer='indexer', scoring='', overlap_chunks=0, overlap_blocks=0, overlap_spill=0, sel_block=1, top_k=1024,
     k_slc="k_slc", v_slc="v_slc", indexer=True, fp8=False, idx_heads=4, idx_dim=64, idx_scale=0.0625,
     index_bs=64, index_hp=4, window=512, k_win="k_win", v_win="v_win", split_tiles={'compression': 64, 'window': 64, 'selection': 64}, split_waves=2, max_splits=64,
-    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
+    max_gp=128, num_stages=2, selection_form="base", index_form="tile", topk_form="radix", topn_form="row", cmp_form="cmp_base", chain="plain", widen=WIDEN, pool=_pool, combine_kernel=_decode_combine_kernel,
     branch_kernels={"compression": _decode_compression_kernel, "selection": _decode_selection_kernel, "window": _decode_window_kernel},
     index_scores_kernel=_decode_index_scores_kernel, topk_hist_kernel=_decode_topk_hist_kernel,
     topk_write_kernel=_decode_topk_write_kernel, index_wide_kernel=_decode_index_wide_kernel)

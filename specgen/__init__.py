@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 # constexprs); 22: the compression-scored decode's launch forms "whole" and "auto" (DecodeDescriptor.whole_kernel,
 # runtime.decode_whole) and the bodies the branch kernels, the epilogue and the row top-n now call
 # (`_decode_<branch>_body`, `_decode_combine_tile`, `_decode_select_partials_row`).
-RUNTIME_SCHEMA = 22
+RUNTIME_SCHEMA = 23
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -322,7 +322,8 @@ def parser() -> argparse.ArgumentParser:
                     "SELECTION_FORMS (MLA selection kernel: base, ks_pf, ks_pf_s2, ks_pf_k32) "
                     "and INDEX_FORMS (index scores: tile, wide, wide_k64, wide_w8), TOPK_FORMS (indexer top-k) and "
                     "TOPN_FORMS (compression-scored top-n on the partials path: row, chunked, chunked_ticket) and "
-                    "CMP_FORMS (the compression kernel's launch: cmp_base, cmp_s3, cmp_s3_r2, cmp_s4_r1, cmp_k32_r3), "
+                    "CMP_FORMS (the compression kernel's launch: cmp_base, cmp_s3, cmp_s3_r2, cmp_s4_r1, cmp_k32_r3) and "
+                    "CHAINS (how the split and cw forms' launches follow each other: plain, pdl), "
                     "e.g. 'plan fused chunked_ticket cmp_s3_r2 whole whole+cmp_s3_r2' (NSA) or "
                     "'plan ks_pf+wide' (DSA) (docs/decode.md, 'Launch forms', 'Compression forms' and 'Forms of the "
                     "DSA step')")

@@ -757,6 +757,51 @@ def test_fused_form_realistic_and_in_a_cuda_graph(q_len):
     fused_against_split(specgen.load(spec), spec, [65471, 32814], q_len, None, True, "cuda", graph=True)
 
 
+def test_launch_chain_pdl_keywords(monkeypatch):
+    """The chain "pdl": off a GPU (or under the interpreter) no keywords at all; on one, PDL=1 for every chain-aware
+    launch and launch_pdl for all but the step's first (which follows the work before the step in stream order).
+    Unknown chains are refused; the bench names it as a form."""
+    from specgen import runtime
+    from specgen.perf.bench_decode import parse_forms
+    from specgen.runtime import decode_step
+
+    paper = specgen.load(load_spec("specs/nsa_paper.yaml"))._DECODE
+    assert paper.chain == "plain" and decode_step.Chain(paper, "cuda").kw() == {}
+    pdl = dataclasses.replace(paper, chain="pdl")
+    decode_step.check_forms(pdl)
+    assert decode_step.Chain(pdl, "cpu").kw() == {}
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    chain = decode_step.Chain(pdl, "cuda")
+    assert [chain.kw() for _ in range(3)] == [{"PDL": 1, "launch_pdl": False}] + [{"PDL": 1, "launch_pdl": True}] * 2
+    with pytest.raises(ValueError, match="unknown launch chain 'eager'"):
+        decode_step.check_forms(dataclasses.replace(paper, chain="eager"))
+    assert parse_forms("cw+pdl") == {"form": "cw", "chain": "pdl"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+@pytest.mark.parametrize("form", ["split", "cw"])
+def test_launch_chain_pdl_realistic_and_in_a_cuda_graph(form, monkeypatch):
+    """nsa_paper at 64k (bf16, paged, q_len 1 and 2 sequences, the default split counts): the chain "pdl" (each
+    kernel waits for the one before it in its prologue) gives the plain chain's bits, eagerly and replayed from a
+    CUDA graph three times."""
+    spec = load_spec("specs/nsa_paper.yaml")
+    mod = specgen.load(spec)
+    cache, q, gates = step_case(mod, spec, [65471, 32814], 1, True, "cuda")
+    plan = mod._DECODE
+    got = {}
+    try:
+        for chain in ("plain", "pdl"):
+            d = dataclasses.replace(plan, form=form, chain=chain)
+            step = install_step(mod, d, q, cache, gates, None)
+            got[chain] = [x.clone() for x in step()]
+        replays_equal(step, got["plain"], cache, f"{form}+pdl")
+    finally:
+        mod._DECODE, mod.NSACache.DESCRIPTOR = plan, plan
+    for x, y in zip(got["pdl"], got["plain"]):
+        assert torch.equal(x, y), "the pdl chain changed a value"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
 def test_cw_form_realistic_and_in_a_cuda_graph():

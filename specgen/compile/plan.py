@@ -150,7 +150,10 @@ class DecodePlan:
     cmp_form: the compression kernel's launch (names in runtime.decode_step.CMP_FORMS; docs/decode.md "Compression
     forms"): "cmp_base" (split_tiles["compression"], num_stages, the split_waves rule) or a form's keys per tile,
     pipeline stages, warps and split rule (one round of the programs an SM holds). "cmp_base" stays the default
-    until the GPU timing of them."""
+    until the GPU timing of them.
+    chain: how the split and cw forms' launches follow each other (runtime.decode_step.CHAINS; docs/decode.md
+    "Launch chains"): "plain" (stream order) or "pdl" (programmatic dependent launch: each launch's latency behind
+    the kernel before it). "plain" until the GPU timing of "pdl"."""
     ring: tuple
     ring_size: int
     split_tiles: dict = field(hash=False)
@@ -171,6 +174,7 @@ class DecodePlan:
     topk_form: str = "radix"
     topn_form: str = "row"
     cmp_form: str = "cmp_base"
+    chain: str = "plain"
 
 
 @dataclass(frozen=True)

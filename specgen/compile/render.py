@@ -176,7 +176,7 @@ def decode_context(spec: Spec, args: list[Argument], plan: Plan) -> dict:
             "splits": f"split_waves={plan.decode.split_waves}, max_splits={plan.decode.max_splits}",
             "forms": f"selection_form={pystr(plan.decode.selection_form)}, index_form={pystr(plan.decode.index_form)}, "
                      f"topk_form={pystr(plan.decode.topk_form)}, topn_form={pystr(plan.decode.topn_form)}, "
-                     f"cmp_form={pystr(plan.decode.cmp_form)}"}
+                     f"cmp_form={pystr(plan.decode.cmp_form)}, chain={pystr(plan.decode.chain)}"}
 
 
 def has_distillation(spec: Spec) -> bool:

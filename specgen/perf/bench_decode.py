@@ -248,11 +248,12 @@ def parse_forms(name: str) -> dict:
     INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k), TOPN_FORMS (the compression scorer's top-n) and
     CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2", "whole",
     "whole+cmp_s3_r2" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
-    from ..runtime.decode_step import CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS, TOPN_FORMS
+    from ..runtime.decode_step import (CHAINS, CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS,
+                                       TOPN_FORMS)
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
-             ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS), ("cmp_form", CMP_FORMS))
+             ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS), ("cmp_form", CMP_FORMS), ("chain", CHAINS))
     for part in name.split("+"):
         if part == "plan":
             continue
@@ -261,7 +262,7 @@ def parse_forms(name: str) -> dict:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
                              f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, compression forms "
-                             f"{list(CMP_FORMS)}, or 'plan'")
+                             f"{list(CMP_FORMS)}, launch chains {list(CHAINS)}, or 'plan'")
         if field in out:  # "split+fused" would silently time the last one
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
@@ -366,7 +367,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                     whole = row["launch"] in WHOLE_FORMS  # its program runs the row top-n, whatever topn_form says
                     row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
                         f"+{d.topn_form}" if d.topn_form != "row" and not whole else "") + (
-                        f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "")
+                        f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "") + (
+                        "+pdl" if d.chain == "pdl" else "")
                     if d.cmp_branch:
                         row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)

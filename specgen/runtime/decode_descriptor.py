@@ -100,6 +100,7 @@ class DecodeDescriptor:
     topn_merge_kernel: Any = None
     cmp_form: str = "cmp_base"        # the compression kernel's launch form, decode_step.CMP_FORMS
     whole_kernel: Any = None          # the launch form "whole"'s one kernel (specgen.runtime.decode_whole)
+    chain: str = "plain"              # how the split / cw forms' launches follow each other, decode_step.CHAINS
 
     @property
     def n_branches(self) -> int:

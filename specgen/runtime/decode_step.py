@@ -65,6 +65,28 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 # top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
 # fill the GPU) and it applies, else "split" (`launch_form`).
 LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "auto")
+# How the split and cw forms' launches follow each other (DecodePlan.chain; docs/decode.md "Launch chains"):
+# "plain", stream order; "pdl", programmatic dependent launch on a GPU (sm_90+): each kernel lets the next one
+# launch at its start and waits for the one before it in its prologue (the template's pdl_prologue), so a launch's
+# latency hides behind the kernel before it. The fused and whole forms do not use it.
+CHAINS = ("plain", "pdl")
+
+
+class Chain:
+    """The launch keywords of a step's chain-aware kernels, in launch order: {} in the chain "plain" or off a GPU
+    (the CPU interpreter has no griddepcontrol); in "pdl" PDL=1 for each, and launch_pdl for all but the first
+    (which follows whatever ran before the step in plain stream order)."""
+
+    def __init__(self, d: DecodeDescriptor, device):
+        self.on = d.chain == "pdl" and torch.device(device).type == "cuda" and not _rt.interpreting()
+        self.first = True
+
+    def kw(self) -> dict:
+        if not self.on:
+            return {}
+        kw = {"PDL": 1, "launch_pdl": not self.first}
+        self.first = False
+        return kw
 WHOLE_FORMS = ("whole", "whole_st")
 # The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
 # name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
@@ -120,6 +142,8 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown top-k form {d.topk_form!r}; known: {list(TOPK_FORMS)}")
     if d.topk_form != "radix" and not d.indexer:
         raise ValueError(f"{d.spec_name}: top-k form {d.topk_form!r} needs an indexer; use 'radix'")
+    if d.chain not in CHAINS:
+        raise ValueError(f"{d.spec_name}: unknown launch chain {d.chain!r}; known: {list(CHAINS)}")
     if d.topn_form not in TOPN_FORMS:
         raise ValueError(f"{d.spec_name}: unknown top-n form {d.topn_form!r}; known: {list(TOPN_FORMS)}")
     if d.topn_form != "row" and (d.scorer != "compression" or d.scoring != "partials"
@@ -215,10 +239,12 @@ def topn_chunks(d: DecodeDescriptor, n_sel: int):
     return cb, nch, triton.next_power_of_2(nch), ticket
 
 
-def topn(d: DecodeDescriptor, sums, refs, lse_part, splits, seqlens, indices, tickets, QL, NCV, n_sel):
+def topn(d: DecodeDescriptor, sums, refs, lse_part, splits, seqlens, indices, tickets, QL, NCV, n_sel, chain=None):
     """The top-n of the partials path into indices [B, QL, HKV, TOP_K] (docs/decode.md "The step"): the
     descriptor's topn_form (TOPN_FORMS), from the compression kernel's partial sums and refs and its lse
-    partials [splits, B, QL, HQ]; `tickets` (int32, zero, at least one per row) serve "chunked_ticket"."""
+    partials [splits, B, QL, HQ]; `tickets` (int32, zero, at least one per row) serve "chunked_ticket"; `chain`
+    the step's Chain (None: plain)."""
+    chain = chain or Chain(d, indices.device)
     rows = indices.shape[0] * QL * d.hkv
     tile = cmp_launch(d).tile
     common = dict(GP=triton.next_power_of_2(d.group), BLOCK_N=tile, NSPLIT_PAD=triton.next_power_of_2(splits),
@@ -231,20 +257,20 @@ def topn(d: DecodeDescriptor, sums, refs, lse_part, splits, seqlens, indices, ti
         nsel_pad = triton.next_power_of_2(n_sel)
         d.select_partials_kernel[(rows,)](
             sums, refs, lse_part, splits, seqlens, indices, indices.shape[0] * QL * d.hq, QL, NCV, n_sel,
-            NSEL_PAD=nsel_pad, **common, num_warps=4 if nsel_pad <= 1024 else 8)
+            NSEL_PAD=nsel_pad, **common, num_warps=4 if nsel_pad <= 1024 else 8, **chain.kw())
         return indices
     cb, nch, nch_pad, ticket = chunks
     cand = torch.empty((rows, nch, triton.next_power_of_2(d.top_k)), dtype=torch.int64, device=indices.device)
     d.topn_chunks_kernel[(rows, nch)](
         sums, refs, lse_part, splits, seqlens, indices, cand, tickets, indices.shape[0] * QL * d.hq, QL, NCV, n_sel,
-        nch, CB=cb, NCH_PAD=nch_pad, TICKET=ticket, **common, num_warps=4)
+        nch, CB=cb, NCH_PAD=nch_pad, TICKET=ticket, **common, num_warps=4, **chain.kw())
     if not ticket:
-        d.topn_merge_kernel[(rows,)](cand, indices, nch, NCH_PAD=nch_pad, num_warps=4)
+        d.topn_merge_kernel[(rows,)](cand, indices, nch, NCH_PAD=nch_pad, num_warps=4, **chain.kw())
     return indices
 
 
 def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap, n_keys, num_splits, paged,
-           idx=None, scores=None):
+           idx=None, scores=None, chain=None):
     """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
     [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (the combine kernel). The compression
     branch also writes the selection's inputs: `scores` is (logits,) on the logits path, (sums, refs) on the
@@ -283,7 +309,7 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, d.softmax_scale,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=d.widen, **flags,
-        num_warps=warps, num_stages=stages)
+        num_warps=warps, num_stages=stages, **(chain.kw() if chain else {}))
     return o_part, lse_part, splits
 
 
@@ -454,6 +480,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     hkv = d.hkv
     paged = cache.paged
     T = cache.max_context
+    chain = Chain(d, q.device)
     parts = {}
     indices = None
     scores = None
@@ -475,13 +502,13 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     if d.cmp_branch and "compression" not in parts:
         parts["compression"] = branch(
             d, "compression", q, cache.kc.flatten(0, 1), cache.vc.flatten(0, 1), cache, seqlens, block_table,
-            cache.nc_cap, NCV, num_splits, False, scores=scores)
+            cache.nc_cap, NCV, num_splits, False, scores=scores, chain=chain)
     if d.scorer == "compression":
         n_sel = triton.cdiv(T, d.sel_block)
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
         _, lse_part, splits = parts["compression"]
         if d.scoring == "partials":
-            topn(d, *scores, lse_part, splits, seqlens, indices, cache.tickets, QL, NCV, n_sel)
+            topn(d, *scores, lse_part, splits, seqlens, indices, cache.tickets, QL, NCV, n_sel, chain)
         else:
             # The group's probabilities P (one pass over the logits, each head's lse merged from the splits), then
             # the overlap rule and the top-n in one kernel per (sequence, new query, kv group).
@@ -516,11 +543,11 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     if d.scorer is not None:
         parts["selection"] = branch(
             d, "selection", q, cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1),
-            cache, seqlens, block_table, cache.tcap, d.top_k * d.sel_block, num_splits, paged, indices)
+            cache, seqlens, block_table, cache.tcap, d.top_k * d.sel_block, num_splits, paged, indices, chain=chain)
     if d.window and "window" not in parts:
         parts["window"] = branch(
             d, "window", q, cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1),
-            cache, seqlens, block_table, cache.tcap, min(T, d.window + QL), num_splits, paged)
+            cache, seqlens, block_table, cache.tcap, min(T, d.window + QL), num_splits, paged, chain=chain)
     # Epilogue: merge each branch's splits by log-sum-exp, gate (o = sum_c g_c o_c, each branch its own softmax)
     # when the spec has gates, sum in fp32 and round once into `out`.
     lse = torch.empty((B, QL, d.hq, len(d.branch_names)), dtype=torch.float32, device=q.device)
@@ -533,5 +560,5 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
         g = (out, 0, 0, 0)
     d.combine_kernel[(triton.cdiv(rows, br), triton.cdiv(d.dv, bd))](
         *[x for name in names for x in parts[name]], *g,
-        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps)
+        out, lse, rows, QL, BR=br, BD=bd, SB=sb, num_warps=warps, **chain.kw())
     return checks.results(out, lse, indices, return_lse, return_indices)
