@@ -225,15 +225,19 @@ case ${CALL:-1} in
   # and fused, chunked_ticket top-n in all.
   mkdir -p $W/cw
   piece ${T1:=120} && { ( env_in $W/cw; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
-      tests/test_decode.py -k "cw_form or launch_chain" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      tests/test_decode.py tests/test_decode_forms.py -k "cw_form or launch_chain" 2>&1 \
+      | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
       | tee $W/cw/${day}_gpu_tests_cw_${COMMIT}.log ); pack; }
-  piece ${T2:=240} && { ( env_in $W/cw
+  piece ${T2:=300} && { ( env_in $W/cw
       for b in "1 131072 65536" "16 65536"; do
         set -- $b; bb=$1; shift
         timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
           --decode-forms split cw fused split+pdl cw+pdl --out "$W/cw/results" 2>&1 \
           | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/cw/cw_bench.log" | tail -14
-      done ); pack; }
+      done
+      timeout $((T2 / 3)) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches 1 --seqlens 65536 \
+        --decode-forms plan pdl --out "$W/cw/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
+        | tee -a "$W/cw/cw_bench.log" | tail -8 ); pack; }
   ;;
 *) echo "CALL must be 1 to 15" >&2; exit 2 ;;
 esac

@@ -1343,6 +1343,7 @@ def _decode_index_scores_kernel(
     stride_tb,
     QL, TCAP, WS_ROW, idx_scale,
     PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr, FOLD: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """Index scores of the step's new queries over a tile of BS cached index keys:
     I[t, s] = scale * sum_j w[t, j] * relu(q_I[t, j] . k_I[s]) for s <= t, written to WS [B, HKV, QL, WS_ROW]
@@ -1350,6 +1351,9 @@ def _decode_index_scores_kernel(
     sequence exit at once. FOLD (the top-k form `fold`):
     also the top-k's first radix pass, the tile's histogram of its competing units' top key bytes added to H0 [top-k
     rows, 256] (zeroed by the caller) by atomics (`_decode_topk_fold_hist`, `_decode_topk_fold_add`)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     HP: tl.constexpr = 4
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -1399,11 +1403,15 @@ def _decode_index_wide_kernel(
     stride_tb,
     QL, TCAP, WS_ROW, idx_scale, CHUNK,
     PAGED: tl.constexpr, QLP: tl.constexpr, BS: tl.constexpr, WIDEN: tl.constexpr, FOLD: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     """`_decode_index_scores_kernel`'s scores, written to the same WS entries, by a program per CHUNK keys: each
     tile of BS keys is the rows of one [BS, QLP * HP] product with the new queries' indexer heads. FOLD: also the
     top-k's first pass (as `_decode_index_scores_kernel`'s), the chunk's histogram summed in registers over the
     loop and added to H0 once."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     HP: tl.constexpr = 4
     pid_bg = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -1568,7 +1576,8 @@ def _decode_topk_fold_add(H0, hist, b, g, QL, NBINS: tl.constexpr):
 @triton.jit
 def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
                              P: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
-                             FOLD: tl.constexpr = False, LIST: tl.constexpr = False):
+                             FOLD: tl.constexpr = False, LIST: tl.constexpr = False,
+                             PDL: tl.constexpr = 0):
     """Radix pass P (of 4) of the decode top-k, one program per (row, segment of SEG units): the 256-bin histogram
     of digit P (bits 31 - 8P .. 24 - 8P of `_ordered_key`) of the segment's competing units whose higher digits
     equal the row's prefix, written to PART[P % 2, row, segment] (no atomics: a slot per segment). The prefix and
@@ -1582,6 +1591,9 @@ def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, 
     (gathering its scores) instead of the segment, as the output kernel does; pass 2's histogram is an atomic add per
     matching unit into its slot (zeroed by pass 1), not `tl.histogram`, whose ballots cost every unit of the chunk
     (about 125 instructions a unit at 256 bins) where few match."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
@@ -1651,7 +1663,7 @@ def _decode_topk_hist_kernel(WS, SEQLENS, PART, ABOVE, STATE, H0, LST, CNT, QL, 
 @triton.jit
 def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL, WS_ROW, ROWS, NSEG, SEG,
                               BS: tl.constexpr, SC: tl.constexpr, K32: tl.constexpr = False,
-                              LIST: tl.constexpr = False):
+                              LIST: tl.constexpr = False, PDL: tl.constexpr = 0):
     """The decode top-k's output, one program per (row, segment): the last digit makes the row's k-th largest key
     (`prefix`) and the number of equal keys still wanted (`need`); the segments before this one give its first slot
     (their forced units, their keys above `prefix`, and the ties they take: lowest index first, so min(need, their
@@ -1660,6 +1672,9 @@ def _decode_topk_write_kernel(WS, SEQLENS, IDX, PART, ABOVE, STATE, LST, CNT, QL
     candidates: segment 0 writes them all, then -1 (none when t < 0). K32: 32-bit keys, as the passes'. LIST: the
     segment's forced units below the competing ones, then its listed units (pass 2's list: every competing unit
     that can be taken, ascending), then its forced units above: the same slots, without walking the segment."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     seg = tl.program_id(1)
     n, lo, hi, ws_index = _decode_topk_row(SEQLENS, row, QL)
@@ -2022,12 +2037,12 @@ class NSACache(runtime.decode_cache.Cache):
     DESCRIPTOR = _DECODE
 
 
-def _decode_topk(ws, seqlens, indices, segment=None, hist0=None):
-    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] into indices
-    [B, QL, HKV, TOP_K], in segments of `segment` units (runtime.decode_step.topk: radix passes of per-segment
-    histograms, `_decode_topk_hist_kernel`, then `_decode_topk_write_kernel`; hist0: the "fold" form's pass 0)."""
+def _decode_topk(ws, seqlens, indices, segment=None, hist0=None, chain=None):
+    """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] into indices [B, QL, HKV,
+    TOP_K], in segments of `segment` units (runtime.decode_step.topk: per-segment radix histograms, then the write;
+    hist0: the "fold" form's pass 0; chain: the step's launch chain)."""
     return runtime.decode_step.topk(_DECODE, ws, seqlens, indices, segment, DECODE_TOPK_PROGRAMS,
-                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS, hist0)
+                                    DECODE_TOPK_MAX_SEGMENTS, DECODE_TOPK_SUM_SEGMENTS, hist0, chain)
 
 
 def nsa_decode(q, cache, cache_seqlens=None, block_table=None, *, gates=None, q_idx=None, w_idx=None, out=None,

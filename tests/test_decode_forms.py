@@ -192,9 +192,10 @@ def test_topk_forms_select_as_the_plan_form_on_tied_scores(spec, forms, monkeypa
     assert plan.topk_form == "radix"
     seen, real = {}, mod._decode_topk
 
-    def spy(ws, seqlens, indices, segment=None, hist0=None):
+    def spy(ws, seqlens, indices, segment=None, hist0=None, chain=None):
         seen.update(ws=ws.cpu(), seqlens=seqlens.cpu(), hist0=hist0)
-        return real(ws, seqlens, indices, segment=8 * 16 // spec.selection.block, hist0=hist0)  # 3+ segments a row
+        return real(ws, seqlens, indices, segment=8 * 16 // spec.selection.block, hist0=hist0,  # 3+ segments a row
+                    chain=chain)
 
     monkeypatch.setattr(mod, "_decode_topk", spy)
     want, want_idx = decode(q, cache, **kw, num_splits=2, return_indices=True)
@@ -427,3 +428,33 @@ def test_v32_forms_cuda_graph(topk_form, monkeypatch):
     mod = specgen.load(spec)
     use_forms(monkeypatch, mod, selection_form="ks_pf_k32", index_form="wide", topk_form=topk_form)
     check_decode_cuda_graph(mod, spec, decode_gpu_prompts(spec))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (realistic sizes)")
+def test_launch_chain_pdl_on_the_dsa_step(monkeypatch):
+    """dsa_v32 at 64k (paged, fp8 index keys, batch 2, q_len 1): the chain "pdl" over the index, top-k, selection and
+    combine kernels gives the plain chain's bits, eagerly and replayed from a CUDA graph three times."""
+    from test_decode import replays_equal
+
+    spec = load_spec("specs/dsa_v32.yaml")
+    mod = specgen.load(spec)
+    cache, q, kw = _step_inputs(mod, spec, 2, 1, 65536, torch.Generator().manual_seed(3), "cuda")
+    out = torch.full((2, 1, spec.heads.q, spec.head_dim.v), float("nan"), dtype=mod.DTYPE, device="cuda")
+    got = {}
+    for chain in ("plain", "pdl"):
+        use_forms(monkeypatch, mod, base=dataclasses.replace(mod._DECODE, chain=chain))
+
+        def step():
+            return mod.dsa_decode(q, cache, **kw, out=out, return_lse=True, return_indices=True)
+        got[chain] = [x.clone() for x in step()]
+    for x, y in zip(got["pdl"], got["plain"]):
+        assert torch.equal(x, y), "the pdl chain changed a value"
+    assert d_launched_pdl(mod._DECODE)
+    replays_equal(step, got["plain"], cache, "dsa pdl")
+
+
+def d_launched_pdl(d) -> bool:
+    """Every chain-aware launch of the last steps carried PDL=1 (the spies of `use_forms`)."""
+    calls = d.index_wide_kernel.calls + d.index_scores_kernel.calls + d.topk_write_kernel.calls
+    return bool(calls) and all(c.get("PDL") == 1 for c in calls)

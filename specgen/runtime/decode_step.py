@@ -314,9 +314,11 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
 
 
 def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, tcap, n_units,
-                 paged, qlp, hist0=None):
+                 paged, qlp, hist0=None, chain=None):
     """The index-score launch of the descriptor's index_form (INDEX_FORMS): both write the same workspace
-    entries; with `hist0` (the top-k form "fold": zeroed int32 [top-k rows, 256]) also the top-k's first pass."""
+    entries; with `hist0` (the top-k form "fold": zeroed int32 [top-k rows, 256]) also the top-k's first pass;
+    `chain` the step's Chain (None: plain)."""
+    chain = chain or Chain(d, ws.device)
     fold = hist0 is not None
     args = (q_idx, k_flat, w_idx, block_table, seqlens, ws, hist0 if fold else ws, *extra, q_idx.stride(0),
             q_idx.stride(1), q_idx.stride(2), k_flat.stride(0), k_flat.stride(1), w_idx.stride(0), w_idx.stride(1),
@@ -327,7 +329,7 @@ def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens
     if wide is None or qlp * d.index_hp > 256:  # the wide tile's columns are one product's N (at most 256)
         d.index_scores_kernel[(d.hkv * ws.shape[0], triton.cdiv(keys, d.index_bs))](
             *args, PAGED=paged, QLP=qlp, BS=d.index_bs, WIDEN=widen, FOLD=fold,
-            num_warps=8 if qlp * d.index_hp >= 256 else 4)
+            num_warps=8 if qlp * d.index_hp >= 256 else 4, **chain.kw())
         return
     bs, stages, warps, per_sm = wide
     if paged:
@@ -341,7 +343,8 @@ def index_scores(d: DecodeDescriptor, q_idx, k_flat, w_idx, block_table, seqlens
         chunks = triton.cdiv(keys, 2 * bs)
     chunk = triton.cdiv(triton.cdiv(keys, chunks), bs) * bs
     d.index_wide_kernel[(rows, triton.cdiv(keys, chunk))](
-        *args, chunk, PAGED=paged, QLP=qlp, BS=bs, WIDEN=widen, FOLD=fold, num_warps=warps, num_stages=stages)
+        *args, chunk, PAGED=paged, QLP=qlp, BS=bs, WIDEN=widen, FOLD=fold, num_warps=warps, num_stages=stages,
+        **chain.kw())
 
 
 def topk_segments(n_units: int, rows: int, segment, programs: int, max_segments: int, sum_segments: int):
@@ -367,13 +370,14 @@ def fold_buffer(d: DecodeDescriptor, rows: int, n_units: int, device):
 
 
 def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_segments: int, sum_segments: int,
-         hist0=None):
+         hist0=None, chain=None):
     """The exact top-k of every row of the index-score workspace ws [B, HKV, QL, n_units] by the selection rule,
     into indices [B, QL, HKV, TOP_K] (int32, ascending, -1 padding last), positions from `seqlens` on the device:
     four radix passes, each a launch of (row, segment) programs writing per-segment 256-bin histograms, then one
     that writes every segment's winners at its offset; a cache of at most TOP_K units needs only the last. The
     descriptor's topk_form (TOPK_FORMS) picks the keys' arithmetic and whether pass 0 is `hist0` [rows, 256], the
-    histogram the index-score kernel made (fold_buffer)."""
+    histogram the index-score kernel made (fold_buffer). `chain`: the step's Chain (None: plain)."""
+    chain = chain or Chain(d, ws.device)
     B, G, QL, n_units = ws.shape
     rows = B * G * QL
     k32, fold, listed, most = TOPK_FORMS[d.topk_form]
@@ -394,9 +398,9 @@ def topk(d: DecodeDescriptor, ws, seqlens, indices, segment, programs: int, max_
         for p in range(1 if fold else 0, 4):
             d.topk_hist_kernel[(rows, segments)](ws, seqlens, part, above, state, hist0 if fold else part, lst, count,
                                                  *args, P=p, BS=bs, SC=sc, K32=k32, FOLD=fold, LIST=listed,
-                                                 num_warps=4)
+                                                 num_warps=4, **chain.kw())
     d.topk_write_kernel[(rows, segments)](ws, seqlens, indices, part, above, state, lst, count, *args, BS=bs, SC=sc,
-                                          K32=k32, LIST=listed, num_warps=4)
+                                          K32=k32, LIST=listed, num_warps=4, **chain.kw())
     return indices
 
 
@@ -537,9 +541,9 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             extra = ()
         hist0 = fold_buffer(d, B * QL * hkv, n_units, q.device)  # the top-k form "fold": pass 0 in the scores
         index_scores(d, q_idx, k_flat, w_idx, block_table, seqlens, ws, extra, QL, cache.tcap, n_units, paged,
-                     qlp, hist0)
+                     qlp, hist0, chain)
         indices = torch.empty((B, QL, hkv, d.top_k), dtype=torch.int32, device=q.device)
-        topk_fn(ws, seqlens, indices, hist0=hist0)
+        topk_fn(ws, seqlens, indices, hist0=hist0, chain=chain)
     if d.scorer is not None:
         parts["selection"] = branch(
             d, "selection", q, cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1),
