@@ -50,8 +50,9 @@
 #           their bench against split and fused at batch 1 (128k, 64k) and 16.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
-# Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 14 (the model matrix at 64k on the H100
-# with today's defaults: issue 16), 15 (the "cw" decode form at batch 1), 9 with FIRST=topn_forms_realistic (the
+# Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 15 (the "cw" decode form and the "pdl"
+# chain at batch 1: their tests first), 14 (the model matrix at 64k on the H100 with today's defaults: issue 16), 13
+# (paged against contiguous after PAGED_INDEX_STAGES), 9 with FIRST=topn_forms_realistic (the
 # chunked top-n's realistic graph test, now the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0:
 # the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), 6, then 9 until 0 left.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..15 bash bench/queue_gpu.sh   (T1.. re-split a call)
