@@ -155,9 +155,7 @@ def cmd_bench(args) -> int:
             contexts = args.seqlens or [8192, 16384, 32768, 65536, 131072]
             copy_gbps, rows = bench_decode(spec, contexts, args.batches, q_len=args.q_len, dense=not args.no_dense,
                                            flex=args.flex, spec_path=path, scorings=args.decode_scoring,
-                                           forms=args.decode_forms,
-                                           layouts=tuple(dict.fromkeys(["contiguous", *args.layouts])
-                                                         if "paged" in args.layouts else args.layouts))
+                                           forms=args.decode_forms, layouts=tuple(args.layouts))
             print(decode_table(spec, copy_gbps, rows))
             print(f"recorded in {record_decode(spec, copy_gbps, rows, Path(args.out))}")
         return 0

@@ -68,31 +68,23 @@ def fill_cache(module, spec: Spec, B: int, T: int, q_len: int, device=None):
 def paged_copy(cache, generator: torch.Generator | None = None):
     """A paged cache holding `cache`'s (contiguous) values: each sequence's rows cut into pages of the spec's page
     size, the pool's pages handed out in a random order (`generator`), the per-sequence tensors (pooled blocks,
-    rings, lengths, pool weights) copied as they are."""
+    rings, lengths, pool weights) copied as they are. The rows go where the paged cache's own prefill puts them
+    (its `_rows` and `_store`: fp8 moves as bytes), from views of the contiguous rows (no copy of the cache)."""
     d = cache.DESCRIPTOR
     B, ps = cache.batch, d.page_size
     per = -(-cache.tcap // ps)
     table = torch.randperm(B * per, generator=generator).to(torch.int32).reshape(B, per).to(cache.device)
     pool = getattr(cache, "pool", None) or {}
     paged = type(cache)(B, num_pages=B * per, block_table=table, device=cache.device, **pool)
-
-    def to_pages(src, dst):  # [B, tcap, ...] -> the pages of dst [B * per, ps, ...] named by the table
-        if src.dtype == torch.float8_e4m3fn:  # fp8 rows move as bytes (no fp8 index_put), as the cache's _store
-            src, dst = src.view(torch.uint8), dst.view(torch.uint8)
-        full, tail = divmod(src.shape[1], ps)
-        pages = table.long()
-        for b in range(B):  # a sequence's whole pages are a view of its rows: no copy of the cache beside it
-            dst[pages[b, :full]] = src[b, :full * ps].view(full, ps, *src.shape[2:])
-            if tail:
-                dst[pages[b, full], :tail] = src[b, full * ps:]
-
+    # Contiguous flat rows are b * tcap + position, in order: position p of sequence b goes to paged row rows[b, p].
+    rows = paged._rows(torch.arange(cache.tcap, device=cache.device)[None, :].expand(B, -1)).flatten()
     for name, x in cache.tensors.items():
         if name in d.ring_tensors:
             paged.tensors[name].copy_(x)
         else:
-            to_pages(x, paged.tensors[name])
+            paged._store(name, rows, x.flatten(0, 1))
     if hasattr(cache, "k_idx_scale"):
-        to_pages(cache.k_idx_scale, paged.k_idx_scale)
+        paged.k_idx_scale.view(-1, d.hkv).index_copy_(0, rows, cache.k_idx_scale.view(-1, d.hkv))
     for attr in ("kc", "vc"):  # pooled blocks: the paged cache may hold more (its capacity is whole pages)
         if hasattr(cache, attr):
             src = getattr(cache, attr)
@@ -249,7 +241,7 @@ def parse_forms(name: str) -> dict:
     CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2", "whole",
     "whole+cmp_s3_r2" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
     from ..runtime.decode_step import (CHAINS, CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS,
-                                       TOPN_FORMS)
+                                       TOPN_FORMS, WHOLE_FORMS)
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
@@ -267,8 +259,6 @@ def parse_forms(name: str) -> dict:
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
         out[field] = part
-    from ..runtime.decode_step import WHOLE_FORMS
-
     if out.get("form") in WHOLE_FORMS and out.get("topn_form", "row") != "row":
         raise ValueError(f"--decode-forms {name!r}: the {out['form']!r} form runs its own top-n in its program; "
                          f"{out['topn_form']!r} applies to the split, cw and fused forms (drop it, or time it on one "
@@ -324,10 +314,12 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     DSA step's kernel forms), one row per (scoring, forms); the fused and whole launch forms and the chunked top-n
     forms run on the partials path only, their pairs with the logits path are left out. A row's "launch" is the
     launch form the step ran ("auto" resolved by the batch rule, runtime.decode_step.launch_form). `layouts`: the
-    caches each row is timed on (LAYOUTS; a row per layout, "paged" on a copy of the contiguous values)."""
+    caches each row is timed on (LAYOUTS; a row per layout, "paged" on a copy of the contiguous values, which comes
+    with the contiguous rows its paged_vs_contiguous compares with)."""
     from ..runtime.decode_step import WHOLE_FORMS, launch_form
 
-    layouts = tuple(sorted(set(layouts), key=LAYOUTS.index))  # contiguous first: the paged rows' ratio needs it
+    # In LAYOUTS' order, contiguous first: a paged row's ratio needs the contiguous row of its forms.
+    layouts = tuple(x for x in LAYOUTS if x in layouts or (x == "contiguous" and "paged" in layouts))
     module = load(spec, spec_path)
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps(device=DEVICE)
@@ -457,7 +449,7 @@ def _time_step(spec: Spec, step, d, B: int, T: int, q_len: int, copy_gbps: float
             del g
         except Exception as exc:
             row["graph_ms"] = f"capture failed: {str(exc).splitlines()[0][:160]}"
-    mine = row["graph_ms"] if isinstance(row.get("graph_ms"), float) else ms
+    mine = _step_time(row)
     # A dense step's floor: its cache bytes at the copy rate (SDPA's kernels may be far from it).
     row["dense_floor_ms"] = b["dense"] / copy_gbps / 1e6
     row["x_dense_floor"] = row["dense_floor_ms"] / mine

@@ -65,6 +65,7 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 # top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
 # fill the GPU) and it applies, else "split" (`launch_form`).
 LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "auto")
+WHOLE_FORMS = ("whole", "whole_st")
 # How the split and cw forms' launches follow each other (DecodePlan.chain; docs/decode.md "Launch chains"):
 # "plain", stream order; "pdl", programmatic dependent launch on a GPU (sm_90+): each kernel lets the next one
 # launch at its start and waits for the one before it in its prologue (the template's pdl_prologue), so a launch's
@@ -87,7 +88,8 @@ class Chain:
         kw = {"PDL": 1, "launch_pdl": not self.first}
         self.first = False
         return kw
-WHOLE_FORMS = ("whole", "whole_st")
+
+
 # The compression scorer's top-n on the partials path (DecodePlan.topn_form; docs/decode.md "Launch forms"):
 # name -> None ("row": `_decode_select_partials_kernel`, one program per (sequence, new query, kv group) over all
 # its selection blocks) or (blocks a program at most, chunks a row aimed at, TICKET): `_decode_topn_chunks_kernel`,
@@ -274,7 +276,8 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
     """One branch over the cache: each split's partial output and lse, (o [splits, B, q_len, HQ, DV] fp32, lse
     [splits, B, q_len, HQ] fp32, splits); merged in the step's epilogue (the combine kernel). The compression
     branch also writes the selection's inputs: `scores` is (logits,) on the logits path, (sums, refs) on the
-    partials path (docs/decode.md)."""
+    partials path (docs/decode.md). `chain`: the step's Chain (None: plain)."""
+    chain = chain or Chain(d, q.device)
     B, QL = q.shape[0], q.shape[1]
     qlp, gp, chunks = split_rows(d, kind, QL)
     programs = B * d.hkv * chunks * (QL if kind == "selection" else 1)
@@ -309,7 +312,7 @@ def branch(d: DecodeDescriptor, kind, q, K, V, cache, seqlens, block_table, tcap
         q.stride(0), q.stride(1), q.stride(2), K.stride(0), K.stride(1), V.stride(0), V.stride(1),
         block_table.stride(0), B, QL, tcap, splits, d.softmax_scale,
         PAGED=paged, QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, BLOCK_N=tile, WIDEN=d.widen, **flags,
-        num_warps=warps, num_stages=stages, **(chain.kw() if chain else {}))
+        num_warps=warps, num_stages=stages, **chain.kw())
     return o_part, lse_part, splits
 
 
