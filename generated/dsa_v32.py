@@ -4246,7 +4246,7 @@ def _distill_bwd_sparse_fused_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_a4c93c4c"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_a1f99289"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -4264,8 +4264,8 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
     _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
     sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1,
     fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused",
-    fwd_form="km_pf", dense_fwd_form="base",
-    dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 8}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 8}}, dense_dq_form="base")
+    fwd_form="km_pf", dense_fwd_form="qreg",
+    dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 8}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 8}}, dense_dq_form="qreg")
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

@@ -131,7 +131,8 @@ class DecodePlan:
     "partials" and a group's heads in one program: runtime.decode_whole.supports; its program runs the row top-n
     whatever topn_form says),
     "whole_st" ("whole" with odd programs running the window branch first: their top-n phases start apart) or "auto"
-    ("whole" where its batch rule holds, else "split"). The batch rule (runtime.decode_whole.fills, written there
+    ("whole" where its batch rule holds, else "cw" where it applies, else "split"; cw below the rule since the H100
+    timing of commit b6eeeaf: 128k x 1 42 us against split 44, 64k x 16 145 against 155). The batch rule (runtime.decode_whole.fills, written there
     only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
     that SMs idle for the whole step while the split form's key-range splits keep them streaming. "auto" is the
     default since the H100 timing of commit c663314 (nsa_paper, 64k, graph replay: batch 64 whole at 3 stages 390
@@ -225,13 +226,16 @@ class DistillPlan:
     # The dense fused forward's form (docs/distill.md, "The dense forward's forms"; launch config
     # Launches.dense_fwd_form; runtime.distill.DENSE_FWD_FORMS): "base" (_distill_fwd_dense_fused_kernel) or one of
     # dense_forms, the register-operand forms of _distill_fwd_dense_qreg_kernel: (name, keys a trip, pipeline
-    # stages, bit mask of Q's pieces of dense_piece dims kept in shared memory, the others in registers). Default
-    # base until timed.
+    # stages, bit mask of Q's pieces of dense_piece dims kept in shared memory, the others in registers). The plan
+    # (_distill_tiles) takes "qreg" for wide heads where it renders it: timed on V3.2 (H100, commit b6eeeaf, dense
+    # stage with lse_main, fwd / fwd+bwd): 16k 120.2 / 441.4 ms base, 75.3 / 358.6 qreg + qreg dq; 32k 537.5 /
+    # 1830.3 against 303.0 / 1399.7. Elsewhere base (the narrow specs' qreg forms are untimed).
     dense_fwd_form: str = "base"
     dense_forms: tuple = ()
     dense_piece: int = 128
     # The dense backward's query side in a register-operand form (Launches.dense_dq_form; runtime.distill.
-    # DENSE_DQ_FORMS: "base" or "qreg", the kernel _distill_dq_dense_qreg_kernel with qreg's constexprs).
+    # DENSE_DQ_FORMS: "base" or "qreg", the kernel _distill_dq_dense_qreg_kernel with qreg's constexprs); the plan
+    # pairs it with dense_fwd_form (the timing above: 32k fwd+bwd 1601.0 ms qreg forward alone, 1399.7 with both).
     dense_dq_form: str = "base"
 
     def fused_tiles(self) -> "DistillPlan":
@@ -537,12 +541,15 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
     # V3.2's sparse forward 219 registers, no spills, 196 KiB; 64 keys would need 232 KiB).
     rows = max(bt * gp, sgp)
     fused_warps = max(4, 4 * rows // 64) if rows <= 128 else 8
+    dense_forms = dense_qreg_forms(spec, bt * gp, bt * hp, fused_warps)
+    dense_form = "qreg" if wide and any(f[0] == "qreg" for f in dense_forms) else "base"
     return DistillPlan(gp=gp, hp=hp, bt=bt, bs=64, bk=bk, sgp=sgp, shp=max(MIN_DOT, hp),
                        sbs=max(MIN_DOT, min(64, topk_pad)), sbk=MIN_DOT, pairs=max(1, 64 // hp),
                        head_chunks=head_chunks, num_stages=1 if wide else None,
                        fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
                        bwd_bs=max(MIN_DOT, min(64, topk_pad)), fused_km_bs=max(MIN_DOT, min(64, topk_pad)),
-                       dense_forms=dense_qreg_forms(spec, bt * gp, bt * hp, fused_warps), dense_piece=DENSE_PIECE)
+                       dense_forms=dense_forms, dense_piece=DENSE_PIECE, dense_fwd_form=dense_form,
+                       dense_dq_form=dense_form)
 
 
 # Column bits of a 64-column wgmma accumulator (m64nNk16, 4 warps) held in a thread's registers, lowest first:
