@@ -48,6 +48,9 @@
 #           the five model specs and nsa_config_a, forward / backward / forward+backward against cuDNN and flash.
 #   CALL=15 the decode's "cw" launch form and "pdl" launch chain (issue 19, batch 1; untimed): their GPU tests and
 #           their bench against split and fused at batch 1 (128k, 64k) and 16.
+#   CALL=16 the fp8 rounding in one launch (runtime.fp8) and the split cap ms<N> on dsa_v32's decode (issue 19,
+#           batch 1; untimed): tests, the step at 64k x 1 / x 64 (plan, ms8, ms16, fold_list_s64 on wide_w8), the
+#           indexer + top-k at 32k / 64k.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
 # Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 15 (the "cw" decode form and the "pdl"
@@ -55,7 +58,7 @@
 # (paged against contiguous after PAGED_INDEX_STAGES), 9 with FIRST=topn_forms_realistic (the
 # chunked top-n's realistic graph test, now the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0:
 # the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), 6, then 9 until 0 left.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..15 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..16 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -240,5 +243,24 @@ case ${CALL:-1} in
         --decode-forms plan pdl --out "$W/cw/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
         | tee -a "$W/cw/cw_bench.log" | tail -8 ); pack; }
   ;;
-*) echo "CALL must be 1 to 15" >&2; exit 2 ;;
+16)
+  # The fp8 rounding in one launch (runtime.fp8; untimed) and the split cap (ms<N>) on dsa_v32's decode: the fp8
+  # tests (the kernel on the GPU against the CPU's torch form, at a decode step's and a prefill chunk's size) and
+  # the DSA step's GPU tests, then the step at 64k x 1 and x 64 under the plan, split caps 8 and 16 and the
+  # fold_list top-k on wide_w8 (untimed there); then the indexer + top-k at 32k and 64k (its q_I / k_I rounding).
+  mkdir -p $W/fp8
+  piece ${T1:=120} && { ( env_in $W/fp8; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
+      tests/test_runtime.py tests/test_decode_forms.py -k "fp8 or pdl_on_the_dsa or realistic" 2>&1 \
+      | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tee $W/fp8/${day}_gpu_tests_fp8_${COMMIT}.log ); pack; }
+  piece ${T2:=240} && { ( env_in $W/fp8
+      for bb in 1 64; do
+        timeout $((T2 / 2)) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches $bb --seqlens 65536 \
+          --decode-forms plan ms8 ms16 ks_pf_k32+wide_w8+fold_list_s64 ks_pf_k32+wide_w8+fold_list_s64+ms16 \
+          --out "$W/fp8/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
+          | tee -a "$W/fp8/dsa_decode_ms.log" | tail -14
+      done ); pack; }
+  piece ${T3:=120} && { OUT=$W/fp8/idx TEST_TIMEOUT=1 BENCH_TIMEOUT=$T3 SEQLENS="32768 65536" \
+      bash bench/indexer_gpu.sh 2>&1 | grep -v "^\s*void" | tail -20; pack; }
+  ;;
+*) echo "CALL must be 1 to 16" >&2; exit 2 ;;
 esac

@@ -316,12 +316,14 @@ def parser() -> argparse.ArgumentParser:
     bn.add_argument("--decode-forms", nargs="+", default=None, metavar="FORMS",
                     help="--decode: the step's forms to time on each cache, one row each: 'plan', or '+'-joined "
                     "names of the launch forms (split; cw, fused, whole: compression-scored steps on the partials "
-                    "path; auto: whole where its batch rule says so, else split) and of runtime.decode_step."
+                    "path; auto: whole where its batch rule says so, else cw where it applies, else split) and of "
+                    "runtime.decode_step."
                     "SELECTION_FORMS (MLA selection kernel: base, ks_pf, ks_pf_s2, ks_pf_k32) "
                     "and INDEX_FORMS (index scores: tile, wide, wide_k64, wide_w8), TOPK_FORMS (indexer top-k) and "
                     "TOPN_FORMS (compression-scored top-n on the partials path: row, chunked, chunked_ticket) and "
                     "CMP_FORMS (the compression kernel's launch: cmp_base, cmp_s3, cmp_s3_r2, cmp_s4_r1, cmp_k32_r3) and "
-                    "CHAINS (how the split and cw forms' launches follow each other: plain, pdl), "
+                    "CHAINS (how the split and cw forms' launches follow each other: plain, pdl), and a cap on "
+                    "every branch's key-range splits, ms<N> (e.g. ms8), "
                     "e.g. 'plan fused chunked_ticket cmp_s3_r2 whole whole+cmp_s3_r2' (NSA) or "
                     "'plan ks_pf+wide' (DSA) (docs/decode.md, 'Launch forms', 'Compression forms' and 'Forms of the "
                     "DSA step')")

@@ -357,8 +357,15 @@ def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
     assert parse_forms("ks_pf_k32+wide+fold") == {"selection_form": "ks_pf_k32", "index_form": "wide",
                                                   "topk_form": "fold"}
     assert parse_forms("plan") == {}
-    with pytest.raises(ValueError, match="unknown"):
-        parse_forms("ks_pf+nope")
+    # a cap on the key-range splits (the descriptor's max_splits; the GPU's split rule reads it)
+    assert parse_forms("ks_pf+ms8") == {"selection_form": "ks_pf", "max_splits": 8}
+    for bad in ("ks_pf+nope", "ms0", "ms", "ms08x"):
+        with pytest.raises(ValueError, match="unknown"):
+            parse_forms(bad)
+    with pytest.raises(ValueError, match="two split caps"):
+        parse_forms("ms8+ms16")
+    with decode_forms(mod, "ms8") as d:
+        assert d.max_splits == 8 and mod._DECODE is d
     for twice in ("split+fused", "ks_pf+ks_pf_k32", "wide+tile", "fold+radix32"):  # the last is not silently taken
         with pytest.raises(ValueError, match="at most one of each kind"):
             parse_forms(twice)

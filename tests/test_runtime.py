@@ -5,6 +5,10 @@ import torch
 
 from specgen import runtime, testing
 from specgen.reference.indexer import fp8_round_trip
+from specgen.runtime.fp8 import _e4m3_code
+
+import triton  # noqa: E402  (after specgen, which turns the CPU interpreter on without a GPU)
+import triton.language as tl  # noqa: E402
 
 
 def test_fp8_rows_scale_each_row_to_the_e4m3_range():
@@ -37,11 +41,52 @@ def test_reference_round_trip_is_the_kernels_quantiser():
 def test_fp8_rows_are_the_same_on_every_device():
     """The rows the GPU kernels see equal the CPU reference's bit for bit (runtime.fp8_rows on each device), on bf16
     rows whose quotients often sit exactly on e4m3 rounding ties."""
-    x = torch.randn(64, 2, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    cpu8, cpu_scale = runtime.fp8_rows(x)
-    dev8, dev_scale = runtime.fp8_rows(x.to(testing.test_device()))
-    assert torch.equal(dev_scale.cpu(), cpu_scale)
-    assert torch.equal(dev8.cpu().view(torch.uint8), cpu8.view(torch.uint8))
+    gen = torch.Generator().manual_seed(1)
+    # a decode step's q_I (the GPU's one-launch kernel, runtime.fp8) and a prefill chunk's (V3.2's 64 heads x 128)
+    for shape in ((64, 2, 128), (2048, 64, 128)):
+        x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        w = torch.randn(shape[:-1], generator=gen).to(torch.bfloat16)
+        cpu8, cpu_scale = runtime.fp8_rows(x)
+        dev8, dev_scale = runtime.fp8_rows(x.to(testing.test_device()))
+        assert torch.equal(dev_scale.cpu(), cpu_scale)
+        assert torch.equal(dev8.cpu().view(torch.uint8), cpu8.view(torch.uint8))
+        cpu_q, cpu_w = runtime.fp8_index_queries(x, w)
+        dev_q, dev_w = runtime.fp8_index_queries(x.to(testing.test_device()), w.to(testing.test_device()))
+        assert torch.equal(dev_w.cpu(), cpu_w) and torch.equal(dev_q.cpu().view(torch.uint8), cpu_q.view(torch.uint8))
+
+
+def test_fp8_kernel_rounds_as_torch():
+    """runtime.fp8's one-launch quantiser (GPU tensors take it) gives the torch form's bits: scales, e4m3 rows
+    (ties, subnormals, zero rows, -0) and the folded head weights; its cast alone matches torch's on every class of
+    fp32 value (saturation at 448, inf, NaN). On the CPU it runs under the interpreter, called directly."""
+    from specgen.runtime import fp8
+
+    gen = torch.Generator().manual_seed(2)
+    for dtype, D in ((torch.bfloat16, 128), (torch.float16, 96), (torch.float32, 64)):
+        x = (torch.randn(37, 3, D, generator=gen) * torch.logspace(-3, 2, 37).view(37, 1, 1)).to(dtype)
+        x[0, 0] = 0
+        x[1, 1, :] = 2.0 ** -16      # beside an amax of 1: 2^-16 x 448 lies in e4m3's subnormals (below 2^-6)
+        x[1, 1, 0] = 1.0
+        x[2, 2, 3] = -0.0
+        w = torch.randn(37, 3, generator=gen).to(dtype)
+        want8, want_scale = runtime.fp8_rows(x)
+        got8, got_scale = fp8.rows(x)
+        assert torch.equal(got_scale, want_scale) and torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))
+        want_q, want_w = runtime.fp8_index_queries(x, w)
+        got_q, got_w = fp8.rows(x, w)
+        assert torch.equal(got_w, want_w) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    v = torch.cat([torch.randn(2000, generator=gen) * s for s in (1e-4, 1e-2, 1.0, 300.0)] + [torch.tensor(
+        [448.0, 460.0, 464.0, 480.0, 1e4, float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 2.0 ** -9,
+         2.0 ** -10, 3 * 2.0 ** -10, 2.0 ** -6 * (1 - 2.0 ** -5)])])
+    codes = torch.empty(v.numel(), dtype=torch.uint8)
+    _cast_kernel[(triton.cdiv(v.numel(), 1024),)](v, codes, v.numel(), B=1024)
+    assert torch.equal(codes, v.to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+@triton.jit
+def _cast_kernel(V, OUT, N, B: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    tl.store(OUT + i, _e4m3_code(tl.load(V + i, mask=i < N)).to(tl.uint8), mask=i < N)
 
 
 def test_fp8_rows_chunks_change_nothing(monkeypatch):

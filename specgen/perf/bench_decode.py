@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -239,7 +240,9 @@ def parse_forms(name: str) -> dict:
     forms (LAUNCH_FORMS: DecodePlan.form), runtime.decode_step.SELECTION_FORMS (the MLA selection kernel),
     INDEX_FORMS (the index scores), TOPK_FORMS (the indexer top-k), TOPN_FORMS (the compression scorer's top-n) and
     CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2", "whole",
-    "whole+cmp_s3_r2" or "ks_pf+wide+fold"; what is not named keeps the plan's form."""
+    "whole+cmp_s3_r2" or "ks_pf+wide+fold"; "ms<N>" caps every branch's key-range splits at N (the descriptor's
+    max_splits: at batch 1 dsa_v32's selection writes 32 splits' fp32 partials of 128 heads x 512, 8 MiB, where it
+    gathers 2.4 MiB of keys); what is not named keeps the plan's form."""
     from ..runtime.decode_step import (CHAINS, CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS,
                                        TOPN_FORMS, WHOLE_FORMS)
 
@@ -249,12 +252,17 @@ def parse_forms(name: str) -> dict:
     for part in name.split("+"):
         if part == "plan":
             continue
+        if re.fullmatch(r"ms[1-9][0-9]*", part):
+            if "max_splits" in out:
+                raise ValueError(f"--decode-forms {name!r}: two split caps; name at most one")
+            out["max_splits"] = int(part[2:])
+            continue
         field = next((f for f, names in kinds if part in names), None)
         if field is None:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
                              f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, compression forms "
-                             f"{list(CMP_FORMS)}, launch chains {list(CHAINS)}, or 'plan'")
+                             f"{list(CMP_FORMS)}, launch chains {list(CHAINS)}, a split cap ms<N>, or 'plan'")
         if field in out:  # "split+fused" would silently time the last one
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
@@ -321,6 +329,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     # In LAYOUTS' order, contiguous first: a paged row's ratio needs the contiguous row of its forms.
     layouts = tuple(x for x in LAYOUTS if x in layouts or (x == "contiguous" and "paged" in layouts))
     module = load(spec, spec_path)
+    plan = module._DECODE   # the forms' rows swap it (decode_forms)
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps(device=DEVICE)
     rows = []
@@ -360,7 +369,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                     row["forms"] = f"{d.selection_form}+{d.index_form}+{d.topk_form}" + (
                         f"+{d.topn_form}" if d.topn_form != "row" and not whole else "") + (
                         f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "") + (
-                        "+pdl" if d.chain == "pdl" else "")
+                        "+pdl" if d.chain == "pdl" else "") + (
+                        f"+ms{d.max_splits}" if d.max_splits != plan.max_splits else "")
                     if d.cmp_branch:
                         row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)

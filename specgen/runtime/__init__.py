@@ -558,6 +558,9 @@ def packed_map(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> Packed:
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_CHUNK_ELEMENTS = 1 << 24
+# GPU tensors of these dtypes take runtime.fp8's one-launch kernel (the same bits); the torch form below is the
+# CPU's, float64 references' and the kernel's tests' reference.
+FP8_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,6 +571,8 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     decode cache and the float64 reference all share through this function, on whichever device: the scale is the
     correctly rounded fp32 quotient everywhere (see below), so a GPU's rows equal the CPU reference's bit for bit.
     """
+    if x.is_cuda and x.dtype in FP8_KERNEL_DTYPES:
+        return fp8.rows(x)   # the same bits in one launch (runtime.fp8)
     rows = x.reshape(-1, x.shape[-1])
     x8 = torch.empty(rows.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
@@ -590,6 +595,8 @@ def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fp8_index_queries(q_idx: torch.Tensor, w_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indexer queries [..., H_I, d_I] rounded to e4m3 per (token, head) by fp8_rows, and the head weights
     [..., H_I] with those row scales folded in (fp32): the scales are positive, so they pass through the ReLU."""
+    if q_idx.is_cuda and q_idx.dtype in FP8_KERNEL_DTYPES:
+        return fp8.rows(q_idx, w_idx)
     q8, scale = fp8_rows(q_idx)
     return q8, w_idx.float() * scale
 
@@ -936,7 +943,7 @@ def require_schema(schema: int, spec_name: str) -> None:
 # custom ops and autograd, the backward's plain-torch pieces, the launch sequences' host side, the layer, the
 # indexer's top-k and its distillation loss. Generated code reaches them as `runtime.<module>`.
 from . import descriptor, checks, varlen, inference, autograd, backward, launches, layer, indexer  # noqa: E402,F401  isort: skip
-from . import distill, selection  # noqa: E402,F401  isort: skip
+from . import distill, selection, fp8  # noqa: E402,F401  isort: skip
 
 # Decoding: decode_descriptor (the table), decode_cache (the KV cache), decode_step (the step driver), loaded on
 # first use, so importing this file stays light (decode_step imports triton).
