@@ -34,7 +34,8 @@
 #           (SUITE=rest) that no log of bench/results dated 2026-12-07 or later, nor an earlier call on this warm
 #           machine (.gpu-suite-logs/), shows passing; one at a time for gpu (their references take tens of GB),
 #           on WORKERS xdist workers for rest. Call again until it reports 0 left. FIRST=<regex> runs the ids it
-#           matches first (FIRST=cuda_graph: issue 18's packed training call in a graph).
+#           matches first (FIRST=cuda_graph: issue 18's packed training call in a graph). The suite's cap is 470 s
+#           (T1): collection takes ~30 s, and a call the device's 600 s limit cuts keeps no log of what passed.
 #   CALL=10 the decode's "whole" launch form (issue 19; docs/decode.md "Launch forms"; "auto", the default since
 #           c663314, runs it at batch 64): its tests (GPU: nsa_paper at 64k against split, a replayed CUDA graph, the
 #           float64 reference; whole now at 3 stages), then nsa_paper at 64k, batch 64, 33 (132 programs: the rule's
@@ -51,6 +52,8 @@
 #   CALL=16 the fp8 rounding in one launch (runtime.fp8) and the split cap ms<N> on dsa_v32's decode (issue 19,
 #           batch 1; untimed): tests, the step at 64k x 1 / x 64 (plan, ms8, ms16, fold_list_s64 on wide_w8), the
 #           indexer + top-k at 32k / 64k.
+#   CALL=17 issue 19's model-shape decode target: the model specs at 64k, `--batches max` (the largest batch whose
+#           caches fit) and 1, against SDPA.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
 # Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 15 (the "cw" decode form and the "pdl"
@@ -58,7 +61,7 @@
 # (paged against contiguous after PAGED_INDEX_STAGES), 9 with FIRST=topn_forms_realistic (the
 # chunked top-n's realistic graph test, now the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0:
 # the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), 6, then 9 until 0 left.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..16 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..17 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -152,7 +155,7 @@ case ${CALL:-1} in
   fi
   echo "$suite: $(wc -l < $W/suite/left_$suite.txt) of $(wc -l < $W/suite/ids_$suite.txt) tests left"
   if [ -s $W/suite/left_$suite.txt ]; then
-    OUT=$W/suite IDS=$W/suite/left_$suite.txt GPU_TIMEOUT=${T1:=560} REST_TIMEOUT=${T1} WORKERS=${WORKERS:-12} \
+    OUT=$W/suite IDS=$W/suite/left_$suite.txt GPU_TIMEOUT=${T1:=470} REST_TIMEOUT=${T1} WORKERS=${WORKERS:-12} \
         bash bench/gpu_suite.sh $suite --maxfail=2000 2>&1 | tail -12
     for f in $W/suite/gpu_tests_*.log; do cp "$f" ".gpu-suite-logs/${day}_$(basename "$f" .log)_$(date +%H%M%S).log"; done
   fi
@@ -262,5 +265,15 @@ case ${CALL:-1} in
   piece ${T3:=120} && { OUT=$W/fp8/idx TEST_TIMEOUT=1 BENCH_TIMEOUT=$T3 SEQLENS="32768 65536" \
       bash bench/indexer_gpu.sh 2>&1 | grep -v "^\s*void" | tail -20; pack; }
   ;;
-*) echo "CALL must be 1 to 16" >&2; exit 2 ;;
+17)
+  # Issue 19's model-shape target (>= 8x dense at 64k with the largest batch whose caches fit; never timed): each
+  # model spec's step at 64k at `--batches max` and at 1, the plan's forms, SDPA of the same run.
+  mkdir -p $W/models
+  for s in model_llama3_8b model_qwen25_7b model_gemma2_9b model_mha32_d128 model_mha16_d64; do
+    piece ${T1:=95} && { ( env_in $W/models; timeout $T1 python -m specgen.cli bench specs/models/$s.yaml --decode \
+        --batches max 1 --seqlens 65536 --out "$W/models/results" 2>&1 \
+        | grep -v "UserWarning\|return sdpa\|_warn_once\|^$s {" | tee -a $W/models/models_decode.log | tail -8 ); pack; }
+  done
+  ;;
+*) echo "CALL must be 1 to 17" >&2; exit 2 ;;
 esac

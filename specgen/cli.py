@@ -51,6 +51,19 @@ def spec_paths(targets: list[str], notes: bool = False) -> list[Path]:
     return unique
 
 
+def _batch(text: str) -> int:
+    """A `--batches` entry: a positive batch size, or "max" (0 to bench_decode: the largest batch that fits)."""
+    if text == "max":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a batch size is a positive integer or 'max'")
+    return value
+
+
 def _load_all(targets: list[str]):
     return [spec for spec, _ in _load_with_paths(targets)]
 
@@ -308,7 +321,9 @@ def parser() -> argparse.ArgumentParser:
                     help="time DSA's training step whole and by piece (indexer + top-k, sparse attention forward and "
                     "backward, distillation loss in both stages) with its memory, against dense SDPA forward+backward "
                     "(MLA specs: the unabsorbed MHA); specs with an indexer only")
-    bn.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="--decode: batch sizes")
+    bn.add_argument("--batches", type=_batch, nargs="+", default=[1, 64],
+                    help="--decode: batch sizes; 'max': the largest whose caches fit the GPU's free memory "
+                    "(perf.bench_decode.FIT_FRACTION of it; the record says so)")
     bn.add_argument("--q-len", type=int, default=1, help="--decode: new queries per sequence and step")
     bn.add_argument("--decode-scoring", nargs="+", choices=["partials", "logits"], default=None,
                     help="--decode: the compression scorer's paths to time on each cache, one row each (default: "

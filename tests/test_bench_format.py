@@ -157,3 +157,25 @@ def test_decode_table_names_the_paged_rows_and_their_cost():
     lines = table(spec, 3000.0, rows).splitlines()
     assert "paged/partials" in lines[3] and "paged/contiguous 1.050" in lines[3]
     assert "paged" not in lines[2]
+
+
+def test_decode_bench_max_batch_is_the_largest_that_fits():
+    """`specgen bench --decode --batches max`: the largest batch whose caches (one per layout timed) fit
+    FIT_FRACTION of the free memory (issue 19's model-shape rows); a bad entry is refused by the parser."""
+    import argparse
+
+    import specgen
+    from specgen.cli import _batch
+    from specgen.perf.bench_decode import FIT_FRACTION, _cache_bytes, fit_batch
+
+    spec = load_spec("specs/nsa_small.yaml")
+    module = specgen.load(spec)
+    one = _cache_bytes(module, spec, 1, 4096)
+    free = int(40.5 * one / FIT_FRACTION)
+    assert fit_batch(module, spec, 4096, ("contiguous",), free) == 40
+    assert fit_batch(module, spec, 4096, ("contiguous", "paged"), free) == 20
+    assert fit_batch(module, spec, 4096, ("contiguous",), one) == 0
+    assert _batch("max") == 0 and _batch("64") == 64
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="positive integer or 'max'"):
+            _batch(bad)

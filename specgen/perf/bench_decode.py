@@ -38,6 +38,17 @@ DEVICE = "cuda"  # a module constant so a CPU smoke test can point the logic els
 LAYOUTS = ("contiguous", "paged")
 
 
+# A batch of 0 ("--batches max") is the largest whose caches take at most this fraction of the GPU's free memory
+# (issue 19's model-shape target: the largest batch whose caches fit); the rest is the step's and SDPA's workspace.
+FIT_FRACTION = 0.8
+
+
+def fit_batch(module, spec: Spec, T: int, layouts: tuple, free_bytes: int) -> int:
+    """The largest batch whose caches at T tokens (one per layout timed) fit FIT_FRACTION of `free_bytes`."""
+    per_sequence = _cache_bytes(module, spec, 1, T) * len(layouts)
+    return max(0, int(FIT_FRACTION * free_bytes) // per_sequence)
+
+
 def _cache_bytes(module, spec: Spec, B: int, T: int) -> int:
     e = torch.finfo(module.DTYPE).bits // 8
     per_token = sum(d for n, d in module.CACHE_TENSORS.items() if n not in module.RING_TENSORS) * spec.heads.kv * e
@@ -333,14 +344,18 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
     decode = getattr(module, f"{spec.family}_decode")
     copy_gbps = copy_bandwidth_gbps(device=DEVICE)
     rows = []
-    for B in batches:
+    for asked in batches:
         for T in contexts:
-            row = {"batch": B, "context": T, "q_len": q_len}
             # Both layouts are held at once (the paged one is a copy of the contiguous values).
-            need = _cache_bytes(module, spec, B, T + q_len) * (2 if "paged" in layouts else 1)
             free = torch.cuda.mem_get_info()[0]
-            if need > 0.8 * free:
-                row["skipped"] = f"caches of {need / 2**30:.1f} GiB do not fit ({free / 2**30:.1f} GiB free)"
+            B = asked or fit_batch(module, spec, T + q_len, layouts, free)
+            row = {"batch": B, "context": T, "q_len": q_len}
+            if not asked:
+                row["batch_rule"] = f"the largest whose caches fit {FIT_FRACTION:g} x the free memory"
+            need = _cache_bytes(module, spec, B, T + q_len) * len(layouts)
+            if B < 1 or need > FIT_FRACTION * free:
+                row["skipped"] = (f"caches of {need / 2**30:.1f} GiB do not fit ({free / 2**30:.1f} GiB free)" if B
+                                  else f"no sequence's caches fit ({free / 2**30:.1f} GiB free)")
                 rows.append(row)
                 print(spec.name, row)
                 continue
