@@ -247,7 +247,8 @@ case ${CALL:-1} in
         | tee -a "$W/cw/cw_bench.log" | tail -8 ); pack; }
   ;;
 16)
-  # The fp8 rounding in one launch (runtime.fp8; untimed) and the split cap (ms<N>) on dsa_v32's decode: the fp8
+  # The fp8 rounding in one launch (runtime.fp8; untimed), the split cap (ms<N>) and the epilogue's loads (cs<N>)
+  # on dsa_v32's decode: the fp8
   # tests (the kernel on the GPU against the CPU's torch form, at a decode step's and a prefill chunk's size) and
   # the DSA step's GPU tests, then the step at 64k x 1 and x 64 under the plan, split caps 8 and 16 and the
   # fold_list top-k on wide_w8 (untimed there); then the indexer + top-k at 32k and 64k (its q_I / k_I rounding).
@@ -255,14 +256,19 @@ case ${CALL:-1} in
   piece ${T1:=120} && { ( env_in $W/fp8; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
       tests/test_runtime.py tests/test_decode_forms.py -k "fp8 or pdl_on_the_dsa or realistic" 2>&1 \
       | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tee $W/fp8/${day}_gpu_tests_fp8_${COMMIT}.log ); pack; }
-  piece ${T2:=240} && { ( env_in $W/fp8
+  piece ${T2:=220} && { ( env_in $W/fp8
       for bb in 1 64; do
         timeout $((T2 / 2)) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches $bb --seqlens 65536 \
-          --decode-forms plan ms8 ms16 ks_pf_k32+wide_w8+fold_list_s64 ks_pf_k32+wide_w8+fold_list_s64+ms16 \
+          --decode-forms plan ms8 ms16 cs32 ms16+cs32 ks_pf_k32+wide_w8+fold_list_s64 \
+          ks_pf_k32+wide_w8+fold_list_s64+ms16+cs32 \
           --out "$W/fp8/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
           | tee -a "$W/fp8/dsa_decode_ms.log" | tail -14
       done ); pack; }
-  piece ${T3:=120} && { OUT=$W/fp8/idx TEST_TIMEOUT=1 BENCH_TIMEOUT=$T3 SEQLENS="32768 65536" \
+  # The epilogue's loads at batch 1 (cs<N>, the descriptor's combine_sb; 8 the plan's): nsa_paper at 128k and 64k.
+  piece ${T3:=100} && { ( env_in $W/fp8; timeout $T3 python -m specgen.cli bench specs/nsa_paper.yaml --decode \
+      --batches 1 --seqlens 131072 65536 --decode-forms plan cs32 cs64 --out "$W/fp8/results" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/fp8/nsa_decode_cs.log" | tail -12 ); pack; }
+  piece ${T4:=100} && { OUT=$W/fp8/idx TEST_TIMEOUT=1 BENCH_TIMEOUT=$T4 SEQLENS="32768 65536" \
       bash bench/indexer_gpu.sh 2>&1 | grep -v "^\s*void" | tail -20; pack; }
   ;;
 17)

@@ -326,10 +326,11 @@ def test_decode_section_defaults():
     assert (spec.decode.max_q_len, spec.decode.page_size) == (4, 64)
 
 
-@pytest.mark.parametrize("tiles", [(16, 16, 1, 4), (2, 16, 8, 1), (4, 64, 2, 2)], ids=["one_split", "8_splits", "2_splits"])
+@pytest.mark.parametrize("tiles", [(16, 16, 1, 4), (2, 16, 8, 1), (2, 16, 64, 2), (4, 64, 2, 2)],
+                         ids=["one_split", "8_splits", "64_splits", "2_splits"])
 def test_decode_epilogue_tilings_match_the_reference(tiles, monkeypatch):
     """The decode epilogue's tilings: one split at a time (batches that fill the GPU), 8 splits per load in row
-    tiles of 2 (batch 1) and 2 splits per load; 3 splits per branch, so every tiling masks a partial group of
+    tiles of 2 (batch 1), 64 (combine_sb's largest) and 2 splits per load; 3 splits per branch, so every tiling masks a partial group of
     splits, and the 64-wide column tile masks half its columns (DV 32)."""
     from specgen import runtime
 

@@ -366,6 +366,13 @@ def test_bench_decode_forms_swap_the_descriptor_and_restore_it():
         parse_forms("ms8+ms16")
     with decode_forms(mod, "ms8") as d:
         assert d.max_splits == 8 and mod._DECODE is d
+    # the epilogue's splits a load (the descriptor's combine_sb), checked as a power of two up to 64
+    assert parse_forms("cs32+ms8") == {"combine_sb": 32, "max_splits": 8}
+    with pytest.raises(ValueError, match="two epilogue loads"):
+        parse_forms("cs8+cs16")
+    with pytest.raises(ValueError, match="combine_sb 24 .* power of two from 1 to 64"):
+        with decode_forms(mod, "cs24"):
+            pass
     for twice in ("split+fused", "ks_pf+ks_pf_k32", "wide+tile", "fold+radix32"):  # the last is not silently taken
         with pytest.raises(ValueError, match="at most one of each kind"):
             parse_forms(twice)

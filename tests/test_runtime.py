@@ -147,6 +147,9 @@ def test_decode_combine_tiles_fill_the_gpu_at_batch_one(monkeypatch):
     # DSA V3.2 at batch 1 (128 rows of 512 values) reaches two programs per SM before the smallest tiles.
     br, bd, sb, warps = runtime.decode_combine_tiles(128, 512, 64, cuda)
     assert (br, bd) == (2, 64) and (128 // br) * (512 // bd) >= 2 * 132
+    # A higher cap on the splits a load (the descriptor's combine_sb): 64 splits in one round, tiles as before.
+    assert runtime.decode_combine_tiles(64, 128, 64, cuda, 64) == (2, 16, 64, 2)
+    assert runtime.decode_combine_tiles(64, 128, 20, cuda, 64)[2] == 32
     # Batch 64: the rows alone fill the GPU: 2-D tiles, one split at a time.
     assert runtime.decode_combine_tiles(64 * 64, 128, 2, cuda) == (16, 128, 1, 4)
     assert runtime.decode_combine_tiles(64 * 128, 512, 3, cuda) == (16, 128, 1, 4)

@@ -253,27 +253,31 @@ def parse_forms(name: str) -> dict:
     CMP_FORMS (the compression kernel's launch), e.g. "fused", "fused+chunked_ticket", "cmp_s3_r2", "whole",
     "whole+cmp_s3_r2" or "ks_pf+wide+fold"; "ms<N>" caps every branch's key-range splits at N (the descriptor's
     max_splits: at batch 1 dsa_v32's selection writes 32 splits' fp32 partials of 128 heads x 512, 8 MiB, where it
-    gathers 2.4 MiB of keys); what is not named keeps the plan's form."""
+    gathers 2.4 MiB of keys); "cs<N>" lets the epilogue load up to N splits at once where rows are few (the
+    descriptor's combine_sb, a power of two to 64); what is not named keeps the plan's form."""
     from ..runtime.decode_step import (CHAINS, CMP_FORMS, INDEX_FORMS, LAUNCH_FORMS, SELECTION_FORMS, TOPK_FORMS,
                                        TOPN_FORMS, WHOLE_FORMS)
 
     out = {}
     kinds = (("form", LAUNCH_FORMS), ("selection_form", SELECTION_FORMS), ("index_form", INDEX_FORMS),
              ("topk_form", TOPK_FORMS), ("topn_form", TOPN_FORMS), ("cmp_form", CMP_FORMS), ("chain", CHAINS))
+    caps = {"ms": ("max_splits", "split caps"), "cs": ("combine_sb", "epilogue loads")}
     for part in name.split("+"):
         if part == "plan":
             continue
-        if re.fullmatch(r"ms[1-9][0-9]*", part):
-            if "max_splits" in out:
-                raise ValueError(f"--decode-forms {name!r}: two split caps; name at most one")
-            out["max_splits"] = int(part[2:])
+        if re.fullmatch(r"(ms|cs)[1-9][0-9]*", part):
+            field, what = caps[part[:2]]
+            if field in out:
+                raise ValueError(f"--decode-forms {name!r}: two {what}; name at most one")
+            out[field] = int(part[2:])
             continue
         field = next((f for f, names in kinds if part in names), None)
         if field is None:
             raise ValueError(f"--decode-forms: unknown form {part!r}; launch forms {list(LAUNCH_FORMS)}, selection "
                              f"forms {list(SELECTION_FORMS)}, index forms {list(INDEX_FORMS)}, top-k forms "
                              f"{list(TOPK_FORMS)}, top-n forms {list(TOPN_FORMS)}, compression forms "
-                             f"{list(CMP_FORMS)}, launch chains {list(CHAINS)}, a split cap ms<N>, or 'plan'")
+                             f"{list(CMP_FORMS)}, launch chains {list(CHAINS)}, a split cap ms<N>, epilogue "
+                             f"loads cs<N>, or 'plan'")
         if field in out:  # "split+fused" would silently time the last one
             raise ValueError(f"--decode-forms {name!r}: {out[field]!r} and {part!r} are both {field.replace('_', ' ')}s; "
                              f"name at most one of each kind in an entry (separate entries time them side by side)")
@@ -385,7 +389,8 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
                         f"+{d.topn_form}" if d.topn_form != "row" and not whole else "") + (
                         f"+{d.cmp_form}" if d.cmp_form != "cmp_base" else "") + (
                         "+pdl" if d.chain == "pdl" else "") + (
-                        f"+ms{d.max_splits}" if d.max_splits != plan.max_splits else "")
+                        f"+ms{d.max_splits}" if d.max_splits != plan.max_splits else "") + (
+                        f"+cs{d.combine_sb}" if d.combine_sb != plan.combine_sb else "")
                     if d.cmp_branch:
                         row["cmp_launch"] = _cmp_launch(d, B, q_len, cache)
                     _time_step(spec, step, d, B, T, q_len, copy_gbps, graph, row)

@@ -726,14 +726,15 @@ def _sm_count(device: torch.device) -> int:
     return sms
 
 
-def decode_combine_tiles(rows: int, dv: int, max_splits: int, device) -> tuple[int, int, int, int]:
+def decode_combine_tiles(rows: int, dv: int, max_splits: int, device, sb_cap: int = 8) -> tuple[int, int, int, int]:
     """Tiles of the decode epilogue (`_decode_combine_kernel`): (rows, value columns, splits loaded at once,
     num_warps). On the GPU with rows enough for every SM: 16 rows, 128 columns, one split at a time. Else (batch
     1: a few dozen rows, up to 64 splits per branch) row tiles shrink from 16 to 2 and column tiles from 64 to 16
-    until there are two programs per SM, each loading up to 8 splits at once. Off the GPU: 16 rows and two column
-    tiles when DV allows, so the CPU tests exercise the column masks; both split paths by the split count (the CPU
-    decode has 2 splits per branch, 3-D tiles; more take the 2-D path)."""
-    sb = min(8, max(2, 1 << max(0, max_splits - 1).bit_length()))
+    until there are two programs per SM, each loading up to `sb_cap` splits at once (the descriptor's combine_sb:
+    each load round is a dependent trip to memory, two per branch). Off the GPU: 16 rows and two column tiles when
+    DV allows, so the CPU tests exercise the column masks; both split paths by the split count (the CPU decode has
+    2 splits per branch, 3-D tiles; more take the 2-D path)."""
+    sb = min(sb_cap, max(2, 1 << max(0, max_splits - 1).bit_length()))
     dv_pow2 = 1 << max(0, dv - 1).bit_length()
     device = torch.device(device)
     if device.type != "cuda":

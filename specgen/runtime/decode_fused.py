@@ -118,7 +118,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     indices = torch.empty((B, QL, d.hkv, d.top_k), dtype=torch.int32, device=dev)
     rows = B * QL * d.hq
     others = [name for name in d.branch_names if name != "selection"]
-    br, bd, sb, _ = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in others), dev)
+    br, bd, sb, _ = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in others), dev, d.combine_sb)
     n_merge = triton.cdiv(rows, br) * triton.cdiv(d.dv, bd)
     top_rows = B * QL * d.hkv
     acc = torch.empty((rows, d.dv), **f32)

@@ -123,7 +123,11 @@ def check_forms(d: DecodeDescriptor) -> None:
     if d.form in ("fused", "cw") and (why := decode_fused.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split'")
     if d.form in WHOLE_FORMS and (why := decode_whole.supports(d)) is not None:
-        raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split' (or 'auto', which runs 'split' there)")
+        raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split' (or 'auto', which runs 'cw' or 'split' "
+                         f"there)")
+    if d.combine_sb not in (1, 2, 4, 8, 16, 32, 64):
+        raise ValueError(f"{d.spec_name}: combine_sb {d.combine_sb} (splits the epilogue loads at once) must be a "
+                         f"power of two from 1 to 64")
     if d.selection_form not in SELECTION_FORMS:
         raise ValueError(f"{d.spec_name}: unknown selection form {d.selection_form!r}; known: {list(SELECTION_FORMS)}")
     if d.selection_form != "base" and not d.mla:
@@ -564,7 +568,8 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
     lse = torch.empty((B, QL, d.hq, len(d.branch_names)), dtype=torch.float32, device=q.device)
     rows = B * QL * d.hq
     names = d.branch_names
-    br, bd, sb, warps = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in names), q.device)
+    br, bd, sb, warps = _rt.decode_combine_tiles(rows, d.dv, max(parts[name][2] for name in names), q.device,
+                                                 d.combine_sb)
     if d.gated:
         g = (gates, gates.stride(0), gates.stride(1), gates.stride(2))
     else:
