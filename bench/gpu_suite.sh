@@ -39,7 +39,7 @@ run_phase() {  # run_phase NAME MARKEXPR [xdist args...]
   local log="$OUT/gpu_tests_${name}_${COMMIT}${FILES:+_$(echo $files | md5sum | cut -c1-6)}.log"
   header "python -m pytest -q -rfE --durations=15 -m '$mark' $* $files" > "$log"
   local cap=${GPU_TIMEOUT:-0}; [ "$name" = rest ] && cap=${REST_TIMEOUT:-0}
-  timeout -s INT "$cap" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files \
+  timeout -k 30 -s INT "$cap" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore -m "$mark" "$@" $files \
     >> "$log" 2>&1
   echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
@@ -48,7 +48,7 @@ run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its fail
   local files=${FILES:-generated tests}
   local log="$OUT/gpu_tests_gpu_only_${COMMIT}_parallel.log" relog="$OUT/gpu_tests_gpu_only_${COMMIT}_rerun.log"
   header "python -m pytest -m skipif -n $GPU_WORKERS $* $files, then its failures one at a time" > "$log"
-  timeout -s INT "${PARALLEL_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore \
+  timeout -k 30 -s INT "${PARALLEL_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE --durations=15 -W ignore \
     -m skipif -n "$GPU_WORKERS" "$@" $files >> "$log" 2>&1
   echo "# exit status $?" >> "$log"
   tail -n 25 "$log"
@@ -57,7 +57,7 @@ run_gpu_parallel() {  # the GPU-only phase on GPU_WORKERS workers, then its fail
   python "$(dirname "$0")/gpu_suite_left.py" --failed "$log" > "$failed"
   if [ -s "$failed" ]; then
     header "rerun of the failures above, one at a time (warm Triton cache)" > "$relog"
-    timeout -s INT "${RERUN_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE -W ignore -m skipif \
+    timeout -k 30 -s INT "${RERUN_TIMEOUT:-0}" python -m pytest -v -p no:cacheprovider -rfE -W ignore -m skipif \
       "$@" "@$failed" >> "$relog" 2>&1
     echo "# exit status $?" >> "$relog"
     tail -n 25 "$relog"

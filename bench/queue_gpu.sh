@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The device calls for what session 13 changed or built untimed, most needed first (session 13's H200 run, commit
-# 6cc8fb1, is bench/results/SUMMARY.md's "Session of 2026-12-07 (morning)"). Each call <= 9.5 min, every piece
+# The device calls for what the sessions changed or built untimed (each session's GPU run is a section of
+# bench/results/SUMMARY.md, the last "Session of 2026-12-07 (night)", commit b6eeeaf). Each call <= 9.5 min, every piece
 # capped (a T of 0 skips a piece); all files of a call go under one folder, packed into $OUT/all.tgz after each
 # piece (the device returns 8 files a call). A warm machine goes back 30 s after a call: send the next at once.
 #   CALL=1  the training side on today's defaults (issue 17): the indexer's tests (the fp8 rounding fix, the 1e-3
@@ -49,18 +49,18 @@
 #           the five model specs and nsa_config_a, forward / backward / forward+backward against cuDNN and flash.
 #   CALL=15 the decode's "cw" launch form and "pdl" launch chain (issue 19, batch 1; untimed): their GPU tests and
 #           their bench against split and fused at batch 1 (128k, 64k) and 16.
-#   CALL=16 the fp8 rounding in one launch (runtime.fp8) and the split cap ms<N> on dsa_v32's decode (issue 19,
-#           batch 1; untimed): tests, the step at 64k x 1 / x 64 (plan, ms8, ms16, fold_list_s64 on wide_w8), the
-#           indexer + top-k at 32k / 64k.
-#   CALL=17 issue 19's model-shape decode target: the model specs at 64k, `--batches max` (the largest batch whose
-#           caches fit) and 1, against SDPA.
 #   CALL=13 issue 19's paged-cache steps against contiguous ones on the same values, and q_len 2 and 4 steps
 #           (specgen bench --decode --layouts contiguous paged; nsa_paper and dsa_v32 at 64k).
-# Next session, most needed first (12, 7, 13 and 2's timing ran at 2256469): 15 (the "cw" decode form and the "pdl"
-# chain at batch 1: their tests first), 14 (the model matrix at 64k on the H100 with today's defaults: issue 16), 13
-# (paged against contiguous after PAGED_INDEX_STAGES), 9 with FIRST=topn_forms_realistic (the
-# chunked top-n's realistic graph test, now the default; dsa_v32's 64k packed tests last: ~7 min each), 8, 3 (T2=0:
-# the NSA forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults), 6, then 9 until 0 left.
+#   CALL=16 the fp8 rounding in one launch (runtime.fp8), the split cap ms<N> and the epilogue's loads cs<N> on the
+#           decode (issue 19, batch 1; untimed): tests (with the whole form's realistic test: "auto" runs cw below
+#           its rule now), dsa_v32's step at 64k x 1 / x 64 (plan, ms8, ms16, cs32, fold_list_s64 on wide_w8),
+#           nsa_paper's at 128k / 64k x 1 (cs32, cs64), the indexer + top-k at 32k / 64k.
+#   CALL=17 issue 19's model-shape decode target: the model specs at 64k, `--batches max` (the largest batch whose
+#           caches fit) and 1, against SDPA.
+# Next session, most needed first (15, 14, 13's q_len 4 and 8 ran at b6eeeaf: SUMMARY's "Session of 2026-12-07
+# (night)"): 16 (tests first), 17, 9 (the GPU-only tests left, 22 of 161; then SUITE=rest), 3 (T2=0: the NSA
+# forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults, the dense distillation's qreg
+# forms now V3.2's), 6, then 9 until 0 left.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..17 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
@@ -69,6 +69,7 @@ W=/tmp/queue_out
 mkdir -p "$W" "$FINAL"
 pack() { tar -czf "$FINAL/all.tgz" -C "$W" . ; }
 piece() { [ "$1" != 0 ]; }  # piece T: false for a T of 0 (timeout(1) would read 0 as no limit)
+share() { local t=$(($1 / $2)); echo $((t > 0 ? t : 1)); }  # a piece's T shared by N runs, never 0 (no limit)
 env_in() { GPU_ENV_AUTOTUNE=off OUT=$1 source bench/gpu_env.sh; }
 case ${CALL:-1} in
 1)
@@ -88,7 +89,7 @@ case ${CALL:-1} in
   piece ${T2:=170} && { ( env_in $W/dec
       for b in "1 131072 65536" "64 65536"; do
         set -- $b; bb=$1; shift
-        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
+        timeout $(share $T2 2) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
           --decode-forms ${NSA_FORMS:-split fused chunked chunked_ticket fused+chunked_ticket} --out "$W/dec/results" \
           2>&1 | tee -a "$W/dec/decode_fused_bench.log" | tail -24
       done ); pack; }
@@ -115,7 +116,7 @@ case ${CALL:-1} in
       -p no:cacheprovider tests/test_decode.py -k cmp_form 2>&1 | tail -8 | tee $W/cmp/cmp_form_tests.log ); pack; }
   piece ${T2:=150} && { ( env_in $W/cmp
       for bb in 64 1; do
-        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
+        timeout $(share $T2 2) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
           --decode-forms split cmp_s3 cmp_s3_r2 cmp_s4_r1 cmp_k32_r3 fused+cmp_s3_r2 --out "$W/cmp/results" \
           2>&1 | tee -a "$W/cmp/cmp_bench.log" | tail -14
       done ); pack; }
@@ -154,6 +155,7 @@ case ${CALL:-1} in
     mv $W/suite/ordered.txt $W/suite/left_$suite.txt
   fi
   echo "$suite: $(wc -l < $W/suite/left_$suite.txt) of $(wc -l < $W/suite/ids_$suite.txt) tests left"
+  if [ "${T1:-470}" = 0 ]; then echo "CALL=9 needs a cap: T1 > 0" >&2; exit 2; fi
   if [ -s $W/suite/left_$suite.txt ]; then
     OUT=$W/suite IDS=$W/suite/left_$suite.txt GPU_TIMEOUT=${T1:=470} REST_TIMEOUT=${T1} WORKERS=${WORKERS:-12} \
         bash bench/gpu_suite.sh $suite --maxfail=2000 2>&1 | tail -12
@@ -163,13 +165,13 @@ case ${CALL:-1} in
   ;;
 10)
   # The whole launch form (docs/decode.md "Launch forms"): GPU tests, then timing at batch 64 (B x kv groups = 256
-  # programs: "auto" runs whole), 33 (132: the rule's edge) and 16 (64 programs: "auto" runs split) against split
+  # programs: "auto" runs whole), 33 (132: the rule's edge) and 16 (64 programs: "auto" ran split, cw since b6eeeaf) against split
   # and the fused form's best compression form, in one process per batch.
   piece ${T1:=200} && { mkdir -p $W/whole; ( env_in $W/whole; timeout $T1 python -m pytest -q -rfE --tb=short \
       -p no:cacheprovider tests/test_decode.py -k whole 2>&1 | tail -8 | tee $W/whole/whole_tests.log ); pack; }
   piece ${T2:=300} && { ( env_in $W/whole
       for bb in 64 33 16; do
-        timeout $((T2 / 3)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
+        timeout $(share $T2 3) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens 65536 \
           --decode-forms ${WHOLE_FORMS:-split fused+cmp_s3_r2 whole whole_st auto} --out "$W/whole/results" \
           2>&1 | tee -a "$W/whole/whole_bench.log" | tail -16
       done ); pack; }
@@ -238,11 +240,11 @@ case ${CALL:-1} in
   piece ${T2:=300} && { ( env_in $W/cw
       for b in "1 131072 65536" "16 65536"; do
         set -- $b; bb=$1; shift
-        timeout $((T2 / 2)) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
+        timeout $(share $T2 2) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb --seqlens "$@" \
           --decode-forms split cw fused split+pdl cw+pdl --out "$W/cw/results" 2>&1 \
           | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/cw/cw_bench.log" | tail -14
       done
-      timeout $((T2 / 3)) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches 1 --seqlens 65536 \
+      timeout $(share $T2 3) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches 1 --seqlens 65536 \
         --decode-forms plan pdl --out "$W/cw/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
         | tee -a "$W/cw/cw_bench.log" | tail -8 ); pack; }
   ;;
@@ -254,11 +256,12 @@ case ${CALL:-1} in
   # fold_list top-k on wide_w8 (untimed there); then the indexer + top-k at 32k and 64k (its q_I / k_I rounding).
   mkdir -p $W/fp8
   piece ${T1:=120} && { ( env_in $W/fp8; timeout $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
-      tests/test_runtime.py tests/test_decode_forms.py -k "fp8 or pdl_on_the_dsa or realistic" 2>&1 \
+      tests/test_runtime.py tests/test_decode_forms.py tests/test_decode.py \
+      -k "fp8 or pdl_on_the_dsa or whole_form_realistic" 2>&1 \
       | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" | tee $W/fp8/${day}_gpu_tests_fp8_${COMMIT}.log ); pack; }
   piece ${T2:=220} && { ( env_in $W/fp8
       for bb in 1 64; do
-        timeout $((T2 / 2)) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches $bb --seqlens 65536 \
+        timeout $(share $T2 2) python -m specgen.cli bench specs/dsa_v32.yaml --decode --batches $bb --seqlens 65536 \
           --decode-forms plan ms8 ms16 cs32 ms16+cs32 ks_pf_k32+wide_w8+fold_list_s64 \
           ks_pf_k32+wide_w8+fold_list_s64+ms16+cs32 \
           --out "$W/fp8/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \

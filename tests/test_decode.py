@@ -833,7 +833,7 @@ WHOLE = {  # spec, q_len, paged, compression form (both forms of the comparison 
     "small_q1": (lambda: SMALL, 1, False, "cmp_base", True),
     "small_q2_paged": (lambda: SMALL, 2, True, "cmp_base", True),
     "small_q3_paged": (lambda: SMALL, 3, True, "cmp_base", True),  # q_len 3: four unrolled queries, one masked off
-    # (the batch rule's other side, as a GPU's at batch 3: "auto" runs "split")
+    # (the batch rule's other side, as a GPU's at batch 3: "auto" runs "cw")
     "no_window_group3": (lambda: small("fused_nowin", branches=["compression", "selection"], window=None,
                                        **{"heads.q": 6, "heads.kv": 2}), 2, False, "cmp_base", False),
     "small_q2_k32": (lambda: SMALL, 2, False, "cmp_k32_r3", True),  # 32-key compression tiles (the partials' tile)
@@ -849,7 +849,8 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
     """On one cache (lengths + QL tokens each): the split form's step at one split a branch and at its own split
     counts, then the whole form's step twice (num_splits not given, then given), the staggered "whole_st" once
     (the same bits: the window branch moves, nothing else) and the "auto" form's once (the
-    batch rule picks "whole" off the GPU and where B x kv groups fill the SMs, else "split": then its bits). The
+    batch rule picks "whole" off the GPU and where B x kv groups fill the SMs, else "cw" where it applies, else
+    "split": the bits of the form it ran). The
     whole step must launch its one kernel and nothing else, give the same bits twice, pick the one-split step's
     blocks and give its output and lse bit for bit on the CPU (on a GPU the selection and window run at the whole
     kernel's warps: the output within the dtype's rounding, at most one near-tied top-n row flipped), and pick the
@@ -868,9 +869,10 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
                    branch_kernels={k: spy(k, v) for k, v in plan.branch_kernels.items()},
                    select_partials_kernel=spy("topn", plan.select_partials_kernel))
     got = {}
+    auto_ran = decode_step.launch_form(dataclasses.replace(plan, form="auto"), B, dev)
     try:
         for form, splits in (("split", 1), ("split", None), ("whole", None), ("whole", 3), ("whole_st", None),
-                             ("auto", None)):
+                             *([("cw", None)] if auto_ran == "cw" else []), ("auto", None)):
             d = dataclasses.replace(plan, form=form, cmp_form=cmp_form, **kernels)
             step = install_step(mod, d, q, cache, gates, splits)
             launched.clear()
@@ -888,10 +890,10 @@ def whole_against_split(mod, spec, lengths, QL, paged, dev, cmp_form="cmp_base",
     o_w, lse_w, idx_w = got["whole", None]
     assert (idx_1 >= 0).sum() > B * QL * hkv * 2, "too few selected blocks to compare"
     assert torch.isfinite(o_w).all()
-    auto_ran = decode_step.launch_form(dataclasses.replace(plan, form="auto"), B, dev)
-    # whole_st: the window branch first in odd programs; the same values, so the same bits.
+    # whole_st: the window branch first in odd programs; the same values, so the same bits. "auto": the bits of the
+    # form it ran (below the batch rule cw, whose window runs at the compression's warps: not split's bits).
     for again, want in ((got["whole", 3], (o_w, lse_w, idx_w)), (got["whole_st", None], (o_w, lse_w, idx_w)),
-                        (got["auto", None], (o_w, lse_w, idx_w) if auto_ran == "whole" else (o_s, lse_s, idx_s))):
+                        (got["auto", None], (o_w, lse_w, idx_w) if auto_ran == "whole" else got[auto_ran, None])):
         for x, y in zip(want, again):
             assert torch.equal(x, y), "another whole (or auto) step differs"
     eps = torch.finfo(mod.DTYPE).eps

@@ -58,9 +58,11 @@ def test_fp8_rows_are_the_same_on_every_device():
 def test_fp8_kernel_rounds_as_torch():
     """runtime.fp8's one-launch quantiser (GPU tensors take it) gives the torch form's bits: scales, e4m3 rows
     (ties, subnormals, zero rows, -0) and the folded head weights; its cast alone matches torch's on every class of
-    fp32 value (saturation at 448, inf, NaN). On the CPU it runs under the interpreter, called directly."""
+    fp32 value (saturation at 448, inf, NaN). The torch form on the CPU, the kernel on the test device (the
+    interpreter without a GPU)."""
     from specgen.runtime import fp8
 
+    dev = testing.test_device()
     gen = torch.Generator().manual_seed(2)
     for dtype, D in ((torch.bfloat16, 128), (torch.float16, 96), (torch.float32, 64)):
         x = (torch.randn(37, 3, D, generator=gen) * torch.logspace(-3, 2, 37).view(37, 1, 1)).to(dtype)
@@ -68,19 +70,23 @@ def test_fp8_kernel_rounds_as_torch():
         x[1, 1, :] = 2.0 ** -16      # beside an amax of 1: 2^-16 x 448 lies in e4m3's subnormals (below 2^-6)
         x[1, 1, 0] = 1.0
         x[2, 2, 3] = -0.0
+        x[3, 0, 5] = float("nan")    # torch's row max keeps it: the row's scale is 1
         w = torch.randn(37, 3, generator=gen).to(dtype)
         want8, want_scale = runtime.fp8_rows(x)
-        got8, got_scale = fp8.rows(x)
-        assert torch.equal(got_scale, want_scale) and torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))
+        got8, got_scale = fp8.rows(x.to(dev))
+        assert torch.equal(got_scale.cpu(), want_scale)
+        assert torch.equal(got8.cpu().view(torch.uint8), want8.view(torch.uint8))
         want_q, want_w = runtime.fp8_index_queries(x, w)
-        got_q, got_w = fp8.rows(x, w)
-        assert torch.equal(got_w, want_w) and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+        got_q, got_w = fp8.rows(x.to(dev), w.to(dev))
+        assert torch.equal(got_w.cpu(), want_w) and torch.equal(got_q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+    with pytest.raises(ValueError, match="5 weights for 111 rows"):
+        fp8.rows(x.to(dev), w[:5].to(dev))
     v = torch.cat([torch.randn(2000, generator=gen) * s for s in (1e-4, 1e-2, 1.0, 300.0)] + [torch.tensor(
         [448.0, 460.0, 464.0, 480.0, 1e4, float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 2.0 ** -9,
          2.0 ** -10, 3 * 2.0 ** -10, 2.0 ** -6 * (1 - 2.0 ** -5)])])
-    codes = torch.empty(v.numel(), dtype=torch.uint8)
-    _cast_kernel[(triton.cdiv(v.numel(), 1024),)](v, codes, v.numel(), B=1024)
-    assert torch.equal(codes, v.to(torch.float8_e4m3fn).view(torch.uint8))
+    codes = torch.empty(v.numel(), dtype=torch.uint8, device=dev)
+    _cast_kernel[(triton.cdiv(v.numel(), 1024),)](v.to(dev), codes, v.numel(), B=1024)
+    assert torch.equal(codes.cpu(), v.to(torch.float8_e4m3fn).view(torch.uint8))
 
 
 @triton.jit

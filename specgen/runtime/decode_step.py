@@ -63,8 +63,8 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 # "fused", three (specgen.runtime.decode_fused); "whole", one, a program per (sequence, kv group) doing its whole step
 # (specgen.runtime.decode_whole); "whole_st", "whole" with odd programs running the window branch first (their
 # top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
-# fill the GPU) and it applies, else "cw" where it applies (timed faster than "split" at every batch it runs: H100,
-# commit b6eeeaf), else "split" (`launch_form`).
+# fill the GPU) and it applies; below that rule "cw" where it applies (faster than "split" at batch 1 and 16, the
+# batches timed: H100, commit b6eeeaf); else "split" (`launch_form`).
 LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "auto")
 WHOLE_FORMS = ("whole", "whole_st")
 # How the split and cw forms' launches follow each other (DecodePlan.chain; docs/decode.md "Launch chains"):
@@ -172,12 +172,12 @@ def check_forms(d: DecodeDescriptor) -> None:
 
 def launch_form(d: DecodeDescriptor, B: int, device) -> str:
     """The launch form a step of B sequences runs: the descriptor's, with "auto" resolved by the batch rule
-    ("whole" where decode_whole.supports and decode_whole.fills, else "cw" where decode_fused.supports, else
-    "split")."""
+    ("whole" where decode_whole.fills and decode_whole.supports; below that batch rule "cw" where
+    decode_fused.supports, as timed; "split" otherwise)."""
     if d.form != "auto":
         return d.form
-    if decode_whole.supports(d) is None and decode_whole.fills(d, B, device):
-        return "whole"
+    if decode_whole.fills(d, B, device):
+        return "whole" if decode_whole.supports(d) is None else "split"
     return "cw" if decode_fused.supports(d) is None else "split"
 
 

@@ -3,7 +3,7 @@ row scales folded in) for GPU tensors, bit for bit what the torch form computes 
 
 The torch form is a dozen elementwise and reduction launches (the fp32 copy, |x|, the row max, the quotient, the
 cast, the copies back, the weights' product): at a decode step of batch 1 they were about 12 us of kernels and as
-many launch gaps of dsa_v32's ~100 us step (H100, commit 2256469), and at a 64k prefill several passes over a
+many launch gaps of dsa_v32's ~100 us step (H100, commit b6eeeaf), and at a 64k prefill several passes over a
 1 GiB q_I. Here one program quantises BR rows in registers.
 
 Bit for bit with torch: the scale is amax / 448 correctly rounded (`div_rn`, as torch divides by a tensor), the
@@ -15,6 +15,8 @@ could not check the kernel's rounding there. The product of the weights is one f
 as torch's."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -45,6 +47,12 @@ def _e4m3_code(v):
 
 
 @triton.jit
+def _max_nan(a, b):
+    # torch.amax keeps a NaN (the row's scale then falls back to 1); the GPU's plain max.f32 would skip it.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _fp8_rows_kernel(X, X8, SCALE, W, W_OUT, R, D, BR: tl.constexpr, BD: tl.constexpr, HAS_W: tl.constexpr):
     """Rows [pid * BR, pid * BR + BR) of X [R, D]: X8 (uint8 view of the e4m3 rows), SCALE [R] fp32 and, with
     HAS_W, W_OUT [R] = fp32(W) * SCALE."""
@@ -54,7 +62,7 @@ def _fp8_rows_kernel(X, X8, SCALE, W, W_OUT, R, D, BR: tl.constexpr, BD: tl.cons
     ok = row_ok[:, None] & (cols < D)[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
+    amax = tl.reduce(tl.abs(x), 1, _max_nan)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([BR], 448.0, tl.float32)), 1.0)
     code = _e4m3_code(tl.math.div_rn(x, tl.broadcast_to(scale[:, None], (BR, BD))))
     tl.store(X8 + offs, code.to(tl.uint8), mask=ok)
@@ -73,6 +81,9 @@ def rows(x: torch.Tensor, w: torch.Tensor | None = None):
     x8 = torch.empty((R, D), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(R, dtype=torch.float32, device=x.device)
     if w is not None:
+        if w.numel() != R:
+            raise ValueError(f"fp8.rows: {w.numel()} weights for {R} rows (one a row: x's shape without its last "
+                             f"dim, {tuple(x.shape[:-1])})")
         w_flat = w.reshape(-1).contiguous()
         w_out = torch.empty(R, dtype=torch.float32, device=x.device)
     else:
@@ -80,8 +91,9 @@ def rows(x: torch.Tensor, w: torch.Tensor | None = None):
     if R:
         BD = next_pow2(D)
         BR = max(1, TILE_ELEMENTS // BD)
-        _fp8_rows_kernel[(triton.cdiv(R, BR),)](flat, x8.view(torch.uint8), scale, w_flat, w_out, R, D, BR=BR,
-                                                BD=BD, HAS_W=w is not None, num_warps=4)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():   # x's GPU, not the current
+            _fp8_rows_kernel[(triton.cdiv(R, BR),)](flat, x8.view(torch.uint8), scale, w_flat, w_out, R, D, BR=BR,
+                                                    BD=BD, HAS_W=w is not None, num_warps=4)
     x8 = x8.view(x.shape)
     if w is None:
         return x8, scale.view(x.shape[:-1])
