@@ -711,8 +711,9 @@ def fused_against_split(mod, spec, lengths, QL, splits, paged, dev, graph=False,
     if form == "persist":  # every kernel: the step's launches are exactly the persist kernel's one
         others = ("combine_kernel", "select_partials_kernel", "topn_chunks_kernel", "topn_merge_kernel",
                   "group_probs_kernel", "select_blocks_kernel", "whole_kernel")
-        kernels.update(persist_kernel=spy("persist", plan.persist_kernel), **{f: spy(f, getattr(plan, f)) for f in others},
-                       branch_kernels={k: spy(k, v) for k, v in plan.branch_kernels.items()})
+        kernels.update(persist_kernel=spy("persist", plan.persist_kernel),
+                       branch_kernels={k: spy(k, v) for k, v in plan.branch_kernels.items()},
+                       **{f: spy(f, getattr(plan, f)) for f in others})
     try:
         for f in ("split", form, form):
             d = __import__("dataclasses").replace(plan, form=f, **kernels)

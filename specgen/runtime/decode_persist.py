@@ -101,7 +101,8 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     Kw, Vw = (cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)) if d.window else (Ks, Vs)
     g = (gates, gates.stride(0), gates.stride(1), gates.stride(2)) if d.gated else (out, 0, 0, 0)
     # The phases' programs, as the kernel counts them: compression and window, top-n chunks, selection, combine.
-    grid = (programs * (s_c + s_w) + B * QL * d.hkv * nch + programs_s * s_s + triton.cdiv(rows, br) * triton.cdiv(d.dv, bd),)
+    grid = (programs * (s_c + s_w) + B * QL * d.hkv * nch + programs_s * s_s
+            + triton.cdiv(rows, br) * triton.cdiv(d.dv, bd),)
     d.persist_kernel[grid](
         q, Kc, Vc, Ks, Vs, Kw, Vw, block_table, seqlens, o_c, l_c, o_s, l_s, o_w, l_w, sums, refs, indices, cand,
         cache.tickets, counters(cache), *g, out, lse, q.stride(0), q.stride(1), q.stride(2),

@@ -486,7 +486,7 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             d, q, cache, seqlens, block_table, gates, out, split_rows(d, "compression", QL),
             split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3], stagger=form == "whole_st")
         return checks.results(out, lse, indices, return_lse, return_indices)
-    if form in ("fused", "cw", "persist"):  # the compression's launch at its form's warps (docs/decode.md "Launch forms")
+    if form in ("fused", "cw", "persist"):  # the compression launch's geometry (docs/decode.md "Launch forms")
         QL = q.shape[1]
         rows_c = split_rows(d, "compression", QL)
         tile, stages, warps, _ = cmp_launch(d, 2, QL)
