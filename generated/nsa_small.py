@@ -1653,6 +1653,8 @@ def _decode_persist_kernel(
         bg = row // (QL * HKV) * HKV + row % HKV
         while tl.atomic_add(CMP_DONE + bg, 0, sem="acquire", scope="gpu") < HEAD_CHUNKS * NSPLIT_C:
             pass
+        # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+        tl.debug_barrier()
         _decode_topn_chunk(SC_SUM, SC_REF, L_C, NSPLIT_C, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCCAP - 1, NSEL, NCH,
                            row, v // ROWS_T, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=NSPLIT_PAD, BACK=BACK, CB=CB,
                            NCH_PAD=NCH_PAD, TICKET=False)
@@ -1673,6 +1675,8 @@ def _decode_persist_kernel(
         bg = pid // (QL * HEAD_CHUNKS_S)
         while tl.atomic_add(TOPN_DONE + bg, 0, sem="acquire", scope="gpu") < QL:
             pass
+        # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+        tl.debug_barrier()
         _decode_selection_body(
             Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
             stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
@@ -1691,6 +1695,8 @@ def _decode_persist_kernel(
         for b in range(r0 // (QL * HQ), (tl.minimum(r0 + BR, ROWS) - 1) // (QL * HQ) + 1):
             while tl.atomic_add(SEQ_DONE + b, 0, sem="acquire", scope="gpu") < per_seq:
                 pass
+            # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+            tl.debug_barrier()
         _decode_combine_tile(
             O_C, L_C, NSPLIT_C,
             O_S, L_S, NSPLIT_S,
