@@ -9,9 +9,13 @@ that makes per program and per SM. The table behind docs/decode.md's "Compressio
 The fused launch form's `_decode_cmp_win_kernel` (`--launch fused`: the compression and window branches in one
 kernel, at the form's stages and warps, paged) must fit too: its shared memory is the larger branch's. So must the
 whole launch form's `_decode_whole_kernel` (`--launch whole`: the whole step in one program, every branch and the
-top-n at the form's stages and warps, paged; `--context` sets the top-n's row of selection blocks).
+top-n at the form's stages and warps, paged; `--context` sets the top-n's row of selection blocks). So must the
+persist launch form's `_decode_persist_kernel` (`--launch persist`: every phase of the split form in one kernel at
+the compression's warps and stages, paged, its constexprs as at batch 1 on an H100: `--context` sets the top-n's
+chunks, the compression's 64 splits and the epilogue's batch-1 tiles are the runtime's there).
 
-Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...] [--launch split fused whole whole_st]
+Usage: python bench/cmp_decode_offline.py [SPEC] [--q-lens 1 2 4] [--only FORM ...]
+       [--launch split fused whole whole_st persist]
        [--context 65536] [--json FILE]
 """
 
@@ -35,10 +39,21 @@ SIG = dict(BLOCK_TABLE="*i32:16", SEQLENS="*i32:16", O_PART="*fp32:16", LSE_PART
            SC_SUM="*fp32:16", SC_REF="*fp32:16", B="i32", QL="i32", TCAP="i32", NSPLIT="i32", sm_scale="fp32",
            O_C="*fp32:16", L_C="*fp32:16", O_W="*fp32:16", L_W="*fp32:16", NCCAP="i32", NSPLIT_C="i32",
            NSPLIT_W="i32", O_S="*fp32:16", L_S="*fp32:16", IDX="*i32:16", LSE_OUT="*fp32:16", NSEL="i32",
-           stride_gb="i32", stride_gt="i32", stride_gh="i32")
+           stride_gb="i32", stride_gt="i32", stride_gh="i32", CAND="*i64:16", TICKETS="*i32:16",
+           COUNTERS="*i32:16", NCH="i32", NSPLIT_S="i32")
 KERNELS = {"split": "_decode_compression_kernel", "fused": "_decode_cmp_win_kernel",
-           "whole": "_decode_whole_kernel", "whole_st": "_decode_whole_kernel"}  # the launch forms' kernels
+           "whole": "_decode_whole_kernel", "whole_st": "_decode_whole_kernel",
+           "persist": "_decode_persist_kernel"}  # the launch forms' kernels
 SM_REGS, SM_SMEM, CTA_RESERVED = 65536, 233472, 1024  # sm_90: registers and shared memory an SM, reserved a CTA
+
+
+def rt_combine_tiles(rows: int, dv: int, splits: int, sb_cap: int) -> tuple:
+    """runtime.decode_combine_tiles on an H100's 132 SMs (this machine has no GPU to ask)."""
+    from unittest import mock
+
+    from specgen import runtime
+    with mock.patch.object(runtime, "_sm_count", lambda device: 132):
+        return runtime.decode_combine_tiles(rows, dv, splits, "cuda", sb_cap)
 
 
 def loop_in_flight(ttgir: str) -> tuple[int, int]:
@@ -81,6 +96,13 @@ def main(argv=None) -> int:
             consts.update(GP_S=decode_step.split_rows(dd, "selection", ql)[1], BLOCK_S=d.split_tiles["selection"],
                           GP_T=1 << (d.group - 1).bit_length(), NSEL_PAD=1 << (n_sel - 1).bit_length(), BACK=back,
                           BD=decode_whole.epilogue_cols(d, qlp * gp), STAGGER=int(launch == "whole_st"))
+        if launch == "persist":  # decode_persist.step's constexprs at batch 1 on an H100 (runtime.decode_splits: 64)
+            cb, _, nch_pad, _ = decode_step.topn_chunks(dd, n_sel, "chunked_ticket")
+            br, bd, sb, _ = rt_combine_tiles(ql * d.hq, d.dv, 64, d.combine_sb)
+            s_rows = decode_step.split_rows(dd, "selection", ql)
+            consts.update(GP_S=s_rows[1], HEAD_CHUNKS_S=s_rows[2], BLOCK_S=d.split_tiles["selection"],
+                          GP_T=1 << (d.group - 1).bit_length(), NSPLIT_PAD=64, BACK=back, CB=cb, NCH_PAD=nch_pad,
+                          BR=br, BD=bd, SB=sb)
         ov = {k: v for k, v in SIG.items() if k in params}
         ov.update({k: f"constexpr={v}" for k, v in consts.items() if k in params})
         row = {"spec": spec.name, "launch": launch, "form": name, "q_len": ql, "tile": tile, "stages": stages,

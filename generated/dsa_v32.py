@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(23, "dsa_v32")
+runtime.require_schema(24, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1366,12 +1366,13 @@ def _decode_combine_kernel(
 def _decode_combine_tile(
     O_0, L_0, NS_0,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr = "",
 ):
     """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
     masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's
     splits merged, summed in fp32 and rounded once into OUT; the branches' lse written where `lse_cols`
-    (true for one column tile of the rows)."""
+    (true for one column tile of the rows). CG ".cg": the partials' loads bypass L1 (the persist form's programs
+    read partials that other programs of the same launch wrote)."""
     col_ok = cols < DV
     sp0 = tl.arange(0, SB)
     out = tl.zeros([BR, BD], dtype=tl.float32)
@@ -1382,28 +1383,28 @@ def _decode_combine_tile(
     if SB == 1:
         # Rows fill the GPU: one split at a time, 2-D tiles.
         for s in range(NS_0):
-            m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+            m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s in range(NS_0):
-            w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG) - m_safe)
             den += w
             o += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
-                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CG)
     else:
         for s0 in range(0, NS_0, SB):
             sp = s0 + sp0
             lse_s = tl.load(L_0 + sp[:, None] * ROWS + rows[None, :],
-                            mask=(sp < NS_0)[:, None] & row_ok[None, :], other=float("-inf"))
+                            mask=(sp < NS_0)[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=CG)
             m = tl.maximum(m, tl.max(lse_s, axis=0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s0 in range(0, NS_0, SB):
             sp = s0 + sp0
             ok = (sp < NS_0)[:, None] & row_ok[None, :]
-            w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+            w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=CG)
                        - m_safe[None, :])
             den += tl.sum(w, axis=0)
             part = tl.load(O_0 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
-                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=CG)
             o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))

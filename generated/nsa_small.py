@@ -15,7 +15,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(23, "nsa_small")
+runtime.require_schema(24, "nsa_small")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -1586,6 +1586,135 @@ def _decode_whole_kernel(
 
 
 @triton.jit
+def _decode_persist_kernel(
+    Q, KC, VC, KS, VS, KW, VW, BLOCK_TABLE, SEQLENS, O_C, L_C, O_S, L_S, O_W, L_W, SC_SUM, SC_REF, IDX, CAND, TICKETS,
+    COUNTERS, GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcr, stride_kch, stride_vcr, stride_vch,
+    stride_ksr, stride_ksh, stride_vsr, stride_vsh,
+    stride_kwr, stride_kwh, stride_vwr, stride_vwh,
+    stride_tb,
+    B, QL, NCCAP, TCAP, NSEL, NCH, NSPLIT_C, NSPLIT_W, NSPLIT_S, sm_scale,
+    PAGED: tl.constexpr, QLP: tl.constexpr, GP: tl.constexpr, HEAD_CHUNKS: tl.constexpr, GP_S: tl.constexpr,
+    HEAD_CHUNKS_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr,
+    WIDEN: tl.constexpr, SC_COLS: tl.constexpr, GP_T: tl.constexpr, NSPLIT_PAD: tl.constexpr, BACK: tl.constexpr,
+    CB: tl.constexpr, NCH_PAD: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+):
+    """Grid (compression + window + top-n + selection + combine programs,): the program that arrives vid-th runs
+    the split form's program of the phase vid falls in (each phase's programs in the split form's grid order,
+    axis 0 fastest). Partials as the split form's: O_x [NSPLIT_x, B, QL, HQ, DV], L_x [NSPLIT_x, B, QL, HQ] (x: C
+    compression, S selection, W window), SC_SUM / SC_REF, the top-n's candidates CAND [B x QL x HKV, NCH,
+    TOP_K_PAD] and row tickets TICKETS (the top-n form "chunked_ticket"), IDX [B, QL, HKV, TOP_K]."""
+    # The arrival order, not program_id: a program only waits for smaller ids, which have started.
+    vid = tl.atomic_add(COUNTERS + 0, 1)
+    BG = B * HKV
+    CMP_DONE = COUNTERS + 2           # [B x HKV] compression programs done
+    TOPN_DONE = COUNTERS + 2 + BG     # [B x HKV] top-n rows merged
+    SEQ_DONE = COUNTERS + 2 + 2 * BG  # [B] branch programs done
+    P_C = BG * HEAD_CHUNKS
+    n_c = P_C * NSPLIT_C
+    n_w = P_C * NSPLIT_W
+    ROWS_T = BG * QL
+    n_t = ROWS_T * NCH
+    P_S = BG * HEAD_CHUNKS_S * QL
+    n_s = P_S * NSPLIT_S
+    ROWS = B * QL * HQ
+    COL_TILES: tl.constexpr = (DV + BD - 1) // BD
+    n_rt = tl.cdiv(ROWS, BR)
+    if vid < n_c:
+        pid = vid % P_C
+        _decode_compression_body(
+            Q, KC, VC, BLOCK_TABLE, SEQLENS, O_C, L_C, O_C, SC_SUM, SC_REF,
+            stride_qb, stride_qt, stride_qh, stride_kcr, stride_kch, stride_vcr, stride_vch, stride_tb,
+            B, QL, NCCAP, NSPLIT_C, sm_scale, pid, vid // P_C,
+            PAGED=False, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_C, WIDEN=WIDEN, SCORES=2,
+            SC_COLS=SC_COLS)
+        # Every thread's stores above are done before the release that publishes them.
+        tl.debug_barrier()
+        tl.atomic_add(CMP_DONE + pid // HEAD_CHUNKS, 1, sem="release", scope="gpu")
+        tl.atomic_add(SEQ_DONE + pid // (HKV * HEAD_CHUNKS), 1, sem="release", scope="gpu")
+
+    elif vid < n_c + n_w:
+        v = vid - n_c
+        pid = v % P_C
+        _decode_window_body(
+            Q, KW, VW, BLOCK_TABLE, SEQLENS, O_W, L_W,
+            stride_qb, stride_qt, stride_qh, stride_kwr, stride_kwh, stride_vwr, stride_vwh, stride_tb,
+            B, QL, TCAP, NSPLIT_W, sm_scale, pid, v // P_C,
+            PAGED=PAGED, QLP=QLP, GP=GP, HEAD_CHUNKS=HEAD_CHUNKS, BLOCK_N=BLOCK_W, WIDEN=WIDEN)
+        # Every thread's stores above are done before the release that publishes them.
+        tl.debug_barrier()
+        tl.atomic_add(SEQ_DONE + pid // (HKV * HEAD_CHUNKS), 1, sem="release", scope="gpu")
+
+    elif vid < n_c + n_w + n_t:
+        # Top-n row (b x QL + qi) x HKV + g, chunk of CB blocks: its group's compression programs first.
+        v = vid - n_c - n_w
+        row = v % ROWS_T
+        bg = row // (QL * HKV) * HKV + row % HKV
+        while tl.atomic_add(CMP_DONE + bg, 0, sem="acquire", scope="gpu") < HEAD_CHUNKS * NSPLIT_C:
+            pass
+        # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+        tl.debug_barrier()
+        _decode_topn_chunk(SC_SUM, SC_REF, L_C, NSPLIT_C, SEQLENS, IDX, CAND, TICKETS, ROWS, QL, NCCAP - 1, NSEL, NCH,
+                           row, v // ROWS_T, GP=GP_T, BLOCK_N=BLOCK_C, NSPLIT_PAD=NSPLIT_PAD, BACK=BACK, CB=CB,
+                           NCH_PAD=NCH_PAD, TICKET=False)
+        # The "chunked_ticket" merge (as `_decode_topn_chunk`'s), then the row counts as merged for its group.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(TICKETS + row, 1, sem="acq_rel", scope="gpu")
+        if ticket == NCH - 1:
+            tl.store(TICKETS + row, 0)
+            _decode_topn_merge(CAND, IDX, row, NCH, NCH_PAD)
+            # Every thread's stores above are done before the release that publishes them.
+            tl.debug_barrier()
+            tl.atomic_add(TOPN_DONE + bg, 1, sem="release", scope="gpu")
+
+    elif vid < n_c + n_w + n_t + n_s:
+        # Selection program ((b x HKV + g) x head chunks + chunk) x QL + qi: every row of its group merged first.
+        v = vid - n_c - n_w - n_t
+        pid = v % P_S
+        bg = pid // (QL * HEAD_CHUNKS_S)
+        while tl.atomic_add(TOPN_DONE + bg, 0, sem="acquire", scope="gpu") < QL:
+            pass
+        # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+        tl.debug_barrier()
+        _decode_selection_body(
+            Q, KS, VS, BLOCK_TABLE, SEQLENS, O_S, L_S, IDX,
+            stride_qb, stride_qt, stride_qh, stride_ksr, stride_ksh, stride_vsr, stride_vsh, stride_tb,
+            B, QL, TCAP, NSPLIT_S, sm_scale, pid, v // P_S,
+            PAGED=PAGED, QLP=1, GP=GP_S, HEAD_CHUNKS=HEAD_CHUNKS_S, BLOCK_N=BLOCK_S, WIDEN=WIDEN)
+        # Every thread's stores above are done before the release that publishes them.
+        tl.debug_barrier()
+        tl.atomic_add(SEQ_DONE + bg // HKV, 1, sem="release", scope="gpu")
+
+    else:
+        # Combine tile (row tile, column tile): every branch program of the sequences its rows belong to first.
+        v = vid - n_c - n_w - n_t - n_s
+        r0 = (v % n_rt) * BR
+        rows = r0 + tl.arange(0, BR)
+        per_seq = HKV * HEAD_CHUNKS * (NSPLIT_C + NSPLIT_W) + HKV * HEAD_CHUNKS_S * QL * NSPLIT_S
+        for b in range(r0 // (QL * HQ), (tl.minimum(r0 + BR, ROWS) - 1) // (QL * HQ) + 1):
+            while tl.atomic_add(SEQ_DONE + b, 0, sem="acquire", scope="gpu") < per_seq:
+                pass
+            # Should the compiler give the acquire to one thread, the barrier orders every thread's loads after it.
+            tl.debug_barrier()
+        _decode_combine_tile(
+            O_C, L_C, NSPLIT_C,
+            O_S, L_S, NSPLIT_S,
+            O_W, L_W, NSPLIT_W,
+            GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, rows < ROWS,
+            (v // n_rt) * BD + tl.arange(0, BD), v // n_rt == 0, BR=BR, BD=BD, SB=SB, CG=".cg")
+        # The last combine program: every wait of the launch is over, so the counters go back to 0 for the next
+        # step (or graph replay) with no memset launch.
+        tl.debug_barrier()
+        if tl.atomic_add(COUNTERS + 1, 1, sem="acq_rel", scope="gpu") == n_rt * COL_TILES - 1:
+            n_counters = 2 + 2 * BG + B
+            for i0 in range(0, n_counters, 1024):
+                i = i0 + tl.arange(0, 1024)
+                tl.store(COUNTERS + i, tl.zeros([1024], dtype=tl.int32), mask=i < n_counters)
+
+
+
+@triton.jit
 def _decode_combine_kernel(
     O_0, L_0, NS_0,  # compression: partials [splits, rows, DV], [splits, rows]
     O_1, L_1, NS_1,  # selection: partials [splits, rows, DV], [splits, rows]
@@ -1617,12 +1746,13 @@ def _decode_combine_tile(
     O_1, L_1, NS_1,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
     O_2, L_2, NS_2,  # window: partials [splits, ROWS, DV], [splits, ROWS]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr = "",
 ):
     """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
     masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's
     splits merged, gated, summed in fp32 and rounded once into OUT; the branches' lse written where `lse_cols`
-    (true for one column tile of the rows)."""
+    (true for one column tile of the rows). CG ".cg": the partials' loads bypass L1 (the persist form's programs
+    read partials that other programs of the same launch wrote)."""
     col_ok = cols < DV
     sp0 = tl.arange(0, SB)
     h = rows % HQ
@@ -1636,28 +1766,28 @@ def _decode_combine_tile(
     if SB == 1:
         # Rows fill the GPU: one split at a time, 2-D tiles.
         for s in range(NS_0):
-            m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+            m = tl.maximum(m, tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s in range(NS_0):
-            w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            w = tl.exp(tl.load(L_0 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG) - m_safe)
             den += w
             o += w[:, None] * tl.load(O_0 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
-                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CG)
     else:
         for s0 in range(0, NS_0, SB):
             sp = s0 + sp0
             lse_s = tl.load(L_0 + sp[:, None] * ROWS + rows[None, :],
-                            mask=(sp < NS_0)[:, None] & row_ok[None, :], other=float("-inf"))
+                            mask=(sp < NS_0)[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=CG)
             m = tl.maximum(m, tl.max(lse_s, axis=0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s0 in range(0, NS_0, SB):
             sp = s0 + sp0
             ok = (sp < NS_0)[:, None] & row_ok[None, :]
-            w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+            w = tl.exp(tl.load(L_0 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=CG)
                        - m_safe[None, :])
             den += tl.sum(w, axis=0)
             part = tl.load(O_0 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
-                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=CG)
             o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
@@ -1672,28 +1802,28 @@ def _decode_combine_tile(
     if SB == 1:
         # Rows fill the GPU: one split at a time, 2-D tiles.
         for s in range(NS_1):
-            m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+            m = tl.maximum(m, tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s in range(NS_1):
-            w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            w = tl.exp(tl.load(L_1 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG) - m_safe)
             den += w
             o += w[:, None] * tl.load(O_1 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
-                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CG)
     else:
         for s0 in range(0, NS_1, SB):
             sp = s0 + sp0
             lse_s = tl.load(L_1 + sp[:, None] * ROWS + rows[None, :],
-                            mask=(sp < NS_1)[:, None] & row_ok[None, :], other=float("-inf"))
+                            mask=(sp < NS_1)[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=CG)
             m = tl.maximum(m, tl.max(lse_s, axis=0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s0 in range(0, NS_1, SB):
             sp = s0 + sp0
             ok = (sp < NS_1)[:, None] & row_ok[None, :]
-            w = tl.exp(tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+            w = tl.exp(tl.load(L_1 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=CG)
                        - m_safe[None, :])
             den += tl.sum(w, axis=0)
             part = tl.load(O_1 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
-                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=CG)
             o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
@@ -1708,28 +1838,28 @@ def _decode_combine_tile(
     if SB == 1:
         # Rows fill the GPU: one split at a time, 2-D tiles.
         for s in range(NS_2):
-            m = tl.maximum(m, tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")))
+            m = tl.maximum(m, tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s in range(NS_2):
-            w = tl.exp(tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf")) - m_safe)
+            w = tl.exp(tl.load(L_2 + s * ROWS + rows, mask=row_ok, other=float("-inf"), cache_modifier=CG) - m_safe)
             den += w
             o += w[:, None] * tl.load(O_2 + (s * ROWS + rows).to(tl.int64)[:, None] * DV + cols[None, :],
-                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                                      mask=row_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=CG)
     else:
         for s0 in range(0, NS_2, SB):
             sp = s0 + sp0
             lse_s = tl.load(L_2 + sp[:, None] * ROWS + rows[None, :],
-                            mask=(sp < NS_2)[:, None] & row_ok[None, :], other=float("-inf"))
+                            mask=(sp < NS_2)[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=CG)
             m = tl.maximum(m, tl.max(lse_s, axis=0))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         for s0 in range(0, NS_2, SB):
             sp = s0 + sp0
             ok = (sp < NS_2)[:, None] & row_ok[None, :]
-            w = tl.exp(tl.load(L_2 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"))
+            w = tl.exp(tl.load(L_2 + sp[:, None] * ROWS + rows[None, :], mask=ok, other=float("-inf"), cache_modifier=CG)
                        - m_safe[None, :])
             den += tl.sum(w, axis=0)
             part = tl.load(O_2 + (sp[:, None, None] * ROWS + rows[None, :, None]).to(tl.int64) * DV
-                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
+                           + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :], other=0.0, cache_modifier=CG)
             o += tl.sum(w[:, :, None] * part, axis=0)
     empty = den == 0.0
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, den))
@@ -1824,7 +1954,7 @@ _DECODE = runtime.decode_descriptor.DecodeDescriptor(
     group_probs_kernel=_decode_group_probs_kernel, select_blocks_kernel=_decode_select_blocks_kernel, select_partials_kernel=_decode_select_partials_kernel,
     topn_chunks_kernel=_decode_topn_chunks_kernel, topn_merge_kernel=_decode_topn_merge_kernel,
     form="auto", fused_kernels={"cmp_win": _decode_cmp_win_kernel, "select_merge": _decode_select_merge_kernel, "selection": _decode_selection_fused_kernel},
-    whole_kernel=_decode_whole_kernel)
+    whole_kernel=_decode_whole_kernel, persist_kernel=_decode_persist_kernel)
 
 
 class NSACache(runtime.decode_cache.Cache):

@@ -39,8 +39,11 @@ __version__ = "0.1.0"
 # fields `reload` / `dkdv_once` / `dkdv_block_n` / `dkdv_warps` / `dkdv_stages`, the scatter kernel's DKDV / RELOAD
 # constexprs); 22: the compression-scored decode's launch forms "whole" and "auto" (DecodeDescriptor.whole_kernel,
 # runtime.decode_whole) and the bodies the branch kernels, the epilogue and the row top-n now call
-# (`_decode_<branch>_body`, `_decode_combine_tile`, `_decode_select_partials_row`).
-RUNTIME_SCHEMA = 23
+# (`_decode_<branch>_body`, `_decode_combine_tile`, `_decode_select_partials_row`); 23: the decode launch chain
+# (DecodeDescriptor.chain, the kernels' PDL constexpr); 24: the decode launch form "persist"
+# (DecodeDescriptor.persist_kernel, a keyword a module of 24 passes and an older runtime rejects;
+# runtime.decode_persist; the NSA cache's persist_counters) and `_decode_combine_tile`'s CG constexpr.
+RUNTIME_SCHEMA = 24
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -330,8 +330,8 @@ def parser() -> argparse.ArgumentParser:
                     "the plan's, DecodePlan.scoring; docs/decode.md)")
     bn.add_argument("--decode-forms", nargs="+", default=None, metavar="FORMS",
                     help="--decode: the step's forms to time on each cache, one row each: 'plan', or '+'-joined "
-                    "names of the launch forms (split; cw, fused, whole: compression-scored steps on the partials "
-                    "path; auto: whole where its batch rule says so, else cw where it applies, else split) and of "
+                    "names of the launch forms (split; cw, fused, whole, persist: compression-scored steps on the "
+                    "partials path, persist the split form's programs in one launch, untimed; auto: whole where its batch rule says so, else cw where it applies, else split) and of "
                     "runtime.decode_step."
                     "SELECTION_FORMS (MLA selection kernel: base, ks_pf, ks_pf_s2, ks_pf_k32) "
                     "and INDEX_FORMS (index scores: tile, wide, wide_k64, wide_w8), TOPK_FORMS (indexer top-k) and "

@@ -286,6 +286,9 @@ def parse_forms(name: str) -> dict:
         raise ValueError(f"--decode-forms {name!r}: the {out['form']!r} form runs its own top-n in its program; "
                          f"{out['topn_form']!r} applies to the split, cw and fused forms (drop it, or time it on one "
                          f"of those)")
+    if out.get("form") == "persist" and out.get("topn_form", "chunked_ticket") != "chunked_ticket":
+        raise ValueError(f"--decode-forms {name!r}: the 'persist' form always runs the 'chunked_ticket' top-n in "
+                         f"its launch; drop {out['topn_form']!r}")
     return out
 
 
@@ -320,12 +323,13 @@ def decode_forms(module, name: str | None):
 
 
 def _needs_partials(fields: dict, d) -> bool:
-    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the cw, fused and whole launch
-    forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
+    """Whether the forms `fields` (parse_forms) run on the partials scoring path only (the cw, fused, whole and persist
+    launch forms, the chunked top-n forms): `specgen bench` leaves out their pairs with the logits path."""
     from ..runtime.decode_step import WHOLE_FORMS
 
     # The plan's own top-n is the partials path's default only (scoring_path gives the logits path "row").
-    return fields.get("form", d.form) in ("fused", "cw", *WHOLE_FORMS) or fields.get("topn_form", "row") != "row"
+    return (fields.get("form", d.form) in ("fused", "cw", "persist", *WHOLE_FORMS)
+            or fields.get("topn_form", "row") != "row")
 
 
 def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: int = 1, dense: bool = True,

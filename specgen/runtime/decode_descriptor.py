@@ -100,6 +100,7 @@ class DecodeDescriptor:
     topn_merge_kernel: Any = None
     cmp_form: str = "cmp_base"        # the compression kernel's launch form, decode_step.CMP_FORMS
     whole_kernel: Any = None          # the launch form "whole"'s one kernel (specgen.runtime.decode_whole)
+    persist_kernel: Any = None        # the launch form "persist"'s one kernel (specgen.runtime.decode_persist)
     chain: str = "plain"              # how the split / cw forms' launches follow each other, decode_step.CHAINS
     # Splits a program of the epilogue loads at once at most where rows are few (runtime.decode_combine_tiles; a
     # power of two up to 64): at batch 1 each load round is a dependent trip to memory, two a branch; 8 measured

@@ -19,7 +19,7 @@ from specgen import runtime as _rt  # isort: skip  (before triton: it may turn t
 from specgen.runtime import checks
 from specgen.runtime.decode_cache import Cache
 from specgen.runtime.decode_descriptor import DecodeDescriptor
-from specgen.runtime import decode_fused, decode_whole
+from specgen.runtime import decode_fused, decode_persist, decode_whole
 
 import triton  # noqa: E402
 
@@ -64,8 +64,10 @@ assert all(fold or not list_ for _, fold, list_, _ in TOPK_FORMS.values())
 # (specgen.runtime.decode_whole); "whole_st", "whole" with odd programs running the window branch first (their
 # top-n phases, which leave HBM idle, start at two moments); "auto", "whole" where decode_whole.fills (its programs
 # fill the GPU) and it applies; below that rule "cw" where it applies (faster than "split" at batch 1 and 16, the
-# batches timed: H100, commit b6eeeaf); else "split" (`launch_form`).
-LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "auto")
+# batches timed: H100, commit b6eeeaf); else "split" (`launch_form`). "persist": the split form's programs in one
+# launch, phases by virtual program ids taken in arrival order (specgen.runtime.decode_persist; untimed, so "auto"
+# never picks it).
+LAUNCH_FORMS = ("split", "cw", "fused", "whole", "whole_st", "persist", "auto")
 WHOLE_FORMS = ("whole", "whole_st")
 # How the split and cw forms' launches follow each other (DecodePlan.chain; docs/decode.md "Launch chains"):
 # "plain", stream order; "pdl", programmatic dependent launch on a GPU (sm_90+): each kernel lets the next one
@@ -122,6 +124,8 @@ def check_forms(d: DecodeDescriptor) -> None:
         raise ValueError(f"{d.spec_name}: unknown launch form {d.form!r}; known: {list(LAUNCH_FORMS)}")
     if d.form in ("fused", "cw") and (why := decode_fused.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split'")
+    if d.form == "persist" and (why := decode_persist.supports(d)) is not None:
+        raise ValueError(f"{d.fn}: form 'persist': {why}; use form 'split'")
     if d.form in WHOLE_FORMS and (why := decode_whole.supports(d)) is not None:
         raise ValueError(f"{d.fn}: form {d.form!r}: {why}; use form 'split' (or 'auto', which runs 'cw' or 'split' "
                          f"there)")
@@ -234,12 +238,13 @@ def score_tiles(d: DecodeDescriptor) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def topn_chunks(d: DecodeDescriptor, n_sel: int):
-    """(CB, NCH, NCH_PAD, TICKET) of the descriptor's chunked top-n form (TOPN_FORMS) over rows of n_sel selection
+def topn_chunks(d: DecodeDescriptor, n_sel: int, name: str | None = None):
+    """(CB, NCH, NCH_PAD, TICKET) of the descriptor's chunked top-n form (TOPN_FORMS; `name`: that form instead,
+    as the persist form runs "chunked_ticket") over rows of n_sel selection
     blocks: about `aim` chunks a row of CB blocks (a power of two, at most `most`, at least TOP_K's power of two:
     tl.topk keeps that many of a chunk), NCH chunks, padded to a power of two for the merge's load; None in the
     "row" form. nsa_paper: 2049 blocks (128k + q_len) are 17 chunks of 128, 1025 (64k) 9 of 128."""
-    form = TOPN_FORMS[d.topn_form]
+    form = TOPN_FORMS[name or d.topn_form]
     if form is None:
         return None
     most, aim, ticket = form
@@ -481,11 +486,16 @@ def step(d: DecodeDescriptor, q, cache, cache_seqlens=None, block_table=None, ga
             d, q, cache, seqlens, block_table, gates, out, split_rows(d, "compression", QL),
             split_rows(d, "selection", QL), score_tiles(d), cmp_launch(d, 2, QL)[:3], stagger=form == "whole_st")
         return checks.results(out, lse, indices, return_lse, return_indices)
-    if form in ("fused", "cw"):  # the compression and window branches in one launch (docs/decode.md "Launch forms")
+    if form in ("fused", "cw", "persist"):  # the compression launch's geometry (docs/decode.md "Launch forms")
         QL = q.shape[1]
         rows_c = split_rows(d, "compression", QL)
         tile, stages, warps, _ = cmp_launch(d, 2, QL)
         cmp = (tile, stages, warps, cmp_splits(d, q.shape[0] * d.hkv * rows_c[2], cache.nc_cap - 1, q.device))
+    if form == "persist":  # the split form's programs in one launch
+        out, lse, indices = decode_persist.step(
+            d, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, split_rows(d, "selection", QL),
+            score_tiles(d), topn_chunks(d, triton.cdiv(cache.max_context, d.sel_block), "chunked_ticket"), cmp)
+        return checks.results(out, lse, indices, return_lse, return_indices)
     if form == "fused":  # compression-scored selection in three launches
         out, lse, indices = decode_fused.step(d, q, cache, seqlens, block_table, gates, out, num_splits,
                                               rows_c, split_rows(d, "selection", QL), score_tiles(d),
