@@ -57,11 +57,13 @@
 #           nsa_paper's at 128k / 64k x 1 (cs32, cs64), the indexer + top-k at 32k / 64k.
 #   CALL=17 issue 19's model-shape decode target: the model specs at 64k, `--batches max` (the largest batch whose
 #           caches fit) and 1, against SDPA.
+#   CALL=18 the "persist" decode launch form (one launch, virtual program ids; untimed): its GPU tests, then
+#           nsa_paper at 128k / 64k x 1 and 64k x 16 against cw.
 # Next session, most needed first (15, 14, 13's q_len 4 and 8 ran at b6eeeaf: SUMMARY's "Session of 2026-12-07
-# (night)"): 16 (tests first), 17, 9 (the GPU-only tests left, 22 of 161; then SUITE=rest), 3 (T2=0: the NSA
+# (night)"): 16 (tests first), 18 (persist), 17, 9 (the GPU-only tests left, 22 of 161; then SUITE=rest), 3 (T2=0: the NSA
 # forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults, the dense distillation's qreg
 # forms now V3.2's), 6, then 9 until 0 left.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..17 bash bench/queue_gpu.sh   (T1.. re-split a call)
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..18 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -284,5 +286,20 @@ case ${CALL:-1} in
         | grep -v "UserWarning\|return sdpa\|_warn_once\|^$s {" | tee -a $W/models/models_decode.log | tail -8 ); pack; }
   done
   ;;
-*) echo "CALL must be 1 to 17" >&2; exit 2 ;;
+18)
+  # The "persist" launch form (issue 19's 17 us at 128k x 1; untimed): its GPU tests first (a hang there means the
+  # virtual-id argument failed: the cap ends it), then nsa_paper at batch 1 (128k, 64k) and 16 against cw.
+  mkdir -p $W/persist
+  piece ${T1:=150} && { ( env_in $W/persist; timeout -k 20 $T1 python -m pytest -v -rfE --tb=short \
+      -p no:cacheprovider tests/test_decode.py -k "persist" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      | tee $W/persist/${day}_gpu_tests_persist_${COMMIT}.log ); pack; }
+  piece ${T2:=240} && { ( env_in $W/persist
+      for b in "1 131072 65536" "16 65536"; do
+        set -- $b; bb=$1; shift
+        timeout -k 20 $(share $T2 2) python -m specgen.cli bench specs/nsa_paper.yaml --decode --batches $bb \
+          --seqlens "$@" --decode-forms cw persist persist+cs32 --out "$W/persist/results" 2>&1 \
+          | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/persist/persist_bench.log" | tail -12
+      done ); pack; }
+  ;;
+*) echo "CALL must be 1 to 18" >&2; exit 2 ;;
 esac
