@@ -110,3 +110,17 @@ class DecodeDescriptor:
     @property
     def n_branches(self) -> int:
         return len(self.branch_names)
+
+
+def one_launch_refusal(d: DecodeDescriptor, form: str, kernel, runs: str) -> str | None:
+    """Why `d` cannot run a launch form that puts the compression-scored step in one kernel (`form`: "whole",
+    "persist"; `kernel` its handle, None where the module has none; `runs`: what that kernel runs), or None: both
+    need the compression branch, the partials scoring path and the selection branch's base form."""
+    if d.scorer != "compression" or kernel is None or not d.cmp_branch:
+        return f"{d.spec_name} has no compression-scored selection with a compression branch (the {form} form {runs})"
+    if d.scoring != "partials":
+        return f"the {form} form needs the partials scoring path ({d.spec_name} is on {d.scoring!r})"
+    if d.selection_form != "base":
+        return (f"the {form} form runs the selection branch's base form, not {d.selection_form!r} (its tile and "
+                f"stages are the split launch's); use selection form 'base'")
+    return None

@@ -35,13 +35,15 @@ def supports(d: DecodeDescriptor) -> str | None:
     return None
 
 
-def _splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
-    # The split form's rule (decode_step.branch), so both forms split alike.
+def branch_splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
+    """A branch's split count by the split form's rule (decode_step.branch), so the fused and persist forms split
+    alike."""
     return num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), d.split_tiles[kind]), device,
                                            d.split_waves, d.max_splits)
 
 
-def _parts(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
+def branch_partials(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
+    """A branch's fp32 partials (o [splits, B, QL, HQ, DV], lse [splits, B, QL, HQ], splits), as the split form's."""
     return (torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=device),
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
 
@@ -65,13 +67,13 @@ def cmp_win(d: DecodeDescriptor, q, cache, seqlens, block_table, num_splits, row
     # The split form's programs and launch (8 warps in the base form: the partials' tile map spills at 4 at q_len 4).
     qlp, gp, chunks = rows_c
     programs = B * d.hkv * chunks
-    parts = {"compression": _parts(num_splits or splits_c, B, QL, d, dev)}
+    parts = {"compression": branch_partials(num_splits or splits_c, B, QL, d, dev)}
     Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
     rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
     o_c, l_c, s_c = parts["compression"]
     if d.window:
         Kw, Vw = cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)
-        parts["window"] = _parts(_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
+        parts["window"] = branch_partials(branch_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
                                  dev)
         o_w, l_w, s_w = parts["window"]
         d.fused_kernels["cmp_win"][(programs, max(s_c, s_w), 2)](
@@ -144,7 +146,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     # 3. Selection with the epilogue in each row group's last split program.
     qlp, gp, chunks = rows_s
     programs = B * d.hkv * chunks * QL
-    o_s, l_s, s_s = _parts(_splits(d, "selection", programs, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
+    o_s, l_s, s_s = branch_partials(branch_splits(d, "selection", programs, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
     K, V = cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1)
     # The merge loads [SB splits, GP rows, BD columns] at once: at most 8192 floats (64 a thread at 4 warps).
     sb_s = min(8, triton.next_power_of_2(s_s))

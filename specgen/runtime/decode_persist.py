@@ -32,7 +32,7 @@ import torch
 
 from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
 from specgen.runtime import decode_fused
-from specgen.runtime.decode_descriptor import DecodeDescriptor
+from specgen.runtime.decode_descriptor import DecodeDescriptor, one_launch_refusal
 
 import triton  # noqa: E402
 
@@ -41,15 +41,8 @@ def supports(d: DecodeDescriptor) -> str | None:
     """Why descriptor `d` cannot run the persist form, or None when it can: where the cw form applies
     (decode_fused.supports), with a compression branch and the base selection form (the kernel calls the selection
     body with its base tile and stages)."""
-    if d.scorer != "compression" or d.persist_kernel is None or not d.cmp_branch:
-        return (f"{d.spec_name} has no compression-scored selection with a compression branch (the persist form runs "
-                f"the split form's compression, top-n, selection and combine programs in one launch)")
-    if d.scoring != "partials":
-        return f"the persist form needs the partials scoring path ({d.spec_name} is on {d.scoring!r})"
-    if d.selection_form != "base":
-        return (f"the persist form runs the selection branch's base form, not {d.selection_form!r}; use selection "
-                f"form 'base'")
-    return None
+    return one_launch_refusal(d, "persist", d.persist_kernel,
+                              "runs the split form's compression, top-n, selection and combine programs in one launch")
 
 
 def counters(cache) -> torch.Tensor:
@@ -79,15 +72,15 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     n_tiles = triton.cdiv(NCV, tile_c)
     sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
     refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
-    # Split counts by the split form's rules (decode_fused._splits is decode_step.branch's).
+    # Split counts by the split form's rules (decode_fused.branch_splits is decode_step.branch's).
     programs = B * d.hkv * chunks
     programs_s = B * d.hkv * chunks_s * QL
-    o_c, l_c, s_c = decode_fused._parts(num_splits or splits_c, B, QL, d, dev)
-    o_s, l_s, s_s = decode_fused._parts(
-        decode_fused._splits(d, "selection", programs_s, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
+    o_c, l_c, s_c = decode_fused.branch_partials(num_splits or splits_c, B, QL, d, dev)
+    o_s, l_s, s_s = decode_fused.branch_partials(
+        decode_fused.branch_splits(d, "selection", programs_s, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
     if d.window:
-        o_w, l_w, s_w = decode_fused._parts(
-            decode_fused._splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d, dev)
+        o_w, l_w, s_w = decode_fused.branch_partials(
+            decode_fused.branch_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d, dev)
     else:
         o_w, l_w, s_w = o_c, l_c, 0
     indices = torch.empty((B, QL, d.hkv, d.top_k), dtype=torch.int32, device=dev)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from specgen import runtime as _rt  # isort: skip  (before triton: it may turn the CPU interpreter on)
-from specgen.runtime.decode_descriptor import DecodeDescriptor
+from specgen.runtime.decode_descriptor import DecodeDescriptor, one_launch_refusal
 
 import triton  # noqa: E402
 
@@ -43,14 +43,10 @@ def supports(d: DecodeDescriptor) -> str | None:
     """Why descriptor `d` cannot run the whole form, or None when it can. The descriptor's top-n form is the split
     and fused forms' (the plan's chunked_ticket included): the whole kernel always runs the row form's top-n in its
     program (the chunked forms issue every load of a chunk first: 173-255 registers at its 8 warps, nsa_paper)."""
-    if d.scorer != "compression" or d.whole_kernel is None or not d.cmp_branch:
-        return (f"{d.spec_name} has no compression-scored selection with a compression branch (the whole form runs "
-                f"the compression, its scores, the top-n and the selection in one program)")
-    if d.scoring != "partials":
-        return f"the whole form needs the partials scoring path ({d.spec_name} is on {d.scoring!r})"
-    if d.selection_form != "base":
-        return (f"the whole form runs the selection branch's base form, not {d.selection_form!r} (its tile and "
-                f"stages are the split launch's); use selection form 'base'")
+    why = one_launch_refusal(d, "whole", d.whole_kernel,
+                             "runs the compression, its scores, the top-n and the selection in one program")
+    if why is not None:
+        return why
     if d.group > d.max_gp:
         return (f"{d.spec_name}'s kv groups of {d.group} query heads take {-(-d.group // d.max_gp)} programs of "
                 f"{d.max_gp} rows each, and the whole form's top-n needs every head of a group in one program")
