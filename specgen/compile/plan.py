@@ -131,9 +131,9 @@ class DecodePlan:
     "partials" and a group's heads in one program: runtime.decode_whole.supports; its program runs the row top-n
     whatever topn_form says),
     "whole_st" ("whole" with odd programs running the window branch first: their top-n phases start apart) or "auto"
-    ("whole" where its batch rule holds, below it "cw" where it applies, else "split"; cw below the rule since the H100
-    timing of commit b6eeeaf: 128k x 1 42 us against split 44, 64k x 16 145 against 155). The batch rule (runtime.decode_whole.fills, written there
-    only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
+    ("whole" where its batch rule holds, below it "cw" where it applies, else "split"; cw below the rule since the
+    H100 timing of commit b6eeeaf: 128k x 1 42 us against split 44, 64k x 16 145 against 155). The batch rule
+    (runtime.decode_whole.fills, written there only): "whole" pays only where its B x kv groups programs fill the GPU, at least FILL (1) x the SM count; below
     that SMs idle for the whole step while the split form's key-range splits keep them streaming. "auto" is the
     default since the H100 timing of commit c663314 (nsa_paper, 64k, graph replay: batch 64 whole at 3 stages 390
     us against split 420 and fused + cmp_s3_r2 398; batch 1 ran split then, 55 us); where neither applies

@@ -376,8 +376,7 @@ def bench_decode(spec: Spec, contexts: list[int], batches: list[int], *, q_len: 
             out = torch.empty(B, q_len, spec.heads.q, spec.head_dim.v, device=DEVICE, dtype=module.DTYPE)
             base, dense_times, by_layout = dict(row), None, {}
             paths = [(sc, f, lay) for sc in scorings or [None] for f in forms or [None] for lay in layouts
-                     if not (_needs_partials(parse_forms(f or "plan"), module._DECODE)
-                             and (sc or module._DECODE.scoring) != "partials")]
+                     if not (_needs_partials(parse_forms(f or "plan"), plan) and (sc or plan.scoring) != "partials")]
             for scoring, form, layout in paths:
                 cache = caches[layout]
 

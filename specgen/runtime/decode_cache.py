@@ -121,8 +121,9 @@ class Cache:
             # most B x HQ x max_q_len); each step's last program of a row resets its ticket to 0
             # (specgen.runtime.decode_fused), so they need no memset per step.
             self.tickets = torch.zeros(batch * d.hq * d.max_q_len, dtype=torch.int32, device=device)
-            # The persist form's counters (specgen.runtime.decode_persist.counters: 2 + 2 x B x HKV + B), apart from
-            # the tickets because its top-n takes those during the same launch; its last program resets them to 0.
+            # The persist form's counters (the layout of decode.j2's _decode_persist_kernel: 2 + 2 x B x HKV + B),
+            # apart from the tickets because its top-n takes those during the same launch; its last program resets
+            # them to 0.
             self.persist_counters = torch.zeros(2 + (2 * d.hkv + 1) * batch, dtype=torch.int32, device=device)
 
     def check_errors(self):

@@ -35,17 +35,40 @@ def supports(d: DecodeDescriptor) -> str | None:
     return None
 
 
-def branch_splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
-    """A branch's split count by the split form's rule (decode_step.branch), so the fused and persist forms split
-    alike."""
+def _splits(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, device) -> int:
+    # The split form's rule (decode_step.branch), so the fused and persist forms split alike.
     return num_splits or _rt.decode_splits(programs, triton.cdiv(max(n_keys, 1), d.split_tiles[kind]), device,
                                            d.split_waves, d.max_splits)
 
 
-def branch_partials(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
-    """A branch's fp32 partials (o [splits, B, QL, HQ, DV], lse [splits, B, QL, HQ], splits), as the split form's."""
+def _partials(splits: int, B: int, QL: int, d: DecodeDescriptor, device):
     return (torch.empty((splits, B, QL, d.hq, d.dv), dtype=torch.float32, device=device),
             torch.empty((splits, B, QL, d.hq), dtype=torch.float32, device=device), splits)
+
+
+def branch_partials(d: DecodeDescriptor, kind: str, programs: int, n_keys: int, num_splits, B: int, QL: int, device):
+    """Branch `kind`'s fp32 partials (o [splits, B, QL, HQ, DV], lse [splits, B, QL, HQ], splits) at the split
+    form's split count for `programs` programs over `n_keys` keys (num_splits, when given, wins)."""
+    return _partials(_splits(d, kind, programs, n_keys, num_splits, device), B, QL, d, device)
+
+
+def cmp_win_buffers(d: DecodeDescriptor, q, cache, num_splits, rows_c, tiles, cmp):
+    """The buffers `cmp_win` writes, (parts, (sums, refs)): the compression's and window's partials (parts: branch
+    -> (o, lse, splits)) at the split form's split counts, and the partials path's block sums and refs. The persist
+    form's one launch writes the same ones."""
+    B, QL = q.shape[0], q.shape[1]
+    dev = q.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    tile_c, splits_c = cmp[0], cmp[3]
+    n_tiles = triton.cdiv(cache.nc_cap - 1, tile_c)
+    sums = torch.empty((B, QL, d.hq, n_tiles, tiles[0]), **f32)
+    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
+    programs = B * d.hkv * rows_c[2]
+    parts = {"compression": _partials(num_splits or splits_c, B, QL, d, dev)}
+    if d.window:
+        parts["window"] = branch_partials(d, "window", programs, min(cache.max_context, d.window + QL), num_splits,
+                                          B, QL, dev)
+    return parts, (sums, refs)
 
 
 def cmp_win(d: DecodeDescriptor, q, cache, seqlens, block_table, num_splits, rows_c, tiles, cmp):
@@ -54,27 +77,18 @@ def cmp_win(d: DecodeDescriptor, q, cache, seqlens, block_table, num_splits, row
     window). (parts, (sums, refs)): parts maps each branch to (o [splits, B, QL, HQ, DV], lse [splits, B, QL, HQ],
     splits), as the split form's branch launches leave them; the arguments as `step`'s."""
     B, QL = q.shape[0], q.shape[1]
-    dev = q.device
-    f32 = dict(dtype=torch.float32, device=dev)
-    T = cache.max_context
-    NCV = cache.nc_cap - 1
-    tile_c, stages_c, warps_c, splits_c = cmp
-    width, sc_cols, back = tiles
-    n_tiles = triton.cdiv(NCV, tile_c)
-    sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
-    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
+    tile_c, stages_c, warps_c, _ = cmp
+    sc_cols = tiles[1]
+    parts, (sums, refs) = cmp_win_buffers(d, q, cache, num_splits, rows_c, tiles, cmp)
     qs = (q.stride(0), q.stride(1), q.stride(2))
     # The split form's programs and launch (8 warps in the base form: the partials' tile map spills at 4 at q_len 4).
     qlp, gp, chunks = rows_c
     programs = B * d.hkv * chunks
-    parts = {"compression": branch_partials(num_splits or splits_c, B, QL, d, dev)}
     Kc, Vc = cache.kc.flatten(0, 1), cache.vc.flatten(0, 1)
     rows_flags = dict(QLP=qlp, GP=gp, HEAD_CHUNKS=chunks, WIDEN=d.widen)
     o_c, l_c, s_c = parts["compression"]
     if d.window:
         Kw, Vw = cache.tensors[d.k_win].flatten(0, 1), cache.tensors[d.v_win].flatten(0, 1)
-        parts["window"] = branch_partials(branch_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d,
-                                 dev)
         o_w, l_w, s_w = parts["window"]
         d.fused_kernels["cmp_win"][(programs, max(s_c, s_w), 2)](
             q, Kc, Vc, Kw, Vw, block_table, seqlens, o_c, l_c, o_w, l_w, o_c, sums, refs, *qs,
@@ -146,7 +160,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     # 3. Selection with the epilogue in each row group's last split program.
     qlp, gp, chunks = rows_s
     programs = B * d.hkv * chunks * QL
-    o_s, l_s, s_s = branch_partials(branch_splits(d, "selection", programs, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
+    o_s, l_s, s_s = branch_partials(d, "selection", programs, d.top_k * d.sel_block, num_splits, B, QL, dev)
     K, V = cache.tensors[d.k_slc].flatten(0, 1), cache.tensors[d.v_slc].flatten(0, 1)
     # The merge loads [SB splits, GP rows, BD columns] at once: at most 8192 floats (64 a thread at 4 warps).
     sb_s = min(8, triton.next_power_of_2(s_s))

@@ -45,11 +45,6 @@ def supports(d: DecodeDescriptor) -> str | None:
                               "runs the split form's compression, top-n, selection and combine programs in one launch")
 
 
-def counters(cache) -> torch.Tensor:
-    """The cache's persist counters (int32, 2 + 2 x B x HKV + B, zero between steps): the kernel's layout."""
-    return cache.persist_counters
-
-
 def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_splits, rows_c, rows_s, tiles, topn,
          cmp):
     """(out, lse, indices) of one step on checked arguments (decode_step.check_step_args), in one launch. The split
@@ -61,31 +56,24 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
     decode_step.check_forms has refused descriptors `supports` rejects."""
     B, QL = q.shape[0], q.shape[1]
     dev = q.device
-    f32 = dict(dtype=torch.float32, device=dev)
     T = cache.max_context
-    NCV = cache.nc_cap - 1
     qlp, gp, chunks = rows_c
     _, gp_s, chunks_s = rows_s
-    tile_c, stages, warps, splits_c = cmp
-    width, sc_cols, back = tiles
+    tile_c, stages, warps, _ = cmp
+    sc_cols, back = tiles[1], tiles[2]
     cb, nch, nch_pad, _ = topn
-    n_tiles = triton.cdiv(NCV, tile_c)
-    sums = torch.empty((B, QL, d.hq, n_tiles, width), **f32)
-    refs = torch.empty((B, QL, d.hq, n_tiles), **f32)
-    # Split counts by the split form's rules (decode_fused.branch_splits is decode_step.branch's).
+    # The compression's and window's buffers as the cw form's launch writes them; the selection's at the split
+    # form's split count (decode_fused, as decode_step.branch's rules give them).
+    parts, (sums, refs) = decode_fused.cmp_win_buffers(d, q, cache, num_splits, rows_c, tiles, cmp)
+    o_c, l_c, s_c = parts["compression"]
+    o_w, l_w, s_w = parts["window"] if d.window else (o_c, l_c, 0)
     programs = B * d.hkv * chunks
     programs_s = B * d.hkv * chunks_s * QL
-    o_c, l_c, s_c = decode_fused.branch_partials(num_splits or splits_c, B, QL, d, dev)
-    o_s, l_s, s_s = decode_fused.branch_partials(
-        decode_fused.branch_splits(d, "selection", programs_s, d.top_k * d.sel_block, num_splits, dev), B, QL, d, dev)
-    if d.window:
-        o_w, l_w, s_w = decode_fused.branch_partials(
-            decode_fused.branch_splits(d, "window", programs, min(T, d.window + QL), num_splits, dev), B, QL, d, dev)
-    else:
-        o_w, l_w, s_w = o_c, l_c, 0
+    o_s, l_s, s_s = decode_fused.branch_partials(d, "selection", programs_s, d.top_k * d.sel_block, num_splits, B,
+                                                 QL, dev)
     indices = torch.empty((B, QL, d.hkv, d.top_k), dtype=torch.int32, device=dev)
     cand = torch.empty((B * QL * d.hkv, nch, triton.next_power_of_2(d.top_k)), dtype=torch.int64, device=dev)
-    lse = torch.empty((B, QL, d.hq, len(d.branch_names)), **f32)
+    lse = torch.empty((B, QL, d.hq, len(d.branch_names)), dtype=torch.float32, device=dev)
     rows = B * QL * d.hq
     br, bd, sb, _ = _rt.decode_combine_tiles(rows, d.dv, max(s_c, s_s, s_w), dev, d.combine_sb)
     n_sel = triton.cdiv(T, d.sel_block)
@@ -98,7 +86,7 @@ def step(d: DecodeDescriptor, q, cache, seqlens, block_table, gates, out, num_sp
             + triton.cdiv(rows, br) * triton.cdiv(d.dv, bd),)
     d.persist_kernel[grid](
         q, Kc, Vc, Ks, Vs, Kw, Vw, block_table, seqlens, o_c, l_c, o_s, l_s, o_w, l_w, sums, refs, indices, cand,
-        cache.tickets, counters(cache), *g, out, lse, q.stride(0), q.stride(1), q.stride(2),
+        cache.tickets, cache.persist_counters, *g, out, lse, q.stride(0), q.stride(1), q.stride(2),
         Kc.stride(0), Kc.stride(1), Vc.stride(0), Vc.stride(1), Ks.stride(0), Ks.stride(1), Vs.stride(0),
         Vs.stride(1), Kw.stride(0), Kw.stride(1), Vw.stride(0), Vw.stride(1), block_table.stride(0),
         B, QL, cache.nc_cap, cache.tcap, n_sel, nch, s_c, s_w, s_s, d.softmax_scale,

@@ -33,6 +33,7 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # The index-score kernel: "tile" is one program per 64-key tile (`_decode_index_scores_kernel`); the others are
 # `_decode_index_wide_kernel`, name -> (keys per tile, stages, warps, programs per SM): a program per chunk of
 # keys, its key tiles pipelined, chunks sized for about `programs per SM` x SMs programs.
+INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
 # Extra pipeline stages of the wide index kernel on a paged cache: a key tile's rows depend on a block-table load,
 # and Triton 3.6's pipeliner gives that load a stage of its own, which left the key tiles 2 buffers where a
 # contiguous cache's get 3 (sm_90 compile of dsa_v32's wide_w8 at q_len 1 and 4: 42 / 68 KB of shared memory
@@ -40,7 +41,6 @@ SELECTION_FORMS = {"base": (0, None, None), "ks_pf": (1, 64, 1), "ks_pf_s2": (1,
 # kernel had taken 1.17-1.50x the contiguous one's time (H100, 2256469: 239 against 204 us at batch 64 x 64k,
 # 635 against 423 at q_len 4); untimed since.
 PAGED_INDEX_STAGES = 2
-INDEX_FORMS = {"tile": None, "wide": (128, 3, 4, 4), "wide_k64": (64, 4, 4, 4), "wide_w8": (128, 3, 8, 2)}
 # The indexer top-k: name -> (K32, FOLD, LIST, segments a row at most: None for the plan's). "radix": four radix
 # passes and the output pass over 64-bit keys; "radix32": the same launches in 32-bit key arithmetic (the prefill's `_ordered_key32`); "fold": 32-bit keys and
 # the first pass folded into the index-score kernel (either index form), which adds each tile's histogram of top key
