@@ -63,7 +63,9 @@
 # (night)"): 16 (tests first), 18 (persist), 17, 9 (the GPU-only tests left, 22 of 161; then SUITE=rest), 3 (T2=0: the NSA
 # forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults, the dense distillation's qreg
 # forms now V3.2's), 6, then 9 until 0 left.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..18 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=19 one call for a session short of device time: persist's and the fp8 launch's GPU tests, persist / cw at
+#           batch 1, dsa_v32's batch-1 forms (ms<N>, cs<N>, fold_list_s64), Llama-3 / Qwen2.5 decode at --batches max.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..19 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -301,5 +303,27 @@ case ${CALL:-1} in
           | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/persist/persist_bench.log" | tail -12
       done ); pack; }
   ;;
-*) echo "CALL must be 1 to 18" >&2; exit 2 ;;
+19)
+  # One call of the most needed untimed pieces for a session short of device time (2026-12-07 late: three start
+  # failures): the persist form's GPU tests and its batch-1 bench against cw (issue 19's 17 us), the fp8
+  # launch's tests, dsa_v32's batch-1 step with the split cap / epilogue loads, and two model specs' decode at the
+  # largest batch that fits (issue 19's model-shape target, never timed).
+  mkdir -p $W/one
+  piece ${T1:=90} && { ( env_in $W/one; timeout -k 20 $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
+      tests/test_decode.py tests/test_runtime.py -k "persist or fp8" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
+      | tee $W/one/${day}_gpu_tests_persist_fp8_${COMMIT}.log ); pack; }
+  piece ${T2:=120} && { ( env_in $W/one; timeout -k 20 $T2 python -m specgen.cli bench specs/nsa_paper.yaml --decode \
+      --batches 1 --seqlens 131072 65536 --decode-forms cw persist persist+cs32 cw+cs32 --out "$W/one/results" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/one/persist_bench.log" | tail -14 ); pack; }
+  piece ${T3:=100} && { ( env_in $W/one; timeout -k 20 $T3 python -m specgen.cli bench specs/dsa_v32.yaml --decode \
+      --batches 1 --seqlens 65536 --decode-forms plan ms8 ms16 cs32 ms16+cs32 ks_pf_k32+wide_w8+fold_list_s64 \
+      --out "$W/one/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
+      | tee -a "$W/one/dsa_decode_ms.log" | tail -14 ); pack; }
+  for s in model_llama3_8b model_qwen25_7b; do
+    piece ${T4:=95} && { ( env_in $W/one; timeout -k 20 $T4 python -m specgen.cli bench specs/models/$s.yaml --decode \
+        --batches max 1 --seqlens 65536 --out "$W/one/results" 2>&1 \
+        | grep -v "UserWarning\|return sdpa\|_warn_once\|^$s {" | tee -a $W/one/models_decode.log | tail -8 ); pack; }
+  done
+  ;;
+*) echo "CALL must be 1 to 19" >&2; exit 2 ;;
 esac
