@@ -1587,13 +1587,14 @@ def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr)
 
 @triton.jit
 def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
+    T, NKEYS, sm_scale, P_CHUNK,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    STORE_P: tl.constexpr = 0,
 ):
     GP: tl.constexpr = 32
     ROWS: tl.constexpr = BT * GP
@@ -1646,6 +1647,9 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t_lo) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
     # part of one.
     for f0 in range(0, n_units * UNIT, BLOCK_N):
@@ -1667,6 +1671,8 @@ def _selection_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
+        if STORE_P:
+            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 512)[None, :]
@@ -1786,15 +1792,16 @@ def _selection_bwd_dkdv_kernel(
 
 @triton.jit
 def _selection_bwd_scatter_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
+    T, NKEYS, sm_scale, P_CHUNK,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
     KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
     GP: tl.constexpr = 32, DKDV: tl.constexpr = 1, RELOAD: tl.constexpr = 0,
+    STORE_P: tl.constexpr = 0,
 ):
     # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
     # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
@@ -1816,6 +1823,10 @@ def _selection_bwd_scatter_kernel(
     # L2 reads of the rows a trip.
     # DKDV 0 (the split form, launch config `dkdv_once`): dQ only; the dK/dV kernel below adds dK/dV once per
     # (query, key) over all the group's heads.
+    # STORE_P (token selection; docs/distill.md, "Sharing the attention backward's probabilities"): the program's
+    # heads' P summed and divided by the group size, by slot, into P_OUT + chunk * P_CHUNK ([B, T, HKV, TOP_K]
+    # fp32 per head chunk, the indices' layout; 0 at the padding slots): the distillation's target p, or this head
+    # chunk's share of it (the host sums the chunks' shares in a fixed order).
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 0
     t = tl.program_id(0)
@@ -1898,6 +1909,9 @@ def _selection_bwd_scatter_kernel(
     idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     if PREFETCH:
         # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
         # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
@@ -1997,6 +2011,8 @@ def _selection_bwd_scatter_kernel(
                 # Scaled once here: dQ and dK both take sm_scale * dS.
                 dst = dst * sm_scale
                 pt_in = pt
+            if STORE_P:
+                tl.store(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units)
             dst_in = dst
             if not WIDEN:
                 dst_in = dst.to(Q.dtype.element_ty)
@@ -2045,6 +2061,8 @@ def _selection_bwd_scatter_kernel(
                 dp += _dot(do2, tl.trans(v2), WIDEN)
                 dp += _dot(do3, tl.trans(v3), WIDEN)
                 ds = p * (dp - delta[:, None])
+            if STORE_P:
+                tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
             # Scaled once here: dQ and dK both take sm_scale * dS.
             ds = ds * sm_scale
             pt_in = tl.trans(p)
@@ -2156,14 +2174,15 @@ def _selection_bwd_scatter_kernel(
 
 @triton.jit
 def _selection_bwd_scatter_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = 0,
 ):
+    # STORE_P: the scatter kernel's, over all the group's heads (one program a query and kv head: no chunks).
     ROWS: tl.constexpr = 128
     CHANNEL: tl.constexpr = 0
     t = tl.program_id(0)
@@ -2199,6 +2218,9 @@ def _selection_bwd_scatter_dkdv_kernel(
     idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + ((b * T + bos + t) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     for f0 in range(0, n_units * UNIT, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
         slot = f // UNIT
@@ -2230,6 +2252,8 @@ def _selection_bwd_scatter_dkdv_kernel(
         q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q4, tl.trans(k4), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if STORE_P:
+            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         v0 = k0  # MLA: V is K's first 512 dims
         do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)
@@ -2297,7 +2321,7 @@ def _selection_inverse_index(indices, T, tile, varlen=None):
     return runtime.backward.selection_inverse_index(indices, T, tile, unit=1, heads_kv=1, units_per_tile=32, varlen=varlen)
 
 
-def _backward(dout, q, k, lse, indices, branch_out, kc, vc, varlen=None):
+def _backward(dout, q, k, lse, indices, branch_out, kc, vc, varlen=None, distill_p=None):
     """Gradients of q, k (in that order), from the saved forward state.
 
     `branch_out` [1, B, T, HQ, DV] holds the un-gated branch outputs, `lse` their log-sum-exps, `indices` the
@@ -2310,7 +2334,7 @@ def _backward(dout, q, k, lse, indices, branch_out, kc, vc, varlen=None):
     # The scatter path (dK/dV by atomics), or under torch.use_deterministic_algorithms the inverse-index kernels.
     b.selection(_selection_bwd_scatter_kernel, _selection_bwd_dq_kernel, _selection_bwd_dkdv_kernel, "k", "v", k, v,
                 indices, _selection_inverse_index, INVERSE_INDEX_ENTRIES, dq_chunks=4, scatter_chunks=4,
-                dkdv_once_kernel=_selection_bwd_scatter_dkdv_kernel)
+                dkdv_once_kernel=_selection_bwd_scatter_dkdv_kernel, distill_p=distill_p)
     return b.gradients(_DESC.diff_args)
 
 
@@ -2339,7 +2363,7 @@ dsa_prefill = runtime.prefill.entry(_DESC, _DECODE)
 
 
 def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
-                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None):
+                  return_lse=False, return_indices=False, cu_seqlens=None, max_seqlen=None, distill_p=None):
     """Differentiable forward of `dsa_v32`: the training entry point (`dsa_forward` is the inference one).
 
     Same arguments and results as `dsa_forward` (without `out=`), packed (varlen) batches with `cu_seqlens` and
@@ -2349,9 +2373,12 @@ def dsa_attention(q, k, *, q_idx=None, k_idx=None, w_idx=None, indices=None,
     The output is saved for the backward: modifying it in place before backward raises autograd's version error.
     Works under torch.compile (custom ops `specgen::dsa_v32_<hash>_fwd/_bwd` with fake implementations); eager
     calls run the same implementations without the custom-op dispatch.
+    distill_p: fp32 [B, T, 1, 2048] ([total, ...] packed), filled by the backward with the indexer distillation's
+    target (pass it to distill_loss as p_main; docs/distill.md, "Sharing the attention backward's probabilities").
     """
     return _ATTENTION.attention((q, k, q_idx, k_idx, w_idx), indices=indices, return_lse=return_lse,
-                                return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                distill_p=distill_p)
 
 
 class DSAFunction(torch.autograd.Function):
@@ -4163,12 +4190,12 @@ def _distill_fwd_sparse_fused_kernel(
 
 @triton.jit
 def _distill_bwd_sparse_fused_kernel(
-    QI, KI, WI, IDX, P_SEL, STATS, GSCALE, DQI, DWI, DK_ACC, CU_SEQLENS, TILES,
+    QI, KI, WI, IDX, P_SEL, STATS, GSCALE, DQI, DWI, DK_ACC, DI_SEL, CU_SEQLENS, TILES,
     stride_qib, stride_qit, stride_qih,
     stride_kib, stride_kit, stride_kih,
     stride_wb, stride_wt,
     T, idx_scale,
-    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False, DETERMINISTIC: tl.constexpr = False,
 ):
     """One program per (query, kv group) walks the selected keys BS at a time: a = q_I k_I^T, I, and
     dI = psum softmax_S(I) - p with p read back (P_SEL) and lse_S(I) from the forward's STATS; then
@@ -4176,7 +4203,8 @@ def _distill_bwd_sparse_fused_kernel(
     dk_I[s] += (w dI [a > 0])^T @ q_I (a [BS, IDX_DIM] product per trip), added into DK_ACC (fp32, zeroed by the
     host, which applies the scale after: tiny losses do not underflow) with atomics. A row lists a key at most once, so no program adds twice to one row in a
     trip; the order of the adds across programs is the GPU's (not deterministic: the inverse-index kernels are the
-    deterministic alternative)."""
+    deterministic alternative). DETERMINISTIC (a p given to distill_loss, under torch.use_deterministic_algorithms):
+    no atomics; the unscaled dI of every selected pair goes to DI_SEL for the inverse-index dK kernel instead."""
     HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
     BS: tl.constexpr = 64    # selected keys per trip (the dk_I product's rows)
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -4198,6 +4226,7 @@ def _distill_bwd_sparse_fused_kernel(
         DQI += bos * HKV * IDX_HEADS * IDX_DIM
         DWI += bos * HKV * IDX_HEADS
         DK_ACC += bos * HKV * IDX_DIM
+        DI_SEL += bos * HKV * TOP_K
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
 
@@ -4236,13 +4265,102 @@ def _distill_bwd_sparse_fused_kernel(
         gate = tl.where(a > 0.0, dI[None, :], 0.0)
         dw += tl.sum(gate * a, axis=1)
         dq += _pv(gate, ki, WIDEN)
-        dk = _pv(tl.trans(gate * wi[:, None]), qi, WIDEN)
-        tl.atomic_add(DK_ACC + ((b * T + keys) * HKV + g)[:, None] * IDX_DIM + cols[None, :], dk,
-                      mask=key_ok[:, None], sem="relaxed")
+        if DETERMINISTIC:
+            tl.store(DI_SEL + sel_row + slot, dI, mask=slot < n_sel)
+        else:
+            dk = _pv(tl.trans(gate * wi[:, None]), qi, WIDEN)
+            tl.atomic_add(DK_ACC + ((b * T + keys) * HKV + g)[:, None] * IDX_DIM + cols[None, :], dk,
+                          mask=key_ok[:, None], sem="relaxed")
     out = (b * T + t_lo) * (HKV * IDX_HEADS) + ihead
     tl.store(DQI + out[:, None] * IDX_DIM + cols[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
              mask=irow_ok[:, None])
     tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+@triton.jit
+def _distill_fwd_sparse_from_p_kernel(
+    QI, KI, WI, IDX, P_IN, ROW_KL, STATS, CU_SEQLENS, TILES,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, idx_scale,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """KL(p || softmax_S(I)) = sum_S p (log p - I) + psum * lse_S(I) of one (query, kv group) row, p given."""
+    BT: tl.constexpr = 1
+    HP: tl.constexpr = 64    # indexer heads padded to >= 16 rows
+    BS: tl.constexpr = 64    # selected keys per trip
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        IDX += bos * HKV * TOP_K
+        P_IN += bos * HKV * TOP_K
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t
+    idx_row = IDX + ((b * T + t_lo) * HKV + g) * TOP_K
+    all_slots = tl.arange(0, TOP_K_PAD)
+    n_sel = tl.sum((tl.load(idx_row + all_slots, mask=all_slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    p_row = P_IN + ((b * T + t_lo) * HKV + g) * TOP_K
+    m_i = tl.full([BT], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT], dtype=tl.float32)
+    kl = tl.zeros([BT], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BT], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for u0 in range(0, n_sel, BS):
+        slot = u0 + tl.arange(0, BS)
+        keys = tl.load(idx_row + slot, mask=slot < n_sel, other=-1)
+        key_ok = (keys >= 0) & (keys <= t_lo)
+        keys = tl.where(key_ok, keys, 0)
+
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        pk = tl.load(p_row + slot, mask=key_ok, other=0.0)
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        Ik = tl.sum(tl.maximum(a, 0.0) * wi[:, None], axis=0) * idx_scale
+        # The loss's online terms along the trip's keys (one row: BT = 1).
+        i2 = tl.where(key_ok, Ik * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(i2, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(i2 - m_safe), axis=0)
+        m_i = m_new
+        pos = key_ok & (pk > 0.0)                 # 0 log 0 = 0
+        kl += tl.sum(tl.where(pos, pk * (tl.log(tl.where(pos, pk, 1.0)) - Ik), 0.0), axis=0)
+        psum += tl.sum(tl.where(key_ok, pk, 0.0), axis=0)
+
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
 
 
 
@@ -4260,7 +4378,7 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
      "dk_dense": _distill_dk_dense_kernel, "dq_sparse": _distill_dq_sparse_kernel, "dk_sparse": _distill_dk_sparse_kernel,
      "fwd_dense_fused": _distill_fwd_dense_fused_kernel, "dq_dense_fused": _distill_dq_dense_fused_kernel,
      "dk_dense_fused": _distill_dk_dense_fused_kernel, "fwd_sparse_fused": _distill_fwd_sparse_fused_kernel,
-     "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel, "fwd_dense_qreg": _distill_fwd_dense_qreg_kernel,
+     "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel, "fwd_sparse_from_p": _distill_fwd_sparse_from_p_kernel, "fwd_dense_qreg": _distill_fwd_dense_qreg_kernel,
      "dq_dense_qreg": _distill_dq_dense_qreg_kernel},
     _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
     sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1,
@@ -4277,7 +4395,7 @@ torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _DISTILL.backward
 
 
 def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,
-                 max_seqlen=None):
+                 max_seqlen=None, p_main=None):
     """The lightning indexer's distillation loss (docs/distill.md), an fp32 scalar tensor; differentiable in q_idx,
     k_idx and w_idx only (the target is the detached main attention).
 
@@ -4292,6 +4410,8 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
         spec's indexer.stage ("sparse").
     lse_main: optional fp32 [B, T, 128] natural-log log-sum-exp of the main attention over the same support (dense
         causal attention's, or the sparse forward's); computed here by an extra pass over the keys when None.
+    p_main: optional fp32 [B, T, 1, 2048], the sparse stage's target at each slot of `indices` (the
+        attention backward's `distill_p`): q and k are then not read (docs/distill.md).
     cu_seqlens, max_seqlen: a packed (varlen) batch as in flash_attn_varlen_func: every [B, T, ...] argument
         (indices and lse_main included) is [total, ...] instead, cu_seqlens int32 [N+1], max_seqlen an int >= the
         longest sequence; indices relative to each sequence's start. Runs natively: the kernels walk each
@@ -4301,4 +4421,4 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
     with a non-empty support.
     """
     return _DISTILL.loss(q, k, q_idx, k_idx, w_idx, indices=indices, lse_main=lse_main, stage=stage,
-                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, p_main=p_main)

@@ -2326,13 +2326,14 @@ def _compression_bwd_dkdv_kernel(
 
 @triton.jit
 def _selection_bwd_dq_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DQ, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
+    T, NKEYS, sm_scale, P_CHUNK,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    STORE_P: tl.constexpr = 0,
 ):
     GP: tl.constexpr = 16
     ROWS: tl.constexpr = BT * GP
@@ -2381,6 +2382,9 @@ def _selection_bwd_dq_kernel(
     idx_row = IDX + ((b * T + bos + t_lo) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + 0 + ((b * T + bos + t_lo) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
     # part of one.
     for f0 in range(0, n_units * UNIT, BLOCK_N):
@@ -2402,6 +2406,8 @@ def _selection_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
+        if STORE_P:
+            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 128)[None, :]
@@ -2518,15 +2524,16 @@ def _selection_bwd_dkdv_kernel(
 
 @triton.jit
 def _selection_bwd_scatter_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DQ, DK, DVAL, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
-    T, NKEYS, sm_scale,
+    T, NKEYS, sm_scale, P_CHUNK,
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
     KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
     GP: tl.constexpr = 16, DKDV: tl.constexpr = 1, RELOAD: tl.constexpr = 0,
+    STORE_P: tl.constexpr = 0,
 ):
     # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
     # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
@@ -2548,6 +2555,10 @@ def _selection_bwd_scatter_kernel(
     # L2 reads of the rows a trip.
     # DKDV 0 (the split form, launch config `dkdv_once`): dQ only; the dK/dV kernel below adds dK/dV once per
     # (query, key) over all the group's heads.
+    # STORE_P (token selection; docs/distill.md, "Sharing the attention backward's probabilities"): the program's
+    # heads' P summed and divided by the group size, by slot, into P_OUT + chunk * P_CHUNK ([B, T, HKV, TOP_K]
+    # fp32 per head chunk, the indices' layout; 0 at the padding slots): the distillation's target p, or this head
+    # chunk's share of it (the host sums the chunks' shares in a fixed order).
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 1
     t = tl.program_id(0)
@@ -2606,6 +2617,9 @@ def _selection_bwd_scatter_kernel(
     idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     if PREFETCH:
         # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
         # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
@@ -2679,6 +2693,8 @@ def _selection_bwd_scatter_kernel(
                 # Scaled once here: dQ and dK both take sm_scale * dS.
                 dst = dst * sm_scale
                 pt_in = pt
+            if STORE_P:
+                tl.store(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units)
             dst_in = dst
             if not WIDEN:
                 dst_in = dst.to(Q.dtype.element_ty)
@@ -2707,6 +2723,8 @@ def _selection_bwd_scatter_kernel(
                 dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
                 dp += _dot(do0, tl.trans(v0), WIDEN)
                 ds = p * (dp - delta[:, None])
+            if STORE_P:
+                tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
             # Scaled once here: dQ and dK both take sm_scale * dS.
             ds = ds * sm_scale
             pt_in = tl.trans(p)
@@ -2750,14 +2768,15 @@ def _selection_bwd_scatter_kernel(
 
 @triton.jit
 def _selection_bwd_scatter_dkdv_kernel(
-    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, CU_SEQLENS, CU_BLOCKS, TILES,
+    Q, K, V, GATES, DO, LSE, DG, DK, DVAL, IDX, P_OUT, CU_SEQLENS, CU_BLOCKS, TILES,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_gb, stride_gt, stride_gh,
     T, NKEYS, sm_scale,
-    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
+    WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False, STORE_P: tl.constexpr = 0,
 ):
+    # STORE_P: the scatter kernel's, over all the group's heads (one program a query and kv head: no chunks).
     ROWS: tl.constexpr = 16
     CHANNEL: tl.constexpr = 1
     t = tl.program_id(0)
@@ -2793,6 +2812,9 @@ def _selection_bwd_scatter_dkdv_kernel(
     idx_row = IDX + ((b * T + bos + t) * HKV + g) * TOP_K
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
+    p_row = P_OUT + ((b * T + bos + t) * HKV + g) * TOP_K
+    if STORE_P:
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     for f0 in range(0, n_units * UNIT, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
         slot = f // UNIT
@@ -2816,6 +2838,8 @@ def _selection_bwd_scatter_dkdv_kernel(
         q1 = tl.load(q_trip[:, None] + 128 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q1, tl.trans(k1), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if STORE_P:
+            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 128)[None, :], mask=key_ok[:, None], other=0.0)
         do0 = tl.load(DO + row_index[:, None] * DV + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * gate[:, None]

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import compiling, packed_map
+from . import ArgumentError, compiling, packed_map
 from .checks import check_given_indices, check_inputs, results
 from .launches import out_is_branch_output
 from .varlen import is_packed_call, native_indices, pack, pad_indices, unpad_results
@@ -87,13 +87,15 @@ class Attention:
                 q.new_empty((B, NC, d.heads_kv, d.dim_qk) if d.needs_compressed_kv else (0,)),
                 q.new_empty((B, NC, d.heads_kv, d.dim_v) if d.has_compression_branch else (0,)))
 
-    def bwd_impl(self, dout, *saved):
+    def bwd_impl(self, dout, *saved, distill_p=None):
         """Gradients of the differentiable inputs (desc.diff_args, in order) from the saved forward state: the
         differentiable inputs, then lse, indices, branch_out, kc, vc, and the forward's cu_seqlens and
-        max_seqlen."""
+        max_seqlen. `distill_p`: the entry point's (checked; eager calls only), filled by the selection's
+        backward."""
         saved, (cu_seqlens, max_seqlen) = saved[:-2], saved[-2:]
+        extra = {} if distill_p is None else {"distill_p": distill_p}
         with torch.autocast(dout.device.type, enabled=False):
-            return self.desc.backward(dout, *saved, **_layout(cu_seqlens, max_seqlen, dout))
+            return self.desc.backward(dout, *saved, **_layout(cu_seqlens, max_seqlen, dout), **extra)
 
     def bwd_fake(self, dout, *saved):
         return tuple(x.new_empty(x.shape) for x in saved[:-7])
@@ -140,19 +142,23 @@ class Attention:
         class _EagerAttention(torch.autograd.Function):
             """The custom ops' implementations and autograd rule, for eager calls. A custom op's first call imports
             torch's compiler stack (torch._dynamo: 0.86 s of a warm process's first training step on the H100) and
-            every call pays its dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`)."""
+            every call pays its dispatch; torch.compile traces the custom ops instead (`runtime.compiling()`).
+            Its last input is the entry point's `distill_p` (or None), kept on ctx for the backward to fill."""
 
             @staticmethod
             def forward(*inputs):
-                return impl.fwd_impl(*inputs)
+                return impl.fwd_impl(*inputs[:-1])
 
             @staticmethod
             def setup_context(ctx, inputs, output):
-                impl.setup_context(ctx, inputs, output)
+                impl.setup_context(ctx, inputs[:-1], output)
+                ctx.distill_p = inputs[-1]
 
             @staticmethod
             def backward(ctx, d_out, *unused):
-                return impl.backward_grads(ctx, d_out, impl.bwd_impl)
+                def bwd(*saved):
+                    return impl.bwd_impl(*saved, distill_p=ctx.distill_p)
+                return impl.backward_grads(ctx, d_out, bwd) + (None,)
 
         return _EagerAttention
 
@@ -187,8 +193,9 @@ class Attention:
     # Entry points --------------------------------------------------------------------------------------------
 
     def attention(self, args: tuple, *, indices=None, return_lse=False, return_indices=False, cu_seqlens=None,
-                  max_seqlen=None):
-        """`<family>_attention` on its tensor inputs `args` (in `desc.args` order); see the generated docstring."""
+                  max_seqlen=None, distill_p=None):
+        """`<family>_attention` on its tensor inputs `args` (in `desc.args` order); see the generated docstring.
+        `distill_p`: the scatter-path specs' (check_distill_p)."""
         desc = self.desc
         fn = desc.attention_name
         q = args[0]
@@ -196,7 +203,9 @@ class Attention:
             args = tuple(autocast_input(x, desc.dtype) for x in args)
         if is_packed_call(cu_seqlens, max_seqlen):
             if desc.native_varlen:
-                return self._attention_packed(fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen)
+                return self._attention_packed(fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen,
+                                              distill_p)
+            self.check_distill_p(fn, distill_p, args, ())  # refused: no native packed backward emits p
             # Padded to [N, max_seqlen] by differentiable index ops (modules without packed kernels): the unpad's
             # backward gives the padded rows a zero output gradient, so the batched backward sends them nothing.
             packed, args = pack(desc, fn, cu_seqlens, max_seqlen, args)
@@ -206,35 +215,77 @@ class Attention:
         args = check_inputs(desc, fn, args)
         q = args[0]
         indices = check_given_indices(desc, fn, indices, q.shape[0], q.shape[1], q.device)
-        out, lse, idx = self._run(args, indices, None, 0)
+        distill_p = self.check_distill_p(fn, distill_p, args, (q.shape[0], q.shape[1]))
+        out, lse, idx = self._run(args, indices, None, 0, distill_p)
         return results(out, lse, idx if desc.selects else None, return_lse, return_indices)
 
-    def _attention_packed(self, fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen):
+    def _attention_packed(self, fn, args, indices, return_lse, return_indices, cu_seqlens, max_seqlen,
+                          distill_p=None):
         """A packed call run natively, forward and backward (docs/varlen.md): the packed inputs [total, ...] go to
         the custom ops as a batch of one [1, total, ...] (views) with cu_seqlens and max_seqlen, the kernels walk
         the batch's tile tables, and every saved tensor and gradient buffer is linear in total."""
         desc = self.desc
         packed, args = pack(desc, fn, cu_seqlens, max_seqlen, args, pad=False)
         indices = native_indices(desc, fn, indices, packed, args[0].device)
+        distill_p = self.check_distill_p(fn, distill_p, args, (args[0].shape[0],))
         args = tuple(x.unsqueeze(0) if a.per_token else x for a, x in zip(desc.args, args))
         out, lse, idx = self._run(args, None if indices is None else indices.unsqueeze(0), cu_seqlens,
-                                  packed.max_seqlen)
+                                  packed.max_seqlen, None if distill_p is None else distill_p.unsqueeze(0))
         # squeeze, not [0]: the backward of a select makes a zeroed [1, total, ...] copy of the output gradient
         # (8 GiB for V3.2 at 64k tokens), a squeeze's is a view of it.
         return results(out.squeeze(0), lse.squeeze(0), idx.squeeze(0) if desc.selects else None, return_lse,
                        return_indices)
 
-    def _run(self, args, indices, cu_seqlens, max_seqlen):
+    def _need_grad(self, args) -> bool:
+        return torch.is_grad_enabled() and any(args[i].requires_grad for i in self.desc.diff_positions)
+
+    def _run(self, args, indices, cu_seqlens, max_seqlen, distill_p=None):
         """(out, lse, indices) of checked arguments: through the custom ops under torch.compile, else the eager
-        autograd.Function when a gradient is needed, else the forward alone."""
-        need_grad = torch.is_grad_enabled() and any(args[i].requires_grad for i in self.desc.diff_positions)
+        autograd.Function when a gradient is needed (`distill_p` reaching its backward), else the forward alone."""
+        need_grad = self._need_grad(args)
+        inputs = (*args, indices, need_grad, cu_seqlens, max_seqlen)
         if compiling():
-            run = self.fwd_op
-        elif need_grad:
-            run = self.eager.apply
-        else:
-            run = self.fwd_impl
-        return run(*args, indices, need_grad, cu_seqlens, max_seqlen)[:3]
+            return self.fwd_op(*inputs)[:3]
+        if need_grad:
+            return self.eager.apply(*inputs, distill_p)[:3]
+        return self.fwd_impl(*inputs)[:3]
+
+    def check_distill_p(self, fn: str, p, args, rows: tuple):
+        """`distill_p`, checked before any kernel runs: fp32 rows + (heads_kv, top_k), contiguous, on q's device,
+        for a spec whose selection backward is the scatter path (token selection by an indexer; its kernels and
+        the deterministic dq kernel emit p), an eager call (not under torch.compile) that computes a gradient."""
+        if p is None:
+            return None
+        d = self.desc
+        if d.selection_backward != "scatter" or d.unit != 1 or not d.indexer_heads:
+            raise ArgumentError(f"{fn}: argument `distill_p` needs a spec with a token-level indexer selection whose "
+                                f"backward is the scatter path; {d.spec_name} has none: compute the target with "
+                                f"distill_loss(..., lse_main=lse) instead")
+        if not rows:
+            raise ArgumentError(f"{fn}: argument `distill_p` is not supported on a packed call of {d.spec_name} "
+                                f"(it has no native packed backward); pass distill_p=None")
+        if compiling():
+            raise ArgumentError(f"{fn}: argument `distill_p` is not supported under torch.compile (the custom ops "
+                                f"do not carry it); call {fn} eagerly, or pass lse_main to distill_loss instead")
+        if not self._need_grad(args):
+            raise ArgumentError(f"{fn}: argument `distill_p` is filled by the backward, but this call computes no "
+                                f"gradient (grad mode off, or no differentiable input requires grad); pass "
+                                f"distill_p=None")
+        shape = rows + (d.heads_kv, d.top_k)
+        q = args[0]
+        if not isinstance(p, torch.Tensor) or tuple(p.shape) != shape or p.dtype != torch.float32:
+            got = (f"{type(p).__name__}" if not isinstance(p, torch.Tensor)
+                   else f"{p.dtype} of shape {list(p.shape)}")
+            raise ArgumentError(f"{fn}: argument `distill_p` must be a torch.float32 tensor of shape {list(shape)} "
+                                f"(q's rows, heads_kv, top_k), got {got}; allocate it with torch.empty({list(shape)}, "
+                                f"dtype=torch.float32, device=q.device)")
+        if p.device != q.device:
+            raise ArgumentError(f"{fn}: argument `distill_p` is on {p.device} but `q` is on {q.device}; allocate it "
+                                f"on q's device")
+        if not p.is_contiguous() or p.requires_grad:
+            raise ArgumentError(f"{fn}: argument `distill_p` must be contiguous and not require grad (the backward "
+                                f"writes it in place); allocate it with torch.empty")
+        return p
 
     def function_forward(self, ctx, args: tuple, indices):
         """`<FAMILY>Function.forward`: (out, lse, indices), the backward's state saved on ctx."""

@@ -155,18 +155,20 @@ class Launches:
             return (programs,), (layout.cu_seqlens, table), {"VARLEN": True}
         return layout, grid
 
-    def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
+    def forward(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0,
+                p_main=None):
         """(loss fp32 [], stats fp32 [B, T, HKV, 2] = (lse of I over the support, mass of p), lse of the main
         attention [B, T, HQ] when it was not given (else an empty tensor), p of every selected pair
         [B, T, HKV, top_k] fp32 on the fused path's sparse stage (else an empty tensor)). With `cu_seqlens` (a
         native packed call) the inputs are a batch of one [1, total, ...] and the kernels walk each sequence's
-        tiles."""
+        tiles. `p_main` (sparse stage, fp32 in the indices' layout): the target given, q, k and lse_main unread;
+        neither lse nor p is returned (the autograd glue saves p_main itself)."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
         row_kl = torch.empty((B, T, hkv), dtype=torch.float32, device=device)
         stats = torch.empty((B, T, hkv, 2), dtype=torch.float32, device=device)
-        lse_out = torch.empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32,
-                              device=device)
+        lse_out = torch.empty((0,) if lse_main is not None or p_main is not None else (B, T, self.heads_q),
+                              dtype=torch.float32, device=device)
         lse = lse_main if lse_main is not None else lse_out
         strides = _strides(q, k, q_idx, k_idx, w_idx)
         _, grid = self._launch(cu_seqlens, max_seqlen, T, row_kl)
@@ -175,7 +177,12 @@ class Launches:
         meta = dict(HAS_LSE=lse_main is not None, WIDEN=self.widen,
                     **(self.fused_options if fused else self.options))
         p_sel = row_kl.new_empty((0,))
-        if indices is None:
+        if p_main is not None:
+            tiles, tables, varlen = grid(1, T)
+            kern["fwd_sparse_from_p"][tiles + (B * hkv,)](
+                q_idx, k_idx, w_idx, indices, p_main, row_kl, stats, *tables, *strides[6:], T, self.scales[1],
+                WIDEN=self.widen, **self.bwd_options, **varlen)
+        elif indices is None:
             tiles, tables, varlen = grid(self.bt, T)
             name, form = "fwd_dense", {}
             if fused:
@@ -198,18 +205,24 @@ class Launches:
         loss = (row_kl.sum(dtype=torch.float64) / n_valid).to(torch.float32)
         return loss, stats, lse_out, p_sel
 
-    def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0):
+    def forward_fake(self, q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens=None, max_seqlen: int = 0,
+                     p_main=None):
         B, T = q.shape[0], q.shape[1]
-        sel = (B, T, self.heads_kv, self.top_k) if indices is not None and self.path == "fused" else (0,)
+        fused = indices is not None and self.path == "fused" and p_main is None
+        sel = (B, T, self.heads_kv, self.top_k) if fused else (0,)
+        no_lse = lse_main is not None or p_main is not None
         return (q.new_empty((), dtype=torch.float32), q.new_empty((B, T, self.heads_kv, 2), dtype=torch.float32),
-                q.new_empty((0,) if lse_main is not None else (B, T, self.heads_q), dtype=torch.float32),
+                q.new_empty((0,) if no_lse else (B, T, self.heads_q), dtype=torch.float32),
                 q.new_empty(sel, dtype=torch.float32))
 
     def backward(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens=None,
                  max_seqlen: int = 0):
         """(dq_idx, dk_idx, dw_idx) of grad * loss. Dense stage: two passes over the support (query side, key
         side). Sparse stage: after a fused forward (p_sel not empty) one pass, dk_idx by fp32 atomics, unless
-        torch's deterministic mode is on; else the legacy query-side pass, the inverse index and its key side."""
+        torch's deterministic mode is on; else the legacy query-side pass, the inverse index and its key side.
+        A target given to the forward (p_main: p_sel is it, lse empty) has no legacy pass (it recomputes p from q,
+        k and lse): in deterministic mode the one pass stores each pair's dI instead of adding dk_idx, and the
+        inverse index's key side sums them."""
         B, T = q.shape[0], q.shape[1]
         device, hkv, kern = q.device, self.heads_kv, self.kernels
         n_valid = torch.isfinite(stats[..., 0]).sum().clamp(min=1)
@@ -235,14 +248,20 @@ class Launches:
             kern["dk_dense" + sfx][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dk_idx, *tables, *strides, T, *self.scales,
                 **meta, **varlen)
-        elif p_sel.numel() and not torch.are_deterministic_algorithms_enabled():
-            # One pass from the stored p; dk_I summed in fp32 by atomics (order-dependent in the last bits).
-            dk_acc = torch.zeros(k_idx.shape, dtype=torch.float32, device=device)
+        elif p_sel.numel() and (not torch.are_deterministic_algorithms_enabled() or not lse.numel()):
+            # One pass from the stored (or given) p; dk_I summed in fp32 by atomics (order-dependent in the last
+            # bits), or, deterministic, from each pair's dI by the inverse index's key side.
+            det = torch.are_deterministic_algorithms_enabled()
+            dk_acc = stats if det else torch.zeros(k_idx.shape, dtype=torch.float32, device=device)
+            di_sel = torch.empty((B, T, hkv, self.top_k) if det else (0,), dtype=torch.float32, device=device)
             tiles, tables, varlen = grid(1, T)
             kern["bwd_sparse_fused"][tiles + (B * hkv,)](
-                q_idx, k_idx, w_idx, indices, p_sel, stats, gscale, dq_idx, dw_idx, dk_acc, *tables,
-                *strides[6:], T, self.scales[1], WIDEN=self.widen, **self.bwd_options, **varlen)
-            dk_idx.copy_(dk_acc.mul_(gscale * self.scales[1]))
+                q_idx, k_idx, w_idx, indices, p_sel, stats, gscale, dq_idx, dw_idx, dk_acc, di_sel, *tables,
+                *strides[6:], T, self.scales[1], WIDEN=self.widen, DETERMINISTIC=det, **self.bwd_options, **varlen)
+            if det:
+                self._dk_sparse(indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta)
+            else:
+                dk_idx.copy_(dk_acc.mul_(gscale * self.scales[1]))
         else:
             # dI of every selected pair (unscaled), written by the query-side kernel for the key-side one.
             di_sel = torch.empty((B, T, hkv, self.top_k), dtype=torch.float32, device=device)
@@ -250,12 +269,17 @@ class Launches:
             kern["dq_sparse"][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, indices, lse, stats, gscale, dq_idx, dw_idx, di_sel, *tables, *strides,
                 T, *self.scales, **meta, **varlen)
-            ptr, pos = self.inverse_index(indices, layout)
-            tiles, tables, varlen = grid(self.sbk, T)
-            kern["dk_sparse"][tiles + (B * hkv,)](
-                q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *tables, *strides[6:], T,
-                self.scales[1], **meta, **varlen)
+            self._dk_sparse(indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta)
         return dq_idx, dk_idx, dw_idx
+
+    def _dk_sparse(self, indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta):
+        """The sparse stage's deterministic key side: dk_idx from each selected pair's dI through the inverse
+        index (no atomics)."""
+        ptr, pos = self.inverse_index(indices, layout)
+        tiles, tables, varlen = grid(self.sbk, T)
+        self.kernels["dk_sparse"][tiles + (q_idx.shape[0] * self.heads_kv,)](
+            q_idx, k_idx, w_idx, indices, di_sel, ptr, pos, gscale, dk_idx, *tables, *strides[6:], T,
+            self.scales[1], **meta, **varlen)
 
     def backward_fake(self, grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens=None,
                       max_seqlen: int = 0):
@@ -280,9 +304,9 @@ def custom_ops(namespace: str, launches: Launches) -> tuple:
 
     def distill_fwd(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                     w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse_main: Optional[torch.Tensor],
-                    cu_seqlens: Optional[torch.Tensor], max_seqlen: int
+                    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, p_main: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return launches.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen)
+        return launches.forward(q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen, p_main)
 
     def distill_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
                     w_idx: torch.Tensor, indices: Optional[torch.Tensor], lse: torch.Tensor, stats: torch.Tensor,
@@ -311,8 +335,11 @@ class Distill:
         self.inputs = tuple(by_name[n] for n in INPUTS)
 
     def setup_context(self, ctx, inputs, output):
-        q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen = inputs
+        q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen = inputs[:9]
+        p_main = inputs[9] if len(inputs) > 9 else None
         _, stats, lse_out, p_sel = output
+        if p_main is not None:  # the backward's p, and no lse (Launches.backward: a given target)
+            lse_main, p_sel = None, p_main
         ctx.save_for_backward(q, k, q_idx, k_idx, w_idx, indices, lse_main if lse_main is not None else lse_out,
                               stats, p_sel, cu_seqlens)
         ctx.max_seqlen = max_seqlen
@@ -321,11 +348,11 @@ class Distill:
         q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens = ctx.saved_tensors
         dq_idx, dk_idx, dw_idx = self.bwd(grad, q, k, q_idx, k_idx, w_idx, indices, lse, stats, p_sel, cu_seqlens,
                                           ctx.max_seqlen)
-        # The target is detached: no gradient reaches the main attention's q and k (nor lse_main).
-        return None, None, dq_idx, dk_idx, dw_idx, None, None, None, None
+        # The target is detached: no gradient reaches the main attention's q and k (nor lse_main, nor p_main).
+        return None, None, dq_idx, dk_idx, dw_idx, None, None, None, None, None
 
     def loss(self, q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,
-             max_seqlen=None):
+             max_seqlen=None, p_main=None):
         """`distill_loss`; see the generated docstring."""
         d = self.desc
         fn = "distill_loss"
@@ -356,6 +383,12 @@ class Distill:
             indices = check_indices(fn, indices, rows + (d.heads_kv, d.top_k), device, d.unit, packed)
         if lse_main is not None:
             lse_main = check_tensor(fn, "lse_main", lse_main, rows + (d.heads_q,), torch.float32, {}, device).detach()
+        if p_main is not None:
+            if stage != "sparse" or indices is None:
+                raise ArgumentError(f"{fn}: argument `p_main` is the sparse stage's target at the slots of `indices`: "
+                                    f"pass the indices it was computed on (stage 'sparse')")
+            p_main = check_tensor(fn, "p_main", p_main, rows + (d.heads_kv, d.top_k), torch.float32, {},
+                                  device).detach()
         varlen = (None, 0)
         if packed is not None:
             # Native (docs/varlen.md): the packed rows run as a batch of one [1, total, ...] (views), the kernels
@@ -366,6 +399,7 @@ class Distill:
             q, k, q_idx, k_idx, w_idx = (t.unsqueeze(0) for t in (q, k, q_idx, k_idx, w_idx))
             indices = None if indices is None else indices.unsqueeze(0)
             lse_main = None if lse_main is None else lse_main.unsqueeze(0)
+            p_main = None if p_main is None else p_main.unsqueeze(0)
             varlen = (packed.cu_seqlens, packed.max_seqlen)
         elif indices is None and stage == "sparse":
             indices = self.index_topk(q_idx.detach(), k_idx.detach(), w_idx.detach())
@@ -373,4 +407,6 @@ class Distill:
             lse_main = lse_main.contiguous()
         if indices is not None:
             indices = indices.contiguous()
-        return self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen)[0]
+        if p_main is not None:
+            p_main = p_main.contiguous()
+        return self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen, p_main)[0]

@@ -288,6 +288,26 @@ class Backward:
         self.grads: dict = {}
         self.launched = 0
         self._no_tables = (q, q, q)  # the packed launches' pointer arguments, unused without VARLEN
+        self.distill_p = self._p_parts = None  # selection(distill_p=...): where the selection's P goes
+
+    def _p_out(self, chunks: int) -> tuple:
+        """(P_OUT, P_CHUNK, STORE_P) of a selection launch of `chunks` programs a query and kv head that emits the
+        distillation's target p into `distill_p` (docs/distill.md, "Sharing the attention backward's
+        probabilities"): the buffer itself for one program, else a scratch [chunks, *distill_p.shape]
+        of each chunk's share, which `_p_done` sums into it in chunk order (deterministic); placeholders without
+        distill_p."""
+        p = self.distill_p
+        if p is None:
+            return self.q, 0, 0
+        if chunks == 1:
+            return p, 0, 1
+        self._p_parts = torch.empty((chunks,) + tuple(p.shape), dtype=torch.float32, device=self.device)
+        return self._p_parts, p.numel(), 1
+
+    def _p_done(self) -> None:
+        if self._p_parts is not None:
+            torch.sum(self._p_parts, dim=0, out=self.distill_p)
+            self._p_parts = None
 
     def target(self, name: str, D: int, zero: bool = False):
         """The fp32 gradient accumulator of input `name` [B, T, HKV, D], and whether a kernel must add into it
@@ -316,19 +336,22 @@ class Backward:
         keys = lay.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression" else lay.cu_seqlens
         return (lay.cu_seqlens, keys, table), n_programs
 
-    def dq(self, kernel, name: str, k, v, n_keys: int, indices=None, head_chunks: int = 1):
+    def dq(self, kernel, name: str, k, v, n_keys: int, indices=None, head_chunks: int = 1, emits_p: bool = False):
         """Launch branch `name`'s dQ kernel (the selection's: one query position per program, the group's heads
-        over `head_chunks` programs)."""
+        over `head_chunks` programs; `emits_p`: a kernel with STORE_P, the scatter path's deterministic one)."""
         d, T, first = self.desc, self.T, self.launched == 0
         self.launched += 1
         per_position = indices is not None
-        selection = () if indices is None else (indices,)
+        selection, tail, store = () if indices is None else (indices,), (), {}
+        if emits_p:
+            p_out, p_chunk, store_p = self._p_out(head_chunks)
+            selection, tail, store = selection + (p_out,), (p_chunk,), {"STORE_P": store_p}
 
         def args(tables):
             return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, *selection, *tables,
-                    *self._common(k, v, n_keys))
+                    *self._common(k, v, n_keys), *tail)
 
-        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
+        meta = dict(HAS_PREV=not first, WIDEN=self.widen, **store)
         if self.varlen is not None:
             self._packed_launch(kernel, f"{name}_dq",
                                 lambda cfg: self._query_tiles(name, 1 if per_position else cfg["bt"]),
@@ -431,17 +454,22 @@ class Backward:
                    restore=("DK", "DVAL") if accumulate else ())
 
     def selection(self, scatter_kernel, dq_kernel, dkdv_kernel, k_name: str, v_name: str, k, v, indices,
-                  inverse_index, max_entries: int, *, dq_chunks: int, scatter_chunks: int, dkdv_once_kernel=None):
+                  inverse_index, max_entries: int, *, dq_chunks: int, scatter_chunks: int, dkdv_once_kernel=None,
+                  distill_p=None):
         """The selection branch's backward where the plan chose the scatter path (docs/backward.md): the scatter
         kernel (with its split form's dK/dV kernel, `dkdv_once_kernel`, when the launch config asks for it), or,
         when PyTorch's deterministic mode is on (torch.use_deterministic_algorithms), the deterministic pair, the
-        dq kernel and the inverse-index dK/dV kernel."""
+        dq kernel and the inverse-index dK/dV kernel. `distill_p` (fp32 [B, T, HKV, top_k], checked by
+        runtime.autograd): filled with the distillation's target p, the mean over each kv group's heads of the
+        softmax at every selected slot (0 at padding slots), by whichever kernel computes P per query."""
+        self.distill_p = distill_p
         if torch.are_deterministic_algorithms_enabled():
-            self.dq(dq_kernel, "selection", k, v, self.T, indices, head_chunks=dq_chunks)
+            self.dq(dq_kernel, "selection", k, v, self.T, indices, head_chunks=dq_chunks, emits_p=True)
             self.selection_dkdv(dkdv_kernel, k_name, v_name, k, v, indices, inverse_index, max_entries)
         else:
             self.selection_scatter(scatter_kernel, k_name, v_name, k, v, indices, head_chunks=scatter_chunks,
                                    dkdv_once_kernel=dkdv_once_kernel)
+        self._p_done()
 
     def selection_scatter(self, kernel, k_name: str, v_name: str, k, v, indices, *, head_chunks: int,
                           dkdv_once_kernel=None):
@@ -458,31 +486,42 @@ class Backward:
         dk, acc_k = self.target(k_name, d.dim_qk, zero=True)
         dv = dk if d.mla else self.target(v_name, d.dim_v, zero=True)[0]
 
-        def args(tables):
-            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices, *tables,
-                    *self._common(k, v, T))
-
-        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
-
         def chunks(cfg: dict) -> int:
             # Programs per (query, kv head): the launch config's head rows (`gp`), else the plan's head chunks.
             return _cdiv(d.heads_q // d.heads_kv, cfg["gp"]) if cfg.get("gp") else head_chunks
 
         cfg = launch_config(self.configs, "selection_scatter")
+        # P (distill_p): from the split form's dK/dV kernel (all the group's heads), else from the scatter kernel's
+        # head chunks of this config (so never autotuned: the chunks must be known before the launch).
+        p_out, p_chunk, store_p = self._p_out(1 if cfg.get("dkdv_once") else chunks(cfg))
+
+        def args(tables):
+            return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices, p_out,
+                    *tables, *self._common(k, v, T), p_chunk)
+
+        meta = dict(HAS_PREV=not first, WIDEN=self.widen)
         if cfg.get("dkdv_once"):
-            self._scatter_split(kernel, dkdv_once_kernel, cfg, chunks(cfg), args, meta, k, v, indices, dk, dv)
+            self._scatter_split(kernel, dkdv_once_kernel, cfg, chunks(cfg), args, meta, k, v, indices, dk, dv,
+                                (p_out, store_p))
             return
+        if store_p:
+            meta["STORE_P"] = 1
         if self.varlen is not None:
             self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
                                 (d.heads_kv * chunks(cfg),), args, meta)
-            return
-        launch(kernel, "selection_scatter", self.configs, self.candidates,
-               lambda cfg: (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables), dict(meta, VARLEN=False),
-               T=T, restore=("DQ", "DK", "DVAL"))
+        elif store_p:
+            launch_with(kernel, (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables),
+                        dict(meta, VARLEN=False), cfg)
+        else:
+            launch(kernel, "selection_scatter", self.configs, self.candidates,
+                   lambda cfg: (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables),
+                   dict(meta, VARLEN=False), T=T, restore=("DQ", "DK", "DVAL"))
 
-    def _scatter_split(self, kernel, once_kernel, cfg: dict, chunks: int, args, meta: dict, k, v, indices, dk, dv):
+    def _scatter_split(self, kernel, once_kernel, cfg: dict, chunks: int, args, meta: dict, k, v, indices, dk, dv,
+                       p_out):
         """The scatter path's split form: dQ by the scatter kernel (DKDV 0, the config's tile), then dK/dV by
-        `once_kernel` (one program per query and kv head, the config's `dkdv_*` tile), on the same grid rows."""
+        `once_kernel` (one program per query and kv head, the config's `dkdv_*` tile), on the same grid rows;
+        `p_out` (P_OUT, STORE_P) the latter's."""
         d, T = self.desc, self.T
         if once_kernel is None:
             raise RuntimeError("the launch config of selection_scatter asks for the split form (dkdv_once) but this "
@@ -494,9 +533,10 @@ class Backward:
         else:
             tables, grid, varlen = self._no_tables, (T, self.B * d.heads_kv), False
         launch_with(kernel, (grid[0], grid[1] * chunks), args(tables), dict(meta, DKDV=0, VARLEN=varlen), cfg)
-        once_args = (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, indices, *tables,
+        once_args = (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, indices, p_out[0], *tables,
                      *self._common(k, v, T))
-        launch_with(once_kernel, grid, once_args, dict(WIDEN=self.widen, VARLEN=varlen), once_cfg)
+        store = {"STORE_P": 1} if p_out[1] else {}
+        launch_with(once_kernel, grid, once_args, dict(WIDEN=self.widen, VARLEN=varlen, **store), once_cfg)
 
     def selection_kv(self, kernel, dq_reduce_kernel, dkdv_reduce_kernel, k_name: str, v_name: str, k, v, indices, *,
                      unit: int, top_k: int, split: int, block_n: int, merge_rows: int, worklist: str = "torch"):
