@@ -104,6 +104,7 @@ def test_training_step_table_and_baseline():
     text = step_table(v32, [row])
     for piece in ("indexer + top-k", "10.00 ms", "attention forward", "300 TFLOP/s", "120 TFLOP/s",
                   "whole step (sparse stage)", "50.00 ms", "warm-up (dense) stage", "60.00 ms",
+                  "whole step, p shared", "70.00 ms", "sparse stage, p given", "80.00 ms",
                   "unabsorbed MHA", "303.00 ms / —", "step speedup 6.06x", "6.00 beyond them",
                   "_selection_bwd_scatter_kernel: 20.000 ms"):
         assert piece in text, piece
@@ -139,10 +140,12 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
                                memory=lambda fn: 0.5)
     row = rows[0]
     assert row["T"] == 24 and all(key in row for _, key in PIECES), row
-    step = results[-1]  # the whole step's grads: dq, dk, dq_idx, dk_idx, dw_idx, then the output
+    step, shared = results[-1], results[-3]  # the whole step's grads: dq, dk, dq_idx, dk_idx, dw_idx, then the output
     assert len(step) == len(("dq", "dk", "dv", "dq_idx", "dk_idx", "dw_idx", "out"))  # dsa_small has its own v
     for g in step:
         assert g.dtype.is_floating_point and torch.isfinite(g).all() and g.abs().sum() > 0
+    # The step with p shared (the backward's distill_p, the loss's p_main): the same gradients up to fp32 rounding.
+    assert len(shared) == len(step) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared, step))
     assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5
 
 

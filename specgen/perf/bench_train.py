@@ -8,7 +8,10 @@ The step is what a user's training loop runs per layer in the sparse stage (docs
     loss = distill_loss(q, k, q_idx, k_idx, w_idx, indices=indices, lse_main=lse[..., 0])
     dq_idx, dk_idx, dw_idx = autograd.grad(loss, (q_idx, k_idx, w_idx))       # the indexer's gradient
 
-and, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
+and the same step with the probabilities shared (`step_shared_p_ms`; docs/distill.md, "Sharing the attention
+backward's probabilities"): the backward fills a preallocated `p` (dsa_attention(..., distill_p=p)) and the loss
+takes it (distill_loss(..., p_main=p)) instead of recomputing the main logits over the selected keys; that loss
+is also timed alone (`distill_from_p_fwd_bwd_ms`). And, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
 `dense_distill_max`). The dense baseline is causal SDPA forward + backward (cuDNN and flash) of the attention the
 model would otherwise run: for an MLA spec the unabsorbed multi-head attention (Hq heads, d_qk 192, d_v 128, as
 DeepSeek-V3.2 prefills), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
@@ -16,6 +19,8 @@ and that peak less the step's outputs and gradients (the issue's "beyond inputs,
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -134,6 +139,8 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
                                    lse_main=l_[..., 0].detach(), stage="sparse")
         return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
 
+    if "distill_p" in inspect.signature(attention).parameters:
+        row.update(_shared_p_times(module, attention, main, fixed, idx_in, topk, indices, dout, timer))
     row["step_ms"] = timer(step)
     row["step_peak_extra_gib"] = memory(step)
     # What the step must hand back: the attention's output and every gradient (the inputs are already there).
@@ -145,6 +152,29 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     if per_kernel:
         row["kernels"] = {name: {"ms": ms} for name, ms in kernel_times(step, calls=1, names="all").items()}
     return row
+
+
+def _shared_p_times(module, attention, main: dict, fixed: dict, idx_in: dict, topk, indices, dout, timer) -> dict:
+    """The step with the attention backward's p shared with the loss (one preallocated fp32 buffer in the indices'
+    layout), and that loss alone (p_main from the step's last backward: the same indices, a deterministic top-k)."""
+    q, k = main["q"], main["k"]
+    p = torch.empty(indices.shape, dtype=torch.float32, device=indices.device)
+
+    def step():
+        sel = topk()
+        o = attention(**main, **fixed, indices=sel, distill_p=p)
+        grads = torch.autograd.grad(o, tuple(main.values()), dout)
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, p_main=p, stage="sparse")
+        return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
+
+    def distill():
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, p_main=p,
+                                   stage="sparse")
+        return torch.autograd.grad(loss, tuple(idx_in.values()))
+
+    out = {"step_shared_p_ms": timer(step)}   # (first: it fills p)
+    out["distill_from_p_fwd_bwd_ms"] = timer(distill)
+    return out
 
 
 def _attention_times(spec: Spec, attention, main: dict, fixed: dict, indices, dout,
@@ -163,7 +193,9 @@ def _attention_times(spec: Spec, attention, main: dict, fixed: dict, indices, do
 
 PIECES = (("indexer + top-k", "indexer_topk_ms"), ("attention forward", "attention_forward_ms"),
           ("attention backward", "attention_backward_ms"), ("distillation, sparse stage", "distill_sparse_fwd_bwd_ms"),
-          ("whole step (sparse stage)", "step_ms"), ("distillation, warm-up (dense) stage", "distill_dense_fwd_bwd_ms"))
+          ("whole step (sparse stage)", "step_ms"), ("distillation, warm-up (dense) stage", "distill_dense_fwd_bwd_ms"),
+          # The step with the attention backward's p shared with the loss, and that loss alone.
+          ("whole step, p shared", "step_shared_p_ms"), ("distillation, sparse stage, p given", "distill_from_p_fwd_bwd_ms"))
 
 
 def table(spec: Spec, rows: list[dict]) -> str:
