@@ -407,6 +407,5 @@ class Distill:
             lse_main = lse_main.contiguous()
         if indices is not None:
             indices = indices.contiguous()
-        if p_main is not None:
-            p_main = p_main.contiguous()
-        return self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen, p_main)[0]
+        given = () if p_main is None else (p_main.contiguous(),)  # (the op's last argument, None by default)
+        return self.fwd(q.detach(), k.detach(), q_idx, k_idx, w_idx, indices, lse_main, *varlen, *given)[0]
