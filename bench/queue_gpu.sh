@@ -64,7 +64,9 @@
 # forward variants), 1 (T1=0 T3=0 T4=0: the training step on today's defaults, the dense distillation's qreg
 # forms now V3.2's), 6, then 9 until 0 left.
 #   CALL=19 one call for a session short of device time: persist's and the fp8 launch's GPU tests, persist / cw at
-#           batch 1, dsa_v32's batch-1 forms (ms<N>, cs<N>, fold_list_s64), Llama-3 / Qwen2.5 decode at --batches max.
+#           batch 1, dsa_v32's batch-1 forms (ms<N>, cs<N>, fold_list_s64), V3.2's training step at 16k with the
+#           attention backward's p shared (checked there against the recomputing loss), Llama-3's decode at
+#           --batches max.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..19 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
@@ -306,8 +308,8 @@ case ${CALL:-1} in
 19)
   # One call of the most needed untimed pieces for a session short of device time (2026-12-07 late: three start
   # failures): the persist form's GPU tests and its batch-1 bench against cw (issue 19's 17 us), the fp8
-  # launch's tests, dsa_v32's batch-1 step with the split cap / epilogue loads, and two model specs' decode at the
-  # largest batch that fits (issue 19's model-shape target, never timed).
+  # launch's tests, dsa_v32's batch-1 step with the split cap / epilogue loads, V3.2's training step with the shared
+  # p, and Llama-3's decode at the largest batch that fits (issue 19's model-shape target, never timed).
   mkdir -p $W/one
   piece ${T1:=90} && { ( env_in $W/one; timeout -k 20 $T1 python -m pytest -v -rfE --tb=short -p no:cacheprovider \
       tests/test_decode.py tests/test_runtime.py -k "persist or fp8" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
@@ -319,7 +321,12 @@ case ${CALL:-1} in
       --batches 1 --seqlens 65536 --decode-forms plan ms8 ms16 cs32 ms16+cs32 ks_pf_k32+wide_w8+fold_list_s64 \
       --out "$W/one/results" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" \
       | tee -a "$W/one/dsa_decode_ms.log" | tail -14 ); pack; }
-  for s in model_llama3_8b model_qwen25_7b; do
+  # The attention backward's p shared with the distillation (untimed; docs/distill.md): V3.2's step at 16k, both ways,
+  # with the shared path checked against the recomputing one at that size (the row's *_rel_diff).
+  piece ${T5:=110} && { ( env_in $W/one; timeout -k 20 $T5 python -m specgen.cli bench specs/dsa_v32.yaml \
+      --training-step --seqlens 16384 --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
+      | tee -a $W/one/training_step_shared_p.log | tail -24 ); pack; }
+  for s in model_llama3_8b; do
     piece ${T4:=95} && { ( env_in $W/one; timeout -k 20 $T4 python -m specgen.cli bench specs/models/$s.yaml --decode \
         --batches max 1 --seqlens 65536 --out "$W/one/results" 2>&1 \
         | grep -v "UserWarning\|return sdpa\|_warn_once\|^$s {" | tee -a $W/one/models_decode.log | tail -8 ); pack; }

@@ -146,6 +146,8 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
         assert g.dtype.is_floating_point and torch.isfinite(g).all() and g.abs().sum() > 0
     # The step with p shared (the backward's distill_p, the loss's p_main): the same gradients up to fp32 rounding.
     assert len(shared) == len(step) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared, step))
+    # ... and the row's own check of it (what the GPU run reports at the bench's size).
+    assert row["shared_p_loss_rel_diff"] < 1e-5 and row["shared_p_grad_rel_diff"] < 1e-4, row
     assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5
 
 

@@ -140,7 +140,7 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
         return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
 
     if "distill_p" in inspect.signature(attention).parameters:
-        row.update(_shared_p_times(module, attention, main, fixed, idx_in, topk, indices, dout, timer))
+        row.update(_shared_p_times(module, attention, main, fixed, idx_in, topk, indices, dout, timer, lse_main))
     row["step_ms"] = timer(step)
     row["step_peak_extra_gib"] = memory(step)
     # What the step must hand back: the attention's output and every gradient (the inputs are already there).
@@ -154,9 +154,12 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     return row
 
 
-def _shared_p_times(module, attention, main: dict, fixed: dict, idx_in: dict, topk, indices, dout, timer) -> dict:
+def _shared_p_times(module, attention, main: dict, fixed: dict, idx_in: dict, topk, indices, dout, timer,
+                    lse_main) -> dict:
     """The step with the attention backward's p shared with the loss (one preallocated fp32 buffer in the indices'
-    layout), and that loss alone (p_main from the step's last backward: the same indices, a deterministic top-k)."""
+    layout), and that loss alone (p_main from the step's last backward: the same indices, a deterministic top-k);
+    checked first at the bench's size against the loss that recomputes p from lse_main (the relative differences
+    of the loss and of the indexer's gradients go in the row: the GPU's check of the shared path at real sizes)."""
     q, k = main["q"], main["k"]
     p = torch.empty(indices.shape, dtype=torch.float32, device=indices.device)
 
@@ -173,6 +176,13 @@ def _shared_p_times(module, attention, main: dict, fixed: dict, idx_in: dict, to
         return torch.autograd.grad(loss, tuple(idx_in.values()))
 
     out = {"step_shared_p_ms": timer(step)}   # (first: it fills p)
+    given = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, p_main=p, stage="sparse")
+    own = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, lse_main=lse_main,
+                              stage="sparse")
+    out["shared_p_loss_rel_diff"] = (abs(given.item() - own.item()) / max(abs(own.item()), 1e-30))
+    diffs = [(a.float() - b.float()).norm().item() / max(b.float().norm().item(), 1e-30) for a, b in
+             zip(torch.autograd.grad(given, tuple(idx_in.values())), torch.autograd.grad(own, tuple(idx_in.values())))]
+    out["shared_p_grad_rel_diff"] = max(diffs)
     out["distill_from_p_fwd_bwd_ms"] = timer(distill)
     return out
 
@@ -211,6 +221,9 @@ def table(spec: Spec, rows: list[dict]) -> str:
                 rate = {"attention_forward_ms": r.get("attention_forward_tflops"),
                         "attention_backward_ms": r.get("attention_backward_tflops")}.get(key)
                 lines.append(f"  {label:<38} {r[key]:>10.2f} ms" + (f"  {rate:.0f} TFLOP/s" if rate else ""))
+        if "shared_p_loss_rel_diff" in r:
+            lines.append(f"  p shared against p recomputed: loss {r['shared_p_loss_rel_diff']:.1e}, indexer gradients "
+                         f"{r['shared_p_grad_rel_diff']:.1e} (relative)")
         if "dense" in r:
             fb = r["dense"]["fwd_bwd"]
             dense_txt = " / ".join(f"{v:.2f} ms" if isinstance(v, float) else "—" for v in fb.values())
