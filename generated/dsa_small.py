@@ -1703,7 +1703,8 @@ def _selection_bwd_scatter_kernel(
     # STORE_P (token selection; docs/distill.md, "Sharing the attention backward's probabilities"): the program's
     # heads' P summed and divided by the group size, by slot, into P_OUT + chunk * P_CHUNK ([B, T, HKV, TOP_K]
     # fp32 per head chunk, the indices' layout; 0 at the padding slots): the distillation's target p, or this head
-    # chunk's share of it (the host sums the chunks' shares in a fixed order).
+    # chunk's share of it (the host sums the chunks' shares in a fixed order). STORE_P 2: the share added into P_OUT
+    # by fp32 atomics instead (zeroed by the host; the scatter path is order-dependent anyway: its dK/dV are atomics).
     ROWS: tl.constexpr = GP
     CHANNEL: tl.constexpr = 0
     t = tl.program_id(0)
@@ -1758,7 +1759,7 @@ def _selection_bwd_scatter_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t) * HKV + g) * TOP_K
-    if STORE_P:
+    if STORE_P == 1:
         tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
     if PREFETCH:
         # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
@@ -1821,8 +1822,10 @@ def _selection_bwd_scatter_kernel(
                 # Scaled once here: dQ and dK both take sm_scale * dS.
                 dst = dst * sm_scale
                 pt_in = pt
-            if STORE_P:
+            if STORE_P == 1:
                 tl.store(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units)
+            elif STORE_P == 2:
+                tl.atomic_add(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units, sem="relaxed")
             dst_in = dst
             if not WIDEN:
                 dst_in = dst.to(Q.dtype.element_ty)
@@ -1842,8 +1845,10 @@ def _selection_bwd_scatter_kernel(
                 dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
                 dp += _dot(do0, tl.trans(v0), WIDEN)
                 ds = p * (dp - delta[:, None])
-            if STORE_P:
+            if STORE_P == 1:
                 tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
+            elif STORE_P == 2:
+                tl.atomic_add(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units, sem="relaxed")
             # Scaled once here: dQ and dK both take sm_scale * dS.
             ds = ds * sm_scale
             pt_in = tl.trans(p)

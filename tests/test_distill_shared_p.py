@@ -84,7 +84,7 @@ def test_backward_emits_p_and_distill_from_p(mod):
 
 
 # Forms of the scatter backward (launch config selection_scatter) that compute P differently: several head chunks
-# (gp 2 of the group's 4 heads: the host sums the chunks' shares), row-major with and without the split sum,
+# (gp 2 of the group's 4 heads: the chunks add their shares by atomics), row-major with and without the split sum,
 # key-major with Q and dO reloaded, the split form (P from its dK/dV kernel over the whole group).
 FORMS = {
     "rows_gp2": {"key_major": 0, "key_split": 0, "gp": 2},

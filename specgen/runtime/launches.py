@@ -290,17 +290,20 @@ class Backward:
         self._no_tables = (q, q, q)  # the packed launches' pointer arguments, unused without VARLEN
         self.distill_p = self._p_parts = None  # selection(distill_p=...): where the selection's P goes
 
-    def _p_out(self, chunks: int) -> tuple:
+    def _p_out(self, chunks: int, atomic: bool = False) -> tuple:
         """(P_OUT, P_CHUNK, STORE_P) of a selection launch of `chunks` programs a query and kv head that emits the
         distillation's target p into `distill_p` (docs/distill.md, "Sharing the attention backward's
-        probabilities"): the buffer itself for one program, else a scratch [chunks, *distill_p.shape]
-        of each chunk's share, which `_p_done` sums into it in chunk order (deterministic); placeholders without
-        distill_p."""
+        probabilities"): the buffer itself for one program; else, `atomic` (the scatter kernel, order-dependent
+        anyway), the buffer zeroed for the chunks' atomic adds (STORE_P 2); else a scratch
+        [chunks, *distill_p.shape] of each chunk's share, which `_p_done` sums into it in chunk order
+        (deterministic); placeholders without distill_p."""
         p = self.distill_p
         if p is None:
             return self.q, 0, 0
         if chunks == 1:
             return p, 0, 1
+        if atomic:
+            return p.zero_(), 0, 2
         self._p_parts = torch.empty((chunks,) + tuple(p.shape), dtype=torch.float32, device=self.device)
         return self._p_parts, p.numel(), 1
 
@@ -493,7 +496,7 @@ class Backward:
         cfg = launch_config(self.configs, "selection_scatter")
         # P (distill_p): from the split form's dK/dV kernel (all the group's heads), else from the scatter kernel's
         # head chunks of this config (so never autotuned: the chunks must be known before the launch).
-        p_out, p_chunk, store_p = self._p_out(1 if cfg.get("dkdv_once") else chunks(cfg))
+        p_out, p_chunk, store_p = self._p_out(1 if cfg.get("dkdv_once") else chunks(cfg), atomic=True)
 
         def args(tables):
             return (self.q, k, v, self.gates, self.dout, self.lse, self.dg, self.dq_acc, dk, dv, indices, p_out,
@@ -505,7 +508,7 @@ class Backward:
                                 (p_out, store_p))
             return
         if store_p:
-            meta["STORE_P"] = 1
+            meta["STORE_P"] = store_p
         if self.varlen is not None:
             self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
                                 (d.heads_kv * chunks(cfg),), args, meta)
