@@ -668,7 +668,7 @@ def test_renders_v32():
     ast.parse(src)
     assert "k1 = tl.load(k_rows[:, None] + 512 + tl.arange(0, 64)" in src            # 576 = 512 + 64
     assert ("def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stage=None, cu_seqlens=None,\n"
-            "                 max_seqlen=None)") in src
+            "                 max_seqlen=None, p_main=None)") in src
 
 
 # ---------------------------------------------------------------------------------------------------------------
