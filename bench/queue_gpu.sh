@@ -67,7 +67,8 @@
 #           batch 1, dsa_v32's batch-1 forms (ms<N>, cs<N>, fold_list_s64), V3.2's training step at 16k with the
 #           attention backward's p shared (checked there against the recomputing loss), Llama-3's decode at
 #           --batches max.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..19 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=20 issue 16's nsa_paper row at 64k (last timed 2026-11-24) and three model specs at 16k / 32k.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..20 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -332,5 +333,17 @@ case ${CALL:-1} in
         | grep -v "UserWarning\|return sdpa\|_warn_once\|^$s {" | tee -a $W/one/models_decode.log | tail -8 ); pack; }
   done
   ;;
-*) echo "CALL must be 1 to 19" >&2; exit 2 ;;
+20)
+  # Issue 16's nsa_paper target (forward >= 4x, forward + backward >= 3.5x cuDNN at 64k; last timed 2026-11-24, before
+  # the block-outer selection, the work list and the backward forms) and the matrix's 32k / 16k rows (06133e7).
+  mkdir -p $W/matrix
+  piece ${T1:=200} && { ( env_in $W/matrix; timeout -k 20 $T1 python -m specgen.cli bench specs/nsa_paper.yaml \
+      --seqlens 65536 --out "$W/matrix" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once" \
+      | tee -a $W/matrix/bench_nsa_paper_${COMMIT}.log | tail -30 ); pack; }
+  piece ${T2:=340} && { ( env_in $W/matrix; timeout -k 20 $T2 python -m specgen.cli bench \
+      specs/models/model_llama3_8b.yaml specs/models/model_qwen25_7b.yaml specs/models/model_gemma2_9b.yaml \
+      --seqlens 16384 32768 --out "$W/matrix" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once" \
+      | tee -a $W/matrix/bench_16k_32k_${COMMIT}.log | tail -30 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 20" >&2; exit 2 ;;
 esac
