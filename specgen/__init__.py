@@ -42,8 +42,10 @@ __version__ = "0.1.0"
 # (`_decode_<branch>_body`, `_decode_combine_tile`, `_decode_select_partials_row`); 23: the decode launch chain
 # (DecodeDescriptor.chain, the kernels' PDL constexpr); 24: the decode launch form "persist"
 # (DecodeDescriptor.persist_kernel, a keyword a module of 24 passes and an older runtime rejects;
-# runtime.decode_persist; the NSA cache's persist_counters) and `_decode_combine_tile`'s CG constexpr.
-RUNTIME_SCHEMA = 24
+# runtime.decode_persist; the NSA cache's persist_counters) and `_decode_combine_tile`'s CG constexpr; 25: the
+# attention backward's `distill_p` (the scatter and dq kernels' P_OUT / P_CHUNK / STORE_P, `_backward`'s keyword,
+# the custom ops' last argument) and the distillation's `fwd_sparse_from_p` kernel and the one-pass backward's DI_SEL.
+RUNTIME_SCHEMA = 25
 
 
 def _interpreter_without_gpu_devices() -> None:

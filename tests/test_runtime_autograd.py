@@ -92,10 +92,12 @@ def test_custom_op_names_carry_spec_hash_and_tuning_record():
     assert ATTN.op_name == f"fake_0123456789abcdef_none_s{specgen.RUNTIME_SCHEMA}"
     schema = str(ATTN.fwd_op._opoverload._schema)
     assert schema.startswith(f"specgen::{ATTN.op_name}_fwd(Tensor q, Tensor k, Tensor v, Tensor w_idx, "
-                             "Tensor? indices, bool save_branch_outputs, Tensor? cu_seqlens, SymInt max_seqlen) -> "
+                             "Tensor? indices, bool save_branch_outputs, Tensor? cu_seqlens, SymInt max_seqlen, "
+                             "Tensor? distill_p=None) -> "
                              "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
     bwd = str(ATTN.bwd_op._opoverload._schema)
     assert "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor indices, Tensor branch_out" in bwd
+    assert "SymInt max_seqlen, Tensor(a11!)? distill_p=None) -> (" in bwd, bwd  # the one argument it writes
     # Another tuning record: other ops. The same spec and record again (a second module object): the same ops.
     other = autograd.Attention(make_desc(records="feedfacefeedface"))
     assert other.op_name != ATTN.op_name

@@ -20,9 +20,11 @@ _P = inspect.Parameter
 
 
 def _signature(names, extra, returns: int) -> inspect.Signature:
-    """A signature torch.library reads the op schema from: Tensor arguments `names`, then `extra` (name, type)."""
+    """A signature torch.library reads the op schema from: Tensor arguments `names`, then `extra` (name, type), then
+    `distill_p`, an optional tensor defaulting to None (the entry point's; the backward op writes it)."""
     params = [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor) for n in names]
     params += [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in extra]
+    params.append(_P("distill_p", _P.POSITIONAL_OR_KEYWORD, annotation=Optional[torch.Tensor], default=None))
     return inspect.Signature(params, return_annotation=tuple[(torch.Tensor,) * returns])
 
 
@@ -134,7 +136,15 @@ class Attention:
         return self.grads_by_input(bwd(d_out, *ctx.saved_tensors, ctx.max_seqlen))
 
     def backward_rule(self, ctx, d_out, *unused):
-        return self.backward_grads(ctx, d_out, self.bwd_op)
+        def bwd(*saved):
+            return self.bwd_op(*saved, ctx.distill_p)
+        return self.backward_grads(ctx, d_out, bwd) + (None,)
+
+    def op_setup_context(self, ctx, inputs, output):
+        """The custom op's setup_context: its last input is `distill_p` (None when the call left it out), kept on
+        ctx for the backward op, which writes it (the op's mutated argument)."""
+        inputs, ctx.distill_p = _split_p(inputs, self.n_args + 4)
+        self.setup_context(ctx, inputs, output)
 
     def _eager_function(self):
         impl = self
@@ -172,11 +182,16 @@ class Attention:
             pass
         desc = self.desc
 
+        # Each op's last argument is distill_p (None by default, and absent when a call leaves it out: the bodies
+        # get the arguments as passed): read by neither forward, written by the backward.
+        n_fwd, n_bwd = self.n_args + 4, 1 + len(desc.diff_args) + 7
+
         def fwd_impl(*inputs):
-            return self.fwd_impl(*inputs, copy_given_indices=True)
+            return self.fwd_impl(*_split_p(inputs, n_fwd)[0], copy_given_indices=True)
 
         def bwd_impl(*inputs):
-            return self.bwd_impl(*inputs)
+            inputs, p = _split_p(inputs, n_bwd)
+            return self.bwd_impl(*inputs, distill_p=p)
 
         packed = (("cu_seqlens", Optional[torch.Tensor]), ("max_seqlen", int))
         fwd_impl.__signature__ = _signature(
@@ -184,10 +199,10 @@ class Attention:
         bwd_impl.__signature__ = _signature(
             ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc"), packed, len(desc.diff_args))
         fwd = torch.library.custom_op(f"specgen::{self.op_name}_fwd", fwd_impl, mutates_args=())
-        fwd.register_fake(self.fwd_fake)
-        bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=())
-        bwd.register_fake(self.bwd_fake)
-        fwd.register_autograd(self.backward_rule, setup_context=self.setup_context)
+        fwd.register_fake(lambda *inputs: self.fwd_fake(*_split_p(inputs, n_fwd)[0]))
+        bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=("distill_p",))
+        bwd.register_fake(lambda *inputs: self.bwd_fake(*_split_p(inputs, n_bwd)[0]))
+        fwd.register_autograd(self.backward_rule, setup_context=self.op_setup_context)
         return fwd, bwd
 
     # Entry points --------------------------------------------------------------------------------------------
@@ -245,7 +260,7 @@ class Attention:
         need_grad = self._need_grad(args)
         inputs = (*args, indices, need_grad, cu_seqlens, max_seqlen)
         if compiling():
-            return self.fwd_op(*inputs)[:3]
+            return self.fwd_op(*inputs, distill_p)[:3]
         if need_grad:
             return self.eager.apply(*inputs, distill_p)[:3]
         return self.fwd_impl(*inputs)[:3]
@@ -253,7 +268,8 @@ class Attention:
     def check_distill_p(self, fn: str, p, args, rows: tuple):
         """`distill_p`, checked before any kernel runs: fp32 rows + (heads_kv, top_k), contiguous, on q's device,
         for a spec whose selection backward is the scatter path (token selection by an indexer; its kernels and
-        the deterministic dq kernel emit p), an eager call (not under torch.compile) that computes a gradient."""
+        the deterministic dq kernel emit p), a call that computes a gradient (eager, or under torch.compile: the
+        backward op's mutated argument)."""
         if p is None:
             return None
         d = self.desc
@@ -264,9 +280,6 @@ class Attention:
         if not rows:
             raise ArgumentError(f"{fn}: argument `distill_p` is not supported on a packed call of {d.spec_name} "
                                 f"(it has no native packed backward); pass distill_p=None")
-        if compiling():
-            raise ArgumentError(f"{fn}: argument `distill_p` is not supported under torch.compile (the custom ops "
-                                f"do not carry it); call {fn} eagerly, or pass lse_main to distill_loss instead")
         if not self._need_grad(args):
             raise ArgumentError(f"{fn}: argument `distill_p` is filled by the backward, but this call computes no "
                                 f"gradient (grad mode off, or no differentiable input requires grad); pass "
@@ -300,6 +313,11 @@ class Attention:
         """`<FAMILY>Function.backward`: gradients of its inputs (the tensor arguments, then indices)."""
         grads = (self.bwd_op if compiling() else self.bwd_impl)(d_out, *ctx.saved_tensors, None, 0)
         return self.grads_by_input(grads)[:self.n_args + 1]
+
+
+def _split_p(inputs: tuple, n: int) -> tuple:
+    """(the first n arguments of a custom op's call, its trailing distill_p or None where the call left it out)."""
+    return inputs[:n], (inputs[n] if len(inputs) > n else None)
 
 
 def _layout(cu_seqlens, max_seqlen: int, x) -> dict:
