@@ -1573,6 +1573,25 @@ def _dot32(a, b):
 
 
 @triton.jit
+def _bwd_p_padding(p_row, n_units, STORE_P: tl.constexpr):
+    # The distillation's target p (docs/distill.md, "Sharing the attention backward's probabilities") at a row's
+    # padding slots: 0 where the program stores its slots (STORE_P 1; with 2 the host zeroed the whole buffer).
+    if STORE_P == 1:
+        slots = tl.arange(0, TOP_K_PAD)
+        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
+
+
+@triton.jit
+def _bwd_p_share(p_row, slot, share, n_units, STORE_P: tl.constexpr):
+    # A trip's share of p at its slots: stored (STORE_P 1: the program holds the whole group, or a deterministic
+    # chunk's scratch row), or added by fp32 atomics (2: the scatter kernel's head chunks into one buffer).
+    if STORE_P == 1:
+        tl.store(p_row + slot, share, mask=slot < n_units)
+    elif STORE_P == 2:
+        tl.atomic_add(p_row + slot, share, mask=slot < n_units, sem="relaxed")
+
+
+@triton.jit
 def _bwd_preprocess_kernel(DO, BRANCH_OUT, DG, DGATES, n_rows, BR: tl.constexpr):
     # Rows enumerate (b, t, head) of the contiguous [B, T, HQ, ...] layouts.
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
@@ -1648,8 +1667,7 @@ def _selection_bwd_dq_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t_lo) * HKV + g) * TOP_K
-    if STORE_P:
-        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
+    _bwd_p_padding(p_row, n_units, STORE_P)
     # The selected units' tokens in order, BLOCK_N per trip: several units per trip, or (wide heads, BLOCK_N < UNIT)
     # part of one.
     for f0 in range(0, n_units * UNIT, BLOCK_N):
@@ -1671,8 +1689,7 @@ def _selection_bwd_dq_kernel(
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         dp += _dot(do0, tl.trans(v0), WIDEN)
         ds = p * (dp - delta[:, None])
-        if STORE_P:
-            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
+        _bwd_p_share(p_row, slot, tl.sum(p, axis=0) * (1.0 / GROUP), n_units, STORE_P)
         dq0 += _pv(ds, k0, WIDEN)
         dq1 += _pv(ds, k1, WIDEN)
     dq_ptr = DQ + row_index[:, None] * DQK + 0 + tl.arange(0, 512)[None, :]
@@ -1911,8 +1928,7 @@ def _selection_bwd_scatter_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t) * HKV + g) * TOP_K
-    if STORE_P == 1:
-        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
+    _bwd_p_padding(p_row, n_units, STORE_P)
     if PREFETCH:
         # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
         # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
@@ -2012,10 +2028,7 @@ def _selection_bwd_scatter_kernel(
                 # Scaled once here: dQ and dK both take sm_scale * dS.
                 dst = dst * sm_scale
                 pt_in = pt
-            if STORE_P == 1:
-                tl.store(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units)
-            elif STORE_P == 2:
-                tl.atomic_add(p_row + slot, tl.sum(pt, axis=1) * (1.0 / GROUP), mask=slot < n_units, sem="relaxed")
+            _bwd_p_share(p_row, slot, tl.sum(pt, axis=1) * (1.0 / GROUP), n_units, STORE_P)
             dst_in = dst
             if not WIDEN:
                 dst_in = dst.to(Q.dtype.element_ty)
@@ -2064,10 +2077,7 @@ def _selection_bwd_scatter_kernel(
                 dp += _dot(do2, tl.trans(v2), WIDEN)
                 dp += _dot(do3, tl.trans(v3), WIDEN)
                 ds = p * (dp - delta[:, None])
-            if STORE_P == 1:
-                tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
-            elif STORE_P == 2:
-                tl.atomic_add(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units, sem="relaxed")
+            _bwd_p_share(p_row, slot, tl.sum(p, axis=0) * (1.0 / GROUP), n_units, STORE_P)
             # Scaled once here: dQ and dK both take sm_scale * dS.
             ds = ds * sm_scale
             pt_in = tl.trans(p)
@@ -2224,8 +2234,7 @@ def _selection_bwd_scatter_dkdv_kernel(
     slots = tl.arange(0, TOP_K_PAD)
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     p_row = P_OUT + ((b * T + bos + t) * HKV + g) * TOP_K
-    if STORE_P:
-        tl.store(p_row + slots, tl.zeros([TOP_K_PAD], dtype=tl.float32), mask=(slots >= n_units) & (slots < TOP_K))
+    _bwd_p_padding(p_row, n_units, STORE_P)
     for f0 in range(0, n_units * UNIT, BLOCK_N):
         f = f0 + tl.arange(0, BLOCK_N)
         slot = f // UNIT
@@ -2257,8 +2266,7 @@ def _selection_bwd_scatter_dkdv_kernel(
         q4 = tl.load(q_trip[:, None] + 512 + tl.arange(0, 64)[None, :], mask=row_ok[:, None], other=0.0)
         s += _dot(q4, tl.trans(k4), WIDEN)
         p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        if STORE_P:
-            tl.store(p_row + slot, tl.sum(p, axis=0) * (1.0 / GROUP), mask=slot < n_units)
+        _bwd_p_share(p_row, slot, tl.sum(p, axis=0) * (1.0 / GROUP), n_units, STORE_P)
         dp = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         v0 = k0  # MLA: V is K's first 512 dims
         do0 = tl.load(do_trip[:, None] + 0 + tl.arange(0, 128)[None, :], mask=row_ok[:, None], other=0.0)

@@ -120,27 +120,30 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     row["attention_forward_ms"], row["attention_backward_ms"], lse_main = _attention_times(
         spec, attention, main, fixed, indices, dout, timer)
 
-    def distill(stage: str):
+    def distill(stage: str = "sparse", **target):
+        """The loss and the indexer's gradients; the sparse stage's on the step's indices, its target lse_main
+        unless `target` gives another (p_main)."""
         sel = indices if stage == "sparse" else None
-        main = lse_main if stage == "sparse" else None
-        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, lse_main=main,
-                                   stage=stage)
-        return torch.autograd.grad(loss, tuple(idx_in.values()))
+        if stage == "sparse" and not target:
+            target = {"lse_main": lse_main}
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, stage=stage, **target)
+        return (loss,) + torch.autograd.grad(loss, tuple(idx_in.values()))
 
-    row["distill_sparse_fwd_bwd_ms"] = timer(lambda: distill("sparse"))
+    row["distill_sparse_fwd_bwd_ms"] = timer(distill)
     if T <= dense_distill_max:
         row["distill_dense_fwd_bwd_ms"] = timer(lambda: distill("dense"))
 
-    def step():
+    def step(p=None):
+        """The sparse-stage step; with `p` the attention backward fills it and the loss takes it (p_main)."""
         sel = topk()
-        o, l_ = attention(**main, **fixed, indices=sel, return_lse=True)
+        o, l_ = attention(**main, **fixed, indices=sel, return_lse=True, **({} if p is None else {"distill_p": p}))
         grads = torch.autograd.grad(o, tuple(main.values()), dout)
-        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel,
-                                   lse_main=l_[..., 0].detach(), stage="sparse")
+        target = {"lse_main": l_[..., 0].detach()} if p is None else {"p_main": p}
+        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, stage="sparse", **target)
         return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
 
     if "distill_p" in inspect.signature(attention).parameters:
-        row.update(_shared_p_times(module, attention, main, fixed, idx_in, topk, indices, dout, timer, lse_main))
+        row.update(_shared_p_times(step, distill, indices, timer))
     row["step_ms"] = timer(step)
     row["step_peak_extra_gib"] = memory(step)
     # What the step must hand back: the attention's output and every gradient (the inputs are already there).
@@ -154,36 +157,17 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     return row
 
 
-def _shared_p_times(module, attention, main: dict, fixed: dict, idx_in: dict, topk, indices, dout, timer,
-                    lse_main) -> dict:
+def _shared_p_times(step, distill, indices, timer) -> dict:
     """The step with the attention backward's p shared with the loss (one preallocated fp32 buffer in the indices'
     layout), and that loss alone (p_main from the step's last backward: the same indices, a deterministic top-k);
     checked first at the bench's size against the loss that recomputes p from lse_main (the relative differences
     of the loss and of the indexer's gradients go in the row: the GPU's check of the shared path at real sizes)."""
-    q, k = main["q"], main["k"]
     p = torch.empty(indices.shape, dtype=torch.float32, device=indices.device)
-
-    def step():
-        sel = topk()
-        o = attention(**main, **fixed, indices=sel, distill_p=p)
-        grads = torch.autograd.grad(o, tuple(main.values()), dout)
-        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=sel, p_main=p, stage="sparse")
-        return grads + torch.autograd.grad(loss, tuple(idx_in.values())) + (o,)
-
-    def distill():
-        loss = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, p_main=p,
-                                   stage="sparse")
-        return torch.autograd.grad(loss, tuple(idx_in.values()))
-
-    out = {"step_shared_p_ms": timer(step)}   # (first: it fills p)
-    given = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, p_main=p, stage="sparse")
-    own = module.distill_loss(q.detach(), k.detach(), *idx_in.values(), indices=indices, lse_main=lse_main,
-                              stage="sparse")
-    out["shared_p_loss_rel_diff"] = (abs(given.item() - own.item()) / max(abs(own.item()), 1e-30))
-    diffs = [(a.float() - b.float()).norm().item() / max(b.float().norm().item(), 1e-30) for a, b in
-             zip(torch.autograd.grad(given, tuple(idx_in.values())), torch.autograd.grad(own, tuple(idx_in.values())))]
-    out["shared_p_grad_rel_diff"] = max(diffs)
-    out["distill_from_p_fwd_bwd_ms"] = timer(distill)
+    out = {"step_shared_p_ms": timer(lambda: step(p))}   # (first: it fills p)
+    given, own = distill(p_main=p), distill()
+    out["shared_p_loss_rel_diff"] = reference.rel_err(given[0], own[0])
+    out["shared_p_grad_rel_diff"] = max(reference.rel_err(a, b) for a, b in zip(given[1:], own[1:]))
+    out["distill_from_p_fwd_bwd_ms"] = timer(lambda: distill(p_main=p))
     return out
 
 

@@ -92,7 +92,7 @@ class Attention:
     def bwd_impl(self, dout, *saved, distill_p=None):
         """Gradients of the differentiable inputs (desc.diff_args, in order) from the saved forward state: the
         differentiable inputs, then lse, indices, branch_out, kc, vc, and the forward's cu_seqlens and
-        max_seqlen. `distill_p`: the entry point's (checked; eager calls only), filled by the selection's
+        max_seqlen. `distill_p`: the entry point's (checked by check_distill_p), filled by the selection's
         backward."""
         saved, (cu_seqlens, max_seqlen) = saved[:-2], saved[-2:]
         extra = {} if distill_p is None else {"distill_p": distill_p}
@@ -161,8 +161,7 @@ class Attention:
 
             @staticmethod
             def setup_context(ctx, inputs, output):
-                impl.setup_context(ctx, inputs[:-1], output)
-                ctx.distill_p = inputs[-1]
+                impl.op_setup_context(ctx, inputs, output)
 
             @staticmethod
             def backward(ctx, d_out, *unused):
@@ -184,7 +183,9 @@ class Attention:
 
         # Each op's last argument is distill_p (None by default, and absent when a call leaves it out: the bodies
         # get the arguments as passed): read by neither forward, written by the backward.
-        n_fwd, n_bwd = self.n_args + 4, 1 + len(desc.diff_args) + 7
+        bwd_names = ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc")
+        packed = (("cu_seqlens", Optional[torch.Tensor]), ("max_seqlen", int))
+        n_fwd, n_bwd = self.n_args + 4, len(bwd_names) + len(packed)
 
         def fwd_impl(*inputs):
             return self.fwd_impl(*_split_p(inputs, n_fwd)[0], copy_given_indices=True)
@@ -193,11 +194,9 @@ class Attention:
             inputs, p = _split_p(inputs, n_bwd)
             return self.bwd_impl(*inputs, distill_p=p)
 
-        packed = (("cu_seqlens", Optional[torch.Tensor]), ("max_seqlen", int))
         fwd_impl.__signature__ = _signature(
             desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)) + packed, 6)
-        bwd_impl.__signature__ = _signature(
-            ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc"), packed, len(desc.diff_args))
+        bwd_impl.__signature__ = _signature(bwd_names, packed, len(desc.diff_args))
         fwd = torch.library.custom_op(f"specgen::{self.op_name}_fwd", fwd_impl, mutates_args=())
         fwd.register_fake(lambda *inputs: self.fwd_fake(*_split_p(inputs, n_fwd)[0]))
         bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=("distill_p",))
