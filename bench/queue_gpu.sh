@@ -68,7 +68,9 @@
 #           attention backward's p shared (checked there against the recomputing loss), Llama-3's decode at
 #           --batches max.
 #   CALL=20 issue 16's nsa_paper row at 64k (last timed 2026-11-24) and three model specs at 16k / 32k.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..20 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=21 the forward's plan variants at model heads (CALL=3's first piece, never timed), V3.2's step at 16k with
+#           the shared p, nsa_paper at 64k (CALL=20's first piece).
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..21 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -345,5 +347,20 @@ case ${CALL:-1} in
       --seqlens 16384 32768 --out "$W/matrix" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once" \
       | tee -a $W/matrix/bench_16k_32k_${COMMIT}.log | tail -30 ); pack; }
   ;;
-*) echo "CALL must be 1 to 20" >&2; exit 2 ;;
+21)
+  # The first call of 2026-12-07 (night 2), ordered by what could move a default: the forward's plan variants at
+  # Llama / Qwen / Gemma-2 heads (never timed: score_km, score_key32, sel_forced, sel_w4; docs/forward.md estimates
+  # Llama 27.7 -> ~21 ms with all of them, issue 16's 2.5x), V3.2's training step at 16k with the shared p, then
+  # nsa_paper's forward / backward at 64k (issue 16, last timed 2026-11-24).
+  piece ${T1:=170} && { OUT=$W/nsafwd LLAMA_TIMEOUT=$((T1 * 7 / 18)) QWEN_TIMEOUT=$((T1 * 4 / 18)) \
+      GEMMA_TIMEOUT=$((T1 * 7 / 18)) TEST_TIMEOUT=0 bash bench/nsa_forward_variants_gpu.sh | tail -40; pack; }
+  mkdir -p $W/one $W/matrix
+  piece ${T2:=120} && { ( env_in $W/one; timeout -k 20 $T2 python -m specgen.cli bench specs/dsa_v32.yaml \
+      --training-step --seqlens 16384 --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
+      | tee -a $W/one/training_step_shared_p.log | tail -24 ); pack; }
+  piece ${T3:=200} && { ( env_in $W/matrix; timeout -k 20 $T3 python -m specgen.cli bench specs/nsa_paper.yaml \
+      --seqlens 65536 --out "$W/matrix" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once" \
+      | tee -a $W/matrix/bench_nsa_paper_${COMMIT}.log | tail -30 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 21" >&2; exit 2 ;;
 esac
