@@ -114,7 +114,7 @@ def _selection_attention_kernel(
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
     BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
-    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, CHUNK_INNER: tl.constexpr = 0,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     # Launch-config forms (tuning.selection_forward_variants; docs/tuning.md, "The selection forward's forms"):
@@ -132,8 +132,14 @@ def _selection_attention_kernel(
     # The group's 128 heads are split over 2 programs of GP rows (wide heads: one tile
     # of all of them would not fit shared memory).
     HEAD_CHUNKS: tl.constexpr = 2
-    chunk = pid_bg % HEAD_CHUNKS
-    pid_bg = pid_bg // HEAD_CHUNKS
+    if CHUNK_INNER:
+        # Launch config `chunk_inner`: a tile's chunks are neighbours on axis 0, so they run together and the
+        # second one finds the keys both gather still in L2 (with the chunks on axis 1 they run a grid row apart).
+        chunk = pid_t % HEAD_CHUNKS
+        pid_t = pid_t // HEAD_CHUNKS
+    else:
+        chunk = pid_bg % HEAD_CHUNKS
+        pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     if VARLEN:

@@ -123,7 +123,7 @@ def _selection_attention_kernel(
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
     BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
-    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, CHUNK_INNER: tl.constexpr = 0,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     # Launch-config forms (tuning.selection_forward_variants; docs/tuning.md, "The selection forward's forms"):
@@ -1695,7 +1695,7 @@ def _selection_bwd_scatter_kernel(
     HAS_PREV: tl.constexpr, WIDEN: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr = False,
     KEY_MAJOR: tl.constexpr = 0, KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
     GP: tl.constexpr = 16, DKDV: tl.constexpr = 1, RELOAD: tl.constexpr = 0,
-    STORE_P: tl.constexpr = 0,
+    STORE_P: tl.constexpr = 0, CHUNK_INNER: tl.constexpr = 0,
 ):
     # KEY_MAJOR (launch config `key_major`, tuning.scatter_variants): 0 computes S = Q K^T as [GP rows, BLOCK_N
     # keys]; every product then has GP rows (32 for V3.2), below one warpgroup's 64, so Triton 3.6 falls back to
@@ -1729,8 +1729,14 @@ def _selection_bwd_scatter_kernel(
     # The group's 4 heads over HEAD_CHUNKS programs of GP rows (the fp32 dQ of all of them would not fit
     # the registers); each adds its own heads' share of dK/dV.
     HEAD_CHUNKS: tl.constexpr = (GROUP + GP - 1) // GP
-    chunk = pid_bg % HEAD_CHUNKS
-    pid_bg = pid_bg // HEAD_CHUNKS
+    if CHUNK_INNER:
+        # Launch config `chunk_inner`: a query's chunks are neighbours on axis 0, so they run together: the keys
+        # they all gather, and the dK/dV rows they all add into, are still in L2 for the second to the last.
+        chunk = t % HEAD_CHUNKS
+        t = t // HEAD_CHUNKS
+    else:
+        chunk = pid_bg % HEAD_CHUNKS
+        pid_bg = pid_bg // HEAD_CHUNKS
     b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
     g = pid_bg % HKV
     if VARLEN:

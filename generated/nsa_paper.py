@@ -314,7 +314,7 @@ def _selection_attention_kernel(
     T, NKEYS, sm_scale, branch_stride,
     HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
     BT: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PREFILL: tl.constexpr = False,
-    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0,
+    KEY_SPLIT: tl.constexpr = 0, PREFETCH: tl.constexpr = 0, CHUNK_INNER: tl.constexpr = 0,
 ):
     # BT query positions x GP heads per program; BT and BLOCK_N come from the launch config (tunable).
     # Launch-config forms (tuning.selection_forward_variants; docs/tuning.md, "The selection forward's forms"):

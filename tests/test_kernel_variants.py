@@ -9,13 +9,15 @@ the interpreter computes: those variants are checked for being tuning candidates
 from __future__ import annotations
 
 import pytest
+import torch
 
 import specgen
-from specgen import testing
+from specgen import runtime, testing
 from specgen.compile.plan import make_plan
 from specgen.compile.tuning import (SELECTION_FORWARD_DEFAULT, SELECTION_KV_BWD_DEFAULT, scatter_variants,
                                     selection_forward_variants, selection_kv_variants, split_form, tunable_kernels)
 from specgen.model.spec import load_spec, replace
+from specgen.runtime import launches
 
 SMALL = load_spec("specs/nsa_small.yaml")   # l=8 d=4 l'=16, top_k 4 (1 initial + 1 local)
 
@@ -71,7 +73,7 @@ def test_scatter_key_major_matches_the_reference(monkeypatch):
     assert plan.backward.scatter
     variants = scatter_variants(plan)
     assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values()
-               if v.get("key_major") and not split_form(v))  # (split forms: not candidates, tuning.split_form)
+               if v.get("key_major") and not split_form(v) and not v.get("chunk_inner"))  # (not candidates)
     monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter",
                         {**variants["km_k64_w8"], "block_n": 16})
     testing.check_backward(mod, SCATTER, 1, 40)
@@ -87,7 +89,8 @@ def test_selection_forward_variants_are_candidates():
     assert default["key_split"] == 1 and default["prefetch"] == 1
     assert variants["w8"]["key_split"] == 0 and variants["w8"]["prefetch"] == 0
     assert {"ks", "ks_pf", "ks_k32_s4"} <= set(variants)
-    assert all(v in plan.tuning.candidates["selection"] for v in variants.values())
+    assert all(v in plan.tuning.candidates["selection"] for v in variants.values() if not v.get("chunk_inner"))
+    assert not any(c.get("chunk_inner") for c in plan.tuning.candidates["selection"])  # a launch order: by name
     # Block selection (64-token units): the 32-key forms would split a unit, so they are left out.
     block = selection_forward_variants(make_plan(load_spec("specs/dsa_block.yaml")))
     assert block and all(c["block_n"] % 64 == 0 for c in block.values())
@@ -117,3 +120,40 @@ def test_selection_forward_forms_match_the_reference(monkeypatch, spec):
         monkeypatch.setitem(mod.CONFIGS["default"], "selection",
                             {**base, "block_n": 16, "key_split": key_split, "prefetch": prefetch})
         testing.check_forward(mod, spec, 1, spec.selection.top_k + 5)
+
+
+# Wide MLA heads: the group's 128 heads split over two programs of 64 rows (test_nsa_matrix's dsa_head_chunks).
+CHUNKED = replace(load_spec("specs/dsa_small.yaml"), name="dsa_fwdvar_chunks", dtype="fp32",
+                  **{"heads.q": 128, "heads.kv": 1, "mla": True, "head_dim.qk": 320, "head_dim.v": 256})
+
+
+def test_selection_forward_chunks_side_by_side(monkeypatch):
+    """`chunk_inner` (V3.2's ks_pf_ci: a query's head chunks neighbours on axis 0 of the grid, so the keys both
+    gather are still in L2 for the second): the launch's grid, and the output, log-sum-exps and selection equal to
+    the default launch's bit for bit (each program computes what it did, in another launch order) and right against
+    the float64 reference, batched (the batch and kv group still on axis 1)."""
+    v32 = selection_forward_variants(make_plan(load_spec("specs/dsa_v32.yaml")))
+    assert v32["ks_pf_ci"] == {**v32["ks_pf"], "chunk_inner": 1}
+    mod = specgen.load(CHUNKED)
+    assert make_plan(CHUNKED).selection.head_chunks == 2
+    grids = []
+    real = runtime.launch_with
+
+    def spy(kernel, grid, args, meta, cfg):
+        if kernel.fn.__name__ == "_selection_attention_kernel":
+            grids.append((tuple(grid), meta.get("CHUNK_INNER", cfg.get("chunk_inner", 0))))
+        return real(kernel, grid, args, meta, cfg)
+
+    monkeypatch.setattr(runtime, "launch_with", spy)
+    monkeypatch.setattr(launches, "launch_with", spy)
+    B, T = 2, CHUNKED.selection.top_k + 5
+    case = testing.random_case(mod, CHUNKED, B, T, testing.test_device(), None)
+    base = dict(mod.CONFIGS["default"]["selection"])
+    outs = {}
+    for inner in (0, 1):
+        monkeypatch.setitem(mod.CONFIGS["default"], "selection", {**base, "chunk_inner": inner})
+        outs[inner] = mod.dsa_attention(**case.inputs, return_lse=True)
+        assert grids.pop() == (((T * 2, B), 1) if inner else ((T, B * 2), 0))
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b), "the chunks side by side compute what they did"
+    testing.check_forward(mod, CHUNKED, B, T)

@@ -33,7 +33,7 @@ FORMS = ("ks_k64", "km_ks_k64_pf", "r16_w4_pf_s2")
 # The forms sum in other orders (products split in parts, fp32 atomics in other orders): fp32 rounding.
 SAME = 1e-5
 META = {"key_major": "KEY_MAJOR", "key_split": "KEY_SPLIT", "prefetch": "PREFETCH", "gp": "GP", "block_n": "BLOCK_N",
-        "reload": "RELOAD"}
+        "reload": "RELOAD", "chunk_inner": "CHUNK_INNER"}
 # The forms with fewer atomic adds per selected (query, key) (docs/backward.md, "Fewer atomics"): 64 head rows with
 # Q and dO reloaded in every trip (one program a query at this spec's 64 heads, where km_ks_k64 runs two), and the
 # split form (dQ by the scatter kernel without dK/dV, dK/dV by one program a query over all its heads).
@@ -73,7 +73,11 @@ class _Spy:
         assert len(self.calls) == 1, f"{len(self.calls)} scatter launches"
         got, grid, meta = self.calls.pop()
         assert got == {v: cfg[k] for k, v in META.items() if k in cfg}, (got, cfg)
-        assert grid[1] == programs and meta["VARLEN"] == varlen, (grid, meta)
+        chunks = SPEC.heads.q // cfg["gp"]
+        if cfg.get("chunk_inner"):  # a query's chunks side by side on axis 0
+            assert grid[1] * chunks == programs and grid[0] % chunks == 0 and meta["VARLEN"] == varlen, (grid, meta)
+        else:
+            assert grid[1] == programs and meta["VARLEN"] == varlen, (grid, meta)
         assert meta.get("DKDV", 1) == (0 if split_form(cfg) else 1), meta
         assert len(self.once) == (1 if split_form(cfg) else 0), f"{len(self.once)} dK/dV launches"
         if self.once:
@@ -92,7 +96,9 @@ def test_forms_are_candidates_and_default():
     plan = make_plan(load_spec("specs/dsa_v32.yaml"))
     variants = scatter_variants(plan)
     assert plan.tuning.defaults["selection_scatter"] == variants[SCATTER_BACKWARD_DEFAULT]
-    assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values() if not split_form(v))
+    assert all(v in plan.tuning.candidates["selection_scatter"] for v in variants.values()
+               if not split_form(v) and not v.get("chunk_inner"))
+    assert not any(c.get("chunk_inner") for c in plan.tuning.candidates["selection_scatter"])  # by name only
     assert not any(split_form(c) for c in plan.tuning.candidates["selection_scatter"])
     assert {"r64_rl_w16", "split_k64", "split_k128"} <= set(variants)
     mod = specgen.load(load_spec("specs/dsa_v32.yaml"))
@@ -145,6 +151,19 @@ def test_fewer_atomics_forms(monkeypatch):
     km_ks_k64's bit for bit."""
     grads = _batched_forms(monkeypatch, ("km_ks_k64",) + FEWER, "km_ks_k64")
     assert torch.equal(grads["split_k64"][0], grads["km_ks_k64"][0]), "the split form's dQ is km_ks_k64's"
+
+
+def test_chunks_side_by_side(monkeypatch):
+    """km_ks_k64_ci (launch config `chunk_inner`: a query's head chunks neighbours on axis 0 of the grid) against
+    the float64 reference and km_ks_k64 within fp32 rounding (the same programs in another launch order: only the
+    atomics' order differs), batched and packed (check_backward_varlen: the tile table's programs x chunks)."""
+    _batched_forms(monkeypatch, ("km_ks_k64", "km_ks_k64_ci"), "km_ks_k64")
+    mod = specgen.load(SPEC)
+    cfg = _forms(("km_ks_k64_ci",))["km_ks_k64_ci"]
+    spy = _Spy(monkeypatch)
+    monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
+    check_backward_varlen(mod, SPEC, [18, 9], seed=testing.fresh_seed())
+    spy.check(cfg, SPEC.heads.q // cfg["gp"], True)
 
 
 def test_forms_packed(monkeypatch, form="km_ks_k64_pf"):

@@ -208,6 +208,8 @@ def selection_forward_variants(plan) -> dict:
            "ks_k32_s4": {**ks, "prefetch": 1, "block_n": 32, "num_stages": 4},
            "pf_k32_s4": {**base, "prefetch": 1, "block_n": 32, "num_stages": 4},
            "ks_w16": {**ks, "num_warps": 16}}
+    if plan.selection.head_chunks > 1:  # chunks side by side (docs/tuning.md, "Head chunks side by side")
+        out["ks_pf_ci"] = {**ks, "prefetch": 1, "chunk_inner": 1}
     unit = plan.unit
     return {n: c for n, c in out.items() if c["block_n"] % unit == 0 and c["block_n"] >= unit}
 
@@ -272,6 +274,8 @@ def scatter_variants(plan) -> dict:
         out["r16_w4"] = {**base, "gp": 16, "num_warps": 4}
         out["r16_w4_pf_s2"] = {**base, "gp": 16, "num_warps": 4, "prefetch": 1, "num_stages": 2}
     km_ks = out["km_ks_k64"]
+    if base["gp"] and -(-plan.group // base["gp"]) > 1:  # several head chunks a query: side by side
+        out["km_ks_k64_ci"] = {**km_ks, "chunk_inner": 1}
     if plan.group >= 64:
         out["r64_rl_w16"] = {**km_ks, "gp": 64, "reload": 1, "num_warps": 16}
     if plan.backward.scatter_once_rows <= 128:
@@ -424,11 +428,14 @@ def candidates(plan, kernel: str) -> list[dict]:
     # Named forms join unpruned, each once (two names can be one config: at two stages "s2" is "w8").
     joining = []
     if kernel == "selection_scatter":
-        joining = [c for c in keyed if not split_form(c)]
+        joining = [c for c in keyed if not split_form(c) and not c.get("chunk_inner")]
     if kernel == "selection":
         # The forward's named forms (the model knows neither the split S nor the prefetch; bench/kernel_audit.py
         # compiles them).
-        joining = list(selection_forward_variants(plan).values())
+        joining = [c for c in selection_forward_variants(plan).values() if not c.get("chunk_inner")]
+    # The chunk_inner forms (a launch order, not a tile) are not candidates: a candidate table has one set of fields
+    # (render.candidate_table), and the order is timed by the benchmarks by name (docs/tuning.md, "Head chunks side
+    # by side").
     for cfg in joining:
         if cfg not in out:
             out.append(cfg)

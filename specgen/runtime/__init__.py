@@ -297,7 +297,7 @@ def launch_config(configs: dict, kernel: str) -> dict:
 
 # Config fields that are kernel meta-parameters (the rest, num_warps and num_stages, are launch options).
 META_NAMES = {"bt": "BT", "block_n": "BLOCK_N", "bq": "BQ", "key_major": "KEY_MAJOR", "key_split": "KEY_SPLIT",
-              "prefetch": "PREFETCH", "gp": "GP", "reload": "RELOAD"}
+              "prefetch": "PREFETCH", "gp": "GP", "reload": "RELOAD", "chunk_inner": "CHUNK_INNER"}
 # Benchmark function the autotuner times candidates with (None: Triton's do_bench). Tests under the interpreter
 # put a deterministic stand-in here.
 AUTOTUNE_BENCH = None

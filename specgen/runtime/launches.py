@@ -65,6 +65,15 @@ def strides(*tensors) -> tuple:
     return tuple(s for x in tensors for s in (x.stride(0), x.stride(1), x.stride(2)))
 
 
+def chunk_grid(cfg: dict, programs: int, rest: int, chunks: int) -> tuple:
+    """The grid of a kernel whose query tiles (`programs` on axis 0, `rest` = batch x kv heads on axis 1) are each
+    split over `chunks` programs of head rows. By default the chunks are on axis 1, so a tile's chunks start a
+    whole row of axis 0 apart; with the launch config's `chunk_inner` (the kernel's CHUNK_INNER) they are
+    neighbours on axis 0 and run together, so what they all read (the tile's gathered keys) or add into (their
+    dK/dV rows) is still in L2 for all but the first (docs/tuning.md, "Head chunks side by side")."""
+    return (programs * chunks, rest) if cfg.get("chunk_inner") else (programs, rest * chunks)
+
+
 class ForwardState(NamedTuple):
     """What one forward computed; the backward pass reads the saved pieces."""
     out: torch.Tensor
@@ -186,7 +195,7 @@ class Forward:
 
         if self.varlen is None:
             launch(kernel, name, self.configs, self.candidates,
-                   lambda cfg: (_cdiv(T, cfg["bt"]), self.B * d.heads_kv * head_chunks), args(self._no_tables),
+                   lambda cfg: chunk_grid(cfg, _cdiv(T, cfg["bt"]), self.B * d.heads_kv, head_chunks), args(self._no_tables),
                    dict(meta, VARLEN=False), T=T, restore=("ACC",) if not first and not last else ())
             return
         # Packed: the tuned (or default) config, whose query tile sizes the tile table (no autotuning here: the
@@ -196,7 +205,7 @@ class Forward:
         cu_blocks = (self.varlen.pooled(d.cmp_block, d.cmp_stride)[0] if name == "compression"
                      else self.varlen.cu_seqlens)
         tables = (self.varlen.seq_table_of(name), cu_blocks, table)
-        launch_with(kernel, (n_programs, d.heads_kv * head_chunks), args(tables),
+        launch_with(kernel, chunk_grid(cfg, n_programs, d.heads_kv, head_chunks), args(tables),
                     dict(meta, VARLEN=True, **self.varlen.flags), cfg)
 
     def selection_kv(self, kernel, merge_kernel, k, v, indices, *, unit: int, top_k: int, bq: int, warps: int,
@@ -510,14 +519,15 @@ class Backward:
         if store_p:
             meta["STORE_P"] = store_p
         if self.varlen is not None:
-            self._packed_launch(kernel, "selection_scatter", lambda cfg: self._query_tiles("selection", 1),
-                                (d.heads_kv * chunks(cfg),), args, meta)
+            tables, n_programs = self._query_tiles("selection", 1)
+            launch_with(kernel, chunk_grid(cfg, n_programs, d.heads_kv, chunks(cfg)), args(tables),
+                        dict(meta, VARLEN=True), cfg)
         elif store_p:
-            launch_with(kernel, (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables),
+            launch_with(kernel, chunk_grid(cfg, T, self.B * d.heads_kv, chunks(cfg)), args(self._no_tables),
                         dict(meta, VARLEN=False), cfg)
         else:
             launch(kernel, "selection_scatter", self.configs, self.candidates,
-                   lambda cfg: (T, self.B * d.heads_kv * chunks(cfg)), args(self._no_tables),
+                   lambda cfg: chunk_grid(cfg, T, self.B * d.heads_kv, chunks(cfg)), args(self._no_tables),
                    dict(meta, VARLEN=False), T=T, restore=("DQ", "DK", "DVAL"))
 
     def _scatter_split(self, kernel, once_kernel, cfg: dict, chunks: int, args, meta: dict, k, v, indices, dk, dv,
@@ -535,7 +545,7 @@ class Backward:
             grid, varlen = (n_programs, d.heads_kv), True
         else:
             tables, grid, varlen = self._no_tables, (T, self.B * d.heads_kv), False
-        launch_with(kernel, (grid[0], grid[1] * chunks), args(tables), dict(meta, DKDV=0, VARLEN=varlen), cfg)
+        launch_with(kernel, chunk_grid(cfg, *grid, chunks), args(tables), dict(meta, DKDV=0, VARLEN=varlen), cfg)
         once_args = (self.q, k, v, self.gates, self.dout, self.lse, self.dg, dk, dv, indices, p_out[0], *tables,
                      *self._common(k, v, T))
         store = {"STORE_P": 1} if p_out[1] else {}
