@@ -89,12 +89,22 @@ def test_decode_bench_names_why_flashinfer_did_not_run(monkeypatch):
 
 
 def test_training_step_table_and_baseline():
-    from specgen.perf.bench_train import PIECES, dense_baseline_shapes, table as step_table
+    from specgen.model.spec import replace
+    from specgen.perf.bench_train import PIECES, check_trainable, dense_baseline_shapes, table as step_table
 
     v32, small = load_spec(ROOT / "specs/dsa_v32.yaml"), load_spec(ROOT / "specs/dsa_small.yaml")
-    # MLA is compared with the unabsorbed MHA DeepSeek-V3.2 would prefill densely; other specs with their own heads.
+    # MLA is compared with the unabsorbed MHA DeepSeek-V3.2 would prefill densely (the dims the spec's `unabsorbed`
+    # writes, the spec's scale: the same logits); other specs with their own heads.
     assert dense_baseline_shapes(v32)["heads"] == [128, 128] and dense_baseline_shapes(v32)["head_dim"] == [192, 128]
+    assert dense_baseline_shapes(v32)["scale"] == v32.softmax_scale == pytest.approx(192 ** -0.5)
+    other = replace(v32, **{"unabsorbed.qk": 256, "unabsorbed.v": 256})
+    assert dense_baseline_shapes(other)["head_dim"] == [256, 256]
     assert dense_baseline_shapes(small)["heads"] == [small.heads.q, small.heads.kv]
+    # An MLA spec without the field has no baseline to assume: refused (before any GPU work), unless skipped.
+    bare = replace(v32, unabsorbed=None)
+    with pytest.raises(ValueError, match="without `unabsorbed` head dims.*--no-dense"):
+        check_trainable(bare)
+    check_trainable(bare, dense=False)
     row = {"T": 32768, **{key: 10.0 * (i + 1) for i, (_, key) in enumerate(PIECES)},
            "attention_forward_tflops": 300.0, "attention_backward_tflops": 120.0,
            "dense": {"shapes": dense_baseline_shapes(v32), "fwd_bwd": {"cudnn": 303.0, "flash": "unsupported: x"}},

@@ -13,8 +13,9 @@ backward's probabilities"): the backward fills a preallocated `p` (dsa_attention
 takes it (distill_loss(..., p_main=p)) instead of recomputing the main logits over the selected keys; that loss
 is also timed alone (`distill_from_p_fwd_bwd_ms`). And, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
 `dense_distill_max`). The dense baseline is causal SDPA forward + backward (cuDNN and flash) of the attention the
-model would otherwise run: for an MLA spec the unabsorbed multi-head attention (Hq heads, d_qk 192, d_v 128, as
-DeepSeek-V3.2 prefills), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
+model would otherwise run: for an MLA spec the multi-head attention of its unabsorbed heads (spec.unabsorbed: Hq
+heads of d_qk / d_v, V3.2's 192 / 128, as DeepSeek-V3.2 prefills; an MLA spec without the field is refused unless
+the baseline is skipped), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
 and that peak less the step's outputs and gradients (the issue's "beyond inputs, outputs and gradients").
 """
 
@@ -31,22 +32,29 @@ from ..model.signature import differentiable_names
 from ..model.spec import Spec
 from .bench import _median_ms, dense_shapes_forward_ms, dense_shapes_training_ms, kernel_times, peak_extra_gib
 
-# The unabsorbed MHA that MLA specs are compared with (DeepSeek-V3's q/k head: 128 nope + 64 rope dims; v 128).
-MHA_QK, MHA_V = 192, 128
-
-
-def check_trainable(spec: Spec) -> None:
-    """The step needs an indexer (its top-k and distillation loss): a clear refusal for other specs."""
+def check_trainable(spec: Spec, dense: bool = True) -> None:
+    """The step needs an indexer (its top-k and distillation loss), and its dense baseline (`dense`) an MLA spec's
+    unabsorbed head dims: a clear refusal for other specs, before any GPU work."""
     if spec.indexer is None:
         raise ValueError(f"--training-step times DSA's indexer + sparse attention + distillation step; spec "
                          f"{spec.name!r} has no indexer (selection.scorer: indexer). Use `specgen bench` without "
                          f"--training-step for its forward/backward passes.")
+    if dense:
+        dense_baseline_shapes(spec)
 
 
 def dense_baseline_shapes(spec: Spec) -> dict:
-    """The dense attention the step is measured against: heads, head dims and softmax scale."""
+    """The dense attention the step is measured against: heads, head dims and softmax scale. An MLA spec's is the
+    multi-head attention of its unabsorbed heads (spec.unabsorbed; the same logits, so the spec's scale); one
+    without the field is refused (no dims are assumed)."""
     if spec.mla:
-        return {"heads": [spec.heads.q, spec.heads.q], "head_dim": [MHA_QK, MHA_V], "scale": MHA_QK ** -0.5,
+        un = spec.unabsorbed
+        if un is None:
+            raise ValueError(f"spec {spec.name!r} is MLA without `unabsorbed` head dims: its dense baseline is the "
+                             f"multi-head attention before absorption, whose dims only the spec can say; add "
+                             f"`unabsorbed: {{qk: ..., v: ...}}` (DeepSeek-V3: 192, 128), or skip the baseline "
+                             f"(--no-dense)")
+        return {"heads": [spec.heads.q, spec.heads.q], "head_dim": [un.qk, un.v], "scale": spec.softmax_scale,
                 "what": "unabsorbed MHA (MLA's dense prefill form)"}
     return {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v],
             "scale": spec.softmax_scale, "what": "the spec's own heads"}
@@ -63,7 +71,7 @@ def bench_training_step(spec: Spec, seqlens: list[int], *, dense: bool = True, d
     FLOPs; backward at FlashAttention's 2.5x convention), per-kernel times of the step, and the dense baseline.
     `device`, `timer` (fn -> ms) and `memory` (fn -> GiB) let the CPU tests run the same step under the
     interpreter."""
-    check_trainable(spec)
+    check_trainable(spec, dense)
     module = load(spec, spec_path)
     attention = getattr(module, f"{spec.family}_attention")
     rows = []
