@@ -4378,8 +4378,469 @@ def _distill_fwd_sparse_from_p_kernel(
 
 
 
+@triton.jit
+def _distill_fwd_dense_mha_kernel(
+    Q, K, QI, KI, WI, IDX, LSE, LSE_OUT, ROW_KL, STATS, P_SEL, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    HAS_LSE: tl.constexpr, WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    BQ: tl.constexpr = 128, BK: tl.constexpr = 64, STAGES: tl.constexpr = 2,
+):
+    """The dense stage's KL(p || softmax_S(I)) from q and k [.., HQ, 192] (a key per query head): BQ positions a
+    program, BK keys a trip, p summed over the group's heads and I over the indexer heads per trip; unmasked trips
+    below the tile's first row, masked ones at the diagonal, the longest rows first. Without the main attention's
+    lse (HAS_LSE false) a first pass computes each head's (flash-style, head by head) into LSE_OUT."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_a1f99289"
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    # The causal triangle's longest rows first (the last tiles of a batch; packed, of the last sequence), so the
+    # last wave of programs is short.
+    pid_t = tl.num_programs(0) - 1 - pid_t
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        LSE_OUT += bos * HQ
+        ROW_KL += bos * HKV
+        STATS += bos * HKV * 2
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    t_lo = pid_t * BQ
+    t_hi = tl.minimum(t_lo + BQ, T) - 1
+    # Keys below full_end are visible to every row of the tile: those trips need no mask.
+    full_end = (t_lo + 1) // BK * BK
+    rows = t_lo + tl.arange(0, BQ)
+    row_ok = rows < T
+    rows_c = tl.minimum(rows, T - 1).to(tl.int64)
+    tq = rows
+    tq_ok = row_ok
+
+    qi_rows = QI + b * stride_qib + rows_c * stride_qit + g * IDX_HEADS * stride_qih
+    w_rows = WI + b * stride_wb + rows_c * stride_wt + g * IDX_HEADS
+
+    qk_scale = sm_scale * LOG2E
+    if HAS_LSE:
+        LSE_SRC = LSE
+    else:
+        LSE_SRC = LSE_OUT
+        for hh in range(0, GROUP):
+            head = g * GROUP + hh
+            q_rows = Q + b * stride_qb + rows_c * stride_qt + head * stride_qh
+            qh0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            qh1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+
+            m_h = tl.full([BQ], float("-inf"), dtype=tl.float32)
+            l_h = tl.zeros([BQ], dtype=tl.float32)
+            for s0 in tl.range(0, t_hi + 1, BK, num_stages=STAGES):
+                keys = s0 + tl.arange(0, BK)
+                kc = tl.minimum(keys, t_hi)
+                k_rows = K + b * stride_kb + kc.to(tl.int64) * stride_kt + head * stride_kh
+                kh0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+                kh1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+                s = _dot(qh0, tl.trans(kh0), WIDEN)
+                s += _dot(qh1, tl.trans(kh1), WIDEN)
+
+                sm = tl.where(keys[None, :] <= rows[:, None], s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_h, tl.max(sm, axis=1))
+                l_h = l_h * tl.exp2(m_h - m_new) + tl.sum(tl.exp2(sm - m_new[:, None]), axis=1)
+                m_h = m_new
+            tl.store(LSE_OUT + (b * T + rows) * HQ + head, (m_h + tl.log2(l_h)) * LN2, mask=row_ok)
+        # The main pass below reads back what this program's threads stored.
+        tl.debug_barrier()
+    m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    kl = tl.zeros([BQ], dtype=tl.float32)     # sum_S p * (log p - I)
+    psum = tl.zeros([BQ], dtype=tl.float32)   # sum_S p (1 up to rounding)
+    for s0 in range(0, full_end, BK):
+        kc = s0 + tl.arange(0, BK)
+        p = tl.zeros([BQ, BK], dtype=tl.float32)
+        for hh in tl.range(0, GROUP, num_stages=STAGES):
+            head = g * GROUP + hh
+            q_rows = Q + b * stride_qb + rows_c * stride_qt + head * stride_qh
+            qh0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            qh1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+
+            k_rows = K + b * stride_kb + kc.to(tl.int64) * stride_kt + head * stride_kh
+            kh0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            kh1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+            s = _dot(qh0, tl.trans(kh0), WIDEN)
+            s += _dot(qh1, tl.trans(kh1), WIDEN)
+
+            lse2 = tl.load(LSE_SRC + (b * T + rows_c) * HQ + head) * LOG2E
+            lse2 = tl.where(row_ok, lse2, float("inf"))   # rows past T: exp2(s - inf) = 0
+            p += tl.exp2(s * qk_scale - lse2[:, None])
+        p = p * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + kc.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        I = tl.zeros([BQ, BK], dtype=tl.float32)
+        for j in tl.range(0, IDX_HEADS, num_stages=STAGES):
+            qi = tl.load(qi_rows[:, None] + j * stride_qih + tl.arange(0, IDX_DIM)[None, :])
+            wj = tl.load(w_rows + j).to(tl.float32)
+            a = _dot(qi, tl.trans(ki), WIDEN)
+            I += tl.maximum(a, 0.0) * wj[:, None]
+        I = I * idx_scale
+
+        i2 = I * LOG2E
+        m_t = tl.max(i2, axis=1)
+        pos = p > 0.0                 # 0 log 0 = 0
+        l_t, kl_t, ps_t = tl.reduce((tl.exp2(i2 - m_t[:, None]), tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0), p),
+                                     1, _distill_sum3)
+        m_new = tl.maximum(m_i, m_t)
+        l_i = l_i * tl.exp2(m_i - m_new) + l_t * tl.exp2(m_t - m_new)
+        m_i = m_new
+        kl += kl_t
+        psum += ps_t
+
+    for s0 in range(full_end, t_hi + 1, BK):
+        keys = s0 + tl.arange(0, BK)
+        kc = tl.minimum(keys, t_hi)
+        vis = row_ok[:, None] & (keys[None, :] <= rows[:, None])
+        p = tl.zeros([BQ, BK], dtype=tl.float32)
+        for hh in tl.range(0, GROUP, num_stages=STAGES):
+            head = g * GROUP + hh
+            q_rows = Q + b * stride_qb + rows_c * stride_qt + head * stride_qh
+            qh0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            qh1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+
+            k_rows = K + b * stride_kb + kc.to(tl.int64) * stride_kt + head * stride_kh
+            kh0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            kh1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+            s = _dot(qh0, tl.trans(kh0), WIDEN)
+            s += _dot(qh1, tl.trans(kh1), WIDEN)
+
+            lse2 = tl.load(LSE_SRC + (b * T + rows_c) * HQ + head) * LOG2E
+            lse2 = tl.where(row_ok, lse2, float("inf"))   # rows past T: exp2(s - inf) = 0
+            p += tl.exp2(s * qk_scale - lse2[:, None])
+        # Keys past a row's position: their exp2 (of logits its lse never saw) is dropped, not summed.
+        p = tl.where(vis, p * (1.0 / GROUP), 0.0)
+        ki = tl.load(KI + b * stride_kib + kc.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        I = tl.zeros([BQ, BK], dtype=tl.float32)
+        for j in tl.range(0, IDX_HEADS, num_stages=STAGES):
+            qi = tl.load(qi_rows[:, None] + j * stride_qih + tl.arange(0, IDX_DIM)[None, :])
+            wj = tl.load(w_rows + j).to(tl.float32)
+            a = _dot(qi, tl.trans(ki), WIDEN)
+            I += tl.maximum(a, 0.0) * wj[:, None]
+        I = I * idx_scale
+
+        i2 = tl.where(vis, I * LOG2E, float("-inf"))
+        m_t = tl.max(i2, axis=1)
+        m_ts = tl.where(m_t == float("-inf"), 0.0, m_t)
+        pos = vis & (p > 0.0)                 # 0 log 0 = 0
+        l_t, kl_t, ps_t = tl.reduce((tl.exp2(i2 - m_ts[:, None]), tl.where(pos, p * (tl.log(tl.where(pos, p, 1.0)) - I), 0.0),
+                                     tl.where(vis, p, 0.0)), 1, _distill_sum3)
+        m_new = tl.maximum(m_i, m_t)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + l_t * tl.exp2(m_t - m_safe)
+        m_i = m_new
+        kl += kl_t
+        psum += ps_t
+
+    # A row with an empty support (sparse stage, no valid index) is not a row of the mean: KL 0, lse -inf.
+    row_valid = tq_ok & (l_i > 0.0)
+    lse_i = (tl.where(row_valid, m_i, 0.0) + tl.log2(tl.where(row_valid, l_i, 1.0))) * LN2
+    row_kl = tl.where(row_valid, kl + psum * lse_i, 0.0)
+    lse_i = tl.where(row_valid, lse_i, float("-inf"))
+    st = (b * T + tq) * HKV + g
+    tl.store(ROW_KL + st, row_kl, mask=tq_ok)
+    tl.store(STATS + st * 2, lse_i, mask=tq_ok)
+    tl.store(STATS + st * 2 + 1, psum, mask=tq_ok)
+
+
+@triton.jit
+def _distill_di_dense_mha_kernel(
+    Q, K, QI, KI, WI, LSE, STATS, DI, CU_SEQLENS, TILES,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, sm_scale, idx_scale,
+    TILE0, NTS, LD, NKB,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+    BQ: tl.constexpr = 128, BK: tl.constexpr = 64, STAGES: tl.constexpr = 2, KB: tl.constexpr = 256,
+):
+    """dI[t, s] of query tile TILE0 + pid // NKB of the strip and keys [kb KB, kb KB + KB) (kb = pid % NKB), with
+    the forward's lse_S(I) and psum, recomputing p (the group's heads) and I (the indexer heads) as the forward."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+
+    pid = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    j = pid // NKB
+    e = TILE0 + j
+    if VARLEN:
+        seq = tl.load(TILES + 2 * e)
+        if seq < 0:
+            return
+        e = tl.load(TILES + 2 * e + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        Q += bos * stride_qt
+        K += bos * stride_kt
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        LSE += bos * HQ
+        STATS += bos * HKV * 2
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    # This tile's rows of the strip's dI: row t of the tile is di_rows + (t - tile_lo) * LD.
+    di_rows = DI + ((pid_bg.to(tl.int64) * NTS + j) * BQ) * LD
+    tile_lo = e * BQ
+
+    k_lo = (pid % NKB) * KB
+    t_lo = tile_lo
+    t_hi = tl.minimum(t_lo + BQ, T) - 1
+    if (t_lo >= T) | (k_lo > t_hi):
+        return
+    k_end = tl.minimum(k_lo + KB, t_hi + 1)
+    full_end = tl.minimum((t_lo + 1) // BK * BK, k_end)
+    rows = t_lo + tl.arange(0, BQ)
+    row_ok = rows < T
+    rows_c = tl.minimum(rows, T - 1).to(tl.int64)
+    tq = rows
+    tq_ok = row_ok
+
+    qi_rows = QI + b * stride_qib + rows_c * stride_qit + g * IDX_HEADS * stride_qih
+    w_rows = WI + b * stride_wb + rows_c * stride_wt + g * IDX_HEADS
+
+    st = (b * T + tq) * HKV + g
+    lse_i2 = tl.load(STATS + st * 2, mask=tq_ok, other=float("-inf")) * LOG2E
+    psum = tl.load(STATS + st * 2 + 1, mask=tq_ok, other=0.0)
+    row_valid = lse_i2 > float("-inf")
+    lse_i2 = tl.where(row_valid, lse_i2, 0.0)   # empty rows: no inf - inf below
+
+    qk_scale = sm_scale * LOG2E
+    di_ptr = di_rows + tl.arange(0, BQ).to(tl.int64)[:, None] * LD
+    for s0 in range(k_lo, full_end, BK):
+        kc = s0 + tl.arange(0, BK)
+        p = tl.zeros([BQ, BK], dtype=tl.float32)
+        for hh in tl.range(0, GROUP, num_stages=STAGES):
+            head = g * GROUP + hh
+            q_rows = Q + b * stride_qb + rows_c * stride_qt + head * stride_qh
+            qh0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            qh1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+
+            k_rows = K + b * stride_kb + kc.to(tl.int64) * stride_kt + head * stride_kh
+            kh0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            kh1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+            s = _dot(qh0, tl.trans(kh0), WIDEN)
+            s += _dot(qh1, tl.trans(kh1), WIDEN)
+
+            lse2 = tl.load(LSE + (b * T + rows_c) * HQ + head) * LOG2E
+            lse2 = tl.where(row_ok, lse2, float("inf"))   # rows past T: exp2(s - inf) = 0
+            p += tl.exp2(s * qk_scale - lse2[:, None])
+        p = p * (1.0 / GROUP)
+        ki = tl.load(KI + b * stride_kib + kc.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        I = tl.zeros([BQ, BK], dtype=tl.float32)
+        for j in tl.range(0, IDX_HEADS, num_stages=STAGES):
+            qi = tl.load(qi_rows[:, None] + j * stride_qih + tl.arange(0, IDX_DIM)[None, :])
+            wj = tl.load(w_rows + j).to(tl.float32)
+            a = _dot(qi, tl.trans(ki), WIDEN)
+            I += tl.maximum(a, 0.0) * wj[:, None]
+        I = I * idx_scale
+
+        dI = tl.where(row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        tl.store(di_ptr + kc[None, :], dI, mask=row_ok[:, None])
+    for s0 in range(tl.maximum(full_end, k_lo), k_end, BK):
+        keys = s0 + tl.arange(0, BK)
+        kc = tl.minimum(keys, t_hi)
+        vis = row_ok[:, None] & (keys[None, :] <= rows[:, None])
+        p = tl.zeros([BQ, BK], dtype=tl.float32)
+        for hh in tl.range(0, GROUP, num_stages=STAGES):
+            head = g * GROUP + hh
+            q_rows = Q + b * stride_qb + rows_c * stride_qt + head * stride_qh
+            qh0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            qh1 = tl.load(q_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+
+            k_rows = K + b * stride_kb + kc.to(tl.int64) * stride_kt + head * stride_kh
+            kh0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 128)[None, :])
+            kh1 = tl.load(k_rows[:, None] + 128 + tl.arange(0, 64)[None, :])
+            s = _dot(qh0, tl.trans(kh0), WIDEN)
+            s += _dot(qh1, tl.trans(kh1), WIDEN)
+
+            lse2 = tl.load(LSE + (b * T + rows_c) * HQ + head) * LOG2E
+            lse2 = tl.where(row_ok, lse2, float("inf"))   # rows past T: exp2(s - inf) = 0
+            p += tl.exp2(s * qk_scale - lse2[:, None])
+        # Keys past a row's position: their exp2 (of logits its lse never saw) is dropped, not summed.
+        p = tl.where(vis, p * (1.0 / GROUP), 0.0)
+        ki = tl.load(KI + b * stride_kib + kc.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :])
+        I = tl.zeros([BQ, BK], dtype=tl.float32)
+        for j in tl.range(0, IDX_HEADS, num_stages=STAGES):
+            qi = tl.load(qi_rows[:, None] + j * stride_qih + tl.arange(0, IDX_DIM)[None, :])
+            wj = tl.load(w_rows + j).to(tl.float32)
+            a = _dot(qi, tl.trans(ki), WIDEN)
+            I += tl.maximum(a, 0.0) * wj[:, None]
+        I = I * idx_scale
+
+        dI = tl.where(vis & row_valid[:, None], psum[:, None] * tl.exp2(I * LOG2E - lse_i2[:, None]) - p, 0.0)
+        tl.store(di_ptr + keys[None, :], dI, mask=row_ok[:, None] & (keys[None, :] <= t_hi))
+
+
+@triton.jit
+def _distill_dq_dense_mha_kernel(
+    QI, KI, WI, DI, GSCALE, DQI, DWI, CU_SEQLENS, TILES,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, idx_scale, TILE0, NTS, LD,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """dw[t, j] = scale * sum_s dI relu(a),  dq_I[t, j] = scale * w[t, j] * sum_s dI [a > 0] k_I[s], dI read from
+    the strip's workspace (written by _distill_di_dense_mha_kernel); scale = idx_scale * dL / N_valid."""
+    BQ: tl.constexpr = 128     # query positions a tile of the strip
+    BT: tl.constexpr = 1     # query positions a program (query side) or a trip (key side)
+    HP: tl.constexpr = 64     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 64     # keys a trip (query side) or a program (key side)
+    LOG2E: tl.constexpr = 1.4426950408889634
+
+    pid = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    j = pid // (BQ // BT)
+    e = TILE0 + j
+    if VARLEN:
+        seq = tl.load(TILES + 2 * e)
+        if seq < 0:
+            return
+        e = tl.load(TILES + 2 * e + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        DQI += bos * HKV * IDX_HEADS * IDX_DIM
+        DWI += bos * HKV * IDX_HEADS
+    b = (pid_bg // HKV).to(tl.int64)
+    g = pid_bg % HKV
+    # This tile's rows of the strip's dI: row t of the tile is di_rows + (t - tile_lo) * LD.
+    di_rows = DI + ((pid_bg.to(tl.int64) * NTS + j) * BQ) * LD
+    tile_lo = e * BQ
+
+    t_lo = tile_lo + (pid % (BQ // BT)) * BT
+    if t_lo >= T:
+        return
+    t_hi = tl.minimum(t_lo + BT, T) - 1
+    irows = tl.arange(0, BT * HP)
+    it = t_lo + irows // HP
+    ihead = g * IDX_HEADS + irows % HP
+    irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+    qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=irow_ok[:, None], other=0.0)
+    wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+    tq = t_lo + tl.arange(0, BT)
+    tq_ok = tq < T
+
+    dq = tl.zeros([BT * HP, IDX_DIM], dtype=tl.float32)
+    dw = tl.zeros([BT * HP], dtype=tl.float32)
+    for s0 in range(0, t_hi + 1, BS):
+        keys = s0 + tl.arange(0, BS)
+        key_ok = keys <= t_hi
+        ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                     mask=key_ok[:, None], other=0.0)
+        vis = tq_ok[:, None] & (keys[None, :] <= tq[:, None])
+        dI = tl.load(di_rows + (tq - tile_lo).to(tl.int64)[:, None] * LD + keys[None, :], mask=vis, other=0.0)
+        dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+        a = _dot(qi, tl.trans(ki), WIDEN)
+        dw += tl.sum(dI_rows * tl.maximum(a, 0.0), axis=1)
+        dq += _pv(tl.where(a > 0.0, dI_rows, 0.0), ki, WIDEN)
+    scale = idx_scale * tl.load(GSCALE)
+    out = (b * T + it) * (HKV * IDX_HEADS) + ihead
+    tl.store(DQI + out[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :], (dq * (wi * scale)[:, None]).to(DQI.dtype.element_ty),
+             mask=irow_ok[:, None])
+    tl.store(DWI + out, (dw * scale).to(DWI.dtype.element_ty), mask=irow_ok)
+
+
+@triton.jit
+def _distill_dk_dense_mha_kernel(
+    QI, KI, WI, DI, DK_ACC, CU_SEQLENS, TILES, QTILES,
+    stride_qib, stride_qit, stride_qih,
+    stride_kib, stride_kit, stride_kih,
+    stride_wb, stride_wt,
+    T, TILE0, NT, NTS, LD,
+    WIDEN: tl.constexpr, VARLEN: tl.constexpr = False,
+):
+    """DK_ACC[s] += sum over the strip's rows t >= s of sum_j w[t, j] dI[t, s] [a > 0] q_I[t, j] (unscaled); the
+    strip is the NT query tiles from TILE0 (packed: entries of the query tile table QTILES, those of this program's
+    sequence)."""
+    BQ: tl.constexpr = 128     # query positions a tile of the strip
+    BT: tl.constexpr = 1     # query positions a program (query side) or a trip (key side)
+    HP: tl.constexpr = 64     # indexer heads of the kv group, padded
+    BS: tl.constexpr = 64     # keys a trip (query side) or a program (key side)
+    LOG2E: tl.constexpr = 1.4426950408889634
+
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    if VARLEN:
+        seq = tl.load(TILES + 2 * pid_t)
+        if seq < 0:
+            return
+        pid_t = tl.load(TILES + 2 * pid_t + 1)
+        bos = tl.load(CU_SEQLENS + seq).to(tl.int64)
+        T = (tl.load(CU_SEQLENS + seq + 1) - bos).to(tl.int32)
+        QI += bos * stride_qit
+        KI += bos * stride_kit
+        WI += bos * stride_wt
+        DK_ACC += bos * HKV * IDX_DIM
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+
+    k_lo = pid_t * BS
+    keys = k_lo + tl.arange(0, BS)
+    key_ok = keys < T
+    ki = tl.load(KI + b * stride_kib + keys.to(tl.int64)[:, None] * stride_kit + g * stride_kih + tl.arange(0, IDX_DIM)[None, :],
+                 mask=key_ok[:, None], other=0.0)
+    acc = DK_ACC + ((b * T + keys) * HKV + g)[:, None] * IDX_DIM + tl.arange(0, IDX_DIM)[None, :]
+    dk = tl.load(acc, mask=key_ok[:, None], other=0.0)
+    for jj in range(0, NT):
+        e = TILE0 + jj
+        if VARLEN:
+            mine = tl.load(QTILES + 2 * e) == seq
+            e = tl.load(QTILES + 2 * e + 1)
+        else:
+            mine = e >= 0
+        tile_lo = e * BQ
+        tile_hi = tl.minimum(tile_lo + BQ, T) - 1
+        if mine & (tile_hi >= k_lo):
+            di_rows = DI + ((pid_bg.to(tl.int64) * NTS + jj) * BQ) * LD
+            for t_lo in range(tl.maximum(tile_lo, k_lo // BT * BT), tile_hi + 1, BT):
+                irows = tl.arange(0, BT * HP)
+                it = t_lo + irows // HP
+                ihead = g * IDX_HEADS + irows % HP
+                irow_ok = (it < T) & (irows % HP < IDX_HEADS)
+                qi = tl.load(QI + b * stride_qib + it.to(tl.int64)[:, None] * stride_qit + ihead[:, None] * stride_qih + tl.arange(0, IDX_DIM)[None, :],
+                             mask=irow_ok[:, None], other=0.0)
+                wi = tl.load(WI + b * stride_wb + it.to(tl.int64) * stride_wt + ihead, mask=irow_ok, other=0.0).to(tl.float32)
+                tq = t_lo + tl.arange(0, BT)
+                tq_ok = tq < T
+
+                vis = tq_ok[:, None] & key_ok[None, :] & (keys[None, :] <= tq[:, None])
+                dI = tl.load(di_rows + (tq - tile_lo).to(tl.int64)[:, None] * LD + keys[None, :], mask=vis, other=0.0)
+                dI_rows = tl.reshape(tl.broadcast_to(dI[:, None, :], (BT, HP, BS)), (BT * HP, BS))
+
+                a = _dot(qi, tl.trans(ki), WIDEN)
+                dk += _pv(tl.trans(tl.where(a > 0.0, dI_rows * wi[:, None], 0.0)), qi, WIDEN)
+    tl.store(acc, dk, mask=key_ok[:, None])
+
+
+
+
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_a799a1cb"
 
 
 def _distill_inverse_index(indices, layout=None):
@@ -4393,18 +4854,20 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
      "fwd_dense_fused": _distill_fwd_dense_fused_kernel, "dq_dense_fused": _distill_dq_dense_fused_kernel,
      "dk_dense_fused": _distill_dk_dense_fused_kernel, "fwd_sparse_fused": _distill_fwd_sparse_fused_kernel,
      "bwd_sparse_fused": _distill_bwd_sparse_fused_kernel, "fwd_sparse_from_p": _distill_fwd_sparse_from_p_kernel, "fwd_dense_qreg": _distill_fwd_dense_qreg_kernel,
-     "dq_dense_qreg": _distill_dq_dense_qreg_kernel},
+     "dq_dense_qreg": _distill_dq_dense_qreg_kernel, "fwd_dense_mha": _distill_fwd_dense_mha_kernel,
+     "di_dense_mha": _distill_di_dense_mha_kernel, "dq_dense_mha": _distill_dq_dense_mha_kernel, "dk_dense_mha": _distill_dk_dense_mha_kernel},
     _distill_inverse_index, heads_q=128, heads_kv=1, top_k=2048, bt=1, bk=32, sbk=16,
     sm_scale=0.07216878364870323, idx_scale=0.011048543456039806, widen=WIDEN, num_warps=4, num_stages=1,
     fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused",
     fwd_form="km_pf", dense_fwd_form="qreg",
-    dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 8}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 8}}, dense_dq_form="qreg")
+    dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 8}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 8}}, dense_dq_form="qreg",
+    mha={"qk": 192, "bq": 128, "kb": 256, "bt": 1, "dk_bs": 64, "warps": 8, "idx_warps": 4, "idx_stages": 3, "workspace": 536870912})
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so
 # modules of one spec with other tiles never share them), registered once per process (runtime.distill.custom_ops).
 _distill_fwd, _distill_bwd = runtime.distill.custom_ops(_DISTILL_NS, _DISTILL_LAUNCHES)
-_DISTILL = runtime.distill.Distill(_DESC, _distill_fwd, _distill_bwd, index_topk, "sparse")
+_DISTILL = runtime.distill.Distill(_DESC, _distill_fwd, _distill_bwd, index_topk, "sparse", unabsorbed_qk=192)
 torch.library.register_autograd(_DISTILL_NS + "::distill_fwd", _DISTILL.backward, setup_context=_DISTILL.setup_context)
 
 
@@ -4413,8 +4876,8 @@ def distill_loss(q, k, q_idx, k_idx, w_idx, *, indices=None, lse_main=None, stag
     """The lightning indexer's distillation loss (docs/distill.md), an fp32 scalar tensor; differentiable in q_idx,
     k_idx and w_idx only (the target is the detached main attention).
 
-    q [B, T, 128, 576], k [B, T, 1, 576]: the main attention's queries and keys (after RoPE),
-        bf16.
+    q [B, T, 128, 576], k [B, T, 1, 576]: the main attention's queries and keys (after RoPE), bf16;
+        dense stage also unabsorbed: q, k [B, T, 128, 192] (a key per query head; docs/distill.md).
     q_idx [B, T, 64, 128], k_idx [B, T, 1, 128], w_idx [B, T, 64]: the indexer's inputs,
         bf16.
     indices: the sparse stage's selection, int32 [B, T, 1, 2048] (ascending, -1 padding last, no

@@ -154,26 +154,26 @@ def test_varlen_backward_realistic():
                                          query_chunk=64)
 
 
-@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("stage", ["dense", "sparse", "dense_unabsorbed"])
 def test_distillation_small(stage):
     testing.check_distill(mod, SPEC, 1, CPU_SEQLENS[-1], stage)
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("stage", ["dense", "sparse", "dense_unabsorbed"])
 def test_distillation_realistic(stage):
     testing.check_distill(mod, SPEC, 1, 2048, stage, device="cuda", query_chunk=128)
 
 
-@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("stage", ["dense", "sparse", "dense_unabsorbed"])
 def test_varlen_distillation_small(stage):
     testing_varlen.check_distill_varlen(mod, SPEC, VARLEN_SEQLENS, stage)
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage", ["dense", "sparse"])
+@pytest.mark.parametrize("stage", ["dense", "sparse", "dense_unabsorbed"])
 def test_varlen_distillation_realistic(stage):
     # The reference holds a [T, T] score matrix per sequence: 2048 tokens in all, as the batched GPU test.
     testing_varlen.check_distill_varlen(mod, SPEC, [1500, 0, 548], stage, device="cuda")

@@ -12,11 +12,14 @@ and the same step with the probabilities shared (`step_shared_p_ms`; docs/distil
 backward's probabilities"): the backward fills a preallocated `p` (dsa_attention(..., distill_p=p)) and the loss
 takes it (distill_loss(..., p_main=p)) instead of recomputing the main logits over the selected keys; that loss
 is also timed alone (`distill_from_p_fwd_bwd_ms`). And, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
-`dense_distill_max`). The dense baseline is causal SDPA forward + backward (cuDNN and flash) of the attention the
-model would otherwise run: for an MLA spec the multi-head attention of its unabsorbed heads (spec.unabsorbed: Hq
-heads of d_qk / d_v, V3.2's 192 / 128, as DeepSeek-V3.2 prefills; an MLA spec without the field is refused unless
-the baseline is skipped), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
-and that peak less the step's outputs and gradients (the issue's "beyond inputs, outputs and gradients").
+`dense_distill_max`), and for a spec with `unabsorbed` the same loss from q and k in that form (a key per query
+head; docs/distill.md, "The dense stage from the unabsorbed heads"): forward and forward + backward with lse_main
+given (`distill_dense_unabsorbed_fwd_ms`, `distill_dense_unabsorbed_fwd_bwd_ms`). The dense baseline is causal SDPA
+forward + backward (cuDNN and flash) of the attention the model would otherwise run: for an MLA spec the
+multi-head attention of its unabsorbed heads (spec.unabsorbed: Hq heads of d_qk / d_v, V3.2's 192 / 128, as
+DeepSeek-V3.2 prefills; an MLA spec without the field is refused unless the baseline is skipped), else the spec's
+own heads. Memory: the step's peak beyond what was allocated before it, and that peak less the step's outputs and
+gradients (the issue's "beyond inputs, outputs and gradients").
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     row["distill_sparse_fwd_bwd_ms"] = timer(distill)
     if T <= dense_distill_max:
         row["distill_dense_fwd_bwd_ms"] = timer(lambda: distill("dense"))
+        if spec.unabsorbed is not None:
+            row.update(_unabsorbed_dense_times(spec, module, idx_in, T, device, timer))
 
     def step(p=None):
         """The sparse-stage step; with `p` the attention backward fills it and the loss takes it (p_main)."""
@@ -163,6 +168,31 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     if per_kernel:
         row["kernels"] = {name: {"ms": ms} for name, ms in kernel_times(step, calls=1, names="all").items()}
     return row
+
+
+def _unabsorbed_dense_times(spec: Spec, module, idx_in: dict, T: int, device: str, timer) -> dict:
+    """The warm-up stage's loss from q and k in the spec's unabsorbed form (random, [1, T, Hq, unabsorbed.qk]
+    each): forward and forward + backward with lse_main given, as a training step has it from its dense attention
+    (here from the loss's own lse pass, once, untimed)."""
+    gen = torch.Generator(device=device).manual_seed(T + 1)
+    q, k = reference.make_unabsorbed_qk(spec, 1, T, dtype=module.DTYPE, device=device, generator=gen)
+    trained = tuple(idx_in.values())
+    with torch.no_grad():
+        lse = module._distill_fwd(q, k, *(x.detach() for x in trained), None, None, None, 0)[2]
+
+    def loss():
+        return module.distill_loss(q, k, *trained, stage="dense", lse_main=lse)
+
+    def forward():
+        with torch.no_grad():
+            return loss()
+
+    def fwd_bwd():
+        value = loss()
+        return (value,) + torch.autograd.grad(value, trained)
+
+    return {"distill_dense_unabsorbed_fwd_ms": timer(forward),
+            "distill_dense_unabsorbed_fwd_bwd_ms": timer(fwd_bwd)}
 
 
 def _shared_p_times(step, distill, indices, timer) -> dict:
@@ -197,7 +227,10 @@ PIECES = (("indexer + top-k", "indexer_topk_ms"), ("attention forward", "attenti
           ("attention backward", "attention_backward_ms"), ("distillation, sparse stage", "distill_sparse_fwd_bwd_ms"),
           ("whole step (sparse stage)", "step_ms"), ("distillation, warm-up (dense) stage", "distill_dense_fwd_bwd_ms"),
           # The step with the attention backward's p shared with the loss, and that loss alone.
-          ("whole step, p shared", "step_shared_p_ms"), ("distillation, sparse stage, p given", "distill_from_p_fwd_bwd_ms"))
+          ("whole step, p shared", "step_shared_p_ms"), ("distillation, sparse stage, p given", "distill_from_p_fwd_bwd_ms"),
+          # The warm-up stage's loss from unabsorbed q and k (specs with `unabsorbed`), lse_main given.
+          ("warm-up loss, unabsorbed q/k: fwd", "distill_dense_unabsorbed_fwd_ms"),
+          ("warm-up loss, unabsorbed q/k: fwd+bwd", "distill_dense_unabsorbed_fwd_bwd_ms"))
 
 
 def table(spec: Spec, rows: list[dict]) -> str:
