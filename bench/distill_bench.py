@@ -9,10 +9,15 @@ The dense stage is timed without lse_main (the forward's own lse pass: `*_no_lse
 it (`*_lse`: the main attention's lse, as a training step's dense attention returns it; taken from a forward
 without it). The dense forward's forms (docs/distill.md, "The dense forward's forms") are the variants
 fused_qreg / fused_qreg_k32 (fused_qreg_dq: qreg's query-side backward too); `--check-dense T` checks each variant's dense loss and gradients against the float64
-reference first.
+reference first. `fused_unabsorbed` (dense stage only, specs with `unabsorbed`): the dense stage from q and k in the
+unabsorbed form (random [1, T, Hq, unabsorbed.qk] each, a key per query head; docs/distill.md, "The dense stage from
+the unabsorbed heads"), its lse_main from its own lse pass; its gradients are not compared with the absorbed
+variants' (other inputs).
 
 Usage (GPU): python bench/distill_bench.py [SPEC] --sparse 16384 32768 65536 --dense 16384 32768 [--json FILE]
              python bench/distill_bench.py --variants fused fused_qreg fused_qreg_k32 --check-dense 512 --sparse \
+                 --dense 16384 32768
+             python bench/distill_bench.py --variants fused_qreg_dq fused_unabsorbed --check-dense 512 --sparse \
                  --dense 16384 32768
 """
 
@@ -44,8 +49,11 @@ VARIANTS = (("legacy", "legacy", None, "base", "base", "base"), ("fused", "fused
             ("fused_km", "fused", None, "km", "base", "base"), ("fused_km_pf", "fused", None, "km_pf", "base", "base"),
             ("fused_qreg", "fused", None, "base", "qreg", "base"),
             ("fused_qreg_k32", "fused", None, "base", "qreg_k32", "base"),
-            ("fused_qreg_dq", "fused", None, "base", "qreg", "qreg"))
+            ("fused_qreg_dq", "fused", None, "base", "qreg", "qreg"),
+            ("fused_unabsorbed", "fused", None, "base", "base", "base"))
 DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
+# Variants whose q and k are the unabsorbed form (a key per query head): the dense stage only.
+UNABSORBED = ("fused_unabsorbed",)
 
 
 def commit() -> str:
@@ -123,7 +131,23 @@ def _applies(variant, stage: str) -> bool:
     """A sparse forward form or the 8-warp sparse backward changes nothing in the dense stage; a dense form
     nothing in the sparse one."""
     _, _, bwd_warps, form, dense_form, dense_dq_form = variant
+    if stage != "dense" and variant[0] in UNABSORBED:
+        return False
     return not (bwd_warps or form != "base") if stage == "dense" else dense_form == dense_dq_form == "base"
+
+
+def unabsorbed_main(mod, spec, T: int, x: dict, lse: bool = True) -> dict:
+    """q and k in the spec's unabsorbed form (random, seeded by T) and, with `lse`, their lse_main (from the loss's
+    own lse pass, as the dense attention would return it): the main inputs of the unabsorbed variants."""
+    if spec.unabsorbed is None:
+        raise SystemExit(f"variant fused_unabsorbed: spec {spec.name} has no `unabsorbed` head dims")
+    gen = torch.Generator(DEVICE).manual_seed(T + 2)
+    q, k = reference.make_unabsorbed_qk(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
+    out = {"q": q, "k": k, "lse_main": None}
+    if lse:
+        with torch.no_grad():
+            out["lse_main"] = mod._distill_fwd(q, k, *(x[n] for n in IDX), None, None, None, 0)[2]
+    return out
 
 
 def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFAULT_VARIANTS,
@@ -157,13 +181,18 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
             continue
         row = dict(row0, path=name)
         trained = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
+        # The main attention's q, k and lse: the unabsorbed variants' own (a key per query head).
+        main = unabsorbed_main(mod, spec, T, x, dense_lse) if name in UNABSORBED else \
+            {"q": x["q"], "k": x["k"], "lse_main": lse_main}
+        if name in UNABSORBED:
+            row["form"] = "unabsorbed"
         forms = _Forms(mod, variant)
         forms.__enter__()
         try:
             for given in givens:
-                lse_arg = lse_main if given else None
+                lse_arg = main["lse_main"] if given else None
                 tag = "lse" if given else "no_lse"
-                loss_fn = lambda: mod.distill_loss(x["q"], x["k"], **trained, indices=indices,  # noqa: E731
+                loss_fn = lambda: mod.distill_loss(main["q"], main["k"], **trained, indices=indices,  # noqa: E731
                                                    lse_main=lse_arg, stage=stage)
                 with torch.no_grad():
                     row[f"fwd_ms_{tag}"] = event_median_ms(loss_fn, reps)
@@ -172,7 +201,7 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
                 loss = loss_fn()
                 grads = torch.autograd.grad(loss, tuple(trained.values()))
                 row[f"loss_{tag}"] = float(loss.detach())
-                if given or givens == (False,):
+                if (given or givens == (False,)) and name not in UNABSORBED:
                     if stage == "sparse" and path == "fused":
                         again = torch.autograd.grad(loss_fn(), tuple(trained.values()))
                         row["repeat_bitwise"] = all(torch.equal(a, b) for a, b in zip(grads, again))
@@ -184,8 +213,8 @@ def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFA
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-                torch.autograd.grad(mod.distill_loss(x["q"], x["k"], **trained, indices=indices, lse_main=lse_main,
-                                                     stage=stage), tuple(trained.values()))
+                torch.autograd.grad(mod.distill_loss(main["q"], main["k"], **trained, indices=indices,
+                                                     lse_main=main["lse_main"], stage=stage), tuple(trained.values()))
                 row["peak_extra_gib"] = (torch.cuda.max_memory_allocated() - before) / 2**30
         except torch.cuda.OutOfMemoryError as exc:
             row["out_of_memory"] = str(exc).splitlines()[0][:160]
@@ -211,18 +240,29 @@ def check(mod, spec, T: int, variants, out, base: dict, stage: str = "sparse") -
         with torch.no_grad():
             indices = mod.index_topk(*(x[n] for n in IDX))
         ind = indices.cpu()
-    x64 = {n: x[n].detach().cpu().double().requires_grad_(n in IDX) for n in ("q", "k") + IDX}
-    ref = reference.distill_loss(spec, **x64, indices=ind)
-    ref.backward()
-    lse = reference.main_lse(spec, x64["q"], x64["k"], indices=ind).float().to(DEVICE)
+    refs = {}
+
+    def ref_of(form: str):
+        """The float64 reference's loss, gradients and lse_main for q and k in `form`, once."""
+        if form not in refs:
+            main = unabsorbed_main(mod, spec, T, x, False) if form == "unabsorbed" else x
+            x64 = {n: (main if n in ("q", "k") else x)[n].detach().cpu().double().requires_grad_(n in IDX)
+                   for n in ("q", "k") + IDX}
+            loss = reference.distill_loss(spec, **x64, indices=ind)
+            loss.backward()
+            lse = reference.main_lse(spec, x64["q"], x64["k"], indices=ind).float().to(DEVICE)
+            refs[form] = (main["q"], main["k"], loss, x64, lse)
+        return refs[form]
+
     for variant in VARIANTS:
         name = variant[0]
         if name not in variants or not _applies(variant, stage):
             continue
+        q, k, ref, x64, lse = ref_of("unabsorbed" if name in UNABSORBED else "absorbed")
         for lse_main in (lse,) if stage == "sparse" else (lse, None):
             with _Forms(mod, variant):
                 xk = {n: x[n].detach().clone().requires_grad_(True) for n in IDX}
-                loss = mod.distill_loss(x["q"], x["k"], **xk, indices=indices, lse_main=lse_main, stage=stage)
+                loss = mod.distill_loss(q, k, **xk, indices=indices, lse_main=lse_main, stage=stage)
                 loss.backward()
             row = dict(base, stage="check" if stage == "sparse" else "check_dense", T=T, path=name,
                        lse_given=lse_main is not None, loss=loss.item(), loss_ref=ref.item(),

@@ -6,6 +6,9 @@ Usage: python bench/distill_offline.py [SPEC] [--kernel _distill_dq_sparse_kerne
        [--const NAME=VALUE ...] [--loops] [--json FILE]
 `--loops` adds each loop's SASS counts (compile_offline.loop_report: wgmma and their waits, barriers, spills).
 The dense forward's forms: --kernel _distill_fwd_dense_qreg_kernel --warps 8 --const HAS_LSE=1 BK=64 STAGES=2 QSMEM=8
+The unabsorbed dense stage (plan MhaTiles; --const BQ= BK= STAGES= KB= compile other tiles):
+       --kernel _distill_fwd_dense_mha_kernel _distill_di_dense_mha_kernel --warps 8 --const HAS_LSE=1 --loops
+       --kernel _distill_dq_dense_mha_kernel _distill_dk_dense_mha_kernel --warps 4 --loops
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from specgen.model.spec import load_spec  # noqa: E402
 
 # Argument types of the distillation kernels beyond compile_offline's defaults (pointers in the spec's dtype).
 SIG = dict(IDX="*i32", LSE="*fp32", LSE_OUT="*fp32", ROW_KL="*fp32", STATS="*fp32", GSCALE="*fp32",
-           DI_SEL="*fp32", PTR="*i64", POS="*i64", CU_SEQLENS="*i32", TILES="*i32", DK_ACC="*fp32", P_SEL="*fp32")
+           DI_SEL="*fp32", PTR="*i64", POS="*i64", CU_SEQLENS="*i32", TILES="*i32", DK_ACC="*fp32", P_SEL="*fp32",
+           # the unabsorbed dense stage's backward: its dI strip, the strip's query tiles, its sizes
+           DI="*fp32", QTILES="*i32", TILE0="i32", NTS="i32", LD="i32", NKB="i32", NT="i32")
 KERNELS = ("_distill_fwd_sparse_kernel", "_distill_dq_sparse_kernel", "_distill_dk_sparse_kernel",
            "_distill_fwd_dense_kernel", "_distill_dq_dense_kernel", "_distill_dk_dense_kernel")
 

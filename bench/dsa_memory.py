@@ -15,7 +15,7 @@ import triton
 import specgen
 from specgen import reference
 from specgen.perf.bench import dense_shapes_forward_ms, peak_extra_gib
-from specgen.perf.bench_train import MHA_QK, MHA_V
+from specgen.perf.bench_train import dense_baseline_shapes
 from specgen.testing import spec_of
 
 
@@ -48,16 +48,19 @@ def main():
         row["sparse_attention_tflops"] = (attended * spec.heads.q * (spec.head_dim.qk + spec.head_dim.v) * 2
                                           / row["sparse_attention_ms"] / 1e9)
         # Dense SDPA on this machine, same run: on the spec's own shapes (every backend refuses MLA's 576-dim
-        # heads so far; said in the record), and on the unabsorbed MHA prefill DeepSeek-V3.2 would run densely
-        # (128 heads, d_qk 192, d_v 128). TFLOP/s counts the causal half: T(T+1)/2 pairs.
+        # heads so far; said in the record), and, MLA, on the unabsorbed MHA prefill the model would run densely
+        # (spec.unabsorbed; V3.2: 128 heads, d_qk 192, d_v 128). TFLOP/s counts the causal half: T(T+1)/2 pairs.
         pairs = T * (T + 1) / 2
         own = dense_shapes_forward_ms(spec.heads.q, spec.heads.kv, spec.head_dim.qk, spec.head_dim.v, T, spec.dtype,
                                       spec.softmax_scale, backends=("cudnn", "flash", "efficient"))
-        mha = dense_shapes_forward_ms(spec.heads.q, spec.heads.q, MHA_QK, MHA_V, T, spec.dtype, MHA_QK ** -0.5)
         row["dense_sdpa_same_shapes_ms"] = own
-        row["dense_sdpa_mha_192_128_ms"] = mha
-        row["dense_sdpa_mha_192_128_tflops"] = {
-            k: pairs * spec.heads.q * (MHA_QK + MHA_V) * 2 / v / 1e9 for k, v in mha.items() if isinstance(v, float)}
+        if spec.mla and spec.unabsorbed is not None:
+            base = dense_baseline_shapes(spec)
+            (hq, hkv), (dqk, dv) = base["heads"], base["head_dim"]
+            mha = dense_shapes_forward_ms(hq, hkv, dqk, dv, T, spec.dtype, base["scale"])
+            row[f"dense_sdpa_mha_{dqk}_{dv}_ms"] = mha
+            row[f"dense_sdpa_mha_{dqk}_{dv}_tflops"] = {
+                k: pairs * hq * (dqk + dv) * 2 / v / 1e9 for k, v in mha.items() if isinstance(v, float)}
         if hasattr(mod, "distill_loss") and not args.no_distill:
             trained = {n: x[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
             for stage, indices in (("sparse", idx), ("dense", None)):

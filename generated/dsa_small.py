@@ -3839,7 +3839,7 @@ def _distill_fwd_sparse_from_p_kernel(
 
 
 
-_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_b3de6bc0"
+_DISTILL_NS = "specgen_" + SPEC_NAME + "_" + SPEC_HASH + "_e925203e"
 
 
 def _distill_inverse_index(indices, layout=None):

@@ -149,7 +149,7 @@ def cmd_bench(args) -> int:
 
         for spec, _ in _load_with_paths(args.specs):  # every spec refused before any GPU work
             try:
-                check_trainable(spec)
+                check_trainable(spec, dense=not args.no_dense)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
     if not torch.cuda.is_available():

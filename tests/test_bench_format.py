@@ -89,12 +89,22 @@ def test_decode_bench_names_why_flashinfer_did_not_run(monkeypatch):
 
 
 def test_training_step_table_and_baseline():
-    from specgen.perf.bench_train import PIECES, dense_baseline_shapes, table as step_table
+    from specgen.model.spec import replace
+    from specgen.perf.bench_train import PIECES, check_trainable, dense_baseline_shapes, table as step_table
 
     v32, small = load_spec(ROOT / "specs/dsa_v32.yaml"), load_spec(ROOT / "specs/dsa_small.yaml")
-    # MLA is compared with the unabsorbed MHA DeepSeek-V3.2 would prefill densely; other specs with their own heads.
+    # MLA is compared with the unabsorbed MHA DeepSeek-V3.2 would prefill densely (the dims the spec's `unabsorbed`
+    # writes, the spec's scale: the same logits); other specs with their own heads.
     assert dense_baseline_shapes(v32)["heads"] == [128, 128] and dense_baseline_shapes(v32)["head_dim"] == [192, 128]
+    assert dense_baseline_shapes(v32)["scale"] == v32.softmax_scale == pytest.approx(192 ** -0.5)
+    other = replace(v32, **{"unabsorbed.qk": 256, "unabsorbed.v": 256})
+    assert dense_baseline_shapes(other)["head_dim"] == [256, 256]
     assert dense_baseline_shapes(small)["heads"] == [small.heads.q, small.heads.kv]
+    # An MLA spec without the field has no baseline to assume: refused (before any GPU work), unless skipped.
+    bare = replace(v32, unabsorbed=None)
+    with pytest.raises(ValueError, match="without `unabsorbed` head dims.*--no-dense"):
+        check_trainable(bare)
+    check_trainable(bare, dense=False)
     row = {"T": 32768, **{key: 10.0 * (i + 1) for i, (_, key) in enumerate(PIECES)},
            "attention_forward_tflops": 300.0, "attention_backward_tflops": 120.0,
            "dense": {"shapes": dense_baseline_shapes(v32), "fwd_bwd": {"cudnn": 303.0, "flash": "unsupported: x"}},
@@ -106,6 +116,7 @@ def test_training_step_table_and_baseline():
                   "whole step (sparse stage)", "50.00 ms", "warm-up (dense) stage", "60.00 ms",
                   "whole step, p shared", "70.00 ms", "sparse stage, p given", "80.00 ms",
                   "unabsorbed MHA", "303.00 ms / —", "step speedup 6.06x", "6.00 beyond them",
+                  "warm-up loss, unabsorbed q/k: fwd ", "90.00 ms", "unabsorbed q/k: fwd+bwd", "100.00 ms",
                   "_selection_bwd_scatter_kernel: 20.000 ms"):
         assert piece in text, piece
     # The slowest kernels first.
@@ -139,7 +150,9 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
     rows = bench_training_step(spec, [24], dense=False, per_kernel=False, device="cpu", timer=timer,
                                memory=lambda fn: 0.5)
     row = rows[0]
-    assert row["T"] == 24 and all(key in row for _, key in PIECES), row
+    # Every piece but the unabsorbed warm-up loss (dsa_small is no MLA spec: test_training_step_unabsorbed_piece).
+    assert row["T"] == 24 and all(key in row for _, key in PIECES if "unabsorbed" not in key), row
+    assert not any("unabsorbed" in key for key in row)
     step, shared = results[-1], results[-3]  # the whole step's grads: dq, dk, dq_idx, dk_idx, dw_idx, then the output
     assert len(step) == len(("dq", "dk", "dv", "dq_idx", "dk_idx", "dw_idx", "out"))  # dsa_small has its own v
     for g in step:
@@ -149,6 +162,36 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
     # ... and the row's own check of it (what the GPU run reports at the bench's size).
     assert row["shared_p_loss_rel_diff"] < 1e-5 and row["shared_p_grad_rel_diff"] < 1e-4, row
     assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5
+
+
+def test_training_step_unabsorbed_piece(tmp_path, monkeypatch):
+    """The training step's warm-up piece from unabsorbed q and k (a tiny MLA spec with `unabsorbed`, under the
+    interpreter): forward and forward + backward timed with lse_main given, both running the loss (a finite value
+    and the indexer's gradients)."""
+    import torch
+
+    import specgen
+    from specgen.model.spec import spec_from_mapping
+    from specgen.perf import bench_train
+
+    monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
+    spec = spec_from_mapping({"name": "bench_mla_tiny", "family": "dsa", "heads": {"q": 4, "kv": 1},
+                              "head_dim": {"qk": 48, "v": 32}, "unabsorbed": {"qk": 32, "v": 16}, "dtype": "fp32",
+                              "selection": {"top_k": 8}, "indexer": {"heads": 2, "head_dim": 16},
+                              "max_seqlen": 4096})
+    module = specgen.load(spec)
+    _, _, _, idx_in, _ = bench_train.step_inputs(spec, module, 20, "cpu")
+    results = []
+
+    def timer(fn):
+        results.append(fn())
+        return 2.0
+
+    row = bench_train._unabsorbed_dense_times(spec, module, idx_in, 20, "cpu", timer)
+    assert row == {"distill_dense_unabsorbed_fwd_ms": 2.0, "distill_dense_unabsorbed_fwd_bwd_ms": 2.0}
+    forward, (loss, *grads) = results
+    assert torch.isfinite(forward) and float(forward) > 0 and torch.equal(forward, loss.detach())
+    assert len(grads) == 3 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
 def test_decode_table_names_the_paged_rows_and_their_cost():

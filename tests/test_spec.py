@@ -271,10 +271,24 @@ def test_a_dsa_spec_without_scale_uses_its_own_head_dim():
                        "indexer: {heads: 2, head_dim: 32}\nselection: {top_k: 16}\nmax_seqlen: 4096\n")
     assert s.scale is None and s.softmax_scale == 64 ** -0.5
     assert load_spec(SPECS_DIR / "dsa_small.yaml").softmax_scale == 64 ** -0.5
-    # V3.2 writes its value (that of the 192-dim unabsorbed head) in its spec; its identity is unchanged.
+    # V3.2 writes its value (that of the 192-dim unabsorbed head) in its spec. Its hash is pinned: it changed once,
+    # when the spec gained `unabsorbed` (its tuning record's entry was re-keyed: the attention kernels are the same).
     v32 = load_spec(SPECS_DIR / "dsa_v32.yaml")
     assert v32.scale == pytest.approx(192 ** -0.5, rel=1e-15) and v32.softmax_scale == v32.scale
-    assert v32.hash == "4ef8cc6027bb7f42"
+    assert v32.hash == "f65b6f7e53e808f0"
+
+
+def test_unabsorbed_dims_are_hashed_when_given_and_left_out_when_not():
+    """`unabsorbed` joined the schema after specs were hashed: a spec without it keeps its hash (written out as null
+    too), and its dims are part of the identity of a spec that has it."""
+    v32 = load_spec(SPECS_DIR / "dsa_v32.yaml")
+    assert (v32.unabsorbed.qk, v32.unabsorbed.v) == (192, 128)
+    bare = replace(v32, unabsorbed=None)
+    assert bare.unabsorbed is None and bare.hash == "4ef8cc6027bb7f42"          # V3.2's hash before the field
+    assert spec_from_mapping({**bare.to_dict(), "unabsorbed": None}).hash == bare.hash
+    hashes = {v32.hash, bare.hash, replace(v32, **{"unabsorbed.qk": 128}).hash,
+              replace(v32, **{"unabsorbed.v": 192}).hash}
+    assert len(hashes) == 4
 
 
 def test_loading_does_not_change_the_family_defaults():
@@ -949,6 +963,31 @@ VALIDATE_CASES = [
         window: {size: 128}
         indexer: null
         """, "family", SpecError, "selection branch alone"),
+    ("unabsorbed-without-mla", """
+        name: a
+        family: dsa
+        heads: {q: 8, kv: 2}
+        mla: false
+        unabsorbed: {qk: 64, v: 64} #<
+        """, "unabsorbed", SpecError, "not MLA"),
+    ("unabsorbed-dim-not-16", """
+        name: a
+        family: dsa
+        unabsorbed:
+          qk: 100 #<
+          v: 128
+        """, "unabsorbed.qk", SpecError, "100 is not supported"),
+    ("unabsorbed-v-missing", """
+        name: a
+        family: dsa
+        unabsorbed: {qk: 192} #<
+        """, "unabsorbed.v", SpecError, "is required"),
+    ("unabsorbed-ambiguous", """
+        name: a
+        family: dsa
+        heads: {q: 1, kv: 1}
+        unabsorbed: {qk: 576, v: 128} #<
+        """, "unabsorbed.qk", SpecError, "absorbed form's shape"),
 ]
 
 

@@ -117,6 +117,27 @@ def distill_qreg_smem(spec: Spec, rows: int, idx_rows: int, keys: int, stages: i
                       streamed=[tile(keys, dqk, e), tile(keys, di, e)], stages=stages)
 
 
+def distill_mha_smem(spec: Spec, rows: int, keys: int, stages: int, idx_rows: int = 0, idx_keys: int = 0,
+                     idx_stages: int = 0) -> dict[str, int]:
+    """The unabsorbed dense stage's kernels (kernels/distill.j2, `distill_mha_kernels`), by kernel. Forward and dI
+    pass: the head loop streams Q_h [rows, unabsorbed.qk] and K_h [keys, unabsorbed.qk] over `stages`, the
+    indexer-head loop q_I,j [rows, d_I] beside the trip's k_I [keys, d_I]; Triton 3.6 reuses one loop's buffers for
+    the other, so the larger loop counts. sm_90 compile of V3.2's (128 rows, 64 keys, 192 dims, bf16): 147968 B at
+    2 stages and 222208 at 3; the model gives 148480 and 222208. The backward's index-only kernels (`idx_rows` =
+    positions x indexer heads, `idx_keys` keys, `idx_stages`): the query side streams k_I with q_I resident, the
+    key side the reverse, each with its [rows, keys] coefficients as an operand; compiled (64 rows, 64 keys, 3
+    stages): 66048 and 74240 B, the model 74752 both."""
+    e, d, di = _elem(spec), spec.unabsorbed.qk, spec.indexer.head_dim
+    heads = smem_bytes(streamed=[tile(rows, d, e), tile(keys, d, e)], stages=stages)
+    index = smem_bytes(resident=[tile(keys, di, e)], streamed=[tile(rows, di, e)], stages=stages)
+    out = {"_distill_fwd_dense_mha_kernel": max(heads, index), "_distill_di_dense_mha_kernel": max(heads, index)}
+    if idx_rows:
+        one_side = smem_bytes(resident=[tile(idx_rows, di, e)], streamed=[tile(idx_keys, di, e)],
+                              computed=[tile(idx_rows, idx_keys, e)], stages=idx_stages)
+        out.update({"_distill_dq_dense_mha_kernel": one_side, "_distill_dk_dense_mha_kernel": one_side})
+    return out
+
+
 def index_scores_smem(spec: Spec, key_major: bool, rows: int, keys: int, stages: int) -> int:
     """The prefill index-score kernel (`_index_scores_kernel`, kernels/topk.j2). Key-major: the [keys, d_I] key
     tile resident, one query's [rows, d_I] indexer heads (padded) streamed by the loop over the program's queries.

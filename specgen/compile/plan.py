@@ -10,7 +10,8 @@ defaults chosen here. `make_plan(spec)` is the only constructor; render reads no
                             (score_*), token scoring (index_*), pooling (pool_bi), head-dim parts, group
       .backward             BackwardTiles: the backward kernels' tiles (each kernel fits shared memory)
       .decode               DecodePlan: the decode step's tiles, the ring of cache tensors, the top-k segments
-      .distill              DistillPlan (specs with an indexer) or None: the distillation loss's tiles
+      .distill              DistillPlan (specs with an indexer) or None: the distillation loss's tiles (.mha: the
+                            unabsorbed dense stage's, MhaTiles)
       .tuning               Tuning: default launch configs and the pruned tuning candidates (computed on first use)
 """
 
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (DTYPE_BYTES, MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
-                        attention_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages, next_pow2)
+                        attention_smem, distill_mha_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages,
+                        next_pow2)
 from .loop_order import SCATTER_DIM, scatter_applies, scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
@@ -179,6 +181,37 @@ class DecodePlan:
 
 
 @dataclass(frozen=True)
+class MhaTiles:
+    """Tiles of the dense stage's kernels for q and k in the unabsorbed form (spec.unabsorbed: a key of `qk` dims per
+    query head; docs/distill.md, "The dense stage from the unabsorbed heads").
+
+    Forward and dI pass (`_distill_fwd_dense_mha_kernel`, `_distill_di_dense_mha_kernel`): a program owns bq query
+    positions of one kv group, the rows of every product; it walks its keys bk a trip, and per trip loops over the
+    group's heads (S_h = Q_h K_h^T [bq, bk], qk in its power-of-two `parts`) and then over the indexer heads
+    (a_j = q_I,j k_I^T [bq, bk]), those loops software-pipelined over `stages` (Q_h, K_h and q_I,j are reloaded
+    from L2 each trip: the head-sum of p comes before the KL, so heads cannot be programs of their own). A dI
+    program takes `kb` keys of a row (a multiple of bk), so a strip of query tiles still fills the GPU.
+    Backward: the dI pass writes dI of a strip of query tiles (at most `workspace` bytes, at least one tile) for the
+    query side (`_distill_dq_dense_mha_kernel`: idx_bt positions x the indexer heads a program, dq_bs keys a trip)
+    and the key side (`_distill_dk_dense_mha_kernel`: dk_bs keys a program, idx_bt positions a trip; dk_I summed in
+    fp32 over the strips in order: no atomics), both on idx_warps warps and idx_stages pipeline stages: the query
+    side cannot hold dq_I for bq positions x every indexer head, which per-head keys need to be worth loading."""
+    qk: int
+    parts: tuple
+    bq: int = 128
+    bk: int = 64
+    kb: int = 256
+    warps: int = 8
+    stages: int = 2
+    workspace: int = 1 << 29
+    idx_bt: int = 1
+    dq_bs: int = 64
+    dk_bs: int = 64
+    idx_warps: int = 4
+    idx_stages: int = 3
+
+
+@dataclass(frozen=True)
 class DistillPlan:
     """Tiles of the distillation kernels (docs/distill.md).
 
@@ -237,6 +270,8 @@ class DistillPlan:
     # DENSE_DQ_FORMS: "base" or "qreg", the kernel _distill_dq_dense_qreg_kernel with qreg's constexprs); the plan
     # pairs it with dense_fwd_form (the timing above: 32k fwd+bwd 1601.0 ms qreg forward alone, 1399.7 with both).
     dense_dq_form: str = "base"
+    # The dense stage from q and k in the unabsorbed form (specs with `unabsorbed`; MhaTiles), else None.
+    mha: MhaTiles | None = None
 
     def fused_tiles(self) -> "DistillPlan":
         """The tiles the fused path's kernels are rendered with."""
@@ -522,6 +557,30 @@ def dense_qreg_forms(spec: Spec, rows: int, idx_rows: int, warps: int) -> tuple:
                  if distill_qreg_smem(spec, rows, idx_rows, keys, stages, smem_dims) <= SMEM_LIMIT)
 
 
+# The unabsorbed dense stage (MhaTiles): 128 query positions a program on two warpgroups (64 rows each, Triton 3.6's
+# layout), 64 keys a trip, the head loops at up to 2 stages; the backward's dI strip at most 512 MiB (V3.2 at 32k:
+# 4096 query rows a strip, 8 strips). sm_90 compile of V3.2's (docs/distill.md, "The dense stage from the
+# unabsorbed heads"): the forward 255 registers, 40 spill bytes, 147968 B of shared memory at 2 stages; 3 stages
+# take 222208 B (96 spill B), 128 keys a trip spill 528 B, 32 keys (3 stages) none but reload Q_h 5/3 as often.
+MHA_BQ, MHA_BK, MHA_KB, MHA_WARPS, MHA_STAGES = 128, 64, 256, 8, 2
+MHA_WORKSPACE = 1 << 29
+
+
+def mha_tiles(spec: Spec, bt: int, hp: int) -> MhaTiles | None:
+    """The unabsorbed dense stage's tiles (None without spec.unabsorbed): the most stages up to MHA_STAGES whose
+    footprint (footprint.distill_mha_smem) fits SMEM_BUDGET. The index-only kernels of its backward take the dense
+    stage's rows (bt positions x hp indexer heads, >= 16; at most MHA_BQ positions) on 4 warps up to 64 rows, 8
+    above."""
+    un = spec.unabsorbed
+    if un is None:
+        return None
+    stages = next((st for st in range(MHA_STAGES, 1, -1)
+                   if max(distill_mha_smem(spec, MHA_BQ, MHA_BK, st).values()) <= SMEM_BUDGET), 1)
+    return MhaTiles(qk=un.qk, parts=_parts(un.qk), bq=MHA_BQ, bk=MHA_BK, kb=MHA_KB, warps=MHA_WARPS,
+                    stages=stages, workspace=MHA_WORKSPACE, idx_bt=min(bt, MHA_BQ), dq_bs=64, dk_bs=64,
+                    idx_warps=4 if bt * hp <= 64 else 8, idx_stages=3)
+
+
 def _distill_tiles(spec: Spec) -> DistillPlan:
     gp = next_pow2(spec.heads.group_size)
     hp = next_pow2(spec.indexer.heads)
@@ -549,7 +608,7 @@ def _distill_tiles(spec: Spec) -> DistillPlan:
                        fused_bs=32 if wide else max(MIN_DOT, min(64, topk_pad)), fused_warps=fused_warps,
                        bwd_bs=max(MIN_DOT, min(64, topk_pad)), fused_km_bs=max(MIN_DOT, min(64, topk_pad)),
                        dense_forms=dense_forms, dense_piece=DENSE_PIECE, dense_fwd_form=dense_form,
-                       dense_dq_form=dense_form)
+                       dense_dq_form=dense_form, mha=mha_tiles(spec, bt, hp))
 
 
 # Column bits of a 64-column wgmma accumulator (m64nNk16, 4 warps) held in a thread's registers, lowest first:

@@ -107,7 +107,7 @@ def module_context(spec: Spec, plan: Plan | None = None, records: list | None = 
         "candidates": pyliteral(candidate_table(plan.tuning.candidates),
                                 start=len("CANDIDATES = runtime.launches.config_table(")),
         "spec_hash": spec.hash,
-        "spec_dict": pyliteral(spec.to_dict(), start=len("SPEC = ")),
+        "spec_dict": pyliteral(spec.written(), start=len("SPEC = ")),
         "descriptor_args": _descriptor_args(args),
         "torch_dtype": TORCH_DTYPES[spec.dtype],
         "launch_order": [b.name for b in plan.branches],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .footprint import DTYPE_BYTES, distill_qreg_smem, smem_bytes, tile
+from .footprint import DTYPE_BYTES, distill_mha_smem, distill_qreg_smem, smem_bytes, tile
 from .plan import DistillPlan, dense_pieces, make_plan
 from ..model.spec import Spec
 
@@ -47,7 +47,29 @@ def dot_shapes(spec: Spec, d: DistillPlan) -> dict[str, tuple[int, int, int]]:
             shapes[f"dense {name} q.k piece {off}+{size}"] = (f.bt * f.gp, size, keys)
             shapes[f"dense {name} identity {size}"] = (f.bt * f.gp, size, size)
         shapes[f"dense {name} q_I.k_I"] = (f.bt * f.hp, di, keys)
+    # The unabsorbed dense stage: per head S_h = Q_h K_h^T in the unabsorbed dims' parts, per indexer head a_j; its
+    # backward's index-only kernels.
+    m = d.mha
+    if m is not None:
+        for p in m.parts:
+            shapes[f"dense mha q.k part {p.offset}+{p.size}"] = (m.bq, p.size, m.bk)
+        shapes["dense mha q_I.k_I"] = (m.bq, di, m.bk)
+        rows = m.idx_bt * d.hp
+        shapes["dense mha dq q_I.k_I"] = (rows, di, m.dq_bs)
+        shapes["dense mha dq_I"] = (rows, m.dq_bs, di)
+        shapes["dense mha dk q_I.k_I"] = (rows, di, m.dk_bs)
+        shapes["dense mha dk_I"] = (m.dk_bs, rows, di)
     return shapes
+
+
+def mha_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, int]:
+    """Estimated shared memory (bytes) of the unabsorbed dense stage's kernels at the plan's tiles
+    (footprint.distill_mha_smem; empty without spec.unabsorbed)."""
+    d = d or make_distill_plan(spec)
+    m = d.mha
+    if m is None:
+        return {}
+    return distill_mha_smem(spec, m.bq, m.bk, m.stages, m.idx_bt * d.hp, max(m.dq_bs, m.dk_bs), m.idx_stages)
 
 
 def dense_qreg_footprints(spec: Spec, d: DistillPlan | None = None) -> dict[str, int]:

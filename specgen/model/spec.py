@@ -131,6 +131,19 @@ class Indexer:
 
 
 @dataclass(frozen=True)
+class Unabsorbed:
+    """The per-head dims of an MLA spec's attention before absorption (DeepSeek-V3: each query head has its own key
+    of 128 "nope" + 64 rope dims and its own value of 128 dims; absorbing the key and value up-projections into the
+    queries and outputs gives the MQA form of head_dim.qk / head_dim.v that the sparse kernels run). The dense
+    warm-up stage of distill_loss takes q and k in this form (a key per query head: a third of the absorbed form's
+    main-logit work at V3.2's dims; docs/distill.md), and the benchmarks compare MLA specs with dense attention of
+    these heads."""
+    qk: int = _f("per-head query/key dims of the unabsorbed attention (DeepSeek-V3: 192 = 128 + 64 rope); a "
+                 "multiple of 16 up to 1024, split into power-of-two parts")
+    v: int = _f("per-head value dims of the unabsorbed attention (DeepSeek-V3: 128); a multiple of 16 up to 1024")
+
+
+@dataclass(frozen=True)
 class Decode:
     max_q_len: int = _f("decode: new queries per sequence and step, 1 up to this (speculative / multi-token)", 4,
                         bounds=(1, 64, "a step's queries are rows of one tile"))
@@ -155,6 +168,9 @@ class Spec:
     kv: str = _f("shared: one k/v feeds every branch; independent: each branch gets its own k/v (the paper)",
                  "independent", choices=("shared", "independent"))
     mla: bool = _f("MLA in MQA mode: V is the first head_dim.v dims of K (read once, dV added into dK)", False)
+    unabsorbed: Unabsorbed | None = _f("MLA only: the head dims of the attention before absorption (one key per "
+                                       "query head), the dense distillation stage's other form of q and k and "
+                                       "the dense baseline of the benchmarks", None)
     branches: tuple[str, ...] = _f("which branches exist, in the order of the gate channels",
                                    ("compression", "selection", "window"))
     compression: Compression | None = _f("compression branch settings", None)
@@ -194,6 +210,13 @@ class Spec:
     def to_dict(self) -> dict:
         return _plain(self)
 
+    def written(self) -> dict:
+        """to_dict() without the top-level fields left out of the hash at their default (`unabsorbed: null`): what a
+        generated module writes as its SPEC, so the modules of specs that leave a later field out render as
+        before. spec_from_mapping(spec.written()) == spec."""
+        plain = self.to_dict()
+        return {k: v for k, v in plain.items() if _HASH_OMITS_DEFAULT.get((None, k), ...) != v}
+
     @property
     def hash(self) -> str:
         """Identity of the spec: what it computes, independent of YAML formatting and of defaults written out."""
@@ -202,8 +225,8 @@ class Spec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-SECTION_TYPES = {"heads": Heads, "head_dim": HeadDims, "compression": Compression, "selection": Selection,
-                 "window": Window, "indexer": Indexer, "decode": Decode}
+SECTION_TYPES = {"heads": Heads, "head_dim": HeadDims, "unabsorbed": Unabsorbed, "compression": Compression,
+                 "selection": Selection, "window": Window, "indexer": Indexer, "decode": Decode}
 
 _SECTIONS_BY_TYPE = {cls.__name__: cls for cls in SECTION_TYPES.values()}
 
@@ -232,14 +255,18 @@ def _section_type(f: dataclasses.Field):
 
 
 # Fields added after specs were hashed, left out of the hash at their default: an existing spec keeps its hash (its
-# tuning records and cache keys), and writing the default out changes nothing either.
-_HASH_OMITS_DEFAULT = {("selection", "loop_order"): "auto"}
+# tuning records and cache keys), and writing the default out changes nothing either. (section, name), or
+# (None, name) for a top-level field; set to anything else, a field is hashed as every other one.
+_HASH_OMITS_DEFAULT = {("selection", "loop_order"): "auto", (None, "unabsorbed"): None}
 
 
 def _hashed(plain: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in plain.items()}
     for (section, name), default in _HASH_OMITS_DEFAULT.items():
-        if isinstance(out.get(section), dict) and out[section].get(name) == default:
+        if section is None:
+            if name in out and out[name] == default:
+                del out[name]
+        elif isinstance(out.get(section), dict) and out[section].get(name) == default:
             del out[section][name]
     return out
 
@@ -616,6 +643,22 @@ def _validate(spec: Spec, where: _Located) -> None:
         if spec.kv != "shared" or h.kv != 1:
             raise err("mla", "MLA mode shares one latent K/V across all heads (MQA) and all branches",
                       "set heads.kv: 1 and kv: shared, or mla: false", near="heads.kv" if h.kv != 1 else "kv")
+    un = spec.unabsorbed
+    if un is not None:
+        if not spec.mla:
+            raise err("unabsorbed", "the unabsorbed head dims describe an MLA spec's attention before absorption; "
+                      "this spec is not MLA (its q and k are already per-head)",
+                      "remove the `unabsorbed` section, or set mla: true", near="mla")
+        for name, dim in (("qk", un.qk), ("v", un.v)):
+            if dim % 16 or not 16 <= dim <= MAX_HEAD_DIM:
+                raise err(f"unabsorbed.{name}", f"{dim} is not supported: the kernels split a head dim into "
+                          f"power-of-two parts of at least 16 (the matrix unit's smallest K)",
+                          f"use a multiple of 16 between 16 and {MAX_HEAD_DIM}")
+        if h.q == h.kv and un.qk == spec.head_dim.qk:
+            # distill_loss tells the two forms of q and k apart by k's head count and dim.
+            raise err("unabsorbed.qk", f"with one query head and unabsorbed.qk = head_dim.qk = {un.qk}, unabsorbed "
+                      "q and k would have the absorbed form's shape", "remove the `unabsorbed` section (one head "
+                      "gains nothing from it), or fix its dims")
     if spec.kv == "independent" and len(spec.branches) == 1:
         raise err("kv", "independent k/v needs more than one branch", "set kv: shared", near="branches")
 

@@ -12,10 +12,14 @@ and the same step with the probabilities shared (`step_shared_p_ms`; docs/distil
 backward's probabilities"): the backward fills a preallocated `p` (dsa_attention(..., distill_p=p)) and the loss
 takes it (distill_loss(..., p_main=p)) instead of recomputing the main logits over the selected keys; that loss
 is also timed alone (`distill_from_p_fwd_bwd_ms`). And, timed apart, the warm-up stage's dense distillation loss (forward + backward; quadratic in T, so only up to
-`dense_distill_max`). The dense baseline is causal SDPA forward + backward (cuDNN and flash) of the attention the
-model would otherwise run: for an MLA spec the unabsorbed multi-head attention (Hq heads, d_qk 192, d_v 128, as
-DeepSeek-V3.2 prefills), else the spec's own heads. Memory: the step's peak beyond what was allocated before it,
-and that peak less the step's outputs and gradients (the issue's "beyond inputs, outputs and gradients").
+`dense_distill_max`), and for a spec with `unabsorbed` the same loss from q and k in that form (a key per query
+head; docs/distill.md, "The dense stage from the unabsorbed heads"): forward and forward + backward with lse_main
+given (`distill_dense_unabsorbed_fwd_ms`, `distill_dense_unabsorbed_fwd_bwd_ms`). The dense baseline is causal SDPA
+forward + backward (cuDNN and flash) of the attention the model would otherwise run: for an MLA spec the
+multi-head attention of its unabsorbed heads (spec.unabsorbed: Hq heads of d_qk / d_v, V3.2's 192 / 128, as
+DeepSeek-V3.2 prefills; an MLA spec without the field is refused unless the baseline is skipped), else the spec's
+own heads. Memory: the step's peak beyond what was allocated before it, and that peak less the step's outputs and
+gradients (the issue's "beyond inputs, outputs and gradients").
 """
 
 from __future__ import annotations
@@ -31,22 +35,29 @@ from ..model.signature import differentiable_names
 from ..model.spec import Spec
 from .bench import _median_ms, dense_shapes_forward_ms, dense_shapes_training_ms, kernel_times, peak_extra_gib
 
-# The unabsorbed MHA that MLA specs are compared with (DeepSeek-V3's q/k head: 128 nope + 64 rope dims; v 128).
-MHA_QK, MHA_V = 192, 128
-
-
-def check_trainable(spec: Spec) -> None:
-    """The step needs an indexer (its top-k and distillation loss): a clear refusal for other specs."""
+def check_trainable(spec: Spec, dense: bool = True) -> None:
+    """The step needs an indexer (its top-k and distillation loss), and its dense baseline (`dense`) an MLA spec's
+    unabsorbed head dims: a clear refusal for other specs, before any GPU work."""
     if spec.indexer is None:
         raise ValueError(f"--training-step times DSA's indexer + sparse attention + distillation step; spec "
                          f"{spec.name!r} has no indexer (selection.scorer: indexer). Use `specgen bench` without "
                          f"--training-step for its forward/backward passes.")
+    if dense:
+        dense_baseline_shapes(spec)
 
 
 def dense_baseline_shapes(spec: Spec) -> dict:
-    """The dense attention the step is measured against: heads, head dims and softmax scale."""
+    """The dense attention the step is measured against: heads, head dims and softmax scale. An MLA spec's is the
+    multi-head attention of its unabsorbed heads (spec.unabsorbed; the same logits, so the spec's scale); one
+    without the field is refused (no dims are assumed)."""
     if spec.mla:
-        return {"heads": [spec.heads.q, spec.heads.q], "head_dim": [MHA_QK, MHA_V], "scale": MHA_QK ** -0.5,
+        un = spec.unabsorbed
+        if un is None:
+            raise ValueError(f"spec {spec.name!r} is MLA without `unabsorbed` head dims: its dense baseline is the "
+                             f"multi-head attention before absorption, whose dims only the spec can say; add "
+                             f"`unabsorbed: {{qk: ..., v: ...}}` (DeepSeek-V3: 192, 128), or skip the baseline "
+                             f"(--no-dense)")
+        return {"heads": [spec.heads.q, spec.heads.q], "head_dim": [un.qk, un.v], "scale": spec.softmax_scale,
                 "what": "unabsorbed MHA (MLA's dense prefill form)"}
     return {"heads": [spec.heads.q, spec.heads.kv], "head_dim": [spec.head_dim.qk, spec.head_dim.v],
             "scale": spec.softmax_scale, "what": "the spec's own heads"}
@@ -63,7 +74,7 @@ def bench_training_step(spec: Spec, seqlens: list[int], *, dense: bool = True, d
     FLOPs; backward at FlashAttention's 2.5x convention), per-kernel times of the step, and the dense baseline.
     `device`, `timer` (fn -> ms) and `memory` (fn -> GiB) let the CPU tests run the same step under the
     interpreter."""
-    check_trainable(spec)
+    check_trainable(spec, dense)
     module = load(spec, spec_path)
     attention = getattr(module, f"{spec.family}_attention")
     rows = []
@@ -132,6 +143,8 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     row["distill_sparse_fwd_bwd_ms"] = timer(distill)
     if T <= dense_distill_max:
         row["distill_dense_fwd_bwd_ms"] = timer(lambda: distill("dense"))
+        if spec.unabsorbed is not None:
+            row.update(_unabsorbed_dense_times(spec, module, idx_in, T, device, timer))
 
     def step(p=None):
         """The sparse-stage step; with `p` the attention backward fills it and the loss takes it (p_main)."""
@@ -155,6 +168,31 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     if per_kernel:
         row["kernels"] = {name: {"ms": ms} for name, ms in kernel_times(step, calls=1, names="all").items()}
     return row
+
+
+def _unabsorbed_dense_times(spec: Spec, module, idx_in: dict, T: int, device: str, timer) -> dict:
+    """The warm-up stage's loss from q and k in the spec's unabsorbed form (random, [1, T, Hq, unabsorbed.qk]
+    each): forward and forward + backward with lse_main given, as a training step has it from its dense attention
+    (here from the loss's own lse pass, once, untimed)."""
+    gen = torch.Generator(device=device).manual_seed(T + 1)
+    q, k = reference.make_unabsorbed_qk(spec, 1, T, dtype=module.DTYPE, device=device, generator=gen)
+    trained = tuple(idx_in.values())
+    with torch.no_grad():
+        lse = module._distill_fwd(q, k, *(x.detach() for x in trained), None, None, None, 0)[2]
+
+    def loss():
+        return module.distill_loss(q, k, *trained, stage="dense", lse_main=lse)
+
+    def forward():
+        with torch.no_grad():
+            return loss()
+
+    def fwd_bwd():
+        value = loss()
+        return (value,) + torch.autograd.grad(value, trained)
+
+    return {"distill_dense_unabsorbed_fwd_ms": timer(forward),
+            "distill_dense_unabsorbed_fwd_bwd_ms": timer(fwd_bwd)}
 
 
 def _shared_p_times(step, distill, indices, timer) -> dict:
@@ -189,7 +227,10 @@ PIECES = (("indexer + top-k", "indexer_topk_ms"), ("attention forward", "attenti
           ("attention backward", "attention_backward_ms"), ("distillation, sparse stage", "distill_sparse_fwd_bwd_ms"),
           ("whole step (sparse stage)", "step_ms"), ("distillation, warm-up (dense) stage", "distill_dense_fwd_bwd_ms"),
           # The step with the attention backward's p shared with the loss, and that loss alone.
-          ("whole step, p shared", "step_shared_p_ms"), ("distillation, sparse stage, p given", "distill_from_p_fwd_bwd_ms"))
+          ("whole step, p shared", "step_shared_p_ms"), ("distillation, sparse stage, p given", "distill_from_p_fwd_bwd_ms"),
+          # The warm-up stage's loss from unabsorbed q and k (specs with `unabsorbed`), lse_main given.
+          ("warm-up loss, unabsorbed q/k: fwd", "distill_dense_unabsorbed_fwd_ms"),
+          ("warm-up loss, unabsorbed q/k: fwd+bwd", "distill_dense_unabsorbed_fwd_bwd_ms"))
 
 
 def table(spec: Spec, rows: list[dict]) -> str:

@@ -4,6 +4,8 @@ For query t and kv group g (docs/semantics.md "Distillation loss"; docs/distill.
 
     support S(t, g)  dense stage: {s <= t};  sparse stage: the valid selected indices of (t, g) with s <= t
     p[t, g, s]       = mean over the group's query heads h of softmax_{s' in S}(sm_scale * q[t, h] . k[s', g])[s]
+                       (k[s', h] instead of k[s', g] when k holds a key per query head: an MLA spec's unabsorbed
+                       form, spec.unabsorbed; the same target as the absorbed q and k, docs/distill.md)
                        (each head's main-attention softmax over the support, detached: no gradient to q or k)
     I[t, g, s]       = idx_scale * sum_j w[t, g, j] * relu(q_I[t, g, j] . k_I[s, g])
     KL(t, g)         = sum_{s in S} p * (log p - log softmax_{s' in S}(I)[s])        (natural log, 0 log 0 = 0)
@@ -35,14 +37,28 @@ def _support(spec, k: torch.Tensor, positions: torch.Tensor, indices: torch.Tens
     return support
 
 
+def _per_head_keys(spec, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether k holds a key per query head (the unabsorbed form) rather than one per kv group."""
+    Hq, Hkv = spec.heads.q, spec.heads.kv
+    if q.shape[2] != Hq or k.shape[2] not in (Hq, Hkv) or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q must be [B, T, {Hq}, D] and k [B, T, {Hkv}, D] (or, unabsorbed, [B, T, {Hq}, D]: a key "
+                         f"per query head) with the same D; got q {list(q.shape)}, k {list(k.shape)}")
+    return k.shape[2] != Hkv
+
+
 def _main_probs(spec, q: torch.Tensor, k: torch.Tensor, support: torch.Tensor):
-    """(p [B, C, Hkv, T] target, lse [B, C, Hq]) of the main attention over the support, without gradients."""
+    """(p [B, C, Hkv, T] target, lse [B, C, Hq]) of the main attention over the support, without gradients. k: a key
+    per kv group [B, T, Hkv, D], or per query head [B, T, Hq, D] (the unabsorbed form)."""
     with torch.no_grad():
         B, C, Hq, D = q.shape
-        T, Hkv = k.shape[1], k.shape[2]
+        T, Hkv = k.shape[1], spec.heads.kv
         G = Hq // Hkv
         support = support.expand(B, C, Hkv, T)
-        logits = torch.einsum("bcgzd,bsgd->bcgzs", q.reshape(B, C, Hkv, G, D), k) * spec.softmax_scale
+        qg = q.reshape(B, C, Hkv, G, D)
+        if _per_head_keys(spec, q, k):
+            logits = torch.einsum("bcgzd,bsgzd->bcgzs", qg, k.reshape(B, T, Hkv, G, D)) * spec.softmax_scale
+        else:
+            logits = torch.einsum("bcgzd,bsgd->bcgzs", qg, k) * spec.softmax_scale
         allowed = support[:, :, :, None, :]
         any_ = allowed.any(-1, keepdim=True)
         logits = logits.masked_fill(~allowed, NEG_INF)
@@ -101,7 +117,8 @@ def distill_target(spec, q: torch.Tensor, k: torch.Tensor, *, indices: torch.Ten
 def distill_loss(spec, q, k, q_idx, k_idx, w_idx, *, indices=None, query_chunk: int | None = None) -> torch.Tensor:
     """The distillation loss L (a 0-dim tensor in the inputs' dtype); differentiable in q_idx, k_idx and w_idx only.
 
-    q [B, T, Hq, Dqk], k [B, T, Hkv, Dqk] (main attention, after RoPE; detached here), q_idx [B, T, Hkv*H_I, d_I],
+    q [B, T, Hq, Dqk], k [B, T, Hkv, Dqk] (main attention, after RoPE; detached here; or both [B, T, Hq, D], a key
+    per query head: an MLA spec's unabsorbed form), q_idx [B, T, Hkv*H_I, d_I],
     k_idx [B, T, Hkv, d_I], w_idx [B, T, Hkv*H_I]; indices [B, T, Hkv, top_k] int32 (-1 padding) selects the sparse
     stage, None the dense warm-up stage. L = (sum of the rows' KL) / N_valid (0 when no row is valid).
     """

@@ -69,3 +69,14 @@ def make_inputs(spec, B: int, T: int, *, dtype=torch.float64, device="cpu",
         else:  # pragma: no cover - input_names and this table must agree
             raise AssertionError(f"no generator for input {name!r}")
     return out
+
+
+def make_unabsorbed_qk(spec, B: int, T: int, *, dtype=torch.float64, device="cpu",
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random q and k of an MLA spec in its unabsorbed form (spec.unabsorbed: a key per query head), each
+    [B, T, Hq, unabsorbed.qk] ~ N(0, 1): what the dense distillation stage takes besides the absorbed q and k."""
+    if spec.unabsorbed is None:
+        raise ValueError(f"spec {spec.name!r} has no `unabsorbed` head dims")
+    shape = (B, T, spec.heads.q, spec.unabsorbed.qk)
+    return (torch.randn(*shape, dtype=dtype, device=device, generator=generator),
+            torch.randn(*shape, dtype=dtype, device=device, generator=generator))

@@ -64,7 +64,9 @@ DENSE_DQ_FORMS = ("base", "qreg")
 class Launches:
     """The distillation kernels' launches of one module: `kernels` maps fwd_dense, fwd_sparse, dq_dense, dk_dense,
     dq_sparse, dk_sparse (the legacy path) and fwd_dense_fused, dq_dense_fused, dk_dense_fused, fwd_sparse_fused,
-    bwd_sparse_fused (the fused path) and fwd_dense_qreg, dq_dense_qreg (the dense register-operand forms) to the
+    bwd_sparse_fused (the fused path) and fwd_dense_qreg, dq_dense_qreg (the dense register-operand forms) and
+    fwd_dense_mha, di_dense_mha, dq_dense_mha, dk_dense_mha (the dense stage from unabsorbed q and k, on modules whose
+    spec has `unabsorbed`: `mha` holds their tiles, see `unabsorbed`) to the
     module's `_distill_<name>_kernel`; the tiles (bt query positions per
     dense program, bk / sbk keys per dense / sparse dK program), warps and stages are the plan's (`fused`: the fused
     path's bk, num_warps and bwd_warps).
@@ -80,7 +82,8 @@ class Launches:
     def __init__(self, kernels: dict, inverse_index, *, heads_q: int, heads_kv: int, top_k: int, bt: int, bk: int,
                  sbk: int, sm_scale: float, idx_scale: float, widen: bool, num_warps: int, num_stages=None,
                  fused: dict | None = None, path: str = "legacy", fwd_form: str = "base",
-                 dense_fwd_form: str = "base", dense_forms: dict | None = None, dense_dq_form: str = "base"):
+                 dense_fwd_form: str = "base", dense_forms: dict | None = None, dense_dq_form: str = "base",
+                 mha: dict | None = None):
         self.kernels, self.inverse_index = kernels, inverse_index
         self.heads_q, self.heads_kv, self.top_k, self.bt, self.bk, self.sbk = heads_q, heads_kv, top_k, bt, bk, sbk
         self.scales = (sm_scale, idx_scale)
@@ -96,6 +99,12 @@ class Launches:
         self.dense_forms = dict(dense_forms or {})
         self.dense_fwd_form = dense_fwd_form
         self.dense_dq_form = dense_dq_form
+        self.mha = dict(mha) if mha else None
+
+    def unabsorbed(self, k) -> bool:
+        """Whether `k` holds a key per query head of the unabsorbed dims (mha["qk"]): the dense stage's other form
+        (the spec refuses dims that would make it the absorbed form's shape). Distill.loss has checked the shapes."""
+        return self.mha is not None and tuple(k.shape[-2:]) == (self.heads_q, self.mha["qk"])
 
     @property
     def fwd_form(self) -> str:
@@ -182,6 +191,12 @@ class Launches:
             kern["fwd_sparse_from_p"][tiles + (B * hkv,)](
                 q_idx, k_idx, w_idx, indices, p_main, row_kl, stats, *tables, *strides[6:], T, self.scales[1],
                 WIDEN=self.widen, **self.bwd_options, **varlen)
+        elif indices is None and self.unabsorbed(k):
+            m = self.mha
+            tiles, tables, varlen = grid(m["bq"], T)
+            kern["fwd_dense_mha"][tiles + (B * hkv,)](
+                q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, p_sel, *tables, *strides, T,
+                *self.scales, HAS_LSE=lse_main is not None, WIDEN=self.widen, num_warps=m["warps"], **varlen)
         elif indices is None:
             tiles, tables, varlen = grid(self.bt, T)
             name, form = "fwd_dense", {}
@@ -233,7 +248,10 @@ class Launches:
         strides = _strides(q, k, q_idx, k_idx, w_idx)
         layout, grid = self._launch(cu_seqlens, max_seqlen, T, stats)
         meta = dict(WIDEN=self.widen, **self.options)
-        if indices is None:
+        if indices is None and self.unabsorbed(k):
+            self._backward_mha(q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dq_idx, dk_idx, dw_idx, strides, layout,
+                               grid, max_seqlen)
+        elif indices is None:
             fused = self.path == "fused"
             sfx = "_fused" if fused else ""
             meta = dict(WIDEN=self.widen, **(self.fused_options if fused else self.options))
@@ -271,6 +289,40 @@ class Launches:
                 T, *self.scales, **meta, **varlen)
             self._dk_sparse(indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta)
         return dq_idx, dk_idx, dw_idx
+
+    def _backward_mha(self, q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dq_idx, dk_idx, dw_idx, strides, layout,
+                      grid, max_seqlen):
+        """The dense stage's backward from unabsorbed q and k (docs/distill.md, "The dense stage from the unabsorbed
+        heads"), by strips of query tiles: per strip, dI of its rows (the only pass over the per-head main logits)
+        into a workspace of at most mha["workspace"] bytes (at least one query tile of every (b, g): B * HKV * BQ *
+        T * 4 bytes), then the query side (dq_idx, dw_idx of the strip's rows) and the key side (the strip's share
+        of dk_I, summed in fp32 strip after strip: deterministic, no atomics) read it."""
+        m, kern = self.mha, self.kernels
+        B, T = q.shape[0], q.shape[1]
+        bg, bq = B * self.heads_kv, m["bq"]
+        ld = T if layout is None else max_seqlen
+        if layout is None:
+            qtable, n_tiles, varlen = stats, _cdiv(T, bq), {}
+        else:
+            (qtable, n_tiles), varlen = layout.token_tiles(bq), {"VARLEN": True}
+        nts = max(1, min(n_tiles, m["workspace"] // (bg * bq * ld * 4)))
+        di = torch.empty((bg, nts * bq, ld), dtype=torch.float32, device=q.device)
+        dk_acc = torch.zeros(k_idx.shape, dtype=torch.float32, device=q.device)
+        n_kb = _cdiv(ld, m["kb"])
+        ktiles, ktables, _ = grid(m["dk_bs"], T)
+        cu = layout.cu_seqlens if layout is not None else stats
+        idx_meta = dict(WIDEN=self.widen, num_warps=m["idx_warps"], num_stages=m["idx_stages"], **varlen)
+        for tile0 in range(0, n_tiles, nts):
+            nt = min(nts, n_tiles - tile0)
+            kern["di_dense_mha"][(nt * n_kb, bg)](
+                q, k, q_idx, k_idx, w_idx, lse, stats, di, cu, qtable, *strides, T, *self.scales, tile0, nts, ld,
+                n_kb, WIDEN=self.widen, num_warps=m["warps"], **varlen)
+            kern["dq_dense_mha"][(nt * (bq // m["bt"]), bg)](
+                q_idx, k_idx, w_idx, di, gscale, dq_idx, dw_idx, cu, qtable, *strides[6:], T, self.scales[1], tile0,
+                nts, ld, **idx_meta)
+            kern["dk_dense_mha"][ktiles + (bg,)](
+                q_idx, k_idx, w_idx, di, dk_acc, *ktables, qtable, *strides[6:], T, tile0, nt, nts, ld, **idx_meta)
+        dk_idx.copy_(dk_acc.mul_(gscale * self.scales[1]))
 
     def _dk_sparse(self, indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta):
         """The sparse stage's deterministic key side: dk_idx from each selected pair's dI through the inverse
@@ -325,14 +377,60 @@ def custom_ops(namespace: str, launches: Launches) -> tuple:
 
 class Distill:
     """The distillation loss of one generated module: `fwd`/`bwd` its custom ops, `index_topk` its indexer top-k,
-    `default_stage` the spec's indexer.stage."""
+    `default_stage` the spec's indexer.stage, `unabsorbed_qk` the spec's unabsorbed.qk (0 without the field: q and
+    k come in the absorbed form only)."""
 
-    def __init__(self, desc, fwd, bwd, index_topk, default_stage: str):
+    def __init__(self, desc, fwd, bwd, index_topk, default_stage: str, unabsorbed_qk: int = 0):
         self.desc = desc
         self.fwd, self.bwd, self.index_topk = fwd, bwd, index_topk
         self.default_stage = default_stage
+        self.unabsorbed_qk = unabsorbed_qk
         by_name = {a.name: a for a in desc.args}
         self.inputs = tuple(by_name[n] for n in INPUTS)
+
+    def main_form(self, fn: str, q, k, stage: str, packed: bool) -> str:
+        """Which form the main attention's q and k come in, from their last two dims: "absorbed" (k: Hkv heads of
+        the spec's d_qk) or "unabsorbed" (k: a key per query head, of unabsorbed.qk dims; dense stage only). Shapes
+        that fit neither raise, naming the argument, what it got and both forms; the rest of each tensor (rank,
+        B, T, dtype, device) is check_tensor's."""
+        d, u = self.desc, self.unabsorbed_qk
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() >= 2 and k.dim() >= 2):
+            return "absorbed"
+        lead = "[total, " if packed else "[B, T, "
+        absorbed = (d.heads_q, d.dim_qk), (d.heads_kv, d.dim_qk)
+        unabsorbed = (d.heads_q, u), (d.heads_q, u)
+        got = tuple(q.shape[-2:]), tuple(k.shape[-2:])
+        forms = f"q {lead}{d.heads_q}, {d.dim_qk}] with k {lead}{d.heads_kv}, {d.dim_qk}]"
+        if not u:
+            if d.mla and got[1] == (d.heads_q, got[0][1]) and d.heads_q != d.heads_kv:
+                raise ArgumentError(
+                    f"{fn}: argument `k` has shape {list(k.shape)}, a key per query head (the unabsorbed form), but "
+                    f"spec {d.spec_name!r} has no `unabsorbed` head dims: it takes {forms}; add `unabsorbed: {{qk: "
+                    f"..., v: ...}}` to an MLA spec to pass per-head keys to the dense stage, or pass the absorbed "
+                    f"q and k")
+            return "absorbed"
+        forms = (f"the absorbed {forms}, or (dense stage) the unabsorbed q {lead}{d.heads_q}, {u}] with k "
+                 f"{lead}{d.heads_q}, {u}] (a key per query head)")
+        if got == absorbed:
+            return "absorbed"
+        if got[0] == unabsorbed[0] or got[1] == unabsorbed[1]:
+            bad = "k" if got[0] == unabsorbed[0] else "q"
+            if got != unabsorbed:
+                raise ArgumentError(
+                    f"{fn}: argument `{bad}` has shape {list((q, k)[bad == 'k'].shape)}, but `"
+                    f"{'q' if bad == 'k' else 'k'}` {list((k, q)[bad == 'k'].shape)} is in the unabsorbed form; "
+                    f"the main attention's queries and keys must be {forms}")
+            if stage != "dense":
+                raise ArgumentError(
+                    f"{fn}: q {list(q.shape)} and k {list(k.shape)} are the unabsorbed form (a key per query "
+                    f"head), which only the dense stage takes; the {stage} stage needs the absorbed q {lead}"
+                    f"{d.heads_q}, {d.dim_qk}] with k {lead}{d.heads_kv}, {d.dim_qk}] (pass stage='dense' for the "
+                    f"warm-up stage)")
+            return "unabsorbed"
+        bad = "q" if got[0] not in (absorbed[0], unabsorbed[0]) else "k"
+        raise ArgumentError(f"{fn}: argument `{bad}` has shape {list((q, k)[bad == 'k'].shape)} (q "
+                            f"{list(q.shape)}, k {list(k.shape)}); the main attention's queries and keys must be "
+                            f"{forms}")
 
     def setup_context(self, ctx, inputs, output):
         q, k, q_idx, k_idx, w_idx, indices, lse_main, cu_seqlens, max_seqlen = inputs[:9]
@@ -366,9 +464,12 @@ class Distill:
             raise ArgumentError(f"{fn}: the dense warm-up stage distils over every s <= t and takes no "
                                 f"`indices`; pass stage='sparse' to distil over a selection")
         packed_call = cu_seqlens is not None or max_seqlen is not None
+        form = self.main_form(fn, q, k, stage, packed_call)
         x = [q, k, q_idx, k_idx, w_idx]
         for i, a in enumerate(self.inputs):
             shape = a.packed_shape if packed_call else a.shape
+            if i < 2 and form == "unabsorbed":
+                shape = shape[:-2] + (d.heads_q, self.unabsorbed_qk)
             x[i] = check_tensor(fn, a.name, x[i], shape, d.dtype, dims, None if i == 0 else device)
             if i == 0:
                 device = x[0].device

@@ -527,17 +527,22 @@ def check_distill(module, spec: Spec, B: int, T: int, stage: str, *, device: str
                   seed: int | None = None, query_chunk: int | None = None) -> None:
     """The generated distillation loss and its gradients (q_idx, k_idx, w_idx) against the float64 reference.
 
-    The sparse stage uses the module's own top-k indices (a valid selection, checked by check_forward)."""
+    The sparse stage uses the module's own top-k indices (a valid selection, checked by check_forward); stage
+    "dense_unabsorbed" is the dense stage from q and k in the spec's unabsorbed form (a key per query head)."""
     case = random_case(module, spec, B, T, device, seed, what=stage)
     inputs, where, gen, dtype = case.inputs, case.where, case.gen, module.DTYPE
     indices = None
+    main_q, main_k = inputs["q"], inputs["k"]
     if stage == "sparse":
         _, indices = module.__dict__[f"{spec.family}_forward"](**inputs, return_indices=True)
-    main_k = inputs["k"]
+    elif stage == "dense_unabsorbed":
+        stage = "dense"
+        main_q, main_k = (x.to(device=main_q.device, dtype=dtype)
+                          for x in reference.make_unabsorbed_qk(spec, B, T, generator=gen))
     trained = {n: inputs[n].detach().clone().requires_grad_(True) for n in ("q_idx", "k_idx", "w_idx")}
-    loss = module.distill_loss(inputs["q"], main_k, **trained, indices=indices, stage=stage)
+    loss = module.distill_loss(main_q, main_k, **trained, indices=indices, stage=stage)
     assert_distill_matches(loss, trained, lambda exact: reference.distill_loss(
-        spec, inputs["q"].double(), main_k.double(), **exact, indices=indices, query_chunk=query_chunk),
+        spec, main_q.double(), main_k.double(), **exact, indices=indices, query_chunk=query_chunk),
         gen, dtype, where)
 
 

@@ -234,11 +234,16 @@ def check_backward_varlen(module, spec, lengths, *, device=None, seed=None, rows
 
 
 def check_distill_varlen(module, spec, lengths, stage, *, device=None, seed=None) -> None:
-    """`distill_loss` on a packed batch (dense warm-up or sparse stage): the loss and the gradients of q_idx,
-    k_idx, w_idx against the reference summed over sequences and divided by the valid rows of the whole batch."""
+    """`distill_loss` on a packed batch (dense warm-up or sparse stage; "dense_unabsorbed": the dense stage from q
+    and k in the spec's unabsorbed form): the loss and the gradients of q_idx, k_idx, w_idx against the reference
+    summed over sequences and divided by the valid rows of the whole batch."""
     case = PackedCase(module, spec, lengths, device, seed, stage)
     inputs, dtype, where = case.inputs, module.DTYPE, case.where
     indices = lse_main = None
+    if stage == "dense_unabsorbed":
+        stage = "dense"
+        inputs = dict(inputs, **{n: x[0].to(device=inputs["q"].device, dtype=dtype) for n, x in zip(
+            ("q", "k"), reference.make_unabsorbed_qk(spec, 1, case.total, generator=case.gen))})
     if stage == "sparse":
         # The sparse forward's log-sum-exp is the main attention's over the support: `lse_main`, packed too.
         _, lse, indices = _fn(module, spec, "forward")(**inputs, return_lse=True, return_indices=True, **case.varlen())
