@@ -69,9 +69,10 @@
 #           --batches max.
 #   CALL=20 issue 16's nsa_paper row at 64k (last timed 2026-11-24) and three model specs at 16k / 32k.
 #   CALL=21 a query's head chunks side by side (chunk_inner: V3.2's forward and scatter backward at 16k / 64k), the
-#           forward's plan variants at model heads (CALL=3's first piece, never timed), V3.2's step at 16k with the
+#           dense distillation stage from the unabsorbed heads (bench/distill_unabsorbed_gpu.sh at 32k).
+#   CALL=22 the forward's plan variants at model heads (CALL=3's first piece, never timed), nsa_paper at 64k
+#           (CALL=20's first piece), the GPU tests of chunk_inner and the shared p, V3.2's step (STEP_T, 16k) with the
 #           shared p.
-#   CALL=22 nsa_paper at 64k (CALL=20's first piece), the GPU tests of chunk_inner and the shared p, V3.2's step at 64k.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..22 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
@@ -352,25 +353,25 @@ case ${CALL:-1} in
 21)
   # The first call of 2026-12-07 (night 2), ordered by what could move a default: a query's head chunks side by side
   # (chunk_inner: V3.2's forward ks_pf_ci and scatter backward km_ks_k64_ci against the defaults at 16k and 64k;
-  # docs/tuning.md "Head chunks side by side"), the forward's plan variants at Llama / Qwen / Gemma-2 heads (never
-  # timed: score_km, score_key32, sel_forced, sel_w4; docs/forward.md), V3.2's training step at 16k with the shared p.
-  mkdir -p $W/ci $W/one
+  # docs/tuning.md "Head chunks side by side"), then the dense distillation from the unabsorbed heads.
+  mkdir -p $W/ci
   piece ${T1:=80} && { ( env_in $W/ci; timeout -k 10 $T1 python bench/variants_bench.py --only dsa_fwd --calls 2 \
       --variants ks_pf ks_pf_ci --json "$W/ci/${day}_dsa_fwd_chunk_inner_${COMMIT}.jsonl" 2>&1 \
       | tee $W/ci/dsa_fwd_chunk_inner.log | tail -8 ); pack; }
   piece ${T2:=110} && { ( env_in $W/ci; timeout -k 10 $T2 python bench/dsa_bwd.py specs/dsa_v32.yaml \
       --seqlens 16384 65536 --forms km_ks_k64 km_ks_k64_ci --top 2 --reps 3 --form-reps 3 1 --no-det \
       --json "$W/ci/${day}_dsa_bwd_chunk_inner_${COMMIT}.jsonl" 2>&1 | tee $W/ci/dsa_bwd_chunk_inner.log | tail -14 ); pack; }
-  piece ${T3:=170} && { OUT=$W/nsafwd LLAMA_TIMEOUT=$((T3 * 7 / 18)) QWEN_TIMEOUT=$((T3 * 4 / 18)) \
-      GEMMA_TIMEOUT=$((T3 * 7 / 18)) TEST_TIMEOUT=0 bash bench/nsa_forward_variants_gpu.sh | tail -40; pack; }
-  piece ${T4:=120} && { ( env_in $W/one; timeout -k 20 $T4 python -m specgen.cli bench specs/dsa_v32.yaml \
-      --training-step --seqlens 16384 --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
-      | tee -a $W/one/training_step_shared_p.log | tail -24 ); pack; }
+  # The dense distillation stage from the unabsorbed heads (docs/distill.md; issue 17's warm-up target: the loss's
+  # forward at 32k <= 2x cuDNN's forward): compile report, float64 check at T 512, its GPU tests, fwd / fwd+bwd at 32k.
+  piece ${T3:=280} && { OUT=$W/mha CHECK_TIMEOUT=$((T3 / 5)) TEST_TIMEOUT=$((T3 / 5)) BENCH_TIMEOUT=$((T3 / 2)) \
+      DENSE_T=32768 timeout -k 10 $T3 bash bench/distill_unabsorbed_gpu.sh 2>&1 | tail -30; pack; }
   ;;
 22)
   # The second call: nsa_paper's forward / backward at 64k (issue 16, last timed 2026-11-24), then the GPU tests of
   # the chunk_inner forms and the shared p, then V3.2's training step at 64k (the shared p and whatever won in 21).
   mkdir -p $W/matrix $W/one
+  piece ${T0:=170} && { OUT=$W/nsafwd LLAMA_TIMEOUT=$((T0 * 7 / 18)) QWEN_TIMEOUT=$((T0 * 4 / 18)) \
+      GEMMA_TIMEOUT=$((T0 * 7 / 18)) TEST_TIMEOUT=0 bash bench/nsa_forward_variants_gpu.sh | tail -40; pack; }
   piece ${T1:=200} && { ( env_in $W/matrix; timeout -k 20 $T1 python -m specgen.cli bench specs/nsa_paper.yaml \
       --seqlens 65536 --out "$W/matrix" 2>&1 | grep -v "UserWarning\|return sdpa\|_warn_once" \
       | tee -a $W/matrix/bench_nsa_paper_${COMMIT}.log | tail -30 ); pack; }
@@ -379,7 +380,7 @@ case ${CALL:-1} in
       -k "side_by_side or shared or p_" 2>&1 | grep -E "PASSED|FAILED|ERROR|passed|failed|Error" \
       | tee $W/one/${day}_gpu_tests_chunk_inner_shared_p_${COMMIT}.log ); pack; }
   piece ${T3:=200} && { ( env_in $W/one; timeout -k 20 $T3 python -m specgen.cli bench specs/dsa_v32.yaml \
-      --training-step --seqlens 65536 --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
+      --training-step --seqlens ${STEP_T:-16384}  --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
       | tee -a $W/one/training_step_64k.log | tail -24 ); pack; }
   ;;
 *) echo "CALL must be 1 to 22" >&2; exit 2 ;;
