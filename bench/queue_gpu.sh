@@ -359,7 +359,7 @@ case ${CALL:-1} in
       --variants ks_pf ks_pf_ci --json "$W/ci/${day}_dsa_fwd_chunk_inner_${COMMIT}.jsonl" 2>&1 \
       | tee $W/ci/dsa_fwd_chunk_inner.log | tail -8 ); pack; }
   piece ${T2:=110} && { ( env_in $W/ci; timeout -k 10 $T2 python bench/dsa_bwd.py specs/dsa_v32.yaml \
-      --seqlens 16384 65536 --forms km_ks_k64 km_ks_k64_ci --top 2 --reps 3 --form-reps 3 1 --no-det \
+      --seqlens 16384 65536 --forms km_ks_k64 km_ks_k64_ci km_ks_k64_cr --top 3 --reps 3 --form-reps 3 1 --no-det \
       --json "$W/ci/${day}_dsa_bwd_chunk_inner_${COMMIT}.jsonl" 2>&1 | tee $W/ci/dsa_bwd_chunk_inner.log | tail -14 ); pack; }
   # The dense distillation stage from the unabsorbed heads (docs/distill.md; issue 17's warm-up target: the loss's
   # forward at 32k <= 2x cuDNN's forward): compile report, float64 check at T 512, its GPU tests, fwd / fwd+bwd at 32k.

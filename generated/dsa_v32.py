@@ -1942,17 +1942,31 @@ def _selection_bwd_scatter_kernel(
     n_units = tl.sum((tl.load(idx_row + slots, mask=slots < TOP_K, other=-1) >= 0).to(tl.int32), axis=0)
     p_row = P_OUT + chunk.to(tl.int64) * P_CHUNK + ((b * T + bos + t) * HKV + g) * TOP_K
     _bwd_p_padding(p_row, n_units, STORE_P)
+    # CHUNK_INNER 2: the chunks side by side, each starting its walk of the query's keys at its own quarter (half,
+    # ...) of them and wrapping around, so that chunks running together do not add into the same dK rows at the
+    # same moment (same-address atomics serialise in L2). dQ then sums the key tiles in that rotated order (fixed:
+    # still deterministic).
+    span = n_units * UNIT
+    wrap = tl.cdiv(span, BLOCK_N) * BLOCK_N
+    f_first = (chunk * (wrap // BLOCK_N) // HEAD_CHUNKS) * BLOCK_N if CHUNK_INNER == 2 else 0
     if PREFETCH:
         # The first trip's units; each trip then loads the next one's (its key addresses need no load of their own
         # trip, so num_stages - 1 key tiles can be in flight and the index load's latency hides behind a trip).
-        first = tl.arange(0, BLOCK_N) // UNIT
+        first = (f_first + tl.arange(0, BLOCK_N)) // UNIT
         unit_next = tl.load(idx_row + first, mask=first < n_units, other=-1)
-    for f0 in range(0, n_units * UNIT, BLOCK_N):
-        f = f0 + tl.arange(0, BLOCK_N)
+    for f0 in range(0, span, BLOCK_N):
+        fr = f0
+        if CHUNK_INNER == 2:
+            fr = f0 + f_first
+            fr = tl.where(fr >= wrap, fr - wrap, fr)
+        f = fr + tl.arange(0, BLOCK_N)
         slot = f // UNIT
         if PREFETCH:
             unit = unit_next
-            slot_next = (f + BLOCK_N) // UNIT
+            f_next = fr + BLOCK_N
+            if CHUNK_INNER == 2:
+                f_next = tl.where(f_next >= wrap, f_next - wrap, f_next)
+            slot_next = (f_next + tl.arange(0, BLOCK_N)) // UNIT
             unit_next = tl.load(idx_row + slot_next, mask=slot_next < n_units, other=-1)
         else:
             unit = tl.load(idx_row + slot, mask=slot < n_units, other=-1)

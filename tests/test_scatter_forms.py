@@ -154,16 +154,22 @@ def test_fewer_atomics_forms(monkeypatch):
 
 
 def test_chunks_side_by_side(monkeypatch):
-    """km_ks_k64_ci (launch config `chunk_inner`: a query's head chunks neighbours on axis 0 of the grid) against
-    the float64 reference and km_ks_k64 within fp32 rounding (the same programs in another launch order: only the
-    atomics' order differs), batched and packed (check_backward_varlen: the tile table's programs x chunks)."""
-    _batched_forms(monkeypatch, ("km_ks_k64", "km_ks_k64_ci"), "km_ks_k64")
+    """km_ks_k64_ci (launch config `chunk_inner` 1: a query's head chunks neighbours on axis 0 of the grid) and
+    km_ks_k64_cr (2: also each chunk's walk of the keys starting at its own part of them, wrapping around) against
+    the float64 reference and km_ks_k64 within fp32 rounding (ci: the same programs in another launch order, dQ
+    bit for bit; cr: dQ summed in the rotated order), batched, and cr packed (check_backward_varlen: the tile
+    table's programs x chunks; the keys of the early rows span one or two trips)."""
+    grads = _batched_forms(monkeypatch, ("km_ks_k64", "km_ks_k64_ci", "km_ks_k64_cr"), "km_ks_k64")
+    assert torch.equal(grads["km_ks_k64_ci"][0], grads["km_ks_k64"][0]), "side by side: dQ the same sums"
     mod = specgen.load(SPEC)
-    cfg = _forms(("km_ks_k64_ci",))["km_ks_k64_ci"]
+    cfg = _forms(("km_ks_k64_cr",))["km_ks_k64_cr"]
     spy = _Spy(monkeypatch)
     monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", cfg)
     check_backward_varlen(mod, SPEC, [18, 9], seed=testing.fresh_seed())
     spy.check(cfg, SPEC.heads.q // cfg["gp"], True)
+    # The rotated walk with the next trip's units prefetched (the wrap carried into the prefetch's addresses).
+    monkeypatch.setitem(mod.CONFIGS["default"], "selection_scatter", {**cfg, "prefetch": 1})
+    testing.check_backward(mod, SPEC, 1, 40)
 
 
 def test_forms_packed(monkeypatch, form="km_ks_k64_pf"):

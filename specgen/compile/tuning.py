@@ -276,6 +276,7 @@ def scatter_variants(plan) -> dict:
     km_ks = out["km_ks_k64"]
     if base["gp"] and -(-plan.group // base["gp"]) > 1:  # several head chunks a query: side by side
         out["km_ks_k64_ci"] = {**km_ks, "chunk_inner": 1}
+        out["km_ks_k64_cr"] = {**km_ks, "chunk_inner": 2}  # ... each chunk starting at its own part of the keys
     if plan.group >= 64:
         out["r64_rl_w16"] = {**km_ks, "gp": 64, "reload": 1, "num_warps": 16}
     if plan.backward.scatter_once_rows <= 128:
