@@ -38,8 +38,8 @@ CONFIGS = {"default": {"index_topk": {"chunk": 2048, "compact": 1, "list": 256, 
     "num_stages": 3, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
     "selection_dkdv": {"block_n": 32, "bq": 16, "num_stages": 2, "num_warps": 4},
     "selection_dq": {"block_n": 16, "bt": 1, "num_stages": 2, "num_warps": 4},
-    "selection_scatter": {"block_n": 64, "gp": 16, "key_major": 1, "key_split": 1, "num_stages": 2,
-    "num_warps": 8, "prefetch": 0, "reload": 0}}}
+    "selection_scatter": {"block_n": 64, "chunk_inner": 0, "gp": 16, "key_major": 1, "key_split": 1,
+    "num_stages": 2, "num_warps": 8, "prefetch": 0, "reload": 0}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -49,7 +49,7 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "num_stage
     (128, 2, 8), (128, 3, 8)), "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (16, 1, 2, 4)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 16, 2, 4)),
     "selection_scatter": (("block_n", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
-    {"gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
+    {"chunk_inner": 0, "gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
     (16, 1, 1, 1, 8, 0), (16, 1, 1, 2, 8, 0), (32, 1, 1, 1, 4, 0), (32, 1, 1, 2, 4, 0), (32, 1, 1, 1, 8, 0),
     (32, 1, 1, 2, 8, 0), (64, 1, 1, 1, 4, 0), (64, 1, 1, 2, 4, 0), (64, 1, 1, 1, 8, 0), (64, 0, 0, 2, 8, 0),
     (64, 0, 0, 2, 4, 0), (16, 0, 0, 2, 8, 0), (16, 0, 0, 2, 4, 0), (64, 1, 0, 2, 8, 0), (64, 1, 0, 2, 4, 0),

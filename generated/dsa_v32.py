@@ -43,8 +43,8 @@ CONFIGS = {"NVIDIA H100 80GB HBM3": {"preprocess": {"num_warps": 4, "rows": 16},
     "num_stages": 3, "num_warps": 4}, "selection": {"block_n": 64, "bt": 1, "key_split": 1, "num_stages": 2,
     "num_warps": 8, "prefetch": 1}, "selection_dkdv": {"block_n": 32, "bq": 1, "num_stages": 1,
     "num_warps": 8}, "selection_dq": {"block_n": 32, "bt": 1, "num_stages": 1, "num_warps": 8},
-    "selection_scatter": {"block_n": 64, "gp": 32, "key_major": 1, "key_split": 1, "num_stages": 1,
-    "num_warps": 8, "prefetch": 0, "reload": 0}}}
+    "selection_scatter": {"block_n": 64, "chunk_inner": 0, "gp": 32, "key_major": 1, "key_split": 1,
+    "num_stages": 1, "num_warps": 8, "prefetch": 0, "reload": 0}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -54,7 +54,7 @@ CANDIDATES = runtime.launches.config_table({"selection": (("block_n", "key_split
     "selection_dq": (("block_n", "bt", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_dkdv": (("block_n", "bq", "num_stages", "num_warps"), (32, 1, 1, 8)),
     "selection_scatter": (("block_n", "gp", "key_major", "key_split", "num_stages", "num_warps", "prefetch", "reload"),
-    (64, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 2, 8, 0, 0),
+    {"chunk_inner": 0}, (64, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 1, 8, 0, 0), (16, 32, 1, 1, 2, 8, 0, 0),
     (32, 32, 1, 1, 1, 8, 0, 0), (32, 32, 1, 1, 2, 8, 0, 0), (32, 32, 0, 0, 1, 8, 0, 0),
     (32, 32, 0, 0, 1, 4, 0, 0), (16, 32, 0, 0, 1, 8, 0, 0), (16, 32, 0, 0, 1, 4, 0, 0),
     (64, 32, 0, 0, 1, 8, 0, 0), (64, 32, 0, 0, 1, 4, 0, 0), (64, 32, 1, 0, 1, 8, 0, 0),

@@ -44,10 +44,10 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 4, "num_stages": 2, 
     "rows": 64}, "select": {"block_n": 512, "bt": 32, "key_major": 0, "num_stages": 3, "num_warps": 4},
     "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 32,
     "bq": 4, "num_stages": 2, "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2,
-    "num_warps": 8}, "selection_scatter": {"block_n": 64, "gp": 16, "key_major": 1, "key_split": 1,
-    "num_stages": 2, "num_warps": 8, "prefetch": 0, "reload": 0}, "window": {"block_n": 64, "bt": 4,
-    "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 2, "key_major": 2, "num_stages": 2,
-    "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8}}}
+    "num_warps": 8}, "selection_scatter": {"block_n": 64, "chunk_inner": 0, "gp": 16, "key_major": 1,
+    "key_split": 1, "num_stages": 2, "num_warps": 8, "prefetch": 0, "reload": 0}, "window": {"block_n": 64,
+    "bt": 4, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 2, "key_major": 2,
+    "num_stages": 2, "num_warps": 8}, "window_dq": {"block_n": 64, "bt": 8, "num_stages": 2, "num_warps": 8}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -72,7 +72,7 @@ CANDIDATES = runtime.launches.config_table({"compression": (("block_n", "num_sta
     (32, 2, 2, 2, 8), (64, 2, 2, 1, 8), (32, 4, 2, 1, 4), (32, 4, 2, 2, 4), (32, 4, 2, 1, 8),
     (32, 4, 2, 2, 8), (64, 4, 2, 1, 8), (64, 4, 2, 2, 8), (64, 4, 0, 2, 8), (64, 4, 1, 2, 8)),
     "selection_scatter": (("block_n", "key_major", "key_split", "num_stages", "num_warps", "prefetch"),
-    {"gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
+    {"chunk_inner": 0, "gp": 16, "reload": 0}, (64, 1, 1, 2, 8, 0), (16, 1, 1, 1, 4, 0), (16, 1, 1, 2, 4, 0),
     (16, 1, 1, 1, 8, 0), (16, 1, 1, 2, 8, 0), (32, 1, 1, 1, 4, 0), (32, 1, 1, 2, 4, 0), (32, 1, 1, 1, 8, 0),
     (32, 1, 1, 2, 8, 0), (64, 1, 1, 1, 4, 0), (64, 1, 1, 2, 4, 0), (64, 1, 1, 1, 8, 0), (64, 0, 0, 2, 8, 0),
     (64, 0, 0, 2, 4, 0), (16, 0, 0, 2, 8, 0), (16, 0, 0, 2, 4, 0), (64, 1, 0, 2, 8, 0), (64, 1, 0, 2, 4, 0),

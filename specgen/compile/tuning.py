@@ -227,7 +227,7 @@ def scatter_base(plan) -> dict:
     existed (row-major products, no key split, no prefetch)."""
     bwd = plan.backward
     return {"block_n": bwd.scatter_block_n, "key_major": 0, "key_split": 0, "prefetch": 0, "gp": bwd.scatter_gp,
-            "reload": 0, "num_warps": bwd.scatter_num_warps, "num_stages": bwd.scatter_num_stages}
+            "reload": 0, "chunk_inner": 0, "num_warps": bwd.scatter_num_warps, "num_stages": bwd.scatter_num_stages}
 
 
 def scatter_variants(plan) -> dict:
