@@ -13,3 +13,10 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from specgen.testing import interpreter
 
     interpreter.install()
+
+
+def pytest_runtest_logreport(report):
+    """SPECGEN_INSTAFAIL=1 (the GPU suite's calls, bench/gpu_suite.sh): a failing test's traceback is printed as it
+    fails, not in pytest's summary at the end, which a device call cut by its time limit never reaches."""
+    if report.failed and os.environ.get("SPECGEN_INSTAFAIL") == "1":
+        print(f"\n--- {report.nodeid} ({report.when}) failed:\n{report.longreprtext[-4000:]}\n---", flush=True)

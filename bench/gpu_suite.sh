@@ -18,6 +18,7 @@
 set -uo pipefail
 set -f  # test ids hold brackets ([8192]): never globbed
 GPU_ENV_AUTOTUNE=off
+export SPECGEN_INSTAFAIL=1  # tracebacks as tests fail (conftest.py): a call cut by its limit keeps them
 source "$(dirname "$0")/gpu_env.sh"
 phase=${1:-both}; shift || true
 case ${SHARD:-} in

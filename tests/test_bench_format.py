@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from specgen import testing
 from specgen.compile import analysis as A
 from specgen.perf.bench import ATTENTION_KERNELS, _per_kernel, compiler_report, table
 from specgen.model.spec import load_spec
@@ -147,7 +148,7 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
         results.append(fn())
         return 1.0
 
-    rows = bench_training_step(spec, [24], dense=False, per_kernel=False, device="cpu", timer=timer,
+    rows = bench_training_step(spec, [24], dense=False, per_kernel=False, device=testing.test_device(), timer=timer,
                                memory=lambda fn: 0.5)
     row = rows[0]
     # Every piece but the unabsorbed warm-up loss (dsa_small is no MLA spec: test_training_step_unabsorbed_piece).
@@ -180,14 +181,15 @@ def test_training_step_unabsorbed_piece(tmp_path, monkeypatch):
                               "selection": {"top_k": 8}, "indexer": {"heads": 2, "head_dim": 16},
                               "max_seqlen": 4096})
     module = specgen.load(spec)
-    _, _, _, idx_in, _ = bench_train.step_inputs(spec, module, 20, "cpu")
+    dev = testing.test_device()  # the interpreter's CPU, or the GPU machine's CUDA
+    _, _, _, idx_in, _ = bench_train.step_inputs(spec, module, 20, dev)
     results = []
 
     def timer(fn):
         results.append(fn())
         return 2.0
 
-    row = bench_train._unabsorbed_dense_times(spec, module, idx_in, 20, "cpu", timer)
+    row = bench_train._unabsorbed_dense_times(spec, module, idx_in, 20, dev, timer)
     assert row == {"distill_dense_unabsorbed_fwd_ms": 2.0, "distill_dense_unabsorbed_fwd_bwd_ms": 2.0}
     forward, (loss, *grads) = results
     assert torch.isfinite(forward) and float(forward) > 0 and torch.equal(forward, loss.detach())

@@ -4,7 +4,7 @@ target p (the mean over each kv group's heads of the attention softmax at every 
 slots) in every form of the scatter backward and in the deterministic one, and `distill_loss(..., p_main=buf)`
 equals `distill_loss(..., lse_main=lse)` without reading the main attention's q and k. Small GQA DSA spec
 (specs/dsa_small.yaml: 8 query heads, 2 kv groups of 4, top-k 16) under the interpreter, fresh random inputs,
-float64 reference."""
+float64 reference; on a GPU machine the same cases run on CUDA (`testing.test_device()`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ IDX = ("q_idx", "k_idx", "w_idx")
 B, T = 2, 21          # rows t < 15 have padding slots (top-k 16); later rows a full list
 P_TOL = 1e-5          # p is fp32 softmax of fp16 inputs: the float64 reference's within fp32 rounding
 SAME = 1e-5           # the two paths of the loss sum the same terms (fp32 rounding)
+DEV = testing.test_device()   # "cpu" under the interpreter, "cuda" on a GPU machine
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +34,27 @@ def _leaves(x):
 
 
 def _poisoned(*shape):
-    return torch.full(shape, float("nan"), dtype=torch.float32)
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=DEV)
 
 
 def _reference_p(case, idx, q="q", k="k"):
     """The float64 target at the slots of `idx` [B, T, HKV, top_k] (0 at padding)."""
     target = R.distill.distill_target(SPEC, case.exact[q], case.exact[k], indices=idx)   # [B, T, HKV, T]
+    idx = idx.cpu()
     return torch.where(idx >= 0, target.gather(-1, idx.long().clamp(min=0)), torch.zeros((), dtype=target.dtype))
 
 
 def _rel(a, b):
-    return R.rel_err(a.detach().to(torch.float64), b.detach().to(torch.float64))
+    return R.rel_err(a.detach().cpu().to(torch.float64), b.detach().cpu().to(torch.float64))
 
 
 def test_backward_emits_p_and_distill_from_p(mod):
     """The public path: p from the backward equals the float64 reference's and the distillation's fused forward's
     (STORE_P); the attention's gradients are the same with and without distill_p; distill_loss from p equals
     distill_loss from lse_main in value and gradients, in deterministic mode too."""
-    case = testing.random_case(mod, SPEC, B, T, "cpu", None, "distill_p")
+    case = testing.random_case(mod, SPEC, B, T, DEV, None, "distill_p")
     x = case.inputs
-    dout = torch.randn(B, T, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(mod.DTYPE)
+    dout = torch.randn(B, T, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(DEV, mod.DTYPE)
     p = _poisoned(B, T, SPEC.heads.kv, SPEC.selection.top_k)
     grads = []
     for buf in (p, None):
@@ -66,7 +68,7 @@ def test_backward_emits_p_and_distill_from_p(mod):
     assert _rel(p, _reference_p(case, idx)) < P_TOL, case.where
     lse_main = lse[..., 0].contiguous()
     _, _, _, p_sel = mod._distill_fwd(x["q"], x["k"], *(x[n] for n in IDX), idx, lse_main, None, 0)
-    valid = (idx >= 0) & (idx.long() <= torch.arange(T).view(1, T, 1, 1))
+    valid = (idx >= 0) & (idx.long() <= torch.arange(T, device=idx.device).view(1, T, 1, 1))
     assert _rel(p[valid], p_sel[valid]) < P_TOL, case.where
 
     for det in (False, True):
@@ -96,10 +98,10 @@ FORMS = {
 
 
 def test_every_scatter_form_and_the_deterministic_path_emit_p(mod, monkeypatch):
-    case = testing.random_case(mod, SPEC, B, T, "cpu", None, "forms")
+    case = testing.random_case(mod, SPEC, B, T, DEV, None, "forms")
     x = case.inputs
     state = mod._forward(*(x[n] for n in ("q", "k", "v") + IDX), save_branch_outputs=True)
-    dout = torch.randn(B, T, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(mod.DTYPE)
+    dout = torch.randn(B, T, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(DEV, mod.DTYPE)
     want = _reference_p(case, state.indices)
     empty = x["q"].new_empty((0,))
     base = dict(mod.CONFIGS["default"]["selection_scatter"], block_n=16)
@@ -118,19 +120,20 @@ def test_packed_call(mod):
     """A packed batch (native varlen): distill_p [total, HKV, top_k] against each sequence's reference, and the
     packed distill_loss from it equal to the one from lse_main."""
     lengths = [17, 9]
-    cu = torch.tensor([0, 17, 26], dtype=torch.int32)
+    cu = torch.tensor([0, 17, 26], dtype=torch.int32, device=DEV)
     total = sum(lengths)
-    case = testing.random_case(mod, SPEC, 1, total, "cpu", None, "packed")
+    case = testing.random_case(mod, SPEC, 1, total, DEV, None, "packed")
     x = {n: v[0] for n, v in case.inputs.items()}
     leaves = _leaves(x)
     p = _poisoned(total, SPEC.heads.kv, SPEC.selection.top_k)
     out, lse, idx = mod.dsa_attention(**leaves, return_lse=True, return_indices=True, cu_seqlens=cu,
                                       max_seqlen=max(lengths), distill_p=p)
-    out.backward(torch.randn(out.shape, generator=case.gen).to(out.dtype))
+    out.backward(torch.randn(out.shape, generator=case.gen).to(DEV, out.dtype))
     assert torch.isfinite(p).all(), case.where
     for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        sub = R.distill.distill_target(SPEC, case.exact["q"][:, a:b], case.exact["k"][:, a:b], indices=idx[None, a:b])
-        i = idx[None, a:b]
+        sub = R.distill.distill_target(SPEC, case.exact["q"][:, a:b], case.exact["k"][:, a:b],
+                                           indices=idx[None, a:b].cpu())
+        i = idx[None, a:b].cpu()
         want = torch.where(i >= 0, sub.gather(-1, i.long().clamp(min=0)), torch.zeros((), dtype=sub.dtype))
         assert _rel(p[a:b], want[0]) < P_TOL, (s, case.where)
     losses = []
@@ -145,43 +148,44 @@ def test_packed_call(mod):
 
 
 def test_argument_errors(mod, monkeypatch):
-    x = testing.random_case(mod, SPEC, 1, 5, "cpu", 3).inputs
+    x = testing.random_case(mod, SPEC, 1, 5, DEV, 3).inputs
     good = (1, 5, SPEC.heads.kv, SPEC.selection.top_k)
     leaves = _leaves(x)
-    bad = {"shape": torch.empty(1, 5, SPEC.heads.kv, 8), "dtype": torch.empty(good, dtype=torch.float16),
-           "contiguity": torch.empty(good[::-1]).permute(3, 2, 1, 0)}
+    bad = {"shape": torch.empty(1, 5, SPEC.heads.kv, 8, device=DEV),
+           "dtype": torch.empty(good, dtype=torch.float16, device=DEV),
+           "contiguity": torch.empty(good[::-1], device=DEV).permute(3, 2, 1, 0)}
     for what, p in bad.items():
         with pytest.raises(runtime.ArgumentError, match="`distill_p` must be"):
             mod.dsa_attention(**leaves, distill_p=p)
     with torch.no_grad(), pytest.raises(runtime.ArgumentError, match="computes no gradient"):
-        mod.dsa_attention(**leaves, distill_p=torch.empty(good))
+        mod.dsa_attention(**leaves, distill_p=torch.empty(good, device=DEV))
     with pytest.raises(runtime.ArgumentError, match="computes no gradient"):
-        mod.dsa_attention(**x, distill_p=torch.empty(good))          # no input requires grad
+        mod.dsa_attention(**x, distill_p=torch.empty(good, device=DEV))          # no input requires grad
     # A spec whose backward cannot emit p: block selection (no scatter path), NSA (no distillation loss).
     block = specgen.load(load_spec("specs/dsa_block.yaml"))
-    xb = testing.random_case(block, testing.spec_of(block), 1, 5, "cpu", 3).inputs
+    xb = testing.random_case(block, testing.spec_of(block), 1, 5, DEV, 3).inputs
     args = tuple(_leaves(xb)[a.name] for a in block._DESC.args)
     with pytest.raises(runtime.ArgumentError, match="scatter path"):
-        block._ATTENTION.attention(args, distill_p=torch.empty(1, 5, block._DESC.heads_kv, block._DESC.top_k))
+        block._ATTENTION.attention(args, distill_p=torch.empty(1, 5, block._DESC.heads_kv, block._DESC.top_k, device=DEV))
     with pytest.raises(TypeError, match="distill_p"):
         block.dsa_attention(**xb, distill_p=None)
     # distill_loss(p_main=...): the sparse stage's, on given indices, fp32 in their layout.
     idx = mod.dsa_forward(**x, return_indices=True)[1]
     q, k, qi, ki, wi = (x[n] for n in ("q", "k") + IDX)
     with pytest.raises(runtime.ArgumentError, match="`p_main` is the sparse stage's"):
-        mod.distill_loss(q, k, qi, ki, wi, p_main=torch.zeros(good))
+        mod.distill_loss(q, k, qi, ki, wi, p_main=torch.zeros(good, device=DEV))
     with pytest.raises(runtime.ArgumentError, match="p_main"):
-        mod.distill_loss(q, k, qi, ki, wi, indices=idx, p_main=torch.zeros(1, 5, SPEC.heads.kv, 8))
+        mod.distill_loss(q, k, qi, ki, wi, indices=idx, p_main=torch.zeros(1, 5, SPEC.heads.kv, 8, device=DEV))
     with pytest.raises(runtime.ArgumentError, match="p_main"):
-        mod.distill_loss(q, k, qi, ki, wi, indices=idx, p_main=torch.zeros(good, dtype=torch.float16))
+        mod.distill_loss(q, k, qi, ki, wi, indices=idx, p_main=torch.zeros(good, dtype=torch.float16, device=DEV))
 
 
 def test_distill_p_under_torch_compile(mod):
     """Under torch.compile the custom ops carry distill_p (the backward op's mutated argument): one graph, and the
     backward fills p as the eager call does."""
-    case = testing.random_case(mod, SPEC, 1, 9, "cpu", None, "distill_p_compile")
+    case = testing.random_case(mod, SPEC, 1, 9, DEV, None, "distill_p_compile")
     x = case.inputs
-    dout = torch.randn(1, 9, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(mod.DTYPE)
+    dout = torch.randn(1, 9, SPEC.heads.q, SPEC.head_dim.v, generator=case.gen).to(DEV, mod.DTYPE)
     idx = mod.dsa_forward(**x, return_indices=True)[1]
 
     def step(leaves, p):
