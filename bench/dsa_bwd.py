@@ -222,6 +222,9 @@ def time_forms(mod, spec, names, backward_grads, reps: int, fwd_flops: float, pr
         for name in names:
             cfg = variants[name]
             mod.CONFIGS["default"]["selection_scatter"] = dict(cfg)
+            # Cached blocks of other sizes (the shorter length's, the last form's) left at 64k no room for the
+            # 18 GiB fp32 dQ accumulator beside the held inputs and state (2026-12-07, dc0b177): release them first.
+            torch.cuda.empty_cache()
             rec = {"config": cfg}
             try:
                 t0 = time.perf_counter()
@@ -311,6 +314,8 @@ def main(argv=None) -> int:
     rows = []
     for T in args.seqlens:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cuda":
+            torch.cuda.empty_cache()  # the previous length's cached blocks (see time_forms)
         gen = torch.Generator(device=dev).manual_seed(T)
         H, dqk, dv, dt = spec.heads.q, spec.head_dim.qk, spec.head_dim.v, mod.DTYPE
         q = torch.randn(1, T, H, dqk, device=dev, dtype=dt, generator=gen)

@@ -73,7 +73,12 @@
 #   CALL=22 the forward's plan variants at model heads (CALL=3's first piece, never timed), nsa_paper at 64k
 #           (CALL=20's first piece), the GPU tests of chunk_inner and the shared p, V3.2's step (STEP_T, 16k) with the
 #           shared p.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..22 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=23 the GPU-only tests that failed at dc0b177 (persist, whole, the DSA pdl chain) with their tracebacks, then
+#           the scatter forms (chunk_inner) at 64k.
+# Next session, most needed first: 23, 9 (the GPU-only tests left; then SUITE=rest, never run: issue 15), 19 (persist
+# / cw at batch 1, dsa_v32 batch-1 forms, Llama-3 decode at --batches max), 20's 16k / 32k rows (T1=0), 18, 17, 3
+# (T1=0: the packed-batch cost), 6.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..23 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -383,5 +388,18 @@ case ${CALL:-1} in
       --training-step --seqlens ${STEP_T:-16384}  --out "$W/one/results" 2>&1 | grep -v "UserWarning\|^\s*void" \
       | tee -a $W/one/training_step_64k.log | tail -24 ); pack; }
   ;;
-*) echo "CALL must be 1 to 22" >&2; exit 2 ;;
+23)
+  # Next session's first call: the GPU-only tests that failed at dc0b177 with their tracebacks (the persist and whole
+  # decode forms, the DSA pdl chain), then the scatter forms at 64k (their 2026-12-07 run ran out of memory).
+  mkdir -p $W/fix $W/ci
+  piece ${T1:=200} && { ( env_in $W/fix; SPECGEN_INSTAFAIL=1 timeout -k 20 $T1 python -m pytest -v -rfE --tb=short \
+      -p no:cacheprovider "tests/test_decode.py::test_persist_form_realistic_and_in_a_cuda_graph" \
+      "tests/test_decode.py::test_launch_form_realistic_against_the_reference" \
+      "tests/test_decode_forms.py::test_launch_chain_pdl_on_the_dsa_step" 2>&1 \
+      | tee $W/fix/${day}_gpu_tests_decode_failures_${COMMIT}.log | grep -E "PASSED|FAILED|Error|error|assert" | head -40 ); pack; }
+  piece ${T2:=200} && { ( env_in $W/ci; timeout -k 10 $T2 python bench/dsa_bwd.py specs/dsa_v32.yaml \
+      --seqlens 65536 --forms km_ks_k64 km_ks_k64_ci km_ks_k64_cr --reps 2 --no-det \
+      --json "$W/ci/${day}_dsa_bwd_chunk_inner_64k_${COMMIT}.jsonl" 2>&1 | tee $W/ci/dsa_bwd_chunk_inner_64k.log | tail -10 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 23" >&2; exit 2 ;;
 esac
