@@ -159,7 +159,10 @@ def test_training_step_runs_the_user_step_under_the_interpreter():
     for g in step:
         assert g.dtype.is_floating_point and torch.isfinite(g).all() and g.abs().sum() > 0
     # The step with p shared (the backward's distill_p, the loss's p_main): the same gradients up to fp32 rounding.
-    assert len(shared) == len(step) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared, step))
+    # On a GPU the scatter backward's dK/dV and the loss's dk_I are fp32 atomics added in an order that differs from
+    # run to run, so an fp16 element may round to its neighbour (an ulp: at most 2^-10 relative).
+    rtol = 1e-4 if testing.test_device() == "cpu" else 2e-3
+    assert len(shared) == len(step) and all(torch.allclose(a, b, rtol=rtol, atol=1e-6) for a, b in zip(shared, step))
     # ... and the row's own check of it (what the GPU run reports at the bench's size).
     assert row["shared_p_loss_rel_diff"] < 1e-5 and row["shared_p_grad_rel_diff"] < 1e-4, row
     assert row["attention_forward_tflops"] > 0 and row["step_beyond_outputs_and_grads_gib"] < 0.5

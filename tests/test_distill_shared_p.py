@@ -38,8 +38,9 @@ def _poisoned(*shape):
 
 
 def _reference_p(case, idx, q="q", k="k"):
-    """The float64 target at the slots of `idx` [B, T, HKV, top_k] (0 at padding)."""
-    target = R.distill.distill_target(SPEC, case.exact[q], case.exact[k], indices=idx)   # [B, T, HKV, T]
+    """The float64 target at the slots of `idx` [B, T, HKV, top_k] (0 at padding), on the CPU."""
+    # The reference on the inputs' device (idx there too), then both on the CPU for the comparison.
+    target = R.distill.distill_target(SPEC, case.exact[q], case.exact[k], indices=idx).cpu()   # [B, T, HKV, T]
     idx = idx.cpu()
     return torch.where(idx >= 0, target.gather(-1, idx.long().clamp(min=0)), torch.zeros((), dtype=target.dtype))
 
@@ -62,7 +63,12 @@ def test_backward_emits_p_and_distill_from_p(mod):
         out, lse, idx = mod.dsa_attention(**leaves, return_lse=True, return_indices=True, distill_p=buf)
         out.backward(dout)
         grads.append([leaves[n].grad for n in ("q", "k", "v")])
-    assert all(torch.equal(a, b) for a, b in zip(*grads)), "distill_p changed the attention's gradients"
+    for n, a, b in zip(("q", "k", "v"), *grads):
+        if a.is_cuda and n != "q":
+            # dK/dV: the scatter path's fp32 atomics add in an order that differs from run to run on a GPU.
+            assert R.rel_err(a, b) < testing.GRAD_TOL[a.dtype], f"distill_p changed d{n} {case.where}"
+        else:
+            assert torch.equal(a, b), f"distill_p changed the attention's d{n} {case.where}"
     assert (idx < 0).any() and torch.isfinite(p).all(), case.where
     assert bool((p[idx < 0] == 0).all()), f"padding slots not 0 {case.where}"
     assert _rel(p, _reference_p(case, idx)) < P_TOL, case.where
@@ -131,8 +137,9 @@ def test_packed_call(mod):
     out.backward(torch.randn(out.shape, generator=case.gen).to(DEV, out.dtype))
     assert torch.isfinite(p).all(), case.where
     for s, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        # The reference on the inputs' device (the indices there too), then on the CPU for the comparison.
         sub = R.distill.distill_target(SPEC, case.exact["q"][:, a:b], case.exact["k"][:, a:b],
-                                           indices=idx[None, a:b].cpu())
+                                       indices=idx[None, a:b]).cpu()
         i = idx[None, a:b].cpu()
         want = torch.where(i >= 0, sub.gather(-1, i.long().clamp(min=0)), torch.zeros((), dtype=sub.dtype))
         assert _rel(p[a:b], want[0]) < P_TOL, (s, case.where)

@@ -2,7 +2,7 @@
 heads"): a key per query head (spec.unabsorbed), the same target as the absorbed MLA form. The float64 reference
 in both forms, the kernels against it under the CPU interpreter (several strips of the backward's dI workspace,
 unmasked and masked trips, B > 1, packed), the two forms against each other through the kernels, and every shape
-mistake refused before any kernel runs."""
+mistake refused before any kernel runs. On a GPU machine the kernel tests run on CUDA (`testing.test_device()`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import specgen.reference as R
-from specgen import runtime
+from specgen import runtime, testing
 from specgen.compile.footprint import SMEM_BUDGET
 from specgen.compile.render import render_distill_module
 from specgen.compile.render_distill import dot_shapes, make_distill_plan, mha_footprints
@@ -24,6 +24,7 @@ from specgen.testing.varlen import AllocationWatch
 
 IDX = ("q_idx", "k_idx", "w_idx")
 MHA_KERNELS = ("fwd_dense_mha", "di_dense_mha", "dq_dense_mha", "dk_dense_mha")
+DEV = testing.test_device()   # where the kernels run: "cpu" under the interpreter, "cuda" on a GPU machine
 
 
 def mla_spec(name, hq, latent, rope, nope, idx_heads, idx_dim, dtype="fp32", v=16, unabsorbed=True):
@@ -71,10 +72,11 @@ ONE_TILE_STRIPS = dict(SMALL, workspace=1)
 
 
 def unabsorbed_inputs(spec, B, T, seed, dtype=torch.float32):
+    """Drawn on the CPU (the same values on every machine), returned on the kernels' device (DEV)."""
     gen = torch.Generator().manual_seed(seed)
     x = R.make_inputs(spec, B, T, generator=gen)
     q, k = R.make_unabsorbed_qk(spec, B, T, generator=gen)
-    return {"q": q.to(dtype), "k": k.to(dtype), **{n: x[n].to(dtype) for n in IDX}}
+    return {"q": q.to(DEV, dtype), "k": k.to(DEV, dtype), **{n: x[n].to(DEV, dtype) for n in IDX}}
 
 
 def fresh_seed() -> int:
@@ -153,17 +155,18 @@ def absorb(q_nope, q_rope, latent, k_rope, w_uk):
     return unabsorbed, absorbed
 
 
-def absorbed_pair(spec, dims, B, T, seed, dtype=torch.float64):
+def absorbed_pair(spec, dims, B, T, seed, dtype=torch.float64, device="cpu"):
     """Random MLA inputs in both forms (and the indexer's) for a spec of `dims` (mla_spec's): the absorbed q and k
-    computed from the unabsorbed ones in float64, then both rounded to `dtype`. W_UK ~ N(0, 1/latent) keeps the
-    logits O(1)."""
+    computed from the unabsorbed ones in float64, then both rounded to `dtype` (on `device`: DEV for the kernels).
+    W_UK ~ N(0, 1/latent) keeps the logits O(1)."""
     gen = torch.Generator().manual_seed(seed)
     H, n, r, c = spec.heads.q, dims["nope"], dims["rope"], dims["latent"]
     randn = lambda *s, std=1.0: torch.randn(*s, dtype=torch.float64, generator=gen) * std  # noqa: E731
     (qu, ku), (qa, ka) = absorb(randn(B, T, H, n), randn(B, T, H, r), randn(B, T, c), randn(B, T, r),
                                 randn(H, n, c, std=c ** -0.5))
-    idx = {k_: v.to(dtype) for k_, v in R.make_inputs(spec, B, T, generator=gen).items() if k_ in IDX}
-    return {"q": qu.to(dtype), "k": ku.to(dtype), **idx}, {"q": qa.to(dtype), "k": ka.to(dtype), **idx}
+    idx = {k_: v.to(device, dtype) for k_, v in R.make_inputs(spec, B, T, generator=gen).items() if k_ in IDX}
+    return ({"q": qu.to(device, dtype), "k": ku.to(device, dtype), **idx},
+            {"q": qa.to(device, dtype), "k": ka.to(device, dtype), **idx})
 
 
 def test_reference_target_is_the_same_in_both_forms():
@@ -220,7 +223,7 @@ def test_kernels_packed(tmp_path_factory, launched):
     spec = mla_spec("mha_fp32", **TINY)
     module = module_of(spec, tmp_path_factory, **ONE_TILE_STRIPS)
     lengths = [37, 0, 1, 19, 5]
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     seed = fresh_seed()
     x = {n: v[0] for n, v in unabsorbed_inputs(spec, 1, int(cu[-1]), seed).items()}
     seen = launched(module)
@@ -243,7 +246,7 @@ def test_both_forms_give_one_loss(tmp_path_factory, launched):
     absorbed kernels and the unabsorbed ones give the same loss and gradients within fp32 rounding."""
     spec = mla_spec("mha_fp32", **TINY)
     module = module_of(spec, tmp_path_factory, **ONE_TILE_STRIPS)
-    un, ab = absorbed_pair(spec, TINY, 2, 41, seed=fresh_seed(), dtype=torch.float32)
+    un, ab = absorbed_pair(spec, TINY, 2, 41, seed=fresh_seed(), dtype=torch.float32, device=DEV)
     seen = launched(module)
     out = []
     for x in (un, ab):
@@ -297,9 +300,12 @@ def test_shape_errors_name_the_argument_and_both_forms(tmp_path_factory, no_kern
         ((q, k[:, :, :3]), "`k` has shape \\[1, 6, 3, 32\\]"),                  # a head short
         ((q, k[..., :16]), "`k` has shape \\[1, 6, 4, 16\\]"),                  # a dim short
         ((q[..., :16], k), "`q` has shape \\[1, 6, 4, 16\\]"),
-        # an absorbed q beside an unabsorbed k
-        ((torch.zeros(1, 6, 4, 48), k), "`q` has shape \\[1, 6, 4, 48\\], but `k` \\[1, 6, 4, 32\\] is in the "),
-        ((torch.zeros(1, 6, 2, 40), torch.zeros(1, 6, 1, 40)), "`q` has shape \\[1, 6, 2, 40\\]"),
+        # an absorbed q beside an unabsorbed k (made on the kernels' device: the shape error fires, not the device
+        # check a CPU tensor meets on a GPU machine)
+        ((torch.zeros(1, 6, 4, 48, device=DEV), k),
+         "`q` has shape \\[1, 6, 4, 48\\], but `k` \\[1, 6, 4, 32\\] is in the "),
+        ((torch.zeros(1, 6, 2, 40, device=DEV), torch.zeros(1, 6, 1, 40, device=DEV)),
+         "`q` has shape \\[1, 6, 2, 40\\]"),
     ]
     for (qq, kk), message in cases:
         with pytest.raises(runtime.ArgumentError, match=message) as info:
@@ -309,9 +315,9 @@ def test_shape_errors_name_the_argument_and_both_forms(tmp_path_factory, no_kern
     # Packed: the forms are written with the packed rows.
     with pytest.raises(runtime.ArgumentError, match=r"q \[total, 4, 32\] with k \[total, 4, 32\]"):
         module.distill_loss(q[0], k[0, :, :2], *(t[0] for t in idx), stage="dense",
-                            cu_seqlens=torch.tensor([0, 6], dtype=torch.int32), max_seqlen=6)
+                            cu_seqlens=torch.tensor([0, 6], dtype=torch.int32, device=DEV), max_seqlen=6)
     # The sparse stage takes the absorbed form only (explicitly, with indices, or as the spec's default stage).
-    for kw in ({"stage": "sparse"}, {}, {"indices": torch.zeros(1, 6, 1, 8, dtype=torch.int32)}):
+    for kw in ({"stage": "sparse"}, {}, {"indices": torch.zeros(1, 6, 1, 8, dtype=torch.int32, device=DEV)}):
         with pytest.raises(runtime.ArgumentError, match="only the dense stage takes.*stage='dense'"):
             module.distill_loss(q, k, *idx, **kw)
     # Right form, wrong rest: the usual per-tensor checks.

@@ -16,7 +16,8 @@ def test_empty_batch_with_given_indices_backward_block_outer():
     mod = specgen.load(KV)
     inputs, dout = testing._grad_inputs(mod, KV, 1, 9, testing.test_device(), testing.fresh_seed())
     x = {n: v[:0].clone().requires_grad_(n in testing.differentiable_inputs(KV)) for n, v in inputs.items()}
-    out = mod.dsa_attention(**x, indices=torch.zeros((0, 9, 1, 2), dtype=torch.int32))
+    # The given indices on the inputs' device (CUDA on a GPU machine): a CPU tensor would fail the device check.
+    out = mod.dsa_attention(**x, indices=torch.zeros((0, 9, 1, 2), dtype=torch.int32, device=dout.device))
     out.backward(dout[:0])
     assert x["q"].grad.shape == x["q"].shape
 

@@ -316,22 +316,26 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
 @pytest.mark.parametrize("granularity", ["block", "token"])
 def test_speed_plumbing_runs_the_generated_forward_and_backward(tmp_path, monkeypatch, granularity):
     """The GPU timing path, under the interpreter with the timers replaced by one call: the regime's inputs reach the
-    generated forward (out=) and the differentiable entry point (backward), an indexer is fitted first."""
+    generated forward (out=) and the differentiable entry point (backward), an indexer is fitted first. On a GPU
+    machine the same plumbing runs on CUDA (`testing.test_device()`: the kernels refuse CPU inputs there)."""
     import triton
 
+    from specgen import testing
     from specgen.perf import bench
+    from specgen.study import sweep as sweep_mod
     from specgen.study.sweep import measure_speed
 
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: (fn(), 2.0)[1])
+    monkeypatch.setattr(sweep_mod, "_PEAKS", {})   # (CUDA: peaks measured with the fake timer, not kept after)
     sweep = sweep_from_mapping(small_sweep())
     point = next(p for p in expand(sweep) if p.status == "valid"
                  and p.spec.selection.granularity == granularity)
     # T = 16: the plumbing needs a sequence, not a long one (the interpreter runs a program per query, each call
     # twice: the warm-up and the replaced timer).
     row = measure_speed(point.spec, "structured", 16, {"dense": False, "backward": True},
-                        {**sweep.fidelity, "fit_steps": 2}, device="cpu")
+                        {**sweep.fidelity, "fit_steps": 2}, device=testing.test_device())
     assert row["forward_ms"] == 1.0 and row["fwd_bwd_ms"] == 2.0 and row["forward_flops"] > 0
 
 
