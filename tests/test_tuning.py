@@ -68,12 +68,13 @@ def test_bucket_shares_one_tuning_per_power_of_two():
 
 
 def test_autotune_is_off_under_the_interpreter_and_with_the_switch(monkeypatch):
-    assert not runtime.autotune_enabled()  # the CPU tier runs the interpreter
+    monkeypatch.delenv("SPECGEN_AUTOTUNE", raising=False)
+    assert not runtime.autotune_enabled()  # off by default (the CPU tier runs the interpreter; a GPU waits to be asked)
     monkeypatch.setenv("SPECGEN_AUTOTUNE", "0")
     assert not runtime.autotune_enabled()
-    # Opt-in only: even asked for, the interpreter never autotunes (its timings mean nothing).
+    # Opt-in only: even asked for, the interpreter never autotunes (its timings mean nothing); a GPU does.
     monkeypatch.setenv("SPECGEN_AUTOTUNE", "1")
-    assert not runtime.autotune_enabled()
+    assert runtime.autotune_enabled() == (not runtime.interpreting() and torch.cuda.is_available())
 
 
 def _favour_last(calls):
@@ -111,6 +112,9 @@ def test_autotune_fallback_picks_a_candidate_and_keeps_results_exact(name, monke
     calls: list = []
     monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
     monkeypatch.setattr(runtime, "_autotuners", {})
+    # The autotuner keeps its timings in Triton's cache (cache_results): a fresh one, so a rerun on a warm machine
+    # times every candidate again.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
     # Three candidates per kernel keep the interpreter's time small; the default is one of them.
     monkeypatch.setattr(mod, "CANDIDATES", {k: v[:1] + v[-2:] for k, v in mod.CANDIDATES.items()})
     testing.check_backward(mod, spec, 1, 37)
@@ -135,7 +139,7 @@ def test_a_tuned_config_for_the_device_wins_over_autotuning(monkeypatch, tmp_pat
     monkeypatch.setattr(runtime, "AUTOTUNE_BENCH", _favour_last(calls))
     monkeypatch.setattr(runtime, "_autotuners", {})
     pick = {k: v[-1] for k, v in mod.CANDIDATES.items()}
-    monkeypatch.setattr(mod, "CONFIGS", {**mod.CONFIGS, "cpu": pick})  # "cpu": the device name off a GPU
+    monkeypatch.setattr(mod, "CONFIGS", {**mod.CONFIGS, runtime._device_name(): pick})  # "cpu" off a GPU
     testing.check_forward(mod, spec, 1, 37)
     assert not calls and not runtime._autotuners
 
