@@ -4,16 +4,20 @@ one forward, mean of `--calls` forwards) and whole (median of CUDA events over `
 each variant's output, log-sum-exps and selection with the default's, the compiler's registers/spills of the
 kernels the variants change, and cuDNN's dense causal forward of the same shapes (the issue's yardstick).
 
-Variants (any comma-joined set of PLAN_VARIANTS names; sets that do not apply to a spec are skipped):
-  score_masked           the block scorer with every trip masked (the kernel before the unmasked trips: the
-                         in-run baseline of the default's change)
-  score_key32            the scorer's running top-n on int32 keys (the score cut to 31 - index bits)
-  score_km,score_key32   ... and its key-major score tile (the group's heads summed within a thread)
-  sel_forced             the block-outer selection's forced blocks attended per query tile in its merge
-  sel_w4                 the block-outer selection forward on one warpgroup (Gemma-2's 64 x 256 tiles)
+Variants (any comma-joined set of PLAN_VARIANTS names; sets that do not apply to a spec are skipped). Baselines,
+the former defaults (H100 timing of commit dc0b177, docs/forward.md "The variants timed"):
+  score_masked           the block scorer with every trip masked (the kernel before the unmasked trips)
+  sel_unforced           the block-outer selection's forced blocks as work items, every slot merged by the plain
+                         merge (the plan attends them per query tile in its merge)
+  sel_w8                 the block-outer selection forward on two warpgroups at 64 rows x 256 dims (Gemma-2's; the
+                         plan runs one)
   sel_wl_torch           the block-outer work list by one torch sort (the plan's is the Triton counting sort)
-A comma-joined part KERNEL.FIELD=VALUE overrides the module's launch config instead (e.g. select.num_stages=2: the
-scorer's pipeline depth; Gemma-2's 3 stages take 133 KB of shared memory, one program an SM).
+Candidates (not the plan's: score_key32 departs from the exact tie rule, score_km was timed only with it):
+  score_key32            the scorer's running top-n on int32 keys (the score cut to 31 - index bits)
+  score_km               its key-major score tile (the group's heads summed within a thread; untimed alone)
+A comma-joined part KERNEL.FIELD=VALUE overrides the module's launch config instead: select.num_stages=3 is the
+scorer's former pipeline depth on Gemma-2 (the plan's 2 there: 3 stages take 133 KB of shared memory, one program
+an SM), select.num_stages=2 elsewhere a candidate.
 Selections may differ from the default's on near-ties (summation order, the int32 keys' cut): the record says how
 many (query, kv group) rows differ and the output's relative error against the default's.
 
@@ -39,8 +43,8 @@ from specgen.perf.bench import compiler_report, dense_forward_ms, event_median_m
 SPECS = {"llama": "specs/models/model_llama3_8b.yaml", "qwen": "specs/models/model_qwen25_7b.yaml",
          "gemma": "specs/models/model_gemma2_9b.yaml", "mha32": "specs/models/model_mha32_d128.yaml",
          "mha16": "specs/models/model_mha16_d64.yaml"}
-VARIANTS = ["score_masked", "score_key32", "score_km,score_key32", "sel_forced", "score_km,score_key32,sel_forced",
-            "select.num_stages=2", "sel_w4"]
+VARIANTS = ["score_masked", "sel_unforced", "sel_w8", "select.num_stages=3", "sel_unforced,sel_w8,select.num_stages=3",
+            "score_key32", "score_km", "score_km,score_key32", "score_km,score_key32,select.num_stages=2"]
 # The kernels the variants touch (their compiler reports go into the record); every kernel's time is recorded.
 WATCH = ("_select_blocks_kernel", "_selection_kv_attention_kernel", "_selection_kv_merge_kernel",
          "_selection_kv_forced_merge_kernel")

@@ -3,9 +3,10 @@ int64 key; "triton", the counting sort of runtime.worklist) on the GPU at Llama-
 8 kv groups, 16 selected blocks of 64 tokens, the first and two local ones forced; docs/selection_order.md,
 "Work list"), and checks that both give the same list, bit for bit.
 
-For each T: the forward's list (tile = the plan's sel_kv_bq; with --forced also the sel_forced variant's, forced
-slots left out) and the backward's (tile = sel_kv_split, with the per-segment item ranges): median of CUDA events
-per form, the speed-up, whether every output is equal, and the triton form's per-kernel GPU time (torch.profiler).
+For each T: the forward's list (tile = the plan's sel_kv_bq; with --forced also the list with the forced slots left
+out, the plan's forward list since commit dc0b177's timing: plan sel_kv_forced) and the backward's (tile =
+sel_kv_split, with the per-segment item ranges): median of CUDA events per form, the speed-up, whether every
+output is equal, and the triton form's per-kernel GPU time (torch.profiler).
 --packed adds a packed batch of the same total (4 sequences, one empty). --sweep times the triton form's chunk
 and tile sizes (runtime.worklist.CHUNK_ENTRIES x TILE_PROGRAMS). --model times model_llama3_8b's whole forward and
 forward+backward under the plan (triton list) and the sel_wl_torch variant, with their outputs and gradients
@@ -169,7 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 32768, 65536])
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--forced", action="store_true", help="also the sel_forced variant's list (forced slots out)")
+    ap.add_argument("--forced", action="store_true", help="also the list with the forced slots left out")
     ap.add_argument("--packed", action="store_true", help="also a packed batch of the same total")
     ap.add_argument("--sweep", action="store_true", help="the triton form's chunk and tile sizes")
     ap.add_argument("--model", action="store_true", help="model_llama3_8b's forward and fwd+bwd under both forms")

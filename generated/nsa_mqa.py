@@ -39,12 +39,13 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 2, "num_stages": 2, 
     "compression_dkdv": {"block_n": 64, "bt": 1, "key_major": 2, "max_splits": 16, "num_stages": 3,
     "num_warps": 4, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 2, "num_stages": 2,
     "num_warps": 4}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
-    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 8}, "selection": {"block_n": 64,
-    "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 64, "bq": 2, "num_stages": 2,
-    "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 8},
-    "selection_kv_bwd": {"bq": 4, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
-    "bt": 2, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 1, "key_major": 2,
-    "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 4}}}
+    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_stages": 3, "num_warps": 8},
+    "selection": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 64,
+    "bq": 2, "num_stages": 2, "num_warps": 8}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 8}, "selection_kv_bwd": {"bq": 4, "key_major": 0, "num_stages": 1, "num_warps": 8},
+    "window": {"block_n": 64, "bt": 2, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
+    "bt": 1, "key_major": 2, "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 2,
+    "num_stages": 2, "num_warps": 4}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.

@@ -39,13 +39,13 @@ CONFIGS = {"default": {"compression": {"block_n": 64, "bt": 32, "num_stages": 2,
     "compression_dkdv": {"block_n": 64, "bt": 16, "key_major": 2, "max_splits": 16, "num_stages": 3,
     "num_warps": 4, "split": 1024}, "compression_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
     "num_warps": 4}, "pool": {"blocks": 32, "chunks": 32, "num_warps": 4, "tokens": 64},
-    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_warps": 4}, "selection": {"block_n": 16,
-    "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 16, "bq": 32, "num_stages": 2,
-    "num_warps": 4}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2, "num_warps": 4},
-    "selection_kv_bwd": {"bq": 64, "key_major": 0, "num_stages": 1, "num_warps": 8}, "window": {"block_n": 64,
-    "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64, "bt": 16, "key_major": 2,
-    "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32, "num_stages": 2,
-    "num_warps": 4}}}
+    "preprocess": {"num_warps": 4, "rows": 64}, "select": {"num_stages": 3, "num_warps": 4},
+    "selection": {"block_n": 16, "bt": 1, "num_stages": 2, "num_warps": 4}, "selection_dkdv": {"block_n": 16,
+    "bq": 32, "num_stages": 2, "num_warps": 4}, "selection_dq": {"block_n": 64, "bt": 1, "num_stages": 2,
+    "num_warps": 4}, "selection_kv_bwd": {"bq": 64, "key_major": 0, "num_stages": 1, "num_warps": 8},
+    "window": {"block_n": 64, "bt": 32, "num_stages": 2, "num_warps": 4}, "window_dkdv": {"block_n": 64,
+    "bt": 16, "key_major": 2, "num_stages": 3, "num_warps": 4}, "window_dq": {"block_n": 64, "bt": 32,
+    "num_stages": 2, "num_warps": 4}}}
 # Without a tuned config for the GPU the defaults run; with SPECGEN_AUTOTUNE=1, Triton's autotuner picks among these
 # at the first call (pruned by the footprint model when the module was built; timings cached on disk). Per kernel:
 # the config fields, then one row of values per candidate, the default first.
@@ -506,6 +506,130 @@ def _selection_kv_merge_kernel(
         ok_j = row_ok & (w_j > 0.0)
         part_j = (part_index * TOP_K + j) * DV
         o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
+    tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
+    gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
+    cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
+    if SAVE_BRANCH:
+        tl.store(BRANCH_OUT + CHANNEL * branch_stride.to(tl.int64) + cols0, o0.to(BRANCH_OUT.dtype.element_ty), mask=row_ok[:, None])
+    o0 = o0 * gate[:, None]
+    if HAS_PREV:
+        o0 += tl.load(ACC + cols0, mask=row_ok[:, None], other=0.0)
+    if LAST:
+        tl.store(OUT + cols0, o0.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(ACC + cols0, o0, mask=row_ok[:, None])
+
+
+
+@triton.jit
+def _selection_kv_forced_merge_kernel(
+    Q, K, V, PART_O, PART_LSE, IDX, GATES, ACC, OUT, LSE, BRANCH_OUT,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_gb, stride_gt, stride_gh,
+    T, t0, TC, sm_scale, branch_stride,
+    HAS_PREV: tl.constexpr, LAST: tl.constexpr, SAVE_BRANCH: tl.constexpr, WIDEN: tl.constexpr,
+):
+    BT: tl.constexpr = 32
+    GP: tl.constexpr = 2
+    BLOCK_N: tl.constexpr = 16
+    CHANNEL: tl.constexpr = 1
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // HKV).to(tl.int64)  # int64: batch offsets pass 2**31 elements at long T
+    g = pid_bg % HKV
+    t_lo = t0 + pid_t * BT
+    t_end = tl.minimum(t0 + TC, T)
+    t_hi = tl.minimum(t_lo + BT, t_end) - 1
+    rows = tl.arange(0, BT * GP)
+    t = t_lo + rows // GP
+    head = g * GROUP + rows % GP
+    row_ok = (t < t_end) & (rows % GP < GROUP)
+    own = t // UNIT   # the row's own block
+    q_rows = Q + b * stride_qb + t.to(tl.int64) * stride_qt + head * stride_qh
+    q0 = tl.load(q_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=row_ok[:, None], other=0.0)
+    q1 = tl.load(q_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=row_ok[:, None], other=0.0)
+
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+    m_i = tl.full([BT * GP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BT * GP], dtype=tl.float32)
+    acc0 = tl.zeros([BT * GP, 32], dtype=tl.float32)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    # The forced keys: the initial blocks [0, SEL_INITIAL * UNIT), then the local ones from the tile's first row's
+    # oldest (never below the initial blocks); each row keeps the keys s <= t of its own forced blocks.
+    local_lo = tl.maximum(SEL_INITIAL, t_lo // UNIT - SEL_LOCAL + 1) * UNIT
+    hi = tl.minimum(SEL_INITIAL * UNIT, t_hi + 1)
+    for n0 in range(0, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        kb = keys // UNIT
+        forced = (kb < SEL_INITIAL)[None, :] | (kb[None, :] > own[:, None] - SEL_LOCAL)
+        visible = row_ok[:, None] & key_ok[None, :] & forced & (keys[None, :] <= t[:, None])
+        k_rows = k_base + keys.to(tl.int64) * stride_kt
+        s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_rows = v_base + keys.to(tl.int64) * stride_vt
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
+        m_i = m_new
+    hi = t_hi + 1
+    for n0 in range(local_lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < hi
+        kb = keys // UNIT
+        forced = (kb < SEL_INITIAL)[None, :] | (kb[None, :] > own[:, None] - SEL_LOCAL)
+        visible = row_ok[:, None] & key_ok[None, :] & forced & (keys[None, :] <= t[:, None])
+        k_rows = k_base + keys.to(tl.int64) * stride_kt
+        s = tl.zeros([BT * GP, BLOCK_N], dtype=tl.float32)
+        k0 = tl.load(k_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q0, tl.trans(k0), WIDEN)
+        k1 = tl.load(k_rows[:, None] + 32 + tl.arange(0, 16)[None, :], mask=key_ok[:, None], other=0.0)
+        s += _dot(q1, tl.trans(k1), WIDEN)
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_rows = v_base + keys.to(tl.int64) * stride_vt
+        v0 = tl.load(v_rows[:, None] + 0 + tl.arange(0, 32)[None, :], mask=key_ok[:, None], other=0.0)
+        acc0 = acc0 * alpha[:, None] + _pv(p, v0, WIDEN)
+        m_i = m_new
+    # The row's other slots: the block-outer kernel's per-block log-sum-exps (base 2) and normalised outputs.
+    slots = tl.arange(0, TOP_K_PAD)
+    bt = b * T + t
+    unit = tl.load(IDX + (bt * HKV + g)[:, None] * TOP_K + slots[None, :],
+                   mask=row_ok[:, None] & (slots < TOP_K)[None, :], other=-1)
+    scored = (unit >= 0) & (unit >= SEL_INITIAL) & (own[:, None] - unit >= SEL_LOCAL)
+    part_index = (b * TC + (t - t0)) * HQ + head
+    lse_j = tl.load(PART_LSE + part_index[:, None] * TOP_K + slots[None, :], mask=scored, other=float("-inf"))
+    m = tl.maximum(m_i, tl.max(lse_j, axis=1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse_j - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    total = l_i * alpha + tl.sum(w, axis=1)
+    empty = total == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    o0 = acc0 * alpha[:, None]
+    for j in range(0, TOP_K):
+        w_j = tl.sum(tl.where((slots == j)[None, :], w, 0.0), axis=1)
+        ok_j = row_ok & (w_j > 0.0)
+        part_j = (part_index * TOP_K + j) * DV
+        o0 += tl.load(PART_O + part_j[:, None] + 0 + tl.arange(0, 32)[None, :], mask=ok_j[:, None], other=0.0).to(tl.float32) * w_j[:, None]
+    o0 = o0 * inv[:, None]
+    row_index = bt * HQ + head
     tl.store(LSE + row_index * N_BRANCHES + CHANNEL, lse, mask=row_ok)
     gate = tl.load(GATES + b * stride_gb + t * stride_gt + head * stride_gh + CHANNEL, mask=row_ok, other=0.0).to(tl.float32)
     cols0 = row_index[:, None] * DV + 0 + tl.arange(0, 32)[None, :]
@@ -1917,12 +2041,14 @@ def _forward(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, indices=None, o
     kc = f.pool(_pool, k_cmp, 48, NC)
     vc = f.pool(_pool, v_cmp, 32, NC)
     f.attention(_compression_attention_kernel, "compression", kc, vc, NC)
+    scored = indices is None  # forced blocks are in the scorer's selection, not necessarily in given indices
     if indices is None:
         indices = f.new_indices()
         f.select_blocks(_select_blocks_kernel, kc, indices, NC, bt=32,
                         **runtime.launch_config(CONFIGS, "select"))
     f.selection_kv(_selection_kv_attention_kernel, _selection_kv_merge_kernel, k_slc, v_slc, indices, unit=16,
-                   top_k=4, bq=32, warps=4, merge_rows=32, worklist="triton")
+                   top_k=4, bq=32, warps=4, merge_rows=32, worklist="triton",
+                   forced=(_selection_kv_forced_merge_kernel, 1, 1, 4) if scored else None)
     f.attention(_window_attention_kernel, "window", k_win, v_win, T)
     return f.state(indices, kc, vc)
 

@@ -110,9 +110,13 @@ def expected_kernels(spec: Spec) -> set[str]:
     """The @triton.jit functions a generated module must define, and no others."""
     kernels = {"_dot", "_pv"} | {f"_{branch}_attention_kernel" for branch in spec.branches}
     if spec.selection is not None and make_plan(spec).selection_order == "kv":
-        # Block outer (docs/selection_order.md): the block-outer attention and its merge replace the query-outer one.
+        # Block outer (docs/selection_order.md): the block-outer attention and its merge replace the query-outer one;
+        # with forced blocks also the merge that attends them (the plain merge stays for given indices and packed
+        # rows).
         kernels = (kernels - {"_selection_attention_kernel"}) | {"_selection_kv_attention_kernel",
                                                                 "_selection_kv_merge_kernel"}
+        if make_plan(spec).sel_kv_forced:
+            kernels.add("_selection_kv_forced_merge_kernel")
     if "_selection_attention_kernel" in kernels:
         # Its KEY_SPLIT form's P @ V steps (tuning.selection_forward_variants).
         kernels |= {"_p_operand", "_pv_acc"}

@@ -32,6 +32,12 @@ MIN_DOT = 16
 # the footprint model does not see: layout conversions, extra scratch).
 SMEM_LIMIT = 232448
 SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
+# Shared memory of one SM on an H100 (228 KiB), which the programs resident on it share, and what the driver reserves
+# of it for each program (1 KiB): `programs_per_sm`. Registers: 65536 an SM, at most 255 a thread.
+SM_SMEM = 233472
+SMEM_RESERVED = 1024
+SM_REGISTERS = 65536
+MAX_THREAD_REGISTERS = 255
 
 SCRATCH = 1024
 TRITON_DEFAULT_STAGES = 3
@@ -104,6 +110,32 @@ def attention_smem(spec: Spec, rows, keys, stages, gathered: bool):
     return smem_bytes(resident=[tile(rows, dqk, e)], streamed=[] if gathered else kv,
                       gathered=kv if gathered else [], index=[tile(keys, 1, 4)] if gathered else [],
                       computed=[tile(rows, keys, e)], stages=stages)
+
+
+def score_smem(spec: Spec, rows: int, keys: int, stages: int, blocks: int = 0) -> int:
+    """The compression scorer's block-scoring kernel (`_select_blocks_kernel`, kernels/select.j2): the tile's
+    [rows, d_qk] queries resident, [keys, d_qk] pooled-key tiles streamed over `stages`. The overlap-product form
+    ("dot", `blocks` selection blocks a trip) also stages its products' fp32 operands: the probabilities [rows,
+    keys] and the two overlap matrices [keys, blocks]. sm_90 compile (Triton 3.6, bench/compile_offline.py
+    --aligned), 3 / 2 stages, against the model: Gemma-2's tile (64 rows, 64 pooled keys, d 256, bf16, 4 warps)
+    133120 / 100352 B (model 132096 / 99328); Llama-3's (64 rows, d 128) 66560 / 50176 (the same); nsa_paper's (256
+    rows, d 192, 8 warps) 173056 / 148480 (the same); nsa_config_a's and nsa_mqa's (256 rows, d 128, 8 warps)
+    118784 / 102400 (model 115712 / 99328: the head sums' layout scratch is not modelled)."""
+    e, dqk = _elem(spec), spec.head_dim.qk
+    extra = [tile(rows, keys, 4), 2 * tile(keys, blocks, 4)] if blocks else []
+    return smem_bytes(resident=[tile(rows, dqk, e)], streamed=[tile(keys, dqk, e)], computed=extra, stages=stages)
+
+
+def programs_per_sm(smem: int) -> int:
+    """Programs of `smem` bytes of shared memory each that one SM holds at once (SM_SMEM, SMEM_RESERVED a program):
+    the bound shared memory puts on occupancy (registers and warps bound it too: `registers_allow`)."""
+    return SM_SMEM // (smem + SMEM_RESERVED)
+
+
+def registers_allow(programs: int, warps: int) -> bool:
+    """Whether `programs` programs of `warps` warps fit one SM's registers whatever registers a thread takes (at most
+    MAX_THREAD_REGISTERS): two 4-warp programs always do, two 8-warp ones only below 128 registers a thread."""
+    return programs * warps * 32 * MAX_THREAD_REGISTERS <= SM_REGISTERS
 
 
 def distill_qreg_smem(spec: Spec, rows: int, idx_rows: int, keys: int, stages: int, smem_dims: int) -> int:

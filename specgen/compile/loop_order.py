@@ -31,6 +31,14 @@ def selection_bytes(spec: Spec, group: int, bq: int, gp: int) -> dict:
     return {"query": query, "kv": kv}
 
 
+# The block-outer selection forward's fp32 output tile (rows x d_v) that one warpgroup (4 warps) holds: 64 x 256. At
+# 8 warps Triton 3.6 lays the 64-row S = Q K^T tile over both warpgroups and computes it twice (bench/kernel_audit.py's
+# `rep` 2); one warpgroup holds Gemma-2's [64, 256] output at 238 registers, no spills (sm_90). H100, commit dc0b177,
+# T = 65536 (docs/forward.md, "The variants timed"): Gemma-2-9B heads' block-outer kernel 14.84 -> 10.11 ms, the
+# forward 35.57 -> 30.93 ms, the same output bit for bit (variant sel_w8 renders two warpgroups).
+FORWARD_ONE_WARPGROUP = 64 * 256
+
+
 def selection_orders(spec: Spec, g: int, gp: int) -> dict:
     """The selected-block attention's loop order per pass: the spec's (`selection.loop_order`), or (auto) for the
     forward the one that moves fewer bytes, and for the backward the block-outer one wherever it applies: its work
@@ -48,12 +56,24 @@ def selection_orders(spec: Spec, g: int, gp: int) -> dict:
     kw = {"selection_order": forward, "selection_bwd_order": backward, "sel_kv_bytes": model}
     if "kv" in (forward, backward):
         wide = spec.head_dim.qk + spec.head_dim.v > 512
+        out_tile = bq * gp * spec.head_dim.v
         # SPLIT queries per backward work item: up to 256 (several trips of 64 rows reuse the K/V tile and the
         # dK/dV registers), while a block that every query selects still spreads over T / SPLIT programs; short
         # contexts (max_seqlen) have few queries per block and get proportionally shorter items.
+        # The block-outer forward on one warpgroup up to a [64, 256] fp32 output tile (FORWARD_ONE_WARPGROUP), two
+        # above it and for wide heads.
         kw.update(sel_kv_bq=bq, sel_kv_gp=gp, sel_kv_block_n=max(MIN_DOT, next_pow2(sel.block)),
-                  sel_kv_warps=8 if wide or bq * gp * spec.head_dim.v >= 16384 else 4, sel_kv_merge_rows=32,
+                  sel_kv_warps=8 if wide or out_tile > FORWARD_ONE_WARPGROUP else 4, sel_kv_merge_rows=32,
                   sel_kv_split=max(bq, min(256, spec.max_seqlen // 64)))
+        if forward == "kv" and (sel.initial or sel.local):
+            # The forced blocks (the initial and local ones, which the scorer always selects) leave the work list
+            # and the merge attends them per query tile (_selection_kv_forced_merge_kernel; docs/selection_order.md,
+            # "Forced blocks") for a selection the forward's scorer made in batched calls (given indices, packed and
+            # chunked-prefill calls run the plain merge). H100, commit dc0b177, T = 65536 (docs/forward.md):
+            # Llama-3-8B heads' forward 27.50 -> 27.01 ms (block-outer kernel 8.60 -> 7.20, merge 3.53 -> 4.30),
+            # Qwen2.5-7B heads' 25.21 -> 24.76; variant sel_unforced renders the plain merge. On 4 warps, 8 from a
+            # [64, 256] output tile on (Gemma-2's spills 680 B at 4, sm_90) and for wide heads.
+            kw.update(sel_kv_forced=True, sel_kv_forced_warps=8 if wide or out_tile >= FORWARD_ONE_WARPGROUP else 4)
     return kw
 
 

@@ -25,7 +25,7 @@ from .analysis import head_dim_parts
 from .branches import Branch, branches_of
 from .footprint import (DTYPE_BYTES, MIN_DOT, SMEM_BUDGET, SMEM_LIMIT,  # noqa: F401 (re-exported)
                         attention_smem, distill_mha_smem, distill_qreg_smem, dkdv_smem, dq_smem, index_scores_stages,
-                        next_pow2)
+                        next_pow2, programs_per_sm, registers_allow, score_smem)
 from .loop_order import SCATTER_DIM, scatter_applies, scatter_backward, scatter_rows, selection_orders
 from .tuning import candidates_for, default_configs
 from ..model.spec import Spec
@@ -313,6 +313,8 @@ class Plan:
     score_bj: int = 0          # selection blocks per loop trip
     score_bnc: int = 0         # compression blocks per loop trip (= score_bj * chunks per selection block)
     score_overlap: str = ""    # "sums" (weighted group sums) or "dot" (overlap matrix product): see make_plan
+    score_warps: int = 4       # the scorer's launch config `select`: warps (8 from 256 rows) and pipeline stages
+    score_stages: int = 3      # (`score_stages` below)
     # The score tile's form: query-major [BT * GP, BNC] (default) or key-major [BNC, BT * GP] with each column's
     # head bits on the wgmma accumulator's register bits (score_head_bits; position bits score_pos_bits), so the
     # sum over the group's heads needs no shuffles (score_columns; "sums" overlap, 64 rows, 4 warps only).
@@ -356,10 +358,12 @@ class Plan:
     sel_kv_bq: int = 0         # kv order: queries per tile (x sel_kv_gp padded heads = the dot's rows)
     sel_kv_gp: int = 0
     sel_kv_block_n: int = 0    # keys per tile: one selected block, padded to the dot's minimum
-    sel_kv_warps: int = 4
+    sel_kv_warps: int = 4      # the block-outer forward's warps (loop_order.FORWARD_ONE_WARPGROUP)
     sel_kv_merge_rows: int = 0
-    # Forward variant: the forced blocks attended per query tile in the merge (_selection_kv_forced_merge_kernel)
-    # instead of as block-outer work items (docs/selection_order.md, "Forced blocks").
+    # The forced blocks attended per query tile in the merge (_selection_kv_forced_merge_kernel, on
+    # sel_kv_forced_warps) instead of as block-outer work items (docs/selection_order.md, "Forced blocks"): the
+    # plan's wherever the forward is block outer with initial or local blocks, since its H100 timing
+    # (loop_order.selection_orders); only for a selection the forward's scorer made, in batched calls.
     sel_kv_forced: bool = False
     sel_kv_forced_warps: int = 4
     # The kv order's work list form, forward and backward (runtime.selection.WORKLIST_FORMS; docs/selection_order.md,
@@ -625,6 +629,22 @@ def score_columns(bt: int, gp: int) -> tuple[tuple, tuple]:
     return heads, tuple(b for b in range(n) if b not in heads)
 
 
+# The block scorer's pipeline stages: Triton's default, the launch's before it took `num_stages` from its config.
+SCORE_STAGES = 3
+
+
+def score_stages(spec: Spec, rows: int, keys: int, warps: int, blocks: int = 0) -> int:
+    """The block scorer's pipeline stages (`select`'s num_stages): SCORE_STAGES, or 2 where SCORE_STAGES leave one
+    program an SM by shared memory (footprint.score_smem against the SM's: programs_per_sm) and 2 stages leave two,
+    which the registers allow whatever the compiler takes (footprint.registers_allow: 4-warp programs). Gemma-2's
+    64 x 256 key tiles (4 warps): one program an SM at 3 stages (133 KB), two at 2 (100 KB); H100, commit dc0b177 at
+    64k: the scorer 6.44 -> 5.04 ms, the forward 35.57 -> 34.36 ms (docs/forward.md). Every other spec keeps 3:
+    more than one program an SM at 3 stages, or 8-warp programs (256 rows: nsa_paper, nsa_config_a, nsa_mqa) whose
+    registers (184-252 a thread, sm_90) hold one program an SM at any stages; none timed at 2."""
+    at = [programs_per_sm(score_smem(spec, rows, keys, st, blocks)) for st in (SCORE_STAGES, 2)]
+    return 2 if at[0] <= 1 and at[1] >= 2 and registers_allow(2, warps) else SCORE_STAGES
+
+
 def make_plan(spec: Spec) -> Plan:
     g = spec.heads.group_size
     gp = next_pow2(g)
@@ -673,7 +693,11 @@ def make_plan(spec: Spec) -> Plan:
             # matrix, whose fp32-accurate form (tf32x3) costs ~50 registers a thread and three MMAs a product.
             cmp_chunks = spec.compression.block // spec.compression.stride
             overlap = "sums" if cmp_chunks <= r and next_pow2(r) == r else "dot"
-            plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_overlap=overlap)
+            # The scorer's warps: 8 from 256 rows; its stages by the shared memory an SM holds (score_stages).
+            score_warps = 8 if score_bt * gp >= 256 else 4
+            plan_kw.update(score_gp=gp, score_bt=score_bt, score_bj=bj, score_bnc=bj * r, score_overlap=overlap,
+                           score_warps=score_warps, score_stages=score_stages(
+                               spec, score_bt * gp, bj * r, score_warps, 0 if overlap == "sums" else bj))
         else:
             hp = next_pow2(spec.indexer.heads)
             # Score tiles of 128 rows (query positions x indexer heads) by 64 keys, or whole selection blocks.

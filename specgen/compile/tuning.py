@@ -51,8 +51,9 @@ def default_configs(plan) -> dict:
         # (SELECTION_FORWARD_DEFAULT): 1.33-1.38x the replicated form on the H200.
         configs["selection"].update(key_split=1, prefetch=1)
     if spec.selection is not None and spec.selection.scorer == "compression":
-        rows = plan.score_bt * plan.score_gp
-        configs["select"] = {"num_warps": 8 if rows >= 256 else 4}
+        # The block scorer: the plan's warps and pipeline stages (plan.score_stages). A tuning record's entry runs
+        # as written: one without num_stages runs at Triton's 3 (runtime.launches.Forward.select_blocks).
+        configs["select"] = {"num_warps": plan.score_warps, "num_stages": plan.score_stages}
     elif spec.selection is not None:
         configs.update(index_configs(plan))
     # Backward: programs hold fp32 dQ, or dK and dV, tiles in registers: 8 warps once the head dims reach 256.

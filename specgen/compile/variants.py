@@ -2,7 +2,9 @@
 timing says which wins (bench/nsa_forward_variants.py times the forward's, bench/dsa_bwd.py `--variant` the
 backward's; tests check each against the float64 reference). A variant is a name and a function Plan -> Plan (None
 where it does not apply to the spec); `load_variant` renders and imports a module of the spec under the variants'
-plan, named apart from the default's (its own JIT cache entry). Once a variant wins on the GPU, the rule goes into make_plan and leaves this table."""
+plan, named apart from the default's (its own JIT cache entry). Once a variant wins on the GPU, the rule goes into
+make_plan, and the table keeps a variant that renders the former default instead, as the benchmarks' in-run
+baseline (score_masked, sel_unforced, sel_w8, sel_wl_torch)."""
 
 from __future__ import annotations
 
@@ -10,12 +12,13 @@ import dataclasses
 from types import ModuleType
 
 from ..model.spec import Spec, replace as replace_spec
-from .loop_order import scatter_applies, scatter_backward
+from .loop_order import FORWARD_ONE_WARPGROUP, scatter_applies, scatter_backward
 from .plan import Plan, make_plan, scatter_tiles, score_columns
 
 
 def _score_key_major(plan: Plan) -> Plan | None:
-    """The block scorer's key-major score tile (plan.score_key_major): 64 rows, 4 warps, weighted-sum scores."""
+    """The block scorer's key-major score tile (plan.score_key_major): 64 rows, 4 warps, weighted-sum scores. Timed
+    only together with score_key32 (H100, commit dc0b177; docs/forward.md), so not the plan's."""
     if not plan.score_bt or plan.score_overlap != "sums" or plan.score_bt * plan.score_gp != 64:
         return None
     heads, pos = score_columns(plan.score_bt, plan.score_gp)
@@ -24,7 +27,9 @@ def _score_key_major(plan: Plan) -> Plan | None:
 
 def _score_key32(plan: Plan) -> Plan | None:
     """The block scorer's running top-n on int32 keys: the block index in the fewest bits that hold every block of
-    max_seqlen, the score cut to the rest (at least 8 exponent + 10 mantissa bits)."""
+    max_seqlen, the score cut to the rest (at least 8 exponent + 10 mantissa bits). Ties within the cut go to the
+    lower block, which departs from the exact rule (docs/semantics.md): a variant whatever its timing (H100, commit
+    dc0b177: Llama-3-8B heads' forward 27.50 -> 27.02 ms, 5886 rows selecting otherwise; docs/forward.md)."""
     spec = plan.spec
     if not plan.score_bt:
         return None
@@ -34,23 +39,25 @@ def _score_key32(plan: Plan) -> Plan | None:
     return dataclasses.replace(plan, score_index_bits=bits)
 
 
-def _sel_forced(plan: Plan) -> Plan | None:
-    """The block-outer selection's forced blocks attended per query tile in its merge (plan.sel_kv_forced): 4 warps,
-    8 where the tile's output is 64 rows x 256 dims or more (Gemma-2: 4 warps spill at sm_90)."""
-    sel, spec = plan.spec.selection, plan.spec
-    if plan.selection_order != "kv" or not (sel.initial or sel.local):
+def _sel_unforced(plan: Plan) -> Plan | None:
+    """The block-outer selection's forced blocks as work items like every other slot, every slot's partial merged by
+    `_selection_kv_merge_kernel` (plan.sel_kv_forced off): the plan's default before the forced merge's H100 timing
+    (commit dc0b177; loop_order.selection_orders), kept as the benchmarks' baseline. The merge every call with given
+    indices, packed or chunked-prefill rows runs anyway."""
+    if not plan.sel_kv_forced:
         return None
-    warps = 8 if plan.sel_kv_bq * plan.sel_kv_gp * spec.head_dim.v >= 16384 else 4
-    return dataclasses.replace(plan, sel_kv_forced=True, sel_kv_forced_warps=warps)
+    return dataclasses.replace(plan, sel_kv_forced=False)
 
 
-def _sel_w4(plan: Plan) -> Plan | None:
-    """The block-outer selection forward on one warpgroup where the plan gives it two (64 rows x 256 dims: Gemma-2):
-    Triton 3.6 lays the 64-row S = Q K^T tile over both warpgroups and computes it twice; one warpgroup holds the
-    [64, 256] fp32 output at 238 registers, no spills (sm_90), the same 8 warps an SM as 8-warp programs."""
-    if plan.selection_order != "kv" or plan.sel_kv_warps != 8:
+def _sel_w8(plan: Plan) -> Plan | None:
+    """The block-outer selection forward on two warpgroups where the plan gives it one at a [64, 256] output tile
+    (Gemma-2: loop_order.FORWARD_ONE_WARPGROUP): the plan's default before the one-warpgroup H100 timing (commit
+    dc0b177), in which Triton 3.6 computes the 64-row S = Q K^T on both warpgroups; the benchmarks' baseline."""
+    if plan.selection_order != "kv" or plan.sel_kv_warps != 4:
         return None
-    return dataclasses.replace(plan, sel_kv_warps=4)
+    if plan.sel_kv_bq * plan.sel_kv_gp * plan.spec.head_dim.v < FORWARD_ONE_WARPGROUP:
+        return None
+    return dataclasses.replace(plan, sel_kv_warps=8)
 
 
 def _sel_wl_torch(plan: Plan) -> Plan | None:
@@ -85,8 +92,8 @@ PLAN_VARIANTS = {
     "score_masked": _score_masked,
     "score_km": _score_key_major,
     "score_key32": _score_key32,
-    "sel_forced": _sel_forced,
-    "sel_w4": _sel_w4,
+    "sel_unforced": _sel_unforced,
+    "sel_w8": _sel_w8,
     "sel_wl_torch": _sel_wl_torch,
     "bwd_scatter": _bwd_scatter,
 }

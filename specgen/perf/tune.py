@@ -74,7 +74,9 @@ def _descend(kernels: list[str], plan, best: dict, measure, log) -> dict:
             continue
         log(f"  {kind} default {best[kind]}: {current:.3f} ms")
         indexer = kind in ("select", "index_topk") and plan.spec.selection.scorer == "indexer"
-        pool = [{"num_warps": w} for w in (4, 8)] if kind == "select" and not indexer else candidates(plan, kind)
+        # The block scorer: its warps, at the plan's pipeline stages.
+        pool = ([{**plan.tuning.defaults["select"], "num_warps": w} for w in (4, 8)] if kind == "select" and not indexer
+                else candidates(plan, kind))
         for cfg in pool:
             if cfg == best[kind]:
                 continue

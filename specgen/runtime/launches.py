@@ -215,7 +215,7 @@ class Forward:
         normalised outputs; `merge_kernel` combines a row's slots and applies the branch epilogue. Queries go by
         chunks whose partial buffers fit KV_PARTIAL_BYTES (one chunk unless B * T is large).
 
-        `forced` (the plan's sel_kv_forced variant, for a selection the forward's own scorer made, batched calls):
+        `forced` (the plan's sel_kv_forced, for a selection the forward's own scorer made, batched calls):
         (kernel, initial, local, warps): the forced blocks leave the work list and `kernel` attends them per tile of
         `bq` queries before merging the other slots, in place of `merge_kernel`. `worklist`: the work list's form
         (runtime.selection.WORKLIST_FORMS; the plan's sel_kv_worklist), the same list either way."""

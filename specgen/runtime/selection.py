@@ -59,7 +59,7 @@ def kv_order_segments(indices: torch.Tensor, T: int, *, unit: int, tile_queries:
       - per segment, its first item and item count: a segment's items are contiguous (the block-outer backward's
         reduce sums them in item order).
     `skip_forced` = (t0, initial, local): leave out the slots holding forced blocks (`forced_slots`; the forward's
-    sel_kv_forced variant attends them per query tile instead).
+    forced merge, plan sel_kv_forced, attends them per query tile instead).
     `form`: which of WORKLIST_FORMS builds it (the same outputs).
     """
     check_form(form)
