@@ -70,7 +70,7 @@
 #   CALL=20 issue 16's nsa_paper row at 64k (last timed 2026-11-24) and three model specs at 16k / 32k.
 #   CALL=21 a query's head chunks side by side (chunk_inner: V3.2's forward and scatter backward at 16k / 64k), the
 #           dense distillation stage from the unabsorbed heads (bench/distill_unabsorbed_gpu.sh at 32k).
-#   CALL=22 the forward's plan variants at model heads (CALL=3's first piece, never timed), nsa_paper at 64k
+#   CALL=22 the forward's plan variants at model heads (timed at dc0b177; now the defaults and baselines), nsa_paper at 64k
 #           (CALL=20's first piece), the GPU tests of chunk_inner and the shared p, V3.2's step (STEP_T, 16k) with the
 #           shared p.
 #   CALL=23 the GPU-only tests that failed at dc0b177 (persist, whole, the DSA pdl chain) with their tracebacks, then
