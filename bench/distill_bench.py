@@ -50,10 +50,16 @@ VARIANTS = (("legacy", "legacy", None, "base", "base", "base"), ("fused", "fused
             ("fused_qreg", "fused", None, "base", "qreg", "base"),
             ("fused_qreg_k32", "fused", None, "base", "qreg_k32", "base"),
             ("fused_qreg_dq", "fused", None, "base", "qreg", "qreg"),
-            ("fused_unabsorbed", "fused", None, "base", "base", "base"))
+            ("fused_unabsorbed", "fused", None, "base", "base", "base"),
+            ("fused_unabsorbed_w16", "fused", None, "base", "base", "base"),
+            ("fused_unabsorbed_k128_w16", "fused", None, "base", "base", "base"))
 DEFAULT_VARIANTS = ("legacy", "fused", "fused_bw8")
 # Variants whose q and k are the unabsorbed form (a key per query head): the dense stage only.
-UNABSORBED = ("fused_unabsorbed",)
+UNABSORBED = ("fused_unabsorbed", "fused_unabsorbed_w16", "fused_unabsorbed_k128_w16")
+# The unabsorbed forward's other tiles (its launch's `mha` entries; docs/distill.md "The dense stage from the
+# unabsorbed heads"): 16 warps at the plan's 64 keys a trip (no spill in the head loop, sm_90), and 128 keys a trip
+# at 16 warps (2/3 of the L2 reloads a FLOP; 17 spill loads a head trip).
+MHA_TILES = {"fused_unabsorbed_w16": {"warps": 16}, "fused_unabsorbed_k128_w16": {"warps": 16, "bk": 128}}
 
 
 def commit() -> str:
@@ -115,15 +121,17 @@ class _Forms:
 
     def __enter__(self):
         lc = self.launches
-        self.saved = lc.path, dict(lc.bwd_options), lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form
+        self.saved = lc.path, dict(lc.bwd_options), lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form, lc.mha
         _, path, bwd_warps, form, dense_form, dense_dq_form = self.variant
         lc.path, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = path, form, dense_form, dense_dq_form
         lc.bwd_options = {"num_warps": bwd_warps} if bwd_warps else self.saved[1]
+        if self.variant[0] in MHA_TILES and lc.mha:
+            lc.mha = {**lc.mha, **MHA_TILES[self.variant[0]]}
         return self
 
     def __exit__(self, *exc):
         lc = self.launches
-        lc.path, lc.bwd_options, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form = self.saved
+        lc.path, lc.bwd_options, lc.fwd_form, lc.dense_fwd_form, lc.dense_dq_form, lc.mha = self.saved
         return False
 
 

@@ -73,8 +73,8 @@
 #   CALL=22 the forward's plan variants at model heads (timed at dc0b177; now the defaults and baselines), nsa_paper at 64k
 #           (CALL=20's first piece), the GPU tests of chunk_inner and the shared p, V3.2's step (STEP_T, 16k) with the
 #           shared p.
-#   CALL=23 the GPU-only tests that failed at dc0b177 (persist, whole, the DSA pdl chain) with their tracebacks, then
-#           the scatter forms (chunk_inner) at 64k.
+#   CALL=23 the GPU-only tests that failed at dc0b177 (persist, whole, the DSA pdl chain) with their tracebacks, the
+#           scatter forms (chunk_inner) at 64k, the unabsorbed warm-up loss's forward on 16 warps / 128-key trips.
 # Next session, most needed first: 23, 9 (the GPU-only tests left; then SUITE=rest, never run: issue 15), 19 (persist
 # / cw at batch 1, dsa_v32 batch-1 forms, Llama-3 decode at --batches max), 20's 16k / 32k rows (T1=0), 18, 17, 3
 # (T1=0: the packed-batch cost), 6.
@@ -400,6 +400,13 @@ case ${CALL:-1} in
   piece ${T2:=200} && { ( env_in $W/ci; timeout -k 10 $T2 python bench/dsa_bwd.py specs/dsa_v32.yaml \
       --seqlens 65536 --forms km_ks_k64 km_ks_k64_ci km_ks_k64_cr --reps 2 --no-det \
       --json "$W/ci/${day}_dsa_bwd_chunk_inner_64k_${COMMIT}.jsonl" 2>&1 | tee $W/ci/dsa_bwd_chunk_inner_64k.log | tail -10 ); pack; }
+  # The unabsorbed warm-up loss's forward on other tiles (16 warps; 128 keys a trip at 16 warps): checked at T 512,
+  # then timed at 32k beside the plan's (issue 17's warm-up target: <= 2x cuDNN's forward).
+  piece ${T3:=150} && { ( env_in $W/mha; V="fused_unabsorbed fused_unabsorbed_w16 fused_unabsorbed_k128_w16"
+      timeout -k 10 $((T3 / 3)) python bench/distill_bench.py specs/dsa_v32.yaml --variants $V --check-dense 512 \
+        --sparse --dense --no-cudnn --json "$W/mha/${day}_distill_unabsorbed_tiles_${COMMIT}.jsonl" 2>&1 | tail -6
+      timeout -k 10 $((T3 * 2 / 3)) python bench/distill_bench.py specs/dsa_v32.yaml --variants $V --sparse \
+        --dense 32768 --reps 3 --json "$W/mha/${day}_distill_unabsorbed_tiles_${COMMIT}.jsonl" 2>&1 | tail -6 ); pack; }
   ;;
 *) echo "CALL must be 1 to 23" >&2; exit 2 ;;
 esac

@@ -4887,7 +4887,7 @@ _DISTILL_LAUNCHES = runtime.distill.Launches(
     fused={"bk": 32, "num_warps": 8, "bwd_warps": 4}, path="fused",
     fwd_form="km_pf", dense_fwd_form="qreg",
     dense_forms={"qreg": {"BK": 64, "STAGES": 2, "QSMEM": 8}, "qreg_k32": {"BK": 32, "STAGES": 3, "QSMEM": 8}}, dense_dq_form="qreg",
-    mha={"qk": 192, "bq": 128, "kb": 256, "bt": 1, "dk_bs": 64, "warps": 8, "idx_warps": 4, "idx_stages": 3, "workspace": 536870912})
+    mha={"qk": 192, "bq": 128, "bk": 64, "stages": 2, "kb": 256, "bt": 1, "dk_bs": 64, "warps": 8, "idx_warps": 4, "idx_stages": 3, "workspace": 536870912})
 
 
 # Custom ops specgen_<name>_<hash>_<tiles>::distill_fwd / ::distill_bwd (<tiles>: a digest of the tile plan, so

@@ -241,6 +241,19 @@ def test_kernels_at_v32_head_dims(tmp_path_factory):
     assert_matches_reference(spec, module, unabsorbed_inputs(spec, 1, 21, seed), True, f"seed={seed}")
 
 
+def test_forward_tile_set_at_launch(tmp_path_factory, monkeypatch):
+    """The forward's key tile, stages and warps as the launch's `mha` entries (what bench/distill_bench.py's
+    fused_unabsorbed_* variants set): 32 keys a trip where the module's kernel defaults to 16, on 8 warps, against
+    the float64 reference (T = 45: one full trip and a masked one per tile of 32 rows)."""
+    spec = mla_spec("mha_fp32", **TINY)
+    module = module_of(spec, tmp_path_factory, **SMALL)
+    launches = module._DISTILL_LAUNCHES
+    assert launches._mha_fwd_tile(launches.mha) == {"BK": SMALL["bk"], "STAGES": launches.mha["stages"]}
+    monkeypatch.setattr(launches, "mha", {**launches.mha, "bk": 32, "stages": 1, "warps": 8})
+    seed = fresh_seed()
+    assert_matches_reference(spec, module, unabsorbed_inputs(spec, 1, 45, seed), True, f"seed={seed}")
+
+
 def test_both_forms_give_one_loss(tmp_path_factory, launched):
     """Absorbed q, k built from unabsorbed ones (q_abs = [q_nope W_UK, q_rope], k_abs = [latent, k_rope]): the
     absorbed kernels and the unabsorbed ones give the same loss and gradients within fp32 rounding."""

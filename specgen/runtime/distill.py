@@ -196,7 +196,8 @@ class Launches:
             tiles, tables, varlen = grid(m["bq"], T)
             kern["fwd_dense_mha"][tiles + (B * hkv,)](
                 q, k, q_idx, k_idx, w_idx, row_kl, lse, lse_out, row_kl, stats, p_sel, *tables, *strides, T,
-                *self.scales, HAS_LSE=lse_main is not None, WIDEN=self.widen, num_warps=m["warps"], **varlen)
+                *self.scales, HAS_LSE=lse_main is not None, WIDEN=self.widen, num_warps=m["warps"],
+                **self._mha_fwd_tile(m), **varlen)
         elif indices is None:
             tiles, tables, varlen = grid(self.bt, T)
             name, form = "fwd_dense", {}
@@ -289,6 +290,13 @@ class Launches:
                 T, *self.scales, **meta, **varlen)
             self._dk_sparse(indices, layout, grid, q_idx, k_idx, w_idx, di_sel, gscale, dk_idx, strides, T, meta)
         return dq_idx, dk_idx, dw_idx
+
+    @staticmethod
+    def _mha_fwd_tile(m: dict) -> dict:
+        """The unabsorbed forward's key tile and stages as launch arguments (the kernel's defaults are the plan's;
+        a module built before they were in its descriptor passes none): a benchmark can set them, and `warps`,
+        in `mha` to time other tiles (bench/distill_bench.py's fused_unabsorbed_* variants)."""
+        return {k: m[n] for k, n in (("BK", "bk"), ("STAGES", "stages")) if n in m}
 
     def _backward_mha(self, q, k, q_idx, k_idx, w_idx, lse, stats, gscale, dq_idx, dk_idx, dw_idx, strides, layout,
                       grid, max_seqlen):
