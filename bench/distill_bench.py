@@ -37,6 +37,7 @@ import specgen
 from specgen import reference
 from specgen.model.spec import load_spec
 from specgen.perf.bench import event_median_ms as _event_median_ms
+from specgen.perf import bench_train
 from specgen.perf.bench_train import dense_baseline_shapes, differentiable_names
 
 IDX = ("q_idx", "k_idx", "w_idx")
@@ -145,17 +146,10 @@ def _applies(variant, stage: str) -> bool:
 
 
 def unabsorbed_main(mod, spec, T: int, x: dict, lse: bool = True) -> dict:
-    """q and k in the spec's unabsorbed form (random, seeded by T) and, with `lse`, their lse_main (from the loss's
-    own lse pass, as the dense attention would return it): the main inputs of the unabsorbed variants."""
+    """The unabsorbed variants' main inputs (perf.bench_train.unabsorbed_main, seeded by T + 2)."""
     if spec.unabsorbed is None:
         raise SystemExit(f"variant fused_unabsorbed: spec {spec.name} has no `unabsorbed` head dims")
-    gen = torch.Generator(DEVICE).manual_seed(T + 2)
-    q, k = reference.make_unabsorbed_qk(spec, 1, T, dtype=mod.DTYPE, device=DEVICE, generator=gen)
-    out = {"q": q, "k": k, "lse_main": None}
-    if lse:
-        with torch.no_grad():
-            out["lse_main"] = mod._distill_fwd(q, k, *(x[n] for n in IDX), None, None, None, 0)[2]
-    return out
+    return bench_train.unabsorbed_main(spec, mod, tuple(x[n] for n in IDX), T, DEVICE, seed=T + 2, lse=lse)
 
 
 def run(mod, spec, stage: str, T: int, reps: int, out, base: dict, variants=DEFAULT_VARIANTS,

@@ -173,7 +173,8 @@ def test_argument_errors(mod, monkeypatch):
     xb = testing.random_case(block, testing.spec_of(block), 1, 5, DEV, 3).inputs
     args = tuple(_leaves(xb)[a.name] for a in block._DESC.args)
     with pytest.raises(runtime.ArgumentError, match="scatter path"):
-        block._ATTENTION.attention(args, distill_p=torch.empty(1, 5, block._DESC.heads_kv, block._DESC.top_k, device=DEV))
+        block._ATTENTION.attention(args, distill_p=torch.empty(1, 5, block._DESC.heads_kv, block._DESC.top_k,
+                                                               device=DEV))
     with pytest.raises(TypeError, match="distill_p"):
         block.dsa_attention(**xb, distill_p=None)
     # distill_loss(p_main=...): the sparse stage's, on given indices, fp32 in their layout.

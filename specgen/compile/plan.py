@@ -196,19 +196,20 @@ class MhaTiles:
     and the key side (`_distill_dk_dense_mha_kernel`: dk_bs keys a program, idx_bt positions a trip; dk_I summed in
     fp32 over the strips in order: no atomics), both on idx_warps warps and idx_stages pipeline stages: the query
     side cannot hold dq_I for bq positions x every indexer head, which per-head keys need to be worth loading."""
+    # (The values: mha_tiles, from the MHA_* constants.)
     qk: int
     parts: tuple
-    bq: int = 128
-    bk: int = 64
-    kb: int = 256
-    warps: int = 8
-    stages: int = 2
-    workspace: int = 1 << 29
-    idx_bt: int = 1
-    dq_bs: int = 64
-    dk_bs: int = 64
-    idx_warps: int = 4
-    idx_stages: int = 3
+    bq: int
+    bk: int
+    kb: int
+    warps: int
+    stages: int
+    workspace: int
+    idx_bt: int
+    dq_bs: int
+    dk_bs: int
+    idx_warps: int
+    idx_stages: int
 
 
 @dataclass(frozen=True)

@@ -170,18 +170,27 @@ def _step_row(spec: Spec, module, attention, T: int, *, dense_distill_max: int, 
     return row
 
 
-def _unabsorbed_dense_times(spec: Spec, module, idx_in: dict, T: int, device: str, timer) -> dict:
-    """The warm-up stage's loss from q and k in the spec's unabsorbed form (random, [1, T, Hq, unabsorbed.qk]
-    each): forward and forward + backward with lse_main given, as a training step has it from its dense attention
-    (here from the loss's own lse pass, once, untimed)."""
-    gen = torch.Generator(device=device).manual_seed(T + 1)
+def unabsorbed_main(spec: Spec, module, idx: tuple, T: int, device: str, seed: int, lse: bool = True) -> dict:
+    """The warm-up stage's main inputs in the spec's unabsorbed form: random q and k ([1, T, Hq, unabsorbed.qk]
+    each, seeded by `seed`) and, with `lse`, their lse_main as the dense attention would return it (from the loss's
+    own lse pass over the indexer inputs `idx` = (q_idx, k_idx, w_idx), untimed), else None."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     q, k = reference.make_unabsorbed_qk(spec, 1, T, dtype=module.DTYPE, device=device, generator=gen)
+    lse_main = None
+    if lse:
+        with torch.no_grad():
+            lse_main = module._distill_fwd(q, k, *(x.detach() for x in idx), None, None, None, 0)[2]
+    return {"q": q, "k": k, "lse_main": lse_main}
+
+
+def _unabsorbed_dense_times(spec: Spec, module, idx_in: dict, T: int, device: str, timer) -> dict:
+    """The warm-up stage's loss from q and k in the spec's unabsorbed form (unabsorbed_main): forward and forward +
+    backward with lse_main given, as a training step has it from its dense attention."""
     trained = tuple(idx_in.values())
-    with torch.no_grad():
-        lse = module._distill_fwd(q, k, *(x.detach() for x in trained), None, None, None, 0)[2]
+    main = unabsorbed_main(spec, module, trained, T, device, seed=T + 1)
 
     def loss():
-        return module.distill_loss(q, k, *trained, stage="dense", lse_main=lse)
+        return module.distill_loss(main["q"], main["k"], *trained, stage="dense", lse_main=main["lse_main"])
 
     def forward():
         with torch.no_grad():

@@ -195,8 +195,9 @@ class Forward:
 
         if self.varlen is None:
             launch(kernel, name, self.configs, self.candidates,
-                   lambda cfg: chunk_grid(cfg, _cdiv(T, cfg["bt"]), self.B * d.heads_kv, head_chunks), args(self._no_tables),
-                   dict(meta, VARLEN=False), T=T, restore=("ACC",) if not first and not last else ())
+                   lambda cfg: chunk_grid(cfg, _cdiv(T, cfg["bt"]), self.B * d.heads_kv, head_chunks),
+                   args(self._no_tables), dict(meta, VARLEN=False), T=T,
+                   restore=("ACC",) if not first and not last else ())
             return
         # Packed: the tuned (or default) config, whose query tile sizes the tile table (no autotuning here: the
         # table depends on the tile).
