@@ -129,8 +129,8 @@ CHUNKED = replace(load_spec("specs/dsa_small.yaml"), name="dsa_fwdvar_chunks", d
 
 def test_selection_forward_chunks_side_by_side(monkeypatch):
     """`chunk_inner` (V3.2's ks_pf_ci: a query's head chunks neighbours on axis 0 of the grid, so the keys both
-    gather are still in L2 for the second): the launch's grid, and the output, log-sum-exps and selection equal to
-    the default launch's bit for bit (each program computes what it did, in another launch order) and right against
+    gather are still in L2 for the second): the launch's grid, and the output and log-sum-exps equal to the default
+    launch's bit for bit (each program computes what it did, in another launch order) and right against
     the float64 reference, batched (the batch and kv group still on axis 1)."""
     v32 = selection_forward_variants(make_plan(load_spec("specs/dsa_v32.yaml")))
     assert v32["ks_pf_ci"] == {**v32["ks_pf"], "chunk_inner": 1}
@@ -141,7 +141,7 @@ def test_selection_forward_chunks_side_by_side(monkeypatch):
 
     def spy(kernel, grid, args, meta, cfg):
         if kernel.fn.__name__ == "_selection_attention_kernel":
-            grids.append((tuple(grid), meta.get("CHUNK_INNER", cfg.get("chunk_inner", 0))))
+            grids.append((tuple(grid), cfg.get("chunk_inner", 0)))  # (a config field, not a launch meta)
         return real(kernel, grid, args, meta, cfg)
 
     monkeypatch.setattr(runtime, "launch_with", spy)
