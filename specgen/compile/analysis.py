@@ -29,12 +29,14 @@ Importing this module imports sympy; only the generator uses it, generated kerne
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
 from sympy import Max, Min, Mod, ceiling, floor
 
 from ..model.spec import Spec
+from .branches import NAMES as BRANCH_NAMES
 
 T = sympy.Symbol("T", positive=True, integer=True)
 
@@ -169,22 +171,123 @@ def _selection_is_exact(spec: Spec) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Each attention branch's analysis, declared once
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CostContext:
+    """What every branch's forward cost shares, worked out once per spec by `analyse`."""
+    e: int  # bytes per element of q, k, v and the output
+    hkv: int
+    dkv: int  # K/V row width in memory: with MLA, V is the first dv dims of K
+    attn: int  # FLOPs per (query, key) pair over all query heads: QK^T and PV
+    q_bytes: sympy.Expr
+    out_bytes: sympy.Expr
+    lse_bytes: sympy.Expr
+    branch_out: sympy.Expr  # the branch's own output kept for the gate mix (0 when ungated)
+    uses_indexer: bool  # the indexer, not this branch, writes the selection's indices
+    keys: dict[str, sympy.Expr]  # attended_keys(spec)
+
+
+@dataclass(frozen=True)
+class BranchModel:
+    """One branch's cost model. `cost` returns the branch's BranchCost and what a naive implementation would
+    materialise on top of its intermediates (score matrices); `decode_tokens` is the K/V rows one decode step reads
+    at context T (times the row width gives its bytes)."""
+    keys: Callable[[Spec], sympy.Expr]
+    cost: Callable[[Spec, CostContext], tuple[BranchCost, sympy.Expr]]
+    decode_tokens: Callable[[Spec], sympy.Expr]
+
+
+def _compression_cost(spec: Spec, c: CostContext) -> tuple[BranchCost, sympy.Expr]:
+    cmp_ = spec.compression
+    dqk, dv = spec.head_dim.qk, spec.head_dim.v
+    l, d = cmp_.block, cmp_.stride
+    nc = n_compressed(T, l, d)
+    pooled = nc * c.hkv * c.dkv * c.e
+    if cmp_.pool == "mean":
+        # each pooled value is l multiply-adds by 1/l
+        pool_flops = 2 * l * nc * c.hkv * c.dkv
+        weights = sympy.Integer(0)
+    else:
+        # [l·D] -> [D] per block, K and V separately (V is part of K under MLA); the position embedding's
+        # l·D adds per block are negligible and not counted
+        sq = dqk * dqk if spec.mla else dqk * dqk + dv * dv
+        pool_flops = 2 * l * nc * c.hkv * sq
+        weights = c.hkv * l * sq * c.e
+    cost = BranchCost(
+        "compression",
+        flops=c.attn * c.keys["compression"] + pool_flops,
+        # raw K/V read to pool, pooled K/V written then read, q read, output and lse written
+        bytes=T * c.hkv * c.dkv * c.e + weights + 2 * pooled + c.q_bytes + c.out_bytes + c.lse_bytes,
+        intermediates=pooled + c.lse_bytes + c.branch_out,
+    )
+    return cost, T * spec.heads.q * nc * FP32  # [T, Hq, Nc] compression probabilities
+
+
+def _selection_cost(spec: Spec, c: CostContext) -> tuple[BranchCost, sympy.Expr]:
+    k, lp = spec.selection.top_k, spec.selection.block
+    attended = c.keys["selection"]
+    indices = T * c.hkv * k * INT32
+    own_indices = sympy.Integer(0) if c.uses_indexer else indices  # else the indexer owns them
+    cost = BranchCost(
+        "selection",
+        flops=c.attn * attended,
+        # the K/V gather per (query, kv group); q read; indices written (by the scorer) unless the indexer
+        # did, and read; output and lse written
+        bytes=attended * c.hkv * c.dkv * c.e + c.q_bytes + own_indices + indices + c.out_bytes + c.lse_bytes,
+        intermediates=own_indices + c.lse_bytes + c.branch_out,
+    )
+    # The indexer's T×T scores are counted with the indexer; a compression-scored selection has [T, Hkv, T/l'].
+    naive = sympy.Integer(0) if c.uses_indexer else T * c.hkv * ceiling(T / lp) * FP32
+    return cost, naive
+
+
+def _window_cost(spec: Spec, c: CostContext) -> tuple[BranchCost, sympy.Expr]:
+    cost = BranchCost(
+        "window",
+        flops=c.attn * c.keys["window"],
+        bytes=T * c.hkv * c.dkv * c.e + c.q_bytes + c.out_bytes + c.lse_bytes,
+        intermediates=c.lse_bytes + c.branch_out,
+    )
+    return cost, sympy.Integer(0)
+
+
+MODELS: dict[str, BranchModel] = {
+    "compression": BranchModel(
+        keys=lambda s: _sum_compression_keys(T, s.compression.block, s.compression.stride),
+        cost=_compression_cost,
+        decode_tokens=lambda s: n_compressed(T, s.compression.block, s.compression.stride),
+    ),
+    "selection": BranchModel(
+        keys=lambda s: _sum_selection_tokens(T, s.selection.top_k, s.selection.block, _selection_is_exact(s)),
+        cost=_selection_cost,
+        # the one query of the step sits at position T − 1
+        decode_tokens=lambda s: _selection_tokens(T - 1, s.selection.top_k, s.selection.block,
+                                                  _selection_is_exact(s)),
+    ),
+    "window": BranchModel(
+        keys=lambda s: _sum_window_keys(T, s.window.size),
+        cost=_window_cost,
+        decode_tokens=lambda s: Min(s.window.size, T),
+    ),
+}
+# A branch declared in branches.py but not here would be silently left out of every cost: fail at import instead.
+assert MODELS.keys() == set(BRANCH_NAMES), "; ".join(
+    [f"add a BranchModel (keys, cost, decode_tokens) to MODELS in specgen/compile/analysis.py for {n!r}"
+     for n in BRANCH_NAMES if n not in MODELS]
+    + [f"MODELS in specgen/compile/analysis.py has {n!r}, which branches.NAMES does not declare"
+       for n in MODELS if n not in BRANCH_NAMES])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The analysis
 # ---------------------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
 def attended_keys(spec: Spec) -> dict[str, sympy.Expr]:
     """Σ over queries t < T of the keys each attention branch attends (per query head; pooled keys for compression)."""
-    out = {}
-    for name in spec.branches:
-        if name == "compression":
-            out[name] = _sum_compression_keys(T, spec.compression.block, spec.compression.stride)
-        elif name == "selection":
-            sel = spec.selection
-            out[name] = _sum_selection_tokens(T, sel.top_k, sel.block, _selection_is_exact(spec))
-        elif name == "window":
-            out[name] = _sum_window_keys(T, spec.window.size)
-    return out
+    return {name: MODELS[name].keys(spec) for name in spec.branches}
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,9 +304,8 @@ def analyse(spec: Spec) -> Analysis:
     # Gated NSA keeps each branch's output for the gate mix (and the gate gradient); DSA's one output is the result.
     branch_out = out_bytes if spec.gated else sympy.Integer(0)
 
-    sel, cmp_, idx = spec.selection, spec.compression, spec.indexer
+    sel, idx = spec.selection, spec.indexer
     uses_indexer = sel is not None and sel.scorer == "indexer" and "selection" in spec.branches
-    keys = attended_keys(spec)
     costs: list[BranchCost] = []
     naive_extra = sympy.Integer(0)
 
@@ -220,51 +322,12 @@ def analyse(spec: Spec) -> Analysis:
         ))
         naive_extra += hkv * T * T * FP32  # the T×T index scores per kv group (the TileLang example writes them)
 
+    ctx = CostContext(e=e, hkv=hkv, dkv=dkv, attn=attn, q_bytes=q_bytes, out_bytes=out_bytes, lse_bytes=lse_bytes,
+                      branch_out=branch_out, uses_indexer=uses_indexer, keys=attended_keys(spec))
     for name in spec.branches:
-        if name == "compression":
-            l, d = cmp_.block, cmp_.stride
-            nc = n_compressed(T, l, d)
-            pooled = nc * hkv * dkv * e
-            if cmp_.pool == "mean":
-                # each pooled value is l multiply-adds by 1/l
-                pool_flops = 2 * l * nc * hkv * dkv
-                weights = sympy.Integer(0)
-            else:
-                # [l·D] -> [D] per block, K and V separately (V is part of K under MLA); the position embedding's
-                # l·D adds per block are negligible and not counted
-                sq = dqk * dqk if spec.mla else dqk * dqk + dv * dv
-                pool_flops = 2 * l * nc * hkv * sq
-                weights = hkv * l * sq * e
-            costs.append(BranchCost(
-                "compression",
-                flops=attn * keys[name] + pool_flops,
-                # raw K/V read to pool, pooled K/V written then read, q read, output and lse written
-                bytes=T * hkv * dkv * e + weights + 2 * pooled + q_bytes + out_bytes + lse_bytes,
-                intermediates=pooled + lse_bytes + branch_out,
-            ))
-            naive_extra += T * hq * nc * FP32  # [T, Hq, Nc] compression probabilities
-        elif name == "selection":
-            k, lp = sel.top_k, sel.block
-            attended = keys[name]
-            indices = T * hkv * k * INT32
-            own_indices = sympy.Integer(0) if uses_indexer else indices  # else the indexer owns them
-            costs.append(BranchCost(
-                "selection",
-                flops=attn * attended,
-                # the K/V gather per (query, kv group); q read; indices written (by the scorer) unless the indexer
-                # did, and read; output and lse written
-                bytes=attended * hkv * dkv * e + q_bytes + own_indices + indices + out_bytes + lse_bytes,
-                intermediates=own_indices + lse_bytes + branch_out,
-            ))
-            if not uses_indexer:
-                naive_extra += T * hkv * ceiling(T / lp) * FP32  # [T, Hkv, T/l'] block scores
-        elif name == "window":
-            costs.append(BranchCost(
-                "window",
-                flops=attn * keys[name],
-                bytes=T * hkv * dkv * e + q_bytes + out_bytes + lse_bytes,
-                intermediates=lse_bytes + branch_out,
-            ))
+        cost, naive = MODELS[name].cost(spec, ctx)
+        costs.append(cost)
+        naive_extra += naive
 
     dense = BranchCost(
         "dense",
@@ -291,17 +354,11 @@ def _decode_exprs(spec: Spec) -> tuple[tuple[str, sympy.Expr], ...]:
     e = DTYPE_BYTES[spec.dtype]
     hkv = spec.heads.kv
     row = hkv * (spec.head_dim.qk if spec.mla else spec.head_dim.qk + spec.head_dim.v) * e
-    sel, cmp_, win, idx = spec.selection, spec.compression, spec.window, spec.indexer
+    sel, idx = spec.selection, spec.indexer
     out = []
     if sel is not None and sel.scorer == "indexer" and "selection" in spec.branches:
         out.append(("indexer", T * hkv * idx.head_dim * INDEXER_DTYPE_BYTES[idx.dtype]))
-    for name in spec.branches:
-        if name == "compression":
-            out.append((name, n_compressed(T, cmp_.block, cmp_.stride) * row))
-        elif name == "selection":
-            out.append((name, _selection_tokens(T - 1, sel.top_k, sel.block, _selection_is_exact(spec)) * row))
-        elif name == "window":
-            out.append((name, Min(win.size, T) * row))
+    out += [(name, MODELS[name].decode_tokens(spec) * row) for name in spec.branches]
     out.append(("dense", T * row))
     return tuple(out)
 
