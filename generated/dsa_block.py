@@ -1375,14 +1375,14 @@ def _decode_combine_kernel(
     _decode_combine_tile(
         O_0, L_0, NS_0,
         GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, rows < ROWS, cols, tl.program_id(1) == 0,
-        BR=BR, BD=BD, SB=SB)
+        BR=BR, BD=BD, SB=SB, CG="")
 
 
 @triton.jit
 def _decode_combine_tile(
     O_0, L_0, NS_0,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr = "",
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr,
 ):
     """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
     masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's

@@ -1570,7 +1570,7 @@ def _decode_whole_kernel(
             O_S, L_S, 1,
             O_W, L_W, 1,
             GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, d0 + tl.arange(0, BD),
-            (rows >= 0) & (d0 == 0), BR=QLP * GP, BD=BD, SB=1)
+            (rows >= 0) & (d0 == 0), BR=QLP * GP, BD=BD, SB=1, CG="")
 
 
 
@@ -1726,7 +1726,7 @@ def _decode_combine_kernel(
         O_1, L_1, NS_1,
         O_2, L_2, NS_2,
         GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, rows < ROWS, cols, tl.program_id(1) == 0,
-        BR=BR, BD=BD, SB=SB)
+        BR=BR, BD=BD, SB=SB, CG="")
 
 
 @triton.jit
@@ -1735,7 +1735,7 @@ def _decode_combine_tile(
     O_1, L_1, NS_1,  # selection: partials [splits, ROWS, DV], [splits, ROWS]
     O_2, L_2, NS_2,  # window: partials [splits, ROWS, DV], [splits, ROWS]
     GATES, stride_gb, stride_gt, stride_gh, OUT, LSE_OUT, ROWS, QL, rows, row_ok, cols, lse_cols,
-    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr = "",
+    BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, CG: tl.constexpr,
 ):
     """`_decode_combine_kernel`'s tile: BR rows `rows` ((b * QL + qi) * HQ + h of the ROWS = B * QL * HQ rows,
     masked by row_ok; the whole launch form's program passes its own) x BD value columns `cols`: each branch's

@@ -151,6 +151,13 @@ def test_generated_module_is_valid_python_with_the_expected_kernels(name):
     assert expected_kernels(spec) <= {name for name, jit in functions.items() if jit}
     assert forward - expected_kernels(spec) == set(), forward - expected_kernels(spec)
     assert expected_host_functions(spec) <= {name for name, jit in functions.items() if not jit}
+    # A jit helper's default that a caller omits reaches Triton's compiler as is, and it wraps only numbers, bools
+    # and dtypes as constexprs: a str default ("" for a cache modifier) fails to compile on a GPU
+    # ("'str' object has no attribute 'type'") though the interpreter runs it. Callers pass such values.
+    str_defaults = [f"{n.name}({a.arg})" for n in tree.body if isinstance(n, ast.FunctionDef) and _is_triton_jit(n)
+                    for a, dv in zip(n.args.args[len(n.args.args) - len(n.args.defaults):], n.args.defaults)
+                    if isinstance(dv, ast.Constant) and isinstance(dv.value, str)]
+    assert not str_defaults, f"jit parameters with a str default (pass them at every call): {str_defaults}"
     assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     assert {"SPEC_NAME", "SPEC_HASH", "SPEC", "DTYPE", "WIDEN", "HQ", "HKV", "GROUP", "DQK", "DV"} <= assigned
     imported = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
