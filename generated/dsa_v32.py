@@ -13,7 +13,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(25, "dsa_v32")
+runtime.require_schema(26, "dsa_v32")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

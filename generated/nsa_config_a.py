@@ -14,7 +14,7 @@ import torch
 # Before triton: without a GPU it turns Triton's CPU interpreter on, which must happen before triton is imported.
 from specgen import runtime  # isort: skip
 
-runtime.require_schema(25, "nsa_config_a")
+runtime.require_schema(26, "nsa_config_a")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -44,8 +44,10 @@ __version__ = "0.1.0"
 # (DecodeDescriptor.persist_kernel, a keyword a module of 24 passes and an older runtime rejects;
 # runtime.decode_persist; the NSA cache's persist_counters) and `_decode_combine_tile`'s CG constexpr; 25: the
 # attention backward's `distill_p` (the scatter and dq kernels' P_OUT / P_CHUNK / STORE_P, `_backward`'s keyword,
-# the custom ops' last argument) and the distillation's `fwd_sparse_from_p` kernel and the one-pass backward's DI_SEL.
-RUNTIME_SCHEMA = 25
+# the custom ops' last argument) and the distillation's `fwd_sparse_from_p` kernel and the one-pass backward's DI_SEL;
+# 26: the backward custom op's `distill_p` a required tensor (empty where none: runtime.autograd.no_p), so the op's
+# name changes with its schema for torch.compile's on-disk caches; generated modules unchanged beyond the number.
+RUNTIME_SCHEMA = 26
 
 
 def _interpreter_without_gpu_devices() -> None:

@@ -19,13 +19,23 @@ from .varlen import is_packed_call, native_indices, pack, pad_indices, unpad_res
 _P = inspect.Parameter
 
 
-def _signature(names, extra, returns: int) -> inspect.Signature:
+def _signature(names, extra, returns: int, writes_p: bool = False) -> inspect.Signature:
     """A signature torch.library reads the op schema from: Tensor arguments `names`, then `extra` (name, type), then
-    `distill_p`, an optional tensor defaulting to None (the entry point's; the backward op writes it)."""
+    `distill_p`: the forward's an optional tensor defaulting to None (read by neither forward), the backward's
+    (`writes_p`, the op's one mutated argument) a required tensor, empty where the call has none (`no_p`).
+    A mutated argument must not be optional: torch 2.11's functionalisation drops a trailing argument equal to its
+    default before the ADInplaceOrView step indexes the mutated ones (IndexError under torch.compile)."""
     params = [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor) for n in names]
     params += [_P(n, _P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in extra]
-    params.append(_P("distill_p", _P.POSITIONAL_OR_KEYWORD, annotation=Optional[torch.Tensor], default=None))
+    params.append(_P("distill_p", _P.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor) if writes_p else
+                  _P("distill_p", _P.POSITIONAL_OR_KEYWORD, annotation=Optional[torch.Tensor], default=None))
     return inspect.Signature(params, return_annotation=tuple[(torch.Tensor,) * returns])
+
+
+def no_p(like: torch.Tensor) -> torch.Tensor:
+    """The backward op's `distill_p` where the call gave none: an empty fp32 tensor on `like`'s device, which the
+    op's body reads as None (as it reads a given one with no rows: there is nothing to fill)."""
+    return like.new_empty((0,), dtype=torch.float32)
 
 
 def autocast_input(x, dtype):
@@ -137,7 +147,7 @@ class Attention:
 
     def backward_rule(self, ctx, d_out, *unused):
         def bwd(*saved):
-            return self.bwd_op(*saved, ctx.distill_p)
+            return self.bwd_op(*saved, no_p(d_out) if ctx.distill_p is None else ctx.distill_p)
         return self.backward_grads(ctx, d_out, bwd) + (None,)
 
     def op_setup_context(self, ctx, inputs, output):
@@ -181,8 +191,8 @@ class Attention:
             pass
         desc = self.desc
 
-        # Each op's last argument is distill_p (None by default, and absent when a call leaves it out: the bodies
-        # get the arguments as passed): read by neither forward, written by the backward.
+        # Each op's last argument is distill_p: the forward's None by default (absent when a call leaves it out: the
+        # body gets the arguments as passed) and read by none, the backward's required and written (`_signature`).
         bwd_names = ("dout",) + desc.diff_args + ("lse", "indices", "branch_out", "kc", "vc")
         packed = (("cu_seqlens", Optional[torch.Tensor]), ("max_seqlen", int))
         n_fwd, n_bwd = self.n_args + 4, len(bwd_names) + len(packed)
@@ -192,11 +202,11 @@ class Attention:
 
         def bwd_impl(*inputs):
             inputs, p = _split_p(inputs, n_bwd)
-            return self.bwd_impl(*inputs, distill_p=p)
+            return self.bwd_impl(*inputs, distill_p=None if p is None or p.numel() == 0 else p)
 
         fwd_impl.__signature__ = _signature(
             desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)) + packed, 6)
-        bwd_impl.__signature__ = _signature(bwd_names, packed, len(desc.diff_args))
+        bwd_impl.__signature__ = _signature(bwd_names, packed, len(desc.diff_args), writes_p=True)
         fwd = torch.library.custom_op(f"specgen::{self.op_name}_fwd", fwd_impl, mutates_args=())
         fwd.register_fake(lambda *inputs: self.fwd_fake(*_split_p(inputs, n_fwd)[0]))
         bwd = torch.library.custom_op(f"specgen::{self.op_name}_bwd", bwd_impl, mutates_args=("distill_p",))
@@ -310,7 +320,10 @@ class Attention:
 
     def function_backward(self, ctx, d_out):
         """`<FAMILY>Function.backward`: gradients of its inputs (the tensor arguments, then indices)."""
-        grads = (self.bwd_op if compiling() else self.bwd_impl)(d_out, *ctx.saved_tensors, None, 0)
+        if compiling():
+            grads = self.bwd_op(d_out, *ctx.saved_tensors, None, 0, no_p(d_out))
+        else:
+            grads = self.bwd_impl(d_out, *ctx.saved_tensors, None, 0)
         return self.grads_by_input(grads)[:self.n_args + 1]
 
 
