@@ -75,10 +75,16 @@
 #           shared p.
 #   CALL=23 the GPU-only tests that failed at dc0b177 (persist, whole, the DSA pdl chain) with their tracebacks, the
 #           scatter forms (chunk_inner) at 64k, the unabsorbed warm-up loss's forward on 16 warps / 128-key trips.
-# Next session, most needed first: 23, 9 (the GPU-only tests left; then SUITE=rest, never run: issue 15), 19 (persist
-# / cw at batch 1, dsa_v32 batch-1 forms, Llama-3 decode at --batches max), 20's 16k / 32k rows (T1=0), 18, 17, 3
-# (T1=0: the packed-batch cost), 6.
-# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..23 bash bench/queue_gpu.sh   (T1.. re-split a call)
+#   CALL=24 after the fixes of 2026-12-08 (the decode epilogue's str default, torch 2.11's custom-op indexing, the
+#           interpreter left on by an in-process sweep, the tests' GPU-invalid tiles): the rest phase's failures again
+#           (`CALL=9 SUITE=rest` reads the committed 2026-12-08 log and reruns only what did not pass), then the persist
+#           decode form against cw at 128k x 1 (its 2026-12-08 piece brought nothing back in 110 s: one seqlen now, a
+#           longer cap), then dsa_v32's top-k forms at batch 64 beside batch 1 (fold_list_s64 won at batch 1: 67 against
+#           81 us; the batch-64 side decides whether it becomes a batch rule), then the d64 MHA's decode at its largest
+#           batch with the launch forms (7.4x, 1.52x its floor, where the other model specs reach 1.03-1.12x).
+# Next session, most needed first: 24, then 9 SUITE=rest until 0 left (issue 15), 14 (the model matrix at 64k on
+# today's defaults), 20 with T1=0 and the MHA specs (16k / 32k), 18, 3 (T1=0: the packed-batch cost), 6.
+# Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..24 bash bench/queue_gpu.sh   (T1.. re-split a call)
 set -uo pipefail
 FINAL=${OUT:-/tmp/out}
 day=$(date -u +%Y-%m-%d)  # the file names' date (CALL=9 names logs outside env_in, which sets it too)
@@ -408,5 +414,19 @@ case ${CALL:-1} in
       timeout -k 10 $((T3 * 2 / 3)) python bench/distill_bench.py specs/dsa_v32.yaml --variants $V --sparse \
         --dense 32768 --reps 3 --json "$W/mha/${day}_distill_unabsorbed_tiles_${COMMIT}.jsonl" 2>&1 | tail -6 ); pack; }
   ;;
-*) echo "CALL must be 1 to 23" >&2; exit 2 ;;
+24)
+  # The first call of the next session (see the header): the rest phase's failures of 2026-12-08, then decode timings.
+  piece ${T1:=300} && { SUITE=rest T1=$T1 WORKERS=${WORKERS:-12} CALL=9 bash "$0" 2>&1 | tail -14; }
+  mkdir -p $W/one
+  piece ${T2:=150} && { ( env_in $W/one; timeout -k 20 $T2 python -m specgen.cli bench specs/nsa_paper.yaml --decode \
+      --batches 1 --seqlens 131072 --decode-forms cw persist persist+cs32 --out "$W/one/results" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once\|^nsa_paper {" | tee -a "$W/one/persist_bench.log" | tail -10 ); pack; }
+  piece ${T3:=80} && { ( env_in $W/one; timeout -k 20 $T3 python -m specgen.cli bench specs/dsa_v32.yaml --decode \
+      --batches 64 1 --seqlens 65536 --decode-forms plan ks_pf_k32+wide_w8+fold_list_s64 --out "$W/one/results" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" | tee -a "$W/one/dsa_topk_b64.log" | tail -10 ); pack; }
+  piece ${T4:=60} && { ( env_in $W/one; timeout -k 20 $T4 python -m specgen.cli bench specs/models/model_mha16_d64.yaml \
+      --decode --batches max --seqlens 65536 --decode-forms auto split cw --out "$W/one/results" 2>&1 \
+      | grep -v "UserWarning\|return sdpa\|_warn_once\|^model_mha16_d64 {" | tee -a "$W/one/mha16_decode.log" | tail -10 ); pack; }
+  ;;
+*) echo "CALL must be 1 to 24" >&2; exit 2 ;;
 esac
