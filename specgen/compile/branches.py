@@ -4,7 +4,9 @@ through `kernel_names`) read this table instead of spelling the branch list out;
 validated against the same names (specgen.model.spec.BRANCHES).
 
 Which keys a query sees is the branch's visibility rule, one Jinja macro (`sees` in templates/kernels/common.j2)
-shared by the forward, backward and decode kernels.
+shared by the forward, backward and decode kernels. The templates see this table as `branch_of` (a global of the
+Jinja environment, templating.environment) and test what a branch is, `branch_of[kind].pooled` / `.gathered` /
+`.windowed`, never its name; names appear there only as data (kernel names, config keys, gate channels).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ class Branch:
     short: str             # suffix of the branch's own k/v inputs under `kv: independent` (k_cmp, v_cmp)
     pooled: bool = False   # attends over the pooled compression keys/values (kc, vc; NC of them per sequence)
     gathered: bool = False  # attends over the keys the selection lists for each query (IDX), not a key range
+    # Attends over the last `window.size` tokens up to the query (t - w < s <= t): a key range that moves with the
+    # query, so its kernels bound the key loop by the window and its dK/dV by the queries s + w reaches. A flag of
+    # its own (not "neither pooled nor gathered") so that a template asks for the window by what it is.
+    windowed: bool = False
 
     @property
     def attention_kernel(self) -> str:
@@ -47,8 +53,10 @@ class Branch:
 
 # In launch order: the pooled keys and the compression branch's log-sum-exp feed the selection's scorer.
 BRANCHES = (Branch("compression", "cmp", pooled=True), Branch("selection", "slc", gathered=True),
-            Branch("window", "win"))
+            Branch("window", "win", windowed=True))
 BY_NAME = {b.name: b for b in BRANCHES}
+# The templates' per-branch code is an if / elif over these flags: each branch is exactly one kind of key set.
+assert all(b.pooled + b.gathered + b.windowed == 1 for b in BRANCHES), "a branch is pooled, gathered or windowed"
 NAMES = tuple(b.name for b in BRANCHES)
 assert set(NAMES) == set(SPEC_BRANCHES), "a branch the spec accepts must be declared here (and the reverse)"
 # The call contract names each branch's own k/v inputs (k_cmp, v_slc, ...) with the same suffixes.

@@ -11,6 +11,7 @@ import jinja2
 
 from .. import __version__
 from ..model.spec import Spec
+from .branches import BY_NAME as BRANCH_OF
 
 # Package data: shipped in the wheel, so a non-editable install renders too.
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -94,6 +95,9 @@ def environment() -> jinja2.Environment:
     env.filters["pystr"] = pystr
     env.filters["pytext"] = pytext
     env.filters["pyliteral"] = pyliteral
+    # The branch registry by name, for every template and the macros they import (which see globals, not the
+    # render's context): a template tests what a branch is, `branch_of[kind].gathered`, not which one it is.
+    env.globals["branch_of"] = BRANCH_OF
     return env
 
 
