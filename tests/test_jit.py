@@ -125,6 +125,43 @@ def test_concurrent_first_calls_build_once(tmp_path, monkeypatch):
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_each_interpreter_mode_gets_its_own_module_from_one_cache_folder(monkeypatch):
+    """Triton decorates a module's kernels for its CPU interpreter or not as TRITON_INTERPRET is when the module is
+    imported: a module imported under one mode is never handed to a caller in the other. Same files on disk. Under
+    TRITON_INTERPRET=0 the module is only imported (decorating needs no GPU), never called."""
+    monkeypatch.setattr(jit, "_loaded", {})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # first: a first import registers the spec's custom ops
+    interpreted = jit.load(SPEC)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    compiled = jit.load(SPEC)
+    assert compiled is not interpreted and compiled.__name__ != interpreted.__name__
+    assert type(compiled._dot).__name__ == "JITFunction"
+    assert type(interpreted._dot).__name__ == "InterpretedFunction"
+    assert jit.load(SPEC) is compiled
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert jit.load(SPEC) is interpreted
+    assert compiled.__file__ == interpreted.__file__
+    assert Path(compiled.__file__).parent == jit.cache_folder(jit.cache_key(load_spec(SPEC), SPEC))
+
+
+def test_a_module_that_turns_the_interpreter_on_as_it_imports_is_filed_under_that_mode(monkeypatch):
+    """specgen.runtime's first import sets TRITON_INTERPRET=1 where it is unset and no GPU is visible, before the
+    module imports triton: the module is interpreted, and is cached and named as such."""
+    monkeypatch.setattr(jit, "_loaded", {})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    real = jit.import_path
+
+    def runtime_turns_it_on(path, name):
+        os.environ["TRITON_INTERPRET"] = "1"        # monkeypatch restores the variable (deleted above)
+        return real(path, name)
+
+    monkeypatch.setattr(jit, "import_path", runtime_turns_it_on)
+    module = jit.load(SPEC)
+    assert module.__name__.endswith("_interp") and type(module._dot).__name__ == "InterpretedFunction"
+    assert list(jit._loaded) == [jit.cache_key(load_spec(SPEC), SPEC) + "_interp"]
+    assert module.__name__.removesuffix("_interp") not in sys.modules
+
+
 def test_a_partial_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     """A folder holding only the lock (a build killed before its renames) is a miss, not a broken hit."""
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path))

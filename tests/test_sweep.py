@@ -435,6 +435,32 @@ def test_a_dead_workers_tasks_are_rerun_and_a_task_that_always_kills_it_is_recor
     assert (tmp_path / "once.died").exists() and any("restarting the pool" in line for line in lines)
 
 
+@pytest.mark.parametrize("before", [None, "0"])
+def test_an_in_process_run_sets_the_interpreter_for_its_duration_only(monkeypatch, before):
+    """jobs=1 runs the tasks in the calling process, under init_worker's settings (TRITON_INTERPRET=1 on a CPU
+    unless set); afterwards the variable is as it was. Left set, every module the process imported later was
+    decorated for Triton's interpreter (on a GPU machine: ~80 later tests of one pytest worker failed)."""
+    import os
+
+    from specgen.study.sweep import _run_local
+
+    if before is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", before)
+    seen = []
+    _run_local(lambda item: os.environ.get("TRITON_INTERPRET"), [1, 2], 1, "cpu", seen.append)
+    assert seen == [before or "1"] * 2
+    assert os.environ.get("TRITON_INTERPRET") == before
+
+    def fails(item):
+        raise ValueError("task failed")
+
+    with pytest.raises(ValueError, match="task failed"):
+        _run_local(fails, [1], 1, "cpu", seen.append)
+    assert os.environ.get("TRITON_INTERPRET") == before
+
+
 def test_sweep_on_two_cpu_workers_measures_tiny_points(tmp_path, monkeypatch):
     """The sweep's own process pool (spawned workers building and measuring) with 2 CPU workers on tiny points."""
     monkeypatch.setenv("SPECGEN_CACHE", str(tmp_path / "cache"))

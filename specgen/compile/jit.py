@@ -23,7 +23,7 @@ from .files import build_error
 from .records import load_records, records_hash
 from ..model.spec import Spec, load_spec, validated
 
-_loaded: dict[str, ModuleType] = {}
+_loaded: dict[str, ModuleType] = {}   # by cache key and interpreter mode (see interpreter_mode)
 
 # What decides a generated module's bytes besides the spec and its record: the templates and every module of the
 # compile layer and the spec model (a list of chosen modules went stale once: loop_order and variants were missing).
@@ -68,6 +68,21 @@ def cache_key(spec: Spec, spec_path: Path | None, plan=None) -> str:
     if plan is not None:
         key += "_p" + hashlib.sha256(repr(plan).encode()).hexdigest()[:12]
     return key
+
+
+# The values of TRITON_INTERPRET that Triton (3.6, triton.knobs' env_bool) reads as on, in any case. Read here as
+# Triton reads it, not through specgen.runtime.interpreting(): the compile layer imports only the spec model, and
+# what matters is how Triton decorates (interpreting() also counts "2" or "off" as on).
+_TRITON_ON = ("1", "true", "yes", "on", "y")
+
+
+def interpreter_mode() -> str:
+    """"_interp" where Triton would decorate a module imported now for its CPU interpreter, else "". Triton reads
+    TRITON_INTERPRET at each @triton.jit, so a module's kernels are interpreted or compiled as the variable was when
+    the module was imported, and stay so. The in-process cache and the module's name carry the mode: a module
+    imported under the interpreter is never handed to a caller running without it, nor the reverse (a sweep's
+    in-process run sets the interpreter for its duration). The files on disk are the same either way."""
+    return "_interp" if os.environ.get("TRITON_INTERPRET", "").lower() in _TRITON_ON else ""
 
 
 def import_path(path: Path, name: str) -> ModuleType:
@@ -115,8 +130,9 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
     else:
         spec = validated(spec)  # exactly as a file is validated: a Spec built in Python skipped those checks
     key = cache_key(spec, spec_path, plan)
-    if key in _loaded:
-        return _loaded[key]
+    mode = interpreter_mode()
+    if key + mode in _loaded:
+        return _loaded[key + mode]
     folder = cache_folder(key)
     # A build renames its files into place only once all are written, so an existing module is a whole one.
     module_path = folder / f"{spec.name}.py"
@@ -130,6 +146,15 @@ def load(spec: Spec | str | os.PathLike, spec_path: str | os.PathLike | None = N
         with _build_lock(folder):
             if not module_path.is_file():  # another process may have built it while this one waited
                 module_path = render.build(spec, folder, spec_path=spec_path, plan=plan).module
-    module = import_path(module_path, f"specgen_generated.{key}")
-    _loaded[key] = module
+    module = import_path(module_path, f"specgen_generated.{key}{mode}")
+    if interpreter_mode() != mode:
+        # The module's import turned the interpreter on before it imported triton (specgen.runtime's first import,
+        # no visible GPU, TRITON_INTERPRET unset): its kernels are interpreted. Imported again under that mode's
+        # name, so that the other mode's name and cache entry never hold it (its custom ops are reused by name).
+        sys.modules.pop(f"specgen_generated.{key}{mode}", None)
+        mode = interpreter_mode()
+        if key + mode in _loaded:
+            return _loaded[key + mode]
+        module = import_path(module_path, f"specgen_generated.{key}{mode}")
+    _loaded[key + mode] = module
     return module

@@ -13,6 +13,7 @@ a Markdown report and plots. docs/sweeps.md describes the file format and the me
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
@@ -594,6 +595,28 @@ def init_worker(device: str, gpu_queue=None, threads: int | None = None, started
             sys.modules["torch"].set_num_threads(threads)
 
 
+# What init_worker may set in a process's environment.
+_WORKER_ENV = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _worker_env_here(device: str):
+    """init_worker's settings in the calling process, for one in-process run only (`_run_local` with jobs <= 1),
+    then the environment as it was. A pool worker keeps them for its life, but the calling process goes on: a
+    TRITON_INTERPRET=1 left behind would have every generated module it imports later decorated for Triton's CPU
+    interpreter (Triton reads the variable at each @triton.jit), on a GPU too."""
+    saved = {name: os.environ.get(name) for name in _WORKER_ENV}
+    try:
+        init_worker(device, None, None)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def gpu_identity() -> dict:
     """Which GPU this process measures on: its physical index as CUDA_VISIBLE_DEVICES gives it (a pinned pool worker
     or a Ray task sees exactly one; otherwise the current device's entry of the list, or the CUDA ordinal when the
@@ -872,9 +895,9 @@ def _run_local(fn, items: list, jobs: int, device: str, on_result: Callable[[Any
     task charged more than `retries` times is given up: on_result(on_lost(item, reason)), or a RuntimeError
     without on_lost."""
     if jobs <= 1:
-        init_worker(device, None, None)
-        for item in items:
-            on_result(fn(item))
+        with _worker_env_here(device):
+            for item in items:
+                on_result(fn(item))
         return
     import functools
     import multiprocessing as mp
