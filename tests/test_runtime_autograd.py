@@ -478,3 +478,24 @@ def test_given_indices_are_copied_only_by_the_custom_op():
     given.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_the_eager_backward_gets_no_zeros_for_the_outputs_nobody_differentiates(monkeypatch):
+    """The forward's other outputs (lse, branch_out, kc, vc) reach the eager backward as None: autograd fills no
+    zero tensors for them (a fill of branch_out's size per backward on the GPU), and the gradients are unchanged."""
+    seen = []
+    original = ATTN.eager.backward
+
+    def spy(ctx, d_out, *unused):
+        seen.append(unused)
+        return original(ctx, d_out, *unused)
+
+    monkeypatch.setattr(ATTN.eager, "backward", staticmethod(spy))
+    x = inputs(requires_grad=True)
+    out = ATTN.attention(x)
+    (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
+    assert len(seen) == 1 and len(seen[0]) == 5 and all(g is None for g in seen[0]), seen
+    q, k, v, w = (t.detach() for t in inputs())
+    dout = torch.arange(q.numel(), dtype=torch.float32).view(q.shape)
+    for t, want in zip(x[:3], fake_backward(dout, q, k, v, None, None, None, None, None)):
+        assert torch.equal(t.grad, want)

@@ -172,6 +172,9 @@ class Attention:
             @staticmethod
             def setup_context(ctx, inputs, output):
                 impl.op_setup_context(ctx, inputs, output)
+                # Outputs the caller does not differentiate (lse, branch_out, kc, vc) reach the backward as None,
+                # not as zeros autograd would fill for them (branch_out: ~0.13 ms of Llama-3's backward at 16k).
+                ctx.set_materialize_grads(False)
 
             @staticmethod
             def backward(ctx, d_out, *unused):
@@ -316,10 +319,14 @@ class Attention:
         ctx.save_for_backward(*(args[i] for i in self.desc.diff_positions), lse, idx,
                               self._branch_outputs(out, branch_out, True), kc, vc)
         ctx.mark_non_differentiable(lse, idx)
+        if not compiling():  # lse's gradient arrives as None, not filled with zeros (see `_eager_function`)
+            ctx.set_materialize_grads(False)
         return out, lse, idx
 
     def function_backward(self, ctx, d_out):
         """`<FAMILY>Function.backward`: gradients of its inputs (the tensor arguments, then indices)."""
+        if d_out is None:  # the caller differentiated lse alone (non-differentiable): nothing flows back
+            return (None,) * (self.n_args + 1)
         if compiling():
             grads = self.bwd_op(d_out, *ctx.saved_tensors, None, 0, no_p(d_out))
         else:
