@@ -16,6 +16,7 @@ from specgen.reference._core import top_units
 from specgen.model.spec import load_spec, replace
 from specgen.testing import test_device
 from specgen.testing.decode import check_decode
+from specgen.compile.plan import MIN_DOT
 from specgen.compile.test_shapes import decode_prompts
 from small_specs import small_token_spec
 
@@ -420,6 +421,21 @@ PARTIALS = {  # variant: (spec changes, compression tile): NSB = tile / (l'/d) s
 }
 
 
+def gpu_compression_tile(tile: int, gpu_tile: int | None = None, why: str = "") -> int:
+    """The compression tile a decode test runs on the test device: `tile` under the interpreter; on a GPU, where
+    it is below MIN_DOT, `gpu_tile` (None: the test is skipped there, `why` saying what a tile of 16 would lose).
+    Compiled for a GPU, tl.dot refuses a reduced dimension below 16 (MIN_DOT; Triton's NVIDIA backend,
+    min_dot_size: "Input shapes should have ... K >= 16"), and the compression kernel's P V and partial-sum
+    products reduce over the tile's keys; the interpreter has no minimum. The plan never picks such a tile
+    (plan._decode_plan: 64 keys; decode_step.CMP_FORMS: 32 or 64)."""
+    if test_device() == "cpu" or tile >= MIN_DOT:
+        return tile
+    if gpu_tile is None:
+        pytest.skip(f"compression tiles of {tile} keys: a GPU's tl.dot needs at least {MIN_DOT} along the tile's "
+                    f"keys (the plan never picks fewer than 32); {why}; the CPU run (the interpreter) checks it")
+    return gpu_tile
+
+
 def partials_case(variant: str, T: int = 200, lengths=(7, 150, 200)):
     """Inputs of the partials path's top-n built from integer group probabilities (exact in fp32, ties frequent):
     per tile and head, sums scaled by 2^-ref with integer refs, each head's lse exactly 0 (one split at 0, the
@@ -539,8 +555,16 @@ def test_topn_chunked_forms_match_the_reference_exactly_with_ties(variant, form,
 def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeypatch):
     """The compression kernel's partial sums (its tile-to-selection-block map, the spill into the next tiles,
     per-tile refs across splits) against the logits path on the same cache: the same blocks and the same output,
-    with compression tiles small enough that a step walks many of them (ragged lengths, q_len 2, 3 splits)."""
+    with compression tiles small enough that a step walks many of them (ragged lengths, q_len 2, 3 splits). On a
+    GPU paper_ratios runs tiles of 16 (NSB 4, spill 1: three tiles a step, the spill still crossing into the next
+    tile); spill_2_back_2 is the interpreter's only (at 16 keys a tile holds 8 blocks: the spill of 2 reaches one
+    tile back, not two)."""
     changes, tile = PARTIALS[variant]
+    if variant == "paper_ratios":
+        tile = gpu_compression_tile(tile, MIN_DOT)
+    else:
+        tile = gpu_compression_tile(tile, None, "a tile of 16 holds 8 of its selection blocks: the spill of 2 "
+                                                "reaches one tile back, not two")
     spec = small(f"selpart_{variant}", **{"selection.top_k": 5, "selection.local": 2, **changes})
     mod = specgen.load(spec)
     gen = torch.Generator().manual_seed(3)
@@ -555,6 +579,8 @@ def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeyp
                     for n, w in mod.CACHE_TENSORS.items()})
     q = (torch.randn(B, QL, hq, spec.head_dim.qk, generator=gen) * 2).to(dev, mod.DTYPE)
     gates = torch.rand(B, QL, hq, len(spec.branches), generator=gen).to(dev, mod.DTYPE)
+    ncv = (T - spec.compression.block) // spec.compression.stride + 1
+    assert -(-ncv // tile) >= 3 and mod._DECODE.overlap_spill >= 1, "fewer than 3 tiles a step, or no spill"
     got = {}
     for scoring in ("logits", "partials"):
         # (the split launch form for both: "auto", the plan's, runs the whole form's one split on the partials path)
@@ -568,10 +594,12 @@ def test_partials_and_logits_paths_select_alike_over_many_tiles(variant, monkeyp
 
 def test_partials_path_matches_the_reference_over_many_tiles(monkeypatch):
     """Decoding with compression tiles of 8 pooled keys (the partial sums span many tiles and splits, the spill
-    crosses tiles) against the float64 reference, paged."""
+    crosses tiles) against the float64 reference, paged. The interpreter's only: the prompts' 16 pooled keys at
+    most are one tile of the 16 a GPU's tl.dot needs."""
     spec = SMALL
     mod = specgen.load(spec)
-    with_decode(monkeypatch, mod, split_tiles={**mod._DECODE.split_tiles, "compression": 8})
+    tile = gpu_compression_tile(8, None, "the prompts' 16 pooled keys at most would be one tile, no spill across")
+    with_decode(monkeypatch, mod, split_tiles={**mod._DECODE.split_tiles, "compression": tile})
     check_decode(mod, spec, decode_prompts(spec, small=False), q_len=2, steps=1, paged=True, num_splits=3,
                  compare_prefill=False)
 
