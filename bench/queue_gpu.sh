@@ -81,7 +81,9 @@
 #           decode form against cw at 128k x 1 (its 2026-12-08 piece brought nothing back in 110 s: one seqlen now, a
 #           longer cap), then dsa_v32's top-k forms at batch 64 beside batch 1 (fold_list_s64 won at batch 1: 67 against
 #           81 us; the batch-64 side decides whether it becomes a batch rule), then the d64 MHA's decode at its largest
-#           batch with the launch forms (7.4x, 1.52x its floor, where the other model specs reach 1.03-1.12x).
+#           batch (7.4x, 1.52x its floor, where the other model specs reach 1.03-1.12x) with the whole form at 4 stages
+#           and at 32-key tiles: its 64-key tiles of 64-dim rows keep 32 KB an SM in flight at the plan's 3 stages where
+#           d128's keep 64 KB (sm_90 compile report, bench/cmp_decode_offline.py --launch whole).
 # Next session, most needed first: 24, then 9 SUITE=rest until 0 left (issue 15), 14 (the model matrix at 64k on
 # today's defaults), 20 with T1=0 and the MHA specs (16k / 32k), 18, 3 (T1=0: the packed-batch cost), 6.
 # Usage on the GPU machine: SPECGEN_COMMIT=<sha> CALL=1..24 bash bench/queue_gpu.sh   (T1.. re-split a call)
@@ -425,7 +427,7 @@ case ${CALL:-1} in
       --batches 64 1 --seqlens 65536 --decode-forms plan ks_pf_k32+wide_w8+fold_list_s64 --out "$W/one/results" 2>&1 \
       | grep -v "UserWarning\|return sdpa\|_warn_once\|^dsa_v32 {" | tee -a "$W/one/dsa_topk_b64.log" | tail -10 ); pack; }
   piece ${T4:=60} && { ( env_in $W/one; timeout -k 20 $T4 python -m specgen.cli bench specs/models/model_mha16_d64.yaml \
-      --decode --batches max --seqlens 65536 --decode-forms auto split cw --out "$W/one/results" 2>&1 \
+      --decode --batches max --seqlens 65536 --decode-forms auto whole+cmp_s4_r1 whole+cmp_k32_r3 --out "$W/one/results" 2>&1 \
       | grep -v "UserWarning\|return sdpa\|_warn_once\|^model_mha16_d64 {" | tee -a "$W/one/mha16_decode.log" | tail -10 ); pack; }
   ;;
 *) echo "CALL must be 1 to 24" >&2; exit 2 ;;
