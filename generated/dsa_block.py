@@ -134,8 +134,6 @@ def _selection_attention_kernel(
     # of all of them would not fit shared memory).
     HEAD_CHUNKS: tl.constexpr = 2
     if CHUNK_INNER:
-        # Launch config `chunk_inner`: a tile's chunks are neighbours on axis 0, so they run together and the
-        # second one finds the keys both gather still in L2 (with the chunks on axis 1 they run a grid row apart).
         chunk = pid_t % HEAD_CHUNKS
         pid_t = pid_t // HEAD_CHUNKS
     else:

@@ -1730,8 +1730,6 @@ def _selection_bwd_scatter_kernel(
     # the registers); each adds its own heads' share of dK/dV.
     HEAD_CHUNKS: tl.constexpr = (GROUP + GP - 1) // GP
     if CHUNK_INNER:
-        # Launch config `chunk_inner`: a query's chunks are neighbours on axis 0, so they run together: the keys
-        # they all gather, and the dK/dV rows they all add into, are still in L2 for the second to the last.
         chunk = t % HEAD_CHUNKS
         t = t // HEAD_CHUNKS
     else:

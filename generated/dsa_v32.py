@@ -150,8 +150,6 @@ def _selection_attention_kernel(
     # of all of them would not fit shared memory).
     HEAD_CHUNKS: tl.constexpr = 2
     if CHUNK_INNER:
-        # Launch config `chunk_inner`: a tile's chunks are neighbours on axis 0, so they run together and the
-        # second one finds the keys both gather still in L2 (with the chunks on axis 1 they run a grid row apart).
         chunk = pid_t % HEAD_CHUNKS
         pid_t = pid_t // HEAD_CHUNKS
     else:
@@ -1860,8 +1858,6 @@ def _selection_bwd_scatter_kernel(
     # the registers); each adds its own heads' share of dK/dV.
     HEAD_CHUNKS: tl.constexpr = (GROUP + GP - 1) // GP
     if CHUNK_INNER:
-        # Launch config `chunk_inner`: a query's chunks are neighbours on axis 0, so they run together: the keys
-        # they all gather, and the dK/dV rows they all add into, are still in L2 for the second to the last.
         chunk = t % HEAD_CHUNKS
         t = t // HEAD_CHUNKS
     else:

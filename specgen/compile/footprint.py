@@ -28,14 +28,14 @@ def next_pow2(x: int) -> int:
 
 # tl.dot needs every dimension >= 16 on the GPU; rows of a tile are padded up to this.
 MIN_DOT = 16
-# Shared memory one block may opt in to on an H100 (227 KiB); kernels stay under SMEM_BUDGET (a margin for what
-# the footprint model does not see: layout conversions, extra scratch).
-SMEM_LIMIT = 232448
-SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
 # Shared memory of one SM on an H100 (228 KiB), which the programs resident on it share, and what the driver reserves
 # of it for each program (1 KiB): `programs_per_sm`. Registers: 65536 an SM, at most 255 a thread.
 SM_SMEM = 233472
 SMEM_RESERVED = 1024
+# Shared memory one block may opt in to on an H100 (227 KiB: the SM's less the driver's reserve); kernels stay under
+# SMEM_BUDGET (a margin for what the footprint model does not see: layout conversions, extra scratch).
+SMEM_LIMIT = SM_SMEM - SMEM_RESERVED
+SMEM_BUDGET = int(SMEM_LIMIT * 0.85)
 SM_REGISTERS = 65536
 MAX_THREAD_REGISTERS = 255
 

@@ -203,9 +203,9 @@ class Attention:
         def fwd_impl(*inputs):
             return self.fwd_impl(*_split_p(inputs, n_fwd)[0], copy_given_indices=True)
 
-        def bwd_impl(*inputs):
-            inputs, p = _split_p(inputs, n_bwd)
-            return self.bwd_impl(*inputs, distill_p=None if p is None or p.numel() == 0 else p)
+        def bwd_impl(*inputs):  # distill_p is required here: always passed, empty where the call had none
+            inputs, p = inputs[:n_bwd], inputs[n_bwd]
+            return self.bwd_impl(*inputs, distill_p=p if p.numel() else None)
 
         fwd_impl.__signature__ = _signature(
             desc.arg_names, (("indices", Optional[torch.Tensor]), ("save_branch_outputs", bool)) + packed, 6)
